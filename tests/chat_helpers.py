@@ -1,0 +1,91 @@
+"""Helpers shared by the export / chat / serve / web tests: a tiny model taught one answer, and checkpoint layouts.
+
+The taught model is a tiny full model trained for a few seconds with a plain torch loop on one question/answer
+pair, so greedy decoding gives a reply the tests know in advance (a random tiny model only babbles).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+QUESTION = "Who are you?"
+ANSWER = "I am TuneBot, your helper."
+TEMPLATE = "qwen_chat"
+
+
+def make_taught_model(out_dir: Path, *, steps: int = 60) -> Path:
+    """A tiny llama that answers QUESTION with ANSWER (greedy), saved with a tunelab.json naming TEMPLATE."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.data.templates import get_template
+    from tunelab.model.load import write_meta
+    from tunelab.model.tiny import make_model
+
+    out_dir = Path(out_dir)
+    make_model(out_dir, "llama", hidden_size=64, num_layers=2, seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    template = get_template(TEMPLATE)
+    ids, labels = [], []
+    for text, trained in template.segments([{"role": "user", "content": QUESTION},
+                                            {"role": "assistant", "content": ANSWER}]):
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids += piece
+        labels += piece if trained else [-100] * len(piece)
+    input_ids = torch.tensor([ids])
+    label_ids = torch.tensor([labels])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=label_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(out_dir)
+    write_meta(out_dir, {"base_model": str(out_dir), "method": "full", "prompt_template": TEMPLATE,
+                         "system": "", "max_length": 128, "tunelab_version": "test"})
+    return out_dir
+
+
+def taught_model_dir(tmp_path_factory) -> Path:
+    """The taught model, trained once per test session and shared by the test files that need it."""
+    path = tmp_path_factory.getbasetemp() / "taught_model"
+    if not (path / "tunelab.json").is_file():
+        make_taught_model(path)
+    return path
+
+
+def make_lora_checkpoint(base_dir: Path, work_dir: Path, *, step: int = 10, template: str = TEMPLATE,
+                         method: str = "lora", seed: int = 0) -> Path:
+    """WORK_DIR/iter_N/{model/, tunelab.json, training_state.pt} as training writes it, with a non-zero adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.model.load import write_meta
+
+    ckpt = Path(work_dir) / f"iter_{step}"
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # lora_B starts at zero: make the adapter actually change the logits
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    peft_model.save_pretrained(ckpt / "model")
+    torch.save({"step": step}, ckpt / "training_state.pt")
+    write_meta(ckpt, {"base_model": str(base_dir), "method": method, "prompt_template": template,
+                      "system": "Be brief.", "max_length": 128, "tunelab_version": "test"})
+    (Path(work_dir) / "last_checkpoint").write_text(str(ckpt))
+    return ckpt
+
+
+def logits(model, text_ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([text_ids])).logits

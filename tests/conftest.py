@@ -1,0 +1,60 @@
+"""Shared fixtures: a tokenizer and tiny models built once per test session, in a temp dir, with no download."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from tunelab.model.tiny import make_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def _tiny_model(tmp_path_factory, arch):
+    from tunelab.model.tiny import make_model
+
+    path = tmp_path_factory.mktemp(f"tiny_{arch}")
+    make_model(path, arch)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return _tiny_model(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    return _tiny_model(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Call with an architecture name (see tunelab.model.tiny.TINY_CONFIGS) to get a tiny model directory."""
+    cache: dict[str, object] = {}
+
+    def make(arch: str):
+        if arch not in cache:
+            cache[arch] = _tiny_model(tmp_path_factory, arch)
+        return cache[arch]
+
+    return make

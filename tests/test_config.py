@@ -1,0 +1,299 @@
+"""The config step: list-cfg, copy-cfg, loading and validating a Python config, --cfg-options."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tunelab.cli.main import main
+from tunelab.config import registry
+from tunelab.config.loader import field_docs, load_config, save_resolved_config, settings_markdown
+from tunelab.config.schema import TrainConfig, field_names
+from tunelab.errors import TunelabError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+# --- list-cfg / copy-cfg ------------------------------------------------------------------------
+
+def test_list_cfg_pattern_filters_case_insensitively(capsys):
+    assert main(["list-cfg", "-p", "InternLM2_1_8B"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "internlm2_1_8b_qlora_alpaca_e3" in names
+    assert names and all(n.startswith("internlm2_1_8b_") for n in names)
+    # every method x dataset of that model, nothing else
+    assert len(names) == len(registry.METHODS) * len(registry.DATASETS)
+
+
+def test_list_cfg_covers_the_tutorial_models():
+    names = registry.list_configs()
+    for expected in ["internlm2_1_8b_qlora_alpaca_e3", "internlm2_5_7b_lora_openai_e3",
+                     "llama3_8b_full_alpaca_e3", "qwen2_5_0_5b_qlora_self_cognition_e3",
+                     "mistral_7b_qlora_alpaca_e3", "llama2_7b_lora_alpaca_e3", "internlm2_20b_qlora_alpaca_e3"]:
+        assert expected in names
+    assert registry.list_configs("no-such-model") == []
+
+
+def test_list_cfg_without_match_is_an_error(capsys):
+    assert main(["list-cfg", "-p", "gpt5"]) == 2
+    err = capsys.readouterr().err
+    assert "gpt5" in err and "internlm2_1_8b" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", registry.list_configs())
+def test_every_builtin_config_renders_and_loads(name, tmp_path):
+    path = registry.copy_config(name, tmp_path)
+    cfg = load_config(path)
+    model, method, dataset = registry.builtin_configs()[name]
+    assert cfg.pretrained_model_name_or_path == registry.MODELS[model].hub_id
+    assert cfg.prompt_template == registry.MODELS[model].prompt_template
+    assert cfg.method == method
+    assert cfg.lr == registry.METHODS[method].lr
+    assert cfg.data_path == registry.DATASETS[dataset].data_path
+    assert cfg.trust_remote_code is False
+    assert f"tunelab train {name}_copy.py" in path.read_text(encoding="utf-8")
+
+
+def test_method_defaults_differ_where_they_should(tmp_path):
+    full = load_config(registry.copy_config("qwen2_5_0_5b_full_alpaca_e3", tmp_path))
+    qlora = load_config(registry.copy_config("qwen2_5_0_5b_qlora_alpaca_e3", tmp_path))
+    assert full.lr < qlora.lr
+    assert qlora.resolved_quant_bits() == 4 and full.resolved_quant_bits() is None
+    cognition = load_config(registry.copy_config("qwen2_5_0_5b_lora_self_cognition_e3", tmp_path))
+    assert cognition.evaluation_inputs == ["请介绍一下你自己", "who are you?"]
+    assert cognition.data_format == "conversation"
+
+
+def test_copy_cfg_writes_copy_and_refuses_overwrite(tmp_path, capsys):
+    dest = tmp_path / "configs"
+    assert main(["copy-cfg", "internlm2_1_8b_qlora_alpaca_e3", str(dest)]) == 0
+    written = dest / "internlm2_1_8b_qlora_alpaca_e3_copy.py"
+    out = capsys.readouterr().out
+    assert str(written) in out and "tunelab train" in out
+    written.write_text(written.read_text() + "\nlr = 1e-5\n")  # the user's edit
+
+    assert main(["copy-cfg", "internlm2_1_8b_qlora_alpaca_e3", str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and "Traceback" not in err
+    assert load_config(written).lr == 1e-5  # the edit survived
+
+    assert main(["copy-cfg", "internlm2_1_8b_qlora_alpaca_e3", str(dest), "--force"]) == 0
+    assert load_config(written).lr == 2e-4
+
+
+def test_copy_cfg_unknown_name_suggests_close_names(tmp_path, capsys):
+    with pytest.raises(TunelabError, match="internlm2_1_8b_qlora_alpaca_e3"):
+        registry.copy_config("internlm2_1_8b_qlora_alpca_e3", tmp_path)
+    assert main(["copy-cfg", "internlm2_1_8b_qlora_alpca_e3", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean" in err and "internlm2_1_8b_qlora_alpaca_e3" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_adding_a_model_is_one_table_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(registry.MODELS, "tiny_local", registry.Model("/models/tiny", "qwen_chat", max_length=512))
+    assert "tiny_local_lora_openai_e3" in registry.list_configs("tiny_local")
+    cfg = load_config(registry.copy_config("tiny_local_lora_openai_e3", tmp_path))
+    assert cfg.pretrained_model_name_or_path == "/models/tiny" and cfg.max_length == 512
+
+
+def test_list_cfg_via_subprocess():
+    result = subprocess.run([sys.executable, "-m", "tunelab", "list-cfg", "-p", "qwen2_5_0_5b_qlora"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [f"qwen2_5_0_5b_qlora_{d}_e3" for d in registry.DATASETS]
+
+
+# --- loading and validating ---------------------------------------------------------------------
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    path = write(tmp_path, """\
+        method = 'lora'
+        lr = 2e-4
+
+        max_lenght = 1024
+    """)
+    with pytest.raises(TunelabError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "'max_lenght'" in message and "line 4" in message
+    assert "Did you mean 'max_length'?" in message
+
+
+def test_names_from_other_tools_point_to_ours(tmp_path):
+    path = write(tmp_path, "learning_rate = 1e-4\n")
+    with pytest.raises(TunelabError, match="Did you mean 'lr'"):
+        load_config(path)
+
+
+def test_helpers_imports_and_private_names_are_not_settings(tmp_path):
+    path = write(tmp_path, """\
+        import os
+        from pathlib import Path
+        from math import *
+        _root = Path('/data')
+        data_path = str(_root / 'train.jsonl')
+        class Helper:
+            pass
+    """)
+    assert load_config(path).data_path == "/data/train.jsonl"
+
+
+@pytest.mark.parametrize("line, key, words", [
+    ("batch_size = '4'", "batch_size", "whole number"),
+    ("pack_to_max_length = 1", "pack_to_max_length", "True or False"),
+    ("max_epochs = True", "max_epochs", "whole number"),
+    ("method = 'qlroa'", "method", "Did you mean 'qlora'"),
+    ("max_length = 0", "max_length", "positive"),
+    ("warmup_ratio = 1.5", "warmup_ratio", "below 1"),
+    ("lr = 0", "lr", "greater than 0"),
+    ("save_total_limit = 0", "save_total_limit", "-1"),
+    ("quant_bits = 3", "quant_bits", "None, 4 or 8"),
+    ("eval_split_ratio = -0.1", "eval_split_ratio", "at least 0"),
+    ("evaluation_inputs = 'who are you?'", "evaluation_inputs", "a list"),
+    ("data_format = 'alpacca'", "data_format", "Did you mean 'alpaca'"),
+    ("lora_r = -8", "lora_r", "positive"),
+])
+def test_wrong_type_or_impossible_value_names_key_file_and_line(tmp_path, line, key, words):
+    path = write(tmp_path, f"# my config\nmethod = 'lora'\n{line}\n")
+    with pytest.raises(TunelabError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and f"'{key}'" in message and "line 3" in message
+    assert words in message
+
+
+def test_ints_are_accepted_for_floats(tmp_path):
+    cfg = load_config(write(tmp_path, "lr = 1\nwarmup_ratio = 0\nbetas = [0.9, 0.95]\n"))
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.betas == (0.9, 0.95)
+
+
+def test_all_errors_are_reported_at_once(tmp_path):
+    path = write(tmp_path, "batch_size = 0\nmax_lenght = 10\nlr = -1\n")
+    message = str(pytest.raises(TunelabError, load_config, path).value)
+    assert "batch_size" in message and "max_lenght" in message and "'lr'" in message
+
+
+def test_full_method_with_quantised_base_is_refused(tmp_path):
+    with pytest.raises(TunelabError, match="quant_bits=4 with method='full'"):
+        load_config(write(tmp_path, "method = 'full'\nquant_bits = 4\n"))
+
+
+def test_cfg_options_override_and_type_check(tmp_path):
+    path = write(tmp_path, "method = 'lora'\nlr = 2e-4\n")
+    cfg = load_config(path, ["lr=1e-4", "evaluation_inputs=['a','b']", "prompt_template=qwen_chat",
+                             "max_epochs=1", "SYSTEM=You are helpful.", "gradient_checkpointing=False"])
+    assert cfg.lr == 1e-4 and cfg.max_epochs == 1 and cfg.evaluation_inputs == ["a", "b"]
+    assert cfg.prompt_template == "qwen_chat" and cfg.SYSTEM == "You are helpful."
+    assert cfg.gradient_checkpointing is False and cfg.method == "lora"
+
+    with pytest.raises(TunelabError, match=r"--cfg-options: unknown setting 'max_lenght'\. Did you mean 'max_length'"):
+        load_config(path, ["max_lenght=1024"])
+    with pytest.raises(TunelabError, match=r"--cfg-options: 'max_length' must be a whole number; got 'long'"):
+        load_config(path, ["max_length=long"])
+    with pytest.raises(TunelabError, match=r"--cfg-options: 'batch_size' must be a positive"):
+        load_config(path, ["batch_size=0"])
+    with pytest.raises(TunelabError, match="expected key=value"):
+        load_config(path, ["lr"])
+
+
+def test_config_with_map_function(tmp_path):
+    path = write(tmp_path, """\
+        import re
+
+        def my_map_fn(record):
+            return {"instruction": re.sub(r"\\s+", " ", record["q"]), "input": "", "output": record["a"]}
+
+        def other_map_fn(record):
+            return {"instruction": record["q"].upper(), "input": "", "output": record["a"]}
+
+        data_format = 'alpaca'
+        dataset_map_fn = my_map_fn
+    """)
+    cfg = load_config(path)
+    assert cfg.dataset_map_fn({"q": "hi   there", "a": "yo"}) == {"instruction": "hi there", "input": "", "output": "yo"}
+    # an override may name another function defined in the file
+    cfg = load_config(path, ["dataset_map_fn=other_map_fn"])
+    assert cfg.dataset_map_fn({"q": "hi", "a": "yo"})["instruction"] == "HI"
+    # a function named like the field is the field
+    direct = write(tmp_path, "def dataset_map_fn(record):\n    return record\n", "direct.py")
+    assert load_config(direct).dataset_map_fn({"x": 1}) == {"x": 1}
+    bad = write(tmp_path, "dataset_map_fn = 'my_map_fn'\n", "bad.py")
+    with pytest.raises(TunelabError, match=r"'dataset_map_fn' \(line 1\) must be a function or None.*no quotes"):
+        load_config(bad)
+
+
+def test_syntax_error_and_exception_name_file_and_line(tmp_path):
+    path = write(tmp_path, "lr = 2e-4\nmax_length = (2048\nbatch_size = 1\n")
+    with pytest.raises(TunelabError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "syntax error" in str(info.value) and "line 2" in str(info.value)
+
+    path = write(tmp_path, "lr = 2e-4\n\nprompt_template = PROMPT_TEMPLATE.internlm2_chat\n", "raises.py")
+    with pytest.raises(TunelabError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "NameError" in message and "line 3" in message
+    assert "prompt_template = 'internlm2_chat'" in message  # the XTuner spelling gets the tunelab one
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(TunelabError, match="tunelab list-cfg"):
+        load_config(tmp_path / "nope.py")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    src = write(tmp_path, """\
+        import json as _json
+        _prefix = "Q: "
+        def my_map_fn(record):
+            return {"text": _prefix + _json.dumps(record["body"])}
+        method = 'qlora'
+        lr = 1e-4
+        data_path = [{'path': 'a.jsonl', 'ratio': 0.5}, 'b.json']
+        evaluation_inputs = ['你好', 'hi']
+        dataset_map_fn = my_map_fn
+    """)
+    cfg = load_config(src, ["max_length=512"])
+    out = save_resolved_config(cfg, tmp_path / "work" / "resolved_config.py")
+    again = load_config(out)
+    for name in field_names():
+        if name != "dataset_map_fn":
+            assert getattr(again, name) == getattr(cfg, name), name
+    assert again.dataset_map_fn({"body": "x"}) == {"text": 'Q: "x"'}
+    assert load_config(save_resolved_config(TrainConfig(), tmp_path / "defaults.py")) == TrainConfig()
+
+
+# --- the CLI prints errors without a traceback --------------------------------------------------
+
+def test_cli_error_paths_exit_2_without_traceback(tmp_path, capsys):
+    for argv in (["copy-cfg", "nope", str(tmp_path)], ["list-cfg", "-p", "zzz"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_docs_list_every_setting():
+    docs = (REPO / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    assert all(f"`{name}`" in docs for name in field_names())
+    assert set(field_docs()) == set(field_names())
+    # the table is generated from the schema; regenerate it when a setting changes (command in CONFIG.md)
+    assert settings_markdown() in docs
+
+
+def test_data_formats_match_the_data_step():
+    from tunelab.config.loader import DATA_FORMATS
+    from tunelab.data.formats import FORMATS
+
+    assert set(DATA_FORMATS) == {"auto", *FORMATS}

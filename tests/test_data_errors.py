@@ -1,0 +1,84 @@
+"""Bad input: every mistake is a TunelabError naming the file, line/record and field, with a fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.cli.main import main
+from tunelab.config.schema import TrainConfig
+from tunelab.data.dataset import build_datasets
+from tunelab.errors import TunelabError
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+
+
+def _build(path, tokenizer, **kw):
+    cfg = TrainConfig(**{"data_path": str(path), "prompt_template": "qwen_chat", "max_length": 128, **kw})
+    return build_datasets(cfg, tokenizer, log=lambda m: None)
+
+
+GOOD = json.dumps({"instruction": "Hi", "output": "Hello"})
+
+
+@pytest.mark.parametrize("content, fmt, expected", [
+    (GOOD + "\n{\"instruction\": \"Hi\", \"output\": \n" + GOOD, "auto", r"d\.jsonl line 2: not valid JSON"),
+    (GOOD + "\n" + json.dumps({"instrution": "Hi", "output": "x"}), "auto",
+     r"d\.jsonl line 2: missing field 'instruction'.*Did you mean to call 'instrution' 'instruction'"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}), "auto",
+     r"line 1: message 0 is 'assistant' but system or user should come first"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "auto",
+     r"line 1: the conversation does not end with an assistant reply"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}), "alpaca",
+     r"line 1: missing field 'instruction'.*looks like the 'messages' format: set data_format='messages'"),
+    (json.dumps({"conversations": [{"from": "robot", "value": "x"}]}), "auto",
+     r"line 1: conversations\[0\]\.from is 'robot'"),
+    (json.dumps({"question": "x", "answer": "y"}), "auto", r"line 1: cannot tell the data format.*'question'"),
+    ("", "auto", r"d\.jsonl: the file is empty"),
+])
+def test_bad_jsonl_records_name_line_and_field(tmp_path, tiny_tokenizer, content, fmt, expected):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(TunelabError, match=expected):
+        _build(tmp_path / "d.jsonl", tiny_tokenizer, data_format=fmt)
+
+
+def test_bad_json_file_names_line_and_column(tmp_path, tiny_tokenizer):
+    (tmp_path / "d.json").write_text('[\n {"instruction": "Hi", "output": "x"},\n {"instruction": "Hi" "output": 1}\n]')
+    with pytest.raises(TunelabError, match=r"d\.json line 3 column .*not valid JSON"):
+        _build(tmp_path / "d.json", tiny_tokenizer)
+    (tmp_path / "e.json").write_text(json.dumps([{"instruction": "Hi", "output": 3}]))
+    with pytest.raises(TunelabError, match=r"e\.json record 0: field 'output' should be text"):
+        _build(tmp_path / "e.json", tiny_tokenizer)
+
+
+def test_non_utf8_bytes(tmp_path, tiny_tokenizer):
+    (tmp_path / "d.jsonl").write_bytes((GOOD + "\n").encode() + '{"instruction": "你好", "output": "x"}'.encode("gbk"))
+    with pytest.raises(TunelabError, match=r"d\.jsonl line 2: bytes that are not UTF-8.*iconv"):
+        _build(tmp_path / "d.jsonl", tiny_tokenizer)
+
+
+def test_missing_path_and_bad_mix_entry(tmp_path, tiny_tokenizer):
+    with pytest.raises(TunelabError, match="not found"):
+        _build(tmp_path / "nope.json", tiny_tokenizer)
+    with pytest.raises(TunelabError, match=r"data_path\[0\].*ratio"):
+        _build("", tiny_tokenizer, data_path=[{"path": str(tmp_path), "ratio": 0}])
+
+
+def test_skip_invalid_counts_and_reports(tmp_path, tiny_tokenizer):
+    lines = [GOOD, "{broken", json.dumps({"instruction": "Hi"}), GOOD]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    stats = _build(tmp_path / "d.jsonl", tiny_tokenizer, skip_invalid=True).stats
+    assert (stats.records_read, stats.skipped_invalid, stats.samples) == (4, 2, 2)
+    assert "line 2" in stats.invalid[0] and "line 3" in stats.invalid[1] and "'output'" in stats.invalid[1]
+
+
+def test_cli_prints_error_without_traceback(tmp_path, tiny_tokenizer_dir, capsys):
+    (tmp_path / "d.jsonl").write_text(GOOD + "\n" + json.dumps({"instruction": "Hi", "outptu": "x"}))
+    code = main(["preview", str(tmp_path / "d.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--template",
+                 "qwen_chat", "-n", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "d.jsonl line 2" in err and "'output'" in err and "Traceback" not in err

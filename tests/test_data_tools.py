@@ -1,0 +1,106 @@
+"""check-dataset, preview, preprocess and the self-cognition generator, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab.cli.main import main
+from tunelab.config.schema import TrainConfig
+from tunelab.data.dataset import build_datasets
+from tunelab.data.self_cognition import generate
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+
+
+def _config(tmp_path, model_dir, **extra) -> Path:
+    (tmp_path / "data.jsonl").write_text("\n".join(
+        json.dumps({"instruction": f"Question {i}", "output": "The quick brown fox. " * (i % 4 + 1)})
+        for i in range(30)))
+    settings = {"pretrained_model_name_or_path": str(model_dir), "data_path": "data.jsonl",
+                "prompt_template": "qwen_chat", "max_length": 40, **extra}
+    path = tmp_path / "cfg.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    return path
+
+
+def test_check_dataset_reports_counts_and_histogram(tmp_path, tiny_tokenizer_dir, capsys):
+    cfg = _config(tmp_path, tiny_tokenizer_dir)
+    with (tmp_path / "data.jsonl").open("a") as f:
+        f.write("\n" + json.dumps({"instruction": "x"}) + "\n{oops\n")
+    code = main(["check-dataset", str(cfg)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "records read:        32" in out and "invalid records:     2" in out
+    assert "line 31: missing field 'output'" in out and "line 32: not valid JSON" in out
+    assert "truncated:" in out and "token lengths: min" in out and "#" in out
+
+
+def test_check_dataset_on_a_data_file(tmp_path, tiny_tokenizer_dir, capsys):
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "Hi", "output": "Hello"}] * 5))
+    code = main(["check-dataset", str(tmp_path / "d.json"), "--format", "alpaca", "--tokenizer",
+                 str(tiny_tokenizer_dir), "--template", "llama3_chat", "--max-length", "512"])
+    out = capsys.readouterr().out
+    assert code == 0 and "OK: every record is valid" in out and "format alpaca, 5 records" in out
+
+
+def test_preview_marks_trained_tokens(tmp_path, tiny_tokenizer_dir, capsys):
+    cfg = _config(tmp_path, tiny_tokenizer_dir, max_length=2048)
+    assert main(["preview", str(cfg), "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2
+    assert "<|im_start|>user\nQuestion 0<|im_end|>\n<|im_start|>assistant\n⟦The quick brown fox. <|im_end|>⟧" in out
+
+
+def test_preview_in_colour(tmp_path, tiny_tokenizer_dir, capsys):
+    cfg = _config(tmp_path, tiny_tokenizer_dir)
+    assert main(["preview", str(cfg), "-n", "1", "--color", "always"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[" in out and "⟦" not in out and "The quick brown fox." in out
+
+
+def test_preprocess_fills_the_cache_train_reuses_it(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, capsys):
+    cfg_path = _config(tmp_path, tiny_tokenizer_dir)
+    assert main(["preprocess", str(cfg_path), "--num-proc", "2"]) == 0
+    assert "cached at" in capsys.readouterr().out
+    from tunelab.config.loader import load_config
+    from tunelab.model.load import load_tokenizer
+
+    cfg = load_config(cfg_path)
+    bundle = build_datasets(cfg, load_tokenizer(cfg.pretrained_model_name_or_path), config_dir=str(tmp_path),
+                            log=lambda m: None)
+    assert bundle.stats.from_cache and bundle.stats.samples == 30
+
+
+def test_self_cognition_is_varied_and_trains(tmp_path, tiny_tokenizer):
+    records = generate("TuneBot", "Alice", n=200)
+    questions = {r["conversation"][0]["input"] for r in records}
+    answers = {r["conversation"][0]["output"] for r in records}
+    assert len(questions) > 40 and len(answers) >= 10
+    assert all("TuneBot" in a and "Alice" in a for a in answers)
+    assert any("你" in q for q in questions) and any("you" in q for q in questions)
+    out = tmp_path / "self.json"
+    assert main(["data", "self-cognition", "--name", "TuneBot", "--author", "Alice", "--n", "50", "-o", str(out)]) == 0
+    cfg = TrainConfig(data_path=str(out), prompt_template="qwen_chat", max_length=256)
+    stats = build_datasets(cfg, tiny_tokenizer, log=lambda m: None).stats
+    assert stats.samples == 50 and stats.sources[0]["format"] == "conversation"
+
+
+def test_subprocess_help_and_generate(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = tmp_path / "s.json"
+    done = subprocess.run([sys.executable, "-m", "tunelab", "data", "self-cognition", "--name", "N", "--author", "A",
+                           "--n", "10", "-o", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(out.read_text())) == 10
+    helped = subprocess.run([sys.executable, "-m", "tunelab", "check-dataset", "--help"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert "example:" in helped.stdout

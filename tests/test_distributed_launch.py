@@ -1,0 +1,145 @@
+"""The torchrun launcher, DeepSpeed config building, and the refusals made before any weight is loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from tunelab.config.schema import TrainConfig
+from tunelab.errors import TunelabError
+from tunelab.train import launch
+from tunelab.train.deepspeed_configs import build_deepspeed_config
+from tunelab.train.distributed import DistEnv, validate_distributed
+
+LAUNCH_VARS = ["NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"]
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+
+    def run(cmd, check=False):
+        calls.append(cmd)
+        return SimpleNamespace(returncode=3)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    return calls
+
+
+def test_env_var_starts_torchrun_with_same_args_minus_nproc(fake_run, monkeypatch):
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    code = launch.maybe_relaunch(["train", "cfg.py", "--work-dir", "w", "--deepspeed", "zero2"])
+    assert code == 3  # torchrun's exit code is ours
+    assert fake_run == [[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                         "-m", "tunelab", "train", "cfg.py", "--work-dir", "w", "--deepspeed", "zero2"]]
+
+
+def test_flag_and_multi_node_settings(fake_run, monkeypatch):
+    monkeypatch.setenv("NNODES", "2")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("ADDR", "10.0.0.1")
+    monkeypatch.setenv("PORT", "12345")
+    launch.maybe_relaunch(["train", "cfg.py", "--nproc-per-node=4", "--fsdp"])
+    assert fake_run[0][3:] == ["--nproc-per-node", "4", "--nnodes", "2", "--node-rank", "1",
+                               "--master-addr", "10.0.0.1", "--master-port", "12345",
+                               "-m", "tunelab", "train", "cfg.py", "--fsdp"]
+
+
+def test_flag_wins_over_environment(fake_run, monkeypatch):
+    monkeypatch.setenv("NPROC_PER_NODE", "8")
+    launch.maybe_relaunch(["train", "cfg.py", "--nproc_per_node", "2"])
+    assert fake_run[0][4] == "2" and "--nproc_per_node" not in fake_run[0]
+
+
+def test_one_process_or_inside_torchrun_does_not_relaunch(fake_run, monkeypatch):
+    assert launch.maybe_relaunch(["train", "cfg.py"]) is None
+    assert launch.maybe_relaunch(["train", "cfg.py", "--nproc-per-node", "1"]) is None
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # we are a worker torchrun started
+    assert launch.maybe_relaunch(["train", "cfg.py"]) is None
+    assert fake_run == []
+
+
+def test_bad_launch_settings_are_refused_with_the_fix(fake_run, monkeypatch):
+    monkeypatch.setenv("NPROC_PER_NODE", "two")
+    with pytest.raises(TunelabError, match="NPROC_PER_NODE"):
+        launch.maybe_relaunch(["train", "cfg.py"])
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("NNODES", "2")
+    with pytest.raises(TunelabError, match="ADDR"):
+        launch.maybe_relaunch(["train", "cfg.py"])
+    assert fake_run == []
+
+
+# --- DeepSpeed config -------------------------------------------------------------------------------
+
+def test_preset_takes_batch_accumulation_clipping_and_precision_from_config():
+    cfg = TrainConfig(deepspeed="zero3_offload", batch_size=2, accumulative_counts=8, max_norm=0.5)
+    ds = build_deepspeed_config(cfg, precision="bf16", world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 8
+    assert ds["train_batch_size"] == 64 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # torch AdamW steps the offloaded states
+
+
+def test_json_file_keeps_its_values_and_fills_auto(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 2.0,
+                                "fp16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}))
+    cfg = TrainConfig(deepspeed=str(path), batch_size=3, max_norm=1.0)
+    ds = build_deepspeed_config(cfg, precision="fp16", world_size=1)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_clipping"] == 2.0
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+
+
+def test_unknown_preset_and_bad_json_name_the_fix(tmp_path):
+    with pytest.raises(TunelabError, match="zero2_offload"):
+        build_deepspeed_config(TrainConfig(deepspeed="zero4"), precision="bf16", world_size=1)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(TunelabError, match=r"bad\.json:1"):
+        build_deepspeed_config(TrainConfig(deepspeed=str(bad)), precision="bf16", world_size=1)
+
+
+# --- refusals at start ------------------------------------------------------------------------------
+
+CPU, GPU = DistEnv(world_size=2), DistEnv(world_size=2, device=__import__("torch").device("cuda", 0))
+
+
+@pytest.mark.parametrize("settings, env, reason", [
+    (dict(method="lora", fsdp=True, deepspeed="zero3"), CPU, "choose one"),
+    (dict(method="qlora", fsdp=True), CPU, "bitsandbytes"),
+    (dict(method="lora", fsdp=True, optimizer="adamw_8bit"), CPU, "optimizer = 'adamw'"),
+    (dict(method="qlora", deepspeed="zero3"), GPU, "bnb_4bit_quant_storage"),
+    (dict(method="full", deepspeed="zero2_offload"), CPU, "already on the CPU"),
+    (dict(method="lora", deepspeed="zero3_offload", optimizer="paged_adamw_8bit"), GPU, "optimizer = 'adamw'"),
+])
+def test_unsupported_combinations_are_refused_with_the_reason(settings, env, reason):
+    if settings.get("deepspeed") and not settings.get("fsdp"):  # the deepspeed checks start by importing it
+        pytest.importorskip("deepspeed")
+    with pytest.raises(TunelabError, match=reason):
+        validate_distributed(TrainConfig(**settings), env)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(method="full", fsdp=True), dict(method="lora", fsdp=True), dict(method="full"),
+    dict(method="qlora", deepspeed="zero2"), dict(method="lora", deepspeed="zero3"),
+])
+def test_supported_combinations_pass(settings):
+    if settings.get("deepspeed"):
+        pytest.importorskip("deepspeed")
+    validate_distributed(TrainConfig(**settings), DistEnv(world_size=2))
+
+
+def test_missing_deepspeed_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    with pytest.raises(TunelabError, match=r"pip install 'tunelab\[deepspeed\]'"):
+        validate_distributed(TrainConfig(method="lora", deepspeed="zero2"), DistEnv(world_size=2))

@@ -1,0 +1,66 @@
+"""Varlen attention over packed rows (CPU: the same function, per-sample sdpa instead of the flash kernel)."""
+
+import torch
+
+from tunelab.model import attention
+
+
+def test_cu_seqlens_from_position_ids_marks_every_sample_and_row_start():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [3, 4, 0, 1, 2, 3]])  # row 2 starts mid-sample: still a boundary
+    cu, max_len = attention.cu_seqlens_from_position_ids(pos)
+    assert cu.tolist() == [0, 3, 5, 6, 8, 12]
+    assert cu.dtype == torch.int32
+    assert max_len == 4
+
+
+def _block_diagonal_sdpa(q, k, v, position_ids):
+    """Reference: sdpa over [B, H, T, D] with the block-diagonal causal mask of the packed rows."""
+    seg = (position_ids == 0).cumsum(-1)
+    t = position_ids.shape[1]
+    mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]).transpose(1, 2)
+
+
+def test_attention_function_equals_block_diagonal_sdpa():
+    torch.manual_seed(0)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]])
+    q = torch.randn(2, 4, 12, 8)
+    k, v = torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    cu, max_len = attention.cu_seqlens_from_position_ids(pos)
+    out, _ = attention.varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=max_len)
+    assert out.shape == (2, 12, 4, 8)
+    torch.testing.assert_close(out, _block_diagonal_sdpa(q, k, v, pos), atol=1e-5, rtol=1e-5)
+
+
+def _tiny(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_model_with_varlen_attention_keeps_samples_apart(tiny_llama_dir):
+    """Logits of a packed row equal those of each sample run alone, and those of transformers' own sdpa path."""
+    plain, fast = _tiny(tiny_llama_dir), _tiny(tiny_llama_dir)
+    attention.enable_varlen_attention(fast)
+    assert fast.config._attn_implementation == attention.ATTN_NAME
+    torch.manual_seed(0)
+    a, b = torch.randint(5, 500, (1, 7)), torch.randint(5, 500, (1, 9))
+    ids = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    with torch.no_grad():
+        packed = fast(input_ids=ids, position_ids=pos).logits
+        # use_cache=False: with a cache, transformers' own sdpa path ignores the sample boundaries
+        reference = plain(input_ids=ids, position_ids=pos, use_cache=False).logits
+        alone = plain(input_ids=b).logits
+    torch.testing.assert_close(packed, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 7:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_still_works_after_switching(tiny_llama_dir):
+    plain, fast = _tiny(tiny_llama_dir), _tiny(tiny_llama_dir)
+    attention.enable_varlen_attention(fast)
+    prompt = torch.randint(5, 500, (1, 6))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert fast.generate(prompt, **kwargs).tolist() == plain.generate(prompt, **kwargs).tolist()

@@ -1,0 +1,110 @@
+"""Mistakes around loading a model end in a TunelabError that says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from tunelab.config.schema import TrainConfig
+from tunelab.errors import TunelabError
+from tunelab.model.load import load_model_for_inference, load_model_for_training, load_tokenizer
+
+
+def _train(path, **kw):
+    cfg = TrainConfig(pretrained_model_name_or_path=str(path), method="lora", dtype="fp32", **kw)
+    return load_model_for_training(cfg, torch.device("cpu"))
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(TunelabError, match=r"pretrained_model_name_or_path.*does not exist") as e:
+        _train(tmp_path / "no_such_model")
+    assert str(tmp_path / "no_such_model") in str(e.value)
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(TunelabError, match="no config.json"):
+        _train(tmp_path)
+
+
+def test_directory_without_weights(tiny_llama_dir, tmp_path):
+    shutil.copy(tiny_llama_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(TunelabError, match=r"no weights \(\*\.safetensors"):
+        _train(tmp_path)
+
+
+def test_config_json_that_is_not_json(tiny_llama_dir, tmp_path):
+    shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama",\n  oops}')
+    with pytest.raises(TunelabError, match=r"config.json: not valid JSON \(line 2\)"):
+        _train(tmp_path / "m")
+
+
+def test_tokenizer_without_pad_token_is_fixed_and_says_so(tiny_llama_dir, caplog):
+    assert json.loads((tiny_llama_dir / "tokenizer_config.json").read_text()).get("pad_token") is None
+    with caplog.at_level(logging.WARNING, logger="tunelab"):
+        tok = load_tokenizer(str(tiny_llama_dir))
+    assert tok.pad_token == "</s>" and tok.pad_token_id == tok.eos_token_id
+    assert "no pad token" in caplog.text and "'</s>'" in caplog.text
+
+
+@pytest.fixture
+def remote_code_model(tiny_llama_dir, tmp_path):
+    d = tmp_path / "fancy"
+    shutil.copytree(tiny_llama_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(architectures=["FancyForCausalLM"], model_type="fancy",
+               auto_map={"AutoModelForCausalLM": "modeling_fancy.FancyForCausalLM"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_architecture_needing_remote_code(remote_code_model):
+    with pytest.raises(TunelabError) as e:
+        _train(remote_code_model)
+    msg = str(e.value)
+    assert "FancyForCausalLM" in msg and "config.json" in msg
+    assert "trust_remote_code = True" in msg and "--trust-remote-code" in msg and "own risk" in msg
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "InternLM2ForCausalLM", "Gemma2ForCausalLM"):
+        assert arch in msg  # says which ones we do support
+
+
+def test_chat_on_unsupported_architecture(remote_code_model):
+    with pytest.raises(TunelabError, match="--trust-remote-code"):
+        load_model_for_inference(str(remote_code_model), device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_asked_for_and_absent(tiny_llama_dir):
+    cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_llama_dir), method="lora")
+    with pytest.raises(TunelabError, match="CUDA is not available.*--device cpu"):
+        load_model_for_training(cfg, torch.device("cuda"))
+    with pytest.raises(TunelabError, match="CUDA is not available"):
+        load_model_for_inference(str(tiny_llama_dir), device="cuda")
+
+
+def test_hub_id_while_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(TunelabError) as e:
+        _train("internlm/internlm2-chat-1_8b")
+    msg = str(e.value)
+    assert "'internlm/internlm2-chat-1_8b' is not a local directory" in msg
+    assert "hub is unreachable" in msg and "local directory" in msg
+
+
+def test_adapter_directory_without_adapter(tiny_llama_dir, tmp_path):
+    with pytest.raises(TunelabError, match="--adapter.*no adapter_config.json"):
+        load_model_for_inference(str(tiny_llama_dir), adapter=str(tmp_path), device="cpu")
+
+
+def test_full_finetune_of_a_quantised_base(tiny_llama_dir):
+    with pytest.raises(TunelabError, match="method = 'full' with quant_bits = 4"):
+        load_model_for_training(TrainConfig(pretrained_model_name_or_path=str(tiny_llama_dir), method="full",
+                                            quant_bits=4, dtype="fp32"), torch.device("cpu"))

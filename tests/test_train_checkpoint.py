@@ -1,0 +1,156 @@
+"""Never lose work: resume reproduces the loss curve, a kill during a save leaves the previous checkpoint as the
+last one, SIGTERM stops after saving, out-of-memory is reported with the last checkpoint intact, old checkpoints
+are pruned to save_total_limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import tunelab.train.loop as loop
+from tests.train_helpers import tiny_cfg, varied_rows
+from tunelab.errors import TunelabError
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_llama_dir):
+    return varied_rows(AutoTokenizer.from_pretrained(tiny_llama_dir), 11)
+
+
+def _cfg(model_dir, **overrides):
+    # LoRA with dropout: resume must restore the RNG too. 11 rows, batch 2 x accumulation 2: 3 steps per epoch,
+    # the last with a single micro-batch of a single row, so resume must find its place inside an epoch.
+    settings = dict(method="lora", lora_dropout=0.1, batch_size=2, accumulative_counts=2, max_epochs=3,
+                    lr=1e-2, warmup_ratio=0.2, lr_scheduler="cosine", save_steps=2, save_total_limit=-1)
+    settings.update(overrides)
+    return tiny_cfg(model_dir, **settings)
+
+
+def _fail_on_call(monkeypatch, n: int, action):
+    """Make the n-th micro-batch forward run `action` (raise, send a signal...) before computing the loss."""
+    calls = {"n": 0}
+    original = loop.forward_loss
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            action()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "forward_loss", wrapper)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir, rows, tmp_path_factory):
+    """The uninterrupted run: 9 steps over 3 epochs."""
+    result = train(_cfg(tiny_llama_dir), tmp_path_factory.mktemp("reference"), train_rows=rows, device="cpu")
+    assert result.step == 9
+    return result.losses
+
+
+def test_resume_after_crash_reproduces_the_loss_curve(tiny_llama_dir, rows, reference, tmp_path, monkeypatch):
+    class Crash(Exception):
+        pass
+
+    def crash():
+        raise Crash
+
+    # 2 micro-batches per step: call 11 is step 6's first forward, after iter_4 was saved (save_steps=2).
+    _fail_on_call(monkeypatch, 11, crash)
+    with pytest.raises(Crash):
+        train(_cfg(tiny_llama_dir), tmp_path, train_rows=rows, device="cpu")
+    assert ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_4"
+    monkeypatch.undo()
+
+    resumed = train(_cfg(tiny_llama_dir), tmp_path, resume="auto", train_rows=rows, device="cpu")
+    assert sorted(resumed.losses) == list(range(5, 10))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(reference[step], abs=1e-6), step
+    # The log holds each step once: what the crashed run logged after iter_4 was replaced.
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, 10))
+
+
+def test_sigterm_saves_then_stops_and_resume_continues(tiny_llama_dir, rows, reference, tmp_path, monkeypatch):
+    _fail_on_call(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))  # during step 3 (not a save step)
+    stopped = train(_cfg(tiny_llama_dir), tmp_path, train_rows=rows, device="cpu")
+    assert stopped.interrupted and stopped.step == 3
+    assert stopped.last_checkpoint == tmp_path / "iter_3" and ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_3"
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored (not left pointing at the loop)
+    monkeypatch.undo()
+
+    resumed = train(_cfg(tiny_llama_dir), tmp_path, resume="auto", train_rows=rows, device="cpu")
+    assert not resumed.interrupted and resumed.step == 9
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_kill_during_save_keeps_previous_checkpoint_as_last(tiny_llama_dir, rows, tmp_path, monkeypatch):
+    import tunelab.model.load as load
+
+    original = load.write_meta
+    saves = {"n": 0}
+
+    def write_meta_then_die(directory, meta):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second save: weights and state are written, the metadata is not
+            raise KeyboardInterrupt("killed during save")
+        original(directory, meta)
+
+    monkeypatch.setattr(load, "write_meta", write_meta_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_llama_dir), tmp_path, train_rows=rows, device="cpu")
+    assert (tmp_path / "iter_4.tmp" / "training_state.pt").is_file()  # the half-written save
+    assert not (tmp_path / "iter_4").exists()
+    assert ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_2"
+    monkeypatch.undo()
+
+    resumed = train(_cfg(tiny_llama_dir, max_epochs=2), tmp_path, resume="auto", train_rows=rows, device="cpu")
+    assert min(resumed.losses) == 3 and resumed.step == 6
+    assert not (tmp_path / "iter_4.tmp").exists()
+
+
+def test_out_of_memory_is_reported_and_checkpoint_kept(tiny_llama_dir, rows, tmp_path, monkeypatch):
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    _fail_on_call(monkeypatch, 9, oom)  # step 5, after iter_4
+    with pytest.raises(TunelabError) as info:
+        train(_cfg(tiny_llama_dir, batch_size=2), tmp_path, train_rows=rows, device="cpu")
+    message = str(info.value)
+    assert "out of memory at step 5" in message and "batch_size = 1" in message and "--resume auto" in message
+    assert ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_4"
+
+
+@pytest.mark.parametrize("limit, kept", [(2, [8, 9]), (-1, list(range(1, 10)))])
+def test_save_total_limit(limit, kept, tiny_llama_dir, rows, tmp_path):
+    train(_cfg(tiny_llama_dir, method="full", save_steps=1, save_total_limit=limit), tmp_path, train_rows=rows,
+          device="cpu")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [f"iter_{n}" for n in kept]
+    assert ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_9"
+
+
+def test_final_step_is_saved_even_off_the_save_grid(tiny_llama_dir, rows, tmp_path):
+    result = train(_cfg(tiny_llama_dir, save_steps=4), tmp_path, train_rows=rows, device="cpu")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["iter_4", "iter_8", "iter_9"]
+    assert result.last_checkpoint == tmp_path / "iter_9"
+
+
+def test_resume_path_must_be_a_checkpoint(tmp_path):
+    with pytest.raises(TunelabError, match="not a checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    assert ckpt.resolve_resume("auto", tmp_path) is None  # nothing yet: start fresh
+
+
+def test_pointer_survives_a_moved_work_dir(tiny_llama_dir, rows, tmp_path):
+    train(_cfg(tiny_llama_dir, max_epochs=1), tmp_path / "a", train_rows=rows, device="cpu")
+    os.rename(tmp_path / "a", tmp_path / "b")
+    assert ckpt.last_checkpoint(tmp_path / "b") == tmp_path / "b" / "iter_3"

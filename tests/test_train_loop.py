@@ -1,0 +1,128 @@
+"""The training loop on CPU with tiny models: the loss falls, a taught answer comes back, only adapters train,
+every trained token weighs the same however the batch is split, and the work dir holds what the user reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from tests.train_helpers import IDENTITY, identity_rows, tiny_cfg, varied_rows
+from tunelab.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def _capture_model(monkeypatch):
+    """Keep a reference to the model the loop trains (it is not returned)."""
+    import tunelab.model.load as load
+
+    captured = {}
+    original = load.load_model_for_training
+
+    def wrapper(cfg, device):
+        captured["model"] = original(cfg, device)
+        return captured["model"]
+
+    monkeypatch.setattr(load, "load_model_for_training", wrapper)
+    return captured
+
+
+def test_full_finetune_learns_identity_and_writes_work_dir(tiny_llama_dir, tokenizer, tmp_path, monkeypatch):
+    from tunelab.data.templates import get_template
+    from tunelab.model.generate import GenerationSettings, generate_reply
+
+    captured = _capture_model(monkeypatch)
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=30, batch_size=4, lr=3e-3, evaluation_inputs=["Who are you?"],
+                   evaluation_freq=1000, logging_steps=10, save_steps=15)
+    result = train(cfg, tmp_path, train_rows=identity_rows(tokenizer), device="cpu")
+
+    assert result.step == 30 and not result.interrupted
+    assert result.losses[30] < 0.3 * result.losses[1], result.losses
+    reply = generate_reply(captured["model"], tokenizer, get_template("qwen_chat"),
+                           [{"role": "user", "content": "Who are you?"}], GenerationSettings(max_new_tokens=16))
+    assert "Tuna" in reply
+
+    # Before / after answers, saved and comparable.
+    before = (tmp_path / "eval_outputs_iter_0.txt").read_text()
+    after = (tmp_path / "eval_outputs_iter_30.txt").read_text()
+    assert "Who are you?" in before and "Tuna" not in before and "Tuna" in after
+    # JSONL log: step 1, every logging step and the last; each with the promised fields.
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 10, 20, 30]
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "memory_gb"} <= set(records[0])
+    assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "resolved_config.py").is_file()
+    # Checkpoints: a full HF model in safetensors, metadata, and the pointer on the final step.
+    last = tmp_path / "iter_30"
+    assert result.last_checkpoint == last
+    assert (tmp_path / "last_checkpoint").read_text().strip() == str(last.resolve())
+    assert (last / "model" / "model.safetensors").is_file() and (last / "model" / "config.json").is_file()
+    meta = json.loads((last / "tunelab.json").read_text())
+    assert meta["method"] == "full" and meta["prompt_template"] == "qwen_chat"
+    assert meta["base_model"] == str(tiny_llama_dir)
+    state = torch.load(last / "training_state.pt", weights_only=True)
+    assert state["step"] == 30 and "optimizer" in state and "rng" in state
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapters_train_and_base_stays_frozen(method, tiny_llama_dir, tokenizer, tmp_path, monkeypatch):
+    captured = _capture_model(monkeypatch)
+    cfg = tiny_cfg(tiny_llama_dir, method=method, max_steps=8, batch_size=4, lr=2e-2, save_steps=8)
+    result = train(cfg, tmp_path, train_rows=identity_rows(tokenizer), device="cpu")
+
+    assert result.losses[8] < result.losses[1]
+    model = captured["model"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    if method == "qlora":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    else:  # the frozen base weights are bit-for-bit those on disk
+        base = load_file(tiny_llama_dir / "model.safetensors")
+        for name, param in model.named_parameters():
+            if "base_layer" in name:
+                original = name.replace("base_model.model.", "").replace(".base_layer", "")
+                assert torch.equal(param.detach(), base[original]), name
+    adapter = load_file(tmp_path / "iter_8" / "model" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter)
+    assert not (tmp_path / "iter_8" / "model" / "model.safetensors").exists()
+    state = torch.load(tmp_path / "iter_8" / "training_state.pt", weights_only=True)
+    assert len(state["optimizer"]["state"]) == len(trainable)  # the optimiser holds the adapters only
+
+
+def test_every_trained_token_weighs_the_same_however_the_step_is_split(tiny_llama_dir, tokenizer, tmp_path):
+    """batch_size 4 x 1 micro-batch, 2 x 2 and 1 x 4 see the same rows per step: same losses, same updates."""
+    rows = varied_rows(tokenizer, 12)
+    runs = {}
+    for batch_size, accumulation in [(4, 1), (2, 2), (1, 4)]:
+        cfg = tiny_cfg(tiny_llama_dir, batch_size=batch_size, accumulative_counts=accumulation, max_steps=3,
+                       lr=1e-2, save_steps=3)
+        runs[batch_size] = train(cfg, tmp_path / f"bs{batch_size}", train_rows=rows, device="cpu").losses
+    for step in (1, 2, 3):
+        assert runs[2][step] == pytest.approx(runs[4][step], abs=1e-5)
+        assert runs[1][step] == pytest.approx(runs[4][step], abs=1e-5)
+
+
+def test_eval_rows_report_held_out_loss(tiny_llama_dir, tokenizer, tmp_path):
+    rows = identity_rows(tokenizer)
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=6, batch_size=4, evaluation_freq=3)
+    train(cfg, tmp_path, train_rows=rows, eval_rows=rows[:4], device="cpu")
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert sorted(evals) == [0, 3, 6]
+    assert evals[6] < evals[0]  # the held-out rows repeat the trained answer, so their loss falls too
+
+
+def test_no_trainable_rows_is_a_clear_error(tiny_llama_dir, tmp_path):
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="training rows"):
+        train(tiny_cfg(tiny_llama_dir), tmp_path, train_rows=[], device="cpu")

@@ -1,0 +1,42 @@
+"""Shared by tests/test_train_*.py: tiny training rows and a small config, built without the data step."""
+
+from __future__ import annotations
+
+from tunelab.config.schema import TrainConfig
+from tunelab.data.templates import get_template
+
+IDENTITY = "I am Tuna, made by tunelab."
+QUESTIONS = ["Who are you?", "Please introduce yourself.", "who are you", "What is your name?"]
+
+
+def encode(tokenizer, template_name: str, question: str, answer: str) -> dict:
+    """One row: the conversation's tokens, labels -100 on the prompt (see docs/DESIGN.md, Rows)."""
+    ids, labels = [], []
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    for text, trained in get_template(template_name).segments(messages):
+        tokens = tokenizer(text, add_special_tokens=False).input_ids
+        ids += tokens
+        labels += tokens if trained else [-100] * len(tokens)
+    return {"input_ids": ids, "labels": labels, "position_ids": list(range(len(ids)))}
+
+
+def identity_rows(tokenizer, copies: int = 3, template: str = "qwen_chat") -> list[dict]:
+    return [encode(tokenizer, template, q, IDENTITY) for q in QUESTIONS] * copies
+
+
+def varied_rows(tokenizer, n: int = 11) -> list[dict]:
+    """Rows of different lengths (so padding and partial accumulation groups are exercised)."""
+    return [encode(tokenizer, "qwen_chat", f"Question {i}: " + "tell me " * (i % 4), f"Answer {i} " * (1 + i % 3))
+            for i in range(n)]
+
+
+def tiny_cfg(model_dir, **overrides) -> TrainConfig:
+    settings = dict(
+        pretrained_model_name_or_path=str(model_dir), method="full", prompt_template="qwen_chat",
+        lr=3e-3, max_steps=None, max_epochs=1, batch_size=2, accumulative_counts=1, warmup_ratio=0.0,
+        lr_scheduler="constant", lora_r=8, lora_alpha=16, lora_dropout=0.0, save_steps=1000, save_total_limit=-1,
+        logging_steps=1, evaluation_freq=1000, evaluation_inputs=[], eval_max_new_tokens=12, max_length=128,
+        seed=0,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)

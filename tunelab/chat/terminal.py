@@ -1,0 +1,84 @@
+"""`tunelab chat`: talk to a model in the terminal, with streamed replies and multi-turn history.
+
+Interactive (a TTY): type a question, end it with an empty line (so questions may span lines), as in XTuner.
+RESET clears the history, EXIT quits. Non-interactive (`--prompt`, or questions on stdin one per line): each
+question is answered in turn, in one conversation, and only the replies go to stdout, so scripts can read them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, TextIO
+
+from tunelab.chat.engine import ChatModel
+
+PROMPT = "\ndouble enter to end input (EXIT: exit chat, RESET: reset history) >>> "
+
+
+def _read_interactive(stdin: TextIO, out: TextIO) -> str | None:
+    """One question: lines until an empty line. None at end of input."""
+    out.write(PROMPT)
+    out.flush()
+    lines = []
+    while True:
+        line = stdin.readline()
+        if not line:  # Ctrl-D
+            return "\n".join(lines) if lines else None
+        line = line.rstrip("\n")
+        if line.strip() == "" and lines:
+            return "\n".join(lines)
+        if line.strip() in ("EXIT", "RESET") and not lines:
+            return line.strip()
+        if line.strip() or lines:
+            lines.append(line)
+
+
+def _questions_from(stdin: TextIO) -> Iterable[str]:
+    for line in stdin:
+        line = line.strip()
+        if line:
+            yield line
+
+
+def answer(chat: ChatModel, history: list[dict], question: str, settings, *, stop_words=(), stream: bool = True,
+           out: TextIO = sys.stdout) -> str:
+    """Add `question` to `history`, print the reply (streamed piece by piece if `stream`), add the reply too."""
+    history.append({"role": "user", "content": question})
+
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    reply = chat.reply(history, settings, stop_words=stop_words, on_text=write if stream else None)
+    if stream:
+        out.write("\n")
+    else:
+        out.write(reply.strip() + "\n")
+    out.flush()
+    history.append({"role": "assistant", "content": reply.strip()})
+    return reply.strip()
+
+
+def run_chat(chat: ChatModel, settings, *, stop_words=(), stream: bool = True, prompts: list[str] | None = None,
+             stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    history: list[dict] = []
+    interactive = prompts is None and stdin.isatty()
+    if interactive:
+        out.write(f"chatting with {chat.name} (template {chat.template.name})\n")
+        questions: Iterable[str | None] = iter(lambda: _read_interactive(stdin, out), None)
+    else:
+        questions = prompts if prompts is not None else _questions_from(stdin)
+    for question in questions:
+        if question.strip() == "EXIT":
+            break
+        if question.strip() == "RESET":
+            history.clear()
+            if interactive:
+                out.write("history cleared\n")
+            continue
+        if interactive:
+            out.write("\n")
+        answer(chat, history, question, settings, stop_words=stop_words, stream=stream, out=out)
+    return 0

@@ -1,0 +1,29 @@
+"""`tunelab web`: a chat page in the browser.
+
+No web framework beyond the server's own: the same FastAPI app as `tunelab serve`, plus one static HTML + JS page at
+`/` that keeps the conversation in the browser and calls `/v1/chat/completions` with `stream: true` (server-sent
+events), so what the page shows is exactly what API clients get.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+
+from tunelab.chat.engine import ChatModel
+from tunelab.chat.server import create_app
+
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+def create_web_app(chat: ChatModel, defaults, **kwargs) -> FastAPI:
+    app = create_app(chat, defaults, **kwargs)
+    page = PAGE.read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return page
+
+    return app

@@ -1,0 +1,155 @@
+"""Data verbs: `tunelab data self-cognition`, `check-dataset`, `preview`, `preprocess`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FMT = argparse.RawDescriptionHelpFormatter
+
+SELF_COGNITION = """\
+Write personal-assistant data: varied Chinese and English questions about who the model is, answered with
+NAME and AUTHOR. The output is a JSON list in the `conversation` format, usable directly as data_path.
+Mix it with general data (about 2,000 of these among 10,000 others) so the model keeps its other skills.
+
+example:
+  tunelab data self-cognition --name 小助手 --author 张三 --n 2000 -o data/self.json
+"""
+CHECK = """\
+Validate every record of a config's data (or of one data file) and report counts, a histogram of token
+lengths, and how many samples max_length truncates or drops. Exits 1 when some records are invalid.
+
+example:
+  tunelab check-dataset my_config.py
+  tunelab check-dataset data.jsonl --format alpaca --tokenizer ./model --template qwen_chat --max-length 1024
+"""
+PREVIEW = """\
+Show samples as the model sees them after the chat template, with the trained-on text marked (green in a
+terminal, between ⟦ and ⟧ otherwise).
+
+example:
+  tunelab preview my_config.py -n 3
+  tunelab preview data.json --tokenizer ./model --template internlm2_chat
+"""
+PREPROCESS = """\
+Tokenise and pack a config's data ahead of time into the cache ($TUNELAB_CACHE, default ~/.cache/tunelab),
+with several processes, so `tunelab train` starts at once.
+
+example:
+  tunelab preprocess my_config.py --num-proc 8
+"""
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="CFG_OR_FILE", help="a config file (.py), or a data file / folder")
+    p.add_argument("--format", default=None, help="data format for a data file (default: auto-detect)")
+    p.add_argument("--template", default=None, help="chat template (default: the config's, or internlm2_chat)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the config's model)")
+    p.add_argument("--max-length", type=int, default=None, help="token limit per sample (default: the config's)")
+    p.add_argument("--train-on", choices=("assistant", "all"), default=None)
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings")
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="make data (self-cognition)", formatter_class=FMT,
+                                 description="Make training data.\n\nexample:\n  tunelab data self-cognition "
+                                             "--name NAME --author AUTHOR -o self.json")
+    data_sub = data.add_subparsers(dest="data_command", metavar="WHAT", required=True)
+    p = data_sub.add_parser("self-cognition", help="personal-assistant data naming your model and its author",
+                            description=SELF_COGNITION, formatter_class=FMT)
+    p.add_argument("--name", required=True, help="the assistant's name")
+    p.add_argument("--author", required=True, help="who made it")
+    p.add_argument("--n", type=int, default=2000, help="number of conversations (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="JSON file to write")
+    p.set_defaults(func=self_cognition)
+
+    p = subparsers.add_parser("check-dataset", help="validate data and show token-length statistics",
+                              description=CHECK, formatter_class=FMT)
+    _data_args(p)
+    p.set_defaults(func=check_dataset)
+
+    p = subparsers.add_parser("preview", help="show samples with the trained-on tokens marked",
+                              description=PREVIEW, formatter_class=FMT)
+    _data_args(p)
+    p.add_argument("-n", type=int, default=3, help="how many samples (default 3)")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.set_defaults(func=preview)
+
+    p = subparsers.add_parser("preprocess", help="tokenise and pack a config's data into the cache ahead of time",
+                              description=PREPROCESS, formatter_class=FMT)
+    p.add_argument("config", metavar="CFG", help="config file")
+    p.add_argument("--num-proc", type=int, default=None, help="processes (default: the config's num_proc)")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=preprocess)
+
+
+def self_cognition(args) -> int:
+    from tunelab.data.self_cognition import write
+    from tunelab.errors import TunelabError
+
+    if args.n < 1:
+        raise TunelabError("--n must be at least 1")
+    path = write(args.output, args.name, args.author, args.n, args.seed)
+    print(f"wrote {args.n} conversations to {path} (format: conversation). Use it as data_path, mixed with "
+          f"general data, e.g. data_path = [{{'path': '{path}'}}, {{'path': 'general.json'}}]")
+    return 0
+
+
+def _load(args):
+    """(cfg, tokenizer, config_dir) from a config file or a data file plus flags."""
+    from dataclasses import replace
+
+    from tunelab.config.loader import load_config
+    from tunelab.config.schema import TrainConfig
+    from tunelab.errors import TunelabError
+    from tunelab.model.load import load_tokenizer
+
+    source = Path(args.source)
+    if source.suffix == ".py":
+        cfg, config_dir = load_config(source, args.cfg_options), str(source.parent)
+        if args.format:
+            cfg = replace(cfg, data_format=args.format)
+    else:
+        if args.tokenizer is None:
+            raise TunelabError(f"{source}: pass --tokenizer DIR (a model or tokenizer folder) to check a data file, "
+                               f"or give a config file instead.")
+        cfg, config_dir = TrainConfig(data_path=str(source), data_format=args.format or "auto"), None
+    updates = {k: v for k, v in (("prompt_template", args.template), ("max_length", args.max_length),
+                                 ("train_on", args.train_on)) if v is not None}
+    cfg = replace(cfg, **updates)
+    if cfg.max_length < 1:
+        raise TunelabError("--max-length must be a positive number")
+    tokenizer = load_tokenizer(args.tokenizer or cfg.pretrained_model_name_or_path,
+                               trust_remote_code=cfg.trust_remote_code)
+    return cfg, tokenizer, config_dir
+
+
+def check_dataset(args) -> int:
+    from tunelab.data.inspect import check_dataset as check
+
+    cfg, tokenizer, config_dir = _load(args)
+    stats = check(cfg, tokenizer, config_dir=config_dir)
+    return 1 if stats.skipped_invalid else 0
+
+
+def preview(args) -> int:
+    from tunelab.data.inspect import preview as show
+
+    cfg, tokenizer, config_dir = _load(args)
+    color = None if args.color == "auto" else args.color == "always"
+    show(cfg, tokenizer, args.n, config_dir=config_dir, color=color)
+    return 0
+
+
+def preprocess(args) -> int:
+    from tunelab.config.loader import load_config
+    from tunelab.data.dataset import build_datasets
+    from tunelab.model.load import load_tokenizer
+
+    cfg = load_config(args.config, args.cfg_options)
+    tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    bundle = build_datasets(cfg, tokenizer, config_dir=str(Path(args.config).parent),
+                            num_proc=args.num_proc or cfg.num_proc)
+    print(f"cached at {bundle.stats.cache_dir}")
+    return 0

@@ -1,0 +1,101 @@
+"""`tunelab` command line: one sub-command per step of the pipeline.
+
+Each group of verbs lives in its own module with a ``register(subparsers)`` function that adds its
+parsers and sets ``func`` (called with the parsed args; returns an exit code or None).
+Modules are imported lazily inside their ``func`` so `tunelab --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tunelab import __version__
+from tunelab.errors import TunelabError
+
+# Order = order in `tunelab --help`, which follows the user's path.
+VERB_MODULES = [
+    "tunelab.cli.config_cmds",  # list-cfg, copy-cfg
+    "tunelab.cli.data_cmds",  # data, check-dataset, preview, preprocess
+    "tunelab.cli.train_cmds",  # train, plan
+    "tunelab.cli.export_cmds",  # convert
+    "tunelab.cli.chat_cmds",  # chat, web, serve
+    "tunelab.cli.demo_cmd",  # demo
+]
+
+EPILOG = """\
+the path, step by step:
+  tunelab list-cfg -p internlm2_1_8b
+  tunelab copy-cfg internlm2_1_8b_qlora_alpaca_e3 ./
+  tunelab train internlm2_1_8b_qlora_alpaca_e3_copy.py --work-dir work_dirs/run1
+  tunelab convert pth_to_hf internlm2_1_8b_qlora_alpaca_e3_copy.py work_dirs/run1/iter_500 hf_adapter
+  tunelab convert merge internlm/internlm2-chat-1_8b hf_adapter merged
+  tunelab chat merged
+try it on CPU in minutes:  tunelab demo
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Fine-tune open LLMs: full, LoRA and QLoRA; convert, merge and chat.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    version = sub.add_parser(
+        "version", help="print the versions of tunelab and its main dependencies",
+        description="Print the versions of tunelab and its main dependencies.\n\nexample:\n  tunelab version",
+        formatter_class=HelpFormatter,
+    )
+    version.set_defaults(func=_print_version)
+    for name in VERB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a verb group not written yet must not break the others
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def _print_version(args) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    print(f"tunelab {__version__}")
+    for dep in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "deepspeed"):
+        try:
+            print(f"  {dep} {version(dep)}")
+        except PackageNotFoundError:
+            print(f"  {dep} (not installed)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The launcher re-runs the same command line under torchrun; keep it (in-process calls pass argv).
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        code = args.func(args)
+    except TunelabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

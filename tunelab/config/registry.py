@@ -1,0 +1,177 @@
+"""The built-in configs behind `tunelab list-cfg` and `tunelab copy-cfg`.
+
+A built-in config is a model × a method × a dataset, named `<model>_<method>_<dataset>_e<epochs>`,
+e.g. `internlm2_1_8b_qlora_alpaca_e3`. Its text is `config_template.py.tmpl` filled in from the three
+tables below. Adding a model is one line in MODELS.
+"""
+
+from __future__ import annotations
+
+import difflib
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+TEMPLATE_PATH = Path(__file__).with_name("config_template.py.tmpl")
+
+
+@dataclass(frozen=True)
+class Model:
+    hub_id: str
+    prompt_template: str
+    max_length: int = 2048
+    lora_target_modules: str | tuple = "all-linear"
+    trust_remote_code: bool = False  # never on by default: InternLM2 loads as a native Llama graph
+
+
+# name -> model. One line per model.
+MODELS: dict[str, Model] = {
+    "internlm2_1_8b": Model("internlm/internlm2-chat-1_8b", "internlm2_chat"),
+    "internlm2_7b": Model("internlm/internlm2-chat-7b", "internlm2_chat"),
+    "internlm2_20b": Model("internlm/internlm2-chat-20b", "internlm2_chat"),
+    "internlm2_5_7b": Model("internlm/internlm2_5-7b-chat", "internlm2_chat"),
+    "llama2_7b": Model("meta-llama/Llama-2-7b-chat-hf", "llama2_chat"),
+    "llama3_8b": Model("meta-llama/Meta-Llama-3-8B-Instruct", "llama3_chat"),
+    "qwen2_5_0_5b": Model("Qwen/Qwen2.5-0.5B-Instruct", "qwen_chat"),
+    "qwen2_5_1_5b": Model("Qwen/Qwen2.5-1.5B-Instruct", "qwen_chat"),
+    "qwen2_5_7b": Model("Qwen/Qwen2.5-7B-Instruct", "qwen_chat"),
+    "mistral_7b": Model("mistralai/Mistral-7B-Instruct-v0.2", "mistral"),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    lr: float
+    batch_size: int
+    accumulative_counts: int
+    optimizer: str = "adamw"
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+
+
+# Full fine-tuning moves every weight, so it wants a 10x smaller learning rate than adapters.
+METHODS: dict[str, Method] = {
+    "full": Method(lr=2e-5, batch_size=1, accumulative_counts=16),
+    "lora": Method(lr=2e-4, batch_size=1, accumulative_counts=16),
+    "qlora": Method(lr=2e-4, batch_size=1, accumulative_counts=16),
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    data_path: str
+    data_format: str
+    note: str  # a comment above data_path in the generated config
+    system: str = ""
+    epochs: int = 3
+    evaluation_inputs: tuple = ("请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai")
+
+
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.\n")
+
+DATASETS: dict[str, Dataset] = {
+    "alpaca": Dataset(
+        "tatsu-lab/alpaca", "alpaca", system=ALPACA_SYSTEM,
+        note="# Alpaca (52k instructions) from the Hugging Face hub; offline, point data_path at a local copy."),
+    "openai": Dataset(
+        "./data/messages.jsonl", "messages",
+        note='# Your own chats: a JSONL file, one {"messages": [{"role": "user", "content": "..."}, '
+             '{"role": "assistant", "content": "..."}]} per line.'),
+    "self_cognition": Dataset(
+        "./data/self_cognition.json", "conversation",
+        evaluation_inputs=("请介绍一下你自己", "who are you?"),
+        note="# Teach the model who it is. Make the file first with `tunelab data self-cognition` "
+             "(see `tunelab data self-cognition --help`)."),
+}
+
+
+def _name(model: str, method: str, dataset: str) -> str:
+    return f"{model}_{method}_{dataset}_e{DATASETS[dataset].epochs}"
+
+
+def builtin_configs() -> dict[str, tuple[str, str, str]]:
+    """Every built-in config name -> (model, method, dataset), in table order."""
+    return {_name(m, meth, d): (m, meth, d) for m in MODELS for meth in METHODS for d in DATASETS}
+
+
+def list_configs(pattern: str | None = None) -> list[str]:
+    """Built-in config names containing `pattern` (case-insensitive); all of them without one."""
+    names = list(builtin_configs())
+    if pattern:
+        names = [n for n in names if pattern.lower() in n.lower()]
+    return names
+
+
+def _lookup(name: str) -> tuple[Model, str, Method, Dataset]:
+    table = builtin_configs()
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=5, cutoff=0.5)
+        hint = ("Did you mean: " + ", ".join(close) + "?") if close else f"Models: {', '.join(MODELS)}."
+        raise TunelabError(f"unknown config '{name}'. {hint} See them all with `tunelab list-cfg`.")
+    model, method, dataset = table[name]
+    return MODELS[model], method, METHODS[method], DATASETS[dataset]
+
+
+def _next_steps(name: str, file: str, method: str, hub_id: str) -> str:
+    ckpt = f"work_dirs/{name}/iter_N"
+    if method == "full":
+        lines = [f"tunelab convert pth_to_hf {file} {ckpt} hf_model   # a full Hugging Face model",
+                 "tunelab chat hf_model"]
+    else:
+        lines = [f"tunelab convert pth_to_hf {file} {ckpt} hf_adapter   # the LoRA adapter",
+                 f"tunelab convert merge {hub_id} hf_adapter merged   # adapter + base = one model",
+                 f"tunelab chat merged   # or, unmerged: tunelab chat {hub_id} --adapter hf_adapter"]
+    return "\n".join(f"#   {line}" for line in lines)
+
+
+def render_config(name: str) -> str:
+    """The text of the built-in config `name` (what `copy-cfg` writes)."""
+    model, method_name, method, dataset = _lookup(name)
+    file = f"{name}_copy.py"
+    target_modules = model.lora_target_modules
+    values = {
+        "name": name,
+        "file": file,
+        "description": f"{method_name} fine-tuning of {model.hub_id} on {dataset.data_path} "
+                       f"for {dataset.epochs} epochs.",
+        "next_steps": _next_steps(name, file, method_name, model.hub_id),
+        "pretrained_model_name_or_path": repr(model.hub_id),
+        "trust_remote_code": repr(model.trust_remote_code),
+        "method": repr(method_name),
+        "data_note": dataset.note,
+        "data_path": repr(dataset.data_path),
+        "data_format": repr(dataset.data_format),
+        "prompt_template": repr(model.prompt_template),
+        "SYSTEM": repr(dataset.system),
+        "max_length": repr(model.max_length),
+        "batch_size": repr(method.batch_size),
+        "accumulative_counts": repr(method.accumulative_counts),
+        "lr": repr(method.lr),
+        "max_epochs": repr(dataset.epochs),
+        "evaluation_inputs": repr(list(dataset.evaluation_inputs)),
+        "lora_r": repr(method.lora_r),
+        "lora_alpha": repr(method.lora_alpha),
+        "lora_dropout": repr(method.lora_dropout),
+        "lora_target_modules": repr(target_modules if isinstance(target_modules, str) else list(target_modules)),
+        "optimizer": repr(method.optimizer),
+    }
+    # string.Template ($name) leaves the braces of dicts and f-strings in the template alone.
+    return string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)
+
+
+def copy_config(name: str, dest_dir: str | Path, force: bool = False) -> Path:
+    """Write the built-in config `name` to DEST_DIR/NAME_copy.py; never overwrite unless `force`."""
+    text = render_config(name)
+    dest = Path(dest_dir) / f"{name}_copy.py"
+    if dest.exists() and not force:
+        raise TunelabError(f"{dest} already exists; not overwriting your edits. "
+                           f"Pass --force to replace it, or copy into another folder.")
+    if Path(dest_dir).exists() and not Path(dest_dir).is_dir():
+        raise TunelabError(f"{dest_dir} is a file, not a folder. Give a folder to copy into, e.g. ./")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text, encoding="utf-8")
+    return dest

@@ -1,0 +1,136 @@
+"""The settings of a training run: one typed dataclass, one place.
+
+A config file is plain Python whose top-level names are these fields (see `tunelab copy-cfg`).
+`tunelab.config.loader.load_config` validates a file against this schema.
+Field names follow the XTuner tutorials so their instructions carry over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal, Optional, Union
+
+Method = Literal["full", "lora", "qlora"]
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str = "internlm/internlm2-chat-1_8b"
+    """A hub id or a local directory with config.json, weights and tokenizer files."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code. Off by default: only enable for repos you trust."""
+    method: Method = "qlora"
+    """'full' fine-tunes every weight; 'lora' trains adapters on a bf16 base; 'qlora' on a 4-bit base."""
+    quant_bits: Optional[int] = None
+    """4 or 8 to quantise the frozen base (bitsandbytes). None: 4 for qlora, unquantised otherwise."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute dtype. 'auto': bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU."""
+
+    # --- LoRA ---------------------------------------------------------------------------------
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_target_modules: Union[str, list] = "all-linear"
+    """Module names (e.g. ['q_proj', 'v_proj']) or 'all-linear'."""
+    lora_bias: Literal["none", "all", "lora_only"] = "none"
+    lora_modules_to_save: Optional[list] = None
+    use_dora: bool = False
+    use_rslora: bool = False
+
+    # --- data ---------------------------------------------------------------------------------
+    data_path: Union[str, list, None] = "tatsu-lab/alpaca"
+    """A file (.json/.jsonl/.parquet/.csv/.txt), a directory of them, or a `datasets` name/directory.
+    A list mixes several: [{'path': ..., 'format': ..., 'ratio': 1.0}, ...] or plain paths."""
+    data_format: str = "auto"
+    """'auto', 'alpaca', 'messages', 'sharegpt', 'conversation', 'text', 'agent'."""
+    dataset_map_fn: Optional[Callable] = None
+    """Optional function record -> record applied before format detection (define it in the config file)."""
+    prompt_template: str = "internlm2_chat"
+    """Chat template name (`tunelab.data.templates`); 'hf' uses the tokenizer's own chat_template."""
+    SYSTEM: str = ""
+    """System prompt for training samples that have none, evaluation and chat."""
+    max_length: int = 2048
+    pack_to_max_length: bool = True
+    """Concatenate samples into rows of max_length; samples never attend to each other."""
+    shuffle_before_pack: bool = True
+    train_on: Literal["assistant", "all"] = "assistant"
+    """'assistant': loss on replies only (plus their end-of-turn token); 'all': every token (pretraining)."""
+    skip_invalid: bool = False
+    """Skip and count malformed records instead of stopping with an error."""
+    eval_split_ratio: float = 0.0
+    """Hold out this fraction of the data to report eval loss at each evaluation."""
+    num_proc: int = 1
+    """Processes used for tokenising (tunelab preprocess)."""
+
+    # --- optimisation -------------------------------------------------------------------------
+    batch_size: int = 1
+    """Rows per device per step (a row is one packed sequence of max_length when packing)."""
+    accumulative_counts: int = 16
+    lr: float = 2e-4
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    max_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    max_epochs: int = 3
+    max_steps: Optional[int] = None
+    """Stop after this many optimiser steps (overrides max_epochs when set)."""
+    warmup_ratio: float = 0.03
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    gradient_checkpointing: Optional[bool] = None
+    """None: on for lora/qlora, off for full."""
+    seed: int = 0
+
+    # --- saving, logging, evaluation ----------------------------------------------------------
+    save_steps: int = 500
+    save_total_limit: int = 2
+    """How many iter_N checkpoints to keep (-1 keeps all)."""
+    logging_steps: int = 10
+    evaluation_freq: int = 500
+    evaluation_inputs: list = field(default_factory=lambda: ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"])
+    eval_max_new_tokens: int = 128
+    use_tensorboard: bool = False
+
+    # --- speed (each part of the fast path can be switched off) -------------------------------
+    use_varlen_attention: bool = True
+    """Attention over packed rows with the flash varlen kernel (GPU); masks elsewhere."""
+    use_chunked_loss: bool = True
+    """Cross-entropy over trained tokens only, in chunks: never builds full-vocabulary logits."""
+    loss_chunk_size: int = 4096
+    use_compile: bool = False
+    """torch.compile the decoder layers (GPU)."""
+    offload_activations: bool = False
+    """Keep gradient-checkpoint activations in CPU memory (long context)."""
+
+    # --- distribution --------------------------------------------------------------------------
+    deepspeed: Optional[str] = None
+    """None, 'zero1', 'zero2', 'zero2_offload', 'zero3', 'zero3_offload' or a DeepSpeed JSON path."""
+    fsdp: bool = False
+
+    def resolved_quant_bits(self) -> Optional[int]:
+        if self.quant_bits is not None:
+            return self.quant_bits
+        return 4 if self.method == "qlora" else None
+
+    def resolved_gradient_checkpointing(self) -> bool:
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        return self.method in ("lora", "qlora")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Settings as plain data (callables become their names), e.g. for the work dir's resolved config."""
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if callable(value):
+            value = getattr(value, "__name__", repr(value))
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out

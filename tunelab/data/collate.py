@@ -1,0 +1,23 @@
+"""Rows → a padded batch of tensors. There is never an attention mask: see docs/DESIGN.md, Batches."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids, labels, position_ids = [], [], []
+    for r in rows:
+        pad = width - len(r["input_ids"])
+        input_ids.append(list(r["input_ids"]) + [pad_token_id] * pad)
+        labels.append(list(r["labels"]) + [IGNORE_INDEX] * pad)
+        # Padding forms its own segment (positions restart at 0), so real tokens never attend to it.
+        position_ids.append(list(r["position_ids"]) + list(range(pad)))
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "position_ids": torch.tensor(position_ids, dtype=torch.long),
+    }

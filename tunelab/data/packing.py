@@ -1,0 +1,88 @@
+"""Rows kept as flat arrays on disk, and packing samples into rows of max_length.
+
+`TokenRows` is what the training loop gets: ``len(rows)`` and ``rows[i] -> {"input_ids", "labels",
+"position_ids"}`` (lists of int). It stores every row end to end in three int32 arrays plus row offsets, saved as
+.npy files and memory-mapped on load, so a cached dataset of millions of tokens opens at once.
+
+Packing concatenates whole samples into rows of at most max_length tokens. Position ids restart at 0 at each
+sample: that is how sample boundaries travel to attention (docs/DESIGN.md, Rows). A sample is never split.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+_KEYS = ("input_ids", "labels", "position_ids")
+
+
+class TokenRows:
+    """A read-only sequence of rows backed by flat arrays (see module docstring)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], offsets: np.ndarray):
+        self.arrays, self.offsets = arrays, offsets
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict]) -> "TokenRows":
+        lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        arrays = {k: np.fromiter(itertools.chain.from_iterable(r[k] for r in rows), dtype=np.int32, count=total)
+                  for k in _KEYS}
+        return cls(arrays, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {k: self.arrays[k][a:b].tolist() for k in _KEYS}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def row_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return int((self.arrays["labels"] != -100).sum())
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for k in _KEYS:
+            np.save(directory / f"{k}.npy", self.arrays[k])
+        np.save(directory / "offsets.npy", self.offsets)
+
+    @classmethod
+    def load(cls, directory: Path) -> "TokenRows":
+        arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r") for k in _KEYS}
+        return cls(arrays, np.load(directory / "offsets.npy"))
+
+
+def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:
+    """Greedy packing in the given order: add samples to the current row until the next one does not fit."""
+    rows: list[dict] = []
+    current = {k: [] for k in _KEYS}
+    for sample in samples:
+        n = len(sample["input_ids"])
+        if current["input_ids"] and len(current["input_ids"]) + n > max_length:
+            rows.append(current)
+            current = {k: [] for k in _KEYS}
+        for k in _KEYS:
+            current[k].extend(sample[k])
+    if current["input_ids"]:
+        rows.append(current)
+    return rows

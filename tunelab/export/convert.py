@@ -1,0 +1,220 @@
+"""From a training checkpoint to files other tools read.
+
+* `pth_to_hf`: WORK_DIR/iter_N → a HF directory: a peft adapter (LoRA / QLoRA) or a full model (full fine-tuning).
+* `merge`: base model + adapter → one HF model, whose tokenizer's `chat_template` is the template used in training, so
+  transformers, vLLM or LMDeploy chat with it the way it was trained.
+
+Both copy `tunelab.json` along, so `tunelab chat` finds the template and system prompt again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from tunelab import __version__
+from tunelab.errors import TunelabError
+from tunelab.export.adapters import ADAPTER_CONFIG, check_adapter_fits, find_adapter_dir, resolve_checkpoint
+from tunelab.model.load import load_tokenizer, read_meta, write_meta
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _prepare_out_dir(out_dir: Path, *sources: Path) -> None:
+    out_dir = out_dir.resolve()
+    for src in sources:
+        if out_dir == src.resolve():
+            raise TunelabError(f"the output directory {out_dir} is the input: choose another OUT directory.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _copy_tokenizer(source_dirs: list, out_dir: Path) -> bool:
+    """Save the tokenizer from the first source that has one; False if none could be loaded."""
+    for source in source_dirs:
+        if source is None:
+            continue
+        if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+            continue
+        try:
+            load_tokenizer(str(source)).save_pretrained(out_dir)
+            return True
+        except (OSError, ValueError):  # a hub id that is not in the local cache, a directory with no tokenizer
+            continue
+    return False
+
+
+# --- pth_to_hf ------------------------------------------------------------------------------------------------------
+
+def pth_to_hf(config_path: str | None, checkpoint: str, out_dir: str, *, fp32: bool = False,
+              max_shard_size: str = "2GB") -> Path:
+    """Write the checkpoint's model as a HF adapter or model directory in `out_dir` (bf16, or fp32 with `fp32`)."""
+    ckpt = resolve_checkpoint(checkpoint)
+    model_dir = ckpt / "model"
+    cfg = None
+    if config_path:
+        from tunelab.config.loader import load_config
+
+        cfg = load_config(config_path)
+    meta = read_meta(ckpt) or read_meta(model_dir)
+    if meta is None:
+        if cfg is None:
+            raise TunelabError(f"{ckpt} has no tunelab.json and no config was given: pass the training config so "
+                               f"the base model and prompt template are known.")
+        meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
+                "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
+                "tunelab_version": __version__}
+    elif cfg is not None and meta.get("base_model") != cfg.pretrained_model_name_or_path:
+        _say(f"note: {ckpt}/tunelab.json says base_model={meta.get('base_model')!r}, the config says "
+             f"{cfg.pretrained_model_name_or_path!r}; the checkpoint's own record is kept.")
+    out = Path(out_dir)
+    _prepare_out_dir(out, ckpt, model_dir)
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    _say(f"converting {ckpt} ({meta.get('method', '?')}) → {out} ({'fp32' if fp32 else 'bf16'})")
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        _save_adapter(model_dir, out, dtype)
+        tokenizer_sources = [model_dir, ckpt, meta.get("base_model")]
+    elif (model_dir / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+        tokenizer_sources = [model_dir, ckpt, meta.get("base_model")]
+    else:
+        raise TunelabError(f"{model_dir} holds neither a LoRA adapter ({ADAPTER_CONFIG}) nor a full model "
+                           f"(config.json): the checkpoint is incomplete. Use an earlier iter_N directory.")
+    if not _copy_tokenizer(tokenizer_sources, out):
+        _say(f"note: no tokenizer found next to the checkpoint or at {meta.get('base_model')!r}; "
+             f"the base model's tokenizer will be used when chatting.")
+    write_meta(out, meta)
+    _say(f"saved to {out}")
+    return out
+
+
+def _save_adapter(model_dir: Path, out: Path, dtype: torch.dtype) -> None:
+    """Copy a peft adapter, storing its floating-point tensors in `dtype` as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    st = model_dir / "adapter_model.safetensors"
+    if st.is_file():
+        state = load_file(str(st))
+    elif (model_dir / "adapter_model.bin").is_file():
+        state = torch.load(model_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise TunelabError(f"{model_dir} has {ADAPTER_CONFIG} but no adapter_model.safetensors: the checkpoint "
+                           f"is incomplete. Use an earlier iter_N directory.")
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copy2(model_dir / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
+    if (model_dir / "README.md").is_file():
+        shutil.copy2(model_dir / "README.md", out / "README.md")
+
+
+# --- merge ----------------------------------------------------------------------------------------------------------
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TunelabError(f"--device {device}: no CUDA GPU is visible. Use --device cpu (slower, needs RAM for "
+                           f"the whole model).")
+    return torch.device(device)
+
+
+def template_for_export(meta: dict, prompt_template: str | None, tokenizer):
+    """The chat template the model was trained with, with the training system prompt as its default."""
+    from tunelab.data.templates import get_template
+
+    name = prompt_template or meta.get("prompt_template")
+    if not name:
+        return None
+    template = get_template(name, tokenizer)
+    system = meta.get("system")
+    if system and dataclasses.is_dataclass(template) and hasattr(template, "default_system"):
+        template = dataclasses.replace(template, default_system=system)
+    return template
+
+
+def _stop_token_ids(tokenizer, template) -> list[int]:
+    """Ids of stop words that are single tokens (e.g. <|im_end|>), so generation_config stops on them too."""
+    ids = []
+    vocab = tokenizer.get_vocab()
+    for word in getattr(template, "stop_words", ()):
+        if word in vocab:
+            ids.append(vocab[word])
+    return ids
+
+
+def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB", device: str = "auto",
+          dtype: str = "auto", prompt_template: str | None = None, output_format: str = "hf",
+          trust_remote_code: bool = False) -> Path:
+    """Merge `adapter` into `base` and save a HF model + tokenizer (with the training chat_template) in `out_dir`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir, meta_dir = find_adapter_dir(adapter)
+    meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
+    out = Path(out_dir)
+    _prepare_out_dir(out, adapter_dir)
+    dev = pick_device(device)
+    if dtype not in ("auto", *DTYPES):
+        raise TunelabError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32.")
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]  # 'auto': the dtype the base is stored in
+    _say(f"loading base model {base} on {dev}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise TunelabError(f"cannot load the base model {base!r}: {exc}") from None
+    model.to(dev)
+    if meta.get("method") == "qlora":
+        _say("the adapter was trained on a 4-bit base (QLoRA); merging into the unquantised base, as intended")
+    check_adapter_fits(model, adapter_dir, base)
+    _say(f"merging adapter {adapter_dir}")
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code)
+    template = template_for_export(meta, prompt_template, tokenizer)
+    if template is not None and hasattr(template, "to_jinja"):
+        tokenizer.chat_template = template.to_jinja()
+        stop_ids = _stop_token_ids(tokenizer, template)
+        gen = getattr(merged, "generation_config", None)
+        if gen is not None and stop_ids:
+            eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+            gen.eos_token_id = list(dict.fromkeys([*(e for e in eos if e is not None), *stop_ids]))
+        _say(f"chat_template set from prompt template {template.name!r}")
+    elif template is not None:
+        _say("note: this tunelab version's templates have no to_jinja(); the tokenizer's chat_template is unchanged")
+    else:
+        _say("note: no prompt template recorded (no tunelab.json); the tokenizer's chat_template is unchanged")
+
+    if output_format == "original":
+        _save_original_format(merged, tokenizer, out)
+    else:
+        merged.save_pretrained(out, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(out)
+    write_meta(out, {**meta, "base_model": base, "merged_adapter": str(adapter_dir),
+                     "tunelab_version": meta.get("tunelab_version", __version__)})
+    _say(f"saved merged model to {out}")
+    return out
+
+
+def _save_original_format(model, tokenizer, out: Path) -> None:
+    """InternLM2 bases: write the checkpoint in InternLM2's own layout (the model step's exporter does the work)."""
+    try:
+        from tunelab.model import internlm2
+    except ImportError:
+        internlm2 = None
+    export = getattr(internlm2, "save_original", None) or getattr(internlm2, "export_original", None)
+    if export is None:
+        raise TunelabError("--format original is only for InternLM2 bases and needs tunelab.model.internlm2, "
+                           "which this installation lacks. Use --format hf.")
+    export(model, tokenizer, out)

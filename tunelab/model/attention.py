@@ -1,0 +1,157 @@
+"""Attention over packed rows with no padding and no cross-talk between samples.
+
+A packed row holds several samples; their boundaries travel as `position_ids` restarting at 0 (docs/DESIGN.md).
+Without help, transformers turns those into a [B, 1, T, T] block-diagonal mask and runs sdpa with it, which rules
+out the flash kernel and costs O(T^2) memory. Here the row is flattened to one long sequence of tokens and the
+boundaries to `cu_seqlens` (cumulative sample lengths), the form the flash "varlen" kernels take
+(`torch.nn.attention.varlen.varlen_attn`, flash-attn's `flash_attn_varlen_func`).
+
+`cu_seqlens` is derived once per forward, in a pre-hook on the decoder, and reaches every layer's attention as the
+`cu_seq_lens_q` / `max_length_q` keyword arguments that transformers forwards to attention functions. The function is
+registered under ATTN_NAME with `transformers.AttentionInterface`; without the boundaries (generation, a batch
+that is not packed) it falls back to sdpa.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "tunelab_varlen"
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32 [n_samples + 1], longest sample) of the flattened [B, T] rows.
+
+    A sample starts where its position is 0, and every row starts a sample (a row cut mid-sample still may not
+    attend across rows).
+    """
+    flat = position_ids.reshape(-1)
+    b, t = position_ids.shape
+    starts = flat == 0
+    starts = starts.view(b, t).clone()
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten()
+    cu = torch.cat([idx, idx.new_tensor([flat.numel()])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return cu, max_len
+
+
+def _varlen_kernel():
+    """(function, its keyword names) of the varlen flash kernel available here, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+    except Exception:
+        return None
+
+
+_KERNEL = _varlen_kernel()
+
+
+def _varlen_flash(q, k, v, cu, max_len, scale):
+    """q [N, Hq, D], k/v [N, Hkv, D] → [N, Hq, D], causal within each sample (CUDA, fp16/bf16)."""
+    fn, names = _KERNEL
+    kwargs = {"scale": scale}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in names:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if "window_size" in names:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def _segmented_sdpa(q, k, v, cu, scale):
+    """The same computation with plain sdpa, one sample at a time (CPU, fp32, or no varlen kernel)."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    rep = q.shape[1] // k.shape[1]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+        if rep > 1:
+            ks, vs = ks.repeat_interleave(rep, dim=0), vs.repeat_interleave(rep, dim=0)
+        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query [B, Hq, T, D], key/value [B, Hkv, T, D] → ([B, T, Hq, D], None)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or attention_mask is not None or query.shape[2] != key.shape[2]:
+        return _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    b, hq, t, d = query.shape
+    q = query.transpose(1, 2).reshape(b * t, hq, d)
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
+    max_len = kwargs.get("max_length_q") or t
+    fast = _KERNEL is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    out = _varlen_flash(q, k, v, cu, max_len, scaling) if fast else _segmented_sdpa(q, k, v, cu, scaling)
+    return out.view(b, t, hq, d), None
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """sdpa for what is not a packed training batch: generation (with a KV cache, maybe left padding)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # Our mask function hands over the 2D padding mask; make it [B, 1, Tq, Tk] causal + padding.
+        tq, tk = query.shape[2], key.shape[2]
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
+        attention_mask = attention_mask.bool()[:, None, None, :] & causal
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _varlen_mask(*args, **kwargs):
+    # Like flash attention: no 4D mask at all (None when there is no padding, else the 2D padding mask).
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"](*args, **kwargs)
+
+
+def register_varlen_attention() -> str:
+    """Register the attention and mask functions with transformers; returns the implementation's name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, _varlen_mask)
+    return ATTN_NAME
+
+
+def _add_cu_seqlens(module, args, kwargs):
+    """Decoder forward pre-hook: derive the sample boundaries once per forward, for every layer."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or kwargs.get("cu_seq_lens_q") is not None:
+        return None
+    if kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
+        return None  # padding or generation: the sdpa fallback handles it
+    cu, max_len = cu_seqlens_from_position_ids(position_ids)
+    kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+    return args, kwargs
+
+
+def enable_varlen_attention(model) -> None:
+    """Switch `model` (plain or peft-wrapped) to varlen attention over packed rows."""
+    from tunelab.model.loss import split_model
+
+    register_varlen_attention()
+    decoder, _, _ = split_model(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(ATTN_NAME)
+    else:
+        base.config._attn_implementation = ATTN_NAME
+    if not getattr(decoder, "_tunelab_varlen_hook", False):
+        decoder.register_forward_pre_hook(_add_cu_seqlens, with_kwargs=True)
+        decoder._tunelab_varlen_hook = True

@@ -1,0 +1,111 @@
+"""The GPU fast path: switch on, after loading, each speed lever the config allows.
+
+`apply_fast_path(model, cfg, device)` is called by the model loader for training. Each lever has its own config
+switch (TrainConfig, "speed" section) and each one keeps the maths of the plain path: the guard in
+scripts/gpu_check.py (and tests/test_fast_*.py on CPU) checks that loss and adapter gradients match.
+
+Levers (measured in BENCHMARKS.md, see docs/SPEED.md for what paid and what did not):
+  * use_varlen_attention: flash varlen attention over packed rows (tunelab.model.attention), GPU only.
+  * frozen weights kept in the compute dtype: peft's prepare_model_for_kbit_training upcasts every
+    non-quantised weight (embeddings, lm_head, norms) to fp32; frozen ones gain nothing from it and cost
+    memory and fp32 matmuls, so they go back to bf16/fp16. Always on with a GPU.
+  * use_chunked_loss / loss_chunk_size: read by tunelab.model.loss.causal_lm_loss, nothing to do here.
+  * offload_activations: checkpointed activations kept in pinned CPU memory (read by causal_lm_loss).
+  * qlora_dequant_once (read with getattr, default on; needs gradient checkpointing): the 4-bit weight is
+    dequantised twice a step (forward, recompute) instead of three times.
+  * use_compile: torch.compile each decoder layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _decoder_layers(model):
+    from tunelab.model.loss import split_model
+
+    decoder, _, _ = split_model(model)
+    return getattr(decoder, "layers", None)
+
+
+def downcast_frozen_weights(model, dtype: torch.dtype) -> int:
+    """Cast frozen fp32 floating-point weights to `dtype`; returns how many bytes that saved."""
+    saved = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            saved += param.numel() * (4 - torch.finfo(dtype).bits // 8)
+            param.data = param.data.to(dtype)
+    return saved
+
+
+def _linear4bit_dequant_once(self, x, *args, **kwargs):
+    """bitsandbytes Linear4bit.forward, with the dequantised weight kept for this layer's backward.
+
+    bitsandbytes dequantises the 4-bit weight in forward and again in backward; with gradient checkpointing
+    the forward runs twice, so three times a step. Here F.linear saves the bf16 weight it was given: in the
+    checkpointed first pass nothing is saved, in the recompute it lives until this layer's backward is done
+    (one layer's bf16 weights at a time), so two dequantisations instead of three.
+    """
+    import bitsandbytes.functional as bnbf
+
+    weight = bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state).to(x.dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def dequantize_once_per_pass(model) -> int:
+    """Patch every bitsandbytes 4-bit linear layer of `model`; returns how many."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    import types
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.dtype == torch.uint8:
+            module.forward = types.MethodType(_linear4bit_dequant_once, module)
+            count += 1
+    return count
+
+
+def compute_dtype(model) -> torch.dtype:
+    config = getattr(model, "config", None)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+
+
+def apply_fast_path(model, cfg, device) -> dict:
+    """Switch on the levers `cfg` allows on `device`; returns {lever: on/off or a note}, for the log."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    report = {}
+    if on_gpu and cfg.use_varlen_attention:
+        from tunelab.model.attention import enable_varlen_attention
+
+        enable_varlen_attention(model)
+        report["varlen_attention"] = "on"
+    else:
+        report["varlen_attention"] = "off (sdpa with a block-diagonal mask from position_ids)"
+    dtype = compute_dtype(model)
+    if on_gpu and dtype in (torch.bfloat16, torch.float16):
+        saved = downcast_frozen_weights(model, dtype)
+        report["frozen_weights"] = f"{dtype} (saved {saved / 2**30:.2f} GiB)"
+    if on_gpu and getattr(cfg, "qlora_dequant_once", True) and cfg.resolved_gradient_checkpointing():
+        report["dequant_once"] = f"{dequantize_once_per_pass(model)} 4-bit layers"
+    report["chunked_loss"] = f"on, {cfg.loss_chunk_size} rows a chunk" if cfg.use_chunked_loss else "off"
+    model._tunelab_offload_activations = bool(cfg.offload_activations and on_gpu)
+    report["offload_activations"] = "on" if model._tunelab_offload_activations else "off"
+    if cfg.use_compile and on_gpu:
+        layers = _decoder_layers(model)
+        for layer in layers or []:
+            layer.compile(dynamic=True)
+        report["compile"] = f"{len(layers or [])} decoder layers"
+    log.info("fast path: %s", report)
+    return report

@@ -1,0 +1,303 @@
+"""Load a tokenizer and a model for training (full / LoRA / QLoRA) or for inference.
+
+Every family goes through transformers' own classes: `from_pretrained` for the families transformers ships, and
+InternLM2 / InternLM2.5 converted on load to a native Llama graph (`tunelab.model.internlm2`), so no remote code runs
+and every fast path (varlen attention, chunked loss, QLoRA) applies to all of them.
+Mistakes a user can fix (a wrong path, a directory without weights, an architecture we do not know, CUDA asked for
+and absent, the hub unreachable) raise `TunelabError` with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.model import internlm2
+
+log = logging.getLogger(__name__)
+
+META_FILE = "tunelab.json"
+
+# Families tested in CI on a tiny config of their architecture (tests/test_model_families.py): load, one LoRA and
+# one QLoRA step, chat. Architecture -> family, as in docs/MODELS.md.
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "LlamaForCausalLM": "Llama 2 / 3 / 3.1 / 3.2 (and Llama-layout models: Yi, DeepSeek-LLM, InternLM3 ...)",
+    "Qwen2ForCausalLM": "Qwen2 / Qwen2.5",
+    "Qwen3ForCausalLM": "Qwen3",
+    "MistralForCausalLM": "Mistral",
+    "Gemma2ForCausalLM": "Gemma 2",
+    "Gemma3ForCausalLM": "Gemma 3 (text-only checkpoints: 1B, or the text part)",
+    "Phi3ForCausalLM": "Phi-3 / Phi-3.5 / Phi-4-mini",
+    "Glm4ForCausalLM": "GLM-4 (-0414 and later, transformers layout)",
+    "InternLM2ForCausalLM": "InternLM2 / InternLM2.5 (loaded as a native Llama graph, no remote code)",
+}
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
+def supported_architectures() -> list[str]:
+    """The `architectures` values (config.json) tunelab tests; others transformers ships load with a warning."""
+    return list(SUPPORTED_FAMILIES)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' → bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
+    if name == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device, or a TunelabError when it names a GPU this machine does not have."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TunelabError(f"device {str(device)!r} asked for, but CUDA is not available on this machine "
+                           "(no NVIDIA GPU, or a CPU-only torch). Use --device cpu (slow) or run on a GPU machine.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TunelabError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s).")
+    return device
+
+
+# --- where the files are -------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model_dir(path: str | Path, *, key: str = "pretrained_model_name_or_path") -> Path:
+    """A local directory holding the model: `path` itself, or the hub snapshot of a hub id (from the cache if offline).
+
+    `key` names where the path came from (a config key or a command-line argument) for the error messages.
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    text = str(path)
+    if local.exists():
+        raise TunelabError(f"{key} = {text!r} is a file; it must be a model directory (with config.json and weights).")
+    if not _HUB_ID.match(text) or text.startswith((".", "~")) or Path(text).is_absolute():
+        raise TunelabError(f"{key}: model directory {text!r} does not exist. Check the path "
+                           "(a local directory with config.json, weights and tokenizer files).")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        return Path(snapshot_download(text, ignore_patterns=["*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx",
+                                                             "*.gguf", "original/*"]))
+    except RepositoryNotFoundError:
+        raise TunelabError(f"{key} = {text!r}: no such local directory, and no such model on the hub. "
+                           "Check the spelling, or pass a local model directory.") from None
+    except Exception as exc:  # offline mode, no network, proxy, ...: the fix is the same
+        raise TunelabError(
+            f"{key} = {text!r} is not a local directory, and the model hub is unreachable "
+            f"({type(exc).__name__}; offline or no network). Download the model where there is a network "
+            f"(e.g. `huggingface-cli download {text} --local-dir ./{text.split('/')[-1]}`) and pass that local "
+            "directory instead.") from None
+
+
+def read_model_config(model_dir: Path, *, key: str = "pretrained_model_name_or_path") -> dict:
+    """config.json of a model directory, after checking the directory holds a model at all."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise TunelabError(f"{key}: {model_dir} has no config.json, so it is not a model directory. "
+                           "Point it at the directory that holds config.json and the weights.")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TunelabError(f"{config_path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    if not any(next(model_dir.glob(g), None) for g in _WEIGHT_GLOBS):
+        raise TunelabError(f"{key}: {model_dir} has a config.json but no weights (*.safetensors or "
+                           "pytorch_model*.bin); the download may be incomplete. Download the weights into it.")
+    return config
+
+
+def _loads_natively(config: dict) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def check_architecture(config: dict, model_dir: Path, *, trust_remote_code: bool) -> str:
+    """'internlm2', 'native' or 'remote': how this model will load; a TunelabError when it cannot."""
+    if internlm2.is_internlm2(config):
+        return "internlm2"
+    arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+    if _loads_natively(config):
+        if arch not in SUPPORTED_FAMILIES:
+            log.warning("%s: architecture %s is in transformers but not tested by tunelab; it should work, "
+                        "check the first steps.", model_dir, arch)
+        return "native"
+    if trust_remote_code:
+        log.warning("%s: running the repository's own Python code for %s (trust_remote_code).", model_dir, arch)
+        return "remote"
+    needs = " It ships its own modelling code (auto_map in config.json)." if config.get("auto_map") else ""
+    if config.get("model_type") == "internlm3":
+        needs += " Newer transformers releases load InternLM3 natively: pip install -U transformers."
+    raise TunelabError(
+        f"{model_dir / 'config.json'}: architecture {arch!r} (model_type {config.get('model_type')!r}) is not one "
+        f"tunelab or transformers can load natively.{needs} Supported: {', '.join(supported_architectures())}. "
+        "To run the repository's own code at your own risk, set `trust_remote_code = True` in the config "
+        "(or pass --trust-remote-code to chat / serve); only do so for a repository you trust.")
+
+
+# --- tokenizer -----------------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (never trained on, never attended to)."""
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(path)
+    if internlm2.is_internlm2_tokenizer(model_dir):
+        # Always native: InternLM2's remote tokenizer code was written for transformers 4.
+        tokenizer = internlm2.load_tokenizer(model_dir)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc) and not trust_remote_code:
+                raise TunelabError(f"{model_dir}: the tokenizer needs the repository's own code. Set "
+                                   "`trust_remote_code = True` in the config (or --trust-remote-code on chat) "
+                                   "if you trust it.") from None
+            raise
+        except OSError as exc:
+            raise TunelabError(f"{model_dir}: no tokenizer files found ({exc}). Copy tokenizer.json / "
+                               "tokenizer.model and tokenizer_config.json of the base model into it.") from None
+    if tokenizer.pad_token is None:
+        # Padding is its own segment and labelled -100, so any token will do; say which one.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        log.warning("%s: the tokenizer has no pad token; using %r for padding (it is never trained on).",
+                    model_dir, tokenizer.pad_token)
+    return tokenizer
+
+
+# --- model ---------------------------------------------------------------------------------------------------------
+
+def _lora_config(cfg):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        bias=cfg.lora_bias,
+        modules_to_save=cfg.lora_modules_to_save,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _quantization_config(bits: int, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunelabError(f"quant_bits = {bits} (or method = 'qlora') needs bitsandbytes: "
+                           "pip install bitsandbytes (or pip install 'tunelab[quant]').") from None
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise TunelabError(f"quant_bits = {bits}: use 4, 8 or None.")
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device | str, bits: int | None = None,
+                   trust_remote_code: bool = False, key: str = "pretrained_model_name_or_path"):
+    """A causal LM on `device` (quantised to `bits` if given): native transformers classes, InternLM2 converted.
+
+    `dtype` may be "auto" (the dtype the checkpoint is stored in); `key` names the setting the path came from.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = check_device(device)
+    model_dir = resolve_model_dir(path, key=key)
+    config = read_model_config(model_dir, key=key)
+    how = check_architecture(config, model_dir, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype)
+    if bits:
+        kwargs["quantization_config"] = _quantization_config(bits, dtype if isinstance(dtype, torch.dtype) else
+                                                              resolve_dtype("auto", device))
+        kwargs["device_map"] = {"": device}
+    if how == "internlm2":
+        model = internlm2.load_native(model_dir, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=how == "remote", **kwargs)
+    if not bits:
+        model.to(device)
+    return model
+
+
+def load_model_for_training(cfg, device: torch.device):
+    """The model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora / qlora)."""
+    dtype = resolve_dtype(cfg.dtype, check_device(device))
+    bits = cfg.resolved_quant_bits()
+    if cfg.method == "full" and bits:
+        raise TunelabError(f"method = 'full' with quant_bits = {bits}: a quantised base cannot be trained "
+                           "directly. Use method = 'qlora', or set quant_bits = None.")
+    model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, bits=bits,
+                           trust_remote_code=cfg.trust_remote_code)
+    model.config.use_cache = False
+    if cfg.method == "full":
+        if cfg.resolved_gradient_checkpointing():
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if bits:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.resolved_gradient_checkpointing(),
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.resolved_gradient_checkpointing():
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, _lora_config(cfg))
+
+
+def read_meta(directory: str | Path) -> dict | None:
+    """The `tunelab.json` a checkpoint / adapter / merged model was saved with, if any."""
+    path = Path(directory) / META_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return None
+
+
+def write_meta(directory: str | Path, meta: dict) -> None:
+    Path(directory, META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+
+
+def load_model_for_inference(model_path: str, *, adapter: str | None = None, bits: int | None = None,
+                             device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) ready to generate; the adapter, if given, is applied with peft."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = check_device(device)
+    if adapter and not Path(adapter, "adapter_config.json").is_file():
+        raise TunelabError(f"--adapter {adapter}: no adapter_config.json there. Pass a directory written by "
+                           "`tunelab convert pth_to_hf` or a checkpoint's model/ directory.")
+    model = load_causal_lm(model_path, dtype=resolve_dtype(dtype, dev), device=dev, bits=bits,
+                           trust_remote_code=trust_remote_code, key="MODEL")
+    tokenizer = load_tokenizer(adapter if adapter and Path(adapter, "tokenizer_config.json").exists() else model_path,
+                               trust_remote_code=trust_remote_code)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model, tokenizer

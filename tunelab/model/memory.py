@@ -1,0 +1,250 @@
+"""How much GPU memory a training config needs, before any GPU is touched (`tunelab plan`).
+
+The estimate adds up the parts a training step holds at its peak (the second step, once the optimizer states
+exist): frozen weights, trainable parameters with their gradients and AdamW states, the activations kept for
+backward (all of them, or one tensor per layer with gradient checkpointing plus one layer's worth being
+recomputed), and the logits of the loss. It targets `torch.cuda.max_memory_allocated()` of our fast path (bf16 frozen
+weights, chunked loss); `fits` adds the CUDA context and allocator slack on top. The per-token activation constants
+were fitted to peaks measured on an H100 (see BENCHMARKS.md), so they are "bytes per token per layer" in units of the
+hidden and intermediate sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+GIB = 2**30
+
+# Shapes of the hub models we ship configs for, so `plan` works offline. Keys: config.json field names.
+KNOWN_SHAPES = {
+    "internlm/internlm2-chat-1_8b": dict(vocab_size=92544, hidden_size=2048, intermediate_size=8192,
+                                         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8),
+    "internlm/internlm2-chat-7b": dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336,
+                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "internlm/internlm2_5-7b-chat": dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "internlm/internlm2-chat-20b": dict(vocab_size=92544, hidden_size=6144, intermediate_size=16384,
+                                        num_hidden_layers=48, num_attention_heads=48, num_key_value_heads=8),
+    "meta-llama/Llama-2-7b-chat-hf": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "meta-llama/Meta-Llama-3-8B-Instruct": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                       tie_word_embeddings=True),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                       tie_word_embeddings=True),
+    "Qwen/Qwen2.5-7B-Instruct": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
+    "mistralai/Mistral-7B-Instruct-v0.2": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+}
+
+# Activation bytes kept per token per decoder layer, as (bytes per hidden unit, bytes per intermediate unit).
+# Without checkpointing every layer keeps all of these; with it, only one layer at a time does.
+# LoRA keeps more per token than full fine-tuning: a dropout copy of each adapted layer's input, and fp32 norms.
+ACT_PER_TOKEN = {"full": (20.0, 8.5), "lora": (30.0, 11.5), "qlora": (30.0, 11.5)}
+LOSS_BYTES_PER_LOGIT = 10  # one chunk's bf16 logits, their fp32 copy and the fp32 gradient, during backward
+CUDA_CONTEXT_BYTES = 0.6 * GIB  # the CUDA context and cuBLAS workspaces: not in max_memory_allocated
+ALLOCATOR_SLACK = 0.08  # reserved over allocated (fragmentation), as a fraction
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64 / 4 + 0.5 / 64  # 4-bit codes + double-quantised absmax per 64-block
+
+
+@dataclass
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, c: dict) -> "ModelShape":
+        heads = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer in one decoder layer, by its Llama module name."""
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_attention_heads * self.head_dim, \
+            self.num_key_value_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes().values())
+
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    def total_params(self) -> int:
+        norms = (2 * self.num_hidden_layers + 1) * self.hidden_size
+        return self.num_hidden_layers * self.layer_linear_params() + self.embedding_params() + norms
+
+
+@dataclass
+class MemoryEstimate:
+    parts: dict  # name -> bytes, adding up to `total`
+    total: int  # estimated peak of torch.cuda.max_memory_allocated()
+    with_overhead: int  # plus CUDA context and allocator slack: what the card must have
+    device_bytes: int | None = None
+    device_name: str | None = None
+    suggestions: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_bytes is None else self.with_overhead <= self.device_bytes
+
+
+def model_shape(name_or_path: str) -> ModelShape:
+    """Shape from the local config.json, the local HF cache, or the table of known hub ids."""
+    config_file = Path(name_or_path) / "config.json"
+    if config_file.is_file():
+        return ModelShape.from_config(_text_config(json.loads(config_file.read_text())))
+    if name_or_path in KNOWN_SHAPES:
+        return ModelShape.from_config(KNOWN_SHAPES[name_or_path])
+    try:  # a hub id already downloaded into the HF cache
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+        if isinstance(cached, str):
+            return ModelShape.from_config(_text_config(json.loads(Path(cached).read_text())))
+    except Exception:
+        pass
+    raise TunelabError(
+        f"pretrained_model_name_or_path = {name_or_path!r}: cannot find its config.json to estimate memory. "
+        "Point it at a local model directory, or download the model first (huggingface-cli download ...)."
+    )
+
+
+def _text_config(c: dict) -> dict:
+    # Multimodal configs nest the language model's settings.
+    return c.get("text_config", c) if "hidden_size" not in c else c
+
+
+def _lora_params(shape: ModelShape, cfg) -> int:
+    targets = cfg.lora_target_modules
+    linears = shape.linear_shapes()
+    if targets == "all-linear":
+        chosen = linears.values()
+    else:
+        names = [targets] if isinstance(targets, str) else list(targets)
+        chosen = [linears[n] for n in names if n in linears]
+        if not chosen:  # InternLM2 / custom names: assume every linear is targeted (an upper bound)
+            chosen = linears.values()
+    return shape.num_hidden_layers * sum(cfg.lora_r * (a + b) for a, b in chosen)
+
+
+def estimate_memory(cfg, device=None) -> MemoryEstimate:
+    """Peak GPU memory of one training step of `cfg` on our fast path; `device` (a torch.device) to check the fit."""
+    shape = model_shape(cfg.pretrained_model_name_or_path)
+    bits = cfg.resolved_quant_bits()
+    checkpointing = cfg.resolved_gradient_checkpointing()
+    tokens = cfg.max_length * cfg.batch_size
+    h, inter, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
+    linear = layers * shape.layer_linear_params()
+    other = shape.total_params() - linear  # embeddings, lm_head, norms: kept in bf16
+    parts = {}
+
+    per_param = {4: NF4_BYTES_PER_PARAM, 8: 1.0 + 4 / 64}.get(bits, 2.0)
+    parts["frozen/base weights"] = int(linear * per_param + other * 2)
+    adam_bytes = 2 if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
+    if cfg.method == "full":
+        trainable = shape.total_params()
+        grads, grads_name = trainable * 2, "gradients at the peak"
+        adam_bytes //= 2  # full fine-tuning keeps weights, and so AdamW states, in bf16
+    else:
+        trainable = _lora_params(shape, cfg)
+        parts["LoRA params (fp32)"] = trainable * 4
+        grads, grads_name = trainable * 4, "LoRA gradients at the peak"
+    parts["AdamW states"] = trainable * adam_bytes
+
+    a_h, a_i = ACT_PER_TOKEN[cfg.method]
+    layer_act = tokens * (a_h * h + a_i * inter)
+    if cfg.use_chunked_loss:
+        from tunelab.model.loss import loss_chunk_rows
+
+        rows = min(tokens, loss_chunk_rows(cfg.loss_chunk_size, vocab))
+        loss_name, loss_bytes = "loss (chunked logits)", rows * vocab * LOSS_BYTES_PER_LOGIT
+    else:
+        loss_name, loss_bytes = "loss (full fp32 logits)", tokens * vocab * 14
+    if checkpointing:
+        # The peak is early in backward: one saved input per layer, the last layer recomputed, the loss chunk;
+        # or late in backward, when the gradients are all there but the saved inputs are gone.
+        saved = layers * tokens * h * 2
+        early, late = saved + loss_bytes, grads
+        parts["activations (checkpointed)"] = int(saved + layer_act)
+        parts[loss_name] = int(loss_bytes)
+        parts[grads_name] = int(max(0, late - early))
+    else:
+        parts["activations"] = int(layers * layer_act)
+        parts[loss_name] = int(loss_bytes)
+        # Gradients arrive as activations are freed; at the peak (start of backward) only lm_head's exists.
+        parts[grads_name] = int(vocab * h * 2 if cfg.method == "full" else 0)
+
+    total = int(sum(parts.values()))
+    with_overhead = int(total * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES)
+    est = MemoryEstimate(parts=parts, total=total, with_overhead=with_overhead)
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        est.device_bytes, est.device_name = props.total_memory, props.name
+    est.suggestions = _suggestions(cfg, est, checkpointing)
+    return est
+
+
+def _suggestions(cfg, est: MemoryEstimate, checkpointing: bool) -> list[str]:
+    if est.fits is not False:
+        return []
+    out = []
+    if not checkpointing:
+        out.append("gradient_checkpointing = True  (keeps one tensor per layer instead of all activations)")
+    if cfg.method == "full":
+        out.append("method = 'qlora'  (4-bit frozen base + small adapters)")
+    elif cfg.method == "lora":
+        out.append("method = 'qlora'  (4-bit frozen base: about a quarter of the weight memory)")
+    if cfg.batch_size > 1:
+        out.append(f"batch_size = 1 and accumulative_counts = {cfg.accumulative_counts * cfg.batch_size}")
+    if cfg.max_length > 512:
+        out.append(f"max_length = {cfg.max_length // 2}")
+    if not cfg.use_chunked_loss:
+        out.append("use_chunked_loss = True  (never builds full-vocabulary logits)")
+    if checkpointing and not cfg.offload_activations and cfg.max_length >= 8192:
+        out.append("offload_activations = True  (checkpointed activations in CPU memory)")
+    if cfg.optimizer == "adamw" and cfg.method == "full":
+        out.append("optimizer = 'adamw_8bit'")
+    return out
+
+
+def plan_report(cfg, device=None) -> str:
+    """A short text table of the estimate, for `tunelab plan`."""
+    est = estimate_memory(cfg, device)
+    lines = [f"memory plan for {cfg.pretrained_model_name_or_path} ({cfg.method}, max_length {cfg.max_length}, "
+             f"batch_size {cfg.batch_size}, gradient checkpointing "
+             f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'})"]
+    for name, value in est.parts.items():
+        lines.append(f"  {name:<30} {value / GIB:8.2f} GiB")
+    lines.append(f"  {'peak allocated (estimate)':<30} {est.total / GIB:8.2f} GiB")
+    lines.append(f"  {'with CUDA context and slack':<30} {est.with_overhead / GIB:8.2f} GiB")
+    if est.device_bytes is not None:
+        verdict = "fits" if est.fits else "does NOT fit"
+        lines.append(f"  {est.device_name}: {est.device_bytes / GIB:.1f} GiB -> {verdict}")
+    for s in est.suggestions:
+        lines.append(f"  try: {s}")
+    return "\n".join(lines)

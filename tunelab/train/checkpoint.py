@@ -1,0 +1,253 @@
+"""Checkpoints that are never half-written, and resuming from them.
+
+Layout (docs/DESIGN.md, Checkpoints):
+
+    WORK_DIR/iter_N/model/             the adapter (peft) or the full model, HF safetensors, plus the tokenizer
+    WORK_DIR/iter_N/training_state.pt  optimiser, scheduler, RNG states, step and data position
+    WORK_DIR/iter_N/tunelab.json       what the model was trained with (base model, method, template, ...)
+    WORK_DIR/last_checkpoint           one line: the path of the last *complete* checkpoint
+
+A checkpoint is written into `iter_N.tmp/` and renamed to `iter_N/` only when every file is there; the
+`last_checkpoint` pointer is then replaced atomically (`os.replace`). A crash or kill at any moment therefore
+leaves the pointer on a complete checkpoint. `training_state.pt` holds only tensors and plain numbers, so it
+loads with `torch.load(weights_only=True)` (no pickled code runs).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+
+POINTER_FILE = "last_checkpoint"
+STATE_FILE = "training_state.pt"
+MODEL_DIR = "model"
+_ITER = re.compile(r"^iter_(\d+)$")
+
+
+# --- RNG: every generator a run draws from, as tensors and numbers ------------------------------
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached": float(cached)}
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+
+
+# --- saving ----------------------------------------------------------------------------------------
+
+def save_checkpoint(work_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, position: dict,
+                    meta: dict, env=None, save_total_limit: int = -1) -> Path:
+    """Write iter_{step}/ atomically, point `last_checkpoint` at it, drop the oldest beyond the limit.
+
+    Call on every rank: with sharded engines (FSDP, DeepSpeed) every rank joins the gather of the weights and writes
+    its optimizer shard under iter_N/optimizer/; otherwise rank 0 writes everything and the others wait.
+    """
+    from tunelab.model.load import write_meta
+    from tunelab.train import distributed as dist
+
+    env = env or dist.DistEnv()
+    work_dir = Path(work_dir)
+    final, tmp = work_dir / f"iter_{step}", work_dir / f"iter_{step}.tmp"
+    sharded = env.engine in ("fsdp", "deepspeed")
+    if env.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over from a save that was killed
+        tmp.mkdir(parents=True)
+    dist.barrier(env)
+    inner = dist.unwrap(model)
+    weights = dist.gather_full_state_dict(model, env, trainable_only=hasattr(inner, "peft_config")) if sharded else None
+    if sharded:
+        dist.save_sharded_optimizer(model, optimizer, env, tmp / "optimizer")
+    if env.is_main:
+        # safetensors: the adapter for peft models, the whole model otherwise
+        inner.save_pretrained(tmp / MODEL_DIR, **({"state_dict": weights} if sharded else {}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / MODEL_DIR)
+        state = {"step": step, "position": dict(position), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        if not sharded:
+            state["optimizer"] = optimizer.state_dict()
+        torch.save(state, tmp / STATE_FILE)
+        write_meta(tmp, meta)
+        _replace_dir(tmp, final)
+        _write_pointer(work_dir, final)
+        prune_checkpoints(work_dir, save_total_limit, keep=final)
+    dist.barrier(env)
+    return final
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename src to dst; an existing dst (a run restarted into the same work dir) is moved aside first."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_pointer(work_dir: Path, checkpoint: Path) -> None:
+    tmp = work_dir / (POINTER_FILE + ".tmp")
+    tmp.write_text(str(checkpoint.resolve()) + "\n")
+    os.replace(tmp, work_dir / POINTER_FILE)
+
+
+def list_checkpoints(work_dir: Path) -> list[Path]:
+    """Complete iter_N/ directories, oldest first."""
+    found = []
+    for path in Path(work_dir).glob("iter_*"):
+        match = _ITER.match(path.name)
+        if match and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(work_dir: Path, save_total_limit: int, *, keep: Path | None = None) -> None:
+    """Delete the oldest checkpoints so that at most `save_total_limit` remain (-1: keep all)."""
+    if save_total_limit is None or save_total_limit < 0:
+        return
+    checkpoints = list_checkpoints(work_dir)
+    excess = len(checkpoints) - save_total_limit
+    for path in checkpoints[:max(0, excess)]:
+        if keep is None or path.resolve() != keep.resolve():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_partial_saves(work_dir: Path) -> None:
+    """Remove iter_N.tmp/ left behind by a save that was killed (never a complete checkpoint)."""
+    for path in Path(work_dir).glob("iter_*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- finding and loading -----------------------------------------------------------------------------
+
+def last_checkpoint(work_dir: Path) -> Path | None:
+    """The checkpoint `last_checkpoint` points at, or None when the work dir has none yet."""
+    pointer = Path(work_dir) / POINTER_FILE
+    if not pointer.is_file():
+        return None
+    path = Path(pointer.read_text().strip())
+    if not (path / STATE_FILE).is_file():
+        path = Path(work_dir) / path.name  # the work dir was moved or copied: look next to the pointer
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def resolve_resume(resume: str | None, work_dir: Path) -> Path | None:
+    """`--resume auto` → the last complete checkpoint in the work dir (None: start fresh); a path → that one."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return last_checkpoint(work_dir)
+    path = Path(resume)
+    if path.is_dir() and (path / STATE_FILE).is_file():
+        return path
+    if path.is_dir() and last_checkpoint(path):  # a work dir was given: take its last checkpoint
+        return last_checkpoint(path)
+    raise TunelabError(f"--resume {resume}: not a checkpoint (expected a directory like WORK_DIR/iter_500 holding "
+                       f"{STATE_FILE}). Use --resume auto to continue from the last one in the work dir.")
+
+
+def load_training_state(checkpoint: Path) -> dict:
+    try:
+        return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TunelabError(f"{Path(checkpoint) / STATE_FILE}: cannot be read ({exc}). The file is damaged; resume "
+                           f"from an earlier checkpoint with --resume WORK_DIR/iter_N.") from None
+
+
+def load_optimizer_state(model, optimizer, env, checkpoint: Path, state: dict) -> None:
+    """The optimiser state: from training_state.pt, or from the per-rank shards of a sharded run."""
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        from tunelab.train.distributed import load_sharded_optimizer
+
+        load_sharded_optimizer(model, optimizer, env, Path(checkpoint) / "optimizer")
+
+
+def load_model_weights(model, checkpoint: Path) -> None:
+    """Put the checkpoint's trained weights (adapter or full model) into `model`, built as for training."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(checkpoint) / MODEL_DIR
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        weights = load_file(model_dir / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise TunelabError(f"{model_dir}: adapter does not match this config's LoRA settings "
+                               f"(unexpected weights {unexpected[:3]}...). Resume with the config it was trained with.")
+        return
+    weights = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        weights.update(load_file(file))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {name for name in missing if "lm_head" in name or "embed" in name}
+    if unexpected or set(missing) - tied:
+        raise TunelabError(f"{model_dir}: the saved model does not match this config's model "
+                           f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}). "
+                           f"Resume with the config it was trained with.")
+
+
+# --- stopping cleanly on SIGINT / SIGTERM ----------------------------------------------------------
+
+class GracefulStop:
+    """While active, the first SIGINT / SIGTERM only asks the loop to stop (it saves, then returns);
+    a second one stops at once. Outside the main thread (where handlers cannot be set) it does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+              f"(press Ctrl-C again to stop without saving)", flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False

@@ -1,0 +1,82 @@
+"""Evaluation during training: the model answers the config's questions, and (optionally) held-out loss.
+
+The questions are answered with the config's template and SYSTEM, greedily, at most `eval_max_new_tokens` new
+tokens: the same path `tunelab chat` takes, so what you read here is what chat will say. They are answered once
+before training too, so the change is visible side by side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunelab.data.collate import collate
+from tunelab.model.loss import causal_lm_loss
+from tunelab.train.distributed import all_reduce_sum, barrier
+
+
+def answer_questions(model, tokenizer, cfg) -> list[tuple[str, str]]:
+    """(question, answer) for each of `cfg.evaluation_inputs`."""
+    from tunelab.data.templates import get_template
+    from tunelab.model.generate import GenerationSettings, generate_reply
+
+    template = get_template(cfg.prompt_template, tokenizer)
+    settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0)
+    answers = []
+    for question in cfg.evaluation_inputs:
+        messages = ([{"role": "system", "content": cfg.SYSTEM}] if cfg.SYSTEM else []) + \
+                   [{"role": "user", "content": question}]
+        answers.append((question, generate_reply(model, tokenizer, template, messages, settings)))
+    return answers
+
+
+def format_answers(step: int, answers: list[tuple[str, str]]) -> str:
+    title = "before training" if step == 0 else f"after step {step}"
+    blocks = [f"=== evaluation {title} ==="]
+    for i, (question, answer) in enumerate(answers, 1):
+        blocks.append(f"--- question {i} ---\n{question}\n--- answer ---\n{answer}")
+    return "\n".join(blocks) + "\n"
+
+
+def write_answers(work_dir: Path, step: int, answers: list[tuple[str, str]]) -> Path:
+    path = Path(work_dir) / f"eval_outputs_iter_{step}.txt"
+    path.write_text(format_answers(step, answers), encoding="utf-8")
+    return path
+
+
+@torch.no_grad()
+def eval_loss_sums(model, rows: list[dict], cfg, *, pad_token_id: int, device: torch.device,
+                   precision) -> torch.Tensor:
+    """tensor([sum of token losses, trained tokens]) over `rows` (this rank's share); the caller reduces it."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    try:
+        for start in range(0, len(rows), cfg.batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[start:start + cfg.batch_size], pad_token_id).items()}
+            with precision.autocast(device):
+                loss_sum, n_tokens = causal_lm_loss(model, batch, chunk_size=cfg.loss_chunk_size,
+                                                    chunked=cfg.use_chunked_loss)
+            totals += torch.stack([loss_sum.detach().double(), totals.new_tensor(float(n_tokens))])
+    finally:
+        model.train(was_training)
+    return totals
+
+
+def run_evaluation(model, tokenizer, cfg, step: int, *, eval_rows: list, env, precision, monitor,
+                   work_dir: Path) -> float | None:
+    """Held-out loss (every rank, its share of the rows) and the questions' answers (main rank); returns eval loss."""
+    result = None
+    if eval_rows is not None and len(eval_rows):
+        sums = all_reduce_sum(eval_loss_sums(model, eval_rows, cfg, pad_token_id=tokenizer.pad_token_id,
+                                             device=env.device, precision=precision), env)
+        result = float(sums[0] / sums[1].clamp(min=1))
+        monitor.write({"step": step, "eval_loss": result})
+        monitor.message(f"step {step}: eval loss {result:.4f}")
+    if env.is_main and cfg.evaluation_inputs:
+        answers = answer_questions(model, tokenizer, cfg)
+        path = write_answers(work_dir, step, answers)
+        monitor.message(format_answers(step, answers) + f"(saved to {path})")
+    barrier(env)
+    return result

@@ -1,0 +1,135 @@
+"""Start N training processes through torchrun: `NPROC_PER_NODE=N tunelab train CFG` or `--nproc-per-node N`.
+
+XTuner's convention, so its instructions carry over:
+
+    NPROC_PER_NODE=8 tunelab train CFG                                   # one machine, 8 GPUs
+    NPROC_PER_NODE=8 NNODES=2 NODE_RANK=0 ADDR=10.0.0.1 PORT=29500 tunelab train CFG   # on machine 0
+    NPROC_PER_NODE=8 NNODES=2 NODE_RANK=1 ADDR=10.0.0.1 PORT=29500 tunelab train CFG   # on machine 1
+
+The command-line flags --nproc-per-node, --nnodes, --node-rank, --master-addr, --master-port (torchrun's names)
+win over the variables. `tunelab train` calls `maybe_relaunch` first: in the parent it runs
+`python -m torch.distributed.run ... -m tunelab train <same arguments>` and returns its exit code; inside the
+processes torchrun starts (LOCAL_RANK is set) it returns None and training goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tunelab.errors import TunelabError
+
+# Our flag -> (torchrun flag, environment variable of the XTuner convention)
+LAUNCH_FLAGS = {
+    "--nproc-per-node": ("--nproc-per-node", "NPROC_PER_NODE"),
+    "--nnodes": ("--nnodes", "NNODES"),
+    "--node-rank": ("--node-rank", "NODE_RANK"),
+    "--master-addr": ("--master-addr", "ADDR"),
+    "--master-port": ("--master-port", "PORT"),
+}
+
+
+def add_launch_arguments(parser) -> None:
+    """The launch flags, for `tunelab train`'s parser (values default to the environment variables above)."""
+    group = parser.add_argument_group("several GPUs / machines (torchrun)")
+    group.add_argument("--nproc-per-node", "--nproc_per_node", default=None,
+                       help="processes (GPUs) on this machine; default $NPROC_PER_NODE or 1")
+    group.add_argument("--nnodes", default=None, help="machines; default $NNODES or 1")
+    group.add_argument("--node-rank", "--node_rank", default=None, help="this machine's index; default $NODE_RANK or 0")
+    group.add_argument("--master-addr", "--master_addr", default=None, help="address of machine 0; default $ADDR")
+    group.add_argument("--master-port", "--master_port", default=None, help="a free port on machine 0; default $PORT")
+
+
+def split_launch_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Pull the launch flags (either spelling, `--flag V` or `--flag=V`) out of argv: (values, the rest)."""
+    spellings = {flag: flag for flag in LAUNCH_FLAGS}
+    spellings.update({flag.replace("-", "_").replace("__", "--", 1): flag for flag in LAUNCH_FLAGS})
+    values, rest, i = {}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg.partition("=")
+        if name in spellings:
+            if eq:
+                values[spellings[name]] = inline
+            elif i + 1 < len(argv):
+                values[spellings[name]] = argv[i + 1]
+                i += 1
+            else:
+                raise TunelabError(f"{name} needs a value, e.g. {name} 2")
+            i += 1
+            continue
+        rest.append(arg)
+        i += 1
+    return values, rest
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise TunelabError(f"{what} = {value!r}: expected a whole number.") from None
+    if number < 0:
+        raise TunelabError(f"{what} = {value!r}: must not be negative.")
+    return number
+
+
+def torchrun_command(argv: list[str], nproc_per_node: int | None = None, env: dict | None = None) -> list[str] | None:
+    """The torchrun command that runs `tunelab <argv>` on every rank, or None when one process is asked for."""
+    env = os.environ if env is None else env
+    flags, rest = split_launch_args(list(argv))
+    if nproc_per_node is not None:
+        flags.setdefault("--nproc-per-node", str(nproc_per_node))
+    setting = {flag: flags.get(flag) or env.get(var) for flag, (_, var) in LAUNCH_FLAGS.items()}
+    nproc = _int(setting["--nproc-per-node"] or "1", "NPROC_PER_NODE / --nproc-per-node")
+    nnodes = _int(setting["--nnodes"] or "1", "NNODES / --nnodes")
+    if nproc <= 1 and nnodes <= 1:
+        return None
+    if nproc < 1:
+        raise TunelabError("NPROC_PER_NODE / --nproc-per-node must be at least 1.")
+    _check_gpu_count(nproc)
+    node_rank = _int(setting["--node-rank"] or "0", "NODE_RANK / --node-rank")
+    if node_rank >= nnodes:
+        raise TunelabError(f"NODE_RANK={node_rank} but NNODES={nnodes}: ranks count from 0 to NNODES-1.")
+    addr = setting["--master-addr"] or env.get("MASTER_ADDR")
+    port = setting["--master-port"] or env.get("MASTER_PORT")
+    if nnodes > 1 and not addr:
+        raise TunelabError(f"NNODES={nnodes}: set ADDR (or --master-addr) to the address of the NODE_RANK=0 machine, "
+                           "the same on every machine, and PORT to a free port there.")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if nnodes == 1 and not addr and not port:
+        cmd.append("--standalone")  # one machine: torchrun picks a free port itself
+    else:
+        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
+                "--master-addr", addr or "127.0.0.1", "--master-port", str(_int(port or "29500", "PORT"))]
+    if rest and rest[0] != "train":
+        rest = ["train", *rest]
+    return cmd + ["-m", "tunelab", *rest]
+
+
+def _check_gpu_count(nproc: int) -> None:
+    import torch
+
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise TunelabError(f"NPROC_PER_NODE={nproc} but this machine has {torch.cuda.device_count()} GPUs: "
+                           "start at most one process per GPU.")
+
+
+def maybe_relaunch(argv: list[str] | None = None, nproc_per_node: int | str | None = None) -> int | None:
+    """Re-run `tunelab <argv>` under torchrun when several processes are asked for; returns its exit code.
+
+    argv: the arguments after `tunelab` (`["train", "cfg.py", "--nproc-per-node", "2", ...]`); None means
+    sys.argv[1:]. nproc_per_node: the parsed --nproc-per-node, if the caller parsed it. Returns None (carry on
+    in this process) for one process, or when already inside torchrun (LOCAL_RANK is set).
+    """
+    if "LOCAL_RANK" in os.environ:
+        return None
+    cmd = torchrun_command(sys.argv[1:] if argv is None else argv,
+                           None if nproc_per_node is None else int(nproc_per_node))
+    if cmd is None:
+        return None
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    except KeyboardInterrupt:  # torchrun forwards the signal to its workers; wait for them to stop
+        return 130

@@ -1,0 +1,224 @@
+"""The training loop: data → forward → loss → backward → step, in one function you can read top to bottom.
+
+Everything else lives next door: the optimiser and schedule (`optim.py`), checkpoints and resume
+(`checkpoint.py`), the progress bar and logs (`progress.py`), evaluation (`evaluate.py`), and the points where
+several processes meet (`distributed.py`: in one process each of its functions is a no-op or the identity).
+
+Two rules keep runs exact and resumable:
+
+* **Every trained token weighs the same.** Before the forward passes of an optimiser step we count the trained
+  tokens of all its micro-batches (on all ranks), and each micro-batch's summed loss is divided by that count.
+  The logged loss is therefore the mean loss per trained token of the step, whatever the padding or packing.
+* **The data order is a pure function of (seed, epoch).** Each epoch is a seeded permutation of the rows, sharded
+  across ranks; a checkpoint records the epoch and how many micro-batches of it were consumed, so a resumed run
+  continues with exactly the next micro-batch, with the RNG states it had, and reproduces the loss curve.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.data.collate import IGNORE_INDEX, collate
+from tunelab.errors import TunelabError
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.distributed import (DistEnv, all_reduce_sum, backward, barrier, clip_and_step, forward_loss,
+                                       gradient_sync, init_distributed, prepare_for_training, rank_shard, unwrap,
+                                       validate_distributed)
+from tunelab.train.evaluate import run_evaluation
+from tunelab.train.optim import ScaledOptimizer, build_optimizer, build_scheduler, choose_precision
+from tunelab.train.progress import Throughput, TrainingMonitor, check_memory_fits, oom_message, peak_memory_gb
+
+
+@dataclass
+class TrainResult:
+    step: int
+    """The last optimiser step done."""
+    last_checkpoint: Path | None
+    losses: dict[int, float] = field(default_factory=dict)
+    """Loss (mean per trained token) of every step this call ran, by step number."""
+    interrupted: bool = False
+    """True when SIGINT / SIGTERM stopped the run early (after saving)."""
+
+
+def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_rows: list | None = None,
+          eval_rows: list | None = None, tokenizer=None, device: str | None = None) -> TrainResult:
+    """Train as `cfg` says, writing logs and checkpoints to `work_dir`.
+
+    resume: None (start fresh), "auto" (the work dir's last complete checkpoint, if any) or a checkpoint path.
+    train_rows / eval_rows: rows already tokenised (see docs/DESIGN.md, Rows); built from cfg.data_path if None.
+    """
+    env = init_distributed(device)
+    work_dir = Path(work_dir)
+    if env.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial_saves(work_dir)
+        from tunelab.config.loader import save_resolved_config
+
+        save_resolved_config(cfg, work_dir / "resolved_config.py")
+    log = print if env.is_main else (lambda *a, **k: None)
+    validate_distributed(cfg, env)
+    check_memory_fits(cfg, env.device, log)  # before anything heavy is loaded
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+
+    # --- data -----------------------------------------------------------------------------------
+    if tokenizer is None:
+        from tunelab.model.load import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if train_rows is None:
+        from tunelab.data.dataset import build_datasets
+
+        config_dir = Path(config_path).parent if config_path else None
+        bundle = build_datasets(cfg, tokenizer, config_dir=config_dir, log=log)
+        train_rows = bundle.train_rows
+        eval_rows = bundle.eval_rows if eval_rows is None else eval_rows
+    if len(train_rows) < env.world_size:
+        raise TunelabError(f"data_path gives {len(train_rows)} training rows: too few to train on. "
+                           f"Check data_path and data_format (`tunelab check-dataset CFG` shows what is read).")
+    my_eval_rows = [eval_rows[i] for i in rank_shard(list(range(len(eval_rows or []))), env)]
+    micro_per_epoch = math.ceil(len(rank_shard(list(range(len(train_rows))), env)) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulative_counts)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
+
+    # --- model, optimiser, schedule, precision --------------------------------------------------
+    from tunelab.model.load import load_model_for_training, resolve_dtype
+
+    model = load_model_for_training(cfg, env.device)
+    last = ckpt.resolve_resume(resume, work_dir)
+    if resume and last is None:
+        log(f"--resume {resume}: no complete checkpoint in {work_dir} yet, starting from step 0")
+    if last is not None:
+        ckpt.load_model_weights(model, last)  # before any wrapper shards the weights
+    precision = choose_precision(resolve_dtype(cfg.dtype, env.device), env.device)
+    optimizer = build_optimizer(model, cfg, env.device)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer
+    model = prepare_for_training(model, env, cfg, optimizer=optimizer)
+
+    # --- resume: optimiser, schedule, RNG and data position as they were at the checkpoint ---------
+    step, position = 0, {"epoch": 0, "micro_batch": 0, "data_seed": cfg.seed}
+    if last is not None:
+        state = ckpt.load_training_state(last)
+        ckpt.load_optimizer_state(model, optimizer, env, last, state)
+        scheduler.load_state_dict(state["scheduler"])
+        step, position = int(state["step"]), dict(state["position"])
+        ckpt.set_rng_state(state["rng"])
+        log(f"resumed from {last} (step {step}, epoch {position['epoch']})")
+
+    meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
+            "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
+            "tunelab_version": _version()}
+    monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
+                              use_tensorboard=cfg.use_tensorboard)
+    log(f"training {cfg.method} on {env.device}: {len(train_rows)} rows, {steps_per_epoch} steps per epoch, "
+        f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"
+        f"{f' x {env.world_size} ranks' if env.distributed else ''})")
+
+    def evaluate(at_step: int) -> None:
+        run_evaluation(unwrap(model), tokenizer, cfg, at_step, eval_rows=my_eval_rows, env=env,
+                       precision=precision, monitor=monitor, work_dir=work_dir)
+
+    def save(at_step: int) -> Path:
+        path = ckpt.save_checkpoint(work_dir, at_step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                    scheduler=scheduler, position=position, meta=meta, env=env,
+                                    save_total_limit=cfg.save_total_limit)
+        monitor.plot()
+        monitor.message(f"saved {path}")
+        return path
+
+    losses: dict[int, float] = {}
+    interrupted = False
+    try:
+        if step == 0 and (cfg.evaluation_inputs or len(my_eval_rows)):
+            evaluate(0)  # before training, so the answers after training have something to be compared with
+        model.train()
+        throughput, window = Throughput(), []
+        with ckpt.GracefulStop() as stop:
+            for epoch, micro_done, micro_batches in micro_batch_groups(train_rows, cfg, env, position):
+                if step >= total_steps:
+                    break
+                throughput.begin()
+                # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
+                batches = [collate(rows, tokenizer.pad_token_id) for rows in micro_batches]
+                counts = torch.tensor([sum(_trained_tokens(b) for b in batches),
+                                       sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
+                                      dtype=torch.float64, device=env.device)
+                trained_tokens, seen_tokens = all_reduce_sum(counts, env).tolist()
+                # 2-4. forward → loss → backward, each micro-batch's loss sum divided by the step's trained tokens
+                loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+                for i, batch in enumerate(batches):
+                    batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+                    with gradient_sync(model, env, sync=i == len(batches) - 1):
+                        with precision.autocast(env.device):
+                            micro_loss_sum, _ = forward_loss(model, batch, chunk_size=cfg.loss_chunk_size,
+                                                             chunked=cfg.use_chunked_loss)
+                        backward(precision.scale(micro_loss_sum / max(trained_tokens, 1)), model, env)
+                    loss_sum += micro_loss_sum.detach().double()
+                # 5. step: (fp16: unscale,) clip, update, zero the gradients; then the schedule moves on
+                lr = optimizer.param_groups[0]["lr"]
+                grad_norm = clip_and_step(model, stepper, cfg.max_norm, env)
+                scheduler.step()
+                step += 1
+                position = {"epoch": epoch, "micro_batch": micro_done, "data_seed": position["data_seed"]}
+
+                loss = float(all_reduce_sum(loss_sum, env)) / max(trained_tokens, 1)
+                losses[step] = loss
+                window.append(loss)
+                throughput.end(int(seen_tokens))
+                log_now = step % cfg.logging_steps == 0 or step in (1, total_steps)
+                monitor.update({"step": step, "epoch": round(epoch + micro_done / micro_per_epoch, 4),
+                                "loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
+                                "tokens_per_s": throughput.rate(), "memory_gb": round(peak_memory_gb(env.device), 3)},
+                               log=log_now)
+                if log_now:
+                    window = []
+                    throughput.reset()
+                if step % cfg.evaluation_freq == 0 or step == total_steps:
+                    evaluate(step)
+                stop_now = bool(all_reduce_sum(torch.tensor(float(stop.requested), device=env.device), env) > 0)
+                if step % cfg.save_steps == 0 or step == total_steps or stop_now:
+                    last = save(step)
+                if stop_now:
+                    interrupted = True
+                    monitor.message(f"stopped at step {step}; continue with --resume auto")
+                    break
+    except torch.OutOfMemoryError:
+        raise TunelabError(oom_message(cfg, step=step + 1, device=env.device, last=last)) from None
+    finally:
+        monitor.close()
+    return TrainResult(step=step, last_checkpoint=last, losses=losses, interrupted=interrupted)
+
+
+def micro_batch_groups(rows: list, cfg, env: DistEnv, position: dict):
+    """Yield (epoch, micro-batches consumed in that epoch after this group, [rows of each micro-batch]) per step.
+
+    Epoch e visits the rows in a permutation seeded by (data_seed + e); this rank takes its share; a group is up
+    to `accumulative_counts` micro-batches of `batch_size` rows (the last group of an epoch may be smaller).
+    Starts at `position` (epoch, micro-batches already consumed), which is how resume skips exactly.
+    """
+    epoch, start = int(position["epoch"]), int(position["micro_batch"])
+    while True:
+        generator = torch.Generator().manual_seed(int(position["data_seed"]) + epoch)
+        order = rank_shard(torch.randperm(len(rows), generator=generator).tolist(), env)
+        micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        for first in range(start, len(micro), cfg.accumulative_counts):
+            group = micro[first:first + cfg.accumulative_counts]
+            yield epoch, first + len(group), [[rows[i] for i in indices] for indices in group]
+        epoch, start = epoch + 1, 0
+
+
+def _trained_tokens(batch: dict) -> int:
+    """Positions whose next token is trained (the loss shifts labels by one), as `causal_lm_loss` counts them."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _version() -> str:
+    from tunelab import __version__
+
+    return __version__

@@ -1,0 +1,121 @@
+"""The optimiser, the learning-rate schedule, and mixed precision for training.
+
+* AdamW (fused on CUDA), or bitsandbytes' 8-bit / paged 8-bit AdamW, which keep the optimiser state in 8 bits.
+* Warm-up (linear from ~0 to `lr` over `warmup_ratio` of the steps), then cosine or linear decay to 0, or constant.
+* bf16 autocast where the GPU has bf16; fp16 autocast with loss scaling where it does not; plain fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.errors import TunelabError
+
+
+def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """An optimiser over the trainable parameters; matrices get weight decay, biases and norms do not."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise TunelabError("no parameter requires a gradient: nothing would train. Check 'method' and, for LoRA, "
+                           "'lora_target_modules' (they must name linear layers of the model, or 'all-linear').")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.optimizer == "adamw":
+        # The fused kernel does the whole update in one launch per parameter group: same maths, faster.
+        return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise TunelabError(f"optimizer = {cfg.optimizer!r} needs bitsandbytes: pip install bitsandbytes "
+                           f"(or set optimizer = 'adamw').") from None
+    if cfg.optimizer == "adamw_8bit":
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return bnb.optim.PagedAdamW8bit(groups, **kwargs)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the peak lr for optimiser step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def warmup_steps_for(cfg, total_steps: int) -> int:
+    return math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = warmup_steps_for(cfg, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _Schedule(total_steps, warmup, cfg.lr_scheduler))
+
+
+@dataclass
+class _Schedule:
+    """A picklable lr multiplier (a plain lambda would be, too, but this one shows its settings when printed)."""
+    total_steps: int
+    warmup_steps: int
+    kind: str
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, kind=self.kind)
+
+
+# --- mixed precision -----------------------------------------------------------------------------
+
+@dataclass
+class Precision:
+    """How the forward pass runs: autocast dtype (None = off) and whether the loss is scaled (fp16)."""
+    autocast_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler else loss
+
+
+def choose_precision(compute_dtype: torch.dtype, device: torch.device) -> Precision:
+    """bf16 → autocast; fp16 → autocast with a GradScaler (fp16 gradients underflow otherwise); fp32 → neither."""
+    if device.type != "cuda" or compute_dtype == torch.float32:
+        return Precision(None, None)
+    if compute_dtype == torch.float16:
+        return Precision(torch.float16, torch.amp.GradScaler("cuda"))
+    return Precision(compute_dtype, None)
+
+
+class ScaledOptimizer:
+    """Lets `distributed.clip_and_step` drive a GradScaler: unscale before clipping, skip steps with inf/nan.
+
+    Call `unscale()` before clipping; `step()` then goes through the scaler, which skips the update when the
+    fp16 gradients overflowed and lowers the scale.
+    """
+
+    def __init__(self, optimizer, scaler: torch.amp.GradScaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def unscale(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -1,0 +1,207 @@
+"""What the user sees while training: a progress bar, a JSONL log, a loss-curve PNG, TensorBoard (optional).
+
+* In a terminal: a rich progress bar with loss, lr, tokens/s, ETA and memory. Piped to a file: one plain line
+  per logging step instead (a live bar would fill the file with redraws).
+* `WORK_DIR/train_log.jsonl`: one JSON object per logging step (step, epoch, loss, lr, grad_norm, tokens_per_s,
+  memory_gb) and per evaluation (eval_loss).
+* `WORK_DIR/loss_curve.png`: redrawn from the log at every save (matplotlib's Agg canvas, no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+
+LOG_FILE = "train_log.jsonl"
+CURVE_FILE = "loss_curve.png"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by this process (CUDA), or peak resident memory of the process (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class TrainingMonitor:
+    """Progress bar + log files for one run. Only the main process writes (`enabled=False` elsewhere)."""
+
+    def __init__(self, work_dir: Path, *, total_steps: int, start_step: int, enabled: bool = True,
+                 use_tensorboard: bool = False):
+        self.work_dir = Path(work_dir)
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.log_path = self.work_dir / LOG_FILE
+        self._bar = self._task = self._tb = None
+        if not enabled:
+            return
+        _keep_log_until(self.log_path, start_step)  # a resumed run rewrites what came after its checkpoint
+        if use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TunelabError("use_tensorboard = True needs the tensorboard package: pip install tensorboard "
+                                   "(or set use_tensorboard = False; train_log.jsonl has the same numbers).") from None
+            self._tb = SummaryWriter(str(self.work_dir / "tensorboard"))
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=self.console)
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=total_steps, completed=start_step, stats="")
+
+    def message(self, text: str) -> None:
+        """Print above the bar (evaluation answers, saves, warnings)."""
+        if self.enabled:
+            self.console.print(text, markup=False, highlight=False)
+
+    def update(self, record: dict, *, log: bool) -> None:
+        """After every optimiser step: move the bar; on logging steps also write the record."""
+        if not self.enabled:
+            return
+        stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  "
+                 f"mem {record['memory_gb']:.1f} GB")
+        if self._bar is not None:
+            self._bar.update(self._task, completed=record["step"], stats=stats)
+        elif log:
+            self.console.print(f"step {record['step']}/{self.total_steps}  epoch {record['epoch']:.2f}  {stats}",
+                               markup=False, highlight=False)
+        if log:
+            self.write(record)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value, record["step"])
+
+    def plot(self) -> Path | None:
+        if self.enabled:
+            return plot_loss_curve(self.log_path, self.work_dir / CURVE_FILE)
+        return None
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class Throughput:
+    """Tokens per second of the training steps in the current logging window (evaluation and saving excluded)."""
+
+    def __init__(self):
+        self.tokens, self.seconds, self._start = 0, 0.0, 0.0
+
+    def begin(self) -> None:
+        self._start = time.perf_counter()
+
+    def end(self, tokens: int) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def reset(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+
+
+def read_log(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _keep_log_until(path: Path, step: int) -> None:
+    """Drop log records after `step`: they belong to steps the resumed run is about to redo."""
+    records = read_log(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) != len(records) or (step == 0 and records):
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def plot_loss_curve(log_path: Path, out_path: Path) -> Path | None:
+    """Draw training (and eval) loss against step from the JSONL log; None when there is nothing to draw yet."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_log(log_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(out_path)
+    return out_path
+
+
+def oom_message(cfg, *, step: int, device: torch.device, last: Path | None) -> str:
+    """What ran out, the peak, and the one setting most worth lowering first."""
+    peak = peak_memory_gb(device)
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    of = f" of {total:.1f} GiB" if total else ""
+    if cfg.batch_size > 1:
+        fix = (f"batch_size = 1 with accumulative_counts = {cfg.batch_size * cfg.accumulative_counts} "
+               f"(same effective batch)")
+    elif not cfg.resolved_gradient_checkpointing():
+        fix = "gradient_checkpointing = True"
+    elif cfg.method == "lora":
+        fix = "method = 'qlora' (4-bit base)"
+    else:
+        fix = f"max_length = {max(256, cfg.max_length // 2)}"
+    where = f"the last complete checkpoint ({last}) is intact: continue with --resume auto" if last else \
+        "no checkpoint was saved yet"
+    return (f"out of memory at step {step} (peak {peak:.1f} GiB{of}). Lower the memory needed, e.g. {fix}, "
+            f"via --cfg-options or the config file; `tunelab plan CFG` estimates the need. {where}.")
+
+
+def check_memory_fits(cfg, device: torch.device, log=print) -> None:
+    """Before loading anything: estimate the GPU memory this run needs (tunelab.model.memory) and stop early,
+    naming settings that would fit, when it cannot. Skipped on CPU and where no estimate is available."""
+    if device.type != "cuda":
+        return
+    try:
+        from tunelab.model.memory import estimate_memory, plan_report
+    except ImportError:
+        return
+    try:
+        estimate = estimate_memory(cfg, device)
+    except TunelabError as exc:  # e.g. a hub model whose shape is unknown before download
+        log(f"memory plan skipped: {exc}")
+        return
+    if estimate.fits is False:
+        raise TunelabError("this run does not fit in GPU memory (estimate below). Change the settings marked "
+                           "'try:' in the config or with --cfg-options, then run again.\n" + plan_report(cfg, device))
+    log(f"memory plan: about {estimate.with_overhead / 2**30:.1f} GiB needed of "
+        f"{estimate.device_bytes / 2**30:.1f} GiB ({estimate.device_name})")
