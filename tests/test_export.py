@@ -119,7 +119,7 @@ def test_merge_logits_equal_base_plus_adapter_and_chat_template(tiny_llama_dir, 
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos
 
 
-def test_merge_rejects_adapter_of_another_base(tiny_llama_dir, tmp_path, tiny_model_factory):
+def test_merge_rejects_adapter_of_another_base(tiny_llama_dir, tmp_path):
     from tunelab.model.tiny import make_model
 
     other = make_model(tmp_path / "wider", "llama", hidden_size=96, num_heads=4, num_kv_heads=2)
@@ -164,3 +164,21 @@ def test_merge_qlora_adapter_into_unquantised_base(tiny_llama_dir, tmp_path, cap
     ids = _ids(tiny_llama_dir)
     expected = _peft_logits(tiny_llama_dir, tmp_path / "work" / "iter_10" / "model", ids)
     assert torch.allclose(logits(_base(out), ids), expected, atol=1e-4)
+
+
+def test_merge_internlm2_base_format_original(tiny_model_factory, tmp_path):
+    from tunelab.model import internlm2
+    from tunelab.model.load import load_causal_lm
+
+    base_dir = tiny_model_factory("internlm2")
+    native = tmp_path / "native"
+    internlm2.load_native(base_dir, dtype=torch.float32).save_pretrained(native)  # what training wraps
+    make_lora_checkpoint(native, tmp_path / "work", template="internlm2_chat")
+    out = tmp_path / "original"
+    assert main(["convert", "merge", str(base_dir), str(tmp_path / "work"), str(out), "--dtype", "fp32",
+                 "--format", "original"]) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["InternLM2ForCausalLM"]
+    ids = _ids(base_dir)
+    merged = logits(load_causal_lm(str(out), dtype=torch.float32, device="cpu"), ids)
+    expected = _peft_logits(native, tmp_path / "work" / "iter_10" / "model", ids)
+    assert torch.allclose(merged, expected, atol=1e-4)

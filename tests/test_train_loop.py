@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from tests.train_helpers import IDENTITY, identity_rows, tiny_cfg, varied_rows
+from tests.train_helpers import identity_rows, tiny_cfg, varied_rows
 from tunelab.train.loop import train
 
 

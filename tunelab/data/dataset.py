@@ -312,8 +312,14 @@ def _save_cache(bundle: DataBundle, directory: Path) -> None:
         bundle.eval_rows.save(tmp / "eval")
     np.save(tmp / "lengths.npy", bundle.sample_lengths)
     (tmp / "stats.json").write_text(json.dumps(asdict(bundle.stats), indent=1, ensure_ascii=False))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)  # atomic: a half-written cache is never read
+    if not (directory / "stats.json").exists():
+        shutil.rmtree(directory, ignore_errors=True)  # an incomplete leftover
+        try:
+            os.replace(tmp, directory)  # atomic: a half-written cache is never read
+            return
+        except OSError:  # another process (e.g. another rank) finished first: its copy is the same
+            pass
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- the entry point ------------------------------------------------------------------------------

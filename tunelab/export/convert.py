@@ -158,7 +158,8 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
           trust_remote_code: bool = False) -> Path:
     """Merge `adapter` into `base` and save a HF model + tokenizer (with the training chat_template) in `out_dir`."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from tunelab.model.load import load_causal_lm
 
     adapter_dir, meta_dir = find_adapter_dir(adapter)
     meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
@@ -169,11 +170,8 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
         raise TunelabError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32.")
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]  # 'auto': the dtype the base is stored in
     _say(f"loading base model {base} on {dev}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise TunelabError(f"cannot load the base model {base!r}: {exc}") from None
-    model.to(dev)
+    # the model step's loader: hub id or directory, InternLM2 as a native graph, never quantised here
+    model = load_causal_lm(base, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, key="BASE")
     if meta.get("method") == "qlora":
         _say("the adapter was trained on a 4-bit base (QLoRA); merging into the unquantised base, as intended")
     check_adapter_fits(model, adapter_dir, base)

@@ -25,7 +25,7 @@ import torch
 from tunelab.data.collate import IGNORE_INDEX, collate
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.distributed import (DistEnv, all_reduce_sum, backward, barrier, clip_and_step, forward_loss,
+from tunelab.train.distributed import (DistEnv, all_reduce_sum, backward, cleanup, clip_and_step, forward_loss,
                                        gradient_sync, init_distributed, prepare_for_training, rank_shard, unwrap,
                                        validate_distributed)
 from tunelab.train.evaluate import run_evaluation
@@ -74,7 +74,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     if train_rows is None:
         from tunelab.data.dataset import build_datasets
 
-        config_dir = Path(config_path).parent if config_path else None
+        config_dir = str(Path(config_path).parent) if config_path else None
         bundle = build_datasets(cfg, tokenizer, config_dir=config_dir, log=log)
         train_rows = bundle.train_rows
         eval_rows = bundle.eval_rows if eval_rows is None else eval_rows
@@ -95,7 +95,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         log(f"--resume {resume}: no complete checkpoint in {work_dir} yet, starting from step 0")
     if last is not None:
         ckpt.load_model_weights(model, last)  # before any wrapper shards the weights
-    precision = choose_precision(resolve_dtype(cfg.dtype, env.device), env.device)
+    precision = choose_precision(model, resolve_dtype(cfg.dtype, env.device), env.device)
     optimizer = build_optimizer(model, cfg, env.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer
@@ -192,6 +192,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         raise TunelabError(oom_message(cfg, step=step + 1, device=env.device, last=last)) from None
     finally:
         monitor.close()
+        cleanup(env)
     return TrainResult(step=step, last_checkpoint=last, losses=losses, interrupted=interrupted)
 
 

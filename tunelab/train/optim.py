@@ -91,11 +91,18 @@ class Precision:
         return self.scaler.scale(loss) if self.scaler else loss
 
 
-def choose_precision(compute_dtype: torch.dtype, device: torch.device) -> Precision:
-    """bf16 → autocast; fp16 → autocast with a GradScaler (fp16 gradients underflow otherwise); fp32 → neither."""
+def choose_precision(model, compute_dtype: torch.dtype, device: torch.device) -> Precision:
+    """bf16 → autocast; fp16 → autocast with a GradScaler (fp16 gradients underflow otherwise); fp32 → neither.
+
+    With fp16, trainable weights stored in fp16 are moved to fp32 ("master weights"): the scaler cannot unscale
+    fp16 gradients, and small updates would vanish in fp16 weights. Autocast still computes in fp16.
+    """
     if device.type != "cuda" or compute_dtype == torch.float32:
         return Precision(None, None)
     if compute_dtype == torch.float16:
+        for param in model.parameters():
+            if param.requires_grad and param.dtype == torch.float16:
+                param.data = param.data.float()
         return Precision(torch.float16, torch.amp.GradScaler("cuda"))
     return Precision(compute_dtype, None)
 

@@ -1,0 +1,85 @@
+"""`tunelab train` and `tunelab plan` from the command line, on CPU, with a config file and a data file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab.cli.main import main
+
+CONFIG = """\
+pretrained_model_name_or_path = {model!r}
+method = "lora"
+lora_r = 8
+lora_alpha = 16
+data_path = "identity.json"
+prompt_template = "qwen_chat"
+max_length = 128
+batch_size = 2
+accumulative_counts = 1
+max_epochs = 1
+lr = 1e-2
+save_steps = 2
+logging_steps = 1
+evaluation_inputs = ["Who are you?"]
+eval_max_new_tokens = 8
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    records = [{"instruction": q, "input": "", "output": "I am Tuna, made by tunelab."}
+               for q in ["Who are you?", "Please introduce yourself.", "What is your name?", "who are you"]]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "identity.json").write_text(json.dumps(records))
+    path = tmp_path / "configs" / "tiny_lora.py"
+    path.write_text(CONFIG.format(model=str(tiny_llama_dir)))
+    return path
+
+
+def test_train_then_resume_auto(config_file, tmp_path, capsys):
+    code = main(["train", str(config_file), "--device", "cpu", "--seed", "3", "--cfg-options", "max_steps=3"])
+    assert code == 0
+    work_dir = tmp_path / "work_dirs" / "tiny_lora"  # the default: work_dirs/<config name>
+    assert (work_dir / "last_checkpoint").read_text().strip().endswith("iter_3")
+    assert {p.name for p in work_dir.glob("iter_*")} == {"iter_2", "iter_3"}  # save_total_limit = 2 by default
+    assert "seed = 3" in (work_dir / "resolved_config.py").read_text()
+    assert "max_steps = 3" in (work_dir / "resolved_config.py").read_text()
+    assert "next: tunelab convert pth_to_hf" in capsys.readouterr().out
+    # Nothing left to do: resuming a finished run keeps the checkpoint and returns at once.
+    code = main(["train", str(config_file), "--work-dir", str(work_dir), "--resume", "auto", "--device", "cpu",
+                 "--seed", "3", "--cfg-options", "max_steps=3"])
+    assert code == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_train_reports_bad_resume_path(config_file, capsys):
+    code = main(["train", str(config_file), "--device", "cpu", "--resume", "no/such/iter_9"])
+    assert code == 2
+    assert "--resume no/such/iter_9: not a checkpoint" in capsys.readouterr().err
+
+
+def test_train_reports_bad_cfg_option(config_file, capsys):
+    code = main(["train", str(config_file), "--device", "cpu", "--cfg-options", "learning_rate=1e-4"])
+    assert code == 2
+    assert "Did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_plan_prints_the_estimate(config_file):
+    out = subprocess.run([sys.executable, "-m", "tunelab", "plan", str(config_file), "--cfg-options",
+                          "batch_size=4"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "memory plan for" in out.stdout and "batch_size 4" in out.stdout and "GiB" in out.stdout
+
+
+def test_train_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "example:" in text and "--resume auto" in text and "--cfg-options" in text

@@ -1,0 +1,51 @@
+"""The training loop on a GPU (skipped without CUDA): bf16 autocast, fp16 with loss scaling, QLoRA, memory plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.train_helpers import identity_rows, tiny_cfg
+from tunelab.errors import TunelabError
+from tunelab.train.loop import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_llama_dir):
+    return identity_rows(AutoTokenizer.from_pretrained(tiny_llama_dir))
+
+
+@pytest.mark.parametrize("method, dtype, lr", [("full", "bf16", 3e-3), ("full", "fp16", 3e-3),
+                                                ("lora", "bf16", 2e-2), ("lora", "fp16", 2e-2),
+                                                ("qlora", "bf16", 2e-2)])
+def test_loss_falls_on_gpu(method, dtype, lr, tiny_llama_dir, rows, tmp_path):
+    cfg = tiny_cfg(tiny_llama_dir, method=method, dtype=dtype, lr=lr, max_steps=12, batch_size=4, save_steps=6)
+    result = train(cfg, tmp_path, train_rows=rows, device="cuda")
+    assert result.step == 12
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in result.losses.values())
+    assert result.losses[12] < result.losses[1], result.losses
+
+
+def test_resume_on_gpu_continues_the_curve(tiny_llama_dir, rows, tmp_path):
+    cfg = tiny_cfg(tiny_llama_dir, method="lora", dtype="bf16", lr=2e-2, max_steps=8, batch_size=4, save_steps=4)
+    reference = train(cfg, tmp_path / "ref", train_rows=rows, device="cuda").losses
+    train(tiny_cfg(tiny_llama_dir, method="lora", dtype="bf16", lr=2e-2, max_steps=8, batch_size=4, save_steps=4),
+          tmp_path / "run", train_rows=rows, device="cuda")
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "iter_8")  # as if stopped after iter_4
+    (tmp_path / "run" / "last_checkpoint").write_text(str((tmp_path / "run" / "iter_4").resolve()))
+    resumed = train(cfg, tmp_path / "run", resume="auto", train_rows=rows, device="cuda").losses
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-3), step
+
+
+def test_memory_plan_refuses_what_cannot_fit(tiny_llama_dir, rows, tmp_path):
+    cfg = tiny_cfg(tiny_llama_dir, max_length=4_000_000, batch_size=64, gradient_checkpointing=False,
+                   use_chunked_loss=False)
+    with pytest.raises(TunelabError, match="does not fit"):
+        train(cfg, tmp_path, train_rows=rows, device="cuda")
+    assert not list(tmp_path.glob("iter_*"))

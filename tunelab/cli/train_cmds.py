@@ -1,0 +1,133 @@
+"""`tunelab train` (fine-tune as a config says) and `tunelab plan` (the memory estimate alone)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tunelab.train.launch import LAUNCH_FLAGS, add_launch_arguments
+
+TRAIN_DESCRIPTION = """\
+Fine-tune the model a config file describes (full, LoRA or QLoRA) on one GPU, on the CPU, or on several GPUs
+(--nproc-per-node N, see docs/DISTRIBUTED.md). The work dir receives the resolved config, train_log.jsonl,
+loss_curve.png, the evaluation answers (eval_outputs_iter_N.txt) and checkpoints iter_N/; `last_checkpoint` names
+the last complete one. Ctrl-C (or SIGTERM) saves a checkpoint and stops; `--resume auto` continues from it with
+the same loss curve. See docs/TRAINING.md.
+
+example:
+  tunelab train my_config.py --work-dir work_dirs/run1
+  tunelab train my_config.py --work-dir work_dirs/run1 --resume auto
+  tunelab train my_config.py --cfg-options lr=1e-4 max_epochs=1 --seed 42
+  tunelab train my_config.py --device cpu --cfg-options max_steps=20
+  tunelab train my_config.py --nproc-per-node 8 --deepspeed zero2
+"""
+
+PLAN_DESCRIPTION = """\
+Estimate the GPU memory one training step of a config needs (weights, gradients, optimiser states, activations,
+loss) against this machine's GPU, and suggest settings that would fit. Nothing is downloaded or loaded: the
+model's shape comes from its config.json (or a table of known models).
+
+example:
+  tunelab plan my_config.py
+  tunelab plan my_config.py --cfg-options max_length=4096 batch_size=2
+"""
+
+
+def register(subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("train", help="fine-tune a model as a config file says",
+                              description=TRAIN_DESCRIPTION, formatter_class=fmt)
+    p.add_argument("config", metavar="CFG", help="a config file (tunelab copy-cfg makes one)")
+    p.add_argument("--work-dir", "--work_dir", metavar="DIR",
+                   help="where logs and checkpoints go (default: work_dirs/<config name>)")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="'auto': continue from the work dir's last complete checkpoint (start fresh if none); "
+                        "or a checkpoint directory WORK_DIR/iter_N")
+    p.add_argument("--seed", type=int, help="random seed (overrides the config's seed)")
+    p.add_argument("--cfg-options", "--cfg_options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override settings, e.g. --cfg-options lr=1e-4 max_epochs=1")
+    p.add_argument("--device", metavar="cpu|cuda", help="default: cuda if a GPU is present, else cpu")
+    p.add_argument("--deepspeed", metavar="PRESET|JSON",
+                   help="zero1, zero2, zero2_offload, zero3, zero3_offload or a DeepSpeed .json (several GPUs)")
+    p.add_argument("--fsdp", action="store_true", help="shard with PyTorch FSDP2 (several GPUs)")
+    add_launch_arguments(p)
+    p.set_defaults(func=run_train)
+
+    p = subparsers.add_parser("plan", help="estimate the GPU memory a config needs, and what would fit",
+                              description=PLAN_DESCRIPTION, formatter_class=fmt)
+    p.add_argument("config", metavar="CFG")
+    p.add_argument("--cfg-options", "--cfg_options", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", metavar="cpu|cuda", help="the GPU to check against (default: cuda if present)")
+    p.set_defaults(func=run_plan)
+
+
+def _overrides(args) -> list[str]:
+    overrides = list(args.cfg_options)
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"seed={args.seed}")
+    if getattr(args, "deepspeed", None):
+        overrides.append(f"deepspeed={args.deepspeed!r}")
+    if getattr(args, "fsdp", False):
+        overrides.append("fsdp=True")
+    return overrides
+
+
+def _argv(args) -> list[str]:
+    """These arguments as a command line again, for the torchrun re-launch (see tunelab/train/launch.py)."""
+    argv = ["train", args.config]
+    for flag, value in [("--work-dir", args.work_dir), ("--resume", args.resume), ("--device", args.device),
+                        ("--seed", args.seed), ("--deepspeed", args.deepspeed)]:
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.fsdp:
+        argv.append("--fsdp")
+    if args.cfg_options:
+        argv += ["--cfg-options", *args.cfg_options]
+    for flag in LAUNCH_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_train(args) -> int:
+    from tunelab.train.launch import maybe_relaunch
+
+    code = maybe_relaunch(_argv(args), args.nproc_per_node)
+    if code is not None:  # this process launched torchrun, which ran the training
+        return code
+    from tunelab.config.loader import load_config
+    from tunelab.train.loop import train
+
+    cfg = load_config(args.config, _overrides(args))
+    work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
+    result = train(cfg, work_dir, resume=args.resume, config_path=args.config, device=args.device)
+    if result.interrupted:
+        print(f"stopped at step {result.step}; saved {result.last_checkpoint}.\n"
+              f"continue with: tunelab train {args.config} --work-dir {work_dir} --resume auto", file=sys.stderr)
+        return 130
+    print(f"done: {result.step} steps; last checkpoint {result.last_checkpoint}\n"
+          f"next: tunelab convert pth_to_hf {args.config} {result.last_checkpoint} {work_dir / 'hf'}")
+    return 0
+
+
+def run_plan(args) -> int:
+    import torch
+
+    from tunelab.config.loader import load_config
+    from tunelab.errors import TunelabError
+
+    try:
+        from tunelab.model.memory import plan_report
+    except ImportError:
+        raise TunelabError("the memory estimate (tunelab/model/memory.py) is not available in this install.") from None
+    cfg = load_config(args.config, _overrides(args))
+    device = torch.device(args.device) if args.device else (
+        torch.device("cuda") if torch.cuda.is_available() else None)
+    if device is not None and device.type != "cuda":
+        device = None  # only a GPU has a budget to check against
+    print(plan_report(cfg, device))
+    if device is None:
+        print("  (no GPU here: compare the total with your GPU's memory)")
+    return 0
