@@ -22,6 +22,8 @@ def rows(tiny_llama_dir):
                                                 ("lora", "bf16", 2e-2), ("lora", "fp16", 2e-2),
                                                 ("qlora", "bf16", 2e-2)])
 def test_loss_falls_on_gpu(method, dtype, lr, tiny_llama_dir, rows, tmp_path):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
     cfg = tiny_cfg(tiny_llama_dir, method=method, dtype=dtype, lr=lr, max_steps=12, batch_size=4, save_steps=6)
     result = train(cfg, tmp_path, train_rows=rows, device="cuda")
     assert result.step == 12

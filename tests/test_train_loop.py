@@ -73,6 +73,8 @@ def test_full_finetune_learns_identity_and_writes_work_dir(tiny_llama_dir, token
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_adapters_train_and_base_stays_frozen(method, tiny_llama_dir, tokenizer, tmp_path, monkeypatch):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
     captured = _capture_model(monkeypatch)
     cfg = tiny_cfg(tiny_llama_dir, method=method, max_steps=8, batch_size=4, lr=2e-2, save_steps=8)
     result = train(cfg, tmp_path, train_rows=identity_rows(tokenizer), device="cpu")

@@ -29,14 +29,21 @@ class TrainConfig:
 
     # --- LoRA ---------------------------------------------------------------------------------
     lora_r: int = 64
+    """Rank of the LoRA matrices: more capacity, more memory."""
     lora_alpha: int = 16
+    """LoRA scaling numerator: updates are scaled by lora_alpha / lora_r (or / sqrt(r) with rsLoRA)."""
     lora_dropout: float = 0.1
+    """Dropout on the LoRA input (0 is faster)."""
     lora_target_modules: Union[str, list] = "all-linear"
     """Module names (e.g. ['q_proj', 'v_proj']) or 'all-linear'."""
     lora_bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train alongside LoRA (peft's `bias`)."""
     lora_modules_to_save: Optional[list] = None
+    """Modules trained in full and saved with the adapter, e.g. ['lm_head', 'embed_tokens']."""
     use_dora: bool = False
+    """DoRA: weight-decomposed LoRA (peft)."""
     use_rslora: bool = False
+    """rsLoRA: scale by lora_alpha / sqrt(r), steadier at high rank."""
 
     # --- data ---------------------------------------------------------------------------------
     data_path: Union[str, list, None] = "tatsu-lab/alpaca"
@@ -67,30 +74,45 @@ class TrainConfig:
     batch_size: int = 1
     """Rows per device per step (a row is one packed sequence of max_length when packing)."""
     accumulative_counts: int = 16
+    """Micro-batches per optimiser step (gradient accumulation)."""
     lr: float = 2e-4
+    """Peak learning rate (after warm-up)."""
     betas: tuple = (0.9, 0.999)
+    """AdamW betas."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     max_epochs: int = 3
+    """Passes over the training data."""
     max_steps: Optional[int] = None
     """Stop after this many optimiser steps (overrides max_epochs when set)."""
     warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up from 0."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate shape after warm-up."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """AdamW (fused on GPU), or bitsandbytes' 8-bit / paged 8-bit AdamW."""
     gradient_checkpointing: Optional[bool] = None
     """None: on for lora/qlora, off for full."""
     seed: int = 0
+    """Seed for data order, initialisation and dropout: the same seed repeats the run."""
 
     # --- saving, logging, evaluation ----------------------------------------------------------
     save_steps: int = 500
+    """Save a checkpoint every this many optimiser steps (the final step is always saved)."""
     save_total_limit: int = 2
     """How many iter_N checkpoints to keep (-1 keeps all)."""
     logging_steps: int = 10
+    """Log loss, lr, grad norm, tokens/s and memory every this many steps."""
     evaluation_freq: int = 500
+    """Answer evaluation_inputs every this many steps (and once before training)."""
     evaluation_inputs: list = field(default_factory=lambda: ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"])
+    """Questions the model answers during training, so you can watch it learn."""
     eval_max_new_tokens: int = 128
+    """Longest answer to an evaluation question, in tokens."""
     use_tensorboard: bool = False
+    """Also write TensorBoard logs (pip install tensorboard)."""
 
     # --- speed (each part of the fast path can be switched off) -------------------------------
     use_varlen_attention: bool = True
@@ -98,8 +120,11 @@ class TrainConfig:
     use_chunked_loss: bool = True
     """Cross-entropy over trained tokens only, in chunks: never builds full-vocabulary logits."""
     loss_chunk_size: int = 4096
+    """Trained positions per chunk of the chunked loss."""
     use_compile: bool = False
     """torch.compile the decoder layers (GPU)."""
+    qlora_dequant_once: bool = True
+    """QLoRA: dequantise each 4-bit weight twice a step instead of three times (needs gradient checkpointing)."""
     offload_activations: bool = False
     """Keep gradient-checkpoint activations in CPU memory (long context)."""
 
@@ -107,6 +132,7 @@ class TrainConfig:
     deepspeed: Optional[str] = None
     """None, 'zero1', 'zero2', 'zero2_offload', 'zero3', 'zero3_offload' or a DeepSpeed JSON path."""
     fsdp: bool = False
+    """Shard with PyTorch FSDP2 across GPUs (or pass --fsdp)."""
 
     def resolved_quant_bits(self) -> Optional[int]:
         if self.quant_bits is not None:

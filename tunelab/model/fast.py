@@ -13,6 +13,7 @@ Levers (measured in BENCHMARKS.md, see docs/SPEED.md for what paid and what did 
   * offload_activations: checkpointed activations kept in pinned CPU memory (read by causal_lm_loss).
   * qlora_dequant_once (read with getattr, default on; needs gradient checkpointing): the 4-bit weight is
     dequantised twice a step (forward, recompute) instead of three times.
+  * lean_lora (read with getattr, default on): peft's LoRA forward in fewer kernels (see lean_lora_forward).
   * use_compile: torch.compile each decoder layer.
 """
 
@@ -73,6 +74,56 @@ def dequantize_once_per_pass(model) -> int:
     return count
 
 
+def lean_lora_forward(self, x, *args, **kwargs):
+    """peft's LoRA Linear forward for the common case (one plain adapter, not merged), in fewer kernels.
+
+    peft computes `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`: an fp32 copy of x (and for 4-bit layers a
+    clone of the base output), dropout over that copy, casts back, a scale and an add, about nine kernels per linear
+    and pass. With ~200 adapted linears and three passes a step (checkpointing recomputes the forward) the step is
+    bound by launching them. Here dropout runs on x as it comes (bf16 under autocast) and the scale and the add go
+    into one addmm (fp32 accumulation, one rounding): the same function, five kernels. Adapter weights, their
+    names and peft's save format are untouched; anything else (several or disabled adapters, DoRA, merged weights,
+    mixed dtypes without autocast) takes peft's own forward.
+    """
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    lora_a = self.lora_A[name].weight if name in self.lora_A else None
+    usual = (lora_a is not None and not self.disable_adapters and not self.merged and name not in self.lora_variant
+             and "adapter_names" not in kwargs and not args)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not usual or not (autocast or x.dtype == lora_a.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, **kwargs)
+    if not autocast and result.dtype != x.dtype:
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_b = self.lora_B[name].weight
+    low_rank = torch.nn.functional.linear(self.lora_dropout[name](x), lora_a)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), lora_b.t(),
+                      alpha=self.scaling[name])
+    return out.view(result.shape)
+
+
+def use_lean_lora(model, on: bool = True) -> int:
+    """Give every peft LoRA Linear layer (bf16 and 4-bit) of `model` the lean forward (or peft's back); returns how many."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return 0
+    import types
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "lora_A") and isinstance(module.base_layer, torch.nn.Module):
+            if type(module).__name__ not in ("Linear", "Linear4bit", "Linear8bitLt"):
+                continue
+            if on:
+                module.forward = types.MethodType(lean_lora_forward, module)
+            else:
+                module.__dict__.pop("forward", None)
+            count += 1
+    return count
+
+
 def compute_dtype(model) -> torch.dtype:
     config = getattr(model, "config", None)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -99,6 +150,8 @@ def apply_fast_path(model, cfg, device) -> dict:
         report["frozen_weights"] = f"{dtype} (saved {saved / 2**30:.2f} GiB)"
     if on_gpu and getattr(cfg, "qlora_dequant_once", True) and cfg.resolved_gradient_checkpointing():
         report["dequant_once"] = f"{dequantize_once_per_pass(model)} 4-bit layers"
+    if on_gpu and getattr(cfg, "lean_lora", True):
+        report["lean_lora"] = f"{use_lean_lora(model)} LoRA linears"
     report["chunked_loss"] = f"on, {cfg.loss_chunk_size} rows a chunk" if cfg.use_chunked_loss else "off"
     model._tunelab_offload_activations = bool(cfg.offload_activations and on_gpu)
     report["offload_activations"] = "on" if model._tunelab_offload_activations else "off"

@@ -256,7 +256,7 @@ def load_model_for_training(cfg, device: torch.device):
     if cfg.method == "full":
         if cfg.resolved_gradient_checkpointing():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
+        return _with_fast_path(model, cfg, device)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if bits:
@@ -267,7 +267,15 @@ def load_model_for_training(cfg, device: torch.device):
     elif cfg.resolved_gradient_checkpointing():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, _lora_config(cfg))
+    return _with_fast_path(get_peft_model(model, _lora_config(cfg)), cfg, device)
+
+
+def _with_fast_path(model, cfg, device):
+    """Switch on the GPU fast path (tunelab/model/fast.py) as the config allows; the report goes in the log."""
+    from tunelab.model.fast import apply_fast_path
+
+    model._tunelab_fast_path = apply_fast_path(model, cfg, device)
+    return model
 
 
 def read_meta(directory: str | Path) -> dict | None:
