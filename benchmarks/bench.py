@@ -33,7 +33,7 @@ def parse_case(text: str) -> dict:
     head, _, opts = text.partition("@")
     shape, method, seq, *rank = head.split(":")
     case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64,
-                ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0)
+                ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10)
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
         case[key] = int(value)
@@ -53,23 +53,22 @@ def train_config(case: dict, path: str):
 
     cfg = TrainConfig(
         pretrained_model_name_or_path=path, method=case["method"], dtype="bf16", max_length=case["seq"],
-        batch_size=case["bs"], lora_r=case["rank"], lora_alpha=16, lora_dropout=0.1, lora_target_modules="all-linear",
+        batch_size=case["bs"], lora_r=case["rank"], lora_alpha=16, lora_dropout=case["drop"] / 100, lora_target_modules="all-linear",
         gradient_checkpointing=None if case["ckpt"] is None else bool(case["ckpt"]),
         use_varlen_attention=bool(case["varlen"]), use_chunked_loss=bool(case["chunked"]),
         use_compile=bool(case["compile"]), offload_activations=bool(case["offload"]),
     )
     cfg.qlora_dequant_once = bool(case["dq"])
+    cfg.lean_lora = bool(case["lean"])
     return cfg
 
 
-def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> dict:
-    """One case on our engine (in this process): the loader, the fast path, the loss, the optimiser of `tunelab train`."""
+def _load(case: dict, baseline_path: str):
+    """(model, optimizer, cfg, vocab, path) for a case, loaded the way `tunelab train` loads it."""
     import torch
 
     from tunelab.model.fast import apply_fast_path
     from tunelab.model.load import load_model_for_training
-    from tunelab.model.loss import causal_lm_loss
-    from tunelab.model.memory import estimate_memory, model_shape
     from tunelab.train.optim import build_optimizer
 
     baseline = load_baseline(baseline_path)
@@ -83,63 +82,148 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
     if not hasattr(model, "_tunelab_fast_path"):  # until the loader calls it itself
         model._tunelab_fast_path = apply_fast_path(model, cfg, device)
     model.train()
-    optimizer = build_optimizer(model, cfg, device)
-    vocab = baseline.SHAPES[case["shape"]]["vocab_size"]
+    return model, build_optimizer(model, cfg, device), cfg, baseline.SHAPES[case["shape"]]["vocab_size"], path
+
+
+def _step(model, optimizer, cfg, case, vocab):
+    import torch
+
+    from tunelab.model.loss import causal_lm_loss
+
     bs, seq = case["bs"], case["seq"]
-    position_ids = torch.arange(seq, device=device).repeat(bs, 1)
+    x = torch.randint(0, vocab, (bs, seq), device="cuda")
+    batch = {"input_ids": x, "labels": x, "position_ids": torch.arange(seq, device="cuda").repeat(bs, 1)}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(case["amp"])):
+        loss_sum, n_tokens = causal_lm_loss(model, batch, chunk_size=cfg.loss_chunk_size, chunked=cfg.use_chunked_loss)
+    loss = loss_sum / n_tokens
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def time_steps(model, optimizer, cfg, case, vocab, steps=8, warm=3) -> dict:
+    """Median seconds a step over `steps` after `warm` (the first step's time kept apart: it holds compilation)."""
+    import torch
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(warm + steps):
-        x = torch.randint(0, vocab, (bs, seq), device=device)
-        batch = {"input_ids": x, "labels": x, "position_ids": position_ids}
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(case["amp"])):
-            loss_sum, n_tokens = causal_lm_loss(model, batch, chunk_size=cfg.loss_chunk_size,
-                                                chunked=cfg.use_chunked_loss)
-        (loss_sum / n_tokens).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = _step(model, optimizer, cfg, case, vocab)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    if case["prof"]:
-        profile_step(model, optimizer, batch, cfg, case)
     median = sorted(times[warm:])[len(times[warm:]) // 2]
-    # Matmul weights (decoder linears + lm_head), counted from the shape: 4-bit weights are stored two to a byte.
+    return dict(median=median, first_s=round(times[0], 2), loss=round(float(loss), 3),
+                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
+
+
+def flops_per_token(cfg, path) -> float:
+    """Matmul FLOPs a token (decoder linears + lm_head, counted from the shape; attention left out)."""
+    from tunelab.model.memory import model_shape
+
     shape = model_shape(path)
     n_matmul = shape.num_hidden_layers * shape.layer_linear_params() + shape.vocab_size * shape.hidden_size
     ckpt = cfg.resolved_gradient_checkpointing()
-    flops_per_token = (6 if cfg.method == "full" else 4) * n_matmul + (2 * n_matmul if ckpt else 0)
-    tok_s = bs * seq / median
-    estimate = estimate_memory(cfg)
-    return dict(tok_s=round(tok_s, 1), s_per_step=round(median, 4),
-                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                mfu=round(tok_s * flops_per_token / PEAK_FLOPS, 4), ckpt=ckpt,
-                plan_gib=round(estimate.total / 2**30, 2), loss=round(float(loss_sum / n_tokens), 3),
-                fast_path=model._tunelab_fast_path)
+    return (6 if cfg.method == "full" else 4) * n_matmul + (2 * n_matmul if ckpt else 0)
 
 
-def profile_step(model, optimizer, batch, cfg, case):
-    """Write the top CUDA kernels of one more step to $OUT/profile_<shape>_<method>.txt."""
+def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> dict:
+    """One case on our engine (in this process): the loader, the fast path, the loss, the optimiser of `tunelab train`."""
+    from tunelab.model.fast import use_lean_lora
+    from tunelab.model.memory import estimate_memory
+
+    model, optimizer, cfg, vocab, path = _load(case, baseline_path)
+    if not case["lean"]:
+        use_lean_lora(model, on=False)
+    timed = time_steps(model, optimizer, cfg, case, vocab, steps, warm)
+    if case["prof"]:
+        timed["profile"] = profile_step(model, optimizer, cfg, case, vocab, timed["median"])
+    tok_s = case["bs"] * case["seq"] / timed["median"]
+    return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), first_step_s=timed["first_s"],
+                peak_alloc_gib=timed["peak_alloc_gib"], peak_reserved_gib=timed["peak_reserved_gib"],
+                mfu=round(tok_s * flops_per_token(cfg, path) / PEAK_FLOPS, 4), ckpt=cfg.resolved_gradient_checkpointing(),
+                plan_gib=round(estimate_memory(cfg).total / 2**30, 2), loss=timed["loss"],
+                fast_path=model._tunelab_fast_path, profile=timed.get("profile"))
+
+
+def set_lora_dropout(model, p: float) -> None:
+    """Every LoRA dropout to `p` (0 means nn.Identity, as peft builds it, so no dropout kernel runs)."""
     import torch
+
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name in list(dropouts.keys()):
+                dropouts[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+
+
+def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]:
+    """Load the case once, then time each variant (options over the case's, applied in order; compile=1 sticks)."""
+    from tunelab.model.fast import use_lean_lora
+
+    model, optimizer, cfg, vocab, path = _load(case, baseline_path)
+    rows, compiled = [], False
+    for text in variants:
+        v = dict(case)
+        for item in filter(None, text.split(",")):
+            key, value = item.split("=")
+            v[key] = int(value)
+        use_lean_lora(model, on=bool(v["lean"]))
+        set_lora_dropout(model, v["drop"] / 100)
+        if v["compile"] and not compiled:
+            for layer in model_layers(model):
+                layer.compile(dynamic=False)
+            compiled = True
+        try:
+            timed = time_steps(model, optimizer, cfg, v, vocab, steps=5, warm=3 if v["compile"] else 2)
+        except Exception as error:  # one variant failing (compile, memory) must not lose the others
+            rows.append(dict(variant=text, error=repr(error)[:300]))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        if v["prof"]:
+            timed["profile"] = profile_step(model, optimizer, cfg, v, vocab, timed["median"])
+        tok_s = v["bs"] * v["seq"] / timed.pop("median")
+        rows.append(dict(variant=text, tok_s=round(tok_s), mfu=round(tok_s * flops_per_token(cfg, path) / PEAK_FLOPS, 3),
+                         **timed))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def model_layers(model):
+    from tunelab.model.loss import split_model
+
+    return list(getattr(split_model(model)[0], "layers", []))
+
+
+def profile_step(model, optimizer, cfg, case, vocab, step_s: float) -> dict:
+    """Profile one more step: kernel count, GPU busy vs wall time, top kernels and CPU ops (full tables to $OUT)."""
+    import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from tunelab.model.loss import causal_lm_loss
-
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(case["amp"])):
-            loss_sum, n_tokens = causal_lm_loss(model, batch, chunk_size=cfg.loss_chunk_size,
-                                                chunked=cfg.use_chunked_loss)
-        (loss_sum / n_tokens).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-    name = f"profile_{case['shape']}_{case['method']}.txt"
+        start = time.perf_counter()
+        _step(model, optimizer, cfg, case, vocab)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+    averages = prof.key_averages()
+    name = f"profile_{case['shape']}_{case['method']}_lean{case['lean']}_drop{case['drop']}_bs{case['bs']}.txt"
     with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
-        f.write(table)
+        f.write(averages.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
+    top = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+    top_cpu = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return dict(kernels=len(kernels), gpu_busy_ms=round(busy_us / 1e3, 1), step_ms_unprofiled=round(step_s * 1e3, 1),
+                step_ms_profiled=round(wall * 1e3, 1), idle_frac=round(1 - busy_us / 1e6 / step_s, 3),
+                top_gpu=[(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 1)) for e in top],
+                top_cpu=[(e.key[:60], e.count, round(e.self_cpu_time_total / 1e3, 1)) for e in top_cpu])
 
 
 def subprocess_json(argv: list[str], timeout: int) -> dict | None:
@@ -181,7 +265,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench.json"))
     parser.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    parser.add_argument("--sweep", help="load the one CASE once and time these space-separated variants in order, "
+                        "e.g. 'lean=0,prof=1 lean=1,prof=1 drop=0 bs=4 compile=1' (our side only)")
     args = parser.parse_args(argv)
+    if args.sweep:
+        rows = run_sweep(parse_case(args.cases[0]), args.sweep.split(), args.baseline)
+        name = args.cases[0].replace(":", "_").replace("@", "_").replace(",", "_").replace("=", "")
+        with open(os.path.join(os.environ.get("OUT", "."), f"sweep_{name}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        return 0
     if args.one:
         print(json.dumps(run_ours(parse_case(args.cases[0]), args.baseline)), flush=True)
         return 0

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with tunelab, then run the built-in CPU demo (a tiny model learns its new identity).
+# Usage: bash scripts/demo.sh [tunelab demo args, e.g. --name 小助手]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[quant]"
+EXTRAS=quant . scripts/venv.sh
 tunelab demo "$@"

@@ -1,7 +1,7 @@
 """The fast path's correctness guard, on a GPU (run through the device tool; CI has none).
 
 On the same packed batch, the fast path (varlen flash attention, chunked loss over trained tokens, frozen weights
-in bf16) and the plain path (sdpa with the block-diagonal mask transformers builds from position_ids, full-vocabulary
+in bf16, the lean LoRA forward) and the plain path (sdpa with the block-diagonal mask transformers builds from position_ids, full-vocabulary
 logits) must give the same loss and the same adapter gradients, up to bf16 rounding:
 
     loss:      |fast - plain| / |plain|            <= 1e-2
@@ -84,10 +84,11 @@ def grads_and_loss(cfg, model_dir, device, fast, dtype):
 def path_check(method, model_dir, device):
     cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
                       lora_dropout=0.0, gradient_checkpointing=True, max_length=512)
+    cfg.lean_lora = False  # the plain paths run peft's own LoRA forward
     loss_ref, g_ref = grads_and_loss(cfg, model_dir, device, fast=False, dtype="fp32")
     cfg.use_varlen_attention, cfg.use_chunked_loss = False, False
     loss_plain, g_plain = grads_and_loss(cfg, model_dir, device, fast=False, dtype="bf16")
-    cfg.use_varlen_attention, cfg.use_chunked_loss = True, True
+    cfg.use_varlen_attention, cfg.use_chunked_loss, cfg.lean_lora = True, True, True
     loss_fast, g_fast = grads_and_loss(cfg, model_dir, device, fast=True, dtype="bf16")
     rel = abs(loss_fast - loss_plain) / abs(loss_plain)
     check(f"{method}: loss fast vs plain", rel <= 1e-2, f"{loss_fast:.5f} vs {loss_plain:.5f} (fp32 {loss_ref:.5f})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from tunelab import __version__
@@ -78,7 +79,21 @@ def _print_version(args) -> int:
     return 0
 
 
+def _quiet_library_noise() -> None:
+    """Hide warnings from our dependencies that a tunelab user cannot act on (TUNELAB_VERBOSE=1 shows them)."""
+    import logging
+    import warnings
+
+    if os.environ.get("TUNELAB_VERBOSE"):
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers / peft
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # bitsandbytes on CPU looks for an optional kernel on the hub, which we never fetch
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_library_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     # The launcher re-runs the same command line under torchrun; keep it (in-process calls pass argv).

@@ -90,6 +90,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     from tunelab.model.load import load_model_for_training, resolve_dtype
 
     model = load_model_for_training(cfg, env.device)
+    fast_path = getattr(model, "_tunelab_fast_path", None)  # what tunelab/model/fast.py switched on
     last = ckpt.resolve_resume(resume, work_dir)
     if resume and last is None:
         log(f"--resume {resume}: no complete checkpoint in {work_dir} yet, starting from step 0")
@@ -116,6 +117,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
             "tunelab_version": _version()}
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               use_tensorboard=cfg.use_tensorboard)
+    log(f"fast path: {fast_path or 'off'}")
     log(f"training {cfg.method} on {env.device}: {len(train_rows)} rows, {steps_per_epoch} steps per epoch, "
         f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"
         f"{f' x {env.world_size} ranks' if env.distributed else ''})")
@@ -148,8 +150,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                 batches = [collate(rows, tokenizer.pad_token_id) for rows in micro_batches]
                 counts = torch.tensor([sum(_trained_tokens(b) for b in batches),
                                        sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
-                                      dtype=torch.float64, device=env.device)
-                trained_tokens, seen_tokens = all_reduce_sum(counts, env).tolist()
+                                      dtype=torch.float64, device=env.device if env.distributed else "cpu")
+                trained_tokens, seen_tokens = all_reduce_sum(counts, env).tolist()  # no GPU sync in one process
                 # 2-4. forward → loss → backward, each micro-batch's loss sum divided by the step's trained tokens
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
                 for i, batch in enumerate(batches):
@@ -181,7 +183,9 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                     throughput.reset()
                 if step % cfg.evaluation_freq == 0 or step == total_steps:
                     evaluate(step)
-                stop_now = bool(all_reduce_sum(torch.tensor(float(stop.requested), device=env.device), env) > 0)
+                stop_now = stop.requested
+                if env.distributed:  # every rank stops at the same step, so all of them save it
+                    stop_now = bool(all_reduce_sum(torch.tensor(float(stop_now), device=env.device), env) > 0)
                 if step % cfg.save_steps == 0 or step == total_steps or stop_now:
                     last = save(step)
                 if stop_now:
