@@ -95,6 +95,13 @@ def path_check(method, model_dir, device):
     g_err = ((g_fast - g_plain).norm() / g_plain.norm()).item()
     cos = torch.nn.functional.cosine_similarity(g_fast, g_plain, dim=0).item()
     check(f"{method}: adapter grads fast vs plain", g_err <= 5e-2 and cos >= 0.995, f"rel {g_err:.2e}, cos {cos:.5f}")
+    cfg.use_compile = True  # the same fast path with torch.compile'd decoder layers
+    loss_comp, g_comp = grads_and_loss(cfg, model_dir, device, fast=True, dtype="bf16")
+    cfg.use_compile = False
+    rel = abs(loss_comp - loss_plain) / abs(loss_plain)
+    c_err = ((g_comp - g_plain).norm() / g_plain.norm()).item()
+    check(f"{method}: compiled fast path vs plain", rel <= 1e-2 and c_err <= 5e-2,
+          f"loss {loss_comp:.5f}, grads rel {c_err:.2e}")
     fast_to_ref = ((g_fast - g_ref).norm() / g_ref.norm()).item()
     plain_to_ref = ((g_plain - g_ref).norm() / g_ref.norm()).item()
     check(f"{method}: fast no further from fp32 than plain bf16", fast_to_ref <= 2 * plain_to_ref + 1e-3,

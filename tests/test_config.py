@@ -11,7 +11,8 @@ import pytest
 
 from tunelab.cli.main import main
 from tunelab.config import registry
-from tunelab.config.loader import field_docs, load_config, save_resolved_config, settings_markdown
+from tunelab.config.loader import load_config, save_resolved_config
+from tunelab.config.settings_doc import field_docs, settings_markdown
 from tunelab.config.schema import TrainConfig, field_names
 from tunelab.errors import TunelabError
 

@@ -404,36 +404,3 @@ def _globals_used(fn) -> list[str]:
             except (ValueError, SyntaxError):
                 pass
     return lines + [""] if lines else []
-
-
-# Words for the fields schema.py leaves without a docstring (used for docs/CONFIG.md only).
-_MORE_DOCS = {
-    "lora_r": "Adapter rank: more capacity, more memory.", "lora_alpha": "Adapter scale is lora_alpha / lora_r.",
-    "lora_dropout": "Dropout on the adapter input.", "lora_bias": "Which biases train with LoRA (peft `bias`).",
-    "lora_modules_to_save": "Modules trained fully next to the adapters, e.g. ['embed_tokens', 'lm_head'].",
-    "use_dora": "DoRA adapters (peft).", "use_rslora": "Rank-stabilised LoRA scaling (peft).",
-    "max_length": "Tokens per sample and per packed row; longer samples are cut.",
-    "shuffle_before_pack": "Shuffle samples before packing them into rows.",
-    "accumulative_counts": "Steps summed before each optimiser update (effective batch = batch_size x this x GPUs).",
-    "lr": "Peak learning rate.", "betas": "AdamW betas.", "weight_decay": "AdamW weight decay.",
-    "max_epochs": "Passes over the data.", "warmup_ratio": "Fraction of updates spent warming the learning rate up.",
-    "lr_scheduler": "Learning-rate shape after warmup.", "optimizer": "The 8-bit ones need bitsandbytes.",
-    "seed": "Seed for data order, init and dropout.", "save_steps": "Write WORK_DIR/iter_N every this many updates.",
-    "logging_steps": "Log loss and learning rate every this many updates.",
-    "evaluation_freq": "Answer evaluation_inputs every this many updates.",
-    "evaluation_inputs": "Questions answered during training, to watch the model learn.",
-    "eval_max_new_tokens": "Reply length for evaluation_inputs.", "use_tensorboard": "Also log to TensorBoard.",
-    "loss_chunk_size": "Tokens per chunk of the chunked loss.", "fsdp": "Shard the model with FSDP2 (torchrun).",
-}
-
-
-def settings_markdown() -> str:
-    """The table of settings in docs/CONFIG.md, made from the schema (name, type, default, docstring)."""
-    docs, hints = {**_MORE_DOCS, **{k: v for k, v in field_docs().items() if v}}, field_types()
-    rows = ["| setting | type | default | what it does |", "|---|---|---|---|"]
-    for name in field_types():
-        default = default_value(name)
-        rule = f" Must be {RANGES[name][1]}." if name in RANGES and name not in ("data_format", "deepspeed") else ""
-        text = (docs.get(name, "") + rule).strip().replace("|", "\\|")
-        rows.append(f"| `{name}` | {describe_type(hints[name]).replace('|', '/')} | `{default!r}` | {text} |")
-    return "\n".join(rows)

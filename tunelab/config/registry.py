@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError

@@ -58,9 +58,11 @@ class TrainConfig:
     SYSTEM: str = ""
     """System prompt for training samples that have none, evaluation and chat."""
     max_length: int = 2048
+    """Tokens per sample and per packed row; longer samples are cut."""
     pack_to_max_length: bool = True
     """Concatenate samples into rows of max_length; samples never attend to each other."""
     shuffle_before_pack: bool = True
+    """Shuffle samples (seeded) before packing them into rows."""
     train_on: Literal["assistant", "all"] = "assistant"
     """'assistant': loss on replies only (plus their end-of-turn token); 'all': every token (pretraining)."""
     skip_invalid: bool = False

@@ -1,0 +1,45 @@
+"""The command line as a first-time user meets it: every verb has help with an example; version works."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from tunelab.cli.main import build_parser, main
+
+
+def _verbs():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        yield name, p
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        for action in nested:  # `convert pth_to_hf`, `data self-cognition`, ...
+            for sub_name, sub_p in action.choices.items():
+                yield f"{name} {sub_name}", sub_p
+
+
+def test_the_pipeline_verbs_are_all_there():
+    names = {name for name, _ in _verbs()}
+    for verb in ["list-cfg", "copy-cfg", "train", "plan", "convert pth_to_hf", "convert merge", "chat", "web",
+                 "serve", "check-dataset", "preview", "preprocess", "data self-cognition", "demo", "version"]:
+        assert verb in names, f"`tunelab {verb}` is missing"
+
+
+@pytest.mark.parametrize("name,parser", list(_verbs()), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_verb_help_shows_an_example(name, parser):
+    text = parser.format_help()
+    assert "example" in text.lower(), f"`tunelab {name} --help` has no example"
+    assert f"tunelab {name.split()[0]}" in text
+
+
+def test_version_lists_dependencies(capsys):
+    assert main(["version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tunelab ") and "transformers" in out and "peft" in out
+
+
+def test_python_m_tunelab_help():
+    out = subprocess.run([sys.executable, "-m", "tunelab", "--help"], capture_output=True, text=True, check=True)
+    assert "list-cfg" in out.stdout and "tunelab demo" in out.stdout
