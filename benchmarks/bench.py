@@ -5,7 +5,10 @@
 A case is SHAPE:METHOD:SEQ[:RANK][@opt=value,...]; SHAPE is one of the baseline's random-initialised real shapes.
 Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N (rows per step), varlen=0/1,
 chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise once a pass), amp=0/1 (bf16 autocast),
-prof=1 (write the top CUDA kernels of one step to $OUT). Every run is its own subprocess, so peaks do not leak between cases.
+lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), prof=1 (profile one
+more step: kernel count, GPU busy vs wall time, top kernels and CPU ops; tables to $OUT). Every run is its own
+subprocess, so peaks do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once and times each variant
+(options as above, applied in order; compile=1 stays on once set), our side only, rows to $OUT/sweep_CASE.json.
 The baseline runs once per SHAPE:METHOD:SEQ:RANK. Prints one table (tok/s, peak allocated and reserved, ratios,
 MFU, the `tunelab plan` estimate against the measured peak) and writes the rows as JSON to --out.
 

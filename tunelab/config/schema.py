@@ -123,8 +123,10 @@ class TrainConfig:
     """Cross-entropy over trained tokens only, in chunks: never builds full-vocabulary logits."""
     loss_chunk_size: int = 4096
     """Trained positions per chunk of the chunked loss."""
-    use_compile: bool = False
-    """torch.compile the decoder layers (GPU)."""
+    use_compile: bool = True
+    """torch.compile the decoder layers (GPU only): 1.4-2x faster steps; the first step takes 10-20 s longer."""
+    lean_lora: bool = True
+    """A LoRA forward with fewer kernels than peft's (same maths, same adapter files; GPU only)."""
     qlora_dequant_once: bool = True
     """QLoRA: dequantise each 4-bit weight twice a step instead of three times (needs gradient checkpointing)."""
     offload_activations: bool = False
