@@ -51,6 +51,9 @@ KNOWN_SHAPES = {
 # Without checkpointing every layer keeps all of these; with it, only one layer at a time does.
 # LoRA keeps more per token than full fine-tuning: a dropout copy of each adapted layer's input, and fp32 norms.
 ACT_PER_TOKEN = {"full": (20.0, 8.5), "lora": (30.0, 11.5), "qlora": (30.0, 11.5)}
+# torch.compile (use_compile, on by default on GPU) fuses element-wise ops, so a layer keeps fewer activations.
+# Fitted to the compiled round-2 peaks of BENCHMARKS.md: (checkpointed layer, whole model without checkpointing).
+COMPILED_ACT_FACTOR = {True: 0.6, False: 0.75}
 LOSS_BYTES_PER_LOGIT = 10  # one chunk's bf16 logits, their fp32 copy and the fp32 gradient, during backward
 CUDA_CONTEXT_BYTES = 0.6 * GIB  # the CUDA context and cuBLAS workspaces: not in max_memory_allocated
 ALLOCATOR_SLACK = 0.08  # reserved over allocated (fragmentation), as a fraction
@@ -176,6 +179,8 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
 
     a_h, a_i = ACT_PER_TOKEN[cfg.method]
     layer_act = tokens * (a_h * h + a_i * inter)
+    if cfg.use_compile:
+        layer_act *= COMPILED_ACT_FACTOR[checkpointing]
     if cfg.use_chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 
