@@ -31,6 +31,13 @@ def test_loss_falls_on_gpu(method, dtype, lr, tiny_llama_dir, rows, tmp_path):
     assert result.losses[12] < result.losses[1], result.losses
 
 
+def test_compiled_fast_path_trains_on_gpu(tiny_llama_dir, rows, tmp_path):
+    cfg = tiny_cfg(tiny_llama_dir, method="lora", dtype="bf16", lr=2e-2, max_steps=8, batch_size=4,
+                   use_compile=True)
+    result = train(cfg, tmp_path, train_rows=rows, device="cuda")
+    assert result.losses[8] < result.losses[1], result.losses
+
+
 def test_resume_on_gpu_continues_the_curve(tiny_llama_dir, rows, tmp_path):
     cfg = tiny_cfg(tiny_llama_dir, method="lora", dtype="bf16", lr=2e-2, max_steps=8, batch_size=4, save_steps=4)
     reference = train(cfg, tmp_path / "ref", train_rows=rows, device="cuda").losses

@@ -36,7 +36,7 @@ def tiny_cfg(model_dir, **overrides) -> TrainConfig:
         lr=3e-3, max_steps=None, max_epochs=1, batch_size=2, accumulative_counts=1, warmup_ratio=0.0,
         lr_scheduler="constant", lora_r=8, lora_alpha=16, lora_dropout=0.0, save_steps=1000, save_total_limit=-1,
         logging_steps=1, evaluation_freq=1000, evaluation_inputs=[], eval_max_new_tokens=12, max_length=128,
-        seed=0,
+        seed=0, use_compile=False,  # compiling (GPU only) costs seconds per test; one GPU test turns it on
     )
     settings.update(overrides)
     return TrainConfig(**settings)
