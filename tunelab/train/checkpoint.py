@@ -88,6 +88,9 @@ def save_checkpoint(work_dir: Path, step: int, *, model, tokenizer, optimizer, s
     weights = dist.gather_full_state_dict(model, env, trainable_only=hasattr(inner, "peft_config")) if sharded else None
     if sharded:
         dist.save_sharded_optimizer(model, optimizer, env, tmp / "optimizer")
+    if not env.is_main:  # each rank's own generators (dropout masks differ by rank); rank 0's go in STATE_FILE
+        torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
+    dist.barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
     if env.is_main:
         # safetensors: the adapter for peft models, the whole model otherwise
         inner.save_pretrained(tmp / MODEL_DIR, **({"state_dict": weights} if sharded else {}))
@@ -185,6 +188,15 @@ def load_training_state(checkpoint: Path) -> dict:
     except Exception as exc:
         raise TunelabError(f"{Path(checkpoint) / STATE_FILE}: cannot be read ({exc}). The file is damaged; resume "
                            f"from an earlier checkpoint with --resume WORK_DIR/iter_N.") from None
+
+
+def rng_state_for_rank(checkpoint: Path, state: dict, env=None) -> dict:
+    """This rank's RNG state at the checkpoint: its own file, or rank 0's (a checkpoint of fewer ranks)."""
+    rank = getattr(env, "rank", 0)
+    path = Path(checkpoint) / f"rng_rank{rank}.pt"
+    if rank and path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return state["rng"]
 
 
 def load_optimizer_state(model, optimizer, env, checkpoint: Path, state: dict) -> None:

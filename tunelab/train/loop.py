@@ -109,7 +109,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         ckpt.load_optimizer_state(model, optimizer, env, last, state)
         scheduler.load_state_dict(state["scheduler"])
         step, position = int(state["step"]), dict(state["position"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
         log(f"resumed from {last} (step {step}, epoch {position['epoch']})")
 
     meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
