@@ -90,21 +90,14 @@ def choose_template(prompt_template: str | None, meta: dict | None, model_path: 
         return templates.get_template(prompt_template, tokenizer), "--prompt-template"
     if meta and meta.get("prompt_template"):
         return templates.get_template(meta["prompt_template"], tokenizer), "tunelab.json"
-    guess = getattr(templates, "guess_template", None)
-    if guess is not None:
-        try:
-            found = guess(model_path)
-        except (TunelabError, OSError, ValueError):
-            found = None
-        if found:
-            name = found if isinstance(found, str) else found.name
-            return (templates.get_template(name, tokenizer) if isinstance(found, str) else found), \
-                f"guessed from {model_path}"
+    try:
+        guessed = templates.guess_template(model_path)
+    except (OSError, ValueError):  # an unreadable config.json: fall through to the tokenizer's own template
+        guessed = None
+    if guessed:
+        return templates.get_template(guessed, tokenizer), f"guessed from {model_path}"
     if getattr(tokenizer, "chat_template", None):
-        try:
-            return templates.get_template("hf", tokenizer), "the tokenizer's chat_template"
-        except TunelabError:  # an older templates module without 'hf'
-            pass
+        return templates.get_template("hf", tokenizer), "the tokenizer's chat_template"
     return templates.get_template("default", tokenizer), \
         "fallback (no tunelab.json, no guess; pass --prompt-template to choose)"
 
@@ -188,8 +181,15 @@ def add_sampling_arguments(parser) -> None:
 def settings_from_args(args):
     from tunelab.model.generate import GenerationSettings
 
-    if args.max_new_tokens < 1:
-        raise TunelabError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1.")
+    # The same ranges the server accepts (ChatRequest); outside them transformers fails mid-reply with a traceback.
+    for flag, value, ok, rule in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+                                  ("--temperature", args.temperature, args.temperature >= 0, "0 (greedy) or more"),
+                                  ("--top-k", args.top_k, args.top_k >= 0, "0 or more"),
+                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "above 0 and at most 1"),
+                                  ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0,
+                                   "above 0 (1.0 = off)")):
+        if not ok:
+            raise TunelabError(f"{flag} {value}: must be {rule}.")
     return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
 

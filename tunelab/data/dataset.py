@@ -183,13 +183,14 @@ def read_samples(source: Source, *, skip_invalid: bool, map_fn: Optional[Callabl
                     if data is None:  # the map function filtered the record out
                         continue
                 if fmt == "auto":
-                    fmt = detect_format(data)
-                    if fmt is None:
+                    detected = detect_format(data)
+                    if detected is None:  # with skip_invalid: skipped, and the next record is asked instead
                         keys = ", ".join(map(repr, data)) if isinstance(data, dict) else type(data).__name__
-                        raise TunelabError(
+                        raise InvalidRecord(
                             f"{rec.where}: cannot tell the data format from this record (fields: {keys}). Set "
                             f"data_format to one of {', '.join(FORMATS)}, rename the fields, or convert records "
                             f"with dataset_map_fn. See docs/DATA.md for an example of each format.")
+                    fmt = detected
                 sample = normalise(data, fmt, rec.where)
             except InvalidRecord as exc:
                 if not skip_invalid:

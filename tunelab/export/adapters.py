@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 from tunelab.errors import TunelabError
 
@@ -36,7 +37,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return iters[-1]
     kind = sharded_checkpoint_kind(p)
     if kind:
-        return consolidate_sharded_checkpoint(p, kind)
+        consolidate_sharded_checkpoint(p, kind)
     raise TunelabError(f"{p} is not a tunelab checkpoint: expected {p}/model/ (an iter_N directory) or "
                        f"{p}/last_checkpoint (a WORK_DIR). Did training save a checkpoint yet? (see save_steps)")
 
@@ -59,21 +60,17 @@ def sharded_checkpoint_kind(path: Path) -> str | None:
     return None
 
 
-def consolidate_sharded_checkpoint(path: Path, kind: str) -> Path:
-    """Hook for DeepSpeed / FSDP checkpoints: the training step's `consolidate_checkpoint` turns one into iter_N/.
+def consolidate_sharded_checkpoint(path: Path, kind: str) -> NoReturn:
+    """A raw DeepSpeed / FSDP checkpoint (not one of tunelab's iter_N directories): say what to do instead.
 
-    tunelab's own training saves a consolidated `model/` in every iter_N (even with DeepSpeed / FSDP), so this is
-    only for raw engine checkpoints.
+    tunelab's own training saves a consolidated `model/` in every iter_N (even with DeepSpeed / FSDP), so only raw
+    engine checkpoints (e.g. XTuner's iter_N.pth/ folders) land here; `convert` does not read them.
     """
-    try:
-        from tunelab.train import distributed
-    except ImportError:  # pragma: no cover - the train step always ships
-        distributed = None
-    consolidate = getattr(distributed, "consolidate_checkpoint", None)
-    if consolidate is not None:
-        return Path(consolidate(path, kind))
-    raise TunelabError(f"{path} looks like a raw {kind} checkpoint, which `convert` cannot read yet. "
-                       f"Use the iter_N directories tunelab's training writes (they hold a consolidated model/).")
+    how = (" To get whole fp32 weights from it in Python: "
+           "tunelab.train.distributed.load_consolidated_state_dict(path) (DeepSpeed's zero_to_fp32)."
+           if kind == "deepspeed" else "")
+    raise TunelabError(f"{path} looks like a raw {kind} checkpoint, which `convert` cannot read. Use the iter_N "
+                       f"directories tunelab's training writes (they hold a consolidated model/).{how}")
 
 
 def find_adapter_dir(path: str | Path) -> tuple[Path, Path]:

@@ -18,7 +18,7 @@ import torch
 from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.export.adapters import ADAPTER_CONFIG, check_adapter_fits, find_adapter_dir, resolve_checkpoint
-from tunelab.model.load import load_tokenizer, read_meta, write_meta
+from tunelab.model.load import check_device, load_tokenizer, read_meta, write_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -121,12 +121,10 @@ def _save_adapter(model_dir: Path, out: Path, dtype: torch.dtype) -> None:
 # --- merge ----------------------------------------------------------------------------------------------------------
 
 def pick_device(device: str) -> torch.device:
+    """'auto' → the GPU if there is one, else the CPU; anything else checked by the model step's `check_device`."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TunelabError(f"--device {device}: no CUDA GPU is visible. Use --device cpu (slower, needs RAM for "
-                           f"the whole model).")
-    return torch.device(device)
+    return check_device(device)
 
 
 def template_for_export(meta: dict, prompt_template: str | None, tokenizer):
@@ -164,7 +162,8 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     adapter_dir, meta_dir = find_adapter_dir(adapter)
     meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
     out = Path(out_dir)
-    _prepare_out_dir(out, adapter_dir)
+    # a local base is read while the merged model is written: writing over it would destroy it
+    _prepare_out_dir(out, adapter_dir, *([Path(base)] if Path(base).is_dir() else []))
     dev = pick_device(device)
     if dtype not in ("auto", *DTYPES):
         raise TunelabError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32.")
@@ -181,7 +180,7 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code)
     template = template_for_export(meta, prompt_template, tokenizer)
-    if template is not None and hasattr(template, "to_jinja"):
+    if template is not None:
         tokenizer.chat_template = template.to_jinja()
         stop_ids = _stop_token_ids(tokenizer, template)
         gen = getattr(merged, "generation_config", None)
@@ -189,13 +188,13 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
             eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
             gen.eos_token_id = list(dict.fromkeys([*(e for e in eos if e is not None), *stop_ids]))
         _say(f"chat_template set from prompt template {template.name!r}")
-    elif template is not None:
-        _say("note: this tunelab version's templates have no to_jinja(); the tokenizer's chat_template is unchanged")
     else:
         _say("note: no prompt template recorded (no tunelab.json); the tokenizer's chat_template is unchanged")
 
     if output_format == "original":
-        _save_original_format(merged, tokenizer, out)
+        from tunelab.model.internlm2 import save_original_layout
+
+        save_original_layout(merged, tokenizer, out)
     else:
         merged.save_pretrained(out, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(out)
@@ -204,15 +203,3 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     _say(f"saved merged model to {out}")
     return out
 
-
-def _save_original_format(model, tokenizer, out: Path) -> None:
-    """InternLM2 bases: write the checkpoint in InternLM2's own layout (the model step's exporter does the work)."""
-    try:
-        from tunelab.model import internlm2
-    except ImportError:
-        internlm2 = None
-    export = getattr(internlm2, "save_original", None) or getattr(internlm2, "export_original", None)
-    if export is None:
-        raise TunelabError("--format original is only for InternLM2 bases and needs tunelab.model.internlm2, "
-                           "which this installation lacks. Use --format hf.")
-    export(model, tokenizer, out)

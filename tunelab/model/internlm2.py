@@ -283,9 +283,6 @@ def save_original_layout(model, tokenizer, out_dir: str | Path, *, base_dir: str
     return out_dir
 
 
-save_original = save_original_layout  # the name tunelab.export.convert looks for
-
-
 # --- tokenizer -----------------------------------------------------------------------------------------------------
 
 def is_internlm2_tokenizer(model_dir: str | Path) -> bool:
@@ -322,7 +319,8 @@ def load_tokenizer(model_dir: str | Path):
     proto.ParseFromString((model_dir / "tokenizer.model").read_bytes())
     if proto.trainer_spec.model_type != 2:  # 2 = BPE
         raise TunelabError(f"{model_dir / 'tokenizer.model'}: InternLM2 tokenizers are sentencepiece BPE models; "
-                           "this one is not. Pass trust_remote_code=True to use the repository's own tokenizer code.")
+                           "this one is not, so it is not a (complete) InternLM2 model. Re-download the model's "
+                           "tokenizer.model, or check pretrained_model_name_or_path.")
     cfg_path = model_dir / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))

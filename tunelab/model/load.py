@@ -59,7 +59,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def check_device(device: torch.device | str) -> torch.device:
     """`device` as a torch.device, or a TunelabError when it names a GPU this machine does not have."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:  # "gpu", "cuda0", ...
+        raise TunelabError(f"device {str(device)!r}: not a device name; use cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TunelabError(f"device {str(device)!r} asked for, but CUDA is not available on this machine "
                            "(no NVIDIA GPU, or a CPU-only torch). Use --device cpu (slow) or run on a GPU machine.")
@@ -281,9 +284,16 @@ def _with_fast_path(model, cfg, device):
 def read_meta(directory: str | Path) -> dict | None:
     """The `tunelab.json` a checkpoint / adapter / merged model was saved with, if any."""
     path = Path(directory) / META_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    return None
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TunelabError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}. Fix it, or delete it and pass "
+                           "the base model / --prompt-template yourself.") from None
+    if not isinstance(meta, dict):
+        raise TunelabError(f"{path}: expected a JSON object like {{\"base_model\": ..., \"prompt_template\": ...}}.")
+    return meta
 
 
 def write_meta(directory: str | Path, meta: dict) -> None:

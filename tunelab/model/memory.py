@@ -118,7 +118,7 @@ def model_shape(name_or_path: str) -> ModelShape:
     """Shape from the local config.json, the local HF cache, or the table of known hub ids."""
     config_file = Path(name_or_path) / "config.json"
     if config_file.is_file():
-        return ModelShape.from_config(_text_config(json.loads(config_file.read_text())))
+        return _shape_from_file(config_file)
     if name_or_path in KNOWN_SHAPES:
         return ModelShape.from_config(KNOWN_SHAPES[name_or_path])
     try:  # a hub id already downloaded into the HF cache
@@ -126,13 +126,26 @@ def model_shape(name_or_path: str) -> ModelShape:
 
         cached = try_to_load_from_cache(name_or_path, "config.json")
         if isinstance(cached, str):
-            return ModelShape.from_config(_text_config(json.loads(Path(cached).read_text())))
+            return _shape_from_file(Path(cached))
+    except TunelabError:
+        raise
     except Exception:
         pass
     raise TunelabError(
         f"pretrained_model_name_or_path = {name_or_path!r}: cannot find its config.json to estimate memory. "
         "Point it at a local model directory, or download the model first (huggingface-cli download ...)."
     )
+
+
+def _shape_from_file(config_file: Path) -> ModelShape:
+    try:
+        return ModelShape.from_config(_text_config(json.loads(config_file.read_text(encoding="utf-8"))))
+    except json.JSONDecodeError as exc:
+        raise TunelabError(f"{config_file}: not valid JSON (line {exc.lineno}): {exc.msg}. Fix or re-download it.") from None
+    except KeyError as exc:  # e.g. ChatGLM's own names (num_layers, ffn_hidden_size)
+        raise TunelabError(f"{config_file}: no {exc.args[0]!r}, so `plan` cannot tell the model's shape. It reads "
+                           "Llama-style fields (hidden_size, intermediate_size, num_hidden_layers, "
+                           "num_attention_heads, vocab_size).") from None
 
 
 def _text_config(c: dict) -> dict:

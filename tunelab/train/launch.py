@@ -124,8 +124,8 @@ def maybe_relaunch(argv: list[str] | None = None, nproc_per_node: int | str | No
     """
     if "LOCAL_RANK" in os.environ:
         return None
-    cmd = torchrun_command(sys.argv[1:] if argv is None else argv,
-                           None if nproc_per_node is None else int(nproc_per_node))
+    nproc = None if nproc_per_node is None else _int(str(nproc_per_node), "NPROC_PER_NODE / --nproc-per-node")
+    cmd = torchrun_command(sys.argv[1:] if argv is None else argv, nproc)
     if cmd is None:
         return None
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)

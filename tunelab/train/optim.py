@@ -65,7 +65,8 @@ def build_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_schedule
 
 @dataclass
 class _Schedule:
-    """A picklable lr multiplier (a plain lambda would be, too, but this one shows its settings when printed)."""
+    """The lr multiplier as an object, not a lambda: LambdaLR.state_dict() saves a callable object's settings
+    (a lambda it leaves out), and it shows its settings when printed."""
     total_steps: int
     warmup_steps: int
     kind: str

@@ -124,17 +124,27 @@ class Throughput:
 
 
 def read_log(path: Path) -> list[dict]:
+    """The log's records; a line cut short (the process was killed mid-write) is skipped, so resume still works."""
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _keep_log_until(path: Path, step: int) -> None:
     """Drop log records after `step`: they belong to steps the resumed run is about to redo."""
-    records = read_log(path)
-    kept = [r for r in records if r.get("step", 0) <= step]
-    if len(kept) != len(records) or (step == 0 and records):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    if not path.is_file():
+        return
+    kept = "".join(json.dumps(r) + "\n" for r in read_log(path) if r.get("step", 0) <= step)
+    if path.read_text(encoding="utf-8", errors="replace") != kept:  # also drops a line cut short by a crash
+        path.write_text(kept, encoding="utf-8")
 
 
 def plot_loss_curve(log_path: Path, out_path: Path) -> Path | None:
