@@ -128,3 +128,18 @@ def test_guess_template(config, expected):
 def test_guess_template_reads_a_model_dir(tiny_llama_dir, tiny_qwen2_dir):
     assert guess_template(tiny_llama_dir) == "llama2_chat"
     assert guess_template(str(tiny_qwen2_dir)) == "qwen_chat"
+
+
+def test_guess_template_ignores_hints_in_the_users_own_folders(tmp_path):
+    import json
+
+    from tunelab.data.templates import guess_template
+
+    model = tmp_path / "vicuna_experiments" / "runs" / "llama3-merged"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 128256}))
+    assert guess_template(model) == "llama3_chat"
+    yi = tmp_path / "Yi-6B-Chat" / "merged"
+    yi.mkdir(parents=True)
+    (yi / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 64000}))
+    assert guess_template(yi) == "yi_chat"

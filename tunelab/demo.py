@@ -84,22 +84,22 @@ def run_demo(out_dir: str | Path = "tunelab_demo", *, name: str = "TuneBot", aut
 
 
 def _ask(model_dir: Path, questions) -> list[str]:
-    """The questions through one `tunelab chat --prompt ... --prompt ...`; prints the chat, returns each answer."""
+    """Each question through its own `tunelab chat --prompt` (a fresh conversation); prints and returns the answers."""
     import contextlib
     import io
 
     from tunelab.cli.main import main
     from tunelab.errors import TunelabError
 
-    argv = ["chat", str(model_dir), "--no-streamer", "--device", "cpu"]
-    for q in questions:
-        argv += ["--prompt", q]
-    print("$ tunelab " + " ".join(argv), flush=True)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(argv)
-    text = buf.getvalue()
-    print(text, flush=True)
-    if code != 0:
-        raise TunelabError("demo step failed: " + " ".join(argv))
-    return [line for line in text.splitlines() if line.strip()]
+    answers = []
+    for question in questions:
+        argv = ["chat", str(model_dir), "--no-streamer", "--device", "cpu", "--prompt", question]
+        print("$ tunelab " + " ".join(argv[:-1]) + f" {question!r}", flush=True)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = main(argv)
+        if code != 0:
+            raise TunelabError("demo step failed: tunelab " + " ".join(argv))
+        answers.append(buf.getvalue().strip())
+        print(answers[-1] + "\n", flush=True)
+    return answers

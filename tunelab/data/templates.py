@@ -268,8 +268,9 @@ def guess_template(model_config_or_dir) -> Optional[str]:
     name = ""
     config: dict = {}
     if isinstance(model_config_or_dir, (str, Path)):
-        name = str(model_config_or_dir)
         path = Path(model_config_or_dir)
+        # Only the model's own folder names count (e.g. "Yi-6B/merged"), not where the user keeps experiments.
+        name = "/".join(path.resolve().parts[-2:]) if path.exists() else str(model_config_or_dir)
         path = path / "config.json" if path.is_dir() else path
         if path.is_file():
             config = json.loads(path.read_text(encoding="utf-8"))
