@@ -91,6 +91,11 @@ def run_two_ranks(model_dir, engine: str, out_dir: Path, timeout: int = 120) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), __file__, str(model_dir), engine, str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and "SIGABRT" in proc.stderr:
+        # gloo on a busy 2-core machine has been seen to abort a rank at shutdown (after its work was done);
+        # one more launch tells that apart from a real failure, which fails again or gives wrong numbers below.
+        proc = subprocess.run([*cmd[:8], str(free_port()), *cmd[9:]], env=env, capture_output=True, text=True,
+                              timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(out_dir / f"{engine}.pt", weights_only=True)
 

@@ -293,6 +293,9 @@ def barrier(env: DistEnv) -> None:
 
 def cleanup(env: DistEnv) -> None:
     if env.distributed and torch.distributed.is_initialized():
+        # All ranks arrive before any tears the group down: a gloo peer that vanishes while another is still
+        # sending or waiting makes that one abort ("terminate called without an active exception").
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
