@@ -37,7 +37,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return iters[-1]
     kind = sharded_checkpoint_kind(p)
     if kind:
-        consolidate_sharded_checkpoint(p, kind)
+        refuse_raw_engine_checkpoint(p, kind)
     raise TunelabError(f"{p} is not a tunelab checkpoint: expected {p}/model/ (an iter_N directory) or "
                        f"{p}/last_checkpoint (a WORK_DIR). Did training save a checkpoint yet? (see save_steps)")
 
@@ -60,7 +60,7 @@ def sharded_checkpoint_kind(path: Path) -> str | None:
     return None
 
 
-def consolidate_sharded_checkpoint(path: Path, kind: str) -> NoReturn:
+def refuse_raw_engine_checkpoint(path: Path, kind: str) -> NoReturn:
     """A raw DeepSpeed / FSDP checkpoint (not one of tunelab's iter_N directories): say what to do instead.
 
     tunelab's own training saves a consolidated `model/` in every iter_N (even with DeepSpeed / FSDP), so only raw

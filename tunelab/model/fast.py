@@ -11,9 +11,9 @@ Levers (measured in BENCHMARKS.md, see docs/SPEED.md for what paid and what did 
     memory and fp32 matmuls, so they go back to bf16/fp16. Always on with a GPU.
   * use_chunked_loss / loss_chunk_size: read by tunelab.model.loss.causal_lm_loss, nothing to do here.
   * offload_activations: checkpointed activations kept in pinned CPU memory (read by causal_lm_loss).
-  * qlora_dequant_once (read with getattr, default on; needs gradient checkpointing): the 4-bit weight is
+  * qlora_dequant_once (needs gradient checkpointing): the 4-bit weight is
     dequantised twice a step (forward, recompute) instead of three times.
-  * lean_lora (read with getattr, default on): peft's LoRA forward in fewer kernels (see lean_lora_forward).
+  * lean_lora: peft's LoRA forward in fewer kernels (see lean_lora_forward).
   * use_compile: torch.compile each decoder layer.
 """
 
@@ -148,9 +148,9 @@ def apply_fast_path(model, cfg, device) -> dict:
     if on_gpu and dtype in (torch.bfloat16, torch.float16):
         saved = downcast_frozen_weights(model, dtype)
         report["frozen_weights"] = f"{dtype} (saved {saved / 2**30:.2f} GiB)"
-    if on_gpu and getattr(cfg, "qlora_dequant_once", True) and cfg.resolved_gradient_checkpointing():
+    if on_gpu and cfg.qlora_dequant_once and cfg.resolved_gradient_checkpointing():
         report["dequant_once"] = f"{dequantize_once_per_pass(model)} 4-bit layers"
-    if on_gpu and getattr(cfg, "lean_lora", True):
+    if on_gpu and cfg.lean_lora:
         report["lean_lora"] = f"{use_lean_lora(model)} LoRA linears"
     report["chunked_loss"] = f"on, {cfg.loss_chunk_size} rows a chunk" if cfg.use_chunked_loss else "off"
     model._tunelab_offload_activations = bool(cfg.offload_activations and on_gpu)

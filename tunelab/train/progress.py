@@ -127,8 +127,12 @@ def read_log(path: Path) -> list[dict]:
     """The log's records; a line cut short (the process was killed mid-write) is skipped, so resume still works."""
     if not Path(path).is_file():
         return []
+    return _parse_log(Path(path).read_text(encoding="utf-8", errors="replace"))
+
+
+def _parse_log(text: str) -> list[dict]:
     records = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line) if line.strip() else None
         except json.JSONDecodeError:
@@ -142,8 +146,9 @@ def _keep_log_until(path: Path, step: int) -> None:
     """Drop log records after `step`: they belong to steps the resumed run is about to redo."""
     if not path.is_file():
         return
-    kept = "".join(json.dumps(r) + "\n" for r in read_log(path) if r.get("step", 0) <= step)
-    if path.read_text(encoding="utf-8", errors="replace") != kept:  # also drops a line cut short by a crash
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept = "".join(json.dumps(r) + "\n" for r in _parse_log(text) if r.get("step", 0) <= step)
+    if text != kept:  # also drops a line cut short by a crash
         path.write_text(kept, encoding="utf-8")
 
 
