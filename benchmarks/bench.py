@@ -5,7 +5,9 @@
 A case is SHAPE:METHOD:SEQ[:RANK][@opt=value,...]; SHAPE is one of the baseline's random-initialised real shapes.
 Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N (rows per step), varlen=0/1,
 chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise once a pass), amp=0/1 (bf16 autocast),
-lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), prof=1 (profile one
+lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), opt8=1 (bitsandbytes'
+8-bit AdamW), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA
+dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of one sample), prof=1 (profile one
 more step: kernel count, GPU busy vs wall time, top kernels and CPU ops; tables to $OUT). Every run is its own
 subprocess, so peaks do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once and times each variant
 (options as above, applied in order; compile=1 stays on once set), our side only, rows to $OUT/sweep_CASE.json.
@@ -36,7 +38,8 @@ def parse_case(text: str) -> dict:
     head, _, opts = text.partition("@")
     shape, method, seq, *rank = head.split(":")
     case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64,
-                ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10)
+                ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10,
+                opt8=0, mlp=8192, nf4=1, cudnn=1)
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
         case[key] = int(value)
@@ -60,9 +63,12 @@ def train_config(case: dict, path: str):
         gradient_checkpointing=None if case["ckpt"] is None else bool(case["ckpt"]),
         use_varlen_attention=bool(case["varlen"]), use_chunked_loss=bool(case["chunked"]),
         use_compile=bool(case["compile"]), offload_activations=bool(case["offload"]),
+        optimizer="adamw_8bit" if case["opt8"] else "adamw", mlp_chunk_size=case["mlp"] or None,
     )
     cfg.qlora_dequant_once = bool(case["dq"])
     cfg.lean_lora = bool(case["lean"])
+    cfg.qlora_fused_dequant = bool(case["nf4"])
+    cfg.cudnn_attention = bool(case["cudnn"])
     return cfg
 
 
@@ -176,10 +182,15 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
             key, value = item.split("=")
             v[key] = int(value)
         use_lean_lora(model, on=bool(v["lean"]))
+        if v["method"] == "qlora" and cfg.qlora_dequant_once:
+            from tunelab.model.fast import dequantize_once_per_pass
+
+            dequantize_once_per_pass(model, fused=bool(v["nf4"] and v["compile"]))
         set_lora_dropout(model, v["drop"] / 100)
         if v["compile"] and not compiled:
-            for layer in model_layers(model):
-                layer.compile(dynamic=False)
+            from tunelab.model.layers import run_decoder_layers
+
+            run_decoder_layers(model_layers(model), compile=True, offload=cfg.offload_activations)
             compiled = True
         try:
             timed = time_steps(model, optimizer, cfg, v, vocab, steps=5, warm=3 if v["compile"] else 2)

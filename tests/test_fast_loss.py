@@ -35,16 +35,6 @@ def test_chunked_loss_and_gradients_equal_full_logits_loss(tiny_llama_dir):
 
 
 def test_chunk_rows_shrink_for_large_vocabularies():
-    assert loss_chunk_rows(4096, 32000) == 4096
-    assert loss_chunk_rows(4096, 128256) * 128256 <= 2**27
+    assert loss_chunk_rows(4096, 4000) == 4096
+    assert loss_chunk_rows(4096, 128256) * 128256 <= 2**25  # 128 MiB of fp32 logits at a time
     assert loss_chunk_rows(4096, 10**9) == 1
-
-
-def test_offload_flag_gives_the_same_loss(tiny_llama_dir):
-    model = _model(tiny_llama_dir)
-    batch = _packed_batch(model.config.vocab_size)
-    expected, _ = causal_lm_loss(model, batch)
-    model._tunelab_offload_activations = True  # what apply_fast_path sets for offload_activations
-    got, _ = causal_lm_loss(model, batch)
-    got.backward()
-    torch.testing.assert_close(got, expected)

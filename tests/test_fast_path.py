@@ -21,6 +21,6 @@ def test_on_cpu_the_plain_path_stays_and_training_is_unchanged(tiny_llama_dir):
     cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_llama_dir), offload_activations=True)
     report = apply_fast_path(model, cfg, "cpu")
     assert report["varlen_attention"].startswith("off")
-    assert report["offload_activations"] == "off"
+    assert "offloaded" not in report["checkpointing"] and report["compile"] == "off"
     assert model.config._attn_implementation != "tunelab_varlen"
     assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -58,6 +58,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluation_freq": _positive,
     "eval_max_new_tokens": _positive,
     "loss_chunk_size": _positive,
+    "mlp_chunk_size": (lambda v: v is None or v > 0, "None or a positive whole number (e.g. 8192)"),
     "num_proc": _positive,
     "max_steps": (lambda v: v is None or v > 0, "None or a positive whole number"),
     "lr": (lambda v: v > 0, "greater than 0 (e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning)"),

@@ -10,11 +10,12 @@ Levers (measured in BENCHMARKS.md, see docs/SPEED.md for what paid and what did 
     non-quantised weight (embeddings, lm_head, norms) to fp32; frozen ones gain nothing from it and cost
     memory and fp32 matmuls, so they go back to bf16/fp16. Always on with a GPU.
   * use_chunked_loss / loss_chunk_size: read by tunelab.model.loss.causal_lm_loss, nothing to do here.
-  * offload_activations: checkpointed activations kept in pinned CPU memory (read by causal_lm_loss).
+  * offload_activations, mlp_chunk_size, use_compile: how each decoder layer runs (tunelab.model.layers): its
+    checkpointed input in CPU memory, its MLP in slices of a long sequence, its forward compiled.
   * qlora_dequant_once (needs gradient checkpointing): the 4-bit weight is
     dequantised twice a step (forward, recompute) instead of three times.
+  * qlora_fused_dequant (with use_compile): the dequantisation in plain torch ops, fused into one kernel.
   * lean_lora: peft's LoRA forward in fewer kernels (see lean_lora_forward).
-  * use_compile: torch.compile each decoder layer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from tunelab.model.layers import run_decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,14 @@ def _linear4bit_dequant_once(self, x, *args, **kwargs):
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def dequantize_once_per_pass(model) -> int:
-    """Patch every bitsandbytes 4-bit linear layer of `model`; returns how many."""
+def dequantize_once_per_pass(model, fused: bool = False) -> int:
+    """Patch every bitsandbytes 4-bit linear layer of `model`; returns how many.
+
+    fused: dequantise with plain torch ops (tunelab.model.nf4) that torch.compile turns into one kernel, instead of
+    bitsandbytes' three custom-op calls; only worth it inside compiled layers (eager, it is slower).
+    """
+    from tunelab.model.nf4 import nf4_linear_forward
+
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -69,7 +78,7 @@ def dequantize_once_per_pass(model) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and module.weight.dtype == torch.uint8:
-            module.forward = types.MethodType(_linear4bit_dequant_once, module)
+            module.forward = types.MethodType(nf4_linear_forward if fused else _linear4bit_dequant_once, module)
             count += 1
     return count
 
@@ -138,10 +147,12 @@ def apply_fast_path(model, cfg, device) -> dict:
     on_gpu = device.type == "cuda"
     report = {}
     if on_gpu and cfg.use_varlen_attention:
+        from tunelab.model import attention
         from tunelab.model.attention import enable_varlen_attention
 
         enable_varlen_attention(model)
-        report["varlen_attention"] = "on"
+        attention.USE_CUDNN_FOR_WHOLE_ROWS = bool(cfg.cudnn_attention)
+        report["varlen_attention"] = "on" + (", cuDNN for rows of one sample" if cfg.cudnn_attention else "")
     else:
         report["varlen_attention"] = "off (sdpa with a block-diagonal mask from position_ids)"
     dtype = compute_dtype(model)
@@ -149,18 +160,14 @@ def apply_fast_path(model, cfg, device) -> dict:
         saved = downcast_frozen_weights(model, dtype)
         report["frozen_weights"] = f"{dtype} (saved {saved / 2**30:.2f} GiB)"
     if on_gpu and cfg.qlora_dequant_once and cfg.resolved_gradient_checkpointing():
-        report["dequant_once"] = f"{dequantize_once_per_pass(model)} 4-bit layers"
+        fused = cfg.qlora_fused_dequant and cfg.use_compile
+        report["dequant_once"] = (f"{dequantize_once_per_pass(model, fused)} 4-bit layers"
+                                  + (", fused by compile" if fused else ""))
     if on_gpu and cfg.lean_lora:
         report["lean_lora"] = f"{use_lean_lora(model)} LoRA linears"
     report["chunked_loss"] = f"on, {cfg.loss_chunk_size} rows a chunk" if cfg.use_chunked_loss else "off"
-    model._tunelab_offload_activations = bool(cfg.offload_activations and on_gpu)
-    report["offload_activations"] = "on" if model._tunelab_offload_activations else "off"
-    if cfg.use_compile and on_gpu:
-        layers = _decoder_layers(model)
-        for layer in layers or []:
-            # dynamic=None: static shapes first, dynamic only after a shape changes (a 7B layer compiles in
-            # ~12 s once; the layers share the compiled code). Works with peft LoRA and bitsandbytes 4-bit layers.
-            layer.compile()
-        report["compile"] = f"{len(layers or [])} decoder layers"
+    mlp_chunk = cfg.mlp_chunk_size if cfg.mlp_chunk_size and cfg.max_length > cfg.mlp_chunk_size else None
+    report.update(run_decoder_layers(_decoder_layers(model) or [], compile=cfg.use_compile and on_gpu,
+                                     offload=cfg.offload_activations and on_gpu, mlp_chunk_size=mlp_chunk))
     log.info("fast path: %s", report)
     return report

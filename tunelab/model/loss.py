@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-MAX_CHUNK_LOGITS = 2**27  # logits elements per chunk: 512 MiB in fp32, whatever the vocabulary
+MAX_CHUNK_LOGITS = 2**25  # logits elements per chunk: 128 MiB in fp32, whatever the vocabulary
 
 
 def loss_chunk_rows(chunk_size: int, vocab_size: int) -> int:
-    """Rows projected to logits at a time: `chunk_size`, fewer for large vocabularies (128k x 4096 = 2 GiB fp32)."""
+    """Rows projected to logits at a time: `chunk_size`, fewer for large vocabularies (a chunk's fp32 logits, their
+    bf16 source and their gradient exist at once)."""
     return max(1, min(chunk_size, MAX_CHUNK_LOGITS // vocab_size))
 
 
@@ -50,12 +51,7 @@ def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool 
         return loss, n_tokens
 
     decoder, lm_head, softcap = split_model(model)
-    if getattr(model, "_tunelab_offload_activations", False) and torch.is_grad_enabled():
-        # Tensors saved for backward (with checkpointing: one per layer) wait in pinned CPU memory.
-        with torch.autograd.graph.save_on_cpu(pin_memory=True):
-            hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-    else:
-        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -191,20 +191,24 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     parts["AdamW states"] = trainable * adam_bytes
 
     a_h, a_i = ACT_PER_TOKEN[cfg.method]
-    layer_act = tokens * (a_h * h + a_i * inter)
+    # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
+    sliced = cfg.mlp_chunk_size and cfg.max_length > cfg.mlp_chunk_size
+    layer_act = tokens * a_h * h + min(tokens, cfg.mlp_chunk_size if sliced else tokens) * a_i * inter
     if cfg.use_compile:
         layer_act *= COMPILED_ACT_FACTOR[checkpointing]
     if cfg.use_chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 
         rows = min(tokens, loss_chunk_rows(cfg.loss_chunk_size, vocab))
-        loss_name, loss_bytes = "loss (chunked logits)", rows * vocab * LOSS_BYTES_PER_LOGIT
+        # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence
+        loss_name, loss_bytes = "loss (chunked logits)", rows * vocab * LOSS_BYTES_PER_LOGIT + 3 * tokens * h * 2
     else:
         loss_name, loss_bytes = "loss (full fp32 logits)", tokens * vocab * 14
     if checkpointing:
         # The peak is early in backward: one saved input per layer, the last layer recomputed, the loss chunk;
         # or late in backward, when the gradients are all there but the saved inputs are gone.
-        saved = layers * tokens * h * 2
+        # Offloaded, only the layer being recomputed has its input on the GPU.
+        saved = (1 if cfg.offload_activations else layers) * tokens * h * 2
         early, late = saved + loss_bytes, grads
         parts["activations (checkpointed)"] = int(saved + layer_act)
         parts[loss_name] = int(loss_bytes)
@@ -244,7 +248,7 @@ def _suggestions(cfg, est: MemoryEstimate, checkpointing: bool) -> list[str]:
     if not cfg.use_chunked_loss:
         out.append("use_chunked_loss = True  (never builds full-vocabulary logits)")
     if checkpointing and not cfg.offload_activations and cfg.max_length >= 8192:
-        out.append("offload_activations = True  (checkpointed activations in CPU memory)")
+        out.append("offload_activations = True  (each layer's checkpointed input in CPU memory)")
     if cfg.optimizer == "adamw" and cfg.method == "full":
         out.append("optimizer = 'adamw_8bit'")
     return out

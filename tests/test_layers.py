@@ -1,0 +1,128 @@
+"""How decoder layers run in training (tunelab.model.layers): tunelab's own checkpointing, the offloaded layer
+inputs and the MLP in slices give the loss and the gradients of the plain path (fp32, CPU)."""
+
+import pytest
+import torch
+
+from tunelab.config.schema import TrainConfig
+from tunelab.model import layers as layers_mod
+from tunelab.model.fast import apply_fast_path
+from tunelab.model.load import load_model_for_training
+from tunelab.model.loss import causal_lm_loss, split_model
+
+
+def _batch(vocab):
+    torch.manual_seed(0)
+    ids = torch.randint(5, vocab, (2, 40))
+    pos = torch.stack([torch.cat([torch.arange(18), torch.arange(22)]), torch.arange(40)])
+    labels = ids.clone()
+    labels[0, 20:25] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def _lora(model_dir, **overrides):
+    cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method="lora", lora_r=8, lora_dropout=0.0,
+                      max_length=64, gradient_checkpointing=True, **overrides)
+    torch.manual_seed(1)
+    model = load_model_for_training(cfg, torch.device("cpu")).train()
+    for name, p in model.named_parameters():  # B = 0 at init would hide A's gradients
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _loss_and_grads(model, batch):
+    total, n = causal_lm_loss(model, batch)
+    (total / n).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return total.detach(), grads
+
+
+def _hf_checkpointing(model):
+    """The same model with transformers' own checkpointing back (what it was before run_decoder_layers)."""
+    for layer in split_model(model)[0].layers:
+        layer.__dict__.pop("forward", None)
+        layer.mlp.__dict__.pop("forward", None)
+        layer.gradient_checkpointing, layer._tunelab_checkpointed = True, False
+    return model
+
+
+@pytest.mark.parametrize("options", [dict(), dict(mlp_chunk_size=16), dict(offload=True)],
+                         ids=["checkpoint", "mlp_slices", "offload"])
+def test_layer_modes_keep_loss_and_gradients(tiny_llama_dir, options, monkeypatch):
+    model = _lora(tiny_llama_dir)
+    batch = _batch(model.config.vocab_size)
+    decoder_layers = split_model(model)[0].layers
+    packed = []
+    if options.get("offload"):
+        # On CPU nothing moves; record what would go to CPU memory (a copy, so a wrong unpack would show).
+        monkeypatch.setattr(layers_mod, "_to_cpu", lambda t: packed.append(t.shape) or (t.device, t.clone()))
+    report = layers_mod.run_decoder_layers(decoder_layers, **options)  # again, over what the loader did
+    assert report["checkpointing"].startswith(f"{len(decoder_layers)} layers")
+    got_loss, got = _loss_and_grads(model, batch)
+    want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+    if options.get("offload"):
+        # One tensor per layer, the layer input [batch, seq, hidden]; nothing else (RoPE cos/sin stay put).
+        assert packed == [torch.Size([2, 40, model.config.hidden_size])] * len(decoder_layers)
+
+
+def test_mlp_slices_are_used_only_above_the_slice(tiny_llama_dir):
+    model = _lora(tiny_llama_dir)
+    mlp = split_model(model)[0].layers[0].mlp
+    calls = []
+    forward = type(mlp).forward
+    type(mlp).forward = lambda self, x: calls.append(x.shape[0] if x.dim() == 2 else tuple(x.shape)) or forward(self, x)
+    try:
+        layers_mod.run_decoder_layers([split_model(model)[0].layers[0]], mlp_chunk_size=16)
+        x = torch.randn(2, 20, model.config.hidden_size)
+        out = mlp(x)
+        assert calls == [16, 16, 8]  # 40 tokens in slices of 16
+        assert out.shape == (2, 20, model.config.hidden_size)
+        calls.clear()
+        mlp(torch.randn(1, 16, model.config.hidden_size))
+        assert calls == [(1, 16, model.config.hidden_size)]  # short enough: one call, unsliced
+    finally:
+        type(mlp).forward = forward
+
+
+def test_generation_after_the_takeover_is_unchanged(tiny_llama_dir):
+    model = _lora(tiny_llama_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        layers_mod.run_decoder_layers(split_model(model)[0].layers, mlp_chunk_size=2)
+        after = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(before, after)
+
+
+def test_fast_path_reports_the_layer_modes(tiny_llama_dir):
+    cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_llama_dir), method="lora", max_length=64,
+                      mlp_chunk_size=32, offload_activations=True)
+    model = load_model_for_training(cfg, torch.device("cpu"))
+    report = model._tunelab_fast_path
+    n = len(split_model(model)[0].layers)
+    assert report["checkpointing"] == f"{n} layers"  # offloading is a GPU lever
+    assert report["mlp_slices"] == f"{n} layers, 32 tokens a slice"
+    cfg.mlp_chunk_size = 64  # max_length not above it: no slices
+    assert apply_fast_path(load_model_for_training(cfg, torch.device("cpu")), cfg, "cpu")["mlp_slices"] == "off"
+
+
+def test_training_with_slices_follows_the_same_curve(tiny_llama_dir, tmp_path):
+    from tests.train_helpers import identity_rows, tiny_cfg
+    from tunelab.model.load import load_tokenizer
+    from tunelab.train.loop import train
+
+    rows = identity_rows(load_tokenizer(str(tiny_llama_dir)), copies=2)
+    curves = []
+    for name, chunk in (("plain", None), ("sliced", 8)):
+        cfg = tiny_cfg(tiny_llama_dir, method="lora", max_length=64, mlp_chunk_size=chunk, max_steps=4,
+                       gradient_checkpointing=True)
+        curves.append(train(cfg, tmp_path / name, train_rows=rows, device="cpu").losses)
+    assert len(curves[0]) == 4
+    for a, b in zip(*curves):
+        assert abs(a - b) < 1e-5

@@ -1,0 +1,131 @@
+"""How each decoder layer runs in training: checkpointed (its input optionally in CPU memory), compiled, and with
+the MLP in slices of the sequence for long context.
+
+transformers checkpoints a layer in `GradientCheckpointingLayer`, around `__call__` in 5.17 and around `forward` in
+later releases, so `torch.compile` of the layer ends up inside the checkpoint on one version and outside on the
+other. `run_decoder_layers` takes that over, the same on every version: the layer's forward becomes
+checkpoint(compiled forward), the checkpoint outside the compiled code, where tensor hooks (offloading) work.
+Evaluation and generation (eval mode or no grad) call the plain forward: nothing to save, nothing to recompile.
+
+Long context: with checkpointing a decoder keeps one tensor per layer for backward, the layer's input hidden state
+(hidden_size x 2 bytes a token: 8 KiB for a 4096-wide model, so 32 layers x 100k tokens = 26 GB); everything else
+is recomputed one layer at a time in backward. Two things still grow with the sequence:
+
+* the checkpoints themselves: `offloaded_checkpoint` copies a layer's input to CPU memory as the forward passes it
+  and back when backward reaches the layer. Only the input moves; tensors every layer shares (RoPE cos/sin) stay
+  on the GPU, so they are not copied once per layer.
+* the working set of the one layer being recomputed, largest in the MLP: gate, up, act(gate) and their product are
+  four intermediate-size tensors a token (4 x 14336 x 2 bytes = 112 KiB for Llama-3.1-8B, more than the rest of the
+  layer together). `_mlp_in_slices` runs the MLP `mlp_chunk_size` tokens at a time, each slice checkpointed, so one
+  slice's intermediates exist at a time. The MLP is position-wise: slicing changes only the order of the sums in
+  the adapters' gradients. It costs one more MLP forward a step, so it is used only when the configured
+  max_length exceeds the slice.
+
+tests/test_layers.py checks loss and gradients of every combination against the plain path.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# Pinned (page-locked) buffers copy asynchronously, but torch's pinned allocator rounds each block up to a power of
+# two; above this size a checkpoint goes to ordinary memory (a synchronous copy, ~1% of a long layer's compute).
+PINNED_MAX_BYTES = 256 * 2**20
+
+
+def _to_cpu(tensor: torch.Tensor):
+    if tensor.device.type == "cpu":
+        return tensor.device, tensor
+    if tensor.numel() * tensor.element_size() <= PINNED_MAX_BYTES:
+        cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        # Same stream as the compute: a kernel that later reuses the GPU block is queued after this copy.
+        cpu.copy_(tensor, non_blocking=True)
+    else:
+        cpu = tensor.to("cpu")
+    return tensor.device, cpu
+
+
+def _to_device(packed):
+    device, cpu = packed
+    return cpu.to(device, non_blocking=cpu.is_pinned())
+
+
+def plain_checkpoint(function, *args):
+    return checkpoint(function, *args, use_reentrant=False)
+
+
+def offloaded_checkpoint(function, *args):
+    """Non-reentrant checkpoint whose saved input (args[0], the hidden state) waits in CPU memory until backward."""
+    storage = args[0].untyped_storage().data_ptr()
+
+    def pack(tensor):
+        # The checkpoint saves its inputs through these hooks; what the layer saves inside goes to the
+        # checkpoint's own hooks (and is recomputed). Move only the hidden state.
+        if tensor.untyped_storage().data_ptr() == storage:
+            return _to_cpu(tensor)
+        return tensor
+
+    def unpack(packed):
+        return _to_device(packed) if isinstance(packed, tuple) else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return checkpoint(function, *args, use_reentrant=False)
+
+
+def _mlp_in_slices(mlp, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    forward = type(mlp).forward
+    if x.shape[:-1].numel() <= chunk_size:
+        return forward(mlp, x)
+    flat = x.reshape(-1, x.shape[-1])
+    slices = []
+    for start in range(0, flat.shape[0], chunk_size):
+        piece = flat[start:start + chunk_size]
+        slices.append(checkpoint(forward, mlp, piece, use_reentrant=False) if torch.is_grad_enabled()
+                      else forward(mlp, piece))
+    return torch.cat(slices).view(*x.shape[:-1], -1)
+
+
+def _training_forward(layer, *args, inner, checkpoint_fn, **kwargs):
+    plain = type(layer).forward  # with layer.gradient_checkpointing False, transformers' own forward, no checkpoint
+    if not (layer.training and torch.is_grad_enabled()):
+        return plain(layer, *args, **kwargs)
+    if checkpoint_fn is None or not args:
+        return inner(layer, *args, **kwargs)
+    return checkpoint_fn(functools.partial(inner, layer, **kwargs), *args)
+
+
+def run_decoder_layers(layers, *, compile: bool = False, offload: bool = False,
+                       mlp_chunk_size: int | None = None) -> dict:
+    """Set how each decoder layer of `layers` runs in training (see the module docstring); returns a report."""
+    report, compiled = {}, {}
+    n_ckpt = n_mlp = 0
+    for layer in layers:
+        cls_forward = type(layer).forward
+        inner = cls_forward
+        if compile:
+            # One compiled function per layer class: the layers share the compiled code (a 7B layer compiles in
+            # ~12 s once). dynamic=None: static shapes first, dynamic after a shape changes.
+            inner = compiled.setdefault(cls_forward, torch.compile(cls_forward))
+        checkpoint_fn = None
+        # Called again (a benchmark switching levers), a layer we checkpoint already has the flag off.
+        if getattr(layer, "gradient_checkpointing", False) or getattr(layer, "_tunelab_checkpointed", False):
+            layer.gradient_checkpointing = False  # transformers' own checkpoint off: ours wraps the compiled code
+            layer._tunelab_checkpointed = True
+            checkpoint_fn = offloaded_checkpoint if offload else plain_checkpoint
+            n_ckpt += 1
+        layer.forward = types.MethodType(
+            functools.partial(_training_forward, inner=inner, checkpoint_fn=checkpoint_fn), layer)
+        mlp = getattr(layer, "mlp", None)
+        if mlp_chunk_size and isinstance(mlp, torch.nn.Module):
+            # Outside torch.compile: dynamo would trace the slices into one graph and keep them all alive.
+            sliced = torch.compiler.disable(functools.partial(_mlp_in_slices, chunk_size=mlp_chunk_size))
+            mlp.forward = types.MethodType(sliced, mlp)
+            n_mlp += 1
+    report["checkpointing"] = f"{n_ckpt} layers" + (", inputs offloaded to CPU memory" if offload and n_ckpt else "")
+    report["compile"] = f"{len(layers)} decoder layers" if compile else "off"
+    report["mlp_slices"] = f"{n_mlp} layers, {mlp_chunk_size} tokens a slice" if n_mlp else "off"
+    return report

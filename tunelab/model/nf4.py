@@ -1,0 +1,145 @@
+"""bitsandbytes 4-bit (NF4 / FP4) dequantisation in plain PyTorch, so torch.compile can fuse it.
+
+bitsandbytes' `dequantize_4bit` is a Python function around custom ops: with double quantisation (QLoRA's
+`compress_statistics`) it first dequantises the 8-bit absmax in one kernel, adds the offset in another, then
+dequantises the 4-bit weight in a third, and torch.compile cannot see into any of them. Here the same arithmetic is
+written with ordinary tensor ops (shift and mask the bytes, index the codebook, multiply by the block's scale), so
+inductor generates one kernel for the whole thing, and can fuse the cast to the compute dtype into it.
+
+The numbers are bitsandbytes' own, bit for bit (tests/test_fast_nf4.py checks it against
+`bitsandbytes.functional.dequantize_4bit` in fp32, bf16 and fp16): every product is taken in fp32, in the order
+bitsandbytes takes it, and cast once at the end. Compiled for a GPU, Triton contracts the nested absmax's
+`code2 * absmax2 + offset` into one fused multiply-add, which can move that scale by one fp32 ulp (then an fp32 or,
+rarely, an fp16 element by one ulp); inductor's `emulate_precision_casts=True` turns the contraction off.
+
+Use it under torch.compile: run eagerly it is a handful of separate kernels with int64 intermediates, several
+times slower than bitsandbytes' CUDA kernel.
+
+The storage format, as bitsandbytes 0.4x-0.50 writes it (functional.quantize_4bit, backends/default/ops.py):
+  * the weight of shape `quant_state.shape` is flattened (row-major) and cut into blocks of `blocksize`
+    elements; the last block may be short (bitsandbytes does not pad the data, only gives that block its own scale);
+  * two elements per byte, the first in the high nibble; an odd element count leaves the last low nibble unused;
+  * element = code[nibble] * absmax[block], in fp32, cast to `quant_state.dtype`;
+  * nested (double quant): absmax is uint8 with its own blockwise state (`state2`: 256-entry `code`, fp32 `absmax`,
+    blocksize 256) and a scalar `offset`: absmax = state2.code[absmax_u8] * state2.absmax[block] + offset, fp32.
+
+`nf4_linear_forward` is a drop-in forward for `bitsandbytes.nn.Linear4bit` built on it. It hands F.linear a plain
+tensor, so autograd saves the dequantised weight for backward instead of dequantising again there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1), already in [-1, 1]. Only used when a
+# QuantState carries no codebook of its own.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values[i] * scales[i // blocksize] for a flat fp32 `values` whose last block may be short.
+
+    The short block is padded up to a full block and the padding dropped after: one reshape and one broadcast
+    multiply, which compiles to a single loop (no concatenation of a "full blocks" and a "remainder" part).
+    """
+    n = values.numel()
+    n_blocks = scales.numel()
+    padded = F.pad(values, (0, n_blocks * blocksize - n))
+    return (padded.view(n_blocks, blocksize) * scales.view(n_blocks, 1)).view(-1)[:n]
+
+
+def absmax_fp32(quant_state) -> torch.Tensor:
+    """The per-block scales of a 4-bit weight, as bitsandbytes' dequantize_4bit computes them (fp32, flat)."""
+    if not quant_state.nested:
+        return quant_state.absmax.float().view(-1)
+    state2 = quant_state.state2
+    # dequantize_blockwise(absmax, state2) then `absmax += offset`: product in fp32, then the add.
+    code2 = state2.code.to(quant_state.absmax.device)
+    scaled = _scale_blocks(code2[quant_state.absmax.view(-1).long()], state2.absmax.float(), state2.blocksize)
+    return (scaled + quant_state.offset).float()
+
+
+def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """The weight a bitsandbytes `Params4bit` holds, shape `quant_state.shape`, dtype `quant_state.dtype`.
+
+    packed: the Params4bit data (uint8 [ceil(n / 2), 1]; another `quant_storage` dtype is viewed as bytes).
+    quant_state: its bitsandbytes QuantState, nf4 or fp4 (they differ only in `quant_state.code`), nested or not.
+    Equal to `bitsandbytes.functional.dequantize_4bit(packed, quant_state)`.
+    """
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "this 4-bit weight was repacked by bitsandbytes for its CPU inference kernel (a Linear4bit forward in "
+            "eval mode under no_grad on an AVX512-BF16 CPU); undo it with "
+            "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse first, as nf4_linear_forward does"
+        )
+    if quant_state.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_state.quant_type!r}")
+    data = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+    data = data.reshape(-1)
+    n = math.prod(quant_state.shape)
+    blocksize = quant_state.blocksize
+    absmax = absmax_fp32(quant_state)
+    n_blocks = absmax.numel()
+
+    code = quant_state.code
+    if code is None:
+        if quant_state.quant_type != "nf4":
+            raise ValueError("quant_state.code is missing and only the nf4 codebook is built in")
+        code = torch.tensor(NF4_CODE)
+    code = code.to(device=data.device, dtype=torch.float32)
+
+    # Work in [block, byte in block, nibble] so each block's scale broadcasts: compiled, that is a plain strided
+    # loop (about 2.6 TB/s on an H100, faster than bitsandbytes' own kernel), where flat indexing with
+    # `i // blocksize` ran at 1.5 TB/s. A short last block is padded with zero bytes, dropped after.
+    pad_bytes = n_blocks * blocksize // 2 - data.numel()
+    if pad_bytes:
+        data = F.pad(data, (0, pad_bytes))
+    # First element in the high nibble, second in the low one. A broadcast shift rather than a stack of the two
+    # halves: inductor keeps it in the same loop as the rest instead of writing the stacked indices out first.
+    # (arange, not torch.tensor([4, 0]): building a tensor from a list on a GPU is a blocking host-to-device copy.)
+    shifts = 4 - 4 * torch.arange(2, dtype=torch.uint8, device=data.device)
+    nibbles = (data.view(n_blocks, blocksize // 2, 1) >> shifts) & 0x0F
+    weight = (code[nibbles.long()] * absmax.view(n_blocks, 1, 1)).view(-1)
+    if weight.numel() != n:
+        weight = weight[:n]
+    return weight.view(quant_state.shape).to(quant_state.dtype)
+
+
+def nf4_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Forward for a `bitsandbytes.nn.Linear4bit`: patch with `layer.forward = types.MethodType(nf4_linear_forward,
+    layer)`. peft's LoRA layers call `base_layer(x)`, so patching the base layer is enough for them too.
+
+    Same dtype handling as Linear4bit.forward: x is cast to the layer's compute dtype (taken from the first input
+    when none was set), the matmul runs in it with the bias cast to it, the result goes back to x's dtype.
+    """
+    weight = self.weight
+    quant_state = getattr(weight, "quant_state", None) or getattr(self, "quant_state", None)
+    if quant_state is None:
+        raise ValueError("this Linear4bit has no quant_state: move it to a device (`.to(...)`) to quantise it first")
+    packed = weight.data
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacked it for its CPU inference kernel; put it back the way bitsandbytes itself does before
+        # saving or moving to a GPU (Linear4bit._save_to_state_dict, Params4bit.cuda).
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        packed, quant_state = _convert_weight_packed_for_cpu_inverse(packed, quant_state)
+        weight.data, weight.quant_state = packed, quant_state
+
+    if not getattr(self, "compute_type_is_set", True):
+        self.set_compute_type(x)
+        self.compute_type_is_set = True
+    input_dtype = x.dtype
+    if getattr(self, "compute_dtype", None) is not None:
+        x = x.to(self.compute_dtype)
+
+    w = dequantize_nf4(packed, quant_state).to(x.dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return F.linear(x, w, bias).to(input_dtype)
