@@ -97,3 +97,24 @@ def test_long_context_levers_lower_the_estimate_by_what_they_free():
     short = dict(base, max_length=4096)
     assert estimate_memory(TrainConfig(**short, mlp_chunk_size=8192)).total == \
         estimate_memory(TrainConfig(**short, mlp_chunk_size=None)).total  # no slices below the slice size
+
+
+def test_offloading_more_than_the_cpu_memory_stops_before_loading(monkeypatch):
+    import types
+
+    import torch
+
+    from tunelab.model import memory
+    from tunelab.train.progress import check_memory_fits
+
+    card = types.SimpleNamespace(total_memory=80 * GIB, name="a pretend 80 GiB GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    cfg = TrainConfig(pretrained_model_name_or_path="meta-llama/Llama-3.1-8B-Instruct", method="qlora",
+                      max_length=131072, offload_activations=True)
+    assert "CPU memory (offloaded inputs)" in plan_report(cfg)
+    assert estimate_memory(cfg).cpu_offload_bytes == 32 * 131072 * 4096 * 2  # 32 GiB
+    monkeypatch.setattr(memory, "available_cpu_memory", lambda: 16 * GIB)
+    with pytest.raises(TunelabError, match=r"offload_activations = True would keep 32.0 GiB .* 16.0 GiB available"):
+        check_memory_fits(cfg, torch.device("cuda"), log=lambda *a: None)
+    monkeypatch.setattr(memory, "available_cpu_memory", lambda: 100 * GIB)
+    check_memory_fits(cfg, torch.device("cuda"), log=lambda *a: None)  # fits in both memories: no error

@@ -5,7 +5,8 @@ switch (TrainConfig, "speed" section) and each one keeps the maths of the plain 
 scripts/gpu_check.py (and tests/test_fast_*.py on CPU) checks that loss and adapter gradients match.
 
 Levers (measured in BENCHMARKS.md, see docs/SPEED.md for what paid and what did not):
-  * use_varlen_attention: flash varlen attention over packed rows (tunelab.model.attention), GPU only.
+  * use_varlen_attention: flash varlen attention over packed rows (tunelab.model.attention), GPU only; with
+    cudnn_attention, rows that hold one whole sample use cuDNN's kernel instead.
   * frozen weights kept in the compute dtype: peft's prepare_model_for_kbit_training upcasts every
     non-quantised weight (embeddings, lm_head, norms) to fp32; frozen ones gain nothing from it and cost
     memory and fp32 matmuls, so they go back to bf16/fp16. Always on with a GPU.

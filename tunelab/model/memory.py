@@ -108,6 +108,7 @@ class MemoryEstimate:
     device_bytes: int | None = None
     device_name: str | None = None
     suggestions: list = field(default_factory=list)
+    cpu_offload_bytes: int = 0  # CPU memory the offloaded layer inputs take (offload_activations)
 
     @property
     def fits(self) -> bool | None:
@@ -222,6 +223,8 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     total = int(sum(parts.values()))
     with_overhead = int(total * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES)
     est = MemoryEstimate(parts=parts, total=total, with_overhead=with_overhead)
+    if checkpointing and cfg.offload_activations:
+        est.cpu_offload_bytes = layers * tokens * h * 2
     if device is not None and getattr(device, "type", str(device)) == "cuda":
         import torch
 
@@ -264,9 +267,23 @@ def plan_report(cfg, device=None) -> str:
         lines.append(f"  {name:<30} {value / GIB:8.2f} GiB")
     lines.append(f"  {'peak allocated (estimate)':<30} {est.total / GIB:8.2f} GiB")
     lines.append(f"  {'with CUDA context and slack':<30} {est.with_overhead / GIB:8.2f} GiB")
+    if est.cpu_offload_bytes:
+        lines.append(f"  {'CPU memory (offloaded inputs)':<30} {est.cpu_offload_bytes / GIB:8.2f} GiB")
     if est.device_bytes is not None:
         verdict = "fits" if est.fits else "does NOT fit"
         lines.append(f"  {est.device_name}: {est.device_bytes / GIB:.1f} GiB -> {verdict}")
     for s in est.suggestions:
         lines.append(f"  try: {s}")
     return "\n".join(lines)
+
+
+def available_cpu_memory() -> int | None:
+    """Bytes of CPU memory available now (MemAvailable of /proc/meminfo), None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

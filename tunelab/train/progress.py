@@ -206,7 +206,7 @@ def check_memory_fits(cfg, device: torch.device, log=print) -> None:
     if device.type != "cuda":
         return
     try:
-        from tunelab.model.memory import estimate_memory, plan_report
+        from tunelab.model.memory import available_cpu_memory, estimate_memory, plan_report
     except ImportError:
         return
     try:
@@ -214,6 +214,12 @@ def check_memory_fits(cfg, device: torch.device, log=print) -> None:
     except TunelabError as exc:  # e.g. a hub model whose shape is unknown before download
         log(f"memory plan skipped: {exc}")
         return
+    cpu_free = available_cpu_memory()
+    if estimate.cpu_offload_bytes and cpu_free is not None and estimate.cpu_offload_bytes > 0.9 * cpu_free:
+        raise TunelabError(
+            f"offload_activations = True would keep {estimate.cpu_offload_bytes / 2**30:.1f} GiB of layer inputs in "
+            f"CPU memory, and this machine has {cpu_free / 2**30:.1f} GiB available. Lower max_length (or "
+            "batch_size), free CPU memory, or set offload_activations = False if the GPU can hold them.")
     if estimate.fits is False:
         raise TunelabError("this run does not fit in GPU memory (estimate below). Change the settings marked "
                            "'try:' in the config or with --cfg-options, then run again.\n" + plan_report(cfg, device))
