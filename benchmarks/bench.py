@@ -7,7 +7,8 @@ Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N 
 chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise once a pass), amp=0/1 (bf16 autocast),
 lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), opt8=1 (bitsandbytes'
 8-bit AdamW), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA
-dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of one sample), prof=1 (profile one
+dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of one sample), master=0
+(full fine-tuning in bf16 weights, as in rounds 1-2), prof=1 (profile one
 more step: kernel count, GPU busy vs wall time, top kernels and CPU ops; tables to $OUT). Every run is its own
 subprocess, so peaks do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once and times each variant
 (options as above, applied in order; compile=1 stays on once set), our side only, rows to $OUT/sweep_CASE.json.
@@ -39,7 +40,7 @@ def parse_case(text: str) -> dict:
     shape, method, seq, *rank = head.split(":")
     case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64,
                 ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10,
-                opt8=0, mlp=8192, nf4=1, cudnn=1)
+                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1)
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
         case[key] = int(value)
@@ -69,6 +70,7 @@ def train_config(case: dict, path: str):
     cfg.lean_lora = bool(case["lean"])
     cfg.qlora_fused_dequant = bool(case["nf4"])
     cfg.cudnn_attention = bool(case["cudnn"])
+    cfg.fp32_master_weights = bool(case["master"])
     return cfg
 
 
@@ -78,7 +80,7 @@ def _load(case: dict, baseline_path: str):
 
     from tunelab.model.fast import apply_fast_path
     from tunelab.model.load import load_model_for_training
-    from tunelab.train.optim import build_optimizer
+    from tunelab.train.optim import build_optimizer, choose_precision
 
     baseline = load_baseline(baseline_path)
     path = f"/tmp/m_{case['shape']}"
@@ -91,6 +93,7 @@ def _load(case: dict, baseline_path: str):
     if not hasattr(model, "_tunelab_fast_path"):  # until the loader calls it itself
         model._tunelab_fast_path = apply_fast_path(model, cfg, device)
     model.train()
+    choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`
     return model, build_optimizer(model, cfg, device), cfg, baseline.SHAPES[case["shape"]]["vocab_size"], path
 
 

@@ -95,6 +95,11 @@ class TrainConfig:
     """Learning-rate shape after warm-up."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     """AdamW (fused on GPU), or bitsandbytes' 8-bit / paged 8-bit AdamW."""
+    fp32_master_weights: bool = True
+    """Trained weights in fp32 on a GPU, computed in bf16/fp16 under autocast (what matters: full fine-tuning; LoRA
+    adapters are fp32 anyway). A bf16 weight rounds away updates below ~1/256 of itself, which lr 2e-5 updates
+    mostly are. Full fine-tuning checkpoints are then fp32 (exact resume; `convert pth_to_hf` writes bf16).
+    False: bf16 weights and AdamW states, 8 bytes a parameter less."""
     gradient_checkpointing: Optional[bool] = None
     """None: on for lora/qlora, off for full."""
     seed: int = 0

@@ -181,10 +181,14 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     per_param = {4: NF4_BYTES_PER_PARAM, 8: 1.0 + 4 / 64}.get(bits, 2.0)
     parts["frozen/base weights"] = int(linear * per_param + other * 2)
     adam_bytes = 2 if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
-    if cfg.method == "full":
+    if cfg.method == "full" and cfg.fp32_master_weights:
+        trainable = shape.total_params()
+        parts["frozen/base weights"] = trainable * 4  # fp32 master weights, computed in bf16 under autocast
+        grads, grads_name = trainable * 4, "gradients at the peak"
+    elif cfg.method == "full":
         trainable = shape.total_params()
         grads, grads_name = trainable * 2, "gradients at the peak"
-        adam_bytes //= 2  # full fine-tuning keeps weights, and so AdamW states, in bf16
+        adam_bytes //= 2  # bf16 weights, and so bf16 AdamW states
     else:
         trainable = _lora_params(shape, cfg)
         parts["LoRA params (fp32)"] = trainable * 4
@@ -241,6 +245,9 @@ def _suggestions(cfg, est: MemoryEstimate, checkpointing: bool) -> list[str]:
     if not checkpointing:
         out.append("gradient_checkpointing = True  (keeps one tensor per layer instead of all activations)")
     if cfg.method == "full":
+        if cfg.fp32_master_weights:
+            out.append("fp32_master_weights = False  (bf16 weights: 8 bytes a parameter less; small updates may "
+                       "round away)")
         out.append("method = 'qlora'  (4-bit frozen base + small adapters)")
     elif cfg.method == "lora":
         out.append("method = 'qlora'  (4-bit frozen base: about a quarter of the weight memory)")

@@ -96,7 +96,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         log(f"--resume {resume}: no complete checkpoint in {work_dir} yet, starting from step 0")
     if last is not None:
         ckpt.load_model_weights(model, last)  # before any wrapper shards the weights
-    precision = choose_precision(model, resolve_dtype(cfg.dtype, env.device), env.device)
+    precision = choose_precision(model, resolve_dtype(cfg.dtype, env.device), env.device,
+                                 fp32_master_weights=cfg.fp32_master_weights)
     optimizer = build_optimizer(model, cfg, env.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer

@@ -92,18 +92,22 @@ class Precision:
         return self.scaler.scale(loss) if self.scaler else loss
 
 
-def choose_precision(model, compute_dtype: torch.dtype, device: torch.device) -> Precision:
+def choose_precision(model, compute_dtype: torch.dtype, device: torch.device, *,
+                     fp32_master_weights: bool = True) -> Precision:
     """bf16 → autocast; fp16 → autocast with a GradScaler (fp16 gradients underflow otherwise); fp32 → neither.
 
-    With fp16, trainable weights stored in fp16 are moved to fp32 ("master weights"): the scaler cannot unscale
-    fp16 gradients, and small updates would vanish in fp16 weights. Autocast still computes in fp16.
+    Trainable weights stored in bf16/fp16 are moved to fp32 ("master weights", as in mixed-precision training):
+    a 16-bit weight rounds away updates smaller than ~1/256 (bf16) of itself, and the scaler cannot unscale fp16
+    gradients. Autocast still computes in the 16-bit dtype. With bf16, `fp32_master_weights=False` keeps them in
+    bf16 to save memory (fp16 always needs fp32 ones).
     """
     if device.type != "cuda" or compute_dtype == torch.float32:
         return Precision(None, None)
-    if compute_dtype == torch.float16:
+    if compute_dtype == torch.float16 or fp32_master_weights:
         for param in model.parameters():
-            if param.requires_grad and param.dtype == torch.float16:
+            if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
+    if compute_dtype == torch.float16:
         return Precision(torch.float16, torch.amp.GradScaler("cuda"))
     return Precision(compute_dtype, None)
 
