@@ -83,3 +83,14 @@ def test_train_help_has_examples(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "example:" in text and "--resume auto" in text and "--cfg-options" in text
+
+
+@pytest.mark.parametrize("preset", [None, "max_split_size_mb:256"])
+def test_train_asks_for_expandable_segments_unless_the_user_chose(config_file, monkeypatch, preset):
+    import os
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset or "")  # monkeypatch restores the original afterwards
+    if preset is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    main(["train", str(config_file), "--device", "cpu", "--cfg-options", "learning_rate=1e-4"])  # stops at the config
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (preset or "expandable_segments:True")

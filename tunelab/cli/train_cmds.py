@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -91,9 +92,15 @@ def _argv(args) -> list[str]:
     return argv
 
 
+# Segments that grow instead of fixed blocks: a long step no longer fails on fragmented GPU memory (the long-context
+# figures of BENCHMARKS.md were measured with it). Read when CUDA first allocates; torchrun's workers inherit it.
+ALLOC_CONF = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def run_train(args) -> int:
     from tunelab.train.launch import maybe_relaunch
 
+    os.environ.setdefault(*ALLOC_CONF)  # the user's own setting wins
     code = maybe_relaunch(_argv(args), args.nproc_per_node)
     if code is not None:  # this process launched torchrun, which ran the training
         return code
