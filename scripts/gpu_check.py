@@ -14,6 +14,7 @@ Usage: python scripts/gpu_check.py   (exit code 0 = all passed)
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 
@@ -40,7 +41,7 @@ def check(name, ok, detail):
 def packed_batch(vocab, device):
     """Two rows of 512 tokens: several samples each, first token of each sample untrained, some prompts untrained."""
     torch.manual_seed(1)
-    rows, lengths = [], [[100, 200, 212], [37, 475]]
+    lengths = [[100, 200, 212], [37, 475]]
     ids = torch.randint(3, vocab, (2, 512))
     pos = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
     labels = ids.clone()
@@ -61,7 +62,14 @@ def kernel_check(device):
     check("varlen kernel vs fp64 per-sample sdpa (GQA 8/2)", err < 1e-2, f"rel err {err:.2e}")
 
 
-def grads_and_loss(cfg, model_dir, device, fast, dtype):
+def long_row(vocab, device, tokens=4096):
+    """One row that is one whole sample (the long-context case: cuDNN attention, offload, MLP slices)."""
+    torch.manual_seed(3)
+    ids = torch.randint(3, vocab, (1, tokens), device=device)
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(tokens, device=device)[None]}
+
+
+def grads_and_loss(cfg, model_dir, device, fast, dtype, batch_fn=packed_batch):
     torch.manual_seed(0)
     cfg.dtype = dtype
     model = load_model_for_training(cfg, device)
@@ -72,7 +80,7 @@ def grads_and_loss(cfg, model_dir, device, fast, dtype):
         if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero: start both random
             p.data.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
     model.train()
-    batch = packed_batch(model.config.vocab_size, device)
+    batch = batch_fn(model.config.vocab_size, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16")
     with amp:
         loss_sum, n = causal_lm_loss(model, batch, chunk_size=128 if fast else 4096, chunked=fast)
@@ -108,6 +116,32 @@ def path_check(method, model_dir, device):
           f"{fast_to_ref:.2e} vs {plain_to_ref:.2e}")
 
 
+def long_context_check(method, model_dir, device):
+    """Offloaded layer inputs (pinned and plain copies), MLP slices and cuDNN attention against the fast path
+    without them, on one 4096-token row."""
+    from tunelab.model import layers
+
+    cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
+                      lora_dropout=0.0, gradient_checkpointing=True, max_length=4096, use_compile=False,
+                      cudnn_attention=False, mlp_chunk_size=None)
+    base_loss, base_g = grads_and_loss(cfg, model_dir, device, fast=True, dtype="bf16", batch_fn=long_row)
+    variants = [("offload (pinned copies)", dict(offload_activations=True), 10**12),
+                ("offload (plain copies)", dict(offload_activations=True), 0),
+                ("MLP slices of 1024", dict(mlp_chunk_size=1024), 10**12),
+                ("cuDNN attention + offload + slices",
+                 dict(cudnn_attention=True, offload_activations=True, mlp_chunk_size=1024), 10**12)]
+    pinned_max = layers.PINNED_MAX_BYTES
+    for name, settings, pinned in variants:
+        layers.PINNED_MAX_BYTES = pinned
+        loss, g = grads_and_loss(dataclasses.replace(cfg, **settings), model_dir, device, fast=True, dtype="bf16",
+                                 batch_fn=long_row)
+        rel = abs(loss - base_loss) / abs(base_loss)
+        g_err = ((g - base_g).norm() / base_g.norm()).item()
+        check(f"{method}: {name} vs without", rel <= 1e-2 and g_err <= 5e-2,
+              f"loss {loss:.5f} vs {base_loss:.5f}, grads rel {g_err:.2e}")
+    layers.PINNED_MAX_BYTES = pinned_max
+
+
 def main() -> int:
     device = torch.device("cuda")
     print(torch.__version__, torch.cuda.get_device_name(0))
@@ -124,6 +158,7 @@ def main() -> int:
             print("bitsandbytes missing: qlora not checked")
         for method in methods:
             path_check(method, model_dir, device)
+            long_context_check(method, model_dir, device)
     print("ALL PASSED" if not FAILED else f"FAILED: {FAILED}")
     return 1 if FAILED else 0
 
