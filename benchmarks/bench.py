@@ -78,7 +78,6 @@ def _load(case: dict, baseline_path: str):
     """(model, optimizer, cfg, vocab, path) for a case, loaded the way `tunelab train` loads it."""
     import torch
 
-    from tunelab.model.fast import apply_fast_path
     from tunelab.model.load import load_model_for_training
     from tunelab.train.optim import build_optimizer, choose_precision
 
@@ -90,8 +89,6 @@ def _load(case: dict, baseline_path: str):
         torch.cuda.set_per_process_memory_fraction(case["mem_gb"] * 1e9 / torch.cuda.get_device_properties(0).total_memory)
     cfg = train_config(case, path)
     model = load_model_for_training(cfg, device)
-    if not hasattr(model, "_tunelab_fast_path"):  # until the loader calls it itself
-        model._tunelab_fast_path = apply_fast_path(model, cfg, device)
     model.train()
     choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`
     return model, build_optimizer(model, cfg, device), cfg, baseline.SHAPES[case["shape"]]["vocab_size"], path

@@ -163,6 +163,10 @@ class TrainConfig:
             return self.gradient_checkpointing
         return self.method in ("lora", "qlora")
 
+    def resolved_mlp_chunk_size(self) -> Optional[int]:
+        """The MLP slice in use: mlp_chunk_size when max_length is longer than it, else None (no slices)."""
+        return self.mlp_chunk_size if self.mlp_chunk_size and self.max_length > self.mlp_chunk_size else None
+
 
 def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]

@@ -167,8 +167,8 @@ def apply_fast_path(model, cfg, device) -> dict:
     if on_gpu and cfg.lean_lora:
         report["lean_lora"] = f"{use_lean_lora(model)} LoRA linears"
     report["chunked_loss"] = f"on, {cfg.loss_chunk_size} rows a chunk" if cfg.use_chunked_loss else "off"
-    mlp_chunk = cfg.mlp_chunk_size if cfg.mlp_chunk_size and cfg.max_length > cfg.mlp_chunk_size else None
     report.update(run_decoder_layers(_decoder_layers(model) or [], compile=cfg.use_compile and on_gpu,
-                                     offload=cfg.offload_activations and on_gpu, mlp_chunk_size=mlp_chunk))
+                                     offload=cfg.offload_activations and on_gpu,
+                                     mlp_chunk_size=cfg.resolved_mlp_chunk_size()))
     log.info("fast path: %s", report)
     return report

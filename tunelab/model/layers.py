@@ -90,9 +90,9 @@ def _mlp_in_slices(mlp, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 
 def _training_forward(layer, *args, inner, checkpoint_fn, **kwargs):
-    plain = type(layer).forward  # with layer.gradient_checkpointing False, transformers' own forward, no checkpoint
     if not (layer.training and torch.is_grad_enabled()):
-        return plain(layer, *args, **kwargs)
+        # With layer.gradient_checkpointing False, transformers' own forward: no checkpoint, not compiled.
+        return type(layer).forward(layer, *args, **kwargs)
     if checkpoint_fn is None or not args:
         return inner(layer, *args, **kwargs)
     return checkpoint_fn(functools.partial(inner, layer, **kwargs), *args)

@@ -181,14 +181,14 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     per_param = {4: NF4_BYTES_PER_PARAM, 8: 1.0 + 4 / 64}.get(bits, 2.0)
     parts["frozen/base weights"] = int(linear * per_param + other * 2)
     adam_bytes = 2 if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
-    if cfg.method == "full" and cfg.fp32_master_weights:
+    if cfg.method == "full":
         trainable = shape.total_params()
-        parts["frozen/base weights"] = trainable * 4  # fp32 master weights, computed in bf16 under autocast
-        grads, grads_name = trainable * 4, "gradients at the peak"
-    elif cfg.method == "full":
-        trainable = shape.total_params()
-        grads, grads_name = trainable * 2, "gradients at the peak"
-        adam_bytes //= 2  # bf16 weights, and so bf16 AdamW states
+        if cfg.fp32_master_weights:  # fp32 weights, gradients and states, computed in bf16 under autocast
+            parts["frozen/base weights"] = trainable * 4
+            grads, grads_name = trainable * 4, "gradients at the peak"
+        else:  # bf16 weights, and so bf16 gradients and AdamW states
+            grads, grads_name = trainable * 2, "gradients at the peak"
+            adam_bytes //= 2
     else:
         trainable = _lora_params(shape, cfg)
         parts["LoRA params (fp32)"] = trainable * 4
@@ -197,8 +197,7 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
 
     a_h, a_i = ACT_PER_TOKEN[cfg.method]
     # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
-    sliced = cfg.mlp_chunk_size and cfg.max_length > cfg.mlp_chunk_size
-    layer_act = tokens * a_h * h + min(tokens, cfg.mlp_chunk_size if sliced else tokens) * a_i * inter
+    layer_act = tokens * a_h * h + min(tokens, cfg.resolved_mlp_chunk_size() or tokens) * a_i * inter
     if cfg.use_compile:
         layer_act *= COMPILED_ACT_FACTOR[checkpointing]
     if cfg.use_chunked_loss:
@@ -228,7 +227,7 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     with_overhead = int(total * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES)
     est = MemoryEstimate(parts=parts, total=total, with_overhead=with_overhead)
     if checkpointing and cfg.offload_activations:
-        est.cpu_offload_bytes = layers * tokens * h * 2
+        est.cpu_offload_bytes = layers * tokens * h * 2  # every layer's input passes through CPU memory
     if device is not None and getattr(device, "type", str(device)) == "cuda":
         import torch
 
