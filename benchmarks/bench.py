@@ -8,7 +8,8 @@ chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise once a pass), am
 lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), opt8=1 (bitsandbytes'
 8-bit AdamW), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA
 dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of one sample), master=0
-(full fine-tuning in bf16 weights, as in rounds 1-2), prof=1 (profile one
+(full fine-tuning in bf16 weights, as in rounds 1-2), cin=0 (checkpoint around the compiled layer, as in round 3,
+instead of inside it), cg=1 (CUDA graphs), vary=1 (packed rows that change shape from step to step), cppw=1 (inductor's C++ wrapper), prof=1 (profile one
 more step: kernel count, GPU busy vs wall time, top kernels and CPU ops; tables to $OUT). Every run is its own
 subprocess, so peaks do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once and times each variant
 (options as above, applied in order; compile=1 stays on once set), our side only, rows to $OUT/sweep_CASE.json.
@@ -40,7 +41,7 @@ def parse_case(text: str) -> dict:
     shape, method, seq, *rank = head.split(":")
     case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64,
                 ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10,
-                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1)
+                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, cppw=0, vary=0)
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
         case[key] = int(value)
@@ -71,6 +72,7 @@ def train_config(case: dict, path: str):
     cfg.qlora_fused_dequant = bool(case["nf4"])
     cfg.cudnn_attention = bool(case["cudnn"])
     cfg.fp32_master_weights = bool(case["master"])
+    cfg.cuda_graphs = bool(case["cg"])
     return cfg
 
 
@@ -81,6 +83,13 @@ def _load(case: dict, baseline_path: str):
     from tunelab.model.load import load_model_for_training
     from tunelab.train.optim import build_optimizer, choose_precision
 
+    from tunelab.model import layers
+
+    layers.CHECKPOINT_INSIDE_COMPILE = bool(case["cin"])
+    if case["cppw"]:
+        import torch._inductor.config
+
+        torch._inductor.config.cpp_wrapper = True  # the compiled code launches its kernels from C++, not Python
     baseline = load_baseline(baseline_path)
     path = f"/tmp/m_{case['shape']}"
     baseline.build(case["shape"], path)
@@ -100,8 +109,22 @@ def _step(model, optimizer, cfg, case, vocab):
     from tunelab.model.loss import causal_lm_loss
 
     bs, seq = case["bs"], case["seq"]
+    if cfg.cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
     x = torch.randint(0, vocab, (bs, seq), device="cuda")
-    batch = {"input_ids": x, "labels": x, "position_ids": torch.arange(seq, device="cuda").repeat(bs, 1)}
+    positions = torch.arange(seq, device="cuda").repeat(bs, 1)
+    if case.get("vary"):
+        # Packed rows as `tunelab train` gives them with CUDA graphs: 1-16 samples a row, 0-127 tokens short of
+        # seq, the width padded up to a multiple of 64 (the padding its own segment). Rows of one batch share the
+        # cuts. tok/s still counts bs x seq tokens a step (the width averages ~2% less).
+        import random
+
+        used = seq - random.randrange(128)
+        width = -(-used // 64) * 64
+        cuts = sorted(random.sample(range(1, used), random.randrange(16))) + [used]
+        row = torch.cat([torch.arange(end - start) for start, end in zip([0] + cuts, cuts)] + [torch.arange(width - used)])
+        x, positions = x[:, :width], row.to("cuda").repeat(bs, 1)
+    batch = {"input_ids": x, "labels": x, "position_ids": positions}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(case["amp"])):
         loss_sum, n_tokens = causal_lm_loss(model, batch, chunk_size=cfg.loss_chunk_size, chunked=cfg.use_chunked_loss)
     loss = loss_sum / n_tokens
@@ -125,7 +148,7 @@ def time_steps(model, optimizer, cfg, case, vocab, steps=8, warm=3) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     median = sorted(times[warm:])[len(times[warm:]) // 2]
-    return dict(median=median, first_s=round(times[0], 2), loss=round(float(loss), 3),
+    return dict(median=median, mean_s=round(sum(times[warm:]) / steps, 4), first_s=round(times[0], 2), loss=round(float(loss), 3),
                 peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
 
@@ -148,11 +171,12 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
     model, optimizer, cfg, vocab, path = _load(case, baseline_path)
     if not case["lean"]:
         use_lean_lora(model, on=False)
-    timed = time_steps(model, optimizer, cfg, case, vocab, steps, warm)
+    timed = time_steps(model, optimizer, cfg, case, vocab, 24 if case["vary"] else steps, warm)
     if case["prof"]:
         timed["profile"] = profile_step(model, optimizer, cfg, case, vocab, timed["median"])
     tok_s = case["bs"] * case["seq"] / timed["median"]
-    return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), first_step_s=timed["first_s"],
+    return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), mean_s_per_step=timed["mean_s"],
+                first_step_s=timed["first_s"],
                 peak_alloc_gib=timed["peak_alloc_gib"], peak_reserved_gib=timed["peak_reserved_gib"],
                 mfu=round(tok_s * flops_per_token(cfg, path) / PEAK_FLOPS, 4), ckpt=cfg.resolved_gradient_checkpointing(),
                 plan_gib=round(estimate_memory(cfg).total / 2**30, 2), loss=timed["loss"],
@@ -262,7 +286,7 @@ def fmt(row: dict) -> str:
     ratio = o["tok_s"] / b["tok_s"] if b.get("tok_s") else float("nan")
     mem_ratio = o["peak_alloc_gib"] / b["peak_alloc_gib"] if b.get("peak_alloc_gib") else float("nan")
     plan_err = (o["plan_gib"] - o["peak_alloc_gib"]) / o["peak_alloc_gib"] * 100
-    return (f"| {row['case']} | {b.get('tok_s', '-'):,} | {o['tok_s']:,} | **{ratio:.2f}x** | "
+    return (f"| {row['case']} | {b.get('tok_s', 0):,} | {o['tok_s']:,} | **{ratio:.2f}x** | "
             f"{b.get('peak_alloc_gib', '-')} | {o['peak_alloc_gib']} / {o['peak_reserved_gib']} | {mem_ratio:.2f} | "
             f"{o['mfu'] * 100:.1f}% | {o['plan_gib']} ({plan_err:+.0f}%) | {'on' if o['ckpt'] else 'off'} |")
 

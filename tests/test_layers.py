@@ -71,6 +71,73 @@ def test_layer_modes_keep_loss_and_gradients(tiny_llama_dir, options, monkeypatc
         assert packed == [torch.Size([2, 40, model.config.hidden_size])] * len(decoder_layers)
 
 
+@pytest.mark.parametrize("inside", [True, False], ids=["checkpoint_inside_compile", "checkpoint_around_compile"])
+def test_compiled_layers_keep_loss_and_gradients(tiny_llama_dir, inside, monkeypatch):
+    """Compiled layers, the checkpoint inside the compiled function (AOTAutograd recomputes in its backward graph)
+    or around it, give the plain path's loss and gradients. aot_eager: the same tracing and partitioning as the
+    GPU's inductor, without generating kernels."""
+    compiled = []
+    real_compile = torch.compile
+
+    def aot_eager(fn, **kwargs):
+        compiled.append(kwargs)
+        return real_compile(fn, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    monkeypatch.setattr(layers_mod, "CHECKPOINT_INSIDE_COMPILE", inside)
+    torch._dynamo.reset()
+    model = _lora(tiny_llama_dir)
+    batch = _batch(model.config.vocab_size)
+    decoder_layers = split_model(model)[0].layers
+    report = layers_mod.run_decoder_layers(decoder_layers, compile=True, cuda_graphs=True)
+    assert (f"{len(decoder_layers)} with the checkpoint inside" in report["compile"]) == inside
+    # One compiled function shared by the layers (with the checkpoint inside, a second one held in reserve for the
+    # fallback, compiled only if used); CUDA graphs only where the checkpoint is inside.
+    assert compiled == ([{"mode": "reduce-overhead"}, {}] if inside else [{"mode": None}])
+    assert ("as CUDA graphs" in report["compile"]) == inside
+    got_loss, got = _loss_and_grads(model, batch)
+    want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+    # Offloading needs the checkpoint outside (its hooks run in eager code).
+    report = layers_mod.run_decoder_layers(decoder_layers, compile=True, offload=True)
+    assert "inside" not in report["compile"]
+
+
+def test_a_failed_compile_with_the_checkpoint_inside_falls_back_to_the_checkpoint_around(tiny_llama_dir, monkeypatch,
+                                                                                         caplog):
+    """When inductor cannot compile the checkpoint inside (torch 2.11: dropout with changing shapes), the layer runs
+    with the checkpoint around its compiled forward: same loss and gradients, a warning, no second attempt."""
+    calls = []
+    real_compile = torch.compile
+
+    def compile_(fn, **kwargs):
+        compiled = real_compile(fn, backend="aot_eager")
+        if fn.__name__ == "forward" and fn.__qualname__.startswith("_checkpointed"):
+            def failing(*args, **kw):
+                calls.append(1)
+                raise torch._dynamo.exc.BackendCompilerFailed(None, AssertionError("Node add_1 was invalid"), None)
+            return failing
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    model = _lora(tiny_llama_dir)
+    batch = _batch(model.config.vocab_size)
+    decoder_layers = split_model(model)[0].layers
+    layers_mod.run_decoder_layers(decoder_layers, compile=True)
+    with caplog.at_level("WARNING", logger="tunelab.model.layers"):
+        got_loss, got = _loss_and_grads(model, batch)
+        _loss_and_grads(model, batch)
+    assert len(calls) == 1  # the first layer tried once; the class then goes the other way
+    assert "checkpoint around the compiled forward" in caplog.text
+    want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_mlp_slices_are_used_only_above_the_slice(tiny_llama_dir):
     model = _lora(tiny_llama_dir)
     mlp = split_model(model)[0].layers[0].mlp

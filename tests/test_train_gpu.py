@@ -38,6 +38,19 @@ def test_compiled_fast_path_trains_on_gpu(tiny_llama_dir, rows, tmp_path):
     assert result.losses[8] < result.losses[1], result.losses
 
 
+def test_cuda_graphs_train_like_compiled_layers(tiny_llama_dir, rows, tmp_path):
+    """cuda_graphs: the same curve as compiled layers without graphs, on packed rows whose shapes change from step to
+    step (new graphs are recorded for new shapes), with gradient accumulation across graph replays."""
+    curves = []
+    for graphs in (False, True):
+        cfg = tiny_cfg(tiny_llama_dir, method="lora", dtype="bf16", lr=2e-2, max_steps=8, batch_size=2,
+                       accumulative_counts=2, use_compile=True, cuda_graphs=graphs)
+        curves.append(train(cfg, tmp_path / str(graphs), train_rows=rows, device="cuda").losses)
+    assert curves[1][8] < curves[1][1], curves[1]
+    for step in curves[0]:
+        assert curves[1][step] == pytest.approx(curves[0][step], rel=2e-2), step
+
+
 def test_resume_on_gpu_continues_the_curve(tiny_llama_dir, rows, tmp_path):
     cfg = tiny_cfg(tiny_llama_dir, method="lora", dtype="bf16", lr=2e-2, max_steps=8, batch_size=4, save_steps=4)
     reference = train(cfg, tmp_path / "ref", train_rows=rows, device="cuda").losses

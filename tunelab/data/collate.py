@@ -7,8 +7,10 @@ import torch
 IGNORE_INDEX = -100
 
 
-def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(r["input_ids"]) for r in rows)
+def collate(rows: list[dict], pad_token_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """multiple_of: pad the width up to a multiple of this, so batches come in fewer shapes (CUDA graphs record
+    one graph per shape)."""
+    width = -(-max(len(r["input_ids"]) for r in rows) // multiple_of) * multiple_of
     input_ids, labels, position_ids = [], [], []
     for r in rows:
         pad = width - len(r["input_ids"])

@@ -134,6 +134,20 @@ def use_lean_lora(model, on: bool = True) -> int:
     return count
 
 
+def mark_quant_states_static(model) -> int:
+    """Tell torch.compile that the 4-bit weights' scales and codebooks stay at one address (they are plain tensors,
+    not parameters), so CUDA graphs read them in place instead of copying each one in before every replay."""
+    count = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        for holder in (state, getattr(state, "state2", None)):
+            for tensor in vars(holder).values() if holder is not None else ():
+                if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                    torch._dynamo.mark_static_address(tensor)
+                    count += 1
+    return count
+
+
 def compute_dtype(model) -> torch.dtype:
     config = getattr(model, "config", None)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -167,8 +181,11 @@ def apply_fast_path(model, cfg, device) -> dict:
     if on_gpu and cfg.lean_lora:
         report["lean_lora"] = f"{use_lean_lora(model)} LoRA linears"
     report["chunked_loss"] = f"on, {cfg.loss_chunk_size} rows a chunk" if cfg.use_chunked_loss else "off"
+    if cfg.cuda_graphs and cfg.use_compile and on_gpu:
+        mark_quant_states_static(model)
     report.update(run_decoder_layers(_decoder_layers(model) or [], compile=cfg.use_compile and on_gpu,
                                      offload=cfg.offload_activations and on_gpu,
-                                     mlp_chunk_size=cfg.resolved_mlp_chunk_size()))
+                                     mlp_chunk_size=cfg.resolved_mlp_chunk_size(),
+                                     cuda_graphs=cfg.cuda_graphs and cfg.use_compile and on_gpu))
     log.info("fast path: %s", report)
     return report

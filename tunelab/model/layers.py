@@ -26,15 +26,23 @@ tests/test_layers.py checks loss and gradients of every combination against the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import types
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+log = logging.getLogger(__name__)
+
 # Pinned (page-locked) buffers copy asynchronously, but torch's pinned allocator rounds each block up to a power of
 # two; above this size a checkpoint goes to ordinary memory (a synchronous copy, ~1% of a long layer's compute).
 PINNED_MAX_BYTES = 256 * 2**20
+
+# Compiled layers: the checkpoint inside the compiled code where it can be (benchmarks/bench.py turns it off to
+# compare with the checkpoint around the compiled forward).
+CHECKPOINT_INSIDE_COMPILE = True
 
 
 def _to_cpu(tensor: torch.Tensor):
@@ -89,36 +97,86 @@ def _mlp_in_slices(mlp, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.cat(slices).view(*x.shape[:-1], -1)
 
 
-def _training_forward(layer, *args, inner, checkpoint_fn, **kwargs):
+def _checkpointed(cls_forward):
+    """cls_forward under a non-reentrant checkpoint, as one function that torch.compile traces whole."""
+
+    def forward(layer, *args, **kwargs):
+        return checkpoint(cls_forward, layer, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+@dataclasses.dataclass
+class _Fallback:
+    """The checkpoint around the compiled forward, for when compiling it inside fails (shared by a layer class).
+
+    torch 2.11's partitioner fails ("Node ... was invalid, but is output") on the checkpoint inside compiled code
+    when dropout meets shapes that change between steps (packed rows): dynamo recompiles with dynamic shapes and
+    inductor raises before anything runs. The layer is then run again the round-3 way, which compiles fine, and
+    every later call of that class goes there directly.
+    """
+
+    compiled_forward: object
+    active: bool = False
+
+
+def _training_forward(layer, *args, inner, checkpoint_fn, fallback: _Fallback | None = None, **kwargs):
     if not (layer.training and torch.is_grad_enabled()):
         # With layer.gradient_checkpointing False, transformers' own forward: no checkpoint, not compiled.
         return type(layer).forward(layer, *args, **kwargs)
+    if fallback is not None and args:
+        if not fallback.active:
+            try:
+                return inner(layer, *args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                fallback.active = True
+                log.warning("compiling %s with its checkpoint inside failed (%s); running it with the checkpoint "
+                            "around the compiled forward instead (slower; CUDA graphs off for it). lora_dropout = 0 "
+                            "avoids this on torch 2.11.", type(layer).__name__, str(error).splitlines()[-1][:120])
+        return plain_checkpoint(functools.partial(fallback.compiled_forward, layer, **kwargs), *args)
     if checkpoint_fn is None or not args:
         return inner(layer, *args, **kwargs)
     return checkpoint_fn(functools.partial(inner, layer, **kwargs), *args)
 
 
 def run_decoder_layers(layers, *, compile: bool = False, offload: bool = False,
-                       mlp_chunk_size: int | None = None) -> dict:
+                       mlp_chunk_size: int | None = None, cuda_graphs: bool = False) -> dict:
     """Set how each decoder layer of `layers` runs in training (see the module docstring); returns a report."""
-    report, compiled = {}, {}
-    n_ckpt = n_mlp = 0
+    report, compiled, fallbacks = {}, {}, {}
+    n_ckpt = n_mlp = n_inside = n_graphed = 0
     for layer in layers:
         cls_forward = type(layer).forward
-        inner = cls_forward
-        if compile:
-            # One compiled function per layer class: the layers share the compiled code (a 7B layer compiles in
-            # ~12 s once). dynamic=None: static shapes first, dynamic after a shape changes.
-            inner = compiled.setdefault(cls_forward, torch.compile(cls_forward))
-        checkpoint_fn = None
+        inner, checkpoint_fn, fallback = cls_forward, None, None
         # Called again (a benchmark switching levers), a layer we checkpoint already has the flag off.
         if getattr(layer, "gradient_checkpointing", False) or getattr(layer, "_tunelab_checkpointed", False):
             layer.gradient_checkpointing = False  # transformers' own checkpoint off: ours wraps the compiled code
             layer._tunelab_checkpointed = True
             checkpoint_fn = offloaded_checkpoint if offload else plain_checkpoint
             n_ckpt += 1
+        if compile:
+            # Without offloading or MLP slices (both need eager code around the layer), the checkpoint goes inside
+            # the compiled function: AOTAutograd then puts the recomputation into the backward graph, one graph
+            # per pass instead of two (fewer launches), and CUDA graphs can replay it.
+            inside = CHECKPOINT_INSIDE_COMPILE and checkpoint_fn is plain_checkpoint and not mlp_chunk_size
+            target = _checkpointed(cls_forward) if inside else cls_forward
+            # CUDA graphs cannot record an eager checkpoint's recomputation of compiled code (cudagraph trees
+            # see an input freed during recording): only for layers with the checkpoint inside or none at all.
+            graphed = cuda_graphs and (inside or checkpoint_fn is None)
+            key = (cls_forward, inside, graphed)
+            if key not in compiled:
+                # One compiled function per layer class: the layers share the compiled code (a 7B layer compiles
+                # in ~12 s once). dynamic=None: static shapes first, dynamic after a shape changes.
+                compiled[key] = torch.compile(target, mode="reduce-overhead" if graphed else None)
+            n_graphed += graphed
+            inner = compiled[key]
+            if inside:
+                checkpoint_fn = None
+                n_inside += 1
+                if cls_forward not in fallbacks:
+                    fallbacks[cls_forward] = _Fallback(torch.compile(cls_forward))
+                fallback = fallbacks[cls_forward]
         layer.forward = types.MethodType(
-            functools.partial(_training_forward, inner=inner, checkpoint_fn=checkpoint_fn), layer)
+            functools.partial(_training_forward, inner=inner, checkpoint_fn=checkpoint_fn, fallback=fallback), layer)
         mlp = getattr(layer, "mlp", None)
         if mlp_chunk_size and isinstance(mlp, torch.nn.Module):
             # Outside torch.compile: dynamo would trace the slices into one graph and keep them all alive.
@@ -126,6 +184,7 @@ def run_decoder_layers(layers, *, compile: bool = False, offload: bool = False,
             mlp.forward = types.MethodType(sliced, mlp)
             n_mlp += 1
     report["checkpointing"] = f"{n_ckpt} layers" + (", inputs offloaded to CPU memory" if offload and n_ckpt else "")
-    report["compile"] = f"{len(layers)} decoder layers" if compile else "off"
+    report["compile"] = (f"{len(layers)} decoder layers" + (f", {n_inside} with the checkpoint inside" if n_inside else "")
+                         + (f", {n_graphed} as CUDA graphs" if n_graphed else "")) if compile else "off"
     report["mlp_slices"] = f"{n_mlp} layers, {mlp_chunk_size} tokens a slice" if n_mlp else "off"
     return report

@@ -52,8 +52,10 @@ KNOWN_SHAPES = {
 # LoRA keeps more per token than full fine-tuning: a dropout copy of each adapted layer's input, and fp32 norms.
 ACT_PER_TOKEN = {"full": (20.0, 8.5), "lora": (30.0, 11.5), "qlora": (30.0, 11.5)}
 # torch.compile (use_compile, on by default on GPU) fuses element-wise ops, so a layer keeps fewer activations.
-# Fitted to the compiled round-2 peaks of BENCHMARKS.md: (checkpointed layer, whole model without checkpointing).
-COMPILED_ACT_FACTOR = {True: 0.6, False: 0.75}
+# Fitted to the compiled peaks of BENCHMARKS.md: (checkpointed layer, whole model without checkpointing) from
+# round 2; the checkpoint inside the compiled code (round 4, the default) recomputes the layer inside one backward
+# graph, which keeps about as much as eager code does.
+COMPILED_ACT_FACTOR = {True: 0.6, False: 0.75, "inside": 1.0}
 LOSS_BYTES_PER_LOGIT = 10  # one chunk's bf16 logits, their fp32 copy and the fp32 gradient, during backward
 CUDA_CONTEXT_BYTES = 0.6 * GIB  # the CUDA context and cuBLAS workspaces: not in max_memory_allocated
 ALLOCATOR_SLACK = 0.08  # reserved over allocated (fragmentation), as a fraction
@@ -185,6 +187,8 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
         trainable = shape.total_params()
         if cfg.fp32_master_weights:  # fp32 weights, gradients and states, computed in bf16 under autocast
             parts["frozen/base weights"] = trainable * 4
+            # autocast casts each weight to bf16 once a forward and keeps the copy until the forward is done
+            parts["bf16 weight copies (autocast)"] = trainable * 2
             grads, grads_name = trainable * 4, "gradients at the peak"
         else:  # bf16 weights, and so bf16 gradients and AdamW states
             grads, grads_name = trainable * 2, "gradients at the peak"
@@ -198,8 +202,15 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     a_h, a_i = ACT_PER_TOKEN[cfg.method]
     # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
     layer_act = tokens * a_h * h + min(tokens, cfg.resolved_mlp_chunk_size() or tokens) * a_i * inter
+    mlp_slices = cfg.resolved_mlp_chunk_size() is not None
     if cfg.use_compile:
-        layer_act *= COMPILED_ACT_FACTOR[checkpointing]
+        inside = checkpointing and not cfg.offload_activations and not mlp_slices  # see tunelab.model.layers
+        layer_act *= COMPILED_ACT_FACTOR["inside" if inside else checkpointing]
+    if bits == 4 and checkpointing and cfg.qlora_dequant_once and not mlp_slices:
+        # The recomputation keeps one layer's weights dequantised to bf16 until that layer's backward is done.
+        # (With MLP slices each slice dequantises for its own backward, when the other slices' intermediates,
+        # counted above for one slice, are gone: measured within the long-context rows' error without this term.)
+        layer_act += shape.layer_linear_params() * 2
     if cfg.use_chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 

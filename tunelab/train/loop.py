@@ -142,19 +142,23 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
             evaluate(0)  # before training, so the answers after training have something to be compared with
         model.train()
         throughput, window = Throughput(), []
+        graphed = cfg.cuda_graphs and cfg.use_compile and env.device.type == "cuda"
         with ckpt.GracefulStop() as stop:
             for epoch, micro_done, micro_batches in micro_batch_groups(train_rows, cfg, env, position):
                 if step >= total_steps:
                     break
                 throughput.begin()
                 # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
-                batches = [collate(rows, tokenizer.pad_token_id) for rows in micro_batches]
+                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=64 if graphed else 1)
+                           for rows in micro_batches]
                 counts = torch.tensor([sum(_trained_tokens(b) for b in batches),
                                        sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
                                       dtype=torch.float64, device=env.device if env.distributed else "cpu")
                 trained_tokens, seen_tokens = all_reduce_sum(counts, env).tolist()  # no GPU sync in one process
                 # 2-4. forward → loss → backward, each micro-batch's loss sum divided by the step's trained tokens
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+                if graphed:  # CUDA graphs may reuse the last step's outputs' memory from here on
+                    torch.compiler.cudagraph_mark_step_begin()
                 for i, batch in enumerate(batches):
                     batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
                     with gradient_sync(model, env, sync=i == len(batches) - 1):
