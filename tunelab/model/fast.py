@@ -167,6 +167,7 @@ def apply_fast_path(model, cfg, device) -> dict:
 
         enable_varlen_attention(model)
         attention.USE_CUDNN_FOR_WHOLE_ROWS = bool(cfg.cudnn_attention)
+        attention.STATIC_SHAPES = bool(cfg.cuda_graphs and cfg.use_compile)
         report["varlen_attention"] = "on" + (", cuDNN for rows of one sample" if cfg.cudnn_attention else "")
     else:
         report["varlen_attention"] = "off (sdpa with a block-diagonal mask from position_ids)"

@@ -166,7 +166,11 @@ def run_decoder_layers(layers, *, compile: bool = False, offload: bool = False,
             if key not in compiled:
                 # One compiled function per layer class: the layers share the compiled code (a 7B layer compiles
                 # in ~12 s once). dynamic=None: static shapes first, dynamic after a shape changes.
-                compiled[key] = torch.compile(target, mode="reduce-overhead" if graphed else None)
+                # With CUDA graphs the shapes come from a small fixed set (attention.STATIC_SHAPES, the loop pads
+                # rows to max_length): dynamic=False compiles each once, and keeps torch 2.11's partitioner away
+                # from the dynamic-shape case it fails on (see _Fallback).
+                compiled[key] = (torch.compile(target, mode="reduce-overhead", dynamic=False) if graphed
+                                 else torch.compile(target))
             n_graphed += graphed
             inner = compiled[key]
             if inside:

@@ -149,7 +149,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                     break
                 throughput.begin()
                 # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
-                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=64 if graphed else 1)
+                # CUDA graphs: every batch max_length wide, so one shape (plus a few boundary sizes) is recorded
+                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=cfg.max_length if graphed else 1)
                            for rows in micro_batches]
                 counts = torch.tensor([sum(_trained_tokens(b) for b in batches),
                                        sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
