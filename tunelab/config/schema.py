@@ -168,6 +168,10 @@ class TrainConfig:
             return self.gradient_checkpointing
         return self.method in ("lora", "qlora")
 
+    def resolved_cuda_graphs(self, on_gpu: bool) -> bool:
+        """CUDA graphs are in use: asked for, with compiled layers, on a GPU."""
+        return bool(self.cuda_graphs and self.use_compile and on_gpu)
+
     def resolved_mlp_chunk_size(self) -> Optional[int]:
         """The MLP slice in use: mlp_chunk_size when max_length is longer than it, else None (no slices)."""
         return self.mlp_chunk_size if self.mlp_chunk_size and self.max_length > self.mlp_chunk_size else None

@@ -3,8 +3,14 @@ the MLP in slices of the sequence for long context.
 
 transformers checkpoints a layer in `GradientCheckpointingLayer`, around `__call__` in 5.17 and around `forward` in
 later releases, so `torch.compile` of the layer ends up inside the checkpoint on one version and outside on the
-other. `run_decoder_layers` takes that over, the same on every version: the layer's forward becomes
-checkpoint(compiled forward), the checkpoint outside the compiled code, where tensor hooks (offloading) work.
+other. `run_decoder_layers` takes that over, the same on every version:
+
+* by default the layer's forward becomes compiled(checkpoint(forward)). Dynamo traces the checkpoint and
+  AOTAutograd puts the recomputation into the layer's compiled backward graph: fewer launches, and CUDA graphs
+  (`cuda_graphs`) can replay forward and backward (BENCHMARKS.md, round 4: 1.72x -> 2.52x, 3.09x with graphs);
+* with offloading or MLP slices, whose hooks and slices need eager code, it is checkpoint(compiled forward), the
+  round-3 arrangement; also the fallback when compiling the first one fails (`_Fallback`).
+
 Evaluation and generation (eval mode or no grad) call the plain forward: nothing to save, nothing to recompile.
 
 Long context: with checkpointing a decoder keeps one tensor per layer for backward, the layer's input hidden state
@@ -165,10 +171,10 @@ def run_decoder_layers(layers, *, compile: bool = False, offload: bool = False,
             key = (cls_forward, inside, graphed)
             if key not in compiled:
                 # One compiled function per layer class: the layers share the compiled code (a 7B layer compiles
-                # in ~12 s once). dynamic=None: static shapes first, dynamic after a shape changes.
-                # With CUDA graphs the shapes come from a small fixed set (attention.STATIC_SHAPES, the loop pads
-                # rows to max_length): dynamic=False compiles each once, and keeps torch 2.11's partitioner away
-                # from the dynamic-shape case it fails on (see _Fallback).
+                # in ~12 s once). Without graphs dynamic=None: static shapes first, dynamic after a shape changes.
+                # With graphs the shapes come from a small fixed set (attention.STATIC_SHAPES; the loop pads rows
+                # to max_length), so dynamic=False compiles each once, away from the dynamic-shape case torch
+                # 2.11's partitioner fails on (see _Fallback).
                 compiled[key] = (torch.compile(target, mode="reduce-overhead", dynamic=False) if graphed
                                  else torch.compile(target))
             n_graphed += graphed

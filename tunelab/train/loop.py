@@ -142,7 +142,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
             evaluate(0)  # before training, so the answers after training have something to be compared with
         model.train()
         throughput, window = Throughput(), []
-        graphed = cfg.cuda_graphs and cfg.use_compile and env.device.type == "cuda"
+        graphed = cfg.resolved_cuda_graphs(env.device.type == "cuda")
         with ckpt.GracefulStop() as stop:
             for epoch, micro_done, micro_batches in micro_batch_groups(train_rows, cfg, env, position):
                 if step >= total_steps:
