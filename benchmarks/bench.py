@@ -5,14 +5,14 @@
 A case is SHAPE:METHOD:SEQ[:RANK][@opt=value,...]; SHAPE is one of the baseline's random-initialised real shapes.
 Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N (rows per step), varlen=0/1,
 chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise once a pass), amp=0/1 (bf16 autocast),
-lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), opt8=1 (bitsandbytes'
-8-bit AdamW), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA
-dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of one sample), master=0
-(full fine-tuning in bf16 weights, as in rounds 1-2), cin=0 (checkpoint around the compiled layer, as in round 3,
-instead of inside it), cg=1 (CUDA graphs), vary=1 (packed rows of 1-16 samples that change from step to step, padded to seq), cppw=1 (inductor's C++ wrapper), prof=1 (profile one
-more step: kernel count, GPU busy vs wall time, top kernels and CPU ops; tables to $OUT). Every run is its own
-subprocess, so peaks do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once and times each variant
-(options as above, applied in order; compile=1 stays on once set), our side only, rows to $OUT/sweep_CASE.json.
+lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), opt8=1
+(bitsandbytes' 8-bit AdamW), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA dequantisation fused by compile),
+cudnn=1 (cuDNN attention for rows of one sample), master=0 (full fine-tuning in bf16 weights, as in rounds 1-2),
+cin=0 (checkpoint around the compiled layer, as in round 3, instead of inside it), cg=1 (CUDA graphs), vary=1
+(packed rows of 1-16 samples that change from step to step, padded to seq), prof=1 (profile one more step: kernel
+count, GPU busy vs wall time, top kernels and CPU ops; tables to $OUT). Every run is its own subprocess, so peaks
+do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once and times each variant (options as above,
+applied in order; compile=1 stays on once set), our side only, rows to $OUT/sweep_CASE.json.
 The baseline runs once per SHAPE:METHOD:SEQ:RANK. Prints one table (tok/s, peak allocated and reserved, ratios,
 MFU, the `tunelab plan` estimate against the measured peak) and writes the rows as JSON to --out.
 
@@ -41,7 +41,7 @@ def parse_case(text: str) -> dict:
     shape, method, seq, *rank = head.split(":")
     case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64,
                 ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10,
-                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, cppw=0, vary=0)
+                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, vary=0)
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
         case[key] = int(value)
@@ -80,16 +80,11 @@ def _load(case: dict, baseline_path: str):
     """(model, optimizer, cfg, vocab, path) for a case, loaded the way `tunelab train` loads it."""
     import torch
 
+    from tunelab.model import layers
     from tunelab.model.load import load_model_for_training
     from tunelab.train.optim import build_optimizer, choose_precision
 
-    from tunelab.model import layers
-
     layers.CHECKPOINT_INSIDE_COMPILE = bool(case["cin"])
-    if case["cppw"]:
-        import torch._inductor.config
-
-        torch._inductor.config.cpp_wrapper = True  # the compiled code launches its kernels from C++, not Python
     baseline = load_baseline(baseline_path)
     path = f"/tmp/m_{case['shape']}"
     baseline.build(case["shape"], path)
@@ -113,7 +108,7 @@ def _step(model, optimizer, cfg, case, vocab):
         torch.compiler.cudagraph_mark_step_begin()
     x = torch.randint(0, vocab, (bs, seq), device="cuda")
     positions = torch.arange(seq, device="cuda").repeat(bs, 1)
-    if case.get("vary"):
+    if case["vary"]:
         # Packed rows as `tunelab train` gives them: 1-16 samples a row, 0-127 tokens short of seq, padded to seq
         # (the padding its own segment). Rows of one batch share the cuts.
         import random
