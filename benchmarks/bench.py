@@ -6,7 +6,8 @@ A case is SHAPE:METHOD:SEQ[:RANK][@opt=value,...]; SHAPE is one of the baseline'
 Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N (rows per step), varlen=0/1,
 chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise once a pass), amp=0/1 (bf16 autocast),
 lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), opt8=1
-(bitsandbytes' 8-bit AdamW), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA dequantisation fused by compile),
+(8-bit AdamW, ours: bitsandbytes' without its sync per parameter; opt8=2: bitsandbytes' own class), emb=0 (the
+input embedding stays on the GPU, as before embeddings_on_cpu), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA dequantisation fused by compile),
 cudnn=1 (cuDNN attention for rows of one sample), master=0 (full fine-tuning in bf16 weights, as in rounds 1-2),
 cin=0 (checkpoint around the compiled layer, as in round 3, instead of inside it), cg=1 (CUDA graphs), vary=1
 (packed rows of 1-16 samples that change from step to step, padded to seq), prof=1 (profile one more step: kernel
@@ -41,7 +42,7 @@ def parse_case(text: str) -> dict:
     shape, method, seq, *rank = head.split(":")
     case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64,
                 ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10,
-                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, vary=0)
+                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, vary=0, emb=1)
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
         case[key] = int(value)
@@ -73,6 +74,7 @@ def train_config(case: dict, path: str):
     cfg.cudnn_attention = bool(case["cudnn"])
     cfg.fp32_master_weights = bool(case["master"])
     cfg.cuda_graphs = bool(case["cg"])
+    cfg.embeddings_on_cpu = bool(case["emb"])
     return cfg
 
 
@@ -95,7 +97,13 @@ def _load(case: dict, baseline_path: str):
     model = load_model_for_training(cfg, device)
     model.train()
     choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`
-    return model, build_optimizer(model, cfg, device), cfg, baseline.SHAPES[case["shape"]]["vocab_size"], path
+    optimizer = build_optimizer(model, cfg, device)
+    if case["opt8"] == 2:  # bitsandbytes' own 8-bit AdamW, to compare
+        import bitsandbytes as bnb
+
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+        optimizer = bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return model, optimizer, cfg, baseline.SHAPES[case["shape"]]["vocab_size"], path
 
 
 def _step(model, optimizer, cfg, case, vocab):

@@ -70,6 +70,7 @@ def test_method_defaults_differ_where_they_should(tmp_path):
     qlora = load_config(registry.copy_config("qwen2_5_0_5b_qlora_alpaca_e3", tmp_path))
     assert full.lr < qlora.lr
     assert qlora.resolved_quant_bits() == 4 and full.resolved_quant_bits() is None
+    assert qlora.optimizer == "adamw_8bit" and full.optimizer == "adamw"  # QLoRA has bitsandbytes anyway
     cognition = load_config(registry.copy_config("qwen2_5_0_5b_lora_self_cognition_e3", tmp_path))
     assert cognition.evaluation_inputs == ["请介绍一下你自己", "who are you?"]
     assert cognition.data_format == "conversation"
@@ -298,3 +299,16 @@ def test_data_formats_match_the_data_step():
     from tunelab.data.formats import FORMATS
 
     assert set(DATA_FORMATS) == {"auto", *FORMATS}
+
+
+def test_cuda_graphs_default_on_for_packed_rows_in_one_process(monkeypatch):
+    from tunelab.config.schema import TrainConfig
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert TrainConfig().resolved_cuda_graphs(on_gpu=True)  # packed rows are max_length wide: one shape
+    assert not TrainConfig().resolved_cuda_graphs(on_gpu=False)
+    assert not TrainConfig(use_compile=False).resolved_cuda_graphs(on_gpu=True)
+    assert not TrainConfig(pack_to_max_length=False).resolved_cuda_graphs(on_gpu=True)  # padding would cost
+    assert TrainConfig(pack_to_max_length=False, cuda_graphs=True).resolved_cuda_graphs(on_gpu=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not TrainConfig().resolved_cuda_graphs(on_gpu=True)

@@ -65,6 +65,12 @@ I2_7B, I2_1_8B = "internlm/internlm2-chat-7b", "internlm/internlm2-chat-1_8b"
     (I2_7B, "qlora", 8192, 1, None, True, 12.24, dict(cuda_graphs=True)),
     (I2_7B, "qlora", 8192, 1, None, True, 11.31, dict(optimizer="adamw_8bit", cuda_graphs=True)),
     ("Qwen/Qwen2.5-1.5B-Instruct", "full", 2048, 1, False, True, 25.4, dict(cuda_graphs=True)),  # fp32 master
+    # Round 5 (the input embedding in CPU memory, as by default for lora / qlora):
+    *[(model, method, seq, 1, None, True, peak, dict(embeddings_on_cpu=True, cuda_graphs=True, optimizer=opt))
+      for model, method, seq, opt, peak in ((LLAMA, "qlora", 2048, "adamw", 6.8), (LLAMA, "qlora", 2048, "adamw_8bit", 5.9),
+                                            (LLAMA, "lora", 2048, "adamw", 15.44), (I2_7B, "qlora", 2048, "adamw_8bit", 6.76),
+                                            (I2_1_8B, "qlora", 2048, "adamw_8bit", 2.26),
+                                            (I2_7B, "qlora", 8192, "adamw_8bit", 10.6))],
     # Longest context (Llama-3.1-8B QLoRA r=32, one sequence, layer inputs offloaded, MLP in 8k slices):
     *[(LLAMA3, "qlora", n, 1, None, False, peak, dict(lora_r=32, lora_dropout=0.0, optimizer="adamw_8bit",
                                                       offload_activations=True))
@@ -72,9 +78,21 @@ I2_7B, I2_1_8B = "internlm/internlm2-chat-7b", "internlm/internlm2-chat-1_8b"
                       (342733, 57.52))],
 ])
 def test_estimate_within_ten_percent_of_measured_peaks(model, method, seq, bs, ckpt, compiled, measured, extra):
+    extra = {"embeddings_on_cpu": False, **extra}  # rounds 1-4 kept the input embedding on the GPU
     cfg = TrainConfig(pretrained_model_name_or_path=model, method=method, max_length=seq, batch_size=bs,
                       gradient_checkpointing=ckpt, use_compile=compiled, **extra)
     assert abs(estimate_memory(cfg).total / GIB - measured) / measured < 0.10
+
+
+def test_embeddings_on_cpu_free_the_input_embedding_unless_tied_or_trained():
+    def total(model, **kw):
+        return estimate_memory(TrainConfig(pretrained_model_name_or_path=model, method="qlora", **kw)).total
+
+    assert total(I2_7B, embeddings_on_cpu=False) - total(I2_7B) == 92544 * 4096 * 2  # 0.71 GiB, None means on
+    qwen = "Qwen/Qwen2.5-1.5B-Instruct"  # tied to lm_head: stays
+    assert total(qwen, embeddings_on_cpu=False) == total(qwen, embeddings_on_cpu=True)
+    full = dict(pretrained_model_name_or_path=I2_7B, method="full")
+    assert estimate_memory(TrainConfig(**full, embeddings_on_cpu=True)).total == estimate_memory(TrainConfig(**full)).total
 
 
 def test_report_lists_parts_and_suggests_fixes_when_it_does_not_fit():
@@ -115,8 +133,8 @@ def test_offloading_more_than_the_cpu_memory_stops_before_loading(monkeypatch):
     card = types.SimpleNamespace(total_memory=80 * GIB, name="a pretend 80 GiB GPU")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
     cfg = TrainConfig(pretrained_model_name_or_path="meta-llama/Llama-3.1-8B-Instruct", method="qlora",
-                      max_length=131072, offload_activations=True)
-    assert "CPU memory (offloaded inputs)" in plan_report(cfg)
+                      max_length=131072, offload_activations=True, embeddings_on_cpu=False)
+    assert "CPU memory (offloaded)" in plan_report(cfg)
     assert estimate_memory(cfg).cpu_offload_bytes == 32 * 131072 * 4096 * 2  # 32 GiB
     monkeypatch.setattr(memory, "available_cpu_memory", lambda: 16 * GIB)
     with pytest.raises(TunelabError, match=r"offload_activations = True would keep 32.0 GiB .* 16.0 GiB available"):

@@ -1,4 +1,5 @@
-"""Mixed precision for full fine-tuning: trained weights kept in fp32 ("master weights") so small updates land.
+"""Mixed precision for full fine-tuning: trained weights kept in fp32 ("master weights") so small updates land; and
+tunelab's 8-bit AdamW against bitsandbytes'.
 
 choose_precision only moves tensors and picks the autocast dtype, so it runs here on CPU tensors with a CUDA
 device named (nothing is computed on the GPU); the GPU loop itself is tests/test_train_gpu.py.
@@ -47,3 +48,37 @@ def test_an_lr_2e5_update_survives_in_fp32_but_not_in_bf16():
         optimizer.step()
         changed[master] = bool((weight.detach() != before).all())
     assert changed == {True: True, False: False}
+
+
+def test_8bit_adamw_without_per_parameter_sync_updates_exactly_as_bitsandbytes():
+    """Our AdamW8bit only drops bitsandbytes' torch.cuda.synchronize() per parameter: same states, same weights,
+    and its state_dict loads into bitsandbytes' class (checkpoints stay interchangeable)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from types import SimpleNamespace
+
+    from tunelab.train.adamw_8bit import AdamW8bit
+    from tunelab.train.optim import build_optimizer
+
+    def model():
+        torch.manual_seed(0)  # a matrix big enough for 8-bit state (>= 4096 elements) and a small fp32-state one
+        return torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.LayerNorm(64))
+
+    ours_model, theirs_model = model(), model()
+    cfg = SimpleNamespace(optimizer="adamw_8bit", lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
+    ours = build_optimizer(ours_model, cfg, torch.device("cpu"))
+    assert isinstance(ours, AdamW8bit)
+    theirs = bnb.optim.AdamW8bit([{"params": [theirs_model[0].weight], "weight_decay": 0.01},
+                                  {"params": [theirs_model[0].bias, *theirs_model[1].parameters()], "weight_decay": 0.0}],
+                                 lr=1e-2, betas=(0.9, 0.999))
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for m, opt in ((ours_model, ours), (theirs_model, theirs)):
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert ours.state[ours_model[0].weight]["state1"].dtype == torch.uint8  # the 8-bit path did run
+    for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    start = model()[0].weight.detach().clone()
+    assert not torch.equal(ours_model[0].weight, start)  # and the weights did move
+    theirs.load_state_dict(ours.state_dict())

@@ -182,6 +182,9 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
 
     per_param = {4: NF4_BYTES_PER_PARAM, 8: 1.0 + 4 / 64}.get(bits, 2.0)
     parts["frozen/base weights"] = int(linear * per_param + other * 2)
+    embeddings_on_cpu = (cfg.method != "full" and cfg.resolved_embeddings_on_cpu() and not shape.tie_word_embeddings)
+    if embeddings_on_cpu:  # the input embedding is looked up in CPU memory (tunelab.model.fast.EmbeddingOnCPU)
+        parts["frozen/base weights"] -= vocab * h * 2
     adam_bytes = 2 if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
     if cfg.method == "full":
         trainable = shape.total_params()
@@ -239,6 +242,8 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     est = MemoryEstimate(parts=parts, total=total, with_overhead=with_overhead)
     if checkpointing and cfg.offload_activations:
         est.cpu_offload_bytes = layers * tokens * h * 2  # every layer's input passes through CPU memory
+    if embeddings_on_cpu:
+        est.cpu_offload_bytes += vocab * h * 2
     if device is not None and getattr(device, "type", str(device)) == "cuda":
         import torch
 
@@ -285,7 +290,7 @@ def plan_report(cfg, device=None) -> str:
     lines.append(f"  {'peak allocated (estimate)':<30} {est.total / GIB:8.2f} GiB")
     lines.append(f"  {'with CUDA context and slack':<30} {est.with_overhead / GIB:8.2f} GiB")
     if est.cpu_offload_bytes:
-        lines.append(f"  {'CPU memory (offloaded inputs)':<30} {est.cpu_offload_bytes / GIB:8.2f} GiB")
+        lines.append(f"  {'CPU memory (offloaded)':<30} {est.cpu_offload_bytes / GIB:8.2f} GiB")
     if est.device_bytes is not None:
         verdict = "fits" if est.fits else "does NOT fit"
         lines.append(f"  {est.device_name}: {est.device_bytes / GIB:.1f} GiB -> {verdict}")

@@ -37,7 +37,9 @@ def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
         raise TunelabError(f"optimizer = {cfg.optimizer!r} needs bitsandbytes: pip install bitsandbytes "
                            f"(or set optimizer = 'adamw').") from None
     if cfg.optimizer == "adamw_8bit":
-        return bnb.optim.AdamW8bit(groups, **kwargs)
+        from tunelab.train.adamw_8bit import AdamW8bit  # bitsandbytes' 8-bit AdamW, without a sync per parameter
+
+        return AdamW8bit(groups, **kwargs)
     return bnb.optim.PagedAdamW8bit(groups, **kwargs)
 
 

@@ -217,9 +217,10 @@ def check_memory_fits(cfg, device: torch.device, log=print) -> None:
     cpu_free = available_cpu_memory()
     if estimate.cpu_offload_bytes and cpu_free is not None and estimate.cpu_offload_bytes > 0.9 * cpu_free:
         raise TunelabError(
-            f"offload_activations = True would keep {estimate.cpu_offload_bytes / 2**30:.1f} GiB of layer inputs in "
-            f"CPU memory, and this machine has {cpu_free / 2**30:.1f} GiB available. Lower max_length (or "
-            "batch_size), free CPU memory, or set offload_activations = False if the GPU can hold them.")
+            f"offload_activations = True would keep {estimate.cpu_offload_bytes / 2**30:.1f} GiB of layer inputs"
+            f"{' (and the input embedding)' if cfg.resolved_embeddings_on_cpu() else ''} in CPU memory, and this "
+            f"machine has {cpu_free / 2**30:.1f} GiB available. Lower max_length (or batch_size), free CPU memory, "
+            "or set offload_activations = False if the GPU can hold them.")
     if estimate.fits is False:
         raise TunelabError("this run does not fit in GPU memory (estimate below). Change the settings marked "
                            "'try:' in the config or with --cfg-options, then run again.\n" + plan_report(cfg, device))
