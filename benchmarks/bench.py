@@ -7,8 +7,8 @@ Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N 
 chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise once a pass), amp=0/1 (bf16 autocast),
 lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), opt8=1
 (8-bit AdamW, ours: bitsandbytes' without its sync per parameter; opt8=2: bitsandbytes' own class), emb=0 (the
-input embedding stays on the GPU, as before embeddings_on_cpu), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA dequantisation fused by compile),
-cudnn=1 (cuDNN attention for rows of one sample), master=0 (full fine-tuning in bf16 weights, as in rounds 1-2),
+input embedding stays on the GPU, as before embeddings_on_cpu), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA
+dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of one sample), master=0 (full fine-tuning in bf16 weights, as in rounds 1-2),
 cin=0 (checkpoint around the compiled layer, as in round 3, instead of inside it), cg=1 (CUDA graphs), vary=1
 (packed rows of 1-16 samples that change from step to step, padded to seq), prof=1 (profile one more step: kernel
 count, GPU busy vs wall time, top kernels and CPU ops; tables to $OUT). Every run is its own subprocess, so peaks

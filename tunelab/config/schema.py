@@ -8,7 +8,6 @@ Field names follow the XTuner tutorials so their instructions carry over.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Optional, Union
 
