@@ -202,6 +202,7 @@ def apply_fast_path(model, cfg, device) -> dict:
     """Switch on the levers `cfg` allows on `device`; returns {lever: on/off or a note}, for the log."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
+    graphed = cfg.resolved_cuda_graphs(on_gpu)
     report = {}
     if on_gpu and cfg.use_varlen_attention:
         from tunelab.model import attention
@@ -209,7 +210,7 @@ def apply_fast_path(model, cfg, device) -> dict:
 
         enable_varlen_attention(model)
         attention.USE_CUDNN_FOR_WHOLE_ROWS = bool(cfg.cudnn_attention)
-        attention.STATIC_SHAPES = cfg.resolved_cuda_graphs(on_gpu)
+        attention.STATIC_SHAPES = graphed
         report["varlen_attention"] = "on" + (", cuDNN for rows of one sample" if cfg.cudnn_attention else "")
     else:
         report["varlen_attention"] = "off (sdpa with a block-diagonal mask from position_ids)"
@@ -227,11 +228,11 @@ def apply_fast_path(model, cfg, device) -> dict:
     if on_gpu and cfg.lean_lora:
         report["lean_lora"] = f"{use_lean_lora(model)} LoRA linears"
     report["chunked_loss"] = f"on, {cfg.loss_chunk_size} rows a chunk" if cfg.use_chunked_loss else "off"
-    if cfg.resolved_cuda_graphs(on_gpu):
+    if graphed:
         mark_quant_states_static(model)
     report.update(run_decoder_layers(_decoder_layers(model) or [], compile=cfg.use_compile and on_gpu,
                                      offload=cfg.offload_activations and on_gpu,
                                      mlp_chunk_size=cfg.resolved_mlp_chunk_size(),
-                                     cuda_graphs=cfg.resolved_cuda_graphs(on_gpu)))
+                                     cuda_graphs=graphed))
     log.info("fast path: %s", report)
     return report

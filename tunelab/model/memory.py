@@ -110,7 +110,11 @@ class MemoryEstimate:
     device_bytes: int | None = None
     device_name: str | None = None
     suggestions: list = field(default_factory=list)
-    cpu_offload_bytes: int = 0  # CPU memory the offloaded layer inputs take (offload_activations)
+    cpu_offload: dict = field(default_factory=dict)  # setting that moves it -> bytes it keeps in CPU memory
+
+    @property
+    def cpu_offload_bytes(self) -> int:
+        return sum(self.cpu_offload.values())
 
     @property
     def fits(self) -> bool | None:
@@ -241,9 +245,9 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     with_overhead = int(total * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES)
     est = MemoryEstimate(parts=parts, total=total, with_overhead=with_overhead)
     if checkpointing and cfg.offload_activations:
-        est.cpu_offload_bytes = layers * tokens * h * 2  # every layer's input passes through CPU memory
+        est.cpu_offload["offload_activations"] = layers * tokens * h * 2  # every layer's input passes through
     if embeddings_on_cpu:
-        est.cpu_offload_bytes += vocab * h * 2
+        est.cpu_offload["embeddings_on_cpu"] = vocab * h * 2
     if device is not None and getattr(device, "type", str(device)) == "cuda":
         import torch
 

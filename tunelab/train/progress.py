@@ -216,11 +216,12 @@ def check_memory_fits(cfg, device: torch.device, log=print) -> None:
         return
     cpu_free = available_cpu_memory()
     if estimate.cpu_offload_bytes and cpu_free is not None and estimate.cpu_offload_bytes > 0.9 * cpu_free:
+        held = ", ".join(f"{name} = True would keep {size / 2**30:.1f} GiB"
+                         for name, size in estimate.cpu_offload.items())
         raise TunelabError(
-            f"offload_activations = True would keep {estimate.cpu_offload_bytes / 2**30:.1f} GiB of layer inputs"
-            f"{' (and the input embedding)' if cfg.resolved_embeddings_on_cpu() else ''} in CPU memory, and this "
-            f"machine has {cpu_free / 2**30:.1f} GiB available. Lower max_length (or batch_size), free CPU memory, "
-            "or set offload_activations = False if the GPU can hold them.")
+            f"{held} in CPU memory, and this machine has {cpu_free / 2**30:.1f} GiB available. Lower max_length (or "
+            f"batch_size), free CPU memory, or set {' / '.join(f'{name} = False' for name in estimate.cpu_offload)} "
+            "if the GPU can hold it.")
     if estimate.fits is False:
         raise TunelabError("this run does not fit in GPU memory (estimate below). Change the settings marked "
                            "'try:' in the config or with --cfg-options, then run again.\n" + plan_report(cfg, device))
