@@ -3,17 +3,22 @@
     python benchmarks/bench.py --baseline PATH/hf_peft_baseline.py llama7b:qlora:2048 internlm2_7b:qlora:8192 ...
 
 A case is SHAPE:METHOD:SEQ[:RANK][@opt=value,...]; SHAPE is one of the baseline's random-initialised real shapes.
-Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N (rows per step), varlen=0/1,
-chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise once a pass), amp=0/1 (bf16 autocast),
-lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in percent, 10 by default), opt8=1
-(8-bit AdamW, ours: bitsandbytes' without its sync per parameter; opt8=2: bitsandbytes' own class), emb=0 (the
-input embedding stays on the GPU, as before embeddings_on_cpu), mlp=N (mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA
-dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of one sample), master=0 (full fine-tuning in bf16 weights, as in rounds 1-2),
-cin=0 (checkpoint around the compiled layer, as in round 3, instead of inside it), cg=1 (CUDA graphs), vary=1
-(packed rows of 1-16 samples that change from step to step, padded to seq), prof=1 (profile one more step: kernel
-count, GPU busy vs wall time, top kernels and CPU ops; tables to $OUT). Every run is its own subprocess, so peaks
-do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once and times each variant (options as above,
-applied in order; compile=1 stays on once set), our side only, rows to $OUT/sweep_CASE.json.
+Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N (rows per micro-batch), acc=N
+(micro-batches per optimiser step), varlen=0/1, chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise
+once a pass), amp=0/1 (bf16 autocast), lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in
+percent, 10 by default), opt8=1 (8-bit AdamW, ours: bitsandbytes' without its sync per parameter; opt8=2:
+bitsandbytes' own class), emb=0 (the input embedding stays on the GPU, as before embeddings_on_cpu), mlp=N
+(mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of
+one sample), master=0 (full fine-tuning in bf16 weights, as in rounds 1-2), cin=0 (checkpoint around the compiled
+layer, as in round 3, instead of inside it), cg=1 (CUDA graphs), vary=1 (packed rows of 1-16 samples that change
+from step to step, padded to seq), fce=0 (the loss of rounds 1-5: chunks checkpointed and recomputed in backward,
+instead of gradients taken in forward), addmm=1 (compiled bf16 LoRA linears add their adapter with addmm, as in
+rounds 2-5), tlog=N / flog=N (loss chunks of a trained / frozen lm_head hold 2^N logits), prof=1 (profile one more
+step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and CPU ops; tables to $OUT).
+Every run is its own subprocess, so peaks do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once
+and times each variant (options as above, applied in order; compile=1 stays on once set), our side only, rows to
+$OUT/sweep_CASE.json; with CUDA graphs only the first variant's peak counts the graphs' memory (later ones replay
+graphs recorded before the peak was reset).
 The baseline runs once per SHAPE:METHOD:SEQ:RANK. Prints one table (tok/s, peak allocated and reserved, ratios,
 MFU, the `tunelab plan` estimate against the measured peak) and writes the rows as JSON to --out.
 
@@ -42,7 +47,7 @@ def parse_case(text: str) -> dict:
     shape, method, seq, *rank = head.split(":")
     case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64,
                 ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10,
-                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, vary=0, emb=1)
+                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, vary=0, emb=1, fce=1, addmm=0, tlog=0, flog=0, acc=1)
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
         case[key] = int(value)
@@ -82,11 +87,12 @@ def _load(case: dict, baseline_path: str):
     """(model, optimizer, cfg, vocab, path) for a case, loaded the way `tunelab train` loads it."""
     import torch
 
-    from tunelab.model import layers
+    from tunelab.model import fast, layers
     from tunelab.model.load import load_model_for_training
     from tunelab.train.optim import build_optimizer, choose_precision
 
     layers.CHECKPOINT_INSIDE_COMPILE = bool(case["cin"])
+    fast.ADD_UNDER_COMPILE = not case["addmm"]
     baseline = load_baseline(baseline_path)
     path = f"/tmp/m_{case['shape']}"
     baseline.build(case["shape"], path)
@@ -106,15 +112,44 @@ def _load(case: dict, baseline_path: str):
     return model, optimizer, cfg, baseline.SHAPES[case["shape"]]["vocab_size"], path
 
 
+def round5_chunked_loss(model, batch, *, chunk_size, chunked=True):
+    """The loss of rounds 1-5 (fce=0), to compare with: each chunk checkpointed, its logits recomputed in backward,
+    the trained positions found on the GPU."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from tunelab.model.loss import split_model
+
+    def chunk_loss(h, t, weight):
+        return F.cross_entropy(F.linear(h, weight).float(), t, reduction="sum")
+
+    targets = torch.full_like(batch["labels"], -100)
+    targets[:, :-1] = batch["labels"][:, 1:]
+    keep = targets != -100
+    decoder, lm_head, _ = split_model(model)
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+    hidden, targets = hidden[keep], targets[keep]
+    rows = max(1, min(chunk_size, 2**25 // lm_head.weight.shape[0]))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        total = total + checkpoint(chunk_loss, hidden[start:start + rows], targets[start:start + rows],
+                                   lm_head.weight, use_reentrant=False)
+    return total, int(keep.sum())
+
+
 def _step(model, optimizer, cfg, case, vocab):
     import torch
 
+    from tunelab.data.collate import loss_targets
+    from tunelab.model import loss as loss_module
     from tunelab.model.loss import causal_lm_loss
 
     bs, seq = case["bs"], case["seq"]
     if cfg.cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()
-    x = torch.randint(0, vocab, (bs, seq), device="cuda")
+    x_cpu = torch.randint(0, vocab, (bs, seq))
+    x = x_cpu.to("cuda")
     positions = torch.arange(seq, device="cuda").repeat(bs, 1)
     if case["vary"]:
         # Packed rows as `tunelab train` gives them: 1-16 samples a row, 0-127 tokens short of seq, padded to seq
@@ -125,11 +160,20 @@ def _step(model, optimizer, cfg, case, vocab):
         cuts = sorted(random.sample(range(1, used), random.randrange(16))) + [used]
         row = torch.cat([torch.arange(end - start) for start, end in zip([0] + cuts, cuts)] + [torch.arange(seq - used)])
         positions = row.to("cuda").repeat(bs, 1)
-    batch = {"input_ids": x, "labels": x, "position_ids": positions}
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(case["amp"])):
-        loss_sum, n_tokens = causal_lm_loss(model, batch, chunk_size=cfg.loss_chunk_size, chunked=cfg.use_chunked_loss)
-    loss = loss_sum / n_tokens
-    loss.backward()
+    # As `tunelab train`'s collate gives them: the trained positions listed on the CPU, so the loss never syncs.
+    index, targets = loss_targets(x_cpu)
+    batch = {"input_ids": x, "labels": x, "position_ids": positions,
+             "loss_index": index.to("cuda", non_blocking=True), "loss_targets": targets.to("cuda", non_blocking=True)}
+    if case["tlog"]:
+        loss_module.MAX_CHUNK_LOGITS_TRAINED_HEAD = 2 ** case["tlog"]
+    if case["flog"]:
+        loss_module.MAX_CHUNK_LOGITS = 2 ** case["flog"]
+    loss_fn = causal_lm_loss if case["fce"] else round5_chunked_loss
+    for _ in range(case["acc"]):  # micro-batches of one optimiser step (the same rows: only the time matters)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(case["amp"])):
+            loss_sum, n_tokens = loss_fn(model, batch, chunk_size=cfg.loss_chunk_size, chunked=cfg.use_chunked_loss)
+        loss = loss_sum / n_tokens
+        loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
@@ -151,7 +195,8 @@ def time_steps(model, optimizer, cfg, case, vocab, steps=8, warm=3) -> dict:
     median = sorted(times[warm:])[len(times[warm:]) // 2]
     return dict(median=median, mean_s=round(sum(times[warm:]) / steps, 4), first_s=round(times[0], 2), loss=round(float(loss), 3),
                 peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                step_s=[round(t, 3) for t in times])  # every step, warm-up included: where a slow one falls
 
 
 def flops_per_token(cfg, path) -> float:
@@ -175,8 +220,9 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
     timed = time_steps(model, optimizer, cfg, case, vocab, 24 if case["vary"] else steps, warm)
     if case["prof"]:
         timed["profile"] = profile_step(model, optimizer, cfg, case, vocab, timed["median"])
-    tok_s = case["bs"] * case["seq"] / timed["median"]
+    tok_s = case["bs"] * case["seq"] * case["acc"] / timed["median"]
     return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), mean_s_per_step=timed["mean_s"],
+                step_s=timed["step_s"],
                 first_step_s=timed["first_s"],
                 peak_alloc_gib=timed["peak_alloc_gib"], peak_reserved_gib=timed["peak_reserved_gib"],
                 mfu=round(tok_s * flops_per_token(cfg, path) / PEAK_FLOPS, 4), ckpt=cfg.resolved_gradient_checkpointing(),
@@ -200,7 +246,8 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
     from tunelab.model.fast import use_lean_lora
 
     model, optimizer, cfg, vocab, path = _load(case, baseline_path)
-    rows, compiled = [], False
+    # Loaded with compile=1, the fast path compiled the layers already (with CUDA graphs if cg=1): keep that.
+    rows, compiled = [], bool(case["compile"])
     for text in variants:
         v = dict(case)
         for item in filter(None, text.split(",")):
@@ -225,7 +272,7 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
             continue
         if v["prof"]:
             timed["profile"] = profile_step(model, optimizer, cfg, v, vocab, timed["median"])
-        tok_s = v["bs"] * v["seq"] / timed.pop("median")
+        tok_s = v["bs"] * v["seq"] * v["acc"] / timed.pop("median")
         rows.append(dict(variant=text, tok_s=round(tok_s), mfu=round(tok_s * flops_per_token(cfg, path) / PEAK_FLOPS, 3),
                          **timed))
         print(json.dumps(rows[-1]), flush=True)
@@ -236,6 +283,18 @@ def model_layers(model):
     from tunelab.model.loss import split_model
 
     return list(getattr(split_model(model)[0], "layers", []))
+
+
+def kernel_kind(name: str) -> str:
+    """A coarse class for a CUDA kernel's name, to see where a step's GPU time goes."""
+    low = name.lower()
+    for kind, words in (("compiled (triton)", ("triton",)), ("attention", ("flash", "fmha", "cudnn", "attn")),
+                        ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")),
+                        ("copy", ("memcpy", "memset", "copy")), ("optimizer", ("adam", "optimizer", "multi_tensor")),
+                        ("loss", ("softmax", "nll", "cross_entropy")), ("nf4", ("dequant",))):
+        if any(w in low for w in words):
+            return kind
+    return "other"
 
 
 def profile_step(model, optimizer, cfg, case, vocab, step_s: float) -> dict:
@@ -250,7 +309,9 @@ def profile_step(model, optimizer, cfg, case, vocab, step_s: float) -> dict:
         _step(model, optimizer, cfg, case, vocab)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    # GPU-side copies of user annotations ("Optimizer.step#...") would count their kernels twice.
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
     busy_us = sum(e.time_range.elapsed_us() for e in kernels)
     averages = prof.key_averages()
     name = f"profile_{case['shape']}_{case['method']}_lean{case['lean']}_drop{case['drop']}_bs{case['bs']}.txt"
@@ -258,9 +319,14 @@ def profile_step(model, optimizer, cfg, case, vocab, step_s: float) -> dict:
         f.write(averages.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
         f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
     top = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.name)
+        kinds[kind] = kinds.get(kind, 0.0) + e.time_range.elapsed_us() / 1e3
     top_cpu = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     return dict(kernels=len(kernels), gpu_busy_ms=round(busy_us / 1e3, 1), step_ms_unprofiled=round(step_s * 1e3, 1),
                 step_ms_profiled=round(wall * 1e3, 1), idle_frac=round(1 - busy_us / 1e6 / step_s, 3),
+                gpu_ms_by_kind={k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 top_gpu=[(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 1)) for e in top],
                 top_cpu=[(e.key[:60], e.count, round(e.self_cpu_time_total / 1e3, 1)) for e in top_cpu])
 

@@ -62,6 +62,31 @@ def kernel_check(device):
     check("varlen kernel vs fp64 per-sample sdpa (GQA 8/2)", err < 1e-2, f"rel err {err:.2e}")
 
 
+def loss_check(device):
+    """The loss with a trained lm_head (full fine-tuning), on the GPU path: the compiled softmax gradient and the
+    weight gradient summed in fp32 over chunks, against autograd through full fp32 logits."""
+    from tunelab.model.loss import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3000, 256, device=device, requires_grad=True)
+    weight = (torch.randn(5000, 256, device=device) / 16).requires_grad_()
+    targets = torch.randint(0, 5000, (3000,), device=device)
+    ref = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().t(), targets, reduction="sum")
+    ref.backward()
+    want = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = LinearCrossEntropy.apply(hidden, targets, weight, None, None, 700, True)
+    loss.backward()
+    rel = abs(float(loss) - float(ref)) / abs(float(ref))
+    errs = [float((got - w).norm() / w.norm()) for got, w in zip((hidden.grad, weight.grad), want)]
+    from tunelab.model import loss as loss_module
+
+    check("loss with a trained lm_head, bf16 chunks vs fp64 autograd", rel <= 1e-2 and max(errs) <= 2e-2,
+          f"loss rel {rel:.2e}, grads rel {errs[0]:.2e} / {errs[1]:.2e}, "
+          f"weight gradient summed in the matmul epilogue: {loss_module._FP32_EPILOGUE}")
+
+
 def long_row(vocab, device, tokens=4096):
     """One row that is one whole sample (the long-context case: cuDNN attention, offload, MLP slices)."""
     torch.manual_seed(3)
@@ -183,6 +208,7 @@ def main() -> int:
     device = torch.device("cuda")
     print(torch.__version__, torch.cuda.get_device_name(0))
     kernel_check(device)
+    loss_check(device)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(tmp, "llama", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                                intermediate_size=512)

@@ -96,3 +96,34 @@ def test_saved_adapter_is_unchanged(tiny_llama_dir, tmp_path):
     before = load_file(tmp_path / "before" / "adapter_model.safetensors")
     after = load_file(tmp_path / "after" / "adapter_model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_compiled_lean_forward_equals_peft():
+    """Under torch.compile the lean forward adds the adapter with an elementwise kernel (fast.ADD_UNDER_COMPILE):
+    output, input gradient and adapter gradients equal peft's eager forward."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False)),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["0"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    lean = copy.deepcopy(model)
+    assert use_lean_lora(lean) == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(lean)
+    x = torch.randn(6, 32)
+    results = []
+    for module, params in ((model, model), (compiled, lean)):  # the compiled module trains lean's parameters
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.square().sum().backward()
+        results.append((out.detach(), xi.grad, [p.grad for p in params.parameters() if p.requires_grad]))
+    (ref, ref_x, ref_g), (got, got_x, got_g) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_x, ref_x, rtol=1e-5, atol=1e-5)
+    assert len(ref_g) == len(got_g) == 2
+    for got_grad, ref_grad in zip(got_g, ref_g):
+        torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-5)

@@ -126,9 +126,11 @@ class TrainConfig:
     use_varlen_attention: bool = True
     """Attention over packed rows with the flash varlen kernel (GPU); masks elsewhere."""
     use_chunked_loss: bool = True
-    """Cross-entropy over trained tokens only, in chunks: never builds full-vocabulary logits."""
+    """Cross-entropy over trained tokens only, in chunks, each chunk's gradient taken as it goes: never builds
+    full-vocabulary logits. False: plain full logits (more memory, slower)."""
     loss_chunk_size: int = 4096
-    """Trained positions per chunk of the chunked loss."""
+    """Most trained positions per chunk of the chunked loss (fewer for large vocabularies: 2^25 logits a chunk with
+    a frozen lm_head, 2^29 with a trained one)."""
     use_compile: bool = True
     """torch.compile the decoder layers (GPU only): 1.4-2x faster steps; the first step takes 10-20 s longer."""
     lean_lora: bool = True

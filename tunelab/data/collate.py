@@ -18,8 +18,22 @@ def collate(rows: list[dict], pad_token_id: int, multiple_of: int = 1) -> dict[s
         labels.append(list(r["labels"]) + [IGNORE_INDEX] * pad)
         # Padding forms its own segment (positions restart at 0), so real tokens never attend to it.
         position_ids.append(list(r["position_ids"]) + list(range(pad)))
+    labels = torch.tensor(labels, dtype=torch.long)
+    loss_index, targets = loss_targets(labels)
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
+        "labels": labels,
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
+        # Known here on the CPU, so the loss never waits for the GPU to find them (tunelab.model.loss).
+        "loss_index": loss_index,
+        "loss_targets": targets,
     }
+
+
+def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions of a [batch, length] batch whose next token is trained, those next tokens)."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    targets = targets.flatten()
+    index = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    return index, targets[index]

@@ -85,6 +85,10 @@ def dequantize_once_per_pass(model, fused: bool = False) -> int:
     return count
 
 
+# Inside torch.compile, the adapter's output added by an elementwise kernel rather than addmm (bench.py addmm=1: off).
+ADD_UNDER_COMPILE = True
+
+
 def lean_lora_forward(self, x, *args, **kwargs):
     """peft's LoRA Linear forward for the common case (one plain adapter, not merged), in fewer kernels.
 
@@ -92,7 +96,8 @@ def lean_lora_forward(self, x, *args, **kwargs):
     clone of the base output), dropout over that copy, casts back, a scale and an add, about nine kernels per linear
     and pass. With ~200 adapted linears and three passes a step (checkpointing recomputes the forward) the step is
     bound by launching them. Here dropout runs on x as it comes (bf16 under autocast) and the scale and the add go
-    into one addmm (fp32 accumulation, one rounding): the same function, five kernels. Adapter weights, their
+    into one addmm (fp32 accumulation, one rounding): the same function, five kernels. Under torch.compile the add
+    is left to inductor instead (see ADD_UNDER_COMPILE). Adapter weights, their
     names and peft's save format are untouched; anything else (several or disabled adapters, DoRA, merged weights,
     mixed dtypes without autocast) takes peft's own forward.
     """
@@ -109,6 +114,13 @@ def lean_lora_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     lora_b = self.lora_B[name].weight
     low_rank = torch.nn.functional.linear(self.lora_dropout[name](x), lora_a)
+    if ADD_UNDER_COMPILE and torch.compiler.is_compiling() and not hasattr(self.base_layer.weight, "quant_state"):
+        # Compiled, the scale and the add go into the next elementwise kernel (RoPE, SwiGLU, the residual), which
+        # reads the base output anyway; addmm would first copy the base output into its own (a device-to-device
+        # copy per linear and pass: 6 ms of a 200 ms Llama-7B LoRA step). The price: the recomputed layer holds
+        # base and adapter outputs apart until its backward, +0.2 GiB at 7B. 4-bit layers, run for memory, keep
+        # addmm (Llama-7B QLoRA: 6.10 GiB against 5.91, BENCHMARKS.md round 6).
+        return result + torch.nn.functional.linear(low_rank, lora_b) * self.scaling[name]
     out = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), lora_b.t(),
                       alpha=self.scaling[name])
     return out.view(result.shape)
@@ -228,6 +240,9 @@ def apply_fast_path(model, cfg, device) -> dict:
     if on_gpu and cfg.lean_lora:
         report["lean_lora"] = f"{use_lean_lora(model)} LoRA linears"
     report["chunked_loss"] = f"on, {cfg.loss_chunk_size} rows a chunk" if cfg.use_chunked_loss else "off"
+    if cfg.use_chunked_loss and cfg.use_compile and on_gpu:
+        model._tunelab_compile_loss = True  # read by tunelab.model.loss: the softmax and its gradient compiled
+        report["chunked_loss"] += ", its softmax gradient compiled"
     if graphed:
         mark_quant_states_static(model)
     report.update(run_decoder_layers(_decoder_layers(model) or [], compile=cfg.use_compile and on_gpu,

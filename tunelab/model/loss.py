@@ -2,24 +2,37 @@
 
 A 7B model with a 128k vocabulary makes fp32 logits of 2 GB for one 4k-token row; in supervised fine-tuning most
 positions are prompt tokens whose logits are thrown away. So: run the decoder for hidden states, keep the positions
-whose next token is trained, and project those through `lm_head` in chunks, each chunk's logits freed (and recomputed
-in backward) before the next.
+whose next token is trained, and project those through `lm_head` in chunks, one chunk's logits alive at a time.
+
+Each chunk's gradient is taken in the forward pass (`LinearCrossEntropy`): with the logits at hand, d loss / d
+logits is softmax - one-hot, so the gradients for the hidden states (and for lm_head's weight when it is trained)
+are two matmuls right there, kept until backward scales them by the incoming gradient. That is three lm_head
+matmuls a step instead of the four of a checkpointed chunk (forward, recompute, two for backward), and one pass
+over the logits instead of four. On a GPU with the fast path's compile on, the softmax and its gradient are one
+compiled kernel that reads the bf16 logits once and writes the bf16 gradient.
+
+Which positions are trained comes from the batch: `tunelab.data.collate` lists them on the CPU (`loss_index`,
+`loss_targets`), so nothing here waits for the GPU; batches built by hand without them get them from `labels`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
-MAX_CHUNK_LOGITS = 2**25  # logits elements per chunk: 128 MiB in fp32, whatever the vocabulary
+from tunelab.data.collate import loss_targets
+
+MAX_CHUNK_LOGITS = 2**25  # logits a chunk when lm_head is frozen: 64 MiB in bf16 (128 MiB fp32 on the eager path)
+# A trained lm_head adds its whole weight gradient into an fp32 sum once per chunk: fewer, larger chunks. 2^29
+# logits (1 GiB of bf16 logits and as much gradient at once) against 2^28: 45.4% vs 44.6% MFU, +1.5 GiB, on
+# Qwen2.5-1.5B full fine-tuning at 16k tokens a step (BENCHMARKS.md, round 6). `loss_chunk_size` caps the rows.
+MAX_CHUNK_LOGITS_TRAINED_HEAD = 2**29
 
 
-def loss_chunk_rows(chunk_size: int, vocab_size: int) -> int:
-    """Rows projected to logits at a time: `chunk_size`, fewer for large vocabularies (a chunk's fp32 logits, their
-    bf16 source and their gradient exist at once)."""
-    return max(1, min(chunk_size, MAX_CHUNK_LOGITS // vocab_size))
+def loss_chunk_rows(chunk_size: int, vocab_size: int, head_trained: bool = False) -> int:
+    """Rows projected to logits at a time: `chunk_size`, fewer for large vocabularies."""
+    budget = MAX_CHUNK_LOGITS_TRAINED_HEAD if head_trained else MAX_CHUNK_LOGITS
+    return max(1, min(chunk_size, budget // vocab_size))
 
 
 def split_model(model):
@@ -31,36 +44,119 @@ def split_model(model):
     return decoder, lm_head, softcap
 
 
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, softcap) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
+def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    """(summed cross-entropy in fp32, d loss / d logits in the logits' dtype) for rows whose targets all count."""
+    z = logits.float()
     if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+        capped = torch.tanh(z / softcap)
+        z = capped * softcap
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    loss = (lse.squeeze(-1) - z.gather(-1, targets[:, None]).squeeze(-1)).sum()
+    if torch.compiler.is_compiling():
+        # One elementwise kernel from the bf16 logits to the bf16 gradient: the one-hot as a comparison, so no
+        # fp32 copy of the chunk is written (a scatter would need one).
+        one_hot = torch.arange(z.shape[-1], device=z.device) == targets[:, None]
+        grad = torch.exp(z - lse) - one_hot.float()
+    else:  # eager: softmax in place in z's memory when z is a copy, then subtract 1 at each target
+        grad = z.sub_(lse).exp_() if z is not logits else (z - lse).exp_()
+        grad.scatter_add_(-1, targets[:, None], grad.new_full((targets.shape[0], 1), -1.0))
+    if softcap:
+        grad = grad * (1 - capped * capped)
+    return loss, grad.to(logits.dtype)
+
+
+_compiled_cross_entropy_and_grad = None
+
+
+def _cross_entropy_fn(compiled: bool):
+    global _compiled_cross_entropy_and_grad
+    if not compiled:
+        return cross_entropy_and_grad
+    if _compiled_cross_entropy_and_grad is None:
+        # Chunks differ in rows (the last one is shorter): dynamic in that dimension from the start.
+        _compiled_cross_entropy_and_grad = torch.compile(cross_entropy_and_grad, dynamic=True)
+    return _compiled_cross_entropy_and_grad
+
+
+_FP32_EPILOGUE = None  # whether torch.addmm(out_dtype=) works here: learnt on the first CUDA call
+
+
+def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc fp32 and a, b 16-bit: on CUDA the sum happens in the matmul's fp32 epilogue (no 16-bit
+    product written and read back, no rounding of it), elsewhere the 16-bit product is added in."""
+    global _FP32_EPILOGUE
+    if acc.is_cuda and a.dtype != acc.dtype and _FP32_EPILOGUE is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _FP32_EPILOGUE = True
+            return
+        except (RuntimeError, TypeError):  # a torch without addmm's out_dtype for these dtypes
+            _FP32_EPILOGUE = False
+    acc.add_(a @ b)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T + bias, targets)), in chunks of rows, gradients taken in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, weight, bias, softcap, chunk_rows, compiled):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        want_h, want_w = hidden.requires_grad, weight.requires_grad
+        want_b = bias is not None and bias.requires_grad
+        ce = _cross_entropy_fn(compiled)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h = hidden[start:start + chunk_rows].to(dtype)
+                chunk_loss, grad = ce(F.linear(h, w, b), targets[start:start + chunk_rows], softcap)
+                loss += chunk_loss
+                if want_h:
+                    grad_h[start:start + chunk_rows] = grad @ w
+                if want_w:
+                    add_product(grad_w, grad.t(), h)
+                if want_b:
+                    grad_b += grad.float().sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None  # handed over once; freed with the graph
+        out = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return out[0], None, out[1], out[2], None, None, None
 
 
 def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool = True):
     """Sum of token losses and the number of trained tokens for one batch (see docs/DESIGN.md, Loss)."""
-    labels = batch["labels"]
-    # Next-token targets: position t predicts labels[t+1].
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    n_tokens = int((targets != IGNORE_INDEX).sum())
+    if "loss_index" in batch:
+        index, targets = batch["loss_index"], batch["loss_targets"]
+    else:  # a batch built by hand: find the trained positions here (a GPU sync on GPU labels)
+        index, targets = loss_targets(batch["labels"])
+    n_tokens = index.shape[0]
     if not chunked:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = F.cross_entropy(logits.flatten(0, 1)[index], targets, reduction="sum")
         return loss, n_tokens
 
     decoder, lm_head, softcap = split_model(model)
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[keep], targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
+    hidden = hidden.flatten(0, 1).index_select(0, index)
     weight, bias = lm_head.weight, lm_head.bias
-    chunk_size = loss_chunk_rows(chunk_size, weight.shape[0])
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, t, weight, bias, softcap, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, t, weight, bias, softcap)
+    rows = loss_chunk_rows(chunk_size, weight.shape[0], head_trained=weight.requires_grad)
+    compiled = hidden.is_cuda and getattr(model, "_tunelab_compile_loss", False)
+    if torch.is_grad_enabled():
+        return LinearCrossEntropy.apply(hidden, targets, weight, bias, softcap, rows, compiled), n_tokens
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        logits = F.linear(hidden[start:start + rows], weight, bias).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        total = total + F.cross_entropy(logits, targets[start:start + rows], reduction="sum")
     return total, n_tokens

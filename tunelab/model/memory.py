@@ -56,7 +56,9 @@ ACT_PER_TOKEN = {"full": (20.0, 8.5), "lora": (30.0, 11.5), "qlora": (30.0, 11.5
 # round 2; the checkpoint inside the compiled code (round 4, the default) recomputes the layer inside one backward
 # graph, which keeps about as much as eager code does.
 COMPILED_ACT_FACTOR = {True: 0.6, False: 0.75, "inside": 1.0}
-LOSS_BYTES_PER_LOGIT = 10  # one chunk's bf16 logits, their fp32 copy and the fp32 gradient, during backward
+# One loss chunk (tunelab.model.loss, gradients taken in forward): its bf16 logits and bf16 gradient, plus an fp32
+# copy that the softmax is taken in when that is not compiled into one kernel.
+LOSS_BYTES_PER_LOGIT = {"compiled": 4, "eager": 8}
 CUDA_CONTEXT_BYTES = 0.6 * GIB  # the CUDA context and cuBLAS workspaces: not in max_memory_allocated
 ALLOCATOR_SLACK = 0.08  # reserved over allocated (fragmentation), as a fraction
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64 / 4 + 0.5 / 64  # 4-bit codes + double-quantised absmax per 64-block
@@ -221,9 +223,14 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     if cfg.use_chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 
-        rows = min(tokens, loss_chunk_rows(cfg.loss_chunk_size, vocab))
-        # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence
-        loss_name, loss_bytes = "loss (chunked logits)", rows * vocab * LOSS_BYTES_PER_LOGIT + 3 * tokens * h * 2
+        head_trained = cfg.method == "full"
+        rows = min(tokens, loss_chunk_rows(cfg.loss_chunk_size, vocab, head_trained=head_trained))
+        per_logit = LOSS_BYTES_PER_LOGIT["compiled" if cfg.use_compile else "eager"]
+        # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence;
+        # a trained lm_head's fp32 weight gradient, summed over the chunks in forward (and one chunk's bf16 part)
+        loss_name, loss_bytes = "loss (chunked logits)", rows * vocab * per_logit + 3 * tokens * h * 2
+        if head_trained:
+            loss_bytes += vocab * h * 6
     else:
         loss_name, loss_bytes = "loss (full fp32 logits)", tokens * vocab * 14
     if checkpointing:
@@ -238,8 +245,9 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     else:
         parts["activations"] = int(layers * layer_act)
         parts[loss_name] = int(loss_bytes)
-        # Gradients arrive as activations are freed; at the peak (start of backward) only lm_head's exists.
-        parts[grads_name] = int(vocab * h * 2 if cfg.method == "full" else 0)
+        # Gradients arrive as activations are freed; at the peak (start of backward) only lm_head's exists,
+        # counted with the loss (it is taken in forward) when the loss is chunked.
+        parts[grads_name] = int(vocab * h * 2 if cfg.method == "full" and not cfg.use_chunked_loss else 0)
 
     total = int(sum(parts.values()))
     with_overhead = int(total * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES)
