@@ -227,7 +227,8 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
         rows = min(tokens, loss_chunk_rows(cfg.loss_chunk_size, vocab, head_trained=head_trained))
         per_logit = LOSS_BYTES_PER_LOGIT["compiled" if cfg.use_compile else "eager"]
         # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence;
-        # a trained lm_head's fp32 weight gradient, summed over the chunks in forward (and one chunk's bf16 part)
+        # a trained lm_head's fp32 weight gradient, summed over the chunks in forward (and one chunk's bf16
+        # product, where the matmul cannot add into fp32 itself: counted, to stay on the safe side)
         loss_name, loss_bytes = "loss (chunked logits)", rows * vocab * per_logit + 3 * tokens * h * 2
         if head_trained:
             loss_bytes += vocab * h * 6
