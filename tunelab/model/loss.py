@@ -17,6 +17,8 @@ Which positions are trained comes from the batch: `tunelab.data.collate` lists t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -65,17 +67,10 @@ def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap:
     return loss, grad.to(logits.dtype)
 
 
-_compiled_cross_entropy_and_grad = None
-
-
-def _cross_entropy_fn(compiled: bool):
-    global _compiled_cross_entropy_and_grad
-    if not compiled:
-        return cross_entropy_and_grad
-    if _compiled_cross_entropy_and_grad is None:
-        # Chunks differ in rows (the last one is shorter): dynamic in that dimension from the start.
-        _compiled_cross_entropy_and_grad = torch.compile(cross_entropy_and_grad, dynamic=True)
-    return _compiled_cross_entropy_and_grad
+@functools.cache
+def compiled_cross_entropy_and_grad():
+    """cross_entropy_and_grad compiled once, dynamic in its rows from the start (the last chunk is shorter)."""
+    return torch.compile(cross_entropy_and_grad, dynamic=True)
 
 
 _FP32_EPILOGUE = None  # whether torch.addmm(out_dtype=) works here: learnt on the first CUDA call
@@ -104,7 +99,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         want_h, want_w = hidden.requires_grad, weight.requires_grad
         want_b = bias is not None and bias.requires_grad
-        ce = _cross_entropy_fn(compiled)
+        ce = compiled_cross_entropy_and_grad() if compiled else cross_entropy_and_grad
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)

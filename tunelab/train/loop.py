@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.data.collate import IGNORE_INDEX, collate
+from tunelab.data.collate import collate
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.distributed import (DistEnv, all_reduce_sum, backward, cleanup, clip_and_step, forward_loss,
@@ -152,7 +152,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                 # CUDA graphs: every batch max_length wide, so one shape (plus a few boundary sizes) is recorded
                 batches = [collate(rows, tokenizer.pad_token_id, multiple_of=cfg.max_length if graphed else 1)
                            for rows in micro_batches]
-                counts = torch.tensor([sum(_trained_tokens(b) for b in batches),
+                # (collate lists each batch's trained positions, the ones causal_lm_loss counts)
+                counts = torch.tensor([sum(b["loss_index"].numel() for b in batches),
                                        sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
                                       dtype=torch.float64, device=env.device if env.distributed else "cpu")
                 trained_tokens, seen_tokens = all_reduce_sum(counts, env).tolist()  # no GPU sync in one process
@@ -222,11 +223,6 @@ def micro_batch_groups(rows: list, cfg, env: DistEnv, position: dict):
             group = micro[first:first + cfg.accumulative_counts]
             yield epoch, first + len(group), [[rows[i] for i in indices] for indices in group]
         epoch, start = epoch + 1, 0
-
-
-def _trained_tokens(batch: dict) -> int:
-    """Positions whose next token is trained (the loss shifts labels by one), as `causal_lm_loss` counts them."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def _version() -> str:
