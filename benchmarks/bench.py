@@ -4,7 +4,8 @@
 
 A case is SHAPE:METHOD:SEQ[:RANK][@opt=value,...]; SHAPE is one of the baseline's random-initialised real shapes.
 Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N (rows per micro-batch), acc=N
-(micro-batches per optimiser step), varlen=0/1, chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise
+(micro-batches per optimiser step; acc0=1: with CUDA graphs, one graph generation a step and gradients freed
+after it, as before session 6, instead of a generation a micro-batch and gradient buffers kept), varlen=0/1, chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise
 once a pass), amp=0/1 (bf16 autocast), lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in
 percent, 10 by default), opt8=1 (8-bit AdamW, ours: bitsandbytes' without its sync per parameter; opt8=2:
 bitsandbytes' own class), emb=0 (the input embedding stays on the GPU, as before embeddings_on_cpu), mlp=N
@@ -47,7 +48,7 @@ def parse_case(text: str) -> dict:
     shape, method, seq, *rank = head.split(":")
     case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64,
                 ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10,
-                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, vary=0, emb=1, fce=1, addmm=0, tlog=0, flog=0, acc=1)
+                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, vary=0, emb=1, fce=1, addmm=0, tlog=0, flog=0, acc=1, acc0=0)
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
         case[key] = int(value)
@@ -67,7 +68,7 @@ def train_config(case: dict, path: str):
 
     cfg = TrainConfig(
         pretrained_model_name_or_path=path, method=case["method"], dtype="bf16", max_length=case["seq"],
-        batch_size=case["bs"], lora_r=case["rank"], lora_alpha=16, lora_dropout=case["drop"] / 100, lora_target_modules="all-linear",
+        batch_size=case["bs"], accumulative_counts=case["acc"], lora_r=case["rank"], lora_alpha=16, lora_dropout=case["drop"] / 100, lora_target_modules="all-linear",
         gradient_checkpointing=None if case["ckpt"] is None else bool(case["ckpt"]),
         use_varlen_attention=bool(case["varlen"]), use_chunked_loss=bool(case["chunked"]),
         use_compile=bool(case["compile"]), offload_activations=bool(case["offload"]),
@@ -146,7 +147,14 @@ def _step(model, optimizer, cfg, case, vocab):
     from tunelab.model.loss import causal_lm_loss
 
     bs, seq = case["bs"], case["seq"]
-    if cfg.cuda_graphs:
+    # As `tunelab train`: with CUDA graphs, each micro-batch starts a graph generation and accumulated gradients
+    # keep buffers of their own (acc0=1: one generation a step and freed gradients, as before session 6)
+    keep_grads = bool(cfg.cuda_graphs and case["acc"] > 1 and not case["acc0"])
+    if keep_grads:
+        from tunelab.train.loop import allocate_grad_buffers
+
+        allocate_grad_buffers(model)
+    if cfg.cuda_graphs and case["acc0"]:
         torch.compiler.cudagraph_mark_step_begin()
     x_cpu = torch.randint(0, vocab, (bs, seq))
     x = x_cpu.to("cuda")
@@ -170,12 +178,14 @@ def _step(model, optimizer, cfg, case, vocab):
         loss_module.MAX_CHUNK_LOGITS = 2 ** case["flog"]
     loss_fn = causal_lm_loss if case["fce"] else round5_chunked_loss
     for _ in range(case["acc"]):  # micro-batches of one optimiser step (the same rows: only the time matters)
+        if cfg.cuda_graphs and not case["acc0"]:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(case["amp"])):
             loss_sum, n_tokens = loss_fn(model, batch, chunk_size=cfg.loss_chunk_size, chunked=cfg.use_chunked_loss)
         loss = loss_sum / n_tokens
         loss.backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
     return loss
 
 

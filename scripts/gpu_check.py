@@ -60,6 +60,21 @@ def kernel_check(device):
     out = attention._varlen_flash(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, 475, None).double()
     err = ((out - ref).norm() / ref.norm()).item()
     check("varlen kernel vs fp64 per-sample sdpa (GQA 8/2)", err < 1e-2, f"rel err {err:.2e}")
+    # fp32 q/k/v under bf16 autocast (full fine-tuning with fp32 master weights: RoPE promotes q and k) must take the
+    # bf16 varlen kernel too, not the per-sample loop
+    calls = []
+    flash = attention._varlen_flash
+    attention._varlen_flash = lambda *a, **kw: calls.append(1) or flash(*a, **kw)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out4, _ = attention.varlen_attention_forward(
+                None, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
+                cu_seq_lens_q=cu, max_length_q=475)
+    finally:
+        attention._varlen_flash = flash
+    err = ((out4[0].double() - ref).norm() / ref.norm()).item()
+    check("fp32 inputs under bf16 autocast take the varlen kernel", calls == [1] and out4.dtype == torch.bfloat16
+          and err < 1e-2, f"kernel calls {len(calls)}, {out4.dtype}, rel err {err:.2e}")
 
 
 def loss_check(device):
@@ -169,8 +184,11 @@ def long_context_check(method, model_dir, device):
 
 def cuda_graph_check(method, model_dir, device):
     """Compiled layers replayed as CUDA graphs train like compiled layers launched kernel by kernel: four optimizer
-    steps of two micro-batches each (gradients accumulate across graph replays), losses step by step."""
-    histories = {}
+    steps of two micro-batches each, as `tunelab train` runs them (with graphs: a graph generation a micro-batch,
+    gradients summed in buffers of their own); the first step's summed gradients, then the losses step by step."""
+    from tunelab.train.loop import allocate_grad_buffers
+
+    histories, first_grads = {}, {}
     for graphs in (False, True):
         cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
                           lora_dropout=0.0, gradient_checkpointing=True, max_length=512, use_compile=True,
@@ -184,20 +202,27 @@ def cuda_graph_check(method, model_dir, device):
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         first = packed_batch(model.config.vocab_size, device)
         second = {k: v.flip(0) for k, v in first.items()}
+        if graphs:
+            allocate_grad_buffers(model)
         losses = []
-        for _ in range(4):
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
+        for step in range(4):
             total = 0.0
             for batch in (first, second):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss_sum, n = causal_lm_loss(model, batch, chunk_size=128)
                 (loss_sum / n / 2).backward()
                 total += float(loss_sum / n) / 2
+            if step == 0:
+                first_grads[graphs] = [p.grad.float().clone() for p in params]
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not graphs)
             losses.append(total)
         histories[graphs] = losses
+    g_err = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(first_grads[True], first_grads[False]))
+    check(f"{method}: CUDA graphs vs compiled, gradients summed over 2 micro-batches", g_err <= 5e-2,
+          f"grads rel {g_err:.2e}")
     worst = max(abs(a - b) / abs(b) for a, b in zip(histories[True], histories[False]))
     check(f"{method}: CUDA graphs vs compiled, 4 steps x 2 micro-batches", worst <= 1e-2 and
           histories[True][-1] < histories[True][0], f"losses {[round(x, 4) for x in histories[True]]} vs "

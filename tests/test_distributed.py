@@ -48,7 +48,7 @@ def train_step(model_dir, engine: str, out_dir: Path) -> None:
 
     env = dist.init_distributed("cpu")
     model = load_model(model_dir)
-    cfg = SimpleNamespace(deepspeed="zero2" if engine == "deepspeed" else None, fsdp=engine == "fsdp",
+    cfg = SimpleNamespace(deepspeed={"deepspeed": "zero2", "zero3": zero3_json(out_dir)}.get(engine), fsdp=engine == "fsdp",
                           batch_size=1, accumulative_counts=ROWS // env.world_size, max_norm=1.0)
     # SGD, not AdamW: Adam's first step is lr * sign(grad), which turns 1e-9 noise in a ~0 gradient into lr.
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -64,7 +64,7 @@ def train_step(model_dir, engine: str, out_dir: Path) -> None:
             dist.backward(loss, model, env)
         loss_total += loss.detach()
     grads = {}
-    if engine != "deepspeed":  # ZeRO-2 keeps its reduced gradients in partitions; we compare the update instead
+    if engine not in ("deepspeed", "zero3"):  # ZeRO-2 keeps its reduced gradients in partitions; we compare the update instead
         for name, p in dist.unwrap(model).named_parameters():
             grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[name] = grad.detach().clone()
@@ -74,6 +74,15 @@ def train_step(model_dir, engine: str, out_dir: Path) -> None:
     if env.is_main:
         torch.save(result, out_dir / f"{engine}.pt")
     dist.cleanup(env)
+
+
+def zero3_json(out_dir: Path) -> str:
+    """ZeRO-3 that partitions every weight: the preset keeps weights under 1e6 elements (all of a tiny model's) whole."""
+    import json
+
+    path = out_dir / f"zero3_{os.environ.get('RANK', '0')}.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    return str(path)
 
 
 def unwrap_vocab(model) -> int:
@@ -143,6 +152,13 @@ def test_fsdp2_two_ranks_match_one_process(tiny_llama_dir, reference, tmp_path):
 def test_deepspeed_zero2_two_ranks_match_one_process(tiny_llama_dir, reference, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunelab[deepspeed]'")
     got = run_two_ranks(tiny_llama_dir, "deepspeed", tmp_path, timeout=300)
+    assert_same_step(got, reference, grads=False)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_ranks_match_one_process(tiny_llama_dir, reference, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunelab[deepspeed]'")
+    got = run_two_ranks(tiny_llama_dir, "zero3", tmp_path, timeout=300)
     assert_same_step(got, reference, grads=False)
 
 

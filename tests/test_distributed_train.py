@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CONFIG = """\
 pretrained_model_name_or_path = {model!r}
 method = "lora"
@@ -49,22 +51,41 @@ def _train(config: Path, work_dir: Path, *extra: str) -> None:
     assert proc.returncode == 0 or shutdown_abort, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def _assert_adapter_loads_trained(base_dir: Path, adapter_dir: Path) -> None:
+    """Rank 0 wrote whole adapter weights (not its ZeRO-3 partition): peft loads them and lora_B has trained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero
+
+
 def _losses(work_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (work_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
 
 
-def test_two_ranks_train_and_resume_reproduces_the_curve(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero3", marks=pytest.mark.slow)])
+def test_two_ranks_train_and_resume_reproduces_the_curve(engine, tiny_llama_dir, tmp_path):
     from tunelab.data import self_cognition
 
     data = self_cognition.write(tmp_path / "data.json", name="Duo", author="tests", n=48)
     config = tmp_path / "two_ranks.py"
-    config.write_text(CONFIG.format(model=str(tiny_llama_dir), data=str(data)))
+    text = CONFIG.format(model=str(tiny_llama_dir), data=str(data))
+    if engine == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunelab[deepspeed]'")
+        # every weight partitioned (the preset keeps weights under 1e6 elements, all of a tiny model's, whole)
+        ds = tmp_path / "zero3.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+        text += f"deepspeed = {str(ds)!r}\n"
+    config.write_text(text)
 
     _train(config, tmp_path / "run")
     full = _losses(tmp_path / "run")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "run" / "iter_3" / "rng_rank1.pt").is_file()  # rank 1 kept its own generators
+    _assert_adapter_loads_trained(tiny_llama_dir, tmp_path / "run" / "iter_6" / "model")
 
     # as if the run died after iter_3: resume on 2 ranks and compare every later loss
     resumed_dir = tmp_path / "resumed"

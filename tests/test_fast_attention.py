@@ -95,3 +95,36 @@ def test_whole_row_attention_equals_causal_sdpa_and_compiles_without_a_break():
     torch.testing.assert_close(_cudnn_whole_rows(q, k, v, 0.3), want)
     compiled = torch.compile(_cudnn_whole_rows, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v, 0.3), want)
+
+
+def test_attention_runs_in_autocasts_dtype_as_sdpa_would():
+    # Full fine-tuning with fp32 master weights: RoPE's fp32 tables hand attention fp32 q and k under bf16 autocast.
+    # sdpa would be autocast to bf16; so is ours, which on a GPU is what lets the bf16 varlen flash kernel run.
+    torch.manual_seed(0)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]])
+    q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    cu, max_len = attention.cu_seqlens_from_position_ids(pos)
+    assert attention.attention_dtype(q) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention.attention_dtype(q) == torch.bfloat16
+        assert attention.attention_dtype(q.bfloat16()) == torch.bfloat16
+        out, _ = attention.varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=max_len)
+    assert out.dtype == torch.bfloat16
+    want = _block_diagonal_sdpa(*(x.bfloat16() for x in (q, k, v)), pos)
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
+def test_per_sample_attention_compiles_once_whatever_the_boundaries():
+    """The per-sample path loops over boundary values; compiled inside a layer it must not recompile for every new
+    batch (it did: one recompile per step, each one a layer's compile)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q, k, v = torch.randn(20, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    layer = torch.compile(lambda q, k, v, cu: attention._segmented_sdpa(q, k, v, cu, None) * 2, backend="eager",
+                          dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for cuts in ([0, 5, 12, 20], [0, 7, 12, 20], [0, 3, 9, 20]):  # same count (padded), new values
+            cu = torch.tensor(cuts, dtype=torch.int32)
+            want = attention._segmented_sdpa(q, k, v, cu, None) * 2
+            torch.testing.assert_close(layer(q, k, v, cu), want)

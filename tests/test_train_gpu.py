@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -36,6 +38,9 @@ def test_compiled_fast_path_trains_on_gpu(tiny_llama_dir, rows, tmp_path):
                    use_compile=True)
     result = train(cfg, tmp_path, train_rows=rows, device="cuda")
     assert result.losses[8] < result.losses[1], result.losses
+    record = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+              if "tokens_per_s" in line][-1]
+    assert 0 < record["memory_gb"] <= record["memory_reserved_gb"]  # the allocator holds at least what it handed out
 
 
 def test_cuda_graphs_train_like_compiled_layers(tiny_llama_dir, rows, tmp_path):

@@ -128,3 +128,37 @@ def test_no_trainable_rows_is_a_clear_error(tiny_llama_dir, tmp_path):
 
     with pytest.raises(TunelabError, match="training rows"):
         train(tiny_cfg(tiny_llama_dir), tmp_path, train_rows=[], device="cpu")
+
+
+def test_kept_gradient_buffers_sum_micro_batches_like_fresh_gradients(tiny_llama_dir):
+    """What the loop does under CUDA graphs with accumulation: .grad buffers allocated once and zeroed in place give
+    the same updates as gradients freed after every step, and stay the same tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_distributed import global_rows
+    from tunelab.data.collate import collate
+    from tunelab.model.loss import causal_lm_loss
+    from tunelab.train.distributed import DistEnv, clip_and_step
+    from tunelab.train.loop import allocate_grad_buffers
+
+    weights = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        rows = global_rows(model.config.vocab_size)
+        if keep:
+            allocate_grad_buffers(model)
+            buffers = [p.grad for p in model.parameters()]
+        for step in range(2):
+            for micro in (rows[:2], rows[2:]):
+                loss_sum, n = causal_lm_loss(model, collate(micro, 0), chunk_size=8)
+                (loss_sum / 40).backward()
+            clip_and_step(model, optimizer, 1.0, DistEnv(), keep_grad_buffers=keep)
+        if keep:
+            assert all(p.grad is b and not b.any() for p, b in zip(model.parameters(), buffers))
+        else:
+            assert all(p.grad is None for p in model.parameters())
+        weights[keep] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, msg=name)

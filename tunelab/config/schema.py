@@ -121,6 +121,10 @@ class TrainConfig:
     """Longest answer to an evaluation question, in tokens."""
     use_tensorboard: bool = False
     """Also write TensorBoard logs (pip install tensorboard)."""
+    check_memory: bool = True
+    """On a GPU, before loading: stop when the memory estimate (`tunelab plan`) is more than the card, naming settings
+    that would fit; a run that fits only without the allocator's usual slack starts with a warning. False: start
+    anyway (a warning still says what the estimate is)."""
 
     # --- speed (each part of the fast path can be switched off) -------------------------------
     use_varlen_attention: bool = True

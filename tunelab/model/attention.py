@@ -69,6 +69,7 @@ def _varlen_flash(q, k, v, cu, max_len, scale):
     return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
+@torch.compiler.disable  # a loop over the boundaries' values: compiled, it would recompile for every new batch
 def _segmented_sdpa(q, k, v, cu, scale):
     """The same computation with plain sdpa, one sample at a time (CPU, fp32, or no varlen kernel)."""
     out = torch.empty_like(q)
@@ -93,12 +94,24 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     max_len = kwargs.get("max_length_q") or t
     if USE_CUDNN_FOR_WHOLE_ROWS and query.is_cuda and max_len == t and cu.numel() == b + 1:
         return _cudnn_whole_rows(query, key, value, scaling), None
-    q = query.transpose(1, 2).reshape(b * t, hq, d)
-    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
-    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
+    dtype = attention_dtype(query)
+    q = query.transpose(1, 2).reshape(b * t, hq, d).to(dtype)
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d).to(dtype)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d).to(dtype)
     fast = _KERNEL is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     out = _varlen_flash(q, k, v, cu, max_len, scaling) if fast else _segmented_sdpa(q, k, v, cu, scaling)
     return out.view(b, t, hq, d), None
+
+
+def attention_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: autocast's, as it would cast sdpa's inputs, else the query's own.
+
+    With fp32 master weights (full fine-tuning) the projections come out of autocast in bf16, but RoPE's fp32 tables
+    promote q and k back to fp32; sdpa would be autocast to bf16 again, a custom kernel is not."""
+    device = query.device.type
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
 
 
 # Rows that are each one whole sample (long-context training, no packing) need no varlen kernel: plain causal

@@ -12,7 +12,8 @@ Two things make them agree with one process on the same global batch:
 
 * The loss is computed *through* the wrapper (`forward_loss`): our chunked loss calls the decoder and reads
   `lm_head.weight` directly, which would skip DDP's gradient hooks and FSDP's/ZeRO-3's gathering of the root weights.
-  `prepare_for_training` therefore wraps a `LossModule` whose forward is `causal_lm_loss`.
+  `prepare_for_training` therefore wraps a `LossModule` whose forward is `causal_lm_loss`, and under ZeRO-3 registers
+  lm_head's weight as an external parameter of it.
 * Every engine *averages* gradients over ranks, while the loop divides the loss by the trained tokens of the whole
   global batch (all ranks, all accumulation steps). `backward()` multiplies by world_size to undo the average, so
   every trained token weighs the same whatever the number of ranks.
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.model.loss import causal_lm_loss
+from tunelab.model.loss import causal_lm_loss, split_model
 
 
 @dataclass
@@ -179,6 +180,14 @@ def prepare_for_training(model, env: DistEnv, cfg=None, optimizer=None):
         if optimizer is None:
             raise TunelabError("internal: prepare_for_training(..., optimizer=) is required with deepspeed.")
         ds_config = build_deepspeed_config(cfg, precision=_precision_name(model, env), world_size=env.world_size)
+        if ds_config["zero_optimization"].get("stage") == 3:
+            # ZeRO-3 gathers a module's weights around that module's forward, and the chunked loss reads lm_head's
+            # weight without calling lm_head: registered with the root, it is gathered for the whole step.
+            # (Recent DeepSpeed detects such reads itself; saying it keeps older ones right.)
+            _, head, _ = split_model(model)
+            for param in (head.weight, head.bias):
+                if param is not None:
+                    deepspeed.zero.register_external_parameter(wrapped, param)
         engine, *_ = deepspeed.initialize(model=wrapped, optimizer=getattr(optimizer, "optimizer", optimizer),
                                           config=ds_config, dist_init_required=False)
         env.engine, env.zero_stage = "deepspeed", int(ds_config["zero_optimization"].get("stage", 0))
@@ -250,8 +259,11 @@ def unwrap_loss_module(model) -> LossModule:
     return model.module if hasattr(model, "module") else model
 
 
-def clip_and_step(model, optimizer, max_norm: float, env: DistEnv) -> float:
-    """Clip gradients (max_norm > 0), step the optimizer, zero the gradients; returns the gradient norm."""
+def clip_and_step(model, optimizer, max_norm: float, env: DistEnv, *, keep_grad_buffers: bool = False) -> float:
+    """Clip gradients (max_norm > 0), step the optimizer, zero the gradients; returns the gradient norm.
+
+    keep_grad_buffers: zero the .grad tensors in place instead of freeing them (see `loop.allocate_grad_buffers`).
+    """
     if _is_deepspeed(model):
         model.step()  # clipping (gradient_clipping), the step and zeroing are the engine's
         norm = model.get_global_grad_norm()
@@ -264,7 +276,7 @@ def clip_and_step(model, optimizer, max_norm: float, env: DistEnv) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grad_buffers)
     if env.engine == "ddp":
         unwrap_loss_module(model).forward_calls = 0
     return float(norm)
