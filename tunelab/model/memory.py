@@ -124,14 +124,17 @@ class MemoryEstimate:
         return None if self.device_bytes is None else self.with_overhead <= self.device_bytes
 
     @property
+    def exceeds(self) -> bool | None:
+        """The peak and the CUDA context alone are more than the card (None: no device to compare with)."""
+        return None if self.device_bytes is None else self.total + CUDA_CONTEXT_BYTES > self.device_bytes
+
+    @property
     def verdict(self) -> str | None:
         """'fits'; 'tight' when only the slack is missing (the estimate is within ~10% of measured peaks, so such
-        a run may well fit); 'does NOT fit' when the peak and the CUDA context alone are more than the card."""
+        a run may well fit); 'does NOT fit' when it `exceeds` the card."""
         if self.device_bytes is None:
             return None
-        if self.fits:
-            return "fits"
-        return "tight" if self.total + CUDA_CONTEXT_BYTES <= self.device_bytes else "does NOT fit"
+        return "fits" if self.fits else "does NOT fit" if self.exceeds else "tight"
 
 
 def model_shape(name_or_path: str) -> ModelShape:
@@ -209,14 +212,14 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
             parts["frozen/base weights"] = trainable * 4
             # autocast casts each weight to bf16 once a forward and keeps the copy until the forward is done
             parts["bf16 weight copies (autocast)"] = trainable * 2
-            grads, grads_name = trainable * 4, "gradients at the peak"
+            grads, grads_name = trainable * 4, "gradients"
         else:  # bf16 weights, and so bf16 gradients and AdamW states
-            grads, grads_name = trainable * 2, "gradients at the peak"
+            grads, grads_name = trainable * 2, "gradients"
             adam_bytes //= 2
     else:
         trainable = _lora_params(shape, cfg)
         parts["LoRA params (fp32)"] = trainable * 4
-        grads, grads_name = trainable * 4, "LoRA gradients at the peak"
+        grads, grads_name = trainable * 4, "LoRA gradients"
     parts["AdamW states"] = trainable * adam_bytes
 
     a_h, a_i = ACT_PER_TOKEN[cfg.method]
@@ -248,8 +251,7 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     # From the second micro-batch of an accumulated step on, the first one's gradients are all there while this
     # one's activations build up: they add to the peak whole (measured: +9% for Qwen2.5-1.5B full, bs 8, acc 2).
     accumulating = cfg.accumulative_counts > 1
-    if accumulating:
-        grads_name = grads_name.replace("at the peak", "(kept across micro-batches)")
+    grads_name += " (kept across micro-batches)" if accumulating else " at the peak"
     if checkpointing:
         # The peak is early in backward: one saved input per layer, the last layer recomputed, the loss chunk;
         # or late in backward, when the gradients are all there but the saved inputs are gone.

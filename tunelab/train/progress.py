@@ -225,7 +225,7 @@ def check_memory_fits(cfg, device: torch.device, log=print) -> None:
             f"{held} in CPU memory, and this machine has {cpu_free / 2**30:.1f} GiB available. Lower max_length (or "
             f"batch_size), free CPU memory, or set {' / '.join(f'{name} = False' for name in estimate.cpu_offload)} "
             "if the GPU can hold it.")
-    if estimate.verdict == "does NOT fit" and cfg.check_memory:
+    if estimate.exceeds and cfg.check_memory:
         raise TunelabError("this run does not fit in GPU memory (estimate below). Change the settings marked "
                            "'try:' in the config or with --cfg-options, then run again (or set check_memory = False "
                            "to start anyway).\n" + plan_report(cfg, device))
