@@ -11,7 +11,8 @@ matters here. The data is synthetic alpaca rows of instruction-data lengths, pac
 every micro-batch trains nearly bs x seq tokens on each GPU.
 
 From each run's train_log.jsonl: tokens/s of the whole machine (median over the steps after --warmup, which compile),
-the same per GPU and as a fraction of the first run's per-GPU figure (scaling efficiency), rank 0's peak allocated
+the same per GPU and as a fraction of the first run's per-GPU figure (scaling efficiency), MFU per GPU (as bench.py
+counts it; tokens are real tokens, so rows that packing leaves part-empty count against it), rank 0's peak allocated
 and reserved memory, and the loss at the first and last step: every engine starts from the same weights and sees the same global
 batches when N is the same, so their losses should agree. Rows also go to $OUT/scaling.json after each run.
 """
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -52,6 +54,7 @@ prompt_template = "qwen_chat"
 max_length = {seq}
 batch_size = {bs}
 accumulative_counts = {acc}
+optimizer = {optimizer!r}
 lr = 1e-5
 lora_r = 64
 lora_alpha = 16
@@ -121,9 +124,24 @@ def run_one(args, nproc: int, engine: str, root: Path) -> dict:
                    peak_gib=max(r["memory_gb"] for r in steps),
                    reserved_gib=max(r.get("memory_reserved_gb", 0) for r in steps), loss_first=round(steps[0]["loss"], 4),
                    loss_last=round(steps[-1]["loss"], 4), steps=len(steps))
+        row["mfu_gpu"] = mfu_per_gpu(row["tok_s_gpu"], root / f"model_{args.shape}", args.method, said)
     if failed or not timed:
         row["error"] = tail
     return row
+
+
+def mfu_per_gpu(tok_s_gpu: float, model_dir: Path, method: str, said: list[str]) -> float:
+    """Model FLOPs utilisation of one GPU, counted as bench.py counts it: matmul FLOPs of the decoder linears and
+    lm_head (attention left out), 6N a token for full fine-tuning, 4N for LoRA / QLoRA, plus 2N for each layer that
+    `tunelab train` said it checkpoints (recomputed forward); against 989 TFLOP/s (H100 / H200 dense bf16)."""
+    from tunelab.model.memory import model_shape
+
+    shape = model_shape(str(model_dir))
+    n_matmul = shape.num_hidden_layers * shape.layer_linear_params() + shape.vocab_size * shape.hidden_size
+    found = re.search(r"'checkpointing': '(\d+) layers'", " ".join(said))
+    recomputed = int(found.group(1)) / shape.num_hidden_layers if found else 0.0
+    flops = (6 if method == "full" else 4) * n_matmul + 2 * n_matmul * recomputed
+    return round(tok_s_gpu * flops / 989e12, 3)
 
 
 def main(argv=None) -> int:
@@ -133,6 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=4)
     parser.add_argument("--acc", type=int, default=1, help="accumulative_counts (micro-batches a step)")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"],
+                        help="the qlora configs ship with adamw_8bit")
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=4, help="steps left out of the median (compilation)")
     parser.add_argument("--runs", nargs="+", default=["1:none", "2:ddp"], help="GPUS:ENGINE, ENGINE one of "
@@ -151,7 +171,8 @@ def main(argv=None) -> int:
     data = root / "data.json"
     write_data(data, rows=int(1.5 * args.steps * args.acc * args.bs * max_gpus * args.seq / 300) + 16)
     (root / f"{args.method}.py").write_text(CONFIG.format(model=str(model_dir), method=args.method, data=str(data),
-                                                          seq=args.seq, bs=args.bs, acc=args.acc, steps=args.steps))
+                                                          seq=args.seq, bs=args.bs, acc=args.acc, steps=args.steps,
+                                                          optimizer=args.optimizer))
     out_path = Path(os.environ.get("OUT", ".")) / "scaling.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -164,15 +185,15 @@ def main(argv=None) -> int:
     base = next((r["tok_s_gpu"] for r in rows if "tok_s_gpu" in r), None)
     print(f"\n{args.shape} {args.method}, {args.seq} tokens x {args.bs} rows x {args.acc} micro-batches a GPU, "
           f"median of steps after {args.warmup}")
-    print("| GPUs | engine | tok/s | tok/s per GPU | scaling | peak alloc / reserved GiB (rank 0) | loss step 1 -> last "
-          "| run s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| GPUs | engine | tok/s | tok/s per GPU | scaling | MFU | peak alloc / reserved GiB (rank 0) "
+          "| loss step 1 -> last | run s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "tok_s" not in r:
-            print(f"| {r['gpus']} | {r['engine']} | failed | | | | | {r['wall_s']} |")
+            print(f"| {r['gpus']} | {r['engine']} | failed | | | | | | {r['wall_s']} |")
             continue
         scaling = f"{r['tok_s_gpu'] / base:.0%}" if base else "-"
-        print(f"| {r['gpus']} | {r['engine']} | {r['tok_s']:,} | {r['tok_s_gpu']:,} | {scaling} | {r['peak_gib']:.2f} / {r['reserved_gib']:.2f} "
+        print(f"| {r['gpus']} | {r['engine']} | {r['tok_s']:,} | {r['tok_s_gpu']:,} | {scaling} | {r['mfu_gpu']:.1%} | {r['peak_gib']:.2f} / {r['reserved_gib']:.2f} "
               f"| {r['loss_first']} -> {r['loss_last']} | {r['wall_s']} |")
     return 0
 

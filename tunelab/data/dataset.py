@@ -32,7 +32,7 @@ from tunelab.data.packing import TokenRows, pack_rows
 from tunelab.data.templates import get_template
 from tunelab.errors import TunelabError
 
-CACHE_VERSION = 1  # bump when the encoding changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when the encoding or packing changes, so old caches are not reused (2: best-fit packing)
 CHUNK = 1000  # samples per tokenizer call / per worker task
 MAX_REPORTED_INVALID = 20
 

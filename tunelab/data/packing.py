@@ -4,12 +4,14 @@
 "position_ids"}`` (lists of int). It stores every row end to end in three int32 arrays plus row offsets, saved as
 .npy files and memory-mapped on load, so a cached dataset of millions of tokens opens at once.
 
-Packing concatenates whole samples into rows of at most max_length tokens. Position ids restart at 0 at each
-sample: that is how sample boundaries travel to attention (docs/DESIGN.md, Rows). A sample is never split.
+Packing concatenates whole samples into rows of at most max_length tokens, each into the row it fills most tightly
+(`pack_rows`). Position ids restart at 0 at each sample: that is how sample boundaries travel to attention
+(docs/DESIGN.md, Rows). A sample is never split.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from pathlib import Path
 from typing import Sequence
@@ -73,16 +75,28 @@ class TokenRows:
 
 
 def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:
-    """Greedy packing in the given order: add samples to the current row until the next one does not fit."""
-    rows: list[dict] = []
-    current = {k: [] for k in _KEYS}
-    for sample in samples:
-        n = len(sample["input_ids"])
-        if current["input_ids"] and len(current["input_ids"]) + n > max_length:
-            rows.append(current)
-            current = {k: [] for k in _KEYS}
-        for k in _KEYS:
-            current[k].extend(sample[k])
-    if current["input_ids"]:
-        rows.append(current)
-    return rows
+    """Best-fit packing: each sample, in the given order, goes into the open row it fills most tightly (the least room
+    that still holds it), or starts a new row.
+
+    Filling one row at a time and closing it when the next sample does not fit leaves about half a sample empty at
+    the end of every row: ~10% of a 2048-token row for instruction data of ~350 tokens, ~25% when samples run up to
+    max_length. Best fit fills such rows 97-99% (benchmarks/bench_data.py), so a step trains that many more real
+    tokens for the same compute. Rows are listed in the order they were opened, and a row's samples keep their order;
+    the loop visits rows in a seeded permutation each epoch anyway."""
+    if not samples:
+        return []
+    lengths = [len(s["input_ids"]) for s in samples]
+    shortest = min(lengths)
+    members: list[list[int]] = []  # row -> indices of its samples
+    open_rows: list[tuple[int, int]] = []  # (room left, row), sorted: bisect finds the tightest row that fits
+    for i, n in enumerate(lengths):
+        j = bisect.bisect_left(open_rows, (n, -1))
+        if j < len(open_rows):
+            room, row = open_rows.pop(j)
+        else:
+            room, row = max_length, len(members)
+            members.append([])
+        members[row].append(i)
+        if room - n >= shortest:  # a row no sample can join any more is closed for good
+            bisect.insort(open_rows, (room - n, row))
+    return [{k: list(itertools.chain.from_iterable(samples[i][k] for i in row)) for k in _KEYS} for row in members]
