@@ -13,8 +13,8 @@ every micro-batch trains nearly bs x seq tokens on each GPU.
 From each run's train_log.jsonl: tokens/s of the whole machine (median over the steps after --warmup, which compile),
 the same per GPU and as a fraction of the first run's per-GPU figure (scaling efficiency), MFU per GPU (as bench.py
 counts it; tokens are real tokens, so rows that packing leaves part-empty count against it), rank 0's peak allocated
-and reserved memory, and the loss at the first and last step: every engine starts from the same weights and sees the same global
-batches when N is the same, so their losses should agree. Rows also go to $OUT/scaling.json after each run.
+and reserved memory, and the loss at the first and last step: every engine starts from the same weights and sees the
+same global batches when N is the same, so their losses should agree. Rows also go to $OUT/scaling.json after each run.
 """
 
 from __future__ import annotations
@@ -193,8 +193,9 @@ def main(argv=None) -> int:
             print(f"| {r['gpus']} | {r['engine']} | failed | | | | | | {r['wall_s']} |")
             continue
         scaling = f"{r['tok_s_gpu'] / base:.0%}" if base else "-"
-        print(f"| {r['gpus']} | {r['engine']} | {r['tok_s']:,} | {r['tok_s_gpu']:,} | {scaling} | {r['mfu_gpu']:.1%} | {r['peak_gib']:.2f} / {r['reserved_gib']:.2f} "
-              f"| {r['loss_first']} -> {r['loss_last']} | {r['wall_s']} |")
+        print(f"| {r['gpus']} | {r['engine']} | {r['tok_s']:,} | {r['tok_s_gpu']:,} | {scaling} | {r['mfu_gpu']:.1%} "
+              f"| {r['peak_gib']:.2f} / {r['reserved_gib']:.2f} | {r['loss_first']} -> {r['loss_last']} "
+              f"| {r['wall_s']} |")
     return 0
 
 

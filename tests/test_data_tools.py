@@ -44,6 +44,20 @@ def test_check_dataset_reports_counts_and_histogram(tmp_path, tiny_tokenizer_dir
     assert "truncated:" in out and "token lengths: min" in out and "#" in out
 
 
+def test_check_dataset_counts_the_rows_training_packs(tmp_path, tiny_tokenizer_dir, capsys):
+    cfg = _config(tmp_path, tiny_tokenizer_dir, max_length=128, shuffle_before_pack=False)
+    assert main(["check-dataset", str(cfg)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("packing:"))
+    train_cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_tokenizer_dir),
+                            data_path=str(tmp_path / "data.jsonl"), prompt_template="qwen_chat", max_length=128,
+                            shuffle_before_pack=False)
+    from transformers import AutoTokenizer
+
+    stats = build_datasets(train_cfg, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), log=lambda m: None).stats
+    assert line.startswith(f"packing: about {stats.rows} rows of 128 tokens, ")
+    assert f"{stats.tokens / (stats.rows * 128):.1%} full" in line
+
+
 def test_check_dataset_on_a_data_file(tmp_path, tiny_tokenizer_dir, capsys):
     (tmp_path / "d.json").write_text(json.dumps([{"instruction": "Hi", "output": "Hello"}] * 5))
     code = main(["check-dataset", str(tmp_path / "d.json"), "--format", "alpaca", "--tokenizer",

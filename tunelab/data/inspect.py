@@ -15,6 +15,7 @@ import numpy as np
 
 from tunelab.data.dataset import DataStats, build_datasets, read_samples, resolve_sources
 from tunelab.data.encode import IGNORE_INDEX, encode_batch
+from tunelab.data.packing import best_fit_rows
 from tunelab.data.templates import get_template
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -61,9 +62,13 @@ def check_dataset(cfg, tokenizer, *, config_dir: str | None = None, out: Callabl
             f"95th percentile {np.percentile(lengths, 95):.0f}")
         for line in length_histogram(lengths, cfg.max_length):
             out(line)
-    if cfg.pack_to_max_length and len(lengths):
-        out(f"packing: about {max(1, round(int(np.minimum(lengths, cfg.max_length).sum()) / cfg.max_length))} rows "
-            f"of {cfg.max_length} tokens")
+    if cfg.pack_to_max_length and len(bundle.train_rows):
+        # the samples as training packs them (best fit), in file order: training shuffles first, which moves the
+        # count by a row or so
+        kept = bundle.train_rows.row_lengths()
+        n_rows = len(best_fit_rows(kept.tolist(), cfg.max_length))
+        out(f"packing: about {n_rows} rows of {cfg.max_length} tokens, {kept.sum() / (n_rows * cfg.max_length):.1%} "
+            f"full")
     out("OK: every record is valid." if not s.skipped_invalid else
         f"{s.skipped_invalid} invalid records: fix them, or set skip_invalid = True to train without them.")
     return s

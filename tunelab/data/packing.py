@@ -5,7 +5,7 @@
 .npy files and memory-mapped on load, so a cached dataset of millions of tokens opens at once.
 
 Packing concatenates whole samples into rows of at most max_length tokens, each into the row it fills most tightly
-(`pack_rows`). Position ids restart at 0 at each sample: that is how sample boundaries travel to attention
+(`best_fit_rows`). Position ids restart at 0 at each sample: that is how sample boundaries travel to attention
 (docs/DESIGN.md, Rows). A sample is never split.
 """
 
@@ -75,28 +75,33 @@ class TokenRows:
 
 
 def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:
-    """Best-fit packing: each sample, in the given order, goes into the open row it fills most tightly (the least room
-    that still holds it), or starts a new row.
+    """Concatenate whole samples into rows of at most max_length tokens, as `best_fit_rows` groups them."""
+    groups = best_fit_rows([len(s["input_ids"]) for s in samples], max_length)
+    return [{k: list(itertools.chain.from_iterable(samples[i][k] for i in group)) for k in _KEYS} for group in groups]
+
+
+def best_fit_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Which samples share a row: each sample, in the given order, goes into the open row it fills most tightly (the
+    least room that still holds it), or starts a new row. Returns each row's sample indices.
 
     Filling one row at a time and closing it when the next sample does not fit leaves about half a sample empty at
     the end of every row: ~10% of a 2048-token row for instruction data of ~350 tokens, ~25% when samples run up to
     max_length. Best fit fills such rows 97-99% (benchmarks/bench_data.py), so a step trains that many more real
     tokens for the same compute. Rows are listed in the order they were opened, and a row's samples keep their order;
     the loop visits rows in a seeded permutation each epoch anyway."""
-    if not samples:
+    if not len(lengths):
         return []
-    lengths = [len(s["input_ids"]) for s in samples]
     shortest = min(lengths)
-    members: list[list[int]] = []  # row -> indices of its samples
+    groups: list[list[int]] = []
     open_rows: list[tuple[int, int]] = []  # (room left, row), sorted: bisect finds the tightest row that fits
     for i, n in enumerate(lengths):
         j = bisect.bisect_left(open_rows, (n, -1))
         if j < len(open_rows):
             room, row = open_rows.pop(j)
         else:
-            room, row = max_length, len(members)
-            members.append([])
-        members[row].append(i)
+            room, row = max_length, len(groups)
+            groups.append([])
+        groups[row].append(i)
         if room - n >= shortest:  # a row no sample can join any more is closed for good
             bisect.insort(open_rows, (room - n, row))
-    return [{k: list(itertools.chain.from_iterable(samples[i][k] for i in row)) for k in _KEYS} for row in members]
+    return groups
