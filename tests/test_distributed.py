@@ -45,6 +45,7 @@ def train_step(model_dir, engine: str, out_dir: Path) -> None:
 
     from tunelab.data.collate import collate
     from tunelab.train import distributed as dist
+    from tunelab.train.sharded_state import gather_full_state_dict
 
     env = dist.init_distributed("cpu")
     model = load_model(model_dir)
@@ -69,7 +70,7 @@ def train_step(model_dir, engine: str, out_dir: Path) -> None:
             grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[name] = grad.detach().clone()
     norm = dist.clip_and_step(model, optimizer, 1.0, env)
-    weights = dist.gather_full_state_dict(model, env)
+    weights = gather_full_state_dict(model, env)
     result = {"loss": dist.all_reduce_sum(loss_total, env).item(), "norm": norm, "grads": grads, "weights": weights}
     if env.is_main:
         torch.save(result, out_dir / f"{engine}.pt")

@@ -74,6 +74,7 @@ def save_checkpoint(work_dir: Path, step: int, *, model, tokenizer, optimizer, s
     """
     from tunelab.model.load import write_meta
     from tunelab.train import distributed as dist
+    from tunelab.train.sharded_state import gather_full_state_dict, save_sharded_optimizer
 
     env = env or dist.DistEnv()
     work_dir = Path(work_dir)
@@ -85,9 +86,9 @@ def save_checkpoint(work_dir: Path, step: int, *, model, tokenizer, optimizer, s
         tmp.mkdir(parents=True)
     dist.barrier(env)
     inner = dist.unwrap(model)
-    weights = dist.gather_full_state_dict(model, env, trainable_only=hasattr(inner, "peft_config")) if sharded else None
+    weights = gather_full_state_dict(model, env, trainable_only=hasattr(inner, "peft_config")) if sharded else None
     if sharded:
-        dist.save_sharded_optimizer(model, optimizer, env, tmp / "optimizer")
+        save_sharded_optimizer(model, optimizer, env, tmp / "optimizer")
     if not env.is_main:  # each rank's own generators (dropout masks differ by rank); rank 0's go in STATE_FILE
         torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
     dist.barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
@@ -204,7 +205,7 @@ def load_optimizer_state(model, optimizer, env, checkpoint: Path, state: dict) -
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     else:
-        from tunelab.train.distributed import load_sharded_optimizer
+        from tunelab.train.sharded_state import load_sharded_optimizer
 
         load_sharded_optimizer(model, optimizer, env, Path(checkpoint) / "optimizer")
 
