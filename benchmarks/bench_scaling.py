@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench.py's MFU count
 # bench name -> (transformers model_type, the hub id whose shape tunelab.model.memory knows, or the shape itself;
 # "tiny" tries the script out on a CPU)
 SHAPES = {"qwen2_5_0_5b": ("qwen2", "Qwen/Qwen2.5-0.5B-Instruct"),
@@ -134,14 +135,14 @@ def mfu_per_gpu(tok_s_gpu: float, model_dir: Path, method: str, said: list[str])
     """Model FLOPs utilisation of one GPU, counted as bench.py counts it: matmul FLOPs of the decoder linears and
     lm_head (attention left out), 6N a token for full fine-tuning, 4N for LoRA / QLoRA, plus 2N for each layer that
     `tunelab train` said it checkpoints (recomputed forward); against 989 TFLOP/s (H100 / H200 dense bf16)."""
+    from bench import PEAK_FLOPS, matmul_params
     from tunelab.model.memory import model_shape
 
-    shape = model_shape(str(model_dir))
-    n_matmul = shape.num_hidden_layers * shape.layer_linear_params() + shape.vocab_size * shape.hidden_size
+    n_matmul = matmul_params(model_dir)
     found = re.search(r"'checkpointing': '(\d+) layers'", " ".join(said))
-    recomputed = int(found.group(1)) / shape.num_hidden_layers if found else 0.0
+    recomputed = int(found.group(1)) / model_shape(str(model_dir)).num_hidden_layers if found else 0.0
     flops = (6 if method == "full" else 4) * n_matmul + 2 * n_matmul * recomputed
-    return round(tok_s_gpu * flops / 989e12, 3)
+    return round(tok_s_gpu * flops / PEAK_FLOPS, 3)
 
 
 def main(argv=None) -> int:
