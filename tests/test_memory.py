@@ -83,7 +83,9 @@ I2_7B, I2_1_8B = "internlm/internlm2-chat-7b", "internlm/internlm2-chat-1_8b"
     # Longest context again with round 6's loss and the input embedding in CPU memory (session 6, limits searched):
     *[(LLAMA3, "qlora", n, 1, None, False, peak, dict(lora_r=32, lora_dropout=0.0, optimizer="adamw_8bit",
                                                       offload_activations=True, embeddings_on_cpu=True))
-      for n, peak in ((2972, 6.25), (5974, 6.98), (21848, 8.98), (33226, 10.61), (40724, 11.82), (53856, 13.93))],
+      for n, peak in ((2972, 6.25), (5974, 6.98), (21848, 8.98), (33226, 10.61), (40724, 11.82), (53856, 13.93),
+                      # session 7: 24 GB and 40 GB searched
+                      (78475, 17.91), (177074, 31.76))],
 ])
 def test_estimate_within_ten_percent_of_measured_peaks(model, method, seq, bs, ckpt, compiled, measured, extra):
     # rounds 1-4 kept the input embedding on the GPU; bench.py takes one micro-batch a step unless acc= says more
