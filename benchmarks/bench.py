@@ -209,17 +209,16 @@ def time_steps(model, optimizer, cfg, case, vocab, steps=8, warm=3) -> dict:
                 step_s=[round(t, 3) for t in times])  # every step, warm-up included: where a slow one falls
 
 
-def matmul_params(path) -> int:
-    """N of the MFU: the weights of the decoder linears and lm_head, counted from the shape (attention left out)."""
-    from tunelab.model.memory import model_shape
-
-    shape = model_shape(str(path))
+def matmul_params(shape) -> int:
+    """N of the MFU: the weights of the decoder linears and lm_head of a `ModelShape` (attention left out)."""
     return shape.num_hidden_layers * shape.layer_linear_params() + shape.vocab_size * shape.hidden_size
 
 
 def flops_per_token(cfg, path) -> float:
     """Matmul FLOPs a token: 6N full fine-tuning, 4N LoRA / QLoRA, +2N when checkpointing recomputes the forward."""
-    n_matmul = matmul_params(path)
+    from tunelab.model.memory import model_shape
+
+    n_matmul = matmul_params(model_shape(path))
     ckpt = cfg.resolved_gradient_checkpointing()
     return (6 if cfg.method == "full" else 4) * n_matmul + (2 * n_matmul if ckpt else 0)
 

@@ -138,9 +138,10 @@ def mfu_per_gpu(tok_s_gpu: float, model_dir: Path, method: str, said: list[str])
     from bench import PEAK_FLOPS, matmul_params
     from tunelab.model.memory import model_shape
 
-    n_matmul = matmul_params(model_dir)
+    shape = model_shape(str(model_dir))
+    n_matmul = matmul_params(shape)
     found = re.search(r"'checkpointing': '(\d+) layers'", " ".join(said))
-    recomputed = int(found.group(1)) / model_shape(str(model_dir)).num_hidden_layers if found else 0.0
+    recomputed = int(found.group(1)) / shape.num_hidden_layers if found else 0.0
     flops = (6 if method == "full" else 4) * n_matmul + 2 * n_matmul * recomputed
     return round(tok_s_gpu * flops / PEAK_FLOPS, 3)
 
@@ -152,8 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=4)
     parser.add_argument("--acc", type=int, default=1, help="accumulative_counts (micro-batches a step)")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"],
-                        help="the qlora configs ship with adamw_8bit")
+    parser.add_argument("--optimizer", default="adamw", help="the config's optimizer (the qlora configs ship with "
+                        "adamw_8bit); tunelab train checks the name")
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=4, help="steps left out of the median (compilation)")
     parser.add_argument("--runs", nargs="+", default=["1:none", "2:ddp"], help="GPUS:ENGINE, ENGINE one of "
