@@ -60,6 +60,33 @@ def encode_messages(template, tokenizer, messages: list[dict], max_length: int, 
     return encode_batch(template, tokenizer, [sample], max_length, train_on)[0][0].row
 
 
+def _piece_starts(encoding, segments: list[tuple[str, bool]]) -> list[int]:
+    """Index of the first token of each piece: the first token whose last character lies in that piece or later.
+    (A token that straddles a join belongs to the piece holding its last character.)"""
+    starts, char, n = [], 0, len(encoding.ids)
+    for text, _ in segments:
+        token = None
+        for c in range(char, char + len(text)):  # a character no token covers (trimmed offsets): try the next
+            token = encoding.char_to_token(c)
+            if token is not None:
+                break
+        starts.append(n if token is None else token)
+        char += len(text)
+    for k in range(len(starts) - 2, -1, -1):  # an empty piece starts where the next one does
+        starts[k] = min(starts[k], starts[k + 1])
+    return starts
+
+
+def _labels(ids: list[int], starts: list[int], segments: list[tuple[str, bool]], train_on: str) -> list[int]:
+    if train_on == "all":
+        return list(ids)
+    labels: list[int] = []
+    ends = starts[1:] + [len(ids)]
+    for (_, trained), a, b in zip(segments, starts, ends):
+        labels += ids[a:b] if trained else [IGNORE_INDEX] * (b - a)
+    return labels
+
+
 def _labels_from_offsets(ids: list[int], offsets, segments: list[tuple[str, bool]], train_on: str) -> list[int]:
     """Label each token by the piece holding the last character it covers (trained piece -> its id, else -100)."""
     if train_on == "all":
@@ -108,11 +135,12 @@ def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _ids_and_offsets(tokenizer, texts: list[str]) -> Optional[list[tuple[list[int], list]]]:
-    """(ids, character offsets) of each text, or None when the tokenizer has no offsets (a slow tokenizer)."""
+def _ids_and_offsets(tokenizer, texts: list[str]):
+    """The Rust encodings of the texts (ids and character offsets), a list of (ids, offsets), or None when the
+    tokenizer has no offsets (a slow tokenizer)."""
     backend = _backend(tokenizer)
     if backend is not None:
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return backend.encode_batch(texts, add_special_tokens=False)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return list(zip(enc["input_ids"], enc["offset_mapping"]))
@@ -157,7 +185,12 @@ def _encode_conversations(tokenizer, conversations: list[list[tuple[str, bool]]]
         ids = iter(token_ids(tokenizer, flat) if flat else [])
         return [_join([(next(ids), trained) for _, trained in segs], train_on, max_length) for segs in conversations]
     out = []
-    for segs, (ids, offsets) in zip(conversations, tokenised):
-        ids = list(ids)
-        out.append(_finish(ids, _labels_from_offsets(ids, offsets, segs, train_on) if ids else [], max_length))
+    for segs, encoding in zip(conversations, tokenised):
+        if isinstance(encoding, tuple):
+            ids = list(encoding[0])
+            labels = _labels_from_offsets(ids, encoding[1], segs, train_on) if ids else []
+        else:
+            ids = encoding.ids
+            labels = _labels(ids, _piece_starts(encoding, segs), segs, train_on)
+        out.append(_finish(ids, labels, max_length))
     return out
