@@ -49,7 +49,7 @@ def test_chat_formats_train_on_the_answer(tmp_path, tiny_tokenizer, fmt, declare
     bundle = build_datasets(_cfg(path, data_format=fmt if declared == "explicit" else "auto"), tiny_tokenizer,
                             log=lambda m: None)
     assert _texts(bundle, tiny_tokenizer) == [(
-        f"<|im_start|>user\n{QA[0]}<|im_end|>\n<|im_start|>assistant\n{QA[1]}<|im_end|>", f"{QA[1]}<|im_end|>")]
+        f"<|im_start|>user\n{QA[0]}<|im_end|>\n<|im_start|>assistant\n{QA[1]}<|im_end|>\n", f"{QA[1]}<|im_end|>")]
     assert bundle.stats.sources[0]["format"] == fmt
 
 

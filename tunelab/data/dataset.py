@@ -32,7 +32,7 @@ from tunelab.data.packing import TokenRows, pack_rows
 from tunelab.data.templates import get_template
 from tunelab.errors import TunelabError
 
-CACHE_VERSION = 2  # bump when the encoding or packing changes, so old caches are not reused (2: best-fit packing)
+CACHE_VERSION = 3  # bump when the encoding or packing changes, so old caches are not reused (3: ids of the whole text)
 CHUNK = 1000  # samples per tokenizer call / per worker task
 MAX_REPORTED_INVALID = 20
 
@@ -289,7 +289,7 @@ def cache_key(cfg, tokenizer, template, sources: list[Source]) -> str:
             files.append(s.path)
     parts = {
         "version": CACHE_VERSION, "files": files, "sources": [(s.path, s.format, s.ratio) for s in sources],
-        "tokenizer": _tokenizer_fingerprint(tokenizer), "template": [template.name, template.render(PROBE)],
+        "tokenizer": _tokenizer_fingerprint(tokenizer), "template": [template.name, template.render(PROBE), template.to_jinja()],
         "map_fn": _function_fingerprint(cfg.dataset_map_fn),
         **{k: getattr(cfg, k) for k in ("data_format", "SYSTEM", "max_length", "pack_to_max_length",
                                        "shuffle_before_pack", "train_on", "skip_invalid", "eval_split_ratio",
