@@ -29,9 +29,10 @@ from typing import Any, Literal, Union
 
 from tunelab.config import schema
 from tunelab.config.schema import TrainConfig
+from tunelab.data.formats import FORMATS
 from tunelab.errors import TunelabError
 
-DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "conversation", "text", "agent")
+DATA_FORMATS = ("auto", *FORMATS)  # the data step's names: one list
 DEEPSPEED_PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
 
 # Names other tools use for the same setting: a user coming from them gets pointed at ours.
