@@ -239,3 +239,12 @@ def test_check_dataset_without_a_tokenizer_and_closed_pipes(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "records read:        400" in done.stdout
     assert "pass --tokenizer DIR for token lengths" in done.stdout
+
+
+def test_check_dataset_on_a_config_whose_model_is_not_here(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text(json.dumps(_chat("q", "a")) + "\n")
+    (tmp_path / "cfg.py").write_text("pretrained_model_name_or_path = '/nowhere/model'\ndata_path = 'd.jsonl'\n")
+    assert main(["check-dataset", str(tmp_path / "cfg.py")]) == 0
+    captured = capsys.readouterr()
+    assert "checking the records without token statistics" in captured.err and "records read:        1" in \
+        captured.out

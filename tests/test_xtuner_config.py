@@ -11,7 +11,7 @@ import pytest
 
 from tunelab.cli.main import main
 from tunelab.config.loader import load_config
-from tunelab.config.xtuner_config import convert
+from tunelab.config.xtuner_convert import convert
 from tunelab.errors import TunelabError
 
 XTUNER = Path(__file__).parent / "fixtures" / "ecosystem" / "xtuner"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 FMT = argparse.RawDescriptionHelpFormatter
@@ -144,8 +145,15 @@ def _load(args, *, need_tokenizer: bool = True):
         raise TunelabError("--max-length must be a positive number")
     if source.suffix != ".py" and args.tokenizer is None:
         return cfg, None, config_dir
-    tokenizer = load_tokenizer(args.tokenizer or cfg.pretrained_model_name_or_path,
-                               trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or cfg.pretrained_model_name_or_path,
+                                   trust_remote_code=cfg.trust_remote_code)
+    except TunelabError as exc:
+        if need_tokenizer or args.tokenizer:
+            raise
+        # check-dataset on a config whose model is not here (offline): the records can still be checked
+        print(f"note: no tokenizer ({exc}); checking the records without token statistics", file=sys.stderr)
+        tokenizer = None
     return cfg, tokenizer, config_dir
 
 

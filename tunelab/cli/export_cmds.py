@@ -101,7 +101,7 @@ def _register_xtuner(verbs, fmt) -> None:
 
 
 def xtuner_config_cmd(args) -> int:
-    from tunelab.config.xtuner_config import convert
+    from tunelab.config.xtuner_convert import convert
 
     path, migration = convert(args.source, args.dest, force=args.force)
     print(f"wrote {path}")

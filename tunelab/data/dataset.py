@@ -161,7 +161,8 @@ def cache_key(cfg, tokenizer, template, sources: list[Source]) -> str:
         else:
             files.append(s.path)
     parts = {
-        "version": CACHE_VERSION, "files": files, "sources": [(s.path, s.format, s.ratio, s.placeholders, s.entry) for s in sources],
+        "version": CACHE_VERSION, "files": files,
+        "sources": [(s.path, s.format, s.ratio, s.placeholders, s.entry) for s in sources],
         "tokenizer": _tokenizer_fingerprint(tokenizer), "template": [template.name, template.render(PROBE)],
         "map_fn": _function_fingerprint(cfg.dataset_map_fn),
         **{k: getattr(cfg, k) for k in ("data_format", "SYSTEM", "max_length", "pack_to_max_length",

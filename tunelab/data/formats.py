@@ -45,6 +45,7 @@ _MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "hu
                   "assistant": "assistant", "tool": "tool", "function": "tool", "ipython": "tool",
                   "observation": "tool"}
 MEDIA_FIELDS = ("images", "image", "videos", "video", "audios", "audio")
+_MEDIA = frozenset(MEDIA_FIELDS)
 
 # Fields each format reads: the rest are reported by unused_fields. "[]" marks the fields of each list item.
 _READ = {
@@ -257,7 +258,7 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
             if _is_message_list(record) else ""
         raise fail(where, f"a record should be a JSON object, found {type(record).__name__}",
                    f"Fix the record.{hint}")
-    if images is None:
+    if images is None and not _MEDIA.isdisjoint(record):
         media = [k for k in MEDIA_FIELDS if record.get(k)]
         if media:
             raise fail(where, f"the record has {' and '.join(map(repr, media))} (a multimodal sample)",
@@ -278,12 +279,14 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
             return {"text": messages}
     else:
         raise TunelabError(f"unknown data_format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}")
-    msg.name_tool_results(messages)
+    if any(m["role"] == "tool" for m in messages):
+        msg.name_tool_results(messages)
     check_role_order(messages, where)
     sample = {"messages": messages}
-    found_tools = msg.tools(record.get("tools"), where) + msg.tools(record.get("functions"), where, "functions")
-    if found_tools:
-        sample["tools"] = found_tools
+    if record.get("tools") or record.get("functions"):
+        found = msg.tools(record.get("tools"), where) + msg.tools(record.get("functions"), where, "functions")
+        if found:
+            sample["tools"] = found
     return sample
 
 
@@ -296,14 +299,15 @@ def unused_fields(record: Any, fmt: str) -> list[str]:
         return []
     if fmt == "agent":
         fmt = "messages" if "messages" in record else "sharegpt"
-    out = [k for k in record if k not in _READ.get(fmt, set()) and k not in MEDIA_FIELDS]
-    for key, known in _READ_ITEM.items():
-        items = record.get(key) if key in _READ.get(fmt, set()) else None
+    read = _READ.get(fmt, set())
+    out = [k for k in record if k not in read and k not in MEDIA_FIELDS]
+    for key in read.intersection(_READ_ITEM):
+        items = record.get(key)
         if not isinstance(items, list):
             continue
-        extra = set()
+        known, extra = _READ_ITEM[key], set()
         for item in items:
-            if isinstance(item, dict):
+            if isinstance(item, dict) and not known.issuperset(item):
                 role = item.get("role", item.get("from"))
                 extra |= {k for k in item if k not in known and not (k == "name" and role in
                                                                      ("tool", "function", "observation"))}

@@ -50,6 +50,9 @@ def split_images(record: Any, fmt: str = "auto", where: str = "record") -> dict:
         images = listed
     else:
         images = inline or listed
+    if any(ref is None for ref in images):
+        raise fail(where, "an image part names no picture (a bare {\"type\": \"image\"})",
+                   "Give the pictures in 'images', one per image part, in order.")
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in sample["messages"])
     if placeholders != len(images):
         raise fail(where, f"{placeholders} <image> placeholders in the text but {len(images)} images",

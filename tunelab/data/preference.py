@@ -33,16 +33,17 @@ from tunelab.data.messages import fail
 
 _PAIRS = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"),
           ("preferred_output", "non_preferred_output"))
-_KTO_REPLIES = ("completion", "output", "messages", "conversations")
+_KTO_REPLIES = frozenset(("completion", "output", "messages", "conversations"))
 
 
 def record_kind(record: Any) -> Optional[str]:
     """'preference' for a chosen / rejected pair, 'kto' for a reply labelled good or bad, None otherwise."""
     if not isinstance(record, dict):
         return None
-    if any(a in record and b in record for a, b in _PAIRS):
-        return "preference"
-    if "kto_tag" in record or (isinstance(record.get("label"), bool) and any(k in record for k in _KTO_REPLIES)):
+    for a, b in _PAIRS:
+        if a in record and b in record:
+            return "preference"
+    if "kto_tag" in record or (isinstance(record.get("label"), bool) and not _KTO_REPLIES.isdisjoint(record)):
         return "kto"
     return None
 

@@ -154,9 +154,9 @@ def _iter_records(name: str, origin, skip_invalid: bool, on_skip) -> Iterable[Re
 def new_file_report(path: str, source: Source) -> dict:
     """What reading one file found (plain data: it is cached with the rows)."""
     registry = source.path.rsplit(":", 1)[0] if source.entry is not None else source.path
-    return {"path": path, "source": registry, "dataset": source.entry.name if source.entry else None, "records": 0, "formats": {}, "samples": 0, "invalid": 0,
-            "unused": {}, "placeholders": [0, "", []], "filled": 0, "image_tags": [0, ""], "truncated": 0,
-            "dropped": 0, "untrained": 0}
+    return {"path": path, "source": registry, "dataset": source.entry.name if source.entry else None, "records": 0,
+            "formats": {}, "samples": 0, "invalid": 0, "unused": {}, "placeholders": [0, "", []], "filled": 0,
+            "image_tags": [0, ""], "truncated": 0, "dropped": 0, "untrained": 0}
 
 
 def _note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None:
@@ -201,8 +201,10 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
             hint = UNUSED_HINTS.get(name.split(".")[-1], f"the {fmt!r} format does not read it: drop it, or map it "
                                     f"into the record with dataset_map_fn if it should be trained")
             _count_unused(report, name, rec.where, hint)
-    _fill_placeholders(sample, source.placeholders, report, rec.where)
-    if any(IMAGE_PLACEHOLDER in text for text in _texts(sample)):
+    texts = "\n".join(_texts(sample))  # one look for both kinds of placeholder
+    if "{{" in texts:
+        _fill_placeholders(sample, source.placeholders, report, rec.where)
+    if IMAGE_PLACEHOLDER in texts:
         _note(report, "image_tags", rec.where)
     return sample, fmt
 
