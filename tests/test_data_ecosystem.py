@@ -257,3 +257,20 @@ def test_kto_records_keep_their_label():
     pair = normalise_preference(_records(LF / "v1_dpo_demo.jsonl")[0])
     assert [m["role"] for m in pair["prompt"]] == ["system", "user"]
     assert pair["chosen"]["content"] != pair["rejected"]["content"]
+
+
+# --- reading and templates together ---------------------------------------------------------------
+
+def test_tool_calls_and_switches_from_files_are_trained_in_the_templates_native_format(tmp_path, tiny_tokenizer):
+    # glaive (ShareGPT function_call / observation) through Qwen2.5's template: the calls are trained as its
+    # <tool_call> blocks, the results are context; OpenAI weight 0 keeps a reply out of training.
+    trained = _trained(LF / "glaive_toolcall_en_demo.json", tiny_tokenizer, prompt_template="qwen2_5_chat",
+                       max_length=8192)[0]
+    assert trained.startswith('<tool_call>\n{"name": "calculate_area", "arguments": {"shape": "rectangle", '
+                              '"dimensions": [5, 3]}}\n</tool_call><|im_end|>')
+    assert trained.count("<tool_call>") == 3 and "area\": 15" not in trained
+    path = tmp_path / "weights.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "not this one", "weight": 0},
+        {"role": "user", "content": "again"}, {"role": "assistant", "content": "this one"}]}) + "\n")
+    assert _trained(path, tiny_tokenizer) == ["this one<|im_end|>"]
