@@ -73,6 +73,29 @@ class TrainConfig:
     num_proc: int = 1
     """Processes used for tokenising (tunelab preprocess)."""
 
+    # --- multimodal (LLaVA: docs/MULTIMODAL.md) ------------------------------------------------
+    visual_encoder_name_or_path: Optional[str] = None
+    """A CLIP or SigLIP vision model (hub id or folder, e.g. openai/clip-vit-large-patch14-336). Set, the run trains
+    a LLaVA model: this vision tower, a projector, and the text model above as its language model. None: text only."""
+    vision_feature_layer: int = -2
+    """The vision tower's layer whose output feeds the projector (-2: the second to last, as LLaVA-1.5)."""
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    """'default' drops the CLS token (LLaVA-1.5 with CLIP: 576 tokens an image at 336px); 'full' keeps every token
+    (SigLIP, which has no CLS token)."""
+    projector_hidden_act: str = "gelu"
+    """The activation between the projector's two linear layers (LLaVA-1.5's MLP: gelu)."""
+    freeze_llm: bool = False
+    """Train only the projector, the language model kept as it is (stage 1, 'pretrain', on image-caption pairs)."""
+    visual_encoder_lora: bool = False
+    """LoRA on the vision tower's linear layers too (lora / qlora); otherwise the tower stays frozen."""
+    pretrained_pth: Optional[str] = None
+    """Stage 2: the stage-1 work dir, checkpoint or export whose trained projector to start from. None: a new one."""
+    image_folder: Optional[str] = None
+    """Where relative image paths in the data start (LLaVA's convention). None: the data file's folder."""
+    image_pad_to_square: bool = True
+    """Pad each image to a square of the mean colour before the vision model's processor resizes and crops it
+    (LLaVA-1.5), so nothing is cropped away."""
+
     # --- optimisation -------------------------------------------------------------------------
     batch_size: int = 1
     """Rows per device per step (a row is one packed sequence of max_length when packing)."""

@@ -1,8 +1,9 @@
 """Rows kept as flat arrays on disk, and packing samples into rows of max_length.
 
 `TokenRows` is what the training loop gets: ``len(rows)`` and ``rows[i] -> {"input_ids", "labels",
-"position_ids"}`` (lists of int). It stores every row end to end in three int32 arrays plus row offsets, saved as
-.npy files and memory-mapped on load, so a cached dataset of millions of tokens opens at once.
+"position_ids"}`` (lists of int), plus ``"images"`` (the row's image references, in order) in a multimodal run. It
+stores every row end to end in three int32 arrays plus row offsets, saved as .npy files and memory-mapped on load, so
+a cached dataset of millions of tokens opens at once; image references are a JSON list beside them.
 
 Packing concatenates whole samples into rows of at most max_length tokens, each into the row it fills most tightly
 (`best_fit_rows`). Position ids restart at 0 at each sample: that is how sample boundaries travel to attention
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -24,8 +26,8 @@ _KEYS = ("input_ids", "labels", "position_ids")
 class TokenRows:
     """A read-only sequence of rows backed by flat arrays (see module docstring)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], offsets: np.ndarray):
-        self.arrays, self.offsets = arrays, offsets
+    def __init__(self, arrays: dict[str, np.ndarray], offsets: np.ndarray, images: list[list[str]] | None = None):
+        self.arrays, self.offsets, self.images = arrays, offsets, images
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict]) -> "TokenRows":
@@ -35,7 +37,8 @@ class TokenRows:
         total = int(offsets[-1])
         arrays = {k: np.fromiter(itertools.chain.from_iterable(r[k] for r in rows), dtype=np.int32, count=total)
                   for k in _KEYS}
-        return cls(arrays, offsets)
+        images = [list(r.get("images", ())) for r in rows] if any("images" in r for r in rows) else None
+        return cls(arrays, offsets, images)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -46,7 +49,10 @@ class TokenRows:
         if not 0 <= i < len(self):
             raise IndexError(i)
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {k: self.arrays[k][a:b].tolist() for k in _KEYS}
+        row = {k: self.arrays[k][a:b].tolist() for k in _KEYS}
+        if self.images is not None:
+            row["images"] = self.images[i]
+        return row
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -67,17 +73,23 @@ class TokenRows:
         for k in _KEYS:
             np.save(directory / f"{k}.npy", self.arrays[k])
         np.save(directory / "offsets.npy", self.offsets)
+        if self.images is not None:
+            (directory / "images.json").write_text(json.dumps(self.images))
 
     @classmethod
     def load(cls, directory: Path) -> "TokenRows":
         arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r") for k in _KEYS}
-        return cls(arrays, np.load(directory / "offsets.npy"))
+        images_file = directory / "images.json"
+        images = json.loads(images_file.read_text()) if images_file.is_file() else None
+        return cls(arrays, np.load(directory / "offsets.npy"), images)
 
 
 def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:
     """Concatenate whole samples into rows of at most max_length tokens, as `best_fit_rows` groups them."""
     groups = best_fit_rows([len(s["input_ids"]) for s in samples], max_length)
-    return [{k: list(itertools.chain.from_iterable(samples[i][k] for i in group)) for k in _KEYS} for group in groups]
+    keys = _KEYS + (("images",) if any("images" in s for s in samples) else ())
+    return [{k: list(itertools.chain.from_iterable(samples[i].get(k, ()) for i in group)) for k in keys}
+            for group in groups]
 
 
 def best_fit_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:

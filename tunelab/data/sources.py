@@ -15,6 +15,7 @@ print, so nothing a record carries is dropped without a word.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections import Counter
@@ -25,7 +26,10 @@ from typing import Callable, Iterable, Optional
 from tunelab.data import dataset_info
 from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
+from tunelab.data.images import ImageReading, check_images, image_reading, resolve_image
+from tunelab.data.images import describe as describe_image
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
+from tunelab.data.multimodal import split_images
 from tunelab.data.preference import not_supervised_error, record_kind
 from tunelab.errors import TunelabError
 
@@ -50,7 +54,9 @@ class Source:
 
 # --- where the data is --------------------------------------------------------------------------
 
-def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None = None) -> list[Source]:
+def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None = None, *,
+                    multimodal: bool = False) -> list[Source]:
+    """The sources of `data_path`; `multimodal`: a run with a vision tower, which reads datasets with images."""
     if data_path in (None, "", []):
         raise TunelabError("data_path is not set: point it at a data file, a folder, or a `datasets` name.")
     entries = data_path if isinstance(data_path, list) else [data_path]
@@ -78,7 +84,7 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
         if source.kind == "files" and dataset_info.is_registry(source.resolved):
             if "format" in spec:
                 raise TunelabError(f"{where}: a dataset_info.json says each dataset's format; remove 'format'.")
-            sources += [_registry_source(e, source, where) for e in
+            sources += [_registry_source(e, source, where, multimodal) for e in
                         dataset_info.registry_entries(source.resolved, spec.get("dataset"), where)]
         elif "dataset" in spec:
             raise TunelabError(f"{where}: 'dataset' names datasets of a LLaMA-Factory dataset_info.json, but "
@@ -88,14 +94,17 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
     return sources
 
 
-def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str) -> Source:
+def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str, multimodal: bool) -> Source:
     path = f"{registry.path}:{entry.name}"
     at = f"{where}: dataset {entry.name!r} of {registry.resolved}"
     if entry.ranking or entry.columns.get("kto_tag"):  # said by the entry: no need to read (or download) it
         raise not_supervised_error("preference" if entry.ranking else "kto", at)
     media = [c for c in ("images", "videos", "audios") if entry.columns.get(c)]
-    if media:
+    if media and not multimodal:
         raise TunelabError(f"{at} has {' and '.join(media)} (multimodal data). {MULTIMODAL_FIX}")
+    if set(media) - {"images"}:
+        raise TunelabError(f"{at} has {' and '.join(m for m in media if m != 'images')}: multimodal training "
+                           "reads images only. Remove those columns from its entry in dataset_info.json.")
     if entry.kind == "files" and not Path(entry.location).exists():
         raise TunelabError(f"{at} names the file {entry.location}, which does not exist.")
     return Source(path, "auto", registry.ratio, entry.kind, Path(entry.location) if entry.kind == "files" else None,
@@ -167,9 +176,13 @@ def _note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None
         entry[2] = sorted(set(entry[2]) | set(names))
 
 
-def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict
+def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict,
+                images: Optional[ImageReading] = None, base_dir: Optional[Path] = None
                 ) -> tuple[Optional[dict], str]:
-    """One raw record -> (its canonical sample or None when the map function drops it, the format read)."""
+    """One raw record -> (its canonical sample or None when the map function drops it, the format read).
+
+    images: how a multimodal run reads images (the sample then has "images", resolved references, and "where");
+    None in a text-only run, which refuses them. base_dir: the data file's folder."""
     data = rec.data
     if source.entry is not None:
         data, fmt, unmapped = dataset_info.map_record(data, source.entry, rec.where)
@@ -195,7 +208,14 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
                 f"{rec.where}: cannot tell the data format from this record (fields: {keys}). Set data_format to "
                 f"one of {', '.join(FORMATS)}, rename the fields, or convert records with dataset_map_fn. See "
                 f"docs/DATA.md for an example of each format.")
-    sample = normalise(data, fmt, rec.where)
+    if images is None:
+        sample = normalise(data, fmt, rec.where)
+    else:
+        sample = split_images(data, fmt, rec.where)
+        folder = images.image_folder
+        sample["images"] = [resolve_image(ref, base_dir=base_dir, image_folder=folder, where=rec.where,
+                                          at=f"image {i + 1}") for i, ref in enumerate(sample["images"])]
+        sample["where"] = rec.where
     if source.entry is None:
         for name in unused_fields(data, fmt):
             hint = UNUSED_HINTS.get(name.split(".")[-1], f"the {fmt!r} format does not read it: drop it, or map it "
@@ -204,7 +224,7 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
     texts = "\n".join(_texts(sample))  # one look for both kinds of placeholder
     if "{{" in texts:
         _fill_placeholders(sample, source.placeholders, report, rec.where)
-    if IMAGE_PLACEHOLDER in texts:
+    if IMAGE_PLACEHOLDER in texts and images is None:
         _note(report, "image_tags", rec.where)
     return sample, fmt
 
@@ -239,7 +259,8 @@ def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> 
 
 
 def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                limit: Optional[int] = None) -> tuple[list[dict], list[int]]:
+                limit: Optional[int] = None, images: Optional[ImageReading] = None
+                ) -> tuple[list[dict], list[int]]:
     """All samples of one source and, for each, the index of its file's report in stats.files."""
     samples: list[dict] = []
     origins: list[int] = []
@@ -266,7 +287,8 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             stats.records_read += 1
             report["records"] += 1
             try:
-                sample, read_as = read_record(rec, source, fmt, map_fn, report)
+                sample, read_as = read_record(rec, source, fmt, map_fn, report, images,
+                                              origin.parent if isinstance(origin, Path) else None)
             except InvalidRecord as exc:
                 if not skip_invalid:
                     raise
@@ -287,15 +309,44 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
                 break
         if limit is not None and len(samples) >= limit:
             break
+    if images is not None:
+        samples, origins = _drop_unreadable_images(samples, origins, stats, skip_invalid)
     stats.sources.append({"path": source.path, "format": ",".join(sorted(formats_seen)),
                           "records": stats.records_read - read_before, "samples": len(samples)})
     return samples, origins
 
 
+def _drop_unreadable_images(samples: list[dict], origins: list[int], stats, skip_invalid: bool
+                            ) -> tuple[list[dict], list[int]]:
+    """Open every image of the samples once: a sample with an image that cannot be read stops the run naming its
+    record, or is skipped and counted (skip_invalid)."""
+    broken = check_images([ref for sample in samples for ref in sample.get("images", ())],
+                          threads=2 * (os.cpu_count() or 1))
+    if not broken:
+        return samples, origins
+    kept, kept_origins = [], []
+    for sample, origin in zip(samples, origins):
+        bad = next((ref for ref in sample.get("images", ()) if ref in broken), None)
+        if bad is None:
+            kept.append(sample)
+            kept_origins.append(origin)
+            continue
+        message = (f"{sample['where']}: image {describe_image(bad)} cannot be read ({broken[bad]}). Replace the "
+                   "file, or set skip_invalid = True to skip such records (they are counted).")
+        if not skip_invalid:
+            raise TunelabError(message)
+        stats.skipped_invalid += 1
+        stats.files[origin]["invalid"] += 1
+        if len(stats.invalid) < MAX_REPORTED_INVALID:
+            stats.invalid.append(message)
+    return kept, kept_origins
+
+
 def read_samples(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                 limit: Optional[int] = None) -> list[dict]:
+                 limit: Optional[int] = None, images: Optional[ImageReading] = None) -> list[dict]:
     """All samples of one source, normalised; bad records raise, or are counted when skip_invalid."""
-    return read_source(source, skip_invalid=skip_invalid, map_fn=map_fn, system=system, stats=stats, limit=limit)[0]
+    return read_source(source, skip_invalid=skip_invalid, map_fn=map_fn, system=system, stats=stats, limit=limit,
+                       images=images)[0]
 
 
 def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
@@ -309,9 +360,11 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
     """Every source of cfg.data_path read, checked and mixed by its ratio: (samples, file index of each)."""
     samples: list[dict] = []
     origins: list[int] = []
-    for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir)):
+    images = image_reading(cfg, config_dir)
+    for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir,
+                                               multimodal=images is not None)):
         found, where_from = read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn,
-                                        system=cfg.SYSTEM, stats=stats)
+                                        system=cfg.SYSTEM, stats=stats, images=images)
         if not found and not allow_empty:
             raise TunelabError(f"data_path {source.path!r}: no usable record (all {stats.sources[-1]['records']} "
                                f"were invalid). Run `tunelab check-dataset` to see why.")
