@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,37 @@ def test_gguf_reads_back_with_every_tensor_the_hyperparameters_and_the_tokenizer
                                        atol=1e-6, err_msg=hf_name)
 
 
+ROPE_SCALINGS = {  # small original contexts, so the scaling changes the tiny model's frequencies
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 512},
+}
+
+
+@pytest.fixture(scope="module")
+def rope_models(tmp_path_factory):
+    from tunelab.model.tiny import make_model
+
+    return {name: make_model(tmp_path_factory.mktemp(f"rope_{name}"), "llama", rope_parameters=rope)
+            for name, rope in ROPE_SCALINGS.items()}
+
+
+def test_llama3_rope_scaling_travels_as_llama_cpp_frequency_factors(rope_models, tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    path = tmp_path / "m.gguf"
+    convert_to_gguf(str(rope_models["llama3"]), str(path), out_type="f32", prompt_template="qwen_chat")
+    factors = next(t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight").data
+    model, _ = load_model_for_inference(str(rope_models["llama3"]), device="cpu", dtype="fp32")
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config)  # transformers' own scaled frequencies
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    plain = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    np.testing.assert_allclose(factors, (plain / scaled.double()).numpy(), rtol=1e-5)  # llama.cpp divides by them
+    assert factors.max() > 1  # the scaling really applies to the tiny model
+    assert "llama.rope.scaling.type" not in gguf.GGUFReader(path).fields  # factors instead of a scaling kind
+
+
 def test_base_plus_adapter_is_the_merged_model(tiny_llama_dir, tmp_path):
     from tunelab.export.convert import merge
 
@@ -244,6 +276,21 @@ def test_llama_cpp_computes_the_logits_transformers_computes(arch, tiny_model_fa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("scaling", list(ROPE_SCALINGS))
+def test_llama_cpp_computes_the_logits_of_scaled_rope(scaling, rope_models, tmp_path):
+    llama_cpp = _llama_cpp()
+    path = tmp_path / "m.gguf"
+    convert_to_gguf(str(rope_models[scaling]), str(path), out_type="f32", prompt_template="qwen_chat")
+    model, tokenizer = load_model_for_inference(str(rope_models[scaling]), device="cpu", dtype="fp32")
+    ids = tokenizer("Hello there, who are you? " * 20, add_special_tokens=False).input_ids  # past 64 positions
+    llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False)
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(np.array(llm.scores[:len(ids)]), expected, atol=1e-3)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("out_type", ["f16", "q8_0"])
 def test_llama_cpp_answers_what_tunelab_chat_answers(out_type, tmp_path_factory, tmp_path):
     llama_cpp = _llama_cpp()
@@ -260,3 +307,23 @@ def test_llama_cpp_answers_what_tunelab_chat_answers(out_type, tmp_path_factory,
     # the chat template inside the GGUF file formats the conversation; llama.cpp stops at <|im_end|> by itself
     reply = llm.create_chat_completion([{"role": "user", "content": QUESTION}], temperature=0.0, max_tokens=24)
     assert reply["choices"][0]["message"]["content"] == ours
+
+
+def test_pre_tokenizer_names_of_published_tokenizers():
+    """tokenizer.json pre-tokenizers as Qwen2.5 and Llama 3 publish them (the "pre_tokenizer" section of their
+    tokenizer.json files), GPT-2's plain ByteLevel, and one llama.cpp splits another way (refused)."""
+    from tunelab.export.gguf_vocab import pre_tokenizer_name
+
+    def split(regex):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}}
+
+    qwen2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    llama3 = qwen2.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+    assert pre_tokenizer_name(split(qwen2), Path("qwen")) == "qwen2"
+    assert pre_tokenizer_name(split(llama3), Path("llama3")) == "llama-bpe"
+    gpt2 = {"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}}
+    assert pre_tokenizer_name(gpt2, Path("gpt2")) == "gpt-2"
+    with pytest.raises(TunelabError, match="pre-tokenizer llama.cpp may split differently"):
+        pre_tokenizer_name(split(r"\p{N}{1,4}| ?\p{L}+"), Path("other"))
