@@ -170,9 +170,7 @@ def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16",
     if out_type not in TYPES:
         raise TunelabError(f"--type {out_type!r}: use one of {', '.join(TYPES)}.")
     config = model.config
-    hf_arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
-    if hf_arch == "InternLM2ForCausalLM" or type(model).__name__ == "LlamaForCausalLM":
-        hf_arch = "LlamaForCausalLM"  # tunelab loads InternLM2 as a native Llama graph
+    hf_arch = type(model).__name__  # the class that runs it: InternLM2 is a LlamaForCausalLM in tunelab
     if hf_arch not in ARCHITECTURES:
         raise TunelabError(f"{hf_arch}: no GGUF export for this architecture in tunelab yet (supported: "
                            f"{', '.join(sorted(ARCHITECTURES))}). llama.cpp's convert_hf_to_gguf.py may handle "
@@ -218,11 +216,14 @@ def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16",
     if rope_factors is not None:
         _add_tensor(writer, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_factors.numpy(),
                     gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
-    tmp.replace(out_path)  # a file that is there is whole
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        tmp.replace(out_path)  # a file that is there is whole
+    finally:
+        tmp.unlink(missing_ok=True)
     _say(f"wrote {out_path} ({arch}, {out_type}, {count} tensors, {out_path.stat().st_size / 2**20:.1f} MiB)")
     return out_path
 
