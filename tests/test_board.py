@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.train_helpers import identity_rows, tiny_cfg
@@ -164,18 +165,24 @@ def test_page_shows_live_curves_that_grow_and_compares_two_runs(board_url, runs_
                 page.screenshot(path=str(shot), full_page=True)
                 page.locator(".chart[data-key='loss']").screenshot(path=str(tmp_path / "loss_chart.png"))
                 # the chart is drawn: pixels of both runs' colours (the page's first two colours)
-                chart = Image.open(tmp_path / "loss_chart.png").convert("RGB")
-                colours = {(9, 105, 218): 0, (207, 34, 46): 0}
-                for pixel in chart.getdata():
-                    for colour in colours:
-                        if sum(abs(a - b) for a, b in zip(pixel, colour)) < 60:
-                            colours[colour] += 1
+                chart = np.asarray(Image.open(tmp_path / "loss_chart.png").convert("RGB"), dtype=int)
+                colours = {colour: int((np.abs(chart - colour).sum(axis=-1) < 60).sum())
+                           for colour in ((9, 105, 218), (207, 34, 46))}
                 assert all(n > 50 for n in colours.values()), colours
                 assert Image.open(shot).convert("L").getextrema()[0] < 100  # not a blank page
                 # killed without a word: the page says crashed
                 trainer.send_signal(signal.SIGKILL)
                 trainer.wait()
                 page.wait_for_selector("#runs tr:has(.run-name:text-is('live')) .state.crashed", timeout=30000)
+                # a finished run: its answers before training next to the last evaluation's, any step selectable
+                page.click("#runs tr:has(.run-name:text-is('finished')) .run-name")
+                page.wait_for_selector("#answers th:text-is('after step 6')", timeout=30000)
+                assert page.inner_text("#answers thead").strip().split("\t") == ["question", "before training",
+                                                                         "after step 6"]
+                page.select_option("#answers-step", "3")
+                page.wait_for_selector("#answers th:text-is('after step 3')", timeout=30000)
+                answers = json.loads((runs_root / "finished" / "eval_outputs_iter_3.json").read_text())["answers"]
+                assert page.inner_text("#answers td.now") == answers[0]["answer"]
                 if os.environ.get("TUNELAB_BOARD_SCREENSHOT"):  # to look at it: TUNELAB_BOARD_SCREENSHOT=out.png
                     page.screenshot(path=os.environ["TUNELAB_BOARD_SCREENSHOT"], full_page=True)
             finally:
