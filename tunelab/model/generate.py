@@ -134,6 +134,8 @@ class ReplyText:
     def add(self, token: int) -> bool:
         """Take one token; True once the text holds a stop word."""
         self.ids.append(token)
+        if not self.stop_words and not self.on_text:  # nothing to look for, no one to tell: decode once, at the end
+            return False
         before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
         if len(now) > len(before) and not now.endswith("\ufffd"):
