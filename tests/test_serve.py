@@ -350,9 +350,9 @@ def test_serve_cli_defaults_to_localhost():
 @pytest.mark.parametrize("argv, says", [
     (["serve", "m", "--max-batch-size", "0"], "--max-batch-size 0: must be at least 1"),
     (["web", "m", "--max-model-len", "1"], "--max-model-len 1: must be at least 2"),
-    (["serve", "m", "--repetition-penalty", "1e-300"], "--repetition-penalty 1e-300: must be from 0.01 to 10"),
+    (["serve", "m", "--repetition-penalty", "1e-300"], "--repetition-penalty 1e-300: must be above 0 (from 0.01 to 10"),
     (["chat", "m", "--seed", str(2**70), "--prompt", "x"], "--seed"),
-    (["serve", "m", "--temperature", "3"], "--temperature 3.0: must be from 0 (greedy) to 2"),
+    (["serve", "m", "--temperature", "3"], "--temperature 3.0: must be 0 (greedy) or more, at most 2"),
 ])
 def test_bad_flags_are_one_line_errors(argv, says, capsys):
     from tunelab.cli.main import main

@@ -108,22 +108,25 @@ class Batcher:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.prefill_tokens = prefill_tokens
         self._new_cache = lambda: DynamicCache(config=model.config)
-        probe = self._new_cache()
-        self.batchable = bool(probe.layers) and all(type(layer) is DynamicLayer for layer in probe.layers)
+        try:
+            layers = self._new_cache().layers
+        except Exception:  # noqa: BLE001 (a config transformers cannot lay a cache out for: the model makes its own)
+            self._new_cache, layers = lambda: None, []
+        self.batchable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
         if max_batch_size > 1 and not self.batchable:
             print("note: this model's KV cache (sliding-window or recurrent layers) cannot be stacked: requests are "
                   "answered one at a time", file=sys.stderr, flush=True)
         self.max_batch_size = max_batch_size if self.batchable else 1
         forward = getattr(model, "get_base_model", lambda: model)().forward
         params = inspect.signature(forward).parameters
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed after transformers 5.17
         self.keep_last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Job] = deque()
         self.rows: list[_Row] = []
         self.cache = self.mask = self.last = None
         self.finished: deque[Reply] = deque(maxlen=256)
-        """The latest replies, newest last (what `tunelab serve` logs and the tests check)."""
+        """The latest replies, newest last: how each request ended and how many tokens it took."""
         self.stopping = False
         self.thread: threading.Thread | None = None
         self._start_lock = threading.Lock()

@@ -40,10 +40,10 @@ class GenerationSettings:
 # value that transformers would fail on mid-reply (repetition_penalty=1e-300 divides logits into inf) is refused first.
 RULES = (
     ("max_new_tokens", lambda v: v >= 1, "at least 1"),
-    ("temperature", lambda v: 0 <= v <= 2, "from 0 (greedy) to 2"),
+    ("temperature", lambda v: 0 <= v <= 2, "0 (greedy) or more, at most 2"),
     ("top_k", lambda v: -1 <= v <= 2**31 - 1, "0 or -1 (off), or a positive number of tokens"),
     ("top_p", lambda v: 0 < v <= 1, "above 0 and at most 1"),
-    ("repetition_penalty", lambda v: 0.01 <= v <= 10, "from 0.01 to 10 (1 = off)"),
+    ("repetition_penalty", lambda v: 0.01 <= v <= 10, "above 0 (from 0.01 to 10; 1 = off)"),
     ("seed", lambda v: v is None or INT64[0] <= v <= INT64[1], f"an integer from {INT64[0]} to {INT64[1]}"),
 )
 
