@@ -1,6 +1,6 @@
 """A small evaluator of Go's text/template, for the subset tunelab's Ollama TEMPLATE uses, so a test can render it
 and compare with the training template: text, {{ expr }}, {{ $x := expr }}, {{ $x = expr }}, if / else if / else,
-range $i, $v := expr, and the functions eq, not, and, len, slice. Anything else raises, so a template that
+range [$i, $v :=] expr, and the functions eq, not, and, len, slice. Anything else raises, so a template that
 strays outside the subset fails the test instead of passing by accident. (Go's semantics: a template variable
 assigned inside range keeps the new value after it; `.` inside range is the element; `$` is the data.)"""
 
@@ -70,11 +70,12 @@ def _block(pieces, i):
             nodes.append(("if", branches, otherwise))
             i += 1
         elif piece[0] == "range":
-            names = [t for t in piece[1:piece.index(":=")] if t != ","]
+            declared = piece.index(":=") if ":=" in piece else 0  # `range $i, $v := expr` or `range expr`
+            names = [t for t in piece[1:declared] if t != ","]
             body, i = _block(pieces, i + 1)
             if pieces[i][0] != "end":
                 raise ValueError("range without end")
-            nodes.append(("range", names, piece[piece.index(":=") + 1:], body))
+            nodes.append(("range", names, piece[declared + 1:], body))
             i += 1
         else:
             nodes.append(("expr", piece))

@@ -29,10 +29,12 @@ from typing import Any, Literal, Union
 
 from tunelab.config import schema
 from tunelab.config.schema import TrainConfig
+from tunelab.config.xtuner_config import is_xtuner_config, not_a_tunelab_config
+from tunelab.data.formats import FORMATS
 from tunelab.errors import TunelabError
 from tunelab.train.trackers import TRACKERS
 
-DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "conversation", "text", "agent")
+DATA_FORMATS = ("auto", *FORMATS)  # the data step's names: one list
 DEEPSPEED_PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
 
 # Names other tools use for the same setting: a user coming from them gets pointed at ours.
@@ -250,6 +252,8 @@ def _run_config_file(path: Path) -> tuple[dict[str, Any], dict[str, int], set[st
     except SyntaxError as exc:
         raise TunelabError(f"{path}: syntax error (line {exc.lineno}): {exc.msg}. "
                            f"Fix that line; the file must be valid Python.") from None
+    if is_xtuner_config(tree):  # mmengine's dict(type=...) files would fail on their imports: say what it is
+        raise not_a_tunelab_config(path)
     lines, imported = _assignment_lines(tree)
     # The config's own folder is importable, so a config can import a helper module next to it.
     sys.path.insert(0, str(path.parent.resolve()))
