@@ -132,11 +132,18 @@ def assemble(llm, vision_tower, *, image_token_id: int, feature_layer: int | lis
 
 
 def resize_for_image_token(llm, image_token_id: int) -> None:
-    """Grow the language model's vocabulary to hold the image token if it does not yet (a new row, the mean of the
-    others, as transformers' resize does; it is never trained on: image positions get image features instead)."""
-    rows = llm.get_input_embeddings().weight.shape[0]
-    if image_token_id >= rows:
-        llm.resize_token_embeddings(image_token_id + 1, mean_resizing=True)
+    """Grow the language model's vocabulary to hold the image token if it does not yet. The new rows of the input
+    and output embeddings are the mean of the others: the same every time the model is assembled (so an adapter's
+    base is rebuilt exactly at export), and the input row is never used (image positions get image features)."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    if image_token_id < old:
+        return
+    llm.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+    with torch.no_grad():
+        for module in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None
+                       }.values():
+            weight = module.weight
+            weight[old:] = weight[:old].float().mean(0).to(weight.dtype)
 
 
 # --- the parts, through a peft wrapper ---------------------------------------------------------------------------
