@@ -77,7 +77,7 @@ def test_pth_to_hf_default_bf16_and_xtuner_verb(tiny_llama_dir, lora_work_dir, t
 
 
 def test_pth_to_hf_full_model_sharded(tiny_llama_dir, tmp_path):
-    from tunelab.model.load import write_meta
+    from tunelab.train.layout import write_meta
 
     ckpt = tmp_path / "work" / "iter_3"
     _base(tiny_llama_dir).save_pretrained(ckpt / "model")

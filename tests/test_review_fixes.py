@@ -70,7 +70,7 @@ def test_merge_refuses_to_write_over_its_local_base_model(tmp_path):
 
 
 def test_broken_tunelab_json_names_the_file(tmp_path):
-    from tunelab.model.load import read_meta
+    from tunelab.train.layout import read_meta
 
     (tmp_path / "tunelab.json").write_text('{"base_model": ')
     with pytest.raises(TunelabError, match=r"tunelab\.json: not valid JSON"):
@@ -108,7 +108,7 @@ def test_a_device_name_that_is_not_one_is_a_tunelab_error():
 
 
 def test_a_raw_deepspeed_checkpoint_says_how_to_read_it(tmp_path):
-    from tunelab.export.adapters import resolve_checkpoint
+    from tunelab.train.layout import resolve_checkpoint
 
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"")
     with pytest.raises(TunelabError, match="raw deepspeed checkpoint.*load_consolidated_state_dict"):

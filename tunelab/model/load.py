@@ -21,8 +21,6 @@ from tunelab.model import internlm2
 
 log = logging.getLogger(__name__)
 
-META_FILE = "tunelab.json"
-
 # Families tested in CI on a tiny config of their architecture (tests/test_model_families.py): load, one LoRA and
 # one QLoRA step, chat. Architecture -> family, as in docs/MODELS.md.
 SUPPORTED_FAMILIES: dict[str, str] = {
@@ -279,25 +277,6 @@ def _with_fast_path(model, cfg, device):
 
     model._tunelab_fast_path = apply_fast_path(model, cfg, device)
     return model
-
-
-def read_meta(directory: str | Path) -> dict | None:
-    """The `tunelab.json` a checkpoint / adapter / merged model was saved with, if any."""
-    path = Path(directory) / META_FILE
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TunelabError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}. Fix it, or delete it and pass "
-                           "the base model / --prompt-template yourself.") from None
-    if not isinstance(meta, dict):
-        raise TunelabError(f"{path}: expected a JSON object like {{\"base_model\": ..., \"prompt_template\": ...}}.")
-    return meta
-
-
-def write_meta(directory: str | Path, meta: dict) -> None:
-    Path(directory, META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
 
 
 def load_model_for_inference(model_path: str, *, adapter: str | None = None, bits: int | None = None,

@@ -25,6 +25,7 @@ import torch
 from tunelab.data.collate import collate
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import layout
 from tunelab.train.distributed import (DistEnv, all_reduce_sum, backward, cleanup, clip_and_step, forward_loss,
                                        gradient_sync, init_distributed, prepare_for_training, rank_shard, unwrap,
                                        validate_distributed)
@@ -58,7 +59,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         ckpt.clean_partial_saves(work_dir)
         from tunelab.config.loader import save_resolved_config
 
-        save_resolved_config(cfg, work_dir / "resolved_config.py")
+        save_resolved_config(cfg, work_dir / layout.RESOLVED_CONFIG)
     log = print if env.is_main else (lambda *a, **k: None)
     validate_distributed(cfg, env)
     check_memory_fits(cfg, env.device, log)  # before anything heavy is loaded
@@ -113,9 +114,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
         log(f"resumed from {last} (step {step}, epoch {position['epoch']})")
 
-    meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
-            "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
-            "tunelab_version": _version()}
+    meta = layout.training_meta(cfg)
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               use_tensorboard=cfg.use_tensorboard)
     log(f"fast path: {fast_path or 'off'}")
@@ -240,9 +239,3 @@ def micro_batch_groups(rows: list, cfg, env: DistEnv, position: dict):
             group = micro[first:first + cfg.accumulative_counts]
             yield epoch, first + len(group), [[rows[i] for i in indices] for indices in group]
         epoch, start = epoch + 1, 0
-
-
-def _version() -> str:
-    from tunelab import __version__
-
-    return __version__
