@@ -246,11 +246,13 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
 
 def load_model_for_training(cfg, device: torch.device):
     """The model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora / qlora)."""
+    from tunelab.config.schema import combination_errors
+
     dtype = resolve_dtype(cfg.dtype, check_device(device))
     bits = cfg.resolved_quant_bits()
-    if cfg.method == "full" and bits:
-        raise TunelabError(f"method = 'full' with quant_bits = {bits}: a quantised base cannot be trained "
-                           "directly. Use method = 'qlora', or set quant_bits = None.")
+    errors = combination_errors(cfg)  # settings built in Python skip load_config's checks
+    if errors:
+        raise TunelabError("\n".join(errors))
     model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, bits=bits,
                            trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
