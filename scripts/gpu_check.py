@@ -24,9 +24,9 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
 from tunelab.config.schema import TrainConfig  # noqa: E402
 from tunelab.model import attention  # noqa: E402
-from tunelab.model.fast import apply_fast_path  # noqa: E402
 from tunelab.model.load import load_model_for_training  # noqa: E402
-from tunelab.model.loss import causal_lm_loss  # noqa: E402
+from tunelab.model.loss import causal_lm_objective  # noqa: E402
+from tunelab.model.plan import plan_fast_path  # noqa: E402
 from tunelab.model.tiny import make_model  # noqa: E402
 
 FAILED = []
@@ -95,11 +95,11 @@ def loss_check(device):
     loss.backward()
     rel = abs(float(loss) - float(ref)) / abs(float(ref))
     errs = [float((got - w).norm() / w.norm()) for got, w in zip((hidden.grad, weight.grad), want)]
-    from tunelab.model import loss as loss_module
+    from tunelab.model.loss import fp32_epilogue_supported
 
     check("loss with a trained lm_head, bf16 chunks vs fp64 autograd", rel <= 1e-2 and max(errs) <= 2e-2,
           f"loss rel {rel:.2e}, grads rel {errs[0]:.2e} / {errs[1]:.2e}, "
-          f"weight gradient summed in the matmul epilogue: {loss_module._FP32_EPILOGUE}")
+          f"weight gradient summed in the matmul epilogue: {fp32_epilogue_supported(torch.bfloat16)}")
 
 
 def long_row(vocab, device, tokens=4096):
@@ -109,12 +109,12 @@ def long_row(vocab, device, tokens=4096):
     return {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(tokens, device=device)[None]}
 
 
-def grads_and_loss(cfg, model_dir, device, fast, dtype, batch_fn=packed_batch):
+def grads_and_loss(cfg, model_dir, device, dtype, batch_fn=packed_batch):
+    """Loss and trained-weight gradients of one batch, the model loaded and the loss run as `tunelab train` does."""
     torch.manual_seed(0)
-    cfg.dtype = dtype
-    model = load_model_for_training(cfg, device)
-    if fast and not hasattr(model, "_tunelab_fast_path"):
-        model._tunelab_fast_path = apply_fast_path(model, cfg, device)
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    plan = plan_fast_path(cfg, device)
+    model = load_model_for_training(cfg, device, plan)
     gen = torch.Generator().manual_seed(2)
     for name, p in sorted(model.named_parameters()):
         if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero: start both random
@@ -123,7 +123,7 @@ def grads_and_loss(cfg, model_dir, device, fast, dtype, batch_fn=packed_batch):
     batch = batch_fn(model.config.vocab_size, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16")
     with amp:
-        loss_sum, n = causal_lm_loss(model, batch, chunk_size=128 if fast else 4096, chunked=fast)
+        loss_sum, n = causal_lm_objective(plan)(model, batch)
     (loss_sum / n).backward()
     grads = {k: p.grad.float().flatten() for k, p in model.named_parameters() if p.requires_grad}
     return float(loss_sum / n), torch.cat([grads[k] for k in sorted(grads)])
@@ -131,21 +131,20 @@ def grads_and_loss(cfg, model_dir, device, fast, dtype, batch_fn=packed_batch):
 
 def path_check(method, model_dir, device):
     cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
-                      lora_dropout=0.0, gradient_checkpointing=True, max_length=512)
-    cfg.lean_lora = False  # the plain paths run peft's own LoRA forward
-    loss_ref, g_ref = grads_and_loss(cfg, model_dir, device, fast=False, dtype="fp32")
-    cfg.use_varlen_attention, cfg.use_chunked_loss = False, False
-    loss_plain, g_plain = grads_and_loss(cfg, model_dir, device, fast=False, dtype="bf16")
-    cfg.use_varlen_attention, cfg.use_chunked_loss, cfg.lean_lora = True, True, True
-    loss_fast, g_fast = grads_and_loss(cfg, model_dir, device, fast=True, dtype="bf16")
+                      lora_dropout=0.0, gradient_checkpointing=True, max_length=512, loss_chunk_size=128,
+                      use_compile=False)
+    plain = dataclasses.replace(cfg, fast_path=False)  # transformers + peft as they come
+    loss_ref, g_ref = grads_and_loss(plain, model_dir, device, dtype="fp32")
+    loss_plain, g_plain = grads_and_loss(plain, model_dir, device, dtype="bf16")
+    loss_fast, g_fast = grads_and_loss(cfg, model_dir, device, dtype="bf16")
     rel = abs(loss_fast - loss_plain) / abs(loss_plain)
     check(f"{method}: loss fast vs plain", rel <= 1e-2, f"{loss_fast:.5f} vs {loss_plain:.5f} (fp32 {loss_ref:.5f})")
     g_err = ((g_fast - g_plain).norm() / g_plain.norm()).item()
     cos = torch.nn.functional.cosine_similarity(g_fast, g_plain, dim=0).item()
     check(f"{method}: adapter grads fast vs plain", g_err <= 5e-2 and cos >= 0.995, f"rel {g_err:.2e}, cos {cos:.5f}")
-    cfg.use_compile = True  # the same fast path with torch.compile'd decoder layers
-    loss_comp, g_comp = grads_and_loss(cfg, model_dir, device, fast=True, dtype="bf16")
-    cfg.use_compile = False
+    # the same fast path with torch.compile'd decoder layers (no graphs: one batch)
+    loss_comp, g_comp = grads_and_loss(dataclasses.replace(cfg, use_compile=True, cuda_graphs=False), model_dir,
+                                       device, dtype="bf16")
     rel = abs(loss_comp - loss_plain) / abs(loss_plain)
     c_err = ((g_comp - g_plain).norm() / g_plain.norm()).item()
     check(f"{method}: compiled fast path vs plain", rel <= 1e-2 and c_err <= 5e-2,
@@ -157,23 +156,27 @@ def path_check(method, model_dir, device):
 
 
 def long_context_check(method, model_dir, device):
-    """Offloaded layer inputs (pinned and plain copies), MLP slices and cuDNN attention against the fast path
-    without them, on one 4096-token row."""
+    """On one 4096-token row (cuDNN attention for a row of one sample): the fast path against the plain path, and
+    offloaded layer inputs (pinned and plain copies) and MLP slices against the fast path without them."""
     from tunelab.model import layers
 
     cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
                       lora_dropout=0.0, gradient_checkpointing=True, max_length=4096, use_compile=False,
-                      cudnn_attention=False, mlp_chunk_size=None)
-    base_loss, base_g = grads_and_loss(cfg, model_dir, device, fast=True, dtype="bf16", batch_fn=long_row)
+                      mlp_chunk_size=None)
+    base_loss, base_g = grads_and_loss(cfg, model_dir, device, dtype="bf16", batch_fn=long_row)
+    plain_loss, plain_g = grads_and_loss(dataclasses.replace(cfg, fast_path=False), model_dir, device, dtype="bf16",
+                                         batch_fn=long_row)
+    rel, g_err = abs(base_loss - plain_loss) / abs(plain_loss), ((base_g - plain_g).norm() / plain_g.norm()).item()
+    check(f"{method}: long row, fast path (cuDNN attention) vs plain", rel <= 1e-2 and g_err <= 5e-2,
+          f"loss {base_loss:.5f} vs {plain_loss:.5f}, grads rel {g_err:.2e}")
     variants = [("offload (pinned copies)", dict(offload_activations=True), 10**12),
                 ("offload (plain copies)", dict(offload_activations=True), 0),
                 ("MLP slices of 1024", dict(mlp_chunk_size=1024), 10**12),
-                ("cuDNN attention + offload + slices",
-                 dict(cudnn_attention=True, offload_activations=True, mlp_chunk_size=1024), 10**12)]
+                ("offload + MLP slices", dict(offload_activations=True, mlp_chunk_size=1024), 10**12)]
     pinned_max = layers.PINNED_MAX_BYTES
     for name, settings, pinned in variants:
         layers.PINNED_MAX_BYTES = pinned
-        loss, g = grads_and_loss(dataclasses.replace(cfg, **settings), model_dir, device, fast=True, dtype="bf16",
+        loss, g = grads_and_loss(dataclasses.replace(cfg, **settings), model_dir, device, dtype="bf16",
                                  batch_fn=long_row)
         rel = abs(loss - base_loss) / abs(base_loss)
         g_err = ((g - base_g).norm() / base_g.norm()).item()
@@ -192,11 +195,11 @@ def cuda_graph_check(method, model_dir, device):
     for graphs in (False, True):
         cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
                           lora_dropout=0.0, gradient_checkpointing=True, max_length=512, use_compile=True,
-                          cuda_graphs=graphs)
+                          cuda_graphs=graphs, loss_chunk_size=128)
         torch.manual_seed(0)
-        model = load_model_for_training(cfg, device)
-        if not hasattr(model, "_tunelab_fast_path"):
-            model._tunelab_fast_path = apply_fast_path(model, cfg, device)
+        plan = plan_fast_path(cfg, device)
+        model = load_model_for_training(cfg, device, plan)
+        objective = causal_lm_objective(plan)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -211,7 +214,7 @@ def cuda_graph_check(method, model_dir, device):
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss_sum, n = causal_lm_loss(model, batch, chunk_size=128)
+                    loss_sum, n = objective(model, batch)
                 (loss_sum / n / 2).backward()
                 total += float(loss_sum / n) / 2
             if step == 0:

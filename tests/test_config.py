@@ -294,14 +294,14 @@ def test_docs_list_every_setting():
     assert settings_markdown() in docs
 
 
-def test_cuda_graphs_default_on_for_packed_rows_in_one_process(monkeypatch):
-    from tunelab.config.schema import TrainConfig
-
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert TrainConfig().resolved_cuda_graphs(on_gpu=True)  # packed rows are max_length wide: one shape
-    assert not TrainConfig().resolved_cuda_graphs(on_gpu=False)
-    assert not TrainConfig(use_compile=False).resolved_cuda_graphs(on_gpu=True)
-    assert not TrainConfig(pack_to_max_length=False).resolved_cuda_graphs(on_gpu=True)  # padding would cost
-    assert TrainConfig(pack_to_max_length=False, cuda_graphs=True).resolved_cuda_graphs(on_gpu=True)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not TrainConfig().resolved_cuda_graphs(on_gpu=True)
+def test_a_retired_fast_path_switch_loads_when_on_and_names_the_fix_when_off(tmp_path, caplog):
+    """Configs written before the proven levers became always-on still load: `lean_lora = True` asks for what is
+    on anyway; `= False` cannot be honoured alone, so it stops with what to do instead."""
+    path = write(tmp_path, "method = 'lora'\nlean_lora = True\nuse_chunked_loss = True\n")
+    with caplog.at_level("WARNING", logger="tunelab.config.loader"):
+        assert load_config(path) == load_config(write(tmp_path, "method = 'lora'\n", "plain.py"))
+    assert "'lean_lora' (line 2)" in caplog.text and "delete the line" in caplog.text
+    with pytest.raises(TunelabError, match=r"'use_chunked_loss' \(line 2\) = False: .*fast_path = False"):
+        load_config(write(tmp_path, "method = 'lora'\nuse_chunked_loss = False\n", "off.py"))
+    with pytest.raises(TunelabError, match=r"--cfg-options: 'cudnn_attention' = False"):
+        load_config(path, ["cudnn_attention=False"])

@@ -36,11 +36,13 @@ def test_qlora_smaller_than_lora_smaller_than_full():
     assert est["qlora"] < est["lora"] < est["full"]
 
 
-def test_checkpointing_and_chunked_loss_lower_the_estimate():
+def test_checkpointing_and_the_fast_path_lower_the_estimate():
     base = dict(pretrained_model_name_or_path=LLAMA, method="qlora", max_length=4096)
     on = estimate_memory(TrainConfig(**base)).total
     assert estimate_memory(TrainConfig(**base, gradient_checkpointing=False)).total > on
-    assert estimate_memory(TrainConfig(**base, use_chunked_loss=False)).total > on
+    plain = estimate_memory(TrainConfig(**base, fast_path=False))
+    assert plain.total > on + 4096 * 32000 * 4  # full fp32 logits, at least
+    assert "loss (full fp32 logits)" in plain.parts
 
 
 LLAMA3 = "meta-llama/Llama-3.1-8B-Instruct"
@@ -120,14 +122,17 @@ def test_embeddings_on_cpu_free_the_input_embedding_unless_tied_or_trained():
     assert estimate_memory(TrainConfig(**full, embeddings_on_cpu=True)).total == estimate_memory(TrainConfig(**full)).total
 
 
-def test_report_lists_parts_and_suggests_fixes_when_it_does_not_fit():
-    cfg = TrainConfig(pretrained_model_name_or_path=LLAMA, method="lora", max_length=8192)
-    est = estimate_memory(cfg)
-    est.device_bytes = 8 * GIB
-    assert est.fits is False
-    from tunelab.model.memory import _suggestions
+def test_report_lists_parts_and_suggests_fixes_when_it_does_not_fit(monkeypatch):
+    import types
 
-    tips = " ".join(_suggestions(cfg, est, True))
+    import torch
+
+    card = types.SimpleNamespace(total_memory=8 * GIB, name="a pretend 8 GiB GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    cfg = TrainConfig(pretrained_model_name_or_path=LLAMA, method="lora", max_length=8192)
+    est = estimate_memory(cfg, torch.device("cuda"))
+    assert est.fits is False
+    tips = " ".join(est.suggestions)
     assert "qlora" in tips and "max_length" in tips
     text = plan_report(cfg)
     assert "peak allocated" in text and "frozen/base weights" in text

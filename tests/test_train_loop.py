@@ -26,8 +26,8 @@ def _capture_model(monkeypatch):
     captured = {}
     original = load.load_model_for_training
 
-    def wrapper(cfg, device):
-        captured["model"] = original(cfg, device)
+    def wrapper(*args, **kwargs):
+        captured["model"] = original(*args, **kwargs)
         return captured["model"]
 
     monkeypatch.setattr(load, "load_model_for_training", wrapper)

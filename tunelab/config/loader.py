@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
 import pprint
 import runpy
 import sys
@@ -23,6 +24,8 @@ from typing import Any
 from tunelab.config import schema
 from tunelab.config.schema import TrainConfig, check_setting, field_docs, field_types, suggest_setting
 from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
 
 # --- reading a config file ----------------------------------------------------------------------
 
@@ -92,6 +95,9 @@ def _settings_from_namespace(namespace: dict, lines: dict[str, int], imported: s
         if key in names:
             settings[key] = value
             continue
+        if key in schema.RETIRED_SETTINGS:
+            _retired(key, value, str(path), lines.get(key), errors)
+            continue
         from_star_import = "*" in imported and key not in lines
         if key in imported or from_star_import or inspect.isfunction(value) or inspect.isclass(value):
             continue  # helpers: a map function, a class, an import
@@ -101,6 +107,15 @@ def _settings_from_namespace(namespace: dict, lines: dict[str, int], imported: s
             f"so they are not read as settings.")
         errors.append(f"{path}: unknown setting '{key}'{line}.{fix}")
     return settings
+
+
+def _retired(key: str, value: Any, source: str, line: int | None, errors: list[str]) -> None:
+    """A former fast-path switch: a note when it asks for what is always on, an error otherwise."""
+    note, error = schema.check_retired(key, value, source, line)
+    if note:
+        log.warning("%s", note)
+    if error:
+        errors.append(error)
 
 
 def parse_overrides(overrides: list[str], namespace: dict | None = None) -> dict[str, Any]:
@@ -118,13 +133,16 @@ def parse_overrides(overrides: list[str], namespace: dict | None = None) -> dict
         if not sep or not key:
             errors.append(f"--cfg-options: expected key=value, got {item!r}. Example: --cfg-options lr=1e-4 max_epochs=1")
             continue
-        if key not in names:
+        if key not in names and key not in schema.RETIRED_SETTINGS:
             errors.append(f"--cfg-options: unknown setting '{key}'.{suggest_setting(key)}")
             continue
         try:
             value = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             value = text
+        if key in schema.RETIRED_SETTINGS:
+            _retired(key, value, "--cfg-options", None, errors)
+            continue
         if isinstance(value, str) and namespace and callable(namespace.get(value)) and value.isidentifier():
             value = namespace[value]
         parsed[key] = value

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import os
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -207,44 +206,34 @@ class TrainConfig:
     that would fit; a run that fits only without the allocator's usual slack starts with a warning. False: start
     anyway (a warning still says what the estimate is)."""
 
-    # --- speed (each part of the fast path can be switched off) -------------------------------
-    use_varlen_attention: bool = True
-    """Attention over packed rows with the flash varlen kernel (GPU); masks elsewhere."""
-    use_chunked_loss: bool = True
-    """Cross-entropy over trained tokens only, in chunks, each chunk's gradient taken as it goes: never builds
-    full-vocabulary logits. False: plain full logits (more memory, slower)."""
-    loss_chunk_size: int = setting(4096, POSITIVE)
-    """Most trained positions per chunk of the chunked loss (fewer for large vocabularies: 2^25 logits a chunk with
-    a frozen lm_head, 2^29 with a trained one)."""
+    # --- speed: the fast path and the trade-offs it leaves to you (docs/SPEED.md) ------------------
+    fast_path: bool = True
+    """tunelab's fast path: varlen attention over packed rows, the chunked loss, compiled layers and the other levers
+    that compute the plain path's numbers (docs/SPEED.md). False: transformers and peft as they come (eager, full
+    logits, peft's LoRA forward, bitsandbytes' dequantisation, the embedding on the GPU), for debugging or
+    comparison: slower and more memory; the settings below then do nothing."""
     use_compile: bool = True
     """torch.compile the decoder layers (GPU only): 1.4-2x faster steps; the first step takes 10-20 s longer."""
-    lean_lora: bool = True
-    """A LoRA forward with fewer kernels than peft's (same maths, same adapter files; GPU only)."""
-    qlora_dequant_once: bool = True
-    """QLoRA: dequantise each 4-bit weight twice a step instead of three times (needs gradient checkpointing)."""
-    cudnn_attention: bool = True
-    """Rows that each hold one whole sample (no packing, e.g. long-context training) use cuDNN's attention kernel:
-    1.7-2.3x faster than flash at 8k-128k tokens on an H100, same accuracy (GPU only; packed rows keep varlen flash)."""
-    qlora_fused_dequant: bool = True
-    """QLoRA with use_compile: dequantise 4-bit weights with plain torch ops that torch.compile fuses into one kernel
-    (bitsandbytes' numbers, bit for bit) instead of bitsandbytes' three kernels a weight."""
-    offload_activations: bool = False
-    """Long context: keep each layer's checkpointed input in CPU memory until backward (GPU only; needs gradient
-    checkpointing). Frees hidden_size x 2 bytes x layers a token, e.g. 256 KiB a token for a 7B/8B model."""
     cuda_graphs: Optional[bool] = None
     """With use_compile: replay each compiled layer's forward and backward as CUDA graphs (torch.compile's
     "reduce-overhead"), so the CPU launches one graph instead of hundreds of kernels (Llama-7B QLoRA 2k: 3.0x the
     plain loop instead of 2.5x). Batches are padded to max_length and sample boundaries to a few sizes, one graph
     each; a new size compiles once (~15 s). GPU only; not with offload_activations or MLP slices. None: on when
     pack_to_max_length is (rows are max_length wide anyway) and training runs in one process."""
-    embeddings_on_cpu: Optional[bool] = None
-    """Keep a frozen input embedding in CPU memory and look up each batch's rows there (GPU only; the same numbers).
-    Frees vocab_size x hidden_size x 2 bytes of GPU memory, e.g. 0.71 GiB for InternLM2-7B, for a copy of a few MiB
-    a step. None: on for lora / qlora (not when the embedding is trained or shared with lm_head)."""
+    offload_activations: bool = False
+    """Long context: keep each layer's checkpointed input in CPU memory until backward (GPU only; needs gradient
+    checkpointing). Frees hidden_size x 2 bytes x layers a token, e.g. 256 KiB a token for a 7B/8B model."""
     mlp_chunk_size: Optional[int] = setting(8192, Rule(lambda v: v is None or v > 0,
                                                        "None or a positive whole number (e.g. 8192)"))
     """Long context: when max_length is longer than this, each MLP computes this many tokens at a time (recomputed
     in backward; one more MLP forward a step). None: never."""
+    embeddings_on_cpu: Optional[bool] = None
+    """Keep a frozen input embedding in CPU memory and look up each batch's rows there (GPU only; the same numbers).
+    Frees vocab_size x hidden_size x 2 bytes of GPU memory, e.g. 0.71 GiB for InternLM2-7B, for a copy of a few MiB
+    a step. None: on for lora / qlora (not when the embedding is trained or shared with lm_head)."""
+    loss_chunk_size: int = setting(4096, POSITIVE)
+    """Most trained positions per chunk of the chunked loss (fewer for large vocabularies: 2^25 logits a chunk with
+    a frozen lm_head, 2^29 with a trained one). Smaller chunks: less memory, more matmuls."""
 
     # --- distribution --------------------------------------------------------------------------
     deepspeed: Optional[str] = setting(None, DEEPSPEED)
@@ -261,22 +250,6 @@ class TrainConfig:
         if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
         return self.method in ("lora", "qlora")
-
-    def resolved_cuda_graphs(self, on_gpu: bool) -> bool:
-        """CUDA graphs are in use: asked for (or left to None with packed rows in one process), compiled, on a GPU."""
-        wanted = self.cuda_graphs
-        if wanted is None:  # torchrun / deepspeed set WORLD_SIZE; graphs with several processes are untested
-            wanted = self.pack_to_max_length and int(os.environ.get("WORLD_SIZE", "1")) == 1
-        return bool(wanted and self.use_compile and on_gpu)
-
-    def resolved_embeddings_on_cpu(self) -> bool:
-        if self.embeddings_on_cpu is not None:
-            return self.embeddings_on_cpu
-        return self.method in ("lora", "qlora")
-
-    def resolved_mlp_chunk_size(self) -> Optional[int]:
-        """The MLP slice in use: mlp_chunk_size when max_length is longer than it, else None (no slices)."""
-        return self.mlp_chunk_size if self.mlp_chunk_size and self.max_length > self.mlp_chunk_size else None
 
 
 # --- the fields ---------------------------------------------------------------------------------------------------
@@ -381,3 +354,28 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
         errors.append(f"{at('quant_bits')}method = 'full' with quant_bits = {cfg.quant_bits}: a quantised base cannot "
                       f"be fully fine-tuned. Use method = 'qlora', or quant_bits = None.")
     return errors
+
+
+# --- settings that are gone ----------------------------------------------------------------------------------------
+
+# Former switches of levers that compute the plain path's numbers: they are always part of the fast path now.
+RETIRED_SETTINGS = {
+    "use_varlen_attention": "varlen flash attention over packed rows",
+    "use_chunked_loss": "the chunked loss over trained tokens",
+    "lean_lora": "the lean LoRA forward",
+    "qlora_dequant_once": "dequantising each 4-bit weight once a pass",
+    "qlora_fused_dequant": "the 4-bit dequantisation fused by compile",
+    "cudnn_attention": "cuDNN attention for rows of one sample",
+}
+
+
+def check_retired(key: str, value: Any, source: str, line: int | None = None) -> tuple[str | None, str | None]:
+    """(note, error) for a setting of RETIRED_SETTINGS. `= True` (what it was by default) loads with a note; anything
+    else asks for a lever off alone, which is not possible any more: an error that says what to do instead."""
+    at, lever = where(source, key, line), RETIRED_SETTINGS[key]
+    if value is True:
+        return (f"{at}: {lever} is always part of the fast path, so this setting is not needed (and not read); "
+                f"delete the line."), None
+    return None, (f"{at} = {value!r}: {lever} is always part of the fast path (it computes the same numbers as the "
+                  f"plain path) and cannot be turned off alone. Delete the line, or set fast_path = False to run "
+                  f"transformers and peft as they come (for debugging: slower, more memory).")

@@ -244,9 +244,14 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
     return model
 
 
-def load_model_for_training(cfg, device: torch.device):
-    """The model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora / qlora)."""
+def load_model_for_training(cfg, device: torch.device, plan=None):
+    """The model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora / qlora), with the fast path of
+    `plan` switched on (a `tunelab.model.plan.FastPathPlan`; by default the one `cfg` gets on `device` in one process).
+    What the fast path did is in `model._tunelab_fast_path`, for the log."""
     from tunelab.config.schema import combination_errors
+    from tunelab.model.plan import plan_fast_path
+
+    plan = plan or plan_fast_path(cfg, device)
 
     dtype = resolve_dtype(cfg.dtype, check_device(device))
     bits = cfg.resolved_quant_bits()
@@ -257,27 +262,27 @@ def load_model_for_training(cfg, device: torch.device):
                            trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.method == "full":
-        if cfg.resolved_gradient_checkpointing():
+        if plan.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return _with_fast_path(model, cfg, device)
+        return _with_fast_path(model, plan, device)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if bits:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.resolved_gradient_checkpointing(),
+            model, use_gradient_checkpointing=plan.checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif cfg.resolved_gradient_checkpointing():
+    elif plan.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return _with_fast_path(get_peft_model(model, _lora_config(cfg)), cfg, device)
+    return _with_fast_path(get_peft_model(model, _lora_config(cfg)), plan, device)
 
 
-def _with_fast_path(model, cfg, device):
-    """Switch on the GPU fast path (tunelab/model/fast.py) as the config allows; the report goes in the log."""
+def _with_fast_path(model, plan, device):
+    """Switch on the fast path's levers (tunelab/model/fast.py) as the plan says; the report goes in the log."""
     from tunelab.model.fast import apply_fast_path
 
-    model._tunelab_fast_path = apply_fast_path(model, cfg, device)
+    model._tunelab_fast_path = apply_fast_path(model, plan, device)
     return model
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.model.loss import causal_lm_loss, split_model
+from tunelab.model.loss import causal_lm_loss
+from tunelab.model.parts import decoder_layers, split_model
 
 
 @dataclass
@@ -122,16 +123,16 @@ class LossModule(torch.nn.Module):
         self.model = model
         self.forward_calls = 0
 
-    def forward(self, batch: dict, chunk_size: int = 4096, chunked: bool = True):
+    def forward(self, batch: dict, chunk_size: int = 4096, chunked: bool = True, compiled: bool = False):
         self.forward_calls += 1
-        return causal_lm_loss(self.model, batch, chunk_size=chunk_size, chunked=chunked)
+        return causal_lm_loss(self.model, batch, chunk_size=chunk_size, chunked=chunked, compiled=compiled)
 
 
-def forward_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool = True):
+def forward_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool = True, compiled: bool = False):
     """(loss_sum, n_trained_tokens) for one micro-batch: `causal_lm_loss` run through the engine's wrapper."""
     if model is unwrap(model):  # one process, nothing wrapped
-        return causal_lm_loss(model, batch, chunk_size=chunk_size, chunked=chunked)
-    return model(batch, chunk_size=chunk_size, chunked=chunked)
+        return causal_lm_loss(model, batch, chunk_size=chunk_size, chunked=chunked, compiled=compiled)
+    return model(batch, chunk_size=chunk_size, chunked=chunked, compiled=compiled)
 
 
 def _precision_name(model, env: DistEnv) -> str:
@@ -141,16 +142,6 @@ def _precision_name(model, env: DistEnv) -> str:
     if dtype == torch.float32:  # fp32 weights on a GPU (full fine-tuning): compute in bf16 where it exists
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-
-
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks of a HF causal LM (through a peft wrapper): the units FSDP shards one at a time."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0
-              and type(m[0]).__name__.endswith(("DecoderLayer", "Block", "Layer"))]
-    if not layers:
-        raise TunelabError(f"fsdp: found no decoder layers in {type(model).__name__}; this architecture needs "
-                           "--deepspeed instead of --fsdp.")
-    return list(max(layers, key=len))
 
 
 def _rebind_optimizer(optimizer, before: dict, model) -> None:
@@ -199,7 +190,11 @@ def prepare_for_training(model, env: DistEnv, cfg=None, optimizer=None):
         precision = _precision_name(model, env)
         mp = MixedPrecisionPolicy(param_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
                                   reduce_dtype=torch.float32)
-        for layer in _decoder_layers(model):
+        layers = decoder_layers(model)
+        if not layers:
+            raise TunelabError(f"fsdp: found no decoder layers in {type(model).__name__}; this architecture needs "
+                               "--deepspeed instead of --fsdp.")
+        for layer in layers:
             fully_shard(layer, mp_policy=mp)
         # The root (embeddings, final norm, lm_head) is gathered when LossModule's forward starts, so the chunked
         # loss may read lm_head.weight directly.

@@ -24,6 +24,8 @@ import torch
 
 from tunelab.data.collate import collate
 from tunelab.errors import TunelabError
+from tunelab.model.loss import causal_lm_objective
+from tunelab.model.plan import plan_fast_path
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import layout
 from tunelab.train.distributed import (DistEnv, all_reduce_sum, backward, cleanup, clip_and_step, forward_loss,
@@ -62,7 +64,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         save_resolved_config(cfg, work_dir / layout.RESOLVED_CONFIG)
     log = print if env.is_main else (lambda *a, **k: None)
     validate_distributed(cfg, env)
-    check_memory_fits(cfg, env.device, log)  # before anything heavy is loaded
+    plan = plan_fast_path(cfg, env.device, env.world_size)  # the fast path, decided once for the whole run
+    check_memory_fits(cfg, env.device, log, plan)  # before anything heavy is loaded
     from transformers import set_seed
 
     set_seed(cfg.seed)
@@ -90,8 +93,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     # --- model, optimiser, schedule, precision --------------------------------------------------
     from tunelab.model.load import load_model_for_training, resolve_dtype
 
-    model = load_model_for_training(cfg, env.device)
-    fast_path = getattr(model, "_tunelab_fast_path", None)  # what tunelab/model/fast.py switched on
+    model = load_model_for_training(cfg, env.device, plan)
+    objective = causal_lm_objective(plan)
     last = ckpt.resolve_resume(resume, work_dir)
     if resume and last is None:
         log(f"--resume {resume}: no complete checkpoint in {work_dir} yet, starting from step 0")
@@ -117,14 +120,14 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     meta = layout.training_meta(cfg)
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               use_tensorboard=cfg.use_tensorboard)
-    log(f"fast path: {fast_path or 'off'}")
+    log(f"fast path: {model._tunelab_fast_path}")
     log(f"training {cfg.method} on {env.device}: {len(train_rows)} rows, {steps_per_epoch} steps per epoch, "
         f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"
         f"{f' x {env.world_size} ranks' if env.distributed else ''})")
 
     def evaluate(at_step: int) -> None:
         run_evaluation(unwrap(model), tokenizer, cfg, at_step, eval_rows=my_eval_rows, env=env,
-                       precision=precision, monitor=monitor, work_dir=work_dir)
+                       precision=precision, monitor=monitor, work_dir=work_dir, objective=objective)
 
     def save(at_step: int) -> Path:
         path = ckpt.save_checkpoint(work_dir, at_step, model=model, tokenizer=tokenizer, optimizer=optimizer,
@@ -141,7 +144,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
             evaluate(0)  # before training, so the answers after training have something to be compared with
         model.train()
         throughput, window = Throughput(), []
-        graphed = cfg.resolved_cuda_graphs(env.device.type == "cuda")
+        graphed = plan.cuda_graphs
         # CUDA graphs replay each layer's backward into the same memory every micro-batch, so gradients summed over
         # several micro-batches need buffers of their own: allocated here, zeroed (not freed) after each step.
         # Each micro-batch then starts a new graph generation; with one generation a step, a step of two
@@ -171,8 +174,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                     batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
                     with gradient_sync(model, env, sync=i == len(batches) - 1):
                         with precision.autocast(env.device):
-                            micro_loss_sum, _ = forward_loss(model, batch, chunk_size=cfg.loss_chunk_size,
-                                                             chunked=cfg.use_chunked_loss)
+                            micro_loss_sum, _ = forward_loss(model, batch, chunk_size=plan.loss_chunk_size,
+                                                             chunked=plan.chunked_loss, compiled=plan.compiled_loss)
                         backward(precision.scale(micro_loss_sum / max(trained_tokens, 1)), model, env)
                     loss_sum += micro_loss_sum.detach().double()
                 # 5. step: (fp16: unscale,) clip, update, zero the gradients; then the schedule moves on
