@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import tunelab.train.loop as loop
 from tests.train_helpers import tiny_cfg, varied_rows
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import layout
 from tunelab.train.loop import train
+from tunelab.train.strategy import SingleProcess
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def _cfg(model_dir, **overrides):
 def _fail_on_call(monkeypatch, n: int, action):
     """Make the n-th micro-batch forward run `action` (raise, send a signal...) before computing the loss."""
     calls = {"n": 0}
-    original = loop.forward_loss
+    original = SingleProcess.forward_loss
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
@@ -45,7 +45,7 @@ def _fail_on_call(monkeypatch, n: int, action):
             action()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "forward_loss", wrapper)
+    monkeypatch.setattr(SingleProcess, "forward_loss", wrapper)
 
 
 @pytest.fixture(scope="module")

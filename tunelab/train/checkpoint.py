@@ -54,46 +54,42 @@ def set_rng_state(state: dict) -> None:
 
 # --- saving ----------------------------------------------------------------------------------------
 
-def save_checkpoint(work_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, position: dict,
-                    meta: dict, env=None, save_total_limit: int = -1) -> Path:
+def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler, position: dict, meta: dict,
+                    save_total_limit: int = -1) -> Path:
     """Write iter_{step}/ atomically, point `last_checkpoint` at it, drop the oldest beyond the limit.
 
-    Call on every rank: with sharded engines (FSDP, DeepSpeed) every rank joins the gather of the weights and writes
-    its optimizer shard under iter_N/optimizer/; otherwise rank 0 writes everything and the others wait.
+    Call on every rank: the strategy (`tunelab.train.strategy`) gathers whole weights where they are sharded (every
+    rank joins) and writes its optimizer state (sharded engines: one file per rank under iter_N/optimizer/);
+    rank 0 writes the rest while the others wait.
     """
-    from tunelab.train import distributed as dist
-    from tunelab.train.sharded_state import gather_full_state_dict, save_sharded_optimizer
+    from tunelab.train.distributed import barrier
 
-    env = env or dist.DistEnv()
+    env = strategy.env
     work_dir = Path(work_dir)
     final, tmp = layout.checkpoint_dir(work_dir, step), layout.partial_dir(work_dir, step)
-    sharded = env.engine in ("fsdp", "deepspeed")
     if env.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)  # left over from a save that was killed
         tmp.mkdir(parents=True)
-    dist.barrier(env)
-    inner = dist.unwrap(model)
-    weights = gather_full_state_dict(model, env, trainable_only=hasattr(inner, "peft_config")) if sharded else None
-    if sharded:
-        save_sharded_optimizer(model, optimizer, env, tmp / OPTIMIZER_DIR)
+    barrier(env)
+    inner = strategy.module
+    weights = strategy.full_state_dict(trainable_only=hasattr(inner, "peft_config"))
+    state = {"step": step, "position": dict(position), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    strategy.save_optimizer(tmp / OPTIMIZER_DIR, state)
     if not env.is_main:  # each rank's own generators (dropout masks differ by rank); rank 0's go in STATE_FILE
         torch.save(rng_state(), layout.rng_file(tmp, env.rank))
-    dist.barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
+    barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
     if env.is_main:
         # safetensors: the adapter for peft models, the whole model otherwise
-        inner.save_pretrained(tmp / MODEL_DIR, **({"state_dict": weights} if sharded else {}))
+        inner.save_pretrained(tmp / MODEL_DIR, **({"state_dict": weights} if weights is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
-        state = {"step": step, "position": dict(position), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-        if not sharded:
-            state["optimizer"] = optimizer.state_dict()
         torch.save(state, tmp / STATE_FILE)
         layout.write_meta(tmp, meta)
         _replace_dir(tmp, final)
         layout.write_pointer(work_dir, final)
         prune_checkpoints(work_dir, save_total_limit, keep=final)
-    dist.barrier(env)
+    barrier(env)
     return final
 
 
@@ -159,16 +155,6 @@ def rng_state_for_rank(checkpoint: Path, state: dict, env=None) -> dict:
     if rank and path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     return state["rng"]
-
-
-def load_optimizer_state(model, optimizer, env, checkpoint: Path, state: dict) -> None:
-    """The optimiser state: from training_state.pt, or from the per-rank shards of a sharded run."""
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    else:
-        from tunelab.train.sharded_state import load_sharded_optimizer
-
-        load_sharded_optimizer(model, optimizer, env, Path(checkpoint) / OPTIMIZER_DIR)
 
 
 def load_model_weights(model, checkpoint: Path) -> None:
