@@ -153,3 +153,16 @@ def test_pointer_survives_a_moved_work_dir(tiny_llama_dir, rows, tmp_path):
     train(_cfg(tiny_llama_dir, max_epochs=1), tmp_path / "a", train_rows=rows, device="cpu")
     os.rename(tmp_path / "a", tmp_path / "b")
     assert layout.last_checkpoint(tmp_path / "b") == tmp_path / "b" / "iter_3"
+
+
+def test_resume_survives_a_log_line_cut_short_by_a_crash(tmp_path):
+    from tunelab.train.progress import TrainingMonitor, read_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 2, "loss": 1.5}) + "\n"
+                   + '{"step": 3, "lo')  # killed mid-write
+    monitor = TrainingMonitor(tmp_path, total_steps=4, start_step=2)
+    monitor.write({"step": 3, "loss": 1.2})
+    monitor.close()
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3]
+    assert all(json.loads(line) for line in log.read_text().splitlines())  # the torn line is gone

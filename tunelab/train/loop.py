@@ -150,8 +150,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         graphed = plan.cuda_graphs
         # CUDA graphs replay each layer's backward into the same memory every micro-batch, so gradients summed over
         # several micro-batches need buffers of their own: allocated here, zeroed (not freed) after each step.
-        # Each micro-batch then starts a new graph generation; with one generation a step, a step of two
-        # micro-batches ran at recording speed (Llama-7B QLoRA: 7 s a step instead of 0.4 s).
+        # Each micro-batch then starts a new graph generation: with one generation a step, the second micro-batch
+        # would not replay, and a step of two would run at recording speed (Llama-7B QLoRA: 7 s instead of 0.4 s).
         keep_grad_buffers = graphed and cfg.accumulative_counts > 1
         if keep_grad_buffers:
             allocate_grad_buffers(strategy.module)
