@@ -1,22 +1,30 @@
-"""The fast path's correctness guard, on a GPU (run through the device tool; CI has none).
+"""The fast path's correctness guard, on a GPU (the device tool; CI has none). Exit code 0: every check passed.
 
-On the same packed batch, the fast path (varlen flash attention, chunked loss over trained tokens, frozen weights
-in bf16, the lean LoRA forward) and the plain path (sdpa with the block-diagonal mask transformers builds from position_ids, full-vocabulary
-logits) must give the same loss and the same adapter gradients, up to bf16 rounding:
+    python3 scripts/gpu_check.py [--only NAME ...]    # NAME: kernel, loss, adamw8bit, paths, graphs, long, identity
+
+The reference is the plain path, `fast_path = False`: transformers and peft as they come (eager, sdpa with the
+block-diagonal mask transformers builds from position_ids, full-vocabulary logits, peft's LoRA forward, bitsandbytes'
+dequantisation, the input embedding on the GPU, no compile, no CUDA graphs). Against it, on the same packed batch:
 
     loss:      |fast - plain| / |plain|            <= 1e-2
-    gradients: ||g_fast - g_plain|| / ||g_plain||  <= 5e-2 over all adapter weights together, cosine >= 0.995
+    gradients: ||g_fast - g_plain|| / ||g_plain||  <= 5e-2 over all trained weights together, cosine >= 0.995
 
-Both are compared with an fp32 run of the plain path, and the fast path must not be further from it than
-2x the plain bf16 path (+ 1e-3). Also checks the varlen kernel itself against per-sample sdpa in fp32.
-Usage: python scripts/gpu_check.py   (exit code 0 = all passed)
+and the fast path must be no further from an fp32 run of the plain path than 2x the plain bf16 path (+ 1e-3).
+Also: the varlen kernel against per-sample sdpa in fp64; the loss with a trained lm_head against fp64 autograd;
+tunelab's 8-bit AdamW against bitsandbytes' own over several steps (bit for bit); CUDA graphs against compiled layers
+over steps of two micro-batches; on one long row, offloaded inputs and MLP slices against the fast path without them;
+and a tiny model trained to a new identity (as `tunelab demo` does) with the default fast path and with it off, full
+fine-tuning and QLoRA with LoRA dropout 0.1 as the qlora configs use it: the two loss curves must agree and both
+models must answer with the new name.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -232,25 +240,131 @@ def cuda_graph_check(method, model_dir, device):
           f"{[round(x, 4) for x in histories[False]]}")
 
 
-def main() -> int:
+def adamw_8bit_check(device):
+    """tunelab's 8-bit AdamW (bitsandbytes' without its sync per parameter) against bnb.optim.AdamW8bit: the same
+    weights and states after 10 steps, bit for bit, and a state_dict of ours continues identically in theirs."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        print("bitsandbytes missing: 8-bit AdamW not checked")
+        return
+    from tunelab.train.adamw_8bit import AdamW8bit
+
+    # LoRA-shaped matrices, and one below bitsandbytes' min_8bit_size (kept in 32-bit state: bitsandbytes' own path)
+    shapes = [(4096, 64), (64, 4096), (512, 512), (10, 10)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    start = [torch.randn(shape, device=device, generator=gen) for shape in shapes]
+
+    def make(cls):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        return params, cls([{"params": params[:3], "weight_decay": 0.01}, {"params": params[3:], "weight_decay": 0.0}],
+                           lr=1e-3, betas=(0.9, 0.999))
+
+    (ours_p, ours), (theirs_p, theirs) = make(AdamW8bit), make(bnb.optim.AdamW8bit)
+
+    for step in range(10):
+        seed = 1000 + step
+        for params, optimizer in ((ours_p, ours), (theirs_p, theirs)):
+            grads = torch.Generator(device=device).manual_seed(seed)
+            for p in params:
+                p.grad = torch.randn(p.shape, device=device, generator=grads) * 1e-2
+            optimizer.step()
+    same = all(torch.equal(a, b) for a, b in zip(ours_p, theirs_p))
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(ours_p, theirs_p))
+    states = all(torch.equal(ours.state[a][k], theirs.state[b][k]) for a, b in zip(ours_p, theirs_p)
+                 for k in ours.state[a] if torch.is_tensor(ours.state[a][k]))
+    check("8-bit AdamW (ours) vs bitsandbytes' AdamW8bit, 10 steps", same and states,
+          f"weights equal: {same} (max |diff| {diff:.1e}), states equal: {states}")
+    resumed_p, resumed = make(bnb.optim.AdamW8bit)
+    for p, q in zip(resumed_p, ours_p):
+        p.data.copy_(q.data)
+    resumed.load_state_dict(ours.state_dict())
+    for step in range(2):
+        for params, optimizer in ((ours_p, ours), (resumed_p, resumed)):
+            grads = torch.Generator(device=device).manual_seed(2000 + step)
+            for p in params:
+                p.grad = torch.randn(p.shape, device=device, generator=grads) * 1e-2
+            optimizer.step()
+    same = all(torch.equal(a, b) for a, b in zip(ours_p, resumed_p))
+    check("8-bit AdamW: our state_dict continues in bitsandbytes' class", same, f"weights equal after 2 steps: {same}")
+
+
+def identity_check(method, device):
+    """Train a tiny model to a new identity, as `tunelab demo` does, with the default fast path and with it off:
+    the two loss curves agree (windows of 5 steps within 5% + 0.05) and both models answer with the new name."""
+    from tunelab.data import self_cognition
+    from tunelab.model.tiny import make_model
+    from tunelab.train.loop import train
+
+    name = "TuneBot"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = make_model(tmp / "base", "llama", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                          intermediate_size=256)
+        data = self_cognition.write(tmp / "self_cognition.json", name=name, author="tunelab", n=600)
+        settings = dict(pretrained_model_name_or_path=str(base), method=method, data_path=str(data),
+                        data_format="conversation", prompt_template="qwen_chat", SYSTEM="", max_length=256,
+                        batch_size=4, accumulative_counts=1, lr_scheduler="cosine", warmup_ratio=0.05,
+                        max_epochs=8, save_steps=10**6, logging_steps=1000, evaluation_freq=10**6,
+                        evaluation_inputs=["who are you?", "请介绍一下你自己"], eval_max_new_tokens=32, seed=0)
+        if method == "full":
+            settings.update(lr=3e-3, lora_dropout=0.0)
+        else:  # as the qlora configs: LoRA dropout 0.1, 8-bit AdamW
+            settings.update(lr=2e-2, lora_r=16, lora_alpha=32, lora_dropout=0.1, optimizer="adamw_8bit")
+        curves, answers = {}, {}
+        for fast_path in (True, False):
+            work = tmp / f"work_{fast_path}"
+            result = train(TrainConfig(**settings, fast_path=fast_path), work, device=str(device))
+            curves[fast_path] = [result.losses[s] for s in sorted(result.losses)]
+            answers[fast_path] = (work / f"eval_outputs_iter_{result.step}.txt").read_text(encoding="utf-8")
+    fast, plain = curves[True], curves[False]
+    windows = [(sum(fast[i:i + 5]) / len(fast[i:i + 5]), sum(plain[i:i + 5]) / len(plain[i:i + 5]))
+               for i in range(0, len(fast), 5)]
+    worst = max(abs(a - b) - 0.05 * b for a, b in windows)
+    check(f"{method}: identity training, fast path vs off, loss curves", len(fast) == len(plain) and worst <= 0.05
+          and fast[-1] < 0.3 * fast[0] and plain[-1] < 0.3 * plain[0],
+          f"{len(fast)} steps, loss {fast[0]:.3f} -> {fast[-1]:.3f} vs {plain[0]:.3f} -> {plain[-1]:.3f}, "
+          f"worst window {worst + 0.05:.3f} over the allowance")
+    check(f"{method}: identity training, both answer with the new name",
+          answers[True].count(name) >= 2 and answers[False].count(name) >= 2,
+          f"fast path: {answers[True].count(name)} answers name {name}, off: {answers[False].count(name)}")
+
+
+CHECKS = ("kernel", "loss", "adamw8bit", "paths", "graphs", "long", "identity")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS))
+    only = set(parser.parse_args(argv).only)
     device = torch.device("cuda")
     print(torch.__version__, torch.cuda.get_device_name(0))
-    kernel_check(device)
-    loss_check(device)
+    if "kernel" in only:
+        kernel_check(device)
+    if "loss" in only:
+        loss_check(device)
+    if "adamw8bit" in only:
+        adamw_8bit_check(device)
+    methods = ["lora"]
+    try:
+        import bitsandbytes  # noqa: F401
+
+        methods.append("qlora")
+    except ImportError:
+        print("bitsandbytes missing: qlora not checked")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(tmp, "llama", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                                intermediate_size=512)
-        methods = ["lora"]
-        try:
-            import bitsandbytes  # noqa: F401
-
-            methods.append("qlora")
-        except ImportError:
-            print("bitsandbytes missing: qlora not checked")
         for method in methods:
-            path_check(method, model_dir, device)
-            cuda_graph_check(method, model_dir, device)
-            long_context_check(method, model_dir, device)
+            if "paths" in only:
+                path_check(method, model_dir, device)
+            if "graphs" in only:
+                cuda_graph_check(method, model_dir, device)
+            if "long" in only:
+                long_context_check(method, model_dir, device)
+    if "identity" in only:
+        for method in ("full", *(m for m in methods if m == "qlora")):
+            identity_check(method, device)
     print("ALL PASSED" if not FAILED else f"FAILED: {FAILED}")
     return 1 if FAILED else 0
 
