@@ -10,6 +10,7 @@ import pytest
 
 from tunelab.config.schema import TrainConfig
 from tunelab.data.dataset import build_datasets
+from tunelab.data.formats import normalise
 
 QA = ("What is the capital of China?", "Beijing is the capital.")
 
@@ -49,7 +50,7 @@ def test_chat_formats_train_on_the_answer(tmp_path, tiny_tokenizer, fmt, declare
     bundle = build_datasets(_cfg(path, data_format=fmt if declared == "explicit" else "auto"), tiny_tokenizer,
                             log=lambda m: None)
     assert _texts(bundle, tiny_tokenizer) == [(
-        f"<|im_start|>user\n{QA[0]}<|im_end|>\n<|im_start|>assistant\n{QA[1]}<|im_end|>", f"{QA[1]}<|im_end|>")]
+        f"<|im_start|>user\n{QA[0]}<|im_end|>\n<|im_start|>assistant\n{QA[1]}<|im_end|>\n", f"{QA[1]}<|im_end|>")]
     assert bundle.stats.sources[0]["format"] == fmt
 
 
@@ -97,9 +98,12 @@ def test_agent_tool_results_are_not_trained(tmp_path, tiny_tokenizer):
     bundle = build_datasets(_cfg(tmp_path / "a.jsonl"), tiny_tokenizer, log=lambda m: None)
     assert bundle.stats.sources[0]["format"] == "agent"
     (full1, trained1), (full2, trained2) = _texts(bundle, tiny_tokenizer)
-    assert '"name": "get_weather"' in trained1 and "sunny, 25C" in full1 and "25C" not in trained1
-    assert trained1.endswith("It is sunny.<|im_end|>")
+    assert "sunny, 25C" in full1 and "25C" not in trained1 and trained1.endswith("It is sunny.<|im_end|>")
     assert "<|im_start|>tool\nsunny<|im_end|>" in full2 and trained2 == "Calling.<|im_end|>It is sunny.<|im_end|>"
+    # the call reaches the template as a structured tool call (rendered in the template's own tool format)
+    call = normalise(openai_style, "agent", "a.jsonl line 1")["messages"][2]
+    assert call["tool_calls"] == [{"type": "function", "function": {"name": "get_weather",
+                                                                    "arguments": {"city": "Beijing"}}}]
 
 
 def test_parquet_csv_and_saved_datasets(tmp_path, tiny_tokenizer):

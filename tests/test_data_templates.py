@@ -1,83 +1,134 @@
-"""Chat templates: the published text of each model, the HF jinja export, 'hf', and guessing from a model."""
+"""Chat templates: the exported chat_template, token ids at piece joins, 'hf', and guessing from a model.
+(Each built-in template against its vendor's published one: test_template_vendors.py.)"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from tunelab.data.encode import IGNORE_INDEX, encode_batch
 from tunelab.data.templates import TEMPLATES, get_template, guess_template
 from tunelab.errors import TunelabError
 
 CHAT = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
-        {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}]
+        {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2\n\n第二行"}]
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look a word up",
+                                           "parameters": {"type": "object", "properties": {"word": {"type": "string"}}}}}]
+TOOL_CHAT = [{"role": "user", "content": "Define cat"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "lookup", "arguments": {"word": "cat"}}}]},
+             {"role": "tool", "content": "a small animal"}, {"role": "assistant", "content": "A cat is an animal."}]
+VARIANTS = [CHAT, CHAT[1:], CHAT[:4], CHAT[1:4]]
+NO_TOOLS = {"llama2_chat", "llama3_chat", "mistral", "mixtral", "mistral_v1", "gemma", "gemma3", "yi_chat", "zephyr",
+            "chatglm3", "baichuan2_chat", "internlm_chat", "vicuna", "default", "deepseek_v2", "deepseek_v3",
+            "deepseek_v3_chat", "deepseek_r1", "chatml", "qwen_chat", "qwen2_chat", "qwen1_5_chat", "phi3_chat"}
 
-CHATML = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
-          "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>")
-LLAMA3 = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user"
-          "<|end_header_id|>\n\nU1<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA1<|eot_id|>"
-          "<|start_header_id|>user<|end_header_id|>\n\nU2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-          "A2<|eot_id|>")
-MISTRAL = "<s>[INST] S\n\nU1 [/INST]A1</s>[INST] U2 [/INST]A2</s>"
-GLM = "[gMASK]<sop><|system|>\nS<|user|>\nU1<|assistant|>\nA1</s><|user|>\nU2<|assistant|>\nA2</s>"
-EXPECTED = {
-    "default": "S\n### Human: U1\n### Assistant: A1</s>\n### Human: U2\n### Assistant: A2</s>",
-    "internlm_chat": "<s><|System|>:S\n<|User|>:U1<eoh>\n<|Bot|>:A1<eoa>\n<|User|>:U2<eoh>\n<|Bot|>:A2<eoa>",
-    "internlm2_chat": "<s>" + CHATML, "internlm2_5_chat": "<s>" + CHATML, "internlm3_chat": "<s>" + CHATML,
-    "qwen_chat": CHATML, "qwen2_chat": CHATML, "chatml": CHATML, "yi_chat": CHATML,
-    "llama2_chat": "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST] A2 </s>",
-    "llama3_chat": LLAMA3, "llama3_1_chat": LLAMA3, "mistral": MISTRAL, "mixtral": MISTRAL,
-    "chatglm3": GLM, "glm4_chat": GLM,
-    "baichuan2_chat": "S<reserved_106>U1<reserved_107>A1</s><reserved_106>U2<reserved_107>A2</s>",
-    "gemma": "<bos><start_of_turn>user\nS\n\nU1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
-             "<start_of_turn>user\nU2<end_of_turn>\n<start_of_turn>model\nA2<end_of_turn>",
-    "phi3_chat": "<|system|>\nS<|end|>\n<|user|>\nU1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nU2<|end|>\n"
-                 "<|assistant|>\nA2<|end|>",
-    "deepseek_v2": "<｜begin▁of▁sentence｜>S\n\nUser: U1\n\nAssistant: A1<｜end▁of▁sentence｜>User: U2\n\n"
-                   "Assistant: A2<｜end▁of▁sentence｜>",
-    "zephyr": "<|system|>\nS</s>\n<|user|>\nU1</s>\n<|assistant|>\nA1</s>\n<|user|>\nU2</s>\n<|assistant|>\nA2</s>",
-    "vicuna": "<s>S USER: U1 ASSISTANT: A1</s>USER: U2 ASSISTANT: A2</s>",
-}
-VARIANTS = [CHAT, CHAT[1:], CHAT[:4], CHAT[1:4],
-            CHAT[1:3] + [{"role": "tool", "content": "T"}, {"role": "assistant", "content": "A3"}]]
+# Every special token the built-in templates write, so each renders into real token ids.
+TEMPLATE_TOKENS = [
+    "<|startoftext|>", "<|python_tag|>", "<|eom_id|>", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "<think>", "</think>", "<tool_response>", "</tool_response>", "<|tool|>",
+    "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<｜User｜>", "<｜Assistant｜>", "<eoh>", "<eoa>", "<|User|>",
+    "<|Bot|>", "<|System|>",
+]
 
 
-def test_every_template_is_checked():
-    assert set(EXPECTED) | {"hf"} == set(TEMPLATES)
+def test_every_template_has_stop_words_and_a_vendor():
+    for name, template in TEMPLATES.items():
+        if name != "hf":
+            assert template.stop_words and template.vendor, name
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_render_matches_the_published_format(name):
-    template = get_template(name)
-    assert template.render(CHAT) == EXPECTED[name]
-    assert template.stop_words, "a template without stop words never stops generating"
-    trained = "".join(text for text, flag in template.segments(CHAT) if flag)
-    assert trained.startswith("A1") and "A2" in trained and "U2" not in trained and "S" not in trained
-
-
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_to_jinja_reproduces_render(name, tiny_tokenizer):
+@pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"hf"}))
+def test_exported_chat_template_renders_what_training_renders(name, tiny_tokenizer):
+    """transformers' own apply_chat_template, given to_jinja(), renders exactly render()."""
     template = get_template(name)
     tokenizer = tiny_tokenizer
     saved = tokenizer.chat_template
     tokenizer.chat_template = template.to_jinja()
     try:
-        for messages in VARIANTS:
+        cases = [(m, None) for m in VARIANTS] + ([] if name in NO_TOOLS else [(TOOL_CHAT, TOOLS), (TOOL_CHAT[:3], TOOLS)])
+        for messages, tools in cases:
             for gen in (False, True):
-                assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == \
-                    template.render(messages, add_generation_prompt=gen), (messages, gen)
+                assert tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen,
+                                                     date_string="26 Jul 2024") == \
+                    template.render(messages, tools=tools, add_generation_prompt=gen), (messages, gen)
     finally:
         tokenizer.chat_template = saved
 
 
-def test_generation_prompt_opens_the_reply():
-    t = get_template("qwen_chat")
-    prompt = t.render(CHAT[:4], add_generation_prompt=True)
-    assert prompt.endswith("<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\n")
-    assert t.render(CHAT[:4]).endswith("U2<|im_end|>\n")
+def test_export_uses_the_training_system_prompt():
+    import dataclasses
+
+    template = dataclasses.replace(get_template("qwen2_5_chat"), default_system="Be a pirate.")
+    assert template.render(CHAT[1:3]).startswith("<|im_start|>system\nBe a pirate.<|im_end|>")
+    assert 'set default_system = "Be a pirate."' in template.to_jinja()
 
 
-def test_cfg_system_default_comes_from_template_when_missing():
-    vicuna = get_template("vicuna")
-    assert vicuna.render(CHAT[1:3]).startswith("<s>A chat between a curious user")
+def test_reply_marked_not_trained_stays_context():
+    messages = [CHAT[1], {**CHAT[2], "train": False}, *CHAT[3:]]
+    trained = [t for t, flag in get_template("llama3_chat").segments(messages) if flag]
+    assert trained == ["A2\n\n第二行<|eot_id|>"]
+
+
+@pytest.fixture(scope="module")
+def template_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": TEMPLATE_TOKENS})
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer(tmp_path_factory):
+    """A Llama-2-style tokenizer (sentencepiece's leading '▁', BOS/EOS and [INST] as special tokens): tokenising the
+    pieces of a conversation separately gives other ids at their joins than tokenising the whole text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab.model.tiny import _CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    special = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+    tok.train_from_iterator(_CORPUS * 4, trainers.BpeTrainer(vocab_size=600, special_tokens=special,
+                                                             show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=special[3:])
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_chat", "qwen3_chat", "llama3_1_chat", "mistral_v3", "mistral_tekken",
+                                  "glm4_chat", "internlm2_chat", "phi4_mini", "gemma", "deepseek_r1", "llama2_chat"])
+def test_trained_ids_are_the_tokenizers_ids_of_the_whole_text(name, template_tokenizer):
+    template = get_template(name)
+    tools = None if name in NO_TOOLS else TOOLS
+    messages = CHAT[1:] if tools is None else TOOL_CHAT
+    _check_ids(template, template_tokenizer, messages, tools)
+
+
+@pytest.mark.parametrize("name", ["mistral_tekken", "llama2_chat", "mistral", "mistral_v3"])
+def test_ids_at_piece_joins_with_a_sentencepiece_tokenizer(name, sentencepiece_tokenizer):
+    template = get_template(name)
+    chat = [*CHAT[:4], {"role": "assistant", "content": "Hello, how can I help you today?"}]  # in its small vocab
+    if name == "mistral_tekken":  # "[/INST]A1": alone, the piece "A1" would get a leading "▁"
+        pieces = [i for text, _ in template.segments(chat)
+                  for i in sentencepiece_tokenizer(text, add_special_tokens=False)["input_ids"]]
+        whole = sentencepiece_tokenizer(template.render(chat), add_special_tokens=False)["input_ids"]
+        assert pieces != whole, "this tokenizer should show the join problem the encoder avoids"
+    _check_ids(template, sentencepiece_tokenizer, chat, None)
+
+
+def _check_ids(template, tokenizer, messages, tools):
+    row = encode_batch(template, tokenizer, [{"messages": messages, **({"tools": tools} if tools else {})}],
+                       4096, "assistant")[0][0].row
+    text = template.render(messages, tools=tools)
+    assert row["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    trained_text = "".join(t for t, flag in template.segments(messages, tools=tools) if flag)
+    labelled = [i for i in row["labels"] if i != IGNORE_INDEX]
+    decoded = tokenizer.decode(labelled, skip_special_tokens=False).replace(" ", "")
+    assert decoded == trained_text.replace(" ", ""), (decoded, trained_text)
 
 
 def test_hf_template_follows_tokenizer_and_marks_assistant(tiny_tokenizer_dir):
@@ -95,28 +146,65 @@ def test_hf_template_follows_tokenizer_and_marks_assistant(tiny_tokenizer_dir):
     assert hf.render(CHAT) == tokenizer.apply_chat_template(CHAT, tokenize=False)
     assert hf.render(CHAT[:4], add_generation_prompt=True) == \
         tokenizer.apply_chat_template(CHAT[:4], tokenize=False, add_generation_prompt=True)
-    trained = [text for text, flag in hf.segments(CHAT) if flag]
-    assert trained == ["A1<|im_end|>\n", "A2<|im_end|>\n"]
+    assert [text for text, flag in hf.segments(CHAT) if flag] == ["A1<|im_end|>\n", "A2\n\n第二行<|im_end|>\n"]
     assert "<|im_end|>" in hf.stop_words and hf.to_jinja() == tokenizer.chat_template
 
 
+def test_hf_template_uses_generation_marks(tiny_tokenizer_dir):
+    """A chat_template with {% generation %} (transformers' assistant mask) says itself what is trained."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+        "{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}"
+        "{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endif %}{% endfor %}")
+    hf = get_template("hf", tokenizer)
+    assert "".join(t for t, _ in hf.segments(CHAT)) == tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert [t for t, flag in hf.segments(CHAT) if flag] == ["A1<|im_end|>", "A2\n\n第二行<|im_end|>"]
+
+
+def test_hf_template_that_rewrites_earlier_turns_is_refused_clearly(tiny_tokenizer_dir):
+    """Qwen3's template drops reasoning from earlier replies, so diffing growing prefixes cannot find the replies."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.chat_template = (Path(__file__).with_name("vendor_templates") / "qwen3.jinja").read_text()
+    hf = get_template("hf", tokenizer)
+    with pytest.raises(TunelabError, match="built-in template"):
+        hf.segments(CHAT)
+
+
 def test_unknown_template_lists_known_ones():
-    with pytest.raises(TunelabError, match="qwen_chat"):
+    with pytest.raises(TunelabError, match="qwen2_5_chat"):
         get_template("qwen-chat")
 
 
 @pytest.mark.parametrize("config, expected", [
     ({"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"]}, "internlm2_chat"),
-    ({"model_type": "qwen2"}, "qwen_chat"),
+    ({"model_type": "qwen2", "_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}, "qwen2_5_chat"),
+    ({"model_type": "qwen2", "_name_or_path": "Qwen/Qwen2-7B-Instruct"}, "qwen2_chat"),
+    ({"model_type": "qwen3"}, "qwen3_chat"),
     ({"model_type": "llama", "vocab_size": 128256}, "llama3_chat"),
+    ({"model_type": "llama", "vocab_size": 128256, "_name_or_path": "meta-llama/Llama-3.1-8B-Instruct"},
+     "llama3_1_chat"),
+    ({"model_type": "llama", "_name_or_path": "meta-llama/Llama-3.2-3B-Instruct"}, "llama3_2_chat"),
     ({"model_type": "llama", "vocab_size": 32000}, "llama2_chat"),
     ({"model_type": "mistral"}, "mistral"),
-    ({"model_type": "mixtral"}, "mixtral"),
+    ({"model_type": "mistral", "_name_or_path": "mistralai/Mistral-7B-Instruct-v0.3"}, "mistral_v3"),
+    ({"model_type": "mistral", "_name_or_path": "mistralai/Mistral-Nemo-Instruct-2407"}, "mistral_tekken"),
+    ({"model_type": "mixtral"}, "mistral"),
     ({"model_type": "gemma2"}, "gemma"),
     ({"model_type": "phi3"}, "phi3_chat"),
+    ({"model_type": "phi3", "_name_or_path": "microsoft/Phi-4-mini-instruct"}, "phi4_mini"),
     ({"model_type": "chatglm"}, "chatglm3"),
-    ({"model_type": "glm4"}, "chatglm3"),
+    ({"model_type": "chatglm", "_name_or_path": "THUDM/glm-4-9b-chat"}, "glm4_chat"),
+    ({"model_type": "glm4"}, "glm4_chat"),
     ({"model_type": "deepseek_v2"}, "deepseek_v2"),
+    ({"model_type": "deepseek_v3"}, "deepseek_v3"),
+    ({"model_type": "deepseek_v3", "_name_or_path": "deepseek-ai/DeepSeek-R1"}, "deepseek_r1"),
     ({"architectures": ["BaichuanForCausalLM"]}, "baichuan2_chat"),
     ({"model_type": "llama", "_name_or_path": "01-ai/Yi-6B-Chat"}, "yi_chat"),
     ({"model_type": "bert"}, None),
@@ -127,14 +215,22 @@ def test_guess_template(config, expected):
 
 def test_guess_template_reads_a_model_dir(tiny_llama_dir, tiny_qwen2_dir):
     assert guess_template(tiny_llama_dir) == "llama2_chat"
-    assert guess_template(str(tiny_qwen2_dir)) == "qwen_chat"
+    assert guess_template(str(tiny_qwen2_dir)) == "qwen2_chat"
+
+
+def test_guess_prefers_the_tokenizers_template_when_the_version_is_unknown(tmp_path):
+    """A Qwen2-architecture model of unknown version that ships a chat_template: 'hf' beats a guessed version."""
+    model = tmp_path / "my-finetune"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert guess_template(model) == "qwen2_chat"
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert guess_template(model) == "hf"
+    (model / "config.json").write_text(json.dumps({"model_type": "newfamily"}))
+    assert guess_template(model) == "hf"
 
 
 def test_guess_template_ignores_hints_in_the_users_own_folders(tmp_path):
-    import json
-
-    from tunelab.data.templates import guess_template
-
     model = tmp_path / "vicuna_experiments" / "runs" / "llama3-merged"
     model.mkdir(parents=True)
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 128256}))

@@ -41,7 +41,7 @@ def test_check_dataset_reports_counts_and_histogram(tmp_path, tiny_tokenizer_dir
     assert code == 1
     assert "records read:        32" in out and "invalid records:     2" in out
     assert "line 31: missing field 'output'" in out and "line 32: not valid JSON" in out
-    assert "truncated:" in out and "token lengths: min" in out and "#" in out
+    assert "longer than max_length=40:" in out and "token lengths before truncation" in out and "#" in out
 
 
 def test_check_dataset_counts_the_rows_training_packs(tmp_path, tiny_tokenizer_dir, capsys):
@@ -63,7 +63,7 @@ def test_check_dataset_on_a_data_file(tmp_path, tiny_tokenizer_dir, capsys):
     code = main(["check-dataset", str(tmp_path / "d.json"), "--format", "alpaca", "--tokenizer",
                  str(tiny_tokenizer_dir), "--template", "llama3_chat", "--max-length", "512"])
     out = capsys.readouterr().out
-    assert code == 0 and "OK: every record is valid" in out and "format alpaca, 5 records" in out
+    assert code == 0 and "OK: every record is valid" in out and "d.json: records 5, format alpaca (5)" in out
 
 
 def test_preview_marks_trained_tokens(tmp_path, tiny_tokenizer_dir, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 FMT = argparse.RawDescriptionHelpFormatter
@@ -14,14 +15,23 @@ Mix it with general data (about 2,000 of these among 10,000 others) so the model
 
 example:
   tunelab data self-cognition --name 小助手 --author 张三 --n 2000 -o data/self.json
+
+With --from FILE, FILE's {{name}} and {{author}} placeholders are filled instead (e.g. LLaMA-Factory's
+identity.json) and the result written in FILE's own format:
+  tunelab data self-cognition --name 小助手 --author 张三 --from data/identity.json -o data/identity_filled.json
 """
 CHECK = """\
-Validate every record of a config's data (or of one data file) and report counts, a histogram of token
-lengths, and how many samples max_length truncates or drops. Exits 1 when some records are invalid.
+Validate every record of a config's data (or of a data file, a folder, or a LLaMA-Factory dataset_info.json)
+and report, per file, the formats read and everything not trained as written (fields not read, unfilled
+{{placeholders}}, <image> without an image). With a tokenizer (a config's model, or --tokenizer) it also
+reports token counts, a histogram of token lengths, and how many samples max_length truncates or drops.
+Exits 1 when some records are invalid.
 
 example:
   tunelab check-dataset my_config.py
+  tunelab check-dataset data.jsonl
   tunelab check-dataset data.jsonl --format alpaca --tokenizer ./model --template qwen_chat --max-length 1024
+  tunelab check-dataset data/dataset_info.json --dataset identity,alpaca_en_demo
 """
 PREVIEW = """\
 Show samples as the model sees them after the chat template, with the trained-on text marked (green in a
@@ -47,6 +57,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the config's model)")
     p.add_argument("--max-length", type=int, default=None, help="token limit per sample (default: the config's)")
     p.add_argument("--train-on", choices=("assistant", "all"), default=None)
+    p.add_argument("--dataset", default=None, help="dataset names, when the source is a LLaMA-Factory "
+                                                   "dataset_info.json (e.g. identity,alpaca_en_demo)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings")
 
 
@@ -60,6 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("--name", required=True, help="the assistant's name")
     p.add_argument("--author", required=True, help="who made it")
     p.add_argument("--n", type=int, default=2000, help="number of conversations (default 2000)")
+    p.add_argument("--from", dest="from_file", metavar="FILE", default=None,
+                   help="fill the {{name}} / {{author}} placeholders of this JSON / JSONL file instead")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="JSON file to write")
     p.set_defaults(func=self_cognition)
@@ -85,9 +99,13 @@ def register(subparsers) -> None:
 
 
 def self_cognition(args) -> int:
-    from tunelab.data.self_cognition import write
+    from tunelab.data.self_cognition import fill_file, write
     from tunelab.errors import TunelabError
 
+    if args.from_file:
+        path, count = fill_file(args.from_file, args.output, {"name": args.name, "author": args.author})
+        print(f"wrote {path}: {count} records with their placeholders filled")
+        return 0
     if args.n < 1:
         raise TunelabError("--n must be at least 1")
     path = write(args.output, args.name, args.author, args.n, args.seed)
@@ -96,8 +114,9 @@ def self_cognition(args) -> int:
     return 0
 
 
-def _load(args):
-    """(cfg, tokenizer, config_dir) from a config file or a data file plus flags."""
+def _load(args, *, need_tokenizer: bool = True):
+    """(cfg, tokenizer, config_dir) from a config file or a data file plus flags. The tokenizer is None when
+    need_tokenizer is False and a data file is given without --tokenizer."""
     from dataclasses import replace
 
     from tunelab.config.loader import load_config
@@ -110,25 +129,38 @@ def _load(args):
         cfg, config_dir = load_config(source, args.cfg_options), str(source.parent)
         if args.format:
             cfg = replace(cfg, data_format=args.format)
+        if args.dataset:
+            raise TunelabError("--dataset goes with a dataset_info.json source; in a config, name the datasets in "
+                               "data_path = [{'path': '.../dataset_info.json', 'dataset': '...'}].")
     else:
-        if args.tokenizer is None:
-            raise TunelabError(f"{source}: pass --tokenizer DIR (a model or tokenizer folder) to check a data file, "
-                               f"or give a config file instead.")
-        cfg, config_dir = TrainConfig(data_path=str(source), data_format=args.format or "auto"), None
+        if args.tokenizer is None and need_tokenizer:
+            raise TunelabError(f"{source}: pass --tokenizer DIR (a model or tokenizer folder) to see the samples "
+                               f"as tokens, or give a config file instead.")
+        data_path = [{"path": str(source), "dataset": args.dataset}] if args.dataset else str(source)
+        cfg, config_dir = TrainConfig(data_path=data_path, data_format=args.format or "auto"), None
     updates = {k: v for k, v in (("prompt_template", args.template), ("max_length", args.max_length),
                                  ("train_on", args.train_on)) if v is not None}
     cfg = replace(cfg, **updates)
     if cfg.max_length < 1:
         raise TunelabError("--max-length must be a positive number")
-    tokenizer = load_tokenizer(args.tokenizer or cfg.pretrained_model_name_or_path,
-                               trust_remote_code=cfg.trust_remote_code)
+    if source.suffix != ".py" and args.tokenizer is None:
+        return cfg, None, config_dir
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or cfg.pretrained_model_name_or_path,
+                                   trust_remote_code=cfg.trust_remote_code)
+    except TunelabError as exc:
+        if need_tokenizer or args.tokenizer:
+            raise
+        # check-dataset on a config whose model is not here (offline): the records can still be checked
+        print(f"note: no tokenizer ({exc}); checking the records without token statistics", file=sys.stderr)
+        tokenizer = None
     return cfg, tokenizer, config_dir
 
 
 def check_dataset(args) -> int:
     from tunelab.data.inspect import check_dataset as check
 
-    cfg, tokenizer, config_dir = _load(args)
+    cfg, tokenizer, config_dir = _load(args, need_tokenizer=False)
     stats = check(cfg, tokenizer, config_dir=config_dir)
     return 1 if stats.skipped_invalid else 0
 

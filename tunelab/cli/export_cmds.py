@@ -10,6 +10,7 @@ Turn a training checkpoint into files other tools read.
   pth_to_hf CFG CKPT OUT   checkpoint → HF adapter (LoRA / QLoRA) or HF model (full fine-tuning)
   to-hf CKPT OUT           the same, the config being optional (tunelab.json in the checkpoint says it all)
   merge BASE ADAPTER OUT   base + adapter → one HF model whose chat_template is the training template
+  xtuner-config IN OUT     an XTuner (mmengine) config → an equivalent tunelab config
 
 example:
   tunelab convert pth_to_hf my_config.py work_dirs/run1/iter_500 hf_adapter
@@ -73,6 +74,42 @@ def register(subparsers) -> None:
                    help="hf (default) or original (InternLM2's own layout, for InternLM2 bases)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
     p.set_defaults(func=merge_cmd)
+    _register_xtuner(verbs, fmt)
+
+
+XTUNER_DESCRIPTION = """\
+Write a tunelab config equivalent to an XTuner (mmengine) config, without running it (no mmengine or XTuner
+needed): model and method (full / LoRA / QLoRA from the model dict), data_path and data_format (from the dataset
+and its dataset_map_fn), prompt_template, SYSTEM, max_length, packing, batch, learning rate and schedule, epochs,
+saving and evaluation settings. The new file's header lists what did not carry over and what works differently.
+DeepSpeed stays a command-line flag, as in XTuner: tunelab train OUT --deepspeed zero2.
+
+example:
+  tunelab convert xtuner-config internlm2_chat_1_8b_qlora_alpaca_e3.py my_config.py
+  tunelab check-dataset my_config.py
+  tunelab train my_config.py --work-dir work_dirs/run1
+"""
+
+
+def _register_xtuner(verbs, fmt) -> None:
+    p = verbs.add_parser("xtuner-config", help="an XTuner config → an equivalent tunelab config",
+                         description=XTUNER_DESCRIPTION, formatter_class=fmt)
+    p.add_argument("source", metavar="IN", help="the XTuner config (.py)")
+    p.add_argument("dest", metavar="OUT", help="the tunelab config to write (.py)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.set_defaults(func=xtuner_config_cmd)
+
+
+def xtuner_config_cmd(args) -> int:
+    from tunelab.config.xtuner_convert import convert
+
+    path, migration = convert(args.source, args.dest, force=args.force)
+    print(f"wrote {path}")
+    for line in migration.not_carried:
+        print(f"  not carried over: {line}")
+    print(f"next: read its header, then\n  tunelab check-dataset {path}\n  tunelab train {path} --work-dir "
+          f"work_dirs/{path.stem}")
+    return 0
 
 
 def _add_to_hf_arguments(p) -> None:

@@ -103,12 +103,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         code = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that stopped early fails here, not at interpreter exit
     except TunelabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `tunelab ... | head`: the reader has what it wanted. Stop quietly, as other command-line tools do; the
+        # output left in Python's buffer goes nowhere instead of raising again when Python exits.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
     return int(code or 0)
 
 

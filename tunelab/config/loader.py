@@ -23,6 +23,7 @@ from typing import Any
 
 from tunelab.config import schema
 from tunelab.config.schema import TrainConfig, check_setting, field_docs, field_types, suggest_setting
+from tunelab.config.xtuner_config import is_xtuner_config, not_a_tunelab_config
 from tunelab.errors import TunelabError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def _run_config_file(path: Path) -> tuple[dict[str, Any], dict[str, int], set[st
     except SyntaxError as exc:
         raise TunelabError(f"{path}: syntax error (line {exc.lineno}): {exc.msg}. "
                            f"Fix that line; the file must be valid Python.") from None
+    if is_xtuner_config(tree):  # mmengine's dict(type=...) files would fail on their imports: say what it is
+        raise not_a_tunelab_config(path)
     lines, imported = _assignment_lines(tree)
     # The config's own folder is importable, so a config can import a helper module next to it.
     sys.path.insert(0, str(path.parent.resolve()))

@@ -1,7 +1,10 @@
 """Samples -> token rows ``{"input_ids", "labels", "position_ids"}`` (docs/DESIGN.md, Rows).
 
-A conversation is rendered by its template into pieces flagged trainable or not; each piece is tokenised with
-``add_special_tokens=False`` (templates spell out BOS) and labelled with its own ids or -100. The first token of every
+A conversation is rendered by its template into pieces flagged trainable or not. The whole text is tokenised once,
+with ``add_special_tokens=False`` (templates spell out BOS), so the ids are exactly ``tokenizer(text)``'s: tokenising
+pieces separately can change ids where they meet (a sentencepiece leading space, a BPE merge across the join). Each
+token is labelled with its id when the character it ends on lies in a trained piece, else -100 (tokenizers without
+offsets fall back to tokenising the pieces one by one). The first token of every
 sample is -100 so a packed sample never learns to predict from its neighbour. A sample cut at ``max_length`` that
 keeps no trained token is dropped (returns None) and counted by the caller.
 
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 IGNORE_INDEX = -100
 
@@ -48,12 +53,50 @@ def _join(pieces: list[tuple[list[int], bool]], train_on: str, max_length: int) 
     return _finish(ids, labels, max_length)
 
 
-def encode_messages(template, tokenizer, messages: list[dict], max_length: int, train_on: str = "assistant"
-                    ) -> Optional[dict]:
+def encode_messages(template, tokenizer, messages: list[dict], max_length: int, train_on: str = "assistant",
+                    tools: Optional[list] = None) -> Optional[dict]:
     """One conversation -> its row, or None when truncation left nothing to train on."""
-    segments = template.segments(messages)
-    token_lists = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"] if segments else []
-    return _join(list(zip(token_lists, [t for _, t in segments])), train_on, max_length).row
+    sample = {"messages": messages, **({"tools": tools} if tools else {})}
+    return encode_batch(template, tokenizer, [sample], max_length, train_on)[0][0].row
+
+
+def _piece_starts(encoding, segments: list[tuple[str, bool]]) -> list[int]:
+    """Index of the first token of each piece: the first token whose last character lies in that piece or later.
+    (A token that straddles a join belongs to the piece holding its last character.)"""
+    starts, char, n = [], 0, len(encoding.ids)
+    for text, _ in segments:
+        token = None
+        for c in range(char, char + len(text)):  # a character no token covers (trimmed offsets): try the next
+            token = encoding.char_to_token(c)
+            if token is not None:
+                break
+        starts.append(n if token is None else token)
+        char += len(text)
+    for k in range(len(starts) - 2, -1, -1):  # an empty piece starts where the next one does
+        starts[k] = min(starts[k], starts[k + 1])
+    return starts
+
+
+def _labels(ids: list[int], starts: list[int], segments: list[tuple[str, bool]], train_on: str) -> list[int]:
+    if train_on == "all":
+        return list(ids)
+    labels: list[int] = []
+    ends = starts[1:] + [len(ids)]
+    for (_, trained), a, b in zip(segments, starts, ends):
+        labels += ids[a:b] if trained else [IGNORE_INDEX] * (b - a)
+    return labels
+
+
+def _labels_from_offsets(ids: list[int], offsets, segments: list[tuple[str, bool]], train_on: str) -> list[int]:
+    """Label each token by the piece holding the last character it covers (trained piece -> its id, else -100)."""
+    if train_on == "all":
+        return list(ids)
+    starts = np.cumsum([0] + [len(text) for text, _ in segments[:-1]])
+    flags = np.array([trained for _, trained in segments], dtype=bool)
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    last_char = np.where(offs[:, 1] > offs[:, 0], offs[:, 1] - 1, offs[:, 0])
+    trained = flags[np.searchsorted(starts, last_char, side="right") - 1]
+    return np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
 
 
 def text_pieces(tokenizer, text: str) -> list[str]:
@@ -68,46 +111,86 @@ def _split_text(ids: list[int], max_length: int) -> list[Encoded]:
 _PROBE = ["Hello  world!\n", " leading space", "<|im_start|>user\n你好<|im_end|>", "<s>", "a</s>", "\n\n", ""]
 
 
-def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text (no special tokens added). Uses the Rust tokenizer directly when it gives the same
-    ids as the transformers wrapper (checked once per tokenizer): about twice as fast on large datasets."""
-    fast = getattr(tokenizer, "_tunelab_backend_ok", None)
+def _backend(tokenizer):
+    """The Rust tokenizer when it gives the same ids as the transformers wrapper (checked once per tokenizer), else
+    None. It is about twice as fast on large datasets and gives character offsets."""
+    ok = getattr(tokenizer, "_tunelab_backend_ok", None)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if fast is None:
-        fast = backend is not None and hasattr(backend, "encode_batch_fast") and \
+    if ok is None:
+        ok = backend is not None and hasattr(backend, "encode_batch_fast") and \
             [e.ids for e in backend.encode_batch_fast(_PROBE, add_special_tokens=False)] == \
             tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
         try:
-            tokenizer._tunelab_backend_ok = fast
+            tokenizer._tunelab_backend_ok = ok
         except AttributeError:  # some tokenizer classes refuse new attributes: just check again next time
             pass
-    if fast:
+    return backend if ok else None
+
+
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text (no special tokens added)."""
+    backend = _backend(tokenizer)
+    if backend is not None:
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def _ids_and_offsets(tokenizer, texts: list[str]):
+    """The Rust encodings of the texts (ids and character offsets), a list of (ids, offsets), or None when the
+    tokenizer has no offsets (a slow tokenizer)."""
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return backend.encode_batch(texts, add_special_tokens=False)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return list(zip(enc["input_ids"], enc["offset_mapping"]))
+    return None
+
+
 def encode_batch(template, tokenizer, samples: list[dict], max_length: int, train_on: str) -> list[list[Encoded]]:
-    """Encode many samples with one tokenizer call (the fast tokenizer batches in Rust).
+    """Encode many samples with one tokenizer call per kind (the fast tokenizer batches in Rust).
 
     Returns, per sample, a list of Encoded: one for a conversation, one or more for long plain text.
     """
-    texts: list[str] = []
-    spans: list[tuple[int, int, list[bool] | None]] = []
-    for sample in samples:
-        start = len(texts)
+    text_pieces_: list[str] = []
+    text_spans: dict[int, tuple[int, int]] = {}
+    conversations: dict[int, list[tuple[str, bool]]] = {}
+    for k, sample in enumerate(samples):
         if "text" in sample:
-            texts += [t for t in text_pieces(tokenizer, sample["text"]) if t]
-            spans.append((start, len(texts), None))
+            start = len(text_pieces_)
+            text_pieces_ += [t for t in text_pieces(tokenizer, sample["text"]) if t]
+            text_spans[k] = (start, len(text_pieces_))
         else:
-            segments = template.segments(sample["messages"])
-            texts += [t for t, _ in segments]
-            spans.append((start, len(texts), [flag for _, flag in segments]))
-    token_lists = token_ids(tokenizer, texts) if texts else []
+            conversations[k] = template.segments(sample["messages"], tools=sample.get("tools"))
+    text_ids = token_ids(tokenizer, text_pieces_) if text_pieces_ else []
+    encoded = _encode_conversations(tokenizer, list(conversations.values()), max_length, train_on)
+    by_sample = dict(zip(conversations, encoded))
     out: list[list[Encoded]] = []
-    for start, end, flags in spans:
-        if flags is None:
-            ids = [t for piece in token_lists[start:end] for t in piece]
-            out.append(_split_text(ids, max_length))
+    for k in range(len(samples)):
+        if k in text_spans:
+            start, end = text_spans[k]
+            out.append(_split_text([t for piece in text_ids[start:end] for t in piece], max_length))
         else:
-            out.append([_join(list(zip(token_lists[start:end], flags)), train_on, max_length)])
+            out.append([by_sample[k]])
+    return out
+
+
+def _encode_conversations(tokenizer, conversations: list[list[tuple[str, bool]]], max_length: int,
+                          train_on: str) -> list[Encoded]:
+    if not conversations:
+        return []
+    tokenised = _ids_and_offsets(tokenizer, ["".join(text for text, _ in segs) for segs in conversations])
+    if tokenised is None:  # no offsets: tokenise the pieces one by one
+        flat = [text for segs in conversations for text, _ in segs]
+        ids = iter(token_ids(tokenizer, flat) if flat else [])
+        return [_join([(next(ids), trained) for _, trained in segs], train_on, max_length) for segs in conversations]
+    out = []
+    for segs, encoding in zip(conversations, tokenised):
+        if isinstance(encoding, tuple):
+            ids = list(encoding[0])
+            labels = _labels_from_offsets(ids, encoding[1], segs, train_on) if ids else []
+        else:
+            ids = encoding.ids
+            labels = _labels(ids, _piece_starts(encoding, segs), segs, train_on)
+        out.append(_finish(ids, labels, max_length))
     return out

@@ -1,34 +1,38 @@
-"""Read data files and turn every record into one normalised sample.
+"""Detect each record's format and turn it into the canonical sample (docs/DESIGN.md, "The canonical sample").
 
-A sample is either ``{"messages": [{"role", "content"}, ...]}`` (OpenAI style, roles system/user/assistant/tool)
-or ``{"text": "..."}`` (plain text for incremental pretraining). Everything after this module sees only these two.
+A sample is ``{"messages": [Message, ...], "tools"?: [Tool, ...]}`` or ``{"text": "..."}`` (continued
+pretraining). Everything after this module sees only these two. How one message is read (content parts, tool calls,
+training switches) is `tunelab.data.messages`.
 
-Formats (``data_format``; 'auto' detects per file from its first record):
+Formats (``data_format``; 'auto' detects per record):
 
-* ``alpaca``        {"instruction", "input"?, "output", "system"?, "history"?}
-* ``messages``      {"messages": [{"role", "content"}, ...]} (OpenAI)
-* ``sharegpt``      {"conversations": [{"from", "value"}, ...], "system"?}
-* ``conversation``  {"conversation": [{"system"?, "input", "output"}, ...]} (XTuner)
+* ``alpaca``        {"instruction", "input"?, "output", "system"?, "history"?, "tools"?}
+* ``messages``      {"messages": [{"role", "content", ...}, ...], "tools"?} (OpenAI; XTuner calls it ``openai``),
+                    or a bare list of messages (a JSONL line ``[{"role": ...}, ...]``, as XTuner reads it)
+* ``sharegpt``      {"conversations": [{"from", "value"}, ...], "system"?, "tools"?}; ``function_call`` and
+                    ``observation`` turns are tool calls and results
+* ``conversation``  {"conversation": [{"system"?, "input", "output", "output_with_loss"?}, ...]} (XTuner); one
+                    turn with an empty input and no system is pretraining text, as in XTuner
 * ``text``          {"text"} or .txt files (one sample per non-empty line)
-* ``agent``         tool-use dialogues: ``messages`` with ``tool_calls`` / ``tool`` turns, or MS-Agent
-                    ``conversations`` whose assistant turns hold ``<|startofexec|>...<|endofexec|>`` tool results
+* ``agent``         tool-use dialogues in the ``messages`` or ``sharegpt`` shape (MS-Agent replies included);
+                    'auto' names records with tool turns so
 
-Every mistake raises `InvalidRecord` (a `TunelabError`) naming the file, the line or record, and the field.
+Every mistake raises `InvalidRecord` (a `TunelabError`) naming the file, the line or record, and the field. Fields a
+format does not read are listed by `unused_fields`, so the caller can report them instead of dropping them silently.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
-import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Optional
 
+from tunelab.data import messages as msg
+from tunelab.data.files import InvalidRecord, Record  # noqa: F401  (re-exported: the data step's error type)
+from tunelab.data.messages import MULTIMODAL_FIX, fail
 from tunelab.errors import TunelabError
 
-FORMATS = ("alpaca", "messages", "sharegpt", "conversation", "text", "agent")
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
+FORMATS = ("alpaca", "messages", "openai", "sharegpt", "conversation", "text", "agent")
+ALIASES = {"openai": "messages"}  # XTuner's name for the OpenAI messages format
 
 # The field that gives each format away, in the order we test them.
 _SIGNATURE_FIELDS = [("messages", "messages"), ("conversations", "sharegpt"), ("conversation", "conversation"),
@@ -37,119 +41,46 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
                    "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool",
                    "function": "tool", "ipython": "tool"}
-_EXEC = re.compile(r"<\|startofexec\|>(.*?)<\|endofexec\|>", re.S)
+_MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
+                  "assistant": "assistant", "tool": "tool", "function": "tool", "ipython": "tool",
+                  "observation": "tool"}
+MEDIA_FIELDS = ("images", "image", "videos", "video", "audios", "audio")
+_MEDIA = frozenset(MEDIA_FIELDS)
+
+# Fields each format reads: the rest are reported by unused_fields. "[]" marks the fields of each list item.
+_READ = {
+    "alpaca": {"instruction", "prompt", "input", "output", "system", "history", "tools"},
+    "messages": {"messages", "tools", "functions", "system"},
+    "sharegpt": {"conversations", "system", "tools"},
+    "conversation": {"conversation"},
+    "text": {"text"},
+}
+_READ_ITEM = {
+    "messages": {"role", "content", "tool_calls", "function_call", "tool_call_id", "reasoning_content", "thinking",
+                 "reasoning", "loss", "loss_weight", "weight", "refusal"},
+    "conversations": {"from", "value", "role", "content", "tool_calls", "function_call", "tool_call_id",
+                      "reasoning_content", "thinking", "reasoning", "loss", "loss_weight", "weight", "refusal"},
+    "conversation": {"system", "input", "output", "output_with_loss"},
+}
+# Why some common fields are not read, and what to do: shown next to the count in check-dataset.
+UNUSED_HINTS = {
+    "id": "an identifier, not trained on",
+    "parallel_tool_calls": "an OpenAI API option: the calls are trained as written",
+    "need_eos_token": "XTuner's end-token switch: tunelab's template decides the end of each reply",
+    "sep": "XTuner's separator: tunelab's template decides separators",
+    "name": "a participant name: the chat templates do not show it",
+}
 
 
-class InvalidRecord(TunelabError):
-    """One bad record: with skip_invalid=True it is counted and skipped instead of stopping the run."""
+# --- detecting ------------------------------------------------------------------------------------
+
+def canonical_format(fmt: str) -> str:
+    return ALIASES.get(fmt, fmt)
 
 
-@dataclass
-class Record:
-    data: dict
-    where: str
-    """'file.jsonl line 7' or 'file.json record 3': what an error message points at."""
-
-
-# --- reading files ------------------------------------------------------------------------------
-
-def list_data_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files:
-        raise TunelabError(f"{path}: the directory holds no data file ({', '.join(FILE_SUFFIXES)}). "
-                           f"Point data_path at a file, or a folder of such files.")
-    return files
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise TunelabError(f"{path} line {line}: bytes that are not UTF-8 ({raw[exc.start:exc.start + 4]!r}). "
-                           f"Re-save the file as UTF-8, e.g. `iconv -f GBK -t UTF-8 {path.name} > fixed.json`.")
-
-
-def read_records(path: Path, *, skip_invalid: bool = False, on_skip: Callable[[str], None] = lambda m: None
-                 ) -> Iterator[Record]:
-    """Yield the raw records of one data file (no format checks yet)."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        text = _read_text(path)
-        if not text.strip():
-            raise TunelabError(f"{path}: the file is empty. Put one JSON object per line in it.")
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                msg = (f"{path} line {n}: not valid JSON ({exc.msg} at column {exc.colno}). Each line of a .jsonl "
-                       f"file must be one complete JSON object; fix or delete that line.")
-                if skip_invalid:
-                    on_skip(msg)
-                    continue
-                raise InvalidRecord(msg)
-            yield Record(obj, f"{path} line {n}")
-    elif suffix == ".json":
-        text = _read_text(path)
-        if not text.strip():
-            raise TunelabError(f"{path}: the file is empty. Put a JSON list of records in it.")
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            hint = " (it looks like JSON Lines: rename it to .jsonl)" if exc.msg == "Extra data" else ""
-            raise TunelabError(f"{path} line {exc.lineno} column {exc.colno}: not valid JSON: {exc.msg}{hint}. "
-                               f"Fix the file (e.g. a missing comma or quote near there).")
-        if isinstance(obj, dict):  # {"data": [...]} / {"train": [...]} wrappers, or one record
-            lists = [v for v in obj.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
-            obj = lists[0] if len(lists) == 1 and not any(k in obj for k, _ in _SIGNATURE_FIELDS) else [obj]
-        if not isinstance(obj, list):
-            raise TunelabError(f"{path}: expected a JSON list of records, found {type(obj).__name__}.")
-        if not obj:
-            raise TunelabError(f"{path}: the list of records is empty.")
-        for i, rec in enumerate(obj):
-            yield Record(rec, f"{path} record {i}")
-    elif suffix in (".parquet", ".csv"):
-        import pandas as pd
-
-        try:
-            frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
-        except Exception as exc:  # pandas/pyarrow raise many types for a damaged file
-            raise TunelabError(f"{path}: cannot read it as {suffix[1:]}: {exc}")
-        if frame.empty:
-            raise TunelabError(f"{path}: the file holds no rows.")
-        for i, rec in enumerate(frame.to_dict("records")):
-            yield Record({k: _plain(v) for k, v in rec.items()}, f"{path} row {i + (2 if suffix == '.csv' else 0)}")
-    elif suffix == ".txt":
-        text = _read_text(path)
-        if not text.strip():
-            raise TunelabError(f"{path}: the file is empty.")
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                yield Record({"text": line}, f"{path} line {n}")
-    else:
-        raise TunelabError(f"{path}: unknown file type {suffix!r}. Use one of {', '.join(FILE_SUFFIXES)}.")
-
-
-def _plain(value):
-    """numpy arrays / scalars from parquet into plain Python lists / numbers."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-# --- detecting and normalising --------------------------------------------------------------------
-
-def detect_format(record: dict) -> Optional[str]:
+def detect_format(record: Any) -> Optional[str]:
+    if _is_message_list(record):
+        return "agent" if _looks_like_agent(record) else "messages"
     if not isinstance(record, dict):
         return None
     for key, fmt in _SIGNATURE_FIELDS:
@@ -162,21 +93,22 @@ def detect_format(record: dict) -> Optional[str]:
     return None
 
 
+def _is_message_list(record: Any) -> bool:
+    return isinstance(record, list) and bool(record) and all(isinstance(m, dict) and "role" in m for m in record)
+
+
 def _looks_like_agent(turns) -> bool:
     if not isinstance(turns, list):
         return False
     for t in turns:
         if isinstance(t, dict):
             role = t.get("role", t.get("from"))
-            if role in ("tool", "function", "observation", "ipython") or t.get("tool_calls"):
+            if role in ("tool", "function", "observation", "ipython", "function_call") or t.get("tool_calls") \
+                    or t.get("function_call"):
                 return True
-            if isinstance(t.get("value"), str) and "<|startofexec|>" in t["value"]:
+            if msg.is_ms_agent(t.get("value")):
                 return True
     return False
-
-
-def _fail(where: str, problem: str, fix: str) -> InvalidRecord:
-    return InvalidRecord(f"{where}: {problem}. {fix}")
 
 
 def _need(record: dict, key: str, where: str, fmt: str, kind=str):
@@ -186,152 +118,198 @@ def _need(record: dict, key: str, where: str, fmt: str, kind=str):
         other = detect_format(record)
         if other and other != fmt:
             hint += f" This record looks like the {other!r} format: set data_format={other!r} (or 'auto')."
-        raise _fail(where, f"missing field {key!r} for the {fmt!r} format (found: {', '.join(map(repr, record))})",
-                    hint.strip() or f"Add {key!r} to the record.")
+        raise fail(where, f"missing field {key!r} for the {fmt!r} format (found: {', '.join(map(repr, record))})",
+                   hint.strip() or f"Add {key!r} to the record.")
     value = record[key]
     if not isinstance(value, kind):
-        raise _fail(where, f"field {key!r} should be {'text' if kind is str else 'a list'}, "
-                           f"found {type(value).__name__}", f"Fix the value of {key!r}.")
+        raise fail(where, f"field {key!r} should be {'text' if kind is str else 'a list'}, "
+                          f"found {type(value).__name__}", f"Fix the value of {key!r}.")
     return value
 
 
-def _content(value, where: str, field: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):  # OpenAI content parts
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in value)
-    if not isinstance(value, str):
-        raise _fail(where, f"{field} should be text, found {type(value).__name__}", f"Make {field} a string.")
-    return value
+def _text(value, where: str, field: str) -> str:
+    return msg.read_content(value, role="user", where=where, field=field, images=None)["content"]
 
 
-def _tool_calls_text(calls) -> str:
-    out = []
-    for call in calls or []:
-        fn = call.get("function", call) if isinstance(call, dict) else {}
-        args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                pass
-        out.append("<tool_call>\n" + json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
-                   + "\n</tool_call>")
-    return "\n".join(out)
+# --- one converter per format ---------------------------------------------------------------------
 
-
-def _from_alpaca(r: dict, where: str) -> list[dict]:
-    instruction = _need(r, "instruction", where, "alpaca") if "prompt" not in r else _need(r, "prompt", where, "alpaca")
+def _from_alpaca(r: dict, where: str, images) -> list[dict]:
+    if "instruction" in r or "prompt" in r or "input" not in r:
+        instruction = _need(r, "prompt" if "prompt" in r and "instruction" not in r else "instruction", where,
+                            "alpaca")
+    else:  # {"input", "output"} (XTuner's default_map_fn shape): the input is the whole question
+        instruction = ""
     output = _need(r, "output", where, "alpaca")
     extra = r.get("input") or ""
-    messages = [{"role": "system", "content": r["system"]}] if r.get("system") else []
+    if not isinstance(extra, str):
+        raise fail(where, f"field 'input' should be text, found {type(extra).__name__}", "Fix the value of 'input'.")
+    messages = [{"role": "system", "content": _text(r["system"], where, "system")}] if r.get("system") else []
     for pair in r.get("history") or []:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise _fail(where, "'history' should be a list of [question, answer] pairs", "Fix 'history'.")
+            raise fail(where, "'history' should be a list of [question, answer] pairs", "Fix 'history'.")
         messages += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
-    user = f"{instruction}\n{extra}" if extra else instruction
+    user = "\n".join(part for part in (instruction, extra) if part)
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _from_messages(r: dict, where: str, fmt: str) -> list[dict]:
-    turns = _need(r, "messages", where, fmt, list)
-    messages = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict) or "role" not in t:
-            raise _fail(where, f"messages[{i}] needs 'role' and 'content'", "Write it as {\"role\": ..., \"content\": ...}.")
-        role = {"function": "tool", "ipython": "tool", "observation": "tool", "human": "user"}.get(t["role"], t["role"])
-        content = _content(t.get("content"), where, f"messages[{i}].content")
-        if t.get("tool_calls"):
-            content = (content + "\n" if content else "") + _tool_calls_text(t["tool_calls"])
-        messages.append({"role": role, "content": content})
-    return messages
+def _from_messages(turns: list, where: str, images) -> list[dict]:
+    return [_message(t, f"messages[{i}]", where, images) for i, t in enumerate(turns)]
 
 
-def _from_sharegpt(r: dict, where: str, fmt: str) -> list[dict]:
-    turns = _need(r, "conversations", where, fmt, list)
-    messages = [{"role": "system", "content": r["system"]}] if r.get("system") else []
+def _message(t: Any, at: str, where: str, images) -> dict:
+    if not isinstance(t, dict) or "role" not in t:
+        raise fail(where, f"{at} needs 'role' and 'content'", "Write it as {\"role\": ..., \"content\": ...}.")
+    role = _MESSAGE_ROLES.get(str(t["role"]).lower())
+    if role is None:
+        raise fail(where, f"{at} has role {t['role']!r}", "Use system, user, assistant or tool.")
+    return msg.message(t, role, where, at, images=images)
+
+
+def _from_sharegpt(r: dict, where: str, images) -> list[dict]:
+    turns = _need(r, "conversations", where, "sharegpt", list)
+    messages = [{"role": "system", "content": _text(r["system"], where, "system")}] if r.get("system") else []
     for i, t in enumerate(turns):
+        at = f"conversations[{i}]"
+        if isinstance(t, dict) and "from" not in t and "role" in t:  # role/content inside 'conversations'
+            messages.append(_message(t, at, where, images))
+            continue
         if not isinstance(t, dict) or "from" not in t or "value" not in t:
-            raise _fail(where, f"conversations[{i}] needs 'from' and 'value'",
-                        "Write each turn as {\"from\": \"human\"|\"gpt\", \"value\": ...}.")
-        role = _SHAREGPT_ROLES.get(str(t["from"]).lower())
+            raise fail(where, f"{at} needs 'from' and 'value'",
+                       "Write each turn as {\"from\": \"human\"|\"gpt\", \"value\": ...}.")
+        speaker = str(t["from"]).lower()
+        role = _SHAREGPT_ROLES.get(speaker)
         if role is None:
-            raise _fail(where, f"conversations[{i}].from is {t['from']!r}",
-                        f"Use one of {', '.join(sorted(_SHAREGPT_ROLES))}.")
-        value = _content(t["value"], where, f"conversations[{i}].value")
-        if role == "assistant" and "<|startofexec|>" in value:
-            messages += _split_ms_agent(value)
+            raise fail(where, f"{at}.from is {t['from']!r}", f"Use one of {', '.join(sorted(_SHAREGPT_ROLES))}.")
+        if speaker == "function_call":
+            calls = msg.tool_calls(t["value"], where, f"{at}.value")
+            reply = {"role": "assistant", "content": "", "tool_calls": calls}
+            if not msg.trained(t, "assistant", where, at):
+                reply["train"] = False
+            previous = messages[-1] if messages else None
+            if previous and previous["role"] == "assistant" and not previous.get("tool_calls"):
+                previous["tool_calls"] = calls  # "gpt" text then its "function_call": one reply
+            else:
+                messages.append(reply)
+        elif role == "assistant" and msg.is_ms_agent(t["value"]):
+            messages += msg.split_ms_agent(t["value"], where, at, msg.trained(t, role, where, at))
         else:
-            messages.append({"role": role, "content": value})
+            messages.append(msg.message(t, role, where, at, images=images, content_key="value"))
     return messages
 
 
-def _split_ms_agent(value: str) -> list[dict]:
-    """MS-Agent replies embed tool results: the call is trained on, the result (tool output) is not."""
-    out, pos = [], 0
-    for m in _EXEC.finditer(value):
-        out.append({"role": "assistant", "content": value[pos:m.start()]})
-        out.append({"role": "tool", "content": m.group(1).strip()})
-        pos = m.end()
-    out.append({"role": "assistant", "content": value[pos:].strip()})
-    return out
-
-
-def _from_conversation(r: dict, where: str) -> list[dict]:
+def _from_conversation(r: dict, where: str, images) -> list[dict] | str:
     turns = _need(r, "conversation", where, "conversation", list)
+    if len(turns) == 1 and isinstance(turns[0], dict) and not turns[0].get("input") and not turns[0].get("system"):
+        return _text(_need(turns[0], "output", f"{where} turn 0", "conversation"), where, "output")  # pretraining
     messages = []
     for i, t in enumerate(turns):
+        at = f"conversation[{i}]"
         if not isinstance(t, dict):
-            raise _fail(where, f"conversation[{i}] is not an object", "Write turns as {\"input\": ..., \"output\": ...}.")
+            raise fail(where, f"{at} is not an object", "Write turns as {\"input\": ..., \"output\": ...}.")
         if t.get("system"):
             if i > 0:
-                raise _fail(where, f"conversation[{i}] has a 'system' after the first turn",
-                            "Put the system prompt in the first turn only.")
-            messages.append({"role": "system", "content": _content(t["system"], where, "system")})
-        messages.append({"role": "user", "content": _content(_need(t, "input", f"{where} turn {i}", "conversation"),
-                                                              where, "input")})
-        messages.append({"role": "assistant", "content": _content(_need(t, "output", f"{where} turn {i}",
-                                                                        "conversation"), where, "output")})
+                raise fail(where, f"{at} has a 'system' after the first turn",
+                           "Put the system prompt in the first turn only.")
+            messages.append({"role": "system", "content": _text(t["system"], where, f"{at}.system")})
+        user = msg.read_content(_need(t, "input", f"{where} turn {i}", "conversation"), role="user", where=where,
+                                field=f"{at}.input", images=images)
+        reply = {"role": "assistant", "content": _text(_need(t, "output", f"{where} turn {i}", "conversation"),
+                                                        where, f"{at}.output")}
+        if t.get("output_with_loss") is not None and not msg.trained({"loss": t["output_with_loss"]}, "assistant",
+                                                                     where, f"{at}.output_with_loss"):
+            reply["train"] = False
+        messages += [{"role": "user", "content": user["content"]}, reply]
     return messages
 
 
 def check_role_order(messages: list[dict], where: str) -> None:
-    """system? then user, assistant, (tool+, assistant)*, user, ... ending with an assistant reply."""
-    allowed_after = {None: {"system", "user"}, "system": {"user"}, "user": {"assistant"},
+    """system? then user+, assistant, (tool+, assistant)*, user+, ... ending with an assistant reply.
+
+    Several user messages in a row are allowed (OpenAI's data has them, e.g. a question, then its image)."""
+    allowed_after = {None: {"system", "user"}, "system": {"user"}, "user": {"user", "assistant"},
                      "assistant": {"user", "tool"}, "tool": {"tool", "assistant"}}
     previous = None
     for i, m in enumerate(messages):
-        if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise _fail(where, f"message {i} has role {m['role']!r}", "Use system, user, assistant or tool.")
         if m["role"] not in allowed_after[previous]:
             expected = " or ".join(sorted(allowed_after[previous]))
-            raise _fail(where, f"message {i} is {m['role']!r} but {expected} should come "
-                               f"{'first' if previous is None else 'after ' + repr(previous)}",
-                        "Order turns as system?, user, assistant, user, assistant, ... (tool results follow an "
-                        "assistant tool call and precede the next assistant reply).")
+            raise fail(where, f"message {i} is {m['role']!r} but {expected} should come "
+                              f"{'first' if previous is None else 'after ' + repr(previous)}",
+                       "Order turns as system?, user, assistant, user, assistant, ... (tool results follow an "
+                       "assistant tool call and precede the next assistant reply).")
         previous = m["role"]
     if previous != "assistant":
-        raise _fail(where, "the conversation does not end with an assistant reply" if previous else "no messages",
-                    "Each sample needs at least one user question and an assistant answer after it.")
+        raise fail(where, "the conversation does not end with an assistant reply" if previous else "no messages",
+                   "Each sample needs at least one user question and an assistant answer after it (preference "
+                   "pairs with 'chosen' / 'rejected' are for preference training, not this run).")
 
 
-def normalise(record: dict, fmt: str, where: str) -> dict:
-    """One raw record in format `fmt` -> {"messages": [...]} or {"text": ...}. Raises InvalidRecord."""
+def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = None) -> dict:
+    """One raw record in format `fmt` -> {"messages": [...], "tools"?: [...]} or {"text": ...}.
+
+    images: None in a text-only run (any image is an error pointing at multimodal training); a list to collect the
+    record's image references into, in the order of their <image> placeholders (see tunelab.data.multimodal).
+    Raises InvalidRecord.
+    """
+    fmt = canonical_format(fmt)
+    if _is_message_list(record) and fmt in ("messages", "agent"):
+        record = {"messages": record}
     if not isinstance(record, dict):
-        raise _fail(where, f"a record should be a JSON object, found {type(record).__name__}", "Fix the record.")
+        hint = " A list of messages is the 'messages' format: set data_format='messages' (or 'auto')." \
+            if _is_message_list(record) else ""
+        raise fail(where, f"a record should be a JSON object, found {type(record).__name__}",
+                   f"Fix the record.{hint}")
+    if images is None and not _MEDIA.isdisjoint(record):
+        media = [k for k in MEDIA_FIELDS if record.get(k)]
+        if media:
+            raise fail(where, f"the record has {' and '.join(map(repr, media))} (a multimodal sample)",
+                       MULTIMODAL_FIX)
     if fmt == "text":
         return {"text": _need(record, "text", where, "text")}
     if fmt == "alpaca":
-        messages = _from_alpaca(record, where)
-    elif fmt == "messages":
-        messages = _from_messages(record, where, fmt)
-    elif fmt == "sharegpt":
-        messages = _from_sharegpt(record, where, fmt)
+        messages = _from_alpaca(record, where, images)
+    elif fmt == "messages" or (fmt == "agent" and "messages" in record):
+        messages = _from_messages(_need(record, "messages", where, fmt, list), where, images)
+        if record.get("system") and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": _text(record["system"], where, "system")})
+    elif fmt in ("sharegpt", "agent"):
+        messages = _from_sharegpt(record, where, images)
     elif fmt == "conversation":
-        messages = _from_conversation(record, where)
-    elif fmt == "agent":
-        messages = _from_messages(record, where, fmt) if "messages" in record else _from_sharegpt(record, where, fmt)
+        messages = _from_conversation(record, where, images)
+        if isinstance(messages, str):
+            return {"text": messages}
     else:
         raise TunelabError(f"unknown data_format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}")
+    if any(m["role"] == "tool" for m in messages):
+        msg.name_tool_results(messages)
     check_role_order(messages, where)
-    return {"messages": messages}
+    sample = {"messages": messages}
+    if record.get("tools") or record.get("functions"):
+        found = msg.tools(record.get("tools"), where) + msg.tools(record.get("functions"), where, "functions")
+        if found:
+            sample["tools"] = found
+    return sample
+
+
+def unused_fields(record: Any, fmt: str) -> list[str]:
+    """Fields of `record` that format `fmt` does not read, e.g. ['id', 'messages[].name']."""
+    fmt = canonical_format(fmt)
+    if _is_message_list(record):
+        record = {"messages": record}
+    if not isinstance(record, dict):
+        return []
+    if fmt == "agent":
+        fmt = "messages" if "messages" in record else "sharegpt"
+    read = _READ.get(fmt, set())
+    out = [k for k in record if k not in read and k not in MEDIA_FIELDS]
+    for key in read.intersection(_READ_ITEM):
+        items = record.get(key)
+        if not isinstance(items, list):
+            continue
+        known, extra = _READ_ITEM[key], set()
+        for item in items:
+            if isinstance(item, dict) and not known.issuperset(item):
+                role = item.get("role", item.get("from"))
+                extra |= {k for k in item if k not in known and not (k == "name" and role in
+                                                                     ("tool", "function", "observation"))}
+        out += [f"{key}[].{k}" for k in sorted(extra)]
+    return out

@@ -1,7 +1,10 @@
 """Look at data before training on it: `tunelab check-dataset` and `tunelab preview`.
 
-check-dataset reads every record (bad ones are collected, not fatal), encodes them and prints counts, a histogram of
-token lengths and how many samples max_length cuts or drops. preview renders a few samples with the tokens the model
+check-dataset reads every record (bad ones are collected, not fatal) and prints, per file, the records read, formats
+detected and everything not trained as written (fields not read, unfilled {{placeholders}}, <image> without an
+image); with a tokenizer it also encodes them and prints token counts, a histogram of token lengths and how many
+samples max_length cuts or drops, numbers that add up: the histogram counts the encoded samples, its buckets past
+max_length hold the truncated plus the dropped. preview renders a few samples with the tokens the model
 is trained on marked: coloured in a terminal, between ⟦ and ⟧ otherwise.
 """
 
@@ -13,53 +16,100 @@ from typing import Callable
 
 import numpy as np
 
-from tunelab.data.dataset import DataStats, build_datasets, read_samples, resolve_sources
+from tunelab.data.dataset import DataStats, build_datasets
 from tunelab.data.encode import IGNORE_INDEX, encode_batch
 from tunelab.data.packing import best_fit_rows
+from tunelab.data.sources import collect_samples, read_samples, resolve_sources
 from tunelab.data.templates import get_template
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 
 def length_histogram(lengths: np.ndarray, max_length: int, bins: int = 10, width: int = 40) -> list[str]:
-    """Text bars of sample token lengths; buckets past max_length are flagged."""
+    """Text bars of sample token lengths (before truncation). max_length is a bucket edge, so the flagged buckets
+    hold exactly the samples longer than max_length."""
     if len(lengths) == 0:
         return ["(no samples)"]
-    top = int(max(lengths.max(), 1))
-    edges = np.linspace(0, top, bins + 1).astype(int)
-    edges[-1] = top + 1
-    counts, _ = np.histogram(lengths, bins=edges)
+    low, top = int(lengths.min()), int(lengths.max())
+    inside = np.unique(np.linspace(min(low, max_length), min(top, max_length) + 1, bins + 1).astype(int))
+    edges = [int(e) for e in inside[:-1]] + [min(top, max_length) + 1]
+    if top > max_length:  # a few buckets for the samples that get cut
+        above = np.unique(np.linspace(max_length + 1, top + 1, max(2, bins // 3) + 1).astype(int))
+        edges += [int(e) for e in above[1:]]
+    counts, _ = np.histogram(lengths, bins=np.array(edges))
     peak = max(counts.max(), 1)
     lines = []
     for lo, hi, count in zip(edges[:-1], edges[1:], counts):
-        flag = "  > max_length, truncated" if lo >= max_length else ""
+        flag = "  > max_length, cut" if lo > max_length else ""
         lines.append(f"{lo:>7}-{hi - 1:<7} {'#' * round(width * count / peak):<{width}} {count}{flag}")
     return lines
 
 
-def check_dataset(cfg, tokenizer, *, config_dir: str | None = None, out: Callable[[str], None] = print) -> DataStats:
-    """Validate every record and report; returns the stats (stats.skipped_invalid > 0 means problems)."""
+def _report_files(stats: DataStats, out: Callable[[str], None]) -> None:
+    for report in stats.files:
+        formats = ", ".join(f"{fmt} ({n})" for fmt, n in report["formats"].items()) or "?"
+        out(f"file {report['path']}: records {report['records']}, format {formats}, invalid {report['invalid']}, "
+            f"samples used {report['samples']}" + (f", {report['filled']} with placeholders filled"
+                                                    if report["filled"] else ""))
+        if report["truncated"] or report["dropped"] or report["untrained"]:
+            out(f"  {report['truncated']} truncated, {report['dropped']} dropped after truncation, "
+                f"{report['untrained']} without a trained reply")
+    for source in stats.sources:
+        if len(stats.sources) > 1:
+            out(f"source {source['path']}: records {source['records']}, samples used {source['samples']}")
+
+
+def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Callable[[str], None] = print
+                  ) -> DataStats:
+    """Validate every record and report; returns the stats (stats.skipped_invalid > 0 means problems).
+
+    Without a tokenizer only the records are checked (formats, fields, counts); with one, the samples are also
+    encoded and their token lengths reported.
+    """
     checked = replace(cfg, skip_invalid=True, pack_to_max_length=False, eval_split_ratio=0.0)
-    bundle = build_datasets(checked, tokenizer, config_dir=config_dir, log=lambda m: None, use_cache=False,
-                            allow_empty=True)
-    s = bundle.stats
-    for src in s.sources:
-        out(f"source {src['path']}: format {src['format'] or '?'}, {src['records']} records, "
-            f"{src['samples']} samples used")
+    if tokenizer is None:
+        stats = DataStats()
+        samples, _ = collect_samples(checked, stats, config_dir=config_dir, allow_empty=True)
+        stats.samples = len(samples)
+        bundle = None
+    else:
+        bundle = build_datasets(checked, tokenizer, config_dir=config_dir, log=lambda m: None, use_cache=False,
+                                allow_empty=True)
+        stats = bundle.stats
+    s = stats
+    _report_files(s, out)
     out(f"records read:        {s.records_read}")
     out(f"invalid records:     {s.skipped_invalid}")
     for message in s.invalid:
         out(f"  - {message}")
     if s.skipped_invalid > len(s.invalid):
         out(f"  ... and {s.skipped_invalid - len(s.invalid)} more")
-    out(f"samples:             {s.samples}")
-    out(f"truncated:           {s.truncated} (longer than max_length={cfg.max_length})")
-    out(f"dropped:             {s.dropped} (nothing left to train on after truncation)")
-    out(f"tokens:              {s.tokens} ({s.trained_tokens} trained on)")
-    lengths = bundle.sample_lengths
+    warnings = s.warnings()
+    out(f"warnings:            {len(warnings)}")
+    for line in warnings:
+        out(f"  - {line}")
+    if bundle is None:
+        out(f"samples:             {s.samples} (pass --tokenizer DIR for token lengths and truncation)")
+    else:
+        _report_tokens(cfg, bundle, out)
+    if s.skipped_invalid:
+        out(f"{s.skipped_invalid} invalid records: fix them, or set skip_invalid = True to train without them.")
+    else:
+        out("OK: every record is valid" + (f"; read the {len(warnings)} warnings above." if warnings else "."))
+    return s
+
+
+def _report_tokens(cfg, bundle, out: Callable[[str], None]) -> None:
+    s, lengths = bundle.stats, bundle.sample_lengths
+    out(f"samples:             {s.encoded} encoded, {s.samples} kept for training")
+    out(f"longer than max_length={cfg.max_length}: {s.truncated + s.dropped} ({s.truncated} cut there, "
+        f"{s.dropped} dropped: nothing left to train on after the cut)")
+    out(f"without a trained reply: {s.untrained} (dropped: every reply is context only, or empty)")
+    out(f"tokens:              {s.tokens_before_truncation} in the encoded samples, {s.tokens} in the kept samples "
+        f"after truncation, {s.trained_tokens} of them trained on")
     if lengths is not None and len(lengths):
-        out(f"token lengths: min {lengths.min()}, mean {lengths.mean():.0f}, max {lengths.max()}, "
-            f"95th percentile {np.percentile(lengths, 95):.0f}")
+        out(f"token lengths before truncation ({len(lengths)} samples): min {lengths.min()}, mean "
+            f"{lengths.mean():.0f}, max {lengths.max()}, 95th percentile {np.percentile(lengths, 95):.0f}")
         for line in length_histogram(lengths, cfg.max_length):
             out(line)
     if cfg.pack_to_max_length and len(bundle.train_rows):
@@ -69,9 +119,6 @@ def check_dataset(cfg, tokenizer, *, config_dir: str | None = None, out: Callabl
         n_rows = len(best_fit_rows(kept.tolist(), cfg.max_length))
         out(f"packing: about {n_rows} rows of {cfg.max_length} tokens, {kept.sum() / (n_rows * cfg.max_length):.1%} "
             f"full")
-    out("OK: every record is valid." if not s.skipped_invalid else
-        f"{s.skipped_invalid} invalid records: fix them, or set skip_invalid = True to train without them.")
-    return s
 
 
 def marked_pieces(tokenizer, row: dict) -> list[tuple[str, bool]]:

@@ -58,3 +58,56 @@ def write(path: str | Path, name: str, author: str, n: int = 2000, seed: int = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(generate(name, author, n, seed), ensure_ascii=False, indent=1), encoding="utf-8")
     return path
+
+
+def fill_file(source: str | Path, output: str | Path, values: dict[str, str]) -> tuple[Path, int]:
+    """Copy a JSON / JSONL data file with its {{name}} / {{author}} placeholders filled (e.g. LLaMA-Factory's
+    identity.json); returns the output path and how many records had a placeholder filled."""
+    from tunelab.data.files import read_text
+    from tunelab.data.sources import PLACEHOLDER
+    from tunelab.errors import TunelabError
+
+    source, output = Path(source), Path(output)
+    if source.suffix.lower() not in (".json", ".jsonl"):
+        raise TunelabError(f"{source}: --from reads .json or .jsonl files.")
+    if not source.is_file():
+        raise TunelabError(f"{source}: no such file.")
+    changed = 0
+
+    def fill(value):
+        if isinstance(value, str):
+            return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), value)
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+
+    def fill_record(record):
+        nonlocal changed
+        filled = fill(record)
+        changed += filled != record
+        return filled
+
+    text = read_text(source)
+    try:
+        body = _filled_text(source, text, fill_record)
+    except json.JSONDecodeError as exc:
+        raise TunelabError(f"{source} line {exc.lineno}: not valid JSON ({exc.msg}); fix the file first.") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(body, encoding="utf-8")
+    return output, changed
+
+
+def _filled_text(source: Path, text: str, fill_record) -> str:
+    from tunelab.data.files import parse_json
+
+    if source.suffix.lower() == ".jsonl":
+        lines = [json.dumps(fill_record(parse_json(line, f"{source} line {n}")), ensure_ascii=False)
+                 for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        body = "\n".join(lines) + "\n"
+    else:
+        data = parse_json(text, str(source))
+        data = [fill_record(r) for r in data] if isinstance(data, list) else fill_record(data)
+        body = json.dumps(data, ensure_ascii=False, indent=2)
+    return body

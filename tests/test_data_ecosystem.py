@@ -1,0 +1,276 @@
+"""Public data files of LLaMA-Factory, XTuner, OpenAI, ShareGPT, LLaVA and MS-Agent: each is read as its source means
+it, or refused with a message naming the right kind of training; nothing is trained silently on the wrong thing.
+
+The files are in tests/fixtures/ecosystem (sources in its README.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunelab.cli.main import main
+from tunelab.config.schema import TrainConfig
+from tunelab.data.dataset import build_datasets
+from tunelab.data.formats import normalise
+from tunelab.data.multimodal import split_images
+from tunelab.data.preference import normalise_kto, normalise_preference
+from tunelab.data.sources import collect_samples
+from tunelab.errors import TunelabError
+
+DATA = Path(__file__).parent / "fixtures" / "ecosystem"
+LF = DATA / "llamafactory"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+
+
+def _samples(data_path, **kw):
+    """(samples, stats) read the way training reads them, without a tokenizer."""
+    from tunelab.data.dataset import DataStats
+
+    stats = DataStats()
+    cfg = TrainConfig(data_path=data_path if isinstance(data_path, list) else str(data_path), **kw)
+    return collect_samples(cfg, stats)[0], stats
+
+
+def _trained(path, tokenizer, **kw):
+    cfg = TrainConfig(**{"data_path": str(path), "prompt_template": "qwen_chat", "max_length": 1024,
+                         "pack_to_max_length": False, **kw})
+    bundle = build_datasets(cfg, tokenizer, log=lambda m: None)
+    return [tokenizer.decode([t for t, l in zip(r["input_ids"], r["labels"]) if l != -100])
+            for r in bundle.train_rows]
+
+
+def _records(path):
+    text = path.read_text(encoding="utf-8")
+    return json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l]
+
+
+def _check(path, capsys, *extra):
+    code = main(["check-dataset", str(path), *extra])
+    return code, capsys.readouterr().out
+
+
+# --- LLaMA-Factory ------------------------------------------------------------------------------
+
+def test_content_parts_are_trained_as_text_not_as_an_empty_reply(tiny_tokenizer):
+    # v1_sft_demo.jsonl: {"role", "content": [{"type": "text", "value": ...}], "loss_weight"}
+    trained = _trained(LF / "v1_sft_demo.jsonl", tiny_tokenizer)
+    replies = [r["messages"][1]["content"][0]["value"] for r in _records(LF / "v1_sft_demo.jsonl")]
+    assert trained == [reply + "<|im_end|>" for reply in replies] and all(len(r) > 10 for r in replies)
+
+
+def test_reasoning_parts_and_tool_definitions_reach_the_sample():
+    (sample,), _ = _samples(LF / "reason_tool_use_demo.jsonl")
+    system, user, reply = sample["messages"]
+    assert system["role"] == "system" and user["content"] == "Can you track my recent refund?"
+    assert reply["reasoning_content"].startswith("Okay, the user wants to track their recent refund.")
+    assert reply["content"].startswith("I'm sorry, but I need the refund_transaction_id")
+    assert [t["function"]["name"] for t in sample["tools"]] == ["track_refund_status"]
+    assert sample["tools"][0]["type"] == "function"
+
+
+def test_sharegpt_function_calls_become_tool_calls_with_their_definitions():
+    (sample,), stats = _samples(LF / "glaive_toolcall_en_demo.json")
+    messages = sample["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"] * 3
+    assert messages[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculate_area",
+                                          "arguments": {"shape": "rectangle", "dimensions": [5, 3]}}}]}
+    assert messages[2] == {"role": "tool", "content": "{\"area\": 15}", "name": "calculate_area"}
+    assert [t["function"]["name"] for t in sample["tools"]] == ["calculate_area", "calculate_discount"]
+    assert stats.files[0]["formats"] == {"agent": 1} and not stats.warnings()
+
+
+def test_identity_placeholders_are_reported_or_filled(tmp_path, tiny_tokenizer, capsys):
+    code, out = _check(LF / "identity.json", capsys)
+    assert code == 0 and "3 samples with {{author}}, {{name}}" in out and "trained as written" in out
+    assert "'placeholders': {'author': '...', 'name': '...'}" in out and "read the 1 warnings above" in out
+    filled = _trained(LF / "identity.json", tiny_tokenizer)
+    assert "{{name}}" in filled[0]  # what training does unless told: the warning above is the guard
+    cfg_path = [{"path": str(LF / "identity.json"), "placeholders": {"name": "TuneBot", "author": "Alice"}}]
+    samples, stats = _samples(cfg_path)
+    assert samples[0]["messages"][1]["content"] == ("Hello! I am TuneBot, an AI assistant developed by Alice. "
+                                                   "How can I assist you today?")
+    assert stats.files[0]["filled"] == 3 and not stats.warnings()
+    out_file = tmp_path / "identity_filled.json"
+    assert main(["data", "self-cognition", "--name", "TuneBot", "--author", "Alice", "--from",
+                 str(LF / "identity.json"), "-o", str(out_file)]) == 0
+    assert "{{" not in out_file.read_text() and "TuneBot" in out_file.read_text()
+    assert json.loads(out_file.read_text())[0].keys() == _records(LF / "identity.json")[0].keys()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("dpo_en_demo.json", ["record 0: this is preference data ('chosen' and 'rejected'", "preference training (DPO"]),
+    ("v1_dpo_demo.jsonl", ["line 1: this is preference data ('chosen_messages' and 'rejected_messages'"]),
+    ("kto_en_demo.json", ["record 0: this is KTO data", "labelled false (undesirable)", "(KTO;"]),
+    ("mllm_demo.json", ["record 0: the record has 'images'", "multimodal training", "list-cfg -p llava"]),
+    ("v1_multimodal_demo.jsonl", ["messages[0].content[0] is an image ('image_url' part)", "list-cfg -p llava"]),
+])
+def test_preference_kto_and_image_data_are_refused_by_supervised_training(name, words, capsys, tiny_tokenizer):
+    code, out = _check(LF / name, capsys)
+    assert code == 1 and all(w in out for w in words), out
+    with pytest.raises(TunelabError, match="preference|KTO|multimodal"):
+        _trained(LF / name, tiny_tokenizer)
+
+
+def test_pretraining_files_are_plain_text(tiny_tokenizer):
+    samples, stats = _samples([str(LF / "c4_demo.jsonl"), str(LF / "wiki_demo.txt")])
+    assert [next(iter(s)) for s in samples] == ["text"] * 4
+    assert [f["formats"] for f in stats.files] == [{"text": 2}, {"text": 2}]
+
+
+def test_dataset_info_json_is_a_registry(tiny_tokenizer, capsys):
+    registry = str(LF / "dataset_info.json")
+    samples, stats = _samples([{"path": registry, "dataset": "alpaca_en_demo,glaive_toolcall_en_demo,c4_demo"}])
+    assert [f["formats"] for f in stats.files] == [{"alpaca": 3}, {"sharegpt": 1}, {"text": 2}]
+    assert samples[3]["tools"][0]["function"]["name"] == "calculate_area"
+    assert samples[3]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"shape": "rectangle",
+                                                                                  "dimensions": [5, 3]}
+    with pytest.raises(TunelabError, match=r"name the datasets to use.*Datasets with a local file: identity, "
+                                           r"alpaca_en_demo"):
+        _samples(registry)
+    with pytest.raises(TunelabError, match=r"dataset 'dpo_en_demo' of .*: this is preference data"):
+        _samples([{"path": registry, "dataset": "dpo_en_demo"}])
+    with pytest.raises(TunelabError, match=r"dataset 'kto_en_demo' .*KTO data"):
+        _samples([{"path": registry, "dataset": "kto_en_demo"}])
+    with pytest.raises(TunelabError, match=r"dataset 'mllm_demo' .* has images .*multimodal"):
+        _samples([{"path": registry, "dataset": "mllm_demo"}])
+    with pytest.raises(TunelabError, match=r"no dataset 'identiy'.*Did you mean 'identity'"):
+        _samples([{"path": registry, "dataset": "identiy"}])
+    code, out = _check(registry, capsys, "--dataset", "identity")
+    assert code == 0 and "'dataset': 'identity', 'placeholders'" in out
+
+
+def test_registry_columns_tags_and_num_samples(tmp_path):
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps({"q": f"q{i}", "a": f"a{i}", "src": "web"})
+                                                  for i in range(10)))
+    (tmp_path / "chat.json").write_text(json.dumps([{"dialog": [{"speaker": "me", "text": "hi"},
+                                                                {"speaker": "bot", "text": "hello"}],
+                                                     "sys": "Be kind."}]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "qa": {"file_name": "qa.jsonl", "columns": {"prompt": "q", "response": "a"}, "num_samples": 4},
+        "chat": {"file_name": "chat.json", "formatting": "sharegpt",
+                 "columns": {"messages": "dialog", "system": "sys"},
+                 "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"}},
+    }))
+    samples, stats = _samples([{"path": str(tmp_path / "dataset_info.json"), "dataset": ["qa", "chat"]}])
+    assert len(samples) == 5 and samples[0]["messages"][1]["content"].startswith("a")
+    assert samples[4]["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
+                                      {"role": "assistant", "content": "hello"}]
+    assert "'src' not used (10 records" in stats.warnings()[0] and "LLaMA-Factory does not read it" in \
+        stats.warnings()[0]
+
+
+# --- XTuner -----------------------------------------------------------------------------------------
+
+def test_xtuner_openai_lines_that_are_bare_message_lists(tiny_tokenizer):
+    # tests/resource/openai_sft.jsonl: each line is [{"content", "role"}, ...]
+    trained = _trained(DATA / "xtuner" / "openai_sft.jsonl", tiny_tokenizer)
+    assert trained[1] == "The three primary colors are red, blue, and yellow.<|im_end|>"
+
+
+def test_xtuner_format_name_openai_and_loss_false():
+    record = {"messages": [{"role": "system", "content": "xxx."}, {"role": "user", "content": "q1"},
+                           {"role": "assistant", "content": "a1", "loss": False}, {"role": "user", "content": "q2"},
+                           {"role": "assistant", "content": "a2", "loss": True}]}  # the custom-dataset config's doc
+    messages = normalise(record, "openai", "r")["messages"]
+    assert messages[2] == {"role": "assistant", "content": "a1", "train": False} and "train" not in messages[4]
+    assert normalise({"messages": record["messages"][:3]}, "openai", "r")["messages"][2]["train"] is False
+
+
+def test_xtuner_pretraining_conversation_is_text_not_a_chat(tiny_tokenizer):
+    trained = _trained(DATA / "xtuner" / "conversation_formats.json", tiny_tokenizer)
+    assert trained[0] == "Hello! How can I help you?<|im_end|>Today is Monday, August 14, 2023.<|im_end|>" \
+                         "You are welcome.<|im_end|>"
+    assert trained[1].startswith("I am an artificial intelligence (AI) assistant named Puyu.") and \
+        "<|im_start|>" not in trained[1]  # every token trained, no chat template
+
+
+# --- OpenAI, ShareGPT, LLaVA, MS-Agent ------------------------------------------------------------
+
+def test_openai_weight_tools_and_tool_results(capsys):
+    first, second = _samples(DATA / "openai" / "chat_weight_tools.jsonl")[0]
+    assert first["messages"][2] == {"role": "assistant", "content": "Paris", "train": False}
+    assert "train" not in first["messages"][4]
+    call, result = second["messages"][1], second["messages"][2]
+    assert call["tool_calls"] == [{"type": "function", "id": "call_id", "function": {
+        "name": "get_current_weather", "arguments": {"location": "San Francisco, USA", "format": "celsius"}}}]
+    assert result == {"role": "tool", "content": "21.0", "name": "get_current_weather"}
+    assert second["tools"][0]["function"]["parameters"]["required"] == ["location", "format"]
+    code, out = _check(DATA / "openai" / "chat_weight_tools.jsonl", capsys)
+    assert code == 0 and "field 'parallel_tool_calls' not used (1 record, first at" in out
+
+
+def test_openai_dpo_and_vision_are_refused_then_read_by_their_own_functions(capsys):
+    code, out = _check(DATA / "openai" / "dpo.jsonl", capsys)
+    assert code == 1 and "('preferred_output' and 'non_preferred_output'" in out
+    pair = normalise_preference(_records(DATA / "openai" / "dpo.jsonl")[0])
+    assert pair["prompt"] == [{"role": "user", "content": "Hello, can you tell me how cold San Francisco is today?"}]
+    assert pair["rejected"] == {"role": "assistant", "content": "It is not particularly cold in San Francisco today."}
+    code, out = _check(DATA / "openai" / "vision.jsonl", capsys)
+    assert code == 1 and "messages[2].content[0] is an image" in out
+    sample = split_images(_records(DATA / "openai" / "vision.jsonl")[0])
+    assert sample["images"] == ["https://upload.wikimedia.org/wikipedia/commons/3/36/Danbo_Cheese.jpg"]
+    assert sample["messages"][2] == {"role": "user", "content": "<image>"}
+
+
+def test_sharegpt_dump_reports_its_id(capsys):
+    code, out = _check(DATA / "sharegpt" / "sharegpt_dump.json", capsys)
+    assert code == 0 and "format sharegpt (1)" in out and "field 'id' not used (1 record" in out
+
+
+def test_llava_and_llamafactory_images_come_out_with_their_placeholders(capsys):
+    code, out = _check(DATA / "llava" / "llava_instruct.json", capsys)
+    assert code == 1 and "the record has 'image'" in out
+    llava = split_images(_records(DATA / "llava" / "llava_instruct.json")[0])
+    assert llava["images"] == ["coco/train2017/000000033471.jpg"]
+    assert llava["messages"][0]["content"] == "<image>\nWhat are the colors of the bus in the image?"
+    mllm = split_images(_records(LF / "mllm_demo.json")[0])
+    assert mllm["images"] == ["mllm_demo_data/1.jpg", "mllm_demo_data/1.jpg"]
+    assert mllm["messages"][2]["content"] == "What are they doing?<image>"
+    v1 = split_images(_records(LF / "v1_multimodal_demo.jsonl")[0])
+    assert v1["images"] == ["data/mllm_demo_data/1.jpg", "data/mllm_demo_data/1.jpg"]
+    assert v1["messages"][0]["content"] == "<image>Who are they?"
+
+
+def test_ms_agent_calls_become_tool_calls():
+    (sample,), stats = _samples(DATA / "msagent" / "ms_agent.jsonl")
+    system, user, call, result, reply = sample["messages"]
+    assert call == {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "modelscope_text-address", "arguments": {"text": "浙江杭州市江干区九堡镇三村村一区"}}}]}
+    assert result == {"role": "tool", "content": "{\"prov\": \"浙江省\", \"city\": \"杭州市\"}",
+                      "name": "modelscope_text-address"}
+    assert reply == {"role": "assistant", "content": "地址解析结果：浙江省杭州市。"}
+    assert stats.files[0]["formats"] == {"agent": 1}
+
+
+def test_kto_records_keep_their_label():
+    good, bad = (normalise_kto(r, f"record {i}") for i, r in enumerate(_records(LF / "kto_en_demo.json")[:2]))
+    assert (good["label"], bad["label"]) == (True, False)
+    assert good["prompt"][-1]["role"] == "user" and good["completion"]["role"] == "assistant"
+    pair = normalise_preference(_records(LF / "v1_dpo_demo.jsonl")[0])
+    assert [m["role"] for m in pair["prompt"]] == ["system", "user"]
+    assert pair["chosen"]["content"] != pair["rejected"]["content"]
+
+
+# --- reading and templates together ---------------------------------------------------------------
+
+def test_tool_calls_and_switches_from_files_are_trained_in_the_templates_native_format(tmp_path, tiny_tokenizer):
+    # glaive (ShareGPT function_call / observation) through Qwen2.5's template: the calls are trained as its
+    # <tool_call> blocks, the results are context; OpenAI weight 0 keeps a reply out of training.
+    trained = _trained(LF / "glaive_toolcall_en_demo.json", tiny_tokenizer, prompt_template="qwen2_5_chat",
+                       max_length=8192)[0]
+    assert trained.startswith('<tool_call>\n{"name": "calculate_area", "arguments": {"shape": "rectangle", '
+                              '"dimensions": [5, 3]}}\n</tool_call><|im_end|>')
+    assert trained.count("<tool_call>") == 3 and "area\": 15" not in trained
+    path = tmp_path / "weights.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "not this one", "weight": 0},
+        {"role": "user", "content": "again"}, {"role": "assistant", "content": "this one"}]}) + "\n")
+    assert _trained(path, tiny_tokenizer) == ["this one<|im_end|>"]

@@ -1,0 +1,312 @@
+"""Move an XTuner config's settings into a tunelab config: `tunelab convert xtuner-config IN.py OUT.py`.
+
+    path, migration = convert("internlm2_chat_1_8b_qlora_alpaca_e3.py", "my_config.py")
+
+`migrate` maps what `tunelab.config.xtuner_config.read_xtuner_config` read (PART-1 settings, the model dict, the
+dataset and its dataset_map_fn, the schedule) to tunelab settings, collecting what did not carry over and what works
+differently; `convert` writes them through tunelab's own config template (the one `copy-cfg` uses), with a header
+listing both, and checks that the result loads.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.xtuner_config import XTUNER_MODULES, Ref, XtunerConfig, read_xtuner_config
+from tunelab.errors import TunelabError
+
+# XTuner's dataset_map_fn -> the tunelab format that reads the same records the same way
+MAP_FN_FORMATS = {"alpaca_map_fn": "alpaca", "openai_map_fn": "messages", "pretrain_map_fn": "text",
+                  "default_map_fn": "alpaca", "wizardlm_map_fn": "sharegpt", "msagent_react_map_fn": "agent"}
+# XTuner's SYSTEM_TEMPLATE texts (xtuner/utils/templates.py) that tunelab configs spell out
+SYSTEM_TEMPLATES = {
+    "alpaca": "Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n",
+    "coder": "You are a professional programer. Please provide the corresponding code based on the description of "
+             "Human.\n",
+    "lawyer": "你现在是一名专业的中国律师，请根据用户的问题给出准确、有理有据的回复。\n",
+    "medical": "如果你是一名医生，请根据患者的描述回答医学问题。\n",
+    "sql": "If you are an expert in SQL, please generate a good SQL Query for Question based on the CREATE TABLE "
+           "statement.\n",
+    "colorist": "You are a professional color designer. Please provide the corresponding colors based on the "
+                "description of Human.\n",
+}
+# PART-1 names tunelab has no setting for, and why that is fine
+_NOT_NEEDED = {
+    "use_varlen_attn": "tunelab always keeps packed samples apart (varlen attention on a GPU, masks elsewhere)",
+    "dataloader_num_workers": "tunelab's data is prepared and cached before training",
+    "optim_type": "tunelab uses AdamW (optimizer = 'adamw_8bit' for 8-bit states)",
+}
+
+
+# --- mapping to tunelab settings ------------------------------------------------------------------
+
+@dataclass
+class Migration:
+    settings: dict[str, Any]
+    not_carried: list[str]
+    """One line each: what was left behind and what to do about it."""
+    notes: list[str]
+    """Behaviour that differs from XTuner's though the setting carried over."""
+    map_fn_source: str = ""
+
+
+def migrate(cfg: XtunerConfig) -> Migration:
+    env, out, lost, notes = cfg.env, {}, [], []
+    used = set()
+
+    def take(name: str, key: str | None = None, kind=(int, float, str, list, tuple, bool)) -> None:
+        value = env.get(name)
+        if name in env:
+            used.add(name)
+            if isinstance(value, kind) and not isinstance(value, Ref):
+                out[key or name] = list(value) if isinstance(value, tuple) and key != "betas" else value
+            else:
+                lost.append(f"{name} = {getattr(value, 'text', value)!r}: not a plain value; set "
+                            f"{key or name} by hand")
+
+    for name in ("max_length", "pack_to_max_length", "batch_size", "accumulative_counts", "lr", "max_epochs",
+                 "betas", "weight_decay", "max_norm", "warmup_ratio", "save_steps", "save_total_limit",
+                 "evaluation_freq", "evaluation_inputs"):
+        take(name)
+    for key in ("weight_decay", "max_norm", "lr", "warmup_ratio"):
+        if isinstance(out.get(key), int):
+            out[key] = float(out[key])
+    _model(cfg, out, lost, notes, used)
+    _template(env, out, lost, used)
+    _system(env, out, lost, notes, used)
+    map_fn_source = _data(cfg, out, lost, notes, used)
+    _schedule(env, out, lost, notes)
+    seed = (env.get("randomness") or {}).get("seed") if isinstance(env.get("randomness"), dict) else None
+    if isinstance(seed, int):
+        out["seed"] = seed
+    if env.get("sequence_parallel_size", 1) not in (1, None):
+        lost.append(f"sequence_parallel_size = {env['sequence_parallel_size']}: tunelab has no sequence parallelism; "
+                    f"use a shorter max_length, offload_activations, or ZeRO-3")
+    used.add("sequence_parallel_size")
+    for name in cfg.part1:
+        if name in _NOT_NEEDED:
+            notes.append(f"{name}: {_NOT_NEEDED[name]}")
+        elif name not in used and not any(name in line for line in lost):
+            lost.append(f"{name} = {_show(env.get(name))}: no tunelab setting of that name")
+    notes.append("deepspeed: XTuner takes it on the command line (--deepspeed deepspeed_zero2); so does tunelab: "
+                 "`tunelab train THIS_FILE --deepspeed zero2` (zero1, zero2, zero3, *_offload), or set deepspeed here")
+    return Migration(out, lost, notes, map_fn_source)
+
+
+def _show(value: Any) -> str:
+    return getattr(value, "text", None) or repr(value)
+
+
+def _model(cfg: XtunerConfig, out: dict, lost: list, notes: list, used: set) -> None:
+    env = cfg.env
+    model = env.get("model") if isinstance(env.get("model"), dict) else {}
+    kind = getattr(model.get("type"), "last", "")
+    if kind and kind not in ("SupervisedFinetune",):
+        raise TunelabError(f"{cfg.path}: an XTuner {kind} config. tunelab converts supervised fine-tuning configs "
+                           f"(model = dict(type=SupervisedFinetune, ...)); "
+                           + ("multimodal training has its own configs (`tunelab list-cfg -p llava`)."
+                              if "LLaVA" in kind else "preference training (DPO / KTO) reads its data through "
+                              "tunelab.data.preference.") )
+    llm = model.get("llm") if isinstance(model.get("llm"), dict) else {}
+    name = llm.get("pretrained_model_name_or_path", env.get("pretrained_model_name_or_path"))
+    used.add("pretrained_model_name_or_path")
+    if isinstance(name, str):
+        out["pretrained_model_name_or_path"] = name
+    else:
+        lost.append(f"pretrained_model_name_or_path = {_show(name)}: set it by hand")
+    if llm.get("trust_remote_code"):
+        notes.append("trust_remote_code: XTuner's configs set it; tunelab leaves it off (InternLM2 loads natively, "
+                     "no remote code). Set trust_remote_code = True only for a model that needs its own code")
+    quant = llm.get("quantization_config") if isinstance(llm.get("quantization_config"), dict) else {}
+    lora = model.get("lora") if isinstance(model.get("lora"), dict) else None
+    bits = 4 if quant.get("load_in_4bit") else 8 if quant.get("load_in_8bit") else None
+    out["method"] = "full" if lora is None else "qlora" if bits else "lora"
+    if bits and lora is None:
+        lost.append("a quantised model without LoRA: tunelab trains quantised bases through LoRA only; "
+                    "method = 'full' is used")
+    if bits == 8:
+        out["quant_bits"] = 8
+    if lora is not None:
+        for src, key in (("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout"),
+                         ("target_modules", "lora_target_modules"), ("bias", "lora_bias")):
+            value = lora.get(src)
+            if isinstance(value, (int, float, str, list, tuple)) and not isinstance(value, Ref):
+                out[key] = list(value) if isinstance(value, tuple) else value
+        if isinstance(out.get("lora_dropout"), int):
+            out["lora_dropout"] = float(out["lora_dropout"])
+    if "float16" in _show(llm.get("torch_dtype")):
+        notes.append("dtype: the XTuner config computes in float16; tunelab's dtype = 'auto' uses bf16 where the GPU "
+                     "has it (fp16 with loss scaling elsewhere)")
+
+
+def _template(env: dict, out: dict, lost: list, used: set) -> None:
+    used.add("prompt_template")
+    value = env.get("prompt_template")
+    if value is None:
+        return
+    name = value.last if isinstance(value, Ref) else value
+    try:
+        from tunelab.data.templates import TEMPLATES
+    except ImportError:  # the data step is optional for config tools
+        TEMPLATES = {}
+    if isinstance(name, str) and name in TEMPLATES:
+        out["prompt_template"] = name
+    else:
+        out["prompt_template"] = "hf"
+        lost.append(f"prompt_template = {_show(value)}: tunelab has no template of that name; 'hf' (the tokenizer's "
+                    f"own chat_template) is used. See docs/DATA.md, Templates")
+
+
+def _system(env: dict, out: dict, lost: list, notes: list, used: set) -> None:
+    used.add("SYSTEM")
+    value = env.get("SYSTEM")
+    if value is None or value == "":
+        return
+    if isinstance(value, Ref) and value.text.startswith("SYSTEM_TEMPLATE.") and value.last in SYSTEM_TEMPLATES:
+        value = SYSTEM_TEMPLATES[value.last]
+    if not isinstance(value, str):
+        lost.append(f"SYSTEM = {_show(value)}: write the system prompt as text")
+        return
+    out["SYSTEM"] = value
+    notes.append("SYSTEM: XTuner uses it for evaluation only; tunelab also gives it to training samples that have no "
+                 "system prompt (SYSTEM = '' trains as XTuner did)")
+
+
+def _datasets(env: dict) -> list[dict]:
+    loader = env.get("train_dataloader") if isinstance(env.get("train_dataloader"), dict) else {}
+    dataset = loader.get("dataset")
+    if isinstance(dataset, dict) and isinstance(dataset.get("datasets"), list):  # ConcatDataset
+        return [d for d in dataset["datasets"] if isinstance(d, dict)]
+    return [dataset] if isinstance(dataset, dict) else []
+
+
+def _data(cfg: XtunerConfig, out: dict, lost: list, notes: list, used: set) -> str:
+    """data_path, data_format (from dataset_map_fn), and a custom map function's source if the file defines one."""
+    entries, map_fn_source = [], ""
+    datasets = _datasets(cfg.env)
+    if not datasets:
+        lost.append("train_dataloader.dataset: not found; set data_path and data_format by hand")
+        return ""
+    for d in datasets:
+        inner = d.get("dataset") if isinstance(d.get("dataset"), dict) else {}
+        path, files = inner.get("path"), inner.get("data_files")
+        if isinstance(files, dict):
+            files = files.get("train")
+        where = files if path in ("json", "csv", "parquet", "text") and files else path
+        used.update(k for k, v in cfg.env.items() if v is where or v == where and isinstance(v, (str, list)))
+        fn = d.get("dataset_map_fn")
+        fn_name = fn.last if isinstance(fn, Ref) else None
+        if fn_name in MAP_FN_FORMATS:
+            fmt = MAP_FN_FORMATS[fn_name]
+            if fn_name == "alpaca_map_fn":
+                notes.append("alpaca_map_fn: XTuner dropped records whose output is '<nooutput>'; tunelab trains "
+                             "every record (a dataset_map_fn returning None for them drops them too)")
+            if fn_name == "msagent_react_map_fn":
+                notes.append("msagent_react_map_fn: XTuner rewrote MS-Agent calls as ReAct text; tunelab reads them "
+                             "as tool calls in the template's own tool format")
+        elif fn_name in cfg.functions and not _uses_imports(cfg.functions[fn_name], cfg.imports):
+            fmt, map_fn_source = "conversation", cfg.functions[fn_name]
+            notes.append(f"dataset_map_fn: {fn_name}, defined in the XTuner config, is copied; tunelab reads the "
+                         f"{{'conversation': [...]}} records it returns")
+        elif fn is None:
+            fmt = "auto"
+        else:
+            fmt = "auto"
+            lost.append(f"dataset_map_fn = {_show(fn)}: XTuner's own function; copy its code into this file as a "
+                        f"function returning {{'conversation': [{{'input': ..., 'output': ...}}]}} (tunelab reads "
+                        f"that format) and set dataset_map_fn to it")
+        if isinstance(where, list) and len(where) == 1:
+            where = where[0]
+        if not isinstance(where, (str, list)) or isinstance(where, Ref):
+            lost.append(f"dataset path {_show(where)}: set data_path by hand")
+            continue
+        for key in ("max_length", "pack_to_max_length", "shuffle_before_pack"):
+            if isinstance(d.get(key), (int, bool)) and not isinstance(d.get(key), Ref) and key not in out:
+                out[key] = d[key]
+        entries += [(p, fmt) for p in (where if isinstance(where, list) else [where])]
+    if len(entries) == 1:
+        out["data_path"], out["data_format"] = entries[0]
+    elif entries:
+        out["data_path"] = [{"path": p, "format": f} for p, f in entries]
+        out["data_format"] = "auto"
+    return map_fn_source
+
+
+def _uses_imports(source: str, imports: dict) -> bool:
+    names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    return any(imports.get(n, "").split(".")[0] in XTUNER_MODULES for n in names)
+
+
+def _schedule(env: dict, out: dict, lost: list, notes: list) -> None:
+    schedulers = env.get("param_scheduler")
+    kinds = [getattr(s.get("type"), "last", "") for s in schedulers or [] if isinstance(s, dict)]
+    if kinds and kinds[-1] == "CosineAnnealingLR":
+        out["lr_scheduler"] = "cosine"
+    elif kinds and kinds[-1] in ("LinearLR",) and len(kinds) > 1:
+        out["lr_scheduler"] = "linear"
+    elif kinds and kinds[-1] == "ConstantLR":
+        out["lr_scheduler"] = "constant"
+    elif kinds:
+        lost.append(f"param_scheduler {kinds}: tunelab has cosine, linear and constant after a linear warm-up")
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+def convert(source: str | Path, dest: str | Path, *, force: bool = False) -> tuple[Path, Migration]:
+    """Write the tunelab config equivalent to the XTuner config `source`; returns its path and what was lost."""
+    from tunelab.config.loader import load_config
+    from tunelab.config.registry import TEMPLATE_PATH
+
+    source, dest = Path(source), Path(dest)
+    if dest.exists() and not force:
+        raise TunelabError(f"{dest} already exists; not overwriting it. Pass --force to replace it.")
+    migration = migrate(read_xtuner_config(source))
+    s = {"pretrained_model_name_or_path": "internlm/internlm2-chat-1_8b", "method": "qlora", "data_path": "",
+         "data_format": "auto", "prompt_template": "internlm2_chat", "SYSTEM": "", "max_length": 2048,
+         "batch_size": 1, "accumulative_counts": 16, "lr": 2e-4, "max_epochs": 3,
+         "evaluation_inputs": ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"],
+         "lora_r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "lora_target_modules": "all-linear",
+         **migration.settings}
+    header = [f"converted from the XTuner config {source} by `tunelab convert xtuner-config`."]
+    header += ["", "Not carried over (set these by hand if you need them):"] + \
+        [f"  - {line}" for line in migration.not_carried or ["nothing"]]
+    header += ["", "Carried over, but working differently:"] + [f"  - {line}" for line in migration.notes]
+    values = {k: repr(v) for k, v in s.items()}
+    values.update({
+        "name": dest.stem, "file": dest.name, "description": "\n# ".join(header).replace("\n# \n", "\n#\n"),
+        "next_steps": f"#   tunelab check-dataset {dest.name}   # see how the data is read",
+        "trust_remote_code": "False", "optimizer": repr("adamw_8bit" if s["method"] == "qlora" else "adamw"),
+        "data_note": "# From the XTuner config's dataset (dataset_map_fn -> data_format).",
+    })
+    text = string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)
+    extra = []
+    for key in ("pack_to_max_length", "warmup_ratio", "save_steps", "save_total_limit", "evaluation_freq",
+                "weight_decay", "max_norm", "seed", "quant_bits", "lr_scheduler"):
+        if key in s:
+            text, found = _set_line(text, key, repr(s[key]))
+            if not found:
+                extra.append(f"{key} = {s[key]!r}")
+    extra += [f"{key} = {s[key]!r}" for key in ("betas", "shuffle_before_pack", "lora_bias") if key in s]
+    if migration.map_fn_source:
+        name = re.match(r"def\s+(\w+)", migration.map_fn_source).group(1)
+        extra += ["", migration.map_fn_source, "", f"dataset_map_fn = {name}"]
+    if extra:
+        banner = text.index("#######################################################################\n#            PART 2")
+        text = text[:banner] + "# More settings from the XTuner config\n" + "\n".join(extra) + "\n\n" + text[banner:]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text, encoding="utf-8")
+    load_config(dest)  # what we wrote must be a valid tunelab config
+    return dest, migration
+
+
+def _set_line(text: str, key: str, value: str) -> tuple[str, bool]:
+    pattern = re.compile(rf"^{re.escape(key)} = [^#\n]*?(  #.*)?$", re.M)
+    if not pattern.search(text):
+        return text, False
+    return pattern.sub(lambda m: f"{key} = {value}{m.group(1) or ''}", text, count=1), True

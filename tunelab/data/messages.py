@@ -1,0 +1,304 @@
+"""One message of any source format -> the canonical Message (docs/DESIGN.md, "The canonical sample").
+
+    {"role": "system"|"user"|"assistant"|"tool", "content": str,
+     "tool_calls": [...], "reasoning_content": str, "name": str, "train": False}   (the last four optional)
+
+What each source says, and where it lands:
+
+* content given as parts (OpenAI ``{"type": "text", "text"}``, LLaMA-Factory ``{"type": "text", "value"}``) is
+  joined into text; ``reasoning`` parts become ``reasoning_content`` and ``tool_call`` parts ``tool_calls``; image
+  parts become an ``<image>`` placeholder plus a reference when the caller collects images, an error otherwise.
+* per-message training switches become ``train: False``: XTuner ``loss: false``, LLaMA-Factory ``loss_weight: 0``,
+  OpenAI ``weight: 0``. A weight our loss cannot honour (0.5) is an error, never ignored.
+* tool calls (OpenAI ``tool_calls``, legacy ``function_call``, LLaMA-Factory / glaive ``{"name", "arguments"}``)
+  become ``{"type": "function", "function": {"name", "arguments": dict}}``; tool definitions the OpenAI
+  ``{"type": "function", "function": {...}}`` shape.
+* MS-Agent replies (``<|startofthink|>`` call ``<|endofthink|>`` ``<|startofexec|>`` result ``<|endofexec|>``)
+  become an assistant call, a tool result and the assistant's next reply.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Optional
+
+from tunelab.data.files import InvalidRecord
+
+IMAGE_PLACEHOLDER = "<image>"
+MULTIMODAL_FIX = ("Train it with multimodal training (LLaVA configs: `tunelab list-cfg -p llava`, docs/MULTIMODAL.md), "
+                  "or remove the images and their <image> placeholders from the data of this text-only run.")
+_TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
+_IMAGE_PARTS = ("image_url", "image", "input_image")
+_OTHER_MEDIA_PARTS = ("video_url", "video", "audio_url", "audio", "input_audio", "file")
+_THINK = re.compile(r"<\|startofthink\|>(.*?)<\|endofthink\|>", re.S)
+_EXEC = re.compile(r"<\|startofexec\|>(.*?)<\|endofexec\|>", re.S)
+_MS_AGENT_BLOCK = re.compile(r"(<\|startofthink\|>.*?<\|endofthink\|>|<\|startofexec\|>.*?<\|endofexec\|>)", re.S)
+_FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.I)
+
+
+def fail(where: str, problem: str, fix: str) -> InvalidRecord:
+    return InvalidRecord(f"{where}: {problem}. {fix}")
+
+
+# --- content --------------------------------------------------------------------------------------
+
+def read_content(value: Any, *, role: str, where: str, field: str, images: Optional[list]) -> dict:
+    """A message's content -> {"content": str, "reasoning_content"?: str, "tool_calls"?: [...]}.
+
+    images: a list to collect image references into (their place in the text becomes <image>), or None in a
+    text-only run, where an image is an error.
+    """
+    if value is None:
+        return {"content": ""}
+    if isinstance(value, str):
+        return {"content": value}
+    if isinstance(value, dict):  # a single part
+        value = [value]
+    if not isinstance(value, list):
+        raise fail(where, f"{field} should be text or a list of content parts, found {type(value).__name__}",
+                   f"Make {field} a string.")
+    text, reasoning, calls = [], [], []
+    for i, part in enumerate(value):
+        at = f"{field}[{i}]"
+        if isinstance(part, str):
+            text.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise fail(where, f"{at} should be a content part {{\"type\": \"text\", \"text\": ...}}, found "
+                              f"{type(part).__name__}", f"Fix {at}.")
+        kind = part.get("type", "text" if "text" in part else None)
+        if kind in _TEXT_PARTS:
+            text.append(_part_value(part, (kind, "text", "value"), where, at))
+        elif kind in ("reasoning", "thinking"):
+            if role != "assistant":
+                raise fail(where, f"{at} is a {kind!r} part in a {role!r} message", "Only assistant replies carry "
+                           "reasoning; move it into the assistant reply or make it a text part.")
+            reasoning.append(_part_value(part, (kind, "value", "text"), where, at))
+        elif kind == "tool_call":
+            if role != "assistant":
+                raise fail(where, f"{at} is a 'tool_call' part in a {role!r} message",
+                           "Only assistant replies call tools.")
+            raw = part.get("value", part.get("tool_call", part.get("function")))
+            found = parse_json_value(raw, where, f"{at}.value") if isinstance(raw, str) else raw
+            calls += [tool_call(c, where, f"{at}.value") for c in (found if isinstance(found, list) else [found])]
+        elif kind in _IMAGE_PARTS:
+            if images is None:
+                raise fail(where, f"{at} is an image ({kind!r} part)", MULTIMODAL_FIX)
+            images.append(image_reference(part, kind, where, at))
+            text.append(IMAGE_PLACEHOLDER)
+        elif kind in _OTHER_MEDIA_PARTS:
+            raise fail(where, f"{at} is a {kind!r} part", "tunelab trains on text and images only: remove "
+                       "video, audio and file parts (and their placeholders) from the data.")
+        else:
+            raise fail(where, f"{at} has type {kind!r}", "Content parts are 'text', 'reasoning', 'tool_call' or "
+                       "'image_url'; fix the type or convert the record with dataset_map_fn.")
+    out = {"content": "".join(text)}
+    if reasoning:
+        out["reasoning_content"] = "".join(reasoning)
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _part_value(part: dict, keys: tuple, where: str, at: str) -> str:
+    for key in keys:
+        if isinstance(part.get(key), str):
+            return part[key]
+    raise fail(where, f"{at} has no text (looked for {', '.join(map(repr, keys))})",
+               f"Write it as {{\"type\": \"text\", \"text\": \"...\"}}.")
+
+
+def image_reference(part: dict, kind: str, where: str, at: str) -> Any:
+    """What an image part points at: a path / URL string (OpenAI image_url.url, LLaMA-Factory value), or the
+    part's own value as given (e.g. bytes of a parquet image). None for a bare {"type": "image"} whose picture is
+    in the record's `images` list."""
+    value = part.get(kind, part.get("value", part.get("url", part.get("path", part.get("image")))))
+    if isinstance(value, dict):
+        value = value.get("url", value.get("path", value))
+    return value
+
+
+def parse_json_value(text: str, where: str, field: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise fail(where, f"{field} is not valid JSON ({getattr(exc, 'msg', 'nested too deeply')}): {text[:80]!r}",
+                   f"Write {field} as a JSON object, e.g. {{\"name\": \"get_weather\", \"arguments\": "
+                   f"{{\"city\": \"Paris\"}}}}.") from None
+
+
+# --- tools ----------------------------------------------------------------------------------------
+
+def tool_call(call: Any, where: str, field: str) -> dict:
+    """Any spelling of one tool call -> {"type": "function", "function": {"name": str, "arguments": dict}}."""
+    if not isinstance(call, dict):
+        raise fail(where, f"{field} should be a tool call object, found {type(call).__name__}",
+                   "Write it as {\"name\": ..., \"arguments\": {...}}.")
+    fn = call.get("function", call)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise fail(where, f"{field} has no function name", "Give each tool call a \"name\".")
+    args = fn.get("arguments", fn.get("parameters", {}))
+    if isinstance(args, str):
+        args = parse_json_value(args, where, f"{field} arguments") if args.strip() else {}
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise fail(where, f"{field} arguments should be a JSON object, found {type(args).__name__}",
+                   "Write the arguments as {\"parameter\": value, ...}.")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]  # lets tool results be matched to their call
+    return out
+
+
+def tool_calls(value: Any, where: str, field: str) -> list[dict]:
+    if isinstance(value, str):
+        value = parse_json_value(value, where, field)
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise fail(where, f"{field} should be a list of tool calls, found {type(value).__name__}", f"Fix {field}.")
+    return [tool_call(c, where, f"{field}[{i}]") for i, c in enumerate(value)]
+
+
+def tools(value: Any, where: str, field: str = "tools") -> list[dict]:
+    """Tool definitions (a list, or a JSON string of one, as LLaMA-Factory stores them) -> OpenAI-shaped tools."""
+    if value is None or value == "" or value == []:
+        return []
+    if isinstance(value, str):
+        value = parse_json_value(value, where, field)
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise fail(where, f"{field} should be a list of tool definitions, found {type(value).__name__}",
+                   f"Fix {field}.")
+    out = []
+    for i, tool in enumerate(value):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise fail(where, f"{field}[{i}] is not a tool definition with a name",
+                       "Write tools as [{\"type\": \"function\", \"function\": {\"name\": ..., \"description\": ..., "
+                       "\"parameters\": {...}}}].")
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def name_tool_results(messages: list[dict]) -> None:
+    """Give each tool result the name of the function it answers (by tool_call_id, else by position)."""
+    calls: list[dict] = []
+    position = 0
+    for m in messages:
+        if m["role"] == "assistant":
+            calls, position = m.get("tool_calls", []), 0
+        elif m["role"] == "tool":
+            call_id = m.pop("tool_call_id", None)
+            match = next((c for c in calls if call_id and c.get("id") == call_id), None)
+            if match is None and position < len(calls):
+                match = calls[position]
+            if match is not None and "name" not in m:
+                m["name"] = match["function"]["name"]
+            position += 1
+
+
+# --- training switches ----------------------------------------------------------------------------
+
+def trained(raw: dict, role: str, where: str, field: str) -> bool:
+    """Whether this message is trained on: False where the source marks an assistant reply as context only."""
+    verdict = True
+    for key in ("loss", "loss_weight", "weight"):
+        if key not in raw or raw[key] is None:
+            continue
+        value = raw[key]
+        at = f"{field}.{key}"
+        if key == "loss":
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            if value not in (True, False, 0, 1):  # True == 1, False == 0
+                raise fail(where, f"{at} is {raw[key]!r}", "Use true (train on this reply) or false (context only).")
+            on = bool(value)
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+                raise fail(where, f"{at} is {value!r}: tunelab's loss weighs every trained token the same, so it "
+                                  f"cannot train a reply at weight {value!r}",
+                           f"Use {key} 1 (trained) or 0 (context only), or repeat a sample to weigh it more.")
+            on = value == 1
+        if role != "assistant":
+            if on:
+                raise fail(where, f"{at} asks to train on a {role!r} message", "tunelab trains on assistant "
+                           "replies only: remove it or set it to 0 / false (train_on = 'all' trains every token).")
+            continue
+        verdict = verdict and on
+    return verdict
+
+
+def message(raw: dict, role: str, where: str, field: str, *, images: Optional[list], content_key: str = "content"
+            ) -> dict:
+    """One source message (already given its canonical role) -> the canonical Message."""
+    content = raw.get(content_key)
+    if content is None and role == "assistant" and isinstance(raw.get("refusal"), str):
+        content = raw["refusal"]  # OpenAI: a refusal is the reply
+    out = {"role": role, **read_content(content, role=role, where=where, field=f"{field}.{content_key}",
+                                        images=images)}
+    if role == "assistant":
+        calls = out.pop("tool_calls", [])
+        for key in ("tool_calls", "function_call"):  # function_call: OpenAI's legacy single call
+            if raw.get(key):
+                calls += tool_calls(raw[key], where, f"{field}.{key}")
+        if calls:
+            out["tool_calls"] = calls
+        for key in ("reasoning_content", "thinking", "reasoning"):
+            if isinstance(raw.get(key), str) and raw[key]:
+                out["reasoning_content"] = out.get("reasoning_content", "") + raw[key]
+        if not trained(raw, role, where, field):
+            out["train"] = False
+    else:
+        trained(raw, role, where, field)  # raises on a switch that asks to train a non-reply
+        for key in ("reasoning_content", "thinking", "tool_calls", "function_call"):
+            if raw.get(key):
+                raise fail(where, f"{field}.{key} on a {role!r} message", f"Only assistant replies carry {key}.")
+    if role == "tool":
+        if isinstance(raw.get("name"), str) and raw["name"]:
+            out["name"] = raw["name"]
+        if isinstance(raw.get("tool_call_id"), str):
+            out["tool_call_id"] = raw["tool_call_id"]  # removed by name_tool_results
+    return out
+
+
+# --- MS-Agent -------------------------------------------------------------------------------------
+
+def split_ms_agent(value: str, where: str, field: str, train: bool = True) -> list[dict]:
+    """An MS-Agent reply -> assistant (with its tool call), tool result, assistant, ...
+
+    The call ({"api_name", "parameters"} between <|startofthink|> and <|endofthink|>) becomes a tool call; the
+    result between <|startofexec|> and <|endofexec|> a tool message (not trained); the text after it the next reply.
+    """
+    out: list[dict] = []
+    current = {"role": "assistant", "content": ""}
+    for piece in _MS_AGENT_BLOCK.split(value):
+        think, execd = _THINK.fullmatch(piece), _EXEC.fullmatch(piece)
+        if think:
+            call = parse_json_value(_FENCE.sub("", think.group(1)).strip(), where, f"{field} <|startofthink|> call")
+            if not isinstance(call, dict) or "api_name" not in call:
+                raise fail(where, f"{field}: the <|startofthink|> block has no \"api_name\"",
+                           "Write the call as {\"api_name\": ..., \"parameters\": {...}}.")
+            current.setdefault("tool_calls", []).append(
+                tool_call({"name": call["api_name"], "arguments": call.get("parameters", {})}, where, field))
+        elif execd:
+            current["content"] = current["content"].strip()
+            out += [current, {"role": "tool", "content": _FENCE.sub("", execd.group(1)).strip()}]
+            current = {"role": "assistant", "content": ""}
+        else:
+            current["content"] += piece
+    current["content"] = current["content"].strip()
+    if current["content"] or current.get("tool_calls") or not out:
+        out.append(current)
+    if not train:
+        for m in out:
+            if m["role"] == "assistant":
+                m["train"] = False
+    return out
+
+
+def is_ms_agent(value: Any) -> bool:
+    return isinstance(value, str) and ("<|startofexec|>" in value or "<|startofthink|>" in value)

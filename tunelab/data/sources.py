@@ -1,0 +1,359 @@
+"""Where the data is (`data_path`) and reading it into canonical samples, with a report per file.
+
+    sources = resolve_sources(cfg.data_path, cfg.data_format, config_dir)
+    samples, origins = collect_samples(cfg, stats, config_dir=...)   # origins[i]: index of samples[i]'s file report
+
+A `data_path` entry is a path (a file, a folder of files, a `datasets` folder or hub name), or a dict:
+``{"path", "format"?, "ratio"?, "dataset"? (names in a LLaMA-Factory dataset_info.json), "placeholders"?
+({"name": ..., "author": ...} filling ``{{name}}`` / ``{{author}}`` in the text)}``.
+
+Every file gets a report (`new_file_report`): records read, formats detected, invalid records, fields the format
+does not read, samples with unfilled ``{{placeholders}}`` or ``<image>`` placeholders without images, and (after
+encoding) samples truncated and dropped. `file_warnings` turns a report into the lines `check-dataset` and training
+print, so nothing a record carries is dropped without a word.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from tunelab.data import dataset_info
+from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records
+from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
+from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
+from tunelab.data.preference import not_supervised_error, record_kind
+from tunelab.errors import TunelabError
+
+MAX_REPORTED_INVALID = 20
+MAX_FIELDS_SHOWN = 10
+ENTRY_KEYS = ("path", "format", "ratio", "dataset", "placeholders")
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+@dataclass
+class Source:
+    path: str
+    format: str
+    ratio: float
+    kind: str
+    """'files', 'disk' (a datasets.save_to_disk folder) or 'hub' (a `datasets` name)."""
+    resolved: Optional[Path] = None
+    entry: Optional[dataset_info.RegistryEntry] = None
+    """The LLaMA-Factory dataset_info.json entry this source comes from, if any."""
+    placeholders: dict = field(default_factory=dict)
+
+
+# --- where the data is --------------------------------------------------------------------------
+
+def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None = None) -> list[Source]:
+    if data_path in (None, "", []):
+        raise TunelabError("data_path is not set: point it at a data file, a folder, or a `datasets` name.")
+    entries = data_path if isinstance(data_path, list) else [data_path]
+    sources = []
+    for i, entry in enumerate(entries):
+        where = f"data_path[{i}]" if isinstance(data_path, list) else "data_path"
+        spec = entry if isinstance(entry, dict) else {"path": entry}
+        unknown = [k for k in spec if k not in ENTRY_KEYS]
+        if "path" not in spec or unknown:
+            raise TunelabError(f"{where}: " + (f"unknown key(s) {', '.join(map(repr, unknown))}; " if unknown else
+                                               "no 'path' key; ") +
+                               f"an entry is {{'path': 'file.json', 'format': ..., 'ratio': 1.0, 'dataset': ..., "
+                               f"'placeholders': {{'name': ..., 'author': ...}}}} (all but 'path' optional).")
+        fmt, ratio = spec.get("format", data_format), spec.get("ratio", 1.0)
+        if fmt != "auto" and fmt not in FORMATS:
+            raise TunelabError(f"{where}: unknown format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}.")
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
+            raise TunelabError(f"{where}: ratio must be a number above 0 (1.0 = every record once), got {ratio!r}.")
+        placeholders = spec.get("placeholders") or {}
+        if not isinstance(placeholders, dict) or not all(isinstance(v, str) for v in placeholders.values()):
+            raise TunelabError(f"{where}: 'placeholders' should be a dict of texts, e.g. "
+                               f"{{'name': 'TuneBot', 'author': 'Alice'}}.")
+        source = _locate(str(spec["path"]), fmt, float(ratio), config_dir)
+        source.placeholders = placeholders
+        if source.kind == "files" and dataset_info.is_registry(source.resolved):
+            if "format" in spec:
+                raise TunelabError(f"{where}: a dataset_info.json says each dataset's format; remove 'format'.")
+            sources += [_registry_source(e, source, where) for e in
+                        dataset_info.registry_entries(source.resolved, spec.get("dataset"), where)]
+        elif "dataset" in spec:
+            raise TunelabError(f"{where}: 'dataset' names datasets of a LLaMA-Factory dataset_info.json, but "
+                               f"{spec['path']!r} is not one.")
+        else:
+            sources.append(source)
+    return sources
+
+
+def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str) -> Source:
+    path = f"{registry.path}:{entry.name}"
+    at = f"{where}: dataset {entry.name!r} of {registry.resolved}"
+    if entry.ranking or entry.columns.get("kto_tag"):  # said by the entry: no need to read (or download) it
+        raise not_supervised_error("preference" if entry.ranking else "kto", at)
+    media = [c for c in ("images", "videos", "audios") if entry.columns.get(c)]
+    if media:
+        raise TunelabError(f"{at} has {' and '.join(media)} (multimodal data). {MULTIMODAL_FIX}")
+    if entry.kind == "files" and not Path(entry.location).exists():
+        raise TunelabError(f"{at} names the file {entry.location}, which does not exist.")
+    return Source(path, "auto", registry.ratio, entry.kind, Path(entry.location) if entry.kind == "files" else None,
+                  entry, registry.placeholders)
+
+
+def _locate(path: str, fmt: str, ratio: float, config_dir: str | None) -> Source:
+    candidates = [Path(path).expanduser()]
+    if not Path(path).is_absolute() and config_dir:
+        candidates.insert(0, Path(config_dir) / path)
+    for candidate in candidates:
+        if candidate.exists():
+            candidate = candidate.resolve()
+            is_saved = candidate.is_dir() and ((candidate / "state.json").exists()
+                                               or (candidate / "dataset_dict.json").exists())
+            return Source(path, fmt, ratio, "disk" if is_saved else "files", candidate)
+    if "/" in path and not path.startswith((".", "/", "~")) and not Path(path).suffix:
+        return Source(path, fmt, ratio, "hub")
+    looked = " and ".join(str(c) for c in candidates)
+    raise TunelabError(f"data_path {path!r} not found (looked at {looked}). Relative paths are read from the "
+                       f"config file's folder, then the current directory.")
+
+
+def _raw_records(source: Source) -> list[tuple[str, object]]:
+    """[(name, records)] per file (files) or one entry (a `datasets` dataset)."""
+    if source.kind == "files":
+        return [(str(f), f) for f in list_data_files(source.resolved)]
+    import datasets
+
+    entry = source.entry
+    try:
+        if source.kind == "disk":
+            ds = datasets.load_from_disk(str(source.resolved))
+        elif entry is not None:
+            ds = datasets.load_dataset(entry.location, name=entry.subset, data_dir=entry.folder, split=entry.split)
+        else:
+            ds = datasets.load_dataset(source.path)
+    except Exception as exc:  # offline, missing dataset, damaged folder: all are the user's to fix
+        raise TunelabError(f"data_path {source.path!r}: the `datasets` library could not load it ({exc}). "
+                           f"Check the name, or download it first and point data_path at the folder.")
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return [(source.path, ds)]
+
+
+def _iter_records(name: str, origin, skip_invalid: bool, on_skip) -> Iterable[Record]:
+    if isinstance(origin, Path):
+        yield from read_records(origin, skip_invalid=skip_invalid, on_skip=on_skip)
+    else:
+        for i, rec in enumerate(origin):
+            yield Record(rec, f"{name} row {i}")
+
+
+# --- reading and reporting ------------------------------------------------------------------------
+
+def new_file_report(path: str, source: Source) -> dict:
+    """What reading one file found (plain data: it is cached with the rows)."""
+    registry = source.path.rsplit(":", 1)[0] if source.entry is not None else source.path
+    return {"path": path, "source": registry, "dataset": source.entry.name if source.entry else None, "records": 0,
+            "formats": {}, "samples": 0, "invalid": 0, "unused": {}, "placeholders": [0, "", []], "filled": 0,
+            "image_tags": [0, ""], "truncated": 0, "dropped": 0, "untrained": 0}
+
+
+def _note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None:
+    entry = report[key]
+    entry[0] += 1
+    entry[1] = entry[1] or where
+    if len(entry) > 2:
+        entry[2] = sorted(set(entry[2]) | set(names))
+
+
+def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict
+                ) -> tuple[Optional[dict], str]:
+    """One raw record -> (its canonical sample or None when the map function drops it, the format read)."""
+    data = rec.data
+    if source.entry is not None:
+        data, fmt, unmapped = dataset_info.map_record(data, source.entry, rec.where)
+        for name in unmapped:
+            _count_unused(report, name, rec.where, f"not mapped by dataset {source.entry.name!r} of its "
+                          f"dataset_info.json (LLaMA-Factory does not read it either): add it to 'columns' or drop it")
+    if map_fn is not None:
+        try:
+            data = map_fn(dict(data) if isinstance(data, dict) else data)
+        except Exception as exc:
+            raise InvalidRecord(f"{rec.where}: dataset_map_fn raised {type(exc).__name__}: {exc}. "
+                                f"Fix the function in your config, or the record.")
+        if data is None:  # the map function filtered the record out
+            return None, fmt
+    kind = record_kind(data)
+    if kind:
+        raise not_supervised_error(kind, rec.where, data)
+    if fmt == "auto":
+        fmt = detect_format(data)
+        if fmt is None:
+            keys = ", ".join(map(repr, data)) if isinstance(data, dict) else type(data).__name__
+            raise InvalidRecord(
+                f"{rec.where}: cannot tell the data format from this record (fields: {keys}). Set data_format to "
+                f"one of {', '.join(FORMATS)}, rename the fields, or convert records with dataset_map_fn. See "
+                f"docs/DATA.md for an example of each format.")
+    sample = normalise(data, fmt, rec.where)
+    if source.entry is None:
+        for name in unused_fields(data, fmt):
+            hint = UNUSED_HINTS.get(name.split(".")[-1], f"the {fmt!r} format does not read it: drop it, or map it "
+                                    f"into the record with dataset_map_fn if it should be trained")
+            _count_unused(report, name, rec.where, hint)
+    texts = "\n".join(_texts(sample))  # one look for both kinds of placeholder
+    if "{{" in texts:
+        _fill_placeholders(sample, source.placeholders, report, rec.where)
+    if IMAGE_PLACEHOLDER in texts:
+        _note(report, "image_tags", rec.where)
+    return sample, fmt
+
+
+def _count_unused(report: dict, name: str, where: str, hint: str) -> None:
+    entry = report["unused"].setdefault(name, [0, where, hint])
+    entry[0] += 1
+
+
+def _texts(sample: dict) -> list[str]:
+    if "text" in sample:
+        return [sample["text"]]
+    return [m[k] for m in sample["messages"] for k in ("content", "reasoning_content") if k in m]
+
+
+def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> None:
+    """{{name}} -> values['name'] in every text of the sample; placeholders left over are counted."""
+    def fill(text: str) -> str:
+        return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+    if values and any(PLACEHOLDER.search(t) for t in _texts(sample)):
+        report["filled"] += 1
+        if "text" in sample:
+            sample["text"] = fill(sample["text"])
+        for m in sample.get("messages", []):
+            for key in ("content", "reasoning_content"):
+                if key in m:
+                    m[key] = fill(m[key])
+    left = {name for text in _texts(sample) for name in PLACEHOLDER.findall(text)}
+    if left:
+        _note(report, "placeholders", where, left)
+
+
+def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
+                limit: Optional[int] = None) -> tuple[list[dict], list[int]]:
+    """All samples of one source and, for each, the index of its file's report in stats.files."""
+    samples: list[dict] = []
+    origins: list[int] = []
+    read_before = stats.records_read
+    formats_seen: Counter = Counter()
+    for name, origin in _raw_records(source):
+        report = new_file_report(name, source)
+        stats.files.append(report)
+        file_id = len(stats.files) - 1
+        fmt = source.format
+
+        def skip(message: str) -> None:
+            stats.skipped_invalid += 1
+            report["invalid"] += 1
+            if len(stats.invalid) < MAX_REPORTED_INVALID:
+                stats.invalid.append(message)
+
+        def unreadable(message: str) -> None:  # a line that is not even JSON still counts as a record read
+            stats.records_read += 1
+            report["records"] += 1
+            skip(message)
+
+        for rec in _iter_records(name, origin, skip_invalid, unreadable):
+            stats.records_read += 1
+            report["records"] += 1
+            try:
+                sample, read_as = read_record(rec, source, fmt, map_fn, report)
+            except InvalidRecord as exc:
+                if not skip_invalid:
+                    raise
+                skip(str(exc))
+                continue
+            if sample is None:
+                continue
+            if fmt == "auto" and source.entry is None:
+                fmt = read_as  # 'auto' decides per file from its first record; the rest must agree
+            label = read_as + (" (pretraining text)" if "text" in sample and read_as != "text" else "")
+            report["formats"][label] = report["formats"].get(label, 0) + 1
+            formats_seen[read_as] += 1
+            if system and "messages" in sample and sample["messages"][0]["role"] != "system":
+                sample["messages"].insert(0, {"role": "system", "content": system})
+            samples.append(sample)
+            origins.append(file_id)
+            if limit is not None and len(samples) >= limit:
+                break
+        if limit is not None and len(samples) >= limit:
+            break
+    stats.sources.append({"path": source.path, "format": ",".join(sorted(formats_seen)),
+                          "records": stats.records_read - read_before, "samples": len(samples)})
+    return samples, origins
+
+
+def read_samples(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
+                 limit: Optional[int] = None) -> list[dict]:
+    """All samples of one source, normalised; bad records raise, or are counted when skip_invalid."""
+    return read_source(source, skip_invalid=skip_invalid, map_fn=map_fn, system=system, stats=stats, limit=limit)[0]
+
+
+def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
+    """ratio 1 keeps every item once; 0.5 a random half; 2.5 every item twice plus a random half."""
+    whole, part = int(ratio), ratio - int(ratio)
+    return items * whole + rng.sample(items, round(part * len(items)))
+
+
+def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: bool = False
+                    ) -> tuple[list[dict], list[int]]:
+    """Every source of cfg.data_path read, checked and mixed by its ratio: (samples, file index of each)."""
+    samples: list[dict] = []
+    origins: list[int] = []
+    for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir)):
+        found, where_from = read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn,
+                                        system=cfg.SYSTEM, stats=stats)
+        if not found and not allow_empty:
+            raise TunelabError(f"data_path {source.path!r}: no usable record (all {stats.sources[-1]['records']} "
+                               f"were invalid). Run `tunelab check-dataset` to see why.")
+        ratio = source.ratio
+        if source.entry is not None and source.entry.num_samples and found:
+            ratio *= source.entry.num_samples / len(found)  # LLaMA-Factory's num_samples: that many samples
+        chosen = apply_ratio(list(range(len(found))), ratio, random.Random(cfg.seed + i))
+        stats.sources[-1]["samples"] = len(chosen)
+        for j in chosen:
+            samples.append(found[j])
+            origins.append(where_from[j])
+            stats.files[where_from[j]]["samples"] += 1
+    return samples, origins
+
+
+# --- what to tell the user ------------------------------------------------------------------------
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def file_warnings(report: dict) -> list[str]:
+    """One line per thing in this file that is not trained as written, with what to do about it."""
+    path, lines = report["path"], []
+    unused = sorted(report["unused"].items(), key=lambda item: (-item[1][0], item[0]))
+    for name, (count, where, hint) in unused[:MAX_FIELDS_SHOWN]:
+        lines.append(f"{path}: field {name!r} not used ({_n(count, 'record')}, first at {where}): {hint}.")
+    if len(unused) > MAX_FIELDS_SHOWN:
+        rest = unused[MAX_FIELDS_SHOWN:]
+        lines.append(f"{path}: {len(rest)} more fields not used ({', '.join(repr(n) for n, _ in rest[:5])}, ...; "
+                     f"{sum(c for _, (c, _, _) in rest)} times in all).")
+    count, where, names = report["placeholders"]
+    if count:
+        shown = ", ".join("{{" + n + "}}" for n in names)
+        fill = ", ".join(f"'{n}': '...'" for n in names)
+        lines.append(f"{path}: {_n(count, 'sample')} with {shown} (first at {where}), trained as written. Fill them: "
+                     f"data_path = [{{'path': '{report['source']}', "
+                     + (f"'dataset': '{report['dataset']}', " if report.get("dataset") else "")
+                     + f"'placeholders': {{{fill}}}}}], or write "
+                     f"filled data with `tunelab data self-cognition --name NAME --author AUTHOR --from {path}`.")
+    count, where = report["image_tags"]
+    if count:
+        lines.append(f"{path}: {_n(count, 'sample')} with {IMAGE_PLACEHOLDER} but no image (first at {where}): the "
+                     f"placeholder is trained as plain text. {MULTIMODAL_FIX}")
+    return lines
