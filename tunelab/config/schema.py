@@ -73,6 +73,12 @@ def _templates() -> tuple[str, ...]:
     return tuple(sorted({*TEMPLATES, "hf"}))
 
 
+def _trackers() -> tuple[str, ...]:
+    from tunelab.train.trackers import TRACKERS
+
+    return tuple(TRACKERS)
+
+
 POSITIVE = Rule(lambda v: v > 0, "a positive whole number")
 POSITIVE_OR_NONE = Rule(lambda v: v is None or v > 0, "None or a positive whole number")
 QUANT_BITS = Rule(lambda v: v in (None, 4, 8), "None, 4 or 8")
@@ -86,6 +92,8 @@ DATA_PATH = Rule(lambda v: not isinstance(v, list) or all(isinstance(d, str) or 
 DATA_FORMAT = Rule(lambda v: v in _data_formats(), lambda: "one of " + _quoted(_data_formats()), _data_formats)
 PROMPT_TEMPLATE = Rule(lambda v: not _templates() or v in _templates(),
                        lambda: "a known template: one of " + _quoted(_templates()), _templates)
+REPORT_TO = Rule(lambda v: all(t in _trackers() for t in v), lambda: "a list of any of " + _quoted(_trackers()),
+                 _trackers)
 DEEPSPEED = Rule(lambda v: v is None or v in _deepspeed_presets() or v.endswith(".json"),
                  lambda: f"None, one of {_quoted(_deepspeed_presets())} or a path to a DeepSpeed .json",
                  _deepspeed_presets)
@@ -199,8 +207,11 @@ class TrainConfig:
     """Questions the model answers during training, so you can watch it learn."""
     eval_max_new_tokens: int = setting(128, POSITIVE)
     """Longest answer to an evaluation question, in tokens."""
+    report_to: list = setting(factory=list, rule=REPORT_TO)
+    """Experiment trackers that also get every logged number and the settings: any of 'tensorboard', 'wandb',
+    'mlflow', 'swanlab' (each needs its package; where each writes: docs/TRAINING.md). `tunelab board` needs none."""
     use_tensorboard: bool = False
-    """Also write TensorBoard logs (pip install tensorboard)."""
+    """Also write TensorBoard logs (the same as 'tensorboard' in report_to)."""
     check_memory: bool = True
     """On a GPU, before loading: stop when the memory estimate (`tunelab plan`) is more than the card, naming settings
     that would fit; a run that fits only without the allocator's usual slack starts with a warning. False: start
@@ -250,6 +261,10 @@ class TrainConfig:
         if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
         return self.method in ("lora", "qlora")
+
+    def resolved_report_to(self) -> list[str]:
+        """The trackers in use: report_to, plus 'tensorboard' when use_tensorboard (the older switch) is on."""
+        return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.use_tensorboard else [])]))
 
 
 # --- the fields ---------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.config.schema import to_dict
 from tunelab.data.collate import collate
 from tunelab.errors import TunelabError
 from tunelab.model.loss import causal_lm_objective
@@ -122,7 +123,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
 
     meta = layout.training_meta(cfg)
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
-                              use_tensorboard=cfg.use_tensorboard)
+                              report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
     log(f"fast path: {model._tunelab_fast_path}")
     log(f"training {cfg.method} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
         f"{steps_per_epoch} steps per epoch, "
