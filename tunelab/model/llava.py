@@ -195,6 +195,21 @@ def image_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
+def llava_objective(plan):
+    """The loss a LLaVA run minimises, as `plan` runs it: the input embeddings with the images' features in place,
+    then the text loss on the language model (`tunelab.model.loss.causal_lm_loss`, chunked over trained tokens).
+    objective(model, batch) -> (loss_sum, n_trained_tokens), like `causal_lm_objective`."""
+    from tunelab.model.loss import causal_lm_objective
+
+    text = causal_lm_objective(plan)
+
+    def objective(model, batch: dict):
+        embeds = image_embeddings(model, batch["input_ids"], batch.get("pixel_values"))
+        return text(model, {**batch, "inputs_embeds": embeds})
+
+    return objective
+
+
 # --- export --------------------------------------------------------------------------------------------------------
 
 def processor_for(model, tokenizer, image_processor, chat_template: str | None = None):

@@ -55,19 +55,8 @@ def _assemble(llm_path: str, settings: dict, *, dtype, device, bits=None, trust_
 def build_for_training(cfg, device: torch.device, *, checkpointing: bool):
     """The LlavaForConditionalGeneration `cfg` trains (peft-wrapped for lora / qlora), on `device`, without the fast
     path (the caller switches it on, on the language model)."""
-    if cfg.freeze_llm and cfg.method != "full":
-        raise TunelabError(f"freeze_llm = True trains the projector alone, but method = {cfg.method!r} asks for "
-                           "adapters on the language model. Stage 1 (pretrain): method = 'full' with freeze_llm = "
-                           "True (quant_bits = 4 holds the frozen language model in 4 bits); stage 2: freeze_llm = "
-                           "False.")
-    if cfg.visual_encoder_lora and cfg.method == "full":
-        raise TunelabError("visual_encoder_lora = True puts LoRA adapters on the vision tower: use method = 'lora' "
-                           "or 'qlora'.")
     dtype = resolve_dtype(cfg.dtype, device)
-    bits = cfg.resolved_quant_bits()
-    if cfg.method == "full" and bits and not cfg.freeze_llm:
-        raise TunelabError(f"method = 'full' with quant_bits = {bits}: a quantised language model cannot be trained "
-                           "directly. Use method = 'qlora', or set quant_bits = None.")
+    bits = cfg.resolved_quant_bits()  # (the settings were checked together: tunelab.config.schema)
 
     def prepare(llm):
         llm.config.use_cache = False

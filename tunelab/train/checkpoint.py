@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.model.llava import is_llava
 from tunelab.train import layout
 from tunelab.train.layout import MODEL_DIR, OPTIMIZER_DIR, STATE_FILE, last_checkpoint, list_checkpoints
 
@@ -73,7 +74,9 @@ def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler
         tmp.mkdir(parents=True)
     barrier(env)
     inner = strategy.module
-    weights = strategy.full_state_dict(trainable_only=hasattr(inner, "peft_config"))
+    # a LoRA adapter, or a LLaVA model's trained parts (its frozen vision tower, and in stage 1 its language model,
+    # come from the base models again)
+    weights = strategy.full_state_dict(trainable_only=hasattr(inner, "peft_config") or is_llava(inner))
     state = {"step": step, "position": dict(position), "scheduler": scheduler.state_dict(), "rng": rng_state()}
     strategy.save_optimizer(tmp / OPTIMIZER_DIR, state)
     if not env.is_main:  # each rank's own generators (dropout masks differ by rank); rank 0's go in STATE_FILE
@@ -81,7 +84,10 @@ def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler
     barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
     if env.is_main:
         # safetensors: the adapter for peft models, the whole model otherwise
-        inner.save_pretrained(tmp / MODEL_DIR, **({"state_dict": weights} if weights is not None else {}))
+        kwargs = {"state_dict": weights} if weights is not None else {}
+        if is_llava(inner) and not hasattr(inner, "peft_config"):
+            kwargs["save_original_format"] = False  # the module names resume and export read back
+        inner.save_pretrained(tmp / MODEL_DIR, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
         torch.save(state, tmp / STATE_FILE)
@@ -177,9 +183,10 @@ def load_model_weights(model, checkpoint: Path) -> None:
         weights.update(load_file(file))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {name for name in missing if "lm_head" in name or "embed" in name}
-    if unexpected or set(missing) - tied:
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # not saved: from the base
+    if unexpected or set(missing) - tied - frozen:
         raise TunelabError(f"{model_dir}: the saved model does not match this config's model "
-                           f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}). "
+                           f"(missing {sorted(set(missing) - tied - frozen)[:3]}, unexpected {unexpected[:3]}). "
                            f"Resume with the config it was trained with.")
 
 

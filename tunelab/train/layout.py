@@ -156,9 +156,14 @@ def training_meta(cfg) -> dict:
     """The tunelab.json of a run's checkpoints: enough for chat, merge and export to use the model as trained."""
     from tunelab import __version__
 
-    return {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
+    meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
             "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
             "tunelab_version": __version__}
+    if cfg.visual_encoder_name_or_path:  # a LLaVA run: how to assemble the model again (export, chat)
+        from tunelab.model.llava_train import llava_settings
+
+        meta["llava"] = llava_settings(cfg)
+    return meta
 
 
 def read_meta(directory: str | Path) -> dict | None:

@@ -29,6 +29,7 @@ import torch
 from tunelab.config.schema import to_dict
 from tunelab.data.collate import collate
 from tunelab.errors import TunelabError
+from tunelab.model.llava import llava_objective
 from tunelab.model.loss import causal_lm_objective
 from tunelab.model.plan import plan_fast_path
 from tunelab.train import checkpoint as ckpt
@@ -37,6 +38,7 @@ from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_dis
 from tunelab.train.evaluate import run_evaluation
 from tunelab.train.optim import ScaledOptimizer, build_optimizer, build_scheduler, choose_precision
 from tunelab.train.strategy import choose_strategy
+from tunelab.train.vision import vision_run, with_pretrained_checkpoint
 from tunelab.train.progress import Throughput, TrainingMonitor, check_memory_fits, oom_message, peak_memory_gb
 
 
@@ -79,10 +81,12 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         from tunelab.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    config_dir = str(Path(config_path).parent) if config_path else None
+    vision = vision_run(cfg, tokenizer, config_dir)  # a LLaVA run: images per batch, evaluation pictures
+    cfg = with_pretrained_checkpoint(cfg, config_dir)  # stage 2: stage 1's work dir -> its last checkpoint
     if train_rows is None:
         from tunelab.data.dataset import build_datasets
 
-        config_dir = str(Path(config_path).parent) if config_path else None
         bundle = build_datasets(cfg, tokenizer, config_dir=config_dir, log=log)
         train_rows = bundle.train_rows
         eval_rows = bundle.eval_rows if eval_rows is None else eval_rows
@@ -98,7 +102,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     from tunelab.model.load import load_model_for_training, resolve_dtype
 
     model = load_model_for_training(cfg, env.device, plan)
-    objective = causal_lm_objective(plan)
+    objective = llava_objective(plan) if vision else causal_lm_objective(plan)
     last = ckpt.resolve_resume(resume, work_dir)
     if resume and last is None:
         log(f"--resume {resume}: no complete checkpoint in {work_dir} yet, starting from step 0")
@@ -132,7 +136,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
 
     def evaluate(at_step: int) -> None:
         run_evaluation(strategy.module, tokenizer, cfg, at_step, eval_rows=my_eval_rows, env=env,
-                       precision=precision, monitor=monitor, work_dir=work_dir, objective=objective)
+                       precision=precision, monitor=monitor, work_dir=work_dir, objective=objective, vision=vision)
 
     def save(at_step: int) -> Path:
         path = ckpt.save_checkpoint(work_dir, at_step, strategy=strategy, tokenizer=tokenizer, scheduler=scheduler,
@@ -163,8 +167,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                 throughput.begin()
                 # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
                 # CUDA graphs: every batch max_length wide, so one shape (plus a few boundary sizes) is recorded
-                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=cfg.max_length if graphed else 1)
-                           for rows in micro_batches]
+                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=cfg.max_length if graphed else 1,
+                                   images=vision.images if vision else None) for rows in micro_batches]
                 # (collate lists each batch's trained positions, the ones causal_lm_loss counts)
                 counts = torch.tensor([sum(b["loss_index"].numel() for b in batches),
                                        sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
