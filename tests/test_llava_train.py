@@ -174,3 +174,23 @@ def test_lora_stage_2_exports_merged_and_resumes(stages, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids, pixel_values=pixels).logits,
                                    merged(input_ids=ids, pixel_values=pixels).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gpu_fast_path_trains_like_the_plain_path(stages, tmp_path, method):
+    """On a GPU: compiled layers, CUDA graphs, varlen attention and the chunked loss on the language model, the
+    tower in bf16 under no_grad: the loss curve of transformers + peft as they come (fast_path = False)."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    root, pretrain, _, common = stages
+    curves = []
+    for fast in (False, True):
+        cfg = tiny_cfg(root / "llm", data_path=str(root / "questions.json"), pretrained_pth=str(pretrain),
+                       method=method, dtype="bf16", lr=1e-3, max_steps=8, lora_r=8, fast_path=fast,
+                       use_compile=fast, **{**common, "logging_steps": 1})
+        curves.append(train(cfg, tmp_path / f"fast_{fast}", device="cuda").losses)
+    plain, fast = curves
+    assert fast[8] < fast[1]
+    for step in plain:
+        assert fast[step] == pytest.approx(plain[step], rel=0.05), (step, plain, fast)
