@@ -219,3 +219,29 @@ def test_text_runs_still_refuse_images(tmp_path, llm_dir):
     cfg = TrainConfig(data_path=str(tmp_path / "d.json"), prompt_template="qwen_chat")
     with pytest.raises(TunelabError, match=r"list-cfg -p llava"):
         build_datasets(cfg, _tokenizer(llm_dir), log=lambda m: None)
+
+
+@pytest.mark.parametrize("lines, says", [
+    ("method = 'lora'\nfreeze_llm = True", r"freeze_llm = True trains the projector alone, but method = 'lora'"),
+    ("method = 'full'\nvisual_encoder_lora = True", r"visual_encoder_lora = True .* use method = 'lora' or 'qlora'"),
+    ("vision_feature_layer = 0", r"not 0"),
+    ("vision_feature_select_strategy = 'cls'", r"vision_feature_select_strategy"),
+    ("evaluation_inputs = ['a', 'b', 'c']\nevaluation_images = ['x.png', 'y.png']", r"2 pictures for 3"),
+])
+def test_multimodal_settings_that_cannot_go_together(tmp_path, lines, says):
+    from tunelab.config.loader import load_config
+
+    path = tmp_path / "cfg.py"
+    path.write_text(f"visual_encoder_name_or_path = 'openai/clip-vit-large-patch14-336'\n{lines}\n")
+    with pytest.raises(TunelabError, match=says):
+        load_config(path)
+
+
+def test_multimodal_settings_in_a_text_run_are_refused_not_ignored(tmp_path):
+    from tunelab.config.loader import load_config
+
+    path = tmp_path / "cfg.py"
+    path.write_text("image_folder = 'images'\n")
+    with pytest.raises(TunelabError, match=r"cfg.py.*image_folder is a setting of multimodal .* "
+                                           r"visual_encoder_name_or_path is not set"):
+        load_config(path)
