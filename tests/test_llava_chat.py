@@ -35,7 +35,8 @@ def llava_dir(tmp_path_factory, tiny_model_factory, tiny_vision_factory):
     """A random tiny LLaVA exported as a HF LLaVA folder with its tunelab.json."""
     from tunelab.data.templates import get_template
     from tunelab.model import llava
-    from tunelab.model.load import load_causal_lm, load_tokenizer, write_meta
+    from tunelab.model.load import load_causal_lm, load_tokenizer
+    from tunelab.train.layout import write_meta
 
     out = tmp_path_factory.mktemp("llava_hf")
     llm_dir, vision_dir = tiny_model_factory("llama"), tiny_vision_factory("clip")

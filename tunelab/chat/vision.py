@@ -97,6 +97,8 @@ def load_llava_chat(base: str, meta: dict | None, model_dir: Path | None, *, dev
 
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if bits:
+        raise TunelabError("--bits: a LLaVA model loads unquantised here; leave --bits out.")
     if model_dir is not None:
         from tunelab.model.llava_train import rebuild_for_export
 
@@ -106,8 +108,6 @@ def load_llava_chat(base: str, meta: dict | None, model_dir: Path | None, *, dev
         llava.add_image_token(tokenizer)
         processor = llava.load_image_processor(settings["visual_encoder"], pad_to_square=settings["image_pad_to_square"])
     else:
-        if bits:
-            raise TunelabError("--bits: LLaVA models load unquantised here; leave --bits out.")
         model, hf_processor = llava.load_hf_llava(base, dtype=torch_dtype, device=dev)
         tokenizer, processor = hf_processor.tokenizer, hf_processor.image_processor
         if tokenizer.pad_token is None:

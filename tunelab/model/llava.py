@@ -27,6 +27,7 @@ import torch
 from tunelab.data.multimodal import (IMAGE_TOKEN, VISION_TYPES, add_image_token, image_seq_length,  # noqa: F401
                                      vision_config, vision_family)
 from tunelab.errors import TunelabError
+from tunelab.model.parts import base_model
 
 SELECT_STRATEGIES = ("default", "full")
 # settings of the vision model's processor that LlavaImageProcessor takes over as they are
@@ -150,7 +151,7 @@ def resize_for_image_token(llm, image_token_id: int) -> None:
 
 def llava_model(model):
     """The LlavaForConditionalGeneration inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base_model(model)
 
 
 def is_llava(model) -> bool:
