@@ -163,7 +163,7 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
         else:
             conversations[k] = template.segments(sample["messages"], tools=sample.get("tools"))
     text_ids = token_ids(tokenizer, text_pieces_) if text_pieces_ else []
-    encoded = _encode_conversations(tokenizer, list(conversations.values()), max_length, train_on)
+    encoded = encode_segments(tokenizer, list(conversations.values()), max_length, train_on)
     by_sample = dict(zip(conversations, encoded))
     out: list[list[Encoded]] = []
     for k in range(len(samples)):
@@ -175,8 +175,9 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
     return out
 
 
-def _encode_conversations(tokenizer, conversations: list[list[tuple[str, bool]]], max_length: int,
-                          train_on: str) -> list[Encoded]:
+def encode_segments(tokenizer, conversations: list[list[tuple[str, bool]]], max_length: int,
+                    train_on: str) -> list[Encoded]:
+    """Each conversation's pieces (a template's segments) -> its Encoded, one tokenizer call for all of them."""
     if not conversations:
         return []
     tokenised = _ids_and_offsets(tokenizer, ["".join(text for text, _ in segs) for segs in conversations])
