@@ -73,6 +73,28 @@ class TrainConfig:
     num_proc: int = 1
     """Processes used for tokenising (tunelab preprocess)."""
 
+    # --- preference training (docs/PREFERENCE.md) ----------------------------------------------
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto", "reward"] = "sft"
+    """What the run trains: 'sft' supervised fine-tuning; on preference pairs 'dpo', 'orpo', 'simpo' or 'reward'
+    (a reward model: a scalar head, Bradley-Terry loss); 'kto' on replies labelled desirable or not."""
+    beta: float = 0.1
+    """Preference strength: DPO / KTO's beta (distance from the reference), ORPO's lambda (weight of the odds-ratio
+    term), SimPO's beta (the SimPO paper uses 2-10)."""
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """DPO's loss: 'sigmoid' (the DPO paper), 'ipo' (on mean token log-probabilities), 'hinge' (SLiC)."""
+    label_smoothing: float = 0.0
+    """DPO (sigmoid) and SimPO: the assumed fraction of pairs whose labels are flipped (conservative DPO)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target margin between the chosen and the rejected reply."""
+    kto_desirable_weight: float = 1.0
+    """KTO: weight of the loss of desirable replies."""
+    kto_undesirable_weight: float = 1.0
+    """KTO: weight of the loss of undesirable replies (raise it when they are fewer)."""
+    reference: Literal["auto", "adapters_off", "copy", "precomputed"] = "auto"
+    """DPO / KTO's reference model: 'adapters_off' the base with the LoRA adapters switched off (lora / qlora, no
+    second copy); 'copy' a frozen copy (full); 'precomputed' its log-probabilities computed once before training.
+    'auto': adapters_off for lora / qlora, for full a copy where the memory plan says it fits, else precomputed."""
+
     # --- optimisation -------------------------------------------------------------------------
     batch_size: int = 1
     """Rows per device per step (a row is one packed sequence of max_length when packing)."""

@@ -150,8 +150,12 @@ def _ids_and_offsets(tokenizer, texts: list[str]):
 def encode_batch(template, tokenizer, samples: list[dict], max_length: int, train_on: str) -> list[list[Encoded]]:
     """Encode many samples with one tokenizer call per kind (the fast tokenizer batches in Rust).
 
-    Returns, per sample, a list of Encoded: one for a conversation, one or more for long plain text.
+    Returns, per sample, a list of Encoded: one for a conversation, one or more for long plain text. Preference pairs
+    and KTO samples (tunelab.data.preference) are encoded by tunelab.data.encode_preference: one unit each, two for a
+    pair trained by KTO.
     """
+    if any("prompt" in s for s in samples):
+        return _encode_preference(template, tokenizer, samples, max_length, train_on)
     text_pieces_: list[str] = []
     text_spans: dict[int, tuple[int, int]] = {}
     conversations: dict[int, list[tuple[str, bool]]] = {}
@@ -172,6 +176,23 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
             out.append(_split_text([t for piece in text_ids[start:end] for t in piece], max_length))
         else:
             out.append([by_sample[k]])
+    return out
+
+
+def _encode_preference(template, tokenizer, samples: list[dict], max_length: int, train_on: str):
+    from tunelab.data.encode_preference import encode_kto, encode_pairs  # it builds on this module
+
+    kto = [k for k, s in enumerate(samples) if "completion" in s or s.get("unpaired")]
+    pairs = [k for k, s in enumerate(samples) if "chosen" in s and not s.get("unpaired")]
+    other = [k for k, s in enumerate(samples) if "prompt" not in s]
+    out: list = [None] * len(samples)
+    for k, units in zip(kto, encode_kto(template, tokenizer, [samples[k] for k in kto], max_length)):
+        out[k] = units
+    for k, unit in zip(pairs, encode_pairs(template, tokenizer, [samples[k] for k in pairs], max_length)):
+        out[k] = [unit]
+    for k, per_sample in zip(other, encode_batch(template, tokenizer, [samples[k] for k in other], max_length,
+                                                 train_on) if other else []):
+        out[k] = per_sample
     return out
 
 

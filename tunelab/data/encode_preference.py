@@ -64,31 +64,41 @@ def encode_pairs(template, tokenizer, samples: list[dict], max_length: int) -> l
     return [_unit(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED]) for i in range(len(samples))]
 
 
+def _reply(sample: dict) -> dict:
+    return sample["completion"] if "completion" in sample else sample["chosen"]
+
+
 def with_kl_completions(samples: list[dict]) -> list[dict]:
     """KTO samples, each given the reply of the next sample (the last one the first's) as "kl_completion": a reply
-    that does not answer its prompt, as TRL pairs them for the KL estimate."""
+    that does not answer its prompt, as TRL pairs them for the KL estimate. (A pair read for KTO, `unpaired`, gets
+    the next sample's reply for both of its halves.)"""
     n = len(samples)
-    return [{**s, "kl_completion": samples[(i + 1) % n]["completion"]} for i, s in enumerate(samples)]
+    return [{**s, "kl_completion": _reply(samples[(i + 1) % n])} for i, s in enumerate(samples)]
 
 
-def encode_kto(template, tokenizer, samples: list[dict], max_length: int) -> list[Encoded]:
-    """KTO samples ({"prompt", "completion", "label", "kl_completion", "tools"?}) -> one Encoded unit each."""
-    conversations = []
-    for s in samples:
+def encode_kto(template, tokenizer, samples: list[dict], max_length: int) -> list[list[Encoded]]:
+    """KTO samples ({"prompt", "completion", "label", "kl_completion", "tools"?}, or a pair marked `unpaired`) ->
+    per sample its Encoded units (one; two for a pair: the chosen reply desirable, the rejected one not)."""
+    if samples and "kl_completion" not in samples[0]:
+        samples = with_kl_completions(samples)
+    conversations, kinds, owners = [], [], []
+    for k, s in enumerate(samples):
         tools = s.get("tools")
-        conversations += [_conversation(template, s["prompt"], s["completion"], tools),
-                          _conversation(template, s["prompt"], s["kl_completion"], tools)]
+        halves = [(s["chosen"], True), (s["rejected"], False)] if s.get("unpaired") else [(s["completion"],
+                                                                                           s["label"])]
+        for reply, good in halves:
+            conversations += [_conversation(template, s["prompt"], reply, tools),
+                              _conversation(template, s["prompt"], s["kl_completion"], tools)]
+            kinds.append([DESIRABLE if good else UNDESIRABLE, KL])
+            owners.append(k)
     encoded = encode_segments(tokenizer, conversations, max_length, "assistant")
-    return [_unit(encoded[2 * i:2 * i + 2], [DESIRABLE if s["label"] else UNDESIRABLE, KL])
-            for i, s in enumerate(samples)]
-
-
-def unpair(samples: list[dict]) -> list[dict]:
-    """Preference pairs as KTO samples: the chosen reply desirable, the rejected one undesirable (TRL's
-    unpair_preference_dataset), so KTO trains on pair data too."""
-    out = []
-    for s in samples:
-        extra = {"tools": s["tools"]} if s.get("tools") else {}
-        out.append({"prompt": s["prompt"], "completion": s["chosen"], "label": True, **extra})
-        out.append({"prompt": s["prompt"], "completion": s["rejected"], "label": False, **extra})
+    out: list[list[Encoded]] = [[] for _ in samples]
+    for i, (owner, unit_kinds) in enumerate(zip(owners, kinds)):
+        out[owner].append(_unit(encoded[2 * i:2 * i + 2], unit_kinds))
     return out
+
+
+def unpaired(sample: dict) -> dict:
+    """A preference pair to be trained by KTO: its chosen reply a desirable sample, its rejected reply an undesirable
+    one (TRL's unpair_preference_dataset); `encode_kto` makes the two units."""
+    return {**sample, "unpaired": True}
