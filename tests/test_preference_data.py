@@ -137,7 +137,7 @@ def _replies(tokenizer, row):
 
 
 @pytest.mark.parametrize("path", ["llamafactory/dpo_en_demo.json", "llamafactory/v1_dpo_demo.jsonl",
-                                  "openai/dpo.jsonl"])
+                                  "openai/dpo.jsonl", "xtuner/preference.jsonl"])
 def test_public_preference_files_train_their_chosen_and_rejected_replies(path, tiny_tokenizer, tmp_path, monkeypatch):
     import json
 
