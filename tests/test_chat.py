@@ -61,6 +61,21 @@ def test_interactive_multi_turn_reset_exit(taught_dir):
     assert seen[2] == [QUESTION]  # RESET cleared it
 
 
+def test_a_question_over_the_context_is_refused_and_the_session_goes_on(taught_dir):
+    from tunelab.chat.engine import load_chat_model
+    from tunelab.chat.terminal import run_chat
+    from tunelab.model.generate import GenerationSettings
+
+    chat = load_chat_model(str(taught_dir), max_model_len=40)
+    out = io.StringIO()
+    run_chat(chat, GenerationSettings(max_new_tokens=20), stdin=FakeTTY("word " * 100 + f"\n\n{QUESTION}\n\nEXIT\n"),
+             out=out)
+    text = out.getvalue()
+    assert "maximum context length is 40 tokens" in text and "RESET" in text
+    assert text.count(ANSWER) == 1  # the session went on: the next question is answered
+    chat.batcher.stop()
+
+
 def test_streamed_pieces_make_the_reply(taught_dir):
     from tunelab.chat.engine import load_chat_model
     from tunelab.chat.terminal import answer

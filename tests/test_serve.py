@@ -1,26 +1,36 @@
-"""`tunelab serve`: the official `openai` client gets the taught answer, streamed or not; requests queue safely."""
+"""`tunelab serve`: the official `openai` client gets the taught answer, streamed or not; concurrent requests are
+batched and each gets what it would get alone; limits, bad values, disconnects, the API key and SIGTERM."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from chat_helpers import ANSWER, QUESTION, taught_model_dir
 
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
     from tunelab.chat.engine import load_chat_model
 
-    return load_chat_model(str(taught_model_dir(tmp_path_factory)))
+    chat = load_chat_model(str(taught_model_dir(tmp_path_factory)), max_batch_size=8)
+    yield chat
+    chat.batcher.stop()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +38,7 @@ def server_url(chat):
     from tunelab.chat.server import BackgroundServer, create_app
     from tunelab.model.generate import GenerationSettings
 
-    with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=24), max_tokens_limit=64)) as url:
+    with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=24), max_tokens_limit=2000)) as url:
         yield url
 
 
@@ -40,8 +50,8 @@ def client(server_url):
 ASK = [{"role": "user", "content": QUESTION}]
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -49,12 +59,19 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
+def _wait_idle(batcher, seconds: float = 30) -> None:
+    deadline = time.time() + seconds
+    while batcher.active and time.time() < deadline:
+        time.sleep(0.05)
+    assert batcher.active == 0, "the engine still holds requests"
+
+
 def test_models_and_plain_completion(client, chat):
     assert [m.id for m in client.models.list().data] == [chat.name]
     result = client.chat.completions.create(model=chat.name, messages=ASK)
     assert result.choices[0].message.content == ANSWER
     assert result.choices[0].finish_reason == "stop"
-    assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
+    assert result.usage.prompt_tokens == len(chat.encode(ASK)) and result.usage.completion_tokens > 0
 
 
 def test_streaming_gives_the_same_answer_in_pieces(client, chat):
@@ -71,67 +88,197 @@ def test_streaming_gives_the_same_answer_in_pieces(client, chat):
 
 def test_max_tokens_and_stop(client, chat):
     short = client.chat.completions.create(model=chat.name, messages=ASK, max_tokens=2)
-    assert short.choices[0].finish_reason == "length"
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
     assert len(short.choices[0].message.content) < len(ANSWER)
     cut = client.chat.completions.create(model=chat.name, messages=ASK, stop=["TuneBot"])
-    assert cut.choices[0].message.content == "I am"
+    assert cut.choices[0].message.content == "I am "  # as generated, as streamed (OpenAI and vLLM do not strip)
 
 
-def test_concurrent_requests_are_answered_one_at_a_time(client, chat):
-    active, most = 0, 0
-    guard = threading.Lock()
-    original = chat.model.generate
+def test_concurrent_requests_are_decoded_together(client, chat):
+    """Requests that arrive together share forward passes, and each still gets the taught answer."""
+    sizes = []
+    hook = chat.model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]),
+                                                with_kwargs=True)
+    start = threading.Barrier(6)
 
-    def counting_generate(*args, **kwargs):
-        nonlocal active, most
-        with guard:
-            active += 1
-            most = max(most, active)
-        try:
-            time.sleep(0.05)  # widen the window in which an unsafe server would overlap two generations
-            return original(*args, **kwargs)
-        finally:
-            with guard:
-                active -= 1
+    def ask(i):
+        start.wait()
+        if i % 2:
+            events = client.chat.completions.create(model=chat.name, messages=ASK, stream=True)
+            return "".join(e.choices[0].delta.content or "" for e in events).strip()
+        return client.chat.completions.create(model=chat.name, messages=ASK).choices[0].message.content
 
-    chat.model.generate = counting_generate
     try:
-        def ask(i):
-            if i % 2:
-                events = client.chat.completions.create(model=chat.name, messages=ASK, stream=True)
-                return "".join(e.choices[0].delta.content or "" for e in events).strip()
-            return client.chat.completions.create(model=chat.name, messages=ASK).choices[0].message.content
-
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(ask, range(6)))
     finally:
-        del chat.model.generate
+        hook.remove()
     assert answers == [ANSWER] * 6
-    assert most == 1
+    assert max(sizes) > 1
 
 
-@pytest.mark.parametrize("body, where", [
-    (b"{not json", "body"),
+def _run_together(chat, prompts, settings, *, stagger: int = 0):
+    """Replies of `prompts` (each with its own settings) submitted to the engine: the first `stagger` ones first, the
+    rest once the first has produced text, so they join a batch already decoding."""
+    results, first_text, finished = {}, threading.Event(), threading.Semaphore(0)
+
+    def submit(i):
+        def done(reply):
+            results[i] = reply
+            finished.release()
+        chat.batcher.submit(chat.job(prompts[i], settings[i], ignore_eos=True, on_text=lambda _: first_text.set(),
+                                     on_done=done))
+
+    for i in range(len(prompts)):
+        if i == stagger and stagger:
+            assert first_text.wait(60)
+        submit(i)
+    for _ in prompts:
+        assert finished.acquire(timeout=120)
+    return [results[i] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def random_models(tiny_llama_dir):
+    """The same random tiny llama (fp32, CPU) behind a batching engine and a one-at-a-time engine."""
+    from tunelab.chat.engine import load_chat_model
+
+    models = (load_chat_model(str(tiny_llama_dir), max_batch_size=8, prompt_template="qwen_chat"),
+              load_chat_model(str(tiny_llama_dir), max_batch_size=1, prompt_template="qwen_chat"))
+    yield models
+    for chat in models:
+        chat.batcher.stop()
+
+
+def test_greedy_in_a_batch_equals_generate_alone(random_models):
+    """Left padding, joining mid-batch and leaving early change no token: each reply equals transformers' own
+    `generate` for that prompt alone (greedy, fp32)."""
+    import torch
+
+    from tunelab.model.generate import GenerationSettings
+
+    batched, _ = random_models
+    prompts = [batched.encode([{"role": "user", "content": "Hello there " * k}]) for k in (1, 9, 3, 25, 2, 14)]
+    lengths = [20, 45, 30, 12, 40, 25]
+    replies = _run_together(batched, prompts, [GenerationSettings(max_new_tokens=n) for n in lengths], stagger=3)
+    for ids, n, reply in zip(prompts, lengths, replies):
+        out = batched.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=None,
+                                     top_k=None, top_p=None, pad_token_id=0)
+        assert reply.token_ids == out[0, len(ids):].tolist()
+        assert reply.finish_reason == "length" and reply.completion_tokens == n
+
+
+def test_each_request_keeps_its_sampling_settings_in_a_batch(random_models):
+    """Seeded sampling, top-k / top-p, repetition penalty and greedy requests mixed in one batch give what each gives
+    served alone (each sequence samples from its own generator)."""
+    from tunelab.model.generate import GenerationSettings
+
+    batched, alone = random_models
+    prompts = [batched.encode([{"role": "user", "content": f"Question {k}: " + "tips " * k}]) for k in range(5)]
+    settings = [GenerationSettings(max_new_tokens=30),
+                GenerationSettings(max_new_tokens=30, temperature=0.9, top_k=20, top_p=0.9, seed=1),
+                GenerationSettings(max_new_tokens=30, temperature=0.7, top_k=0, top_p=1.0, seed=2),
+                GenerationSettings(max_new_tokens=30, repetition_penalty=1.3),
+                GenerationSettings(max_new_tokens=30, temperature=1.2, repetition_penalty=0.8, seed=2**63 - 1)]
+    together = _run_together(batched, prompts, settings)
+    one_by_one = [_run_together(alone, [p], [s])[0] for p, s in zip(prompts, settings)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in one_by_one]
+    assert together[1].token_ids != together[4].token_ids  # the settings did differ
+
+
+def test_one_at_a_time_mode(random_models):
+    _, alone = random_models
+    sizes = []
+    hook = alone.model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]),
+                                                 with_kwargs=True)
+    from tunelab.model.generate import GenerationSettings
+
+    try:
+        prompts = [alone.encode([{"role": "user", "content": "Hi " * k}]) for k in (1, 2, 3)]
+        _run_together(alone, prompts, [GenerationSettings(max_new_tokens=5)] * 3)
+    finally:
+        hook.remove()
+    assert set(sizes) == {1}
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
     (b'{"messages": []}', "messages"),
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}', "messages"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 3}', "n"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "limit"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 0}', "top_p"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_k": -5}', "top_k"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-300}', "repetition_penalty"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": 1180591620717411303424}', "seed"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ""}', "stop"),
 ])
-def test_malformed_requests_get_a_json_4xx(server_url, client, chat, body, where):
+def test_bad_values_get_a_400_naming_the_parameter(server_url, client, chat, body, param):
     status, payload = _post(f"{server_url}/v1/chat/completions", body)
     assert status == 400
-    assert where in payload["error"]["message"] and payload["error"]["type"] == "invalid_request_error"
+    error = payload["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert "\n" not in error["message"] and "Traceback" not in error["message"]
+    if param:
+        assert error["message"].startswith(param) or f": {param}" in error["message"]
     # the server is still there
     assert client.chat.completions.create(model=chat.name, messages=ASK).choices[0].message.content == ANSWER
 
 
-def test_openai_client_sees_a_bad_request_error(client, chat):
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=chat.name, messages=[])
+def test_range_messages_say_the_allowed_values(server_url):
+    body = json.dumps({"messages": ASK, "repetition_penalty": 1e-300}).encode()
+    assert "from 0.01 to 10" in _post(f"{server_url}/v1/chat/completions", body)[1]["error"]["message"]
+    body = json.dumps({"messages": ASK, "max_tokens": 100000}).encode()
+    assert "limit of 2000 (--max-tokens-limit)" in _post(f"{server_url}/v1/chat/completions", body)[1]["error"]["message"]
 
 
-def test_api_key_is_enforced(chat):
+def test_prompt_and_max_tokens_are_bounded_by_the_context(chat):
+    """A prompt over the context is refused in about the time it takes to tokenize it (a 1 MB prompt too); an asked-for
+    max_tokens that does not fit is refused; a default max_tokens is cut to what fits."""
+    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.model.generate import GenerationSettings
+
+    small = dataclasses.replace(chat, max_model_len=64, _batcher=None)
+    prompt_tokens = len(chat.encode(ASK))
+    with BackgroundServer(create_app(small, GenerationSettings(max_new_tokens=500))) as url:
+        huge = json.dumps({"messages": [{"role": "user", "content": "word " * 200_000}]}).encode()
+        status, payload = _post(f"{url}/v1/chat/completions", huge)
+        assert status == 400 and payload["error"]["param"] == "messages"
+        assert "maximum context length is 64 tokens" in payload["error"]["message"]
+        status, payload = _post(f"{url}/v1/chat/completions", json.dumps({"messages": ASK, "max_tokens": 60}).encode())
+        assert status == 400 and payload["error"]["param"] == "max_tokens"
+        assert f"({prompt_tokens} in the messages, 60 in the completion)" in payload["error"]["message"]
+        body = json.dumps({"messages": ASK, "ignore_eos": True}).encode()
+        status, payload = _post(f"{url}/v1/chat/completions", body)
+        assert status == 200 and payload["usage"]["completion_tokens"] == 64 - prompt_tokens
+        assert payload["choices"][0]["finish_reason"] == "length"
+    small.batcher.stop()
+
+
+def test_a_client_that_goes_away_stops_its_generation(server_url, chat):
+    long_reply = {"model": chat.name, "messages": ASK, "max_tokens": 1900, "ignore_eos": True}
+    # streamed: close the connection after the first piece of text
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{server_url}/v1/chat/completions", json={**long_reply, "stream": True}) as response:
+            for line in response.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break
+    _wait_idle(chat.batcher)
+    last = chat.batcher.finished[-1]
+    assert last.finish_reason == "cancelled" and 0 < last.completion_tokens < 1900
+    # not streamed: the client gives up waiting
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server_url}/v1/chat/completions", json=long_reply, timeout=0.5)
+    _wait_idle(chat.batcher)
+    last = chat.batcher.finished[-1]
+    assert last.finish_reason == "cancelled" and last.completion_tokens < 1900
+
+
+def test_api_key_guards_every_route(chat):
     from tunelab.chat.server import BackgroundServer, create_app
     from tunelab.model.generate import GenerationSettings
 
@@ -139,11 +286,138 @@ def test_api_key_is_enforced(chat):
     with BackgroundServer(app) as url:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-        assert openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0).models.list().data
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(model=chat.name, messages=ASK, max_tokens=2).choices[0].message.content
+        for path in ("/v1/models", "/tunelab/info", "/openapi.json", "/docs", "/anything"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{url}{path}", timeout=10)
+            assert refused.value.code == 401, path
+            assert "--api-key" in json.loads(refused.value.read())["error"]["message"]
+        status, _ = _post(f"{url}/v1/chat/completions", json.dumps({"messages": ASK}).encode())
+        assert status == 401
+        keyed = urllib.request.Request(f"{url}/tunelab/info", headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(keyed, timeout=10) as response:
+            assert json.loads(response.read())["model"] == chat.name
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:  # a probe needs no key, tells nothing
+            assert json.loads(response.read()) == {"status": "ok"}
+
+
+def test_sigterm_stops_the_server_mid_generation(tmp_path):
+    """A reply that would take minutes is cut off: the stream ends with an error event, the process exits."""
+    from tunelab.chat.server import free_port
+    from tunelab.model.tiny import make_model
+
+    model = make_model(tmp_path / "long", "llama", max_position_embeddings=65536)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(model), "--port", str(port),
+                               "--prompt-template", "qwen_chat", "--max-tokens-limit", "60000"],
+                              cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  p for p in (str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")) if p)})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stdout.read().decode()
+                time.sleep(0.2)
+        body = {"messages": ASK, "max_tokens": 60000, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                for line in response.iter_lines():
+                    lines.append(line)
+                    if len(lines) == 10:  # text is flowing: stop the server now
+                        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        assert "the server is shutting down" in "\n".join(lines) and [x for x in lines if x][-1] == "data: [DONE]"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
 
 
 def test_serve_cli_defaults_to_localhost():
     from tunelab.cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "some/model"])
-    assert args.host == "127.0.0.1" and args.port == 8000
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.engine == "tunelab" and args.max_batch_size == 16
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["serve", "m", "--max-batch-size", "0"], "--max-batch-size 0: must be at least 1"),
+    (["web", "m", "--max-model-len", "1"], "--max-model-len 1: must be at least 2"),
+    (["serve", "m", "--repetition-penalty", "1e-300"], "--repetition-penalty 1e-300: must be above 0 (from 0.01 to 10"),
+    (["chat", "m", "--seed", str(2**70), "--prompt", "x"], "--seed"),
+    (["serve", "m", "--temperature", "3"], "--temperature 3.0: must be 0 (greedy) or more, at most 2"),
+])
+def test_bad_flags_are_one_line_errors(argv, says, capsys):
+    from tunelab.cli.main import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """An importable `vllm` package (vLLM itself needs a CUDA machine) and a stand-in for exec that records the call."""
+    (tmp_path / "fake" / "vllm").mkdir(parents=True)
+    (tmp_path / "fake" / "vllm" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    calls = []
+    monkeypatch.setattr("tunelab.chat.vllm.os.execvpe", lambda file, argv, env: calls.append((argv, env)))
+    return calls
+
+
+def test_engine_vllm_starts_vllm_with_the_trained_template(tmp_path_factory, fake_vllm):
+    """The command names the merged model, binds 127.0.0.1, passes the key in the environment, and its
+    --chat-template file renders (by transformers' own apply_chat_template) exactly the prompt tunelab renders."""
+    from transformers import AutoTokenizer
+
+    from tunelab.cli.main import main
+    from tunelab.data.templates import get_template
+
+    model = taught_model_dir(tmp_path_factory)
+    assert main(["serve", str(model), "--engine", "vllm", "--api-key", "k3y", "--system", "Be brief.",
+                 "--max-model-len", "1024", "--dtype", "bf16"]) == 0
+    (argv, env), = fake_vllm
+    assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(argv[3::2], argv[4::2]))
+    assert flags["--model"] == str(model) and flags["--host"] == "127.0.0.1" and flags["--port"] == "8000"
+    assert flags["--max-model-len"] == "1024" and flags["--dtype"] == "bfloat16"
+    assert flags["--served-model-name"] == model.name
+    assert "k3y" not in argv and env["VLLM_API_KEY"] == "k3y"
+    template = Path(flags["--chat-template"])
+    try:
+        rendered = AutoTokenizer.from_pretrained(model).apply_chat_template(
+            ASK, chat_template=template.read_text(encoding="utf-8"), tokenize=False, add_generation_prompt=True)
+    finally:
+        template.unlink()
+    expected = get_template("qwen_chat").render([{"role": "system", "content": "Be brief."}, *ASK],
+                                                add_generation_prompt=True)
+    assert rendered == expected
+
+
+def test_engine_vllm_refuses_what_it_cannot_serve(tmp_path, fake_vllm, capsys):
+    from tunelab.cli.main import main
+
+    assert main(["serve", "some/base", "--adapter", str(tmp_path), "--engine", "vllm"]) == 2
+    assert "tunelab convert merge" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--engine", "vllm"]) == 2  # a directory without config.json
+    assert "no config.json" in capsys.readouterr().err
+    assert fake_vllm == []
+
+
+def test_engine_vllm_without_vllm_says_how_to_install(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    from tunelab.cli.main import main
+
+    assert main(["serve", str(tmp_path), "--engine", "vllm"]) == 2
+    assert "pip install vllm" in capsys.readouterr().err

@@ -7,6 +7,7 @@ The template comes from `--prompt-template`, else the adapter's / model's tunela
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -29,8 +30,22 @@ class ChatModel:
     system: str = ""
     name: str = "tunelab"
     template_source: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    """One generation at a time: the server's requests queue behind it."""
+    max_model_len: int = 2048
+    """Prompt + reply tokens one request may use: the model's context, or --max-model-len."""
+    max_batch_size: int = 1
+    """Requests decoded together (continuous batching); 1 answers them one at a time."""
+    _batcher: object = field(default=None, repr=False)
+    _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def batcher(self):
+        """The generation worker, started on first use; chat, web and serve all go through it."""
+        from tunelab.chat.batcher import Batcher
+
+        with self._start_lock:
+            if self._batcher is None:
+                self._batcher = Batcher(self.model, self.tokenizer, max_batch_size=self.max_batch_size)
+            return self._batcher
 
     def with_system(self, messages: list[dict], system: str | None = None) -> list[dict]:
         """`messages` with the session's system prompt first, unless they bring their own."""
@@ -39,12 +54,77 @@ class ChatModel:
         system = self.system if system is None else system
         return ([{"role": "system", "content": system}] if system else []) + list(messages)
 
-    def reply(self, messages: list[dict], settings, *, stop_words=(), on_text: Callable[[str], None] | None = None):
-        from tunelab.model.generate import generate_reply
+    def encode(self, messages: list[dict]) -> list[int]:
+        """The prompt's token ids: the conversation (with the system prompt) rendered by the template."""
+        prompt = self.template.render(self.with_system(messages), add_generation_prompt=True)
+        return self.tokenizer(prompt, add_special_tokens=False).input_ids
 
-        with self.lock:
-            return generate_reply(self.model, self.tokenizer, self.template, self.with_system(messages), settings,
-                                  stop_words=tuple(stop_words), on_text=on_text)
+    def fit_reply(self, prompt_tokens: int, max_new_tokens: int, *, asked: bool = True) -> int:
+        """max_new_tokens within the context: cut down when it was a default, `ContextError` when it was `asked` for."""
+        room = self.max_model_len - prompt_tokens
+        if room < 1 or (asked and max_new_tokens > room):
+            raise ContextError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but "
+                f"{prompt_tokens + max_new_tokens} were asked for ({prompt_tokens} in the messages, {max_new_tokens} "
+                f"in the completion): shorten the messages or lower max_tokens.",
+                "messages" if room < 1 else "max_tokens")
+        return min(max_new_tokens, room)
+
+    def job(self, prompt_ids: list[int], settings, *, stop_words=(), ignore_eos: bool = False, on_text=None,
+            on_done=None):
+        """A batcher job with this model's stop rules: EOS tokens and the template's stop words, unless `ignore_eos`
+        (then only the caller's `stop_words` end the reply; benchmarks use it for replies of a fixed length)."""
+        from tunelab.chat.batcher import Job
+        from tunelab.model.generate import stop_words_for
+
+        if ignore_eos:
+            stops, eos = tuple(stop_words), ()
+        else:
+            stops, eos = stop_words_for(self.template, self.tokenizer, stop_words), eos_token_ids(self)
+        return Job(prompt_ids, settings, stop_words=stops, eos_ids=eos, on_text=on_text, on_done=on_done)
+
+    def reply(self, messages: list[dict], settings, *, stop_words=(), on_text: Callable[[str], None] | None = None):
+        """The reply to `messages` (blocking; `on_text` gets it piece by piece)."""
+        import queue
+
+        prompt_ids = self.encode(messages)
+        settings = dataclasses.replace(settings, max_new_tokens=self.fit_reply(
+            len(prompt_ids), settings.max_new_tokens, asked=False))
+        done: queue.Queue = queue.Queue()
+        job = self.job(prompt_ids, settings, stop_words=stop_words, on_text=on_text, on_done=done.put)
+        self.batcher.submit(job)
+        try:
+            result = done.get()
+        finally:
+            job.cancel()  # Ctrl-C while it generates: the worker drops it at its next step
+        if isinstance(result, Exception):
+            raise result
+        return result.text.strip() if not on_text else result.text
+
+
+class ContextError(TunelabError):
+    """A request that does not fit the model's context; `param` is the request field to change."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def eos_token_ids(chat: ChatModel) -> tuple[int, ...]:
+    """The token ids that end a reply, as `generate` uses them: generation_config's eos_token_id and the tokenizer's."""
+    configured = getattr(getattr(chat.model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, (list, tuple)) else [configured]
+    return tuple(i for i in dict.fromkeys([*ids, chat.tokenizer.eos_token_id]) if i is not None)
+
+
+def context_length(model, meta: dict | None) -> tuple[int, str]:
+    """(tokens, where from): the model config's max_position_embeddings, else the training max_length."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "max_position_embeddings", None):
+        return int(config.max_position_embeddings), "config.json max_position_embeddings"
+    if meta and meta.get("max_length"):
+        return int(meta["max_length"]), "tunelab.json max_length"
+    return 2048, "default (pass --max-model-len)"
 
 
 def _resolve_paths(model_path: str, adapter: str | None) -> tuple[str, Path | None, dict | None]:
@@ -120,8 +200,12 @@ def check_bits(bits: int | None) -> None:
 
 def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_template: str | None = None,
                     system: str | None = None, bits: int | None = None, device: str = "auto", dtype: str = "auto",
-                    trust_remote_code: bool = False) -> ChatModel:
-    """Load the model (and adapter) once; pick the template and system prompt it was trained with."""
+                    trust_remote_code: bool = False, max_model_len: int | None = None,
+                    max_batch_size: int = 1) -> ChatModel:
+    """Load the model (and adapter) once; pick the template and system prompt it was trained with.
+
+    `max_model_len` (default: the model's context) bounds prompt + reply tokens of a request; `max_batch_size`
+    is how many requests the engine decodes together."""
     from tunelab.model.load import load_model_for_inference, load_tokenizer
 
     from tunelab.export.convert import pick_device
@@ -148,8 +232,11 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     if system is None:
         system = (meta or {}).get("system") or ""
     name = Path(str(adapter_dir)).name if adapter_dir else Path(base).name or base
+    if max_model_len is None:
+        max_model_len, where = context_length(model, meta)
+        _say(f"context: {max_model_len} tokens ({where})")
     return ChatModel(model=model, tokenizer=tokenizer, template=template, system=system, name=name,
-                     template_source=source)
+                     template_source=source, max_model_len=max_model_len, max_batch_size=max_batch_size)
 
 
 def add_model_arguments(parser) -> None:
@@ -179,22 +266,18 @@ def add_sampling_arguments(parser) -> None:
 
 
 def settings_from_args(args):
-    from tunelab.model.generate import GenerationSettings
+    from tunelab.model.generate import GenerationSettings, check_settings
 
-    # The same ranges the server accepts (ChatRequest); outside them transformers fails mid-reply with a traceback.
-    for flag, value, ok, rule in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
-                                  ("--temperature", args.temperature, args.temperature >= 0, "0 (greedy) or more"),
-                                  ("--top-k", args.top_k, args.top_k >= 0, "0 or more"),
-                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "above 0 and at most 1"),
-                                  ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0,
-                                   "above 0 (1.0 = off)")):
-        if not ok:
-            raise TunelabError(f"{flag} {value}: must be {rule}.")
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    # the ranges the server checks requests against; outside them transformers would fail mid-reply
+    check_settings(settings, {f: "--" + f.replace("_", "-") for f in dataclasses.asdict(settings)})
+    return settings
 
 
 def load_from_args(args) -> ChatModel:
+    """The model for chat / web / serve; web and serve add --max-model-len and --max-batch-size."""
     return load_chat_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
                            system=args.system, bits=args.bits, device=args.device, dtype=args.dtype,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, max_model_len=getattr(args, "max_model_len", None),
+                           max_batch_size=getattr(args, "max_batch_size", 1))

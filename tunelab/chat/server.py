@@ -1,29 +1,40 @@
 """`tunelab serve`: an OpenAI-compatible HTTP server (/v1/models, /v1/chat/completions, streamed or not).
 
-One model, one generation at a time: requests wait their turn behind `ChatModel.lock`, so concurrent clients are
-safe (they are answered one after the other). Streaming uses server-sent events like OpenAI's API: a worker thread
-generates and pushes text pieces into a queue, the response reads them out as `data: {...}` chunks.
+Requests are decoded together by the engine's continuous batching (`tunelab.chat.batcher`): each one keeps its own
+sampling settings and streams its own tokens. The event loop never generates: it validates, tokenizes in a thread,
+hands a `Job` to the worker and relays what the worker reports (through `call_soon_threadsafe`).
+
+Limits: every sampling setting is checked against `tunelab.model.generate.RULES`, prompt + max_tokens against the
+model's context (`ChatModel.fit_reply`), max_tokens against --max-tokens-limit; each refusal is HTTP 400 in OpenAI's
+error shape naming the parameter. A client that goes away (closed stream, or a timed-out plain request) cancels its
+job at the worker's next step. SIGTERM / Ctrl-C finishes every job at once, so the server stops promptly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-import queue
+import secrets
 import threading
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from tunelab.chat.batcher import Reply, ServerStopping
 from tunelab.chat.engine import ChatModel
 from tunelab.errors import TunelabError
+from tunelab.model.generate import SettingError, check_settings
+
+OPEN_PATHS = {"/health"}
+"""Paths answered without the API key: a liveness probe that tells nothing (and the web page, which asks for it)."""
 
 
 class Message(BaseModel):
@@ -38,20 +49,36 @@ class Message(BaseModel):
         return self.content or ""
 
 
+StopWord = Annotated[str, StringConstraints(min_length=1)]
+
+
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, logprobs, ...) are accepted, unused
+    # unknown OpenAI fields (user, logprobs, ...) are accepted, unused; NaN / Infinity are refused
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: Optional[str] = None
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
+    stop: Optional[Annotated[list[StopWord], Field(max_length=16)]] = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    ignore_eos: bool = False
+    """vLLM's extension: generate until max_tokens or a `stop` string, past EOS and the template's stop words."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_word(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+# request field → GenerationSettings field
+FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+          "repetition_penalty": "repetition_penalty", "seed": "seed"}
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -60,19 +87,33 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
                                                                "code": None}})
 
 
-def _settings_for(request: ChatRequest, defaults, limit: int):
-    changes = {k: v for k, v in dict(
-        max_new_tokens=request.max_completion_tokens or request.max_tokens, temperature=request.temperature,
-        top_p=request.top_p, top_k=request.top_k, repetition_penalty=request.repetition_penalty, seed=request.seed,
-    ).items() if v is not None}
-    settings = dataclasses.replace(defaults, **changes)
-    if settings.max_new_tokens > limit:
-        raise HTTPException(400, f"max_tokens {settings.max_new_tokens} is above this server's limit of {limit}")
-    return settings
+class RequestError(TunelabError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
 
 
-def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `chat` with `defaults` (a GenerationSettings) for settings a request leaves out."""
+def settings_for(request: ChatRequest, defaults, limit: int):
+    """(settings, max_tokens asked for explicitly): the request's values over the server's defaults, checked."""
+    asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    values = {FIELDS[k]: getattr(request, k) for k in FIELDS if k != "max_tokens" and getattr(request, k) is not None}
+    if asked is not None:
+        values["max_new_tokens"] = asked
+    settings = dataclasses.replace(defaults, **values)
+    try:
+        check_settings(settings, {v: k for k, v in FIELDS.items()})
+    except SettingError as exc:
+        raise RequestError(str(exc), exc.name) from None
+    if asked is not None and asked > limit:
+        raise RequestError(f"max_tokens {asked}: above this server's limit of {limit} (--max-tokens-limit).",
+                           "max_tokens")
+    return settings, asked is not None
+
+
+def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_key: str | None = None,
+               open_paths=()) -> FastAPI:
+    """The FastAPI app serving `chat` with `defaults` (a GenerationSettings) for settings a request leaves out.
+    With `api_key`, every path but /health and `open_paths` needs 'Authorization: Bearer KEY'."""
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None)
     app.state.chat = chat
 
@@ -81,8 +122,10 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return _error(400, f"invalid request: the body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", where or None)
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        value = f" {first['input']!r}" if "input" in first and not isinstance(first["input"], (dict, list)) else ""
+        message = f"invalid request: {'.'.join(loc) or 'body'}{value}: {first.get('msg', 'malformed')}"
+        return _error(400, message, loc[0] if loc else None)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
@@ -90,13 +133,18 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
 
     @app.exception_handler(TunelabError)
     async def _user_error(request: Request, exc: TunelabError):
-        return _error(400, str(exc))
+        return _error(getattr(exc, "status", 400), str(exc), getattr(exc, "param", None))
 
     if api_key:
+        expected = f"Bearer {api_key}".encode()
+        free = OPEN_PATHS | set(open_paths)
+
         @app.middleware("http")
         async def _check_key(request: Request, call_next):
-            if request.url.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path not in free and not secrets.compare_digest(given, expected):
+                return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the "
+                                   "key given to --api-key")
             return await call_next(request)
 
     @app.get("/health")
@@ -105,80 +153,100 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": chat.name, "object": "model", "created": 0, "owned_by": "tunelab"}]}
+        return {"object": "list", "data": [{"id": chat.name, "object": "model", "created": 0, "owned_by": "tunelab",
+                                            "max_model_len": chat.max_model_len}]}
 
     @app.get("/tunelab/info")
     def info():
-        """What the web page shows: the template, the default system prompt and sampling settings."""
+        """What the web page shows: the template, the default system prompt and sampling settings, the limits."""
         return {"model": chat.name, "template": chat.template.name, "template_source": chat.template_source,
-                "system": chat.system, "defaults": dataclasses.asdict(defaults)}
+                "system": chat.system, "defaults": dataclasses.asdict(defaults), "max_model_len": chat.max_model_len,
+                "max_tokens_limit": max_tokens_limit, "max_batch_size": chat.batcher.max_batch_size}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
-        settings = _settings_for(request, defaults, max_tokens_limit)
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        chat.template.render(chat.with_system(messages), add_generation_prompt=True)  # bad roles → 400 before work
+    async def chat_completions(body: ChatRequest, request: Request):
+        settings, asked = settings_for(body, defaults, max_tokens_limit)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        stop = list(body.stop or [])
+        prompt_ids = await run_in_threadpool(chat.encode, messages)  # a long prompt must not hold up the event loop
+        settings.max_new_tokens = chat.fit_reply(len(prompt_ids), settings.max_new_tokens, asked=asked)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        report = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
+        job = chat.job(prompt_ids, settings, stop_words=stop, ignore_eos=body.ignore_eos,
+                       on_text=report if body.stream else None, on_done=report)
+        try:
+            chat.batcher.submit(job)
+        except ServerStopping as exc:
+            raise RequestError(str(exc), status=503) from None
         reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if request.stream:
-            return StreamingResponse(_stream(chat, messages, settings, stop, reply_id),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text = await run_in_threadpool(chat.reply, messages, settings, stop_words=stop)
-        prompt_tokens, completion_tokens = _count_tokens(chat, messages, text)
+        if body.stream:
+            return StreamingResponse(_stream(chat, job, events, reply_id), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            result = await _wait_or_cancel(events, request)
+        finally:
+            job.cancel()  # the client left (or the task was cancelled): the worker drops the job at its next step
+        if result is None:
+            return _error(499, "the client closed the request")
+        if isinstance(result, Exception):
+            return _failure(result)
         return {
             "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": chat.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": _finish_reason(completion_tokens, settings)}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason}],
+            "usage": _usage(result),
         }
 
     return app
 
 
-def _count_tokens(chat: ChatModel, messages: list[dict], reply: str) -> tuple[int, int]:
-    prompt = chat.template.render(chat.with_system(messages), add_generation_prompt=True)
-    encode = lambda text: len(chat.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    return encode(prompt), encode(reply)
-
-
-def _finish_reason(completion_tokens: int, settings) -> str:
-    return "length" if completion_tokens >= settings.max_new_tokens else "stop"
-
-
-_DONE = object()
-
-
-def _stream(chat: ChatModel, messages, settings, stop, reply_id: str):
-    """Server-sent events in OpenAI's chunk format; generation runs in a thread that feeds a queue."""
-    pieces: queue.Queue = queue.Queue()
-    outcome: dict = {}
-
-    def work():
+async def _wait_or_cancel(events: asyncio.Queue, request: Request):
+    """The job's outcome, or None once the client has disconnected."""
+    while True:
         try:
-            outcome["text"] = chat.reply(messages, settings, stop_words=stop, on_text=pieces.put)
-        except Exception as exc:  # reported to the client as an error event, never a dead connection
-            outcome["error"] = exc
-        pieces.put(_DONE)
+            return await asyncio.wait_for(events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
 
-    threading.Thread(target=work, daemon=True, name="tunelab-generate").start()
+
+def _failure(error: Exception) -> JSONResponse:
+    if isinstance(error, ServerStopping):
+        return _error(503, str(error))
+    return _error(500, f"generation failed: {type(error).__name__}: {error}")
+
+
+def _usage(reply: Reply) -> dict:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str):
+    """Server-sent events in OpenAI's chunk format. If the client disconnects, starlette cancels this generator:
+    `finally` cancels the job."""
     created = int(time.time())
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": chat.name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage:
+            body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
-    while (piece := pieces.get()) is not _DONE:
-        if piece:
-            yield chunk({"content": piece})
-    if "error" in outcome:
-        yield f"data: {json.dumps({'error': {'message': str(outcome['error']), 'type': 'server_error'}})}\n\n"
-    else:
-        _, completion_tokens = _count_tokens(chat, messages, outcome["text"])
-        yield chunk({}, _finish_reason(completion_tokens, settings))
-    yield "data: [DONE]\n\n"
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while isinstance(item := await events.get(), str):
+            if item:
+                yield chunk({"content": item})
+        if isinstance(item, Exception):  # reported to the client as an error event, never a dead connection
+            kind = "server_error"
+            yield f"data: {json.dumps({'error': {'message': str(item), 'type': kind}})}\n\n"
+        else:
+            yield chunk({}, item.finish_reason, _usage(item))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
 
 
 class BackgroundServer:
@@ -187,6 +255,7 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
 
+        self.app = app
         self.host, self.port = host, port or free_port(host)
         self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="tunelab-server")
@@ -213,11 +282,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def serve(app: FastAPI, *, host: str, port: int, what: str = "OpenAI-compatible API") -> None:
+def serve(app: FastAPI, *, host: str, port: int, api_key: str | None = None,
+          what: str = "OpenAI-compatible API") -> None:
+    """Run `app` until SIGTERM / Ctrl-C, which first finishes every request in the engine so the server stops at
+    once instead of waiting for replies that may take minutes."""
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.chat.batcher.stop(timeout=0)  # every open response ends with "the server is shutting down"
+            super().handle_exit(sig, frame)
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {host}: anyone who can reach this machine can use the model"
-              f" (pass --api-key to require a key)", flush=True)
+              f" (pass --api-key KEY to require a key)", flush=True)
     print(f"{what} on http://{host}:{port}  (Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()

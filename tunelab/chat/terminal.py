@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Iterable, TextIO
 
-from tunelab.chat.engine import ChatModel
+from tunelab.chat.engine import ChatModel, ContextError
 
 PROMPT = "\ndouble enter to end input (EXIT: exit chat, RESET: reset history) >>> "
 
@@ -49,7 +49,11 @@ def answer(chat: ChatModel, history: list[dict], question: str, settings, *, sto
         out.write(piece)
         out.flush()
 
-    reply = chat.reply(history, settings, stop_words=stop_words, on_text=write if stream else None)
+    try:
+        reply = chat.reply(history, settings, stop_words=stop_words, on_text=write if stream else None)
+    except ContextError:
+        history.pop()  # the question got no answer: leave it out of the conversation
+        raise
     if stream:
         out.write("\n")
     else:
@@ -80,5 +84,8 @@ def run_chat(chat: ChatModel, settings, *, stop_words=(), stream: bool = True, p
             continue
         if interactive:
             out.write("\n")
-        answer(chat, history, question, settings, stop_words=stop_words, stream=stream, out=out)
+        try:
+            answer(chat, history, question, settings, stop_words=stop_words, stream=stream, out=out)
+        except ContextError as exc:  # the conversation outgrew the context: say so, keep the session
+            print(f"error: {exc} Type RESET to start a new conversation.", file=sys.stderr if not interactive else out)
     return 0

@@ -3,6 +3,9 @@
 No web framework beyond the server's own: the same FastAPI app as `tunelab serve`, plus one static HTML + JS page at
 `/` that keeps the conversation in the browser and calls `/v1/chat/completions` with `stream: true` (server-sent
 events), so what the page shows is exactly what API clients get.
+
+With --api-key the page itself loads without the key (it holds no secrets) and asks for it once; the browser keeps it
+in the tab's session storage and sends it as 'Authorization: Bearer KEY' on every request.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def create_web_app(chat: ChatModel, defaults, **kwargs) -> FastAPI:
-    app = create_app(chat, defaults, **kwargs)
+    app = create_app(chat, defaults, open_paths={"/"}, **kwargs)
     page = PAGE.read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)

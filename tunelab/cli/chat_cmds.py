@@ -22,18 +22,23 @@ example:
 WEB_DESCRIPTION = """\
 A chat page in the browser (sampling settings, system prompt, clear history), served on 127.0.0.1 by default.
 The page talks to the same OpenAI-compatible API as `tunelab serve` (also available while it runs).
+With --api-key the page asks for the key once and keeps it for the browser tab.
 
 example:
   tunelab web merged
   tunelab web internlm/internlm2-chat-1_8b --adapter hf_adapter --port 7860
+  tunelab web merged --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
 """
 
 SERVE_DESCRIPTION = """\
 An OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (stream or not), on 127.0.0.1 by default.
-Requests are answered one at a time, in turn.
+Concurrent requests are decoded together (continuous batching, up to --max-batch-size at once); prompt + max_tokens
+must fit --max-model-len (default: the model's context). --engine vllm starts vLLM instead, for a merged model.
 
 example:
   tunelab serve merged --port 8000
+  tunelab serve merged --api-key KEY --max-batch-size 32
+  tunelab serve merged --engine vllm
   python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x'); \\
 print(c.chat.completions.create(model='merged', messages=[{'role': 'user', 'content': 'Hi'}]).choices[0].message.content)"
 """
@@ -61,9 +66,18 @@ def register(subparsers) -> None:
         p.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only)")
         p.add_argument("--port", type=int, default=default_port)
-        if name == "serve":
-            p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+        p.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every request (all paths but /health" +
+                            (" and the page itself, which asks for the key)" if name == "web" else ")"))
         p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+        p.add_argument("--max-model-len", type=int, metavar="N",
+                       help="prompt + reply tokens a request may use (default: the model's max_position_embeddings; "
+                            "e.g. the training max_length to stay where the model was trained)")
+        p.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                       help="requests decoded together (continuous batching); 1 answers them one at a time")
+        if name == "serve":
+            p.add_argument("--engine", choices=["tunelab", "vllm"], default="tunelab",
+                           help="vllm: start vLLM's OpenAI server for a merged model, with its tunelab template")
         p.set_defaults(func=web_cmd if name == "web" else serve_cmd)
 
 
@@ -77,12 +91,22 @@ def chat_cmd(args) -> int:
                     stdin=sys.stdin, out=sys.stdout)
 
 
+def _check_server_args(args) -> None:
+    from tunelab.errors import TunelabError
+
+    for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-model-len", args.max_model_len, 2),
+                             ("--max-tokens-limit", args.max_tokens_limit, 1), ("--port", args.port, 0)):
+        if value is not None and value < low:
+            raise TunelabError(f"{flag} {value}: must be at least {low}.")
+
+
 def _app(args, web: bool):
     from tunelab.chat.engine import load_from_args, settings_from_args
 
+    _check_server_args(args)
     settings = settings_from_args(args)
     chat = load_from_args(args)
-    kwargs = dict(max_tokens_limit=args.max_tokens_limit, api_key=getattr(args, "api_key", None))
+    kwargs = dict(max_tokens_limit=args.max_tokens_limit, api_key=args.api_key)
     if web:
         from tunelab.chat.web import create_web_app
 
@@ -95,12 +119,17 @@ def _app(args, web: bool):
 def web_cmd(args) -> int:
     from tunelab.chat.server import serve
 
-    serve(_app(args, web=True), host=args.host, port=args.port, what="chat page")
+    serve(_app(args, web=True), host=args.host, port=args.port, api_key=args.api_key, what="chat page")
     return 0
 
 
 def serve_cmd(args) -> int:
     from tunelab.chat.server import serve
 
-    serve(_app(args, web=False), host=args.host, port=args.port)
+    if args.engine == "vllm":
+        from tunelab.chat.vllm import run_vllm
+
+        _check_server_args(args)
+        return run_vllm(args)
+    serve(_app(args, web=False), host=args.host, port=args.port, api_key=args.api_key)
     return 0

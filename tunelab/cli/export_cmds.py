@@ -10,6 +10,7 @@ Turn a training checkpoint into files other tools read.
   pth_to_hf CFG CKPT OUT   checkpoint → HF adapter (LoRA / QLoRA) or HF model (full fine-tuning)
   to-hf CKPT OUT           the same, the config being optional (tunelab.json in the checkpoint says it all)
   merge BASE ADAPTER OUT   base + adapter → one HF model whose chat_template is the training template
+  gguf MODEL OUT.gguf      HF model (or base + --adapter) → GGUF for llama.cpp, plus an Ollama Modelfile
   xtuner-config IN OUT     an XTuner (mmengine) config → an equivalent tunelab config
 
 example:
@@ -40,6 +41,21 @@ example:
   tunelab convert merge internlm/internlm2-chat-1_8b hf_adapter merged
   tunelab convert merge Qwen/Qwen2.5-0.5B-Instruct work_dirs/run1 merged --dtype bf16 --device cpu
   tunelab chat merged
+"""
+
+GGUF_DESCRIPTION = """\
+Write a GGUF file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile beside it. MODEL is a merged HF model
+directory (tunelab convert merge) or a base model with --adapter (merged in memory). The GGUF file holds the weights
+(--type f16, bf16, q8_0 or f32), the tokenizer, and the chat template the model was trained with (from tunelab.json,
+or --prompt-template); the Modelfile's TEMPLATE, stop words and SYSTEM say the same in Ollama's terms.
+Architectures: Llama (also Mistral and InternLM2), Qwen2, Qwen3.
+
+example:
+  tunelab convert gguf merged merged.gguf --type q8_0
+  tunelab convert gguf Qwen/Qwen2.5-0.5B-Instruct out/qwen-tuned.gguf --adapter work_dirs/run1
+  ollama create qwen-tuned -f out/Modelfile && ollama run qwen-tuned
+  python -c "import llama_cpp; print(llama_cpp.Llama('merged.gguf').create_chat_completion([{'role': 'user', \\
+    'content': 'Who are you?'}]))"
 """
 
 
@@ -74,7 +90,22 @@ def register(subparsers) -> None:
                    help="hf (default) or original (InternLM2's own layout, for InternLM2 bases)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
     p.set_defaults(func=merge_cmd)
+    _register_gguf(verbs, fmt)
     _register_xtuner(verbs, fmt)
+
+
+def _register_gguf(verbs, fmt) -> None:
+    p = verbs.add_parser("gguf", help="HF model (or base + adapter) → GGUF file + Ollama Modelfile",
+                         description=GGUF_DESCRIPTION, formatter_class=fmt)
+    p.add_argument("model", metavar="MODEL", help="a merged model directory, or the base model with --adapter")
+    p.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (its folder gets the Modelfile)")
+    p.add_argument("--type", dest="out_type", default="f16", choices=["f16", "bf16", "q8_0", "f32"],
+                   help="how weights are stored (default f16; q8_0 is about half the size)")
+    p.add_argument("--adapter", metavar="DIR", help="an adapter directory, iter_N checkpoint or WORK_DIR to merge in")
+    p.add_argument("--prompt-template", metavar="NAME", help="override the template recorded in tunelab.json")
+    p.add_argument("--no-modelfile", action="store_true", help="write only the GGUF file")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.set_defaults(func=gguf_cmd)
 
 
 XTUNER_DESCRIPTION = """\
@@ -133,4 +164,20 @@ def merge_cmd(args) -> int:
     merge(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size, device=args.device,
           dtype=args.dtype, prompt_template=args.prompt_template, output_format=args.output_format,
           trust_remote_code=args.trust_remote_code)
+    return 0
+
+
+def gguf_cmd(args) -> int:
+    from tunelab.errors import TunelabError
+
+    try:
+        import gguf  # noqa: F401  (llama.cpp's own GGUF writer)
+    except ImportError:
+        raise TunelabError("convert gguf needs the gguf package (llama.cpp's GGUF writer): pip install gguf "
+                           "(or pip install 'tunelab[gguf]')") from None
+    from tunelab.export.gguf import convert_to_gguf
+
+    convert_to_gguf(args.model, args.out, out_type=args.out_type, adapter=args.adapter,
+                    prompt_template=args.prompt_template, modelfile=not args.no_modelfile,
+                    trust_remote_code=args.trust_remote_code)
     return 0

@@ -20,6 +20,7 @@ VERB_MODULES = [
     "tunelab.cli.config_cmds",  # list-cfg, copy-cfg
     "tunelab.cli.data_cmds",  # data, check-dataset, preview, preprocess
     "tunelab.cli.train_cmds",  # train, plan
+    "tunelab.cli.board_cmd",  # board
     "tunelab.cli.export_cmds",  # convert
     "tunelab.cli.chat_cmds",  # chat, web, serve
     "tunelab.cli.demo_cmd",  # demo

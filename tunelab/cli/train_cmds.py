@@ -106,8 +106,10 @@ def run_train(args) -> int:
         return code
     from tunelab.config.loader import load_config
     from tunelab.train.loop import train
+    from tunelab.train.trackers import check_installed
 
     cfg = load_config(args.config, _overrides(args))
+    check_installed(cfg.resolved_report_to())  # before minutes of loading, not after
     work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
     result = train(cfg, work_dir, resume=args.resume, config_path=args.config, device=args.device)
     if result.interrupted:

@@ -32,6 +32,7 @@ from tunelab.config.schema import TrainConfig
 from tunelab.config.xtuner_config import is_xtuner_config, not_a_tunelab_config
 from tunelab.data.formats import FORMATS
 from tunelab.errors import TunelabError
+from tunelab.train.trackers import TRACKERS
 
 DATA_FORMATS = ("auto", *FORMATS)  # the data step's names: one list
 DEEPSPEED_PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
@@ -78,6 +79,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "deepspeed": (lambda v: v is None or v in DEEPSPEED_PRESETS or v.endswith(".json"),
                   "None, one of " + ", ".join(map(repr, DEEPSPEED_PRESETS)) + " or a path to a DeepSpeed .json"),
     "evaluation_inputs": (lambda v: all(isinstance(q, str) for q in v), "a list of strings (questions)"),
+    "report_to": (lambda v: all(t in TRACKERS for t in v), "a list of any of " + ", ".join(map(repr, TRACKERS))),
     "lora_target_modules": (lambda v: isinstance(v, str) or all(isinstance(m, str) for m in v),
                             "'all-linear' or a list of module names like ['q_proj', 'v_proj']"),
     "data_path": (lambda v: not isinstance(v, list) or all(isinstance(d, str) or (isinstance(d, dict) and "path" in d)

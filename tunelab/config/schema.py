@@ -141,8 +141,11 @@ class TrainConfig:
     """Questions the model answers during training, so you can watch it learn."""
     eval_max_new_tokens: int = 128
     """Longest answer to an evaluation question, in tokens."""
+    report_to: list = field(default_factory=list)
+    """Experiment trackers that also get every logged number and the settings: any of 'tensorboard', 'wandb',
+    'mlflow', 'swanlab' (each needs its package; where each writes: docs/TRAINING.md). `tunelab board` needs none."""
     use_tensorboard: bool = False
-    """Also write TensorBoard logs (pip install tensorboard)."""
+    """Also write TensorBoard logs (the same as 'tensorboard' in report_to)."""
     check_memory: bool = True
     """On a GPU, before loading: stop when the memory estimate (`tunelab plan`) is more than the card, naming settings
     that would fit; a run that fits only without the allocator's usual slack starts with a warning. False: start
@@ -213,6 +216,10 @@ class TrainConfig:
         if self.embeddings_on_cpu is not None:
             return self.embeddings_on_cpu
         return self.method in ("lora", "qlora")
+
+    def resolved_report_to(self) -> list[str]:
+        """The trackers in use: report_to, plus 'tensorboard' when use_tensorboard (the older switch) is on."""
+        return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.use_tensorboard else [])]))
 
     def resolved_mlp_chunk_size(self) -> Optional[int]:
         """The MLP slice in use: mlp_chunk_size when max_length is longer than it, else None (no slices)."""

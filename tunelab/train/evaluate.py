@@ -7,6 +7,7 @@ before training too, so the change is visible side by side.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -40,8 +41,11 @@ def format_answers(step: int, answers: list[tuple[str, str]]) -> str:
 
 
 def write_answers(work_dir: Path, step: int, answers: list[tuple[str, str]]) -> Path:
+    """eval_outputs_iter_N.txt to read, and the same as .json for `tunelab board` (answers side by side)."""
     path = Path(work_dir) / f"eval_outputs_iter_{step}.txt"
     path.write_text(format_answers(step, answers), encoding="utf-8")
+    record = {"step": step, "answers": [{"question": q, "answer": a} for q, a in answers]}
+    path.with_suffix(".json").write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
     return path
 
 

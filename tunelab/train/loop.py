@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.config.schema import to_dict
 from tunelab.data.collate import collate
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
@@ -117,7 +118,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
             "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
             "tunelab_version": _version()}
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
-                              use_tensorboard=cfg.use_tensorboard)
+                              report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
     log(f"fast path: {fast_path or 'off'}")
     log(f"training {cfg.method} on {env.device}: {len(train_rows)} rows, {steps_per_epoch} steps per epoch, "
         f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"

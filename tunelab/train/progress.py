@@ -1,22 +1,28 @@
-"""What the user sees while training: a progress bar, a JSONL log, a loss-curve PNG, TensorBoard (optional).
+"""What the user sees while training: a progress bar, a JSONL log, a loss-curve PNG, run.json, trackers.
 
 * In a terminal: a rich progress bar with loss, lr, tokens/s, ETA and memory. Piped to a file: one plain line
   per logging step instead (a live bar would fill the file with redraws).
 * `WORK_DIR/train_log.jsonl`: one JSON object per logging step (step, epoch, loss, lr, grad_norm, tokens_per_s,
   memory_gb; on a GPU also memory_reserved_gb) and per evaluation (eval_loss).
 * `WORK_DIR/loss_curve.png`: redrawn from the log at every save (matplotlib's Agg canvas, no display needed).
+* `WORK_DIR/run.json`: running / finished / stopped / failed, with the settings (tunelab/train/run_status.py).
+* The trackers of `report_to` get every record of the log too (tunelab/train/trackers.py).
+`tunelab board` reads these files, so it shows running, finished and crashed runs alike.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.train import run_status
+from tunelab.train.trackers import metrics_of, open_trackers
 
 LOG_FILE = "train_log.jsonl"
 CURVE_FILE = "loss_curve.png"
@@ -36,22 +42,22 @@ class TrainingMonitor:
     """Progress bar + log files for one run. Only the main process writes (`enabled=False` elsewhere)."""
 
     def __init__(self, work_dir: Path, *, total_steps: int, start_step: int, enabled: bool = True,
-                 use_tensorboard: bool = False):
+                 report_to=(), settings: dict | None = None):
+        """report_to: trackers that get every record too (tunelab/train/trackers.py); settings: the run's settings
+        as plain data (tunelab.config.schema.to_dict), written to run.json and logged once to each tracker."""
         self.work_dir = Path(work_dir)
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_path = self.work_dir / LOG_FILE
-        self._bar = self._task = self._tb = None
+        self.last_step = start_step
+        self._bar = self._task = None
+        self._trackers: list = []
         if not enabled:
             return
         _keep_log_until(self.log_path, start_step)  # a resumed run rewrites what came after its checkpoint
-        if use_tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TunelabError("use_tensorboard = True needs the tensorboard package: pip install tensorboard "
-                                   "(or set use_tensorboard = False; train_log.jsonl has the same numbers).") from None
-            self._tb = SummaryWriter(str(self.work_dir / "tensorboard"))
+        settings = json.loads(json.dumps(settings or {}, default=str))  # plain JSON: callables by name
+        run_status.mark_running(self.work_dir, total_steps=total_steps, start_step=start_step, settings=settings)
+        self._trackers = open_trackers(report_to, work_dir=self.work_dir, settings=settings)
         from rich.console import Console
 
         self.console = Console(stderr=True)
@@ -87,10 +93,9 @@ class TrainingMonitor:
             return
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value, record["step"])
+        self.last_step = max(self.last_step, int(record.get("step", 0)))
+        for tracker in self._trackers:
+            tracker.log(metrics_of(record), record["step"])
 
     def plot(self) -> Path | None:
         if self.enabled:
@@ -98,12 +103,23 @@ class TrainingMonitor:
         return None
 
     def close(self) -> None:
+        """Stop the bar and the trackers; record in run.json how the run ended. Called from the loop's `finally`,
+        so an exception on its way out (sys.exc_info) means the run failed; no exception before the last step
+        means it was stopped (SIGINT / SIGTERM, saved)."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        error = sys.exc_info()[1]
+        failed = error is not None and not isinstance(error, KeyboardInterrupt)
+        for tracker in self._trackers:
+            tracker.close(failed=failed)
+        self._trackers = []
+        if self.enabled:
+            if failed:
+                run_status.mark_ended(self.work_dir, "failed", error=f"{type(error).__name__}: {error}"[:2000])
+            else:
+                run_status.mark_ended(self.work_dir, "finished" if self.last_step >= self.total_steps else "stopped")
+            self.enabled = False
 
 
 class Throughput:

@@ -1,0 +1,300 @@
+"""Continuous batching: one worker thread owns the model and decodes every active request together.
+
+A request (a `Job`: prompt token ids, its own sampling settings and stop rules) joins the batch at a step boundary:
+the newcomers are prefilled together (left-padded), their KV cache is left-padded to the batch's length and stacked
+under it, and from then on each step feeds one token per sequence through the model at once. A sequence that
+finishes (a stop word, EOS, max_tokens) or whose client went away (`Job.cancel()`) leaves the batch at the next step;
+columns of the cache that only padding uses any more are cut off.
+
+Padding never changes a sequence's results beyond float noise: padded positions are masked out of attention and
+every sequence keeps its own position ids, so a greedy reply in a batch is the reply served alone (tests/test_serve.py).
+
+The cache is transformers' `DynamicCache`; stacking and cutting work on its plain layers' key/value tensors
+(`[batch, heads, tokens, head_dim]`). Models whose cache is anything else (sliding-window layers, recurrent state)
+are served one request at a time by the same loop, which then never stacks caches.
+transformers' own `ContinuousBatchingManager` was not used: it samples with one setting for the whole batch and has
+no repetition penalty or per-request seed, and it needs its paged attention kernels.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.model.generate import GenerationSettings, ReplyText, next_tokens
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str
+    """"stop" (EOS or a stop word), "length" (max_new_tokens) or "cancelled"."""
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list, repr=False)
+    """The generated token ids (what a test compares with transformers' `generate`)."""
+
+
+class ServerStopping(RuntimeError):
+    """The engine stopped (the server is shutting down) before the reply was finished."""
+
+
+class Job:
+    """One request. `on_text(piece)` gets the reply as it grows and `on_done(Reply or exception)` once, both called
+    from the worker thread; `cancel()` may be called from any thread."""
+
+    def __init__(self, prompt_ids: list[int], settings: GenerationSettings, *, stop_words=(), eos_ids=(),
+                 on_text: Callable[[str], None] | None = None, on_done: Callable[[object], None] | None = None):
+        self.prompt_ids, self.settings = list(prompt_ids), settings
+        self.stop_words, self.eos_ids = tuple(stop_words), frozenset(eos_ids)
+        self.on_text, self.on_done = on_text, on_done
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Row:
+    """A job inside the worker: the tokens it generated and its text so far."""
+
+    def __init__(self, job: Job, tokenizer, device):
+        self.job, self.settings = job, job.settings
+        self.text = ReplyText(tokenizer, job.stop_words, job.on_text)
+        self.generated: list[int] = []
+        self.generator = None
+        if job.settings.seed is not None and not job.settings.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(job.settings.seed)
+
+    def token_ids(self) -> list[int]:
+        return self.job.prompt_ids + self.generated
+
+    def take(self, token: int) -> str | None:
+        """Add the chosen token; the finish reason once the reply is done."""
+        self.generated.append(token)
+        stop_word = self.text.add(token)
+        if stop_word or token in self.job.eos_ids:
+            return "stop"
+        if len(self.generated) >= self.settings.max_new_tokens:
+            return "length"
+        return None
+
+
+def _call(callback, value) -> None:
+    """A consumer that went away (a closed event loop) must not stop the worker."""
+    if callback is not None:
+        try:
+            callback(value)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class Batcher:
+    """The worker thread and its batch. `submit(job)` from any thread; `stop()` fails what is left and ends it."""
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, prefill_tokens: int = 16384):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.prefill_tokens = prefill_tokens
+        self._new_cache = lambda: DynamicCache(config=model.config)
+        try:
+            layers = self._new_cache().layers
+        except Exception:  # noqa: BLE001 (a config transformers cannot lay a cache out for: the model makes its own)
+            self._new_cache, layers = lambda: None, []
+        self.batchable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        if max_batch_size > 1 and not self.batchable:
+            print("note: this model's KV cache (sliding-window or recurrent layers) cannot be stacked: requests are "
+                  "answered one at a time", file=sys.stderr, flush=True)
+        self.max_batch_size = max_batch_size if self.batchable else 1
+        forward = getattr(model, "get_base_model", lambda: model)().forward
+        params = inspect.signature(forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed after transformers 5.17
+        self.keep_last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiting: deque[Job] = deque()
+        self.rows: list[_Row] = []
+        self.cache = self.mask = self.last = None
+        self.finished: deque[Reply] = deque(maxlen=256)
+        """The latest replies, newest last: how each request ended and how many tokens it took."""
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    @property
+    def active(self) -> int:
+        """Requests in the batch or waiting for a place in it."""
+        return len(self.rows) + len(self.waiting) + self.inbox.qsize()
+
+    def submit(self, job: Job) -> None:
+        if self.stopping:
+            raise ServerStopping("the server is shutting down")
+        with self._start_lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True, name="tunelab-generate")
+                self.thread.start()
+        self.inbox.put(job)
+        if self.stopping and not self.thread.is_alive():  # stopped while this was being put: answer it here
+            self._fail_all(ServerStopping("the server is shutting down"))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish every request now (its consumer gets `ServerStopping`) and end the worker after its current step."""
+        self.stopping = True
+        self.inbox.put(None)
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    # ------------------------------------------------------------------ the worker
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self.stopping:
+                self._collect(block=not self.rows and not self.waiting)
+                if self.stopping:
+                    break
+                self._drop_cancelled()
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 (an out-of-memory step fails its requests, not the server)
+                    self._fail_all(exc)
+        self._fail_all(ServerStopping("the server is shutting down"))
+
+    def _collect(self, block: bool) -> None:
+        try:
+            job = self.inbox.get() if block else self.inbox.get_nowait()  # idle: sleep until a job (or stop)
+            while True:
+                if job is not None:
+                    self.waiting.append(job)
+                job = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        reply = Reply(row.text.finish() if reason != "cancelled" else row.text.text, reason,
+                      len(row.job.prompt_ids), len(row.generated), list(row.generated))
+        self.finished.append(reply)
+        _call(row.job.on_done, reply)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.waiting if j.cancelled]:
+            self.waiting.remove(job)
+            self.finished.append(reply := Reply("", "cancelled", len(job.prompt_ids), 0))
+            _call(job.on_done, reply)
+        gone = [i for i, row in enumerate(self.rows) if row.job.cancelled]
+        for i in gone:
+            self._finish(self.rows[i], "cancelled")
+        if gone:
+            self._keep([i for i in range(len(self.rows)) if i not in gone])
+
+    def _fail_all(self, error: Exception) -> None:
+        jobs = [row.job for row in self.rows] + list(self.waiting)
+        self.rows, self.waiting = [], deque()
+        self.cache = self.mask = self.last = None
+        if self.stopping:  # also what is still in the inbox
+            while True:
+                try:
+                    job = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    jobs.append(job)
+        for job in jobs:
+            _call(job.on_done, error)
+
+    def _step(self) -> None:
+        logits = [self._decode()] if self.rows else []
+        new = self._admit()
+        if new:
+            try:
+                logits.append(self._prefill(new))
+            except Exception as exc:  # noqa: BLE001 (the newcomers are not rows yet: tell them here)
+                for job in new:
+                    _call(job.on_done, exc)
+                raise
+        if not self.rows:
+            return
+        tokens = next_tokens(torch.cat(logits), self.rows)
+        self.last = torch.tensor(tokens, device=self.device)
+        done = {}
+        for i, (row, token) in enumerate(zip(self.rows, tokens)):
+            reason = row.take(token)
+            if reason:
+                done[i] = reason
+        for i, reason in done.items():
+            self._finish(self.rows[i], reason)
+        if done:
+            self._keep([i for i in range(len(self.rows)) if i not in done])
+
+    def _admit(self) -> list[Job]:
+        """The waiting jobs that join now: as many as there is room for, within the prefill token budget."""
+        room = self.max_batch_size - len(self.rows)
+        new: list[Job] = []
+        while self.waiting and len(new) < room:
+            longest = max([len(j.prompt_ids) for j in new] + [len(self.waiting[0].prompt_ids)])
+            if new and longest * (len(new) + 1) > self.prefill_tokens:
+                break
+            new.append(self.waiting.popleft())
+        return new
+
+    def _forward(self, ids, mask, positions, cache, **extra):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_kwarg: cache}, **extra)
+        returned = next((out[k] for k in ("cache", "past_key_values") if k in out and out[k] is not None), cache)
+        return out.logits[:, -1], returned
+
+    def _decode(self) -> torch.Tensor:
+        """One token for every sequence in the batch: the logits of the next one."""
+        positions = self.mask.sum(-1, keepdim=True)  # each sequence's own next position, padding not counted
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        logits, self.cache = self._forward(self.last[:, None], self.mask, positions, self.cache)
+        return logits
+
+    def _prefill(self, jobs: list[Job]) -> torch.Tensor:
+        """Run the newcomers' prompts (left-padded to the longest) and stack their cache under the batch's."""
+        width = max(len(job.prompt_ids) for job in jobs)
+        ids = torch.tensor([[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, self._new_cache(), **self.keep_last_logits)
+        self._stack(cache, mask)
+        self.rows += [_Row(job, self.tokenizer, self.device) for job in jobs]
+        return logits
+
+    def _stack(self, cache, mask: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
+
+    def _keep(self, indices: list[int]) -> None:
+        """Keep only these sequences; cut the cache columns that only padding still uses."""
+        self.rows = [self.rows[i] for i in indices]
+        if not indices:
+            self.cache = self.mask = self.last = None
+            return
+        index = torch.tensor(indices, device=self.device)
+        self.mask, self.last = self.mask[index], self.last[index]
+        first = int(self.mask.any(0).int().argmax())  # the first column some sequence uses
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[batch, heads, tokens, dim] padded with zeros before the tokens, to `width` tokens."""
+    return F.pad(x, (0, 0, width - x.shape[-2], 0))

@@ -1,0 +1,87 @@
+"""`tunelab serve MODEL --engine vllm`: vLLM's OpenAI-compatible server for a merged model, with its tunelab template.
+
+vLLM (paged attention, CUDA graphs) serves many users faster than tunelab's own engine; this only starts it the way
+`tunelab serve` would: on 127.0.0.1 unless told otherwise, prompted with the template the model was trained with
+(`template_for_export`, the same one `convert merge` writes into the tokenizer), the API key passed in the
+environment (VLLM_API_KEY) so it does not show in the process list.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def vllm_command(model: str, *, host: str, port: int, served_name: str, template_file: str | None = None,
+                 max_model_len: int | None = None, dtype: str = "auto", trust_remote_code: bool = False,
+                 python: str = sys.executable) -> list[str]:
+    """The command line that starts vLLM's OpenAI server (`vllm serve` is the same entry point)."""
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", served_name,
+           "--host", host, "--port", str(port)]
+    if template_file:
+        cmd += ["--chat-template", template_file]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if dtype != "auto":
+        cmd += ["--dtype", VLLM_DTYPES[dtype]]
+    if trust_remote_code:
+        cmd += ["--trust-remote-code"]
+    return cmd
+
+
+def write_template(model: str, *, prompt_template: str | None, system: str | None,
+                   trust_remote_code: bool = False) -> tuple[str | None, str]:
+    """(a .jinja file holding the model's tunelab template, or None to keep the tokenizer's own; what was chosen)."""
+    from tunelab.export.convert import template_for_export
+    from tunelab.model.load import load_tokenizer, read_meta
+
+    meta = dict(read_meta(Path(model)) or {}) if Path(model).is_dir() else {}
+    if system is not None:
+        meta["system"] = system
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    template = template_for_export(meta, prompt_template, tokenizer)
+    if template is None:
+        return None, "the tokenizer's own chat_template (no tunelab.json, no --prompt-template)"
+    fd, path = tempfile.mkstemp(prefix="tunelab-template-", suffix=".jinja")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(template.to_jinja())
+    return path, f"{template.name} → {path}"
+
+
+def check_servable(args) -> None:
+    """vLLM is installed, and MODEL is a whole model (not a LoRA adapter or a training checkpoint)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise TunelabError("--engine vllm needs vLLM on a CUDA machine: pip install vllm "
+                           "(or leave --engine out to use tunelab's own server).")
+    if args.adapter or args.bits:
+        flag = "--adapter" if args.adapter else "--bits"
+        raise TunelabError(f"--engine vllm serves a merged model, without {flag}: run `tunelab convert merge BASE "
+                           f"ADAPTER merged`, then `tunelab serve merged --engine vllm`.")
+    path = Path(args.model)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise TunelabError(f"{args.model} has no config.json (an adapter or checkpoint?): --engine vllm serves a merged "
+                           f"model; run `tunelab convert merge BASE {args.model} merged` first.")
+
+
+def run_vllm(args) -> int:
+    """Replace this process with vLLM's server (signals and Ctrl-C then reach vLLM directly)."""
+    check_servable(args)
+    template_file, chosen = write_template(args.model, prompt_template=args.prompt_template, system=args.system,
+                                           trust_remote_code=args.trust_remote_code)
+    cmd = vllm_command(args.model, host=args.host, port=args.port, served_name=Path(args.model).name or args.model,
+                       template_file=template_file, max_model_len=args.max_model_len, dtype=args.dtype,
+                       trust_remote_code=args.trust_remote_code)
+    env = dict(os.environ)
+    if args.api_key:
+        env["VLLM_API_KEY"] = args.api_key
+    print(f"prompt template: {chosen}", file=sys.stderr, flush=True)
+    print("starting vLLM: " + " ".join(cmd), file=sys.stderr, flush=True)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached

@@ -1,0 +1,117 @@
+"""The tokenizer inside a GGUF file, under llama.cpp's keys (tokenizer.ggml.*).
+
+Two kinds, as llama.cpp knows them:
+* "gpt2": byte-level BPE from tokenizer.json (Llama 3, Qwen, the tiny test models): tokens in their byte-level
+  spelling, the merges, and `tokenizer.ggml.pre`, the name of the split pattern llama.cpp applies before BPE
+  (read from tokenizer.json's pre-tokenizer; an unknown pattern is refused rather than guessed).
+* "llama": sentencepiece from tokenizer.model (Mistral, InternLM2): pieces, scores and piece types.
+Tokens added on top (chat markers) keep their ids; special ones are CONTROL tokens, so llama.cpp stops on them and
+never splits them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+def add_vocab(writer, tokenizer, tokenizer_dir: Path, *, vocab_size: int, eot_words: tuple[str, ...] = ()) -> None:
+    tokenizer_dir = Path(tokenizer_dir)
+    if (tokenizer_dir / "tokenizer.model").is_file():
+        _add_sentencepiece(writer, tokenizer, tokenizer_dir / "tokenizer.model", vocab_size)
+    elif (tokenizer_dir / "tokenizer.json").is_file():
+        _add_byte_level_bpe(writer, tokenizer, tokenizer_dir / "tokenizer.json", vocab_size)
+    else:
+        raise TunelabError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model to put in the GGUF file. Copy "
+                           f"the base model's tokenizer files into it.")
+    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                          ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{key}_token_id")(token_id)
+    vocab = tokenizer.get_vocab()
+    eot = next((vocab[w] for w in eot_words if w in vocab), None)  # the template's end-of-turn token
+    if eot is not None:
+        writer.add_eot_token_id(eot)
+    # tunelab tokenises rendered templates with add_special_tokens=False; the templates spell out the BOS
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+
+
+def _token_types(tokenizer, vocab_size: int, base: dict[int, int] | None = None) -> list[int]:
+    """GGUF token types: CONTROL for special added tokens, USER_DEFINED for other added tokens, UNUSED for ids the
+    embedding has but the tokenizer does not; `base`: types of the underlying vocabulary (else NORMAL)."""
+    import gguf
+
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token_id in tokenizer.get_vocab().values():
+        if token_id < vocab_size:
+            types[token_id] = (base or {}).get(token_id, gguf.TokenType.NORMAL)
+    for token_id, added in tokenizer.added_tokens_decoder.items():
+        if token_id < vocab_size:
+            types[token_id] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+    return [int(t) for t in types]
+
+
+def _check_fits(tokenizer, vocab_size: int) -> None:
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= vocab_size:
+        raise TunelabError(f"the tokenizer has token id {largest} but the model's embedding has {vocab_size} rows: "
+                           f"the tokenizer does not belong to this model.")
+
+
+def pre_tokenizer_name(tokenizer_json: dict, path: Path) -> str:
+    """llama.cpp's name for the split that runs before byte-level BPE (`tokenizer.ggml.pre`)."""
+    from tunelab.export.gguf import PRE_TOKENIZERS
+
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    splits = [s for s in steps if s.get("type") == "Split"]
+    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
+    if not splits and len(byte_level) == 1 and byte_level[0].get("use_regex", True):
+        return "gpt-2"  # ByteLevel's own split: GPT-2's pattern
+    if len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[splits[0]["pattern"]["Regex"]]
+    raise TunelabError(f"{path}: a pre-tokenizer llama.cpp may split differently ({json.dumps(pre)[:300]}); "
+                       f"tunelab knows GPT-2's, Llama 3's and Qwen2's. Nothing was written.")
+
+
+def _add_byte_level_bpe(writer, tokenizer, path: Path, vocab_size: int) -> None:
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise TunelabError(f"{path}: not a byte-level BPE tokenizer ({model.get('type')}, byte_fallback="
+                           f"{model.get('byte_fallback')}). Put the base model's tokenizer.model beside it.")
+    _check_fits(tokenizer, vocab_size)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(spec, path))
+    writer.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)])
+    writer.add_token_types(_token_types(tokenizer, vocab_size))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_token_merges(merges)
+
+
+def _add_sentencepiece(writer, tokenizer, path: Path, vocab_size: int) -> None:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    _check_fits(tokenizer, vocab_size)
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-1000.0] * vocab_size
+    base_types = {}
+    for i, piece in enumerate(proto.pieces[:vocab_size]):
+        tokens[i], scores[i] = piece.piece.encode("utf-8"), piece.score
+        base_types[i] = int(piece.type)  # sentencepiece's piece types are GGUF's token types (1 normal ... 6 byte)
+    for token_id, added in tokenizer.added_tokens_decoder.items():
+        if token_id < vocab_size and token_id >= len(proto.pieces):
+            tokens[token_id] = added.content.encode("utf-8")
+    types = _token_types(tokenizer, vocab_size, base_types)  # special chat markers: CONTROL, whatever the proto says
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
