@@ -3,21 +3,20 @@
     python benchmarks/bench.py --baseline PATH/hf_peft_baseline.py llama7b:qlora:2048 internlm2_7b:qlora:8192 ...
 
 A case is SHAPE:METHOD:SEQ[:RANK][@opt=value,...]; SHAPE is one of the baseline's random-initialised real shapes.
-Options after '@' change our side only: ckpt=0/1 (gradient checkpointing), bs=N (rows per micro-batch), acc=N
-(micro-batches per optimiser step; acc0=1: with CUDA graphs, one graph generation a step and gradients freed
-after it, as before session 6, instead of a generation a micro-batch and gradient buffers kept), varlen=0/1, chunked=0/1, compile=0/1, offload=0/1, dq=0/1 (QLoRA dequantise
-once a pass), amp=0/1 (bf16 autocast), lean=0/1 (the lean LoRA forward, else peft's), drop=N (LoRA dropout in
-percent, 10 by default), opt8=1 (8-bit AdamW, ours: bitsandbytes' without its sync per parameter; opt8=2:
-bitsandbytes' own class), emb=0 (the input embedding stays on the GPU, as before embeddings_on_cpu), mlp=N
-(mlp_chunk_size, 0 = None), nf4=0/1 (QLoRA dequantisation fused by compile), cudnn=1 (cuDNN attention for rows of
-one sample), master=0 (full fine-tuning in bf16 weights, as in rounds 1-2), cin=0 (checkpoint around the compiled
-layer, as in round 3, instead of inside it), cg=1 (CUDA graphs), vary=1 (packed rows of 1-16 samples that change
-from step to step, padded to seq), fce=0 (the loss of rounds 1-5: chunks checkpointed and recomputed in backward,
-instead of gradients taken in forward), addmm=1 (compiled bf16 LoRA linears add their adapter with addmm, as in
-rounds 2-5), tlog=N / flog=N (loss chunks of a trained / frozen lm_head hold 2^N logits), prof=1 (profile one more
-step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and CPU ops; tables to $OUT).
+Options after '@' change our side only, and each is a setting a user chooses (docs/SPEED.md):
+  compile=0/1   use_compile (0 by default here; `tunelab train` compiles by default)
+  cg=0/1        cuda_graphs (with compile=1)
+  fast=0        fast_path = False: transformers + peft as they come, the plain reference of our own code
+  ckpt=0/1      gradient_checkpointing (default: the method's)
+  bs=N          rows per micro-batch;  acc=N  micro-batches per optimiser step
+  drop=N        LoRA dropout in percent (10, as the baseline)
+  opt8=1        optimizer = 'adamw_8bit' (tunelab's: bitsandbytes' without its sync per parameter)
+  offload=1     offload_activations;  mlp=N  mlp_chunk_size (0 = None);  emb=0  embeddings_on_cpu = False
+and two that say what to measure: vary=1 (packed rows of 1-16 samples that change from step to step, padded to
+seq), prof=1 (profile one more step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and
+CPU ops; tables to $OUT).
 Every run is its own subprocess, so peaks do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once
-and times each variant (options as above, applied in order; compile=1 stays on once set), our side only, rows to
+and times each variant (drop, bs, acc, vary, prof, and compile=1, which stays on once set), our side only, rows to
 $OUT/sweep_CASE.json; with CUDA graphs only the first variant's peak counts the graphs' memory (later ones replay
 graphs recorded before the peak was reset).
 The baseline runs once per SHAPE:METHOD:SEQ:RANK. Prints one table (tok/s, peak allocated and reserved, ratios,
@@ -31,6 +30,7 @@ Peak: 989 TFLOP/s (H100 SXM dense bf16).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -41,18 +41,20 @@ import time
 
 PEAK_FLOPS = 989e12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIONS = dict(ckpt=None, bs=1, acc=1, compile=0, cg=0, fast=1, drop=10, opt8=0, offload=0, mlp=8192, emb=1,
+               vary=0, prof=0)
 
 
 def parse_case(text: str) -> dict:
     head, _, opts = text.partition("@")
     shape, method, seq, *rank = head.split(":")
-    case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64,
-                ckpt=None, bs=1, varlen=1, chunked=1, compile=0, offload=0, dq=1, amp=1, prof=0, lean=1, drop=10,
-                opt8=0, mlp=8192, nf4=1, cudnn=1, master=1, cin=1, cg=0, vary=0, emb=1, fce=1, addmm=0, tlog=0, flog=0, acc=1, acc0=0)
+    case = dict(shape=shape, method=method, seq=int(seq), rank=int(rank[0]) if rank else 64, **OPTIONS)
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
+        if key not in OPTIONS:
+            raise SystemExit(f"{text}: unknown option {key!r}; options are {', '.join(OPTIONS)}")
         case[key] = int(value)
-    case["baseline_key"] = head if rank else f"{head}"
+    case["baseline_key"] = head
     return case
 
 
@@ -66,34 +68,37 @@ def load_baseline(path: str):
 def train_config(case: dict, path: str):
     from tunelab.config.schema import TrainConfig
 
-    cfg = TrainConfig(
+    return TrainConfig(
         pretrained_model_name_or_path=path, method=case["method"], dtype="bf16", max_length=case["seq"],
-        batch_size=case["bs"], accumulative_counts=case["acc"], lora_r=case["rank"], lora_alpha=16, lora_dropout=case["drop"] / 100, lora_target_modules="all-linear",
+        batch_size=case["bs"], accumulative_counts=case["acc"], lora_r=case["rank"], lora_alpha=16,
+        lora_dropout=case["drop"] / 100, lora_target_modules="all-linear",
         gradient_checkpointing=None if case["ckpt"] is None else bool(case["ckpt"]),
-        use_varlen_attention=bool(case["varlen"]), use_chunked_loss=bool(case["chunked"]),
-        use_compile=bool(case["compile"]), offload_activations=bool(case["offload"]),
-        optimizer="adamw_8bit" if case["opt8"] else "adamw", mlp_chunk_size=case["mlp"] or None,
+        fast_path=bool(case["fast"]), use_compile=bool(case["compile"]), cuda_graphs=bool(case["cg"]),
+        offload_activations=bool(case["offload"]), mlp_chunk_size=case["mlp"] or None,
+        embeddings_on_cpu=bool(case["emb"]), optimizer="adamw_8bit" if case["opt8"] else "adamw",
     )
-    cfg.qlora_dequant_once = bool(case["dq"])
-    cfg.lean_lora = bool(case["lean"])
-    cfg.qlora_fused_dequant = bool(case["nf4"])
-    cfg.cudnn_attention = bool(case["cudnn"])
-    cfg.fp32_master_weights = bool(case["master"])
-    cfg.cuda_graphs = bool(case["cg"])
-    cfg.embeddings_on_cpu = bool(case["emb"])
-    return cfg
 
 
-def _load(case: dict, baseline_path: str):
-    """(model, optimizer, cfg, vocab, path) for a case, loaded the way `tunelab train` loads it."""
+@dataclasses.dataclass
+class Run:
+    """A case loaded the way `tunelab train` loads it: the model with its fast path, the optimiser, the loss."""
+    model: object
+    optimizer: object
+    cfg: object
+    plan: object
+    objective: object
+    vocab: int
+    path: str
+
+
+def _load(case: dict, baseline_path: str) -> Run:
     import torch
 
-    from tunelab.model import fast, layers
     from tunelab.model.load import load_model_for_training
+    from tunelab.model.loss import causal_lm_objective
+    from tunelab.model.plan import plan_fast_path
     from tunelab.train.optim import build_optimizer, choose_precision
 
-    layers.CHECKPOINT_INSIDE_COMPILE = bool(case["cin"])
-    fast.ADD_UNDER_COMPILE = not case["addmm"]
     baseline = load_baseline(baseline_path)
     path = f"/tmp/m_{case['shape']}"
     baseline.build(case["shape"], path)
@@ -101,62 +106,29 @@ def _load(case: dict, baseline_path: str):
     if case.get("mem_gb"):
         torch.cuda.set_per_process_memory_fraction(case["mem_gb"] * 1e9 / torch.cuda.get_device_properties(0).total_memory)
     cfg = train_config(case, path)
-    model = load_model_for_training(cfg, device)
+    plan = plan_fast_path(cfg, device)
+    model = load_model_for_training(cfg, device, plan)
     model.train()
     choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`
     optimizer = build_optimizer(model, cfg, device)
-    if case["opt8"] == 2:  # bitsandbytes' own 8-bit AdamW, to compare
-        import bitsandbytes as bnb
-
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-        optimizer = bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    return model, optimizer, cfg, baseline.SHAPES[case["shape"]]["vocab_size"], path
+    return Run(model, optimizer, cfg, plan, causal_lm_objective(plan), baseline.SHAPES[case["shape"]]["vocab_size"],
+               path)
 
 
-def round5_chunked_loss(model, batch, *, chunk_size, chunked=True):
-    """The loss of rounds 1-5 (fce=0), to compare with: each chunk checkpointed, its logits recomputed in backward,
-    the trained positions found on the GPU."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    from tunelab.model.loss import split_model
-
-    def chunk_loss(h, t, weight):
-        return F.cross_entropy(F.linear(h, weight).float(), t, reduction="sum")
-
-    targets = torch.full_like(batch["labels"], -100)
-    targets[:, :-1] = batch["labels"][:, 1:]
-    keep = targets != -100
-    decoder, lm_head, _ = split_model(model)
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-    hidden, targets = hidden[keep], targets[keep]
-    rows = max(1, min(chunk_size, 2**25 // lm_head.weight.shape[0]))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], rows):
-        total = total + checkpoint(chunk_loss, hidden[start:start + rows], targets[start:start + rows],
-                                   lm_head.weight, use_reentrant=False)
-    return total, int(keep.sum())
-
-
-def _step(model, optimizer, cfg, case, vocab):
+def _step(run: Run, case: dict):
     import torch
 
     from tunelab.data.collate import loss_targets
-    from tunelab.model import loss as loss_module
-    from tunelab.model.loss import causal_lm_loss
 
     bs, seq = case["bs"], case["seq"]
     # As `tunelab train`: with CUDA graphs, each micro-batch starts a graph generation and accumulated gradients
-    # keep buffers of their own (acc0=1: one generation a step and freed gradients, as before session 6)
-    keep_grads = bool(cfg.cuda_graphs and case["acc"] > 1 and not case["acc0"])
+    # keep buffers of their own
+    keep_grads = run.plan.cuda_graphs and case["acc"] > 1
     if keep_grads:
         from tunelab.train.loop import allocate_grad_buffers
 
-        allocate_grad_buffers(model)
-    if cfg.cuda_graphs and case["acc0"]:
-        torch.compiler.cudagraph_mark_step_begin()
-    x_cpu = torch.randint(0, vocab, (bs, seq))
+        allocate_grad_buffers(run.model)
+    x_cpu = torch.randint(0, run.vocab, (bs, seq))
     x = x_cpu.to("cuda")
     positions = torch.arange(seq, device="cuda").repeat(bs, 1)
     if case["vary"]:
@@ -172,24 +144,19 @@ def _step(model, optimizer, cfg, case, vocab):
     index, targets = loss_targets(x_cpu)
     batch = {"input_ids": x, "labels": x, "position_ids": positions,
              "loss_index": index.to("cuda", non_blocking=True), "loss_targets": targets.to("cuda", non_blocking=True)}
-    if case["tlog"]:
-        loss_module.MAX_CHUNK_LOGITS_TRAINED_HEAD = 2 ** case["tlog"]
-    if case["flog"]:
-        loss_module.MAX_CHUNK_LOGITS = 2 ** case["flog"]
-    loss_fn = causal_lm_loss if case["fce"] else round5_chunked_loss
     for _ in range(case["acc"]):  # micro-batches of one optimiser step (the same rows: only the time matters)
-        if cfg.cuda_graphs and not case["acc0"]:
+        if run.plan.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(case["amp"])):
-            loss_sum, n_tokens = loss_fn(model, batch, chunk_size=cfg.loss_chunk_size, chunked=cfg.use_chunked_loss)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_sum, n_tokens = run.objective(run.model, batch)
         loss = loss_sum / n_tokens
         loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=not keep_grads)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=not keep_grads)
     return loss
 
 
-def time_steps(model, optimizer, cfg, case, vocab, steps=8, warm=3) -> dict:
+def time_steps(run: Run, case: dict, steps=8, warm=3) -> dict:
     """Median seconds a step over `steps` after `warm` (the first step's time kept apart: it holds compilation)."""
     import torch
 
@@ -199,7 +166,7 @@ def time_steps(model, optimizer, cfg, case, vocab, steps=8, warm=3) -> dict:
     for _ in range(warm + steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = _step(model, optimizer, cfg, case, vocab)
+        loss = _step(run, case)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     median = sorted(times[warm:])[len(times[warm:]) // 2]
@@ -225,23 +192,19 @@ def flops_per_token(cfg, path) -> float:
 
 def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> dict:
     """One case on our engine (in this process): the loader, the fast path, the loss, the optimiser of `tunelab train`."""
-    from tunelab.model.fast import use_lean_lora
     from tunelab.model.memory import estimate_memory
 
-    model, optimizer, cfg, vocab, path = _load(case, baseline_path)
-    if not case["lean"]:
-        use_lean_lora(model, on=False)
-    timed = time_steps(model, optimizer, cfg, case, vocab, 24 if case["vary"] else steps, warm)
+    run = _load(case, baseline_path)
+    timed = time_steps(run, case, 24 if case["vary"] else steps, warm)
     if case["prof"]:
-        timed["profile"] = profile_step(model, optimizer, cfg, case, vocab, timed["median"])
+        timed["profile"] = profile_step(run, case, timed["median"])
     tok_s = case["bs"] * case["seq"] * case["acc"] / timed["median"]
     return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), mean_s_per_step=timed["mean_s"],
-                step_s=timed["step_s"],
-                first_step_s=timed["first_s"],
+                step_s=timed["step_s"], first_step_s=timed["first_s"],
                 peak_alloc_gib=timed["peak_alloc_gib"], peak_reserved_gib=timed["peak_reserved_gib"],
-                mfu=round(tok_s * flops_per_token(cfg, path) / PEAK_FLOPS, 4), ckpt=cfg.resolved_gradient_checkpointing(),
-                plan_gib=round(estimate_memory(cfg).total / 2**30, 2), loss=timed["loss"],
-                fast_path=model._tunelab_fast_path, profile=timed.get("profile"))
+                mfu=round(tok_s * flops_per_token(run.cfg, run.path) / PEAK_FLOPS, 4), ckpt=run.plan.checkpointing,
+                plan_gib=round(estimate_memory(run.cfg, plan=run.plan).total / 2**30, 2), loss=timed["loss"],
+                fast_path=run.model._tunelab_fast_path, profile=timed.get("profile"))
 
 
 def set_lora_dropout(model, p: float) -> None:
@@ -255,48 +218,42 @@ def set_lora_dropout(model, p: float) -> None:
                 dropouts[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
 
 
+SWEEP_OPTIONS = ("drop", "bs", "acc", "vary", "prof", "compile")
+
+
 def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]:
     """Load the case once, then time each variant (options over the case's, applied in order; compile=1 sticks)."""
-    from tunelab.model.fast import use_lean_lora
+    from tunelab.model.layers import run_decoder_layers
+    from tunelab.model.parts import decoder_layers
 
-    model, optimizer, cfg, vocab, path = _load(case, baseline_path)
+    run = _load(case, baseline_path)
     # Loaded with compile=1, the fast path compiled the layers already (with CUDA graphs if cg=1): keep that.
     rows, compiled = [], bool(case["compile"])
     for text in variants:
         v = dict(case)
         for item in filter(None, text.split(",")):
             key, value = item.split("=")
+            if key not in SWEEP_OPTIONS:
+                raise SystemExit(f"--sweep {text}: {key!r} is set when the model loads; sweep only {SWEEP_OPTIONS}")
             v[key] = int(value)
-        use_lean_lora(model, on=bool(v["lean"]))
-        if v["method"] == "qlora" and cfg.qlora_dequant_once:
-            from tunelab.model.fast import dequantize_once_per_pass
-
-            dequantize_once_per_pass(model, fused=bool(v["nf4"] and v["compile"]))
-        set_lora_dropout(model, v["drop"] / 100)
+        set_lora_dropout(run.model, v["drop"] / 100)
         if v["compile"] and not compiled:
-            from tunelab.model.layers import run_decoder_layers
-
-            run_decoder_layers(model_layers(model), compile=True, offload=cfg.offload_activations)
+            run.plan = dataclasses.replace(run.plan, compile=True)
+            run_decoder_layers(decoder_layers(run.model), run.plan)
             compiled = True
         try:
-            timed = time_steps(model, optimizer, cfg, v, vocab, steps=5, warm=3 if v["compile"] else 2)
+            timed = time_steps(run, v, steps=5, warm=3 if v["compile"] else 2)
         except Exception as error:  # one variant failing (compile, memory) must not lose the others
             rows.append(dict(variant=text, error=repr(error)[:300]))
             print(json.dumps(rows[-1]), flush=True)
             continue
         if v["prof"]:
-            timed["profile"] = profile_step(model, optimizer, cfg, v, vocab, timed["median"])
+            timed["profile"] = profile_step(run, v, timed["median"])
         tok_s = v["bs"] * v["seq"] * v["acc"] / timed.pop("median")
-        rows.append(dict(variant=text, tok_s=round(tok_s), mfu=round(tok_s * flops_per_token(cfg, path) / PEAK_FLOPS, 3),
+        rows.append(dict(variant=text, tok_s=round(tok_s), mfu=round(tok_s * flops_per_token(run.cfg, run.path) / PEAK_FLOPS, 3),
                          **timed))
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def model_layers(model):
-    from tunelab.model.loss import split_model
-
-    return list(getattr(split_model(model)[0], "layers", []))
 
 
 def kernel_kind(name: str) -> str:
@@ -311,7 +268,7 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile_step(model, optimizer, cfg, case, vocab, step_s: float) -> dict:
+def profile_step(run: Run, case: dict, step_s: float) -> dict:
     """Profile one more step: kernel count, GPU busy vs wall time, top kernels and CPU ops (full tables to $OUT)."""
     import torch
     from torch.autograd import DeviceType
@@ -320,7 +277,7 @@ def profile_step(model, optimizer, cfg, case, vocab, step_s: float) -> dict:
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        _step(model, optimizer, cfg, case, vocab)
+        _step(run, case)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     # GPU-side copies of user annotations ("Optimizer.step#...") would count their kernels twice.
@@ -328,7 +285,7 @@ def profile_step(model, optimizer, cfg, case, vocab, step_s: float) -> dict:
                and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
     busy_us = sum(e.time_range.elapsed_us() for e in kernels)
     averages = prof.key_averages()
-    name = f"profile_{case['shape']}_{case['method']}_lean{case['lean']}_drop{case['drop']}_bs{case['bs']}.txt"
+    name = f"profile_{case['shape']}_{case['method']}_fast{case['fast']}_drop{case['drop']}_bs{case['bs']}.txt"
     with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         f.write(averages.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
         f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
@@ -385,7 +342,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     parser.add_argument("--sweep", help="load the one CASE once and time these space-separated variants in order, "
-                        "e.g. 'lean=0,prof=1 lean=1,prof=1 drop=0 bs=4 compile=1' (our side only)")
+                        "e.g. 'prof=1 drop=0 bs=4 compile=1' (our side only)")
     args = parser.parse_args(argv)
     if args.sweep:
         rows = run_sweep(parse_case(args.cases[0]), args.sweep.split(), args.baseline)

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 
 
-def try_length(model, optimizer, cfg, case, vocab, tokens: int) -> dict:
+def try_length(run: bench.Run, case: dict, tokens: int) -> dict:
     """One training step on `tokens` tokens: {ok, s, peak_alloc_gib} or {ok: False, error}."""
     import torch
 
@@ -36,7 +36,7 @@ def try_length(model, optimizer, cfg, case, vocab, tokens: int) -> dict:
     error = None
     start = time.perf_counter()
     try:
-        bench._step(model, optimizer, cfg, dict(case, seq=tokens, bs=1), vocab)
+        bench._step(run, dict(case, seq=tokens, bs=1))
         torch.cuda.synchronize()
     except torch.OutOfMemoryError as exc:
         error = str(exc).split("\n")[0][:160]
@@ -44,7 +44,7 @@ def try_length(model, optimizer, cfg, case, vocab, tokens: int) -> dict:
         error = repr(exc)[:300]
     seconds = time.perf_counter() - start
     if error:  # drop the half-built graph and any gradients before the next try
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         torch.cuda.empty_cache()
         return dict(tokens=tokens, ok=False, s=round(seconds, 1), error=error)
@@ -67,17 +67,17 @@ def main(argv=None) -> int:
     caps = [(float(c), int(t)) for c, t in (item.split(":") for item in args.caps)]
     case = bench.parse_case(args.case)
     case["seq"] = max(t for _, t in caps)  # max_length: decides whether the MLP runs in slices
-    model, optimizer, cfg, vocab, _ = bench._load(case, args.baseline)
-    print("fast path", model._tunelab_fast_path, flush=True)
+    run = bench._load(case, args.baseline)
+    print("fast path", run.model._tunelab_fast_path, flush=True)
     total = torch.cuda.get_device_properties(0).total_memory
-    print("warm-up", try_length(model, optimizer, cfg, case, vocab, 1024), flush=True)  # optimizer states exist now
+    print("warm-up", try_length(run, case, 1024), flush=True)  # optimizer states exist now
     out_path = os.path.join(os.environ.get("OUT", "."), "context.json")
     rows = []
     for cap_gb, target in caps:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total))
         attempts, tokens = [], target
         for _ in range(args.tries + 8):
-            result = try_length(model, optimizer, cfg, case, vocab, tokens)
+            result = try_length(run, case, tokens)
             attempts.append(result)
             print(cap_gb, json.dumps(result), flush=True)
             best = max((a["tokens"] for a in attempts if a["ok"]), default=0)

@@ -8,13 +8,19 @@ Unlike bench.py, which times our training step in one process, this runs the use
 (fast path, compile, chunked loss). The model is a random-initialised model of a real shape (bf16 safetensors,
 written once), with the tests' small tokenizer: its token ids are below any real vocabulary, and only the token count
 matters here. The data is synthetic alpaca rows of instruction-data lengths, packed into rows of --seq tokens, so
-every micro-batch trains nearly bs x seq tokens on each GPU.
+every micro-batch holds nearly bs x seq tokens on each GPU.
+
+Tokens are counted as the peer baseline (shared/baselines/hf_peft_baseline.py) counts them: tokens trained. The
+baseline trains every token of full rows (labels = input_ids); here `train_on = 'all'` trains every token of every
+sample (but each sample's first, which has nothing before it to be predicted from), and `tunelab train`'s log counts
+the real tokens of its rows, leaving out the padding that ends a packed row (~1.5% with best-fit packing). The table
+shows both: tok/s (real tokens, all trained but the samples' first) and how full the rows were.
 
 From each run's train_log.jsonl: tokens/s of the whole machine (median over the steps after --warmup, which compile),
 the same per GPU and as a fraction of the first run's per-GPU figure (scaling efficiency), MFU per GPU (as bench.py
-counts it; tokens are real tokens, so rows that packing leaves part-empty count against it), rank 0's peak allocated
-and reserved memory, and the loss at the first and last step: every engine starts from the same weights and sees the
-same global batches when N is the same, so their losses should agree. Rows also go to $OUT/scaling.json after each run.
+counts it, on real tokens), rank 0's peak allocated and reserved memory, and the loss at the first and last step:
+every engine starts from the same weights and sees the same global batches when N is the same, so their losses
+should agree. Rows also go to $OUT/scaling.json after each run.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ pretrained_model_name_or_path = {model!r}
 method = {method!r}
 data_path = {data!r}
 data_format = "alpaca"
+train_on = "all"
 prompt_template = "qwen_chat"
 max_length = {seq}
 batch_size = {bs}
@@ -112,7 +119,8 @@ def run_one(args, nproc: int, engine: str, root: Path) -> dict:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
         failed = proc.returncode != 0
         tail = (proc.stdout + proc.stderr)[-1500:]
-        said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("fast path", "memory plan"))]
+        said = [line for line in (proc.stdout + proc.stderr).splitlines()
+                if line.startswith(("fast path", "memory plan", "data:"))]
     except subprocess.TimeoutExpired as exc:
         failed, tail, said = True, f"timeout after {args.timeout} s: {str(exc.stderr)[-1200:]}", []
     row = dict(gpus=nproc, engine=engine, wall_s=round(time.perf_counter() - start, 1), said=said)
@@ -126,9 +134,20 @@ def run_one(args, nproc: int, engine: str, root: Path) -> dict:
                    reserved_gib=max(r.get("memory_reserved_gb", 0) for r in steps), loss_first=round(steps[0]["loss"], 4),
                    loss_last=round(steps[-1]["loss"], 4), steps=len(steps))
         row["mfu_gpu"] = mfu_per_gpu(row["tok_s_gpu"], root / f"model_{args.shape}", args.method, said)
+        row.update(data_counts(said, args.seq))
     if failed or not timed:
         row["error"] = tail
     return row
+
+
+def data_counts(said: list[str], seq: int) -> dict:
+    """How full the packed rows were and what share of their tokens is trained, from `tunelab train`'s data line
+    ("... N train samples in R rows, T tokens (K trained) ...")."""
+    found = re.search(r"(\d+) train samples in (\d+) rows, (\d+) tokens \((\d+) trained\)", " ".join(said))
+    if not found:
+        return {}
+    samples, rows, tokens, trained = map(int, found.groups())
+    return dict(rows_full=round(tokens / max(rows * seq, 1), 4), trained_share=round(trained / max(tokens, 1), 4))
 
 
 def mfu_per_gpu(tok_s_gpu: float, model_dir: Path, method: str, said: list[str]) -> float:
@@ -187,16 +206,19 @@ def main(argv=None) -> int:
     base = next((r["tok_s_gpu"] for r in rows if "tok_s_gpu" in r), None)
     print(f"\n{args.shape} {args.method}, {args.seq} tokens x {args.bs} rows x {args.acc} micro-batches a GPU, "
           f"median of steps after {args.warmup}")
-    print("| GPUs | engine | tok/s | tok/s per GPU | scaling | MFU | peak alloc / reserved GiB (rank 0) "
-          "| loss step 1 -> last | run s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("tok/s: the real tokens of the packed rows (padding left out), every one trained but each sample's first "
+          "(train_on = 'all'), as the peer baseline counts the tokens of its full rows, all trained.")
+    print("| GPUs | engine | tok/s | tok/s per GPU | scaling | MFU | rows full / tokens trained "
+          "| peak alloc / reserved GiB (rank 0) | loss step 1 -> last | run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "tok_s" not in r:
-            print(f"| {r['gpus']} | {r['engine']} | failed | | | | | | {r['wall_s']} |")
+            print(f"| {r['gpus']} | {r['engine']} | failed | | | | | | | {r['wall_s']} |")
             continue
         scaling = f"{r['tok_s_gpu'] / base:.0%}" if base else "-"
+        counted = f"{r['rows_full']:.1%} / {r['trained_share']:.1%}" if "rows_full" in r else "-"
         print(f"| {r['gpus']} | {r['engine']} | {r['tok_s']:,} | {r['tok_s_gpu']:,} | {scaling} | {r['mfu_gpu']:.1%} "
-              f"| {r['peak_gib']:.2f} / {r['reserved_gib']:.2f} | {r['loss_first']} -> {r['loss_last']} "
+              f"| {counted} | {r['peak_gib']:.2f} / {r['reserved_gib']:.2f} | {r['loss_first']} -> {r['loss_last']} "
               f"| {r['wall_s']} |")
     return 0
 

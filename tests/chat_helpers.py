@@ -19,7 +19,7 @@ def make_taught_model(out_dir: Path, *, steps: int = 60) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.data.templates import get_template
-    from tunelab.model.load import write_meta
+    from tunelab.train.layout import write_meta
     from tunelab.model.tiny import make_model
 
     out_dir = Path(out_dir)
@@ -65,7 +65,7 @@ def make_lora_checkpoint(base_dir: Path, work_dir: Path, *, step: int = 10, temp
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunelab.model.load import write_meta
+    from tunelab.train.layout import write_meta
 
     ckpt = Path(work_dir) / f"iter_{step}"
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

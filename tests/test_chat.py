@@ -154,3 +154,13 @@ def test_chat_subprocess_reads_piped_stdin(taught_dir):
                             cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ANSWER
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--top-p", "0", "--top-p 0.0: must be above 0 and at most 1"),
+    ("--temperature", "-1", "--temperature -1.0: must be 0 (greedy) or more"),
+    ("--repetition-penalty", "0", "--repetition-penalty 0.0: must be above 0"),
+])
+def test_chat_rejects_sampling_settings_out_of_range_before_loading(tmp_path, capsys, flag, value, expected):
+    assert main(["chat", str(tmp_path / "no_model"), flag, value, "--prompt", "hi"]) == 2
+    assert expected in capsys.readouterr().err

@@ -12,8 +12,8 @@ import pytest
 from tunelab.cli.main import main
 from tunelab.config import registry
 from tunelab.config.loader import load_config, save_resolved_config
-from tunelab.config.settings_doc import field_docs, settings_markdown
-from tunelab.config.schema import TrainConfig, field_names
+from tunelab.config.schema import TrainConfig, field_docs, field_names
+from tunelab.config.settings_doc import settings_markdown
 from tunelab.errors import TunelabError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_all_errors_are_reported_at_once(tmp_path):
 
 
 def test_full_method_with_quantised_base_is_refused(tmp_path):
-    with pytest.raises(TunelabError, match="quant_bits=4 with method='full'"):
+    with pytest.raises(TunelabError, match=r"'quant_bits' \(line 2\): method = 'full' with quant_bits = 4"):
         load_config(write(tmp_path, "method = 'full'\nquant_bits = 4\n"))
 
 
@@ -294,21 +294,14 @@ def test_docs_list_every_setting():
     assert settings_markdown() in docs
 
 
-def test_data_formats_match_the_data_step():
-    from tunelab.config.loader import DATA_FORMATS
-    from tunelab.data.formats import FORMATS
-
-    assert set(DATA_FORMATS) == {"auto", *FORMATS}
-
-
-def test_cuda_graphs_default_on_for_packed_rows_in_one_process(monkeypatch):
-    from tunelab.config.schema import TrainConfig
-
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert TrainConfig().resolved_cuda_graphs(on_gpu=True)  # packed rows are max_length wide: one shape
-    assert not TrainConfig().resolved_cuda_graphs(on_gpu=False)
-    assert not TrainConfig(use_compile=False).resolved_cuda_graphs(on_gpu=True)
-    assert not TrainConfig(pack_to_max_length=False).resolved_cuda_graphs(on_gpu=True)  # padding would cost
-    assert TrainConfig(pack_to_max_length=False, cuda_graphs=True).resolved_cuda_graphs(on_gpu=True)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not TrainConfig().resolved_cuda_graphs(on_gpu=True)
+def test_a_retired_fast_path_switch_loads_when_on_and_names_the_fix_when_off(tmp_path, caplog):
+    """Configs written before the proven levers became always-on still load: `lean_lora = True` asks for what is
+    on anyway; `= False` cannot be honoured alone, so it stops with what to do instead."""
+    path = write(tmp_path, "method = 'lora'\nlean_lora = True\nuse_chunked_loss = True\n")
+    with caplog.at_level("WARNING", logger="tunelab.config.loader"):
+        assert load_config(path) == load_config(write(tmp_path, "method = 'lora'\n", "plain.py"))
+    assert "'lean_lora' (line 2)" in caplog.text and "delete the line" in caplog.text
+    with pytest.raises(TunelabError, match=r"'use_chunked_loss' \(line 2\) = False: .*fast_path = False"):
+        load_config(write(tmp_path, "method = 'lora'\nuse_chunked_loss = False\n", "off.py"))
+    with pytest.raises(TunelabError, match=r"--cfg-options: 'cudnn_attention' = False"):
+        load_config(path, ["cudnn_attention=False"])

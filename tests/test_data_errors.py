@@ -82,3 +82,16 @@ def test_cli_prints_error_without_traceback(tmp_path, tiny_tokenizer_dir, capsys
                  "qwen_chat", "-n", "5"])
     err = capsys.readouterr().err
     assert code == 2 and "d.jsonl line 2" in err and "'output'" in err and "Traceback" not in err
+
+
+def test_skip_invalid_skips_a_first_record_whose_format_cannot_be_told(tmp_path, tiny_tokenizer):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join([json.dumps({"foo": 1}),
+                               json.dumps({"instruction": "Hi", "output": "Hello"}),
+                               json.dumps({"instruction": "Bye", "output": "See you"})]) + "\n")
+    cfg = TrainConfig(data_path=str(data), prompt_template="qwen_chat", max_length=128, skip_invalid=True,
+                      pack_to_max_length=False)
+    bundle = build_datasets(cfg, tiny_tokenizer, log=lambda m: None)
+    assert bundle.stats.skipped_invalid == 1 and bundle.stats.samples == 2
+    assert "line 1: cannot tell the data format" in bundle.stats.invalid[0]
+    assert bundle.stats.sources[0]["format"] == "alpaca"

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) give the same loss, gradients and update as one process on the same global batch.
+"""Two CPU processes (gloo) give the same loss, gradients and update as one process on the same global batch,
+whichever strategy runs them (DDP, FSDP2, DeepSpeed ZeRO-2 / ZeRO-3).
 
 The worker half of this file runs under torchrun (`python -m torch.distributed.run ... tests/test_distributed.py`);
 the test half runs the same step in one process and compares.
@@ -41,36 +42,39 @@ def load_model(model_dir):
 
 def train_step(model_dir, engine: str, out_dir: Path) -> None:
     """One optimizer step over the global batch, as the loop does it: shard, accumulate, normalise, clip, step."""
-    from types import SimpleNamespace
-
+    from tunelab.config.schema import TrainConfig
     from tunelab.data.collate import collate
+    from tunelab.model.loss import causal_lm_loss
     from tunelab.train import distributed as dist
-    from tunelab.train.sharded_state import gather_full_state_dict
+    from tunelab.train.strategy import choose_strategy
 
     env = dist.init_distributed("cpu")
     model = load_model(model_dir)
-    cfg = SimpleNamespace(deepspeed={"deepspeed": "zero2", "zero3": zero3_json(out_dir)}.get(engine), fsdp=engine == "fsdp",
-                          batch_size=1, accumulative_counts=ROWS // env.world_size, max_norm=1.0)
+    cfg = TrainConfig(method="full", deepspeed={"deepspeed": "zero2", "zero3": zero3_json(out_dir)}.get(engine),
+                      fsdp=engine == "fsdp", batch_size=1, accumulative_counts=ROWS // env.world_size, max_norm=1.0)
     # SGD, not AdamW: Adam's first step is lr * sign(grad), which turns 1e-9 noise in a ~0 gradient into lr.
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model = dist.prepare_for_training(model, env, cfg, optimizer=optimizer)
-    rows = global_rows(unwrap_vocab(dist.unwrap(model)))
+    strategy = choose_strategy(cfg, env)
+    strategy.setup(model, optimizer, lambda model, batch: causal_lm_loss(model, batch, chunk_size=8))
+    rows = global_rows(unwrap_vocab(strategy.module))
     mine = [rows[i] for i in dist.rank_shard(list(range(ROWS)), env)]
     n_global = dist.all_reduce_sum(trained_tokens(mine), env)  # the loop counts before the forward
     loss_total = torch.zeros(())
     for i, row in enumerate(mine):
-        with dist.gradient_sync(model, env, sync=i == len(mine) - 1):
-            loss_sum, _ = dist.forward_loss(model, collate([row], 0), chunk_size=8)
+        with strategy.accumulating(last=i == len(mine) - 1):
+            loss_sum, _ = strategy.forward_loss(collate([row], 0))
             loss = loss_sum / n_global
-            dist.backward(loss, model, env)
+            strategy.backward(loss)
         loss_total += loss.detach()
     grads = {}
     if engine not in ("deepspeed", "zero3"):  # ZeRO-2 keeps its reduced gradients in partitions; we compare the update instead
-        for name, p in dist.unwrap(model).named_parameters():
+        for name, p in strategy.module.named_parameters():
             grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[name] = grad.detach().clone()
-    norm = dist.clip_and_step(model, optimizer, 1.0, env)
-    weights = gather_full_state_dict(model, env)
+    norm = strategy.step(1.0)
+    weights = strategy.full_state_dict()
+    if weights is None:  # whole on every rank already
+        weights = {k: v.detach().clone() for k, v in strategy.module.state_dict().items()}
     result = {"loss": dist.all_reduce_sum(loss_total, env).item(), "norm": norm, "grads": grads, "weights": weights}
     if env.is_main:
         torch.save(result, out_dir / f"{engine}.pt")
@@ -116,6 +120,7 @@ def reference(tiny_llama_dir):
     from tunelab.data.collate import collate
     from tunelab.model.loss import causal_lm_loss
     from tunelab.train import distributed as dist
+    from tunelab.train.strategy import SingleProcess
 
     model = load_model(tiny_llama_dir)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -125,7 +130,9 @@ def reference(tiny_llama_dir):
     loss = loss_sum / n
     loss.backward()
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-    norm = dist.clip_and_step(model, optimizer, 1.0, dist.DistEnv())
+    strategy = SingleProcess(dist.DistEnv())
+    strategy.setup(model, optimizer, causal_lm_loss)
+    norm = strategy.step(1.0)
     return {"loss": loss.item(), "norm": norm, "grads": grads,
             "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 

@@ -77,7 +77,7 @@ def test_pth_to_hf_default_bf16_and_xtuner_verb(tiny_llama_dir, lora_work_dir, t
 
 
 def test_pth_to_hf_full_model_sharded(tiny_llama_dir, tmp_path):
-    from tunelab.model.load import write_meta
+    from tunelab.train.layout import write_meta
 
     ckpt = tmp_path / "work" / "iter_3"
     _base(tiny_llama_dir).save_pretrained(ckpt / "model")
@@ -182,3 +182,22 @@ def test_merge_internlm2_base_format_original(tiny_model_factory, tmp_path):
     merged = logits(load_causal_lm(str(out), dtype=torch.float32, device="cpu"), ids)
     expected = _peft_logits(native, tmp_path / "work" / "iter_10" / "model", ids)
     assert torch.allclose(merged, expected, atol=1e-4)
+
+
+def _fake_adapter(directory):
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base"}))
+    (directory / "adapter_model.safetensors").write_bytes(b"")
+    return directory
+
+
+def test_merge_refuses_to_write_over_its_local_base_model(tmp_path):
+    from tunelab.export.convert import merge
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    adapter = _fake_adapter(tmp_path / "adapter")
+    with pytest.raises(TunelabError, match="is the input"):
+        merge(str(base), str(adapter), str(base), device="cpu")
+    assert (base / "config.json").read_text() == "{}"

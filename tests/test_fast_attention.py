@@ -116,7 +116,7 @@ def test_attention_runs_in_autocasts_dtype_as_sdpa_would():
 
 def test_per_sample_attention_compiles_once_whatever_the_boundaries():
     """The per-sample path loops over boundary values; compiled inside a layer it must not recompile for every new
-    batch (it did: one recompile per step, each one a layer's compile)."""
+    batch (each recompile is a layer's compile)."""
     import torch._dynamo
 
     torch._dynamo.reset()

@@ -99,7 +99,7 @@ def test_saved_adapter_is_unchanged(tiny_llama_dir, tmp_path):
 
 
 def test_compiled_lean_forward_equals_peft():
-    """Under torch.compile the lean forward adds the adapter with an elementwise kernel (fast.ADD_UNDER_COMPILE):
+    """Under torch.compile the lean forward of a 16-bit layer adds the adapter with an elementwise kernel:
     output, input gradient and adapter gradients equal peft's eager forward."""
     from peft import LoraConfig, get_peft_model
 

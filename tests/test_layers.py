@@ -6,9 +6,10 @@ import torch
 
 from tunelab.config.schema import TrainConfig
 from tunelab.model import layers as layers_mod
-from tunelab.model.fast import apply_fast_path
 from tunelab.model.load import load_model_for_training
-from tunelab.model.loss import causal_lm_loss, split_model
+from tunelab.model.loss import causal_lm_loss
+from tunelab.model.parts import split_model
+from tunelab.model.plan import FastPathPlan
 
 
 def _batch(vocab):
@@ -44,29 +45,28 @@ def _hf_checkpointing(model):
     for layer in split_model(model)[0].layers:
         layer.__dict__.pop("forward", None)
         layer.mlp.__dict__.pop("forward", None)
-        layer.gradient_checkpointing, layer._tunelab_checkpointed = True, False
+        layer.gradient_checkpointing = True
     return model
 
 
-@pytest.mark.parametrize("options", [dict(), dict(mlp_chunk_size=16), dict(offload=True)],
+@pytest.mark.parametrize("options", [dict(), dict(mlp_slice=16), dict(offload_activations=True)],
                          ids=["checkpoint", "mlp_slices", "offload"])
 def test_layer_modes_keep_loss_and_gradients(tiny_llama_dir, options, monkeypatch):
     model = _lora(tiny_llama_dir)
     batch = _batch(model.config.vocab_size)
     decoder_layers = split_model(model)[0].layers
     packed = []
-    if options.get("offload"):
+    if options.get("offload_activations"):
         # On CPU nothing moves; record what would go to CPU memory (a copy, so a wrong unpack would show).
         monkeypatch.setattr(layers_mod, "_to_cpu", lambda t: packed.append(t.shape) or (t.device, t.clone()))
-    report = layers_mod.run_decoder_layers(decoder_layers, **options)  # again, over what the loader did
-    assert report["checkpointing"].startswith(f"{len(decoder_layers)} layers")
+    layers_mod.run_decoder_layers(decoder_layers, FastPathPlan(enabled=True, checkpointing=True, **options))
     got_loss, got = _loss_and_grads(model, batch)
     want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)
     assert got.keys() == want.keys() and len(got) > 0
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
-    if options.get("offload"):
+    if options.get("offload_activations"):
         # One tensor per layer, the layer input [batch, seq, hidden]; nothing else (RoPE cos/sin stay put).
         assert packed == [torch.Size([2, 40, model.config.hidden_size])] * len(decoder_layers)
 
@@ -74,35 +74,21 @@ def test_layer_modes_keep_loss_and_gradients(tiny_llama_dir, options, monkeypatc
 @pytest.mark.parametrize("inside", [True, False], ids=["checkpoint_inside_compile", "checkpoint_around_compile"])
 def test_compiled_layers_keep_loss_and_gradients(tiny_llama_dir, inside, monkeypatch):
     """Compiled layers, the checkpoint inside the compiled function (AOTAutograd recomputes in its backward graph)
-    or around it, give the plain path's loss and gradients. aot_eager: the same tracing and partitioning as the
-    GPU's inductor, without generating kernels."""
-    compiled = []
+    or around it (as with offloaded inputs, which on CPU stay where they are), give the plain path's loss and
+    gradients. aot_eager: the same tracing and partitioning as the GPU's inductor, without generating kernels."""
     real_compile = torch.compile
-
-    def aot_eager(fn, **kwargs):
-        compiled.append(kwargs)
-        return real_compile(fn, backend="aot_eager")
-
-    monkeypatch.setattr(torch, "compile", aot_eager)
-    monkeypatch.setattr(layers_mod, "CHECKPOINT_INSIDE_COMPILE", inside)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="aot_eager"))
     torch._dynamo.reset()
     model = _lora(tiny_llama_dir)
     batch = _batch(model.config.vocab_size)
-    decoder_layers = split_model(model)[0].layers
-    report = layers_mod.run_decoder_layers(decoder_layers, compile=True, cuda_graphs=True)
-    assert (f"{len(decoder_layers)} with the checkpoint inside" in report["compile"]) == inside
-    # One compiled function shared by the layers (with the checkpoint inside, a second one held in reserve for the
-    # fallback, compiled only if used); CUDA graphs only where the checkpoint is inside.
-    assert compiled == ([{"mode": "reduce-overhead", "dynamic": False}, {}] if inside else [{}])
-    assert ("as CUDA graphs" in report["compile"]) == inside
+    plan = FastPathPlan(enabled=True, checkpointing=True, compile=True, offload_activations=not inside)
+    assert plan.checkpoint_inside_compile == inside
+    layers_mod.run_decoder_layers(split_model(model)[0].layers, plan)
     got_loss, got = _loss_and_grads(model, batch)
     want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
-    # Offloading needs the checkpoint outside (its hooks run in eager code).
-    report = layers_mod.run_decoder_layers(decoder_layers, compile=True, offload=True)
-    assert "inside" not in report["compile"]
 
 
 def test_a_failed_compile_with_the_checkpoint_inside_falls_back_to_the_checkpoint_around(tiny_llama_dir, monkeypatch,
@@ -126,7 +112,7 @@ def test_a_failed_compile_with_the_checkpoint_inside_falls_back_to_the_checkpoin
     model = _lora(tiny_llama_dir)
     batch = _batch(model.config.vocab_size)
     decoder_layers = split_model(model)[0].layers
-    layers_mod.run_decoder_layers(decoder_layers, compile=True)
+    layers_mod.run_decoder_layers(decoder_layers, FastPathPlan(enabled=True, checkpointing=True, compile=True))
     with caplog.at_level("WARNING", logger="tunelab.model.layers"):
         got_loss, got = _loss_and_grads(model, batch)
         _loss_and_grads(model, batch)
@@ -145,7 +131,7 @@ def test_mlp_slices_are_used_only_above_the_slice(tiny_llama_dir):
     forward = type(mlp).forward
     type(mlp).forward = lambda self, x: calls.append(x.shape[0] if x.dim() == 2 else tuple(x.shape)) or forward(self, x)
     try:
-        layers_mod.run_decoder_layers([split_model(model)[0].layers[0]], mlp_chunk_size=16)
+        layers_mod.run_decoder_layers([split_model(model)[0].layers[0]], FastPathPlan(enabled=True, mlp_slice=16))
         x = torch.randn(2, 20, model.config.hidden_size)
         out = mlp(x)
         assert calls == [16, 16, 8]  # 40 tokens in slices of 16
@@ -162,21 +148,10 @@ def test_generation_after_the_takeover_is_unchanged(tiny_llama_dir):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         before = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
-        layers_mod.run_decoder_layers(split_model(model)[0].layers, mlp_chunk_size=2)
+        layers_mod.run_decoder_layers(split_model(model)[0].layers, FastPathPlan(enabled=True, checkpointing=True,
+                                                                                mlp_slice=2))
         after = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(before, after)
-
-
-def test_fast_path_reports_the_layer_modes(tiny_llama_dir):
-    cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_llama_dir), method="lora", max_length=64,
-                      mlp_chunk_size=32, offload_activations=True)
-    model = load_model_for_training(cfg, torch.device("cpu"))
-    report = model._tunelab_fast_path
-    n = len(split_model(model)[0].layers)
-    assert report["checkpointing"] == f"{n} layers"  # offloading is a GPU lever
-    assert report["mlp_slices"] == f"{n} layers, 32 tokens a slice"
-    cfg.mlp_chunk_size = 64  # max_length not above it: no slices
-    assert apply_fast_path(load_model_for_training(cfg, torch.device("cpu")), cfg, "cpu")["mlp_slices"] == "off"
 
 
 def test_training_with_slices_follows_the_same_curve(tiny_llama_dir, tmp_path):

@@ -108,3 +108,10 @@ def test_full_finetune_of_a_quantised_base(tiny_llama_dir):
     with pytest.raises(TunelabError, match="method = 'full' with quant_bits = 4"):
         load_model_for_training(TrainConfig(pretrained_model_name_or_path=str(tiny_llama_dir), method="full",
                                             quant_bits=4, dtype="fp32"), torch.device("cpu"))
+
+
+def test_a_device_name_that_is_not_one_is_a_tunelab_error():
+    from tunelab.model.load import check_device
+
+    with pytest.raises(TunelabError, match="'gpu': not a device name; use cpu, cuda or cuda:N"):
+        check_device("gpu")

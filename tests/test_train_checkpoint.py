@@ -12,11 +12,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import tunelab.train.loop as loop
 from tests.train_helpers import tiny_cfg, varied_rows
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import layout
 from tunelab.train.loop import train
+from tunelab.train.strategy import SingleProcess
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _cfg(model_dir, **overrides):
 def _fail_on_call(monkeypatch, n: int, action):
     """Make the n-th micro-batch forward run `action` (raise, send a signal...) before computing the loss."""
     calls = {"n": 0}
-    original = loop.forward_loss
+    original = SingleProcess.forward_loss
 
     def wrapper(*args, **kwargs):
         calls["n"] += 1
@@ -44,7 +45,7 @@ def _fail_on_call(monkeypatch, n: int, action):
             action()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "forward_loss", wrapper)
+    monkeypatch.setattr(SingleProcess, "forward_loss", wrapper)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_resume_after_crash_reproduces_the_loss_curve(tiny_llama_dir, rows, refe
     _fail_on_call(monkeypatch, 11, crash)
     with pytest.raises(Crash):
         train(_cfg(tiny_llama_dir), tmp_path, train_rows=rows, device="cpu")
-    assert ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_4"
+    assert layout.last_checkpoint(tmp_path) == tmp_path / "iter_4"
     monkeypatch.undo()
 
     resumed = train(_cfg(tiny_llama_dir), tmp_path, resume="auto", train_rows=rows, device="cpu")
@@ -83,7 +84,7 @@ def test_sigterm_saves_then_stops_and_resume_continues(tiny_llama_dir, rows, ref
     _fail_on_call(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))  # during step 3 (not a save step)
     stopped = train(_cfg(tiny_llama_dir), tmp_path, train_rows=rows, device="cpu")
     assert stopped.interrupted and stopped.step == 3
-    assert stopped.last_checkpoint == tmp_path / "iter_3" and ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_3"
+    assert stopped.last_checkpoint == tmp_path / "iter_3" and layout.last_checkpoint(tmp_path) == tmp_path / "iter_3"
     assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored (not left pointing at the loop)
     monkeypatch.undo()
 
@@ -94,9 +95,7 @@ def test_sigterm_saves_then_stops_and_resume_continues(tiny_llama_dir, rows, ref
 
 
 def test_kill_during_save_keeps_previous_checkpoint_as_last(tiny_llama_dir, rows, tmp_path, monkeypatch):
-    import tunelab.model.load as load
-
-    original = load.write_meta
+    original = layout.write_meta
     saves = {"n": 0}
 
     def write_meta_then_die(directory, meta):
@@ -105,12 +104,12 @@ def test_kill_during_save_keeps_previous_checkpoint_as_last(tiny_llama_dir, rows
             raise KeyboardInterrupt("killed during save")
         original(directory, meta)
 
-    monkeypatch.setattr(load, "write_meta", write_meta_then_die)
+    monkeypatch.setattr(layout, "write_meta", write_meta_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_llama_dir), tmp_path, train_rows=rows, device="cpu")
     assert (tmp_path / "iter_4.tmp" / "training_state.pt").is_file()  # the half-written save
     assert not (tmp_path / "iter_4").exists()
-    assert ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_2"
+    assert layout.last_checkpoint(tmp_path) == tmp_path / "iter_2"
     monkeypatch.undo()
 
     resumed = train(_cfg(tiny_llama_dir, max_epochs=2), tmp_path, resume="auto", train_rows=rows, device="cpu")
@@ -127,20 +126,20 @@ def test_out_of_memory_is_reported_and_checkpoint_kept(tiny_llama_dir, rows, tmp
         train(_cfg(tiny_llama_dir, batch_size=2), tmp_path, train_rows=rows, device="cpu")
     message = str(info.value)
     assert "out of memory at step 5" in message and "batch_size = 1" in message and "--resume auto" in message
-    assert ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_4"
+    assert layout.last_checkpoint(tmp_path) == tmp_path / "iter_4"
 
 
 @pytest.mark.parametrize("limit, kept", [(2, [8, 9]), (-1, list(range(1, 10)))])
 def test_save_total_limit(limit, kept, tiny_llama_dir, rows, tmp_path):
     train(_cfg(tiny_llama_dir, method="full", save_steps=1, save_total_limit=limit), tmp_path, train_rows=rows,
           device="cpu")
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [f"iter_{n}" for n in kept]
-    assert ckpt.last_checkpoint(tmp_path) == tmp_path / "iter_9"
+    assert [p.name for p in layout.list_checkpoints(tmp_path)] == [f"iter_{n}" for n in kept]
+    assert layout.last_checkpoint(tmp_path) == tmp_path / "iter_9"
 
 
 def test_final_step_is_saved_even_off_the_save_grid(tiny_llama_dir, rows, tmp_path):
     result = train(_cfg(tiny_llama_dir, save_steps=4), tmp_path, train_rows=rows, device="cpu")
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["iter_4", "iter_8", "iter_9"]
+    assert [p.name for p in layout.list_checkpoints(tmp_path)] == ["iter_4", "iter_8", "iter_9"]
     assert result.last_checkpoint == tmp_path / "iter_9"
 
 
@@ -153,4 +152,17 @@ def test_resume_path_must_be_a_checkpoint(tmp_path):
 def test_pointer_survives_a_moved_work_dir(tiny_llama_dir, rows, tmp_path):
     train(_cfg(tiny_llama_dir, max_epochs=1), tmp_path / "a", train_rows=rows, device="cpu")
     os.rename(tmp_path / "a", tmp_path / "b")
-    assert ckpt.last_checkpoint(tmp_path / "b") == tmp_path / "b" / "iter_3"
+    assert layout.last_checkpoint(tmp_path / "b") == tmp_path / "b" / "iter_3"
+
+
+def test_resume_survives_a_log_line_cut_short_by_a_crash(tmp_path):
+    from tunelab.train.progress import TrainingMonitor, read_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 2, "loss": 1.5}) + "\n"
+                   + '{"step": 3, "lo')  # killed mid-write
+    monitor = TrainingMonitor(tmp_path, total_steps=4, start_step=2)
+    monitor.write({"step": 3, "loss": 1.2})
+    monitor.close()
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3]
+    assert all(json.loads(line) for line in log.read_text().splitlines())  # the torn line is gone

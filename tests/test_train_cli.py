@@ -94,3 +94,11 @@ def test_train_asks_for_expandable_segments_unless_the_user_chose(config_file, m
         monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     main(["train", str(config_file), "--device", "cpu", "--cfg-options", "learning_rate=1e-4"])  # stops at the config
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (preset or "expandable_segments:True")
+
+
+def test_train_with_a_non_number_nproc_per_node_names_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = tmp_path / "c.py"
+    cfg.write_text("method = 'lora'\n")
+    assert main(["train", str(cfg), "--nproc-per-node", "two"]) == 2
+    assert "--nproc-per-node = 'two': expected a whole number" in capsys.readouterr().err

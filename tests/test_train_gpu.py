@@ -72,7 +72,7 @@ def test_resume_on_gpu_continues_the_curve(tiny_llama_dir, rows, tmp_path):
 
 def test_memory_plan_refuses_what_cannot_fit(tiny_llama_dir, rows, tmp_path):
     cfg = tiny_cfg(tiny_llama_dir, max_length=4_000_000, batch_size=64, gradient_checkpointing=False,
-                   use_chunked_loss=False)
+                   fast_path=False)
     with pytest.raises(TunelabError, match="does not fit"):
         train(cfg, tmp_path, train_rows=rows, device="cuda")
     assert not list(tmp_path.glob("iter_*"))

@@ -26,8 +26,8 @@ def _capture_model(monkeypatch):
     captured = {}
     original = load.load_model_for_training
 
-    def wrapper(cfg, device):
-        captured["model"] = original(cfg, device)
+    def wrapper(*args, **kwargs):
+        captured["model"] = original(*args, **kwargs)
         return captured["model"]
 
     monkeypatch.setattr(load, "load_model_for_training", wrapper)
@@ -138,14 +138,17 @@ def test_kept_gradient_buffers_sum_micro_batches_like_fresh_gradients(tiny_llama
     from tests.test_distributed import global_rows
     from tunelab.data.collate import collate
     from tunelab.model.loss import causal_lm_loss
-    from tunelab.train.distributed import DistEnv, clip_and_step
+    from tunelab.train.distributed import DistEnv
     from tunelab.train.loop import allocate_grad_buffers
+    from tunelab.train.strategy import SingleProcess
 
     weights = {}
     for keep in (False, True):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        strategy = SingleProcess(DistEnv())
+        strategy.setup(model, optimizer, causal_lm_loss)
         rows = global_rows(model.config.vocab_size)
         if keep:
             allocate_grad_buffers(model)
@@ -154,7 +157,7 @@ def test_kept_gradient_buffers_sum_micro_batches_like_fresh_gradients(tiny_llama
             for micro in (rows[:2], rows[2:]):
                 loss_sum, n = causal_lm_loss(model, collate(micro, 0), chunk_size=8)
                 (loss_sum / 40).backward()
-            clip_and_step(model, optimizer, 1.0, DistEnv(), keep_grad_buffers=keep)
+            strategy.step(1.0, keep_grad_buffers=keep)
         if keep:
             assert all(p.grad is b and not b.any() for p, b in zip(model.parameters(), buffers))
         else:

@@ -17,13 +17,14 @@ import json
 import re
 from pathlib import Path
 
+from tunelab.train.layout import RESOLVED_CONFIG
 from tunelab.train.progress import LOG_FILE, read_log
 from tunelab.train.run_status import read_status
 
 # Settings shown in the run list (the rest is one click away).
 SUMMARY_KEYS = ("pretrained_model_name_or_path", "method", "data_path", "prompt_template", "max_length",
                 "batch_size", "accumulative_counts", "lr", "max_epochs", "max_steps", "lora_r", "deepspeed")
-MARKERS = (LOG_FILE, "run.json", "resolved_config.py")
+MARKERS = (LOG_FILE, "run.json", RESOLVED_CONFIG)
 
 
 def is_work_dir(path: Path) -> bool:
@@ -69,7 +70,7 @@ def run_summary(work_dir: Path) -> dict:
     """One row of the run list: name, state, what was trained on what, progress, the last numbers."""
     work_dir = Path(work_dir)
     status = read_status(work_dir) or {}
-    settings = status.get("settings") or settings_from_resolved_config(work_dir / "resolved_config.py")
+    settings = status.get("settings") or settings_from_resolved_config(work_dir / RESOLVED_CONFIG)
     records = read_log(work_dir / LOG_FILE)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from tunelab.errors import TunelabError
-from tunelab.export.adapters import ADAPTER_CONFIG, check_adapter_fits, find_adapter_dir, resolve_checkpoint
+from tunelab.export.adapters import ADAPTER_CONFIG, check_adapter_fits, find_adapter_dir
+from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, read_meta, resolve_checkpoint
 
 
 def _say(message: str) -> None:
@@ -129,21 +130,18 @@ def context_length(model, meta: dict | None) -> tuple[int, str]:
 
 def _resolve_paths(model_path: str, adapter: str | None) -> tuple[str, Path | None, dict | None]:
     """(base model, adapter dir or None, metadata) for the paths a user typed."""
-    from tunelab.model.load import read_meta
-
     meta = None
     p = Path(model_path)
     if p.is_dir() and not (p / "config.json").is_file() and (
-            (p / "model").is_dir() or (p / "last_checkpoint").is_file() or (p / ADAPTER_CONFIG).is_file()
-            or list(p.glob("iter_*"))):
+            is_checkpoint(p) or looks_like_work_dir(p) or (p / ADAPTER_CONFIG).is_file()):
         # a checkpoint or an adapter passed as MODEL: its tunelab.json names the base model
         if (p / ADAPTER_CONFIG).is_file():
             adapter_dir, meta_dir = p, p
         else:
             ckpt = resolve_checkpoint(p)
-            if not (ckpt / "model" / ADAPTER_CONFIG).is_file():
-                return str(ckpt / "model"), None, read_meta(ckpt)
-            adapter_dir, meta_dir = ckpt / "model", ckpt
+            if not (ckpt / MODEL_DIR / ADAPTER_CONFIG).is_file():
+                return str(ckpt / MODEL_DIR), None, read_meta(ckpt)
+            adapter_dir, meta_dir = ckpt / MODEL_DIR, ckpt
         if adapter:
             raise TunelabError(f"{model_path} is already an adapter / checkpoint: pass the base model as MODEL "
                                f"and this as --adapter.")

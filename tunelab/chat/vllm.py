@@ -40,7 +40,8 @@ def write_template(model: str, *, prompt_template: str | None, system: str | Non
                    trust_remote_code: bool = False) -> tuple[str | None, str]:
     """(a .jinja file holding the model's tunelab template, or None to keep the tokenizer's own; what was chosen)."""
     from tunelab.export.convert import template_for_export
-    from tunelab.model.load import load_tokenizer, read_meta
+    from tunelab.model.load import load_tokenizer
+    from tunelab.train.layout import read_meta
 
     meta = dict(read_meta(Path(model)) or {}) if Path(model).is_dir() else {}
     if system is not None:

@@ -92,8 +92,8 @@ def _argv(args) -> list[str]:
     return argv
 
 
-# Segments that grow instead of fixed blocks: a long step no longer fails on fragmented GPU memory (the long-context
-# figures of BENCHMARKS.md were measured with it). Read when CUDA first allocates; torchrun's workers inherit it.
+# Segments that grow instead of fixed blocks, so a long step does not fail on fragmented GPU memory (the long-context
+# figures of BENCHMARKS.md are measured with it). Read when CUDA first allocates; torchrun's workers inherit it.
 ALLOC_CONF = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 

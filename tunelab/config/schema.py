@@ -1,17 +1,102 @@
-"""The settings of a training run: one typed dataclass, one place.
+"""The settings of a training run: one typed dataclass, and everything that makes a value valid.
 
-A config file is plain Python whose top-level names are these fields (see `tunelab copy-cfg`).
-`tunelab.config.loader.load_config` validates a file against this schema.
-Field names follow the XTuner tutorials so their instructions carry over.
+A config file is plain Python whose top-level names are these fields (see `tunelab copy-cfg`); `tunelab.config.loader`
+runs the file and hands each value to `check_setting` here. A field's type annotation says what kind of value it takes,
+its `Rule` (field metadata) what values are allowed, and `combination_errors` which settings exclude each other.
+Lists of names owned by other steps (data formats, templates, DeepSpeed presets) are read from those steps, so there
+is one copy of each. Field names follow the XTuner tutorials so their instructions carry over.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields
+import ast
+import functools
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
+from tunelab.config.typecheck import check_type, describe_type, did_you_mean
+
 Method = Literal["full", "lora", "qlora"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a setting's value must be beyond its type: `test(value)` holds; `must_be` says it in words.
+
+    `choices`, where given, returns the allowed names (read when checking, from the module that owns them): errors
+    then suggest the closest one.
+    """
+
+    test: Callable[[Any], bool]
+    must_be: str | Callable[[], str]
+    choices: Callable[[], typing.Collection[str]] | None = None
+
+    def requirement(self) -> str:
+        return self.must_be() if callable(self.must_be) else self.must_be
+
+
+def setting(default: Any = MISSING, rule: Rule | None = None, *, factory: Callable[[], Any] | None = None):
+    """A TrainConfig field with its rule in the field's metadata."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
+def _quoted(names) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def fraction(example: str = "") -> Rule:
+    return Rule(lambda v: 0 <= v < 1, "at least 0 and below 1" + (f" ({example})" if example else ""))
+
+
+def _data_formats() -> tuple[str, ...]:
+    from tunelab.data.formats import FORMATS
+
+    return ("auto", *FORMATS)
+
+
+def _deepspeed_presets() -> tuple[str, ...]:
+    from tunelab.train.deepspeed_configs import PRESETS
+
+    return tuple(PRESETS)
+
+
+def _templates() -> tuple[str, ...]:
+    """Template names from the data step, plus 'hf'; empty when it cannot be imported (then nothing is checked)."""
+    try:
+        from tunelab.data.templates import TEMPLATES
+    except Exception:  # the data step is optional here: never fail config loading because of it
+        return ()
+    return tuple(sorted({*TEMPLATES, "hf"}))
+
+
+def _trackers() -> tuple[str, ...]:
+    from tunelab.train.trackers import TRACKERS
+
+    return tuple(TRACKERS)
+
+
+POSITIVE = Rule(lambda v: v > 0, "a positive whole number")
+POSITIVE_OR_NONE = Rule(lambda v: v is None or v > 0, "None or a positive whole number")
+QUANT_BITS = Rule(lambda v: v in (None, 4, 8), "None, 4 or 8")
+BETAS = Rule(lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),
+             "two numbers in [0, 1), e.g. (0.9, 0.999)")
+TARGET_MODULES = Rule(lambda v: isinstance(v, str) or all(isinstance(m, str) for m in v),
+                      "'all-linear' or a list of module names like ['q_proj', 'v_proj']")
+DATA_PATH = Rule(lambda v: not isinstance(v, list) or all(isinstance(d, str) or (isinstance(d, dict) and "path" in d)
+                                                          for d in v),
+                 "a path, or a list of paths / {'path': ..., 'format': ..., 'ratio': ...} dicts")
+DATA_FORMAT = Rule(lambda v: v in _data_formats(), lambda: "one of " + _quoted(_data_formats()), _data_formats)
+PROMPT_TEMPLATE = Rule(lambda v: not _templates() or v in _templates(),
+                       lambda: "a known template: one of " + _quoted(_templates()), _templates)
+REPORT_TO = Rule(lambda v: all(t in _trackers() for t in v), lambda: "a list of any of " + _quoted(_trackers()),
+                 _trackers)
+DEEPSPEED = Rule(lambda v: v is None or v in _deepspeed_presets() or v.endswith(".json"),
+                 lambda: f"None, one of {_quoted(_deepspeed_presets())} or a path to a DeepSpeed .json",
+                 _deepspeed_presets)
 
 
 @dataclass
@@ -23,19 +108,19 @@ class TrainConfig:
     """Run the model repository's own Python code. Off by default: only enable for repos you trust."""
     method: Method = "qlora"
     """'full' fine-tunes every weight; 'lora' trains adapters on a bf16 base; 'qlora' on a 4-bit base."""
-    quant_bits: Optional[int] = None
+    quant_bits: Optional[int] = setting(None, QUANT_BITS)
     """4 or 8 to quantise the frozen base (bitsandbytes). None: 4 for qlora, unquantised otherwise."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute dtype. 'auto': bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU."""
 
     # --- LoRA ---------------------------------------------------------------------------------
-    lora_r: int = 64
+    lora_r: int = setting(64, POSITIVE)
     """Rank of the LoRA matrices: more capacity, more memory."""
-    lora_alpha: int = 16
+    lora_alpha: int = setting(16, POSITIVE)
     """LoRA scaling numerator: updates are scaled by lora_alpha / lora_r (or / sqrt(r) with rsLoRA)."""
-    lora_dropout: float = 0.1
+    lora_dropout: float = setting(0.1, fraction())
     """Dropout on the LoRA input (0 is faster)."""
-    lora_target_modules: Union[str, list] = "all-linear"
+    lora_target_modules: Union[str, list] = setting("all-linear", TARGET_MODULES)
     """Module names (e.g. ['q_proj', 'v_proj']) or 'all-linear'."""
     lora_bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train alongside LoRA (peft's `bias`)."""
@@ -47,18 +132,18 @@ class TrainConfig:
     """rsLoRA: scale by lora_alpha / sqrt(r), steadier at high rank."""
 
     # --- data ---------------------------------------------------------------------------------
-    data_path: Union[str, list, None] = "tatsu-lab/alpaca"
+    data_path: Union[str, list, None] = setting("tatsu-lab/alpaca", DATA_PATH)
     """A file (.json/.jsonl/.parquet/.csv/.txt), a directory of them, or a `datasets` name/directory.
     A list mixes several: [{'path': ..., 'format': ..., 'ratio': 1.0}, ...] or plain paths."""
-    data_format: str = "auto"
+    data_format: str = setting("auto", DATA_FORMAT)
     """'auto', 'alpaca', 'messages', 'sharegpt', 'conversation', 'text', 'agent'."""
     dataset_map_fn: Optional[Callable] = None
     """Optional function record -> record applied before format detection (define it in the config file)."""
-    prompt_template: str = "internlm2_chat"
+    prompt_template: str = setting("internlm2_chat", PROMPT_TEMPLATE)
     """Chat template name (`tunelab.data.templates`); 'hf' uses the tokenizer's own chat_template."""
     SYSTEM: str = ""
     """System prompt for training samples that have none, evaluation and chat."""
-    max_length: int = 2048
+    max_length: int = setting(2048, POSITIVE)
     """Tokens per sample and per packed row; longer samples are cut."""
     pack_to_max_length: bool = True
     """Concatenate samples into rows of max_length; samples never attend to each other."""
@@ -68,9 +153,9 @@ class TrainConfig:
     """'assistant': loss on replies only (plus their end-of-turn token); 'all': every token (pretraining)."""
     skip_invalid: bool = False
     """Skip and count malformed records instead of stopping with an error."""
-    eval_split_ratio: float = 0.0
+    eval_split_ratio: float = setting(0.0, fraction("e.g. 0.05 holds out 5%"))
     """Hold out this fraction of the data to report eval loss at each evaluation."""
-    num_proc: int = 1
+    num_proc: int = setting(1, POSITIVE)
     """Processes used for tokenising (tunelab preprocess)."""
 
     # --- preference training (docs/PREFERENCE.md) ----------------------------------------------
@@ -96,23 +181,24 @@ class TrainConfig:
     'auto': adapters_off for lora / qlora, for full a copy where the memory plan says it fits, else precomputed."""
 
     # --- optimisation -------------------------------------------------------------------------
-    batch_size: int = 1
+    batch_size: int = setting(1, POSITIVE)
     """Rows per device per step (a row is one packed sequence of max_length when packing)."""
-    accumulative_counts: int = 16
+    accumulative_counts: int = setting(16, POSITIVE)
     """Micro-batches per optimiser step (gradient accumulation)."""
-    lr: float = 2e-4
+    lr: float = setting(2e-4, Rule(
+        lambda v: v > 0, "greater than 0 (e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning)"))
     """Peak learning rate (after warm-up)."""
-    betas: tuple = (0.9, 0.999)
+    betas: tuple = setting((0.9, 0.999), BETAS)
     """AdamW betas."""
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, Rule(lambda v: v >= 0, "0 or more"))
     """AdamW weight decay."""
-    max_norm: float = 1.0
+    max_norm: float = setting(1.0, Rule(lambda v: v >= 0, "0 or more (0 turns clipping off)"))
     """Gradient clipping norm (0 disables)."""
-    max_epochs: int = 3
+    max_epochs: int = setting(3, POSITIVE)
     """Passes over the training data."""
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = setting(None, POSITIVE_OR_NONE)
     """Stop after this many optimiser steps (overrides max_epochs when set)."""
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = setting(0.03, fraction("a fraction of all steps, e.g. 0.03"))
     """Fraction of the steps spent warming the learning rate up from 0."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate shape after warm-up."""
@@ -125,23 +211,25 @@ class TrainConfig:
     False: bf16 weights and AdamW states, 8 bytes a parameter less."""
     gradient_checkpointing: Optional[bool] = None
     """None: on for lora/qlora, off for full."""
-    seed: int = 0
+    seed: int = setting(0, Rule(lambda v: v >= 0, "0 or more"))
     """Seed for data order, initialisation and dropout: the same seed repeats the run."""
 
     # --- saving, logging, evaluation ----------------------------------------------------------
-    save_steps: int = 500
+    save_steps: int = setting(500, POSITIVE)
     """Save a checkpoint every this many optimiser steps (the final step is always saved)."""
-    save_total_limit: int = 2
+    save_total_limit: int = setting(2, Rule(
+        lambda v: v == -1 or v >= 1, "-1 (keep every checkpoint) or 1 or more"))
     """How many iter_N checkpoints to keep (-1 keeps all)."""
-    logging_steps: int = 10
+    logging_steps: int = setting(10, POSITIVE)
     """Log loss, lr, grad norm, tokens/s and memory every this many steps."""
-    evaluation_freq: int = 500
+    evaluation_freq: int = setting(500, POSITIVE)
     """Answer evaluation_inputs every this many steps (and once before training)."""
-    evaluation_inputs: list = field(default_factory=lambda: ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"])
+    evaluation_inputs: list = setting(factory=lambda: ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"],
+                                      rule=Rule(lambda v: all(isinstance(q, str) for q in v), "a list of strings (questions)"))
     """Questions the model answers during training, so you can watch it learn."""
-    eval_max_new_tokens: int = 128
+    eval_max_new_tokens: int = setting(128, POSITIVE)
     """Longest answer to an evaluation question, in tokens."""
-    report_to: list = field(default_factory=list)
+    report_to: list = setting(factory=list, rule=REPORT_TO)
     """Experiment trackers that also get every logged number and the settings: any of 'tensorboard', 'wandb',
     'mlflow', 'swanlab' (each needs its package; where each writes: docs/TRAINING.md). `tunelab board` needs none."""
     use_tensorboard: bool = False
@@ -151,46 +239,37 @@ class TrainConfig:
     that would fit; a run that fits only without the allocator's usual slack starts with a warning. False: start
     anyway (a warning still says what the estimate is)."""
 
-    # --- speed (each part of the fast path can be switched off) -------------------------------
-    use_varlen_attention: bool = True
-    """Attention over packed rows with the flash varlen kernel (GPU); masks elsewhere."""
-    use_chunked_loss: bool = True
-    """Cross-entropy over trained tokens only, in chunks, each chunk's gradient taken as it goes: never builds
-    full-vocabulary logits. False: plain full logits (more memory, slower)."""
-    loss_chunk_size: int = 4096
-    """Most trained positions per chunk of the chunked loss (fewer for large vocabularies: 2^25 logits a chunk with
-    a frozen lm_head, 2^29 with a trained one)."""
+    # --- speed: the fast path and the trade-offs it leaves to you (docs/SPEED.md) ------------------
+    fast_path: bool = True
+    """tunelab's fast path: varlen attention over packed rows, the chunked loss, compiled layers and the other levers
+    that compute the plain path's numbers (docs/SPEED.md). False: transformers and peft as they come (eager, full
+    logits, peft's LoRA forward, bitsandbytes' dequantisation, the embedding on the GPU), for debugging or
+    comparison: slower and more memory; the settings below then do nothing."""
     use_compile: bool = True
     """torch.compile the decoder layers (GPU only): 1.4-2x faster steps; the first step takes 10-20 s longer."""
-    lean_lora: bool = True
-    """A LoRA forward with fewer kernels than peft's (same maths, same adapter files; GPU only)."""
-    qlora_dequant_once: bool = True
-    """QLoRA: dequantise each 4-bit weight twice a step instead of three times (needs gradient checkpointing)."""
-    cudnn_attention: bool = True
-    """Rows that each hold one whole sample (no packing, e.g. long-context training) use cuDNN's attention kernel:
-    1.7-2.3x faster than flash at 8k-128k tokens on an H100, same accuracy (GPU only; packed rows keep varlen flash)."""
-    qlora_fused_dequant: bool = True
-    """QLoRA with use_compile: dequantise 4-bit weights with plain torch ops that torch.compile fuses into one kernel
-    (bitsandbytes' numbers, bit for bit) instead of bitsandbytes' three kernels a weight."""
-    offload_activations: bool = False
-    """Long context: keep each layer's checkpointed input in CPU memory until backward (GPU only; needs gradient
-    checkpointing). Frees hidden_size x 2 bytes x layers a token, e.g. 256 KiB a token for a 7B/8B model."""
     cuda_graphs: Optional[bool] = None
     """With use_compile: replay each compiled layer's forward and backward as CUDA graphs (torch.compile's
     "reduce-overhead"), so the CPU launches one graph instead of hundreds of kernels (Llama-7B QLoRA 2k: 3.0x the
     plain loop instead of 2.5x). Batches are padded to max_length and sample boundaries to a few sizes, one graph
     each; a new size compiles once (~15 s). GPU only; not with offload_activations or MLP slices. None: on when
     pack_to_max_length is (rows are max_length wide anyway) and training runs in one process."""
+    offload_activations: bool = False
+    """Long context: keep each layer's checkpointed input in CPU memory until backward (GPU only; needs gradient
+    checkpointing). Frees hidden_size x 2 bytes x layers a token, e.g. 256 KiB a token for a 7B/8B model."""
+    mlp_chunk_size: Optional[int] = setting(8192, Rule(lambda v: v is None or v > 0,
+                                                       "None or a positive whole number (e.g. 8192)"))
+    """Long context: when max_length is longer than this, each MLP computes this many tokens at a time (recomputed
+    in backward; one more MLP forward a step). None: never."""
     embeddings_on_cpu: Optional[bool] = None
     """Keep a frozen input embedding in CPU memory and look up each batch's rows there (GPU only; the same numbers).
     Frees vocab_size x hidden_size x 2 bytes of GPU memory, e.g. 0.71 GiB for InternLM2-7B, for a copy of a few MiB
     a step. None: on for lora / qlora (not when the embedding is trained or shared with lm_head)."""
-    mlp_chunk_size: Optional[int] = 8192
-    """Long context: when max_length is longer than this, each MLP computes this many tokens at a time (recomputed
-    in backward; one more MLP forward a step). None: never."""
+    loss_chunk_size: int = setting(4096, POSITIVE)
+    """Most trained positions per chunk of the chunked loss (fewer for large vocabularies: 2^25 logits a chunk with
+    a frozen lm_head, 2^29 with a trained one). Smaller chunks: less memory, more matmuls."""
 
     # --- distribution --------------------------------------------------------------------------
-    deepspeed: Optional[str] = None
+    deepspeed: Optional[str] = setting(None, DEEPSPEED)
     """None, 'zero1', 'zero2', 'zero2_offload', 'zero3', 'zero3_offload' or a DeepSpeed JSON path."""
     fsdp: bool = False
     """Shard with PyTorch FSDP2 across GPUs (or pass --fsdp)."""
@@ -205,29 +284,42 @@ class TrainConfig:
             return self.gradient_checkpointing
         return self.method in ("lora", "qlora")
 
-    def resolved_cuda_graphs(self, on_gpu: bool) -> bool:
-        """CUDA graphs are in use: asked for (or left to None with packed rows in one process), compiled, on a GPU."""
-        wanted = self.cuda_graphs
-        if wanted is None:  # torchrun / deepspeed set WORLD_SIZE; graphs with several processes are untested
-            wanted = self.pack_to_max_length and int(os.environ.get("WORLD_SIZE", "1")) == 1
-        return bool(wanted and self.use_compile and on_gpu)
-
-    def resolved_embeddings_on_cpu(self) -> bool:
-        if self.embeddings_on_cpu is not None:
-            return self.embeddings_on_cpu
-        return self.method in ("lora", "qlora")
-
     def resolved_report_to(self) -> list[str]:
         """The trackers in use: report_to, plus 'tensorboard' when use_tensorboard (the older switch) is on."""
         return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.use_tensorboard else [])]))
 
-    def resolved_mlp_chunk_size(self) -> Optional[int]:
-        """The MLP slice in use: mlp_chunk_size when max_length is longer than it, else None (no slices)."""
-        return self.mlp_chunk_size if self.mlp_chunk_size and self.max_length > self.mlp_chunk_size else None
 
+# --- the fields ---------------------------------------------------------------------------------------------------
 
 def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
+
+
+@functools.lru_cache(maxsize=None)
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def field_rule(name: str) -> Rule | None:
+    return next(f for f in fields(TrainConfig) if f.name == name).metadata.get("rule")
+
+
+def default_value(name: str) -> Any:
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def field_docs() -> dict[str, str]:
+    """Each field's docstring (the string under it in this file), '' where there is none."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(cls.body, cls.body[1:] + [None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            is_doc = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
+                and isinstance(nxt.value.value, str)
+            docs[stmt.target.id] = " ".join(nxt.value.value.split()) if is_doc else ""
+    return docs
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -241,3 +333,86 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
             value = list(value)
         out[f.name] = value
     return out
+
+
+# --- checking values -----------------------------------------------------------------------------------------------
+
+# Names other tools use for the same setting: a user coming from them gets pointed at ours.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "max_epochs", "epochs": "max_epochs",
+    "gradient_accumulation_steps": "accumulative_counts", "per_device_train_batch_size": "batch_size",
+    "batch_size_per_device": "batch_size", "model_name_or_path": "pretrained_model_name_or_path",
+    "cutoff_len": "max_length", "max_seq_length": "max_length", "lora_rank": "lora_r",
+    "template": "prompt_template", "alpaca_en_path": "data_path", "data_files": "data_path",
+    "dataset": "data_path", "quantization_bit": "quant_bits", "load_in_4bit": "quant_bits",
+}
+
+
+def suggest_setting(word: str) -> str:
+    """" Did you mean 'lr'?" for a name that is not a setting (a typo, or another tool's name for one)."""
+    return did_you_mean(word, sorted(field_types()), ALIASES)
+
+
+def where(source: str, key: str, line: int | None = None) -> str:
+    """How an error names a setting: "cfg.py: 'lr' (line 3)", "--cfg-options: 'lr'"."""
+    return f"{source}: '{key}'" + (f" (line {line})" if line else "")
+
+
+def check_setting(key: str, value: Any, source: str, line: int | None = None) -> tuple[Any, str | None]:
+    """(normalised value, error message or None) for one setting. `source` is the file or "--cfg-options"."""
+    hint = field_types()[key]
+    at = where(source, key, line)
+    ok, value = check_type(value, hint)
+    if not ok:
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        hint_text = did_you_mean(value, choices) if choices and isinstance(value, str) else ""
+        example = f"{key} = {default_value(key)!r}"
+        if "a function" in describe_type(hint):
+            example = f"def my_map_fn(record): ... in the same file, then {key} = my_map_fn (no quotes)"
+        return value, (f"{at} must be {describe_type(hint)}; got {value!r} "
+                       f"({type(value).__name__}).{hint_text} For example: {example}")
+    rule = field_rule(key)
+    if rule is not None and not rule.test(value):
+        extra = did_you_mean(value, rule.choices()) if rule.choices and isinstance(value, str) else ""
+        return value, f"{at} must be {rule.requirement()}; got {value!r}.{extra}"
+    return value, None
+
+
+def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None]] | None = None) -> list[str]:
+    """Settings that are fine alone but impossible together. `places`: key -> (source, line), for the messages."""
+    def at(key: str) -> str:
+        if not places or key not in places:
+            return ""
+        source, line = places[key]
+        return where(source, key, line) + ": "
+
+    errors = []
+    if cfg.method == "full" and cfg.quant_bits is not None:
+        errors.append(f"{at('quant_bits')}method = 'full' with quant_bits = {cfg.quant_bits}: a quantised base cannot "
+                      f"be fully fine-tuned. Use method = 'qlora', or quant_bits = None.")
+    return errors
+
+
+# --- settings that are gone ----------------------------------------------------------------------------------------
+
+# Former switches of levers that compute the plain path's numbers: they are always part of the fast path now.
+RETIRED_SETTINGS = {
+    "use_varlen_attention": "varlen flash attention over packed rows",
+    "use_chunked_loss": "the chunked loss over trained tokens",
+    "lean_lora": "the lean LoRA forward",
+    "qlora_dequant_once": "dequantising each 4-bit weight once a pass",
+    "qlora_fused_dequant": "the 4-bit dequantisation fused by compile",
+    "cudnn_attention": "cuDNN attention for rows of one sample",
+}
+
+
+def check_retired(key: str, value: Any, source: str, line: int | None = None) -> tuple[str | None, str | None]:
+    """(note, error) for a setting of RETIRED_SETTINGS. `= True` (what it was by default) loads with a note; anything
+    else asks for a lever off alone, which is not possible any more: an error that says what to do instead."""
+    at, lever = where(source, key, line), RETIRED_SETTINGS[key]
+    if value is True:
+        return (f"{at}: {lever} is always part of the fast path, so this setting is not needed (and not read); "
+                f"delete the line."), None
+    return None, (f"{at} = {value!r}: {lever} is always part of the fast path (it computes the same numbers as the "
+                  f"plain path) and cannot be turned off alone. Delete the line, or set fast_path = False to run "
+                  f"transformers and peft as they come (for debugging: slower, more memory).")

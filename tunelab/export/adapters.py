@@ -1,76 +1,19 @@
-"""Finding checkpoints and adapters on disk, and checking that an adapter fits a base model.
+"""Finding adapters on disk (in adapter directories and checkpoints), and checking that an adapter fits a base model.
 
 Shared by `convert`, `chat`, `web` and `serve`, so every verb accepts the same paths and says the same thing when an
-adapter was trained for another base model.
+adapter was trained for another base model. Checkpoints themselves are found by `tunelab.train.layout`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NoReturn
 
 from tunelab.errors import TunelabError
+from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, resolve_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The `iter_N/` directory that `path` means: an iter_N dir itself, or a WORK_DIR (→ its last checkpoint)."""
-    p = Path(path)
-    if not p.exists():
-        raise TunelabError(f"checkpoint not found: {p}. Pass a WORK_DIR (its last checkpoint is used) "
-                           f"or one of its iter_N directories.")
-    if p.is_file():
-        if p.name == "last_checkpoint":
-            return resolve_checkpoint(_read_last_checkpoint(p.parent))
-        raise TunelabError(f"{p} is a file; tunelab checkpoints are directories (WORK_DIR/iter_N/ holding model/ "
-                           f"and tunelab.json). Pass the iter_N directory or the WORK_DIR.")
-    if (p / "model").is_dir():
-        return p
-    if (p / "last_checkpoint").is_file():
-        return resolve_checkpoint(_read_last_checkpoint(p))
-    iters = sorted((d for d in p.glob("iter_*") if (d / "model").is_dir() and not d.name.endswith(".tmp")),
-                   key=lambda d: int(d.name.split("_")[-1]) if d.name.split("_")[-1].isdigit() else -1)
-    if iters:
-        return iters[-1]
-    kind = sharded_checkpoint_kind(p)
-    if kind:
-        refuse_raw_engine_checkpoint(p, kind)
-    raise TunelabError(f"{p} is not a tunelab checkpoint: expected {p}/model/ (an iter_N directory) or "
-                       f"{p}/last_checkpoint (a WORK_DIR). Did training save a checkpoint yet? (see save_steps)")
-
-
-def _read_last_checkpoint(work_dir: Path) -> Path:
-    name = (work_dir / "last_checkpoint").read_text().strip()
-    for candidate in (Path(name), work_dir / name, work_dir / Path(name).name):
-        if candidate.is_dir():
-            return candidate
-    raise TunelabError(f"{work_dir / 'last_checkpoint'} names {name!r}, which does not exist. "
-                       f"Pass one of the iter_N directories in {work_dir} instead.")
-
-
-def sharded_checkpoint_kind(path: Path) -> str | None:
-    """'deepspeed' / 'fsdp' when `path` looks like a sharded checkpoint written by those engines, else None."""
-    if (path / "zero_to_fp32.py").exists() or list(path.glob("global_step*")) or list(path.glob("*model_states.pt")):
-        return "deepspeed"
-    if list(path.glob("*.distcp")):
-        return "fsdp"
-    return None
-
-
-def refuse_raw_engine_checkpoint(path: Path, kind: str) -> NoReturn:
-    """A raw DeepSpeed / FSDP checkpoint (not one of tunelab's iter_N directories): say what to do instead.
-
-    tunelab's own training saves a consolidated `model/` in every iter_N (even with DeepSpeed / FSDP), so only raw
-    engine checkpoints (e.g. XTuner's iter_N.pth/ folders) land here; `convert` does not read them.
-    """
-    how = (" To get whole fp32 weights from it in Python: "
-           "tunelab.train.sharded_state.load_consolidated_state_dict(path) (DeepSpeed's zero_to_fp32)."
-           if kind == "deepspeed" else "")
-    raise TunelabError(f"{path} looks like a raw {kind} checkpoint, which `convert` cannot read. Use the iter_N "
-                       f"directories tunelab's training writes (they hold a consolidated model/).{how}")
 
 
 def find_adapter_dir(path: str | Path) -> tuple[Path, Path]:
@@ -81,13 +24,13 @@ def find_adapter_dir(path: str | Path) -> tuple[Path, Path]:
     if (p / ADAPTER_CONFIG).is_file():
         _check_adapter_files(p)
         return p, p
-    if (p / "model").is_dir() or (p / "last_checkpoint").is_file() or list(p.glob("iter_*")):
+    if is_checkpoint(p) or looks_like_work_dir(p):
         ckpt = resolve_checkpoint(p)
-        if (ckpt / "model" / ADAPTER_CONFIG).is_file():
-            _check_adapter_files(ckpt / "model")
-            return ckpt / "model", ckpt
-        raise TunelabError(f"{ckpt}/model is a full model, not an adapter (no {ADAPTER_CONFIG}): "
-                           f"chat with it directly: `tunelab chat {ckpt}/model`.")
+        if (ckpt / MODEL_DIR / ADAPTER_CONFIG).is_file():
+            _check_adapter_files(ckpt / MODEL_DIR)
+            return ckpt / MODEL_DIR, ckpt
+        raise TunelabError(f"{ckpt}/{MODEL_DIR} is a full model, not an adapter (no {ADAPTER_CONFIG}): "
+                           f"chat with it directly: `tunelab chat {ckpt}/{MODEL_DIR}`.")
     raise TunelabError(f"{p} is not a LoRA adapter: {p / ADAPTER_CONFIG} is missing. Convert a training "
                        f"checkpoint first: `tunelab convert pth_to_hf CFG WORK_DIR/iter_N {p}`.")
 

@@ -17,8 +17,9 @@ import torch
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
-from tunelab.export.adapters import ADAPTER_CONFIG, check_adapter_fits, find_adapter_dir, resolve_checkpoint
-from tunelab.model.load import check_device, load_tokenizer, read_meta, write_meta
+from tunelab.export.adapters import ADAPTER_CONFIG, check_adapter_fits, find_adapter_dir
+from tunelab.model.load import check_device, load_tokenizer
+from tunelab.train.layout import MODEL_DIR, META_FILE, read_meta, resolve_checkpoint, training_meta, write_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -58,7 +59,7 @@ def pth_to_hf(config_path: str | None, checkpoint: str, out_dir: str, *, fp32: b
               max_shard_size: str = "2GB") -> Path:
     """Write the checkpoint's model as a HF adapter or model directory in `out_dir` (bf16, or fp32 with `fp32`)."""
     ckpt = resolve_checkpoint(checkpoint)
-    model_dir = ckpt / "model"
+    model_dir = ckpt / MODEL_DIR
     cfg = None
     if config_path:
         from tunelab.config.loader import load_config
@@ -67,13 +68,11 @@ def pth_to_hf(config_path: str | None, checkpoint: str, out_dir: str, *, fp32: b
     meta = read_meta(ckpt) or read_meta(model_dir)
     if meta is None:
         if cfg is None:
-            raise TunelabError(f"{ckpt} has no tunelab.json and no config was given: pass the training config so "
+            raise TunelabError(f"{ckpt} has no {META_FILE} and no config was given: pass the training config so "
                                f"the base model and prompt template are known.")
-        meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
-                "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
-                "tunelab_version": __version__}
+        meta = training_meta(cfg)
     elif cfg is not None and meta.get("base_model") != cfg.pretrained_model_name_or_path:
-        _say(f"note: {ckpt}/tunelab.json says base_model={meta.get('base_model')!r}, the config says "
+        _say(f"note: {ckpt}/{META_FILE} says base_model={meta.get('base_model')!r}, the config says "
              f"{cfg.pretrained_model_name_or_path!r}; the checkpoint's own record is kept.")
     out = Path(out_dir)
     _prepare_out_dir(out, ckpt, model_dir)

@@ -10,10 +10,15 @@ boundaries to `cu_seqlens` (cumulative sample lengths), the form the flash "varl
 `cu_seq_lens_q` / `max_length_q` keyword arguments that transformers forwards to attention functions. The function is
 registered under ATTN_NAME with `transformers.AttentionInterface`; without the boundaries (generation, a batch
 that is not packed) it falls back to sdpa.
+
+Rows that are each one whole sample (long-context training, no packing) need no varlen kernel: plain causal attention
+does, and on a GPU it runs cuDNN's kernel, 1.7-2.3x faster than flash on an H100 at 8k-128k tokens with the same
+error against an fp32 reference (benchmarks/bench_attention.py).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -92,7 +97,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         return _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     b, hq, t, d = query.shape
     max_len = kwargs.get("max_length_q") or t
-    if USE_CUDNN_FOR_WHOLE_ROWS and query.is_cuda and max_len == t and cu.numel() == b + 1:
+    if query.is_cuda and max_len == t and cu.numel() == b + 1:  # every row one whole sample
         return _cudnn_whole_rows(query, key, value, scaling), None
     dtype = attention_dtype(query)
     q = query.transpose(1, 2).reshape(b * t, hq, d).to(dtype)
@@ -112,13 +117,6 @@ def attention_dtype(query: torch.Tensor) -> torch.dtype:
     if query.dtype == torch.float32 and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return query.dtype
-
-
-# Rows that are each one whole sample (long-context training, no packing) need no varlen kernel: plain causal
-# attention does, and cuDNN's kernel runs it 1.7-2.3x faster than flash on an H100 at 8k-128k tokens, with the
-# same error against an fp32 reference (benchmarks/bench_attention.py, BENCHMARKS.md). Set by apply_fast_path
-# from `cudnn_attention`.
-USE_CUDNN_FOR_WHOLE_ROWS = False
 
 
 def _cudnn_whole_rows(query, key, value, scale):
@@ -165,15 +163,12 @@ def register_varlen_attention() -> str:
     return ATTN_NAME
 
 
-# CUDA graphs (cuda_graphs) record one graph per input shape, and torch.compile specialises on the longest sample's
-# length, so packed rows whose sample count changes every step would record a graph every step. With this flag
-# (set by apply_fast_path) the boundaries come in a few fixed shapes: see _static_boundaries.
-STATIC_SHAPES = False
-
-
 def _static_boundaries(cu: torch.Tensor, max_len: int, b: int, t: int) -> tuple[torch.Tensor, int]:
     """cu_seqlens padded with empty samples to a power of two (at least 16), and the row width as the longest sample.
 
+    CUDA graphs record one graph per input shape, and torch.compile specialises on the longest sample's length, so
+    packed rows whose sample count changes every step would record a graph every step; padded, the boundaries come
+    in a few fixed shapes.
     An empty sample (two equal offsets at the end) has no queries: the flash kernel skips it. The longest-sample
     length only sizes the kernel's grid, so the width (an upper bound) gives the same result. Rows that are each
     one sample keep their exact boundaries (they take the cuDNN kernel, whose shapes are fixed already).
@@ -185,31 +180,35 @@ def _static_boundaries(cu: torch.Tensor, max_len: int, b: int, t: int) -> tuple[
     return torch.cat([cu, cu[-1:].expand(size - n)]), t
 
 
-def _add_cu_seqlens(module, args, kwargs):
-    """Decoder forward pre-hook: derive the sample boundaries once per forward, for every layer."""
+def _add_cu_seqlens(module, args, kwargs, *, static_shapes: bool = False):
+    """Decoder forward pre-hook: derive the sample boundaries once per forward, for every layer (padded to a few
+    fixed shapes for CUDA graphs)."""
     position_ids = kwargs.get("position_ids")
     if position_ids is None or kwargs.get("cu_seq_lens_q") is not None:
         return None
     if kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
         return None  # padding or generation: the sdpa fallback handles it
     cu, max_len = cu_seqlens_from_position_ids(position_ids)
-    if STATIC_SHAPES:
+    if static_shapes:
         cu, max_len = _static_boundaries(cu, max_len, *position_ids.shape)
     kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
     return args, kwargs
 
 
-def enable_varlen_attention(model) -> None:
-    """Switch `model` (plain or peft-wrapped) to varlen attention over packed rows."""
-    from tunelab.model.loss import split_model
+def enable_varlen_attention(model, *, static_shapes: bool = False) -> None:
+    """Switch `model` (plain or peft-wrapped) to varlen attention over packed rows; `static_shapes` pads the sample
+    boundaries to a few fixed shapes (for CUDA graphs). Called again, it replaces its hook."""
+    from tunelab.model.parts import base_model, split_model
 
     register_varlen_attention()
     decoder, _, _ = split_model(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(ATTN_NAME)
     else:
         base.config._attn_implementation = ATTN_NAME
-    if not getattr(decoder, "_tunelab_varlen_hook", False):
-        decoder.register_forward_pre_hook(_add_cu_seqlens, with_kwargs=True)
-        decoder._tunelab_varlen_hook = True
+    previous = getattr(decoder, "_tunelab_varlen_hook", None)
+    if previous is not None:
+        previous.remove()
+    hook = functools.partial(_add_cu_seqlens, static_shapes=static_shapes)
+    decoder._tunelab_varlen_hook = decoder.register_forward_pre_hook(hook, with_kwargs=True)

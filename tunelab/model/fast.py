@@ -1,41 +1,31 @@
-"""The GPU fast path: switch on, after loading, each speed lever the config allows.
+"""The fast path's levers on the model, switched on after loading as the plan says (`tunelab.model.plan`).
 
-`apply_fast_path(model, cfg, device)` is called by the model loader for training. Each lever has its own config
-switch (TrainConfig, "speed" section) and each one keeps the maths of the plain path: the guard in
-scripts/gpu_check.py (and tests/test_fast_*.py on CPU) checks that loss and adapter gradients match.
+`apply_fast_path(model, plan, device)` is called by the model loader for training. Each lever keeps the maths of the
+plain path: tests/test_fast_*.py check that on CPU, scripts/gpu_check.py on a GPU (loss and adapter gradients).
 
-Levers (measured in BENCHMARKS.md, see docs/SPEED.md for what paid and what did not):
-  * use_varlen_attention: flash varlen attention over packed rows (tunelab.model.attention), GPU only; with
-    cudnn_attention, rows that hold one whole sample use cuDNN's kernel instead.
-  * frozen weights kept in the compute dtype: peft's prepare_model_for_kbit_training upcasts every
-    non-quantised weight (embeddings, lm_head, norms) to fp32; frozen ones gain nothing from it and cost
-    memory and fp32 matmuls, so they go back to bf16/fp16. Always on with a GPU.
-  * use_chunked_loss / loss_chunk_size: read by tunelab.model.loss.causal_lm_loss, nothing to do here.
-  * offload_activations, mlp_chunk_size, use_compile: how each decoder layer runs (tunelab.model.layers): its
-    checkpointed input in CPU memory, its MLP in slices of a long sequence, its forward compiled.
-  * qlora_dequant_once (needs gradient checkpointing): the 4-bit weight is
-    dequantised twice a step (forward, recompute) instead of three times.
-  * qlora_fused_dequant (with use_compile): the dequantisation in plain torch ops, fused into one kernel.
-  * lean_lora: peft's LoRA forward in fewer kernels (see lean_lora_forward).
-  * embeddings_on_cpu: a frozen input embedding looked up in CPU memory (see EmbeddingOnCPU).
+  * varlen attention over packed rows (`tunelab.model.attention`);
+  * frozen weights kept in the compute dtype: peft's prepare_model_for_kbit_training upcasts every non-quantised
+    weight (embeddings, lm_head, norms) to fp32; frozen ones gain nothing from it and cost memory and fp32 matmuls,
+    so they go back to bf16/fp16;
+  * QLoRA's 4-bit weight dequantised once a pass (`dequantize_once_per_pass`), in ops compile fuses when compiled;
+  * the lean LoRA forward (`lean_lora_forward`);
+  * a frozen input embedding looked up in CPU memory (`EmbeddingOnCPU`);
+  * how each decoder layer runs: checkpointed (its input optionally in CPU memory), compiled, replayed as CUDA
+    graphs, its MLP in slices (`tunelab.model.layers`).
+The loss reads the plan itself (`tunelab.model.loss.causal_lm_objective`).
 """
 
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 
 from tunelab.model.layers import run_decoder_layers
+from tunelab.model.parts import decoder_layers
 
 log = logging.getLogger(__name__)
-
-
-def _decoder_layers(model):
-    from tunelab.model.loss import split_model
-
-    decoder, _, _ = split_model(model)
-    return getattr(decoder, "layers", None)
 
 
 def downcast_frozen_weights(model, dtype: torch.dtype) -> int:
@@ -75,18 +65,12 @@ def dequantize_once_per_pass(model, fused: bool = False) -> int:
         import bitsandbytes as bnb
     except ImportError:
         return 0
-    import types
-
     count = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and module.weight.dtype == torch.uint8:
             module.forward = types.MethodType(nf4_linear_forward if fused else _linear4bit_dequant_once, module)
             count += 1
     return count
-
-
-# Inside torch.compile, the adapter's output added by an elementwise kernel rather than addmm (bench.py addmm=1: off).
-ADD_UNDER_COMPILE = True
 
 
 def lean_lora_forward(self, x, *args, **kwargs):
@@ -97,8 +81,8 @@ def lean_lora_forward(self, x, *args, **kwargs):
     and pass. With ~200 adapted linears and three passes a step (checkpointing recomputes the forward) the step is
     bound by launching them. Here dropout runs on x as it comes (bf16 under autocast) and the scale and the add go
     into one addmm (fp32 accumulation, one rounding): the same function, five kernels. Under torch.compile the add
-    is left to inductor instead (see ADD_UNDER_COMPILE). Adapter weights, their
-    names and peft's save format are untouched; anything else (several or disabled adapters, DoRA, merged weights,
+    of a bf16 layer is left to inductor instead (see below). Adapter weights, their names and peft's save format
+    are untouched; anything else (several or disabled adapters, DoRA, merged weights,
     mixed dtypes without autocast) takes peft's own forward.
     """
     names = self.active_adapters
@@ -114,12 +98,12 @@ def lean_lora_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     lora_b = self.lora_B[name].weight
     low_rank = torch.nn.functional.linear(self.lora_dropout[name](x), lora_a)
-    if ADD_UNDER_COMPILE and torch.compiler.is_compiling() and not hasattr(self.base_layer.weight, "quant_state"):
+    if torch.compiler.is_compiling() and not hasattr(self.base_layer.weight, "quant_state"):
         # Compiled, the scale and the add go into the next elementwise kernel (RoPE, SwiGLU, the residual), which
         # reads the base output anyway; addmm would first copy the base output into its own (a device-to-device
         # copy per linear and pass: 6 ms of a 200 ms Llama-7B LoRA step). The price: the recomputed layer holds
         # base and adapter outputs apart until its backward, +0.2 GiB at 7B. 4-bit layers, run for memory, keep
-        # addmm (Llama-7B QLoRA: 6.10 GiB against 5.91, BENCHMARKS.md round 6).
+        # addmm (Llama-7B QLoRA: 5.91 GiB against 6.10 with the elementwise add).
         return result + torch.nn.functional.linear(low_rank, lora_b) * self.scaling[name]
     out = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), lora_b.t(),
                       alpha=self.scaling[name])
@@ -132,8 +116,6 @@ def use_lean_lora(model, on: bool = True) -> int:
         from peft.tuners.lora import LoraLayer
     except ImportError:
         return 0
-    import types
-
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and hasattr(module, "lora_A") and isinstance(module.base_layer, torch.nn.Module):
@@ -210,44 +192,36 @@ def compute_dtype(model) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
 
 
-def apply_fast_path(model, cfg, device) -> dict:
-    """Switch on the levers `cfg` allows on `device`; returns {lever: on/off or a note}, for the log."""
-    device = torch.device(device)
-    on_gpu = device.type == "cuda"
-    graphed = cfg.resolved_cuda_graphs(on_gpu)
+def apply_fast_path(model, plan, device) -> dict:
+    """Switch on the levers `plan` (a `tunelab.model.plan.FastPathPlan`) names on `model`; returns what was done, for
+    the log ({lever: what it did})."""
+    if not plan.enabled:
+        return {"fast_path": "off"}
     report = {}
-    if on_gpu and cfg.use_varlen_attention:
-        from tunelab.model import attention
+    if plan.varlen_attention:
         from tunelab.model.attention import enable_varlen_attention
 
-        enable_varlen_attention(model)
-        attention.USE_CUDNN_FOR_WHOLE_ROWS = bool(cfg.cudnn_attention)
-        attention.STATIC_SHAPES = graphed
-        report["varlen_attention"] = "on" + (", cuDNN for rows of one sample" if cfg.cudnn_attention else "")
+        enable_varlen_attention(model, static_shapes=plan.cuda_graphs)
+        report["varlen_attention"] = "on, cuDNN for rows of one sample"
     else:
         report["varlen_attention"] = "off (sdpa with a block-diagonal mask from position_ids)"
     dtype = compute_dtype(model)
-    if on_gpu and dtype in (torch.bfloat16, torch.float16):
+    if plan.frozen_weights_in_compute_dtype and dtype in (torch.bfloat16, torch.float16):
         saved = downcast_frozen_weights(model, dtype)
         report["frozen_weights"] = f"{dtype} (saved {saved / 2**30:.2f} GiB)"
-    if on_gpu and cfg.qlora_dequant_once and cfg.resolved_gradient_checkpointing():
-        fused = cfg.qlora_fused_dequant and cfg.use_compile
-        report["dequant_once"] = (f"{dequantize_once_per_pass(model, fused)} 4-bit layers"
-                                  + (", fused by compile" if fused else ""))
-    if on_gpu and cfg.resolved_embeddings_on_cpu():
+    if plan.dequantize_once:
+        report["dequant_once"] = (f"{dequantize_once_per_pass(model, plan.fused_dequant)} 4-bit layers"
+                                  + (", fused by compile" if plan.fused_dequant else ""))
+    if plan.embeddings_on_cpu:
         freed = keep_embeddings_on_cpu(model, device)
         report["embeddings_on_cpu"] = f"{freed / 2**30:.2f} GiB freed" if freed else "no (trained or tied to lm_head)"
-    if on_gpu and cfg.lean_lora:
+    if plan.lean_lora:
         report["lean_lora"] = f"{use_lean_lora(model)} LoRA linears"
-    report["chunked_loss"] = f"on, {cfg.loss_chunk_size} rows a chunk" if cfg.use_chunked_loss else "off"
-    if cfg.use_chunked_loss and cfg.use_compile and on_gpu:
-        model._tunelab_compile_loss = True  # read by tunelab.model.loss: the softmax and its gradient compiled
+    report["chunked_loss"] = f"on, {plan.loss_chunk_size} rows a chunk" if plan.chunked_loss else "off"
+    if plan.compiled_loss:
         report["chunked_loss"] += ", its softmax gradient compiled"
-    if graphed:
+    if plan.cuda_graphs:
         mark_quant_states_static(model)
-    report.update(run_decoder_layers(_decoder_layers(model) or [], compile=cfg.use_compile and on_gpu,
-                                     offload=cfg.offload_activations and on_gpu,
-                                     mlp_chunk_size=cfg.resolved_mlp_chunk_size(),
-                                     cuda_graphs=graphed))
+    report.update(run_decoder_layers(decoder_layers(model), plan))
     log.info("fast path: %s", report)
     return report

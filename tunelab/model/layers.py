@@ -3,13 +3,13 @@ the MLP in slices of the sequence for long context.
 
 transformers checkpoints a layer in `GradientCheckpointingLayer`, around `__call__` in 5.17 and around `forward` in
 later releases, so `torch.compile` of the layer ends up inside the checkpoint on one version and outside on the
-other. `run_decoder_layers` takes that over, the same on every version:
+other. `run_decoder_layers(layers, plan)` takes that over, the same on every version:
 
-* by default the layer's forward becomes compiled(checkpoint(forward)). Dynamo traces the checkpoint and
-  AOTAutograd puts the recomputation into the layer's compiled backward graph: fewer launches, and CUDA graphs
-  (`cuda_graphs`) can replay forward and backward (BENCHMARKS.md, round 4: 1.72x -> 2.52x, 3.09x with graphs);
-* with offloading or MLP slices, whose hooks and slices need eager code, it is checkpoint(compiled forward), the
-  round-3 arrangement; also the fallback when compiling the first one fails (`_Fallback`).
+* compiled and checkpointed, the layer's forward becomes compiled(checkpoint(forward)). Dynamo traces the checkpoint
+  and AOTAutograd puts the recomputation into the layer's compiled backward graph: fewer launches (Llama-7B QLoRA
+  2k: 1.72x -> 2.52x the plain loop), and CUDA graphs can replay forward and backward (3.09x);
+* with offloading or MLP slices, whose hooks and slices need eager code, it is checkpoint(compiled forward); that
+  is also the fallback when compiling the first arrangement fails (`_Fallback`).
 
 Evaluation and generation (eval mode or no grad) call the plain forward: nothing to save, nothing to recompile.
 
@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 # Pinned (page-locked) buffers copy asynchronously, but torch's pinned allocator rounds each block up to a power of
 # two; above this size a checkpoint goes to ordinary memory (a synchronous copy, ~1% of a long layer's compute).
 PINNED_MAX_BYTES = 256 * 2**20
-
-# Compiled layers: the checkpoint inside the compiled code where it can be (benchmarks/bench.py turns it off to
-# compare with the checkpoint around the compiled forward).
-CHECKPOINT_INSIDE_COMPILE = True
-
 
 def _to_cpu(tensor: torch.Tensor):
     if tensor.device.type == "cpu":
@@ -118,8 +113,8 @@ class _Fallback:
 
     torch 2.11's partitioner fails ("Node ... was invalid, but is output") on the checkpoint inside compiled code
     when dropout meets shapes that change between steps (packed rows): dynamo recompiles with dynamic shapes and
-    inductor raises before anything runs. The layer is then run again the round-3 way, which compiles fine, and
-    every later call of that class goes there directly.
+    inductor raises before anything runs. The layer then runs with the checkpoint around its compiled forward, which
+    compiles fine, and every later call of that class goes there directly.
     """
 
     compiled_forward: object
@@ -145,56 +140,52 @@ def _training_forward(layer, *args, inner, checkpoint_fn, fallback: _Fallback | 
     return checkpoint_fn(functools.partial(inner, layer, **kwargs), *args)
 
 
-def run_decoder_layers(layers, *, compile: bool = False, offload: bool = False,
-                       mlp_chunk_size: int | None = None, cuda_graphs: bool = False) -> dict:
-    """Set how each decoder layer of `layers` runs in training (see the module docstring); returns a report."""
+def run_decoder_layers(layers, plan) -> dict:
+    """Set how each decoder layer runs in training, as `plan` (a `tunelab.model.plan.FastPathPlan`) says (see the
+    module docstring); returns a report for the log."""
     report, compiled, fallbacks = {}, {}, {}
-    n_ckpt = n_mlp = n_inside = n_graphed = 0
+    n_mlp = n_inside = n_graphed = 0
+    inside = plan.checkpoint_inside_compile
+    checkpoint_fn = None
+    if plan.checkpointing:
+        checkpoint_fn = offloaded_checkpoint if plan.offload_activations else plain_checkpoint
     for layer in layers:
         cls_forward = type(layer).forward
-        inner, checkpoint_fn, fallback = cls_forward, None, None
-        # Called again (a benchmark switching levers), a layer we checkpoint already has the flag off.
-        if getattr(layer, "gradient_checkpointing", False) or getattr(layer, "_tunelab_checkpointed", False):
+        inner, layer_checkpoint, fallback = cls_forward, checkpoint_fn, None
+        if hasattr(layer, "gradient_checkpointing"):
             layer.gradient_checkpointing = False  # transformers' own checkpoint off: ours wraps the compiled code
-            layer._tunelab_checkpointed = True
-            checkpoint_fn = offloaded_checkpoint if offload else plain_checkpoint
-            n_ckpt += 1
-        if compile:
-            # Without offloading or MLP slices (both need eager code around the layer), the checkpoint goes inside
-            # the compiled function: AOTAutograd then puts the recomputation into the backward graph, one graph
-            # per pass instead of two (fewer launches), and CUDA graphs can replay it.
-            inside = CHECKPOINT_INSIDE_COMPILE and checkpoint_fn is plain_checkpoint and not mlp_chunk_size
+        if plan.compile:
             target = _checkpointed(cls_forward) if inside else cls_forward
-            # CUDA graphs cannot record an eager checkpoint's recomputation of compiled code (cudagraph trees
-            # see an input freed during recording): only for layers with the checkpoint inside or none at all.
-            graphed = cuda_graphs and (inside or checkpoint_fn is None)
-            key = (cls_forward, inside, graphed)
+            key = (cls_forward, inside)
             if key not in compiled:
                 # One compiled function per layer class: the layers share the compiled code (a 7B layer compiles
                 # in ~12 s once). Without graphs dynamic=None: static shapes first, dynamic after a shape changes.
-                # With graphs the shapes come from a small fixed set (attention.STATIC_SHAPES; the loop pads rows
-                # to max_length), so dynamic=False compiles each once, away from the dynamic-shape case torch
-                # 2.11's partitioner fails on (see _Fallback).
-                compiled[key] = (torch.compile(target, mode="reduce-overhead", dynamic=False) if graphed
+                # With graphs the shapes come from a small fixed set (the loop pads rows to max_length, attention
+                # pads the sample boundaries), so dynamic=False compiles each once, away from the dynamic-shape case
+                # torch 2.11's partitioner fails on (see _Fallback).
+                compiled[key] = (torch.compile(target, mode="reduce-overhead", dynamic=False) if plan.cuda_graphs
                                  else torch.compile(target))
-            n_graphed += graphed
+            n_graphed += plan.cuda_graphs
             inner = compiled[key]
             if inside:
-                checkpoint_fn = None
+                layer_checkpoint = None
                 n_inside += 1
                 if cls_forward not in fallbacks:
                     fallbacks[cls_forward] = _Fallback(torch.compile(cls_forward))
                 fallback = fallbacks[cls_forward]
         layer.forward = types.MethodType(
-            functools.partial(_training_forward, inner=inner, checkpoint_fn=checkpoint_fn, fallback=fallback), layer)
+            functools.partial(_training_forward, inner=inner, checkpoint_fn=layer_checkpoint, fallback=fallback),
+            layer)
         mlp = getattr(layer, "mlp", None)
-        if mlp_chunk_size and isinstance(mlp, torch.nn.Module):
+        if plan.mlp_slice and isinstance(mlp, torch.nn.Module):
             # Outside torch.compile: dynamo would trace the slices into one graph and keep them all alive.
-            sliced = torch.compiler.disable(functools.partial(_mlp_in_slices, chunk_size=mlp_chunk_size))
+            sliced = torch.compiler.disable(functools.partial(_mlp_in_slices, chunk_size=plan.mlp_slice))
             mlp.forward = types.MethodType(sliced, mlp)
             n_mlp += 1
-    report["checkpointing"] = f"{n_ckpt} layers" + (", inputs offloaded to CPU memory" if offload and n_ckpt else "")
+    n_ckpt = len(layers) if plan.checkpointing else 0
+    report["checkpointing"] = (f"{n_ckpt} layers"
+                               + (", inputs offloaded to CPU memory" if plan.offload_activations and n_ckpt else ""))
     report["compile"] = (f"{len(layers)} decoder layers" + (f", {n_inside} with the checkpoint inside" if n_inside else "")
-                         + (f", {n_graphed} as CUDA graphs" if n_graphed else "")) if compile else "off"
-    report["mlp_slices"] = f"{n_mlp} layers, {mlp_chunk_size} tokens a slice" if n_mlp else "off"
+                         + (f", {n_graphed} as CUDA graphs" if n_graphed else "")) if plan.compile else "off"
+    report["mlp_slices"] = f"{n_mlp} layers, {plan.mlp_slice} tokens a slice" if n_mlp else "off"
     return report

@@ -21,8 +21,6 @@ from tunelab.model import internlm2
 
 log = logging.getLogger(__name__)
 
-META_FILE = "tunelab.json"
-
 # Families tested in CI on a tiny config of their architecture (tests/test_model_families.py): load, one LoRA and
 # one QLoRA step, chat. Architecture -> family, as in docs/MODELS.md.
 SUPPORTED_FAMILIES: dict[str, str] = {
@@ -246,58 +244,46 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
     return model
 
 
-def load_model_for_training(cfg, device: torch.device):
-    """The model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora / qlora)."""
+def load_model_for_training(cfg, device: torch.device, plan=None):
+    """The model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora / qlora), with the fast path of
+    `plan` switched on (a `tunelab.model.plan.FastPathPlan`; by default the one `cfg` gets on `device` in one process).
+    What the fast path did is in `model._tunelab_fast_path`, for the log."""
+    from tunelab.config.schema import combination_errors
+    from tunelab.model.plan import plan_fast_path
+
+    plan = plan or plan_fast_path(cfg, device)
+
     dtype = resolve_dtype(cfg.dtype, check_device(device))
     bits = cfg.resolved_quant_bits()
-    if cfg.method == "full" and bits:
-        raise TunelabError(f"method = 'full' with quant_bits = {bits}: a quantised base cannot be trained "
-                           "directly. Use method = 'qlora', or set quant_bits = None.")
+    errors = combination_errors(cfg)  # settings built in Python skip load_config's checks
+    if errors:
+        raise TunelabError("\n".join(errors))
     model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, bits=bits,
                            trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.method == "full":
-        if cfg.resolved_gradient_checkpointing():
+        if plan.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return _with_fast_path(model, cfg, device)
+        return _with_fast_path(model, plan, device)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if bits:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.resolved_gradient_checkpointing(),
+            model, use_gradient_checkpointing=plan.checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif cfg.resolved_gradient_checkpointing():
+    elif plan.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return _with_fast_path(get_peft_model(model, _lora_config(cfg)), cfg, device)
+    return _with_fast_path(get_peft_model(model, _lora_config(cfg)), plan, device)
 
 
-def _with_fast_path(model, cfg, device):
-    """Switch on the GPU fast path (tunelab/model/fast.py) as the config allows; the report goes in the log."""
+def _with_fast_path(model, plan, device):
+    """Switch on the fast path's levers (tunelab/model/fast.py) as the plan says; the report goes in the log."""
     from tunelab.model.fast import apply_fast_path
 
-    model._tunelab_fast_path = apply_fast_path(model, cfg, device)
+    model._tunelab_fast_path = apply_fast_path(model, plan, device)
     return model
-
-
-def read_meta(directory: str | Path) -> dict | None:
-    """The `tunelab.json` a checkpoint / adapter / merged model was saved with, if any."""
-    path = Path(directory) / META_FILE
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TunelabError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}. Fix it, or delete it and pass "
-                           "the base model / --prompt-template yourself.") from None
-    if not isinstance(meta, dict):
-        raise TunelabError(f"{path}: expected a JSON object like {{\"base_model\": ..., \"prompt_template\": ...}}.")
-    return meta
-
-
-def write_meta(directory: str | Path, meta: dict) -> None:
-    Path(directory, META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
 
 
 def load_model_for_inference(model_path: str, *, adapter: str | None = None, bits: int | None = None,

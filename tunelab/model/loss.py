@@ -8,11 +8,15 @@ Each chunk's gradient is taken in the forward pass (`LinearCrossEntropy`): with 
 logits is softmax - one-hot, so the gradients for the hidden states (and for lm_head's weight when it is trained)
 are two matmuls right there, kept until backward scales them by the incoming gradient. That is three lm_head
 matmuls a step instead of the four of a checkpointed chunk (forward, recompute, two for backward), and one pass
-over the logits instead of four. On a GPU with the fast path's compile on, the softmax and its gradient are one
-compiled kernel that reads the bf16 logits once and writes the bf16 gradient.
+over the logits instead of four. On a GPU with compiled layers, the softmax and its gradient are one compiled kernel
+that reads the bf16 logits once and writes the bf16 gradient.
 
 Which positions are trained comes from the batch: `tunelab.data.collate` lists them on the CPU (`loss_index`,
 `loss_targets`), so nothing here waits for the GPU; batches built by hand without them get them from `labels`.
+
+The loop calls an objective, `objective(model, batch) -> (loss_sum, n_trained_tokens)`: `causal_lm_objective(plan)` is
+this loss as the fast-path plan runs it. Another objective (per-sequence log-probabilities for preference training,
+say) is another function of the same shape, built on the same chunked projection.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.collate import loss_targets
+from tunelab.model.parts import split_model
 
 MAX_CHUNK_LOGITS = 2**25  # logits a chunk when lm_head is frozen: 64 MiB in bf16 (128 MiB fp32 on the eager path)
 # A trained lm_head adds its whole weight gradient into an fp32 sum once per chunk: fewer, larger chunks. 2^29
 # logits (1 GiB of bf16 logits and as much gradient at once) against 2^28: 45.4% vs 44.6% MFU, +1.5 GiB, on
-# Qwen2.5-1.5B full fine-tuning at 16k tokens a step (BENCHMARKS.md, round 6). `loss_chunk_size` caps the rows.
+# Qwen2.5-1.5B full fine-tuning at 16k tokens a step (BENCHMARKS.md). `loss_chunk_size` caps the rows.
 MAX_CHUNK_LOGITS_TRAINED_HEAD = 2**29
 
 
@@ -35,15 +40,6 @@ def loss_chunk_rows(chunk_size: int, vocab_size: int, head_trained: bool = False
     """Rows projected to logits at a time: `chunk_size`, fewer for large vocabularies."""
     budget = MAX_CHUNK_LOGITS_TRAINED_HEAD if head_trained else MAX_CHUNK_LOGITS
     return max(1, min(chunk_size, budget // vocab_size))
-
-
-def split_model(model):
-    """(decoder, lm_head, logit_softcap) of a causal LM, through a peft wrapper if there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(base, base.base_model_prefix, None) or base.model
-    lm_head = base.get_output_embeddings()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    return decoder, lm_head, softcap
 
 
 def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
@@ -73,20 +69,24 @@ def compiled_cross_entropy_and_grad():
     return torch.compile(cross_entropy_and_grad, dynamic=True)
 
 
-_FP32_EPILOGUE = None  # whether torch.addmm(out_dtype=) works here: learnt on the first CUDA call
+@functools.cache
+def fp32_epilogue_supported(dtype: torch.dtype) -> bool:
+    """Whether this torch's CUDA addmm adds a product of two `dtype` matrices into an fp32 sum itself (`out_dtype=`)."""
+    x = torch.zeros(2, 2, dtype=dtype, device="cuda")
+    acc = torch.zeros(2, 2, dtype=torch.float32, device="cuda")
+    try:
+        torch.addmm(acc, x.t(), x, out_dtype=torch.float32, out=acc)  # transposed, as the loss calls it
+    except (RuntimeError, TypeError):  # a torch without addmm's out_dtype for these dtypes
+        return False
+    return True
 
 
 def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, acc fp32 and a, b 16-bit: on CUDA the sum happens in the matmul's fp32 epilogue (no 16-bit
     product written and read back, no rounding of it), elsewhere the 16-bit product is added in."""
-    global _FP32_EPILOGUE
-    if acc.is_cuda and a.dtype != acc.dtype and _FP32_EPILOGUE is not False:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            _FP32_EPILOGUE = True
-            return
-        except (RuntimeError, TypeError):  # a torch without addmm's out_dtype for these dtypes
-            _FP32_EPILOGUE = False
+    if acc.is_cuda and a.dtype != acc.dtype and fp32_epilogue_supported(a.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        return
     acc.add_(a @ b)
 
 
@@ -128,8 +128,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         return out[0], None, out[1], out[2], None, None, None
 
 
-def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool = True):
-    """Sum of token losses and the number of trained tokens for one batch (see docs/DESIGN.md, Loss)."""
+def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool = True, compiled: bool = False):
+    """Sum of token losses and the number of trained tokens for one batch (see docs/DESIGN.md, Loss).
+
+    chunked: the chunked loss (False: full logits); compiled: its softmax gradient compiled, on a GPU."""
     if "loss_index" in batch:
         index, targets = batch["loss_index"], batch["loss_targets"]
     else:  # a batch built by hand: find the trained positions here (a GPU sync on GPU labels)
@@ -145,7 +147,7 @@ def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool 
     hidden = hidden.flatten(0, 1).index_select(0, index)
     weight, bias = lm_head.weight, lm_head.bias
     rows = loss_chunk_rows(chunk_size, weight.shape[0], head_trained=weight.requires_grad)
-    compiled = hidden.is_cuda and getattr(model, "_tunelab_compile_loss", False)
+    compiled = compiled and hidden.is_cuda
     if torch.is_grad_enabled():
         return LinearCrossEntropy.apply(hidden, targets, weight, bias, softcap, rows, compiled), n_tokens
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -155,3 +157,10 @@ def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool 
             logits = torch.tanh(logits / softcap) * softcap
         total = total + F.cross_entropy(logits, targets[start:start + rows], reduction="sum")
     return total, n_tokens
+
+
+def causal_lm_objective(plan):
+    """The loss the training loop minimises, as `plan` (a `tunelab.model.plan.FastPathPlan`) runs it:
+    objective(model, batch) -> (loss_sum, n_trained_tokens)."""
+    return functools.partial(causal_lm_loss, chunk_size=plan.loss_chunk_size, chunked=plan.chunked_loss,
+                             compiled=plan.compiled_loss)

@@ -3,10 +3,13 @@
 The estimate adds up the parts a training step holds at its peak (the second step, once the optimizer states
 exist): frozen weights, trainable parameters with their gradients and AdamW states, the activations kept for
 backward (all of them, or one tensor per layer with gradient checkpointing plus one layer's worth being
-recomputed), and the logits of the loss. It targets `torch.cuda.max_memory_allocated()` of our fast path (bf16 frozen
-weights, chunked loss); `fits` adds the CUDA context and allocator slack on top. The per-token activation constants
-were fitted to peaks measured on an H100 (see BENCHMARKS.md), so they are "bytes per token per layer" in units of the
-hidden and intermediate sizes.
+recomputed), and the logits of the loss. It targets `torch.cuda.max_memory_allocated()` of the run as its fast-path
+plan (`tunelab.model.plan`) runs it on a GPU; `fits` adds the CUDA context and allocator slack on top.
+
+The per-token activation constants are "bytes per token per layer" in units of the hidden and intermediate sizes,
+fitted to peaks measured on an H100 (BENCHMARKS.md): `ACT_PER_TOKEN` to the first uncompiled peaks (Llama-7B LoRA and
+QLoRA at 2k), `COMPILED_ACT_FACTOR` to the compiled peaks with the checkpoint around and inside the compiled layer.
+tests/test_memory.py lists those fitted peaks apart and checks the estimate against later peaks held out of the fit.
 """
 
 from __future__ import annotations
@@ -51,10 +54,9 @@ KNOWN_SHAPES = {
 # Without checkpointing every layer keeps all of these; with it, only one layer at a time does.
 # LoRA keeps more per token than full fine-tuning: a dropout copy of each adapted layer's input, and fp32 norms.
 ACT_PER_TOKEN = {"full": (20.0, 8.5), "lora": (30.0, 11.5), "qlora": (30.0, 11.5)}
-# torch.compile (use_compile, on by default on GPU) fuses element-wise ops, so a layer keeps fewer activations.
-# Fitted to the compiled peaks of BENCHMARKS.md: (checkpointed layer, whole model without checkpointing) from
-# round 2; the checkpoint inside the compiled code (round 4, the default) recomputes the layer inside one backward
-# graph, which keeps about as much as eager code does.
+# torch.compile (use_compile, on by default on GPU) fuses element-wise ops, so a layer keeps fewer activations:
+# a checkpointed layer (True), the whole model without checkpointing (False). The checkpoint inside the compiled
+# code (the default) recomputes the layer inside one backward graph, which keeps about as much as eager code does.
 COMPILED_ACT_FACTOR = {True: 0.6, False: 0.75, "inside": 1.0}
 # One loss chunk (tunelab.model.loss, gradients taken in forward): its bf16 logits and bf16 gradient, plus an fp32
 # copy that the softmax is taken in when that is not compiled into one kernel.
@@ -189,11 +191,15 @@ def _lora_params(shape: ModelShape, cfg) -> int:
     return shape.num_hidden_layers * sum(cfg.lora_r * (a + b) for a, b in chosen)
 
 
-def estimate_memory(cfg, device=None) -> MemoryEstimate:
-    """Peak GPU memory of one training step of `cfg` on our fast path; `device` (a torch.device) to check the fit."""
+def estimate_memory(cfg, device=None, plan=None) -> MemoryEstimate:
+    """Peak GPU memory of one training step of `cfg`; `device` (a torch.device) to check the fit. `plan`: the run's
+    `FastPathPlan` (by default the one `cfg` gets on a GPU in one process)."""
+    from tunelab.model.plan import plan_fast_path
+
+    plan = plan or plan_fast_path(cfg, "cuda")
     shape = model_shape(cfg.pretrained_model_name_or_path)
     bits = cfg.resolved_quant_bits()
-    checkpointing = cfg.resolved_gradient_checkpointing()
+    checkpointing = plan.checkpointing
     tokens = cfg.max_length * cfg.batch_size
     h, inter, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
     linear = layers * shape.layer_linear_params()
@@ -201,10 +207,12 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
     parts = {}
 
     per_param = {4: NF4_BYTES_PER_PARAM, 8: 1.0 + 4 / 64}.get(bits, 2.0)
-    parts["frozen/base weights"] = int(linear * per_param + other * 2)
-    embeddings_on_cpu = (cfg.method != "full" and cfg.resolved_embeddings_on_cpu() and not shape.tie_word_embeddings)
+    # peft's preparation of a quantised base upcasts the rest to fp32; the fast path casts the frozen ones back
+    other_bytes = 4 if bits and not plan.frozen_weights_in_compute_dtype else 2
+    parts["frozen/base weights"] = int(linear * per_param + other * other_bytes)
+    embeddings_on_cpu = plan.embeddings_on_cpu and not shape.tie_word_embeddings
     if embeddings_on_cpu:  # the input embedding is looked up in CPU memory (tunelab.model.fast.EmbeddingOnCPU)
-        parts["frozen/base weights"] -= vocab * h * 2
+        parts["frozen/base weights"] -= vocab * h * other_bytes
     adam_bytes = 2 if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
     if cfg.method == "full":
         trainable = shape.total_params()
@@ -224,22 +232,20 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
 
     a_h, a_i = ACT_PER_TOKEN[cfg.method]
     # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
-    layer_act = tokens * a_h * h + min(tokens, cfg.resolved_mlp_chunk_size() or tokens) * a_i * inter
-    mlp_slices = cfg.resolved_mlp_chunk_size() is not None
-    if cfg.use_compile:
-        inside = checkpointing and not cfg.offload_activations and not mlp_slices  # see tunelab.model.layers
-        layer_act *= COMPILED_ACT_FACTOR["inside" if inside else checkpointing]
-    if bits == 4 and checkpointing and cfg.qlora_dequant_once and not mlp_slices:
+    layer_act = tokens * a_h * h + min(tokens, plan.mlp_slice or tokens) * a_i * inter
+    if plan.compile:
+        layer_act *= COMPILED_ACT_FACTOR["inside" if plan.checkpoint_inside_compile else checkpointing]
+    if bits == 4 and plan.dequantize_once and not plan.mlp_slice:
         # The recomputation keeps one layer's weights dequantised to bf16 until that layer's backward is done.
         # (With MLP slices each slice dequantises for its own backward, when the other slices' intermediates,
         # counted above for one slice, are gone: measured within the long-context rows' error without this term.)
         layer_act += shape.layer_linear_params() * 2
-    if cfg.use_chunked_loss:
+    if plan.chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 
         head_trained = cfg.method == "full"
-        rows = min(tokens, loss_chunk_rows(cfg.loss_chunk_size, vocab, head_trained=head_trained))
-        per_logit = LOSS_BYTES_PER_LOGIT["compiled" if cfg.use_compile else "eager"]
+        rows = min(tokens, loss_chunk_rows(plan.loss_chunk_size, vocab, head_trained=head_trained))
+        per_logit = LOSS_BYTES_PER_LOGIT["compiled" if plan.compiled_loss else "eager"]
         # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence;
         # a trained lm_head's fp32 weight gradient, summed over the chunks in forward (and one chunk's bf16
         # product, where the matmul cannot add into fp32 itself: counted, to stay on the safe side)
@@ -256,7 +262,7 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
         # The peak is early in backward: one saved input per layer, the last layer recomputed, the loss chunk;
         # or late in backward, when the gradients are all there but the saved inputs are gone.
         # Offloaded, only the layer being recomputed has its input on the GPU.
-        saved = (1 if cfg.offload_activations else layers) * tokens * h * 2
+        saved = (1 if plan.offload_activations else layers) * tokens * h * 2
         early, late = saved + loss_bytes, grads
         parts["activations (checkpointed)"] = int(saved + layer_act)
         parts[loss_name] = int(loss_bytes)
@@ -266,29 +272,30 @@ def estimate_memory(cfg, device=None) -> MemoryEstimate:
         parts[loss_name] = int(loss_bytes)
         # Gradients arrive as activations are freed; at the peak (start of backward) only lm_head's exists,
         # counted with the loss (it is taken in forward) when the loss is chunked.
-        first = vocab * h * 2 if cfg.method == "full" and not cfg.use_chunked_loss else 0
+        first = vocab * h * 2 if cfg.method == "full" and not plan.chunked_loss else 0
         parts[grads_name] = int(grads if accumulating else first)
 
     total = int(sum(parts.values()))
     with_overhead = int(total * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES)
     est = MemoryEstimate(parts=parts, total=total, with_overhead=with_overhead)
-    if checkpointing and cfg.offload_activations:
+    if plan.offload_activations:
         est.cpu_offload["offload_activations"] = layers * tokens * h * 2  # every layer's input passes through
     if embeddings_on_cpu:
-        est.cpu_offload["embeddings_on_cpu"] = vocab * h * 2
+        est.cpu_offload["embeddings_on_cpu"] = vocab * h * other_bytes
     if device is not None and getattr(device, "type", str(device)) == "cuda":
         import torch
 
         props = torch.cuda.get_device_properties(device)
         est.device_bytes, est.device_name = props.total_memory, props.name
-    est.suggestions = _suggestions(cfg, est, checkpointing)
+    est.suggestions = _suggestions(cfg, est, plan)
     return est
 
 
-def _suggestions(cfg, est: MemoryEstimate, checkpointing: bool) -> list[str]:
+def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     if est.fits is not False:
         return []
     out = []
+    checkpointing = plan.checkpointing
     if not checkpointing:
         out.append("gradient_checkpointing = True  (keeps one tensor per layer instead of all activations)")
     if cfg.method == "full":
@@ -302,18 +309,18 @@ def _suggestions(cfg, est: MemoryEstimate, checkpointing: bool) -> list[str]:
         out.append(f"batch_size = 1 and accumulative_counts = {cfg.accumulative_counts * cfg.batch_size}")
     if cfg.max_length > 512:
         out.append(f"max_length = {cfg.max_length // 2}")
-    if not cfg.use_chunked_loss:
-        out.append("use_chunked_loss = True  (never builds full-vocabulary logits)")
-    if checkpointing and not cfg.offload_activations and cfg.max_length >= 8192:
+    if not plan.enabled:
+        out.append("fast_path = True  (among others, the chunked loss never builds full-vocabulary logits)")
+    if checkpointing and not plan.offload_activations and cfg.max_length >= 8192:
         out.append("offload_activations = True  (each layer's checkpointed input in CPU memory)")
     if cfg.optimizer == "adamw" and cfg.method == "full":
         out.append("optimizer = 'adamw_8bit'")
     return out
 
 
-def plan_report(cfg, device=None) -> str:
+def plan_report(cfg, device=None, plan=None) -> str:
     """A short text table of the estimate, for `tunelab plan`."""
-    est = estimate_memory(cfg, device)
+    est = estimate_memory(cfg, device, plan)
     lines = [f"memory plan for {cfg.pretrained_model_name_or_path} ({cfg.method}, max_length {cfg.max_length}, "
              f"batch_size {cfg.batch_size}, gradient checkpointing "
              f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'})"]

@@ -2,7 +2,7 @@
 
 `bnb.optim.AdamW8bit.step` (bitsandbytes 0.50) calls `torch.cuda.synchronize()` after updating each parameter: the CPU
 waits for the GPU ~450 times a step for Llama-7B's LoRA matrices, and the GPU idles while the next update is launched.
-That cost Llama-7B QLoRA 2k ~10% of its step with CUDA graphs (BENCHMARKS.md, round 4). The waits are only needed for
+That costs Llama-7B QLoRA 2k ~10% of its step with CUDA graphs (BENCHMARKS.md). The waits are only needed for
 paged state (unified memory prefetched by bitsandbytes on its own stream); a non-paged update is a kernel on the same
 stream as the gradients that feed it, so stream order already makes it safe. Everything else (the kernel, the state
 layout, state_dict) is bitsandbytes' own. Imported only when `optimizer = 'adamw_8bit'`.

@@ -1,11 +1,4 @@
-"""Checkpoints that are never half-written, and resuming from them.
-
-Layout (docs/DESIGN.md, Checkpoints):
-
-    WORK_DIR/iter_N/model/             the adapter (peft) or the full model, HF safetensors, plus the tokenizer
-    WORK_DIR/iter_N/training_state.pt  optimiser, scheduler, RNG states, step and data position
-    WORK_DIR/iter_N/tunelab.json       what the model was trained with (base model, method, template, ...)
-    WORK_DIR/last_checkpoint           one line: the path of the last *complete* checkpoint
+"""Checkpoints that are never half-written, and resuming from them (the names of the files: `layout.py`).
 
 A checkpoint is written into `iter_N.tmp/` and renamed to `iter_N/` only when every file is there; the
 `last_checkpoint` pointer is then replaced atomically (`os.replace`). A crash or kill at any moment therefore
@@ -17,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import signal
 import threading
@@ -26,11 +18,8 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-
-POINTER_FILE = "last_checkpoint"
-STATE_FILE = "training_state.pt"
-MODEL_DIR = "model"
-_ITER = re.compile(r"^iter_(\d+)$")
+from tunelab.train import layout
+from tunelab.train.layout import MODEL_DIR, OPTIMIZER_DIR, STATE_FILE, last_checkpoint, list_checkpoints
 
 
 # --- RNG: every generator a run draws from, as tensors and numbers ------------------------------
@@ -65,47 +54,42 @@ def set_rng_state(state: dict) -> None:
 
 # --- saving ----------------------------------------------------------------------------------------
 
-def save_checkpoint(work_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, position: dict,
-                    meta: dict, env=None, save_total_limit: int = -1) -> Path:
+def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler, position: dict, meta: dict,
+                    save_total_limit: int = -1) -> Path:
     """Write iter_{step}/ atomically, point `last_checkpoint` at it, drop the oldest beyond the limit.
 
-    Call on every rank: with sharded engines (FSDP, DeepSpeed) every rank joins the gather of the weights and writes
-    its optimizer shard under iter_N/optimizer/; otherwise rank 0 writes everything and the others wait.
+    Call on every rank: the strategy (`tunelab.train.strategy`) gathers whole weights where they are sharded (every
+    rank joins) and writes its optimizer state (sharded engines: one file per rank under iter_N/optimizer/);
+    rank 0 writes the rest while the others wait.
     """
-    from tunelab.model.load import write_meta
-    from tunelab.train import distributed as dist
-    from tunelab.train.sharded_state import gather_full_state_dict, save_sharded_optimizer
+    from tunelab.train.distributed import barrier
 
-    env = env or dist.DistEnv()
+    env = strategy.env
     work_dir = Path(work_dir)
-    final, tmp = work_dir / f"iter_{step}", work_dir / f"iter_{step}.tmp"
-    sharded = env.engine in ("fsdp", "deepspeed")
+    final, tmp = layout.checkpoint_dir(work_dir, step), layout.partial_dir(work_dir, step)
     if env.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)  # left over from a save that was killed
         tmp.mkdir(parents=True)
-    dist.barrier(env)
-    inner = dist.unwrap(model)
-    weights = gather_full_state_dict(model, env, trainable_only=hasattr(inner, "peft_config")) if sharded else None
-    if sharded:
-        save_sharded_optimizer(model, optimizer, env, tmp / "optimizer")
+    barrier(env)
+    inner = strategy.module
+    weights = strategy.full_state_dict(trainable_only=hasattr(inner, "peft_config"))
+    state = {"step": step, "position": dict(position), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    strategy.save_optimizer(tmp / OPTIMIZER_DIR, state)
     if not env.is_main:  # each rank's own generators (dropout masks differ by rank); rank 0's go in STATE_FILE
-        torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
-    dist.barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
+        torch.save(rng_state(), layout.rng_file(tmp, env.rank))
+    barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
     if env.is_main:
         # safetensors: the adapter for peft models, the whole model otherwise
-        inner.save_pretrained(tmp / MODEL_DIR, **({"state_dict": weights} if sharded else {}))
+        inner.save_pretrained(tmp / MODEL_DIR, **({"state_dict": weights} if weights is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
-        state = {"step": step, "position": dict(position), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-        if not sharded:
-            state["optimizer"] = optimizer.state_dict()
         torch.save(state, tmp / STATE_FILE)
-        write_meta(tmp, meta)
+        layout.write_meta(tmp, meta)
         _replace_dir(tmp, final)
-        _write_pointer(work_dir, final)
+        layout.write_pointer(work_dir, final)
         prune_checkpoints(work_dir, save_total_limit, keep=final)
-    dist.barrier(env)
+    barrier(env)
     return final
 
 
@@ -122,22 +106,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_pointer(work_dir: Path, checkpoint: Path) -> None:
-    tmp = work_dir / (POINTER_FILE + ".tmp")
-    tmp.write_text(str(checkpoint.resolve()) + "\n")
-    os.replace(tmp, work_dir / POINTER_FILE)
-
-
-def list_checkpoints(work_dir: Path) -> list[Path]:
-    """Complete iter_N/ directories, oldest first."""
-    found = []
-    for path in Path(work_dir).glob("iter_*"):
-        match = _ITER.match(path.name)
-        if match and path.is_dir() and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
-
-
 def prune_checkpoints(work_dir: Path, save_total_limit: int, *, keep: Path | None = None) -> None:
     """Delete the oldest checkpoints so that at most `save_total_limit` remain (-1: keep all)."""
     if save_total_limit is None or save_total_limit < 0:
@@ -151,22 +119,11 @@ def prune_checkpoints(work_dir: Path, save_total_limit: int, *, keep: Path | Non
 
 def clean_partial_saves(work_dir: Path) -> None:
     """Remove iter_N.tmp/ left behind by a save that was killed (never a complete checkpoint)."""
-    for path in Path(work_dir).glob("iter_*.tmp"):
+    for path in layout.partial_saves(work_dir):
         shutil.rmtree(path, ignore_errors=True)
 
 
 # --- finding and loading -----------------------------------------------------------------------------
-
-def last_checkpoint(work_dir: Path) -> Path | None:
-    """The checkpoint `last_checkpoint` points at, or None when the work dir has none yet."""
-    pointer = Path(work_dir) / POINTER_FILE
-    if not pointer.is_file():
-        return None
-    path = Path(pointer.read_text().strip())
-    if not (path / STATE_FILE).is_file():
-        path = Path(work_dir) / path.name  # the work dir was moved or copied: look next to the pointer
-    return path if (path / STATE_FILE).is_file() else None
-
 
 def resolve_resume(resume: str | None, work_dir: Path) -> Path | None:
     """`--resume auto` → the last complete checkpoint in the work dir (None: start fresh); a path → that one."""
@@ -175,7 +132,7 @@ def resolve_resume(resume: str | None, work_dir: Path) -> Path | None:
     if resume == "auto":
         return last_checkpoint(work_dir)
     path = Path(resume)
-    if path.is_dir() and (path / STATE_FILE).is_file():
+    if layout.is_checkpoint(path):
         return path
     if path.is_dir() and last_checkpoint(path):  # a work dir was given: take its last checkpoint
         return last_checkpoint(path)
@@ -194,20 +151,10 @@ def load_training_state(checkpoint: Path) -> dict:
 def rng_state_for_rank(checkpoint: Path, state: dict, env=None) -> dict:
     """This rank's RNG state at the checkpoint: its own file, or rank 0's (a checkpoint of fewer ranks)."""
     rank = getattr(env, "rank", 0)
-    path = Path(checkpoint) / f"rng_rank{rank}.pt"
+    path = layout.rng_file(checkpoint, rank)
     if rank and path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     return state["rng"]
-
-
-def load_optimizer_state(model, optimizer, env, checkpoint: Path, state: dict) -> None:
-    """The optimiser state: from training_state.pt, or from the per-rank shards of a sharded run."""
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    else:
-        from tunelab.train.sharded_state import load_sharded_optimizer
-
-        load_sharded_optimizer(model, optimizer, env, Path(checkpoint) / "optimizer")
 
 
 def load_model_weights(model, checkpoint: Path) -> None:

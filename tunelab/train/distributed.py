@@ -1,29 +1,13 @@
-"""Where the training loop meets several processes (torchrun): the loop calls only these functions.
+"""The processes of a run (torchrun): who this process is, the process group, and the collectives the loop needs.
 
-Three established engines, picked by the config (docs/DISTRIBUTED.md):
-
-* DDP (default with several processes): every rank holds the whole model, gradients are all-reduced.
-* FSDP2 (`fsdp = True`): `torch.distributed.fsdp.fully_shard` on each decoder layer, then on the root; weights,
-  gradients and optimizer states are sharded per parameter (frozen LoRA base weights are fine).
-* DeepSpeed ZeRO (`deepspeed = 'zero2'`, ...): `deepspeed.initialize`; the engine owns backward and step, so
-  `backward()` and `clip_and_step()` hand over to it.
-
-Two things make them agree with one process on the same global batch:
-
-* The loss is computed *through* the wrapper (`forward_loss`): our chunked loss calls the decoder and reads
-  `lm_head.weight` directly, which would skip DDP's gradient hooks and FSDP's/ZeRO-3's gathering of the root weights.
-  `prepare_for_training` therefore wraps a `LossModule` whose forward is `causal_lm_loss`, and under ZeRO-3 registers
-  lm_head's weight as an external parameter of it.
-* Every engine *averages* gradients over ranks, while the loop divides the loss by the trained tokens of the whole
-  global batch (all ranks, all accumulation steps). `backward()` multiplies by world_size to undo the average, so
-  every trained token weighs the same whatever the number of ranks.
-
-In one process every function here is a no-op or the identity, so the loop reads the same either way.
+`init_distributed` reads torchrun's environment into a `DistEnv` (rank, world size, device) and starts the process
+group when there are several processes; `validate_distributed` refuses the combinations of engines and settings that
+cannot run, before any weight is loaded. How the model is wrapped and stepped in those processes is the strategy's
+(`tunelab.train.strategy`). In one process every collective here is the identity.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -31,18 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.model.loss import causal_lm_loss, split_model
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistEnv:
+    """This process among the run's processes (one process: rank 0 of 1)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    engine: str = "none"
-    """'none', 'ddp', 'fsdp' or 'deepspeed': set by prepare_for_training."""
-    zero_stage: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -51,11 +33,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-    @property
-    def params_sharded(self) -> bool:
-        """True when no rank holds whole weights (FSDP, ZeRO-3): generation then needs every rank, not rank 0 alone."""
-        return self.engine == "fsdp" or (self.engine == "deepspeed" and self.zero_stage == 3)
 
 
 def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistEnv:
@@ -112,174 +89,6 @@ def validate_distributed(cfg, env: DistEnv) -> None:
     if env.distributed and env.device.type == "cuda" and env.local_rank >= torch.cuda.device_count():
         raise TunelabError(f"LOCAL_RANK {env.local_rank} but this machine has {torch.cuda.device_count()} GPUs: "
                            "set NPROC_PER_NODE (or --nproc-per-node) to at most the number of GPUs.")
-
-
-class LossModule(torch.nn.Module):
-    """What the engines wrap: its forward is the training loss, so their forward/backward hooks see the whole step."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.forward_calls = 0
-
-    def forward(self, batch: dict, chunk_size: int = 4096, chunked: bool = True):
-        self.forward_calls += 1
-        return causal_lm_loss(self.model, batch, chunk_size=chunk_size, chunked=chunked)
-
-
-def forward_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool = True):
-    """(loss_sum, n_trained_tokens) for one micro-batch: `causal_lm_loss` run through the engine's wrapper."""
-    if model is unwrap(model):  # one process, nothing wrapped
-        return causal_lm_loss(model, batch, chunk_size=chunk_size, chunked=chunked)
-    return model(batch, chunk_size=chunk_size, chunked=chunked)
-
-
-def _precision_name(model, env: DistEnv) -> str:
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if env.device.type != "cuda":
-        return "fp32"
-    if dtype == torch.float32:  # fp32 weights on a GPU (full fine-tuning): compute in bf16 where it exists
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-
-
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks of a HF causal LM (through a peft wrapper): the units FSDP shards one at a time."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0
-              and type(m[0]).__name__.endswith(("DecoderLayer", "Block", "Layer"))]
-    if not layers:
-        raise TunelabError(f"fsdp: found no decoder layers in {type(model).__name__}; this architecture needs "
-                           "--deepspeed instead of --fsdp.")
-    return list(max(layers, key=len))
-
-
-def _rebind_optimizer(optimizer, before: dict, model) -> None:
-    """fully_shard replaces each parameter with a sharded one; point an optimizer built earlier at the new ones."""
-    after = dict(model.named_parameters())
-    name_of = {id(p): name for name, p in before.items()}
-    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
-        group["params"] = [after[name_of[id(p)]] for p in group["params"]]
-
-
-def prepare_for_training(model, env: DistEnv, cfg=None, optimizer=None):
-    """Wrap the model for the chosen engine (the identity in one process without fsdp/deepspeed).
-
-    Build the optimizer *before* calling this and pass it: DeepSpeed takes it into its engine, and FSDP2 re-points it
-    at the sharded parameters. Afterwards compute the loss with `forward_loss(model, batch)`.
-    """
-    use_ds, use_fsdp = bool(cfg and cfg.deepspeed), bool(cfg and cfg.fsdp)
-    if not env.distributed and not use_ds and not use_fsdp:
-        env.engine = "none"
-        return model
-    wrapped = LossModule(model)
-    if use_ds:
-        import deepspeed
-
-        from tunelab.train.deepspeed_configs import build_deepspeed_config
-
-        if optimizer is None:
-            raise TunelabError("internal: prepare_for_training(..., optimizer=) is required with deepspeed.")
-        ds_config = build_deepspeed_config(cfg, precision=_precision_name(model, env), world_size=env.world_size)
-        if ds_config["zero_optimization"].get("stage") == 3:
-            # ZeRO-3 gathers a module's weights around that module's forward, and the chunked loss reads lm_head's
-            # weight without calling lm_head: registered with the root, it is gathered for the whole step.
-            # (Recent DeepSpeed detects such reads itself; saying it keeps older ones right.)
-            _, head, _ = split_model(model)
-            for param in (head.weight, head.bias):
-                if param is not None:
-                    deepspeed.zero.register_external_parameter(wrapped, param)
-        engine, *_ = deepspeed.initialize(model=wrapped, optimizer=getattr(optimizer, "optimizer", optimizer),
-                                          config=ds_config, dist_init_required=False)
-        env.engine, env.zero_stage = "deepspeed", int(ds_config["zero_optimization"].get("stage", 0))
-        return engine
-    if use_fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        before = dict(model.named_parameters())
-        precision = _precision_name(model, env)
-        mp = MixedPrecisionPolicy(param_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
-                                  reduce_dtype=torch.float32)
-        for layer in _decoder_layers(model):
-            fully_shard(layer, mp_policy=mp)
-        # The root (embeddings, final norm, lm_head) is gathered when LossModule's forward starts, so the chunked
-        # loss may read lm_head.weight directly.
-        fully_shard(wrapped, mp_policy=mp)
-        if optimizer is not None:
-            _rebind_optimizer(optimizer, before, model)
-        env.engine = "fsdp"
-        return wrapped
-    from torch.nn.parallel import DistributedDataParallel
-
-    env.engine = "ddp"
-    # Buffers (rotary tables) are the same on every rank: no need to broadcast them at each forward.
-    return DistributedDataParallel(wrapped, device_ids=[env.device] if env.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
-
-
-def unwrap(model):
-    """The HF / peft model inside any wrapper (for saving, evaluation, generation)."""
-    while True:
-        if isinstance(model, LossModule):
-            return model.model
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
-def is_deepspeed(model) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
-
-
-def gradient_sync(model, env: DistEnv, sync: bool):
-    """Skip the all-reduce on micro-steps that only accumulate (DDP no_sync, FSDP2 and DeepSpeed flags)."""
-    if is_deepspeed(model):
-        model.set_gradient_accumulation_boundary(sync)
-    elif env.engine == "fsdp":
-        model.set_requires_gradient_sync(sync)
-    elif env.distributed and not sync and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def backward(loss: torch.Tensor, model, env: DistEnv) -> None:
-    """loss.backward(), or the engine's own backward; undoes the engines' mean over ranks (see module docstring)."""
-    if env.distributed:
-        loss = loss * env.world_size
-    if is_deepspeed(model):
-        model.backward(loss, scale_wrt_gas=False)  # the loop already divided by the tokens of every micro-step
-        return
-    if env.engine == "ddp" and unwrap_loss_module(model).forward_calls == 0:
-        raise RuntimeError("under DDP the loss must come from distributed.forward_loss(model, batch): calling the "
-                           "unwrapped model skips DDP's gradient all-reduce and the ranks would drift apart.")
-    loss.backward()
-
-
-def unwrap_loss_module(model) -> LossModule:
-    return model.module if hasattr(model, "module") else model
-
-
-def clip_and_step(model, optimizer, max_norm: float, env: DistEnv, *, keep_grad_buffers: bool = False) -> float:
-    """Clip gradients (max_norm > 0), step the optimizer, zero the gradients; returns the gradient norm.
-
-    keep_grad_buffers: zero the .grad tensors in place instead of freeing them (see `loop.allocate_grad_buffers`).
-    """
-    if is_deepspeed(model):
-        model.step()  # clipping (gradient_clipping), the step and zeroing are the engine's
-        norm = model.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
-    if hasattr(optimizer, "unscale"):  # fp16 GradScaler (tunelab.train.optim.ScaledOptimizer)
-        optimizer.unscale()
-    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    # With max_norm = inf, clip_grad_norm_ only measures (the clip factor is clamped to 1); it handles DTensors.
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=not keep_grad_buffers)
-    if env.engine == "ddp":
-        unwrap_loss_module(model).forward_calls = 0
-    return float(norm)
 
 
 def all_reduce_sum(value, env: DistEnv) -> torch.Tensor:

@@ -51,7 +51,7 @@ def write_answers(work_dir: Path, step: int, answers: list[tuple[str, str]]) -> 
 
 @torch.no_grad()
 def eval_loss_sums(model, rows: list[dict], cfg, *, pad_token_id: int, device: torch.device,
-                   precision) -> torch.Tensor:
+                   precision, objective=causal_lm_loss) -> torch.Tensor:
     """tensor([sum of token losses, trained tokens]) over `rows` (this rank's share); the caller reduces it."""
     was_training = model.training
     model.eval()
@@ -60,8 +60,7 @@ def eval_loss_sums(model, rows: list[dict], cfg, *, pad_token_id: int, device: t
         for start in range(0, len(rows), cfg.batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[start:start + cfg.batch_size], pad_token_id).items()}
             with precision.autocast(device):
-                loss_sum, n_tokens = causal_lm_loss(model, batch, chunk_size=cfg.loss_chunk_size,
-                                                    chunked=cfg.use_chunked_loss)
+                loss_sum, n_tokens = objective(model, batch)
             totals += torch.stack([loss_sum.detach().double(), totals.new_tensor(float(n_tokens))])
     finally:
         model.train(was_training)
@@ -69,12 +68,14 @@ def eval_loss_sums(model, rows: list[dict], cfg, *, pad_token_id: int, device: t
 
 
 def run_evaluation(model, tokenizer, cfg, step: int, *, eval_rows: list, env, precision, monitor,
-                   work_dir: Path) -> float | None:
-    """Held-out loss (every rank, its share of the rows) and the questions' answers (main rank); returns eval loss."""
+                   work_dir: Path, objective=causal_lm_loss) -> float | None:
+    """Held-out loss (every rank, its share of the rows) and the questions' answers (main rank); returns eval loss.
+
+    objective(model, batch) -> (loss_sum, n_trained_tokens): the training loss (`causal_lm_objective(plan)`)."""
     result = None
     if eval_rows is not None and len(eval_rows):
         sums = all_reduce_sum(eval_loss_sums(model, eval_rows, cfg, pad_token_id=tokenizer.pad_token_id,
-                                             device=env.device, precision=precision), env)
+                                             device=env.device, precision=precision, objective=objective), env)
         result = float(sums[0] / sums[1].clamp(min=1))
         monitor.write({"step": step, "eval_loss": result})
         monitor.message(f"step {step}: eval loss {result:.4f}")

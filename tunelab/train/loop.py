@@ -1,8 +1,12 @@
 """The training loop: data → forward → loss → backward → step, in one function you can read top to bottom.
 
-Everything else lives next door: the optimiser and schedule (`optim.py`), checkpoints and resume
-(`checkpoint.py`), the progress bar and logs (`progress.py`), evaluation (`evaluate.py`), and the points where
-several processes meet (`distributed.py`: in one process each of its functions is a no-op or the identity).
+Three decisions are made once, before anything heavy is loaded, and the loop only follows them: the fast path
+(`tunelab.model.plan.FastPathPlan`: how the model runs), the objective (`objective(model, batch) -> (loss_sum,
+n_trained_tokens)`, the loss the step minimises) and the strategy (`strategy.py`: one process, DDP, FSDP2 or
+DeepSpeed; the loop calls it for forward, backward, step and the model inside). Everything else lives next door: the
+optimiser and schedule (`optim.py`), checkpoints and resume (`checkpoint.py`, the file names in `layout.py`), the
+progress bar and logs (`progress.py`), evaluation (`evaluate.py`), the processes and their collectives
+(`distributed.py`: in one process each is the identity).
 
 Two rules keep runs exact and resumable:
 
@@ -25,12 +29,14 @@ import torch
 from tunelab.config.schema import to_dict
 from tunelab.data.collate import collate
 from tunelab.errors import TunelabError
+from tunelab.model.loss import causal_lm_objective
+from tunelab.model.plan import plan_fast_path
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.distributed import (DistEnv, all_reduce_sum, backward, cleanup, clip_and_step, forward_loss,
-                                       gradient_sync, init_distributed, prepare_for_training, rank_shard, unwrap,
-                                       validate_distributed)
+from tunelab.train import layout
+from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_distributed, rank_shard
 from tunelab.train.evaluate import run_evaluation
 from tunelab.train.optim import ScaledOptimizer, build_optimizer, build_scheduler, choose_precision
+from tunelab.train.strategy import choose_strategy
 from tunelab.train.progress import Throughput, TrainingMonitor, check_memory_fits, oom_message, peak_memory_gb
 
 
@@ -59,10 +65,11 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         ckpt.clean_partial_saves(work_dir)
         from tunelab.config.loader import save_resolved_config
 
-        save_resolved_config(cfg, work_dir / "resolved_config.py")
+        save_resolved_config(cfg, work_dir / layout.RESOLVED_CONFIG)
     log = print if env.is_main else (lambda *a, **k: None)
-    validate_distributed(cfg, env)
-    check_memory_fits(cfg, env.device, log)  # before anything heavy is loaded
+    strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
+    plan = plan_fast_path(cfg, env.device, env.world_size)
+    check_memory_fits(cfg, env.device, log, plan)  # before anything heavy is loaded
     from transformers import set_seed
 
     set_seed(cfg.seed)
@@ -90,8 +97,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     # --- model, optimiser, schedule, precision --------------------------------------------------
     from tunelab.model.load import load_model_for_training, resolve_dtype
 
-    model = load_model_for_training(cfg, env.device)
-    fast_path = getattr(model, "_tunelab_fast_path", None)  # what tunelab/model/fast.py switched on
+    model = load_model_for_training(cfg, env.device, plan)
+    objective = causal_lm_objective(plan)
     last = ckpt.resolve_resume(resume, work_dir)
     if resume and last is None:
         log(f"--resume {resume}: no complete checkpoint in {work_dir} yet, starting from step 0")
@@ -102,36 +109,34 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     optimizer = build_optimizer(model, cfg, env.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer
-    model = prepare_for_training(model, env, cfg, optimizer=optimizer)
+    strategy.setup(model, stepper, objective)
 
     # --- resume: optimiser, schedule, RNG and data position as they were at the checkpoint ---------
     step, position = 0, {"epoch": 0, "micro_batch": 0, "data_seed": cfg.seed}
     if last is not None:
         state = ckpt.load_training_state(last)
-        ckpt.load_optimizer_state(model, optimizer, env, last, state)
+        strategy.load_optimizer(last / layout.OPTIMIZER_DIR, state)
         scheduler.load_state_dict(state["scheduler"])
         step, position = int(state["step"]), dict(state["position"])
         ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
         log(f"resumed from {last} (step {step}, epoch {position['epoch']})")
 
-    meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
-            "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
-            "tunelab_version": _version()}
+    meta = layout.training_meta(cfg)
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
-    log(f"fast path: {fast_path or 'off'}")
-    log(f"training {cfg.method} on {env.device}: {len(train_rows)} rows, {steps_per_epoch} steps per epoch, "
+    log(f"fast path: {model._tunelab_fast_path}")
+    log(f"training {cfg.method} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
+        f"{steps_per_epoch} steps per epoch, "
         f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"
         f"{f' x {env.world_size} ranks' if env.distributed else ''})")
 
     def evaluate(at_step: int) -> None:
-        run_evaluation(unwrap(model), tokenizer, cfg, at_step, eval_rows=my_eval_rows, env=env,
-                       precision=precision, monitor=monitor, work_dir=work_dir)
+        run_evaluation(strategy.module, tokenizer, cfg, at_step, eval_rows=my_eval_rows, env=env,
+                       precision=precision, monitor=monitor, work_dir=work_dir, objective=objective)
 
     def save(at_step: int) -> Path:
-        path = ckpt.save_checkpoint(work_dir, at_step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                    scheduler=scheduler, position=position, meta=meta, env=env,
-                                    save_total_limit=cfg.save_total_limit)
+        path = ckpt.save_checkpoint(work_dir, at_step, strategy=strategy, tokenizer=tokenizer, scheduler=scheduler,
+                                    position=position, meta=meta, save_total_limit=cfg.save_total_limit)
         monitor.plot()
         monitor.message(f"saved {path}")
         return path
@@ -141,16 +146,16 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     try:
         if step == 0 and (cfg.evaluation_inputs or len(my_eval_rows)):
             evaluate(0)  # before training, so the answers after training have something to be compared with
-        model.train()
+        strategy.train()
         throughput, window = Throughput(), []
-        graphed = cfg.resolved_cuda_graphs(env.device.type == "cuda")
+        graphed = plan.cuda_graphs
         # CUDA graphs replay each layer's backward into the same memory every micro-batch, so gradients summed over
         # several micro-batches need buffers of their own: allocated here, zeroed (not freed) after each step.
-        # Each micro-batch then starts a new graph generation; with one generation a step, a step of two
-        # micro-batches ran at recording speed (Llama-7B QLoRA: 7 s a step instead of 0.4 s).
+        # Each micro-batch then starts a new graph generation: with one generation a step, the second micro-batch
+        # would not replay, and a step of two would run at recording speed (Llama-7B QLoRA: 7 s instead of 0.4 s).
         keep_grad_buffers = graphed and cfg.accumulative_counts > 1
         if keep_grad_buffers:
-            allocate_grad_buffers(model)
+            allocate_grad_buffers(strategy.module)
         with ckpt.GracefulStop() as stop:
             for epoch, micro_done, micro_batches in micro_batch_groups(train_rows, cfg, env, position):
                 if step >= total_steps:
@@ -171,15 +176,14 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                     if graphed:  # CUDA graphs may reuse the last micro-batch's outputs' memory from here on
                         torch.compiler.cudagraph_mark_step_begin()
                     batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-                    with gradient_sync(model, env, sync=i == len(batches) - 1):
+                    with strategy.accumulating(last=i == len(batches) - 1):
                         with precision.autocast(env.device):
-                            micro_loss_sum, _ = forward_loss(model, batch, chunk_size=cfg.loss_chunk_size,
-                                                             chunked=cfg.use_chunked_loss)
-                        backward(precision.scale(micro_loss_sum / max(trained_tokens, 1)), model, env)
+                            micro_loss_sum, _ = strategy.forward_loss(batch)
+                        strategy.backward(precision.scale(micro_loss_sum / max(trained_tokens, 1)))
                     loss_sum += micro_loss_sum.detach().double()
                 # 5. step: (fp16: unscale,) clip, update, zero the gradients; then the schedule moves on
                 lr = optimizer.param_groups[0]["lr"]
-                grad_norm = clip_and_step(model, stepper, cfg.max_norm, env, keep_grad_buffers=keep_grad_buffers)
+                grad_norm = strategy.step(cfg.max_norm, keep_grad_buffers=keep_grad_buffers)
                 scheduler.step()
                 step += 1
                 position = {"epoch": epoch, "micro_batch": micro_done, "data_seed": position["data_seed"]}
@@ -241,9 +245,3 @@ def micro_batch_groups(rows: list, cfg, env: DistEnv, position: dict):
             group = micro[first:first + cfg.accumulative_counts]
             yield epoch, first + len(group), [[rows[i] for i in indices] for indices in group]
         epoch, start = epoch + 1, 0
-
-
-def _version() -> str:
-    from tunelab import __version__
-
-    return __version__

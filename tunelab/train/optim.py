@@ -115,7 +115,7 @@ def choose_precision(model, compute_dtype: torch.dtype, device: torch.device, *,
 
 
 class ScaledOptimizer:
-    """Lets `distributed.clip_and_step` drive a GradScaler: unscale before clipping, skip steps with inf/nan.
+    """Lets `strategy.step` drive a GradScaler: unscale before clipping, skip steps with inf/nan.
 
     Call `unscale()` before clipping; `step()` then goes through the scaler, which skips the update when the
     fp16 gradients overflowed and lowers the scale.

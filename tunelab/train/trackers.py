@@ -122,8 +122,10 @@ class MlflowTracker:
         params = [Param(k, str(v)[:6000]) for k, v in _flat(settings).items()]  # mlflow's limit on one value
         for start in range(0, len(params), 100):  # at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[start:start + 100])
-        if (work_dir / "resolved_config.py").is_file():  # the whole config, callables included
-            self.client.log_artifact(self.run_id, str(work_dir / "resolved_config.py"))
+        from tunelab.train.layout import RESOLVED_CONFIG
+
+        if (work_dir / RESOLVED_CONFIG).is_file():  # the whole config, callables included
+            self.client.log_artifact(self.run_id, str(work_dir / RESOLVED_CONFIG))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

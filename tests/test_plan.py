@@ -1,0 +1,51 @@
+"""The fast-path plan: decided once from the settings, the device and the number of processes; off, the run is
+transformers + peft as they come, and it trains like the fast path."""
+
+from __future__ import annotations
+
+from tests.train_helpers import identity_rows, tiny_cfg
+from tunelab.config.schema import TrainConfig
+from tunelab.model.plan import FastPathPlan, plan_fast_path
+
+
+def test_cuda_graphs_are_on_by_default_for_packed_rows_in_one_process():
+    assert plan_fast_path(TrainConfig(), "cuda").cuda_graphs  # packed rows are max_length wide: one shape
+    assert not plan_fast_path(TrainConfig(), "cuda", world_size=2).cuda_graphs
+    assert not plan_fast_path(TrainConfig(), "cpu").cuda_graphs
+    assert not plan_fast_path(TrainConfig(use_compile=False), "cuda").cuda_graphs
+    assert not plan_fast_path(TrainConfig(pack_to_max_length=False), "cuda").cuda_graphs  # padding would cost
+    assert plan_fast_path(TrainConfig(pack_to_max_length=False, cuda_graphs=True), "cuda").cuda_graphs
+    # an eager checkpoint around compiled code (offloading, MLP slices) cannot be recorded
+    assert not plan_fast_path(TrainConfig(cuda_graphs=True, offload_activations=True), "cuda").cuda_graphs
+
+
+def test_fast_path_off_turns_every_lever_off():
+    plain = plan_fast_path(TrainConfig(fast_path=False, offload_activations=True, cuda_graphs=True), "cuda")
+    assert plain == FastPathPlan(on_gpu=True, checkpointing=True)
+    assert not plain.chunked_loss and not plain.compiled_loss and not plain.fused_dequant
+
+
+def test_gpu_levers_wait_for_a_gpu_and_long_context_levers_for_long_rows():
+    cfg = TrainConfig(method="qlora", max_length=16384, mlp_chunk_size=8192, offload_activations=True)
+    gpu, cpu = plan_fast_path(cfg, "cuda"), plan_fast_path(cfg, "cpu")
+    assert gpu.varlen_attention and gpu.dequantize_once and gpu.offload_activations and gpu.embeddings_on_cpu
+    assert not (cpu.varlen_attention or cpu.dequantize_once or cpu.offload_activations or cpu.compile)
+    assert cpu.chunked_loss and cpu.mlp_slice == gpu.mlp_slice == 8192  # these run on any device
+    assert plan_fast_path(TrainConfig(max_length=8192, mlp_chunk_size=8192), "cuda").mlp_slice is None
+    assert not plan_fast_path(TrainConfig(method="full", embeddings_on_cpu=True), "cuda").embeddings_on_cpu
+
+
+def test_training_with_the_fast_path_off_follows_the_same_curve(tiny_llama_dir, tmp_path):
+    """fast_path = False (transformers' checkpointing, full logits) trains as the fast path does (tunelab's
+    checkpointing, the chunked loss): the plain path is the fast path's reference."""
+    from tunelab.model.load import load_tokenizer
+    from tunelab.train.loop import train
+
+    rows = identity_rows(load_tokenizer(str(tiny_llama_dir)), copies=2)
+    curves = []
+    for fast_path in (True, False):
+        cfg = tiny_cfg(tiny_llama_dir, method="lora", max_steps=4, gradient_checkpointing=True, fast_path=fast_path)
+        curves.append(train(cfg, tmp_path / str(fast_path), train_rows=rows, device="cpu").losses)
+    assert len(curves[0]) == 4 and curves[0][4] < curves[0][1]
+    for step in curves[0]:
+        assert abs(curves[0][step] - curves[1][step]) < 1e-5, step

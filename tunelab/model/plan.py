@@ -1,0 +1,119 @@
+"""The fast path, decided once: which of tunelab's speed levers a training run uses.
+
+`plan_fast_path(cfg, device, world_size)` turns the settings into a frozen `FastPathPlan` before anything is loaded,
+and everything that runs the fast path reads that one object: the model loader (`load_model_for_training` passes it to
+`fast.apply_fast_path`), the decoder layers (`layers.run_decoder_layers`), attention (`attention.enable_varlen_attention`),
+the loss (`loss.causal_lm_objective`), the memory estimate (`memory.estimate_memory`), the training loop (batch shapes
+and gradient buffers under CUDA graphs) and the benchmarks. No module keeps a switch of its own.
+
+The levers that compute the plain path's numbers are simply on (those that need a GPU, on a GPU): attention over packed
+rows with the flash varlen kernel (cuDNN's for rows of one sample), the loss over trained tokens in chunks, frozen
+weights in the compute dtype, the lean LoRA forward, QLoRA's 4-bit weight dequantised once a pass (fused by compile),
+and tunelab's own per-layer checkpointing. The settings that remain are trade-offs a user makes: `use_compile` (a
+slower first step), `cuda_graphs` (padding to fixed shapes), `offload_activations` and `mlp_chunk_size` (memory for
+time at long context), `embeddings_on_cpu` (GPU memory for a copy a step), `loss_chunk_size`. `fast_path = False`
+turns every lever off: transformers and peft as they come, for debugging, and the reference of scripts/gpu_check.py.
+
+A new lever is a field here, its decision in `plan_fast_path`, and its use in the module that runs it. A model with
+more than a language model (a vision tower in front) gets the plan for its language model: the levers act on the
+decoder that `tunelab.model.parts.split_model` finds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FastPathPlan:
+    """What the fast path does in one run. The defaults are the plain path (`fast_path = False`)."""
+
+    enabled: bool = False
+    """tunelab runs the decoder layers and the loss; False: transformers and peft as they come."""
+    on_gpu: bool = False
+    checkpointing: bool = False
+    """Gradient checkpointing of every decoder layer (tunelab's own when enabled, transformers' otherwise)."""
+    varlen_attention: bool = False
+    """Flash varlen attention over packed rows, cuDNN attention for rows of one sample (`attention.py`)."""
+    frozen_weights_in_compute_dtype: bool = False
+    """Frozen fp32 weights (peft's 4-bit preparation upcasts norms and embeddings) back to bf16 / fp16."""
+    lean_lora: bool = False
+    """peft's LoRA forward in fewer kernels (`fast.lean_lora_forward`)."""
+    dequantize_once: bool = False
+    """QLoRA: the 4-bit weight dequantised once a pass, kept for that layer's backward (needs checkpointing)."""
+    embeddings_on_cpu: bool = False
+    """A frozen input embedding looked up in CPU memory (`fast.EmbeddingOnCPU`)."""
+    compile: bool = False
+    """torch.compile each decoder layer."""
+    cuda_graphs: bool = False
+    """Replay the compiled layers as CUDA graphs; batches padded to max_length, sample boundaries to a few sizes."""
+    offload_activations: bool = False
+    """Each checkpointed layer input waits in CPU memory until backward."""
+    mlp_slice: int | None = None
+    """Tokens each MLP computes at a time (long context), None: the whole sequence."""
+    chunked_loss: bool = False
+    """The loss over trained tokens only, lm_head in chunks, gradients taken in forward; False: full logits."""
+    loss_chunk_size: int = 4096
+    """Most trained positions a chunk of the chunked loss."""
+
+    @property
+    def checkpoint_inside_compile(self) -> bool:
+        """The checkpoint goes inside the compiled layer, so its recomputation is part of one compiled backward graph.
+        Offloading and MLP slices need eager code around the layer, so they keep the checkpoint outside."""
+        return self.compile and self.checkpointing and not self.offload_activations and not self.mlp_slice
+
+    @property
+    def fused_dequant(self) -> bool:
+        """The 4-bit dequantisation in plain torch ops that compile fuses into one kernel (eager, it is slower)."""
+        return self.dequantize_once and self.compile
+
+    @property
+    def compiled_loss(self) -> bool:
+        """The loss's softmax and its gradient compiled into one kernel."""
+        return self.chunked_loss and self.compile
+
+    def describe(self) -> str:
+        """The levers that are on, for the log: 'varlen_attention, chunked_loss (4096 rows a chunk), compile, ...'."""
+        if not self.enabled:
+            return "off (fast_path = False: transformers and peft as they come)"
+        on = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("enabled", "on_gpu", "loss_chunk_size") or not value:
+                continue
+            on.append(f"{f.name} ({value} tokens a slice)" if f.name == "mlp_slice" else f.name)
+        for name in ("checkpoint_inside_compile", "fused_dequant", "compiled_loss"):
+            if getattr(self, name):
+                on.append(name)
+        return ", ".join(on) or "nothing on this device"
+
+
+def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1) -> FastPathPlan:
+    """The fast path of `cfg` on `device` with `world_size` processes. Touches no GPU: `tunelab plan` plans a GPU run
+    on any machine."""
+    on_gpu = torch.device(device).type == "cuda"
+    checkpointing = cfg.resolved_gradient_checkpointing()
+    if not cfg.fast_path:
+        return FastPathPlan(on_gpu=on_gpu, checkpointing=checkpointing, loss_chunk_size=cfg.loss_chunk_size)
+    compile_layers = bool(cfg.use_compile and on_gpu)
+    offload = bool(cfg.offload_activations and on_gpu and checkpointing)
+    mlp_slice = cfg.mlp_chunk_size if cfg.mlp_chunk_size and cfg.max_length > cfg.mlp_chunk_size else None
+    graphs = cfg.cuda_graphs
+    if graphs is None:  # rows packed to max_length have one shape anyway; several processes are untested
+        graphs = cfg.pack_to_max_length and world_size == 1
+    # CUDA graphs record a compiled layer whose checkpoint is inside the compiled code, or which has none: an eager
+    # checkpoint around compiled code (offloading, MLP slices) frees an input the recording still holds.
+    graphs = bool(graphs and compile_layers and (not checkpointing or not (offload or mlp_slice)))
+    embeddings_on_cpu = cfg.embeddings_on_cpu
+    if embeddings_on_cpu is None:
+        embeddings_on_cpu = cfg.method in ("lora", "qlora")
+    return FastPathPlan(
+        enabled=True, on_gpu=on_gpu, checkpointing=checkpointing,
+        varlen_attention=on_gpu, frozen_weights_in_compute_dtype=on_gpu, lean_lora=on_gpu,
+        dequantize_once=on_gpu and checkpointing,
+        embeddings_on_cpu=bool(on_gpu and embeddings_on_cpu and cfg.method != "full"),  # full trains it
+        compile=compile_layers, cuda_graphs=graphs, offload_activations=offload, mlp_slice=mlp_slice,
+        chunked_loss=True, loss_chunk_size=cfg.loss_chunk_size)

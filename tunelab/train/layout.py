@@ -1,0 +1,180 @@
+"""The work dir and its checkpoints on disk, and the trained-with metadata: every path name lives here.
+
+    WORK_DIR/resolved_config.py          every setting of the run (`tunelab train` reads it back)
+    WORK_DIR/last_checkpoint             one line: the absolute path of the last complete checkpoint
+    WORK_DIR/iter_N/                     a checkpoint, written as iter_N.tmp/ and renamed once complete
+    WORK_DIR/iter_N/model/               the adapter (peft) or the whole model, HF safetensors, and the tokenizer
+    WORK_DIR/iter_N/training_state.pt    scheduler, RNG, step, data position; the optimiser state too, unless sharded
+    WORK_DIR/iter_N/optimizer/           the optimiser state, one shard per rank (FSDP2, DeepSpeed)
+    WORK_DIR/iter_N/rng_rankR.pt         the RNG state of rank R > 0
+    WORK_DIR/iter_N/tunelab.json         what the model was trained with (exported and merged models carry it too)
+
+A checkpoint is a directory holding `model/`: that is what export and chat read, and training only ever renames a
+complete one into place. Training writes through `tunelab.train.checkpoint`; export and chat find checkpoints and
+read `tunelab.json` with the functions below, so every verb accepts the same paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import NoReturn
+
+from tunelab.errors import TunelabError
+
+RESOLVED_CONFIG = "resolved_config.py"
+POINTER_FILE = "last_checkpoint"
+MODEL_DIR = "model"
+STATE_FILE = "training_state.pt"
+OPTIMIZER_DIR = "optimizer"
+META_FILE = "tunelab.json"
+_ITER = re.compile(r"^iter_(\d+)$")
+
+
+# --- names ---------------------------------------------------------------------------------------------------------
+
+def checkpoint_dir(work_dir: str | Path, step: int) -> Path:
+    return Path(work_dir) / f"iter_{step}"
+
+
+def partial_dir(work_dir: str | Path, step: int) -> Path:
+    """Where checkpoint `step` is written before it is complete."""
+    return Path(work_dir) / f"iter_{step}.tmp"
+
+
+def rng_file(checkpoint: str | Path, rank: int) -> Path:
+    return Path(checkpoint) / f"rng_rank{rank}.pt"
+
+
+# --- finding -------------------------------------------------------------------------------------------------------
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A checkpoint directory (iter_N): it holds `model/`."""
+    return (Path(path) / MODEL_DIR).is_dir()
+
+
+def looks_like_work_dir(path: str | Path) -> bool:
+    """A work dir training has written into: a `last_checkpoint` pointer or iter_* directories."""
+    path = Path(path)
+    return (path / POINTER_FILE).is_file() or any(path.glob("iter_*"))
+
+
+def list_checkpoints(work_dir: str | Path) -> list[Path]:
+    """The complete iter_N/ directories of a work dir, oldest first."""
+    found = []
+    for path in Path(work_dir).glob("iter_*"):
+        match = _ITER.match(path.name)
+        if match and is_checkpoint(path):
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def partial_saves(work_dir: str | Path) -> list[Path]:
+    """iter_N.tmp/ directories: saves that were killed before they were complete."""
+    return list(Path(work_dir).glob("iter_*.tmp"))
+
+
+def write_pointer(work_dir: str | Path, checkpoint: Path) -> None:
+    """Point `last_checkpoint` at `checkpoint`, atomically (a crash leaves the old pointer or the new one)."""
+    tmp = Path(work_dir) / (POINTER_FILE + ".tmp")
+    tmp.write_text(str(Path(checkpoint).resolve()) + "\n")
+    os.replace(tmp, Path(work_dir) / POINTER_FILE)
+
+
+def last_checkpoint(work_dir: str | Path) -> Path | None:
+    """The checkpoint `last_checkpoint` names, or None (no pointer yet, or it names nothing that exists).
+
+    The pointer holds an absolute path; a work dir that was moved or copied still finds the checkpoint of the same
+    name next to the pointer."""
+    work_dir = Path(work_dir)
+    pointer = work_dir / POINTER_FILE
+    if not pointer.is_file():
+        return None
+    text = pointer.read_text().strip()
+    for candidate in (Path(text), work_dir / text, work_dir / Path(text).name):
+        if text and is_checkpoint(candidate):
+            return candidate
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The iter_N/ directory `path` means: a checkpoint itself, a WORK_DIR (its last checkpoint) or its pointer."""
+    p = Path(path)
+    if not p.exists():
+        raise TunelabError(f"checkpoint not found: {p}. Pass a WORK_DIR (its last checkpoint is used) "
+                           f"or one of its iter_N directories.")
+    if p.is_file():
+        if p.name == POINTER_FILE:
+            return resolve_checkpoint(p.parent)
+        raise TunelabError(f"{p} is a file; tunelab checkpoints are directories (WORK_DIR/iter_N/ holding {MODEL_DIR}/ "
+                           f"and {META_FILE}). Pass the iter_N directory or the WORK_DIR.")
+    if is_checkpoint(p):
+        return p
+    if (p / POINTER_FILE).is_file():
+        last = last_checkpoint(p)
+        if last is None:
+            raise TunelabError(f"{p / POINTER_FILE} names {(p / POINTER_FILE).read_text().strip()!r}, which is not "
+                               f"a checkpoint. Pass one of the iter_N directories in {p} instead.")
+        return last
+    checkpoints = list_checkpoints(p)
+    if checkpoints:
+        return checkpoints[-1]
+    kind = sharded_checkpoint_kind(p)
+    if kind:
+        refuse_raw_engine_checkpoint(p, kind)
+    raise TunelabError(f"{p} is not a tunelab checkpoint: expected {p}/{MODEL_DIR}/ (an iter_N directory) or "
+                       f"{p}/{POINTER_FILE} (a WORK_DIR). Did training save a checkpoint yet? (see save_steps)")
+
+
+def sharded_checkpoint_kind(path: Path) -> str | None:
+    """'deepspeed' / 'fsdp' when `path` looks like a checkpoint written by those engines themselves, else None."""
+    if (path / "zero_to_fp32.py").exists() or list(path.glob("global_step*")) or list(path.glob("*model_states.pt")):
+        return "deepspeed"
+    if list(path.glob("*.distcp")):
+        return "fsdp"
+    return None
+
+
+def refuse_raw_engine_checkpoint(path: Path, kind: str) -> NoReturn:
+    """A raw DeepSpeed / FSDP checkpoint (not one of tunelab's iter_N directories): say what to do instead.
+
+    tunelab's own training saves a consolidated `model/` in every iter_N (with DeepSpeed and FSDP too), so only
+    checkpoints written by the engines themselves (e.g. XTuner's iter_N.pth/ folders) land here.
+    """
+    how = (" To get whole fp32 weights from it in Python: "
+           "tunelab.train.strategy.load_consolidated_state_dict(path) (DeepSpeed's zero_to_fp32)."
+           if kind == "deepspeed" else "")
+    raise TunelabError(f"{path} looks like a raw {kind} checkpoint, which `convert` cannot read. Use the iter_N "
+                       f"directories tunelab's training writes (they hold a consolidated {MODEL_DIR}/).{how}")
+
+
+# --- what the model was trained with ------------------------------------------------------------------------------
+
+def training_meta(cfg) -> dict:
+    """The tunelab.json of a run's checkpoints: enough for chat, merge and export to use the model as trained."""
+    from tunelab import __version__
+
+    return {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
+            "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
+            "tunelab_version": __version__}
+
+
+def read_meta(directory: str | Path) -> dict | None:
+    """The tunelab.json a checkpoint / adapter / merged model was saved with, if any."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TunelabError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}. Fix it, or delete it and pass "
+                           "the base model / --prompt-template yourself.") from None
+    if not isinstance(meta, dict):
+        raise TunelabError(f"{path}: expected a JSON object like {{\"base_model\": ..., \"prompt_template\": ...}}.")
+    return meta
+
+
+def write_meta(directory: str | Path, meta: dict) -> None:
+    Path(directory, META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))

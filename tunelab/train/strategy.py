@@ -1,0 +1,380 @@
+"""How the training loop runs in one or several processes: one strategy object, chosen once, that the loop calls.
+
+    strategy = choose_strategy(cfg, env)          # SingleProcess, DDP, FSDP2 or DeepSpeed (docs/DISTRIBUTED.md)
+    strategy.setup(model, optimizer, objective)   # wrap the model as the engine needs it
+    with strategy.accumulating(last=...):         # the gradient all-reduce only on the last micro-batch of a step
+        loss_sum, n_tokens = strategy.forward_loss(batch)
+        strategy.backward(loss)
+    grad_norm = strategy.step(max_norm)           # (unscale,) clip, step, zero the gradients
+    strategy.module                               # the HF / peft model inside: save, evaluate, generate
+
+and for checkpoints (`tunelab.train.checkpoint`): `full_state_dict`, `save_optimizer`, `load_optimizer`.
+
+* `SingleProcess`: plain PyTorch calls; the base the others override where their engine differs.
+* `DDP` (several processes): every rank holds the whole model, gradients are all-reduced.
+* `FSDP2` (`fsdp = True`): `fully_shard` on each decoder layer, then on the root; weights, gradients and optimizer
+  states are sharded per parameter (frozen LoRA base weights are fine).
+* `DeepSpeed` (`deepspeed = 'zero2'`, ...): `deepspeed.initialize`; the engine owns backward and step.
+
+Two things make them agree with one process on the same global batch:
+
+* The loss goes *through* the engine's wrapper: the objective (`tunelab.model.loss.causal_lm_objective`) calls the
+  decoder and reads `lm_head.weight` directly, which would skip DDP's gradient hooks and FSDP's / ZeRO-3's gathering
+  of the root weights. The engines therefore wrap a `LossModule` whose forward is the objective; under ZeRO-3
+  lm_head's weight is registered as an external parameter of it.
+* Every engine *averages* gradients over ranks, while the loop divides the loss by the trained tokens of the whole
+  global batch (all ranks, all accumulation steps). `backward` multiplies by world_size to undo the average, so
+  every trained token weighs the same whatever the number of ranks.
+
+The processes themselves (rank, world size, device, collectives) are `tunelab.train.distributed`. An engine that
+splits each sequence over ranks (sequence parallelism) is one more strategy: its process groups are made in `setup`,
+its share of each batch is taken in `forward_loss`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.model.parts import decoder_layers, split_model
+from tunelab.train.distributed import DistEnv, validate_distributed
+
+
+def choose_strategy(cfg, env: DistEnv) -> "SingleProcess":
+    """The strategy `cfg` asks for in the processes of `env`, after refusing what the engines cannot run."""
+    validate_distributed(cfg, env)
+    if cfg.deepspeed:
+        return DeepSpeed(env, cfg)
+    if cfg.fsdp:
+        return FSDP2(env)
+    if env.distributed:
+        return DDP(env)
+    return SingleProcess(env)
+
+
+class LossModule(torch.nn.Module):
+    """What the engines wrap: its forward is the training objective, so their hooks see the whole step."""
+
+    def __init__(self, model, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.forward_calls = 0
+
+    def forward(self, batch: dict):
+        self.forward_calls += 1
+        return self.objective(self.model, batch)
+
+
+def _precision_name(model, env: DistEnv) -> str:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if env.device.type != "cuda":
+        return "fp32"
+    if dtype == torch.float32:  # fp32 weights on a GPU (full fine-tuning): compute in bf16 where it exists
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+class SingleProcess:
+    """One process: every call is the plain PyTorch one."""
+
+    name = "single process"
+    shards_weights = False
+    """No rank holds whole weights (FSDP2, ZeRO-3): gathering them needs every rank."""
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self.module = None
+        """The HF / peft model being trained, inside any wrapper."""
+        self.wrapped = None
+        """What the forward runs through: the engine's wrapper, or the model itself."""
+        self.optimizer = None
+        self.objective = None
+
+    def setup(self, model, optimizer, objective) -> None:
+        """Take the loaded model (fast path on), its optimizer and the objective `objective(model, batch) ->
+        (loss_sum, n_trained_tokens)`. Build the optimizer before: DeepSpeed takes it over, FSDP2 re-points it at the
+        sharded parameters. A `ScaledOptimizer` (fp16) is stepped through its scaler."""
+        self.module, self.optimizer, self.objective = model, optimizer, objective
+        self.wrapped = self._wrap(model)
+
+    @property
+    def raw_optimizer(self):
+        """The torch optimizer itself (inside a `ScaledOptimizer`): its state is what checkpoints hold."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _wrap(self, model):
+        return model
+
+    # --- a training step ---------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Training mode, set through the engine's wrapper (which may keep state of its own)."""
+        self.wrapped.train()
+
+    def forward_loss(self, batch: dict):
+        """(loss_sum, n_trained_tokens) of one micro-batch, through the engine's wrapper."""
+        return self.objective(self.module, batch)
+
+    def accumulating(self, last: bool):
+        """Context of one micro-batch's forward and backward: the engines reduce gradients only when `last`."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _undo_mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.env.world_size if self.env.distributed else loss
+
+    def step(self, max_norm: float, *, keep_grad_buffers: bool = False) -> float:
+        """Clip the gradients (max_norm > 0), step the optimizer, zero the gradients; returns the gradient norm.
+
+        keep_grad_buffers: zero the .grad tensors in place instead of freeing them (see `loop.allocate_grad_buffers`).
+        """
+        if hasattr(self.optimizer, "unscale"):  # fp16 GradScaler (tunelab.train.optim.ScaledOptimizer)
+            self.optimizer.unscale()
+        params = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
+        # With max_norm = inf, clip_grad_norm_ only measures (the clip factor is clamped to 1); it handles DTensors.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=not keep_grad_buffers)
+        return float(norm)
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+
+    def full_state_dict(self, *, trainable_only: bool = False) -> dict | None:
+        """Whole weights on rank 0, on the CPU, for `save_pretrained(state_dict=...)` (call on every rank); None: the
+        model's own state dict is whole already. trainable_only: only the weights that train (a LoRA adapter)."""
+        return None
+
+    def save_optimizer(self, directory: Path, state: dict) -> None:
+        """Put the optimizer state into a checkpoint (call on every rank): into `state` (training_state.pt, written
+        by rank 0), or, for engines that shard it, one file per rank under `directory`."""
+        if self.env.is_main:
+            state["optimizer"] = self.raw_optimizer.state_dict()
+
+    def load_optimizer(self, directory: Path, state: dict) -> None:
+        """The optimizer state that `save_optimizer` wrote (call on every rank)."""
+        if "optimizer" in state:
+            self.raw_optimizer.load_state_dict(state["optimizer"])
+        elif not Path(directory).is_dir():
+            raise TunelabError(f"{directory}: optimizer state not found; resume from a complete iter_N checkpoint.")
+        else:
+            raise TunelabError(f"{directory}: this checkpoint's optimizer state is sharded over the ranks of another "
+                               f"engine; resume with the engine it was saved with (fsdp / deepspeed).")
+
+
+class DDP(SingleProcess):
+    """Several processes, each with the whole model; DistributedDataParallel all-reduces the gradients."""
+
+    name = "DDP"
+
+    def _wrap(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (rotary tables) are the same on every rank: no need to broadcast them at each forward.
+        return DistributedDataParallel(LossModule(model, self.objective),
+                                       device_ids=[self.env.device] if self.env.device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+
+    def forward_loss(self, batch: dict):
+        return self.wrapped(batch)
+
+    def accumulating(self, last: bool):
+        return contextlib.nullcontext() if last else self.wrapped.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.wrapped.module.forward_calls == 0:
+            raise RuntimeError("under DDP the loss must come from strategy.forward_loss(batch): calling the model "
+                               "itself skips DDP's gradient all-reduce and the ranks would drift apart.")
+        self._undo_mean_over_ranks(loss).backward()
+
+    def step(self, max_norm: float, *, keep_grad_buffers: bool = False) -> float:
+        norm = super().step(max_norm, keep_grad_buffers=keep_grad_buffers)
+        self.wrapped.module.forward_calls = 0
+        return norm
+
+
+class FSDP2(SingleProcess):
+    """PyTorch FSDP2: weights, gradients and optimizer states sharded per parameter across ranks."""
+
+    name = "FSDP2"
+    shards_weights = True
+
+    def _wrap(self, model):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        before = dict(model.named_parameters())
+        precision = _precision_name(model, self.env)
+        mp = MixedPrecisionPolicy(param_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
+                                  reduce_dtype=torch.float32)
+        layers = decoder_layers(model)
+        if not layers:
+            raise TunelabError(f"fsdp: found no decoder layers in {type(model).__name__}; this architecture needs "
+                               "--deepspeed instead of --fsdp.")
+        for layer in layers:
+            fully_shard(layer, mp_policy=mp)
+        # The root (embeddings, final norm, lm_head) is gathered when LossModule's forward starts, so the objective
+        # may read lm_head.weight directly.
+        wrapped = LossModule(model, self.objective)
+        fully_shard(wrapped, mp_policy=mp)
+        # fully_shard replaced each parameter with a sharded one: point the optimizer built earlier at the new ones.
+        after = dict(model.named_parameters())
+        name_of = {id(p): name for name, p in before.items()}
+        for group in self.raw_optimizer.param_groups:
+            group["params"] = [after[name_of[id(p)]] for p in group["params"]]
+        return wrapped
+
+    def forward_loss(self, batch: dict):
+        return self.wrapped(batch)
+
+    def accumulating(self, last: bool):
+        self.wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._undo_mean_over_ranks(loss).backward()
+
+    def full_state_dict(self, *, trainable_only: bool = False) -> dict | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        state = get_model_state_dict(self.module, options=options)
+        return state if self.env.is_main else {}
+
+    def save_optimizer(self, directory: Path, state: dict) -> None:
+        """torch.distributed.checkpoint (DCP): one file per rank, resumable on another number of ranks."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save({"optimizer": get_optimizer_state_dict(self.module, self.raw_optimizer)}, checkpoint_id=str(directory))
+
+    def load_optimizer(self, directory: Path, state: dict) -> None:
+        if "optimizer" in state or not Path(directory).is_dir():
+            super().load_optimizer(directory, state)
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        loaded = {"optimizer": get_optimizer_state_dict(self.module, self.raw_optimizer)}
+        dcp.load(loaded, checkpoint_id=str(directory))
+        set_optimizer_state_dict(self.module, self.raw_optimizer, optim_state_dict=loaded["optimizer"])
+
+
+class DeepSpeed(SingleProcess):
+    """DeepSpeed ZeRO: the engine partitions states (and weights at stage 3) and owns backward and step."""
+
+    name = "DeepSpeed"
+    CHECKPOINT_TAG = "deepspeed"
+
+    def __init__(self, env: DistEnv, cfg):
+        super().__init__(env)
+        self.cfg = cfg
+        self.zero_stage = 0
+
+    @property
+    def shards_weights(self) -> bool:
+        return self.zero_stage == 3
+
+    def _wrap(self, model):
+        import deepspeed
+
+        from tunelab.train.deepspeed_configs import build_deepspeed_config
+
+        wrapped = LossModule(model, self.objective)
+        ds_config = build_deepspeed_config(self.cfg, precision=_precision_name(model, self.env),
+                                           world_size=self.env.world_size)
+        self.zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
+        if self.zero_stage == 3:
+            # ZeRO-3 gathers a module's weights around that module's forward, and the objective reads lm_head's
+            # weight without calling lm_head: registered with the root, it is gathered for the whole step.
+            # (Recent DeepSpeed detects such reads itself; saying it keeps older ones right.)
+            _, head, _ = split_model(model)
+            for param in (head.weight, head.bias):
+                if param is not None:
+                    deepspeed.zero.register_external_parameter(wrapped, param)
+        engine, *_ = deepspeed.initialize(model=wrapped, optimizer=self.raw_optimizer, config=ds_config,
+                                          dist_init_required=False)
+        return engine
+
+    def forward_loss(self, batch: dict):
+        return self.wrapped(batch)
+
+    def accumulating(self, last: bool):
+        self.wrapped.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the loop already divided by the tokens of every micro-batch: no division by the accumulation steps
+        self.wrapped.backward(self._undo_mean_over_ranks(loss), scale_wrt_gas=False)
+
+    def step(self, max_norm: float, *, keep_grad_buffers: bool = False) -> float:
+        self.wrapped.step()  # clipping (gradient_clipping in the DeepSpeed config), the step and zeroing
+        norm = self.wrapped.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def full_state_dict(self, *, trainable_only: bool = False) -> dict | None:
+        inner = self.module
+        names = {n for n, p in inner.named_parameters() if p.requires_grad} if trainable_only else None
+        if self.zero_stage == 3:
+            import deepspeed
+
+            state = {}
+            for name, param in inner.named_parameters():
+                if names is not None and name not in names:
+                    continue
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):  # one weight at a time
+                    if self.env.is_main:
+                        state[name] = param.detach().to("cpu", copy=True)
+            if names is None and self.env.is_main:
+                state.update({n: b.detach().cpu() for n, b in inner.named_buffers() if n in inner.state_dict()})
+            return state
+        if not self.env.is_main:
+            return {}
+        state = inner.state_dict()
+        if names is not None:
+            state = {k: v for k, v in state.items() if k in names}
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def save_optimizer(self, directory: Path, state: dict) -> None:
+        """The engine's own checkpoint (weights and optimizer, ZeRO layout; `load_consolidated_state_dict` reads it)."""
+        self.wrapped.save_checkpoint(str(directory), tag=self.CHECKPOINT_TAG)
+
+    def load_optimizer(self, directory: Path, state: dict) -> None:
+        if "optimizer" in state or not Path(directory).is_dir():
+            super().load_optimizer(directory, state)
+            return
+        path, _ = self.wrapped.load_checkpoint(str(directory), tag=self.CHECKPOINT_TAG, load_module_strict=False)
+        if path is None:
+            raise TunelabError(f"{directory}: no DeepSpeed checkpoint (tag {self.CHECKPOINT_TAG!r}) to resume from.")
+
+
+def load_consolidated_state_dict(path) -> dict:
+    """Whole fp32 weights from a DeepSpeed checkpoint directory, in one process (for `convert pth_to_hf`).
+
+    `path` is a directory written by `engine.save_checkpoint` (it holds `latest` or a tag folder of
+    `*_model_states.pt`), e.g. WORK_DIR/iter_N/optimizer or an XTuner `iter_N.pth/` folder.
+    """
+    path = Path(path)
+    tag = None
+    if not (path / "latest").exists():
+        if any(path.glob("*model_states.pt")):  # the tag folder itself was given
+            path, tag = path.parent, path.name
+        else:
+            raise TunelabError(f"{path}: not a DeepSpeed checkpoint (no 'latest' file and no *_model_states.pt).")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise TunelabError(f"{path} is a DeepSpeed checkpoint; reading it needs DeepSpeed: "
+                           "pip install 'tunelab[deepspeed]'.") from None
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    # tunelab's engines wrap LossModule, whose only child is `model`: strip that prefix to get the HF names back
+    # (a plain HF causal LM always has a top-level key outside `model.`, e.g. lm_head.weight).
+    stripped = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    wrapped = len(stripped) == len(state) and any(k.startswith(("model.", "base_model.")) for k in stripped)
+    return stripped if wrapped else state
