@@ -30,7 +30,7 @@ def _batch(tokenizer, n=5):
 
 def _plain_sequence_logprobs(model, batch):
     """The straightforward way: full logits, log_softmax, gather the next tokens, sum per sequence."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits.float()
     logp = torch.log_softmax(logits.flatten(0, 1)[batch["loss_index"]], dim=-1)
     per_token = logp.gather(-1, batch["loss_targets"][:, None]).squeeze(-1)
     return torch.zeros(batch["sequence_kind"].shape[0]).index_add(0, batch["loss_sequence"], per_token)
@@ -57,6 +57,23 @@ def test_chunked_sequence_logprobs_and_gradients_equal_full_logits(tiny_model_fa
             assert q.grad is None, name
             continue
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_sequence_scores_the_same_packed_with_others_as_alone(tiny_llama_dir, tiny_tokenizer):
+    model = _model(tiny_llama_dir).eval()  # as loaded for scoring: use_cache on in its config
+    batch = _batch(tiny_tokenizer)
+    alone = []
+    for r in range(batch["input_ids"].shape[0]):
+        pos = batch["position_ids"][r].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0]
+        for a, b in zip(starts, starts[1:] + [len(pos)]):
+            row = {"input_ids": batch["input_ids"][r, a:b].tolist(), "labels": batch["labels"][r, a:b].tolist(),
+                   "position_ids": list(range(b - a)), "sequence_kind": [0]}
+            if any(t != -100 for t in row["labels"][1:]):
+                with torch.no_grad():
+                    alone.append(sequence_logprobs(model, collate([row], pad_token_id=0))[0])
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logprobs(model, batch), torch.stack(alone), atol=1e-5, rtol=1e-5)
 
 
 def test_without_grad_the_chunked_path_gives_the_same_values(tiny_llama_dir, tiny_tokenizer):

@@ -90,6 +90,12 @@ class DataBundle:
     """Token length of every encoded sample before truncation (check-dataset's histogram): stats.encoded of them."""
 
 
+def row_length(cfg) -> int:
+    """The longest row: max_length, or for preference objectives a unit of two max_length sequences
+    (tunelab.data.encode_preference)."""
+    return cfg.max_length if cfg.objective == "sft" else row_capacity(cfg.max_length)
+
+
 # --- encoding -------------------------------------------------------------------------------------
 
 _WORKER: dict = {}
@@ -266,10 +272,8 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     if cfg.pack_to_max_length:
         if cfg.shuffle_before_pack:
             rng.shuffle(rows)
-        # a preference unit is two sequences of up to max_length each (tunelab.data.encode_preference)
-        capacity = cfg.max_length if cfg.objective == "sft" else row_capacity(cfg.max_length)
-        rows = pack_rows(rows, capacity)
-        eval_samples = pack_rows(eval_samples, capacity)
+        rows = pack_rows(rows, row_length(cfg))
+        eval_samples = pack_rows(eval_samples, row_length(cfg))
     train_rows = TokenRows.from_rows(rows)
     eval_rows = TokenRows.from_rows(eval_samples) if eval_samples else None
     stats.rows, stats.eval_rows = len(train_rows), len(eval_rows) if eval_rows else 0

@@ -36,7 +36,8 @@ def row_capacity(max_length: int) -> int:
     return 2 * max_length
 
 
-def _conversation(template, prompt: list[dict], reply: dict, tools: Optional[list]) -> list[tuple[str, bool]]:
+def conversation_pieces(template, prompt: list[dict], reply: dict, tools: Optional[list] = None
+                        ) -> list[tuple[str, bool]]:
     """The template's pieces for prompt + reply, only the reply trained."""
     messages = [{**m, "train": False} if m.get("role") == "assistant" else m for m in prompt]
     messages.append({**{k: v for k, v in reply.items() if k != "train"}})
@@ -58,8 +59,8 @@ def encode_pairs(template, tokenizer, samples: list[dict], max_length: int) -> l
     conversations = []
     for s in samples:
         tools = s.get("tools")
-        conversations += [_conversation(template, s["prompt"], s["chosen"], tools),
-                          _conversation(template, s["prompt"], s["rejected"], tools)]
+        conversations += [conversation_pieces(template, s["prompt"], s["chosen"], tools),
+                          conversation_pieces(template, s["prompt"], s["rejected"], tools)]
     encoded = encode_segments(tokenizer, conversations, max_length, "assistant")
     return [_unit(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED]) for i in range(len(samples))]
 
@@ -87,8 +88,8 @@ def encode_kto(template, tokenizer, samples: list[dict], max_length: int) -> lis
         halves = [(s["chosen"], True), (s["rejected"], False)] if s.get("unpaired") else [(s["completion"],
                                                                                            s["label"])]
         for reply, good in halves:
-            conversations += [_conversation(template, s["prompt"], reply, tools),
-                              _conversation(template, s["prompt"], s["kl_completion"], tools)]
+            conversations += [conversation_pieces(template, s["prompt"], reply, tools),
+                              conversation_pieces(template, s["prompt"], s["kl_completion"], tools)]
             kinds.append([DESIRABLE if good else UNDESIRABLE, KL])
             owners.append(k)
     encoded = encode_segments(tokenizer, conversations, max_length, "assistant")

@@ -39,9 +39,6 @@ _READ = frozenset(("prompt", "chosen", "rejected", "chosen_messages", "rejected_
                    "non_preferred_output", "input", "instruction", "output", "system", "history", "conversations",
                    "messages", "tools", "completion", "label", "kto_tag"))
 
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "reward")
-"""What a run trains: supervised fine-tuning, or one of the preference objectives (tunelab.model.preference)."""
-
 
 def record_kind(record: Any) -> Optional[str]:
     """'preference' for a chosen / rejected pair, 'kto' for a reply labelled good or bad, None otherwise."""

@@ -113,11 +113,13 @@ def token_logprobs(model, batch: dict, *, chunk_size: int = 4096, chunked: bool 
     """log p of each trained token of the batch (in `loss_index` order), fp32, differentiable when grad is on."""
     index, targets = batch["loss_index"], batch["loss_targets"]
     if not chunked:  # the plain path: full logits (what `fast_path = False` runs, and what the tests compare with)
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         logits = logits.flatten(0, 1).index_select(0, index).float()
         return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     decoder, lm_head, softcap = split_model(model)
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+    # no KV cache: with one, transformers would not read the sequence boundaries from position_ids
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+                     ).last_hidden_state
     hidden = hidden.flatten(0, 1).index_select(0, index)
     weight, bias = lm_head.weight, lm_head.bias
     rows = loss_chunk_rows(chunk_size, weight.shape[0], head_trained=weight.requires_grad)

@@ -4,6 +4,7 @@
     loss_sum, units = objective(model, batch)     # the shape of every objective the loop calls
     objective.units(batch)                        # pairs (or KTO samples) of a batch, known on the CPU
     objective.take_metrics()                      # rewards, margin, accuracy, KL summed since the last call
+    training_objective(cfg, plan, reference, reference_model)   # the objective a run's settings ask for
 
 A batch holds whole units (tunelab.data.encode_preference: a pair is prompt + chosen, prompt + rejected; a KTO
 sample its reply and a KL reply). The policy's log-probability of each sequence comes from the chunked projection
@@ -30,10 +31,8 @@ from tunelab.model import preference_losses as losses
 from tunelab.model.logprobs import sequence_logprobs
 from tunelab.model.reward import sequence_scores
 
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "reward")
-PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
-NEEDS_REFERENCE = ("dpo", "kto")
 REFERENCES = ("adapters_off", "copy", "precomputed")
+"""Where the reference's log-probabilities come from (the `reference` setting; 'auto' picks one)."""
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,9 @@ class PreferenceSettings:
 
     @classmethod
     def from_config(cls, cfg, reference: str | None = None) -> "PreferenceSettings":
-        """The settings of `cfg`; `reference` as resolved for this run (cfg.reference may say 'auto')."""
+        """The settings of `cfg`; `reference` as resolved for this run (`cfg.resolved_reference`)."""
         return cls(cfg.objective, cfg.beta, cfg.dpo_loss, cfg.label_smoothing, cfg.simpo_gamma,
-                   cfg.kto_desirable_weight, cfg.kto_undesirable_weight,
-                   reference if cfg.objective in NEEDS_REFERENCE else None)
+                   cfg.kto_desirable_weight, cfg.kto_undesirable_weight, reference)
 
     @property
     def length_normalised(self) -> bool:
@@ -84,6 +82,10 @@ class PreferenceObjective:
     def units(self, batch: dict) -> int:
         """Pairs, or KTO samples, in a batch: every unit is two sequences."""
         return batch["sequence_kind"].shape[0] // 2
+
+    def copy(self) -> "PreferenceObjective":
+        """The same objective with metric sums of its own (what evaluation scores with)."""
+        return PreferenceObjective(self.settings, reference_model=self.reference_model, **self.logprob_options)
 
     def take_metrics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{name: (sum, count)} accumulated since the last call (the loop sums them over ranks and divides)."""
@@ -172,3 +174,23 @@ class PreferenceObjective:
             self._metrics[name][1] += count
         else:
             self._metrics[name] = [total, count]
+
+
+def training_objective(cfg, plan, reference: str | None = None, reference_model=None):
+    """The objective the loop minimises for `cfg` as `plan` (a FastPathPlan) runs it: the supervised loss, or a
+    preference objective with the reference resolved for this run (`cfg.resolved_reference`)."""
+    from tunelab.model.loss import causal_lm_objective
+
+    if cfg.objective == "sft":
+        return causal_lm_objective(plan)
+    return PreferenceObjective(PreferenceSettings.from_config(cfg, reference), chunk_size=plan.loss_chunk_size,
+                               chunked=plan.chunked_loss, compiled=plan.compiled_loss, reference_model=reference_model)
+
+
+def reduce_metrics(metrics: dict, reduce) -> dict[str, float]:
+    """{name: mean} of `take_metrics()` sums, summed over ranks with `reduce(tensor) -> tensor` first."""
+    if not metrics:
+        return {}
+    names = sorted(metrics)
+    sums = reduce(torch.stack([torch.stack([metrics[n][0].double(), metrics[n][1].double()]) for n in names]))
+    return {n: round(float(total / count), 6) for n, (total, count) in zip(names, sums.tolist()) if count > 0}

@@ -26,7 +26,9 @@ def reward_head(model) -> torch.nn.Module:
 def sequence_scores(model, batch: dict) -> torch.Tensor:
     """The score of each sequence of a batch of preference rows: fp32 [num_sequences]."""
     decoder, _, _ = split_model(model)
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+    # no KV cache: with one, transformers would not read the sequence boundaries from position_ids
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+                     ).last_hidden_state
     last = hidden.flatten(0, 1).index_select(0, batch["sequence_last"])
     head = reward_head(model)
     return head(last.to(head.weight.dtype) if not torch.is_autocast_enabled(last.device.type) else last

@@ -5,8 +5,8 @@ with its adapters off) or a frozen copy of the weights (full fine-tuning), the s
 of the training rows once, before the first step; the rows then carry the values (`reference_logps`) into each
 batch. That costs one pass over the data without gradients, and nothing per step.
 
-The values are saved in the work dir (`reference_logps.npz`, with a fingerprint of the rows), because a resumed run
-no longer has the starting model: it reads them back, and refuses rows that changed since.
+The values are saved in the work dir (`layout.REFERENCE_LOGPS`, with a fingerprint of the rows), because a resumed
+run no longer has the starting model: it reads them back, and refuses rows that changed since.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import torch
 
 from tunelab.data.collate import collate
 from tunelab.errors import TunelabError
+from tunelab.train import layout
 from tunelab.train.distributed import all_reduce_sum
-
-FILE = "reference_logps.npz"
 
 
 class RowsWithReference:
@@ -80,12 +79,12 @@ def compute_reference_logps(model, rows, score, *, pad_token_id: int, batch_size
     return all_reduce_sum(values, env).float().cpu().numpy()
 
 
-def reference_rows(rows, work_dir: Path, compute, *, resuming: bool, write: bool = True, log=print
-                   ) -> RowsWithReference:
+def reference_rows(rows, work_dir: Path, compute, *, split: str = "train", resuming: bool, write: bool = True,
+                   log=print) -> RowsWithReference:
     """The rows with their reference log-probabilities: read from the work dir when it holds them for these rows,
     else computed (`compute(rows) -> values`, only before training starts) and saved there (by the process that
     `write`s: every rank computes the same values)."""
-    path = Path(work_dir) / FILE
+    path = Path(work_dir) / layout.REFERENCE_LOGPS.format(split=split)
     key = fingerprint(rows)
     offsets = sequence_offsets(rows)
     if path.is_file():
@@ -107,3 +106,25 @@ def reference_rows(rows, work_dir: Path, compute, *, resuming: bool, write: bool
         tmp.replace(path)
     log(f"reference log-probabilities of {len(values)} sequences computed and saved to {path}")
     return RowsWithReference(rows, values, offsets)
+
+
+def with_reference(model, objective, train_rows, eval_rows, cfg, *, work_dir: Path, resuming: bool, precision,
+                   pad_token_id: int, env, log=print):
+    """(train rows, eval rows) carrying the reference log-probabilities of `model` as loaded, before training: read
+    from the work dir, or computed with the objective's log-probabilities (tunelab.model.logprobs) and saved."""
+    from tunelab.model.logprobs import sequence_logprobs
+
+    def score(m, batch):
+        return sequence_logprobs(m, batch, **objective.logprob_options)
+
+    def compute(rows):
+        log(f"scoring the {len(rows)} rows' sequences with the starting model, the reference (reference = "
+            f"'precomputed'): once, before training")
+        return compute_reference_logps(model, rows, score, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
+                                       device=env.device, autocast=precision.autocast, env=env)
+
+    common = dict(resuming=resuming, write=env.is_main, log=log)
+    train_rows = reference_rows(train_rows, work_dir, compute, split="train", **common)
+    if eval_rows is not None and len(eval_rows):
+        eval_rows = reference_rows(eval_rows, work_dir, compute, split="eval", **common)
+    return train_rows, eval_rows
