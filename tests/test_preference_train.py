@@ -232,3 +232,44 @@ def test_full_finetuned_reward_model_converts_to_a_sequence_classifier(tiny_llam
     with torch.no_grad():
         want = hf(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
     assert record["score"] == pytest.approx(want, abs=1e-4)
+
+
+def test_the_memory_plan_counts_pairs_and_the_reference(monkeypatch):
+    from dataclasses import replace
+
+    from tunelab.config.schema import TrainConfig
+    from tunelab.model import memory
+
+    base = TrainConfig(pretrained_model_name_or_path="meta-llama/Llama-2-7b-chat-hf", method="full", max_length=1024)
+    dpo = replace(base, objective="dpo", reference="precomputed")
+    # a row holds a pair: the activations of two sequences, as a supervised row twice as long
+    assert memory.estimate_memory(dpo).total == memory.estimate_memory(replace(base, max_length=2048)).total
+    copy = memory.estimate_memory(replace(dpo, reference="copy"))
+    params = memory.model_shape(base.pretrained_model_name_or_path).total_params()
+    assert copy.parts["reference model (frozen copy)"] == 2 * params
+    assert copy.total == memory.estimate_memory(dpo).total + 2 * params
+    # 'auto': LoRA switches its adapters off; full takes the copy where it fits, else precomputes
+    auto = replace(dpo, reference="auto")
+    assert memory.choose_reference(replace(auto, method="qlora")) == "adapters_off"
+    assert memory.choose_reference(auto) == "copy"  # no GPU to check against
+    tight = type("Estimate", (), {"fits": False})()
+    monkeypatch.setattr(memory, "estimate_memory", lambda *a, **k: tight)
+    assert memory.choose_reference(auto) == "precomputed"
+    assert memory.choose_reference(replace(auto, objective="orpo")) is None  # ORPO needs no reference
+    monkeypatch.undo()
+    report = memory.plan_report(replace(auto, method="qlora"))
+    assert "objective dpo (reference: adapters_off), rows of 2048 tokens (a pair)" in report
+
+
+def test_settings_that_cannot_go_together_are_refused():
+    from tunelab.config.schema import TrainConfig, combination_errors
+
+    def errors(**kw):
+        return " ".join(combination_errors(TrainConfig(**kw)))
+
+    assert "no adapters to switch off" in errors(objective="dpo", method="full", reference="adapters_off")
+    assert "FSDP / ZeRO-3" in errors(objective="kto", method="full", reference="copy", deepspeed="zero3")
+    assert "label_smoothing" in errors(objective="dpo", dpo_loss="hinge", label_smoothing=0.1)
+    assert "train_on = 'all'" in errors(objective="orpo", train_on="all")
+    assert errors(objective="dpo", method="qlora", label_smoothing=0.1) == ""
+    assert errors(objective="sft", method="full", reference="adapters_off") == ""  # SFT reads no reference

@@ -142,9 +142,9 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
     template = get_template(cfg.prompt_template, tokenizer)
     samples: list[dict] = []
     stats = DataStats()
-    for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir):
+    for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective):
         samples += read_samples(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn, system=cfg.SYSTEM,
-                                stats=stats, limit=n - len(samples))
+                                stats=stats, limit=n - len(samples), objective=cfg.objective)
         if len(samples) >= n:
             break
     shown = []
