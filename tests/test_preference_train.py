@@ -6,47 +6,20 @@ resumed DPO run continues the same curve; the adapter loads with peft."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
-from tests.train_helpers import tiny_cfg
-from tunelab.data.encode_preference import encode_kto, encode_pairs, unpaired
-from tunelab.data.preference import normalise_preference
+from tests.train_helpers import pair_rows, quality_pair, style_pair, tiny_cfg
+from tunelab.data.encode_preference import encode_kto, unpaired
 from tunelab.data.templates import get_template
 from tunelab.train.loop import train
-
-WORDS = "apple river music stone cloud garden tiger window paper bread coffee mountain ocean forest city".split()
-
-
-def style_pair(i: int) -> dict:
-    """The chosen reply is polite ("Sure! ... Thank you!"), the rejected one curt: a style DPO can teach."""
-    w, v = WORDS[i % len(WORDS)], WORDS[(i * 7 + 3) % len(WORDS)]
-    return normalise_preference({"prompt": f"Tell me about the {w} and the {v}.",
-                                 "chosen": f"Sure! The {w} is lovely. Thank you!", "rejected": f"No. {v}."})
-
-
-GOOD, BAD = ["lovely", "great", "kind", "bright"], ["awful", "cruel", "harsh", "grim"]
-
-
-def quality_pair(i: int) -> dict:
-    """Replies of the same shape and length, told apart by one word: an untrained head ranks them at chance."""
-    rng = random.Random(i)
-    w = rng.choice(WORDS)
-    good, bad = f"The {w} is {rng.choice(GOOD)}.", f"The {w} is {rng.choice(BAD)}."
-    return normalise_preference({"prompt": f"Describe the {w}.", "chosen": good, "rejected": bad})
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama_dir):
     from tunelab.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_llama_dir))
-
-
-def _pairs(tokenizer, make, indices):
-    return [e.row for e in encode_pairs(get_template("qwen_chat"), tokenizer, [make(i) for i in indices], 128)]
 
 
 def _log(work_dir):
@@ -83,8 +56,8 @@ def test_dpo_moves_held_out_pairs_apart_and_answers_in_the_chosen_style(tiny_lla
     from tunelab.data.collate import collate
 
     captured = _capture_model(monkeypatch)
-    held_out = _pairs(tokenizer, style_pair, range(40, 52))
-    result = train(_dpo_cfg(tiny_llama_dir), tmp_path, train_rows=_pairs(tokenizer, style_pair, range(40)),
+    held_out = pair_rows(tokenizer, style_pair, range(40, 52))
+    result = train(_dpo_cfg(tiny_llama_dir), tmp_path, train_rows=pair_rows(tokenizer, style_pair, range(40)),
                    eval_rows=held_out, tokenizer=tokenizer, device="cpu")
     assert result.step == 20
     evals = [r for r in _log(tmp_path) if "eval_loss" in r]
@@ -110,7 +83,7 @@ def test_dpo_moves_held_out_pairs_apart_and_answers_in_the_chosen_style(tiny_lla
 
 
 def test_the_three_references_give_the_same_full_finetuning_run(tiny_llama_dir, tokenizer, tmp_path):
-    rows = _pairs(tokenizer, style_pair, range(16))
+    rows = pair_rows(tokenizer, style_pair, range(16))
     curves = {}
     for reference in ("copy", "precomputed"):
         cfg = _dpo_cfg(tiny_llama_dir, method="full", reference=reference, lr=2e-4, max_steps=3, logging_steps=1,
@@ -130,7 +103,7 @@ def test_the_three_references_give_the_same_full_finetuning_run(tiny_llama_dir, 
 
 
 def test_resuming_mid_dpo_continues_the_same_curve(tiny_llama_dir, tokenizer, tmp_path):
-    rows = _pairs(tokenizer, style_pair, range(24))
+    rows = pair_rows(tokenizer, style_pair, range(24))
     cfg = _dpo_cfg(tiny_llama_dir, reference="precomputed", max_steps=6, save_steps=3, logging_steps=1,
                    evaluation_inputs=[], lora_dropout=0.1)
     straight = train(cfg, tmp_path / "straight", train_rows=rows, tokenizer=tokenizer, device="cpu").losses
@@ -155,7 +128,7 @@ def test_orpo_simpo_and_kto_train_and_log_their_metrics(objective, tiny_llama_di
         rows = [u.row for per in encode_kto(get_template("qwen_chat"), tokenizer, samples, 128) for u in per]
         expected = {"reward_desirable", "reward_undesirable", "kl"}
     else:
-        rows = _pairs(tokenizer, style_pair, range(40))
+        rows = pair_rows(tokenizer, style_pair, range(40))
         expected = {"reward_chosen", "reward_margin", "accuracy"} | ({"log_odds_ratio", "nll_chosen"}
                                                                      if objective == "orpo" else set())
     cfg = _dpo_cfg(tiny_llama_dir, objective=objective, max_steps=10, logging_steps=1, evaluation_inputs=[],
@@ -173,8 +146,8 @@ def test_a_reward_model_ranks_held_out_pairs_and_exports_for_transformers(tiny_l
     from tunelab.cli.main import main
     from tunelab.export.convert import merge, pth_to_hf
 
-    train_rows = _pairs(tokenizer, quality_pair, range(64))
-    held_out = _pairs(tokenizer, quality_pair, range(1000, 1032))
+    train_rows = pair_rows(tokenizer, quality_pair, range(64))
+    held_out = pair_rows(tokenizer, quality_pair, range(1000, 1032))
     cfg = _dpo_cfg(tiny_llama_dir, objective="reward", max_steps=40, lr=3e-3, batch_size=8, evaluation_freq=40,
                    logging_steps=10)
     train(cfg, tmp_path / "rm", train_rows=train_rows, eval_rows=held_out, tokenizer=tokenizer, device="cpu")
@@ -218,7 +191,7 @@ def test_full_finetuned_reward_model_converts_to_a_sequence_classifier(tiny_llam
     from tunelab.chat.reward import load_reward_model, score_file
     from tunelab.export.convert import pth_to_hf
 
-    rows = _pairs(tokenizer, quality_pair, range(8))
+    rows = pair_rows(tokenizer, quality_pair, range(8))
     cfg = _dpo_cfg(tiny_llama_dir, objective="reward", method="full", max_steps=2, lr=1e-4, evaluation_inputs=[])
     train(cfg, tmp_path / "rm", train_rows=rows, tokenizer=tokenizer, device="cpu")
     pth_to_hf(None, str(tmp_path / "rm"), str(tmp_path / "hf"), fp32=True)
