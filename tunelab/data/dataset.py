@@ -56,7 +56,7 @@ class DataStats:
     """Training samples (after mixing ratios, drops and the eval split)."""
     rows: int = 0
     tokens_before_truncation: int = 0
-    """Tokens of every encoded sample, whole (what the length histogram counts)."""
+    """Tokens of every encoded sample, whole."""
     tokens: int = 0
     """Tokens in the training rows (after truncation, drops and the eval split)."""
     trained_tokens: int = 0
@@ -211,7 +211,7 @@ def count_cuts(stats: DataStats, encoded: list, origins: list[int], max_length: 
         report = stats.files[origin]
         for e in pieces:
             stats.encoded += 1
-            stats.tokens_before_truncation += e.full_length
+            stats.tokens_before_truncation += e.all_tokens or e.full_length
             if e.row is not None:
                 kind = "truncated" if e.full_length > max_length else None
             else:

@@ -27,11 +27,14 @@ class Encoded:
     row: Optional[dict]
     """The sample's row, or None when it was dropped (no trained token left after truncation)."""
     full_length: int
-    """Tokens before truncation (for the length histogram)."""
+    """Tokens before truncation (for the length histogram); of a preference unit's longest sequence."""
+    all_tokens: Optional[int] = None
+    """Tokens of all the unit's sequences before truncation, where there are several (else full_length)."""
 
     @property
     def truncated(self) -> bool:
-        return self.row is not None and len(self.row["input_ids"]) < self.full_length
+        # the longest sequence of the row (position ids restart at each one) against its length before the cut
+        return self.row is not None and max(self.row["position_ids"], default=-1) + 1 < self.full_length
 
 
 def _finish(ids: list[int], labels: list[int], max_length: int) -> Encoded:

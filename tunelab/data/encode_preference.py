@@ -45,13 +45,14 @@ def conversation_pieces(template, prompt: list[dict], reply: dict, tools: Option
 
 
 def _unit(parts: list[Encoded], kinds: list[int]) -> Encoded:
-    """Sequences encoded one by one -> one unit (None when any of them has nothing left to train on)."""
-    full = sum(e.full_length for e in parts)
+    """Sequences encoded one by one -> one unit (None when any of them has nothing left to train on). Its
+    full_length is its longest sequence's: max_length applies to each sequence, so that is what gets cut."""
+    full, total = max(e.full_length for e in parts), sum(e.full_length for e in parts)
     if any(e.row is None for e in parts):
-        return Encoded(None, full)
+        return Encoded(None, full, total)
     row = {k: [v for e in parts for v in e.row[k]] for k in ("input_ids", "labels", "position_ids")}
     row["sequence_kind"] = list(kinds)
-    return Encoded(row, full)
+    return Encoded(row, full, total)
 
 
 def encode_pairs(template, tokenizer, samples: list[dict], max_length: int) -> list[Encoded]:
