@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tunelab.data.files import InvalidRecord
+from tunelab.data.multimodal import split_images
 from tunelab.errors import TunelabError
 
 DATA_URL = "data:"
@@ -112,6 +113,32 @@ def check_images(refs: list[str], threads: int = 8) -> dict[str, str]:
     with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes with the GIL released
         problems = list(pool.map(check, unique))
     return {ref: why for ref, why in zip(unique, problems) if why}
+
+
+def read_images(record, fmt: str, where: str, reading: "ImageReading", base_dir: Optional[Path]) -> dict:
+    """A multimodal record's sample (`tunelab.data.multimodal.split_images`) with its images resolved, and
+    "where" (the record's place, for later messages)."""
+    sample = split_images(record, fmt, where)
+    sample["images"] = [resolve_image(ref, base_dir=base_dir, image_folder=reading.image_folder, where=where,
+                                      at=f"image {i + 1}") for i, ref in enumerate(sample["images"])]
+    sample["where"] = where
+    return sample
+
+
+def unreadable_samples(samples: list[dict], threads: int | None = None) -> dict[int, str]:
+    """{index: message naming the record and the image} of the samples with an image that cannot be read (each
+    image opened once, in threads)."""
+    import os
+
+    broken = check_images([ref for sample in samples for ref in sample.get("images", ())],
+                          threads=threads or 2 * (os.cpu_count() or 1))
+    out = {}
+    for i, sample in enumerate(samples):
+        bad = next((ref for ref in sample.get("images", ()) if ref in broken), None)
+        if bad is not None:
+            out[i] = (f"{sample.get('where', f'sample {i}')}: image {describe(bad)} cannot be read ({broken[bad]}). "
+                      "Replace the file, or set skip_invalid = True to skip such records (they are counted).")
+    return out
 
 
 class ImageLoader:

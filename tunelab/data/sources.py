@@ -15,7 +15,6 @@ print, so nothing a record carries is dropped without a word.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections import Counter
@@ -26,11 +25,10 @@ from typing import Callable, Iterable, Optional
 from tunelab.data import dataset_info
 from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
-from tunelab.data.images import ImageReading, check_images, image_reading, resolve_image
-from tunelab.data.images import describe as describe_image
+from tunelab.data.images import ImageReading, image_reading, read_images, unreadable_samples
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
-from tunelab.data.multimodal import split_images
-from tunelab.data.preference import not_supervised_error, record_kind
+from tunelab.data.preference import (not_supervised_error, read_for_objective, record_kind, sample_messages,
+                                     unused_preference_fields)
 from tunelab.errors import TunelabError
 
 MAX_REPORTED_INVALID = 20
@@ -54,9 +52,10 @@ class Source:
 
 # --- where the data is --------------------------------------------------------------------------
 
-def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None = None, *,
-                    multimodal: bool = False) -> list[Source]:
-    """The sources of `data_path`; `multimodal`: a run with a vision tower, which reads datasets with images."""
+def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None = None,
+                    objective: str = "sft", *, multimodal: bool = False) -> list[Source]:
+    """objective: what the run trains ('sft' refuses a dataset_info.json entry of preference or KTO data);
+    multimodal: a run with a vision tower, which reads datasets with images."""
     if data_path in (None, "", []):
         raise TunelabError("data_path is not set: point it at a data file, a folder, or a `datasets` name.")
     entries = data_path if isinstance(data_path, list) else [data_path]
@@ -84,7 +83,7 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
         if source.kind == "files" and dataset_info.is_registry(source.resolved):
             if "format" in spec:
                 raise TunelabError(f"{where}: a dataset_info.json says each dataset's format; remove 'format'.")
-            sources += [_registry_source(e, source, where, multimodal) for e in
+            sources += [_registry_source(e, source, where, objective, multimodal) for e in
                         dataset_info.registry_entries(source.resolved, spec.get("dataset"), where)]
         elif "dataset" in spec:
             raise TunelabError(f"{where}: 'dataset' names datasets of a LLaMA-Factory dataset_info.json, but "
@@ -94,10 +93,11 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
     return sources
 
 
-def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str, multimodal: bool) -> Source:
+def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str, objective: str,
+                     multimodal: bool) -> Source:
     path = f"{registry.path}:{entry.name}"
     at = f"{where}: dataset {entry.name!r} of {registry.resolved}"
-    if entry.ranking or entry.columns.get("kto_tag"):  # said by the entry: no need to read (or download) it
+    if objective == "sft" and (entry.ranking or entry.columns.get("kto_tag")):  # said by the entry: no need to read
         raise not_supervised_error("preference" if entry.ranking else "kto", at)
     media = [c for c in ("images", "videos", "audios") if entry.columns.get(c)]
     if media and not multimodal:
@@ -177,12 +177,14 @@ def _note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None
 
 
 def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict,
-                images: Optional[ImageReading] = None, base_dir: Optional[Path] = None
+                objective: str = "sft", images: Optional[ImageReading] = None, base_dir: Optional[Path] = None
                 ) -> tuple[Optional[dict], str]:
     """One raw record -> (its canonical sample or None when the map function drops it, the format read).
 
-    images: how a multimodal run reads images (the sample then has "images", resolved references, and "where");
-    None in a text-only run, which refuses them. base_dir: the data file's folder."""
+    objective 'sft' reads supervised samples and refuses preference data; the preference objectives read pairs or
+    KTO samples (tunelab.data.preference.read_for_objective). images: how a multimodal run reads images (the sample
+    then has "images", resolved references, and "where"); None in a text-only run, which refuses them.
+    base_dir: the data file's folder."""
     data = rec.data
     if source.entry is not None:
         data, fmt, unmapped = dataset_info.map_record(data, source.entry, rec.where)
@@ -198,6 +200,14 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
         if data is None:  # the map function filtered the record out
             return None, fmt
     kind = record_kind(data)
+    if objective != "sft":
+        sample = read_for_objective(data, objective, rec.where)
+        if source.entry is None:
+            for name in unused_preference_fields(data):
+                _count_unused(report, name, rec.where, "a preference record's prompt, replies, label, system and "
+                              "tools are read: drop it, or map it in with dataset_map_fn if it should be trained")
+        _after_reading(sample, source, report, rec.where, images is not None)
+        return sample, "kto" if "completion" in sample or sample.get("unpaired") else "preference"
     if kind:
         raise not_supervised_error(kind, rec.where, data)
     if fmt == "auto":
@@ -208,25 +218,23 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
                 f"{rec.where}: cannot tell the data format from this record (fields: {keys}). Set data_format to "
                 f"one of {', '.join(FORMATS)}, rename the fields, or convert records with dataset_map_fn. See "
                 f"docs/DATA.md for an example of each format.")
-    if images is None:
-        sample = normalise(data, fmt, rec.where)
-    else:
-        sample = split_images(data, fmt, rec.where)
-        folder = images.image_folder
-        sample["images"] = [resolve_image(ref, base_dir=base_dir, image_folder=folder, where=rec.where,
-                                          at=f"image {i + 1}") for i, ref in enumerate(sample["images"])]
-        sample["where"] = rec.where
+    sample = normalise(data, fmt, rec.where) if images is None else read_images(data, fmt, rec.where, images, base_dir)
     if source.entry is None:
         for name in unused_fields(data, fmt):
             hint = UNUSED_HINTS.get(name.split(".")[-1], f"the {fmt!r} format does not read it: drop it, or map it "
                                     f"into the record with dataset_map_fn if it should be trained")
             _count_unused(report, name, rec.where, hint)
+    _after_reading(sample, source, report, rec.where, images is not None)
+    return sample, fmt
+
+
+def _after_reading(sample: dict, source: Source, report: dict, where: str, multimodal: bool = False) -> None:
+    """Fill {{placeholders}}, note <image> tags without images (a text run's)."""
     texts = "\n".join(_texts(sample))  # one look for both kinds of placeholder
     if "{{" in texts:
-        _fill_placeholders(sample, source.placeholders, report, rec.where)
-    if IMAGE_PLACEHOLDER in texts and images is None:
-        _note(report, "image_tags", rec.where)
-    return sample, fmt
+        _fill_placeholders(sample, source.placeholders, report, where)
+    if IMAGE_PLACEHOLDER in texts and not multimodal:
+        _note(report, "image_tags", where)
 
 
 def _count_unused(report: dict, name: str, where: str, hint: str) -> None:
@@ -234,10 +242,14 @@ def _count_unused(report: dict, name: str, where: str, hint: str) -> None:
     entry[0] += 1
 
 
+def _messages(sample: dict) -> list[dict]:
+    return sample["messages"] if "messages" in sample else sample_messages(sample)
+
+
 def _texts(sample: dict) -> list[str]:
     if "text" in sample:
         return [sample["text"]]
-    return [m[k] for m in sample["messages"] for k in ("content", "reasoning_content") if k in m]
+    return [m[k] for m in _messages(sample) for k in ("content", "reasoning_content") if k in m]
 
 
 def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> None:
@@ -249,7 +261,7 @@ def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> 
         report["filled"] += 1
         if "text" in sample:
             sample["text"] = fill(sample["text"])
-        for m in sample.get("messages", []):
+        for m in [] if "text" in sample else _messages(sample):
             for key in ("content", "reasoning_content"):
                 if key in m:
                     m[key] = fill(m[key])
@@ -259,7 +271,7 @@ def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> 
 
 
 def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                limit: Optional[int] = None, images: Optional[ImageReading] = None
+                limit: Optional[int] = None, objective: str = "sft", images: Optional[ImageReading] = None
                 ) -> tuple[list[dict], list[int]]:
     """All samples of one source and, for each, the index of its file's report in stats.files."""
     samples: list[dict] = []
@@ -287,7 +299,7 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             stats.records_read += 1
             report["records"] += 1
             try:
-                sample, read_as = read_record(rec, source, fmt, map_fn, report, images,
+                sample, read_as = read_record(rec, source, fmt, map_fn, report, objective, images,
                                               origin.parent if isinstance(origin, Path) else None)
             except InvalidRecord as exc:
                 if not skip_invalid:
@@ -301,8 +313,9 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             label = read_as + (" (pretraining text)" if "text" in sample and read_as != "text" else "")
             report["formats"][label] = report["formats"].get(label, 0) + 1
             formats_seen[read_as] += 1
-            if system and "messages" in sample and sample["messages"][0]["role"] != "system":
-                sample["messages"].insert(0, {"role": "system", "content": system})
+            turns = sample.get("messages", sample.get("prompt"))
+            if system and turns is not None and (not turns or turns[0]["role"] != "system"):
+                turns.insert(0, {"role": "system", "content": system})
             samples.append(sample)
             origins.append(file_id)
             if limit is not None and len(samples) >= limit:
@@ -318,35 +331,25 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
 
 def _drop_unreadable_images(samples: list[dict], origins: list[int], stats, skip_invalid: bool
                             ) -> tuple[list[dict], list[int]]:
-    """Open every image of the samples once: a sample with an image that cannot be read stops the run naming its
-    record, or is skipped and counted (skip_invalid)."""
-    broken = check_images([ref for sample in samples for ref in sample.get("images", ())],
-                          threads=2 * (os.cpu_count() or 1))
-    if not broken:
-        return samples, origins
-    kept, kept_origins = [], []
-    for sample, origin in zip(samples, origins):
-        bad = next((ref for ref in sample.get("images", ()) if ref in broken), None)
-        if bad is None:
-            kept.append(sample)
-            kept_origins.append(origin)
-            continue
-        message = (f"{sample['where']}: image {describe_image(bad)} cannot be read ({broken[bad]}). Replace the "
-                   "file, or set skip_invalid = True to skip such records (they are counted).")
+    """Samples with an image that cannot be read stop the run naming their record, or are skipped and counted."""
+    bad = unreadable_samples(samples)
+    for i, message in bad.items():
         if not skip_invalid:
             raise TunelabError(message)
         stats.skipped_invalid += 1
-        stats.files[origin]["invalid"] += 1
+        stats.files[origins[i]]["invalid"] += 1
         if len(stats.invalid) < MAX_REPORTED_INVALID:
             stats.invalid.append(message)
-    return kept, kept_origins
+    keep = [i for i in range(len(samples)) if i not in bad]
+    return [samples[i] for i in keep], [origins[i] for i in keep]
 
 
 def read_samples(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                 limit: Optional[int] = None, images: Optional[ImageReading] = None) -> list[dict]:
+                 limit: Optional[int] = None, objective: str = "sft", images: Optional[ImageReading] = None
+                 ) -> list[dict]:
     """All samples of one source, normalised; bad records raise, or are counted when skip_invalid."""
     return read_source(source, skip_invalid=skip_invalid, map_fn=map_fn, system=system, stats=stats, limit=limit,
-                       images=images)[0]
+                       objective=objective, images=images)[0]
 
 
 def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
@@ -361,10 +364,10 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
     samples: list[dict] = []
     origins: list[int] = []
     images = image_reading(cfg, config_dir)
-    for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir,
+    for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
                                                multimodal=images is not None)):
         found, where_from = read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn,
-                                        system=cfg.SYSTEM, stats=stats, images=images)
+                                        system=cfg.SYSTEM, stats=stats, objective=cfg.objective, images=images)
         if not found and not allow_empty:
             raise TunelabError(f"data_path {source.path!r}: no usable record (all {stats.sources[-1]['records']} "
                                f"were invalid). Run `tunelab check-dataset` to see why.")

@@ -27,6 +27,7 @@ import torch
 from tunelab.data.multimodal import (IMAGE_TOKEN, VISION_TYPES, add_image_token, image_seq_length,  # noqa: F401
                                      vision_config, vision_family)
 from tunelab.errors import TunelabError
+from tunelab.model.loss import CausalLMObjective, causal_lm_loss
 from tunelab.model.parts import base_model
 
 SELECT_STRATEGIES = ("default", "full")
@@ -195,19 +196,19 @@ def image_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
     return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
-def llava_objective(plan):
-    """The loss a LLaVA run minimises, as `plan` runs it: the input embeddings with the images' features in place,
-    then the text loss on the language model (`tunelab.model.loss.causal_lm_loss`, chunked over trained tokens).
-    objective(model, batch) -> (loss_sum, n_trained_tokens), like `causal_lm_objective`."""
-    from tunelab.model.loss import causal_lm_objective
+class LlavaObjective(CausalLMObjective):
+    """The loss a LLaVA run minimises: the input embeddings with the images' features in place, then the text loss
+    on the language model (`tunelab.model.loss.causal_lm_loss`, chunked over trained tokens). Called like every
+    objective: objective(model, batch) -> (loss_sum, n_trained_tokens)."""
 
-    text = causal_lm_objective(plan)
-
-    def objective(model, batch: dict):
+    def __call__(self, model, batch: dict):
         embeds = image_embeddings(model, batch["input_ids"], batch.get("pixel_values"))
-        return text(model, {**batch, "inputs_embeds": embeds})
+        return causal_lm_loss(model, {**batch, "inputs_embeds": embeds}, **self.options)
 
-    return objective
+
+def llava_objective(plan) -> LlavaObjective:
+    """LlavaObjective as `plan` (a `tunelab.model.plan.FastPathPlan`) runs it."""
+    return LlavaObjective(chunk_size=plan.loss_chunk_size, chunked=plan.chunked_loss, compiled=plan.compiled_loss)
 
 
 # --- export --------------------------------------------------------------------------------------------------------
