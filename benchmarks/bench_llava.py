@@ -2,6 +2,7 @@
 
     python benchmarks/bench_llava.py                  # InternLM2-1.8B-shaped LLM + CLIP-L/336 tower, random weights
     python benchmarks/bench_llava.py --tiny           # tiny shapes, runs on a CPU in a minute (a check of the script)
+    python benchmarks/bench_llava.py --lora           # stage 2 as bf16 LoRA on both sides (no bitsandbytes needed)
 
 Models (random weights in real shapes, written once to --root): a Llama-layout LLM with InternLM2-chat-1.8B's dims
 (tunelab loads InternLM2 as exactly this graph), vocabulary 92544; a CLIPVisionModel with CLIP-L/14-336's dims;
@@ -11,11 +12,12 @@ Samples, the same for both sides: one image each (576 image tokens) and text aro
 stage 1 ("pretrain") a ~20-token prompt and a 30-70 token caption, trained; stage 2 ("finetune") a 20-60 token
 question and a 100-600 token answer, trained. A step is --samples samples (32 / 16) and one optimiser update.
 * tunelab: the loader, fast path, objective and collate of `tunelab train` (config as the llava configs: stage 1
-  freeze_llm with method full, stage 2 qlora with LoRA r 128 on the language model and the projector trained),
-  samples packed into rows of 2048 tokens (best fit), `--rows` rows a micro-batch, compile on as `tunelab train`.
-* plain: `LlavaForConditionalGeneration.from_pretrained` (stage 2: 4-bit nf4 language model via bitsandbytes,
-  `prepare_model_for_kbit_training`, PEFT LoRA r 128 on the same layers, projector in modules_to_save), gradient
-  checkpointing on the language model, bf16 autocast, samples padded per micro-batch of --plain-bs with an
+  freeze_llm with method full, stage 2 qlora (--lora: lora) with LoRA r 128 on the language model, the projector
+  trained), samples packed into rows of 2048 tokens (best fit), `--rows` rows a micro-batch, compile on as
+  `tunelab train`.
+* plain: `LlavaForConditionalGeneration.from_pretrained` (stage 2: 4-bit nf4 language model via bitsandbytes unless
+  --lora, `prepare_model_for_kbit_training`, PEFT LoRA r 128 on the same layers, projector in modules_to_save),
+  gradient checkpointing on the language model, bf16 autocast, samples padded per micro-batch of --plain-bs with an
   attention mask, the model's own loss; projector trainable in fp32 (as ours).
 Both use torch AdamW and the same pixel values (random, prepared once: image decoding is not timed on either side).
 Each side runs in its own subprocess (clean peaks). Prints a table: samples/s, peak allocated memory, speed-up.
@@ -106,7 +108,12 @@ def step_data(stage: str, args, tiny: bool):
 
 # --- one side ----------------------------------------------------------------------------------------------------
 
-def config_for(stage: str, root: Path, tiny: bool, compile_: bool):
+def quantized(stage: str, args) -> bool:
+    """Stage 2's language model in 4 bits (QLoRA, as the llava configs), unless --lora or --tiny."""
+    return stage == "finetune" and not args.tiny and not args.lora
+
+
+def config_for(stage: str, root: Path, tiny: bool, compile_: bool, qlora: bool = True):
     from tunelab.config.schema import TrainConfig
 
     common = dict(pretrained_model_name_or_path=str(root / "llm"), visual_encoder_name_or_path=str(root / "tower"),
@@ -114,8 +121,8 @@ def config_for(stage: str, root: Path, tiny: bool, compile_: bool):
                   use_compile=compile_, optimizer="adamw", accumulative_counts=1)
     if stage == "pretrain":
         return TrainConfig(**common, method="full", freeze_llm=True, lr=1e-3)
-    return TrainConfig(**common, method="lora" if tiny else "qlora", lora_r=128, lora_alpha=256, lora_dropout=0.05,
-                       lr=2e-4)
+    return TrainConfig(**common, method="qlora" if qlora and not tiny else "lora", lora_r=128, lora_alpha=256,
+                       lora_dropout=0.05, lr=2e-4)
 
 
 def run_tunelab(stage: str, args) -> dict:
@@ -130,7 +137,7 @@ def run_tunelab(stage: str, args) -> dict:
 
     root, tiny = Path(args.root), args.tiny
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = config_for(stage, root, tiny, compile_=not tiny and not args.no_compile)
+    cfg = config_for(stage, root, tiny, compile_=not tiny and not args.no_compile, qlora=quantized(stage, args))
     plan = plan_fast_path(cfg, device)
     model = load_model_for_training(cfg, device, plan)
     model.train()
@@ -179,7 +186,7 @@ def run_plain(stage: str, args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if tiny else torch.bfloat16
     kwargs = dict(dtype=dtype)
-    if stage == "finetune" and not tiny:
+    if quantized(stage, args):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
             llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
@@ -195,10 +202,11 @@ def run_plain(stage: str, args) -> dict:
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        if not tiny:
+        if quantized(stage, args):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
+            model.model.multi_modal_projector.float()  # trained in fp32, as prepare_model_for_kbit_training leaves it
             model.model.language_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -282,6 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="tunelab without torch.compile")
+    parser.add_argument("--lora", action="store_true",
+                        help="stage 2: bf16 LoRA instead of QLoRA on both sides (where bitsandbytes is missing)")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--side", choices=["tunelab", "plain"], help=argparse.SUPPRESS)  # internal: one run
@@ -296,7 +306,7 @@ def main(argv=None) -> int:
     write_models(Path(args.root), args.tiny)
     common = ["--root", args.root, "--samples", str(args.samples), "--rows", str(args.rows), "--plain-bs",
               str(args.plain_bs), "--steps", str(args.steps), "--warm", str(args.warm)]
-    common += ["--tiny"] * args.tiny + ["--no-compile"] * args.no_compile
+    common += ["--tiny"] * args.tiny + ["--no-compile"] * args.no_compile + ["--lora"] * args.lora
     results = {}
     for stage in args.stages:
         for side in ("plain", "tunelab"):

@@ -1,6 +1,7 @@
 """Chat, web and serve with a LLaVA model: an exported HF LLaVA folder answers about a picture exactly as
 transformers' own `generate` does with the folder's processor; pictures come as OpenAI image_url parts (data URLs)
-to the server and as files to the terminal; a text model refuses pictures instead of dropping them."""
+to the server, as files to the terminal (`tunelab chat --image`) and as an upload on the web page; a text model
+refuses pictures instead of dropping them."""
 
 from __future__ import annotations
 
@@ -134,17 +135,80 @@ def test_serve_takes_data_urls_and_refuses_files(chat, tmp_path):
             assert json.loads(response.read())["images"] is True
 
 
-def test_terminal_image_goes_with_the_first_question(chat, tmp_path):
+def test_chat_cli_image_goes_with_the_first_question(chat, llava_dir, tmp_path, monkeypatch, capsys):
+    """`tunelab chat MODEL --image PATH --prompt Q`: the file's picture goes with the first question, once; the
+    reply is the one the same picture gets as a data URL."""
+    from tunelab.chat.engine import ChatModel
     from tunelab.chat.terminal import run_chat
+    from tunelab.cli.main import main
 
     picture = tmp_path / "red.png"
     picture.write_bytes(_png("red"))
-    out = io.StringIO()
-    run_chat(chat, _greedy(4), prompts=["What colour is it?", "Sure?"], stream=False, out=out,
-             images=[str(picture)])
-    assert len(out.getvalue().strip().splitlines()) >= 1
+    prompts = []
+    real_prompt = ChatModel.prompt
+
+    def spy(self, messages, *, files=False):
+        prompts.append(real_prompt(self, messages, files=files))
+        return prompts[-1]
+
+    monkeypatch.setattr(ChatModel, "prompt", spy)
+    assert main(["chat", str(llava_dir), "--device", "cpu", "--dtype", "fp32", "--image", str(picture),
+                 "--prompt", "What colour is it?", "--prompt", "Sure?", "--no-streamer", "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    question = [{"type": "image_url", "image_url": {"url": _data_url("red")}},
+                {"type": "text", "text": "What colour is it?"}]
+    ids, pixels = real_prompt(chat, [{"role": "user", "content": question}])
+    assert prompts[0][0] == ids
+    torch.testing.assert_close(prompts[0][1], pixels)
+    assert prompts[1][1].shape[0] == 1  # the second turn holds the first question's picture, not a second copy
+    reply = chat.reply([{"role": "user", "content": question}], _greedy(4))
+    assert printed.startswith(reply)
+
+    monkeypatch.setattr(ChatModel, "prompt", real_prompt)
     with pytest.raises(TunelabError, match=r"no such file"):
         run_chat(chat, _greedy(4), prompts=["Hi"], stream=False, out=io.StringIO(), images=[str(tmp_path / "no.png")])
+
+
+@pytest.mark.browser
+def test_web_page_uploads_a_picture_with_the_question(chat, tmp_path):
+    """On `tunelab web` with a LLaVA model, a picked file goes with the question (shown above it) as an image_url
+    part, and the page shows the model's reply to it."""
+    import shutil
+
+    from tunelab.chat.server import BackgroundServer
+    from tunelab.chat.web import create_web_app
+
+    chromium = "/usr/bin/chromium"
+    if not shutil.which(chromium):
+        pytest.skip(f"{chromium} is missing: apt-get install -y chromium")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    picture = tmp_path / "red.png"
+    picture.write_bytes(_png("red"))
+    question = "What colour is it?"
+    with BackgroundServer(create_web_app(chat, _greedy(4))) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            sent = []
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/completions") else None)
+            page.goto(url)
+            page.wait_for_selector("#info:has-text('reads images')")
+            page.set_input_files("#image", str(picture))
+            page.fill("#question", question)
+            page.press("#question", "Enter")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 1 && "
+                                   "!document.getElementById('send').disabled", timeout=30000)
+            assert page.locator(".msg.user img").count() == 1
+            assert page.inner_text(".msg.user").strip() == question
+            assert page.input_value("#image") == ""  # the picture went with that question only
+            shown = page.inner_text(".msg.assistant")
+        finally:
+            browser.close()
+    # the request holds the file as an OpenAI image_url part (a data URL), before the question's text
+    messages = sent[0]["messages"]
+    assert messages[-1]["content"] == [{"type": "image_url", "image_url": {"url": _data_url("red")}},
+                                       {"type": "text", "text": question}]
+    assert shown.split() == chat.reply(messages, _greedy(4)).split()
 
 
 def test_a_text_model_refuses_pictures(tiny_llama_dir):

@@ -141,7 +141,7 @@ def test_hf_export_gives_tunelabs_logits(stages, tmp_path):
 
 def test_lora_stage_2_exports_merged_and_resumes(stages, tmp_path):
     """A LoRA stage 2 (the adapter holds the projector too) exports as one HF LLaVA model with the adapter merged,
-    and a resumed run continues the same loss curve."""
+    by `convert to-hf` and by `convert merge` alike, and a resumed run continues the same loss curve."""
     from transformers import LlavaForConditionalGeneration
 
     from tunelab.cli.main import main
@@ -172,8 +172,51 @@ def test_lora_stage_2_exports_merged_and_resumes(stages, tmp_path):
     ids = torch.tensor([[5, 6, 7] + [hf.config.image_token_id] * 16 + [8, 9]])
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids, pixel_values=pixels).logits,
-                                   merged(input_ids=ids, pixel_values=pixels).logits, atol=1e-5, rtol=1e-5)
+        theirs = hf(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(theirs, merged(input_ids=ids, pixel_values=pixels).logits, atol=1e-5, rtol=1e-5)
+
+    # `tunelab convert merge BASE CKPT OUT`, XTuner's verb, writes the same HF LLaVA model
+    assert main(["convert", "merge", str(root / "llm"), str(tmp_path / "iter_4_done"), str(tmp_path / "merged"),
+                 "--dtype", "fp32", "--device", "cpu"]) == 0
+    by_merge = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_merge(input_ids=ids, pixel_values=pixels).logits, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_visual_encoder_lora_trains_the_tower_and_reaches_the_export(tmp_path):
+    """visual_encoder_lora = True: LoRA adapters on the vision tower's layers that feed the projector learn too
+    (their B matrices start at zero), and the HF export carries a tower changed by them."""
+    from safetensors import safe_open
+    from transformers import AutoModel, LlavaForConditionalGeneration
+
+    from tunelab.cli.main import main
+    from tunelab.train import layout
+
+    from tunelab.model.tiny import make_model, make_vision_tower
+
+    root = tmp_path
+    make_model(root / "llm", "qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    make_vision_tower(root / "tower", "clip", hidden_size=64, num_layers=2, intermediate_size=128)
+    records = [{"image": f, "conversations": _turns(COLOUR_Q, c)} for f, c, _ in pictures(root / "images", 8, seed=1)]
+    (root / "questions.json").write_text(json.dumps(records))
+    cfg = tiny_cfg(root / "llm", data_path=str(root / "questions.json"), visual_encoder_name_or_path=str(root / "tower"),
+                   image_folder=str(root / "images"), method="lora", visual_encoder_lora=True, lr=1e-2, max_steps=2,
+                   batch_size=4, max_length=512)
+    train(cfg, tmp_path / "run")
+    model_dir = layout.last_checkpoint(tmp_path / "run") / "model"
+    with safe_open(str(next(model_dir.glob("*.safetensors"))), "pt") as f:
+        # layer 0 feeds the projector (vision_feature_layer = -2 of 2 layers); the last layer's output is unused
+        tower_b = [f.get_tensor(k) for k in f.keys() if "vision_tower" in k and "layers.0." in k and "lora_B" in k]
+    assert len(tower_b) == 6 and all(t.abs().max() > 0 for t in tower_b)  # q, k, v, out_proj, fc1, fc2
+
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--fp32"]) == 0
+    exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).model.vision_tower
+    original = AutoModel.from_pretrained(root / "tower", dtype=torch.float32)
+
+    def first_query(model):  # the first layer's attention query weight, whatever the prefix of its name
+        return next(p for n, p in model.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight"))
+
+    assert not torch.allclose(first_query(exported), first_query(original))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
