@@ -107,8 +107,9 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
         return FastPathPlan(on_gpu=on_gpu, checkpointing=checkpointing, loss_chunk_size=cfg.loss_chunk_size)
     compile_layers = bool(cfg.use_compile and on_gpu)
     offload = bool(cfg.offload_activations and on_gpu and checkpointing)
-    mlp_slice = cfg.mlp_chunk_size if cfg.mlp_chunk_size and cfg.max_length > cfg.mlp_chunk_size else None
     sequence_parallel = cfg.sequence_parallel_size
+    row_share = -(-cfg.max_length // sequence_parallel)  # the tokens of a row each rank runs through the layers
+    mlp_slice = cfg.mlp_chunk_size if cfg.mlp_chunk_size and row_share > cfg.mlp_chunk_size else None
     graphs = cfg.cuda_graphs
     if graphs is None:  # rows packed to max_length have one shape anyway; several processes are untested
         graphs = cfg.pack_to_max_length and world_size == 1

@@ -70,7 +70,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
     data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
     plan = plan_fast_path(cfg, env.device, env.world_size)
-    check_memory_fits(cfg, env.device, log, plan)  # before anything heavy is loaded
+    check_memory_fits(cfg, env.device, log, plan, env.world_size)  # before anything heavy is loaded
     from transformers import set_seed
 
     set_seed(cfg.seed)
