@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from test_distributed import free_port  # noqa: E402
+from tests.test_distributed import free_port
 
 ROWS = 4  # the global batch: 4 packed rows of 2-3 samples, lengths that are not multiples of the ranks
 

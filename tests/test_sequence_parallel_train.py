@@ -30,8 +30,10 @@ max_steps = 6
 save_steps = 3
 save_total_limit = -1
 logging_steps = 1
-evaluation_freq = 1000
-evaluation_inputs = []
+evaluation_freq = 6
+evaluation_inputs = ["Who are you?"]
+eval_max_new_tokens = 12
+eval_split_ratio = 0.1
 seed = 1
 """
 
@@ -49,9 +51,9 @@ def _train(config: Path, work_dir: Path, nproc: int, *extra: str) -> subprocess.
     return proc
 
 
-def _log(work_dir: Path) -> dict[int, dict]:
+def _log(work_dir: Path, key: str = "loss") -> dict[int, dict]:
     rows = [json.loads(line) for line in (work_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r for r in rows if "loss" in r and "step" in r}
+    return {r["step"]: r for r in rows if key in r and "step" in r}
 
 
 def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama_dir, tmp_path):
@@ -75,6 +77,13 @@ def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama
         assert abs(run[step]["grad_norm"] - one[step]["grad_norm"]) < 1e-5
         assert run[step]["epoch"] == one[step]["epoch"]  # both ranks read every row: the rows of one process
     assert run[6]["loss"] < run[1]["loss"]  # it learns
+    # the held-out loss runs on shards too; the answers (rank 0 alone, generating) are one process's
+    evals = _log(tmp_path / "one", "eval_loss"), _log(tmp_path / "run", "eval_loss")
+    assert sorted(evals[1]) == [0, 6]
+    for step in (0, 6):
+        assert abs(evals[1][step]["eval_loss"] - evals[0][step]["eval_loss"]) < 1e-5
+    answers = [(d / "eval_outputs_iter_6.txt").read_text() for d in (tmp_path / "one", tmp_path / "run")]
+    assert answers[0] == answers[1]
 
     # as if the run stopped after iter_3: resume on 2 ranks and compare every later loss
     resumed_dir = tmp_path / "resumed"

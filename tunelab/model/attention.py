@@ -108,8 +108,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     max_len = kwargs.get("max_length_q")
     group = kwargs.get("sequence_parallel_group")
     if group is not None:
-        attend = functools.partial(packed_attention, cu=cu, max_len=max_len, scale=scaling)
-        return attend_over_whole_rows(attend, query, key, value, group), None
+        return attend_over_whole_rows(packed_attention, query, key, value, group, cu=cu, max_len=max_len,
+                                      scale=scaling), None
     return packed_attention(query, key, value, cu=cu, max_len=max_len, scale=scaling), None
 
 

@@ -82,11 +82,12 @@ def exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch
 
 
 @torch.compiler.disable  # a collective: eager code between the compiled halves of a layer
-def attend_over_whole_rows(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group):
+def attend_over_whole_rows(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group,
+                           **attend_kwargs):
     """Attention of this rank's shard of each row, computed over whole rows with a share of the heads.
 
     query [B, Hq, t, D], key / value [B, Hkv, t, D]: this rank's t tokens of each row, every head.
-    attend(q, k, v) -> [B, T, h, D]: attention over whole rows (T = t x ranks) of h heads.
+    attend(q, k, v, **attend_kwargs) -> [B, T, h, D]: attention over whole rows (T = t x ranks) of h heads.
     Returns [B, t, Hq, D], as transformers' attention functions do.
     """
     size = torch.distributed.get_world_size(group)
@@ -98,7 +99,7 @@ def attend_over_whole_rows(attend, query: torch.Tensor, key: torch.Tensor, value
     per_rank = [x.unflatten(1, (size, -1)) for x in (query, key, value)]
     qkv = exchange(torch.cat(per_rank, dim=2).flatten(1, 2), group, scatter_dim=1, gather_dim=2)
     q, k, v = qkv.split([hq, hkv, hkv], dim=1)  # [B, h, T, D]: whole rows, this rank's heads
-    out = attend(q, k, v)  # [B, T, hq, D]
+    out = attend(q, k, v, **attend_kwargs)  # [B, T, hq, D]
     return exchange(out, group, scatter_dim=1, gather_dim=2)  # [B, t, Hq, D]: this rank's tokens, every head
 
 
