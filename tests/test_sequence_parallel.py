@@ -262,6 +262,8 @@ def test_layouts_the_processes_cannot_form_are_refused_before_loading(tiny_llama
         check_layout(4, DistEnv(rank=0, world_size=6))
     errors = combination_errors(TrainConfig(sequence_parallel_size=2, fast_path=False))
     assert len(errors) == 1 and "sequence_parallel_size = 2 with fast_path = False" in errors[0]
+    errors = combination_errors(TrainConfig(sequence_parallel_size=2, objective="dpo"))
+    assert len(errors) == 1 and "sequence_parallel_size = 2 with objective = 'dpo'" in errors[0]
 
 
 if __name__ == "__main__":  # a torchrun worker: MODEL_DIR OUT_DIR CASE...

@@ -26,7 +26,7 @@ def one_rank_group():
 def loss_and_grads(model_dir, batch, method: str, size: int, group) -> tuple[float, dict]:
     from tunelab.config.schema import TrainConfig
     from tunelab.model.loss import causal_lm_objective
-    from tunelab.model.sequence_parallel import sequence_parallel_objective
+    from tunelab.model.sequence_parallel import SequenceParallelObjective
 
     cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=4, lora_alpha=8,
                       lora_dropout=0.0, dtype="bf16", use_compile=True, sequence_parallel_size=size)
@@ -34,7 +34,7 @@ def loss_and_grads(model_dir, batch, method: str, size: int, group) -> tuple[flo
     assert plan.compile and plan.checkpoint_inside_compile == (size == 1)
     objective = causal_lm_objective(plan)
     if size > 1:  # the plan of a split row; the group here has one rank
-        objective = sequence_parallel_objective(objective, group)
+        objective = SequenceParallelObjective(objective, group)
     batch = {k: v.cuda() for k, v in batch.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss_sum, n = objective(model, batch)

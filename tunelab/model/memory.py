@@ -233,12 +233,15 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     shape = model_shape(cfg.pretrained_model_name_or_path)
     bits = cfg.resolved_quant_bits()
     checkpointing = plan.checkpointing
+    from tunelab.data.dataset import row_length
+
     split = plan.sequence_parallel
     if split > 1:
         from tunelab.model.sequence_parallel import check_heads
 
         check_heads(shape.num_attention_heads, shape.num_key_value_heads, split)
-    tokens = -(-cfg.max_length // split) * cfg.batch_size  # this GPU's share of each row
+    # this GPU's share of each row (a preference row holds two max_length sequences)
+    tokens = -(-row_length(cfg) // split) * cfg.batch_size
     h, inter, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
     linear = layers * shape.layer_linear_params()
     other = shape.total_params() - linear  # embeddings, lm_head, norms: kept in bf16
@@ -286,6 +289,8 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
 
         kv_heads = shape.num_key_value_heads * kv_repeats(shape.num_key_value_heads, split)
         parts["all-to-all buffers"] = 2 * tokens * (2 * shape.num_attention_heads + 2 * kv_heads) * shape.head_dim * 2
+    if cfg.resolved_reference(copy_fits=False) == "copy":  # DPO / KTO's frozen copy, in the compute dtype
+        parts["reference model (frozen copy)"] = shape.total_params() * 2
 
     a_h, a_i = ACT_PER_TOKEN[cfg.method]
     # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
@@ -390,12 +395,33 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     return out
 
 
+def choose_reference(cfg, device=None, plan=None) -> str | None:
+    """`cfg.resolved_reference()` for this run: with reference = 'auto', full fine-tuning takes a frozen copy when
+    the estimate with the copy fits on `device` (a CPU: always), else precomputes the reference's log-probabilities."""
+    if cfg.reference != "auto" or cfg.method != "full" or cfg.resolved_reference() is None:
+        return cfg.resolved_reference()
+    from dataclasses import replace
+
+    try:
+        fits = estimate_memory(replace(cfg, reference="copy"), device, plan).fits
+    except TunelabError:  # the model's shape is not known here: the choice that needs no memory
+        fits = False
+    return cfg.resolved_reference(copy_fits=fits is not False)
+
+
 def plan_report(cfg, device=None, plan=None, *, world_size: int | None = None, card_bytes: int | None = None) -> str:
     """A short text table of the estimate, for `tunelab plan` (per GPU, on `world_size` GPUs)."""
+    reference = choose_reference(cfg, device, plan)
+    if reference and reference != cfg.reference:
+        from dataclasses import replace
+
+        cfg = replace(cfg, reference=reference)
     est = estimate_memory(cfg, device, plan, world_size=world_size, card_bytes=card_bytes)
+    objective = "" if cfg.objective == "sft" else f", objective {cfg.objective}" + (
+        f" (reference: {reference})" if reference else "") + f", rows of {2 * cfg.max_length} tokens (a pair)"
     lines = [f"memory plan for {cfg.pretrained_model_name_or_path} ({cfg.method}, max_length {cfg.max_length}, "
              f"batch_size {cfg.batch_size}, gradient checkpointing "
-             f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'})"]
+             f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'}{objective})"]
     if est.world_size > 1:
         engine = cfg.deepspeed or ("fsdp" if cfg.fsdp else "ddp")
         split = (f", each row over {cfg.sequence_parallel_size} (sequence parallel)"
@@ -409,7 +435,7 @@ def plan_report(cfg, device=None, plan=None, *, world_size: int | None = None, c
         lines.append(f"  {'CPU memory (offloaded)':<30} {est.cpu_offload_bytes / GIB:8.2f} GiB")
     if est.device_bytes is not None:
         lines.append(f"  {est.device_name}: {est.device_bytes / GIB:.1f} GiB -> {est.verdict}")
-    if est.device_bytes is not None and (not est.fits or cfg.sequence_parallel_size > 1):
+    if est.device_bytes is not None and cfg.objective == "sft" and (not est.fits or cfg.sequence_parallel_size > 1):
         size = smallest_sequence_parallel(cfg, est.device_bytes)
         need = (f"sequence_parallel_size = {size} at least (each row over {size} GPUs)" if size and size > 1 else
                 "one GPU is enough (sequence_parallel_size = 1)" if size else

@@ -142,15 +142,27 @@ def shard_batch(batch: dict, rank: int, size: int) -> dict:
     }
 
 
-def sequence_parallel_objective(objective, group):
-    """`objective(model, batch)` run on this rank's shard of each row: (this shard's loss sum, its trained tokens).
+class SequenceParallelObjective:
+    """An objective (`tunelab.model.loss.CausalLMObjective`'s four parts) run on this rank's shard of each row.
 
-    Every rank of `group` is given the same batch; the shards' loss sums and token counts add up to the batch's."""
-    rank, size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    Every rank of `group` is given the same batch; the shards' loss sums and token counts add up to the batch's.
+    `units(batch)`, counted by the loop on the whole batch before the step, is the inner objective's."""
 
-    def on_this_ranks_shard(model, batch: dict):
-        shard = shard_batch(batch, rank, size)
-        shard["decoder_kwargs"]["sequence_parallel_group"] = group
-        return objective(model, shard)
+    def __init__(self, objective, group):
+        self.objective, self.group = objective, group
+        self.rank, self.size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
-    return on_this_ranks_shard
+    def __call__(self, model, batch: dict):
+        shard = shard_batch(batch, self.rank, self.size)
+        shard["decoder_kwargs"]["sequence_parallel_group"] = self.group
+        return self.objective(model, shard)
+
+    def units(self, batch: dict) -> int:
+        return self.objective.units(batch)
+
+    def take_metrics(self) -> dict:
+        return self.objective.take_metrics()
+
+    def copy(self) -> "SequenceParallelObjective":
+        return SequenceParallelObjective(self.objective.copy(), self.group)
+

@@ -2,6 +2,8 @@
 
     WORK_DIR/resolved_config.py          every setting of the run (`tunelab train` reads it back)
     WORK_DIR/last_checkpoint             one line: the absolute path of the last complete checkpoint
+    WORK_DIR/reference_logps_train.npz   DPO / KTO with reference = 'precomputed': the starting model's scores of
+                                         the training rows (and _eval for the held-out rows), read back on resume
     WORK_DIR/iter_N/                     a checkpoint, written as iter_N.tmp/ and renamed once complete
     WORK_DIR/iter_N/model/               the adapter (peft) or the whole model, HF safetensors, and the tokenizer
     WORK_DIR/iter_N/training_state.pt    scheduler, RNG, step, data position; the optimiser state too, unless sharded
@@ -30,6 +32,7 @@ MODEL_DIR = "model"
 STATE_FILE = "training_state.pt"
 OPTIMIZER_DIR = "optimizer"
 META_FILE = "tunelab.json"
+REFERENCE_LOGPS = "reference_logps_{split}.npz"
 _ITER = re.compile(r"^iter_(\d+)$")
 
 
@@ -156,7 +159,7 @@ def training_meta(cfg) -> dict:
     """The tunelab.json of a run's checkpoints: enough for chat, merge and export to use the model as trained."""
     from tunelab import __version__
 
-    return {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
+    return {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method, "objective": cfg.objective,
             "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
             "tunelab_version": __version__}
 

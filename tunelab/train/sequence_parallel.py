@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 from tunelab.errors import TunelabError
-from tunelab.model.sequence_parallel import check_heads, sequence_parallel_objective
+from tunelab.model.sequence_parallel import SequenceParallelObjective, check_heads
 from tunelab.train.distributed import DistEnv
 
 
@@ -77,7 +77,7 @@ class SequenceParallel:
         config = split_model(model)[0].config
         check_heads(config.num_attention_heads, getattr(config, "num_key_value_heads", None)
                     or config.num_attention_heads, self.size)
-        self.engine.setup(model, optimizer, sequence_parallel_objective(objective, self.group))
+        self.engine.setup(model, optimizer, SequenceParallelObjective(objective, self.group))
 
     def __getattr__(self, name):
         # Everything else (forward_loss, backward, step, module, checkpoints) is the engine's.
