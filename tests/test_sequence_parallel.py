@@ -16,11 +16,10 @@ import torch
 
 from tests.test_distributed import free_port
 
-ROWS = 4  # the global batch: 4 packed rows of 2-3 samples, lengths that are not multiples of the ranks
-
-# case name -> (processes, sequence_parallel_size, method, engine)
+# case name -> (processes, sequence_parallel_size, method, engine[, rows]); rows: "packed" (`packed_rows`) unless said
 CASES = {
     "lora_sp2": (2, 2, "lora", "ddp"),
+    "lora_sp2_untrained_half": (2, 2, "lora", "ddp", "untrained_half"),  # rank 1's half of every row trains nothing
     "full_sp2": (2, 2, "full", "ddp"),
     "fsdp_lora_sp2": (2, 2, "lora", "fsdp"),
     "full_sp4": (4, 4, "full", "ddp"),  # 2 key/value heads over 4 ranks: each repeated twice
@@ -29,12 +28,16 @@ CASES = {
 }
 
 
-def packed_rows(vocab_size: int) -> list[dict]:
-    """Rows as the data step packs them: samples back to back, positions restarting at 0, each sample's first token
-    and its prompt untrained."""
+def packed_rows(vocab_size: int, kind: str = "packed") -> list[dict]:
+    """The global batch: 4 rows as the data step packs them, samples back to back, positions restarting at 0, each
+    sample's first token and its prompt untrained; lengths that are not multiples of the ranks. "untrained_half": 2
+    rows whose second half is a sample with nothing trained (one rank of two has no loss, but its backward still
+    carries the other's gradient)."""
     g = torch.Generator().manual_seed(0)
     rows = []
-    for samples in [[(9, 3), (14, 5)], [(6, 2), (5, 1), (10, 4)], [(21, 8), (8, 3)], [(7, 2), (4, 1)]]:
+    layouts = {"packed": [[(9, 3), (14, 5)], [(6, 2), (5, 1), (10, 4)], [(21, 8), (8, 3)], [(7, 2), (4, 1)]],
+               "untrained_half": [[(12, 3), (12, 12)], [(9, 2), (3, 1), (12, 12)]]}
+    for samples in layouts[kind]:
         row = {"input_ids": [], "labels": [], "position_ids": []}
         for length, prompt in samples:
             ids = torch.randint(10, vocab_size, (length,), generator=g).tolist()
@@ -89,7 +92,7 @@ def run_case(model_dir, case: str, out_dir: Path) -> None:
     from tunelab.train.strategy import choose_strategy
 
     env = dist.init_distributed("cpu")
-    _, size, method, engine = CASES[case]
+    _, size, method, engine, *kind = CASES[case]
     cfg = train_config(model_dir, method, engine, size, out_dir)
     strategy = choose_strategy(cfg, env)
     model, plan = load(cfg, "cpu", env.world_size)
@@ -97,8 +100,8 @@ def run_case(model_dir, case: str, out_dir: Path) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     strategy.setup(model, optimizer, causal_lm_objective(plan))
     data_env = strategy.data_env
-    rows = packed_rows(model.config.vocab_size)
-    mine = [rows[i] for i in dist.rank_shard(list(range(ROWS)), data_env)]
+    rows = packed_rows(model.config.vocab_size, *kind)
+    mine = [rows[i] for i in dist.rank_shard(list(range(len(rows))), data_env)]
     micro = [collate(mine[i:i + 2], 0) for i in range(0, len(mine), 2)]
     n_global = float(dist.all_reduce_sum(sum(b["loss_index"].numel() for b in micro), data_env))
     loss_total = torch.zeros((), dtype=torch.float64)
@@ -123,7 +126,7 @@ def run_case(model_dir, case: str, out_dir: Path) -> None:
         torch.save(result, out_dir / f"{case}.pt")
 
 
-def reference(model_dir, method: str) -> dict:
+def reference(model_dir, method: str, kind: str = "packed") -> dict:
     """The same step in one process, the 4 rows in one batch, transformers' sdpa attention."""
     from tunelab.data.collate import collate
     from tunelab.model.loss import causal_lm_objective
@@ -136,7 +139,7 @@ def reference(model_dir, method: str) -> dict:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     strategy = SingleProcess(DistEnv())
     strategy.setup(model, optimizer, causal_lm_objective(plan))
-    batch = collate(packed_rows(model.config.vocab_size), 0)
+    batch = collate(packed_rows(model.config.vocab_size, kind), 0)
     loss_sum, n = strategy.forward_loss(batch)
     strategy.backward(loss_sum / n)
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
@@ -183,13 +186,14 @@ def assert_same_step(got: dict, want: dict, *, grads: bool = True) -> None:
 def _check(cases, tiny_llama_dir, references, tmp_path):
     launch(tiny_llama_dir, cases, tmp_path)
     for case in cases:
-        _, _, method, engine = CASES[case]
+        _, _, method, engine, *kind = CASES[case]
         got = torch.load(tmp_path / f"{case}.pt", weights_only=True)
-        assert_same_step(got, references[method], grads=engine in ("ddp", "fsdp"))
+        want = references[method] if not kind else reference(tiny_llama_dir, method, *kind)
+        assert_same_step(got, want, grads=engine in ("ddp", "fsdp"))
 
 
 def test_rows_split_over_two_ranks_match_one_process(tiny_llama_dir, references, tmp_path):
-    _check(["lora_sp2", "full_sp2", "fsdp_lora_sp2"], tiny_llama_dir, references, tmp_path)
+    _check(["lora_sp2", "full_sp2", "fsdp_lora_sp2", "lora_sp2_untrained_half"], tiny_llama_dir, references, tmp_path)
 
 
 def test_four_ranks_as_four_way_and_as_two_by_two_match_one_process(tiny_llama_dir, references, tmp_path):
