@@ -315,5 +315,11 @@ def test_plan_names_the_fewest_gpus_a_long_row_must_be_split_over(tmp_path, caps
     assert main(["plan", str(config), "--gpu-memory", "24"]) == 0
     out = capsys.readouterr().out
     assert "does NOT fit" in out and f"sequence_parallel_size = {size} at least (each row over {size} GPUs)" in out
+    assert main(["plan", str(config), "--gpus", "8", "--cfg-options", "sequence_parallel_size=4", "method='full'",
+                 "deepspeed='zero3'"]) == 0
+    out = capsys.readouterr().out
+    assert "per GPU, on 8 GPUs (zero3, each row over 4 (sequence parallel))" in out and "gathered weights" in out
+    assert main(["plan", str(config), "--gpus", "6", "--cfg-options", "sequence_parallel_size=4"]) == 2
+    assert "--gpus 6: give a positive multiple of sequence_parallel_size (4)" in capsys.readouterr().err
     with pytest.raises(TunelabError, match="32 attention heads"):
         estimate_memory(TrainConfig(**{**cfg.__dict__, "sequence_parallel_size": 3}))
