@@ -25,11 +25,20 @@ context); full fine-tuning keeps fp32 master weights.
 
 On a machine without GPUs, `--shape tiny --gpus 2 --sizes 1 2 --lengths 256` runs the same trials over gloo, as a
 check that the script works (tokens/s of a CPU mean nothing).
+
+On one GPU (issue #22), `--overhead` measures what sequence parallelism's code costs where it splits nothing: each
+case and length trains once through the plain path and once through the split path on a group of one process (the
+shard, the exchange of heads between the compiled halves of each layer, the checkpoint around the layer); the
+ratio of their tokens/s goes to the table and to $OUT/sequence_parallel_overhead.json:
+
+    python benchmarks/bench_sequence_parallel.py --overhead --shape llama3_1b --cases qlora:ddp --lengths 16384 \
+        --steps 8 --warmup 3
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -41,6 +50,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHAPES = {"llama3_8b": "meta-llama/Llama-3.1-8B-Instruct",
+          # Llama-3.2-1B's published config.json: a short load, for the one-GPU --overhead check
+          "llama3_1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                            num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
           "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=2)}
 MARK = "TRIAL "  # a trial's result line
@@ -84,6 +96,7 @@ def trial(args) -> None:
     from tunelab.model.loss import causal_lm_objective
     from tunelab.model.memory import estimate_memory
     from tunelab.model.plan import plan_fast_path
+    from tunelab.model.sequence_parallel import SequenceParallelObjective
     from tunelab.train.distributed import all_reduce_sum, cleanup, init_distributed
     from tunelab.train.optim import ScaledOptimizer, build_optimizer, choose_precision
     from tunelab.train.strategy import choose_strategy
@@ -93,12 +106,20 @@ def trial(args) -> None:
     cfg = train_config(Path(args.root) / f"model_{args.shape}", method, engine, args.size, args.length)
     strategy = choose_strategy(cfg, env)
     plan = plan_fast_path(cfg, env.device, env.world_size)
+    group = None
+    if args.path == "split":  # --overhead: sequence parallelism's code on a group of this one process
+        group = one_rank_group(env.device)
+        plan = dataclasses.replace(plan, sequence_parallel=2)  # the plan of a split row (checkpoint around the
+        # layer, no CUDA graphs, varlen attention), everything else as the plain run's; the group has one rank
     model = load_model_for_training(cfg, env.device, plan)
     precision = choose_precision(model, resolve_dtype(cfg.dtype, env.device), env.device,
                                  fp32_master_weights=cfg.fp32_master_weights)
     optimizer = build_optimizer(model, cfg, env.device)
     stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer  # as the loop
-    strategy.setup(model, stepper, causal_lm_objective(plan))
+    objective = causal_lm_objective(plan)
+    if group is not None:
+        objective = SequenceParallelObjective(objective, group)
+    strategy.setup(model, stepper, objective)
     strategy.train()
     groups = strategy.data_env.world_size  # each reads its own row
     generator = torch.Generator().manual_seed(strategy.data_env.rank)
@@ -128,16 +149,29 @@ def trial(args) -> None:
         step_s = statistics.median(times[args.warmup:] or times[-1:])
         plan_gib = estimate_memory(cfg, plan=plan, world_size=env.world_size).total / 2**30 if cuda else None
         print(MARK + json.dumps(dict(
-            case=args.case, size=args.size, gpus=env.world_size, groups=groups, length=args.length, ok=True,
+            case=args.case, path=args.path, size=args.size, gpus=env.world_size, groups=groups, length=args.length, ok=True,
             step_s=round(step_s, 3), first_step_s=round(times[0], 1),
             tok_s_gpu=round(groups * args.length / step_s / env.world_size, 1), peak_gib=round(float(peak), 2),
             plan_gib=None if plan_gib is None else round(plan_gib, 2), loss=[round(x, 4) for x in losses],
             strategy=strategy.name)), flush=True)
     cleanup(env)
+    if group is not None:
+        torch.distributed.destroy_process_group()
 
 
-def launch(args, case: str, size: int, length: int, steps: int) -> dict:
-    """One trial in `--gpus` fresh processes; its result, or {ok: False, error} when it failed (out of memory)."""
+def one_rank_group(device):
+    """A process group of this one process (torchrun's MASTER_ADDR / MASTER_PORT): NCCL on a GPU, gloo on a CPU."""
+    import torch
+
+    cuda = device.type == "cuda"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1,
+                                         device_id=device if cuda else None)
+    return torch.distributed.group.WORLD
+
+
+def launch(args, case: str, size: int, length: int, steps: int, path: str = "plain") -> dict:
+    """One trial in `--gpus` fresh processes; its result, or {ok: False, error} when it failed (out of memory).
+    path "split": sequence parallelism's code on a one-process group (--overhead)."""
     import socket
 
     with socket.socket() as s:
@@ -145,7 +179,7 @@ def launch(args, case: str, size: int, length: int, steps: int) -> dict:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.gpus), "--master-addr",
            "127.0.0.1", "--master-port", str(port), __file__, "--trial", "--case", case, "--size", str(size),
-           "--length", str(length), "--steps", str(steps), "--warmup", str(args.warmup), "--shape", args.shape,
+           "--length", str(length), "--steps", str(steps), "--path", path, "--warmup", str(args.warmup), "--shape", args.shape,
            "--root", args.root]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
@@ -162,7 +196,7 @@ def launch(args, case: str, size: int, length: int, steps: int) -> dict:
         if line.startswith(MARK):
             return dict(json.loads(line[len(MARK):]), wall_s=wall)
     oom = "OutOfMemoryError" in out or "out of memory" in out
-    return dict(case=case, size=size, gpus=args.gpus, length=length, ok=False, wall_s=wall,
+    return dict(case=case, path=path, size=size, gpus=args.gpus, length=length, ok=False, wall_s=wall,
                 error="out of memory" if oom else out.strip()[-600:])
 
 
@@ -186,6 +220,39 @@ def longest(args, case: str, size: int, known: list[dict], record) -> dict:
     return dict(case=case, size=size, longest=ok, first_failed=failed)
 
 
+def overhead(args) -> int:
+    """Issue #22's one-GPU check: what sequence parallelism's code costs where it splits nothing. For each case and
+    length, a trial through the plain path (`sequence_parallel_size = 1`, what one GPU runs) and one through the
+    split path on a group of one process (the shard of each row, the exchange of heads as eager code between the
+    compiled halves of each layer, the checkpoint around the layer, no CUDA graphs), same model, settings and rows."""
+    args.gpus = 1
+    out_path = Path(os.environ.get("OUT", ".")) / "sequence_parallel_overhead.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows, pairs = [], []
+    for case in args.cases:
+        for length in args.lengths:
+            plain, split = (launch(args, case, 1, length, args.steps, path) for path in ("plain", "split"))
+            rows += [plain, split]
+            print(json.dumps(plain), json.dumps(split), sep="\n", flush=True)
+            ratio = split["tok_s_gpu"] / plain["tok_s_gpu"] if plain["ok"] and split["ok"] else None
+            pairs.append(dict(case=case, length=length, plain_tok_s=plain.get("tok_s_gpu"),
+                              split_tok_s=split.get("tok_s_gpu"), ratio=None if ratio is None else round(ratio, 3),
+                              plain_peak_gib=plain.get("peak_gib"), split_peak_gib=split.get("peak_gib"),
+                              losses=[plain.get("loss"), split.get("loss")]))  # the same rows: equal to bf16 noise
+            out_path.write_text(json.dumps({"shape": args.shape, "pairs": pairs, "trials": rows}, indent=1))
+    print(f"\n{args.shape} on one GPU: tokens/s (median step after {args.warmup}) through the plain path and "
+          "through sequence parallelism's code on a group of one process")
+    print("| case | row tokens | plain tok/s | split path tok/s | ratio | plain peak GiB | split peak GiB |\n"
+          "|---|---|---|---|---|---|---|")
+    for p in pairs:
+        print(f"| {p['case'].split(':')[0]} | {p['length']:,} | {p['plain_tok_s']} | {p['split_tok_s']} | "
+              f"{p['ratio']} | {p['plain_peak_gib']} | {p['split_peak_gib']} |")
+    for r in rows:
+        if not r["ok"]:
+            print(f"{r['case']} {r['path']} {r['length']}: {r['error']}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=8)
@@ -203,7 +270,11 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=1200, help="seconds a trial may take")
     parser.add_argument("--shape", default="llama3_8b", choices=sorted(SHAPES))
     parser.add_argument("--root", default="/tmp/tunelab_sp")
+    parser.add_argument("--overhead", action="store_true", help="one GPU (issue #22): each case and length "
+                        "trained through the plain path and through sequence parallelism's code on a group of one "
+                        "process; tokens/s of both and their ratio")
     parser.add_argument("--trial", action="store_true", help=argparse.SUPPRESS)  # a torchrun worker
+    parser.add_argument("--path", default="plain", choices=["plain", "split"], help=argparse.SUPPRESS)
     parser.add_argument("--write-model", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -220,6 +291,8 @@ def main(argv=None) -> int:
         Path(args.root).mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, __file__, "--write-model", "--shape", args.shape, "--root", args.root],
                        check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if args.overhead:
+        return overhead(args)
     out_path = Path(os.environ.get("OUT", ".")) / "sequence_parallel.json"
     rows, longest_rows = [], []
 

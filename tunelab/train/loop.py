@@ -183,7 +183,6 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                     break
                 throughput.begin()
                 # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
-                # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
                 # that read different rows (each token once)
                 # CUDA graphs: every batch a full row wide, so one shape (plus a few boundary sizes) is recorded
                 batches = [collate(rows, tokenizer.pad_token_id, multiple_of=row_length(cfg) if graphed else 1)
