@@ -105,7 +105,7 @@ def trial(args) -> None:
     method, engine = args.case.split(":")
     cfg = train_config(Path(args.root) / f"model_{args.shape}", method, engine, args.size, args.length)
     strategy = choose_strategy(cfg, env)
-    plan = plan_fast_path(cfg, env.device, env.world_size)
+    plan = memory_plan = plan_fast_path(cfg, env.device, env.world_size)
     group = None
     if args.path == "split":  # --overhead: sequence parallelism's code on a group of this one process
         group = one_rank_group(env.device)
@@ -147,9 +147,10 @@ def trial(args) -> None:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     if env.is_main:
         step_s = statistics.median(times[args.warmup:] or times[-1:])
-        plan_gib = estimate_memory(cfg, plan=plan, world_size=env.world_size).total / 2**30 if cuda else None
+        plan_gib = estimate_memory(cfg, plan=memory_plan, world_size=env.world_size).total / 2**30 if cuda else None
         print(MARK + json.dumps(dict(
-            case=args.case, path=args.path, size=args.size, gpus=env.world_size, groups=groups, length=args.length, ok=True,
+            case=args.case, path=args.path, size=args.size, gpus=env.world_size, groups=groups, length=args.length,
+            ok=True,
             step_s=round(step_s, 3), first_step_s=round(times[0], 1),
             tok_s_gpu=round(groups * args.length / step_s / env.world_size, 1), peak_gib=round(float(peak), 2),
             plan_gib=None if plan_gib is None else round(plan_gib, 2), loss=[round(x, 4) for x in losses],
@@ -179,8 +180,8 @@ def launch(args, case: str, size: int, length: int, steps: int, path: str = "pla
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.gpus), "--master-addr",
            "127.0.0.1", "--master-port", str(port), __file__, "--trial", "--case", case, "--size", str(size),
-           "--length", str(length), "--steps", str(steps), "--path", path, "--warmup", str(args.warmup), "--shape", args.shape,
-           "--root", args.root]
+           "--length", str(length), "--steps", str(steps), "--path", path, "--warmup", str(args.warmup), "--shape",
+           args.shape, "--root", args.root]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
     if args.shape == "tiny":
