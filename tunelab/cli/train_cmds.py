@@ -32,6 +32,9 @@ model's shape comes from its config.json (or a table of known models).
 example:
   tunelab plan my_config.py
   tunelab plan my_config.py --cfg-options max_length=4096 batch_size=2
+  tunelab plan my_config.py --gpu-memory 80 --cfg-options max_length=131072 deepspeed=zero3
+      (a card that is not here; a row too long for it gets the sequence_parallel_size it needs)
+  tunelab plan my_config.py --gpus 8 --cfg-options sequence_parallel_size=4
 """
 
 
@@ -60,6 +63,10 @@ def register(subparsers) -> None:
     p.add_argument("config", metavar="CFG")
     p.add_argument("--cfg-options", "--cfg_options", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", metavar="cpu|cuda", help="the GPU to check against (default: cuda if present)")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB",
+                   help="check against a card of this many GiB instead (e.g. 80 for an H100, 141 for an H200)")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="GPUs of the run: ZeRO / FSDP divide states over them (default: sequence_parallel_size)")
     p.set_defaults(func=run_plan)
 
 
@@ -132,11 +139,15 @@ def run_plan(args) -> int:
     except ImportError:
         raise TunelabError("the memory estimate (tunelab/model/memory.py) is not available in this install.") from None
     cfg = load_config(args.config, _overrides(args))
+    if args.gpus is not None and (args.gpus < 1 or args.gpus % cfg.sequence_parallel_size):
+        raise TunelabError(f"--gpus {args.gpus}: give a positive multiple of sequence_parallel_size "
+                           f"({cfg.sequence_parallel_size}).")
     device = torch.device(args.device) if args.device else (
         torch.device("cuda") if torch.cuda.is_available() else None)
     if device is not None and device.type != "cuda":
         device = None  # only a GPU has a budget to check against
-    print(plan_report(cfg, device))
-    if device is None:
-        print("  (no GPU here: compare the total with your GPU's memory)")
+    card_bytes = int(args.gpu_memory * 2**30) if args.gpu_memory else None
+    print(plan_report(cfg, device, world_size=args.gpus, card_bytes=card_bytes))
+    if device is None and card_bytes is None:
+        print("  (no GPU here: compare the total with your GPU's memory, or give it: --gpu-memory GIB)")
     return 0

@@ -289,6 +289,12 @@ class TrainConfig:
     """None, 'zero1', 'zero2', 'zero2_offload', 'zero3', 'zero3_offload' or a DeepSpeed JSON path."""
     fsdp: bool = False
     """Shard with PyTorch FSDP2 across GPUs (or pass --fsdp)."""
+    sequence_parallel_size: int = setting(1, POSITIVE)
+    """Long context past one GPU's memory: split every row over this many GPUs (XTuner's name; DeepSpeed-Ulysses:
+    attention exchanges heads for tokens, so it runs over whole rows). The processes form groups of this size, each
+    training the same rows: NPROC_PER_NODE must be a multiple of it, and it must divide the model's attention heads.
+    Activation memory a GPU is about 1/N; `tunelab plan` names the smallest size that fits max_length. Works with
+    DDP, FSDP2 and ZeRO-1/2/3, full / LoRA / QLoRA; needs fast_path (CUDA graphs stay off)."""
 
     def resolved_quant_bits(self) -> Optional[int]:
         if self.quant_bits is not None:
@@ -418,6 +424,10 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
     if cfg.method == "full" and cfg.quant_bits is not None:
         errors.append(f"{at('quant_bits')}method = 'full' with quant_bits = {cfg.quant_bits}: a quantised base cannot "
                       f"be fully fine-tuned. Use method = 'qlora', or quant_bits = None.")
+    if cfg.sequence_parallel_size > 1 and not cfg.fast_path:
+        errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
+                      f"fast_path = False: splitting rows over GPUs runs through tunelab's attention and loss, which "
+                      f"fast_path = False turns off. Set fast_path = True, or sequence_parallel_size = 1.")
     return errors + _preference_errors(cfg, at)
 
 
@@ -440,6 +450,10 @@ def _preference_errors(cfg: TrainConfig, at) -> list[str]:
     if cfg.train_on == "all":
         errors.append(f"{at('train_on')}train_on = 'all' with objective = '{objective}': preference training scores "
                       f"the final reply of each sequence only. Remove train_on (or set it to 'assistant').")
+    if cfg.sequence_parallel_size > 1:
+        errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
+                      f"objective = '{objective}': splitting rows over GPUs runs the supervised loss only; preference "
+                      f"objectives score whole sequences on one GPU. Set sequence_parallel_size = 1.")
     return errors
 
 

@@ -72,12 +72,13 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         save_resolved_config(cfg, work_dir / layout.RESOLVED_CONFIG)
     log = print if env.is_main else (lambda *a, **k: None)
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
+    data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
     plan = plan_fast_path(cfg, env.device, env.world_size)
     reference = choose_reference(cfg, env.device, plan)  # DPO / KTO's reference model: decided once, here
     if reference:
         cfg = dataclasses.replace(cfg, reference=reference)
         log(f"reference model: {reference}")
-    check_memory_fits(cfg, env.device, log, plan)  # before anything heavy is loaded
+    check_memory_fits(cfg, env.device, log, plan, env.world_size)  # before anything heavy is loaded
     from transformers import set_seed
 
     set_seed(cfg.seed)
@@ -94,10 +95,10 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         bundle = build_datasets(cfg, tokenizer, config_dir=config_dir, log=log)
         train_rows = bundle.train_rows
         eval_rows = bundle.eval_rows if eval_rows is None else eval_rows
-    if len(train_rows) < env.world_size:
+    if len(train_rows) < data_env.world_size:
         raise TunelabError(f"data_path gives {len(train_rows)} training rows: too few to train on. "
                            f"Check data_path and data_format (`tunelab check-dataset CFG` shows what is read).")
-    micro_per_epoch = math.ceil(len(rank_shard(list(range(len(train_rows))), env)) / cfg.batch_size)
+    micro_per_epoch = math.ceil(len(rank_shard(list(range(len(train_rows))), data_env)) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulative_counts)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
 
@@ -122,7 +123,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         train_rows, eval_rows = with_reference(model, objective, train_rows, eval_rows, cfg, work_dir=work_dir,
                                                resuming=last is not None, precision=precision,
                                                pad_token_id=tokenizer.pad_token_id, env=env, log=log)
-    my_eval_rows = [eval_rows[i] for i in rank_shard(list(range(len(eval_rows or []))), env)]
+    my_eval_rows = [eval_rows[i] for i in rank_shard(list(range(len(eval_rows or []))), data_env)]
     if last is not None:
         ckpt.load_model_weights(model, last)  # before any wrapper shards the weights
     optimizer = build_optimizer(model, cfg, env.device)
@@ -148,11 +149,11 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     log(f"training {what} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
         f"{steps_per_epoch} steps per epoch, "
         f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"
-        f"{f' x {env.world_size} ranks' if env.distributed else ''})")
+        f"{f' x {data_env.world_size} ranks' if data_env.distributed else ''})")
 
     def evaluate(at_step: int) -> None:
         run_evaluation(strategy.module, tokenizer, cfg, at_step, eval_rows=my_eval_rows, env=env,
-                       precision=precision, monitor=monitor, work_dir=work_dir, objective=objective)
+                       precision=precision, monitor=monitor, work_dir=work_dir, objective=strategy.objective)
 
     def save(at_step: int) -> Path:
         path = ckpt.save_checkpoint(work_dir, at_step, strategy=strategy, tokenizer=tokenizer, scheduler=scheduler,
@@ -177,11 +178,12 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         if keep_grad_buffers:
             allocate_grad_buffers(strategy.module)
         with ckpt.GracefulStop() as stop:
-            for epoch, micro_done, micro_batches in micro_batch_groups(train_rows, cfg, env, position):
+            for epoch, micro_done, micro_batches in micro_batch_groups(train_rows, cfg, data_env, position):
                 if step >= total_steps:
                     break
                 throughput.begin()
                 # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
+                # that read different rows (each token once)
                 # CUDA graphs: every batch a full row wide, so one shape (plus a few boundary sizes) is recorded
                 batches = [collate(rows, tokenizer.pad_token_id, multiple_of=row_length(cfg) if graphed else 1)
                            for rows in micro_batches]
@@ -189,7 +191,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                 counts = torch.tensor([sum(objective.units(b) for b in batches),
                                        sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
                                       dtype=torch.float64, device=env.device if env.distributed else "cpu")
-                trained_tokens, seen_tokens = all_reduce_sum(counts, env).tolist()  # no GPU sync in one process
+                trained_tokens, seen_tokens = all_reduce_sum(counts, data_env).tolist()  # no GPU sync in one process
                 # 2-4. forward → loss → backward, each micro-batch's loss sum divided by the step's trained tokens
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
                 for i, batch in enumerate(batches):

@@ -26,9 +26,10 @@ Two things make them agree with one process on the same global batch:
   global batch (all ranks, all accumulation steps). `backward` multiplies by world_size to undo the average, so
   every trained token weighs the same whatever the number of ranks.
 
-The processes themselves (rank, world size, device, collectives) are `tunelab.train.distributed`. An engine that
-splits each sequence over ranks (sequence parallelism) is one more strategy: its process groups are made in `setup`,
-its share of each batch is taken in `forward_loss`.
+The processes themselves (rank, world size, device, collectives) are `tunelab.train.distributed`. Sequence
+parallelism (`sequence_parallel_size`, each row split over several ranks) wraps the engine's strategy
+(`tunelab.train.sequence_parallel.SequenceParallel`): its objective runs on a shard of each row, and its `data_env`
+names the ranks that read different rows.
 """
 
 from __future__ import annotations
@@ -47,12 +48,18 @@ def choose_strategy(cfg, env: DistEnv) -> "SingleProcess":
     """The strategy `cfg` asks for in the processes of `env`, after refusing what the engines cannot run."""
     validate_distributed(cfg, env)
     if cfg.deepspeed:
-        return DeepSpeed(env, cfg)
-    if cfg.fsdp:
-        return FSDP2(env)
-    if env.distributed:
-        return DDP(env)
-    return SingleProcess(env)
+        engine = DeepSpeed(env, cfg)
+    elif cfg.fsdp:
+        engine = FSDP2(env)
+    elif env.distributed:
+        engine = DDP(env)
+    else:
+        engine = SingleProcess(env)
+    if cfg.sequence_parallel_size > 1:
+        from tunelab.train.sequence_parallel import SequenceParallel
+
+        return SequenceParallel(engine, cfg, env)
+    return engine
 
 
 class LossModule(torch.nn.Module):
@@ -100,6 +107,11 @@ class SingleProcess:
         sharded parameters. A `ScaledOptimizer` (fp16) is stepped through its scaler."""
         self.module, self.optimizer, self.objective = model, optimizer, objective
         self.wrapped = self._wrap(model)
+
+    @property
+    def data_env(self) -> DistEnv:
+        """The ranks that read different rows: every rank (sequence parallelism: one per group that shares rows)."""
+        return self.env
 
     @property
     def raw_optimizer(self):
