@@ -291,7 +291,11 @@ def check_lora_targets(model, targets, model_name: str) -> None:
         return
     names = [name for name, _ in model.named_modules() if name]
     if isinstance(targets, str):  # peft reads a string as a regular expression over the full module names
-        missing = [] if any(re.fullmatch(targets, name) for name in names) else [targets]
+        try:
+            missing = [] if any(re.fullmatch(targets, name) for name in names) else [targets]
+        except re.error as exc:
+            raise TunelabError(f"lora_target_modules = {targets!r}: not a valid regular expression ({exc}). Use "
+                               f"'all-linear' or a list of module names like ['q_proj', 'v_proj'].") from None
     else:
         missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
     if missing:
