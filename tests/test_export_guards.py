@@ -87,3 +87,14 @@ def test_an_adapter_is_refused_on_a_same_shape_base_of_another_family(tiny_llama
     assert main(["convert", "merge", str(tiny_qwen2_dir), str(work), str(out), "--device", "cpu",
                  "--allow-other-base"]) == 0
     assert "applied to" in capsys.readouterr().out and (out / "config.json").is_file()
+
+
+def test_gguf_refuses_a_directory_and_a_place_inside_a_checkpoint(base_and_work, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    base, work = base_and_work
+    (tmp_path / "dir.gguf").mkdir()
+    code = main(["convert", "gguf", str(base), str(tmp_path / "dir.gguf")])
+    assert_one_line_error(capsys, code, "is a directory", "name the file")
+    code = main(["convert", "gguf", str(base), str(work / "iter_10" / "model.gguf")])
+    assert_one_line_error(capsys, code, "inside the training checkpoint")
+    assert not (work / "iter_10" / "model.gguf").exists()
