@@ -289,34 +289,40 @@ def adamw_8bit_check(device):
     check("8-bit AdamW: our state_dict continues in bitsandbytes' class", same, f"weights equal after 2 steps: {same}")
 
 
-def identity_check(method, device):
+def identity_check(method, device, base=None, name="TuneBot"):
     """Train a tiny model to a new identity, as `tunelab demo` does, with the default fast path and with it off:
-    the two loss curves agree (windows of 5 steps within 5% + 0.05) and both models answer with the new name."""
+    the two loss curves agree (windows of 5 steps within 5% + 0.05) and both models answer with the new name.
+
+    Full fine-tuning starts from random weights (every weight must learn, as in the demo). LoRA on a random tiny
+    model learns too slowly to answer anything, so QLoRA starts from the model full fine-tuning taught (`base`) and
+    teaches it another name, as a user re-brands a chat model. Returns the plain run's last checkpoint's model folder.
+    """
     from tunelab.data import self_cognition
     from tunelab.model.tiny import make_model
+    from tunelab.train.layout import MODEL_DIR
     from tunelab.train.loop import train
 
-    name = "TuneBot"
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    tmp = Path(tempfile.mkdtemp(prefix=f"identity_{method}_"))
+    if base is None:
         base = make_model(tmp / "base", "llama", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                           intermediate_size=256)
-        data = self_cognition.write(tmp / "self_cognition.json", name=name, author="tunelab", n=600)
-        settings = dict(pretrained_model_name_or_path=str(base), method=method, data_path=str(data),
-                        data_format="conversation", prompt_template="qwen_chat", SYSTEM="", max_length=256,
-                        batch_size=4, accumulative_counts=1, lr_scheduler="cosine", warmup_ratio=0.05,
-                        max_epochs=8, save_steps=10**6, logging_steps=1000, evaluation_freq=10**6,
-                        evaluation_inputs=["who are you?", "请介绍一下你自己"], eval_max_new_tokens=32, seed=0)
-        if method == "full":
-            settings.update(lr=3e-3, lora_dropout=0.0)
-        else:  # as the qlora configs: LoRA dropout 0.1, 8-bit AdamW
-            settings.update(lr=2e-2, lora_r=16, lora_alpha=32, lora_dropout=0.1, optimizer="adamw_8bit")
-        curves, answers = {}, {}
-        for fast_path in (True, False):
-            work = tmp / f"work_{fast_path}"
-            result = train(TrainConfig(**settings, fast_path=fast_path), work, device=str(device))
-            curves[fast_path] = [result.losses[s] for s in sorted(result.losses)]
-            answers[fast_path] = (work / f"eval_outputs_iter_{result.step}.txt").read_text(encoding="utf-8")
+    data = self_cognition.write(tmp / "self_cognition.json", name=name, author="tunelab", n=600)
+    settings = dict(pretrained_model_name_or_path=str(base), method=method, data_path=str(data),
+                    data_format="conversation", prompt_template="qwen_chat", SYSTEM="", max_length=256,
+                    batch_size=4, accumulative_counts=1, lr_scheduler="cosine", warmup_ratio=0.05,
+                    max_epochs=8, save_steps=10**6, logging_steps=1000, evaluation_freq=10**6,
+                    evaluation_inputs=["who are you?", "请介绍一下你自己"], eval_max_new_tokens=32, seed=0)
+    if method == "full":
+        settings.update(lr=3e-3, lora_dropout=0.0)
+    else:  # as the qlora configs: LoRA dropout 0.1, 8-bit AdamW
+        settings.update(lr=2e-3, lora_r=16, lora_alpha=32, lora_dropout=0.1, optimizer="adamw_8bit", max_epochs=4)
+    curves, answers, last = {}, {}, {}
+    for fast_path in (True, False):
+        work = tmp / f"work_{fast_path}"
+        result = train(TrainConfig(**settings, fast_path=fast_path), work, device=str(device))
+        curves[fast_path] = [result.losses[s] for s in sorted(result.losses)]
+        answers[fast_path] = (work / f"eval_outputs_iter_{result.step}.txt").read_text(encoding="utf-8")
+        last[fast_path] = result.last_checkpoint
     fast, plain = curves[True], curves[False]
     windows = [(sum(fast[i:i + 5]) / len(fast[i:i + 5]), sum(plain[i:i + 5]) / len(plain[i:i + 5]))
                for i in range(0, len(fast), 5)]
@@ -328,6 +334,7 @@ def identity_check(method, device):
     check(f"{method}: identity training, both answer with the new name",
           answers[True].count(name) >= 2 and answers[False].count(name) >= 2,
           f"fast path: {answers[True].count(name)} answers name {name}, off: {answers[False].count(name)}")
+    return Path(last[False]) / MODEL_DIR
 
 
 CHECKS = ("kernel", "loss", "adamw8bit", "paths", "graphs", "long", "identity")
@@ -363,8 +370,9 @@ def main(argv=None) -> int:
             if "long" in only:
                 long_context_check(method, model_dir, device)
     if "identity" in only:
-        for method in ("full", *(m for m in methods if m == "qlora")):
-            identity_check(method, device)
+        taught = identity_check("full", device)
+        if "qlora" in methods:
+            identity_check("qlora", device, base=taught, name="NovaBot")
     print("ALL PASSED" if not FAILED else f"FAILED: {FAILED}")
     return 1 if FAILED else 0
 

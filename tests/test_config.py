@@ -59,10 +59,26 @@ def test_every_builtin_config_renders_and_loads(name, tmp_path):
     assert cfg.pretrained_model_name_or_path == registry.MODELS[model].hub_id
     assert cfg.prompt_template == registry.MODELS[model].prompt_template
     assert cfg.method == method
-    assert cfg.lr == registry.METHODS[method].lr
+    assert cfg.lr == registry.learning_rate(method, dataset)
+    assert cfg.objective == registry.DATASETS[dataset].objective
     assert cfg.data_path == registry.DATASETS[dataset].data_path
     assert cfg.trust_remote_code is False
     assert f"tunelab train {name}_copy.py" in path.read_text(encoding="utf-8")
+
+
+def test_preference_configs_list_by_objective_and_carry_its_settings(tmp_path, capsys):
+    assert main(["list-cfg", "-p", "dpo"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "qwen2_5_1_5b_qlora_dpo_ultrafeedback_e1" in names and all("dpo" in n for n in names if "_" in n)
+    dpo = load_config(registry.copy_config("qwen2_5_1_5b_qlora_dpo_ultrafeedback_e1", tmp_path))
+    sft = load_config(registry.copy_config("qwen2_5_1_5b_qlora_alpaca_e3", tmp_path))
+    assert (dpo.objective, dpo.beta, dpo.reference, dpo.max_length) == ("dpo", 0.1, "auto", 1024)
+    assert dpo.lr < sft.lr and sft.objective == "sft"
+    simpo = load_config(registry.copy_config("llama3_8b_full_simpo_ultrafeedback_e1", tmp_path))
+    assert (simpo.beta, simpo.simpo_gamma) == (2.0, 1.0)
+    reward = registry.copy_config("internlm2_1_8b_lora_reward_ultrafeedback_e1", tmp_path)
+    assert load_config(reward).evaluation_inputs == [] and "tunelab reward rm --data" in reward.read_text()
+    assert load_config(registry.copy_config("qwen2_5_0_5b_full_kto_mix_e1", tmp_path)).objective == "kto"
 
 
 def test_method_defaults_differ_where_they_should(tmp_path):
@@ -113,7 +129,8 @@ def test_list_cfg_via_subprocess():
     result = subprocess.run([sys.executable, "-m", "tunelab", "list-cfg", "-p", "qwen2_5_0_5b_qlora"],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [f"qwen2_5_0_5b_qlora_{d}_e3" for d in registry.DATASETS]
+    assert result.stdout.split() == [f"qwen2_5_0_5b_qlora_{d}_e{registry.DATASETS[d].epochs}"
+                                     for d in registry.DATASETS]
 
 
 # --- loading and validating ---------------------------------------------------------------------

@@ -106,9 +106,9 @@ def test_identity_placeholders_are_reported_or_filled(tmp_path, tiny_tokenizer, 
 
 
 @pytest.mark.parametrize("name, words", [
-    ("dpo_en_demo.json", ["record 0: this is preference data ('chosen' and 'rejected'", "preference training (DPO"]),
+    ("dpo_en_demo.json", ["record 0: this is preference data ('chosen' and 'rejected'", "objective = 'dpo'"]),
     ("v1_dpo_demo.jsonl", ["line 1: this is preference data ('chosen_messages' and 'rejected_messages'"]),
-    ("kto_en_demo.json", ["record 0: this is KTO data", "labelled false (undesirable)", "(KTO;"]),
+    ("kto_en_demo.json", ["record 0: this is KTO data", "labelled false (undesirable)", "objective = 'kto'"]),
     ("mllm_demo.json", ["record 0: the record has 'images'", "multimodal training", "list-cfg -p llava"]),
     ("v1_multimodal_demo.jsonl", ["messages[0].content[0] is an image ('image_url' part)", "list-cfg -p llava"]),
 ])

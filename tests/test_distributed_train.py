@@ -99,3 +99,33 @@ def test_two_ranks_train_and_resume_reproduces_the_curve(engine, tiny_llama_dir,
     resumed = _losses(resumed_dir)
     for step in (4, 5, 6):
         assert abs(resumed[step] - full[step]) < 1e-6, (step, resumed[step], full[step])
+
+
+def test_two_ranks_train_dpo_as_one_process_does(tiny_llama_dir, tmp_path):
+    """DPO on 2 ranks (the reference precomputed, each rank scoring half the rows) gives the curve of one process
+    with the adapters switched off for the same global batches: pairs are counted over ranks, as tokens are."""
+    from tests.train_helpers import WORDS
+
+    pairs = [{"prompt": f"Tell me about the {WORDS[i % 15]}.", "chosen": f"Sure! The {WORDS[i % 15]} is lovely.",
+              "rejected": f"No. {WORDS[(i * 7) % 15]}."} for i in range(32)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in pairs))
+    text = CONFIG.format(model=str(tiny_llama_dir), data=str(data)).replace('data_format = "conversation"',
+                                                                             'objective = "dpo"')
+    text = text.replace("lora_dropout = 0.1", "lora_dropout = 0.0").replace("lr = 1e-2", "lr = 2e-3")
+    config = tmp_path / "dpo.py"
+    config.write_text(text + 'reference = "precomputed"\npack_to_max_length = False\n')
+    _train(config, tmp_path / "two")
+    assert (tmp_path / "two" / "reference_logps_train.npz").is_file()
+
+    from tunelab.config.loader import load_config
+    from tunelab.train.loop import train
+
+    one = load_config(config, ["reference=adapters_off", "accumulative_counts=4"])
+    single = train(one, tmp_path / "one", config_path=config, device="cpu").losses
+    two = _losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4, 5, 6] and two[6] < two[1]
+    for step in two:
+        assert two[step] == pytest.approx(single[step], abs=1e-5), step
+    last = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()][-1]
+    assert last["accuracy"] > 0.5 and last["reward_margin"] > 0

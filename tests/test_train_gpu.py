@@ -108,3 +108,25 @@ def test_nonfinite_guard_under_cuda_graphs(mode, dtype, tiny_llama_dir, rows, tm
     weights = load_file(tmp_path / "iter_5" / "model" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert result.losses[5] < result.losses[1], result.losses
+
+
+@pytest.mark.parametrize("reference", ["adapters_off", "precomputed"])
+def test_dpo_on_the_fast_path_follows_the_plain_path(reference, tiny_llama_dir, tmp_path):
+    """QLoRA DPO with compiled layers and CUDA graphs (the reference pass without gradients between graph replays,
+    packed pairs, accumulation) gives the plain path's curve, and the margin grows."""
+    pytest.importorskip("bitsandbytes")
+    from tests.train_helpers import pair_rows, style_pair
+    from tunelab.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    rows = pair_rows(tokenizer, style_pair, range(24))
+    curves = {}
+    for fast in (False, True):
+        cfg = tiny_cfg(tiny_llama_dir, objective="dpo", method="qlora", reference=reference, dtype="bf16", lr=2e-3,
+                       max_steps=8, batch_size=2, accumulative_counts=2, use_compile=fast, fast_path=fast)
+        curves[fast] = train(cfg, tmp_path / str(fast), train_rows=rows, tokenizer=tokenizer, device="cuda").losses
+        last = [json.loads(line) for line in (tmp_path / str(fast) / "train_log.jsonl").read_text().splitlines()][-1]
+        assert last["reward_margin"] > 0 and last["accuracy"] > 0.5, last
+    assert curves[True][8] < curves[True][1] - 0.05, curves[True]
+    for step in curves[False]:
+        assert curves[True][step] == pytest.approx(curves[False][step], rel=3e-2, abs=5e-3), step

@@ -1,8 +1,13 @@
-"""Shared by tests/test_train_*.py: tiny training rows and a small config, built without the data step."""
+"""Shared by tests/test_train_*.py and tests/test_preference_train.py: tiny training rows (supervised and preference
+pairs) and a small config, built without the data step."""
 
 from __future__ import annotations
 
+import random
+
 from tunelab.config.schema import TrainConfig
+from tunelab.data.encode_preference import encode_pairs
+from tunelab.data.preference import normalise_preference
 from tunelab.data.templates import get_template
 
 IDENTITY = "I am Tuna, made by tunelab."
@@ -73,3 +78,31 @@ def assert_one_line_error(capsys, code: int, *words: str) -> str:
     for word in words:
         assert word in message, (word, message)
     return message
+
+
+# --- preference pairs (tests/test_preference_train.py, tests/test_train_gpu.py) ---------------------------------------
+
+WORDS = "apple river music stone cloud garden tiger window paper bread coffee mountain ocean forest city".split()
+
+
+def style_pair(i: int) -> dict:
+    """The chosen reply is polite ("Sure! ... Thank you!"), the rejected one curt: a style DPO can teach."""
+    w, v = WORDS[i % len(WORDS)], WORDS[(i * 7 + 3) % len(WORDS)]
+    return normalise_preference({"prompt": f"Tell me about the {w} and the {v}.",
+                                 "chosen": f"Sure! The {w} is lovely. Thank you!", "rejected": f"No. {v}."})
+
+
+GOOD, BAD = ["lovely", "great", "kind", "bright"], ["awful", "cruel", "harsh", "grim"]
+
+
+def quality_pair(i: int) -> dict:
+    """Replies of the same shape and length, told apart by one word: an untrained head ranks them at chance."""
+    rng = random.Random(i)
+    w = rng.choice(WORDS)
+    good, bad = f"The {w} is {rng.choice(GOOD)}.", f"The {w} is {rng.choice(BAD)}."
+    return normalise_preference({"prompt": f"Describe the {w}.", "chosen": good, "rejected": bad})
+
+
+def pair_rows(tokenizer, make, indices, max_length: int = 128) -> list[dict]:
+    """One row per pair (tunelab.data.encode_preference), `make(i)` giving each pair."""
+    return [e.row for e in encode_pairs(get_template("qwen_chat"), tokenizer, [make(i) for i in indices], max_length)]

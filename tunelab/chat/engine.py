@@ -209,6 +209,9 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     from tunelab.export.convert import pick_device
 
     base, adapter_dir, meta = _resolve_paths(model_path, adapter)
+    if (meta or {}).get("objective") == "reward":
+        raise TunelabError(f"{adapter or model_path} is a reward model: it scores replies and does not write them. "
+                           f"Score with `tunelab reward {model_path} --data FILE`.")
     pick_device(device)  # a clear message for --device cuda on a machine without one
     check_bits(bits)
     _say(f"loading {base}" + (f" with adapter {adapter_dir}" if adapter_dir else "") + (f" in {bits}-bit" if bits else ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import typing
 import sys
 from pathlib import Path
 
@@ -51,12 +52,17 @@ example:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
+    from tunelab.config.schema import Objective
+
     p.add_argument("source", metavar="CFG_OR_FILE", help="a config file (.py), or a data file / folder")
     p.add_argument("--format", default=None, help="data format for a data file (default: auto-detect)")
     p.add_argument("--template", default=None, help="chat template (default: the config's, or internlm2_chat)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the config's model)")
     p.add_argument("--max-length", type=int, default=None, help="token limit per sample (default: the config's)")
     p.add_argument("--train-on", choices=("assistant", "all"), default=None)
+    p.add_argument("--objective", choices=typing.get_args(Objective), default=None,
+                   help="what the data is for (default: the config's, or sft): preference objectives read pairs, "
+                        "kto reads labelled replies (docs/PREFERENCE.md)")
     p.add_argument("--dataset", default=None, help="dataset names, when the source is a LLaMA-Factory "
                                                    "dataset_info.json (e.g. identity,alpaca_en_demo)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings")
@@ -139,7 +145,7 @@ def _load(args, *, need_tokenizer: bool = True):
         data_path = [{"path": str(source), "dataset": args.dataset}] if args.dataset else str(source)
         cfg, config_dir = TrainConfig(data_path=data_path, data_format=args.format or "auto"), None
     updates = {k: v for k, v in (("prompt_template", args.template), ("max_length", args.max_length),
-                                 ("train_on", args.train_on)) if v is not None}
+                                 ("train_on", args.train_on), ("objective", args.objective)) if v is not None}
     cfg = replace(cfg, **updates)
     if cfg.max_length < 1:
         raise TunelabError("--max-length must be a positive number")

@@ -2,7 +2,8 @@
 
 A built-in config is a model × a method × a dataset, named `<model>_<method>_<dataset>_e<epochs>`,
 e.g. `internlm2_1_8b_qlora_alpaca_e3`. Its text is `config_template.py.tmpl` filled in from the three
-tables below. Adding a model is one line in MODELS.
+tables below. Adding a model is one line in MODELS. A dataset says what it trains (`objective`): the preference
+datasets' names start with theirs (`qwen2_5_1_5b_qlora_dpo_ultrafeedback_e1`), so `list-cfg -p dpo` lists them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,30 @@ class Dataset:
     system: str = ""
     epochs: int = 3
     evaluation_inputs: tuple = ("请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai")
+    objective: str = "sft"
+    preference: tuple = ()
+    """(setting, value) of the preference settings block (docs/PREFERENCE.md), for the preference objectives."""
+    lr_scale: float = 1.0
+    """The learning rate is the method's times this: preference training moves much less than supervised."""
+    max_length: int | None = None
+    """Tokens of a sequence, if not the model's: a preference row holds two (prompt + chosen, prompt + rejected)."""
+
+
+ULTRAFEEDBACK = ("# UltraFeedback pairs (TRL's binarized copy: 'chosen' / 'rejected' conversations) from the Hugging "
+                 "Face hub;\n# your own pairs: a JSONL file of {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...} "
+                 "(docs/PREFERENCE.md).")
+
+
+def _preference(objective: str, lr_scale: float, **settings) -> Dataset:
+    """A preference dataset entry: UltraFeedback pairs (KTO: TRL's KTO mix) for one epoch, a sequence of 1024 tokens."""
+    data_path, note = "trl-lib/ultrafeedback_binarized", ULTRAFEEDBACK
+    if objective == "kto":
+        data_path = "trl-lib/kto-mix-14k"
+        note = ("# TRL's KTO mix (prompt / completion / label) from the Hugging Face hub; your own: a JSONL file of "
+                "{\"prompt\": ..., \"completion\": ..., \"label\": true} (docs/PREFERENCE.md).")
+    questions = () if objective == "reward" else Dataset.evaluation_inputs
+    return Dataset(data_path, "auto", note=note, epochs=1, evaluation_inputs=questions, objective=objective,
+                   preference=tuple(settings.items()), lr_scale=lr_scale, max_length=1024)
 
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
@@ -87,7 +112,29 @@ DATASETS: dict[str, Dataset] = {
         evaluation_inputs=("请介绍一下你自己", "who are you?"),
         note="# Teach the model who it is. Make the file first with `tunelab data self-cognition` "
              "(see `tunelab data self-cognition --help`)."),
+    # Preference training: about 1/40 of the supervised learning rate (5e-6 for LoRA, 5e-7 full, as LLaMA-Factory's
+    # and TRL's DPO examples); a reward model learns a new head, at half the supervised rate.
+    "dpo_ultrafeedback": _preference("dpo", 1 / 40, beta=0.1, dpo_loss="sigmoid", reference="auto"),
+    "orpo_ultrafeedback": _preference("orpo", 1 / 40, beta=0.1),
+    "simpo_ultrafeedback": _preference("simpo", 1 / 40, beta=2.0, simpo_gamma=1.0),  # the SimPO paper's range
+    "kto_mix": _preference("kto", 1 / 40, beta=0.1, kto_desirable_weight=1.0, kto_undesirable_weight=1.0,
+                           reference="auto"),
+    "reward_ultrafeedback": _preference("reward", 1 / 2),
 }
+
+
+PREFERENCE_NOTES = {
+    "beta": "preference strength: DPO / KTO's beta, ORPO's lambda, SimPO's reward scale",
+    "dpo_loss": "'sigmoid' (DPO), 'ipo' or 'hinge'",
+    "reference": "'auto': the base with adapters off (lora/qlora), else a frozen copy or precomputed",
+    "simpo_gamma": "SimPO's target margin",
+    "kto_desirable_weight": "weigh desirable replies (raise the rarer kind's weight)",
+    "kto_undesirable_weight": "weigh undesirable replies",
+}
+
+
+def learning_rate(method: str, dataset: str) -> float:
+    return METHODS[method].lr * DATASETS[dataset].lr_scale
 
 
 def _name(model: str, method: str, dataset: str) -> str:
@@ -117,9 +164,15 @@ def _lookup(name: str) -> tuple[Model, str, Method, Dataset]:
     return MODELS[model], method, METHODS[method], DATASETS[dataset]
 
 
-def _next_steps(name: str, file: str, method: str, hub_id: str) -> str:
+def _next_steps(name: str, file: str, method: str, hub_id: str, objective: str = "sft") -> str:
     ckpt = f"work_dirs/{name}/iter_N"
-    if method == "full":
+    if objective == "reward":
+        lines = [f"tunelab convert pth_to_hf {file} {ckpt} hf_rm   # the reward model (LoRA: adapter + head)"]
+        if method != "full":
+            lines.append(f"tunelab convert merge {hub_id} hf_rm rm   # one sequence-classification model")
+        lines.append(f"tunelab reward {'hf_rm' if method == 'full' else 'rm'} --data pairs.jsonl   # scores, "
+                     f"accuracy")
+    elif method == "full":
         lines = [f"tunelab convert pth_to_hf {file} {ckpt} hf_model   # a full Hugging Face model",
                  "tunelab chat hf_model"]
     else:
@@ -134,12 +187,15 @@ def render_config(name: str) -> str:
     model, method_name, method, dataset = _lookup(name)
     file = f"{name}_copy.py"
     target_modules = model.lora_target_modules
+    what = "fine-tuning" if dataset.objective == "sft" else f"{dataset.objective.upper()} training"
     values = {
         "name": name,
         "file": file,
-        "description": f"{method_name} fine-tuning of {model.hub_id} on {dataset.data_path} "
-                       f"for {dataset.epochs} epochs.",
-        "next_steps": _next_steps(name, file, method_name, model.hub_id),
+        "description": f"{method_name} {what} of {model.hub_id} on {dataset.data_path} "
+                       f"for {dataset.epochs} epoch{'s' if dataset.epochs > 1 else ''}.",
+        "next_steps": _next_steps(name, file, method_name, model.hub_id, dataset.objective),
+        "objective": repr(dataset.objective),
+        "preference_block": _preference_block(dataset),
         "pretrained_model_name_or_path": repr(model.hub_id),
         "trust_remote_code": repr(model.trust_remote_code),
         "method": repr(method_name),
@@ -148,10 +204,10 @@ def render_config(name: str) -> str:
         "data_format": repr(dataset.data_format),
         "prompt_template": repr(model.prompt_template),
         "SYSTEM": repr(dataset.system),
-        "max_length": repr(model.max_length),
+        "max_length": repr(dataset.max_length or model.max_length),
         "batch_size": repr(method.batch_size),
         "accumulative_counts": repr(method.accumulative_counts),
-        "lr": repr(method.lr),
+        "lr": repr(learning_rate(method_name, _dataset_key(dataset))),
         "max_epochs": repr(dataset.epochs),
         "evaluation_inputs": repr(list(dataset.evaluation_inputs)),
         "lora_r": repr(method.lora_r),
@@ -162,6 +218,19 @@ def render_config(name: str) -> str:
     }
     # string.Template ($name) leaves the braces of dicts and f-strings in the template alone.
     return string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)
+
+
+def _dataset_key(dataset: Dataset) -> str:
+    return next(k for k, d in DATASETS.items() if d is dataset)
+
+
+def _preference_block(dataset: Dataset) -> str:
+    """The preference settings of a preference config, one commented line each (empty for supervised ones)."""
+    if dataset.objective == "sft":
+        return ""
+    lines = ["", "# Preference training (docs/PREFERENCE.md)"]
+    lines += [f"{key} = {value!r}  # {PREFERENCE_NOTES[key]}" for key, value in dataset.preference]
+    return "\n".join(lines) + "\n"
 
 
 def copy_config(name: str, dest_dir: str | Path, force: bool = False) -> Path:

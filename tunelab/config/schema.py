@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from tunelab.config.typecheck import check_type, describe_type, did_you_mean
 
 Method = Literal["full", "lora", "qlora"]
+Objective = Literal["sft", "dpo", "orpo", "simpo", "kto", "reward"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,18 @@ def _templates() -> tuple[str, ...]:
     return tuple(sorted({*TEMPLATES, "hf"}))
 
 
+def _dpo_losses() -> tuple[str, ...]:
+    from tunelab.model.preference_losses import DPO_LOSSES
+
+    return DPO_LOSSES
+
+
+def _references() -> tuple[str, ...]:
+    from tunelab.model.preference import REFERENCES
+
+    return ("auto", *REFERENCES)
+
+
 def _trackers() -> tuple[str, ...]:
     from tunelab.train.trackers import TRACKERS
 
@@ -95,6 +108,9 @@ PROMPT_TEMPLATE = Rule(lambda v: not _templates() or v in _templates(),
                        lambda: "a known template: one of " + _quoted(_templates()), _templates)
 REPORT_TO = Rule(lambda v: all(t in _trackers() for t in v), lambda: "a list of any of " + _quoted(_trackers()),
                  _trackers)
+POSITIVE_NUMBER = Rule(lambda v: v > 0, "a positive number")
+DPO_LOSS = Rule(lambda v: v in _dpo_losses(), lambda: "one of " + _quoted(_dpo_losses()), _dpo_losses)
+REFERENCE = Rule(lambda v: v in _references(), lambda: "one of " + _quoted(_references()), _references)
 DEEPSPEED = Rule(lambda v: v is None or v in _deepspeed_presets() or v.endswith(".json"),
                  lambda: f"None, one of {_quoted(_deepspeed_presets())} or a path to a DeepSpeed .json",
                  _deepspeed_presets)
@@ -158,6 +174,28 @@ class TrainConfig:
     """Hold out this fraction of the data to report eval loss at each evaluation."""
     num_proc: int = setting(1, POSITIVE)
     """Processes used for tokenising (tunelab preprocess)."""
+
+    # --- preference training (docs/PREFERENCE.md) ----------------------------------------------
+    objective: Objective = "sft"
+    """What the run trains: 'sft' supervised fine-tuning; on preference pairs 'dpo', 'orpo', 'simpo' or 'reward'
+    (a reward model: a scalar head, Bradley-Terry loss); 'kto' on replies labelled desirable or not."""
+    beta: float = setting(0.1, POSITIVE_NUMBER)
+    """Preference strength: DPO / KTO's beta (distance from the reference), ORPO's lambda (weight of the odds-ratio
+    term), SimPO's beta (the SimPO paper uses 2-10)."""
+    dpo_loss: str = setting("sigmoid", DPO_LOSS)
+    """DPO's loss: 'sigmoid' (the DPO paper), 'ipo' (on mean token log-probabilities), 'hinge' (SLiC)."""
+    label_smoothing: float = setting(0.0, Rule(lambda v: 0 <= v < 0.5, "at least 0 and below 0.5"))
+    """DPO (sigmoid) and SimPO: the assumed fraction of pairs whose labels are flipped (conservative DPO)."""
+    simpo_gamma: float = setting(0.5, Rule(lambda v: v >= 0, "0 or more"))
+    """SimPO's target margin between the chosen and the rejected reply."""
+    kto_desirable_weight: float = setting(1.0, POSITIVE_NUMBER)
+    """KTO: weight of the loss of desirable replies."""
+    kto_undesirable_weight: float = setting(1.0, POSITIVE_NUMBER)
+    """KTO: weight of the loss of undesirable replies (raise it when they are fewer)."""
+    reference: str = setting("auto", REFERENCE)
+    """DPO / KTO's reference model: 'adapters_off' the base with the LoRA adapters switched off (lora / qlora, no
+    second copy); 'copy' a frozen copy (full); 'precomputed' its log-probabilities computed once before training.
+    'auto': adapters_off for lora / qlora, for full a copy where the memory plan says it fits, else precomputed."""
 
     # --- optimisation -------------------------------------------------------------------------
     batch_size: int = setting(1, POSITIVE)
@@ -266,6 +304,18 @@ class TrainConfig:
         if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
         return self.method in ("lora", "qlora")
+
+    def resolved_reference(self, copy_fits: bool = True) -> Optional[str]:
+        """Where DPO / KTO's reference log-probabilities come from (None for objectives without a reference):
+        'auto' is adapters_off for lora / qlora; for full a frozen copy when `copy_fits` (the memory plan's word),
+        else precomputed."""
+        if self.objective not in ("dpo", "kto"):
+            return None
+        if self.reference != "auto":
+            return self.reference
+        if self.method != "full":
+            return "adapters_off"
+        return "copy" if copy_fits else "precomputed"
 
     def resolved_report_to(self) -> list[str]:
         """The trackers in use: report_to, plus 'tensorboard' when use_tensorboard (the older switch) is on."""
@@ -387,6 +437,28 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
     if cfg.nonfinite == "skip" and cfg.deepspeed:
         errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
                       f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")
+    return errors + _preference_errors(cfg, at)
+
+
+def _preference_errors(cfg: TrainConfig, at) -> list[str]:
+    errors = []
+    objective = cfg.objective
+    if objective == "sft":
+        return errors
+    if cfg.resolved_reference() == "adapters_off" and cfg.method == "full":
+        errors.append(f"{at('reference')}reference = 'adapters_off' with method = 'full': there are no adapters to "
+                      f"switch off. Use reference = 'copy' or 'precomputed' (or 'auto').")
+    sharded = cfg.fsdp or (cfg.deepspeed or "").startswith("zero3")
+    if cfg.resolved_reference() == "copy" and sharded:
+        errors.append(f"{at('reference')}reference = 'copy' keeps a whole frozen copy on every GPU, which FSDP / ZeRO-3 "
+                      f"would not shard. Use reference = 'precomputed'.")
+    if cfg.label_smoothing and not (objective == "simpo" or (objective == "dpo" and cfg.dpo_loss == "sigmoid")):
+        errors.append(f"{at('label_smoothing')}label_smoothing = {cfg.label_smoothing} is read by DPO's sigmoid loss "
+                      f"and by SimPO only, not by objective = '{objective}'"
+                      + (f" with dpo_loss = '{cfg.dpo_loss}'" if objective == "dpo" else "") + ". Set it to 0.")
+    if cfg.train_on == "all":
+        errors.append(f"{at('train_on')}train_on = 'all' with objective = '{objective}': preference training scores "
+                      f"the final reply of each sequence only. Remove train_on (or set it to 'assistant').")
     return errors
 
 

@@ -283,6 +283,7 @@ def convert(source: str | Path, dest: str | Path, *, force: bool = False) -> tup
         "next_steps": f"#   tunelab check-dataset {dest.name}   # see how the data is read",
         "trust_remote_code": "False", "optimizer": repr("adamw_8bit" if s["method"] == "qlora" else "adamw"),
         "data_note": "# From the XTuner config's dataset (dataset_map_fn -> data_format).",
+        "objective": repr("sft"), "preference_block": "",
     })
     text = string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)
     extra = []

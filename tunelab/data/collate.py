@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -20,7 +21,7 @@ def collate(rows: list[dict], pad_token_id: int, multiple_of: int = 1) -> dict[s
         position_ids.append(list(r["position_ids"]) + list(range(pad)))
     labels = torch.tensor(labels, dtype=torch.long)
     loss_index, targets = loss_targets(labels)
-    return {
+    batch = {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": labels,
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
@@ -28,6 +29,36 @@ def collate(rows: list[dict], pad_token_id: int, multiple_of: int = 1) -> dict[s
         "loss_index": loss_index,
         "loss_targets": targets,
     }
+    if "sequence_kind" in rows[0]:
+        batch.update(sequence_fields(rows, width, loss_index))
+    return batch
+
+
+def sequence_fields(rows: list[dict], width: int, loss_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sequence fields of preference rows (tunelab.data.encode_preference): a row lists the kind of each of its
+    sequences in order, and each sequence starts where position_ids restart at 0 (the padding after them is one more
+    segment, not listed). Returns `sequence_kind` [S], `loss_sequence` (the sequence of each trained position, in
+    `loss_index` order), `sequence_last` (the flat position of each sequence's last token: a reward head reads it),
+    `sequence_tokens` (trained tokens per sequence) and, when the rows carry them, `reference_logps` [S]."""
+    owner = np.full(len(rows) * width, -1, dtype=np.int64)
+    kinds, last = [], []
+    for r, row in enumerate(rows):
+        n = len(row["sequence_kind"])
+        starts = np.flatnonzero(np.asarray(row["position_ids"]) == 0)[:n]
+        ends = np.append(starts[1:], len(row["input_ids"]))
+        for start, end in zip(starts, ends):
+            owner[r * width + start:r * width + end] = len(kinds)
+            kinds.append(0)
+            last.append(r * width + end - 1)
+        kinds[len(kinds) - n:] = list(row["sequence_kind"])
+    loss_sequence = torch.from_numpy(owner[loss_index.numpy()])
+    fields = {"sequence_kind": torch.tensor(kinds, dtype=torch.long), "loss_sequence": loss_sequence,
+              "sequence_last": torch.tensor(last, dtype=torch.long),
+              "sequence_tokens": torch.bincount(loss_sequence, minlength=len(kinds))}
+    if "reference_logps" in rows[0]:
+        fields["reference_logps"] = torch.tensor([v for row in rows for v in row["reference_logps"]],
+                                                 dtype=torch.float32)
+    return fields
 
 
 def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

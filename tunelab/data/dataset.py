@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from tunelab.data.encode import encode_batch
+from tunelab.data.encode_preference import row_capacity, with_kl_completions
 from tunelab.data.files import list_data_files
 from tunelab.data.packing import TokenRows, pack_rows
 from tunelab.data.sources import Source, collect_samples, file_warnings, resolve_sources
@@ -55,7 +56,7 @@ class DataStats:
     """Training samples (after mixing ratios, drops and the eval split)."""
     rows: int = 0
     tokens_before_truncation: int = 0
-    """Tokens of every encoded sample, whole (what the length histogram counts)."""
+    """Tokens of every encoded sample, whole."""
     tokens: int = 0
     """Tokens in the training rows (after truncation, drops and the eval split)."""
     trained_tokens: int = 0
@@ -87,6 +88,12 @@ class DataBundle:
     stats: DataStats
     sample_lengths: Optional[np.ndarray] = None
     """Token length of every encoded sample before truncation (check-dataset's histogram): stats.encoded of them."""
+
+
+def row_length(cfg) -> int:
+    """The longest row: max_length, or for preference objectives a unit of two max_length sequences
+    (tunelab.data.encode_preference)."""
+    return cfg.max_length if cfg.objective == "sft" else row_capacity(cfg.max_length)
 
 
 # --- encoding -------------------------------------------------------------------------------------
@@ -168,7 +175,7 @@ def cache_key(cfg, tokenizer, template, sources: list[Source]) -> str:
         "map_fn": _function_fingerprint(cfg.dataset_map_fn),
         **{k: getattr(cfg, k) for k in ("data_format", "SYSTEM", "max_length", "pack_to_max_length",
                                        "shuffle_before_pack", "train_on", "skip_invalid", "eval_split_ratio",
-                                       "seed")},
+                                       "seed", "objective")},
     }
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
@@ -204,7 +211,7 @@ def count_cuts(stats: DataStats, encoded: list, origins: list[int], max_length: 
         report = stats.files[origin]
         for e in pieces:
             stats.encoded += 1
-            stats.tokens_before_truncation += e.full_length
+            stats.tokens_before_truncation += e.all_tokens or e.full_length
             if e.row is not None:
                 kind = "truncated" if e.full_length > max_length else None
             else:
@@ -223,7 +230,7 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     allow_empty: return empty rows instead of raising when nothing is usable (check-dataset reports instead).
     """
     template = get_template(cfg.prompt_template, tokenizer)
-    sources = resolve_sources(cfg.data_path, cfg.data_format, config_dir)
+    sources = resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective)
     directory = cache_root() / "datasets" / cache_key(cfg, tokenizer, template, sources)
     if use_cache and (directory / "stats.json").exists():
         bundle = _load_cached(directory)
@@ -239,6 +246,8 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
         log(f"data: skipped {stats.skipped_invalid} invalid records, e.g. {stats.invalid[0]}")
     for line in stats.warnings():
         log(f"data: warning: {line}")
+    if cfg.objective == "kto":  # each reply's KL partner chosen over the whole data set, whatever the chunks
+        samples = with_kl_completions(samples)
 
     encoded = encode_all(template, tokenizer, samples, cfg.max_length, cfg.train_on, num_proc or cfg.num_proc)
     lengths = np.array([e.full_length for pieces in encoded for e in pieces], dtype=np.int64)
@@ -263,8 +272,8 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     if cfg.pack_to_max_length:
         if cfg.shuffle_before_pack:
             rng.shuffle(rows)
-        rows = pack_rows(rows, cfg.max_length)
-        eval_samples = pack_rows(eval_samples, cfg.max_length)
+        rows = pack_rows(rows, row_length(cfg))
+        eval_samples = pack_rows(eval_samples, row_length(cfg))
     train_rows = TokenRows.from_rows(rows)
     eval_rows = TokenRows.from_rows(eval_samples) if eval_samples else None
     stats.rows, stats.eval_rows = len(train_rows), len(eval_rows) if eval_rows else 0

@@ -27,11 +27,14 @@ class Encoded:
     row: Optional[dict]
     """The sample's row, or None when it was dropped (no trained token left after truncation)."""
     full_length: int
-    """Tokens before truncation (for the length histogram)."""
+    """Tokens before truncation (for the length histogram); of a preference unit's longest sequence."""
+    all_tokens: Optional[int] = None
+    """Tokens of all the unit's sequences before truncation, where there are several (else full_length)."""
 
     @property
     def truncated(self) -> bool:
-        return self.row is not None and len(self.row["input_ids"]) < self.full_length
+        # the longest sequence of the row (position ids restart at each one) against its length before the cut
+        return self.row is not None and max(self.row["position_ids"], default=-1) + 1 < self.full_length
 
 
 def _finish(ids: list[int], labels: list[int], max_length: int) -> Encoded:
@@ -150,8 +153,12 @@ def _ids_and_offsets(tokenizer, texts: list[str]):
 def encode_batch(template, tokenizer, samples: list[dict], max_length: int, train_on: str) -> list[list[Encoded]]:
     """Encode many samples with one tokenizer call per kind (the fast tokenizer batches in Rust).
 
-    Returns, per sample, a list of Encoded: one for a conversation, one or more for long plain text.
+    Returns, per sample, a list of Encoded: one for a conversation, one or more for long plain text. Preference pairs
+    and KTO samples (tunelab.data.preference) are encoded by tunelab.data.encode_preference: one unit each, two for a
+    pair trained by KTO.
     """
+    if any("prompt" in s for s in samples):
+        return _encode_preference(template, tokenizer, samples, max_length, train_on)
     text_pieces_: list[str] = []
     text_spans: dict[int, tuple[int, int]] = {}
     conversations: dict[int, list[tuple[str, bool]]] = {}
@@ -163,7 +170,7 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
         else:
             conversations[k] = template.segments(sample["messages"], tools=sample.get("tools"))
     text_ids = token_ids(tokenizer, text_pieces_) if text_pieces_ else []
-    encoded = _encode_conversations(tokenizer, list(conversations.values()), max_length, train_on)
+    encoded = encode_segments(tokenizer, list(conversations.values()), max_length, train_on)
     by_sample = dict(zip(conversations, encoded))
     out: list[list[Encoded]] = []
     for k in range(len(samples)):
@@ -175,8 +182,26 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
     return out
 
 
-def _encode_conversations(tokenizer, conversations: list[list[tuple[str, bool]]], max_length: int,
-                          train_on: str) -> list[Encoded]:
+def _encode_preference(template, tokenizer, samples: list[dict], max_length: int, train_on: str):
+    from tunelab.data.encode_preference import encode_kto, encode_pairs  # it builds on this module
+
+    kto = [k for k, s in enumerate(samples) if "completion" in s or s.get("unpaired")]
+    pairs = [k for k, s in enumerate(samples) if "chosen" in s and not s.get("unpaired")]
+    other = [k for k, s in enumerate(samples) if "prompt" not in s]
+    out: list = [None] * len(samples)
+    for k, units in zip(kto, encode_kto(template, tokenizer, [samples[k] for k in kto], max_length)):
+        out[k] = units
+    for k, unit in zip(pairs, encode_pairs(template, tokenizer, [samples[k] for k in pairs], max_length)):
+        out[k] = [unit]
+    for k, per_sample in zip(other, encode_batch(template, tokenizer, [samples[k] for k in other], max_length,
+                                                 train_on) if other else []):
+        out[k] = per_sample
+    return out
+
+
+def encode_segments(tokenizer, conversations: list[list[tuple[str, bool]]], max_length: int,
+                    train_on: str) -> list[Encoded]:
+    """Each conversation's pieces (a template's segments) -> its Encoded, one tokenizer call for all of them."""
     if not conversations:
         return []
     tokenised = _ids_and_offsets(tokenizer, ["".join(text for text, _ in segs) for segs in conversations])

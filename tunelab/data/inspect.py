@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from tunelab.data.dataset import DataStats, build_datasets
+from tunelab.data.dataset import DataStats, build_datasets, row_length
 from tunelab.data.encode import IGNORE_INDEX, encode_batch
 from tunelab.data.packing import best_fit_rows
 from tunelab.data.sources import collect_samples, read_samples, resolve_sources
@@ -101,7 +101,8 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
 
 def _report_tokens(cfg, bundle, out: Callable[[str], None]) -> None:
     s, lengths = bundle.stats, bundle.sample_lengths
-    out(f"samples:             {s.encoded} encoded, {s.samples} kept for training")
+    unit = "" if cfg.objective == "sft" else " (a pair or KTO sample counts once, its longer sequence's length)"
+    out(f"samples:             {s.encoded} encoded, {s.samples} kept for training{unit}")
     out(f"longer than max_length={cfg.max_length}: {s.truncated + s.dropped} ({s.truncated} cut there, "
         f"{s.dropped} dropped: nothing left to train on after the cut)")
     out(f"without a trained reply: {s.untrained} (dropped: every reply is context only, or empty)")
@@ -115,10 +116,9 @@ def _report_tokens(cfg, bundle, out: Callable[[str], None]) -> None:
     if cfg.pack_to_max_length and len(bundle.train_rows):
         # the samples as training packs them (best fit), in file order: training shuffles first, which moves the
         # count by a row or so
-        kept = bundle.train_rows.row_lengths()
-        n_rows = len(best_fit_rows(kept.tolist(), cfg.max_length))
-        out(f"packing: about {n_rows} rows of {cfg.max_length} tokens, {kept.sum() / (n_rows * cfg.max_length):.1%} "
-            f"full")
+        kept, width = bundle.train_rows.row_lengths(), row_length(cfg)  # a preference row holds a pair
+        n_rows = len(best_fit_rows(kept.tolist(), width))
+        out(f"packing: about {n_rows} rows of {width} tokens, {kept.sum() / (n_rows * width):.1%} full")
 
 
 def marked_pieces(tokenizer, row: dict) -> list[tuple[str, bool]]:
@@ -142,9 +142,9 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
     template = get_template(cfg.prompt_template, tokenizer)
     samples: list[dict] = []
     stats = DataStats()
-    for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir):
+    for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective):
         samples += read_samples(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn, system=cfg.SYSTEM,
-                                stats=stats, limit=n - len(samples))
+                                stats=stats, limit=n - len(samples), objective=cfg.objective)
         if len(samples) >= n:
             break
     shown = []

@@ -2,7 +2,9 @@
 
 `TokenRows` is what the training loop gets: ``len(rows)`` and ``rows[i] -> {"input_ids", "labels",
 "position_ids"}`` (lists of int). It stores every row end to end in three int32 arrays plus row offsets, saved as
-.npy files and memory-mapped on load, so a cached dataset of millions of tokens opens at once.
+.npy files and memory-mapped on load, so a cached dataset of millions of tokens opens at once. Preference rows
+also list the kind of each of their sequences (``"sequence_kind"``, tunelab.data.encode_preference), kept the same
+way with offsets of their own.
 
 Packing concatenates whole samples into rows of at most max_length tokens, each into the row it fills most tightly
 (`best_fit_rows`). Position ids restart at 0 at each sample: that is how sample boundaries travel to attention
@@ -24,8 +26,11 @@ _KEYS = ("input_ids", "labels", "position_ids")
 class TokenRows:
     """A read-only sequence of rows backed by flat arrays (see module docstring)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], offsets: np.ndarray):
+    def __init__(self, arrays: dict[str, np.ndarray], offsets: np.ndarray,
+                 kinds: tuple[np.ndarray, np.ndarray] | None = None):
         self.arrays, self.offsets = arrays, offsets
+        self.kinds = kinds
+        """(kind of every sequence end to end, offsets per row), for preference rows; None otherwise."""
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict]) -> "TokenRows":
@@ -35,7 +40,14 @@ class TokenRows:
         total = int(offsets[-1])
         arrays = {k: np.fromiter(itertools.chain.from_iterable(r[k] for r in rows), dtype=np.int32, count=total)
                   for k in _KEYS}
-        return cls(arrays, offsets)
+        kinds = None
+        if rows and "sequence_kind" in rows[0]:
+            counts = np.fromiter((len(r["sequence_kind"]) for r in rows), dtype=np.int64, count=len(rows))
+            kind_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(counts, out=kind_offsets[1:])
+            kinds = (np.fromiter(itertools.chain.from_iterable(r["sequence_kind"] for r in rows), dtype=np.int8,
+                                 count=int(kind_offsets[-1])), kind_offsets)
+        return cls(arrays, offsets, kinds)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -46,7 +58,11 @@ class TokenRows:
         if not 0 <= i < len(self):
             raise IndexError(i)
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {k: self.arrays[k][a:b].tolist() for k in _KEYS}
+        row = {k: self.arrays[k][a:b].tolist() for k in _KEYS}
+        if self.kinds is not None:
+            kinds, kind_offsets = self.kinds
+            row["sequence_kind"] = kinds[int(kind_offsets[i]):int(kind_offsets[i + 1])].tolist()
+        return row
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -67,17 +83,24 @@ class TokenRows:
         for k in _KEYS:
             np.save(directory / f"{k}.npy", self.arrays[k])
         np.save(directory / "offsets.npy", self.offsets)
+        if self.kinds is not None:
+            np.save(directory / "sequence_kind.npy", self.kinds[0])
+            np.save(directory / "sequence_offsets.npy", self.kinds[1])
 
     @classmethod
     def load(cls, directory: Path) -> "TokenRows":
         arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r") for k in _KEYS}
-        return cls(arrays, np.load(directory / "offsets.npy"))
+        kinds = None
+        if (directory / "sequence_kind.npy").exists():
+            kinds = (np.load(directory / "sequence_kind.npy"), np.load(directory / "sequence_offsets.npy"))
+        return cls(arrays, np.load(directory / "offsets.npy"), kinds)
 
 
 def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:
     """Concatenate whole samples into rows of at most max_length tokens, as `best_fit_rows` groups them."""
     groups = best_fit_rows([len(s["input_ids"]) for s in samples], max_length)
-    return [{k: list(itertools.chain.from_iterable(samples[i][k] for i in group)) for k in _KEYS} for group in groups]
+    keys = _KEYS + (("sequence_kind",) if samples and "sequence_kind" in samples[0] else ())
+    return [{k: list(itertools.chain.from_iterable(samples[i][k] for i in group)) for k in keys} for group in groups]
 
 
 def best_fit_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:

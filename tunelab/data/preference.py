@@ -20,7 +20,8 @@ Shapes read (each as its source means it):
   (``prompt`` + ``completion``), LLaMA-Factory (``messages`` / ``conversations`` ending with the reply), alpaca.
 
 A supervised run refuses both (`not_supervised_error`): training on every reply of a pair, or on the replies KTO
-marks undesirable, teaches the model what the data says to avoid.
+marks undesirable, teaches the model what the data says to avoid. A preference run (`objective`, see
+`read_for_objective`) reads pairs; KTO reads KTO samples, and pairs as a desirable and an undesirable reply.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from tunelab.data.messages import fail
 _PAIRS = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"),
           ("preferred_output", "non_preferred_output"))
 _KTO_REPLIES = frozenset(("completion", "output", "messages", "conversations"))
+_READ = frozenset(("prompt", "chosen", "rejected", "chosen_messages", "rejected_messages", "preferred_output",
+                   "non_preferred_output", "input", "instruction", "output", "system", "history", "conversations",
+                   "messages", "tools", "completion", "label", "kto_tag"))
 
 
 def record_kind(record: Any) -> Optional[str]:
@@ -55,12 +59,46 @@ def not_supervised_error(kind: str, where: str, record: Any = None) -> InvalidRe
                       and b in record), "'chosen' and 'rejected'")
         return fail(where, f"this is preference data ({found}: a preferred and a rejected reply): supervised "
                            f"fine-tuning would learn the rejected reply as well as the preferred one",
-                    "Train it with preference training (DPO; see docs/DATA.md, \"Preference and KTO data\"), and "
-                    "give this supervised run data with one reply per question.")
+                    "Train it with objective = 'dpo' (or 'orpo', 'simpo', 'reward'; see docs/PREFERENCE.md), and "
+                    "give supervised runs data with one reply per question.")
     return fail(where, "this is KTO data (a reply with a true / false label): supervised fine-tuning would learn the "
                        "replies labelled false (undesirable) as if they were good",
-                "Train it with preference training (KTO; see docs/DATA.md, \"Preference and KTO data\"), or keep only "
-                "the records labelled true, without the label, for this supervised run.")
+                "Train it with objective = 'kto' (see docs/PREFERENCE.md), or keep only the records labelled true, "
+                "without the label, for this supervised run.")
+
+
+def read_for_objective(record: Any, objective: str, where: str) -> dict:
+    """A record as the sample a preference objective trains on: a pair (`normalise_preference`), a KTO sample
+    (`normalise_kto`), or for KTO a pair marked "unpaired" (its chosen reply desirable, its rejected one not)."""
+    kind = record_kind(record)
+    if objective == "kto":
+        if kind == "kto":
+            return normalise_kto(record, where)
+        if kind == "preference":
+            return {**normalise_preference(record, where), "unpaired": True}
+        raise fail(where, "objective = 'kto' needs a reply labelled desirable or not ('label' / 'kto_tag': true or "
+                          "false), or a pair of a chosen and a rejected reply", "Give each record a prompt, a "
+                   "'completion' and a 'label' (docs/DATA.md, \"Preference and KTO data\").")
+    if kind == "preference":
+        return normalise_preference(record, where)
+    if kind == "kto":
+        raise fail(where, f"this is KTO data (one reply with a true / false label), but objective = '{objective}' "
+                          f"trains on pairs of a chosen and a rejected reply", "Set objective = 'kto', or give "
+                   "pairs ('prompt', 'chosen', 'rejected').")
+    raise fail(where, f"objective = '{objective}' trains on pairs of a chosen and a rejected reply, and this record "
+                      f"has none", "Give each record a prompt, a 'chosen' and a 'rejected' reply (docs/DATA.md, "
+               "\"Preference and KTO data\"), or train supervised data with objective = 'sft'.")
+
+
+def unused_preference_fields(record: Any) -> list[str]:
+    """Fields of a preference or KTO record that no shape reads."""
+    return [k for k in record if k not in _READ] if isinstance(record, dict) else []
+
+
+def sample_messages(sample: dict) -> list[dict]:
+    """Every message of a pair or KTO sample (the same dicts: changing one changes the sample)."""
+    replies = [sample[k] for k in ("chosen", "rejected", "completion") if k in sample]
+    return list(sample["prompt"]) + replies
 
 
 # --- preference pairs -----------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from tunelab.data import dataset_info
 from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
-from tunelab.data.preference import not_supervised_error, record_kind
+from tunelab.data.preference import (not_supervised_error, read_for_objective, record_kind, sample_messages,
+                                     unused_preference_fields)
 from tunelab.errors import TunelabError
 
 MAX_REPORTED_INVALID = 20
@@ -50,7 +51,9 @@ class Source:
 
 # --- where the data is --------------------------------------------------------------------------
 
-def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None = None) -> list[Source]:
+def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None = None,
+                    objective: str = "sft") -> list[Source]:
+    """objective: what the run trains ('sft' refuses a dataset_info.json entry of preference or KTO data)."""
     if data_path in (None, "", []):
         raise TunelabError("data_path is not set: point it at a data file, a folder, or a `datasets` name.")
     entries = data_path if isinstance(data_path, list) else [data_path]
@@ -78,7 +81,7 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
         if source.kind == "files" and dataset_info.is_registry(source.resolved):
             if "format" in spec:
                 raise TunelabError(f"{where}: a dataset_info.json says each dataset's format; remove 'format'.")
-            sources += [_registry_source(e, source, where) for e in
+            sources += [_registry_source(e, source, where, objective) for e in
                         dataset_info.registry_entries(source.resolved, spec.get("dataset"), where)]
         elif "dataset" in spec:
             raise TunelabError(f"{where}: 'dataset' names datasets of a LLaMA-Factory dataset_info.json, but "
@@ -88,10 +91,10 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
     return sources
 
 
-def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str) -> Source:
+def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str, objective: str) -> Source:
     path = f"{registry.path}:{entry.name}"
     at = f"{where}: dataset {entry.name!r} of {registry.resolved}"
-    if entry.ranking or entry.columns.get("kto_tag"):  # said by the entry: no need to read (or download) it
+    if objective == "sft" and (entry.ranking or entry.columns.get("kto_tag")):  # said by the entry: no need to read
         raise not_supervised_error("preference" if entry.ranking else "kto", at)
     media = [c for c in ("images", "videos", "audios") if entry.columns.get(c)]
     if media:
@@ -167,9 +170,12 @@ def _note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None
         entry[2] = sorted(set(entry[2]) | set(names))
 
 
-def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict
-                ) -> tuple[Optional[dict], str]:
-    """One raw record -> (its canonical sample or None when the map function drops it, the format read)."""
+def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict,
+                objective: str = "sft") -> tuple[Optional[dict], str]:
+    """One raw record -> (its canonical sample or None when the map function drops it, the format read).
+
+    objective 'sft' reads supervised samples and refuses preference data; the preference objectives read pairs or
+    KTO samples (tunelab.data.preference.read_for_objective)."""
     data = rec.data
     if source.entry is not None:
         data, fmt, unmapped = dataset_info.map_record(data, source.entry, rec.where)
@@ -185,6 +191,14 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
         if data is None:  # the map function filtered the record out
             return None, fmt
     kind = record_kind(data)
+    if objective != "sft":
+        sample = read_for_objective(data, objective, rec.where)
+        if source.entry is None:
+            for name in unused_preference_fields(data):
+                _count_unused(report, name, rec.where, "a preference record's prompt, replies, label, system and "
+                              "tools are read: drop it, or map it in with dataset_map_fn if it should be trained")
+        _after_reading(sample, source, report, rec.where)
+        return sample, "kto" if "completion" in sample or sample.get("unpaired") else "preference"
     if kind:
         raise not_supervised_error(kind, rec.where, data)
     if fmt == "auto":
@@ -201,12 +215,17 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
             hint = UNUSED_HINTS.get(name.split(".")[-1], f"the {fmt!r} format does not read it: drop it, or map it "
                                     f"into the record with dataset_map_fn if it should be trained")
             _count_unused(report, name, rec.where, hint)
+    _after_reading(sample, source, report, rec.where)
+    return sample, fmt
+
+
+def _after_reading(sample: dict, source: Source, report: dict, where: str) -> None:
+    """Fill {{placeholders}}, note <image> tags without images."""
     texts = "\n".join(_texts(sample))  # one look for both kinds of placeholder
     if "{{" in texts:
-        _fill_placeholders(sample, source.placeholders, report, rec.where)
+        _fill_placeholders(sample, source.placeholders, report, where)
     if IMAGE_PLACEHOLDER in texts:
-        _note(report, "image_tags", rec.where)
-    return sample, fmt
+        _note(report, "image_tags", where)
 
 
 def _count_unused(report: dict, name: str, where: str, hint: str) -> None:
@@ -214,10 +233,14 @@ def _count_unused(report: dict, name: str, where: str, hint: str) -> None:
     entry[0] += 1
 
 
+def _messages(sample: dict) -> list[dict]:
+    return sample["messages"] if "messages" in sample else sample_messages(sample)
+
+
 def _texts(sample: dict) -> list[str]:
     if "text" in sample:
         return [sample["text"]]
-    return [m[k] for m in sample["messages"] for k in ("content", "reasoning_content") if k in m]
+    return [m[k] for m in _messages(sample) for k in ("content", "reasoning_content") if k in m]
 
 
 def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> None:
@@ -229,7 +252,7 @@ def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> 
         report["filled"] += 1
         if "text" in sample:
             sample["text"] = fill(sample["text"])
-        for m in sample.get("messages", []):
+        for m in [] if "text" in sample else _messages(sample):
             for key in ("content", "reasoning_content"):
                 if key in m:
                     m[key] = fill(m[key])
@@ -239,7 +262,7 @@ def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> 
 
 
 def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                limit: Optional[int] = None) -> tuple[list[dict], list[int]]:
+                limit: Optional[int] = None, objective: str = "sft") -> tuple[list[dict], list[int]]:
     """All samples of one source and, for each, the index of its file's report in stats.files."""
     samples: list[dict] = []
     origins: list[int] = []
@@ -266,7 +289,7 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             stats.records_read += 1
             report["records"] += 1
             try:
-                sample, read_as = read_record(rec, source, fmt, map_fn, report)
+                sample, read_as = read_record(rec, source, fmt, map_fn, report, objective)
             except InvalidRecord as exc:
                 if not skip_invalid:
                     raise
@@ -279,8 +302,9 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             label = read_as + (" (pretraining text)" if "text" in sample and read_as != "text" else "")
             report["formats"][label] = report["formats"].get(label, 0) + 1
             formats_seen[read_as] += 1
-            if system and "messages" in sample and sample["messages"][0]["role"] != "system":
-                sample["messages"].insert(0, {"role": "system", "content": system})
+            turns = sample.get("messages", sample.get("prompt"))
+            if system and turns is not None and (not turns or turns[0]["role"] != "system"):
+                turns.insert(0, {"role": "system", "content": system})
             samples.append(sample)
             origins.append(file_id)
             if limit is not None and len(samples) >= limit:
@@ -293,9 +317,10 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
 
 
 def read_samples(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                 limit: Optional[int] = None) -> list[dict]:
+                 limit: Optional[int] = None, objective: str = "sft") -> list[dict]:
     """All samples of one source, normalised; bad records raise, or are counted when skip_invalid."""
-    return read_source(source, skip_invalid=skip_invalid, map_fn=map_fn, system=system, stats=stats, limit=limit)[0]
+    return read_source(source, skip_invalid=skip_invalid, map_fn=map_fn, system=system, stats=stats, limit=limit,
+                       objective=objective)[0]
 
 
 def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
@@ -309,9 +334,9 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
     """Every source of cfg.data_path read, checked and mixed by its ratio: (samples, file index of each)."""
     samples: list[dict] = []
     origins: list[int] = []
-    for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir)):
+    for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective)):
         found, where_from = read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn,
-                                        system=cfg.SYSTEM, stats=stats)
+                                        system=cfg.SYSTEM, stats=stats, objective=cfg.objective)
         if not found and not allow_empty:
             raise TunelabError(f"data_path {source.path!r}: no usable record (all {stats.sources[-1]['records']} "
                                f"were invalid). Run `tunelab check-dataset` to see why.")

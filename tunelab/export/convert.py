@@ -118,9 +118,11 @@ def pth_to_hf(config_path: str | None, checkpoint: str, out_dir: str, *, fp32: b
         _save_adapter(model_dir, out, dtype)
         tokenizer_sources = [model_dir, ckpt, meta.get("base_model")]
     elif (model_dir / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        # a reward model is a sequence-classification model (tunelab.model.reward): its head comes along
+        auto = AutoModelForSequenceClassification if meta.get("objective") == "reward" else AutoModelForCausalLM
+        model = auto.from_pretrained(model_dir, dtype=dtype)
         model.save_pretrained(out, max_shard_size=max_shard_size)
         tokenizer_sources = [model_dir, ckpt, meta.get("base_model")]
     else:
@@ -202,17 +204,23 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     if dtype not in ("auto", *DTYPES):
         raise TunelabError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32.")
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]  # 'auto': the dtype the base is stored in
-    _say(f"loading base model {base} on {dev}")
+    reward = meta.get("objective") == "reward"
+    if reward and output_format != "hf":
+        raise TunelabError("a reward model is written as a transformers sequence-classification model: drop "
+                           f"--format {output_format}.")
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code)
+    _say(f"loading base model {base} on {dev}" + (" with a reward head (its trained weights are in the adapter)"
+                                                 if reward else ""))
     # the model step's loader: hub id or directory, InternLM2 as a native graph, never quantised here
-    model = load_causal_lm(base, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, key="BASE")
+    model = load_causal_lm(base, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, key="BASE",
+                           reward_head=reward, pad_token_id=tokenizer.pad_token_id)
     if meta.get("method") == "qlora":
         _say("the adapter was trained on a 4-bit base (QLoRA); merging into the unquantised base, as intended")
     check_adapter_fits(model, adapter_dir, base, meta=meta, allow_other_base=allow_other_base, say=_say)
     _say(f"merging adapter {adapter_dir}")
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    tokenizer = load_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code)
     template = template_for_export(meta, prompt_template, tokenizer)
     if template is not None:
         tokenizer.chat_template = template.to_jinja()

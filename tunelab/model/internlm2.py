@@ -219,14 +219,19 @@ def to_original_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, 
     return out
 
 
-def load_native(model_dir: str | Path, **from_pretrained_kwargs):
-    """A LlamaForCausalLM holding an InternLM2 checkpoint; kwargs go to `from_pretrained` (dtype, quantization...)."""
-    from transformers import LlamaForCausalLM
+def load_native(model_dir: str | Path, *, reward_head: bool = False, **from_pretrained_kwargs):
+    """A LlamaForCausalLM holding an InternLM2 checkpoint (a LlamaForSequenceClassification with `reward_head`, its
+    head new); kwargs go to `from_pretrained` (dtype, quantization, num_labels...)."""
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     model_dir = Path(model_dir)
     config = native_config(json.loads((model_dir / "config.json").read_text()))
+    for key in ("num_labels", "pad_token_id"):  # config attributes: from_pretrained takes them with a config given
+        if key in from_pretrained_kwargs:
+            setattr(config, key, from_pretrained_kwargs.pop(key))
     state = to_native_state_dict(read_state_dict(model_dir), config)
-    model = LlamaForCausalLM.from_pretrained(None, config=config, state_dict=state, **from_pretrained_kwargs)
+    model_class = LlamaForSequenceClassification if reward_head else LlamaForCausalLM
+    model = model_class.from_pretrained(None, config=config, state_dict=state, **from_pretrained_kwargs)
     model.config._name_or_path = model.name_or_path = str(model_dir)  # peft and tunelab.json read it
     return model
 

@@ -133,7 +133,9 @@ def check_architecture(config: dict, model_dir: Path, *, trust_remote_code: bool
         return "internlm2"
     arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
     if _loads_natively(config):
-        if arch not in SUPPORTED_FAMILIES:
+        # a reward model trained here is the family's sequence-classification class (tunelab.model.reward)
+        family = arch.replace("ForSequenceClassification", "ForCausalLM")
+        if family not in SUPPORTED_FAMILIES:
             log.warning("%s: architecture %s is in transformers but not tested by tunelab; it should work, "
                         "check the first steps.", model_dir, arch)
         return "native"
@@ -194,7 +196,8 @@ def _lora_config(cfg):
         modules_to_save=cfg.lora_modules_to_save,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
-        task_type="CAUSAL_LM",
+        # a reward model's new head (`score`) is trained whole and saved with the adapter (peft does that for SEQ_CLS)
+        task_type="SEQ_CLS" if cfg.objective == "reward" else "CAUSAL_LM",
     )
 
 
@@ -219,35 +222,43 @@ def _quantization_config(bits: int, compute_dtype: torch.dtype):
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device | str, bits: int | None = None,
-                   trust_remote_code: bool = False, key: str = "pretrained_model_name_or_path"):
+                   trust_remote_code: bool = False, key: str = "pretrained_model_name_or_path",
+                   reward_head: bool = False, pad_token_id: int | None = None):
     """A causal LM on `device` (quantised to `bits` if given): native transformers classes, InternLM2 converted.
 
     `dtype` may be "auto" (the dtype the checkpoint is stored in); `key` names the setting the path came from.
+    reward_head: the same decoder as a sequence-classification model with one label (a reward model,
+    tunelab.model.reward), its head new unless the checkpoint is one; `pad_token_id` goes into its config (transformers
+    reads the score at the last token that is not padding).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = check_device(device)
     model_dir = resolve_model_dir(path, key=key)
     config = read_model_config(model_dir, key=key)
     how = check_architecture(config, model_dir, trust_remote_code=trust_remote_code)
     kwargs = dict(dtype=dtype)
+    if reward_head:
+        kwargs.update(num_labels=1, **({"pad_token_id": pad_token_id} if pad_token_id is not None else {}))
     if bits:
         kwargs["quantization_config"] = _quantization_config(bits, dtype if isinstance(dtype, torch.dtype) else
                                                               resolve_dtype("auto", device))
         kwargs["device_map"] = {"": device}
     if how == "internlm2":
-        model = internlm2.load_native(model_dir, **kwargs)
+        model = internlm2.load_native(model_dir, reward_head=reward_head, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=how == "remote", **kwargs)
+        auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
+        model = auto.from_pretrained(model_dir, trust_remote_code=how == "remote", **kwargs)
     if not bits:
         model.to(device)
     return model
 
 
-def load_model_for_training(cfg, device: torch.device, plan=None):
+def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_id: int | None = None):
     """The model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora / qlora), with the fast path of
     `plan` switched on (a `tunelab.model.plan.FastPathPlan`; by default the one `cfg` gets on `device` in one process).
-    What the fast path did is in `model._tunelab_fast_path`, for the log."""
+    What the fast path did is in `model._tunelab_fast_path`, for the log. A reward model (objective = 'reward') is
+    the sequence-classification model of the same checkpoint, `pad_token_id` (the tokenizer's) in its config."""
     from tunelab.config.schema import combination_errors
     from tunelab.model.plan import plan_fast_path
 
@@ -259,7 +270,8 @@ def load_model_for_training(cfg, device: torch.device, plan=None):
     if errors:
         raise TunelabError("\n".join(errors))
     model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, bits=bits,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, reward_head=cfg.objective == "reward",
+                           pad_token_id=pad_token_id)
     model.config.use_cache = False
     if cfg.method == "full":
         if plan.checkpointing:
@@ -304,6 +316,17 @@ def check_lora_targets(model, targets, model_name: str) -> None:
         raise TunelabError(f"lora_target_modules: {', '.join(map(repr, missing))} matches no module of {model_name}. "
                            f"Its linear layers are named {linear}: e.g. lora_target_modules = {linear[:2]!r}, or "
                            f"'all-linear' for all of them.")
+
+
+def load_reference_model(cfg, device: torch.device, plan):
+    """DPO / KTO's frozen reference for full fine-tuning (reference = 'copy'): the starting weights in the compute
+    dtype, no gradients, with the plan's levers (its layers run as transformers' own: it is only run without
+    gradients)."""
+    model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=resolve_dtype(cfg.dtype, check_device(device)),
+                           device=device, trust_remote_code=cfg.trust_remote_code)
+    model.config.use_cache = False
+    model.requires_grad_(False).eval()
+    return _with_fast_path(model, plan, device)
 
 
 def _with_fast_path(model, plan, device):

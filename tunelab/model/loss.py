@@ -159,8 +159,32 @@ def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool 
     return total, n_tokens
 
 
-def causal_lm_objective(plan):
+class CausalLMObjective:
+    """The supervised loss as the loop calls every objective (tunelab.model.preference has the others):
+
+    objective(model, batch) -> (loss_sum, units)  # units: what the step's loss is averaged over, here trained tokens
+    objective.units(batch)                        # the same count, read from the batch on the CPU before the step
+    objective.take_metrics()                      # {name: (sum, count)} logged next to the loss: none here
+    objective.copy()                              # one with its own metric sums (evaluation): this one
+    """
+
+    def __init__(self, chunk_size: int = 4096, chunked: bool = True, compiled: bool = False):
+        self.options = {"chunk_size": chunk_size, "chunked": chunked, "compiled": compiled}
+
+    def __call__(self, model, batch: dict):
+        return causal_lm_loss(model, batch, **self.options)
+
+    def units(self, batch: dict) -> int:
+        return batch["loss_index"].numel()
+
+    def take_metrics(self) -> dict:
+        return {}
+
+    def copy(self) -> "CausalLMObjective":
+        return self
+
+
+def causal_lm_objective(plan) -> CausalLMObjective:
     """The loss the training loop minimises, as `plan` (a `tunelab.model.plan.FastPathPlan`) runs it:
     objective(model, batch) -> (loss_sum, n_trained_tokens)."""
-    return functools.partial(causal_lm_loss, chunk_size=plan.loss_chunk_size, chunked=plan.chunked_loss,
-                             compiled=plan.compiled_loss)
+    return CausalLMObjective(chunk_size=plan.loss_chunk_size, chunked=plan.chunked_loss, compiled=plan.compiled_loss)

@@ -200,7 +200,9 @@ def estimate_memory(cfg, device=None, plan=None) -> MemoryEstimate:
     shape = model_shape(cfg.pretrained_model_name_or_path)
     bits = cfg.resolved_quant_bits()
     checkpointing = plan.checkpointing
-    tokens = cfg.max_length * cfg.batch_size
+    from tunelab.data.dataset import row_length
+
+    tokens = row_length(cfg) * cfg.batch_size  # a preference row holds two max_length sequences
     h, inter, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
     linear = layers * shape.layer_linear_params()
     other = shape.total_params() - linear  # embeddings, lm_head, norms: kept in bf16
@@ -229,6 +231,8 @@ def estimate_memory(cfg, device=None, plan=None) -> MemoryEstimate:
         parts["LoRA params (fp32)"] = trainable * 4
         grads, grads_name = trainable * 4, "LoRA gradients"
     parts["AdamW states"] = trainable * adam_bytes
+    if cfg.resolved_reference(copy_fits=False) == "copy":  # DPO / KTO's frozen copy, in the compute dtype
+        parts["reference model (frozen copy)"] = shape.total_params() * 2
 
     a_h, a_i = ACT_PER_TOKEN[cfg.method]
     # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
@@ -318,12 +322,33 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     return out
 
 
+def choose_reference(cfg, device=None, plan=None) -> str | None:
+    """`cfg.resolved_reference()` for this run: with reference = 'auto', full fine-tuning takes a frozen copy when
+    the estimate with the copy fits on `device` (a CPU: always), else precomputes the reference's log-probabilities."""
+    if cfg.reference != "auto" or cfg.method != "full" or cfg.resolved_reference() is None:
+        return cfg.resolved_reference()
+    from dataclasses import replace
+
+    try:
+        fits = estimate_memory(replace(cfg, reference="copy"), device, plan).fits
+    except TunelabError:  # the model's shape is not known here: the choice that needs no memory
+        fits = False
+    return cfg.resolved_reference(copy_fits=fits is not False)
+
+
 def plan_report(cfg, device=None, plan=None) -> str:
     """A short text table of the estimate, for `tunelab plan`."""
+    reference = choose_reference(cfg, device, plan)
+    if reference and reference != cfg.reference:
+        from dataclasses import replace
+
+        cfg = replace(cfg, reference=reference)
     est = estimate_memory(cfg, device, plan)
+    objective = "" if cfg.objective == "sft" else f", objective {cfg.objective}" + (
+        f" (reference: {reference})" if reference else "") + f", rows of {2 * cfg.max_length} tokens (a pair)"
     lines = [f"memory plan for {cfg.pretrained_model_name_or_path} ({cfg.method}, max_length {cfg.max_length}, "
              f"batch_size {cfg.batch_size}, gradient checkpointing "
-             f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'})"]
+             f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'}{objective})"]
     for name, value in est.parts.items():
         lines.append(f"  {name:<30} {value / GIB:8.2f} GiB")
     lines.append(f"  {'peak allocated (estimate)':<30} {est.total / GIB:8.2f} GiB")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tunelab.data.collate import collate
-from tunelab.model.loss import causal_lm_loss
+from tunelab.model.loss import CausalLMObjective, causal_lm_loss
 from tunelab.train.distributed import all_reduce_sum, barrier
 
 
@@ -68,18 +68,26 @@ def eval_loss_sums(model, rows: list[dict], cfg, *, pad_token_id: int, device: t
 
 
 def run_evaluation(model, tokenizer, cfg, step: int, *, eval_rows: list, env, precision, monitor,
-                   work_dir: Path, objective=causal_lm_loss) -> float | None:
+                   work_dir: Path, objective=None) -> float | None:
     """Held-out loss (every rank, its share of the rows) and the questions' answers (main rank); returns eval loss.
 
-    objective(model, batch) -> (loss_sum, n_trained_tokens): the training loss (`causal_lm_objective(plan)`)."""
+    objective(model, batch) -> (loss_sum, units): the training loss (`causal_lm_objective(plan)`, or a preference
+    objective, whose metrics on the held-out pairs are written as eval_<name>). A reward model answers no questions:
+    it does not generate."""
+    from tunelab.model.preference import reduce_metrics
+
     result = None
     if eval_rows is not None and len(eval_rows):
+        scoring = (objective or CausalLMObjective()).copy()  # with metric sums of its own
         sums = all_reduce_sum(eval_loss_sums(model, eval_rows, cfg, pad_token_id=tokenizer.pad_token_id,
-                                             device=env.device, precision=precision, objective=objective), env)
+                                             device=env.device, precision=precision, objective=scoring), env)
         result = float(sums[0] / sums[1].clamp(min=1))
-        monitor.write({"step": step, "eval_loss": result})
-        monitor.message(f"step {step}: eval loss {result:.4f}")
-    if env.is_main and cfg.evaluation_inputs:
+        metrics = reduce_metrics(scoring.take_metrics(), lambda t: all_reduce_sum(t, env))
+        monitor.write({"step": step, "eval_loss": result, **{f"eval_{k}": v for k, v in metrics.items()}})
+        shown = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k in ("reward_margin", "score_margin",
+                                                                               "accuracy", "kl"))
+        monitor.message(f"step {step}: eval loss {result:.4f}{shown}")
+    if env.is_main and cfg.evaluation_inputs and cfg.objective != "reward":
         answers = answer_questions(model, tokenizer, cfg)
         path = write_answers(work_dir, step, answers)
         monitor.message(format_answers(step, answers) + f"(saved to {path})")

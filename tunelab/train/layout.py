@@ -3,6 +3,8 @@
     WORK_DIR/resolved_config.py          every setting of the run (`tunelab train` reads it back)
     WORK_DIR/last_checkpoint             one line: the name of the last checkpoint saved (iter_N), a hint for export
     WORK_DIR/tunelab.lock                held (flock) by the run training in the work dir; names its pid and host
+    WORK_DIR/reference_logps_train.npz   DPO / KTO with reference = 'precomputed': the starting model's scores of
+                                         the training rows (and _eval for the held-out rows), read back on resume
     WORK_DIR/iter_N/                     a checkpoint, written as iter_N.tmp/ and renamed once complete
     WORK_DIR/iter_N.damaged/             a checkpoint that failed its checksums, moved aside by resume (never read)
     WORK_DIR/iter_N/model/               the adapter (peft) or the whole model, HF safetensors, and the tokenizer
@@ -37,6 +39,7 @@ OPTIMIZER_DIR = "optimizer"
 META_FILE = "tunelab.json"
 MANIFEST_FILE = "checksums.json"
 LOCK_FILE = "tunelab.lock"
+REFERENCE_LOGPS = "reference_logps_{split}.npz"
 _ITER = re.compile(r"^iter_(\d+)$")
 
 
@@ -177,7 +180,7 @@ def training_meta(cfg, model_type: str | None = None) -> dict:
     family from another of the same shapes."""
     from tunelab import __version__
 
-    meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method,
+    meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method, "objective": cfg.objective,
             "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
             "tunelab_version": __version__}
     if model_type:

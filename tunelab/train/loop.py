@@ -13,6 +13,7 @@ Two rules keep runs exact and resumable:
 * **Every trained token weighs the same.** Before the forward passes of an optimiser step we count the trained
   tokens of all its micro-batches (on all ranks), and each micro-batch's summed loss is divided by that count.
   The logged loss is therefore the mean loss per trained token of the step, whatever the padding or packing.
+  (Preference objectives count pairs, or KTO samples, instead: `objective.units`.)
 * **The data order is a pure function of (seed, epoch).** Each epoch is a seeded permutation of the rows, sharded
   across ranks; a checkpoint records the epoch and how many micro-batches of it were consumed, so a resumed run
   continues with exactly the next micro-batch, with the RNG states it had, and reproduces the loss curve.
@@ -20,6 +21,7 @@ Two rules keep runs exact and resumable:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +30,11 @@ import torch
 
 from tunelab.config.schema import to_dict
 from tunelab.data.collate import collate
+from tunelab.data.dataset import row_length
 from tunelab.errors import TunelabError
-from tunelab.model.loss import causal_lm_objective
+from tunelab.model.memory import choose_reference
 from tunelab.model.plan import plan_fast_path
+from tunelab.model.preference import reduce_metrics, training_objective
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import layout
 from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_distributed, rank_shard
@@ -81,6 +85,10 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         save_resolved_config(cfg, work_dir / layout.RESOLVED_CONFIG)
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
     plan = plan_fast_path(cfg, env.device, env.world_size)
+    reference = choose_reference(cfg, env.device, plan)  # DPO / KTO's reference model: decided once, here
+    if reference:
+        cfg = dataclasses.replace(cfg, reference=reference)
+        log(f"reference model: {reference}")
     check_memory_fits(cfg, env.device, log, plan)  # before anything heavy is loaded
     from transformers import set_seed
 
@@ -101,7 +109,6 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     if len(train_rows) < env.world_size:
         raise TunelabError(f"data_path gives {len(train_rows)} training rows: too few to train on. "
                            f"Check data_path and data_format (`tunelab check-dataset CFG` shows what is read).")
-    my_eval_rows = [eval_rows[i] for i in rank_shard(list(range(len(eval_rows or []))), env)]
     micro_per_epoch = math.ceil(len(rank_shard(list(range(len(train_rows))), env)) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulative_counts)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
@@ -109,12 +116,24 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     # --- model, optimiser, schedule, precision --------------------------------------------------
     from tunelab.model.load import load_model_for_training, resolve_dtype
 
-    model = load_model_for_training(cfg, env.device, plan)
-    objective = causal_lm_objective(plan)
-    if last is not None:
-        ckpt.load_model_weights(model, last)  # before any wrapper shards the weights
+    model = load_model_for_training(cfg, env.device, plan, pad_token_id=tokenizer.pad_token_id)
     precision = choose_precision(model, resolve_dtype(cfg.dtype, env.device), env.device,
                                  fp32_master_weights=cfg.fp32_master_weights)
+    reference_model = None
+    if reference == "copy":
+        from tunelab.model.load import load_reference_model
+
+        reference_model = load_reference_model(cfg, env.device, plan)
+    objective = training_objective(cfg, plan, reference, reference_model)
+    if reference == "precomputed":  # scored by the starting weights: before a checkpoint's weights are loaded
+        from tunelab.train.reference import with_reference
+
+        train_rows, eval_rows = with_reference(model, objective, train_rows, eval_rows, cfg, work_dir=work_dir,
+                                               resuming=last is not None, precision=precision,
+                                               pad_token_id=tokenizer.pad_token_id, env=env, log=log)
+    my_eval_rows = [eval_rows[i] for i in rank_shard(list(range(len(eval_rows or []))), env)]
+    if last is not None:
+        ckpt.load_model_weights(model, last)  # before any wrapper shards the weights
     optimizer = build_optimizer(model, cfg, env.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer
@@ -135,7 +154,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
     log(f"fast path: {model._tunelab_fast_path}")
-    log(f"training {cfg.method} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
+    what = cfg.method + ("" if cfg.objective == "sft" else f" {cfg.objective}")
+    log(f"training {what} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
         f"{steps_per_epoch} steps per epoch, "
         f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"
         f"{f' x {env.world_size} ranks' if env.distributed else ''})")
@@ -172,11 +192,11 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                     break
                 throughput.begin()
                 # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
-                # CUDA graphs: every batch max_length wide, so one shape (plus a few boundary sizes) is recorded
-                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=cfg.max_length if graphed else 1)
+                # CUDA graphs: every batch a full row wide, so one shape (plus a few boundary sizes) is recorded
+                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=row_length(cfg) if graphed else 1)
                            for rows in micro_batches]
-                # (collate lists each batch's trained positions, the ones causal_lm_loss counts)
-                counts = torch.tensor([sum(b["loss_index"].numel() for b in batches),
+                # (trained tokens, listed by collate; pairs for preference objectives: what the loss is a mean of)
+                counts = torch.tensor([sum(objective.units(b) for b in batches),
                                        sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
                                       dtype=torch.float64, device=env.device if env.distributed else "cpu")
                 trained_tokens, seen_tokens = all_reduce_sum(counts, env).tolist()  # no GPU sync in one process
@@ -212,6 +232,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                     record["skipped_steps"] = guard.skipped
                 if env.device.type == "cuda":
                     record["memory_reserved_gb"] = round(peak_memory_gb(env.device, reserved=True), 3)
+                if log_now:  # rewards, margin, accuracy...: means over the steps since the last log line
+                    record.update(reduce_metrics(objective.take_metrics(), lambda t: all_reduce_sum(t, env)))
                 monitor.update(record, log=log_now)
                 if log_now:
                     window = []

@@ -38,6 +38,9 @@ def peak_memory_gb(device: torch.device, reserved: bool = False) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+SHOWN_METRICS = ("reward_margin", "score_margin", "accuracy", "kl")  # of a preference objective, next to the loss
+
+
 class TrainingMonitor:
     """Progress bar + log files for one run. Only the main process writes (`enabled=False` elsewhere)."""
 
@@ -52,6 +55,7 @@ class TrainingMonitor:
         self.last_step = start_step
         self._bar = self._task = None
         self._trackers: list = []
+        self._shown: dict = {}  # preference metrics of the last log line, kept on the bar between log lines
         if not enabled:
             return
         _keep_log_until(self.log_path, start_step)  # a resumed run rewrites what came after its checkpoint
@@ -78,8 +82,9 @@ class TrainingMonitor:
         """After every optimiser step: move the bar; on logging steps also write the record."""
         if not self.enabled:
             return
+        self._shown = {k: record[k] for k in SHOWN_METRICS if k in record} or self._shown
         stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  "
-                 f"mem {record['memory_gb']:.1f} GB")
+                 f"mem {record['memory_gb']:.1f} GB" + "".join(f"  {k} {v:.3f}" for k, v in self._shown.items()))
         if self._bar is not None:
             self._bar.update(self._task, completed=record["step"], stats=stats)
         elif log:

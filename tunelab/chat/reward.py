@@ -1,0 +1,146 @@
+"""`tunelab reward MODEL --data FILE`: score replies with a reward model, as it was trained to score them.
+
+MODEL is what reward training leaves (tunelab.model.reward): a merged or full sequence-classification model, a
+checkpoint (iter_N or WORK_DIR), or the base model with `--adapter`. Every record of FILE is read as the data step
+reads it: a preference pair gets a score for its chosen and its rejected reply (and counts towards the pairwise
+accuracy), a KTO sample or a conversation a score for its last reply. Each sequence is the template's rendering of
+prompt + reply, tokenised and cut at max_length exactly as in training, and scored at its last token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tunelab.errors import TunelabError
+
+
+@dataclass
+class RewardModel:
+    model: object
+    tokenizer: object
+    template: object
+    system: str = ""
+    max_length: int = 2048
+
+
+@dataclass
+class Scores:
+    records: list[dict] = field(default_factory=list)
+    """Per record: {"record", "chosen", "rejected", "correct"} for a pair, {"record", "score"} otherwise."""
+
+    @property
+    def pairs(self) -> list[dict]:
+        return [r for r in self.records if "chosen" in r]
+
+    @property
+    def accuracy(self) -> float | None:
+        pairs = self.pairs
+        return sum(r["correct"] for r in pairs) / len(pairs) if pairs else None
+
+
+def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_template: str | None = None,
+                      system: str | None = None, max_length: int | None = None, device: str = "auto",
+                      dtype: str = "auto", bits: int | None = None, trust_remote_code: bool = False) -> RewardModel:
+    from tunelab.chat.engine import _resolve_paths, choose_template
+    from tunelab.export.convert import pick_device
+    from tunelab.model.load import load_causal_lm, load_tokenizer, resolve_dtype
+
+    base, adapter_dir, meta = _resolve_paths(model_path, adapter)
+    meta = meta or {}
+    config_file = Path(base) / "config.json"
+    architectures = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
+    if meta.get("objective") != "reward" and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise TunelabError(f"{adapter or model_path} is not a reward model (its tunelab.json says objective = "
+                           f"{meta.get('objective', 'sft')!r}): train one with objective = 'reward'.")
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(str(adapter_dir) if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file()
+                               else base, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(base, dtype=resolve_dtype(dtype, dev), device=dev, bits=bits,
+                           trust_remote_code=trust_remote_code, key="MODEL", reward_head=True,
+                           pad_token_id=tokenizer.pad_token_id)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    template, _ = choose_template(prompt_template, meta, base, tokenizer)
+    return RewardModel(model, tokenizer, template, meta.get("system", "") if system is None else system,
+                       max_length or int(meta.get("max_length") or 2048))
+
+
+def _samples(path: Path, system: str) -> list[dict]:
+    """Every record of a data file as a pair, or as {"prompt", "completion"} (its last reply scored)."""
+    from tunelab.data.files import read_records
+    from tunelab.data.formats import detect_format, normalise
+    from tunelab.data.preference import normalise_kto, normalise_preference, record_kind
+
+    samples = []
+    for rec in read_records(path):
+        kind = record_kind(rec.data)
+        if kind == "preference":
+            sample = normalise_preference(rec.data, rec.where)
+        elif kind == "kto":
+            sample = normalise_kto(rec.data, rec.where)
+        else:
+            fmt = detect_format(rec.data)
+            if fmt is None or fmt == "text":
+                raise TunelabError(f"{rec.where}: not a conversation or a preference pair; `tunelab reward` scores "
+                                   f"replies.")
+            messages = normalise(rec.data, fmt, rec.where)["messages"]
+            sample = {"prompt": messages[:-1], "completion": messages[-1]}
+        if system and (not sample["prompt"] or sample["prompt"][0]["role"] != "system"):
+            sample["prompt"].insert(0, {"role": "system", "content": system})
+        samples.append(sample)
+    return samples
+
+
+def _rows(rm: RewardModel, sample: dict) -> dict:
+    """The sample's sequences as one row (the chosen then the rejected reply of a pair; one reply otherwise), cut at
+    max_length as in training."""
+    from tunelab.data.encode import encode_segments
+    from tunelab.data.encode_preference import conversation_pieces
+
+    replies = [sample["chosen"], sample["rejected"]] if "chosen" in sample else [sample["completion"]]
+    pieces = [conversation_pieces(rm.template, sample["prompt"], reply, sample.get("tools")) for reply in replies]
+    # every token labelled, so no sequence is dropped: only the ids and where each sequence ends matter here
+    encoded = encode_segments(rm.tokenizer, pieces, rm.max_length, "all")
+    row = {"input_ids": [], "labels": [], "position_ids": [], "sequence_kind": list(range(len(replies)))}
+    for e in encoded:
+        for key in ("input_ids", "labels", "position_ids"):
+            row[key] += e.row[key]
+    return row
+
+
+@torch.no_grad()
+def score_file(rm: RewardModel, path: str | Path, *, limit: int | None = None, batch_size: int = 8,
+               on_record: Callable[[dict], None] | None = None) -> Scores:
+    """Score every record of the file (the first `limit`)."""
+    from tunelab.data.collate import collate
+    from tunelab.model.reward import sequence_scores
+
+    samples = _samples(Path(path), rm.system)[:limit]
+    device = next(rm.model.parameters()).device
+    scores = Scores()
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        rows = [_rows(rm, s) for s in chunk]
+        batch = {k: v.to(device) for k, v in collate(rows, rm.tokenizer.pad_token_id).items()}
+        values = sequence_scores(rm.model, batch).tolist()
+        at = 0
+        for i, sample in enumerate(chunk, start):
+            if "chosen" in sample:
+                result = {"record": i, "chosen": values[at], "rejected": values[at + 1],
+                          "correct": values[at] > values[at + 1]}
+                at += 2
+            else:
+                result = {"record": i, "score": values[at]}
+                at += 1
+            scores.records.append(result)
+            if on_record is not None:
+                on_record(result)
+    return scores

@@ -1,0 +1,106 @@
+"""Preference pairs and KTO samples -> token rows of several sequences (docs/DESIGN.md, Rows).
+
+A pair becomes one unit of two sequences, prompt + chosen then prompt + rejected, each tokenised as the whole text
+of its conversation (the ids are exactly ``tokenizer(text)``'s, as for supervised data), each with its own
+position ids restarting at 0. Attention never crosses a restart (the varlen path, or the block-diagonal mask
+transformers builds from position_ids), so the two replies never see each other, and packing moves the unit as a
+whole: a pair is never split across rows or micro-batches. Only the last reply of each sequence is trained (labels);
+earlier turns of a multi-turn prompt are context. The unit lists the kind of each sequence (``sequence_kind``):
+``[CHOSEN, REJECTED]``.
+
+Sharing one copy of the prompt between the two replies would need attention that lets the rejected reply see the
+prompt but not the chosen reply, which varlen attention over position ids cannot express; the prompt is therefore
+run twice (as TRL and LLaMA-Factory do), rendered once by the template for both replies.
+
+A KTO sample becomes a unit of its own sequence (``DESIRABLE`` or ``UNDESIRABLE``, from its label) and a ``KL``
+sequence: its prompt with another sample's reply, which the KTO loss uses (without gradient) to estimate the KL
+divergence between the policy and the reference (`with_kl_completions` chooses the reply).
+
+``max_length`` applies to each sequence (prompt + reply, as in TRL and LLaMA-Factory); a sequence longer is cut at
+the end, and a unit with a sequence left with nothing to train on is dropped (counted by the caller). Rows of
+preference units are packed up to two sequences' worth, ``2 * max_length`` tokens (`row_capacity`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tunelab.data.encode import Encoded, encode_segments
+
+CHOSEN, REJECTED, DESIRABLE, UNDESIRABLE, KL = 0, 1, 2, 3, 4
+"""The kinds of sequence in a preference row."""
+
+
+def row_capacity(max_length: int) -> int:
+    """Tokens a packed row of preference units holds: one unit of two max_length sequences."""
+    return 2 * max_length
+
+
+def conversation_pieces(template, prompt: list[dict], reply: dict, tools: Optional[list] = None
+                        ) -> list[tuple[str, bool]]:
+    """The template's pieces for prompt + reply, only the reply trained."""
+    messages = [{**m, "train": False} if m.get("role") == "assistant" else m for m in prompt]
+    messages.append({**{k: v for k, v in reply.items() if k != "train"}})
+    return template.segments(messages, tools=tools)
+
+
+def _unit(parts: list[Encoded], kinds: list[int]) -> Encoded:
+    """Sequences encoded one by one -> one unit (None when any of them has nothing left to train on). Its
+    full_length is its longest sequence's: max_length applies to each sequence, so that is what gets cut."""
+    full, total = max(e.full_length for e in parts), sum(e.full_length for e in parts)
+    if any(e.row is None for e in parts):
+        return Encoded(None, full, total)
+    row = {k: [v for e in parts for v in e.row[k]] for k in ("input_ids", "labels", "position_ids")}
+    row["sequence_kind"] = list(kinds)
+    return Encoded(row, full, total)
+
+
+def encode_pairs(template, tokenizer, samples: list[dict], max_length: int) -> list[Encoded]:
+    """Preference samples ({"prompt", "chosen", "rejected", "tools"?}) -> one Encoded unit each."""
+    conversations = []
+    for s in samples:
+        tools = s.get("tools")
+        conversations += [conversation_pieces(template, s["prompt"], s["chosen"], tools),
+                          conversation_pieces(template, s["prompt"], s["rejected"], tools)]
+    encoded = encode_segments(tokenizer, conversations, max_length, "assistant")
+    return [_unit(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED]) for i in range(len(samples))]
+
+
+def _reply(sample: dict) -> dict:
+    return sample["completion"] if "completion" in sample else sample["chosen"]
+
+
+def with_kl_completions(samples: list[dict]) -> list[dict]:
+    """KTO samples, each given the reply of the next sample (the last one the first's) as "kl_completion": a reply
+    that does not answer its prompt, as TRL pairs them for the KL estimate. (A pair read for KTO, `unpaired`, gets
+    the next sample's reply for both of its halves.)"""
+    n = len(samples)
+    return [{**s, "kl_completion": _reply(samples[(i + 1) % n])} for i, s in enumerate(samples)]
+
+
+def encode_kto(template, tokenizer, samples: list[dict], max_length: int) -> list[list[Encoded]]:
+    """KTO samples ({"prompt", "completion", "label", "kl_completion", "tools"?}, or a pair marked `unpaired`) ->
+    per sample its Encoded units (one; two for a pair: the chosen reply desirable, the rejected one not)."""
+    if samples and "kl_completion" not in samples[0]:
+        samples = with_kl_completions(samples)
+    conversations, kinds, owners = [], [], []
+    for k, s in enumerate(samples):
+        tools = s.get("tools")
+        halves = [(s["chosen"], True), (s["rejected"], False)] if s.get("unpaired") else [(s["completion"],
+                                                                                           s["label"])]
+        for reply, good in halves:
+            conversations += [conversation_pieces(template, s["prompt"], reply, tools),
+                              conversation_pieces(template, s["prompt"], s["kl_completion"], tools)]
+            kinds.append([DESIRABLE if good else UNDESIRABLE, KL])
+            owners.append(k)
+    encoded = encode_segments(tokenizer, conversations, max_length, "assistant")
+    out: list[list[Encoded]] = [[] for _ in samples]
+    for i, (owner, unit_kinds) in enumerate(zip(owners, kinds)):
+        out[owner].append(_unit(encoded[2 * i:2 * i + 2], unit_kinds))
+    return out
+
+
+def unpaired(sample: dict) -> dict:
+    """A preference pair to be trained by KTO: its chosen reply a desirable sample, its rejected reply an undesirable
+    one (TRL's unpair_preference_dataset); `encode_kto` makes the two units."""
+    return {**sample, "unpaired": True}
