@@ -37,7 +37,7 @@ def test_to_hf_refuses_to_write_over_the_base_model_it_names(base_and_work, caps
     assert _snapshot(base) == before
 
 
-@pytest.mark.parametrize("out", ["work", "work/iter_10", "work/iter_10/hf", "other_work"])
+@pytest.mark.parametrize("out", ["work", "work/iter_10", "work/iter_10/hf", "other_work", "other_work/iter_12"])
 @pytest.mark.parametrize("verb", ["to-hf", "merge"])
 def test_export_refuses_a_checkpoint_or_a_work_dir_as_out(verb, out, base_and_work, tmp_path, capsys):
     base, work = base_and_work
@@ -47,7 +47,8 @@ def test_export_refuses_a_checkpoint_or_a_work_dir_as_out(verb, out, base_and_wo
     args = ["to-hf", str(work / "iter_10")] if verb == "to-hf" else ["merge", str(base), str(work / "iter_10")]
     code = main(["convert", *args, str(target), *(["--device", "cpu"] if verb == "merge" else [])])
     words = {"work": ["is a training work dir"], "other_work": ["is a training work dir"],
-             "work/iter_10": ["is an input of this command"], "work/iter_10/hf": ["inside the training checkpoint"]}
+             "work/iter_10": ["is an input of this command"], "work/iter_10/hf": ["inside the training checkpoint"],
+             "other_work/iter_12": ["training uses the iter_* names"]}  # the checkpoint a resumed run saves next
     assert_one_line_error(capsys, code, f"OUT {target}", *words[out])
     assert {p: _snapshot(p) for p in before} == before
     assert not (tmp_path / "work" / "iter_10" / "hf").exists()

@@ -93,6 +93,17 @@ def test_resume_takes_the_newest_checkpoint_whatever_the_pointer_says(pointer, t
     assert layout.last_checkpoint(work) == work / "iter_6"
 
 
+def test_a_pointer_that_is_not_a_file_is_refused_before_any_training(tiny_llama_dir, rows, finished, tmp_path):
+    work = _crashed_copy(finished, tmp_path)
+    (work / layout.POINTER_FILE).unlink()
+    (work / layout.POINTER_FILE).mkdir()  # every save would fail to point at itself, after the steps were trained
+    log_before = (work / "train_log.jsonl").read_text()
+    with pytest.raises(TunelabError, match=r"last_checkpoint is not a file.*Move it out of the work dir"):
+        _resume(tiny_llama_dir, rows, work)
+    assert (work / "train_log.jsonl").read_text() == log_before
+    assert [p.name for p in layout.list_checkpoints(work)] == ["iter_2", "iter_4"]
+
+
 def test_starting_from_step_0_over_checkpoints_is_refused_until_overwrite(tiny_llama_dir, rows, finished, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(finished[0], work)

@@ -34,8 +34,9 @@ def _say(message: str) -> None:
 
 def check_output(out: Path, *inputs: Path | str | None) -> None:
     """Refuse an OUT that would write over what the command reads (the base model, the adapter, the checkpoint),
-    into a training checkpoint (save_total_limit deletes those) or into a work dir's top level (its checkpoints and
-    logs); a folder inside a work dir, such as WORK_DIR/hf, is fine."""
+    into a training checkpoint (save_total_limit deletes those), onto a work dir's iter_* names (training replaces
+    what is there) or into a work dir's top level (its checkpoints and logs); a folder inside a work dir, such as
+    WORK_DIR/hf, is fine."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TunelabError(f"OUT {out} is a file: pass a directory (it is created if missing).")
@@ -49,6 +50,10 @@ def check_output(out: Path, *inputs: Path | str | None) -> None:
             raise TunelabError(f"OUT {out} is inside the training checkpoint {folder}, which training may prune "
                                f"(save_total_limit) or replace. Choose a directory outside it, e.g. "
                                f"{folder.parent / 'hf'}.")
+    if resolved.name.startswith("iter_") and looks_like_work_dir(resolved.parent):
+        raise TunelabError(f"OUT {out}: training uses the iter_* names of the work dir {out.parent} for its "
+                           f"checkpoints (and replaces or deletes what is there). Choose another name, e.g. "
+                           f"{out.parent / 'hf'}.")
     if looks_like_work_dir(resolved):
         raise TunelabError(f"OUT {out} is a training work dir (it holds checkpoints): the export would mix with "
                            f"them. Choose a directory of its own, e.g. {out / 'hf'}.")

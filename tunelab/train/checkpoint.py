@@ -215,6 +215,10 @@ def choose_start(work_dir: Path, resume: str | None, *, overwrite: bool, env, lo
 
 
 def _choose_on_main(work_dir: Path, resume: str | None, *, overwrite: bool, log) -> Path | None:
+    pointer = work_dir / layout.POINTER_FILE
+    if pointer.exists() and not pointer.is_file():  # else every save would fail to update it, after the work
+        raise TunelabError(f"{pointer} is not a file: tunelab keeps the name of the last checkpoint there. Move it "
+                           f"out of the work dir, then train again.")
     clean_partial_saves(work_dir)
     start = None
     if resume == "auto":
@@ -293,7 +297,8 @@ def _load_safetensors(path: Path) -> dict:
         return load_file(path)
     except Exception as exc:  # safetensors raises its own error types for a damaged or cut-off file
         raise TunelabError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). The "
-                           f"checkpoint is damaged; resume from an earlier one with --resume WORK_DIR/iter_N.") from None
+                           f"checkpoint is damaged; resume from an earlier one with --resume WORK_DIR/iter_N.") \
+            from None
 
 
 def load_model_weights(model, checkpoint: Path) -> None:
