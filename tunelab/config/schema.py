@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -210,6 +211,10 @@ class TrainConfig:
     """AdamW weight decay."""
     max_norm: float = setting(1.0, Rule(lambda v: v >= 0, "0 or more (0 turns clipping off)"))
     """Gradient clipping norm (0 disables)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is inf / NaN: 'stop' ends the run with a message before anything of it is
+    saved (the checkpoints stay as they were); 'skip' leaves the weights alone for that step, warns and goes on (ten
+    such steps in a row stop the run; not with DeepSpeed)."""
     max_epochs: int = setting(3, POSITIVE)
     """Passes over the training data."""
     max_steps: Optional[int] = setting(None, POSITIVE_OR_NONE)
@@ -227,7 +232,7 @@ class TrainConfig:
     False: bf16 weights and AdamW states, 8 bytes a parameter less."""
     gradient_checkpointing: Optional[bool] = None
     """None: on for lora/qlora, off for full."""
-    seed: int = setting(0, Rule(lambda v: v >= 0, "0 or more"))
+    seed: int = setting(0, Rule(lambda v: 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1 (numpy's range)"))
     """Seed for data order, initialisation and dropout: the same seed repeats the run."""
 
     # --- saving, logging, evaluation ----------------------------------------------------------
@@ -405,11 +410,22 @@ def check_setting(key: str, value: Any, source: str, line: int | None = None) ->
             example = f"def my_map_fn(record): ... in the same file, then {key} = my_map_fn (no quotes)"
         return value, (f"{at} must be {describe_type(hint)}; got {value!r} "
                        f"({type(value).__name__}).{hint_text} For example: {example}")
+    if not _finite(value):  # inf passes "greater than 0" (lr = 1e999), NaN fails every rule with a puzzling message
+        return value, f"{at} must be a finite number; got {value!r}. For example: {key} = {default_value(key)!r}"
     rule = field_rule(key)
     if rule is not None and not rule.test(value):
         extra = did_you_mean(value, rule.choices()) if rule.choices and isinstance(value, str) else ""
         return value, f"{at} must be {rule.requirement()}; got {value!r}.{extra}"
     return value, None
+
+
+def _finite(value: Any) -> bool:
+    """No float in the value (or in a tuple / list of it) is inf or NaN."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None]] | None = None) -> list[str]:
@@ -428,6 +444,9 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
         errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
                       f"fast_path = False: splitting rows over GPUs runs through tunelab's attention and loss, which "
                       f"fast_path = False turns off. Set fast_path = True, or sequence_parallel_size = 1.")
+    if cfg.nonfinite == "skip" and cfg.deepspeed:
+        errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
+                      f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")
     return errors + _preference_errors(cfg, at)
 
 
