@@ -291,7 +291,8 @@ def adamw_8bit_check(device):
 
 def identity_check(method, device, base=None, name="TuneBot"):
     """Train a tiny model to a new identity, as `tunelab demo` does, with the default fast path and with it off:
-    the two loss curves agree (windows of 5 steps, or of an epoch with LoRA dropout, within 5% + 0.05) and both models answer with the new name.
+    the two loss curves agree (windows of 5 steps, or of an epoch with LoRA dropout, within 5% + 0.05) and both
+    models answer with the new name.
 
     Full fine-tuning starts from random weights (every weight must learn, as in the demo). LoRA on a random tiny
     model learns too slowly to answer anything, so QLoRA starts from the model full fine-tuning taught (`base`) and
