@@ -291,7 +291,8 @@ def adamw_8bit_check(device):
 
 def identity_check(method, device, base=None, name="TuneBot"):
     """Train a tiny model to a new identity, as `tunelab demo` does, with the default fast path and with it off:
-    the two loss curves agree (windows of 5 steps within 5% + 0.05) and both models answer with the new name.
+    the two loss curves agree (windows of 5 steps, or of an epoch with LoRA dropout, within 5% + 0.05) and both
+    models answer with the new name.
 
     Full fine-tuning starts from random weights (every weight must learn, as in the demo). LoRA on a random tiny
     model learns too slowly to answer anything, so QLoRA starts from the model full fine-tuning taught (`base`) and
@@ -314,8 +315,10 @@ def identity_check(method, device, base=None, name="TuneBot"):
                     evaluation_inputs=["who are you?", "请介绍一下你自己"], eval_max_new_tokens=32, seed=0)
     if method == "full":
         settings.update(lr=3e-3, lora_dropout=0.0)
+        falls_to = 0.3  # from random weights the loss falls more than 3x
     else:  # as the qlora configs: LoRA dropout 0.1, 8-bit AdamW
-        settings.update(lr=2e-3, lora_r=16, lora_alpha=32, lora_dropout=0.1, optimizer="adamw_8bit", max_epochs=4)
+        settings.update(lr=5e-3, lora_r=16, lora_alpha=32, lora_dropout=0.1, optimizer="adamw_8bit")
+        falls_to = 0.5  # a taught model starts near 1.1 (only the name is new); r=16 on it ends near 0.4 (CPU run)
     curves, answers, last = {}, {}, {}
     for fast_path in (True, False):
         work = tmp / f"work_{fast_path}"
@@ -324,13 +327,16 @@ def identity_check(method, device, base=None, name="TuneBot"):
         answers[fast_path] = (work / f"eval_outputs_iter_{result.step}.txt").read_text(encoding="utf-8")
         last[fast_path] = result.last_checkpoint
     fast, plain = curves[True], curves[False]
-    windows = [(sum(fast[i:i + 5]) / len(fast[i:i + 5]), sum(plain[i:i + 5]) / len(plain[i:i + 5]))
-               for i in range(0, len(fast), 5)]
+    # Without dropout both runs see the same numbers, so 5-step windows agree. With LoRA dropout the two paths draw
+    # different masks and the curves wander apart step by step; compare them epoch by epoch instead.
+    width = 5 if settings["lora_dropout"] == 0 else len(fast) // settings["max_epochs"]
+    windows = [(sum(fast[i:i + width]) / len(fast[i:i + width]), sum(plain[i:i + width]) / len(plain[i:i + width]))
+               for i in range(0, len(fast), width)]
     worst = max(abs(a - b) - 0.05 * b for a, b in windows)
     check(f"{method}: identity training, fast path vs off, loss curves", len(fast) == len(plain) and worst <= 0.05
-          and fast[-1] < 0.3 * fast[0] and plain[-1] < 0.3 * plain[0],
+          and fast[-1] < falls_to * fast[0] and plain[-1] < falls_to * plain[0],
           f"{len(fast)} steps, loss {fast[0]:.3f} -> {fast[-1]:.3f} vs {plain[0]:.3f} -> {plain[-1]:.3f}, "
-          f"largest gap of a 5-step window beyond 5% of the plain loss: {worst:.3f} (at most 0.05)")
+          f"largest gap of a {width}-step window beyond 5% of the plain loss: {worst:.3f} (at most 0.05)")
     check(f"{method}: identity training, both answer with the new name",
           answers[True].count(name) >= 2 and answers[False].count(name) >= 2,
           f"fast path: {answers[True].count(name)} answers name {name}, off: {answers[False].count(name)}")

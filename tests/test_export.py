@@ -198,6 +198,6 @@ def test_merge_refuses_to_write_over_its_local_base_model(tmp_path):
     base.mkdir()
     (base / "config.json").write_text("{}")
     adapter = _fake_adapter(tmp_path / "adapter")
-    with pytest.raises(TunelabError, match="is the input"):
+    with pytest.raises(TunelabError, match="is an input of this command"):
         merge(str(base), str(adapter), str(base), device="cpu")
     assert (base / "config.json").read_text() == "{}"

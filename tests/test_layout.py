@@ -34,11 +34,24 @@ def test_without_a_pointer_the_newest_complete_checkpoint_counts(tmp_path):
     assert layout.resolve_checkpoint(tmp_path) == tmp_path / "iter_10"
 
 
-def test_a_pointer_to_nothing_names_what_to_pass_instead(tmp_path):
-    (tmp_path / layout.POINTER_FILE).write_text(str(tmp_path / "iter_5"))
+def test_the_pointer_is_a_hint_the_newest_complete_checkpoint_stands_in(tmp_path):
+    _checkpoint(tmp_path, 4)
+    (tmp_path / layout.POINTER_FILE).write_text(str(tmp_path / "iter_5"))  # names a checkpoint that was deleted
     assert layout.last_checkpoint(tmp_path) is None
-    with pytest.raises(TunelabError, match="Pass one of the iter_N directories"):
-        layout.resolve_checkpoint(tmp_path)
+    assert layout.resolve_checkpoint(tmp_path) == tmp_path / "iter_4"
+    (tmp_path / layout.POINTER_FILE).write_bytes(b"\xff\xfe garbage")  # unreadable
+    assert layout.resolve_checkpoint(tmp_path) == tmp_path / "iter_4"
+
+
+def test_a_copied_work_dir_reads_its_own_checkpoints_not_the_originals(tmp_path):
+    original = tmp_path / "a"
+    layout.write_pointer(original, _checkpoint(original, 6))
+    assert (original / layout.POINTER_FILE).read_text().strip() == "iter_6"  # relative: the work dir may move
+    copy = tmp_path / "b"
+    _checkpoint(copy, 3)
+    (copy / layout.POINTER_FILE).write_text(str(original / "iter_6"))  # an absolute pointer (older tunelab)
+    assert layout.last_checkpoint(copy) is None
+    assert layout.resolve_checkpoint(copy) == copy / "iter_3"
 
 
 def test_broken_tunelab_json_names_the_file(tmp_path):

@@ -227,6 +227,7 @@ def test_text_runs_still_refuse_images(tmp_path, llm_dir):
     ("vision_feature_layer = 0", r"not 0"),
     ("vision_feature_select_strategy = 'cls'", r"vision_feature_select_strategy"),
     ("evaluation_inputs = ['a', 'b', 'c']\nevaluation_images = ['x.png', 'y.png']", r"2 pictures for 3"),
+    ("sequence_parallel_size = 2", r"sequence_parallel_size = 2 with a vision tower"),
 ])
 def test_multimodal_settings_that_cannot_go_together(tmp_path, lines, says):
     from tunelab.config.loader import load_config

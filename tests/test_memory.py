@@ -256,3 +256,70 @@ def test_plan_on_a_config_without_llama_fields_names_the_missing_key(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(TunelabError, match=r"config\.json: not valid JSON"):
         model_shape(str(tmp_path))
+
+
+# --- several GPUs: each row split over them, states sharded over them --------------------------------------------
+
+def test_sequence_parallel_divides_what_grows_with_the_row_and_adds_its_buffers():
+    base = dict(pretrained_model_name_or_path=LLAMA3, method="lora", max_length=65536, mlp_chunk_size=None,
+                use_compile=False)  # (compiled, the checkpoint goes around the layer under sequence parallelism)
+    one = estimate_memory(TrainConfig(**base))
+    four = estimate_memory(TrainConfig(**base, sequence_parallel_size=4))
+    assert (one.world_size, four.world_size) == (1, 4)
+    # the checkpoints, the layer at work and the loss hold a quarter of the tokens; weights, adapters and
+    # optimizer states stay whole on every GPU (DDP)
+    assert four.parts["activations (checkpointed)"] == pytest.approx(one.parts["activations (checkpointed)"] / 4,
+                                                                     rel=1e-6)
+    for name in ("frozen/base weights", "LoRA params (fp32)", "AdamW states"):
+        assert four.parts[name] == one.parts[name], name
+    # q, k, v and the output of one layer (32 + 8 + 8 + 32 heads of 128), sent and received, for 16k tokens
+    assert "all-to-all buffers" not in one.parts
+    assert four.parts["all-to-all buffers"] == 2 * 16384 * (32 + 8 + 8 + 32) * 128 * 2
+    assert four.total < one.total
+
+
+def test_zero_and_fsdp_divide_states_over_the_processes():
+    full = dict(pretrained_model_name_or_path=LLAMA3, method="full", max_length=4096)
+    ddp = estimate_memory(TrainConfig(**full), world_size=8)
+    assert ddp.parts == estimate_memory(TrainConfig(**full)).parts  # every GPU holds everything
+    zero1 = estimate_memory(TrainConfig(**full, deepspeed="zero1"), world_size=8).parts
+    zero2 = estimate_memory(TrainConfig(**full, deepspeed="zero2"), world_size=8).parts
+    zero3 = estimate_memory(TrainConfig(**full, deepspeed="zero3"), world_size=8).parts
+    fsdp = estimate_memory(TrainConfig(**full, fsdp=True), world_size=8).parts
+    grads = "gradients (kept across micro-batches)"
+    assert zero1["AdamW states"] == ddp.parts["AdamW states"] // 8 and zero1[grads] == ddp.parts[grads]
+    assert zero2[grads] == ddp.parts[grads] // 8 and zero2["frozen/base weights"] == ddp.parts["frozen/base weights"]
+    assert zero3["frozen/base weights"] == ddp.parts["frozen/base weights"] // 8 and zero3["gathered weights"] > 0
+    assert fsdp == zero3
+
+
+def test_plan_names_the_fewest_gpus_a_long_row_must_be_split_over(tmp_path, capsys):
+    from tunelab.cli.main import main
+    from tunelab.model.memory import smallest_sequence_parallel
+
+    cfg = TrainConfig(pretrained_model_name_or_path=LLAMA3, method="qlora", lora_r=32, max_length=262144)
+    card = 24 * GIB
+    size = smallest_sequence_parallel(cfg, card)
+    assert size is not None and size > 1
+    at = {n: estimate_memory(TrainConfig(**{**cfg.__dict__, "sequence_parallel_size": n}), card_bytes=card).fits
+          for n in (size // 2, size)}
+    assert at == {size // 2: False, size: True}  # the fewest: half as many does not fit
+    assert smallest_sequence_parallel(TrainConfig(**{**cfg.__dict__, "max_length": 8192}), card) == 1
+    sizes = [smallest_sequence_parallel(TrainConfig(**{**cfg.__dict__, "max_length": n}), card)
+             for n in (32768, 131072, 262144, 1048576)]
+    assert sizes == sorted(sizes)  # a longer row never needs fewer
+
+    config = tmp_path / "long.py"
+    config.write_text(f"pretrained_model_name_or_path = {LLAMA3!r}\nmethod = 'qlora'\nlora_r = 32\n"
+                      "max_length = 262144\n")
+    assert main(["plan", str(config), "--gpu-memory", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and f"sequence_parallel_size = {size} at least (each row over {size} GPUs)" in out
+    assert main(["plan", str(config), "--gpus", "8", "--cfg-options", "sequence_parallel_size=4", "method='full'",
+                 "deepspeed='zero3'"]) == 0
+    out = capsys.readouterr().out
+    assert "per GPU, on 8 GPUs (zero3, each row over 4 (sequence parallel))" in out and "gathered weights" in out
+    assert main(["plan", str(config), "--gpus", "6", "--cfg-options", "sequence_parallel_size=4"]) == 2
+    assert "--gpus 6: give a positive multiple of sequence_parallel_size (4)" in capsys.readouterr().err
+    with pytest.raises(TunelabError, match="32 attention heads"):
+        estimate_memory(TrainConfig(**{**cfg.__dict__, "sequence_parallel_size": 3}))

@@ -78,6 +78,38 @@ def test_memory_plan_refuses_what_cannot_fit(tiny_llama_dir, rows, tmp_path):
     assert not list(tmp_path.glob("iter_*"))
 
 
+@pytest.mark.parametrize("mode, dtype", [("stop", "bf16"), ("skip", "bf16"), ("skip", "fp16")])
+def test_nonfinite_guard_under_cuda_graphs(mode, dtype, tiny_llama_dir, rows, tmp_path, monkeypatch):
+    """The inf / NaN guard on the fast path with CUDA graphs and gradient accumulation (grad buffers kept between
+    replays): 'stop' ends the run before saving step 3, 'skip' leaves the weights alone for it and trains on."""
+    from safetensors.torch import load_file
+
+    from tunelab.train import layout
+    from tunelab.train.strategy import SingleProcess
+
+    calls, original = {"n": 0}, SingleProcess.forward_loss
+
+    def forward_loss(self, batch):  # step 3's second micro-batch turns NaN
+        calls["n"] += 1
+        loss_sum, n = original(self, batch)
+        return (loss_sum * float("nan"), n) if calls["n"] == 6 else (loss_sum, n)
+
+    monkeypatch.setattr(SingleProcess, "forward_loss", forward_loss)
+    cfg = tiny_cfg(tiny_llama_dir, method="lora", dtype=dtype, lr=2e-2, max_steps=5, batch_size=2,
+                   accumulative_counts=2, use_compile=True, cuda_graphs=True, save_steps=1, save_total_limit=1,
+                   nonfinite=mode)
+    if mode == "stop":
+        with pytest.raises(TunelabError, match="step 3: loss nan"):
+            train(cfg, tmp_path, train_rows=rows, device="cuda")
+        assert [p.name for p in layout.list_checkpoints(tmp_path)] == ["iter_2"]
+        return
+    result = train(cfg, tmp_path, train_rows=rows, device="cuda")
+    assert result.step == 5
+    weights = load_file(tmp_path / "iter_5" / "model" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert result.losses[5] < result.losses[1], result.losses
+
+
 @pytest.mark.parametrize("reference", ["adapters_off", "precomputed"])
 def test_dpo_on_the_fast_path_follows_the_plain_path(reference, tiny_llama_dir, tmp_path):
     """QLoRA DPO with compiled layers and CUDA graphs (the reference pass without gradients between graph replays,

@@ -62,7 +62,7 @@ def test_full_finetune_learns_identity_and_writes_work_dir(tiny_llama_dir, token
     # Checkpoints: a full HF model in safetensors, metadata, and the pointer on the final step.
     last = tmp_path / "iter_30"
     assert result.last_checkpoint == last
-    assert (tmp_path / "last_checkpoint").read_text().strip() == str(last.resolve())
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "iter_30"  # a name: the work dir may move
     assert (last / "model" / "model.safetensors").is_file() and (last / "model" / "config.json").is_file()
     meta = json.loads((last / "tunelab.json").read_text())
     assert meta["method"] == "full" and meta["prompt_template"] == "qwen_chat"

@@ -47,6 +47,39 @@ def tiny_cfg(model_dir, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+def write_config(directory, model_dir, **settings) -> "Path":
+    """A config file and its data file (identity answers, 4 records) in `directory`, for tests through the CLI."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    records = [{"instruction": q, "input": "", "output": IDENTITY} for q in QUESTIONS]
+    (directory / "identity.json").write_text(json.dumps(records))
+    values = dict(pretrained_model_name_or_path=str(model_dir), method="lora", lora_r=8, lora_alpha=16,
+                  lora_dropout=0.0, data_path="identity.json", prompt_template="qwen_chat", max_length=128,
+                  batch_size=2, accumulative_counts=1, max_epochs=1, lr=1e-2, warmup_ratio=0.0,
+                  lr_scheduler="constant", save_steps=1, save_total_limit=-1, logging_steps=1,
+                  evaluation_inputs=[], use_compile=False)
+    values.update(settings)
+    path = directory / "config.py"
+    path.write_text("".join(f"{key} = {value!r}\n" for key, value in values.items()))
+    return path
+
+
+def assert_one_line_error(capsys, code: int, *words: str) -> str:
+    """The CLI failed as a user should see it: exit 2, one line `error: ...` naming `words`, no traceback."""
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in out + err, err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("error: "), err
+    assert sum(line.startswith("error: ") for line in err.splitlines()) == 1, err
+    for word in words:
+        assert word in message, (word, message)
+    return message
+
+
 # --- preference pairs (tests/test_preference_train.py, tests/test_train_gpu.py) ---------------------------------------
 
 WORDS = "apple river music stone cloud garden tiger window paper bread coffee mountain ocean forest city".split()

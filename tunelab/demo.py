@@ -74,7 +74,7 @@ def run_demo(out_dir: str | Path = "tunelab_demo", *, name: str = "TuneBot", aut
             raise TunelabError(f"demo step failed: tunelab {' '.join(argv)}")
 
     step("3/5 training (full fine-tune; watch the loss fall)")
-    run("train", str(config), "--work-dir", str(work_dir), "--device", "cpu")
+    run("train", str(config), "--work-dir", str(work_dir), "--device", "cpu", "--overwrite")  # a new base each time
     step("4/5 converting the last checkpoint to a Hugging Face model")
     run("convert", "pth_to_hf", str(config), str(work_dir), str(out / "hf"))
     step("5/5 asking it who it is")

@@ -221,7 +221,7 @@ def check_bits(bits: int | None) -> None:
 def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_template: str | None = None,
                     system: str | None = None, bits: int | None = None, device: str = "auto", dtype: str = "auto",
                     trust_remote_code: bool = False, max_model_len: int | None = None,
-                    max_batch_size: int = 1) -> ChatModel:
+                    max_batch_size: int = 1, allow_other_base: bool = False) -> ChatModel:
     """Load the model (and adapter) once; pick the template and system prompt it was trained with.
 
     `max_model_len` (default: the model's context) bounds prompt + reply tokens of a request; `max_batch_size`
@@ -256,7 +256,7 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     if adapter_dir is not None:
         from peft import PeftModel
 
-        check_adapter_fits(model, adapter_dir, base)
+        check_adapter_fits(model, adapter_dir, base, meta=meta, allow_other_base=allow_other_base, say=_say)
         model = PeftModel.from_pretrained(model, str(adapter_dir))
         model.eval()
         if (adapter_dir / "tokenizer_config.json").is_file():
@@ -287,6 +287,8 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model repository's own code (only for repos you trust)")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="use --adapter although it was trained on a base of another architecture")
 
 
 def add_sampling_arguments(parser) -> None:
@@ -315,4 +317,5 @@ def load_from_args(args) -> ChatModel:
     return load_chat_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
                            system=args.system, bits=args.bits, device=args.device, dtype=args.dtype,
                            trust_remote_code=args.trust_remote_code, max_model_len=getattr(args, "max_model_len", None),
-                           max_batch_size=getattr(args, "max_batch_size", 1))
+                           max_batch_size=getattr(args, "max_batch_size", 1),
+                           allow_other_base=getattr(args, "allow_other_base", False))

@@ -35,7 +35,9 @@ MERGE_DESCRIPTION = """\
 Merge a LoRA / QLoRA adapter into its base model and save one HF model with its tokenizer. The tokenizer's
 chat_template is set to the prompt template used in training (from tunelab.json), so transformers, vLLM and LMDeploy
 chat with the merged model the way it was trained. A QLoRA adapter is merged into the unquantised base.
-ADAPTER is an adapter directory (from pth_to_hf), an iter_N checkpoint or a WORK_DIR.
+ADAPTER is an adapter directory (from pth_to_hf), an iter_N checkpoint or a WORK_DIR. An adapter trained on a base of
+another architecture is refused (--allow-other-base to merge anyway); OUT may not be an input, a checkpoint or a
+work dir.
 
 example:
   tunelab convert merge internlm/internlm2-chat-1_8b hf_adapter merged
@@ -89,6 +91,8 @@ def register(subparsers) -> None:
     p.add_argument("--format", dest="output_format", default="hf", choices=["hf", "original"],
                    help="hf (default) or original (InternLM2's own layout, for InternLM2 bases)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merge although the adapter was trained on a base of another architecture")
     p.set_defaults(func=merge_cmd)
     _register_gguf(verbs, fmt)
     _register_xtuner(verbs, fmt)
@@ -105,6 +109,8 @@ def _register_gguf(verbs, fmt) -> None:
     p.add_argument("--prompt-template", metavar="NAME", help="override the template recorded in tunelab.json")
     p.add_argument("--no-modelfile", action="store_true", help="write only the GGUF file")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merge --adapter although it was trained on a base of another architecture")
     p.set_defaults(func=gguf_cmd)
 
 
@@ -163,7 +169,7 @@ def merge_cmd(args) -> int:
 
     merge(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size, device=args.device,
           dtype=args.dtype, prompt_template=args.prompt_template, output_format=args.output_format,
-          trust_remote_code=args.trust_remote_code)
+          trust_remote_code=args.trust_remote_code, allow_other_base=args.allow_other_base)
     return 0
 
 
@@ -179,5 +185,5 @@ def gguf_cmd(args) -> int:
 
     convert_to_gguf(args.model, args.out, out_type=args.out_type, adapter=args.adapter,
                     prompt_template=args.prompt_template, modelfile=not args.no_modelfile,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, allow_other_base=args.allow_other_base)
     return 0

@@ -12,13 +12,15 @@ from tunelab.train.launch import LAUNCH_FLAGS, add_launch_arguments
 TRAIN_DESCRIPTION = """\
 Fine-tune the model a config file describes (full, LoRA or QLoRA) on one GPU, on the CPU, or on several GPUs
 (--nproc-per-node N, see docs/DISTRIBUTED.md). The work dir receives the resolved config, train_log.jsonl,
-loss_curve.png, the evaluation answers (eval_outputs_iter_N.txt) and checkpoints iter_N/; `last_checkpoint` names
-the last complete one. Ctrl-C (or SIGTERM) saves a checkpoint and stops; `--resume auto` continues from it with
-the same loss curve. See docs/TRAINING.md.
+loss_curve.png, the evaluation answers (eval_outputs_iter_N.txt) and checkpoints iter_N/ (with checksums); one run
+at a time trains in a work dir. Ctrl-C (or SIGTERM) saves a checkpoint and stops; `--resume auto` continues from the
+newest sound checkpoint with the same loss curve. A work dir that holds checkpoints is never trained into from step 0
+unless you say --overwrite. See docs/TRAINING.md.
 
 example:
   tunelab train my_config.py --work-dir work_dirs/run1
   tunelab train my_config.py --work-dir work_dirs/run1 --resume auto
+  tunelab train my_config.py --work-dir work_dirs/run1 --overwrite
   tunelab train my_config.py --cfg-options lr=1e-4 max_epochs=1 --seed 42
   tunelab train my_config.py --device cpu --cfg-options max_steps=20
   tunelab train my_config.py --nproc-per-node 8 --deepspeed zero2
@@ -32,6 +34,9 @@ model's shape comes from its config.json (or a table of known models).
 example:
   tunelab plan my_config.py
   tunelab plan my_config.py --cfg-options max_length=4096 batch_size=2
+  tunelab plan my_config.py --gpu-memory 80 --cfg-options max_length=131072 deepspeed=zero3
+      (a card that is not here; a row too long for it gets the sequence_parallel_size it needs)
+  tunelab plan my_config.py --gpus 8 --cfg-options sequence_parallel_size=4
 """
 
 
@@ -43,8 +48,11 @@ def register(subparsers) -> None:
     p.add_argument("--work-dir", "--work_dir", metavar="DIR",
                    help="where logs and checkpoints go (default: work_dirs/<config name>)")
     p.add_argument("--resume", metavar="auto|PATH",
-                   help="'auto': continue from the work dir's last complete checkpoint (start fresh if none); "
+                   help="'auto': continue from the work dir's newest sound checkpoint (start fresh if none); "
                         "or a checkpoint directory WORK_DIR/iter_N")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the work dir's checkpoints this run would overwrite (from step 0: all of them); "
+                        "without it such a start is refused")
     p.add_argument("--seed", type=int, help="random seed (overrides the config's seed)")
     p.add_argument("--cfg-options", "--cfg_options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override settings, e.g. --cfg-options lr=1e-4 max_epochs=1")
@@ -60,6 +68,10 @@ def register(subparsers) -> None:
     p.add_argument("config", metavar="CFG")
     p.add_argument("--cfg-options", "--cfg_options", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", metavar="cpu|cuda", help="the GPU to check against (default: cuda if present)")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB",
+                   help="check against a card of this many GiB instead (e.g. 80 for an H100, 141 for an H200)")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="GPUs of the run: ZeRO / FSDP divide states over them (default: sequence_parallel_size)")
     p.set_defaults(func=run_plan)
 
 
@@ -83,6 +95,8 @@ def _argv(args) -> list[str]:
             argv += [flag, str(value)]
     if args.fsdp:
         argv.append("--fsdp")
+    if args.overwrite:
+        argv.append("--overwrite")
     if args.cfg_options:
         argv += ["--cfg-options", *args.cfg_options]
     for flag in LAUNCH_FLAGS:
@@ -111,7 +125,8 @@ def run_train(args) -> int:
     cfg = load_config(args.config, _overrides(args))
     check_installed(cfg.resolved_report_to())  # before minutes of loading, not after
     work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
-    result = train(cfg, work_dir, resume=args.resume, config_path=args.config, device=args.device)
+    result = train(cfg, work_dir, resume=args.resume, overwrite=args.overwrite, config_path=args.config,
+                   device=args.device)
     if result.interrupted:
         print(f"stopped at step {result.step}; saved {result.last_checkpoint}.\n"
               f"continue with: tunelab train {args.config} --work-dir {work_dir} --resume auto", file=sys.stderr)
@@ -132,11 +147,15 @@ def run_plan(args) -> int:
     except ImportError:
         raise TunelabError("the memory estimate (tunelab/model/memory.py) is not available in this install.") from None
     cfg = load_config(args.config, _overrides(args))
+    if args.gpus is not None and (args.gpus < 1 or args.gpus % cfg.sequence_parallel_size):
+        raise TunelabError(f"--gpus {args.gpus}: give a positive multiple of sequence_parallel_size "
+                           f"({cfg.sequence_parallel_size}).")
     device = torch.device(args.device) if args.device else (
         torch.device("cuda") if torch.cuda.is_available() else None)
     if device is not None and device.type != "cuda":
         device = None  # only a GPU has a budget to check against
-    print(plan_report(cfg, device))
-    if device is None:
-        print("  (no GPU here: compare the total with your GPU's memory)")
+    card_bytes = int(args.gpu_memory * 2**30) if args.gpu_memory else None
+    print(plan_report(cfg, device, world_size=args.gpus, card_bytes=card_bytes))
+    if device is None and card_bytes is None:
+        print("  (no GPU here: compare the total with your GPU's memory, or give it: --gpu-memory GIB)")
     return 0

@@ -73,6 +73,12 @@ def _run_config_file(path: Path) -> tuple[dict[str, Any], dict[str, int], set[st
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         namespace = runpy.run_path(str(path), run_name="__tunelab_config__")
+    except SystemExit as exc:  # sys.exit() / exit() in the file would end tunelab with no word of why
+        frames = traceback.extract_tb(exc.__traceback__)
+        line = next((f.lineno for f in reversed(frames) if Path(f.filename) == path), None)
+        raise TunelabError(f"{path}: the config called sys.exit({exc.code!r}){f' (line {line})' if line else ''} "
+                           f"while tunelab ran it. A config is Python that runs top to bottom: remove the exit "
+                           f"call.") from None
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)
         line = next((f.lineno for f in reversed(frames) if Path(f.filename) == path), None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -245,6 +246,10 @@ class TrainConfig:
     """AdamW weight decay."""
     max_norm: float = setting(1.0, Rule(lambda v: v >= 0, "0 or more (0 turns clipping off)"))
     """Gradient clipping norm (0 disables)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is inf / NaN: 'stop' ends the run with a message before anything of it is
+    saved (the checkpoints stay as they were); 'skip' leaves the weights alone for that step, warns and goes on (ten
+    such steps in a row stop the run; not with DeepSpeed)."""
     max_epochs: int = setting(3, POSITIVE)
     """Passes over the training data."""
     max_steps: Optional[int] = setting(None, POSITIVE_OR_NONE)
@@ -262,7 +267,7 @@ class TrainConfig:
     False: bf16 weights and AdamW states, 8 bytes a parameter less."""
     gradient_checkpointing: Optional[bool] = None
     """None: on for lora/qlora (and freeze_llm), off for full."""
-    seed: int = setting(0, Rule(lambda v: v >= 0, "0 or more"))
+    seed: int = setting(0, Rule(lambda v: 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1 (numpy's range)"))
     """Seed for data order, initialisation and dropout: the same seed repeats the run."""
 
     # --- saving, logging, evaluation ----------------------------------------------------------
@@ -327,6 +332,12 @@ class TrainConfig:
     """None, 'zero1', 'zero2', 'zero2_offload', 'zero3', 'zero3_offload' or a DeepSpeed JSON path."""
     fsdp: bool = False
     """Shard with PyTorch FSDP2 across GPUs (or pass --fsdp)."""
+    sequence_parallel_size: int = setting(1, POSITIVE)
+    """Long context past one GPU's memory: split every row over this many GPUs (XTuner's name; DeepSpeed-Ulysses:
+    attention exchanges heads for tokens, so it runs over whole rows). The processes form groups of this size, each
+    training the same rows: NPROC_PER_NODE must be a multiple of it, and it must divide the model's attention heads.
+    Activation memory a GPU is about 1/N; `tunelab plan` names the smallest size that fits max_length. Works with
+    DDP, FSDP2 and ZeRO-1/2/3, full / LoRA / QLoRA; needs fast_path (CUDA graphs stay off)."""
 
     def resolved_quant_bits(self) -> Optional[int]:
         if self.quant_bits is not None:
@@ -438,11 +449,22 @@ def check_setting(key: str, value: Any, source: str, line: int | None = None) ->
             example = f"def my_map_fn(record): ... in the same file, then {key} = my_map_fn (no quotes)"
         return value, (f"{at} must be {describe_type(hint)}; got {value!r} "
                        f"({type(value).__name__}).{hint_text} For example: {example}")
+    if not _finite(value):  # inf passes "greater than 0" (lr = 1e999), NaN fails every rule with a puzzling message
+        return value, f"{at} must be a finite number; got {value!r}. For example: {key} = {default_value(key)!r}"
     rule = field_rule(key)
     if rule is not None and not rule.test(value):
         extra = did_you_mean(value, rule.choices()) if rule.choices and isinstance(value, str) else ""
         return value, f"{at} must be {rule.requirement()}; got {value!r}.{extra}"
     return value, None
+
+
+def _finite(value: Any) -> bool:
+    """No float in the value (or in a tuple / list of it) is inf or NaN."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None]] | None = None) -> list[str]:
@@ -476,6 +498,17 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
     if cfg.visual_encoder_name_or_path and cfg.objective != "sft":
         errors.append(f"{at('objective')}objective = {cfg.objective!r} with a vision tower: tunelab trains LLaVA models "
                       f"with supervised fine-tuning only (objective = 'sft').")
+    if cfg.visual_encoder_name_or_path and cfg.sequence_parallel_size > 1:
+        errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with a "
+                      f"vision tower: LLaVA rows are not split over GPUs (their image features go into whole rows). "
+                      f"Set sequence_parallel_size = 1.")
+    if cfg.sequence_parallel_size > 1 and not cfg.fast_path:
+        errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
+                      f"fast_path = False: splitting rows over GPUs runs through tunelab's attention and loss, which "
+                      f"fast_path = False turns off. Set fast_path = True, or sequence_parallel_size = 1.")
+    if cfg.nonfinite == "skip" and cfg.deepspeed:
+        errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
+                      f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")
     return errors + _preference_errors(cfg, at)
 
 
@@ -498,6 +531,10 @@ def _preference_errors(cfg: TrainConfig, at) -> list[str]:
     if cfg.train_on == "all":
         errors.append(f"{at('train_on')}train_on = 'all' with objective = '{objective}': preference training scores "
                       f"the final reply of each sequence only. Remove train_on (or set it to 'assistant').")
+    if cfg.sequence_parallel_size > 1:
+        errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
+                      f"objective = '{objective}': splitting rows over GPUs runs the supervised loss only; preference "
+                      f"objectives score whole sequences on one GPU. Set sequence_parallel_size = 1.")
     return errors
 
 

@@ -86,8 +86,11 @@ def migrate(cfg: XtunerConfig) -> Migration:
     if isinstance(seed, int):
         out["seed"] = seed
     if env.get("sequence_parallel_size", 1) not in (1, None):
-        lost.append(f"sequence_parallel_size = {env['sequence_parallel_size']}: tunelab has no sequence parallelism; "
-                    f"use a shorter max_length, offload_activations, or ZeRO-3")
+        # The same meaning: each row over that many GPUs; accumulative_counts (XTuner multiplies it by the size so
+        # the global batch stays put) is micro-batches per step of each group, as tunelab counts it.
+        take("sequence_parallel_size")
+        notes.append(f"sequence_parallel_size = {env['sequence_parallel_size']}: each row over that many GPUs; "
+                     f"start a multiple of it (NPROC_PER_NODE), as with XTuner")
     used.add("sequence_parallel_size")
     for name in cfg.part1:
         if name in _NOT_NEEDED:
@@ -294,7 +297,8 @@ def convert(source: str | Path, dest: str | Path, *, force: bool = False) -> tup
             text, found = _set_line(text, key, repr(s[key]))
             if not found:
                 extra.append(f"{key} = {s[key]!r}")
-    extra += [f"{key} = {s[key]!r}" for key in ("betas", "shuffle_before_pack", "lora_bias") if key in s]
+    extra += [f"{key} = {s[key]!r}" for key in ("betas", "shuffle_before_pack", "lora_bias", "sequence_parallel_size")
+              if key in s]
     if migration.map_fn_source:
         name = re.match(r"def\s+(\w+)", migration.map_fn_source).group(1)
         extra += ["", migration.map_fn_source, "", f"dataset_map_fn = {name}"]

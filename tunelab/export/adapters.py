@@ -42,33 +42,127 @@ def _check_adapter_files(adapter_dir: Path) -> None:
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
     try:
-        return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise TunelabError(f"{Path(adapter_dir) / ADAPTER_CONFIG} is not valid JSON (line {exc.lineno}): {exc.msg}")
+        raise TunelabError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    except UnicodeDecodeError:
+        raise TunelabError(f"{path} is not text (damaged?): convert the training checkpoint again.") from None
+    if not isinstance(config, dict):
+        raise TunelabError(f"{path}: expected a JSON object (peft's LoRA config), found {type(config).__name__}.")
+    return config
+
+
+def _unreadable(path: Path, exc: Exception) -> TunelabError:
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return TunelabError(f"{path}: cannot be read as adapter weights ({type(exc).__name__}: {first}). The file is "
+                        f"damaged or not an adapter: convert the training checkpoint again "
+                        f"(`tunelab convert pth_to_hf CFG WORK_DIR/iter_N OUT`).")
+
+
+def load_adapter_weights(adapter_dir: Path) -> dict:
+    """The adapter's tensors (safetensors, or a .bin read with weights_only=True: no pickled code runs)."""
+    adapter_dir = Path(adapter_dir)
+    st = adapter_dir / "adapter_model.safetensors"
+    path = st if st.is_file() else adapter_dir / "adapter_model.bin"
+    try:
+        if path == st:
+            from safetensors.torch import load_file
+
+            return load_file(str(st))
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, zipfile and unpickling each raise their own types for a damaged file
+        raise _unreadable(path, exc) from None
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise _unreadable(path, TypeError(f"holds a {type(state).__name__}, not a dict of tensors"))
+    return state
 
 
 def adapter_tensor_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the adapter's tensors, read without loading them where possible."""
     adapter_dir = Path(adapter_dir)
     st = adapter_dir / "adapter_model.safetensors"
-    if st.is_file():
-        from safetensors import safe_open
+    if not st.is_file():
+        return {k: tuple(v.shape) for k, v in load_adapter_weights(adapter_dir).items()}
+    from safetensors import safe_open
 
+    try:
         with safe_open(str(st), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    import torch
-
-    state = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
-    return {k: tuple(v.shape) for k, v in state.items()}
+    except Exception as exc:  # a damaged header
+        raise _unreadable(st, exc) from None
 
 
-def check_adapter_fits(model, adapter_dir: Path, base_name: str) -> None:
-    """Raise a clear TunelabError when the adapter's tensors do not fit `model` (an adapter for another base).
+def _config_model_type(name_or_path: str) -> str | None:
+    """model_type in the config.json of a local model directory or of a hub model in the local cache, else None."""
+    path = Path(name_or_path) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+        except Exception:  # not a hub id
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _same_name(a: str, b: str) -> bool:
+    """The same model by name: the same string, the same directory, or a hub id and a local folder of its name."""
+    if a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()):
+        return True
+    return Path(a.rstrip("/")).name.lower() == Path(b.rstrip("/")).name.lower()
+
+
+def check_adapter_base(model, adapter_dir: Path, base_name: str, meta: dict | None, *, allow_other_base: bool,
+                       say=print) -> None:
+    """Refuse an adapter trained on a base of another architecture than `model` (a Llama adapter into a Qwen2 base
+    of the same shapes would load without a complaint and produce nonsense), unless `allow_other_base`.
+
+    The adapter's base is the one adapter_config.json (or tunelab.json) names; its architecture is what tunelab.json
+    recorded at training, or that base's config.json where it is on this machine."""
+    meta = meta or {}
+    trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path") or meta.get("base_model")
+    if not trained_on:
+        return
+    recorded = (meta.get("model_type") if meta.get("base_model") == trained_on else None) \
+        or _config_model_type(trained_on)
+    actual = {getattr(getattr(model, "config", None), "model_type", None), _config_model_type(base_name)} - {None}
+    if recorded is None or not actual:
+        if not _same_name(str(trained_on), str(base_name)):
+            say(f"note: the adapter was trained on {trained_on}, not {base_name}; that model is not on this "
+                f"machine, so only the tensor shapes could be checked")
+    elif recorded not in actual:
+        if not allow_other_base:
+            raise TunelabError(f"the adapter {adapter_dir} was trained on {trained_on} (model_type {recorded!r}), "
+                               f"but {base_name} is a {' / '.join(sorted(actual))!r} model: an adapter works on the "
+                               f"model it was trained on. Pass {trained_on} as the base model, or --allow-other-base "
+                               f"if this base is the right one.")
+        say(f"warning: the adapter was trained on {trained_on} ({recorded}), applied to {base_name} "
+            f"({', '.join(sorted(actual))}) as --allow-other-base asks")
+
+
+def check_adapter_fits(model, adapter_dir: Path, base_name: str, *, meta: dict | None = None,
+                       allow_other_base: bool = False, say=print) -> None:
+    """Raise a clear TunelabError when the adapter does not fit `model`: tensors of other shapes or modules the base
+    lacks (an adapter for another base), or a base of another architecture (`check_adapter_base`).
 
     peft would fail later with a long 'size mismatch' traceback, or — worse — silently skip modules it cannot find.
     """
     adapter_dir = Path(adapter_dir)
+    _check_tensor_shapes(model, adapter_dir, base_name)
+    check_adapter_base(model, adapter_dir, base_name, meta, allow_other_base=allow_other_base, say=say)
+
+
+def _check_tensor_shapes(model, adapter_dir: Path, base_name: str) -> None:
     trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path") or "(not recorded)"
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())

@@ -17,9 +17,11 @@ import torch
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
-from tunelab.export.adapters import ADAPTER_CONFIG, check_adapter_fits, find_adapter_dir
+from tunelab.export.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_fits, find_adapter_dir,
+                                     load_adapter_weights)
 from tunelab.model.load import check_device, load_tokenizer
-from tunelab.train.layout import MODEL_DIR, META_FILE, read_meta, resolve_checkpoint, training_meta, write_meta
+from tunelab.train.layout import (MODEL_DIR, META_FILE, checkpoint_step, is_checkpoint, looks_like_work_dir, read_meta,
+                                  resolve_checkpoint, training_meta, write_meta)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -30,12 +32,49 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _prepare_out_dir(out_dir: Path, *sources: Path) -> None:
-    out_dir = out_dir.resolve()
-    for src in sources:
-        if out_dir == src.resolve():
-            raise TunelabError(f"the output directory {out_dir} is the input: choose another OUT directory.")
+def check_output(out: Path, *inputs: Path | str | None) -> None:
+    """Refuse an OUT that would write over what the command reads (the base model, the adapter, the checkpoint),
+    into a training checkpoint (save_total_limit deletes those), onto a work dir's iter_* names (training replaces
+    what is there) or into a work dir's top level (its checkpoints and logs); a folder inside a work dir, such as
+    WORK_DIR/hf, is fine."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"OUT {out} is a file: pass a directory (it is created if missing).")
+    resolved = out.resolve()
+    for src in inputs:
+        if src is not None and Path(src).exists() and resolved == Path(src).resolve():
+            raise TunelabError(f"OUT {out} is an input of this command ({src}): writing there would destroy it. "
+                               f"Choose another OUT directory.")
+    for folder in (resolved, *resolved.parents):
+        if checkpoint_step(folder) >= 0 and is_checkpoint(folder):
+            raise TunelabError(f"OUT {out} is inside the training checkpoint {folder}, which training may prune "
+                               f"(save_total_limit) or replace. Choose a directory outside it, e.g. "
+                               f"{folder.parent / 'hf'}.")
+    if resolved.name.startswith("iter_") and looks_like_work_dir(resolved.parent):
+        raise TunelabError(f"OUT {out}: training uses the iter_* names of the work dir {out.parent} for its "
+                           f"checkpoints (and replaces or deletes what is there). Choose another name, e.g. "
+                           f"{out.parent / 'hf'}.")
+    if looks_like_work_dir(resolved):
+        raise TunelabError(f"OUT {out} is a training work dir (it holds checkpoints): the export would mix with "
+                           f"them. Choose a directory of its own, e.g. {out / 'hf'}.")
+
+
+def _prepare_out_dir(out_dir: Path, *inputs: Path | str | None) -> None:
+    check_output(out_dir, *inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def shard_size(text: str) -> int | str:
+    """--max-shard-size as transformers reads it ('2GB', '500MB', '1GiB' or bytes), checked before any work."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    value = int(text) if str(text).isdigit() else text
+    try:
+        convert_file_size_to_int(value)
+    except (ValueError, AttributeError):
+        raise TunelabError(f"--max-shard-size {text!r}: use a whole number and a unit, e.g. 2GB, 500MB or 1GiB.") \
+            from None
+    return value
 
 
 def _copy_tokenizer(source_dirs: list, out_dir: Path) -> bool:
@@ -58,6 +97,7 @@ def _copy_tokenizer(source_dirs: list, out_dir: Path) -> bool:
 def pth_to_hf(config_path: str | None, checkpoint: str, out_dir: str, *, fp32: bool = False,
               max_shard_size: str = "2GB") -> Path:
     """Write the checkpoint's model as a HF adapter or model directory in `out_dir` (bf16, or fp32 with `fp32`)."""
+    max_shard_size = shard_size(max_shard_size)
     ckpt = resolve_checkpoint(checkpoint)
     model_dir = ckpt / MODEL_DIR
     cfg = None
@@ -75,7 +115,8 @@ def pth_to_hf(config_path: str | None, checkpoint: str, out_dir: str, *, fp32: b
         _say(f"note: {ckpt}/{META_FILE} says base_model={meta.get('base_model')!r}, the config says "
              f"{cfg.pretrained_model_name_or_path!r}; the checkpoint's own record is kept.")
     out = Path(out_dir)
-    _prepare_out_dir(out, ckpt, model_dir)
+    base = meta.get("base_model")
+    _prepare_out_dir(out, checkpoint, ckpt, model_dir, base if base and Path(base).is_dir() else None)
     dtype = torch.float32 if fp32 else torch.bfloat16
     _say(f"converting {ckpt} ({meta.get('method', '?')}) → {out} ({'fp32' if fp32 else 'bf16'})")
     if meta.get("llava"):
@@ -137,16 +178,12 @@ def _add_stop_tokens(model, tokenizer, template) -> None:
 
 def _save_adapter(model_dir: Path, out: Path, dtype: torch.dtype) -> None:
     """Copy a peft adapter, storing its floating-point tensors in `dtype` as safetensors."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    st = model_dir / "adapter_model.safetensors"
-    if st.is_file():
-        state = load_file(str(st))
-    elif (model_dir / "adapter_model.bin").is_file():
-        state = torch.load(model_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
+    if not any((model_dir / name).is_file() for name in ADAPTER_WEIGHTS):
         raise TunelabError(f"{model_dir} has {ADAPTER_CONFIG} but no adapter_model.safetensors: the checkpoint "
                            f"is incomplete. Use an earlier iter_N directory.")
+    state = load_adapter_weights(model_dir)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     shutil.copy2(model_dir / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
@@ -189,17 +226,20 @@ def _stop_token_ids(tokenizer, template) -> list[int]:
 
 def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB", device: str = "auto",
           dtype: str = "auto", prompt_template: str | None = None, output_format: str = "hf",
-          trust_remote_code: bool = False) -> Path:
-    """Merge `adapter` into `base` and save a HF model + tokenizer (with the training chat_template) in `out_dir`."""
+          trust_remote_code: bool = False, allow_other_base: bool = False) -> Path:
+    """Merge `adapter` into `base` and save a HF model + tokenizer (with the training chat_template) in `out_dir`.
+
+    allow_other_base: merge although the adapter was trained on a base of another architecture."""
     from peft import PeftModel
 
     from tunelab.model.load import load_causal_lm
 
+    max_shard_size = shard_size(max_shard_size)
     adapter_dir, meta_dir = find_adapter_dir(adapter)
     meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
     out = Path(out_dir)
     # a local base is read while the merged model is written: writing over it would destroy it
-    _prepare_out_dir(out, adapter_dir, *([Path(base)] if Path(base).is_dir() else []))
+    _prepare_out_dir(out, adapter, adapter_dir, meta_dir, base if Path(base).is_dir() else None)
     dev = pick_device(device)
     if dtype not in ("auto", *DTYPES):
         raise TunelabError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32.")
@@ -226,7 +266,7 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
                            reward_head=reward, pad_token_id=tokenizer.pad_token_id)
     if meta.get("method") == "qlora":
         _say("the adapter was trained on a 4-bit base (QLoRA); merging into the unquantised base, as intended")
-    check_adapter_fits(model, adapter_dir, base)
+    check_adapter_fits(model, adapter_dir, base, meta=meta, allow_other_base=allow_other_base, say=_say)
     _say(f"merging adapter {adapter_dir}")
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 

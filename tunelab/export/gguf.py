@@ -240,9 +240,9 @@ def _add_tensor(writer, name: str, data: np.ndarray, ggml_type) -> None:
 
 def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", adapter: str | None = None,
                     prompt_template: str | None = None, modelfile: bool = True,
-                    trust_remote_code: bool = False) -> Path:
+                    trust_remote_code: bool = False, allow_other_base: bool = False) -> Path:
     """MODEL (merged HF dir, or base with `adapter` merged in memory) → OUT.gguf, plus an Ollama Modelfile beside it."""
-    from tunelab.export.convert import template_for_export
+    from tunelab.export.convert import check_output, template_for_export
     from tunelab.export.ollama import write_modelfile
     from tunelab.model.load import load_causal_lm, load_tokenizer, resolve_model_dir
     from tunelab.train.layout import read_meta
@@ -252,6 +252,9 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
         raise TunelabError(f"{out}: name the output file NAME.gguf (llama.cpp and Ollama look for that suffix).")
     if out_type not in TYPES:
         raise TunelabError(f"--type {out_type!r}: use one of {', '.join(TYPES)}.")
+    if out.is_dir():
+        raise TunelabError(f"{out} is a directory: name the file to write, e.g. {out / 'model.gguf'}.")
+    check_output(out.parent)  # not into a training checkpoint or a work dir's top level
     model_dir = resolve_model_dir(model_path, key="MODEL")
     meta = {}
     if adapter:
@@ -267,7 +270,8 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     if adapter:
         from peft import PeftModel
 
-        check_adapter_fits(model, adapter_dir, str(model_dir))
+        check_adapter_fits(model, adapter_dir, str(model_path), meta=meta, allow_other_base=allow_other_base,
+                           say=_say)
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     tokenizer_dir = adapter_dir if adapter and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
     tokenizer = load_tokenizer(str(tokenizer_dir), trust_remote_code=trust_remote_code)

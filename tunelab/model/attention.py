@@ -14,6 +14,10 @@ that is not packed) it falls back to sdpa.
 Rows that are each one whole sample (long-context training, no packing) need no varlen kernel: plain causal attention
 does, and on a GPU it runs cuDNN's kernel, 1.7-2.3x faster than flash on an H100 at 8k-128k tokens with the same
 error against an fp32 reference (benchmarks/bench_attention.py).
+
+Under sequence parallelism (`tunelab.model.sequence_parallel`) each rank holds a shard of every row; the objective
+passes the whole rows' boundaries and the group with the call, and the attention function exchanges heads for tokens
+around the same kernels, so flash, cuDNN and the CPU's sdpa all attend over whole rows.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+
+from tunelab.model.sequence_parallel import attend_over_whole_rows
 
 ATTN_NAME = "tunelab_varlen"
 
@@ -91,21 +97,36 @@ def _segmented_sdpa(q, k, v, cu, scale):
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: query [B, Hq, T, D], key/value [B, Hkv, T, D] → ([B, T, Hq, D], None)."""
+    """transformers attention function: query [B, Hq, T, D], key/value [B, Hkv, T, D] → ([B, T, Hq, D], None).
+
+    With `sequence_parallel_group` among the keyword arguments, T is this rank's shard of each row and the
+    boundaries are the whole rows': the heads are exchanged so that attention runs over whole rows
+    (`tunelab.model.sequence_parallel`)."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or attention_mask is not None or query.shape[2] != key.shape[2]:
         return _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    max_len = kwargs.get("max_length_q")
+    group = kwargs.get("sequence_parallel_group")
+    if group is not None:
+        return attend_over_whole_rows(packed_attention, query, key, value, group, cu=cu, max_len=max_len,
+                                      scale=scaling), None
+    return packed_attention(query, key, value, cu=cu, max_len=max_len, scale=scaling), None
+
+
+def packed_attention(query, key, value, *, cu, max_len, scale):
+    """Causal attention within each sample of packed rows: query [B, Hq, T, D], key/value [B, Hkv, T, D], the
+    samples' boundaries `cu` over the flattened rows → [B, T, Hq, D]."""
     b, hq, t, d = query.shape
-    max_len = kwargs.get("max_length_q") or t
+    max_len = max_len or t
     if query.is_cuda and max_len == t and cu.numel() == b + 1:  # every row one whole sample
-        return _cudnn_whole_rows(query, key, value, scaling), None
+        return _cudnn_whole_rows(query, key, value, scale)
     dtype = attention_dtype(query)
     q = query.transpose(1, 2).reshape(b * t, hq, d).to(dtype)
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d).to(dtype)
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d).to(dtype)
     fast = _KERNEL is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    out = _varlen_flash(q, k, v, cu, max_len, scaling) if fast else _segmented_sdpa(q, k, v, cu, scaling)
-    return out.view(b, t, hq, d), None
+    out = _varlen_flash(q, k, v, cu, max_len, scale) if fast else _segmented_sdpa(q, k, v, cu, scale)
+    return out.view(b, t, hq, d)
 
 
 def attention_dtype(query: torch.Tensor) -> torch.dtype:
@@ -140,7 +161,7 @@ def _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, 
         tq, tk = query.shape[2], key.shape[2]
         causal = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
         attention_mask = attention_mask.bool()[:, None, None, :] & causal
-    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "sequence_parallel_group"):
         kwargs.pop(name, None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)

@@ -202,7 +202,11 @@ def apply_fast_path(model, plan, device) -> dict:
         from tunelab.model.attention import enable_varlen_attention
 
         enable_varlen_attention(model, static_shapes=plan.cuda_graphs)
-        report["varlen_attention"] = "on, cuDNN for rows of one sample"
+        report["varlen_attention"] = ("on, cuDNN for rows of one sample" if plan.on_gpu
+                                      else "on (sdpa a sample at a time on the CPU)")
+        if plan.sequence_parallel > 1:
+            report["sequence_parallel"] = (f"each row over {plan.sequence_parallel} ranks, attention over whole rows "
+                                           "(heads exchanged by all-to-all)")
     else:
         report["varlen_attention"] = "off (sdpa with a block-diagonal mask from position_ids)"
     dtype = compute_dtype(model)

@@ -292,7 +292,35 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
     elif plan.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return _with_fast_path(get_peft_model(model, _lora_config(cfg)), plan, device)
+    check_lora_targets(model, cfg.lora_target_modules, cfg.pretrained_model_name_or_path)
+    try:
+        peft_model = get_peft_model(model, _lora_config(cfg))
+    except ValueError as exc:  # peft's refusals of a LoRA setting (e.g. a module type it cannot adapt)
+        raise TunelabError(f"the LoRA settings do not fit {cfg.pretrained_model_name_or_path}: "
+                           f"{str(exc).splitlines()[0]} Check lora_target_modules and lora_modules_to_save.") from None
+    return _with_fast_path(peft_model, plan, device)
+
+
+def check_lora_targets(model, targets, model_name: str) -> None:
+    """Every entry of lora_target_modules names modules of this model. peft passes over an entry that matches
+    nothing as long as another entry matches, so a typo would train fewer layers than asked, silently."""
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):  # peft reads a string as a regular expression over the full module names
+        try:
+            missing = [] if any(re.fullmatch(targets, name) for name in names) else [targets]
+        except re.error as exc:
+            raise TunelabError(f"lora_target_modules = {targets!r}: not a valid regular expression ({exc}). Use "
+                               f"'all-linear' or a list of module names like ['q_proj', 'v_proj'].") from None
+    else:
+        missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear) and "lm_head" not in name})
+        raise TunelabError(f"lora_target_modules: {', '.join(map(repr, missing))} matches no module of {model_name}. "
+                           f"Its linear layers are named {linear}: e.g. lora_target_modules = {linear[:2]!r}, or "
+                           f"'all-linear' for all of them.")
 
 
 def load_reference_model(cfg, device: torch.device, plan):

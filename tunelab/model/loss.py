@@ -147,7 +147,9 @@ def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool 
         return loss, n_tokens
 
     decoder, lm_head, softcap = split_model(model)
-    hidden = decoder(**inputs, position_ids=batch["position_ids"]).last_hidden_state
+    # decoder_kwargs: a shard of each row under sequence parallelism (model/sequence_parallel.py) brings the whole
+    # rows' sample boundaries and the group, for attention
+    hidden = decoder(**inputs, position_ids=batch["position_ids"], **batch.get("decoder_kwargs", {})).last_hidden_state
     hidden = hidden.flatten(0, 1).index_select(0, index)
     weight, bias = lm_head.weight, lm_head.bias
     rows = loss_chunk_rows(chunk_size, weight.shape[0], head_trained=weight.requires_grad)

@@ -6,6 +6,12 @@ backward (all of them, or one tensor per layer with gradient checkpointing plus 
 recomputed), and the logits of the loss. It targets `torch.cuda.max_memory_allocated()` of the run as its fast-path
 plan (`tunelab.model.plan`) runs it on a GPU; `fits` adds the CUDA context and allocator slack on top.
 
+Several processes: sequence parallelism (`sequence_parallel_size = N`) gives each GPU 1/N of every row's tokens, so
+every per-token term is for max_length / N tokens, plus the all-to-all's buffers; the engine's sharding (ZeRO-1/2/3,
+FSDP2) divides optimizer states, gradients and weights over the processes. Both are arithmetic, not yet checked
+against measured peaks (no multi-GPU machine has been lent). `smallest_sequence_parallel` finds the fewest GPUs a
+row of max_length must be split over to fit a card.
+
 The per-token activation constants are "bytes per token per layer" in units of the hidden and intermediate sizes,
 fitted to peaks measured on an H100 (BENCHMARKS.md): `ACT_PER_TOKEN` to the first uncompiled peaks (Llama-7B LoRA and
 QLoRA at 2k), `COMPILED_ACT_FACTOR` to the compiled peaks with the checkpoint around and inside the compiled layer.
@@ -118,6 +124,8 @@ class MemoryEstimate:
     parts: dict  # name -> bytes, adding up to `total`
     total: int  # estimated peak of torch.cuda.max_memory_allocated()
     with_overhead: int  # plus CUDA context and allocator slack: what the card must have
+    world_size: int = 1
+    """The processes the estimate is for (the engine's sharding divides states over them)."""
     device_bytes: int | None = None
     device_name: str | None = None
     suggestions: list = field(default_factory=list)
@@ -198,18 +206,49 @@ def _lora_params(shape: ModelShape, cfg) -> int:
     return shape.num_hidden_layers * sum(cfg.lora_r * (a + b) for a, b in chosen)
 
 
-def estimate_memory(cfg, device=None, plan=None) -> MemoryEstimate:
-    """Peak GPU memory of one training step of `cfg`; `device` (a torch.device) to check the fit. `plan`: the run's
-    `FastPathPlan` (by default the one `cfg` gets on a GPU in one process)."""
+def sharded_by_engine(cfg) -> set[str]:
+    """What the engine of `cfg` divides over the processes: 'optimizer', 'gradients', 'weights'."""
+    if cfg.fsdp:
+        return {"optimizer", "gradients", "weights"}
+    if not cfg.deepspeed:
+        return set()
+    from tunelab.train.deepspeed_configs import zero_stage
+
+    return [set(), {"optimizer"}, {"optimizer", "gradients"}, {"optimizer", "gradients", "weights"}][
+        min(zero_stage(cfg.deepspeed), 3)]
+
+
+def estimate_memory(cfg, device=None, plan=None, *, world_size: int | None = None,
+                    card_bytes: int | None = None) -> MemoryEstimate:
+    """Peak GPU memory of one training step of `cfg` on each GPU; `device` (a torch.device) or `card_bytes` (a card
+    that is not here) to check the fit. `plan`: the run's `FastPathPlan` (by default the one `cfg` gets on a GPU).
+    `world_size`: the processes of the run (default: sequence_parallel_size, the fewest it runs on)."""
+    est = _estimate(cfg, device, plan, world_size, card_bytes)
+    est.suggestions = _suggestions(cfg, est, plan or _plan(cfg))
+    return est
+
+
+def _plan(cfg, world_size: int = 1):
     from tunelab.model.plan import plan_fast_path
 
-    plan = plan or plan_fast_path(cfg, "cuda")
+    return plan_fast_path(cfg, "cuda", world_size)
+
+
+def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
+    plan = plan or _plan(cfg)
+    world = world_size or plan.sequence_parallel
     shape = model_shape(cfg.pretrained_model_name_or_path)
     bits = cfg.resolved_quant_bits()
     checkpointing = plan.checkpointing
     from tunelab.data.dataset import row_length
 
-    tokens = row_length(cfg) * cfg.batch_size  # a preference row holds two max_length sequences
+    split = plan.sequence_parallel
+    if split > 1:
+        from tunelab.model.sequence_parallel import check_heads
+
+        check_heads(shape.num_attention_heads, shape.num_key_value_heads, split)
+    # this GPU's share of each row (a preference row holds two max_length sequences)
+    tokens = -(-row_length(cfg) // split) * cfg.batch_size
     h, inter, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
     linear = layers * shape.layer_linear_params()
     other = shape.total_params() - linear  # embeddings, lm_head, norms: kept in bf16
@@ -242,6 +281,25 @@ def estimate_memory(cfg, device=None, plan=None) -> MemoryEstimate:
         parts["LoRA params (fp32)"] = trainable * 4
         grads, grads_name = trainable * 4, "LoRA gradients"
     parts["AdamW states"] = trainable * adam_bytes
+    sharded = sharded_by_engine(cfg) if world > 1 else set()
+    if "optimizer" in sharded:
+        parts["AdamW states"] //= world
+    if "gradients" in sharded:
+        grads //= world
+    if "weights" in sharded:
+        for name in ("frozen/base weights", "bf16 weight copies (autocast)", "LoRA params (fp32)"):
+            if name in parts:
+                parts[name] //= world
+        # gathered whole while they compute: a layer and the next one (prefetched), and the root (embeddings,
+        # lm_head), which the loss reads through the whole step
+        parts["gathered weights"] = 2 * shape.layer_linear_params() * 2 + other * 2
+    if split > 1:
+        # q, k, v (KV heads repeated to whole heads a rank) and the output of the layer at work, each sent and
+        # received: twice this GPU's share of them (their gradients in backward, when the forward's are gone)
+        from tunelab.model.sequence_parallel import kv_repeats
+
+        kv_heads = shape.num_key_value_heads * kv_repeats(shape.num_key_value_heads, split)
+        parts["all-to-all buffers"] = 2 * tokens * (2 * shape.num_attention_heads + 2 * kv_heads) * shape.head_dim * 2
     if cfg.resolved_reference(copy_fits=False) == "copy":  # DPO / KTO's frozen copy, in the compute dtype
         parts["reference model (frozen copy)"] = shape.total_params() * 2
 
@@ -292,17 +350,18 @@ def estimate_memory(cfg, device=None, plan=None) -> MemoryEstimate:
 
     total = int(sum(parts.values()))
     with_overhead = int(total * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES)
-    est = MemoryEstimate(parts=parts, total=total, with_overhead=with_overhead)
+    est = MemoryEstimate(parts=parts, total=total, with_overhead=with_overhead, world_size=world)
     if plan.offload_activations:
         est.cpu_offload["offload_activations"] = layers * tokens * h * 2  # every layer's input passes through
     if embeddings_on_cpu:
         est.cpu_offload["embeddings_on_cpu"] = vocab * h * other_bytes
-    if device is not None and getattr(device, "type", str(device)) == "cuda":
+    if card_bytes is not None:
+        est.device_bytes, est.device_name = card_bytes, f"a {card_bytes / GIB:g} GiB GPU"
+    elif device is not None and getattr(device, "type", str(device)) == "cuda":
         import torch
 
         props = torch.cuda.get_device_properties(device)
         est.device_bytes, est.device_name = props.total_memory, props.name
-    est.suggestions = _suggestions(cfg, est, plan)
     return est
 
 
@@ -322,6 +381,20 @@ def vision_parts(cfg, hidden: int, adam_bytes: int) -> dict[str, int]:
     tower = layers * (4 * v * v + 2 * v * inter) + 3 * c["patch_size"] ** 2 * v + (c["image_size"] // c["patch_size"]) ** 2 * v
     projector = v * hidden + hidden * hidden
     return {"vision tower (frozen, bf16)": tower * 2, "projector (trained)": projector * (4 + 4 + adam_bytes)}
+
+
+def smallest_sequence_parallel(cfg, card_bytes: int) -> int | None:
+    """The fewest GPUs each row of `cfg.max_length` must be split over (`sequence_parallel_size`) for a step to fit
+    a card of `card_bytes`, with the run on that many GPUs (the engine of `cfg` sharding over them); None: no size
+    up to the model's attention heads fits. Only sizes that divide the attention heads are tried."""
+    import dataclasses
+
+    heads = model_shape(cfg.pretrained_model_name_or_path).num_attention_heads
+    for size in (n for n in range(1, heads + 1) if heads % n == 0):
+        split = dataclasses.replace(cfg, sequence_parallel_size=size)
+        if _estimate(split, None, _plan(split, size), size, card_bytes).fits:
+            return size
+    return None
 
 
 def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
@@ -365,19 +438,24 @@ def choose_reference(cfg, device=None, plan=None) -> str | None:
     return cfg.resolved_reference(copy_fits=fits is not False)
 
 
-def plan_report(cfg, device=None, plan=None) -> str:
-    """A short text table of the estimate, for `tunelab plan`."""
+def plan_report(cfg, device=None, plan=None, *, world_size: int | None = None, card_bytes: int | None = None) -> str:
+    """A short text table of the estimate, for `tunelab plan` (per GPU, on `world_size` GPUs)."""
     reference = choose_reference(cfg, device, plan)
     if reference and reference != cfg.reference:
         from dataclasses import replace
 
         cfg = replace(cfg, reference=reference)
-    est = estimate_memory(cfg, device, plan)
+    est = estimate_memory(cfg, device, plan, world_size=world_size, card_bytes=card_bytes)
     objective = "" if cfg.objective == "sft" else f", objective {cfg.objective}" + (
         f" (reference: {reference})" if reference else "") + f", rows of {2 * cfg.max_length} tokens (a pair)"
     lines = [f"memory plan for {cfg.pretrained_model_name_or_path} ({cfg.method}, max_length {cfg.max_length}, "
              f"batch_size {cfg.batch_size}, gradient checkpointing "
              f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'}{objective})"]
+    if est.world_size > 1:
+        engine = cfg.deepspeed or ("fsdp" if cfg.fsdp else "ddp")
+        split = (f", each row over {cfg.sequence_parallel_size} (sequence parallel)"
+                 if cfg.sequence_parallel_size > 1 else "")
+        lines.append(f"  per GPU, on {est.world_size} GPUs ({engine}{split})")
     for name, value in est.parts.items():
         lines.append(f"  {name:<30} {value / GIB:8.2f} GiB")
     lines.append(f"  {'peak allocated (estimate)':<30} {est.total / GIB:8.2f} GiB")
@@ -386,6 +464,12 @@ def plan_report(cfg, device=None, plan=None) -> str:
         lines.append(f"  {'CPU memory (offloaded)':<30} {est.cpu_offload_bytes / GIB:8.2f} GiB")
     if est.device_bytes is not None:
         lines.append(f"  {est.device_name}: {est.device_bytes / GIB:.1f} GiB -> {est.verdict}")
+    if est.device_bytes is not None and cfg.objective == "sft" and (not est.fits or cfg.sequence_parallel_size > 1):
+        size = smallest_sequence_parallel(cfg, est.device_bytes)
+        need = (f"sequence_parallel_size = {size} at least (each row over {size} GPUs)" if size and size > 1 else
+                "one GPU is enough (sequence_parallel_size = 1)" if size else
+                "no sequence_parallel_size up to the attention heads fits")
+        lines.append(f"  rows of {cfg.max_length} tokens on {est.device_name}: {need}")
     for s in est.suggestions:
         lines.append(f"  try: {s}")
     return "\n".join(lines)

@@ -58,12 +58,17 @@ class FastPathPlan:
     """The loss over trained tokens only, lm_head in chunks, gradients taken in forward; False: full logits."""
     loss_chunk_size: int = 4096
     """Most trained positions a chunk of the chunked loss."""
+    sequence_parallel: int = 1
+    """Ranks each row is split over (`sequence_parallel_size`); above 1, attention exchanges heads for tokens
+    (`sequence_parallel.attend_over_whole_rows`), so tunelab's attention runs on any device."""
 
     @property
     def checkpoint_inside_compile(self) -> bool:
         """The checkpoint goes inside the compiled layer, so its recomputation is part of one compiled backward graph.
-        Offloading and MLP slices need eager code around the layer, so they keep the checkpoint outside."""
-        return self.compile and self.checkpointing and not self.offload_activations and not self.mlp_slice
+        Offloading, MLP slices and sequence parallelism's all-to-all need eager code in or around the layer, so they
+        keep the checkpoint outside."""
+        return (self.compile and self.checkpointing and not self.offload_activations and not self.mlp_slice
+                and self.sequence_parallel == 1)
 
     @property
     def fused_dequant(self) -> bool:
@@ -82,9 +87,11 @@ class FastPathPlan:
         on = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("enabled", "on_gpu", "loss_chunk_size") or not value:
+            skip = f.name in ("enabled", "on_gpu", "loss_chunk_size") or not value
+            if skip or (f.name == "sequence_parallel" and value == 1):
                 continue
-            on.append(f"{f.name} ({value} tokens a slice)" if f.name == "mlp_slice" else f.name)
+            detail = {"mlp_slice": f" ({value} tokens a slice)", "sequence_parallel": f" ({value} ranks a row)"}
+            on.append(f.name + detail.get(f.name, ""))
         for name in ("checkpoint_inside_compile", "fused_dequant", "compiled_loss"):
             if getattr(self, name):
                 on.append(name)
@@ -100,20 +107,24 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
         return FastPathPlan(on_gpu=on_gpu, checkpointing=checkpointing, loss_chunk_size=cfg.loss_chunk_size)
     compile_layers = bool(cfg.use_compile and on_gpu)
     offload = bool(cfg.offload_activations and on_gpu and checkpointing)
-    mlp_slice = cfg.mlp_chunk_size if cfg.mlp_chunk_size and cfg.max_length > cfg.mlp_chunk_size else None
+    sequence_parallel = cfg.sequence_parallel_size
+    row_share = -(-cfg.max_length // sequence_parallel)  # the tokens of a row each rank runs through the layers
+    mlp_slice = cfg.mlp_chunk_size if cfg.mlp_chunk_size and row_share > cfg.mlp_chunk_size else None
     graphs = cfg.cuda_graphs
     if graphs is None:  # rows packed to max_length have one shape anyway; several processes are untested
         graphs = cfg.pack_to_max_length and world_size == 1
     # CUDA graphs record a compiled layer whose checkpoint is inside the compiled code, or which has none: an eager
-    # checkpoint around compiled code (offloading, MLP slices) frees an input the recording still holds.
-    graphs = bool(graphs and compile_layers and (not checkpointing or not (offload or mlp_slice)))
+    # checkpoint around compiled code (offloading, MLP slices) frees an input the recording still holds. Sequence
+    # parallelism's all-to-all is eager code inside the layer.
+    graphs = bool(graphs and compile_layers and (not checkpointing or not (offload or mlp_slice))
+                  and sequence_parallel == 1)
     embeddings_on_cpu = cfg.embeddings_on_cpu
     if embeddings_on_cpu is None:
         embeddings_on_cpu = cfg.method in ("lora", "qlora")
     return FastPathPlan(
         enabled=True, on_gpu=on_gpu, checkpointing=checkpointing,
-        varlen_attention=on_gpu, frozen_weights_in_compute_dtype=on_gpu, lean_lora=on_gpu,
+        varlen_attention=on_gpu or sequence_parallel > 1, frozen_weights_in_compute_dtype=on_gpu, lean_lora=on_gpu,
         dequantize_once=on_gpu and checkpointing,
         embeddings_on_cpu=bool(on_gpu and embeddings_on_cpu and cfg.method != "full"),  # full trains it
         compile=compile_layers, cuda_graphs=graphs, offload_activations=offload, mlp_slice=mlp_slice,
-        chunked_loss=True, loss_chunk_size=cfg.loss_chunk_size)
+        chunked_loss=True, loss_chunk_size=cfg.loss_chunk_size, sequence_parallel=sequence_parallel)

@@ -1,8 +1,10 @@
 """Checkpoints that are never half-written, and resuming from them (the names of the files: `layout.py`).
 
-A checkpoint is written into `iter_N.tmp/` and renamed to `iter_N/` only when every file is there; the
-`last_checkpoint` pointer is then replaced atomically (`os.replace`). A crash or kill at any moment therefore
-leaves the pointer on a complete checkpoint. `training_state.pt` holds only tensors and plain numbers, so it
+A checkpoint is written into `iter_N.tmp/`, its `checksums.json` last, and renamed to `iter_N/` only when every file
+is there; the `last_checkpoint` pointer is then replaced atomically (`os.replace`). A crash or kill at any moment
+therefore leaves complete checkpoints only. Resume takes the newest one whose checksums hold (a damaged one is moved
+aside, named), and a run refuses to start where it would overwrite checkpoints it does not continue from, unless
+told to (`overwrite`). Only finite weights are saved. `training_state.pt` holds only tensors and plain numbers, so it
 loads with `torch.load(weights_only=True)` (no pickled code runs).
 """
 
@@ -20,7 +22,9 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.model.llava import is_llava
 from tunelab.train import layout
-from tunelab.train.layout import MODEL_DIR, OPTIMIZER_DIR, STATE_FILE, last_checkpoint, list_checkpoints
+from tunelab.train.checksums import verify_checkpoint, write_manifest
+from tunelab.train.layout import (MANIFEST_FILE, MODEL_DIR, OPTIMIZER_DIR, STATE_FILE, checkpoint_step,
+                                  last_checkpoint, list_checkpoints)
 
 
 # --- RNG: every generator a run draws from, as tensors and numbers ------------------------------
@@ -61,42 +65,91 @@ def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler
 
     Call on every rank: the strategy (`tunelab.train.strategy`) gathers whole weights where they are sharded (every
     rank joins) and writes its optimizer state (sharded engines: one file per rank under iter_N/optimizer/);
-    rank 0 writes the rest while the others wait.
+    rank 0 writes the rest while the others wait. Weights that are not all finite are never written (TunelabError);
+    a write that fails (disk full, read-only) leaves the earlier checkpoints as they were.
     """
     from tunelab.train.distributed import barrier
 
     env = strategy.env
     work_dir = Path(work_dir)
     final, tmp = layout.checkpoint_dir(work_dir, step), layout.partial_dir(work_dir, step)
-    if env.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from a save that was killed
-        tmp.mkdir(parents=True)
-    barrier(env)
     inner = strategy.module
     # a LoRA adapter, or a LLaVA model's trained parts (its frozen vision tower, and in stage 1 its language model,
     # come from the base models again)
     weights = strategy.full_state_dict(trainable_only=hasattr(inner, "peft_config") or is_llava(inner))
-    state = {"step": step, "position": dict(position), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    strategy.save_optimizer(tmp / OPTIMIZER_DIR, state)
-    if not env.is_main:  # each rank's own generators (dropout masks differ by rank); rank 0's go in STATE_FILE
-        torch.save(rng_state(), layout.rng_file(tmp, env.rank))
-    barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
-    if env.is_main:
-        # safetensors: the adapter for peft models, the whole model otherwise
-        kwargs = {"state_dict": weights} if weights is not None else {}
-        if is_llava(inner) and not hasattr(inner, "peft_config"):
-            kwargs["save_original_format"] = False  # the module names resume and export read back
-        inner.save_pretrained(tmp / MODEL_DIR, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / MODEL_DIR)
-        torch.save(state, tmp / STATE_FILE)
-        layout.write_meta(tmp, meta)
-        _replace_dir(tmp, final)
-        layout.write_pointer(work_dir, final)
-        prune_checkpoints(work_dir, save_total_limit, keep=final)
+    _refuse_non_finite(weights, inner, env, step)
+    try:
+        if env.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over from a save that was killed
+            tmp.mkdir(parents=True)
+        barrier(env)
+        state = {"step": step, "position": dict(position), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        strategy.save_optimizer(tmp / OPTIMIZER_DIR, state)
+        if not env.is_main:  # each rank's own generators (dropout masks differ by rank); rank 0's go in STATE_FILE
+            torch.save(rng_state(), layout.rng_file(tmp, env.rank))
+        barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
+        if env.is_main:
+            # safetensors: the adapter for peft models, the whole model otherwise
+            kwargs = {"state_dict": weights} if weights is not None else {}
+            if is_llava(inner) and not hasattr(inner, "peft_config"):
+                kwargs["save_original_format"] = False  # the module names resume and export read back
+            inner.save_pretrained(tmp / MODEL_DIR, **kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / MODEL_DIR)
+            torch.save(state, tmp / STATE_FILE)
+            layout.write_meta(tmp, meta)
+            write_manifest(tmp)  # last: a checkpoint with checksums.json holds every file it lists
+            _replace_dir(tmp, final)
+            layout.write_pointer(work_dir, final)
+            prune_checkpoints(work_dir, save_total_limit, keep=final)
+    except (OSError, RuntimeError, _safetensors_error()) as exc:  # torch.save reports a full disk as RuntimeError
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = last_checkpoint(work_dir) or (list_checkpoints(work_dir) or [None])[-1]
+        if isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+        else:  # torch and safetensors word a full disk their own way: say how much room there is
+            reason = f"{(str(exc).splitlines() or [type(exc).__name__])[0][:200]}; {_free_space(work_dir)} free there"
+        raise TunelabError(f"saving checkpoint {final} failed: {reason}. Free disk space or make {work_dir} writable, "
+                           f"then continue with --resume auto (from "
+                           f"{previous.name if previous else 'step 0: no checkpoint saved yet'}; earlier checkpoints "
+                           f"are untouched).") from None
     barrier(env)
     return final
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB"
+    except OSError:
+        return "unknown space"
+
+
+def _safetensors_error() -> type:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        return OSError
+    return SafetensorError
+
+
+def _refuse_non_finite(weights: dict | None, model, env, step: int) -> None:
+    """Stop (on every rank) before a checkpoint of weights with inf / NaN is written: resume would carry them on,
+    and `save_total_limit` would prune the finite checkpoints to make room for it."""
+    from tunelab.train.distributed import all_reduce_sum
+
+    bad = 0.0
+    if env.is_main:
+        tensors = weights.values() if weights is not None else (p for p in model.parameters() if p.requires_grad)
+        flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+        bad = float(not bool(torch.stack([f.cpu() for f in flags]).all())) if flags else 0.0
+    if env.distributed:
+        bad = float(all_reduce_sum(torch.tensor(bad, device=env.device), env))
+    if bad:
+        raise TunelabError(f"step {step}: the trained weights hold inf or NaN, so no checkpoint was saved (the "
+                           f"earlier ones are kept). Lower lr, check max_norm and the data, then continue from the "
+                           f"last good checkpoint with --resume auto.")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -132,18 +185,98 @@ def clean_partial_saves(work_dir: Path) -> None:
 # --- finding and loading -----------------------------------------------------------------------------
 
 def resolve_resume(resume: str | None, work_dir: Path) -> Path | None:
-    """`--resume auto` → the last complete checkpoint in the work dir (None: start fresh); a path → that one."""
+    """`--resume auto` → the newest complete checkpoint in the work dir (None: start fresh); a path → that one.
+    (Checksums are not read here: `choose_start` verifies.)"""
     if not resume:
         return None
     if resume == "auto":
-        return last_checkpoint(work_dir)
+        return (list_checkpoints(work_dir) or [None])[-1]
     path = Path(resume)
     if layout.is_checkpoint(path):
         return path
-    if path.is_dir() and last_checkpoint(path):  # a work dir was given: take its last checkpoint
-        return last_checkpoint(path)
+    if path.is_dir() and list_checkpoints(path):  # a work dir was given: take its newest checkpoint
+        return list_checkpoints(path)[-1]
     raise TunelabError(f"--resume {resume}: not a checkpoint (expected a directory like WORK_DIR/iter_500 holding "
                        f"{STATE_FILE}). Use --resume auto to continue from the last one in the work dir.")
+
+
+def choose_start(work_dir: Path, resume: str | None, *, overwrite: bool, env, log=print) -> Path | None:
+    """The checkpoint this run continues from (None: step 0), decided on rank 0 before anything is loaded, and the
+    work dir made ready for it; every rank gets the same answer.
+
+    `--resume auto` takes the newest checkpoint whose checksums hold (the `last_checkpoint` pointer is only a hint):
+    one that fails is moved to iter_N.damaged and named. Checkpoints newer than the start would be overwritten as
+    the run goes on: that is refused unless `overwrite`, which deletes them first.
+    """
+    start = _choose_on_main(Path(work_dir), resume, overwrite=overwrite, log=log) if env.is_main else None
+    if not env.distributed:
+        return start
+    from tunelab.train.distributed import all_reduce_sum
+
+    mine = [float(start is not None), float(checkpoint_step(start)) if start is not None else 0.0]
+    found, step = all_reduce_sum(torch.tensor(mine if env.is_main else [0.0, 0.0], device=env.device), env).tolist()
+    if env.is_main or not found:
+        return start
+    return layout.checkpoint_dir(work_dir, int(step)) if resume == "auto" else resolve_resume(resume, work_dir)
+
+
+def _choose_on_main(work_dir: Path, resume: str | None, *, overwrite: bool, log) -> Path | None:
+    pointer = work_dir / layout.POINTER_FILE
+    if pointer.exists() and not pointer.is_file():  # else every save would fail to update it, after the work
+        raise TunelabError(f"{pointer} is not a file: tunelab keeps the name of the last checkpoint there. Move it "
+                           f"out of the work dir, then train again.")
+    clean_partial_saves(work_dir)
+    start = None
+    if resume == "auto":
+        start = _newest_sound_checkpoint(work_dir, overwrite=overwrite, log=log)
+        if start is None:
+            log(f"--resume auto: no complete checkpoint in {work_dir} yet, starting from step 0")
+    elif resume:
+        start = resolve_resume(resume, work_dir)
+        problem = verify_checkpoint(start)
+        if problem:
+            raise TunelabError(f"--resume {resume}: {start} is damaged: {problem}. Resume from another checkpoint "
+                               f"(--resume auto takes the newest sound one).")
+    start_step = checkpoint_step(start) if start is not None else -1
+    newer = [c for c in list_checkpoints(work_dir) if checkpoint_step(c) > start_step]
+    if newer:
+        names = ", ".join(c.name for c in newer)
+        if not overwrite:
+            if start is None:
+                raise TunelabError(f"{work_dir} already holds checkpoints of an earlier run ({names}); training from "
+                                   f"step 0 would overwrite them. Continue that run with --resume auto, start over "
+                                   f"with --overwrite (deletes them), or train into another --work-dir.")
+            raise TunelabError(f"--resume {resume}: {work_dir} holds checkpoints newer than {start.name} ({names}), "
+                               f"which this run would overwrite. Continue from the newest with --resume auto, or "
+                               f"pass --overwrite to delete them.")
+        for path in newer:
+            shutil.rmtree(path)
+        log(f"--overwrite: deleted {names} from {work_dir}")
+        if last_checkpoint(work_dir) is None:
+            (work_dir / layout.POINTER_FILE).unlink(missing_ok=True)
+    return start
+
+
+def _newest_sound_checkpoint(work_dir: Path, *, overwrite: bool, log) -> Path | None:
+    """The newest checkpoint of the work dir that passes `verify_checkpoint`; those that fail are moved aside."""
+    damaged = []
+    for path in reversed(list_checkpoints(work_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            if not (path / MANIFEST_FILE).is_file():
+                log(f"note: {path} has no {MANIFEST_FILE} (saved by an older tunelab): resuming without checking it")
+            if last_checkpoint(work_dir) not in (None, path):
+                log(f"note: {layout.POINTER_FILE} names {last_checkpoint(work_dir).name}; {path.name} is newer")
+            return path
+        aside = layout.damaged_dir(path)
+        os.replace(path, aside)
+        damaged.append(aside.name)
+        log(f"warning: {path} is damaged ({problem}): moved to {aside.name}, trying the one before")
+    if damaged and not overwrite:
+        raise TunelabError(f"--resume auto: no checkpoint in {work_dir} passed its checksums (moved aside: "
+                           f"{', '.join(damaged)}). Start over with --overwrite, or resume from a copy you trust "
+                           f"with --resume PATH.")
+    return None
 
 
 def load_training_state(checkpoint: Path) -> dict:
@@ -163,15 +296,24 @@ def rng_state_for_rank(checkpoint: Path, state: dict, env=None) -> dict:
     return state["rng"]
 
 
-def load_model_weights(model, checkpoint: Path) -> None:
-    """Put the checkpoint's trained weights (adapter or full model) into `model`, built as for training."""
+def _load_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for a damaged or cut-off file
+        raise TunelabError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). The "
+                           f"checkpoint is damaged; resume from an earlier one with --resume WORK_DIR/iter_N.") \
+            from None
+
+
+def load_model_weights(model, checkpoint: Path) -> None:
+    """Put the checkpoint's trained weights (adapter or full model) into `model`, built as for training."""
     model_dir = Path(checkpoint) / MODEL_DIR
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
-        weights = load_file(model_dir / "adapter_model.safetensors")
+        weights = _load_safetensors(model_dir / "adapter_model.safetensors")
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -180,7 +322,7 @@ def load_model_weights(model, checkpoint: Path) -> None:
         return
     weights = {}
     for file in sorted(model_dir.glob("*.safetensors")):
-        weights.update(load_file(file))
+        weights.update(_load_safetensors(file))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {name for name in missing if "lm_head" in name or "embed" in name}
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # not saved: from the base

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,9 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    group: object = field(default=None, compare=False)
+    """The process group these ranks form (None: every process). Sequence parallelism's data-parallel ranks, one
+    per group of ranks that share rows, are a group of their own (`tunelab.train.sequence_parallel`)."""
 
     @property
     def is_main(self) -> bool:
@@ -92,12 +95,13 @@ def validate_distributed(cfg, env: DistEnv) -> None:
 
 
 def all_reduce_sum(value, env: DistEnv) -> torch.Tensor:
-    """Sum over ranks (e.g. the trained-token count). Ints and floats become tensors on this rank's device."""
+    """Sum over the ranks of `env` (e.g. the trained-token count). Ints and floats become tensors on this rank's
+    device."""
     if not torch.is_tensor(value):
         value = torch.tensor(value, device=env.device)
     if env.distributed:
         value = value.clone()
-        torch.distributed.all_reduce(value)
+        torch.distributed.all_reduce(value, group=env.group)
     return value
 
 

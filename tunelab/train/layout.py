@@ -1,19 +1,24 @@
 """The work dir and its checkpoints on disk, and the trained-with metadata: every path name lives here.
 
     WORK_DIR/resolved_config.py          every setting of the run (`tunelab train` reads it back)
-    WORK_DIR/last_checkpoint             one line: the absolute path of the last complete checkpoint
+    WORK_DIR/last_checkpoint             one line: the name of the last checkpoint saved (iter_N), a hint for export
+    WORK_DIR/tunelab.lock                held (flock) by the run training in the work dir; names its pid and host
     WORK_DIR/reference_logps_train.npz   DPO / KTO with reference = 'precomputed': the starting model's scores of
                                          the training rows (and _eval for the held-out rows), read back on resume
     WORK_DIR/iter_N/                     a checkpoint, written as iter_N.tmp/ and renamed once complete
+    WORK_DIR/iter_N.damaged/             a checkpoint that failed its checksums, moved aside by resume (never read)
     WORK_DIR/iter_N/model/               the adapter (peft) or the whole model, HF safetensors, and the tokenizer
     WORK_DIR/iter_N/training_state.pt    scheduler, RNG, step, data position; the optimiser state too, unless sharded
     WORK_DIR/iter_N/optimizer/           the optimiser state, one shard per rank (FSDP2, DeepSpeed)
     WORK_DIR/iter_N/rng_rankR.pt         the RNG state of rank R > 0
     WORK_DIR/iter_N/tunelab.json         what the model was trained with (exported and merged models carry it too)
+    WORK_DIR/iter_N/checksums.json       size and hash of every other file, written last: resume verifies them
 
 A checkpoint is a directory holding `model/`: that is what export and chat read, and training only ever renames a
-complete one into place. Training writes through `tunelab.train.checkpoint`; export and chat find checkpoints and
-read `tunelab.json` with the functions below, so every verb accepts the same paths.
+complete one into place. Resume takes the newest checkpoint whose checksums hold, whatever the pointer says; the
+pointer names a folder inside the work dir, so a moved or copied work dir reads its own checkpoints. Training writes
+through `tunelab.train.checkpoint`; export and chat find checkpoints and read `tunelab.json` with the functions below,
+so every verb accepts the same paths.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ MODEL_DIR = "model"
 STATE_FILE = "training_state.pt"
 OPTIMIZER_DIR = "optimizer"
 META_FILE = "tunelab.json"
+MANIFEST_FILE = "checksums.json"
+LOCK_FILE = "tunelab.lock"
 REFERENCE_LOGPS = "reference_logps_{split}.npz"
 _ITER = re.compile(r"^iter_(\d+)$")
 
@@ -49,6 +56,21 @@ def partial_dir(work_dir: str | Path, step: int) -> Path:
 
 def rng_file(checkpoint: str | Path, rank: int) -> Path:
     return Path(checkpoint) / f"rng_rank{rank}.pt"
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """N of an iter_N directory (-1 for a directory named otherwise)."""
+    match = _ITER.match(Path(checkpoint).name)
+    return int(match.group(1)) if match else -1
+
+
+def damaged_dir(checkpoint: Path) -> Path:
+    """A free name to move a checkpoint that failed verification to: iter_N.damaged (then .damaged2, ...)."""
+    candidate, n = checkpoint.with_name(checkpoint.name + ".damaged"), 1
+    while candidate.exists():
+        n += 1
+        candidate = checkpoint.with_name(f"{checkpoint.name}.damaged{n}")
+    return candidate
 
 
 # --- finding -------------------------------------------------------------------------------------------------------
@@ -80,26 +102,28 @@ def partial_saves(work_dir: str | Path) -> list[Path]:
 
 
 def write_pointer(work_dir: str | Path, checkpoint: Path) -> None:
-    """Point `last_checkpoint` at `checkpoint`, atomically (a crash leaves the old pointer or the new one)."""
+    """Point `last_checkpoint` at `checkpoint` (its name: the work dir may move), atomically (a crash leaves the old
+    pointer or the new one)."""
     tmp = Path(work_dir) / (POINTER_FILE + ".tmp")
-    tmp.write_text(str(Path(checkpoint).resolve()) + "\n")
+    tmp.write_text(Path(checkpoint).name + "\n")
     os.replace(tmp, Path(work_dir) / POINTER_FILE)
 
 
 def last_checkpoint(work_dir: str | Path) -> Path | None:
     """The checkpoint `last_checkpoint` names, or None (no pointer yet, or it names nothing that exists).
 
-    The pointer holds an absolute path; a work dir that was moved or copied still finds the checkpoint of the same
-    name next to the pointer."""
+    Only the folder of that name inside this work dir counts, so a work dir that was moved or copied reads its own
+    checkpoints, also where the pointer holds the absolute path of the original (older tunelab versions wrote that)."""
     work_dir = Path(work_dir)
     pointer = work_dir / POINTER_FILE
     if not pointer.is_file():
         return None
-    text = pointer.read_text().strip()
-    for candidate in (Path(text), work_dir / text, work_dir / Path(text).name):
-        if text and is_checkpoint(candidate):
-            return candidate
-    return None
+    try:
+        text = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):  # unreadable: the pointer is only a hint
+        return None
+    candidate = work_dir / Path(text).name
+    return candidate if text and is_checkpoint(candidate) else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -115,15 +139,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
                            f"and {META_FILE}). Pass the iter_N directory or the WORK_DIR.")
     if is_checkpoint(p):
         return p
-    if (p / POINTER_FILE).is_file():
-        last = last_checkpoint(p)
-        if last is None:
-            raise TunelabError(f"{p / POINTER_FILE} names {(p / POINTER_FILE).read_text().strip()!r}, which is not "
-                               f"a checkpoint. Pass one of the iter_N directories in {p} instead.")
+    last = last_checkpoint(p) or (list_checkpoints(p) or [None])[-1]  # the pointer, else the newest complete one
+    if last is not None:
         return last
-    checkpoints = list_checkpoints(p)
-    if checkpoints:
-        return checkpoints[-1]
     kind = sharded_checkpoint_kind(p)
     if kind:
         refuse_raw_engine_checkpoint(p, kind)
@@ -155,13 +173,18 @@ def refuse_raw_engine_checkpoint(path: Path, kind: str) -> NoReturn:
 
 # --- what the model was trained with ------------------------------------------------------------------------------
 
-def training_meta(cfg) -> dict:
-    """The tunelab.json of a run's checkpoints: enough for chat, merge and export to use the model as trained."""
+def training_meta(cfg, model_type: str | None = None) -> dict:
+    """The tunelab.json of a run's checkpoints: enough for chat, merge and export to use the model as trained.
+
+    model_type: the base model's architecture as loaded (`config.model_type`), so merge can tell an adapter's base
+    family from another of the same shapes."""
     from tunelab import __version__
 
     meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method, "objective": cfg.objective,
             "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
             "tunelab_version": __version__}
+    if model_type:
+        meta["model_type"] = model_type
     if cfg.visual_encoder_name_or_path:  # a LLaVA run: how to assemble the model again (export, chat)
         from tunelab.model.llava_train import llava_settings
 

@@ -42,6 +42,7 @@ from tunelab.train.evaluate import run_evaluation
 from tunelab.train.optim import ScaledOptimizer, build_optimizer, build_scheduler, choose_precision
 from tunelab.train.strategy import choose_strategy
 from tunelab.train.vision import vision_run, with_pretrained_checkpoint
+from tunelab.train.workdir_lock import hold_work_dir
 from tunelab.train.progress import Throughput, TrainingMonitor, check_memory_fits, oom_message, peak_memory_gb
 
 
@@ -56,29 +57,41 @@ class TrainResult:
     """True when SIGINT / SIGTERM stopped the run early (after saving)."""
 
 
-def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_rows: list | None = None,
-          eval_rows: list | None = None, tokenizer=None, device: str | None = None) -> TrainResult:
+def train(cfg, work_dir, *, resume: str | None = None, overwrite: bool = False, config_path=None,
+          train_rows: list | None = None, eval_rows: list | None = None, tokenizer=None,
+          device: str | None = None) -> TrainResult:
     """Train as `cfg` says, writing logs and checkpoints to `work_dir`.
 
-    resume: None (start fresh), "auto" (the work dir's last complete checkpoint, if any) or a checkpoint path.
+    resume: None (start fresh), "auto" (the work dir's newest sound checkpoint, if any) or a checkpoint path.
+    overwrite: delete the work dir's checkpoints this run would overwrite (without it such a start is refused).
     train_rows / eval_rows: rows already tokenised (see docs/DESIGN.md, Rows); built from cfg.data_path if None.
     """
     env = init_distributed(device)
     work_dir = Path(work_dir)
+    with hold_work_dir(work_dir, enabled=env.is_main):  # one run per work dir; a run that dies releases it
+        return _train(cfg, work_dir, env, resume=resume, overwrite=overwrite, config_path=config_path,
+                      train_rows=train_rows, eval_rows=eval_rows, tokenizer=tokenizer)
+
+
+def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path, train_rows, eval_rows,
+           tokenizer) -> TrainResult:
+    log = print if env.is_main else (lambda *a, **k: None)
     if env.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_partial_saves(work_dir)
+    # where the run starts, and refusing to overwrite checkpoints it does not continue from: before anything loads
+    last = ckpt.choose_start(work_dir, resume, overwrite=overwrite, env=env, log=log)
+    if env.is_main:
         from tunelab.config.loader import save_resolved_config
 
         save_resolved_config(cfg, work_dir / layout.RESOLVED_CONFIG)
-    log = print if env.is_main else (lambda *a, **k: None)
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
+    data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
     plan = plan_fast_path(cfg, env.device, env.world_size)
     reference = choose_reference(cfg, env.device, plan)  # DPO / KTO's reference model: decided once, here
     if reference:
         cfg = dataclasses.replace(cfg, reference=reference)
         log(f"reference model: {reference}")
-    check_memory_fits(cfg, env.device, log, plan)  # before anything heavy is loaded
+    check_memory_fits(cfg, env.device, log, plan, env.world_size)  # before anything heavy is loaded
     from transformers import set_seed
 
     set_seed(cfg.seed)
@@ -97,10 +110,10 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         bundle = build_datasets(cfg, tokenizer, config_dir=config_dir, log=log)
         train_rows = bundle.train_rows
         eval_rows = bundle.eval_rows if eval_rows is None else eval_rows
-    if len(train_rows) < env.world_size:
+    if len(train_rows) < data_env.world_size:
         raise TunelabError(f"data_path gives {len(train_rows)} training rows: too few to train on. "
                            f"Check data_path and data_format (`tunelab check-dataset CFG` shows what is read).")
-    micro_per_epoch = math.ceil(len(rank_shard(list(range(len(train_rows))), env)) / cfg.batch_size)
+    micro_per_epoch = math.ceil(len(rank_shard(list(range(len(train_rows))), data_env)) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulative_counts)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
 
@@ -116,16 +129,13 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
 
         reference_model = load_reference_model(cfg, env.device, plan)
     objective = training_objective(cfg, plan, reference, reference_model)
-    last = ckpt.resolve_resume(resume, work_dir)
-    if resume and last is None:
-        log(f"--resume {resume}: no complete checkpoint in {work_dir} yet, starting from step 0")
     if reference == "precomputed":  # scored by the starting weights: before a checkpoint's weights are loaded
         from tunelab.train.reference import with_reference
 
         train_rows, eval_rows = with_reference(model, objective, train_rows, eval_rows, cfg, work_dir=work_dir,
                                                resuming=last is not None, precision=precision,
                                                pad_token_id=tokenizer.pad_token_id, env=env, log=log)
-    my_eval_rows = [eval_rows[i] for i in rank_shard(list(range(len(eval_rows or []))), env)]
+    my_eval_rows = [eval_rows[i] for i in rank_shard(list(range(len(eval_rows or []))), data_env)]
     if last is not None:
         ckpt.load_model_weights(model, last)  # before any wrapper shards the weights
     optimizer = build_optimizer(model, cfg, env.device)
@@ -143,7 +153,8 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
         log(f"resumed from {last} (step {step}, epoch {position['epoch']})")
 
-    meta = layout.training_meta(cfg)
+    meta = layout.training_meta(cfg, model_type=getattr(getattr(model, "config", None), "model_type", None))
+    guard = NonFiniteGuard(cfg.nonfinite, scaled=precision.scaler is not None, say=log)
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
     log(f"fast path: {model._tunelab_fast_path}")
@@ -151,11 +162,12 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
     log(f"training {what} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
         f"{steps_per_epoch} steps per epoch, "
         f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"
-        f"{f' x {env.world_size} ranks' if env.distributed else ''})")
+        f"{f' x {data_env.world_size} ranks' if data_env.distributed else ''})")
 
     def evaluate(at_step: int) -> None:
         run_evaluation(strategy.module, tokenizer, cfg, at_step, eval_rows=my_eval_rows, env=env,
-                       precision=precision, monitor=monitor, work_dir=work_dir, objective=objective, vision=vision)
+                       precision=precision, monitor=monitor, work_dir=work_dir, objective=strategy.objective,
+                       vision=vision)
 
     def save(at_step: int) -> Path:
         path = ckpt.save_checkpoint(work_dir, at_step, strategy=strategy, tokenizer=tokenizer, scheduler=scheduler,
@@ -180,11 +192,12 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
         if keep_grad_buffers:
             allocate_grad_buffers(strategy.module)
         with ckpt.GracefulStop() as stop:
-            for epoch, micro_done, micro_batches in micro_batch_groups(train_rows, cfg, env, position):
+            for epoch, micro_done, micro_batches in micro_batch_groups(train_rows, cfg, data_env, position):
                 if step >= total_steps:
                     break
                 throughput.begin()
                 # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
+                # that read different rows (each token once)
                 # CUDA graphs: every batch a full row wide, so one shape (plus a few boundary sizes) is recorded
                 batches = [collate(rows, tokenizer.pad_token_id, multiple_of=row_length(cfg) if graphed else 1,
                                    images=vision.images if vision else None) for rows in micro_batches]
@@ -192,7 +205,7 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                 counts = torch.tensor([sum(objective.units(b) for b in batches),
                                        sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
                                       dtype=torch.float64, device=env.device if env.distributed else "cpu")
-                trained_tokens, seen_tokens = all_reduce_sum(counts, env).tolist()  # no GPU sync in one process
+                trained_tokens, seen_tokens = all_reduce_sum(counts, data_env).tolist()  # no GPU sync in one process
                 # 2-4. forward → loss → backward, each micro-batch's loss sum divided by the step's trained tokens
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
                 for i, batch in enumerate(batches):
@@ -206,19 +219,23 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                     loss_sum += micro_loss_sum.detach().double()
                 # 5. step: (fp16: unscale,) clip, update, zero the gradients; then the schedule moves on
                 lr = optimizer.param_groups[0]["lr"]
-                grad_norm = strategy.step(cfg.max_norm, keep_grad_buffers=keep_grad_buffers)
+                grad_norm = strategy.step(cfg.max_norm, keep_grad_buffers=keep_grad_buffers,
+                                          skip_nonfinite=guard.skips)
                 scheduler.step()
                 step += 1
                 position = {"epoch": epoch, "micro_batch": micro_done, "data_seed": position["data_seed"]}
 
                 loss = float(all_reduce_sum(loss_sum, env)) / max(trained_tokens, 1)
                 losses[step] = loss
-                window.append(loss)
+                if guard.check(step, loss, grad_norm, lr=lr, last=last):  # inf / NaN: stop, or skip with a warning
+                    window.append(loss)
                 throughput.end(int(seen_tokens))
-                log_now = step % cfg.logging_steps == 0 or step in (1, total_steps)
+                log_now = (step % cfg.logging_steps == 0 or step in (1, total_steps)) and bool(window)
                 record = {"step": step, "epoch": round(epoch + micro_done / micro_per_epoch, 4),
-                          "loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
+                          "loss": sum(window) / max(len(window), 1), "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_s": throughput.rate(), "memory_gb": round(peak_memory_gb(env.device), 3)}
+                if guard.skipped:
+                    record["skipped_steps"] = guard.skipped
                 if env.device.type == "cuda":
                     record["memory_reserved_gb"] = round(peak_memory_gb(env.device, reserved=True), 3)
                 if log_now:  # rewards, margin, accuracy...: means over the steps since the last log line
@@ -240,10 +257,57 @@ def train(cfg, work_dir, *, resume: str | None = None, config_path=None, train_r
                     break
     except torch.OutOfMemoryError:
         raise TunelabError(oom_message(cfg, step=step + 1, device=env.device, last=last)) from None
+    except OSError as exc:  # writing the log, the curve or a file of the work dir: a full disk, a read-only one
+        raise TunelabError(f"{exc.filename or work_dir}: {exc.strerror or exc} (step {step + 1}). Free disk space or "
+                           f"fix permissions, then continue with --resume auto (from "
+                           f"{last.name if last else 'step 0: no checkpoint yet'}).") from None
     finally:
         monitor.close()
         cleanup(env)
     return TrainResult(step=step, last_checkpoint=last, losses=losses, interrupted=interrupted)
+
+
+class NonFiniteGuard:
+    """What a step whose loss or gradient norm is inf / NaN does (the `nonfinite` setting). It reads the two numbers
+    the loop reads for its log anyway, so the check adds no wait for the GPU.
+
+    'stop': raise before anything of that step is saved (the weights in memory may be spoiled; the checkpoints on
+    disk are not). 'skip': the strategy read the gradient norm before stepping and left the weights alone; the
+    step's batch is not trained on, a warning says so, and MAX_IN_A_ROW such steps in a row stop the run.
+    Under fp16 loss scaling (`scaled`) an inf gradient norm is the scaler's business (it skips the update and lowers
+    the scale): only the loss counts there.
+    """
+
+    MAX_IN_A_ROW = 10
+
+    def __init__(self, mode: str, *, scaled: bool, say=print):
+        self.skips, self.scaled, self.say = mode == "skip", scaled, say
+        self.skipped = 0
+        """Steps skipped so far (logged as skipped_steps)."""
+        self._in_a_row = 0
+
+    def check(self, step: int, loss: float, grad_norm: float, *, lr: float, last: Path | None) -> bool:
+        """True for a finite step; False for one that was skipped; raises TunelabError when the run must stop."""
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaled):
+            self._in_a_row = 0
+            return True
+        numbers = f"loss {loss}, gradient norm {grad_norm}"
+        if self.skips and not math.isfinite(grad_norm):  # the update was not applied
+            self.skipped += 1
+            self._in_a_row += 1
+            if self._in_a_row < self.MAX_IN_A_ROW:
+                self.say(f"warning: step {step}: {numbers}; skipped (its batch is not trained on)")
+                return False
+            raise TunelabError(f"{self.MAX_IN_A_ROW} steps in a row up to step {step} had an inf / NaN loss or "
+                               f"gradients ({numbers}): training stopped; {self._kept(last)} Lower lr (now {lr:g}) "
+                               f"or check the data, then continue with --resume auto.")
+        raise TunelabError(f"step {step}: {numbers}: training stopped before saving it; {self._kept(last)} Lower lr "
+                           f"(now {lr:g}), check the data (`tunelab check-dataset CFG`) or set nonfinite = 'skip' to "
+                           f"skip such steps, then continue with --resume auto.")
+
+    @staticmethod
+    def _kept(last: Path | None) -> str:
+        return f"the last checkpoint, {last}, is intact." if last else "no checkpoint was saved."
 
 
 def allocate_grad_buffers(model) -> None:

@@ -224,9 +224,10 @@ def oom_message(cfg, *, step: int, device: torch.device, last: Path | None) -> s
             f"via --cfg-options or the config file; `tunelab plan CFG` estimates the need. {where}.")
 
 
-def check_memory_fits(cfg, device: torch.device, log=print, plan=None) -> None:
-    """Before loading anything: estimate the GPU memory this run needs (tunelab.model.memory) and stop early,
-    naming settings that would fit, when it cannot. Skipped on CPU and where no estimate is available."""
+def check_memory_fits(cfg, device: torch.device, log=print, plan=None, world_size: int = 1) -> None:
+    """Before loading anything: estimate the GPU memory this run needs on each of its `world_size` GPUs
+    (tunelab.model.memory) and stop early, naming settings that would fit, when it cannot. Skipped on CPU and where
+    no estimate is available."""
     if device.type != "cuda":
         return
     try:
@@ -234,7 +235,7 @@ def check_memory_fits(cfg, device: torch.device, log=print, plan=None) -> None:
     except ImportError:
         return
     try:
-        estimate = estimate_memory(cfg, device, plan)
+        estimate = estimate_memory(cfg, device, plan, world_size=world_size)
     except TunelabError as exc:  # e.g. a hub model whose shape is unknown before download
         log(f"memory plan skipped: {exc}")
         return
@@ -249,10 +250,10 @@ def check_memory_fits(cfg, device: torch.device, log=print, plan=None) -> None:
     if estimate.exceeds and cfg.check_memory:
         raise TunelabError("this run does not fit in GPU memory (estimate below). Change the settings marked "
                            "'try:' in the config or with --cfg-options, then run again (or set check_memory = False "
-                           "to start anyway).\n" + plan_report(cfg, device, plan))
+                           "to start anyway).\n" + plan_report(cfg, device, plan, world_size=world_size))
     if estimate.fits is False:
         log("warning: this run may run out of GPU memory (the estimate is within ~10% of measured peaks):\n"
-            + plan_report(cfg, device, plan))
+            + plan_report(cfg, device, plan, world_size=world_size))
         return
     log(f"memory plan: about {estimate.with_overhead / 2**30:.1f} GiB needed of "
         f"{estimate.device_bytes / 2**30:.1f} GiB ({estimate.device_name})")

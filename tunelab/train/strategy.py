@@ -26,9 +26,10 @@ Two things make them agree with one process on the same global batch:
   global batch (all ranks, all accumulation steps). `backward` multiplies by world_size to undo the average, so
   every trained token weighs the same whatever the number of ranks.
 
-The processes themselves (rank, world size, device, collectives) are `tunelab.train.distributed`. An engine that
-splits each sequence over ranks (sequence parallelism) is one more strategy: its process groups are made in `setup`,
-its share of each batch is taken in `forward_loss`.
+The processes themselves (rank, world size, device, collectives) are `tunelab.train.distributed`. Sequence
+parallelism (`sequence_parallel_size`, each row split over several ranks) wraps the engine's strategy
+(`tunelab.train.sequence_parallel.SequenceParallel`): its objective runs on a shard of each row, and its `data_env`
+names the ranks that read different rows.
 """
 
 from __future__ import annotations
@@ -47,12 +48,18 @@ def choose_strategy(cfg, env: DistEnv) -> "SingleProcess":
     """The strategy `cfg` asks for in the processes of `env`, after refusing what the engines cannot run."""
     validate_distributed(cfg, env)
     if cfg.deepspeed:
-        return DeepSpeed(env, cfg)
-    if cfg.fsdp:
-        return FSDP2(env)
-    if env.distributed:
-        return DDP(env)
-    return SingleProcess(env)
+        engine = DeepSpeed(env, cfg)
+    elif cfg.fsdp:
+        engine = FSDP2(env)
+    elif env.distributed:
+        engine = DDP(env)
+    else:
+        engine = SingleProcess(env)
+    if cfg.sequence_parallel_size > 1:
+        from tunelab.train.sequence_parallel import SequenceParallel
+
+        return SequenceParallel(engine, cfg, env)
+    return engine
 
 
 class LossModule(torch.nn.Module):
@@ -102,6 +109,11 @@ class SingleProcess:
         self.wrapped = self._wrap(model)
 
     @property
+    def data_env(self) -> DistEnv:
+        """The ranks that read different rows: every rank (sequence parallelism: one per group that shares rows)."""
+        return self.env
+
+    @property
     def raw_optimizer(self):
         """The torch optimizer itself (inside a `ScaledOptimizer`): its state is what checkpoints hold."""
         return getattr(self.optimizer, "optimizer", self.optimizer)
@@ -129,19 +141,24 @@ class SingleProcess:
     def _undo_mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.env.world_size if self.env.distributed else loss
 
-    def step(self, max_norm: float, *, keep_grad_buffers: bool = False) -> float:
+    def step(self, max_norm: float, *, keep_grad_buffers: bool = False, skip_nonfinite: bool = False) -> float:
         """Clip the gradients (max_norm > 0), step the optimizer, zero the gradients; returns the gradient norm.
 
         keep_grad_buffers: zero the .grad tensors in place instead of freeing them (see `loop.allocate_grad_buffers`).
+        skip_nonfinite: leave the weights alone when the norm is inf / NaN (the loop's `nonfinite = 'skip'`); the
+        norm is then read before the update instead of after it. (A GradScaler skips such steps by itself.)
         """
-        if hasattr(self.optimizer, "unscale"):  # fp16 GradScaler (tunelab.train.optim.ScaledOptimizer)
+        scaled = hasattr(self.optimizer, "unscale")  # fp16 GradScaler (tunelab.train.optim.ScaledOptimizer)
+        if scaled:
             self.optimizer.unscale()
         params = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
         # With max_norm = inf, clip_grad_norm_ only measures (the clip factor is clamped to 1); it handles DTensors.
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        self.optimizer.step()
+        skip = skip_nonfinite and not scaled and not bool(torch.isfinite(norm))  # reads the norm only when asked
+        if not skip:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=not keep_grad_buffers)
         return float(norm)
 
@@ -196,8 +213,8 @@ class DDP(SingleProcess):
                                "itself skips DDP's gradient all-reduce and the ranks would drift apart.")
         self._undo_mean_over_ranks(loss).backward()
 
-    def step(self, max_norm: float, *, keep_grad_buffers: bool = False) -> float:
-        norm = super().step(max_norm, keep_grad_buffers=keep_grad_buffers)
+    def step(self, max_norm: float, *, keep_grad_buffers: bool = False, skip_nonfinite: bool = False) -> float:
+        norm = super().step(max_norm, keep_grad_buffers=keep_grad_buffers, skip_nonfinite=skip_nonfinite)
         self.wrapped.module.forward_calls = 0
         return norm
 
@@ -315,7 +332,8 @@ class DeepSpeed(SingleProcess):
         # the loop already divided by the tokens of every micro-batch: no division by the accumulation steps
         self.wrapped.backward(self._undo_mean_over_ranks(loss), scale_wrt_gas=False)
 
-    def step(self, max_norm: float, *, keep_grad_buffers: bool = False) -> float:
+    def step(self, max_norm: float, *, keep_grad_buffers: bool = False, skip_nonfinite: bool = False) -> float:
+        # skip_nonfinite is refused with DeepSpeed (schema.combination_errors): its step is the engine's own
         self.wrapped.step()  # clipping (gradient_clipping in the DeepSpeed config), the step and zeroing
         norm = self.wrapped.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0

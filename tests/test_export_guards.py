@@ -1,0 +1,101 @@
+"""Export and merge never write into what they read, into a training checkpoint or over a work dir, and an adapter
+is only applied to a base of the architecture it was trained on (unless --allow-other-base)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from chat_helpers import make_lora_checkpoint
+from tests.train_helpers import assert_one_line_error
+from tunelab.cli.main import main
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def base_and_work(tiny_llama_dir, tmp_path):
+    """A base model of our own (the test may try to write over it) and a work dir trained on it (iter_10)."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    work = tmp_path / "work"
+    make_lora_checkpoint(base, work)
+    return base, work
+
+
+def test_to_hf_refuses_to_write_over_the_base_model_it_names(base_and_work, capsys):
+    base, work = base_and_work
+    before = _snapshot(base)
+    code = main(["convert", "to-hf", str(work), str(base)])
+    assert_one_line_error(capsys, code, f"OUT {base} is an input of this command", "Choose another OUT")
+    assert _snapshot(base) == before
+
+
+@pytest.mark.parametrize("out", ["work", "work/iter_10", "work/iter_10/hf", "other_work", "other_work/iter_12"])
+@pytest.mark.parametrize("verb", ["to-hf", "merge"])
+def test_export_refuses_a_checkpoint_or_a_work_dir_as_out(verb, out, base_and_work, tmp_path, capsys):
+    base, work = base_and_work
+    make_lora_checkpoint(base, tmp_path / "other_work", step=3)
+    target = tmp_path / out
+    before = {p: _snapshot(p) for p in (work, tmp_path / "other_work")}
+    args = ["to-hf", str(work / "iter_10")] if verb == "to-hf" else ["merge", str(base), str(work / "iter_10")]
+    code = main(["convert", *args, str(target), *(["--device", "cpu"] if verb == "merge" else [])])
+    words = {"work": ["is a training work dir"], "other_work": ["is a training work dir"],
+             "work/iter_10": ["is an input of this command"], "work/iter_10/hf": ["inside the training checkpoint"],
+             "other_work/iter_12": ["training uses the iter_* names"]}  # the checkpoint a resumed run saves next
+    assert_one_line_error(capsys, code, f"OUT {target}", *words[out])
+    assert {p: _snapshot(p) for p in before} == before
+    assert not (tmp_path / "work" / "iter_10" / "hf").exists()
+
+
+def test_a_folder_inside_the_work_dir_is_a_fine_out(base_and_work, capsys):
+    _, work = base_and_work
+    assert main(["convert", "to-hf", str(work), str(work / "hf")]) == 0  # what `tunelab train` suggests
+    assert (work / "hf" / "adapter_model.safetensors").is_file()
+
+
+def test_out_that_is_a_file_and_a_shard_size_typo_are_refused_before_any_work(base_and_work, tmp_path, capsys):
+    base, work = base_and_work
+    (tmp_path / "file").write_text("not a folder")
+    code = main(["convert", "to-hf", str(work), str(tmp_path / "file")])
+    assert_one_line_error(capsys, code, f"OUT {tmp_path / 'file'} is a file", "pass a directory")
+    code = main(["convert", "merge", str(base), str(work), str(tmp_path / "merged"), "--max-shard-size", "2GBB"])
+    message = assert_one_line_error(capsys, code, "--max-shard-size '2GBB'", "e.g. 2GB")
+    assert not (tmp_path / "merged").exists() and "loading" not in message
+    code = main(["convert", "to-hf", str(work), str(tmp_path / "hf"), "--max-shard-size", "2.5GB"])
+    assert_one_line_error(capsys, code, "--max-shard-size '2.5GB'")
+
+
+def test_an_adapter_is_refused_on_a_same_shape_base_of_another_family(tiny_llama_dir, tiny_qwen2_dir, tmp_path,
+                                                                        capsys):
+    work = tmp_path / "work"
+    make_lora_checkpoint(tiny_llama_dir, work)  # adapter_config.json names the Llama base
+    out = tmp_path / "merged"
+    code = main(["convert", "merge", str(tiny_qwen2_dir), str(work), str(out), "--device", "cpu"])
+    assert_one_line_error(capsys, code, f"trained on {tiny_llama_dir} (model_type 'llama')",
+                          f"{tiny_qwen2_dir} is a 'qwen2' model", "--allow-other-base")
+    assert not (out / "config.json").exists()
+    code = main(["chat", str(tiny_qwen2_dir), "--adapter", str(work), "--device", "cpu", "--prompt", "hi",
+                 "--max-new-tokens", "2"])
+    assert_one_line_error(capsys, code, "model_type 'llama'", "--allow-other-base")
+
+    assert main(["convert", "merge", str(tiny_qwen2_dir), str(work), str(out), "--device", "cpu",
+                 "--allow-other-base"]) == 0
+    assert "applied to" in capsys.readouterr().out and (out / "config.json").is_file()
+
+
+def test_gguf_refuses_a_directory_and_a_place_inside_a_checkpoint(base_and_work, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    base, work = base_and_work
+    (tmp_path / "dir.gguf").mkdir()
+    code = main(["convert", "gguf", str(base), str(tmp_path / "dir.gguf")])
+    assert_one_line_error(capsys, code, "is a directory", "name the file")
+    code = main(["convert", "gguf", str(base), str(work / "iter_10" / "model.gguf")])
+    assert_one_line_error(capsys, code, "inside the training checkpoint")
+    assert not (work / "iter_10" / "model.gguf").exists()

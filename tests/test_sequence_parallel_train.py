@@ -1,0 +1,99 @@
+"""`NPROC_PER_NODE=2 tunelab train` with `sequence_parallel_size = 2` end to end on CPU (gloo): both ranks train
+every packed row, each on its half; the loss curve is one process's on the same rows, tokens are counted once, and a
+run resumed after a stop continues the same curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIG = """\
+pretrained_model_name_or_path = {model!r}
+method = "lora"
+data_path = {data!r}
+data_format = "conversation"
+prompt_template = "qwen_chat"
+max_length = 96
+batch_size = 2
+accumulative_counts = 2
+lr = 1e-2
+lr_scheduler = "constant"
+warmup_ratio = 0.0
+lora_r = 8
+lora_alpha = 16
+lora_dropout = 0.0
+max_steps = 6
+save_steps = 3
+save_total_limit = -1
+logging_steps = 1
+evaluation_freq = 6
+evaluation_inputs = ["Who are you?"]
+eval_max_new_tokens = 12
+eval_split_ratio = 0.1
+seed = 1
+"""
+
+
+def _train(config: Path, work_dir: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "tunelab", "train", str(config), "--work-dir", str(work_dir), "--device", "cpu",
+           *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # gloo on a busy 2-core machine has been seen to abort a rank at shutdown, after the last checkpoint was
+    # written; the losses and checkpoints checked below still tell a real failure from that.
+    shutdown_abort = "SIGABRT" in proc.stderr and (work_dir / "iter_6" / "tunelab.json").is_file()
+    assert proc.returncode == 0 or shutdown_abort, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _log(work_dir: Path, key: str = "loss") -> dict[int, dict]:
+    rows = [json.loads(line) for line in (work_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows if key in r and "step" in r}
+
+
+def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama_dir, tmp_path):
+    from tunelab.data import self_cognition
+
+    data = self_cognition.write(tmp_path / "data.json", name="Duo", author="tests", n=48)
+    single, split = tmp_path / "single.py", tmp_path / "split.py"
+    single.write_text(CONFIG.format(model=str(tiny_llama_dir), data=str(data)))
+    split.write_text(single.read_text() + "sequence_parallel_size = 2\n")
+
+    from tunelab.config.loader import load_config
+    from tunelab.train.loop import train
+
+    train(load_config(single), tmp_path / "one", config_path=single, device="cpu")  # one process, in this one
+    proc = _train(split, tmp_path / "run", 2)
+    assert "each row over 2 ranks (sequence parallel)" in proc.stdout
+    one, run = _log(tmp_path / "one"), _log(tmp_path / "run")
+    assert sorted(run) == [1, 2, 3, 4, 5, 6]
+    for step in run:  # the loss is divided by the step's trained tokens: counted twice, it would be half
+        assert abs(run[step]["loss"] - one[step]["loss"]) < 1e-5, (step, run[step]["loss"], one[step]["loss"])
+        assert abs(run[step]["grad_norm"] - one[step]["grad_norm"]) < 1e-5
+        assert run[step]["epoch"] == one[step]["epoch"]  # both ranks read every row: the rows of one process
+    assert run[6]["loss"] < run[1]["loss"]  # it learns
+    # the held-out loss runs on shards too; the answers (rank 0 alone, generating) are one process's
+    evals = _log(tmp_path / "one", "eval_loss"), _log(tmp_path / "run", "eval_loss")
+    assert sorted(evals[1]) == [0, 6]
+    for step in (0, 6):
+        assert abs(evals[1][step]["eval_loss"] - evals[0][step]["eval_loss"]) < 1e-5
+    answers = [(d / "eval_outputs_iter_6.txt").read_text() for d in (tmp_path / "one", tmp_path / "run")]
+    assert answers[0] == answers[1]
+
+    # as if the run stopped after iter_3: resume on 2 ranks and compare every later loss
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run", resumed_dir)
+    shutil.rmtree(resumed_dir / "iter_6")
+    (resumed_dir / "last_checkpoint").write_text(str((resumed_dir / "iter_3").resolve()))
+    log = resumed_dir / "train_log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if line.strip() and json.loads(line).get("step", 0) <= 3))
+    _train(split, resumed_dir, 2, "--resume", "auto")
+    resumed = _log(resumed_dir)
+    for step in (4, 5, 6):
+        assert abs(resumed[step]["loss"] - run[step]["loss"]) < 1e-6, (step, resumed[step]["loss"], run[step]["loss"])
