@@ -58,3 +58,18 @@ def tiny_model_factory(tmp_path_factory):
         return cache[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_factory(tmp_path_factory):
+    """Call with "clip" or "siglip" to get a tiny vision tower directory (32px images, 8px patches)."""
+    from tunelab.model.tiny import make_vision_tower
+
+    cache: dict[str, object] = {}
+
+    def make(kind: str = "clip"):
+        if kind not in cache:
+            cache[kind] = make_vision_tower(tmp_path_factory.mktemp(f"tiny_{kind}_vision"), kind)
+        return cache[kind]
+
+    return make

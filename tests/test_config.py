@@ -31,9 +31,11 @@ def test_list_cfg_pattern_filters_case_insensitively(capsys):
     assert main(["list-cfg", "-p", "InternLM2_1_8B"]) == 0
     names = capsys.readouterr().out.split()
     assert "internlm2_1_8b_qlora_alpaca_e3" in names
-    assert names and all(n.startswith("internlm2_1_8b_") for n in names)
-    # every method x dataset of that model, nothing else
-    assert len(names) == len(registry.METHODS) * len(registry.DATASETS)
+    text = [n for n in names if not n.startswith("llava_")]
+    assert text and all(n.startswith("internlm2_1_8b_") for n in text)
+    # every method x dataset of that model, and its LLaVA configs (tower x stage), nothing else
+    assert len(text) == len(registry.METHODS) * len(registry.DATASETS)
+    assert len(names) - len(text) == len(registry.VISION_TOWERS) * len(registry.LLAVA_STAGES)
 
 
 def test_list_cfg_covers_the_tutorial_models():
@@ -45,13 +47,28 @@ def test_list_cfg_covers_the_tutorial_models():
     assert registry.list_configs("no-such-model") == []
 
 
+@pytest.mark.parametrize("name", list(registry.llava_configs()))
+def test_every_llava_config_renders_and_loads(name, tmp_path):
+    path = registry.copy_config(name, tmp_path)
+    cfg = load_config(path)
+    model, tower, stage = registry.llava_configs()[name]
+    assert cfg.pretrained_model_name_or_path == registry.MODELS[model].hub_id
+    assert cfg.visual_encoder_name_or_path == registry.VISION_TOWERS[tower].hub_id
+    assert cfg.vision_feature_select_strategy == registry.VISION_TOWERS[tower].select_strategy
+    assert cfg.freeze_llm == (stage == "pretrain") and cfg.method == registry.LLAVA_STAGES[stage].method
+    # stage 2 starts from stage 1's work dir, as `tunelab train` names it from the config's next steps
+    if stage == "finetune":
+        assert cfg.pretrained_pth == f"./work_dirs/llava_{model}_{tower}_pretrain"
+    assert f"tunelab train {name}_copy.py --work-dir work_dirs/{name}" in path.read_text(encoding="utf-8")
+
+
 def test_list_cfg_without_match_is_an_error(capsys):
     assert main(["list-cfg", "-p", "gpt5"]) == 2
     err = capsys.readouterr().err
     assert "gpt5" in err and "internlm2_1_8b" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("name", registry.list_configs())
+@pytest.mark.parametrize("name", list(registry.builtin_configs()))
 def test_every_builtin_config_renders_and_loads(name, tmp_path):
     path = registry.copy_config(name, tmp_path)
     cfg = load_config(path)

@@ -52,8 +52,11 @@ class Job:
     from the worker thread; `cancel()` may be called from any thread."""
 
     def __init__(self, prompt_ids: list[int], settings: GenerationSettings, *, stop_words=(), eos_ids=(),
-                 on_text: Callable[[str], None] | None = None, on_done: Callable[[object], None] | None = None):
+                 on_text: Callable[[str], None] | None = None, on_done: Callable[[object], None] | None = None,
+                 pixel_values: torch.Tensor | None = None):
         self.prompt_ids, self.settings = list(prompt_ids), settings
+        self.pixel_values = pixel_values
+        """A LLaVA prompt's images, in the order of their image tokens (None: none)."""
         self.stop_words, self.eos_ids = tuple(stop_words), frozenset(eos_ids)
         self.on_text, self.on_done = on_text, on_done
         self.cancelled = False
@@ -266,7 +269,9 @@ class Batcher:
         mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
                             device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, self._new_cache(), **self.keep_last_logits)
+        images = [job.pixel_values for job in jobs if job.pixel_values is not None]
+        extra = {"pixel_values": torch.cat(images).to(self.device)} if images else {}  # row by row, as the tokens
+        logits, cache = self._forward(ids, mask, positions, self._new_cache(), **self.keep_last_logits, **extra)
         self._stack(cache, mask)
         self.rows += [_Row(job, self.tokenizer, self.device) for job in jobs]
         return logits

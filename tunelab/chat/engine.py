@@ -3,6 +3,7 @@
 `load_chat_model` accepts what a user has after training: a HF model (hub id or directory), optionally a LoRA adapter
 (an adapter dir, an iter_N checkpoint or a WORK_DIR), or a checkpoint alone (its tunelab.json names the base).
 The template comes from `--prompt-template`, else the adapter's / model's tunelab.json, else a guess from the model.
+A LLaVA model (a HF LLaVA folder or a LLaVA run's checkpoint) also reads images (`tunelab.chat.vision`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class ChatModel:
     """Prompt + reply tokens one request may use: the model's context, or --max-model-len."""
     max_batch_size: int = 1
     """Requests decoded together (continuous batching); 1 answers them one at a time."""
+    vision: object = None
+    """A LLaVA model's image processor and image tokens (`tunelab.chat.vision.Vision`); None: text only."""
     _batcher: object = field(default=None, repr=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -60,6 +63,22 @@ class ChatModel:
         prompt = self.template.render(self.with_system(messages), add_generation_prompt=True)
         return self.tokenizer(prompt, add_special_tokens=False).input_ids
 
+    def prompt(self, messages: list[dict], *, files: bool = False):
+        """(token ids, pixel values or None) of messages whose content may be OpenAI content parts, images among
+        them for a LLaVA model. `files`: image parts may name files on this machine (the terminal, not the server)."""
+        from tunelab.chat.vision import split_images, text_only
+
+        if self.vision is None:
+            text_only(messages)
+        messages, refs = split_images(messages, files=files)
+        ids = self.encode(messages)
+        if self.vision is None:
+            return ids, None
+        if ids.count(self.vision.token_id) != len(refs):
+            raise TunelabError(f"the prompt holds {ids.count(self.vision.token_id)} <image> placeholders for "
+                               f"{len(refs)} images: send each image as an image part, and no <image> text.")
+        return self.vision.expand(ids), self.vision.pixel_values(refs)
+
     def fit_reply(self, prompt_tokens: int, max_new_tokens: int, *, asked: bool = True) -> int:
         """max_new_tokens within the context: cut down when it was a default, `ContextError` when it was `asked` for."""
         room = self.max_model_len - prompt_tokens
@@ -72,7 +91,7 @@ class ChatModel:
         return min(max_new_tokens, room)
 
     def job(self, prompt_ids: list[int], settings, *, stop_words=(), ignore_eos: bool = False, on_text=None,
-            on_done=None):
+            on_done=None, pixel_values=None):
         """A batcher job with this model's stop rules: EOS tokens and the template's stop words, unless `ignore_eos`
         (then only the caller's `stop_words` end the reply; benchmarks use it for replies of a fixed length)."""
         from tunelab.chat.batcher import Job
@@ -82,17 +101,20 @@ class ChatModel:
             stops, eos = tuple(stop_words), ()
         else:
             stops, eos = stop_words_for(self.template, self.tokenizer, stop_words), eos_token_ids(self)
-        return Job(prompt_ids, settings, stop_words=stops, eos_ids=eos, on_text=on_text, on_done=on_done)
+        return Job(prompt_ids, settings, stop_words=stops, eos_ids=eos, on_text=on_text, on_done=on_done,
+                   pixel_values=pixel_values)
 
-    def reply(self, messages: list[dict], settings, *, stop_words=(), on_text: Callable[[str], None] | None = None):
-        """The reply to `messages` (blocking; `on_text` gets it piece by piece)."""
+    def reply(self, messages: list[dict], settings, *, stop_words=(), on_text: Callable[[str], None] | None = None,
+              files: bool = False):
+        """The reply to `messages` (blocking; `on_text` gets it piece by piece). `files`: see `prompt`."""
         import queue
 
-        prompt_ids = self.encode(messages)
+        prompt_ids, pixel_values = self.prompt(messages, files=files)
         settings = dataclasses.replace(settings, max_new_tokens=self.fit_reply(
             len(prompt_ids), settings.max_new_tokens, asked=False))
         done: queue.Queue = queue.Queue()
-        job = self.job(prompt_ids, settings, stop_words=stop_words, on_text=on_text, on_done=done.put)
+        job = self.job(prompt_ids, settings, stop_words=stop_words, on_text=on_text, on_done=done.put,
+                       pixel_values=pixel_values)
         self.batcher.submit(job)
         try:
             result = done.get()
@@ -208,18 +230,29 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
 
     from tunelab.export.convert import pick_device
 
+    from tunelab.model.llava import is_llava_dir
+
     base, adapter_dir, meta = _resolve_paths(model_path, adapter)
     if (meta or {}).get("objective") == "reward":
         raise TunelabError(f"{adapter or model_path} is a reward model: it scores replies and does not write them. "
                            f"Score with `tunelab reward {model_path} --data FILE`.")
-    pick_device(device)  # a clear message for --device cuda on a machine without one
+    dev = pick_device(device)  # a clear message for --device cuda on a machine without one
     check_bits(bits)
     _say(f"loading {base}" + (f" with adapter {adapter_dir}" if adapter_dir else "") + (f" in {bits}-bit" if bits else ""))
-    try:
-        model, tokenizer = load_model_for_inference(base, bits=bits, device=device, dtype=dtype,
-                                                    trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise TunelabError(f"cannot load the model {base!r}: {exc}") from None
+    vision = None
+    if (meta or {}).get("llava") or is_llava_dir(base):
+        from tunelab.chat.vision import load_llava_chat
+
+        exported = is_llava_dir(base) and (Path(base) / "processor_config.json").is_file()
+        model_dir = None if exported else (adapter_dir or Path(base))  # a LLaVA run's checkpoint
+        model, tokenizer, vision = load_llava_chat(base, meta, model_dir, device=dev, dtype=dtype, bits=bits)
+        adapter_dir = None
+    else:
+        try:
+            model, tokenizer = load_model_for_inference(base, bits=bits, device=device, dtype=dtype,
+                                                        trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise TunelabError(f"cannot load the model {base!r}: {exc}") from None
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -237,7 +270,8 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
         max_model_len, where = context_length(model, meta)
         _say(f"context: {max_model_len} tokens ({where})")
     return ChatModel(model=model, tokenizer=tokenizer, template=template, system=system, name=name,
-                     template_source=source, max_model_len=max_model_len, max_batch_size=max_batch_size)
+                     template_source=source, max_model_len=max_model_len, max_batch_size=max_batch_size,
+                     vision=vision)
 
 
 def add_model_arguments(parser) -> None:

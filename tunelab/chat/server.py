@@ -41,12 +41,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool"]
     content: Union[str, list, None] = ""
-
-    def text(self) -> str:
-        """OpenAI also allows content as a list of parts: keep the text parts."""
-        if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if isinstance(p, dict) and p.get("type") == "text")
-        return self.content or ""
+    """Text, or OpenAI content parts: text, and for a LLaVA model image_url parts with data URLs."""
 
 
 StopWord = Annotated[str, StringConstraints(min_length=1)]
@@ -161,20 +156,22 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         """What the web page shows: the template, the default system prompt and sampling settings, the limits."""
         return {"model": chat.name, "template": chat.template.name, "template_source": chat.template_source,
                 "system": chat.system, "defaults": dataclasses.asdict(defaults), "max_model_len": chat.max_model_len,
-                "max_tokens_limit": max_tokens_limit, "max_batch_size": chat.batcher.max_batch_size}
+                "max_tokens_limit": max_tokens_limit, "max_batch_size": chat.batcher.max_batch_size,
+                "images": chat.vision is not None}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         settings, asked = settings_for(body, defaults, max_tokens_limit)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
         stop = list(body.stop or [])
-        prompt_ids = await run_in_threadpool(chat.encode, messages)  # a long prompt must not hold up the event loop
+        # a long prompt (or its images) must not hold up the event loop
+        prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages)
         settings.max_new_tokens = chat.fit_reply(len(prompt_ids), settings.max_new_tokens, asked=asked)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         report = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
         job = chat.job(prompt_ids, settings, stop_words=stop, ignore_eos=body.ignore_eos,
-                       on_text=report if body.stream else None, on_done=report)
+                       on_text=report if body.stream else None, on_done=report, pixel_values=pixel_values)
         try:
             chat.batcher.submit(job)
         except ServerStopping as exc:

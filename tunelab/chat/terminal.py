@@ -1,7 +1,7 @@
 """`tunelab chat`: talk to a model in the terminal, with streamed replies and multi-turn history.
 
 Interactive (a TTY): type a question, end it with an empty line (so questions may span lines), as in XTuner.
-RESET clears the history, EXIT quits. Non-interactive (`--prompt`, or questions on stdin one per line): each
+RESET clears the history, EXIT quits. `--image` pictures go with the first question (a LLaVA model). Non-interactive (`--prompt`, or questions on stdin one per line): each
 question is answered in turn, in one conversation, and only the replies go to stdout, so scripts can read them.
 """
 
@@ -41,16 +41,19 @@ def _questions_from(stdin: TextIO) -> Iterable[str]:
 
 
 def answer(chat: ChatModel, history: list[dict], question: str, settings, *, stop_words=(), stream: bool = True,
-           out: TextIO = sys.stdout) -> str:
-    """Add `question` to `history`, print the reply (streamed piece by piece if `stream`), add the reply too."""
-    history.append({"role": "user", "content": question})
+           out: TextIO = sys.stdout, images: list[str] = ()) -> str:
+    """Add `question` to `history`, print the reply (streamed piece by piece if `stream`), add the reply too.
+    `images`: picture files shown with this question (a LLaVA model)."""
+    from tunelab.chat.vision import with_images
+
+    history.append({"role": "user", "content": with_images(question, list(images)) if images else question})
 
     def write(piece: str) -> None:
         out.write(piece)
         out.flush()
 
     try:
-        reply = chat.reply(history, settings, stop_words=stop_words, on_text=write if stream else None)
+        reply = chat.reply(history, settings, stop_words=stop_words, on_text=write if stream else None, files=True)
     except ContextError:
         history.pop()  # the question got no answer: leave it out of the conversation
         raise
@@ -64,7 +67,8 @@ def answer(chat: ChatModel, history: list[dict], question: str, settings, *, sto
 
 
 def run_chat(chat: ChatModel, settings, *, stop_words=(), stream: bool = True, prompts: list[str] | None = None,
-             stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+             stdin: TextIO | None = None, out: TextIO | None = None, images: list[str] = ()) -> int:
+    """`images`: picture files shown with the first question (again after RESET)."""
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     history: list[dict] = []
@@ -78,14 +82,15 @@ def run_chat(chat: ChatModel, settings, *, stop_words=(), stream: bool = True, p
         if question.strip() == "EXIT":
             break
         if question.strip() == "RESET":
-            history.clear()
+            history.clear()  # the pictures come again with the next question
             if interactive:
                 out.write("history cleared\n")
             continue
         if interactive:
             out.write("\n")
         try:
-            answer(chat, history, question, settings, stop_words=stop_words, stream=stream, out=out)
+            answer(chat, history, question, settings, stop_words=stop_words, stream=stream, out=out,
+                   images=images if not history else ())
         except ContextError as exc:  # the conversation outgrew the context: say so, keep the session
             print(f"error: {exc} Type RESET to start a new conversation.", file=sys.stderr if not interactive else out)
     return 0

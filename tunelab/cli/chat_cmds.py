@@ -16,6 +16,7 @@ example:
   tunelab chat internlm/internlm2-chat-1_8b --adapter hf_adapter
   tunelab chat Qwen/Qwen2.5-0.5B-Instruct --adapter work_dirs/run1 --bits 4
   tunelab chat merged --prompt "Who are you?"
+  tunelab chat llava_hf --image cat.jpg --prompt "What is in the picture?"   # a LLaVA model
   printf 'Who are you?\\nWhat can you do?\\n' | tunelab chat merged
 """
 
@@ -55,6 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-streamer", action="store_true", help="print each reply whole instead of streaming it")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="ask this and exit (repeat for a multi-turn conversation)")
+    p.add_argument("--image", action="append", metavar="PATH", default=[],
+                   help="a picture for a LLaVA model to look at, shown with the first question (repeatable)")
     p.set_defaults(func=chat_cmd)
 
     for name, description, helptext, default_port in (
@@ -88,7 +91,7 @@ def chat_cmd(args) -> int:
     settings = settings_from_args(args)
     chat = load_from_args(args)
     return run_chat(chat, settings, stop_words=args.stop_word, stream=not args.no_streamer, prompts=args.prompt,
-                    stdin=sys.stdin, out=sys.stdout)
+                    stdin=sys.stdin, out=sys.stdout, images=args.image)
 
 
 def _check_server_args(args) -> None:

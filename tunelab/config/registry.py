@@ -4,6 +4,10 @@ A built-in config is a model × a method × a dataset, named `<model>_<method>_<
 e.g. `internlm2_1_8b_qlora_alpaca_e3`. Its text is `config_template.py.tmpl` filled in from the three
 tables below. Adding a model is one line in MODELS. A dataset says what it trains (`objective`): the preference
 datasets' names start with theirs (`qwen2_5_1_5b_qlora_dpo_ultrafeedback_e1`), so `list-cfg -p dpo` lists them.
+
+A multimodal (LLaVA) config is a model × a vision tower × a stage, named `llava_<model>_<tower>_<stage>`, e.g.
+`llava_internlm2_1_8b_clip_vit_large_p14_336_pretrain`: the same template with the multimodal settings added
+(LLAVA_MODELS, VISION_TOWERS, LLAVA_STAGES; docs/MULTIMODAL.md).
 """
 
 from __future__ import annotations
@@ -133,6 +137,65 @@ PREFERENCE_NOTES = {
 }
 
 
+# --- multimodal (LLaVA) configs ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VisionTower:
+    hub_id: str
+    select_strategy: str = "default"  # SigLIP has no CLS token to drop: 'full'
+
+
+VISION_TOWERS: dict[str, VisionTower] = {
+    "clip_vit_large_p14_336": VisionTower("openai/clip-vit-large-patch14-336"),  # LLaVA-1.5's: 576 tokens an image
+    "siglip_so400m_p14_384": VisionTower("google/siglip-so400m-patch14-384", "full"),  # 729 tokens an image
+}
+
+LLAVA_MODELS = ("internlm2_1_8b", "internlm2_7b", "qwen2_5_7b", "llama3_8b")  # names in MODELS
+
+
+@dataclass(frozen=True)
+class LlavaStage:
+    description: str
+    method: str
+    freeze_llm: bool
+    lr: float
+    data_path: str
+    image_folder: str
+    note: str
+    batch_size: int = 4
+    accumulative_counts: int = 16
+    lora_r: int = 64
+    lora_alpha: int = 16
+    optimizer: str = "adamw"
+    evaluation_inputs: tuple = ("Please describe this picture.", "请描述一下这张照片")
+
+
+# LLaVA-1.5's two stages (and XTuner's llava configs): 1 epoch each, the projector at lr 1e-3 on 558k image-caption
+# pairs, then projector + LoRA (r 128, alpha 256, lr 2e-4) on 665k visual instructions. Rows are packed: one
+# caption sample is ~620 tokens with its 576 image tokens, so a 2048-token row holds about three.
+LLAVA_STAGES: dict[str, LlavaStage] = {
+    "pretrain": LlavaStage(
+        "stage 1 (pretrain): the projector alone learns to describe images; language model and vision tower frozen",
+        method="full", freeze_llm=True, lr=1e-3,
+        data_path="./data/llava_data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
+        image_folder="./data/llava_data/LLaVA-Pretrain/images",
+        note="# LLaVA-Pretrain (558k image-caption pairs): the JSON and its images/ folder from\n"
+             "# huggingface.co/datasets/liuhaotian/LLaVA-Pretrain"),
+    "finetune": LlavaStage(
+        "stage 2 (finetune): projector + QLoRA adapters on the language model, on visual instructions",
+        method="qlora", freeze_llm=False, lr=2e-4, lora_r=128, lora_alpha=256, optimizer="adamw_8bit",
+        data_path="./data/llava_data/LLaVA-Instruct-150K/llava_v1_5_mix665k.json",
+        image_folder="./data/llava_data/llava_images",
+        note="# LLaVA-1.5's instruction mix (665k, huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K), its\n"
+             "# images (coco, gqa, ocr_vqa, textvqa, vg) under image_folder as LLaVA's README lays them out"),
+}
+
+
+def llava_configs() -> dict[str, tuple[str, str, str]]:
+    """Every built-in LLaVA config name -> (model, tower, stage)."""
+    return {f"llava_{m}_{t}_{s}": (m, t, s) for m in LLAVA_MODELS for t in VISION_TOWERS for s in LLAVA_STAGES}
+
+
 def learning_rate(method: str, dataset: str) -> float:
     return METHODS[method].lr * DATASETS[dataset].lr_scale
 
@@ -148,7 +211,7 @@ def builtin_configs() -> dict[str, tuple[str, str, str]]:
 
 def list_configs(pattern: str | None = None) -> list[str]:
     """Built-in config names containing `pattern` (case-insensitive); all of them without one."""
-    names = list(builtin_configs())
+    names = list(builtin_configs()) + list(llava_configs())
     if pattern:
         names = [n for n in names if pattern.lower() in n.lower()]
     return names
@@ -157,7 +220,7 @@ def list_configs(pattern: str | None = None) -> list[str]:
 def _lookup(name: str) -> tuple[Model, str, Method, Dataset]:
     table = builtin_configs()
     if name not in table:
-        close = difflib.get_close_matches(name, list(table), n=5, cutoff=0.5)
+        close = difflib.get_close_matches(name, list(table) + list(llava_configs()), n=5, cutoff=0.5)
         hint = ("Did you mean: " + ", ".join(close) + "?") if close else f"Models: {', '.join(MODELS)}."
         raise TunelabError(f"unknown config '{name}'. {hint} See them all with `tunelab list-cfg`.")
     model, method, dataset = table[name]
@@ -184,6 +247,8 @@ def _next_steps(name: str, file: str, method: str, hub_id: str, objective: str =
 
 def render_config(name: str) -> str:
     """The text of the built-in config `name` (what `copy-cfg` writes)."""
+    if name in llava_configs():
+        return _render_llava(name)
     model, method_name, method, dataset = _lookup(name)
     file = f"{name}_copy.py"
     target_modules = model.lora_target_modules
@@ -215,6 +280,7 @@ def render_config(name: str) -> str:
         "lora_dropout": repr(method.lora_dropout),
         "lora_target_modules": repr(target_modules if isinstance(target_modules, str) else list(target_modules)),
         "optimizer": repr(method.optimizer),
+        "multimodal_block": "",
     }
     # string.Template ($name) leaves the braces of dicts and f-strings in the template alone.
     return string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)
@@ -231,6 +297,49 @@ def _preference_block(dataset: Dataset) -> str:
     lines = ["", "# Preference training (docs/PREFERENCE.md)"]
     lines += [f"{key} = {value!r}  # {PREFERENCE_NOTES[key]}" for key, value in dataset.preference]
     return "\n".join(lines) + "\n"
+
+
+def _render_llava(name: str) -> str:
+    model_name, tower_name, stage_name = llava_configs()[name]
+    model, tower, stage = MODELS[model_name], VISION_TOWERS[tower_name], LLAVA_STAGES[stage_name]
+    file = f"{name}_copy.py"
+    pretrain = f"llava_{model_name}_{tower_name}_pretrain"
+    if stage.freeze_llm:
+        steps = [f"then stage 2: tunelab copy-cfg llava_{model_name}_{tower_name}_finetune ./ (it starts from this "
+                 "run's projector)"]
+    else:
+        steps = [f"tunelab convert pth_to_hf {file} work_dirs/{name}/iter_N llava_hf   # a HF LLaVA model "
+                 "(LoRA merged in)", "tunelab chat llava_hf --image picture.jpg   # or tunelab web / serve llava_hf"]
+    multimodal = "\n".join([
+        "",
+        "# Multimodal (LLaVA, docs/MULTIMODAL.md): the model above becomes the language model, after a vision tower",
+        "# and a projector that turns each image into image tokens.",
+        f"visual_encoder_name_or_path = {tower.hub_id!r}  # CLIP or SigLIP: hub id or local folder",
+        "vision_feature_layer = -2  # the tower's layer that feeds the projector (LLaVA-1.5: the second to last)",
+        f"vision_feature_select_strategy = {tower.select_strategy!r}  # 'default' drops CLIP's CLS token; "
+        "'full' keeps every token (SigLIP)",
+        f"freeze_llm = {stage.freeze_llm!r}  # True: train the projector alone (stage 1)",
+        f"pretrained_pth = {None if stage.freeze_llm else f'./work_dirs/{pretrain}'!r}  # stage 2: stage 1's "
+        "work dir (its projector)",
+        "visual_encoder_lora = False  # True: LoRA on the vision tower too (lora / qlora)",
+        f"image_folder = {stage.image_folder!r}  # where the image paths in the data start",
+        "image_pad_to_square = True  # pad images to squares before the tower's resize and crop (LLaVA-1.5)",
+    ]) + "\n"
+    values = {
+        "name": name, "file": file, "description": f"{stage.description}. Language model {model.hub_id}, vision "
+                                                  f"tower {tower.hub_id}.",
+        "next_steps": "\n".join(f"#   {line}" for line in steps),
+        "pretrained_model_name_or_path": repr(model.hub_id), "trust_remote_code": repr(model.trust_remote_code),
+        "method": repr(stage.method), "data_note": stage.note, "data_path": repr(stage.data_path),
+        "data_format": repr("auto"), "prompt_template": repr(model.prompt_template), "SYSTEM": repr(""),
+        "max_length": repr(2048), "batch_size": repr(stage.batch_size),
+        "accumulative_counts": repr(stage.accumulative_counts), "lr": repr(stage.lr), "max_epochs": repr(1),
+        "evaluation_inputs": repr(list(stage.evaluation_inputs)), "lora_r": repr(stage.lora_r),
+        "lora_alpha": repr(stage.lora_alpha), "lora_dropout": repr(0.05), "lora_target_modules": repr("all-linear"),
+        "optimizer": repr(stage.optimizer), "objective": repr("sft"), "preference_block": "",
+        "multimodal_block": multimodal,
+    }
+    return string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)
 
 
 def copy_config(name: str, dest_dir: str | Path, force: bool = False) -> Path:

@@ -94,6 +94,17 @@ def _trackers() -> tuple[str, ...]:
 
 
 POSITIVE = Rule(lambda v: v > 0, "a positive whole number")
+
+
+def _activations() -> tuple[str, ...]:
+    from transformers.activations import ACT2FN
+
+    return tuple(sorted(ACT2FN))
+
+
+ACTIVATION = Rule(lambda v: v in _activations(), lambda: "an activation transformers knows, e.g. 'gelu'", _activations)
+EVALUATION_IMAGES = Rule(lambda v: isinstance(v, (str, type(None))) or all(isinstance(p, str) for p in v),
+                         "None, a path, or a list of paths (one per evaluation question)")
 POSITIVE_OR_NONE = Rule(lambda v: v is None or v > 0, "None or a positive whole number")
 QUANT_BITS = Rule(lambda v: v in (None, 4, 8), "None, 4 or 8")
 BETAS = Rule(lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),
@@ -175,6 +186,30 @@ class TrainConfig:
     num_proc: int = setting(1, POSITIVE)
     """Processes used for tokenising (tunelab preprocess)."""
 
+    # --- multimodal (LLaVA: docs/MULTIMODAL.md) ------------------------------------------------
+    visual_encoder_name_or_path: Optional[str] = None
+    """A CLIP or SigLIP vision model (hub id or folder, e.g. openai/clip-vit-large-patch14-336). Set, the run trains
+    a LLaVA model: this vision tower, a projector, and the text model above as its language model. None: text only."""
+    vision_feature_layer: int = setting(-2, Rule(lambda v: v != 0, "a layer of the tower, not 0 (its embeddings, which "
+                                                     "transformers' LLaVA cannot select), e.g. -2"))
+    """The vision tower's layer whose output feeds the projector (-2: the second to last, as LLaVA-1.5)."""
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    """'default' drops the CLS token (LLaVA-1.5 with CLIP: 576 tokens an image at 336px); 'full' keeps every token
+    (SigLIP, which has no CLS token)."""
+    projector_hidden_act: str = setting("gelu", ACTIVATION)
+    """The activation between the projector's two linear layers (LLaVA-1.5's MLP: gelu)."""
+    freeze_llm: bool = False
+    """Train only the projector, the language model kept as it is (stage 1, 'pretrain', on image-caption pairs)."""
+    visual_encoder_lora: bool = False
+    """LoRA on the vision tower's linear layers too (lora / qlora); otherwise the tower stays frozen."""
+    pretrained_pth: Optional[str] = None
+    """Stage 2: the stage-1 work dir, checkpoint or export whose trained projector to start from. None: a new one."""
+    image_folder: Optional[str] = None
+    """Where relative image paths in the data start (LLaVA's convention). None: the data file's folder."""
+    image_pad_to_square: bool = True
+    """Pad each image to a square of the mean colour before the vision model's processor resizes and crops it
+    (LLaVA-1.5), so nothing is cropped away."""
+
     # --- preference training (docs/PREFERENCE.md) ----------------------------------------------
     objective: Objective = "sft"
     """What the run trains: 'sft' supervised fine-tuning; on preference pairs 'dpo', 'orpo', 'simpo' or 'reward'
@@ -231,7 +266,7 @@ class TrainConfig:
     mostly are. Full fine-tuning checkpoints are then fp32 (exact resume; `convert pth_to_hf` writes bf16).
     False: bf16 weights and AdamW states, 8 bytes a parameter less."""
     gradient_checkpointing: Optional[bool] = None
-    """None: on for lora/qlora, off for full."""
+    """None: on for lora/qlora (and freeze_llm), off for full."""
     seed: int = setting(0, Rule(lambda v: 0 <= v < 2**32, "a whole number from 0 to 2**32 - 1 (numpy's range)"))
     """Seed for data order, initialisation and dropout: the same seed repeats the run."""
 
@@ -248,6 +283,9 @@ class TrainConfig:
     evaluation_inputs: list = setting(factory=lambda: ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"],
                                       rule=Rule(lambda v: all(isinstance(q, str) for q in v), "a list of strings (questions)"))
     """Questions the model answers during training, so you can watch it learn."""
+    evaluation_images: Union[str, list, None] = setting(None, EVALUATION_IMAGES)
+    """A LLaVA run: the picture the evaluation questions are asked about (one path for all), or one path per question.
+    Relative paths are read from the config file's folder, then the current directory."""
     eval_max_new_tokens: int = setting(128, POSITIVE)
     """Longest answer to an evaluation question, in tokens."""
     report_to: list = setting(factory=list, rule=REPORT_TO)
@@ -307,9 +345,10 @@ class TrainConfig:
         return 4 if self.method == "qlora" else None
 
     def resolved_gradient_checkpointing(self) -> bool:
+        """None: on where most weights are frozen (lora / qlora, LLaVA's stage 1), off for full fine-tuning."""
         if self.gradient_checkpointing is not None:
             return self.gradient_checkpointing
-        return self.method in ("lora", "qlora")
+        return self.method in ("lora", "qlora") or self.freeze_llm
 
     def resolved_reference(self, copy_fits: bool = True) -> Optional[str]:
         """Where DPO / KTO's reference log-probabilities come from (None for objectives without a reference):
@@ -437,9 +476,32 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
         return where(source, key, line) + ": "
 
     errors = []
-    if cfg.method == "full" and cfg.quant_bits is not None:
+    if cfg.method == "full" and cfg.quant_bits is not None and not cfg.freeze_llm:
         errors.append(f"{at('quant_bits')}method = 'full' with quant_bits = {cfg.quant_bits}: a quantised base cannot "
                       f"be fully fine-tuned. Use method = 'qlora', or quant_bits = None.")
+    if not cfg.visual_encoder_name_or_path:
+        used = [k for k in MULTIMODAL_ONLY if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default]
+        if used:
+            errors.append(f"{at(used[0])}{used[0]} is a setting of multimodal (LLaVA) training, but "
+                          f"visual_encoder_name_or_path is not set. Set it to a CLIP or SigLIP model to train a LLaVA "
+                          f"model (docs/MULTIMODAL.md), or remove {', '.join(used)}.")
+    if cfg.freeze_llm and cfg.method != "full":
+        errors.append(f"{at('freeze_llm')}freeze_llm = True trains the projector alone, but method = {cfg.method!r} "
+                      f"puts adapters on the language model. Stage 1 (pretrain): method = 'full' with freeze_llm = "
+                      f"True; stage 2: freeze_llm = False.")
+    if cfg.visual_encoder_lora and cfg.method == "full":
+        errors.append(f"{at('visual_encoder_lora')}visual_encoder_lora = True puts LoRA adapters on the vision tower: "
+                      f"use method = 'lora' or 'qlora'.")
+    if isinstance(cfg.evaluation_images, list) and len(cfg.evaluation_images) not in (0, 1, len(cfg.evaluation_inputs)):
+        errors.append(f"{at('evaluation_images')}evaluation_images lists {len(cfg.evaluation_images)} pictures for "
+                      f"{len(cfg.evaluation_inputs)} evaluation_inputs: give one for all, or one per question.")
+    if cfg.visual_encoder_name_or_path and cfg.objective != "sft":
+        errors.append(f"{at('objective')}objective = {cfg.objective!r} with a vision tower: tunelab trains LLaVA models "
+                      f"with supervised fine-tuning only (objective = 'sft').")
+    if cfg.visual_encoder_name_or_path and cfg.sequence_parallel_size > 1:
+        errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with a "
+                      f"vision tower: LLaVA rows are not split over GPUs (their image features go into whole rows). "
+                      f"Set sequence_parallel_size = 1.")
     if cfg.sequence_parallel_size > 1 and not cfg.fast_path:
         errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
                       f"fast_path = False: splitting rows over GPUs runs through tunelab's attention and loss, which "
@@ -474,6 +536,10 @@ def _preference_errors(cfg: TrainConfig, at) -> list[str]:
                       f"objective = '{objective}': splitting rows over GPUs runs the supervised loss only; preference "
                       f"objectives score whole sequences on one GPU. Set sequence_parallel_size = 1.")
     return errors
+
+
+# Settings that only a run with a vision tower reads (a text run that sets one is told, not ignored).
+MULTIMODAL_ONLY = ("freeze_llm", "visual_encoder_lora", "pretrained_pth", "image_folder", "evaluation_images")
 
 
 # --- settings that are gone ----------------------------------------------------------------------------------------

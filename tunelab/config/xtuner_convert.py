@@ -287,6 +287,7 @@ def convert(source: str | Path, dest: str | Path, *, force: bool = False) -> tup
         "trust_remote_code": "False", "optimizer": repr("adamw_8bit" if s["method"] == "qlora" else "adamw"),
         "data_note": "# From the XTuner config's dataset (dataset_map_fn -> data_format).",
         "objective": repr("sft"), "preference_block": "",
+        "multimodal_block": "",  # supervised fine-tuning configs only (an XTuner LLaVA config is refused above)
     })
     text = string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)
     extra = []

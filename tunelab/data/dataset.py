@@ -29,6 +29,7 @@ import numpy as np
 from tunelab.data.encode import encode_batch
 from tunelab.data.encode_preference import row_capacity, with_kl_completions
 from tunelab.data.files import list_data_files
+from tunelab.data.multimodal import ImageTokens, expand_image_tokens, image_tokens
 from tunelab.data.packing import TokenRows, pack_rows
 from tunelab.data.sources import Source, collect_samples, file_warnings, resolve_sources
 from tunelab.data.templates import get_template
@@ -60,6 +61,8 @@ class DataStats:
     tokens: int = 0
     """Tokens in the training rows (after truncation, drops and the eval split)."""
     trained_tokens: int = 0
+    images: int = 0
+    """Images in the training rows (a multimodal run)."""
     eval_samples: int = 0
     eval_rows: int = 0
     sources: list = field(default_factory=list)
@@ -75,7 +78,8 @@ class DataStats:
         return (f"{self.records_read} records read, {self.skipped_invalid} skipped as invalid, "
                 f"{self.truncated} truncated, {self.dropped} dropped (nothing to train on after truncation), "
                 f"{self.untrained} without a trained reply; {self.samples} train samples in {self.rows} rows, "
-                f"{self.tokens} tokens ({self.trained_tokens} trained); {self.eval_samples} eval samples")
+                f"{self.tokens} tokens ({self.trained_tokens} trained"
+                f"{f', {self.images} images' if self.images else ''}); {self.eval_samples} eval samples")
 
     def warnings(self) -> list[str]:
         return [line for report in self.files for line in file_warnings(report)]
@@ -125,6 +129,24 @@ def encode_all(template, tokenizer, samples: list[dict], max_length: int, train_
     return [per_sample for chunk in results for per_sample in chunk]
 
 
+def encode_samples(template, tokenizer, samples: list[dict], max_length: int, train_on: str, num_proc: int = 1,
+                   tokens: Optional[ImageTokens] = None):
+    """`encode_all`, and in a multimodal run each sample with images turned into its row with image tokens
+    (`tunelab.data.multimodal.expand_image_tokens`): it is encoded whole first, since its length counts the image
+    tokens, and cut at max_length after."""
+    if tokens is None:
+        return encode_all(template, tokenizer, samples, max_length, train_on, num_proc)
+    pictured = [i for i, s in enumerate(samples) if s.get("images")]
+    whole = encode_all(template, tokenizer, [samples[i] for i in pictured], 2**62, train_on, num_proc)
+    out = encode_all(template, tokenizer, samples, max_length, train_on, num_proc) if len(pictured) < len(samples) \
+        else [None] * len(samples)  # (the text-only samples; the others are replaced just below)
+    for i, (encoded,) in zip(pictured, whole):
+        sample = samples[i]
+        out[i] = [expand_image_tokens(encoded, sample["images"], tokens.token_id, tokens.per_image, max_length,
+                                      sample.get("where", f"sample {i}"))]
+    return out
+
+
 # --- the cache ------------------------------------------------------------------------------------
 
 def cache_root() -> Path:
@@ -159,7 +181,7 @@ PROBE = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, 
          {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}]
 
 
-def cache_key(cfg, tokenizer, template, sources: list[Source]) -> str:
+def cache_key(cfg, tokenizer, template, sources: list[Source], tokens: Optional[ImageTokens] = None) -> str:
     files = []
     for s in sources:
         if s.kind == "files":
@@ -177,6 +199,8 @@ def cache_key(cfg, tokenizer, template, sources: list[Source]) -> str:
                                        "shuffle_before_pack", "train_on", "skip_invalid", "eval_split_ratio",
                                        "seed", "objective")},
     }
+    if tokens is not None:  # a multimodal run: the image tokens, and where relative image paths start
+        parts["images"] = [tokens.token_id, tokens.per_image, str(getattr(cfg, "image_folder", None))]
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
 
@@ -230,8 +254,10 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     allow_empty: return empty rows instead of raising when nothing is usable (check-dataset reports instead).
     """
     template = get_template(cfg.prompt_template, tokenizer)
-    sources = resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective)
-    directory = cache_root() / "datasets" / cache_key(cfg, tokenizer, template, sources)
+    tokens = image_tokens(cfg, tokenizer)  # None for a text-only run; else <image> is added to the tokenizer
+    sources = resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
+                              multimodal=tokens is not None)
+    directory = cache_root() / "datasets" / cache_key(cfg, tokenizer, template, sources, tokens)
     if use_cache and (directory / "stats.json").exists():
         bundle = _load_cached(directory)
         log(f"data: loaded from cache {directory}: {bundle.stats.summary()}")
@@ -249,7 +275,8 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     if cfg.objective == "kto":  # each reply's KL partner chosen over the whole data set, whatever the chunks
         samples = with_kl_completions(samples)
 
-    encoded = encode_all(template, tokenizer, samples, cfg.max_length, cfg.train_on, num_proc or cfg.num_proc)
+    encoded = encode_samples(template, tokenizer, samples, cfg.max_length, cfg.train_on, num_proc or cfg.num_proc,
+                             tokens)
     lengths = np.array([e.full_length for pieces in encoded for e in pieces], dtype=np.int64)
     count_cuts(stats, encoded, origins, cfg.max_length)
     rows = [e.row for pieces in encoded for e in pieces if e.row is not None]
@@ -278,6 +305,7 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     eval_rows = TokenRows.from_rows(eval_samples) if eval_samples else None
     stats.rows, stats.eval_rows = len(train_rows), len(eval_rows) if eval_rows else 0
     stats.tokens, stats.trained_tokens = train_rows.num_tokens, train_rows.num_trained_tokens
+    stats.images = sum(map(len, train_rows.images)) if train_rows.images is not None else 0
     bundle = DataBundle(train_rows, eval_rows, stats, lengths)
     if use_cache:
         try:

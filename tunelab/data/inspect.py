@@ -10,14 +10,18 @@ is trained on marked: coloured in a terminal, between ⟦ and ⟧ otherwise.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 
-from tunelab.data.dataset import DataStats, build_datasets, row_length
-from tunelab.data.encode import IGNORE_INDEX, encode_batch
+from tunelab.data.dataset import DataStats, build_datasets, encode_samples, row_length
+from tunelab.data.encode import IGNORE_INDEX
+from tunelab.data.images import describe as describe_image
+from tunelab.data.images import image_reading
+from tunelab.data.multimodal import IMAGE_TOKEN, image_tokens
 from tunelab.data.packing import best_fit_rows
 from tunelab.data.sources import collect_samples, read_samples, resolve_sources
 from tunelab.data.templates import get_template
@@ -128,8 +132,11 @@ def marked_pieces(tokenizer, row: dict) -> list[tuple[str, bool]]:
     start = 0
     for i in range(1, len(ids) + 1):
         if i == len(ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
-            pieces.append((tokenizer.decode(ids[start:i], skip_special_tokens=False),
-                           labels[start] != IGNORE_INDEX))
+            text = tokenizer.decode(ids[start:i], skip_special_tokens=False)
+            # an image's tokens (hundreds of <image>) shown as one mark with their count
+            text = re.sub(f"(?:{re.escape(IMAGE_TOKEN)})+", lambda m: f"<image x{len(m.group(0)) // len(IMAGE_TOKEN)}>",
+                          text)
+            pieces.append((text, labels[start] != IGNORE_INDEX))
             start = i
     return pieces
 
@@ -142,9 +149,12 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
     template = get_template(cfg.prompt_template, tokenizer)
     samples: list[dict] = []
     stats = DataStats()
-    for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective):
+    images = image_reading(cfg, config_dir)  # a LLaVA config: its samples' images are read too
+    tokens = image_tokens(cfg, tokenizer)
+    for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
+                                  multimodal=images is not None):
         samples += read_samples(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn, system=cfg.SYSTEM,
-                                stats=stats, limit=n - len(samples), objective=cfg.objective)
+                                stats=stats, limit=n - len(samples), objective=cfg.objective, images=images)
         if len(samples) >= n:
             break
     shown = []
@@ -153,10 +163,13 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
         from rich.console import Console
 
         console = Console(file=stream, highlight=False, force_terminal=True)
-    for k, per_sample in enumerate(encode_batch(template, tokenizer, samples, cfg.max_length, cfg.train_on)):
+    for k, per_sample in enumerate(encode_samples(template, tokenizer, samples, cfg.max_length, cfg.train_on,
+                                                  tokens=tokens)):
         for encoded in per_sample[:1]:
             header = f"--- sample {k} ({encoded.full_length} tokens" + \
                      (", truncated" if encoded.truncated else "") + ")"
+            if encoded.row is not None and encoded.row.get("images"):
+                header += " images: " + ", ".join(describe_image(ref) for ref in encoded.row["images"])
             if encoded.row is None:
                 stream.write(f"{header}: dropped, nothing to train on within max_length={cfg.max_length}\n")
                 continue

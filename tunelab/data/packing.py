@@ -4,7 +4,8 @@
 "position_ids"}`` (lists of int). It stores every row end to end in three int32 arrays plus row offsets, saved as
 .npy files and memory-mapped on load, so a cached dataset of millions of tokens opens at once. Preference rows
 also list the kind of each of their sequences (``"sequence_kind"``, tunelab.data.encode_preference), kept the same
-way with offsets of their own.
+way with offsets of their own; multimodal rows their images (``"images"``: references in the order of their image
+tokens), kept as a JSON list beside them.
 
 Packing concatenates whole samples into rows of at most max_length tokens, each into the row it fills most tightly
 (`best_fit_rows`). Position ids restart at 0 at each sample: that is how sample boundaries travel to attention
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -27,10 +29,12 @@ class TokenRows:
     """A read-only sequence of rows backed by flat arrays (see module docstring)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], offsets: np.ndarray,
-                 kinds: tuple[np.ndarray, np.ndarray] | None = None):
+                 kinds: tuple[np.ndarray, np.ndarray] | None = None, images: list[list[str]] | None = None):
         self.arrays, self.offsets = arrays, offsets
         self.kinds = kinds
         """(kind of every sequence end to end, offsets per row), for preference rows; None otherwise."""
+        self.images = images
+        """Each row's image references, for multimodal rows; None otherwise."""
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict]) -> "TokenRows":
@@ -47,7 +51,8 @@ class TokenRows:
             np.cumsum(counts, out=kind_offsets[1:])
             kinds = (np.fromiter(itertools.chain.from_iterable(r["sequence_kind"] for r in rows), dtype=np.int8,
                                  count=int(kind_offsets[-1])), kind_offsets)
-        return cls(arrays, offsets, kinds)
+        images = [list(r.get("images", ())) for r in rows] if any("images" in r for r in rows) else None
+        return cls(arrays, offsets, kinds, images)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -62,6 +67,8 @@ class TokenRows:
         if self.kinds is not None:
             kinds, kind_offsets = self.kinds
             row["sequence_kind"] = kinds[int(kind_offsets[i]):int(kind_offsets[i + 1])].tolist()
+        if self.images is not None:
+            row["images"] = self.images[i]
         return row
 
     def __iter__(self):
@@ -86,6 +93,8 @@ class TokenRows:
         if self.kinds is not None:
             np.save(directory / "sequence_kind.npy", self.kinds[0])
             np.save(directory / "sequence_offsets.npy", self.kinds[1])
+        if self.images is not None:
+            (directory / "images.json").write_text(json.dumps(self.images))
 
     @classmethod
     def load(cls, directory: Path) -> "TokenRows":
@@ -93,14 +102,18 @@ class TokenRows:
         kinds = None
         if (directory / "sequence_kind.npy").exists():
             kinds = (np.load(directory / "sequence_kind.npy"), np.load(directory / "sequence_offsets.npy"))
-        return cls(arrays, np.load(directory / "offsets.npy"), kinds)
+        images_file = directory / "images.json"
+        images = json.loads(images_file.read_text()) if images_file.is_file() else None
+        return cls(arrays, np.load(directory / "offsets.npy"), kinds, images)
 
 
 def pack_rows(samples: Sequence[dict], max_length: int) -> list[dict]:
     """Concatenate whole samples into rows of at most max_length tokens, as `best_fit_rows` groups them."""
     groups = best_fit_rows([len(s["input_ids"]) for s in samples], max_length)
-    keys = _KEYS + (("sequence_kind",) if samples and "sequence_kind" in samples[0] else ())
-    return [{k: list(itertools.chain.from_iterable(samples[i][k] for i in group)) for k in keys} for group in groups]
+    keys = _KEYS + (("sequence_kind",) if samples and "sequence_kind" in samples[0] else ()) + \
+        (("images",) if any("images" in s for s in samples) else ())
+    return [{k: list(itertools.chain.from_iterable(samples[i].get(k, ()) for i in group)) for k in keys}
+            for group in groups]
 
 
 def best_fit_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Optional
 from tunelab.data import dataset_info
 from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
+from tunelab.data.images import ImageReading, image_reading, read_images, unreadable_samples
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
 from tunelab.data.preference import (not_supervised_error, read_for_objective, record_kind, sample_messages,
                                      unused_preference_fields)
@@ -52,8 +53,9 @@ class Source:
 # --- where the data is --------------------------------------------------------------------------
 
 def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None = None,
-                    objective: str = "sft") -> list[Source]:
-    """objective: what the run trains ('sft' refuses a dataset_info.json entry of preference or KTO data)."""
+                    objective: str = "sft", *, multimodal: bool = False) -> list[Source]:
+    """objective: what the run trains ('sft' refuses a dataset_info.json entry of preference or KTO data);
+    multimodal: a run with a vision tower, which reads datasets with images."""
     if data_path in (None, "", []):
         raise TunelabError("data_path is not set: point it at a data file, a folder, or a `datasets` name.")
     entries = data_path if isinstance(data_path, list) else [data_path]
@@ -81,7 +83,7 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
         if source.kind == "files" and dataset_info.is_registry(source.resolved):
             if "format" in spec:
                 raise TunelabError(f"{where}: a dataset_info.json says each dataset's format; remove 'format'.")
-            sources += [_registry_source(e, source, where, objective) for e in
+            sources += [_registry_source(e, source, where, objective, multimodal) for e in
                         dataset_info.registry_entries(source.resolved, spec.get("dataset"), where)]
         elif "dataset" in spec:
             raise TunelabError(f"{where}: 'dataset' names datasets of a LLaMA-Factory dataset_info.json, but "
@@ -91,14 +93,18 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
     return sources
 
 
-def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str, objective: str) -> Source:
+def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str, objective: str,
+                     multimodal: bool) -> Source:
     path = f"{registry.path}:{entry.name}"
     at = f"{where}: dataset {entry.name!r} of {registry.resolved}"
     if objective == "sft" and (entry.ranking or entry.columns.get("kto_tag")):  # said by the entry: no need to read
         raise not_supervised_error("preference" if entry.ranking else "kto", at)
     media = [c for c in ("images", "videos", "audios") if entry.columns.get(c)]
-    if media:
+    if media and not multimodal:
         raise TunelabError(f"{at} has {' and '.join(media)} (multimodal data). {MULTIMODAL_FIX}")
+    if set(media) - {"images"}:
+        raise TunelabError(f"{at} has {' and '.join(m for m in media if m != 'images')}: multimodal training "
+                           "reads images only. Remove those columns from its entry in dataset_info.json.")
     if entry.kind == "files" and not Path(entry.location).exists():
         raise TunelabError(f"{at} names the file {entry.location}, which does not exist.")
     return Source(path, "auto", registry.ratio, entry.kind, Path(entry.location) if entry.kind == "files" else None,
@@ -171,11 +177,14 @@ def _note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None
 
 
 def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict,
-                objective: str = "sft") -> tuple[Optional[dict], str]:
+                objective: str = "sft", images: Optional[ImageReading] = None, base_dir: Optional[Path] = None
+                ) -> tuple[Optional[dict], str]:
     """One raw record -> (its canonical sample or None when the map function drops it, the format read).
 
     objective 'sft' reads supervised samples and refuses preference data; the preference objectives read pairs or
-    KTO samples (tunelab.data.preference.read_for_objective)."""
+    KTO samples (tunelab.data.preference.read_for_objective). images: how a multimodal run reads images (the sample
+    then has "images", resolved references, and "where"); None in a text-only run, which refuses them.
+    base_dir: the data file's folder."""
     data = rec.data
     if source.entry is not None:
         data, fmt, unmapped = dataset_info.map_record(data, source.entry, rec.where)
@@ -197,7 +206,7 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
             for name in unused_preference_fields(data):
                 _count_unused(report, name, rec.where, "a preference record's prompt, replies, label, system and "
                               "tools are read: drop it, or map it in with dataset_map_fn if it should be trained")
-        _after_reading(sample, source, report, rec.where)
+        _after_reading(sample, source, report, rec.where, images is not None)
         return sample, "kto" if "completion" in sample or sample.get("unpaired") else "preference"
     if kind:
         raise not_supervised_error(kind, rec.where, data)
@@ -209,22 +218,22 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
                 f"{rec.where}: cannot tell the data format from this record (fields: {keys}). Set data_format to "
                 f"one of {', '.join(FORMATS)}, rename the fields, or convert records with dataset_map_fn. See "
                 f"docs/DATA.md for an example of each format.")
-    sample = normalise(data, fmt, rec.where)
+    sample = normalise(data, fmt, rec.where) if images is None else read_images(data, fmt, rec.where, images, base_dir)
     if source.entry is None:
         for name in unused_fields(data, fmt):
             hint = UNUSED_HINTS.get(name.split(".")[-1], f"the {fmt!r} format does not read it: drop it, or map it "
                                     f"into the record with dataset_map_fn if it should be trained")
             _count_unused(report, name, rec.where, hint)
-    _after_reading(sample, source, report, rec.where)
+    _after_reading(sample, source, report, rec.where, images is not None)
     return sample, fmt
 
 
-def _after_reading(sample: dict, source: Source, report: dict, where: str) -> None:
-    """Fill {{placeholders}}, note <image> tags without images."""
+def _after_reading(sample: dict, source: Source, report: dict, where: str, multimodal: bool = False) -> None:
+    """Fill {{placeholders}}, note <image> tags without images (a text run's)."""
     texts = "\n".join(_texts(sample))  # one look for both kinds of placeholder
     if "{{" in texts:
         _fill_placeholders(sample, source.placeholders, report, where)
-    if IMAGE_PLACEHOLDER in texts:
+    if IMAGE_PLACEHOLDER in texts and not multimodal:
         _note(report, "image_tags", where)
 
 
@@ -262,7 +271,8 @@ def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> 
 
 
 def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                limit: Optional[int] = None, objective: str = "sft") -> tuple[list[dict], list[int]]:
+                limit: Optional[int] = None, objective: str = "sft", images: Optional[ImageReading] = None
+                ) -> tuple[list[dict], list[int]]:
     """All samples of one source and, for each, the index of its file's report in stats.files."""
     samples: list[dict] = []
     origins: list[int] = []
@@ -289,7 +299,8 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             stats.records_read += 1
             report["records"] += 1
             try:
-                sample, read_as = read_record(rec, source, fmt, map_fn, report, objective)
+                sample, read_as = read_record(rec, source, fmt, map_fn, report, objective, images,
+                                              origin.parent if isinstance(origin, Path) else None)
             except InvalidRecord as exc:
                 if not skip_invalid:
                     raise
@@ -311,16 +322,34 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
                 break
         if limit is not None and len(samples) >= limit:
             break
+    if images is not None:
+        samples, origins = _drop_unreadable_images(samples, origins, stats, skip_invalid)
     stats.sources.append({"path": source.path, "format": ",".join(sorted(formats_seen)),
                           "records": stats.records_read - read_before, "samples": len(samples)})
     return samples, origins
 
 
+def _drop_unreadable_images(samples: list[dict], origins: list[int], stats, skip_invalid: bool
+                            ) -> tuple[list[dict], list[int]]:
+    """Samples with an image that cannot be read stop the run naming their record, or are skipped and counted."""
+    bad = unreadable_samples(samples)
+    for i, message in bad.items():
+        if not skip_invalid:
+            raise TunelabError(message)
+        stats.skipped_invalid += 1
+        stats.files[origins[i]]["invalid"] += 1
+        if len(stats.invalid) < MAX_REPORTED_INVALID:
+            stats.invalid.append(message)
+    keep = [i for i in range(len(samples)) if i not in bad]
+    return [samples[i] for i in keep], [origins[i] for i in keep]
+
+
 def read_samples(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                 limit: Optional[int] = None, objective: str = "sft") -> list[dict]:
+                 limit: Optional[int] = None, objective: str = "sft", images: Optional[ImageReading] = None
+                 ) -> list[dict]:
     """All samples of one source, normalised; bad records raise, or are counted when skip_invalid."""
     return read_source(source, skip_invalid=skip_invalid, map_fn=map_fn, system=system, stats=stats, limit=limit,
-                       objective=objective)[0]
+                       objective=objective, images=images)[0]
 
 
 def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
@@ -334,9 +363,11 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
     """Every source of cfg.data_path read, checked and mixed by its ratio: (samples, file index of each)."""
     samples: list[dict] = []
     origins: list[int] = []
-    for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective)):
+    images = image_reading(cfg, config_dir)
+    for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
+                                               multimodal=images is not None)):
         found, where_from = read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn,
-                                        system=cfg.SYSTEM, stats=stats, objective=cfg.objective)
+                                        system=cfg.SYSTEM, stats=stats, objective=cfg.objective, images=images)
         if not found and not allow_empty:
             raise TunelabError(f"data_path {source.path!r}: no usable record (all {stats.sources[-1]['records']} "
                                f"were invalid). Run `tunelab check-dataset` to see why.")

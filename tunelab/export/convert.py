@@ -119,6 +119,8 @@ def pth_to_hf(config_path: str | None, checkpoint: str, out_dir: str, *, fp32: b
     _prepare_out_dir(out, checkpoint, ckpt, model_dir, base if base and Path(base).is_dir() else None)
     dtype = torch.float32 if fp32 else torch.bfloat16
     _say(f"converting {ckpt} ({meta.get('method', '?')}) → {out} ({'fp32' if fp32 else 'bf16'})")
+    if meta.get("llava"):
+        return llava_to_hf(meta, model_dir, out, dtype=dtype, max_shard_size=max_shard_size)
     if (model_dir / ADAPTER_CONFIG).is_file():
         _save_adapter(model_dir, out, dtype)
         tokenizer_sources = [model_dir, ckpt, meta.get("base_model")]
@@ -139,6 +141,39 @@ def pth_to_hf(config_path: str | None, checkpoint: str, out_dir: str, *, fp32: b
     write_meta(out, meta)
     _say(f"saved to {out}")
     return out
+
+
+def llava_to_hf(meta: dict, model_dir: Path, out: Path, *, dtype: torch.dtype, device: str | torch.device = "cpu",
+                prompt_template: str | None = None, max_shard_size: str = "2GB") -> Path:
+    """A LLaVA run's checkpoint as a HF LLaVA folder (LoRA merged in, whatever the method): the model rebuilt from
+    the base models tunelab.json names plus the trained weights, with a LlavaProcessor carrying the training
+    template and image processor (docs/MULTIMODAL.md)."""
+    from tunelab.model import llava
+    from tunelab.model.llava_train import rebuild_for_export
+
+    settings = meta["llava"]
+    _say(f"assembling {meta['base_model']} + {settings['visual_encoder']} with the trained weights of {model_dir}")
+    model = rebuild_for_export(meta, model_dir, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(str(model_dir if (model_dir / "tokenizer_config.json").is_file() else meta["base_model"]))
+    llava.add_image_token(tokenizer)
+    template = template_for_export(meta, prompt_template, tokenizer)
+    if template is not None:
+        _add_stop_tokens(model, tokenizer, template)
+    processor = llava.load_image_processor(settings["visual_encoder"], pad_to_square=settings["image_pad_to_square"])
+    llava.save_hf_llava(model, tokenizer, processor, out, chat_template=template.to_jinja() if template else None,
+                        max_shard_size=max_shard_size)
+    write_meta(out, meta)
+    _say(f"saved a HF LLaVA model to {out} (LlavaForConditionalGeneration + LlavaProcessor)")
+    return out
+
+
+def _add_stop_tokens(model, tokenizer, template) -> None:
+    """The template's single-token stop words (e.g. <|im_end|>) join generation_config's eos_token_id."""
+    stop_ids = _stop_token_ids(tokenizer, template)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and stop_ids:
+        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        gen.eos_token_id = list(dict.fromkeys([*(e for e in eos if e is not None), *stop_ids]))
 
 
 def _save_adapter(model_dir: Path, out: Path, dtype: torch.dtype) -> None:
@@ -209,6 +244,15 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     if dtype not in ("auto", *DTYPES):
         raise TunelabError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32.")
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]  # 'auto': the dtype the base is stored in
+    if meta.get("llava"):  # a LLaVA run's adapter: its base is assembled from the language model and vision tower
+        if output_format != "hf":
+            raise TunelabError("--format original: a LLaVA model is written in the HF LLaVA layout only.")
+        if meta.get("base_model") != base:
+            _say(f"note: the adapter was trained on {meta.get('base_model')!r}; using BASE {base!r} as its language "
+                 "model")
+        return llava_to_hf({**meta, "base_model": base}, adapter_dir, out,
+                           dtype=torch.bfloat16 if torch_dtype == "auto" else torch_dtype, device=dev,
+                           prompt_template=prompt_template, max_shard_size=max_shard_size)
     reward = meta.get("objective") == "reward"
     if reward and output_format != "hf":
         raise TunelabError("a reward model is written as a transformers sequence-classification model: drop "
@@ -229,11 +273,7 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     template = template_for_export(meta, prompt_template, tokenizer)
     if template is not None:
         tokenizer.chat_template = template.to_jinja()
-        stop_ids = _stop_token_ids(tokenizer, template)
-        gen = getattr(merged, "generation_config", None)
-        if gen is not None and stop_ids:
-            eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-            gen.eos_token_id = list(dict.fromkeys([*(e for e in eos if e is not None), *stop_ids]))
+        _add_stop_tokens(merged, tokenizer, template)
         _say(f"chat_template set from prompt template {template.name!r}")
     else:
         _say("note: no prompt template recorded (no tunelab.json); the tokenizer's chat_template is unchanged")

@@ -224,6 +224,8 @@ def enable_varlen_attention(model, *, static_shapes: bool = False) -> None:
     register_varlen_attention()
     decoder, _, _ = split_model(model)
     base = base_model(model)
+    if getattr(base, base.base_model_prefix, None) is not decoder:
+        base = decoder  # a language model behind a vision tower (LLaVA): its attention only, not the tower's
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(ATTN_NAME)
     else:

@@ -167,13 +167,23 @@ def stop_words_for(template, tokenizer, extra=()) -> tuple[str, ...]:
 
 @torch.inference_mode()
 def generate_reply(model, tokenizer, template, messages: list[dict], settings: GenerationSettings | None = None,
-                   *, stop_words: tuple[str, ...] = (), on_text: Callable[[str], None] | None = None) -> str:
-    """The model's reply to `messages` (OpenAI-style dicts), rendered with `template`, by transformers' `generate`."""
+                   *, stop_words: tuple[str, ...] = (), on_text: Callable[[str], None] | None = None,
+                   pixel_values: torch.Tensor | None = None, image_tokens=None) -> str:
+    """The model's reply to `messages` (OpenAI-style dicts), rendered with `template`, by transformers' `generate`.
+    A LLaVA model's pictures: `pixel_values`, one per <image> in the messages, each <image> expanded to
+    `image_tokens.per_image` tokens (`tunelab.data.multimodal.ImageTokens`)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     settings = settings or GenerationSettings()
     prompt = template.render(messages, add_generation_prompt=True)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    extra = {}
+    if pixel_values is not None:
+        expanded: list[int] = []
+        for t in ids[0].tolist():
+            expanded += [t] * image_tokens.per_image if t == image_tokens.token_id else [t]
+        ids = torch.tensor([expanded])
+        extra["pixel_values"] = pixel_values.to(next(model.parameters()).device)
     ids = ids.to(next(model.parameters()).device)
     text = ReplyText(tokenizer, stop_words_for(template, tokenizer, stop_words), on_text)
 
@@ -200,7 +210,7 @@ def generate_reply(model, tokenizer, template, messages: list[dict], settings: G
     was_training = model.training
     model.eval()
     try:
-        model.generate(input_ids=ids, **gen_kwargs)
+        model.generate(input_ids=ids, **gen_kwargs, **extra)
     finally:
         model.train(was_training)
     reply = text.finish()

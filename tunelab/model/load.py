@@ -269,6 +269,11 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
     errors = combination_errors(cfg)  # settings built in Python skip load_config's checks
     if errors:
         raise TunelabError("\n".join(errors))
+    if cfg.visual_encoder_name_or_path:  # a LLaVA model: the fast path acts on its language model
+        from tunelab.model.llava_train import build_for_training
+
+        return _with_fast_path(build_for_training(cfg, check_device(device), checkpointing=plan.checkpointing),
+                               plan, device)
     model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, bits=bits,
                            trust_remote_code=cfg.trust_remote_code, reward_head=cfg.objective == "reward",
                            pad_token_id=pad_token_id)

@@ -131,22 +131,25 @@ class LinearCrossEntropy(torch.autograd.Function):
 def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool = True, compiled: bool = False):
     """Sum of token losses and the number of trained tokens for one batch (see docs/DESIGN.md, Loss).
 
-    chunked: the chunked loss (False: full logits); compiled: its softmax gradient compiled, on a GPU."""
+    chunked: the chunked loss (False: full logits); compiled: its softmax gradient compiled, on a GPU. A batch with
+    `inputs_embeds` (a LLaVA model's, image features in place: `tunelab.model.llava.llava_objective`) runs the
+    decoder on those instead of looking `input_ids` up."""
     if "loss_index" in batch:
         index, targets = batch["loss_index"], batch["loss_targets"]
     else:  # a batch built by hand: find the trained positions here (a GPU sync on GPU labels)
         index, targets = loss_targets(batch["labels"])
     n_tokens = index.shape[0]
+    inputs = {"inputs_embeds": batch["inputs_embeds"]} if "inputs_embeds" in batch else \
+        {"input_ids": batch["input_ids"]}
     if not chunked:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
+        logits = model(**inputs, position_ids=batch["position_ids"]).logits.float()
         loss = F.cross_entropy(logits.flatten(0, 1)[index], targets, reduction="sum")
         return loss, n_tokens
 
     decoder, lm_head, softcap = split_model(model)
     # decoder_kwargs: a shard of each row under sequence parallelism (model/sequence_parallel.py) brings the whole
     # rows' sample boundaries and the group, for attention
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     **batch.get("decoder_kwargs", {})).last_hidden_state
+    hidden = decoder(**inputs, position_ids=batch["position_ids"], **batch.get("decoder_kwargs", {})).last_hidden_state
     hidden = hidden.flatten(0, 1).index_select(0, index)
     weight, bias = lm_head.weight, lm_head.bias
     rows = loss_chunk_rows(chunk_size, weight.shape[0], head_trained=weight.requires_grad)

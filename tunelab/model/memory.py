@@ -59,6 +59,13 @@ KNOWN_SHAPES = {
 # Activation bytes kept per token per decoder layer, as (bytes per hidden unit, bytes per intermediate unit).
 # Without checkpointing every layer keeps all of these; with it, only one layer at a time does.
 # LoRA keeps more per token than full fine-tuning: a dropout copy of each adapted layer's input, and fp32 norms.
+# Vision towers of the LLaVA configs (tunelab.config.registry.VISION_TOWERS), for a plan made before the download.
+KNOWN_VISION = {
+    "openai/clip-vit-large-patch14-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                              patch_size=14, image_size=336),
+    "google/siglip-so400m-patch14-384": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                             patch_size=14, image_size=384),
+}
 ACT_PER_TOKEN = {"full": (20.0, 8.5), "lora": (30.0, 11.5), "qlora": (30.0, 11.5)}
 # torch.compile (use_compile, on by default on GPU) fuses element-wise ops, so a layer keeps fewer activations:
 # a checkpointed layer (True), the whole model without checkpointing (False). The checkpoint inside the compiled
@@ -255,7 +262,11 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     if embeddings_on_cpu:  # the input embedding is looked up in CPU memory (tunelab.model.fast.EmbeddingOnCPU)
         parts["frozen/base weights"] -= vocab * h * other_bytes
     adam_bytes = 2 if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
-    if cfg.method == "full":
+    if cfg.visual_encoder_name_or_path:
+        parts.update(vision_parts(cfg, h, adam_bytes))
+    if cfg.freeze_llm:  # LLaVA's stage 1: the language model is frozen, only the projector (above) trains
+        trainable, grads, grads_name = 0, 0, "gradients"
+    elif cfg.method == "full":
         trainable = shape.total_params()
         if cfg.fp32_master_weights:  # fp32 weights, gradients and states, computed in bf16 under autocast
             parts["frozen/base weights"] = trainable * 4
@@ -292,7 +303,7 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     if cfg.resolved_reference(copy_fits=False) == "copy":  # DPO / KTO's frozen copy, in the compute dtype
         parts["reference model (frozen copy)"] = shape.total_params() * 2
 
-    a_h, a_i = ACT_PER_TOKEN[cfg.method]
+    a_h, a_i = ACT_PER_TOKEN["lora" if cfg.freeze_llm else cfg.method]  # frozen weights keep what LoRA's do
     # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
     layer_act = tokens * a_h * h + min(tokens, plan.mlp_slice or tokens) * a_i * inter
     if plan.compile:
@@ -305,7 +316,7 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     if plan.chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 
-        head_trained = cfg.method == "full"
+        head_trained = cfg.method == "full" and not cfg.freeze_llm
         rows = min(tokens, loss_chunk_rows(plan.loss_chunk_size, vocab, head_trained=head_trained))
         per_logit = LOSS_BYTES_PER_LOGIT["compiled" if plan.compiled_loss else "eager"]
         # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence;
@@ -334,7 +345,7 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         parts[loss_name] = int(loss_bytes)
         # Gradients arrive as activations are freed; at the peak (start of backward) only lm_head's exists,
         # counted with the loss (it is taken in forward) when the loss is chunked.
-        first = vocab * h * 2 if cfg.method == "full" and not plan.chunked_loss else 0
+        first = vocab * h * 2 if cfg.method == "full" and not cfg.freeze_llm and not plan.chunked_loss else 0
         parts[grads_name] = int(grads if accumulating else first)
 
     total = int(sum(parts.values()))
@@ -352,6 +363,24 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         props = torch.cuda.get_device_properties(device)
         est.device_bytes, est.device_name = props.total_memory, props.name
     return est
+
+
+def vision_parts(cfg, hidden: int, adam_bytes: int) -> dict[str, int]:
+    """A LLaVA run's vision tower (frozen, bf16) and projector (trained: fp32 weights, gradients, AdamW states)."""
+    path = cfg.visual_encoder_name_or_path
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        c = json.loads(config_file.read_text(encoding="utf-8"))
+        c = c.get("vision_config", c)
+    elif path in KNOWN_VISION:
+        c = KNOWN_VISION[path]
+    else:
+        raise TunelabError(f"visual_encoder_name_or_path = {path!r}: cannot find its config.json to estimate memory. "
+                           "Point it at a local folder, or download it first (huggingface-cli download ...).")
+    v, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    tower = layers * (4 * v * v + 2 * v * inter) + 3 * c["patch_size"] ** 2 * v + (c["image_size"] // c["patch_size"]) ** 2 * v
+    projector = v * hidden + hidden * hidden
+    return {"vision tower (frozen, bf16)": tower * 2, "projector (trained)": projector * (4 + 4 + adam_bytes)}
 
 
 def smallest_sequence_parallel(cfg, card_bytes: int) -> int | None:

@@ -20,8 +20,10 @@ def split_model(model):
     """(decoder, lm_head, logit_softcap) of a causal LM, through a peft wrapper if there is one."""
     base = base_model(model)
     decoder = getattr(base, base.base_model_prefix, None) or base.model
+    decoder = getattr(decoder, "language_model", decoder)  # a LLaVA model: its language model's decoder
     lm_head = base.get_output_embeddings()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    softcap = getattr(config, "final_logit_softcapping", None)
     return decoder, lm_head, softcap
 
 

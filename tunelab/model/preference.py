@@ -182,6 +182,10 @@ def training_objective(cfg, plan, reference: str | None = None, reference_model=
     from tunelab.model.loss import causal_lm_objective
 
     if cfg.objective == "sft":
+        if cfg.visual_encoder_name_or_path:  # a LLaVA model: image features into the input embeddings first
+            from tunelab.model.llava import llava_objective
+
+            return llava_objective(plan)
         return causal_lm_objective(plan)
     return PreferenceObjective(PreferenceSettings.from_config(cfg, reference), chunk_size=plan.loss_chunk_size,
                                chunked=plan.chunked_loss, compiled=plan.compiled_loss, reference_model=reference_model)

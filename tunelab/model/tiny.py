@@ -192,5 +192,37 @@ def make_internlm2_tokenizer(out_dir: str | Path, vocab_size: int = 600):
     return internlm2.load_tokenizer(out_dir)
 
 
+def make_vision_tower(out_dir: str | Path, kind: str = "clip", *, image_size: int = 32, patch_size: int = 8,
+                      hidden_size: int = 32, num_layers: int = 3, num_heads: int = 2, intermediate_size: int = 64,
+                      seed: int = 0) -> Path:
+    """Write a randomly initialised tiny vision tower and its image processor to `out_dir`, laid out as the hub's
+    vision towers are: `kind` "clip" like openai/clip-vit-large-patch14-336 (a CLIPVisionModel with a CLS token and
+    a CLIPImageProcessor that resizes the short side and crops the centre), "siglip" like google/siglip-so400m (a
+    SiglipVisionModel, no CLS token, a SiglipImageProcessor that resizes to a square)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    out_dir = Path(out_dir)
+    shape = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                 num_attention_heads=num_heads, intermediate_size=intermediate_size)
+    torch.manual_seed(seed)
+    # preprocessor_config.json written as the hub's folders have it (CLIP's in its older style, sizes as numbers)
+    if kind == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(**shape, projection_dim=hidden_size))
+        processor = {"crop_size": image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                     "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                     "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": image_size}
+    elif kind == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(**shape))
+        processor = {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+                     "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5], "resample": 3,
+                     "rescale_factor": 1 / 255, "size": {"height": image_size, "width": image_size}}
+    else:
+        raise ValueError(f"unknown tiny vision tower {kind!r}; known: clip, siglip")
+    model.save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return out_dir
+
+
 def describe(out_dir: str | Path) -> dict:
     return json.loads((Path(out_dir) / "config.json").read_text())

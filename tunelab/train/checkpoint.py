@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.model.llava import is_llava
 from tunelab.train import layout
 from tunelab.train.checksums import verify_checkpoint, write_manifest
 from tunelab.train.layout import (MANIFEST_FILE, MODEL_DIR, OPTIMIZER_DIR, STATE_FILE, checkpoint_step,
@@ -73,7 +74,9 @@ def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler
     work_dir = Path(work_dir)
     final, tmp = layout.checkpoint_dir(work_dir, step), layout.partial_dir(work_dir, step)
     inner = strategy.module
-    weights = strategy.full_state_dict(trainable_only=hasattr(inner, "peft_config"))
+    # a LoRA adapter, or a LLaVA model's trained parts (its frozen vision tower, and in stage 1 its language model,
+    # come from the base models again)
+    weights = strategy.full_state_dict(trainable_only=hasattr(inner, "peft_config") or is_llava(inner))
     _refuse_non_finite(weights, inner, env, step)
     try:
         if env.is_main:
@@ -88,7 +91,10 @@ def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler
         barrier(env)  # every rank's files are in tmp before rank 0 renames it into place
         if env.is_main:
             # safetensors: the adapter for peft models, the whole model otherwise
-            inner.save_pretrained(tmp / MODEL_DIR, **({"state_dict": weights} if weights is not None else {}))
+            kwargs = {"state_dict": weights} if weights is not None else {}
+            if is_llava(inner) and not hasattr(inner, "peft_config"):
+                kwargs["save_original_format"] = False  # the module names resume and export read back
+            inner.save_pretrained(tmp / MODEL_DIR, **kwargs)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / MODEL_DIR)
             torch.save(state, tmp / STATE_FILE)
@@ -319,9 +325,10 @@ def load_model_weights(model, checkpoint: Path) -> None:
         weights.update(_load_safetensors(file))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {name for name in missing if "lm_head" in name or "embed" in name}
-    if unexpected or set(missing) - tied:
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # not saved: from the base
+    if unexpected or set(missing) - tied - frozen:
         raise TunelabError(f"{model_dir}: the saved model does not match this config's model "
-                           f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}). "
+                           f"(missing {sorted(set(missing) - tied - frozen)[:3]}, unexpected {unexpected[:3]}). "
                            f"Resume with the config it was trained with.")
 
 

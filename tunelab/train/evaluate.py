@@ -17,18 +17,21 @@ from tunelab.model.loss import CausalLMObjective, causal_lm_loss
 from tunelab.train.distributed import all_reduce_sum, barrier
 
 
-def answer_questions(model, tokenizer, cfg) -> list[tuple[str, str]]:
-    """(question, answer) for each of `cfg.evaluation_inputs`."""
+def answer_questions(model, tokenizer, cfg, vision=None) -> list[tuple[str, str]]:
+    """(question, answer) for each of `cfg.evaluation_inputs`; a LLaVA run (`vision`, tunelab.train.vision) asks
+    each about its picture of `evaluation_images`, if any."""
     from tunelab.data.templates import get_template
     from tunelab.model.generate import GenerationSettings, generate_reply
 
     template = get_template(cfg.prompt_template, tokenizer)
     settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0)
+    pictures = vision.evaluation_images if vision else [None] * len(cfg.evaluation_inputs)
     answers = []
-    for question in cfg.evaluation_inputs:
+    for question, picture in zip(cfg.evaluation_inputs, pictures):
         messages = ([{"role": "system", "content": cfg.SYSTEM}] if cfg.SYSTEM else []) + \
-                   [{"role": "user", "content": question}]
-        answers.append((question, generate_reply(model, tokenizer, template, messages, settings)))
+                   [{"role": "user", "content": f"<image>\n{question}" if picture else question}]
+        image = dict(pixel_values=vision.images([picture]), image_tokens=vision.tokens) if picture else {}
+        answers.append((question, generate_reply(model, tokenizer, template, messages, settings, **image)))
     return answers
 
 
@@ -51,14 +54,15 @@ def write_answers(work_dir: Path, step: int, answers: list[tuple[str, str]]) -> 
 
 @torch.no_grad()
 def eval_loss_sums(model, rows: list[dict], cfg, *, pad_token_id: int, device: torch.device,
-                   precision, objective=causal_lm_loss) -> torch.Tensor:
+                   precision, objective=causal_lm_loss, images=None) -> torch.Tensor:
     """tensor([sum of token losses, trained tokens]) over `rows` (this rank's share); the caller reduces it."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     try:
         for start in range(0, len(rows), cfg.batch_size):
-            batch = {k: v.to(device) for k, v in collate(rows[start:start + cfg.batch_size], pad_token_id).items()}
+            batch = collate(rows[start:start + cfg.batch_size], pad_token_id, images=images)
+            batch = {k: v.to(device) for k, v in batch.items()}
             with precision.autocast(device):
                 loss_sum, n_tokens = objective(model, batch)
             totals += torch.stack([loss_sum.detach().double(), totals.new_tensor(float(n_tokens))])
@@ -68,19 +72,21 @@ def eval_loss_sums(model, rows: list[dict], cfg, *, pad_token_id: int, device: t
 
 
 def run_evaluation(model, tokenizer, cfg, step: int, *, eval_rows: list, env, precision, monitor,
-                   work_dir: Path, objective=None) -> float | None:
+                   work_dir: Path, objective=None, vision=None) -> float | None:
     """Held-out loss (every rank, its share of the rows) and the questions' answers (main rank); returns eval loss.
 
     objective(model, batch) -> (loss_sum, units): the training loss (`causal_lm_objective(plan)`, or a preference
     objective, whose metrics on the held-out pairs are written as eval_<name>). A reward model answers no questions:
-    it does not generate."""
+    it does not generate. vision: a LLaVA run's images and evaluation pictures (`tunelab.train.vision.VisionRun`),
+    None for text."""
     from tunelab.model.preference import reduce_metrics
 
     result = None
     if eval_rows is not None and len(eval_rows):
         scoring = (objective or CausalLMObjective()).copy()  # with metric sums of its own
         sums = all_reduce_sum(eval_loss_sums(model, eval_rows, cfg, pad_token_id=tokenizer.pad_token_id,
-                                             device=env.device, precision=precision, objective=scoring), env)
+                                             device=env.device, precision=precision, objective=scoring,
+                                             images=vision.images if vision else None), env)
         result = float(sums[0] / sums[1].clamp(min=1))
         metrics = reduce_metrics(scoring.take_metrics(), lambda t: all_reduce_sum(t, env))
         monitor.write({"step": step, "eval_loss": result, **{f"eval_{k}": v for k, v in metrics.items()}})
@@ -88,7 +94,7 @@ def run_evaluation(model, tokenizer, cfg, step: int, *, eval_rows: list, env, pr
                                                                                "accuracy", "kl"))
         monitor.message(f"step {step}: eval loss {result:.4f}{shown}")
     if env.is_main and cfg.evaluation_inputs and cfg.objective != "reward":
-        answers = answer_questions(model, tokenizer, cfg)
+        answers = answer_questions(model, tokenizer, cfg, vision)
         path = write_answers(work_dir, step, answers)
         monitor.message(format_answers(step, answers) + f"(saved to {path})")
     barrier(env)

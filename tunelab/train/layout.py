@@ -185,6 +185,10 @@ def training_meta(cfg, model_type: str | None = None) -> dict:
             "tunelab_version": __version__}
     if model_type:
         meta["model_type"] = model_type
+    if cfg.visual_encoder_name_or_path:  # a LLaVA run: how to assemble the model again (export, chat)
+        from tunelab.model.llava_train import llava_settings
+
+        meta["llava"] = llava_settings(cfg)
     return meta
 
 

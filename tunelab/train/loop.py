@@ -41,6 +41,7 @@ from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_dis
 from tunelab.train.evaluate import run_evaluation
 from tunelab.train.optim import ScaledOptimizer, build_optimizer, build_scheduler, choose_precision
 from tunelab.train.strategy import choose_strategy
+from tunelab.train.vision import vision_run, with_pretrained_checkpoint
 from tunelab.train.workdir_lock import hold_work_dir
 from tunelab.train.progress import Throughput, TrainingMonitor, check_memory_fits, oom_message, peak_memory_gb
 
@@ -100,10 +101,12 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         from tunelab.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    config_dir = str(Path(config_path).parent) if config_path else None
+    vision = vision_run(cfg, tokenizer, config_dir)  # a LLaVA run: images per batch, evaluation pictures
+    cfg = with_pretrained_checkpoint(cfg, config_dir)  # stage 2: stage 1's work dir -> its last checkpoint
     if train_rows is None:
         from tunelab.data.dataset import build_datasets
 
-        config_dir = str(Path(config_path).parent) if config_path else None
         bundle = build_datasets(cfg, tokenizer, config_dir=config_dir, log=log)
         train_rows = bundle.train_rows
         eval_rows = bundle.eval_rows if eval_rows is None else eval_rows
@@ -163,7 +166,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
 
     def evaluate(at_step: int) -> None:
         run_evaluation(strategy.module, tokenizer, cfg, at_step, eval_rows=my_eval_rows, env=env,
-                       precision=precision, monitor=monitor, work_dir=work_dir, objective=strategy.objective)
+                       precision=precision, monitor=monitor, work_dir=work_dir, objective=strategy.objective,
+                       vision=vision)
 
     def save(at_step: int) -> Path:
         path = ckpt.save_checkpoint(work_dir, at_step, strategy=strategy, tokenizer=tokenizer, scheduler=scheduler,
@@ -195,8 +199,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                 # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
                 # that read different rows (each token once)
                 # CUDA graphs: every batch a full row wide, so one shape (plus a few boundary sizes) is recorded
-                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=row_length(cfg) if graphed else 1)
-                           for rows in micro_batches]
+                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=row_length(cfg) if graphed else 1,
+                                   images=vision.images if vision else None) for rows in micro_batches]
                 # (trained tokens, listed by collate; pairs for preference objectives: what the loss is a mean of)
                 counts = torch.tensor([sum(objective.units(b) for b in batches),
                                        sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],

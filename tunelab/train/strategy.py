@@ -167,6 +167,8 @@ class SingleProcess:
     def full_state_dict(self, *, trainable_only: bool = False) -> dict | None:
         """Whole weights on rank 0, on the CPU, for `save_pretrained(state_dict=...)` (call on every rank); None: the
         model's own state dict is whole already. trainable_only: only the weights that train (a LoRA adapter)."""
+        if trainable_only and not hasattr(self.module, "peft_config"):  # e.g. LLaVA's stage 1: the projector
+            return {n: p.detach().to("cpu", copy=True) for n, p in self.module.named_parameters() if p.requires_grad}
         return None
 
     def save_optimizer(self, directory: Path, state: dict) -> None:

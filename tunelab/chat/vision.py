@@ -1,0 +1,119 @@
+"""Images in chat, web and serve, for a LLaVA model (a HF LLaVA folder, or a LLaVA run's checkpoint).
+
+Messages may carry images as OpenAI content parts (``{"type": "image_url", "image_url": {"url": ...}}``), read by
+the same code as training data (`tunelab.data.messages.read_content`): each part becomes ``<image>`` in the text, at
+its place, and the picture is prepared by the model's own image processor. The prompt's ids then hold each image's
+tokens (as many as the vision tower gives features), and the engine hands the pixel values to the model with them.
+
+Where a picture may come from: a ``data:image/...;base64,...`` URL always; a file path only from the terminal
+(`tunelab chat --image`), never from a request to the server (a client must not read the server's files); web
+addresses never (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.data import messages as msg
+from tunelab.data.files import InvalidRecord
+from tunelab.data.images import DATA_URL, open_image, resolve_image
+from tunelab.errors import TunelabError
+
+
+@dataclass
+class Vision:
+    """What a LLaVA model needs from a prompt besides its text."""
+
+    processor: object
+    """The image processor the model was trained with."""
+    token_id: int
+    per_image: int
+    """Image tokens one image becomes."""
+
+    def expand(self, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        for t in ids:
+            out += [t] * self.per_image if t == self.token_id else [t]
+        return out
+
+    def pixel_values(self, refs: list[str]):
+        if not refs:
+            return None
+        images = []
+        for ref in refs:
+            try:
+                images.append(open_image(ref))
+            except OSError as exc:
+                raise TunelabError(f"image {ref[:60]}: cannot be read ({exc}).") from None
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def split_images(messages: list[dict], *, files: bool) -> tuple[list[dict], list[str]]:
+    """(messages with text content and <image> where each picture goes, the pictures in order). `files`: whether a
+    part may name a file on this machine (the terminal), else only data URLs (a request to the server)."""
+    out, refs = [], []
+    for i, m in enumerate(messages):
+        found: list = []
+        try:
+            content = msg.read_content(m.get("content"), role=m.get("role", "user"), where="request",
+                                       field=f"messages[{i}].content", images=found)["content"]
+            for ref in found:
+                if not files and not (isinstance(ref, str) and ref.startswith(DATA_URL)):
+                    raise InvalidRecord(f"request: messages[{i}] has an image that is not a data URL: send the "
+                                        "picture itself, as 'data:image/png;base64,...' (the server reads no files "
+                                        "and downloads nothing).")
+                refs.append(resolve_image(ref, base_dir=Path.cwd(), image_folder=None, where="request",
+                                          at=f"messages[{i}] image"))
+        except InvalidRecord as exc:
+            raise TunelabError(str(exc)) from None
+        out.append({**m, "content": content})
+    return out, refs
+
+
+def with_images(question: str, images: list[str]) -> list[dict]:
+    """A terminal question with `--image` files attached: OpenAI content parts, pictures first (LLaVA's habit)."""
+    return [{"type": "image_url", "image_url": {"url": path}} for path in images] + [{"type": "text", "text": question}]
+
+
+def text_only(messages: list[dict]) -> None:
+    """A TunelabError when a model that reads no images is sent some (never dropped silently)."""
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image_url", "image",
+                                                                                      "input_image") for p in content):
+            raise TunelabError(f"messages[{i}] has an image, but this model reads text only. Chat with a LLaVA model "
+                               "(trained from a llava config, docs/MULTIMODAL.md) to ask about images.")
+
+
+def load_llava_chat(base: str, meta: dict | None, model_dir: Path | None, *, device, dtype, bits=None):
+    """(model, tokenizer, Vision) of a HF LLaVA folder (`base`), or of a LLaVA run's checkpoint (`model_dir`, its
+    tunelab.json naming the language model and vision tower; LoRA merged in)."""
+    import torch
+
+    from tunelab.data.multimodal import image_seq_length
+    from tunelab.model import llava
+    from tunelab.model.load import load_tokenizer, resolve_dtype
+
+    dev = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if bits:
+        raise TunelabError("--bits: a LLaVA model loads unquantised here; leave --bits out.")
+    if model_dir is not None:
+        from tunelab.model.llava_train import rebuild_for_export
+
+        settings = meta["llava"]
+        model = rebuild_for_export(meta, model_dir, dtype=torch_dtype, device=dev)
+        tokenizer = load_tokenizer(meta["base_model"])
+        llava.add_image_token(tokenizer)
+        processor = llava.load_image_processor(settings["visual_encoder"], pad_to_square=settings["image_pad_to_square"])
+    else:
+        model, hf_processor = llava.load_hf_llava(base, dtype=torch_dtype, device=dev)
+        tokenizer, processor = hf_processor.tokenizer, hf_processor.image_processor
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    config = model.config
+    vision = Vision(processor, config.image_token_id,
+                    image_seq_length(config.vision_config, config.vision_feature_select_strategy))
+    return model, tokenizer, vision

@@ -1,0 +1,193 @@
+"""Images of multimodal samples: where each one is, whether it opens, and a batch of them as pixel values.
+
+A record names its images (`tunelab.data.multimodal.split_images`); each reference is resolved once, when the data
+is read, into a string kept with the rows (never the pixels: images are loaded per batch, `ImageLoader`):
+
+* a file path: an absolute path as it is; a relative one from `image_folder` when set (LLaVA's convention:
+  ``"image": "coco/train2017/1.jpg"`` with ``image_folder = "data/llava_images"``), else from the data file's folder;
+* a ``data:image/...;base64,...`` URL (OpenAI image_url parts), kept as it is;
+* the image's own bytes (a parquet / `datasets` Image column: ``{"bytes": ..., "path": ...}``), kept as a data URL.
+
+Web addresses are refused: download the images and point at the files. A missing file is an `InvalidRecord` naming
+the record when it is read; `check_images` then opens every image once (in threads, a reduced JPEG draft), so a
+broken file stops the run before training, naming the record, or is skipped and counted with `skip_invalid`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from tunelab.data.files import InvalidRecord
+from tunelab.data.multimodal import split_images
+from tunelab.errors import TunelabError
+
+DATA_URL = "data:"
+
+
+def resolve_image(ref: Any, *, base_dir: Optional[Path], image_folder: Optional[Path], where: str,
+                  at: str = "image") -> str:
+    """A record's image reference as the string stored with the rows (see the module docstring)."""
+    if isinstance(ref, dict):  # a `datasets` Image value: its bytes, or a path
+        if ref.get("bytes"):
+            ref = ref["bytes"]
+        elif ref.get("path"):
+            ref = ref["path"]
+        else:
+            raise InvalidRecord(f"{where}: {at} is {ref!r}, which names no picture. Give a file path, a data URL "
+                                "or the image's bytes.")
+    if isinstance(ref, (bytes, bytearray)):
+        return DATA_URL + "image;base64," + base64.b64encode(bytes(ref)).decode()
+    if not isinstance(ref, str) or not ref.strip():
+        raise InvalidRecord(f"{where}: {at} should be a file path or a data URL, found {type(ref).__name__} "
+                            f"{str(ref)[:40]!r}.")
+    ref = ref.strip()
+    if ref.startswith(DATA_URL):
+        if ";base64," not in ref[:100]:
+            raise InvalidRecord(f"{where}: {at} is a data URL without ';base64,'. Write it as "
+                                "'data:image/png;base64,<the bytes in base64>'.")
+        return ref
+    if ref.startswith(("http://", "https://")):
+        raise InvalidRecord(f"{where}: {at} is a web address ({ref[:80]}). tunelab reads images from files: "
+                            "download them and give the file paths (relative to image_folder or the data file).")
+    if ref.startswith("file://"):
+        ref = ref[len("file://"):]
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = (image_folder or base_dir or Path.cwd()) / path
+    if not path.is_file():
+        hint = ("set image_folder to the folder the image paths start from" if image_folder is None else
+                f"image paths are read from image_folder = {str(image_folder)!r}")
+        raise InvalidRecord(f"{where}: {at} {ref!r}: no such file ({path}). Check the path; {hint}.")
+    return str(path)
+
+
+def _bytes_of(ref: str) -> bytes | str:
+    if ref.startswith(DATA_URL):
+        try:
+            return base64.b64decode(ref.split(";base64,", 1)[1], validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise OSError(f"the data URL is not valid base64 ({exc})") from None
+    return ref
+
+
+def describe(ref: str) -> str:
+    """A reference short enough for a message."""
+    return ref if not ref.startswith(DATA_URL) else ref[:40] + "..."
+
+
+def open_image(ref: str, *, draft: Optional[tuple[int, int]] = None):
+    """The image as an RGB PIL image (OSError when it cannot be read). `draft`: decode a JPEG at a reduced size
+    (enough to check a file, much faster)."""
+    from PIL import Image
+
+    source = _bytes_of(ref)
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        if draft:
+            image.draft("RGB", draft)
+        image.load()
+    except OSError:
+        raise
+    except Exception as exc:  # PIL raises ValueError / SyntaxError etc. for some damaged files
+        raise OSError(f"{type(exc).__name__}: {exc}") from None
+    return image.convert("RGB")
+
+
+def check_images(refs: list[str], threads: int = 8) -> dict[str, str]:
+    """Open each image once; returns {reference: why it cannot be read} for those that fail."""
+    unique = list(dict.fromkeys(refs))
+
+    def check(ref: str) -> Optional[str]:
+        try:
+            open_image(ref, draft=(64, 64))
+        except OSError as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes with the GIL released
+        problems = list(pool.map(check, unique))
+    return {ref: why for ref, why in zip(unique, problems) if why}
+
+
+def read_images(record, fmt: str, where: str, reading: "ImageReading", base_dir: Optional[Path]) -> dict:
+    """A multimodal record's sample (`tunelab.data.multimodal.split_images`) with its images resolved, and
+    "where" (the record's place, for later messages)."""
+    sample = split_images(record, fmt, where)
+    sample["images"] = [resolve_image(ref, base_dir=base_dir, image_folder=reading.image_folder, where=where,
+                                      at=f"image {i + 1}") for i, ref in enumerate(sample["images"])]
+    sample["where"] = where
+    return sample
+
+
+def unreadable_samples(samples: list[dict], threads: int | None = None) -> dict[int, str]:
+    """{index: message naming the record and the image} of the samples with an image that cannot be read (each
+    image opened once, in threads)."""
+    import os
+
+    broken = check_images([ref for sample in samples for ref in sample.get("images", ())],
+                          threads=threads or 2 * (os.cpu_count() or 1))
+    out = {}
+    for i, sample in enumerate(samples):
+        bad = next((ref for ref in sample.get("images", ()) if ref in broken), None)
+        if bad is not None:
+            out[i] = (f"{sample.get('where', f'sample {i}')}: image {describe(bad)} cannot be read ({broken[bad]}). "
+                      "Replace the file, or set skip_invalid = True to skip such records (they are counted).")
+    return out
+
+
+class ImageLoader:
+    """A batch's image references -> pixel_values [images, 3, H, W] (float32), prepared by `processor` (the vision
+    model's own processor, `tunelab.model.llava.load_image_processor`), decoded in threads."""
+
+    def __init__(self, processor, threads: int = 4):
+        self.processor = processor
+        self.pool = ThreadPoolExecutor(max(1, threads))
+
+    def load(self, ref: str):
+        try:
+            return open_image(ref)
+        except OSError as exc:
+            raise TunelabError(f"image {describe(ref)}: cannot be read ({exc}). It opened when the data was "
+                               "prepared: was it changed or removed since? Restore it, or delete the data cache "
+                               "(TUNELAB_CACHE) so the data is checked again.") from None
+
+    def __call__(self, refs: list[str]):
+        import torch
+
+        if not refs:
+            return torch.zeros(0)
+        images = list(self.pool.map(self.load, refs))
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels.float()
+
+
+@dataclass(frozen=True)
+class ImageReading:
+    """How a multimodal run reads the images of its records (None in a text-only run)."""
+
+    image_folder: Optional[Path] = None
+    """Where relative image paths start; None: the data file's folder."""
+
+
+def image_reading(cfg, config_dir: str | None = None) -> Optional[ImageReading]:
+    """The run's ImageReading, or None when `cfg` trains a text-only model (no vision tower)."""
+    if not getattr(cfg, "visual_encoder_name_or_path", None):
+        return None
+    folder = getattr(cfg, "image_folder", None)
+    if not folder:
+        return ImageReading()
+    candidates = [Path(folder).expanduser()]
+    if config_dir and not candidates[0].is_absolute():
+        candidates.insert(0, Path(config_dir) / folder)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return ImageReading(candidate.resolve())
+    raise TunelabError(f"image_folder = {folder!r}: no such folder (looked at "
+                       f"{' and '.join(str(c) for c in candidates)}). Relative paths are read from the config "
+                       "file's folder, then the current directory.")
