@@ -146,6 +146,13 @@ def run_tunelab(stage: str, args) -> dict:
     optimizer = build_optimizer(model, cfg, device)
     objective = llava_objective(plan)
     steps, pixels = step_data(stage, args, tiny)
+    # A step has several micro-batches: under CUDA graphs their gradients must add up in buffers allocated once
+    # (a replay overwrites its outputs), as `tunelab train` does with accumulative_counts > 1.
+    keep_grads = plan.cuda_graphs
+    if keep_grads:
+        from tunelab.train.loop import allocate_grad_buffers
+
+        allocate_grad_buffers(model)
 
     def one_step(rows_of_step):
         rows = pack_rows(rows_of_step, cfg.max_length)
@@ -171,7 +178,7 @@ def run_tunelab(stage: str, args) -> dict:
             tokens_total += n
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
         return loss_total / max(tokens_total, 1), len(rows)
 
     return timed(one_step, steps, args, extra={"fast_path": model._tunelab_fast_path})
@@ -189,7 +196,9 @@ def run_plain(stage: str, args) -> dict:
     if quantized(stage, args):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+            # full module paths: transformers matches these against whole names, so "vision_tower" alone would
+            # leave the tower and projector quantized
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
         kwargs["device_map"] = {"": device}
     model = LlavaForConditionalGeneration.from_pretrained(root / "hf", **kwargs)
     if "device_map" not in kwargs:

@@ -182,7 +182,7 @@ def launch(args, case: str, size: int, length: int, steps: int, path: str = "pla
            "127.0.0.1", "--master-port", str(port), __file__, "--trial", "--case", case, "--size", str(size),
            "--length", str(length), "--steps", str(steps), "--path", path, "--warmup", str(args.warmup), "--shape",
            args.shape, "--root", args.root]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
     if args.shape == "tiny":
         env["OMP_NUM_THREADS"] = "1"
@@ -198,7 +198,18 @@ def launch(args, case: str, size: int, length: int, steps: int, path: str = "pla
             return dict(json.loads(line[len(MARK):]), wall_s=wall)
     oom = "OutOfMemoryError" in out or "out of memory" in out
     return dict(case=case, path=path, size=size, gpus=args.gpus, length=length, ok=False, wall_s=wall,
-                error="out of memory" if oom else out.strip()[-600:])
+                error="out of memory" if oom else _first_error(out))
+
+
+def _pythonpath() -> str:
+    """This checkout first, then what the caller had (wheels carried to the GPU machine stay importable)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def _first_error(out: str) -> str:
+    """The worker's own exception line, not torchrun's summary that follows it."""
+    lines = [line for line in out.splitlines() if "Error" in line and not line.startswith(("[", " "))]
+    return (lines[0] + "\n" if lines else "") + out.strip()[-400:]
 
 
 def longest(args, case: str, size: int, known: list[dict], record) -> dict:
@@ -291,7 +302,7 @@ def main(argv=None) -> int:
     if not (model_dir / "config.json").is_file():  # in a process of its own: the driver keeps no GPU memory
         Path(args.root).mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, __file__, "--write-model", "--shape", args.shape, "--root", args.root],
-                       check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       check=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
     if args.overhead:
         return overhead(args)
     out_path = Path(os.environ.get("OUT", ".")) / "sequence_parallel.json"
