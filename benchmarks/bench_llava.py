@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench import subprocess_json  # noqa: E402  (one subprocess per side, the last JSON line is its result)
+
 LLM = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
            num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768)
 TOWER = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336, patch_size=14)
@@ -273,20 +276,6 @@ def timed(one_step, steps, args, extra=None) -> dict:
 
 
 # --- driver ------------------------------------------------------------------------------------------------------
-
-def subprocess_json(argv: list[str], timeout: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": "timeout"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (proc.stdout + proc.stderr)[-2000:]
-    print(tail, file=sys.stderr)
-    return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {proc.returncode}"}
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
