@@ -58,12 +58,12 @@ class ChatModel:
         system = self.system if system is None else system
         return ([{"role": "system", "content": system}] if system else []) + list(messages)
 
-    def encode(self, messages: list[dict]) -> list[int]:
-        """The prompt's token ids: the conversation (with the system prompt) rendered by the template."""
-        prompt = self.template.render(self.with_system(messages), add_generation_prompt=True)
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt's token ids: the conversation (with the system prompt and any tools) rendered by the template."""
+        prompt = self.template.render(self.with_system(messages), tools=tools, add_generation_prompt=True)
         return self.tokenizer(prompt, add_special_tokens=False).input_ids
 
-    def prompt(self, messages: list[dict], *, files: bool = False):
+    def prompt(self, messages: list[dict], *, files: bool = False, tools: list[dict] | None = None):
         """(token ids, pixel values or None) of messages whose content may be OpenAI content parts, images among
         them for a LLaVA model. `files`: image parts may name files on this machine (the terminal, not the server)."""
         from tunelab.chat.vision import split_images, text_only
@@ -71,7 +71,7 @@ class ChatModel:
         if self.vision is None:
             text_only(messages)
         messages, refs = split_images(messages, files=files)
-        ids = self.encode(messages)
+        ids = self.encode(messages, tools)
         if self.vision is None:
             return ids, None
         if ids.count(self.vision.token_id) != len(refs):

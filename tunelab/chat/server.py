@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab.chat.batcher import Reply, ServerStopping
 from tunelab.chat.engine import ChatModel
+from tunelab.chat.tools import call_format, request_messages, request_tools, split_calls, writes_tools
 from tunelab.errors import TunelabError
 from tunelab.model.generate import SettingError, check_settings
 
@@ -42,6 +43,11 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: Union[str, list, None] = ""
     """Text, or OpenAI content parts: text, and for a LLaVA model image_url parts with data URLs."""
+    tool_calls: Optional[list] = None
+    """An assistant's earlier calls (OpenAI shape, arguments as a JSON string)."""
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
+    """A tool result's call id and function name."""
 
 
 StopWord = Annotated[str, StringConstraints(min_length=1)]
@@ -64,6 +70,9 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     ignore_eos: bool = False
     """vLLM's extension: generate until max_tokens or a `stop` string, past EOS and the template's stop words."""
+    tools: Optional[list] = None
+    """Function definitions, rendered into the prompt as the chat template writes them."""
+    tool_choice: Union[Literal["auto", "none"], dict, None] = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -162,24 +171,38 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         settings, asked = settings_for(body, defaults, max_tokens_limit)
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = request_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        offered = request_tools(body.tools)
+        if isinstance(body.tool_choice, dict):
+            raise RequestError("tool_choice naming a function is not supported: send 'auto' (the model chooses) or "
+                               "'none' (the tools stay out of the prompt).", "tool_choice")
+        if body.tool_choice == "none":
+            offered = None
+        if offered and not writes_tools(chat.template):
+            raise RequestError(f"the chat template {chat.template.name!r} has no place for tools, so the model would "
+                               f"never see them: serve with a template that writes them (e.g. qwen2_5_chat, "
+                               f"qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, glm4_chat, phi4_mini), or "
+                               f"leave tools out.", "tools")
+        calls_in_reply = call_format(chat.template) if offered else None
         stop = list(body.stop or [])
         # a long prompt (or its images) must not hold up the event loop
-        prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages)
+        prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages, tools=offered)
         settings.max_new_tokens = chat.fit_reply(len(prompt_ids), settings.max_new_tokens, asked=asked)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         report = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
+        # a reply that may hold calls is read whole, then sent as calls or text (streamed as one chunk)
+        streamed = body.stream and calls_in_reply is None
         job = chat.job(prompt_ids, settings, stop_words=stop, ignore_eos=body.ignore_eos,
-                       on_text=report if body.stream else None, on_done=report, pixel_values=pixel_values)
+                       on_text=report if streamed else None, on_done=report, pixel_values=pixel_values)
         try:
             chat.batcher.submit(job)
         except ServerStopping as exc:
             raise RequestError(str(exc), status=503) from None
         reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(_stream(chat, job, events, reply_id), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(_stream(chat, job, events, reply_id, calls_in_reply),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             result = await _wait_or_cancel(events, request)
         finally:
@@ -188,10 +211,10 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
             return _error(499, "the client closed the request")
         if isinstance(result, Exception):
             return _failure(result)
+        message, finish = _reply_message(result, calls_in_reply)
         return {
             "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": chat.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason}],
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
             "usage": _usage(result),
         }
 
@@ -214,14 +237,24 @@ def _failure(error: Exception) -> JSONResponse:
     return _error(500, f"generation failed: {type(error).__name__}: {error}")
 
 
+def _reply_message(reply: Reply, calls_in_reply) -> tuple[dict, str]:
+    """(the reply as an OpenAI message without its role, finish_reason): tool calls split out where offered."""
+    if calls_in_reply is None:
+        return {"content": reply.text}, reply.finish_reason
+    text, calls = split_calls(reply.text, calls_in_reply)
+    if not calls:
+        return {"content": text}, reply.finish_reason
+    return {"content": text or None, "tool_calls": calls}, "tool_calls"
+
+
 def _usage(reply: Reply) -> dict:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
-async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str):
+async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, calls_in_reply=None):
     """Server-sent events in OpenAI's chunk format. If the client disconnects, starlette cancels this generator:
-    `finally` cancels the job."""
+    `finally` cancels the job. With `calls_in_reply` the reply comes whole, as one chunk of text or calls."""
     created = int(time.time())
 
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
@@ -239,6 +272,12 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str):
         if isinstance(item, Exception):  # reported to the client as an error event, never a dead connection
             kind = "server_error"
             yield f"data: {json.dumps({'error': {'message': str(item), 'type': kind}})}\n\n"
+        elif calls_in_reply is not None:
+            message, finish = _reply_message(item, calls_in_reply)
+            if "tool_calls" in message:
+                message["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
+            yield chunk(message)
+            yield chunk({}, finish, _usage(item))
         else:
             yield chunk({}, item.finish_reason, _usage(item))
         yield "data: [DONE]\n\n"

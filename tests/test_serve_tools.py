@@ -1,0 +1,142 @@
+"""Tool calls through `tunelab serve`: a reply written as the vendor's template writes a call comes back as OpenAI
+`tool_calls`; the request's tools and earlier calls reach the prompt as the template renders them; a template with
+no place for tools refuses them instead of dropping them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from chat_helpers import taught_model_dir
+from test_template_vendors import CALL, FAMILIES, TOOLS, _with_ids, vendor_render
+from tunelab.chat.batcher import Reply
+from tunelab.chat.tools import call_format, split_calls, writes_tools
+from tunelab.data.templates import get_template
+
+openai = pytest.importorskip("openai")
+
+ASK = [{"role": "user", "content": "北京天气怎么样？"}]
+ENDS = ("<|im_end|>", "<|eot_id|>", "</s>", "<|end|>")
+
+
+def vendor_reply(family: str) -> str:
+    """The assistant turn holding CALL exactly as the vendor's published template writes it."""
+    turn = [*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]}]
+    if family.startswith("mistral"):  # Mistral's template asks for 9-character call ids
+        turn = _with_ids(turn)
+    whole = vendor_render(family, turn, tools=TOOLS)
+    prompt = vendor_render(family, ASK, tools=TOOLS, add_generation_prompt=True)
+    assert whole.startswith(prompt)
+    return whole[len(prompt):]
+
+
+# Phi-4-mini's published template writes no call into an assistant turn, so it has no vendor text to read here
+@pytest.mark.parametrize("family", ["qwen2_5", "qwen3", "llama3_1", "llama3_2", "mistral_v3", "mistral_tekken"])
+@pytest.mark.parametrize("cut_at_stop", [False, True])
+def test_a_call_written_as_the_vendor_writes_it_is_read_back(family, cut_at_stop):
+    reply = vendor_reply(family)
+    if cut_at_stop:  # the server's reply text ends before the stop word
+        for end in ENDS:
+            reply = reply.split(end)[0]
+    fmt = call_format(get_template(FAMILIES[family][0]))
+    text, calls = split_calls(reply, fmt)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "北京"})], reply
+    assert text.replace("<think>", "").replace("</think>", "").strip() == ""  # Qwen3 writes an empty think block
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+
+
+def test_text_around_calls_is_kept_and_every_call_is_read():
+    fmt = call_format(get_template("qwen2_5_chat"))
+    one = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    two = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    text, calls = split_calls(f"Let me look.\n{one}\n{two}", fmt)
+    assert text == "Let me look."
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize("template, reply", [
+    ("qwen2_5_chat", "No call here: {\"name\": \"get_weather\"} is how one starts."),
+    ("qwen2_5_chat", "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \n</tool_call>"),  # cut off
+    ("llama3_1_chat", "Use {\"name\": \"x\", \"parameters\": {}} like this."),  # a bare call must be the whole reply
+    ("llama3_1_chat", "{\"temperature\": 25}"),  # JSON, but not a call
+])
+def test_text_that_is_not_a_whole_call_stays_text(template, reply):
+    text, calls = split_calls(reply, call_format(get_template(template)))
+    assert calls == [] and text == reply
+
+
+def test_templates_without_tools_have_no_call_format():
+    assert not writes_tools(get_template("qwen_chat")) and call_format(get_template("qwen_chat")) is None
+    assert writes_tools(get_template("glm4_chat")) and call_format(get_template("glm4_chat")) is None  # name\n{args}
+
+
+# --- through the server ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    from tunelab.chat.engine import load_chat_model
+
+    chat = load_chat_model(str(taught_model_dir(tmp_path_factory)), max_batch_size=4)
+    yield chat
+    chat.batcher.stop()
+
+
+def _client(chat, **app_kwargs):
+    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.model.generate import GenerationSettings
+
+    return BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=8), **app_kwargs))
+
+
+def test_tools_and_earlier_calls_reach_the_prompt_as_the_template_renders_them(chat):
+    served = dataclasses.replace(chat, template=get_template("qwen2_5_chat"))
+    history = [*ASK,
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "{\"weather\": \"sunny\"}"}]
+    canonical = [*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                 {"role": "tool", "name": "get_weather", "content": "{\"weather\": \"sunny\"}"}]
+    expected = served.template.render(canonical, tools=TOOLS, add_generation_prompt=True)
+    assert "get_weather" in expected and "sunny" in expected and "<tools>" in expected
+    with _client(served) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = client.chat.completions.create(model="m", messages=history, tools=TOOLS, max_tokens=4)
+        streamed = list(client.chat.completions.create(model="m", messages=history, tools=TOOLS, max_tokens=4,
+                                                       stream=True, stream_options={"include_usage": True}))
+    prompt_tokens = len(served.tokenizer(expected, add_special_tokens=False).input_ids)
+    assert answer.usage.prompt_tokens == prompt_tokens
+    # the taught model writes no call: its text comes back, streamed as one piece
+    assert answer.choices[0].message.tool_calls is None
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == answer.choices[0].message.content
+
+
+def test_a_reply_with_a_call_is_sent_as_tool_calls():
+    from tunelab.chat.server import _reply_message
+
+    fmt = call_format(get_template("qwen2_5_chat"))
+    reply = Reply(text='<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>',
+                  finish_reason="stop", prompt_tokens=10, completion_tokens=20)
+    message, finish = _reply_message(reply, fmt)
+    assert finish == "tool_calls" and message["content"] is None
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": "北京"}
+    plain, finish = _reply_message(dataclasses.replace(reply, text="Sunny."), fmt)
+    assert plain == {"content": "Sunny."} and finish == "stop"
+
+
+def test_tools_on_a_template_without_them_are_refused_not_dropped(chat):
+    with _client(chat) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="has no place for tools"):
+            client.chat.completions.create(model="m", messages=ASK, tools=TOOLS)
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            client.chat.completions.create(model="m", messages=ASK, tools=TOOLS,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        # tool_choice 'none' leaves the tools out, so any template serves the request
+        answer = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="none",
+                                                max_tokens=2)
+        assert answer.choices[0].finish_reason in ("stop", "length")

@@ -1,0 +1,154 @@
+"""Tool calls in a served conversation: the request's tools and past calls into the template, the reply's calls out.
+
+The model was trained to write a tool call the way its chat template renders one, so that rendering is also how a
+reply is read back: `call_format(template)` renders one probe call and keeps the marker written before its JSON
+(`<tool_call>` for Qwen2.5 / Qwen3 / ChatML, `[TOOL_CALLS]` for Mistral, `<|tool_call|>` for Phi-4-mini, nothing for
+Llama 3.1, whose call is the bare JSON) and the text after it (`</tool_call>`). `split_calls(text, fmt)` then finds
+each marker + JSON in a reply. A family whose template does not write the call as one JSON object with the name
+in it (GLM-4 writes the name on a line of its own) has no format: its replies come back as text, calls included.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from tunelab.data import messages as canonical
+
+PROBE_NAME = "tunelab_probe_function"
+
+
+@dataclass(frozen=True)
+class CallFormat:
+    marker: str
+    """Written right before each call's JSON ('' where the JSON stands alone)."""
+    closer: str
+    """Written after the JSON, up to the end of the turn ('' where nothing is)."""
+
+
+def writes_tools(template) -> bool:
+    """Whether `template` puts tool definitions into the prompt (many families' templates have no place for them)."""
+    tool = {"type": "function", "function": {"name": PROBE_NAME, "description": "", "parameters": {}}}
+    probe = [{"role": "user", "content": "?"}]
+    try:
+        return template.render(probe, tools=[tool]) != template.render(probe)
+    except Exception:
+        return False
+
+
+def call_format(template) -> CallFormat | None:
+    """How `template` writes an assistant tool call, learnt by rendering one; None where it is not marker + JSON."""
+    call = {"type": "function", "function": {"name": PROBE_NAME, "arguments": {"city": "Paris"}}}
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    try:
+        reply = "".join(text for text, trained in template.segments(probe) if trained)
+    except Exception:  # a template that cannot write calls at all
+        return None
+    decoder = json.JSONDecoder()
+    for start, char in enumerate(reply):
+        if char not in "{[":
+            continue
+        try:
+            value, end = decoder.raw_decode(reply, start)
+        except ValueError:
+            continue
+        if not _calls_in(value):
+            continue
+        before = reply[:start].rstrip()
+        marker = before.split()[-1] if before.split() else ""
+        if marker and not before.endswith(marker):
+            marker = ""
+        closer = reply[end:].strip()
+        return CallFormat(marker=marker, closer=closer)
+    return None
+
+
+def _calls_in(value) -> list[dict]:
+    """The calls a parsed JSON value holds: one {"name", "arguments"|"parameters"} object or a list of them."""
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str)):
+            return []
+        args = item.get("arguments", item.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return []
+        if not isinstance(args, dict):
+            return []
+        calls.append({"name": item["name"], "arguments": args})
+    return calls
+
+
+def split_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
+    """(the reply's text without its calls, the calls in OpenAI's response shape: arguments as a JSON string)."""
+    decoder = json.JSONDecoder()
+    kept, calls, at = [], [], 0
+    while at < len(text):
+        start = text.find(fmt.marker, at) if fmt.marker else _first_json(text, at)
+        if start < 0:
+            break
+        json_at = start + len(fmt.marker)
+        while json_at < len(text) and text[json_at].isspace():
+            json_at += 1
+        try:
+            value, end = decoder.raw_decode(text, json_at)
+        except ValueError:
+            value, end = None, json_at
+        found = _calls_in(value) if value is not None else []
+        if not found or (not fmt.marker and text[:start].strip()):  # a bare JSON call must be the whole reply
+            kept.append(text[at:json_at])
+            at = json_at if json_at > at else at + 1
+            continue
+        kept.append(text[at:start])
+        end = _skip_closer(text, end, fmt.closer)
+        calls += [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                   "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                  for c in found]
+        at = end
+    kept.append(text[at:])
+    return "".join(kept).strip() if calls else text, calls
+
+
+def _first_json(text: str, at: int) -> int:
+    positions = [p for p in (text.find("{", at), text.find("[", at)) if p >= 0]
+    return min(positions) if positions else -1
+
+
+def _skip_closer(text: str, end: int, closer: str) -> int:
+    """Past the longest start of `closer` found after the JSON (the reply stops before the end-of-turn token)."""
+    at = end
+    while at < len(text) and text[at].isspace():
+        at += 1
+    for size in range(len(closer), 0, -1):
+        if text.startswith(closer[:size], at):
+            return at + size
+    return end
+
+
+def request_messages(raw_messages: list[dict]) -> list[dict]:
+    """OpenAI request messages -> canonical ones: assistant `tool_calls` with their arguments parsed, tool results
+    named after the call they answer. Content (text or parts) is left to the engine."""
+    out = []
+    for i, raw in enumerate(raw_messages):
+        message = {"role": raw["role"], "content": raw.get("content") or ""}
+        where, field = "the request", f"messages[{i}]"
+        if raw.get("tool_calls"):
+            if raw["role"] != "assistant":
+                raise canonical.fail(where, f"{field}.tool_calls on a {raw['role']!r} message",
+                                     "Only assistant messages carry tool_calls.")
+            message["tool_calls"] = canonical.tool_calls(raw["tool_calls"], where, f"{field}.tool_calls")
+        if raw["role"] == "tool":
+            for key in ("name", "tool_call_id"):
+                if isinstance(raw.get(key), str) and raw[key]:
+                    message[key] = raw[key]
+        out.append(message)
+    canonical.name_tool_results(out)
+    return out
+
+
+def request_tools(tools) -> list[dict] | None:
+    return canonical.tools(tools, "the request") or None
