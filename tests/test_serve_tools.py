@@ -140,3 +140,15 @@ def test_tools_on_a_template_without_them_are_refused_not_dropped(chat):
         answer = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="none",
                                                 max_tokens=2)
         assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("name", ["internlm2_chat", "internlm2_5_chat", "phi4_mini", "qwen3_nothink_chat"])
+def test_a_call_as_tunelabs_template_writes_it_is_read_back(name):
+    """Families without a vendor text to compare (above): the call as the training text holds it."""
+    template = get_template(name)
+    reply = "".join(text for text, trained in
+                    template.segments([*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]}], tools=TOOLS)
+                    if trained)
+    text, calls = split_calls(reply, call_format(template))
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "北京"})], reply
