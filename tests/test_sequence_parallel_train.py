@@ -76,6 +76,7 @@ def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama
         assert abs(run[step]["loss"] - one[step]["loss"]) < 1e-5, (step, run[step]["loss"], one[step]["loss"])
         assert abs(run[step]["grad_norm"] - one[step]["grad_norm"]) < 1e-5
         assert run[step]["epoch"] == one[step]["epoch"]  # both ranks read every row: the rows of one process
+        assert run[step]["tokens"] == one[step]["tokens"] > 0  # and tokens/s counts each of their tokens once
     assert run[6]["loss"] < run[1]["loss"]  # it learns
     # the held-out loss runs on shards too; the answers (rank 0 alone, generating) are one process's
     evals = _log(tmp_path / "one", "eval_loss"), _log(tmp_path / "run", "eval_loss")

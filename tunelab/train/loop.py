@@ -233,7 +233,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                 log_now = (step % cfg.logging_steps == 0 or step in (1, total_steps)) and bool(window)
                 record = {"step": step, "epoch": round(epoch + micro_done / micro_per_epoch, 4),
                           "loss": sum(window) / max(len(window), 1), "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": throughput.rate(), "memory_gb": round(peak_memory_gb(env.device), 3)}
+                          "tokens_per_s": throughput.rate(), "tokens": throughput.tokens,
+                          "memory_gb": round(peak_memory_gb(env.device), 3)}
                 if guard.skipped:
                     record["skipped_steps"] = guard.skipped
                 if env.device.type == "cuda":

@@ -3,7 +3,8 @@
 * In a terminal: a rich progress bar with loss, lr, tokens/s, ETA and memory. Piped to a file: one plain line
   per logging step instead (a live bar would fill the file with redraws).
 * `WORK_DIR/train_log.jsonl`: one JSON object per logging step (step, epoch, loss, lr, grad_norm, tokens_per_s,
-  memory_gb; on a GPU also memory_reserved_gb) and per evaluation (eval_loss).
+  tokens: the tokens of the rows read since the last line, each counted once over all processes; memory_gb; on a
+  GPU also memory_reserved_gb) and per evaluation (eval_loss).
 * `WORK_DIR/loss_curve.png`: redrawn from the log at every save (matplotlib's Agg canvas, no display needed).
 * `WORK_DIR/run.json`: running / finished / stopped / failed, with the settings (tunelab/train/run_status.py).
 * The trackers of `report_to` get every record of the log too (tunelab/train/trackers.py).
