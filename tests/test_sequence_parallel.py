@@ -24,6 +24,8 @@ CASES = {
     "fsdp_lora_sp2": (2, 2, "lora", "fsdp"),
     "full_sp4": (4, 4, "full", "ddp"),  # 2 key/value heads over 4 ranks: each repeated twice
     "lora_dp2_sp2": (4, 2, "lora", "ddp"),
+    "fsdp_full_sp2": (2, 2, "full", "fsdp"),
+    "zero2_full_sp2": (2, 2, "full", "zero2"),
     "zero3_full_sp2": (2, 2, "full", "zero3"),
 }
 
@@ -51,19 +53,20 @@ def packed_rows(vocab_size: int, kind: str = "packed") -> list[dict]:
 def train_config(model_dir, method: str, engine: str = "ddp", sequence_parallel_size: int = 1, out_dir=None):
     from tunelab.config.schema import TrainConfig
 
-    deepspeed = zero3_json(out_dir) if engine == "zero3" else None
+    deepspeed = zero_json(out_dir, int(engine[-1])) if engine.startswith("zero") else None
     return TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=4, lora_alpha=8,
                        lora_dropout=0.0, dtype="fp32", fsdp=engine == "fsdp", deepspeed=deepspeed,
                        sequence_parallel_size=sequence_parallel_size, loss_chunk_size=8, max_norm=1.0)
 
 
-def zero3_json(out_dir) -> str:
-    """ZeRO-3 that partitions every weight (the preset keeps a tiny model's weights whole)."""
+def zero_json(out_dir, stage: int) -> str:
+    """ZeRO at `stage`; stage 3 partitions every weight (the preset keeps a tiny model's weights whole)."""
     import json
     import os
 
-    path = Path(out_dir) / f"zero3_{os.environ.get('RANK', '0')}.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    path = Path(out_dir) / f"zero{stage}_{os.environ.get('RANK', '0')}.json"
+    zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
+    path.write_text(json.dumps({"zero_optimization": zero}))
     return str(path)
 
 
@@ -193,7 +196,8 @@ def _check(cases, tiny_llama_dir, references, tmp_path):
 
 
 def test_rows_split_over_two_ranks_match_one_process(tiny_llama_dir, references, tmp_path):
-    _check(["lora_sp2", "full_sp2", "fsdp_lora_sp2", "lora_sp2_untrained_half"], tiny_llama_dir, references, tmp_path)
+    _check(["lora_sp2", "full_sp2", "fsdp_lora_sp2", "fsdp_full_sp2", "lora_sp2_untrained_half"], tiny_llama_dir,
+           references, tmp_path)
 
 
 def test_four_ranks_as_four_way_and_as_two_by_two_match_one_process(tiny_llama_dir, references, tmp_path):
@@ -201,10 +205,10 @@ def test_four_ranks_as_four_way_and_as_two_by_two_match_one_process(tiny_llama_d
 
 
 @pytest.mark.slow
-def test_rows_split_over_two_ranks_under_deepspeed_zero3_match_one_process(tiny_llama_dir, references, tmp_path):
-    # (ZeRO-1/2 reduce gradients as ZeRO-3 does: tests/test_distributed.py checks them without sequence parallelism)
+def test_rows_split_over_two_ranks_under_deepspeed_zero2_and_zero3_match_one_process(tiny_llama_dir, references,
+                                                                                     tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunelab[deepspeed]'")
-    _check(["zero3_full_sp2"], tiny_llama_dir, references, tmp_path)
+    _check(["zero2_full_sp2", "zero3_full_sp2"], tiny_llama_dir, references, tmp_path)
 
 
 # --- one process: the shards of a batch, and the refusals ----------------------------------------------------------
