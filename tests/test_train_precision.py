@@ -82,3 +82,18 @@ def test_8bit_adamw_without_per_parameter_sync_updates_exactly_as_bitsandbytes()
     start = model()[0].weight.detach().clone()
     assert not torch.equal(ours_model[0].weight, start)  # and the weights did move
     theirs.load_state_dict(ours.state_dict())
+
+
+def test_fp16_scales_the_loss_once():
+    """fp16 needs a loss scale; DeepSpeed's engine has its own, and a GradScaler on top would scale the gradients by
+    both while only DeepSpeed's is undone."""
+    from tunelab.train.distributed import DistEnv
+    from tunelab.train.strategy import DDP, DeepSpeed, SingleProcess
+
+    env = DistEnv()
+    for strategy, ours in ((SingleProcess(env), True), (DeepSpeed(env, cfg=None), False)):
+        precision = choose_precision(_model(), torch.float16, torch.device("cuda"),
+                                     grad_scaler=not strategy.scales_fp16_loss)
+        assert precision.autocast_dtype == torch.float16
+        assert (precision.scaler is not None) == ours, strategy.name
+    assert not DDP.scales_fp16_loss

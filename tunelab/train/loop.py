@@ -122,7 +122,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
 
     model = load_model_for_training(cfg, env.device, plan, pad_token_id=tokenizer.pad_token_id)
     precision = choose_precision(model, resolve_dtype(cfg.dtype, env.device), env.device,
-                                 fp32_master_weights=cfg.fp32_master_weights)
+                                 fp32_master_weights=cfg.fp32_master_weights,
+                                 grad_scaler=not strategy.scales_fp16_loss)
     reference_model = None
     if reference == "copy":
         from tunelab.model.load import load_reference_model
@@ -154,7 +155,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         log(f"resumed from {last} (step {step}, epoch {position['epoch']})")
 
     meta = layout.training_meta(cfg, model_type=getattr(getattr(model, "config", None), "model_type", None))
-    guard = NonFiniteGuard(cfg.nonfinite, scaled=precision.scaler is not None, say=log)
+    # fp16: a loss scale (ours or the engine's) makes an inf gradient norm an ordinary skipped step
+    guard = NonFiniteGuard(cfg.nonfinite, scaled=precision.autocast_dtype == torch.float16, say=log)
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
     log(f"fast path: {model._tunelab_fast_path}")

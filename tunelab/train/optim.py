@@ -95,8 +95,9 @@ class Precision:
 
 
 def choose_precision(model, compute_dtype: torch.dtype, device: torch.device, *,
-                     fp32_master_weights: bool = True) -> Precision:
-    """bf16 → autocast; fp16 → autocast with a GradScaler (fp16 gradients underflow otherwise); fp32 → neither.
+                     fp32_master_weights: bool = True, grad_scaler: bool = True) -> Precision:
+    """bf16 → autocast; fp16 → autocast with a GradScaler (fp16 gradients underflow otherwise), unless the engine
+    scales the loss itself (`grad_scaler=False`: DeepSpeed); fp32 → neither.
 
     Trainable weights stored in bf16/fp16 are moved to fp32 ("master weights", as in mixed-precision training):
     a 16-bit weight rounds away updates smaller than ~1/256 (bf16) of itself, and the scaler cannot unscale fp16
@@ -110,7 +111,7 @@ def choose_precision(model, compute_dtype: torch.dtype, device: torch.device, *,
             if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
     if compute_dtype == torch.float16:
-        return Precision(torch.float16, torch.amp.GradScaler("cuda"))
+        return Precision(torch.float16, torch.amp.GradScaler("cuda") if grad_scaler else None)
     return Precision(compute_dtype, None)
 
 

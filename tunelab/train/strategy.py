@@ -91,6 +91,8 @@ class SingleProcess:
     name = "single process"
     shards_weights = False
     """No rank holds whole weights (FSDP2, ZeRO-3): gathering them needs every rank."""
+    scales_fp16_loss = False
+    """The engine scales an fp16 loss itself (DeepSpeed): the loop then leaves out its GradScaler."""
 
     def __init__(self, env: DistEnv):
         self.env = env
@@ -290,6 +292,7 @@ class DeepSpeed(SingleProcess):
 
     name = "DeepSpeed"
     CHECKPOINT_TAG = "deepspeed"
+    scales_fp16_loss = True  # its fp16 mode has a dynamic loss scale of its own; a second one would not be undone
 
     def __init__(self, env: DistEnv, cfg):
         super().__init__(env)
