@@ -68,9 +68,9 @@ def test_text_that_is_not_a_whole_call_stays_text(template, reply):
     assert calls == [] and text == reply
 
 
-def test_templates_without_tools_have_no_call_format():
+def test_which_templates_write_tools_and_how_their_calls_are_read():
     assert not writes_tools(get_template("qwen_chat")) and call_format(get_template("qwen_chat")) is None
-    assert writes_tools(get_template("glm4_chat")) and call_format(get_template("glm4_chat")) is None  # name\n{args}
+    assert writes_tools(get_template("glm4_chat")) and call_format(get_template("glm4_chat")).name_line
 
 
 # --- through the server ------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_tools_on_a_template_without_them_are_refused_not_dropped(chat):
         assert answer.choices[0].finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("name", ["internlm2_chat", "internlm2_5_chat", "phi4_mini", "qwen3_nothink_chat"])
+@pytest.mark.parametrize("name", ["internlm2_chat", "internlm2_5_chat", "phi4_mini", "qwen3_nothink_chat", "glm4_chat"])
 def test_a_call_as_tunelabs_template_writes_it_is_read_back(name):
     """Families without a vendor text to compare (above): the call as the training text holds it."""
     template = get_template(name)
@@ -152,3 +152,12 @@ def test_a_call_as_tunelabs_template_writes_it_is_read_back(name):
     text, calls = split_calls(reply, call_format(template))
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
         [("get_weather", {"city": "北京"})], reply
+
+
+def test_glm4_call_is_a_name_line_and_its_arguments_and_nothing_else():
+    fmt = call_format(get_template("glm4_chat"))
+    _, calls = split_calls('get_weather\n{"city": "北京"}', fmt)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "北京"})]
+    for text in ("Sunny today.\n{\"note\": 1}", "get_weather\n{\"city\": \"北京\"} and more", "北京天气晴。"):
+        assert split_calls(text, fmt) == (text, [])

@@ -2,10 +2,11 @@
 
 The model was trained to write a tool call the way its chat template renders one, so that rendering is also how a
 reply is read back: `call_format(template)` renders one probe call and keeps the marker written before its JSON
-(`<tool_call>` for Qwen2.5 / Qwen3 / ChatML, `[TOOL_CALLS]` for Mistral, `<|tool_call|>` for Phi-4-mini, nothing for
-Llama 3.1, whose call is the bare JSON) and the text after it (`</tool_call>`). `split_calls(text, fmt)` then finds
-each marker + JSON in a reply. A family whose template does not write the call as one JSON object with the name
-in it (GLM-4 writes the name on a line of its own) has no format: its replies come back as text, calls included.
+(`<tool_call>` for Qwen2.5 / Qwen3, `[TOOL_CALLS]` for Mistral, `<|tool_call|>` for Phi-4-mini, `<|plugin|>` for
+InternLM2, nothing for Llama 3.1, whose call is the bare JSON), and the text after it (`</tool_call>`). `split_calls(text, fmt)` then finds
+each marker + JSON in a reply. GLM-4 writes the function's name on a line of its own and its arguments below it
+(`name_line`); a family whose template writes calls in yet another way has no format: its replies come back as
+text, calls included.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class CallFormat:
     """Written right before each call's JSON ('' where the JSON stands alone)."""
     closer: str
     """Written after the JSON, up to the end of the turn ('' where nothing is)."""
+    name_line: bool = False
+    """The reply is the function's name, a newline and its arguments as JSON (GLM-4), one call a reply."""
 
 
 def writes_tools(template) -> bool:
@@ -61,6 +64,13 @@ def call_format(template) -> CallFormat | None:
             marker = ""
         closer = reply[end:].strip()
         return CallFormat(marker=marker, closer=closer)
+    if reply.startswith(PROBE_NAME + "\n"):
+        try:
+            args, end = decoder.raw_decode(reply, len(PROBE_NAME) + 1)
+        except ValueError:
+            return None
+        if args == {"city": "Paris"}:
+            return CallFormat(marker="", closer=reply[end:].strip(), name_line=True)
     return None
 
 
@@ -86,6 +96,8 @@ def _calls_in(value) -> list[dict]:
 def split_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
     """(the reply's text without its calls, the calls in OpenAI's response shape: arguments as a JSON string)."""
     decoder = json.JSONDecoder()
+    if fmt.name_line:
+        return _split_name_line(text, fmt, decoder)
     kept, calls, at = [], [], 0
     while at < len(text):
         start = text.find(fmt.marker, at) if fmt.marker else _first_json(text, at)
@@ -105,12 +117,29 @@ def split_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
             continue
         kept.append(text[at:start])
         end = _skip_closer(text, end, fmt.closer)
-        calls += [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                   "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                  for c in found]
+        calls += [_response_call(c["name"], c["arguments"]) for c in found]
         at = end
     kept.append(text[at:])
     return "".join(kept).strip() if calls else text, calls
+
+
+def _split_name_line(text: str, fmt: CallFormat, decoder) -> tuple[str, list[dict]]:
+    name, newline, rest = text.strip().partition("\n")
+    if not newline or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        return text, []
+    try:
+        args, end = decoder.raw_decode(rest.lstrip())
+    except ValueError:
+        return text, []
+    tail = rest.lstrip()[_skip_closer(rest.lstrip(), end, fmt.closer):].strip()
+    if not isinstance(args, dict) or tail:  # the call must be the whole reply
+        return text, []
+    return "", [_response_call(name, args)]
+
+
+def _response_call(name: str, args: dict) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
 def _first_json(text: str, at: int) -> int:
