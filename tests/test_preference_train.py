@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from tests.train_helpers import pair_rows, quality_pair, style_pair, tiny_cfg
+from tests.train_helpers import capture_model, pair_rows, quality_pair, style_pair, tiny_cfg
 from tunelab.data.encode_preference import encode_kto, unpaired
 from tunelab.data.templates import get_template
 from tunelab.train.loop import train
@@ -24,20 +24,6 @@ def tokenizer(tiny_llama_dir):
 
 def _log(work_dir):
     return [json.loads(line) for line in (work_dir / "train_log.jsonl").read_text().splitlines()]
-
-
-def _capture_model(monkeypatch):
-    import tunelab.model.load as load
-
-    captured = {}
-    original = load.load_model_for_training
-
-    def wrapper(*args, **kwargs):
-        captured["model"] = original(*args, **kwargs)
-        return captured["model"]
-
-    monkeypatch.setattr(load, "load_model_for_training", wrapper)
-    return captured
 
 
 def _dpo_cfg(model_dir, **overrides):
@@ -55,7 +41,7 @@ def test_dpo_moves_held_out_pairs_apart_and_answers_in_the_chosen_style(tiny_lla
     from tunelab.model.logprobs import sequence_logprobs
     from tunelab.data.collate import collate
 
-    captured = _capture_model(monkeypatch)
+    captured = capture_model(monkeypatch)
     held_out = pair_rows(tokenizer, style_pair, range(40, 52))
     result = train(_dpo_cfg(tiny_llama_dir), tmp_path, train_rows=pair_rows(tokenizer, style_pair, range(40)),
                    eval_rows=held_out, tokenizer=tokenizer, device="cpu")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from tests.train_helpers import identity_rows, tiny_cfg, varied_rows
+from tests.train_helpers import capture_model, identity_rows, tiny_cfg, varied_rows
 from tunelab.train.loop import train
 
 
@@ -19,26 +19,11 @@ def tokenizer(tiny_llama_dir):
     return AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
-def _capture_model(monkeypatch):
-    """Keep a reference to the model the loop trains (it is not returned)."""
-    import tunelab.model.load as load
-
-    captured = {}
-    original = load.load_model_for_training
-
-    def wrapper(*args, **kwargs):
-        captured["model"] = original(*args, **kwargs)
-        return captured["model"]
-
-    monkeypatch.setattr(load, "load_model_for_training", wrapper)
-    return captured
-
-
 def test_full_finetune_learns_identity_and_writes_work_dir(tiny_llama_dir, tokenizer, tmp_path, monkeypatch):
     from tunelab.data.templates import get_template
     from tunelab.model.generate import GenerationSettings, generate_reply
 
-    captured = _capture_model(monkeypatch)
+    captured = capture_model(monkeypatch)
     cfg = tiny_cfg(tiny_llama_dir, max_steps=30, batch_size=4, lr=3e-3, evaluation_inputs=["Who are you?"],
                    evaluation_freq=1000, logging_steps=10, save_steps=15)
     result = train(cfg, tmp_path, train_rows=identity_rows(tokenizer), device="cpu")
@@ -75,7 +60,7 @@ def test_full_finetune_learns_identity_and_writes_work_dir(tiny_llama_dir, token
 def test_adapters_train_and_base_stays_frozen(method, tiny_llama_dir, tokenizer, tmp_path, monkeypatch):
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-    captured = _capture_model(monkeypatch)
+    captured = capture_model(monkeypatch)
     cfg = tiny_cfg(tiny_llama_dir, method=method, max_steps=8, batch_size=4, lr=2e-2, save_steps=8)
     result = train(cfg, tmp_path, train_rows=identity_rows(tokenizer), device="cpu")
 

@@ -47,6 +47,21 @@ def tiny_cfg(model_dir, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+def capture_model(monkeypatch) -> dict:
+    """Keep a reference to the model the loop trains (it is not returned): `captured["model"]` after training."""
+    import tunelab.model.load as load
+
+    captured = {}
+    original = load.load_model_for_training
+
+    def wrapper(*args, **kwargs):
+        captured["model"] = original(*args, **kwargs)
+        return captured["model"]
+
+    monkeypatch.setattr(load, "load_model_for_training", wrapper)
+    return captured
+
+
 def write_config(directory, model_dir, **settings) -> "Path":
     """A config file and its data file (identity answers, 4 records) in `directory`, for tests through the CLI."""
     import json
