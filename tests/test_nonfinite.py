@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 from tests.train_helpers import assert_one_line_error, tiny_cfg, varied_rows, write_config
 from tunelab.cli.main import main
 from tunelab.config.loader import load_config
-from tunelab.config.schema import TrainConfig, check_setting, combination_errors
+from tunelab.config.checks import check_setting, combination_errors
+from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.train import layout, run_status
 from tunelab.train.checksums import verify_checkpoint

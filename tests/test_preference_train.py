@@ -221,7 +221,8 @@ def test_the_memory_plan_counts_pairs_and_the_reference(monkeypatch):
 
 
 def test_settings_that_cannot_go_together_are_refused():
-    from tunelab.config.schema import TrainConfig, combination_errors
+    from tunelab.config.checks import combination_errors
+    from tunelab.config.schema import TrainConfig
 
     def errors(**kw):
         return " ".join(combination_errors(TrainConfig(**kw)))

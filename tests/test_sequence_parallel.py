@@ -257,7 +257,8 @@ def test_heads_that_do_not_divide_are_refused_and_kv_heads_repeated_as_needed():
 
 
 def test_layouts_the_processes_cannot_form_are_refused_before_loading(tiny_llama_dir):
-    from tunelab.config.schema import TrainConfig, combination_errors
+    from tunelab.config.checks import combination_errors
+    from tunelab.config.schema import TrainConfig
     from tunelab.errors import TunelabError
     from tunelab.train.distributed import DistEnv
     from tunelab.train.sequence_parallel import check_layout

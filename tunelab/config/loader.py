@@ -2,7 +2,7 @@
 
 A config is a plain Python file: its top-level names are the settings (see `tunelab copy-cfg`). We run it with
 `runpy` in its own namespace, keep the names that are settings and hand each value to the schema's checks
-(`tunelab.config.schema.check_setting`: its type, its rule), naming the file and the line of every mistake.
+(`tunelab.config.checks.check_setting`: its type, its rule), naming the file and the line of every mistake.
 `--cfg-options key=value ...` override settings without editing the file; their values go through the same checks.
 The settings of a run are written back as a config file by `save_resolved_config`.
 """
@@ -21,8 +21,9 @@ import types
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import schema
-from tunelab.config.schema import TrainConfig, check_setting, field_docs, field_types, suggest_setting
+from tunelab.config import checks, schema
+from tunelab.config.checks import check_setting, suggest_setting
+from tunelab.config.schema import TrainConfig, field_docs, field_types
 from tunelab.config.xtuner_config import is_xtuner_config, not_a_tunelab_config
 from tunelab.errors import TunelabError
 
@@ -104,7 +105,7 @@ def _settings_from_namespace(namespace: dict, lines: dict[str, int], imported: s
         if key in names:
             settings[key] = value
             continue
-        if key in schema.RETIRED_SETTINGS:
+        if key in checks.RETIRED_SETTINGS:
             _retired(key, value, str(path), lines.get(key), errors)
             continue
         from_star_import = "*" in imported and key not in lines
@@ -120,7 +121,7 @@ def _settings_from_namespace(namespace: dict, lines: dict[str, int], imported: s
 
 def _retired(key: str, value: Any, source: str, line: int | None, errors: list[str]) -> None:
     """A former fast-path switch: a note when it asks for what is always on, an error otherwise."""
-    note, error = schema.check_retired(key, value, source, line)
+    note, error = checks.check_retired(key, value, source, line)
     if note:
         log.warning("%s", note)
     if error:
@@ -142,14 +143,14 @@ def parse_overrides(overrides: list[str], namespace: dict | None = None) -> dict
         if not sep or not key:
             errors.append(f"--cfg-options: expected key=value, got {item!r}. Example: --cfg-options lr=1e-4 max_epochs=1")
             continue
-        if key not in names and key not in schema.RETIRED_SETTINGS:
+        if key not in names and key not in checks.RETIRED_SETTINGS:
             errors.append(f"--cfg-options: unknown setting '{key}'.{suggest_setting(key)}")
             continue
         try:
             value = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             value = text
-        if key in schema.RETIRED_SETTINGS:
+        if key in checks.RETIRED_SETTINGS:
             _retired(key, value, "--cfg-options", None, errors)
             continue
         if isinstance(value, str) and namespace and callable(namespace.get(value)) and value.isidentifier():
@@ -181,7 +182,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     if errors:
         raise TunelabError("\n".join(errors))
     cfg = TrainConfig(**checked)
-    errors = schema.combination_errors(cfg, where)
+    errors = checks.combination_errors(cfg, where)
     if errors:
         raise TunelabError("\n".join(errors))
     return cfg

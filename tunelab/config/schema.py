@@ -1,8 +1,9 @@
 """The settings of a training run: one typed dataclass, and everything that makes a value valid.
 
 A config file is plain Python whose top-level names are these fields (see `tunelab copy-cfg`); `tunelab.config.loader`
-runs the file and hands each value to `check_setting` here. A field's type annotation says what kind of value it takes,
-its `Rule` (field metadata) what values are allowed, and `combination_errors` which settings exclude each other.
+runs the file and hands each value to `tunelab.config.checks.check_setting`. A field's type annotation says what kind
+of value it takes, its `Rule` (field metadata) what values are allowed; `checks.combination_errors` says which settings
+exclude each other.
 Lists of names owned by other steps (data formats, templates, DeepSpeed presets) are read from those steps, so there
 is one copy of each. Field names follow the XTuner tutorials so their instructions carry over.
 """
@@ -11,13 +12,11 @@ from __future__ import annotations
 
 import ast
 import functools
-import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
-from tunelab.config.typecheck import check_type, describe_type, did_you_mean
 
 Method = Literal["full", "lora", "qlora"]
 Objective = Literal["sft", "dpo", "orpo", "simpo", "kto", "reward"]
@@ -411,157 +410,3 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
             value = list(value)
         out[f.name] = value
     return out
-
-
-# --- checking values -----------------------------------------------------------------------------------------------
-
-# Names other tools use for the same setting: a user coming from them gets pointed at ours.
-ALIASES = {
-    "learning_rate": "lr", "num_train_epochs": "max_epochs", "epochs": "max_epochs",
-    "gradient_accumulation_steps": "accumulative_counts", "per_device_train_batch_size": "batch_size",
-    "batch_size_per_device": "batch_size", "model_name_or_path": "pretrained_model_name_or_path",
-    "cutoff_len": "max_length", "max_seq_length": "max_length", "lora_rank": "lora_r",
-    "template": "prompt_template", "alpaca_en_path": "data_path", "data_files": "data_path",
-    "dataset": "data_path", "quantization_bit": "quant_bits", "load_in_4bit": "quant_bits",
-}
-
-
-def suggest_setting(word: str) -> str:
-    """" Did you mean 'lr'?" for a name that is not a setting (a typo, or another tool's name for one)."""
-    return did_you_mean(word, sorted(field_types()), ALIASES)
-
-
-def where(source: str, key: str, line: int | None = None) -> str:
-    """How an error names a setting: "cfg.py: 'lr' (line 3)", "--cfg-options: 'lr'"."""
-    return f"{source}: '{key}'" + (f" (line {line})" if line else "")
-
-
-def check_setting(key: str, value: Any, source: str, line: int | None = None) -> tuple[Any, str | None]:
-    """(normalised value, error message or None) for one setting. `source` is the file or "--cfg-options"."""
-    hint = field_types()[key]
-    at = where(source, key, line)
-    ok, value = check_type(value, hint)
-    if not ok:
-        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
-        hint_text = did_you_mean(value, choices) if choices and isinstance(value, str) else ""
-        example = f"{key} = {default_value(key)!r}"
-        if "a function" in describe_type(hint):
-            example = f"def my_map_fn(record): ... in the same file, then {key} = my_map_fn (no quotes)"
-        return value, (f"{at} must be {describe_type(hint)}; got {value!r} "
-                       f"({type(value).__name__}).{hint_text} For example: {example}")
-    if not _finite(value):  # inf passes "greater than 0" (lr = 1e999), NaN fails every rule with a puzzling message
-        return value, f"{at} must be a finite number; got {value!r}. For example: {key} = {default_value(key)!r}"
-    rule = field_rule(key)
-    if rule is not None and not rule.test(value):
-        extra = did_you_mean(value, rule.choices()) if rule.choices and isinstance(value, str) else ""
-        return value, f"{at} must be {rule.requirement()}; got {value!r}.{extra}"
-    return value, None
-
-
-def _finite(value: Any) -> bool:
-    """No float in the value (or in a tuple / list of it) is inf or NaN."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (tuple, list)):
-        return all(_finite(v) for v in value)
-    return True
-
-
-def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None]] | None = None) -> list[str]:
-    """Settings that are fine alone but impossible together. `places`: key -> (source, line), for the messages."""
-    def at(key: str) -> str:
-        if not places or key not in places:
-            return ""
-        source, line = places[key]
-        return where(source, key, line) + ": "
-
-    errors = []
-    if cfg.method == "full" and cfg.quant_bits is not None and not cfg.freeze_llm:
-        errors.append(f"{at('quant_bits')}method = 'full' with quant_bits = {cfg.quant_bits}: a quantised base cannot "
-                      f"be fully fine-tuned. Use method = 'qlora', or quant_bits = None.")
-    if not cfg.visual_encoder_name_or_path:
-        used = [k for k in MULTIMODAL_ONLY if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default]
-        if used:
-            errors.append(f"{at(used[0])}{used[0]} is a setting of multimodal (LLaVA) training, but "
-                          f"visual_encoder_name_or_path is not set. Set it to a CLIP or SigLIP model to train a LLaVA "
-                          f"model (docs/MULTIMODAL.md), or remove {', '.join(used)}.")
-    if cfg.freeze_llm and cfg.method != "full":
-        errors.append(f"{at('freeze_llm')}freeze_llm = True trains the projector alone, but method = {cfg.method!r} "
-                      f"puts adapters on the language model. Stage 1 (pretrain): method = 'full' with freeze_llm = "
-                      f"True; stage 2: freeze_llm = False.")
-    if cfg.visual_encoder_lora and cfg.method == "full":
-        errors.append(f"{at('visual_encoder_lora')}visual_encoder_lora = True puts LoRA adapters on the vision tower: "
-                      f"use method = 'lora' or 'qlora'.")
-    if isinstance(cfg.evaluation_images, list) and len(cfg.evaluation_images) not in (0, 1, len(cfg.evaluation_inputs)):
-        errors.append(f"{at('evaluation_images')}evaluation_images lists {len(cfg.evaluation_images)} pictures for "
-                      f"{len(cfg.evaluation_inputs)} evaluation_inputs: give one for all, or one per question.")
-    if cfg.visual_encoder_name_or_path and cfg.objective != "sft":
-        errors.append(f"{at('objective')}objective = {cfg.objective!r} with a vision tower: tunelab trains LLaVA models "
-                      f"with supervised fine-tuning only (objective = 'sft').")
-    if cfg.visual_encoder_name_or_path and cfg.sequence_parallel_size > 1:
-        errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with a "
-                      f"vision tower: LLaVA rows are not split over GPUs (their image features go into whole rows). "
-                      f"Set sequence_parallel_size = 1.")
-    if cfg.sequence_parallel_size > 1 and not cfg.fast_path:
-        errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
-                      f"fast_path = False: splitting rows over GPUs runs through tunelab's attention and loss, which "
-                      f"fast_path = False turns off. Set fast_path = True, or sequence_parallel_size = 1.")
-    if cfg.nonfinite == "skip" and cfg.deepspeed:
-        errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
-                      f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")
-    return errors + _preference_errors(cfg, at)
-
-
-def _preference_errors(cfg: TrainConfig, at) -> list[str]:
-    errors = []
-    objective = cfg.objective
-    if objective == "sft":
-        return errors
-    if cfg.resolved_reference() == "adapters_off" and cfg.method == "full":
-        errors.append(f"{at('reference')}reference = 'adapters_off' with method = 'full': there are no adapters to "
-                      f"switch off. Use reference = 'copy' or 'precomputed' (or 'auto').")
-    sharded = cfg.fsdp or (cfg.deepspeed or "").startswith("zero3")
-    if cfg.resolved_reference() == "copy" and sharded:
-        errors.append(f"{at('reference')}reference = 'copy' keeps a whole frozen copy on every GPU, which FSDP / ZeRO-3 "
-                      f"would not shard. Use reference = 'precomputed'.")
-    if cfg.label_smoothing and not (objective == "simpo" or (objective == "dpo" and cfg.dpo_loss == "sigmoid")):
-        errors.append(f"{at('label_smoothing')}label_smoothing = {cfg.label_smoothing} is read by DPO's sigmoid loss "
-                      f"and by SimPO only, not by objective = '{objective}'"
-                      + (f" with dpo_loss = '{cfg.dpo_loss}'" if objective == "dpo" else "") + ". Set it to 0.")
-    if cfg.train_on == "all":
-        errors.append(f"{at('train_on')}train_on = 'all' with objective = '{objective}': preference training scores "
-                      f"the final reply of each sequence only. Remove train_on (or set it to 'assistant').")
-    if cfg.sequence_parallel_size > 1:
-        errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
-                      f"objective = '{objective}': splitting rows over GPUs runs the supervised loss only; preference "
-                      f"objectives score whole sequences on one GPU. Set sequence_parallel_size = 1.")
-    return errors
-
-
-# Settings that only a run with a vision tower reads (a text run that sets one is told, not ignored).
-MULTIMODAL_ONLY = ("freeze_llm", "visual_encoder_lora", "pretrained_pth", "image_folder", "evaluation_images")
-
-
-# --- settings that are gone ----------------------------------------------------------------------------------------
-
-# Former switches of levers that compute the plain path's numbers: they are always part of the fast path now.
-RETIRED_SETTINGS = {
-    "use_varlen_attention": "varlen flash attention over packed rows",
-    "use_chunked_loss": "the chunked loss over trained tokens",
-    "lean_lora": "the lean LoRA forward",
-    "qlora_dequant_once": "dequantising each 4-bit weight once a pass",
-    "qlora_fused_dequant": "the 4-bit dequantisation fused by compile",
-    "cudnn_attention": "cuDNN attention for rows of one sample",
-}
-
-
-def check_retired(key: str, value: Any, source: str, line: int | None = None) -> tuple[str | None, str | None]:
-    """(note, error) for a setting of RETIRED_SETTINGS. `= True` (what it was by default) loads with a note; anything
-    else asks for a lever off alone, which is not possible any more: an error that says what to do instead."""
-    at, lever = where(source, key, line), RETIRED_SETTINGS[key]
-    if value is True:
-        return (f"{at}: {lever} is always part of the fast path, so this setting is not needed (and not read); "
-                f"delete the line."), None
-    return None, (f"{at} = {value!r}: {lever} is always part of the fast path (it computes the same numbers as the "
-                  f"plain path) and cannot be turned off alone. Delete the line, or set fast_path = False to run "
-                  f"transformers and peft as they come (for debugging: slower, more memory).")

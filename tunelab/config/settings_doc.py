@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from tunelab.config.schema import default_value, describe_type, field_docs, field_rule, field_types
+from tunelab.config.schema import default_value, field_docs, field_rule, field_types
+from tunelab.config.typecheck import describe_type
 
 
 def settings_markdown() -> str:

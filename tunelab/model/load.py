@@ -259,7 +259,7 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
     `plan` switched on (a `tunelab.model.plan.FastPathPlan`; by default the one `cfg` gets on `device` in one process).
     What the fast path did is in `model._tunelab_fast_path`, for the log. A reward model (objective = 'reward') is
     the sequence-classification model of the same checkpoint, `pad_token_id` (the tokenizer's) in its config."""
-    from tunelab.config.schema import combination_errors
+    from tunelab.config.checks import combination_errors
     from tunelab.model.plan import plan_fast_path
 
     plan = plan or plan_fast_path(cfg, device)

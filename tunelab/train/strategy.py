@@ -336,7 +336,7 @@ class DeepSpeed(SingleProcess):
         self.wrapped.backward(self._undo_mean_over_ranks(loss), scale_wrt_gas=False)
 
     def step(self, max_norm: float, *, keep_grad_buffers: bool = False, skip_nonfinite: bool = False) -> float:
-        # skip_nonfinite is refused with DeepSpeed (schema.combination_errors): its step is the engine's own
+        # skip_nonfinite is refused with DeepSpeed (config.checks.combination_errors): its step is the engine's own
         self.wrapped.step()  # clipping (gradient_clipping in the DeepSpeed config), the step and zeroing
         norm = self.wrapped.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
