@@ -92,12 +92,13 @@ def run_tunelab(args, root: Path, model_dir: Path, data: Path) -> dict:
     config = root / "dpo_tunelab.py"
     config.write_text(CONFIG.format(model=str(model_dir), method=args.method, data=str(data), seq=args.seq,
                                     bs=args.bs, acc=args.acc, optimizer=args.optimizer, rank=args.rank,
-                                    dropout=args.dropout, steps=args.steps))
+                                    dropout=args.dropout, steps=args.steps) + "".join(f"{s}\n" for s in args.set))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "tunelab", "train", str(config), "--work-dir", str(work_dir)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
-    row = {"side": "tunelab", "wall_s": round(time.perf_counter() - start, 1)}
+    side = "tunelab" + (f" ({', '.join(args.set)})" if args.set else "")
+    row = {"side": side, "wall_s": round(time.perf_counter() - start, 1)}
     log = work_dir / "train_log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
     steps = [r for r in records if "tokens_per_s" in r]
@@ -222,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sides", nargs="+", default=["trl", "tunelab"], choices=["trl", "tunelab"])
     parser.add_argument("--timeout", type=int, default=540, help="seconds a side")
     parser.add_argument("--root", default="/tmp/tunelab_dpo")
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="a line added to tunelab's config, e.g. --set cuda_graphs=False (repeatable)")
+    parser.add_argument("--out", help="write the rows as JSON here (default $OUT/dpo.json)")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
     data = root / f"pairs_{args.seq}.jsonl"
     if not data.is_file():
         write_pairs(data, model_dir, n=int(1.2 * args.steps * args.bs * args.acc) + 8, seq=args.seq)
-    out_path = Path(os.environ.get("OUT", ".")) / "dpo.json"
+    out_path = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "dpo.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for side in args.sides:
@@ -257,8 +261,9 @@ def main(argv=None) -> int:
         print(f"| {r['side']} | {r['tok_s']:,} | {r.get('reserved_gib')} | {r['loss_first']} -> {r['loss_last']} | "
               f"{r.get('margin_last')} | {r['wall_s']} |")
     rates = {r["side"]: r.get("tok_s") for r in rows}
-    if rates.get("trl") and rates.get("tunelab"):
-        print(f"tunelab / TRL tokens/s: {rates['tunelab'] / rates['trl']:.2f}x")
+    for side, rate in rates.items():
+        if rates.get("trl") and rate and side.startswith("tunelab"):
+            print(f"{side} / TRL tokens/s: {rate / rates['trl']:.2f}x")
     return 0
 
 

@@ -91,6 +91,39 @@ def test_compiled_layers_keep_loss_and_gradients(tiny_llama_dir, inside, monkeyp
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_passes_without_gradient_run_the_compiled_forward_and_generation_the_plain_one(tiny_llama_dir, monkeypatch):
+    """The reference pass of DPO (adapters off, no gradient, training mode) and evaluation go through the layer's
+    compiled forward, so they round as the training pass does; generation with its KV cache stays eager."""
+    real_compile, calls = torch.compile, []
+
+    def compile_(fn, **kwargs):
+        compiled = real_compile(fn, backend="aot_eager")
+        if kwargs:  # the training forward (compiled with options); the scoring forward is compiled plain
+            return compiled
+        return lambda *args, **kw: calls.append(1) or compiled(*args, **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    model = _lora(tiny_llama_dir)
+    batch = _batch(model.config.vocab_size)
+    layers = split_model(model)[0].layers
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    layers_mod.run_decoder_layers(layers, FastPathPlan(enabled=True, checkpointing=True, compile=True))
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        calls.clear()
+        with torch.no_grad(), model.disable_adapter():
+            got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        assert len(calls) == len(layers), mode
+        with torch.no_grad():
+            got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    model.generate(input_ids=batch["input_ids"][:1, :8], max_new_tokens=3, do_sample=False)
+    assert calls == []
+
+
 def test_a_failed_compile_with_the_checkpoint_inside_falls_back_to_the_checkpoint_around(tiny_llama_dir, monkeypatch,
                                                                                          caplog):
     """When inductor cannot compile the checkpoint inside (torch 2.11: dropout with changing shapes), the layer runs
