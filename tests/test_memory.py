@@ -323,3 +323,16 @@ def test_plan_names_the_fewest_gpus_a_long_row_must_be_split_over(tmp_path, caps
     assert "--gpus 6: give a positive multiple of sequence_parallel_size (4)" in capsys.readouterr().err
     with pytest.raises(TunelabError, match="32 attention heads"):
         estimate_memory(TrainConfig(**{**cfg.__dict__, "sequence_parallel_size": 3}))
+
+
+def test_bf16_adapters_halve_the_adapter_memory_in_the_plan():
+    """fp32_master_weights = False keeps LoRA adapters, their gradients and AdamW states in bf16 (choose_precision):
+    the plan counts 2 + 2 + 4 bytes an adapter parameter instead of 4 + 4 + 8."""
+    common = dict(pretrained_model_name_or_path=LLAMA, method="qlora", max_length=2048, accumulative_counts=8)
+    fp32 = estimate_memory(TrainConfig(**common)).parts
+    bf16 = estimate_memory(TrainConfig(**common, fp32_master_weights=False)).parts
+    assert bf16["LoRA params (bf16)"] * 2 == fp32["LoRA params (fp32)"]
+    grads = "LoRA gradients (kept across micro-batches)"
+    assert bf16[grads] * 2 == fp32[grads]
+    assert bf16["AdamW states"] * 2 == fp32["AdamW states"]
+    assert 1.1 * GIB < sum(fp32.values()) - sum(bf16.values()) < 1.3 * GIB  # Llama-2-7B r=64: 160M adapter weights

@@ -27,6 +27,25 @@ def test_bf16_trained_weights_become_fp32_masters_unless_turned_off(master):
     assert model[0].weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("master", [True, False])
+def test_lora_adapters_are_fp32_masters_or_bf16_like_trls_qlora(master):
+    """peft makes adapters fp32; fp32_master_weights = False turns them to bf16 (what TRL does for QLoRA: half the
+    adapter memory), except DoRA's magnitude vectors, whose updates bf16 would round away. Frozen weights stay."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["0", "1"], use_dora=True))
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trained.values()} == {torch.float32}  # peft's choice
+    choose_precision(model, torch.bfloat16, torch.device("cuda"), fp32_master_weights=master)
+    for name, param in trained.items():
+        want = torch.float32 if master or "lora_magnitude_vector" in name else torch.bfloat16
+        assert param.dtype == want, name
+    assert any("lora_magnitude_vector" in n for n in trained) and any("lora_A" in n for n in trained)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+
+
 def test_on_cpu_nothing_changes():
     model = _model()
     assert choose_precision(model, torch.bfloat16, torch.device("cpu")).autocast_dtype is None

@@ -278,8 +278,12 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
             adam_bytes //= 2
     else:
         trainable = _lora_params(shape, cfg)
-        parts["LoRA params (fp32)"] = trainable * 4
-        grads, grads_name = trainable * 4, "LoRA gradients"
+        # bf16 adapters with fp32_master_weights = False (tunelab.train.optim.choose_precision), else fp32
+        width = 4 if cfg.fp32_master_weights or cfg.dtype in ("fp16", "fp32") else 2
+        parts["LoRA params (fp32)" if width == 4 else "LoRA params (bf16)"] = trainable * width
+        grads, grads_name = trainable * width, "LoRA gradients"
+        if width == 2 and adam_bytes == 8:  # 32-bit AdamW's states follow the weights' dtype
+            adam_bytes = 4
     parts["AdamW states"] = trainable * adam_bytes
     sharded = sharded_by_engine(cfg) if world > 1 else set()
     if "optimizer" in sharded:
@@ -287,7 +291,8 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     if "gradients" in sharded:
         grads //= world
     if "weights" in sharded:
-        for name in ("frozen/base weights", "bf16 weight copies (autocast)", "LoRA params (fp32)"):
+        for name in ("frozen/base weights", "bf16 weight copies (autocast)", "LoRA params (fp32)",
+                     "LoRA params (bf16)"):
             if name in parts:
                 parts[name] //= world
         # gathered whole while they compute: a layer and the next one (prefetched), and the root (embeddings,

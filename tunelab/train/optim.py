@@ -101,15 +101,21 @@ def choose_precision(model, compute_dtype: torch.dtype, device: torch.device, *,
 
     Trainable weights stored in bf16/fp16 are moved to fp32 ("master weights", as in mixed-precision training):
     a 16-bit weight rounds away updates smaller than ~1/256 (bf16) of itself, and the scaler cannot unscale fp16
-    gradients. Autocast still computes in the 16-bit dtype. With bf16, `fp32_master_weights=False` keeps them in
-    bf16 to save memory (fp16 always needs fp32 ones).
+    gradients. Autocast still computes in the 16-bit dtype. With bf16, `fp32_master_weights=False` keeps trained
+    weights in bf16 to save memory, LoRA adapters too (peft makes them fp32; TRL casts QLoRA's to bf16 the same
+    way); fp16 always needs fp32 ones. DoRA's magnitude vectors stay fp32: their updates are far below bf16's
+    spacing and would all be lost.
     """
     if device.type != "cuda" or compute_dtype == torch.float32:
         return Precision(None, None)
-    if compute_dtype == torch.float16 or fp32_master_weights:
-        for param in model.parameters():
-            if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.float()
+    masters = compute_dtype == torch.float16 or fp32_master_weights
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if masters and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+        elif not masters and param.dtype == torch.float32 and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(compute_dtype)
     if compute_dtype == torch.float16:
         return Precision(torch.float16, torch.amp.GradScaler("cuda") if grad_scaler else None)
     return Precision(compute_dtype, None)
