@@ -7,11 +7,12 @@ Each mode is the user's command in its own process, `tunelab serve MODEL --max-b
 answers requests one after the other (tunelab's server before continuous batching), N = --batch (default 32) decodes
 them together. For each number of clients (1, 8, 32), every client sends --rounds streamed requests one after another;
 each request has its own prompt of about --prompt-tokens tokens and generates exactly --max-tokens tokens
-(`ignore_eos`), so both modes do the same work. Reported per mode and client count: requests/s and generated
-tokens/s over the whole wave, p50 / p95 of the request latency (send → last token) and of the time to the first token.
-The model is a random-initialised model of a real shape (bench_scaling.py's shapes and writer, the tests' tokenizer;
-output rows of ids past that tokenizer zeroed, so what it generates can be streamed), or --model DIR. Rows go to --out
-as JSON too.
+(`ignore_eos`), so both modes do the same work. Each server first answers one untimed request, and the batched one
+an untimed short wave as wide as the widest timed one (its first batches of each size). Reported per mode and client
+count: requests/s and generated tokens/s over the whole wave, p50 / p95 of the request latency (send → last token)
+and of the time to the first token. The model is a random-initialised model of a real shape (bench_scaling.py's
+shapes and writer, the tests' tokenizer; output rows of ids past that tokenizer zeroed, so what it generates can be
+streamed), or --model DIR. Rows go to --out as JSON too.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def run_mode(model: str, batch: int, args) -> list[dict]:
     rows = []
     try:
         one_request(url, 10**6, args)  # warm-up: first-call allocations and kernel choices
+        if batch > 1:  # and the batched shapes: a short untimed wave as wide as the widest timed one
+            wave(url, max(args.clients), argparse.Namespace(**{**vars(args), "max_tokens": 8, "rounds": 1}), 2 * 10**6)
         for k, clients in enumerate(args.clients):
             row = {"mode": "one at a time" if batch == 1 else f"batched (max {batch})", **wave(url, clients, args,
                                                                                                   k * 10**4)}
