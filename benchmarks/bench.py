@@ -183,7 +183,7 @@ def matmul_params(shape) -> int:
 
 def flops_per_token(cfg, path) -> float:
     """Matmul FLOPs a token: 6N full fine-tuning, 4N LoRA / QLoRA, +2N when checkpointing recomputes the forward."""
-    from tunelab.model.memory import model_shape
+    from tunelab.model.shapes import model_shape
 
     n_matmul = matmul_params(model_shape(path))
     ckpt = cfg.resolved_gradient_checkpointing()

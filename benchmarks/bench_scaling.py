@@ -80,7 +80,7 @@ def write_model(shape: str, out_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunelab.model.memory import KNOWN_SHAPES
+    from tunelab.model.shapes import KNOWN_SHAPES
     from tunelab.model.tiny import make_tokenizer
 
     model_type, dims = SHAPES[shape]
@@ -155,7 +155,7 @@ def mfu_per_gpu(tok_s_gpu: float, model_dir: Path, method: str, said: list[str])
     lm_head (attention left out), 6N a token for full fine-tuning, 4N for LoRA / QLoRA, plus 2N for each layer that
     `tunelab train` said it checkpoints (recomputed forward); against 989 TFLOP/s (H100 / H200 dense bf16)."""
     from bench import PEAK_FLOPS, matmul_params
-    from tunelab.model.memory import model_shape
+    from tunelab.model.shapes import model_shape
 
     shape = model_shape(str(model_dir))
     n_matmul = matmul_params(shape)

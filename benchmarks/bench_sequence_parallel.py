@@ -63,7 +63,7 @@ def write_model(shape: str, out_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunelab.model.memory import KNOWN_SHAPES
+    from tunelab.model.shapes import KNOWN_SHAPES
     from tunelab.model.tiny import make_tokenizer
 
     dims = SHAPES[shape]

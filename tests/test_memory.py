@@ -6,7 +6,8 @@ import pytest
 
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.model.memory import estimate_memory, model_shape, plan_report
+from tunelab.model.memory import estimate_memory, plan_report
+from tunelab.model.shapes import model_shape
 
 LLAMA = "meta-llama/Llama-2-7b-chat-hf"
 GIB = 2**30
@@ -247,7 +248,7 @@ def test_a_tight_fit_starts_with_a_warning_and_a_clear_miss_stops_unless_told(mo
 
 
 def test_plan_on_a_config_without_llama_fields_names_the_missing_key(tmp_path):
-    from tunelab.model.memory import model_shape
+    from tunelab.model.shapes import model_shape
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "num_layers": 2, "hidden_size": 8,
                                                       "padded_vocab_size": 10, "ffn_hidden_size": 16}))

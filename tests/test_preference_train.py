@@ -198,13 +198,14 @@ def test_the_memory_plan_counts_pairs_and_the_reference(monkeypatch):
 
     from tunelab.config.schema import TrainConfig
     from tunelab.model import memory
+    from tunelab.model.shapes import model_shape
 
     base = TrainConfig(pretrained_model_name_or_path="meta-llama/Llama-2-7b-chat-hf", method="full", max_length=1024)
     dpo = replace(base, objective="dpo", reference="precomputed")
     # a row holds a pair: the activations of two sequences, as a supervised row twice as long
     assert memory.estimate_memory(dpo).total == memory.estimate_memory(replace(base, max_length=2048)).total
     copy = memory.estimate_memory(replace(dpo, reference="copy"))
-    params = memory.model_shape(base.pretrained_model_name_or_path).total_params()
+    params = model_shape(base.pretrained_model_name_or_path).total_params()
     assert copy.parts["reference model (frozen copy)"] == 2 * params
     assert copy.total == memory.estimate_memory(dpo).total + 2 * params
     # 'auto': LoRA switches its adapters off; full takes the copy where it fits, else precomputes

@@ -41,7 +41,7 @@ def check_layout(size: int, env: DistEnv) -> None:
 
 def _heads_before_loading(cfg) -> tuple[int, int] | None:
     """(attention heads, key/value heads) from the model's config.json, when it can be read without loading."""
-    from tunelab.model.memory import model_shape
+    from tunelab.model.shapes import model_shape
 
     try:
         shape = model_shape(cfg.pretrained_model_name_or_path)
