@@ -126,8 +126,8 @@ class _Fallback:
 
 def _generating(kwargs) -> bool:
     """Whether a layer call carries a KV cache (named `cache` after transformers 5.17, `past_key_values` before)."""
-    return kwargs.get("use_cache") or any(kwargs.get(name) is not None
-                                          for name in ("cache", "past_key_values", "past_key_value"))
+    return bool(kwargs.get("use_cache")) or any(kwargs.get(name) is not None
+                                                for name in ("cache", "past_key_values", "past_key_value"))
 
 
 def _training_forward(layer, *args, inner, checkpoint_fn, fallback: _Fallback | None = None, scoring=None, **kwargs):
