@@ -6,13 +6,11 @@ LoRA dropout is on, so the resumed loss curve only matches if every rank gets ba
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.train_helpers import copy_stopped_after, logged_steps, train_on_ranks
 
 CONFIG = """\
 pretrained_model_name_or_path = {model!r}
@@ -39,18 +37,6 @@ seed = 1
 """
 
 
-def _train(config: Path, work_dir: Path, *extra: str) -> None:
-    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "tunelab", "train", str(config), "--work-dir", str(work_dir), "--device", "cpu",
-           *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    # gloo on a busy 2-core machine has been seen to abort a rank at shutdown, after the last checkpoint was
-    # written; the losses and checkpoints checked below still tell a real failure from that.
-    shutdown_abort = "SIGABRT" in proc.stderr and (work_dir / "iter_6" / "tunelab.json").is_file()
-    assert proc.returncode == 0 or shutdown_abort, proc.stdout[-3000:] + proc.stderr[-6000:]
-
-
 def _assert_adapter_loads_trained(base_dir: Path, adapter_dir: Path) -> None:
     """Rank 0 wrote whole adapter weights (not its ZeRO-3 partition): peft loads them and lora_B has trained."""
     from peft import PeftModel
@@ -62,8 +48,7 @@ def _assert_adapter_loads_trained(base_dir: Path, adapter_dir: Path) -> None:
 
 
 def _losses(work_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (work_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
+    return {step: row["loss"] for step, row in logged_steps(work_dir).items()}
 
 
 @pytest.mark.parametrize("engine", ["ddp", pytest.param("zero3", marks=pytest.mark.slow)])
@@ -81,21 +66,15 @@ def test_two_ranks_train_and_resume_reproduces_the_curve(engine, tiny_llama_dir,
         text += f"deepspeed = {str(ds)!r}\n"
     config.write_text(text)
 
-    _train(config, tmp_path / "run")
+    train_on_ranks(config, tmp_path / "run")
     full = _losses(tmp_path / "run")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "run" / "iter_3" / "rng_rank1.pt").is_file()  # rank 1 kept its own generators
     _assert_adapter_loads_trained(tiny_llama_dir, tmp_path / "run" / "iter_6" / "model")
 
     # as if the run died after iter_3: resume on 2 ranks and compare every later loss
-    resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "run", resumed_dir)
-    shutil.rmtree(resumed_dir / "iter_6")
-    (resumed_dir / "last_checkpoint").write_text(str((resumed_dir / "iter_3").resolve()))
-    log = resumed_dir / "train_log.jsonl"
-    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
-                           if line.strip() and json.loads(line).get("step", 0) <= 3))
-    _train(config, resumed_dir, "--resume", "auto")
+    resumed_dir = copy_stopped_after(tmp_path / "run", tmp_path / "resumed", step=3, later=6)
+    train_on_ranks(config, resumed_dir, 2, "--resume", "auto")
     resumed = _losses(resumed_dir)
     for step in (4, 5, 6):
         assert abs(resumed[step] - full[step]) < 1e-6, (step, resumed[step], full[step])
@@ -115,7 +94,7 @@ def test_two_ranks_train_dpo_as_one_process_does(tiny_llama_dir, tmp_path):
     text = text.replace("lora_dropout = 0.1", "lora_dropout = 0.0").replace("lr = 1e-2", "lr = 2e-3")
     config = tmp_path / "dpo.py"
     config.write_text(text + 'reference = "precomputed"\npack_to_max_length = False\n')
-    _train(config, tmp_path / "two")
+    train_on_ranks(config, tmp_path / "two")
     assert (tmp_path / "two" / "reference_logps_train.npz").is_file()
 
     from tunelab.config.loader import load_config

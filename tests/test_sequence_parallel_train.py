@@ -4,12 +4,7 @@ run resumed after a stop continues the same curve."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+from tests.train_helpers import copy_stopped_after, logged_steps, train_on_ranks
 
 CONFIG = """\
 pretrained_model_name_or_path = {model!r}
@@ -38,24 +33,6 @@ seed = 1
 """
 
 
-def _train(config: Path, work_dir: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "tunelab", "train", str(config), "--work-dir", str(work_dir), "--device", "cpu",
-           *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    # gloo on a busy 2-core machine has been seen to abort a rank at shutdown, after the last checkpoint was
-    # written; the losses and checkpoints checked below still tell a real failure from that.
-    shutdown_abort = "SIGABRT" in proc.stderr and (work_dir / "iter_6" / "tunelab.json").is_file()
-    assert proc.returncode == 0 or shutdown_abort, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def _log(work_dir: Path, key: str = "loss") -> dict[int, dict]:
-    rows = [json.loads(line) for line in (work_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r for r in rows if key in r and "step" in r}
-
-
 def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama_dir, tmp_path):
     from tunelab.data import self_cognition
 
@@ -68,9 +45,9 @@ def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama
     from tunelab.train.loop import train
 
     train(load_config(single), tmp_path / "one", config_path=single, device="cpu")  # one process, in this one
-    proc = _train(split, tmp_path / "run", 2)
+    proc = train_on_ranks(split, tmp_path / "run", 2)
     assert "each row over 2 ranks (sequence parallel)" in proc.stdout
-    one, run = _log(tmp_path / "one"), _log(tmp_path / "run")
+    one, run = logged_steps(tmp_path / "one"), logged_steps(tmp_path / "run")
     assert sorted(run) == [1, 2, 3, 4, 5, 6]
     for step in run:  # the loss is divided by the step's trained tokens: counted twice, it would be half
         assert abs(run[step]["loss"] - one[step]["loss"]) < 1e-5, (step, run[step]["loss"], one[step]["loss"])
@@ -79,7 +56,7 @@ def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama
         assert run[step]["tokens"] == one[step]["tokens"] > 0  # and tokens/s counts each of their tokens once
     assert run[6]["loss"] < run[1]["loss"]  # it learns
     # the held-out loss runs on shards too; the answers (rank 0 alone, generating) are one process's
-    evals = _log(tmp_path / "one", "eval_loss"), _log(tmp_path / "run", "eval_loss")
+    evals = logged_steps(tmp_path / "one", "eval_loss"), logged_steps(tmp_path / "run", "eval_loss")
     assert sorted(evals[1]) == [0, 6]
     for step in (0, 6):
         assert abs(evals[1][step]["eval_loss"] - evals[0][step]["eval_loss"]) < 1e-5
@@ -87,14 +64,8 @@ def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama
     assert answers[0] == answers[1]
 
     # as if the run stopped after iter_3: resume on 2 ranks and compare every later loss
-    resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "run", resumed_dir)
-    shutil.rmtree(resumed_dir / "iter_6")
-    (resumed_dir / "last_checkpoint").write_text(str((resumed_dir / "iter_3").resolve()))
-    log = resumed_dir / "train_log.jsonl"
-    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
-                           if line.strip() and json.loads(line).get("step", 0) <= 3))
-    _train(split, resumed_dir, 2, "--resume", "auto")
-    resumed = _log(resumed_dir)
+    resumed_dir = copy_stopped_after(tmp_path / "run", tmp_path / "resumed", step=3, later=6)
+    train_on_ranks(split, resumed_dir, 2, "--resume", "auto")
+    resumed = logged_steps(resumed_dir)
     for step in (4, 5, 6):
         assert abs(resumed[step]["loss"] - run[step]["loss"]) < 1e-6, (step, resumed[step]["loss"], run[step]["loss"])
