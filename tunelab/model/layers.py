@@ -154,7 +154,7 @@ def _training_forward(layer, *args, inner, checkpoint_fn, fallback: _Fallback | 
 def run_decoder_layers(layers, plan) -> dict:
     """Set how each decoder layer runs in training, as `plan` (a `tunelab.model.plan.FastPathPlan`) says (see the
     module docstring); returns a report for the log."""
-    report, compiled, fallbacks, scorers = {}, {}, {}, {}
+    report, compiled, plain, fallbacks = {}, {}, {}, {}
     n_mlp = n_inside = n_graphed = 0
     inside = plan.checkpoint_inside_compile
     checkpoint_fn = None
@@ -166,26 +166,28 @@ def run_decoder_layers(layers, plan) -> dict:
         if hasattr(layer, "gradient_checkpointing"):
             layer.gradient_checkpointing = False  # transformers' own checkpoint off: ours wraps the compiled code
         if plan.compile:
+            # One compiled function per layer class: the layers share the compiled code (a 7B layer compiles in
+            # ~12 s once). The layer's own forward compiled without CUDA graphs (`plain`) serves the passes without
+            # gradient (module docstring), the fallback, and training with the checkpoint around it.
+            if cls_forward not in plain:
+                plain[cls_forward] = torch.compile(cls_forward)
+            scoring = plain[cls_forward]
             target = _checkpointed(cls_forward) if inside else cls_forward
             key = (cls_forward, inside)
             if key not in compiled:
-                # One compiled function per layer class: the layers share the compiled code (a 7B layer compiles
-                # in ~12 s once). Without graphs dynamic=None: static shapes first, dynamic after a shape changes.
-                # With graphs the shapes come from a small fixed set (the loop pads rows to max_length, attention
-                # pads the sample boundaries), so dynamic=False compiles each once, away from the dynamic-shape case
-                # torch 2.11's partitioner fails on (see _Fallback).
+                # Without graphs dynamic=None: static shapes first, dynamic after a shape changes. With graphs the
+                # shapes come from a small fixed set (the loop pads rows to max_length, attention pads the sample
+                # boundaries), so dynamic=False compiles each once, away from the dynamic-shape case torch 2.11's
+                # partitioner fails on (see _Fallback).
                 compiled[key] = (torch.compile(target, mode="reduce-overhead", dynamic=False) if plan.cuda_graphs
-                                 else torch.compile(target))
+                                 else scoring if target is cls_forward else torch.compile(target))
             n_graphed += plan.cuda_graphs
             inner = compiled[key]
-            if cls_forward not in scorers:
-                scorers[cls_forward] = torch.compile(cls_forward)  # no CUDA graphs: see the module docstring
-            scoring = scorers[cls_forward]
             if inside:
                 layer_checkpoint = None
                 n_inside += 1
                 if cls_forward not in fallbacks:
-                    fallbacks[cls_forward] = _Fallback(torch.compile(cls_forward))
+                    fallbacks[cls_forward] = _Fallback(scoring)
                 fallback = fallbacks[cls_forward]
         layer.forward = types.MethodType(
             functools.partial(_training_forward, inner=inner, checkpoint_fn=layer_checkpoint, fallback=fallback,

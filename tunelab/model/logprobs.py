@@ -30,7 +30,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from tunelab.model.loss import loss_chunk_rows, split_model
+from tunelab.model.loss import add_product, loss_chunk_rows
+from tunelab.model.parts import split_model
 
 
 def logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None, want_grad: bool):
@@ -100,7 +101,7 @@ class LinearTokenLogProbs(torch.autograd.Function):
                     h = hidden[start:start + chunk_rows].to(dtype)
                     _, grad = logprob_and_grad(F.linear(h, w, b), targets[start:start + chunk_rows], softcap, True)
                     grad = grad * grad_logp[start:start + chunk_rows, None].to(grad.dtype)
-                    acc_w += (grad.t() @ h).float()
+                    add_product(acc_w, grad.t(), h)
                     if acc_b is not None:
                         acc_b += grad.float().sum(0)
             grad_w = acc_w.to(weight.dtype) if weight.requires_grad else None

@@ -20,7 +20,7 @@ tests/test_memory.py lists those fitted peaks apart and checks the estimate agai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tunelab.errors import TunelabError
 from tunelab.model.shapes import ModelShape, model_shape, vision_shape
@@ -108,8 +108,9 @@ def estimate_memory(cfg, device=None, plan=None, *, world_size: int | None = Non
     """Peak GPU memory of one training step of `cfg` on each GPU; `device` (a torch.device) or `card_bytes` (a card
     that is not here) to check the fit. `plan`: the run's `FastPathPlan` (by default the one `cfg` gets on a GPU).
     `world_size`: the processes of the run (default: sequence_parallel_size, the fewest it runs on)."""
+    plan = plan or _plan(cfg)
     est = _estimate(cfg, device, plan, world_size, card_bytes)
-    est.suggestions = _suggestions(cfg, est, plan or _plan(cfg))
+    est.suggestions = _suggestions(cfg, est, plan)
     return est
 
 
@@ -268,11 +269,9 @@ def smallest_sequence_parallel(cfg, card_bytes: int) -> int | None:
     """The fewest GPUs each row of `cfg.max_length` must be split over (`sequence_parallel_size`) for a step to fit
     a card of `card_bytes`, with the run on that many GPUs (the engine of `cfg` sharding over them); None: no size
     up to the model's attention heads fits. Only sizes that divide the attention heads are tried."""
-    import dataclasses
-
     heads = model_shape(cfg.pretrained_model_name_or_path).num_attention_heads
     for size in (n for n in range(1, heads + 1) if heads % n == 0):
-        split = dataclasses.replace(cfg, sequence_parallel_size=size)
+        split = replace(cfg, sequence_parallel_size=size)
         if _estimate(split, None, _plan(split, size), size, card_bytes).fits:
             return size
     return None
@@ -310,8 +309,6 @@ def choose_reference(cfg, device=None, plan=None) -> str | None:
     the estimate with the copy fits on `device` (a CPU: always), else precomputes the reference's log-probabilities."""
     if cfg.reference != "auto" or cfg.method != "full" or cfg.resolved_reference() is None:
         return cfg.resolved_reference()
-    from dataclasses import replace
-
     try:
         fits = estimate_memory(replace(cfg, reference="copy"), device, plan).fits
     except TunelabError:  # the model's shape is not known here: the choice that needs no memory
@@ -321,14 +318,14 @@ def choose_reference(cfg, device=None, plan=None) -> str | None:
 
 def plan_report(cfg, device=None, plan=None, *, world_size: int | None = None, card_bytes: int | None = None) -> str:
     """A short text table of the estimate, for `tunelab plan` (per GPU, on `world_size` GPUs)."""
+    from tunelab.data.dataset import row_length
+
     reference = choose_reference(cfg, device, plan)
     if reference and reference != cfg.reference:
-        from dataclasses import replace
-
         cfg = replace(cfg, reference=reference)
     est = estimate_memory(cfg, device, plan, world_size=world_size, card_bytes=card_bytes)
     objective = "" if cfg.objective == "sft" else f", objective {cfg.objective}" + (
-        f" (reference: {reference})" if reference else "") + f", rows of {2 * cfg.max_length} tokens (a pair)"
+        f" (reference: {reference})" if reference else "") + f", rows of {row_length(cfg)} tokens (a pair)"
     lines = [f"memory plan for {cfg.pretrained_model_name_or_path} ({cfg.method}, max_length {cfg.max_length}, "
              f"batch_size {cfg.batch_size}, gradient checkpointing "
              f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'}{objective})"]

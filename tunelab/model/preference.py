@@ -21,7 +21,6 @@ divides by the units of the whole step (all micro-batches and ranks), so every p
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +57,6 @@ class PreferenceSettings:
     def length_normalised(self) -> bool:
         """Whether the loss reads mean token log-probabilities rather than sums."""
         return self.objective in ("orpo", "simpo") or (self.objective == "dpo" and self.dpo_loss == "ipo")
-
-
-@contextlib.contextmanager
-def adapters_disabled(model):
-    """The model as it was before training: its peft adapters switched off for the block."""
-    with model.disable_adapter():
-        yield
 
 
 class PreferenceObjective:
@@ -141,7 +133,7 @@ class PreferenceObjective:
         with torch.no_grad():
             if where == "copy":
                 return sequence_logprobs(self.reference_model, batch, **self.logprob_options)
-            with adapters_disabled(model):
+            with model.disable_adapter():  # the model as it was before training
                 return sequence_logprobs(model, batch, **self.logprob_options)
 
     def _kto(self, policy, reference, kinds):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.model.loss import split_model
+from tunelab.model.parts import base_model, split_model
 
 
 def reward_head(model) -> torch.nn.Module:
     """The linear head of a sequence-classification model (peft's trained copy when it wraps one)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = getattr(base, "score", None)
     if head is None:
         raise ValueError(f"{type(base).__name__} has no 'score' head: not a sequence-classification model")
@@ -33,16 +33,3 @@ def sequence_scores(model, batch: dict) -> torch.Tensor:
     head = reward_head(model)
     return head(last.to(head.weight.dtype) if not torch.is_autocast_enabled(last.device.type) else last
                 ).float().squeeze(-1)
-
-
-@torch.no_grad()
-def score_sequences(model, sequences: list[list[int]]) -> list[float]:
-    """Scores of whole token sequences, one forward each (what `tunelab reward` prints)."""
-    device = next(model.parameters()).device
-    scores = []
-    for ids in sequences:
-        batch = {"input_ids": torch.tensor([ids], device=device),
-                 "position_ids": torch.arange(len(ids), device=device)[None],
-                 "sequence_last": torch.tensor([len(ids) - 1], device=device)}
-        scores.append(float(sequence_scores(model, batch)[0]))
-    return scores
