@@ -234,3 +234,15 @@ def test_settings_that_cannot_go_together_are_refused():
     assert "train_on = 'all'" in errors(objective="orpo", train_on="all")
     assert errors(objective="dpo", method="qlora", label_smoothing=0.1) == ""
     assert errors(objective="sft", method="full", reference="adapters_off") == ""  # SFT reads no reference
+
+
+def test_reference_values_are_keyed_the_same_for_packed_arrays_and_plain_rows(tokenizer):
+    """The fingerprint and sequence offsets read TokenRows' flat arrays without decoding rows; a work dir's saved
+    reference values must still match the same rows given either way."""
+    from tunelab.data.packing import TokenRows
+    from tunelab.train.reference import fingerprint, sequence_offsets
+
+    rows = pair_rows(tokenizer, style_pair, range(6))
+    packed = TokenRows.from_rows(rows)
+    assert fingerprint(packed) == fingerprint(rows)
+    assert sequence_offsets(packed).tolist() == sequence_offsets(rows).tolist() == list(range(0, 13, 2))

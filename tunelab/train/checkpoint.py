@@ -24,7 +24,7 @@ from tunelab.model.llava import is_llava
 from tunelab.train import layout
 from tunelab.train.checksums import verify_checkpoint, write_manifest
 from tunelab.train.layout import (MANIFEST_FILE, MODEL_DIR, OPTIMIZER_DIR, STATE_FILE, checkpoint_step,
-                                  last_checkpoint, list_checkpoints)
+                                  last_checkpoint, list_checkpoints, newest_checkpoint)
 
 
 # --- RNG: every generator a run draws from, as tensors and numbers ------------------------------
@@ -106,7 +106,7 @@ def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler
     except (OSError, RuntimeError, _safetensors_error()) as exc:  # torch.save reports a full disk as RuntimeError
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = last_checkpoint(work_dir) or (list_checkpoints(work_dir) or [None])[-1]
+        previous = last_checkpoint(work_dir) or newest_checkpoint(work_dir)
         if isinstance(exc, OSError) and exc.strerror:
             reason = exc.strerror + (f" ({exc.filename})" if exc.filename else "")
         else:  # torch and safetensors word a full disk their own way: say how much room there is
@@ -143,7 +143,8 @@ def _refuse_non_finite(weights: dict | None, model, env, step: int) -> None:
     if env.is_main:
         tensors = weights.values() if weights is not None else (p for p in model.parameters() if p.requires_grad)
         flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
-        bad = float(not bool(torch.stack([f.cpu() for f in flags]).all())) if flags else 0.0
+        # one device-to-host copy for all of them (they live on one device; .to is then a no-op)
+        bad = float(not bool(torch.stack([f.to(flags[0].device) for f in flags]).all())) if flags else 0.0
     if env.distributed:
         bad = float(all_reduce_sum(torch.tensor(bad, device=env.device), env))
     if bad:
@@ -190,12 +191,13 @@ def resolve_resume(resume: str | None, work_dir: Path) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        return (list_checkpoints(work_dir) or [None])[-1]
+        return newest_checkpoint(work_dir)
     path = Path(resume)
     if layout.is_checkpoint(path):
         return path
-    if path.is_dir() and list_checkpoints(path):  # a work dir was given: take its newest checkpoint
-        return list_checkpoints(path)[-1]
+    newest = newest_checkpoint(path) if path.is_dir() else None
+    if newest is not None:  # a work dir was given: take its newest checkpoint
+        return newest
     raise TunelabError(f"--resume {resume}: not a checkpoint (expected a directory like WORK_DIR/iter_500 holding "
                        f"{STATE_FILE}). Use --resume auto to continue from the last one in the work dir.")
 
@@ -265,8 +267,9 @@ def _newest_sound_checkpoint(work_dir: Path, *, overwrite: bool, log) -> Path | 
         if problem is None:
             if not (path / MANIFEST_FILE).is_file():
                 log(f"note: {path} has no {MANIFEST_FILE} (saved by an older tunelab): resuming without checking it")
-            if last_checkpoint(work_dir) not in (None, path):
-                log(f"note: {layout.POINTER_FILE} names {last_checkpoint(work_dir).name}; {path.name} is newer")
+            pointed = last_checkpoint(work_dir)
+            if pointed not in (None, path):
+                log(f"note: {layout.POINTER_FILE} names {pointed.name}; {path.name} is newer")
             return path
         aside = layout.damaged_dir(path)
         os.replace(path, aside)

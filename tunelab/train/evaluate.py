@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from tunelab.data.collate import collate
-from tunelab.model.loss import CausalLMObjective, causal_lm_loss
+from tunelab.model.loss import causal_lm_loss
 from tunelab.train.distributed import all_reduce_sum, barrier
+from tunelab.train.progress import SHOWN_METRICS
 
 
 def answer_questions(model, tokenizer, cfg, vision=None) -> list[tuple[str, str]]:
@@ -72,7 +73,7 @@ def eval_loss_sums(model, rows: list[dict], cfg, *, pad_token_id: int, device: t
 
 
 def run_evaluation(model, tokenizer, cfg, step: int, *, eval_rows: list, env, precision, monitor,
-                   work_dir: Path, objective=None, vision=None) -> float | None:
+                   work_dir: Path, objective, vision=None) -> float | None:
     """Held-out loss (every rank, its share of the rows) and the questions' answers (main rank); returns eval loss.
 
     objective(model, batch) -> (loss_sum, units): the training loss (`causal_lm_objective(plan)`, or a preference
@@ -83,15 +84,14 @@ def run_evaluation(model, tokenizer, cfg, step: int, *, eval_rows: list, env, pr
 
     result = None
     if eval_rows is not None and len(eval_rows):
-        scoring = (objective or CausalLMObjective()).copy()  # with metric sums of its own
+        scoring = objective.copy()  # with metric sums of its own
         sums = all_reduce_sum(eval_loss_sums(model, eval_rows, cfg, pad_token_id=tokenizer.pad_token_id,
                                              device=env.device, precision=precision, objective=scoring,
                                              images=vision.images if vision else None), env)
         result = float(sums[0] / sums[1].clamp(min=1))
         metrics = reduce_metrics(scoring.take_metrics(), lambda t: all_reduce_sum(t, env))
         monitor.write({"step": step, "eval_loss": result, **{f"eval_{k}": v for k, v in metrics.items()}})
-        shown = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k in ("reward_margin", "score_margin",
-                                                                               "accuracy", "kl"))
+        shown = "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k in SHOWN_METRICS)
         monitor.message(f"step {step}: eval loss {result:.4f}{shown}")
     if env.is_main and cfg.evaluation_inputs and cfg.objective != "reward":
         answers = answer_questions(model, tokenizer, cfg, vision)

@@ -96,6 +96,11 @@ def list_checkpoints(work_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def newest_checkpoint(work_dir: str | Path) -> Path | None:
+    """The complete iter_N/ directory of the highest step, or None."""
+    return (list_checkpoints(work_dir) or [None])[-1]
+
+
 def partial_saves(work_dir: str | Path) -> list[Path]:
     """iter_N.tmp/ directories: saves that were killed before they were complete."""
     return list(Path(work_dir).glob("iter_*.tmp"))
@@ -139,7 +144,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                            f"and {META_FILE}). Pass the iter_N directory or the WORK_DIR.")
     if is_checkpoint(p):
         return p
-    last = last_checkpoint(p) or (list_checkpoints(p) or [None])[-1]  # the pointer, else the newest complete one
+    last = last_checkpoint(p) or newest_checkpoint(p)  # the pointer, else the newest complete one
     if last is not None:
         return last
     kind = sharded_checkpoint_kind(p)

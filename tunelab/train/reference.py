@@ -39,27 +39,39 @@ class RowsWithReference:
 
 def sequence_offsets(rows) -> np.ndarray:
     """Where each row's sequences start in a flat list of all of them."""
+    if getattr(rows, "kinds", None) is not None:  # TokenRows keep them: no row is decoded
+        return rows.kinds[1]
     counts = [len(rows[i]["sequence_kind"]) for i in range(len(rows))]
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def _row_arrays(rows, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids int32, labels int32, sequence_kind int8) of row i; slices of TokenRows' flat arrays."""
+    if getattr(rows, "kinds", None) is not None:
+        a, b = int(rows.offsets[i]), int(rows.offsets[i + 1])
+        kinds, kind_offsets = rows.kinds
+        return (rows.arrays["input_ids"][a:b], rows.arrays["labels"][a:b],
+                kinds[int(kind_offsets[i]):int(kind_offsets[i + 1])])
+    row = rows[i]
+    return (np.asarray(row["input_ids"], dtype=np.int32), np.asarray(row["labels"], dtype=np.int32),
+            np.asarray(row["sequence_kind"], dtype=np.int8))
 
 
 def fingerprint(rows) -> str:
     """A digest of the rows' tokens and sequence kinds: the values belong to exactly these rows."""
     digest = hashlib.blake2b(digest_size=16)
     for i in range(len(rows)):
-        row = rows[i]
-        digest.update(np.asarray(row["input_ids"], dtype=np.int32).tobytes())
-        digest.update(np.asarray(row["labels"], dtype=np.int32).tobytes())
-        digest.update(np.asarray(row["sequence_kind"], dtype=np.int8).tobytes())
+        for values in _row_arrays(rows, i):
+            digest.update(values.tobytes())
     return digest.hexdigest()
 
 
 @torch.no_grad()
-def compute_reference_logps(model, rows, score, *, pad_token_id: int, batch_size: int, device, autocast, env,
-                            progress=None) -> np.ndarray:
-    """Every sequence's reference log-probability (fp32, in row order), this rank scoring every world_size-th row
-    and the ranks adding their parts. score(model, batch) -> per-sequence log-probabilities (the objective's)."""
-    offsets = sequence_offsets(rows)
+def compute_reference_logps(model, rows, offsets: np.ndarray, score, *, pad_token_id: int, batch_size: int, device,
+                            autocast, env) -> np.ndarray:
+    """Every sequence's reference log-probability (fp32, in row order; `offsets` from sequence_offsets), this rank
+    scoring every world_size-th row and the ranks adding their parts. score(model, batch) -> per-sequence
+    log-probabilities (the objective's)."""
     values = torch.zeros(int(offsets[-1]), dtype=torch.float64, device=device)
     mine = list(range(env.rank, len(rows), env.world_size))
     was_training = model.training
@@ -72,8 +84,6 @@ def compute_reference_logps(model, rows, score, *, pad_token_id: int, batch_size
                 logps = score(model, batch).double()
             at = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in indices]).to(device)
             values.index_copy_(0, at, logps)
-            if progress is not None:
-                progress(len(indices))
     finally:
         model.train(was_training)
     return all_reduce_sum(values, env).float().cpu().numpy()
@@ -82,7 +92,7 @@ def compute_reference_logps(model, rows, score, *, pad_token_id: int, batch_size
 def reference_rows(rows, work_dir: Path, compute, *, split: str = "train", resuming: bool, write: bool = True,
                    log=print) -> RowsWithReference:
     """The rows with their reference log-probabilities: read from the work dir when it holds them for these rows,
-    else computed (`compute(rows) -> values`, only before training starts) and saved there (by the process that
+    else computed (`compute(rows, offsets) -> values`, only before training starts) and saved there (by the process that
     `write`s: every rank computes the same values)."""
     path = Path(work_dir) / layout.REFERENCE_LOGPS.format(split=split)
     key = fingerprint(rows)
@@ -99,7 +109,7 @@ def reference_rows(rows, work_dir: Path, compute, *, split: str = "train", resum
     elif resuming:
         raise TunelabError(f"reference = 'precomputed', but {path} is missing, so the starting model's "
                            f"log-probabilities are lost: start a fresh run (or use reference = 'copy').")
-    values = compute(rows)
+    values = compute(rows, offsets)
     if write:
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, values=values, fingerprint=np.array(key))
@@ -117,10 +127,10 @@ def with_reference(model, objective, train_rows, eval_rows, cfg, *, work_dir: Pa
     def score(m, batch):
         return sequence_logprobs(m, batch, **objective.logprob_options)
 
-    def compute(rows):
+    def compute(rows, offsets):
         log(f"scoring the {len(rows)} rows' sequences with the starting model, the reference (reference = "
             f"'precomputed'): once, before training")
-        return compute_reference_logps(model, rows, score, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
+        return compute_reference_logps(model, rows, offsets, score, pad_token_id=pad_token_id, batch_size=cfg.batch_size,
                                        device=env.device, autocast=precision.autocast, env=env)
 
     common = dict(resuming=resuming, write=env.is_main, log=log)
