@@ -9,6 +9,7 @@ prompt + reply, tokenised and cut at max_length exactly as in training, and scor
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,14 +74,16 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
                        max_length or int(meta.get("max_length") or 2048))
 
 
-def _samples(path: Path, system: str) -> list[dict]:
-    """Every record of a data file as a pair, or as {"prompt", "completion"} (its last reply scored)."""
+def _samples(path: Path, system: str, limit: int | None = None) -> list[dict]:
+    """The records of a data file (the first `limit`) as pairs, or as {"prompt", "completion"} (the last reply
+    scored)."""
     from tunelab.data.files import read_records
     from tunelab.data.formats import detect_format, normalise
+    from tunelab.data.messages import with_default_system
     from tunelab.data.preference import normalise_kto, normalise_preference, record_kind
 
     samples = []
-    for rec in read_records(path):
+    for rec in itertools.islice(read_records(path), limit):
         kind = record_kind(rec.data)
         if kind == "preference":
             sample = normalise_preference(rec.data, rec.where)
@@ -93,27 +96,27 @@ def _samples(path: Path, system: str) -> list[dict]:
                                    f"replies.")
             messages = normalise(rec.data, fmt, rec.where)["messages"]
             sample = {"prompt": messages[:-1], "completion": messages[-1]}
-        if system and (not sample["prompt"] or sample["prompt"][0]["role"] != "system"):
-            sample["prompt"].insert(0, {"role": "system", "content": system})
+        with_default_system(sample["prompt"], system)
         samples.append(sample)
     return samples
 
 
-def _rows(rm: RewardModel, sample: dict) -> dict:
-    """The sample's sequences as one row (the chosen then the rejected reply of a pair; one reply otherwise), cut at
-    max_length as in training."""
+def _rows(rm: RewardModel, samples: list[dict]) -> list[dict]:
+    """Each sample's sequences as one row (the chosen then the rejected reply of a pair; one reply otherwise), cut at
+    max_length as in training; the samples tokenised together."""
     from tunelab.data.encode import encode_segments
-    from tunelab.data.encode_preference import conversation_pieces
+    from tunelab.data.encode_preference import conversation_pieces, join_sequences
 
-    replies = [sample["chosen"], sample["rejected"]] if "chosen" in sample else [sample["completion"]]
-    pieces = [conversation_pieces(rm.template, sample["prompt"], reply, sample.get("tools")) for reply in replies]
+    replies = [[s["chosen"], s["rejected"]] if "chosen" in s else [s["completion"]] for s in samples]
+    pieces = [conversation_pieces(rm.template, s["prompt"], reply, s.get("tools"))
+              for s, theirs in zip(samples, replies) for reply in theirs]
     # every token labelled, so no sequence is dropped: only the ids and where each sequence ends matter here
     encoded = encode_segments(rm.tokenizer, pieces, rm.max_length, "all")
-    row = {"input_ids": [], "labels": [], "position_ids": [], "sequence_kind": list(range(len(replies)))}
-    for e in encoded:
-        for key in ("input_ids", "labels", "position_ids"):
-            row[key] += e.row[key]
-    return row
+    rows, at = [], 0
+    for theirs in replies:
+        rows.append(join_sequences(encoded[at:at + len(theirs)], list(range(len(theirs)))).row)
+        at += len(theirs)
+    return rows
 
 
 @torch.no_grad()
@@ -123,12 +126,12 @@ def score_file(rm: RewardModel, path: str | Path, *, limit: int | None = None, b
     from tunelab.data.collate import collate
     from tunelab.model.reward import sequence_scores
 
-    samples = _samples(Path(path), rm.system)[:limit]
+    samples = _samples(Path(path), rm.system, limit)
     device = next(rm.model.parameters()).device
     scores = Scores()
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        rows = [_rows(rm, s) for s in chunk]
+        rows = _rows(rm, chunk)
         batch = {k: v.to(device) for k, v in collate(rows, rm.tokenizer.pad_token_id).items()}
         values = sequence_scores(rm.model, batch).tolist()
         at = 0

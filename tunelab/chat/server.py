@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import secrets
 import threading
@@ -168,6 +169,12 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                 "max_tokens_limit": max_tokens_limit, "max_batch_size": chat.batcher.max_batch_size,
                 "images": chat.vision is not None}
 
+    @functools.cache
+    def template_tools():
+        """(whether the template writes tools, how it writes a call): probe renderings, made once, on the first
+        request that offers tools (the template never changes)."""
+        return writes_tools(chat.template), call_format(chat.template)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         settings, asked = settings_for(body, defaults, max_tokens_limit)
@@ -178,12 +185,12 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                                "'none' (the tools stay out of the prompt).", "tool_choice")
         if body.tool_choice == "none":
             offered = None
-        if offered and not writes_tools(chat.template):
+        if offered and not template_tools()[0]:
             raise RequestError(f"the chat template {chat.template.name!r} has no place for tools, so the model would "
                                f"never see them: serve with a template that writes them (e.g. qwen2_5_chat, "
                                f"qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, glm4_chat, phi4_mini), or "
                                f"leave tools out.", "tools")
-        calls_in_reply = call_format(chat.template) if offered else None
+        calls_in_reply = template_tools()[1] if offered else None
         stop = list(body.stop or [])
         # a long prompt (or its images) must not hold up the event loop
         prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages, tools=offered)

@@ -58,10 +58,8 @@ def call_format(template) -> CallFormat | None:
             continue
         if not _calls_in(value):
             continue
-        before = reply[:start].rstrip()
-        marker = before.split()[-1] if before.split() else ""
-        if marker and not before.endswith(marker):
-            marker = ""
+        words = reply[:start].split()
+        marker = words[-1] if words else ""  # the text right before the JSON, e.g. <tool_call>
         closer = reply[end:].strip()
         return CallFormat(marker=marker, closer=closer)
     if reply.startswith(PROBE_NAME + "\n"):

@@ -217,14 +217,14 @@ def list_configs(pattern: str | None = None) -> list[str]:
     return names
 
 
-def _lookup(name: str) -> tuple[Model, str, Method, Dataset]:
+def _lookup(name: str) -> tuple[Model, str, Method, str, Dataset]:
     table = builtin_configs()
     if name not in table:
         close = difflib.get_close_matches(name, list(table) + list(llava_configs()), n=5, cutoff=0.5)
         hint = ("Did you mean: " + ", ".join(close) + "?") if close else f"Models: {', '.join(MODELS)}."
         raise TunelabError(f"unknown config '{name}'. {hint} See them all with `tunelab list-cfg`.")
     model, method, dataset = table[name]
-    return MODELS[model], method, METHODS[method], DATASETS[dataset]
+    return MODELS[model], method, METHODS[method], dataset, DATASETS[dataset]
 
 
 def _next_steps(name: str, file: str, method: str, hub_id: str, objective: str = "sft") -> str:
@@ -249,7 +249,7 @@ def render_config(name: str) -> str:
     """The text of the built-in config `name` (what `copy-cfg` writes)."""
     if name in llava_configs():
         return _render_llava(name)
-    model, method_name, method, dataset = _lookup(name)
+    model, method_name, method, dataset_key, dataset = _lookup(name)
     file = f"{name}_copy.py"
     target_modules = model.lora_target_modules
     what = "fine-tuning" if dataset.objective == "sft" else f"{dataset.objective.upper()} training"
@@ -272,7 +272,7 @@ def render_config(name: str) -> str:
         "max_length": repr(dataset.max_length or model.max_length),
         "batch_size": repr(method.batch_size),
         "accumulative_counts": repr(method.accumulative_counts),
-        "lr": repr(learning_rate(method_name, _dataset_key(dataset))),
+        "lr": repr(learning_rate(method_name, dataset_key)),
         "max_epochs": repr(dataset.epochs),
         "evaluation_inputs": repr(list(dataset.evaluation_inputs)),
         "lora_r": repr(method.lora_r),
@@ -284,10 +284,6 @@ def render_config(name: str) -> str:
     }
     # string.Template ($name) leaves the braces of dicts and f-strings in the template alone.
     return string.Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(values)
-
-
-def _dataset_key(dataset: Dataset) -> str:
-    return next(k for k, d in DATASETS.items() if d is dataset)
 
 
 def _preference_block(dataset: Dataset) -> str:

@@ -44,7 +44,7 @@ def conversation_pieces(template, prompt: list[dict], reply: dict, tools: Option
     return template.segments(messages, tools=tools)
 
 
-def _unit(parts: list[Encoded], kinds: list[int]) -> Encoded:
+def join_sequences(parts: list[Encoded], kinds: list[int]) -> Encoded:
     """Sequences encoded one by one -> one unit (None when any of them has nothing left to train on). Its
     full_length is its longest sequence's: max_length applies to each sequence, so that is what gets cut."""
     full, total = max(e.full_length for e in parts), sum(e.full_length for e in parts)
@@ -63,7 +63,7 @@ def encode_pairs(template, tokenizer, samples: list[dict], max_length: int) -> l
         conversations += [conversation_pieces(template, s["prompt"], s["chosen"], tools),
                           conversation_pieces(template, s["prompt"], s["rejected"], tools)]
     encoded = encode_segments(tokenizer, conversations, max_length, "assistant")
-    return [_unit(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED]) for i in range(len(samples))]
+    return [join_sequences(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED]) for i in range(len(samples))]
 
 
 def _reply(sample: dict) -> dict:
@@ -96,7 +96,7 @@ def encode_kto(template, tokenizer, samples: list[dict], max_length: int) -> lis
     encoded = encode_segments(tokenizer, conversations, max_length, "assistant")
     out: list[list[Encoded]] = [[] for _ in samples]
     for i, (owner, unit_kinds) in enumerate(zip(owners, kinds)):
-        out[owner].append(_unit(encoded[2 * i:2 * i + 2], unit_kinds))
+        out[owner].append(join_sequences(encoded[2 * i:2 * i + 2], unit_kinds))
     return out
 
 

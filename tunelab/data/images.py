@@ -125,13 +125,13 @@ def read_images(record, fmt: str, where: str, reading: "ImageReading", base_dir:
     return sample
 
 
-def unreadable_samples(samples: list[dict], threads: int | None = None) -> dict[int, str]:
+def unreadable_samples(samples: list[dict]) -> dict[int, str]:
     """{index: message naming the record and the image} of the samples with an image that cannot be read (each
     image opened once, in threads)."""
     import os
 
     broken = check_images([ref for sample in samples for ref in sample.get("images", ())],
-                          threads=threads or 2 * (os.cpu_count() or 1))
+                          threads=2 * (os.cpu_count() or 1))
     out = {}
     for i, sample in enumerate(samples):
         bad = next((ref for ref in sample.get("images", ()) if ref in broken), None)

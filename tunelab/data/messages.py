@@ -37,6 +37,12 @@ _MS_AGENT_BLOCK = re.compile(r"(<\|startofthink\|>.*?<\|endofthink\|>|<\|startof
 _FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.I)
 
 
+def with_default_system(turns: Optional[list], system: str) -> None:
+    """Put the default system prompt first in `turns` (a sample's messages or prompt), unless it has one already."""
+    if system and turns is not None and (not turns or turns[0]["role"] != "system"):
+        turns.insert(0, {"role": "system", "content": system})
+
+
 def fail(where: str, problem: str, fix: str) -> InvalidRecord:
     return InvalidRecord(f"{where}: {problem}. {fix}")
 

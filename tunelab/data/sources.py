@@ -26,7 +26,7 @@ from tunelab.data import dataset_info
 from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.images import ImageReading, image_reading, read_images, unreadable_samples
-from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
+from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX, with_default_system
 from tunelab.data.preference import (not_supervised_error, read_for_objective, record_kind, sample_messages,
                                      unused_preference_fields)
 from tunelab.errors import TunelabError
@@ -313,9 +313,7 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             label = read_as + (" (pretraining text)" if "text" in sample and read_as != "text" else "")
             report["formats"][label] = report["formats"].get(label, 0) + 1
             formats_seen[read_as] += 1
-            turns = sample.get("messages", sample.get("prompt"))
-            if system and turns is not None and (not turns or turns[0]["role"] != "system"):
-                turns.insert(0, {"role": "system", "content": system})
+            with_default_system(sample.get("messages", sample.get("prompt")), system)
             samples.append(sample)
             origins.append(file_id)
             if limit is not None and len(samples) >= limit:
