@@ -30,17 +30,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from tunelab.model.loss import add_product, loss_chunk_rows
+from tunelab.model.loss import add_product, capped_logsumexp, loss_chunk_rows
 from tunelab.model.parts import split_model
 
 
 def logprob_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None, want_grad: bool):
     """(log p(target) per row in fp32, d logp / d logits in the logits' dtype or None)."""
-    z = logits.float()
-    if softcap:
-        capped = torch.tanh(z / softcap)
-        z = capped * softcap
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    z, capped, lse = capped_logsumexp(logits, softcap)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse.squeeze(-1)
     if not want_grad:
         return logp, None

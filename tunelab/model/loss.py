@@ -42,13 +42,20 @@ def loss_chunk_rows(chunk_size: int, vocab_size: int, head_trained: bool = False
     return max(1, min(chunk_size, budget // vocab_size))
 
 
-def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
-    """(summed cross-entropy in fp32, d loss / d logits in the logits' dtype) for rows whose targets all count."""
+def capped_logsumexp(logits: torch.Tensor, softcap: float | None):
+    """(fp32 logits after the model's tanh soft cap, the tanh (None without a cap: the gradient's chain factor is
+    1 - tanh^2), logsumexp of each row [rows, 1])."""
     z = logits.float()
+    capped = None
     if softcap:
         capped = torch.tanh(z / softcap)
         z = capped * softcap
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    return z, capped, torch.logsumexp(z, dim=-1, keepdim=True)
+
+
+def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    """(summed cross-entropy in fp32, d loss / d logits in the logits' dtype) for rows whose targets all count."""
+    z, capped, lse = capped_logsumexp(logits, softcap)
     loss = (lse.squeeze(-1) - z.gather(-1, targets[:, None]).squeeze(-1)).sum()
     if torch.compiler.is_compiling():
         # One elementwise kernel from the bf16 logits to the bf16 gradient: the one-hot as a comparison, so no
