@@ -10,8 +10,10 @@ each sequence (prompt + reply) cut at --seq tokens on both sides, so a pair is 2
 Both sides train QLoRA (or --method lora) with the same rank, alpha and dropout on every linear layer, the same
 batch (--bs pairs a micro-batch x --acc micro-batches a step), optimizer, learning rate, beta and sigmoid loss, bf16
 and gradient checkpointing; both take the reference as the base model with the adapters switched off, one extra
-forward a step. Each side runs in its own process, so peak memory is its own: tunelab's from its train_log.jsonl
-(`memory_reserved_gb`), TRL's torch.cuda.max_memory_reserved() at the end. Tokens/s counts the real tokens of both
+forward a step. Each side runs in its own process, so peak memory is its own, reserved (what the card must hold) and
+allocated (what the tensors took; the difference is the allocator's cache, and under CUDA graphs their pool):
+tunelab's from its train_log.jsonl (`memory_reserved_gb`, `memory_gb`), TRL's torch.cuda.max_memory_reserved() and
+max_memory_allocated() at the end. Tokens/s counts the real tokens of both
 sequences of every pair (prompt included, padding not), the median over the steps after --warmup (compilation).
 Rows also go to $OUT/dpo.json.
 """
@@ -108,6 +110,7 @@ def run_tunelab(args, root: Path, model_dir: Path, data: Path) -> dict:
         return row
     row.update(tok_s=round(statistics.median(timed)), steps=len(steps),
                reserved_gib=max(r.get("memory_reserved_gb", r["memory_gb"]) for r in steps),
+               allocated_gib=max(r["memory_gb"] for r in steps),
                loss_first=round(steps[0]["loss"], 4), loss_last=round(steps[-1]["loss"], 4),
                margin_last=steps[-1].get("reward_margin"))
     return row
@@ -164,6 +167,7 @@ def trl_worker(args) -> None:
     print("TRL_RESULT " + json.dumps({
         "tok_s": round(statistics.median(rates)) if rates else None, "steps": len(losses),
         "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if on_gpu else None,
+        "allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None,
         "loss_first": round(losses[0], 4) if losses else None, "loss_last": round(losses[-1], 4) if losses else None,
         "margin_last": margins[-1] if margins else None}), flush=True)
 
@@ -252,13 +256,14 @@ def main(argv=None) -> int:
         out_path.write_text(json.dumps(rows, indent=1))
     print(f"\n{args.shape} {args.method} DPO, {2 * args.seq} tokens a pair x {args.bs} pairs x {args.acc} micro-batches "
           f"a step, median of steps after {args.warmup}")
-    print("| side | tokens/s | peak reserved GiB | loss step 1 -> last | reward margin last | run s |")
-    print("|---|---|---|---|---|---|")
+    print("| side | tokens/s | peak reserved GiB | peak allocated GiB | loss step 1 -> last | reward margin last | run s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("tok_s") is None:
-            print(f"| {r['side']} | failed | | | | {r['wall_s']} |")
+            print(f"| {r['side']} | failed | | | | | {r['wall_s']} |")
             continue
-        print(f"| {r['side']} | {r['tok_s']:,} | {r.get('reserved_gib')} | {r['loss_first']} -> {r['loss_last']} | "
+        print(f"| {r['side']} | {r['tok_s']:,} | {r.get('reserved_gib')} | {r.get('allocated_gib')} | "
+              f"{r['loss_first']} -> {r['loss_last']} | "
               f"{r.get('margin_last')} | {r['wall_s']} |")
     rates = {r["side"]: r.get("tok_s") for r in rows}
     for side, rate in rates.items():
