@@ -13,8 +13,8 @@ and gradient checkpointing; both take the reference as the base model with the a
 forward a step. Each side runs in its own process, so peak memory is its own, reserved (what the card must hold) and
 allocated (what the tensors took; the difference is the allocator's cache, and under CUDA graphs their pool):
 tunelab's from its train_log.jsonl (`memory_reserved_gb`, `memory_gb`), TRL's torch.cuda.max_memory_reserved() and
-max_memory_allocated() at the end. Tokens/s counts the real tokens of both
-sequences of every pair (prompt included, padding not), the median over the steps after --warmup (compilation).
+max_memory_allocated() at the end. Tokens/s counts the real tokens of both sequences of every pair (prompt included,
+padding not), the median over the steps after --warmup (compilation).
 Rows also go to $OUT/dpo.json.
 """
 
@@ -263,8 +263,7 @@ def main(argv=None) -> int:
             print(f"| {r['side']} | failed | | | | | {r['wall_s']} |")
             continue
         print(f"| {r['side']} | {r['tok_s']:,} | {r.get('reserved_gib')} | {r.get('allocated_gib')} | "
-              f"{r['loss_first']} -> {r['loss_last']} | "
-              f"{r.get('margin_last')} | {r['wall_s']} |")
+              f"{r['loss_first']} -> {r['loss_last']} | {r.get('margin_last')} | {r['wall_s']} |")
     rates = {r["side"]: r.get("tok_s") for r in rows}
     for side, rate in rates.items():
         if rates.get("trl") and rate and side.startswith("tunelab"):

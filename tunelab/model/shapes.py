@@ -9,22 +9,23 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 
-# Shapes of the hub models we ship configs for, so `plan` works offline. Keys: config.json field names.
+# Shapes of the hub models we ship configs for, so `plan` works offline. Keys: config.json field names. Releases that
+# changed only their weights share a shape.
+_INTERNLM2_7B = dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8)
+_LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8)
 KNOWN_SHAPES = {
     "internlm/internlm2-chat-1_8b": dict(vocab_size=92544, hidden_size=2048, intermediate_size=8192,
                                          num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8),
-    "internlm/internlm2-chat-7b": dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336,
-                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
-    "internlm/internlm2_5-7b-chat": dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336,
-                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "internlm/internlm2-chat-7b": _INTERNLM2_7B,
+    "internlm/internlm2_5-7b-chat": _INTERNLM2_7B,
     "internlm/internlm2-chat-20b": dict(vocab_size=92544, hidden_size=6144, intermediate_size=16384,
                                         num_hidden_layers=48, num_attention_heads=48, num_key_value_heads=8),
     "meta-llama/Llama-2-7b-chat-hf": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-    "meta-llama/Meta-Llama-3-8B-Instruct": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
-    "meta-llama/Llama-3.1-8B-Instruct": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
+    "meta-llama/Llama-3.1-8B-Instruct": _LLAMA3_8B,
     "Qwen/Qwen2.5-0.5B-Instruct": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                                        tie_word_embeddings=True),
