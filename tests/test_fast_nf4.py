@@ -141,6 +141,42 @@ def test_patched_forward_dequantises_once_for_forward_and_backward():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward_that_dequantises_again_in_backward_keeps_no_16_bit_weight(bias):
+    """keep_for_backward=False: bitsandbytes' numbers (output, input and bias gradients), the weight dequantised
+    once in forward and once more in backward, and nothing of the weight's shape saved for backward but the
+    packed 4-bit bytes (the kept path saves the dequantised weight)."""
+    import tunelab.model.nf4 as nf4
+
+    layer = _linear4bit(128, 48, torch.bfloat16, bias=bias)
+    if bias:
+        layer.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    expected_out, expected_grad = _output_and_input_grad(layer, x)
+    expected_bias_grad = layer.bias.grad.clone() if bias else None
+    layer.zero_grad(set_to_none=True)
+
+    calls, saved = [], {}
+    original, bnb_dequantize = nf4.dequantize_nf4, bnbf.dequantize_4bit
+    for keep in (True, False):
+        forward = types.MethodType(nf4_linear_forward if keep else nf4.nf4_linear_forward_dequantizing_again, layer)
+        calls.clear()
+        saved[keep] = []
+        with pytest.MonkeyPatch.context() as mp, torch.autograd.graph.saved_tensors_hooks(
+                lambda t, keep=keep: saved[keep].append((t.shape, t.dtype)) or t, lambda t: t):
+            mp.setattr(nf4, "dequantize_nf4", lambda *a: calls.append(1) or original(*a))
+            mp.setattr(bnbf, "dequantize_4bit", lambda *a, **k: calls.append(1) or bnb_dequantize(*a, **k))
+            out, grad = _output_and_input_grad(forward, x)
+        assert len(calls) == (1 if keep else 2)
+        assert torch.equal(out, expected_out) and torch.equal(grad, expected_grad)
+        if bias:
+            # a sum over the batch in bf16: the order of the additions differs from bitsandbytes'
+            torch.testing.assert_close(layer.bias.grad, expected_bias_grad, rtol=2e-2, atol=2e-2)
+            layer.zero_grad(set_to_none=True)
+    weights = {keep: [dtype for shape, dtype in saved[keep] if sorted(shape) == [48, 128]] for keep in saved}
+    assert weights == {True: [torch.bfloat16], False: []}
+
+
 def test_peft_lora_on_patched_base_layer(tmp_path):
     """peft's 4-bit LoRA layer calls base_layer(x): patching the base layer gives the same output and LoRA grads."""
     peft = pytest.importorskip("peft")

@@ -22,8 +22,9 @@ def _batch(vocab):
 
 
 def _lora(model_dir, **overrides):
-    cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method="lora", lora_r=8, lora_dropout=0.0,
-                      max_length=64, gradient_checkpointing=True, **overrides)
+    settings = dict(pretrained_model_name_or_path=str(model_dir), method="lora", lora_r=8, lora_dropout=0.0,
+                    max_length=64, gradient_checkpointing=True)
+    cfg = TrainConfig(**{**settings, **overrides})
     torch.manual_seed(1)
     model = load_model_for_training(cfg, torch.device("cpu")).train()
     for name, p in model.named_parameters():  # B = 0 at init would hide A's gradients
@@ -201,3 +202,37 @@ def test_training_with_slices_follows_the_same_curve(tiny_llama_dir, tmp_path):
     assert len(curves[0]) == 4
     for a, b in zip(*curves):
         assert abs(a - b) < 1e-5
+
+
+@pytest.mark.parametrize("keep_for_backward", [True, False], ids=["kept", "dequantised_again"])
+def test_compiled_qlora_layers_dequantise_again_in_backward_with_the_same_numbers(tiny_llama_dir, keep_for_backward,
+                                                                                 monkeypatch):
+    """QLoRA layers compiled with the checkpoint inside, 4-bit weights dequantised by the fused forward: kept for
+    backward (qlora_dequant_once) or dequantised again there (an autograd.Function inside the compiled checkpoint),
+    loss and adapter gradients are bitsandbytes' own forward's under transformers' checkpointing, and the forward
+    saves no MLP activation for backward: the checkpoint recomputes them (on an H200, torch 2.11's plain checkpoint
+    did not tag the autograd.Function's ops and saved their activations: FastPathPlan.checkpoint_tags_each_op)."""
+    pytest.importorskip("bitsandbytes")
+    from tunelab.model.fast import patch_4bit_linears
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    model = _lora(tiny_llama_dir, method="qlora")
+    batch = _batch(model.config.vocab_size)
+    want_loss, want = _loss_and_grads(model, batch)  # bitsandbytes' own forward, transformers' checkpointing
+
+    plan = FastPathPlan(enabled=True, checkpointing=True, compile=True, four_bit=True, dequantize_once=keep_for_backward)
+    assert plan.checkpoint_tags_each_op == (not keep_for_backward)
+    layers = split_model(model)[0].layers
+    assert patch_4bit_linears(model, fused=plan.fused_dequant, keep_for_backward=keep_for_backward) == 7 * len(layers)
+    layers_mod.run_decoder_layers(layers, plan)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        got_loss, got = _loss_and_grads(model, batch)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+    activations = [shape for shape in saved if shape[:2] == batch["input_ids"].shape]
+    assert activations and all(shape[-1] != model.config.intermediate_size for shape in activations)

@@ -28,11 +28,21 @@ def test_fast_path_off_turns_every_lever_off():
 def test_gpu_levers_wait_for_a_gpu_and_long_context_levers_for_long_rows():
     cfg = TrainConfig(method="qlora", max_length=16384, mlp_chunk_size=8192, offload_activations=True)
     gpu, cpu = plan_fast_path(cfg, "cuda"), plan_fast_path(cfg, "cpu")
-    assert gpu.varlen_attention and gpu.dequantize_once and gpu.offload_activations and gpu.embeddings_on_cpu
-    assert not (cpu.varlen_attention or cpu.dequantize_once or cpu.offload_activations or cpu.compile)
+    assert gpu.varlen_attention and gpu.fused_dequant and gpu.offload_activations and gpu.embeddings_on_cpu
+    assert not (cpu.varlen_attention or cpu.fused_dequant or cpu.offload_activations or cpu.compile)
     assert cpu.chunked_loss and cpu.mlp_slice == gpu.mlp_slice == 8192  # these run on any device
     assert plan_fast_path(TrainConfig(max_length=8192, mlp_chunk_size=8192), "cuda").mlp_slice is None
     assert not plan_fast_path(TrainConfig(method="full", embeddings_on_cpu=True), "cuda").embeddings_on_cpu
+
+
+def test_qlora_keeps_dequantised_weights_for_backward_only_when_asked_and_checkpointed():
+    """The 16-bit copy of a 4-bit weight lives until the layer's backward only with qlora_dequant_once (a memory-for-
+    time trade) and checkpointing (without it, every layer's copy would wait for backward)."""
+    assert not plan_fast_path(TrainConfig(method="qlora"), "cuda").dequantize_once
+    assert plan_fast_path(TrainConfig(method="qlora", qlora_dequant_once=True), "cuda").dequantize_once
+    assert not plan_fast_path(TrainConfig(method="qlora", qlora_dequant_once=True, gradient_checkpointing=False),
+                              "cuda").dequantize_once
+    assert not plan_fast_path(TrainConfig(method="qlora", qlora_dequant_once=True), "cpu").dequantize_once
 
 
 def test_training_with_the_fast_path_off_follows_the_same_curve(tiny_llama_dir, tmp_path):

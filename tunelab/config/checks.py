@@ -147,7 +147,6 @@ RETIRED_SETTINGS = {
     "use_varlen_attention": "varlen flash attention over packed rows",
     "use_chunked_loss": "the chunked loss over trained tokens",
     "lean_lora": "the lean LoRA forward",
-    "qlora_dequant_once": "dequantising each 4-bit weight once a pass",
     "qlora_fused_dequant": "the 4-bit dequantisation fused by compile",
     "cudnn_attention": "cuDNN attention for rows of one sample",
 }

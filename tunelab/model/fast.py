@@ -7,7 +7,7 @@ plain path: tests/test_fast_*.py check that on CPU, scripts/gpu_check.py on a GP
   * frozen weights kept in the compute dtype: peft's prepare_model_for_kbit_training upcasts every non-quantised
     weight (embeddings, lm_head, norms) to fp32; frozen ones gain nothing from it and cost memory and fp32 matmuls,
     so they go back to bf16/fp16;
-  * QLoRA's 4-bit weight dequantised once a pass (`dequantize_once_per_pass`), in ops compile fuses when compiled;
+  * QLoRA's 4-bit weight dequantised in ops compile fuses, and (a setting) kept for backward (`patch_4bit_linears`);
   * the lean LoRA forward (`lean_lora_forward`);
   * a frozen input embedding looked up in CPU memory (`EmbeddingOnCPU`);
   * how each decoder layer runs: checkpointed (its input optionally in CPU memory), compiled, replayed as CUDA
@@ -53,22 +53,30 @@ def _linear4bit_dequant_once(self, x, *args, **kwargs):
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def dequantize_once_per_pass(model, fused: bool = False) -> int:
-    """Patch every bitsandbytes 4-bit linear layer of `model`; returns how many.
+def patch_4bit_linears(model, *, fused: bool, keep_for_backward: bool) -> int:
+    """Give every bitsandbytes 4-bit linear layer of `model` the forward the plan chose; returns how many.
 
     fused: dequantise with plain torch ops (tunelab.model.nf4) that torch.compile turns into one kernel, instead of
     bitsandbytes' three custom-op calls; only worth it inside compiled layers (eager, it is slower).
+    keep_for_backward: the dequantised weight stays for the layer's backward (`_linear4bit_dequant_once`); False:
+    backward dequantises again, which bitsandbytes' own forward already does when not fused.
     """
-    from tunelab.model.nf4 import nf4_linear_forward
+    from tunelab.model.nf4 import nf4_linear_forward, nf4_linear_forward_dequantizing_again
 
     try:
         import bitsandbytes as bnb
     except ImportError:
         return 0
+    if fused:
+        forward = nf4_linear_forward if keep_for_backward else nf4_linear_forward_dequantizing_again
+    elif keep_for_backward:
+        forward = _linear4bit_dequant_once
+    else:
+        return 0
     count = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and module.weight.dtype == torch.uint8:
-            module.forward = types.MethodType(nf4_linear_forward if fused else _linear4bit_dequant_once, module)
+            module.forward = types.MethodType(forward, module)
             count += 1
     return count
 
@@ -213,9 +221,11 @@ def apply_fast_path(model, plan, device) -> dict:
     if plan.frozen_weights_in_compute_dtype and dtype in (torch.bfloat16, torch.float16):
         saved = downcast_frozen_weights(model, dtype)
         report["frozen_weights"] = f"{dtype} (saved {saved / 2**30:.2f} GiB)"
-    if plan.dequantize_once:
-        report["dequant_once"] = (f"{dequantize_once_per_pass(model, plan.fused_dequant)} 4-bit layers"
-                                  + (", fused by compile" if plan.fused_dequant else ""))
+    patched = patch_4bit_linears(model, fused=plan.fused_dequant, keep_for_backward=plan.dequantize_once)
+    if patched:
+        report["dequant"] = (f"{patched} 4-bit layers, "
+                             + ("dequantised once a pass" if plan.dequantize_once else "dequantised again in backward")
+                             + (", fused by compile" if plan.fused_dequant else ""))
     if plan.embeddings_on_cpu:
         freed = keep_embeddings_on_cpu(model, device)
         report["embeddings_on_cpu"] = f"{freed / 2**30:.2f} GiB freed" if freed else "no (trained or tied to lm_head)"

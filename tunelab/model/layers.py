@@ -101,11 +101,20 @@ def _mlp_in_slices(mlp, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.cat(slices).view(*x.shape[:-1], -1)
 
 
-def _checkpointed(cls_forward):
+def _recompute_every_op():
+    """checkpoint's context_fn for selective checkpointing that recomputes every op: the plain checkpoint's
+    decisions, taken op by op as they are traced (see FastPathPlan.checkpoint_tags_each_op)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _checkpointed(cls_forward, tag_each_op: bool = False):
     """cls_forward under a non-reentrant checkpoint, as one function that torch.compile traces whole."""
+    options = {"context_fn": _recompute_every_op} if tag_each_op else {}
 
     def forward(layer, *args, **kwargs):
-        return checkpoint(cls_forward, layer, *args, use_reentrant=False, **kwargs)
+        return checkpoint(cls_forward, layer, *args, use_reentrant=False, **options, **kwargs)
 
     return forward
 
@@ -172,7 +181,7 @@ def run_decoder_layers(layers, plan) -> dict:
             if cls_forward not in plain:
                 plain[cls_forward] = torch.compile(cls_forward)
             scoring = plain[cls_forward]
-            target = _checkpointed(cls_forward) if inside else cls_forward
+            target = _checkpointed(cls_forward, plan.checkpoint_tags_each_op) if inside else cls_forward
             key = (cls_forward, inside)
             if key not in compiled:
                 # Without graphs dynamic=None: static shapes first, dynamic after a shape changes. With graphs the

@@ -204,6 +204,9 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         # (With MLP slices each slice dequantises for its own backward, when the other slices' intermediates,
         # counted above for one slice, are gone: measured within the long-context rows' error without this term.)
         layer_act += shape.layer_linear_params() * 2
+    elif bits == 4 and checkpointing:
+        # Dequantised again in backward: one linear's bf16 weight at a time.
+        layer_act += max(a * b for a, b in shape.linear_shapes().values()) * 2
     if plan.chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 

@@ -23,8 +23,9 @@ The storage format, as bitsandbytes 0.4x-0.50 writes it (functional.quantize_4bi
   * nested (double quant): absmax is uint8 with its own blockwise state (`state2`: 256-entry `code`, fp32 `absmax`,
     blocksize 256) and a scalar `offset`: absmax = state2.code[absmax_u8] * state2.absmax[block] + offset, fp32.
 
-`nf4_linear_forward` is a drop-in forward for `bitsandbytes.nn.Linear4bit` built on it. It hands F.linear a plain
-tensor, so autograd saves the dequantised weight for backward instead of dequantising again there.
+`nf4_linear_forward` is a drop-in forward for `bitsandbytes.nn.Linear4bit` built on it. Either it hands F.linear a
+plain tensor, so autograd saves the dequantised weight for backward instead of dequantising again there (faster), or
+backward dequantises again (one layer's 16-bit weights less memory): the plan's `dequantize_once`.
 """
 
 from __future__ import annotations
@@ -113,13 +114,56 @@ def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     return weight.view(quant_state.shape).to(quant_state.dtype)
 
 
+class _DequantizeAgainInBackward(torch.autograd.Function):
+    """F.linear(x, W, bias) for a 4-bit W whose backward dequantises W again instead of keeping the 16-bit copy.
+
+    F.linear saves the weight it is given for the input gradient: one layer's 16-bit weights (0.4 GiB at 7B) live
+    from the recomputed forward to that layer's backward. This saves only the packed 4-bit weight, which exists
+    anyway, and pays one more dequantisation a pass, as bitsandbytes' own MatMul4Bit does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, quant_state, bias):
+        ctx.quant_state = quant_state
+        ctx.save_for_backward(packed)
+        return F.linear(x, dequantize_nf4(packed, quant_state).to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # bitsandbytes' own kernel: an op compile cannot see into, so it is neither merged with the recomputed
+            # forward's dequantisation (same inputs) nor fused into its kernel, either of which would make the
+            # 16-bit copy live from the recompute to here again.
+            import bitsandbytes.functional as bnbf
+
+            grad_x = grad @ bnbf.dequantize_4bit(packed, ctx.quant_state).to(grad.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
+
+
 def nf4_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Forward for a `bitsandbytes.nn.Linear4bit`: patch with `layer.forward = types.MethodType(nf4_linear_forward,
     layer)`. peft's LoRA layers call `base_layer(x)`, so patching the base layer is enough for them too.
 
     Same dtype handling as Linear4bit.forward: x is cast to the layer's compute dtype (taken from the first input
     when none was set), the matmul runs in it with the bias cast to it, the result goes back to x's dtype.
+    Autograd keeps the dequantised weight for the input gradient: one dequantisation a pass.
     """
+    return _nf4_linear(self, x, keep_for_backward=True)
+
+
+def nf4_linear_forward_dequantizing_again(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`nf4_linear_forward` whose backward dequantises the weight again (`_DequantizeAgainInBackward`): one layer's
+    16-bit weights less memory, one more dequantisation a pass. (A function of its own, not a functools.partial:
+    torch 2.11's dynamo breaks the graph at a partial bound as a module's forward, and the checkpoint around the
+    layer then runs eagerly.)"""
+    return _nf4_linear(self, x, keep_for_backward=False)
+
+
+def _nf4_linear(self, x: torch.Tensor, keep_for_backward: bool) -> torch.Tensor:
     weight = self.weight
     quant_state = getattr(weight, "quant_state", None) or getattr(self, "quant_state", None)
     if quant_state is None:
@@ -140,6 +184,8 @@ def nf4_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if getattr(self, "compute_dtype", None) is not None:
         x = x.to(self.compute_dtype)
 
-    w = dequantize_nf4(packed, quant_state).to(x.dtype)
     bias = None if self.bias is None else self.bias.to(x.dtype)
+    if not keep_for_backward:
+        return _DequantizeAgainInBackward.apply(x, packed, quant_state, bias).to(input_dtype)
+    w = dequantize_nf4(packed, quant_state).to(x.dtype)
     return F.linear(x, w, bias).to(input_dtype)

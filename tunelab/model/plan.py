@@ -8,10 +8,11 @@ and gradient buffers under CUDA graphs) and the benchmarks. No module keeps a sw
 
 The levers that compute the plain path's numbers are simply on (those that need a GPU, on a GPU): attention over packed
 rows with the flash varlen kernel (cuDNN's for rows of one sample), the loss over trained tokens in chunks, frozen
-weights in the compute dtype, the lean LoRA forward, QLoRA's 4-bit weight dequantised once a pass (fused by compile),
-and tunelab's own per-layer checkpointing. The settings that remain are trade-offs a user makes: `use_compile` (a
-slower first step), `cuda_graphs` (padding to fixed shapes), `offload_activations` and `mlp_chunk_size` (memory for
-time at long context), `embeddings_on_cpu` (GPU memory for a copy a step), `loss_chunk_size`. `fast_path = False`
+weights in the compute dtype, the lean LoRA forward, QLoRA's 4-bit dequantisation in ops compile fuses, and tunelab's
+own per-layer checkpointing. The settings that remain are trade-offs a user makes: `use_compile` (a slower first
+step), `cuda_graphs` (padding to fixed shapes), `offload_activations` and `mlp_chunk_size` (memory for time at long
+context), `embeddings_on_cpu` (GPU memory for a copy a step), `qlora_dequant_once` (memory for one dequantisation a
+pass), `loss_chunk_size`. `fast_path = False`
 turns every lever off: transformers and peft as they come, for debugging, and the reference of scripts/gpu_check.py.
 
 A new lever is a field here, its decision in `plan_fast_path`, and its use in the module that runs it. A model with
@@ -42,8 +43,11 @@ class FastPathPlan:
     """Frozen fp32 weights (peft's 4-bit preparation upcasts norms and embeddings) back to bf16 / fp16."""
     lean_lora: bool = False
     """peft's LoRA forward in fewer kernels (`fast.lean_lora_forward`)."""
+    four_bit: bool = False
+    """The frozen base weights are bitsandbytes 4-bit (QLoRA)."""
     dequantize_once: bool = False
-    """QLoRA: the 4-bit weight dequantised once a pass, kept for that layer's backward (needs checkpointing)."""
+    """QLoRA with checkpointing: the 4-bit weight dequantised once a pass and kept for that layer's backward; False:
+    backward dequantises it again (one layer's 16-bit weights less memory)."""
     embeddings_on_cpu: bool = False
     """A frozen input embedding looked up in CPU memory (`fast.EmbeddingOnCPU`)."""
     compile: bool = False
@@ -73,7 +77,17 @@ class FastPathPlan:
     @property
     def fused_dequant(self) -> bool:
         """The 4-bit dequantisation in plain torch ops that compile fuses into one kernel (eager, it is slower)."""
-        return self.dequantize_once and self.compile
+        return self.four_bit and self.compile
+
+    @property
+    def checkpoint_tags_each_op(self) -> bool:
+        """The checkpoint inside compiled code tags each op for recomputation as it is traced (selective
+        checkpointing with every op recomputed), instead of tagging the layer's graph before autograd.Functions
+        in it are traced through. torch 2.11 does the latter and misses the ops of the 4-bit linear that
+        dequantises again in backward (an autograd.Function): its partitioner then saves their activations
+        instead of recomputing them (11.0 GiB instead of 6.5 on Llama-7B QLoRA 2k, H200; fixed upstream by
+        pytorch PR 177396)."""
+        return self.checkpoint_inside_compile and self.fused_dequant and not self.dequantize_once
 
     @property
     def compiled_loss(self) -> bool:
@@ -87,12 +101,12 @@ class FastPathPlan:
         on = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            skip = f.name in ("enabled", "on_gpu", "loss_chunk_size") or not value
+            skip = f.name in ("enabled", "on_gpu", "four_bit", "loss_chunk_size") or not value
             if skip or (f.name == "sequence_parallel" and value == 1):
                 continue
             detail = {"mlp_slice": f" ({value} tokens a slice)", "sequence_parallel": f" ({value} ranks a row)"}
             on.append(f.name + detail.get(f.name, ""))
-        for name in ("checkpoint_inside_compile", "fused_dequant", "compiled_loss"):
+        for name in ("checkpoint_inside_compile", "checkpoint_tags_each_op", "fused_dequant", "compiled_loss"):
             if getattr(self, name):
                 on.append(name)
         return ", ".join(on) or "nothing on this device"
@@ -124,7 +138,8 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
     return FastPathPlan(
         enabled=True, on_gpu=on_gpu, checkpointing=checkpointing,
         varlen_attention=on_gpu or sequence_parallel > 1, frozen_weights_in_compute_dtype=on_gpu, lean_lora=on_gpu,
-        dequantize_once=on_gpu and checkpointing,
+        four_bit=cfg.resolved_quant_bits() == 4,
+        dequantize_once=on_gpu and checkpointing and cfg.qlora_dequant_once and cfg.resolved_quant_bits() == 4,
         embeddings_on_cpu=bool(on_gpu and embeddings_on_cpu and cfg.method != "full"),  # full trains it
         compile=compile_layers, cuda_graphs=graphs, offload_activations=offload, mlp_slice=mlp_slice,
         chunked_loss=True, loss_chunk_size=cfg.loss_chunk_size, sequence_parallel=sequence_parallel)
