@@ -324,7 +324,7 @@ class TrainConfig:
     a step. None: on for lora / qlora (not when the embedding is trained or shared with lm_head)."""
     qlora_dequant_once: bool = False
     """QLoRA with gradient checkpointing (GPU): dequantise each 4-bit weight once a pass and keep the 16-bit copy for
-    that layer's backward: one dequantisation a pass fewer (+0.2% tokens/s on Llama-7B QLoRA 2k), for one layer's
+    that layer's backward: one dequantisation a pass fewer (0.2-3% faster on Llama-7B QLoRA 2k), for one layer's
     16-bit weights more memory (0.29 GiB there). False: backward dequantises again with bitsandbytes' kernel, as
     bitsandbytes does."""
     loss_chunk_size: int = setting(4096, POSITIVE)
