@@ -44,7 +44,8 @@ class Stepper:
     gradients)."""
     step: Callable[[int], None]
     optimizer: object
-    fast_path: str
+    label: str
+    """What runs the step, for the log: tunelab's fast path, or the peer's name."""
 
 
 def tunelab_side(case: dict, baseline_path: str) -> Stepper:
@@ -62,7 +63,7 @@ def unsloth_side(case: dict, baseline_path: str) -> Stepper:
 
     peer = bench.load_baseline(os.path.join(os.path.dirname(os.path.abspath(baseline_path)), "unsloth_baseline.py"))
     path = f"/tmp/m_{case['shape']}"
-    peer.prepare(case["shape"], path)
+    peer.prepare(case["shape"], path)  # the HF baseline's model, built by its build() in a child process
     vocab = bench.load_baseline(baseline_path).SHAPES[case["shape"]]["vocab_size"]
     model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=case["seq"], dtype=torch.bfloat16,
                                                  load_in_4bit=case["method"] == "qlora")
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     side = unsloth_side(case, args.baseline) if args.peer == "unsloth" else tunelab_side(case, args.baseline)
     import torch
 
-    print("side", side.fast_path, flush=True)
+    print("side", side.label, flush=True)
     total = torch.cuda.get_device_properties(0).total_memory
     print("warm-up", try_length(side, 1024), flush=True)  # optimizer states exist now
     out_path = os.path.join(os.environ.get("OUT", "."), "context_unsloth.json" if args.peer else "context.json")

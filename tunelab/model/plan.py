@@ -132,14 +132,14 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
     # parallelism's all-to-all is eager code inside the layer.
     graphs = bool(graphs and compile_layers and (not checkpointing or not (offload or mlp_slice))
                   and sequence_parallel == 1)
+    four_bit = cfg.resolved_quant_bits() == 4
     embeddings_on_cpu = cfg.embeddings_on_cpu
     if embeddings_on_cpu is None:
         embeddings_on_cpu = cfg.method in ("lora", "qlora")
     return FastPathPlan(
         enabled=True, on_gpu=on_gpu, checkpointing=checkpointing,
         varlen_attention=on_gpu or sequence_parallel > 1, frozen_weights_in_compute_dtype=on_gpu, lean_lora=on_gpu,
-        four_bit=cfg.resolved_quant_bits() == 4,
-        dequantize_once=on_gpu and checkpointing and cfg.qlora_dequant_once and cfg.resolved_quant_bits() == 4,
+        four_bit=four_bit, dequantize_once=four_bit and on_gpu and checkpointing and cfg.qlora_dequant_once,
         embeddings_on_cpu=bool(on_gpu and embeddings_on_cpu and cfg.method != "full"),  # full trains it
         compile=compile_layers, cuda_graphs=graphs, offload_activations=offload, mlp_slice=mlp_slice,
         chunked_loss=True, loss_chunk_size=cfg.loss_chunk_size, sequence_parallel=sequence_parallel)
