@@ -119,25 +119,23 @@ def test_patched_linear4bit_forward_matches_bitsandbytes(compute_dtype, bias):
     assert torch.equal(grad, expected_grad)
 
 
-def test_patched_forward_dequantises_once_for_forward_and_backward():
-    """The dequantised weight is computed once in forward and reused by backward (not dequantised again)."""
+def test_patched_forward_dequantises_once_for_forward_and_backward_with_bitsandbytes_kernel_when_eager():
+    """The dequantised weight is computed once in forward and reused by backward (not dequantised again); run
+    eagerly (outside compiled layers) by bitsandbytes' kernel, which is faster there than the plain ops."""
     layer = _linear4bit(128, 32, torch.float32)
     calls = []
 
     import tunelab.model.nf4 as nf4
 
-    original = nf4.dequantize_nf4
-
-    def counting(packed, state):
-        calls.append(1)
-        return original(packed, state)
+    original, bnb_dequantize = nf4.dequantize_nf4, bnbf.dequantize_4bit
 
     layer.forward = types.MethodType(nf4_linear_forward, layer)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(nf4, "dequantize_nf4", counting)
+        mp.setattr(nf4, "dequantize_nf4", lambda *a: calls.append("plain") or original(*a))
+        mp.setattr(bnbf, "dequantize_4bit", lambda *a, **k: calls.append("bitsandbytes") or bnb_dequantize(*a, **k))
         x = torch.randn(3, 128, requires_grad=True)
         layer(x).sum().backward()
-    assert len(calls) == 1
+    assert calls == ["bitsandbytes"]  # eager: bitsandbytes' kernel, not the plain ops meant for compile
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 

@@ -84,6 +84,26 @@ def test_without_grad_the_chunked_path_gives_the_same_values(tiny_llama_dir, tin
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_the_compiled_scoring_kernel_equals_the_eager_one(softcap):
+    """On a GPU both the policy's pass and the reference's pass (no gradient) score with the compiled kernel; here
+    inductor compiles it for the CPU, where the arithmetic is the same."""
+    from tunelab.model.logprobs import compiled_logprob_and_grad, logprob_and_grad
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 301) * 4).bfloat16()
+    targets = torch.randint(0, 301, (37,))
+    compiled = compiled_logprob_and_grad()
+    for want_grad in (False, True):
+        logp, grad = compiled(logits, targets, softcap, want_grad)
+        ref_logp, ref_grad = logprob_and_grad(logits, targets, softcap, want_grad)
+        assert logp.dtype == torch.float32 and torch.allclose(logp, ref_logp, atol=1e-5, rtol=0)
+        if want_grad:
+            assert grad.dtype == torch.bfloat16 and torch.allclose(grad.float(), ref_grad.float(), atol=1e-2, rtol=0)
+        else:
+            assert grad is None and ref_grad is None
+
+
 def test_dpo_with_adapters_off_reference_starts_at_log2_and_reads_the_base_model(tiny_llama_dir, tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 

@@ -57,7 +57,8 @@ def patch_4bit_linears(model, *, fused: bool, keep_for_backward: bool) -> int:
     """Give every bitsandbytes 4-bit linear layer of `model` the forward the plan chose; returns how many.
 
     fused: dequantise with plain torch ops (tunelab.model.nf4) that torch.compile turns into one kernel, instead of
-    bitsandbytes' three custom-op calls; only worth it inside compiled layers (eager, it is slower).
+    bitsandbytes' three custom-op calls, inside compiled layers (code that runs outside them, such as the MLP slices
+    at long context and generation, still gets bitsandbytes' kernel: `nf4.dequantize_4bit_weight`).
     keep_for_backward: the dequantised weight stays for the layer's backward (`_linear4bit_dequant_once`); False:
     backward dequantises again, which bitsandbytes' own forward already does when not fused.
     """

@@ -123,11 +123,15 @@ def token_logprobs(model, batch: dict, *, chunk_size: int = 4096, chunked: bool 
     compiled = compiled and hidden.is_cuda
     if torch.is_grad_enabled():
         return LinearTokenLogProbs.apply(hidden, targets, weight, bias, softcap, rows, compiled)
-    out = []
+    # Scoring without gradient (DPO's reference pass, evaluation): the same kernel as the policy's pass, so both
+    # round alike, and compiled it reads the bf16 logits once instead of writing an fp32 copy (twice a chunk's
+    # logits, at the moment that sets DPO's peak memory).
+    score = compiled_logprob_and_grad() if compiled else logprob_and_grad
+    logp = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
     for start in range(0, hidden.shape[0], rows):
         logits = F.linear(hidden[start:start + rows], weight, bias)
-        out.append(logprob_and_grad(logits, targets[start:start + rows], softcap, False)[0])
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        logp[start:start + rows] = score(logits, targets[start:start + rows], softcap, False)[0]
+    return logp
 
 
 def sequence_logprobs(model, batch: dict, **kwargs) -> torch.Tensor:

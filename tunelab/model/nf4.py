@@ -13,7 +13,8 @@ bitsandbytes takes it, and cast once at the end. Compiled for a GPU, Triton cont
 rarely, an fp16 element by one ulp); inductor's `emulate_precision_casts=True` turns the contraction off.
 
 Use it under torch.compile: run eagerly it is a handful of separate kernels with int64 intermediates, several
-times slower than bitsandbytes' CUDA kernel.
+times slower than bitsandbytes' CUDA kernel. `dequantize_4bit_weight`, which the patched forwards call, takes it
+when traced and bitsandbytes' kernel otherwise.
 
 The storage format, as bitsandbytes 0.4x-0.50 writes it (functional.quantize_4bit, backends/default/ops.py):
   * the weight of shape `quant_state.shape` is flattened (row-major) and cut into blocks of `blocksize`
@@ -114,6 +115,18 @@ def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     return weight.view(quant_state.shape).to(quant_state.dtype)
 
 
+def dequantize_4bit_weight(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """The same weight as `dequantize_nf4`, by whichever code is fast where it runs: traced by torch.compile, the plain
+    ops that fuse into one kernel; eager (the MLP slices at long context run outside the compiled layer, generation
+    runs the layers uncompiled), bitsandbytes' own kernel, since the plain ops one by one are several times slower
+    and hold int64 and fp32 copies of the weight (0.7 GiB for one 8B MLP weight)."""
+    if torch.compiler.is_compiling():
+        return dequantize_nf4(packed, quant_state)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(packed, quant_state)
+
+
 class _DequantizeAgainInBackward(torch.autograd.Function):
     """F.linear(x, W, bias) for a 4-bit W whose backward dequantises W again instead of keeping the 16-bit copy.
 
@@ -126,7 +139,7 @@ class _DequantizeAgainInBackward(torch.autograd.Function):
     def forward(ctx, x, packed, quant_state, bias):
         ctx.quant_state = quant_state
         ctx.save_for_backward(packed)
-        return F.linear(x, dequantize_nf4(packed, quant_state).to(x.dtype), bias)
+        return F.linear(x, dequantize_4bit_weight(packed, quant_state).to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -187,5 +200,5 @@ def _nf4_linear(self, x: torch.Tensor, keep_for_backward: bool) -> torch.Tensor:
     bias = None if self.bias is None else self.bias.to(x.dtype)
     if not keep_for_backward:
         return _DequantizeAgainInBackward.apply(x, packed, quant_state, bias).to(input_dtype)
-    w = dequantize_nf4(packed, quant_state).to(x.dtype)
+    w = dequantize_4bit_weight(packed, quant_state).to(x.dtype)
     return F.linear(x, w, bias).to(input_dtype)

@@ -76,7 +76,8 @@ class FastPathPlan:
 
     @property
     def fused_dequant(self) -> bool:
-        """The 4-bit dequantisation in plain torch ops that compile fuses into one kernel (eager, it is slower)."""
+        """The 4-bit dequantisation in plain torch ops that compile fuses into one kernel, in the compiled layers
+        (outside them, bitsandbytes' kernel: `nf4.dequantize_4bit_weight`)."""
         return self.four_bit and self.compile
 
     @property
