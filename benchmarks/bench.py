@@ -25,7 +25,9 @@ MFU, the `tunelab plan` estimate against the measured peak) and writes the rows 
 
 MFU counts matmul FLOPs of the N non-embedding weights, attention left out: 6N per token for full fine-tuning,
 4N for LoRA / QLoRA (forward + input gradients), plus 2N where gradient checkpointing recomputes the forward.
-Peak: 989 TFLOP/s (H100 SXM dense bf16).
+"+attn" adds attention's matmuls (QK^T and PV over the causal half of each row, forward, twice that backward, once
+more recomputed): at long context they are as much work as the weights' (32k on an 8B shape), so only this figure
+says how close a step is to the chip's limit. Peak: 989 TFLOP/s (H100 / H200 dense bf16).
 """
 
 from __future__ import annotations
@@ -192,6 +194,36 @@ def flops_per_token(cfg, path) -> float:
     return (6 if cfg.method == "full" else 4) * n_matmul + (2 * n_matmul if ckpt else 0)
 
 
+def attention_flops_per_token(cfg, path) -> float:
+    """FLOPs a token of attention's two matmuls for rows of one `cfg.max_length` sample: QK^T and PV take s x
+    heads x head_dim multiply-adds each per token and layer, averaged over the causal half; backward twice the
+    forward (input gradients: attention has no weights), and once more where checkpointing recomputes it. Flash's
+    backward also recomputes the scores; that is not counted, as MFU counts the work the model needs."""
+    from tunelab.model.shapes import model_shape
+
+    shape = model_shape(path)
+    forward = 2 * 2 * (cfg.max_length / 2) * shape.num_attention_heads * shape.head_dim * shape.num_hidden_layers
+    return forward * (3 + (1 if cfg.resolved_gradient_checkpointing() else 0))
+
+
+def mfu(tok_s: float, cfg, path, with_attention: bool = False) -> float:
+    flops = flops_per_token(cfg, path) + (attention_flops_per_token(cfg, path) if with_attention else 0)
+    return round(tok_s * flops / PEAK_FLOPS, 4)
+
+
+def mfu_at(case: dict, tok_s: float, baseline_path: str) -> dict:
+    """Both MFU figures of `case` at `tok_s` (no GPU, no weights: the shape's config.json alone), so a peer's
+    tokens/s is counted by the same formula as ours."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="tunelab_mfu_")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(load_baseline(baseline_path).SHAPES[case["shape"]], f)
+    cfg = train_config(case, path)
+    return dict(case=case["baseline_key"], tok_s=tok_s, mfu=mfu(tok_s, cfg, path),
+                mfu_attn=mfu(tok_s, cfg, path, with_attention=True))
+
+
 def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> dict:
     """One case on our engine (in this process): the loader, the fast path, the loss, the optimiser of `tunelab train`."""
     from tunelab.model.memory import estimate_memory
@@ -204,7 +236,9 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
     return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), mean_s_per_step=timed["mean_s"],
                 step_s=timed["step_s"], first_step_s=timed["first_s"],
                 peak_alloc_gib=timed["peak_alloc_gib"], peak_reserved_gib=timed["peak_reserved_gib"],
-                mfu=round(tok_s * flops_per_token(run.cfg, run.path) / PEAK_FLOPS, 4), ckpt=run.plan.checkpointing,
+                mfu=mfu(tok_s, run.cfg, run.path),
+                mfu_attn=None if case["vary"] else mfu(tok_s, run.cfg, run.path, with_attention=True),
+                ckpt=run.plan.checkpointing,
                 plan_gib=round(estimate_memory(run.cfg, plan=run.plan).total / 2**30, 2), loss=timed["loss"],
                 fast_path=run.model._tunelab_fast_path, profile=timed.get("profile"))
 
@@ -252,8 +286,8 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
         if v["prof"]:
             timed["profile"] = profile_step(run, v, timed["median"])
         tok_s = v["bs"] * v["seq"] * v["acc"] / timed.pop("median")
-        rows.append(dict(variant=text, tok_s=round(tok_s), mfu=round(tok_s * flops_per_token(run.cfg, run.path) / PEAK_FLOPS, 3),
-                         **timed))
+        rows.append(dict(variant=text, tok_s=round(tok_s), mfu=mfu(tok_s, run.cfg, run.path),
+                         mfu_attn=None if v["vary"] else mfu(tok_s, run.cfg, run.path, with_attention=True), **timed))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -326,9 +360,10 @@ def fmt(row: dict) -> str:
     ratio = o["tok_s"] / b["tok_s"] if b.get("tok_s") else float("nan")
     mem_ratio = o["peak_alloc_gib"] / b["peak_alloc_gib"] if b.get("peak_alloc_gib") else float("nan")
     plan_err = (o["plan_gib"] - o["peak_alloc_gib"]) / o["peak_alloc_gib"] * 100
+    attn = f" ({o['mfu_attn'] * 100:.1f}% +attn)" if o.get("mfu_attn") else ""
     return (f"| {row['case']} | {b.get('tok_s', 0):,} | {o['tok_s']:,} | **{ratio:.2f}x** | "
             f"{b.get('peak_alloc_gib', '-')} | {o['peak_alloc_gib']} / {o['peak_reserved_gib']} | {mem_ratio:.2f} | "
-            f"{o['mfu'] * 100:.1f}% | {o['plan_gib']} ({plan_err:+.0f}%) | {'on' if o['ckpt'] else 'off'} |")
+            f"{o['mfu'] * 100:.1f}%{attn} | {o['plan_gib']} ({plan_err:+.0f}%) | {'on' if o['ckpt'] else 'off'} |")
 
 
 HEADER = ("| case | baseline tok/s | ours tok/s | speed-up | baseline peak GiB | ours peak alloc / reserved GiB | "
@@ -343,9 +378,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench.json"))
     parser.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    parser.add_argument("--mfu-at", type=float, metavar="TOK_S",
+                        help="print the MFU figures of the one CASE at TOK_S tokens/s (a peer's, say) and exit")
     parser.add_argument("--sweep", help="load the one CASE once and time these space-separated variants in order, "
                         "e.g. 'prof=1 drop=0 bs=4 compile=1' (our side only)")
     args = parser.parse_args(argv)
+    if args.mfu_at:
+        print(json.dumps(mfu_at(parse_case(args.cases[0]), args.mfu_at, args.baseline)))
+        return 0
     if args.sweep:
         rows = run_sweep(parse_case(args.cases[0]), args.sweep.split(), args.baseline)
         name = args.cases[0].replace(":", "_").replace("@", "_").replace(",", "_").replace("=", "")
