@@ -377,6 +377,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="only our side")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench.json"))
     parser.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps a case (the median counts)")
+    parser.add_argument("--warm", type=int, default=3, help="untimed steps before them (compilation, graphs)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     parser.add_argument("--mfu-at", type=float, metavar="TOK_S",
                         help="print the MFU figures of the one CASE at TOK_S tokens/s (a peer's, say) and exit")
@@ -393,7 +395,7 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
         return 0
     if args.one:
-        print(json.dumps(run_ours(parse_case(args.cases[0]), args.baseline)), flush=True)
+        print(json.dumps(run_ours(parse_case(args.cases[0]), args.baseline, args.steps, args.warm)), flush=True)
         return 0
     import torch
     import transformers
@@ -408,7 +410,8 @@ def main(argv=None) -> int:
         if not args.no_baseline and key not in baselines:
             baselines[key] = subprocess_json([sys.executable, args.baseline, key], args.timeout)
             print("baseline", key, baselines[key], flush=True)
-        ours = subprocess_json([sys.executable, __file__, "--one", "--baseline", args.baseline, text], args.timeout)
+        ours = subprocess_json([sys.executable, __file__, "--one", "--baseline", args.baseline, "--steps", str(args.steps),
+                                "--warm", str(args.warm), text], args.timeout)
         print("ours", text, ours, flush=True)
         rows.append(dict(case=text, baseline=baselines.get(key), ours=ours))
         with open(args.out, "w") as f:
