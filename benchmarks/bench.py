@@ -185,30 +185,31 @@ def matmul_params(shape) -> int:
     return shape.num_hidden_layers * shape.layer_linear_params() + shape.vocab_size * shape.hidden_size
 
 
-def flops_per_token(cfg, path) -> float:
+def flops_per_token(cfg, shape) -> float:
     """Matmul FLOPs a token: 6N full fine-tuning, 4N LoRA / QLoRA, +2N when checkpointing recomputes the forward."""
-    from tunelab.model.shapes import model_shape
-
-    n_matmul = matmul_params(model_shape(path))
+    n_matmul = matmul_params(shape)
     ckpt = cfg.resolved_gradient_checkpointing()
     return (6 if cfg.method == "full" else 4) * n_matmul + (2 * n_matmul if ckpt else 0)
 
 
-def attention_flops_per_token(cfg, path) -> float:
+def attention_flops_per_token(cfg, shape) -> float:
     """FLOPs a token of attention's two matmuls for rows of one `cfg.max_length` sample: QK^T and PV take s x
     heads x head_dim multiply-adds each per token and layer, averaged over the causal half; backward twice the
     forward (input gradients: attention has no weights), and once more where checkpointing recomputes it. Flash's
     backward also recomputes the scores; that is not counted, as MFU counts the work the model needs."""
-    from tunelab.model.shapes import model_shape
-
-    shape = model_shape(path)
     forward = 2 * 2 * (cfg.max_length / 2) * shape.num_attention_heads * shape.head_dim * shape.num_hidden_layers
     return forward * (3 + (1 if cfg.resolved_gradient_checkpointing() else 0))
 
 
-def mfu(tok_s: float, cfg, path, with_attention: bool = False) -> float:
-    flops = flops_per_token(cfg, path) + (attention_flops_per_token(cfg, path) if with_attention else 0)
-    return round(tok_s * flops / PEAK_FLOPS, 4)
+def mfu(tok_s: float, cfg, path, with_attention: bool = True) -> dict:
+    """{mfu, mfu_attn} at `tok_s` (mfu_attn None when rows are not one sample each: `with_attention` False)."""
+    from tunelab.model.shapes import model_shape
+
+    shape = model_shape(path)
+    weights = flops_per_token(cfg, shape)
+    attention = attention_flops_per_token(cfg, shape) if with_attention else None
+    return dict(mfu=round(tok_s * weights / PEAK_FLOPS, 4),
+                mfu_attn=None if attention is None else round(tok_s * (weights + attention) / PEAK_FLOPS, 4))
 
 
 def mfu_at(case: dict, tok_s: float, baseline_path: str) -> dict:
@@ -220,8 +221,7 @@ def mfu_at(case: dict, tok_s: float, baseline_path: str) -> dict:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(load_baseline(baseline_path).SHAPES[case["shape"]], f)
     cfg = train_config(case, path)
-    return dict(case=case["baseline_key"], tok_s=tok_s, mfu=mfu(tok_s, cfg, path),
-                mfu_attn=mfu(tok_s, cfg, path, with_attention=True))
+    return dict(case=case["baseline_key"], tok_s=tok_s, **mfu(tok_s, cfg, path))
 
 
 def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> dict:
@@ -236,9 +236,7 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
     return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), mean_s_per_step=timed["mean_s"],
                 step_s=timed["step_s"], first_step_s=timed["first_s"],
                 peak_alloc_gib=timed["peak_alloc_gib"], peak_reserved_gib=timed["peak_reserved_gib"],
-                mfu=mfu(tok_s, run.cfg, run.path),
-                mfu_attn=None if case["vary"] else mfu(tok_s, run.cfg, run.path, with_attention=True),
-                ckpt=run.plan.checkpointing,
+                **mfu(tok_s, run.cfg, run.path, with_attention=not case["vary"]), ckpt=run.plan.checkpointing,
                 plan_gib=round(estimate_memory(run.cfg, plan=run.plan).total / 2**30, 2), loss=timed["loss"],
                 fast_path=run.model._tunelab_fast_path, profile=timed.get("profile"))
 
@@ -286,8 +284,8 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
         if v["prof"]:
             timed["profile"] = profile_step(run, v, timed["median"])
         tok_s = v["bs"] * v["seq"] * v["acc"] / timed.pop("median")
-        rows.append(dict(variant=text, tok_s=round(tok_s), mfu=mfu(tok_s, run.cfg, run.path),
-                         mfu_attn=None if v["vary"] else mfu(tok_s, run.cfg, run.path, with_attention=True), **timed))
+        rows.append(dict(variant=text, tok_s=round(tok_s), **mfu(tok_s, run.cfg, run.path, with_attention=not v["vary"]),
+                         **timed))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

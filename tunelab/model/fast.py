@@ -38,29 +38,15 @@ def downcast_frozen_weights(model, dtype: torch.dtype) -> int:
     return saved
 
 
-def _linear4bit_dequant_once(self, x, *args, **kwargs):
-    """bitsandbytes Linear4bit.forward, with the dequantised weight kept for this layer's backward.
-
-    bitsandbytes dequantises the 4-bit weight in forward and again in backward; with gradient checkpointing
-    the forward runs twice, so three times a step. Here F.linear saves the bf16 weight it was given: in the
-    checkpointed first pass nothing is saved, in the recompute it lives until this layer's backward is done
-    (one layer's bf16 weights at a time), so two dequantisations instead of three.
-    """
-    import bitsandbytes.functional as bnbf
-
-    weight = bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state).to(x.dtype)
-    bias = None if self.bias is None else self.bias.to(x.dtype)
-    return torch.nn.functional.linear(x, weight, bias)
-
-
 def patch_4bit_linears(model, *, fused: bool, keep_for_backward: bool) -> int:
     """Give every bitsandbytes 4-bit linear layer of `model` the forward the plan chose; returns how many.
 
-    fused: dequantise with plain torch ops (tunelab.model.nf4) that torch.compile turns into one kernel, instead of
-    bitsandbytes' three custom-op calls, inside compiled layers (code that runs outside them, such as the MLP slices
-    at long context and generation, still gets bitsandbytes' kernel: `nf4.dequantize_4bit_weight`).
-    keep_for_backward: the dequantised weight stays for the layer's backward (`_linear4bit_dequant_once`); False:
-    backward dequantises again, which bitsandbytes' own forward already does when not fused.
+    fused: the layers run compiled, where tunelab.model.nf4's plain-op dequantisation fuses into one kernel instead
+    of bitsandbytes' three custom-op calls (code outside the compiled layers, such as the MLP slices at long context
+    and generation, still gets bitsandbytes' kernel: `nf4.dequantize_4bit_weight`).
+    keep_for_backward: the dequantised weight stays for the layer's backward (`nf4.nf4_linear_forward`): with
+    checkpointing the forward runs twice, so two dequantisations a step instead of three. False: backward dequantises
+    again, which bitsandbytes' own forward already does when not fused.
     """
     from tunelab.model.nf4 import nf4_linear_forward, nf4_linear_forward_dequantizing_again
 
@@ -68,10 +54,10 @@ def patch_4bit_linears(model, *, fused: bool, keep_for_backward: bool) -> int:
         import bitsandbytes as bnb
     except ImportError:
         return 0
-    if fused:
-        forward = nf4_linear_forward if keep_for_backward else nf4_linear_forward_dequantizing_again
-    elif keep_for_backward:
-        forward = _linear4bit_dequant_once
+    if keep_for_backward:
+        forward = nf4_linear_forward
+    elif fused:
+        forward = nf4_linear_forward_dequantizing_again
     else:
         return 0
     count = 0
