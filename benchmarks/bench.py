@@ -11,7 +11,8 @@ Options after '@' change our side only, and each is a setting a user chooses (do
   bs=N          rows per micro-batch;  acc=N  micro-batches per optimiser step
   drop=N        LoRA dropout in percent (10, as the baseline)
   opt8=1        optimizer = 'adamw_8bit' (tunelab's: bitsandbytes' without its sync per parameter)
-  offload=1     offload_activations;  mlp=N  mlp_chunk_size (0 = None);  emb=0  embeddings_on_cpu = False
+  offload=0/1   offload_activations;  mlp=N  mlp_chunk_size (0 = None);  both: the config's default if not given
+  emb=0         embeddings_on_cpu = False
   dq=1          qlora_dequant_once (the 16-bit weight kept for backward instead of dequantised again)
 and two that say what to measure: vary=1 (packed rows of 1-16 samples that change from step to step, padded to
 seq), prof=1 (profile one more step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and
@@ -44,7 +45,7 @@ import time
 
 PEAK_FLOPS = 989e12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPTIONS = dict(ckpt=None, bs=1, acc=1, compile=0, cg=0, fast=1, drop=10, opt8=0, offload=0, mlp=8192, emb=1, dq=0,
+OPTIONS = dict(ckpt=None, bs=1, acc=1, compile=0, cg=0, fast=1, drop=10, opt8=0, offload=None, mlp=None, emb=1, dq=0,
                vary=0, prof=0)
 
 
@@ -77,9 +78,11 @@ def train_config(case: dict, path: str):
         lora_dropout=case["drop"] / 100, lora_target_modules="all-linear",
         gradient_checkpointing=None if case["ckpt"] is None else bool(case["ckpt"]),
         fast_path=bool(case["fast"]), use_compile=bool(case["compile"]), cuda_graphs=bool(case["cg"]),
-        offload_activations=bool(case["offload"]), mlp_chunk_size=case["mlp"] or None,
         embeddings_on_cpu=bool(case["emb"]), optimizer="adamw_8bit" if case["opt8"] else "adamw",
         qlora_dequant_once=bool(case["dq"]),
+        # not given: the config's defaults (None and 'auto': the plan decides by the row's length)
+        **({} if case["offload"] is None else dict(offload_activations=bool(case["offload"]))),
+        **({} if case["mlp"] is None else dict(mlp_chunk_size=case["mlp"] or None)),
     )
 
 

@@ -1,7 +1,7 @@
 """The longest sequence one training step fits in, under GPU memory caps that emulate smaller cards.
 
     python benchmarks/bench_context.py --baseline PATH/hf_peft_baseline.py \
-        --case 'llama3_8b:qlora:0:32@drop=0,offload=1,opt8=1' --caps 8:2972 12:21848 16:40724 24:78475
+        --case 'llama3_8b:qlora:0:32@drop=0,offload=1,opt8=1,mlp=8192' --caps 8:2972 12:21848 16:40724 24:78475
 
 Each CAP_GB:TOKENS pair caps the process at CAP_GB x 1e9 bytes (`torch.cuda.set_per_process_memory_fraction`, so
 the CUDA context is not counted, as on a real card it would be) and trains one step (forward, backward, optimizer

@@ -61,7 +61,8 @@ def peak(model, method, seq, measured, *, bs=1, ckpt=None, compiled=True, **sett
     return pytest.param(cfg, measured, id=f"{model.split('/')[-1]}-{method}-{seq}-{measured}")
 
 
-LONG = dict(lora_r=32, lora_dropout=0.0, optimizer="adamw_8bit", offload_activations=True)  # Llama-3.1-8B, one row
+# Llama-3.1-8B, one row, with the MLP in slices of 8192 tokens (the default until round 14)
+LONG = dict(lora_r=32, lora_dropout=0.0, optimizer="adamw_8bit", offload_activations=True, mlp_chunk_size=8192)
 DEFAULTS = dict(embeddings_on_cpu=True, cuda_graphs=True)  # lora / qlora as `tunelab train` runs them since round 5
 
 # The peaks the estimate was fitted to: ACT_PER_TOKEN on round 1 (uncompiled), COMPILED_ACT_FACTOR on round 2 and 4
@@ -106,6 +107,13 @@ HELD_OUT = [
     # round 13 (H200): layer inputs in CPU memory at 8k, Unsloth's settings (r64, dropout 0, 8-bit AdamW)
     peak(I2_7B, "qlora", 8192, 7.44, optimizer="adamw_8bit", lora_dropout=0.0, offload_activations=True,
          qlora_dequant_once=False, **DEFAULTS),
+    # round 14 (H200): 32k with layer inputs in CPU memory and the MLP whole, the defaults since then (bench.py
+    # compile=1; at Unsloth's settings)
+    peak(LLAMA3, "qlora", 32768, 12.21, lora_r=32, lora_dropout=0.0, optimizer="adamw_8bit", qlora_dequant_once=False,
+         **DEFAULTS),
+    # round 14 (H200): 16 and 24 GB caps, the 4-bit weights dequantised again in backward
+    *[peak(LLAMA3, "qlora", n, measured, compiled=False, embeddings_on_cpu=True, qlora_dequant_once=False, **LONG)
+      for n, measured in ((40724, 11.27), (78475, 16.92))],
     # rounds 7 and 8: the longest context that fit under 8-40 GB caps
     *[peak(LLAMA3, "qlora", n, measured, compiled=False, embeddings_on_cpu=True, **LONG)
       for n, measured in ((2972, 6.25), (5974, 6.98), (21848, 8.98), (33226, 10.61), (40724, 11.82),
@@ -186,14 +194,19 @@ def test_report_lists_parts_and_suggests_fixes_when_it_does_not_fit(monkeypatch)
     assert est.fits is False
     tips = " ".join(est.suggestions)
     assert "qlora" in tips and "max_length" in tips
+    assert "offload_activations = True" in tips and "mlp_chunk_size" not in tips  # 8k: nothing to slice
     text = plan_report(cfg)
     assert "peak allocated" in text and "frozen/base weights" in text
+    long = estimate_memory(TrainConfig(pretrained_model_name_or_path=LLAMA3, method="qlora", max_length=65536),
+                           torch.device("cuda"))
+    tips = " ".join(long.suggestions)  # offloaded by default at 64k; MLP slices of 32k
+    assert "mlp_chunk_size = 8192" in tips and "offload_activations" not in tips
 
 
 def test_long_context_levers_lower_the_estimate_by_what_they_free():
     llama3 = "meta-llama/Llama-3.1-8B-Instruct"
     base = dict(pretrained_model_name_or_path=llama3, method="qlora", lora_r=32, max_length=65536, use_compile=False)
-    plain = estimate_memory(TrainConfig(**base, mlp_chunk_size=None)).total
+    plain = estimate_memory(TrainConfig(**base, mlp_chunk_size=None, offload_activations=False)).total
     offloaded = estimate_memory(TrainConfig(**base, mlp_chunk_size=None, offload_activations=True)).total
     # 31 of 32 layer inputs (65536 tokens x 4096 x 2 bytes each) leave the GPU.
     assert plain - offloaded == 31 * 65536 * 4096 * 2
@@ -269,6 +282,7 @@ def test_plan_on_a_config_without_llama_fields_names_the_missing_key(tmp_path):
 
 def test_sequence_parallel_divides_what_grows_with_the_row_and_adds_its_buffers():
     base = dict(pretrained_model_name_or_path=LLAMA3, method="lora", max_length=65536, mlp_chunk_size=None,
+                offload_activations=False,  # (None would offload in one process, not on four)
                 use_compile=False)  # (compiled, the checkpoint goes around the layer under sequence parallelism)
     one = estimate_memory(TrainConfig(**base))
     four = estimate_memory(TrainConfig(**base, sequence_parallel_size=4))

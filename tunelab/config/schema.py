@@ -310,14 +310,22 @@ class TrainConfig:
     "reduce-overhead"), so the CPU launches one graph instead of hundreds of kernels (Llama-7B QLoRA 2k: 3.0x the
     plain loop instead of 2.5x). Batches are padded to max_length and sample boundaries to a few sizes, one graph
     each; a new size compiles once (~15 s). GPU only; not with offload_activations or MLP slices. None: on when
-    pack_to_max_length is (rows are max_length wide anyway) and training runs in one process."""
-    offload_activations: bool = False
+    pack_to_max_length is (rows are max_length wide anyway) and training runs in one process, except DPO / KTO
+    scoring their reference every step (adapters_off, copy): that second, no-gradient pass cannot reuse the graphs'
+    memory (Llama-7B QLoRA DPO: 5.90 GiB and 7,101 tokens/s without, 6.26 GiB and 7,678 with)."""
+    offload_activations: Optional[bool] = None
     """Long context: keep each layer's checkpointed input in CPU memory until backward (GPU only; needs gradient
-    checkpointing). Frees hidden_size x 2 bytes x layers a token, e.g. 256 KiB a token for a 7B/8B model."""
-    mlp_chunk_size: Optional[int] = setting(8192, Rule(lambda v: v is None or v > 0,
-                                                       "None or a positive whole number (e.g. 8192)"))
-    """Long context: when max_length is longer than this, each MLP computes this many tokens at a time (recomputed
-    in backward; one more MLP forward a step). None: never."""
+    checkpointing). Frees hidden_size x 2 bytes x layers a token of GPU memory (256 KiB a token for a 7B/8B model)
+    and takes as much CPU memory. None: on for rows longer than 8,192 tokens in one process (several: untested, so
+    off unless set). Llama-3.1-8B QLoRA 32k: 6,133 tokens/s in 13.3 GiB with it, 5,632 in 17.3 GiB without (and
+    the MLP in slices). At 8k and below it would turn CUDA graphs off, which costs more there (InternLM2-7B QLoRA
+    8k: 8,815 tokens/s with it, 10,256 without, for 2.7 GiB less)."""
+    mlp_chunk_size: Union[int, Literal["auto"], None] = setting("auto", Rule(
+        lambda v: v is None or v == "auto" or (isinstance(v, int) and v > 0), "'auto', None or a positive whole number"))
+    """Long context: when a row is longer than this many tokens, each MLP computes this many at a time (recomputed in
+    backward; one more MLP forward a step, and no CUDA graphs). 'auto': 32768 where the layer inputs are offloaded
+    (the whole MLP up to 32k was faster and still leaner: Llama-3.1-8B QLoRA 32k, round 14), else 8192. 8192: less
+    memory for the longest rows a card holds (Llama-3.1-8B QLoRA 78k tokens in 24 GB). None: never."""
     embeddings_on_cpu: Optional[bool] = None
     """Keep a frozen input embedding in CPU memory and look up each batch's rows there (GPU only; the same numbers).
     Frees vocab_size x hidden_size x 2 bytes of GPU memory, e.g. 0.71 GiB for InternLM2-7B, for a copy of a few MiB

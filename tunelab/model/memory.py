@@ -108,7 +108,7 @@ def estimate_memory(cfg, device=None, plan=None, *, world_size: int | None = Non
     """Peak GPU memory of one training step of `cfg` on each GPU; `device` (a torch.device) or `card_bytes` (a card
     that is not here) to check the fit. `plan`: the run's `FastPathPlan` (by default the one `cfg` gets on a GPU).
     `world_size`: the processes of the run (default: sequence_parallel_size, the fewest it runs on)."""
-    plan = plan or _plan(cfg)
+    plan = plan or _plan(cfg, world_size or cfg.sequence_parallel_size)
     est = _estimate(cfg, device, plan, world_size, card_bytes)
     est.suggestions = _suggestions(cfg, est, plan)
     return est
@@ -121,7 +121,6 @@ def _plan(cfg, world_size: int = 1):
 
 
 def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
-    plan = plan or _plan(cfg)
     world = world_size or plan.sequence_parallel
     shape = model_shape(cfg.pretrained_model_name_or_path)
     bits = cfg.resolved_quant_bits()
@@ -302,6 +301,8 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
         out.append("fast_path = True  (among others, the chunked loss never builds full-vocabulary logits)")
     if checkpointing and not plan.offload_activations and cfg.max_length >= 8192:
         out.append("offload_activations = True  (each layer's checkpointed input in CPU memory)")
+    if cfg.max_length > 8192 and (plan.mlp_slice or cfg.max_length) > 8192:
+        out.append("mlp_chunk_size = 8192  (each MLP 8192 tokens at a time: one more MLP forward a step)")
     if cfg.optimizer == "adamw" and cfg.method == "full":
         out.append("optimizer = 'adamw_8bit'")
     return out

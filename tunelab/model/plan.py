@@ -10,10 +10,10 @@ The levers that compute the plain path's numbers are simply on (those that need 
 rows with the flash varlen kernel (cuDNN's for rows of one sample), the loss over trained tokens in chunks, frozen
 weights in the compute dtype, the lean LoRA forward, QLoRA's 4-bit dequantisation in ops compile fuses, and tunelab's
 own per-layer checkpointing. The settings that remain are trade-offs a user makes: `use_compile` (a slower first
-step), `cuda_graphs` (padding to fixed shapes), `offload_activations` and `mlp_chunk_size` (memory for time at long
-context), `embeddings_on_cpu` (GPU memory for a copy a step), `qlora_dequant_once` (memory for one dequantisation a
-pass), `loss_chunk_size`. `fast_path = False`
-turns every lever off: transformers and peft as they come, for debugging, and the reference of scripts/gpu_check.py.
+step), `cuda_graphs` (padding to fixed shapes), `offload_activations` (None: on for long rows) and `mlp_chunk_size`
+(memory for time at long context), `embeddings_on_cpu` (GPU memory for a copy a step), `qlora_dequant_once` (memory
+for one dequantisation a pass), `loss_chunk_size`. `fast_path = False` turns every lever off: transformers and peft as
+they come, for debugging, and the reference of scripts/gpu_check.py.
 
 A new lever is a field here, its decision in `plan_fast_path`, and its use in the module that runs it. A model with
 more than a language model (a vision tower in front) gets the plan for its language model: the levers act on the
@@ -26,6 +26,13 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+LONG_CONTEXT_TOKENS = 8192
+"""Rows longer than this (each rank's share) are long context: `offload_activations = None` offloads their layer
+inputs, and `mlp_chunk_size = 'auto'` without offloading runs the MLP in slices this long."""
+OFFLOADED_MLP_TOKENS = 32768
+"""`mlp_chunk_size = 'auto'` with offloaded layer inputs: the MLP runs whole up to this many tokens, in slices this
+long past it (Llama-3.1-8B QLoRA 32k: faster than 8k slices, and still leaner than inputs on the GPU; round 14)."""
 
 
 @dataclass(frozen=True)
@@ -121,13 +128,22 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
     if not cfg.fast_path:
         return FastPathPlan(on_gpu=on_gpu, checkpointing=checkpointing, loss_chunk_size=cfg.loss_chunk_size)
     compile_layers = bool(cfg.use_compile and on_gpu)
-    offload = bool(cfg.offload_activations and on_gpu and checkpointing)
     sequence_parallel = cfg.sequence_parallel_size
     row_share = -(-cfg.max_length // sequence_parallel)  # the tokens of a row each rank runs through the layers
-    mlp_slice = cfg.mlp_chunk_size if cfg.mlp_chunk_size and row_share > cfg.mlp_chunk_size else None
+    offload = cfg.offload_activations
+    if offload is None:  # long rows: the saved layer inputs outgrow the rest; several processes are untested
+        offload = row_share > LONG_CONTEXT_TOKENS and world_size == 1
+    offload = bool(offload and on_gpu and checkpointing)
+    chunk = cfg.mlp_chunk_size
+    if chunk == "auto":
+        chunk = OFFLOADED_MLP_TOKENS if offload else LONG_CONTEXT_TOKENS
+    mlp_slice = chunk if chunk and row_share > chunk else None
     graphs = cfg.cuda_graphs
-    if graphs is None:  # rows packed to max_length have one shape anyway; several processes are untested
-        graphs = cfg.pack_to_max_length and world_size == 1
+    if graphs is None:
+        # Rows packed to max_length have one shape anyway; several processes are untested. A reference scored every
+        # step is a second pass whose memory the graphs' private pool cannot share.
+        graphs = (cfg.pack_to_max_length and world_size == 1
+                  and cfg.resolved_reference() not in ("adapters_off", "copy"))
     # CUDA graphs record a compiled layer whose checkpoint is inside the compiled code, or which has none: an eager
     # checkpoint around compiled code (offloading, MLP slices) frees an input the recording still holds. Sequence
     # parallelism's all-to-all is eager code inside the layer.
