@@ -229,7 +229,7 @@ def test_offloading_more_than_the_cpu_memory_stops_before_loading(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
     cfg = TrainConfig(pretrained_model_name_or_path="meta-llama/Llama-3.1-8B-Instruct", method="qlora",
                       max_length=131072, offload_activations=True, embeddings_on_cpu=False)
-    assert "CPU memory (offloaded)" in plan_report(cfg)
+    assert "CPU memory (offloaded)" in plan_report(cfg) and "(offload_activations)" in plan_report(cfg)
     assert estimate_memory(cfg).cpu_offload_bytes == 32 * 131072 * 4096 * 2  # 32 GiB
     monkeypatch.setattr(memory, "available_cpu_memory", lambda: 16 * GIB)
     with pytest.raises(TunelabError, match=r"offload_activations = True would keep 32.0 GiB .* 16.0 GiB available"):

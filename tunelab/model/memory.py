@@ -343,7 +343,8 @@ def plan_report(cfg, device=None, plan=None, *, world_size: int | None = None, c
     lines.append(f"  {'peak allocated (estimate)':<30} {est.total / GIB:8.2f} GiB")
     lines.append(f"  {'with CUDA context and slack':<30} {est.with_overhead / GIB:8.2f} GiB")
     if est.cpu_offload_bytes:
-        lines.append(f"  {'CPU memory (offloaded)':<30} {est.cpu_offload_bytes / GIB:8.2f} GiB")
+        lines.append(f"  {'CPU memory (offloaded)':<30} {est.cpu_offload_bytes / GIB:8.2f} GiB  "
+                     f"({', '.join(est.cpu_offload)})")
     if est.device_bytes is not None:
         lines.append(f"  {est.device_name}: {est.device_bytes / GIB:.1f} GiB -> {est.verdict}")
     if est.device_bytes is not None and cfg.objective == "sft" and (not est.fits or cfg.sequence_parallel_size > 1):
