@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from tunelab.errors import TunelabError
+from tunelab.model.plan import LONG_CONTEXT_TOKENS
 from tunelab.model.shapes import ModelShape, model_shape, vision_shape
 
 GIB = 2**30
@@ -301,8 +302,10 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
         out.append("fast_path = True  (among others, the chunked loss never builds full-vocabulary logits)")
     if checkpointing and not plan.offload_activations and cfg.max_length >= 8192:
         out.append("offload_activations = True  (each layer's checkpointed input in CPU memory)")
-    if cfg.max_length > 8192 and (plan.mlp_slice or cfg.max_length) > 8192:
-        out.append("mlp_chunk_size = 8192  (each MLP 8192 tokens at a time: one more MLP forward a step)")
+    slice_tokens = LONG_CONTEXT_TOKENS  # the slice that fits the longest rows (BENCHMARKS.md, longest context)
+    if cfg.max_length > slice_tokens and (plan.mlp_slice or cfg.max_length) > slice_tokens:
+        out.append(f"mlp_chunk_size = {slice_tokens}  (each MLP {slice_tokens} tokens at a time: one more MLP forward "
+                   "a step)")
     if cfg.optimizer == "adamw" and cfg.method == "full":
         out.append("optimizer = 'adamw_8bit'")
     return out
