@@ -303,7 +303,7 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     if checkpointing and not plan.offload_activations and cfg.max_length >= 8192:
         out.append("offload_activations = True  (each layer's checkpointed input in CPU memory)")
     slice_tokens = LONG_CONTEXT_TOKENS  # the slice that fits the longest rows (BENCHMARKS.md, longest context)
-    if cfg.max_length > slice_tokens and (plan.mlp_slice or cfg.max_length) > slice_tokens:
+    if cfg.max_length > slice_tokens and not (plan.mlp_slice and plan.mlp_slice <= slice_tokens):
         out.append(f"mlp_chunk_size = {slice_tokens}  (each MLP {slice_tokens} tokens at a time: one more MLP forward "
                    "a step)")
     if cfg.optimizer == "adamw" and cfg.method == "full":

@@ -141,7 +141,9 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
     graphs = cfg.cuda_graphs
     if graphs is None:
         # Rows packed to max_length have one shape anyway; several processes are untested. A reference scored every
-        # step is a second pass whose memory the graphs' private pool cannot share.
+        # step is a second pass whose memory the graphs' private pool cannot share. (Full fine-tuning with reference
+        # 'auto' counts as a copy here: the memory plan that may precompute it instead needs this plan first, and
+        # graphs off is the leaner side of that choice.)
         graphs = (cfg.pack_to_max_length and world_size == 1
                   and cfg.resolved_reference() not in ("adapters_off", "copy"))
     # CUDA graphs record a compiled layer whose checkpoint is inside the compiled code, or which has none: an eager
