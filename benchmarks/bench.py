@@ -17,7 +17,8 @@ Options after '@' change our side only, and each is a setting a user chooses (do
 and two that say what to measure: vary=1 (packed rows of 1-16 samples that change from step to step, padded to
 seq), prof=1 (profile one more step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and
 CPU ops; tables to $OUT).
-Every run is its own subprocess, so peaks do not leak between cases. `--sweep 'V1 V2 ...' CASE` loads CASE once
+Every run is its own subprocess, so peaks do not leak between cases, and every process (the baseline's too) runs with
+`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`, as `tunelab train` sets it. `--sweep 'V1 V2 ...' CASE` loads CASE once
 and times each variant (drop, bs, acc, vary, prof, and compile=1, which stays on once set), our side only, rows to
 $OUT/sweep_CASE.json; with CUDA graphs only the first variant's peak counts the graphs' memory (later ones replay
 graphs recorded before the peak was reset).
@@ -339,6 +340,15 @@ def profile_step(run: Run, case: dict, step_s: float) -> dict:
                 top_cpu=[(e.key[:60], e.count, round(e.self_cpu_time_total / 1e3, 1)) for e in top_cpu])
 
 
+def allocate_as_tunelab_train() -> None:
+    """Expandable segments for this process and every one it starts, ours and the peers', as `tunelab train` sets them
+    (a PYTORCH_CUDA_ALLOC_CONF already set wins): reserved memory, what a card must hold, is then what a user of
+    either side gets, under one allocator setting. Call it before CUDA allocates; export it for a peer's own script."""
+    from tunelab.cli.train_cmds import ALLOC_CONF
+
+    os.environ.setdefault(*ALLOC_CONF)
+
+
 def subprocess_json(argv: list[str], timeout: int) -> dict | None:
     """Run argv; the last line that parses as a JSON object is the result."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
@@ -386,6 +396,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", help="load the one CASE once and time these space-separated variants in order, "
                         "e.g. 'prof=1 drop=0 bs=4 compile=1' (our side only)")
     args = parser.parse_args(argv)
+    allocate_as_tunelab_train()
     if args.mfu_at:
         print(json.dumps(mfu_at(parse_case(args.cases[0]), args.mfu_at, args.baseline)))
         return 0

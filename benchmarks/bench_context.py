@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tries", type=int, default=4)
     parser.add_argument("--peer", choices=["unsloth"], help="run the search with this peer instead of tunelab")
     args = parser.parse_args(argv)
+    bench.allocate_as_tunelab_train()
     caps = [(float(c), int(t)) for c, t in (item.split(":") for item in args.caps)]
     case = bench.parse_case(args.case)
     case["seq"] = max(t for _, t in caps)  # max_length: decides whether the MLP runs in slices

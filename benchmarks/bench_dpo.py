@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench import allocate_as_tunelab_train  # noqa: E402
 from bench_scaling import SHAPES, write_model  # noqa: E402
 
 CONFIG = """\
@@ -234,6 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    allocate_as_tunelab_train()  # the TRL worker's too; `tunelab train` sets the same
     if args.trl_worker:
         trl_worker(args)
         return 0

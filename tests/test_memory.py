@@ -114,6 +114,12 @@ HELD_OUT = [
     # round 14 (H200): 16 and 24 GB caps, the 4-bit weights dequantised again in backward
     *[peak(LLAMA3, "qlora", n, measured, compiled=False, embeddings_on_cpu=True, qlora_dequant_once=False, **LONG)
       for n, measured in ((40724, 11.27), (78475, 16.92))],
+    # round 15 (H200): Llama-7B QLoRA 2k at Unsloth's settings with and without CUDA graphs; the 40 GB cap; Qwen2.5-1.5B
+    # full fine-tuning, 16 rows a micro-batch
+    *[peak(LLAMA, "qlora", 2048, measured, optimizer="adamw_8bit", lora_dropout=0.0, qlora_dequant_once=False,
+           embeddings_on_cpu=True, cuda_graphs=graphs) for graphs, measured in ((True, 5.34), (False, 5.37))],
+    peak(LLAMA3, "qlora", 153977, 28.22, compiled=False, embeddings_on_cpu=True, qlora_dequant_once=False, **LONG),
+    peak(QWEN_1_5B, "full", 2048, 90.9, bs=16, ckpt=False, cuda_graphs=True),
     # rounds 7 and 8: the longest context that fit under 8-40 GB caps
     *[peak(LLAMA3, "qlora", n, measured, compiled=False, embeddings_on_cpu=True, **LONG)
       for n, measured in ((2972, 6.25), (5974, 6.98), (21848, 8.98), (33226, 10.61), (40724, 11.82),
@@ -195,12 +201,14 @@ def test_report_lists_parts_and_suggests_fixes_when_it_does_not_fit(monkeypatch)
     tips = " ".join(est.suggestions)
     assert "qlora" in tips and "max_length" in tips
     assert "offload_activations = True" in tips and "mlp_chunk_size" not in tips  # 8k: nothing to slice
+    assert "cuda_graphs = False" in tips  # packed rows, one process: the plan replays graphs
     text = plan_report(cfg)
     assert "peak allocated" in text and "frozen/base weights" in text
     long = estimate_memory(TrainConfig(pretrained_model_name_or_path=LLAMA3, method="qlora", max_length=65536),
                            torch.device("cuda"))
     tips = " ".join(long.suggestions)  # offloaded by default at 64k; MLP slices of 32k
     assert "mlp_chunk_size = 8192" in tips and "offload_activations" not in tips
+    assert "cuda_graphs" not in tips  # offloading already runs the layers without graphs
 
 
 def test_long_context_levers_lower_the_estimate_by_what_they_free():
