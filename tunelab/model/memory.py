@@ -303,7 +303,7 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     if plan.cuda_graphs:
         out.append("cuda_graphs = False  (no private memory pool for the graphs; Llama-7B QLoRA 2k: 0.27 GiB less "
                    "reserved, about 20% slower)")
-    if checkpointing and not plan.offload_activations and cfg.max_length >= 8192:
+    if checkpointing and not plan.offload_activations and cfg.max_length >= LONG_CONTEXT_TOKENS:
         out.append("offload_activations = True  (each layer's checkpointed input in CPU memory)")
     slice_tokens = LONG_CONTEXT_TOKENS  # the slice that fits the longest rows (BENCHMARKS.md, longest context)
     if cfg.max_length > slice_tokens and not (plan.mlp_slice and plan.mlp_slice <= slice_tokens):
