@@ -14,6 +14,7 @@ Options after '@' change our side only, and each is a setting a user chooses (do
   offload=0/1   offload_activations;  mlp=N  mlp_chunk_size (0 = None);  both: the config's default if not given
   emb=0         embeddings_on_cpu = False
   dq=1          qlora_dequant_once (the 16-bit weight kept for backward instead of dequantised again)
+  around=0/1    not a setting: overrides the plan's checkpoint_around, to measure both arrangements of offloaded rows
 and two that say what to measure: vary=1 (packed rows of 1-16 samples that change from step to step, padded to
 seq), prof=1 (profile one more step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and
 CPU ops; tables to $OUT).
@@ -47,7 +48,7 @@ import time
 PEAK_FLOPS = 989e12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = dict(ckpt=None, bs=1, acc=1, compile=0, cg=0, fast=1, drop=10, opt8=0, offload=None, mlp=None, emb=1, dq=0,
-               vary=0, prof=0)
+               around=None, vary=0, prof=0)
 
 
 def parse_case(text: str) -> dict:
@@ -115,6 +116,8 @@ def _load(case: dict, baseline_path: str) -> Run:
         torch.cuda.set_per_process_memory_fraction(case["mem_gb"] * 1e9 / torch.cuda.get_device_properties(0).total_memory)
     cfg = train_config(case, path)
     plan = plan_fast_path(cfg, device)
+    if case["around"] is not None:
+        plan = dataclasses.replace(plan, checkpoint_around=bool(case["around"]))
     model = load_model_for_training(cfg, device, plan)
     model.train()
     choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`

@@ -11,11 +11,11 @@ dequantisation, the input embedding on the GPU, no compile, no CUDA graphs). Aga
 
 and the fast path must be no further from an fp32 run of the plain path than 2x the plain bf16 path (+ 1e-3).
 Also: the varlen kernel against per-sample sdpa in fp64; the loss with a trained lm_head against fp64 autograd;
-tunelab's 8-bit AdamW against bitsandbytes' own over several steps (bit for bit); CUDA graphs against compiled layers
-over steps of two micro-batches; on one long row, offloaded inputs and MLP slices against the fast path without them;
-and a tiny model trained to a new identity (as `tunelab demo` does) with the default fast path and with it off, full
-fine-tuning and QLoRA with LoRA dropout 0.1 as the qlora configs use it: the two loss curves must agree and both
-models must answer with the new name.
+tunelab's 8-bit AdamW against bitsandbytes' own over several steps (bit for bit); CUDA graphs and offloaded layer
+inputs (with graphs and without) against compiled layers over steps of two micro-batches; on one long row,
+offloaded inputs and MLP slices against the fast path without them; and a tiny model trained to a new identity (as
+`tunelab demo` does) with the default fast path and with it off, full fine-tuning and QLoRA with LoRA dropout 0.1 as
+the qlora configs use it: the two loss curves must agree and both models must answer with the new name.
 """
 
 from __future__ import annotations
@@ -194,18 +194,22 @@ def long_context_check(method, model_dir, device):
 
 
 def cuda_graph_check(method, model_dir, device):
-    """Compiled layers replayed as CUDA graphs train like compiled layers launched kernel by kernel: four optimizer
-    steps of two micro-batches each, as `tunelab train` runs them (with graphs: a graph generation a micro-batch,
-    gradients summed in buffers of their own); the first step's summed gradients, then the losses step by step."""
+    """Compiled layers replayed as CUDA graphs, and with their inputs parked in CPU memory (graphs on and off), train
+    like compiled layers launched kernel by kernel: four optimizer steps of two micro-batches each, as `tunelab
+    train` runs them (with graphs: a graph generation a micro-batch, gradients summed in buffers of their own); the
+    first step's summed gradients, then the losses step by step."""
     from tunelab.train.loop import allocate_grad_buffers
 
     histories, first_grads = {}, {}
-    for graphs in (False, True):
+    variants = {"compiled": (False, False), "CUDA graphs": (True, False), "CUDA graphs, offloaded": (True, True),
+                "compiled, offloaded": (False, True)}
+    for name, (graphs, offload) in variants.items():
         cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
                           lora_dropout=0.0, gradient_checkpointing=True, max_length=512, use_compile=True,
-                          cuda_graphs=graphs, loss_chunk_size=128)
+                          cuda_graphs=graphs, offload_activations=offload, loss_chunk_size=128)
         torch.manual_seed(0)
         plan = plan_fast_path(cfg, device)
+        assert plan.checkpoint_inside_compile and (plan.cuda_graphs, plan.offload_activations) == (graphs, offload)
         model = load_model_for_training(cfg, device, plan)
         objective = causal_lm_objective(plan)
         model.train()
@@ -226,18 +230,20 @@ def cuda_graph_check(method, model_dir, device):
                 (loss_sum / n / 2).backward()
                 total += float(loss_sum / n) / 2
             if step == 0:
-                first_grads[graphs] = [p.grad.float().clone() for p in params]
+                first_grads[name] = [p.grad.float().clone() for p in params]
             optimizer.step()
             optimizer.zero_grad(set_to_none=not graphs)
             losses.append(total)
-        histories[graphs] = losses
-    g_err = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(first_grads[True], first_grads[False]))
-    check(f"{method}: CUDA graphs vs compiled, gradients summed over 2 micro-batches", g_err <= 5e-2,
-          f"grads rel {g_err:.2e}")
-    worst = max(abs(a - b) / abs(b) for a, b in zip(histories[True], histories[False]))
-    check(f"{method}: CUDA graphs vs compiled, 4 steps x 2 micro-batches", worst <= 1e-2 and
-          histories[True][-1] < histories[True][0], f"losses {[round(x, 4) for x in histories[True]]} vs "
-          f"{[round(x, 4) for x in histories[False]]}")
+        histories[name] = losses
+    want_g, want = first_grads["compiled"], histories["compiled"]
+    for name in list(variants)[1:]:
+        got_g, got = first_grads[name], histories[name]
+        g_err = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(got_g, want_g))
+        check(f"{method}: {name} vs compiled, gradients summed over 2 micro-batches", g_err <= 5e-2,
+              f"grads rel {g_err:.2e}")
+        worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+        check(f"{method}: {name} vs compiled, 4 steps x 2 micro-batches", worst <= 1e-2 and got[-1] < got[0],
+              f"losses {[round(x, 4) for x in got]} vs {[round(x, 4) for x in want]}")
 
 
 def adamw_8bit_check(device):

@@ -50,6 +50,12 @@ def _hf_checkpointing(model):
     return model
 
 
+def _record_parked(monkeypatch, shapes: list):
+    """Record the shape of every tensor LayerInputOffload parks (on CPU a copy, so a wrong fetch would show)."""
+    park = layers_mod.LayerInputOffload.park
+    monkeypatch.setattr(layers_mod.LayerInputOffload, "park", lambda self, t: shapes.append(t.shape) or park(self, t))
+
+
 @pytest.mark.parametrize("options", [dict(), dict(mlp_slice=16), dict(offload_activations=True)],
                          ids=["checkpoint", "mlp_slices", "offload"])
 def test_layer_modes_keep_loss_and_gradients(tiny_llama_dir, options, monkeypatch):
@@ -58,8 +64,7 @@ def test_layer_modes_keep_loss_and_gradients(tiny_llama_dir, options, monkeypatc
     decoder_layers = split_model(model)[0].layers
     packed = []
     if options.get("offload_activations"):
-        # On CPU nothing moves; record what would go to CPU memory (a copy, so a wrong unpack would show).
-        monkeypatch.setattr(layers_mod, "_to_cpu", lambda t: packed.append(t.shape) or (t.device, t.clone()))
+        _record_parked(monkeypatch, packed)
     layers_mod.run_decoder_layers(decoder_layers, FastPathPlan(enabled=True, checkpointing=True, **options))
     got_loss, got = _loss_and_grads(model, batch)
     want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
@@ -72,24 +77,32 @@ def test_layer_modes_keep_loss_and_gradients(tiny_llama_dir, options, monkeypatc
         assert packed == [torch.Size([2, 40, model.config.hidden_size])] * len(decoder_layers)
 
 
-@pytest.mark.parametrize("inside", [True, False], ids=["checkpoint_inside_compile", "checkpoint_around_compile"])
-def test_compiled_layers_keep_loss_and_gradients(tiny_llama_dir, inside, monkeypatch):
+@pytest.mark.parametrize("options", [dict(), dict(offload_activations=True), dict(mlp_slice=16),
+                                     dict(offload_activations=True, mlp_slice=16)],
+                         ids=["inside", "inside_offloaded", "around", "around_offloaded"])
+def test_compiled_layers_keep_loss_and_gradients(tiny_llama_dir, options, monkeypatch):
     """Compiled layers, the checkpoint inside the compiled function (AOTAutograd recomputes in its backward graph)
-    or around it (as with offloaded inputs, which on CPU stay where they are), give the plain path's loss and
-    gradients. aot_eager: the same tracing and partitioning as the GPU's inductor, without generating kernels."""
+    or around it (as with MLP slices), each with its input parked or not, give the plain path's loss and gradients;
+    parked is each layer's input and nothing else (not the weights, not RoPE's cos/sin). aot_eager: the same
+    tracing and partitioning as the GPU's inductor, without generating kernels."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="aot_eager"))
     torch._dynamo.reset()
+    packed = []
+    _record_parked(monkeypatch, packed)
     model = _lora(tiny_llama_dir)
     batch = _batch(model.config.vocab_size)
-    plan = FastPathPlan(enabled=True, checkpointing=True, compile=True, offload_activations=not inside)
-    assert plan.checkpoint_inside_compile == inside
-    layers_mod.run_decoder_layers(split_model(model)[0].layers, plan)
+    plan = FastPathPlan(enabled=True, checkpointing=True, compile=True, **options)
+    assert plan.checkpoint_inside_compile == ("mlp_slice" not in options)
+    decoder_layers = split_model(model)[0].layers
+    layers_mod.run_decoder_layers(decoder_layers, plan)
     got_loss, got = _loss_and_grads(model, batch)
     want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+    offloaded = options.get("offload_activations", False)
+    assert packed == [torch.Size([2, 40, model.config.hidden_size])] * len(decoder_layers) * offloaded
 
 
 def test_passes_without_gradient_run_the_compiled_forward_and_generation_the_plain_one(tiny_llama_dir, monkeypatch):

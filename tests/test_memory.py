@@ -79,8 +79,8 @@ FITTED = [
     peak(I2_1_8B, "qlora", 2048, 3.0, cuda_graphs=True),
     peak(I2_1_8B, "qlora", 2048, 2.62, optimizer="adamw_8bit", cuda_graphs=True),
     peak(I2_1_8B, "qlora", 2048, 4.87, bs=4, cuda_graphs=True),
-    peak(I2_7B, "qlora", 8192, 12.24, cuda_graphs=True),
-    peak(I2_7B, "qlora", 8192, 11.31, optimizer="adamw_8bit", cuda_graphs=True),
+    peak(I2_7B, "qlora", 8192, 12.24, cuda_graphs=True, offload_activations=False),
+    peak(I2_7B, "qlora", 8192, 11.31, optimizer="adamw_8bit", cuda_graphs=True, offload_activations=False),
     peak(QWEN_1_5B, "full", 2048, 25.4, ckpt=False, cuda_graphs=True),
     *[peak(LLAMA3, "qlora", n, measured, compiled=False, **LONG)
       for n, measured in ((2972, 7.23), (21848, 9.95), (40724, 12.79), (78475, 18.87), (153977, 31.03),
@@ -95,7 +95,7 @@ HELD_OUT = [
     peak(LLAMA, "lora", 2048, 15.44, **DEFAULTS),
     peak(I2_7B, "qlora", 2048, 6.76, optimizer="adamw_8bit", **DEFAULTS),
     peak(I2_1_8B, "qlora", 2048, 2.26, optimizer="adamw_8bit", **DEFAULTS),
-    peak(I2_7B, "qlora", 8192, 10.6, optimizer="adamw_8bit", **DEFAULTS),
+    peak(I2_7B, "qlora", 8192, 10.6, optimizer="adamw_8bit", offload_activations=False, **DEFAULTS),
     # round 6: gradients taken in the loss's forward, compiled bf16 LoRA linears adding their adapter elementwise
     peak(LLAMA, "lora", 2048, 15.64, cuda_graphs=True),
     peak(QWEN_1_5B, "full", 2048, 57.48, bs=8, ckpt=False, cuda_graphs=True),
@@ -104,13 +104,14 @@ HELD_OUT = [
     peak(LLAMA, "qlora", 2048, 6.13, optimizer="adamw_8bit", accumulative_counts=2, **DEFAULTS),
     # round 12: the 4-bit weights dequantised again in backward
     peak(LLAMA, "qlora", 2048, 6.50, qlora_dequant_once=False, **DEFAULTS),
-    # round 13 (H200): layer inputs in CPU memory at 8k, Unsloth's settings (r64, dropout 0, 8-bit AdamW)
-    peak(I2_7B, "qlora", 8192, 7.44, optimizer="adamw_8bit", lora_dropout=0.0, offload_activations=True,
-         qlora_dequant_once=False, **DEFAULTS),
-    # round 14 (H200): 32k with layer inputs in CPU memory and the MLP whole, the defaults since then (bench.py
-    # compile=1; at Unsloth's settings)
-    peak(LLAMA3, "qlora", 32768, 12.21, lora_r=32, lora_dropout=0.0, optimizer="adamw_8bit", qlora_dequant_once=False,
-         **DEFAULTS),
+    # round 16 (H200, Unsloth's settings: dropout 0, 8-bit AdamW): layer inputs in CPU memory, copied beside the
+    # compute, with the checkpoint inside the compiled layer up to 16k and around it past that (the defaults from
+    # 8k on), against the inputs on the GPU under CUDA graphs
+    *[peak(I2_7B, "qlora", n, measured, optimizer="adamw_8bit", lora_dropout=0.0, qlora_dequant_once=False,
+           embeddings_on_cpu=True, cuda_graphs=not offload, offload_activations=offload)
+      for n, offload, measured in ((8192, True, 7.92), (8192, False, 9.30), (4096, True, 6.79), (4096, False, 7.17))],
+    *[peak(LLAMA3, "qlora", n, measured, lora_r=32, lora_dropout=0.0, optimizer="adamw_8bit", qlora_dequant_once=False,
+           **DEFAULTS) for n, measured in ((8192, 7.42), (16384, 9.68), (32768, 12.45))],
     # round 14 (H200): 16 and 24 GB caps, the 4-bit weights dequantised again in backward
     *[peak(LLAMA3, "qlora", n, measured, compiled=False, embeddings_on_cpu=True, qlora_dequant_once=False, **LONG)
       for n, measured in ((40724, 11.27), (78475, 16.92))],
@@ -195,7 +196,7 @@ def test_report_lists_parts_and_suggests_fixes_when_it_does_not_fit(monkeypatch)
 
     card = types.SimpleNamespace(total_memory=8 * GIB, name="a pretend 8 GiB GPU")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
-    cfg = TrainConfig(pretrained_model_name_or_path=LLAMA, method="lora", max_length=8192)
+    cfg = TrainConfig(pretrained_model_name_or_path=LLAMA, method="lora", max_length=8192, offload_activations=False)
     est = estimate_memory(cfg, torch.device("cuda"))
     assert est.fits is False
     tips = " ".join(est.suggestions)
@@ -216,8 +217,13 @@ def test_long_context_levers_lower_the_estimate_by_what_they_free():
     base = dict(pretrained_model_name_or_path=llama3, method="qlora", lora_r=32, max_length=65536, use_compile=False)
     plain = estimate_memory(TrainConfig(**base, mlp_chunk_size=None, offload_activations=False)).total
     offloaded = estimate_memory(TrainConfig(**base, mlp_chunk_size=None, offload_activations=True)).total
-    # 31 of 32 layer inputs (65536 tokens x 4096 x 2 bytes each) leave the GPU.
+    # 31 of 32 layer inputs (65536 tokens x 4096 x 2 bytes each, copied synchronously above PINNED_MAX_BYTES)
+    # leave the GPU; at 16k, copied beside the compute, 30 (one more is on the GPU while a copy runs).
     assert plain - offloaded == 31 * 65536 * 4096 * 2
+    at_16k = dict(base, max_length=16384)
+    assert (estimate_memory(TrainConfig(**at_16k, mlp_chunk_size=None, offload_activations=False)).total
+            - estimate_memory(TrainConfig(**at_16k, mlp_chunk_size=None, offload_activations=True)).total
+            == 30 * 16384 * 4096 * 2)
     sliced = estimate_memory(TrainConfig(**base, mlp_chunk_size=8192, offload_activations=True)).total
     assert sliced < offloaded - 4 * GIB  # the MLP's intermediates for 8k tokens instead of 64k
     short = dict(base, max_length=4096)

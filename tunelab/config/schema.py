@@ -309,17 +309,18 @@ class TrainConfig:
     """With use_compile: replay each compiled layer's forward and backward as CUDA graphs (torch.compile's
     "reduce-overhead"), so the CPU launches one graph instead of hundreds of kernels (Llama-7B QLoRA 2k: 3.0x the
     plain loop instead of 2.5x). Batches are padded to max_length and sample boundaries to a few sizes, one graph
-    each; a new size compiles once (~15 s). GPU only; not with offload_activations or MLP slices. None: on when
+    each; a new size compiles once (~15 s). GPU only; not with offload_activations or MLP slices (the graphs were
+    recorded again every step with offloaded inputs; MLP slices put an eager checkpoint around). None: on when
     pack_to_max_length is (rows are max_length wide anyway) and training runs in one process, except DPO / KTO
     scoring their reference every step (adapters_off, copy): that second, no-gradient pass cannot reuse the graphs'
     memory (Llama-7B QLoRA DPO: 5.90 GiB and 7,101 tokens/s without, 6.26 GiB and 7,678 with)."""
     offload_activations: Optional[bool] = None
-    """Long context: keep each layer's checkpointed input in CPU memory until backward (GPU only; needs gradient
-    checkpointing). Frees hidden_size x 2 bytes x layers a token of GPU memory (256 KiB a token for a 7B/8B model)
-    and takes as much CPU memory. None: on for rows longer than 8,192 tokens in one process (several: untested, so
-    off unless set). Llama-3.1-8B QLoRA 32k: 6,133 tokens/s in 13.3 GiB with it, 5,632 in 17.3 GiB without (and
-    the MLP in slices). At 8k and below it would turn CUDA graphs off, which costs more there (InternLM2-7B QLoRA
-    8k: 8,815 tokens/s with it, 10,256 without, for 2.7 GiB less)."""
+    """Long context: keep each layer's checkpointed input in CPU memory until backward, copied on a stream beside the
+    compute (GPU only; needs gradient checkpointing). Frees hidden_size x 2 bytes x (layers - 2) a token of GPU
+    memory (about 240 KiB a token for a 7B/8B model) and takes hidden_size x 2 bytes x layers of CPU memory. The
+    layers then run without CUDA graphs. None: on for rows of 8,192 tokens or more in one process (several:
+    untested, so off unless set). InternLM2-7B QLoRA 8k: 10,181 tokens/s in 8.56 GiB reserved with it, 10,170 in
+    10.64 GiB without (with CUDA graphs); at 4k graphs without it were faster (10,594 against 10,245 tokens/s)."""
     mlp_chunk_size: Union[int, Literal["auto"], None] = setting("auto", Rule(
         lambda v: v is None or v == "auto" or (isinstance(v, int) and v > 0), "'auto', None or a positive whole number"))
     """Long context: when a row is longer than this many tokens, each MLP computes this many at a time (recomputed in

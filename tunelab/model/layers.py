@@ -8,8 +8,10 @@ other. `run_decoder_layers(layers, plan)` takes that over, the same on every ver
 * compiled and checkpointed, the layer's forward becomes compiled(checkpoint(forward)). Dynamo traces the checkpoint
   and AOTAutograd puts the recomputation into the layer's compiled backward graph: fewer launches (Llama-7B QLoRA
   2k: 1.72x -> 2.52x the plain loop), and CUDA graphs can replay forward and backward (3.09x);
-* with offloading or MLP slices, whose hooks and slices need eager code, it is checkpoint(compiled forward); that
-  is also the fallback when compiling the first arrangement fails (`_Fallback`).
+* with MLP slices, which need eager code inside the layer, and for offloaded rows past 16k tokens (the plan's
+  `checkpoint_around`), it is checkpoint(compiled forward); that is also the fallback when compiling the first
+  arrangement fails (`_Fallback`). Offloading the input needs eager code only around the layer (saved-tensor hooks
+  that see what the compiled function saves), so it works with either.
 
 Passes without gradient that score whole rows (the reference pass of DPO / KTO, evaluation loss) run the layer's
 forward compiled as well, without CUDA graphs: the same fused kernels, so the same bf16 rounding, as the training
@@ -20,9 +22,9 @@ Long context: with checkpointing a decoder keeps one tensor per layer for backwa
 (hidden_size x 2 bytes a token: 8 KiB for a 4096-wide model, so 32 layers x 100k tokens = 26 GB); everything else
 is recomputed one layer at a time in backward. Two things still grow with the sequence:
 
-* the checkpoints themselves: `offloaded_checkpoint` copies a layer's input to CPU memory as the forward passes it
-  and back when backward reaches the layer. Only the input moves; tensors every layer shares (RoPE cos/sin) stay
-  on the GPU, so they are not copied once per layer.
+* the checkpoints themselves: `LayerInputOffload` copies a layer's input to CPU memory as the forward passes it
+  and back as backward reaches the layer, on a copy stream beside the compute. Only the input moves; tensors every
+  layer shares (RoPE cos/sin) and the weights stay on the GPU.
 * the working set of the one layer being recomputed, largest in the MLP: gate, up, act(gate) and their product are
   four intermediate-size tensors a token (4 x 14336 x 2 bytes = 112 KiB for Llama-3.1-8B, more than the rest of the
   layer together). `_mlp_in_slices` runs the MLP `mlp_chunk_size` tokens at a time, each slice checkpointed, so one
@@ -40,6 +42,7 @@ import dataclasses
 import functools
 import logging
 import types
+import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -47,46 +50,132 @@ from torch.utils.checkpoint import checkpoint
 log = logging.getLogger(__name__)
 
 # Pinned (page-locked) buffers copy asynchronously, but torch's pinned allocator rounds each block up to a power of
-# two; above this size a checkpoint goes to ordinary memory (a synchronous copy, ~1% of a long layer's compute).
+# two; above this size a layer input goes to ordinary memory: a synchronous copy (~1% of so long a layer's compute),
+# and no second input on the GPU for a copy in flight.
 PINNED_MAX_BYTES = 256 * 2**20
 
-def _to_cpu(tensor: torch.Tensor):
-    if tensor.device.type == "cpu":
-        return tensor.device, tensor
-    if tensor.numel() * tensor.element_size() <= PINNED_MAX_BYTES:
-        cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        # Same stream as the compute: a kernel that later reuses the GPU block is queued after this copy.
-        cpu.copy_(tensor, non_blocking=True)
-    else:
-        cpu = tensor.to("cpu")
-    return tensor.device, cpu
+
+@dataclasses.dataclass(eq=False)
+class _Parked:
+    """A layer input waiting in CPU memory for backward; `gpu` holds it again once fetched."""
+
+    cpu: torch.Tensor
+    device: torch.device
+    gpu: torch.Tensor | None = None
+    ready: object = None  # CUDA event: the copy into `gpu` is done (None: nothing to wait for)
 
 
-def _to_device(packed):
-    device, cpu = packed
-    return cpu.to(device, non_blocking=cpu.is_pinned())
+class LayerInputOffload:
+    """Parks each checkpointed layer input in CPU memory as forward passes it and brings it back for backward.
+
+    The copies run on a stream of their own, beside the layers' kernels: the copy out of layer i's input while layer
+    i+1 computes (its GPU memory is let go one layer later, when the copy is done), the copy back of layer i-1's
+    input while layer i's backward computes. So two layer inputs are on the GPU at a time instead of one per layer
+    (one above PINNED_MAX_BYTES, copied synchronously). One offloader serves all layers of a model (it keeps the
+    order they were parked in).
+    """
+
+    def __init__(self):
+        self._stream = None
+        self._source = None  # (GPU tensor, event): the latest copy out, its source kept until the copy is done
+        self._parked: list[weakref.ref] = []  # in forward order, so backward knows which input comes next
+
+    def hooks(self, layer_input: torch.Tensor):
+        """saved_tensors_hooks that park `layer_input` and leave every other saved tensor where it is. The input is
+        recognised by its storage (an eager checkpoint saves it as it came) or by its shape and dtype (compiled code
+        may save an alias of it); weights (parameters) and what every layer shares (RoPE cos/sin) stay put."""
+        storage, shape, dtype = layer_input.untyped_storage().data_ptr(), layer_input.shape, layer_input.dtype
+
+        def pack(tensor):
+            if isinstance(tensor, torch.nn.Parameter):
+                return tensor
+            if tensor.untyped_storage().data_ptr() == storage or (tensor.shape == shape and tensor.dtype == dtype):
+                return self.park(tensor)
+            return tensor
+
+        def unpack(packed):
+            return self.fetch(packed) if isinstance(packed, _Parked) else packed
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def park(self, tensor: torch.Tensor) -> _Parked:
+        self._release_source()
+        if tensor.device.type != "cuda":  # CPU runs (tests): a copy, so that a wrong fetch would show
+            parked = _Parked(tensor.detach().clone(), tensor.device)
+        elif tensor.numel() * tensor.element_size() > PINNED_MAX_BYTES:
+            parked = _Parked(tensor.to("cpu"), tensor.device)
+        else:
+            cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            stream = self._copy_stream(tensor.device)
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream):
+                cpu.copy_(tensor, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            # The source must outlive its copy: under CUDA graphs nothing else keeps the next graph from writing
+            # over it. It is let go at the next park or fetch, after the compute stream waits for the copy.
+            self._source = (tensor, done)
+            parked = _Parked(cpu, tensor.device)
+        self._parked.append(weakref.ref(parked))
+        return parked
+
+    def fetch(self, parked: _Parked) -> torch.Tensor:
+        if parked.device.type != "cuda":
+            return parked.cpu
+        self._release_source()
+        alive = [p for p in (ref() for ref in self._parked) if p is not None]
+        at = next((i for i in range(len(alive) - 1, -1, -1) if alive[i] is parked), None)
+        self._start_fetch(parked)
+        if at and alive[at - 1].cpu.is_pinned():  # the input backward needs next: copied while this layer computes
+            self._start_fetch(alive[at - 1])
+        self._parked = [weakref.ref(p) for p in alive if p is not parked]
+        if parked.ready is not None:
+            torch.cuda.current_stream(parked.device).wait_event(parked.ready)
+        gpu, parked.gpu, parked.ready = parked.gpu, None, None
+        return gpu
+
+    def _start_fetch(self, parked: _Parked) -> None:
+        if parked.gpu is not None:
+            return
+        if not parked.cpu.is_pinned():
+            parked.gpu = parked.cpu.to(parked.device)
+            return
+        compute = torch.cuda.current_stream(parked.device)
+        parked.gpu = torch.empty(parked.cpu.shape, dtype=parked.cpu.dtype, device=parked.device)
+        stream = self._copy_stream(parked.device)
+        stream.wait_stream(compute)  # the block may have served kernels still queued on the compute stream
+        with torch.cuda.stream(stream):
+            parked.gpu.copy_(parked.cpu, non_blocking=True)
+            parked.ready = torch.cuda.Event()
+            parked.ready.record(stream)
+        parked.gpu.record_stream(stream)  # freed unused (backward stopped early): not reused before the copy ends
+
+    def _release_source(self) -> None:
+        if self._source is not None:
+            tensor, done = self._source
+            torch.cuda.current_stream(tensor.device).wait_event(done)
+            self._source = None
+
+    def _copy_stream(self, device):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def call(self, function, *args):
+        """function(*args) with what it saves of its input args[0] parked (the checkpoint inside compiled code)."""
+        with self.hooks(args[0]):
+            return function(*args)
+
+    def checkpoint(self, function, *args):
+        """Non-reentrant checkpoint whose saved input args[0] is parked until backward (the checkpoint around
+        compiled code or eager code: what the layer saves inside goes to the checkpoint's own hooks and is
+        recomputed)."""
+        with self.hooks(args[0]):
+            return checkpoint(function, *args, use_reentrant=False)
 
 
 def plain_checkpoint(function, *args):
     return checkpoint(function, *args, use_reentrant=False)
-
-
-def offloaded_checkpoint(function, *args):
-    """Non-reentrant checkpoint whose saved input (args[0], the hidden state) waits in CPU memory until backward."""
-    storage = args[0].untyped_storage().data_ptr()
-
-    def pack(tensor):
-        # The checkpoint saves its inputs through these hooks; what the layer saves inside goes to the
-        # checkpoint's own hooks (and is recomputed). Move only the hidden state.
-        if tensor.untyped_storage().data_ptr() == storage:
-            return _to_cpu(tensor)
-        return tensor
-
-    def unpack(packed):
-        return _to_device(packed) if isinstance(packed, tuple) else packed
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return checkpoint(function, *args, use_reentrant=False)
 
 
 def _mlp_in_slices(mlp, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -131,6 +220,7 @@ class _Fallback:
     """
 
     compiled_forward: object
+    checkpoint: object  # plain_checkpoint, or LayerInputOffload.checkpoint with offloaded inputs
     active: bool = False
 
 
@@ -149,13 +239,15 @@ def _training_forward(layer, *args, inner, checkpoint_fn, fallback: _Fallback | 
     if fallback is not None and args:
         if not fallback.active:
             try:
-                return inner(layer, *args, **kwargs)
+                if checkpoint_fn is None:
+                    return inner(layer, *args, **kwargs)
+                return checkpoint_fn(functools.partial(inner, layer, **kwargs), *args)
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 fallback.active = True
                 log.warning("compiling %s with its checkpoint inside failed (%s); running it with the checkpoint "
                             "around the compiled forward instead (slower; CUDA graphs off for it). lora_dropout = 0 "
                             "avoids this on torch 2.11.", type(layer).__name__, str(error).splitlines()[-1][:120])
-        return plain_checkpoint(functools.partial(fallback.compiled_forward, layer, **kwargs), *args)
+        return fallback.checkpoint(functools.partial(fallback.compiled_forward, layer, **kwargs), *args)
     if checkpoint_fn is None or not args:
         return inner(layer, *args, **kwargs)
     return checkpoint_fn(functools.partial(inner, layer, **kwargs), *args)
@@ -167,9 +259,10 @@ def run_decoder_layers(layers, plan) -> dict:
     report, compiled, plain, fallbacks = {}, {}, {}, {}
     n_mlp = n_inside = n_graphed = 0
     inside = plan.checkpoint_inside_compile
-    checkpoint_fn = None
+    checkpoint_fn = offload = None
     if plan.checkpointing:
-        checkpoint_fn = offloaded_checkpoint if plan.offload_activations else plain_checkpoint
+        offload = LayerInputOffload() if plan.offload_activations else None
+        checkpoint_fn = offload.checkpoint if offload else plain_checkpoint
     for layer in layers:
         cls_forward = type(layer).forward
         inner, layer_checkpoint, fallback, scoring = cls_forward, checkpoint_fn, None, None
@@ -194,10 +287,11 @@ def run_decoder_layers(layers, plan) -> dict:
             n_graphed += plan.cuda_graphs
             inner = compiled[key]
             if inside:
-                layer_checkpoint = None
+                # The checkpoint is compiled in; what stays eager is parking the input the compiled code saves.
+                layer_checkpoint = offload.call if offload else None
                 n_inside += 1
                 if cls_forward not in fallbacks:
-                    fallbacks[cls_forward] = _Fallback(scoring)
+                    fallbacks[cls_forward] = _Fallback(scoring, checkpoint_fn)
                 fallback = fallbacks[cls_forward]
         layer.forward = types.MethodType(
             functools.partial(_training_forward, inner=inner, checkpoint_fn=layer_checkpoint, fallback=fallback,
