@@ -170,8 +170,7 @@ class LayerInputOffload:
         """Non-reentrant checkpoint whose saved input args[0] is parked until backward (the checkpoint around
         compiled code or eager code: what the layer saves inside goes to the checkpoint's own hooks and is
         recomputed)."""
-        with self.hooks(args[0]):
-            return checkpoint(function, *args, use_reentrant=False)
+        return self.call(functools.partial(plain_checkpoint, function), *args)
 
 
 def plain_checkpoint(function, *args):
@@ -236,21 +235,20 @@ def _training_forward(layer, *args, inner, checkpoint_fn, fallback: _Fallback | 
     if not (layer.training and torch.is_grad_enabled()):
         # With layer.gradient_checkpointing False, transformers' own forward: no checkpoint, not compiled.
         return type(layer).forward(layer, *args, **kwargs)
-    if fallback is not None and args:
-        if not fallback.active:
-            try:
-                if checkpoint_fn is None:
-                    return inner(layer, *args, **kwargs)
-                return checkpoint_fn(functools.partial(inner, layer, **kwargs), *args)
-            except torch._dynamo.exc.BackendCompilerFailed as error:
-                fallback.active = True
-                log.warning("compiling %s with its checkpoint inside failed (%s); running it with the checkpoint "
-                            "around the compiled forward instead (slower; CUDA graphs off for it). lora_dropout = 0 "
-                            "avoids this on torch 2.11.", type(layer).__name__, str(error).splitlines()[-1][:120])
+    if fallback is not None and fallback.active and args:
         return fallback.checkpoint(functools.partial(fallback.compiled_forward, layer, **kwargs), *args)
-    if checkpoint_fn is None or not args:
-        return inner(layer, *args, **kwargs)
-    return checkpoint_fn(functools.partial(inner, layer, **kwargs), *args)
+    try:
+        if checkpoint_fn is None or not args:
+            return inner(layer, *args, **kwargs)
+        return checkpoint_fn(functools.partial(inner, layer, **kwargs), *args)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        if fallback is None or not args:
+            raise
+        fallback.active = True
+        log.warning("compiling %s with its checkpoint inside failed (%s); running it with the checkpoint around the "
+                    "compiled forward instead (slower; CUDA graphs off for it). lora_dropout = 0 avoids this on "
+                    "torch 2.11.", type(layer).__name__, str(error).splitlines()[-1][:120])
+        return fallback.checkpoint(functools.partial(fallback.compiled_forward, layer, **kwargs), *args)
 
 
 def run_decoder_layers(layers, plan) -> dict:

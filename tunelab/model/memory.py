@@ -34,8 +34,8 @@ GIB = 2**30
 # LoRA keeps more per token than full fine-tuning: a dropout copy of each adapted layer's input, and fp32 norms.
 ACT_PER_TOKEN = {"full": (20.0, 8.5), "lora": (30.0, 11.5), "qlora": (30.0, 11.5)}
 # Of LoRA's, the dropout copies (bf16): the inputs of q/k/v, o, gate and up (six hidden-size ones) and of down (one
-# intermediate-size one). With lora_dropout = 0 peft skips dropout: compiled with the checkpoint inside, peaks at
-# dropout 0 read 25-35% under those at 0.1 (tests/test_memory.py, rounds 15-16).
+# intermediate-size one). With lora_dropout = 0 peft skips dropout: compiled with the checkpoint inside, a layer's
+# activations at dropout 0 read about 30% under those at 0.1 (tests/test_memory.py, rounds 15-16).
 DROPOUT_COPIES_PER_TOKEN = (12.0, 2.0)
 # torch.compile (use_compile, on by default on GPU) fuses element-wise ops, so a layer keeps fewer activations:
 # a checkpointed layer (True), the whole model without checkpointing (False). The checkpoint inside the compiled
@@ -201,11 +201,10 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         parts["reference model (frozen copy)"] = shape.total_params() * 2
 
     a_h, a_i = ACT_PER_TOKEN["lora" if cfg.freeze_llm else cfg.method]  # frozen weights keep what LoRA's do
+    if plan.checkpoint_inside_compile and cfg.method in ("lora", "qlora") and not cfg.lora_dropout:
+        a_h, a_i = a_h - DROPOUT_COPIES_PER_TOKEN[0], a_i - DROPOUT_COPIES_PER_TOKEN[1]
     # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
     layer_act = tokens * a_h * h + min(tokens, plan.mlp_slice or tokens) * a_i * inter
-    if plan.checkpoint_inside_compile and cfg.method in ("lora", "qlora") and not cfg.lora_dropout:
-        layer_act -= tokens * DROPOUT_COPIES_PER_TOKEN[0] * h + min(tokens, plan.mlp_slice or tokens) * \
-            DROPOUT_COPIES_PER_TOKEN[1] * inter
     if plan.compile:
         layer_act *= COMPILED_ACT_FACTOR["inside" if plan.checkpoint_inside_compile else checkpointing]
     if bits == 4 and plan.dequantize_once and not plan.mlp_slice:
