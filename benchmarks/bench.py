@@ -23,8 +23,9 @@ Every run is its own subprocess, so peaks do not leak between cases, and every p
 and times each variant (drop, bs, acc, vary, prof, and compile=1, which stays on once set), our side only, rows to
 $OUT/sweep_CASE.json; with CUDA graphs only the first variant's peak counts the graphs' memory (later ones replay
 graphs recorded before the peak was reset).
-The baseline runs once per SHAPE:METHOD:SEQ:RANK. Prints one table (tok/s, peak allocated and reserved, ratios,
-MFU, the `tunelab plan` estimate against the measured peak) and writes the rows as JSON to --out.
+The baseline runs once per SHAPE:METHOD:SEQ:RANK. Prints one table (tok/s, peak allocated and reserved while
+training, peak reserved while loading (a card must hold it too), ratios, MFU, the `tunelab plan` estimate against
+the measured peak) and writes the rows as JSON to --out.
 
 MFU counts matmul FLOPs of the N non-embedding weights, attention left out: 6N per token for full fine-tuning,
 4N for LoRA / QLoRA (forward + input gradients), plus 2N where gradient checkpointing recomputes the forward.
@@ -111,6 +112,8 @@ def _load(case: dict, baseline_path: str) -> Run:
     baseline = load_baseline(baseline_path)
     path = f"/tmp/m_{case['shape']}"
     baseline.build(case["shape"], path)
+    torch.cuda.empty_cache()  # building the random weights is not loading them: its peak is not counted
+    torch.cuda.reset_peak_memory_stats()
     device = torch.device("cuda")
     if case.get("mem_gb"):
         torch.cuda.set_per_process_memory_fraction(case["mem_gb"] * 1e9 / torch.cuda.get_device_properties(0).total_memory)
@@ -233,9 +236,12 @@ def mfu_at(case: dict, tok_s: float, baseline_path: str) -> dict:
 
 def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> dict:
     """One case on our engine (in this process): the loader, the fast path, the loss, the optimiser of `tunelab train`."""
+    import torch
+
     from tunelab.model.memory import estimate_memory
 
     run = _load(case, baseline_path)
+    load_peak_reserved = torch.cuda.max_memory_reserved()  # loading quantises from 16-bit copies: a peak of its own
     timed = time_steps(run, case, 24 if case["vary"] else steps, warm)
     if case["prof"]:
         timed["profile"] = profile_step(run, case, timed["median"])
@@ -243,6 +249,7 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
     return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), mean_s_per_step=timed["mean_s"],
                 step_s=timed["step_s"], first_step_s=timed["first_s"],
                 peak_alloc_gib=timed["peak_alloc_gib"], peak_reserved_gib=timed["peak_reserved_gib"],
+                load_peak_reserved_gib=round(load_peak_reserved / 2**30, 2),
                 **mfu(tok_s, run.cfg, run.path, with_attention=not case["vary"]), ckpt=run.plan.checkpointing,
                 plan_gib=round(estimate_memory(run.cfg, plan=run.plan).total / 2**30, 2), loss=timed["loss"],
                 fast_path=run.model._tunelab_fast_path, profile=timed.get("profile"))
@@ -376,11 +383,11 @@ def fmt(row: dict) -> str:
     plan_err = (o["plan_gib"] - o["peak_alloc_gib"]) / o["peak_alloc_gib"] * 100
     attn = f" ({o['mfu_attn'] * 100:.1f}% +attn)" if o.get("mfu_attn") else ""
     return (f"| {row['case']} | {b.get('tok_s', 0):,} | {o['tok_s']:,} | **{ratio:.2f}x** | "
-            f"{b.get('peak_alloc_gib', '-')} | {o['peak_alloc_gib']} / {o['peak_reserved_gib']} | {mem_ratio:.2f} | "
+            f"{b.get('peak_alloc_gib', '-')} | {o['peak_alloc_gib']} / {o['peak_reserved_gib']} ({o['load_peak_reserved_gib']}) | {mem_ratio:.2f} | "
             f"{o['mfu'] * 100:.1f}%{attn} | {o['plan_gib']} ({plan_err:+.0f}%) | {'on' if o['ckpt'] else 'off'} |")
 
 
-HEADER = ("| case | baseline tok/s | ours tok/s | speed-up | baseline peak GiB | ours peak alloc / reserved GiB | "
+HEADER = ("| case | baseline tok/s | ours tok/s | speed-up | baseline peak GiB | ours peak alloc / reserved (loading: reserved) GiB | "
           "memory ratio | MFU | plan GiB (error) | ckpt |\n|---|---|---|---|---|---|---|---|---|---|")
 
 

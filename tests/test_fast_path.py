@@ -1,5 +1,8 @@
 """The fast path's levers on the model compute what the plain path computes (the GPU levers: scripts/gpu_check.py)."""
 
+import dataclasses
+
+import pytest
 import torch
 
 from tunelab.config.schema import TrainConfig
@@ -75,3 +78,43 @@ def test_a_tied_or_trained_embedding_stays(tiny_llama_dir):
     assert keep_embeddings_on_cpu(tied, "cpu") == 0 and isinstance(tied.get_input_embeddings(), torch.nn.Embedding)
     trained = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, tie_word_embeddings=False)
     assert keep_embeddings_on_cpu(trained, "cpu") == 0  # full fine-tuning trains it
+
+
+def test_qlora_loads_without_the_fp32_upcast_that_the_fast_path_would_undo(tiny_llama_dir, monkeypatch):
+    """With frozen weights kept in the compute dtype (the fast path on a GPU), QLoRA's load skips peft's
+    prepare_model_for_kbit_training, which upcasts every 16-bit weight to fp32 (4 GiB on Llama-3.1-8B: loading
+    peaked 3.6 GiB above training) only for the fast path to cast them back. The model it gives is peft's route
+    cast back: the same weights, bit for bit, the same trained parameters, checkpointing on."""
+    pytest.importorskip("bitsandbytes")
+    import peft
+
+    from tunelab.model import fast
+    from tunelab.model.load import load_model_for_training
+    from tunelab.model.plan import FastPathPlan
+
+    cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_llama_dir), method="qlora", dtype="bf16", lora_r=8,
+                      gradient_checkpointing=True)
+    lean = FastPathPlan(enabled=True, checkpointing=True, four_bit=True, frozen_weights_in_compute_dtype=True)
+    cast_back = []
+    downcast = fast.downcast_frozen_weights
+    monkeypatch.setattr(fast, "downcast_frozen_weights", lambda m, d: cast_back.append(downcast(m, d)) or 0)
+    upcasts = []
+    prepare = peft.prepare_model_for_kbit_training
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda *a, **k: upcasts.append(1) or prepare(*a, **k))
+    torch.manual_seed(0)
+    got = load_model_for_training(cfg, torch.device("cpu"), lean)
+    assert upcasts == [] and cast_back == [0]  # nothing went to fp32, so nothing came back
+
+    torch.manual_seed(0)
+    want = load_model_for_training(cfg, torch.device("cpu"), dataclasses.replace(lean, frozen_weights_in_compute_dtype=False))
+    assert upcasts == [1]
+    assert any(p.dtype == torch.float32 and not p.requires_grad for p in want.parameters())  # peft upcast these
+    downcast(want, torch.bfloat16)
+    got_params, want_params = dict(got.named_parameters()), dict(want.named_parameters())
+    assert got_params.keys() == want_params.keys()
+    for name, p in want_params.items():
+        assert got_params[name].requires_grad == p.requires_grad, name
+        assert got_params[name].dtype == p.dtype and torch.equal(got_params[name], p), name
+    assert {n for n, p in got_params.items() if p.requires_grad} and all(
+        "lora_" in n for n, p in got_params.items() if p.requires_grad)
+    assert got.base_model.model.is_gradient_checkpointing

@@ -64,6 +64,12 @@ class _Parked:
     gpu: torch.Tensor | None = None
     ready: object = None  # CUDA event: the copy into `gpu` is done (None: nothing to wait for)
 
+    def __del__(self):
+        # A copy back never used (backward stopped early): its block belongs to the compute stream, which must not
+        # hand it to another kernel before the copy into it ends.
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+
 
 class LayerInputOffload:
     """Parks each checkpointed layer input in CPU memory as forward passes it and brings it back for backward.
@@ -148,7 +154,6 @@ class LayerInputOffload:
             parked.gpu.copy_(parked.cpu, non_blocking=True)
             parked.ready = torch.cuda.Event()
             parked.ready.record(stream)
-        parked.gpu.record_stream(stream)  # freed unused (backward stopped early): not reused before the copy ends
 
     def _release_source(self) -> None:
         if self._source is not None:
