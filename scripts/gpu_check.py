@@ -195,9 +195,9 @@ def long_context_check(method, model_dir, device):
 
 def cuda_graph_check(method, model_dir, device):
     """Compiled layers replayed as CUDA graphs, and compiled layers with their inputs parked in CPU memory (the plan
-    keeps graphs off there), train like compiled layers launched kernel by kernel: four optimizer steps of two micro-batches each, as `tunelab
-    train` runs them (with graphs: a graph generation a micro-batch, gradients summed in buffers of their own); the
-    first step's summed gradients, then the losses step by step."""
+    keeps graphs off there), train like compiled layers launched kernel by kernel: four optimizer steps of two
+    micro-batches each, as `tunelab train` runs them (with graphs: a graph generation a micro-batch, gradients
+    summed in buffers of their own); the first step's summed gradients, then the losses step by step."""
     from tunelab.train.loop import allocate_grad_buffers
 
     histories, first_grads = {}, {}
