@@ -389,7 +389,8 @@ def fmt(row: dict) -> str:
 
 
 HEADER = ("| case | baseline tok/s | ours tok/s | speed-up | baseline peak GiB | "
-          "ours peak alloc / reserved (loading: reserved) GiB | memory ratio | MFU | plan GiB (error) | ckpt |\n|---|---|---|---|---|---|---|---|---|---|")
+          "ours peak alloc / reserved (loading: reserved) GiB | memory ratio | MFU | plan GiB (error) | ckpt |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:

@@ -342,7 +342,8 @@ def load_reference_model(cfg, device: torch.device, plan):
 
 
 def _with_fast_path(model, plan, device):
-    """Switch on the fast path's levers (tunelab/model/fast.py) as the plan says; the report goes in the log."""
+    """Switch on the fast path's levers (tunelab/model/fast.py) as the plan says (the report goes in the log), then
+    give back what loading left cached: every load for training ends here."""
     from tunelab.model.fast import apply_fast_path
 
     model._tunelab_fast_path = apply_fast_path(model, plan, device)
