@@ -14,6 +14,8 @@ Options after '@' change our side only, and each is a setting a user chooses (do
   offload=0/1   offload_activations;  mlp=N  mlp_chunk_size (0 = None);  both: the config's default if not given
   emb=0         embeddings_on_cpu = False
   dq=1          qlora_dequant_once (the 16-bit weight kept for backward instead of dequantised again)
+  ibw=0/1       optimizer_in_backward (default: the plan's, on with opt8=1 and acc=1: this loop, like the peers'
+                loops, does not clip, so the cases set max_norm = 0)
   around=0/1    not a setting: overrides the plan's checkpoint_around, to measure both arrangements of offloaded rows
 and two that say what to measure: vary=1 (packed rows of 1-16 samples that change from step to step, padded to
 seq), prof=1 (profile one more step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and
@@ -49,7 +51,7 @@ import time
 PEAK_FLOPS = 989e12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = dict(ckpt=None, bs=1, acc=1, compile=0, cg=0, fast=1, drop=10, opt8=0, offload=None, mlp=None, emb=1, dq=0,
-               around=None, vary=0, prof=0)
+               ibw=None, around=None, vary=0, prof=0)
 
 
 def parse_case(text: str) -> dict:
@@ -82,7 +84,8 @@ def train_config(case: dict, path: str):
         gradient_checkpointing=None if case["ckpt"] is None else bool(case["ckpt"]),
         fast_path=bool(case["fast"]), use_compile=bool(case["compile"]), cuda_graphs=bool(case["cg"]),
         embeddings_on_cpu=bool(case["emb"]), optimizer="adamw_8bit" if case["opt8"] else "adamw",
-        qlora_dequant_once=bool(case["dq"]),
+        qlora_dequant_once=bool(case["dq"]), max_norm=0.0,  # no clipping: the step below (and the peers') has none
+        **({} if case["ibw"] is None else dict(optimizer_in_backward=bool(case["ibw"]))),
         # not given: the config's defaults (None and 'auto': the plan decides by the row's length)
         **({} if case["offload"] is None else dict(offload_activations=bool(case["offload"]))),
         **({} if case["mlp"] is None else dict(mlp_chunk_size=case["mlp"] or None)),
@@ -107,7 +110,7 @@ def _load(case: dict, baseline_path: str) -> Run:
     from tunelab.model.load import load_model_for_training
     from tunelab.model.loss import causal_lm_objective
     from tunelab.model.plan import plan_fast_path
-    from tunelab.train.optim import build_optimizer, choose_precision
+    from tunelab.train.optim import StepsInBackward, build_optimizer, choose_precision
 
     baseline = load_baseline(baseline_path)
     path = f"/tmp/m_{case['shape']}"
@@ -125,6 +128,8 @@ def _load(case: dict, baseline_path: str) -> Run:
     model.train()
     choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`
     optimizer = build_optimizer(model, cfg, device)
+    if plan.optimizer_in_backward:  # as `tunelab train`: each parameter updated in backward
+        optimizer = StepsInBackward(optimizer)
     return Run(model, optimizer, cfg, plan, causal_lm_objective(plan), baseline.SHAPES[case["shape"]]["vocab_size"],
                path)
 
@@ -284,6 +289,9 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
             if key not in SWEEP_OPTIONS:
                 raise SystemExit(f"--sweep {text}: {key!r} is set when the model loads; sweep only {SWEEP_OPTIONS}")
             v[key] = int(value)
+        if v["acc"] > 1 and run.plan.optimizer_in_backward:
+            raise SystemExit(f"--sweep {text}: acc > 1 needs the case loaded with ibw=0 (its updates wait for every "
+                             f"micro-batch)")
         set_lora_dropout(run.model, v["drop"] / 100)
         if v["compile"] and not compiled:
             run.plan = dataclasses.replace(run.plan, compile=True)
@@ -379,17 +387,18 @@ def fmt(row: dict) -> str:
     if "error" in o:
         return f"| {row['case']} | {b.get('tok_s', '-')} | error: {o['error'][:80]} |"
     ratio = o["tok_s"] / b["tok_s"] if b.get("tok_s") else float("nan")
-    mem_ratio = o["peak_alloc_gib"] / b["peak_alloc_gib"] if b.get("peak_alloc_gib") else float("nan")
+    # reserved: what a card must hold (under CUDA graphs allocated reads low)
+    mem_ratio = o["peak_reserved_gib"] / b["peak_reserved_gib"] if b.get("peak_reserved_gib") else float("nan")
     plan_err = (o["plan_gib"] - o["peak_alloc_gib"]) / o["peak_alloc_gib"] * 100
     attn = f" ({o['mfu_attn'] * 100:.1f}% +attn)" if o.get("mfu_attn") else ""
     return (f"| {row['case']} | {b.get('tok_s', 0):,} | {o['tok_s']:,} | **{ratio:.2f}x** | "
-            f"{b.get('peak_alloc_gib', '-')} | {o['peak_alloc_gib']} / {o['peak_reserved_gib']} "
+            f"{b.get('peak_alloc_gib', '-')} / {b.get('peak_reserved_gib', '-')} | {o['peak_alloc_gib']} / {o['peak_reserved_gib']} "
             f"({o['load_peak_reserved_gib']}) | {mem_ratio:.2f} | "
             f"{o['mfu'] * 100:.1f}%{attn} | {o['plan_gib']} ({plan_err:+.0f}%) | {'on' if o['ckpt'] else 'off'} |")
 
 
-HEADER = ("| case | baseline tok/s | ours tok/s | speed-up | baseline peak GiB | "
-          "ours peak alloc / reserved (loading: reserved) GiB | memory ratio | MFU | plan GiB (error) | ckpt |\n"
+HEADER = ("| case | baseline tok/s | ours tok/s | speed-up | baseline peak alloc / reserved GiB | "
+          "ours peak alloc / reserved (loading: reserved) GiB | reserved ratio | MFU | plan GiB (error) | ckpt |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
 
 

@@ -1,6 +1,7 @@
 """The fast path's correctness guard, on a GPU (the device tool; CI has none). Exit code 0: every check passed.
 
-    python3 scripts/gpu_check.py [--only NAME ...]    # NAME: kernel, loss, adamw8bit, paths, graphs, long, identity
+    python3 scripts/gpu_check.py [--only NAME ...]    # NAME: kernel, loss, adamw8bit, paths, graphs, inbackward,
+                                                      #       long, identity
 
 The reference is the plain path, `fast_path = False`: transformers and peft as they come (eager, sdpa with the
 block-diagonal mask transformers builds from position_ids, full-vocabulary logits, peft's LoRA forward, bitsandbytes'
@@ -12,7 +13,8 @@ dequantisation, the input embedding on the GPU, no compile, no CUDA graphs). Aga
 and the fast path must be no further from an fp32 run of the plain path than 2x the plain bf16 path (+ 1e-3).
 Also: the varlen kernel against per-sample sdpa in fp64; the loss with a trained lm_head against fp64 autograd;
 tunelab's 8-bit AdamW against bitsandbytes' own over several steps (bit for bit); CUDA graphs and offloaded layer
-inputs against compiled layers over steps of two micro-batches; on one long row,
+inputs against compiled layers over steps of two micro-batches; updates made inside backward against the step after
+it, under CUDA graphs; on one long row,
 offloaded inputs and MLP slices against the fast path without them; and a tiny model trained to a new identity (as
 `tunelab demo` does) with the default fast path and with it off, full fine-tuning and QLoRA with LoRA dropout 0.1 as
 the qlora configs use it: the two loss curves must agree and both models must answer with the new name.
@@ -245,6 +247,52 @@ def cuda_graph_check(method, model_dir, device):
               f"losses {[round(x, 4) for x in got]} vs {[round(x, 4) for x in want]}")
 
 
+def in_backward_check(method, model_dir, device):
+    """Each parameter updated inside backward (`optimizer_in_backward`, no clipping, one micro-batch a step), under
+    compiled layers replayed as CUDA graphs, trains like the step after backward: five steps of tunelab's 8-bit
+    AdamW, the same losses and trained weights."""
+    from tunelab.train.optim import StepsInBackward, build_optimizer
+
+    runs = {}
+    for inside in (False, True):
+        cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
+                          lora_dropout=0.0, max_length=512, use_compile=True, cuda_graphs=True, loss_chunk_size=128,
+                          max_norm=0.0, accumulative_counts=1, dtype="bf16", optimizer="adamw_8bit",
+                          optimizer_in_backward=inside)
+        torch.manual_seed(0)
+        plan = plan_fast_path(cfg, device)
+        assert plan.cuda_graphs and plan.optimizer_in_backward == inside
+        model = load_model_for_training(cfg, device, plan)
+        objective = causal_lm_objective(plan)
+        model.train()
+        optimizer = build_optimizer(model, cfg, device)
+        stepper = StepsInBackward(optimizer) if inside else optimizer
+        updates = []
+        if inside:  # count the updates: every trained parameter once a step
+            stepper._step_parameter = lambda param, update=stepper._step_parameter: (updates.append(1), update(param))
+        batch = packed_batch(model.config.vocab_size, device)
+        losses = []
+        for step in range(5):
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss_sum, n = objective(model, batch if step % 2 == 0 else {k: v.flip(0) for k, v in batch.items()})
+            (loss_sum / n).backward()
+            stepper.step()
+            stepper.zero_grad(set_to_none=True)
+            losses.append(float(loss_sum / n))
+        trained = [p.detach().float().flatten() for p in model.parameters() if p.requires_grad]
+        runs[inside] = losses, torch.cat(trained), len(trained) * 5 == len(updates)
+    (want, want_w, _), (got, got_w, every_update) = runs[False], runs[True]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+    # Over all trained weights together: where a gradient element is near 0, Adam turns a last-bit difference (a
+    # matmul kernel chosen by another memory address) into a whole lr step, so one small tensor alone says little.
+    w_err = float((got_w - want_w).norm() / want_w.norm())
+    check(f"{method}: updates in backward vs after it, CUDA graphs, 5 steps", worst <= 1e-3 and w_err <= 1e-2
+          and every_update and got[-1] < got[0], f"losses {[round(x, 4) for x in got]} vs "
+          f"{[round(x, 4) for x in want]}, trained weights rel {w_err:.1e}, each parameter updated once a step: "
+          f"{every_update}")
+
+
 def adamw_8bit_check(device):
     """tunelab's 8-bit AdamW (bitsandbytes' without its sync per parameter) against bnb.optim.AdamW8bit: the same
     weights and states after 10 steps, bit for bit, and a state_dict of ours continues identically in theirs."""
@@ -348,7 +396,7 @@ def identity_check(method, device, base=None, name="TuneBot"):
     return Path(last[False]) / MODEL_DIR
 
 
-CHECKS = ("kernel", "loss", "adamw8bit", "paths", "graphs", "long", "identity")
+CHECKS = ("kernel", "loss", "adamw8bit", "paths", "graphs", "inbackward", "long", "identity")
 
 
 def main(argv=None) -> int:
@@ -378,6 +426,8 @@ def main(argv=None) -> int:
                 path_check(method, model_dir, device)
             if "graphs" in only:
                 cuda_graph_check(method, model_dir, device)
+            if "inbackward" in only:
+                in_backward_check(method, model_dir, device)
             if "long" in only:
                 long_context_check(method, model_dir, device)
     if "identity" in only:

@@ -121,6 +121,12 @@ HELD_OUT = [
            embeddings_on_cpu=True, cuda_graphs=graphs) for graphs, measured in ((True, 5.34), (False, 5.37))],
     peak(LLAMA3, "qlora", 153977, 28.22, compiled=False, embeddings_on_cpu=True, qlora_dequant_once=False, **LONG),
     peak(QWEN_1_5B, "full", 2048, 90.9, bs=16, ckpt=False, cuda_graphs=True),
+    # round 18 (H200, Unsloth's settings, max_norm = 0): each update made inside backward, its gradient then freed
+    *[peak(LLAMA, "qlora", 2048, measured, optimizer="adamw_8bit", lora_dropout=0.0, qlora_dequant_once=False,
+           embeddings_on_cpu=True, cuda_graphs=graphs, max_norm=0.0) for graphs, measured in ((True, 5.29), (False, 5.28))],
+    *[peak(model, "qlora", 8192, measured, lora_r=rank, optimizer="adamw_8bit", lora_dropout=0.0,
+           qlora_dequant_once=False, max_norm=0.0, **DEFAULTS)
+      for model, rank, measured in ((LLAMA3, 32, 7.13), (I2_7B, 64, 7.34))],
     # rounds 7 and 8: the longest context that fit under 8-40 GB caps
     *[peak(LLAMA3, "qlora", n, measured, compiled=False, embeddings_on_cpu=True, **LONG)
       for n, measured in ((2972, 6.25), (5974, 6.98), (21848, 8.98), (33226, 10.61), (40724, 11.82),

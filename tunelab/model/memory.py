@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from tunelab.errors import TunelabError
 from tunelab.model.layers import PINNED_MAX_BYTES
-from tunelab.model.plan import LONG_CONTEXT_TOKENS
+from tunelab.model.plan import LONG_CONTEXT_TOKENS, optimizer_in_backward_blockers
 from tunelab.model.shapes import ModelShape, model_shape, vision_shape
 
 GIB = 2**30
@@ -190,6 +190,10 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         # gathered whole while they compute: a layer and the next one (prefetched), and the root (embeddings,
         # lm_head), which the loss reads through the whole step
         parts["gathered weights"] = 2 * shape.layer_linear_params() * 2 + other * 2
+    if plan.optimizer_in_backward:  # each gradient freed after its update in backward: a layer's at a time
+        largest = vocab * h if cfg.method == "full" and not cfg.freeze_llm else 0  # (and lm_head's, when trained)
+        grads = max(grads // layers, grads * largest // max(trainable, 1))
+        grads_name = "gradients (a layer's at a time: optimizer_in_backward)"
     if split > 1:
         # q, k, v (KV heads repeated to whole heads a rank) and the output of the layer at work, each sent and
         # received: twice this GPU's share of them (their gradients in backward, when the forward's are gone)
@@ -320,6 +324,11 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     if cfg.max_length > slice_tokens and not (plan.mlp_slice and plan.mlp_slice <= slice_tokens):
         out.append(f"mlp_chunk_size = {slice_tokens}  (each MLP {slice_tokens} tokens at a time: one more MLP forward "
                    "a step)")
+    if plan.enabled and not plan.optimizer_in_backward and not optimizer_in_backward_blockers(
+            replace(cfg, max_norm=0.0), plan.on_gpu, est.world_size):
+        also = "" if cfg.optimizer == "adamw_8bit" else " and optimizer_in_backward = True"
+        out.append(f"max_norm = 0{also}  (no clipping: each update is made in backward, and the gradients never all "
+                   f"exist)")
     if cfg.optimizer == "adamw" and cfg.method == "full":
         out.append("optimizer = 'adamw_8bit'")
     return out

@@ -39,7 +39,8 @@ from tunelab.train import checkpoint as ckpt
 from tunelab.train import layout
 from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_distributed, rank_shard
 from tunelab.train.evaluate import run_evaluation
-from tunelab.train.optim import ScaledOptimizer, build_optimizer, build_scheduler, choose_precision
+from tunelab.train.optim import (ScaledOptimizer, StepsInBackward, build_optimizer, build_scheduler,
+                                 choose_precision)
 from tunelab.train.strategy import choose_strategy
 from tunelab.train.vision import vision_run, with_pretrained_checkpoint
 from tunelab.train.workdir_lock import hold_work_dir
@@ -142,6 +143,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     optimizer = build_optimizer(model, cfg, env.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer
+    if plan.optimizer_in_backward:  # each parameter updated as backward hands over its gradient (no clipping)
+        stepper = StepsInBackward(optimizer)
     strategy.setup(model, stepper, objective)
 
     # --- resume: optimiser, schedule, RNG and data position as they were at the checkpoint ---------

@@ -3,6 +3,7 @@
 * AdamW (fused on CUDA), or bitsandbytes' 8-bit / paged 8-bit AdamW, which keep the optimiser state in 8 bits.
 * Warm-up (linear from ~0 to `lr` over `warmup_ratio` of the steps), then cosine or linear decay to 0, or constant.
 * bf16 autocast where the GPU has bf16; fp16 autocast with loss scaling where it does not; plain fp32 on CPU.
+* `StepsInBackward`: each parameter updated inside backward, as soon as its gradient is there (no clipping).
 """
 
 from __future__ import annotations
@@ -41,6 +42,58 @@ def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
 
         return AdamW8bit(groups, **kwargs)
     return bnb.optim.PagedAdamW8bit(groups, **kwargs)
+
+
+class StepsInBackward:
+    """The optimiser's update of each parameter as soon as backward has its gradient, which is then freed: the
+    gradients of all parameters never exist at once (`optimizer_in_backward`). Where nothing needs all gradients
+    first (no clipping, one micro-batch a step: `plan.optimizer_in_backward` says where), the updates are the ones
+    `optimizer.step()` after backward makes. The optimiser itself keeps its state and its lr schedule as usual.
+
+    The loop calls `step()` after backward as ever: the updates are done by then, so it only takes the gradient norm
+    (for the log) that the parameters' norms add up to; `grad_norm()` reads it.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        # by index: loading a checkpoint's state replaces the group dicts (the schedule then sets the new ones' lr)
+        self._group = {param: i for i, group in enumerate(optimizer.param_groups) for param in group["params"]}
+        # bitsandbytes' 8-bit AdamW (tunelab's) updates one parameter directly; torch's AdamW steps a group of one
+        self._step_parameter = getattr(optimizer, "step_parameter", self._step_group_of_one)
+        self._norms: list[torch.Tensor] = []
+        self._last_norm = torch.zeros(())
+        for param in self._group:
+            param.register_post_accumulate_grad_hook(self._update)
+
+    @torch.no_grad()
+    def _update(self, param: torch.Tensor) -> None:
+        self._norms.append(torch.linalg.vector_norm(param.grad, dtype=torch.float32))
+        self._step_parameter(param)
+        param.grad = None
+
+    def _step_group_of_one(self, param: torch.Tensor) -> None:
+        # A copy of the parameter's group (its lr as the schedule set it, its betas, weight decay) holding it alone.
+        # AdamW keeps its state per parameter, so stepping it alone is the same update, in the same kernel.
+        groups = self.optimizer.param_groups
+        self.optimizer.param_groups = [{**groups[self._group[param]], "params": [param]}]
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = groups
+
+    def step(self) -> None:
+        """Backward has made the updates: keep the norm of this step's gradients."""
+        self.optimizer._opt_called = True  # what step() tells the lr schedule (which warns when it never heard it)
+        if self._norms:
+            self._last_norm = torch.linalg.vector_norm(torch.stack(self._norms))
+        self._norms = []
+
+    def grad_norm(self) -> torch.Tensor:
+        """The norm of all gradients of the last step (what clip_grad_norm_ would have measured)."""
+        return self._last_norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to zero: each gradient was freed after its update."""
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, kind: str) -> float:

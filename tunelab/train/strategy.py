@@ -42,6 +42,7 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.model.parts import decoder_layers, split_model
 from tunelab.train.distributed import DistEnv, validate_distributed
+from tunelab.train.optim import StepsInBackward
 
 
 def choose_strategy(cfg, env: DistEnv) -> "SingleProcess":
@@ -150,6 +151,9 @@ class SingleProcess:
         skip_nonfinite: leave the weights alone when the norm is inf / NaN (the loop's `nonfinite = 'skip'`); the
         norm is then read before the update instead of after it. (A GradScaler skips such steps by itself.)
         """
+        if isinstance(self.optimizer, StepsInBackward):  # backward has made the updates (no clipping, no skipping)
+            self.optimizer.step()
+            return float(self.optimizer.grad_norm())
         scaled = hasattr(self.optimizer, "unscale")  # fp16 GradScaler (tunelab.train.optim.ScaledOptimizer)
         if scaled:
             self.optimizer.unscale()

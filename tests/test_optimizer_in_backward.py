@@ -1,0 +1,158 @@
+"""`optimizer_in_backward`: each parameter updated as soon as backward has its gradient, which is then freed.
+
+A user relies on three things: the run trains exactly as with the step after backward (same losses, same weights,
+same logged gradient norm, same resume), the gradients of the whole model never exist at once (that is the memory it
+saves), and it is on only where it changes no number, with a clear error where asked for and impossible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.train_helpers import capture_model, tiny_cfg, varied_rows
+from tunelab.config.schema import TrainConfig
+from tunelab.errors import TunelabError
+from tunelab.model.memory import estimate_memory
+from tunelab.model.plan import plan_fast_path
+from tunelab.train import layout
+from tunelab.train.loop import train
+from tunelab.train.optim import StepsInBackward
+from tunelab.train.strategy import SingleProcess
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_llama_dir):
+    return varied_rows(AutoTokenizer.from_pretrained(tiny_llama_dir), 11)
+
+
+def _cfg(model_dir, **overrides):
+    settings = dict(method="lora", lora_dropout=0.1, max_norm=0.0, accumulative_counts=1, max_epochs=2, lr=1e-2,
+                    warmup_ratio=0.2, lr_scheduler="cosine", weight_decay=0.01, optimizer_in_backward=True)
+    return tiny_cfg(model_dir, **{**settings, **overrides})
+
+
+def _run(cfg, work_dir, rows, monkeypatch, **kwargs):
+    captured = capture_model(monkeypatch)
+    result = train(cfg, work_dir, train_rows=rows, device="cpu", **kwargs)
+    log = [r for r in map(json.loads, (work_dir / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    trained = {n: p.detach().clone() for n, p in captured["model"].named_parameters() if p.requires_grad}
+    return result, log, trained
+
+
+@pytest.mark.parametrize("method, optimizer", [("lora", "adamw"), ("full", "adamw"), ("lora", "adamw_8bit")])
+def test_updates_in_backward_train_exactly_as_the_step_after_it(method, optimizer, tiny_llama_dir, rows, tmp_path,
+                                                                monkeypatch):
+    if optimizer == "adamw_8bit":
+        pytest.importorskip("bitsandbytes")
+    # None: on with 8-bit AdamW, since nothing needs all gradients first; torch's AdamW only when asked
+    cfg = _cfg(tiny_llama_dir, method=method, optimizer=optimizer, lr=1e-2 if method == "lora" else 3e-3,
+               optimizer_in_backward=None if optimizer == "adamw_8bit" else True)
+    assert plan_fast_path(cfg, "cpu").optimizer_in_backward
+    after, after_log, after_weights = _run(dataclasses.replace(cfg, optimizer_in_backward=False), tmp_path / "after",
+                                           rows, monkeypatch)
+    inside, inside_log, inside_weights = _run(cfg, tmp_path / "inside", rows, monkeypatch)
+    assert inside.losses == after.losses  # bit for bit
+    assert inside.losses[max(inside.losses)] < inside.losses[1]  # and it did learn
+    for name, weight in after_weights.items():
+        torch.testing.assert_close(inside_weights[name], weight, rtol=0, atol=0, msg=name)
+    # the logged gradient norm is the whole model's, as clip_grad_norm_ measures it after backward
+    assert [r["grad_norm"] for r in inside_log] == pytest.approx([r["grad_norm"] for r in after_log], rel=1e-5)
+    assert all(r["grad_norm"] > 0 for r in inside_log)
+
+
+def test_no_two_parameters_hold_a_gradient_at_once(tiny_llama_dir, monkeypatch):
+    """What it saves: each gradient is freed after its update, before backward computes the next parameter's."""
+    from tunelab.model.load import load_model_for_training
+    from tunelab.train.optim import build_optimizer
+
+    cfg = _cfg(tiny_llama_dir, method="full")
+    model = load_model_for_training(cfg, torch.device("cpu"), plan_fast_path(cfg, "cpu"))
+    steps = StepsInBackward(build_optimizer(model, cfg, torch.device("cpu")))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    holding, original = [], steps._step_parameter
+
+    def counting(param):
+        holding.append(sum(p.grad is not None for p in trained))
+        original(param)
+
+    steps._step_parameter = counting
+    before = [p.detach().clone() for p in trained]
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    steps.step()
+    assert len(holding) == len(trained) and max(holding) == 1  # every parameter updated, one gradient at a time
+    assert all(p.grad is None for p in trained)
+    assert all(not torch.equal(p, b) for p, b in zip(trained, before))
+    assert float(steps.grad_norm()) > 0
+
+
+def test_resume_continues_the_loss_curve(tiny_llama_dir, rows, tmp_path, monkeypatch):
+    """The optimiser's state is saved and loaded as ever: a run stopped after a checkpoint and resumed reproduces the
+    uninterrupted one."""
+    cfg = _cfg(tiny_llama_dir, save_steps=4, save_total_limit=-1)
+    whole = train(cfg, tmp_path / "whole", train_rows=rows, device="cpu")
+    calls = {"n": 0}
+    original = SingleProcess.forward_loss
+
+    class Crash(Exception):
+        pass
+
+    def crash_on_step_6(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Crash
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(SingleProcess, "forward_loss", crash_on_step_6)
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "cut", train_rows=rows, device="cpu")
+    monkeypatch.undo()
+    assert layout.last_checkpoint(tmp_path / "cut") == tmp_path / "cut" / "iter_4"
+    resumed = train(cfg, tmp_path / "cut", resume="auto", train_rows=rows, device="cpu")
+    assert sorted(resumed.losses) == list(range(5, max(whole.losses) + 1))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(whole.losses[step], abs=1e-6), step
+
+
+def test_on_only_where_it_changes_no_number_and_costs_no_time():
+    base = dict(method="qlora", max_norm=0.0, accumulative_counts=1, dtype="bf16", optimizer="adamw_8bit")
+    assert plan_fast_path(TrainConfig(**base), "cuda").optimizer_in_backward
+    # torch's fused AdamW steps all parameters in one launch: a call a parameter is slower, so only when asked
+    assert not plan_fast_path(TrainConfig(**{**base, "optimizer": "adamw"}), "cuda").optimizer_in_backward
+    assert plan_fast_path(TrainConfig(**{**base, "optimizer": "adamw", "optimizer_in_backward": True}),
+                          "cuda").optimizer_in_backward
+    for blocker in (dict(max_norm=1.0), dict(accumulative_counts=4), dict(optimizer="paged_adamw_8bit"),
+                    dict(nonfinite="skip"), dict(dtype="fp16"), dict(deepspeed="zero2")):
+        assert not plan_fast_path(TrainConfig(**{**base, **blocker}), "cuda").optimizer_in_backward, blocker
+        assert not plan_fast_path(TrainConfig(**base), "cuda", world_size=2).optimizer_in_backward
+    assert not plan_fast_path(TrainConfig(**base, optimizer_in_backward=False), "cuda").optimizer_in_backward
+    assert not plan_fast_path(TrainConfig(**base, fast_path=False), "cuda").optimizer_in_backward  # plain path
+    assert not plan_fast_path(TrainConfig(method="qlora"), "cuda").optimizer_in_backward  # defaults clip
+
+
+def test_asked_for_where_it_cannot_run_names_the_settings_in_the_way():
+    cfg = TrainConfig(method="lora", optimizer_in_backward=True, accumulative_counts=8)
+    with pytest.raises(TunelabError) as err:
+        plan_fast_path(cfg, "cpu")
+    assert "max_norm = 1" in str(err.value) and "accumulative_counts = 8" in str(err.value)
+
+
+def test_memory_plan_counts_a_layers_gradients_and_suggests_it():
+    """Full fine-tuning with checkpointing peaks late in backward, when every gradient is there: in backward the
+    updates free them as they come. (LoRA's peak is mostly early in backward, with the saved layer inputs.)"""
+    cfg = TrainConfig(pretrained_model_name_or_path="Qwen/Qwen2.5-1.5B-Instruct", method="full", max_length=2048,
+                      accumulative_counts=1, dtype="bf16", gradient_checkpointing=True, optimizer="adamw_8bit")
+    clipped = estimate_memory(cfg, card_bytes=4 * 2**30)
+    inside = estimate_memory(dataclasses.replace(cfg, max_norm=0.0), card_bytes=4 * 2**30)
+    assert clipped.parts["gradients at the peak"] > 2**30
+    assert inside.parts["gradients (a layer's at a time: optimizer_in_backward) at the peak"] == 0
+    assert clipped.total - inside.total == clipped.parts["gradients at the peak"]
+    assert any(s.startswith("max_norm = 0  (") for s in clipped.suggestions)  # (the card is too small for either)
+    assert not any(s.startswith("max_norm = 0") for s in inside.suggestions)
+    with_adamw = estimate_memory(dataclasses.replace(cfg, optimizer="adamw"), card_bytes=4 * 2**30)
+    assert any(s.startswith("max_norm = 0 and optimizer_in_backward = True") for s in with_adamw.suggestions)
