@@ -392,8 +392,8 @@ def fmt(row: dict) -> str:
     plan_err = (o["plan_gib"] - o["peak_alloc_gib"]) / o["peak_alloc_gib"] * 100
     attn = f" ({o['mfu_attn'] * 100:.1f}% +attn)" if o.get("mfu_attn") else ""
     return (f"| {row['case']} | {b.get('tok_s', 0):,} | {o['tok_s']:,} | **{ratio:.2f}x** | "
-            f"{b.get('peak_alloc_gib', '-')} / {b.get('peak_reserved_gib', '-')} | {o['peak_alloc_gib']} / {o['peak_reserved_gib']} "
-            f"({o['load_peak_reserved_gib']}) | {mem_ratio:.2f} | "
+            f"{b.get('peak_alloc_gib', '-')} / {b.get('peak_reserved_gib', '-')} | "
+            f"{o['peak_alloc_gib']} / {o['peak_reserved_gib']} ({o['load_peak_reserved_gib']}) | {mem_ratio:.2f} | "
             f"{o['mfu'] * 100:.1f}%{attn} | {o['plan_gib']} ({plan_err:+.0f}%) | {'on' if o['ckpt'] else 'off'} |")
 
 

@@ -123,7 +123,8 @@ HELD_OUT = [
     peak(QWEN_1_5B, "full", 2048, 90.9, bs=16, ckpt=False, cuda_graphs=True),
     # round 18 (H200, Unsloth's settings, max_norm = 0): each update made inside backward, its gradient then freed
     *[peak(LLAMA, "qlora", 2048, measured, optimizer="adamw_8bit", lora_dropout=0.0, qlora_dequant_once=False,
-           embeddings_on_cpu=True, cuda_graphs=graphs, max_norm=0.0) for graphs, measured in ((True, 5.29), (False, 5.28))],
+           embeddings_on_cpu=True, cuda_graphs=graphs, max_norm=0.0)
+      for graphs, measured in ((True, 5.29), (False, 5.28))],
     *[peak(model, "qlora", 8192, measured, lora_r=rank, optimizer="adamw_8bit", lora_dropout=0.0,
            qlora_dequant_once=False, max_norm=0.0, **DEFAULTS)
       for model, rank, measured in ((LLAMA3, 32, 7.13), (I2_7B, 64, 7.34))],

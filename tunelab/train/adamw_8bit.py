@@ -41,7 +41,8 @@ class AdamW8bit(bnb.optim.AdamW8bit):
         """Update `param` alone, from its gradient (`tunelab.train.optim.StepsInBackward` calls it in backward)."""
         self._initialise()
         if self._where is None:
-            self._where = {p: (g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])}
+            self._where = {p: (g, i) for g, group in enumerate(self.param_groups)
+                           for i, p in enumerate(group["params"])}
         group_index, param_index = self._where[param]
         self._update(self.param_groups[group_index], param, group_index, param_index)
 
