@@ -46,7 +46,7 @@ def _run(cfg, work_dir, rows, monkeypatch, **kwargs):
 
 @pytest.mark.parametrize("method, optimizer", [("lora", "adamw"), ("full", "adamw"), ("lora", "adamw_8bit")])
 def test_updates_in_backward_train_exactly_as_the_step_after_it(method, optimizer, tiny_llama_dir, rows, tmp_path,
-                                                                monkeypatch):
+                                                                monkeypatch, capsys):
     if optimizer == "adamw_8bit":
         pytest.importorskip("bitsandbytes")
     # None: on with 8-bit AdamW, since nothing needs all gradients first; torch's AdamW only when asked
@@ -56,6 +56,7 @@ def test_updates_in_backward_train_exactly_as_the_step_after_it(method, optimize
     after, after_log, after_weights = _run(dataclasses.replace(cfg, optimizer_in_backward=False), tmp_path / "after",
                                            rows, monkeypatch)
     inside, inside_log, inside_weights = _run(cfg, tmp_path / "inside", rows, monkeypatch)
+    assert capsys.readouterr().out.count("optimizer_in_backward: each parameter is updated") == 1  # the run says so
     assert inside.losses == after.losses  # bit for bit
     assert inside.losses[max(inside.losses)] < inside.losses[1]  # and it did learn
     for name, weight in after_weights.items():

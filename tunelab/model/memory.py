@@ -316,8 +316,8 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     if not plan.enabled:
         out.append("fast_path = True  (among others, the chunked loss never builds full-vocabulary logits)")
     if plan.cuda_graphs:
-        out.append("cuda_graphs = False  (no private memory pool for the graphs; Llama-7B QLoRA 2k: 0.27 GiB less "
-                   "reserved, about 20% slower)")
+        out.append("cuda_graphs = False  (no private memory pool for the graphs; Llama-7B QLoRA 2k: 0.24-0.28 GiB "
+                   "less reserved, 20-34% slower)")
     if checkpointing and not plan.offload_activations and cfg.max_length >= LONG_CONTEXT_TOKENS:
         out.append("offload_activations = True  (each layer's checkpointed input in CPU memory)")
     slice_tokens = LONG_CONTEXT_TOKENS  # the slice that fits the longest rows (BENCHMARKS.md, longest context)

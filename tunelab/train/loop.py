@@ -163,6 +163,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
     log(f"fast path: {model._tunelab_fast_path}")
+    if plan.optimizer_in_backward:
+        log("optimizer_in_backward: each parameter is updated as soon as backward has its gradient (no clipping)")
     what = cfg.method + ("" if cfg.objective == "sft" else f" {cfg.objective}")
     log(f"training {what} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
         f"{steps_per_epoch} steps per epoch, "
