@@ -241,7 +241,7 @@ def _training_forward(layer, *args, inner, checkpoint_fn, fallback: _Fallback | 
         # With layer.gradient_checkpointing False, transformers' own forward: no checkpoint, not compiled.
         return type(layer).forward(layer, *args, **kwargs)
     if fallback is not None and fallback.active and args:
-        return fallback.checkpoint(functools.partial(fallback.compiled_forward, layer, **kwargs), *args)
+        return _around_compiled(fallback, layer, args, kwargs)
     try:
         if checkpoint_fn is None or not args:
             return inner(layer, *args, **kwargs)
@@ -253,7 +253,12 @@ def _training_forward(layer, *args, inner, checkpoint_fn, fallback: _Fallback | 
         log.warning("compiling %s with its checkpoint inside failed (%s); running it with the checkpoint around the "
                     "compiled forward instead (slower; CUDA graphs off for it). lora_dropout = 0 avoids this on "
                     "torch 2.11.", type(layer).__name__, str(error).splitlines()[-1][:120])
-        return fallback.checkpoint(functools.partial(fallback.compiled_forward, layer, **kwargs), *args)
+        return _around_compiled(fallback, layer, args, kwargs)
+
+
+def _around_compiled(fallback: _Fallback, layer, args, kwargs):
+    """The fallback: the checkpoint around the compiled forward."""
+    return fallback.checkpoint(functools.partial(fallback.compiled_forward, layer, **kwargs), *args)
 
 
 def run_decoder_layers(layers, plan) -> dict:

@@ -280,7 +280,7 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
     model.config.use_cache = False
     if cfg.method == "full":
         if plan.checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpoint_layers(model)
         return _with_fast_path(model, plan, device)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -295,9 +295,9 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
         # and loading peaked 3.6 GiB above training with them. Its other steps, with non-reentrant checkpointing:
         model.requires_grad_(False)
         if plan.checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpoint_layers(model)
     elif plan.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_layers(model)
         model.enable_input_require_grads()
     check_lora_targets(model, cfg.lora_target_modules, cfg.pretrained_model_name_or_path)
     try:
@@ -306,6 +306,12 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
         raise TunelabError(f"the LoRA settings do not fit {cfg.pretrained_model_name_or_path}: "
                            f"{str(exc).splitlines()[0]} Check lora_target_modules and lora_modules_to_save.") from None
     return _with_fast_path(peft_model, plan, device)
+
+
+def _checkpoint_layers(model) -> None:
+    """transformers' gradient checkpointing of every decoder layer, non-reentrant (the fast path replaces it with
+    its own, `tunelab.model.layers`)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def check_lora_targets(model, targets, model_name: str) -> None:

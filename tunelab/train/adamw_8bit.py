@@ -23,6 +23,9 @@ class AdamW8bit(bnb.optim.AdamW8bit):
     goes through bitsandbytes' own update_step.
     """
 
+    _where = None
+    """Each parameter's (group index, index in its group), for `step_parameter` (built on its first call)."""
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -45,9 +48,6 @@ class AdamW8bit(bnb.optim.AdamW8bit):
                            for i, p in enumerate(group["params"])}
         group_index, param_index = self._where[param]
         self._update(self.param_groups[group_index], param, group_index, param_index)
-
-    _where = None
-    """Each parameter's (group index, index in its group), for `step_parameter`."""
 
     def _initialise(self) -> None:
         if not self.initialized:  # as bitsandbytes' step does on its first call

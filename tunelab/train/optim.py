@@ -57,12 +57,12 @@ class StepsInBackward:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         # by index: loading a checkpoint's state replaces the group dicts (the schedule then sets the new ones' lr)
-        self._group = {param: i for i, group in enumerate(optimizer.param_groups) for param in group["params"]}
+        self._group_index = {param: i for i, group in enumerate(optimizer.param_groups) for param in group["params"]}
         # bitsandbytes' 8-bit AdamW (tunelab's) updates one parameter directly; torch's AdamW steps a group of one
         self._step_parameter = getattr(optimizer, "step_parameter", self._step_group_of_one)
         self._norms: list[torch.Tensor] = []
         self._last_norm = torch.zeros(())
-        for param in self._group:
+        for param in self._group_index:
             param.register_post_accumulate_grad_hook(self._update)
 
     @torch.no_grad()
@@ -75,7 +75,7 @@ class StepsInBackward:
         # A copy of the parameter's group (its lr as the schedule set it, its betas, weight decay) holding it alone.
         # AdamW keeps its state per parameter, so stepping it alone is the same update, in the same kernel.
         groups = self.optimizer.param_groups
-        self.optimizer.param_groups = [{**groups[self._group[param]], "params": [param]}]
+        self.optimizer.param_groups = [{**groups[self._group_index[param]], "params": [param]}]
         try:
             self.optimizer.step()
         finally:
