@@ -14,8 +14,8 @@ Options after '@' change our side only, and each is a setting a user chooses (do
   offload=0/1   offload_activations;  mlp=N  mlp_chunk_size (0 = None);  both: the config's default if not given
   emb=0         embeddings_on_cpu = False
   dq=1          qlora_dequant_once (the 16-bit weight kept for backward instead of dequantised again)
-  ibw=0/1       optimizer_in_backward (default: the plan's, on with opt8=1 and acc=1: this loop, like the peers'
-                loops, does not clip, so the cases set max_norm = 0)
+  ibw=0/1       optimizer_in_backward (default: the plan's, on with acc=1: this loop, like the peers' loops,
+                does not clip, so the cases set max_norm = 0)
   around=0/1    not a setting: overrides the plan's checkpoint_around, to measure both arrangements of offloaded rows
 and two that say what to measure: vary=1 (packed rows of 1-16 samples that change from step to step, padded to
 seq), prof=1 (profile one more step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and
@@ -128,8 +128,8 @@ def _load(case: dict, baseline_path: str) -> Run:
     model.train()
     choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`
     optimizer = build_optimizer(model, cfg, device)
-    if plan.optimizer_in_backward:  # as `tunelab train`: each parameter updated in backward
-        optimizer = StepsInBackward(optimizer)
+    if plan.optimizer_in_backward:  # as `tunelab train`: each layer updated in backward
+        optimizer = StepsInBackward(optimizer, model)
     return Run(model, optimizer, cfg, plan, causal_lm_objective(plan), baseline.SHAPES[case["shape"]]["vocab_size"],
                path)
 
@@ -256,6 +256,7 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
                 peak_alloc_gib=timed["peak_alloc_gib"], peak_reserved_gib=timed["peak_reserved_gib"],
                 load_peak_reserved_gib=round(load_peak_reserved / 2**30, 2),
                 **mfu(tok_s, run.cfg, run.path, with_attention=not case["vary"]), ckpt=run.plan.checkpointing,
+                in_backward=run.plan.optimizer_in_backward,
                 plan_gib=round(estimate_memory(run.cfg, plan=run.plan).total / 2**30, 2), loss=timed["loss"],
                 fast_path=run.model._tunelab_fast_path, profile=timed.get("profile"))
 

@@ -247,17 +247,17 @@ def cuda_graph_check(method, model_dir, device):
               f"losses {[round(x, 4) for x in got]} vs {[round(x, 4) for x in want]}")
 
 
-def in_backward_check(method, model_dir, device):
-    """Each parameter updated inside backward (`optimizer_in_backward`, no clipping, one micro-batch a step), under
-    compiled layers replayed as CUDA graphs, trains like the step after backward: five steps of tunelab's 8-bit
-    AdamW, the same losses and trained weights."""
+def in_backward_check(method, optimizer_name, model_dir, device):
+    """Updates inside backward (`optimizer_in_backward`, no clipping, one micro-batch a step), under compiled layers
+    replayed as CUDA graphs, train like the step after backward: five steps of tunelab's 8-bit AdamW (a parameter at a
+    time) or torch's fused AdamW (a layer at a time), the same losses and trained weights."""
     from tunelab.train.optim import StepsInBackward, build_optimizer
 
     runs = {}
     for inside in (False, True):
         cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
                           lora_dropout=0.0, max_length=512, use_compile=True, cuda_graphs=True, loss_chunk_size=128,
-                          max_norm=0.0, accumulative_counts=1, dtype="bf16", optimizer="adamw_8bit",
+                          max_norm=0.0, accumulative_counts=1, dtype="bf16", optimizer=optimizer_name,
                           optimizer_in_backward=inside)
         torch.manual_seed(0)
         plan = plan_fast_path(cfg, device)
@@ -266,10 +266,10 @@ def in_backward_check(method, model_dir, device):
         objective = causal_lm_objective(plan)
         model.train()
         optimizer = build_optimizer(model, cfg, device)
-        stepper = StepsInBackward(optimizer) if inside else optimizer
+        stepper = StepsInBackward(optimizer, model) if inside else optimizer
         updates = []
         if inside:  # count the updates: every trained parameter once a step
-            stepper._step_parameter = lambda param, update=stepper._step_parameter: (updates.append(1), update(param))
+            stepper._step_bucket = lambda params, update=stepper._step_bucket: (updates.extend(params), update(params))
         batch = packed_batch(model.config.vocab_size, device)
         losses = []
         for step in range(5):
@@ -280,15 +280,16 @@ def in_backward_check(method, model_dir, device):
             stepper.step()
             stepper.zero_grad(set_to_none=True)
             losses.append(float(loss_sum / n))
-        trained = [p.detach().float().flatten() for p in model.parameters() if p.requires_grad]
-        runs[inside] = losses, torch.cat(trained), len(trained) * 5 == len(updates)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        every_update = len(updates) == 5 * len(trained) and {id(p) for p in updates} == {id(p) for p in trained}
+        runs[inside] = losses, torch.cat([p.detach().float().flatten() for p in trained]), every_update
     (want, want_w, _), (got, got_w, every_update) = runs[False], runs[True]
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
     # Over all trained weights together: where a gradient element is near 0, Adam turns a last-bit difference (a
     # matmul kernel chosen by another memory address) into a whole lr step, so one small tensor alone says little.
     w_err = float((got_w - want_w).norm() / want_w.norm())
-    check(f"{method}: updates in backward vs after it, CUDA graphs, 5 steps", worst <= 1e-3 and w_err <= 1e-2
-          and every_update and got[-1] < got[0], f"losses {[round(x, 4) for x in got]} vs "
+    check(f"{method}, {optimizer_name}: updates in backward vs after it, CUDA graphs, 5 steps", worst <= 1e-3
+          and w_err <= 1e-2 and every_update and got[-1] < got[0], f"losses {[round(x, 4) for x in got]} vs "
           f"{[round(x, 4) for x in want]}, trained weights rel {w_err:.1e}, each parameter updated once a step: "
           f"{every_update}")
 
@@ -427,7 +428,8 @@ def main(argv=None) -> int:
             if "graphs" in only:
                 cuda_graph_check(method, model_dir, device)
             if "inbackward" in only:
-                in_backward_check(method, model_dir, device)
+                for optimizer_name in ("adamw_8bit", "adamw") if "qlora" in methods else ("adamw",):
+                    in_backward_check(method, optimizer_name, model_dir, device)
             if "long" in only:
                 long_context_check(method, model_dir, device)
     if "identity" in only:

@@ -190,7 +190,7 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         # gathered whole while they compute: a layer and the next one (prefetched), and the root (embeddings,
         # lm_head), which the loss reads through the whole step
         parts["gathered weights"] = 2 * shape.layer_linear_params() * 2 + other * 2
-    if plan.optimizer_in_backward:  # each gradient freed after its update in backward: a layer's at a time
+    if plan.optimizer_in_backward:  # each layer's gradients freed after its update in backward: a layer's at a time
         largest = vocab * h if cfg.method == "full" and not cfg.freeze_llm else 0  # (and lm_head's, when trained)
         grads = max(grads // layers, grads * largest // max(trainable, 1))
         grads_name = "gradients (a layer's at a time: optimizer_in_backward)"
@@ -324,11 +324,11 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     if cfg.max_length > slice_tokens and not (plan.mlp_slice and plan.mlp_slice <= slice_tokens):
         out.append(f"mlp_chunk_size = {slice_tokens}  (each MLP {slice_tokens} tokens at a time: one more MLP forward "
                    "a step)")
-    if plan.enabled and not plan.optimizer_in_backward and not optimizer_in_backward_blockers(
-            replace(cfg, max_norm=0.0), plan.on_gpu, est.world_size):
-        also = "" if cfg.optimizer == "adamw_8bit" else " and optimizer_in_backward = True"
-        out.append(f"max_norm = 0{also}  (no clipping: each update is made in backward, and the gradients never all "
-                   f"exist)")
+    could_update_in_backward = cfg.optimizer_in_backward is None and not optimizer_in_backward_blockers(
+        replace(cfg, max_norm=0.0), plan.on_gpu, est.world_size)
+    if plan.enabled and not plan.optimizer_in_backward and could_update_in_backward:
+        out.append("max_norm = 0  (no clipping: each layer's update is made in backward, and the gradients never all "
+                   "exist)")
     if cfg.optimizer == "adamw" and cfg.method == "full":
         out.append("optimizer = 'adamw_8bit'")
     return out

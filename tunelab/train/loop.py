@@ -143,8 +143,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     optimizer = build_optimizer(model, cfg, env.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer
-    if plan.optimizer_in_backward:  # each parameter updated as backward hands over its gradient (no clipping)
-        stepper = StepsInBackward(optimizer)
+    if plan.optimizer_in_backward:  # each layer updated as backward hands over its gradients (no clipping)
+        stepper = StepsInBackward(optimizer, model)
     strategy.setup(model, stepper, objective)
 
     # --- resume: optimiser, schedule, RNG and data position as they were at the checkpoint ---------
@@ -164,7 +164,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                               report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
     log(f"fast path: {model._tunelab_fast_path}")
     if plan.optimizer_in_backward:
-        log("optimizer_in_backward: each parameter is updated as soon as backward has its gradient (no clipping)")
+        log("optimizer_in_backward: each layer's parameters are updated as soon as backward has their gradients "
+            "(no clipping)")
     what = cfg.method + ("" if cfg.objective == "sft" else f" {cfg.objective}")
     log(f"training {what} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
         f"{steps_per_epoch} steps per epoch, "

@@ -3,7 +3,8 @@
 * AdamW (fused on CUDA), or bitsandbytes' 8-bit / paged 8-bit AdamW, which keep the optimiser state in 8 bits.
 * Warm-up (linear from ~0 to `lr` over `warmup_ratio` of the steps), then cosine or linear decay to 0, or constant.
 * bf16 autocast where the GPU has bf16; fp16 autocast with loss scaling where it does not; plain fp32 on CPU.
-* `StepsInBackward`: each parameter updated inside backward, as soon as its gradient is there (no clipping).
+* `StepsInBackward`: each layer's parameters updated inside backward, as soon as their gradients are there (no
+  clipping).
 """
 
 from __future__ import annotations
@@ -45,44 +46,73 @@ def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
 
 
 class StepsInBackward:
-    """The optimiser's update of each parameter as soon as backward has its gradient, which is then freed: the
-    gradients of all parameters never exist at once (`optimizer_in_backward`). Where nothing needs all gradients
-    first (no clipping, one micro-batch a step: `plan.optimizer_in_backward` says where), the updates are the ones
-    `optimizer.step()` after backward makes. The optimiser itself keeps its state and its lr schedule as usual.
+    """The optimiser's update of each layer's parameters as soon as backward has their gradients, which are then
+    freed: the gradients of the whole model never exist at once (`optimizer_in_backward`). Where nothing needs all
+    gradients first (no clipping, one micro-batch a step: `plan.optimizer_in_backward` says where), the updates are
+    the ones `optimizer.step()` after backward makes. The optimiser itself keeps its state and lr schedule as usual.
 
-    The loop calls `step()` after backward as ever: the updates are done by then, so it only takes the gradient norm
-    (for the log) that the parameters' norms add up to; `grad_norm()` reads it.
+    What is updated together: bitsandbytes' 8-bit AdamW (tunelab's) launches one kernel a parameter anyway, so each
+    parameter is updated as its gradient comes. torch's AdamW steps a layer's parameters in one fused launch (one
+    launch a parameter costs ~8% of a QLoRA step: BENCHMARKS.md round 18), so it waits for the layer's last gradient.
+
+    The loop calls `step()` after backward as ever: it updates any parameter whose layer did not complete (a
+    parameter that got no gradient this step leaves its layer waiting) and takes the gradient norm (for the log)
+    that the parameters' norms add up to; `grad_norm()` reads it.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module):
         self.optimizer = optimizer
         # by index: loading a checkpoint's state replaces the group dicts (the schedule then sets the new ones' lr)
         self._group_index = {param: i for i, group in enumerate(optimizer.param_groups) for param in group["params"]}
-        # bitsandbytes' 8-bit AdamW (tunelab's) updates one parameter directly; torch's AdamW steps a group of one
-        self._step_parameter = getattr(optimizer, "step_parameter", self._step_group_of_one)
+        if hasattr(optimizer, "step_parameter"):
+            buckets = [[param] for param in self._group_index]
+        else:
+            buckets = layer_buckets(model, self._group_index)
+        self._bucket_size = {param: len(bucket) for bucket in buckets for param in bucket}
+        self._bucket_key = {param: i for i, bucket in enumerate(buckets) for param in bucket}
+        self._waiting: dict[int, list[torch.Tensor]] = {}  # bucket -> its parameters that have a gradient
         self._norms: list[torch.Tensor] = []
         self._last_norm = torch.zeros(())
         for param in self._group_index:
-            param.register_post_accumulate_grad_hook(self._update)
+            param.register_post_accumulate_grad_hook(self._arrived)
 
     @torch.no_grad()
-    def _update(self, param: torch.Tensor) -> None:
-        self._norms.append(torch.linalg.vector_norm(param.grad, dtype=torch.float32))
-        self._step_parameter(param)
-        param.grad = None
+    def _arrived(self, param: torch.Tensor) -> None:
+        waiting = self._waiting.setdefault(self._bucket_key[param], [])
+        waiting.append(param)
+        if len(waiting) == self._bucket_size[param]:
+            self._update(self._waiting.pop(self._bucket_key[param]))
 
-    def _step_group_of_one(self, param: torch.Tensor) -> None:
-        # A copy of the parameter's group (its lr as the schedule set it, its betas, weight decay) holding it alone.
-        # AdamW keeps its state per parameter, so stepping it alone is the same update, in the same kernel.
+    def _update(self, params: list[torch.Tensor]) -> None:
+        self._norms.extend(torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32))
+        self._step_bucket(params)
+        for param in params:
+            param.grad = None
+
+    def _step_bucket(self, params: list[torch.Tensor]) -> None:
+        step_parameter = getattr(self.optimizer, "step_parameter", None)
+        if step_parameter is not None:
+            for param in params:
+                step_parameter(param)
+            return
+        # Copies of the parameters' groups (their lr as the schedule set it, betas, weight decay) holding only them.
+        # AdamW keeps its state per parameter, so stepping some alone is the same update, in the same kernel.
         groups = self.optimizer.param_groups
-        self.optimizer.param_groups = [{**groups[self._group_index[param]], "params": [param]}]
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for param in params:
+            by_group.setdefault(self._group_index[param], []).append(param)
+        self.optimizer.param_groups = [{**groups[i], "params": members} for i, members in by_group.items()]
         try:
             self.optimizer.step()
         finally:
             self.optimizer.param_groups = groups
 
+    @torch.no_grad()
     def step(self) -> None:
-        """Backward has made the updates: keep the norm of this step's gradients."""
+        """Backward has made the updates: make those still waiting and keep the norm of this step's gradients."""
+        for waiting in self._waiting.values():
+            self._update(waiting)
+        self._waiting = {}
         self.optimizer._opt_called = True  # what step() tells the lr schedule (which warns when it never heard it)
         if self._norms:
             self._last_norm = torch.linalg.vector_norm(torch.stack(self._norms))
@@ -94,6 +124,22 @@ class StepsInBackward:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing to zero: each gradient was freed after its update."""
+
+
+def layer_buckets(model: torch.nn.Module, params) -> list[list[torch.Tensor]]:
+    """`params` grouped by the numbered layer that holds them ('model.layers.3.…' with 'model.layers.3.…'); one
+    outside numbered layers (embeddings, lm_head, final norm) is a group of its own. Backward finishes a layer's
+    gradients before it starts the previous layer's, so a group's gradients come together."""
+    wanted = set(params)
+    buckets: dict[str, list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if param in wanted:
+            parts = name.split(".")
+            numbered = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+            key = ".".join(parts[:numbered + 1]) if numbered is not None else name
+            buckets.setdefault(key, []).append(param)
+            wanted.discard(param)
+    return list(buckets.values()) + [[param] for param in params if param in wanted]  # (none in a transformers model)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, kind: str) -> float:
