@@ -136,6 +136,29 @@ def test_a_parameter_without_a_gradient_leaves_its_layer_to_the_step_after_backw
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_layer_is_updated_together_and_each_expert_apart():
+    """torch's AdamW waits for a group's last gradient: a decoder layer's parameters form one group, but an MoE
+    expert (which a step may route no token to) forms its own, so an idle expert never holds its layer back."""
+    from tunelab.train.optim import layer_buckets
+
+    def block():
+        layer = torch.nn.Module()
+        layer.attn = torch.nn.Linear(2, 2)
+        layer.experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(2))
+        return layer
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(4, 2)
+    model.layers = torch.nn.ModuleList(block() for _ in range(2))
+    model.embed.weight.requires_grad_(False)
+    names = {p: n for n, p in model.named_parameters()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = sorted(sorted(names[p] for p in group) for group in layer_buckets(model, trained))
+    assert groups == sorted(
+        [[f"layers.{i}.attn.bias", f"layers.{i}.attn.weight"] for i in range(2)]
+        + [[f"layers.{i}.experts.{e}.bias", f"layers.{i}.experts.{e}.weight"] for i in range(2) for e in range(2)])
+
+
 def test_resume_continues_the_loss_curve(tiny_llama_dir, rows, tmp_path, monkeypatch):
     """The optimiser's state is saved and loaded as ever: a run stopped after a checkpoint and resumed reproduces the
     uninterrupted one."""

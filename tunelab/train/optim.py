@@ -127,15 +127,17 @@ class StepsInBackward:
 
 
 def layer_buckets(model: torch.nn.Module, params) -> list[list[torch.Tensor]]:
-    """`params` grouped by the numbered layer that holds them ('model.layers.3.…' with 'model.layers.3.…'); one
-    outside numbered layers (embeddings, lm_head, final norm) is a group of its own. Backward finishes a layer's
-    gradients before it starts the previous layer's, so a group's gradients come together."""
+    """`params` grouped by the innermost numbered block that holds them: 'model.layers.3.self_attn.q_proj.…' with
+    the rest of layer 3, an MoE layer's 'model.layers.3.mlp.experts.5.…' with expert 5 alone (a step may route no
+    token to it, and a group waits for all its gradients). One outside numbered blocks (embeddings, lm_head, final
+    norm) is a group of its own. Backward finishes a layer's gradients before it starts the previous layer's, so a
+    group's gradients come together."""
     wanted = set(params)
     buckets: dict[str, list[torch.Tensor]] = {}
     for name, param in model.named_parameters():
         if param in wanted:
             parts = name.split(".")
-            numbered = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+            numbered = max((i for i, part in enumerate(parts) if part.isdigit()), default=None)
             key = ".".join(parts[:numbered + 1]) if numbered is not None else name
             buckets.setdefault(key, []).append(param)
             wanted.discard(param)
