@@ -52,8 +52,9 @@ class StepsInBackward:
     the ones `optimizer.step()` after backward makes. The optimiser itself keeps its state and lr schedule as usual.
 
     What is updated together: bitsandbytes' 8-bit AdamW (tunelab's) launches one kernel a parameter anyway, so each
-    parameter is updated as its gradient comes. torch's AdamW steps a layer's parameters in one fused launch (one
-    launch a parameter costs ~8% of a QLoRA step: BENCHMARKS.md round 18), so it waits for the layer's last gradient.
+    parameter is updated as its gradient comes. torch's AdamW waits for the layer's last gradient and steps the
+    layer's parameters in one fused launch: a launch a parameter cost a QLoRA step 8%, a launch a layer 0.8%
+    (BENCHMARKS.md rounds 18 and 19).
 
     The loop calls `step()` after backward as ever: it updates any parameter whose layer did not complete (a
     parameter that got no gradient this step leaves its layer waiting) and takes the gradient norm (for the log)
