@@ -412,13 +412,14 @@ def main(argv=None) -> int:
         loss_check(device)
     if "adamw8bit" in only:
         adamw_8bit_check(device)
-    methods = ["lora"]
+    methods, optimizers = ["lora"], ["adamw"]
     try:
         import bitsandbytes  # noqa: F401
 
         methods.append("qlora")
+        optimizers.append("adamw_8bit")
     except ImportError:
-        print("bitsandbytes missing: qlora not checked")
+        print("bitsandbytes missing: qlora and adamw_8bit not checked")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(tmp, "llama", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                                intermediate_size=512)
@@ -428,7 +429,7 @@ def main(argv=None) -> int:
             if "graphs" in only:
                 cuda_graph_check(method, model_dir, device)
             if "inbackward" in only:
-                for optimizer_name in ("adamw_8bit", "adamw") if "qlora" in methods else ("adamw",):
+                for optimizer_name in optimizers:
                     in_backward_check(method, optimizer_name, model_dir, device)
             if "long" in only:
                 long_context_check(method, model_dir, device)

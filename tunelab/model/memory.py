@@ -190,7 +190,7 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         # gathered whole while they compute: a layer and the next one (prefetched), and the root (embeddings,
         # lm_head), which the loss reads through the whole step
         parts["gathered weights"] = 2 * shape.layer_linear_params() * 2 + other * 2
-    if plan.optimizer_in_backward:  # each layer's gradients freed after its update in backward: a layer's at a time
+    if plan.optimizer_in_backward:  # each layer's gradients freed after its update in backward
         largest = vocab * h if cfg.method == "full" and not cfg.freeze_llm else 0  # (and lm_head's, when trained)
         grads = max(grads // layers, grads * largest // max(trainable, 1))
         grads_name = "gradients (a layer's at a time: optimizer_in_backward)"

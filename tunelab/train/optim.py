@@ -65,12 +65,12 @@ class StepsInBackward:
         self.optimizer = optimizer
         # by index: loading a checkpoint's state replaces the group dicts (the schedule then sets the new ones' lr)
         self._group_index = {param: i for i, group in enumerate(optimizer.param_groups) for param in group["params"]}
-        if hasattr(optimizer, "step_parameter"):
-            buckets = [[param] for param in self._group_index]
+        self._step_parameter = getattr(optimizer, "step_parameter", None)  # bitsandbytes' 8-bit AdamW (tunelab's)
+        if self._step_parameter is not None:
+            self._buckets = [[param] for param in self._group_index]
         else:
-            buckets = layer_buckets(model, self._group_index)
-        self._bucket_size = {param: len(bucket) for bucket in buckets for param in bucket}
-        self._bucket_key = {param: i for i, bucket in enumerate(buckets) for param in bucket}
+            self._buckets = layer_buckets(model, self._group_index)
+        self._bucket_of = {param: i for i, bucket in enumerate(self._buckets) for param in bucket}
         self._waiting: dict[int, list[torch.Tensor]] = {}  # bucket -> its parameters that have a gradient
         self._norms: list[torch.Tensor] = []
         self._last_norm = torch.zeros(())
@@ -79,10 +79,11 @@ class StepsInBackward:
 
     @torch.no_grad()
     def _arrived(self, param: torch.Tensor) -> None:
-        waiting = self._waiting.setdefault(self._bucket_key[param], [])
+        bucket = self._bucket_of[param]
+        waiting = self._waiting.setdefault(bucket, [])
         waiting.append(param)
-        if len(waiting) == self._bucket_size[param]:
-            self._update(self._waiting.pop(self._bucket_key[param]))
+        if len(waiting) == len(self._buckets[bucket]):
+            self._update(self._waiting.pop(bucket))
 
     def _update(self, params: list[torch.Tensor]) -> None:
         self._norms.extend(torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32))
@@ -91,10 +92,9 @@ class StepsInBackward:
             param.grad = None
 
     def _step_bucket(self, params: list[torch.Tensor]) -> None:
-        step_parameter = getattr(self.optimizer, "step_parameter", None)
-        if step_parameter is not None:
+        if self._step_parameter is not None:
             for param in params:
-                step_parameter(param)
+                self._step_parameter(param)
             return
         # Copies of the parameters' groups (their lr as the schedule set it, betas, weight decay) holding only them.
         # AdamW keeps its state per parameter, so stepping some alone is the same update, in the same kernel.
