@@ -17,6 +17,7 @@ Options after '@' change our side only, and each is a setting a user chooses (do
   ibw=0/1       optimizer_in_backward (default: the plan's, on with acc=1: this loop, like the peers' loops,
                 does not clip, so the cases set max_norm = 0)
   around=0/1    not a setting: overrides the plan's checkpoint_around, to measure both arrangements of offloaded rows
+  hash=0/1      not a setting: overrides the plan's hashed_dropout (0: torch's dropout in the lean LoRA forward)
 and two that say what to measure: vary=1 (packed rows of 1-16 samples that change from step to step, padded to
 seq), prof=1 (profile one more step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and
 CPU ops; tables to $OUT).
@@ -51,7 +52,7 @@ import time
 PEAK_FLOPS = 989e12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = dict(ckpt=None, bs=1, acc=1, compile=0, cg=0, fast=1, drop=10, opt8=0, offload=None, mlp=None, emb=1, dq=0,
-               ibw=None, around=None, vary=0, prof=0)
+               ibw=None, around=None, hash=None, vary=0, prof=0)
 
 
 def parse_case(text: str) -> dict:
@@ -124,6 +125,8 @@ def _load(case: dict, baseline_path: str) -> Run:
     plan = plan_fast_path(cfg, device)
     if case["around"] is not None:
         plan = dataclasses.replace(plan, checkpoint_around=bool(case["around"]))
+    if case["hash"] is not None:
+        plan = dataclasses.replace(plan, hashed_dropout=bool(case["hash"]))
     model = load_model_for_training(cfg, device, plan)
     model.train()
     choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`
@@ -261,15 +264,19 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
                 fast_path=run.model._tunelab_fast_path, profile=timed.get("profile"))
 
 
-def set_lora_dropout(model, p: float) -> None:
-    """Every LoRA dropout to `p` (0 means nn.Identity, as peft builds it, so no dropout kernel runs)."""
+def set_lora_dropout(model, p: float, hashed: bool) -> None:
+    """Every LoRA dropout to `p` (0 means nn.Identity, as peft builds it, so no dropout kernel runs), its masks
+    hashed or torch's as the plan says."""
     import torch
+
+    from tunelab.model.dropout import use_hashed_dropout
 
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
             for name in list(dropouts.keys()):
                 dropouts[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+            use_hashed_dropout(dropouts, hashed)
 
 
 SWEEP_OPTIONS = ("drop", "bs", "acc", "vary", "prof", "compile")
@@ -293,7 +300,7 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
         if v["acc"] > 1 and run.plan.optimizer_in_backward:
             raise SystemExit(f"--sweep {text}: acc > 1 needs the case loaded with ibw=0 (its updates wait for every "
                              f"micro-batch)")
-        set_lora_dropout(run.model, v["drop"] / 100)
+        set_lora_dropout(run.model, v["drop"] / 100, run.plan.hashed_dropout)
         if v["compile"] and not compiled:
             run.plan = dataclasses.replace(run.plan, compile=True)
             run_decoder_layers(decoder_layers(run.model), run.plan)

@@ -8,7 +8,7 @@ plain path: tests/test_fast_*.py check that on CPU, scripts/gpu_check.py on a GP
     weight (embeddings, lm_head, norms) to fp32; frozen ones gain nothing from it and cost memory and fp32 matmuls,
     so they go back to bf16/fp16;
   * QLoRA's 4-bit weight dequantised in ops compile fuses, and (a setting) kept for backward (`patch_4bit_linears`);
-  * the lean LoRA forward (`lean_lora_forward`);
+  * the lean LoRA forward (`lean_lora_forward`), its dropout masks a hash (`tunelab.model.dropout`);
   * a frozen input embedding looked up in CPU memory (`EmbeddingOnCPU`);
   * how each decoder layer runs: checkpointed (its input optionally in CPU memory), compiled, replayed as CUDA
     graphs, its MLP in slices (`tunelab.model.layers`).
@@ -22,6 +22,7 @@ import types
 
 import torch
 
+from tunelab.model.dropout import use_hashed_dropout
 from tunelab.model.layers import run_decoder_layers
 from tunelab.model.parts import decoder_layers
 
@@ -105,8 +106,13 @@ def lean_lora_forward(self, x, *args, **kwargs):
     return out.view(result.shape)
 
 
-def use_lean_lora(model, on: bool = True) -> int:
-    """Give every peft LoRA Linear layer (bf16 and 4-bit) of `model` the lean forward (or peft's back); returns how many."""
+def use_lean_lora(model, on: bool = True, hashed_dropout: bool = False) -> int:
+    """Give every peft LoRA Linear layer (bf16 and 4-bit) of `model` the lean forward (or peft's back); returns how many.
+
+    hashed_dropout: its dropout modules become `HashedDropout` (their masks a hash of position and a seed, cheaper
+    than torch's Philox numbers); on=False gives torch's back. Every layer keeps the one
+    `lean_lora_forward` function: torch.compile guards on it, and a function per layer would recompile per layer.
+    """
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -120,6 +126,7 @@ def use_lean_lora(model, on: bool = True) -> int:
                 module.forward = types.MethodType(lean_lora_forward, module)
             else:
                 module.__dict__.pop("forward", None)
+            use_hashed_dropout(module.lora_dropout, on and hashed_dropout)
             count += 1
     return count
 
@@ -217,7 +224,8 @@ def apply_fast_path(model, plan, device) -> dict:
         freed = keep_embeddings_on_cpu(model, device)
         report["embeddings_on_cpu"] = f"{freed / 2**30:.2f} GiB freed" if freed else "no (trained or tied to lm_head)"
     if plan.lean_lora:
-        report["lean_lora"] = f"{use_lean_lora(model)} LoRA linears"
+        report["lean_lora"] = (f"{use_lean_lora(model, hashed_dropout=plan.hashed_dropout)} LoRA linears"
+                               + (", dropout masks hashed" if plan.hashed_dropout else ""))
     report["chunked_loss"] = f"on, {plan.loss_chunk_size} rows a chunk" if plan.chunked_loss else "off"
     if plan.compiled_loss:
         report["chunked_loss"] += ", its softmax gradient compiled"
