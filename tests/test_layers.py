@@ -135,6 +135,27 @@ def test_compiled_layers_with_hashed_lora_dropout_compile_once_and_recompute_the
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_hashed_lora_dropout_compiles_with_the_checkpoint_inside_as_shapes_change(tiny_llama_dir, caplog):
+    """Packed rows whose length changes between steps (no CUDA graphs) with LoRA dropout 0.1: inductor compiles the
+    checkpoint inside the layer with the hashed masks, no fallback (torch 2.11's inductor fails there with torch's
+    dropout; checked on the CPU, where its partitioner is the same)."""
+    from tunelab.model.fast import use_lean_lora
+
+    torch._dynamo.reset()
+    model = _lora(tiny_llama_dir, lora_dropout=0.1)
+    use_lean_lora(model, hashed_dropout=True)
+    layers_mod.run_decoder_layers(split_model(model)[0].layers,
+                                  FastPathPlan(enabled=True, checkpointing=True, compile=True))
+    with caplog.at_level("WARNING", logger="tunelab.model.layers"):
+        for length in (40, 48, 33):
+            ids = torch.randint(5, model.config.vocab_size, (1, length))
+            batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(length)[None]}
+            _, grads = _loss_and_grads(model, batch)
+            assert all(torch.isfinite(g).all() for g in grads.values())
+            assert all(g.abs().sum() > 0 for name, g in grads.items() if "lora_A" in name)
+    assert "checkpoint around the compiled forward" not in caplog.text
+
+
 def test_passes_without_gradient_run_the_compiled_forward_and_generation_the_plain_one(tiny_llama_dir, monkeypatch):
     """The reference pass of DPO (adapters off, no gradient, training mode) and evaluation go through the layer's
     compiled forward, so they round as the training pass does; generation with its KV cache stays eager."""

@@ -217,10 +217,12 @@ def _checkpointed(cls_forward, tag_each_op: bool = False):
 class _Fallback:
     """The checkpoint around the compiled forward, for when compiling it inside fails (shared by a layer class).
 
-    torch 2.11's partitioner fails ("Node ... was invalid, but is output") on the checkpoint inside compiled code
-    when dropout meets shapes that change between steps (packed rows): dynamo recompiles with dynamic shapes and
-    inductor raises before anything runs. The layer then runs with the checkpoint around its compiled forward, which
-    compiles fine, and every later call of that class goes there directly.
+    torch 2.11's inductor fails ("Node ... was invalid, but is output") on the checkpoint inside compiled code when
+    torch's dropout meets shapes that change between steps (packed rows): dynamo recompiles with dynamic shapes and
+    inductor raises before anything runs. The fast path's hashed LoRA dropout (`tunelab.model.dropout`) compiles
+    there (tests/test_layers.py; checked with torch 2.11's inductor on the CPU), so this is a safety net. The layer
+    then runs with the checkpoint around its compiled forward, which compiles fine, and every later call of that
+    class goes there directly.
     """
 
     compiled_forward: object
@@ -251,8 +253,8 @@ def _training_forward(layer, *args, inner, checkpoint_fn, fallback: _Fallback | 
             raise
         fallback.active = True
         log.warning("compiling %s with its checkpoint inside failed (%s); running it with the checkpoint around the "
-                    "compiled forward instead (slower; CUDA graphs off for it). lora_dropout = 0 avoids this on "
-                    "torch 2.11.", type(layer).__name__, str(error).splitlines()[-1][:120])
+                    "compiled forward instead (slower; CUDA graphs off for it).", type(layer).__name__,
+                    str(error).splitlines()[-1][:120])
         return _around_compiled(fallback, layer, args, kwargs)
 
 
