@@ -42,6 +42,11 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ _shift_right(h, 16)
 
 
+def _dropped_codes(p: float) -> int:
+    """How many of the 2**24 values of a mask's bits mean drop."""
+    return round(p * 2**_MASK_BITS)
+
+
 def keep_mask(shape: torch.Size, seed: torch.Tensor, p: float) -> torch.Tensor:
     """Which elements of a tensor of `shape` dropout keeps (bool), for a 0-d int32 `seed` tensor."""
     width = shape[-1] if len(shape) else 1
@@ -51,7 +56,7 @@ def keep_mask(shape: torch.Size, seed: torch.Tensor, p: float) -> torch.Tensor:
     # The xor with the seed comes first: inductor folds arithmetic on positions into its index expressions, where
     # position * _GOLDEN would be a 64-bit constant that does not fit the int32 code (a compile error on CUDA).
     bits = _shift_right(_fmix32((position ^ seed) * _GOLDEN), 32 - _MASK_BITS)
-    return bits >= round(p * 2**_MASK_BITS)
+    return bits >= _dropped_codes(p)
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
@@ -66,8 +71,7 @@ def hashed_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
         return x
     if p >= 1:
         return torch.zeros_like(x)
-    dropped = round(p * 2**_MASK_BITS)
-    scale = 2**_MASK_BITS / (2**_MASK_BITS - dropped)
+    scale = 2**_MASK_BITS / (2**_MASK_BITS - _dropped_codes(p))
     keep = keep_mask(x.shape, draw_seed(x.device), p)
     return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -82,9 +86,8 @@ class HashedDropout(torch.nn.Dropout):
 def use_hashed_dropout(dropouts: torch.nn.ModuleDict, on: bool = True) -> int:
     """Swap the `torch.nn.Dropout` modules of `dropouts` (a peft layer's `lora_dropout`) for `HashedDropout`, or back
     with on=False; returns how many were swapped. Dropout has no weights: the model's state_dict is unchanged."""
-    swapped = 0
+    swapped, wanted = 0, HashedDropout if on else torch.nn.Dropout
     for name, module in dropouts.items():
-        wanted = HashedDropout if on else torch.nn.Dropout
         if isinstance(module, torch.nn.Dropout) and type(module) is not wanted:
             replacement = wanted(module.p, module.inplace)
             replacement.train(module.training)
