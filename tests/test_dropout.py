@@ -130,6 +130,22 @@ def test_swap_keeps_p_mode_and_state_dict_and_swaps_back(tiny_llama_dir, tmp_pat
     assert sum(type(m) is torch.nn.Dropout for m in model.modules()) == n
 
 
+def test_the_module_hashes_in_compiled_code_and_runs_torchs_dropout_eagerly():
+    """Eager (MLP slices, use_compile = False) the module is torch's dropout, one kernel instead of a dozen integer
+    ones; compiled it draws the hashed mask."""
+    module, x = HashedDropout(P), torch.ones(64, 256)
+    torch.manual_seed(4)
+    eager = module(x)
+    torch.manual_seed(4)
+    assert torch.equal(eager, torch.nn.functional.dropout(x, P, training=True))
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="aot_eager")
+    torch.manual_seed(4)
+    hashed = compiled(x)
+    torch.manual_seed(4)
+    assert torch.equal(hashed, hashed_dropout(x, P)) and not torch.equal(hashed, eager)
+
+
 def test_use_hashed_dropout_leaves_identity_alone():
     dropouts = torch.nn.ModuleDict({"default": torch.nn.Identity(), "other": torch.nn.Dropout(0.2)})
     assert use_hashed_dropout(dropouts) == 1 and isinstance(dropouts["default"], torch.nn.Identity)

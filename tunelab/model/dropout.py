@@ -5,7 +5,7 @@ checkpointed compiled layer computes in forward and again in backward, for every
 linear (Llama-7B LoRA 2k: 2.3 G elements a pass). Here only the seed is random, one 32-bit integer a call; the
 mask is a function of (seed, position), a few integer multiplies and shifts that inductor fuses into the kernel
 that writes the input anyway: a Llama-7B LoRA 2k step runs 3% faster, QLoRA 5%, in 0.14 GiB less reserved memory
-(H200, BENCHMARKS.md round 20).
+(H200, BENCHMARKS.md round 20). That holds in compiled code only; `HashedDropout` runs torch's dropout elsewhere.
 
 Each element is kept with probability 1 - p (p rounded to a multiple of 2**-24) and scaled by 1 / (1 - p), as
 `torch.nn.Dropout` does; each call draws its own seed, so the adapters of q, k and v, which share one input, get
@@ -77,10 +77,15 @@ def hashed_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
 
 
 class HashedDropout(torch.nn.Dropout):
-    """`torch.nn.Dropout` with the hashed mask: what `use_hashed_dropout` puts in place of peft's LoRA dropout."""
+    """`torch.nn.Dropout` with the hashed mask in compiled code: what `use_hashed_dropout` puts in place of peft's
+    LoRA dropout. Eager code (MLP slices at long context, `use_compile = False`, a vision tower) keeps torch's
+    dropout: run op by op, the hash is a dozen full-size integer kernels where torch's dropout is one. A checkpoint
+    recomputes the same code its forward ran, so forward and recompute always agree on which mask it is."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return hashed_dropout(x, self.p, self.training)
+        if torch.compiler.is_compiling():
+            return hashed_dropout(x, self.p, self.training)
+        return super().forward(x)
 
 
 def use_hashed_dropout(dropouts: torch.nn.ModuleDict, on: bool = True) -> int:
