@@ -49,6 +49,8 @@ def _dropped_codes(p: float) -> int:
 
 def keep_mask(shape: torch.Size, seed: torch.Tensor, p: float) -> torch.Tensor:
     """Which elements of a tensor of `shape` dropout keeps (bool), for a 0-d int32 `seed` tensor."""
+    # Rows times width plus column is the flat index; two short aranges instead of one over every element, which
+    # in int32 could not count past 2**31.
     width = shape[-1] if len(shape) else 1
     rows = torch.arange(shape.numel() // max(width, 1), dtype=torch.int32, device=seed.device)
     columns = torch.arange(width, dtype=torch.int32, device=seed.device)

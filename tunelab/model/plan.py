@@ -9,8 +9,8 @@ and gradient buffers under CUDA graphs) and the benchmarks. No module keeps a sw
 The levers that compute the plain path's numbers are simply on (those that need a GPU, on a GPU): attention over packed
 rows with the flash varlen kernel (cuDNN's for rows of one sample), the loss over trained tokens in chunks, frozen
 weights in the compute dtype, the lean LoRA forward, QLoRA's 4-bit dequantisation in ops compile fuses, and tunelab's
-own per-layer checkpointing. LoRA dropout with hashed masks is on with them: torch.nn.Dropout's distribution, other
-random draws. The settings that remain are trade-offs a user makes: `use_compile` (a slower first
+own per-layer checkpointing. With compiled layers, LoRA dropout's masks are hashed: torch.nn.Dropout's distribution,
+other random draws. The settings that remain are trade-offs a user makes: `use_compile` (a slower first
 step), `cuda_graphs` (padding to fixed shapes), `offload_activations` (None: on for long rows) and `mlp_chunk_size`
 (memory for time at long context), `embeddings_on_cpu` (GPU memory for a copy a step), `qlora_dequant_once` (memory
 for one dequantisation a pass), `loss_chunk_size`, and `optimizer_in_backward` (on by itself
@@ -178,7 +178,7 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
     return FastPathPlan(
         enabled=True, on_gpu=on_gpu, checkpointing=checkpointing,
         varlen_attention=on_gpu or sequence_parallel > 1, frozen_weights_in_compute_dtype=on_gpu, lean_lora=on_gpu,
-        hashed_dropout=on_gpu,
+        hashed_dropout=compile_layers,  # eager, HashedDropout is torch's dropout anyway
         four_bit=four_bit, dequantize_once=four_bit and on_gpu and checkpointing and cfg.qlora_dequant_once,
         embeddings_on_cpu=bool(on_gpu and embeddings_on_cpu and cfg.method != "full"),  # full trains it
         compile=compile_layers, cuda_graphs=graphs, offload_activations=offload,
