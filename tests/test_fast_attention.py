@@ -84,16 +84,16 @@ def test_generation_still_works_after_switching(tiny_llama_dir):
 
 
 def test_whole_row_attention_equals_causal_sdpa_and_compiles_without_a_break():
-    # The cuDNN route (rows of one sample, GPU) lists its kernels in order of preference ending with the math one,
-    # so on CPU it runs too; dynamo must trace the kernel choice inside compiled layers (fullgraph: no break).
-    from tunelab.model.attention import _cudnn_whole_rows
+    # Rows of one sample take sdpa with the kernels in order of preference (cuDNN's on a GPU, the CPU's flash kernel
+    # here); dynamo must trace the kernel choice inside compiled layers (fullgraph: no break).
+    from tunelab.model.attention import _whole_rows
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
     want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                             is_causal=True, scale=0.3).transpose(1, 2)
-    torch.testing.assert_close(_cudnn_whole_rows(q, k, v, 0.3), want)
-    compiled = torch.compile(_cudnn_whole_rows, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(_whole_rows(q, k, v, 0.3), want)
+    compiled = torch.compile(_whole_rows, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v, 0.3), want)
 
 

@@ -53,7 +53,8 @@ def _hf_checkpointing(model):
 def _record_parked(monkeypatch, shapes: list):
     """Record the shape of every tensor LayerInputOffload parks (on CPU a copy, so a wrong fetch would show)."""
     park = layers_mod.LayerInputOffload.park
-    monkeypatch.setattr(layers_mod.LayerInputOffload, "park", lambda self, t: shapes.append(t.shape) or park(self, t))
+    monkeypatch.setattr(layers_mod.LayerInputOffload, "park",
+                        lambda self, t, *layer: shapes.append(t.shape) or park(self, t, *layer))
 
 
 @pytest.mark.parametrize("options", [dict(), dict(mlp_slice=16), dict(offload_activations=True)],
@@ -103,6 +104,48 @@ def test_compiled_layers_keep_loss_and_gradients(tiny_llama_dir, options, monkey
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
     offloaded = options.get("offload_activations", False)
     assert packed == [torch.Size([2, 40, model.config.hidden_size])] * len(decoder_layers) * offloaded
+
+
+def _attention_calls(prof) -> tuple[int, int]:
+    """(forward, backward) calls of the CPU's flash attention kernel in a profile."""
+    names = [event.name for event in prof.events()]
+    forward = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    return names.count(forward), names.count(forward + "_backward")
+
+
+@pytest.mark.parametrize("save_attention", [True, False], ids=["attention_kept", "attention_recomputed"])
+def test_offloaded_layers_keep_attention_for_backward_instead_of_recomputing_it(tiny_llama_dir, save_attention,
+                                                                               monkeypatch):
+    """Offloaded rows, the checkpoint inside the compiled layer (the plan's arrangement at long context): with
+    save_attention the checkpoint keeps attention's output and softmax statistics, so backward runs the attention
+    kernel's backward without running its forward again; the output waits in CPU memory beside the layer input, the
+    statistics (a value a head and token) stay on the device. Loss and gradients are the plain path's either way."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="aot_eager"))
+    torch._dynamo.reset()
+    model = _lora(tiny_llama_dir)
+    ids = torch.randint(5, model.config.vocab_size, (2, 40))
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(40).expand(2, 40)}  # whole rows
+    plan = FastPathPlan(enabled=True, checkpointing=True, compile=True, offload_activations=True,
+                        save_attention=save_attention)
+    decoder_layers = split_model(model)[0].layers
+    report = layers_mod.run_decoder_layers(decoder_layers, plan)
+    assert ("attention's outputs kept" in report["compile"]) == save_attention
+    _loss_and_grads(model, batch)  # compiles
+    parked = []
+    _record_parked(monkeypatch, parked)
+    with torch.profiler.profile() as prof:
+        got_loss, got = _loss_and_grads(model, batch)
+    n = len(decoder_layers)
+    assert _attention_calls(prof) == ((n if save_attention else 2 * n), n)
+    hidden, heads = model.config.hidden_size, model.config.num_attention_heads
+    head_dim = hidden // heads
+    want_parked = [torch.Size([2, 40, hidden])] + [torch.Size([2, heads, 40, head_dim])] * save_attention
+    assert sorted(map(tuple, parked)) == sorted(map(tuple, want_parked * n))
+    want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_compiled_layers_with_hashed_lora_dropout_compile_once_and_recompute_the_masks(tiny_llama_dir, monkeypatch):

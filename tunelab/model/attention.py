@@ -118,8 +118,8 @@ def packed_attention(query, key, value, *, cu, max_len, scale):
     samples' boundaries `cu` over the flattened rows → [B, T, Hq, D]."""
     b, hq, t, d = query.shape
     max_len = max_len or t
-    if query.is_cuda and max_len == t and cu.numel() == b + 1:  # every row one whole sample
-        return _cudnn_whole_rows(query, key, value, scale)
+    if max_len == t and cu.numel() == b + 1:  # every row one whole sample
+        return _whole_rows(query, key, value, scale)
     dtype = attention_dtype(query)
     q = query.transpose(1, 2).reshape(b * t, hq, d).to(dtype)
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d).to(dtype)
@@ -140,8 +140,9 @@ def attention_dtype(query: torch.Tensor) -> torch.dtype:
     return query.dtype
 
 
-def _cudnn_whole_rows(query, key, value, scale):
-    """Causal attention of [B, H, T, D] rows, each one sample: cuDNN, else flash → [B, T, Hq, D]."""
+def _whole_rows(query, key, value, scale):
+    """Causal attention of [B, H, T, D] rows, each one sample, with sdpa: cuDNN's kernel, else flash's (the CPU's
+    flash kernel on a CPU) → [B, T, Hq, D]."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # In order of preference; older GPUs without cuDNN's or flash's kernel still get an answer.

@@ -57,10 +57,11 @@ PINNED_MAX_BYTES = 256 * 2**20
 
 @dataclasses.dataclass(eq=False)
 class _Parked:
-    """A layer input waiting in CPU memory for backward; `gpu` holds it again once fetched."""
+    """A tensor a layer saved, waiting in CPU memory for backward; `gpu` holds it again once fetched."""
 
     cpu: torch.Tensor
     device: torch.device
+    layer: int  # the layer call that saved it (LayerInputOffload counts them)
     gpu: torch.Tensor | None = None
     ready: object = None  # CUDA event: the copy into `gpu` is done (None: nothing to wait for)
 
@@ -83,20 +84,26 @@ class LayerInputOffload:
 
     def __init__(self):
         self._stream = None
-        self._source = None  # (GPU tensor, event): the latest copy out, its source kept until the copy is done
-        self._parked: list[weakref.ref] = []  # in forward order, so backward knows which input comes next
+        self._sources = []  # (GPU tensor, event, layer) of copies out: each source kept until its copy is done
+        self._parked: list[weakref.ref] = []  # what waits in CPU memory, in forward order
+        self._layer = 0  # layer calls so far: what one call parks is fetched together
 
     def hooks(self, layer_input: torch.Tensor):
-        """saved_tensors_hooks that park `layer_input` and leave every other saved tensor where it is. The input is
-        recognised by its storage (an eager checkpoint saves it as it came) or by its shape and dtype (compiled code
-        may save an alias of it); weights (parameters) and what every layer shares (RoPE cos/sin) stay put."""
-        storage, shape, dtype = layer_input.untyped_storage().data_ptr(), layer_input.shape, layer_input.dtype
+        """saved_tensors_hooks that park what a layer saves for backward that grows with its row, and leave every
+        other saved tensor where it is. That is the layer input, recognised by its storage (an eager checkpoint
+        saves it as it came), and any floating-point tensor of 3 or more dimensions at least half its size: an alias
+        of the input that compiled code saves, and attention's output where the checkpoint keeps it
+        (`save_attention`). Weights (parameters), what every layer shares (RoPE cos/sin), masks and attention's
+        softmax statistics (a value a head and token) stay put."""
+        self._layer += 1
+        layer, storage, numel = self._layer, layer_input.untyped_storage().data_ptr(), layer_input.numel()
 
         def pack(tensor):
             if isinstance(tensor, torch.nn.Parameter):
                 return tensor
-            if tensor.untyped_storage().data_ptr() == storage or (tensor.shape == shape and tensor.dtype == dtype):
-                return self.park(tensor)
+            row_sized = tensor.is_floating_point() and tensor.dim() >= 3 and 2 * tensor.numel() >= numel
+            if row_sized or tensor.untyped_storage().data_ptr() == storage:
+                return self.park(tensor, layer)
             return tensor
 
         def unpack(packed):
@@ -104,12 +111,13 @@ class LayerInputOffload:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
-    def park(self, tensor: torch.Tensor) -> _Parked:
-        self._release_source()
+    def park(self, tensor: torch.Tensor, layer: int = 0) -> _Parked:
+        """Copy `tensor`, saved by layer call number `layer`, to CPU memory."""
+        self._release_sources(before=layer)
         if tensor.device.type != "cuda":  # CPU runs (tests): a copy, so that a wrong fetch would show
-            parked = _Parked(tensor.detach().clone(), tensor.device)
+            parked = _Parked(tensor.detach().clone(), tensor.device, layer)
         elif tensor.numel() * tensor.element_size() > PINNED_MAX_BYTES:
-            parked = _Parked(tensor.to("cpu"), tensor.device)
+            parked = _Parked(tensor.to("cpu"), tensor.device, layer)
         else:
             cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             stream = self._copy_stream(tensor.device)
@@ -119,21 +127,24 @@ class LayerInputOffload:
                 done = torch.cuda.Event()
                 done.record(stream)
             # The source must outlive its copy: under CUDA graphs nothing else keeps the next graph from writing
-            # over it. It is let go at the next park or fetch, after the compute stream waits for the copy.
-            self._source = (tensor, done)
-            parked = _Parked(cpu, tensor.device)
+            # over it. It is let go when the next layer parks or backward fetches, after the compute stream waits
+            # for the copy (the same layer's other tensors do not wait: their copies queue behind it).
+            self._sources.append((tensor, done, layer))
+            parked = _Parked(cpu, tensor.device, layer)
         self._parked.append(weakref.ref(parked))
         return parked
 
     def fetch(self, parked: _Parked) -> torch.Tensor:
         if parked.device.type != "cuda":
             return parked.cpu
-        self._release_source()
+        self._release_sources()
         alive = [p for p in (ref() for ref in self._parked) if p is not None]
-        at = next((i for i in range(len(alive) - 1, -1, -1) if alive[i] is parked), None)
-        self._start_fetch(parked)
-        if at and alive[at - 1].cpu.is_pinned():  # the input backward needs next: copied while this layer computes
-            self._start_fetch(alive[at - 1])
+        # Backward reaches the layers in reverse: this layer's tensors are needed now, the latest earlier layer's
+        # next, so those are copied while this layer computes.
+        following = max((p.layer for p in alive if p.layer < parked.layer), default=None)
+        for p in alive:
+            if p.layer == parked.layer or (p.layer == following and p.cpu.is_pinned()):
+                self._start_fetch(p)
         self._parked = [weakref.ref(p) for p in alive if p is not parked]
         if parked.ready is not None:
             torch.cuda.current_stream(parked.device).wait_event(parked.ready)
@@ -155,11 +166,15 @@ class LayerInputOffload:
             parked.ready = torch.cuda.Event()
             parked.ready.record(stream)
 
-    def _release_source(self) -> None:
-        if self._source is not None:
-            tensor, done = self._source
-            torch.cuda.current_stream(tensor.device).wait_event(done)
-            self._source = None
+    def _release_sources(self, before: int | None = None) -> None:
+        """Let go of the sources of finished copies: those of layers before `before` (None: all)."""
+        keep = []
+        for tensor, done, layer in self._sources:
+            if before is None or layer < before:
+                torch.cuda.current_stream(tensor.device).wait_event(done)
+            else:
+                keep.append((tensor, done, layer))
+        self._sources = keep
 
     def _copy_stream(self, device):
         if self._stream is None:
@@ -195,6 +210,21 @@ def _mlp_in_slices(mlp, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.cat(slices).view(*x.shape[:-1], -1)
 
 
+def _attention_ops() -> set:
+    """The attention kernels' ops as autograd sees them in a layer (those this torch has): cuDNN's, flash's and the
+    memory-efficient one behind sdpa on a GPU, flash's on the CPU, and the varlen kernel of packed rows."""
+    names = [("aten", "_scaled_dot_product_cudnn_attention"), ("aten", "_scaled_dot_product_flash_attention"),
+             ("aten", "_scaled_dot_product_efficient_attention"),
+             ("aten", "_scaled_dot_product_flash_attention_for_cpu"), ("torch_attn", "_varlen_attn")]
+    ops = set()
+    for namespace, name in names:
+        try:
+            ops.add(getattr(getattr(torch.ops, namespace), name).default)
+        except AttributeError:  # not in this torch
+            pass
+    return ops
+
+
 def _recompute_every_op():
     """checkpoint's context_fn for selective checkpointing that recomputes every op: the plain checkpoint's
     decisions, taken op by op as they are traced (see FastPathPlan.checkpoint_tags_each_op)."""
@@ -203,9 +233,21 @@ def _recompute_every_op():
     return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)
 
 
-def _checkpointed(cls_forward, tag_each_op: bool = False):
-    """cls_forward under a non-reentrant checkpoint, as one function that torch.compile traces whole."""
-    options = {"context_fn": _recompute_every_op} if tag_each_op else {}
+def _keep_attention_outputs():
+    """checkpoint's context_fn that keeps what the attention kernel returns (its output and softmax statistics, what
+    its backward reads) and recomputes every other op: backward recomputes the projections but not attention, whose
+    cost grows with the row's length (FastPathPlan.save_attention)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    ops = _attention_ops()
+    return create_selective_checkpoint_contexts(
+        lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _checkpointed(cls_forward, context_fn=None):
+    """cls_forward under a non-reentrant checkpoint, as one function that torch.compile traces whole; `context_fn`
+    makes it selective (a module-level function: dynamo traces no other kind)."""
+    options = {"context_fn": context_fn} if context_fn else {}
 
     def forward(layer, *args, **kwargs):
         return checkpoint(cls_forward, layer, *args, use_reentrant=False, **options, **kwargs)
@@ -269,6 +311,8 @@ def run_decoder_layers(layers, plan) -> dict:
     report, compiled, plain, fallbacks = {}, {}, {}, {}
     n_mlp = n_inside = n_graphed = 0
     inside = plan.checkpoint_inside_compile
+    context_fn = (_keep_attention_outputs if inside and plan.save_attention  # tags each op as traced, too
+                  else _recompute_every_op if plan.checkpoint_tags_each_op else None)
     checkpoint_fn = offload = None
     if plan.checkpointing:
         offload = LayerInputOffload() if plan.offload_activations else None
@@ -285,7 +329,7 @@ def run_decoder_layers(layers, plan) -> dict:
             if cls_forward not in plain:
                 plain[cls_forward] = torch.compile(cls_forward)
             scoring = plain[cls_forward]
-            target = _checkpointed(cls_forward, plan.checkpoint_tags_each_op) if inside else cls_forward
+            target = _checkpointed(cls_forward, context_fn) if inside else cls_forward
             key = (cls_forward, inside)
             if key not in compiled:
                 # Without graphs dynamic=None: static shapes first, dynamic after a shape changes. With graphs the
@@ -316,7 +360,9 @@ def run_decoder_layers(layers, plan) -> dict:
     n_ckpt = len(layers) if plan.checkpointing else 0
     report["checkpointing"] = (f"{n_ckpt} layers"
                                + (", inputs offloaded to CPU memory" if plan.offload_activations and n_ckpt else ""))
-    report["compile"] = (f"{len(layers)} decoder layers" + (f", {n_inside} with the checkpoint inside" if n_inside else "")
+    inside_note = f", {n_inside} with the checkpoint inside" if n_inside else ""
+    inside_note += " (attention's outputs kept)" if n_inside and context_fn is _keep_attention_outputs else ""
+    report["compile"] = (f"{len(layers)} decoder layers" + inside_note
                          + (f", {n_graphed} as CUDA graphs" if n_graphed else "")) if plan.compile else "off"
     report["mlp_slices"] = f"{n_mlp} layers, {plan.mlp_slice} tokens a slice" if n_mlp else "off"
     return report

@@ -237,14 +237,17 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     # one's activations build up: they add to the peak whole (measured: +9% for Qwen2.5-1.5B full, bs 8, acc 2).
     accumulating = cfg.accumulative_counts > 1
     grads_name += " (kept across micro-batches)" if accumulating else " at the peak"
+    saved_per_layer = tokens * h * 2  # with checkpointing: the layer's input
+    if plan.save_attention and plan.checkpoint_inside_compile:  # and attention's output and softmax statistics
+        saved_per_layer += tokens * shape.num_attention_heads * (shape.head_dim * 2 + 4)
     if checkpointing:
         # The peak is early in backward: one saved input per layer, the last layer recomputed, the loss chunk;
         # or late in backward, when the gradients are all there but the saved inputs are gone.
-        # Offloaded, two layer inputs are on the GPU: in forward the one computing and the one still being copied
-        # out, in backward the one recomputed and the next one, fetched ahead; one where they are copied
-        # synchronously (model/layers.py).
+        # Offloaded, two layers' saved tensors are on the GPU: in forward the layer computing and the one whose
+        # copy out is still running, in backward the layer recomputed and the next one, fetched ahead; one where
+        # they are copied synchronously (model/layers.py).
         on_gpu = 1 if tokens * h * 2 > PINNED_MAX_BYTES else min(2, layers)
-        saved = (on_gpu if plan.offload_activations else layers) * tokens * h * 2
+        saved = (on_gpu if plan.offload_activations else layers) * saved_per_layer
         early, late = saved + loss_bytes, grads
         parts["activations (checkpointed)"] = int(saved + layer_act)
         parts[loss_name] = int(loss_bytes)
@@ -261,7 +264,8 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     with_overhead = int(total * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES)
     est = MemoryEstimate(parts=parts, total=total, with_overhead=with_overhead, world_size=world)
     if plan.offload_activations:
-        est.cpu_offload["offload_activations"] = layers * tokens * h * 2  # every layer's input passes through
+        # every layer's input (and attention's output, where kept) passes through
+        est.cpu_offload["offload_activations"] = layers * saved_per_layer
     if embeddings_on_cpu:
         est.cpu_offload["embeddings_on_cpu"] = vocab * h * other_bytes
     if card_bytes is not None:

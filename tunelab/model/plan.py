@@ -79,6 +79,10 @@ class FastPathPlan:
     """Each checkpointed layer input waits in CPU memory until backward."""
     checkpoint_around: bool = False
     """Offloaded rows longer than OFFLOADED_INSIDE_MAX_TOKENS keep the checkpoint around the compiled layer."""
+    save_attention: bool = False
+    """With the checkpoint inside the compiled layer, it keeps attention's output and softmax statistics for backward
+    instead of recomputing attention (selective checkpointing); with offloaded inputs they wait in CPU memory beside
+    the input. Attention's cost grows with the row, the copy's does not outgrow the layer's compute."""
     mlp_slice: int | None = None
     """Tokens each MLP computes at a time (long context), None: the whole sequence."""
     optimizer_in_backward: bool = False
@@ -175,7 +179,7 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
     embeddings_on_cpu = cfg.embeddings_on_cpu
     if embeddings_on_cpu is None:
         embeddings_on_cpu = cfg.method in ("lora", "qlora")
-    return FastPathPlan(
+    plan = FastPathPlan(
         enabled=True, on_gpu=on_gpu, checkpointing=checkpointing,
         varlen_attention=on_gpu or sequence_parallel > 1, frozen_weights_in_compute_dtype=on_gpu, lean_lora=on_gpu,
         hashed_dropout=compile_layers,  # eager, HashedDropout is torch's dropout anyway
@@ -185,6 +189,9 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
         checkpoint_around=offload and row_share > OFFLOADED_INSIDE_MAX_TOKENS, mlp_slice=mlp_slice,
         optimizer_in_backward=_optimizer_in_backward(cfg, on_gpu, world_size), chunked_loss=True,
         loss_chunk_size=cfg.loss_chunk_size, sequence_parallel=sequence_parallel)
+    # Attention's outputs are kept where the inputs are offloaded anyway: in CPU memory they cost a copy beside the
+    # compute; on the GPU they would be a second saved tensor a layer, as large as the input.
+    return dataclasses.replace(plan, save_attention=plan.offload_activations and plan.checkpoint_inside_compile)
 
 
 def optimizer_in_backward_blockers(cfg, on_gpu: bool, world_size: int = 1) -> list[str]:
