@@ -145,11 +145,11 @@ def _whole_rows(query, key, value, scale):
     flash kernel on a CPU) → [B, T, Hq, D]."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # The query laid out as [B, T, H, D] in memory (as the projection wrote it; compiled, RoPE writes it so): the
-    # output then comes in that layout too, which is what cuDNN's kernel returns whatever the query's layout while
-    # torch 2.11's shape function follows the query's. Compiled code that keeps the output for backward
-    # (`save_attention`) checks its strides against the latter. The output transposed back is contiguous.
-    query = query.transpose(1, 2).contiguous().transpose(1, 2)
+    # Contiguous as [B, H, T, D]: compiled, inductor hands cuDNN's kernel a contiguous query whatever layout was
+    # traced, and the kernel's output follows the query's layout, while torch 2.11's shape function follows the
+    # traced one. Compiled code that keeps the output for backward (`save_attention`) checks its strides against
+    # the latter; contiguous, both agree (and RoPE's kernel writes the query so: no extra copy).
+    query = query.contiguous()
     # In order of preference; older GPUs without cuDNN's or flash's kernel still get an answer.
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                       SDPBackend.MATH]):
