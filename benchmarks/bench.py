@@ -34,8 +34,9 @@ the measured peak) and writes the rows as JSON to --out.
 MFU counts matmul FLOPs of the N non-embedding weights, attention left out: 6N per token for full fine-tuning,
 4N for LoRA / QLoRA (forward + input gradients), plus 2N where gradient checkpointing recomputes the forward.
 "+attn" adds attention's matmuls (QK^T and PV over the causal half of each row, forward, twice that backward, once
-more recomputed): at long context they are as much work as the weights' (32k on an 8B shape), so only this figure
-says how close a step is to the chip's limit. Peak: 989 TFLOP/s (H100 / H200 dense bf16).
+more recomputed unless our checkpoint keeps attention's output): at long context they are as much work as the
+weights' (32k on an 8B shape), so only this figure says how close a step is to the chip's limit. Peak: 989 TFLOP/s
+(H100 / H200 dense bf16).
 """
 
 from __future__ import annotations
@@ -213,22 +214,25 @@ def flops_per_token(cfg, shape) -> float:
     return (6 if cfg.method == "full" else 4) * n_matmul + (2 * n_matmul if ckpt else 0)
 
 
-def attention_flops_per_token(cfg, shape) -> float:
+def attention_flops_per_token(cfg, shape, kept: bool = False) -> float:
     """FLOPs a token of attention's two matmuls for rows of one `cfg.max_length` sample: QK^T and PV take s x
     heads x head_dim multiply-adds each per token and layer, averaged over the causal half; backward twice the
-    forward (input gradients: attention has no weights), and once more where checkpointing recomputes it. Flash's
-    backward also recomputes the scores; that is not counted, as MFU counts the work the model needs."""
+    forward (input gradients: attention has no weights), and once more where checkpointing recomputes it (not where
+    the checkpoint keeps attention's output: `kept`). Flash's backward also recomputes the scores; that is not
+    counted, as MFU counts the work the model needs."""
     forward = 2 * 2 * (cfg.max_length / 2) * shape.num_attention_heads * shape.head_dim * shape.num_hidden_layers
-    return forward * (3 + (1 if cfg.resolved_gradient_checkpointing() else 0))
+    return forward * (3 + (1 if cfg.resolved_gradient_checkpointing() and not kept else 0))
 
 
-def mfu(tok_s: float, cfg, path, with_attention: bool = True) -> dict:
-    """{mfu, mfu_attn} at `tok_s` (mfu_attn None when rows are not one sample each: `with_attention` False)."""
+def mfu(tok_s: float, cfg, path, with_attention: bool = True, plan=None) -> dict:
+    """{mfu, mfu_attn} at `tok_s` (mfu_attn None when rows are not one sample each: `with_attention` False); `plan`:
+    ours, whose checkpoint may keep attention's output (a peer's recomputes it)."""
     from tunelab.model.shapes import model_shape
 
     shape = model_shape(path)
     weights = flops_per_token(cfg, shape)
-    attention = attention_flops_per_token(cfg, shape) if with_attention else None
+    kept = plan is not None and plan.save_attention and plan.checkpoint_inside_compile
+    attention = attention_flops_per_token(cfg, shape, kept) if with_attention else None
     return dict(mfu=round(tok_s * weights / PEAK_FLOPS, 4),
                 mfu_attn=None if attention is None else round(tok_s * (weights + attention) / PEAK_FLOPS, 4))
 
@@ -261,7 +265,7 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
                 step_s=timed["step_s"], first_step_s=timed["first_s"],
                 peak_alloc_gib=timed["peak_alloc_gib"], peak_reserved_gib=timed["peak_reserved_gib"],
                 load_peak_reserved_gib=round(load_peak_reserved / 2**30, 2),
-                **mfu(tok_s, run.cfg, run.path, with_attention=not case["vary"]), ckpt=run.plan.checkpointing,
+                **mfu(tok_s, run.cfg, run.path, with_attention=not case["vary"], plan=run.plan), ckpt=run.plan.checkpointing,
                 in_backward=run.plan.optimizer_in_backward,
                 plan_gib=round(estimate_memory(run.cfg, plan=run.plan).total / 2**30, 2), loss=timed["loss"],
                 fast_path=run.model._tunelab_fast_path, profile=timed.get("profile"))
@@ -317,7 +321,8 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
         if v["prof"]:
             timed["profile"] = profile_step(run, v, timed["median"])
         tok_s = v["bs"] * v["seq"] * v["acc"] / timed.pop("median")
-        rows.append(dict(variant=text, tok_s=round(tok_s), **mfu(tok_s, run.cfg, run.path, with_attention=not v["vary"]),
+        rows.append(dict(variant=text, tok_s=round(tok_s),
+                         **mfu(tok_s, run.cfg, run.path, with_attention=not v["vary"], plan=run.plan),
                          **timed))
         print(json.dumps(rows[-1]), flush=True)
     return rows

@@ -36,17 +36,26 @@ def test_rows_of_8k_and_more_offload_layer_inputs_and_slice_the_mlp_only_past_32
     """Round 16, InternLM2-7B QLoRA: at 8k, inputs offloaded without CUDA graphs ran as fast as graphs with the inputs
     on the GPU (10,181 against 10,170 tokens/s) in 2 GiB less; at 4k graphs were faster (10,594 against 10,245) and
     leaner in reserved memory. Round 14, Llama-3.1-8B QLoRA 32k: inputs in CPU memory with the MLP whole ran faster
-    and in less memory than on the GPU with the MLP in 8k slices. Up to 16k the checkpoint stays inside the compiled
-    layer; longer offloaded rows put it around, where the recomputed MLP holds less at once (round 16)."""
+    and in less memory than on the GPU with the MLP in 8k slices. Up to 32k the checkpoint stays inside the compiled
+    layer and keeps attention's output in CPU memory beside the input (round 21: Llama-3.1-8B QLoRA 32k 7,445
+    tokens/s against 6,437 with the checkpoint around, still in less memory than Unsloth); longer rows run the MLP
+    in slices, with the checkpoint around."""
     long = plan_fast_path(TrainConfig(method="qlora", max_length=32768), "cuda")
     assert long.offload_activations and long.mlp_slice is None and not long.cuda_graphs
-    assert long.checkpoint_around and not long.checkpoint_inside_compile
-    assert plan_fast_path(TrainConfig(method="qlora", max_length=65536), "cuda").mlp_slice == 32768
+    assert long.checkpoint_inside_compile and long.save_attention
+    longer = plan_fast_path(TrainConfig(method="qlora", max_length=65536), "cuda")
+    assert longer.mlp_slice == 32768 and not longer.checkpoint_inside_compile
+    whole_mlp = plan_fast_path(TrainConfig(method="qlora", max_length=65536, mlp_chunk_size=None), "cuda")
+    assert whole_mlp.checkpoint_around and not whole_mlp.checkpoint_inside_compile
     for tokens in (8192, 16384):
         offloaded = plan_fast_path(TrainConfig(method="qlora", max_length=tokens), "cuda")
         assert offloaded.offload_activations and offloaded.checkpoint_inside_compile and not offloaded.cuda_graphs
+        assert offloaded.save_attention
     at_4k = plan_fast_path(TrainConfig(method="qlora", max_length=4096), "cuda")
     assert not at_4k.offload_activations and at_4k.cuda_graphs and at_4k.checkpoint_inside_compile
+    assert not at_4k.save_attention  # on the GPU, attention's output would be a second saved tensor a layer
+    no_compile = plan_fast_path(TrainConfig(method="qlora", max_length=8192, use_compile=False), "cuda")
+    assert no_compile.offload_activations and not no_compile.save_attention  # eager: the plain checkpoint
     on_gpu = plan_fast_path(TrainConfig(method="qlora", max_length=32768, offload_activations=False), "cuda")
     assert not on_gpu.offload_activations and on_gpu.mlp_slice == 8192  # 'auto' without offloading: 8k slices
     assert plan_fast_path(TrainConfig(method="qlora", max_length=32768, mlp_chunk_size=8192), "cuda").mlp_slice == 8192

@@ -8,7 +8,7 @@ other. `run_decoder_layers(layers, plan)` takes that over, the same on every ver
 * compiled and checkpointed, the layer's forward becomes compiled(checkpoint(forward)). Dynamo traces the checkpoint
   and AOTAutograd puts the recomputation into the layer's compiled backward graph: fewer launches (Llama-7B QLoRA
   2k: 1.72x -> 2.52x the plain loop), and CUDA graphs can replay forward and backward (3.09x);
-* with MLP slices, which need eager code inside the layer, and for offloaded rows past 16k tokens (the plan's
+* with MLP slices, which need eager code inside the layer, and for offloaded rows past 32k tokens (the plan's
   `checkpoint_around`), it is checkpoint(compiled forward); that is also the fallback when compiling the first
   arrangement fails (`_Fallback`). Offloading the input needs eager code only around the layer (saved-tensor hooks
   that see what the compiled function saves), so it works with either.
@@ -23,8 +23,12 @@ Long context: with checkpointing a decoder keeps one tensor per layer for backwa
 is recomputed one layer at a time in backward. Two things still grow with the sequence:
 
 * the checkpoints themselves: `LayerInputOffload` copies a layer's input to CPU memory as the forward passes it
-  and back as backward reaches the layer, on a copy stream beside the compute. Only the input moves; tensors every
-  layer shares (RoPE cos/sin) and the weights stay on the GPU.
+  and back as backward reaches the layer, on a copy stream beside the compute. Only what grows with the row moves;
+  tensors every layer shares (RoPE cos/sin) and the weights stay on the GPU. With the inputs offloaded and the
+  checkpoint inside the compiled layer, the checkpoint also keeps attention's output and softmax statistics
+  (`_keep_attention_outputs`, the plan's `save_attention`): backward then runs attention's backward without
+  running its forward again, whose cost grows with the row's length (Llama-3.1-8B QLoRA: +3% at 8k, +16% at 32k),
+  and the output waits in CPU memory beside the input.
 * the working set of the one layer being recomputed, largest in the MLP: gate, up, act(gate) and their product are
   four intermediate-size tensors a token (4 x 14336 x 2 bytes = 112 KiB for Llama-3.1-8B, more than the rest of the
   layer together). `_mlp_in_slices` runs the MLP `mlp_chunk_size` tokens at a time, each slice checkpointed, so one

@@ -10,7 +10,8 @@ The levers that compute the plain path's numbers are simply on (those that need 
 rows with the flash varlen kernel (cuDNN's for rows of one sample), the loss over trained tokens in chunks, frozen
 weights in the compute dtype, the lean LoRA forward, QLoRA's 4-bit dequantisation in ops compile fuses, and tunelab's
 own per-layer checkpointing. With compiled layers, LoRA dropout's masks are hashed: torch.nn.Dropout's distribution,
-other random draws. The settings that remain are trade-offs a user makes: `use_compile` (a slower first
+other random draws; and where layer inputs are offloaded, the compiled checkpoint keeps attention's output instead of
+recomputing it. The settings that remain are trade-offs a user makes: `use_compile` (a slower first
 step), `cuda_graphs` (padding to fixed shapes), `offload_activations` (None: on for long rows) and `mlp_chunk_size`
 (memory for time at long context), `embeddings_on_cpu` (GPU memory for a copy a step), `qlora_dequant_once` (memory
 for one dequantisation a pass), `loss_chunk_size`, and `optimizer_in_backward` (on by itself
@@ -35,12 +36,13 @@ LONG_CONTEXT_TOKENS = 8192
 """Rows this long or longer (each rank's share) are long context: `offload_activations = None` offloads their layer
 inputs (at 8k without CUDA graphs as fast as with graphs and the inputs on the GPU, in 2 GiB less: InternLM2-7B
 QLoRA, round 16), and `mlp_chunk_size = 'auto'` without offloading runs the MLP in slices this long past it."""
-OFFLOADED_INSIDE_MAX_TOKENS = 16384
+OFFLOADED_INSIDE_MAX_TOKENS = 32768
 """Offloaded rows up to this many tokens keep the checkpoint inside the compiled layer; longer ones put it around.
 Inside, the recomputation is part of one compiled backward, which skips what backward does not need (o_proj's and
-down_proj's forward) but holds more of the recomputed MLP at once. Llama-3.1-8B QLoRA r32 (round 16): at 16k 8,547
-tokens/s in 10.6 GiB reserved inside, 8,070 in 9.7 around (Unsloth: 8,225 in 10.8); at 32k 6,737 in 16.0 inside,
-6,338 in 14.6 around (Unsloth: 6,535 in 15.3)."""
+down_proj's forward) and keeps attention's output (`save_attention`), but holds more of the recomputed MLP at once.
+Llama-3.1-8B QLoRA r32 at 32k (round 21, one call): 7,445 tokens/s in 14.2 GiB reserved inside, 6,437 in 12.7
+around (Unsloth: 6,513 in 15.3). Past 32k the MLP runs in slices (OFFLOADED_MLP_TOKENS), eager code that puts the
+checkpoint around anyway."""
 OFFLOADED_MLP_TOKENS = 32768
 """`mlp_chunk_size = 'auto'` with offloaded layer inputs: the MLP runs whole up to this many tokens, in slices this
 long past it (Llama-3.1-8B QLoRA 32k: faster than 8k slices, and still leaner than inputs on the GPU; round 14)."""
