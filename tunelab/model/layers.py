@@ -77,13 +77,14 @@ class _Parked:
 
 
 class LayerInputOffload:
-    """Parks each checkpointed layer input in CPU memory as forward passes it and brings it back for backward.
+    """Parks each checkpointed layer input (and attention's output, where the checkpoint keeps it) in CPU memory as
+    forward passes it and brings it back for backward.
 
-    The copies run on a stream of their own, beside the layers' kernels: the copy out of layer i's input while layer
-    i+1 computes (its GPU memory is let go one layer later, when the copy is done), the copy back of layer i-1's
-    input while layer i's backward computes. So two layer inputs are on the GPU at a time instead of one per layer
-    (one above PINNED_MAX_BYTES, copied synchronously). One offloader serves all layers of a model (it keeps the
-    order they were parked in).
+    The copies run on a stream of their own, beside the layers' kernels: the copy out of layer i's tensors while
+    layer i+1 computes (their GPU memory is let go one layer later, when the copy is done), the copy back of layer
+    i-1's while layer i's backward computes. So two layers' saved tensors are on the GPU at a time instead of every
+    layer's (one layer's above PINNED_MAX_BYTES, copied synchronously). One offloader serves all layers of a model
+    (it keeps the order they were parked in).
     """
 
     def __init__(self):
@@ -229,23 +230,27 @@ def _attention_ops() -> set:
     return ops
 
 
-def _recompute_every_op():
-    """checkpoint's context_fn for selective checkpointing that recomputes every op: the plain checkpoint's
-    decisions, taken op by op as they are traced (see FastPathPlan.checkpoint_tags_each_op)."""
+def _recompute_all_but(kept_ops: set):
+    """Selective checkpointing's contexts that keep the outputs of `kept_ops` for backward and recompute every other
+    op (the plain checkpoint's choice, taken op by op as they are traced)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)
+    return create_selective_checkpoint_contexts(
+        lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_SAVE if op in kept_ops
+        else CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _recompute_every_op():
+    """checkpoint's context_fn that recomputes every op: the plain checkpoint, tagged op by op (see
+    FastPathPlan.checkpoint_tags_each_op)."""
+    return _recompute_all_but(set())
 
 
 def _keep_attention_outputs():
     """checkpoint's context_fn that keeps what the attention kernel returns (its output and softmax statistics, what
     its backward reads) and recomputes every other op: backward recomputes the projections but not attention, whose
     cost grows with the row's length (FastPathPlan.save_attention)."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    ops = _attention_ops()
-    return create_selective_checkpoint_contexts(
-        lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE)
+    return _recompute_all_but(_attention_ops())
 
 
 def _checkpointed(cls_forward, context_fn=None):
