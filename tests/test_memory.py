@@ -382,3 +382,22 @@ def test_bf16_adapters_halve_the_adapter_memory_in_the_plan():
     assert bf16[grads] * 2 == fp32[grads]
     assert bf16["AdamW states"] * 2 == fp32["AdamW states"]
     assert 1.1 * GIB < sum(fp32.values()) - sum(bf16.values()) < 1.3 * GIB  # Llama-2-7B r=64: 160M adapter weights
+
+
+def test_offloaded_long_rows_keep_the_checkpoint_inside_where_the_card_holds_it_and_around_where_only_that_fits():
+    """Llama-3.1-8B QLoRA r32 at 32k (round 21: 14.2 GiB reserved inside, 12.7 around): an 80 GB card runs the faster
+    arrangement (inside, attention's output kept), a 16 GB one the checkpoint around the compiled layer, which `tunelab
+    plan` reports as fitting; a card too small for either keeps the plan (and its suggestions)."""
+    from tunelab.model.memory import fit_plan_to_card
+
+    cfg = TrainConfig(pretrained_model_name_or_path=LLAMA3, method="qlora", max_length=32768, lora_r=32,
+                      lora_dropout=0.0, optimizer="adamw_8bit", max_norm=0.0)
+    big = fit_plan_to_card(cfg, card_bytes=80 * GIB)
+    assert big.checkpoint_inside_compile and big.save_attention
+    small = fit_plan_to_card(cfg, card_bytes=16 * 10**9)
+    assert small.checkpoint_around and not small.checkpoint_inside_compile and not small.save_attention
+    assert estimate_memory(cfg, plan=big, card_bytes=16 * 10**9).fits is False
+    assert estimate_memory(cfg, plan=small, card_bytes=16 * 10**9).fits
+    assert "-> fits" in plan_report(cfg, card_bytes=16 * 10**9)
+    tiny_card = fit_plan_to_card(cfg, card_bytes=8 * 10**9)
+    assert tiny_card.checkpoint_inside_compile  # neither fits: nothing gained by switching

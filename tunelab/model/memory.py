@@ -350,10 +350,30 @@ def choose_reference(cfg, device=None, plan=None) -> str | None:
     return cfg.resolved_reference(copy_fits=fits is not False)
 
 
+def fit_plan_to_card(cfg, device=None, plan=None, *, world_size: int | None = None, card_bytes: int | None = None):
+    """The run's `FastPathPlan` for the card (`device`, or `card_bytes` for one that is not here). Offloaded rows keep
+    the checkpoint inside the compiled layer, which keeps attention's output and runs faster, but holds more of the
+    recomputed MLP at once (Llama-3.1-8B QLoRA 32k: 14.2 GiB reserved inside, 12.7 around; BENCHMARKS.md round 21).
+    Where the estimate says the card cannot hold that and can hold the checkpoint around the layer, the plan puts it
+    around; everywhere else the plan stays as it is."""
+    plan = plan or _plan(cfg, world_size or cfg.sequence_parallel_size)
+    if not (plan.offload_activations and plan.checkpoint_inside_compile):
+        return plan
+    try:
+        if estimate_memory(cfg, device, plan, world_size=world_size, card_bytes=card_bytes).fits is not False:
+            return plan
+        around = replace(plan, checkpoint_around=True, save_attention=False)
+        fits_around = estimate_memory(cfg, device, around, world_size=world_size, card_bytes=card_bytes).fits
+    except TunelabError:  # the model's shape is not known here
+        return plan
+    return around if fits_around else plan
+
+
 def plan_report(cfg, device=None, plan=None, *, world_size: int | None = None, card_bytes: int | None = None) -> str:
     """A short text table of the estimate, for `tunelab plan` (per GPU, on `world_size` GPUs)."""
     from tunelab.data.dataset import row_length
 
+    plan = fit_plan_to_card(cfg, device, plan, world_size=world_size, card_bytes=card_bytes)
     reference = choose_reference(cfg, device, plan)
     if reference and reference != cfg.reference:
         cfg = replace(cfg, reference=reference)

@@ -32,7 +32,7 @@ from tunelab.config.schema import to_dict
 from tunelab.data.collate import collate
 from tunelab.data.dataset import row_length
 from tunelab.errors import TunelabError
-from tunelab.model.memory import choose_reference
+from tunelab.model.memory import choose_reference, fit_plan_to_card
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
 from tunelab.train import checkpoint as ckpt
@@ -87,7 +87,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         save_resolved_config(cfg, work_dir / layout.RESOLVED_CONFIG)
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
     data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
-    plan = plan_fast_path(cfg, env.device, env.world_size)
+    # the fast path, with the checkpoint's arrangement fitted to this GPU's memory
+    plan = fit_plan_to_card(cfg, env.device, plan_fast_path(cfg, env.device, env.world_size), world_size=env.world_size)
     reference = choose_reference(cfg, env.device, plan)  # DPO / KTO's reference model: decided once, here
     if reference:
         cfg = dataclasses.replace(cfg, reference=reference)
