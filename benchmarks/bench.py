@@ -231,7 +231,7 @@ def mfu(tok_s: float, cfg, path, with_attention: bool = True, plan=None) -> dict
 
     shape = model_shape(path)
     weights = flops_per_token(cfg, shape)
-    kept = plan is not None and plan.save_attention and plan.checkpoint_inside_compile
+    kept = plan is not None and plan.keeps_attention
     attention = attention_flops_per_token(cfg, shape, kept) if with_attention else None
     return dict(mfu=round(tok_s * weights / PEAK_FLOPS, 4),
                 mfu_attn=None if attention is None else round(tok_s * (weights + attention) / PEAK_FLOPS, 4))

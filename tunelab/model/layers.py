@@ -215,7 +215,8 @@ def _mlp_in_slices(mlp, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.cat(slices).view(*x.shape[:-1], -1)
 
 
-def _attention_ops() -> set:
+@functools.cache
+def _attention_ops() -> frozenset:
     """The attention kernels' ops as autograd sees them in a layer (those this torch has): cuDNN's, flash's and the
     memory-efficient one behind sdpa on a GPU, flash's on the CPU, and the varlen kernel of packed rows."""
     names = [("aten", "_scaled_dot_product_cudnn_attention"), ("aten", "_scaled_dot_product_flash_attention"),
@@ -227,10 +228,10 @@ def _attention_ops() -> set:
             ops.add(getattr(getattr(torch.ops, namespace), name).default)
         except AttributeError:  # not in this torch
             pass
-    return ops
+    return frozenset(ops)
 
 
-def _recompute_all_but(kept_ops: set):
+def _recompute_all_but(kept_ops: frozenset):
     """Selective checkpointing's contexts that keep the outputs of `kept_ops` for backward and recompute every other
     op (the plain checkpoint's choice, taken op by op as they are traced)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -243,7 +244,7 @@ def _recompute_all_but(kept_ops: set):
 def _recompute_every_op():
     """checkpoint's context_fn that recomputes every op: the plain checkpoint, tagged op by op (see
     FastPathPlan.checkpoint_tags_each_op)."""
-    return _recompute_all_but(set())
+    return _recompute_all_but(frozenset())
 
 
 def _keep_attention_outputs():
@@ -320,7 +321,7 @@ def run_decoder_layers(layers, plan) -> dict:
     report, compiled, plain, fallbacks = {}, {}, {}, {}
     n_mlp = n_inside = n_graphed = 0
     inside = plan.checkpoint_inside_compile
-    context_fn = (_keep_attention_outputs if inside and plan.save_attention  # tags each op as traced, too
+    context_fn = (_keep_attention_outputs if plan.keeps_attention  # tags each op as traced, too
                   else _recompute_every_op if plan.checkpoint_tags_each_op else None)
     checkpoint_fn = offload = None
     if plan.checkpointing:

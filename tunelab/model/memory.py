@@ -238,7 +238,7 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     accumulating = cfg.accumulative_counts > 1
     grads_name += " (kept across micro-batches)" if accumulating else " at the peak"
     saved_per_layer = tokens * h * 2  # with checkpointing: the layer's input
-    if plan.save_attention and plan.checkpoint_inside_compile:  # and attention's output and softmax statistics
+    if plan.keeps_attention:  # and attention's output and softmax statistics
         saved_per_layer += tokens * shape.num_attention_heads * (shape.head_dim * 2 + 4)
     if checkpointing:
         # The peak is early in backward: one saved input per layer, the last layer recomputed, the loss chunk;

@@ -109,6 +109,12 @@ class FastPathPlan:
                 and self.sequence_parallel == 1)
 
     @property
+    def keeps_attention(self) -> bool:
+        """The checkpoint keeps attention's output for backward: `save_attention` where the checkpoint is inside the
+        compiled layer (around it, the compiled forward runs again whole)."""
+        return self.save_attention and self.checkpoint_inside_compile
+
+    @property
     def fused_dequant(self) -> bool:
         """The 4-bit dequantisation in plain torch ops that compile fuses into one kernel, in the compiled layers
         (outside them, bitsandbytes' kernel: `nf4.dequantize_4bit_weight`)."""
