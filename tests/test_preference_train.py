@@ -197,7 +197,7 @@ def test_the_memory_plan_counts_pairs_and_the_reference(monkeypatch):
     from dataclasses import replace
 
     from tunelab.config.schema import TrainConfig
-    from tunelab.model import memory
+    from tunelab.model import fit, memory
     from tunelab.model.shapes import model_shape
 
     base = TrainConfig(pretrained_model_name_or_path="meta-llama/Llama-2-7b-chat-hf", method="full", max_length=1024)
@@ -210,14 +210,14 @@ def test_the_memory_plan_counts_pairs_and_the_reference(monkeypatch):
     assert copy.total == memory.estimate_memory(dpo).total + 2 * params
     # 'auto': LoRA switches its adapters off; full takes the copy where it fits, else precomputes
     auto = replace(dpo, reference="auto")
-    assert memory.choose_reference(replace(auto, method="qlora")) == "adapters_off"
-    assert memory.choose_reference(auto) == "copy"  # no GPU to check against
+    assert fit.choose_reference(replace(auto, method="qlora")) == "adapters_off"
+    assert fit.choose_reference(auto) == "copy"  # no GPU to check against
     tight = type("Estimate", (), {"fits": False})()
-    monkeypatch.setattr(memory, "estimate_memory", lambda *a, **k: tight)
-    assert memory.choose_reference(auto) == "precomputed"
-    assert memory.choose_reference(replace(auto, objective="orpo")) is None  # ORPO needs no reference
+    monkeypatch.setattr(fit, "estimate_memory", lambda *a, **k: tight)
+    assert fit.choose_reference(auto) == "precomputed"
+    assert fit.choose_reference(replace(auto, objective="orpo")) is None  # ORPO needs no reference
     monkeypatch.undo()
-    report = memory.plan_report(replace(auto, method="qlora"))
+    report = fit.plan_report(replace(auto, method="qlora"))
     assert "objective dpo (reference: adapters_off), rows of 2048 tokens (a pair)" in report
 
 

@@ -143,7 +143,7 @@ def run_plan(args) -> int:
     from tunelab.errors import TunelabError
 
     try:
-        from tunelab.model.memory import plan_report
+        from tunelab.model.fit import plan_report
     except ImportError:
         raise TunelabError("the memory estimate (tunelab/model/memory.py) is not available in this install.") from None
     cfg = load_config(args.config, _overrides(args))

@@ -81,7 +81,7 @@ class FastPathPlan:
     """Each checkpointed layer input waits in CPU memory until backward."""
     checkpoint_around: bool = False
     """Offloaded rows longer than OFFLOADED_INSIDE_MAX_TOKENS keep the checkpoint around the compiled layer (and
-    shorter ones on a card that holds only that: `tunelab.model.memory.fit_plan_to_card`, which the training loop and
+    shorter ones on a card that holds only that: `tunelab.model.fit.fit_plan_to_card`, which the training loop and
     `tunelab plan` apply to this plan)."""
     save_attention: bool = False
     """With the checkpoint inside the compiled layer, it keeps attention's output and softmax statistics for backward

@@ -32,7 +32,7 @@ from tunelab.config.schema import to_dict
 from tunelab.data.collate import collate
 from tunelab.data.dataset import row_length
 from tunelab.errors import TunelabError
-from tunelab.model.memory import choose_reference, fit_plan_to_card
+from tunelab.model.fit import choose_reference, fit_plan_to_card
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
 from tunelab.train import checkpoint as ckpt

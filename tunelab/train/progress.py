@@ -232,7 +232,8 @@ def check_memory_fits(cfg, device: torch.device, log=print, plan=None, world_siz
     if device.type != "cuda":
         return
     try:
-        from tunelab.model.memory import available_cpu_memory, estimate_memory, plan_report
+        from tunelab.model.fit import plan_report
+        from tunelab.model.memory import available_cpu_memory, estimate_memory
     except ImportError:
         return
     try:
