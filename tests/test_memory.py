@@ -6,7 +6,8 @@ import pytest
 
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.model.memory import estimate_memory, plan_report
+from tunelab.model.fit import plan_report
+from tunelab.model.memory import estimate_memory
 from tunelab.model.shapes import model_shape
 
 LLAMA = "meta-llama/Llama-2-7b-chat-hf"
@@ -132,6 +133,10 @@ HELD_OUT = [
     # beside the input; at 32k inside where it was around
     *[peak(LLAMA3, "qlora", n, measured, lora_r=32, optimizer="adamw_8bit", lora_dropout=0.0,
            qlora_dequant_once=False, max_norm=0.0, **DEFAULTS) for n, measured in ((8192, 7.13), (32768, 13.89))],
+    # round 22 (H200, the same settings): 16k with attention's output kept; InternLM2-7B 8k again
+    *[peak(model, "qlora", n, measured, lora_r=rank, optimizer="adamw_8bit", lora_dropout=0.0,
+           qlora_dequant_once=False, max_norm=0.0, **DEFAULTS)
+      for model, rank, n, measured in ((LLAMA3, 32, 16384, 9.38), (I2_7B, 64, 8192, 7.33))],
     # rounds 7 and 8: the longest context that fit under 8-40 GB caps
     *[peak(LLAMA3, "qlora", n, measured, compiled=False, embeddings_on_cpu=True, **LONG)
       for n, measured in ((2972, 6.25), (5974, 6.98), (21848, 8.98), (33226, 10.61), (40724, 11.82),
@@ -341,7 +346,7 @@ def test_zero_and_fsdp_divide_states_over_the_processes():
 
 def test_plan_names_the_fewest_gpus_a_long_row_must_be_split_over(tmp_path, capsys):
     from tunelab.cli.main import main
-    from tunelab.model.memory import smallest_sequence_parallel
+    from tunelab.model.fit import smallest_sequence_parallel
 
     cfg = TrainConfig(pretrained_model_name_or_path=LLAMA3, method="qlora", lora_r=32, max_length=262144)
     card = 24 * GIB
@@ -388,7 +393,7 @@ def test_offloaded_long_rows_keep_the_checkpoint_inside_where_the_card_holds_it_
     """Llama-3.1-8B QLoRA r32 at 32k (round 21: 14.2 GiB reserved inside, 12.7 around): an 80 GB card runs the faster
     arrangement (inside, attention's output kept), a 16 GB one the checkpoint around the compiled layer, which `tunelab
     plan` reports as fitting; a card too small for either keeps the plan (and its suggestions)."""
-    from tunelab.model.memory import fit_plan_to_card
+    from tunelab.model.fit import fit_plan_to_card
 
     cfg = TrainConfig(pretrained_model_name_or_path=LLAMA3, method="qlora", max_length=32768, lora_r=32,
                       lora_dropout=0.0, optimizer="adamw_8bit", max_norm=0.0)
