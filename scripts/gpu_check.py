@@ -383,23 +383,26 @@ def identity_check(method, device, base=None, name="TuneBot"):
     if settings["lora_dropout"]:
         runs.update({"fast path, layers not compiled": dict(fast_path=True, use_compile=False),
                      "fast path, MLP in slices": dict(fast_path=True, mlp_chunk_size=64)})
-    curves, answers, last = {}, {}, {}
+    curves, answers = {}, {}
     for i, (run, changes) in enumerate(runs.items()):
         work = tmp / f"work_{i}"
         result = train(TrainConfig(**settings, **changes), work, device=str(device))
         curves[run] = [result.losses[s] for s in sorted(result.losses)]
         answers[run] = (work / f"eval_outputs_iter_{result.step}.txt").read_text(encoding="utf-8").count(name)
-        last[run] = result.last_checkpoint
+        if run == "off":
+            taught = Path(result.last_checkpoint) / MODEL_DIR
     plain = curves["off"]
     # Without dropout both runs see the same numbers, so 5-step windows agree. With LoRA dropout the two paths draw
     # different masks and the curves wander apart step by step; compare them epoch by epoch instead.
     width = 5 if settings["lora_dropout"] == 0 else len(plain) // settings["max_epochs"]
+
+    def window_means(curve):
+        return [sum(curve[i:i + width]) / len(curve[i:i + width]) for i in range(0, len(curve), width)]
+
     for run, fast in curves.items():
         if run == "off":
             continue
-        windows = [(sum(fast[i:i + width]) / len(fast[i:i + width]), sum(plain[i:i + width]) / len(plain[i:i + width]))
-                   for i in range(0, len(fast), width)]
-        worst = max(abs(a - b) - 0.05 * b for a, b in windows)
+        worst = max(abs(a - b) - 0.05 * b for a, b in zip(window_means(fast), window_means(plain)))
         check(f"{method}: identity training, {run} vs off, loss curves", len(fast) == len(plain) and worst <= 0.05
               and fast[-1] < falls_to * fast[0] and plain[-1] < falls_to * plain[0],
               f"{len(fast)} steps, loss {fast[0]:.3f} -> {fast[-1]:.3f} vs {plain[0]:.3f} -> {plain[-1]:.3f}, "
@@ -407,7 +410,7 @@ def identity_check(method, device, base=None, name="TuneBot"):
     check(f"{method}: identity training, every run answers with the new name",
           all(count >= 2 for count in answers.values()),
           ", ".join(f"{run}: {count} answers name {name}" for run, count in answers.items()))
-    return Path(last["off"]) / MODEL_DIR
+    return taught
 
 
 CHECKS = ("kernel", "loss", "adamw8bit", "paths", "graphs", "inbackward", "long", "identity")

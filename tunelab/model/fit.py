@@ -55,10 +55,11 @@ def smallest_sequence_parallel(cfg, card_bytes: int) -> int | None:
 
 
 def plan_report(cfg, device=None, plan=None, *, world_size: int | None = None, card_bytes: int | None = None) -> str:
-    """A short text table of the estimate, for `tunelab plan` (per GPU, on `world_size` GPUs)."""
+    """A short text table of the estimate, for `tunelab plan` (per GPU, on `world_size` GPUs). `plan`: the run's own,
+    fitted to its card already (the training loop's); without one, the plan `cfg` gets, fitted to the card here."""
     from tunelab.data.dataset import row_length
 
-    plan = fit_plan_to_card(cfg, device, plan, world_size=world_size, card_bytes=card_bytes)
+    plan = plan or fit_plan_to_card(cfg, device, world_size=world_size, card_bytes=card_bytes)
     reference = choose_reference(cfg, device, plan)
     if reference and reference != cfg.reference:
         cfg = replace(cfg, reference=reference)
