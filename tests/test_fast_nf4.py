@@ -243,3 +243,79 @@ def test_compiled_dequantize_equals_eager():
         compiled = torch.compile(dequantize_nf4, fullgraph=True)
         assert torch.equal(compiled(packed, state), dequantize_nf4(packed, state)), (shape, dtype, nested)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_compiled_lora_on_a_4bit_layer_over_many_tokens_merges_the_adapter_into_the_weight(bias):
+    """Compiled, the lean LoRA forward of a 4-bit layer (dequantised again in backward, the QLoRA default) over many
+    tokens adds the adapter to the dequantised weight and runs one matmul (`nf4.nf4_linear_with_adapter`): output,
+    input gradient and LoRA gradients equal peft's own eager forward in fp32, the forward's matmuls are B @ A and
+    x by the merged weight where peft runs three by x, and no 16- or 32-bit weight is saved for backward (it
+    dequantises again). Over a few tokens the layer keeps peft's three (merging would cost more than it saves)."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    import torch._dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from tunelab.model.fast import patch_4bit_linears, use_lean_lora
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = _linear4bit(64, 40, torch.float32, bias=bias)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["proj"]))
+    with torch.no_grad():  # lora_B starts at zero: make the adapter's output and its A-gradients non-zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    if bias:
+        model.base_model.model.proj.base_layer.bias.requires_grad_(True)
+    lean = copy.deepcopy(model)
+    assert patch_4bit_linears(lean, fused=True, keep_for_backward=False) == 1
+    assert use_lean_lora(lean) == 1
+    forward_graphs = []
+
+    def keep_forward(gm, example_inputs):
+        forward_graphs.append(gm.graph)
+        return make_boxed_func(gm)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lean, fullgraph=True)  # inductor, as on the GPU (its C++ code here)
+    x = torch.randn(3, 40, 64)  # 120 tokens: past the point where merging pays for a 64 -> 40 layer (61)
+    results = []
+    for module, params in ((model, model), (compiled, lean)):
+        xi = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = module(xi)
+        (out**2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in params.named_parameters() if p.requires_grad}
+        results.append((out.detach(), xi.grad, grads, saved))
+    (ref, ref_x, ref_g, _), (got, got_x, got_g, saved) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_x, ref_x, rtol=1e-5, atol=1e-5)
+    assert ref_g.keys() == got_g.keys() and len(got_g) == 2 + bias
+    for name in got_g:  # fp32 sums over 120 tokens in another order: compared as a whole
+        assert (got_g[name] - ref_g[name]).norm() <= 1e-5 * ref_g[name].norm(), name
+    assert (40, 64 + 8) not in saved and (40, 64) not in saved  # the 4-bit bytes are saved, no 16/32-bit weight
+
+    def forward_matmuls(tokens):
+        torch._dynamo.reset()
+        forward_graphs.clear()
+        backend = aot_autograd(fw_compiler=keep_forward, bw_compiler=make_boxed_func)
+        torch.compile(lean, backend=backend, fullgraph=True)(torch.randn(1, tokens, 64, requires_grad=True))
+        ops = [str(node.target) for node in forward_graphs[0].nodes if node.op == "call_function"]
+        return sum(op in ("aten.mm.default", "aten.addmm.default") for op in ops)
+
+    assert forward_matmuls(120) == 2  # B @ A into the weight, x by it (peft's: base, lora_A, lora_B, all by x)
+    assert forward_matmuls(15) == 3
+    lean.base_model.model.proj.lora_dropout["default"] = torch.nn.Dropout(0.1)  # the adapter sees another x
+    assert forward_matmuls(120) == 3
+    torch._dynamo.reset()

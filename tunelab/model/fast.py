@@ -39,6 +39,10 @@ def downcast_frozen_weights(model, dtype: torch.dtype) -> int:
     return saved
 
 
+DEQUANTIZES_AGAIN = "_tunelab_dequantizes_again"
+"""Set on a 4-bit linear layer by `patch_4bit_linears`: its forward is `nf4.nf4_linear_forward_dequantizing_again`."""
+
+
 def patch_4bit_linears(model, *, fused: bool, keep_for_backward: bool) -> int:
     """Give every bitsandbytes 4-bit linear layer of `model` the forward the plan chose; returns how many.
 
@@ -65,6 +69,8 @@ def patch_4bit_linears(model, *, fused: bool, keep_for_backward: bool) -> int:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and module.weight.dtype == torch.uint8:
             module.forward = types.MethodType(forward, module)
+            # said on the layer, for the LoRA forward: torch 2.11's dynamo does not see the patched forward itself
+            setattr(module, DEQUANTIZES_AGAIN, forward is nf4_linear_forward_dequantizing_again)
             count += 1
     return count
 
@@ -77,8 +83,9 @@ def lean_lora_forward(self, x, *args, **kwargs):
     and pass. With ~200 adapted linears and three passes a step (checkpointing recomputes the forward) the step is
     bound by launching them. Here dropout runs on x as it comes (bf16 under autocast) and the scale and the add go
     into one addmm (fp32 accumulation, one rounding): the same function, five kernels. Under torch.compile the add
-    of a bf16 layer is left to inductor instead (see below). Adapter weights, their names and peft's save format
-    are untouched; anything else (several or disabled adapters, DoRA, merged weights,
+    of a bf16 layer is left to inductor instead (see below), and a 4-bit layer without dropout over many tokens adds
+    the adapter to its dequantised weight and runs one matmul (`nf4.nf4_linear_with_adapter`). Adapter weights, their
+    names and peft's save format are untouched; anything else (several or disabled adapters, DoRA, merged weights,
     mixed dtypes without autocast) takes peft's own forward.
     """
     names = self.active_adapters
@@ -89,21 +96,47 @@ def lean_lora_forward(self, x, *args, **kwargs):
     autocast = torch.is_autocast_enabled(x.device.type)
     if not usual or not (autocast or x.dtype == lora_a.dtype):
         return type(self).forward(self, x, *args, **kwargs)
+    lora_b = self.lora_B[name].weight
+    if (torch.compiler.is_compiling() and not kwargs
+            and _merges_into_the_weight(self.base_layer, self.lora_dropout[name], lora_a.shape, x)):
+        # a compiled 4-bit layer over many tokens: the adapter is added to the weight, one matmul (nf4.py)
+        from tunelab.model.nf4 import nf4_linear_with_adapter
+
+        return nf4_linear_with_adapter(self.base_layer, x, lora_a, lora_b, self.scaling[name])
     result = self.base_layer(x, **kwargs)
     if not autocast and result.dtype != x.dtype:
         return type(self).forward(self, x, *args, **kwargs)
-    lora_b = self.lora_B[name].weight
     low_rank = torch.nn.functional.linear(self.lora_dropout[name](x), lora_a)
     if torch.compiler.is_compiling() and not hasattr(self.base_layer.weight, "quant_state"):
         # Compiled, the scale and the add go into the next elementwise kernel (RoPE, SwiGLU, the residual), which
         # reads the base output anyway; addmm would first copy the base output into its own (a device-to-device
         # copy per linear and pass: 6 ms of a 200 ms Llama-7B LoRA step). The price: the recomputed layer holds
         # base and adapter outputs apart until its backward, +0.2 GiB at 7B. 4-bit layers, run for memory, keep
-        # addmm (Llama-7B QLoRA: 5.91 GiB against 6.10 with the elementwise add).
+        # addmm where they do not merge (Llama-7B QLoRA: 5.91 GiB against 6.10 with the add).
         return result + torch.nn.functional.linear(low_rank, lora_b) * self.scaling[name]
     out = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), lora_b.t(),
                       alpha=self.scaling[name])
     return out.view(result.shape)
+
+
+def _merges_into_the_weight(base_layer, dropout, lora_a_shape, x) -> bool:
+    """Whether a LoRA layer runs as one matmul by its 4-bit weight plus the adapter (`nf4.nf4_linear_with_adapter`):
+    a base layer whose backward dequantises again (the plan's default for QLoRA), no LoRA dropout (the adapter sees
+    the x the base layer sees), and enough tokens that the passes over activations it saves (x read by lora_A, the
+    output copied and added to: about rows * (in + 4 out)) outweigh the passes over the weight it adds (about
+    in * out, times WEIGHT_PASS_COST)."""
+    rank, in_features = lora_a_shape
+    out_features = base_layer.out_features
+    rows = x.numel() // in_features
+    no_dropout = isinstance(dropout, torch.nn.Identity) or getattr(dropout, "p", None) == 0
+    enough = rows * (in_features + 4 * out_features) >= WEIGHT_PASS_COST * in_features * out_features
+    return getattr(base_layer, DEQUANTIZES_AGAIN, False) and no_dropout and enough
+
+
+WEIGHT_PASS_COST = 5.3
+"""How much a pass over a weight costs against one over an activation of the same size, fitted on an H200 (BENCHMARKS.md
+round 23: every layer merged, Llama-7B QLoRA at 2k tokens ran 10% slower, Llama-3.1-8B at 4k the same and at 8k 3%
+faster). For a 4096-wide layer it merges from about 4,300 tokens a row; an 8B MLP's down projection from 10,000."""
 
 
 def use_lean_lora(model, on: bool = True, hashed_dropout: bool = False) -> int:

@@ -176,7 +176,68 @@ def nf4_linear_forward_dequantizing_again(self, x: torch.Tensor, *args, **kwargs
     return _nf4_linear(self, x, keep_for_backward=False)
 
 
+class _AdapterMergedIntoTheWeight(torch.autograd.Function):
+    """F.linear(x, W + scale * lora_b @ lora_a, bias) for a 4-bit W: base layer and LoRA adapter as one matmul.
+
+    peft adds a LoRA adapter's output to the base layer's: a matmul of x by lora_a (reading all of x), then an addmm
+    that copies the base output and reads and writes it once more, and in backward one more add into x's gradient.
+    Those passes grow with the tokens; at 8k tokens on an 8B shape they were 9% of a QLoRA step (BENCHMARKS.md round
+    22). Adding the adapter to the weight instead costs passes over the weight, which do not grow with the tokens:
+    the dequantised weight takes `scale * B @ A` (one addmm of depth r, which compiled fuses into the
+    dequantisation) and the layer is one matmul. Backward dequantises again, adds the adapter again, and takes the
+    input gradient in one matmul; lora_a's and lora_b's gradients are the usual ones, from x and the output gradient.
+    Only x and the 4-bit bytes are saved. The merged weight is rounded to the compute dtype once, as the base layer's
+    own output is; `lean_lora_forward` takes this path only without LoRA dropout (the adapter must see the same x).
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, quant_state, lora_a, lora_b, scale, bias):
+        ctx.quant_state, ctx.scale = quant_state, scale
+        ctx.save_for_backward(x, packed, lora_a, lora_b)
+        weight = dequantize_4bit_weight(packed, quant_state).to(x.dtype)
+        return F.linear(x, torch.addmm(weight, lora_b, lora_a, alpha=scale), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, packed, lora_a, lora_b = ctx.saved_tensors
+        grad_x = grad_a = grad_b = grad_bias = None
+        grad_2d, x_2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            import bitsandbytes.functional as bnbf  # see _DequantizeAgainInBackward
+
+            weight = bnbf.dequantize_4bit(packed, ctx.quant_state).to(grad.dtype)
+            grad_x = grad @ torch.addmm(weight, lora_b, lora_a, alpha=ctx.scale)
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_2d @ lora_b).t() @ x_2d * ctx.scale
+        if ctx.needs_input_grad[4]:
+            grad_b = grad_2d.t() @ (x_2d @ lora_a.t()) * ctx.scale
+        if ctx.needs_input_grad[6]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, None, None, grad_a, grad_b, None, grad_bias
+
+
+def nf4_linear_with_adapter(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """`self(x) + scale * x @ lora_a.T @ lora_b.T` for a `Linear4bit` patched with
+    `nf4_linear_forward_dequantizing_again`, in one matmul (`_AdapterMergedIntoTheWeight`). The lean LoRA forward
+    calls it in compiled code, where the adapter's add fuses into the dequantisation."""
+    packed, quant_state, x, input_dtype = _prepare(self, x)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return _AdapterMergedIntoTheWeight.apply(x, packed, quant_state, lora_a.to(x.dtype), lora_b.to(x.dtype), scale,
+                                             bias).to(input_dtype)
+
+
 def _nf4_linear(self, x: torch.Tensor, keep_for_backward: bool) -> torch.Tensor:
+    packed, quant_state, x, input_dtype = _prepare(self, x)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    if not keep_for_backward:
+        return _DequantizeAgainInBackward.apply(x, packed, quant_state, bias).to(input_dtype)
+    w = dequantize_4bit_weight(packed, quant_state).to(x.dtype)
+    return F.linear(x, w, bias).to(input_dtype)
+
+
+def _prepare(self, x: torch.Tensor):
+    """A Linear4bit's packed weight and QuantState, x in its compute dtype, and x's own dtype (for the output)."""
     weight = self.weight
     quant_state = getattr(weight, "quant_state", None) or getattr(self, "quant_state", None)
     if quant_state is None:
@@ -196,9 +257,4 @@ def _nf4_linear(self, x: torch.Tensor, keep_for_backward: bool) -> torch.Tensor:
     input_dtype = x.dtype
     if getattr(self, "compute_dtype", None) is not None:
         x = x.to(self.compute_dtype)
-
-    bias = None if self.bias is None else self.bias.to(x.dtype)
-    if not keep_for_backward:
-        return _DequantizeAgainInBackward.apply(x, packed, quant_state, bias).to(input_dtype)
-    w = dequantize_4bit_weight(packed, quant_state).to(x.dtype)
-    return F.linear(x, w, bias).to(input_dtype)
+    return packed, quant_state, x, input_dtype
