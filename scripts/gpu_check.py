@@ -160,10 +160,11 @@ def path_check(method, model_dir, device):
     c_err = ((g_comp - g_plain).norm() / g_plain.norm()).item()
     check(f"{method}: compiled fast path vs plain", rel <= 1e-2 and c_err <= 5e-2,
           f"loss {loss_comp:.5f}, grads rel {c_err:.2e}")
-    fast_to_ref = ((g_fast - g_ref).norm() / g_ref.norm()).item()
     plain_to_ref = ((g_plain - g_ref).norm() / g_ref.norm()).item()
-    check(f"{method}: fast no further from fp32 than plain bf16", fast_to_ref <= 2 * plain_to_ref + 1e-3,
-          f"{fast_to_ref:.2e} vs {plain_to_ref:.2e}")
+    for label, g in (("fast", g_fast), ("compiled fast", g_comp)):  # compiled QLoRA merges adapters into weights
+        to_ref = ((g - g_ref).norm() / g_ref.norm()).item()
+        check(f"{method}: {label} no further from fp32 than plain bf16", to_ref <= 2 * plain_to_ref + 1e-3,
+              f"{to_ref:.2e} vs {plain_to_ref:.2e}")
 
 
 def long_context_check(method, model_dir, device):
