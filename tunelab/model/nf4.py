@@ -27,6 +27,7 @@ The storage format, as bitsandbytes 0.4x-0.50 writes it (functional.quantize_4bi
 `nf4_linear_forward` is a drop-in forward for `bitsandbytes.nn.Linear4bit` built on it. Either it hands F.linear a
 plain tensor, so autograd saves the dequantised weight for backward instead of dequantising again there (faster), or
 backward dequantises again (one layer's 16-bit weights less memory): the plan's `dequantize_once`.
+`nf4_linear_with_adapter` is the second with a LoRA adapter added to the dequantised weight, one matmul for both.
 """
 
 from __future__ import annotations
