@@ -125,7 +125,7 @@ def _merges_into_the_weight(base_layer, dropout, lora_a_shape, x) -> bool:
     the x the base layer sees), and enough tokens that the passes over activations it saves (x read by lora_A, the
     output copied and added to: about rows * (in + 4 out)) outweigh the passes over the weight it adds (about
     in * out, times WEIGHT_PASS_COST)."""
-    rank, in_features = lora_a_shape
+    _, in_features = lora_a_shape
     out_features = base_layer.out_features
     rows = x.numel() // in_features
     no_dropout = isinstance(dropout, torch.nn.Identity) or getattr(dropout, "p", None) == 0

@@ -184,8 +184,8 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
     that copies the base output and reads and writes it once more, and in backward one more add into x's gradient.
     Those passes grow with the tokens; at 8k tokens on an 8B shape they were 9% of a QLoRA step (BENCHMARKS.md round
     22). Adding the adapter to the weight instead costs passes over the weight, which do not grow with the tokens:
-    the dequantised weight takes `scale * B @ A` (one addmm of depth r, which compiled fuses into the
-    dequantisation) and the layer is one matmul. Backward dequantises again, adds the adapter again, and takes the
+    the dequantised weight takes `scale * B @ A` (one addmm of depth r over the weight) and the layer is one
+    matmul. Backward dequantises again, adds the adapter again, and takes the
     input gradient in one matmul; lora_a's and lora_b's gradients are the usual ones, from x and the output gradient.
     Only x and the 4-bit bytes are saved. The merged weight is rounded to the compute dtype once, as the base layer's
     own output is; `lean_lora_forward` takes this path only without LoRA dropout (the adapter must see the same x).
@@ -221,7 +221,7 @@ def nf4_linear_with_adapter(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b:
                             scale: float) -> torch.Tensor:
     """`self(x) + scale * x @ lora_a.T @ lora_b.T` for a `Linear4bit` patched with
     `nf4_linear_forward_dequantizing_again`, in one matmul (`_AdapterMergedIntoTheWeight`). The lean LoRA forward
-    calls it in compiled code, where the adapter's add fuses into the dequantisation."""
+    calls it in compiled code, where the dequantisation is one fused kernel."""
     packed, quant_state, x, input_dtype = _prepare(self, x)
     bias = None if self.bias is None else self.bias.to(x.dtype)
     return _AdapterMergedIntoTheWeight.apply(x, packed, quant_state, lora_a.to(x.dtype), lora_b.to(x.dtype), scale,
