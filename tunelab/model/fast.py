@@ -8,7 +8,8 @@ plain path: tests/test_fast_*.py check that on CPU, scripts/gpu_check.py on a GP
     weight (embeddings, lm_head, norms) to fp32; frozen ones gain nothing from it and cost memory and fp32 matmuls,
     so they go back to bf16/fp16;
   * QLoRA's 4-bit weight dequantised in ops compile fuses, and (a setting) kept for backward (`patch_4bit_linears`);
-  * the lean LoRA forward (`lean_lora_forward`), its dropout masks a hash (`tunelab.model.dropout`);
+  * the lean LoRA forward (`lean_lora_forward`), its dropout masks a hash (`tunelab.model.dropout`); compiled
+    4-bit layers over many tokens add the adapter to the weight (`nf4.nf4_linear_with_adapter`);
   * a frozen input embedding looked up in CPU memory (`EmbeddingOnCPU`);
   * how each decoder layer runs: checkpointed (its input optionally in CPU memory), compiled, replayed as CUDA
     graphs, its MLP in slices (`tunelab.model.layers`).
@@ -24,6 +25,7 @@ import torch
 
 from tunelab.model.dropout import use_hashed_dropout
 from tunelab.model.layers import run_decoder_layers
+from tunelab.model.nf4 import nf4_linear_forward, nf4_linear_forward_dequantizing_again, nf4_linear_with_adapter
 from tunelab.model.parts import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,6 @@ def patch_4bit_linears(model, *, fused: bool, keep_for_backward: bool) -> int:
     checkpointing the forward runs twice, so two dequantisations a step instead of three. False: backward dequantises
     again, which bitsandbytes' own forward already does when not fused.
     """
-    from tunelab.model.nf4 import nf4_linear_forward, nf4_linear_forward_dequantizing_again
-
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -97,11 +97,9 @@ def lean_lora_forward(self, x, *args, **kwargs):
     if not usual or not (autocast or x.dtype == lora_a.dtype):
         return type(self).forward(self, x, *args, **kwargs)
     lora_b = self.lora_B[name].weight
-    if (torch.compiler.is_compiling() and not kwargs
-            and _merges_into_the_weight(self.base_layer, self.lora_dropout[name], lora_a.shape, x)):
+    if torch.compiler.is_compiling() and not kwargs and _merges_into_the_weight(self.base_layer,
+                                                                                 self.lora_dropout[name], x):
         # a compiled 4-bit layer over many tokens: the adapter is added to the weight, one matmul (nf4.py)
-        from tunelab.model.nf4 import nf4_linear_with_adapter
-
         return nf4_linear_with_adapter(self.base_layer, x, lora_a, lora_b, self.scaling[name])
     result = self.base_layer(x, **kwargs)
     if not autocast and result.dtype != x.dtype:
@@ -119,24 +117,23 @@ def lean_lora_forward(self, x, *args, **kwargs):
     return out.view(result.shape)
 
 
-def _merges_into_the_weight(base_layer, dropout, lora_a_shape, x) -> bool:
-    """Whether a LoRA layer runs as one matmul by its 4-bit weight plus the adapter (`nf4.nf4_linear_with_adapter`):
-    a base layer whose backward dequantises again (the plan's default for QLoRA), no LoRA dropout (the adapter sees
-    the x the base layer sees), and enough tokens that the passes over activations it saves (x read by lora_A, the
-    output copied and added to: about rows * (in + 4 out)) outweigh the passes over the weight it adds (about
-    in * out, times WEIGHT_PASS_COST)."""
-    _, in_features = lora_a_shape
-    out_features = base_layer.out_features
-    rows = x.numel() // in_features
-    no_dropout = isinstance(dropout, torch.nn.Identity) or getattr(dropout, "p", None) == 0
-    enough = rows * (in_features + 4 * out_features) >= WEIGHT_PASS_COST * in_features * out_features
-    return getattr(base_layer, DEQUANTIZES_AGAIN, False) and no_dropout and enough
-
-
 WEIGHT_PASS_COST = 5.3
 """How much a pass over a weight costs against one over an activation of the same size, fitted on an H200 (BENCHMARKS.md
 round 23: every layer merged, Llama-7B QLoRA at 2k tokens ran 10% slower, Llama-3.1-8B at 4k the same and at 8k 3%
 faster). For a 4096-wide layer it merges from about 4,300 tokens a row; an 8B MLP's down projection from 10,000."""
+
+
+def _merges_into_the_weight(base_layer, dropout, x) -> bool:
+    """Whether a LoRA layer runs as one matmul by its 4-bit weight plus the adapter (`nf4.nf4_linear_with_adapter`):
+    a base layer whose backward dequantises again (the plan's default for QLoRA), no LoRA dropout (the adapter sees
+    the x the base layer sees), and enough tokens that the passes over activations it saves (x read by lora_A, the
+    output copied and added to: about rows * (in + 4 out)) outweigh the passes over the weight it adds (about
+    in * out, times WEIGHT_PASS_COST). Decided when compile traces the layer, not each step."""
+    no_dropout = isinstance(dropout, torch.nn.Identity) or getattr(dropout, "p", None) == 0
+    if not (getattr(base_layer, DEQUANTIZES_AGAIN, False) and no_dropout):  # first: only a Linear4bit has the flag
+        return False
+    n_in, n_out = base_layer.in_features, base_layer.out_features
+    return (x.numel() // n_in) * (n_in + 4 * n_out) >= WEIGHT_PASS_COST * n_in * n_out
 
 
 def use_lean_lora(model, on: bool = True, hashed_dropout: bool = False) -> int:

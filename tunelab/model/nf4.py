@@ -222,15 +222,13 @@ def nf4_linear_with_adapter(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b:
     """`self(x) + scale * x @ lora_a.T @ lora_b.T` for a `Linear4bit` patched with
     `nf4_linear_forward_dequantizing_again`, in one matmul (`_AdapterMergedIntoTheWeight`). The lean LoRA forward
     calls it in compiled code, where the dequantisation is one fused kernel."""
-    packed, quant_state, x, input_dtype = _prepare(self, x)
-    bias = None if self.bias is None else self.bias.to(x.dtype)
+    packed, quant_state, x, bias, input_dtype = _prepare(self, x)
     return _AdapterMergedIntoTheWeight.apply(x, packed, quant_state, lora_a.to(x.dtype), lora_b.to(x.dtype), scale,
                                              bias).to(input_dtype)
 
 
 def _nf4_linear(self, x: torch.Tensor, keep_for_backward: bool) -> torch.Tensor:
-    packed, quant_state, x, input_dtype = _prepare(self, x)
-    bias = None if self.bias is None else self.bias.to(x.dtype)
+    packed, quant_state, x, bias, input_dtype = _prepare(self, x)
     if not keep_for_backward:
         return _DequantizeAgainInBackward.apply(x, packed, quant_state, bias).to(input_dtype)
     w = dequantize_4bit_weight(packed, quant_state).to(x.dtype)
@@ -238,7 +236,8 @@ def _nf4_linear(self, x: torch.Tensor, keep_for_backward: bool) -> torch.Tensor:
 
 
 def _prepare(self, x: torch.Tensor):
-    """A Linear4bit's packed weight and QuantState, x in its compute dtype, and x's own dtype (for the output)."""
+    """A Linear4bit's packed weight and QuantState, x and the bias in its compute dtype, and x's own dtype (for the
+    output)."""
     weight = self.weight
     quant_state = getattr(weight, "quant_state", None) or getattr(self, "quant_state", None)
     if quant_state is None:
@@ -258,4 +257,5 @@ def _prepare(self, x: torch.Tensor):
     input_dtype = x.dtype
     if getattr(self, "compute_dtype", None) is not None:
         x = x.to(self.compute_dtype)
-    return packed, quant_state, x, input_dtype
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return packed, quant_state, x, bias, input_dtype
