@@ -20,8 +20,8 @@ Options after '@' change our side only, and each is a setting a user chooses (do
   hash=0/1      not a setting: overrides the plan's hashed_dropout (0: torch's dropout in the lean LoRA forward)
   sattn=0/1     not a setting: overrides the plan's save_attention (0: the checkpoint recomputes attention too)
 and two that say what to measure: vary=1 (packed rows of 1-16 samples that change from step to step, padded to
-seq), prof=1 (profile one more step: kernel count, GPU busy vs wall time, GPU time by kernel kind, top kernels and
-CPU ops; tables to $OUT).
+seq), prof=1 (profile one more step: GPU time by kernel kind, the compute stream's idle gaps, top kernels and CPU
+ops; benchmarks/step_profile.py, tables and the trace to $OUT).
 Every run is its own subprocess, so peaks do not leak between cases, and every process (the baseline's too) runs with
 `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`, as `tunelab train` sets it. `--sweep 'V1 V2 ...' CASE` loads CASE once
 and times each variant (drop, bs, acc, vary, prof, and compile=1, which stays on once set), our side only, rows to
@@ -50,6 +50,8 @@ import os
 import subprocess
 import sys
 import time
+
+from step_profile import profile_step
 
 PEAK_FLOPS = 989e12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,7 +261,7 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
     load_peak_reserved = torch.cuda.max_memory_reserved()  # loading quantises from 16-bit copies: a peak of its own
     timed = time_steps(run, case, 24 if case["vary"] else steps, warm)
     if case["prof"]:
-        timed["profile"] = profile_step(run, case, timed["median"])
+        timed["profile"] = profile_step(lambda: _step(run, case), profile_label(case), timed["median"])
     tok_s = case["bs"] * case["seq"] * case["acc"] / timed["median"]
     return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), mean_s_per_step=timed["mean_s"],
                 step_s=timed["step_s"], first_step_s=timed["first_s"],
@@ -319,7 +321,7 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
             print(json.dumps(rows[-1]), flush=True)
             continue
         if v["prof"]:
-            timed["profile"] = profile_step(run, v, timed["median"])
+            timed["profile"] = profile_step(lambda: _step(run, v), profile_label(v), timed["median"])
         tok_s = v["bs"] * v["seq"] * v["acc"] / timed.pop("median")
         rows.append(dict(variant=text, tok_s=round(tok_s),
                          **mfu(tok_s, run.cfg, run.path, with_attention=not v["vary"], plan=run.plan),
@@ -328,50 +330,8 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
     return rows
 
 
-def kernel_kind(name: str) -> str:
-    """A coarse class for a CUDA kernel's name, to see where a step's GPU time goes."""
-    low = name.lower()
-    for kind, words in (("compiled (triton)", ("triton",)), ("attention", ("flash", "fmha", "cudnn", "attn")),
-                        ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")),
-                        ("copy", ("memcpy", "memset", "copy")), ("optimizer", ("adam", "optimizer", "multi_tensor")),
-                        ("loss", ("softmax", "nll", "cross_entropy")), ("nf4", ("dequant",))):
-        if any(w in low for w in words):
-            return kind
-    return "other"
-
-
-def profile_step(run: Run, case: dict, step_s: float) -> dict:
-    """Profile one more step: kernel count, GPU busy vs wall time, top kernels and CPU ops (full tables to $OUT)."""
-    import torch
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        _step(run, case)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    # GPU-side copies of user annotations ("Optimizer.step#...") would count their kernels twice.
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
-    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
-    averages = prof.key_averages()
-    name = f"profile_{case['shape']}_{case['method']}_fast{case['fast']}_drop{case['drop']}_bs{case['bs']}.txt"
-    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
-        f.write(averages.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
-        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
-    top = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:15]
-    kinds: dict[str, float] = {}
-    for e in kernels:
-        kind = kernel_kind(e.name)
-        kinds[kind] = kinds.get(kind, 0.0) + e.time_range.elapsed_us() / 1e3
-    top_cpu = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
-    return dict(kernels=len(kernels), gpu_busy_ms=round(busy_us / 1e3, 1), step_ms_unprofiled=round(step_s * 1e3, 1),
-                step_ms_profiled=round(wall * 1e3, 1), idle_frac=round(1 - busy_us / 1e6 / step_s, 3),
-                gpu_ms_by_kind={k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-                top_gpu=[(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 1)) for e in top],
-                top_cpu=[(e.key[:60], e.count, round(e.self_cpu_time_total / 1e3, 1)) for e in top_cpu])
+def profile_label(case: dict) -> str:
+    return f"{case['shape']}_{case['method']}_{case['seq']}_fast{case['fast']}_cg{case['cg']}_drop{case['drop']}_bs{case['bs']}"
 
 
 def allocate_as_tunelab_train() -> None:
