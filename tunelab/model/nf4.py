@@ -184,19 +184,21 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
     that copies the base output and reads and writes it once more, and in backward one more add into x's gradient.
     Those passes grow with the tokens; at 8k tokens on an 8B shape they were 9% of a QLoRA step (BENCHMARKS.md round
     22). Adding the adapter to the weight instead costs passes over the weight, which do not grow with the tokens:
-    the dequantised weight takes `scale * B @ A` (one addmm of depth r over the weight) and the layer is one
-    matmul. Backward dequantises again, adds the adapter again, and takes the
+    the dequantised weight takes `scale * B @ A` (a product of depth r, added inside the dequantisation's kernel)
+    and the layer is one matmul. Backward dequantises again, adds the adapter again, and takes the
     input gradient in one matmul; lora_a's and lora_b's gradients are the usual ones, from x and the output gradient.
-    Only x and the 4-bit bytes are saved. The merged weight is rounded to the compute dtype once, as the base layer's
-    own output is; `lean_lora_forward` takes this path only without LoRA dropout (the adapter must see the same x).
+    Only x and the 4-bit bytes are saved. The merged weight is in the compute dtype, as the base layer's own
+    output is; `lean_lora_forward` takes this path only without LoRA dropout (the adapter must see the same x).
     """
 
     @staticmethod
     def forward(ctx, x, packed, quant_state, lora_a, lora_b, scale, bias):
         ctx.quant_state, ctx.scale = quant_state, scale
         ctx.save_for_backward(x, packed, lora_a, lora_b)
-        weight = dequantize_4bit_weight(packed, quant_state).to(x.dtype)
-        return F.linear(x, torch.addmm(weight, lora_b, lora_a, alpha=scale), bias)
+        # Not addmm(weight, ...): compiled, that is cuBLAS writing into a copy of the dequantised weight (a pass of
+        # its own, 2% of an 8k step). As a product and an add, the add fuses into the dequantisation's kernel.
+        weight = dequantize_4bit_weight(packed, quant_state).to(x.dtype) + scale * (lora_b @ lora_a)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -207,6 +209,8 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
             import bitsandbytes.functional as bnbf  # see _DequantizeAgainInBackward
 
             weight = bnbf.dequantize_4bit(packed, ctx.quant_state).to(grad.dtype)
+            # The one weight copy left (addmm's, 0.7% of an 8k step): compile makes an in-place addmm_ out of
+            # place too, and the product-and-add of the forward would not fuse into bitsandbytes' kernel.
             grad_x = grad @ torch.addmm(weight, lora_b, lora_a, alpha=ctx.scale)
         if ctx.needs_input_grad[3]:
             grad_a = (grad_2d @ lora_b).t() @ x_2d * ctx.scale
