@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import time
 from collections import defaultdict
 
@@ -44,6 +43,11 @@ def _overlap(start: float, end: float, busy: list[tuple[float, float]]) -> float
     return sum(max(0.0, min(end, b) - max(start, a)) for a, b in busy)
 
 
+def _to_ms(us: float) -> float:
+    """The trace's microseconds as milliseconds, one decimal."""
+    return round(us / 1e3, 1)
+
+
 def stream_gaps(gpu_events: list[dict]) -> dict:
     """The compute stream (the one with the most kernel time) between its first and last kernel: busy time, and its
     gaps, by size and by what ran elsewhere meanwhile. Times in the trace are microseconds."""
@@ -71,13 +75,12 @@ def stream_gaps(gpu_events: list[dict]) -> dict:
         if e["ts"] + e["dur"] >= end_of_last:
             end_of_last, last_name = e["ts"] + e["dur"], e["name"]
     idle = span - sum(b - a for a, b in busy)
-    ms = lambda us: round(us / 1e3, 1)  # noqa: E731
-    return dict(stream=str(compute), span_ms=ms(span), idle_ms=ms(idle),
-                idle_ms_by_gap_size={k: ms(v) for k, v in by_size.items()},
-                idle_ms_while_another_stream_copies=ms(while_copying),
-                idle_ms_after_kernel=[(name, n, ms(us)) for name, (n, us) in
+    return dict(stream=str(compute), span_ms=_to_ms(span), idle_ms=_to_ms(idle),
+                idle_ms_by_gap_size={k: _to_ms(v) for k, v in by_size.items()},
+                idle_ms_while_another_stream_copies=_to_ms(while_copying),
+                idle_ms_after_kernel=[(name, n, _to_ms(us)) for name, (n, us) in
                                       sorted(after.items(), key=lambda kv: -kv[1][1])[:12]],
-                largest_gaps=[(ms(g), f"at {ms(at)} ms", before, after_) for g, at, before, after_ in
+                largest_gaps=[(_to_ms(g), f"at {_to_ms(at)} ms", before, after_) for g, at, before, after_ in
                               sorted(largest, reverse=True)[:12]])
 
 
@@ -94,13 +97,10 @@ def profile_step(step, label: str, step_s: float) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     out = os.environ.get("OUT", ".")
-    trace = os.path.join(out, f"trace_{label}.json")
-    prof.export_chrome_trace(trace)
-    with open(trace) as f:
+    trace = os.path.join(out, f"trace_{label}.json.gz")
+    prof.export_chrome_trace(trace)  # gzipped by torch, for the name
+    with gzip.open(trace) as f:
         events = json.load(f)["traceEvents"]
-    with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
-        shutil.copyfileobj(f, g)
-    os.remove(trace)
     gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES]
     kinds: dict[str, float] = defaultdict(float)
     for e in gpu:
