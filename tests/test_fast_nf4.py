@@ -288,7 +288,7 @@ def test_compiled_lora_on_a_4bit_layer_over_many_tokens_merges_the_adapter_into_
 
     torch._dynamo.reset()
     compiled = torch.compile(lean, fullgraph=True)  # inductor, as on the GPU (its C++ code here)
-    x = torch.randn(3, 40, 64)  # 120 tokens: past the point where merging pays for a 64 -> 40 layer (61)
+    x = torch.randn(3, 40, 64)  # 120 tokens: past the point where merging pays for a 64 -> 40 layer (12)
     results = []
     for module, params in ((model, model), (compiled, lean)):
         xi = x.clone().requires_grad_()
@@ -320,7 +320,7 @@ def test_compiled_lora_on_a_4bit_layer_over_many_tokens_merges_the_adapter_into_
         return len(matmuls)
 
     assert forward_matmuls(120) == 2  # B @ A, then x by the merged weight (peft's: base, lora_A, lora_B, all by x)
-    assert forward_matmuls(15) == 3
+    assert forward_matmuls(8) == 3
     lean.base_model.model.proj.lora_dropout["default"] = torch.nn.Dropout(0.1)  # the adapter sees another x
     assert forward_matmuls(120) == 3
     torch._dynamo.reset()

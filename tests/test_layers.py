@@ -78,6 +78,29 @@ def test_layer_modes_keep_loss_and_gradients(tiny_llama_dir, options, monkeypatc
         assert packed == [torch.Size([2, 40, model.config.hidden_size])] * len(decoder_layers)
 
 
+def test_offload_keeps_the_last_layers_input_on_the_device(tiny_llama_dir, monkeypatch):
+    """A layer's saved tensors leave for CPU memory when the next layer call begins, so the last layer's, which
+    backward needs first, never leave; loss and gradients are those of the plain path, a second step's too."""
+    model = _lora(tiny_llama_dir)
+    batch = _batch(model.config.vocab_size)
+    decoder_layers = split_model(model)[0].layers
+    left = []
+    copy_out = layers_mod.LayerInputOffload._copy_out
+    monkeypatch.setattr(layers_mod.LayerInputOffload, "_copy_out",
+                        lambda self, parked: left.append(parked.layer) or copy_out(self, parked))
+    layers_mod.run_decoder_layers(decoder_layers, FastPathPlan(enabled=True, checkpointing=True,
+                                                               offload_activations=True))
+    n = len(decoder_layers)
+    for step in range(2):
+        left.clear()
+        got_loss, got = _loss_and_grads(model, batch)
+        assert left == list(range(step * n + 1, step * n + n))  # layer calls are counted across steps
+    want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("options", [dict(), dict(offload_activations=True), dict(mlp_slice=16),
                                      dict(offload_activations=True, mlp_slice=16)],
                          ids=["inside", "inside_offloaded", "around", "around_offloaded"])

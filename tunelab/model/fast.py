@@ -117,10 +117,12 @@ def lean_lora_forward(self, x, *args, **kwargs):
     return out.view(result.shape)
 
 
-WEIGHT_PASS_COST = 5.3
-"""How much a pass over a weight costs against one over an activation of the same size, fitted on an H200 (BENCHMARKS.md
-round 23: every layer merged, Llama-7B QLoRA at 2k tokens ran 10% slower, Llama-3.1-8B at 4k the same and at 8k 3%
-faster). For a 4096-wide layer it merges from about 4,300 tokens a row; an 8B MLP's down projection from 10,000."""
+WEIGHT_PASS_COST = 1.0
+"""How much a pass over a weight costs against one over an activation of the same size, fitted on an H200. Since the
+adapter's product is added inside the dequantisation's kernel, merging every layer ran faster at every length
+measured: Llama-3.1-8B QLoRA r32 +1.2% at 2k tokens, +0.5% at 4k (BENCHMARKS.md round 25). Below 2k it is not
+measured, so the cost is the largest that still merges every layer at 2k: a 4096-wide layer merges from about 820
+tokens a row, an 8B MLP's down projection from 1,900."""
 
 
 def _merges_into_the_weight(base_layer, dropout, x) -> bool:

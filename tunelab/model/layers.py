@@ -61,9 +61,10 @@ PINNED_MAX_BYTES = 256 * 2**20
 
 @dataclasses.dataclass(eq=False)
 class _Parked:
-    """A tensor a layer saved, waiting in CPU memory for backward; `gpu` holds it again once fetched."""
+    """A tensor a layer saved for backward: on the GPU in `gpu` until it leaves, then in CPU memory in `cpu` until
+    backward fetches it back into `gpu`."""
 
-    cpu: torch.Tensor
+    cpu: torch.Tensor | None
     device: torch.device
     layer: int  # the layer call that saved it (LayerInputOffload counts them)
     gpu: torch.Tensor | None = None
@@ -83,14 +84,18 @@ class LayerInputOffload:
     The copies run on a stream of their own, beside the layers' kernels: the copy out of layer i's tensors while
     layer i+1 computes (their GPU memory is let go one layer later, when the copy is done), the copy back of layer
     i-1's while layer i's backward computes. So two layers' saved tensors are on the GPU at a time instead of every
-    layer's (one layer's above PINNED_MAX_BYTES, copied synchronously). One offloader serves all layers of a model
-    (it keeps the order they were parked in).
+    layer's (one layer's above PINNED_MAX_BYTES, copied synchronously). A layer's tensors leave when the next layer
+    call begins: those of the last layer before backward never leave, since backward needs them first and their
+    memory is held until then anyway (copied out and back, the first layer of backward waited 5 ms of an 8k step's
+    758, BENCHMARKS.md round 25). One offloader serves all layers of a model (it keeps the order they were parked
+    in).
     """
 
     def __init__(self):
         self._stream = None
         self._sources = []  # (GPU tensor, event, layer) of copies out: each source kept until its copy is done
-        self._parked: list[weakref.ref] = []  # what waits in CPU memory, in forward order
+        self._parked: list[weakref.ref] = []  # what waits for backward, in forward order
+        self._leaving: list[_Parked] = []  # the latest layer call's, still on the GPU until the next call begins
         self._layer = 0  # layer calls so far: what one call parks is fetched together
 
     def hooks(self, layer_input: torch.Tensor):
@@ -101,6 +106,7 @@ class LayerInputOffload:
         (`save_attention`). Weights (parameters), what every layer shares (RoPE cos/sin), masks and attention's
         softmax statistics (a value a head and token) stay put."""
         self._layer += 1
+        self._copy_out_leaving()
         layer, storage, numel = self._layer, layer_input.untyped_storage().data_ptr(), layer_input.numel()
 
         def pack(tensor):
@@ -117,12 +123,24 @@ class LayerInputOffload:
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
     def park(self, tensor: torch.Tensor, layer: int = 0) -> _Parked:
-        """Copy `tensor`, saved by layer call number `layer`, to CPU memory."""
+        """Keep `tensor`, saved by layer call number `layer`, for backward: in CPU memory from the next layer call."""
+        parked = _Parked(None, tensor.device, layer, gpu=tensor)
+        self._leaving.append(parked)
+        self._parked.append(weakref.ref(parked))
+        return parked
+
+    def _copy_out_leaving(self) -> None:
+        for parked in self._leaving:
+            self._copy_out(parked)
+        self._leaving = []
+
+    def _copy_out(self, parked: _Parked) -> None:
+        tensor, layer, parked.gpu = parked.gpu, parked.layer, None
         self._release_sources(before=layer)
         if tensor.device.type != "cuda":  # CPU runs (tests): a copy, so that a wrong fetch would show
-            parked = _Parked(tensor.detach().clone(), tensor.device, layer)
+            parked.cpu = tensor.detach().clone()
         elif tensor.numel() * tensor.element_size() > PINNED_MAX_BYTES:
-            parked = _Parked(tensor.to("cpu"), tensor.device, layer)
+            parked.cpu = tensor.to("cpu")
         else:
             cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             stream = self._copy_stream(tensor.device)
@@ -132,23 +150,22 @@ class LayerInputOffload:
                 done = torch.cuda.Event()
                 done.record(stream)
             # The source must outlive its copy: under CUDA graphs nothing else keeps the next graph from writing
-            # over it. It is let go when the next layer parks or backward fetches, after the compute stream waits
-            # for the copy (the same layer's other tensors do not wait: their copies queue behind it).
+            # over it. It is let go when the next layer's tensors leave or backward fetches, after the compute
+            # stream waits for the copy (the same layer's other tensors do not wait: their copies queue behind it).
             self._sources.append((tensor, done, layer))
-            parked = _Parked(cpu, tensor.device, layer)
-        self._parked.append(weakref.ref(parked))
-        return parked
+            parked.cpu = cpu
 
     def fetch(self, parked: _Parked) -> torch.Tensor:
+        self._leaving = []  # backward has begun: what has not left stays
         if parked.device.type != "cuda":
-            return parked.cpu
+            return parked.cpu if parked.gpu is None else parked.gpu
         self._release_sources()
         alive = [p for p in (ref() for ref in self._parked) if p is not None]
         # Backward reaches the layers in reverse: this layer's tensors are needed now, the latest earlier layer's
         # next, so those are copied while this layer computes.
         following = max((p.layer for p in alive if p.layer < parked.layer), default=None)
         for p in alive:
-            if p.layer == parked.layer or (p.layer == following and p.cpu.is_pinned()):
+            if p.layer == parked.layer or (p.layer == following and p.gpu is None and p.cpu.is_pinned()):
                 self._start_fetch(p)
         self._parked = [weakref.ref(p) for p in alive if p is not parked]
         if parked.ready is not None:
