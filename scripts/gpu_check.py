@@ -171,7 +171,7 @@ def long_context_check(method, model_dir, device):
     """On one 4096-token row (cuDNN attention for a row of one sample): the fast path against the plain path, and
     offloaded layer inputs (pinned and plain copies), MLP slices, and compiled layers with offloaded inputs that keep
     attention's output (`save_attention`) against the fast path without them."""
-    from tunelab.model import layers
+    from tunelab.model import offload
 
     cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
                       lora_dropout=0.0, gradient_checkpointing=True, max_length=4096, use_compile=False,
@@ -188,16 +188,16 @@ def long_context_check(method, model_dir, device):
                 ("offload + MLP slices", dict(offload_activations=True, mlp_chunk_size=1024), 10**12),
                 # the checkpoint inside the compiled layer keeps attention's output, parked beside the input
                 ("compiled, offloaded, attention kept", dict(offload_activations=True, use_compile=True), 10**12)]
-    pinned_max = layers.PINNED_MAX_BYTES
+    pinned_max = offload.PINNED_MAX_BYTES
     for name, settings, pinned in variants:
-        layers.PINNED_MAX_BYTES = pinned
+        offload.PINNED_MAX_BYTES = pinned
         loss, g = grads_and_loss(dataclasses.replace(cfg, **settings), model_dir, device, dtype="bf16",
                                  batch_fn=long_row)
         rel = abs(loss - base_loss) / abs(base_loss)
         g_err = ((g - base_g).norm() / base_g.norm()).item()
         check(f"{method}: {name} vs without", rel <= 1e-2 and g_err <= 5e-2,
               f"loss {loss:.5f} vs {base_loss:.5f}, grads rel {g_err:.2e}")
-    layers.PINNED_MAX_BYTES = pinned_max
+    offload.PINNED_MAX_BYTES = pinned_max
 
 
 def cuda_graph_check(method, model_dir, device):

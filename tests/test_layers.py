@@ -8,6 +8,7 @@ from tunelab.config.schema import TrainConfig
 from tunelab.model import layers as layers_mod
 from tunelab.model.load import load_model_for_training
 from tunelab.model.loss import causal_lm_loss
+from tunelab.model.offload import LayerInputOffload
 from tunelab.model.parts import split_model
 from tunelab.model.plan import FastPathPlan
 
@@ -52,8 +53,8 @@ def _hf_checkpointing(model):
 
 def _record_parked(monkeypatch, shapes: list):
     """Record the shape of every tensor LayerInputOffload parks (on CPU a copy, so a wrong fetch would show)."""
-    park = layers_mod.LayerInputOffload.park
-    monkeypatch.setattr(layers_mod.LayerInputOffload, "park",
+    park = LayerInputOffload.park
+    monkeypatch.setattr(LayerInputOffload, "park",
                         lambda self, t, *layer: shapes.append(t.shape) or park(self, t, *layer))
 
 
@@ -85,8 +86,8 @@ def test_offload_keeps_the_last_layers_input_on_the_device(tiny_llama_dir, monke
     batch = _batch(model.config.vocab_size)
     decoder_layers = split_model(model)[0].layers
     left = []
-    copy_out = layers_mod.LayerInputOffload._copy_out
-    monkeypatch.setattr(layers_mod.LayerInputOffload, "_copy_out",
+    copy_out = LayerInputOffload._copy_out
+    monkeypatch.setattr(LayerInputOffload, "_copy_out",
                         lambda self, parked: left.append(parked.layer) or copy_out(self, parked))
     layers_mod.run_decoder_layers(decoder_layers, FastPathPlan(enabled=True, checkpointing=True,
                                                                offload_activations=True))

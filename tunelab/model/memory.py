@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from tunelab.model.layers import PINNED_MAX_BYTES
+from tunelab.model.offload import PINNED_MAX_BYTES
 from tunelab.model.plan import LONG_CONTEXT_TOKENS, optimizer_in_backward_blockers
 from tunelab.model.shapes import ModelShape, model_shape, vision_shape
 
