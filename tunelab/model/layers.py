@@ -22,9 +22,9 @@ Long context: with checkpointing a decoder keeps one tensor per layer for backwa
 (hidden_size x 2 bytes a token: 8 KiB for a 4096-wide model, so 32 layers x 100k tokens = 26 GB); everything else
 is recomputed one layer at a time in backward. Two things still grow with the sequence:
 
-* the checkpoints themselves: `LayerInputOffload` (tunelab.model.offload) copies a layer's input to CPU memory as the forward passes it
-  and back as backward reaches the layer, on a copy stream beside the compute. Only what grows with the row moves;
-  tensors every layer shares (RoPE cos/sin) and the weights stay on the GPU. With the inputs offloaded and the
+* the checkpoints themselves: `LayerInputOffload` (tunelab.model.offload) copies a layer's input to CPU memory as
+  the forward passes it and back as backward reaches the layer, on a copy stream beside the compute. Only what
+  grows with the row moves; tensors every layer shares (RoPE cos/sin) and the weights stay on the GPU. With the inputs offloaded and the
   checkpoint inside the compiled layer, the checkpoint also keeps attention's output and softmax statistics
   (`_keep_attention_outputs`, the plan's `save_attention`): backward then runs attention's backward without
   running its forward again, whose cost grows with the row's length (Llama-3.1-8B QLoRA: +3% at 8k, +16% at 32k),
@@ -53,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 from tunelab.model.offload import LayerInputOffload
 
 log = logging.getLogger(__name__)
+
 
 def plain_checkpoint(function, *args):
     return checkpoint(function, *args, use_reentrant=False)

@@ -128,6 +128,15 @@ def dequantize_4bit_weight(packed: torch.Tensor, quant_state) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, quant_state)
 
 
+def _dequantize_in_backward(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The 16-bit weight again, for an input gradient. bitsandbytes' own kernel: an op compile cannot see into, so
+    it is neither merged with the recomputed forward's dequantisation (same inputs) nor fused into its kernel, either
+    of which would make the 16-bit copy live from the recompute to the backward again."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(packed, quant_state).to(dtype)
+
+
 class _DequantizeAgainInBackward(torch.autograd.Function):
     """F.linear(x, W, bias) for a 4-bit W whose backward dequantises W again instead of keeping the 16-bit copy.
 
@@ -147,12 +156,7 @@ class _DequantizeAgainInBackward(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            # bitsandbytes' own kernel: an op compile cannot see into, so it is neither merged with the recomputed
-            # forward's dequantisation (same inputs) nor fused into its kernel, either of which would make the
-            # 16-bit copy live from the recompute to here again.
-            import bitsandbytes.functional as bnbf
-
-            grad_x = grad @ bnbf.dequantize_4bit(packed, ctx.quant_state).to(grad.dtype)
+            grad_x = grad @ _dequantize_in_backward(packed, ctx.quant_state, grad.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias
@@ -206,9 +210,7 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
         grad_x = grad_a = grad_b = grad_bias = None
         grad_2d, x_2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
-            import bitsandbytes.functional as bnbf  # see _DequantizeAgainInBackward
-
-            weight = bnbf.dequantize_4bit(packed, ctx.quant_state).to(grad.dtype)
+            weight = _dequantize_in_backward(packed, ctx.quant_state, grad.dtype)
             # The one weight copy left (addmm's, 0.7% of an 8k step): compile makes an in-place addmm_ out of
             # place too, and the product-and-add of the forward would not fuse into bitsandbytes' kernel.
             grad_x = grad @ torch.addmm(weight, lora_b, lora_a, alpha=ctx.scale)

@@ -21,6 +21,11 @@ from torch.utils.checkpoint import checkpoint
 PINNED_MAX_BYTES = 256 * 2**20
 
 
+def _copied_synchronously(tensor: torch.Tensor) -> bool:
+    """A GPU tensor above PINNED_MAX_BYTES: copied to ordinary CPU memory, synchronously."""
+    return tensor.is_cuda and tensor.numel() * tensor.element_size() > PINNED_MAX_BYTES
+
+
 @dataclasses.dataclass(eq=False)
 class _Parked:
     """A tensor a layer saved for backward: on the GPU in `gpu` until it leaves, then in CPU memory in `cpu` until
@@ -49,8 +54,8 @@ class LayerInputOffload:
     layer's (one layer's above PINNED_MAX_BYTES, copied synchronously). A layer's tensors leave when the next layer
     call begins: those of the last layer before backward never leave, since backward needs them first and their
     memory is held until then anyway (copied out and back, the first layer of backward waited 5 ms of an 8k step's
-    758, BENCHMARKS.md round 25). Tensors above PINNED_MAX_BYTES leave at once, freeing their memory. One offloader serves all layers of a model (it keeps the order they were parked
-    in).
+    758, BENCHMARKS.md round 25). Tensors above PINNED_MAX_BYTES leave at once, freeing their memory. One offloader
+    serves all layers of a model (it keeps the order they were parked in).
     """
 
     def __init__(self):
@@ -90,7 +95,7 @@ class LayerInputOffload:
         synchronously, which frees its GPU memory at once too."""
         parked = _Parked(None, tensor.device, layer, gpu=tensor)
         self._parked.append(weakref.ref(parked))
-        if tensor.is_cuda and tensor.numel() * tensor.element_size() > PINNED_MAX_BYTES:
+        if _copied_synchronously(tensor):
             self._copy_out(parked)
         else:
             self._leaving.append(parked)
@@ -106,7 +111,7 @@ class LayerInputOffload:
         self._release_sources(before=layer)
         if tensor.device.type != "cuda":  # CPU runs (tests): a copy, so that a wrong fetch would show
             parked.cpu = tensor.detach().clone()
-        elif tensor.numel() * tensor.element_size() > PINNED_MAX_BYTES:
+        elif _copied_synchronously(tensor):
             parked.cpu = tensor.to("cpu")
         else:
             cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
