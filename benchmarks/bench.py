@@ -47,6 +47,7 @@ import gc
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -378,6 +379,18 @@ HEADER = ("| case | baseline tok/s | ours tok/s | speed-up | baseline peak alloc
           "|---|---|---|---|---|---|---|---|---|---|")
 
 
+def host_cpu() -> str:
+    """The host's CPU model and core count: eager peers (HF's loop) wait on the CPU, so their speed, and every ratio
+    against them, moves with the lent machine's host (BENCHMARKS.md round 26)."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="+")
@@ -410,8 +423,9 @@ def main(argv=None) -> int:
     import transformers
     import peft
 
-    print(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}, transformers {transformers.__version__},"
-          f" peft {peft.__version__}", flush=True)
+    host = host_cpu()
+    print(f"device {torch.cuda.get_device_name(0)}, host {host}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, peft {peft.__version__}", flush=True)
     baselines, rows = {}, []
     for text in args.cases:
         case = parse_case(text)
@@ -422,7 +436,7 @@ def main(argv=None) -> int:
         ours = subprocess_json([sys.executable, __file__, "--one", "--baseline", args.baseline, "--steps", str(args.steps),
                                 "--warm", str(args.warm), text], args.timeout)
         print("ours", text, ours, flush=True)
-        rows.append(dict(case=text, baseline=baselines.get(key), ours=ours))
+        rows.append(dict(case=text, host=host, baseline=baselines.get(key), ours=ours))
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
         gc.collect()
