@@ -50,13 +50,9 @@ import types
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.model.offload import LayerInputOffload
+from tunelab.model.offload import LayerInputOffload, plain_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def plain_checkpoint(function, *args):
-    return checkpoint(function, *args, use_reentrant=False)
 
 
 def _mlp_in_slices(mlp, x: torch.Tensor, chunk_size: int) -> torch.Tensor:

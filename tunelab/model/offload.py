@@ -21,6 +21,11 @@ from torch.utils.checkpoint import checkpoint
 PINNED_MAX_BYTES = 256 * 2**20
 
 
+def plain_checkpoint(function, *args):
+    """Non-reentrant checkpoint of function(*args): what every checkpointed layer uses, offloaded or not."""
+    return checkpoint(function, *args, use_reentrant=False)
+
+
 def _copied_synchronously(tensor: torch.Tensor) -> bool:
     """A GPU tensor above PINNED_MAX_BYTES: copied to ordinary CPU memory, synchronously."""
     return tensor.is_cuda and tensor.numel() * tensor.element_size() > PINNED_MAX_BYTES
@@ -184,4 +189,4 @@ class LayerInputOffload:
         """Non-reentrant checkpoint whose saved input args[0] is parked until backward (the checkpoint around
         compiled code or eager code: what the layer saves inside goes to the checkpoint's own hooks and is
         recomputed)."""
-        return self.call(functools.partial(checkpoint, function, use_reentrant=False), *args)
+        return self.call(functools.partial(plain_checkpoint, function), *args)
