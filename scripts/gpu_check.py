@@ -170,7 +170,7 @@ def path_check(method, model_dir, device):
 def long_context_check(method, model_dir, device):
     """On one 4096-token row (cuDNN attention for a row of one sample): the fast path against the plain path, and
     offloaded layer inputs (pinned and plain copies), MLP slices, and compiled layers with offloaded inputs that keep
-    attention's output (`save_attention`) against the fast path without them."""
+    the attention block's results (`save_attention`) against the fast path without them."""
     from tunelab.model import offload
 
     cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
@@ -186,7 +186,8 @@ def long_context_check(method, model_dir, device):
                 ("offload (plain copies)", dict(offload_activations=True), 0),
                 ("MLP slices of 1024", dict(mlp_chunk_size=1024), 10**12),
                 ("offload + MLP slices", dict(offload_activations=True, mlp_chunk_size=1024), 10**12),
-                # the checkpoint inside the compiled layer keeps attention's output, parked beside the input
+                # the checkpoint inside the compiled layer keeps the attention block (attention's output, the q, k,
+                # v and o projections' outputs), parked beside the input
                 ("compiled, offloaded, attention kept", dict(offload_activations=True, use_compile=True), 10**12)]
     pinned_max = offload.PINNED_MAX_BYTES
     for name, settings, pinned in variants:

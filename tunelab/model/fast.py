@@ -134,8 +134,14 @@ def _merges_into_the_weight(base_layer, dropout, x) -> bool:
     no_dropout = isinstance(dropout, torch.nn.Identity) or getattr(dropout, "p", None) == 0
     if not (getattr(base_layer, DEQUANTIZES_AGAIN, False) and no_dropout):  # first: only a Linear4bit has the flag
         return False
-    n_in, n_out = base_layer.in_features, base_layer.out_features
-    return (x.numel() // n_in) * (n_in + 4 * n_out) >= WEIGHT_PASS_COST * n_in * n_out
+    return merges_into_the_weight(x.numel() // base_layer.in_features, base_layer.in_features,
+                                  base_layer.out_features)
+
+
+def merges_into_the_weight(tokens: int, n_in: int, n_out: int) -> bool:
+    """Whether `tokens` rows through an n_in -> n_out 4-bit LoRA layer without dropout run merged (see
+    _merges_into_the_weight; `tunelab.model.memory` asks it too)."""
+    return tokens * (n_in + 4 * n_out) >= WEIGHT_PASS_COST * n_in * n_out
 
 
 def use_lean_lora(model, on: bool = True, hashed_dropout: bool = False) -> int:

@@ -25,10 +25,11 @@ is recomputed one layer at a time in backward. Two things still grow with the se
 * the checkpoints themselves: `LayerInputOffload` (tunelab.model.offload) copies a layer's input to CPU memory as
   the forward passes it and back as backward reaches the layer, on a copy stream beside the compute. Only what
   grows with the row moves; tensors every layer shares (RoPE cos/sin) and the weights stay on the GPU. With the inputs offloaded and the
-  checkpoint inside the compiled layer, the checkpoint also keeps attention's output and softmax statistics
-  (`_keep_attention_outputs`, the plan's `save_attention`): backward then runs attention's backward without
-  running its forward again, whose cost grows with the row's length (Llama-3.1-8B QLoRA: +3% at 8k, +16% at 32k),
-  and the output waits in CPU memory beside the input.
+  checkpoint inside the compiled layer, the checkpoint also keeps the attention block's results
+  (`_keep_attention_block`, the plan's `save_attention`): attention's output and softmax statistics, so backward
+  runs attention's backward without running its forward again, whose cost grows with the row's length
+  (Llama-3.1-8B QLoRA: +3% at 8k, +16% at 32k), and the q, k, v and o projections' outputs, so backward does not
+  compute those matmuls again either (+5% at 8k, +3% at 32k); what it keeps waits in CPU memory beside the input.
 * the working set of the one layer being recomputed, largest in the MLP: gate, up, act(gate) and their product are
   four intermediate-size tensors a token (4 x 14336 x 2 bytes = 112 KiB for Llama-3.1-8B, more than the rest of the
   layer together). `_mlp_in_slices` runs the MLP `mlp_chunk_size` tokens at a time, each slice checkpointed, so one
@@ -84,27 +85,43 @@ def _attention_ops() -> frozenset:
     return frozenset(ops)
 
 
-def _recompute_all_but(kept_ops: frozenset):
-    """Selective checkpointing's contexts that keep the outputs of `kept_ops` for backward and recompute every other
-    op (the plain checkpoint's choice, taken op by op as they are traced)."""
+def _recompute_all_but(keep):
+    """Selective checkpointing's contexts that keep for backward the outputs of the ops `keep(op, args)` names and
+    recompute every other op (the plain checkpoint's choice, taken op by op as they are traced)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     return create_selective_checkpoint_contexts(
-        lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_SAVE if op in kept_ops
+        lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_SAVE if keep(op, args)
         else CheckpointPolicy.PREFER_RECOMPUTE)
 
 
 def _recompute_every_op():
     """checkpoint's context_fn that recomputes every op: the plain checkpoint, tagged op by op (see
     FastPathPlan.checkpoint_tags_each_op)."""
-    return _recompute_all_but(frozenset())
+    return _recompute_all_but(lambda op, args: False)
 
 
-def _keep_attention_outputs():
-    """checkpoint's context_fn that keeps what the attention kernel returns (its output and softmax statistics, what
-    its backward reads) and recomputes every other op: backward recomputes the projections but not attention, whose
-    cost grows with the row's length (FastPathPlan.save_attention)."""
-    return _recompute_all_but(_attention_ops())
+def _projection_into_or_out_of_attention(op, args) -> bool:
+    """A matmul whose output is at most as wide as its input and at least an eighth of it: the q, k, v and o
+    projections (grouped KV heads are down to an eighth of the width), and down_proj, whose output backward does not
+    read, so nothing keeps it. Not the MLP's gate and up (wider: the largest activations of a layer) nor a LoRA A
+    (rank r: cheap to recompute, too small to be worth parking)."""
+    if op is torch.ops.aten.mm.default:
+        width_in, width_out = args[0].shape[-1], args[1].shape[-1]
+    elif op is torch.ops.aten.addmm.default:
+        width_in, width_out = args[1].shape[-1], args[2].shape[-1]
+    else:
+        return False
+    return width_in >= width_out and 8 * width_out >= width_in
+
+
+def _keep_attention_block():
+    """checkpoint's context_fn that keeps what the attention block's expensive ops return: the attention kernel's
+    output and softmax statistics, and the q, k, v and o projections' outputs. Backward then runs attention's
+    backward without its forward again (whose cost grows with the row) and recomputes only the norms, RoPE and the
+    MLP's gate and up projections, whose outputs are too large to keep (FastPathPlan.save_attention)."""
+    attention = _attention_ops()
+    return _recompute_all_but(lambda op, args: op in attention or _projection_into_or_out_of_attention(op, args))
 
 
 def _checkpointed(cls_forward, context_fn=None):
@@ -174,7 +191,7 @@ def run_decoder_layers(layers, plan) -> dict:
     report, compiled, plain, fallbacks = {}, {}, {}, {}
     n_mlp = n_inside = n_graphed = 0
     inside = plan.checkpoint_inside_compile
-    context_fn = (_keep_attention_outputs if plan.keeps_attention  # tags each op as traced, too
+    context_fn = (_keep_attention_block if plan.keeps_attention  # tags each op as traced, too
                   else _recompute_every_op if plan.checkpoint_tags_each_op else None)
     if plan.compile and inside:
         # transformers 5.25 (with `kernels`, which it now installs) wraps attention's forward in code that sets and
@@ -230,7 +247,8 @@ def run_decoder_layers(layers, plan) -> dict:
     report["checkpointing"] = (f"{n_ckpt} layers"
                                + (", inputs offloaded to CPU memory" if plan.offload_activations and n_ckpt else ""))
     inside_note = f", {n_inside} with the checkpoint inside" if n_inside else ""
-    inside_note += " (attention's outputs kept)" if n_inside and context_fn is _keep_attention_outputs else ""
+    inside_note += (" (attention's inputs and outputs kept)" if n_inside and context_fn is _keep_attention_block
+                    else "")
     report["compile"] = (f"{len(layers)} decoder layers" + inside_note
                          + (f", {n_graphed} as CUDA graphs" if n_graphed else "")) if plan.compile else "off"
     report["mlp_slices"] = f"{n_mlp} layers, {plan.mlp_slice} tokens a slice" if n_mlp else "off"

@@ -73,18 +73,23 @@ class LayerInputOffload:
     def hooks(self, layer_input: torch.Tensor):
         """saved_tensors_hooks that park what a layer saves for backward that grows with its row, and leave every
         other saved tensor where it is. That is the layer input, recognised by its storage (an eager checkpoint
-        saves it as it came), and any floating-point tensor of 3 or more dimensions at least half its size: an alias
-        of the input that compiled code saves, and attention's output where the checkpoint keeps it
-        (`save_attention`). Weights (parameters), what every layer shares (RoPE cos/sin), masks and attention's
-        softmax statistics (a value a head and token) stay put."""
+        saves it as it came), and floating-point tensors nearly as large: of 3 or more dimensions at least half its
+        size (an alias of the input that compiled code saves; attention's output where the checkpoint keeps the
+        attention block, `save_attention`), or a matmul's output, a row a token, at least an eighth of its size (the
+        q, k, v and o projections' outputs the attention block keeps). Weights (parameters), what every layer shares
+        (RoPE cos/sin, a head's width a token), masks and attention's softmax statistics (a value a head and token)
+        stay put."""
         self._layer += 1
         self._copy_out_leaving()
         layer, storage, numel = self._layer, layer_input.untyped_storage().data_ptr(), layer_input.numel()
+        tokens = layer_input.shape[:-1].numel()
 
         def pack(tensor):
             if isinstance(tensor, torch.nn.Parameter):
                 return tensor
-            row_sized = tensor.is_floating_point() and tensor.dim() >= 3 and 2 * tensor.numel() >= numel
+            row_sized = tensor.is_floating_point() and (
+                (tensor.dim() >= 3 and 2 * tensor.numel() >= numel)
+                or (tensor.dim() == 2 and tensor.shape[0] == tokens and 8 * tensor.numel() >= numel))
             if row_sized or tensor.untyped_storage().data_ptr() == storage:
                 return self.park(tensor, layer)
             return tensor

@@ -39,9 +39,10 @@ QLoRA, round 16), and `mlp_chunk_size = 'auto'` without offloading runs the MLP 
 OFFLOADED_INSIDE_MAX_TOKENS = 32768
 """Offloaded rows up to this many tokens keep the checkpoint inside the compiled layer; longer ones put it around.
 Inside, the recomputation is part of one compiled backward, which skips what backward does not need (o_proj's and
-down_proj's forward) and keeps attention's output (`save_attention`), but holds more of the recomputed MLP at once.
-Llama-3.1-8B QLoRA r32 at 32k (round 21, one call): 7,445 tokens/s in 14.2 GiB reserved inside, 6,437 in 12.7
-around (Unsloth: 6,513 in 15.3). Past 32k the MLP runs in slices (OFFLOADED_MLP_TOKENS), eager code that puts the
+down_proj's forward) and keeps the attention block's results (`save_attention`), but holds more of the recomputed
+MLP at once. Llama-3.1-8B QLoRA r32 at 32k: 7,445 tokens/s in 14.2 GiB reserved inside with attention's output
+kept, 6,437 in 12.7 around (Unsloth: 6,513 in 15.3; round 21); with the q, k, v, o projections kept too 8,118 in
+14.66 (Unsloth: 6,449 in 15.31; round 27). Past 32k the MLP runs in slices (OFFLOADED_MLP_TOKENS), eager code that puts the
 checkpoint around anyway."""
 OFFLOADED_MLP_TOKENS = 32768
 """`mlp_chunk_size = 'auto'` with offloaded layer inputs: the MLP runs whole up to this many tokens, in slices this
@@ -84,9 +85,11 @@ class FastPathPlan:
     shorter ones on a card that holds only that: `tunelab.model.fit.fit_plan_to_card`, which the training loop and
     `tunelab plan` apply to this plan)."""
     save_attention: bool = False
-    """With the checkpoint inside the compiled layer, it keeps attention's output and softmax statistics for backward
-    instead of recomputing attention (selective checkpointing); with offloaded inputs they wait in CPU memory beside
-    the input. Attention's cost grows with the row, the copy's does not outgrow the layer's compute."""
+    """With the checkpoint inside the compiled layer, it keeps the attention block's results for backward instead of
+    recomputing them (selective checkpointing): attention's output and softmax statistics, and the q, k, v and o
+    projections' outputs; with offloaded inputs they wait in CPU memory beside the input. Backward then recomputes
+    only the norms, RoPE and the MLP's gate and up. Attention's cost grows with the row, the copies' does not
+    outgrow the layer's compute."""
     mlp_slice: int | None = None
     """Tokens each MLP computes at a time (long context), None: the whole sequence."""
     optimizer_in_backward: bool = False
@@ -199,8 +202,8 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
         checkpoint_around=offload and row_share > OFFLOADED_INSIDE_MAX_TOKENS, mlp_slice=mlp_slice,
         optimizer_in_backward=_optimizer_in_backward(cfg, on_gpu, world_size), chunked_loss=True,
         loss_chunk_size=cfg.loss_chunk_size, sequence_parallel=sequence_parallel)
-    # Attention's outputs are kept where the inputs are offloaded anyway: in CPU memory they cost a copy beside the
-    # compute; on the GPU they would be a second saved tensor a layer, as large as the input.
+    # The attention block's results are kept where the inputs are offloaded anyway: in CPU memory they cost a copy
+    # beside the compute; on the GPU they would be 2-3 more saved tensors a layer, each as large as the input.
     return dataclasses.replace(plan, save_attention=plan.offload_activations and plan.checkpoint_inside_compile)
 
 
