@@ -105,7 +105,7 @@ def _projection_into_or_out_of_attention(op, args) -> bool:
     """A matmul whose output is at most as wide as its input and at least an eighth of it: the q, k, v and o
     projections (grouped KV heads are down to an eighth of the width), and down_proj, whose output backward does not
     read, so nothing keeps it. Not the MLP's gate and up (wider: the largest activations of a layer), a fused qkv
-    projection (wider too: Phi-3, GLM-4 keep only o), nor a LoRA A (rank r: cheap to recompute, too small to be
+    projection (wider too: Phi-3 keeps only o), nor a LoRA A (rank r: cheap to recompute, too small to be
     worth parking)."""
     if op is torch.ops.aten.mm.default:
         width_in, width_out = args[0].shape[-1], args[1].shape[-1]
