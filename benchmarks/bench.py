@@ -19,6 +19,7 @@ Options after '@' change our side only, and each is a setting a user chooses (do
   around=0/1    not a setting: overrides the plan's checkpoint_around, to measure both arrangements of offloaded rows
   hash=0/1      not a setting: overrides the plan's hashed_dropout (0: torch's dropout in the lean LoRA forward)
   sattn=0/1     not a setting: overrides the plan's save_attention (0: the checkpoint recomputes attention too)
+  sproj=0/1     not a setting: overrides the plan's save_projections (0: the q, k, v, o projections recomputed)
 and two that say what to measure: vary=1 (packed rows of 1-16 samples that change from step to step, padded to
 seq), prof=1 (profile one more step: GPU time by kernel kind, the compute stream's idle gaps, top kernels and CPU
 ops; benchmarks/step_profile.py, tables and the trace to $OUT).
@@ -59,7 +60,7 @@ from step_profile import profile_step
 PEAK_FLOPS = 989e12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = dict(ckpt=None, bs=1, acc=1, compile=0, cg=0, fast=1, drop=10, opt8=0, offload=None, mlp=None, emb=1, dq=0,
-               ibw=None, around=None, hash=None, sattn=None, vary=0, prof=0)
+               ibw=None, around=None, hash=None, sattn=None, sproj=None, vary=0, prof=0)
 
 
 def parse_case(text: str) -> dict:
@@ -136,6 +137,8 @@ def _load(case: dict, baseline_path: str) -> Run:
         plan = dataclasses.replace(plan, hashed_dropout=bool(case["hash"]))
     if case["sattn"] is not None:
         plan = dataclasses.replace(plan, save_attention=bool(case["sattn"]))
+    if case["sproj"] is not None:
+        plan = dataclasses.replace(plan, save_projections=bool(case["sproj"]))
     model = load_model_for_training(cfg, device, plan)
     model.train()
     choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`

@@ -137,38 +137,40 @@ def _attention_calls(prof) -> tuple[int, int]:
     return names.count(forward), names.count(forward + "_backward")
 
 
-@pytest.mark.parametrize("save_attention", [True, False], ids=["attention_kept", "attention_recomputed"])
-def test_offloaded_layers_keep_attention_for_backward_instead_of_recomputing_it(tiny_llama_dir, save_attention,
-                                                                               monkeypatch):
+@pytest.mark.parametrize("kept", ["attention_and_projections", "attention", "nothing"])
+def test_offloaded_layers_keep_attention_for_backward_instead_of_recomputing_it(tiny_llama_dir, kept, monkeypatch):
     """Offloaded rows, the checkpoint inside the compiled layer (the plan's arrangement at long context): with
-    save_attention the checkpoint keeps the attention block's results: attention's output and softmax statistics,
-    so backward runs the attention kernel's backward without running its forward again, and the q, k, v and o
-    projections' outputs, so backward recomputes only the norms, RoPE and the MLP. What is kept waits in CPU memory
-    beside the layer input, the statistics (a value a head and token) stay on the device; the MLP's intermediates
-    and the LoRA A products (rank 4 of 64: a sixteenth, as r = 64 is of a 7B model's 4096) are recomputed, not
-    kept. Loss and gradients are the plain path's either way."""
+    save_attention the checkpoint keeps attention's output and softmax statistics, so backward runs the attention
+    kernel's backward without running its forward again; with save_projections too, the q, k, v and o projections'
+    outputs, so backward recomputes only the norms, RoPE and the MLP. What is kept waits in CPU memory beside the
+    layer input, the statistics (a value a head and token) stay on the device; the MLP's intermediates and the LoRA A
+    products (rank 4 of 64: a sixteenth, as r = 64 is of a 7B model's 4096) are recomputed, not kept. Loss and
+    gradients are the plain path's every way."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="aot_eager"))
     torch._dynamo.reset()
     model = _lora(tiny_llama_dir, lora_r=4)
     ids = torch.randint(5, model.config.vocab_size, (2, 40))
     batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(40).expand(2, 40)}  # whole rows
+    attention, projections_kept = kept != "nothing", kept == "attention_and_projections"
     plan = FastPathPlan(enabled=True, checkpointing=True, compile=True, offload_activations=True,
-                        save_attention=save_attention)
+                        save_attention=attention, save_projections=projections_kept)
     decoder_layers = split_model(model)[0].layers
     report = layers_mod.run_decoder_layers(decoder_layers, plan)
-    assert ("attention's inputs and outputs kept" in report["compile"]) == save_attention
+    note = {"attention_and_projections": "(attention's inputs and outputs kept)",
+            "attention": "(attention's outputs kept)", "nothing": None}[kept]
+    assert note in report["compile"] if note else "kept" not in report["compile"]
     _loss_and_grads(model, batch)  # compiles
     parked = []
     _record_parked(monkeypatch, parked)
     with torch.profiler.profile() as prof:
         got_loss, got = _loss_and_grads(model, batch)
     n = len(decoder_layers)
-    assert _attention_calls(prof) == ((n if save_attention else 2 * n), n)
+    assert _attention_calls(prof) == ((n if attention else 2 * n), n)
     hidden, heads = model.config.hidden_size, model.config.num_attention_heads
     head_dim, kv_width = hidden // heads, model.config.num_key_value_heads * hidden // heads
     projections = [(80, hidden), (80, kv_width), (80, kv_width), (80, hidden)]  # q, k, v, o of 2 x 40 tokens
-    want_parked = [(2, 40, hidden)] + [(2, heads, 40, head_dim), *projections] * save_attention
+    want_parked = [(2, 40, hidden)] + [(2, heads, 40, head_dim)] * attention + projections * projections_kept
     assert sorted(map(tuple, parked)) == sorted(map(tuple, want_parked * n))
     want_loss, want = _loss_and_grads(_hf_checkpointing(model), batch)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-6)

@@ -1,5 +1,6 @@
 """The memory estimate behind `tunelab plan`."""
 
+import dataclasses
 import json
 
 import pytest
@@ -387,16 +388,20 @@ def test_bf16_adapters_halve_the_adapter_memory_in_the_plan():
     assert 1.1 * GIB < sum(fp32.values()) - sum(bf16.values()) < 1.3 * GIB  # Llama-2-7B r=64: 160M adapter weights
 
 
-def test_offloaded_long_rows_keep_the_checkpoint_inside_where_the_card_holds_it_and_around_where_only_that_fits():
-    """Llama-3.1-8B QLoRA r32 at 32k (round 21: 14.2 GiB reserved inside, 12.7 around): an 80 GB card runs the faster
-    arrangement (inside, attention's output kept), a 16 GB one the checkpoint around the compiled layer, which `tunelab
-    plan` reports as fitting; a card too small for either keeps the plan (and its suggestions)."""
+def test_offloaded_long_rows_keep_the_checkpoint_inside_where_the_card_holds_it_and_around_where_only_that_fits(
+        monkeypatch):
+    """Llama-3.1-8B QLoRA r32 at 32k (round 27: 14.7 GiB reserved inside, 13.7 without the projections kept, 12.7
+    around): an 80 GB card runs the fastest arrangement (inside, attention's output and the projections kept), a 16 GB
+    one the checkpoint around the compiled layer, which `tunelab plan` reports as fitting; a card too small for
+    either keeps the plan (and its suggestions)."""
+    from tunelab.model import fit
     from tunelab.model.fit import fit_plan_to_card
 
+    monkeypatch.setattr(fit, "available_cpu_memory", lambda: 256 * GIB)
     cfg = TrainConfig(pretrained_model_name_or_path=LLAMA3, method="qlora", max_length=32768, lora_r=32,
                       lora_dropout=0.0, optimizer="adamw_8bit", max_norm=0.0)
     big = fit_plan_to_card(cfg, card_bytes=80 * GIB)
-    assert big.checkpoint_inside_compile and big.save_attention
+    assert big.checkpoint_inside_compile and big.keeps_attention and big.keeps_projections
     small = fit_plan_to_card(cfg, card_bytes=16 * 10**9)
     assert small.checkpoint_around and not small.checkpoint_inside_compile and not small.save_attention
     assert estimate_memory(cfg, plan=big, card_bytes=16 * 10**9).fits is False
@@ -404,3 +409,23 @@ def test_offloaded_long_rows_keep_the_checkpoint_inside_where_the_card_holds_it_
     assert "-> fits" in plan_report(cfg, card_bytes=16 * 10**9)
     tiny_card = fit_plan_to_card(cfg, card_bytes=8 * 10**9)
     assert tiny_card.checkpoint_inside_compile  # neither fits: nothing gained by switching
+
+
+def test_the_projections_are_kept_only_where_the_cpu_memory_holds_them(monkeypatch):
+    """The kept q, k, v, o projections wait in CPU memory (Llama-3.1-8B at 32k: 20 GiB a step beside the inputs'
+    and attention's 16): on a host with less memory available the plan recomputes them and keeps the rest, which
+    that host holds, instead of stopping the run; with no room for even that, the plan stays and the training
+    loop's check names what to change."""
+    from tunelab.model import fit
+
+    cfg = TrainConfig(pretrained_model_name_or_path=LLAMA3, method="qlora", max_length=32768, lora_r=32,
+                      lora_dropout=0.0, optimizer="adamw_8bit", max_norm=0.0)
+    plan = fit.plan_fast_path(cfg, "cuda")
+    with_projections = estimate_memory(cfg, plan=plan).cpu_offload_bytes
+    without = estimate_memory(cfg, plan=dataclasses.replace(plan, save_projections=False)).cpu_offload_bytes
+    assert with_projections - without == 32 * 32768 * (4096 + 2 * 1024 + 4096) * 2
+    for free, kept in ((256 * GIB, True), (int(with_projections / 0.85), True), (int(with_projections / 0.95), False),
+                       (32 * GIB, False)):
+        monkeypatch.setattr(fit, "available_cpu_memory", lambda: free)
+        fitted = fit.fit_plan_to_card(cfg, card_bytes=80 * GIB)
+        assert fitted.keeps_attention and fitted.keeps_projections == kept, free / GIB

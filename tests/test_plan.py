@@ -42,7 +42,7 @@ def test_rows_of_8k_and_more_offload_layer_inputs_and_slice_the_mlp_only_past_32
     in slices, with the checkpoint around."""
     long = plan_fast_path(TrainConfig(method="qlora", max_length=32768), "cuda")
     assert long.offload_activations and long.mlp_slice is None and not long.cuda_graphs
-    assert long.checkpoint_inside_compile and long.save_attention
+    assert long.checkpoint_inside_compile and long.save_attention and long.keeps_projections
     longer = plan_fast_path(TrainConfig(method="qlora", max_length=65536), "cuda")
     assert longer.mlp_slice == 32768 and not longer.checkpoint_inside_compile
     whole_mlp = plan_fast_path(TrainConfig(method="qlora", max_length=65536, mlp_chunk_size=None), "cuda")
@@ -50,10 +50,10 @@ def test_rows_of_8k_and_more_offload_layer_inputs_and_slice_the_mlp_only_past_32
     for tokens in (8192, 16384):
         offloaded = plan_fast_path(TrainConfig(method="qlora", max_length=tokens), "cuda")
         assert offloaded.offload_activations and offloaded.checkpoint_inside_compile and not offloaded.cuda_graphs
-        assert offloaded.save_attention
+        assert offloaded.save_attention and offloaded.save_projections
     at_4k = plan_fast_path(TrainConfig(method="qlora", max_length=4096), "cuda")
     assert not at_4k.offload_activations and at_4k.cuda_graphs and at_4k.checkpoint_inside_compile
-    assert not at_4k.save_attention  # on the GPU, attention's output would be a second saved tensor a layer
+    assert not (at_4k.save_attention or at_4k.save_projections)  # on the GPU: 2-3 more saved tensors a layer
     no_compile = plan_fast_path(TrainConfig(method="qlora", max_length=8192, use_compile=False), "cuda")
     assert no_compile.offload_activations and not no_compile.save_attention  # eager: the plain checkpoint
     on_gpu = plan_fast_path(TrainConfig(method="qlora", max_length=32768, offload_activations=False), "cuda")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tunelab.errors import TunelabError
-from tunelab.model.memory import GIB, estimate_memory
+from tunelab.model.memory import CPU_MEMORY_SHARE, GIB, available_cpu_memory, estimate_memory
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.shapes import model_shape
 
@@ -24,22 +24,31 @@ def choose_reference(cfg, device=None, plan=None) -> str | None:
 
 
 def fit_plan_to_card(cfg, device=None, plan=None, *, world_size: int | None = None, card_bytes: int | None = None):
-    """The run's `FastPathPlan` for the card (`device`, or `card_bytes` for one that is not here). Offloaded rows keep
-    the checkpoint inside the compiled layer, which keeps attention's output and runs faster, but holds more of the
-    recomputed MLP at once (Llama-3.1-8B QLoRA 32k: 14.2 GiB reserved inside, 12.7 around; BENCHMARKS.md round 21).
-    Where the estimate says the card cannot hold that and can hold the checkpoint around the layer, the plan puts it
-    around; everywhere else the plan stays as it is."""
+    """The run's `FastPathPlan` for the card (`device`, or `card_bytes` for one that is not here) and this machine's
+    CPU memory. Offloaded rows keep the checkpoint inside the compiled layer, which keeps attention's output and the
+    q, k, v, o projections (the fastest arrangement), but holds more of the recomputed MLP at once, and parks the
+    projections in CPU memory. The first arrangement that the card holds (and, keeping the projections, the CPU
+    memory available now): as planned; without the projections; the checkpoint around the compiled layer
+    (Llama-3.1-8B QLoRA 32k: 14.7 GiB reserved inside with the projections, 13.7 without, 12.7 around; BENCHMARKS.md
+    rounds 21 and 27). Where none fits, the plan stays as it is (and the estimate names settings that would)."""
     plan = plan or plan_fast_path(cfg, "cuda", world_size or cfg.sequence_parallel_size)
     if not (plan.offload_activations and plan.checkpoint_inside_compile):
         return plan
+    candidates = [plan]
+    if plan.keeps_projections:
+        candidates.append(replace(plan, save_projections=False))
+    candidates.append(replace(plan, checkpoint_around=True, save_attention=False, save_projections=False))
+    cpu_free = available_cpu_memory()
     try:
-        if estimate_memory(cfg, device, plan, world_size=world_size, card_bytes=card_bytes).fits is not False:
-            return plan
-        around = replace(plan, checkpoint_around=True, save_attention=False)
-        fits_around = estimate_memory(cfg, device, around, world_size=world_size, card_bytes=card_bytes).fits
+        for candidate in candidates:
+            est = estimate_memory(cfg, device, candidate, world_size=world_size, card_bytes=card_bytes)
+            host_holds = (not candidate.keeps_projections or cpu_free is None
+                          or est.cpu_offload_bytes <= CPU_MEMORY_SHARE * cpu_free)
+            if est.fits is not False and host_holds:
+                return candidate
     except TunelabError:  # the model's shape is not known here
-        return plan
-    return around if fits_around else plan
+        pass
+    return plan
 
 
 def smallest_sequence_parallel(cfg, card_bytes: int) -> int | None:

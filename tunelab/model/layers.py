@@ -25,11 +25,12 @@ is recomputed one layer at a time in backward. Two things still grow with the se
 * the checkpoints themselves: `LayerInputOffload` (tunelab.model.offload) copies a layer's input to CPU memory as
   the forward passes it and back as backward reaches the layer, on a copy stream beside the compute. Only what
   grows with the row moves; tensors every layer shares (RoPE cos/sin) and the weights stay on the GPU. With the inputs offloaded and the
-  checkpoint inside the compiled layer, the checkpoint also keeps the attention block's results
-  (`_keep_attention_block`, the plan's `save_attention`): attention's output and softmax statistics, so backward
-  runs attention's backward without running its forward again, whose cost grows with the row's length
-  (Llama-3.1-8B QLoRA: +3% at 8k, +16% at 32k), and the q, k, v and o projections' outputs, so backward does not
-  compute those matmuls again either (+5% at 8k, +3% at 32k); what it keeps waits in CPU memory beside the input.
+  checkpoint inside the compiled layer, the checkpoint also keeps attention's output and softmax statistics
+  (`_keep_attention_outputs`, the plan's `save_attention`), so backward runs attention's backward without running
+  its forward again, whose cost grows with the row's length (Llama-3.1-8B QLoRA: +3% at 8k, +16% at 32k), and
+  where the host's memory allows, the q, k, v and o projections' outputs (`_keep_attention_block`, the plan's
+  `save_projections`), so backward does not compute those matmuls again either (+5% at 8k, +3% at 32k); what it
+  keeps waits in CPU memory beside the input.
 * the working set of the one layer being recomputed, largest in the MLP: gate, up, act(gate) and their product are
   four intermediate-size tensors a token (4 x 14336 x 2 bytes = 112 KiB for Llama-3.1-8B, more than the rest of the
   layer together). `_mlp_in_slices` runs the MLP `mlp_chunk_size` tokens at a time, each slice checkpointed, so one
@@ -101,6 +102,13 @@ def _recompute_every_op():
     return _recompute_all_but(lambda op, args: False)
 
 
+def _keep_attention_outputs():
+    """checkpoint's context_fn that keeps what the attention kernel returns (its output and softmax statistics, what
+    its backward reads) and recomputes every other op (FastPathPlan.save_attention)."""
+    attention = _attention_ops()
+    return _recompute_all_but(lambda op, args: op in attention)
+
+
 def _projection_into_or_out_of_attention(op, args) -> bool:
     """A matmul whose output is at most as wide as its input and at least an eighth of it: the q, k, v and o
     projections (grouped KV heads are down to an eighth of the width), and down_proj, whose output backward does not
@@ -120,7 +128,7 @@ def _keep_attention_block():
     """checkpoint's context_fn that keeps what the attention block's expensive ops return: the attention kernel's
     output and softmax statistics, and the q, k, v and o projections' outputs. Backward then runs attention's
     backward without its forward again (whose cost grows with the row) and recomputes only the norms, RoPE and the
-    MLP's gate and up projections, whose outputs are too large to keep (FastPathPlan.save_attention)."""
+    MLP's gate and up projections, whose outputs are too large to keep (FastPathPlan.save_projections)."""
     attention = _attention_ops()
     return _recompute_all_but(lambda op, args: op in attention or _projection_into_or_out_of_attention(op, args))
 
@@ -192,7 +200,8 @@ def run_decoder_layers(layers, plan) -> dict:
     report, compiled, plain, fallbacks = {}, {}, {}, {}
     n_mlp = n_inside = n_graphed = 0
     inside = plan.checkpoint_inside_compile
-    context_fn = (_keep_attention_block if plan.keeps_attention  # tags each op as traced, too
+    context_fn = (_keep_attention_block if plan.keeps_projections  # these tag each op as traced, too
+                  else _keep_attention_outputs if plan.keeps_attention
                   else _recompute_every_op if plan.checkpoint_tags_each_op else None)
     if plan.compile and inside:
         # transformers 5.25 (with `kernels`, which it now installs) wraps attention's forward in code that sets and
@@ -248,8 +257,9 @@ def run_decoder_layers(layers, plan) -> dict:
     report["checkpointing"] = (f"{n_ckpt} layers"
                                + (", inputs offloaded to CPU memory" if plan.offload_activations and n_ckpt else ""))
     inside_note = f", {n_inside} with the checkpoint inside" if n_inside else ""
-    inside_note += (" (attention's inputs and outputs kept)" if n_inside and context_fn is _keep_attention_block
-                    else "")
+    kept = {_keep_attention_block: " (attention's inputs and outputs kept)",
+            _keep_attention_outputs: " (attention's outputs kept)"}
+    inside_note += kept.get(context_fn, "") if n_inside else ""
     report["compile"] = (f"{len(layers)} decoder layers" + inside_note
                          + (f", {n_graphed} as CUDA graphs" if n_graphed else "")) if plan.compile else "off"
     report["mlp_slices"] = f"{n_mlp} layers, {plan.mlp_slice} tokens a slice" if n_mlp else "off"

@@ -246,9 +246,10 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     accumulating = cfg.accumulative_counts > 1
     grads_name += " (kept across micro-batches)" if accumulating else " at the peak"
     saved_per_layer = tokens * h * 2  # with checkpointing: the layer's input
-    projections = 0
-    if plan.keeps_attention:  # and attention's output and softmax statistics, and the q, k, v, o projections
+    if plan.keeps_attention:  # and attention's output and softmax statistics
         saved_per_layer += tokens * shape.num_attention_heads * (shape.head_dim * 2 + 4)
+    projections = 0
+    if plan.keeps_projections:  # and the q, k, v, o projections' outputs
         q_width, kv_width = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
         projections = tokens * (q_width + 2 * kv_width + h) * 2
     if checkpointing:
@@ -338,6 +339,10 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     if cfg.optimizer == "adamw" and cfg.method == "full":
         out.append("optimizer = 'adamw_8bit'")
     return out
+
+
+CPU_MEMORY_SHARE = 0.9
+"""Of the CPU memory available when a run starts, the most that what it offloads may take."""
 
 
 def available_cpu_memory() -> int | None:

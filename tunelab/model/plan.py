@@ -85,11 +85,13 @@ class FastPathPlan:
     shorter ones on a card that holds only that: `tunelab.model.fit.fit_plan_to_card`, which the training loop and
     `tunelab plan` apply to this plan)."""
     save_attention: bool = False
-    """With the checkpoint inside the compiled layer, it keeps the attention block's results for backward instead of
-    recomputing them (selective checkpointing): attention's output and softmax statistics, and the q, k, v and o
-    projections' outputs; with offloaded inputs they wait in CPU memory beside the input. Backward then recomputes
-    only the norms, RoPE and the MLP's gate and up. Attention's cost grows with the row, the copies' does not
-    outgrow the layer's compute."""
+    """With the checkpoint inside the compiled layer, it keeps attention's output and softmax statistics for backward
+    instead of recomputing attention (selective checkpointing); with offloaded inputs they wait in CPU memory beside
+    the input. Attention's cost grows with the row, the copy's does not outgrow the layer's compute."""
+    save_projections: bool = False
+    """With `save_attention`, the checkpoint also keeps the q, k, v and o projections' outputs, so backward recomputes
+    only the norms, RoPE and the MLP's gate and up; they wait in CPU memory too (2.5 times the layer input more at
+    7B/8B, 5 GiB a step at 8k). `fit.fit_plan_to_card` turns it off where the host's memory cannot hold that."""
     mlp_slice: int | None = None
     """Tokens each MLP computes at a time (long context), None: the whole sequence."""
     optimizer_in_backward: bool = False
@@ -116,6 +118,11 @@ class FastPathPlan:
         """The checkpoint keeps attention's output for backward: `save_attention` where the checkpoint is inside the
         compiled layer (around it, the compiled forward runs again whole)."""
         return self.save_attention and self.checkpoint_inside_compile
+
+    @property
+    def keeps_projections(self) -> bool:
+        """The checkpoint keeps the q, k, v and o projections' outputs as well (`save_projections`)."""
+        return self.save_projections and self.keeps_attention
 
     @property
     def fused_dequant(self) -> bool:
@@ -202,9 +209,10 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
         checkpoint_around=offload and row_share > OFFLOADED_INSIDE_MAX_TOKENS, mlp_slice=mlp_slice,
         optimizer_in_backward=_optimizer_in_backward(cfg, on_gpu, world_size), chunked_loss=True,
         loss_chunk_size=cfg.loss_chunk_size, sequence_parallel=sequence_parallel)
-    # The attention block's results are kept where the inputs are offloaded anyway: in CPU memory they cost a copy
-    # beside the compute; on the GPU they would be 2-3 more saved tensors a layer, each as large as the input.
-    return dataclasses.replace(plan, save_attention=plan.offload_activations and plan.checkpoint_inside_compile)
+    # Attention's output and the projections are kept where the inputs are offloaded anyway: in CPU memory they cost
+    # a copy beside the compute; on the GPU they would be 2-3 more saved tensors a layer, each as large as the input.
+    keep = plan.offload_activations and plan.checkpoint_inside_compile
+    return dataclasses.replace(plan, save_attention=keep, save_projections=keep)
 
 
 def optimizer_in_backward_blockers(cfg, on_gpu: bool, world_size: int = 1) -> list[str]:
