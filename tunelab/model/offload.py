@@ -74,9 +74,9 @@ class LayerInputOffload:
         """saved_tensors_hooks that park what a layer saves for backward that grows with its row, and leave every
         other saved tensor where it is. That is the layer input, recognised by its storage (an eager checkpoint
         saves it as it came), and floating-point tensors nearly as large: of 3 or more dimensions at least half its
-        size (an alias of the input that compiled code saves; attention's output where the checkpoint keeps the
-        attention block, `save_attention`), or a matmul's output, a row a token, at least an eighth of its size (the
-        q, k, v and o projections' outputs the attention block keeps). Weights (parameters), what every layer shares
+        size (an alias of the input that compiled code saves; attention's output where the checkpoint keeps it,
+        `save_attention`), or a matmul's output, a row a token, at least an eighth of its size (the q, k, v and o
+        projections' outputs where the checkpoint keeps them, `save_projections`). Weights (parameters), what every layer shares
         (RoPE cos/sin, a head's width a token), masks and attention's softmax statistics (a value a head and token)
         stay put."""
         self._layer += 1
