@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tunelab.errors import TunelabError
-from tunelab.model.memory import CPU_MEMORY_SHARE, GIB, available_cpu_memory, estimate_memory
+from tunelab.model.memory import GIB, available_cpu_memory, estimate_memory
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.shapes import model_shape
 
@@ -42,9 +42,7 @@ def fit_plan_to_card(cfg, device=None, plan=None, *, world_size: int | None = No
     try:
         for candidate in candidates:
             est = estimate_memory(cfg, device, candidate, world_size=world_size, card_bytes=card_bytes)
-            host_holds = (not candidate.keeps_projections or cpu_free is None
-                          or est.cpu_offload_bytes <= CPU_MEMORY_SHARE * cpu_free)
-            if est.fits is not False and host_holds:
+            if est.fits is not False and (not candidate.keeps_projections or est.fits_in_cpu_memory(cpu_free)):
                 return candidate
     except TunelabError:  # the model's shape is not known here
         pass

@@ -24,13 +24,13 @@ is recomputed one layer at a time in backward. Two things still grow with the se
 
 * the checkpoints themselves: `LayerInputOffload` (tunelab.model.offload) copies a layer's input to CPU memory as
   the forward passes it and back as backward reaches the layer, on a copy stream beside the compute. Only what
-  grows with the row moves; tensors every layer shares (RoPE cos/sin) and the weights stay on the GPU. With the inputs offloaded and the
-  checkpoint inside the compiled layer, the checkpoint also keeps attention's output and softmax statistics
-  (`_keep_attention_outputs`, the plan's `save_attention`), so backward runs attention's backward without running
-  its forward again, whose cost grows with the row's length (Llama-3.1-8B QLoRA: +3% at 8k, +16% at 32k), and
-  where the host's memory allows, the q, k, v and o projections' outputs (`_keep_attention_block`, the plan's
-  `save_projections`), so backward does not compute those matmuls again either (+5% at 8k, +3% at 32k); what it
-  keeps waits in CPU memory beside the input.
+  grows with the row moves; tensors every layer shares (RoPE cos/sin) and the weights stay on the GPU. With the
+  inputs offloaded and the checkpoint inside the compiled layer, the checkpoint also keeps attention's output and
+  softmax statistics (`_keep_attention_outputs`, the plan's `save_attention`), so backward runs attention's
+  backward without running its forward again, whose cost grows with the row's length (Llama-3.1-8B QLoRA: +3% at
+  8k, +16% at 32k), and where the host's memory allows, the q, k, v and o projections' outputs
+  (`_keep_attention_block`, the plan's `save_projections`), so backward does not compute those matmuls again
+  either (+5% at 8k, +3% at 32k); what it keeps waits in CPU memory beside the input.
 * the working set of the one layer being recomputed, largest in the MLP: gate, up, act(gate) and their product are
   four intermediate-size tensors a token (4 x 14336 x 2 bytes = 112 KiB for Llama-3.1-8B, more than the rest of the
   layer together). `_mlp_in_slices` runs the MLP `mlp_chunk_size` tokens at a time, each slice checkpointed, so one

@@ -52,6 +52,10 @@ ALLOCATOR_SLACK = 0.08  # reserved over allocated (fragmentation), as a fraction
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64 / 4 + 0.5 / 64  # 4-bit codes + double-quantised absmax per 64-block
 
 
+CPU_MEMORY_SHARE = 0.9
+"""Of the CPU memory available when a run starts, the most that what it offloads may take."""
+
+
 @dataclass
 class MemoryEstimate:
     parts: dict  # name -> bytes, adding up to `total`
@@ -67,6 +71,10 @@ class MemoryEstimate:
     @property
     def cpu_offload_bytes(self) -> int:
         return sum(self.cpu_offload.values())
+
+    def fits_in_cpu_memory(self, available: int | None) -> bool:
+        """What the run offloads fits in CPU_MEMORY_SHARE of `available` bytes (None: unknown, taken as fitting)."""
+        return available is None or self.cpu_offload_bytes <= CPU_MEMORY_SHARE * available
 
     @property
     def fits(self) -> bool | None:
@@ -209,8 +217,8 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     a_h, a_i = ACT_PER_TOKEN["lora" if cfg.freeze_llm else cfg.method]  # frozen weights keep what LoRA's do
     if plan.checkpoint_inside_compile and cfg.method in ("lora", "qlora") and not cfg.lora_dropout:
         a_h, a_i = a_h - DROPOUT_COPIES_PER_TOKEN[0], a_i - DROPOUT_COPIES_PER_TOKEN[1]
-    if (bits == 4 and plan.fused_dequant and not plan.dequantize_once and cfg.method == "qlora"
-            and not cfg.lora_dropout and merges_into_the_weight(tokens, h, inter)):
+    if (plan.fused_dequant and not plan.dequantize_once and cfg.method == "qlora" and not cfg.lora_dropout
+            and merges_into_the_weight(tokens, h, inter)):
         # The MLP's gate and up run merged with their adapters (one matmul by W + scale * B @ A): each product is
         # written once, not as the base output and its copy with the adapter added: one intermediate-size tensor a
         # token less where the recomputed MLP peaks (rounds 23-27: 32k peaks fell 0.9 GiB)
@@ -339,10 +347,6 @@ def _suggestions(cfg, est: MemoryEstimate, plan) -> list[str]:
     if cfg.optimizer == "adamw" and cfg.method == "full":
         out.append("optimizer = 'adamw_8bit'")
     return out
-
-
-CPU_MEMORY_SHARE = 0.9
-"""Of the CPU memory available when a run starts, the most that what it offloads may take."""
 
 
 def available_cpu_memory() -> int | None:

@@ -76,9 +76,9 @@ class LayerInputOffload:
         saves it as it came), and floating-point tensors nearly as large: of 3 or more dimensions at least half its
         size (an alias of the input that compiled code saves; attention's output where the checkpoint keeps it,
         `save_attention`), or a matmul's output, a row a token, at least an eighth of its size (the q, k, v and o
-        projections' outputs where the checkpoint keeps them, `save_projections`). Weights (parameters), what every layer shares
-        (RoPE cos/sin, a head's width a token), masks and attention's softmax statistics (a value a head and token)
-        stay put."""
+        projections' outputs where the checkpoint keeps them, `save_projections`). Weights (parameters), what every
+        layer shares (RoPE cos/sin, a head's width a token), masks and attention's softmax statistics (a value a
+        head and token) stay put."""
         self._layer += 1
         self._copy_out_leaving()
         layer, storage, numel = self._layer, layer_input.untyped_storage().data_ptr(), layer_input.numel()

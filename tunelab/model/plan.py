@@ -42,8 +42,8 @@ Inside, the recomputation is part of one compiled backward, which skips what bac
 down_proj's forward) and keeps the attention block's results (`save_attention`), but holds more of the recomputed
 MLP at once. Llama-3.1-8B QLoRA r32 at 32k: 7,445 tokens/s in 14.2 GiB reserved inside with attention's output
 kept, 6,437 in 12.7 around (Unsloth: 6,513 in 15.3; round 21); with the q, k, v, o projections kept too 8,118 in
-14.66 (Unsloth: 6,449 in 15.31; round 27). Past 32k the MLP runs in slices (OFFLOADED_MLP_TOKENS), eager code that puts the
-checkpoint around anyway."""
+14.66 (Unsloth: 6,449 in 15.31; round 27). Past 32k the MLP runs in slices (OFFLOADED_MLP_TOKENS), eager code
+that puts the checkpoint around anyway."""
 OFFLOADED_MLP_TOKENS = 32768
 """`mlp_chunk_size = 'auto'` with offloaded layer inputs: the MLP runs whole up to this many tokens, in slices this
 long past it (Llama-3.1-8B QLoRA 32k: faster than 8k slices, and still leaner than inputs on the GPU; round 14)."""

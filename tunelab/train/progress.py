@@ -233,7 +233,7 @@ def check_memory_fits(cfg, device: torch.device, log=print, plan=None, world_siz
         return
     try:
         from tunelab.model.fit import plan_report
-        from tunelab.model.memory import CPU_MEMORY_SHARE, available_cpu_memory, estimate_memory
+        from tunelab.model.memory import available_cpu_memory, estimate_memory
     except ImportError:
         return
     try:
@@ -242,7 +242,7 @@ def check_memory_fits(cfg, device: torch.device, log=print, plan=None, world_siz
         log(f"memory plan skipped: {exc}")
         return
     cpu_free = available_cpu_memory()
-    if estimate.cpu_offload_bytes and cpu_free is not None and estimate.cpu_offload_bytes > CPU_MEMORY_SHARE * cpu_free:
+    if not estimate.fits_in_cpu_memory(cpu_free):
         held = ", ".join(f"{name} = True would keep {size / 2**30:.1f} GiB"
                          for name, size in estimate.cpu_offload.items())
         raise TunelabError(
