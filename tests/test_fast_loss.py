@@ -96,18 +96,27 @@ def test_bf16_autocast_matches_autograd_under_autocast():
 
 
 def test_compiled_softmax_gradient_equals_eager():
-    """What the GPU runs (torch.compile of cross_entropy_and_grad, dynamic rows) gives the eager numbers."""
+    """What the GPU runs (`compiled_cross_entropy_and_grad`: compiled, dynamic rows, the vocabulary fixed) gives the
+    eager numbers, and chunks of other row counts (the last one of a step) reuse the compiled code."""
+    from torch._dynamo.utils import counters
+
+    from tunelab.model.loss import compiled_cross_entropy_and_grad
+
     torch._dynamo.reset()
-    compiled = torch.compile(cross_entropy_and_grad, dynamic=True)
+    counters.clear()
     torch.manual_seed(2)
-    for rows, softcap in ((9, None), (4, None), (6, 30.0)):
+    for rows, softcap in ((9, None), (4, None), (7, None), (6, 30.0)):
         logits = torch.randn(rows, 70, dtype=torch.bfloat16) * 4
         targets = torch.randint(0, 70, (rows,))
         want_loss, want_grad = cross_entropy_and_grad(logits, targets, softcap)
-        got_loss, got_grad = compiled(logits, targets, softcap)
+        got_loss, got_grad = compiled_cross_entropy_and_grad(logits, targets, softcap)
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-3)
         assert got_grad.dtype == torch.bfloat16
+    assert counters["stats"]["unique_graphs"] == 2  # one for the rows without a soft cap, one with
+    compiled_cross_entropy_and_grad(torch.randn(5, 71, dtype=torch.bfloat16), torch.randint(0, 71, (5,)), None)
+    assert counters["stats"]["unique_graphs"] == 3  # the vocabulary was a constant in the kernel
+    torch._dynamo.reset()
 
 
 def test_tied_embedding_and_softcap_gradients(tiny_model_factory):

@@ -306,6 +306,20 @@ def test_compiled_lora_on_a_4bit_layer_over_many_tokens_merges_the_adapter_into_
         assert (got_g[name] - ref_g[name]).norm() <= 1e-5 * ref_g[name].norm(), name
     assert (40, 64 + 8) not in saved and (40, 64) not in saved  # the 4-bit bytes are saved, no 16/32-bit weight
 
+    # Backward adds the adapter to bitsandbytes' fresh weight in place, in the matmul's epilogue: no addmm into a
+    # copy of the weight (a pass over it and a memcpy launch a layer), no clone before the in-place op.
+    from torch._inductor.utils import run_and_get_code
+
+    def step(x):
+        out = torch.compile(lean, fullgraph=True)(x)
+        (out**2).sum().backward()
+
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(step, x.clone().requires_grad_())
+    backward_code = next(code for code in codes if "bitsandbytes.dequantize_4bit" in code)
+    assert "tunelab.add_scaled_product_.default(" in backward_code
+    assert "addmm" not in backward_code and "clone" not in backward_code
+
     def forward_matmuls(tokens):
         torch._dynamo.reset()
         forward_graphs.clear()

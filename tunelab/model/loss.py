@@ -71,9 +71,17 @@ def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap:
 
 
 @functools.cache
-def compiled_cross_entropy_and_grad():
-    """cross_entropy_and_grad compiled once, dynamic in its rows from the start (the last chunk is shorter)."""
-    return torch.compile(cross_entropy_and_grad, dynamic=True)
+def _compiled_cross_entropy_and_grad():
+    return torch.compile(cross_entropy_and_grad)
+
+
+def compiled_cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    """cross_entropy_and_grad compiled once: dynamic in its rows from the start (the last chunk is shorter), the
+    vocabulary a constant. With every size dynamic (`dynamic=True`), the softmax gradient's kernel ran at 0.7 TB/s
+    and the chunk's three kernels took 290 us for 64 MiB of logits (9 ms of an 8k Llama-3.1-8B step, round 28)."""
+    torch._dynamo.maybe_mark_dynamic(logits, 0)
+    torch._dynamo.maybe_mark_dynamic(targets, 0)
+    return _compiled_cross_entropy_and_grad()(logits, targets, softcap)
 
 
 @functools.cache
@@ -106,7 +114,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         want_h, want_w = hidden.requires_grad, weight.requires_grad
         want_b = bias is not None and bias.requires_grad
-        ce = compiled_cross_entropy_and_grad() if compiled else cross_entropy_and_grad
+        ce = compiled_cross_entropy_and_grad if compiled else cross_entropy_and_grad
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)

@@ -137,6 +137,20 @@ def _dequantize_in_backward(packed: torch.Tensor, quant_state, dtype: torch.dtyp
     return bnbf.dequantize_4bit(packed, quant_state).to(dtype)
 
 
+@torch.library.custom_op("tunelab::add_scaled_product_", mutates_args=("acc",))
+def add_scaled_product_(acc: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float) -> None:
+    """acc += alpha * b @ a, in place: cuBLAS adds the product in its epilogue. As a custom op that mutates `acc`,
+    compiled code calls it in place on a fresh `acc` (inductor re-inplaces it), where a traced `acc.addmm_` becomes
+    an out-of-place addmm that first copies `acc` into a new buffer: a pass over a weight and a memcpy launch per
+    4-bit layer in backward (11 ms of an 8k Llama-3.1-8B QLoRA step with the idle after each copy, round 28)."""
+    acc.addmm_(b, a, alpha=alpha)
+
+
+@add_scaled_product_.register_fake
+def _(acc, b, a, alpha):
+    return None
+
+
 class _DequantizeAgainInBackward(torch.autograd.Function):
     """F.linear(x, W, bias) for a 4-bit W whose backward dequantises W again instead of keeping the 16-bit copy.
 
@@ -189,8 +203,8 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
     Those passes grow with the tokens; at 8k tokens on an 8B shape they were 9% of a QLoRA step (BENCHMARKS.md round
     22). Adding the adapter to the weight instead costs passes over the weight, which do not grow with the tokens:
     the dequantised weight takes `scale * B @ A` (a product of depth r, added inside the dequantisation's kernel)
-    and the layer is one matmul. Backward dequantises again, adds the adapter again, and takes the
-    input gradient in one matmul; lora_a's and lora_b's gradients are the usual ones, from x and the output gradient.
+    and the layer is one matmul. Backward dequantises again, adds the adapter again (in cuBLAS's epilogue, in place:
+    `add_scaled_product_`), and takes the input gradient in one matmul; lora_a's and lora_b's gradients are the usual ones, from x and the output gradient.
     Only x and the 4-bit bytes are saved. The merged weight is in the compute dtype, as the base layer's own
     output is; `lean_lora_forward` takes this path only without LoRA dropout (the adapter must see the same x).
     """
@@ -211,9 +225,8 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
         grad_2d, x_2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
             weight = _dequantize_in_backward(packed, ctx.quant_state, grad.dtype)
-            # The one weight copy left (addmm's, 0.7% of an 8k step): compile makes an in-place addmm_ out of
-            # place too, and the product-and-add of the forward would not fuse into bitsandbytes' kernel.
-            grad_x = grad @ torch.addmm(weight, lora_b, lora_a, alpha=ctx.scale)
+            add_scaled_product_(weight, lora_b, lora_a, ctx.scale)  # bitsandbytes' output is ours to change
+            grad_x = grad @ weight
         if ctx.needs_input_grad[3]:
             grad_a = (grad_2d @ lora_b).t() @ x_2d * ctx.scale
         if ctx.needs_input_grad[4]:

@@ -51,10 +51,11 @@ class StepsInBackward:
     gradients first (no clipping, one micro-batch a step: `plan.optimizer_in_backward` says where), the updates are
     the ones `optimizer.step()` after backward makes. The optimiser itself keeps its state and lr schedule as usual.
 
-    What is updated together: bitsandbytes' 8-bit AdamW (tunelab's) launches one kernel a parameter anyway, so each
-    parameter is updated as its gradient comes. torch's AdamW waits for the layer's last gradient and steps the
-    layer's parameters in one fused launch: a launch a parameter cost a QLoRA step 8%, a launch a layer 0.8%
-    (BENCHMARKS.md rounds 18 and 19).
+    What is updated together: a layer's parameters, once its last gradient has come. Their gradient norms (for the
+    log) are one launch for the layer; torch's AdamW steps them in one fused launch too (a launch a parameter cost a
+    QLoRA step 8%, a launch a layer 0.8%: BENCHMARKS.md rounds 18 and 19), bitsandbytes' 8-bit AdamW (tunelab's)
+    one kernel a parameter, as it always does. (With a norm a parameter, 8-bit AdamW's step spent 6 ms of an 8k
+    Llama-3.1-8B QLoRA step on 448 tiny norm launches: round 28.) A layer's LoRA gradients are a few MiB.
 
     The loop calls `step()` after backward as ever: it updates any parameter whose layer did not complete (a
     parameter that got no gradient this step leaves its layer waiting) and takes the gradient norm (for the log)
@@ -66,10 +67,7 @@ class StepsInBackward:
         # by index: loading a checkpoint's state replaces the group dicts (the schedule then sets the new ones' lr)
         self._group_index = {param: i for i, group in enumerate(optimizer.param_groups) for param in group["params"]}
         self._step_parameter = getattr(optimizer, "step_parameter", None)  # bitsandbytes' 8-bit AdamW (tunelab's)
-        if self._step_parameter is not None:
-            self._buckets = [[param] for param in self._group_index]
-        else:
-            self._buckets = layer_buckets(model, self._group_index)
+        self._buckets = layer_buckets(model, self._group_index)
         self._bucket_of = {param: i for i, bucket in enumerate(self._buckets) for param in bucket}
         self._waiting: dict[int, list[torch.Tensor]] = {}  # bucket -> its parameters that have a gradient
         self._norms: list[torch.Tensor] = []
