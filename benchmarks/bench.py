@@ -149,22 +149,16 @@ def _load(case: dict, baseline_path: str) -> Run:
                path)
 
 
-def _step(run: Run, case: dict):
+def _batch(run: Run, case: dict) -> dict:
+    """A batch of random tokens on the CPU, as `tunelab train`'s collate gives it: the trained positions listed on
+    the CPU, so the loss never syncs."""
     import torch
 
     from tunelab.data.collate import loss_targets
 
     bs, seq = case["bs"], case["seq"]
-    # As `tunelab train`: with CUDA graphs, each micro-batch starts a graph generation and accumulated gradients
-    # keep buffers of their own
-    keep_grads = run.plan.cuda_graphs and case["acc"] > 1
-    if keep_grads:
-        from tunelab.train.loop import allocate_grad_buffers
-
-        allocate_grad_buffers(run.model)
-    x_cpu = torch.randint(0, run.vocab, (bs, seq))
-    x = x_cpu.to("cuda")
-    positions = torch.arange(seq, device="cuda").repeat(bs, 1)
+    x = torch.randint(0, run.vocab, (bs, seq))
+    positions = torch.arange(seq).repeat(bs, 1)
     if case["vary"]:
         # Packed rows as `tunelab train` gives them: 1-16 samples a row, 0-127 tokens short of seq, padded to seq
         # (the padding its own segment). Rows of one batch share the cuts.
@@ -173,21 +167,58 @@ def _step(run: Run, case: dict):
         used = seq - random.randrange(128)
         cuts = sorted(random.sample(range(1, used), random.randrange(16))) + [used]
         row = torch.cat([torch.arange(end - start) for start, end in zip([0] + cuts, cuts)] + [torch.arange(seq - used)])
-        positions = row.to("cuda").repeat(bs, 1)
-    # As `tunelab train`'s collate gives them: the trained positions listed on the CPU, so the loss never syncs.
-    index, targets = loss_targets(x_cpu)
-    batch = {"input_ids": x, "labels": x, "position_ids": positions,
-             "loss_index": index.to("cuda", non_blocking=True), "loss_targets": targets.to("cuda", non_blocking=True)}
-    for _ in range(case["acc"]):  # micro-batches of one optimiser step (the same rows: only the time matters)
-        if run.plan.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss_sum, n_tokens = run.objective(run.model, batch)
-        loss = loss_sum / n_tokens
-        loss.backward()
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=not keep_grads)
-    return loss
+        positions = row.repeat(bs, 1)
+    index, targets = loss_targets(x)
+    return {"input_ids": x, "labels": x, "position_ids": positions, "loss_index": index, "loss_targets": targets}
+
+
+class Steps:
+    """Optimiser steps of `case` as `tunelab train` runs them (`tunelab.train.loop`): each step's first batch is
+    made and sent to the GPU, its embedding rows gathered from the CPU ids, during the step before, after its last
+    backward and before the update; `ahead=False` makes each step's batch at its start (a new length each step)."""
+
+    def __init__(self, run: Run, case: dict, ahead: bool = True):
+        self.run, self.case, self.ahead = run, case, ahead
+        self.upcoming = self._make() if ahead else None
+
+    def _make(self) -> tuple[dict, dict]:
+        from tunelab.model.fast import batch_to_device
+
+        batch = _batch(self.run, self.case)
+        return batch, batch_to_device(batch, "cuda", self.run.model)
+
+    def __call__(self):
+        import torch
+
+        from tunelab.model.fast import batch_to_device
+
+        run, case = self.run, self.case
+        # As `tunelab train`: with CUDA graphs, each micro-batch starts a graph generation and accumulated gradients
+        # keep buffers of their own
+        keep_grads = run.plan.cuda_graphs and case["acc"] > 1
+        if keep_grads:
+            from tunelab.train.loop import allocate_grad_buffers
+
+            allocate_grad_buffers(run.model)
+        cpu_batch, batch = self.upcoming or self._make()
+        for i in range(case["acc"]):  # micro-batches of one optimiser step (the same rows: only the time matters)
+            if run.plan.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            if i > 0:
+                batch = batch_to_device(cpu_batch, "cuda", run.model)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss_sum, n_tokens = run.objective(run.model, batch)
+            loss = loss_sum / n_tokens
+            loss.backward()
+        self.upcoming = self._make() if self.ahead else None
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=not keep_grads)
+        return loss
+
+
+def _step(run: Run, case: dict):
+    """One optimiser step of `case` on a batch made now (bench_context.py: each step a new length)."""
+    return Steps(run, case, ahead=False)()
 
 
 def time_steps(run: Run, case: dict, steps=8, warm=3) -> dict:
@@ -197,10 +228,11 @@ def time_steps(run: Run, case: dict, steps=8, warm=3) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
+    step = Steps(run, case)
     for _ in range(warm + steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = _step(run, case)
+        loss = step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     median = sorted(times[warm:])[len(times[warm:]) // 2]
@@ -267,7 +299,7 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
     load_peak_reserved = torch.cuda.max_memory_reserved()  # loading quantises from 16-bit copies: a peak of its own
     timed = time_steps(run, case, 24 if case["vary"] else steps, warm)
     if case["prof"]:
-        timed["profile"] = profile_step(lambda: _step(run, case), profile_label(case), timed["median"])
+        timed["profile"] = profile_step(Steps(run, case), profile_label(case), timed["median"])
     tok_s = case["bs"] * case["seq"] * case["acc"] / timed["median"]
     return dict(tok_s=round(tok_s, 1), s_per_step=round(timed["median"], 4), mean_s_per_step=timed["mean_s"],
                 step_s=timed["step_s"], first_step_s=timed["first_s"],
@@ -327,7 +359,7 @@ def run_sweep(case: dict, variants: list[str], baseline_path: str) -> list[dict]
             print(json.dumps(rows[-1]), flush=True)
             continue
         if v["prof"]:
-            timed["profile"] = profile_step(lambda: _step(run, v), profile_label(v), timed["median"])
+            timed["profile"] = profile_step(Steps(run, v), profile_label(v), timed["median"])
         tok_s = v["bs"] * v["seq"] * v["acc"] / timed.pop("median")
         rows.append(dict(variant=text, tok_s=round(tok_s),
                          **mfu(tok_s, run.cfg, run.path, with_attention=not v["vary"], plan=run.plan),

@@ -69,6 +69,42 @@ def test_embedding_on_cpu_gives_the_same_loss_and_adapter_gradients(tiny_llama_d
             torch.testing.assert_close(param.grad, grads[name])
 
 
+def test_embedding_rows_looked_up_ahead_are_the_ones_the_forward_takes(tiny_llama_dir):
+    """`batch_to_device` gathers a batch's embedding rows from its CPU ids (the loop calls it while the GPU still
+    works on the step before); the forward given the moved ids takes those rows without looking them up again, a
+    forward given other ids (an evaluation between steps) looks its own up and leaves them, and the loss is the same
+    bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.model.fast import EmbeddingOnCPU, batch_to_device, keep_embeddings_on_cpu
+    from tunelab.model.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, tie_word_embeddings=False)
+    model.requires_grad_(False)
+    assert keep_embeddings_on_cpu(model, "cpu") > 0
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, EmbeddingOnCPU)
+    looked_up = []
+    real_look_up = embedding._look_up
+    embedding._look_up = lambda ids: looked_up.append(ids.shape) or real_look_up(ids)
+    ids = torch.randint(0, embedding.num_embeddings, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(12).repeat(2, 1)}
+    with torch.no_grad():
+        want, _ = causal_lm_loss(model, batch)  # looked up in the forward
+        assert looked_up == [(2, 12)]
+        moved = batch_to_device(batch, torch.device("cpu"), model)
+        assert looked_up == [(2, 12)] * 2  # gathered ahead, from the CPU ids
+        other = torch.randint(0, embedding.num_embeddings, (1, 5))
+        model(input_ids=other)  # another batch's forward in between looks its own rows up
+        assert looked_up[-1] == (1, 5) and embedding._ahead is not None
+        got, _ = causal_lm_loss(model, moved)
+        assert len(looked_up) == 3 and embedding._ahead is None  # the rows gathered ahead, taken once
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        causal_lm_loss(model, moved)
+        assert len(looked_up) == 4  # the same ids again: looked up again
+
+
 def test_a_tied_or_trained_embedding_stays(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 

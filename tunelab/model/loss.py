@@ -77,8 +77,8 @@ def _compiled_cross_entropy_and_grad():
 
 def compiled_cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
     """cross_entropy_and_grad compiled once: dynamic in its rows from the start (the last chunk is shorter), the
-    vocabulary a constant. With every size dynamic (`dynamic=True`), the softmax gradient's kernel ran at 0.7 TB/s
-    and the chunk's three kernels took 290 us for 64 MiB of logits (9 ms of an 8k Llama-3.1-8B step, round 28)."""
+    vocabulary a constant. With every size dynamic (`dynamic=True`), the softmax gradient's kernel took 170 us for a
+    chunk's 64 MiB of bf16 logits (0.8 TB/s), with the vocabulary known 100 us (BENCHMARKS.md round 28)."""
     torch._dynamo.maybe_mark_dynamic(logits, 0)
     torch._dynamo.maybe_mark_dynamic(targets, 0)
     return _compiled_cross_entropy_and_grad()(logits, targets, softcap)

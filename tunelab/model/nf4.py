@@ -141,8 +141,9 @@ def _dequantize_in_backward(packed: torch.Tensor, quant_state, dtype: torch.dtyp
 def add_scaled_product_(acc: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float) -> None:
     """acc += alpha * b @ a, in place: cuBLAS adds the product in its epilogue. As a custom op that mutates `acc`,
     compiled code calls it in place on a fresh `acc` (inductor re-inplaces it), where a traced `acc.addmm_` becomes
-    an out-of-place addmm that first copies `acc` into a new buffer: a pass over a weight and a memcpy launch per
-    4-bit layer in backward (11 ms of an 8k Llama-3.1-8B QLoRA step with the idle after each copy, round 28)."""
+    an out-of-place addmm that first copies `acc` into a new buffer: a pass over the weight and a memcpy launch per
+    4-bit layer in backward (7.0 ms of copies and 4.7 ms of idle after them in an 8k Llama-3.1-8B QLoRA step,
+    BENCHMARKS.md round 28)."""
     acc.addmm_(b, a, alpha=alpha)
 
 
@@ -203,9 +204,9 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
     Those passes grow with the tokens; at 8k tokens on an 8B shape they were 9% of a QLoRA step (BENCHMARKS.md round
     22). Adding the adapter to the weight instead costs passes over the weight, which do not grow with the tokens:
     the dequantised weight takes `scale * B @ A` (a product of depth r, added inside the dequantisation's kernel)
-    and the layer is one matmul. Backward dequantises again, adds the adapter again (in cuBLAS's epilogue, in place:
-    `add_scaled_product_`), and takes the input gradient in one matmul; lora_a's and lora_b's gradients are the usual ones, from x and the output gradient.
-    Only x and the 4-bit bytes are saved. The merged weight is in the compute dtype, as the base layer's own
+    and the layer is one matmul. Backward dequantises again, adds the adapter again (in cuBLAS's epilogue, in
+    place: `add_scaled_product_`), and takes the input gradient in one matmul; lora_a's and lora_b's gradients are
+    the usual ones, from x and the output gradient. Only x and the 4-bit bytes are saved. The merged weight is in the compute dtype, as the base layer's own
     output is; `lean_lora_forward` takes this path only without LoRA dropout (the adapter must see the same x).
     """
 

@@ -32,6 +32,7 @@ from tunelab.config.schema import to_dict
 from tunelab.data.collate import collate
 from tunelab.data.dataset import row_length
 from tunelab.errors import TunelabError
+from tunelab.model.fast import batch_to_device
 from tunelab.model.fit import choose_reference, fit_plan_to_card
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
@@ -201,31 +202,34 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         if keep_grad_buffers:
             allocate_grad_buffers(strategy.module)
         with ckpt.GracefulStop() as stop:
-            for epoch, micro_done, micro_batches in micro_batch_groups(train_rows, cfg, data_env, position):
-                if step >= total_steps:
-                    break
+            def data_of(group) -> StepData:
+                return step_data(group, cfg, tokenizer.pad_token_id, objective, model, env, data_env,
+                                 graphed=graphed, images=vision.images if vision else None)
+
+            groups = micro_batch_groups(train_rows, cfg, data_env, position)
+            upcoming = data_of(next(groups)) if step < total_steps else None
+            while upcoming is not None:
                 throughput.begin()
-                # 1. data: collate this step's micro-batches; count trained tokens over all of them and all ranks
-                # that read different rows (each token once)
-                # CUDA graphs: every batch a full row wide, so one shape (plus a few boundary sizes) is recorded
-                batches = [collate(rows, tokenizer.pad_token_id, multiple_of=row_length(cfg) if graphed else 1,
-                                   images=vision.images if vision else None) for rows in micro_batches]
-                # (trained tokens, listed by collate; pairs for preference objectives: what the loss is a mean of)
-                counts = torch.tensor([sum(objective.units(b) for b in batches),
-                                       sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
-                                      dtype=torch.float64, device=env.device if env.distributed else "cpu")
-                trained_tokens, seen_tokens = all_reduce_sum(counts, data_env).tolist()  # no GPU sync in one process
+                # 1. data: this step's micro-batches, collated (and the first one sent to the GPU) during the last
+                # step, with the trained tokens of all of them on all ranks counted
+                data, epoch, micro_done = upcoming, upcoming.epoch, upcoming.micro_done
                 # 2-4. forward → loss → backward, each micro-batch's loss sum divided by the step's trained tokens
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-                for i, batch in enumerate(batches):
+                for i, batch in enumerate(data.batches):
                     if graphed:  # CUDA graphs may reuse the last micro-batch's outputs' memory from here on
                         torch.compiler.cudagraph_mark_step_begin()
-                    batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-                    with strategy.accumulating(last=i == len(batches) - 1):
+                    if i > 0:  # (no wait for the GPU: the CPU is ahead, the embedding rows come from CPU ids)
+                        batch = batch_to_device(batch, env.device, model)
+                    with strategy.accumulating(last=i == len(data.batches) - 1):
                         with precision.autocast(env.device):
                             micro_loss_sum, _ = strategy.forward_loss(batch)
-                        strategy.backward(precision.scale(micro_loss_sum / max(trained_tokens, 1)))
+                        strategy.backward(precision.scale(micro_loss_sum / max(data.trained_tokens, 1)))
                     loss_sum += micro_loss_sum.detach().double()
+                # The next step's data while the GPU works through this one's backward: reading the gradient
+                # norm and the loss below waits for the GPU, which would then idle while the CPU collates and
+                # gathers embedding rows (up to 9 ms of an 8k step, BENCHMARKS.md round 28).
+                upcoming = data_of(next(groups)) if step + 1 < total_steps else None
+                trained_tokens, seen_tokens = data.trained_tokens, data.seen_tokens
                 # 5. step: (fp16: unscale,) clip, update, zero the gradients; then the schedule moves on
                 lr = optimizer.param_groups[0]["lr"]
                 grad_norm = strategy.step(cfg.max_norm, keep_grad_buffers=keep_grad_buffers,
@@ -275,6 +279,35 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         monitor.close()
         cleanup(env)
     return TrainResult(step=step, last_checkpoint=last, losses=losses, interrupted=interrupted)
+
+
+@dataclass
+class StepData:
+    """One optimiser step's data: its micro-batches on the CPU (the first one already on the GPU) and what the
+    loss is averaged over, counted over all of them and all ranks that read different rows."""
+    epoch: int
+    micro_done: int
+    """Micro-batches of `epoch` consumed after this step (the resume position)."""
+    batches: list[dict]
+    trained_tokens: float
+    """Trained tokens (pairs for preference objectives: `objective.units`) of the step: the loss is a mean of them."""
+    seen_tokens: float
+
+
+def step_data(group, cfg, pad_token_id: int, objective, model, env: DistEnv, data_env: DistEnv, *, graphed: bool,
+              images=None) -> StepData:
+    """Collate a group of `micro_batch_groups`, send its first micro-batch to the device, count what the loss is
+    averaged over. Under CUDA graphs every batch is a full row wide, so one shape (plus a few boundary sizes) is
+    recorded."""
+    epoch, micro_done, micro_batches = group
+    batches = [collate(rows, pad_token_id, multiple_of=row_length(cfg) if graphed else 1, images=images)
+               for rows in micro_batches]
+    batches[0] = batch_to_device(batches[0], env.device, model)
+    counts = torch.tensor([sum(objective.units(b) for b in batches),
+                           sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
+                          dtype=torch.float64, device=env.device if env.distributed else "cpu")
+    trained_tokens, seen_tokens = all_reduce_sum(counts, data_env).tolist()  # no GPU sync in one process
+    return StepData(epoch, micro_done, batches, trained_tokens, seen_tokens)
 
 
 class NonFiniteGuard:
