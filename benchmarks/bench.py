@@ -179,13 +179,14 @@ class Steps:
 
     def __init__(self, run: Run, case: dict, ahead: bool = True):
         self.run, self.case, self.ahead = run, case, ahead
+        self.embedding = run.model.get_input_embeddings() if run.plan.embedding_rows_ahead else None
         self.upcoming = self._make() if ahead else None
 
     def _make(self) -> tuple[dict, dict]:
         from tunelab.model.fast import batch_to_device
 
         batch = _batch(self.run, self.case)
-        return batch, batch_to_device(batch, "cuda", self.run.model)
+        return batch, batch_to_device(batch, "cuda", self.embedding)
 
     def __call__(self):
         import torch
@@ -205,7 +206,7 @@ class Steps:
             if run.plan.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             if i > 0:
-                batch = batch_to_device(cpu_batch, "cuda", run.model)
+                batch = batch_to_device(cpu_batch, "cuda", self.embedding)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss_sum, n_tokens = run.objective(run.model, batch)
             loss = loss_sum / n_tokens

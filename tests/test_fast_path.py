@@ -93,7 +93,7 @@ def test_embedding_rows_looked_up_ahead_are_the_ones_the_forward_takes(tiny_llam
     with torch.no_grad():
         want, _ = causal_lm_loss(model, batch)  # looked up in the forward
         assert looked_up == [(2, 12)]
-        moved = batch_to_device(batch, torch.device("cpu"), model)
+        moved = batch_to_device(batch, torch.device("cpu"), embedding)
         assert looked_up == [(2, 12)] * 2  # gathered ahead, from the CPU ids
         other = torch.randint(0, embedding.num_embeddings, (1, 5))
         model(input_ids=other)  # another batch's forward in between looks its own rows up

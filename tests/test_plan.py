@@ -84,6 +84,16 @@ def test_gpu_levers_wait_for_a_gpu_and_long_context_levers_for_long_rows():
     assert not plan_fast_path(TrainConfig(method="full", embeddings_on_cpu=True), "cuda").embeddings_on_cpu
 
 
+def test_embedding_rows_are_gathered_ahead_unless_the_rows_are_sharded():
+    """The loop gathers a batch's embedding rows as it sends the batch (during the step before) where the embedding
+    lives in CPU memory; under sequence parallelism the objective shards the ids first, so it does not."""
+    assert plan_fast_path(TrainConfig(method="qlora"), "cuda").embedding_rows_ahead
+    assert not plan_fast_path(TrainConfig(method="qlora", sequence_parallel_size=2), "cuda", world_size=2
+                              ).embedding_rows_ahead
+    assert not plan_fast_path(TrainConfig(method="qlora", embeddings_on_cpu=False), "cuda").embedding_rows_ahead
+    assert not plan_fast_path(TrainConfig(method="qlora"), "cpu").embedding_rows_ahead
+
+
 def test_qlora_keeps_dequantised_weights_for_backward_only_when_asked_and_checkpointed():
     """The 16-bit copy of a 4-bit weight lives until the layer's backward only with qlora_dequant_once (a memory-for-
     time trade) and checkpointing (without it, every layer's copy would wait for backward)."""

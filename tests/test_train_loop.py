@@ -98,6 +98,28 @@ def test_every_trained_token_weighs_the_same_however_the_step_is_split(tiny_llam
         assert runs[1][step] == pytest.approx(runs[4][step], abs=1e-5)
 
 
+def test_the_next_steps_data_is_made_before_the_step_waits_for_the_gpu(tiny_llama_dir, tokenizer, tmp_path,
+                                                                       monkeypatch):
+    """The loop collates the next step's micro-batches (and sends the first one over) after this step's backward
+    and before its update and loss are read, which wait for the GPU: so the GPU does not idle while the CPU
+    prepares them. The data and the resume position are still each step's own."""
+    from tunelab.train import loop
+    from tunelab.train.strategy import SingleProcess
+
+    order = []
+    real_step_data, real_step = loop.step_data, SingleProcess.step
+    monkeypatch.setattr(loop, "step_data", lambda group, *a, **k: order.append(("data", group[1]))
+                        or real_step_data(group, *a, **k))
+    monkeypatch.setattr(SingleProcess, "step", lambda self, *a, **k: order.append(("step",)) or real_step(self, *a, **k))
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=3, batch_size=2, accumulative_counts=2, save_steps=2)
+    result = train(cfg, tmp_path, train_rows=identity_rows(tokenizer), device="cpu")
+    assert result.step == 3
+    # data of step 1, then each step's update after the next step's data; the last step makes none after it
+    assert order == [("data", 2), ("data", 4), ("step",), ("data", 6), ("step",), ("step",)]
+    state = torch.load(tmp_path / "iter_2" / "training_state.pt", weights_only=True)
+    assert state["position"]["micro_batch"] == 4  # iter_2 resumes after step 2's micro-batches, not step 3's
+
+
 def test_eval_rows_report_held_out_loss(tiny_llama_dir, tokenizer, tmp_path):
     rows = identity_rows(tokenizer)
     cfg = tiny_cfg(tiny_llama_dir, max_steps=6, batch_size=4, evaluation_freq=3)

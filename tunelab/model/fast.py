@@ -213,11 +213,11 @@ class EmbeddingOnCPU(torch.nn.Module):
         return rows.view(*cpu_ids.shape, -1).to(self.device, non_blocking=on_gpu)
 
 
-def batch_to_device(batch: dict, device: torch.device, model) -> dict:
-    """`batch`'s tensors on `device` (copies started, not waited for); where `model`'s input embedding lives in CPU
-    memory, its rows for these ids are gathered now too, from the CPU ids (`EmbeddingOnCPU.look_up_ahead`)."""
+def batch_to_device(batch: dict, device: torch.device, embedding: torch.nn.Module | None = None) -> dict:
+    """`batch`'s tensors on `device` (copies started, not waited for). `embedding`: the model's input embedding
+    where the plan gathers its rows ahead (`FastPathPlan.embedding_rows_ahead`); if it lives in CPU memory, the rows
+    of these ids are gathered now, from the CPU ids (`EmbeddingOnCPU.look_up_ahead`)."""
     moved = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(embedding, EmbeddingOnCPU) and "input_ids" in batch:
         embedding.look_up_ahead(batch["input_ids"], moved["input_ids"])
     return moved

@@ -141,6 +141,14 @@ class FastPathPlan:
         return self.checkpoint_inside_compile and self.fused_dequant and not self.dequantize_once
 
     @property
+    def embedding_rows_ahead(self) -> bool:
+        """A batch's rows of the input embedding in CPU memory are gathered when the batch is sent to the GPU
+        (`fast.batch_to_device`), during the step before, so the GPU never waits for the lookup. Not under sequence
+        parallelism: its objective cuts each row into shards first, and the whole rows' embeddings would wait
+        unused on the GPU."""
+        return self.embeddings_on_cpu and self.sequence_parallel == 1
+
+    @property
     def compiled_loss(self) -> bool:
         """The loss's softmax and its gradient compiled into one kernel."""
         return self.chunked_loss and self.compile

@@ -202,8 +202,10 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         if keep_grad_buffers:
             allocate_grad_buffers(strategy.module)
         with ckpt.GracefulStop() as stop:
+            embedding = model.get_input_embeddings() if plan.embedding_rows_ahead else None
+
             def data_of(group) -> StepData:
-                return step_data(group, cfg, tokenizer.pad_token_id, objective, model, env, data_env,
+                return step_data(group, cfg, tokenizer.pad_token_id, objective, embedding, env, data_env,
                                  graphed=graphed, images=vision.images if vision else None)
 
             groups = micro_batch_groups(train_rows, cfg, data_env, position)
@@ -219,7 +221,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                     if graphed:  # CUDA graphs may reuse the last micro-batch's outputs' memory from here on
                         torch.compiler.cudagraph_mark_step_begin()
                     if i > 0:  # (no wait for the GPU: the CPU is ahead, the embedding rows come from CPU ids)
-                        batch = batch_to_device(batch, env.device, model)
+                        batch = batch_to_device(batch, env.device, embedding)
                     with strategy.accumulating(last=i == len(data.batches) - 1):
                         with precision.autocast(env.device):
                             micro_loss_sum, _ = strategy.forward_loss(batch)
@@ -294,15 +296,15 @@ class StepData:
     seen_tokens: float
 
 
-def step_data(group, cfg, pad_token_id: int, objective, model, env: DistEnv, data_env: DistEnv, *, graphed: bool,
-              images=None) -> StepData:
-    """Collate a group of `micro_batch_groups`, send its first micro-batch to the device, count what the loss is
-    averaged over. Under CUDA graphs every batch is a full row wide, so one shape (plus a few boundary sizes) is
-    recorded."""
+def step_data(group, cfg, pad_token_id: int, objective, embedding, env: DistEnv, data_env: DistEnv, *,
+              graphed: bool, images=None) -> StepData:
+    """Collate a group of `micro_batch_groups`, send its first micro-batch to the device (`embedding`: see
+    `fast.batch_to_device`), count what the loss is averaged over. Under CUDA graphs every batch is a full row wide,
+    so one shape (plus a few boundary sizes) is recorded."""
     epoch, micro_done, micro_batches = group
     batches = [collate(rows, pad_token_id, multiple_of=row_length(cfg) if graphed else 1, images=images)
                for rows in micro_batches]
-    batches[0] = batch_to_device(batches[0], env.device, model)
+    batches[0] = batch_to_device(batches[0], env.device, embedding)
     counts = torch.tensor([sum(objective.units(b) for b in batches),
                            sum(len(r["input_ids"]) for rows in micro_batches for r in rows)],
                           dtype=torch.float64, device=env.device if env.distributed else "cpu")
