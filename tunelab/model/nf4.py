@@ -206,8 +206,9 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
     the dequantised weight takes `scale * B @ A` (a product of depth r, added inside the dequantisation's kernel)
     and the layer is one matmul. Backward dequantises again, adds the adapter again (in cuBLAS's epilogue, in
     place: `add_scaled_product_`), and takes the input gradient in one matmul; lora_a's and lora_b's gradients are
-    the usual ones, from x and the output gradient. Only x and the 4-bit bytes are saved. The merged weight is in the compute dtype, as the base layer's own
-    output is; `lean_lora_forward` takes this path only without LoRA dropout (the adapter must see the same x).
+    the usual ones, from x and the output gradient. Only x and the 4-bit bytes are saved. The merged weight is in
+    the compute dtype, as the base layer's own output is; `lean_lora_forward` takes this path only without LoRA
+    dropout (the adapter must see the same x).
     """
 
     @staticmethod

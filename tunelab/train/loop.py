@@ -212,8 +212,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
             upcoming = data_of(next(groups)) if step < total_steps else None
             while upcoming is not None:
                 throughput.begin()
-                # 1. data: this step's micro-batches, collated (and the first one sent to the GPU) during the last
-                # step, with the trained tokens of all of them on all ranks counted
+                # 1. data: this step's micro-batches, collated (and the first one sent to the GPU) during the step
+                # before (the first step's before the loop), the trained tokens of all of them on all ranks counted
                 data, epoch, micro_done = upcoming, upcoming.epoch, upcoming.micro_done
                 # 2-4. forward → loss → backward, each micro-batch's loss sum divided by the step's trained tokens
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
