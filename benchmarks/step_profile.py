@@ -86,13 +86,38 @@ def stream_gaps(gpu_events: list[dict]) -> dict:
                               sorted(largest, reverse=True)[:12]])
 
 
+def matmul_flops(op: str, input_shapes: list) -> int:
+    """Multiply-adds x 2 of one aten::mm ([M, K], [K, N]) or aten::addmm (the bias first) call; 0 otherwise."""
+    shapes = input_shapes[1:3] if op == "aten::addmm" else input_shapes[:2]
+    if op not in ("aten::mm", "aten::addmm") or len(shapes) < 2 or len(shapes[0]) != 2 or len(shapes[1]) != 2:
+        return 0
+    (m, k), (_, n) = shapes
+    return 2 * m * k * n
+
+
+def matmuls_by_shape(averages, top: int = 12) -> list[dict]:
+    """The matmuls that took the most GPU time, grouped by shape (from `key_averages(group_by_input_shape=True)`):
+    M x K x N, calls, GPU ms and the TFLOP/s they reached, to tell the large products at the card's peak from the
+    small ones below it. Empty under CUDA graphs, whose replays run no aten op the profiler could see (`cg=0`)."""
+    rows = []
+    for e in averages:
+        flops = matmul_flops(e.key, e.input_shapes)
+        if flops and e.device_time_total > 0:
+            shapes = e.input_shapes[1:3] if e.key == "aten::addmm" else e.input_shapes[:2]
+            rows.append(dict(op=e.key.removeprefix("aten::"), mkn=f"{shapes[0][0]}x{shapes[0][1]}x{shapes[1][1]}",
+                             calls=e.count, gpu_ms=round(e.device_time_total / 1e3, 2),
+                             tflops=round(flops * e.count / (e.device_time_total * 1e-6) / 1e12)))
+    return sorted(rows, key=lambda r: -r["gpu_ms"])[:top]
+
+
 def profile_step(step, label: str, step_s: float) -> dict:
     """Profile one call of `step()`: kernel count, GPU busy vs wall time, GPU time by kernel kind, the compute
-    stream's gaps, top kernels and CPU ops (full tables and the gzipped trace to $OUT, named by `label`)."""
+    stream's gaps, top kernels and CPU ops, the matmuls by shape (full tables and the gzipped trace to $OUT, named
+    by `label`)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         torch.cuda.synchronize()
         start = time.perf_counter()
         step()
@@ -117,4 +142,5 @@ def profile_step(step, label: str, step_s: float) -> dict:
                 step_ms_profiled=round(wall * 1e3, 1), compute_stream=stream_gaps(gpu),
                 gpu_ms_by_kind={k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 top_gpu=[(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 1)) for e in top],
-                top_cpu=[(e.key[:60], e.count, round(e.self_cpu_time_total / 1e3, 1)) for e in top_cpu])
+                top_cpu=[(e.key[:60], e.count, round(e.self_cpu_time_total / 1e3, 1)) for e in top_cpu],
+                matmuls_by_shape=matmuls_by_shape(prof.key_averages(group_by_input_shape=True)))

@@ -45,3 +45,20 @@ def test_kernels_are_sorted_into_kinds_by_name():
     assert kind("triton_poi_fused__unsafe_view_add_mul_silu_11") == "compiled (triton)"
     assert kind("Memcpy DtoH (Device -> Pinned)") == "copy"
     assert kind("void kOptimizerStatic8bit2StateBlockwise<float, 0, 256, 1>") == "optimizer"
+
+
+def test_matmuls_are_grouped_by_shape_with_the_rate_they_reached():
+    """What tells the large products at the card's peak from the small ones below it: M x K x N, calls, GPU time and
+    TFLOP/s, addmm read past its bias, other ops left out."""
+    from types import SimpleNamespace
+
+    module = _step_profile()
+    averages = [SimpleNamespace(key="aten::mm", count=4, input_shapes=[[2048, 4096], [4096, 11008]],
+                                device_time_total=4 * 246.0),
+                SimpleNamespace(key="aten::addmm", count=2, input_shapes=[[4096, 4096], [4096, 64], [64, 4096], [], []],
+                                device_time_total=2 * 10.0),
+                SimpleNamespace(key="aten::add", count=9, input_shapes=[[8, 8], [8, 8]], device_time_total=50.0)]
+    rows = module.matmuls_by_shape(averages)
+    assert [r["mkn"] for r in rows] == ["2048x4096x11008", "4096x64x4096"]
+    assert rows[0] == dict(op="mm", mkn="2048x4096x11008", calls=4, gpu_ms=0.98, tflops=751)
+    assert rows[1]["tflops"] == round(2 * 4096 * 64 * 4096 / 10e-6 / 1e12)
