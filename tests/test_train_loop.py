@@ -110,7 +110,8 @@ def test_the_next_steps_data_is_made_before_the_step_waits_for_the_gpu(tiny_llam
     real_step_data, real_step = loop.step_data, SingleProcess.step
     monkeypatch.setattr(loop, "step_data", lambda group, *a, **k: order.append(("data", group[1]))
                         or real_step_data(group, *a, **k))
-    monkeypatch.setattr(SingleProcess, "step", lambda self, *a, **k: order.append(("step",)) or real_step(self, *a, **k))
+    monkeypatch.setattr(SingleProcess, "step", lambda self, *a, **k: order.append(("step",))
+                        or real_step(self, *a, **k))
     cfg = tiny_cfg(tiny_llama_dir, max_steps=3, batch_size=2, accumulative_counts=2, save_steps=2)
     result = train(cfg, tmp_path, train_rows=identity_rows(tokenizer), device="cpu")
     assert result.step == 3
@@ -118,6 +119,32 @@ def test_the_next_steps_data_is_made_before_the_step_waits_for_the_gpu(tiny_llam
     assert order == [("data", 2), ("data", 4), ("step",), ("data", 6), ("step",), ("step",)]
     state = torch.load(tmp_path / "iter_2" / "training_state.pt", weights_only=True)
     assert state["position"]["micro_batch"] == 4  # iter_2 resumes after step 2's micro-batches, not step 3's
+
+
+def test_training_takes_the_embedding_rows_gathered_ahead(tiny_llama_dir, tokenizer, tmp_path, monkeypatch):
+    """With the input embedding in CPU memory (LoRA on a GPU runs it so), the loop gathers each micro-batch's rows
+    as it sends the batch and the model's forward, through peft and transformers, takes them: every batch looked up
+    once, none from ids copied back, and the loss curve is the one of the embedding left in place, bit for bit."""
+    import dataclasses
+
+    from tunelab.model import fast
+    from tunelab.train import loop
+
+    cfg = tiny_cfg(tiny_llama_dir, method="lora", max_steps=4, batch_size=2, accumulative_counts=2, lr=1e-3)
+    in_place = train(cfg, tmp_path / "in_place", train_rows=identity_rows(tokenizer), device="cpu")
+
+    real_plan = loop.plan_fast_path
+    real_look_up, real_ahead = fast.EmbeddingOnCPU._look_up, fast.EmbeddingOnCPU.look_up_ahead
+    monkeypatch.setattr(loop, "plan_fast_path", lambda *a, **k: dataclasses.replace(real_plan(*a, **k),
+                                                                                    embeddings_on_cpu=True))
+    calls = []
+    monkeypatch.setattr(fast.EmbeddingOnCPU, "_look_up", lambda self, ids: calls.append("look up")
+                        or real_look_up(self, ids))
+    monkeypatch.setattr(fast.EmbeddingOnCPU, "look_up_ahead", lambda self, *a: calls.append("ahead")
+                        or real_ahead(self, *a))
+    ahead = train(cfg, tmp_path / "ahead", train_rows=identity_rows(tokenizer), device="cpu")
+    assert calls == ["ahead", "look up"] * 8  # 4 steps of 2 micro-batches, each gathered ahead and only then
+    assert ahead.losses == in_place.losses
 
 
 def test_eval_rows_report_held_out_loss(tiny_llama_dir, tokenizer, tmp_path):
