@@ -133,6 +133,7 @@ def run_tunelab(stage: str, args) -> dict:
 
     from tunelab.data.collate import collate
     from tunelab.data.packing import pack_rows
+    from tunelab.model.fast import batch_to_device
     from tunelab.model.llava import llava_objective
     from tunelab.model.load import load_model_for_training
     from tunelab.model.plan import plan_fast_path
@@ -173,7 +174,7 @@ def run_tunelab(stage: str, args) -> dict:
         for batch in batches:
             if plan.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = batch_to_device(batch, device)
             with precision.autocast(device):
                 loss_sum, n = objective(model, batch)
             (loss_sum / trained).backward()

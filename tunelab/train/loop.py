@@ -214,7 +214,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                 throughput.begin()
                 # 1. data: this step's micro-batches, collated (and the first one sent to the GPU) during the step
                 # before (the first step's before the loop), the trained tokens of all of them on all ranks counted
-                data, epoch, micro_done = upcoming, upcoming.epoch, upcoming.micro_done
+                data = upcoming
                 # 2-4. forward → loss → backward, each micro-batch's loss sum divided by the step's trained tokens
                 loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
                 for i, batch in enumerate(data.batches):
@@ -231,22 +231,21 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                 # norm and the loss below waits for the GPU, which would then idle while the CPU collates and
                 # gathers embedding rows (up to 9 ms of an 8k step, BENCHMARKS.md round 28).
                 upcoming = data_of(next(groups)) if step + 1 < total_steps else None
-                trained_tokens, seen_tokens = data.trained_tokens, data.seen_tokens
                 # 5. step: (fp16: unscale,) clip, update, zero the gradients; then the schedule moves on
                 lr = optimizer.param_groups[0]["lr"]
                 grad_norm = strategy.step(cfg.max_norm, keep_grad_buffers=keep_grad_buffers,
                                           skip_nonfinite=guard.skips)
                 scheduler.step()
                 step += 1
-                position = {"epoch": epoch, "micro_batch": micro_done, "data_seed": position["data_seed"]}
+                position = {"epoch": data.epoch, "micro_batch": data.micro_done, "data_seed": position["data_seed"]}
 
-                loss = float(all_reduce_sum(loss_sum, env)) / max(trained_tokens, 1)
+                loss = float(all_reduce_sum(loss_sum, env)) / max(data.trained_tokens, 1)
                 losses[step] = loss
                 if guard.check(step, loss, grad_norm, lr=lr, last=last):  # inf / NaN: stop, or skip with a warning
                     window.append(loss)
-                throughput.end(int(seen_tokens))
+                throughput.end(int(data.seen_tokens))
                 log_now = (step % cfg.logging_steps == 0 or step in (1, total_steps)) and bool(window)
-                record = {"step": step, "epoch": round(epoch + micro_done / micro_per_epoch, 4),
+                record = {"step": step, "epoch": round(data.epoch + data.micro_done / micro_per_epoch, 4),
                           "loss": sum(window) / max(len(window), 1), "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_s": throughput.rate(), "tokens": throughput.tokens,
                           "memory_gb": round(peak_memory_gb(env.device), 3)}
