@@ -37,6 +37,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tunelab.model import nf4_merge
+
 # bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1), already in [-1, 1]. Only used when a
 # QuantState carries no codebook of its own.
 NF4_CODE = (
@@ -196,6 +198,26 @@ def nf4_linear_forward_dequantizing_again(self, x: torch.Tensor, *args, **kwargs
     return _nf4_linear(self, x, keep_for_backward=False)
 
 
+def _merged_weight(packed: torch.Tensor, quant_state, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                   dtype: torch.dtype, in_backward: bool = False) -> torch.Tensor:
+    """dequantise(packed) in `dtype` + scale * lora_b @ lora_a, a fresh tensor, by the fastest code at hand.
+
+    On a GPU with Triton: one kernel (`nf4_merge.merged_4bit_weight`), opaque to compile, so the recompute's and
+    backward's calls stay apart. Elsewhere from plain ops: in the forward a product and an add that inductor fuses
+    into the dequantisation's kernel (not addmm(weight, ...), which compiled copies the weight first); in backward
+    bitsandbytes' dequantisation, which compile cannot merge with the recompute's plain ops (that would keep the
+    16-bit weight alive from the recompute to the backward), then the product added in place in cuBLAS's epilogue
+    (`add_scaled_product_`: bitsandbytes' output is ours to change).
+    """
+    if nf4_merge.kernel_applies(packed, quant_state):
+        return nf4_merge.merged_4bit_weight(packed, quant_state, lora_a, lora_b, scale, dtype)
+    if not in_backward:
+        return dequantize_4bit_weight(packed, quant_state).to(dtype) + scale * (lora_b @ lora_a)
+    weight = _dequantize_in_backward(packed, quant_state, dtype)
+    add_scaled_product_(weight, lora_b, lora_a, scale)
+    return weight
+
+
 class _AdapterMergedIntoTheWeight(torch.autograd.Function):
     """F.linear(x, W + scale * lora_b @ lora_a, bias) for a 4-bit W: base layer and LoRA adapter as one matmul.
 
@@ -203,22 +225,17 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
     that copies the base output and reads and writes it once more, and in backward one more add into x's gradient.
     Those passes grow with the tokens; at 8k tokens on an 8B shape they were 9% of a QLoRA step (BENCHMARKS.md round
     22). Adding the adapter to the weight instead costs passes over the weight, which do not grow with the tokens:
-    the dequantised weight takes `scale * B @ A` (a product of depth r, added inside the dequantisation's kernel)
-    and the layer is one matmul. Backward dequantises again, adds the adapter again (in cuBLAS's epilogue, in
-    place: `add_scaled_product_`), and takes the input gradient in one matmul; lora_a's and lora_b's gradients are
-    the usual ones, from x and the output gradient. Only x and the 4-bit bytes are saved. The merged weight is in
-    the compute dtype, as the base layer's own output is; `lean_lora_forward` takes this path only without LoRA
-    dropout (the adapter must see the same x).
+    the layer is one matmul by the merged weight (`_merged_weight`). Backward merges again and takes the input
+    gradient in one matmul; lora_a's and lora_b's gradients are the usual ones, from x and the output gradient.
+    Only x and the 4-bit bytes are saved. The merged weight is in the compute dtype, as the base layer's own output
+    is; `lean_lora_forward` takes this path only without LoRA dropout (the adapter must see the same x).
     """
 
     @staticmethod
     def forward(ctx, x, packed, quant_state, lora_a, lora_b, scale, bias):
         ctx.quant_state, ctx.scale = quant_state, scale
         ctx.save_for_backward(x, packed, lora_a, lora_b)
-        # Not addmm(weight, ...): compiled, that is cuBLAS writing into a copy of the dequantised weight (a pass of
-        # its own, 2% of an 8k step). As a product and an add, the add fuses into the dequantisation's kernel.
-        weight = dequantize_4bit_weight(packed, quant_state).to(x.dtype) + scale * (lora_b @ lora_a)
-        return F.linear(x, weight, bias)
+        return F.linear(x, _merged_weight(packed, quant_state, lora_a, lora_b, scale, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -226,9 +243,8 @@ class _AdapterMergedIntoTheWeight(torch.autograd.Function):
         grad_x = grad_a = grad_b = grad_bias = None
         grad_2d, x_2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
-            weight = _dequantize_in_backward(packed, ctx.quant_state, grad.dtype)
-            add_scaled_product_(weight, lora_b, lora_a, ctx.scale)  # bitsandbytes' output is ours to change
-            grad_x = grad @ weight
+            grad_x = grad @ _merged_weight(packed, ctx.quant_state, lora_a, lora_b, ctx.scale, grad.dtype,
+                                           in_backward=True)
         if ctx.needs_input_grad[3]:
             grad_a = (grad_2d @ lora_b).t() @ x_2d * ctx.scale
         if ctx.needs_input_grad[4]:
