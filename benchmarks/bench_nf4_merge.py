@@ -90,14 +90,13 @@ def main() -> None:
         got = nf4_merge.merged_4bit_weight(packed, state, lora_a, lora_b, scale, dtype).float()
         row["max_diff_vs_compiled"] = (got - expected).abs().max().item()
         if args.sweep:
-            default = (nf4_merge.ROWS, nf4_merge.PAIRS, nf4_merge.WARPS)
+            out = torch.empty(shape, device="cuda", dtype=dtype)
+            kernel_args = nf4_merge.operands(packed, state, lora_a, lora_b, dtype)
             row["sweep"] = {}
-            for tiles in [(64, 64, 8), (64, 64, 4), (128, 64, 8), (32, 64, 4), (64, 32, 4), (128, 32, 8),
-                          (64, 128, 8), (32, 128, 8)]:
-                nf4_merge.ROWS, nf4_merge.PAIRS, nf4_merge.WARPS = tiles
-                row["sweep"]["x".join(map(str, tiles))] = time_us(
-                    lambda: nf4_merge.merged_4bit_weight(packed, state, lora_a, lora_b, scale, dtype))
-            nf4_merge.ROWS, nf4_merge.PAIRS, nf4_merge.WARPS = default
+            for tile in [(64, 64, 8), (64, 64, 4), (128, 64, 8), (32, 64, 4), (64, 32, 4), (128, 32, 8),
+                         (64, 128, 8), (32, 128, 8)]:
+                row["sweep"]["x".join(map(str, tile))] = time_us(
+                    lambda: nf4_merge.launch(out, *kernel_args, scale, tile=tile))
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -28,7 +28,7 @@ import torch
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-ROWS, PAIRS, WARPS = 64, 64, 8  # a program writes 64 rows x 128 columns: the fastest of eight tiles (round 29)
+TILE = (64, 64, 8)  # a program writes 64 rows x 128 columns (64 byte pairs) with 8 warps: the fastest of eight (round 29)
 
 
 @functools.cache
@@ -97,20 +97,29 @@ def _kernel():
     return merged_weight_kernel
 
 
+def launch(out: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor,
+           absmax2: torch.Tensor, offset: torch.Tensor, blocksize: int, blocksize2: int, nested: bool,
+           lora_b: torch.Tensor, lora_a: torch.Tensor, scale: float, tile: tuple[int, int, int] = TILE) -> None:
+    """Run the kernel: out = dequantise(packed) + scale * lora_b @ lora_a, out [rows, cols] in the compute dtype.
+    tile: rows, byte pairs (half the columns) and warps of a program (benchmarks/bench_nf4_merge.py --sweep)."""
+    rows, pairs, warps = tile
+    pairs = max(pairs, blocksize // 2)  # a program's columns are whole blocks
+    n_rows, n_cols = out.shape
+    rank = lora_a.shape[0]
+    grid = (-(-n_rows // rows), -(-n_cols // (2 * pairs)))
+    _kernel()[grid](out, packed, code, absmax, code2, absmax2, offset, lora_b, lora_a, scale, n_rows, n_cols,
+                    BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, RANK=rank,
+                    RANK_PAD=max(16, 1 << (rank - 1).bit_length()), IEEE=out.dtype == torch.float32,
+                    ROWS=rows, PAIRS=pairs, num_warps=warps, enable_fp_fusion=False)
+
+
 @torch.library.custom_op("tunelab::write_merged_4bit_weight_", mutates_args=("out",))
 def write_merged_4bit_weight_(out: torch.Tensor, packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor,
                               code2: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, blocksize: int,
                               blocksize2: int, nested: bool, lora_b: torch.Tensor, lora_a: torch.Tensor,
                               scale: float) -> None:
-    """out = dequantise(packed) + scale * lora_b @ lora_a; out is [rows, cols] in the compute dtype."""
-    n_rows, n_cols = out.shape
-    rank = lora_a.shape[0]
-    pairs = max(PAIRS, blocksize // 2)  # a program's columns are whole blocks
-    grid = (-(-n_rows // ROWS), -(-n_cols // (2 * pairs)))
-    _kernel()[grid](out, packed, code, absmax, code2, absmax2, offset, lora_b, lora_a, scale, n_rows, n_cols,
-                    BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, RANK=rank,
-                    RANK_PAD=max(16, 1 << (rank - 1).bit_length()), IEEE=out.dtype == torch.float32,
-                    ROWS=ROWS, PAIRS=pairs, num_warps=WARPS, enable_fp_fusion=False)
+    """`launch` with the default tile, as an op that compile calls as is."""
+    launch(out, packed, code, absmax, code2, absmax2, offset, blocksize, blocksize2, nested, lora_b, lora_a, scale)
 
 
 @write_merged_4bit_weight_.register_fake
@@ -134,11 +143,8 @@ def kernel_applies(packed: torch.Tensor, quant_state) -> bool:
     return quant_state.shape[0] * quant_state.shape[1] < 2**31
 
 
-def merged_4bit_weight(packed: torch.Tensor, quant_state, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """`dequantize_4bit(packed, quant_state).to(dtype) + scale * lora_b @ lora_a`, a new tensor of quant_state.shape
-    in `dtype`, in one kernel (see the module's docstring). Only where `kernel_applies(packed, quant_state)`."""
-    out = torch.empty(quant_state.shape, dtype=dtype, device=packed.device)
+def operands(packed: torch.Tensor, quant_state, lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """The kernel's arguments after `out` and before `scale`, from a bitsandbytes weight and its adapter."""
     data = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
     if quant_state.nested:
         state2 = quant_state.state2
@@ -146,7 +152,14 @@ def merged_4bit_weight(packed: torch.Tensor, quant_state, lora_a: torch.Tensor, 
     else:  # unused by the kernel; any tensors will do
         code2 = absmax2 = offset = quant_state.absmax
         blocksize2 = 1
-    write_merged_4bit_weight_(out, data, quant_state.code, quant_state.absmax, code2, absmax2, offset,
-                              quant_state.blocksize, blocksize2, bool(quant_state.nested),
-                              lora_b.to(dtype).contiguous(), lora_a.to(dtype).contiguous(), float(scale))
+    return (data, quant_state.code, quant_state.absmax, code2, absmax2, offset, quant_state.blocksize, blocksize2,
+            bool(quant_state.nested), lora_b.to(dtype).contiguous(), lora_a.to(dtype).contiguous())
+
+
+def merged_4bit_weight(packed: torch.Tensor, quant_state, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_4bit(packed, quant_state).to(dtype) + scale * lora_b @ lora_a`, a new tensor of quant_state.shape
+    in `dtype`, in one kernel (see the module's docstring). Only where `kernel_applies(packed, quant_state)`."""
+    out = torch.empty(quant_state.shape, dtype=dtype, device=packed.device)
+    write_merged_4bit_weight_(out, *operands(packed, quant_state, lora_a, lora_b, dtype), float(scale))
     return out
