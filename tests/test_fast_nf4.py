@@ -23,9 +23,9 @@ from tunelab.model.nf4 import dequantize_nf4, nf4_linear_forward  # noqa: E402
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _quantised(shape, dtype, quant_type="nf4", nested=True, blocksize=64, seed=0):
+def _quantised(shape, dtype, quant_type="nf4", nested=True, blocksize=64, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    weight = (torch.randn(*shape) * 0.05).to(dtype)
+    weight = (torch.randn(*shape, device=device) * 0.05).to(dtype)
     packed, state = bnbf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
     return weight, packed, state
 

@@ -13,15 +13,16 @@ bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("triton")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
+from tests.test_fast_nf4 import _quantised as quantised  # noqa: E402
 from tunelab.model import nf4_merge  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _quantised(shape, dtype, quant_type="nf4", nested=True, blocksize=64, seed=0):
-    torch.manual_seed(seed)
-    weight = (torch.randn(*shape, device="cuda") * 0.05).to(dtype)
-    return bnbf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+def _quantised(shape, dtype, quant_type="nf4", nested=True, blocksize=64):
+    """A weight quantised on the GPU by bitsandbytes: (packed bytes, QuantState)."""
+    _, packed, state = quantised(shape, dtype, quant_type, nested, blocksize, device="cuda")
+    return packed, state
 
 
 def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
