@@ -18,7 +18,8 @@ it, under CUDA graphs; on one long row,
 offloaded inputs and MLP slices against the fast path without them; and a tiny model trained to a new identity (as
 `tunelab demo` does) with the default fast path and with it off, full fine-tuning and QLoRA with LoRA dropout 0.1 as
 the qlora configs use it (and, for QLoRA, the fast path's eager code with torch's dropout: layers not compiled, the
-MLP in slices): the loss curves must agree and every model must answer with the new name.
+MLP in slices) and with dropout 0 (the adapter added into the 4-bit weight): the loss curves must agree and every
+model must answer with the new name.
 """
 
 from __future__ import annotations
@@ -349,12 +350,15 @@ def adamw_8bit_check(device):
     check("8-bit AdamW: our state_dict continues in bitsandbytes' class", same, f"weights equal after 2 steps: {same}")
 
 
-def identity_check(method, device, base=None, name="TuneBot"):
+def identity_check(method, device, base=None, name="TuneBot", lora_dropout=0.1):
     """Train a tiny model to a new identity, as `tunelab demo` does, with the default fast path and with it off:
     the two loss curves agree (windows of 5 steps, or of an epoch with LoRA dropout, within 5% + 0.05) and both
     models answer with the new name. With LoRA dropout, so do the fast path's eager variants, which keep torch's
     dropout where compiled code hashes its masks: layers not compiled, and the MLP run in slices outside the
     compiled layer.
+
+    QLoRA runs with `lora_dropout` (0.1 as the qlora configs; 0 takes the fast path that adds the adapter into the
+    4-bit weight, `nf4_merge`'s kernel on a GPU with Triton, as Unsloth's settings do).
 
     Full fine-tuning starts from random weights (every weight must learn, as in the demo). LoRA on a random tiny
     model learns too slowly to answer anything, so QLoRA starts from the model full fine-tuning taught (`base`) and
@@ -378,8 +382,8 @@ def identity_check(method, device, base=None, name="TuneBot"):
     if method == "full":
         settings.update(lr=3e-3, lora_dropout=0.0)
         falls_to = 0.3  # from random weights the loss falls more than 3x
-    else:  # as the qlora configs: LoRA dropout 0.1, 8-bit AdamW
-        settings.update(lr=5e-3, lora_r=16, lora_alpha=32, lora_dropout=0.1, optimizer="adamw_8bit")
+    else:  # as the qlora configs: 8-bit AdamW, LoRA dropout 0.1 (or 0, as Unsloth's settings)
+        settings.update(lr=5e-3, lora_r=16, lora_alpha=32, lora_dropout=lora_dropout, optimizer="adamw_8bit")
         falls_to = 0.5  # a taught model starts near 1.1 (only the name is new); r=16 on it ends near 0.4 (CPU run)
     runs = {"fast path": dict(fast_path=True), "off": dict(fast_path=False)}
     if settings["lora_dropout"]:
@@ -394,6 +398,7 @@ def identity_check(method, device, base=None, name="TuneBot"):
         if run == "off":
             taught = Path(result.last_checkpoint) / MODEL_DIR
     plain = curves["off"]
+    label = method if method == "full" else f"{method} (LoRA dropout {settings['lora_dropout']})"
     # Without dropout both runs see the same numbers, so 5-step windows agree. With LoRA dropout the two paths draw
     # different masks and the curves wander apart step by step; compare them epoch by epoch instead.
     width = 5 if settings["lora_dropout"] == 0 else len(plain) // settings["max_epochs"]
@@ -405,11 +410,11 @@ def identity_check(method, device, base=None, name="TuneBot"):
         if run == "off":
             continue
         worst = max(abs(a - b) - 0.05 * b for a, b in zip(window_means(fast), window_means(plain)))
-        check(f"{method}: identity training, {run} vs off, loss curves", len(fast) == len(plain) and worst <= 0.05
+        check(f"{label}: identity training, {run} vs off, loss curves", len(fast) == len(plain) and worst <= 0.05
               and fast[-1] < falls_to * fast[0] and plain[-1] < falls_to * plain[0],
               f"{len(fast)} steps, loss {fast[0]:.3f} -> {fast[-1]:.3f} vs {plain[0]:.3f} -> {plain[-1]:.3f}, "
               f"largest gap of a {width}-step window beyond 5% of the plain loss: {worst:.3f} (at most 0.05)")
-    check(f"{method}: identity training, every run answers with the new name",
+    check(f"{label}: identity training, every run answers with the new name",
           all(count >= 2 for count in answers.values()),
           ", ".join(f"{run}: {count} answers name {name}" for run, count in answers.items()))
     return taught
@@ -454,7 +459,8 @@ def main(argv=None) -> int:
     if "identity" in only:
         taught = identity_check("full", device)
         if "qlora" in methods:
-            identity_check("qlora", device, base=taught, name="NovaBot")
+            for lora_dropout in (0.1, 0.0):
+                identity_check("qlora", device, base=taught, name="NovaBot", lora_dropout=lora_dropout)
     print("ALL PASSED" if not FAILED else f"FAILED: {FAILED}")
     return 1 if FAILED else 0
 
