@@ -1,6 +1,6 @@
 """Time the merged 4-bit weight (`dequantise(W) + scale * B @ A`) three ways, per weight shape, on a GPU.
 
-  kernel    tunelab.model.nf4_merge: one Triton kernel (what the QLoRA fast path runs now)
+  kernel    tunelab.model.nf4_merge: one Triton kernel (what the QLoRA fast path runs on a GPU)
   compiled  the plain ops under torch.compile: cuBLAS's B @ A, then inductor's dequantisation + add
   backward  bitsandbytes' dequantize_4bit, then the product added in place by cuBLAS (add_scaled_product_)
 
