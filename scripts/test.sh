@@ -7,4 +7,10 @@ EXTRAS=test,browser . scripts/venv.sh
 # DeepSpeed ships as source only; build it against the torch above (not a fresh one in an isolated build env).
 python -m pip install -q --no-build-isolation "deepspeed>=0.15" \
   || echo "note: deepspeed did not install; its tests will be skipped"
+# llama-cpp-python ships as source only too; its library alone (no tools, examples or server) builds in ~3 min on
+# 2 cores, and tests/test_gguf.py then checks our GGUF files against llama.cpp itself.
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+  python -m pip install -q "llama-cpp-python>=0.3" \
+  || echo "note: llama-cpp-python did not build; the llama.cpp tests will be skipped"
 python -m pytest "$@"

@@ -266,11 +266,11 @@ def test_convert_gguf_cli_writes_the_file_and_the_modelfile(tmp_path_factory, tm
     assert modelfile.splitlines()[1] == "FROM ./tuned.gguf" and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
-# --- llama.cpp itself (slow: llama-cpp-python compiles llama.cpp when installed) -------------------------------------
+# --- llama.cpp itself (llama-cpp-python compiles llama.cpp when installed: scripts/test.sh) ---------------------------
 
 def _llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
-                                                   "llama-cpp-python builds llama.cpp, ~20 min on 2 cores)")
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/test.sh builds "
+                                                   "it: llama.cpp's library, ~3 min on 2 cores)")
 
 
 @pytest.mark.slow
