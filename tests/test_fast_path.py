@@ -7,6 +7,7 @@ import torch
 
 from tunelab.config.schema import TrainConfig
 from tunelab.model.fast import apply_fast_path, downcast_frozen_weights
+from tunelab.model.load import checkpoint_layers
 from tunelab.model.plan import plan_fast_path
 
 
@@ -42,7 +43,7 @@ def test_embedding_on_cpu_gives_the_same_loss_and_adapter_gradients(tiny_llama_d
     def lora_model():
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, tie_word_embeddings=False)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(base)
         base.enable_input_require_grads()
         return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
 

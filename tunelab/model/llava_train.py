@@ -23,7 +23,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.model import llava
-from tunelab.model.load import load_causal_lm, load_tokenizer, resolve_dtype
+from tunelab.model.load import checkpoint_layers, load_causal_lm, load_tokenizer, resolve_dtype
 
 PROJECTOR = "multi_modal_projector"
 
@@ -63,10 +63,9 @@ def build_for_training(cfg, device: torch.device, *, checkpointing: bool):
         if bits and cfg.method != "full":
             from peft import prepare_model_for_kbit_training
 
-            return prepare_model_for_kbit_training(llm, use_gradient_checkpointing=checkpointing,
-                                                   gradient_checkpointing_kwargs={"use_reentrant": False})
+            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)  # checkpointing: below
         if checkpointing:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_layers(llm)
         return llm
 
     model = _assemble(cfg.pretrained_model_name_or_path, llava_settings(cfg), dtype=dtype, device=device, bits=bits,

@@ -280,24 +280,24 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
     model.config.use_cache = False
     if cfg.method == "full":
         if plan.checkpointing:
-            _checkpoint_layers(model)
+            checkpoint_layers(model)
         return _with_fast_path(model, plan, device)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if bits and not plan.frozen_weights_in_compute_dtype:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan.checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # peft's own checkpointing step calls the method transformers 5.25 deprecates; ours is the same step
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if plan.checkpointing:
+            checkpoint_layers(model)
     elif bits:
         # prepare_model_for_kbit_training without its upcast of every 16-bit weight to fp32, which the fast path
         # casts back (`fast.downcast_frozen_weights`): Llama-3.1-8B's embedding and lm_head alone are 4 GiB in fp32,
         # and loading peaked 3.6 GiB above training with them. Its other steps, with non-reentrant checkpointing:
         model.requires_grad_(False)
         if plan.checkpointing:
-            _checkpoint_layers(model)
+            checkpoint_layers(model)
     elif plan.checkpointing:
-        _checkpoint_layers(model)
+        checkpoint_layers(model)
         model.enable_input_require_grads()
     check_lora_targets(model, cfg.lora_target_modules, cfg.pretrained_model_name_or_path)
     try:
@@ -308,10 +308,15 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
     return _with_fast_path(peft_model, plan, device)
 
 
-def _checkpoint_layers(model) -> None:
+def checkpoint_layers(model) -> None:
     """transformers' gradient checkpointing of every decoder layer, non-reentrant (the fast path replaces it with
-    its own, `tunelab.model.layers`)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    its own, `tunelab.model.layers`). transformers 5.25 renamed the method `activation_checkpointing_enable` and
+    deprecated the old name; earlier 5.x (e.g. 5.17) has only the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def check_lora_targets(model, targets, model_name: str) -> None:
