@@ -310,8 +310,8 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
 
 def checkpoint_layers(model) -> None:
     """transformers' gradient checkpointing of every decoder layer, non-reentrant (the fast path replaces it with
-    its own, `tunelab.model.layers`). transformers 5.25 renamed the method `activation_checkpointing_enable` and
-    deprecated the old name; earlier 5.x (e.g. 5.17) has only the old one."""
+    its own, `tunelab.model.layers`). transformers 5.25 calls the method `activation_checkpointing_enable` and
+    deprecates the old name; 5.17 has only the old one."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
