@@ -180,6 +180,13 @@ class Steps:
     def __init__(self, run: Run, case: dict, ahead: bool = True):
         self.run, self.case, self.ahead = run, case, ahead
         self.embedding = run.model.get_input_embeddings() if run.plan.embedding_rows_ahead else None
+        # As `tunelab train`: with CUDA graphs, each micro-batch starts a graph generation and accumulated gradients
+        # keep buffers of their own, allocated once
+        self.keep_grads = run.plan.cuda_graphs and case["acc"] > 1
+        if self.keep_grads:
+            from tunelab.train.loop import allocate_grad_buffers
+
+            allocate_grad_buffers(run.model)
         self.upcoming = self._make() if ahead else None
 
     def _make(self) -> tuple[dict, dict]:
@@ -194,13 +201,6 @@ class Steps:
         from tunelab.model.fast import batch_to_device
 
         run, case = self.run, self.case
-        # As `tunelab train`: with CUDA graphs, each micro-batch starts a graph generation and accumulated gradients
-        # keep buffers of their own
-        keep_grads = run.plan.cuda_graphs and case["acc"] > 1
-        if keep_grads:
-            from tunelab.train.loop import allocate_grad_buffers
-
-            allocate_grad_buffers(run.model)
         cpu_batch, batch = self.upcoming or self._make()
         for i in range(case["acc"]):  # micro-batches of one optimiser step (the same rows: only the time matters)
             if run.plan.cuda_graphs:
@@ -213,7 +213,7 @@ class Steps:
             loss.backward()
         self.upcoming = self._make() if self.ahead else None
         run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=not keep_grads)
+        run.optimizer.zero_grad(set_to_none=not self.keep_grads)
         return loss
 
 

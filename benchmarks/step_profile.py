@@ -86,13 +86,13 @@ def stream_gaps(gpu_events: list[dict]) -> dict:
                               sorted(largest, reverse=True)[:12]])
 
 
-def matmul_flops(op: str, input_shapes: list) -> int:
-    """Multiply-adds x 2 of one aten::mm ([M, K], [K, N]) or aten::addmm (the bias first) call; 0 otherwise."""
+def matmul_mkn(op: str, input_shapes: list) -> tuple[int, int, int] | None:
+    """(M, K, N) of one aten::mm ([M, K], [K, N]) or aten::addmm (the bias first) call; None for any other op."""
     shapes = input_shapes[1:3] if op == "aten::addmm" else input_shapes[:2]
     if op not in ("aten::mm", "aten::addmm") or len(shapes) < 2 or len(shapes[0]) != 2 or len(shapes[1]) != 2:
-        return 0
+        return None
     (m, k), (_, n) = shapes
-    return 2 * m * k * n
+    return m, k, n
 
 
 def matmuls_by_shape(averages, top: int = 12) -> list[dict]:
@@ -101,12 +101,12 @@ def matmuls_by_shape(averages, top: int = 12) -> list[dict]:
     small ones below it. Empty under CUDA graphs, whose replays run no aten op the profiler could see (`cg=0`)."""
     rows = []
     for e in averages:
-        flops = matmul_flops(e.key, e.input_shapes)
-        if flops and e.device_time_total > 0:
-            shapes = e.input_shapes[1:3] if e.key == "aten::addmm" else e.input_shapes[:2]
-            rows.append(dict(op=e.key.removeprefix("aten::"), mkn=f"{shapes[0][0]}x{shapes[0][1]}x{shapes[1][1]}",
-                             calls=e.count, gpu_ms=round(e.device_time_total / 1e3, 2),
-                             tflops=round(flops * e.count / (e.device_time_total * 1e-6) / 1e12)))
+        mkn = matmul_mkn(e.key, e.input_shapes)
+        if mkn and e.device_time_total > 0:
+            m, k, n = mkn
+            rows.append(dict(op=e.key.removeprefix("aten::"), mkn=f"{m}x{k}x{n}", calls=e.count,
+                             gpu_ms=round(e.device_time_total / 1e3, 2),
+                             tflops=round(2 * m * k * n * e.count / (e.device_time_total * 1e-6) / 1e12)))
     return sorted(rows, key=lambda r: -r["gpu_ms"])[:top]
 
 

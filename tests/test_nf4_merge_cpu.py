@@ -27,14 +27,14 @@ CHILD = r"""
 import json, sys
 import torch
 import bitsandbytes.functional as bnbf
+from tests.test_fast_nf4 import _quantised
+from tests.test_nf4_merge_gpu import _ulp
 from tunelab.model import nf4_merge
 
 
 def check(shape, nested, quant_type, dtype, blocksize, ranks):
     dtype = getattr(torch, dtype)
-    torch.manual_seed(0)
-    weight = torch.randn(shape, dtype=dtype)
-    packed, state = bnbf.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    _, packed, state = _quantised(tuple(shape), dtype, quant_type, nested, blocksize)
     reference = bnbf.dequantize_4bit(packed, state)
 
     def kernel(lora_a, lora_b, scale, tile=nf4_merge.TILE):
@@ -51,8 +51,7 @@ def check(shape, nested, quant_type, dtype, blocksize, ranks):
         exact = reference.double() + 0.25 * (lora_b.double() @ lora_a.double())
         got = kernel(lora_a, lora_b, 0.25)
         # one rounding to dtype of the sum (half a unit in the last place) plus fp32 accumulation over the rank
-        ulp = (exact.abs() * torch.finfo(dtype).eps).clamp_min(torch.finfo(dtype).tiny)
-        worst = ((got.double() - exact).abs() - ulp - 1e-6).max().item()
+        worst = ((got.double() - exact).abs() - _ulp(exact, dtype) - 1e-6).max().item()
         report[f"adapter, rank {rank}: within one rounding of the exact sum (excess {worst:.3g})"] = worst <= 0
         other_tile = kernel(lora_a, lora_b, 0.25, tile=(32, 128, 4))
         report[f"adapter, rank {rank}: another tile writes the same"] = torch.equal(other_tile, got)
