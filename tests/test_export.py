@@ -26,9 +26,9 @@ def lora_work_dir(tiny_llama_dir, tmp_path_factory):
 
 
 def _ids(tokenizer_dir):
-    from transformers import AutoTokenizer
+    from tunelab.model.load import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_dir)(TEXT, add_special_tokens=False).input_ids
+    return load_tokenizer(str(tokenizer_dir))(TEXT, add_special_tokens=False).input_ids
 
 
 def _base(path):

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.model.sentencepiece_file import read_model_proto
 
 
 def add_vocab(writer, tokenizer, tokenizer_dir: Path, *, vocab_size: int, eot_words: tuple[str, ...] = ()) -> None:
@@ -94,10 +95,7 @@ def _add_byte_level_bpe(writer, tokenizer, path: Path, vocab_size: int) -> None:
 
 
 def _add_sentencepiece(writer, tokenizer, path: Path, vocab_size: int) -> None:
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(path.read_bytes())
+    proto = read_model_proto(path)
     _check_fits(tokenizer, vocab_size)
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-1000.0] * vocab_size

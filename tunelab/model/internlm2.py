@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.model.sentencepiece_file import read_model_proto
 
 log = logging.getLogger(__name__)
 
@@ -315,13 +316,11 @@ def _bpe_merges(vocab: dict[str, int], scores: dict[str, float], skip: set[str])
 def load_tokenizer(model_dir: str | Path):
     """InternLM2's sentencepiece tokenizer (tokenizer.model) as a fast tokenizer with the same ids, no remote code."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
     model_dir = Path(model_dir)
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString((model_dir / "tokenizer.model").read_bytes())
+    proto = read_model_proto(model_dir / "tokenizer.model")
     if proto.trainer_spec.model_type != 2:  # 2 = BPE
         raise TunelabError(f"{model_dir / 'tokenizer.model'}: InternLM2 tokenizers are sentencepiece BPE models; "
                            "this one is not, so it is not a (complete) InternLM2 model. Re-download the model's "
