@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def read_model_proto(path: str | Path):
-    """The ModelProto in `path`. sentencepiece 0.2.1+ ships the message generated for protobuf 7, which refuses an
+    """The ModelProto in `path`. Recent sentencepiece (0.2.3) ships the message generated for protobuf 7, which refuses an
     older protobuf at import (swanlab, for one, pins protobuf < 7); transformers ships the same message generated for
     any protobuf from 4 on. The refusal comes before sentencepiece's module registers its file, so transformers'
     can register the same file name after it (the two modules cannot both load in one process)."""
