@@ -20,8 +20,8 @@ python -m pytest "$@"
 if [ $# -eq 0 ]; then
   SITE=.venv/protobuf6-site
   if python -m pip install -q --target "$SITE" --upgrade swanlab "protobuf>=6.31.1,<7"; then
-    PYTHONPATH="$SITE" python -m pytest -q tests/test_trackers.py tests/test_model_internlm2.py tests/test_gguf.py \
-      tests/test_export.py
+    PYTHONPATH="$SITE" python -m pytest -q tests/test_trackers.py tests/test_sentencepiece_file.py \
+      tests/test_model_internlm2.py tests/test_gguf.py tests/test_export.py
   else
     echo "note: swanlab did not install; its test was skipped above"
   fi

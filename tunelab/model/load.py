@@ -18,6 +18,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.model import internlm2
+from tunelab.model.sentencepiece_file import model_proto_module
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,8 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
         # Always native: InternLM2's remote tokenizer code was written for transformers 4.
         tokenizer = internlm2.load_tokenizer(model_dir)
     else:
+        if Path(model_dir, "tokenizer.model").is_file() and not Path(model_dir, "tokenizer.json").is_file():
+            model_proto_module()  # transformers converts the file, through a module that loads under this protobuf
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         except ValueError as exc:
