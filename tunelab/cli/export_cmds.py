@@ -50,7 +50,7 @@ Write a GGUF file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile b
 directory (tunelab convert merge) or a base model with --adapter (merged in memory). The GGUF file holds the weights
 (--type f16, bf16, q8_0 or f32), the tokenizer, and the chat template the model was trained with (from tunelab.json,
 or --prompt-template); the Modelfile's TEMPLATE, stop words and SYSTEM say the same in Ollama's terms.
-Architectures: Llama (also Mistral and InternLM2), Qwen2, Qwen3.
+Architectures: Llama (also Mistral and InternLM2), Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3.
 
 example:
   tunelab convert gguf merged merged.gguf --type q8_0
