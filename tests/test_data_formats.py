@@ -173,4 +173,5 @@ def test_preprocess_with_several_processes_matches_one(tmp_path, tiny_tokenizer)
     path.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": "a " * (i % 9)}) for i in range(2500)))
     one = build_datasets(_cfg(path), tiny_tokenizer, log=lambda m: None, use_cache=False)
     two = build_datasets(_cfg(path), tiny_tokenizer, log=lambda m: None, use_cache=False, num_proc=2)
+    assert [r["input_ids"] for r in one.train_rows] == [r["input_ids"] for r in two.train_rows]
     assert [r["labels"] for r in one.train_rows] == [r["labels"] for r in two.train_rows]

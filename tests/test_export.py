@@ -80,7 +80,10 @@ def test_pth_to_hf_full_model_sharded(tiny_llama_dir, tmp_path):
     from tunelab.train.layout import write_meta
 
     ckpt = tmp_path / "work" / "iter_3"
-    _base(tiny_llama_dir).save_pretrained(ckpt / "model")
+    trained = _base(tiny_llama_dir)
+    with torch.no_grad():  # a checkpoint that differs from its base, so a conversion that read the base would show
+        trained.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    trained.save_pretrained(ckpt / "model")
     write_meta(ckpt, {"base_model": str(tiny_llama_dir), "method": "full", "prompt_template": TEMPLATE,
                       "system": "", "max_length": 64, "tunelab_version": "test"})
     out = tmp_path / "full_hf"
@@ -88,7 +91,8 @@ def test_pth_to_hf_full_model_sharded(tiny_llama_dir, tmp_path):
     assert len(list(out.glob("model-*.safetensors"))) > 1  # sharded as asked
     assert (out / "tokenizer.json").is_file()  # from the base model named in tunelab.json
     ids = _ids(tiny_llama_dir)
-    assert torch.allclose(logits(_base(out), ids), logits(_base(tiny_llama_dir), ids), atol=1e-6)
+    assert torch.allclose(logits(_base(out), ids), logits(trained, ids), atol=1e-6)
+    assert not torch.allclose(logits(_base(out), ids), logits(_base(tiny_llama_dir), ids), atol=1e-3)
 
 
 def test_merge_logits_equal_base_plus_adapter_and_chat_template(tiny_llama_dir, lora_work_dir, tmp_path):
@@ -106,8 +110,6 @@ def test_merge_logits_equal_base_plus_adapter_and_chat_template(tiny_llama_dir, 
     meta = json.loads((out / "tunelab.json").read_text())
     assert meta["prompt_template"] == TEMPLATE and meta["base_model"] == str(tiny_llama_dir)
     template = get_template(TEMPLATE)
-    if not hasattr(template, "to_jinja"):
-        pytest.skip("templates have no to_jinja() yet (data step)")
     tokenizer = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "user", "content": "Who are you?"}]
     # the training system prompt (tunelab.json "system") is the merged template's default

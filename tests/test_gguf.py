@@ -81,8 +81,8 @@ def test_gguf_reads_back_with_every_tensor_the_hyperparameters_and_the_tokenizer
     assert _field(reader, f"{gguf_arch}.rope.freq_base") == pytest.approx(
         _rope_theta(config))
     assert _field(reader, f"{gguf_arch}.attention.layer_norm_rms_epsilon") == pytest.approx(config.rms_norm_eps)
-    assert _field(reader, f"{gguf_arch}.attention.key_length") == getattr(
-        config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert _field(reader, f"{gguf_arch}.attention.key_length") == head_dim
     file_types = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
     assert _field(reader, "general.file_type") == file_types[out_type]
 

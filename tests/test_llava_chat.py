@@ -125,8 +125,12 @@ def test_serve_takes_data_urls_and_refuses_files(chat, tmp_path):
 
     text = {"type": "text", "text": "What colour is it?"}
     with BackgroundServer(create_app(chat, _greedy(4))) as url:
-        status, answer = post(url, [{"type": "image_url", "image_url": {"url": _data_url("red")}}, text])
-        assert status == 200 and answer["usage"]["prompt_tokens"] > 16  # the image's 16 tokens are in the prompt
+        content = [{"type": "image_url", "image_url": {"url": _data_url("red")}}, text]
+        status, answer = post(url, content)
+        # the prompt as counted is the one the model saw, the image's 16 tokens in it
+        prompt_ids = chat.prompt([{"role": "user", "content": content}])[0]
+        assert status == 200 and answer["usage"]["prompt_tokens"] == len(prompt_ids)
+        assert len(prompt_ids) > len(chat.prompt([{"role": "user", "content": [text]}])[0]) + 15
         status, answer = post(url, [{"type": "image_url", "image_url": {"url": str(picture)}}, text])
         assert status == 400 and "not a data URL" in answer["error"]["message"]
         status, answer = post(url, [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, text])

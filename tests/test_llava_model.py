@@ -101,7 +101,7 @@ def test_wrong_towers_and_strategies_are_refused(tmp_path, tiny_model_factory, t
         llava.vision_family(tmp_path / "nowhere")
 
 
-def test_projector_learns_from_images_and_takes_part_in_text_only_batches(tiny_model_factory, tiny_vision_factory):
+def test_projector_gets_gradients_from_images_and_takes_part_in_text_only_batches(tiny_model_factory, tiny_vision_factory):
     model, tokenizer, processor = _assembled(tiny_model_factory("llama"), tiny_vision_factory("clip"))
     for p in model.parameters():
         p.requires_grad_(False)
