@@ -36,12 +36,33 @@ def _cfg(model_dir, **overrides):
     return tiny_cfg(model_dir, **{**settings, **overrides})
 
 
+def _count_updates_in_backward(monkeypatch) -> dict:
+    """`counts["in_backward"]`: the layer updates StepsInBackward made before the loop's step(), i.e. inside backward.
+    Equal runs prove nothing alone: a loop that ignored the plan would run the ordinary step both times."""
+    counts = {"in_backward": 0, "pending": 0}
+    step_bucket, step = StepsInBackward._step_bucket, StepsInBackward.step
+
+    def counting_step_bucket(self, params):
+        counts["pending"] += 1
+        step_bucket(self, params)
+
+    def counting_step(self):
+        counts["in_backward"] += counts["pending"]
+        step(self)
+        counts["pending"] = 0  # those step() itself made (a layer still waiting) were not in backward
+
+    monkeypatch.setattr(StepsInBackward, "_step_bucket", counting_step_bucket)
+    monkeypatch.setattr(StepsInBackward, "step", counting_step)
+    return counts
+
+
 def _run(cfg, work_dir, rows, monkeypatch, **kwargs):
     captured = capture_model(monkeypatch)
+    counts = _count_updates_in_backward(monkeypatch)
     result = train(cfg, work_dir, train_rows=rows, device="cpu", **kwargs)
     log = [r for r in map(json.loads, (work_dir / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
     trained = {n: p.detach().clone() for n, p in captured["model"].named_parameters() if p.requires_grad}
-    return result, log, trained
+    return result, log, trained, counts["in_backward"]
 
 
 @pytest.mark.parametrize("method, optimizer", [("lora", "adamw"), ("full", "adamw"), ("lora", "adamw_8bit")])
@@ -53,11 +74,12 @@ def test_updates_in_backward_train_exactly_as_the_step_after_it(method, optimize
     cfg = _cfg(tiny_llama_dir, method=method, optimizer=optimizer, lr=1e-2 if method == "lora" else 3e-3,
                optimizer_in_backward=None if optimizer == "adamw_8bit" else True)
     assert plan_fast_path(cfg, "cpu").optimizer_in_backward
-    after, after_log, after_weights = _run(dataclasses.replace(cfg, optimizer_in_backward=False), tmp_path / "after",
-                                           rows, monkeypatch)
-    inside, inside_log, inside_weights = _run(cfg, tmp_path / "inside", rows, monkeypatch)
+    after, after_log, after_weights, after_updates = _run(dataclasses.replace(cfg, optimizer_in_backward=False),
+                                                          tmp_path / "after", rows, monkeypatch)
+    inside, inside_log, inside_weights, inside_updates = _run(cfg, tmp_path / "inside", rows, monkeypatch)
     said = "optimizer_in_backward: each layer's parameters are updated"
     assert capsys.readouterr().out.count(said) == 1  # the run says so
+    assert after_updates == 0 and inside_updates > 0  # and does so: the layers were updated inside backward
     assert inside.losses == after.losses  # bit for bit
     assert inside.losses[max(inside.losses)] < inside.losses[1]  # and it did learn
     for name, weight in after_weights.items():
@@ -160,7 +182,9 @@ def test_resume_continues_the_loss_curve(tiny_llama_dir, rows, tmp_path, monkeyp
     """The optimiser's state is saved and loaded as ever: a run stopped after a checkpoint and resumed reproduces the
     uninterrupted one."""
     cfg = _cfg(tiny_llama_dir, save_steps=4, save_total_limit=-1)
+    counts = _count_updates_in_backward(monkeypatch)
     whole = train(cfg, tmp_path / "whole", train_rows=rows, device="cpu")
+    assert counts["in_backward"] > 0  # the curve is that of updates in backward, not of the ordinary step
     calls = {"n": 0}
     original = SingleProcess.forward_loss
 
@@ -178,7 +202,9 @@ def test_resume_continues_the_loss_curve(tiny_llama_dir, rows, tmp_path, monkeyp
         train(cfg, tmp_path / "cut", train_rows=rows, device="cpu")
     monkeypatch.undo()
     assert layout.last_checkpoint(tmp_path / "cut") == tmp_path / "cut" / "iter_4"
+    counts = _count_updates_in_backward(monkeypatch)
     resumed = train(cfg, tmp_path / "cut", resume="auto", train_rows=rows, device="cpu")
+    assert counts["in_backward"] > 0  # the resumed run updates in backward too
     assert sorted(resumed.losses) == list(range(5, max(whole.losses) + 1))
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(whole.losses[step], abs=1e-6), step

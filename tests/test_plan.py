@@ -3,7 +3,7 @@ transformers + peft as they come, and it trains like the fast path."""
 
 from __future__ import annotations
 
-from tests.train_helpers import identity_rows, tiny_cfg
+from tests.train_helpers import capture_model, identity_rows, tiny_cfg
 from tunelab.config.schema import TrainConfig
 from tunelab.model.plan import FastPathPlan, plan_fast_path
 
@@ -104,7 +104,7 @@ def test_qlora_keeps_dequantised_weights_for_backward_only_when_asked_and_checkp
     assert not plan_fast_path(TrainConfig(method="qlora", qlora_dequant_once=True), "cpu").dequantize_once
 
 
-def test_training_with_the_fast_path_off_follows_the_same_curve(tiny_llama_dir, tmp_path):
+def test_training_with_the_fast_path_off_follows_the_same_curve(tiny_llama_dir, tmp_path, monkeypatch):
     """fast_path = False (transformers' checkpointing, full logits) trains as the fast path does (tunelab's
     checkpointing, the chunked loss): the plain path is the fast path's reference."""
     from tunelab.model.load import load_tokenizer
@@ -113,8 +113,12 @@ def test_training_with_the_fast_path_off_follows_the_same_curve(tiny_llama_dir, 
     rows = identity_rows(load_tokenizer(str(tiny_llama_dir)), copies=2)
     curves = []
     for fast_path in (True, False):
+        captured = capture_model(monkeypatch)
         cfg = tiny_cfg(tiny_llama_dir, method="lora", max_steps=4, gradient_checkpointing=True, fast_path=fast_path)
         curves.append(train(cfg, tmp_path / str(fast_path), train_rows=rows, device="cpu").losses)
+        # each run took the path it was asked for (else equal curves would compare a path with itself)
+        report = captured["model"]._tunelab_fast_path  # what the plan the loop made switched on
+        assert (report == {"fast_path": "off"}) == (not fast_path), report
     assert len(curves[0]) == 4 and curves[0][4] < curves[0][1]
     for step in curves[0]:
         assert abs(curves[0][step] - curves[1][step]) < 1e-5, step

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import identity_rows, tiny_cfg
+from tests.train_helpers import assert_one_line_error, identity_rows, tiny_cfg, write_config
 from tunelab.train.loop import train
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "swanlab": "swanlab"}
@@ -151,12 +151,15 @@ def test_mlflow_file_store_holds_the_log_and_the_settings(tracked, tiny_llama_di
 
 
 def test_swanlab_offline_files_hold_the_log_and_the_settings(tracked, tiny_llama_dir):
-    _need("swanlab")
+    _need("swanlab")  # skipped only without swanlab: scripts/test.sh runs this file again with it to test this
     try:  # swanlab's own reader of its offline run files (what `swanlab sync` uploads)
         from swanlab.proto.swanlab.record.v1.record_pb2 import Record
         from swanlab.sdk.internal.core_python.store import DataStoreReader
-    except ImportError as exc:
-        pytest.skip(f"this swanlab version has no offline-file reader where the test looks: {exc}")
+    except ImportError as exc:  # a failure, not a skip: a skip here would go unnoticed for every later version
+        import swanlab
+
+        pytest.fail(f"swanlab {getattr(swanlab, '__version__', '?')} moved its offline-file reader; update where "
+                    f"this test imports it from: {exc}")
     import yaml
 
     (run_dir,) = (tracked / "swanlog").glob("run-*")
@@ -178,13 +181,27 @@ def test_swanlab_offline_files_hold_the_log_and_the_settings(tracked, tiny_llama
     assert config["pretrained_model_name_or_path"]["value"] == str(tiny_llama_dir)
 
 
-def test_a_missing_tracker_package_is_named_before_training(monkeypatch):
+def test_a_missing_tracker_package_is_named_before_training(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """`tunelab train` names the missing package before minutes of loading the model, not when the trackers open."""
+    import tunelab.model.load as load
+    from tunelab.cli.main import main
     from tunelab.errors import TunelabError
     from tunelab.train import trackers
 
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(TunelabError, match="pip install wandb"):
-        trackers.check_installed(["wandb"])
+    find_spec, load_model, loaded = importlib.util.find_spec, load.load_model_for_training, []
+
+    def loading(*args, **kwargs):
+        loaded.append(args)
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "wandb" else
+                        find_spec(name, *a, **k))  # wandb looks not installed; everything else as it is
+    monkeypatch.setattr(load, "load_model_for_training", loading)
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=1, report_to=["wandb"])
+    code = main(["train", str(config), "--work-dir", str(tmp_path / "work"), "--device", "cpu"])
+    assert_one_line_error(capsys, code, "'wandb'", "pip install wandb")
+    assert not loaded  # the trackers open after loading and would name it too, but only then
     with pytest.raises(TunelabError, match="unknown tracker 'neptune'"):
         trackers.check_installed(["neptune"])
 

@@ -81,11 +81,13 @@ def test_resume_after_crash_reproduces_the_loss_curve(tiny_llama_dir, rows, refe
 
 
 def test_sigterm_saves_then_stops_and_resume_continues(tiny_llama_dir, rows, reference, tmp_path, monkeypatch):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     _fail_on_call(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))  # during step 3 (not a save step)
     stopped = train(_cfg(tiny_llama_dir), tmp_path, train_rows=rows, device="cpu")
     assert stopped.interrupted and stopped.step == 3
     assert stopped.last_checkpoint == tmp_path / "iter_3" and layout.last_checkpoint(tmp_path) == tmp_path / "iter_3"
-    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored (not left pointing at the loop)
+    for sig, handler in before.items():  # the handlers the run found, not left pointing at the finished loop
+        assert signal.getsignal(sig) is handler, sig
     monkeypatch.undo()
 
     resumed = train(_cfg(tiny_llama_dir), tmp_path, resume="auto", train_rows=rows, device="cpu")
