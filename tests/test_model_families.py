@@ -83,6 +83,13 @@ def test_family_lora_qlora_step_and_chat(arch, tiny_model_factory):
     adapter_dir = model_dir.parent / f"{model_dir.name}_adapter"
     lora.save_pretrained(adapter_dir)
     model, tok = load_model_for_inference(str(model_dir), adapter=str(adapter_dir), device="cpu")
+    # the loaded model carries the trained adapter: it computes what the trained model does (fp32), not the base
+    base, _ = load_model_for_inference(str(model_dir), device="cpu")
+    probe = torch.tensor([tokenizer("Who are you? I am an AI assistant.", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        loaded_logits, base_logits = model(input_ids=probe).logits, base(input_ids=probe).logits
+        torch.testing.assert_close(loaded_logits, lora.eval()(input_ids=probe).logits, atol=1e-5, rtol=1e-5)
+    assert (loaded_logits - base_logits).abs().max() > 1e-3  # the step moved the adapter off its zero start
     reply = generate_reply(model, tok, template, [{"role": "user", "content": "Hello"}],
                            GenerationSettings(max_new_tokens=8))
     assert isinstance(reply, str)

@@ -85,6 +85,9 @@ def test_the_three_references_give_the_same_full_finetuning_run(tiny_llama_dir, 
                                       evaluation_inputs=[]), tmp_path / f"lora_{reference}", train_rows=rows,
                              tokenizer=tokenizer, device="cpu").losses
             for reference in ("adapters_off", "precomputed")}
+    # each run used the reference it was given: only the precomputed one wrote the reference's log-probabilities
+    assert (tmp_path / "lora_precomputed" / "reference_logps_train.npz").is_file()
+    assert not (tmp_path / "lora_adapters_off" / "reference_logps_train.npz").exists()
     assert lora["adapters_off"] == pytest.approx(lora["precomputed"], abs=1e-5)
 
 
@@ -185,12 +188,15 @@ def test_full_finetuned_reward_model_converts_to_a_sequence_classifier(tiny_llam
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "Describe the city."},
                                              {"role": "assistant", "content": "The city is bright."}]}))
-    [record] = score_file(load_reward_model(str(tmp_path / "hf"), device="cpu", dtype="fp32"), data).records
+    # the trained checkpoint itself (not the export) is what the exported classifier must score like
+    [trained] = score_file(load_reward_model(str(tmp_path / "rm"), device="cpu", dtype="fp32"), data).records
+    [exported] = score_file(load_reward_model(str(tmp_path / "hf"), device="cpu", dtype="fp32"), data).records
     text = get_template("qwen_chat").render([{"role": "user", "content": "Describe the city."},
                                              {"role": "assistant", "content": "The city is bright."}])
     with torch.no_grad():
-        want = hf(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
-    assert record["score"] == pytest.approx(want, abs=1e-4)
+        hf_score = hf(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
+    assert hf_score == pytest.approx(trained["score"], abs=1e-4)
+    assert exported["score"] == pytest.approx(trained["score"], abs=1e-4)
 
 
 def test_the_memory_plan_counts_pairs_and_the_reference(monkeypatch):

@@ -150,7 +150,7 @@ def random_models(tiny_llama_dir):
         chat.batcher.stop()
 
 
-def test_greedy_in_a_batch_equals_generate_alone(random_models):
+def test_greedy_in_a_batch_equals_generate_alone(random_models, monkeypatch):
     """Left padding, joining mid-batch and leaving early change no token: each reply equals transformers' own
     `generate` for that prompt alone (greedy, fp32)."""
     import torch
@@ -158,9 +158,21 @@ def test_greedy_in_a_batch_equals_generate_alone(random_models):
     from tunelab.model.generate import GenerationSettings
 
     batched, _ = random_models
+    batcher = batched.batcher
+    running_at_prefill = []  # how many rows were decoding when newcomers were prefilled (> 0: they joined mid-batch)
+    prefill = batcher._prefill
+
+    def counting_prefill(jobs):
+        running_at_prefill.append(len(batcher.rows))
+        return prefill(jobs)
+
+    monkeypatch.setattr(batcher, "_prefill", counting_prefill)
     prompts = [batched.encode([{"role": "user", "content": "Hello there " * k}]) for k in (1, 9, 3, 25, 2, 14)]
     lengths = [20, 45, 30, 12, 40, 25]
     replies = _run_together(batched, prompts, [GenerationSettings(max_new_tokens=n) for n in lengths], stagger=3)
+    # the last three were submitted once the first three were decoding: some of them must have joined that batch,
+    # else this compares only batches that started together
+    assert max(running_at_prefill) > 0, running_at_prefill
     for ids, n, reply in zip(prompts, lengths, replies):
         out = batched.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=None,

@@ -82,25 +82,43 @@ def test_8bit_adamw_without_per_parameter_sync_updates_exactly_as_bitsandbytes()
         torch.manual_seed(0)  # a matrix big enough for 8-bit state (>= 4096 elements) and a small fp32-state one
         return torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.LayerNorm(64))
 
+    def bnb_adamw(m):
+        return bnb.optim.AdamW8bit([{"params": [m[0].weight], "weight_decay": 0.01},
+                                    {"params": [m[0].bias, *m[1].parameters()], "weight_decay": 0.0}],
+                                   lr=1e-2, betas=(0.9, 0.999))
+
+    def steps(pairs, n):
+        for _ in range(n):
+            for m, opt in pairs:
+                m(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
     ours_model, theirs_model = model(), model()
     cfg = SimpleNamespace(optimizer="adamw_8bit", lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
     ours = build_optimizer(ours_model, cfg, torch.device("cpu"))
     assert isinstance(ours, AdamW8bit)
-    theirs = bnb.optim.AdamW8bit([{"params": [theirs_model[0].weight], "weight_decay": 0.01},
-                                  {"params": [theirs_model[0].bias, *theirs_model[1].parameters()], "weight_decay": 0.0}],
-                                 lr=1e-2, betas=(0.9, 0.999))
+    theirs = bnb_adamw(theirs_model)
     x = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
-    for _ in range(3):
-        for m, opt in ((ours_model, ours), (theirs_model, theirs)):
-            m(x).square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    steps([(ours_model, ours), (theirs_model, theirs)], 3)
     assert ours.state[ours_model[0].weight]["state1"].dtype == torch.uint8  # the 8-bit path did run
     for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     start = model()[0].weight.detach().clone()
     assert not torch.equal(ours_model[0].weight, start)  # and the weights did move
-    theirs.load_state_dict(ours.state_dict())
+
+    # a fresh bitsandbytes optimizer resumed from our state_dict continues exactly as ours does: loading alone
+    # not raising would pass with the step count or the 8-bit states lost
+    resumed_model = model()
+    resumed_model.load_state_dict(ours_model.state_dict())
+    resumed = bnb_adamw(resumed_model)
+    resumed.load_state_dict(ours.state_dict())
+    steps([(ours_model, ours), (resumed_model, resumed)], 1)
+    for a, b in zip(ours_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        torch.testing.assert_close(resumed.state[resumed_model[0].weight][key], ours.state[ours_model[0].weight][key],
+                                   rtol=0, atol=0)
 
 
 def test_fp16_scales_the_loss_once():
