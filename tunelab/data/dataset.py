@@ -31,13 +31,15 @@ from tunelab.data.encode_preference import row_capacity, with_kl_completions
 from tunelab.data.files import list_data_files
 from tunelab.data.multimodal import ImageTokens, expand_image_tokens, image_tokens
 from tunelab.data.packing import TokenRows, pack_rows
-from tunelab.data.sources import Source, collect_samples, file_warnings, resolve_sources
+from tunelab.data.reports import file_warnings, source_warnings
+from tunelab.data.sources import Source, collect_samples, resolve_sources
 from tunelab.data.templates import get_template
 from tunelab.errors import TunelabError
 
 # bump when reading, encoding or packing changes, so old caches are not reused
-# (3: content parts, tools, switches; ids of the whole text)
-CACHE_VERSION = 3
+# (3: content parts, tools, switches; ids of the whole text; 4: CSV cells as text, empty replies not trained,
+# reports of map-fn drops, empty replies and unread files)
+CACHE_VERSION = 4
 CHUNK = 1000  # samples per tokenizer call / per worker task
 
 
@@ -45,6 +47,8 @@ CHUNK = 1000  # samples per tokenizer call / per worker task
 class DataStats:
     records_read: int = 0
     skipped_invalid: int = 0
+    filtered: int = 0
+    """Records the config's dataset_map_fn returned None for (dropped on purpose)."""
     encoded: int = 0
     """Samples encoded (a pretraining text longer than max_length counts once per max_length piece)."""
     truncated: int = 0
@@ -68,7 +72,7 @@ class DataStats:
     sources: list = field(default_factory=list)
     """Per data source: path, format, records, samples used (after its ratio)."""
     files: list = field(default_factory=list)
-    """Per data file: what reading it found (tunelab.data.sources.new_file_report)."""
+    """Per data file: what reading it found (tunelab.data.reports.new_file_report)."""
     invalid: list = field(default_factory=list)
     """The first few skipped records' error messages."""
     from_cache: bool = False
@@ -76,13 +80,15 @@ class DataStats:
 
     def summary(self) -> str:
         return (f"{self.records_read} records read, {self.skipped_invalid} skipped as invalid, "
+                + (f"{self.filtered} dropped by dataset_map_fn, " if self.filtered else "") +
                 f"{self.truncated} truncated, {self.dropped} dropped (nothing to train on after truncation), "
                 f"{self.untrained} without a trained reply; {self.samples} train samples in {self.rows} rows, "
                 f"{self.tokens} tokens ({self.trained_tokens} trained"
                 f"{f', {self.images} images' if self.images else ''}); {self.eval_samples} eval samples")
 
     def warnings(self) -> list[str]:
-        return [line for report in self.files for line in file_warnings(report)]
+        return ([line for report in self.files for line in file_warnings(report)]
+                + [line for source in self.sources for line in source_warnings(source)])
 
 
 @dataclass

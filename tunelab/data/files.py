@@ -1,4 +1,4 @@
-"""Read data files into raw records: .json, .jsonl, .parquet, .csv, .txt. No format checks here.
+"""Read data files into raw records: .json, .jsonl (.ndjson), .parquet, .csv, .tsv, .txt. No format checks here.
 
 Each record comes with where it was found ('file.jsonl line 7', 'file.json record 3'), so every later error can
 point at it. JSON Lines are split at '\\n' only: a JSON string may hold U+2028, U+0085 and other characters that
@@ -14,9 +14,13 @@ from typing import Any, Callable, Iterator
 
 from tunelab.errors import TunelabError
 
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
-# Top-level keys that make a .json object one record rather than a wrapper such as {"data": [...]}.
-RECORD_KEYS = ("messages", "conversations", "conversation", "instruction", "text", "chosen", "prompt")
+FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv", ".tsv", ".txt")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")  # newline-delimited JSON is JSON Lines by another name
+TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+# Top-level keys that make a .json object one record rather than a wrapper such as {"data": [...]}: every field a
+# format reads at the top level (a record's own lists, e.g. alpaca's 'history', are not a wrapper's list of records).
+RECORD_KEYS = ("messages", "conversations", "conversation", "instruction", "prompt", "input", "output", "text",
+               "system", "history", "tools", "functions", "chosen", "rejected", "completion")
 
 
 class InvalidRecord(TunelabError):
@@ -30,15 +34,34 @@ class Record:
     """'file.jsonl line 7' or 'file.json record 3': what an error message points at."""
 
 
+def _folder_files(path: Path) -> list[Path]:
+    """Every file under a folder, hidden files and folders (.git, .cache) left out."""
+    return sorted(p for p in path.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
 def list_data_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = [p for p in _folder_files(path) if p.suffix.lower() in FILE_SUFFIXES]
     if not files:
-        raise TunelabError(f"{path}: the directory holds no data file ({', '.join(FILE_SUFFIXES)}). "
-                           f"Point data_path at a file, or a folder of such files.")
+        others = unread_files(path)
+        found = f"; it holds only {_names(others, path)}, of types not read" if others else ""
+        raise TunelabError(f"{path}: the directory holds no data file ({', '.join(FILE_SUFFIXES)}){found}. "
+                           f"Point data_path at a file, or a folder of such files (decompress .gz files first).")
     return files
+
+
+def unread_files(path: Path) -> list[Path]:
+    """Files of a data folder that are not read (other types): reported, so none is left out without a word."""
+    if not path.is_dir():
+        return []
+    return [p for p in _folder_files(path) if p.suffix.lower() not in FILE_SUFFIXES]
+
+
+def _names(files: list[Path], folder: Path, shown: int = 10) -> str:
+    names = [str(f.relative_to(folder)) for f in files]
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def read_text(path: Path) -> str:
@@ -61,25 +84,32 @@ def parse_json(text: str, where: str) -> Any:
                             f"record, or delete it.") from None
 
 
-def read_records(path: Path, *, skip_invalid: bool = False, on_skip: Callable[[str], None] = lambda m: None
-                 ) -> Iterator[Record]:
-    """Yield the raw records of one data file (no format checks yet)."""
+def read_records(path: Path, *, skip_invalid: bool = False, on_skip: Callable[[str], None] = lambda m: None,
+                 on_unused: Callable[[str, str, str], None] = lambda name, where, hint: None) -> Iterator[Record]:
+    """Yield the raw records of one data file (no format checks yet).
+
+    on_unused(name, where, hint): called for what the file holds beside its records (a wrapper object's other keys),
+    so the caller reports it as a field not used."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if suffix in JSONL_SUFFIXES:
         yield from _jsonl_records(path, skip_invalid, on_skip)
     elif suffix == ".json":
-        yield from _json_records(path)
-    elif suffix in (".parquet", ".csv"):
+        yield from _json_records(path, on_unused)
+    elif suffix == ".parquet" or suffix in TABLE_SEPARATORS:
         import pandas as pd
 
         try:
-            frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+            # A CSV cell is text: pandas' guess would make an all-numeric column int ('007' -> 7), which no format
+            # reads. keep_default_na=False keeps 'NA' / 'null' as written and an empty cell as "".
+            frame = pd.read_parquet(path) if suffix == ".parquet" else \
+                pd.read_csv(path, sep=TABLE_SEPARATORS[suffix], dtype=str, keep_default_na=False)
         except Exception as exc:  # pandas/pyarrow raise many types for a damaged file
             raise TunelabError(f"{path}: cannot read it as {suffix[1:]}: {exc}")
         if frame.empty:
             raise TunelabError(f"{path}: the file holds no rows.")
+        first_row = 2 if suffix in TABLE_SEPARATORS else 0  # a table's line number: its header is line 1
         for i, rec in enumerate(frame.to_dict("records")):
-            yield Record({k: plain(v) for k, v in rec.items()}, f"{path} row {i + (2 if suffix == '.csv' else 0)}")
+            yield Record({k: plain(v) for k, v in rec.items()}, f"{path} row {i + first_row}")
     elif suffix == ".txt":
         text = read_text(path)
         if not text.strip():
@@ -116,7 +146,7 @@ def _jsonl_records(path: Path, skip_invalid: bool, on_skip) -> Iterator[Record]:
         yield Record(obj, where)
 
 
-def _json_records(path: Path) -> Iterator[Record]:
+def _json_records(path: Path, on_unused: Callable[[str, str, str], None]) -> Iterator[Record]:
     text = read_text(path)
     if not text.strip():
         raise TunelabError(f"{path}: the file is empty. Put a JSON list of records in it.")
@@ -127,14 +157,27 @@ def _json_records(path: Path) -> Iterator[Record]:
         raise TunelabError(f"{path} line {exc.lineno} column {exc.colno}: not valid JSON: {exc.msg}{hint}. "
                            f"Fix the file (e.g. a missing comma or quote near there).") from None
     if isinstance(obj, dict):  # {"data": [...]} / {"train": [...]} wrappers, or one record
-        lists = [v for v in obj.values() if isinstance(v, list) and v and isinstance(v[0], (dict, list))]
-        obj = lists[0] if len(lists) == 1 and not any(k in obj for k in RECORD_KEYS) else [obj]
+        obj = _unwrap(obj, path, on_unused)
     if not isinstance(obj, list):
         raise TunelabError(f"{path}: expected a JSON list of records, found {type(obj).__name__}.")
     if not obj:
         raise TunelabError(f"{path}: the list of records is empty.")
     for i, rec in enumerate(obj):
         yield Record(rec, f"{path} record {i}")
+
+
+def _unwrap(obj: dict, path: Path, on_unused: Callable[[str, str, str], None]) -> Any:
+    """A .json object: the list of records it wraps, or [obj] when it is one record (it has a field a format reads,
+    whatever lists it holds). A wrapper's keys beside its list are not read: each is reported."""
+    lists = [k for k, v in obj.items() if isinstance(v, list) and v and isinstance(v[0], (dict, list))]
+    if len(lists) != 1 or any(k in obj for k in RECORD_KEYS):
+        return [obj]
+    for key in obj:
+        if key != lists[0]:
+            on_unused(str(key), f"{path} (top level, beside the list {lists[0]!r})",
+                      f"the file wraps its records in {{{lists[0]!r}: [...]}} and only that list is read: "
+                      f"drop the key, or move what should be trained into the records")
+    return obj[lists[0]]
 
 
 def plain(value):

@@ -165,8 +165,21 @@ def _message(t: Any, at: str, where: str, images) -> dict:
     return msg.message(t, role, where, at, images=images)
 
 
+def _one_system(record: dict, turns: list, where: str, field: str) -> None:
+    """A top-level 'system' and a system message are two system prompts: which one the sample means is the user's
+    call, so neither is dropped in silence."""
+    if not record.get("system"):
+        return
+    for i, t in enumerate(turns):
+        role = str(t.get("role", t.get("from", ""))).lower() if isinstance(t, dict) else ""
+        if _MESSAGE_ROLES.get(role) == "system":
+            raise fail(where, f"two system prompts: the top-level 'system' and the system message {field}[{i}]",
+                       "Keep one: delete the top-level 'system', or the system message.")
+
+
 def _from_sharegpt(r: dict, where: str, images) -> list[dict]:
     turns = _need(r, "conversations", where, "sharegpt", list)
+    _one_system(r, turns, where, "conversations")
     messages = [{"role": "system", "content": _text(r["system"], where, "system")}] if r.get("system") else []
     for i, t in enumerate(turns):
         at = f"conversations[{i}]"
@@ -268,8 +281,10 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
     if fmt == "alpaca":
         messages = _from_alpaca(record, where, images)
     elif fmt == "messages" or (fmt == "agent" and "messages" in record):
-        messages = _from_messages(_need(record, "messages", where, fmt, list), where, images)
-        if record.get("system") and (not messages or messages[0]["role"] != "system"):
+        turns = _need(record, "messages", where, fmt, list)
+        _one_system(record, turns, where, "messages")
+        messages = _from_messages(turns, where, images)
+        if record.get("system"):
             messages.insert(0, {"role": "system", "content": _text(record["system"], where, "system")})
     elif fmt in ("sharegpt", "agent"):
         messages = _from_sharegpt(record, where, images)

@@ -53,8 +53,9 @@ def _report_files(stats: DataStats, out: Callable[[str], None]) -> None:
     for report in stats.files:
         formats = ", ".join(f"{fmt} ({n})" for fmt, n in report["formats"].items()) or "?"
         out(f"file {report['path']}: records {report['records']}, format {formats}, invalid {report['invalid']}, "
-            f"samples used {report['samples']}" + (f", {report['filled']} with placeholders filled"
-                                                    if report["filled"] else ""))
+            + (f"dropped by dataset_map_fn {report['filtered']}, " if report.get("filtered") else "")
+            + f"samples used {report['samples']}" + (f", {report['filled']} with placeholders filled"
+                                                      if report["filled"] else ""))
         if report["truncated"] or report["dropped"] or report["untrained"]:
             out(f"  {report['truncated']} truncated, {report['dropped']} dropped after truncation, "
                 f"{report['untrained']} without a trained reply")
@@ -88,6 +89,8 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
         out(f"  - {message}")
     if s.skipped_invalid > len(s.invalid):
         out(f"  ... and {s.skipped_invalid - len(s.invalid)} more")
+    if s.filtered:
+        out(f"dropped by dataset_map_fn: {s.filtered} (it returned None)")
     warnings = s.warnings()
     out(f"warnings:            {len(warnings)}")
     for line in warnings:

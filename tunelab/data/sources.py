@@ -7,10 +7,8 @@ A `data_path` entry is a path (a file, a folder of files, a `datasets` folder or
 ``{"path", "format"?, "ratio"?, "dataset"? (names in a LLaMA-Factory dataset_info.json), "placeholders"?
 ({"name": ..., "author": ...} filling ``{{name}}`` / ``{{author}}`` in the text)}``.
 
-Every file gets a report (`new_file_report`): records read, formats detected, invalid records, fields the format
-does not read, samples with unfilled ``{{placeholders}}`` or ``<image>`` placeholders without images, and (after
-encoding) samples truncated and dropped. `file_warnings` turns a report into the lines `check-dataset` and training
-print, so nothing a record carries is dropped without a word.
+Reading fills a report per file and one per source (`tunelab.data.reports`), which `check-dataset` and training
+turn into warnings, so nothing a record carries is dropped without a word.
 """
 
 from __future__ import annotations
@@ -23,16 +21,16 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from tunelab.data import dataset_info
-from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records
+from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records, unread_files
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.images import ImageReading, image_reading, read_images, unreadable_samples
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX, with_default_system
+from tunelab.data.reports import MAX_RECORDS_SHOWN, count_unused, new_file_report, note
 from tunelab.data.preference import (not_supervised_error, read_for_objective, record_kind, sample_messages,
                                      unused_preference_fields)
 from tunelab.errors import TunelabError
 
 MAX_REPORTED_INVALID = 20
-MAX_FIELDS_SHOWN = 10
 ENTRY_KEYS = ("path", "format", "ratio", "dataset", "placeholders")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -150,31 +148,15 @@ def _raw_records(source: Source) -> list[tuple[str, object]]:
     return [(source.path, ds)]
 
 
-def _iter_records(name: str, origin, skip_invalid: bool, on_skip) -> Iterable[Record]:
+def _iter_records(name: str, origin, skip_invalid: bool, on_skip, on_unused) -> Iterable[Record]:
     if isinstance(origin, Path):
-        yield from read_records(origin, skip_invalid=skip_invalid, on_skip=on_skip)
+        yield from read_records(origin, skip_invalid=skip_invalid, on_skip=on_skip, on_unused=on_unused)
     else:
         for i, rec in enumerate(origin):
             yield Record(rec, f"{name} row {i}")
 
 
 # --- reading and reporting ------------------------------------------------------------------------
-
-def new_file_report(path: str, source: Source) -> dict:
-    """What reading one file found (plain data: it is cached with the rows)."""
-    registry = source.path.rsplit(":", 1)[0] if source.entry is not None else source.path
-    return {"path": path, "source": registry, "dataset": source.entry.name if source.entry else None, "records": 0,
-            "formats": {}, "samples": 0, "invalid": 0, "unused": {}, "placeholders": [0, "", []], "filled": 0,
-            "image_tags": [0, ""], "truncated": 0, "dropped": 0, "untrained": 0}
-
-
-def _note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None:
-    entry = report[key]
-    entry[0] += 1
-    entry[1] = entry[1] or where
-    if len(entry) > 2:
-        entry[2] = sorted(set(entry[2]) | set(names))
-
 
 def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict,
                 objective: str = "sft", images: Optional[ImageReading] = None, base_dir: Optional[Path] = None
@@ -189,7 +171,7 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
     if source.entry is not None:
         data, fmt, unmapped = dataset_info.map_record(data, source.entry, rec.where)
         for name in unmapped:
-            _count_unused(report, name, rec.where, f"not mapped by dataset {source.entry.name!r} of its "
+            count_unused(report, name, rec.where, f"not mapped by dataset {source.entry.name!r} of its "
                           f"dataset_info.json (LLaMA-Factory does not read it either): add it to 'columns' or drop it")
     if map_fn is not None:
         try:
@@ -197,14 +179,17 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
         except Exception as exc:
             raise InvalidRecord(f"{rec.where}: dataset_map_fn raised {type(exc).__name__}: {exc}. "
                                 f"Fix the function in your config, or the record.")
-        if data is None:  # the map function filtered the record out
+        if data is None:  # the map function filtered the record out (counted by the caller)
             return None, fmt
+        if not isinstance(data, dict):
+            raise InvalidRecord(f"{rec.where}: dataset_map_fn must return a dict (a record) or None, got "
+                                f"{type(data).__name__}. Fix the function in your config.")
     kind = record_kind(data)
     if objective != "sft":
         sample = read_for_objective(data, objective, rec.where)
         if source.entry is None:
             for name in unused_preference_fields(data):
-                _count_unused(report, name, rec.where, "a preference record's prompt, replies, label, system and "
+                count_unused(report, name, rec.where, "a preference record's prompt, replies, label, system and "
                               "tools are read: drop it, or map it in with dataset_map_fn if it should be trained")
         _after_reading(sample, source, report, rec.where, images is not None)
         return sample, "kto" if "completion" in sample or sample.get("unpaired") else "preference"
@@ -223,7 +208,8 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
         for name in unused_fields(data, fmt):
             hint = UNUSED_HINTS.get(name.split(".")[-1], f"the {fmt!r} format does not read it: drop it, or map it "
                                     f"into the record with dataset_map_fn if it should be trained")
-            _count_unused(report, name, rec.where, hint)
+            count_unused(report, name, rec.where, hint)
+    _untrain_empty_replies(sample, report, rec.where)
     _after_reading(sample, source, report, rec.where, images is not None)
     return sample, fmt
 
@@ -234,12 +220,22 @@ def _after_reading(sample: dict, source: Source, report: dict, where: str, multi
     if "{{" in texts:
         _fill_placeholders(sample, source.placeholders, report, where)
     if IMAGE_PLACEHOLDER in texts and not multimodal:
-        _note(report, "image_tags", where)
+        note(report, "image_tags", where)
 
 
-def _count_unused(report: dict, name: str, where: str, hint: str) -> None:
-    entry = report["unused"].setdefault(name, [0, where, hint])
-    entry[0] += 1
+def _untrain_empty_replies(sample: dict, report: dict, where: str) -> None:
+    """An empty reply (no text, no tool call, no reasoning) would train the model to stop at once: it stays in the
+    conversation as context, not trained, and is reported. A sample with no other reply then has nothing to train
+    and is dropped, counted as 'without a trained reply'."""
+    empty = [m for m in sample.get("messages", []) if m["role"] == "assistant" and m.get("train", True)
+             and not (m.get("content") or "").strip() and not m.get("tool_calls") and not m.get("reasoning_content")]
+    for m in empty:
+        m["train"] = False
+    if empty:
+        entry = report["empty_replies"]
+        entry[0] += 1
+        if len(entry[1]) < MAX_RECORDS_SHOWN:
+            entry[1].append(where)
 
 
 def _messages(sample: dict) -> list[dict]:
@@ -267,7 +263,7 @@ def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> 
                     m[key] = fill(m[key])
     left = {name for text in _texts(sample) for name in PLACEHOLDER.findall(text)}
     if left:
-        _note(report, "placeholders", where, left)
+        note(report, "placeholders", where, left)
 
 
 def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
@@ -295,7 +291,10 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             report["records"] += 1
             skip(message)
 
-        for rec in _iter_records(name, origin, skip_invalid, unreadable):
+        def beside(key: str, where: str, hint: str) -> None:  # a wrapper object's keys beside its records
+            count_unused(report, key, where, hint)
+
+        for rec in _iter_records(name, origin, skip_invalid, unreadable, beside):
             stats.records_read += 1
             report["records"] += 1
             try:
@@ -306,7 +305,9 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
                     raise
                 skip(str(exc))
                 continue
-            if sample is None:
+            if sample is None:  # dataset_map_fn returned None: counted, so the numbers add up
+                stats.filtered += 1
+                report["filtered"] += 1
                 continue
             if fmt == "auto" and source.entry is None:
                 fmt = read_as  # 'auto' decides per file from its first record; the rest must agree
@@ -322,8 +323,11 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             break
     if images is not None:
         samples, origins = _drop_unreadable_images(samples, origins, stats, skip_invalid)
+    unread = unread_files(source.resolved) if source.kind == "files" and source.entry is None else []
     stats.sources.append({"path": source.path, "format": ",".join(sorted(formats_seen)),
-                          "records": stats.records_read - read_before, "samples": len(samples)})
+                          "records": stats.records_read - read_before, "samples": len(samples),
+                          "ratio": source.ratio, "read": len(samples),
+                          "unread": [str(p.relative_to(source.resolved)) for p in unread]})
     return samples, origins
 
 
@@ -382,32 +386,3 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
 
 
 # --- what to tell the user ------------------------------------------------------------------------
-
-def _n(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
-
-
-def file_warnings(report: dict) -> list[str]:
-    """One line per thing in this file that is not trained as written, with what to do about it."""
-    path, lines = report["path"], []
-    unused = sorted(report["unused"].items(), key=lambda item: (-item[1][0], item[0]))
-    for name, (count, where, hint) in unused[:MAX_FIELDS_SHOWN]:
-        lines.append(f"{path}: field {name!r} not used ({_n(count, 'record')}, first at {where}): {hint}.")
-    if len(unused) > MAX_FIELDS_SHOWN:
-        rest = unused[MAX_FIELDS_SHOWN:]
-        lines.append(f"{path}: {len(rest)} more fields not used ({', '.join(repr(n) for n, _ in rest[:5])}, ...; "
-                     f"{sum(c for _, (c, _, _) in rest)} times in all).")
-    count, where, names = report["placeholders"]
-    if count:
-        shown = ", ".join("{{" + n + "}}" for n in names)
-        fill = ", ".join(f"'{n}': '...'" for n in names)
-        lines.append(f"{path}: {_n(count, 'sample')} with {shown} (first at {where}), trained as written. Fill them: "
-                     f"data_path = [{{'path': '{report['source']}', "
-                     + (f"'dataset': '{report['dataset']}', " if report.get("dataset") else "")
-                     + f"'placeholders': {{{fill}}}}}], or write "
-                     f"filled data with `tunelab data self-cognition --name NAME --author AUTHOR --from {path}`.")
-    count, where = report["image_tags"]
-    if count:
-        lines.append(f"{path}: {_n(count, 'sample')} with {IMAGE_PLACEHOLDER} but no image (first at {where}): the "
-                     f"placeholder is trained as plain text. {MULTIMODAL_FIX}")
-    return lines

@@ -1,0 +1,170 @@
+"""Nothing in the user's data is dropped without a word: wrappers, skipped files, two system prompts, records a
+dataset_map_fn drops, sources a ratio empties, CSV columns read as text, empty replies (findings of a fuzzing
+session)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.config.schema import TrainConfig
+from tunelab.data.dataset import DataStats, build_datasets
+from tunelab.data.files import RECORD_KEYS
+from tunelab.data.formats import _READ
+from tunelab.data.sources import collect_samples
+from tunelab.errors import TunelabError
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+
+
+def _read(data_path, **kw):
+    stats = DataStats()
+    return collect_samples(TrainConfig(data_path=data_path, **kw), stats)[0], stats
+
+
+def _build(data_path, tokenizer, **kw):
+    cfg = TrainConfig(**{"data_path": data_path, "prompt_template": "qwen_chat", "max_length": 128,
+                         "pack_to_max_length": False, **kw})
+    return build_datasets(cfg, tokenizer, log=lambda m: None)
+
+
+def _write(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+# --- 1. a .json object: one record, or a wrapper whose other keys are reported --------------------------------
+
+def test_a_single_record_with_a_history_list_is_one_record(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"input": "hi", "output": "yo", "history": [["q1", "a1"]]}))
+    samples, stats = _read(str(path))
+    assert [m["content"] for m in samples[0]["messages"]] == ["q1", "a1", "hi", "yo"]
+    assert stats.warnings() == []
+
+
+def test_every_top_level_field_a_format_reads_makes_an_object_one_record():
+    assert set().union(*_READ.values()) <= set(RECORD_KEYS)
+
+
+@pytest.mark.parametrize("wrapper, beside", [
+    ({"version": "1.0", "data": [{"instruction": "a", "output": "b"}]}, ["version"]),
+    ({"meta": {"source": "x"}, "records": [{"instruction": "a", "output": "b"}], "notes": "keep me"},
+     ["meta", "notes"]),
+])
+def test_keys_beside_a_wrapped_list_are_reported(tmp_path, wrapper, beside):
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps(wrapper))
+    samples, stats = _read(str(path))
+    assert len(samples) == 1
+    warnings = stats.warnings()
+    for key in beside:
+        assert any(f"field {key!r} not used" in w and str(path) in w and "beside the list" in w for w in warnings)
+    assert len(warnings) == len(beside)
+
+
+# --- 2. a folder: files of types not read are reported ----------------------------------------------------------
+
+def test_files_a_folder_holds_that_are_not_read_are_reported(tmp_path):
+    good = json.dumps({"instruction": "a", "output": "b"}) + "\n"
+    (tmp_path / "a.jsonl").write_text(good)
+    (tmp_path / "b.ndjson").write_text(good)  # JSON Lines by another name: read
+    (tmp_path / "c.tsv").write_text("instruction\toutput\nq\t7\n")  # read, tab-separated
+    (tmp_path / "d.jsonl.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / "README.md").write_text("notes")
+    samples, stats = _read(str(tmp_path))
+    assert len(samples) == 3 and samples[2]["messages"][-1]["content"] == "7"
+    lines = [w for w in stats.warnings() if "not read" in w]
+    assert len(lines) == 1 and "2 files" in lines[0] and "README.md" in lines[0] and "d.jsonl.gz" in lines[0]
+
+
+def test_a_folder_of_files_none_readable_names_them(tmp_path):
+    (tmp_path / "d.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(TunelabError, match=r"holds no data file.*d\.jsonl\.gz"):
+        _read(str(tmp_path))
+
+
+# --- 3. two system prompts ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": "system", "content": "A"}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "yo"}], "system": "B"},
+    {"conversations": [{"from": "system", "value": "A"}, {"from": "human", "value": "hi"},
+                       {"from": "gpt", "value": "yo"}], "system": "B"},
+])
+def test_a_top_level_system_and_a_system_message_is_an_invalid_record(tmp_path, record):
+    good = {k: v for k, v in record.items() if k != "system"}
+    path = _write(tmp_path / "d.jsonl", [good, record])
+    with pytest.raises(TunelabError, match=r"d\.jsonl line 2: two system prompts.*[Kk]eep one"):
+        _read(path)
+    samples, stats = _read(path, skip_invalid=True)
+    assert len(samples) == 1 and stats.skipped_invalid == 1 and "two system prompts" in stats.invalid[0]
+
+
+# --- 4. dataset_map_fn: records it drops are counted; it returns a record -------------------------------------
+
+def test_records_a_map_fn_drops_are_counted(tmp_path, tiny_tokenizer):
+    path = _write(tmp_path / "qa.jsonl", [{"q": "a", "a": "b"}, {"q": "skip", "a": "c"}, {"q": "x"}])
+
+    def keep(r):
+        return None if r["q"] == "skip" or "a" not in r else {"instruction": r["q"], "output": r["a"]}
+
+    bundle = _build(path, tiny_tokenizer, dataset_map_fn=keep)
+    assert bundle.stats.filtered == 2 and bundle.stats.files[0]["filtered"] == 2
+    assert "2 dropped by dataset_map_fn" in bundle.stats.summary()
+
+
+def test_a_map_fn_returning_a_list_names_the_record(tmp_path):
+    path = _write(tmp_path / "qa.jsonl", [{"q": "a", "a": "b"}])
+    with pytest.raises(TunelabError, match=r"qa\.jsonl line 1: dataset_map_fn must return a dict \(a record\) or "
+                                           r"None, got list"):
+        _read(path, dataset_map_fn=lambda r: [r])
+
+
+# --- 5. a ratio that leaves a source no sample -------------------------------------------------------------------
+
+def test_a_ratio_that_rounds_a_source_to_nothing_is_warned(tmp_path):
+    big = _write(tmp_path / "big.jsonl", [{"instruction": str(i), "output": "x"} for i in range(10)])
+    small = _write(tmp_path / "small.jsonl", [{"instruction": "q", "output": "a"}] * 3)
+    samples, stats = _read([big, {"path": small, "ratio": 0.1}])
+    assert len(samples) == 10
+    warnings = stats.warnings()
+    assert any("small.jsonl" in w and "ratio 0.1" in w and "no sample" in w for w in warnings)
+
+
+# --- 6. CSV columns are text ---------------------------------------------------------------------------------------
+
+def test_csv_columns_are_text_and_empty_cells_stay_empty(tmp_path):
+    # an all-numeric column is text as written (pandas would guess int: 7, not "007"); an empty cell stays ""
+    (tmp_path / "num.csv").write_text("instruction,input,output\nAdd 1+1,,2\nSay 007,,007\nSay 1.50,x,1.50\n")
+    samples, _ = _read(str(tmp_path / "num.csv"))
+    assert [s["messages"][-1]["content"] for s in samples] == ["2", "007", "1.50"]
+    assert [s["messages"][0]["content"] for s in samples] == ["Add 1+1", "Say 007", "Say 1.50\nx"]
+
+
+# --- 7. an empty reply is not trained as "stop at once" ------------------------------------------------------------
+
+def test_empty_replies_are_not_trained_and_are_warned(tmp_path, tiny_tokenizer):
+    alpaca = _write(tmp_path / "d.jsonl", [
+        {"instruction": "a", "output": ""},
+        {"instruction": "b", "output": "fine"},
+        {"instruction": "c", "output": "d", "history": [["q", " "]]},
+    ])
+    chat = _write(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "1"},
+            {"role": "assistant", "content": "one"}]},
+    ])
+    bundle = _build([alpaca, chat], tiny_tokenizer)
+    stats = bundle.stats
+    # the two samples with no other reply have nothing left to train on: counted as without a trained reply
+    assert stats.untrained == 2 and stats.samples == 3
+    warnings = [w for w in stats.warnings() if "empty reply" in w]
+    assert len(warnings) == 2
+    assert "2 samples" in warnings[0] and "d.jsonl line 1" in warnings[0] and "line 3" in warnings[0]
+    assert "1 sample " in warnings[1] and "m.jsonl line 1" in warnings[1]  # a tool call's empty text is no empty reply

@@ -1,0 +1,94 @@
+"""What reading the data found, and the warnings it turns into: one report per file (records read, formats
+detected, invalid records, fields the format does not read, records dataset_map_fn dropped, samples with unfilled
+``{{placeholders}}``, ``<image>`` placeholders without images or empty replies, and after encoding samples truncated
+and dropped) and one per source (records read, samples kept after its ratio, files of its folder not read).
+`tunelab.data.sources` fills them while reading; `file_warnings` and `source_warnings` give the lines `check-dataset`
+and training print, so nothing a record carries is dropped without a word. Reports are plain data: they are cached
+with the rows."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
+
+if TYPE_CHECKING:
+    from tunelab.data.sources import Source
+
+MAX_FIELDS_SHOWN = 10
+MAX_RECORDS_SHOWN = 5
+
+
+def new_file_report(path: str, source: "Source") -> dict:
+    """What reading one file found (plain data: it is cached with the rows)."""
+    registry = source.path.rsplit(":", 1)[0] if source.entry is not None else source.path
+    return {"path": path, "source": registry, "dataset": source.entry.name if source.entry else None, "records": 0,
+            "formats": {}, "samples": 0, "invalid": 0, "unused": {}, "placeholders": [0, "", []], "filled": 0,
+            "image_tags": [0, ""], "empty_replies": [0, []], "filtered": 0, "truncated": 0, "dropped": 0,
+            "untrained": 0}
+
+
+def note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None:
+    entry = report[key]
+    entry[0] += 1
+    entry[1] = entry[1] or where
+    if len(entry) > 2:
+        entry[2] = sorted(set(entry[2]) | set(names))
+
+
+def count_unused(report: dict, name: str, where: str, hint: str) -> None:
+    entry = report["unused"].setdefault(name, [0, where, hint])
+    entry[0] += 1
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def file_warnings(report: dict) -> list[str]:
+    """One line per thing in this file that is not trained as written, with what to do about it."""
+    path, lines = report["path"], []
+    unused = sorted(report["unused"].items(), key=lambda item: (-item[1][0], item[0]))
+    for name, (count, where, hint) in unused[:MAX_FIELDS_SHOWN]:
+        lines.append(f"{path}: field {name!r} not used ({_n(count, 'record')}, first at {where}): {hint}.")
+    if len(unused) > MAX_FIELDS_SHOWN:
+        rest = unused[MAX_FIELDS_SHOWN:]
+        lines.append(f"{path}: {len(rest)} more fields not used ({', '.join(repr(n) for n, _ in rest[:5])}, ...; "
+                     f"{sum(c for _, (c, _, _) in rest)} times in all).")
+    count, where, names = report["placeholders"]
+    if count:
+        shown = ", ".join("{{" + n + "}}" for n in names)
+        fill = ", ".join(f"'{n}': '...'" for n in names)
+        lines.append(f"{path}: {_n(count, 'sample')} with {shown} (first at {where}), trained as written. Fill them: "
+                     f"data_path = [{{'path': '{report['source']}', "
+                     + (f"'dataset': '{report['dataset']}', " if report.get("dataset") else "")
+                     + f"'placeholders': {{{fill}}}}}], or write "
+                     f"filled data with `tunelab data self-cognition --name NAME --author AUTHOR --from {path}`.")
+    count, where = report["image_tags"]
+    if count:
+        lines.append(f"{path}: {_n(count, 'sample')} with {IMAGE_PLACEHOLDER} but no image (first at {where}): the "
+                     f"placeholder is trained as plain text. {MULTIMODAL_FIX}")
+    count, wheres = report.get("empty_replies", [0, []])
+    if count:
+        more = ", ..." if count > len(wheres) else ""
+        lines.append(f"{path}: {_n(count, 'sample')} with an empty reply ({', '.join(wheres)}{more}): an empty reply "
+                     f"is kept as context, not trained (it would teach the model to stop at once); a sample with no "
+                     f"other reply is dropped (counted as without a trained reply). Write the reply, or delete it.")
+    return lines
+
+
+def source_warnings(source: dict) -> list[str]:
+    """What a data_path source leaves out as a whole: its folder's files of other types, a ratio that keeps none."""
+    lines, path = [], source["path"]
+    unread = source.get("unread", [])
+    if unread:
+        shown = ", ".join(unread[:MAX_FIELDS_SHOWN]) + (", ..." if len(unread) > MAX_FIELDS_SHOWN else "")
+        lines.append(f"{path}: {_n(len(unread), 'file')} in the folder not read ({shown}): tunelab reads "
+                     f".json, .jsonl / .ndjson, .parquet, .csv, .tsv and .txt. Decompress or convert those that hold "
+                     f"data (e.g. `gunzip x.jsonl.gz`), or move them out of the folder.")
+    if source.get("read") and not source["samples"]:
+        ratio = source["ratio"]
+        lines.append(f"{path}: ratio {ratio:g} of its {_n(source['read'], 'sample')} rounds to no sample: it "
+                     f"contributes nothing. Raise the ratio (at least {1 / source['read']:.3g} keeps one sample), "
+                     f"or remove the source.")
+    return lines
