@@ -43,3 +43,15 @@ def test_version_lists_dependencies(capsys):
 def test_python_m_tunelab_help():
     out = subprocess.run([sys.executable, "-m", "tunelab", "--help"], capture_output=True, text=True, check=True)
     assert "list-cfg" in out.stdout and "tunelab demo" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [["preview", "cfg.py", "-n", "0"], ["preview", "cfg.py", "-n", "-3"],
+                                  ["preprocess", "cfg.py", "--num-proc", "0"],
+                                  ["preprocess", "cfg.py", "--num-proc", "-1"]])
+def test_counts_that_are_not_positive_are_refused_by_the_parser(argv, capsys):
+    # `preview -n 0` printed one sample and `preprocess --num-proc 0` was taken as the config's num_proc
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[2]}: expected a positive whole number (1 or more), got {int(argv[3])}" in err, err

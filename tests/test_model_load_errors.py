@@ -115,3 +115,13 @@ def test_a_device_name_that_is_not_one_is_a_tunelab_error():
 
     with pytest.raises(TunelabError, match="'gpu': not a device name; use cpu, cuda or cuda:N"):
         check_device("gpu")
+
+
+def test_max_length_beyond_the_models_positions_is_a_warning_naming_both(tiny_llama_dir, caplog):
+    # trained silently before; a warning, not an error: extending the context with rope_scaling is deliberate
+    with caplog.at_level(logging.WARNING, logger="tunelab.model.load"):
+        _train(tiny_llama_dir, max_length=2048)  # the tiny model's max_position_embeddings: no warning
+        assert "max_position_embeddings" not in caplog.text
+        _train(tiny_llama_dir, max_length=4096)
+    assert (f"max_length = 4096 is longer than {tiny_llama_dir}'s max_position_embeddings = 2048" in caplog.text
+            and "rope_scaling" in caplog.text)

@@ -132,3 +132,27 @@ def test_a_config_that_calls_sys_exit(tmp_path, capsys):
     config.write_text("import sys\nlr = 1e-4\nsys.exit(3)\n")
     code = main(["train", str(config), "--device", "cpu"])
     assert_one_line_error(capsys, code, f"{config}: the config called sys.exit(3) (line 3)", "remove the exit call")
+
+
+def test_resuming_with_another_lora_rank_names_the_tensor_and_lora_r(config, tmp_path, capsys):
+    # load_state_dict's bare "size mismatch" traceback before; the config was trained with lora_r = 8
+    assert _train(config, tmp_path / "work") == 0
+    capsys.readouterr()
+    code = _train(config, tmp_path / "work", "--resume", "auto", "--cfg-options", "lora_r=4")
+    assert_one_line_error(capsys, code, "adapter does not match this config's LoRA settings", "lora_A.weight has shape [8, ",
+                          "in the checkpoint, [4, ", "lora_r differs (the checkpoint's rank is 8, "
+                          "this config's 4)", "Resume with the config it was trained with")
+
+
+def test_resuming_a_full_run_on_another_size_of_model_names_the_model(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from tunelab.model.tiny import make_model
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=1, method="full")
+    assert _train(config, tmp_path / "work") == 0
+    capsys.readouterr()
+    wider = make_model(tmp_path / "wider", "llama", hidden_size=96)
+    code = _train(config, tmp_path / "work", "--resume", "auto",
+                  "--cfg-options", f"pretrained_model_name_or_path={str(wider)!r}")
+    assert_one_line_error(capsys, code, "the saved model does not match this config's model", "in the checkpoint",
+                          "pretrained_model_name_or_path is a model of another size")

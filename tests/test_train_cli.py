@@ -102,3 +102,52 @@ def test_train_with_a_non_number_nproc_per_node_names_the_flag(tmp_path, capsys,
     cfg.write_text("method = 'lora'\n")
     assert main(["train", str(cfg), "--nproc-per-node", "two"]) == 2
     assert "--nproc-per-node = 'two': expected a whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["train", "plan"])
+def test_a_data_file_given_as_the_config_is_refused(verb, config_file, capsys):
+    # Each JSONL line is a dict expression, so running it as Python "loaded" as all defaults: plan exited 0 and
+    # train started on the default model.
+    from tests.train_helpers import assert_one_line_error
+
+    data = config_file.parent / "good.jsonl"
+    data.write_text('{"instruction": "Who are you?", "input": "", "output": "Tuna."}\n')
+    code = main([verb, str(data), "--device", "cpu"])
+    assert_one_line_error(capsys, code, f"{data} is not a config file (.py)", "data_path",
+                          "tunelab check-dataset CONFIG")
+
+
+@pytest.mark.parametrize("verb", ["train", "plan"])
+def test_a_directory_given_as_the_config_is_called_one(verb, config_file, capsys):
+    from tests.train_helpers import assert_one_line_error
+
+    code = main([verb, str(config_file.parent), "--device", "cpu"])
+    assert_one_line_error(capsys, code, f"{config_file.parent} is a directory, not a config file (.py)")
+
+
+def test_a_built_in_config_name_still_says_how_to_copy_it(config_file, capsys):
+    # train / plan read files only; a built-in name gets the way to a file, not the .py refusal
+    from tests.train_helpers import assert_one_line_error
+
+    code = main(["plan", "internlm2_1_8b_qlora_alpaca_e3"])
+    assert_one_line_error(capsys, code, "config file not found: internlm2_1_8b_qlora_alpaca_e3", "tunelab list-cfg",
+                          "tunelab copy-cfg NAME")
+
+
+DEVICE_ERRORS = {"gpu": ["device 'gpu': not a device name", "use cpu, cuda or cuda:N"],
+                 "cuda": ["device 'cuda' asked for, but CUDA is not available", "--device cpu"],
+                 "mps": ["device 'mps' asked for, but MPS (Apple's GPU) is not available", "--device cpu"]}
+
+
+@pytest.mark.parametrize("verb", ["train", "plan"])
+@pytest.mark.parametrize("device", sorted(DEVICE_ERRORS))
+def test_a_device_this_machine_lacks_gets_the_check_chat_gives(verb, device, config_file, capsys):
+    # bare tracebacks from torch.device / torch.cuda before; chat and convert merge already said this
+    import torch
+
+    from tests.train_helpers import assert_one_line_error
+
+    if device == "cuda" and torch.cuda.is_available() or device == "mps" and torch.backends.mps.is_available():
+        pytest.skip(f"{device} is present here")
+    code = main([verb, str(config_file), "--device", device])
+    assert_one_line_error(capsys, code, *DEVICE_ERRORS[device])

@@ -51,6 +51,17 @@ example:
 """
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts: `-n 0` used to show one sample anyway, `--num-proc 0` to mean the config's."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number (1 or more), got {value}")
+    return value
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     from tunelab.config.schema import Objective
 
@@ -92,14 +103,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("preview", help="show samples with the trained-on tokens marked",
                               description=PREVIEW, formatter_class=FMT)
     _data_args(p)
-    p.add_argument("-n", type=int, default=3, help="how many samples (default 3)")
+    p.add_argument("-n", type=_positive_int, default=3, help="how many samples (default 3)")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.set_defaults(func=preview)
 
     p = subparsers.add_parser("preprocess", help="tokenise and pack a config's data into the cache ahead of time",
                               description=PREPROCESS, formatter_class=FMT)
     p.add_argument("config", metavar="CFG", help="config file")
-    p.add_argument("--num-proc", type=int, default=None, help="processes (default: the config's num_proc)")
+    p.add_argument("--num-proc", type=_positive_int, default=None, help="processes (default: the config's num_proc)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=preprocess)
 

@@ -150,7 +150,9 @@ def run_plan(args) -> int:
     if args.gpus is not None and (args.gpus < 1 or args.gpus % cfg.sequence_parallel_size):
         raise TunelabError(f"--gpus {args.gpus}: give a positive multiple of sequence_parallel_size "
                            f"({cfg.sequence_parallel_size}).")
-    device = torch.device(args.device) if args.device else (
+    from tunelab.model.load import check_device
+
+    device = check_device(args.device) if args.device else (
         torch.device("cuda") if torch.cuda.is_available() else None)
     if device is not None and device.type != "cuda":
         device = None  # only a GPU has a budget to check against

@@ -161,12 +161,26 @@ def parse_overrides(overrides: list[str], namespace: dict | None = None) -> dict
     return parsed
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Run the config file at `path`, apply `--cfg-options` overrides, validate, return the settings."""
-    path = Path(path)
+def _check_config_path(path: Path) -> None:
+    """A config is an existing .py file. Anything else would be run as Python: a JSONL data file's lines are dict
+    expressions, so it "loads" as all defaults and trains the default model on the default data."""
+    if path.is_dir():
+        raise TunelabError(f"{path} is a directory, not a config file (.py). Give the config file inside it, or "
+                           f"list the built-in configs with `tunelab list-cfg` and copy one with "
+                           f"`tunelab copy-cfg NAME ./`.")
     if not path.is_file():
         raise TunelabError(f"config file not found: {path}. List the built-in configs with `tunelab list-cfg`, "
                            f"then copy one with `tunelab copy-cfg NAME ./`.")
+    if path.suffix != ".py":
+        raise TunelabError(f"{path} is not a config file (.py); a config is a Python file of settings "
+                           f"(`tunelab copy-cfg NAME ./` makes one). A data file goes in the config's data_path; "
+                           f"`tunelab check-dataset CONFIG` checks it.")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Run the config file at `path`, apply `--cfg-options` overrides, validate, return the settings."""
+    path = Path(path)
+    _check_config_path(path)
     namespace, lines, imported = _run_config_file(path)
     errors: list[str] = []
     settings = _settings_from_namespace(namespace, lines, imported, path, errors)

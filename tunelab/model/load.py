@@ -65,6 +65,11 @@ def check_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TunelabError(f"device {str(device)!r} asked for, but CUDA is not available on this machine "
                            "(no NVIDIA GPU, or a CPU-only torch). Use --device cpu (slow) or run on a GPU machine.")
+    if device.type == "mps" and not torch.backends.mps.is_available():  # torch.device("mps") parses on any machine
+        raise TunelabError(f"device {str(device)!r} asked for, but MPS (Apple's GPU) is not available here. "
+                           "Use --device cpu, or cuda on an NVIDIA GPU machine.")
+    if device.type not in ("cpu", "cuda", "mps"):  # "xpu", "meta", ...: fail here, not deep inside loading
+        raise TunelabError(f"device {str(device)!r}: tunelab runs on cpu, cuda or cuda:N.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise TunelabError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s).")
     return device
@@ -275,11 +280,13 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
     if cfg.visual_encoder_name_or_path:  # a LLaVA model: the fast path acts on its language model
         from tunelab.model.llava_train import build_for_training
 
-        return _with_fast_path(build_for_training(cfg, check_device(device), checkpointing=plan.checkpointing),
-                               plan, device)
+        model = build_for_training(cfg, check_device(device), checkpointing=plan.checkpointing)
+        warn_beyond_context(cfg, model.config)
+        return _with_fast_path(model, plan, device)
     model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, bits=bits,
                            trust_remote_code=cfg.trust_remote_code, reward_head=cfg.objective == "reward",
                            pad_token_id=pad_token_id)
+    warn_beyond_context(cfg, model.config)
     model.config.use_cache = False
     if cfg.method == "full":
         if plan.checkpointing:
@@ -309,6 +316,17 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_i
         raise TunelabError(f"the LoRA settings do not fit {cfg.pretrained_model_name_or_path}: "
                            f"{str(exc).splitlines()[0]} Check lora_target_modules and lora_modules_to_save.") from None
     return _with_fast_path(peft_model, plan, device)
+
+
+def warn_beyond_context(cfg, config) -> None:
+    """A warning, not an error, when rows are longer than the positions the model was trained on: past them its
+    outputs degrade, but a user extending the context (rope_scaling) does this on purpose."""
+    config = getattr(config, "text_config", None) or config  # LLaVA: the language model's
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.max_length > limit:
+        log.warning("max_length = %d is longer than %s's max_position_embeddings = %d (its config.json): positions "
+                    "past %d are ones the model never saw. Lower max_length to %d unless you extend the context on "
+                    "purpose (rope_scaling).", cfg.max_length, cfg.pretrained_model_name_or_path, limit, limit, limit)
 
 
 def checkpoint_layers(model) -> None:

@@ -314,9 +314,10 @@ def load_model_weights(model, checkpoint: Path) -> None:
     """Put the checkpoint's trained weights (adapter or full model) into `model`, built as for training."""
     model_dir = Path(checkpoint) / MODEL_DIR
     if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         weights = _load_safetensors(model_dir / "adapter_model.safetensors")
+        _refuse_shape_mismatch(weights, get_peft_model_state_dict(model), model_dir, adapter=True)
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -326,6 +327,7 @@ def load_model_weights(model, checkpoint: Path) -> None:
     weights = {}
     for file in sorted(model_dir.glob("*.safetensors")):
         weights.update(_load_safetensors(file))
+    _refuse_shape_mismatch(weights, model.state_dict(), model_dir, adapter=False)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {name for name in missing if "lm_head" in name or "embed" in name}
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # not saved: from the base
@@ -333,6 +335,25 @@ def load_model_weights(model, checkpoint: Path) -> None:
         raise TunelabError(f"{model_dir}: the saved model does not match this config's model "
                            f"(missing {sorted(set(missing) - tied - frozen)[:3]}, unexpected {unexpected[:3]}). "
                            f"Resume with the config it was trained with.")
+
+
+def _refuse_shape_mismatch(saved: dict, current: dict, model_dir: Path, *, adapter: bool) -> None:
+    """Name the first saved tensor whose shape differs from this config's model: load_state_dict would raise a bare
+    RuntimeError listing every one. Another lora_r changes an adapter's rank dimension; anything else is most likely
+    another (size of) model."""
+    for name, tensor in saved.items():
+        if name not in current or tuple(tensor.shape) == tuple(current[name].shape):
+            continue
+        old, new = tuple(tensor.shape), tuple(current[name].shape)
+        rank_dim = 0 if "lora_A" in name or "lora_embedding_A" in name else 1 if "lora_" in name else None
+        if adapter and rank_dim is not None and len(old) == len(new) > rank_dim and old[rank_dim] != new[rank_dim]:
+            cause = f"lora_r differs (the checkpoint's rank is {old[rank_dim]}, this config's {new[rank_dim]})"
+        else:
+            cause = "pretrained_model_name_or_path is a model of another size than the one it was trained on"
+        what = "adapter does not match this config's LoRA settings" if adapter else \
+            "the saved model does not match this config's model"
+        raise TunelabError(f"{model_dir}: {what}: {name} has shape {list(old)} in the checkpoint, {list(new)} here; "
+                           f"likely {cause}. Resume with the config it was trained with.")
 
 
 # --- stopping cleanly on SIGINT / SIGTERM ----------------------------------------------------------

@@ -44,7 +44,9 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device:
-        dev = torch.device(device)
+        from tunelab.model.load import check_device
+
+        dev = check_device(device)  # "gpu", cuda on a CPU-only torch: the message chat and merge give
     elif torch.cuda.is_available():
         dev = torch.device("cuda", local_rank)
     else:
