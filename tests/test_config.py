@@ -243,6 +243,9 @@ def test_cfg_options_override_and_type_check(tmp_path):
         load_config(path, ["batch_size=0"])
     with pytest.raises(TunelabError, match="expected key=value"):
         load_config(path, ["lr"])
+    with pytest.raises(TunelabError, match=r"data_path=\"\['x.jsonl'\" is not a valid Python literal"):
+        load_config(path, ["data_path=['x.jsonl'"])  # an unclosed list is not taken for a path
+    assert load_config(path, ["SYSTEM=[INST] be brief"]).SYSTEM == "[INST] be brief"  # text in brackets stays text
 
 
 def test_config_with_map_function(tmp_path):

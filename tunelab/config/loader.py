@@ -149,6 +149,13 @@ def parse_overrides(overrides: list[str], namespace: dict | None = None) -> dict
         try:
             value = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            opened = text.strip()[:1]
+            if opened in ("[", "{") and text.count(opened) != text.count("]" if opened == "[" else "}"):
+                # an unclosed list or dict (the shell split it, or a bracket is missing), not a text like "[INST] hi"
+                errors.append(f"--cfg-options: {key}={text!r} is not a valid Python literal (an unclosed bracket or "
+                              f"a missing quote?). Quote the whole option for the shell, e.g. "
+                              f"--cfg-options \"data_path=['a.jsonl', 'b.jsonl']\"")
+                continue
             value = text
         if key in checks.RETIRED_SETTINGS:
             _retired(key, value, "--cfg-options", None, errors)
