@@ -61,6 +61,18 @@ def test_non_utf8_bytes(tmp_path, tiny_tokenizer):
         _build(tmp_path / "d.jsonl", tiny_tokenizer)
 
 
+def test_utf16_with_its_byte_order_mark_is_read(tmp_path, tiny_tokenizer):
+    """What Windows editors save as "Unicode": read as the same samples as UTF-8."""
+    text = GOOD + "\n" + json.dumps({"instruction": "你好", "output": "x"}, ensure_ascii=False) + "\n"
+    (tmp_path / "u8.jsonl").write_text(text, encoding="utf-8")
+    (tmp_path / "u16.jsonl").write_bytes(text.encode("utf-16"))  # with the BOM, little-endian here
+    (tmp_path / "u16be.jsonl").write_bytes(b"\xfe\xff" + text.encode("utf-16-be"))
+    bundles = [_build(tmp_path / name, tiny_tokenizer) for name in ("u8.jsonl", "u16.jsonl", "u16be.jsonl")]
+    assert [b.stats.samples for b in bundles] == [2, 2, 2]
+    ids = [[r["input_ids"] for r in b.train_rows] for b in bundles]
+    assert ids[0] == ids[1] == ids[2]
+
+
 def test_missing_path_and_bad_mix_entry(tmp_path, tiny_tokenizer):
     with pytest.raises(TunelabError, match="not found"):
         _build(tmp_path / "nope.json", tiny_tokenizer)

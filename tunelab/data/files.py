@@ -66,12 +66,16 @@ def _names(files: list[Path], folder: Path, shown: int = 10) -> str:
 
 def read_text(path: Path) -> str:
     raw = path.read_bytes()
+    # UTF-16 with its byte-order mark: what Windows editors save as "Unicode"; the mark says how to read it
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode(encoding)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise TunelabError(f"{path} line {line}: bytes that are not UTF-8 ({raw[exc.start:exc.start + 4]!r}). "
-                           f"Re-save the file as UTF-8, e.g. `iconv -f GBK -t UTF-8 {path.name} > fixed.json`.")
+        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
+        raise TunelabError(f"{path} line {line}: bytes that are not {name} "
+                           f"({raw[exc.start:exc.start + 4]!r}). Re-save the file as UTF-8, e.g. from GBK: "
+                           f"`iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`.")
 
 
 def parse_json(text: str, where: str) -> Any:
