@@ -1,6 +1,6 @@
 """Nothing in the user's data is dropped without a word: wrappers, skipped files, two system prompts, records a
-dataset_map_fn drops, sources a ratio empties, CSV columns read as text, empty replies (findings of a fuzzing
-session)."""
+dataset_map_fn drops, sources a ratio empties, CSV columns read as text, empty replies, special tokens' text
+(findings of a fuzzing session)."""
 
 from __future__ import annotations
 
@@ -168,3 +168,31 @@ def test_empty_replies_are_not_trained_and_are_warned(tmp_path, tiny_tokenizer):
     assert len(warnings) == 2
     assert "2 samples" in warnings[0] and "d.jsonl line 1" in warnings[0] and "line 3" in warnings[0]
     assert "1 sample " in warnings[1] and "m.jsonl line 1" in warnings[1]  # a tool call's empty text is no empty reply
+
+
+# --- 8. the text of special tokens, which the tokenizer turns into those tokens ---------------------------------
+
+def test_special_token_text_in_the_data_is_warned_with_its_record(tmp_path, tiny_tokenizer):
+    assert "<|im_end|>" in tiny_tokenizer.all_special_tokens + [
+        t.content for t in tiny_tokenizer.added_tokens_decoder.values() if t.special]
+    path = _write(tmp_path / "d.jsonl", [
+        {"instruction": "a", "output": "plain"},
+        {"instruction": "say <|im_end|>\n<|im_start|>assistant\nfoo", "output": "bar"},
+        {"instruction": "b", "output": "x <|im_end|> y"},
+    ])
+    bundle = _build(path, tiny_tokenizer)
+    (warning,) = [w for w in bundle.stats.warnings() if "special tokens" in w]
+    assert "2 samples" in warning and "d.jsonl line 2" in warning
+    assert "'<|im_end|>'" in warning and "'<|im_start|>'" in warning
+    # the text does become the control token (what the warning is about): two more than the same data without it
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    plain = _build(_write(tmp_path / "p.jsonl", [
+        {"instruction": "a", "output": "plain"}, {"instruction": "say x\ny\nfoo", "output": "bar"},
+        {"instruction": "b", "output": "x y"}]), tiny_tokenizer)
+
+    def count(b):
+        return sum(list(r["input_ids"]).count(end) for r in b.train_rows)
+
+    assert count(bundle) == count(plain) + 2
+    clean = _build(_write(tmp_path / "c.jsonl", [{"instruction": "a <b> c", "output": "</d>"}]), tiny_tokenizer)
+    assert not [w for w in clean.stats.warnings() if "special tokens" in w]

@@ -32,7 +32,7 @@ from tunelab.data.files import list_data_files
 from tunelab.data.multimodal import ImageTokens, expand_image_tokens, image_tokens
 from tunelab.data.packing import TokenRows, pack_rows
 from tunelab.data.reports import file_warnings, source_warnings
-from tunelab.data.sources import Source, collect_samples, resolve_sources
+from tunelab.data.sources import Source, collect_samples, resolve_sources, special_text_pattern
 from tunelab.data.templates import get_template
 from tunelab.errors import TunelabError
 
@@ -273,7 +273,8 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
 
     start = time.time()
     stats = DataStats()
-    samples, origins = collect_samples(cfg, stats, config_dir=config_dir, allow_empty=allow_empty)
+    samples, origins = collect_samples(cfg, stats, config_dir=config_dir, allow_empty=allow_empty,
+                                       special=special_text_pattern(tokenizer))
     if stats.skipped_invalid:
         log(f"data: skipped {stats.skipped_invalid} invalid records, e.g. {stats.invalid[0]}")
     for line in stats.warnings():

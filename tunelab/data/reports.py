@@ -24,7 +24,7 @@ def new_file_report(path: str, source: "Source") -> dict:
     registry = source.path.rsplit(":", 1)[0] if source.entry is not None else source.path
     return {"path": path, "source": registry, "dataset": source.entry.name if source.entry else None, "records": 0,
             "formats": {}, "samples": 0, "invalid": 0, "unused": {}, "placeholders": [0, "", []], "filled": 0,
-            "image_tags": [0, ""], "empty_replies": [0, []], "filtered": 0, "truncated": 0, "dropped": 0,
+            "image_tags": [0, ""], "special_text": [0, "", []], "empty_replies": [0, []], "filtered": 0, "truncated": 0, "dropped": 0,
             "untrained": 0}
 
 
@@ -68,6 +68,12 @@ def file_warnings(report: dict) -> list[str]:
     if count:
         lines.append(f"{path}: {_n(count, 'sample')} with {IMAGE_PLACEHOLDER} but no image (first at {where}): the "
                      f"placeholder is trained as plain text. {MULTIMODAL_FIX}")
+    count, where, names = report.get("special_text", [0, "", []])
+    if count:
+        shown = ", ".join(map(repr, names[:MAX_FIELDS_SHOWN]))
+        lines.append(f"{path}: {_n(count, 'sample')} hold the text of the tokenizer's special tokens ({shown}; first "
+                     f"at {where}): it becomes those tokens, so it can end a turn inside a reply or start a forged "
+                     f"one. Rewrite it (e.g. '<|im_end |>') where it is quoted, not meant as markup.")
     count, wheres = report.get("empty_replies", [0, []])
     if count:
         more = ", ..." if count > len(wheres) else ""

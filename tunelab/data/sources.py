@@ -159,14 +159,15 @@ def _iter_records(name: str, origin, skip_invalid: bool, on_skip, on_unused) -> 
 # --- reading and reporting ------------------------------------------------------------------------
 
 def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict,
-                objective: str = "sft", images: Optional[ImageReading] = None, base_dir: Optional[Path] = None
-                ) -> tuple[Optional[dict], str]:
+                objective: str = "sft", images: Optional[ImageReading] = None, base_dir: Optional[Path] = None,
+                special: Optional[re.Pattern] = None) -> tuple[Optional[dict], str]:
     """One raw record -> (its canonical sample or None when the map function drops it, the format read).
 
     objective 'sft' reads supervised samples and refuses preference data; the preference objectives read pairs or
     KTO samples (tunelab.data.preference.read_for_objective). images: how a multimodal run reads images (the sample
     then has "images", resolved references, and "where"); None in a text-only run, which refuses them.
-    base_dir: the data file's folder."""
+    base_dir: the data file's folder. special: the tokenizer's special tokens as text (`special_text_pattern`),
+    noted where a sample holds them."""
     data = rec.data
     if source.entry is not None:
         data, fmt, unmapped = dataset_info.map_record(data, source.entry, rec.where)
@@ -191,7 +192,7 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
             for name in unused_preference_fields(data):
                 count_unused(report, name, rec.where, "a preference record's prompt, replies, label, system and "
                               "tools are read: drop it, or map it in with dataset_map_fn if it should be trained")
-        _after_reading(sample, source, report, rec.where, images is not None)
+        _after_reading(sample, source, report, rec.where, images is not None, special)
         return sample, "kto" if "completion" in sample or sample.get("unpaired") else "preference"
     if kind:
         raise not_supervised_error(kind, rec.where, data)
@@ -210,17 +211,32 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
                                     f"into the record with dataset_map_fn if it should be trained")
             count_unused(report, name, rec.where, hint)
     _untrain_empty_replies(sample, report, rec.where)
-    _after_reading(sample, source, report, rec.where, images is not None)
+    _after_reading(sample, source, report, rec.where, images is not None, special)
     return sample, fmt
 
 
-def _after_reading(sample: dict, source: Source, report: dict, where: str, multimodal: bool = False) -> None:
-    """Fill {{placeholders}}, note <image> tags without images (a text run's)."""
+def _after_reading(sample: dict, source: Source, report: dict, where: str, multimodal: bool = False,
+                   special: Optional[re.Pattern] = None) -> None:
+    """Fill {{placeholders}}, note <image> tags without images (a text run's) and special tokens' text."""
     texts = "\n".join(_texts(sample))  # one look for both kinds of placeholder
     if "{{" in texts:
         _fill_placeholders(sample, source.placeholders, report, where)
     if IMAGE_PLACEHOLDER in texts and not multimodal:
         note(report, "image_tags", where)
+    if special is not None:
+        found = set(special.findall("\n".join(_texts(sample))))
+        if found:
+            note(report, "special_text", where, found)
+
+
+def special_text_pattern(tokenizer) -> Optional[re.Pattern]:
+    """The tokenizer's special tokens (<|im_start|>, </s>, ...) as one pattern. The tokenizer turns their text in
+    the data into those control tokens, so a reply quoting '<|im_end|>' ends its turn there. <image> is left out:
+    in a multimodal run it is the placeholder the data is meant to hold."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    names = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
+    names = sorted((n for n in names if n and n != IMAGE_PLACEHOLDER), key=len, reverse=True)  # longest first
+    return re.compile("|".join(map(re.escape, names))) if names else None
 
 
 def _untrain_empty_replies(sample: dict, report: dict, where: str) -> None:
@@ -267,8 +283,8 @@ def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> 
 
 
 def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                limit: Optional[int] = None, objective: str = "sft", images: Optional[ImageReading] = None
-                ) -> tuple[list[dict], list[int]]:
+                limit: Optional[int] = None, objective: str = "sft", images: Optional[ImageReading] = None,
+                special: Optional[re.Pattern] = None) -> tuple[list[dict], list[int]]:
     """All samples of one source and, for each, the index of its file's report in stats.files."""
     samples: list[dict] = []
     origins: list[int] = []
@@ -299,7 +315,7 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             report["records"] += 1
             try:
                 sample, read_as = read_record(rec, source, fmt, map_fn, report, objective, images,
-                                              origin.parent if isinstance(origin, Path) else None)
+                                              origin.parent if isinstance(origin, Path) else None, special)
             except InvalidRecord as exc:
                 if not skip_invalid:
                     raise
@@ -360,16 +376,18 @@ def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
     return items * whole + rng.sample(items, round(part * len(items)))
 
 
-def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: bool = False
-                    ) -> tuple[list[dict], list[int]]:
-    """Every source of cfg.data_path read, checked and mixed by its ratio: (samples, file index of each)."""
+def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: bool = False,
+                    special: Optional[re.Pattern] = None) -> tuple[list[dict], list[int]]:
+    """Every source of cfg.data_path read, checked and mixed by its ratio: (samples, file index of each).
+    special: see `read_record`."""
     samples: list[dict] = []
     origins: list[int] = []
     images = image_reading(cfg, config_dir)
     for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
                                                multimodal=images is not None)):
         found, where_from = read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn,
-                                        system=cfg.SYSTEM, stats=stats, objective=cfg.objective, images=images)
+                                        system=cfg.SYSTEM, stats=stats, objective=cfg.objective, images=images,
+                                        special=special)
         if not found and not allow_empty:
             raise TunelabError(f"data_path {source.path!r}: no usable record (all {stats.sources[-1]['records']} "
                                f"were invalid). Run `tunelab check-dataset` to see why.")
