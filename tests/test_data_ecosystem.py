@@ -167,6 +167,18 @@ def test_registry_columns_tags_and_num_samples(tmp_path):
         stats.warnings()[0]
 
 
+@pytest.mark.parametrize("block, entry, fix", [
+    ("columns", {"columns": {"prompt": "q", "sytem": "s"}}, "Did you mean 'system'?"),
+    ("tags", {"formatting": "sharegpt", "tags": {"assistent_tag": "bot"}}, "Did you mean 'assistant_tag'?"),
+])
+def test_a_misspelt_registry_column_or_tag_is_named(tmp_path, block, entry, fix):
+    """A misspelt name would map nothing, and the field it meant would be read as unused or not at all."""
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"q": "q", "s": "Be kind.", "a": "a"}))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"qa": {"file_name": "qa.jsonl", **entry}}))
+    with pytest.raises(TunelabError, match=rf"dataset 'qa': unknown {block} key .*{fix}"):
+        _samples([{"path": str(tmp_path / "dataset_info.json"), "dataset": "qa"}])
+
+
 # --- XTuner -----------------------------------------------------------------------------------------
 
 def test_xtuner_openai_lines_that_are_bare_message_lists(tiny_tokenizer):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from tunelab.config.typecheck import did_you_mean
 from tunelab.data.messages import fail
 from tunelab.errors import TunelabError
 
@@ -23,6 +24,9 @@ REGISTRY_NAME = "dataset_info.json"
 _WHERE_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 _KNOWN_KEYS = {*_WHERE_KEYS, "formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags"}
 _COLUMN_DEFAULTS = {"prompt": "instruction", "query": "input", "response": "output", "messages": "conversations"}
+# LLaMA-Factory's column names: the fields of a record each one can map (a misspelt one would map nothing)
+_COLUMNS = ("prompt", "query", "response", "history", "messages", "system", "tools", "images", "videos", "audios",
+            "chosen", "rejected", "kto_tag")
 _TAG_DEFAULTS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 # LLaMA-Factory's role tag -> the sharegpt speaker tunelab reads
@@ -98,6 +102,14 @@ def _entry(name: str, spec: Any, file: Path, where: str) -> RegistryEntry:
         found = next((k for k in _WHERE_KEYS if k in spec), None)
         raise TunelabError(f"{at}: {found or 'no location'} is not something tunelab reads (local files and Hugging "
                            f"Face hub datasets only). Download the data and give its file as 'file_name'.")
+    for block, known in (("columns", _COLUMNS), ("tags", tuple(_TAG_DEFAULTS))):
+        value = spec.get(block) or {}
+        if not isinstance(value, dict):
+            raise TunelabError(f"{at}: '{block}' should be an object, found {type(value).__name__}.")
+        for key in value:
+            if key not in known:
+                raise TunelabError(f"{at}: unknown {block} key {key!r}.{did_you_mean(str(key), known)} "
+                                   f"LLaMA-Factory's {block}: {', '.join(known)}.")
     formatting = spec.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise TunelabError(f"{at}: formatting {formatting!r}; LLaMA-Factory's are 'alpaca', 'sharegpt', 'openai'.")
