@@ -315,6 +315,20 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(save_resolved_config(TrainConfig(), tmp_path / "defaults.py")) == TrainConfig()
 
 
+@pytest.mark.parametrize("entry, says", [
+    ("{'path': 'a.jsonl', 'weight': 2}", r"unknown key\(s\) 'weight'"),
+    ("{'path': 'a.jsonl', 'format': 'sharegtp'}", r"unknown format 'sharegtp'; Did you mean 'sharegpt'\?"),
+    ("{'path': 'a.jsonl', 'ratio': '0.5'}", r"ratio must be a number above 0"),
+    ("{'file': 'a.jsonl'}", r"unknown key\(s\) 'file'; an entry is \{'path'"),
+    ("{'ratio': 2}", r"no 'path' key"),
+])
+def test_a_bad_data_path_entry_names_the_config_line(tmp_path, entry, says):
+    """Checked when the config loads (by the data step's own rules), so the message points at the config's line."""
+    path = write(tmp_path, f"method = 'lora'\ndata_path = ['b.jsonl', {entry}]\n")
+    with pytest.raises(TunelabError, match=rf"cfg\.py.*'data_path'.*line 2.*data_path\[1\]: {says}"):
+        load_config(path)
+
+
 def test_docs_list_every_setting():
     docs = (REPO / "docs" / "CONFIG.md").read_text(encoding="utf-8")
     assert all(f"`{name}`" in docs for name in field_names())

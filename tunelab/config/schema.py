@@ -33,6 +33,8 @@ class Rule:
     test: Callable[[Any], bool]
     must_be: str | Callable[[], str]
     choices: Callable[[], typing.Collection[str]] | None = None
+    problem: Callable[[Any], str | None] | None = None
+    """Where given: what exactly is wrong with a value that fails `test` (said instead of `must_be`)."""
 
     def requirement(self) -> str:
         return self.must_be() if callable(self.must_be) else self.must_be
@@ -110,9 +112,15 @@ BETAS = Rule(lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= 
              "two numbers in [0, 1), e.g. (0.9, 0.999)")
 TARGET_MODULES = Rule(lambda v: isinstance(v, str) or all(isinstance(m, str) for m in v),
                       "'all-linear' or a list of module names like ['q_proj', 'v_proj']")
-DATA_PATH = Rule(lambda v: not isinstance(v, list) or all(isinstance(d, str) or (isinstance(d, dict) and "path" in d)
-                                                          for d in v),
-                 "a path, or a list of paths / {'path': ..., 'format': ..., 'ratio': ...} dicts")
+def _data_path_problem(value) -> str | None:
+    from tunelab.data.sources import data_path_problem
+
+    return data_path_problem(value) if value not in (None, "", []) else None
+
+
+DATA_PATH = Rule(lambda v: _data_path_problem(v) is None,
+                 "a path, or a list of paths / {'path': ..., 'format': ..., 'ratio': ...} dicts",
+                 problem=_data_path_problem)
 DATA_FORMAT = Rule(lambda v: v in _data_formats(), lambda: "one of " + _quoted(_data_formats()), _data_formats)
 PROMPT_TEMPLATE = Rule(lambda v: not _templates() or v in _templates(),
                        lambda: "a known template: one of " + _quoted(_templates()), _templates)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from tunelab.config.typecheck import did_you_mean
 from tunelab.data import dataset_info
 from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records, unread_files
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
@@ -56,26 +57,16 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
     multimodal: a run with a vision tower, which reads datasets with images."""
     if data_path in (None, "", []):
         raise TunelabError("data_path is not set: point it at a data file, a folder, or a `datasets` name.")
+    problem = data_path_problem(data_path, data_format)
+    if problem:
+        raise TunelabError(problem)
     entries = data_path if isinstance(data_path, list) else [data_path]
     sources = []
     for i, entry in enumerate(entries):
         where = f"data_path[{i}]" if isinstance(data_path, list) else "data_path"
         spec = entry if isinstance(entry, dict) else {"path": entry}
-        unknown = [k for k in spec if k not in ENTRY_KEYS]
-        if "path" not in spec or unknown:
-            raise TunelabError(f"{where}: " + (f"unknown key(s) {', '.join(map(repr, unknown))}; " if unknown else
-                                               "no 'path' key; ") +
-                               f"an entry is {{'path': 'file.json', 'format': ..., 'ratio': 1.0, 'dataset': ..., "
-                               f"'placeholders': {{'name': ..., 'author': ...}}}} (all but 'path' optional).")
         fmt, ratio = spec.get("format", data_format), spec.get("ratio", 1.0)
-        if fmt != "auto" and fmt not in FORMATS:
-            raise TunelabError(f"{where}: unknown format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}.")
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
-            raise TunelabError(f"{where}: ratio must be a number above 0 (1.0 = every record once), got {ratio!r}.")
         placeholders = spec.get("placeholders") or {}
-        if not isinstance(placeholders, dict) or not all(isinstance(v, str) for v in placeholders.values()):
-            raise TunelabError(f"{where}: 'placeholders' should be a dict of texts, e.g. "
-                               f"{{'name': 'TuneBot', 'author': 'Alice'}}.")
         source = _locate(str(spec["path"]), fmt, float(ratio), config_dir)
         source.placeholders = placeholders
         if source.kind == "files" and dataset_info.is_registry(source.resolved):
@@ -89,6 +80,34 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
         else:
             sources.append(source)
     return sources
+
+
+def data_path_problem(data_path, data_format: str = "auto") -> str | None:
+    """What is wrong with a data_path value as written (its entries' keys, formats, ratios, placeholders), or None:
+    checked when the config loads, so the message can name the config's line, and again before reading."""
+    entries = data_path if isinstance(data_path, list) else [data_path]
+    for i, entry in enumerate(entries):
+        where = f"data_path[{i}]" if isinstance(data_path, list) else "data_path"
+        if not isinstance(entry, (str, dict)):
+            return f"{where}: an entry is a path or a dict, found {type(entry).__name__} ({entry!r})."
+        spec = entry if isinstance(entry, dict) else {"path": entry}
+        unknown = [k for k in spec if k not in ENTRY_KEYS]
+        if "path" not in spec or unknown:
+            close = "".join(did_you_mean(str(k), ENTRY_KEYS) for k in unknown)
+            return (f"{where}: " + (f"unknown key(s) {', '.join(map(repr, unknown))};{close} " if unknown else
+                                    "no 'path' key; ") +
+                    f"an entry is {{'path': 'file.json', 'format': ..., 'ratio': 1.0, 'dataset': ..., "
+                    f"'placeholders': {{'name': ..., 'author': ...}}}} (all but 'path' optional).")
+        fmt, ratio = spec.get("format", data_format), spec.get("ratio", 1.0)
+        if fmt != "auto" and fmt not in FORMATS:
+            return (f"{where}: unknown format {fmt!r};{did_you_mean(str(fmt), FORMATS)} use 'auto' or one of "
+                    f"{', '.join(FORMATS)}.")
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
+            return f"{where}: ratio must be a number above 0 (1.0 = every record once), got {ratio!r}."
+        placeholders = spec.get("placeholders") or {}
+        if not isinstance(placeholders, dict) or not all(isinstance(v, str) for v in placeholders.values()):
+            return f"{where}: 'placeholders' should be a dict of texts, e.g. {{'name': 'TuneBot', 'author': 'Alice'}}."
+    return None
 
 
 def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str, objective: str,
