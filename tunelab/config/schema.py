@@ -113,7 +113,7 @@ BETAS = Rule(lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= 
 TARGET_MODULES = Rule(lambda v: isinstance(v, str) or all(isinstance(m, str) for m in v),
                       "'all-linear' or a list of module names like ['q_proj', 'v_proj']")
 def _data_path_problem(value) -> str | None:
-    from tunelab.data.sources import data_path_problem
+    from tunelab.data.data_path import data_path_problem
 
     return data_path_problem(value) if value not in (None, "", []) else None
 

@@ -3,9 +3,9 @@
     bundle = build_datasets(cfg, tokenizer, config_dir="configs/")
     bundle.train_rows[0]  # {"input_ids": [...], "labels": [...], "position_ids": [...]}
 
-Reading (sources, formats, the report per file) is `tunelab.data.sources`. The result is cached under
-``$TUNELAB_CACHE`` (default ~/.cache/tunelab) keyed by everything that changes it (data files, tokenizer, template,
-max_length, format, train_on, packing, seed...), so a second run starts at once. `tunelab preprocess CFG` fills the
+Where the data is: `tunelab.data.data_path`; reading it (formats, the report per file): `tunelab.data.sources`.
+The result is cached under ``$TUNELAB_CACHE`` (default ~/.cache/tunelab) keyed by everything that changes it (data
+files, tokenizer, template, max_length, format, train_on, packing, seed...), so a second run starts at once. `tunelab preprocess CFG` fills the
 cache ahead of time with several processes.
 """
 
@@ -32,7 +32,8 @@ from tunelab.data.files import list_data_files
 from tunelab.data.multimodal import ImageTokens, expand_image_tokens, image_tokens
 from tunelab.data.packing import TokenRows, pack_rows
 from tunelab.data.reports import file_warnings, source_warnings
-from tunelab.data.sources import Source, collect_samples, resolve_sources, special_text_pattern
+from tunelab.data.data_path import Source, resolve_sources
+from tunelab.data.sources import collect_samples, special_text_pattern
 from tunelab.data.templates import get_template
 from tunelab.errors import TunelabError
 

@@ -23,7 +23,8 @@ from tunelab.data.images import describe as describe_image
 from tunelab.data.images import image_reading
 from tunelab.data.multimodal import IMAGE_TOKEN, image_tokens
 from tunelab.data.packing import best_fit_rows
-from tunelab.data.sources import collect_samples, read_samples, resolve_sources
+from tunelab.data.data_path import resolve_sources
+from tunelab.data.sources import collect_samples, read_samples
 from tunelab.data.templates import get_template
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"

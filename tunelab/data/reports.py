@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
 
 if TYPE_CHECKING:
-    from tunelab.data.sources import Source
+    from tunelab.data.data_path import Source
 
 MAX_FIELDS_SHOWN = 10
 MAX_RECORDS_SHOWN = 5

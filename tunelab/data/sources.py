@@ -1,11 +1,6 @@
-"""Where the data is (`data_path`) and reading it into canonical samples, with a report per file.
+"""Reading the sources of `data_path` (`tunelab.data.data_path`) into canonical samples, with a report per file.
 
-    sources = resolve_sources(cfg.data_path, cfg.data_format, config_dir)
     samples, origins = collect_samples(cfg, stats, config_dir=...)   # origins[i]: index of samples[i]'s file report
-
-A `data_path` entry is a path (a file, a folder of files, a `datasets` folder or hub name), or a dict:
-``{"path", "format"?, "ratio"?, "dataset"? (names in a LLaMA-Factory dataset_info.json), "placeholders"?
-({"name": ..., "author": ...} filling ``{{name}}`` / ``{{author}}`` in the text)}``.
 
 Reading fills a report per file and one per source (`tunelab.data.reports`), which `check-dataset` and training
 turn into warnings, so nothing a record carries is dropped without a word.
@@ -16,133 +11,22 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from tunelab.config.typecheck import did_you_mean
 from tunelab.data import dataset_info
+from tunelab.data.data_path import Source, resolve_sources
 from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records, unread_files
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.images import ImageReading, image_reading, read_images, unreadable_samples
-from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX, with_default_system
+from tunelab.data.messages import IMAGE_PLACEHOLDER, with_default_system
 from tunelab.data.reports import MAX_RECORDS_SHOWN, count_unused, new_file_report, note
 from tunelab.data.preference import (not_supervised_error, read_for_objective, record_kind, sample_messages,
                                      unused_preference_fields)
 from tunelab.errors import TunelabError
 
 MAX_REPORTED_INVALID = 20
-ENTRY_KEYS = ("path", "format", "ratio", "dataset", "placeholders")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-
-@dataclass
-class Source:
-    path: str
-    format: str
-    ratio: float
-    kind: str
-    """'files', 'disk' (a datasets.save_to_disk folder) or 'hub' (a `datasets` name)."""
-    resolved: Optional[Path] = None
-    entry: Optional[dataset_info.RegistryEntry] = None
-    """The LLaMA-Factory dataset_info.json entry this source comes from, if any."""
-    placeholders: dict = field(default_factory=dict)
-
-
-# --- where the data is --------------------------------------------------------------------------
-
-def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None = None,
-                    objective: str = "sft", *, multimodal: bool = False) -> list[Source]:
-    """objective: what the run trains ('sft' refuses a dataset_info.json entry of preference or KTO data);
-    multimodal: a run with a vision tower, which reads datasets with images."""
-    if data_path in (None, "", []):
-        raise TunelabError("data_path is not set: point it at a data file, a folder, or a `datasets` name.")
-    problem = data_path_problem(data_path, data_format)
-    if problem:
-        raise TunelabError(problem)
-    entries = data_path if isinstance(data_path, list) else [data_path]
-    sources = []
-    for i, entry in enumerate(entries):
-        where = f"data_path[{i}]" if isinstance(data_path, list) else "data_path"
-        spec = entry if isinstance(entry, dict) else {"path": entry}
-        fmt, ratio = spec.get("format", data_format), spec.get("ratio", 1.0)
-        placeholders = spec.get("placeholders") or {}
-        source = _locate(str(spec["path"]), fmt, float(ratio), config_dir)
-        source.placeholders = placeholders
-        if source.kind == "files" and dataset_info.is_registry(source.resolved):
-            if "format" in spec:
-                raise TunelabError(f"{where}: a dataset_info.json says each dataset's format; remove 'format'.")
-            sources += [_registry_source(e, source, where, objective, multimodal) for e in
-                        dataset_info.registry_entries(source.resolved, spec.get("dataset"), where)]
-        elif "dataset" in spec:
-            raise TunelabError(f"{where}: 'dataset' names datasets of a LLaMA-Factory dataset_info.json, but "
-                               f"{spec['path']!r} is not one.")
-        else:
-            sources.append(source)
-    return sources
-
-
-def data_path_problem(data_path, data_format: str = "auto") -> str | None:
-    """What is wrong with a data_path value as written (its entries' keys, formats, ratios, placeholders), or None:
-    checked when the config loads, so the message can name the config's line, and again before reading."""
-    entries = data_path if isinstance(data_path, list) else [data_path]
-    for i, entry in enumerate(entries):
-        where = f"data_path[{i}]" if isinstance(data_path, list) else "data_path"
-        if not isinstance(entry, (str, dict)):
-            return f"{where}: an entry is a path or a dict, found {type(entry).__name__} ({entry!r})."
-        spec = entry if isinstance(entry, dict) else {"path": entry}
-        unknown = [k for k in spec if k not in ENTRY_KEYS]
-        if "path" not in spec or unknown:
-            close = "".join(did_you_mean(str(k), ENTRY_KEYS) for k in unknown)
-            return (f"{where}: " + (f"unknown key(s) {', '.join(map(repr, unknown))};{close} " if unknown else
-                                    "no 'path' key; ") +
-                    f"an entry is {{'path': 'file.json', 'format': ..., 'ratio': 1.0, 'dataset': ..., "
-                    f"'placeholders': {{'name': ..., 'author': ...}}}} (all but 'path' optional).")
-        fmt, ratio = spec.get("format", data_format), spec.get("ratio", 1.0)
-        if fmt != "auto" and fmt not in FORMATS:
-            return (f"{where}: unknown format {fmt!r};{did_you_mean(str(fmt), FORMATS)} use 'auto' or one of "
-                    f"{', '.join(FORMATS)}.")
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
-            return f"{where}: ratio must be a number above 0 (1.0 = every record once), got {ratio!r}."
-        placeholders = spec.get("placeholders") or {}
-        if not isinstance(placeholders, dict) or not all(isinstance(v, str) for v in placeholders.values()):
-            return f"{where}: 'placeholders' should be a dict of texts, e.g. {{'name': 'TuneBot', 'author': 'Alice'}}."
-    return None
-
-
-def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str, objective: str,
-                     multimodal: bool) -> Source:
-    path = f"{registry.path}:{entry.name}"
-    at = f"{where}: dataset {entry.name!r} of {registry.resolved}"
-    if objective == "sft" and (entry.ranking or entry.columns.get("kto_tag")):  # said by the entry: no need to read
-        raise not_supervised_error("preference" if entry.ranking else "kto", at)
-    media = [c for c in ("images", "videos", "audios") if entry.columns.get(c)]
-    if media and not multimodal:
-        raise TunelabError(f"{at} has {' and '.join(media)} (multimodal data). {MULTIMODAL_FIX}")
-    if set(media) - {"images"}:
-        raise TunelabError(f"{at} has {' and '.join(m for m in media if m != 'images')}: multimodal training "
-                           "reads images only. Remove those columns from its entry in dataset_info.json.")
-    if entry.kind == "files" and not Path(entry.location).exists():
-        raise TunelabError(f"{at} names the file {entry.location}, which does not exist.")
-    return Source(path, "auto", registry.ratio, entry.kind, Path(entry.location) if entry.kind == "files" else None,
-                  entry, registry.placeholders)
-
-
-def _locate(path: str, fmt: str, ratio: float, config_dir: str | None) -> Source:
-    candidates = [Path(path).expanduser()]
-    if not Path(path).is_absolute() and config_dir:
-        candidates.insert(0, Path(config_dir) / path)
-    for candidate in candidates:
-        if candidate.exists():
-            candidate = candidate.resolve()
-            is_saved = candidate.is_dir() and ((candidate / "state.json").exists()
-                                               or (candidate / "dataset_dict.json").exists())
-            return Source(path, fmt, ratio, "disk" if is_saved else "files", candidate)
-    if "/" in path and not path.startswith((".", "/", "~")) and not Path(path).suffix:
-        return Source(path, fmt, ratio, "hub")
-    looked = " and ".join(str(c) for c in candidates)
-    raise TunelabError(f"data_path {path!r} not found (looked at {looked}). Relative paths are read from the "
-                       f"config file's folder, then the current directory.")
 
 
 def _raw_records(source: Source) -> list[tuple[str, object]]:
