@@ -1,6 +1,6 @@
 """Nothing in the user's data is dropped without a word: wrappers, skipped files, two system prompts, records a
-dataset_map_fn drops, sources a ratio empties, CSV columns read as text, empty replies, special tokens' text
-(findings of a fuzzing session)."""
+dataset_map_fn drops, sources a ratio empties, CSV columns read as text, empty replies, special tokens' text,
+keys given twice (findings of a fuzzing session)."""
 
 from __future__ import annotations
 
@@ -196,3 +196,16 @@ def test_special_token_text_in_the_data_is_warned_with_its_record(tmp_path, tiny
     assert count(bundle) == count(plain) + 2
     clean = _build(_write(tmp_path / "c.jsonl", [{"instruction": "a <b> c", "output": "</d>"}]), tiny_tokenizer)
     assert not [w for w in clean.stats.warnings() if "special tokens" in w]
+
+
+# --- 9. a key given twice in one object: JSON keeps the last value -------------------------------------------------
+
+def test_a_key_given_twice_is_reported_with_its_record(tmp_path):
+    lines = ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "first", "output": "second"}']
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "d.json").write_text("[" + ", ".join(lines) + "]")
+    for name, where in (("d.jsonl", "d.jsonl line 2"), ("d.json", "d.json")):
+        samples, stats = _read(str(tmp_path / name))
+        assert samples[1]["messages"][-1]["content"] == "second"  # what JSON keeps
+        (warning,) = stats.warnings()
+        assert "'output (the first of two)' not used (1 record" in warning and where in warning, warning

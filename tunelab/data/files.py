@@ -78,14 +78,33 @@ def read_text(path: Path) -> str:
                            f"`iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`.")
 
 
-def parse_json(text: str, where: str) -> Any:
-    """json.loads with the errors a user can fix turned into one line (raises json.JSONDecodeError as is)."""
+def parse_json(text: str, where: str, twice: list | None = None) -> Any:
+    """json.loads with the errors a user can fix turned into one line (raises json.JSONDecodeError as is).
+
+    twice: where given, the keys an object of the text holds twice are added to it (JSON keeps only the last value,
+    so the first would be lost without a word)."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=None if twice is None else _keeping_track(twice))
     except RecursionError:  # the C parser recurses once per nesting level
         raise InvalidRecord(f"{where}: the JSON is nested too deeply to read (hundreds of levels of lists or "
                             f"objects inside each other). A training record is a few levels deep: fix the "
                             f"record, or delete it.") from None
+
+
+def _keeping_track(twice: list) -> Callable[[list], dict]:
+    def make_object(pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set = set()
+            twice.extend(key for key, _ in pairs if key in seen or seen.add(key))
+        return obj
+    return make_object
+
+
+def _report_twice(twice: list, where: str, on_unused: Callable[[str, str, str], None]) -> None:
+    for key in dict.fromkeys(twice):
+        on_unused(f"{key} (the first of two)", where, f"an object gives the key {key!r} twice and JSON keeps only the "
+                  f"last value: delete the other, or rename it if both should be read")
 
 
 def read_records(path: Path, *, skip_invalid: bool = False, on_skip: Callable[[str], None] = lambda m: None,
@@ -96,7 +115,7 @@ def read_records(path: Path, *, skip_invalid: bool = False, on_skip: Callable[[s
     so the caller reports it as a field not used."""
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        yield from _jsonl_records(path, skip_invalid, on_skip)
+        yield from _jsonl_records(path, skip_invalid, on_skip, on_unused)
     elif suffix == ".json":
         yield from _json_records(path, on_unused)
     elif suffix == ".parquet" or suffix in TABLE_SEPARATORS:
@@ -125,7 +144,7 @@ def read_records(path: Path, *, skip_invalid: bool = False, on_skip: Callable[[s
         raise TunelabError(f"{path}: unknown file type {suffix!r}. Use one of {', '.join(FILE_SUFFIXES)}.")
 
 
-def _jsonl_records(path: Path, skip_invalid: bool, on_skip) -> Iterator[Record]:
+def _jsonl_records(path: Path, skip_invalid: bool, on_skip, on_unused) -> Iterator[Record]:
     text = read_text(path)
     if not text.strip():
         raise TunelabError(f"{path}: the file is empty. Put one JSON object per line in it.")
@@ -134,7 +153,9 @@ def _jsonl_records(path: Path, skip_invalid: bool, on_skip) -> Iterator[Record]:
             continue
         where = f"{path} line {n}"
         try:
-            obj = parse_json(line, where)
+            twice: list = []
+            obj = parse_json(line, where, twice)
+            _report_twice(twice, where, on_unused)
         except json.JSONDecodeError as exc:
             message = (f"{where}: not valid JSON ({exc.msg} at column {exc.colno}). Each line of a .jsonl file must "
                        f"be one complete JSON object; fix or delete that line.")
@@ -155,7 +176,9 @@ def _json_records(path: Path, on_unused: Callable[[str, str, str], None]) -> Ite
     if not text.strip():
         raise TunelabError(f"{path}: the file is empty. Put a JSON list of records in it.")
     try:
-        obj = parse_json(text, str(path))
+        twice: list = []
+        obj = parse_json(text, str(path), twice)
+        _report_twice(twice, str(path), on_unused)
     except json.JSONDecodeError as exc:
         hint = " (it looks like JSON Lines: rename it to .jsonl)" if exc.msg == "Extra data" else ""
         raise TunelabError(f"{path} line {exc.lineno} column {exc.colno}: not valid JSON: {exc.msg}{hint}. "
