@@ -99,3 +99,16 @@ def test_gguf_refuses_a_directory_and_a_place_inside_a_checkpoint(base_and_work,
     code = main(["convert", "gguf", str(base), str(work / "iter_10" / "model.gguf")])
     assert_one_line_error(capsys, code, "inside the training checkpoint")
     assert not (work / "iter_10" / "model.gguf").exists()
+
+
+def test_an_adapter_for_modules_the_base_lacks_names_each_once(base_and_work, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base, work = base_and_work
+    adapter = work / "iter_10" / "model" / "adapter_model.safetensors"
+    tensors = load_file(adapter)
+    save_file({k.replace("q_proj", "qq_proj"): v for k, v in tensors.items()}, adapter)  # lora_A and lora_B of each
+    code = main(["convert", "merge", str(base), str(work / "iter_10"), str(tmp_path / "out"), "--device", "cpu"])
+    err = assert_one_line_error(capsys, code, "does not fit the base model", "the base has no module")
+    named = "'model.layers.0.self_attn.qq_proj'"
+    assert err.count(named) == 1, err

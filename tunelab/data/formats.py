@@ -117,7 +117,9 @@ def _need(record: dict, key: str, where: str, fmt: str, kind=str):
         hint = f" Did you mean to call {close[0]!r} {key!r}?" if close else ""
         other = detect_format(record)
         if other and other != fmt:
-            hint += f" This record looks like the {other!r} format: set data_format={other!r} (or 'auto')."
+            hint += (f" This record looks like the {other!r} format: a file holds one format (data_format says which, "
+                     f"or with 'auto' the file's first record); move the record to a file of its own, or set "
+                     f"data_format={other!r} if the whole file is in it.")
         raise fail(where, f"missing field {key!r} for the {fmt!r} format (found: {', '.join(map(repr, record))})",
                    hint.strip() or f"Add {key!r} to the record.")
     value = record[key]

@@ -125,13 +125,18 @@ def image_reference(part: dict, kind: str, where: str, at: str) -> Any:
     return value
 
 
-def parse_json_value(text: str, where: str, field: str) -> Any:
+CALL_EXAMPLE = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+TOOLS_EXAMPLE = ('[{"type": "function", "function": {"name": "get_weather", "description": "...", '
+                 '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]')
+
+
+def parse_json_value(text: str, where: str, field: str, example: str = CALL_EXAMPLE) -> Any:
+    """A field that holds JSON as text (tool calls, tool definitions): `example` shows the fix."""
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise fail(where, f"{field} is not valid JSON ({getattr(exc, 'msg', 'nested too deeply')}): {text[:80]!r}",
-                   f"Write {field} as a JSON object, e.g. {{\"name\": \"get_weather\", \"arguments\": "
-                   f"{{\"city\": \"Paris\"}}}}.") from None
+                   f"Write {field} as JSON, e.g. {example}.") from None
 
 
 # --- tools ----------------------------------------------------------------------------------------
@@ -173,7 +178,7 @@ def tools(value: Any, where: str, field: str = "tools") -> list[dict]:
     if value is None or value == "" or value == []:
         return []
     if isinstance(value, str):
-        value = parse_json_value(value, where, field)
+        value = parse_json_value(value, where, field, TOOLS_EXAMPLE)
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):

@@ -174,7 +174,8 @@ def _check_tensor_shapes(model, adapter_dir: Path, base_name: str) -> None:
                 module_name = name.split(part)[0]
                 module = modules.get(module_name)
                 if module is None:
-                    problems.append(f"the base has no module {module_name!r}")
+                    if f"the base has no module {module_name!r}" not in problems:  # lora_A and lora_B alike
+                        problems.append(f"the base has no module {module_name!r}")
                 elif part == ".lora_A." and hasattr(module, "in_features") and shape[-1] != module.in_features:
                     problems.append(f"{module_name}: adapter input size {shape[-1]}, base {module.in_features}")
                 elif part == ".lora_B." and hasattr(module, "out_features") and shape[0] != module.out_features:
