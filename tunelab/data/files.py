@@ -40,23 +40,23 @@ def _folder_files(path: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
-def list_data_files(path: Path) -> list[Path]:
+def data_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """The files a data_path names (itself, or a folder's files of the types read) and, for a folder, its files of
+    other types, which are reported so that none is left out without a word. One walk of the folder."""
     if path.is_file():
-        return [path]
-    files = [p for p in _folder_files(path) if p.suffix.lower() in FILE_SUFFIXES]
+        return [path], []
+    found = _folder_files(path)
+    files = [p for p in found if p.suffix.lower() in FILE_SUFFIXES]
+    others = [p for p in found if p.suffix.lower() not in FILE_SUFFIXES]
     if not files:
-        others = unread_files(path)
-        found = f"; it holds only {_names(others, path)}, of types not read" if others else ""
-        raise TunelabError(f"{path}: the directory holds no data file ({', '.join(FILE_SUFFIXES)}){found}. "
+        listed = f"; it holds only {_names(others, path)}, of types not read" if others else ""
+        raise TunelabError(f"{path}: the directory holds no data file ({', '.join(FILE_SUFFIXES)}){listed}. "
                            f"Point data_path at a file, or a folder of such files (decompress .gz files first).")
-    return files
+    return files, others
 
 
-def unread_files(path: Path) -> list[Path]:
-    """Files of a data folder that are not read (other types): reported, so none is left out without a word."""
-    if not path.is_dir():
-        return []
-    return [p for p in _folder_files(path) if p.suffix.lower() not in FILE_SUFFIXES]
+def list_data_files(path: Path) -> list[Path]:
+    return data_files(path)[0]
 
 
 def _names(files: list[Path], folder: Path, shown: int = 10) -> str:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 
 from tunelab.data import dataset_info
 from tunelab.data.data_path import Source, resolve_sources
-from tunelab.data.files import InvalidRecord, Record, list_data_files, read_records, unread_files
+from tunelab.data.files import InvalidRecord, Record, data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.images import ImageReading, image_reading, read_images, unreadable_samples
 from tunelab.data.messages import IMAGE_PLACEHOLDER, with_default_system
@@ -29,10 +29,12 @@ MAX_REPORTED_INVALID = 20
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
-def _raw_records(source: Source) -> list[tuple[str, object]]:
-    """[(name, records)] per file (files) or one entry (a `datasets` dataset)."""
+def _raw_records(source: Source) -> tuple[list[tuple[str, object]], list[Path]]:
+    """[(name, records)] per file (files) or one entry (a `datasets` dataset), and the files of a data folder that
+    are not read."""
     if source.kind == "files":
-        return [(str(f), f) for f in list_data_files(source.resolved)]
+        files, others = data_files(source.resolved)
+        return [(str(f), f) for f in files], others
     import datasets
 
     entry = source.entry
@@ -48,7 +50,7 @@ def _raw_records(source: Source) -> list[tuple[str, object]]:
                            f"Check the name, or download it first and point data_path at the folder.")
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return [(source.path, ds)]
+    return [(source.path, ds)], []
 
 
 def _iter_records(name: str, origin, skip_invalid: bool, on_skip, on_unused) -> Iterable[Record]:
@@ -121,13 +123,14 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
 def _after_reading(sample: dict, source: Source, report: dict, where: str, multimodal: bool = False,
                    special: Optional[re.Pattern] = None) -> None:
     """Fill {{placeholders}}, note <image> tags without images (a text run's) and special tokens' text."""
-    texts = "\n".join(_texts(sample))  # one look for both kinds of placeholder
+    texts = "\n".join(_texts(sample))  # one look for every kind of placeholder
     if "{{" in texts:
         _fill_placeholders(sample, source.placeholders, report, where)
+        texts = "\n".join(_texts(sample))
     if IMAGE_PLACEHOLDER in texts and not multimodal:
         note(report, "image_tags", where)
     if special is not None:
-        found = set(special.findall("\n".join(_texts(sample))))
+        found = set(special.findall(texts))
         if found:
             note(report, "special_text", where, found)
 
@@ -193,7 +196,8 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
     origins: list[int] = []
     read_before = stats.records_read
     formats_seen: Counter = Counter()
-    for name, origin in _raw_records(source):
+    raw, unread = _raw_records(source)
+    for name, origin in raw:
         report = new_file_report(name, source)
         stats.files.append(report)
         file_id = len(stats.files) - 1
@@ -242,7 +246,8 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             break
     if images is not None:
         samples, origins = _drop_unreadable_images(samples, origins, stats, skip_invalid)
-    unread = unread_files(source.resolved) if source.kind == "files" and source.entry is None else []
+    if source.entry is not None:  # its dataset_info.json names its files
+        unread = []
     stats.sources.append({"path": source.path, "format": ",".join(sorted(formats_seen)),
                           "records": stats.records_read - read_before, "samples": len(samples),
                           "ratio": source.ratio, "read": len(samples),
