@@ -246,3 +246,19 @@ def test_multimodal_settings_in_a_text_run_are_refused_not_ignored(tmp_path):
     with pytest.raises(TunelabError, match=r"cfg.py.*image_folder is a setting of multimodal .* "
                                            r"visual_encoder_name_or_path is not set"):
         load_config(path)
+
+
+def test_a_data_folder_with_its_pictures_warns_only_of_files_no_record_reads(tmp_path, llm_dir, tiny_vision_factory):
+    """A folder holding the data file and the pictures its records name (relative to the file's folder): the
+    pictures are read through the records, so only files neither read nor named are listed as not read."""
+    vision = tiny_vision_factory("clip")
+    folder = tmp_path / "mm"
+    record = json.loads((DATA / "llava" / "llava_instruct.json").read_text())[0]
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "llava.json").write_text(json.dumps([record]))
+    _draw(folder / "data" / record["image"])
+    (folder / "notes.md").write_text("how the data was made")
+    _, stats = _rows(_cfg(str(folder), vision), _tokenizer(llm_dir))
+    assert stats.images == 1
+    (warning,) = [w for w in stats.warnings() if "not read" in w]
+    assert "notes.md" in warning and record["image"] not in warning and "1 file " in warning, warning

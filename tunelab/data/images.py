@@ -27,6 +27,14 @@ from tunelab.data.files import InvalidRecord
 from tunelab.data.multimodal import split_images
 from tunelab.errors import TunelabError
 
+
+def is_image_file(path: Path) -> bool:
+    """A file PIL opens by its suffix (a picture a multimodal record may name)."""
+    from PIL import Image
+
+    return path.suffix.lower() in Image.registered_extensions()
+
+
 DATA_URL = "data:"
 
 

@@ -18,7 +18,7 @@ from tunelab.data import dataset_info
 from tunelab.data.data_path import Source, resolve_sources
 from tunelab.data.files import InvalidRecord, Record, data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
-from tunelab.data.images import ImageReading, image_reading, read_images, unreadable_samples
+from tunelab.data.images import ImageReading, image_reading, is_image_file, read_images, unreadable_samples
 from tunelab.data.messages import IMAGE_PLACEHOLDER, with_default_system
 from tunelab.data.reports import MAX_RECORDS_SHOWN, count_unused, new_file_report, note
 from tunelab.data.preference import (not_supervised_error, read_for_objective, record_kind, sample_messages,
@@ -248,6 +248,8 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
         samples, origins = _drop_unreadable_images(samples, origins, stats, skip_invalid)
     if source.entry is not None:  # its dataset_info.json names its files
         unread = []
+    elif images is not None:  # a multimodal run reads the images its records name
+        unread = [p for p in unread if not is_image_file(p)]
     stats.sources.append({"path": source.path, "format": ",".join(sorted(formats_seen)),
                           "records": stats.records_read - read_before, "samples": len(samples),
                           "ratio": source.ratio, "read": len(samples),
