@@ -34,7 +34,8 @@ GOOD = json.dumps({"instruction": "Hi", "output": "Hello"})
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "auto",
      r"line 1: the conversation does not end with an assistant reply"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}), "alpaca",
-     r"line 1: missing field 'instruction'.*looks like the 'messages' format.*a file holds one format.*set data_format='messages'"),
+     r"line 1: missing field 'instruction'.*looks like the 'messages' format.*a file holds one format"
+     r".*set data_format='messages'"),
     (json.dumps({"conversations": [{"from": "robot", "value": "x"}]}), "auto",
      r"line 1: conversations\[0\]\.from is 'robot'"),
     (json.dumps({"question": "x", "answer": "y"}), "auto", r"line 1: cannot tell the data format.*'question'"),

@@ -5,8 +5,8 @@
 
 Where the data is: `tunelab.data.data_path`; reading it (formats, the report per file): `tunelab.data.sources`.
 The result is cached under ``$TUNELAB_CACHE`` (default ~/.cache/tunelab) keyed by everything that changes it (data
-files, tokenizer, template, max_length, format, train_on, packing, seed...), so a second run starts at once. `tunelab preprocess CFG` fills the
-cache ahead of time with several processes.
+files, tokenizer, template, max_length, format, train_on, packing, seed...), so a second run starts at once.
+`tunelab preprocess CFG` fills the cache ahead of time with several processes.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ def new_file_report(path: str, source: "Source") -> dict:
     registry = source.path.rsplit(":", 1)[0] if source.entry is not None else source.path
     return {"path": path, "source": registry, "dataset": source.entry.name if source.entry else None, "records": 0,
             "formats": {}, "samples": 0, "invalid": 0, "unused": {}, "placeholders": [0, "", []], "filled": 0,
-            "image_tags": [0, ""], "special_text": [0, "", []], "empty_replies": [0, []], "filtered": 0, "truncated": 0, "dropped": 0,
-            "untrained": 0}
+            "image_tags": [0, ""], "special_text": [0, "", []], "empty_replies": [0, []], "filtered": 0,
+            "truncated": 0, "dropped": 0, "untrained": 0}
 
 
 def note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None:
@@ -34,6 +34,14 @@ def note(report: dict, key: str, where: str, names: Iterable[str] = ()) -> None:
     entry[1] = entry[1] or where
     if len(entry) > 2:
         entry[2] = sorted(set(entry[2]) | set(names))
+
+
+def note_record(report: dict, key: str, where: str) -> None:
+    """Count one more sample under `key` and keep the first few records' places, for the warning to list."""
+    entry = report[key]
+    entry[0] += 1
+    if len(entry[1]) < MAX_RECORDS_SHOWN:
+        entry[1].append(where)
 
 
 def count_unused(report: dict, name: str, where: str, hint: str) -> None:

@@ -20,7 +20,7 @@ from tunelab.data.files import InvalidRecord, Record, data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.images import ImageReading, image_reading, is_image_file, read_images, unreadable_samples
 from tunelab.data.messages import IMAGE_PLACEHOLDER, with_default_system
-from tunelab.data.reports import MAX_RECORDS_SHOWN, count_unused, new_file_report, note
+from tunelab.data.reports import count_unused, new_file_report, note, note_record
 from tunelab.data.preference import (not_supervised_error, read_for_objective, record_kind, sample_messages,
                                      unused_preference_fields)
 from tunelab.errors import TunelabError
@@ -154,10 +154,7 @@ def _untrain_empty_replies(sample: dict, report: dict, where: str) -> None:
     for m in empty:
         m["train"] = False
     if empty:
-        entry = report["empty_replies"]
-        entry[0] += 1
-        if len(entry[1]) < MAX_RECORDS_SHOWN:
-            entry[1].append(where)
+        note_record(report, "empty_replies", where)
 
 
 def _messages(sample: dict) -> list[dict]:

@@ -15,8 +15,9 @@ and the sum rounded once. The plain-op path rounds the product to 16 bits before
 most one rounding of the product.
 
 The kernel runs where Triton does (CUDA); `kernel_applies` says whether it can write a given weight, and nf4.py takes
-the plain ops elsewhere (CI runs it in Triton's CPU interpreter: tests/test_nf4_merge_cpu.py). It is an opaque custom op that writes into a fresh tensor: torch.compile neither traces into
-it nor merges two calls with the same inputs (the recompute's and backward's), since each writes its own `empty`.
+the plain ops elsewhere (CI runs it in Triton's CPU interpreter: tests/test_nf4_merge_cpu.py). It is an opaque
+custom op that writes into a fresh tensor: torch.compile neither traces into it nor merges two calls with the same
+inputs (the recompute's and backward's), since each writes its own `empty`.
 """
 
 from __future__ import annotations
