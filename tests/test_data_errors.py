@@ -43,6 +43,11 @@ GOOD = json.dumps({"instruction": "Hi", "output": "Hello"})
                  "tools": "not json"}), "auto",
      r"line 1: tools is not valid JSON.*e\.g\. \[\{\"type\": \"function\", \"function\""),  # definitions, not a call
     ("", "auto", r"d\.jsonl: the file is empty"),
+    # one JSON list, on one line or pretty-printed, named .jsonl
+    (json.dumps([json.loads(GOOD)] * 3), "auto", r"d\.jsonl line 1: the line holds a list of 3 records.*rename it to "
+     r"\.json"),
+    (json.dumps([json.loads(GOOD)] * 3, indent=2), "auto", r"d\.jsonl: the file is one JSON document spread over "
+     r"several lines.*rename it to \.json"),
 ])
 def test_bad_jsonl_records_name_line_and_field(tmp_path, tiny_tokenizer, content, fmt, expected):
     (tmp_path / "d.jsonl").write_text(content)

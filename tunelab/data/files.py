@@ -148,7 +148,9 @@ def _jsonl_records(path: Path, skip_invalid: bool, on_skip, on_unused) -> Iterat
     text = read_text(path)
     if not text.strip():
         raise TunelabError(f"{path}: the file is empty. Put one JSON object per line in it.")
-    for n, line in enumerate(text.split("\n"), 1):
+    lines = text.split("\n")
+    first = next(n for n, line in enumerate(lines, 1) if line.strip())
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path} line {n}"
@@ -156,7 +158,11 @@ def _jsonl_records(path: Path, skip_invalid: bool, on_skip, on_unused) -> Iterat
             twice: list = []
             obj = parse_json(line, where, twice)
             _report_twice(twice, where, on_unused)
+            _refuse_a_list_of_records(obj, where)
         except json.JSONDecodeError as exc:
+            if n == first and _is_one_json_document(text):
+                raise TunelabError(f"{path}: the file is one JSON document spread over several lines, where a .jsonl "
+                                   f"file holds one JSON object per line: rename it to .json.") from None
             message = (f"{where}: not valid JSON ({exc.msg} at column {exc.colno}). Each line of a .jsonl file must "
                        f"be one complete JSON object; fix or delete that line.")
             if skip_invalid:
@@ -169,6 +175,22 @@ def _jsonl_records(path: Path, skip_invalid: bool, on_skip, on_unused) -> Iterat
                 continue
             raise
         yield Record(obj, where)
+
+
+def _refuse_a_list_of_records(obj: Any, where: str) -> None:
+    """A line may be a bare list of chat messages (XTuner's openai files), not a list of records."""
+    if isinstance(obj, list) and obj and all(isinstance(item, dict) and not {"role", "from"} & item.keys()
+                                             for item in obj):
+        raise InvalidRecord(f"{where}: the line holds a list of {len(obj)} records, where a .jsonl line holds one: "
+                            f"write one JSON object per line, or, if the file is one JSON list, rename it to .json.")
+
+
+def _is_one_json_document(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _json_records(path: Path, on_unused: Callable[[str, str, str], None]) -> Iterator[Record]:
