@@ -11,7 +11,8 @@ from tunelab.config.schema import TrainConfig
 from tunelab.data.collate import collate
 from tunelab.data.templates import get_template
 from tunelab.model.generate import GenerationSettings, generate_reply
-from tunelab.model.load import load_model_for_inference, load_model_for_training, load_tokenizer, supported_architectures
+from tunelab.model.load import load_model_for_inference, load_model_for_training, load_tokenizer
+from tunelab.model.model_dir import supported_architectures
 from tunelab.model.loss import causal_lm_loss
 from tunelab.model.tiny import TINY_CONFIGS
 

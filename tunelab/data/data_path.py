@@ -83,8 +83,8 @@ def data_path_problem(data_path, data_format: str = "auto") -> str | None:
             close = "".join(did_you_mean(str(k), ENTRY_KEYS) for k in unknown)
             return (f"{where}: " + (f"unknown key(s) {', '.join(map(repr, unknown))};{close} " if unknown else
                                     "no 'path' key; ") +
-                    f"an entry is {{'path': 'file.json', 'format': ..., 'ratio': 1.0, 'dataset': ..., "
-                    f"'placeholders': {{'name': ..., 'author': ...}}}} (all but 'path' optional).")
+                    "an entry is {'path': 'file.json', 'format': ..., 'ratio': 1.0, 'dataset': ..., "
+                    "'placeholders': {'name': ..., 'author': ...}} (all but 'path' optional).")
         fmt, ratio = spec.get("format", data_format), spec.get("ratio", 1.0)
         if fmt != "auto" and fmt not in FORMATS:
             return (f"{where}: unknown format {fmt!r};{did_you_mean(str(fmt), FORMATS)} use 'auto' or one of "

@@ -27,7 +27,6 @@ import difflib
 from typing import Any, Optional
 
 from tunelab.data import messages as msg
-from tunelab.data.files import InvalidRecord, Record  # noqa: F401  (re-exported: the data step's error type)
 from tunelab.data.messages import MULTIMODAL_FIX, fail
 from tunelab.errors import TunelabError
 

@@ -112,7 +112,7 @@ def _part_value(part: dict, keys: tuple, where: str, at: str) -> str:
         if isinstance(part.get(key), str):
             return part[key]
     raise fail(where, f"{at} has no text (looked for {', '.join(map(repr, keys))})",
-               f"Write it as {{\"type\": \"text\", \"text\": \"...\"}}.")
+               "Write it as {\"type\": \"text\", \"text\": \"...\"}.")
 
 
 def image_reference(part: dict, kind: str, where: str, at: str) -> Any:

@@ -244,7 +244,8 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     """MODEL (merged HF dir, or base with `adapter` merged in memory) → OUT.gguf, plus an Ollama Modelfile beside it."""
     from tunelab.export.convert import check_output, template_for_export
     from tunelab.export.ollama import write_modelfile
-    from tunelab.model.load import load_causal_lm, load_tokenizer, resolve_model_dir
+    from tunelab.model.load import load_causal_lm, load_tokenizer
+    from tunelab.model.model_dir import resolve_model_dir
     from tunelab.train.layout import read_meta
 
     out = Path(out_path)

@@ -3,13 +3,13 @@
 Every family goes through transformers' own classes: `from_pretrained` for the families transformers ships, and
 InternLM2 / InternLM2.5 converted on load to a native Llama graph (`tunelab.model.internlm2`), so no remote code runs
 and every fast path (varlen attention, chunked loss, QLoRA) applies to all of them.
-Mistakes a user can fix (a wrong path, a directory without weights, an architecture we do not know, CUDA asked for
-and absent, the hub unreachable) raise `TunelabError` with the fix.
+Mistakes a user can fix (CUDA asked for and absent, bitsandbytes missing, LoRA targets that match nothing; and, through
+`tunelab.model.model_dir`, a wrong path, a directory without weights, an architecture we do not know, the hub
+unreachable) raise `TunelabError` with the fix.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -18,30 +18,10 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.model import internlm2
+from tunelab.model.model_dir import check_architecture, read_model_config, resolve_model_dir
 from tunelab.model.sentencepiece_file import model_proto_module
 
 log = logging.getLogger(__name__)
-
-# Families tested in CI on a tiny config of their architecture (tests/test_model_families.py): load, one LoRA and
-# one QLoRA step, chat. Architecture -> family, as in docs/MODELS.md.
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "LlamaForCausalLM": "Llama 2 / 3 / 3.1 / 3.2 (and Llama-layout models: Yi, DeepSeek-LLM, InternLM3 ...)",
-    "Qwen2ForCausalLM": "Qwen2 / Qwen2.5",
-    "Qwen3ForCausalLM": "Qwen3",
-    "MistralForCausalLM": "Mistral",
-    "Gemma2ForCausalLM": "Gemma 2",
-    "Gemma3ForCausalLM": "Gemma 3 (text-only checkpoints: 1B, or the text part)",
-    "Phi3ForCausalLM": "Phi-3 / Phi-3.5 / Phi-4-mini",
-    "Glm4ForCausalLM": "GLM-4 (-0414 and later, transformers layout)",
-    "InternLM2ForCausalLM": "InternLM2 / InternLM2.5 (loaded as a native Llama graph, no remote code)",
-}
-_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
-
-
-def supported_architectures() -> list[str]:
-    """The `architectures` values (config.json) tunelab tests; others transformers ships load with a warning."""
-    return list(SUPPORTED_FAMILIES)
-
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' → bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
@@ -73,89 +53,6 @@ def check_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise TunelabError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s).")
     return device
-
-
-# --- where the files are -------------------------------------------------------------------------------------------
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_model_dir(path: str | Path, *, key: str = "pretrained_model_name_or_path") -> Path:
-    """A local directory holding the model: `path` itself, or the hub snapshot of a hub id (from the cache if offline).
-
-    `key` names where the path came from (a config key or a command-line argument) for the error messages.
-    """
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    text = str(path)
-    if local.exists():
-        raise TunelabError(f"{key} = {text!r} is a file; it must be a model directory (with config.json and weights).")
-    if not _HUB_ID.match(text) or text.startswith((".", "~")) or Path(text).is_absolute():
-        raise TunelabError(f"{key}: model directory {text!r} does not exist. Check the path "
-                           "(a local directory with config.json, weights and tokenizer files).")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import RepositoryNotFoundError
-
-        return Path(snapshot_download(text, ignore_patterns=["*.pth", "*.pt", "*.h5", "*.msgpack", "*.onnx",
-                                                             "*.gguf", "original/*"]))
-    except RepositoryNotFoundError:
-        raise TunelabError(f"{key} = {text!r}: no such local directory, and no such model on the hub. "
-                           "Check the spelling, or pass a local model directory.") from None
-    except Exception as exc:  # offline mode, no network, proxy, ...: the fix is the same
-        raise TunelabError(
-            f"{key} = {text!r} is not a local directory, and the model hub is unreachable "
-            f"({type(exc).__name__}; offline or no network). Download the model where there is a network "
-            f"(e.g. `huggingface-cli download {text} --local-dir ./{text.split('/')[-1]}`) and pass that local "
-            "directory instead.") from None
-
-
-def read_model_config(model_dir: Path, *, key: str = "pretrained_model_name_or_path") -> dict:
-    """config.json of a model directory, after checking the directory holds a model at all."""
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise TunelabError(f"{key}: {model_dir} has no config.json, so it is not a model directory. "
-                           "Point it at the directory that holds config.json and the weights.")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TunelabError(f"{config_path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
-    if not any(next(model_dir.glob(g), None) for g in _WEIGHT_GLOBS):
-        raise TunelabError(f"{key}: {model_dir} has a config.json but no weights (*.safetensors or "
-                           "pytorch_model*.bin); the download may be incomplete. Download the weights into it.")
-    return config
-
-
-def _loads_natively(config: dict) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-
-def check_architecture(config: dict, model_dir: Path, *, trust_remote_code: bool) -> str:
-    """'internlm2', 'native' or 'remote': how this model will load; a TunelabError when it cannot."""
-    if internlm2.is_internlm2(config):
-        return "internlm2"
-    arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
-    if _loads_natively(config):
-        # a reward model trained here is the family's sequence-classification class (tunelab.model.reward)
-        family = arch.replace("ForSequenceClassification", "ForCausalLM")
-        if family not in SUPPORTED_FAMILIES:
-            log.warning("%s: architecture %s is in transformers but not tested by tunelab; it should work, "
-                        "check the first steps.", model_dir, arch)
-        return "native"
-    if trust_remote_code:
-        log.warning("%s: running the repository's own Python code for %s (trust_remote_code).", model_dir, arch)
-        return "remote"
-    needs = " It ships its own modelling code (auto_map in config.json)." if config.get("auto_map") else ""
-    if config.get("model_type") == "internlm3":
-        needs += " Newer transformers releases load InternLM3 natively: pip install -U transformers."
-    raise TunelabError(
-        f"{model_dir / 'config.json'}: architecture {arch!r} (model_type {config.get('model_type')!r}) is not one "
-        f"tunelab or transformers can load natively.{needs} Supported: {', '.join(supported_architectures())}. "
-        "To run the repository's own code at your own risk, set `trust_remote_code = True` in the config "
-        "(or pass --trust-remote-code to chat / serve); only do so for a repository you trust.")
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------------------
