@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.train_helpers import copy_stopped_after, logged_steps, train_on_ranks
 
@@ -47,6 +48,21 @@ def _assert_adapter_loads_trained(base_dir: Path, adapter_dir: Path) -> None:
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero
 
 
+def _assert_engine_checkpoint_reads_back(checkpoint: Path) -> None:
+    """DeepSpeed's own checkpoint (the optimizer/ folder, ZeRO partitions), consolidated in one process, holds the
+    adapter weights rank 0 saved, under the names the model has."""
+    from safetensors.torch import load_file
+
+    from tunelab.train.deepspeed_engine import load_consolidated_state_dict
+
+    whole = load_consolidated_state_dict(checkpoint / "optimizer")
+    saved = load_file(checkpoint / "model" / "adapter_model.safetensors")
+    assert saved
+    for name, weight in saved.items():  # peft saves without the adapter's name
+        key = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        torch.testing.assert_close(whole[key].float(), weight.float(), msg=name)
+
+
 def _losses(work_dir: Path) -> dict[int, float]:
     return {step: row["loss"] for step, row in logged_steps(work_dir).items()}
 
@@ -71,6 +87,8 @@ def test_two_ranks_train_and_resume_reproduces_the_curve(engine, tiny_llama_dir,
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "run" / "iter_3" / "rng_rank1.pt").is_file()  # rank 1 kept its own generators
     _assert_adapter_loads_trained(tiny_llama_dir, tmp_path / "run" / "iter_6" / "model")
+    if engine == "zero3":
+        _assert_engine_checkpoint_reads_back(tmp_path / "run" / "iter_6")
 
     # as if the run died after iter_3: resume on 2 ranks and compare every later loss
     resumed_dir = copy_stopped_after(tmp_path / "run", tmp_path / "resumed", step=3, later=6)

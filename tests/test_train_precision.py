@@ -125,7 +125,8 @@ def test_fp16_scales_the_loss_once():
     """fp16 needs a loss scale; DeepSpeed's engine has its own, and a GradScaler on top would scale the gradients by
     both while only DeepSpeed's is undone."""
     from tunelab.train.distributed import DistEnv
-    from tunelab.train.strategy import DDP, DeepSpeed, SingleProcess
+    from tunelab.train.deepspeed_engine import DeepSpeed
+    from tunelab.train.strategy import DDP, SingleProcess
 
     env = DistEnv()
     for strategy, ours in ((SingleProcess(env), True), (DeepSpeed(env, cfg=None), False)):

@@ -170,7 +170,7 @@ def refuse_raw_engine_checkpoint(path: Path, kind: str) -> NoReturn:
     checkpoints written by the engines themselves (e.g. XTuner's iter_N.pth/ folders) land here.
     """
     how = (" To get whole fp32 weights from it in Python: "
-           "tunelab.train.strategy.load_consolidated_state_dict(path) (DeepSpeed's zero_to_fp32)."
+           "tunelab.train.deepspeed_engine.load_consolidated_state_dict(path) (DeepSpeed's zero_to_fp32)."
            if kind == "deepspeed" else "")
     raise TunelabError(f"{path} looks like a raw {kind} checkpoint, which `convert` cannot read. Use the iter_N "
                        f"directories tunelab's training writes (they hold a consolidated {MODEL_DIR}/).{how}")
