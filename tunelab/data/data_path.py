@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from tunelab.config.typecheck import did_you_mean
 from tunelab.data import dataset_info
@@ -23,6 +23,17 @@ from tunelab.data.preference import not_supervised_error
 from tunelab.errors import TunelabError
 
 ENTRY_KEYS = ("path", "format", "ratio", "dataset", "placeholders")
+RELATIVE_PATHS = "Relative paths are read from the config file's folder, then the current directory."
+
+
+def find_config_path(path, config_dir: str | None,
+                     test: Callable[[Path], bool] = Path.exists) -> tuple[Optional[Path], str]:
+    """A path a config names: a relative one is read from the config file's folder first, then the current
+    directory (`RELATIVE_PATHS`). Returns the first place that passes `test` (None: none does) and the places looked
+    at ("A and B"), for the caller's message."""
+    path = Path(path).expanduser()
+    candidates = ([Path(config_dir) / path] if config_dir and not path.is_absolute() else []) + [path]
+    return next((c for c in candidates if test(c)), None), " and ".join(map(str, candidates))
 
 
 @dataclass
@@ -116,17 +127,11 @@ def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where:
 
 
 def _locate(path: str, fmt: str, ratio: float, config_dir: str | None) -> Source:
-    candidates = [Path(path).expanduser()]
-    if not Path(path).is_absolute() and config_dir:
-        candidates.insert(0, Path(config_dir) / path)
-    for candidate in candidates:
-        if candidate.exists():
-            candidate = candidate.resolve()
-            is_saved = candidate.is_dir() and ((candidate / "state.json").exists()
-                                               or (candidate / "dataset_dict.json").exists())
-            return Source(path, fmt, ratio, "disk" if is_saved else "files", candidate)
+    found, looked = find_config_path(path, config_dir)
+    if found is not None:
+        found = found.resolve()
+        is_saved = found.is_dir() and ((found / "state.json").exists() or (found / "dataset_dict.json").exists())
+        return Source(path, fmt, ratio, "disk" if is_saved else "files", found)
     if "/" in path and not path.startswith((".", "/", "~")) and not Path(path).suffix:
         return Source(path, fmt, ratio, "hub")
-    looked = " and ".join(str(c) for c in candidates)
-    raise TunelabError(f"data_path {path!r} not found (looked at {looked}). Relative paths are read from the "
-                       f"config file's folder, then the current directory.")
+    raise TunelabError(f"data_path {path!r} not found (looked at {looked}). {RELATIVE_PATHS}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from tunelab.data.data_path import RELATIVE_PATHS, find_config_path
 from tunelab.data.files import InvalidRecord
 from tunelab.data.multimodal import split_images
 from tunelab.errors import TunelabError
@@ -190,12 +191,7 @@ def image_reading(cfg, config_dir: str | None = None) -> Optional[ImageReading]:
     folder = getattr(cfg, "image_folder", None)
     if not folder:
         return ImageReading()
-    candidates = [Path(folder).expanduser()]
-    if config_dir and not candidates[0].is_absolute():
-        candidates.insert(0, Path(config_dir) / folder)
-    for candidate in candidates:
-        if candidate.is_dir():
-            return ImageReading(candidate.resolve())
-    raise TunelabError(f"image_folder = {folder!r}: no such folder (looked at "
-                       f"{' and '.join(str(c) for c in candidates)}). Relative paths are read from the config "
-                       "file's folder, then the current directory.")
+    found, looked = find_config_path(folder, config_dir, Path.is_dir)
+    if found is None:
+        raise TunelabError(f"image_folder = {folder!r}: no such folder (looked at {looked}). {RELATIVE_PATHS}")
+    return ImageReading(found.resolve())

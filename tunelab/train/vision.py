@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tunelab.data.data_path import RELATIVE_PATHS, find_config_path
 from tunelab.data.images import ImageLoader, describe, open_image
 from tunelab.data.multimodal import ImageTokens, image_tokens
 from tunelab.errors import TunelabError
@@ -43,29 +44,23 @@ def vision_run(cfg, tokenizer, config_dir: str | None) -> Optional[VisionRun]:
 
 
 def _find(path: str, config_dir: str | None) -> str:
-    candidates = ([Path(config_dir) / path] if config_dir and not Path(path).is_absolute() else []) + [Path(path)]
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                open_image(str(candidate), draft=(64, 64))
-            except OSError as exc:
-                raise TunelabError(f"evaluation_images: {candidate} cannot be read ({exc}).") from None
-            return str(candidate.resolve())
-    raise TunelabError(f"evaluation_images: {describe(path)} not found (looked at "
-                       f"{' and '.join(map(str, candidates))}). Relative paths are read from the config file's folder, "
-                       "then the current directory.")
+    found, looked = find_config_path(path, config_dir, Path.is_file)
+    if found is None:
+        raise TunelabError(f"evaluation_images: {describe(path)} not found (looked at {looked}). {RELATIVE_PATHS}")
+    try:
+        open_image(str(found), draft=(64, 64))
+    except OSError as exc:
+        raise TunelabError(f"evaluation_images: {found} cannot be read ({exc}).") from None
+    return str(found.resolve())
 
 
 def with_pretrained_checkpoint(cfg, config_dir: str | None):
     """`cfg` with `pretrained_pth` naming a checkpoint or weights folder: a work dir becomes its last checkpoint."""
     if not cfg.pretrained_pth:
         return cfg
-    path = Path(cfg.pretrained_pth).expanduser()
-    candidates = ([Path(config_dir) / path] if config_dir and not path.is_absolute() else []) + [path]
-    found = next((c for c in candidates if c.exists()), None)
+    found, looked = find_config_path(cfg.pretrained_pth, config_dir)
     if found is None:
-        raise TunelabError(f"pretrained_pth = {cfg.pretrained_pth!r}: not found (looked at "
-                           f"{' and '.join(map(str, candidates))}). Train stage 1 first (its *_pretrain config), or "
-                           "point pretrained_pth at its work dir or checkpoint.")
+        raise TunelabError(f"pretrained_pth = {cfg.pretrained_pth!r}: not found (looked at {looked}). Train stage 1 "
+                           "first (its *_pretrain config), or point pretrained_pth at its work dir or checkpoint.")
     last = None if layout.is_checkpoint(found) else layout.last_checkpoint(found)
     return dataclasses.replace(cfg, pretrained_pth=str((last or found).resolve()))
