@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from tunelab.data.encode import IGNORE_INDEX
 
 
 def collate(rows: list[dict], pad_token_id: int, multiple_of: int = 1, images=None) -> dict[str, torch.Tensor]:

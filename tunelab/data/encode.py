@@ -37,14 +37,17 @@ class Encoded:
         return self.row is not None and max(self.row["position_ids"], default=-1) + 1 < self.full_length
 
 
-def _finish(ids: list[int], labels: list[int], max_length: int) -> Encoded:
-    full = len(ids)
+def finish_row(ids: list[int], labels: list[int], max_length: int, full_length: Optional[int] = None,
+               **fields) -> Encoded:
+    """A sample's tokens and labels -> its row cut at max_length, its first label IGNORE_INDEX; None (dropped) when
+    no trained token is left. full_length: its tokens before the cut (default len(ids)); fields: more of the row."""
+    full = len(ids) if full_length is None else full_length
     ids, labels = ids[:max_length], labels[:max_length]
     if labels:
         labels[0] = IGNORE_INDEX
     if labels.count(IGNORE_INDEX) == len(labels):  # C-speed "no trained token"
         return Encoded(None, full)
-    return Encoded({"input_ids": ids, "labels": labels, "position_ids": list(range(len(ids)))}, full)
+    return Encoded({"input_ids": ids, "labels": labels, "position_ids": list(range(len(ids))), **fields}, full)
 
 
 def _join(pieces: list[tuple[list[int], bool]], train_on: str, max_length: int) -> Encoded:
@@ -53,7 +56,7 @@ def _join(pieces: list[tuple[list[int], bool]], train_on: str, max_length: int) 
     for piece_ids, trainable in pieces:
         ids += piece_ids
         labels += piece_ids if (trainable or train_on == "all") else [IGNORE_INDEX] * len(piece_ids)
-    return _finish(ids, labels, max_length)
+    return finish_row(ids, labels, max_length)
 
 
 def encode_messages(template, tokenizer, messages: list[dict], max_length: int, train_on: str = "assistant",
@@ -107,7 +110,7 @@ def text_pieces(tokenizer, text: str) -> list[str]:
 
 
 def _split_text(ids: list[int], max_length: int) -> list[Encoded]:
-    return [_finish(ids[i:i + max_length], list(ids[i:i + max_length]), max_length)
+    return [finish_row(ids[i:i + max_length], list(ids[i:i + max_length]), max_length)
             for i in range(0, max(len(ids), 1), max_length)]
 
 
@@ -217,5 +220,5 @@ def encode_segments(tokenizer, conversations: list[list[tuple[str, bool]]], max_
         else:
             ids = encoding.ids
             labels = _labels(ids, _piece_starts(encoding, segs), segs, train_on)
-        out.append(_finish(ids, labels, max_length))
+        out.append(finish_row(ids, labels, max_length))
     return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from tunelab.data.encode import IGNORE_INDEX, Encoded
+from tunelab.data.encode import IGNORE_INDEX, Encoded, finish_row
 from tunelab.data.formats import detect_format, normalise
 from tunelab.data.messages import IMAGE_PLACEHOLDER, fail
 from tunelab.errors import TunelabError
@@ -142,7 +142,7 @@ def expand_image_tokens(encoded: Encoded, images: list[str], image_token_id: int
 
     A cut never splits an image: it falls before the first image that does not fit whole, and the row keeps the
     images before it (``row["images"]``). The row's first label is -100 and a row left with no trained token is
-    dropped (None), as for text (`tunelab.data.encode`)."""
+    dropped (None), as for text (`tunelab.data.encode.finish_row`)."""
     full_length = encoded.full_length + len(images) * (tokens_per_image - 1)
     if encoded.row is None:
         return Encoded(None, full_length)
@@ -167,10 +167,4 @@ def expand_image_tokens(encoded: Encoded, images: list[str], image_token_id: int
         out_labels += [IGNORE_INDEX] * tokens_per_image
         kept += 1
         start = at + 1
-    out_ids, out_labels = out_ids[:max_length], out_labels[:max_length]
-    if out_labels:
-        out_labels[0] = IGNORE_INDEX
-    if out_labels.count(IGNORE_INDEX) == len(out_labels):
-        return Encoded(None, full_length)
-    return Encoded({"input_ids": out_ids, "labels": out_labels, "position_ids": list(range(len(out_ids))),
-                    "images": list(images[:kept])}, full_length)
+    return finish_row(out_ids, out_labels, max_length, full_length, images=list(images[:kept]))

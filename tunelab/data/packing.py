@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tunelab.data.encode import IGNORE_INDEX
+
 _KEYS = ("input_ids", "labels", "position_ids")
 
 
@@ -83,7 +85,7 @@ class TokenRows:
 
     @property
     def num_trained_tokens(self) -> int:
-        return int((self.arrays["labels"] != -100).sum())
+        return int((self.arrays["labels"] != IGNORE_INDEX).sum())
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
