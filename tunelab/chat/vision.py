@@ -80,8 +80,8 @@ def text_only(messages: list[dict]) -> None:
     """A TunelabError when a model that reads no images is sent some (never dropped silently)."""
     for i, m in enumerate(messages):
         content = m.get("content")
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image_url", "image",
-                                                                                      "input_image") for p in content):
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in msg.IMAGE_PARTS
+                                             for p in content):
             raise TunelabError(f"messages[{i}] has an image, but this model reads text only. Chat with a LLaVA model "
                                "(trained from a llava config, docs/MULTIMODAL.md) to ask about images.")
 

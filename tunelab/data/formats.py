@@ -38,11 +38,9 @@ _SIGNATURE_FIELDS = [("messages", "messages"), ("conversations", "sharegpt"), ("
                      ("instruction", "alpaca"), ("text", "text")]
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
-                   "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool",
-                   "function": "tool", "ipython": "tool"}
+                   "system": "system", "function_call": "assistant", **dict.fromkeys(msg.TOOL_ROLES, "tool")}
 _MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
-                  "assistant": "assistant", "tool": "tool", "function": "tool", "ipython": "tool",
-                  "observation": "tool"}
+                  "assistant": "assistant", **dict.fromkeys(msg.TOOL_ROLES, "tool")}
 MEDIA_FIELDS = ("images", "image", "videos", "video", "audios", "audio")
 _MEDIA = frozenset(MEDIA_FIELDS)
 
@@ -102,7 +100,7 @@ def _looks_like_agent(turns) -> bool:
     for t in turns:
         if isinstance(t, dict):
             role = t.get("role", t.get("from"))
-            if role in ("tool", "function", "observation", "ipython", "function_call") or t.get("tool_calls") \
+            if role in msg.TOOL_ROLES or role == "function_call" or t.get("tool_calls") \
                     or t.get("function_call"):
                 return True
             if msg.is_ms_agent(t.get("value")):

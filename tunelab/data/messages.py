@@ -28,8 +28,11 @@ from tunelab.data.files import InvalidRecord
 IMAGE_PLACEHOLDER = "<image>"
 MULTIMODAL_FIX = ("Train it with multimodal training (LLaVA configs: `tunelab list-cfg -p llava`, docs/MULTIMODAL.md), "
                   "or remove the images and their <image> placeholders from the data of this text-only run.")
+TOOL_ROLES = ("tool", "function", "observation", "ipython")
+"""Roles of a tool / function result in the source formats; each becomes role 'tool'."""
 _TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
-_IMAGE_PARTS = ("image_url", "image", "input_image")
+IMAGE_PARTS = ("image_url", "image", "input_image")
+"""Content part types that carry a picture."""
 _OTHER_MEDIA_PARTS = ("video_url", "video", "audio_url", "audio", "input_audio", "file")
 _THINK = re.compile(r"<\|startofthink\|>(.*?)<\|endofthink\|>", re.S)
 _EXEC = re.compile(r"<\|startofexec\|>(.*?)<\|endofexec\|>", re.S)
@@ -39,7 +42,7 @@ _FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.I)
 
 def with_default_system(turns: Optional[list], system: str) -> None:
     """Put the default system prompt first in `turns` (a sample's messages or prompt), unless it has one already."""
-    if system and turns is not None and (not turns or turns[0]["role"] != "system"):
+    if system and turns is not None and (not turns or turns[0].get("role") != "system"):
         turns.insert(0, {"role": "system", "content": system})
 
 
@@ -88,7 +91,7 @@ def read_content(value: Any, *, role: str, where: str, field: str, images: Optio
             raw = part.get("value", part.get("tool_call", part.get("function")))
             found = parse_json_value(raw, where, f"{at}.value") if isinstance(raw, str) else raw
             calls += [tool_call(c, where, f"{at}.value") for c in (found if isinstance(found, list) else [found])]
-        elif kind in _IMAGE_PARTS:
+        elif kind in IMAGE_PARTS:
             if images is None:
                 raise fail(where, f"{at} is an image ({kind!r} part)", MULTIMODAL_FIX)
             images.append(image_reference(part, kind, where, at))

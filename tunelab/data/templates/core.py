@@ -20,10 +20,8 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tunelab.data.messages import TOOL_ROLES
 from tunelab.errors import TunelabError
-
-TOOL_ROLES = ("tool", "function", "observation", "ipython")
-"""Roles of a tool / function result; messages reach a template with role 'tool'."""
 
 # Private-use characters around the text the model is trained on while `segments()` renders. A trained piece is
 # wrapped in TRAINED...END, a reply kept as context ("train": False) in CONTEXT...END.
@@ -77,7 +75,7 @@ def compile_jinja(source: str) -> jinja2.Template:
 
 
 def _prepare(messages: list[dict]) -> list[dict]:
-    """Messages as a chat template expects them: tool results under role 'tool', content a string."""
+    """Messages as a chat template expects them: tool results (`TOOL_ROLES`) under role 'tool', content a string."""
     out = []
     for m in messages:
         role = "tool" if m.get("role") in TOOL_ROLES else m.get("role")
