@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tunelab.data.messages import with_default_system
 from tunelab.data.templates import HFChatTemplate
 from tunelab.errors import TunelabError
 
@@ -103,8 +104,7 @@ def check_table(table: TurnTable, template) -> str | None:
     verdicts = set()
     for check in CHECKS:
         messages = [{"role": r, "content": c} for r, c in check]
-        if template.default_system and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": template.default_system}] + messages
+        with_default_system(messages, template.default_system)
         try:
             expected = template.render(messages, add_generation_prompt=True)
         except TunelabError:

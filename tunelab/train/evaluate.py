@@ -21,6 +21,7 @@ from tunelab.train.progress import SHOWN_METRICS
 def answer_questions(model, tokenizer, cfg, vision=None) -> list[tuple[str, str]]:
     """(question, answer) for each of `cfg.evaluation_inputs`; a LLaVA run (`vision`, tunelab.train.vision) asks
     each about its picture of `evaluation_images`, if any."""
+    from tunelab.data.messages import with_default_system
     from tunelab.data.templates import get_template
     from tunelab.model.generate import GenerationSettings, generate_reply
 
@@ -29,8 +30,8 @@ def answer_questions(model, tokenizer, cfg, vision=None) -> list[tuple[str, str]
     pictures = vision.evaluation_images if vision else [None] * len(cfg.evaluation_inputs)
     answers = []
     for question, picture in zip(cfg.evaluation_inputs, pictures):
-        messages = ([{"role": "system", "content": cfg.SYSTEM}] if cfg.SYSTEM else []) + \
-                   [{"role": "user", "content": f"<image>\n{question}" if picture else question}]
+        messages = [{"role": "user", "content": f"<image>\n{question}" if picture else question}]
+        with_default_system(messages, cfg.SYSTEM)
         image = dict(pixel_values=vision.images([picture]), image_tokens=vision.tokens) if picture else {}
         answers.append((question, generate_reply(model, tokenizer, template, messages, settings, **image)))
     return answers
