@@ -16,6 +16,10 @@ from tunelab.errors import TunelabError
 
 FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv", ".tsv", ".txt")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")  # newline-delimited JSON is JSON Lines by another name
+_SAID = [" / ".join(JSONL_SUFFIXES) if s == JSONL_SUFFIXES[0] else s
+         for s in FILE_SUFFIXES if s not in JSONL_SUFFIXES[1:]]
+SUFFIXES_READ = ", ".join(_SAID[:-1]) + " and " + _SAID[-1]
+""".json, .jsonl / .ndjson, .parquet, .csv, .tsv and .txt: FILE_SUFFIXES as a message says them."""
 TABLE_SEPARATORS = {".csv": ",", ".tsv": "\t"}
 # Top-level keys that make a .json object one record rather than a wrapper such as {"data": [...]}: every field a
 # format reads at the top level (a record's own lists, e.g. alpaca's 'history', are not a wrapper's list of records).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
+from tunelab.data.files import SUFFIXES_READ
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def source_warnings(source: dict) -> list[str]:
     if unread:
         shown = ", ".join(unread[:MAX_FIELDS_SHOWN]) + (", ..." if len(unread) > MAX_FIELDS_SHOWN else "")
         lines.append(f"{path}: {_n(len(unread), 'file')} in the folder not read ({shown}): tunelab reads "
-                     f".json, .jsonl / .ndjson, .parquet, .csv, .tsv and .txt. Decompress or convert those that hold "
+                     f"{SUFFIXES_READ}. Decompress or convert those that hold "
                      f"data (e.g. `gunzip x.jsonl.gz`), or move them out of the folder.")
     if source.get("read") and not source["samples"]:
         ratio = source["ratio"]
