@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
 
+from tunelab.board import DEFAULT_PORT
 from tunelab.board.runs import find_runs, run_answers, run_id, run_log, run_summary
 
 PAGE = Path(__file__).parent / "static" / "board.html"
@@ -54,7 +55,7 @@ def create_board_app(paths: list[Path]) -> FastAPI:
     return app
 
 
-def serve_board(paths: list[Path], *, host: str = "127.0.0.1", port: int = 6006) -> None:
+def serve_board(paths: list[Path], *, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
     import uvicorn
 
     found = find_runs(paths)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DESCRIPTION = """\
+from tunelab.board import DEFAULT_PORT
+
+DESCRIPTION = f"""\
 A local web page of your training runs: each run's model, method, data, settings and state (running, finished,
 stopped, failed, crashed), its curves (loss, eval loss, learning rate, grad norm, tokens/s, memory) updating live,
 the evaluation answers before training next to those of any later step, and several runs on one chart.
@@ -16,7 +18,7 @@ of them (default: ./work_dirs). Needs the web extra: pip install 'tunelab[web]'.
 
 example:
   tunelab board
-  tunelab board work_dirs/run1 work_dirs/run2 --port 7861
+  tunelab board work_dirs/run1 work_dirs/run2 --port {DEFAULT_PORT}
 """
 
 
@@ -25,7 +27,7 @@ def register(subparsers) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", metavar="WORK_DIR", help="work dirs, or folders of them (default: work_dirs)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.set_defaults(func=run)
 
 
