@@ -182,8 +182,10 @@ def launch(args, case: str, size: int, length: int, steps: int, path: str = "pla
            "127.0.0.1", "--master-port", str(port), __file__, "--trial", "--case", case, "--size", str(size),
            "--length", str(length), "--steps", str(steps), "--path", path, "--warmup", str(args.warmup), "--shape",
            args.shape, "--root", args.root]
-    env = {**os.environ, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+    from tunelab.cli.train_cmds import ALLOC_CONF
+
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault(*ALLOC_CONF)  # as `tunelab train` sets it; the user's own setting wins
     if args.shape == "tiny":
         env["OMP_NUM_THREADS"] = "1"
     start = time.perf_counter()
