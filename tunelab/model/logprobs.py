@@ -30,7 +30,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from tunelab.model.loss import add_product, capped_logsumexp, loss_chunk_rows
+from tunelab.model.loss import LOSS_CHUNK_SIZE, add_product, capped_logsumexp, loss_chunk_rows
 from tunelab.model.parts import split_model
 
 
@@ -105,7 +105,7 @@ class LinearTokenLogProbs(torch.autograd.Function):
         return grad_h, None, grad_w, grad_b, None, None, None
 
 
-def token_logprobs(model, batch: dict, *, chunk_size: int = 4096, chunked: bool = True,
+def token_logprobs(model, batch: dict, *, chunk_size: int = LOSS_CHUNK_SIZE, chunked: bool = True,
                    compiled: bool = False) -> torch.Tensor:
     """log p of each trained token of the batch (in `loss_index` order), fp32, differentiable when grad is on."""
     index, targets = batch["loss_index"], batch["loss_targets"]

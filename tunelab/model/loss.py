@@ -26,6 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from tunelab.config.schema import TrainConfig
 from tunelab.data.collate import loss_targets
 from tunelab.model.parts import split_model
 
@@ -34,6 +35,10 @@ MAX_CHUNK_LOGITS = 2**25  # logits a chunk when lm_head is frozen: 64 MiB in bf1
 # logits (1 GiB of bf16 logits and as much gradient at once) against 2^28: 45.4% vs 44.6% MFU, +1.5 GiB, on
 # Qwen2.5-1.5B full fine-tuning at 16k tokens a step (BENCHMARKS.md). `loss_chunk_size` caps the rows.
 MAX_CHUNK_LOGITS_TRAINED_HEAD = 2**29
+
+
+LOSS_CHUNK_SIZE = TrainConfig.loss_chunk_size
+"""The `loss_chunk_size` setting's default: the chunk of a loss called without a plan (a batch by hand, tests)."""
 
 
 def loss_chunk_rows(chunk_size: int, vocab_size: int, head_trained: bool = False) -> int:
@@ -143,7 +148,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return out[0], None, out[1], out[2], None, None, None
 
 
-def causal_lm_loss(model, batch: dict, *, chunk_size: int = 4096, chunked: bool = True, compiled: bool = False):
+def causal_lm_loss(model, batch: dict, *, chunk_size: int = LOSS_CHUNK_SIZE, chunked: bool = True, compiled: bool = False):
     """Sum of token losses and the number of trained tokens for one batch (see docs/DESIGN.md, Loss).
 
     chunked: the chunked loss (False: full logits); compiled: its softmax gradient compiled, on a GPU. A batch with
@@ -189,7 +194,7 @@ class CausalLMObjective:
     objective.copy()                              # one with its own metric sums (evaluation): this one
     """
 
-    def __init__(self, chunk_size: int = 4096, chunked: bool = True, compiled: bool = False):
+    def __init__(self, *, chunk_size: int, chunked: bool = True, compiled: bool = False):
         self.options = {"chunk_size": chunk_size, "chunked": chunked, "compiled": compiled}
 
     def __call__(self, model, batch: dict):

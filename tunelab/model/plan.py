@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
 
 LONG_CONTEXT_TOKENS = 8192
@@ -99,7 +100,7 @@ class FastPathPlan:
     (`tunelab.train.optim.StepsInBackward`): the gradients never all exist at once."""
     chunked_loss: bool = False
     """The loss over trained tokens only, lm_head in chunks, gradients taken in forward; False: full logits."""
-    loss_chunk_size: int = 4096
+    loss_chunk_size: int = TrainConfig.loss_chunk_size
     """Most trained positions a chunk of the chunked loss."""
     sequence_parallel: int = 1
     """Ranks each row is split over (`sequence_parallel_size`); above 1, attention exchanges heads for tokens

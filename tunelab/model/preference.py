@@ -62,7 +62,7 @@ class PreferenceSettings:
 class PreferenceObjective:
     """objective(model, batch) -> (loss summed over the batch's units, units); see the module docstring."""
 
-    def __init__(self, settings: PreferenceSettings, *, chunk_size: int = 4096, chunked: bool = True,
+    def __init__(self, settings: PreferenceSettings, *, chunk_size: int, chunked: bool = True,
                  compiled: bool = False, reference_model=None):
         self.settings = settings
         self.logprob_options = {"chunk_size": chunk_size, "chunked": chunked, "compiled": compiled}
