@@ -87,23 +87,28 @@ class ModelShape:
         return self.num_hidden_layers * self.layer_linear_params() + self.embedding_params() + norms
 
 
-def model_shape(name_or_path: str) -> ModelShape:
-    """Shape from the local config.json, the local HF cache, or the table of known hub ids."""
+def local_config_file(name_or_path: str) -> Path | None:
+    """A model's config.json without downloading anything: in its local directory, or in the HF cache for a hub id
+    downloaded before; None when neither has it."""
     config_file = Path(name_or_path) / "config.json"
     if config_file.is_file():
-        return _shape_from_file(config_file)
-    if name_or_path in KNOWN_SHAPES:
-        return ModelShape.from_config(KNOWN_SHAPES[name_or_path])
-    try:  # a hub id already downloaded into the HF cache
+        return config_file
+    try:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(name_or_path, "config.json")
-        if isinstance(cached, str):
-            return _shape_from_file(Path(cached))
-    except TunelabError:
-        raise
-    except Exception:
-        pass
+    except Exception:  # not a hub id (or no huggingface_hub)
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def model_shape(name_or_path: str) -> ModelShape:
+    """Shape from the config.json of a local directory or the local HF cache, else the table of known hub ids."""
+    config_file = local_config_file(name_or_path)
+    if config_file is not None:
+        return _shape_from_file(config_file)
+    if name_or_path in KNOWN_SHAPES:
+        return ModelShape.from_config(KNOWN_SHAPES[name_or_path])
     raise TunelabError(
         f"pretrained_model_name_or_path = {name_or_path!r}: cannot find its config.json to estimate memory. "
         "Point it at a local model directory, or download the model first (huggingface-cli download ...)."
@@ -128,9 +133,9 @@ def _text_config(c: dict) -> dict:
 
 def vision_shape(path: str) -> dict:
     """A vision tower's config (hidden_size, intermediate_size, num_hidden_layers, patch_size, image_size) from its
-    local config.json or the table of the towers the LLaVA configs name."""
-    config_file = Path(path) / "config.json"
-    if config_file.is_file():
+    config.json (a local directory or the local HF cache) or the table of the towers the LLaVA configs name."""
+    config_file = local_config_file(path)
+    if config_file is not None:
         c = json.loads(config_file.read_text(encoding="utf-8"))
         return c.get("vision_config", c)
     if path in KNOWN_VISION:
