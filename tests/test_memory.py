@@ -27,6 +27,19 @@ def test_unknown_model_names_the_key():
         model_shape("nobody/no-such-model")
 
 
+def test_every_model_and_vision_tower_of_the_shipped_configs_has_a_shape_offline():
+    from tunelab.config import registry
+    from tunelab.model.shapes import KNOWN_SHAPES, KNOWN_VISION, ModelShape
+
+    for model in registry.MODELS.values():
+        assert model.hub_id in KNOWN_SHAPES, f"add {model.hub_id} to tunelab.model.shapes.KNOWN_SHAPES"
+        assert ModelShape.from_config(KNOWN_SHAPES[model.hub_id]).total_params() > 0
+    for tower in registry.VISION_TOWERS.values():
+        assert tower.hub_id in KNOWN_VISION, f"add {tower.hub_id} to tunelab.model.shapes.KNOWN_VISION"
+        shape = KNOWN_VISION[tower.hub_id]
+        assert {"hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "image_size"} <= set(shape)
+
+
 def test_estimate_grows_with_max_length():
     totals = [estimate_memory(TrainConfig(pretrained_model_name_or_path=LLAMA, max_length=n)).total
               for n in (512, 2048, 8192, 32768)]
