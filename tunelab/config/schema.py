@@ -208,8 +208,8 @@ class TrainConfig:
     """With use_compile: replay each compiled layer's forward and backward as CUDA graphs (torch.compile's
     "reduce-overhead"), so the CPU launches one graph instead of hundreds of kernels (Llama-7B QLoRA 2k: 3.0x the
     plain loop instead of 2.5x). Batches are padded to max_length and sample boundaries to a few sizes, one graph
-    each; a new size compiles once (~15 s). GPU only; not with offload_activations or MLP slices (the graphs were
-    recorded again every step with offloaded inputs; MLP slices put an eager checkpoint around). None: on when
+    each; a new size compiles once (~15 s). GPU only; not with offload_activations or MLP slices (with offloaded
+    inputs the graphs are recorded again every step; MLP slices put an eager checkpoint around). None: on when
     pack_to_max_length is (rows are max_length wide anyway) and training runs in one process, except DPO / KTO
     scoring their reference every step (adapters_off, copy): that second, no-gradient pass cannot reuse the graphs'
     memory (Llama-7B QLoRA DPO: 5.90 GiB and 7,101 tokens/s without, 6.26 GiB and 7,678 with)."""
@@ -224,8 +224,9 @@ class TrainConfig:
         lambda v: v is None or v == "auto" or (isinstance(v, int) and v > 0), "'auto', None or a positive whole number"))
     """Long context: when a row is longer than this many tokens, each MLP computes this many at a time (recomputed in
     backward; one more MLP forward a step, and no CUDA graphs). 'auto': 32768 where the layer inputs are offloaded
-    (the whole MLP up to 32k was faster and still leaner: Llama-3.1-8B QLoRA 32k, round 14), else 8192. 8192: less
-    memory for the longest rows a card holds (Llama-3.1-8B QLoRA 78k tokens in 24 GB). None: never."""
+    (the whole MLP up to 32k is faster and still leaner: Llama-3.1-8B QLoRA 32k, BENCHMARKS.md, "long rows offloaded
+    by default"), else 8192. 8192: less memory for the longest rows a card holds (Llama-3.1-8B QLoRA 78k tokens in
+    24 GB). None: never."""
     embeddings_on_cpu: Optional[bool] = None
     """Keep a frozen input embedding in CPU memory and look up each batch's rows there (GPU only; the same numbers).
     Frees vocab_size x hidden_size x 2 bytes of GPU memory, e.g. 0.71 GiB for InternLM2-7B, for a copy of a few MiB
@@ -240,7 +241,8 @@ class TrainConfig:
     the gradients never all exist at once (Llama-7B QLoRA r64: 0.6 GiB of them, 0.33 GiB less reserved at 2k; full
     fine-tuning with checkpointing: Qwen2.5-1.5B 2k 4.5 GiB less). The same updates, where nothing needs every
     gradient first: max_norm = 0 (no clipping), accumulative_counts = 1, optimizer 'adamw' or 'adamw_8bit', bf16 or
-    fp32, nonfinite = 'stop', one process. None: on where all of that holds (0.5-1.6% fewer tokens/s in round 19).
+    fp32, nonfinite = 'stop', one process. None: on where all of that holds (0.5-1.6% fewer tokens/s: BENCHMARKS.md,
+    "the updates in backward with torch's AdamW too").
     True: on, or an error naming the settings in the way."""
     loss_chunk_size: int = setting(4096, POSITIVE)
     """Most trained positions per chunk of the chunked loss (fewer for large vocabularies: 2^25 logits a chunk with
@@ -282,7 +284,7 @@ class TrainConfig:
         return "copy" if copy_fits else "precomputed"
 
     def resolved_report_to(self) -> list[str]:
-        """The trackers in use: report_to, plus 'tensorboard' when use_tensorboard (the older switch) is on."""
+        """The trackers in use: report_to, plus 'tensorboard' when use_tensorboard is on."""
         return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.use_tensorboard else [])]))
 
 

@@ -36,18 +36,21 @@ from tunelab.errors import TunelabError
 LONG_CONTEXT_TOKENS = 8192
 """Rows this long or longer (each rank's share) are long context: `offload_activations = None` offloads their layer
 inputs (at 8k without CUDA graphs as fast as with graphs and the inputs on the GPU, in 2 GiB less: InternLM2-7B
-QLoRA, round 16), and `mlp_chunk_size = 'auto'` without offloading runs the MLP in slices this long past it."""
+QLoRA; BENCHMARKS.md, "offloading from 8k on"), and `mlp_chunk_size = 'auto'` without offloading runs the MLP in
+slices this long past it."""
 OFFLOADED_INSIDE_MAX_TOKENS = 32768
 """Offloaded rows up to this many tokens keep the checkpoint inside the compiled layer; longer ones put it around.
 Inside, the recomputation is part of one compiled backward, which skips what backward does not need (o_proj's and
 down_proj's forward) and keeps the attention block's results (`save_attention`), but holds more of the recomputed
 MLP at once. Llama-3.1-8B QLoRA r32 at 32k: 7,445 tokens/s in 14.2 GiB reserved inside with attention's output
-kept, 6,437 in 12.7 around (Unsloth: 6,513 in 15.3; round 21); with the q, k, v, o projections kept too 8,118 in
-14.66 (Unsloth: 6,449 in 15.31; round 27). Past 32k the MLP runs in slices (OFFLOADED_MLP_TOKENS), eager code
-that puts the checkpoint around anyway."""
+kept, 6,437 in 12.7 around (Unsloth: 6,513 in 15.3; BENCHMARKS.md, "the checkpoint keeps attention's output at long
+context"); with the q, k, v, o projections kept too 8,118 in 14.66 (Unsloth: 6,449 in 15.31; BENCHMARKS.md, "the
+checkpoint keeps the q, k, v and o projections at long context"). Past 32k the MLP runs in slices
+(OFFLOADED_MLP_TOKENS), eager code that puts the checkpoint around anyway."""
 OFFLOADED_MLP_TOKENS = 32768
 """`mlp_chunk_size = 'auto'` with offloaded layer inputs: the MLP runs whole up to this many tokens, in slices this
-long past it (Llama-3.1-8B QLoRA 32k: faster than 8k slices, and still leaner than inputs on the GPU; round 14)."""
+long past it (Llama-3.1-8B QLoRA 32k: faster than 8k slices, and still leaner than inputs on the GPU;
+BENCHMARKS.md, "long rows offloaded by default")."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
                   and cfg.resolved_reference() not in ("adapters_off", "copy"))
     # CUDA graphs record a compiled layer whose checkpoint is inside the compiled code, or which has none: an eager
     # checkpoint around compiled code (MLP slices) frees an input the recording still holds. With offloaded inputs
-    # the graphs were recorded again and again (InternLM2-7B QLoRA 8k: 4 s steps instead of 0.8; round 16).
+    # the graphs are recorded again every step (InternLM2-7B QLoRA 8k: 4 s steps instead of 0.8; BENCHMARKS.md,
+    # "offloading from 8k on").
     # Sequence parallelism's all-to-all is eager code inside the layer.
     graphs = bool(graphs and compile_layers and (not checkpointing or not (offload or mlp_slice))
                   and sequence_parallel == 1)
@@ -248,7 +252,7 @@ def _optimizer_in_backward(cfg, on_gpu: bool, world_size: int) -> bool:
     blockers = optimizer_in_backward_blockers(cfg, on_gpu, world_size)
     if cfg.optimizer_in_backward is None:
         # On wherever it can be: the same updates in less memory for at most 1.6% of the tokens/s (torch's AdamW
-        # steps a layer at a time, one fused launch each; H200, round 19).
+        # steps a layer at a time, one fused launch each; H200, BENCHMARKS.md, "a layer's updates in one launch").
         return not blockers
     if cfg.optimizer_in_backward and blockers:
         raise TunelabError("optimizer_in_backward = True cannot run with " + "; ".join(blockers)
