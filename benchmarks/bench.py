@@ -34,8 +34,8 @@ the measured peak) and writes the rows as JSON to --out.
 
 MFU counts matmul FLOPs of the N non-embedding weights, attention left out: 6N per token for full fine-tuning,
 4N for LoRA / QLoRA (forward + input gradients), plus 2N where gradient checkpointing recomputes the forward (also
-where our checkpoint keeps the q, k, v and o projections and recomputes less: the same count as earlier rounds, so
-those rows read a few points high).
+where our checkpoint keeps the q, k, v and o projections and recomputes less: every row is counted alike, so those
+rows read a few points high).
 "+attn" adds attention's matmuls (QK^T and PV over the causal half of each row, forward, twice that backward, once
 more recomputed unless our checkpoint keeps attention's output): at long context they are as much work as the
 weights' (32k on an 8B shape), so only this figure says how close a step is to the chip's limit. Peak: 989 TFLOP/s
@@ -419,7 +419,7 @@ HEADER = ("| case | baseline tok/s | ours tok/s | speed-up | baseline peak alloc
 
 def host_cpu() -> str:
     """The host's CPU model and core count: eager peers (HF's loop) wait on the CPU, so their speed, and every ratio
-    against them, moves with the lent machine's host (BENCHMARKS.md round 26)."""
+    against them, moves with the lent machine's host (BENCHMARKS.md, "HF amp on LoRA bf16 again")."""
     model = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:

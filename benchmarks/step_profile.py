@@ -20,7 +20,7 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 def kernel_kind(name: str) -> str:
     """A coarse class for a CUDA kernel's name, to see where a step's GPU time goes. "optimizer" also holds torch's
     foreach kernels (`multi_tensor_apply`): fused AdamW, but also the gradient norms `StepsInBackward` takes for the
-    log, one launch a parameter with 8-bit AdamW (BENCHMARKS.md round 26)."""
+    log (one launch a layer)."""
     low = name.lower()
     for kind, words in (("compiled (triton)", ("triton",)), ("attention", ("flash", "fmha", "cudnn", "attn")),
                         ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")),

@@ -5,7 +5,8 @@ checkpointed compiled layer computes in forward and again in backward, for every
 linear (Llama-7B LoRA 2k: 2.3 G elements a pass). Here only the seed is random, one 32-bit integer a call; the
 mask is a function of (seed, position), a few integer multiplies and shifts that inductor fuses into the kernel
 that writes the input anyway: a Llama-7B LoRA 2k step runs 3% faster, QLoRA 5%, in 0.14 GiB less reserved memory
-(H200, BENCHMARKS.md round 20). That holds in compiled code only; `HashedDropout` runs torch's dropout elsewhere.
+(H200, BENCHMARKS.md, "LoRA dropout with hashed masks"). That holds in compiled code only; `HashedDropout` runs
+torch's dropout elsewhere.
 
 Each element is kept with probability 1 - p (p rounded to a multiple of 2**-24) and scaled by 1 / (1 - p), as
 `torch.nn.Dropout` does; each call draws its own seed, so the adapters of q, k and v, which share one input, get

@@ -118,9 +118,9 @@ def lean_lora_forward(self, x, *args, **kwargs):
 
 
 WEIGHT_PASS_COST = 1.0
-"""How much a pass over a weight costs against one over an activation of the same size, fitted on an H200. Since the
-adapter's product is added inside the dequantisation's kernel, merging every layer ran faster at every length
-measured: Llama-3.1-8B QLoRA r32 +1.2% at 2k tokens, +0.5% at 4k (BENCHMARKS.md round 25). Below 2k it is not
+"""How much a pass over a weight costs against one over an activation of the same size, fitted on an H200. With the
+adapter's product added inside the dequantisation's kernel, merging every layer is faster at every length measured:
+Llama-3.1-8B QLoRA r32 +1.2% at 2k tokens, +0.5% at 4k (BENCHMARKS.md, "QLoRA merges from 2k"). Below 2k it is not
 measured, so the cost is the largest that still merges every layer at 2k: a 4096-wide layer merges from about 820
 tokens a row, an 8B MLP's down projection from 1,900."""
 

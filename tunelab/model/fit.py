@@ -29,8 +29,9 @@ def fit_plan_to_card(cfg, device=None, plan=None, *, world_size: int | None = No
     q, k, v, o projections (the fastest arrangement), but holds more of the recomputed MLP at once, and parks the
     projections in CPU memory. The first arrangement that the card holds (and, keeping the projections, the CPU
     memory available now): as planned; without the projections; the checkpoint around the compiled layer
-    (Llama-3.1-8B QLoRA 32k: 14.7 GiB reserved inside with the projections, 13.7 without, 12.7 around; BENCHMARKS.md
-    rounds 21 and 27). Where none fits, the plan stays as it is (and the estimate names settings that would)."""
+    (Llama-3.1-8B QLoRA 32k: 14.7 GiB reserved inside with the projections, 13.7 without, 12.7 around; BENCHMARKS.md,
+    "the checkpoint keeps attention's output at long context" and "the checkpoint keeps the q, k, v and o projections
+    at long context"). Where none fits, the plan stays as it is (and the estimate names settings that would)."""
     plan = plan or plan_fast_path(cfg, "cuda", world_size or cfg.sequence_parallel_size)
     if not (plan.offload_activations and plan.checkpoint_inside_compile):
         return plan

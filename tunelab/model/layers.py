@@ -37,7 +37,7 @@ is recomputed one layer at a time in backward. Two things still grow with the se
   slice's intermediates exist at a time. The MLP is position-wise: slicing changes only the order of the sums in
   the adapters' gradients. It costs one more MLP forward a step, so it is used only when the configured
   row exceeds the slice (by default 32k with offloaded layer inputs, whose freed memory pays for the whole MLP's
-  intermediates, else 8k: BENCHMARKS.md round 14).
+  intermediates, else 8k: BENCHMARKS.md, "long rows offloaded by default").
 
 tests/test_layers.py checks loss and gradients of every combination against the plain path.
 """

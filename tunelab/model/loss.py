@@ -82,8 +82,9 @@ def _compiled_cross_entropy_and_grad():
 
 def compiled_cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
     """cross_entropy_and_grad compiled once: dynamic in its rows from the start (the last chunk is shorter), the
-    vocabulary a constant. With every size dynamic (`dynamic=True`), the softmax gradient's kernel took 170 us for a
-    chunk's 64 MiB of bf16 logits (0.8 TB/s), with the vocabulary known 100 us (BENCHMARKS.md round 28)."""
+    vocabulary a constant. With every size dynamic (`dynamic=True`), the softmax gradient's kernel takes 170 us for a
+    chunk's 64 MiB of bf16 logits (0.8 TB/s), with the vocabulary known 100 us (BENCHMARKS.md, "four small costs out
+    of every step")."""
     torch._dynamo.maybe_mark_dynamic(logits, 0)
     torch._dynamo.maybe_mark_dynamic(targets, 0)
     return _compiled_cross_entropy_and_grad()(logits, targets, softcap)

@@ -8,8 +8,8 @@ plan (`tunelab.model.plan`) runs it on a GPU; `fits` adds the CUDA context and a
 
 Several processes: sequence parallelism (`sequence_parallel_size = N`) gives each GPU 1/N of every row's tokens, so
 every per-token term is for max_length / N tokens, plus the all-to-all's buffers; the engine's sharding (ZeRO-1/2/3,
-FSDP2) divides optimizer states, gradients and weights over the processes. Both are arithmetic, not yet checked
-against measured peaks (no multi-GPU machine has been lent).
+FSDP2) divides optimizer states, gradients and weights over the processes. Both are arithmetic that no measured
+peak checks: the peaks in tests/test_memory.py are all of one GPU.
 
 What is decided from the estimate (the plan fitted to a card, the fewest GPUs a row must be split over,
 `tunelab plan`'s report) is in `tunelab.model.fit`.
@@ -37,7 +37,8 @@ GIB = 2**30
 ACT_PER_TOKEN = {"full": (20.0, 8.5), "lora": (30.0, 11.5), "qlora": (30.0, 11.5)}
 # Of LoRA's, the dropout copies (bf16): the inputs of q/k/v, o, gate and up (six hidden-size ones) and of down (one
 # intermediate-size one). With lora_dropout = 0 peft skips dropout: compiled with the checkpoint inside, a layer's
-# activations at dropout 0 read about 30% under those at 0.1 (tests/test_memory.py, rounds 15-16).
+# activations at dropout 0 read about 30% under those at 0.1 (the H200 peaks at Unsloth's settings in
+# tests/test_memory.py).
 DROPOUT_COPIES_PER_TOKEN = (12.0, 2.0)
 # torch.compile (use_compile, on by default on GPU) fuses element-wise ops, so a layer keeps fewer activations:
 # a checkpointed layer (True), the whole model without checkpointing (False). The checkpoint inside the compiled
@@ -221,7 +222,8 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
             and merges_into_the_weight(tokens, h, inter)):
         # The MLP's gate and up run merged with their adapters (one matmul by W + scale * B @ A): each product is
         # written once, not as the base output and its copy with the adapter added: one intermediate-size tensor a
-        # token less where the recomputed MLP peaks (rounds 23-27: 32k peaks fell 0.9 GiB)
+        # token less where the recomputed MLP peaks (Llama-3.1-8B QLoRA r32 32k: 13.01 GiB allocated, 13.89 without the
+        # merge; BENCHMARKS.md, "the checkpoint keeps the q, k, v and o projections at long context")
         a_i -= 1.0
     # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
     layer_act = tokens * a_h * h + min(tokens, plan.mlp_slice or tokens) * a_i * inter

@@ -144,8 +144,8 @@ def add_scaled_product_(acc: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alp
     """acc += alpha * b @ a, in place: cuBLAS adds the product in its epilogue. As a custom op that mutates `acc`,
     compiled code calls it in place on a fresh `acc` (inductor re-inplaces it), where a traced `acc.addmm_` becomes
     an out-of-place addmm that first copies `acc` into a new buffer: a pass over the weight and a memcpy launch per
-    4-bit layer in backward (7.0 ms of copies and 4.7 ms of idle after them in an 8k Llama-3.1-8B QLoRA step,
-    BENCHMARKS.md round 28)."""
+    4-bit layer in backward (7.0 ms of copies and 4.7 ms of idle after them in an 8k Llama-3.1-8B QLoRA step;
+    BENCHMARKS.md, "four small costs out of every step")."""
     acc.addmm_(b, a, alpha=alpha)
 
 

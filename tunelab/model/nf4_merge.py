@@ -7,7 +7,7 @@ second kernel reading the 4-bit bytes and that product to write the sum, or in b
 recompute's kernel, bitsandbytes' dequantisation and an addmm over its output. Here one kernel reads the 4-bit bytes
 and their scales, takes the product's tile in registers (`tl.dot`, fp32 accumulation over the rank) and writes the
 sum: half a byte read and two written per element, the least the result allows. On an H200 it takes 24 µs for a
-4096 x 4096 weight where the plain ops take 43 (BENCHMARKS.md round 29).
+4096 x 4096 weight where the plain ops take 43 (BENCHMARKS.md, "the merged 4-bit weight in one Triton kernel").
 
 The numbers: each element is bitsandbytes' dequantisation bit for bit (code * scale in fp32, rounded once to the
 compute dtype; no fused multiply-adds, as in bitsandbytes' two-step nested scale), then the product is added in fp32
@@ -29,7 +29,9 @@ import torch
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-TILE = (64, 64, 8)  # a program writes 64 rows x 128 columns (64 byte pairs) with 8 warps: the fastest of eight (round 29)
+# A program writes 64 rows x 128 columns (64 byte pairs) with 8 warps: the fastest of eight tiles measured on an H200
+# (BENCHMARKS.md, "the merged 4-bit weight in one Triton kernel").
+TILE = (64, 64, 8)
 
 
 @functools.cache
@@ -47,7 +49,8 @@ def _kernel():
         # A program writes ROWS rows x 2 * PAIRS columns: PAIRS bytes a row, byte j holding columns 2j (its high
         # nibble) and 2j + 1, so each nibble's value is computed where it is read, and the two halves interleaved
         # at the end. Rows are whole blocks (the caller checks), so each block's scale is read once and broadcast
-        # over its BLOCKSIZE / 2 bytes; reading it per element made the kernel 2-3x slower (BENCHMARKS.md round 29).
+        # over its BLOCKSIZE / 2 bytes; read per element, it makes the kernel 2-3x slower (BENCHMARKS.md, "the merged
+        # 4-bit weight in one Triton kernel").
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         pairs = tl.program_id(1) * PAIRS + tl.arange(0, PAIRS)
         n_blocks_in_row = n_cols // BLOCKSIZE

@@ -58,9 +58,9 @@ class LayerInputOffload:
     i-1's while layer i's backward computes. So two layers' saved tensors are on the GPU at a time instead of every
     layer's (one layer's above PINNED_MAX_BYTES, copied synchronously). A layer's tensors leave when the next layer
     call begins: those of the last layer before backward never leave, since backward needs them first and their
-    memory is held until then anyway (copied out and back, the first layer of backward waited 5 ms of an 8k step's
-    758, BENCHMARKS.md round 25). Tensors above PINNED_MAX_BYTES leave at once, freeing their memory. One offloader
-    serves all layers of a model (it keeps the order they were parked in).
+    memory is held until then anyway (copied out and back, the first layer of backward waits 5 ms of an 8k step's
+    758: BENCHMARKS.md, "the last layer's tensors stay for backward"). Tensors above PINNED_MAX_BYTES leave at once,
+    freeing their memory. One offloader serves all layers of a model (it keeps the order they were parked in).
     """
 
     def __init__(self):

@@ -229,7 +229,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                     loss_sum += micro_loss_sum.detach().double()
                 # The next step's data while the GPU works through this one's backward: reading the gradient
                 # norm and the loss below waits for the GPU, which would then idle while the CPU collates and
-                # gathers embedding rows (up to 9 ms of an 8k step, BENCHMARKS.md round 28).
+                # gathers embedding rows (up to 9 ms of an 8k step; BENCHMARKS.md, "four small costs out of every
+                # step").
                 upcoming = data_of(next(groups)) if step + 1 < total_steps else None
                 # 5. step: (fp16: unscale,) clip, update, zero the gradients; then the schedule moves on
                 lr = optimizer.param_groups[0]["lr"]

@@ -52,10 +52,11 @@ class StepsInBackward:
     the ones `optimizer.step()` after backward makes. The optimiser itself keeps its state and lr schedule as usual.
 
     What is updated together: a layer's parameters, once its last gradient has come. Their gradient norms (for the
-    log) are one launch for the layer; torch's AdamW steps them in one fused launch too (a launch a parameter cost a
-    QLoRA step 8%, a launch a layer 0.8%: BENCHMARKS.md rounds 18 and 19), bitsandbytes' 8-bit AdamW (tunelab's)
-    one kernel a parameter, as it always does. (With a norm a parameter, 8-bit AdamW's step spent 6 ms of an 8k
-    Llama-3.1-8B QLoRA step on 448 tiny norm launches: round 28.) A layer's LoRA gradients are a few MiB.
+    log) are one launch for the layer; torch's AdamW steps them in one fused launch too (a launch a parameter costs a
+    QLoRA step 8%, a launch a layer 0.8%: BENCHMARKS.md, "each update made inside backward" and "a layer's updates in
+    one launch"), bitsandbytes' 8-bit AdamW (tunelab's) one kernel a parameter, as it always does. (A norm a
+    parameter would put 448 tiny norm launches, 6 ms, into an 8k Llama-3.1-8B QLoRA step with 8-bit AdamW:
+    BENCHMARKS.md, "four small costs out of every step".) A layer's LoRA gradients are a few MiB.
 
     The loop calls `step()` after backward as ever: it updates any parameter whose layer did not complete (a
     parameter that got no gradient this step leaves its layer waiting) and takes the gradient norm (for the log)
