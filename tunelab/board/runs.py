@@ -2,7 +2,7 @@
 
 * `train_log.jsonl` (tunelab/train/progress.py): the curves (loss, eval loss, lr, grad norm, tokens/s, memory).
 * `run.json` (tunelab/train/run_status.py): running / finished / stopped / failed / crashed, and the settings.
-* `resolved_config.py`: the settings of a run that has no run.json yet (or was made by an older tunelab).
+* `resolved_config.py`: the settings of a run whose work dir has no run.json (or none yet).
 * `eval_outputs_iter_N.json` (tunelab/train/evaluate.py): the answers to the evaluation questions at step N.
 
 So a finished run, a running one and one that crashed are all read the same way, by a board started before, during

@@ -52,7 +52,7 @@ example:
 
 
 def _positive_int(text: str) -> int:
-    """argparse type for counts: `-n 0` used to show one sample anyway, `--num-proc 0` to mean the config's."""
+    """argparse type for counts (`-n`, `--num-proc`): a whole number of 1 or more, else argparse's error."""
     try:
         value = int(text)
     except ValueError:

@@ -144,7 +144,7 @@ MULTIMODAL_ONLY = ("freeze_llm", "visual_encoder_lora", "pretrained_pth", "image
 
 # --- settings that are gone ----------------------------------------------------------------------------------------
 
-# Former switches of levers that compute the plain path's numbers: they are always part of the fast path now.
+# Switches of levers that compute the plain path's numbers: those levers are always part of the fast path.
 RETIRED_SETTINGS = {
     "use_varlen_attention": "varlen flash attention over packed rows",
     "use_chunked_loss": "the chunked loss over trained tokens",

@@ -37,9 +37,8 @@ from tunelab.data.sources import collect_samples, special_text_pattern
 from tunelab.data.templates import get_template
 from tunelab.errors import TunelabError
 
-# bump when reading, encoding or packing changes, so old caches are not reused
-# (3: content parts, tools, switches; ids of the whole text; 4: CSV cells as text, empty replies not trained,
-# reports of map-fn drops, empty replies and unread files)
+# The cache's format: a new number whenever reading, encoding or packing changes, so a cache that other code wrote is
+# not reused
 CACHE_VERSION = 4
 CHUNK = 1000  # samples per tokenizer call / per worker task
 

@@ -204,7 +204,7 @@ def run_decoder_layers(layers, plan) -> dict:
                   else _keep_attention_outputs if plan.keeps_attention
                   else _recompute_every_op if plan.checkpoint_tags_each_op else None)
     if plan.compile and inside:
-        # transformers 5.25 (with `kernels`, which it now installs) wraps attention's forward in code that sets and
+        # transformers 5.25 (with `kernels`, which it installs) wraps attention's forward in code that sets and
         # resets a context variable every call. Dynamo refuses a side effect inside a compiled checkpoint unless told
         # that the recompute need not replay it: this one is undone before the call returns, and tunelab's layer
         # code has none of its own (tests/test_layers.py compiles the layers on whichever transformers is installed).

@@ -266,7 +266,7 @@ def _newest_sound_checkpoint(work_dir: Path, *, overwrite: bool, log) -> Path | 
         problem = verify_checkpoint(path)
         if problem is None:
             if not (path / MANIFEST_FILE).is_file():
-                log(f"note: {path} has no {MANIFEST_FILE} (saved by an older tunelab): resuming without checking it")
+                log(f"note: {path} has no {MANIFEST_FILE}: resuming without checking it")
             pointed = last_checkpoint(work_dir)
             if pointed not in (None, path):
                 log(f"note: {layout.POINTER_FILE} names {pointed.name}; {path.name} is newer")

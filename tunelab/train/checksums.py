@@ -39,8 +39,8 @@ def write_manifest(checkpoint: Path) -> None:
 
 
 def verify_checkpoint(checkpoint: Path) -> str | None:
-    """None when every file listed in checksums.json is there with its size and hash (or the checkpoint has no
-    checksums.json: saved by an older tunelab); otherwise what is wrong, in words."""
+    """None when every file listed in checksums.json is there with its size and hash, or when the checkpoint has no
+    checksums.json (nothing to check it against); otherwise what is wrong, in words."""
     manifest_path = Path(checkpoint) / MANIFEST_FILE
     if not manifest_path.is_file():
         return None

@@ -117,8 +117,8 @@ def write_pointer(work_dir: str | Path, checkpoint: Path) -> None:
 def last_checkpoint(work_dir: str | Path) -> Path | None:
     """The checkpoint `last_checkpoint` names, or None (no pointer yet, or it names nothing that exists).
 
-    Only the folder of that name inside this work dir counts, so a work dir that was moved or copied reads its own
-    checkpoints, also where the pointer holds the absolute path of the original (older tunelab versions wrote that)."""
+    Only the last part of the name counts, as a folder inside this work dir, so a work dir that was moved or copied
+    reads its own checkpoints, also where the pointer holds an absolute path (into the original work dir)."""
     work_dir = Path(work_dir)
     pointer = work_dir / POINTER_FILE
     if not pointer.is_file():
