@@ -1,4 +1,4 @@
-"""Detect each record's format and turn it into the canonical sample (docs/DESIGN.md, "The canonical sample").
+"""Detect each record's format and turn it into the canonical sample (docs/DATA.md, "Formats").
 
 A sample is ``{"messages": [Message, ...], "tools"?: [Tool, ...]}`` or ``{"text": "..."}`` (continued
 pretraining). Everything after this module sees only these two. How one message is read (content parts, tool calls,

@@ -1,4 +1,5 @@
-"""One message of any source format -> the canonical Message (docs/DESIGN.md, "The canonical sample").
+"""One message of any source format -> the canonical Message (docs/DATA.md, "What a message may carry"; the
+Messages the templates take: docs/DESIGN.md, "Contracts between the steps").
 
     {"role": "system"|"user"|"assistant"|"tool", "content": str,
      "tool_calls": [...], "reasoning_content": str, "name": str, "train": False}   (the last four optional)

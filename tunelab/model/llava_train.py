@@ -56,7 +56,7 @@ def build_for_training(cfg, device: torch.device, *, checkpointing: bool):
     """The LlavaForConditionalGeneration `cfg` trains (peft-wrapped for lora / qlora), on `device`, without the fast
     path (the caller switches it on, on the language model)."""
     dtype = resolve_dtype(cfg.dtype, device)
-    bits = cfg.resolved_quant_bits()  # (the settings were checked together: tunelab.config.schema)
+    bits = cfg.resolved_quant_bits()  # (the settings were checked together: tunelab.config.checks.combination_errors)
 
     def prepare(llm):
         llm.config.use_cache = False

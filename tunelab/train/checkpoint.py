@@ -199,7 +199,7 @@ def resolve_resume(resume: str | None, work_dir: Path) -> Path | None:
     if newest is not None:  # a work dir was given: take its newest checkpoint
         return newest
     raise TunelabError(f"--resume {resume}: not a checkpoint (expected a directory like WORK_DIR/iter_500 holding "
-                       f"{STATE_FILE}). Use --resume auto to continue from the last one in the work dir.")
+                       f"{MODEL_DIR}/). Use --resume auto to continue from the last one in the work dir.")
 
 
 def choose_start(work_dir: Path, resume: str | None, *, overwrite: bool, env, log=print) -> Path | None:
