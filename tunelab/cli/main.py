@@ -39,33 +39,23 @@ try it on CPU in minutes:  tunelab demo
 """
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunelab",
         description="Fine-tune open LLMs: full, LoRA and QLoRA; convert, merge and chat.",
         epilog=EPILOG,
-        formatter_class=HelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     version = sub.add_parser(
         "version", help="print the versions of tunelab and its main dependencies",
         description="Print the versions of tunelab and its main dependencies.\n\nexample:\n  tunelab version",
-        formatter_class=HelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     version.set_defaults(func=_print_version)
     for name in VERB_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a verb group not written yet must not break the others
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -98,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_library_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
-    # The launcher re-runs the same command line under torchrun; keep it (in-process calls pass argv).
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
