@@ -141,11 +141,8 @@ def run_plan(args) -> int:
 
     from tunelab.config.loader import load_config
     from tunelab.errors import TunelabError
+    from tunelab.model.fit import plan_report
 
-    try:
-        from tunelab.model.fit import plan_report
-    except ImportError:
-        raise TunelabError("the memory estimate (tunelab/model/memory.py) is not available in this install.") from None
     cfg = load_config(args.config, _overrides(args))
     if args.gpus is not None and (args.gpus < 1 or args.gpus % cfg.sequence_parallel_size):
         raise TunelabError(f"--gpus {args.gpus}: give a positive multiple of sequence_parallel_size "

@@ -58,12 +58,10 @@ def _deepspeed_presets() -> tuple[str, ...]:
 
 
 def _templates() -> tuple[str, ...]:
-    """Template names from the data step, plus 'hf'; empty when it cannot be imported (then nothing is checked)."""
-    try:
-        from tunelab.data.templates import TEMPLATES
-    except Exception:  # the data step is optional here: never fail config loading because of it
-        return ()
-    return tuple(sorted({*TEMPLATES, "hf"}))
+    """Template names from the data step ('hf' among them: the tokenizer's own)."""
+    from tunelab.data.templates import TEMPLATES
+
+    return tuple(sorted(TEMPLATES))
 
 
 def _dpo_losses() -> tuple[str, ...]:
@@ -112,7 +110,7 @@ DATA_PATH = Rule(lambda v: _data_path_problem(v) is None,
                  "a path, or a list of paths / {'path': ..., 'format': ..., 'ratio': ...} dicts",
                  problem=_data_path_problem)
 DATA_FORMAT = Rule(lambda v: v in _data_formats(), lambda: "one of " + _quoted(_data_formats()), _data_formats)
-PROMPT_TEMPLATE = Rule(lambda v: not _templates() or v in _templates(),
+PROMPT_TEMPLATE = Rule(lambda v: v in _templates(),
                        lambda: "a known template: one of " + _quoted(_templates()), _templates)
 REPORT_TO = Rule(lambda v: all(t in _trackers() for t in v), lambda: "a list of any of " + _quoted(_trackers()),
                  _trackers)

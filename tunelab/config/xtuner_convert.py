@@ -154,10 +154,8 @@ def _template(env: dict, out: dict, lost: list, used: set) -> None:
     if value is None:
         return
     name = value.last if isinstance(value, Ref) else value
-    try:
-        from tunelab.data.templates import TEMPLATES
-    except ImportError:  # the data step is optional for config tools
-        TEMPLATES = {}
+    from tunelab.data.templates import TEMPLATES
+
     if isinstance(name, str) and name in TEMPLATES:
         out["prompt_template"] = name
     else:

@@ -228,14 +228,12 @@ def oom_message(cfg, *, step: int, device: torch.device, last: Path | None) -> s
 def check_memory_fits(cfg, device: torch.device, log=print, plan=None, world_size: int = 1) -> None:
     """Before loading anything: estimate the GPU memory this run needs on each of its `world_size` GPUs
     (tunelab.model.memory) and stop early, naming settings that would fit, when it cannot. Skipped on CPU and where
-    no estimate is available."""
+    no estimate can be made (the estimate's error is logged)."""
     if device.type != "cuda":
         return
-    try:
-        from tunelab.model.fit import plan_report
-        from tunelab.model.memory import available_cpu_memory, estimate_memory
-    except ImportError:
-        return
+    from tunelab.model.fit import plan_report
+    from tunelab.model.memory import available_cpu_memory, estimate_memory
+
     try:
         estimate = estimate_memory(cfg, device, plan, world_size=world_size)
     except TunelabError as exc:  # e.g. a hub model whose shape is unknown before download
