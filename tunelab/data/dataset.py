@@ -28,7 +28,7 @@ import numpy as np
 
 from tunelab.data.encode import encode_batch
 from tunelab.data.encode_preference import row_capacity, with_kl_completions
-from tunelab.data.files import list_data_files
+from tunelab.data.files import data_files
 from tunelab.data.multimodal import ImageTokens, expand_image_tokens, image_tokens
 from tunelab.data.packing import TokenRows, pack_rows
 from tunelab.data.reports import file_warnings, source_warnings
@@ -191,7 +191,7 @@ def cache_key(cfg, tokenizer, template, sources: list[Source], tokens: Optional[
     files = []
     for s in sources:
         if s.kind == "files":
-            files.append([_file_fingerprint(f) for f in list_data_files(s.resolved)])
+            files.append([_file_fingerprint(f) for f in data_files(s.resolved)[0]])
         elif s.kind == "disk":
             files.append([_file_fingerprint(f) for f in sorted(s.resolved.rglob("*")) if f.is_file()])
         else:

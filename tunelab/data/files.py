@@ -59,10 +59,6 @@ def data_files(path: Path) -> tuple[list[Path], list[Path]]:
     return files, others
 
 
-def list_data_files(path: Path) -> list[Path]:
-    return data_files(path)[0]
-
-
 def _names(files: list[Path], folder: Path, shown: int = 10) -> str:
     names = [str(f.relative_to(folder)) for f in files]
     return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")

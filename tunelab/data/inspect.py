@@ -24,7 +24,7 @@ from tunelab.data.images import image_reading
 from tunelab.data.multimodal import IMAGE_TOKEN, image_tokens
 from tunelab.data.packing import best_fit_rows
 from tunelab.data.data_path import resolve_sources
-from tunelab.data.sources import collect_samples, read_samples
+from tunelab.data.sources import collect_samples, read_source
 from tunelab.data.templates import get_template
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -157,8 +157,8 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
     tokens = image_tokens(cfg, tokenizer)
     for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
                                   multimodal=images is not None):
-        samples += read_samples(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn, system=cfg.SYSTEM,
-                                stats=stats, limit=n - len(samples), objective=cfg.objective, images=images)
+        samples += read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn, system=cfg.SYSTEM,
+                               stats=stats, limit=n - len(samples), objective=cfg.objective, images=images)[0]
         if len(samples) >= n:
             break
     shown = []

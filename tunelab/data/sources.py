@@ -269,14 +269,6 @@ def _drop_unreadable_images(samples: list[dict], origins: list[int], stats, skip
     return [samples[i] for i in keep], [origins[i] for i in keep]
 
 
-def read_samples(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
-                 limit: Optional[int] = None, objective: str = "sft", images: Optional[ImageReading] = None
-                 ) -> list[dict]:
-    """All samples of one source, normalised; bad records raise, or are counted when skip_invalid."""
-    return read_source(source, skip_invalid=skip_invalid, map_fn=map_fn, system=system, stats=stats, limit=limit,
-                       objective=objective, images=images)[0]
-
-
 def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
     """ratio 1 keeps every item once; 0.5 a random half; 2.5 every item twice plus a random half."""
     whole, part = int(ratio), ratio - int(ratio)
