@@ -1,9 +1,10 @@
 """Evaluation during training: the model answers the config's questions, and (optionally) held-out loss.
 
 The questions are answered with the config's template and SYSTEM, greedily, at most `eval_max_new_tokens` new
-tokens, one at a time by transformers' `generate` (`tunelab.model.generate.generate_reply`). The prompt is rendered
-and the reply cut at the template's stop words as `tunelab chat` does them, though chat decodes with its own batched
-loop (`tunelab.chat.batcher`). They are answered once before training too, so the change is visible side by side.
+tokens, each question on its own by transformers' `generate` (`tunelab.model.generate.generate_reply`). The prompt
+is rendered and the reply cut at the template's stop words as `tunelab chat` does them, though chat decodes with its
+own batched loop (`tunelab.chat.batcher`). They are answered once before training too, so the change is visible side
+by side.
 """
 
 from __future__ import annotations
