@@ -227,7 +227,7 @@ def test_the_memory_plan_counts_pairs_and_the_reference(monkeypatch):
     assert "objective dpo (reference: adapters_off), rows of 2048 tokens (a pair)" in report
 
 
-def test_settings_that_cannot_go_together_are_refused():
+def test_settings_that_cannot_go_together_are_refused(tmp_path):
     from tunelab.config.checks import combination_errors
     from tunelab.config.schema import TrainConfig
 
@@ -236,6 +236,11 @@ def test_settings_that_cannot_go_together_are_refused():
 
     assert "no adapters to switch off" in errors(objective="dpo", method="full", reference="adapters_off")
     assert "FSDP / ZeRO-3" in errors(objective="kto", method="full", reference="copy", deepspeed="zero3")
+    stage3 = tmp_path / "my_zero.json"  # ZeRO-3 by its own DeepSpeed file, not by the preset's name
+    stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert "FSDP / ZeRO-3" in errors(objective="dpo", method="full", reference="copy", deepspeed=str(stage3))
+    assert "FSDP / ZeRO-3" in errors(objective="dpo", method="full", reference="copy", fsdp=True)
+    assert errors(objective="dpo", method="full", reference="copy", deepspeed="zero2") == ""
     assert "label_smoothing" in errors(objective="dpo", dpo_loss="hinge", label_smoothing=0.1)
     assert "train_on = 'all'" in errors(objective="orpo", train_on="all")
     assert errors(objective="dpo", method="qlora", label_smoothing=0.1) == ""

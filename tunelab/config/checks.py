@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from tunelab.config.schema import TrainConfig, default_value, field_rule, field_types
 from tunelab.config.typecheck import check_type, describe_type, did_you_mean
+from tunelab.errors import TunelabError
 
 # --- checking values -----------------------------------------------------------------------------------------------
 
@@ -112,6 +113,17 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
     return errors + _preference_errors(cfg, at)
 
 
+def _shards_weights(cfg: TrainConfig) -> bool:
+    """FSDP, or ZeRO-3 by preset or by a DeepSpeed .json's stage (an unreadable .json is reported when training
+    builds the DeepSpeed config, with the file's own error)."""
+    from tunelab.model.memory import sharded_by_engine
+
+    try:
+        return "weights" in sharded_by_engine(cfg)
+    except TunelabError:
+        return False
+
+
 def _preference_errors(cfg: TrainConfig, at) -> list[str]:
     errors = []
     objective = cfg.objective
@@ -120,8 +132,7 @@ def _preference_errors(cfg: TrainConfig, at) -> list[str]:
     if cfg.resolved_reference() == "adapters_off" and cfg.method == "full":
         errors.append(f"{at('reference')}reference = 'adapters_off' with method = 'full': there are no adapters to "
                       f"switch off. Use reference = 'copy' or 'precomputed' (or 'auto').")
-    sharded = cfg.fsdp or (cfg.deepspeed or "").startswith("zero3")
-    if cfg.resolved_reference() == "copy" and sharded:
+    if cfg.resolved_reference() == "copy" and _shards_weights(cfg):
         errors.append(f"{at('reference')}reference = 'copy' keeps a whole frozen copy on every GPU, which FSDP / ZeRO-3 "
                       f"would not shard. Use reference = 'precomputed'.")
     if cfg.label_smoothing and not (objective == "simpo" or (objective == "dpo" and cfg.dpo_loss == "sigmoid")):
