@@ -414,6 +414,27 @@ def test_engine_vllm_starts_vllm_with_the_trained_template(tmp_path_factory, fak
     assert rendered == expected
 
 
+def test_engine_vllm_prompts_a_model_without_tunelab_json_as_tunelab_chat_does(tiny_llama_dir, fake_vllm):
+    """A model trained elsewhere, its tokenizer without a chat_template: vLLM gets the template `tunelab chat`
+    chooses for it (a guess from its config), not none at all."""
+    from transformers import AutoTokenizer
+
+    from tunelab.chat.engine import load_chat_model
+    from tunelab.cli.main import main
+
+    assert not AutoTokenizer.from_pretrained(tiny_llama_dir).chat_template
+    assert main(["serve", str(tiny_llama_dir), "--engine", "vllm"]) == 0
+    (argv, _), = fake_vllm
+    template = Path(dict(zip(argv[3::2], argv[4::2]))["--chat-template"])
+    try:
+        rendered = AutoTokenizer.from_pretrained(tiny_llama_dir).apply_chat_template(
+            ASK, chat_template=template.read_text(encoding="utf-8"), tokenize=False, add_generation_prompt=True)
+    finally:
+        template.unlink()
+    chat = load_chat_model(str(tiny_llama_dir), device="cpu")
+    assert rendered == chat.template.render(ASK, add_generation_prompt=True)
+
+
 def test_engine_vllm_refuses_what_it_cannot_serve(tmp_path, fake_vllm, capsys):
     from tunelab.cli.main import main
 

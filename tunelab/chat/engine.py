@@ -182,26 +182,6 @@ def _resolve_paths(model_path: str, adapter: str | None) -> tuple[str, Path | No
     return model_path, adapter_dir, meta
 
 
-def choose_template(prompt_template: str | None, meta: dict | None, model_path: str, tokenizer):
-    """(template, where it came from): the flag, then tunelab.json, then a guess from the model, then 'default'."""
-    from tunelab.data import templates
-
-    if prompt_template:
-        return templates.get_template(prompt_template, tokenizer), "--prompt-template"
-    if meta and meta.get("prompt_template"):
-        return templates.get_template(meta["prompt_template"], tokenizer), "tunelab.json"
-    try:
-        guessed = templates.guess_template(model_path)
-    except (OSError, ValueError):  # an unreadable config.json: fall through to the tokenizer's own template
-        guessed = None
-    if guessed:
-        return templates.get_template(guessed, tokenizer), f"guessed from {model_path}"
-    if getattr(tokenizer, "chat_template", None):
-        return templates.get_template("hf", tokenizer), "the tokenizer's chat_template"
-    return templates.get_template("default", tokenizer), \
-        "fallback (no tunelab.json, no guess; pass --prompt-template to choose)"
-
-
 def check_bits(bits: int | None) -> None:
     if not bits:
         return
@@ -261,6 +241,8 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
         model.eval()
         if (adapter_dir / "tokenizer_config.json").is_file():
             tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code)
+    from tunelab.data.templates import choose_template
+
     template, source = choose_template(prompt_template, meta, base, tokenizer)
     _say(f"prompt template: {template.name} ({source})")
     if system is None:

@@ -47,7 +47,8 @@ class Scores:
 def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_template: str | None = None,
                       system: str | None = None, max_length: int | None = None, device: str = "auto",
                       dtype: str = "auto", bits: int | None = None, trust_remote_code: bool = False) -> RewardModel:
-    from tunelab.chat.engine import _resolve_paths, choose_template
+    from tunelab.chat.engine import _resolve_paths
+    from tunelab.data.templates import choose_template
     from tunelab.export.convert import pick_device
     from tunelab.model.load import load_causal_lm, load_tokenizer, resolve_dtype
 

@@ -1,8 +1,8 @@
 """`tunelab serve MODEL --engine vllm`: vLLM's OpenAI-compatible server for a merged model, with its tunelab template.
 
 vLLM (paged attention, CUDA graphs) serves many users faster than tunelab's own engine; this only starts it the way
-`tunelab serve` would: on 127.0.0.1 unless told otherwise, prompted with the template the model was trained with
-(`template_for_export`, the same one `convert merge` writes into the tokenizer), the API key passed in the
+`tunelab serve` would: on 127.0.0.1 unless told otherwise, prompted with the template `tunelab chat` would use (`templates.choose_template`: the one the
+model was trained with, which `convert merge` also writes into the tokenizer), the API key passed in the
 environment (VLLM_API_KEY) so it does not show in the process list.
 """
 
@@ -38,18 +38,18 @@ def vllm_command(model: str, *, host: str, port: int, served_name: str, template
 
 def write_template(model: str, *, prompt_template: str | None, system: str | None,
                    trust_remote_code: bool = False) -> tuple[str | None, str]:
-    """(a .jinja file holding the model's tunelab template, or None to keep the tokenizer's own; what was chosen)."""
-    from tunelab.export.convert import template_for_export
+    """(a .jinja file holding the template `tunelab chat` would prompt the model with, or None where that is the
+    tokenizer's own; what was chosen)."""
+    from tunelab.data.templates import choose_template, with_default_system
     from tunelab.model.load import load_tokenizer
     from tunelab.train.layout import read_meta
 
     meta = dict(read_meta(Path(model)) or {}) if Path(model).is_dir() else {}
-    if system is not None:
-        meta["system"] = system
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    template = template_for_export(meta, prompt_template, tokenizer)
-    if template is None:
-        return None, "the tokenizer's own chat_template (no tunelab.json, no --prompt-template)"
+    template, source = choose_template(prompt_template, meta, model, tokenizer)
+    if template.name == "hf":
+        return None, f"the tokenizer's own chat_template ({source})"
+    template = with_default_system(template, meta.get("system") if system is None else system)
     fd, path = tempfile.mkstemp(prefix="tunelab-template-", suffix=".jinja")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(template.to_jinja())

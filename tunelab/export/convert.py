@@ -9,7 +9,6 @@ Both copy `tunelab.json` along, so `tunelab chat` finds the template and system 
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -202,16 +201,12 @@ def pick_device(device: str) -> torch.device:
 
 def template_for_export(meta: dict, prompt_template: str | None, tokenizer):
     """The chat template the model was trained with, with the training system prompt as its default."""
-    from tunelab.data.templates import get_template
+    from tunelab.data.templates import get_template, with_default_system
 
     name = prompt_template or meta.get("prompt_template")
     if not name:
         return None
-    template = get_template(name, tokenizer)
-    system = meta.get("system")
-    if system and dataclasses.is_dataclass(template) and hasattr(template, "default_system"):
-        template = dataclasses.replace(template, default_system=system)
-    return template
+    return with_default_system(get_template(name, tokenizer), meta.get("system"))
 
 
 def _stop_token_ids(tokenizer, template) -> list[int]:

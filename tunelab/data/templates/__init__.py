@@ -8,6 +8,7 @@ lists them). 'hf' uses the tokenizer's own chat_template; `guess_template(model_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 from tunelab.data.templates.core import TOOL_ROLES, ChatTemplate, HFChatTemplate, hf_template
@@ -31,4 +32,33 @@ def get_template(name: str, tokenizer=None) -> ChatTemplate:
     raise TunelabError(f"unknown prompt_template {name!r}. Known templates: {known}")
 
 
-__all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "get_template", "guess_template"]
+def choose_template(prompt_template: str | None, meta: dict | None, model_path: str, tokenizer):
+    """(template, where it came from) for a model about to chat or be served: the flag, then the training record
+    (tunelab.json), then a guess from the model (its family, or its tokenizer's own chat_template), then 'default'.
+    `tunelab chat`, `serve` and `serve --engine vllm` all choose here, so they prompt a model alike."""
+    if prompt_template:
+        return get_template(prompt_template, tokenizer), "--prompt-template"
+    if meta and meta.get("prompt_template"):
+        return get_template(meta["prompt_template"], tokenizer), "tunelab.json"
+    try:
+        guessed = guess_template(model_path)
+    except (OSError, ValueError):  # an unreadable config.json: fall through to the tokenizer's own template
+        guessed = None
+    if guessed:
+        return get_template(guessed, tokenizer), f"guessed from {model_path}"
+    if getattr(tokenizer, "chat_template", None):
+        return get_template("hf", tokenizer), "the tokenizer's chat_template"
+    return get_template("default", tokenizer), \
+        "fallback (no tunelab.json, no guess; pass --prompt-template to choose)"
+
+
+def with_default_system(template: ChatTemplate, system: str | None) -> ChatTemplate:
+    """`template` rendering `system` when a conversation brings no system prompt (the one a model was trained with,
+    written into exported chat templates)."""
+    if system and dataclasses.is_dataclass(template) and hasattr(template, "default_system"):
+        return replace(template, default_system=system)
+    return template
+
+
+__all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "choose_template", "get_template",
+           "guess_template", "with_default_system"]
