@@ -119,7 +119,7 @@ def trial(args) -> None:
     objective = causal_lm_objective(plan)
     if group is not None:
         objective = SequenceParallelObjective(objective, group)
-    strategy.setup(model, stepper, objective)
+    strategy.setup(model, stepper, objective, precision.autocast_dtype)
     strategy.train()
     groups = strategy.data_env.world_size  # each reads its own row
     generator = torch.Generator().manual_seed(strategy.data_env.rank)

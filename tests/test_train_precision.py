@@ -135,3 +135,39 @@ def test_fp16_scales_the_loss_once():
         assert precision.autocast_dtype == torch.float16
         assert (precision.scaler is not None) == ours, strategy.name
     assert not DDP.scales_fp16_loss
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bf16"), (torch.float16, "fp16"), (None, "fp32")])
+def test_the_engines_that_cast_weights_compute_in_the_dtype_the_loop_chose(dtype, name, monkeypatch):
+    """FSDP2's mixed-precision policy and DeepSpeed's precision come from the loop's choice (cfg.dtype through
+    choose_precision), not from the weights' dtype: dtype = 'fp32' on a GPU computes in fp32 under both."""
+    import torch.distributed.fsdp as fsdp
+
+    from tunelab.config.schema import TrainConfig
+    from tunelab.train import deepspeed_configs
+    from tunelab.train.deepspeed_engine import DeepSpeed
+    from tunelab.train.distributed import DistEnv
+    from tunelab.train.strategy import FSDP2
+
+    policies = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, mp_policy: policies.append(mp_policy))
+    monkeypatch.setattr("tunelab.train.strategy.decoder_layers", lambda model: [model[0]])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=torch.bfloat16))  # 16-bit weights, whatever is asked
+    FSDP2(DistEnv()).setup(model, torch.optim.SGD(model.parameters(), lr=0.1), objective=None, compute_dtype=dtype)
+    assert [p.param_dtype for p in policies] == [dtype, dtype]
+
+    asked = []
+
+    def build(cfg, *, precision, world_size):
+        asked.append(precision)
+        raise _Stop
+
+    monkeypatch.setattr(deepspeed_configs, "build_deepspeed_config", build)
+    pytest.importorskip("deepspeed")
+    with pytest.raises(_Stop):
+        DeepSpeed(DistEnv(), TrainConfig(deepspeed="zero2")).setup(model, None, None, compute_dtype=dtype)
+    assert asked == [name]

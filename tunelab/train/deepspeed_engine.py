@@ -14,7 +14,7 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.model.parts import split_model
 from tunelab.train.distributed import DistEnv
-from tunelab.train.strategy import LossModule, SingleProcess, precision_name
+from tunelab.train.strategy import LossModule, SingleProcess
 
 
 class DeepSpeed(SingleProcess):
@@ -39,8 +39,8 @@ class DeepSpeed(SingleProcess):
         from tunelab.train.deepspeed_configs import build_deepspeed_config
 
         wrapped = LossModule(model, self.objective)
-        ds_config = build_deepspeed_config(self.cfg, precision=precision_name(model, self.env),
-                                           world_size=self.env.world_size)
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "fp32")
+        ds_config = build_deepspeed_config(self.cfg, precision=precision, world_size=self.env.world_size)
         self.zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
         if self.zero_stage == 3:
             # ZeRO-3 gathers a module's weights around that module's forward, and the objective reads lm_head's

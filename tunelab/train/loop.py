@@ -147,7 +147,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer
     if plan.optimizer_in_backward:  # each layer updated as backward hands over its gradients (no clipping)
         stepper = StepsInBackward(optimizer, model)
-    strategy.setup(model, stepper, objective)
+    strategy.setup(model, stepper, objective, precision.autocast_dtype)
 
     # --- resume: optimiser, schedule, RNG and data position as they were at the checkpoint ---------
     step, position = 0, {"epoch": 0, "micro_batch": 0, "data_seed": cfg.seed}

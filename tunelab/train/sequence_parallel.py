@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from tunelab.errors import TunelabError
 from tunelab.model.sequence_parallel import SequenceParallelObjective, check_heads
 from tunelab.train.distributed import DistEnv
@@ -70,14 +72,14 @@ class SequenceParallel:
         """The ranks that read different rows: one per sequence-parallel group."""
         self.name = f"{engine.name}, each row over {size} ranks (sequence parallel)"
 
-    def setup(self, model, optimizer, objective) -> None:
+    def setup(self, model, optimizer, objective, compute_dtype: torch.dtype | None = None) -> None:
         """The engine's setup, its objective run on this rank's shard of each row."""
         from tunelab.model.parts import split_model
 
         config = split_model(model)[0].config
         check_heads(config.num_attention_heads, getattr(config, "num_key_value_heads", None)
                     or config.num_attention_heads, self.size)
-        self.engine.setup(model, optimizer, SequenceParallelObjective(objective, self.group))
+        self.engine.setup(model, optimizer, SequenceParallelObjective(objective, self.group), compute_dtype)
 
     def __getattr__(self, name):
         # Everything else (forward_loss, backward, step, module, checkpoints) is the engine's.

@@ -1,7 +1,7 @@
 """How the training loop runs in one or several processes: one strategy object, chosen once, that the loop calls.
 
     strategy = choose_strategy(cfg, env)          # SingleProcess, DDP, FSDP2 or DeepSpeed (docs/DISTRIBUTED.md)
-    strategy.setup(model, optimizer, objective)   # wrap the model as the engine needs it
+    strategy.setup(model, optimizer, objective, compute_dtype)  # wrap the model as the engine needs it
     with strategy.accumulating(last=...):         # the gradient all-reduce only on the last micro-batch of a step
         loss_sum, n_tokens = strategy.forward_loss(batch)
         strategy.backward(loss)
@@ -80,16 +80,6 @@ class LossModule(torch.nn.Module):
         return self.objective(self.model, batch)
 
 
-def precision_name(model, env: DistEnv) -> str:
-    """The engines' mixed-precision mode for `model`'s weights: 'bf16', 'fp16' or 'fp32'."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if env.device.type != "cuda":
-        return "fp32"
-    if dtype == torch.float32:  # fp32 weights on a GPU (full fine-tuning): compute in bf16 where it exists
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-
-
 class SingleProcess:
     """One process: every call is the plain PyTorch one."""
 
@@ -107,12 +97,17 @@ class SingleProcess:
         """What the forward runs through: the engine's wrapper, or the model itself."""
         self.optimizer = None
         self.objective = None
+        self.compute_dtype = None
+        """The autocast dtype the loop chose (`optim.choose_precision`), None for fp32: the engines that cast
+        weights themselves (FSDP2, DeepSpeed) compute in it too."""
 
-    def setup(self, model, optimizer, objective) -> None:
-        """Take the loaded model (fast path on), its optimizer and the objective `objective(model, batch) ->
-        (loss_sum, n_trained_tokens)`. Build the optimizer before: DeepSpeed takes it over, FSDP2 re-points it at the
-        sharded parameters. A `ScaledOptimizer` (fp16) is stepped through its scaler."""
+    def setup(self, model, optimizer, objective, compute_dtype: torch.dtype | None = None) -> None:
+        """Take the loaded model (fast path on), its optimizer, the objective `objective(model, batch) ->
+        (loss_sum, n_trained_tokens)` and the compute dtype (`Precision.autocast_dtype`). Build the optimizer before:
+        DeepSpeed takes it over, FSDP2 re-points it at the sharded parameters. A `ScaledOptimizer` (fp16) is stepped
+        through its scaler."""
         self.module, self.optimizer, self.objective = model, optimizer, objective
+        self.compute_dtype = compute_dtype
         self.wrapped = self._wrap(model)
 
     @property
@@ -239,9 +234,7 @@ class FSDP2(SingleProcess):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         before = dict(model.named_parameters())
-        precision = precision_name(model, self.env)
-        mp = MixedPrecisionPolicy(param_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
-                                  reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         layers = decoder_layers(model)
         if not layers:
             raise TunelabError(f"fsdp: found no decoder layers in {type(model).__name__}; this architecture needs "
