@@ -11,6 +11,7 @@ from tunelab.config.schema import TrainConfig
 from tunelab.data.collate import collate
 from tunelab.data.templates import get_template
 from tunelab.model.generate import GenerationSettings, generate_reply
+from tunelab.chat.engine import load_chat_model
 from tunelab.model.load import load_model_for_inference, load_model_for_training, load_tokenizer
 from tunelab.model.model_dir import supported_architectures
 from tunelab.model.loss import causal_lm_loss
@@ -80,10 +81,12 @@ def test_family_lora_qlora_step_and_chat(arch, tiny_model_factory):
     qlora = _one_step(TrainConfig(method="qlora", **common), tokenizer, template)
     assert any(type(m).__name__ == "Linear4bit" for m in qlora.modules())  # the base really is 4-bit
 
-    # chat: the trained adapter on the base, through the inference loader
+    # chat: the trained adapter on the base, loaded as `tunelab chat MODEL --adapter DIR` loads it
     adapter_dir = model_dir.parent / f"{model_dir.name}_adapter"
     lora.save_pretrained(adapter_dir)
-    model, tok = load_model_for_inference(str(model_dir), adapter=str(adapter_dir), device="cpu")
+    chat = load_chat_model(str(model_dir), adapter=str(adapter_dir), device="cpu", dtype="fp32",
+                           prompt_template=FAMILIES[arch][1])
+    model, tok = chat.model, chat.tokenizer
     # the loaded model carries the trained adapter: it computes what the trained model does (fp32), not the base
     base, _ = load_model_for_inference(str(model_dir), device="cpu")
     probe = torch.tensor([tokenizer("Who are you? I am an AI assistant.", add_special_tokens=False).input_ids])

@@ -100,8 +100,10 @@ def test_hub_id_while_offline(monkeypatch, tmp_path):
 
 
 def test_adapter_directory_without_adapter(tiny_llama_dir, tmp_path):
-    with pytest.raises(TunelabError, match="--adapter.*no adapter_config.json"):
-        load_model_for_inference(str(tiny_llama_dir), adapter=str(tmp_path), device="cpu")
+    from tunelab.chat.engine import load_chat_model
+
+    with pytest.raises(TunelabError, match="is not a LoRA adapter: .*adapter_config.json is missing"):
+        load_chat_model(str(tiny_llama_dir), adapter=str(tmp_path), device="cpu")
 
 
 def test_full_finetune_of_a_quantised_base(tiny_llama_dir):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from tunelab.errors import TunelabError
-from tunelab.export.adapters import ADAPTER_CONFIG, check_adapter_fits, find_adapter_dir
+from tunelab.export.adapters import ADAPTER_CONFIG, apply_adapter, find_adapter_dir
 from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, read_meta, resolve_checkpoint
 
 
@@ -234,10 +234,7 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
         except OSError as exc:
             raise TunelabError(f"cannot load the model {base!r}: {exc}") from None
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        check_adapter_fits(model, adapter_dir, base, meta=meta, allow_other_base=allow_other_base, say=_say)
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = apply_adapter(model, adapter_dir, base, meta=meta, allow_other_base=allow_other_base, say=_say)
         model.eval()
         if (adapter_dir / "tokenizer_config.json").is_file():
             tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code)

@@ -66,9 +66,9 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
                            trust_remote_code=trust_remote_code, key="MODEL", reward_head=True,
                            pad_token_id=tokenizer.pad_token_id)
     if adapter_dir is not None:
-        from peft import PeftModel
+        from tunelab.export.adapters import apply_adapter
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = apply_adapter(model, adapter_dir, base, meta=meta)
     model.eval()
     template, _ = choose_template(prompt_template, meta, base, tokenizer)
     return RewardModel(model, tokenizer, template, meta.get("system", "") if system is None else system,

@@ -162,6 +162,16 @@ def check_adapter_fits(model, adapter_dir: Path, base_name: str, *, meta: dict |
     check_adapter_base(model, adapter_dir, base_name, meta, allow_other_base=allow_other_base, say=say)
 
 
+def apply_adapter(model, adapter_dir: Path, base_name: str, *, meta: dict | None = None,
+                  allow_other_base: bool = False, say=print):
+    """`model` with the LoRA adapter of `adapter_dir` on it (a peft model), after `check_adapter_fits`: how chat,
+    serve, reward scoring, merge and GGUF export all put an adapter on its base."""
+    from peft import PeftModel
+
+    check_adapter_fits(model, adapter_dir, base_name, meta=meta, allow_other_base=allow_other_base, say=say)
+    return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
 def _check_tensor_shapes(model, adapter_dir: Path, base_name: str) -> None:
     trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path") or "(not recorded)"
     modules = dict(model.named_modules())

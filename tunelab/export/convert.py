@@ -16,7 +16,7 @@ import torch
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
-from tunelab.export.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_fits, find_adapter_dir,
+from tunelab.export.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, find_adapter_dir,
                                      load_adapter_weights)
 from tunelab.model.load import check_device, load_tokenizer
 from tunelab.train.layout import (MODEL_DIR, META_FILE, checkpoint_step, is_checkpoint, looks_like_work_dir, read_meta,
@@ -225,8 +225,6 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     """Merge `adapter` into `base` and save a HF model + tokenizer (with the training chat_template) in `out_dir`.
 
     allow_other_base: merge although the adapter was trained on a base of another architecture."""
-    from peft import PeftModel
-
     from tunelab.model.load import load_causal_lm
 
     max_shard_size = shard_size(max_shard_size)
@@ -261,9 +259,9 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
                            reward_head=reward, pad_token_id=tokenizer.pad_token_id)
     if meta.get("method") == "qlora":
         _say("the adapter was trained on a 4-bit base (QLoRA); merging into the unquantised base, as intended")
-    check_adapter_fits(model, adapter_dir, base, meta=meta, allow_other_base=allow_other_base, say=_say)
     _say(f"merging adapter {adapter_dir}")
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged = apply_adapter(model, adapter_dir, base, meta=meta, allow_other_base=allow_other_base,
+                           say=_say).merge_and_unload()
 
     template = template_for_export(meta, prompt_template, tokenizer)
     if template is not None:

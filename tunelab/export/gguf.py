@@ -259,7 +259,7 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     model_dir = resolve_model_dir(model_path, key="MODEL")
     meta = {}
     if adapter:
-        from tunelab.export.adapters import check_adapter_fits, find_adapter_dir
+        from tunelab.export.adapters import apply_adapter, find_adapter_dir
 
         adapter_dir, meta_dir = find_adapter_dir(adapter)
         meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
@@ -269,11 +269,8 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     model = load_causal_lm(str(model_dir), dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
                            key="MODEL")
     if adapter:
-        from peft import PeftModel
-
-        check_adapter_fits(model, adapter_dir, str(model_path), meta=meta, allow_other_base=allow_other_base,
-                           say=_say)
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        model = apply_adapter(model, adapter_dir, str(model_path), meta=meta, allow_other_base=allow_other_base,
+                              say=_say).merge_and_unload()
     tokenizer_dir = adapter_dir if adapter and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
     tokenizer = load_tokenizer(str(tokenizer_dir), trust_remote_code=trust_remote_code)
     template = template_for_export(meta, prompt_template, tokenizer)

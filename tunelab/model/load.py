@@ -289,23 +289,15 @@ def release_cached_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def load_model_for_inference(model_path: str, *, adapter: str | None = None, bits: int | None = None,
-                             device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) ready to generate; the adapter, if given, is applied with peft."""
+def load_model_for_inference(model_path: str, *, bits: int | None = None, device: str = "auto", dtype: str = "auto",
+                             trust_remote_code: bool = False):
+    """(model, tokenizer) ready to generate (an adapter goes on with `tunelab.export.adapters.apply_adapter`)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = check_device(device)
-    if adapter and not Path(adapter, "adapter_config.json").is_file():
-        raise TunelabError(f"--adapter {adapter}: no adapter_config.json there. Pass a directory written by "
-                           "`tunelab convert pth_to_hf` or a checkpoint's model/ directory.")
     model = load_causal_lm(model_path, dtype=resolve_dtype(dtype, dev), device=dev, bits=bits,
                            trust_remote_code=trust_remote_code, key="MODEL")
-    tokenizer = load_tokenizer(adapter if adapter and Path(adapter, "tokenizer_config.json").exists() else model_path,
-                               trust_remote_code=trust_remote_code)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     release_cached_memory(dev)
     model.eval()
     return model, tokenizer
