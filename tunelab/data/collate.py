@@ -36,26 +36,31 @@ def collate(rows: list[dict], pad_token_id: int, multiple_of: int = 1, images=No
         **extra,
     }
     if "sequence_kind" in rows[0]:
-        batch.update(sequence_fields(rows, width, loss_index))
+        batch.update(sequence_fields(rows, width, loss_index, pad_token_id))
     return batch
 
 
-def sequence_fields(rows: list[dict], width: int, loss_index: torch.Tensor) -> dict[str, torch.Tensor]:
+def sequence_fields(rows: list[dict], width: int, loss_index: torch.Tensor,
+                    pad_token_id: int) -> dict[str, torch.Tensor]:
     """Per-sequence fields of preference rows (tunelab.data.encode_preference): a row lists the kind of each of its
     sequences in order, and each sequence starts where position_ids restart at 0 (the padding after them is one more
     segment, not listed). Returns `sequence_kind` [S], `loss_sequence` (the sequence of each trained position, in
-    `loss_index` order), `sequence_last` (the flat position of each sequence's last token: a reward head reads it),
-    `sequence_tokens` (trained tokens per sequence) and, when the rows carry them, `reference_logps` [S]."""
+    `loss_index` order), `sequence_last` (the flat position where a reward head reads each sequence: its last token
+    that is not the pad token, the one transformers' sequence-classification models read, so an exported reward model
+    scores as it was trained also where pad = EOS ends a sequence), `sequence_tokens` (trained tokens per sequence)
+    and, when the rows carry them, `reference_logps` [S]."""
     owner = np.full(len(rows) * width, -1, dtype=np.int64)
     kinds, last = [], []
     for r, row in enumerate(rows):
         n = len(row["sequence_kind"])
         starts = np.flatnonzero(np.asarray(row["position_ids"]) == 0)[:n]
         ends = np.append(starts[1:], len(row["input_ids"]))
+        not_pad = np.asarray(row["input_ids"]) != pad_token_id
         for start, end in zip(starts, ends):
             owner[r * width + start:r * width + end] = len(kinds)
             kinds.append(0)
-            last.append(r * width + end - 1)
+            read = np.flatnonzero(not_pad[start:end])
+            last.append(r * width + start + (read[-1] if len(read) else end - start - 1))
         kinds[len(kinds) - n:] = list(row["sequence_kind"])
     loss_sequence = torch.from_numpy(owner[loss_index.numpy()])
     fields = {"sequence_kind": torch.tensor(kinds, dtype=torch.long), "loss_sequence": loss_sequence,

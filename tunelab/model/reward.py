@@ -1,10 +1,11 @@
 """Reward models: a transformers sequence-classification model (one label) scoring the last token of a sequence.
 
 A reward model is trained and saved as `AutoModelForSequenceClassification` with ``num_labels = 1``: the decoder of
-the causal LM and a linear head (`score`) without bias, read at the last token of each sequence. Training reads the
-head at the last token of every sequence of a packed row (`sequence_last`, listed by `tunelab.data.collate`), which
-is the token transformers itself reads in a batch of one unpadded sequence, so a saved model gives the scores it was
-trained on.
+the causal LM and a linear head (`score`) without bias, read at the last token of each sequence that is not the pad
+token. Training reads the head at that token of every sequence of a packed row (`sequence_last`, listed by
+`tunelab.data.collate`), the token transformers itself reads, so a saved model gives the scores it was trained on:
+where pad = EOS (tunelab's choice for a tokenizer without a pad token) and the template ends a sequence with EOS
+(mistral, llama2_chat), both read the token before that EOS.
 """
 
 from __future__ import annotations
