@@ -72,8 +72,9 @@ def _reply(sample: dict) -> dict:
 
 def with_kl_completions(samples: list[dict]) -> list[dict]:
     """KTO samples, each given the reply of the next sample (the last one the first's) as "kl_completion": a reply
-    that does not answer its prompt, as TRL pairs them for the KL estimate. (A pair read for KTO, `unpaired`, gets
-    the next sample's reply for both of its halves.)"""
+    that does not answer its prompt, for the KL estimate (TRL takes the previous sample's reply within each batch:
+    the same kind of estimate from other partners). A pair read for KTO, `unpaired`, gets the next sample's reply for
+    both of its halves."""
     n = len(samples)
     return [{**s, "kl_completion": _reply(samples[(i + 1) % n])} for i, s in enumerate(samples)]
 
