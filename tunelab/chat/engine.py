@@ -208,7 +208,7 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     is how many requests the engine decodes together."""
     from tunelab.model.load import load_model_for_inference, load_tokenizer
 
-    from tunelab.export.convert import pick_device
+    from tunelab.model.load import pick_device
 
     from tunelab.model.llava import is_llava_dir
 
@@ -229,7 +229,7 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
         adapter_dir = None
     else:
         try:
-            model, tokenizer = load_model_for_inference(base, bits=bits, device=device, dtype=dtype,
+            model, tokenizer = load_model_for_inference(base, bits=bits, device=dev, dtype=dtype,
                                                         trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise TunelabError(f"cannot load the model {base!r}: {exc}") from None

@@ -49,8 +49,7 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
                       dtype: str = "auto", bits: int | None = None, trust_remote_code: bool = False) -> RewardModel:
     from tunelab.chat.engine import _resolve_paths
     from tunelab.data.templates import choose_template
-    from tunelab.export.convert import pick_device
-    from tunelab.model.load import load_causal_lm, load_tokenizer, resolve_dtype
+    from tunelab.model.load import load_causal_lm, load_tokenizer, pick_device, resolve_dtype
 
     base, adapter_dir, meta = _resolve_paths(model_path, adapter)
     meta = meta or {}

@@ -18,7 +18,7 @@ from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.export.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, find_adapter_dir,
                                      load_adapter_weights)
-from tunelab.model.load import check_device, load_tokenizer
+from tunelab.model.load import load_tokenizer, pick_device
 from tunelab.train.layout import (MODEL_DIR, META_FILE, checkpoint_step, is_checkpoint, looks_like_work_dir, read_meta,
                                   resolve_checkpoint, training_meta, write_meta)
 
@@ -191,13 +191,6 @@ def _save_adapter(model_dir: Path, out: Path, dtype: torch.dtype) -> None:
 
 
 # --- merge ----------------------------------------------------------------------------------------------------------
-
-def pick_device(device: str) -> torch.device:
-    """'auto' → the GPU if there is one, else the CPU; anything else checked by the model step's `check_device`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return check_device(device)
-
 
 def template_for_export(meta: dict, prompt_template: str | None, tokenizer):
     """The chat template the model was trained with, with the training system prompt as its default."""

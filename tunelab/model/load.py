@@ -55,6 +55,13 @@ def check_device(device: torch.device | str) -> torch.device:
     return device
 
 
+def pick_device(device: str | torch.device) -> torch.device:
+    """'auto' → the GPU if there is one, else the CPU; anything else through `check_device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(device)
+
+
 # --- tokenizer -----------------------------------------------------------------------------------------------------
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
@@ -289,12 +296,10 @@ def release_cached_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def load_model_for_inference(model_path: str, *, bits: int | None = None, device: str = "auto", dtype: str = "auto",
-                             trust_remote_code: bool = False):
+def load_model_for_inference(model_path: str, *, bits: int | None = None, device: str | torch.device = "auto",
+                             dtype: str = "auto", trust_remote_code: bool = False):
     """(model, tokenizer) ready to generate (an adapter goes on with `tunelab.export.adapters.apply_adapter`)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = check_device(device)
+    dev = pick_device(device)
     model = load_causal_lm(model_path, dtype=resolve_dtype(dtype, dev), device=dev, bits=bits,
                            trust_remote_code=trust_remote_code, key="MODEL")
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
