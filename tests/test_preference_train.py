@@ -241,6 +241,12 @@ def test_settings_that_cannot_go_together_are_refused(tmp_path):
     assert "FSDP / ZeRO-3" in errors(objective="dpo", method="full", reference="copy", deepspeed=str(stage3))
     assert "FSDP / ZeRO-3" in errors(objective="dpo", method="full", reference="copy", fsdp=True)
     assert errors(objective="dpo", method="full", reference="copy", deepspeed="zero2") == ""
+    # reference = 'auto' (the default) is not refused there: it precomputes under a sharding engine
+    from tunelab.model.fit import choose_reference
+
+    for sharded in (dict(fsdp=True), dict(deepspeed="zero3"), dict(deepspeed=str(stage3))):
+        assert errors(objective="dpo", method="full", **sharded) == ""
+        assert choose_reference(TrainConfig(objective="dpo", method="full", **sharded)) == "precomputed"
     assert "label_smoothing" in errors(objective="dpo", dpo_loss="hinge", label_smoothing=0.1)
     assert "train_on = 'all'" in errors(objective="orpo", train_on="all")
     assert errors(objective="dpo", method="qlora", label_smoothing=0.1) == ""

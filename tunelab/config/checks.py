@@ -132,7 +132,7 @@ def _preference_errors(cfg: TrainConfig, at) -> list[str]:
     if cfg.resolved_reference() == "adapters_off" and cfg.method == "full":
         errors.append(f"{at('reference')}reference = 'adapters_off' with method = 'full': there are no adapters to "
                       f"switch off. Use reference = 'copy' or 'precomputed' (or 'auto').")
-    if cfg.resolved_reference() == "copy" and _shards_weights(cfg):
+    if cfg.reference == "copy" and _shards_weights(cfg):  # 'auto' precomputes there (model.fit.choose_reference)
         errors.append(f"{at('reference')}reference = 'copy' keeps a whole frozen copy on every GPU, which FSDP / ZeRO-3 "
                       f"would not shard. Use reference = 'precomputed'.")
     if cfg.label_smoothing and not (objective == "simpo" or (objective == "dpo" and cfg.dpo_loss == "sigmoid")):

@@ -6,16 +6,19 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tunelab.errors import TunelabError
-from tunelab.model.memory import GIB, available_cpu_memory, estimate_memory
+from tunelab.model.memory import GIB, available_cpu_memory, estimate_memory, sharded_by_engine
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.shapes import model_shape
 
 
 def choose_reference(cfg, device=None, plan=None) -> str | None:
     """`cfg.resolved_reference()` for this run: with reference = 'auto', full fine-tuning takes a frozen copy when
-    the estimate with the copy fits on `device` (a CPU: always), else precomputes the reference's log-probabilities."""
+    the estimate with the copy fits on `device` (a CPU: always) and the engine does not shard the weights (FSDP,
+    ZeRO-3 would hold a whole copy on every GPU), else precomputes the reference's log-probabilities."""
     if cfg.reference != "auto" or cfg.method != "full" or cfg.resolved_reference() is None:
         return cfg.resolved_reference()
+    if "weights" in sharded_by_engine(cfg):
+        return cfg.resolved_reference(copy_fits=False)
     try:
         fits = estimate_memory(replace(cfg, reference="copy"), device, plan).fits
     except TunelabError:  # the model's shape is not known here: the choice that needs no memory
