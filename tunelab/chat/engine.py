@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tunelab.data.messages import with_default_system
 from tunelab.errors import TunelabError
 from tunelab.export.adapters import ADAPTER_CONFIG, apply_adapter, find_adapter_dir
 from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, read_meta, resolve_checkpoint
@@ -53,10 +54,9 @@ class ChatModel:
 
     def with_system(self, messages: list[dict], system: str | None = None) -> list[dict]:
         """`messages` with the session's system prompt first, unless they bring their own."""
-        if messages and messages[0].get("role") == "system":
-            return list(messages)
-        system = self.system if system is None else system
-        return ([{"role": "system", "content": system}] if system else []) + list(messages)
+        out = list(messages)
+        with_default_system(out, self.system if system is None else system)
+        return out
 
     def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The prompt's token ids: the conversation (with the system prompt and any tools) rendered by the template."""

@@ -40,7 +40,7 @@ def write_template(model: str, *, prompt_template: str | None, system: str | Non
                    trust_remote_code: bool = False) -> tuple[str | None, str]:
     """(a .jinja file holding the template `tunelab chat` would prompt the model with, or None where that is the
     tokenizer's own; what was chosen)."""
-    from tunelab.data.templates import choose_template, with_default_system
+    from tunelab.data.templates import choose_template, template_with_default_system
     from tunelab.model.load import load_tokenizer
     from tunelab.train.layout import read_meta
 
@@ -49,7 +49,7 @@ def write_template(model: str, *, prompt_template: str | None, system: str | Non
     template, source = choose_template(prompt_template, meta, model, tokenizer)
     if template.name == "hf":
         return None, f"the tokenizer's own chat_template ({source})"
-    template = with_default_system(template, meta.get("system") if system is None else system)
+    template = template_with_default_system(template, meta.get("system") if system is None else system)
     fd, path = tempfile.mkstemp(prefix="tunelab-template-", suffix=".jinja")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(template.to_jinja())

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.model.shapes import local_config_file
 from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, resolve_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -98,17 +99,9 @@ def adapter_tensor_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
 
 def _config_model_type(name_or_path: str) -> str | None:
     """model_type in the config.json of a local model directory or of a hub model in the local cache, else None."""
-    path = Path(name_or_path) / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(name_or_path, "config.json")
-        except Exception:  # not a hub id
-            return None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
+    path = local_config_file(name_or_path)
+    if path is None:
+        return None
     try:
         return json.loads(path.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):

@@ -194,12 +194,12 @@ def _save_adapter(model_dir: Path, out: Path, dtype: torch.dtype) -> None:
 
 def template_for_export(meta: dict, prompt_template: str | None, tokenizer):
     """The chat template the model was trained with, with the training system prompt as its default."""
-    from tunelab.data.templates import get_template, with_default_system
+    from tunelab.data.templates import get_template, template_with_default_system
 
     name = prompt_template or meta.get("prompt_template")
     if not name:
         return None
-    return with_default_system(get_template(name, tokenizer), meta.get("system"))
+    return template_with_default_system(get_template(name, tokenizer), meta.get("system"))
 
 
 def _stop_token_ids(tokenizer, template) -> list[int]:

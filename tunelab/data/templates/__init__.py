@@ -52,7 +52,7 @@ def choose_template(prompt_template: str | None, meta: dict | None, model_path: 
         "fallback (no tunelab.json, no guess; pass --prompt-template to choose)"
 
 
-def with_default_system(template: ChatTemplate, system: str | None) -> ChatTemplate:
+def template_with_default_system(template: ChatTemplate, system: str | None) -> ChatTemplate:
     """`template` rendering `system` when a conversation brings no system prompt (the one a model was trained with,
     written into exported chat templates)."""
     if system and dataclasses.is_dataclass(template) and hasattr(template, "default_system"):
@@ -61,4 +61,4 @@ def with_default_system(template: ChatTemplate, system: str | None) -> ChatTempl
 
 
 __all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "choose_template", "get_template",
-           "guess_template", "with_default_system"]
+           "guess_template", "template_with_default_system"]
