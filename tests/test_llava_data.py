@@ -153,10 +153,12 @@ def test_missing_broken_and_remote_images_name_the_record(tmp_path, llm_dir, tin
                                                  {"from": "gpt", "value": "Red."}]}
     _draw(tmp_path / "ok.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    _draw(tmp_path / "strip.png", size=(1, 20000))  # 160 bytes; scaled to the tower's side first, 6.7 GB of pixels
     tokenizer = _tokenizer(llm_dir)
     vision = tiny_vision_factory("clip")
     cases = [("missing.png", r"record 1: image 1 'missing.png': no such file"),
              ("broken.jpg", r"record 1: image .*broken.jpg cannot be read"),
+             ("strip.png", r"record 1: image .*strip.png cannot be read .*1x20000 pixels.*too narrow a strip"),
              ("https://example.com/a.jpg", r"record 1: image 1 is a web address")]
     for ref, message in cases:
         path = tmp_path / "data.json"
@@ -262,3 +264,30 @@ def test_a_data_folder_with_its_pictures_warns_only_of_files_no_record_reads(tmp
     assert stats.images == 1
     (warning,) = [w for w in stats.warnings() if "not read" in w]
     assert "notes.md" in warning and record["image"] not in warning and "1 file " in warning, warning
+
+
+def test_wide_ranged_and_tall_images_reach_the_tower_as_pictures(tmp_path, tiny_vision_factory, monkeypatch):
+    """A 16-bit greyscale scan keeps its tones (converted to RGB as it is, every value above 255 clips to white), and a
+    tall screenshot is scaled down before the processor pads it to a square of its longest side, which it would hold
+    in memory at full size: what the tower gets is what it gets from the full-size picture."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tunelab.data import images
+
+    ramp = Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16))
+    assert ramp.mode == "I;16"
+    ramp.save(tmp_path / "scan.png")
+    loaded = np.asarray(images.open_image(str(tmp_path / "scan.png")), dtype=np.float64)
+    assert 120 < loaded.mean() < 135 and loaded.min() == 0 and loaded.max() == 255  # the ramp, not a white page
+
+    tall = Image.new("RGB", (300, 2000), "white")
+    tall.paste(Image.new("RGB", (300, 1000), "navy"), (0, 500))
+    tall.save(tmp_path / "tall.png")
+    loader = ImageLoader(load_image_processor(tiny_vision_factory("clip"), pad_to_square=True))
+    full = loader([str(tmp_path / "tall.png")])
+    monkeypatch.setattr(images, "PADDED_MAX_SIDE", 400)  # a 2000 px side scaled to 400 before padding
+    shrunk = loader([str(tmp_path / "tall.png")])
+    assert shrunk.shape == full.shape
+    torch.testing.assert_close(shrunk, full, atol=0.05, rtol=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tunelab.data import messages as msg
 from tunelab.data.files import InvalidRecord
-from tunelab.data.images import DATA_URL, open_image, resolve_image
+from tunelab.data.images import DATA_URL, fit_for_padding, open_image, resolve_image
 from tunelab.errors import TunelabError
 
 
@@ -46,7 +46,7 @@ class Vision:
                 images.append(open_image(ref))
             except OSError as exc:
                 raise TunelabError(f"image {ref[:60]}: cannot be read ({exc}).") from None
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return self.processor(images=fit_for_padding(images, self.processor), return_tensors="pt")["pixel_values"]
 
 
 def split_images(messages: list[dict], *, files: bool) -> tuple[list[dict], list[str]]:

@@ -90,9 +90,17 @@ def describe(ref: str) -> str:
     return ref if not ref.startswith(DATA_URL) else ref[:40] + "..."
 
 
+MAX_ASPECT = 200
+"""An image with one side longer than this many times the other is refused: a vision model sees nothing in so
+narrow a strip, and its processor would scale the strip up to a huge image first (a 1x20000 PNG of 160 bytes)."""
+PADDED_MAX_SIDE = 4096
+"""Padding to a square (LLaVA-1.5) works on a square of the longest side: a longer image is scaled down to this first
+(a 1080x20000 screenshot would pad to 400 million pixels; a 4096 square still dwarfs the tower's 336 or 384)."""
+
+
 def open_image(ref: str, *, draft: Optional[tuple[int, int]] = None):
-    """The image as an RGB PIL image (OSError when it cannot be read). `draft`: decode a JPEG at a reduced size
-    (enough to check a file, much faster)."""
+    """The image as an RGB PIL image (OSError when it cannot be read, or is a strip too narrow to see: MAX_ASPECT).
+    `draft`: decode a JPEG at a reduced size (enough to check a file, much faster)."""
     from PIL import Image
 
     source = _bytes_of(ref)
@@ -105,7 +113,36 @@ def open_image(ref: str, *, draft: Optional[tuple[int, int]] = None):
         raise
     except Exception as exc:  # PIL raises ValueError / SyntaxError etc. for some damaged files
         raise OSError(f"{type(exc).__name__}: {exc}") from None
-    return image.convert("RGB")
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise OSError(f"it is {width}x{height} pixels, one side over {MAX_ASPECT} times the other: too narrow a "
+                      f"strip for a vision model; crop it or cut it into pictures")
+    return _eight_bit(image).convert("RGB")
+
+
+def _eight_bit(image):
+    """16-bit and 32-bit greyscale (PNG / TIFF scans) scaled to 8 bits: converting them to RGB directly clips every
+    value above 255, which turns the picture white."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return image
+    image = image.convert("F")
+    low, high = image.getextrema()
+    if high <= 255 and low >= 0:  # 8-bit values in a wider mode: nothing to scale
+        return image.convert("L")
+    scale = 255 / (65535 if high <= 65535 and low >= 0 else max(abs(low), abs(high)) or 1)
+    return image.point(lambda v: v * scale).convert("L")
+
+
+def fit_for_padding(images: list, processor) -> list:
+    """`images` scaled down to PADDED_MAX_SIDE where the processor pads each to a square first (the output size is the
+    tower's either way). Resizing the shortest side to the tower's instead (CLIP without padding) grows the other side
+    by as much: MAX_ASPECT bounds that."""
+    if not getattr(processor, "do_pad", False):
+        return images
+    for image in images:
+        if max(image.size) > PADDED_MAX_SIDE:
+            image.thumbnail((PADDED_MAX_SIDE, PADDED_MAX_SIDE))  # in place, aspect kept; open_image's own copy
+    return images
 
 
 def check_images(refs: list[str], threads: int = 8) -> dict[str, str]:
@@ -171,7 +208,7 @@ class ImageLoader:
 
         if not refs:
             return torch.zeros(0)
-        images = list(self.pool.map(self.load, refs))
+        images = fit_for_padding(list(self.pool.map(self.load, refs)), self.processor)
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return pixels.float()
 
