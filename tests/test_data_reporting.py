@@ -160,7 +160,7 @@ def test_empty_replies_are_not_trained_and_are_warned(tmp_path, tiny_tokenizer):
             {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "1"},
             {"role": "assistant", "content": "one"}]},
     ])
-    bundle = _build([alpaca, chat], tiny_tokenizer)
+    bundle = _build([alpaca, chat], tiny_tokenizer, prompt_template="qwen2_5_chat")  # a template that writes calls
     stats = bundle.stats
     # the two samples with no other reply have nothing left to train on: counted as without a trained reply
     assert stats.untrained == 2 and stats.samples == 3
@@ -168,6 +168,32 @@ def test_empty_replies_are_not_trained_and_are_warned(tmp_path, tiny_tokenizer):
     assert len(warnings) == 2
     assert "2 samples" in warnings[0] and "d.jsonl line 1" in warnings[0] and "line 3" in warnings[0]
     assert "1 sample " in warnings[1] and "m.jsonl line 1" in warnings[1]  # a tool call's empty text is no empty reply
+
+
+def test_tool_calls_a_template_cannot_write_are_refused_and_definitions_reported(tmp_path, tiny_tokenizer, capsys):
+    """Most families' templates (plain ChatML, Llama 3, Gemma, Mistral v1 ...) have no way to write a tool call: the
+    turn would train as an empty reply. Such a record is invalid, naming templates that write calls; a definition
+    list such a template cannot show is a field not used."""
+    call = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                         {"role": "assistant", "content": "", "tool_calls": [
+                             {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+                         {"role": "tool", "content": "18C"}, {"role": "assistant", "content": "18C, sunny."}]}
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    plain = {"messages": call["messages"][:1] + [{"role": "assistant", "content": "Ask a weather site."}],
+             "tools": tools}
+    path = _write(tmp_path / "d.jsonl", [plain, call])
+    with pytest.raises(TunelabError, match=r"d\.jsonl line 2: the record has tool calls, which template 'llama3_chat' "
+                       r"does not write.*empty replies.*llama3_1_chat"):
+        _build(path, tiny_tokenizer, prompt_template="llama3_chat")
+    stats = _build(path, tiny_tokenizer, prompt_template="llama3_chat", skip_invalid=True).stats
+    assert stats.skipped_invalid == 1 and stats.samples == 1
+    assert any("tools" in w and "no place for tool definitions" in w and "d.jsonl line 1" in w
+               for w in stats.warnings())
+    # a template that writes them trains the call, and reads the definitions
+    rows = _build(path, tiny_tokenizer, prompt_template="llama3_1_chat").train_rows
+    trained = [tiny_tokenizer.decode([t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100])
+               for r in (rows[i] for i in range(len(rows)))]
+    assert any('"city": "Paris"' in text for text in trained)
 
 
 # --- 8. the text of special tokens, which the tokenizer turns into those tokens ---------------------------------

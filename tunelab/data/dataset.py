@@ -34,7 +34,7 @@ from tunelab.data.packing import TokenRows, pack_rows
 from tunelab.data.reports import file_warnings, source_warnings
 from tunelab.data.data_path import Source, resolve_sources
 from tunelab.data.sources import collect_samples, special_text_pattern
-from tunelab.data.templates import get_template
+from tunelab.data.templates import get_template, tool_support
 from tunelab.errors import TunelabError
 
 # The cache's format: a new number whenever reading, encoding or packing changes, so a cache that other code wrote is
@@ -274,7 +274,7 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     start = time.time()
     stats = DataStats()
     samples, origins = collect_samples(cfg, stats, config_dir=config_dir, allow_empty=allow_empty,
-                                       special=special_text_pattern(tokenizer))
+                                       special=special_text_pattern(tokenizer), tools=tool_support(template))
     if stats.skipped_invalid:
         log(f"data: skipped {stats.skipped_invalid} invalid records, e.g. {stats.invalid[0]}")
     for line in stats.warnings():

@@ -25,7 +25,7 @@ from tunelab.data.multimodal import IMAGE_TOKEN, image_tokens
 from tunelab.data.packing import best_fit_rows
 from tunelab.data.data_path import resolve_sources
 from tunelab.data.sources import collect_samples, read_source
-from tunelab.data.templates import get_template
+from tunelab.data.templates import get_template, tool_support
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
@@ -75,7 +75,8 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
     checked = replace(cfg, skip_invalid=True, pack_to_max_length=False, eval_split_ratio=0.0)
     if tokenizer is None:
         stats = DataStats()
-        samples, _ = collect_samples(checked, stats, config_dir=config_dir, allow_empty=True)
+        tools = None if cfg.prompt_template == "hf" else tool_support(get_template(cfg.prompt_template))
+        samples, _ = collect_samples(checked, stats, config_dir=config_dir, allow_empty=True, tools=tools)
         stats.samples = len(samples)
         bundle = None
     else:
@@ -158,7 +159,8 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
     for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
                                   multimodal=images is not None):
         samples += read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn, system=cfg.SYSTEM,
-                               stats=stats, limit=n - len(samples), objective=cfg.objective, images=images)[0]
+                               stats=stats, limit=n - len(samples), objective=cfg.objective, images=images,
+                               tools=tool_support(template))[0]
         if len(samples) >= n:
             break
     shown = []

@@ -20,6 +20,7 @@ from tunelab.data.files import InvalidRecord, Record, data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.images import ImageReading, image_reading, is_image_file, read_images, unreadable_samples
 from tunelab.data.messages import IMAGE_PLACEHOLDER, with_default_system
+from tunelab.data.templates import ToolSupport, templates_writing_tool_calls
 from tunelab.data.reports import count_unused, new_file_report, note, note_record
 from tunelab.data.preference import (not_supervised_error, read_for_objective, record_kind, sample_messages,
                                      unused_preference_fields)
@@ -65,14 +66,16 @@ def _iter_records(name: str, origin, skip_invalid: bool, on_skip, on_unused) -> 
 
 def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict,
                 objective: str = "sft", images: Optional[ImageReading] = None, base_dir: Optional[Path] = None,
-                special: Optional[re.Pattern] = None) -> tuple[Optional[dict], str]:
+                special: Optional[re.Pattern] = None, tools: Optional[ToolSupport] = None
+                ) -> tuple[Optional[dict], str]:
     """One raw record -> (its canonical sample or None when the map function drops it, the format read).
 
     objective 'sft' reads supervised samples and refuses preference data; the preference objectives read pairs or
     KTO samples (tunelab.data.preference.read_for_objective). images: how a multimodal run reads images (the sample
     then has "images", resolved references, and "where"); None in a text-only run, which refuses them.
     base_dir: the data file's folder. special: the tokenizer's special tokens as text (`special_text_pattern`),
-    noted where a sample holds them."""
+    noted where a sample holds them. tools: what the run's template does with tools (`templates.tool_support`): a
+    tool call it cannot write is an invalid record, tool definitions it has no place for a field not used."""
     data = rec.data
     if source.entry is not None:
         data, fmt, unmapped = dataset_info.map_record(data, source.entry, rec.where)
@@ -97,7 +100,7 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
             for name in unused_preference_fields(data):
                 count_unused(report, name, rec.where, "a preference record's prompt, replies, label, system and "
                               "tools are read: drop it, or map it in with dataset_map_fn if it should be trained")
-        _after_reading(sample, source, report, rec.where, images is not None, special)
+        _after_reading(sample, source, report, rec.where, images is not None, special, tools)
         return sample, "kto" if "completion" in sample or sample.get("unpaired") else "preference"
     if kind:
         raise not_supervised_error(kind, rec.where, data)
@@ -116,13 +119,16 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
                                     f"into the record with dataset_map_fn if it should be trained")
             count_unused(report, name, rec.where, hint)
     _untrain_empty_replies(sample, report, rec.where)
-    _after_reading(sample, source, report, rec.where, images is not None, special)
+    _after_reading(sample, source, report, rec.where, images is not None, special, tools)
     return sample, fmt
 
 
 def _after_reading(sample: dict, source: Source, report: dict, where: str, multimodal: bool = False,
-                   special: Optional[re.Pattern] = None) -> None:
-    """Fill {{placeholders}}, note <image> tags without images (a text run's) and special tokens' text."""
+                   special: Optional[re.Pattern] = None, tools: Optional[ToolSupport] = None) -> None:
+    """Fill {{placeholders}}, note <image> tags without images (a text run's) and special tokens' text, refuse tool
+    calls the template cannot write."""
+    if tools is not None:
+        _check_tools(sample, tools, report, where)
     texts = "\n".join(_texts(sample))  # one look for every kind of placeholder
     if "{{" in texts:
         _fill_placeholders(sample, source.placeholders, report, where)
@@ -133,6 +139,18 @@ def _after_reading(sample: dict, source: Source, report: dict, where: str, multi
         found = set(special.findall(texts))
         if found:
             note(report, "special_text", where, found)
+
+
+def _check_tools(sample: dict, tools: ToolSupport, report: dict, where: str) -> None:
+    turns = [*(sample.get("messages") or sample.get("prompt") or []),
+             *(sample[k] for k in ("chosen", "rejected", "completion") if isinstance(sample.get(k), dict))]
+    if not tools.calls and any(turn.get("tool_calls") for turn in turns):
+        raise InvalidRecord(f"{where}: the record has tool calls, which template {tools.template!r} does not write: "
+                            f"they would be trained as empty replies. Use a template that writes them "
+                            f"({', '.join(templates_writing_tool_calls())}), or leave the calls out of the data.")
+    if sample.get("tools") and not tools.definitions:
+        count_unused(report, "tools", where, f"template {tools.template!r} has no place for tool definitions: use "
+                     f"one that writes them ({', '.join(templates_writing_tool_calls())}), or drop them")
 
 
 def special_text_pattern(tokenizer) -> Optional[re.Pattern]:
@@ -187,7 +205,8 @@ def _fill_placeholders(sample: dict, values: dict, report: dict, where: str) -> 
 
 def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable], system: str, stats,
                 limit: Optional[int] = None, objective: str = "sft", images: Optional[ImageReading] = None,
-                special: Optional[re.Pattern] = None) -> tuple[list[dict], list[int]]:
+                special: Optional[re.Pattern] = None, tools: Optional[ToolSupport] = None
+                ) -> tuple[list[dict], list[int]]:
     """All samples of one source and, for each, the index of its file's report in stats.files."""
     samples: list[dict] = []
     origins: list[int] = []
@@ -219,7 +238,7 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
             report["records"] += 1
             try:
                 sample, read_as = read_record(rec, source, fmt, map_fn, report, objective, images,
-                                              origin.parent if isinstance(origin, Path) else None, special)
+                                              origin.parent if isinstance(origin, Path) else None, special, tools)
             except InvalidRecord as exc:
                 if not skip_invalid:
                     raise
@@ -276,9 +295,10 @@ def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
 
 
 def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: bool = False,
-                    special: Optional[re.Pattern] = None) -> tuple[list[dict], list[int]]:
+                    special: Optional[re.Pattern] = None, tools: Optional[ToolSupport] = None
+                    ) -> tuple[list[dict], list[int]]:
     """Every source of cfg.data_path read, checked and mixed by its ratio: (samples, file index of each).
-    special: see `read_record`."""
+    special, tools: see `read_record`."""
     samples: list[dict] = []
     origins: list[int] = []
     images = image_reading(cfg, config_dir)
@@ -286,7 +306,7 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
                                                multimodal=images is not None)):
         found, where_from = read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn,
                                         system=cfg.SYSTEM, stats=stats, objective=cfg.objective, images=images,
-                                        special=special)
+                                        special=special, tools=tools)
         if not found and not allow_empty:
             raise TunelabError(f"data_path {source.path!r}: no usable record (all {stats.sources[-1]['records']} "
                                f"were invalid). Run `tunelab check-dataset` to see why.")

@@ -9,7 +9,8 @@ lists them). 'hf' uses the tokenizer's own chat_template; `guess_template(model_
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import replace
+import functools
+from dataclasses import dataclass, replace
 
 from tunelab.data.templates.core import TOOL_ROLES, ChatTemplate, HFChatTemplate, hf_template
 from tunelab.data.templates.families import ALIASES, DEFINITIONS
@@ -30,6 +31,43 @@ def get_template(name: str, tokenizer=None) -> ChatTemplate:
         return TEMPLATES[name]
     known = ", ".join(sorted(TEMPLATES))
     raise TunelabError(f"unknown prompt_template {name!r}. Known templates: {known}")
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """What a template does with tools (many families' templates have no place for them)."""
+
+    template: str
+    definitions: bool
+    """The tool definitions of a conversation reach the prompt."""
+    calls: bool
+    """An assistant's tool calls are written into its (trained) turn."""
+
+
+PROBE_TOOL = "tunelab_probe_function"
+
+
+def tool_support(template: ChatTemplate) -> ToolSupport:
+    """Learnt by rendering a probe tool definition and a probe call (a template that refuses them writes neither)."""
+    tool = {"type": "function", "function": {"name": PROBE_TOOL, "description": "", "parameters": {}}}
+    call = {"type": "function", "function": {"name": PROBE_TOOL, "arguments": {"city": "Paris"}}}
+    asked = [{"role": "user", "content": "?"}]
+    try:
+        definitions = template.render(asked, tools=[tool]) != template.render(asked)
+    except Exception:  # noqa: BLE001 (a template's own refusal: raise_exception, TunelabError)
+        definitions = False
+    try:
+        segments = template.segments([*asked, {"role": "assistant", "content": "", "tool_calls": [call]}])
+        calls = PROBE_TOOL in "".join(text for text, trained in segments if trained)
+    except Exception:  # noqa: BLE001
+        calls = False
+    return ToolSupport(template.name, definitions, calls)
+
+
+@functools.cache
+def templates_writing_tool_calls() -> list[str]:
+    """The built-in templates that write tool calls (and their definitions), for messages that suggest one."""
+    return [name for name, t in sorted(TEMPLATES.items()) if name != "hf" and tool_support(t).calls]
 
 
 def choose_template(prompt_template: str | None, meta: dict | None, model_path: str, tokenizer):
@@ -60,5 +98,6 @@ def template_with_default_system(template: ChatTemplate, system: str | None) -> 
     return template
 
 
-__all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "choose_template", "get_template",
-           "guess_template", "template_with_default_system"]
+__all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "ToolSupport", "choose_template",
+           "get_template", "guess_template", "template_with_default_system", "templates_writing_tool_calls",
+           "tool_support"]
