@@ -159,6 +159,7 @@ def test_missing_broken_and_remote_images_name_the_record(tmp_path, llm_dir, tin
     cases = [("missing.png", r"record 1: image 1 'missing.png': no such file"),
              ("broken.jpg", r"record 1: image .*broken.jpg cannot be read"),
              ("strip.png", r"record 1: image .*strip.png cannot be read .*1x20000 pixels.*too narrow a strip"),
+             (".", r"record 1: image 1 '\.' is a folder .*not an image file"),
              ("https://example.com/a.jpg", r"record 1: image 1 is a web address")]
     for ref, message in cases:
         path = tmp_path / "data.json"

@@ -69,6 +69,8 @@ def resolve_image(ref: Any, *, base_dir: Optional[Path], image_folder: Optional[
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = (image_folder or base_dir or Path.cwd()) / path
+    if path.is_dir():
+        raise InvalidRecord(f"{where}: {at} {ref!r} is a folder ({path}), not an image file. Name the picture in it.")
     if not path.is_file():
         hint = ("set image_folder to the folder the image paths start from" if image_folder is None else
                 f"image paths are read from image_folder = {str(image_folder)!r}")
