@@ -47,8 +47,26 @@ def record_kind(record: Any) -> Optional[str]:
     for a, b in _PAIRS:
         if a in record and b in record:
             return "preference"
-    if "kto_tag" in record or (isinstance(record.get("label"), bool) and not _KTO_REPLIES.isdisjoint(record)):
+    if "kto_tag" in record or (kto_label(record.get("label")) is not None and not _KTO_REPLIES.isdisjoint(record)):
         return "kto"
+    return None
+
+
+def kto_label(value: Any) -> Optional[bool]:
+    """A KTO label as a bool: true / false, or their text in any case ("true", "False": a CSV cell is text); None for
+    anything else."""
+    if isinstance(value, str):
+        value = {"true": True, "false": False}.get(value.strip().lower(), value)
+    return value if isinstance(value, bool) else None
+
+
+def _bad_label(record: Any) -> Optional[str]:
+    """The label of a record that would be a KTO sample but for its label's value (1, "yes", ...), else None."""
+    if not isinstance(record, dict) or _KTO_REPLIES.isdisjoint(record):
+        return None
+    for key in ("label", "kto_tag"):
+        if key in record and kto_label(record[key]) is None:
+            return key
     return None
 
 
@@ -76,6 +94,10 @@ def read_for_objective(record: Any, objective: str, where: str) -> dict:
             return normalise_kto(record, where)
         if kind == "preference":
             return {**normalise_preference(record, where), "unpaired": True}
+        bad = _bad_label(record)
+        if bad:
+            raise fail(where, f"{bad!r} is {record[bad]!r}", "Use true (a desirable reply) or false (an undesirable "
+                       "one).")
         raise fail(where, "objective = 'kto' needs a reply labelled desirable or not ('label' / 'kto_tag': true or "
                           "false), or a pair of a chosen and a rejected reply", "Give each record a prompt, a "
                    "'completion' and a 'label' (docs/DATA.md, \"Preference and KTO data\").")
@@ -189,10 +211,10 @@ def normalise_kto(record: Any, where: str = "record") -> dict:
     """Any KTO shape -> {"prompt": [...], "completion": Message, "label": bool, "tools"?: [...]}."""
     if not isinstance(record, dict) or ("label" not in record and "kto_tag" not in record):
         raise fail(where, "not a KTO sample (no 'label')", "Give each record a reply and a true / false 'label'.")
-    raw = record.get("label", record.get("kto_tag"))
-    label = {"true": True, "false": False}.get(raw.lower(), raw) if isinstance(raw, str) else raw
-    if not isinstance(label, bool):
-        raise fail(where, f"'label' is {raw!r}", "Use true (a desirable reply) or false (an undesirable one).")
+    key = "label" if "label" in record else "kto_tag"
+    label = kto_label(record[key])
+    if label is None:
+        raise fail(where, f"{key!r} is {record[key]!r}", "Use true (a desirable reply) or false (an undesirable one).")
     rest = {k: v for k, v in record.items() if k not in ("label", "kto_tag")}
     if "completion" in rest:  # TRL: prompt + completion, text or message lists
         prompt = rest.get("prompt", [])
