@@ -63,3 +63,56 @@ def test_a_supervised_record_with_a_label_of_its_own_stays_supervised():
     # a classification label is not a KTO label: a supervised run reads the record (and reports 'label' unused)
     assert record_kind({"messages": [{"role": "user", "content": "q"}], "label": "positive"}) is None
     assert record_kind({"messages": [{"role": "user", "content": "q"}], "label": "false"}) == "kto"
+
+
+# --- 4. errors about one side of a pair name that side, as the record has it -------------------------------------
+
+U = {"role": "user", "content": "q"}
+A = {"role": "assistant", "content": "a"}
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "q", "chosen": "a", "rejected": []}, "'rejected' is an empty list. Give 'rejected' as the reply's "
+                                                     "text"),
+    ({"prompt": "q", "chosen": "a", "rejected": {}}, "rejected needs 'role' and 'content'"),
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt"},
+      "rejected": {"from": "gpt", "value": "b"}}, "chosen needs 'from' and 'value'"),
+    ({"prompt": "q", "chosen": {"from": "gpt"}, "rejected": "b"}, "'chosen' has 'from' but no 'value'"),
+    ({"prompt": "q", "chosen": [A, U], "rejected": "b"}, "'chosen' does not end with an assistant reply. Give"),
+    ({"prompt": "q", "chosen": [{"role": "tool", "content": "x"}], "rejected": "b"}, r"chosen\[0\] is 'tool' but"),
+    ({"prompt": [{"role": "bot", "content": "q"}], "chosen": "a", "rejected": "b"}, r"prompt\[0\] has role 'bot'"),
+    ({"prompt": [U, A], "chosen": "a", "rejected": "b"}, r"the prompt ends with an assistant turn \(prompt\[1\]\). "
+                                                         r"A prompt ends with the user's question .* 'chosen' and "
+                                                         r"'rejected'"),
+    ({"prompt": [], "chosen": "a", "rejected": "b"}, "the prompt is empty"),
+    ({"system": "s", "prompt": [{"role": "system", "content": "t"}, U], "chosen": "a", "rejected": "b"},
+     "prompt: two system prompts: the top-level 'system' and the system message prompt"),
+    ({"chosen": [U, A], "rejected": [U]}, "'rejected' does not end with an assistant reply. Make 'rejected' the "
+                                          "whole conversation"),
+    ({"chosen_messages": [U, A], "rejected_messages": [U, {"rol": "assistant"}]},
+     r"rejected_messages\[1\] needs 'role'"),
+    ({"input": {"messages": [U]}, "preferred_output": [A], "non_preferred_output": []},
+     "'non_preferred_output' is an empty list"),
+    ({"input": {"messages": [{"role": "usr", "content": "q"}]}, "preferred_output": [A],
+      "non_preferred_output": [A]}, r"input.messages\[0\] has role 'usr'"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "q"}],
+      "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}},
+     r"conversations\[1\].from is 'robot'"),
+])
+def test_an_error_in_a_pair_names_the_side_and_the_field_as_the_record_has_them(record, message):
+    with pytest.raises(TunelabError, match=r"^pairs.jsonl line 2: " + message) as caught:
+        read_for_objective(record, "dpo", "pairs.jsonl line 2")
+    assert "preference training, not this run" not in str(caught.value)
+    assert "messages[" not in str(caught.value).replace("input.messages[", "").replace("rejected_messages[", "")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "q", "completion": [], "label": True}, "'completion' is an empty list"),
+    ({"prompt": "q", "completion": {}, "label": False}, "completion needs 'role' and 'content'"),
+    ({"messages": [U], "label": True}, "'messages' does not end with an assistant reply. A KTO sample's last "
+                                       "message is the reply its label marks"),
+])
+def test_an_error_in_a_kto_sample_is_worded_for_kto(record, message):
+    with pytest.raises(TunelabError, match=r"^kto.jsonl line 2: " + message) as caught:
+        read_for_objective(record, "kto", "kto.jsonl line 2")
+    assert "preference training, not this run" not in str(caught.value)

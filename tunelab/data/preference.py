@@ -19,6 +19,9 @@ Shapes read (each as its source means it):
 * KTO (``label``: true marks a desirable reply, false an undesirable one; LLaMA-Factory's ``kto_tag``): TRL
   (``prompt`` + ``completion``), LLaMA-Factory (``messages`` / ``conversations`` ending with the reply), alpaca.
 
+An error about one side of a pair names it as the record has it ('rejected' is an empty list, prompt[1] has role
+'bot', conversations[2] ...), not as the joined conversation read for that side.
+
 A supervised run refuses both (`not_supervised_error`): training on every reply of a pair, or on the replies KTO
 marks undesirable, teaches the model what the data says to avoid. A preference run (`objective`, see
 `read_for_objective`) reads pairs; KTO reads KTO samples, and pairs as a desirable and an undesirable reply.
@@ -26,11 +29,13 @@ marks undesirable, teaches the model what the data says to avoid. A preference r
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tunelab.data.files import InvalidRecord
 from tunelab.data.formats import detect_format, normalise
-from tunelab.data.messages import fail
+from tunelab.data.messages import MULTIMODAL_FIX, fail
 
 _PAIRS = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"),
           ("preferred_output", "non_preferred_output"))
@@ -131,9 +136,9 @@ def normalise_preference(record: Any, where: str = "record") -> dict:
         raise fail(where, "not a preference pair (no 'chosen' and 'rejected', 'chosen_messages' and "
                           "'rejected_messages', or 'preferred_output' and 'non_preferred_output')",
                    "Give each record a prompt, a chosen reply and a rejected reply.")
-    (chosen, chosen_fmt), (rejected, rejected_fmt) = _pair_records(record, where)
-    good = normalise(chosen, chosen_fmt, where)
-    bad = normalise(rejected, rejected_fmt, where)
+    chosen, rejected = _pair_records(record, where)
+    good = _normalise_side(chosen, where)
+    bad = _normalise_side(rejected, where)
     if _strip(good["messages"][:-1]) != _strip(bad["messages"][:-1]):
         raise fail(where, "the chosen and the rejected conversation differ before their last reply",
                    "A pair answers the same prompt: make everything before the two replies identical.")
@@ -143,7 +148,34 @@ def normalise_preference(record: Any, where: str = "record") -> dict:
     return out
 
 
-def _pair_records(record: dict, where: str) -> tuple[tuple[dict, str], tuple[dict, str]]:
+@dataclass
+class _Side:
+    """One reply of a record with its prompt, as a whole conversation record of a known format, and where its parts
+    are in the user's record (so that an error names the field the record has, not the joined conversation's)."""
+    key: str
+    """The record's field holding the reply ('chosen', 'non_preferred_output', 'completion', ...)."""
+    reply: Any
+    record: dict
+    fmt: str
+    paths: list = field(default_factory=list)
+    """Per item of the joined conversation's message list, its place in the record ('prompt[0]', 'rejected')."""
+    prompt_items: int = 0
+    """How many of them are the prompt's."""
+    prompt: Optional[dict] = None
+    """The same record with a stand-in reply (the prompt alone, to tell its errors from the reply's), or None where the
+    reply is a whole conversation."""
+
+
+_STAND_IN = "(reply)"
+_LIST_ITEM = re.compile(r"\b(messages|conversations)\[(\d+)\]")
+_ORDER = re.compile(r"^message (\d+) is (?:'\w+' but .* should come (?:first|after '(\w+)'))?")
+_NO_END = "does not end with an assistant reply"
+IMAGES_FIX = ("tunelab trains preference and KTO objectives on text only (a run with a vision tower trains "
+              "supervised data): remove the images and their <image> placeholders from these records to train their "
+              "text")
+
+
+def _pair_records(record: dict, where: str) -> tuple[_Side, _Side]:
     """The chosen and the rejected side, each as a whole conversation record of a known format."""
     tools = {"tools": record["tools"]} if record.get("tools") else {}
     if "preferred_output" in record:  # OpenAI
@@ -151,35 +183,110 @@ def _pair_records(record: dict, where: str) -> tuple[tuple[dict, str], tuple[dic
         if not isinstance(given, dict) or not isinstance(given.get("messages"), list):
             raise fail(where, "'input' should be {\"messages\": [...]}", "Put the prompt messages in input.messages.")
         tools = {"tools": given["tools"]} if given.get("tools") else {}
-        return tuple(({"messages": given["messages"] + _as_list(record[key], where, key), **tools}, "messages")
+        return tuple(_reply_side(key, record[key], given["messages"], "input.messages", {**tools}, where)
                      for key in ("preferred_output", "non_preferred_output"))
     if "chosen_messages" in record:  # LLaMA-Factory v1: two whole conversations
-        return tuple(({"messages": _as_list(record[key], where, key), **tools}, "messages")
-                     for key in ("chosen_messages", "rejected_messages"))
+        return tuple(_whole_side(key, record[key], tools, where) for key in ("chosen_messages", "rejected_messages"))
     sides = []
     for key in ("chosen", "rejected"):
         reply = record[key]
         if "conversations" in record:  # LLaMA-Factory sharegpt: the reply is one more turn
             turn = reply if isinstance(reply, dict) else {"from": "gpt", "value": reply}
-            sides.append(({"conversations": list(record["conversations"]) + [turn],
-                           **_keep(record, "system"), **tools}, "sharegpt"))
+            turns = record["conversations"]
+            if not isinstance(turns, list):
+                raise fail(where, f"'conversations' should be a list of turns, found {type(turns).__name__}",
+                           "Write it as [{\"from\": \"human\", \"value\": ...}, ...].")
+            rest = {**_keep(record, "system"), **tools}
+            sides.append(_Side(key, reply, {"conversations": turns + [turn], **rest}, "sharegpt",
+                               [f"conversations[{i}]" for i in range(len(turns))] + [key], len(turns),
+                               {"conversations": turns + [{"from": "gpt", "value": _STAND_IN}], **rest}))
         elif "instruction" in record or ("input" in record and "prompt" not in record):  # LLaMA-Factory alpaca
             if not isinstance(reply, str):
-                raise fail(where, f"'{key}' should be the reply text", f"Make '{key}' a string.")
-            sides.append(({**_keep(record, "instruction", "input", "system", "history"), "output": reply, **tools},
-                          "alpaca"))
+                raise fail(where, f"'{key}' should be the reply text, found {type(reply).__name__}",
+                           f"Make '{key}' a string.")
+            rest = {**_keep(record, "instruction", "input", "system", "history"), **tools}
+            sides.append(_Side(key, reply, {**rest, "output": reply}, "alpaca", [], 0,
+                               {**rest, "output": _STAND_IN}))
         elif "prompt" in record or "messages" in record:  # TRL (prompt), or messages + reply
-            prompt = record.get("prompt", record.get("messages"))
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _as_list(prompt, where,
-                                                                                                    "prompt")
-            sides.append(({"messages": prompt + _as_list(reply, where, key), **_keep(record, "system"), **tools},
-                          "messages"))
+            name = "prompt" if "prompt" in record else "messages"
+            sides.append(_reply_side(key, reply, record[name], name, {**_keep(record, "system"), **tools}, where))
         elif isinstance(reply, list):  # TRL implicit prompt: two whole conversations sharing their start
-            sides.append(({"messages": reply, **tools}, "messages"))
+            sides.append(_whole_side(key, reply, tools, where))
         else:
             raise fail(where, f"no prompt for the '{key}' reply", "Give the question as 'prompt' (or 'instruction', "
                        "'messages', 'conversations'), or make 'chosen' and 'rejected' whole conversations.")
     return sides[0], sides[1]
+
+
+def _reply_side(key: str, reply: Any, prompt: Any, prompt_key: str, rest: dict, where: str) -> _Side:
+    """A reply (text, a message or messages) after a prompt (text or messages) -> its side, a 'messages' record."""
+    if isinstance(prompt, str):
+        prompt, prompt_paths = [{"role": "user", "content": prompt}], [prompt_key]
+    else:
+        given, prompt = prompt, _as_list(prompt, where, prompt_key)
+        prompt_paths = [prompt_key] if isinstance(given, dict) else [f"{prompt_key}[{i}]" for i in range(len(prompt))]
+    replies = _as_list(reply, where, key)
+    paths = prompt_paths + ([f"{key}[{j}]" for j in range(len(replies))] if isinstance(reply, list) else [key])
+    return _Side(key, reply, {"messages": prompt + replies, **rest}, "messages", paths, len(prompt_paths),
+                 {"messages": prompt + [{"role": "assistant", "content": _STAND_IN}], **rest})
+
+
+def _whole_side(key: str, value: Any, tools: dict, where: str) -> _Side:
+    """A side given as a whole conversation (LLaMA-Factory v1, TRL's implicit prompt)."""
+    turns = _as_list(value, where, key)
+    return _Side(key, value, {"messages": turns, **tools}, "messages", [f"{key}[{i}]" for i in range(len(turns))])
+
+
+def _normalise_side(side: _Side, where: str) -> dict:
+    """`normalise` of one side; its errors name the side ('prompt', 'rejected', ...) and the record's own fields."""
+    try:
+        return normalise(side.record, side.fmt, where)
+    except InvalidRecord as exc:
+        error = exc
+    if side.prompt is not None:
+        try:
+            normalise(side.prompt, side.fmt, where)
+        except InvalidRecord as exc:  # the prompt alone fails: the error is the prompt's
+            raise _reworded(exc, where, side, "prompt")
+    raise _reworded(error, where, side, side.key)
+
+
+def _reworded(exc: InvalidRecord, where: str, side: _Side, blame: str) -> InvalidRecord:
+    """An error of `normalise` on a side's joined conversation, about `blame` (the prompt, or the side's reply), in
+    the record's terms: its list items named as the record has them, the part at fault first."""
+    text = str(exc)
+    body = text[len(where) + 2:] if text.startswith(f"{where}: ") else text
+    body = body.replace(MULTIMODAL_FIX, IMAGES_FIX + ".")
+    if _NO_END in body or body.startswith("no messages."):
+        whole = side.prompt is None
+        empty = "an empty list" if side.reply == [] else "empty" if side.reply in ({}, None) else None
+        problem = f"{side.key!r} is {empty}" if empty else f"{side.key!r} {_NO_END}"
+        fix = (f"Make {side.key!r} the whole conversation, ending with its assistant reply." if whole else
+               f"Give {side.key!r} as the reply's text, one assistant message, or a list of messages ending with "
+               f"the assistant's.")
+        return fail(where, problem, fix)
+    paths = side.paths
+
+    def item(m: re.Match) -> str:
+        i = int(m.group(2))
+        return paths[i] if i < len(paths) else m.group(0)
+
+    body = _LIST_ITEM.sub(item, body)
+    order = _ORDER.match(body)
+    if order:  # a message's place in the whole conversation (after a top-level system prompt)
+        i = int(order.group(1)) - (1 if side.record.get("system") else 0)
+        if blame == "prompt" and i == side.prompt_items:  # the stand-in reply: the prompt's end is wrong
+            before = order.group(2)
+            return fail(where, "the prompt is empty" if i <= 0 or before is None else
+                        f"the prompt ends with a{'n' if before[0] in 'aeiou' else ''} {before} turn "
+                        f"({paths[i - 1]})", "A prompt ends with the user's question (or a tool's result); "
+                        + next((f"the replies go in {a!r} and {b!r}." for a, b in _PAIRS if side.key in (a, b)),
+                               f"the reply goes in {side.key!r}."))
+        if 0 <= i < len(paths):
+            body = f"{paths[i]} is " + body[len(f"message {order.group(1)} is "):]
+    if not any(body.startswith(p) for p in (blame, f"'{blame}'", *paths[:side.prompt_items] * (blame == "prompt"))):
+        body = f"{blame}: {body}"
+    return InvalidRecord(f"{where}: {body}")
 
 
 def _as_list(value: Any, where: str, key: str) -> list:
@@ -188,6 +295,9 @@ def _as_list(value: Any, where: str, key: str) -> list:
         return [{"role": "assistant", "content": value}]
     if isinstance(value, dict):
         if "from" in value:  # a sharegpt turn
+            if "value" not in value:
+                raise fail(where, f"{key!r} has 'from' but no 'value' (a ShareGPT turn needs both)",
+                           "Write the turn as {\"from\": \"gpt\", \"value\": ...}.")
             value = {"role": "assistant" if value["from"] in ("gpt", "assistant") else value["from"],
                      "content": value.get("value")}
         return [value]
@@ -217,18 +327,22 @@ def normalise_kto(record: Any, where: str = "record") -> dict:
         raise fail(where, f"{key!r} is {record[key]!r}", "Use true (a desirable reply) or false (an undesirable one).")
     rest = {k: v for k, v in record.items() if k not in ("label", "kto_tag")}
     if "completion" in rest:  # TRL: prompt + completion, text or message lists
-        prompt = rest.get("prompt", [])
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _as_list(prompt, where,
-                                                                                                "prompt")
-        rest = {"messages": prompt + _as_list(rest["completion"], where, "completion"), **_keep(rest, "tools",
-                                                                                                "system")}
-        fmt = "messages"
+        side = _reply_side("completion", rest["completion"], rest.get("prompt", []), "prompt",
+                           _keep(rest, "tools", "system"), where)
+        sample = _normalise_side(side, where)
     else:
         fmt = detect_format(rest)
         if fmt is None or fmt == "text":
             raise fail(where, "a KTO record without a prompt and a reply", "Give it 'prompt' and 'completion', or "
                        "'messages' ending with the assistant reply.")
-    sample = normalise(rest, fmt, where)
+        try:
+            sample = normalise(rest, fmt, where)
+        except InvalidRecord as exc:  # worded for a KTO run, not a supervised one
+            if _NO_END in str(exc):
+                key = next((k for k in ("messages", "conversations") if k in rest), "output")
+                raise fail(where, f"{key!r} {_NO_END}", f"A KTO sample's last message is the reply its label "
+                           f"marks: end {key!r} with that assistant reply.")
+            raise InvalidRecord(str(exc).replace(MULTIMODAL_FIX, IMAGES_FIX + "."))
     out = {"prompt": sample["messages"][:-1], "completion": sample["messages"][-1], "label": label}
     if sample.get("tools"):
         out["tools"] = sample["tools"]
