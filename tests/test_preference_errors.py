@@ -116,3 +116,65 @@ def test_an_error_in_a_kto_sample_is_worded_for_kto(record, message):
     with pytest.raises(TunelabError, match=r"^kto.jsonl line 2: " + message) as caught:
         read_for_objective(record, "kto", "kto.jsonl line 2")
     assert "preference training, not this run" not in str(caught.value)
+
+
+# --- 2. and 3. pairs whose replies are the same, empty replies -------------------------------------------------
+
+def test_a_pair_whose_replies_are_the_same_is_left_out_and_reported(tmp_path, tiny_tokenizer):
+    records = [{"prompt": f"Q{i}", "chosen": "good", "rejected": "good" if i % 2 else "bad"} for i in range(6)]
+    path = _write(tmp_path / "pairs.jsonl", records)
+    bundle = _build(path, tiny_tokenizer, "dpo")
+    stats = bundle.stats
+    assert stats.samples == 3 and stats.left_out == 3
+    [warning] = [w for w in stats.warnings() if "the same" in w]
+    assert warning.startswith(f"{path}: 3 pairs whose chosen and rejected reply are the same ({path} line 2, "
+                              f"{path} line 4, {path} line 6): left out")
+    assert "3 pairs left out" in stats.summary()
+
+
+def test_a_pair_trained_by_kto_whose_replies_are_the_same_is_left_out(tmp_path):
+    path = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": "x"},
+                                             {"prompt": "Q", "chosen": "x", "rejected": "y"}])
+    samples, stats = _read(path, "kto")
+    assert len(samples) == 1 and stats.left_out == 1
+
+
+def test_a_source_of_only_tied_pairs_says_why_nothing_is_usable(tmp_path):
+    path = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": "x"}])
+    with pytest.raises(TunelabError, match=r"no usable record \(of its 1: 1 left out \(the same chosen and rejected"):
+        _read(path, "dpo")
+
+
+def test_empty_replies_of_pairs_are_reported_and_an_empty_chosen_one_is_left_out(tmp_path, tiny_tokenizer):
+    path = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q1", "chosen": "", "rejected": "bad"},
+                                             {"prompt": "Q2", "chosen": "good", "rejected": " "},
+                                             {"prompt": "Q3", "chosen": "good", "rejected": "bad"}])
+    bundle = _build(path, tiny_tokenizer, "dpo")
+    assert bundle.stats.samples == 2 and bundle.stats.left_out == 1
+    warnings = bundle.stats.warnings()
+    assert any(w.startswith(f"{path}: 1 record with an empty chosen (desirable) reply ({path} line 1): left out")
+               for w in warnings)
+    assert any(w.startswith(f"{path}: 1 record with an empty rejected (undesirable) reply ({path} line 2): trained")
+               for w in warnings)
+
+
+def test_empty_kto_completions_are_reported(tmp_path, tiny_tokenizer):
+    path = _write(tmp_path / "kto.jsonl", [{"prompt": "Q1", "completion": "", "label": True},
+                                           {"prompt": "Q2", "completion": "", "label": False},
+                                           {"prompt": "Q3", "completion": "fine", "label": True}])
+    samples, stats = _read(path, "kto")
+    assert [s["label"] for s in samples] == [False, True] and stats.left_out == 1
+    warnings = stats.warnings()
+    assert any("1 record with an empty chosen (desirable) reply" in w and "line 1" in w for w in warnings)
+    assert any("1 record with an empty rejected (undesirable) reply" in w and "line 2" in w for w in warnings)
+
+
+def test_check_dataset_shows_the_pairs_left_out(tmp_path, tiny_tokenizer):
+    from tunelab.data.inspect import check_dataset
+
+    path = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": "x"},
+                                             {"prompt": "Q", "chosen": "x", "rejected": "y"}])
+    lines = []
+    check_dataset(TrainConfig(data_path=path, objective="dpo"), out=lines.append)
+    assert any("left out 1 (see the warnings)" in line for line in lines)
+    assert any(line.startswith("left out:            1") for line in lines)

@@ -55,6 +55,7 @@ def _report_files(stats: DataStats, out: Callable[[str], None]) -> None:
         formats = ", ".join(f"{fmt} ({n})" for fmt, n in report["formats"].items()) or "?"
         out(f"file {report['path']}: records {report['records']}, format {formats}, invalid {report['invalid']}, "
             + (f"dropped by dataset_map_fn {report['filtered']}, " if report.get("filtered") else "")
+            + (f"left out {report['left_out']} (see the warnings), " if report.get("left_out") else "")
             + f"samples used {report['samples']}" + (f", {report['filled']} with placeholders filled"
                                                       if report["filled"] else ""))
         if report["truncated"] or report["dropped"] or report["untrained"]:
@@ -93,6 +94,9 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
         out(f"  ... and {s.skipped_invalid - len(s.invalid)} more")
     if s.filtered:
         out(f"dropped by dataset_map_fn: {s.filtered} (it returned None)")
+    if s.left_out:
+        out(f"left out:            {s.left_out} (the same chosen and rejected reply, or an empty chosen one: see the "
+            f"warnings)")
     warnings = s.warnings()
     out(f"warnings:            {len(warnings)}")
     for line in warnings:

@@ -1,7 +1,8 @@
 """What reading the data found, and the warnings it turns into: one report per file (records read, formats
 detected, invalid records, fields the format does not read, records dataset_map_fn dropped, samples with unfilled
-``{{placeholders}}``, ``<image>`` placeholders without images or empty replies, and after encoding samples truncated
-and dropped) and one per source (records read, samples kept after its ratio, files of its folder not read).
+``{{placeholders}}``, ``<image>`` placeholders without images or empty replies, preference pairs whose replies are
+the same, and after encoding samples truncated and dropped) and one per source (records read, samples kept after its
+ratio, files of its folder not read).
 `tunelab.data.sources` fills them while reading; `file_warnings` and `source_warnings` give the lines `check-dataset`
 and training print, so nothing a record carries is dropped without a word. Reports are plain data: they are cached
 with the rows."""
@@ -26,6 +27,7 @@ def new_file_report(path: str, source: "Source") -> dict:
     return {"path": path, "source": registry, "dataset": source.entry.name if source.entry else None, "records": 0,
             "formats": {}, "samples": 0, "invalid": 0, "unused": {}, "placeholders": [0, "", []], "filled": 0,
             "image_tags": [0, ""], "special_text": [0, "", []], "empty_replies": [0, []], "filtered": 0,
+            "tied_pairs": [0, []], "empty_chosen": [0, []], "empty_rejected": [0, []], "left_out": 0,
             "truncated": 0, "dropped": 0, "untrained": 0}
 
 
@@ -89,6 +91,33 @@ def file_warnings(report: dict) -> list[str]:
         lines.append(f"{path}: {_n(count, 'sample')} with an empty reply ({', '.join(wheres)}{more}): an empty reply "
                      f"is kept as context, not trained (it would teach the model to stop at once); a sample with no "
                      f"other reply is dropped (counted as without a trained reply). Write the reply, or delete it.")
+    lines += _preference_warnings(path, report)
+    return lines
+
+
+def _shown(count: int, wheres: list) -> str:
+    return ", ".join(wheres) + (", ..." if count > len(wheres) else "")
+
+
+def _preference_warnings(path: str, report: dict) -> list[str]:
+    """Pairs whose two replies are the same, and empty replies of pairs and KTO samples."""
+    lines = []
+    count, wheres = report.get("tied_pairs", [0, []])
+    if count:
+        lines.append(f"{path}: {_n(count, 'pair')} whose chosen and rejected reply are the same "
+                     f"({_shown(count, wheres)}): left out, as they teach nothing (the loss cannot prefer one reply to itself: DPO stays at "
+                     f"ln 2, a reward model counts the tie as wrong). Give each pair a better and a worse reply, or "
+                     f"delete them.")
+    count, wheres = report.get("empty_chosen", [0, []])
+    if count:
+        lines.append(f"{path}: {_n(count, 'record')} with an empty chosen (desirable) reply ({_shown(count, wheres)}):"
+                     f" left out, as training it would teach the model to stop at once (an empty supervised reply is "
+                     f"not trained either). Write the reply, or delete the record.")
+    count, wheres = report.get("empty_rejected", [0, []])
+    if count:
+        lines.append(f"{path}: {_n(count, 'record')} with an empty rejected (undesirable) reply "
+                     f"({_shown(count, wheres)}): trained as written, teaching the model not to stop at once. If the "
+                     f"reply is missing rather than meant to be empty, write it or delete the record.")
     return lines
 
 

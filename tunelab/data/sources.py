@@ -27,6 +27,11 @@ from tunelab.data.preference import (not_supervised_error, read_for_objective, r
 from tunelab.errors import TunelabError
 
 MAX_REPORTED_INVALID = 20
+
+
+class LeftOut(Exception):
+    """A record read and not trained, counted in its file's report with the reason (a preference pair whose replies
+    are the same, or whose chosen reply is empty): `read_source` counts it and goes on."""
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
@@ -101,6 +106,7 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
                 count_unused(report, name, rec.where, "a preference record's prompt, replies, label, system and "
                               "tools are read: drop it, or map it in with dataset_map_fn if it should be trained")
         _after_reading(sample, source, report, rec.where, images is not None, special, tools)
+        _check_replies(sample, report, rec.where)
         return sample, "kto" if "completion" in sample or sample.get("unpaired") else "preference"
     if kind:
         raise not_supervised_error(kind, rec.where, data)
@@ -175,6 +181,33 @@ def _untrain_empty_replies(sample: dict, report: dict, where: str) -> None:
         note_record(report, "empty_replies", where)
 
 
+def _empty(message: dict) -> bool:
+    return not (message.get("content") or "").strip() and not message.get("tool_calls") \
+        and not message.get("reasoning_content")
+
+
+def _check_replies(sample: dict, report: dict, where: str) -> None:
+    """A pair whose chosen and rejected reply are the same teaches nothing, and an empty chosen (or desirable KTO)
+    reply would teach the model to stop at once: both are left out (`LeftOut`) and reported. An empty rejected (or
+    undesirable) reply can be a deliberate negative: it is trained, and reported."""
+    if "chosen" in sample:
+        good, bad = (_strip_train(sample[k]) for k in ("chosen", "rejected"))
+        if good == bad:
+            note_record(report, "tied_pairs", where)
+            raise LeftOut
+    else:
+        good, bad = (sample["completion"], None) if sample["label"] else (None, sample["completion"])
+    if good is not None and _empty(good):
+        note_record(report, "empty_chosen", where)
+        raise LeftOut
+    if bad is not None and _empty(bad):
+        note_record(report, "empty_rejected", where)
+
+
+def _strip_train(message: dict) -> dict:
+    return {k: v for k, v in message.items() if k != "train"}
+
+
 def _messages(sample: dict) -> list[dict]:
     return sample["messages"] if "messages" in sample else sample_messages(sample)
 
@@ -244,6 +277,10 @@ def read_source(source: Source, *, skip_invalid: bool, map_fn: Optional[Callable
                     raise
                 skip(str(exc))
                 continue
+            except LeftOut:  # reported in the file's warnings
+                stats.left_out += 1
+                report["left_out"] += 1
+                continue
             if sample is None:  # dataset_map_fn returned None: counted, so the numbers add up
                 stats.filtered += 1
                 report["filtered"] += 1
@@ -304,12 +341,18 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
     images = image_reading(cfg, config_dir)
     for i, source in enumerate(resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
                                                multimodal=images is not None)):
+        before = (stats.skipped_invalid, stats.filtered, stats.left_out)
         found, where_from = read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn,
                                         system=cfg.SYSTEM, stats=stats, objective=cfg.objective, images=images,
                                         special=special, tools=tools)
         if not found and not allow_empty:
-            raise TunelabError(f"data_path {source.path!r}: no usable record (all {stats.sources[-1]['records']} "
-                               f"were invalid). Run `tunelab check-dataset` to see why.")
+            invalid, filtered, left_out = (n - b for n, b in zip((stats.skipped_invalid, stats.filtered,
+                                                                   stats.left_out), before))
+            why = ", ".join(f"{n} {what}" for n, what in ((invalid, "invalid"), (filtered, "dropped by "
+                            "dataset_map_fn"), (left_out, "left out (the same chosen and rejected reply, or an empty "
+                            "chosen one)")) if n)
+            raise TunelabError(f"data_path {source.path!r}: no usable record (of its {stats.sources[-1]['records']}: "
+                               f"{why or 'none'}). Run `tunelab check-dataset` to see why.")
         ratio = source.ratio
         if source.entry is not None and source.entry.num_samples and found:
             ratio *= source.entry.num_samples / len(found)  # LLaMA-Factory's num_samples: that many samples
