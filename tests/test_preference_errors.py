@@ -178,3 +178,26 @@ def test_check_dataset_shows_the_pairs_left_out(tmp_path, tiny_tokenizer):
     check_dataset(TrainConfig(data_path=path, objective="dpo"), out=lines.append)
     assert any("left out 1 (see the warnings)" in line for line in lines)
     assert any(line.startswith("left out:            1") for line in lines)
+
+
+# --- 5. check-dataset when nothing is left to train -------------------------------------------------------------
+
+def test_check_dataset_fails_when_max_length_drops_every_pair(tmp_path, tiny_tokenizer_dir, capsys):
+    from tunelab.cli.main import main
+
+    path = _write(tmp_path / "pairs.jsonl", [{"prompt": "word " * 80, "chosen": "a", "rejected": "b"}] * 3)
+    code = main(["check-dataset", path, "--objective", "dpo", "--tokenizer", str(tiny_tokenizer_dir), "--template",
+                 "qwen_chat", "--max-length", "32"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "0 kept for training" in out and "OK: every record is valid" not in out
+    assert "Nothing will train: none of the 3 encoded samples is left (max_length=32: 3 dropped after the cut" in out
+
+
+def test_check_dataset_fails_when_every_pair_is_left_out(tmp_path, capsys):
+    from tunelab.cli.main import main
+
+    path = _write(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 2)
+    assert main(["check-dataset", path, "--objective", "dpo"]) == 1
+    out = capsys.readouterr().out
+    assert "Nothing will train: no record is usable" in out and "OK:" not in out

@@ -179,7 +179,7 @@ def check_dataset(args) -> int:
 
     cfg, tokenizer, config_dir = _load(args, need_tokenizer=False)
     stats = check(cfg, tokenizer, config_dir=config_dir)
-    return 1 if stats.skipped_invalid else 0
+    return 1 if stats.skipped_invalid or not stats.samples else 0  # invalid records, or nothing left to train
 
 
 def preview(args) -> int:

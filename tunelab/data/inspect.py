@@ -4,7 +4,9 @@ check-dataset reads every record (bad ones are collected, not fatal) and prints,
 detected and everything not trained as written (fields not read, unfilled {{placeholders}}, <image> without an
 image); with a tokenizer it also encodes them and prints token counts, a histogram of token lengths and how many
 samples max_length cuts or drops, numbers that add up: the histogram counts the encoded samples, its buckets past
-max_length hold the truncated plus the dropped. preview renders a few samples with the tokens the model
+max_length hold the truncated plus the dropped. It fails (exit 1) on invalid records, and when no sample is left to
+train (every one dropped by the cut, without a trained reply, or left out), where `tunelab train` would stop. preview
+renders a few samples with the tokens the model
 is trained on marked: coloured in a terminal, between ⟦ and ⟧ otherwise.
 """
 
@@ -107,9 +109,24 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
         _report_tokens(cfg, bundle, out)
     if s.skipped_invalid:
         out(f"{s.skipped_invalid} invalid records: fix them, or set skip_invalid = True to train without them.")
-    else:
+    if not s.samples:
+        out(nothing_to_train(cfg, s, bundle is not None))
+    elif not s.skipped_invalid:
         out("OK: every record is valid" + (f"; read the {len(warnings)} warnings above." if warnings else "."))
     return s
+
+
+def nothing_to_train(cfg, s: DataStats, encoded: bool) -> str:
+    """check-dataset's verdict when no sample is left for training (`tunelab train` would stop)."""
+    if encoded and s.encoded:
+        return (f"Nothing will train: none of the {s.encoded} encoded samples is left (max_length={cfg.max_length}: "
+                f"{s.dropped} dropped after the cut, {s.untrained} without a trained reply), so `tunelab train` would "
+                f"stop. " + " ".join(fix for n, fix in (
+                    (s.dropped, "Raise max_length (see the token lengths above), or shorten the prompts."),
+                    (s.untrained, "Give the samples replies that are trained on (not empty, not marked as "
+                                  "context).")) if n))
+    return ("Nothing will train: no record is usable (see the counts and warnings above), so `tunelab train` would "
+            "stop. Fix the records.")
 
 
 def _report_tokens(cfg, bundle, out: Callable[[str], None]) -> None:
