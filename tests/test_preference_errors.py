@@ -201,3 +201,49 @@ def test_check_dataset_fails_when_every_pair_is_left_out(tmp_path, capsys):
     assert main(["check-dataset", path, "--objective", "dpo"]) == 1
     out = capsys.readouterr().out
     assert "Nothing will train: no record is usable" in out and "OK:" not in out
+
+
+# --- 6. pictures in preference data; preference data in a run with a vision tower ------------------------------
+
+@pytest.mark.parametrize("objective, record", [
+    ("dpo", {"prompt": "<image>What is this?", "chosen": "A cat.", "rejected": "A dog.", "images": ["cat.png"]}),
+    ("kto", {"prompt": "<image>What is this?", "completion": "A cat.", "label": True, "image": "cat.png"}),
+    ("kto", {"prompt": "<image>What is this?", "chosen": "A cat.", "rejected": "A dog.", "images": ["cat.png"]}),
+])
+def test_pictures_in_preference_data_are_refused_in_a_text_only_run(tmp_path, objective, record):
+    path = _write(tmp_path / "pairs.jsonl", [record])
+    with pytest.raises(TunelabError, match=r"line 1: the record has '(images|image)' \(a multimodal sample\)\. "
+                                           r"tunelab trains preference and KTO objectives on text only"):
+        _read(path, objective)
+
+
+def test_an_image_part_in_a_pair_names_the_side_and_the_preference_fix():
+    record = {"input": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                                                  {"type": "text", "text": "What?"}]}]},
+              "preferred_output": [{"role": "assistant", "content": "a"}],
+              "non_preferred_output": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(TunelabError, match=r"f line 1: input.messages\[0\].content\[0\] is an image .*text only") \
+            as caught:
+        read_for_objective(record, "dpo", "f line 1")
+    assert "LLaVA" not in str(caught.value)
+
+
+@pytest.mark.parametrize("record, objective", [({"prompt": "q", "chosen": "a", "rejected": "b"}, "'dpo'"),
+                                               ({"prompt": "q", "completion": "a", "label": "false"}, "'kto'")])
+def test_preference_data_in_a_run_with_a_vision_tower_points_at_a_text_only_run(tmp_path, record, objective):
+    path = _write(tmp_path / "pairs.jsonl", [record])
+    with pytest.raises(TunelabError, match=r"A run with a vision tower trains supervised data only .* text-only "
+                                           r"model with objective = " + objective) as caught:
+        _read(path, "sft", visual_encoder_name_or_path="openai/clip-vit-large-patch14-336")
+    assert "Train it with objective" not in str(caught.value)
+    with pytest.raises(TunelabError, match=r"Train it with objective = " + objective):
+        _read(path, "sft")
+
+
+def test_a_ranking_registry_entry_in_a_run_with_a_vision_tower_points_at_a_text_only_run():
+    from pathlib import Path
+
+    registry = str(Path(__file__).parent / "fixtures" / "ecosystem" / "llamafactory" / "dataset_info.json")
+    with pytest.raises(TunelabError, match=r"dpo_en_demo.*A run with a vision tower trains supervised data only"):
+        _read([{"path": registry, "dataset": "dpo_en_demo"}], "sft",
+              visual_encoder_name_or_path="openai/clip-vit-large-patch14-336")

@@ -19,7 +19,7 @@ from tunelab.config.typecheck import did_you_mean
 from tunelab.data import dataset_info
 from tunelab.data.formats import FORMATS
 from tunelab.data.messages import MULTIMODAL_FIX
-from tunelab.data.preference import not_supervised_error
+from tunelab.data.preference import IMAGES_FIX, not_supervised_error
 from tunelab.errors import TunelabError
 
 ENTRY_KEYS = ("path", "format", "ratio", "dataset", "placeholders")
@@ -113,10 +113,11 @@ def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where:
     path = f"{registry.path}:{entry.name}"
     at = f"{where}: dataset {entry.name!r} of {registry.resolved}"
     if objective == "sft" and (entry.ranking or entry.columns.get("kto_tag")):  # said by the entry: no need to read
-        raise not_supervised_error("preference" if entry.ranking else "kto", at)
+        raise not_supervised_error("preference" if entry.ranking else "kto", at, multimodal=multimodal)
     media = [c for c in ("images", "videos", "audios") if entry.columns.get(c)]
     if media and not multimodal:
-        raise TunelabError(f"{at} has {' and '.join(media)} (multimodal data). {MULTIMODAL_FIX}")
+        raise TunelabError(f"{at} has {' and '.join(media)} (multimodal data). "
+                           f"{MULTIMODAL_FIX if objective == 'sft' else IMAGES_FIX + '.'}")
     if set(media) - {"images"}:
         raise TunelabError(f"{at} has {' and '.join(m for m in media if m != 'images')}: multimodal training "
                            "reads images only. Remove those columns from its entry in dataset_info.json.")

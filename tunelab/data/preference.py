@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tunelab.data.files import InvalidRecord
-from tunelab.data.formats import detect_format, normalise
+from tunelab.data.formats import MEDIA_FIELDS, detect_format, normalise
 from tunelab.data.messages import MULTIMODAL_FIX, fail
 
 _PAIRS = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"),
@@ -43,6 +43,10 @@ _KTO_REPLIES = frozenset(("completion", "output", "messages", "conversations"))
 _READ = frozenset(("prompt", "chosen", "rejected", "chosen_messages", "rejected_messages", "preferred_output",
                    "non_preferred_output", "input", "instruction", "output", "system", "history", "conversations",
                    "messages", "tools", "completion", "label", "kto_tag"))
+IMAGES_FIX = ("tunelab trains preference and KTO objectives on text only (a run with a vision tower trains "
+              "supervised data): remove the images and their <image> placeholders from these records to train their "
+              "text")
+"""The fix for pictures in preference and KTO data."""
 
 
 def record_kind(record: Any) -> Optional[str]:
@@ -75,25 +79,38 @@ def _bad_label(record: Any) -> Optional[str]:
     return None
 
 
-def not_supervised_error(kind: str, where: str, record: Any = None) -> InvalidRecord:
-    """The error a supervised run gives for preference or KTO data (`record` names the fields found)."""
+def not_supervised_error(kind: str, where: str, record: Any = None, multimodal: bool = False) -> InvalidRecord:
+    """The error a supervised run gives for preference or KTO data (`record` names the fields found). multimodal: the
+    run has a vision tower, which trains supervised data only, so the fix is not another objective for this run."""
     if kind == "preference":
         found = next((f"{a!r} and {b!r}" for a, b in _PAIRS if isinstance(record, dict) and a in record
                       and b in record), "'chosen' and 'rejected'")
-        return fail(where, f"this is preference data ({found}: a preferred and a rejected reply): supervised "
-                           f"fine-tuning would learn the rejected reply as well as the preferred one",
-                    "Train it with objective = 'dpo' (or 'orpo', 'simpo', 'reward'; see docs/PREFERENCE.md), and "
-                    "give supervised runs data with one reply per question.")
-    return fail(where, "this is KTO data (a reply with a true / false label): supervised fine-tuning would learn the "
-                       "replies labelled false (undesirable) as if they were good",
-                "Train it with objective = 'kto' (see docs/PREFERENCE.md), or keep only the records labelled true, "
-                "without the label, for this supervised run.")
+        problem = (f"this is preference data ({found}: a preferred and a rejected reply): supervised fine-tuning "
+                   f"would learn the rejected reply as well as the preferred one")
+        if multimodal:
+            return fail(where, problem, "A run with a vision tower trains supervised data only (objective = 'sft'): "
+                        "give it one reply per question (e.g. only the chosen replies), and train the pairs on a "
+                        "text-only model with objective = 'dpo' (docs/PREFERENCE.md).")
+        return fail(where, problem, "Train it with objective = 'dpo' (or 'orpo', 'simpo', 'reward'; see "
+                    "docs/PREFERENCE.md), and give supervised runs data with one reply per question.")
+    problem = ("this is KTO data (a reply with a true / false label): supervised fine-tuning would learn the replies "
+               "labelled false (undesirable) as if they were good")
+    if multimodal:
+        return fail(where, problem, "A run with a vision tower trains supervised data only (objective = 'sft'): keep "
+                    "only the records labelled true, without the label, for it, and train KTO data on a text-only "
+                    "model with objective = 'kto' (docs/PREFERENCE.md).")
+    return fail(where, problem, "Train it with objective = 'kto' (see docs/PREFERENCE.md), or keep only the records "
+                "labelled true, without the label, for this supervised run.")
 
 
 def read_for_objective(record: Any, objective: str, where: str) -> dict:
     """A record as the sample a preference objective trains on: a pair (`normalise_preference`), a KTO sample
-    (`normalise_kto`), or for KTO a pair marked "unpaired" (its chosen reply desirable, its rejected one not)."""
+    (`normalise_kto`), or for KTO a pair marked "unpaired" (its chosen reply desirable, its rejected one not).
+    Pictures are refused, as a text-only supervised run refuses them: the preference objectives train text only."""
     kind = record_kind(record)
+    media = [k for k in MEDIA_FIELDS if isinstance(record, dict) and record.get(k)]
+    if media and kind:
+        raise fail(where, f"the record has {' and '.join(map(repr, media))} (a multimodal sample)", IMAGES_FIX + ".")
     if objective == "kto":
         if kind == "kto":
             return normalise_kto(record, where)
@@ -170,9 +187,6 @@ _STAND_IN = "(reply)"
 _LIST_ITEM = re.compile(r"\b(messages|conversations)\[(\d+)\]")
 _ORDER = re.compile(r"^message (\d+) is (?:'\w+' but .* should come (?:first|after '(\w+)'))?")
 _NO_END = "does not end with an assistant reply"
-IMAGES_FIX = ("tunelab trains preference and KTO objectives on text only (a run with a vision tower trains "
-              "supervised data): remove the images and their <image> placeholders from these records to train their "
-              "text")
 
 
 def _pair_records(record: dict, where: str) -> tuple[_Side, _Side]:

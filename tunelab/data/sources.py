@@ -109,7 +109,7 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
         _check_replies(sample, report, rec.where)
         return sample, "kto" if "completion" in sample or sample.get("unpaired") else "preference"
     if kind:
-        raise not_supervised_error(kind, rec.where, data)
+        raise not_supervised_error(kind, rec.where, data, multimodal=images is not None)
     if fmt == "auto":
         fmt = detect_format(data)
         if fmt is None:
