@@ -247,3 +247,26 @@ def test_a_ranking_registry_entry_in_a_run_with_a_vision_tower_points_at_a_text_
     with pytest.raises(TunelabError, match=r"dpo_en_demo.*A run with a vision tower trains supervised data only"):
         _read([{"path": registry, "dataset": "dpo_en_demo"}], "sft",
               visual_encoder_name_or_path="openai/clip-vit-large-patch14-336")
+
+
+# --- 7. KTO needs another sample's reply for its KL estimate ----------------------------------------------------
+
+@pytest.mark.parametrize("records", [
+    [{"prompt": "q", "completion": "a", "label": True}],
+    [{"prompt": "q", "chosen": "a", "rejected": "b"}],  # a pair read for KTO: its two halves, one prompt
+    [{"prompt": f"q{i}", "completion": "same", "label": i % 2 == 0} for i in range(3)],
+])
+def test_kto_with_a_single_reply_is_refused(tmp_path, tiny_tokenizer, records):
+    path = _write(tmp_path / "kto.jsonl", records)
+    with pytest.raises(TunelabError, match=r"objective = 'kto' needs at least 2 samples with different replies"):
+        _build(path, tiny_tokenizer, "kto")
+    from tunelab.data.inspect import check_dataset
+
+    with pytest.raises(TunelabError, match=r"needs at least 2 samples"):
+        check_dataset(TrainConfig(data_path=path, objective="kto"), out=lambda line: None)
+
+
+def test_kto_with_two_replies_trains(tmp_path, tiny_tokenizer):
+    path = _write(tmp_path / "kto.jsonl", [{"prompt": "q", "completion": "a", "label": True},
+                                           {"prompt": "p", "completion": "b", "label": False}])
+    assert _build(path, tiny_tokenizer, "kto").stats.samples == 2

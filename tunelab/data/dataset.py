@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from tunelab.data.encode import encode_batch
-from tunelab.data.encode_preference import row_capacity, with_kl_completions
+from tunelab.data.encode_preference import check_kl_partners, row_capacity, with_kl_completions
 from tunelab.data.files import data_files
 from tunelab.data.multimodal import ImageTokens, expand_image_tokens, image_tokens
 from tunelab.data.packing import TokenRows, pack_rows
@@ -284,6 +284,7 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     for line in stats.warnings():
         log(f"data: warning: {line}")
     if cfg.objective == "kto":  # each reply's KL partner chosen over the whole data set, whatever the chunks
+        check_kl_partners(samples)
         samples = with_kl_completions(samples)
 
     encoded = encode_samples(template, tokenizer, samples, cfg.max_length, cfg.train_on, num_proc or cfg.num_proc,

@@ -21,6 +21,7 @@ import numpy as np
 
 from tunelab.data.dataset import DataStats, build_datasets, encode_samples, row_length
 from tunelab.data.encode import IGNORE_INDEX
+from tunelab.data.encode_preference import check_kl_partners
 from tunelab.data.images import describe as describe_image
 from tunelab.data.images import image_reading
 from tunelab.data.multimodal import IMAGE_TOKEN, image_tokens
@@ -80,6 +81,8 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
         stats = DataStats()
         tools = None if cfg.prompt_template == "hf" else tool_support(get_template(cfg.prompt_template))
         samples, _ = collect_samples(checked, stats, config_dir=config_dir, allow_empty=True, tools=tools)
+        if cfg.objective == "kto":
+            check_kl_partners(samples)  # as training does
         stats.samples = len(samples)
         bundle = None
     else:
