@@ -270,3 +270,51 @@ def test_kto_with_two_replies_trains(tmp_path, tiny_tokenizer):
     path = _write(tmp_path / "kto.jsonl", [{"prompt": "q", "completion": "a", "label": True},
                                            {"prompt": "p", "completion": "b", "label": False}])
     assert _build(path, tiny_tokenizer, "kto").stats.samples == 2
+
+
+# --- 8. tunelab reward: its flags, a missing file, pairs it cannot tell apart ------------------------------------
+
+@pytest.mark.parametrize("flags, says", [
+    (["--data", "nope.json"], "--data nope.json: no such file"),
+    (["--data", "."], "--data .: a folder"),
+    (["--data", "x.jsonl", "-n", "-1"], "argument -n: expected a positive whole number"),
+    (["--data", "x.jsonl", "--batch-size", "0"], "argument --batch-size: expected a positive whole number"),
+    (["--data", "x.jsonl", "--batch-size", "-2"], "argument --batch-size: expected a positive whole number"),
+    (["--data", "x.jsonl", "--max-length", "-5"], "argument --max-length: expected a positive whole number"),
+    (["--data", "x.jsonl", "--max-length", "0"], "argument --max-length: expected a positive whole number"),
+])
+def test_reward_refuses_bad_flags_and_a_missing_file_in_one_line(tmp_path, monkeypatch, capsys, flags, says):
+    from tunelab.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["reward", str(tmp_path / "no_model"), *flags])
+    except SystemExit as exc:  # argparse's usage error
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err
+
+
+def test_reward_leaves_pairs_it_cannot_tell_apart_out_of_the_accuracy(tmp_path, tiny_llama_dir, capsys):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.cli.main import main
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "rm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama_dir / name).exists():
+            (tmp_path / "rm" / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    data = _write(tmp_path / "pairs.jsonl", [{"prompt": "hi", "chosen": "good answer", "rejected": "bad"},
+                                             {"prompt": "word " * 60, "chosen": "good", "rejected": "bad"},
+                                             {"prompt": "hi", "chosen": "same", "rejected": "same"}])
+    assert main(["reward", str(tmp_path / "rm"), "--data", data, "--device", "cpu", "--prompt-template",
+                 "qwen_chat", "--max-length", "48"]) == 0
+    out = capsys.readouterr()
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    assert [r.get("skipped") for r in lines] == [None, "cut at max_length=48 before their replies differ (a long "
+                                                       "prompt)", "with the same chosen and rejected reply"]
+    assert lines[1]["chosen"] == lines[1]["rejected"] and lines[1]["correct"] is None
+    assert "of 1 pairs score the chosen reply higher" in out.err
+    assert "2 pairs not counted in the accuracy" in out.err and "Raise --max-length" in out.err

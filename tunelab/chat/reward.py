@@ -5,12 +5,17 @@ checkpoint (iter_N or WORK_DIR), or the base model with `--adapter`. Every recor
 reads it: a preference pair gets a score for its chosen and its rejected reply (and counts towards the pairwise
 accuracy), a KTO sample or a conversation a score for its last reply. Each sequence is the template's rendering of
 prompt + reply, tokenised and cut at max_length exactly as in training, and scored at its last token.
+
+A pair whose two sequences are the same tokens (the same reply, or both cut at max_length before their replies differ,
+e.g. by a long prompt) gets the same score twice: it is scored but left out of the accuracy, with the reason in its
+record ("skipped"), and `Scores.skipped` counts them by reason.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,11 +37,18 @@ class RewardModel:
 @dataclass
 class Scores:
     records: list[dict] = field(default_factory=list)
-    """Per record: {"record", "chosen", "rejected", "correct"} for a pair, {"record", "score"} otherwise."""
+    """Per record: {"record", "chosen", "rejected", "correct"} for a pair (with "skipped": why, and "correct" None, for
+    a pair whose sequences are the same tokens), {"record", "score"} otherwise."""
 
     @property
     def pairs(self) -> list[dict]:
-        return [r for r in self.records if "chosen" in r]
+        """The pairs the accuracy counts (not the skipped ones)."""
+        return [r for r in self.records if "chosen" in r and "skipped" not in r]
+
+    @property
+    def skipped(self) -> Counter:
+        """Pairs left out of the accuracy, by reason."""
+        return Counter(r["skipped"] for r in self.records if "skipped" in r)
 
     @property
     def accuracy(self) -> float | None:
@@ -47,6 +59,8 @@ class Scores:
 def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_template: str | None = None,
                       system: str | None = None, max_length: int | None = None, device: str = "auto",
                       dtype: str = "auto", bits: int | None = None, trust_remote_code: bool = False) -> RewardModel:
+    if max_length is not None and max_length < 1:
+        raise TunelabError(f"max_length must be 1 or more, got {max_length}")
     from tunelab.chat.engine import _resolve_paths
     from tunelab.data.templates import choose_template
     from tunelab.model.load import load_causal_lm, load_tokenizer, pick_device, resolve_dtype
@@ -72,6 +86,16 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
     template, _ = choose_template(prompt_template, meta, base, tokenizer)
     return RewardModel(model, tokenizer, template, meta.get("system", "") if system is None else system,
                        max_length or int(meta.get("max_length") or 2048))
+
+
+def check_data_file(path: str | Path) -> Path:
+    """The data file to score, or an error naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise TunelabError(f"--data {path}: a folder; give one data file (.json / .jsonl / .csv / .parquet).")
+    if not path.is_file():
+        raise TunelabError(f"--data {path}: no such file.")
+    return path
 
 
 def _samples(path: Path, system: str, limit: int | None = None) -> list[dict]:
@@ -101,9 +125,10 @@ def _samples(path: Path, system: str, limit: int | None = None) -> list[dict]:
     return samples
 
 
-def _rows(rm: RewardModel, samples: list[dict]) -> list[dict]:
+def _rows(rm: RewardModel, samples: list[dict]) -> tuple[list[dict], list[bool]]:
     """Each sample's sequences as one row (the chosen then the rejected reply of a pair; one reply otherwise), cut at
-    max_length as in training; the samples tokenised together."""
+    max_length as in training; the samples tokenised together. And per sample whether its sequences are the same
+    tokens (a pair the model cannot tell apart)."""
     from tunelab.data.encode import encode_segments
     from tunelab.data.encode_preference import conversation_pieces, join_sequences
 
@@ -112,11 +137,20 @@ def _rows(rm: RewardModel, samples: list[dict]) -> list[dict]:
               for s, theirs in zip(samples, replies) for reply in theirs]
     # every token labelled, so no sequence is dropped: only the ids and where each sequence ends matter here
     encoded = encode_segments(rm.tokenizer, pieces, rm.max_length, "all")
-    rows, at = [], 0
+    rows, same, at = [], [], 0
     for theirs in replies:
-        rows.append(join_sequences(encoded[at:at + len(theirs)], list(range(len(theirs)))).row)
+        parts = encoded[at:at + len(theirs)]
+        rows.append(join_sequences(parts, list(range(len(theirs)))).row)
+        same.append(len(parts) == 2 and parts[0].row["input_ids"] == parts[1].row["input_ids"])
         at += len(theirs)
-    return rows
+    return rows, same
+
+
+def _why_same(pair: dict, max_length: int) -> str:
+    strip = [{k: v for k, v in pair[side].items() if k != "train"} for side in ("chosen", "rejected")]
+    if strip[0] == strip[1]:
+        return "with the same chosen and rejected reply"
+    return f"cut at max_length={max_length} before their replies differ (a long prompt)"
 
 
 @torch.no_grad()
@@ -126,12 +160,14 @@ def score_file(rm: RewardModel, path: str | Path, *, limit: int | None = None, b
     from tunelab.data.collate import collate
     from tunelab.model.reward import sequence_scores
 
-    samples = _samples(Path(path), rm.system, limit)
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise TunelabError(f"batch_size and limit must be 1 or more, got {batch_size} and {limit}")
+    samples = _samples(check_data_file(path), rm.system, limit)
     device = next(rm.model.parameters()).device
     scores = Scores()
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        rows = _rows(rm, chunk)
+        rows, same = _rows(rm, chunk)
         batch = {k: v.to(device) for k, v in collate(rows, rm.tokenizer.pad_token_id).items()}
         values = sequence_scores(rm.model, batch).tolist()
         at = 0
@@ -139,6 +175,8 @@ def score_file(rm: RewardModel, path: str | Path, *, limit: int | None = None, b
             if "chosen" in sample:
                 result = {"record": i, "chosen": values[at], "rejected": values[at + 1],
                           "correct": values[at] > values[at + 1]}
+                if same[i - start]:  # one sequence scored twice: neither right nor wrong
+                    result.update(correct=None, skipped=_why_same(sample, rm.max_length))
                 at += 2
             else:
                 result = {"record": i, "score": values[at]}

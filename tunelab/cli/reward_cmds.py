@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from tunelab.cli.data_cmds import _positive_int
+
 DESCRIPTION = """\
 Score the replies of a data file with a reward model trained with objective = 'reward'. A preference pair gets a
 score for its chosen and its rejected reply, and the fraction of pairs ranked right is printed at the end; a
@@ -26,11 +28,12 @@ def register(subparsers) -> None:
                    "the base model with --adapter")
     p.add_argument("--adapter", metavar="DIR", help="the reward model's LoRA adapter (with its trained head)")
     p.add_argument("--data", required=True, metavar="FILE", help="pairs, KTO samples or conversations (.json/.jsonl)")
-    p.add_argument("-n", type=int, metavar="N", help="score only the first N records")
+    p.add_argument("-n", type=_positive_int, metavar="N", help="score only the first N records")
     p.add_argument("--prompt-template", metavar="NAME", help="chat template (default: from tunelab.json)")
     p.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")
-    p.add_argument("--max-length", type=int, metavar="N", help="tokens a sequence (default: as in training)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="records scored together")
+    p.add_argument("--max-length", type=_positive_int, metavar="N",
+                   help="tokens a sequence (default: as in training)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="records scored together")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load the base quantised with bitsandbytes")
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -40,15 +43,24 @@ def register(subparsers) -> None:
 
 
 def reward_cmd(args) -> int:
-    from tunelab.chat.reward import load_reward_model, score_file
+    from tunelab.chat.reward import check_data_file, load_reward_model, score_file
 
+    check_data_file(args.data)  # before loading the model
     rm = load_reward_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
                            system=args.system, max_length=args.max_length, device=args.device, dtype=args.dtype,
                            bits=args.bits, trust_remote_code=args.trust_remote_code)
     scores = score_file(rm, args.data, limit=args.n, batch_size=args.batch_size,
                         on_record=lambda r: print(json.dumps(r), flush=True))
-    pairs = scores.pairs
+    pairs, skipped = scores.pairs, scores.skipped
     if pairs:
         print(f"pairwise accuracy: {scores.accuracy:.4f} ({sum(r['correct'] for r in pairs)} of {len(pairs)} pairs "
               f"score the chosen reply higher)", file=sys.stderr)
+    if skipped:
+        n = sum(skipped.values())
+        print(f"{'no pair ranked: ' if not pairs else ''}{n} pair{'' if n == 1 else 's'} not counted in the accuracy "
+              f"(two sequences of the same tokens, one score twice): "
+              + "; ".join(f"{count} {why}" for why, count in skipped.items())
+              + (". Raise --max-length to score the replies of long prompts." if any("max_length" in why
+                                                                                     for why in skipped) else "."),
+              file=sys.stderr)
     return 0
