@@ -318,3 +318,11 @@ def test_reward_leaves_pairs_it_cannot_tell_apart_out_of_the_accuracy(tmp_path, 
     assert lines[1]["chosen"] == lines[1]["rejected"] and lines[1]["correct"] is None
     assert "of 1 pairs score the chosen reply higher" in out.err
     assert "2 pairs not counted in the accuracy" in out.err and "Raise --max-length" in out.err
+
+
+def test_an_image_placeholder_without_an_image_in_a_pair_is_warned_about_with_the_preference_fix(tmp_path):
+    path = _write(tmp_path / "pairs.jsonl", [{"prompt": "<image>What?", "chosen": "a", "rejected": "b"}])
+    _, stats = _read(path, "dpo")
+    [warning] = [w for w in stats.warnings() if "<image>" in w]
+    assert "trained as plain text. tunelab trains preference and KTO objectives on text only" in warning
+    assert "LLaVA" not in warning

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from tunelab.data.files import SUFFIXES_READ
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
+from tunelab.data.preference import IMAGES_FIX
 
 if TYPE_CHECKING:
     from tunelab.data.data_path import Source
@@ -76,9 +77,10 @@ def file_warnings(report: dict) -> list[str]:
                      + f"'placeholders': {{{fill}}}}}], or write "
                      f"filled data with `tunelab data self-cognition --name NAME --author AUTHOR --from {path}`.")
     count, where = report["image_tags"]
-    if count:
+    if count:  # (preference data cannot go to a multimodal run: it trains supervised data only)
+        fix = IMAGES_FIX + "." if report.get("preference") else MULTIMODAL_FIX
         lines.append(f"{path}: {_n(count, 'sample')} with {IMAGE_PLACEHOLDER} but no image (first at {where}): the "
-                     f"placeholder is trained as plain text. {MULTIMODAL_FIX}")
+                     f"placeholder is trained as plain text. {fix}")
     count, where, names = report.get("special_text", [0, "", []])
     if count:
         shown = ", ".join(map(repr, names[:MAX_FIELDS_SHOWN]))

@@ -101,6 +101,7 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
     kind = record_kind(data)
     if objective != "sft":
         sample = read_for_objective(data, objective, rec.where)
+        report["preference"] = True  # its warnings' fixes are for a preference run
         if source.entry is None:
             for name in unused_preference_fields(data):
                 count_unused(report, name, rec.where, "a preference record's prompt, replies, label, system and "
