@@ -6,8 +6,8 @@ image); with a tokenizer it also encodes them and prints token counts, a histogr
 samples max_length cuts or drops, numbers that add up: the histogram counts the encoded samples, its buckets past
 max_length hold the truncated plus the dropped. It fails (exit 1) on invalid records, and when no sample is left to
 train (every one dropped by the cut, without a trained reply, or left out), where `tunelab train` would stop. preview
-renders a few samples with the tokens the model
-is trained on marked: coloured in a terminal, between ⟦ and ⟧ otherwise.
+renders a few samples with the tokens the model is trained on marked: coloured in a terminal, between ⟦ and ⟧
+otherwise.
 """
 
 from __future__ import annotations

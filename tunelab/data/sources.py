@@ -27,12 +27,12 @@ from tunelab.data.preference import (not_supervised_error, read_for_objective, r
 from tunelab.errors import TunelabError
 
 MAX_REPORTED_INVALID = 20
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 class LeftOut(Exception):
     """A record read and not trained, counted in its file's report with the reason (a preference pair whose replies
     are the same, or whose chosen reply is empty): `read_source` counts it and goes on."""
-PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 def _raw_records(source: Source) -> tuple[list[tuple[str, object]], list[Path]]:
@@ -174,8 +174,7 @@ def _untrain_empty_replies(sample: dict, report: dict, where: str) -> None:
     """An empty reply (no text, no tool call, no reasoning) would train the model to stop at once: it stays in the
     conversation as context, not trained, and is reported. A sample with no other reply then has nothing to train
     and is dropped, counted as 'without a trained reply'."""
-    empty = [m for m in sample.get("messages", []) if m["role"] == "assistant" and m.get("train", True)
-             and not (m.get("content") or "").strip() and not m.get("tool_calls") and not m.get("reasoning_content")]
+    empty = [m for m in sample.get("messages", []) if m["role"] == "assistant" and m.get("train", True) and _empty(m)]
     for m in empty:
         m["train"] = False
     if empty:
@@ -183,6 +182,7 @@ def _untrain_empty_replies(sample: dict, report: dict, where: str) -> None:
 
 
 def _empty(message: dict) -> bool:
+    """A reply with no text, no tool call and no reasoning."""
     return not (message.get("content") or "").strip() and not message.get("tool_calls") \
         and not message.get("reasoning_content")
 
