@@ -214,6 +214,139 @@ def test_one_at_a_time_mode(random_models):
     assert set(sizes) == {1}
 
 
+class FakeOOM(RuntimeError):
+    """What torch raises when a step does not fit the GPU (torch.OutOfMemoryError is a RuntimeError too)."""
+
+
+def _submit(chat, ids, settings, results, done):
+    def finish(outcome):
+        results[tuple(ids)] = outcome
+        done.release()
+    chat.batcher.submit(chat.job(ids, settings, ignore_eos=True, on_done=finish))
+
+
+def test_a_prefill_that_fails_fails_only_its_own_request(random_models):
+    """Three streams decoding; a long prompt whose prefill runs out of memory (and a short one prefilled with it)
+    join: only the long one gets the error, the short one is answered, and the three go on to the token they would
+    have produced alone."""
+    from tunelab.model.generate import GenerationSettings
+
+    batched, _ = random_models
+    running = [batched.encode([{"role": "user", "content": f"Tell me about {k} things"}]) for k in (1, 2, 3)]
+    long = batched.encode([{"role": "user", "content": "word " * 60}])
+    short = batched.encode([{"role": "user", "content": "Hi"}])
+    settings = GenerationSettings(max_new_tokens=40)
+    alone = {tuple(ids): reply.token_ids for ids, reply in
+             zip(running + [short], _run_together(batched, running + [short], [settings] * 4))}
+    results, done = {}, threading.Semaphore(0)
+    decoding, hold, release = threading.Event(), threading.Event(), threading.Event()
+    prefill_sizes = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:
+            prefill_sizes.append(ids.shape[0])
+        if ids.shape[1] > len(long) - 5:
+            raise FakeOOM("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if ids.shape[1] == 1 and hold.is_set():  # hold the batch mid-decode while both newcomers are submitted
+            decoding.set()
+            assert release.wait(30)
+            hold.clear()
+
+    handle = batched.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in running:
+            _submit(batched, ids, settings, results, done)
+        hold.set()
+        assert decoding.wait(60)
+        _submit(batched, long, settings, results, done)
+        _submit(batched, short, settings, results, done)
+        release.set()
+        for _ in range(5):
+            assert done.acquire(timeout=120)
+    finally:
+        handle.remove()
+    assert isinstance(results[tuple(long)], FakeOOM)
+    for ids in running + [short]:
+        reply = results[tuple(ids)]
+        assert not isinstance(reply, Exception), reply
+        assert reply.finish_reason == "length" and reply.token_ids == alone[tuple(ids)]
+    assert prefill_sizes[-3:] == [2, 1, 1]  # long and short together, then each alone
+    assert _run_together(batched, [short], [settings])[0].token_ids == alone[tuple(short)]  # the engine is fine
+
+
+def test_a_prefill_that_fails_while_stacking_its_cache_leaves_the_batch_as_it_was(random_models, monkeypatch):
+    """Out of memory half-way through stacking the newcomer's cache under the batch's (one layer stacked, the next
+    not): the stacked layer goes back to the running rows, which go on to the tokens they would produce alone."""
+    from tunelab.chat import batcher as batcher_module
+    from tunelab.model.generate import GenerationSettings
+
+    batched, _ = random_models
+    running = [batched.encode([{"role": "user", "content": f"Say {k}"}]) for k in (1, 2)]
+    newcomer = batched.encode([{"role": "user", "content": "Another question"}])
+    settings = GenerationSettings(max_new_tokens=30)
+    alone = [r.token_ids for r in _run_together(batched, running, [settings] * 2)]
+    pads, left_pad = [], batcher_module._left_pad
+
+    def failing_pad(x, width):
+        pads.append(1)
+        if len(pads) == 5:  # layer 0's keys and values are stacked (4 pads); layer 1's keys fail
+            raise FakeOOM("CUDA out of memory while stacking")
+        return left_pad(x, width)
+
+    results, done = {}, threading.Semaphore(0)
+    decoding, release = threading.Event(), threading.Event()
+
+    def hold(module, args, kwargs):  # the first decode step of both rows waits until the newcomer is in the inbox
+        if kwargs["input_ids"].shape == (2, 1) and not decoding.is_set():
+            decoding.set()
+            assert release.wait(30)
+
+    handle = batched.model.register_forward_pre_hook(hold, with_kwargs=True)
+    try:
+        for ids in running:
+            _submit(batched, ids, settings, results, done)
+        assert decoding.wait(60)
+        monkeypatch.setattr(batcher_module, "_left_pad", failing_pad)
+        _submit(batched, newcomer, settings, results, done)
+        release.set()
+        for _ in range(3):
+            assert done.acquire(timeout=120)
+    finally:
+        handle.remove()
+    assert isinstance(results[tuple(newcomer)], FakeOOM)
+    assert [results[tuple(ids)].token_ids for ids in running] == alone
+
+
+def test_a_failing_decode_step_fails_its_batch_and_the_engine_goes_on(random_models):
+    from tunelab.model.generate import GenerationSettings
+
+    batched, _ = random_models
+    prompts = [batched.encode([{"role": "user", "content": f"Question {k}"}]) for k in (1, 2)]
+    settings = GenerationSettings(max_new_tokens=30)
+    results, done = {}, threading.Semaphore(0)
+    decode_steps = []
+
+    def hook(module, args, kwargs):
+        if kwargs["input_ids"].shape == (2, 1):  # a decode step of both
+            decode_steps.append(1)
+            if len(decode_steps) == 3:
+                raise FakeOOM("CUDA out of memory in the decode step")
+
+    handle = batched.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in prompts:
+            _submit(batched, ids, settings, results, done)
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+    finally:
+        handle.remove()
+    assert all(isinstance(results[tuple(ids)], FakeOOM) for ids in prompts)
+    _wait_idle(batched.batcher)
+    again = _run_together(batched, prompts, [settings] * 2)
+    assert [r.finish_reason for r in again] == ["length"] * 2
+
+
 @pytest.mark.parametrize("body, param", [
     (b"{not json", None),
     (b'{"messages": []}', "messages"),

@@ -6,6 +6,11 @@ under it, and from then on each step feeds one token per sequence through the mo
 finishes (a stop word, EOS, max_tokens) or whose client went away (`Job.cancel()`) leaves the batch at the next step;
 columns of the cache that only padding uses any more are cut off.
 
+A failure fails only the requests it belongs to. A prefill that fails (e.g. out of memory on a long prompt) is
+retried one newcomer at a time, so only the request whose own prefill fails gets the error; the batch already decoding
+is left as it was and goes on. A failure in the decode step that every sequence shares ends that batch's requests
+with the error (none of them can go on); requests still waiting start a new batch at the next step.
+
 Padding never changes a sequence's results beyond float noise: padded positions are masked out of attention and
 every sequence keeps its own position ids, so a greedy reply in a batch is the reply served alone (tests/test_serve.py).
 
@@ -167,8 +172,8 @@ class Batcher:
                 self._drop_cancelled()
                 try:
                     self._step()
-                except Exception as exc:  # noqa: BLE001 (an out-of-memory step fails its requests, not the server)
-                    self._fail_all(exc)
+                except Exception as exc:  # noqa: BLE001 (a failed step fails its batch, not the server)
+                    self._fail_batch(exc)
         self._fail_all(ServerStopping("the server is shutting down"))
 
     def _collect(self, block: bool) -> None:
@@ -213,16 +218,31 @@ class Batcher:
         for job in jobs:
             _call(job.on_done, error)
 
+    def _fail_batch(self, error: Exception) -> None:
+        """The shared decode step failed: no sequence in the batch can go on. Waiting jobs stay for the next step."""
+        jobs = [row.job for row in self.rows]
+        self.rows = []
+        self.cache = self.mask = self.last = None
+        self._release(error)
+        for job in jobs:
+            _call(job.on_done, error)
+
+    def _release(self, error: Exception) -> None:
+        """Free what a failed step allocated: the tensors its traceback's frames hold, the allocator's cached blocks."""
+        error.__traceback__ = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _step(self) -> None:
-        logits = [self._decode()] if self.rows else []
+        logits = []
+        if self.rows:
+            try:
+                logits.append(self._decode())
+            except Exception as exc:  # noqa: BLE001 (e.g. out of memory in the step every sequence shares)
+                self._fail_batch(exc)
         new = self._admit()
         if new:
-            try:
-                logits.append(self._prefill(new))
-            except Exception as exc:  # noqa: BLE001 (the newcomers are not rows yet: tell them here)
-                for job in new:
-                    _call(job.on_done, exc)
-                raise
+            logits += self._prefill_each(new)
         if not self.rows:
             return
         tokens = next_tokens(torch.cat(logits), self.rows)
@@ -261,8 +281,23 @@ class Batcher:
         logits, self.cache = self._forward(self.last[:, None], self.mask, positions, self.cache)
         return logits
 
+    def _prefill_each(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """Prefill the newcomers together, or where that fails, each alone: only a request whose own prefill fails
+        (e.g. out of memory on a long prompt) gets the error, and the sequences already decoding go on untouched."""
+        try:
+            return [self._prefill(jobs)]
+        except Exception as exc:  # noqa: BLE001 (the newcomers are not rows yet: tell them here)
+            error = exc
+        self._release(error)
+        if len(jobs) == 1:
+            _call(jobs[0].on_done, error)
+            return []
+        return [logits for job in jobs for logits in self._prefill_each([job])]
+
     def _prefill(self, jobs: list[Job]) -> torch.Tensor:
-        """Run the newcomers' prompts (left-padded to the longest) and stack their cache under the batch's."""
+        """Run the newcomers' prompts (left-padded to the longest) and stack their cache under the batch's. All or
+        nothing: when it fails, the batch is as it was."""
+        rows = [_Row(job, self.tokenizer, self.device) for job in jobs]
         width = max(len(job.prompt_ids) for job in jobs)
         ids = torch.tensor([[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs],
                            device=self.device)
@@ -273,18 +308,30 @@ class Batcher:
         extra = {"pixel_values": torch.cat(images).to(self.device)} if images else {}  # row by row, as the tokens
         logits, cache = self._forward(ids, mask, positions, self._new_cache(), **self.keep_last_logits, **extra)
         self._stack(cache, mask)
-        self.rows += [_Row(job, self.tokenizer, self.device) for job in jobs]
+        self.rows += rows
         return logits
 
     def _stack(self, cache, mask: torch.Tensor) -> None:
         if self.cache is None:
             self.cache, self.mask = cache, mask
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
-            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
-        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
+        running, old_width = self.mask.shape
+        width = max(old_width, mask.shape[1])
+        try:
+            for old, new in zip(self.cache.layers, cache.layers):
+                old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+                old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+            stacked = torch.cat([F.pad(self.mask, (width - old_width, 0)), F.pad(mask, (width - mask.shape[1], 0))])
+        except BaseException:
+            # out of memory half-way: the layers already stacked go back to the running rows and their columns
+            # (views of the stacked tensors: nothing new is allocated; the next step's cache update copies them)
+            for layer in self.cache.layers:
+                if layer.keys.shape[0] != running:
+                    layer.keys = layer.keys[:running, :, -old_width:]
+                if layer.values.shape[0] != running:
+                    layer.values = layer.values[:running, :, -old_width:]
+            raise
+        self.mask = stacked
 
     def _keep(self, indices: list[int]) -> None:
         """Keep only these sequences; cut the cache columns that only padding still uses."""
