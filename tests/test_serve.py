@@ -374,6 +374,27 @@ def test_bad_values_get_a_400_naming_the_parameter(server_url, client, chat, bod
     assert client.chat.completions.create(model=chat.name, messages=ASK).choices[0].message.content == ANSWER
 
 
+@pytest.mark.parametrize("fields, param, where", [
+    ({"messages": [{"role": "user", "content": "hi \\ud800"}]}, "messages", "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": [
+        {"type": "text", "text": "ok"}, {"type": "text", "text": "\\udc00"}]}]}, "messages", "messages[1].content[1].text"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}, "stop", "stop[0]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+        "name": "f", "description": "\\ud83d"}}]}, "tools", "tools[0].function.description"),
+])
+def test_text_that_is_not_unicode_gets_a_400_naming_where(server_url, client, chat, fields, param, where):
+    """A lone surrogate (JSON allows the escape, UTF-8 does not) is refused where it is, like any bad value, instead
+    of failing in the tokenizer with a plain-text 500."""
+    body = json.dumps(fields).replace("\\\\u", "\\u").encode()  # the escape itself, as a client sends it
+    status, payload = _post(f"{server_url}/v1/chat/completions", body)
+    assert status == 400, payload
+    error = payload["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert error["message"] == f"invalid request: {where}: is not valid Unicode text (it holds a lone surrogate such " \
+                               "as \\ud800): send the text as UTF-8"
+    assert client.chat.completions.create(model=chat.name, messages=ASK).choices[0].message.content == ANSWER
+
+
 def test_range_messages_say_the_allowed_values(server_url):
     body = json.dumps({"messages": ASK, "repetition_penalty": 1e-300}).encode()
     assert "from 0.01 to 10" in _post(f"{server_url}/v1/chat/completions", body)[1]["error"]["message"]

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -39,6 +40,39 @@ OPEN_PATHS = {"/health"}
 """Paths answered without the API key: a liveness probe that tells nothing (and the web page, which asks for it)."""
 
 
+NOT_UNICODE = "is not valid Unicode text (it holds a lone surrogate such as \\ud800): send the text as UTF-8"
+"""What a request hears about a string that no tokenizer can read: JSON allows a lone "\\ud800" escape, UTF-8 does
+not. The same words for every field (pydantic's own check catches it in `stop`, `lone_surrogate` everywhere else)."""
+
+
+def lone_surrogate(value) -> str | None:
+    """Where in `value` (text, or lists and dicts holding text) the first string that is not valid Unicode is: ""
+    for `value` itself, "[1].text" for a part of it; None where all of it is valid."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return ""
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        at = f"[{key}]" if isinstance(key, int) else f".{key}"
+        if isinstance(key, str) and lone_surrogate(key) is not None:
+            return at.encode("utf-8", "backslashreplace").decode()
+        inner = lone_surrogate(item)
+        if inner is not None:
+            return at + inner
+    return None
+
+
+def _valid_text(value):
+    """An after-validator: the field's text (at any depth) must be valid Unicode, or it is a 400 naming where."""
+    at = lone_surrogate(value)
+    if at is not None:
+        raise PydanticCustomError("string_unicode", NOT_UNICODE, {"at": at})
+    return value
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool"]
@@ -49,6 +83,8 @@ class Message(BaseModel):
     tool_call_id: Optional[str] = None
     name: Optional[str] = None
     """A tool result's call id and function name."""
+
+    _text = field_validator("content", "tool_calls", "tool_call_id", "name")(_valid_text)
 
 
 StopWord = Annotated[str, StringConstraints(min_length=1)]
@@ -75,6 +111,8 @@ class ChatRequest(BaseModel):
     """Function definitions, rendered into the prompt as the chat template writes them."""
     tool_choice: Union[Literal["auto", "none"], dict, None] = None
 
+    _text = field_validator("tools", "tool_choice")(_valid_text)
+
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop_word(cls, value):
@@ -88,8 +126,17 @@ FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p":
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
+    message = message.encode("utf-8", "backslashreplace").decode()  # a lone surrogate quoted back must not fail here
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
                                                                "code": None}})
+
+
+def _field_path(loc) -> str:
+    """A validation error's place as the request spells it: messages[0].content, not messages.0.content."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
 
 
 class RequestError(TunelabError):
@@ -127,10 +174,14 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return _error(400, f"invalid request: the body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = [p for p in first.get("loc", ()) if p != "body"]
         value = f" {first['input']!r}" if "input" in first and not isinstance(first["input"], (dict, list)) else ""
-        message = f"invalid request: {'.'.join(loc) or 'body'}{value}: {first.get('msg', 'malformed')}"
-        return _error(400, message, loc[0] if loc else None)
+        text = first.get("msg", "malformed")
+        if first.get("type") == "string_unicode":  # one message for a lone surrogate, wherever it is
+            value, text = "", NOT_UNICODE
+        where = _field_path(loc) + first.get("ctx", {}).get("at", "")
+        message = f"invalid request: {where or 'body'}{value}: {text}"
+        return _error(400, message, str(loc[0]) if loc else None)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
