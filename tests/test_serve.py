@@ -519,6 +519,9 @@ def test_serve_cli_defaults_to_localhost():
     (["serve", "m", "--repetition-penalty", "1e-300"], "--repetition-penalty 1e-300: must be above 0 (from 0.01 to 10"),
     (["chat", "m", "--seed", str(2**70), "--prompt", "x"], "--seed"),
     (["serve", "m", "--temperature", "3"], "--temperature 3.0: must be 0 (greedy) or more, at most 2"),
+    (["serve", "m", "--api-key", ""], "--api-key is empty (an unset variable?)"),  # never served without a key
+    (["web", "m", "--api-key", " "], "--api-key is empty"),
+    (["serve", "m", "--engine", "vllm", "--api-key", ""], "--api-key is empty"),
 ])
 def test_bad_flags_are_one_line_errors(argv, says, capsys):
     from tunelab.cli.main import main

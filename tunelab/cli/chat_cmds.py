@@ -101,6 +101,9 @@ def _check_server_args(args) -> None:
                              ("--max-tokens-limit", args.max_tokens_limit, 1), ("--port", args.port, 0)):
         if value is not None and value < low:
             raise TunelabError(f"{flag} {value}: must be at least {low}.")
+    if args.api_key is not None and not args.api_key.strip():  # e.g. --api-key "$KEY" with KEY unset
+        raise TunelabError("--api-key is empty (an unset variable?): give the key, or leave --api-key out to serve "
+                           "without one.")
 
 
 def _app(args, web: bool):
