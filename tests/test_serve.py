@@ -402,6 +402,20 @@ def test_range_messages_say_the_allowed_values(server_url):
     assert "limit of 2000 (--max-tokens-limit)" in _post(f"{server_url}/v1/chat/completions", body)[1]["error"]["message"]
 
 
+def test_max_tokens_limit_also_bounds_the_default_reply_length(chat):
+    """--max-tokens-limit 5 with --max-new-tokens 500: a request without max_tokens gets 5 tokens, not 500, and the
+    web page's default (/tunelab/info) is 5 too."""
+    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.model.generate import GenerationSettings
+
+    with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=500), max_tokens_limit=5)) as url:
+        status, payload = _post(f"{url}/v1/chat/completions", json.dumps({"messages": ASK, "ignore_eos": True}).encode())
+        assert status == 200 and payload["usage"]["completion_tokens"] == 5
+        assert payload["choices"][0]["finish_reason"] == "length"
+        with urllib.request.urlopen(f"{url}/tunelab/info", timeout=10) as response:
+            assert json.loads(response.read())["defaults"]["max_new_tokens"] == 5
+
+
 def test_prompt_and_max_tokens_are_bounded_by_the_context(chat):
     """A prompt over the context is refused in about the time it takes to tokenize it (a 1 MB prompt too); an asked-for
     max_tokens that does not fit is refused; a default max_tokens is cut to what fits."""

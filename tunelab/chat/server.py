@@ -168,6 +168,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
     With `api_key`, every path but /health and `open_paths` needs 'Authorization: Bearer KEY'."""
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None)
     app.state.chat = chat
+    # the limit bounds every reply: one whose request leaves max_tokens out too (--max-new-tokens 512 is the default)
+    defaults = dataclasses.replace(defaults, max_new_tokens=min(defaults.max_new_tokens, max_tokens_limit))
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError):

@@ -72,7 +72,9 @@ def register(subparsers) -> None:
         p.add_argument("--api-key", metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on every request (all paths but /health" +
                             (" and the page itself, which asks for the key)" if name == "web" else ")"))
-        p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+        p.add_argument("--max-tokens-limit", type=int, default=4096,
+                       help="largest max_tokens a request may ask; it also caps --max-new-tokens, the reply length of "
+                            "a request that leaves max_tokens out")
         p.add_argument("--max-model-len", type=int, metavar="N",
                        help="prompt + reply tokens a request may use (default: the model's max_position_embeddings; "
                             "e.g. the training max_length to stay where the model was trained)")
