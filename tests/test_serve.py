@@ -395,6 +395,28 @@ def test_text_that_is_not_unicode_gets_a_400_naming_where(server_url, client, ch
     assert client.chat.completions.create(model=chat.name, messages=ASK).choices[0].message.content == ANSWER
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_its_content_type(server_url, content_type):
+    """`curl -d '{...}'` sends no JSON Content-Type: the body is read as JSON all the same."""
+    body = json.dumps({"messages": ASK, "max_tokens": 3}).encode()
+    response = httpx.post(f"{server_url}/v1/chat/completions", content=body, timeout=30,
+                          headers={"Content-Type": content_type} if content_type else {})
+    assert response.request.headers.get("content-type") == content_type
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("body, says", [
+    (b"messages=hi", "the body is not valid JSON (Expecting value): send a JSON object, with the header "
+                     "'Content-Type: application/json'"),
+    (b'["hi"]', 'the body should be a JSON object, e.g. {"messages": '),
+    (b'"%s"' % (b"x" * 500), 'the body should be a JSON object'),
+])
+def test_a_body_that_is_not_a_json_object_is_named_not_quoted(server_url, body, says):
+    status, payload = _post(f"{server_url}/v1/chat/completions", body, {"Content-Type": "text/plain"})
+    assert status == 400 and says in payload["error"]["message"]
+    assert "xxxxxxxx" not in payload["error"]["message"] and "b'" not in payload["error"]["message"]
+
+
 def test_range_messages_say_the_allowed_values(server_url):
     body = json.dumps({"messages": ASK, "repetition_penalty": 1e-300}).encode()
     assert "from 0.01 to 10" in _post(f"{server_url}/v1/chat/completions", body)[1]["error"]["message"]

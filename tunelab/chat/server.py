@@ -131,6 +131,22 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
                                                                "code": None}})
 
 
+class JsonBodies:
+    """Read every POST body as JSON, whatever its Content-Type says: `curl -d '{...}'` sends one as
+    application/x-www-form-urlencoded, and OpenAI's API reads it as JSON all the same."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            declared = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if not (declared == b"application/json" or declared.endswith(b"+json")):
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def _field_path(loc) -> str:
     """A validation error's place as the request spells it: messages[0].content, not messages.0.content."""
     path = ""
@@ -167,6 +183,7 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
     """The FastAPI app serving `chat` with `defaults` (a GenerationSettings) for settings a request leaves out.
     With `api_key`, every path but /health and `open_paths` needs 'Authorization: Bearer KEY'."""
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None)
+    app.add_middleware(JsonBodies)
     app.state.chat = chat
     # the limit bounds every reply: one whose request leaves max_tokens out too (--max-new-tokens 512 is the default)
     defaults = dataclasses.replace(defaults, max_new_tokens=min(defaults.max_new_tokens, max_tokens_limit))
@@ -175,8 +192,12 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
     async def _bad_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return _error(400, f"invalid request: the body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
+            return _error(400, f"invalid request: the body is not valid JSON ({first.get('ctx', {}).get('error', '')})"
+                               f": send a JSON object, with the header 'Content-Type: application/json'")
         loc = [p for p in first.get("loc", ()) if p != "body"]
+        if not loc:  # the body itself (never quoted back: it may be large, or hold anything)
+            return _error(400, 'invalid request: the body should be a JSON object, e.g. {"messages": [{"role": "user", '
+                               '"content": "Hi"}]}')
         value = f" {first['input']!r}" if "input" in first and not isinstance(first["input"], (dict, list)) else ""
         text = first.get("msg", "malformed")
         if first.get("type") == "string_unicode":  # one message for a lone surrogate, wherever it is
