@@ -12,7 +12,7 @@ import pytest
 from chat_helpers import taught_model_dir
 from test_template_vendors import CALL, FAMILIES, TOOLS, _with_ids, vendor_render
 from tunelab.chat.batcher import Reply
-from tunelab.chat.tools import call_format, split_calls, writes_tools
+from tunelab.chat.tools import call_format, split_calls, writes_calls, writes_tools
 from tunelab.data.templates import get_template
 
 openai = pytest.importorskip("openai")
@@ -71,6 +71,9 @@ def test_text_that_is_not_a_whole_call_stays_text(template, reply):
 def test_which_templates_write_tools_and_how_their_calls_are_read():
     assert not writes_tools(get_template("qwen_chat")) and call_format(get_template("qwen_chat")) is None
     assert writes_tools(get_template("glm4_chat")) and call_format(get_template("glm4_chat")).name_line
+    assert writes_calls(get_template("qwen2_5_chat")) and writes_calls(get_template("chatglm3"))  # no tools, calls
+    assert not writes_calls(get_template("qwen_chat"))  # drops them
+    assert not writes_calls(get_template("deepseek_r1"))  # refuses to render them
 
 
 # --- through the server ------------------------------------------------------------------------------------------
@@ -139,6 +142,26 @@ def test_tools_on_a_template_without_them_are_refused_not_dropped(chat):
         # tool_choice 'none' leaves the tools out, so any template serves the request
         answer = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="none",
                                                 max_tokens=2)
+        assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_earlier_tool_calls_on_a_template_without_them_are_refused_not_dropped(chat):
+    """qwen_chat renders an assistant turn's tool_calls as an empty turn: the request is refused, naming the message,
+    instead of the model answering a conversation it cannot see."""
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    with _client(chat) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="m", messages=history, max_tokens=2)
+        error = refused.value.body
+        assert error["param"] == "messages"
+        assert error["message"].startswith("messages[1].tool_calls: the chat template 'qwen_chat' has no place for "
+                                           "tool calls")
+        # the same conversation without the calls is answered
+        answer = client.chat.completions.create(model="m", messages=ASK, max_tokens=2)
         assert answer.choices[0].finish_reason in ("stop", "length")
 
 

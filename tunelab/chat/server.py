@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab.chat.batcher import Reply, ServerStopping
 from tunelab.chat.engine import ChatModel
-from tunelab.chat.tools import call_format, request_messages, request_tools, split_calls, writes_tools
+from tunelab.chat.tools import call_format, request_messages, request_tools, split_calls, writes_calls, writes_tools
 from tunelab.errors import TunelabError
 from tunelab.model.generate import SettingError, check_settings
 
@@ -249,10 +249,21 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         request that offers tools (the template never changes)."""
         return writes_tools(chat.template), call_format(chat.template)
 
+    @functools.cache
+    def template_calls() -> bool:
+        """Whether the template writes earlier tool calls (probed once, on the first request that holds some)."""
+        return writes_calls(chat.template)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         settings, asked = settings_for(body, defaults, max_tokens_limit)
         messages = request_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        calling = next((i for i, m in enumerate(messages) if m.get("tool_calls")), None)
+        if calling is not None and not template_calls():
+            raise RequestError(f"messages[{calling}].tool_calls: the chat template {chat.template.name!r} has no place "
+                               f"for tool calls, so the model would never see them: serve with a template that writes "
+                               f"them (e.g. qwen2_5_chat, qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, "
+                               f"glm4_chat, phi4_mini), or send the calls and their results as text.", "messages")
         offered = request_tools(body.tools)
         if isinstance(body.tool_choice, dict):
             raise RequestError("tool_choice naming a function is not supported: send 'auto' (the model chooses) or "

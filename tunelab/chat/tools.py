@@ -40,6 +40,16 @@ def writes_tools(template) -> bool:
         return False
 
 
+def writes_calls(template) -> bool:
+    """Whether `template` writes an earlier assistant turn's tool calls into the prompt (many drop them, some refuse)."""
+    call = {"type": "function", "function": {"name": PROBE_NAME, "arguments": {"city": "Paris"}}}
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    try:
+        return template.render(probe) != template.render([*probe[:1], {"role": "assistant", "content": ""}])
+    except Exception:
+        return False
+
+
 def call_format(template) -> CallFormat | None:
     """How `template` writes an assistant tool call, learnt by rendering one; None where it is not marker + JSON."""
     call = {"type": "function", "function": {"name": PROBE_NAME, "arguments": {"city": "Paris"}}}
