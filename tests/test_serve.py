@@ -518,14 +518,12 @@ def test_sigterm_stops_the_server_mid_generation(tmp_path):
                                   p for p in (str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")) if p)})
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, server.stdout.read().decode()
-                time.sleep(0.2)
+        seen = []
+        while not (seen and "OpenAI-compatible API on" in seen[-1]):
+            seen.append(server.stdout.readline().decode())
+            assert seen[-1], "".join(seen)  # the server ended before saying where it listens
+        assert seen[-1].startswith(f"OpenAI-compatible API on {url}")
+        urllib.request.urlopen(f"{url}/health", timeout=10)  # said only once it listens: no retrying needed
         body = {"messages": ASK, "max_tokens": 60000, "ignore_eos": True, "stream": True}
         lines = []
         with httpx.Client(timeout=60) as http:
@@ -555,6 +553,8 @@ def test_serve_cli_defaults_to_localhost():
     (["serve", "m", "--repetition-penalty", "1e-300"], "--repetition-penalty 1e-300: must be above 0 (from 0.01 to 10"),
     (["chat", "m", "--seed", str(2**70), "--prompt", "x"], "--seed"),
     (["serve", "m", "--temperature", "3"], "--temperature 3.0: must be 0 (greedy) or more, at most 2"),
+    (["serve", "m", "--port", "70000"], "--port 70000: must be from 1 to 65535"),
+    (["web", "m", "--port", "0"], "--port 0: must be from 1 to 65535"),
     (["serve", "m", "--api-key", ""], "--api-key is empty (an unset variable?)"),  # never served without a key
     (["web", "m", "--api-key", " "], "--api-key is empty"),
     (["serve", "m", "--engine", "vllm", "--api-key", ""], "--api-key is empty"),
@@ -565,6 +565,29 @@ def test_bad_flags_are_one_line_errors(argv, says, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["serve", "web"])
+def test_an_address_it_cannot_listen_on_fails_in_one_line_before_loading(command, capsys):
+    """A port in use, or an address that is not this machine's: one line and exit 2 at once, before the model loads
+    (the model here does not even exist), and no 'API on http://...' line claiming it listens."""
+    import socket
+
+    from tunelab.cli.main import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([command, "no/such-model", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: --port {port}: 127.0.0.1:{port} is already in use (another server?): stop it or pick " \
+                  f"another --port.\n"
+    assert "on http://" not in out
+    assert main([command, "no/such-model", "--host", "192.0.2.1"]) == 2  # TEST-NET-1: never this machine's
+    out, err = capsys.readouterr()
+    assert err.startswith("error: --host 192.0.2.1: not an address of this machine") and err.count("\n") == 1
+    assert "on http://" not in out
 
 
 @pytest.fixture

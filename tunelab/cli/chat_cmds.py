@@ -100,44 +100,51 @@ def _check_server_args(args) -> None:
     from tunelab.errors import TunelabError
 
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-model-len", args.max_model_len, 2),
-                             ("--max-tokens-limit", args.max_tokens_limit, 1), ("--port", args.port, 0)):
+                             ("--max-tokens-limit", args.max_tokens_limit, 1)):
         if value is not None and value < low:
             raise TunelabError(f"{flag} {value}: must be at least {low}.")
+    if not 1 <= args.port <= 65535:
+        raise TunelabError(f"--port {args.port}: must be from 1 to 65535.")
     if args.api_key is not None and not args.api_key.strip():  # e.g. --api-key "$KEY" with KEY unset
         raise TunelabError("--api-key is empty (an unset variable?): give the key, or leave --api-key out to serve "
                            "without one.")
 
 
-def _app(args, web: bool):
+def _serve(args, web: bool) -> int:
+    """Check the flags, take the address (a port in use fails here, before minutes of loading), load, serve."""
     from tunelab.chat.engine import load_from_args, settings_from_args
+    from tunelab.chat.server import listen_sockets, serve
 
     _check_server_args(args)
     settings = settings_from_args(args)
-    chat = load_from_args(args)
-    kwargs = dict(max_tokens_limit=args.max_tokens_limit, api_key=args.api_key)
-    if web:
-        from tunelab.chat.web import create_web_app
+    sockets = listen_sockets(args.host, args.port)
+    try:
+        chat = load_from_args(args)
+        kwargs = dict(max_tokens_limit=args.max_tokens_limit, api_key=args.api_key)
+        if web:
+            from tunelab.chat.web import create_web_app
 
-        return create_web_app(chat, settings, **kwargs)
-    from tunelab.chat.server import create_app
+            app = create_web_app(chat, settings, **kwargs)
+        else:
+            from tunelab.chat.server import create_app
 
-    return create_app(chat, settings, **kwargs)
-
-
-def web_cmd(args) -> int:
-    from tunelab.chat.server import serve
-
-    serve(_app(args, web=True), host=args.host, port=args.port, api_key=args.api_key, what="chat page")
+            app = create_app(chat, settings, **kwargs)
+        serve(app, host=args.host, port=args.port, api_key=args.api_key, sockets=sockets,
+              what="chat page" if web else "OpenAI-compatible API")
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 
-def serve_cmd(args) -> int:
-    from tunelab.chat.server import serve
+def web_cmd(args) -> int:
+    return _serve(args, web=True)
 
+
+def serve_cmd(args) -> int:
     if args.engine == "vllm":
         from tunelab.chat.vllm import run_vllm
 
         _check_server_args(args)
         return run_vllm(args)
-    serve(_app(args, web=False), host=args.host, port=args.port, api_key=args.api_key)
-    return 0
+    return _serve(args, web=False)
