@@ -424,6 +424,19 @@ def test_range_messages_say_the_allowed_values(server_url):
     assert "limit of 2000 (--max-tokens-limit)" in _post(f"{server_url}/v1/chat/completions", body)[1]["error"]["message"]
 
 
+def test_max_model_len_above_the_models_context_is_warned_about_once(tmp_path_factory, capsys):
+    from tunelab.chat.engine import load_chat_model
+
+    model = taught_model_dir(tmp_path_factory)
+    context = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+    load_chat_model(str(model), max_model_len=context + 1000)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert f"--max-model-len {context + 1000} is above the model's context of {context} tokens" in err
+    load_chat_model(str(model), max_model_len=context)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_max_tokens_limit_also_bounds_the_default_reply_length(chat):
     """--max-tokens-limit 5 with --max-new-tokens 500: a request without max_tokens gets 5 tokens, not 500, and the
     web page's default (/tunelab/info) is 5 too."""

@@ -245,9 +245,13 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     if system is None:
         system = (meta or {}).get("system") or ""
     name = Path(str(adapter_dir)).name if adapter_dir else Path(base).name or base
+    context, where = context_length(model, meta)
     if max_model_len is None:
-        max_model_len, where = context_length(model, meta)
+        max_model_len = context
         _say(f"context: {max_model_len} tokens ({where})")
+    elif max_model_len > context and where.startswith("config.json"):
+        _say(f"warning: --max-model-len {max_model_len} is above the model's context of {context} tokens ({where}): "
+             f"positions past {context} were never trained, so replies that reach them may be nonsense.")
     return ChatModel(model=model, tokenizer=tokenizer, template=template, system=system, name=name,
                      template_source=source, max_model_len=max_model_len, max_batch_size=max_batch_size,
                      vision=vision)
