@@ -466,12 +466,27 @@ def test_prompt_and_max_tokens_are_bounded_by_the_context(chat):
         assert "maximum context length is 64 tokens" in payload["error"]["message"]
         status, payload = _post(f"{url}/v1/chat/completions", json.dumps({"messages": ASK, "max_tokens": 60}).encode())
         assert status == 400 and payload["error"]["param"] == "max_tokens"
-        assert f"({prompt_tokens} in the messages, 60 in the completion)" in payload["error"]["message"]
+        assert f"({prompt_tokens} in the messages, 60 in the completion): lower max_tokens to {64 - prompt_tokens} " \
+               f"or less" in payload["error"]["message"]
         body = json.dumps({"messages": ASK, "ignore_eos": True}).encode()
         status, payload = _post(f"{url}/v1/chat/completions", body)
         assert status == 200 and payload["usage"]["completion_tokens"] == 64 - prompt_tokens
         assert payload["choices"][0]["finish_reason"] == "length"
     small.batcher.stop()
+
+
+@pytest.mark.parametrize("asked", [None, 10])
+def test_a_prompt_too_long_is_told_to_shorten_the_conversation(chat, asked):
+    """Over the context whether or not max_tokens was given: the message speaks of the messages (no max_tokens would
+    help), not of a completion of the default 512 tokens the client never asked for."""
+    from tunelab.chat.engine import ContextError
+
+    small = dataclasses.replace(chat, max_model_len=64, _batcher=None)
+    with pytest.raises(ContextError) as refused:
+        small.fit_reply(70, 512 if asked is None else asked, asked=asked is not None)
+    assert refused.value.param == "messages"
+    assert str(refused.value) == ("This model's maximum context length is 64 tokens, but the messages alone take 70, "
+                                  "which leaves no room for a reply: shorten the conversation.")
 
 
 def test_a_client_that_goes_away_stops_its_generation(server_url, chat):

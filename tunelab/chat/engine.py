@@ -82,12 +82,15 @@ class ChatModel:
     def fit_reply(self, prompt_tokens: int, max_new_tokens: int, *, asked: bool = True) -> int:
         """max_new_tokens within the context: cut down when it was a default, `ContextError` when it was `asked` for."""
         room = self.max_model_len - prompt_tokens
-        if room < 1 or (asked and max_new_tokens > room):
+        if room < 1:  # no max_tokens helps: only a shorter conversation does
+            raise ContextError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the messages alone take "
+                f"{prompt_tokens}, which leaves no room for a reply: shorten the conversation.", "messages")
+        if asked and max_new_tokens > room:
             raise ContextError(
                 f"This model's maximum context length is {self.max_model_len} tokens, but "
                 f"{prompt_tokens + max_new_tokens} were asked for ({prompt_tokens} in the messages, {max_new_tokens} "
-                f"in the completion): shorten the messages or lower max_tokens.",
-                "messages" if room < 1 else "max_tokens")
+                f"in the completion): lower max_tokens to {room} or less, or shorten the messages.", "max_tokens")
         return min(max_new_tokens, room)
 
     def job(self, prompt_ids: list[int], settings, *, stop_words=(), ignore_eos: bool = False, on_text=None,
