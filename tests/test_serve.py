@@ -361,6 +361,16 @@ def test_a_failing_decode_step_fails_its_batch_and_the_engine_goes_on(random_mod
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ""}', "stop"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": true}', "max_tokens"),  # not 1
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}', "max_tokens"),  # not 5
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5.5}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": false}', "max_completion_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}', "max_completion_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9999}', "max_completion_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": "7"}', "seed"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_k": true}', "top_k"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}', "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": true}', "top_p"),
 ])
 def test_bad_values_get_a_400_naming_the_parameter(server_url, client, chat, body, param):
     status, payload = _post(f"{server_url}/v1/chat/completions", body)
@@ -415,6 +425,16 @@ def test_a_body_that_is_not_a_json_object_is_named_not_quoted(server_url, body, 
     status, payload = _post(f"{server_url}/v1/chat/completions", body, {"Content-Type": "text/plain"})
     assert status == 400 and says in payload["error"]["message"]
     assert "xxxxxxxx" not in payload["error"]["message"] and "b'" not in payload["error"]["message"]
+
+
+def test_numbers_are_json_numbers(server_url):
+    """Integers and floats as JSON writes them are taken (temperature 1 is 1.0); strings and booleans are not."""
+    body = json.dumps({"messages": ASK, "max_tokens": 2, "temperature": 1, "top_p": 1, "seed": 3}).encode()
+    status, payload = _post(f"{server_url}/v1/chat/completions", body)
+    assert status == 200 and payload["usage"]["completion_tokens"] == 2
+    body = json.dumps({"messages": ASK, "max_tokens": True}).encode()
+    message = _post(f"{server_url}/v1/chat/completions", body)[1]["error"]["message"]
+    assert message == "invalid request: max_tokens true: Input should be a valid integer"
 
 
 def test_range_messages_say_the_allowed_values(server_url):

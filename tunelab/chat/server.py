@@ -25,7 +25,7 @@ from typing import Annotated, Literal, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -88,6 +88,8 @@ class Message(BaseModel):
 
 
 StopWord = Annotated[str, StringConstraints(min_length=1)]
+Number = Annotated[float, Field(strict=True)]
+"""A JSON number (an integer too), never a string or true / false."""
 
 
 class ChatRequest(BaseModel):
@@ -96,15 +98,16 @@ class ChatRequest(BaseModel):
     model: Optional[str] = None
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
+    # numbers must be JSON numbers: true is not 1, "5" is not 5 (and an integer field takes no 5.0)
+    max_tokens: Optional[StrictInt] = None
+    max_completion_tokens: Optional[StrictInt] = None
+    temperature: Optional[Number] = None
+    top_p: Optional[Number] = None
+    top_k: Optional[StrictInt] = None
+    repetition_penalty: Optional[Number] = None
+    seed: Optional[StrictInt] = None
     stop: Optional[Annotated[list[StopWord], Field(max_length=16)]] = None
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: StrictInt = Field(1, ge=1, le=1, description="only n=1 is supported")
     ignore_eos: bool = False
     """vLLM's extension: generate until max_tokens or a `stop` string, past EOS and the template's stop words."""
     tools: Optional[list] = None
@@ -147,6 +150,15 @@ class JsonBodies:
         await self.app(scope, receive, send)
 
 
+def _shown(value, most: int = 60) -> str:
+    """A bad value quoted back as JSON writes it (true, "5"), cut short: a request's text may be long."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= most else text[:most] + "..."
+
+
 def _field_path(loc) -> str:
     """A validation error's place as the request spells it: messages[0].content, not messages.0.content."""
     path = ""
@@ -168,13 +180,16 @@ def settings_for(request: ChatRequest, defaults, limit: int):
     if asked is not None:
         values["max_new_tokens"] = asked
     settings = dataclasses.replace(defaults, **values)
+    names = {v: k for k, v in FIELDS.items()}
+    if request.max_completion_tokens is not None:
+        names["max_new_tokens"] = "max_completion_tokens"
     try:
-        check_settings(settings, {v: k for k, v in FIELDS.items()})
+        check_settings(settings, names)
     except SettingError as exc:
         raise RequestError(str(exc), exc.name) from None
     if asked is not None and asked > limit:
-        raise RequestError(f"max_tokens {asked}: above this server's limit of {limit} (--max-tokens-limit).",
-                           "max_tokens")
+        name = names["max_new_tokens"]
+        raise RequestError(f"{name} {asked}: above this server's limit of {limit} (--max-tokens-limit).", name)
     return settings, asked is not None
 
 
@@ -198,7 +213,7 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         if not loc:  # the body itself (never quoted back: it may be large, or hold anything)
             return _error(400, 'invalid request: the body should be a JSON object, e.g. {"messages": [{"role": "user", '
                                '"content": "Hi"}]}')
-        value = f" {first['input']!r}" if "input" in first and not isinstance(first["input"], (dict, list)) else ""
+        value = f" {_shown(first['input'])}" if not isinstance(first.get("input", {}), (dict, list)) else ""
         text = first.get("msg", "malformed")
         if first.get("type") == "string_unicode":  # one message for a lone surrogate, wherever it is
             value, text = "", NOT_UNICODE
