@@ -106,6 +106,19 @@ def test_replies_about_a_picture_as_transformers_generates_them(chat, llava_dir)
     assert (last[0] - last[1]).abs().max() > 1e-4
 
 
+def test_a_picture_that_cannot_be_read_is_named_by_its_place(chat):
+    """Not "cannot identify image file <_io.BytesIO object at 0x...>": the part at fault, and what to send."""
+    from tunelab.errors import TunelabError
+
+    not_a_picture = "data:image/png;base64," + base64.b64encode(b"just some text").decode()
+    content = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": not_a_picture}}]
+    with pytest.raises(TunelabError) as refused:
+        chat.prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                     {"role": "user", "content": content}])
+    assert str(refused.value) == ("request: messages[2].content[1]: the image cannot be read (not a picture in a "
+                                  "format it knows): send a PNG, JPEG, WebP or GIF picture.")
+
+
 def test_serve_takes_data_urls_and_refuses_files(chat, tmp_path):
     from tunelab.chat.server import BackgroundServer, create_app
 

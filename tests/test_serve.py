@@ -400,7 +400,7 @@ def test_text_that_is_not_unicode_gets_a_400_naming_where(server_url, client, ch
     assert status == 400, payload
     error = payload["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
-    assert error["message"] == f"invalid request: {where}: is not valid Unicode text (it holds a lone surrogate such " \
+    assert error["message"] == f"invalid request: {where}: not valid Unicode text (it holds a lone surrogate such " \
                                "as \\ud800): send the text as UTF-8"
     assert client.chat.completions.create(model=chat.name, messages=ASK).choices[0].message.content == ANSWER
 
@@ -435,6 +435,35 @@ def test_numbers_are_json_numbers(server_url):
     body = json.dumps({"messages": ASK, "max_tokens": True}).encode()
     message = _post(f"{server_url}/v1/chat/completions", body)[1]["error"]["message"]
     assert message == "invalid request: max_tokens true: Input should be a valid integer"
+
+
+HI = {"type": "text", "text": "hi"}
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({"messages": [{"role": "user", "content": [HI, {"type": "foo"}]}]}, "messages",
+     "request: messages[0].content[1] has type 'foo'. Content parts are 'text' or 'image_url'"),
+    ({"messages": [{"role": "user", "content": [HI, {"type": "input_audio", "input_audio": {}}]}]}, "messages",
+     "request: messages[0].content[1] is a 'input_audio' part. A chat reads text, and images with a LLaVA model"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages",
+     "request: messages[0].content[0] has no text (looked for 'text', 'value')"),
+    ({"messages": [ASK[0], {"role": "user", "content": 5}]}, "messages",
+     "invalid request: messages[1].content 5: should be a string or a list of content parts"),
+    ({"messages": ASK, "tool_choice": "x"}, "tool_choice",
+     "invalid request: tool_choice \"x\": should be 'auto' (the model chooses) or 'none' (no tools)"),
+    ({"messages": [{"role": "tool", "content": "hi", "tool_calls": [{"name": "f"}]}]}, "messages",
+     "messages[0].tool_calls on a 'tool' message"),
+    ({"messages": ASK, "tools": [{"type": "function"}]}, "tools", "tools[0] is not a tool definition with a name"),
+])
+def test_request_errors_speak_of_the_request(server_url, fields, param, says):
+    """Content errors name the place in the request (messages[0].content[1]) and the request field as `param`, with
+    no advice meant for training data and no validator internals (str, literal[...], list[any])."""
+    status, payload = _post(f"{server_url}/v1/chat/completions", json.dumps(fields).encode())
+    assert status == 400
+    error = payload["error"]
+    assert error["param"] == param and says in error["message"], error["message"]
+    for internal in ("dataset_map_fn", "from the data", "literal[", ".str", "list[any]", "'text', 'text'"):
+        assert internal not in error["message"]
 
 
 def test_range_messages_say_the_allowed_values(server_url):

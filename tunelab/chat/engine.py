@@ -70,14 +70,15 @@ class ChatModel:
 
         if self.vision is None:
             text_only(messages)
-        messages, refs = split_images(messages, files=files)
+        places: list[str] = []
+        messages, refs = split_images(messages, files=files, places=places)
         ids = self.encode(messages, tools)
         if self.vision is None:
             return ids, None
         if ids.count(self.vision.token_id) != len(refs):
             raise TunelabError(f"the prompt holds {ids.count(self.vision.token_id)} <image> placeholders for "
                                f"{len(refs)} images: send each image as an image part, and no <image> text.")
-        return self.vision.expand(ids), self.vision.pixel_values(refs)
+        return self.vision.expand(ids), self.vision.pixel_values(refs, places)
 
     def fit_reply(self, prompt_tokens: int, max_new_tokens: int, *, asked: bool = True) -> int:
         """max_new_tokens within the context: cut down when it was a default, `ContextError` when it was `asked` for."""

@@ -13,6 +13,7 @@ job at the worker's next step. SIGTERM / Ctrl-C finishes every job at once, so t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -40,7 +41,7 @@ OPEN_PATHS = {"/health"}
 """Paths answered without the API key: a liveness probe that tells nothing (and the web page, which asks for it)."""
 
 
-NOT_UNICODE = "is not valid Unicode text (it holds a lone surrogate such as \\ud800): send the text as UTF-8"
+NOT_UNICODE = "not valid Unicode text (it holds a lone surrogate such as \\ud800): send the text as UTF-8"
 """What a request hears about a string that no tokenizer can read: JSON allows a lone "\\ud800" escape, UTF-8 does
 not. The same words for every field (pydantic's own check catches it in `stop`, `lone_surrogate` everywhere else)."""
 
@@ -86,6 +87,13 @@ class Message(BaseModel):
 
     _text = field_validator("content", "tool_calls", "tool_call_id", "name")(_valid_text)
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_type(cls, value):
+        if value is not None and not isinstance(value, (str, list)):
+            raise PydanticCustomError("content_type", "should be a string or a list of content parts")
+        return value
+
 
 StopWord = Annotated[str, StringConstraints(min_length=1)]
 Number = Annotated[float, Field(strict=True)]
@@ -115,6 +123,13 @@ class ChatRequest(BaseModel):
     tool_choice: Union[Literal["auto", "none"], dict, None] = None
 
     _text = field_validator("tools", "tool_choice")(_valid_text)
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value):
+        if value is not None and value not in ("auto", "none") and not isinstance(value, dict):
+            raise PydanticCustomError("tool_choice", "should be 'auto' (the model chooses) or 'none' (no tools)")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -148,6 +163,18 @@ class JsonBodies:
                 headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+@contextlib.contextmanager
+def _blaming(param: str):
+    """A TunelabError inside (bad content parts, a template that cannot render the messages) is a 400 whose `param`
+    is this request field, unless it names one itself."""
+    try:
+        yield
+    except TunelabError as exc:
+        if getattr(exc, "param", None) is None:
+            raise RequestError(str(exc), param, getattr(exc, "status", 400)) from None
+        raise
 
 
 def _shown(value, most: int = 60) -> str:
@@ -272,14 +299,16 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         settings, asked = settings_for(body, defaults, max_tokens_limit)
-        messages = request_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        with _blaming("messages"):
+            messages = request_messages([m.model_dump(exclude_none=True) for m in body.messages])
         calling = next((i for i, m in enumerate(messages) if m.get("tool_calls")), None)
         if calling is not None and not template_calls():
             raise RequestError(f"messages[{calling}].tool_calls: the chat template {chat.template.name!r} has no place "
                                f"for tool calls, so the model would never see them: serve with a template that writes "
                                f"them (e.g. qwen2_5_chat, qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, "
                                f"glm4_chat, phi4_mini), or send the calls and their results as text.", "messages")
-        offered = request_tools(body.tools)
+        with _blaming("tools"):
+            offered = request_tools(body.tools)
         if isinstance(body.tool_choice, dict):
             raise RequestError("tool_choice naming a function is not supported: send 'auto' (the model chooses) or "
                                "'none' (the tools stay out of the prompt).", "tool_choice")
@@ -293,7 +322,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         calls_in_reply = template_tools()[1] if offered else None
         stop = list(body.stop or [])
         # a long prompt (or its images) must not hold up the event loop
-        prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages, tools=offered)
+        with _blaming("messages"):
+            prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages, tools=offered)
         settings.max_new_tokens = chat.fit_reply(len(prompt_ids), settings.max_new_tokens, asked=asked)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

@@ -12,13 +12,20 @@ addresses never (nothing is downloaded).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.data import messages as msg
 from tunelab.data.files import InvalidRecord
-from tunelab.data.images import DATA_URL, fit_for_padding, open_image, resolve_image
+from tunelab.data.images import DATA_URL, describe, fit_for_padding, open_image, resolve_image
 from tunelab.errors import TunelabError
+
+CHAT_FIXES = {
+    "media": "A chat reads text, and images with a LLaVA model: leave out video, audio and file parts.",
+    "type": "Content parts are 'text' or 'image_url' (an assistant's also 'reasoning' or 'tool_call'): fix the type.",
+}
+"""The advice of `read_content`'s errors in a chat (a request, the terminal): there is no data file to fix."""
 
 
 @dataclass
@@ -37,27 +44,46 @@ class Vision:
             out += [t] * self.per_image if t == self.token_id else [t]
         return out
 
-    def pixel_values(self, refs: list[str]):
+    def pixel_values(self, refs: list[str], places: list[str] | None = None):
+        """The pictures prepared by the image processor; `places` name them in a message (messages[0].content[1])."""
         if not refs:
             return None
         images = []
-        for ref in refs:
+        for k, ref in enumerate(refs):
             try:
                 images.append(open_image(ref))
             except OSError as exc:
-                raise TunelabError(f"image {ref[:60]}: cannot be read ({exc}).") from None
+                where = places[k] if places and k < len(places) else f"image {k + 1}"
+                if not ref.startswith(DATA_URL):
+                    where += f" ({describe(ref)})"
+                raise TunelabError(f"request: {where}: the image cannot be read ({_why(exc)}): send a PNG, JPEG, "
+                                   f"WebP or GIF picture.") from None
         return self.processor(images=fit_for_padding(images, self.processor), return_tensors="pt")["pixel_values"]
 
 
-def split_images(messages: list[dict], *, files: bool) -> tuple[list[dict], list[str]]:
+def _why(error: OSError) -> str:
+    """Pillow's reason without the object it read from ("cannot identify image file <_io.BytesIO object at 0x...>")."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not a picture in a format it knows"
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
+
+
+def split_images(messages: list[dict], *, files: bool, places: list | None = None) -> tuple[list[dict], list[str]]:
     """(messages with text content and <image> where each picture goes, the pictures in order). `files`: whether a
-    part may name a file on this machine (the terminal), else only data URLs (a request to the server)."""
+    part may name a file on this machine (the terminal), else only data URLs (a request to the server). `places`: a
+    list to collect where each picture is (messages[0].content[1]) into."""
     out, refs = [], []
     for i, m in enumerate(messages):
         found: list = []
         try:
             content = msg.read_content(m.get("content"), role=m.get("role", "user"), where="request",
-                                       field=f"messages[{i}].content", images=found)["content"]
+                                       field=f"messages[{i}].content", images=found, fixes=CHAT_FIXES)["content"]
+            if places is not None:
+                parts = m["content"] if isinstance(m.get("content"), list) else [m.get("content")]
+                places += [f"messages[{i}].content[{j}]" for j, part in enumerate(parts)
+                           if isinstance(part, dict) and part.get("type") in msg.IMAGE_PARTS]
             for ref in found:
                 if not files and not (isinstance(ref, str) and ref.startswith(DATA_URL)):
                     raise InvalidRecord(f"request: messages[{i}] has an image that is not a data URL: send the "

@@ -53,12 +53,16 @@ def fail(where: str, problem: str, fix: str) -> InvalidRecord:
 
 # --- content --------------------------------------------------------------------------------------
 
-def read_content(value: Any, *, role: str, where: str, field: str, images: Optional[list]) -> dict:
+def read_content(value: Any, *, role: str, where: str, field: str, images: Optional[list],
+                 fixes: Optional[dict] = None) -> dict:
     """A message's content -> {"content": str, "reasoning_content"?: str, "tool_calls"?: [...]}.
 
     images: a list to collect image references into (their place in the text becomes <image>), or None in a
     text-only run, where an image is an error.
+    fixes: the advice of the errors that differ for another caller than a data file (a chat request): "media" (a
+    video / audio / file part), "type" (an unknown part type).
     """
+    fixes = fixes or {}
     if value is None:
         return {"content": ""}
     if isinstance(value, str):
@@ -79,7 +83,7 @@ def read_content(value: Any, *, role: str, where: str, field: str, images: Optio
                               f"{type(part).__name__}", f"Fix {at}.")
         kind = part.get("type", "text" if "text" in part else None)
         if kind in _TEXT_PARTS:
-            text.append(_part_value(part, (kind, "text", "value"), where, at))
+            text.append(_part_value(part, tuple(dict.fromkeys((kind, "text", "value"))), where, at))
         elif kind in ("reasoning", "thinking"):
             if role != "assistant":
                 raise fail(where, f"{at} is a {kind!r} part in a {role!r} message", "Only assistant replies carry "
@@ -98,11 +102,11 @@ def read_content(value: Any, *, role: str, where: str, field: str, images: Optio
             images.append(image_reference(part, kind, where, at))
             text.append(IMAGE_PLACEHOLDER)
         elif kind in _OTHER_MEDIA_PARTS:
-            raise fail(where, f"{at} is a {kind!r} part", "tunelab trains on text and images only: remove "
-                       "video, audio and file parts (and their placeholders) from the data.")
+            raise fail(where, f"{at} is a {kind!r} part", fixes.get("media", "tunelab trains on text and images "
+                       "only: remove video, audio and file parts (and their placeholders) from the data."))
         else:
-            raise fail(where, f"{at} has type {kind!r}", "Content parts are 'text', 'reasoning', 'tool_call' or "
-                       "'image_url'; fix the type or convert the record with dataset_map_fn.")
+            raise fail(where, f"{at} has type {kind!r}", fixes.get("type", "Content parts are 'text', 'reasoning', "
+                       "'tool_call' or 'image_url'; fix the type or convert the record with dataset_map_fn."))
     out = {"content": "".join(text)}
     if reasoning:
         out["reasoning_content"] = "".join(reasoning)
