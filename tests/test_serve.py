@@ -74,6 +74,12 @@ def test_models_and_plain_completion(client, chat):
     assert result.usage.prompt_tokens == len(chat.encode(ASK)) and result.usage.completion_tokens > 0
 
 
+def test_any_model_name_is_answered_by_the_served_model(client, chat):
+    """Clients often send a fixed name: it is answered (docs/CHAT.md says so), named as /v1/models lists it."""
+    result = client.chat.completions.create(model="gpt-4o-mini", messages=ASK)
+    assert result.choices[0].message.content == ANSWER and result.model == chat.name
+
+
 def test_streaming_gives_the_same_answer_in_pieces(client, chat):
     stream = client.chat.completions.create(model=chat.name, messages=ASK, stream=True)
     pieces, finish = [], None
