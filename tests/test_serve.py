@@ -393,7 +393,8 @@ def test_bad_values_get_a_400_naming_the_parameter(server_url, client, chat, bod
 @pytest.mark.parametrize("fields, param, where", [
     ({"messages": [{"role": "user", "content": "hi \\ud800"}]}, "messages", "messages[0].content"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": [
-        {"type": "text", "text": "ok"}, {"type": "text", "text": "\\udc00"}]}]}, "messages", "messages[1].content[1].text"),
+        {"type": "text", "text": "ok"}, {"type": "text", "text": "\\udc00"}]}]},
+     "messages", "messages[1].content[1].text"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}, "stop", "stop[0]"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
         "name": "f", "description": "\\ud83d"}}]}, "tools", "tools[0].function.description"),
@@ -499,7 +500,8 @@ def test_max_tokens_limit_also_bounds_the_default_reply_length(chat):
     from tunelab.model.generate import GenerationSettings
 
     with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=500), max_tokens_limit=5)) as url:
-        status, payload = _post(f"{url}/v1/chat/completions", json.dumps({"messages": ASK, "ignore_eos": True}).encode())
+        body = json.dumps({"messages": ASK, "ignore_eos": True}).encode()
+        status, payload = _post(f"{url}/v1/chat/completions", body)
         assert status == 200 and payload["usage"]["completion_tokens"] == 5
         assert payload["choices"][0]["finish_reason"] == "length"
         with urllib.request.urlopen(f"{url}/tunelab/info", timeout=10) as response:

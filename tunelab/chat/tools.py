@@ -41,7 +41,8 @@ def writes_tools(template) -> bool:
 
 
 def writes_calls(template) -> bool:
-    """Whether `template` writes an earlier assistant turn's tool calls into the prompt (many drop them, some refuse)."""
+    """Whether `template` writes an earlier assistant turn's tool calls into the prompt (many drop them, some
+    refuse to render them)."""
     call = {"type": "function", "function": {"name": PROBE_NAME, "arguments": {"city": "Paris"}}}
     probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
     try:
