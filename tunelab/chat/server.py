@@ -47,22 +47,21 @@ not. The same words for every field (pydantic's own check catches it in `stop`, 
 
 
 def lone_surrogate(value) -> str | None:
-    """Where in `value` (text, or lists and dicts holding text) the first string that is not valid Unicode is: ""
-    for `value` itself, "[1].text" for a part of it; None where all of it is valid."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return ""
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        at = f"[{key}]" if isinstance(key, int) else f".{key}"
-        if isinstance(key, str) and lone_surrogate(key) is not None:
-            return at.encode("utf-8", "backslashreplace").decode()
-        inner = lone_surrogate(item)
-        if inner is not None:
-            return at + inner
+    """Where in `value` (text, or lists and dicts holding text, at any depth) the first string that is not valid
+    Unicode is: "" for `value` itself, "[1].text" for a part of it; None where all of it is valid."""
+    todo = [("", value)]
+    while todo:
+        at, item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return at.encode("utf-8", "backslashreplace").decode()  # a key may be the text at fault
+        elif isinstance(item, (dict, list)):
+            pairs = list(item.items() if isinstance(item, dict) else enumerate(item))
+            for key, inner in reversed(pairs):  # the first one first
+                place = f"{at}[{key}]" if isinstance(key, int) else f"{at}.{key}"
+                todo += [(place, inner), (place, key)] if isinstance(key, str) else [(place, inner)]
     return None
 
 
