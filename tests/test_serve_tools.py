@@ -12,7 +12,8 @@ import pytest
 from chat_helpers import taught_model_dir
 from test_template_vendors import CALL, FAMILIES, TOOLS, _with_ids, vendor_render
 from tunelab.chat.batcher import Reply
-from tunelab.chat.tools import call_format, split_calls, writes_calls, writes_tools
+from tunelab.chat.tools import call_format, split_calls
+from tunelab.data.templates import tool_support
 from tunelab.data.templates import get_template
 
 openai = pytest.importorskip("openai")
@@ -69,11 +70,15 @@ def test_text_that_is_not_a_whole_call_stays_text(template, reply):
 
 
 def test_which_templates_write_tools_and_how_their_calls_are_read():
-    assert not writes_tools(get_template("qwen_chat")) and call_format(get_template("qwen_chat")) is None
-    assert writes_tools(get_template("glm4_chat")) and call_format(get_template("glm4_chat")).name_line
-    assert writes_calls(get_template("qwen2_5_chat")) and writes_calls(get_template("chatglm3"))  # no tools, calls
-    assert not writes_calls(get_template("qwen_chat"))  # drops them
-    assert not writes_calls(get_template("deepseek_r1"))  # refuses to render them
+    def support(name):
+        return tool_support(get_template(name))
+
+    assert not support("qwen_chat").definitions and call_format(get_template("qwen_chat")) is None
+    assert support("glm4_chat").definitions and call_format(get_template("glm4_chat")).name_line
+    assert support("qwen2_5_chat").calls and support("llama3_1_chat").calls and support("mistral_v3").calls
+    assert not support("qwen_chat").calls  # drops them
+    assert not support("chatglm3").calls  # writes <|observation|> where the call was, not the call
+    assert not support("deepseek_r1").calls  # refuses to render them
 
 
 # --- through the server ------------------------------------------------------------------------------------------

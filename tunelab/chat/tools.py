@@ -16,8 +16,8 @@ import uuid
 from dataclasses import dataclass
 
 from tunelab.data import messages as canonical
+from tunelab.data.templates import PROBE_TOOL
 
-PROBE_NAME = "tunelab_probe_function"
 
 
 @dataclass(frozen=True)
@@ -30,30 +30,9 @@ class CallFormat:
     """The reply is the function's name, a newline and its arguments as JSON (GLM-4), one call a reply."""
 
 
-def writes_tools(template) -> bool:
-    """Whether `template` puts tool definitions into the prompt (many families' templates have no place for them)."""
-    tool = {"type": "function", "function": {"name": PROBE_NAME, "description": "", "parameters": {}}}
-    probe = [{"role": "user", "content": "?"}]
-    try:
-        return template.render(probe, tools=[tool]) != template.render(probe)
-    except Exception:
-        return False
-
-
-def writes_calls(template) -> bool:
-    """Whether `template` writes an earlier assistant turn's tool calls into the prompt (many drop them, some
-    refuse to render them)."""
-    call = {"type": "function", "function": {"name": PROBE_NAME, "arguments": {"city": "Paris"}}}
-    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    try:
-        return template.render(probe) != template.render([*probe[:1], {"role": "assistant", "content": ""}])
-    except Exception:
-        return False
-
-
 def call_format(template) -> CallFormat | None:
     """How `template` writes an assistant tool call, learnt by rendering one; None where it is not marker + JSON."""
-    call = {"type": "function", "function": {"name": PROBE_NAME, "arguments": {"city": "Paris"}}}
+    call = {"type": "function", "function": {"name": PROBE_TOOL, "arguments": {"city": "Paris"}}}
     probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
     try:
         reply = "".join(text for text, trained in template.segments(probe) if trained)
@@ -73,9 +52,9 @@ def call_format(template) -> CallFormat | None:
         marker = words[-1] if words else ""  # the text right before the JSON, e.g. <tool_call>
         closer = reply[end:].strip()
         return CallFormat(marker=marker, closer=closer)
-    if reply.startswith(PROBE_NAME + "\n"):
+    if reply.startswith(PROBE_TOOL + "\n"):
         try:
-            args, end = decoder.raw_decode(reply, len(PROBE_NAME) + 1)
+            args, end = decoder.raw_decode(reply, len(PROBE_TOOL) + 1)
         except ValueError:
             return None
         if args == {"city": "Paris"}:

@@ -1,0 +1,158 @@
+"""What a chat request may hold: the OpenAI request body as pydantic models (`ChatRequest`, `Message`), its text
+checked to be valid Unicode, and its sampling values over the server's defaults (`settings_for`). A bad value is a
+`RequestError`, which the server (`tunelab.chat.server`) answers with HTTP 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
+
+from tunelab.errors import TunelabError
+from tunelab.model.generate import SettingError, check_settings
+
+NOT_UNICODE = "not valid Unicode text (it holds a lone surrogate such as \\ud800): send the text as UTF-8"
+"""What a request hears about a string that no tokenizer can read: JSON allows a lone "\\ud800" escape, UTF-8 does
+not. The same words for every field (pydantic's own check catches it in `stop`, `lone_surrogate` everywhere else)."""
+
+
+def lone_surrogate(value) -> str | None:
+    """Where in `value` (text, or lists and dicts holding text, at any depth) the first string that is not valid
+    Unicode is: "" for `value` itself, "[1].text" for a part of it; None where all of it is valid."""
+    todo = [("", value)]
+    while todo:
+        at, item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return at.encode("utf-8", "backslashreplace").decode()  # a key may be the text at fault
+        elif isinstance(item, (dict, list)):
+            pairs = list(item.items() if isinstance(item, dict) else enumerate(item))
+            for key, inner in reversed(pairs):  # the first one first
+                place = f"{at}[{key}]" if isinstance(key, int) else f"{at}.{key}"
+                todo += [(place, inner), (place, key)] if isinstance(key, str) else [(place, inner)]
+    return None
+
+
+def _valid_text(value):
+    """An after-validator: the field's text (at any depth) must be valid Unicode, or it is a 400 naming where."""
+    at = lone_surrogate(value)
+    if at is not None:
+        raise PydanticCustomError("string_unicode", NOT_UNICODE, {"at": at})
+    return value
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Union[str, list, None] = ""
+    """Text, or OpenAI content parts: text, and for a LLaVA model image_url parts with data URLs."""
+    tool_calls: Optional[list] = None
+    """An assistant's earlier calls (OpenAI shape, arguments as a JSON string)."""
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
+    """A tool result's call id and function name."""
+
+    _text = field_validator("content", "tool_calls", "tool_call_id", "name")(_valid_text)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_type(cls, value):
+        if value is not None and not isinstance(value, (str, list)):
+            raise PydanticCustomError("content_type", "should be a string or a list of content parts")
+        return value
+
+
+StopWord = Annotated[str, StringConstraints(min_length=1)]
+Number = Annotated[float, Field(strict=True)]
+"""A JSON number (an integer too), never a string or true / false."""
+
+
+class ChatRequest(BaseModel):
+    # unknown OpenAI fields (user, logprobs, ...) are accepted, unused; NaN / Infinity are refused
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model: Optional[str] = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    # numbers must be JSON numbers: true is not 1, "5" is not 5 (and an integer field takes no 5.0)
+    max_tokens: Optional[StrictInt] = None
+    max_completion_tokens: Optional[StrictInt] = None
+    temperature: Optional[Number] = None
+    top_p: Optional[Number] = None
+    top_k: Optional[StrictInt] = None
+    repetition_penalty: Optional[Number] = None
+    seed: Optional[StrictInt] = None
+    stop: Optional[Annotated[list[StopWord], Field(max_length=16)]] = None
+    n: StrictInt = Field(1, ge=1, le=1, description="only n=1 is supported")
+    ignore_eos: bool = False
+    """vLLM's extension: generate until max_tokens or a `stop` string, past EOS and the template's stop words."""
+    tools: Optional[list] = None
+    """Function definitions, rendered into the prompt as the chat template writes them."""
+    tool_choice: Union[Literal["auto", "none"], dict, None] = None
+
+    _text = field_validator("tools", "tool_choice")(_valid_text)
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value):
+        if value is not None and value not in ("auto", "none") and not isinstance(value, dict):
+            raise PydanticCustomError("tool_choice", "should be 'auto' (the model chooses) or 'none' (no tools)")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_word(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+# request field → GenerationSettings field
+FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+          "repetition_penalty": "repetition_penalty", "seed": "seed"}
+
+
+def shown(value, most: int = 60) -> str:
+    """A bad value quoted back as JSON writes it (true, "5"), cut short: a request's text may be long."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= most else text[:most] + "..."
+
+
+def field_path(loc) -> str:
+    """A validation error's place as the request spells it: messages[0].content, not messages.0.content."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
+
+class RequestError(TunelabError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def settings_for(request: ChatRequest, defaults, limit: int):
+    """(settings, max_tokens asked for explicitly): the request's values over the server's defaults, checked."""
+    asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    values = {FIELDS[k]: getattr(request, k) for k in FIELDS if k != "max_tokens" and getattr(request, k) is not None}
+    if asked is not None:
+        values["max_new_tokens"] = asked
+    settings = dataclasses.replace(defaults, **values)
+    names = {v: k for k, v in FIELDS.items()}
+    if request.max_completion_tokens is not None:
+        names["max_new_tokens"] = "max_completion_tokens"
+    try:
+        check_settings(settings, names)
+    except SettingError as exc:
+        raise RequestError(str(exc), exc.name) from None
+    if asked is not None and asked > limit:
+        name = names["max_new_tokens"]
+        raise RequestError(f"{name} {asked}: above this server's limit of {limit} (--max-tokens-limit).", name)
+    return settings, asked is not None
