@@ -94,11 +94,17 @@ def test_agent_tool_results_are_not_trained(tmp_path, tiny_tokenizer):
     ms_agent = {"conversations": [
         {"from": "system", "value": "You can call tools."}, {"from": "user", "value": "Weather?"},
         {"from": "assistant", "value": "Calling.<|startofexec|>sunny<|endofexec|>It is sunny."}]}
-    (tmp_path / "a.jsonl").write_text(json.dumps(openai_style) + "\n" + json.dumps(ms_agent) + "\n")
-    bundle = build_datasets(_cfg(tmp_path / "a.jsonl"), tiny_tokenizer, log=lambda m: None)
+    (tmp_path / "a.jsonl").write_text(json.dumps(openai_style) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps(ms_agent) + "\n")
+    # a template that writes tool calls (plain ChatML has no way to: see test_data_reporting)
+    bundle = build_datasets(_cfg(tmp_path / "a.jsonl", prompt_template="qwen2_5_chat"), tiny_tokenizer,
+                            log=lambda m: None)
     assert bundle.stats.sources[0]["format"] == "agent"
-    (full1, trained1), (full2, trained2) = _texts(bundle, tiny_tokenizer)
+    (full1, trained1), = _texts(bundle, tiny_tokenizer)
     assert "sunny, 25C" in full1 and "25C" not in trained1 and trained1.endswith("It is sunny.<|im_end|>")
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Beijing"}}\n</tool_call>' in trained1
+    bundle = build_datasets(_cfg(tmp_path / "b.jsonl"), tiny_tokenizer, log=lambda m: None)
+    (full2, trained2), = _texts(bundle, tiny_tokenizer)
     assert "<|im_start|>tool\nsunny<|im_end|>" in full2 and trained2 == "Calling.<|im_end|>It is sunny.<|im_end|>"
     # the call reaches the template as a structured tool call (rendered in the template's own tool format)
     call = normalise(openai_style, "agent", "a.jsonl line 1")["messages"][2]
