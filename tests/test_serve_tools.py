@@ -13,8 +13,7 @@ from chat_helpers import taught_model_dir
 from test_template_vendors import CALL, FAMILIES, TOOLS, _with_ids, vendor_render
 from tunelab.chat.batcher import Reply
 from tunelab.chat.tools import call_format, split_calls
-from tunelab.data.templates import tool_support
-from tunelab.data.templates import get_template
+from tunelab.data.templates import get_template, tool_support
 
 openai = pytest.importorskip("openai")
 
@@ -189,3 +188,18 @@ def test_glm4_call_is_a_name_line_and_its_arguments_and_nothing_else():
         [("get_weather", {"city": "北京"})]
     for text in ("Sunny today.\n{\"note\": 1}", "get_weather\n{\"city\": \"北京\"} and more", "北京天气晴。"):
         assert split_calls(text, fmt) == (text, [])
+
+
+def test_reasoning_and_tool_call_parts_of_an_earlier_reply_reach_the_prompt(tiny_tokenizer):
+    """An assistant message sent as content parts (a `tool_call` part, a `reasoning` part) is read as training data
+    reads it: the call is rendered in the template's format, not dropped with the parts that are not text."""
+    from tunelab.chat.engine import ChatModel
+
+    chat = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template("qwen2_5_chat"))
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": [{"type": "reasoning", "text": "Ask the tool."},
+                                                  {"type": "tool_call", "tool_call": call}]},
+                {"role": "tool", "content": "18C"}]
+    prompt = tiny_tokenizer.decode(chat.prompt(messages)[0])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt

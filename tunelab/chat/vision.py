@@ -71,15 +71,16 @@ def _why(error: OSError) -> str:
 
 
 def split_images(messages: list[dict], *, files: bool, places: list | None = None) -> tuple[list[dict], list[str]]:
-    """(messages with text content and <image> where each picture goes, the pictures in order). `files`: whether a
+    """(messages with text content and <image> where each picture goes, the pictures in order). Reasoning and tool-call
+    parts of an assistant message become its reasoning_content and tool_calls, as in training data. `files`: whether a
     part may name a file on this machine (the terminal), else only data URLs (a request to the server). `places`: a
     list to collect where each picture is (messages[0].content[1]) into."""
     out, refs = [], []
     for i, m in enumerate(messages):
         found: list = []
         try:
-            content = msg.read_content(m.get("content"), role=m.get("role", "user"), where="request",
-                                       field=f"messages[{i}].content", images=found, fixes=CHAT_FIXES)["content"]
+            read = msg.read_content(m.get("content"), role=m.get("role", "user"), where="request",
+                                    field=f"messages[{i}].content", images=found, fixes=CHAT_FIXES)
             if places is not None:
                 parts = m["content"] if isinstance(m.get("content"), list) else [m.get("content")]
                 places += [f"messages[{i}].content[{j}]" for j, part in enumerate(parts)
@@ -93,7 +94,10 @@ def split_images(messages: list[dict], *, files: bool, places: list | None = Non
                                           at=f"messages[{i}] image"))
         except InvalidRecord as exc:
             raise TunelabError(str(exc)) from None
-        out.append({**m, "content": content})
+        entry = {**m, **read}
+        if read.get("tool_calls") and m.get("tool_calls"):  # calls as parts and as the message's own field
+            entry["tool_calls"] = [*m["tool_calls"], *read["tool_calls"]]
+        out.append(entry)
     return out, refs
 
 
