@@ -442,6 +442,10 @@ def test_numbers_are_json_numbers(server_url):
     body = json.dumps({"messages": ASK, "max_tokens": True}).encode()
     message = _post(f"{server_url}/v1/chat/completions", body)[1]["error"]["message"]
     assert message == "invalid request: max_tokens true: Input should be a valid integer"
+    for flag in ("stream", "ignore_eos"):  # a switch is true or false, not the text "true"
+        body = json.dumps({"messages": ASK, flag: "true"}).encode()
+        status, payload = _post(f"{server_url}/v1/chat/completions", body)
+        assert status == 400 and payload["error"]["param"] == flag, payload
 
 
 HI = {"type": "text", "text": "hi"}

@@ -9,7 +9,7 @@ import dataclasses
 import json
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
 from tunelab.errors import TunelabError
@@ -78,7 +78,7 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: Optional[str] = None
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     # numbers must be JSON numbers: true is not 1, "5" is not 5 (and an integer field takes no 5.0)
     max_tokens: Optional[StrictInt] = None
     max_completion_tokens: Optional[StrictInt] = None
@@ -89,7 +89,7 @@ class ChatRequest(BaseModel):
     seed: Optional[StrictInt] = None
     stop: Optional[Annotated[list[StopWord], Field(max_length=16)]] = None
     n: StrictInt = Field(1, ge=1, le=1, description="only n=1 is supported")
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     """vLLM's extension: generate until max_tokens or a `stop` string, past EOS and the template's stop words."""
     tools: Optional[list] = None
     """Function definitions, rendered into the prompt as the chat template writes them."""
