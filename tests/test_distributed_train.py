@@ -59,7 +59,8 @@ def _assert_engine_checkpoint_reads_back(checkpoint: Path) -> None:
     saved = load_file(checkpoint / "model" / "adapter_model.safetensors")
     assert saved
     for name, weight in saved.items():  # peft saves without the adapter's name
-        key = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        key = name.replace(".lora_A.weight", ".lora_A.default.weight")
+        key = key.replace(".lora_B.weight", ".lora_B.default.weight")
         torch.testing.assert_close(whole[key].float(), weight.float(), msg=name)
 
 

@@ -175,7 +175,8 @@ def test_sequence_logprobs_sum_and_mean_equal_trls_for_the_same_tokens(tiny_llam
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     units = _pair_units(tok)
-    batch = collate(units, pad_token_id=tok.pad_token_id)  # one pair a row: sequences in order chosen, rejected, chosen, ...
+    # one pair a row: sequences in order chosen, rejected, chosen, ...
+    batch = collate(units, pad_token_id=tok.pad_token_id)
     ours_model = _causal_lm(tiny_llama_dir, noise_seed=1)
     with torch.no_grad():
         ours = sequence_logprobs(ours_model, batch, chunk_size=7)
@@ -305,7 +306,8 @@ def test_dpo_with_the_adapters_off_reference_equals_trls_peft_dpo(tiny_llama_dir
         for name, p in ours_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    ours, _ = _tunelab_loss(ours_model, _packed(units, tok), PreferenceSettings("dpo", beta=0.5, reference="adapters_off"))
+    ours, _ = _tunelab_loss(ours_model, _packed(units, tok),
+                            PreferenceSettings("dpo", beta=0.5, reference="adapters_off"))
     ours.backward()
 
     trainer = DPOTrainer(model=_causal_lm(tiny_llama_dir), args=_args(DPOConfig, tmp_path, beta=0.5),
@@ -405,7 +407,8 @@ def test_orpo_odds_ratio_term_equals_trls_and_its_nll_term_differs_as_documented
 
     # the mean reply log-probs (what the odds ratio reads) agree
     with torch.no_grad():
-        sums = sequence_logprobs(_causal_lm(tiny_llama_dir, noise_seed=1), collate(units, pad_token_id=tok.pad_token_id))
+        sums = sequence_logprobs(_causal_lm(tiny_llama_dir, noise_seed=1),
+                                 collate(units, pad_token_id=tok.pad_token_id))
         means = sums / collate(units, pad_token_id=tok.pad_token_id)["sequence_tokens"]
     torch.testing.assert_close(chosen.detach(), means[0::2], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(rejected.detach(), means[1::2], atol=1e-6, rtol=1e-5)

@@ -1,9 +1,9 @@
 """`tunelab serve MODEL --engine vllm`: vLLM's OpenAI-compatible server for a merged model, with its tunelab template.
 
 vLLM (paged attention, CUDA graphs) serves many users faster than tunelab's own engine; this only starts it the way
-`tunelab serve` would: on 127.0.0.1 unless told otherwise, prompted with the template `tunelab chat` would use (`templates.choose_template`: the one the
-model was trained with, which `convert merge` also writes into the tokenizer), the API key passed in the
-environment (VLLM_API_KEY) so it does not show in the process list.
+`tunelab serve` would: on 127.0.0.1 unless told otherwise, prompted with the template `tunelab chat` would use
+(`templates.choose_template`: the one the model was trained with, which `convert merge` also writes into the
+tokenizer), the API key passed in the environment (VLLM_API_KEY) so it does not show in the process list.
 """
 
 from __future__ import annotations

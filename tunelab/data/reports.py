@@ -107,9 +107,9 @@ def _preference_warnings(path: str, report: dict) -> list[str]:
     count, wheres = report.get("tied_pairs", [0, []])
     if count:
         lines.append(f"{path}: {_n(count, 'pair')} whose chosen and rejected reply are the same "
-                     f"({_shown(count, wheres)}): left out, as they teach nothing (the loss cannot prefer one reply to itself: DPO stays at "
-                     f"ln 2, a reward model counts the tie as wrong). Give each pair a better and a worse reply, or "
-                     f"delete them.")
+                     f"({_shown(count, wheres)}): left out, as they teach nothing (the loss cannot prefer one reply "
+                     f"to itself: DPO stays at ln 2, a reward model counts the tie as wrong). Give each pair a better "
+                     f"and a worse reply, or delete them.")
     count, wheres = report.get("empty_chosen", [0, []])
     if count:
         lines.append(f"{path}: {_n(count, 'record')} with an empty chosen (desirable) reply ({_shown(count, wheres)}):"

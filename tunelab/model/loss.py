@@ -149,7 +149,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         return out[0], None, out[1], out[2], None, None, None
 
 
-def causal_lm_loss(model, batch: dict, *, chunk_size: int = LOSS_CHUNK_SIZE, chunked: bool = True, compiled: bool = False):
+def causal_lm_loss(model, batch: dict, *, chunk_size: int = LOSS_CHUNK_SIZE, chunked: bool = True,
+                   compiled: bool = False):
     """Sum of token losses and the number of trained tokens for one batch (see docs/DESIGN.md, Loss).
 
     chunked: the chunked loss (False: full logits); compiled: its softmax gradient compiled, on a GPU. A batch with
