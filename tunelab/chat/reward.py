@@ -4,7 +4,8 @@ MODEL is what reward training leaves (tunelab.model.reward): a merged or full se
 checkpoint (iter_N or WORK_DIR), or the base model with `--adapter`. Every record of FILE is read as the data step
 reads it: a preference pair gets a score for its chosen and its rejected reply (and counts towards the pairwise
 accuracy), a KTO sample or a conversation a score for its last reply. Each sequence is the template's rendering of
-prompt + reply, tokenised and cut at max_length exactly as in training, and scored at its last token.
+prompt + reply, tokenised and cut at max_length exactly as in training, and scored at its last token that is not
+the pad token (`tunelab.model.reward`).
 
 A pair whose two sequences are the same tokens (the same reply, or both cut at max_length before their replies differ,
 e.g. by a long prompt) gets the same score twice: it is scored but left out of the accuracy, with the reason in its

@@ -1,4 +1,5 @@
-"""Images in chat, web and serve, for a LLaVA model (a HF LLaVA folder, or a LLaVA run's checkpoint).
+"""A chat message's content parts in chat, web and serve: text, reasoning and tool-call parts for every model (a text
+model refuses pictures), and for a LLaVA model (a HF LLaVA folder, or a LLaVA run's checkpoint) its images.
 
 Messages may carry images as OpenAI content parts (``{"type": "image_url", "image_url": {"url": ...}}``), read by
 the same code as training data (`tunelab.data.messages.read_content`): each part becomes ``<image>`` in the text, at

@@ -26,7 +26,7 @@ Validate every record of a config's data (or of a data file, a folder, or a LLaM
 and report, per file, the formats read and everything not trained as written (fields not read, unfilled
 {{placeholders}}, <image> without an image). With a tokenizer (a config's model, or --tokenizer) it also
 reports token counts, a histogram of token lengths, and how many samples max_length truncates or drops.
-Exits 1 when some records are invalid.
+Exits 1 when some records are invalid, or when no sample is left to train (where `tunelab train` would stop).
 
 example:
   tunelab check-dataset my_config.py

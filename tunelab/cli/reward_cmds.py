@@ -10,7 +10,8 @@ from tunelab.cli.data_cmds import _positive_int
 
 DESCRIPTION = """\
 Score the replies of a data file with a reward model trained with objective = 'reward'. A preference pair gets a
-score for its chosen and its rejected reply, and the fraction of pairs ranked right is printed at the end; a
+score for its chosen and its rejected reply, and the fraction of pairs ranked right is printed at the end (pairs
+whose two sequences are the same tokens are scored but not counted); a
 conversation or a KTO sample gets a score for its last reply. One JSON line per record on stdout.
 The prompt template, system prompt and max_length come from the model's tunelab.json (or the flags).
 
@@ -27,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="a reward model directory, a checkpoint (iter_N / WORK_DIR), or "
                    "the base model with --adapter")
     p.add_argument("--adapter", metavar="DIR", help="the reward model's LoRA adapter (with its trained head)")
-    p.add_argument("--data", required=True, metavar="FILE", help="pairs, KTO samples or conversations (.json/.jsonl)")
+    p.add_argument("--data", required=True, metavar="FILE", help="pairs, KTO samples or conversations (.json / .jsonl / .csv / .tsv / .parquet)")
     p.add_argument("-n", type=_positive_int, metavar="N", help="score only the first N records")
     p.add_argument("--prompt-template", metavar="NAME", help="chat template (default: from tunelab.json)")
     p.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")

@@ -1,8 +1,8 @@
 """What a setting's value may be beyond its type: a `Rule` per setting (`schema.TrainConfig` puts each in its field's
 metadata), checked by `tunelab.config.checks.check_setting`.
 
-Lists of names owned by other steps (data formats, templates, DeepSpeed presets, trackers, DPO losses) are read from
-those steps when a value is checked, so there is one copy of each.
+Lists of names owned by other steps (data formats, templates, the data_path check, DeepSpeed presets, trackers, DPO
+losses and references) are read from those steps when a value is checked, so there is one copy of each.
 """
 
 from __future__ import annotations

@@ -128,7 +128,8 @@ class TrainConfig:
     reference: str = setting("auto", REFERENCE)
     """DPO / KTO's reference model: 'adapters_off' the base with the LoRA adapters switched off (lora / qlora, no
     second copy); 'copy' a frozen copy (full); 'precomputed' its log-probabilities computed once before training.
-    'auto': adapters_off for lora / qlora, for full a copy where the memory plan says it fits, else precomputed."""
+    'auto': adapters_off for lora / qlora, for full a copy where the memory plan says it fits and the engine does not
+    shard the weights, else precomputed (always under FSDP / ZeRO-3)."""
 
     # --- optimisation -------------------------------------------------------------------------
     batch_size: int = setting(1, POSITIVE)

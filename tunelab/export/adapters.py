@@ -1,6 +1,6 @@
 """Finding adapters on disk (in adapter directories and checkpoints), and checking that an adapter fits a base model.
 
-Shared by `convert`, `chat`, `web` and `serve`, so every verb accepts the same paths and says the same thing when an
+Shared by `convert` (merge, GGUF), `chat`, `web`, `serve` and `reward`, so every verb accepts the same paths and says the same thing when an
 adapter was trained for another base model. Checkpoints themselves are found by `tunelab.train.layout`.
 """
 
