@@ -289,6 +289,18 @@ def test_wide_ranged_and_tall_images_reach_the_tower_as_pictures(tmp_path, tiny_
     loader = ImageLoader(load_image_processor(tiny_vision_factory("clip"), pad_to_square=True))
     full = loader([str(tmp_path / "tall.png")])
     monkeypatch.setattr(images, "PADDED_MAX_SIDE", 400)  # a 2000 px side scaled to 400 before padding
+    processor, sizes = loader.processor, []
+
+    class Seeing:  # the processor, noting the size of each picture it is given
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+        def __call__(self, images, **kw):
+            sizes.extend(image.size for image in images)
+            return processor(images=images, **kw)
+
+    loader.processor = Seeing()
     shrunk = loader([str(tmp_path / "tall.png")])
+    assert sizes == [(60, 400)]  # scaled down before the processor pads it, aspect kept
     assert shrunk.shape == full.shape
     torch.testing.assert_close(shrunk, full, atol=0.05, rtol=0)

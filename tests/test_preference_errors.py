@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -54,7 +55,7 @@ def test_a_kto_csv_whose_cells_are_text_trains(tmp_path):
 
 @pytest.mark.parametrize("raw", [1, 0, "yes", "no", None, "1"])
 def test_a_kto_label_of_another_value_is_named(raw):
-    with pytest.raises(TunelabError, match=r"^f.jsonl line 3: 'label' is " + repr(raw).replace("'", "'") +
+    with pytest.raises(TunelabError, match=r"^f\.jsonl line 3: 'label' is " + re.escape(repr(raw)) +
                        r"\. Use true .* or false"):
         read_for_objective({"prompt": "q", "completion": "a", "label": raw}, "kto", "f.jsonl line 3")
 

@@ -233,8 +233,9 @@ def test_which_tokens_trl_counts_as_the_reply_of_chat_data(tiny_llama_dir, tok, 
                      train_dataset=_dataset(conversational), processing_class=chat_tok)
     cpo = CPOTrainer(model=_causal_lm(tiny_llama_dir), args=_args(CPOConfig, tmp_path / "cpo", max_length=None),
                      train_dataset=_dataset(conversational), processing_class=chat_tok)
-    extra = {}
     model = _causal_lm(tiny_llama_dir)
+    with torch.no_grad():  # tunelab's summed reply log-probs, [chosen, rejected] per pair
+        ours = sequence_logprobs(model, collate(units, pad_token_id=tok.pad_token_id))
     for i, row in enumerate(units):
         (prompt, chosen), (_, rejected) = [_prompt_and_reply(*s) for s in _sequences(row)]
         ex = dpo.train_dataset[i]
@@ -248,12 +249,14 @@ def test_which_tokens_trl_counts_as_the_reply_of_chat_data(tiny_llama_dir, tok, 
         assert ex["prompt_input_ids"] == [tok.bos_token_id] + prompt
         assert ex["chosen_input_ids"] == [tok.bos_token_id] + prompt + chosen + newline + [tok.eos_token_id]
         assert ex["chosen_labels"] == [-100] * (len(prompt) + 1) + chosen + newline + [tok.eos_token_id]
-        # the size of the difference in the summed log-prob of the chosen reply, on the tiny model
+        # TRL's summed log-prob of its completion (chosen + '\n') = tunelab's sum + the '\n' token's own log-prob
         with torch.no_grad():
             ids = torch.tensor([prompt + chosen + newline])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, -2].float(), -1)[newline[0]]
-        extra[i] = logp.item()
-    assert all(v < 0 for v in extra.values())  # TRL's sum has one more (negative) term per sequence
+            token_logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(
+                -1, ids[0, 1:, None])[:, 0]
+        trl_sum = token_logps[len(prompt) - 1:].sum().item()
+        assert trl_sum == pytest.approx(ours[2 * i].item() + token_logps[-1].item(), abs=1e-4)
+        assert token_logps[-1].item() < -1e-3  # the extra term is not ~0: TRL's sum really differs
 
 
 # --- DPO ------------------------------------------------------------------------------------------------------------

@@ -195,11 +195,12 @@ def test_reasoning_and_tool_call_parts_of_an_earlier_reply_reach_the_prompt(tiny
     reads it: the call is rendered in the template's format, not dropped with the parts that are not text."""
     from tunelab.chat.engine import ChatModel
 
-    chat = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template("qwen2_5_chat"))
+    chat = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template("qwen3_chat"))  # writes reasoning
     call = {"name": "get_weather", "arguments": {"city": "Paris"}}
     messages = [{"role": "user", "content": "Weather in Paris?"},
                 {"role": "assistant", "content": [{"type": "reasoning", "text": "Ask the tool."},
                                                   {"type": "tool_call", "tool_call": call}]},
                 {"role": "tool", "content": "18C"}]
     prompt = tiny_tokenizer.decode(chat.prompt(messages)[0])
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
+    assert '<think>\nAsk the tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n' \
+           '</tool_call>' in prompt
