@@ -216,9 +216,10 @@ CONVERSATIONS = [
 
 # Templates that do more than wrap each message's text, so no Ollama TEMPLATE is written for them: Mistral v3 /
 # Tekken put the system prompt in the last user turn and number tool calls; Llama 3.1 / 3.2 write a dated system
-# block of their own and put tools in the user turn (tests/vendor_templates has the published ones).
-NO_OLLAMA_TEMPLATE = {"mistral_v3", "mistral_tekken", "llama3_1_chat", "llama3_2_chat"}
-TRIMMING = {"gemma", "gemma3", "llama2_chat", "llama3_chat"}  # `| trim` on each message's text
+# block of their own and put tools in the user turn (tests/vendor_templates has the published ones); Llama 2 writes
+# a system prompt before a first assistant message without its [INST] (no pair of roles tells that apart).
+NO_OLLAMA_TEMPLATE = {"mistral_v3", "mistral_tekken", "llama3_1_chat", "llama3_2_chat", "llama2_chat"}
+TRIMMING = {"gemma", "gemma3", "llama3_chat"}  # `| trim` on each message's text
 
 
 @pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"hf"}))  # 'hf': the tokenizer's own, kept in the GGUF
@@ -254,6 +255,38 @@ def test_modelfile_template_renders_conversations_like_the_training_template(nam
     # a chat ending with the assistant's words is left open for the model to continue (Ollama's convention)
     messages = CONVERSATIONS[2][:3]
     assert render_go(go, {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}).endswith("A1")
+
+
+# Orders of roles a chat may bring that the TEMPLATE once dropped the turn markers of (two user turns rendered as one)
+ROLE_ORDERS = [("user", "user"), ("assistant", "user"), ("user", "assistant", "tool", "user"), ("system", "assistant",
+               "user"), ("user", "assistant", "assistant", "user"), ("tool", "user"), ("system", "user", "user"),
+               ("user", "assistant", "tool", "tool", "assistant", "user", "user")]
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_chat", "llama3_chat", "internlm2_chat", "qwen3_chat", "gemma", "mistral"])
+@pytest.mark.parametrize("roles", ROLE_ORDERS, ids="-".join)
+def test_modelfile_template_keeps_the_turn_markers_of_every_order_of_roles(name, roles, tiny_tokenizer):
+    from tunelab.export.ollama import modelfile_text
+
+    template = get_template(name, tiny_tokenizer)
+    text = modelfile_text("m.gguf", template)
+    go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    messages = [{"role": r, "content": f"{r} message {i}"} for i, r in enumerate(roles)]
+    try:
+        expected = template.render(messages, add_generation_prompt=True)
+    except TunelabError:
+        pytest.skip(f"{name} refuses this order of roles")
+    sent = messages
+    if messages[0]["role"] != "system" and template.default_system:
+        sent = [{"role": "system", "content": template.default_system}] + messages
+    if name in ("gemma", "mistral") and roles[:2] == ("system", "assistant"):
+        # their templates drop a system prompt that no user turn follows (it goes into the first user turn); the
+        # TEMPLATE keeps it, and writes the rest as the training template does
+        assert "system message 0" not in expected
+        kept = render_go(go, {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in sent]})
+        assert "system message 0" in kept
+        sent = sent[1:]
+    assert render_go(go, {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in sent]}) == expected
 
 
 def test_convert_gguf_cli_writes_the_file_and_the_modelfile(tmp_path_factory, tmp_path):

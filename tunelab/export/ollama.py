@@ -3,15 +3,19 @@
 * `FROM ./NAME.gguf`
 * `TEMPLATE`: the training template in Ollama's template language (Go's text/template over `.Messages`).
   It is read off the training template by rendering it: conversations whose contents are markers show the text
-  the template puts before the first message of each role, between any two roles and after the last message
-  (`TurnTable`); the TEMPLATE writes that text around each message's content. Before it is written, the table is
-  checked against the training template on conversations with real text (system prompt, several turns, tool
-  results, spaces and newlines in contents); a template that does more than wrap contents (one that moves the
-  system prompt to the last turn, or rewrites earlier replies) fails the check and gets no TEMPLATE, with a note
-  (Ollama then reads `tokenizer.chat_template` from the GGUF file). A template that trims the spaces around each
-  message's text gets a TEMPLATE that keeps them (Ollama's language cannot trim), and a comment saying so. As in Ollama's own templates, a chat that ends
-  with an assistant message is left open, so the model continues it. Tool results are wrapped as the template wraps
-  them; the calls themselves (Ollama's .ToolCalls) are not written.
+  the template puts before a message of each role after each role (the first message included) and after the last
+  message (`TurnTable`); the TEMPLATE has a branch for every role, writing that text before each message's content
+  (the text most pairs share where the training template refuses a pair). Before it is written, the table is
+  checked against the training template on conversations with real text: every order of up to three roles (two
+  user turns in a row, a first message from the assistant, a tool result then a user turn, ...), a system prompt,
+  several turns, tool results, spaces and newlines in contents; a template that does more than wrap contents (one
+  that moves the system prompt to the last turn, or rewrites earlier replies) fails the check and gets no TEMPLATE,
+  with a note (Ollama then reads `tokenizer.chat_template` from the GGUF file). Conversations the training template
+  refuses, or in which it leaves a message out (Gemma's and Mistral's drop a system prompt no user turn follows),
+  are not compared: the TEMPLATE keeps such a message. A template that trims the spaces around each message's text
+  gets a TEMPLATE that keeps them (Ollama's language cannot trim), and a comment saying so. As in Ollama's own
+  templates, a chat that ends with an assistant message is left open, so the model continues it. Tool results are
+  wrapped as the template wraps them; the calls themselves (Ollama's .ToolCalls) are not written.
 * `PARAMETER stop` for each of the template's stop words.
 * `SYSTEM`: the run's system prompt (or the template's default), which Ollama adds when a chat brings none.
 """
@@ -26,15 +30,43 @@ from tunelab.data.templates import HFChatTemplate
 from tunelab.errors import TunelabError
 
 ROLES = ("system", "user", "assistant", "tool")
-# Conversations rendered with marker contents to read the text between turns (roles only; contents are markers).
-PROBES = [("system", "user", "assistant", "user"), ("user", "assistant", "user"), ("user",),
-          ("system", "user", "assistant", "tool", "assistant", "user"), ("user", "assistant", "tool", "tool")]
-# Conversations with real text the table must reproduce before a TEMPLATE is written.
+# The conversation each probe leads in with to end on a message of that role ("": the start).
+_LEAD_IN = {"": (), "system": ("system",), "user": ("user",), "assistant": ("user", "assistant"),
+            "tool": ("user", "assistant", "tool")}
+# Conversations rendered with marker contents to read the text between turns: one for every (previous role, role),
+# the first message of each role included, so no pair is left without its text (roles only; contents are markers).
+# A probe never ends with the assistant (some templates write the last reply differently, e.g. Qwen3's empty think
+# block), and a system message comes first; EXTRA_PROBES (a system message later in the chat) only add pairs they
+# agree on.
+PROBES = [(*_LEAD_IN[prev], role, *(("user",) if role == "assistant" else ())) for prev in _LEAD_IN for role in ROLES
+          if role != "system" or not prev]
+EXTRA_PROBES = [(*_LEAD_IN[prev], "system", "user") for prev in ROLES]
+_TEXTS = {"system": "You are terse.", "user": "Hi  there\n", "assistant": "Hello.", "tool": "{\"temp\": 21}"}
+
+
+def _every_sequence(length: int) -> list[list[tuple[str, str]]]:
+    """Every role sequence of `length` messages with real text (a system prompt only first), a user turn after the
+    assistant's last (a chat ending with the assistant's words is left open, and some templates write the last reply
+    differently)."""
+    import itertools
+
+    out = []
+    for roles in itertools.product(ROLES, repeat=length):
+        if "system" not in roles[1:]:
+            roles = roles + (("user",) if roles[-1] == "assistant" else ())
+            out.append([(r, f"{_TEXTS[r]} {i}" if i else _TEXTS[r]) for i, r in enumerate(roles)])
+    return out
+
+
+# Conversations with real text the TEMPLATE must render as the training template does before it is written: every
+# role sequence of up to three messages (two user turns in a row, a first message from the assistant, a tool result
+# then a user turn, two assistant turns, ...) and some longer chats.
 CHECKS = [
-    [("user", "Hi")],
-    [("system", "You are terse."), ("user", "Hi  there\n")],
+    *_every_sequence(1), *_every_sequence(2), *_every_sequence(3),
     [("system", "S"), ("user", "Q1"), ("assistant", "A1"), ("user", "Q2 {{ braces }} and \"quotes\"\nnew line")],
     [("user", " leading space"), ("assistant", "calling"), ("tool", "{\"temp\": 21}")],
+    [("system", "S"), ("user", "Q1"), ("assistant", "A1"), ("tool", "r1"), ("tool", "r2"), ("assistant", "A2"),
+     ("user", "Q2"), ("user", "Q3")],
 ]
 
 
@@ -48,7 +80,7 @@ def _between_texts(template, roles, gen: bool) -> list[str] | None:
     messages = [{"role": r, "content": _marker(i)} for i, r in enumerate(roles)]
     try:
         text = template.render(messages, add_generation_prompt=gen)
-    except TunelabError:
+    except Exception:  # noqa: BLE001 (a template's own refusal of this order of roles: raise_exception, TunelabError)
         return None
     pieces, rest = [], text
     for i in range(len(roles)):
@@ -66,12 +98,24 @@ class TurnTable:
     after: dict[str, str]
     """After the last message, asking for the reply (add_generation_prompt), by its role."""
 
+    def usual(self, role: str) -> str | None:
+        """The text most (previous role, `role`) pairs share: the TEMPLATE's text before a `role` message after a
+        role the probes could not show (one the training template refuses there)."""
+        texts = [text for (prev, r), text in self.before.items() if r == role and prev]
+        texts = texts or [text for (prev, r), text in self.before.items() if r == role]
+        return max(texts, key=texts.count) if texts else None
+
+    def text_before(self, prev: str, role: str) -> str | None:
+        return self.before.get((prev, role), self.usual(role))
+
     def render(self, messages: list[dict]) -> str | None:
+        """What go_template(self) renders for `messages` (None for a role it has no text for)."""
         out, prev = [], ""
         for m in messages:
-            if (prev, m["role"]) not in self.before:
+            text = self.text_before(prev, m["role"])
+            if text is None:
                 return None
-            out += [self.before[(prev, m["role"])], m["content"]]
+            out += [text, m["content"]]
             prev = m["role"]
         return "".join(out) + self.after.get(prev, "")
 
@@ -85,34 +129,56 @@ def turn_table(template) -> TurnTable | None:
     def record(table: dict, key, text: str) -> bool:
         return table.setdefault(key, text) == text
 
-    for roles in PROBES:
-        pieces = _between_texts(template, roles, gen=roles[-1] != "assistant")
+    for roles in PROBES + EXTRA_PROBES:
+        pieces = _between_texts(template, roles, gen=True)
         if pieces is None:
             continue
-        for i, role in enumerate(roles):
-            if not record(before, (roles[i - 1] if i else "", role), pieces[i]):
-                return None
-        if roles[-1] != "assistant" and not record(after, roles[-1], pieces[-1]):
+        pairs = [((roles[i - 1] if i else "", role), pieces[i]) for i, role in enumerate(roles)]
+        if roles in EXTRA_PROBES and any(before.get(key, text) != text for key, text in pairs):
+            continue  # a later system message that changes the text around it: left to the usual text
+        if not all(record(before, key, text) for key, text in pairs):
+            return None
+        if not record(after, roles[-1], pieces[-1]):
             return None
     return TurnTable(before, after) if ("", "user") in before else None
+
+
+def _up_to_last(text: str, content: str) -> str | None:
+    """`text` cut after the last `content` (a chat ending with the assistant's words: Ollama leaves it open)."""
+    at = text.rfind(content)
+    return text[:at + len(content)] if at >= 0 else None
+
+
+def _drops_a_message(template, messages: list[dict]) -> bool:
+    """The template leaves a message of this conversation out of the prompt altogether."""
+    marked = [{**m, "content": _marker(i)} for i, m in enumerate(messages)]
+    text = template.render(marked, add_generation_prompt=True)
+    return any(_marker(i) not in text for i in range(len(messages)))
 
 
 def check_table(table: TurnTable, template) -> str | None:
     """"exact" when the table renders every CHECKS conversation (with the template's default system, as Ollama adds
     the Modelfile's SYSTEM) exactly as the training template does; "trims" when it does so once the contents are
-    stripped of surrounding spaces (the template trims them, which Ollama's template language cannot); else None."""
+    stripped of surrounding spaces (the template trims them, which Ollama's template language cannot); else None.
+    A chat ending with an assistant message is compared up to its text (the TEMPLATE leaves it open); conversations
+    the training template refuses are skipped."""
     verdicts = set()
     for check in CHECKS:
         messages = [{"role": r, "content": c} for r, c in check]
         with_default_system(messages, template.default_system)
+        open_reply = messages[-1]["role"] == "assistant"
         try:
-            expected = template.render(messages, add_generation_prompt=True)
-        except TunelabError:
-            continue  # a conversation this template cannot hold (e.g. tool results without tool support)
-        if table.render(messages) == expected:
-            verdicts.add("exact")
-        elif table.render([{**m, "content": m["content"].strip()} for m in messages]) == expected:
-            verdicts.add("trims")
+            expected = template.render(messages, add_generation_prompt=not open_reply)
+        except Exception:  # noqa: BLE001 (a conversation this template refuses, e.g. tool results without tools)
+            continue
+        if _drops_a_message(template, messages):
+            continue  # (Gemma's, Mistral's: a system prompt no user turn follows): the TEMPLATE keeps it
+        for verdict, sent in (("exact", messages), ("trims", [{**m, "content": m["content"].strip()}
+                                                              for m in messages])):
+            want = _up_to_last(expected, sent[-1]["content"]) if open_reply else expected
+            if want is not None and table.render(sent) == want:
+                verdicts.add(verdict)
+                break
         else:
             return None
     return "trims" if "trims" in verdicts else "exact"
@@ -128,17 +194,29 @@ def _literal(text: str) -> str:
     return "{{ " + _go_string(text) + " }}" if "{{" in text or "}}" in text else text
 
 
+def _chain(branches: list[tuple[str, str]], otherwise: str | None = None) -> str:
+    """{{ if c1 }}t1{{ else if c2 }}t2...{{ else }}otherwise{{ end }}: just `otherwise` when there are no branches."""
+    if not branches:
+        return otherwise or ""
+    text = "".join(("{{ if " if i == 0 else "{{ else if ") + cond + " }}" + body
+                   for i, (cond, body) in enumerate(branches))
+    return text + ("{{ else }}" + otherwise if otherwise else "") + "{{ end }}"
+
+
 def go_template(table: TurnTable) -> str:
-    """The TurnTable as Ollama's TEMPLATE: before each message the text for (previous role, its role), then its
-    content; after the last message the text that asks for the reply. No `{{-` trimming: the text is exact."""
-    branches = []
-    for (prev, role), text in table.before.items():
-        branches.append((f'and (eq $prev "{prev}") (eq .Role "{role}")', _literal(text)))
-    cases = "".join(("{{ if " if i == 0 else "{{ else if ") + cond + " }}" + text for i, (cond, text) in
-                    enumerate(branches)) + "{{ end }}"
-    tails = "".join(("{{ if " if i == 0 else "{{ else if ") + f'eq $prev "{role}" }}}}' + _literal(text)
-                    for i, (role, text) in enumerate(table.after.items())) + ("{{ end }}" if table.after else "")
-    return '{{ $prev := "" }}{{ range .Messages }}' + cases + "{{ .Content }}{{ $prev = .Role }}{{ end }}" + tails
+    """The TurnTable as Ollama's TEMPLATE: a branch for every role, in it the text before a message of that role
+    (by the role before it; the text most pairs share otherwise), then its content; after the last message the text
+    that asks for the reply. No `{{-` trimming: the text is exact."""
+    roles = [r for r in ROLES if any(role == r for _, role in table.before)]
+    per_role = []
+    for role in roles:
+        usual = table.usual(role)
+        special = [(f'eq $prev "{prev}"', _literal(text)) for (prev, r), text in table.before.items()
+                   if r == role and text != usual]
+        per_role.append((f'eq .Role "{role}"', _chain(special, _literal(usual))))
+    tails = _chain([(f'eq $prev "{role}"', _literal(text)) for role, text in table.after.items()])
+    return '{{ $prev := "" }}{{ range .Messages }}' + _chain(per_role) + "{{ .Content }}{{ $prev = .Role }}{{ end }}" \
+        + tails
 
 
 def modelfile_text(gguf_name: str, template, *, system: str = "") -> str:
