@@ -376,3 +376,47 @@ def test_pre_tokenizer_names_of_published_tokenizers():
     assert pre_tokenizer_name(gpt2, Path("gpt2")) == "gpt-2"
     with pytest.raises(TunelabError, match="pre-tokenizer llama.cpp may split differently"):
         pre_tokenizer_name(split(r"\p{N}{1,4}| ?\p{L}+"), Path("other"))
+
+
+# --- what MODEL may be: a work dir or checkpoint, as `tunelab chat` takes it ----------------------------------------
+
+def _full_run(model_dir: Path, work: Path, *, step: int = 5) -> Path:
+    """WORK_DIR/iter_N/{model/, tunelab.json} of a full fine-tuning run (tunelab.json beside model/, not in it)."""
+    import shutil
+
+    ckpt = work / f"iter_{step}"
+    shutil.copytree(model_dir, ckpt / "model", ignore=shutil.ignore_patterns("tunelab.json"))
+    (ckpt / "tunelab.json").write_text((model_dir / "tunelab.json").read_text())
+    (work / "last_checkpoint").write_text(ckpt.name)
+    return ckpt
+
+
+@pytest.mark.parametrize("given", ["work", "work/iter_5", "work/iter_5/model"])
+def test_a_full_runs_work_dir_or_checkpoint_converts_with_its_chat_template(given, tmp_path_factory, tmp_path):
+    model = taught_model_dir(tmp_path_factory)
+    _full_run(model, tmp_path / "work")
+    out = convert_to_gguf(str(tmp_path / given), str(tmp_path / "out" / "run.gguf"), out_type="f32")
+    reader = gguf.GGUFReader(out)
+    template = get_template("qwen_chat", load_tokenizer(str(model)))
+    assert _field(reader, "tokenizer.chat_template") == template.to_jinja()  # from iter_5/tunelab.json
+    assert "TEMPLATE" in (tmp_path / "out" / "Modelfile").read_text()
+    direct = gguf.GGUFReader(convert_to_gguf(str(model), str(tmp_path / "direct" / "m.gguf"), out_type="f32"))
+    for a, b in zip(reader.tensors, direct.tensors, strict=True):
+        np.testing.assert_array_equal(a.data, b.data, err_msg=a.name)
+
+
+@pytest.mark.parametrize("given", ["work", "work/iter_10"])
+def test_a_lora_runs_work_dir_converts_as_its_base_with_the_adapter_merged(given, tiny_llama_dir, tmp_path, capsys):
+    from tunelab.cli.main import main
+
+    make_lora_checkpoint(tiny_llama_dir, tmp_path / "work")
+    assert main(["convert", "gguf", str(tmp_path / given), str(tmp_path / "a" / "m.gguf"), "--type", "f32"]) == 0
+    convert_to_gguf(str(tiny_llama_dir), str(tmp_path / "b" / "m.gguf"), out_type="f32", adapter=str(tmp_path / "work"))
+    from_work, base_plus = gguf.GGUFReader(tmp_path / "a" / "m.gguf"), gguf.GGUFReader(tmp_path / "b" / "m.gguf")
+    for a, b in zip(from_work.tensors, base_plus.tensors, strict=True):
+        np.testing.assert_array_equal(a.data, b.data, err_msg=a.name)
+    assert _field(from_work, "tokenizer.chat_template") == _field(base_plus, "tokenizer.chat_template")
+    assert _field(from_work, "general.name") == "work"
+    assert 'SYSTEM """Be brief."""' in (tmp_path / "a" / "Modelfile").read_text()
+    with pytest.raises(TunelabError, match="already a checkpoint"):
+        convert_to_gguf(str(tmp_path / given), str(tmp_path / "c" / "m.gguf"), adapter=str(tmp_path / "work"))

@@ -47,7 +47,8 @@ example:
 
 GGUF_DESCRIPTION = """\
 Write a GGUF file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile beside it. MODEL is a merged HF model
-directory (tunelab convert merge) or a base model with --adapter (merged in memory). The GGUF file holds the weights
+directory (tunelab convert merge), a training WORK_DIR or iter_N checkpoint (a LoRA one merged into the base its
+tunelab.json names), or a base model with --adapter (merged in memory). The GGUF file holds the weights
 (--type f16, bf16, q8_0 or f32), the tokenizer, and the chat template the model was trained with (from tunelab.json,
 or --prompt-template); the Modelfile's TEMPLATE, stop words and SYSTEM say the same in Ollama's terms.
 Architectures: Llama (also Mistral and InternLM2), Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3.
@@ -55,6 +56,7 @@ Architectures: Llama (also Mistral and InternLM2), Qwen2, Qwen3, Phi-3, Gemma 2 
 example:
   tunelab convert gguf merged merged.gguf --type q8_0
   tunelab convert gguf Qwen/Qwen2.5-0.5B-Instruct out/qwen-tuned.gguf --adapter work_dirs/run1
+  tunelab convert gguf work_dirs/run1 out/qwen-tuned.gguf
   ollama create qwen-tuned -f out/Modelfile && ollama run qwen-tuned
   python -c "import llama_cpp; print(llama_cpp.Llama('merged.gguf').create_chat_completion([{'role': 'user', \\
     'content': 'Who are you?'}]))"
@@ -101,7 +103,8 @@ def register(subparsers) -> None:
 def _register_gguf(verbs, fmt) -> None:
     p = verbs.add_parser("gguf", help="HF model (or base + adapter) → GGUF file + Ollama Modelfile",
                          description=GGUF_DESCRIPTION, formatter_class=fmt)
-    p.add_argument("model", metavar="MODEL", help="a merged model directory, or the base model with --adapter")
+    p.add_argument("model", metavar="MODEL", help="a merged model directory, a WORK_DIR or iter_N checkpoint, or the "
+                                                  "base model with --adapter")
     p.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (its folder gets the Modelfile)")
     p.add_argument("--type", dest="out_type", default="f16", choices=["f16", "bf16", "q8_0", "f32"],
                    help="how weights are stored (default f16; q8_0 is about half the size)")
