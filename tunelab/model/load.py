@@ -82,6 +82,10 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
                 raise TunelabError(f"{model_dir}: the tokenizer needs the repository's own code. Set "
                                    "`trust_remote_code = True` in the config (or --trust-remote-code on chat) "
                                    "if you trust it.") from None
+            if "instantiate the backend tokenizer" in str(exc):  # tokenizer_config.json without tokenizer.json
+                raise TunelabError(f"{model_dir}: no tokenizer to load (tokenizer.json or tokenizer.model is "
+                                   "missing). Copy the base model's tokenizer files (tokenizer.json or "
+                                   "tokenizer.model, and tokenizer_config.json) into it.") from None
             raise
         except OSError as exc:
             raise TunelabError(f"{model_dir}: no tokenizer files found ({exc}). Copy tokenizer.json / "
