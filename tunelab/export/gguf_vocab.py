@@ -18,26 +18,84 @@ from tunelab.errors import TunelabError
 from tunelab.model.sentencepiece_file import read_model_proto
 
 
-def add_vocab(writer, tokenizer, tokenizer_dir: Path, *, vocab_size: int, eot_words: tuple[str, ...] = ()) -> None:
+def add_vocab(writer, tokenizer, tokenizer_dir: Path, *, vocab_size: int, eot_words: tuple[str, ...] = (),
+              add_bos: bool | None = False) -> None:
+    """The tokenizer under llama.cpp's keys. add_bos: False where the chat template in the file writes the BOS
+    itself (tunelab's templates); None: as the tokenizer adds it to a plain text (a model with no template)."""
     tokenizer_dir = Path(tokenizer_dir)
-    if (tokenizer_dir / "tokenizer.model").is_file():
+    kind = tokenizer_kind(tokenizer, tokenizer_dir)
+    if kind == "sentencepiece":
         _add_sentencepiece(writer, tokenizer, tokenizer_dir / "tokenizer.model", vocab_size)
-    elif (tokenizer_dir / "tokenizer.json").is_file():
-        _add_byte_level_bpe(writer, tokenizer, tokenizer_dir / "tokenizer.json", vocab_size)
     else:
-        raise TunelabError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model to put in the GGUF file. Copy "
-                           f"the base model's tokenizer files into it.")
-    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+        _add_byte_level_bpe(writer, tokenizer, tokenizer_dir / "tokenizer.json", vocab_size)
+    vocab = tokenizer.get_vocab()
+    eot = next((vocab[w] for w in eot_words if w in vocab), None)  # the template's end-of-turn token
+    eos = tokenizer.eos_token_id
+    if eos is None and eot is not None:
+        eos = eot
+        print(f"note: {tokenizer_dir}: the tokenizer names no eos token (no tokenizer_config.json?); the GGUF's eos "
+              f"is the template's end of turn {tokenizer.convert_ids_to_tokens(eot)!r}", flush=True)
+    elif eos is None:
+        print(f"warning: {tokenizer_dir}: the tokenizer names no eos token (no tokenizer_config.json?) and no chat "
+              f"template gives an end of turn, so llama.cpp and Ollama will not know where a reply ends. Copy the "
+              f"base model's tokenizer_config.json beside tokenizer.json, or pass --prompt-template.", flush=True)
+    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", eos),
                           ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
         if token_id is not None:
             getattr(writer, f"add_{key}_token_id")(token_id)
-    vocab = tokenizer.get_vocab()
-    eot = next((vocab[w] for w in eot_words if w in vocab), None)  # the template's end-of-turn token
     if eot is not None:
         writer.add_eot_token_id(eot)
-    # tunelab tokenises rendered templates with add_special_tokens=False; the templates spell out the BOS
-    writer.add_add_bos_token(False)
-    writer.add_add_eos_token(False)
+    if add_bos is None:  # no template in the file: a plain prompt gets what the tokenizer adds to it
+        add_bos, add_eos = _adds_special_tokens(tokenizer)
+    else:  # tunelab tokenises rendered templates with add_special_tokens=False; the templates spell out the BOS
+        add_eos = False
+    writer.add_add_bos_token(bool(add_bos))
+    writer.add_add_eos_token(add_eos)
+
+
+def _adds_special_tokens(tokenizer) -> tuple[bool, bool]:
+    """(adds a BOS, adds an EOS): what the tokenizer does to a plain text."""
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return (bos is not None and bool(ids) and ids[0] == bos,
+            eos is not None and bool(ids) and ids[-1] == eos and len(ids) > 1)
+
+
+def _first_difference(tokenizer, proto) -> int | None:
+    """The first id at which tokenizer.model's pieces and the loaded tokenizer's vocabulary differ (None: they agree;
+    tokens added on top, such as chat markers over unused pieces, are the tokenizer's own)."""
+    vocab = tokenizer.get_vocab()
+    added = set(tokenizer.added_tokens_decoder)
+    for i, piece in enumerate(proto.pieces):
+        if i not in added and vocab.get(piece.piece) != i:
+            return i
+    return None
+
+
+def tokenizer_kind(tokenizer, tokenizer_dir: Path) -> str:
+    """"sentencepiece" (tokenizer.model) or "bpe" (tokenizer.json): the file that holds the loaded tokenizer's
+    vocabulary. A tokenizer.model whose pieces differ from the tokenizer (a stray file beside a byte-level BPE
+    tokenizer.json) is passed over for tokenizer.json, with a note; refused when there is no tokenizer.json."""
+    tokenizer_dir = Path(tokenizer_dir)
+    sp_file, json_file = tokenizer_dir / "tokenizer.model", tokenizer_dir / "tokenizer.json"
+    if sp_file.is_file():
+        proto = read_model_proto(sp_file)
+        at = _first_difference(tokenizer, proto)
+        if at is None:
+            return "sentencepiece"
+        piece = proto.pieces[at].piece
+        theirs = tokenizer.convert_ids_to_tokens(at) if at < len(tokenizer) else None
+        if not json_file.is_file():
+            raise TunelabError(f"{sp_file}: its pieces differ from the tokenizer's vocabulary from id {at} on "
+                               f"({piece!r} there, {theirs!r} in the tokenizer): it belongs to another model. Copy "
+                               f"this model's own tokenizer files. Nothing was written.")
+        print(f"note: {sp_file} differs from the tokenizer's vocabulary from id {at} on ({piece!r} there, {theirs!r} "
+              f"in the tokenizer); the GGUF gets the vocabulary of {json_file}", flush=True)
+        return "bpe"
+    if json_file.is_file():
+        return "bpe"
+    raise TunelabError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model to put in the GGUF file. Copy "
+                       f"the base model's tokenizer files into it.")
 
 
 def _token_types(tokenizer, vocab_size: int, base: dict[int, int] | None = None) -> list[int]:
