@@ -246,10 +246,42 @@ def modelfile_text(gguf_name: str, template, *, system: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf_path: Path, template, *, system: str = "") -> Path:
-    """`Modelfile` in the GGUF file's folder, naming the file relatively (the folder can move)."""
+MODELFILE = "Modelfile"
+
+
+def _from_line(path: Path) -> str | None:
+    """What the Modelfile at `path` is FROM (None when it cannot be read or names nothing)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return next((line.split(None, 1)[1].strip() for line in lines
+                 if line.upper().startswith("FROM ") and len(line.split(None, 1)) == 2), None)
+
+
+def modelfile_path(gguf_path: Path) -> Path:
+    """Where the Modelfile of `gguf_path` goes: `Modelfile` in its folder, when there is none yet or the one there is
+    this GGUF file's (FROM ./NAME.gguf: it is replaced with the file); else NAME.Modelfile beside it, so another GGUF
+    file's Modelfile (or one tunelab cannot tell, e.g. written by hand) is kept."""
     gguf_path = Path(gguf_path)
-    path = gguf_path.parent / "Modelfile"
-    path.write_text(modelfile_text(gguf_path.name, template, system=system), encoding="utf-8")
-    print(f"wrote {path}: ollama create {gguf_path.stem} -f {path}", flush=True)
+    plain = gguf_path.parent / MODELFILE
+    if not plain.exists() and not plain.is_symlink():
+        return plain
+    if plain.is_file() and _from_line(plain) in (f"./{gguf_path.name}", gguf_path.name):
+        return plain
+    return gguf_path.parent / f"{gguf_path.stem}.{MODELFILE}"
+
+
+def write_modelfile(gguf_path: Path, template, *, system: str = "") -> Path:
+    """The Modelfile in the GGUF file's folder (see modelfile_path), naming the file relatively (the folder can move)."""
+    gguf_path = Path(gguf_path)
+    path = modelfile_path(gguf_path)
+    text = modelfile_text(gguf_path.name, template, system=system)
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise TunelabError(f"cannot write the Modelfile {path}: {exc.strerror or exc}. The GGUF file {gguf_path} is "
+                           f"written; pass --no-modelfile, or free the path and convert again.") from None
+    kept = f" ({path.parent / MODELFILE} is another model's and is kept)" if path.name != MODELFILE else ""
+    print(f"wrote {path}{kept}: ollama create {gguf_path.stem} -f {path}", flush=True)
     return path
