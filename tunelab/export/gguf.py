@@ -5,7 +5,10 @@ for the architecture, hyperparameters go under its keys, and the tokenizer goes 
 BPE with its merges, or sentencepiece with its scores), the special token ids, and `tokenizer.chat_template` = the
 template the model was trained with (`to_jinja()`, as `convert merge` writes it), so llama.cpp formats chats the
 way training did. `tokenizer.ggml.add_bos_token` is false: tunelab's templates spell the BOS out (see docs/DESIGN.md,
-Templates), so a prompt rendered with the template is the token sequence training saw.
+Templates), so a prompt rendered with the template is the token sequence training saw; a model with no template
+in the file gets the tokenizer's own choice. MODEL may also be a training WORK_DIR or checkpoint, read as `tunelab
+chat` reads it. Whatever can be refused (architecture, template, tokenizer files, an output that cannot be written)
+is refused before the weights load; a write that fails later is one line naming the file.
 
 The families of docs/MODELS.md whose GGUF architecture reads the same tensors: Llama (also Mistral and InternLM2,
 which tunelab loads as a Llama graph), Qwen2, Qwen3, Phi-3, Gemma 2 and 3 (`ARCHITECTURES`). Anything else (GLM-4,
@@ -14,6 +17,9 @@ long-context RoPE kinds llama.cpp takes differently) is refused, naming what is 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,12 +166,25 @@ def _llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor:
     return factors.float()
 
 
-def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16", name: str,
-               chat_template: str | None, tokenizer_dir: Path, eot_words: tuple[str, ...] = ()) -> Path:
-    """Write `model` (a loaded HF causal LM) and `tokenizer` as one GGUF file at `out_path`."""
-    import gguf
+def write_error(path: Path, exc: OSError) -> TunelabError:
+    """An OSError while writing `path` as one line naming the file (and the free space when the disk is full)."""
+    where = Path(exc.filename) if exc.filename else Path(path)
+    message = f"cannot write {where}: {exc.strerror or exc}"
+    if exc.errno == errno.ENOSPC:
+        folder = next((f for f in (where.parent, *where.parents) if f.exists()), Path("."))
+        with contextlib.suppress(OSError):
+            message += f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free in {folder})"
+        message += ". Free some space, or write OUT.gguf to another disk (--type q8_0 is about half the size)"
+    return TunelabError(message + ". Nothing was written.")
 
-    from tunelab.export.gguf_vocab import add_vocab
+
+def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16", name: str,
+               chat_template: str | None, tokenizer_dir: Path, eot_words: tuple[str, ...] = (),
+               add_bos: bool | None = False) -> Path:
+    """Write `model` (a loaded HF causal LM) and `tokenizer` as one GGUF file at `out_path`.
+
+    add_bos: `tokenizer.ggml.add_bos_token` (False: the chat template writes the BOS; None: as the tokenizer does)."""
+    import gguf
 
     if out_type not in TYPES:
         raise TunelabError(f"--type {out_type!r}: use one of {', '.join(TYPES)}.")
@@ -180,16 +199,49 @@ def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16",
     gguf_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)  # tensors spill to disk: memory stays one tensor
+    writer = None
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)
+        count = _fill(writer, model, tokenizer, family, names, out_type=out_type, name=name,
+                      chat_template=chat_template, tokenizer_dir=tokenizer_dir, eot_words=eot_words,
+                      add_bos=add_bos)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        tmp.replace(out_path)  # a file that is there is whole
+    except OSError as exc:
+        raise write_error(out_path, exc) from None
+    finally:  # never masks the first error: a half-written file is removed if it can be
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    _say(f"wrote {out_path} ({arch}, {out_type}, {count} tensors, {out_path.stat().st_size / 2**20:.1f} MiB)")
+    return out_path
+
+
+def _fill(writer, model, tokenizer, family: Family, names, *, out_type: str, name: str, chat_template: str | None,
+          tokenizer_dir: Path, eot_words: tuple[str, ...], add_bos: bool | None) -> int:
+    """Metadata, tokenizer and tensors into `writer`; returns how many tensors."""
+    import gguf
+
+    from tunelab.export.gguf_vocab import add_vocab
+
+    config = model.config
+    arch = family.arch
+    hf_arch = type(model).__name__
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_name(name)
     writer.add_file_type(file_types[out_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     rope_factors = _add_hyperparameters(writer, config, arch)
-    add_vocab(writer, tokenizer, tokenizer_dir, vocab_size=config.vocab_size, eot_words=eot_words)
+    add_vocab(writer, tokenizer, tokenizer_dir, vocab_size=config.vocab_size, eot_words=eot_words,
+              add_bos=add_bos)
     if chat_template:
         writer.add_chat_template(chat_template)
 
@@ -216,16 +268,7 @@ def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16",
     if rope_factors is not None:
         _add_tensor(writer, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_factors.numpy(),
                     gguf.GGMLQuantizationType.F32)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        tmp.replace(out_path)  # a file that is there is whole
-    finally:
-        tmp.unlink(missing_ok=True)
-    _say(f"wrote {out_path} ({arch}, {out_type}, {count} tensors, {out_path.stat().st_size / 2**20:.1f} MiB)")
-    return out_path
+    return count
 
 
 def _add_tensor(writer, name: str, data: np.ndarray, ggml_type) -> None:
@@ -236,6 +279,51 @@ def _add_tensor(writer, name: str, data: np.ndarray, ggml_type) -> None:
         writer.add_tensor(name, gguf.quants.quantize(data, ggml_type))
     else:  # bf16, q8_0: bytes, shape taken from the type
         writer.add_tensor(name, gguf.quants.quantize(data, ggml_type), raw_dtype=ggml_type)
+
+
+def check_gguf_architecture(config: dict, model_dir: Path) -> None:
+    """Refuse, before any weights load, a model whose architecture (config.json) has no GGUF export here."""
+    from tunelab.model import internlm2
+
+    archs = config.get("architectures") or [config.get("model_type", "?")]
+    if internlm2.is_internlm2(config) or any(a in ARCHITECTURES for a in archs):
+        return
+    raise TunelabError(f"{archs[0]}: no GGUF export for this architecture in tunelab yet ({model_dir / 'config.json'}; "
+                       f"supported: {', '.join(sorted(ARCHITECTURES))}, InternLM2). llama.cpp's "
+                       f"convert_hf_to_gguf.py may handle the merged model (tunelab convert merge). Nothing was "
+                       f"written.")
+
+
+def check_tokenizer_files(tokenizer_dir: Path) -> None:
+    """The folder holds a tokenizer the GGUF file can carry (checked before transformers tries to load it)."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        present = [f for f in ("tokenizer_config.json", "vocab.json", "merges.txt") if (tokenizer_dir / f).is_file()]
+        raise TunelabError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model"
+                           + (f" (only {', '.join(present)})" if present else "") + ", so there is no tokenizer to "
+                           f"put in the GGUF file. Copy the base model's tokenizer files (tokenizer.json or "
+                           f"tokenizer.model, and tokenizer_config.json) into it. Nothing was written.")
+
+
+def check_writable(out: Path, modelfile: bool) -> None:
+    """Before any weights load: OUT.gguf's folder exists (made if missing) and takes new files, and neither the
+    temporary OUT.gguf.tmp nor the Modelfile's path is a folder."""
+    import tempfile
+
+    from tunelab.export.ollama import modelfile_path
+
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".tunelab-write-check"):
+            pass
+    except OSError as exc:
+        raise TunelabError(f"cannot write into {folder} ({exc.strerror or exc}): choose an OUT.gguf in a folder you "
+                           f"can write to. Nothing was written.") from None
+    for path in [out.with_name(out.name + ".tmp"), *([modelfile_path(out)] if modelfile else [])]:
+        if path.is_dir():
+            raise TunelabError(f"{path} is a directory, where convert gguf writes a file: move it away or choose "
+                               f"another OUT.gguf. Nothing was written.")
 
 
 def _resolve_model(model_path: str, adapter: str | None) -> tuple[str, str | None, dict, Path | None]:
@@ -285,7 +373,7 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     from tunelab.export.convert import check_output, template_for_export
     from tunelab.export.ollama import write_modelfile
     from tunelab.model.load import load_causal_lm, load_tokenizer
-    from tunelab.model.model_dir import resolve_model_dir
+    from tunelab.model.model_dir import read_model_config, resolve_model_dir
     from tunelab.train.layout import checkpoint_step
 
     out = Path(out_path)
@@ -297,31 +385,47 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
         raise TunelabError(f"{out} is a directory: name the file to write, e.g. {out / 'model.gguf'}.")
     check_output(out.parent)  # not into a training checkpoint or a work dir's top level
     model_path, adapter, meta, checkpoint = _resolve_model(model_path, adapter)
+    if meta.get("llava"):
+        raise TunelabError(f"{model_path}: a LLaVA run; convert gguf writes text models only. Export it with "
+                           f"`tunelab convert merge` (a HF LLaVA folder) and llama.cpp's own converter.")
+    if meta.get("objective") == "reward":
+        raise TunelabError(f"{model_path} is a reward model: it scores replies and does not write them, so it has no "
+                           f"GGUF export.")
+    check_writable(out, modelfile)
     model_dir = resolve_model_dir(model_path, key="MODEL")
+    config = read_model_config(model_dir, key="MODEL")
+    check_gguf_architecture(config, model_dir)
     adapter_dir = None
     if adapter:
         from tunelab.export.adapters import apply_adapter, find_adapter_dir
 
         adapter_dir, _ = find_adapter_dir(adapter)
+    tokenizer_dir = adapter_dir if adapter and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
+    check_tokenizer_files(tokenizer_dir)
+    tokenizer = load_tokenizer(str(tokenizer_dir), trust_remote_code=trust_remote_code)
+    template = template_for_export(meta, prompt_template, tokenizer)  # an unknown name: refused before loading
     _say(f"loading {model_dir}" + (f" with adapter {adapter}" if adapter else ""))
     model = load_causal_lm(str(model_dir), dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
                            key="MODEL")
     if adapter:
         model = apply_adapter(model, adapter_dir, str(model_path), meta=meta, allow_other_base=allow_other_base,
                               say=_say).merge_and_unload()
-    tokenizer_dir = adapter_dir if adapter and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
-    tokenizer = load_tokenizer(str(tokenizer_dir), trust_remote_code=trust_remote_code)
-    template = template_for_export(meta, prompt_template, tokenizer)
-    if template is None:
+    chat_template = template.to_jinja() if template is not None else getattr(tokenizer, "chat_template", None)
+    if template is None and chat_template:
         _say("note: no prompt template recorded (no tunelab.json) and none given with --prompt-template: the GGUF "
              "keeps the tokenizer's own chat_template, and the Modelfile has no TEMPLATE")
-    chat_template = template.to_jinja() if template is not None else getattr(tokenizer, "chat_template", None)
+    elif template is None:
+        _say("note: no prompt template recorded (no tunelab.json), none given with --prompt-template, and the "
+             "tokenizer has no chat_template: the GGUF has no chat template (a model for plain completion; llama.cpp "
+             "adds the BOS as the tokenizer does), and the Modelfile has no TEMPLATE. Pass --prompt-template NAME "
+             "to chat with it.")
     if checkpoint is not None:  # a run's checkpoint: the work dir's name
         name = (checkpoint.parent if checkpoint_step(checkpoint) >= 0 else checkpoint).resolve().name
     else:
         name = Path(adapter).resolve().name if adapter else Path(str(model_dir)).name
     write_gguf(model, tokenizer, out, out_type=out_type, name=name, chat_template=chat_template,
-               tokenizer_dir=tokenizer_dir, eot_words=tuple(getattr(template, "stop_words", ()) or ()))
+               tokenizer_dir=tokenizer_dir, eot_words=tuple(getattr(template, "stop_words", ()) or ()),
+               add_bos=False if template is not None else None)
     if modelfile:
         write_modelfile(out, template, system=meta.get("system") or "")
     return out
