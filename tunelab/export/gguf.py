@@ -301,8 +301,8 @@ def check_tokenizer_files(tokenizer_dir: Path) -> None:
         present = [f for f in ("tokenizer_config.json", "vocab.json", "merges.txt") if (tokenizer_dir / f).is_file()]
         raise TunelabError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model"
                            + (f" (only {', '.join(present)})" if present else "") + ", so there is no tokenizer to "
-                           f"put in the GGUF file. Copy the base model's tokenizer files (tokenizer.json or "
-                           f"tokenizer.model, and tokenizer_config.json) into it. Nothing was written.")
+                           "put in the GGUF file. Copy the base model's tokenizer files (tokenizer.json or "
+                           "tokenizer.model, and tokenizer_config.json) into it. Nothing was written.")
 
 
 def check_writable(out: Path, modelfile: bool) -> None:

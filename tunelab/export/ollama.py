@@ -273,7 +273,8 @@ def modelfile_path(gguf_path: Path) -> Path:
 
 
 def write_modelfile(gguf_path: Path, template, *, system: str = "") -> Path:
-    """The Modelfile in the GGUF file's folder (see modelfile_path), naming the file relatively (the folder can move)."""
+    """The Modelfile in the GGUF file's folder (see modelfile_path), naming the file relatively (the folder can
+    move)."""
     gguf_path = Path(gguf_path)
     path = modelfile_path(gguf_path)
     text = modelfile_text(gguf_path.name, template, system=system)
