@@ -25,6 +25,8 @@ _MMENGINE_NAMES = {"train_dataloader", "optim_wrapper", "param_scheduler", "cust
                    "train_cfg", "env_cfg"}
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not}
 _BUILTINS = {"int": int, "float": float, "round": round, "min": min, "max": max, "str": str, "bool": bool}
 
 
@@ -48,6 +50,12 @@ class XtunerConfig:
     """Functions defined in the file: name -> source."""
     imports: dict[str, str] = field(default_factory=dict)
     """Imported name -> the module it comes from."""
+    import_lines: dict[str, str] = field(default_factory=dict)
+    """Imported name -> an import statement that binds it (`import re`, `from os import path as p`)."""
+    lines: dict[str, int] = field(default_factory=dict)
+    """Top-level name -> the line of its last assignment."""
+    unread: list[str] = field(default_factory=list)
+    """Top-level statements not read (a loop, an `if` on something not a literal): one line each, for the report."""
 
 
 # --- recognising ----------------------------------------------------------------------------------
@@ -82,12 +90,20 @@ def read_xtuner_config(path: str | Path) -> XtunerConfig:
         raise TunelabError(f"{path}: not an XTuner config (no mmengine / xtuner imports, no train_dataloader).")
     part2 = next((i + 1 for i, line in enumerate(source.splitlines()) if re.search(r"PART\s*2", line)), None)
     cfg = XtunerConfig(path, {}, [])
-    for node in tree.body:
+    _read_body(tree.body, source, cfg, part2)
+    return cfg
+
+
+def _read_body(body: list[ast.stmt], source: str, cfg: XtunerConfig, part2: int | None) -> None:
+    for node in body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 name = alias.asname or alias.name.split(".")[0]
                 cfg.imports[name] = getattr(node, "module", None) or alias.name
                 cfg.env[name] = Ref(name)
+                as_name = f" as {alias.asname}" if alias.asname else ""
+                cfg.import_lines[name] = (f"from {'.' * node.level}{node.module or ''} import {alias.name}{as_name}"
+                                          if isinstance(node, ast.ImportFrom) else f"import {alias.name}{as_name}")
         elif isinstance(node, ast.FunctionDef):
             cfg.functions[node.name] = ast.get_source_segment(source, node) or ""
             cfg.env[node.name] = Ref(node.name)
@@ -95,14 +111,56 @@ def read_xtuner_config(path: str | Path) -> XtunerConfig:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
                 if not isinstance(target, ast.Name):
+                    if not _assign_into(target, node, cfg.env):
+                        cfg.unread.append(f"line {node.lineno}: `{_short(ast.unparse(node))}` (not read)")
                     continue
                 value = _evaluate(node.value, cfg.env) if node.value is not None else None
                 if isinstance(node, ast.AugAssign):
                     value = _binop(node.op, cfg.env.get(target.id, Ref(target.id)), value, node)
                 cfg.env[target.id] = value
+                cfg.lines[target.id] = node.lineno
                 if (part2 is None or node.lineno < part2) and target.id not in cfg.part1:
                     cfg.part1.append(target.id)
-    return cfg
+        elif isinstance(node, ast.If):
+            test = _evaluate(node.test, cfg.env)
+            if isinstance(test, Ref):  # which branch XTuner takes is not known here
+                cfg.unread.append(f"line {node.lineno}: `if {_short(ast.unparse(node.test))}:` (neither branch read)")
+            else:
+                _read_body(node.body if test else node.orelse, source, cfg, part2)
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        elif not isinstance(node, ast.Pass):
+            cfg.unread.append(f"line {node.lineno}: `{_short(ast.unparse(node).splitlines()[0])}` (not read)")
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _assign_into(target: ast.AST, node: ast.stmt, env: dict) -> bool:
+    """`default_hooks.checkpoint = dict(...)`, `train_cfg["max_iters"] = 300`: set the key in the dict read earlier.
+    False when the target is not a chain of attributes / constant keys on a dict."""
+    keys = []
+    while isinstance(target, (ast.Attribute, ast.Subscript)):
+        if isinstance(target, ast.Attribute):
+            keys.append(target.attr)
+        elif isinstance(target.slice, ast.Constant) and isinstance(target.slice.value, str):
+            keys.append(target.slice.value)
+        else:
+            return False
+        target = target.value
+    if not isinstance(target, ast.Name) or not isinstance(env.get(target.id), dict) or node.value is None:
+        return False
+    holder = env[target.id]
+    for key in reversed(keys[1:]):
+        holder = holder.get(key)
+        if not isinstance(holder, dict):
+            return False
+    value = _evaluate(node.value, env)
+    if isinstance(node, ast.AugAssign):
+        value = _binop(node.op, holder.get(keys[0], Ref(keys[0])), value, node)
+    holder[keys[0]] = value
+    return True
 
 
 def _evaluate(node: ast.AST, env: dict) -> Any:
@@ -119,6 +177,17 @@ def _evaluate(node: ast.AST, env: dict) -> Any:
         value = _evaluate(node.operand, env)
         if isinstance(value, (int, float)):
             return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        value = _evaluate(node.operand, env)
+        if not isinstance(value, Ref):
+            return not value
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
+        left, right = _evaluate(node.left, env), _evaluate(node.comparators[0], env)
+        if not isinstance(left, (Ref, dict)) and not isinstance(right, (Ref, dict)):
+            try:
+                return _COMPARE[type(node.ops[0])](left, right)
+            except TypeError:
+                pass
     if isinstance(node, ast.BinOp):
         return _binop(node.op, _evaluate(node.left, env), _evaluate(node.right, env), node)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
@@ -136,9 +205,32 @@ def _evaluate(node: ast.AST, env: dict) -> Any:
 
 def _binop(op: ast.operator, left: Any, right: Any, node: ast.AST) -> Any:
     plain = (int, float, str, list, tuple)
-    if type(op) in _OPS and isinstance(left, plain) and isinstance(right, plain) and not isinstance(left, bool):
+    if type(op) in _OPS and isinstance(left, plain) and isinstance(right, plain) and not isinstance(left, bool) \
+            and not _too_big(op, left, right):
         try:
             return _OPS[type(op)](left, right)
-        except (TypeError, ZeroDivisionError):
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             pass
     return Ref(ast.unparse(node))
+
+
+_MAX_BITS = 4096  # an int past this is no setting: `9 ** 9 ** 9` would take minutes and gigabytes to compute
+_MAX_ITEMS = 1_000_000  # nor a text or list longer than this (`"x" * 10 ** 10`)
+
+
+def _too_big(op: ast.operator, left: Any, right: Any) -> bool:
+    """Would computing `left op right` take more than a moment? Then it stays a Ref, as a non-literal does."""
+    def bits(x):
+        return abs(x).bit_length() if isinstance(x, int) else 64
+
+    if isinstance(op, ast.Pow) and isinstance(right, (int, float)) and not isinstance(left, float):
+        return isinstance(left, int) and abs(left) > 1 and right > 0 and bits(left) * right > _MAX_BITS
+    if isinstance(op, ast.Mult):
+        seq, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+        if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+            return len(seq) * count > _MAX_ITEMS
+        if isinstance(left, int) and isinstance(right, int):
+            return bits(left) + bits(right) > _MAX_BITS
+    if isinstance(op, ast.Add) and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+        return len(left) + len(right) > _MAX_ITEMS  # `text += text`, line after line
+    return False
