@@ -348,3 +348,49 @@ def test_a_retired_fast_path_switch_loads_when_on_and_names_the_fix_when_off(tmp
         load_config(write(tmp_path, "method = 'lora'\nuse_chunked_loss = False\n", "off.py"))
     with pytest.raises(TunelabError, match=r"--cfg-options: 'cudnn_attention' = False"):
         load_config(path, ["cudnn_attention=False"])
+
+
+# --- copy-cfg / list-cfg: fuzzing findings --------------------------------------------------------
+
+NAME = "internlm2_1_8b_qlora_alpaca_e3"
+
+
+def test_copy_cfg_to_a_name_ending_in_py_writes_that_file(tmp_path, capsys):
+    dest = tmp_path / "my_config.py"
+    assert main(["copy-cfg", NAME, str(dest)]) == 0
+    assert dest.is_file() and load_config(dest).method == "qlora"  # not a folder named my_config.py
+    assert main(["copy-cfg", NAME, str(dest)]) == 2 and "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["file_as_parent", "dangling_symlink", "folder_at_copy", "read_only"])
+def test_copy_cfg_that_cannot_write_says_so_in_one_line(tmp_path, capsys, monkeypatch, case):
+    (tmp_path / "afile").write_text("x")
+    dest = {"file_as_parent": tmp_path / "afile" / "sub", "dangling_symlink": tmp_path / "link",
+            "folder_at_copy": tmp_path, "read_only": tmp_path / "ro"}[case]
+    if case == "dangling_symlink":
+        dest.symlink_to(tmp_path / "missing")
+    if case == "folder_at_copy":
+        (tmp_path / f"{NAME}_copy.py").mkdir()
+    if case == "read_only":  # root writes anywhere: a refused write, as a read-only folder gives it
+        def refuse(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(self))
+        monkeypatch.setattr(Path, "write_text", refuse)
+    for extra in ([], ["--force"]):
+        assert main(["copy-cfg", NAME, str(dest), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_copy_cfg_name_ignores_case_as_list_cfg_does(tmp_path, capsys):
+    path = registry.copy_config(NAME.upper(), tmp_path)
+    assert path.name == f"{NAME}_copy.py"
+    with pytest.raises(TunelabError, match=f"Did you mean: {NAME}"):
+        registry.copy_config("INTERNLM2_1_8B_QLORA_ALPCA_E3", tmp_path)
+
+
+def test_list_cfg_pattern_may_be_a_glob(capsys):
+    assert main(["list-cfg", "-p", "*qlora*"]) == 0
+    names = capsys.readouterr().out.split()
+    assert NAME in names and all("qlora" in n for n in names)
+    assert registry.list_configs("INTERNLM2_1_8B_*_alpaca_e3") == [f"internlm2_1_8b_{m}_alpaca_e3"
+                                                                   for m in registry.METHODS]

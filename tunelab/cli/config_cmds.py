@@ -13,6 +13,7 @@ example:
   tunelab list-cfg
   tunelab list-cfg -p internlm2_1_8b
   tunelab list-cfg -p qwen2_5_0_5b_qlora
+  tunelab list-cfg -p '*qlora*alpaca*'
 """
 
 COPY_DESCRIPTION = """\
@@ -29,13 +30,15 @@ def register(subparsers) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser("list-cfg", help="list the built-in configs (model x method x dataset)",
                               description=LIST_DESCRIPTION, formatter_class=fmt)
-    p.add_argument("-p", "--pattern", help="show only names containing this text (case-insensitive)")
+    p.add_argument("-p", "--pattern", help="show only names containing this text, or matching it as a glob "
+                   "(*qlora*alpaca*); case-insensitive")
     p.set_defaults(func=list_cfg)
 
     p = subparsers.add_parser("copy-cfg", help="copy a built-in config to a folder, to edit it",
                               description=COPY_DESCRIPTION, formatter_class=fmt)
     p.add_argument("name", metavar="NAME", help="a name from `tunelab list-cfg`")
-    p.add_argument("dest_dir", metavar="DIR", help="folder to write NAME_copy.py into (made if missing)")
+    p.add_argument("dest_dir", metavar="DIR", help="folder to write NAME_copy.py into (made if missing); a name ending "
+                   "in .py that is not a folder is the file to write")
     p.add_argument("--force", action="store_true", help="overwrite NAME_copy.py if it exists")
     p.set_defaults(func=copy_cfg)
 
@@ -46,7 +49,7 @@ def list_cfg(args) -> int:
 
     names = list_configs(args.pattern)
     if not names:
-        raise TunelabError(f"no built-in config contains {args.pattern!r}. "
+        raise TunelabError(f"no built-in config contains or matches {args.pattern!r}. "
                            f"Models: {', '.join(MODELS)}. Try `tunelab list-cfg` for all of them.")
     print("\n".join(names))
     # The hint goes to stderr so `tunelab list-cfg | grep ...` sees names only.

@@ -13,6 +13,8 @@ A multimodal (LLaVA) config is a model × a vision tower × a stage, named `llav
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,17 +212,27 @@ def builtin_configs() -> dict[str, tuple[str, str, str]]:
 
 
 def list_configs(pattern: str | None = None) -> list[str]:
-    """Built-in config names containing `pattern` (case-insensitive); all of them without one."""
+    """Built-in config names containing `pattern`, or matching it as a glob (`*qlora*alpaca*`), ignoring case; all of
+    them without one."""
     names = list(builtin_configs()) + list(llava_configs())
     if pattern:
-        names = [n for n in names if pattern.lower() in n.lower()]
+        pattern = pattern.lower()
+        glob = any(c in pattern for c in "*?[")
+        names = [n for n in names if (fnmatch.fnmatchcase(n.lower(), pattern) if glob else pattern in n.lower())]
     return names
+
+
+def _canonical(name: str) -> str:
+    """The built-in name `name` means: itself, or the one that differs only in case (list-cfg -p ignores case)."""
+    names = list(builtin_configs()) + list(llava_configs())
+    return name if name in names else next((n for n in names if n.lower() == name.lower()), name)
 
 
 def _lookup(name: str) -> tuple[Model, str, Method, str, Dataset]:
     table = builtin_configs()
     if name not in table:
-        close = difflib.get_close_matches(name, list(table) + list(llava_configs()), n=5, cutoff=0.5)
+        names = list(table) + list(llava_configs())
+        close = difflib.get_close_matches(name.lower(), names, n=5, cutoff=0.5)
         hint = ("Did you mean: " + ", ".join(close) + "?") if close else f"Models: {', '.join(MODELS)}."
         raise TunelabError(f"unknown config '{name}'. {hint} See them all with `tunelab list-cfg`.")
     model, method, dataset = table[name]
@@ -247,6 +259,7 @@ def _next_steps(name: str, file: str, method: str, hub_id: str, objective: str =
 
 def render_config(name: str) -> str:
     """The text of the built-in config `name` (what `copy-cfg` writes)."""
+    name = _canonical(name)
     if name in llava_configs():
         return _render_llava(name)
     model, method_name, method, dataset_key, dataset = _lookup(name)
@@ -339,14 +352,30 @@ def _render_llava(name: str) -> str:
 
 
 def copy_config(name: str, dest_dir: str | Path, force: bool = False) -> Path:
-    """Write the built-in config `name` to DEST_DIR/NAME_copy.py; never overwrite unless `force`."""
+    """Write the built-in config `name` to DEST_DIR/NAME_copy.py; never overwrite unless `force`. A DEST_DIR ending in
+    .py that is not a folder is the file to write."""
+    name = _canonical(name)
     text = render_config(name)
-    dest = Path(dest_dir) / f"{name}_copy.py"
+    dest_dir = Path(dest_dir)
+    if dest_dir.suffix == ".py" and not dest_dir.is_dir():
+        dest = dest_dir  # `copy-cfg NAME my_config.py`: the file, not a folder named my_config.py
+    else:
+        dest = dest_dir / f"{name}_copy.py"
+        if dest_dir.is_symlink() and not dest_dir.exists():
+            raise TunelabError(f"{dest_dir} is a symbolic link to {os.readlink(dest_dir)}, which does not exist. "
+                               f"Give a folder to copy into, e.g. ./")
+        if dest_dir.exists() and not dest_dir.is_dir():
+            raise TunelabError(f"{dest_dir} is a file, not a folder. Give a folder to copy into, e.g. ./")
+    if dest.is_dir():
+        raise TunelabError(f"{dest} is a folder; not writing over it. Move it away, or copy into another folder.")
     if dest.exists() and not force:
         raise TunelabError(f"{dest} already exists; not overwriting your edits. "
                            f"Pass --force to replace it, or copy into another folder.")
-    if Path(dest_dir).exists() and not Path(dest_dir).is_dir():
-        raise TunelabError(f"{dest_dir} is a file, not a folder. Give a folder to copy into, e.g. ./")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(text, encoding="utf-8")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text, encoding="utf-8")
+    except OSError as exc:  # a read-only folder, a file where a folder should be (afile/sub), ...
+        raise TunelabError(f"cannot write {dest}: {exc.strerror or exc}"
+                           + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(dest) else "")
+                           + ". Give a folder you can write to, e.g. ./") from None
     return dest
