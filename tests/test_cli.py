@@ -55,3 +55,19 @@ def test_counts_that_are_not_positive_are_refused_by_the_parser(argv, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {argv[2]}: expected a positive whole number (1 or more), got {int(argv[3])}" in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "-inf", "lots"])
+def test_plan_gpu_memory_must_be_a_positive_finite_number(value, capsys):
+    # 0 was ignored (falsy), -5 checked against ("a -5 GiB GPU does NOT fit"), nan / inf were tracebacks
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "cfg.py", f"--gpu-memory={value}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --gpu-memory: expected a" in err and "number of GiB" in err and "Traceback" not in err, err
+
+
+def test_plan_gpu_memory_accepts_a_fraction():
+    from tunelab.cli.main import build_parser
+
+    assert build_parser().parse_args(["plan", "cfg.py", "--gpu-memory", "79.6"]).gpu_memory == 79.6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -68,11 +69,23 @@ def register(subparsers) -> None:
     p.add_argument("config", metavar="CFG")
     p.add_argument("--cfg-options", "--cfg_options", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", metavar="cpu|cuda", help="the GPU to check against (default: cuda if present)")
-    p.add_argument("--gpu-memory", type=float, metavar="GIB",
+    p.add_argument("--gpu-memory", type=_gib, metavar="GIB",
                    help="check against a card of this many GiB instead (e.g. 80 for an H100, 141 for an H200)")
     p.add_argument("--gpus", type=int, metavar="N",
                    help="GPUs of the run: ZeRO / FSDP divide states over them (default: sequence_parallel_size)")
     p.set_defaults(func=run_plan)
+
+
+def _gib(text: str) -> float:
+    """argparse type for --gpu-memory: a positive, finite number of GiB (0 was ignored, -5 checked against, nan and
+    inf were tracebacks)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, e.g. 80, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, e.g. 80, got {text}")
+    return value
 
 
 def _overrides(args) -> list[str]:
@@ -153,7 +166,7 @@ def run_plan(args) -> int:
         torch.device("cuda") if torch.cuda.is_available() else None)
     if device is not None and device.type != "cuda":
         device = None  # only a GPU has a budget to check against
-    card_bytes = int(args.gpu_memory * 2**30) if args.gpu_memory else None
+    card_bytes = int(args.gpu_memory * 2**30) if args.gpu_memory is not None else None
     print(plan_report(cfg, device, world_size=args.gpus, card_bytes=card_bytes))
     if device is None and card_bytes is None:
         print("  (no GPU here: compare the total with your GPU's memory, or give it: --gpu-memory GIB)")
