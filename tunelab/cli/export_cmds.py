@@ -122,7 +122,8 @@ Write a tunelab config equivalent to an XTuner (mmengine) config, without runnin
 needed): model and method (full / LoRA / QLoRA from the model dict), data_path and data_format (from the dataset
 and its dataset_map_fn), prompt_template, SYSTEM, max_length, packing, batch, learning rate and schedule, epochs,
 saving and evaluation settings. The new file's header lists what did not carry over and what works differently.
-DeepSpeed stays a command-line flag, as in XTuner: tunelab train OUT --deepspeed zero2.
+A DeepSpeed strategy in the file becomes a preset; otherwise DeepSpeed stays a command-line flag, as in
+XTuner: tunelab train OUT --deepspeed zero2. Step counts become optimiser steps (XTuner counts micro-batches).
 
 example:
   tunelab convert xtuner-config internlm2_chat_1_8b_qlora_alpaca_e3.py my_config.py
