@@ -235,14 +235,15 @@ def _choose_on_main(work_dir: Path, resume: str | None, *, overwrite: bool, log)
             log(f"--resume auto: no complete checkpoint in {work_dir} yet, starting from step 0")
     elif resume:
         start = resolve_resume(resume, work_dir)
-        problem = verify_checkpoint(start)
+        problem = layout.missing_part(start) or verify_checkpoint(start)
         if problem:
             raise TunelabError(f"--resume {resume}: {start} is damaged: {problem}. Resume from another checkpoint "
                                f"(--resume auto takes the newest sound one).")
     start_step = checkpoint_step(start) if start is not None else -1
-    newer = [c for c in list_checkpoints(work_dir) if checkpoint_step(c) > start_step]
+    # incomplete ones too (no model/ or training_state.pt): they are an earlier run's all the same
+    newer = [c for c in layout.checkpoint_dirs(work_dir) if checkpoint_step(c) > start_step]
     if newer:
-        names = ", ".join(c.name for c in newer)
+        names = ", ".join(c.name + (f" ({problem})" if (problem := layout.missing_part(c)) else "") for c in newer)
         if not overwrite:
             if start is None:
                 raise TunelabError(f"{work_dir} already holds checkpoints of an earlier run ({names}); training from "
@@ -260,10 +261,11 @@ def _choose_on_main(work_dir: Path, resume: str | None, *, overwrite: bool, log)
 
 
 def _newest_sound_checkpoint(work_dir: Path, *, overwrite: bool, log) -> Path | None:
-    """The newest checkpoint of the work dir that passes `verify_checkpoint`; those that fail are moved aside."""
+    """The newest checkpoint of the work dir that is whole (`layout.missing_part`) and passes `verify_checkpoint`;
+    those that are not are moved aside, named."""
     damaged = []
-    for path in reversed(list_checkpoints(work_dir)):
-        problem = verify_checkpoint(path)
+    for path in reversed(layout.checkpoint_dirs(work_dir)):
+        problem = layout.missing_part(path) or verify_checkpoint(path)
         if problem is None:
             if not (path / MANIFEST_FILE).is_file():
                 log(f"note: {path} has no {MANIFEST_FILE}: resuming without checking it")
@@ -276,9 +278,9 @@ def _newest_sound_checkpoint(work_dir: Path, *, overwrite: bool, log) -> Path | 
         damaged.append(aside.name)
         log(f"warning: {path} is damaged ({problem}): moved to {aside.name}, trying the one before")
     if damaged and not overwrite:
-        raise TunelabError(f"--resume auto: no checkpoint in {work_dir} passed its checksums (moved aside: "
-                           f"{', '.join(damaged)}). Start over with --overwrite, or resume from a copy you trust "
-                           f"with --resume PATH.")
+        raise TunelabError(f"--resume auto: no checkpoint in {work_dir} is whole and passed its checksums (moved "
+                           f"aside: {', '.join(damaged)}). Start over with --overwrite, or resume from a copy you "
+                           f"trust with --resume PATH.")
     return None
 
 
@@ -286,8 +288,16 @@ def load_training_state(checkpoint: Path) -> dict:
     try:
         return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise TunelabError(f"{Path(checkpoint) / STATE_FILE}: cannot be read ({exc}). The file is damaged; resume "
-                           f"from an earlier checkpoint with --resume WORK_DIR/iter_N.") from None
+        raise TunelabError(f"{Path(checkpoint) / STATE_FILE}: cannot be read ({exc}). {_damaged_advice(checkpoint)}") \
+            from None
+
+
+def _damaged_advice(checkpoint: Path) -> str:
+    """What to do about a checkpoint found damaged while loading (one without checksums.json, which resume could not
+    check beforehand): advice that works whether or not newer checkpoints exist."""
+    checkpoint = Path(checkpoint)
+    return (f"The checkpoint is damaged: move {checkpoint} out of {checkpoint.parent}, then continue with --resume "
+            f"auto (from the checkpoint before it), or start over with --overwrite.")
 
 
 def rng_state_for_rank(checkpoint: Path, state: dict, env=None) -> dict:
@@ -305,9 +315,8 @@ def _load_safetensors(path: Path) -> dict:
     try:
         return load_file(path)
     except Exception as exc:  # safetensors raises its own error types for a damaged or cut-off file
-        raise TunelabError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). The "
-                           f"checkpoint is damaged; resume from an earlier one with --resume WORK_DIR/iter_N.") \
-            from None
+        raise TunelabError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+                           f"{_damaged_advice(path.parent.parent)}") from None
 
 
 def load_model_weights(model, checkpoint: Path) -> None:

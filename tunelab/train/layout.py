@@ -6,7 +6,8 @@
     WORK_DIR/reference_logps_train.npz   DPO / KTO with reference = 'precomputed': the starting model's scores of
                                          the training rows (and _eval for the held-out rows), read back on resume
     WORK_DIR/iter_N/                     a checkpoint, written as iter_N.tmp/ and renamed once complete
-    WORK_DIR/iter_N.damaged/             a checkpoint that failed its checksums, moved aside by resume (never read)
+    WORK_DIR/iter_N.damaged/             a checkpoint that failed its checksums or lacks model/ or training_state.pt,
+                                         moved aside by resume (never read)
     WORK_DIR/iter_N/model/               the adapter (peft) or the whole model, HF safetensors, and the tokenizer
     WORK_DIR/iter_N/training_state.pt    scheduler, RNG, step, data position; the optimiser state too, unless sharded
     WORK_DIR/iter_N/optimizer/           the optimiser state, one shard per rank (FSDP2, DeepSpeed)
@@ -94,6 +95,22 @@ def list_checkpoints(work_dir: str | Path) -> list[Path]:
         if match and is_checkpoint(path):
             found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_dirs(work_dir: str | Path) -> list[Path]:
+    """Every iter_N/ directory of a work dir, complete or not, oldest first (see `missing_part`)."""
+    found = [(checkpoint_step(p), p) for p in Path(work_dir).glob("iter_*") if _ITER.match(p.name) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def missing_part(checkpoint: str | Path) -> str | None:
+    """What an iter_N/ directory lacks to be resumed from (its model/ or training_state.pt), in words; None if
+    neither is missing."""
+    for name, present in ((MODEL_DIR + "/", Path(checkpoint, MODEL_DIR).is_dir()),
+                          (STATE_FILE, Path(checkpoint, STATE_FILE).is_file())):
+        if not present:
+            return f"{name} is missing"
+    return None
 
 
 def newest_checkpoint(work_dir: str | Path) -> Path | None:
