@@ -78,7 +78,120 @@ def _resume(model_dir, rows, work, **settings):
     return train(_cfg(model_dir, **settings), work, resume="auto", train_rows=rows, device="cpu")
 
 
-# --- checkpoint folders that lack a part ------------------------------------------------------------------------------
+# --- finding 1: a total at or below the checkpoint's step ------------------------------------------------------------
+
+@pytest.mark.parametrize("settings, total", [({"max_steps": 3}, "3 steps in all (max_steps = 3)"),
+                                             ({"max_epochs": 1, "max_steps": None}, "")])
+def test_a_run_no_longer_than_the_checkpoint_trains_nothing(settings, total, tiny_llama_dir, rows, finished, tmp_path,
+                                                            nothing_loads):
+    work = _stopped_at(finished, tmp_path, 4)
+    status = (work / STATUS_FILE).read_bytes()
+    if total:  # fewer steps than the checkpoint's: an error naming both
+        with pytest.raises(TunelabError, match=rf"iter_4: nothing to train: the checkpoint is at step 4, this config "
+                                               rf"trains {total.replace('(', '[(]').replace(')', '[)]')}"):
+            _resume(tiny_llama_dir, rows, work, **settings)
+    else:  # as many (1 epoch of 4 steps): finished already, nothing trained
+        result = _resume(tiny_llama_dir, rows, work, **settings)
+        assert result.already_finished and result.step == 4 and result.losses == {}
+    assert (work / STATUS_FILE).read_bytes() == status  # run.json does not claim a run that never happened
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(tiny_llama_dir, rows, finished, tmp_path, capsys):
+    work = _stopped_at(finished, tmp_path, 8)
+    log, status = (work / "train_log.jsonl").read_text(), (work / STATUS_FILE).read_bytes()
+    result = _resume(tiny_llama_dir, rows, work)
+    assert result.already_finished and result.step == 8 and result.losses == {}
+    assert "is the last step (8) of this config's run: it is already finished" in capsys.readouterr().out
+    assert (work / "train_log.jsonl").read_text() == log and (work / STATUS_FILE).read_bytes() == status
+
+
+def test_other_data_under_the_same_name_is_refused(tiny_llama_dir, rows, finished, tmp_path):
+    work = _stopped_at(finished, tmp_path, 4)
+    with pytest.raises(TunelabError, match=r"iter_4: the training data gives 2 steps per epoch \(4 rows\), the run "
+                                           r"in the checkpoint had 4: the data changed"):
+        train(_cfg(tiny_llama_dir), work, resume="auto", train_rows=rows[:4], device="cpu")
+
+
+def test_an_older_checkpoint_without_settings_resumes_with_a_note_and_the_total_is_still_checked(
+        tiny_llama_dir, rows, finished, tmp_path, capsys):
+    work = _stopped_at(finished, tmp_path, 4)
+    for path in layout.list_checkpoints(work):  # as an older tunelab saved them
+        meta = layout.read_meta(path)
+        del meta["run"]
+        layout.write_meta(path, meta)
+    with pytest.raises(TunelabError, match=r"nothing to train: the checkpoint is at step 4, this config trains 2 "):
+        train(_cfg(tiny_llama_dir), work, resume="auto", train_rows=rows[:2], device="cpu")  # 1 step an epoch
+    assert "does not record its run's settings (saved by an older tunelab)" in capsys.readouterr().out
+    resumed = _resume(tiny_llama_dir, rows, work)
+    assert sorted(resumed.losses) == [5, 6, 7, 8]
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(finished[1][step], abs=1e-6), step
+
+
+# --- finding 2 (and 4): settings that differ from the checkpoint's ---------------------------------------------------
+
+@pytest.mark.parametrize("key, value, was", [("batch_size", 4, 2), ("accumulative_counts", 2, 1), ("seed", 1, 0),
+                                             ("method", "full", "'lora'"), ("lora_r", 4, 8), ("max_length", 64, 128),
+                                             ("data_path", "other.json", "'tatsu-lab/alpaca'")])
+def test_a_setting_that_changes_the_data_order_or_the_model_is_refused_before_anything_loads(
+        key, value, was, tiny_llama_dir, rows, finished, tmp_path, nothing_loads):
+    work = _stopped_at(finished, tmp_path, 4)
+    resolved = (work / layout.RESOLVED_CONFIG).read_text()
+    with pytest.raises(TunelabError) as info:
+        _resume(tiny_llama_dir, rows, work, **{key: value})
+    assert str(info.value) == (f"{work / 'iter_4'}: {key} was {was} in the checkpoint, is {value!r} now: resume with "
+                               f"the config the run was trained with, or start a new work dir")
+    assert (work / layout.RESOLVED_CONFIG).read_text() == resolved  # the settings of a run that never happened: not
+    assert [p.name for p in layout.list_checkpoints(work)] == ["iter_2", "iter_4"]
+
+
+def test_every_differing_setting_gets_its_line(tiny_llama_dir, rows, finished, tmp_path, nothing_loads):
+    work = _stopped_at(finished, tmp_path, 4)
+    with pytest.raises(TunelabError) as info:
+        _resume(tiny_llama_dir, rows, work, batch_size=4, seed=3)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and "batch_size was 2" in lines[0] and "seed was 0" in lines[1]
+
+
+def test_a_changed_lr_is_named_and_the_checkpoints_schedule_continues(tiny_llama_dir, rows, finished, tmp_path,
+                                                                     capsys):
+    work = _stopped_at(finished, tmp_path, 4)
+    resumed = _resume(tiny_llama_dir, rows, work, lr=0.5)
+    assert "warning: lr was 0.01 in the checkpoint, is 0.5 now: the checkpoint's optimiser and schedule continue " \
+           "with 0.01" in capsys.readouterr().out
+    for step, loss in resumed.losses.items():  # the uninterrupted run's steps
+        assert loss == pytest.approx(finished[1][step], abs=1e-6), step
+    assert "lr = 0.01" in (work / layout.RESOLVED_CONFIG).read_text()  # what the run used, not the ignored 0.5
+    assert json.loads((work / STATUS_FILE).read_text())["settings"]["lr"] == LR
+    assert layout.read_meta(work / "iter_8")["run"]["settings"]["lr"] == LR
+
+
+def test_a_longer_run_redraws_the_schedule_over_its_total(tiny_llama_dir, rows, finished, tmp_path, capsys):
+    work = _stopped_at(finished, tmp_path, 8)
+    resumed = _resume(tiny_llama_dir, rows, work, max_epochs=3)  # 12 steps: 4 more, not at lr 0
+    assert sorted(resumed.losses) == [9, 10, 11, 12] and not resumed.already_finished
+    assert "schedule is redrawn over 12 steps" in capsys.readouterr().out
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (work / "train_log.jsonl").read_text().splitlines())
+              if "lr" in r}
+    for step in (9, 12):
+        expected = LR * lr_factor(step - 1, total_steps=12, warmup_steps=0, kind="linear")
+        assert logged[step] == pytest.approx(expected) and expected > 0, step
+
+
+def test_the_cli_refuses_a_shorter_run_and_says_a_finished_one_is_finished(tiny_llama_dir, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=2)
+    work = tmp_path / "work"
+    args = ["train", str(config), "--work-dir", str(work), "--device", "cpu", "--resume", "auto"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert_one_line_error(capsys, main(args + ["--cfg-options", "max_steps=1"]), "nothing to train", "step 2",
+                          "1 steps in all")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "already finished at step 2: nothing trained" in out and "done:" not in out
+
+
+# --- finding 3: checkpoint folders that lack a part ------------------------------------------------------------------
 
 @pytest.mark.parametrize("part", [layout.MODEL_DIR, layout.STATE_FILE, "both the state and checksums"])
 def test_a_checkpoint_missing_a_part_is_named_moved_aside_and_the_one_before_resumed(part, tiny_llama_dir, rows,

@@ -52,11 +52,11 @@ def test_train_then_resume_auto(config_file, tmp_path, capsys):
     assert "seed = 3" in (work_dir / "resolved_config.py").read_text()
     assert "max_steps = 3" in (work_dir / "resolved_config.py").read_text()
     assert "next: tunelab convert pth_to_hf" in capsys.readouterr().out
-    # Nothing left to do: resuming a finished run keeps the checkpoint and returns at once.
+    # Nothing left to do: resuming a finished run keeps the checkpoint, says so and returns at once.
     code = main(["train", str(config_file), "--work-dir", str(work_dir), "--resume", "auto", "--device", "cpu",
                  "--seed", "3", "--cfg-options", "max_steps=3"])
     assert code == 0
-    assert "resumed from" in capsys.readouterr().out
+    assert "already finished at step 3: nothing trained" in capsys.readouterr().out
 
 
 def test_train_reports_bad_resume_path(config_file, capsys):

@@ -144,6 +144,10 @@ def run_train(args) -> int:
         print(f"stopped at step {result.step}; saved {result.last_checkpoint}.\n"
               f"continue with: tunelab train {args.config} --work-dir {work_dir} --resume auto", file=sys.stderr)
         return 130
+    if result.already_finished:
+        print(f"already finished at step {result.step}: nothing trained; last checkpoint {result.last_checkpoint}\n"
+              f"next: tunelab convert pth_to_hf {args.config} {result.last_checkpoint} {work_dir / 'hf'}")
+        return 0
     print(f"done: {result.step} steps; last checkpoint {result.last_checkpoint}\n"
           f"next: tunelab convert pth_to_hf {args.config} {result.last_checkpoint} {work_dir / 'hf'}")
     return 0

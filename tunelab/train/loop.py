@@ -37,11 +37,11 @@ from tunelab.model.fit import choose_reference, fit_plan_to_card
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
 from tunelab.train import checkpoint as ckpt
-from tunelab.train import layout
+from tunelab.train import layout, resume_settings
 from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_distributed, rank_shard
 from tunelab.train.evaluate import run_evaluation
 from tunelab.train.optim import (ScaledOptimizer, StepsInBackward, build_optimizer, build_scheduler,
-                                 choose_precision)
+                                 choose_precision, warmup_steps_for)
 from tunelab.train.strategy import choose_strategy
 from tunelab.train.vision import vision_run, with_pretrained_checkpoint
 from tunelab.train.workdir_lock import hold_work_dir
@@ -57,6 +57,27 @@ class TrainResult:
     """Loss (mean per trained token) of every step this call ran, by step number."""
     interrupted: bool = False
     """True when SIGINT / SIGTERM stopped the run early (after saving)."""
+    already_finished: bool = False
+    """True when the resumed checkpoint was the run's last step: nothing was trained."""
+
+
+def _already_finished(last: Path, step: int, env: DistEnv, log) -> TrainResult:
+    cleanup(env)
+    log(f"{last} is the last step ({step}) of this config's run: it is already finished, nothing to train")
+    return TrainResult(step=step, last_checkpoint=last, already_finished=True)
+
+
+def _fit_schedule(state: dict, cfg, total_steps: int) -> int | None:
+    """A saved scheduler state made to run over `total_steps` (max_steps / max_epochs changed since the save), as
+    Hugging Face Trainer does: the checkpoint's lr and kind of schedule, over this run's length. Returns the saved
+    total where it differed (None: unchanged, or a state without the schedule's settings)."""
+    saved = [f for f in state.get("lr_lambdas") or [] if isinstance(f, dict) and "total_steps" in f]
+    if not saved or saved[0]["total_steps"] == total_steps:
+        return None
+    before = saved[0]["total_steps"]
+    for f in saved:
+        f.update(total_steps=total_steps, warmup_steps=warmup_steps_for(cfg, total_steps))
+    return before
 
 
 def train(cfg, work_dir, *, resume: str | None = None, overwrite: bool = False, config_path=None,
@@ -82,10 +103,14 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         work_dir.mkdir(parents=True, exist_ok=True)
     # where the run starts, and refusing to overwrite checkpoints it does not continue from: before anything loads
     last = ckpt.choose_start(work_dir, resume, overwrite=overwrite, env=env, log=log)
-    if env.is_main:
-        from tunelab.config.loader import save_resolved_config
-
-        save_resolved_config(cfg, work_dir / layout.RESOLVED_CONFIG)
+    record, resumed_step = None, -1
+    if last is not None:  # its run's settings against this config's, also before anything loads
+        cfg, record = resume_settings.compare(cfg, last, log=log)
+        resumed_step = resume_settings.checkpoint_step_of(last, record)
+        known = resume_settings.known_steps_per_epoch(record, env.world_size // cfg.sequence_parallel_size)
+        if known is not None and resume_settings.finished_or_refused(last, resumed_step, cfg, known):
+            return _already_finished(last, resumed_step, env, log)
+    settings_cfg = cfg  # what resolved_config.py records, once the start is accepted
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
     data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
     # the fast path, with the checkpoint's arrangement fitted to this GPU's memory
@@ -119,6 +144,15 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     micro_per_epoch = math.ceil(len(rank_shard(list(range(len(train_rows))), data_env)) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulative_counts)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
+    if last is not None:  # with the data read: its size (a checkpoint of an older tunelab: the total only)
+        resume_settings.check_data(last, record, steps_per_epoch=steps_per_epoch, rows=len(train_rows),
+                                   data_ranks=data_env.world_size)
+        if resume_settings.finished_or_refused(last, resumed_step, cfg, steps_per_epoch):
+            return _already_finished(last, resumed_step, env, log)
+    if env.is_main:
+        from tunelab.config.loader import save_resolved_config
+
+        save_resolved_config(settings_cfg, work_dir / layout.RESOLVED_CONFIG)
 
     # --- model, optimiser, schedule, precision --------------------------------------------------
     from tunelab.model.load import load_model_for_training, resolve_dtype
@@ -154,7 +188,14 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     if last is not None:
         state = ckpt.load_training_state(last)
         strategy.load_optimizer(last / layout.OPTIMIZER_DIR, state)
+        redrawn = _fit_schedule(state["scheduler"], cfg, total_steps)
         scheduler.load_state_dict(state["scheduler"])
+        if redrawn:  # the lr of the next step: the redrawn schedule's at the resumed step
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            log(f"note: this config trains {total_steps} steps in all, the checkpoint's schedule {redrawn}: its "
+                f"{cfg.lr_scheduler} schedule is redrawn over {total_steps} steps, from lr "
+                f"{optimizer.param_groups[0]['lr']:g} at step {int(state['step'])}")
         step, position = int(state["step"]), dict(state["position"])
         ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
         log(f"resumed from {last} (step {step}, epoch {position['epoch']})")
@@ -180,8 +221,11 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                        vision=vision)
 
     def save(at_step: int) -> Path:
+        run = resume_settings.run_record(cfg, step=at_step, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                         data_ranks=data_env.world_size)
         path = ckpt.save_checkpoint(work_dir, at_step, strategy=strategy, tokenizer=tokenizer, scheduler=scheduler,
-                                    position=position, meta=meta, save_total_limit=cfg.save_total_limit)
+                                    position=position, meta={**meta, resume_settings.RUN_KEY: run},
+                                    save_total_limit=cfg.save_total_limit)
         monitor.plot()
         monitor.message(f"saved {path}")
         return path

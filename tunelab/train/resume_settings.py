@@ -1,0 +1,114 @@
+"""What a resumed run may change: each checkpoint records its run's settings (tunelab.json's "run"), and a resume
+compares them with this config's before the data and the model load.
+
+* Settings that give the data order, the model or the meaning of the saved position another meaning (`FIXED`, and
+  `LORA` for adapters) are refused, one line per setting that differs: resuming with them would re-read the saved
+  micro-batch position in another batch size, load an adapter into another shape, or train on other rows.
+* The optimiser's and schedule's settings (`SCHEDULE`) are the checkpoint's, as Hugging Face Trainer (and so
+  LLaMA-Factory) has it: the scheduler and optimiser states restore them. A changed one is named in a warning and
+  replaced by the checkpoint's value, so resolved_config.py, run.json and the board show what the run trains with.
+* max_steps / max_epochs decide where the run ends: a total at or below the checkpoint's step leaves nothing to
+  train (refused; equal: the run is already finished). A total above or below the checkpoint schedule's own is
+  honoured, the schedule redrawn over it from the resumed step (as Trainer does).
+
+A checkpoint of an older tunelab has no record: it resumes with a note that its settings cannot be compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tunelab.config.schema import to_dict
+from tunelab.errors import TunelabError
+from tunelab.train import layout
+
+RUN_KEY = "run"
+FIXED = ("data_path", "data_format", "dataset_map_fn", "eval_split_ratio", "batch_size", "accumulative_counts",
+         "max_length", "pack_to_max_length", "shuffle_before_pack", "method", "objective", "optimizer", "seed")
+LORA = ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora")
+SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "weight_decay", "betas")
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_record(cfg, *, step: int, steps_per_epoch: int, total_steps: int, data_ranks: int) -> dict:
+    """tunelab.json's "run" of a checkpoint at `step`: the settings compared on resume, and the run's shape."""
+    values = to_dict(cfg)
+    keys = FIXED + SCHEDULE + (LORA if cfg.method != "full" else ())
+    return {"step": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "data_ranks": data_ranks,
+            "settings": {key: _plain(values[key]) for key in keys}}
+
+
+def read_record(checkpoint: Path) -> dict | None:
+    meta = layout.read_meta(checkpoint)
+    record = (meta or {}).get(RUN_KEY)
+    return record if isinstance(record, dict) and isinstance(record.get("settings"), dict) else None
+
+
+def compare(cfg, checkpoint: Path, *, log=print):
+    """(cfg with the checkpoint's `SCHEDULE` values, the checkpoint's record or None); raises TunelabError naming
+    every `FIXED` / `LORA` setting that differs."""
+    record = read_record(checkpoint)
+    if record is None:
+        log(f"note: {checkpoint} does not record its run's settings (saved by an older tunelab): they cannot be "
+            f"compared with this config's; resume with the config it was trained with")
+        return cfg, None
+    saved, now = record["settings"], to_dict(cfg)
+    keys = FIXED + (LORA if cfg.method != "full" else ())
+    refused = [f"{checkpoint}: {key} was {saved[key]!r} in the checkpoint, is {_plain(now[key])!r} now: resume with "
+               f"the config the run was trained with, or start a new work dir" for key in keys
+               if key in saved and saved[key] != _plain(now[key])]
+    if refused:
+        raise TunelabError("\n".join(refused))
+    kept = {}
+    for key in SCHEDULE:
+        if key in saved and saved[key] != _plain(now[key]):
+            log(f"warning: {key} was {saved[key]!r} in the checkpoint, is {_plain(now[key])!r} now: the checkpoint's "
+                f"optimiser and schedule continue with {saved[key]!r} (as Hugging Face Trainer does); to train with "
+                f"{_plain(now[key])!r}, start a new work dir")
+            kept[key] = tuple(saved[key]) if isinstance(getattr(cfg, key), tuple) else saved[key]
+    return (dataclasses.replace(cfg, **kept) if kept else cfg), record
+
+
+def known_steps_per_epoch(record: dict | None, data_ranks: int) -> int | None:
+    """The checkpoint's steps per epoch, where this run's are the same (the same data and ranks), else None."""
+    if record is None or record.get("data_ranks") != data_ranks:
+        return None
+    value = record.get("steps_per_epoch")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_data(checkpoint: Path, record: dict | None, *, steps_per_epoch: int, rows: int, data_ranks: int) -> None:
+    """Refuse training data that gives another number of steps per epoch than the checkpoint's run had (the same
+    data_path, other contents): the saved position would point into another data order."""
+    saved = known_steps_per_epoch(record, data_ranks)
+    if saved is not None and saved != steps_per_epoch:
+        raise TunelabError(f"{checkpoint}: the training data gives {steps_per_epoch} steps per epoch ({rows} rows), "
+                           f"the run in the checkpoint had {saved}: the data changed since it was saved. Resume with "
+                           f"the data the run was trained with, or start a new work dir.")
+
+
+def finished_or_refused(checkpoint: Path, step: int, cfg, steps_per_epoch: int) -> bool:
+    """True when this config's total steps equal the checkpoint's step (the run is already finished); raises when
+    they are fewer (nothing to train); False when there is training left."""
+    total = cfg.max_steps or steps_per_epoch * cfg.max_epochs
+    if step < 0 or total > step:
+        return False
+    how = f"max_steps = {cfg.max_steps}" if cfg.max_steps else \
+        f"max_epochs = {cfg.max_epochs} of {steps_per_epoch} steps"
+    if total < step:
+        raise TunelabError(f"{checkpoint}: nothing to train: the checkpoint is at step {step}, this config trains "
+                           f"{total} steps in all ({how}). Raise max_steps / max_epochs to train on, or start over "
+                           f"with these settings with --overwrite or in another --work-dir.")
+    return True
+
+
+def checkpoint_step_of(checkpoint: Path, record: dict | None) -> int:
+    """The step a checkpoint was saved at: its record's, else its iter_N name's (-1: unknown)."""
+    if record is not None and isinstance(record.get("step"), int):
+        return record["step"]
+    return layout.checkpoint_step(checkpoint)
