@@ -93,7 +93,9 @@ def test_a_damaged_adapter_in_a_checkpoint_without_checksums(config, tmp_path, c
     weights.write_bytes(weights.read_bytes()[:40])  # cut off inside its header
     capsys.readouterr()
     code = _train(config, work, "--resume", "auto", "--cfg-options", "max_steps=3")
-    assert_one_line_error(capsys, code, f"{weights}: cannot be read", "damaged", "--resume WORK_DIR/iter_N")
+    # advice that works while newer checkpoints exist or not: set this one aside, resume from the one before
+    assert_one_line_error(capsys, code, f"{weights}: cannot be read", "damaged",
+                          f"move {work / 'iter_2'} out of {work}, then continue with --resume auto")
 
 
 @pytest.fixture
@@ -138,7 +140,15 @@ def test_resuming_with_another_lora_rank_names_the_tensor_and_lora_r(config, tmp
     # load_state_dict's bare "size mismatch" traceback before; the config was trained with lora_r = 8
     assert _train(config, tmp_path / "work") == 0
     capsys.readouterr()
-    code = _train(config, tmp_path / "work", "--resume", "auto", "--cfg-options", "lora_r=4")
+    code = _train(config, tmp_path / "work", "--resume", "auto", "--cfg-options", "lora_r=4", "max_steps=3")
+    # the checkpoint's recorded settings: refused before anything loads (tests/test_resume_settings.py)
+    assert_one_line_error(capsys, code, "lora_r was 8 in the checkpoint, is 4 now",
+                          "resume with the config the run was trained with")
+    for ckpt in layout.list_checkpoints(tmp_path / "work"):  # as an older tunelab saved them: no recorded settings
+        meta = layout.read_meta(ckpt)
+        del meta["run"]
+        layout.write_meta(ckpt, meta)
+    code = _train(config, tmp_path / "work", "--resume", "auto", "--cfg-options", "lora_r=4", "max_steps=3")
     assert_one_line_error(capsys, code, "adapter does not match this config's LoRA settings", "lora_A.weight has shape [8, ",
                           "in the checkpoint, [4, ", "lora_r differs (the checkpoint's rank is 8, "
                           "this config's 4)", "Resume with the config it was trained with")
@@ -153,6 +163,6 @@ def test_resuming_a_full_run_on_another_size_of_model_names_the_model(tiny_llama
     capsys.readouterr()
     wider = make_model(tmp_path / "wider", "llama", hidden_size=96)
     code = _train(config, tmp_path / "work", "--resume", "auto",
-                  "--cfg-options", f"pretrained_model_name_or_path={str(wider)!r}")
+                  "--cfg-options", f"pretrained_model_name_or_path={str(wider)!r}", "max_steps=2")
     assert_one_line_error(capsys, code, "the saved model does not match this config's model", "in the checkpoint",
                           "pretrained_model_name_or_path is a model of another size")
