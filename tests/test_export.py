@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from chat_helpers import TEMPLATE, logits, make_lora_checkpoint
+from tunelab.chat.engine import load_chat_model
 from tunelab.cli.main import main
 from tunelab.errors import TunelabError
 
@@ -95,7 +96,7 @@ def test_pth_to_hf_full_model_sharded(tiny_llama_dir, tmp_path):
     assert not torch.allclose(logits(_base(out), ids), logits(_base(tiny_llama_dir), ids), atol=1e-3)
 
 
-def test_merge_logits_equal_base_plus_adapter_and_chat_template(tiny_llama_dir, lora_work_dir, tmp_path):
+def test_merge_logits_equal_base_plus_adapter_and_chat_template(tiny_llama_dir, lora_work_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from tunelab.data.templates import get_template
@@ -119,6 +120,12 @@ def test_merge_logits_equal_base_plus_adapter_and_chat_template(tiny_llama_dir, 
     gen = json.loads((out / "generation_config.json").read_text())
     eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos
+    # the merged model already holds the adapter: merging (or chatting) with it again would add it twice
+    assert main(["convert", "merge", str(out), str(lora_work_dir / "iter_10"), str(tmp_path / "twice"),
+                 "--device", "cpu"]) == 2
+    assert "already holds the adapter" in capsys.readouterr().err
+    with pytest.raises(TunelabError, match="already holds the adapter"):
+        load_chat_model(str(out), adapter=str(lora_work_dir / "iter_10"), device="cpu")
 
 
 def test_merge_rejects_adapter_of_another_base(tiny_llama_dir, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.model.shapes import local_config_file
-from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, resolve_checkpoint
+from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, read_meta, resolve_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -151,6 +151,7 @@ def check_adapter_fits(model, adapter_dir: Path, base_name: str, *, meta: dict |
     peft would fail later with a long 'size mismatch' traceback, or — worse — silently skip modules it cannot find.
     """
     adapter_dir = Path(adapter_dir)
+    _refuse_merged_twice(adapter_dir, base_name)
     _check_tensor_shapes(model, adapter_dir, base_name)
     check_adapter_base(model, adapter_dir, base_name, meta, allow_other_base=allow_other_base, say=say)
 
@@ -163,6 +164,17 @@ def apply_adapter(model, adapter_dir: Path, base_name: str, *, meta: dict | None
 
     check_adapter_fits(model, adapter_dir, base_name, meta=meta, allow_other_base=allow_other_base, say=say)
     return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+def _refuse_merged_twice(adapter_dir: Path, base_name: str) -> None:
+    """A model `convert merge` wrote already holds its adapter (tunelab.json's `merged_adapter`): applying the same
+    adapter again would add its update a second time, and nothing would look wrong until the model answered."""
+    merged = (read_meta(Path(base_name)) or {}).get("merged_adapter") if Path(base_name).is_dir() else None
+    if merged and Path(merged).resolve() == adapter_dir.resolve():
+        raise TunelabError(f"{base_name} already holds the adapter {adapter_dir} (`convert merge` put it in; "
+                           f"{base_name}/tunelab.json says so), and a second time would add its update twice: use "
+                           f"{base_name} as it is, or pass the base model the adapter was trained on "
+                           f"({read_meta(Path(base_name)).get('base_model')}).")
 
 
 def _check_tensor_shapes(model, adapter_dir: Path, base_name: str) -> None:
