@@ -90,6 +90,22 @@ def test_api_marks_a_dead_run_crashed_and_reads_runs_without_run_json(board_url,
         assert "tunelab board" in response.read().decode()
 
 
+def test_a_log_with_inf_or_nan_is_served_with_gaps(board_url, runs_root):
+    """An fp16 step logs an overflowed gradient norm as Infinity (a loss gone wrong: NaN), which JSON cannot send: the
+    run list and the run's curves still come (those values as null), and a record without a step is left out."""
+    records = [json.loads(line) for line in (runs_root / "finished" / "train_log.jsonl").read_text().splitlines()]
+    odd = runs_root / "odd"
+    odd.mkdir()
+    first, second = [r for r in records if "loss" in r][:2]
+    (odd / "train_log.jsonl").write_text("\n".join([
+        json.dumps({**first, "grad_norm": float("inf")}), json.dumps({**second, "loss": float("nan")}),
+        json.dumps({"loss": 1.0})]) + "\n")
+    run = _run(board_url, "odd")
+    log = _get(f"{board_url}/api/runs/{run['id']}/log")
+    assert [r["step"] for r in log["train"]] == [first["step"], second["step"]]
+    assert log["train"][0]["grad_norm"] is None and log["train"][1]["loss"] is None and run["loss"] is None
+
+
 def test_board_cli_defaults_to_localhost_and_names_a_missing_folder(tmp_path, capsys):
     from tunelab.cli.main import build_parser, main
 

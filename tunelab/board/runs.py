@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -66,12 +67,22 @@ def settings_from_resolved_config(path: Path) -> dict:
     return settings
 
 
+def _records(work_dir: Path) -> list[dict]:
+    """The log's records as JSON can send them: an inf / NaN (an fp16 step's overflowed gradient norm, a loss gone
+    wrong) becomes null, which the page draws as a gap; a record without a step (edited by hand) is left out."""
+    def finite(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return [{k: finite(v) for k, v in r.items()} for r in read_log(Path(work_dir) / LOG_FILE)
+            if isinstance(r.get("step"), int)]
+
+
 def run_summary(work_dir: Path) -> dict:
     """One row of the run list: name, state, what was trained on what, progress, the last numbers."""
     work_dir = Path(work_dir)
     status = read_status(work_dir) or {}
     settings = status.get("settings") or settings_from_resolved_config(work_dir / RESOLVED_CONFIG)
-    records = read_log(work_dir / LOG_FILE)
+    records = _records(work_dir)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     log_path = work_dir / LOG_FILE
@@ -89,7 +100,7 @@ def run_summary(work_dir: Path) -> dict:
 
 def run_log(work_dir: Path) -> dict:
     """The curves: training records (step, epoch, loss, lr, grad_norm, tokens_per_s, memory_gb, ...) and eval loss."""
-    records = read_log(Path(work_dir) / LOG_FILE)
+    records = _records(work_dir)
     return {"train": [r for r in records if "loss" in r],
             "eval": [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in records if "eval_loss" in r]}
 
