@@ -113,6 +113,15 @@ def test_board_cli_defaults_to_localhost_and_names_a_missing_folder(tmp_path, ca
     assert args.host == "127.0.0.1" and args.paths == ["a", "b"]
     assert main(["board", str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    assert main(["board", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port 70000: must be from 1 to 65535" in capsys.readouterr().err
+    import socket  # a port in use: one line, before the board starts
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["board", str(tmp_path), "--port", str(taken.getsockname()[1])]) == 2
+    assert "already in use" in capsys.readouterr().err
 
 
 LIVE_CONFIG = """\

@@ -58,9 +58,17 @@ def create_board_app(paths: list[Path]) -> FastAPI:
 def serve_board(paths: list[Path], *, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
     import uvicorn
 
+    from tunelab.chat.server import listen_sockets
+
+    sockets = listen_sockets(host, port)  # a port in use is one line, before anything is read
     found = find_runs(paths)
     print(f"{len(found)} run(s) under {', '.join(map(str, paths))}; runs started later show up too", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this machine sees these runs", flush=True)
     print(f"tunelab board on http://{host}:{port}  (Ctrl-C to stop)", flush=True)
-    uvicorn.run(create_board_app(paths), host=host, port=port, log_level="warning")
+    try:
+        uvicorn.Server(uvicorn.Config(create_board_app(paths), host=host, port=port, log_level="warning")).run(
+            sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -34,6 +34,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from tunelab.errors import TunelabError
 
+    if not 1 <= args.port <= 65535:
+        raise TunelabError(f"--port {args.port}: must be from 1 to 65535.")
     paths = [Path(p) for p in (args.paths or ["work_dirs"])]
     missing = [str(p) for p in paths if not p.is_dir()]
     if missing:
