@@ -12,6 +12,7 @@ or after training.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import math
@@ -69,12 +70,22 @@ def settings_from_resolved_config(path: Path) -> dict:
 
 def _records(work_dir: Path) -> list[dict]:
     """The log's records as JSON can send them: an inf / NaN (an fp16 step's overflowed gradient norm, a loss gone
-    wrong) becomes null, which the page draws as a gap; a record without a step (edited by hand) is left out."""
+    wrong) becomes null, which the page draws as a gap; a record without a step (edited by hand) is left out. Read
+    again only when the file changed: the page asks every 2 s, and a long run's log holds hundreds of thousands."""
+    path = Path(work_dir) / LOG_FILE
+    try:
+        stat = path.stat()
+    except OSError:
+        return []
+    return _read_records(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_records(path: str, mtime_ns: int, size: int) -> list[dict]:
     def finite(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    return [{k: finite(v) for k, v in r.items()} for r in read_log(Path(work_dir) / LOG_FILE)
-            if isinstance(r.get("step"), int)]
+    return [{k: finite(v) for k, v in r.items()} for r in read_log(Path(path)) if isinstance(r.get("step"), int)]
 
 
 def run_summary(work_dir: Path) -> dict:
