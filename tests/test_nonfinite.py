@@ -19,7 +19,8 @@ from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.train import layout, run_status
 from tunelab.train.checksums import verify_checkpoint
-from tunelab.train.loop import NonFiniteGuard, train
+from tunelab.train.loop import train
+from tunelab.train.nonfinite import NonFiniteGuard
 from tunelab.train.strategy import SingleProcess
 
 

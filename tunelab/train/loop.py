@@ -40,8 +40,8 @@ from tunelab.train import checkpoint as ckpt
 from tunelab.train import layout, resume_settings
 from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_distributed, rank_shard
 from tunelab.train.evaluate import run_evaluation
-from tunelab.train.optim import (ScaledOptimizer, StepsInBackward, build_optimizer, build_scheduler,
-                                 choose_precision, warmup_steps_for)
+from tunelab.train.nonfinite import NonFiniteGuard
+from tunelab.train.optim import ScaledOptimizer, StepsInBackward, build_optimizer, build_scheduler, choose_precision
 from tunelab.train.strategy import choose_strategy
 from tunelab.train.vision import vision_run, with_pretrained_checkpoint
 from tunelab.train.workdir_lock import hold_work_dir
@@ -65,19 +65,6 @@ def _already_finished(last: Path, step: int, env: DistEnv, log) -> TrainResult:
     cleanup(env)
     log(f"{last} is the last step ({step}) of this config's run: it is already finished, nothing to train")
     return TrainResult(step=step, last_checkpoint=last, already_finished=True)
-
-
-def _fit_schedule(state: dict, cfg, total_steps: int) -> int | None:
-    """A saved scheduler state made to run over `total_steps` (max_steps / max_epochs changed since the save), as
-    Hugging Face Trainer does: the checkpoint's lr and kind of schedule, over this run's length. Returns the saved
-    total where it differed (None: unchanged, or a state without the schedule's settings)."""
-    saved = [f for f in state.get("lr_lambdas") or [] if isinstance(f, dict) and "total_steps" in f]
-    if not saved or saved[0]["total_steps"] == total_steps:
-        return None
-    before = saved[0]["total_steps"]
-    for f in saved:
-        f.update(total_steps=total_steps, warmup_steps=warmup_steps_for(cfg, total_steps))
-    return before
 
 
 def train(cfg, work_dir, *, resume: str | None = None, overwrite: bool = False, config_path=None,
@@ -188,7 +175,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     if last is not None:
         state = ckpt.load_training_state(last)
         strategy.load_optimizer(last / layout.OPTIMIZER_DIR, state)
-        redrawn = _fit_schedule(state["scheduler"], cfg, total_steps)
+        redrawn = resume_settings.fit_schedule(state["scheduler"], cfg, total_steps)
         scheduler.load_state_dict(state["scheduler"])
         if redrawn:  # the lr of the next step: the redrawn schedule's at the resumed step
             for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -354,49 +341,6 @@ def step_data(group, cfg, pad_token_id: int, objective, embedding, env: DistEnv,
                           dtype=torch.float64, device=env.device if env.distributed else "cpu")
     trained_tokens, seen_tokens = all_reduce_sum(counts, data_env).tolist()  # no GPU sync in one process
     return StepData(epoch, micro_done, batches, trained_tokens, seen_tokens)
-
-
-class NonFiniteGuard:
-    """What a step whose loss or gradient norm is inf / NaN does (the `nonfinite` setting). It reads the two numbers
-    the loop reads for its log anyway, so the check adds no wait for the GPU.
-
-    'stop': raise before anything of that step is saved (the weights in memory may be spoiled; the checkpoints on
-    disk are not). 'skip': the strategy read the gradient norm before stepping and left the weights alone; the
-    step's batch is not trained on, a warning says so, and MAX_IN_A_ROW such steps in a row stop the run.
-    Under fp16 loss scaling (`scaled`) an inf gradient norm is the scaler's business (it skips the update and lowers
-    the scale): only the loss counts there.
-    """
-
-    MAX_IN_A_ROW = 10
-
-    def __init__(self, mode: str, *, scaled: bool, say=print):
-        self.skips, self.scaled, self.say = mode == "skip", scaled, say
-        self.skipped = 0
-        """Steps skipped so far (logged as skipped_steps)."""
-        self._in_a_row = 0
-
-    def check(self, step: int, loss: float, grad_norm: float, *, lr: float, last: Path | None) -> bool:
-        """True for a finite step; False for one that was skipped; raises TunelabError when the run must stop."""
-        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaled):
-            self._in_a_row = 0
-            return True
-        numbers = f"loss {loss}, gradient norm {grad_norm}"
-        if self.skips and not math.isfinite(grad_norm):  # the update was not applied
-            self.skipped += 1
-            self._in_a_row += 1
-            if self._in_a_row < self.MAX_IN_A_ROW:
-                self.say(f"warning: step {step}: {numbers}; skipped (its batch is not trained on)")
-                return False
-            raise TunelabError(f"{self.MAX_IN_A_ROW} steps in a row up to step {step} had an inf / NaN loss or "
-                               f"gradients ({numbers}): training stopped; {self._kept(last)} Lower lr (now {lr:g}) "
-                               f"or check the data, then continue with --resume auto.")
-        raise TunelabError(f"step {step}: {numbers}: training stopped before saving it; {self._kept(last)} Lower lr "
-                           f"(now {lr:g}), check the data (`tunelab check-dataset CFG`) or set nonfinite = 'skip' to "
-                           f"skip such steps, then continue with --resume auto.")
-
-    @staticmethod
-    def _kept(last: Path | None) -> str:
-        return f"the last checkpoint, {last}, is intact." if last else "no checkpoint was saved."
 
 
 def allocate_grad_buffers(model) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from tunelab.config.schema import to_dict
 from tunelab.errors import TunelabError
 from tunelab.train import layout
+from tunelab.train.optim import warmup_steps_for
 
 RUN_KEY = "run"
 FIXED = ("data_path", "data_format", "dataset_map_fn", "eval_split_ratio", "batch_size", "accumulative_counts",
@@ -112,3 +113,16 @@ def checkpoint_step_of(checkpoint: Path, record: dict | None) -> int:
     if record is not None and isinstance(record.get("step"), int):
         return record["step"]
     return layout.checkpoint_step(checkpoint)
+
+
+def fit_schedule(state: dict, cfg, total_steps: int) -> int | None:
+    """A saved scheduler state made to run over `total_steps` (max_steps / max_epochs changed since the save), as
+    Hugging Face Trainer does: the checkpoint's lr and kind of schedule, over this run's length. Returns the saved
+    total where it differed (None: unchanged, or a state without the schedule's settings)."""
+    saved = [f for f in state.get("lr_lambdas") or [] if isinstance(f, dict) and "total_steps" in f]
+    if not saved or saved[0]["total_steps"] == total_steps:
+        return None
+    before = saved[0]["total_steps"]
+    for f in saved:
+        f.update(total_steps=total_steps, warmup_steps=warmup_steps_for(cfg, total_steps))
+    return before
