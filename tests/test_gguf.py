@@ -19,7 +19,7 @@ from chat_helpers import ANSWER, QUESTION, make_lora_checkpoint, taught_model_di
 from go_template import render as render_go  # noqa: E402
 from tunelab.data.templates import TEMPLATES, get_template  # noqa: E402
 from tunelab.errors import TunelabError  # noqa: E402
-from tunelab.export.gguf import convert_to_gguf  # noqa: E402
+from tunelab.export.gguf_convert import convert_to_gguf  # noqa: E402
 from tunelab.model.load import load_model_for_inference, load_tokenizer  # noqa: E402
 
 # tiny arch → (HF class, GGUF arch, the template its chat models use)

@@ -17,7 +17,7 @@ gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's GGUF re
 from tests.train_helpers import assert_one_line_error  # noqa: E402
 from tunelab.cli.main import main  # noqa: E402
 from tunelab.errors import TunelabError  # noqa: E402
-from tunelab.export.gguf import convert_to_gguf  # noqa: E402
+from tunelab.export.gguf_convert import convert_to_gguf  # noqa: E402
 
 
 def _field(path: Path, key: str):

@@ -185,7 +185,7 @@ def gguf_cmd(args) -> int:
     except ImportError:
         raise TunelabError("convert gguf needs the gguf package (llama.cpp's GGUF writer): pip install gguf "
                            "(or pip install 'tunelab[gguf]')") from None
-    from tunelab.export.gguf import convert_to_gguf
+    from tunelab.export.gguf_convert import convert_to_gguf
 
     convert_to_gguf(args.model, args.out, out_type=args.out_type, adapter=args.adapter,
                     prompt_template=args.prompt_template, modelfile=not args.no_modelfile,

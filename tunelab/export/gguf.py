@@ -1,4 +1,5 @@
-"""`tunelab convert gguf`: a HF model (or base + adapter) → one GGUF file for llama.cpp, Ollama, LM Studio.
+"""A loaded HF model and its tokenizer → one GGUF file for llama.cpp, Ollama, LM Studio (`write_gguf`; the command,
+`tunelab convert gguf`, is `tunelab.export.gguf_convert`).
 
 Written with the `gguf` package (llama.cpp's own reader / writer). Tensor names come from its `TensorNameMap`
 for the architecture, hyperparameters go under its keys, and the tokenizer goes in whole: the vocabulary (byte-level
@@ -6,9 +7,7 @@ BPE with its merges, or sentencepiece with its scores), the special token ids, a
 template the model was trained with (`to_jinja()`, as `convert merge` writes it), so llama.cpp formats chats the
 way training did. `tokenizer.ggml.add_bos_token` is false: tunelab's templates spell the BOS out (see docs/DESIGN.md,
 Templates), so a prompt rendered with the template is the token sequence training saw; a model with no template
-in the file gets the tokenizer's own choice. MODEL may also be a training WORK_DIR or checkpoint, read as `tunelab
-chat` reads it. Whatever can be refused (architecture, template, tokenizer files, an output that cannot be written)
-is refused before the weights load; a write that fails later is one line naming the file.
+in the file gets the tokenizer's own choice. A write that fails is one line naming the file.
 
 The families of docs/MODELS.md whose GGUF architecture reads the same tensors: Llama (also Mistral and InternLM2,
 which tunelab loads as a Llama graph), Qwen2, Qwen3, Phi-3, Gemma 2 and 3 (`ARCHITECTURES`). Anything else (GLM-4,
@@ -279,153 +278,3 @@ def _add_tensor(writer, name: str, data: np.ndarray, ggml_type) -> None:
         writer.add_tensor(name, gguf.quants.quantize(data, ggml_type))
     else:  # bf16, q8_0: bytes, shape taken from the type
         writer.add_tensor(name, gguf.quants.quantize(data, ggml_type), raw_dtype=ggml_type)
-
-
-def check_gguf_architecture(config: dict, model_dir: Path) -> None:
-    """Refuse, before any weights load, a model whose architecture (config.json) has no GGUF export here."""
-    from tunelab.model import internlm2
-
-    archs = config.get("architectures") or [config.get("model_type", "?")]
-    if internlm2.is_internlm2(config) or any(a in ARCHITECTURES for a in archs):
-        return
-    raise TunelabError(f"{archs[0]}: no GGUF export for this architecture in tunelab yet ({model_dir / 'config.json'}; "
-                       f"supported: {', '.join(sorted(ARCHITECTURES))}, InternLM2). llama.cpp's "
-                       f"convert_hf_to_gguf.py may handle the merged model (tunelab convert merge). Nothing was "
-                       f"written.")
-
-
-def check_tokenizer_files(tokenizer_dir: Path) -> None:
-    """The folder holds a tokenizer the GGUF file can carry (checked before transformers tries to load it)."""
-    tokenizer_dir = Path(tokenizer_dir)
-    if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        present = [f for f in ("tokenizer_config.json", "vocab.json", "merges.txt") if (tokenizer_dir / f).is_file()]
-        raise TunelabError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model"
-                           + (f" (only {', '.join(present)})" if present else "") + ", so there is no tokenizer to "
-                           "put in the GGUF file. Copy the base model's tokenizer files (tokenizer.json or "
-                           "tokenizer.model, and tokenizer_config.json) into it. Nothing was written.")
-
-
-def check_writable(out: Path, modelfile: bool) -> None:
-    """Before any weights load: OUT.gguf's folder exists (made if missing) and takes new files, and neither the
-    temporary OUT.gguf.tmp nor the Modelfile's path is a folder."""
-    import tempfile
-
-    from tunelab.export.ollama import modelfile_path
-
-    folder = out.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".tunelab-write-check"):
-            pass
-    except OSError as exc:
-        raise TunelabError(f"cannot write into {folder} ({exc.strerror or exc}): choose an OUT.gguf in a folder you "
-                           f"can write to. Nothing was written.") from None
-    for path in [out.with_name(out.name + ".tmp"), *([modelfile_path(out)] if modelfile else [])]:
-        if path.is_dir():
-            raise TunelabError(f"{path} is a directory, where convert gguf writes a file: move it away or choose "
-                               f"another OUT.gguf. Nothing was written.")
-
-
-def _resolve_model(model_path: str, adapter: str | None) -> tuple[str, str | None, dict, Path | None]:
-    """(model to load, adapter to merge or None, tunelab.json, the checkpoint folder or None) for the MODEL a user
-    typed, as `tunelab chat` reads it: a WORK_DIR or iter_N (a LoRA run: its base from tunelab.json with the adapter
-    merged; a full run: its model/ with the checkpoint's tunelab.json), an adapter folder, or a model directory
-    (tunelab.json beside it, or one level up for WORK_DIR/iter_N/model)."""
-    from tunelab.export.adapters import ADAPTER_CONFIG, find_adapter_dir
-    from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, read_meta, resolve_checkpoint
-
-    p = Path(model_path)
-    if p.is_dir() and not (p / "config.json").is_file() and (
-            is_checkpoint(p) or looks_like_work_dir(p) or (p / ADAPTER_CONFIG).is_file()):
-        if adapter:
-            raise TunelabError(f"{model_path} is already a checkpoint / adapter: pass the base model as MODEL and this "
-                               f"as --adapter, or convert it alone (`tunelab convert gguf {model_path} OUT.gguf`).")
-        if (p / ADAPTER_CONFIG).is_file():
-            meta_dir = p
-        else:
-            ckpt = resolve_checkpoint(p)
-            if not (ckpt / MODEL_DIR / ADAPTER_CONFIG).is_file():  # a full fine-tuning run: the model itself
-                return str(ckpt / MODEL_DIR), None, read_meta(ckpt) or read_meta(ckpt / MODEL_DIR) or {}, ckpt
-            meta_dir = ckpt
-        adapter_dir, meta_dir = find_adapter_dir(meta_dir)
-        meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
-        base = meta.get("base_model")
-        if not base:
-            raise TunelabError(f"{meta_dir} has no tunelab.json naming its base model: run `tunelab convert gguf "
-                               f"BASE_MODEL OUT.gguf --adapter {model_path}`.")
-        return str(base), str(meta_dir), meta, meta_dir
-    if adapter:
-        adapter_dir, meta_dir = find_adapter_dir(adapter)
-        return model_path, adapter, read_meta(meta_dir) or read_meta(adapter_dir) or {}, None
-    meta = None
-    if p.is_dir():
-        meta = read_meta(p)
-        if meta is None and p.name == MODEL_DIR and is_checkpoint(p.parent):  # WORK_DIR/iter_N/model
-            meta = read_meta(p.parent)
-    return model_path, None, meta or {}, None
-
-
-def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", adapter: str | None = None,
-                    prompt_template: str | None = None, modelfile: bool = True,
-                    trust_remote_code: bool = False, allow_other_base: bool = False) -> Path:
-    """MODEL (merged HF dir, a training checkpoint or WORK_DIR, or a base with `adapter` merged in memory) →
-    OUT.gguf, plus an Ollama Modelfile beside it."""
-    from tunelab.export.convert import check_output, template_for_export
-    from tunelab.export.ollama import write_modelfile
-    from tunelab.model.load import load_causal_lm, load_tokenizer
-    from tunelab.model.model_dir import read_model_config, resolve_model_dir
-    from tunelab.train.layout import checkpoint_step
-
-    out = Path(out_path)
-    if out.suffix != ".gguf":
-        raise TunelabError(f"{out}: name the output file NAME.gguf (llama.cpp and Ollama look for that suffix).")
-    if out_type not in TYPES:
-        raise TunelabError(f"--type {out_type!r}: use one of {', '.join(TYPES)}.")
-    if out.is_dir():
-        raise TunelabError(f"{out} is a directory: name the file to write, e.g. {out / 'model.gguf'}.")
-    check_output(out.parent)  # not into a training checkpoint or a work dir's top level
-    model_path, adapter, meta, checkpoint = _resolve_model(model_path, adapter)
-    if meta.get("llava"):
-        raise TunelabError(f"{model_path}: a LLaVA run; convert gguf writes text models only. Export it with "
-                           f"`tunelab convert merge` (a HF LLaVA folder) and llama.cpp's own converter.")
-    if meta.get("objective") == "reward":
-        raise TunelabError(f"{model_path} is a reward model: it scores replies and does not write them, so it has no "
-                           f"GGUF export.")
-    check_writable(out, modelfile)
-    model_dir = resolve_model_dir(model_path, key="MODEL")
-    config = read_model_config(model_dir, key="MODEL")
-    check_gguf_architecture(config, model_dir)
-    adapter_dir = None
-    if adapter:
-        from tunelab.export.adapters import apply_adapter, find_adapter_dir
-
-        adapter_dir, _ = find_adapter_dir(adapter)
-    tokenizer_dir = adapter_dir if adapter and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
-    check_tokenizer_files(tokenizer_dir)
-    tokenizer = load_tokenizer(str(tokenizer_dir), trust_remote_code=trust_remote_code)
-    template = template_for_export(meta, prompt_template, tokenizer)  # an unknown name: refused before loading
-    _say(f"loading {model_dir}" + (f" with adapter {adapter}" if adapter else ""))
-    model = load_causal_lm(str(model_dir), dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
-                           key="MODEL")
-    if adapter:
-        model = apply_adapter(model, adapter_dir, str(model_path), meta=meta, allow_other_base=allow_other_base,
-                              say=_say).merge_and_unload()
-    chat_template = template.to_jinja() if template is not None else getattr(tokenizer, "chat_template", None)
-    if template is None and chat_template:
-        _say("note: no prompt template recorded (no tunelab.json) and none given with --prompt-template: the GGUF "
-             "keeps the tokenizer's own chat_template, and the Modelfile has no TEMPLATE")
-    elif template is None:
-        _say("note: no prompt template recorded (no tunelab.json), none given with --prompt-template, and the "
-             "tokenizer has no chat_template: the GGUF has no chat template (a model for plain completion; llama.cpp "
-             "adds the BOS as the tokenizer does), and the Modelfile has no TEMPLATE. Pass --prompt-template NAME "
-             "to chat with it.")
-    if checkpoint is not None:  # a run's checkpoint: the work dir's name
-        name = (checkpoint.parent if checkpoint_step(checkpoint) >= 0 else checkpoint).resolve().name
-    else:
-        name = Path(adapter).resolve().name if adapter else Path(str(model_dir)).name
-    write_gguf(model, tokenizer, out, out_type=out_type, name=name, chat_template=chat_template,
-               tokenizer_dir=tokenizer_dir, eot_words=tuple(getattr(template, "stop_words", ()) or ()),
-               add_bos=False if template is not None else None)
-    if modelfile:
-        write_modelfile(out, template, system=meta.get("system") or "")
-    return out
