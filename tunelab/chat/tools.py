@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from tunelab.data import messages as canonical
-from tunelab.data.templates import PROBE_TOOL
+from tunelab.data.templates import PROBE_TOOL, probe_call_reply
 
 
 
@@ -32,11 +32,8 @@ class CallFormat:
 
 def call_format(template) -> CallFormat | None:
     """How `template` writes an assistant tool call, learnt by rendering one; None where it is not marker + JSON."""
-    call = {"type": "function", "function": {"name": PROBE_TOOL, "arguments": {"city": "Paris"}}}
-    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    try:
-        reply = "".join(text for text, trained in template.segments(probe) if trained)
-    except Exception:  # a template that cannot write calls at all
+    reply = probe_call_reply(template)
+    if reply is None:  # a template that cannot write calls at all
         return None
     decoder = json.JSONDecoder()
     for start, char in enumerate(reply):

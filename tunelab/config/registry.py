@@ -224,7 +224,7 @@ def list_configs(pattern: str | None = None) -> list[str]:
 
 def _canonical(name: str) -> str:
     """The built-in name `name` means: itself, or the one that differs only in case (list-cfg -p ignores case)."""
-    names = list(builtin_configs()) + list(llava_configs())
+    names = list_configs()
     return name if name in names else next((n for n in names if n.lower() == name.lower()), name)
 
 

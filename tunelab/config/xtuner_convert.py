@@ -67,7 +67,7 @@ def migrate(cfg: XtunerConfig) -> Migration:
         take(name)
     _model(cfg, out, lost, notes, used)
     _template(env, out, lost, used)
-    system_setting(env.get("SYSTEM"), out, lost, notes, used)
+    system_setting(env.get("SYSTEM"), out, lost, notes)
     used.add("SYSTEM")
     map_fn_source = data_settings(cfg, out, lost, notes, used)
     _schedule(env, out, lost, notes)

@@ -4,7 +4,7 @@ writes the one a config uses into the converted config (`XTUNER_MAP_FNS[name]`, 
 XTuner's code (Apache-2.0), from xtuner/dataset/map_fns/dataset_map_fns/, with the docstrings dropped and
 SYSTEM_TEMPLATE.* written out as its text. Each returns XTuner's {"conversation": [{"system"?, "input", "output"}]},
 which tunelab reads as data_format = 'conversation'. The ones tunelab reads natively are `MAP_FN_FORMATS` in
-xtuner_convert.py.
+xtuner_data.py.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ SYSTEM_TEMPLATES = {
     "colorist": "You are a professional color designer. Please provide the corresponding colors based on the "
                 "description of Human.\n",
 }
-# mmengine names past PART 1 that `_runtime` and the sections above read, or that need nothing in tunelab
+# mmengine names past PART 1 that `runtime_settings` and the sections above read, or that need nothing in tunelab
 _RUNTIME_NAMES = {"tokenizer", "model", "train_dataloader", "optim_wrapper", "param_scheduler", "train_cfg",
                   "custom_hooks", "default_hooks", "env_cfg", "log_level", "log_processor", "randomness",
                   "visualizer", "load_from", "resume", "runner_type", "strategy", "sampler", "launcher"}
@@ -109,7 +109,7 @@ def runtime_settings(cfg: XtunerConfig, out: dict, lost: list, notes: list, orig
             if "system" in hook and hook["system"] is not env.get("SYSTEM"):
                 out.pop("SYSTEM", None)
                 notes[:] = [n for n in notes if not n.startswith("SYSTEM:")]
-                system_setting(hook["system"], out, lost, notes, set())
+                system_setting(hook["system"], out, lost, notes)
                 origins["SYSTEM"] = "EvaluateChatHook system"
             for key in hook:
                 if key not in ("type", "tokenizer", "evaluation_inputs", "every_n_iters", "max_new_tokens", "system",
@@ -180,12 +180,11 @@ def _strategy(env: dict, out: dict, lost: list, notes: list, origins: dict) -> N
 
 def unread_runtime(cfg: XtunerConfig) -> list[str]:
     """Names assigned past PART 1 that nothing read, and statements that were not read."""
-    reached, seen = set(), set()
+    reached = set()
 
     def walk(value):
-        if id(value) in seen:
+        if id(value) in reached:
             return
-        seen.add(id(value))
         reached.add(id(value))
         if isinstance(value, dict):
             for v in value.values():
@@ -213,7 +212,7 @@ def show(value: Any) -> str:
     return getattr(value, "text", None) or repr(value)
 
 
-def system_setting(value: Any, out: dict, lost: list, notes: list, used: set) -> None:
+def system_setting(value: Any, out: dict, lost: list, notes: list) -> None:
     if value is None or value == "":
         return
     if isinstance(value, Ref) and value.text.startswith("SYSTEM_TEMPLATE.") and value.last in SYSTEM_TEMPLATES:

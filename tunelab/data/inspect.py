@@ -180,11 +180,12 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
     stats = DataStats()
     images = image_reading(cfg, config_dir)  # a LLaVA config: its samples' images are read too
     tokens = image_tokens(cfg, tokenizer)
+    tools = tool_support(template)  # a probe rendering: once, not per source
     for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
                                   multimodal=images is not None):
         samples += read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn, system=cfg.SYSTEM,
                                stats=stats, limit=n - len(samples), objective=cfg.objective, images=images,
-                               tools=tool_support(template))[0]
+                               tools=tools)[0]
         if len(samples) >= n:
             break
     shown = []

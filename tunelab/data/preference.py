@@ -79,6 +79,9 @@ def _bad_label(record: Any) -> Optional[str]:
     return None
 
 
+_VISION_SFT_ONLY = "A run with a vision tower trains supervised data only (objective = 'sft'): "
+
+
 def not_supervised_error(kind: str, where: str, record: Any = None, multimodal: bool = False) -> InvalidRecord:
     """The error a supervised run gives for preference or KTO data (`record` names the fields found). multimodal: the
     run has a vision tower, which trains supervised data only, so the fix is not another objective for this run."""
@@ -87,20 +90,18 @@ def not_supervised_error(kind: str, where: str, record: Any = None, multimodal: 
                       and b in record), "'chosen' and 'rejected'")
         problem = (f"this is preference data ({found}: a preferred and a rejected reply): supervised fine-tuning "
                    f"would learn the rejected reply as well as the preferred one")
-        if multimodal:
-            return fail(where, problem, "A run with a vision tower trains supervised data only (objective = 'sft'): "
-                        "give it one reply per question (e.g. only the chosen replies), and train the pairs on a "
-                        "text-only model with objective = 'dpo' (docs/PREFERENCE.md).")
-        return fail(where, problem, "Train it with objective = 'dpo' (or 'orpo', 'simpo', 'reward'; see "
-                    "docs/PREFERENCE.md), and give supervised runs data with one reply per question.")
+        fix = (_VISION_SFT_ONLY + "give it one reply per question (e.g. only the chosen replies), and train the pairs "
+               "on a text-only model with objective = 'dpo' (docs/PREFERENCE.md)." if multimodal else
+               "Train it with objective = 'dpo' (or 'orpo', 'simpo', 'reward'; see docs/PREFERENCE.md), and give "
+               "supervised runs data with one reply per question.")
+        return fail(where, problem, fix)
     problem = ("this is KTO data (a reply with a true / false label): supervised fine-tuning would learn the replies "
                "labelled false (undesirable) as if they were good")
-    if multimodal:
-        return fail(where, problem, "A run with a vision tower trains supervised data only (objective = 'sft'): keep "
-                    "only the records labelled true, without the label, for it, and train KTO data on a text-only "
-                    "model with objective = 'kto' (docs/PREFERENCE.md).")
-    return fail(where, problem, "Train it with objective = 'kto' (see docs/PREFERENCE.md), or keep only the records "
-                "labelled true, without the label, for this supervised run.")
+    fix = (_VISION_SFT_ONLY + "keep only the records labelled true, without the label, for it, and train KTO data on a "
+           "text-only model with objective = 'kto' (docs/PREFERENCE.md)." if multimodal else
+           "Train it with objective = 'kto' (see docs/PREFERENCE.md), or keep only the records labelled true, without "
+           "the label, for this supervised run.")
+    return fail(where, problem, fix)
 
 
 def read_for_objective(record: Any, objective: str, where: str) -> dict:

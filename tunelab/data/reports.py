@@ -89,8 +89,7 @@ def file_warnings(report: dict) -> list[str]:
                      f"one. Rewrite it (e.g. '<|im_end |>') where it is quoted, not meant as markup.")
     count, wheres = report.get("empty_replies", [0, []])
     if count:
-        more = ", ..." if count > len(wheres) else ""
-        lines.append(f"{path}: {_n(count, 'sample')} with an empty reply ({', '.join(wheres)}{more}): an empty reply "
+        lines.append(f"{path}: {_n(count, 'sample')} with an empty reply ({_shown(count, wheres)}): an empty reply "
                      f"is kept as context, not trained (it would teach the model to stop at once); a sample with no "
                      f"other reply is dropped (counted as without a trained reply). Write the reply, or delete it.")
     lines += _preference_warnings(path, report)

@@ -47,21 +47,26 @@ class ToolSupport:
 PROBE_TOOL = "tunelab_probe_function"
 
 
+def probe_call_reply(template: ChatTemplate) -> str | None:
+    """The trained text `template` writes for an assistant turn holding one probe tool call (PROBE_TOOL with
+    {"city": "Paris"}); None where the template refuses to render one."""
+    call = {"type": "function", "function": {"name": PROBE_TOOL, "arguments": {"city": "Paris"}}}
+    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    try:
+        return "".join(text for text, trained in template.segments(turns) if trained)
+    except Exception:  # noqa: BLE001 (a template's own refusal: raise_exception, TunelabError)
+        return None
+
+
 def tool_support(template: ChatTemplate) -> ToolSupport:
     """Learnt by rendering a probe tool definition and a probe call (a template that refuses them writes neither)."""
     tool = {"type": "function", "function": {"name": PROBE_TOOL, "description": "", "parameters": {}}}
-    call = {"type": "function", "function": {"name": PROBE_TOOL, "arguments": {"city": "Paris"}}}
     asked = [{"role": "user", "content": "?"}]
     try:
         definitions = template.render(asked, tools=[tool]) != template.render(asked)
     except Exception:  # noqa: BLE001 (a template's own refusal: raise_exception, TunelabError)
         definitions = False
-    try:
-        segments = template.segments([*asked, {"role": "assistant", "content": "", "tool_calls": [call]}])
-        calls = PROBE_TOOL in "".join(text for text, trained in segments if trained)
-    except Exception:  # noqa: BLE001
-        calls = False
-    return ToolSupport(template.name, definitions, calls)
+    return ToolSupport(template.name, definitions, PROBE_TOOL in (probe_call_reply(template) or ""))
 
 
 @functools.cache
@@ -99,5 +104,5 @@ def template_with_default_system(template: ChatTemplate, system: str | None) -> 
 
 
 __all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "ToolSupport", "choose_template",
-           "get_template", "guess_template", "template_with_default_system", "templates_writing_tool_calls",
-           "tool_support"]
+           "get_template", "guess_template", "probe_call_reply", "template_with_default_system",
+           "templates_writing_tool_calls", "tool_support"]
