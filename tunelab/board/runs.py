@@ -12,7 +12,6 @@ or after training.
 from __future__ import annotations
 
 import ast
-import functools
 import hashlib
 import json
 import math
@@ -77,15 +76,21 @@ def _records(work_dir: Path) -> list[dict]:
         stat = path.stat()
     except OSError:
         return []
-    return _read_records(str(path), stat.st_mtime_ns, stat.st_size)
+    key, kept = (stat.st_mtime_ns, stat.st_size), _LOGS.get(str(path))
+    if kept is None or kept[0] != key:  # one copy a log: a growing one replaces its own
+        kept = _LOGS[str(path)] = (key, _read_records(path))
+    return kept[1]
 
 
-@functools.lru_cache(maxsize=32)
-def _read_records(path: str, mtime_ns: int, size: int) -> list[dict]:
+_LOGS: dict[str, tuple[tuple[int, int], list[dict]]] = {}
+"""Each log's records as last read, with the (mtime, size) they were read at."""
+
+
+def _read_records(path: Path) -> list[dict]:
     def finite(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    return [{k: finite(v) for k, v in r.items()} for r in read_log(Path(path)) if isinstance(r.get("step"), int)]
+    return [{k: finite(v) for k, v in r.items()} for r in read_log(path) if isinstance(r.get("step"), int)]
 
 
 def run_summary(work_dir: Path) -> dict:

@@ -70,7 +70,7 @@ class ChatModel:
 
         if self.vision is None:
             text_only(messages)
-        places: list[str] = []
+        places: list[str] | None = [] if self.vision is not None else None  # where each picture is, for its errors
         messages, refs = split_images(messages, files=files, places=places)
         ids = self.encode(messages, tools)
         if self.vision is None:

@@ -140,15 +140,15 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                 "images": chat.vision is not None}
 
     @functools.cache
-    def template_tools():
-        """(whether the template writes tools, how it writes a call): probe renderings, made once, on the first
-        request that offers tools (the template never changes)."""
-        return tool_support(chat.template).definitions, call_format(chat.template)
+    def support():
+        """What the template does with tools: probe renderings, made once, on the first request that needs them (the
+        template never changes)."""
+        return tool_support(chat.template)
 
     @functools.cache
-    def template_calls() -> bool:
-        """Whether the template writes earlier tool calls (probed once, on the first request that holds some)."""
-        return tool_support(chat.template).calls
+    def template_tools():
+        """(whether the template writes tools, how it writes a call)."""
+        return support().definitions, call_format(chat.template)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -156,7 +156,7 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         with _blaming("messages"):
             messages = request_messages([m.model_dump(exclude_none=True) for m in body.messages])
         calling = next((i for i, m in enumerate(messages) if m.get("tool_calls")), None)
-        if calling is not None and not template_calls():
+        if calling is not None and not support().calls:
             raise RequestError(f"messages[{calling}].tool_calls: the chat template {chat.template.name!r} has no place "
                                f"for tool calls, so the model would never see them: serve with a template that writes "
                                f"them (e.g. qwen2_5_chat, qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, "

@@ -169,12 +169,13 @@ def apply_adapter(model, adapter_dir: Path, base_name: str, *, meta: dict | None
 def _refuse_merged_twice(adapter_dir: Path, base_name: str) -> None:
     """A model `convert merge` wrote already holds its adapter (tunelab.json's `merged_adapter`): applying the same
     adapter again would add its update a second time, and nothing would look wrong until the model answered."""
-    merged = (read_meta(Path(base_name)) or {}).get("merged_adapter") if Path(base_name).is_dir() else None
+    base_meta = (read_meta(Path(base_name)) or {}) if Path(base_name).is_dir() else {}
+    merged = base_meta.get("merged_adapter")
     if merged and Path(merged).resolve() == adapter_dir.resolve():
         raise TunelabError(f"{base_name} already holds the adapter {adapter_dir} (`convert merge` put it in; "
                            f"{base_name}/tunelab.json says so), and a second time would add its update twice: use "
                            f"{base_name} as it is, or pass the base model the adapter was trained on "
-                           f"({read_meta(Path(base_name)).get('base_model')}).")
+                           f"({base_meta.get('base_model')}).")
 
 
 def _check_tensor_shapes(model, adapter_dir: Path, base_name: str) -> None:

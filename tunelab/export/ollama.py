@@ -106,7 +106,8 @@ class TurnTable:
         return max(texts, key=texts.count) if texts else None
 
     def text_before(self, prev: str, role: str) -> str | None:
-        return self.before.get((prev, role), self.usual(role))
+        text = self.before.get((prev, role))
+        return text if text is not None else self.usual(role)
 
     def render(self, messages: list[dict]) -> str | None:
         """What go_template(self) renders for `messages` (None for a role it has no text for)."""

@@ -235,7 +235,7 @@ def _choose_on_main(work_dir: Path, resume: str | None, *, overwrite: bool, log)
             log(f"--resume auto: no complete checkpoint in {work_dir} yet, starting from step 0")
     elif resume:
         start = resolve_resume(resume, work_dir)
-        problem = layout.missing_part(start) or verify_checkpoint(start)
+        problem = _problem(start)
         if problem:
             raise TunelabError(f"--resume {resume}: {start} is damaged: {problem}. Resume from another checkpoint "
                                f"(--resume auto takes the newest sound one).")
@@ -260,12 +260,17 @@ def _choose_on_main(work_dir: Path, resume: str | None, *, overwrite: bool, log)
     return start
 
 
+def _problem(checkpoint: Path) -> str | None:
+    """What makes a checkpoint unusable (a part missing, a file that fails its checksum), None when it is sound."""
+    return layout.missing_part(checkpoint) or verify_checkpoint(checkpoint)
+
+
 def _newest_sound_checkpoint(work_dir: Path, *, overwrite: bool, log) -> Path | None:
     """The newest checkpoint of the work dir that is whole (`layout.missing_part`) and passes `verify_checkpoint`;
     those that are not are moved aside, named."""
     damaged = []
     for path in reversed(layout.checkpoint_dirs(work_dir)):
-        problem = layout.missing_part(path) or verify_checkpoint(path)
+        problem = _problem(path)
         if problem is None:
             if not (path / MANIFEST_FILE).is_file():
                 log(f"note: {path} has no {MANIFEST_FILE}: resuming without checking it")

@@ -89,12 +89,7 @@ def looks_like_work_dir(path: str | Path) -> bool:
 
 def list_checkpoints(work_dir: str | Path) -> list[Path]:
     """The complete iter_N/ directories of a work dir, oldest first."""
-    found = []
-    for path in Path(work_dir).glob("iter_*"):
-        match = _ITER.match(path.name)
-        if match and is_checkpoint(path):
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
+    return [p for p in checkpoint_dirs(work_dir) if is_checkpoint(p)]
 
 
 def checkpoint_dirs(work_dir: str | Path) -> list[Path]:

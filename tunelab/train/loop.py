@@ -90,7 +90,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         work_dir.mkdir(parents=True, exist_ok=True)
     # where the run starts, and refusing to overwrite checkpoints it does not continue from: before anything loads
     last = ckpt.choose_start(work_dir, resume, overwrite=overwrite, env=env, log=log)
-    record, resumed_step = None, -1
+    record, resumed_step, known = None, -1, None
     if last is not None:  # its run's settings against this config's, also before anything loads
         cfg, record = resume_settings.compare(cfg, last, log=log)
         resumed_step = resume_settings.checkpoint_step_of(last, record)
@@ -134,7 +134,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     if last is not None:  # with the data read: its size (a checkpoint of an older tunelab: the total only)
         resume_settings.check_data(last, record, steps_per_epoch=steps_per_epoch, rows=len(train_rows),
                                    data_ranks=data_env.world_size)
-        if resume_settings.finished_or_refused(last, resumed_step, cfg, steps_per_epoch):
+        # (where the record knew the steps an epoch, check_data made them these: decided before loading already)
+        if known is None and resume_settings.finished_or_refused(last, resumed_step, cfg, steps_per_epoch):
             return _already_finished(last, resumed_step, env, log)
     if env.is_main:
         from tunelab.config.loader import save_resolved_config
