@@ -127,3 +127,35 @@ def test_two_ranks_train_dpo_as_one_process_does(tiny_llama_dir, tmp_path):
         assert two[step] == pytest.approx(single[step], abs=1e-5), step
     last = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()][-1]
     assert last["accuracy"] > 0.5 and last["reward_margin"] > 0
+
+
+def test_two_ranks_train_kto_with_the_kl_estimate_of_one_process(tiny_llama_dir, tmp_path):
+    """KTO on 2 ranks: each rank's loss uses the KL estimate over both ranks' KL replies (as TRL gathers them), so
+    2 ranks of 1 sample a micro-batch give the curve of one process with both samples in its micro-batch. A KL
+    estimate of the rank's own sample alone gives another curve."""
+    from tests.train_helpers import WORDS
+
+    samples = [{"prompt": f"Tell me about the {WORDS[i % 15]}.",
+                "completion": (f"Sure! The {WORDS[i % 15]} is lovely." if i % 2 else f"No. {WORDS[(i * 7) % 15]}."),
+                "label": bool(i % 2)} for i in range(32)]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("\n".join(json.dumps(s) for s in samples))
+    text = CONFIG.format(model=str(tiny_llama_dir), data=str(data)).replace('data_format = "conversation"',
+                                                                             'objective = "kto"')
+    text = text.replace("lora_dropout = 0.1", "lora_dropout = 0.0").replace("lr = 1e-2", "lr = 2e-3")
+    text = text.replace("batch_size = 2", "batch_size = 1")
+    config = tmp_path / "kto.py"
+    config.write_text(text + 'reference = "precomputed"\npack_to_max_length = False\nbeta = 0.5\n')
+    train_on_ranks(config, tmp_path / "two")
+
+    from tunelab.config.loader import load_config
+    from tunelab.train.loop import train
+
+    one = load_config(config, ["reference=adapters_off", "batch_size=2"])
+    single = train(one, tmp_path / "one", config_path=config, device="cpu").losses
+    two = _losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4, 5, 6]
+    for step in two:
+        assert two[step] == pytest.approx(single[step], abs=1e-5), step
+    kl = {r["step"]: r["kl"] for r in logged_steps(tmp_path / "two", "kl").values()}
+    assert len(kl) == 6 and any(v > 0 for v in kl.values())  # the estimate is in play, not clamped to 0 throughout

@@ -4,7 +4,7 @@
     loss_sum, units = objective(model, batch)     # the shape of every objective the loop calls
     objective.units(batch)                        # pairs (or KTO samples) of a batch, known on the CPU
     objective.take_metrics()                      # rewards, margin, accuracy, KL summed since the last call
-    training_objective(cfg, plan, reference, reference_model)   # the objective a run's settings ask for
+    training_objective(cfg, plan, reference, reference_model, sum_over_ranks)   # what a run's settings ask for
 
 A batch holds whole units (tunelab.data.encode_preference: a pair is prompt + chosen, prompt + rejected; a KTO
 sample its reply and a KL reply). The policy's log-probability of each sequence comes from the chunked projection
@@ -63,10 +63,11 @@ class PreferenceObjective:
     """objective(model, batch) -> (loss summed over the batch's units, units); see the module docstring."""
 
     def __init__(self, settings: PreferenceSettings, *, chunk_size: int, chunked: bool = True,
-                 compiled: bool = False, reference_model=None):
+                 compiled: bool = False, reference_model=None, sum_over_ranks=None):
         self.settings = settings
         self.logprob_options = {"chunk_size": chunk_size, "chunked": chunked, "compiled": compiled}
         self.reference_model = reference_model
+        self.sum_over_ranks = sum_over_ranks  # KTO's KL estimate is over the data-parallel ranks' batches together
         self._metrics: dict[str, list] = {}
 
     # --- what the loop asks -------------------------------------------------------------------------
@@ -77,7 +78,8 @@ class PreferenceObjective:
 
     def copy(self) -> "PreferenceObjective":
         """The same objective with metric sums of its own (what evaluation scores with)."""
-        return PreferenceObjective(self.settings, reference_model=self.reference_model, **self.logprob_options)
+        return PreferenceObjective(self.settings, reference_model=self.reference_model,
+                                   sum_over_ranks=self.sum_over_ranks, **self.logprob_options)
 
     def take_metrics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{name: (sum, count)} accumulated since the last call (the loop sums them over ranks and divides)."""
@@ -139,7 +141,7 @@ class PreferenceObjective:
     def _kto(self, policy, reference, kinds):
         s = self.settings
         (own, kl_policy), (own_ref, kl_ref) = policy.view(-1, 2).unbind(1), reference.view(-1, 2).unbind(1)
-        kl = losses.kto_kl(kl_policy.detach(), kl_ref)
+        kl = losses.kto_kl(kl_policy, kl_ref, self.sum_over_ranks)
         desirable = kinds.view(-1, 2)[:, 0] == DESIRABLE
         unit_losses = losses.kto_losses(own, own_ref, desirable, kl, beta=s.beta,
                                         desirable_weight=s.kto_desirable_weight,
@@ -168,9 +170,10 @@ class PreferenceObjective:
             self._metrics[name] = [total, count]
 
 
-def training_objective(cfg, plan, reference: str | None = None, reference_model=None):
+def training_objective(cfg, plan, reference: str | None = None, reference_model=None, sum_over_ranks=None):
     """The objective the loop minimises for `cfg` as `plan` (a FastPathPlan) runs it: the supervised loss, or a
-    preference objective with the reference resolved for this run (`cfg.resolved_reference`)."""
+    preference objective with the reference resolved for this run (`cfg.resolved_reference`). sum_over_ranks:
+    the sum over the data-parallel ranks (`distributed.all_reduce_sum`), for KTO's KL estimate."""
     from tunelab.model.loss import causal_lm_objective
 
     if cfg.objective == "sft":
@@ -180,7 +183,8 @@ def training_objective(cfg, plan, reference: str | None = None, reference_model=
             return llava_objective(plan)
         return causal_lm_objective(plan)
     return PreferenceObjective(PreferenceSettings.from_config(cfg, reference), chunk_size=plan.loss_chunk_size,
-                               chunked=plan.chunked_loss, compiled=plan.compiled_loss, reference_model=reference_model)
+                               chunked=plan.chunked_loss, compiled=plan.compiled_loss, reference_model=reference_model,
+                               sum_over_ranks=sum_over_ranks)
 
 
 def reduce_metrics(metrics: dict, reduce) -> dict[str, float]:

@@ -58,12 +58,16 @@ def simpo_losses(chosen_mean, rejected_mean, *, beta: float, gamma: float, label
     return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
 
 
-def kto_kl(policy_kl, reference_kl) -> torch.Tensor:
+def kto_kl(policy_kl, reference_kl, sum_over_ranks=None) -> torch.Tensor:
     """The KL estimate of KTO: the mean log-ratio of replies that do not answer their prompts, at least 0, no
-    gradient (the loss uses it as a fixed reference point)."""
-    if policy_kl.numel() == 0:
-        return policy_kl.new_zeros(())
-    return (policy_kl - reference_kl).mean().clamp(min=0).detach()
+    gradient (the loss uses it as a fixed reference point). sum_over_ranks(tensor) -> tensor: on several
+    data-parallel ranks the mean is over every rank's KL replies (as TRL gathers them), so each rank's loss uses the
+    same estimate a single process with the whole batch would."""
+    log_ratio = (policy_kl - reference_kl).detach()
+    total = torch.stack([log_ratio.sum(), log_ratio.new_full((), float(log_ratio.numel()))])
+    if sum_over_ranks is not None:
+        total = sum_over_ranks(total)
+    return (total[0] / total[1].clamp(min=1)).clamp(min=0)
 
 
 def kto_losses(policy, reference, desirable, kl, *, beta: float, desirable_weight: float = 1.0,

@@ -154,7 +154,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         from tunelab.model.load import load_reference_model
 
         reference_model = load_reference_model(cfg, env.device, plan)
-    objective = training_objective(cfg, plan, reference, reference_model)
+    objective = training_objective(cfg, plan, reference, reference_model,
+                                   sum_over_ranks=lambda t: all_reduce_sum(t, data_env))
     if reference == "precomputed":  # scored by the starting weights: before a checkpoint's weights are loaded
         from tunelab.train.reference import with_reference
 
