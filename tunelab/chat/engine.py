@@ -17,8 +17,7 @@ from typing import Callable
 
 from tunelab.data.messages import with_default_system
 from tunelab.errors import TunelabError
-from tunelab.export.adapters import ADAPTER_CONFIG, apply_adapter, find_adapter_dir
-from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, read_meta, resolve_checkpoint
+from tunelab.export.adapters import apply_adapter, model_to_load
 
 
 def _say(message: str) -> None:
@@ -154,38 +153,6 @@ def context_length(model, meta: dict | None) -> tuple[int, str]:
     return 2048, "default (pass --max-model-len)"
 
 
-def _resolve_paths(model_path: str, adapter: str | None) -> tuple[str, Path | None, dict | None]:
-    """(base model, adapter dir or None, metadata) for the paths a user typed."""
-    meta = None
-    p = Path(model_path)
-    if p.is_dir() and not (p / "config.json").is_file() and (
-            is_checkpoint(p) or looks_like_work_dir(p) or (p / ADAPTER_CONFIG).is_file()):
-        # a checkpoint or an adapter passed as MODEL: its tunelab.json names the base model
-        if (p / ADAPTER_CONFIG).is_file():
-            adapter_dir, meta_dir = p, p
-        else:
-            ckpt = resolve_checkpoint(p)
-            if not (ckpt / MODEL_DIR / ADAPTER_CONFIG).is_file():
-                return str(ckpt / MODEL_DIR), None, read_meta(ckpt)
-            adapter_dir, meta_dir = ckpt / MODEL_DIR, ckpt
-        if adapter:
-            raise TunelabError(f"{model_path} is already an adapter / checkpoint: pass the base model as MODEL "
-                               f"and this as --adapter.")
-        meta = read_meta(meta_dir) or {}
-        base = meta.get("base_model")
-        if not base:
-            raise TunelabError(f"{meta_dir} has no tunelab.json naming its base model: run "
-                               f"`tunelab chat BASE_MODEL --adapter {model_path}`.")
-        return base, adapter_dir, meta
-    adapter_dir = None
-    if adapter:
-        adapter_dir, meta_dir = find_adapter_dir(adapter)
-        meta = read_meta(meta_dir) or read_meta(adapter_dir)
-    if meta is None and p.is_dir():
-        meta = read_meta(p)
-    return model_path, adapter_dir, meta
-
-
 def check_bits(bits: int | None) -> None:
     if not bits:
         return
@@ -216,15 +183,16 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
 
     from tunelab.model.llava import is_llava_dir
 
-    base, adapter_dir, meta = _resolve_paths(model_path, adapter)
-    if (meta or {}).get("objective") == "reward":
+    to_load = model_to_load(model_path, adapter)
+    base, adapter_dir, meta = to_load.base, to_load.adapter_dir, to_load.meta
+    if meta.get("objective") == "reward":
         raise TunelabError(f"{adapter or model_path} is a reward model: it scores replies and does not write them. "
                            f"Score with `tunelab reward {model_path} --data FILE`.")
     dev = pick_device(device)  # a clear message for --device cuda on a machine without one
     check_bits(bits)
     _say(f"loading {base}" + (f" with adapter {adapter_dir}" if adapter_dir else "") + (f" in {bits}-bit" if bits else ""))
     vision = None
-    if (meta or {}).get("llava") or is_llava_dir(base):
+    if meta.get("llava") or is_llava_dir(base):
         from tunelab.chat.vision import load_llava_chat
 
         exported = is_llava_dir(base) and (Path(base) / "processor_config.json").is_file()
@@ -247,7 +215,7 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     template, source = choose_template(prompt_template, meta, base, tokenizer)
     _say(f"prompt template: {template.name} ({source})")
     if system is None:
-        system = (meta or {}).get("system") or ""
+        system = meta.get("system") or ""
     name = Path(str(adapter_dir)).name if adapter_dir else Path(base).name or base
     context, where = context_length(model, meta)
     if max_model_len is None:

@@ -62,12 +62,12 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
                       dtype: str = "auto", bits: int | None = None, trust_remote_code: bool = False) -> RewardModel:
     if max_length is not None and max_length < 1:
         raise TunelabError(f"max_length must be 1 or more, got {max_length}")
-    from tunelab.chat.engine import _resolve_paths
     from tunelab.data.templates import choose_template
+    from tunelab.export.adapters import apply_adapter, model_to_load
     from tunelab.model.load import load_causal_lm, load_tokenizer, pick_device, resolve_dtype
 
-    base, adapter_dir, meta = _resolve_paths(model_path, adapter)
-    meta = meta or {}
+    to_load = model_to_load(model_path, adapter)
+    base, adapter_dir, meta = to_load.base, to_load.adapter_dir, to_load.meta
     config_file = Path(base) / "config.json"
     architectures = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
     if meta.get("objective") != "reward" and not any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -80,8 +80,6 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
                            trust_remote_code=trust_remote_code, key="MODEL", reward_head=True,
                            pad_token_id=tokenizer.pad_token_id)
     if adapter_dir is not None:
-        from tunelab.export.adapters import apply_adapter
-
         model = apply_adapter(model, adapter_dir, base, meta=meta)
     model.eval()
     template, _ = choose_template(prompt_template, meta, base, tokenizer)

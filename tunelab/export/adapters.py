@@ -1,4 +1,5 @@
-"""Finding adapters on disk (in adapter directories and checkpoints), and checking that an adapter fits a base model.
+"""Finding adapters on disk (in adapter directories and checkpoints), what model and adapter a MODEL a user typed
+means (`model_to_load`), and checking that an adapter fits a base model.
 
 Shared by `convert` (merge, GGUF), `chat`, `web`, `serve` and `reward`, so every verb accepts the same paths and says the same thing when an
 adapter was trained for another base model. Checkpoints themselves are found by `tunelab.train.layout`.
@@ -7,6 +8,7 @@ adapter was trained for another base model. Checkpoints themselves are found by 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -34,6 +36,55 @@ def find_adapter_dir(path: str | Path) -> tuple[Path, Path]:
                            f"chat with it directly: `tunelab chat {ckpt}/{MODEL_DIR}`.")
     raise TunelabError(f"{p} is not a LoRA adapter: {p / ADAPTER_CONFIG} is missing. Convert a training "
                        f"checkpoint first: `tunelab convert pth_to_hf CFG WORK_DIR/iter_N {p}`.")
+
+
+@dataclass
+class ModelToLoad:
+    """What a MODEL (and --adapter) a user typed means: the model to load and the adapter to put on it."""
+
+    base: str
+    """The model to load: a hub id or a folder (a full run's WORK_DIR/iter_N/model)."""
+    adapter_dir: Path | None
+    """The LoRA adapter folder to put on `base`, or None."""
+    meta: dict
+    """The training record (tunelab.json) of the adapter, else of the model; {} when there is none."""
+    run_dir: Path | None
+    """The checkpoint or adapter folder typed as MODEL (the run it came from), or None when MODEL is a model."""
+
+
+def model_to_load(model_path: str, adapter: str | None) -> ModelToLoad:
+    """What `tunelab chat / web / serve / reward / convert gguf MODEL [--adapter A]` loads. MODEL may be a WORK_DIR or
+    iter_N (a LoRA run: its base from tunelab.json with the adapter on it; a full run: its model/ with the
+    checkpoint's tunelab.json), an adapter folder, or a model (hub id or folder; its tunelab.json beside it, or one
+    level up for WORK_DIR/iter_N/model)."""
+    p = Path(model_path)
+    if p.is_dir() and not (p / "config.json").is_file() and (
+            is_checkpoint(p) or looks_like_work_dir(p) or (p / ADAPTER_CONFIG).is_file()):
+        if adapter:
+            raise TunelabError(f"{model_path} is already a checkpoint / adapter: pass the base model as MODEL and this "
+                               f"as --adapter, or use {model_path} alone as MODEL.")
+        meta_dir = p
+        if not (p / ADAPTER_CONFIG).is_file():
+            ckpt = resolve_checkpoint(p)
+            if not (ckpt / MODEL_DIR / ADAPTER_CONFIG).is_file():  # a full fine-tuning run: the model itself
+                return ModelToLoad(str(ckpt / MODEL_DIR), None, read_meta(ckpt) or read_meta(ckpt / MODEL_DIR) or {},
+                                   ckpt)
+            meta_dir = ckpt
+        adapter_dir, meta_dir = find_adapter_dir(meta_dir)
+        meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
+        if not meta.get("base_model"):
+            raise TunelabError(f"{meta_dir} has no tunelab.json naming its base model: pass the base model as MODEL "
+                               f"and {model_path} as --adapter.")
+        return ModelToLoad(str(meta["base_model"]), adapter_dir, meta, meta_dir)
+    adapter_dir, meta = None, None
+    if adapter:
+        adapter_dir, meta_dir = find_adapter_dir(adapter)
+        meta = read_meta(meta_dir) or read_meta(adapter_dir)
+    if meta is None and p.is_dir():
+        meta = read_meta(p)
+        if meta is None and p.name == MODEL_DIR and is_checkpoint(p.parent):  # WORK_DIR/iter_N/model
+            meta = read_meta(p.parent)
+    return ModelToLoad(model_path, adapter_dir, meta or {}, None)
 
 
 def _check_adapter_files(adapter_dir: Path) -> None:

@@ -61,50 +61,12 @@ def check_writable(out: Path, modelfile: bool) -> None:
                                f"another OUT.gguf. Nothing was written.")
 
 
-def _resolve_model(model_path: str, adapter: str | None) -> tuple[str, str | None, dict, Path | None]:
-    """(model to load, adapter to merge or None, tunelab.json, the checkpoint folder or None) for the MODEL a user
-    typed, as `tunelab chat` reads it: a WORK_DIR or iter_N (a LoRA run: its base from tunelab.json with the adapter
-    merged; a full run: its model/ with the checkpoint's tunelab.json), an adapter folder, or a model directory
-    (tunelab.json beside it, or one level up for WORK_DIR/iter_N/model)."""
-    from tunelab.export.adapters import ADAPTER_CONFIG, find_adapter_dir
-    from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, read_meta, resolve_checkpoint
-
-    p = Path(model_path)
-    if p.is_dir() and not (p / "config.json").is_file() and (
-            is_checkpoint(p) or looks_like_work_dir(p) or (p / ADAPTER_CONFIG).is_file()):
-        if adapter:
-            raise TunelabError(f"{model_path} is already a checkpoint / adapter: pass the base model as MODEL and this "
-                               f"as --adapter, or convert it alone (`tunelab convert gguf {model_path} OUT.gguf`).")
-        if (p / ADAPTER_CONFIG).is_file():
-            meta_dir = p
-        else:
-            ckpt = resolve_checkpoint(p)
-            if not (ckpt / MODEL_DIR / ADAPTER_CONFIG).is_file():  # a full fine-tuning run: the model itself
-                return str(ckpt / MODEL_DIR), None, read_meta(ckpt) or read_meta(ckpt / MODEL_DIR) or {}, ckpt
-            meta_dir = ckpt
-        adapter_dir, meta_dir = find_adapter_dir(meta_dir)
-        meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
-        base = meta.get("base_model")
-        if not base:
-            raise TunelabError(f"{meta_dir} has no tunelab.json naming its base model: run `tunelab convert gguf "
-                               f"BASE_MODEL OUT.gguf --adapter {model_path}`.")
-        return str(base), str(meta_dir), meta, meta_dir
-    if adapter:
-        adapter_dir, meta_dir = find_adapter_dir(adapter)
-        return model_path, adapter, read_meta(meta_dir) or read_meta(adapter_dir) or {}, None
-    meta = None
-    if p.is_dir():
-        meta = read_meta(p)
-        if meta is None and p.name == MODEL_DIR and is_checkpoint(p.parent):  # WORK_DIR/iter_N/model
-            meta = read_meta(p.parent)
-    return model_path, None, meta or {}, None
-
-
 def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", adapter: str | None = None,
                     prompt_template: str | None = None, modelfile: bool = True,
                     trust_remote_code: bool = False, allow_other_base: bool = False) -> Path:
     """MODEL (merged HF dir, a training checkpoint or WORK_DIR, or a base with `adapter` merged in memory) →
     OUT.gguf, plus an Ollama Modelfile beside it."""
+    from tunelab.export.adapters import apply_adapter, model_to_load
     from tunelab.export.convert import check_output, template_for_export
     from tunelab.export.ollama import write_modelfile
     from tunelab.model.load import load_causal_lm, load_tokenizer
@@ -119,7 +81,8 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     if out.is_dir():
         raise TunelabError(f"{out} is a directory: name the file to write, e.g. {out / 'model.gguf'}.")
     check_output(out.parent)  # not into a training checkpoint or a work dir's top level
-    model_path, adapter, meta, checkpoint = _resolve_model(model_path, adapter)
+    to_load = model_to_load(model_path, adapter)
+    model_path, adapter_dir, meta = to_load.base, to_load.adapter_dir, to_load.meta
     if meta.get("llava"):
         raise TunelabError(f"{model_path}: a LLaVA run; convert gguf writes text models only. Export it with "
                            f"`tunelab convert merge` (a HF LLaVA folder) and llama.cpp's own converter.")
@@ -130,19 +93,14 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     model_dir = resolve_model_dir(model_path, key="MODEL")
     config = read_model_config(model_dir, key="MODEL")
     check_gguf_architecture(config, model_dir)
-    adapter_dir = None
-    if adapter:
-        from tunelab.export.adapters import apply_adapter, find_adapter_dir
-
-        adapter_dir, _ = find_adapter_dir(adapter)
-    tokenizer_dir = adapter_dir if adapter and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
+    tokenizer_dir = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
     check_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(str(tokenizer_dir), trust_remote_code=trust_remote_code)
     template = template_for_export(meta, prompt_template, tokenizer)  # an unknown name: refused before loading
-    _say(f"loading {model_dir}" + (f" with adapter {adapter}" if adapter else ""))
+    _say(f"loading {model_dir}" + (f" with adapter {adapter_dir}" if adapter_dir else ""))
     model = load_causal_lm(str(model_dir), dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
                            key="MODEL")
-    if adapter:
+    if adapter_dir:
         model = apply_adapter(model, adapter_dir, str(model_path), meta=meta, allow_other_base=allow_other_base,
                               say=_say).merge_and_unload()
     chat_template = template.to_jinja() if template is not None else getattr(tokenizer, "chat_template", None)
@@ -154,8 +112,9 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
              "tokenizer has no chat_template: the GGUF has no chat template (a model for plain completion; llama.cpp "
              "adds the BOS as the tokenizer does), and the Modelfile has no TEMPLATE. Pass --prompt-template NAME "
              "to chat with it.")
-    if checkpoint is not None:  # a run's checkpoint: the work dir's name
-        name = (checkpoint.parent if checkpoint_step(checkpoint) >= 0 else checkpoint).resolve().name
+    if to_load.run_dir is not None:  # a run's checkpoint: the work dir's name
+        run_dir = to_load.run_dir
+        name = (run_dir.parent if checkpoint_step(run_dir) >= 0 else run_dir).resolve().name
     else:
         name = Path(adapter).resolve().name if adapter else Path(str(model_dir)).name
     write_gguf(model, tokenizer, out, out_type=out_type, name=name, chat_template=chat_template,
