@@ -36,12 +36,17 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def run_record(cfg, *, step: int, steps_per_epoch: int, total_steps: int, data_ranks: int) -> dict:
-    """tunelab.json's "run" of a checkpoint at `step`: the settings compared on resume, and the run's shape."""
+def compared_settings(cfg) -> dict:
+    """The settings a resume compares, as JSON values: what a checkpoint records and what this config is held to."""
     values = to_dict(cfg)
     keys = FIXED + SCHEDULE + (LORA if cfg.method != "full" else ())
+    return {key: _plain(values[key]) for key in keys}
+
+
+def run_record(cfg, *, step: int, steps_per_epoch: int, total_steps: int, data_ranks: int) -> dict:
+    """tunelab.json's "run" of a checkpoint at `step`: the settings compared on resume, and the run's shape."""
     return {"step": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "data_ranks": data_ranks,
-            "settings": {key: _plain(values[key]) for key in keys}}
+            "settings": compared_settings(cfg)}
 
 
 def read_record(checkpoint: Path) -> dict | None:
@@ -58,20 +63,19 @@ def compare(cfg, checkpoint: Path, *, log=print):
         log(f"note: {checkpoint} does not record its run's settings (saved by an older tunelab): they cannot be "
             f"compared with this config's; resume with the config it was trained with")
         return cfg, None
-    saved, now = record["settings"], to_dict(cfg)
-    keys = FIXED + (LORA if cfg.method != "full" else ())
-    refused = [f"{checkpoint}: {key} was {saved[key]!r} in the checkpoint, is {_plain(now[key])!r} now: resume with "
-               f"the config the run was trained with, or start a new work dir" for key in keys
-               if key in saved and saved[key] != _plain(now[key])]
+    saved, now = record["settings"], compared_settings(cfg)
+    changed = [key for key in now if key in saved and saved[key] != now[key]]
+    refused = [f"{checkpoint}: {key} was {saved[key]!r} in the checkpoint, is {now[key]!r} now: resume with "
+               f"the config the run was trained with, or start a new work dir" for key in changed
+               if key not in SCHEDULE]
     if refused:
         raise TunelabError("\n".join(refused))
     kept = {}
-    for key in SCHEDULE:
-        if key in saved and saved[key] != _plain(now[key]):
-            log(f"warning: {key} was {saved[key]!r} in the checkpoint, is {_plain(now[key])!r} now: the checkpoint's "
-                f"optimiser and schedule continue with {saved[key]!r} (as Hugging Face Trainer does); to train with "
-                f"{_plain(now[key])!r}, start a new work dir")
-            kept[key] = tuple(saved[key]) if isinstance(getattr(cfg, key), tuple) else saved[key]
+    for key in changed:  # SCHEDULE's only, past the refusal
+        log(f"warning: {key} was {saved[key]!r} in the checkpoint, is {now[key]!r} now: the checkpoint's "
+            f"optimiser and schedule continue with {saved[key]!r} (as Hugging Face Trainer does); to train with "
+            f"{now[key]!r}, start a new work dir")
+        kept[key] = tuple(saved[key]) if isinstance(getattr(cfg, key), tuple) else saved[key]
     return (dataclasses.replace(cfg, **kept) if kept else cfg), record
 
 
