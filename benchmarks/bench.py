@@ -108,6 +108,8 @@ class Run:
     optimizer: object
     cfg: object
     plan: object
+    fast_path: dict
+    """What the fast path switched on ({lever: what it did}), for the results."""
     objective: object
     vocab: int
     path: str
@@ -139,14 +141,14 @@ def _load(case: dict, baseline_path: str) -> Run:
         plan = dataclasses.replace(plan, save_attention=bool(case["sattn"]))
     if case["sproj"] is not None:
         plan = dataclasses.replace(plan, save_projections=bool(case["sproj"]))
-    model = load_model_for_training(cfg, device, plan)
+    model, fast_path = load_model_for_training(cfg, device, plan)
     model.train()
     choose_precision(model, torch.bfloat16, device, fp32_master_weights=cfg.fp32_master_weights)  # as `tunelab train`
     optimizer = build_optimizer(model, cfg, device)
     if plan.optimizer_in_backward:  # as `tunelab train`: each layer updated in backward
         optimizer = StepsInBackward(optimizer, model)
-    return Run(model, optimizer, cfg, plan, causal_lm_objective(plan), baseline.SHAPES[case["shape"]]["vocab_size"],
-               path)
+    return Run(model, optimizer, cfg, plan, fast_path, causal_lm_objective(plan),
+               baseline.SHAPES[case["shape"]]["vocab_size"], path)
 
 
 def _batch(run: Run, case: dict) -> dict:
@@ -309,7 +311,7 @@ def run_ours(case: dict, baseline_path: str, steps: int = 8, warm: int = 3) -> d
                 **mfu(tok_s, run.cfg, run.path, with_attention=not case["vary"], plan=run.plan), ckpt=run.plan.checkpointing,
                 in_backward=run.plan.optimizer_in_backward,
                 plan_gib=round(estimate_memory(run.cfg, plan=run.plan).total / 2**30, 2), loss=timed["loss"],
-                fast_path=run.model._tunelab_fast_path, profile=timed.get("profile"))
+                fast_path=run.fast_path, profile=timed.get("profile"))
 
 
 def set_lora_dropout(model, p: float, hashed: bool) -> None:

@@ -52,7 +52,7 @@ def tunelab_side(case: dict, baseline_path: str) -> Stepper:
     """tunelab's model, fast path and optimizer, loaded as `tunelab train` loads them (bench.py's loader)."""
     run = bench._load(case, baseline_path)
     return Stepper(lambda tokens: bench._step(run, dict(case, seq=tokens, bs=1)), run.optimizer,
-                   str(run.model._tunelab_fast_path))
+                   str(run.fast_path))
 
 
 def unsloth_side(case: dict, baseline_path: str) -> Stepper:

@@ -143,7 +143,7 @@ def run_tunelab(stage: str, args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config_for(stage, root, tiny, compile_=not tiny and not args.no_compile, qlora=quantized(stage, args))
     plan = plan_fast_path(cfg, device)
-    model = load_model_for_training(cfg, device, plan)
+    model, fast_path = load_model_for_training(cfg, device, plan)
     model.train()
     precision = choose_precision(model, torch.float32 if tiny else torch.bfloat16, device,
                                  fp32_master_weights=cfg.fp32_master_weights)
@@ -185,7 +185,7 @@ def run_tunelab(stage: str, args) -> dict:
         optimizer.zero_grad(set_to_none=not keep_grads)
         return loss_total / max(tokens_total, 1), len(rows)
 
-    return timed(one_step, steps, args, extra={"fast_path": model._tunelab_fast_path})
+    return timed(one_step, steps, args, extra={"fast_path": fast_path})
 
 
 def run_plain(stage: str, args) -> dict:

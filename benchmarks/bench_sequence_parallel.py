@@ -111,7 +111,7 @@ def trial(args) -> None:
         group = one_rank_group(env.device)
         plan = dataclasses.replace(plan, sequence_parallel=2)  # the plan of a split row (checkpoint around the
         # layer, no CUDA graphs, varlen attention), everything else as the plain run's; the group has one rank
-    model = load_model_for_training(cfg, env.device, plan)
+    model, _ = load_model_for_training(cfg, env.device, plan)
     precision = choose_precision(model, resolve_dtype(cfg.dtype, env.device), env.device,
                                  fp32_master_weights=cfg.fp32_master_weights)
     optimizer = build_optimizer(model, cfg, env.device)

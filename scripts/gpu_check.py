@@ -126,7 +126,7 @@ def grads_and_loss(cfg, model_dir, device, dtype, batch_fn=packed_batch):
     torch.manual_seed(0)
     cfg = dataclasses.replace(cfg, dtype=dtype)
     plan = plan_fast_path(cfg, device)
-    model = load_model_for_training(cfg, device, plan)
+    model, _ = load_model_for_training(cfg, device, plan)
     gen = torch.Generator().manual_seed(2)
     for name, p in sorted(model.named_parameters()):
         if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero: start both random
@@ -218,7 +218,7 @@ def cuda_graph_check(method, model_dir, device):
         torch.manual_seed(0)
         plan = plan_fast_path(cfg, device)
         assert plan.checkpoint_inside_compile and (plan.cuda_graphs, plan.offload_activations) == (graphs, offload)
-        model = load_model_for_training(cfg, device, plan)
+        model, _ = load_model_for_training(cfg, device, plan)
         objective = causal_lm_objective(plan)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -269,7 +269,7 @@ def in_backward_check(method, optimizer_name, model_dir, device):
         torch.manual_seed(0)
         plan = plan_fast_path(cfg, device)
         assert plan.cuda_graphs and plan.optimizer_in_backward == inside
-        model = load_model_for_training(cfg, device, plan)
+        model, _ = load_model_for_training(cfg, device, plan)
         objective = causal_lm_objective(plan)
         model.train()
         optimizer = build_optimizer(model, cfg, device)

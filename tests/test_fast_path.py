@@ -139,12 +139,12 @@ def test_qlora_loads_without_the_fp32_upcast_that_the_fast_path_would_undo(tiny_
     prepare = peft.prepare_model_for_kbit_training
     monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda *a, **k: upcasts.append(1) or prepare(*a, **k))
     torch.manual_seed(0)
-    got = load_model_for_training(cfg, torch.device("cpu"), lean)
+    got, _ = load_model_for_training(cfg, torch.device("cpu"), lean)
     assert upcasts == [] and cast_back == [0]  # nothing went to fp32, so nothing came back
 
     torch.manual_seed(0)
     peft_route = dataclasses.replace(lean, frozen_weights_in_compute_dtype=False)
-    want = load_model_for_training(cfg, torch.device("cpu"), peft_route)
+    want, _ = load_model_for_training(cfg, torch.device("cpu"), peft_route)
     assert upcasts == [1]
     assert any(p.dtype == torch.float32 and not p.requires_grad for p in want.parameters())  # peft upcast these
     downcast(want, torch.bfloat16)

@@ -27,7 +27,8 @@ def _lora(model_dir, **overrides):
                     max_length=64, gradient_checkpointing=True)
     cfg = TrainConfig(**{**settings, **overrides})
     torch.manual_seed(1)
-    model = load_model_for_training(cfg, torch.device("cpu")).train()
+    model, _ = load_model_for_training(cfg, torch.device("cpu"))
+    model.train()
     for name, p in model.named_parameters():  # B = 0 at init would hide A's gradients
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)

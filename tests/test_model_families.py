@@ -49,7 +49,7 @@ def _batch(tokenizer, template):
 
 
 def _one_step(cfg, tokenizer, template):
-    model = load_model_for_training(cfg, torch.device("cpu"))
+    model, _ = load_model_for_training(cfg, torch.device("cpu"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

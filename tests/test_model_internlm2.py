@@ -238,7 +238,7 @@ def test_train_merge_chat(tmp_path):
         ids, labels = ids + piece, labels + (piece if trained else [-100] * len(piece))
     batch = collate([{"input_ids": ids, "labels": labels, "position_ids": list(range(len(ids)))}],
                     tokenizer.pad_token_id)
-    model = load_model_for_training(cfg, torch.device("cpu"))
+    model, _ = load_model_for_training(cfg, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model.train()
     losses = []

@@ -99,7 +99,7 @@ def test_no_two_layers_hold_gradients_at_once(optimizer, tiny_llama_dir):
     from tunelab.train.optim import build_optimizer
 
     cfg = _cfg(tiny_llama_dir, method="full", optimizer=optimizer)
-    model = load_model_for_training(cfg, torch.device("cpu"), plan_fast_path(cfg, "cpu"))
+    model, _ = load_model_for_training(cfg, torch.device("cpu"), plan_fast_path(cfg, "cpu"))
     steps = StepsInBackward(build_optimizer(model, cfg, torch.device("cpu")), model)
     names = {p: n for n, p in model.named_parameters() if p.requires_grad}
     holding, updated, original = [], [], steps._step_bucket
@@ -135,7 +135,7 @@ def test_a_parameter_without_a_gradient_leaves_its_layer_to_the_step_after_backw
     results = []
     for inside in (False, True):
         torch.manual_seed(0)
-        model = load_model_for_training(cfg, torch.device("cpu"), plan_fast_path(cfg, "cpu"))
+        model, _ = load_model_for_training(cfg, torch.device("cpu"), plan_fast_path(cfg, "cpu"))
         model.model.layers[0].register_parameter("unused", torch.nn.Parameter(torch.ones(3)))  # no gradient, ever
         optimizer = build_optimizer(model, cfg, torch.device("cpu"))
         stepper = StepsInBackward(optimizer, model) if inside else optimizer

@@ -117,7 +117,7 @@ def test_training_with_the_fast_path_off_follows_the_same_curve(tiny_llama_dir, 
         cfg = tiny_cfg(tiny_llama_dir, method="lora", max_steps=4, gradient_checkpointing=True, fast_path=fast_path)
         curves.append(train(cfg, tmp_path / str(fast_path), train_rows=rows, device="cpu").losses)
         # each run took the path it was asked for (else equal curves would compare a path with itself)
-        report = captured["model"]._tunelab_fast_path  # what the plan the loop made switched on
+        report = captured["fast_path"]  # what the plan the loop made switched on
         assert (report == {"fast_path": "off"}) == (not fast_path), report
     assert len(curves[0]) == 4 and curves[0][4] < curves[0][1]
     for step in curves[0]:

@@ -77,7 +77,7 @@ def load(cfg, device="cpu", world_size=1):
 
     plan = plan_fast_path(cfg, device, world_size)
     torch.manual_seed(0)
-    model = load_model_for_training(cfg, torch.device(device), plan)
+    model, _ = load_model_for_training(cfg, torch.device(device), plan)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():

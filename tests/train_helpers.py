@@ -55,15 +55,17 @@ def tiny_cfg(model_dir, **overrides) -> TrainConfig:
 
 
 def capture_model(monkeypatch) -> dict:
-    """Keep a reference to the model the loop trains (it is not returned): `captured["model"]` after training."""
+    """Keep a reference to the model the loop trains (it is not returned): `captured["model"]` after training, and
+    what its fast path did in `captured["fast_path"]`."""
     import tunelab.model.load as load
 
     captured = {}
     original = load.load_model_for_training
 
     def wrapper(*args, **kwargs):
-        captured["model"] = original(*args, **kwargs)
-        return captured["model"]
+        model, fast_path = original(*args, **kwargs)
+        captured["model"], captured["fast_path"] = model, fast_path
+        return model, fast_path
 
     monkeypatch.setattr(load, "load_model_for_training", wrapper)
     return captured

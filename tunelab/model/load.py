@@ -170,11 +170,13 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
     return model
 
 
-def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_id: int | None = None):
-    """The model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora / qlora), with the fast path of
-    `plan` switched on (a `tunelab.model.plan.FastPathPlan`; by default the one `cfg` gets on `device` in one process).
-    What the fast path did is in `model._tunelab_fast_path`, for the log. A reward model (objective = 'reward') is
-    the sequence-classification model of the same checkpoint, `pad_token_id` (the tokenizer's) in its config."""
+def load_model_for_training(cfg, device: torch.device, plan=None, *,
+                            pad_token_id: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """(model, fast-path report): the model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora /
+    qlora), with the fast path of `plan` switched on (a `tunelab.model.plan.FastPathPlan`; by default the one `cfg`
+    gets on `device` in one process), and what the fast path did ({lever: what it did}, for the log). A reward model
+    (objective = 'reward') is the sequence-classification model of the same checkpoint, `pad_token_id` (the
+    tokenizer's) in its config."""
     from tunelab.config.checks import combination_errors
     from tunelab.model.plan import plan_fast_path
 
@@ -278,17 +280,18 @@ def load_reference_model(cfg, device: torch.device, plan):
                            device=device, trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     model.requires_grad_(False).eval()
-    return _with_fast_path(model, plan, device)
+    model, _ = _with_fast_path(model, plan, device)  # the run logs the trained model's report, not this one
+    return model
 
 
-def _with_fast_path(model, plan, device):
-    """Switch on the fast path's levers (tunelab/model/fast.py) as the plan says (the report goes in the log), then
-    give back what loading left cached: every load for training ends here."""
+def _with_fast_path(model, plan, device) -> tuple[torch.nn.Module, dict]:
+    """(model, report): switch on the fast path's levers (tunelab/model/fast.py) as the plan says, then give back
+    what loading left cached: every load for training ends here."""
     from tunelab.model.fast import apply_fast_path
 
-    model._tunelab_fast_path = apply_fast_path(model, plan, device)
+    report = apply_fast_path(model, plan, device)
     release_cached_memory(device)
-    return model
+    return model, report
 
 
 def release_cached_memory(device) -> None:

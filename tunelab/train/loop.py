@@ -145,7 +145,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     # --- model, optimiser, schedule, precision --------------------------------------------------
     from tunelab.model.load import load_model_for_training, resolve_dtype
 
-    model = load_model_for_training(cfg, env.device, plan, pad_token_id=tokenizer.pad_token_id)
+    model, fast_path = load_model_for_training(cfg, env.device, plan, pad_token_id=tokenizer.pad_token_id)
     precision = choose_precision(model, resolve_dtype(cfg.dtype, env.device), env.device,
                                  fp32_master_weights=cfg.fp32_master_weights,
                                  grad_scaler=not strategy.scales_fp16_loss)
@@ -194,7 +194,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     guard = NonFiniteGuard(cfg.nonfinite, scaled=precision.autocast_dtype == torch.float16, say=log)
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
-    log(f"fast path: {model._tunelab_fast_path}")
+    log(f"fast path: {fast_path}")
     if plan.optimizer_in_backward:
         log("optimizer_in_backward: each layer's parameters are updated as soon as backward has their gradients "
             "(no clipping)")
