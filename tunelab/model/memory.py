@@ -152,59 +152,13 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         check_heads(shape.num_attention_heads, shape.num_key_value_heads, split)
     # this GPU's share of each row (a preference row holds two max_length sequences)
     tokens = -(-row_length(cfg) // split) * cfg.batch_size
-    h, inter, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
-    linear = layers * shape.layer_linear_params()
-    other = shape.total_params() - linear  # embeddings, lm_head, norms: kept in bf16
-    parts = {}
+    h, layers, vocab = shape.hidden_size, shape.num_hidden_layers, shape.vocab_size
 
-    per_param = {4: NF4_BYTES_PER_PARAM, 8: 1.0 + 4 / 64}.get(bits, 2.0)
     # peft's preparation of a quantised base upcasts the rest to fp32; the fast path casts the frozen ones back
     other_bytes = 4 if bits and not plan.frozen_weights_in_compute_dtype else 2
-    parts["frozen/base weights"] = int(linear * per_param + other * other_bytes)
     embeddings_on_cpu = plan.embeddings_on_cpu and not shape.tie_word_embeddings
-    if embeddings_on_cpu:  # the input embedding is looked up in CPU memory (tunelab.model.fast.EmbeddingOnCPU)
-        parts["frozen/base weights"] -= vocab * h * other_bytes
-    adam_bytes = 2 if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
-    if cfg.visual_encoder_name_or_path:
-        parts.update(vision_parts(cfg, h, adam_bytes))
-    if cfg.freeze_llm:  # LLaVA's stage 1: the language model is frozen, only the projector (above) trains
-        trainable, grads, grads_name = 0, 0, "gradients"
-    elif cfg.method == "full":
-        trainable = shape.total_params()
-        if cfg.fp32_master_weights:  # fp32 weights, gradients and states, computed in bf16 under autocast
-            parts["frozen/base weights"] = trainable * 4
-            # autocast casts each weight to bf16 once a forward and keeps the copy until the forward is done
-            parts["bf16 weight copies (autocast)"] = trainable * 2
-            grads, grads_name = trainable * 4, "gradients"
-        else:  # bf16 weights, and so bf16 gradients and AdamW states
-            grads, grads_name = trainable * 2, "gradients"
-            adam_bytes //= 2
-    else:
-        trainable = _lora_params(shape, cfg)
-        # bf16 adapters with fp32_master_weights = False (tunelab.train.optim.choose_precision), else fp32
-        width = 4 if cfg.fp32_master_weights or cfg.dtype in ("fp16", "fp32") else 2
-        parts["LoRA params (fp32)" if width == 4 else "LoRA params (bf16)"] = trainable * width
-        grads, grads_name = trainable * width, "LoRA gradients"
-        if width == 2 and adam_bytes == 8:  # 32-bit AdamW's states follow the weights' dtype
-            adam_bytes = 4
-    parts["AdamW states"] = trainable * adam_bytes
-    sharded = sharded_by_engine(cfg) if world > 1 else set()
-    if "optimizer" in sharded:
-        parts["AdamW states"] //= world
-    if "gradients" in sharded:
-        grads //= world
-    if "weights" in sharded:
-        for name in ("frozen/base weights", "bf16 weight copies (autocast)", "LoRA params (fp32)",
-                     "LoRA params (bf16)"):
-            if name in parts:
-                parts[name] //= world
-        # gathered whole while they compute: a layer and the next one (prefetched), and the root (embeddings,
-        # lm_head), which the loss reads through the whole step
-        parts["gathered weights"] = 2 * shape.layer_linear_params() * 2 + other * 2
-    if plan.optimizer_in_backward:  # each layer's gradients freed after its update in backward
-        largest = vocab * h if cfg.method == "full" and not cfg.freeze_llm else 0  # (and lm_head's, when trained)
-        grads = max(grads // layers, grads * largest // max(trainable, 1))
-        grads_name = "gradients (a layer's at a time: optimizer_in_backward)"
+    parts, grads, grads_name = _weights_and_states(cfg, plan, shape, world, other_bytes=other_bytes,
+                                                   embeddings_on_cpu=embeddings_on_cpu)
     if split > 1:
         # q, k, v (KV heads repeated to whole heads a rank) and the output of the layer at work, each sent and
         # received: twice this GPU's share of them (their gradients in backward, when the forward's are gone)
@@ -215,42 +169,8 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     if cfg.resolved_reference(copy_fits=False) == "copy":  # DPO / KTO's frozen copy, in the compute dtype
         parts["reference model (frozen copy)"] = shape.total_params() * 2
 
-    a_h, a_i = ACT_PER_TOKEN["lora" if cfg.freeze_llm else cfg.method]  # frozen weights keep what LoRA's do
-    if plan.checkpoint_inside_compile and cfg.method in ("lora", "qlora") and not cfg.lora_dropout:
-        a_h, a_i = a_h - DROPOUT_COPIES_PER_TOKEN[0], a_i - DROPOUT_COPIES_PER_TOKEN[1]
-    if (plan.fused_dequant and not plan.dequantize_once and cfg.method == "qlora" and not cfg.lora_dropout
-            and merges_into_the_weight(tokens, h, inter)):
-        # The MLP's gate and up run merged with their adapters (one matmul by W + scale * B @ A): each product is
-        # written once, not as the base output and its copy with the adapter added: one intermediate-size tensor a
-        # token less where the recomputed MLP peaks (Llama-3.1-8B QLoRA r32 32k: 13.01 GiB allocated, 13.89 without the
-        # merge; BENCHMARKS.md, "the checkpoint keeps the q, k, v and o projections at long context")
-        a_i -= 1.0
-    # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
-    layer_act = tokens * a_h * h + min(tokens, plan.mlp_slice or tokens) * a_i * inter
-    if plan.compile:
-        layer_act *= COMPILED_ACT_FACTOR["inside" if plan.checkpoint_inside_compile else checkpointing]
-    if bits == 4 and plan.dequantize_once and not plan.mlp_slice:
-        # The recomputation keeps one layer's weights dequantised to bf16 until that layer's backward is done.
-        # (With MLP slices each slice dequantises for its own backward, when the other slices' intermediates,
-        # counted above for one slice, are gone: measured within the long-context rows' error without this term.)
-        layer_act += shape.layer_linear_params() * 2
-    elif bits == 4 and checkpointing:
-        # Dequantised again in backward: one linear's bf16 weight at a time.
-        layer_act += max(a * b for a, b in shape.linear_shapes().values()) * 2
-    if plan.chunked_loss:
-        from tunelab.model.loss import loss_chunk_rows
-
-        head_trained = cfg.method == "full" and not cfg.freeze_llm
-        rows = min(tokens, loss_chunk_rows(plan.loss_chunk_size, vocab, head_trained=head_trained))
-        per_logit = LOSS_BYTES_PER_LOGIT["compiled" if plan.compiled_loss else "eager"]
-        # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence;
-        # a trained lm_head's fp32 weight gradient, summed over the chunks in forward (and one chunk's bf16
-        # product, where the matmul cannot add into fp32 itself: counted, to stay on the safe side)
-        loss_name, loss_bytes = "loss (chunked logits)", rows * vocab * per_logit + 3 * tokens * h * 2
-        if head_trained:
-            loss_bytes += vocab * h * 6
-    else:
-        loss_name, loss_bytes = "loss (full fp32 logits)", tokens * vocab * 14
+    layer_act = _layer_activation_bytes(cfg, plan, shape, tokens)
+    loss_name, loss_bytes = _loss_bytes(cfg, plan, shape, tokens)
     # From the second micro-batch of an accumulated step on, the first one's gradients are all there while this
     # one's activations build up: they add to the peak whole (measured: +9% for Qwen2.5-1.5B full, bs 8, acc 2).
     accumulating = cfg.accumulative_counts > 1
@@ -301,6 +221,115 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         props = torch.cuda.get_device_properties(device)
         est.device_bytes, est.device_name = props.total_memory, props.name
     return est
+
+
+def _weights_and_states(cfg, plan, shape: ModelShape, world: int, *, other_bytes: int,
+                        embeddings_on_cpu: bool) -> tuple[dict, int, str]:
+    """(parts, gradient bytes, gradients' name): the weights and optimizer states each GPU holds through the step
+    (`other_bytes`: per parameter outside the decoder's linears), and the gradients, which `_estimate` places at the
+    peak. The engine's sharding divides them over `world` processes."""
+    bits = cfg.resolved_quant_bits()
+    h, layers, vocab = shape.hidden_size, shape.num_hidden_layers, shape.vocab_size
+    linear = layers * shape.layer_linear_params()
+    other = shape.total_params() - linear  # embeddings, lm_head, norms: kept in bf16
+    parts = {}
+    per_param = {4: NF4_BYTES_PER_PARAM, 8: 1.0 + 4 / 64}.get(bits, 2.0)
+    parts["frozen/base weights"] = int(linear * per_param + other * other_bytes)
+    if embeddings_on_cpu:  # the input embedding is looked up in CPU memory (tunelab.model.fast.EmbeddingOnCPU)
+        parts["frozen/base weights"] -= vocab * h * other_bytes
+    adam_bytes = 2 if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
+    if cfg.visual_encoder_name_or_path:
+        parts.update(vision_parts(cfg, h, adam_bytes))
+    if cfg.freeze_llm:  # LLaVA's stage 1: the language model is frozen, only the projector (above) trains
+        trainable, grads, grads_name = 0, 0, "gradients"
+    elif cfg.method == "full":
+        trainable = shape.total_params()
+        if cfg.fp32_master_weights:  # fp32 weights, gradients and states, computed in bf16 under autocast
+            parts["frozen/base weights"] = trainable * 4
+            # autocast casts each weight to bf16 once a forward and keeps the copy until the forward is done
+            parts["bf16 weight copies (autocast)"] = trainable * 2
+            grads, grads_name = trainable * 4, "gradients"
+        else:  # bf16 weights, and so bf16 gradients and AdamW states
+            grads, grads_name = trainable * 2, "gradients"
+            adam_bytes //= 2
+    else:
+        trainable = _lora_params(shape, cfg)
+        # bf16 adapters with fp32_master_weights = False (tunelab.train.optim.choose_precision), else fp32
+        width = 4 if cfg.fp32_master_weights or cfg.dtype in ("fp16", "fp32") else 2
+        parts["LoRA params (fp32)" if width == 4 else "LoRA params (bf16)"] = trainable * width
+        grads, grads_name = trainable * width, "LoRA gradients"
+        if width == 2 and adam_bytes == 8:  # 32-bit AdamW's states follow the weights' dtype
+            adam_bytes = 4
+    parts["AdamW states"] = trainable * adam_bytes
+    sharded = sharded_by_engine(cfg) if world > 1 else set()
+    if "optimizer" in sharded:
+        parts["AdamW states"] //= world
+    if "gradients" in sharded:
+        grads //= world
+    if "weights" in sharded:
+        for name in ("frozen/base weights", "bf16 weight copies (autocast)", "LoRA params (fp32)",
+                     "LoRA params (bf16)"):
+            if name in parts:
+                parts[name] //= world
+        # gathered whole while they compute: a layer and the next one (prefetched), and the root (embeddings,
+        # lm_head), which the loss reads through the whole step
+        parts["gathered weights"] = 2 * shape.layer_linear_params() * 2 + other * 2
+    if plan.optimizer_in_backward:  # each layer's gradients freed after its update in backward
+        largest = vocab * h if cfg.method == "full" and not cfg.freeze_llm else 0  # (and lm_head's, when trained)
+        grads = max(grads // layers, grads * largest // max(trainable, 1))
+        grads_name = "gradients (a layer's at a time: optimizer_in_backward)"
+    return parts, grads, grads_name
+
+
+def _layer_activation_bytes(cfg, plan, shape: ModelShape, tokens: int) -> float:
+    """What one decoder layer keeps for backward over `tokens` tokens (the layer at work when checkpointing, every
+    layer without it)."""
+    bits = cfg.resolved_quant_bits()
+    h, inter = shape.hidden_size, shape.intermediate_size
+    a_h, a_i = ACT_PER_TOKEN["lora" if cfg.freeze_llm else cfg.method]  # frozen weights keep what LoRA's do
+    if plan.checkpoint_inside_compile and cfg.method in ("lora", "qlora") and not cfg.lora_dropout:
+        a_h, a_i = a_h - DROPOUT_COPIES_PER_TOKEN[0], a_i - DROPOUT_COPIES_PER_TOKEN[1]
+    if (plan.fused_dequant and not plan.dequantize_once and cfg.method == "qlora" and not cfg.lora_dropout
+            and merges_into_the_weight(tokens, h, inter)):
+        # The MLP's gate and up run merged with their adapters (one matmul by W + scale * B @ A): each product is
+        # written once, not as the base output and its copy with the adapter added: one intermediate-size tensor a
+        # token less where the recomputed MLP peaks (Llama-3.1-8B QLoRA r32 32k: 13.01 GiB allocated, 13.89 without the
+        # merge; BENCHMARKS.md, "the checkpoint keeps the q, k, v and o projections at long context")
+        a_i -= 1.0
+    # With MLP slices (long context), the intermediate-size activations exist for one slice at a time.
+    layer_act = tokens * a_h * h + min(tokens, plan.mlp_slice or tokens) * a_i * inter
+    if plan.compile:
+        layer_act *= COMPILED_ACT_FACTOR["inside" if plan.checkpoint_inside_compile else plan.checkpointing]
+    if bits == 4 and plan.dequantize_once and not plan.mlp_slice:
+        # The recomputation keeps one layer's weights dequantised to bf16 until that layer's backward is done.
+        # (With MLP slices each slice dequantises for its own backward, when the other slices' intermediates,
+        # counted above for one slice, are gone: measured within the long-context rows' error without this term.)
+        layer_act += shape.layer_linear_params() * 2
+    elif bits == 4 and plan.checkpointing:
+        # Dequantised again in backward: one linear's bf16 weight at a time.
+        layer_act += max(a * b for a, b in shape.linear_shapes().values()) * 2
+    return layer_act
+
+
+def _loss_bytes(cfg, plan, shape: ModelShape, tokens: int) -> tuple[str, int]:
+    """(name, bytes) of the loss at its peak over `tokens` tokens: a chunk of logits (and what the chunked loss
+    keeps beside it), or the full fp32 logits."""
+    h, vocab = shape.hidden_size, shape.vocab_size
+    if plan.chunked_loss:
+        from tunelab.model.loss import loss_chunk_rows
+
+        head_trained = cfg.method == "full" and not cfg.freeze_llm
+        rows = min(tokens, loss_chunk_rows(plan.loss_chunk_size, vocab, head_trained=head_trained))
+        per_logit = LOSS_BYTES_PER_LOGIT["compiled" if plan.compiled_loss else "eager"]
+        # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence;
+        # a trained lm_head's fp32 weight gradient, summed over the chunks in forward (and one chunk's bf16
+        # product, where the matmul cannot add into fp32 itself: counted, to stay on the safe side)
+        loss_name, loss_bytes = "loss (chunked logits)", rows * vocab * per_logit + 3 * tokens * h * 2
+        if head_trained:
+            loss_bytes += vocab * h * 6
+    else:
+        loss_name, loss_bytes = "loss (full fp32 logits)", tokens * vocab * 14
+    return loss_name, loss_bytes
 
 
 def vision_parts(cfg, hidden: int, adam_bytes: int) -> dict[str, int]:
