@@ -106,6 +106,22 @@ def test_adapter_checkpoint_template_from_tunelab_json(tiny_llama_dir, tmp_path,
     assert f"loading {tiny_llama_dir} with adapter" in err
 
 
+def test_a_full_run_with_an_adapter_is_refused_not_the_adapter_dropped(tiny_llama_dir, tmp_path, capsys):
+    """A full fine-tuning run is a whole model: an --adapter beside it is refused (it was loaded without it)."""
+    import shutil
+
+    from tunelab.train.layout import write_meta
+
+    full = tmp_path / "full" / "iter_4"
+    shutil.copytree(tiny_llama_dir, full / "model")
+    (full / "training_state.pt").write_bytes(b"")
+    write_meta(full, {"base_model": str(tiny_llama_dir), "method": "full", "prompt_template": TEMPLATE})
+    make_lora_checkpoint(tiny_llama_dir, tmp_path / "lora")
+    assert main(["chat", str(tmp_path / "full"), "--adapter", str(tmp_path / "lora"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "already a checkpoint" in err and str(tmp_path / "full") in err and "--adapter" in err
+
+
 def test_template_guessed_when_not_recorded(tiny_llama_dir, capsys):
     assert main(["chat", str(tiny_llama_dir), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
     err = capsys.readouterr().err
