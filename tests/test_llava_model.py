@@ -101,6 +101,33 @@ def test_wrong_towers_and_strategies_are_refused(tmp_path, tiny_model_factory, t
         llava.vision_family(tmp_path / "nowhere")
 
 
+def test_image_processor_of_a_hub_id_a_text_model_and_a_missing_folder(tmp_path, tiny_model_factory,
+                                                                      tiny_vision_factory, monkeypatch):
+    """The LLaVA configs name the tower by hub id: its downloaded snapshot is read (it was refused before, as a
+    folder without preprocessor_config.json); a text model or a missing folder is named as what it is."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--someorg--tinyclip" / "snapshots" / "abc123"
+    shutil.copytree(tiny_vision_factory("clip"), snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    processor = llava.load_image_processor("someorg/tinyclip")
+    assert processor.crop_size["height"] == 32
+    with pytest.raises(TunelabError, match=r"is a 'llama' model; the vision tower must be a CLIP or SigLIP"):
+        llava.load_image_processor(tiny_model_factory("llama"))
+    with pytest.raises(TunelabError, match=r"visual_encoder_name_or_path: model directory .*nowhere' does not exist"):
+        llava.load_image_processor(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_vision_factory("clip"), broken)
+    (broken / "preprocessor_config.json").write_text("{\"size\": ")
+    with pytest.raises(TunelabError, match=r"preprocessor_config.json: not valid JSON"):
+        llava.load_image_processor(broken)
+
+
 def test_projector_gets_gradients_from_images_and_takes_part_in_text_only_batches(tiny_model_factory, tiny_vision_factory):
     model, tokenizer, processor = _assembled(tiny_model_factory("llama"), tiny_vision_factory("clip"))
     for p in model.parameters():

@@ -64,14 +64,24 @@ def load_image_processor(path: str | Path, *, pad_to_square: bool = True):
     image the same way."""
     from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 
-    config_path = Path(path) / "preprocessor_config.json"
+    from tunelab.model.model_dir import resolve_model_dir
+
+    # the configs name the tower by hub id: its downloaded snapshot holds the file. The family first, so a folder
+    # that is not a vision model is named as what it is, not as one missing a file
+    folder = resolve_model_dir(path, key="visual_encoder_name_or_path")
+    family = vision_family(folder)
+    config_path = folder / "preprocessor_config.json"
     if not config_path.is_file():
         raise TunelabError(f"{path}: no preprocessor_config.json, so how the vision model expects its images is "
                            "unknown. Copy the vision model's preprocessor_config.json into the folder.")
-    own = json.loads(config_path.read_text())
+    try:
+        own = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TunelabError(f"{config_path}: not valid JSON ({exc}). Download the vision model's "
+                           "preprocessor_config.json again.") from None
     # the vision model's processor class fills in what the file leaves to its defaults (the PIL versions: they need
     # no torchvision, and their settings are the same)
-    cls = CLIPImageProcessorPil if vision_family(path) == "clip" else SiglipImageProcessorPil
+    cls = CLIPImageProcessorPil if family == "clip" else SiglipImageProcessorPil
     full = cls(**{k: v for k, v in own.items() if k in _PROCESSOR_KEYS}).to_dict()
     settings = {k: v for k, v in full.items() if k in _PROCESSOR_KEYS and v is not None}
     settings["do_center_crop"] = bool(full.get("do_center_crop"))  # SigLIP resizes to the square, crops nothing
