@@ -304,3 +304,27 @@ def test_wide_ranged_and_tall_images_reach_the_tower_as_pictures(tmp_path, tiny_
     assert sizes == [(60, 400)]  # scaled down before the processor pads it, aspect kept
     assert shrunk.shape == full.shape
     torch.testing.assert_close(shrunk, full, atol=0.05, rtol=0)
+
+
+def test_stage_one_without_pictures_is_refused_and_text_samples_are_named(tmp_path, llm_dir, tiny_vision_factory):
+    """freeze_llm = True trains the projector alone, which learns from images only: a stage 1 on text-only data
+    trained nothing and saved the projector as it started, without a word; text samples among captions are warned of."""
+    _draw(tmp_path / "a.png")
+    text = {"conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hi."}]}
+    caption = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
+                                                    {"from": "gpt", "value": "Red."}]}
+    (tmp_path / "text.json").write_text(json.dumps([text, text]))
+    cfg = _cfg(str(tmp_path / "text.json"), tiny_vision_factory("clip"), freeze_llm=True)
+    with pytest.raises(TunelabError, match=r"freeze_llm = True trains the projector alone.*no sample of data_path = .*text.json. has an image"):
+        build_datasets(cfg, _tokenizer(llm_dir), log=lambda m: None)
+    (tmp_path / "mixed.json").write_text(json.dumps([caption, text, caption]))
+    logged = []
+    cfg = _cfg(str(tmp_path / "mixed.json"), tiny_vision_factory("clip"), freeze_llm=True)
+    bundle = build_datasets(cfg, _tokenizer(llm_dir), log=logged.append)
+    assert bundle.stats.images == 2
+    assert any("1 of 3 samples have no image" in line and "freeze_llm = True" in line for line in logged)
+    # stage 2 trains the language model too: text samples are fine there
+    logged.clear()
+    build_datasets(_cfg(str(tmp_path / "mixed.json"), tiny_vision_factory("clip")), _tokenizer(llm_dir),
+                   log=logged.append)
+    assert not any("have no image" in line for line in logged)

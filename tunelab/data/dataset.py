@@ -255,6 +255,22 @@ def count_cuts(stats: DataStats, encoded: list, origins: list[int], max_length: 
                 report[kind] += 1
 
 
+def check_projector_data(cfg, any_image: bool, without: tuple[int, int] | None, log) -> None:
+    """Stage 1 (freeze_llm) trains the projector alone, and the projector learns from images only: data without
+    any would train nothing (and save the projector it started with); samples without one dilute the loss.
+    without: (samples with no image, samples), where known."""
+    if not getattr(cfg, "freeze_llm", False):
+        return
+    if not any_image:
+        raise TunelabError("freeze_llm = True trains the projector alone, which learns from images, but no sample of "
+                           f"data_path = {cfg.data_path!r} has an image: nothing would train. Give stage 1 image-caption records ('<image>' in the "
+                           "text, the picture in 'image' / 'images'), or set freeze_llm = False to train the "
+                           "language model on this data.")
+    if without and without[0]:
+        log(f"data: warning: {without[0]} of {without[1]} samples have no image: with freeze_llm = True only the "
+            f"projector trains, so nothing learns from them (they only dilute the loss). Leave them out of stage 1.")
+
+
 # --- the entry point ------------------------------------------------------------------------------
 
 def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, use_cache: bool = True,
@@ -271,6 +287,8 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     if use_cache and (directory / "stats.json").exists():
         bundle = _load_cached(directory)
         log(f"data: loaded from cache {directory}: {bundle.stats.summary()}")
+        if tokens is not None:
+            check_projector_data(cfg, bundle.stats.images > 0, None, log)
         for line in bundle.stats.warnings():
             log(f"data: warning: {line}")
         return bundle
@@ -292,6 +310,9 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     lengths = np.array([e.full_length for pieces in encoded for e in pieces], dtype=np.int64)
     count_cuts(stats, encoded, origins, cfg.max_length)
     rows = [e.row for pieces in encoded for e in pieces if e.row is not None]
+    if tokens is not None and rows:
+        pictured = sum(1 for r in rows if r.get("images"))
+        check_projector_data(cfg, pictured > 0, (len(rows) - pictured, len(rows)), log)
     if not rows and not allow_empty:
         raise TunelabError(f"no sample has a token to train on (max_length={cfg.max_length}: {stats.dropped} "
                            f"dropped after truncation, {stats.untrained} without a trained reply). Raise max_length, "
