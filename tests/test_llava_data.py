@@ -328,3 +328,26 @@ def test_stage_one_without_pictures_is_refused_and_text_samples_are_named(tmp_pa
     build_datasets(_cfg(str(tmp_path / "mixed.json"), tiny_vision_factory("clip")), _tokenizer(llm_dir),
                    log=logged.append)
     assert not any("have no image" in line for line in logged)
+
+
+def test_an_image_in_a_reply_is_refused_naming_the_record(tmp_path, llm_dir, tiny_vision_factory):
+    """A picture belongs to what the user shows: one inside an assistant reply trained the model to write after a
+    picture it cannot produce (and at chat time never sees), silently. Swapped roles are the usual cause."""
+    _draw(tmp_path / "a.png")
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                {"from": "gpt", "value": "Red."}]}
+    swapped = {"image": "a.png", "conversations": [{"from": "human", "value": "Colour?"},
+                                                   {"from": "gpt", "value": "<image>\nRed."}]}
+    parts = {"messages": [{"role": "user", "content": "Draw it."}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "a.png"}}, {"type": "text", "text": "Here."}]}]}
+    tokenizer, vision = _tokenizer(llm_dir), tiny_vision_factory("clip")
+    good_parts = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}},
+                                                            {"type": "text", "text": "Colour?"}]},
+                               {"role": "assistant", "content": "Red."}]}
+    for first, bad in ((good, swapped), (good_parts, parts)):
+        path = tmp_path / "data.json"
+        path.write_text(json.dumps([first, bad]))
+        with pytest.raises(TunelabError, match=r"data.json record 1: an image in an assistant reply.*user turn"):
+            _rows(_cfg(str(path), vision), tokenizer)
+        rows, stats = _rows(_cfg(str(path), vision, skip_invalid=True), tokenizer)
+        assert len(rows) == 1 and stats.skipped_invalid == 1

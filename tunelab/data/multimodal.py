@@ -64,6 +64,10 @@ def split_images(record: Any, fmt: str = "auto", where: str = "record") -> dict:
     if any(ref is None for ref in images):
         raise fail(where, "an image part names no picture (a bare {\"type\": \"image\"})",
                    "Give the pictures in 'images', one per image part, in order.")
+    if any(m["role"] == "assistant" and IMAGE_PLACEHOLDER in m["content"] for m in sample["messages"]):
+        # the reply would be trained to follow a picture the model cannot write, and chat never shows it one there
+        raise fail(where, "an image in an assistant reply", "Images go in a user turn (the question about them): "
+                   "move <image> and its picture there, or check that the roles are not swapped.")
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in sample["messages"])
     if placeholders != len(images):
         raise fail(where, f"{placeholders} <image> placeholders in the text but {len(images)} images",
