@@ -237,3 +237,35 @@ def test_gpu_fast_path_trains_like_the_plain_path(stages, tmp_path, method):
     assert fast[8] < fast[1]
     for step in plain:
         assert fast[step] == pytest.approx(plain[step], rel=0.05), (step, plain, fast)
+
+
+def test_evaluation_questions_that_write_image_themselves(tmp_path, tiny_vision_factory, tiny_tokenizer_dir,
+                                                          monkeypatch):
+    """An evaluation question may say where its picture goes ('<image>\\nDescribe it.', as data records do): the
+    picture goes there, once (it was added a second time: a traceback from transformers after the model loaded).
+    Two <image>, or <image> with no picture to put there (the image token alone: a silently wrong answer), stop
+    before anything loads, naming the question."""
+    import tunelab.model.generate as generate
+    from tunelab.model.load import load_tokenizer
+    from tunelab.train.evaluate import answer_questions
+    from tunelab.train.vision import vision_run
+    from tunelab.errors import TunelabError
+
+    picture = tmp_path / "p.png"
+    draw("red", "circle", random.Random(0)).save(picture)
+    common = dict(visual_encoder_name_or_path=str(tiny_vision_factory("clip")), prompt_template="qwen_chat")
+    tokenizer = load_tokenizer(str(tiny_tokenizer_dir))
+    cfg = tiny_cfg(tiny_tokenizer_dir, evaluation_inputs=["<image>\nDescribe it.", "What colour?"],
+                   evaluation_images=str(picture), **common)
+    vision = vision_run(cfg, tokenizer, None)
+    asked = []
+    monkeypatch.setattr(generate, "generate_reply", lambda model, tok, template, messages, settings, **kw:
+                        asked.append(messages[-1]["content"]) or "ok")
+    answer_questions(None, tokenizer, cfg, vision)
+    assert asked == ["<image>\nDescribe it.", "<image>\nWhat colour?"]
+    for questions, pictures, says in (
+            (["<image><image> Compare."], str(picture), r"evaluation_inputs\[0\] writes <image> 2 times"),
+            (["Hi.", "<image>\nDescribe it."], None, r"evaluation_inputs\[1\] writes <image> but has no picture")):
+        with pytest.raises(TunelabError, match=says):
+            vision_run(tiny_cfg(tiny_tokenizer_dir, evaluation_inputs=questions, evaluation_images=pictures, **common),
+                       tokenizer, None)

@@ -184,7 +184,8 @@ class TrainConfig:
     """Questions the model answers during training, so you can watch it learn."""
     evaluation_images: Union[str, list, None] = setting(None, EVALUATION_IMAGES)
     """A LLaVA run: the picture the evaluation questions are asked about (one path for all), or one path per question.
-    Relative paths are read from the config file's folder, then the current directory."""
+    Relative paths are read from the config file's folder, then the current directory. The picture goes before its
+    question, or where the question writes <image> (once)."""
     eval_max_new_tokens: int = setting(128, POSITIVE)
     """Longest answer to an evaluation question, in tokens."""
     report_to: list = setting(factory=list, rule=REPORT_TO)

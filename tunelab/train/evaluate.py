@@ -26,13 +26,14 @@ def answer_questions(model, tokenizer, cfg, vision=None) -> list[tuple[str, str]
     from tunelab.data.messages import with_default_system
     from tunelab.data.templates import get_template
     from tunelab.model.generate import GenerationSettings, generate_reply
+    from tunelab.train.vision import question_content
 
     template = get_template(cfg.prompt_template, tokenizer)
     settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0)
     pictures = vision.evaluation_images if vision else [None] * len(cfg.evaluation_inputs)
     answers = []
     for question, picture in zip(cfg.evaluation_inputs, pictures):
-        messages = [{"role": "user", "content": f"<image>\n{question}" if picture else question}]
+        messages = [{"role": "user", "content": question_content(question, picture)}]
         with_default_system(messages, cfg.SYSTEM)
         image = dict(pixel_values=vision.images([picture]), image_tokens=vision.tokens) if picture else {}
         answers.append((question, generate_reply(model, tokenizer, template, messages, settings, **image)))

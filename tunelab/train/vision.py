@@ -14,6 +14,7 @@ from typing import Optional
 
 from tunelab.data.data_path import RELATIVE_PATHS, find_config_path
 from tunelab.data.images import ImageLoader, describe, open_image
+from tunelab.data.messages import IMAGE_PLACEHOLDER
 from tunelab.data.multimodal import ImageTokens, image_tokens
 from tunelab.errors import TunelabError
 from tunelab.train import layout
@@ -40,7 +41,30 @@ def vision_run(cfg, tokenizer, config_dir: str | None) -> Optional[VisionRun]:
     if len(pictures) == 1:
         pictures = pictures * len(cfg.evaluation_inputs)
     resolved = [_find(p, config_dir) for p in pictures] or [None] * len(cfg.evaluation_inputs)
+    _check_placeholders(cfg.evaluation_inputs, resolved)
     return VisionRun(ImageLoader(processor), image_tokens(cfg, tokenizer), resolved)
+
+
+def _check_placeholders(questions: list[str], pictures: list[Optional[str]]) -> None:
+    """A question may write where its picture goes (<image>, as records do), once; without a picture the image token
+    would reach the model with no image features behind it (transformers stops, or the answer is about nothing)."""
+    for i, (question, picture) in enumerate(zip(questions, pictures)):
+        count = question.count(IMAGE_PLACEHOLDER)
+        if count and not picture:
+            raise TunelabError(f"evaluation_inputs[{i}] writes {IMAGE_PLACEHOLDER} but has no picture: set "
+                               f"evaluation_images (one path for every question, or one per question), or remove "
+                               f"{IMAGE_PLACEHOLDER} from the question.")
+        if count > 1:
+            raise TunelabError(f"evaluation_inputs[{i}] writes {IMAGE_PLACEHOLDER} {count} times, and a question is "
+                               f"asked about one picture (evaluation_images): keep one {IMAGE_PLACEHOLDER}, or none "
+                               f"(the picture then goes before the question).")
+
+
+def question_content(question: str, picture: Optional[str]) -> str:
+    """An evaluation question as the user turn: the picture before it, unless it says where (checked above)."""
+    if not picture or IMAGE_PLACEHOLDER in question:
+        return question
+    return f"{IMAGE_PLACEHOLDER}\n{question}"
 
 
 def _find(path: str, config_dir: str | None) -> str:
