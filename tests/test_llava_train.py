@@ -269,3 +269,20 @@ def test_evaluation_questions_that_write_image_themselves(tmp_path, tiny_vision_
         with pytest.raises(TunelabError, match=says):
             vision_run(tiny_cfg(tiny_tokenizer_dir, evaluation_inputs=questions, evaluation_images=pictures, **common),
                        tokenizer, None)
+
+
+@pytest.mark.parametrize("layer", [4, -4, 50])
+def test_a_feature_layer_the_tower_does_not_have_stops_before_loading(tiny_vision_factory, tiny_tokenizer_dir, layer):
+    """The tiny tower has 3 layers: -3 to -1 and 1 to 3 are layers; 4, -4 (its embeddings, as 0 is) and beyond are
+    not (an IndexError from transformers at the first step before, or the embeddings silently)."""
+    from tunelab.errors import TunelabError
+    from tunelab.model.load import load_tokenizer
+    from tunelab.train.vision import vision_run
+
+    common = dict(visual_encoder_name_or_path=str(tiny_vision_factory("clip")), prompt_template="qwen_chat")
+    tokenizer = load_tokenizer(str(tiny_tokenizer_dir))
+    for ok in (-3, -1, 1, 3):
+        vision_run(tiny_cfg(tiny_tokenizer_dir, vision_feature_layer=ok, **common), tokenizer, None)
+    with pytest.raises(TunelabError, match=rf"vision_feature_layer = {layer}: the vision tower .* has 3 layers: "
+                                           r"use 1 to 3, or -1 to -3 .*-2"):
+        vision_run(tiny_cfg(tiny_tokenizer_dir, vision_feature_layer=layer, **common), tokenizer, None)

@@ -36,6 +36,7 @@ def vision_run(cfg, tokenizer, config_dir: str | None) -> Optional[VisionRun]:
     from tunelab.model.llava import load_image_processor
 
     processor = load_image_processor(cfg.visual_encoder_name_or_path, pad_to_square=cfg.image_pad_to_square)
+    _check_feature_layer(cfg.vision_feature_layer, cfg.visual_encoder_name_or_path)
     pictures = cfg.evaluation_images
     pictures = [] if pictures is None else [pictures] if isinstance(pictures, str) else list(pictures)
     if len(pictures) == 1:
@@ -43,6 +44,17 @@ def vision_run(cfg, tokenizer, config_dir: str | None) -> Optional[VisionRun]:
     resolved = [_find(p, config_dir) for p in pictures] or [None] * len(cfg.evaluation_inputs)
     _check_placeholders(cfg.evaluation_inputs, resolved)
     return VisionRun(ImageLoader(processor), image_tokens(cfg, tokenizer), resolved)
+
+
+def _check_feature_layer(layer: int, tower: str) -> None:
+    """The tower's hidden states are its embeddings and one output per layer: a layer past them was an IndexError
+    at the first step, and -(layers + 1) the embeddings (which the schema refuses as 0)."""
+    from tunelab.data.multimodal import vision_config
+
+    layers = vision_config(tower).num_hidden_layers
+    if not (1 <= layer <= layers or -layers <= layer <= -1):
+        raise TunelabError(f"vision_feature_layer = {layer}: the vision tower {tower} has {layers} layers: use 1 to "
+                           f"{layers}, or -1 to -{layers} counting from the last (LLaVA-1.5: -2, the second to last).")
 
 
 def _check_placeholders(questions: list[str], pictures: list[Optional[str]]) -> None:
