@@ -85,6 +85,21 @@ def test_adapters_train_and_base_stays_frozen(method, tiny_llama_dir, tokenizer,
     assert len(state["optimizer"]["state"]) == len(trainable)  # the optimiser holds the adapters only
 
 
+def test_qlora_on_cpu_trains_the_same_after_answering_evaluation_questions(tiny_llama_dir, tokenizer, tmp_path):
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel the first time the layer runs in eval mode,
+    and keeps using that kernel: after the evaluation questions (before step 1) QLoRA on a CPU with AVX512-BF16
+    trained with other gradients (Qwen2's biases: "a view of a leaf Variable ... in-place operation"). The
+    questions must not change training."""
+    pytest.importorskip("bitsandbytes")
+    losses = {}
+    for asked in ([], ["Who are you?"]):
+        cfg = tiny_cfg(tiny_llama_dir, method="qlora", max_steps=3, batch_size=4, lr=2e-2, save_steps=100,
+                       evaluation_inputs=asked, evaluation_freq=1, eval_max_new_tokens=2)
+        losses[bool(asked)] = train(cfg, tmp_path / str(bool(asked)), train_rows=identity_rows(tokenizer),
+                                    device="cpu").losses
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+
+
 def test_every_trained_token_weighs_the_same_however_the_step_is_split(tiny_llama_dir, tokenizer, tmp_path):
     """batch_size 4 x 1 micro-batch, 2 x 2 and 1 x 4 see the same rows per step: same losses, same updates."""
     rows = varied_rows(tokenizer, 12)

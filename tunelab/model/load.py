@@ -290,8 +290,18 @@ def _with_fast_path(model, plan, device) -> tuple[torch.nn.Module, dict]:
     from tunelab.model.fast import apply_fast_path
 
     report = apply_fast_path(model, plan, device)
+    _no_cpu_inference_repack(model)
     release_cached_memory(device)
     return model, report
+
+
+def _no_cpu_inference_repack(model) -> None:
+    """A model being trained stays on bitsandbytes' training kernels. On a CPU with AVX512-BF16, a Linear4bit that
+    runs once in eval mode (the evaluation questions) repacks its weight for an inference kernel and keeps using it
+    in training: other numbers, other gradients, and an autograd error on a layer with a bias (Qwen2)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def release_cached_memory(device) -> None:
