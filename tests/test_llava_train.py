@@ -286,3 +286,37 @@ def test_a_feature_layer_the_tower_does_not_have_stops_before_loading(tiny_visio
     with pytest.raises(TunelabError, match=rf"vision_feature_layer = {layer}: the vision tower .* has 3 layers: "
                                            r"use 1 to 3, or -1 to -3 .*-2"):
         vision_run(tiny_cfg(tiny_tokenizer_dir, vision_feature_layer=layer, **common), tokenizer, None)
+
+
+def test_stage_two_checks_what_stage_one_trained_its_projector_for(tmp_path, tiny_tokenizer_dir, caplog):
+    """pretrained_pth's tunelab.json says how stage 1 made its projector's inputs and outputs. Before, only the
+    weights' shapes were compared, after both models loaded: another feature layer or activation (same shapes) trained
+    on silently from a projector made for other features, another language model or tower of the same width too, and
+    a text-only run's checkpoint was 'no projector weights there' after loading."""
+    import logging
+
+    from tunelab.errors import TunelabError
+    from tunelab.train import layout
+    from tunelab.train.vision import with_pretrained_checkpoint
+
+    def stage_one(name, **changes):
+        checkpoint = tmp_path / name / "iter_5"
+        (checkpoint / "model").mkdir(parents=True)
+        (tmp_path / name / "last_checkpoint").write_text("iter_5")
+        cfg = tiny_cfg(tiny_tokenizer_dir, visual_encoder_name_or_path="towers/clip", freeze_llm=True, **changes)
+        layout.write_meta(checkpoint, {**layout.training_meta(cfg), **({"llava": None} if name == "text" else {})})
+        return str(tmp_path / name)
+
+    stage2 = dict(visual_encoder_name_or_path="towers/clip")
+    same = with_pretrained_checkpoint(tiny_cfg(tiny_tokenizer_dir, pretrained_pth=stage_one("same"), **stage2), None)
+    assert same.pretrained_pth == str(tmp_path / "same" / "iter_5")
+    for name, setting, says in (("layer", dict(vision_feature_layer=-1), r"vision_feature_layer = -1; this run has -2"),
+                                ("act", dict(projector_hidden_act="relu"), r"projector_hidden_act = 'relu'; this run has 'gelu'"),
+                                ("text", {}, r"a text-only run .* no projector")):
+        with pytest.raises(TunelabError, match=rf"pretrained_pth = .*{name}.*{says}"):
+            with_pretrained_checkpoint(tiny_cfg(tiny_tokenizer_dir, pretrained_pth=stage_one(name, **setting),
+                                                **stage2), None)
+    other = stage_one("other_llm", pretrained_model_name_or_path="/models/another-llm")
+    with caplog.at_level(logging.WARNING, logger="tunelab.train.vision"):
+        with_pretrained_checkpoint(tiny_cfg(tiny_tokenizer_dir, pretrained_pth=other, **stage2), None)
+    assert "stage 1 trained its projector for pretrained_model_name_or_path = '/models/another-llm'" in caplog.text

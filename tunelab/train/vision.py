@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,8 @@ from tunelab.data.messages import IMAGE_PLACEHOLDER
 from tunelab.data.multimodal import ImageTokens, image_tokens
 from tunelab.errors import TunelabError
 from tunelab.train import layout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,4 +102,44 @@ def with_pretrained_checkpoint(cfg, config_dir: str | None):
         raise TunelabError(f"pretrained_pth = {cfg.pretrained_pth!r}: not found (looked at {looked}). Train stage 1 "
                            "first (its *_pretrain config), or point pretrained_pth at its work dir or checkpoint.")
     last = None if layout.is_checkpoint(found) else layout.last_checkpoint(found)
+    _check_stage_one(cfg, last or found)
     return dataclasses.replace(cfg, pretrained_pth=str((last or found).resolve()))
+
+
+# how stage 1 made its projector's inputs and outputs: another value gives a projector of the same shapes made for
+# other features, which would train on from there silently
+_PROJECTOR_SETTINGS = ("vision_feature_layer", "projector_hidden_act")
+
+
+def _check_stage_one(cfg, checkpoint: Path) -> None:
+    """Stage 2 starts from stage 1's projector: its tunelab.json (a checkpoint's or an export's) says what for. Read
+    before anything loads; the weights' shapes are compared when they load (`llava_train.load_projector`)."""
+    meta = layout.read_meta(checkpoint)
+    if meta is None:  # weights from elsewhere: only their shapes can be checked
+        return
+    at = f"pretrained_pth = {cfg.pretrained_pth!r} ({checkpoint})"
+    settings = meta.get("llava")
+    if not settings:
+        raise TunelabError(f"{at} is a checkpoint of a text-only run (its tunelab.json names no vision tower): there "
+                           "is no projector in it. Point pretrained_pth at stage 1's work dir or checkpoint (the run "
+                           "of a *_pretrain config).")
+    for key in _PROJECTOR_SETTINGS:
+        if key in settings and settings[key] != getattr(cfg, key):
+            raise TunelabError(f"{at}: stage 1 trained its projector with {key} = {settings[key]!r}; this run has "
+                               f"{getattr(cfg, key)!r}, so the projector would get other features. Set {key} = "
+                               f"{settings[key]!r} as stage 1 had, or train stage 1 again with it.")
+    for key, recorded in (("pretrained_model_name_or_path", meta.get("base_model")),
+                          ("visual_encoder_name_or_path", settings.get("visual_encoder")),
+                          ("vision_feature_select_strategy", settings.get("vision_feature_select_strategy"))):
+        current = getattr(cfg, key)
+        if recorded is not None and recorded != current and not _same_folder(recorded, current):
+            log.warning("%s: stage 1 trained its projector for %s = %r; this run has %r. If that is the same model "
+                        "in another place, ignore this; otherwise the projector starts from a mapping made for "
+                        "another model.", at, key, recorded, current)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
