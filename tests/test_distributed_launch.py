@@ -77,6 +77,34 @@ def test_bad_launch_settings_are_refused_with_the_fix(fake_run, monkeypatch):
     assert fake_run == []
 
 
+def test_settings_the_processes_cannot_run_stop_once_before_torchrun_starts(fake_run, monkeypatch, tmp_path,
+                                                                             tiny_llama_dir, capsys):
+    """Before, each of the N processes loaded the config and stopped on it, and torchrun's ChildFailedError
+    traceback and failure table (40 lines) followed the N copies of the message. The launching process checks the
+    config and the sequence-parallel layout itself first."""
+    from tunelab.cli.main import main
+
+    config = tmp_path / "cfg.py"
+    config.write_text(f"pretrained_model_name_or_path = {str(tiny_llama_dir)!r}\nmethod = 'lora'\n"
+                      "sequence_parallel_size = 4\n")
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    assert main(["train", str(config), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "sequence_parallel_size = 4 with 2 processes" in capsys.readouterr().err
+    monkeypatch.setenv("NPROC_PER_NODE", "3")
+    config.write_text(config.read_text().replace("= 4", "= 3"))  # 3 groups' worth of processes; 4 heads
+    assert main(["train", str(config), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "sequence_parallel_size = 3: the model has 4 attention heads" in capsys.readouterr().err
+    config.write_text("batch_size = 0\n")
+    assert main(["train", str(config), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "'batch_size' (line 1) must be a positive whole number" in capsys.readouterr().err
+    assert fake_run == []
+    config.write_text(f"pretrained_model_name_or_path = {str(tiny_llama_dir)!r}\nmethod = 'lora'\n"
+                      "sequence_parallel_size = 2\n")
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    assert main(["train", str(config), "--work-dir", str(tmp_path / "w")]) == 3  # launched: torchrun's exit code
+    assert len(fake_run) == 1
+
+
 # --- DeepSpeed config -------------------------------------------------------------------------------
 
 def test_preset_takes_batch_accumulation_clipping_and_precision_from_config():

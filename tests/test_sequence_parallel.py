@@ -268,7 +268,7 @@ def test_layouts_the_processes_cannot_form_are_refused_before_loading(tiny_llama
         choose_strategy(TrainConfig(pretrained_model_name_or_path=str(tiny_llama_dir), method="lora",
                                     sequence_parallel_size=2), DistEnv())
     with pytest.raises(TunelabError, match="with 6 processes.*a multiple of 4"):
-        check_layout(4, DistEnv(rank=0, world_size=6))
+        check_layout(4, 6)
     errors = combination_errors(TrainConfig(sequence_parallel_size=2, fast_path=False))
     assert len(errors) == 1 and "sequence_parallel_size = 2 with fast_path = False" in errors[0]
     errors = combination_errors(TrainConfig(sequence_parallel_size=2, objective="dpo"))

@@ -125,18 +125,24 @@ ALLOC_CONF = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def run_train(args) -> int:
-    from tunelab.train.launch import maybe_relaunch
+    from tunelab.config.loader import load_config
+    from tunelab.train.launch import launch_world_size, maybe_relaunch
+    from tunelab.train.trackers import check_installed
 
     os.environ.setdefault(*ALLOC_CONF)  # the user's own setting wins
+    # checked here, before torchrun starts N processes that would each stop on them (torchrun's failure report
+    # burying the N copies of the message)
+    cfg = load_config(args.config, _overrides(args))
+    check_installed(cfg.resolved_report_to())  # before minutes of loading, not after
+    if cfg.sequence_parallel_size > 1:
+        from tunelab.train.sequence_parallel import check_before_loading
+
+        check_before_loading(cfg, launch_world_size(_argv(args), args.nproc_per_node))
     code = maybe_relaunch(_argv(args), args.nproc_per_node)
     if code is not None:  # this process launched torchrun, which ran the training
         return code
-    from tunelab.config.loader import load_config
     from tunelab.train.loop import train
-    from tunelab.train.trackers import check_installed
 
-    cfg = load_config(args.config, _overrides(args))
-    check_installed(cfg.resolved_report_to())  # before minutes of loading, not after
     work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
     result = train(cfg, work_dir, resume=args.resume, overwrite=args.overwrite, config_path=args.config,
                    device=args.device)

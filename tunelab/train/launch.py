@@ -74,15 +74,30 @@ def _int(value: str, what: str) -> int:
     return number
 
 
-def torchrun_command(argv: list[str], nproc_per_node: int | None = None, env: dict | None = None) -> list[str] | None:
-    """The torchrun command that runs `tunelab <argv>` on every rank, or None when one process is asked for."""
-    env = os.environ if env is None else env
+def _launch_settings(argv: list[str], nproc_per_node: int | None, env) -> tuple[dict, list[str], int, int]:
+    """(each launch flag's value, the other arguments, processes per machine, machines)."""
     flags, rest = split_launch_args(list(argv))
     if nproc_per_node is not None:
         flags.setdefault("--nproc-per-node", str(nproc_per_node))
     setting = {flag: flags.get(flag) or env.get(var) for flag, (_, var) in LAUNCH_FLAGS.items()}
     nproc = _int(setting["--nproc-per-node"] or "1", "NPROC_PER_NODE / --nproc-per-node")
     nnodes = _int(setting["--nnodes"] or "1", "NNODES / --nnodes")
+    return setting, rest, nproc, nnodes
+
+
+def launch_world_size(argv: list[str], nproc_per_node: int | None = None, env: dict | None = None) -> int:
+    """How many processes `tunelab <argv>` will train with, over every machine, as `maybe_relaunch` starts them."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env and "LOCAL_RANK" in env:  # already a worker of torchrun
+        return int(env["WORLD_SIZE"])
+    _, _, nproc, nnodes = _launch_settings(argv, nproc_per_node, env)
+    return max(nproc, 1) * max(nnodes, 1)
+
+
+def torchrun_command(argv: list[str], nproc_per_node: int | None = None, env: dict | None = None) -> list[str] | None:
+    """The torchrun command that runs `tunelab <argv>` on every rank, or None when one process is asked for."""
+    env = os.environ if env is None else env
+    setting, rest, nproc, nnodes = _launch_settings(argv, nproc_per_node, env)
     if nproc <= 1 and nnodes <= 1:
         return None
     if nproc < 1:

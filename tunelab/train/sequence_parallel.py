@@ -28,17 +28,17 @@ from tunelab.model.sequence_parallel import SequenceParallelObjective, check_hea
 from tunelab.train.distributed import DistEnv
 
 
-def check_layout(size: int, env: DistEnv) -> None:
+def check_layout(size: int, world_size: int) -> None:
     """Refuse a sequence-parallel size the processes cannot be grouped by."""
-    if env.world_size == 1:
+    if world_size == 1:
         raise TunelabError(f"sequence_parallel_size = {size} splits each row over {size} processes, and this run is "
                            f"one process. Start {size} (or a multiple of {size}): NPROC_PER_NODE={size} tunelab train "
                            f"CFG (on a machine without GPUs, CPU processes over gloo).")
-    if env.world_size % size:
-        raise TunelabError(f"sequence_parallel_size = {size} with {env.world_size} processes: the processes form "
+    if world_size % size:
+        raise TunelabError(f"sequence_parallel_size = {size} with {world_size} processes: the processes form "
                            f"groups of {size} that share rows, so their number must be a multiple of {size}. Set "
                            f"NPROC_PER_NODE (x NNODES) to a multiple of {size}, or sequence_parallel_size to a "
-                           f"divisor of {env.world_size}.")
+                           f"divisor of {world_size}.")
 
 
 def _heads_before_loading(cfg) -> tuple[int, int] | None:
@@ -52,6 +52,15 @@ def _heads_before_loading(cfg) -> tuple[int, int] | None:
     return shape.num_attention_heads, shape.num_key_value_heads
 
 
+def check_before_loading(cfg, world_size: int) -> None:
+    """The processes can form the groups, and the model's heads (from its config.json, when here) split over them:
+    `tunelab train` asks before it starts the processes, the strategy again in each."""
+    check_layout(cfg.sequence_parallel_size, world_size)
+    heads = _heads_before_loading(cfg)
+    if heads:
+        check_heads(*heads, cfg.sequence_parallel_size)
+
+
 class SequenceParallel:
     """The engine's strategy, with every row split over `cfg.sequence_parallel_size` ranks."""
 
@@ -59,10 +68,7 @@ class SequenceParallel:
         from torch.distributed.device_mesh import init_device_mesh
 
         size = cfg.sequence_parallel_size
-        check_layout(size, env)
-        heads = _heads_before_loading(cfg)
-        if heads:
-            check_heads(*heads, size)
+        check_before_loading(cfg, env.world_size)
         self.engine = engine
         self.size = size
         mesh = init_device_mesh(env.device.type, (env.world_size // size, size), mesh_dim_names=("dp", "sp"))
