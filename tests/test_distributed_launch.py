@@ -36,7 +36,7 @@ def test_env_var_starts_torchrun_with_same_args_minus_nproc(fake_run, monkeypatc
     monkeypatch.setenv("NPROC_PER_NODE", "2")
     code = launch.maybe_relaunch(["train", "cfg.py", "--work-dir", "w", "--deepspeed", "zero2"])
     assert code == 3  # torchrun's exit code is ours
-    assert fake_run == [[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+    assert fake_run == [[sys.executable, "-m", "tunelab.train.launch", "--nproc-per-node", "2", "--standalone",
                          "-m", "tunelab", "train", "cfg.py", "--work-dir", "w", "--deepspeed", "zero2"]]
 
 
@@ -103,6 +103,29 @@ def test_settings_the_processes_cannot_run_stop_once_before_torchrun_starts(fake
     monkeypatch.setenv("NPROC_PER_NODE", "2")
     assert main(["train", str(config), "--work-dir", str(tmp_path / "w")]) == 3  # launched: torchrun's exit code
     assert len(fake_run) == 1
+
+
+def test_a_process_that_stops_ends_the_launch_with_its_exit_code_not_torchruns_traceback(monkeypatch, capsys):
+    """A process that stops on a TunelabError (exit code 2) printed its message, then torchrun's ChildFailedError
+    traceback and failure table buried it and the launch exited 1. torchrun runs inside our module instead, which
+    ends with one line naming the rank and the launch's exit code is the process's."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failing(args):
+        assert args == ["--nproc-per-node", "2", "-m", "tunelab", "train", "cfg.py"]
+        raise ChildFailedError("tunelab", {1: ProcessFailure(local_rank=1, pid=99, exitcode=2, error_file="<N/A>")})
+
+    monkeypatch.setattr(torchrun, "main", failing)
+    assert launch.run_torchrun(["--nproc-per-node", "2", "-m", "tunelab", "train", "cfg.py"]) == 2
+    err = capsys.readouterr().err
+    assert "rank 1 stopped (exit code 2)" in err and "Traceback" not in err
+    monkeypatch.setattr(torchrun, "main", lambda args: (_ for _ in ()).throw(ChildFailedError(
+        "tunelab", {0: ProcessFailure(local_rank=0, pid=99, exitcode=-9, error_file="<N/A>")})))
+    assert launch.run_torchrun([]) == 1
+    assert "rank 0 was killed by signal 9" in capsys.readouterr().err
+    monkeypatch.setattr(torchrun, "main", lambda args: None)
+    assert launch.run_torchrun([]) == 0
 
 
 # --- DeepSpeed config -------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ XTuner's convention, so its instructions carry over:
     NPROC_PER_NODE=8 NNODES=2 NODE_RANK=1 ADDR=10.0.0.1 PORT=29500 tunelab train CFG   # on machine 1
 
 The command-line flags --nproc-per-node, --nnodes, --node-rank, --master-addr, --master-port (torchrun's names)
-win over the variables. `tunelab train` calls `maybe_relaunch` first: in the parent it runs
-`python -m torch.distributed.run ... -m tunelab train <same arguments>` and returns its exit code; inside the
-processes torchrun starts (LOCAL_RANK is set) it returns None and training goes on.
+win over the variables. `tunelab train` calls `maybe_relaunch` first: in the parent it runs torchrun as
+`python -m tunelab.train.launch ... -m tunelab train <same arguments>` (`run_torchrun`: torchrun's own main, ended
+by one line instead of its traceback when a process stops) and returns its exit code; inside the processes torchrun
+starts (LOCAL_RANK is set) it returns None and training goes on.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def torchrun_command(argv: list[str], nproc_per_node: int | None = None, env: di
     if nnodes > 1 and not addr:
         raise TunelabError(f"NNODES={nnodes}: set ADDR (or --master-addr) to the address of the NODE_RANK=0 machine, "
                            "the same on every machine, and PORT to a free port there.")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd = [sys.executable, "-m", "tunelab.train.launch", "--nproc-per-node", str(nproc)]  # torchrun: run_torchrun
     if nnodes == 1 and not addr and not port:
         cmd.append("--standalone")  # one machine: torchrun picks a free port itself
     else:
@@ -148,3 +149,29 @@ def maybe_relaunch(argv: list[str] | None = None, nproc_per_node: int | str | No
         return subprocess.run(cmd, check=False).returncode
     except KeyboardInterrupt:  # torchrun forwards the signal to its workers; wait for them to stop
         return 130
+
+
+def run_torchrun(args: list[str]) -> int:
+    """torchrun (`torch.distributed.run`) with `args`, its exit code that of the first process that stopped.
+
+    A process that stops on a TunelabError has printed its message and exits 2; torchrun itself would follow it with
+    its ChildFailedError traceback and failure table, burying the message, and exit 1. One line instead."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.main(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode < 0:
+            print(f"tunelab: rank {rank} was killed by signal {-failure.exitcode} (out of memory, or stopped from "
+                  "outside); the other processes were stopped.", file=sys.stderr)
+            return 1
+        print(f"tunelab: rank {rank} stopped (exit code {failure.exitcode}); its message is above. The other "
+              "processes were stopped.", file=sys.stderr)
+        return failure.exitcode
+    return 0
+
+
+if __name__ == "__main__":  # what maybe_relaunch runs: python -m tunelab.train.launch TORCHRUN_ARGS
+    sys.exit(run_torchrun(sys.argv[1:]))
