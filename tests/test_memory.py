@@ -442,3 +442,22 @@ def test_the_projections_are_kept_only_where_the_cpu_memory_holds_them(monkeypat
         monkeypatch.setattr(fit, "available_cpu_memory", lambda: free)
         fitted = fit.fit_plan_to_card(cfg, card_bytes=80 * GIB)
         assert fitted.keeps_attention and fitted.keeps_projections == kept, free / GIB
+
+
+def test_vision_tower_shape_fills_defaults_and_names_a_folder_that_is_not_a_tower(tmp_path, tiny_llama_dir):
+    """A tower's config.json may leave out what equals its class's defaults (SigLIP base: patch_size 16, image_size
+    224, 12 layers); a language model given as the tower has no patches. Both were a KeyError traceback."""
+    from tunelab.model.shapes import vision_shape
+
+    (tmp_path / "siglip").mkdir()
+    (tmp_path / "siglip" / "config.json").write_text(json.dumps(
+        {"model_type": "siglip", "text_config": {}, "vision_config": {"hidden_size": 768}}))
+    shape = vision_shape(str(tmp_path / "siglip"))
+    assert (shape["patch_size"], shape["image_size"], shape["num_hidden_layers"]) == (16, 224, 12)
+    with pytest.raises(TunelabError, match=r"visual_encoder_name_or_path = .*: its config.json is a 'llama' model; "
+                                           r"the vision tower must be a CLIP or SigLIP model"):
+        vision_shape(str(tiny_llama_dir))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    with pytest.raises(TunelabError, match=r"broken/config.json: not valid JSON"):
+        vision_shape(str(tmp_path / "broken"))
