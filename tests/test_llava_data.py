@@ -315,7 +315,8 @@ def test_stage_one_without_pictures_is_refused_and_text_samples_are_named(tmp_pa
                                                     {"from": "gpt", "value": "Red."}]}
     (tmp_path / "text.json").write_text(json.dumps([text, text]))
     cfg = _cfg(str(tmp_path / "text.json"), tiny_vision_factory("clip"), freeze_llm=True)
-    with pytest.raises(TunelabError, match=r"freeze_llm = True trains the projector alone.*no sample of data_path = .*text.json. has an image"):
+    with pytest.raises(TunelabError, match=r"freeze_llm = True trains the projector alone.*no sample of "
+                                           r"data_path = .*text.json. has an image"):
         build_datasets(cfg, _tokenizer(llm_dir), log=lambda m: None)
     (tmp_path / "mixed.json").write_text(json.dumps([caption, text, caption]))
     logged = []

@@ -310,9 +310,10 @@ def test_stage_two_checks_what_stage_one_trained_its_projector_for(tmp_path, tin
     stage2 = dict(visual_encoder_name_or_path="towers/clip")
     same = with_pretrained_checkpoint(tiny_cfg(tiny_tokenizer_dir, pretrained_pth=stage_one("same"), **stage2), None)
     assert same.pretrained_pth == str(tmp_path / "same" / "iter_5")
-    for name, setting, says in (("layer", dict(vision_feature_layer=-1), r"vision_feature_layer = -1; this run has -2"),
-                                ("act", dict(projector_hidden_act="relu"), r"projector_hidden_act = 'relu'; this run has 'gelu'"),
-                                ("text", {}, r"a text-only run .* no projector")):
+    for name, setting, says in (
+            ("layer", dict(vision_feature_layer=-1), r"vision_feature_layer = -1; this run has -2"),
+            ("act", dict(projector_hidden_act="relu"), r"projector_hidden_act = 'relu'; this run has 'gelu'"),
+            ("text", {}, r"a text-only run .* no projector")):
         with pytest.raises(TunelabError, match=rf"pretrained_pth = .*{name}.*{says}"):
             with_pretrained_checkpoint(tiny_cfg(tiny_tokenizer_dir, pretrained_pth=stage_one(name, **setting),
                                                 **stage2), None)

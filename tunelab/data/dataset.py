@@ -263,9 +263,9 @@ def check_projector_data(cfg, any_image: bool, without: tuple[int, int] | None, 
         return
     if not any_image:
         raise TunelabError("freeze_llm = True trains the projector alone, which learns from images, but no sample of "
-                           f"data_path = {cfg.data_path!r} has an image: nothing would train. Give stage 1 image-caption records ('<image>' in the "
-                           "text, the picture in 'image' / 'images'), or set freeze_llm = False to train the "
-                           "language model on this data.")
+                           f"data_path = {cfg.data_path!r} has an image: nothing would train. Give stage 1 "
+                           "image-caption records ('<image>' in the text, the picture in 'image' / 'images'), or set "
+                           "freeze_llm = False to train the language model on this data.")
     if without and without[0]:
         log(f"data: warning: {without[0]} of {without[1]} samples have no image: with freeze_llm = True only the "
             f"projector trains, so nothing learns from them (they only dilute the loss). Leave them out of stage 1.")
