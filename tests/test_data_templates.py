@@ -177,6 +177,30 @@ def test_hf_template_that_rewrites_earlier_turns_is_refused_clearly(tiny_tokeniz
         hf.segments(CHAT)
 
 
+def test_hf_template_that_refuses_a_system_prompt(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """Gemma-2's own chat_template raises 'System role not supported'. prompt_template = 'hf' with it was a jinja
+    TemplateError traceback for every run (the data cache's probe conversation has a system prompt); now data
+    without a system prompt trains, and SYSTEM (or a record's system message) stops with the template's reason and
+    the fix."""
+    import json
+    from pathlib import Path
+
+    from tunelab.config.schema import TrainConfig
+    from tunelab.data.dataset import build_datasets
+    from tunelab.model.load import load_tokenizer
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(str(tiny_tokenizer_dir))
+    tokenizer.chat_template = (Path(__file__).with_name("vendor_templates") / "gemma.jinja").read_text()
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "Hi?", "output": "Hello."}] * 2))
+    cfg = TrainConfig(data_path=str(tmp_path / "d.json"), prompt_template="hf", max_length=256)
+    bundle = build_datasets(cfg, tokenizer, log=lambda m: None)
+    assert bundle.stats.samples == 2
+    with pytest.raises(TunelabError, match=r"prompt_template='hf': the tokenizer's chat_template refuses this "
+                                           r"conversation \(System role not supported\).*remove SYSTEM"):
+        build_datasets(TrainConfig(**{**vars(cfg), "SYSTEM": "Be brief."}), tokenizer, log=lambda m: None)
+
+
 def test_unknown_template_lists_known_ones():
     with pytest.raises(TunelabError, match="qwen2_5_chat"):
         get_template("qwen-chat")

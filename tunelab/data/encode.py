@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from tunelab.errors import TunelabError
+
 IGNORE_INDEX = -100
 
 
@@ -171,7 +173,12 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
             text_pieces_ += [t for t in text_pieces(tokenizer, sample["text"]) if t]
             text_spans[k] = (start, len(text_pieces_))
         else:
-            conversations[k] = template.segments(sample["messages"], tools=sample.get("tools"))
+            try:
+                conversations[k] = template.segments(sample["messages"], tools=sample.get("tools"))
+            except TunelabError as exc:  # the template cannot render this conversation: say which, where known
+                if "where" not in sample:
+                    raise
+                raise TunelabError(f"{sample['where']}: {exc}") from None
     text_ids = token_ids(tokenizer, text_pieces_) if text_pieces_ else []
     encoded = encode_segments(tokenizer, list(conversations.values()), max_length, train_on)
     by_sample = dict(zip(conversations, encoded))
