@@ -127,3 +127,21 @@ def test_max_length_beyond_the_models_positions_is_a_warning_naming_both(tiny_ll
         _train(tiny_llama_dir, max_length=4096)
     assert (f"max_length = 4096 is longer than {tiny_llama_dir}'s max_position_embeddings = 2048" in caplog.text
             and "rope_scaling" in caplog.text)
+
+
+def test_a_llava_model_as_the_language_model_names_its_parts(tmp_path):
+    """A LLaVA export (tunelab's or the hub's) given as pretrained_model_name_or_path: the advice was to set
+    trust_remote_code = True, which cannot help (there is no remote code; it is not a text model)."""
+    from tunelab.model.model_dir import check_architecture
+
+    config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+              "text_config": {"model_type": "qwen2"}, "vision_config": {"model_type": "clip_vision_model"}}
+    (tmp_path / "tunelab.json").write_text(json.dumps({"base_model": "/models/qwen", "llava": {
+        "visual_encoder": "/models/clip"}}))
+    with pytest.raises(TunelabError) as e:
+        check_architecture(config, tmp_path, trust_remote_code=False)
+    message = str(e.value)
+    assert "a 'llava' model (a language model with a vision tower)" in message
+    assert "built from pretrained_model_name_or_path = '/models/qwen'" in message
+    assert "built with visual_encoder_name_or_path = '/models/clip'" in message and "pretrained_pth" in message
+    assert "trust_remote_code" not in message

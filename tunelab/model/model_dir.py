@@ -93,6 +93,24 @@ def _loads_natively(config: dict) -> bool:
     return config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
+def _multimodal_advice(config: dict, model_dir: Path) -> str:
+    """A LLaVA-style model given where a text model goes: trust_remote_code cannot help (there is no remote code), its
+    parts can (tunelab's exports name them in tunelab.json)."""
+    try:
+        meta = json.loads((model_dir / "tunelab.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    llava = meta.get("llava") if isinstance(meta.get("llava"), dict) else {}
+    llm, tower = meta.get("base_model"), llava.get("visual_encoder")
+    llm = f" (it was built from pretrained_model_name_or_path = {llm!r})" if llm else ""
+    tower = f" (it was built with visual_encoder_name_or_path = {tower!r})" if tower else ""
+    return (f"{model_dir}: a {config.get('model_type')!r} model (a language model with a vision tower), not a text "
+            f"model. A LLaVA run is built from a text model as pretrained_model_name_or_path{llm} and a CLIP or "
+            f"SigLIP model as visual_encoder_name_or_path{tower}; pretrained_pth = {str(model_dir)!r} starts its "
+            "projector from this folder (its language model's weights are not read from here). docs/MULTIMODAL.md")
+
+
 def check_architecture(config: dict, model_dir: Path, *, trust_remote_code: bool) -> str:
     """'internlm2', 'native' or 'remote': how this model will load; a TunelabError when it cannot."""
     if internlm2.is_internlm2(config):
@@ -108,6 +126,8 @@ def check_architecture(config: dict, model_dir: Path, *, trust_remote_code: bool
     if trust_remote_code:
         log.warning("%s: running the repository's own Python code for %s (trust_remote_code).", model_dir, arch)
         return "remote"
+    if config.get("vision_config") and not config.get("auto_map"):
+        raise TunelabError(_multimodal_advice(config, model_dir))
     needs = " It ships its own modelling code (auto_map in config.json)." if config.get("auto_map") else ""
     if config.get("model_type") == "internlm3":
         needs += " Newer transformers releases load InternLM3 natively: pip install -U transformers."
