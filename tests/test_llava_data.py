@@ -352,3 +352,20 @@ def test_an_image_in_a_reply_is_refused_naming_the_record(tmp_path, llm_dir, tin
             _rows(_cfg(str(path), vision), tokenizer)
         rows, stats = _rows(_cfg(str(path), vision, skip_invalid=True), tokenizer)
         assert len(rows) == 1 and stats.skipped_invalid == 1
+
+
+def test_a_folder_given_as_a_picture_and_a_file_as_the_image_folder_are_named_as_such(tmp_path, tiny_vision_factory):
+    """Both said 'not found' / 'no such folder' about a path that is there, only of the other kind."""
+    from tunelab.data.images import image_reading
+    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tiny import make_tokenizer
+    from tunelab.train.vision import vision_run
+
+    picture = _draw(tmp_path / "pictures" / "a.png")
+    with pytest.raises(TunelabError, match=r"image_folder = .*a.png.: .*a.png is a file, not a folder"):
+        image_reading(_cfg("d.json", tiny_vision_factory("clip"), image_folder=str(picture)))
+    make_tokenizer(tmp_path / "tok")
+    cfg = _cfg("d.json", tiny_vision_factory("clip"), evaluation_inputs=["Colour?"],
+               evaluation_images=str(tmp_path / "pictures"))
+    with pytest.raises(TunelabError, match=r"evaluation_images: .*pictures is a folder, not a picture"):
+        vision_run(cfg, load_tokenizer(str(tmp_path / "tok")), None)

@@ -231,6 +231,10 @@ def image_reading(cfg, config_dir: str | None = None) -> Optional[ImageReading]:
     if not folder:
         return ImageReading()
     found, looked = find_config_path(folder, config_dir, Path.is_dir)
+    there, _ = find_config_path(folder, config_dir)
+    if found is None and there is not None:
+        raise TunelabError(f"image_folder = {folder!r}: {there} is a file, not a folder. Set image_folder to the "
+                           "folder the records' image paths start from.")
     if found is None:
         raise TunelabError(f"image_folder = {folder!r}: no such folder (looked at {looked}). {RELATIVE_PATHS}")
     return ImageReading(found.resolve())
