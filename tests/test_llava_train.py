@@ -6,6 +6,7 @@ exports as the same model with its adapter merged, and resumes from its checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -321,3 +322,22 @@ def test_stage_two_checks_what_stage_one_trained_its_projector_for(tmp_path, tin
     with caplog.at_level(logging.WARNING, logger="tunelab.train.vision"):
         with_pretrained_checkpoint(tiny_cfg(tiny_tokenizer_dir, pretrained_pth=other, **stage2), None)
     assert "stage 1 trained its projector for pretrained_model_name_or_path = '/models/another-llm'" in caplog.text
+
+
+def test_stage_two_from_a_work_dir_without_a_checkpoint_stops_before_loading(tmp_path, tiny_tokenizer_dir):
+    """Stage 1 stopped before its first save (an iter_N.tmp, a pointer naming it): this was 'no projector weights
+    there' after both models loaded. A work dir whose pointer is gone uses its newest complete checkpoint."""
+    from tunelab.errors import TunelabError
+    from tunelab.train import layout
+    from tunelab.train.vision import with_pretrained_checkpoint
+
+    work_dir = tmp_path / "pretrain"
+    (work_dir / "iter_3.tmp").mkdir(parents=True)
+    (work_dir / "last_checkpoint").write_text("iter_3")
+    cfg = tiny_cfg(tiny_tokenizer_dir, visual_encoder_name_or_path="towers/clip", pretrained_pth=str(work_dir))
+    with pytest.raises(TunelabError, match=r"pretrained_pth = .*pretrain.: a work dir without a checkpoint yet"):
+        with_pretrained_checkpoint(cfg, None)
+    (work_dir / "iter_2" / "model").mkdir(parents=True)
+    (work_dir / "last_checkpoint").unlink()
+    layout.write_meta(work_dir / "iter_2", layout.training_meta(dataclasses.replace(cfg, freeze_llm=True)))
+    assert with_pretrained_checkpoint(cfg, None).pretrained_pth == str(work_dir / "iter_2")

@@ -104,7 +104,13 @@ def with_pretrained_checkpoint(cfg, config_dir: str | None):
     if found is None:
         raise TunelabError(f"pretrained_pth = {cfg.pretrained_pth!r}: not found (looked at {looked}). Train stage 1 "
                            "first (its *_pretrain config), or point pretrained_pth at its work dir or checkpoint.")
-    last = None if layout.is_checkpoint(found) else layout.last_checkpoint(found)
+    last = None
+    if not layout.is_checkpoint(found) and layout.looks_like_work_dir(found):
+        last = layout.last_checkpoint(found) or layout.newest_checkpoint(found)  # the pointer, else the newest
+        if last is None:
+            raise TunelabError(f"pretrained_pth = {cfg.pretrained_pth!r}: a work dir without a checkpoint yet "
+                               f"({found}: stage 1 stopped, or is still running, before its first save). Let stage "
+                               "1 save a checkpoint (save_steps), or point pretrained_pth at one.")
     _check_stage_one(cfg, last or found)
     return dataclasses.replace(cfg, pretrained_pth=str((last or found).resolve()))
 
