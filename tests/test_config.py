@@ -198,6 +198,8 @@ def test_helpers_imports_and_private_names_are_not_settings(tmp_path):
     ("quant_bits = 3", "quant_bits", "None, 4 or 8"),
     ("eval_split_ratio = -0.1", "eval_split_ratio", "at least 0"),
     ("evaluation_inputs = 'who are you?'", "evaluation_inputs", "a list"),
+    ("evaluation_inputs = ['hi', '']", "evaluation_inputs", "evaluation_inputs[1] is an empty question"),
+    ("evaluation_inputs = ['  \\n', 'hi']", "evaluation_inputs", "evaluation_inputs[0] is an empty question"),
     ("data_format = 'alpacca'", "data_format", "Did you mean 'alpaca'"),
     ("lora_r = -8", "lora_r", "positive"),
 ])

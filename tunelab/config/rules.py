@@ -94,6 +94,22 @@ def _activations() -> tuple[str, ...]:
 ACTIVATION = Rule(lambda v: v in _activations(), lambda: "an activation transformers knows, e.g. 'gelu'", _activations)
 EVALUATION_IMAGES = Rule(lambda v: isinstance(v, (str, type(None))) or all(isinstance(p, str) for p in v),
                          "None, a path, or a list of paths (one per evaluation question)")
+
+
+def _evaluation_inputs_problem(value) -> str | None:
+    """The first question that is not a string, or is empty (a blank question asks the model nothing)."""
+    for i, question in enumerate(value):
+        if not isinstance(question, str):
+            return (f"must be a list of questions (strings); evaluation_inputs[{i}] is {question!r} "
+                    f"({type(question).__name__}). Write it as text in quotes.")
+        if not question.strip():
+            return (f"evaluation_inputs[{i}] is an empty question ({question!r}): the model would be asked nothing. "
+                    f"Write the question, or remove it from the list (evaluation_inputs = [] asks none).")
+    return None
+
+
+EVALUATION_INPUTS = Rule(lambda v: _evaluation_inputs_problem(v) is None, "a list of questions (strings, none empty)",
+                         problem=_evaluation_inputs_problem)
 POSITIVE_OR_NONE = Rule(lambda v: v is None or v > 0, "None or a positive whole number")
 QUANT_BITS = Rule(lambda v: v in (None, 4, 8), "None, 4 or 8")
 BETAS = Rule(lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 from tunelab.config.rules import (ACTIVATION, BETAS, DATA_FORMAT, DATA_PATH, DEEPSPEED, DPO_LOSS, EVALUATION_IMAGES,
-                                  POSITIVE, POSITIVE_NUMBER, POSITIVE_OR_NONE, PROMPT_TEMPLATE, QUANT_BITS, REFERENCE,
-                                  REPORT_TO, TARGET_MODULES, Rule, fraction, setting)
+                                  EVALUATION_INPUTS, POSITIVE, POSITIVE_NUMBER, POSITIVE_OR_NONE, PROMPT_TEMPLATE,
+                                  QUANT_BITS, REFERENCE, REPORT_TO, TARGET_MODULES, Rule, fraction, setting)
 
 
 Method = Literal["full", "lora", "qlora"]
@@ -180,7 +180,7 @@ class TrainConfig:
     evaluation_freq: int = setting(500, POSITIVE)
     """Answer evaluation_inputs every this many steps (and once before training)."""
     evaluation_inputs: list = setting(factory=lambda: ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"],
-                                      rule=Rule(lambda v: all(isinstance(q, str) for q in v), "a list of strings (questions)"))
+                                      rule=EVALUATION_INPUTS)
     """Questions the model answers during training, so you can watch it learn."""
     evaluation_images: Union[str, list, None] = setting(None, EVALUATION_IMAGES)
     """A LLaVA run: the picture the evaluation questions are asked about (one path for all), or one path per question.
