@@ -147,6 +147,22 @@ def test_eval_split_is_held_out(tmp_path, tiny_tokenizer):
     assert not train & {tuple(r["input_ids"]) for r in bundle.eval_rows}
 
 
+def test_eval_split_with_too_few_samples_to_hold_one_out_is_warned_of(tmp_path, tiny_tokenizer):
+    """One sample cannot be split (it stays for training): the warning names eval_split_ratio and the count, from the
+    cache too, instead of a bare '0 eval samples' in the summary."""
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]))
+    for cached in (False, True):
+        logged = []
+        bundle = build_datasets(_cfg(tmp_path / "d.json", eval_split_ratio=0.2), tiny_tokenizer, log=logged.append)
+        assert bundle.stats.from_cache is cached and (bundle.stats.samples, bundle.stats.eval_samples) == (1, 0)
+        warning = [m for m in logged if "eval_split_ratio" in m]
+        assert len(warning) == 1 and warning[0].startswith("data: warning: eval_split_ratio = 0.2 holds out nothing")
+        assert "1 training sample" in warning[0] and "set eval_split_ratio = 0" in warning[0]
+    logged = []
+    build_datasets(_cfg(tmp_path / "d.json"), tiny_tokenizer, log=logged.append)  # no split asked: no warning
+    assert not any("eval_split_ratio" in m for m in logged)
+
+
 def test_cache_reused_and_invalidated(tmp_path, tiny_tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(2000)))

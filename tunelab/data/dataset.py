@@ -280,6 +280,15 @@ def check_projector_data(cfg, any_image: bool, without: tuple[int, int] | None, 
             f"projector trains, so nothing learns from them (they only dilute the loss). Leave them out of stage 1.")
 
 
+def unsplit_warning(cfg, stats: DataStats) -> str | None:
+    """eval_split_ratio asked for a held-out set that the split could not make (one sample stays for training)."""
+    if cfg.eval_split_ratio > 0 and not stats.eval_samples:
+        return (f"eval_split_ratio = {cfg.eval_split_ratio} holds out nothing: {stats.samples} training "
+                f"sample{'s' if stats.samples != 1 else ''} cannot be split (at least one stays for training), so no "
+                f"held-out loss is computed. Add samples, or set eval_split_ratio = 0.")
+    return None
+
+
 # --- the entry point ------------------------------------------------------------------------------
 
 def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, use_cache: bool = True,
@@ -298,8 +307,9 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
         log(f"data: loaded from cache {directory}: {bundle.stats.summary()}")
         if tokens is not None:
             check_projector_data(cfg, bundle.stats.images > 0, None, log)
-        for line in bundle.stats.warnings():
-            log(f"data: warning: {line}")
+        for line in bundle.stats.warnings() + [unsplit_warning(cfg, bundle.stats)]:
+            if line:
+                log(f"data: warning: {line}")
         return bundle
 
     start = time.time()
@@ -356,4 +366,7 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
         except OSError as exc:  # a read-only home must not stop training
             log(f"data: could not write the cache to {directory} ({exc}); set $TUNELAB_CACHE to a writable folder")
     log(f"data: prepared in {time.time() - start:.1f}s: {stats.summary()}")
+    warning = unsplit_warning(cfg, stats)
+    if warning:
+        log(f"data: warning: {warning}")
     return bundle
