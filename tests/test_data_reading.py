@@ -41,7 +41,7 @@ def _chat(*turns, **extra):
 
 
 def _count(line: str) -> int:
-    return int(re.search(r"(\d+)(  > max_length, cut)?$", line).group(1))
+    return int(re.search(r"(\d+)(  > max_length, [a-z ]+)?$", line).group(1))
 
 
 # --- files --------------------------------------------------------------------------------------------
@@ -225,6 +225,21 @@ def test_length_histogram_edges():
     assert sum(_count(line) for line in lines) == 5
     assert sum(_count(line) for line in lines if "> max_length" in line) == 2
     assert all("> max_length" not in l for l in length_histogram(np.array([5, 5, 5]), 64))
+
+
+def test_histogram_labels_the_samples_past_max_length_as_what_happened_to_them(tmp_path, tiny_tokenizer_dir, capsys):
+    """max_length = 1 keeps no reply: the buckets past it hold dropped samples, not cut ones."""
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(_chat(f"question {i}", "answer " * i)) for i in range(1, 9)))
+    code = main(["check-dataset", str(tmp_path / "d.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--template",
+                 "qwen_chat", "--max-length", "1"])
+    out = capsys.readouterr().out
+    past = [line for line in out.splitlines() if "> max_length" in line]
+    assert code == 1 and "0 cut there, 8 dropped" in out and sum(_count(line) for line in past) == 8
+    assert past and all(line.endswith("> max_length, dropped") for line in past)
+    lengths = np.array([10, 20, 64, 65, 200])
+    flagged = [line for line in length_histogram(lengths, 64, past="cut or dropped") if "> max_length" in line]
+    assert flagged and all(line.endswith("> max_length, cut or dropped") for line in flagged)
+    assert all(line.endswith("> max_length, cut") for line in length_histogram(lengths, 64) if "> max_length" in line)
 
 
 def test_check_dataset_without_a_tokenizer_and_closed_pipes(tmp_path):

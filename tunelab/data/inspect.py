@@ -33,9 +33,10 @@ from tunelab.data.templates import get_template, tool_support
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 
-def length_histogram(lengths: np.ndarray, max_length: int, bins: int = 10, width: int = 40) -> list[str]:
+def length_histogram(lengths: np.ndarray, max_length: int, bins: int = 10, width: int = 40,
+                     past: str = "cut") -> list[str]:
     """Text bars of sample token lengths (before truncation). max_length is a bucket edge, so the flagged buckets
-    hold exactly the samples longer than max_length."""
+    hold exactly the samples longer than max_length; `past` says what happened to those (`past_max_length`)."""
     if len(lengths) == 0:
         return ["(no samples)"]
     low, top = int(lengths.min()), int(lengths.max())
@@ -48,9 +49,15 @@ def length_histogram(lengths: np.ndarray, max_length: int, bins: int = 10, width
     peak = max(counts.max(), 1)
     lines = []
     for lo, hi, count in zip(edges[:-1], edges[1:], counts):
-        flag = "  > max_length, cut" if lo > max_length else ""
+        flag = f"  > max_length, {past}" if lo > max_length else ""
         lines.append(f"{lo:>7}-{hi - 1:<7} {'#' * round(width * count / peak):<{width}} {count}{flag}")
     return lines
+
+
+def past_max_length(stats: DataStats) -> str:
+    """What happened to the samples longer than max_length: cut there (a trained token left), dropped (none left), or
+    some of each (the histogram cannot tell which, bucket by bucket: that depends on where the replies start)."""
+    return "cut" if not stats.dropped else "dropped" if not stats.truncated else "cut or dropped"
 
 
 def _report_files(stats: DataStats, out: Callable[[str], None]) -> None:
@@ -144,7 +151,7 @@ def _report_tokens(cfg, bundle, out: Callable[[str], None]) -> None:
     if lengths is not None and len(lengths):
         out(f"token lengths before truncation ({len(lengths)} samples): min {lengths.min()}, mean "
             f"{lengths.mean():.0f}, max {lengths.max()}, 95th percentile {np.percentile(lengths, 95):.0f}")
-        for line in length_histogram(lengths, cfg.max_length):
+        for line in length_histogram(lengths, cfg.max_length, past=past_max_length(s)):
             out(line)
     if cfg.pack_to_max_length and len(bundle.train_rows):
         # the samples as training packs them (best fit), in file order: training shuffles first, which moves the
