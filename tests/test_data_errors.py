@@ -116,3 +116,39 @@ def test_skip_invalid_skips_a_first_record_whose_format_cannot_be_told(tmp_path,
     assert bundle.stats.skipped_invalid == 1 and bundle.stats.samples == 2
     assert "line 1: cannot tell the data format" in bundle.stats.invalid[0]
     assert bundle.stats.sources[0]["format"] == "alpaca"
+
+
+def test_a_system_prompt_that_fills_max_length_is_named_with_its_token_count(tmp_path, tiny_tokenizer):
+    """SYSTEM longer than max_length leaves no room for a reply in any sample that gets it: the error (and
+    check-dataset's verdict) names SYSTEM and its tokens, not only 'Raise max_length'; where other samples bring their
+    own system prompt and train, the dropped ones are warned of with the same cause."""
+    from tunelab.data.inspect import check_dataset
+
+    system = "You are a careful assistant who answers every question in full sentences. " * 4
+    n_system = len(tiny_tokenizer(system, add_special_tokens=False)["input_ids"])
+    (tmp_path / "d.jsonl").write_text("\n".join([GOOD] * 3))
+    with pytest.raises(TunelabError) as info:
+        _build(tmp_path / "d.jsonl", tiny_tokenizer, SYSTEM=system, max_length=32)
+    message = str(info.value)
+    assert f"SYSTEM (the config's system prompt, given to the 3 samples that start with it) is {n_system} tokens" \
+        in message and "max_length = 32" in message and "Shorten SYSTEM" in message
+    lines: list[str] = []
+    cfg = TrainConfig(data_path=str(tmp_path / "d.jsonl"), prompt_template="qwen_chat", max_length=32, SYSTEM=system)
+    check_dataset(cfg, tiny_tokenizer, out=lines.append)
+    verdict = [line for line in lines if line.startswith("Nothing will train")]
+    assert len(verdict) == 1 and f"is {n_system} tokens" in verdict[0] and "Raise max_length (see" not in verdict[0]
+    # a short SYSTEM: the prompts themselves are too long, and the message says so as before
+    (tmp_path / "long.jsonl").write_text(json.dumps({"instruction": "word " * 80, "output": "x"}))
+    message = str(pytest.raises(TunelabError, _build, tmp_path / "long.jsonl", tiny_tokenizer, SYSTEM="Be brief.",
+                                max_length=32).value)
+    assert "Raise max_length" in message and "SYSTEM" not in message
+    # some samples bring their own (short) system prompt and train: the others are dropped, and warned of
+    own = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"}]}
+    (tmp_path / "mixed.jsonl").write_text("\n".join([json.dumps({"messages": own["messages"][1:]}), json.dumps(own)]))
+    logged: list[str] = []
+    cfg = TrainConfig(data_path=str(tmp_path / "mixed.jsonl"), prompt_template="qwen_chat", max_length=32,
+                      SYSTEM=system)
+    assert build_datasets(cfg, tiny_tokenizer, log=logged.append).stats.samples == 1
+    assert any(m.startswith("data: warning: SYSTEM (the config's system prompt, given to the 1 sample that starts "
+                            f"with it) is {n_system} tokens") for m in logged)

@@ -31,7 +31,7 @@ from tunelab.data.encode_preference import check_kl_partners, row_capacity, with
 from tunelab.data.files import data_files
 from tunelab.data.multimodal import ImageTokens, expand_image_tokens, image_tokens
 from tunelab.data.packing import TokenRows, pack_rows
-from tunelab.data.reports import file_warnings, source_warnings
+from tunelab.data.reports import file_warnings, source_warnings, system_fills
 from tunelab.data.data_path import Source, resolve_sources
 from tunelab.data.sources import collect_samples, special_text_pattern
 from tunelab.data.templates import get_template, tool_support
@@ -78,6 +78,8 @@ class DataStats:
     """Per data file: what reading it found (tunelab.data.reports.new_file_report)."""
     invalid: list = field(default_factory=list)
     """The first few skipped records' error messages."""
+    system_fills: str = ""
+    """Why samples were dropped when SYSTEM alone leaves no room for a reply within max_length (`system_fills`)."""
     from_cache: bool = False
     cache_dir: str = ""
 
@@ -92,7 +94,8 @@ class DataStats:
 
     def warnings(self) -> list[str]:
         return ([line for report in self.files for line in file_warnings(report)]
-                + [line for source in self.sources for line in source_warnings(source)])
+                + [line for source in self.sources for line in source_warnings(source)]
+                + ([self.system_fills] if self.system_fills and self.samples else []))
 
 
 @dataclass
@@ -332,10 +335,14 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     if tokens is not None and rows:
         pictured = sum(1 for r in rows if r.get("images"))
         check_projector_data(cfg, pictured > 0, (len(rows) - pictured, len(rows)), log)
+    stats.system_fills = system_fills(cfg, tokenizer, template, samples) if stats.dropped else ""
     if not rows and not allow_empty:
         raise TunelabError(f"no sample has a token to train on (max_length={cfg.max_length}: {stats.dropped} "
-                           f"dropped after truncation, {stats.untrained} without a trained reply). Raise max_length, "
-                           f"or check that samples have assistant replies that are trained on.")
+                           f"dropped after truncation, {stats.untrained} without a trained reply). "
+                           + (stats.system_fills or "Raise max_length, or check that samples have assistant replies "
+                                                    "that are trained on."))
+    if rows and stats.system_fills:
+        log(f"data: warning: {stats.system_fills}")
 
     rng = random.Random(cfg.seed)
     eval_samples: list[dict] = []

@@ -132,7 +132,8 @@ def nothing_to_train(cfg, s: DataStats, encoded: bool) -> str:
         return (f"Nothing will train: none of the {s.encoded} encoded samples is left (max_length={cfg.max_length}: "
                 f"{s.dropped} dropped after the cut, {s.untrained} without a trained reply), so `tunelab train` would "
                 f"stop. " + " ".join(fix for n, fix in (
-                    (s.dropped, "Raise max_length (see the token lengths above), or shorten the prompts."),
+                    (s.dropped, s.system_fills or "Raise max_length (see the token lengths above), or shorten the "
+                                                   "prompts."),
                     (s.untrained, "Give the samples replies that are trained on (not empty, not marked as "
                                   "context).")) if n))
     return ("Nothing will train: no record is usable (see the counts and warnings above), so `tunelab train` would "

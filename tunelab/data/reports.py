@@ -2,7 +2,7 @@
 detected, invalid records, fields the format does not read, records dataset_map_fn dropped, samples with unfilled
 ``{{placeholders}}``, ``<image>`` placeholders without images or empty replies, preference pairs whose replies are
 the same, and after encoding samples truncated and dropped) and one per source (records read, samples kept after its
-ratio, files of its folder not read).
+ratio, files of its folder not read), and a SYSTEM that leaves no room for a reply within max_length (`system_fills`).
 `tunelab.data.sources` fills them while reading; `file_warnings` and `source_warnings` give the lines `check-dataset`
 and training print, so nothing a record carries is dropped without a word. Reports are plain data: they are cached
 with the rows."""
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
+from tunelab.data.encode import token_ids
 from tunelab.data.files import SUFFIXES_READ
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
 from tunelab.data.preference import IMAGES_FIX
@@ -137,3 +138,29 @@ def source_warnings(source: dict) -> list[str]:
                      f"contributes nothing. Raise the ratio (at least {1 / source['read']:.3g} keeps one sample), "
                      f"or remove the source.")
     return lines
+
+
+def system_fills(cfg, tokenizer, template, samples: list[dict]) -> str:
+    """Where SYSTEM alone leaves no room for a reply within max_length (every sample that gets it is dropped): a
+    sentence naming it and its tokens; "" otherwise (no SYSTEM, no sample starting with it, room left, or the
+    template's markup fills max_length without it: max_length is the cause)."""
+    if not cfg.SYSTEM or cfg.train_on == "all":  # (with train_on = 'all' the system prompt is trained: cut, kept)
+        return ""
+    asked = [{"role": "user", "content": ""}]
+    try:
+        texts = [template.render([{"role": "system", "content": cfg.SYSTEM}] + asked, add_generation_prompt=True),
+                 template.render(asked, add_generation_prompt=True), cfg.SYSTEM]
+    except Exception:  # noqa: BLE001 (a template that refuses a system prompt: the data trains without one)
+        return ""
+    with_system, without, alone = (len(ids) for ids in token_ids(tokenizer, texts))
+    if with_system < cfg.max_length or (without >= cfg.max_length and alone < cfg.max_length):
+        return ""
+    firsts = [(s.get("messages") or s.get("prompt") or [{}])[0] for s in samples]
+    n = sum(1 for m in firsts if m.get("role") == "system" and m.get("content") == cfg.SYSTEM)
+    if not n:
+        return ""
+    return (f"SYSTEM (the config's system prompt, given to the {n} sample{'s' if n != 1 else ''} that start"
+            f"{'' if n != 1 else 's'} with it) is {alone} tokens, {with_system} with the template's markup and an "
+            f"empty question, and max_length = {cfg.max_length}: no reply fits after it, so "
+            f"{'they are' if n != 1 else 'it is'} dropped. Shorten SYSTEM, or raise max_length well above "
+            f"{with_system}.")
