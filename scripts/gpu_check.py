@@ -394,7 +394,11 @@ def identity_check(method, device, base=None, name="TuneBot", lora_dropout=0.1):
         work = tmp / f"work_{i}"
         result = train(TrainConfig(**settings, **changes), work, device=str(device))
         curves[run] = [result.losses[s] for s in sorted(result.losses)]
-        answers[run] = (work / f"eval_outputs_iter_{result.step}.txt").read_text(encoding="utf-8").count(name)
+        outputs = work / f"eval_outputs_iter_{result.step}.txt"
+        if not outputs.is_file():  # stopped by a signal (a time limit) before its last step: nothing was asked
+            raise SystemExit(f"FAIL {method}: identity run '{run}' stopped at step {result.step} before its end, so "
+                             "it answered no questions; give the check more time")
+        answers[run] = outputs.read_text(encoding="utf-8").count(name)
         if run == "off":
             taught = Path(result.last_checkpoint) / MODEL_DIR
     plain = curves["off"]
