@@ -178,10 +178,9 @@ def test_hf_template_that_rewrites_earlier_turns_is_refused_clearly(tiny_tokeniz
 
 
 def test_hf_template_that_refuses_a_system_prompt(tiny_tokenizer_dir, tmp_path, monkeypatch):
-    """Gemma-2's own chat_template raises 'System role not supported'. prompt_template = 'hf' with it was a jinja
-    TemplateError traceback for every run (the data cache's probe conversation has a system prompt); now data
-    without a system prompt trains, and SYSTEM (or a record's system message) stops with the template's reason and
-    the fix."""
+    """Gemma-2's own chat_template raises 'System role not supported'. With prompt_template = 'hf', data without a
+    system prompt trains (the data cache's probe conversation, which has one, is rendered without it), and SYSTEM
+    (or a record's system message) stops with the template's reason and the fix."""
     import json
     from pathlib import Path
 
@@ -199,6 +198,10 @@ def test_hf_template_that_refuses_a_system_prompt(tiny_tokenizer_dir, tmp_path, 
     with pytest.raises(TunelabError, match=r"prompt_template='hf': the tokenizer's chat_template refuses this "
                                            r"conversation \(System role not supported\).*remove SYSTEM"):
         build_datasets(TrainConfig(**{**vars(cfg), "SYSTEM": "Be brief."}), tokenizer, log=lambda m: None)
+    # a refusal of a conversation without a system prompt does not blame one
+    with pytest.raises(TunelabError, match=r"\(Conversation roles must alternate.*\)\. Fix the conversation") as info:
+        get_template("hf", tokenizer).render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert "SYSTEM" not in str(info.value)
 
 
 def test_unknown_template_lists_known_ones():

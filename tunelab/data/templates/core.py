@@ -154,10 +154,13 @@ class HFChatTemplate(ChatTemplate):
             return self.tokenizer.apply_chat_template(_prepare(messages), tools=tools or None, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt, **options)
         except jinja2.TemplateError as exc:  # the template's own raise_exception: e.g. Gemma-2's on a system prompt
+            # the system prompt is named as the cause only where there is one (Gemma-2's also refuses two user turns
+            # in a row)
+            fix = ("If it is the system prompt: remove SYSTEM and the records' system messages, or use"
+                   if any(m.get("role") == "system" for m in messages) else "Fix the conversation, or use")
             raise TunelabError(
-                f"prompt_template='hf': the tokenizer's chat_template refuses this conversation ({exc}). A system "
-                "prompt it cannot take: remove SYSTEM and the records' system messages, or use the built-in template "
-                "of the model's family (`guess_template` names it), which places it.") from None
+                f"prompt_template='hf': the tokenizer's chat_template refuses this conversation ({exc}). {fix} the "
+                "built-in template of the model's family (`guess_template` names it), which takes it.") from None
 
     def segments(self, messages, *, tools=None, add_generation_prompt=False, **options):
         if "generation" in self.tokenizer.chat_template and _GENERATION_TAGS.search(self.tokenizer.chat_template):
