@@ -163,9 +163,9 @@ def run_torchrun(args: list[str]) -> int:
         torchrun.main(args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        if failure.exitcode < 0:
-            print(f"tunelab: rank {rank} was killed by signal {-failure.exitcode} (out of memory, or stopped from "
-                  "outside); the other processes were stopped.", file=sys.stderr)
+        if failure.exitcode < 0:  # the signal's name: SIGKILL (out of memory, most often) is not SIGABRT (a crash)
+            print(f"tunelab: rank {rank} was killed by {failure.signal_name()} (signal {-failure.exitcode}); the "
+                  "other processes were stopped.", file=sys.stderr)
             return 1
         print(f"tunelab: rank {rank} stopped (exit code {failure.exitcode}); its message is above. The other "
               "processes were stopped.", file=sys.stderr)
