@@ -50,8 +50,8 @@ def vision_run(cfg, tokenizer, config_dir: str | None) -> Optional[VisionRun]:
 
 
 def _check_feature_layer(layer: int, tower: str) -> None:
-    """The tower's hidden states are its embeddings and one output per layer: a layer past them was an IndexError
-    at the first step, and -(layers + 1) the embeddings (which the schema refuses as 0)."""
+    """The tower's hidden states are its embeddings and one output per layer: a layer past them is an IndexError in
+    transformers at the first step, and -(layers + 1) the embeddings (which the schema refuses as 0)."""
     from tunelab.data.multimodal import vision_config
 
     layers = vision_config(tower).num_hidden_layers
