@@ -107,7 +107,7 @@ def test_adapter_checkpoint_template_from_tunelab_json(tiny_llama_dir, tmp_path,
 
 
 def test_a_full_run_with_an_adapter_is_refused_not_the_adapter_dropped(tiny_llama_dir, tmp_path, capsys):
-    """A full fine-tuning run is a whole model: an --adapter beside it is refused (it was loaded without it)."""
+    """A full fine-tuning run is a whole model: an --adapter beside it is refused, not dropped silently."""
     import shutil
 
     from tunelab.train.layout import write_meta

@@ -308,7 +308,7 @@ def test_wide_ranged_and_tall_images_reach_the_tower_as_pictures(tmp_path, tiny_
 
 def test_stage_one_without_pictures_is_refused_and_text_samples_are_named(tmp_path, llm_dir, tiny_vision_factory):
     """freeze_llm = True trains the projector alone, which learns from images only: a stage 1 on text-only data
-    trained nothing and saved the projector as it started, without a word; text samples among captions are warned of."""
+    would train nothing and save the projector as it started, so it stops; text samples among captions are warned of."""
     _draw(tmp_path / "a.png")
     text = {"conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hi."}]}
     caption = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
@@ -332,8 +332,9 @@ def test_stage_one_without_pictures_is_refused_and_text_samples_are_named(tmp_pa
 
 
 def test_an_image_in_a_reply_is_refused_naming_the_record(tmp_path, llm_dir, tiny_vision_factory):
-    """A picture belongs to what the user shows: one inside an assistant reply trained the model to write after a
-    picture it cannot produce (and at chat time never sees), silently. Swapped roles are the usual cause."""
+    """A picture belongs to what the user shows: one inside an assistant reply would train the model to write after
+    a picture it cannot produce (and at chat time never sees): the record is invalid. Swapped roles are the usual
+    cause."""
     _draw(tmp_path / "a.png")
     good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
                                                 {"from": "gpt", "value": "Red."}]}
@@ -355,7 +356,7 @@ def test_an_image_in_a_reply_is_refused_naming_the_record(tmp_path, llm_dir, tin
 
 
 def test_a_folder_given_as_a_picture_and_a_file_as_the_image_folder_are_named_as_such(tmp_path, tiny_vision_factory):
-    """Both said 'not found' / 'no such folder' about a path that is there, only of the other kind."""
+    """A path that is there, only of the other kind, is named as what it is (not as 'not found')."""
     from tunelab.data.images import image_reading
     from tunelab.model.load import load_tokenizer
     from tunelab.model.tiny import make_tokenizer

@@ -103,8 +103,8 @@ def test_wrong_towers_and_strategies_are_refused(tmp_path, tiny_model_factory, t
 
 def test_image_processor_of_a_hub_id_a_text_model_and_a_missing_folder(tmp_path, tiny_model_factory,
                                                                       tiny_vision_factory, monkeypatch):
-    """The LLaVA configs name the tower by hub id: its downloaded snapshot is read (it was refused before, as a
-    folder without preprocessor_config.json); a text model or a missing folder is named as what it is."""
+    """The LLaVA configs name the tower by hub id: its downloaded snapshot is read (not refused as a folder without
+    preprocessor_config.json); a text model or a missing folder is named as what it is."""
     import shutil
 
     import huggingface_hub.constants

@@ -243,7 +243,7 @@ def test_gpu_fast_path_trains_like_the_plain_path(stages, tmp_path, method):
 def test_evaluation_questions_that_write_image_themselves(tmp_path, tiny_vision_factory, tiny_tokenizer_dir,
                                                           monkeypatch):
     """An evaluation question may say where its picture goes ('<image>\\nDescribe it.', as data records do): the
-    picture goes there, once (it was added a second time: a traceback from transformers after the model loaded).
+    picture goes there, once (a second one would be a traceback from transformers after the model loaded).
     Two <image>, or <image> with no picture to put there (the image token alone: a silently wrong answer), stop
     before anything loads, naming the question."""
     import tunelab.model.generate as generate
@@ -275,7 +275,7 @@ def test_evaluation_questions_that_write_image_themselves(tmp_path, tiny_vision_
 @pytest.mark.parametrize("layer", [4, -4, 50])
 def test_a_feature_layer_the_tower_does_not_have_stops_before_loading(tiny_vision_factory, tiny_tokenizer_dir, layer):
     """The tiny tower has 3 layers: -3 to -1 and 1 to 3 are layers; 4, -4 (its embeddings, as 0 is) and beyond are
-    not (an IndexError from transformers at the first step before, or the embeddings silently)."""
+    not (an IndexError from transformers at the first step, or the embeddings silently)."""
     from tunelab.errors import TunelabError
     from tunelab.model.load import load_tokenizer
     from tunelab.train.vision import vision_run
@@ -290,10 +290,9 @@ def test_a_feature_layer_the_tower_does_not_have_stops_before_loading(tiny_visio
 
 
 def test_stage_two_checks_what_stage_one_trained_its_projector_for(tmp_path, tiny_tokenizer_dir, caplog):
-    """pretrained_pth's tunelab.json says how stage 1 made its projector's inputs and outputs. Before, only the
-    weights' shapes were compared, after both models loaded: another feature layer or activation (same shapes) trained
-    on silently from a projector made for other features, another language model or tower of the same width too, and
-    a text-only run's checkpoint was 'no projector weights there' after loading."""
+    """pretrained_pth's tunelab.json says how stage 1 made its projector's inputs and outputs. It is read
+    before anything loads: another feature layer or activation stops the run (the weights' shapes are the same, so
+    they cannot tell), another language model is warned of, and a text-only run's checkpoint is named as one."""
     import logging
 
     from tunelab.errors import TunelabError
@@ -325,8 +324,8 @@ def test_stage_two_checks_what_stage_one_trained_its_projector_for(tmp_path, tin
 
 
 def test_stage_two_from_a_work_dir_without_a_checkpoint_stops_before_loading(tmp_path, tiny_tokenizer_dir):
-    """Stage 1 stopped before its first save (an iter_N.tmp, a pointer naming it): this was 'no projector weights
-    there' after both models loaded. A work dir whose pointer is gone uses its newest complete checkpoint."""
+    """Stage 1 stopped before its first save (an iter_N.tmp, a pointer naming it): named as such before
+    anything loads. A work dir whose pointer is gone uses its newest complete checkpoint."""
     from tunelab.errors import TunelabError
     from tunelab.train import layout
     from tunelab.train.vision import with_pretrained_checkpoint

@@ -446,7 +446,7 @@ def test_the_projections_are_kept_only_where_the_cpu_memory_holds_them(monkeypat
 
 def test_vision_tower_shape_fills_defaults_and_names_a_folder_that_is_not_a_tower(tmp_path, tiny_llama_dir):
     """A tower's config.json may leave out what equals its class's defaults (SigLIP base: patch_size 16, image_size
-    224, 12 layers); a language model given as the tower has no patches. Both were a KeyError traceback."""
+    224, 12 layers); a language model given as the tower has no patches, and is named as what it is."""
     from tunelab.model.shapes import vision_shape
 
     (tmp_path / "siglip").mkdir()

@@ -130,8 +130,8 @@ def test_max_length_beyond_the_models_positions_is_a_warning_naming_both(tiny_ll
 
 
 def test_a_llava_model_as_the_language_model_names_its_parts(tmp_path):
-    """A LLaVA export (tunelab's or the hub's) given as pretrained_model_name_or_path: the advice was to set
-    trust_remote_code = True, which cannot help (there is no remote code; it is not a text model)."""
+    """A LLaVA export (tunelab's or the hub's) given as pretrained_model_name_or_path: the message names its
+    parts, not trust_remote_code = True, which cannot help (there is no remote code; it is not a text model)."""
     from tunelab.model.model_dir import check_architecture
 
     config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
