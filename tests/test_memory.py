@@ -454,10 +454,10 @@ def test_vision_tower_shape_fills_defaults_and_names_a_folder_that_is_not_a_towe
         {"model_type": "siglip", "text_config": {}, "vision_config": {"hidden_size": 768}}))
     shape = vision_shape(str(tmp_path / "siglip"))
     assert (shape["patch_size"], shape["image_size"], shape["num_hidden_layers"]) == (16, 224, 12)
-    with pytest.raises(TunelabError, match=r"visual_encoder_name_or_path = .*: its config.json is a 'llama' model; "
+    with pytest.raises(TunelabError, match=r"visual_encoder_name_or_path = .* is a 'llama' model; "
                                            r"the vision tower must be a CLIP or SigLIP model"):
         vision_shape(str(tiny_llama_dir))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{")
-    with pytest.raises(TunelabError, match=r"broken/config.json: not valid JSON"):
+    with pytest.raises(TunelabError, match=r"broken'?: no model config found there .*not a valid JSON"):
         vision_shape(str(tmp_path / "broken"))

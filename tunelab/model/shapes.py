@@ -145,22 +145,9 @@ def vision_shape(path: str) -> dict:
 
 def _vision_shape_from_file(path: str, config_file: Path) -> dict:
     """The shape from a tower's (or a whole CLIP / SigLIP model's) config.json, with what the file leaves out as its
-    config class's defaults, as transformers reads it."""
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
+    config class's defaults, as transformers reads it (the config training loads: `vision_config`)."""
+    from tunelab.data.multimodal import vision_config
 
-    from tunelab.data.multimodal import VISION_TYPES
-
-    try:
-        c = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TunelabError(f"{config_file}: not valid JSON (line {exc.lineno}): {exc.msg}. "
-                           "Fix or re-download it.") from None
-    family = VISION_TYPES.get(c.get("model_type"))
-    if family is None:
-        raise TunelabError(f"visual_encoder_name_or_path = {path!r}: its config.json is a {c.get('model_type')!r} "
-                           f"model; the vision tower must be a CLIP or SigLIP model (model_type one of "
-                           f"{', '.join(VISION_TYPES)}).")
-    vision = {k: v for k, v in c.get("vision_config", c).items() if k != "model_type"}
-    config = (CLIPVisionConfig if family == "clip" else SiglipVisionConfig)(**vision)
+    config = vision_config(config_file.parent)
     return {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size",
                                             "image_size")}
