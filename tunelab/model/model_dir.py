@@ -96,11 +96,9 @@ def _loads_natively(config: dict) -> bool:
 def _multimodal_advice(config: dict, model_dir: Path) -> str:
     """A LLaVA-style model given where a text model goes: trust_remote_code cannot help (there is no remote code), its
     parts can (tunelab's exports name them in tunelab.json)."""
-    try:
-        meta = json.loads((model_dir / "tunelab.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        meta = {}
-    meta = meta if isinstance(meta, dict) else {}
+    from tunelab.train.layout import read_meta
+
+    meta = read_meta(model_dir) or {}
     llava = meta.get("llava") if isinstance(meta.get("llava"), dict) else {}
     llm, tower = meta.get("base_model"), llava.get("visual_encoder")
     llm = f" (it was built from pretrained_model_name_or_path = {llm!r})" if llm else ""
@@ -123,11 +121,11 @@ def check_architecture(config: dict, model_dir: Path, *, trust_remote_code: bool
             log.warning("%s: architecture %s is in transformers but not tested by tunelab; it should work, "
                         "check the first steps.", model_dir, arch)
         return "native"
+    if config.get("vision_config") and not config.get("auto_map"):  # no remote code that trust_remote_code could run
+        raise TunelabError(_multimodal_advice(config, model_dir))
     if trust_remote_code:
         log.warning("%s: running the repository's own Python code for %s (trust_remote_code).", model_dir, arch)
         return "remote"
-    if config.get("vision_config") and not config.get("auto_map"):
-        raise TunelabError(_multimodal_advice(config, model_dir))
     needs = " It ships its own modelling code (auto_map in config.json)." if config.get("auto_map") else ""
     if config.get("model_type") == "internlm3":
         needs += " Newer transformers releases load InternLM3 natively: pip install -U transformers."
