@@ -134,7 +134,7 @@ def run_train(args) -> int:
     # burying the N copies of the message)
     cfg = load_config(args.config, _overrides(args))
     check_installed(cfg.resolved_report_to())  # before minutes of loading, not after
-    if cfg.sequence_parallel_size > 1:
+    if cfg.sequence_parallel_size > 1 and "LOCAL_RANK" not in os.environ:  # a worker's strategy checks it itself
         from tunelab.train.sequence_parallel import check_before_loading
 
         check_before_loading(cfg, launch_world_size(_argv(args), args.nproc_per_node))

@@ -15,6 +15,7 @@ from tunelab.data.encode import token_ids
 from tunelab.data.files import SUFFIXES_READ
 from tunelab.data.messages import IMAGE_PLACEHOLDER, MULTIMODAL_FIX
 from tunelab.data.preference import IMAGES_FIX
+from tunelab.errors import TunelabError
 
 if TYPE_CHECKING:
     from tunelab.data.data_path import Source
@@ -150,7 +151,7 @@ def system_fills(cfg, tokenizer, template, samples: list[dict]) -> str:
     try:
         texts = [template.render([{"role": "system", "content": cfg.SYSTEM}] + asked, add_generation_prompt=True),
                  template.render(asked, add_generation_prompt=True), cfg.SYSTEM]
-    except Exception:  # noqa: BLE001 (a template that refuses a system prompt: the data trains without one)
+    except TunelabError:  # a template that refuses a system prompt: the data trains without one
         return ""
     with_system, without, alone = (len(ids) for ids in token_ids(tokenizer, texts))
     if with_system < cfg.max_length or (without >= cfg.max_length and alone < cfg.max_length):

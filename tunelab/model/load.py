@@ -285,8 +285,9 @@ def load_reference_model(cfg, device: torch.device, plan):
 
 
 def _with_fast_path(model, plan, device) -> tuple[torch.nn.Module, dict]:
-    """(model, report): switch on the fast path's levers (tunelab/model/fast.py) as the plan says, then give back
-    what loading left cached: every load for training ends here."""
+    """(model, report): switch on the fast path's levers (tunelab/model/fast.py) as the plan says, keep 4-bit layers
+    on bitsandbytes' training kernels (`_no_cpu_inference_repack`), then give back what loading left cached: every
+    load for training ends here."""
     from tunelab.model.fast import apply_fast_path
 
     report = apply_fast_path(model, plan, device)

@@ -54,7 +54,8 @@ def _heads_before_loading(cfg) -> tuple[int, int] | None:
 
 def check_before_loading(cfg, world_size: int) -> None:
     """The processes can form the groups, and the model's heads (from its config.json, when here) split over them:
-    `tunelab train` asks before it starts the processes, the strategy again in each."""
+    `tunelab train` asks before it starts the processes (one message, not one per process), the strategy in each
+    process (also for a run torchrun or a script started)."""
     check_layout(cfg.sequence_parallel_size, world_size)
     heads = _heads_before_loading(cfg)
     if heads:
