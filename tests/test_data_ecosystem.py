@@ -84,7 +84,7 @@ def test_sharegpt_function_calls_become_tool_calls_with_their_definitions():
                                           "arguments": {"shape": "rectangle", "dimensions": [5, 3]}}}]}
     assert messages[2] == {"role": "tool", "content": "{\"area\": 15}", "name": "calculate_area"}
     assert [t["function"]["name"] for t in sample["tools"]] == ["calculate_area", "calculate_discount"]
-    assert stats.files[0]["formats"] == {"agent": 1} and not stats.warnings()
+    assert stats.files[0]["formats"] == {"agent": 1} and not stats.reading_warnings()
 
 
 def test_identity_placeholders_are_reported_or_filled(tmp_path, tiny_tokenizer, capsys):
@@ -97,7 +97,7 @@ def test_identity_placeholders_are_reported_or_filled(tmp_path, tiny_tokenizer, 
     samples, stats = _samples(cfg_path)
     assert samples[0]["messages"][1]["content"] == ("Hello! I am TuneBot, an AI assistant developed by Alice. "
                                                    "How can I assist you today?")
-    assert stats.files[0]["filled"] == 3 and not stats.warnings()
+    assert stats.files[0]["filled"] == 3 and not stats.reading_warnings()
     out_file = tmp_path / "identity_filled.json"
     assert main(["data", "self-cognition", "--name", "TuneBot", "--author", "Alice", "--from",
                  str(LF / "identity.json"), "-o", str(out_file)]) == 0
@@ -163,8 +163,8 @@ def test_registry_columns_tags_and_num_samples(tmp_path):
     assert len(samples) == 5 and samples[0]["messages"][1]["content"].startswith("a")
     assert samples[4]["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
                                       {"role": "assistant", "content": "hello"}]
-    assert "'src' not used (10 records" in stats.warnings()[0] and "LLaMA-Factory does not read it" in \
-        stats.warnings()[0]
+    assert "'src' not used (10 records" in stats.reading_warnings()[0] and "LLaMA-Factory does not read it" in \
+        stats.reading_warnings()[0]
 
 
 @pytest.mark.parametrize("block, entry, fix", [

@@ -153,11 +153,13 @@ def test_eval_split_with_too_few_samples_to_hold_one_out_is_warned_of(tmp_path, 
     (tmp_path / "d.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]))
     for cached in (False, True):
         logged = []
-        bundle = build_datasets(_cfg(tmp_path / "d.json", eval_split_ratio=0.2), tiny_tokenizer, log=logged.append)
+        cfg = _cfg(tmp_path / "d.json", eval_split_ratio=0.2)
+        bundle = build_datasets(cfg, tiny_tokenizer, log=logged.append)
         assert bundle.stats.from_cache is cached and (bundle.stats.samples, bundle.stats.eval_samples) == (1, 0)
         warning = [m for m in logged if "eval_split_ratio" in m]
         assert len(warning) == 1 and warning[0].startswith("data: warning: eval_split_ratio = 0.2 holds out nothing")
         assert "1 training sample" in warning[0] and "set eval_split_ratio = 0" in warning[0]
+        assert [w for w in bundle.stats.warnings(cfg) if "eval_split_ratio" in w]  # with the stats, as the run says
     logged = []
     build_datasets(_cfg(tmp_path / "d.json"), tiny_tokenizer, log=logged.append)  # no split asked: no warning
     assert not any("eval_split_ratio" in m for m in logged)

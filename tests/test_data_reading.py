@@ -186,7 +186,7 @@ def test_image_placeholders_without_images_and_many_unused_fields_are_reported(t
     lines = [{**_chat("<image>\nWhat is this?", "A cat."), **{f"meta{i}": i for i in range(j % 15)}}
              for j in range(30)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
-    warnings = _read(tmp_path / "d.jsonl")[1].warnings()
+    warnings = _read(tmp_path / "d.jsonl")[1].reading_warnings()
     assert any("30 samples with <image> but no image" in w and "plain text" in w for w in warnings)
     assert "field 'meta0' not used (28 records" in warnings[0] and "4 more fields not used" in warnings[10]
 

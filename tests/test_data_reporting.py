@@ -44,7 +44,7 @@ def test_a_single_record_with_a_history_list_is_one_record(tmp_path):
     path.write_text(json.dumps({"input": "hi", "output": "yo", "history": [["q1", "a1"]]}))
     samples, stats = _read(str(path))
     assert [m["content"] for m in samples[0]["messages"]] == ["q1", "a1", "hi", "yo"]
-    assert stats.warnings() == []
+    assert stats.reading_warnings() == []
 
 
 def test_every_top_level_field_a_format_reads_makes_an_object_one_record():
@@ -61,7 +61,7 @@ def test_keys_beside_a_wrapped_list_are_reported(tmp_path, wrapper, beside):
     path.write_text(json.dumps(wrapper))
     samples, stats = _read(str(path))
     assert len(samples) == 1
-    warnings = stats.warnings()
+    warnings = stats.reading_warnings()
     for key in beside:
         assert any(f"field {key!r} not used" in w and str(path) in w and "beside the list" in w for w in warnings)
     assert len(warnings) == len(beside)
@@ -78,7 +78,7 @@ def test_files_a_folder_holds_that_are_not_read_are_reported(tmp_path):
     (tmp_path / "README.md").write_text("notes")
     samples, stats = _read(str(tmp_path))
     assert len(samples) == 3 and samples[2]["messages"][-1]["content"] == "7"
-    lines = [w for w in stats.warnings() if "not read" in w]
+    lines = [w for w in stats.reading_warnings() if "not read" in w]
     assert len(lines) == 1 and "2 files" in lines[0] and "README.md" in lines[0] and "d.jsonl.gz" in lines[0]
 
 
@@ -132,7 +132,7 @@ def test_a_ratio_that_rounds_a_source_to_nothing_is_warned(tmp_path):
     small = _write(tmp_path / "small.jsonl", [{"instruction": "q", "output": "a"}] * 3)
     samples, stats = _read([big, {"path": small, "ratio": 0.1}])
     assert len(samples) == 10
-    warnings = stats.warnings()
+    warnings = stats.reading_warnings()
     assert any("small.jsonl" in w and "ratio 0.1" in w and "no sample" in w for w in warnings)
 
 
@@ -164,7 +164,7 @@ def test_empty_replies_are_not_trained_and_are_warned(tmp_path, tiny_tokenizer):
     stats = bundle.stats
     # the two samples with no other reply have nothing left to train on: counted as without a trained reply
     assert stats.untrained == 2 and stats.samples == 3
-    warnings = [w for w in stats.warnings() if "empty reply" in w]
+    warnings = [w for w in stats.reading_warnings() if "empty reply" in w]
     assert len(warnings) == 2
     assert "2 samples" in warnings[0] and "d.jsonl line 1" in warnings[0] and "line 3" in warnings[0]
     assert "1 sample " in warnings[1] and "m.jsonl line 1" in warnings[1]  # a tool call's empty text is no empty reply
@@ -188,7 +188,7 @@ def test_tool_calls_a_template_cannot_write_are_refused_and_definitions_reported
     stats = _build(path, tiny_tokenizer, prompt_template="llama3_chat", skip_invalid=True).stats
     assert stats.skipped_invalid == 1 and stats.samples == 1
     assert any("tools" in w and "no place for tool definitions" in w and "d.jsonl line 1" in w
-               for w in stats.warnings())
+               for w in stats.reading_warnings())
     # a template that writes them trains the call, and reads the definitions
     rows = _build(path, tiny_tokenizer, prompt_template="llama3_1_chat").train_rows
     trained = [tiny_tokenizer.decode([t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100])
@@ -207,7 +207,7 @@ def test_special_token_text_in_the_data_is_warned_with_its_record(tmp_path, tiny
         {"instruction": "b", "output": "x <|im_end|> y"},
     ])
     bundle = _build(path, tiny_tokenizer)
-    (warning,) = [w for w in bundle.stats.warnings() if "special tokens" in w]
+    (warning,) = [w for w in bundle.stats.reading_warnings() if "special tokens" in w]
     assert "2 samples" in warning and "d.jsonl line 2" in warning
     assert "'<|im_end|>'" in warning and "'<|im_start|>'" in warning
     # the text does become the control token (what the warning is about): two more than the same data without it
@@ -221,7 +221,7 @@ def test_special_token_text_in_the_data_is_warned_with_its_record(tmp_path, tiny
 
     assert count(bundle) == count(plain) + 2
     clean = _build(_write(tmp_path / "c.jsonl", [{"instruction": "a <b> c", "output": "</d>"}]), tiny_tokenizer)
-    assert not [w for w in clean.stats.warnings() if "special tokens" in w]
+    assert not [w for w in clean.stats.reading_warnings() if "special tokens" in w]
 
 
 # --- 9. a key given twice in one object: JSON keeps the last value -------------------------------------------------
@@ -233,5 +233,5 @@ def test_a_key_given_twice_is_reported_with_its_record(tmp_path):
     for name, where in (("d.jsonl", "d.jsonl line 2"), ("d.json", "d.json")):
         samples, stats = _read(str(tmp_path / name))
         assert samples[1]["messages"][-1]["content"] == "second"  # what JSON keeps
-        (warning,) = stats.warnings()
+        (warning,) = stats.reading_warnings()
         assert "'output (the first of two)' not used (1 record" in warning and where in warning, warning

@@ -263,7 +263,7 @@ def test_a_data_folder_with_its_pictures_warns_only_of_files_no_record_reads(tmp
     (folder / "notes.md").write_text("how the data was made")
     _, stats = _rows(_cfg(str(folder), vision), _tokenizer(llm_dir))
     assert stats.images == 1
-    (warning,) = [w for w in stats.warnings() if "not read" in w]
+    (warning,) = [w for w in stats.reading_warnings() if "not read" in w]
     assert "notes.md" in warning and record["image"] not in warning and "1 file " in warning, warning
 
 
@@ -324,6 +324,10 @@ def test_stage_one_without_pictures_is_refused_and_text_samples_are_named(tmp_pa
     bundle = build_datasets(cfg, _tokenizer(llm_dir), log=logged.append)
     assert bundle.stats.images == 2
     assert any("1 of 3 samples have no image" in line and "freeze_llm = True" in line for line in logged)
+    assert any("1 of 3 samples have no image" in w for w in bundle.stats.warnings(cfg))  # what check-dataset lists
+    logged.clear()
+    again = build_datasets(cfg, _tokenizer(llm_dir), log=logged.append)  # from the cache: said again
+    assert again.stats.from_cache and any("1 of 3 samples have no image" in line for line in logged)
     # stage 2 trains the language model too: text samples are fine there
     logged.clear()
     build_datasets(_cfg(str(tmp_path / "mixed.json"), tiny_vision_factory("clip")), _tokenizer(llm_dir),

@@ -189,4 +189,4 @@ def test_system_and_fields_not_read_are_reported(tiny_tokenizer, tmp_path, monke
                               for i in range(3)))
     bundle = _bundle(str(path), tiny_tokenizer, "simpo", tmp_path, monkeypatch, SYSTEM="Be brief.")
     assert "Be brief." in tiny_tokenizer.decode(bundle.train_rows[0]["input_ids"])
-    assert any("'score' not used (3 records" in w for w in bundle.stats.warnings())
+    assert any("'score' not used (3 records" in w for w in bundle.stats.reading_warnings())

@@ -127,7 +127,7 @@ def test_a_pair_whose_replies_are_the_same_is_left_out_and_reported(tmp_path, ti
     bundle = _build(path, tiny_tokenizer, "dpo")
     stats = bundle.stats
     assert stats.samples == 3 and stats.left_out == 3
-    [warning] = [w for w in stats.warnings() if "the same" in w]
+    [warning] = [w for w in stats.reading_warnings() if "the same" in w]
     assert warning.startswith(f"{path}: 3 pairs whose chosen and rejected reply are the same ({path} line 2, "
                               f"{path} line 4, {path} line 6): left out")
     assert "3 pairs left out" in stats.summary()
@@ -152,7 +152,7 @@ def test_empty_replies_of_pairs_are_reported_and_an_empty_chosen_one_is_left_out
                                              {"prompt": "Q3", "chosen": "good", "rejected": "bad"}])
     bundle = _build(path, tiny_tokenizer, "dpo")
     assert bundle.stats.samples == 2 and bundle.stats.left_out == 1
-    warnings = bundle.stats.warnings()
+    warnings = bundle.stats.reading_warnings()
     assert any(w.startswith(f"{path}: 1 record with an empty chosen (desirable) reply ({path} line 1): left out")
                for w in warnings)
     assert any(w.startswith(f"{path}: 1 record with an empty rejected (undesirable) reply ({path} line 2): trained")
@@ -165,7 +165,7 @@ def test_empty_kto_completions_are_reported(tmp_path, tiny_tokenizer):
                                            {"prompt": "Q3", "completion": "fine", "label": True}])
     samples, stats = _read(path, "kto")
     assert [s["label"] for s in samples] == [False, True] and stats.left_out == 1
-    warnings = stats.warnings()
+    warnings = stats.reading_warnings()
     assert any("1 record with an empty chosen (desirable) reply" in w and "line 1" in w for w in warnings)
     assert any("1 record with an empty rejected (undesirable) reply" in w and "line 2" in w for w in warnings)
 
@@ -324,6 +324,6 @@ def test_reward_leaves_pairs_it_cannot_tell_apart_out_of_the_accuracy(tmp_path, 
 def test_an_image_placeholder_without_an_image_in_a_pair_is_warned_about_with_the_preference_fix(tmp_path):
     path = _write(tmp_path / "pairs.jsonl", [{"prompt": "<image>What?", "chosen": "a", "rejected": "b"}])
     _, stats = _read(path, "dpo")
-    [warning] = [w for w in stats.warnings() if "<image>" in w]
+    [warning] = [w for w in stats.reading_warnings() if "<image>" in w]
     assert "trained as plain text. tunelab trains preference and KTO objectives on text only" in warning
     assert "LLaVA" not in warning

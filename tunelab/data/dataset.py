@@ -39,7 +39,7 @@ from tunelab.errors import TunelabError
 
 # The cache's format: a new number whenever reading, encoding or packing changes, so a cache that other code wrote is
 # not reused
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 CHUNK = 1000  # samples per tokenizer call / per worker task
 
 
@@ -80,6 +80,8 @@ class DataStats:
     """The first few skipped records' error messages."""
     system_fills: str = ""
     """Why samples were dropped when SYSTEM alone leaves no room for a reply within max_length (`system_fills`)."""
+    pictured: int = 0
+    """Samples with an image (a multimodal run; train and eval)."""
     from_cache: bool = False
     cache_dir: str = ""
 
@@ -92,10 +94,24 @@ class DataStats:
                 f"{self.tokens} tokens ({self.trained_tokens} trained"
                 f"{f', {self.images} images' if self.images else ''}); {self.eval_samples} eval samples")
 
-    def warnings(self) -> list[str]:
+    def warnings(self, cfg) -> list[str]:
+        """Every warning about the data for the run `cfg`: a fresh build, a cached one and check-dataset say the
+        same."""
+        return self.reading_warnings() + self.row_warnings(cfg)
+
+    def reading_warnings(self) -> list[str]:
+        """What reading the files and sources found."""
         return ([line for report in self.files for line in file_warnings(report)]
-                + [line for source in self.sources for line in source_warnings(source)]
-                + ([self.system_fills] if self.system_fills and self.samples else []))
+                + [line for source in self.sources for line in source_warnings(source)])
+
+    def row_warnings(self, cfg) -> list[str]:
+        """What the run's settings make of the rows (set once the rows are built)."""
+        if not self.rows:
+            return []
+        lines = [self.system_fills,
+                 projector_data_warning(cfg, self.pictured, self.samples + self.eval_samples) if self.pictured else None,
+                 unsplit_warning(cfg, self)]
+        return [line for line in lines if line]
 
 
 @dataclass
@@ -267,20 +283,22 @@ def count_cuts(stats: DataStats, encoded: list, origins: list[int], max_length: 
                 report[kind] += 1
 
 
-def check_projector_data(cfg, any_image: bool, without: tuple[int, int] | None, log) -> None:
+def check_projector_data(cfg, pictured: int) -> None:
     """Stage 1 (freeze_llm) trains the projector alone, and the projector learns from images only: data without
-    any would train nothing (and save the projector it started with); samples without one dilute the loss.
-    without: (samples with no image, samples), where known."""
-    if not getattr(cfg, "freeze_llm", False):
-        return
-    if not any_image:
+    any would train nothing (and save the projector it started with)."""
+    if getattr(cfg, "freeze_llm", False) and not pictured:
         raise TunelabError("freeze_llm = True trains the projector alone, which learns from images, but no sample of "
                            f"data_path = {cfg.data_path!r} has an image: nothing would train. Give stage 1 "
                            "image-caption records ('<image>' in the text, the picture in 'image' / 'images'), or set "
                            "freeze_llm = False to train the language model on this data.")
-    if without and without[0]:
-        log(f"data: warning: {without[0]} of {without[1]} samples have no image: with freeze_llm = True only the "
-            f"projector trains, so nothing learns from them (they only dilute the loss). Leave them out of stage 1.")
+
+
+def projector_data_warning(cfg, pictured: int, samples: int) -> str | None:
+    """Stage-1 samples without an image train nothing (only the projector trains): they dilute the loss."""
+    if getattr(cfg, "freeze_llm", False) and pictured < samples:
+        return (f"{samples - pictured} of {samples} samples have no image: with freeze_llm = True only the projector "
+                f"trains, so nothing learns from them (they only dilute the loss). Leave them out of stage 1.")
+    return None
 
 
 def unsplit_warning(cfg, stats: DataStats) -> str | None:
@@ -309,10 +327,9 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
         bundle = _load_cached(directory)
         log(f"data: loaded from cache {directory}: {bundle.stats.summary()}")
         if tokens is not None:
-            check_projector_data(cfg, bundle.stats.images > 0, None, log)
-        for line in bundle.stats.warnings() + [unsplit_warning(cfg, bundle.stats)]:
-            if line:
-                log(f"data: warning: {line}")
+            check_projector_data(cfg, bundle.stats.pictured)
+        for line in bundle.stats.warnings(cfg):
+            log(f"data: warning: {line}")
         return bundle
 
     start = time.time()
@@ -321,7 +338,7 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
                                        special=special_text_pattern(tokenizer), tools=tool_support(template))
     if stats.skipped_invalid:
         log(f"data: skipped {stats.skipped_invalid} invalid records, e.g. {stats.invalid[0]}")
-    for line in stats.warnings():
+    for line in stats.reading_warnings():  # now, not after minutes of encoding
         log(f"data: warning: {line}")
     if cfg.objective == "kto":  # each reply's KL partner chosen over the whole data set, whatever the chunks
         check_kl_partners(samples)
@@ -333,16 +350,14 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     count_cuts(stats, encoded, origins, cfg.max_length)
     rows = [e.row for pieces in encoded for e in pieces if e.row is not None]
     if tokens is not None and rows:
-        pictured = sum(1 for r in rows if r.get("images"))
-        check_projector_data(cfg, pictured > 0, (len(rows) - pictured, len(rows)), log)
+        stats.pictured = sum(1 for r in rows if r.get("images"))
+        check_projector_data(cfg, stats.pictured)
     stats.system_fills = system_fills(cfg, tokenizer, template, samples) if stats.dropped else ""
     if not rows and not allow_empty:
         raise TunelabError(f"no sample has a token to train on (max_length={cfg.max_length}: {stats.dropped} "
                            f"dropped after truncation, {stats.untrained} without a trained reply). "
                            + (stats.system_fills or "Raise max_length, or check that samples have assistant replies "
                                                     "that are trained on."))
-    if rows and stats.system_fills:
-        log(f"data: warning: {stats.system_fills}")
 
     rng = random.Random(cfg.seed)
     eval_samples: list[dict] = []
@@ -373,7 +388,6 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
         except OSError as exc:  # a read-only home must not stop training
             log(f"data: could not write the cache to {directory} ({exc}); set $TUNELAB_CACHE to a writable folder")
     log(f"data: prepared in {time.time() - start:.1f}s: {stats.summary()}")
-    warning = unsplit_warning(cfg, stats)
-    if warning:
-        log(f"data: warning: {warning}")
+    for line in stats.row_warnings(cfg):  # (the files' were said as they were read)
+        log(f"data: warning: {line}")
     return bundle

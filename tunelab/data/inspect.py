@@ -109,7 +109,7 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
     if s.left_out:
         out(f"left out:            {s.left_out} (the same chosen and rejected reply, or an empty chosen one: see the "
             f"warnings)")
-    warnings = s.warnings()
+    warnings = s.warnings(checked)
     out(f"warnings:            {len(warnings)}")
     for line in warnings:
         out(f"  - {line}")
