@@ -202,6 +202,14 @@ def test_hf_template_that_refuses_a_system_prompt(tiny_tokenizer_dir, tmp_path, 
     with pytest.raises(TunelabError, match=r"\(Conversation roles must alternate.*\)\. Fix the conversation") as info:
         get_template("hf", tokenizer).render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     assert "SYSTEM" not in str(info.value)
+    # in training data, the refused record is named by how it starts (a search finds it)
+    (tmp_path / "two.json").write_text(json.dumps([{"messages": [
+        {"role": "user", "content": "First question, asked twice"}, {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"}]}]))
+    with pytest.raises(TunelabError, match=r"^the sample whose first message starts 'First question, asked twice': "
+                                           r".*Conversation roles must alternate"):
+        build_datasets(TrainConfig(**{**vars(cfg), "data_path": str(tmp_path / "two.json")}), tokenizer,
+                       log=lambda m: None)
 
 
 def test_unknown_template_lists_known_ones():

@@ -175,10 +175,8 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
         else:
             try:
                 conversations[k] = template.segments(sample["messages"], tools=sample.get("tools"))
-            except TunelabError as exc:  # the template cannot render this conversation: say which, where known
-                if "where" not in sample:
-                    raise
-                raise TunelabError(f"{sample['where']}: {exc}") from None
+            except TunelabError as exc:  # the template cannot render this conversation: say which
+                raise TunelabError(f"{sample.get('where') or _first_words(sample['messages'])}: {exc}") from None
     text_ids = token_ids(tokenizer, text_pieces_) if text_pieces_ else []
     encoded = encode_segments(tokenizer, list(conversations.values()), max_length, train_on)
     by_sample = dict(zip(conversations, encoded))
@@ -190,6 +188,14 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
         else:
             out.append([by_sample[k]])
     return out
+
+
+def _first_words(messages: list[dict]) -> str:
+    """A conversation named by how it starts (text samples carry no file and line: a search finds the record)."""
+    content = messages[0].get("content") if messages else ""
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return f"the sample whose first message starts {str(content or '')[:60]!r}"
 
 
 def _encode_preference(template, tokenizer, samples: list[dict], max_length: int, train_on: str):
