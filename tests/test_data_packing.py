@@ -140,3 +140,22 @@ def test_collate_pads_as_its_own_segment():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
     assert batch["labels"].tolist()[1] == [-100, -100, -100]
     assert batch["position_ids"].tolist()[1] == [0, 0, 1]
+
+
+@pytest.mark.parametrize("cut", ["one_over", "thirds", "small"])
+def test_a_long_text_is_split_with_every_token_trained_once(tiny_tokenizer, cut):
+    """A text longer than max_length: each piece after the first starts with the previous piece's last token as
+    context, so every token after BOS is trained exactly once, and no piece is a lone token with nothing to train
+    (one max_length + 1 tokens long used to leave its EOS alone, counted as a sample 'without a trained reply')."""
+    from tunelab.data.encode import encode_batch
+
+    text = "hello world, the quick brown fox " * 6
+    full = [tiny_tokenizer.bos_token_id, *tiny_tokenizer(text, add_special_tokens=False)["input_ids"],
+            tiny_tokenizer.eos_token_id]
+    max_length = {"one_over": len(full) - 1, "thirds": len(full) // 3, "small": 4}[cut]
+    pieces = encode_batch(None, tiny_tokenizer, [{"text": text}], max_length, "all")[0]
+    assert all(p.row is not None for p in pieces)  # nothing dropped
+    trained = [t for p in pieces for t in p.row["labels"] if t != -100]
+    assert trained == full[1:]  # every token but BOS, once, in order
+    assert all(len(p.row["input_ids"]) <= max_length for p in pieces)
+    assert all(p.row["input_ids"][0] == prev.row["input_ids"][-1] for prev, p in zip(pieces, pieces[1:]))

@@ -9,7 +9,7 @@ sample is -100 so a packed sample never learns to predict from its neighbour. A 
 keeps no trained token is dropped (returns None) and counted by the caller.
 
 Plain text (pretraining) is BOS + text + EOS, every token trained; text longer than max_length becomes several
-samples rather than being cut off.
+samples rather than being cut off, each after the first starting with the token the one before ended on.
 """
 
 from __future__ import annotations
@@ -112,8 +112,11 @@ def text_pieces(tokenizer, text: str) -> list[str]:
 
 
 def _split_text(ids: list[int], max_length: int) -> list[Encoded]:
+    """Pieces of at most max_length; each after the first starts with the previous one's last token as context (a
+    row's first label is IGNORE_INDEX), so every token after BOS is trained once and no piece is a lone token."""
+    step = max(max_length - 1, 1)
     return [finish_row(ids[i:i + max_length], list(ids[i:i + max_length]), max_length)
-            for i in range(0, max(len(ids), 1), max_length)]
+            for i in range(0, max(len(ids) - 1, 1), step)]
 
 
 _PROBE = ["Hello  world!\n", " leading space", "<|im_start|>user\n你好<|im_end|>", "<s>", "a</s>", "\n\n", ""]
