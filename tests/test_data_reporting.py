@@ -148,6 +148,23 @@ def test_csv_columns_are_text_and_empty_cells_stay_empty(tmp_path):
 
 # --- 7. an empty reply is not trained as "stop at once" ------------------------------------------------------------
 
+
+def test_empty_pretraining_texts_are_left_out_and_warned(tmp_path, tiny_tokenizer):
+    """An empty or blank text would train BOS -> EOS, a document that ends at once: it is left out, counted, and the
+    warning names the records (a .txt file's blank lines are no samples: one sample a non-empty line)."""
+    path = _write(tmp_path / "t.jsonl", [{"text": "Beijing is the capital."}, {"text": ""}, {"text": " \n "},
+                                         {"text": "Paris too."}])
+    bundle = _build(path, tiny_tokenizer)
+    stats = bundle.stats
+    assert stats.samples == 2 and stats.left_out == 2 and stats.untrained == 0
+    warnings = [w for w in stats.reading_warnings() if "empty text" in w]
+    assert len(warnings) == 1 and "2 records" in warnings[0] and "t.jsonl line 2" in warnings[0] \
+        and "line 3" in warnings[0]
+    assert "pairs" not in stats.summary()
+    only_empty = _write(tmp_path / "e.jsonl", [{"text": ""}])
+    with pytest.raises(TunelabError, match=r"no usable record \(of its 1: 1 left out \(an empty text"):
+        _build(only_empty, tiny_tokenizer)
+
 def test_empty_replies_are_not_trained_and_are_warned(tmp_path, tiny_tokenizer):
     alpaca = _write(tmp_path / "d.jsonl", [
         {"instruction": "a", "output": ""},

@@ -130,7 +130,7 @@ def test_a_pair_whose_replies_are_the_same_is_left_out_and_reported(tmp_path, ti
     [warning] = [w for w in stats.reading_warnings() if "the same" in w]
     assert warning.startswith(f"{path}: 3 pairs whose chosen and rejected reply are the same ({path} line 2, "
                               f"{path} line 4, {path} line 6): left out")
-    assert "3 pairs left out" in stats.summary()
+    assert "3 left out" in stats.summary()
 
 
 def test_a_pair_trained_by_kto_whose_replies_are_the_same_is_left_out(tmp_path):

@@ -50,8 +50,8 @@ class DataStats:
     filtered: int = 0
     """Records the config's dataset_map_fn returned None for (dropped on purpose)."""
     left_out: int = 0
-    """Preference records read and left out, each reported in its file's warnings (the same chosen and rejected
-    reply, an empty chosen reply)."""
+    """Records read and left out, each reported in its file's warnings (a preference pair's same chosen and rejected
+    reply, an empty chosen reply; an empty pretraining text)."""
     encoded: int = 0
     """Samples encoded (a pretraining text longer than max_length counts once per max_length piece)."""
     truncated: int = 0
@@ -88,7 +88,7 @@ class DataStats:
     def summary(self) -> str:
         return (f"{self.records_read} records read, {self.skipped_invalid} skipped as invalid, "
                 + (f"{self.filtered} dropped by dataset_map_fn, " if self.filtered else "")
-                + (f"{self.left_out} pairs left out (see the warnings), " if self.left_out else "") +
+                + (f"{self.left_out} left out (see the warnings), " if self.left_out else "") +
                 f"{self.truncated} truncated, {self.dropped} dropped (nothing to train on after truncation), "
                 f"{self.untrained} without a trained reply; {self.samples} train samples in {self.rows} rows, "
                 f"{self.tokens} tokens ({self.trained_tokens} trained"

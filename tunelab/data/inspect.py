@@ -107,8 +107,8 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
     if s.filtered:
         out(f"dropped by dataset_map_fn: {s.filtered} (it returned None)")
     if s.left_out:
-        out(f"left out:            {s.left_out} (the same chosen and rejected reply, or an empty chosen one: see the "
-            f"warnings)")
+        out(f"left out:            {s.left_out} (the same chosen and rejected reply, an empty chosen one, or an "
+            f"empty text: see the warnings)")
     warnings = s.warnings(checked)
     out(f"warnings:            {len(warnings)}")
     for line in warnings:

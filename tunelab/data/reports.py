@@ -30,7 +30,7 @@ def new_file_report(path: str, source: "Source") -> dict:
     return {"path": path, "source": registry, "dataset": source.entry.name if source.entry else None, "records": 0,
             "formats": {}, "samples": 0, "invalid": 0, "unused": {}, "placeholders": [0, "", []], "filled": 0,
             "image_tags": [0, ""], "special_text": [0, "", []], "empty_replies": [0, []], "filtered": 0,
-            "tied_pairs": [0, []], "empty_chosen": [0, []], "empty_rejected": [0, []], "left_out": 0,
+            "tied_pairs": [0, []], "empty_chosen": [0, []], "empty_rejected": [0, []], "empty_texts": [0, []], "left_out": 0,
             "truncated": 0, "dropped": 0, "untrained": 0}
 
 
@@ -94,6 +94,11 @@ def file_warnings(report: dict) -> list[str]:
         lines.append(f"{path}: {_n(count, 'sample')} with an empty reply ({_shown(count, wheres)}): an empty reply "
                      f"is kept as context, not trained (it would teach the model to stop at once); a sample with no "
                      f"other reply is dropped (counted as without a trained reply). Write the reply, or delete it.")
+    count, wheres = report.get("empty_texts", [0, []])
+    if count:
+        lines.append(f"{path}: {_n(count, 'record')} with an empty text ({_shown(count, wheres)}): left out, as "
+                     f"training it (BOS then EOS) would teach the model to end a document at once. Write the text, "
+                     f"or delete the record.")
     lines += _preference_warnings(path, report)
     return lines
 

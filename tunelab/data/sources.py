@@ -32,7 +32,7 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 class LeftOut(Exception):
     """A record read and not trained, counted in its file's report with the reason (a preference pair whose replies
-    are the same, or whose chosen reply is empty): `read_source` counts it and goes on."""
+    are the same, or whose chosen reply is empty; an empty pretraining text): `read_source` counts it and goes on."""
 
 
 def _raw_records(source: Source) -> tuple[list[tuple[str, object]], list[Path]]:
@@ -125,6 +125,9 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
             hint = UNUSED_HINTS.get(name.split(".")[-1], f"the {fmt!r} format does not read it: drop it, or map it "
                                     f"into the record with dataset_map_fn if it should be trained")
             count_unused(report, name, rec.where, hint)
+    if "text" in sample and not sample["text"].strip():  # BOS -> EOS would teach a document that ends at once
+        note_record(report, "empty_texts", rec.where)
+        raise LeftOut
     _untrain_empty_replies(sample, report, rec.where)
     _after_reading(sample, source, report, rec.where, images is not None, special, tools)
     return sample, fmt
@@ -350,8 +353,9 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
             invalid, filtered, left_out = (n - b for n, b in zip((stats.skipped_invalid, stats.filtered,
                                                                    stats.left_out), before))
             why = ", ".join(f"{n} {what}" for n, what in ((invalid, "invalid"), (filtered, "dropped by "
-                            "dataset_map_fn"), (left_out, "left out (the same chosen and rejected reply, or an empty "
-                            "chosen one)")) if n)
+                            "dataset_map_fn"), (left_out, "left out (the same chosen and "
+                            "rejected reply, or an empty chosen one)" if cfg.objective != "sft" else "left out (an "
+                            "empty text)")) if n)
             raise TunelabError(f"data_path {source.path!r}: no usable record (of its {stats.sources[-1]['records']}: "
                                f"{why or 'none'}). Run `tunelab check-dataset` to see why.")
         ratio = source.ratio
