@@ -112,3 +112,23 @@ def test_an_adapter_for_modules_the_base_lacks_names_each_once(base_and_work, tm
     err = assert_one_line_error(capsys, code, "does not fit the base model", "the base has no module")
     named = "'model.layers.0.self_attn.qq_proj'"
     assert err.count(named) == 1, err
+
+
+@pytest.mark.parametrize("verb", ["to-hf", "merge"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(verb, base_and_work, tmp_path, capsys,
+                                                                  monkeypatch):
+    """An OUT below a file, or in a folder the user may not write to, is one line naming OUT and why, before any
+    weights are read (not a NotADirectoryError / PermissionError traceback, nor one after a long merge)."""
+    base, work = base_and_work
+    (tmp_path / "file").write_text("not a folder")
+    args = ["to-hf", str(work)] if verb == "to-hf" else ["merge", str(base), str(work)]
+    code = main(["convert", *args, str(tmp_path / "file" / "out"), *(["--device", "cpu"] if verb == "merge" else [])])
+    message = assert_one_line_error(capsys, code, f"OUT {tmp_path / 'file' / 'out'}", "cannot write", "Not a directory")
+    assert "loading" not in message
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "locked"))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    code = main(["convert", *args, str(tmp_path / "locked" / "out"), *(["--device", "cpu"] if verb == "merge" else [])])
+    assert_one_line_error(capsys, code, f"OUT {tmp_path / 'locked' / 'out'}", "Permission denied")

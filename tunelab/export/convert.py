@@ -10,6 +10,7 @@ Both copy `tunelab.json` along, so `tunelab chat` finds the template and system 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -59,8 +60,15 @@ def check_output(out: Path, *inputs: Path | str | None) -> None:
 
 
 def _prepare_out_dir(out_dir: Path, *inputs: Path | str | None) -> None:
+    """check_output, then make OUT and try writing in it, so a place that cannot be written fails before the work."""
     check_output(out_dir, *inputs)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise TunelabError(f"OUT {out_dir}: cannot write there ({exc.strerror or exc}{where}). Choose a directory "
+                           f"you can write to (it is created if missing).") from None
 
 
 def shard_size(text: str) -> int | str:
