@@ -132,3 +132,26 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(verb, base_and
     monkeypatch.setattr(Path, "mkdir", refuse)
     code = main(["convert", *args, str(tmp_path / "locked" / "out"), *(["--device", "cpu"] if verb == "merge" else [])])
     assert_one_line_error(capsys, code, f"OUT {tmp_path / 'locked' / 'out'}", "Permission denied")
+
+
+def test_a_model_given_as_the_adapter_is_named_as_a_model_and_swapped_arguments_are_named(base_and_work, tmp_path,
+                                                                                           capsys):
+    """A full or merged model where an adapter is asked for (merge's ADAPTER, chat's --adapter) is named as a model to
+    use as it is, not 'convert a checkpoint first' (whose command would write into that model); merge's BASE and
+    ADAPTER given the other way round are named as swapped."""
+    from tunelab.chat.engine import load_chat_model
+    from tunelab.errors import TunelabError
+
+    base, work = base_and_work
+    merged = tmp_path / "merged"
+    assert main(["convert", "merge", str(base), str(work), str(merged), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    code = main(["convert", "merge", str(base), str(merged), str(tmp_path / "out"), "--device", "cpu"])
+    message = assert_one_line_error(capsys, code, f"{merged} is a merged model", "tunelab chat")
+    assert "pth_to_hf" not in message
+    with pytest.raises(TunelabError, match=f"{base} is a full model, not a LoRA adapter") as err:
+        load_chat_model(str(base), adapter=str(base), device="cpu")
+    assert "pth_to_hf" not in str(err.value)
+    code = main(["convert", "merge", str(work), str(base), str(tmp_path / "out"), "--device", "cpu"])
+    assert_one_line_error(capsys, code, "swapped", f"tunelab convert merge {base} {work} {tmp_path / 'out'}")
+    assert not (tmp_path / "out").exists()

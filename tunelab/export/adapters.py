@@ -34,6 +34,11 @@ def find_adapter_dir(path: str | Path) -> tuple[Path, Path]:
             return ckpt / MODEL_DIR, ckpt
         raise TunelabError(f"{ckpt}/{MODEL_DIR} is a full model, not an adapter (no {ADAPTER_CONFIG}): "
                            f"chat with it directly: `tunelab chat {ckpt}/{MODEL_DIR}`.")
+    if (p / "config.json").is_file():  # a model (a merged one holds its adapter already): nothing to put on a base
+        merged = (read_meta(p) or {}).get("merged_adapter")
+        what = f"a merged model (base + the adapter {merged})" if merged else "a full model, not a LoRA adapter"
+        raise TunelabError(f"{p} is {what}: it has config.json and no {ADAPTER_CONFIG}, so there is nothing to add "
+                           f"to a base model. Use it as the model itself: `tunelab chat {p}`.")
     raise TunelabError(f"{p} is not a LoRA adapter: {p / ADAPTER_CONFIG} is missing. Convert a training "
                        f"checkpoint first: `tunelab convert pth_to_hf CFG WORK_DIR/iter_N {p}`.")
 

@@ -220,6 +220,16 @@ def _stop_token_ids(tokenizer, template) -> list[int]:
     return ids
 
 
+def _refuse_swapped(base: str, adapter: str, out_dir: str) -> None:
+    """BASE an adapter or checkpoint and ADAPTER a model: the two given the other way round."""
+    b = Path(base)
+    if (Path(adapter) / "config.json").is_file() and b.is_dir() and (
+            (b / ADAPTER_CONFIG).is_file() or is_checkpoint(b) or looks_like_work_dir(b)):
+        raise TunelabError(f"BASE {base} is an adapter or checkpoint and ADAPTER {adapter} a model: the two are "
+                           f"swapped. The order is BASE ADAPTER OUT: `tunelab convert merge {adapter} {base} "
+                           f"{out_dir}`.")
+
+
 def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB", device: str = "auto",
           dtype: str = "auto", prompt_template: str | None = None, output_format: str = "hf",
           trust_remote_code: bool = False, allow_other_base: bool = False) -> Path:
@@ -229,6 +239,7 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     from tunelab.model.load import load_causal_lm
 
     max_shard_size = shard_size(max_shard_size)
+    _refuse_swapped(base, adapter, out_dir)
     adapter_dir, meta_dir = find_adapter_dir(adapter)
     meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
     out = Path(out_dir)
