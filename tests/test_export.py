@@ -210,3 +210,42 @@ def test_merge_refuses_to_write_over_its_local_base_model(tmp_path):
     with pytest.raises(TunelabError, match="is an input of this command"):
         merge(str(base), str(adapter), str(base), device="cpu")
     assert (base / "config.json").read_text() == "{}"
+
+
+def test_merge_an_adapter_whose_tokenizer_gained_tokens(tiny_llama_dir, tmp_path):
+    """An adapter trained with new tokens (embeddings resized, saved whole by peft, its tokenizer beside it): merge
+    resizes the base to the adapter's rows first, and the merged model's logits equal the adapter's at training, the
+    new tokens included; chat loads it the same way."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.train.layout import write_meta
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|new1|>", "<|new2|>"]})
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    base.resize_token_embeddings(len(tokenizer))
+    trained = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    ckpt = tmp_path / "work" / "iter_4"
+    trained.save_pretrained(ckpt / "model")
+    tokenizer.save_pretrained(ckpt / "model")
+    torch.save({"step": 4}, ckpt / "training_state.pt")
+    write_meta(ckpt, {"base_model": str(tiny_llama_dir), "method": "lora", "prompt_template": TEMPLATE,
+                      "system": "", "max_length": 64, "tunelab_version": "test"})
+    ids = tokenizer("Hi <|new1|> there <|new2|>", add_special_tokens=False).input_ids
+    assert len(tokenizer) - 1 in ids
+    expected = logits(trained.eval(), ids)
+    out = tmp_path / "merged"
+    assert main(["convert", "merge", str(tiny_llama_dir), str(ckpt), str(out), "--device", "cpu",
+                 "--dtype", "fp32"]) == 0
+    assert len(AutoTokenizer.from_pretrained(out)) == len(tokenizer)
+    assert torch.allclose(logits(_base(out), ids), expected, atol=1e-4)
+    chat = load_chat_model(str(tiny_llama_dir), adapter=str(ckpt), device="cpu")
+    assert len(chat.tokenizer) == len(tokenizer)
+    assert torch.allclose(logits(chat.model, ids), expected, atol=1e-4)

@@ -218,8 +218,30 @@ def apply_adapter(model, adapter_dir: Path, base_name: str, *, meta: dict | None
     serve, reward scoring, merge and GGUF export all put an adapter on its base."""
     from peft import PeftModel
 
+    _grow_vocab(model, Path(adapter_dir), say)
     check_adapter_fits(model, adapter_dir, base_name, meta=meta, allow_other_base=allow_other_base, say=say)
     return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+def _grow_vocab(model, adapter_dir: Path, say) -> None:
+    """An adapter trained with new tokens holds the whole resized embedding and output layers (peft saves them, the
+    tokenizer beside them): the base is resized to the adapter's rows first, as peft's docs do, so they load; the new
+    rows come from the adapter. Fewer rows than the base's is another base, refused by check_adapter_fits."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None:
+        return
+    layers = {name for name, module in model.named_modules() if module is emb or module is head}
+    rows = 0
+    for key, shape in adapter_tensor_shapes(adapter_dir).items():
+        name = key.removeprefix("base_model.model.").removesuffix(".weight")
+        for wrapper in (".modules_to_save.default", ".modules_to_save", ".original_module"):
+            name = name.replace(wrapper, "")
+        if name in layers and len(shape) == 2:
+            rows = max(rows, shape[0])
+    if rows > emb.num_embeddings:
+        say(f"the adapter's embeddings have {rows} rows (its tokenizer gained tokens in training), the base's "
+            f"{emb.num_embeddings}: the base is resized to {rows} to take them")
+        model.resize_token_embeddings(rows, mean_resizing=False)
 
 
 def _refuse_merged_twice(adapter_dir: Path, base_name: str) -> None:
