@@ -180,3 +180,16 @@ def test_chat_subprocess_reads_piped_stdin(taught_dir):
 def test_chat_rejects_sampling_settings_out_of_range_before_loading(tmp_path, capsys, flag, value, expected):
     assert main(["chat", str(tmp_path / "no_model"), flag, value, "--prompt", "hi"]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_an_empty_prompt_is_refused_and_an_unanswered_question_fails_a_script(taught_dir, capsys):
+    """--prompt "" (an unset variable) or blank is refused before loading, as blank stdin lines are skipped; a
+    question that got no answer (over the context) makes a non-interactive run exit 1, the others still answered."""
+    from tests.train_helpers import assert_one_line_error
+
+    code = main(["chat", str(taught_dir), "--prompt", QUESTION, "--prompt", "  "])
+    message = assert_one_line_error(capsys, code, "--prompt 2 is empty")
+    assert "loading" not in capsys.readouterr().err + message
+    code = main(["chat", str(taught_dir), "--prompt", "word " * 2100, "--prompt", QUESTION, "--max-new-tokens", "20"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out.strip() == ANSWER and "maximum context length is 2048 tokens" in err

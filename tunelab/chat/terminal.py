@@ -78,6 +78,7 @@ def run_chat(chat: ChatModel, settings, *, stop_words=(), stream: bool = True, p
         questions: Iterable[str | None] = iter(lambda: _read_interactive(stdin, out), None)
     else:
         questions = prompts if prompts is not None else _questions_from(stdin)
+    unanswered = 0
     for question in questions:
         if question.strip() == "EXIT":
             break
@@ -92,5 +93,6 @@ def run_chat(chat: ChatModel, settings, *, stop_words=(), stream: bool = True, p
             answer(chat, history, question, settings, stop_words=stop_words, stream=stream, out=out,
                    images=images if not history else ())
         except ContextError as exc:  # the conversation outgrew the context: say so, keep the session
+            unanswered += 1
             print(f"error: {exc} Type RESET to start a new conversation.", file=sys.stderr if not interactive else out)
-    return 0
+    return 1 if unanswered and not interactive else 0  # a script learns that a question got no answer

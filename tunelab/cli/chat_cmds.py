@@ -90,6 +90,11 @@ def chat_cmd(args) -> int:
     from tunelab.chat.engine import load_from_args, settings_from_args
     from tunelab.chat.terminal import run_chat
 
+    from tunelab.errors import TunelabError
+
+    for i, prompt in enumerate(args.prompt or [], 1):  # e.g. --prompt "$Q" with Q unset: refused before loading
+        if not prompt.strip():
+            raise TunelabError(f"--prompt {i} is empty: give the question, or leave --prompt out to type questions.")
     settings = settings_from_args(args)
     chat = load_from_args(args)
     return run_chat(chat, settings, stop_words=args.stop_word, stream=not args.no_streamer, prompts=args.prompt,
