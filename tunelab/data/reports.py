@@ -89,17 +89,10 @@ def file_warnings(report: dict) -> list[str]:
         lines.append(f"{path}: {_n(count, 'sample')} hold the text of the tokenizer's special tokens ({shown}; first "
                      f"at {where}): it becomes those tokens, so it can end a turn inside a reply or start a forged "
                      f"one. Rewrite it (e.g. '<|im_end |>') where it is quoted, not meant as markup.")
-    count, wheres = report.get("empty_replies", [0, []])
-    if count:
-        lines.append(f"{path}: {_n(count, 'sample')} with an empty reply ({_shown(count, wheres)}): an empty reply "
-                     f"is kept as context, not trained (it would teach the model to stop at once); a sample with no "
-                     f"other reply is dropped (counted as without a trained reply). Write the reply, or delete it.")
-    count, wheres = report.get("empty_texts", [0, []])
-    if count:
-        lines.append(f"{path}: {_n(count, 'record')} with an empty text ({_shown(count, wheres)}): left out, as "
-                     f"training it (BOS then EOS) would teach the model to end a document at once. Write the text, "
-                     f"or delete the record.")
-    lines += _preference_warnings(path, report)
+    for key, noun, what, why in NOTED_RECORDS:
+        count, wheres = report.get(key, [0, []])
+        if count:
+            lines.append(f"{path}: {_n(count, noun)} {what} ({_shown(count, wheres)}): {why}")
     return lines
 
 
@@ -107,26 +100,24 @@ def _shown(count: int, wheres: list) -> str:
     return ", ".join(wheres) + (", ..." if count > len(wheres) else "")
 
 
-def _preference_warnings(path: str, report: dict) -> list[str]:
-    """Pairs whose two replies are the same, and empty replies of pairs and KTO samples."""
-    lines = []
-    count, wheres = report.get("tied_pairs", [0, []])
-    if count:
-        lines.append(f"{path}: {_n(count, 'pair')} whose chosen and rejected reply are the same "
-                     f"({_shown(count, wheres)}): left out, as they teach nothing (the loss cannot prefer one reply "
-                     f"to itself: DPO stays at ln 2, a reward model counts the tie as wrong). Give each pair a better "
-                     f"and a worse reply, or delete them.")
-    count, wheres = report.get("empty_chosen", [0, []])
-    if count:
-        lines.append(f"{path}: {_n(count, 'record')} with an empty chosen (desirable) reply ({_shown(count, wheres)}):"
-                     f" left out, as training it would teach the model to stop at once (an empty supervised reply is "
-                     f"not trained either). Write the reply, or delete the record.")
-    count, wheres = report.get("empty_rejected", [0, []])
-    if count:
-        lines.append(f"{path}: {_n(count, 'record')} with an empty rejected (undesirable) reply "
-                     f"({_shown(count, wheres)}): trained as written, teaching the model not to stop at once. If the "
-                     f"reply is missing rather than meant to be empty, write it or delete the record.")
-    return lines
+NOTED_RECORDS = [
+    # (the report's key, what it counts, what they are, what happens to them and the fix), as `note_record` counts
+    ("empty_replies", "sample", "with an empty reply",
+     "an empty reply is kept as context, not trained (it would teach the model to stop at once); a sample with no "
+     "other reply is dropped (counted as without a trained reply). Write the reply, or delete it."),
+    ("empty_texts", "record", "with an empty text",
+     "left out, as training it (BOS then EOS) would teach the model to end a document at once. Write the text, or "
+     "delete the record."),
+    ("tied_pairs", "pair", "whose chosen and rejected reply are the same",
+     "left out, as they teach nothing (the loss cannot prefer one reply to itself: DPO stays at ln 2, a reward model "
+     "counts the tie as wrong). Give each pair a better and a worse reply, or delete them."),
+    ("empty_chosen", "record", "with an empty chosen (desirable) reply",
+     "left out, as training it would teach the model to stop at once (an empty supervised reply is not trained "
+     "either). Write the reply, or delete the record."),
+    ("empty_rejected", "record", "with an empty rejected (undesirable) reply",
+     "trained as written, teaching the model not to stop at once. If the reply is missing rather than meant to be "
+     "empty, write it or delete the record."),
+]
 
 
 def source_warnings(source: dict) -> list[str]:

@@ -199,16 +199,15 @@ def check_adapter_base(model, adapter_dir: Path, base_name: str, meta: dict | No
             f"({', '.join(sorted(actual))}) as --allow-other-base asks")
 
 
-def check_adapter_fits(model, adapter_dir: Path, base_name: str, *, meta: dict | None = None,
-                       allow_other_base: bool = False, say=print) -> None:
+def check_adapter_fits(model, adapter_dir: Path, base_name: str, shapes: dict[str, tuple[int, ...]], *,
+                       meta: dict | None = None, allow_other_base: bool = False, say=print) -> None:
     """Raise a clear TunelabError when the adapter does not fit `model`: tensors of other shapes or modules the base
     lacks (an adapter for another base), or a base of another architecture (`check_adapter_base`).
 
     peft would fail later with a long 'size mismatch' traceback, or — worse — silently skip modules it cannot find.
     """
-    adapter_dir = Path(adapter_dir)
     _refuse_merged_twice(adapter_dir, base_name)
-    _check_tensor_shapes(model, adapter_dir, base_name)
+    _check_tensor_shapes(model, adapter_dir, base_name, shapes)
     check_adapter_base(model, adapter_dir, base_name, meta, allow_other_base=allow_other_base, say=say)
 
 
@@ -218,12 +217,14 @@ def apply_adapter(model, adapter_dir: Path, base_name: str, *, meta: dict | None
     serve, reward scoring, merge and GGUF export all put an adapter on its base."""
     from peft import PeftModel
 
-    _grow_vocab(model, Path(adapter_dir), say)
-    check_adapter_fits(model, adapter_dir, base_name, meta=meta, allow_other_base=allow_other_base, say=say)
+    adapter_dir = Path(adapter_dir)
+    shapes = adapter_tensor_shapes(adapter_dir)  # read once: the vocabulary and the shape checks both use them
+    _grow_vocab(model, shapes, say)
+    check_adapter_fits(model, adapter_dir, base_name, shapes, meta=meta, allow_other_base=allow_other_base, say=say)
     return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
-def _grow_vocab(model, adapter_dir: Path, say) -> None:
+def _grow_vocab(model, shapes: dict[str, tuple[int, ...]], say) -> None:
     """An adapter trained with new tokens holds the whole resized embedding and output layers (peft saves them, the
     tokenizer beside them): the base is resized to the adapter's rows first, as peft's docs do, so they load; the new
     rows come from the adapter. Fewer rows than the base's is another base, refused by check_adapter_fits."""
@@ -232,7 +233,7 @@ def _grow_vocab(model, adapter_dir: Path, say) -> None:
         return
     layers = {name for name, module in model.named_modules() if module is emb or module is head}
     rows = 0
-    for key, shape in adapter_tensor_shapes(adapter_dir).items():
+    for key, shape in shapes.items():
         name = key.removeprefix("base_model.model.").removesuffix(".weight")
         for wrapper in (".modules_to_save.default", ".modules_to_save", ".original_module"):
             name = name.replace(wrapper, "")
@@ -256,12 +257,12 @@ def _refuse_merged_twice(adapter_dir: Path, base_name: str) -> None:
                            f"({base_meta.get('base_model')}).")
 
 
-def _check_tensor_shapes(model, adapter_dir: Path, base_name: str) -> None:
+def _check_tensor_shapes(model, adapter_dir: Path, base_name: str, shapes: dict[str, tuple[int, ...]]) -> None:
     trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path") or "(not recorded)"
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     problems = []
-    for key, shape in adapter_tensor_shapes(adapter_dir).items():
+    for key, shape in shapes.items():
         name = key.removeprefix("base_model.model.")
         for part in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"):
             if part in name:
