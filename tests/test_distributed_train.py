@@ -99,6 +99,30 @@ def test_two_ranks_train_and_resume_reproduces_the_curve(engine, tiny_llama_dir,
         assert abs(resumed[step] - full[step]) < 1e-6, (step, resumed[step], full[step])
 
 
+def _preference_on_two_ranks_and_one(tiny_llama_dir, tmp_path, objective: str, records: list[dict],
+                                     one_process: list[str], settings: str = "") -> tuple[dict, dict]:
+    """({step: loss} of `objective` trained on 2 ranks with the reference precomputed, the same in one process with
+    the adapters switched off and `one_process` overrides that give it the same global batches)."""
+    data = tmp_path / f"{objective}.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    text = CONFIG.format(model=str(tiny_llama_dir), data=str(data)).replace('data_format = "conversation"',
+                                                                             f'objective = "{objective}"')
+    text = text.replace("lora_dropout = 0.1", "lora_dropout = 0.0").replace("lr = 1e-2", "lr = 2e-3")
+    config = tmp_path / f"{objective}.py"
+    config.write_text(text + 'reference = "precomputed"\npack_to_max_length = False\n' + settings)
+    train_on_ranks(config, tmp_path / "two")
+    assert (tmp_path / "two" / "reference_logps_train.npz").is_file()
+
+    from tunelab.config.loader import load_config
+    from tunelab.train.loop import train
+
+    one = load_config(config, ["reference=adapters_off", *one_process])
+    single = train(one, tmp_path / "one", config_path=config, device="cpu").losses
+    two = _losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4, 5, 6]
+    return two, single
+
+
 def test_two_ranks_train_dpo_as_one_process_does(tiny_llama_dir, tmp_path):
     """DPO on 2 ranks (the reference precomputed, each rank scoring half the rows) gives the curve of one process
     with the adapters switched off for the same global batches: pairs are counted over ranks, as tokens are."""
@@ -106,23 +130,8 @@ def test_two_ranks_train_dpo_as_one_process_does(tiny_llama_dir, tmp_path):
 
     pairs = [{"prompt": f"Tell me about the {WORDS[i % 15]}.", "chosen": f"Sure! The {WORDS[i % 15]} is lovely.",
               "rejected": f"No. {WORDS[(i * 7) % 15]}."} for i in range(32)]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(p) for p in pairs))
-    text = CONFIG.format(model=str(tiny_llama_dir), data=str(data)).replace('data_format = "conversation"',
-                                                                             'objective = "dpo"')
-    text = text.replace("lora_dropout = 0.1", "lora_dropout = 0.0").replace("lr = 1e-2", "lr = 2e-3")
-    config = tmp_path / "dpo.py"
-    config.write_text(text + 'reference = "precomputed"\npack_to_max_length = False\n')
-    train_on_ranks(config, tmp_path / "two")
-    assert (tmp_path / "two" / "reference_logps_train.npz").is_file()
-
-    from tunelab.config.loader import load_config
-    from tunelab.train.loop import train
-
-    one = load_config(config, ["reference=adapters_off", "accumulative_counts=4"])
-    single = train(one, tmp_path / "one", config_path=config, device="cpu").losses
-    two = _losses(tmp_path / "two")
-    assert sorted(two) == [1, 2, 3, 4, 5, 6] and two[6] < two[1]
+    two, single = _preference_on_two_ranks_and_one(tiny_llama_dir, tmp_path, "dpo", pairs, ["accumulative_counts=4"])
+    assert two[6] < two[1]
     for step in two:
         assert two[step] == pytest.approx(single[step], abs=1e-5), step
     last = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()][-1]
@@ -138,23 +147,8 @@ def test_two_ranks_train_kto_with_the_kl_estimate_of_one_process(tiny_llama_dir,
     samples = [{"prompt": f"Tell me about the {WORDS[i % 15]}.",
                 "completion": (f"Sure! The {WORDS[i % 15]} is lovely." if i % 2 else f"No. {WORDS[(i * 7) % 15]}."),
                 "label": bool(i % 2)} for i in range(32)]
-    data = tmp_path / "kto.jsonl"
-    data.write_text("\n".join(json.dumps(s) for s in samples))
-    text = CONFIG.format(model=str(tiny_llama_dir), data=str(data)).replace('data_format = "conversation"',
-                                                                             'objective = "kto"')
-    text = text.replace("lora_dropout = 0.1", "lora_dropout = 0.0").replace("lr = 1e-2", "lr = 2e-3")
-    text = text.replace("batch_size = 2", "batch_size = 1")
-    config = tmp_path / "kto.py"
-    config.write_text(text + 'reference = "precomputed"\npack_to_max_length = False\nbeta = 0.5\n')
-    train_on_ranks(config, tmp_path / "two")
-
-    from tunelab.config.loader import load_config
-    from tunelab.train.loop import train
-
-    one = load_config(config, ["reference=adapters_off", "batch_size=2"])
-    single = train(one, tmp_path / "one", config_path=config, device="cpu").losses
-    two = _losses(tmp_path / "two")
-    assert sorted(two) == [1, 2, 3, 4, 5, 6]
+    two, single = _preference_on_two_ranks_and_one(tiny_llama_dir, tmp_path, "kto", samples, ["batch_size=2"],
+                                                   "batch_size = 1\nbeta = 0.5\n")
     for step in two:
         assert two[step] == pytest.approx(single[step], abs=1e-5), step
     kl = {r["step"]: r["kl"] for r in logged_steps(tmp_path / "two", "kl").values()}

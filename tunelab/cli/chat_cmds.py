@@ -89,7 +89,6 @@ def register(subparsers) -> None:
 def chat_cmd(args) -> int:
     from tunelab.chat.engine import load_from_args, settings_from_args
     from tunelab.chat.terminal import run_chat
-
     from tunelab.errors import TunelabError
 
     for i, prompt in enumerate(args.prompt or [], 1):  # e.g. --prompt "$Q" with Q unset: refused before loading
