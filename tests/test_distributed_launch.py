@@ -128,6 +128,34 @@ def test_a_process_that_stops_ends_the_launch_with_its_exit_code_not_torchruns_t
     assert launch.run_torchrun([]) == 0
 
 
+def test_a_message_several_ranks_hand_over_is_printed_once(monkeypatch, tmp_path, capsys):
+    """Processes that stop on a TunelabError write the message to torchrun's error file (torchrun's layout, so
+    torchrun started by hand shows it too) instead of printing it; the launcher prints each distinct message once."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    files = []
+    for rank, message in enumerate(["error: data.jsonl line 2: not valid JSON", "error: data.jsonl line 2: not "
+                                    "valid JSON", "error: rank 2's own trouble"]):
+        files.append(tmp_path / f"error_{rank}.json")
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(files[-1]))
+        assert launch.report_to_launcher(message)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", "")  # torchrun without a log folder: print it yourself
+    assert not launch.report_to_launcher("error: x")
+    monkeypatch.delenv("LOCAL_RANK")
+    failures = {rank: ProcessFailure(local_rank=rank, pid=9, exitcode=2, error_file=str(file))
+                for rank, file in enumerate(files)}
+    assert failures[0].message == {"message": "error: data.jsonl line 2: not valid JSON",
+                                   "extraInfo": {"timestamp": failures[0].error_file_data["message"]["extraInfo"][
+                                       "timestamp"]}}  # torchrun reads the file as its own
+    monkeypatch.setattr(torchrun, "main", lambda args: (_ for _ in ()).throw(ChildFailedError("tunelab", failures)))
+    assert launch.run_torchrun([]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: data.jsonl line 2: not valid JSON", "error: rank 2's own trouble",
+                   "tunelab: ranks 0, 1, 2 stopped (exit code 2) on the errors above."]
+
+
 # --- DeepSpeed config -------------------------------------------------------------------------------
 
 def test_preset_takes_batch_accumulation_clipping_and_precision_from_config():

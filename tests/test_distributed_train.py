@@ -153,3 +153,25 @@ def test_two_ranks_train_kto_with_the_kl_estimate_of_one_process(tiny_llama_dir,
         assert two[step] == pytest.approx(single[step], abs=1e-5), step
     kl = {r["step"]: r["kl"] for r in logged_steps(tmp_path / "two", "kl").values()}
     assert len(kl) == 6 and any(v > 0 for v in kl.values())  # the estimate is in play, not clamped to 0 throughout
+
+
+def test_an_error_every_rank_meets_is_printed_once(tiny_llama_dir, tmp_path):
+    """A bad record is found inside the processes (each rank reads the data): the launch prints its message once,
+    naming the ranks that stopped on it, not once per rank; the exit code is the processes' (2)."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"conversation": [{"input": "hi", "output": "hello"}]}\n{"conversation": oops}\n')
+    config = tmp_path / "bad_data.py"
+    config.write_text(CONFIG.format(model=str(tiny_llama_dir), data=str(data)))
+    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "--work-dir", str(tmp_path / "w"),
+                           "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    named = [line for line in proc.stderr.splitlines() if "data.jsonl" in line and "line 2" in line]
+    assert len(named) == 1, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert "rank" in proc.stderr.splitlines()[-1]

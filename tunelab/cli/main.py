@@ -82,6 +82,7 @@ def _quiet_library_noise() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # bitsandbytes on CPU looks for an optional kernel on the hub, which we never fetch
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)  # and, offline, says it skipped that kernel's trust check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
         sys.stdout.flush()  # inside the try: a reader that stopped early fails here, not at interpreter exit
     except TunelabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from tunelab.train.launch import report_to_launcher
+
+        if not report_to_launcher(f"error: {exc}"):  # under torchrun the launcher prints it, once for all ranks
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

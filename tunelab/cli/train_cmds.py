@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -141,6 +142,9 @@ def run_train(args) -> int:
     code = maybe_relaunch(_argv(args), args.nproc_per_node)
     if code is not None:  # this process launched torchrun, which ran the training
         return code
+    if os.environ.get("RANK", "0") != "0":
+        # every rank reads the same model and data, so their warnings are rank 0's; errors still show
+        logging.getLogger("tunelab").setLevel(logging.ERROR)
     from tunelab.train.loop import train
 
     work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem

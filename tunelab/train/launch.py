@@ -11,13 +11,19 @@ win over the variables. `tunelab train` calls `maybe_relaunch` first: in the par
 `python -m tunelab.train.launch ... -m tunelab train <same arguments>` (`run_torchrun`: torchrun's own main, ended
 by one line instead of its traceback when a process stops) and returns its exit code; inside the processes torchrun
 starts (LOCAL_RANK is set) it returns None and training goes on.
+
+A process that stops on a TunelabError hands its message to the launcher through torchrun's per-process error file
+(`report_to_launcher`) instead of printing it, so an error every rank meets (a bad data record) is printed once.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
+import time
 
 from tunelab.errors import TunelabError
 
@@ -151,26 +157,77 @@ def maybe_relaunch(argv: list[str] | None = None, nproc_per_node: int | str | No
         return 130
 
 
+def report_to_launcher(message: str) -> bool:
+    """Inside a process torchrun started: write `message` to torchrun's error file for this process (the launcher
+    prints it, once for all the ranks that stopped on it) and return True. False where there is no such file (one
+    process, or torchrun without a log folder): print it yourself."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if "LOCAL_RANK" not in os.environ or not path:
+        return False
+    # torchrun's own layout of the file (`errors.error_handler.ErrorHandler.record_exception`), so that torchrun
+    # started by hand shows the message in its failure table; the key "tunelab" tells our launcher it is a message
+    data = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}, "tunelab": True}
+    try:
+        with open(path, "w") as file:
+            json.dump(data, file)
+    except OSError:
+        return False
+    return True
+
+
+def _reported_message(failure) -> str | None:
+    """The message a stopped process handed over with `report_to_launcher`, or None."""
+    data = failure.error_file_data
+    if not isinstance(data, dict) or not data.get("tunelab") or not isinstance(data.get("message"), dict):
+        return None
+    return data["message"].get("message")
+
+
+class _DropTorchrunFailureLogs(logging.Filter):
+    """torchrun's own log lines about a stopped process ("failed (exitcode: 2) local_rank: 0 ... of binary ...",
+    "no error file defined for parent ..."): `run_torchrun` says the same in one line of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("failed (exitcode", "no error file defined for parent"))
+
+
 def run_torchrun(args: list[str]) -> int:
     """torchrun (`torch.distributed.run`) with `args`, its exit code that of the first process that stopped.
 
-    A process that stops on a TunelabError has printed its message and exits 2; torchrun itself would follow it with
-    its ChildFailedError traceback and failure table, burying the message, and exit 1. One line instead."""
+    A process that stops on a TunelabError exits 2 with its message in its error file; torchrun itself would follow
+    it with its ChildFailedError traceback and failure table, burying the message, and exit 1. The message once
+    and one line instead."""
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    for name in ("torch.distributed.elastic.multiprocessing.api",
+                 "torch.distributed.elastic.multiprocessing.errors.error_handler"):
+        logging.getLogger(name).addFilter(_DropTorchrunFailureLogs())
     try:
         torchrun.main(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        if failure.exitcode < 0:  # the signal's name: SIGKILL (out of memory, most often) is not SIGABRT (a crash)
-            print(f"tunelab: rank {rank} was killed by {failure.signal_name()} (signal {-failure.exitcode}); the "
-                  "other processes were stopped.", file=sys.stderr)
-            return 1
+        return _report_failure(exc)
+    return 0
+
+
+def _report_failure(exc) -> int:
+    """Print why the processes stopped (each rank's handed-over message once, then one line); the exit code."""
+    rank, failure = exc.get_first_failure()
+    if failure.exitcode < 0:  # the signal's name: SIGKILL (out of memory, most often) is not SIGABRT (a crash)
+        print(f"tunelab: rank {rank} was killed by {failure.signal_name()} (signal {-failure.exitcode}); the "
+              "other processes were stopped.", file=sys.stderr)
+        return 1
+    reported = {r: _reported_message(f) for r, f in sorted(exc.failures.items()) if _reported_message(f)}
+    if not reported:  # a crash: each process printed its own traceback
         print(f"tunelab: rank {rank} stopped (exit code {failure.exitcode}); its message is above. The other "
               "processes were stopped.", file=sys.stderr)
         return failure.exitcode
-    return 0
+    messages = list(dict.fromkeys(reported.values()))
+    print(*messages, sep="\n", file=sys.stderr)
+    ranks = ", ".join(str(r) for r in reported)
+    print(f"tunelab: rank{'s' if len(reported) > 1 else ''} {ranks} stopped (exit code {failure.exitcode}) on the "
+          f"error{'s' if len(messages) > 1 else ''} above.", file=sys.stderr)
+    return failure.exitcode
 
 
 if __name__ == "__main__":  # what maybe_relaunch runs: python -m tunelab.train.launch TORCHRUN_ARGS
