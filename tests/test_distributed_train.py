@@ -83,7 +83,9 @@ def test_two_ranks_train_and_resume_reproduces_the_curve(engine, tiny_llama_dir,
         text += f"deepspeed = {str(ds)!r}\n"
     config.write_text(text)
 
-    train_on_ranks(config, tmp_path / "run")
+    proc = train_on_ranks(config, tmp_path / "run")
+    assert proc.stdout.count("done: 6 steps") == 1, proc.stdout  # rank 0 speaks for all
+    assert proc.stderr.count("has no pad token") == 1, proc.stderr
     full = _losses(tmp_path / "run")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "run" / "iter_3" / "rng_rank1.pt").is_file()  # rank 1 kept its own generators

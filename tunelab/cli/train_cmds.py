@@ -142,14 +142,16 @@ def run_train(args) -> int:
     code = maybe_relaunch(_argv(args), args.nproc_per_node)
     if code is not None:  # this process launched torchrun, which ran the training
         return code
-    if os.environ.get("RANK", "0") != "0":
-        # every rank reads the same model and data, so their warnings are rank 0's; errors still show
-        logging.getLogger("tunelab").setLevel(logging.ERROR)
+    speaks = os.environ.get("RANK", "0") == "0"  # the other ranks read the same model and data: rank 0 speaks
+    if not speaks:
+        logging.getLogger("tunelab").setLevel(logging.ERROR)  # their errors still show
     from tunelab.train.loop import train
 
     work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
     result = train(cfg, work_dir, resume=args.resume, overwrite=args.overwrite, config_path=args.config,
                    device=args.device)
+    if not speaks:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"stopped at step {result.step}; saved {result.last_checkpoint}.\n"
               f"continue with: tunelab train {args.config} --work-dir {work_dir} --resume auto", file=sys.stderr)
