@@ -222,3 +222,24 @@ def test_missing_deepspeed_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
     with pytest.raises(TunelabError, match=r"pip install 'tunelab\[deepspeed\]'"):
         validate_distributed(TrainConfig(method="lora", deepspeed="zero2"), DistEnv(world_size=2))
+
+
+def test_a_crash_under_torchrun_hands_its_traceback_to_the_launcher(monkeypatch, tmp_path, capsys):
+    """A process torchrun started that crashes (not a TunelabError) writes its traceback to its error file and exits
+    1 without printing it; outside torchrun the exception propagates as before."""
+    from tunelab.cli import main as cli_main
+
+    def crash(args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(cli_main, "build_parser", lambda: SimpleNamespace(
+        parse_args=lambda argv: SimpleNamespace(func=crash)))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    assert cli_main.main([]) == 1
+    assert capsys.readouterr().err == ""
+    handed = json.loads((tmp_path / "error.json").read_text())["message"]["message"]
+    assert handed.startswith("Traceback") and handed.endswith("an illegal memory access was encountered")
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cli_main.main([])

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
@@ -109,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         # output left in Python's buffer goes nowhere instead of raising again when Python exits.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
+    except Exception:
+        from tunelab.train.launch import report_to_launcher
+
+        # a crash under torchrun: its traceback once for all the ranks that met it, not N interleaved copies
+        if report_to_launcher(traceback.format_exc().rstrip()):
+            return 1  # Python's own exit code for an exception nobody caught
+        raise
     return int(code or 0)
 
 

@@ -12,8 +12,9 @@ win over the variables. `tunelab train` calls `maybe_relaunch` first: in the par
 by one line instead of its traceback when a process stops) and returns its exit code; inside the processes torchrun
 starts (LOCAL_RANK is set) it returns None and training goes on.
 
-A process that stops on a TunelabError hands its message to the launcher through torchrun's per-process error file
-(`report_to_launcher`) instead of printing it, so an error every rank meets (a bad data record) is printed once.
+A process that stops on an error (a TunelabError's message, or a crash's traceback) hands it to the launcher through
+torchrun's per-process error file (`report_to_launcher`) instead of printing it, so an error every rank meets (a bad
+data record) is printed once.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def _report_failure(exc) -> int:
               "other processes were stopped.", file=sys.stderr)
         return 1
     reported = {r: _reported_message(f) for r, f in sorted(exc.failures.items()) if _reported_message(f)}
-    if not reported:  # a crash: each process printed its own traceback
+    if not reported:  # a process that could not hand over its message printed it itself
         print(f"tunelab: rank {rank} stopped (exit code {failure.exitcode}); its message is above. The other "
               "processes were stopped.", file=sys.stderr)
         return failure.exitcode
