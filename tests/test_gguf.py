@@ -420,3 +420,23 @@ def test_a_lora_runs_work_dir_converts_as_its_base_with_the_adapter_merged(given
     assert 'SYSTEM """Be brief."""' in (tmp_path / "a" / "Modelfile").read_text()
     with pytest.raises(TunelabError, match="already a checkpoint"):
         convert_to_gguf(str(tmp_path / given), str(tmp_path / "c" / "m.gguf"), adapter=str(tmp_path / "work"))
+
+
+def test_a_sentencepiece_model_trained_converted_and_merged_exports_to_gguf(tiny_model_factory, tmp_path):
+    """README's path on InternLM2 (a sentencepiece tokenizer): train -> pth_to_hf -> merge -> gguf. Each step saves the
+    tokenizer, and the GGUF's vocabulary (pieces and scores) comes from the base's tokenizer.model, carried along."""
+    from train_helpers import write_config
+
+    from tunelab.cli.main import main
+
+    base = tiny_model_factory("internlm2")
+    config = write_config(tmp_path, base, prompt_template="internlm2_chat", max_steps=1)
+    work = tmp_path / "work"
+    assert main(["train", str(config), "--work-dir", str(work), "--device", "cpu"]) == 0
+    assert main(["convert", "pth_to_hf", str(config), str(work), str(tmp_path / "adapter")]) == 0
+    assert main(["convert", "merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                 "--device", "cpu"]) == 0
+    for source in ("merged", "adapter", "work"):  # as README, as base + --adapter, as a work dir
+        model, adapter = (str(base), str(tmp_path / source)) if source == "adapter" else (str(tmp_path / source), None)
+        out = convert_to_gguf(model, str(tmp_path / f"gguf_{source}" / "m.gguf"), adapter=adapter)
+        assert _field(gguf.GGUFReader(out), "tokenizer.ggml.model") == "llama", source

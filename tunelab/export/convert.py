@@ -19,7 +19,7 @@ from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.export.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, find_adapter_dir,
                                      load_adapter_weights)
-from tunelab.model.load import load_tokenizer, pick_device
+from tunelab.model.load import load_tokenizer, pick_device, save_tokenizer
 from tunelab.train.layout import (MODEL_DIR, META_FILE, checkpoint_step, is_checkpoint, looks_like_work_dir, read_meta,
                                   resolve_checkpoint, training_meta, write_meta)
 
@@ -92,7 +92,7 @@ def _copy_tokenizer(source_dirs: list, out_dir: Path) -> bool:
         if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
             continue
         try:
-            load_tokenizer(str(source)).save_pretrained(out_dir)
+            save_tokenizer(load_tokenizer(str(source)), out_dir)
             return True
         except (OSError, ValueError):  # a hub id that is not in the local cache, a directory with no tokenizer
             continue
@@ -289,7 +289,7 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
         save_original_layout(merged, tokenizer, out)
     else:
         merged.save_pretrained(out, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out)
     write_meta(out, {**meta, "base_model": base, "merged_adapter": str(adapter_dir),
                      "tunelab_version": meta.get("tunelab_version", __version__)})
     _say(f"saved merged model to {out}")

@@ -95,7 +95,25 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         log.warning("%s: the tokenizer has no pad token; using %r for padding (it is never trained on).",
                     model_dir, tokenizer.pad_token)
+    tokenizer.tunelab_dir = model_dir  # where save_tokenizer finds the sentencepiece file to carry along
     return tokenizer
+
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
+    """`save_pretrained`, plus the sentencepiece tokenizer.model the tokenizer was loaded beside (when it was loaded
+    by `load_tokenizer`). transformers writes tokenizer.json alone, and the GGUF export of a sentencepiece model
+    (InternLM2, Llama 2, Mistral) reads its pieces and scores from tokenizer.model: each checkpoint, adapter and
+    merged model carries the file on, so `tunelab convert gguf` works on any of them."""
+    import shutil
+
+    tokenizer.save_pretrained(out_dir)
+    source_dir = getattr(tokenizer, "tunelab_dir", None)
+    source, target = Path(source_dir or ".", SENTENCEPIECE_FILE), Path(out_dir, SENTENCEPIECE_FILE)
+    if source_dir and source.is_file() and not target.exists():
+        shutil.copyfile(source, target)
 
 
 # --- model ---------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.model.llava import is_llava
+from tunelab.model.load import save_tokenizer
 from tunelab.train import layout
 from tunelab.train.checksums import verify_checkpoint, write_manifest
 from tunelab.train.layout import (MANIFEST_FILE, MODEL_DIR, OPTIMIZER_DIR, STATE_FILE, checkpoint_step,
@@ -96,7 +97,7 @@ def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler
                 kwargs["save_original_format"] = False  # the module names resume and export read back
             inner.save_pretrained(tmp / MODEL_DIR, **kwargs)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / MODEL_DIR)
+                save_tokenizer(tokenizer, tmp / MODEL_DIR)  # with its tokenizer.model, for the GGUF export
             torch.save(state, tmp / STATE_FILE)
             layout.write_meta(tmp, meta)
             write_manifest(tmp)  # last: a checkpoint with checksums.json holds every file it lists
