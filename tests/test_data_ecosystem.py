@@ -7,6 +7,8 @@ The files are in tests/fixtures/ecosystem (sources in its README.md).
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -99,8 +101,11 @@ def test_identity_placeholders_are_reported_or_filled(tmp_path, tiny_tokenizer, 
                                                    "How can I assist you today?")
     assert stats.files[0]["filled"] == 3 and not stats.reading_warnings()
     out_file = tmp_path / "identity_filled.json"
-    assert main(["data", "self-cognition", "--name", "TuneBot", "--author", "Alice", "--from",
-                 str(LF / "identity.json"), "-o", str(out_file)]) == 0
+    # the command the warning suggests, as written (its -o, beside the fixture, sent to tmp_path instead)
+    suggested = re.search(r"`tunelab (data self-cognition [^`]+)`", out).group(1)
+    argv = shlex.split(suggested.replace("NAME", "TuneBot").replace("AUTHOR", "Alice"))
+    assert argv[-2:] == ["-o", str(LF / "identity_filled.json")], argv
+    assert main(argv[:-1] + [str(out_file)]) == 0
     assert "{{" not in out_file.read_text() and "TuneBot" in out_file.read_text()
     assert json.loads(out_file.read_text())[0].keys() == _records(LF / "identity.json")[0].keys()
 
