@@ -58,6 +58,17 @@ def test_alpaca_qlora_config_converts(tmp_path, capsys):
     assert "PART 1  Settings" in text and "--deepspeed zero2" in text and "SYSTEM: XTuner uses it for evaluation" in text
     # XTuner's whole file, PART 5 (hooks, env_cfg, visualizer, randomness) included, carries over without a loss
     assert "# Not carried over (set these by hand if you need them):\n#   - nothing\n" in text
+    # the header's note on XTuner's optim_type names the optimizer the file sets
+    assert cfg.optimizer == "adamw_8bit" and "optim_type: XTuner's AdamW keeps 32-bit states; this config sets " \
+        "optimizer = 'adamw_8bit'" in text
+
+
+def test_optim_type_of_a_full_config_becomes_torchs_adamw_as_its_note_says(tmp_path):
+    source = _xtuner(tmp_path, "optim_type = AdamW\n")
+    out = tmp_path / "mine.py"
+    assert main(["convert", "xtuner-config", str(source), str(out)]) == 0
+    assert load_config(out).optimizer == "adamw"
+    assert "optim_type: optimizer = 'adamw' (torch's AdamW, as XTuner's)" in out.read_text()
 
 
 def test_custom_sft_config_reads_its_json_files_as_messages(tmp_path):

@@ -27,8 +27,20 @@ from tunelab.errors import TunelabError
 _NOT_NEEDED = {
     "use_varlen_attn": "tunelab always keeps packed samples apart (varlen attention on a GPU, masks elsewhere)",
     "dataloader_num_workers": "tunelab's data is prepared and cached before training",
-    "optim_type": "tunelab uses AdamW (optimizer = 'adamw_8bit' for 8-bit states)",
 }
+
+
+def _optimizer(method: str) -> str:
+    """The optimizer the written config sets: 8-bit AdamW for QLoRA, as tunelab's own QLoRA configs."""
+    return "adamw_8bit" if method == "qlora" else "adamw"
+
+
+def _optim_type_note(method: str) -> str:
+    """XTuner's optim_type (torch's AdamW) beside the optimizer the written config sets."""
+    if _optimizer(method) == "adamw_8bit":
+        return ("optim_type: XTuner's AdamW keeps 32-bit states; this config sets optimizer = 'adamw_8bit' (8-bit "
+                "states, as tunelab's QLoRA configs); optimizer = 'adamw' trains as XTuner did")
+    return "optim_type: optimizer = 'adamw' (torch's AdamW, as XTuner's)"
 
 
 # --- mapping to tunelab settings ------------------------------------------------------------------
@@ -88,6 +100,8 @@ def migrate(cfg: XtunerConfig) -> Migration:
     for name in cfg.part1:
         if name in _NOT_NEEDED:
             notes.append(f"{name}: {_NOT_NEEDED[name]}")
+        elif name == "optim_type":
+            notes.append(_optim_type_note(out["method"]))  # set by _model
         elif name not in used and not any(name in line for line in lost):
             lost.append(f"{name} = {show(env.get(name))}: no tunelab setting of that name")
     lost += unread_runtime(cfg)
@@ -204,7 +218,7 @@ def convert(source: str | Path, dest: str | Path, *, force: bool = False) -> tup
     values.update({
         "name": dest.stem, "file": dest.name, "description": "\n# ".join(header).replace("\n# \n", "\n#\n"),
         "next_steps": f"#   tunelab check-dataset {dest.name}   # see how the data is read",
-        "trust_remote_code": "False", "optimizer": repr("adamw_8bit" if s["method"] == "qlora" else "adamw"),
+        "trust_remote_code": "False", "optimizer": repr(_optimizer(s["method"])),
         "data_note": "# From the XTuner config's dataset (dataset_map_fn -> data_format).",
         "objective": repr("sft"), "preference_block": "",
         "multimodal_block": "",  # supervised fine-tuning configs only (an XTuner LLaVA config is refused above)
