@@ -361,7 +361,19 @@ def test_copy_cfg_to_a_name_ending_in_py_writes_that_file(tmp_path, capsys):
     dest = tmp_path / "my_config.py"
     assert main(["copy-cfg", NAME, str(dest)]) == 0
     assert dest.is_file() and load_config(dest).method == "qlora"  # not a folder named my_config.py
+    # its header's commands and the printed next step name the file written, and the run by its built-in name
+    header = [line for line in dest.read_text().splitlines() if line.startswith("#   tunelab")]
+    assert header and all(f"{NAME}_copy.py" not in line for line in header)
+    assert f"tunelab train my_config.py --work-dir work_dirs/{NAME}" in "\n".join(header)
     assert main(["copy-cfg", NAME, str(dest)]) == 2 and "--force" in capsys.readouterr().err
+    llava = tmp_path / "stage2.py"
+    assert main(["copy-cfg", "llava_internlm2_1_8b_clip_vit_large_p14_336_finetune", str(llava)]) == 0
+    assert "tunelab convert pth_to_hf stage2.py " in llava.read_text()
+
+
+def test_copy_cfg_says_the_built_in_name_whatever_the_case_given(tmp_path, capsys):
+    assert main(["copy-cfg", NAME.upper(), str(tmp_path)]) == 0
+    assert f"--work-dir work_dirs/{NAME}\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["file_as_parent", "dangling_symlink", "folder_at_copy", "read_only"])

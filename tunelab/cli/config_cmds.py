@@ -58,9 +58,10 @@ def list_cfg(args) -> int:
 
 
 def copy_cfg(args) -> int:
-    from tunelab.config.registry import copy_config
+    from tunelab.config.registry import canonical_name, copy_config
 
     path = copy_config(args.name, args.dest_dir, force=args.force)
     print(f"wrote {path}")
-    print(f"next: edit the settings at its top, then\n  tunelab train {path} --work-dir work_dirs/{args.name}")
+    print(f"next: edit the settings at its top, then\n  tunelab train {path} --work-dir work_dirs/"
+          f"{canonical_name(args.name)}")  # the work dir its header names
     return 0

@@ -222,7 +222,7 @@ def list_configs(pattern: str | None = None) -> list[str]:
     return names
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """The built-in name `name` means: itself, or the one that differs only in case (list-cfg -p ignores case)."""
     names = list_configs()
     return name if name in names else next((n for n in names if n.lower() == name.lower()), name)
@@ -257,13 +257,14 @@ def _next_steps(name: str, file: str, method: str, hub_id: str, objective: str =
     return "\n".join(f"#   {line}" for line in lines)
 
 
-def render_config(name: str) -> str:
-    """The text of the built-in config `name` (what `copy-cfg` writes)."""
-    name = _canonical(name)
+def render_config(name: str, file: str | None = None) -> str:
+    """The text of the built-in config `name` (what `copy-cfg` writes), its header's commands naming the config as
+    `file` (default NAME_copy.py), the name of the file it is written to."""
+    name = canonical_name(name)
+    file = file or f"{name}_copy.py"
     if name in llava_configs():
-        return _render_llava(name)
+        return _render_llava(name, file)
     model, method_name, method, dataset_key, dataset = _lookup(name)
-    file = f"{name}_copy.py"
     target_modules = model.lora_target_modules
     what = "fine-tuning" if dataset.objective == "sft" else f"{dataset.objective.upper()} training"
     values = {
@@ -308,10 +309,9 @@ def _preference_block(dataset: Dataset) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _render_llava(name: str) -> str:
+def _render_llava(name: str, file: str) -> str:
     model_name, tower_name, stage_name = llava_configs()[name]
     model, tower, stage = MODELS[model_name], VISION_TOWERS[tower_name], LLAVA_STAGES[stage_name]
-    file = f"{name}_copy.py"
     pretrain = f"llava_{model_name}_{tower_name}_pretrain"
     if stage.freeze_llm:
         steps = [f"then stage 2: tunelab copy-cfg llava_{model_name}_{tower_name}_finetune ./ (it starts from this "
@@ -354,8 +354,9 @@ def _render_llava(name: str) -> str:
 def copy_config(name: str, dest_dir: str | Path, force: bool = False) -> Path:
     """Write the built-in config `name` to DEST_DIR/NAME_copy.py; never overwrite unless `force`. A DEST_DIR ending in
     .py that is not a folder is the file to write."""
-    name = _canonical(name)
-    text = render_config(name)
+    name = canonical_name(name)
+    if name not in list_configs():
+        _lookup(name)  # the unknown name's error, with the closest names, before any path is looked at
     dest_dir = Path(dest_dir)
     if dest_dir.suffix == ".py" and not dest_dir.is_dir():
         dest = dest_dir  # `copy-cfg NAME my_config.py`: the file, not a folder named my_config.py
@@ -371,6 +372,7 @@ def copy_config(name: str, dest_dir: str | Path, force: bool = False) -> Path:
     if dest.exists() and not force:
         raise TunelabError(f"{dest} already exists; not overwriting your edits. "
                            f"Pass --force to replace it, or copy into another folder.")
+    text = render_config(name, dest.name)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(text, encoding="utf-8")
