@@ -11,14 +11,14 @@ from tunelab.cli.data_cmds import _positive_int
 DESCRIPTION = """\
 Score the replies of a data file with a reward model trained with objective = 'reward'. A preference pair gets a
 score for its chosen and its rejected reply, and the fraction of pairs ranked right is printed at the end (pairs
-whose two sequences are the same tokens are scored but not counted); a
-conversation or a KTO sample gets a score for its last reply. One JSON line per record on stdout.
-The prompt template, system prompt and max_length come from the model's tunelab.json (or the flags).
+whose two sequences are the same tokens are scored but not counted); a conversation or a KTO sample gets a score
+for its last reply. One JSON line per record on stdout. The prompt template, system prompt and max_length come from
+the model's tunelab.json (or the flags).
 
-example:
+example (the names of docs/PREFERENCE.md: hf_rm from convert pth_to_hf, rm from convert merge):
   tunelab reward work_dirs/rm --data data/pairs_test.jsonl
-  tunelab reward merged_rm --data chats.jsonl -n 100 > scores.jsonl
-  tunelab reward Qwen/Qwen2.5-1.5B-Instruct --adapter hf_rm_adapter --data pairs.jsonl
+  tunelab reward rm --data chats.jsonl -n 100 > scores.jsonl
+  tunelab reward Qwen/Qwen2.5-1.5B-Instruct --adapter hf_rm --data pairs.jsonl
 """
 
 
