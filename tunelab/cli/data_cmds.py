@@ -70,7 +70,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=None, help="chat template (default: the config's, or internlm2_chat)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the config's model)")
     p.add_argument("--max-length", type=int, default=None, help="token limit per sample (default: the config's)")
-    p.add_argument("--train-on", choices=("assistant", "all"), default=None)
+    p.add_argument("--train-on", choices=("assistant", "all"), default=None,
+                   help="assistant: replies only; all: every token (default: the config's, or assistant)")
     p.add_argument("--objective", choices=typing.get_args(Objective), default=None,
                    help="what the data is for (default: the config's, or sft): preference objectives read pairs, "
                         "kto reads labelled replies (docs/PREFERENCE.md)")
@@ -104,7 +105,8 @@ def register(subparsers) -> None:
                               description=PREVIEW, formatter_class=FMT)
     _data_args(p)
     p.add_argument("-n", type=_positive_int, default=3, help="how many samples (default 3)")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="trained-on text in green (auto: when the output is a terminal), else between ⟦ and ⟧")
     p.set_defaults(func=preview)
 
     p = subparsers.add_parser("preprocess", help="tokenise and pack a config's data into the cache ahead of time",
