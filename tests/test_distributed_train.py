@@ -86,6 +86,7 @@ def test_two_ranks_train_and_resume_reproduces_the_curve(engine, tiny_llama_dir,
     proc = train_on_ranks(config, tmp_path / "run")
     assert proc.stdout.count("done: 6 steps") == 1, proc.stdout  # rank 0 speaks for all
     assert proc.stderr.count("has no pad token") == 1, proc.stderr
+    assert proc.stderr.count("Loading weights: 100%") == 1, proc.stderr  # transformers' loading bar
     full = _losses(tmp_path / "run")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "run" / "iter_3" / "rng_rank1.pt").is_file()  # rank 1 kept its own generators

@@ -144,7 +144,10 @@ def run_train(args) -> int:
         return code
     speaks = os.environ.get("RANK", "0") == "0"  # the other ranks read the same model and data: rank 0 speaks
     if not speaks:
+        from transformers.utils import logging as transformers_logging
+
         logging.getLogger("tunelab").setLevel(logging.ERROR)  # their errors still show
+        transformers_logging.disable_progress_bar()  # "Loading weights" once, not once per rank
     from tunelab.train.loop import train
 
     work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
