@@ -77,7 +77,10 @@ def test_pth_to_hf_default_bf16_and_xtuner_verb(tiny_llama_dir, lora_work_dir, t
     assert torch.allclose(bf16, exact, atol=0.05)
 
 
-def test_pth_to_hf_full_model_sharded(tiny_llama_dir, tmp_path):
+def test_pth_to_hf_full_model_sharded_with_the_training_chat_template(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tunelab.data.templates import get_template
     from tunelab.train.layout import write_meta
 
     ckpt = tmp_path / "work" / "iter_3"
@@ -86,7 +89,7 @@ def test_pth_to_hf_full_model_sharded(tiny_llama_dir, tmp_path):
         trained.model.layers[0].mlp.down_proj.weight.mul_(1.5)
     trained.save_pretrained(ckpt / "model")
     write_meta(ckpt, {"base_model": str(tiny_llama_dir), "method": "full", "prompt_template": TEMPLATE,
-                      "system": "", "max_length": 64, "tunelab_version": "test"})
+                      "system": "Be brief.", "max_length": 64, "tunelab_version": "test"})
     out = tmp_path / "full_hf"
     assert main(["convert", "to-hf", str(ckpt), str(out), "--fp32", "--max-shard-size", "100KB"]) == 0
     assert len(list(out.glob("model-*.safetensors"))) > 1  # sharded as asked
@@ -94,6 +97,15 @@ def test_pth_to_hf_full_model_sharded(tiny_llama_dir, tmp_path):
     ids = _ids(tiny_llama_dir)
     assert torch.allclose(logits(_base(out), ids), logits(trained, ids), atol=1e-6)
     assert not torch.allclose(logits(_base(out), ids), logits(_base(tiny_llama_dir), ids), atol=1e-3)
+    # a full run has no merge step: its HF folder is what vLLM / transformers serve, so it prompts and stops as
+    # training did (as a merged model does)
+    messages = [{"role": "user", "content": "Who are you?"}]
+    expected = get_template(TEMPLATE).render([{"role": "system", "content": "Be brief."}, *messages],
+                                             add_generation_prompt=True)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
 
 
 def test_merge_logits_equal_base_plus_adapter_and_chat_template(tiny_llama_dir, lora_work_dir, tmp_path, capsys):

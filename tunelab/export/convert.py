@@ -84,19 +84,18 @@ def shard_size(text: str) -> int | str:
     return value
 
 
-def _copy_tokenizer(source_dirs: list, out_dir: Path) -> bool:
-    """Save the tokenizer from the first source that has one; False if none could be loaded."""
+def _first_tokenizer(source_dirs: list):
+    """The tokenizer of the first source that has one; None if none could be loaded."""
     for source in source_dirs:
         if source is None:
             continue
         if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
             continue
         try:
-            save_tokenizer(load_tokenizer(str(source)), out_dir)
-            return True
+            return load_tokenizer(str(source))
         except (OSError, ValueError):  # a hub id that is not in the local cache, a directory with no tokenizer
             continue
-    return False
+    return None
 
 
 # --- pth_to_hf ------------------------------------------------------------------------------------------------------
@@ -128,21 +127,26 @@ def pth_to_hf(config_path: str | None, checkpoint: str, out_dir: str, *, fp32: b
     _say(f"converting {ckpt} ({meta.get('method', '?')}) → {out} ({'fp32' if fp32 else 'bf16'})")
     if meta.get("llava"):
         return llava_to_hf(meta, model_dir, out, dtype=dtype, max_shard_size=max_shard_size)
+    tokenizer = _first_tokenizer([model_dir, ckpt, meta.get("base_model")])
     if (model_dir / ADAPTER_CONFIG).is_file():
         _save_adapter(model_dir, out, dtype)
-        tokenizer_sources = [model_dir, ckpt, meta.get("base_model")]
     elif (model_dir / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         # a reward model is a sequence-classification model (tunelab.model.reward): its head comes along
         auto = AutoModelForSequenceClassification if meta.get("objective") == "reward" else AutoModelForCausalLM
         model = auto.from_pretrained(model_dir, dtype=dtype)
+        # a full run has no merge step: this folder is what transformers / vLLM serve, so it gets the training
+        # template and stop tokens that merge gives a merged model
+        if tokenizer is not None:
+            _set_training_template(model, tokenizer, template_for_export(meta, None, tokenizer))
         model.save_pretrained(out, max_shard_size=max_shard_size)
-        tokenizer_sources = [model_dir, ckpt, meta.get("base_model")]
     else:
         raise TunelabError(f"{model_dir} holds neither a LoRA adapter ({ADAPTER_CONFIG}) nor a full model "
                            f"(config.json): the checkpoint is incomplete. Use an earlier iter_N directory.")
-    if not _copy_tokenizer(tokenizer_sources, out):
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out)
+    else:
         _say(f"note: no tokenizer found next to the checkpoint or at {meta.get('base_model')!r}; "
              f"the base model's tokenizer will be used when chatting.")
     write_meta(out, meta)
@@ -210,6 +214,17 @@ def template_for_export(meta: dict, prompt_template: str | None, tokenizer):
     return template_with_default_system(get_template(name, tokenizer), meta.get("system"))
 
 
+def _set_training_template(model, tokenizer, template) -> None:
+    """The training template as the tokenizer's chat_template, and its end-of-turn token in generation_config, so
+    transformers' apply_chat_template, vLLM and LMDeploy prompt and stop the way training did."""
+    if template is None:
+        _say("note: no prompt template recorded (no tunelab.json); the tokenizer's chat_template is unchanged")
+        return
+    tokenizer.chat_template = template.to_jinja()
+    _add_stop_tokens(model, tokenizer, template)
+    _say(f"chat_template set from prompt template {template.name!r}")
+
+
 def _stop_token_ids(tokenizer, template) -> list[int]:
     """Ids of stop words that are single tokens (e.g. <|im_end|>), so generation_config stops on them too."""
     ids = []
@@ -275,13 +290,7 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     merged = apply_adapter(model, adapter_dir, base, meta=meta, allow_other_base=allow_other_base,
                            say=_say).merge_and_unload()
 
-    template = template_for_export(meta, prompt_template, tokenizer)
-    if template is not None:
-        tokenizer.chat_template = template.to_jinja()
-        _add_stop_tokens(merged, tokenizer, template)
-        _say(f"chat_template set from prompt template {template.name!r}")
-    else:
-        _say("note: no prompt template recorded (no tunelab.json); the tokenizer's chat_template is unchanged")
+    _set_training_template(merged, tokenizer, template_for_export(meta, prompt_template, tokenizer))
 
     if output_format == "original":
         from tunelab.model.internlm2 import save_original_layout
