@@ -227,3 +227,49 @@ def test_a_raw_base_keeps_the_tokenizers_bos_and_says_it_has_no_chat_template(ad
     # with a tunelab template in the file, the template writes the BOS: llama.cpp adds none
     out = convert_to_gguf(str(model), str(tmp_path / "t" / "x.gguf"), prompt_template="llama3_chat")
     assert _field(out, "tokenizer.ggml.add_bos_token") is False
+
+
+# --- 9: a sentencepiece run saved before checkpoints carried tokenizer.model ------------------------------------------
+
+@pytest.fixture(scope="module")
+def old_internlm2_run(tiny_model_factory, tmp_path_factory):
+    """An InternLM2 LoRA run through the CLI (train, pth_to_hf, merge) with tokenizer.model deleted from every output,
+    as tunelab saved them before it carried the file along: tokenizer.json alone (byte-fallback BPE)."""
+    from tests.train_helpers import write_config
+
+    base, root = tiny_model_factory("internlm2"), tmp_path_factory.mktemp("old_run")
+    config = write_config(root, base, prompt_template="internlm2_chat", max_steps=1)
+    assert main(["train", str(config), "--work-dir", str(root / "work"), "--device", "cpu"]) == 0
+    assert main(["convert", "pth_to_hf", str(config), str(root / "work"), str(root / "adapter")]) == 0
+    assert main(["convert", "merge", str(base), str(root / "adapter"), str(root / "merged"), "--device", "cpu"]) == 0
+    for stale in root.rglob("tokenizer.model"):
+        stale.unlink()
+    return base, root
+
+
+@pytest.mark.parametrize("given", ["work", "adapter", "merged", "base --adapter adapter"])
+def test_an_old_sentencepiece_run_takes_tokenizer_model_from_its_local_base(given, old_internlm2_run, tmp_path,
+                                                                           capsys):
+    import sentencepiece as spm
+
+    base, root = old_internlm2_run
+    model, adapter = (str(base), str(root / "adapter")) if given.startswith("base") else (str(root / given), None)
+    out = convert_to_gguf(model, str(tmp_path / "x.gguf"), adapter=adapter)
+    said = capsys.readouterr().out
+    assert f"using the base model's {base / 'tokenizer.model'}" in said and "has no tokenizer.model" in said
+    assert _field(out, "tokenizer.ggml.model") == "llama"
+    sp = spm.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
+    assert _field(out, "tokenizer.ggml.tokens")[:sp.get_piece_size()] == [sp.id_to_piece(i)
+                                                                          for i in range(sp.get_piece_size())]
+
+
+def test_an_old_sentencepiece_run_whose_base_is_not_local_is_refused_before_loading(old_internlm2_run, tmp_path,
+                                                                                   capsys, no_loading):
+    _, root = old_internlm2_run
+    merged = _copy(root / "merged", tmp_path / "merged")
+    meta = json.loads((merged / "tunelab.json").read_text())
+    (merged / "tunelab.json").write_text(json.dumps({**meta, "base_model": "internlm/internlm2-chat-1_8b"}))
+    code = main(["convert", "gguf", str(merged), str(tmp_path / "out" / "x.gguf")])
+    assert_one_line_error(capsys, code, str(merged), "no tokenizer.model", "internlm/internlm2-chat-1_8b",
+                          "Copy the base model's tokenizer.model")
+    assert not (tmp_path / "out" / "x.gguf").exists()

@@ -179,10 +179,11 @@ def write_error(path: Path, exc: OSError) -> TunelabError:
 
 def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16", name: str,
                chat_template: str | None, tokenizer_dir: Path, eot_words: tuple[str, ...] = (),
-               add_bos: bool | None = False) -> Path:
+               add_bos: bool | None = False, sentencepiece_file: Path | None = None) -> Path:
     """Write `model` (a loaded HF causal LM) and `tokenizer` as one GGUF file at `out_path`.
 
-    add_bos: `tokenizer.ggml.add_bos_token` (False: the chat template writes the BOS; None: as the tokenizer does)."""
+    add_bos: `tokenizer.ggml.add_bos_token` (False: the chat template writes the BOS; None: as the tokenizer does).
+    sentencepiece_file: the tokenizer.model to read, if not tokenizer_dir's (`gguf_vocab.find_sentencepiece`)."""
     import gguf
 
     if out_type not in TYPES:
@@ -205,7 +206,7 @@ def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16",
         writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)
         count = _fill(writer, model, tokenizer, family, names, out_type=out_type, name=name,
                       chat_template=chat_template, tokenizer_dir=tokenizer_dir, eot_words=eot_words,
-                      add_bos=add_bos)
+                      add_bos=add_bos, sentencepiece_file=sentencepiece_file)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
@@ -224,7 +225,8 @@ def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16",
 
 
 def _fill(writer, model, tokenizer, family: Family, names, *, out_type: str, name: str, chat_template: str | None,
-          tokenizer_dir: Path, eot_words: tuple[str, ...], add_bos: bool | None) -> int:
+          tokenizer_dir: Path, eot_words: tuple[str, ...], add_bos: bool | None,
+          sentencepiece_file: Path | None = None) -> int:
     """Metadata, tokenizer and tensors into `writer`; returns how many tensors."""
     import gguf
 
@@ -240,7 +242,7 @@ def _fill(writer, model, tokenizer, family: Family, names, *, out_type: str, nam
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     rope_factors = _add_hyperparameters(writer, config, arch)
     add_vocab(writer, tokenizer, tokenizer_dir, vocab_size=config.vocab_size, eot_words=eot_words,
-              add_bos=add_bos)
+              add_bos=add_bos, sentencepiece_file=sentencepiece_file)
     if chat_template:
         writer.add_chat_template(chat_template)
 

@@ -40,6 +40,24 @@ def check_tokenizer_files(tokenizer_dir: Path) -> None:
                            "tokenizer.model, and tokenizer_config.json) into it. Nothing was written.")
 
 
+def recorded_bases(model_dir: Path, adapter_dir: Path | None, meta: dict) -> list[tuple[str, str]]:
+    """The base model directories a run's records name, for files its own folders lack: (path, which record)."""
+    from tunelab.export.adapters import read_adapter_config
+
+    bases = [(str(model_dir), "the base the adapter goes on")] if adapter_dir else []
+    if meta.get("base_model"):
+        bases.append((str(meta["base_model"]), "tunelab.json's base_model"))
+    for folder in (adapter_dir, model_dir):
+        if folder is not None and (Path(folder) / "adapter_config.json").is_file():
+            named = read_adapter_config(Path(folder)).get("base_model_name_or_path")
+            if named:
+                bases.append((str(named), "adapter_config.json's base_model_name_or_path"))
+    named_by: dict[str, str] = {}
+    for path, by in bases:  # each base once, with the first record that names it
+        named_by.setdefault(path, by)
+    return list(named_by.items())
+
+
 def check_writable(out: Path, modelfile: bool) -> None:
     """Before any weights load: OUT.gguf's folder exists (made if missing) and takes new files, and neither the
     temporary OUT.gguf.tmp nor the Modelfile's path is a folder."""
@@ -68,6 +86,7 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     OUT.gguf, plus an Ollama Modelfile beside it."""
     from tunelab.export.adapters import apply_adapter, model_to_load
     from tunelab.export.convert import check_output, template_for_export
+    from tunelab.export.gguf_vocab import find_sentencepiece
     from tunelab.export.ollama import write_modelfile
     from tunelab.model.load import load_causal_lm, load_tokenizer
     from tunelab.model.model_dir import read_model_config, resolve_model_dir
@@ -96,6 +115,8 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     tokenizer_dir = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
     check_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(str(tokenizer_dir), trust_remote_code=trust_remote_code)
+    # a run saved before tunelab carried tokenizer.model along: its base's, found or refused before loading
+    sp_file = find_sentencepiece(tokenizer, tokenizer_dir, recorded_bases(Path(model_dir), adapter_dir, meta))
     template = template_for_export(meta, prompt_template, tokenizer)  # an unknown name: refused before loading
     _say(f"loading {model_dir}" + (f" with adapter {adapter_dir}" if adapter_dir else ""))
     model = load_causal_lm(str(model_dir), dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
@@ -119,7 +140,7 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
         name = Path(adapter).resolve().name if adapter else Path(str(model_dir)).name
     write_gguf(model, tokenizer, out, out_type=out_type, name=name, chat_template=chat_template,
                tokenizer_dir=tokenizer_dir, eot_words=tuple(getattr(template, "stop_words", ()) or ()),
-               add_bos=False if template is not None else None)
+               add_bos=False if template is not None else None, sentencepiece_file=sp_file)
     if modelfile:
         write_modelfile(out, template, system=meta.get("system") or "")
     return out

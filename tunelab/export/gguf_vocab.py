@@ -19,13 +19,14 @@ from tunelab.model.sentencepiece_file import read_model_proto
 
 
 def add_vocab(writer, tokenizer, tokenizer_dir: Path, *, vocab_size: int, eot_words: tuple[str, ...] = (),
-              add_bos: bool | None = False) -> None:
+              add_bos: bool | None = False, sentencepiece_file: Path | None = None) -> None:
     """The tokenizer under llama.cpp's keys. add_bos: False where the chat template in the file writes the BOS
-    itself (tunelab's templates); None: as the tokenizer adds it to a plain text (a model with no template)."""
+    itself (tunelab's templates); None: as the tokenizer adds it to a plain text (a model with no template).
+    sentencepiece_file: the tokenizer.model whose pieces go in (`find_sentencepiece`); None: tokenizer.json's
+    byte-level BPE."""
     tokenizer_dir = Path(tokenizer_dir)
-    kind = tokenizer_kind(tokenizer, tokenizer_dir)
-    if kind == "sentencepiece":
-        _add_sentencepiece(writer, tokenizer, tokenizer_dir / "tokenizer.model", vocab_size)
+    if sentencepiece_file is not None:
+        _add_sentencepiece(writer, tokenizer, Path(sentencepiece_file), vocab_size)
     else:
         _add_byte_level_bpe(writer, tokenizer, tokenizer_dir / "tokenizer.json", vocab_size)
     vocab = tokenizer.get_vocab()
@@ -96,6 +97,47 @@ def tokenizer_kind(tokenizer, tokenizer_dir: Path) -> str:
         return "bpe"
     raise TunelabError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model to put in the GGUF file. Copy "
                        f"the base model's tokenizer files into it.")
+
+
+def _from_sentencepiece(json_file: Path) -> bool:
+    """tokenizer.json converted from a sentencepiece model (byte-fallback BPE as Llama 2's / InternLM2's, or
+    Unigram): llama.cpp's vocabulary for it is tokenizer.model's pieces and scores, which tokenizer.json lacks."""
+    try:
+        model = json.loads(json_file.read_text(encoding="utf-8")).get("model", {})
+    except (OSError, ValueError):
+        return False  # unreadable: the byte-level path names the file
+    return model.get("type") != "BPE" or bool(model.get("byte_fallback"))
+
+
+def find_sentencepiece(tokenizer, tokenizer_dir: Path, bases: list[tuple[str, str]] = ()) -> Path | None:
+    """The tokenizer.model the GGUF's sentencepiece vocabulary comes from (None: tokenizer.json's byte-level BPE,
+    `tokenizer_kind`): the one beside the tokenizer; else, for a run saved before tunelab carried tokenizer.model
+    along (tokenizer.json alone, converted from sentencepiece), the one in a local base directory the run's records
+    name (`bases`: (path, which record names it)) whose pieces are the tokenizer's. Never downloaded; refused, naming
+    where it looked, when no base has it. Called before any weights load."""
+    tokenizer_dir = Path(tokenizer_dir)
+    own, json_file = tokenizer_dir / "tokenizer.model", tokenizer_dir / "tokenizer.json"
+    if own.is_file():
+        return own if tokenizer_kind(tokenizer, tokenizer_dir) == "sentencepiece" else None
+    if not json_file.is_file() or not _from_sentencepiece(json_file):
+        return None
+    looked = []
+    for base, named_by in bases:
+        candidate = Path(base) / "tokenizer.model"
+        if not Path(base).is_dir():
+            looked.append(f"{base} ({named_by}) is not a local directory")
+        elif not candidate.is_file():
+            looked.append(f"{base} ({named_by}) has none")
+        elif _first_difference(tokenizer, read_model_proto(candidate)) is not None:
+            looked.append(f"{candidate} ({named_by}) belongs to another tokenizer")
+        else:
+            print(f"note: {tokenizer_dir} has no tokenizer.model (saved before tunelab carried it along); using "
+                  f"the base model's {candidate} ({named_by})", flush=True)
+            return candidate
+    raise TunelabError(f"{json_file} is a sentencepiece tokenizer and the GGUF vocabulary needs its pieces and scores "
+                       f"from tokenizer.model, but {tokenizer_dir} has no tokenizer.model"
+                       + (f" and {'; '.join(looked)}" if looked else "") + f". Copy the base model's tokenizer.model "
+                       f"into {tokenizer_dir}. Nothing was written.")
 
 
 def _token_types(tokenizer, vocab_size: int, base: dict[int, int] | None = None) -> list[int]:
