@@ -127,8 +127,8 @@ def _bundle(data_path, tokenizer, objective, tmp_path, monkeypatch, **kw):
     from tunelab.data.dataset import build_datasets
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
-    cfg = TrainConfig(data_path=data_path, objective=objective, prompt_template="qwen_chat", max_length=512,
-                      pack_to_max_length=False, **kw)
+    cfg = TrainConfig(data_path=data_path, objective=objective, **{"prompt_template": "qwen_chat", "max_length": 512,
+                                                                    "pack_to_max_length": False, **kw})
     return build_datasets(cfg, tokenizer, log=lambda m: None)
 
 
@@ -190,3 +190,22 @@ def test_system_and_fields_not_read_are_reported(tiny_tokenizer, tmp_path, monke
     bundle = _bundle(str(path), tiny_tokenizer, "simpo", tmp_path, monkeypatch, SYSTEM="Be brief.")
     assert "Be brief." in tiny_tokenizer.decode(bundle.train_rows[0]["input_ids"])
     assert any("'score' not used (3 records" in w for w in bundle.stats.reading_warnings())
+
+
+def test_a_pair_cut_at_max_length_before_its_replies_differ_is_dropped_and_counted(tiny_tokenizer, tmp_path,
+                                                                                   monkeypatch):
+    import json
+
+    # the replies differ only in their last word: a cut before it leaves the same tokens twice, which no pair
+    # objective can prefer (DPO stays at ln 2 and counts it as wrong), as a pair of the same reply
+    same_start = "Here is a helpful answer about the topic, and it is " * 3
+    pair = normalise_preference({"prompt": "Tell me.", "chosen": same_start + "good.", "rejected": same_start + "bad."})
+    [whole] = encode_pairs(get_template("qwen_chat"), tiny_tokenizer, [pair], max_length=512)
+    [cut] = encode_pairs(get_template("qwen_chat"), tiny_tokenizer, [pair], max_length=60)
+    assert whole.row is not None and cut.row is None and cut.full_length > 60
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Q{i}", "chosen": same_start + "good.",
+                                          "rejected": ("No. " if i == 0 else "") + same_start + "bad."})
+                              for i in range(3)))  # the first pair differs at its start: kept, cut
+    bundle = _bundle(str(path), tiny_tokenizer, "dpo", tmp_path, monkeypatch, max_length=60)
+    assert (bundle.stats.dropped, bundle.stats.truncated, bundle.stats.samples) == (2, 1, 1)

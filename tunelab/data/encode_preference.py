@@ -18,8 +18,9 @@ divergence between the policy and the reference (`with_kl_completions` chooses t
 refuses data with a single reply, which would be its own partner).
 
 ``max_length`` applies to each sequence (prompt + reply, as in TRL and LLaMA-Factory); a sequence longer is cut at
-the end, and a unit with a sequence left with nothing to train on is dropped (counted by the caller). Rows of
-preference units are packed up to two sequences' worth, ``2 * max_length`` tokens (`row_capacity`).
+the end, and a unit with a sequence left with nothing to train on is dropped (counted by the caller), as is a pair
+whose two sequences the cut leaves the same tokens. Rows of preference units are packed up to two sequences' worth,
+``2 * max_length`` tokens (`row_capacity`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,19 @@ def encode_pairs(template, tokenizer, samples: list[dict], max_length: int) -> l
         conversations += [conversation_pieces(template, s["prompt"], s["chosen"], tools),
                           conversation_pieces(template, s["prompt"], s["rejected"], tools)]
     encoded = encode_segments(tokenizer, conversations, max_length, "assistant")
-    return [join_sequences(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED]) for i in range(len(samples))]
+    return [_unless_same(join_sequences(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED])) for i in range(len(samples))]
+
+
+def _unless_same(unit: Encoded) -> Encoded:
+    """A pair unit, dropped (row None) when its two sequences are the same tokens: cut at max_length before the
+    replies differ, there is nothing left to prefer (every pair loss is flat at a tie and its accuracy counts it as
+    wrong), as for a pair of the same reply, which is left out when read."""
+    row = unit.row
+    if row is not None:
+        split = row["position_ids"].index(0, 1)
+        if row["input_ids"][:split] == row["input_ids"][split:]:
+            return Encoded(None, unit.full_length, unit.all_tokens)
+    return unit
 
 
 def _reply(sample: dict) -> dict:
