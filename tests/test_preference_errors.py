@@ -327,3 +327,34 @@ def test_an_image_placeholder_without_an_image_in_a_pair_is_warned_about_with_th
     [warning] = [w for w in stats.reading_warnings() if "<image>" in w]
     assert "trained as plain text. tunelab trains preference and KTO objectives on text only" in warning
     assert "LLaVA" not in warning
+
+
+# --- fields the record's shape does not read ---------------------------------------------------------------------
+
+_Q = [{"role": "user", "content": "Q"}]
+_A, _B = [{"role": "assistant", "content": "A"}], [{"role": "assistant", "content": "B"}]
+
+
+@pytest.mark.parametrize("record, unread", [
+    ({"prompt": "P", "messages": _Q, "chosen": "A", "rejected": "B"}, ["messages"]),  # TRL reads the prompt
+    ({"instruction": "I", "prompt": "P", "chosen": "A", "rejected": "B"}, ["prompt"]),  # alpaca reads instruction
+    ({"input": "context", "prompt": "P", "chosen": "A", "rejected": "B"}, ["input"]),  # TRL has no input
+    ({"chosen": _Q + _A, "rejected": _Q + _B, "system": "S"}, ["system"]),  # whole conversations: theirs only
+    ({"chosen_messages": _Q + _A, "rejected_messages": _Q + _B, "system": "S"}, ["system"]),
+    ({"input": {"messages": _Q}, "preferred_output": _A, "non_preferred_output": _B, "tools": []}, ["tools"]),
+    ({"prompt": [{**_Q[0], "name": "bob"}], "chosen": _A, "rejected": _B}, ["prompt[].name"]),
+    ({"prompt": "Q", "completion": "A", "label": True, "kto_tag": False}, ["kto_tag"]),  # the label is read
+    ({"prompt": "P", "messages": _Q + _A, "label": True}, ["prompt"]),  # KTO reads the conversation
+    ({"prompt": "P", "chosen": "A", "rejected": "B", "system": "S", "tools": []}, []),
+    ({"instruction": "I", "input": "x", "system": "S", "history": [], "chosen": "A", "rejected": "B"}, []),
+])
+def test_a_field_the_records_shape_does_not_read_is_reported(record, unread):
+    from tunelab.data.preference import unused_preference_fields
+
+    assert unused_preference_fields(record) == unread
+
+
+def test_check_dataset_names_a_field_beside_the_one_read(tmp_path):
+    path = _write(tmp_path / "pairs.jsonl", [{"instruction": "I", "prompt": "P", "chosen": "A", "rejected": "B"}])
+    warnings = _read(path, "dpo")[1].reading_warnings()
+    assert any("field 'prompt' not used (1 record" in w and "'instruction'" in w for w in warnings), warnings

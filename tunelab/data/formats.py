@@ -316,14 +316,19 @@ def unused_fields(record: Any, fmt: str) -> list[str]:
     read = _READ.get(fmt, set())
     out = [k for k in record if k not in read and k not in MEDIA_FIELDS]
     for key in read.intersection(_READ_ITEM):
-        items = record.get(key)
-        if not isinstance(items, list):
-            continue
-        known, extra = _READ_ITEM[key], set()
-        for item in items:
-            if isinstance(item, dict) and not known.issuperset(item):
-                role = item.get("role", item.get("from"))
-                extra |= {k for k in item if k not in known and not (k == "name" and role in
-                                                                     ("tool", "function", "observation"))}
-        out += [f"{key}[].{k}" for k in sorted(extra)]
+        out += unused_item_fields(record.get(key), key, _READ_ITEM[key])
     return out
+
+
+def unused_item_fields(items: Any, key: str, known: set = _READ_ITEM["conversations"]) -> list[str]:
+    """Fields of the messages in `items` (the list in field `key`) that are not read, e.g. ['prompt[].name'] (a
+    tool result's name is read)."""
+    if not isinstance(items, list):
+        return []
+    extra = set()
+    for item in items:
+        if isinstance(item, dict) and not known.issuperset(item):
+            role = item.get("role", item.get("from"))
+            extra |= {k for k in item if k not in known and not (k == "name" and role in
+                                                                 ("tool", "function", "observation"))}
+    return [f"{key}[].{k}" for k in sorted(extra)]
