@@ -152,3 +152,31 @@ def test_a_system_prompt_that_fills_max_length_is_named_with_its_token_count(tmp
     assert build_datasets(cfg, tiny_tokenizer, log=logged.append).stats.samples == 1
     assert any(m.startswith("data: warning: SYSTEM (the config's system prompt, given to the 1 sample that starts "
                             f"with it) is {n_system} tokens") for m in logged)
+
+
+@pytest.mark.parametrize("record, objective, field", [
+    ({"messages": [{"role": "user", "content": "Hi \ud83d"}, {"role": "assistant", "content": "Hello"}]}, "sft",
+     r"messages\[0\] \(user\)"),
+    ({"prompt": "Hi", "chosen": "Sure \ud83d", "rejected": "No"}, "dpo", "'chosen'"),
+    ({"prompt": "Hi", "completion": "Sure", "label": True, "system": "Be \udc4d"}, "kto", r"prompt\[0\] \(system\)"),
+])
+def test_half_an_emoji_is_an_invalid_record_naming_where(record, objective, field, tmp_path, tiny_tokenizer):
+    # a lone UTF-16 surrogate (an emoji cut in two by a scraper) is valid in a JSON string, but is no character: the
+    # tokenizer cannot encode it, and its TypeError named neither the file nor the record
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record).replace("\\ud83d", "").replace("\\udc4d", "") + "\n"
+                    + json.dumps({**record, "completion": "Other"} if objective == "kto" else record)
+                    .replace("\\ud83d", "x").replace("\\udc4d", "y") + "\n")
+    with pytest.raises(TunelabError, match=rf"d\.jsonl line 1: {field} holds half of a UTF-16 surrogate pair"):
+        _build(path, tiny_tokenizer, objective=objective)
+    stats = _build(path, tiny_tokenizer, objective=objective, skip_invalid=True).stats
+    assert stats.skipped_invalid == 1
+
+
+def test_tunelab_reward_names_half_an_emoji_too(tmp_path):
+    from tunelab.chat.reward import _samples
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "chosen": "Sure", "rejected": "No \ud83d"}) + "\n")
+    with pytest.raises(TunelabError, match=r"pairs\.jsonl line 1: 'rejected' holds half of a UTF-16 surrogate pair"):
+        _samples(path, "")

@@ -102,7 +102,7 @@ def _samples(path: Path, system: str, limit: int | None = None) -> list[dict]:
     scored)."""
     from tunelab.data.files import read_records
     from tunelab.data.formats import detect_format, normalise
-    from tunelab.data.messages import with_default_system
+    from tunelab.data.messages import refuse_lone_surrogates, with_default_system
     from tunelab.data.preference import normalise_kto, normalise_preference, record_kind
 
     samples = []
@@ -120,6 +120,7 @@ def _samples(path: Path, system: str, limit: int | None = None) -> list[dict]:
             messages = normalise(rec.data, fmt, rec.where)["messages"]
             sample = {"prompt": messages[:-1], "completion": messages[-1]}
         with_default_system(sample["prompt"], system)
+        refuse_lone_surrogates(sample, rec.where)
         samples.append(sample)
     return samples
 

@@ -321,3 +321,26 @@ def split_ms_agent(value: str, where: str, field: str, train: bool = True) -> li
 
 def is_ms_agent(value: Any) -> bool:
     return isinstance(value, str) and ("<|startofexec|>" in value or "<|startofthink|>" in value)
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def refuse_lone_surrogates(sample: dict, where: str) -> None:
+    """A sample (supervised, a pair or a KTO sample) with half of a UTF-16 surrogate pair in a text ("\\ud83d": an emoji
+    cut in two) is refused naming that text: it is valid in a JSON string but is no character, and the tokenizer's
+    own error names no record."""
+    if "text" in sample:
+        places = [("'text'", sample)]
+    elif "messages" in sample:
+        places = [(f"messages[{i}] ({m.get('role')})", m) for i, m in enumerate(sample["messages"])]
+    else:
+        places = [(f"prompt[{i}] ({m.get('role')})", m) for i, m in enumerate(sample["prompt"])]
+        places += [(repr(k), sample[k]) for k in ("chosen", "rejected", "completion") if k in sample]
+    for name, holder in places:
+        for key in ("text", "content", "reasoning_content"):
+            found = LONE_SURROGATE.search(holder.get(key) or "")
+            if found:
+                raise fail(where, f"{name} holds half of a UTF-16 surrogate pair ({found.group()!r} at character "
+                           f"{found.start()} of its {key}), which is not a character: the tokenizer cannot read it",
+                           "Remove it, or repair the text that was cut (e.g. an emoji split in two).")

@@ -19,7 +19,7 @@ from tunelab.data.data_path import Source, resolve_sources
 from tunelab.data.files import InvalidRecord, Record, data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.images import ImageReading, image_reading, is_image_file, read_images, unreadable_samples
-from tunelab.data.messages import IMAGE_PLACEHOLDER, with_default_system
+from tunelab.data.messages import IMAGE_PLACEHOLDER, LONE_SURROGATE, refuse_lone_surrogates, with_default_system
 from tunelab.data.templates import ToolSupport, templates_writing_tool_calls
 from tunelab.data.reports import count_unused, new_file_report, note, note_record
 from tunelab.data.preference import (fields_read, not_supervised_error, read_for_objective, record_kind,
@@ -142,6 +142,8 @@ def _after_reading(sample: dict, source: Source, report: dict, where: str, multi
     if tools is not None:
         _check_tools(sample, tools, report, where)
     texts = "\n".join(_texts(sample))  # one look for every kind of placeholder
+    if LONE_SURROGATE.search(texts):
+        refuse_lone_surrogates(sample, where)
     if "{{" in texts:
         _fill_placeholders(sample, source.placeholders, report, where)
         texts = "\n".join(_texts(sample))
