@@ -91,6 +91,22 @@ def test_the_three_references_give_the_same_full_finetuning_run(tiny_llama_dir, 
     assert lora["adapters_off"] == pytest.approx(lora["precomputed"], abs=1e-5)
 
 
+def test_a_fresh_precomputed_run_scores_its_own_starting_model_not_an_earlier_runs(tiny_llama_dir, tokenizer,
+                                                                                   tmp_path):
+    # a work dir that kept an earlier run's reference values (its checkpoints deleted by --overwrite, or a run
+    # stopped before its first one), trained again from another starting model with the same tokenizer (a retrained
+    # SFT model): the rows are the same, the reference is not, and its first DPO loss must be ln 2
+    from tunelab.model.tiny import make_model
+
+    other = make_model(tmp_path / "other_sft", "llama", tokenizer=tokenizer, seed=1)
+    rows = pair_rows(tokenizer, style_pair, range(8))
+    settings = dict(method="full", reference="precomputed", max_steps=1, evaluation_inputs=[], lr=1e-4)
+    train(_dpo_cfg(tiny_llama_dir, **settings), tmp_path / "run", train_rows=rows, tokenizer=tokenizer, device="cpu")
+    again = train(_dpo_cfg(other, **settings), tmp_path / "run", overwrite=True, train_rows=rows, tokenizer=tokenizer,
+                  device="cpu").losses
+    assert again[1] == pytest.approx(0.693147, abs=1e-5)
+
+
 def test_resuming_mid_dpo_continues_the_same_curve(tiny_llama_dir, tokenizer, tmp_path):
     rows = pair_rows(tokenizer, style_pair, range(24))
     cfg = _dpo_cfg(tiny_llama_dir, reference="precomputed", max_steps=6, save_steps=3, logging_steps=1,

@@ -6,7 +6,8 @@ of the training rows once, before the first step; the rows then carry the values
 batch. That costs one pass over the data without gradients, and nothing per step.
 
 The values are saved in the work dir (`layout.REFERENCE_LOGPS`, with a fingerprint of the rows), because a resumed
-run no longer has the starting model: it reads them back, and refuses rows that changed since.
+run no longer has the starting model: it reads them back, and refuses rows that changed since. A fresh run scores
+its own starting model, whatever an earlier run left there.
 """
 
 from __future__ import annotations
@@ -91,22 +92,23 @@ def compute_reference_logps(model, rows, offsets: np.ndarray, score, *, pad_toke
 
 def reference_rows(rows, work_dir: Path, compute, *, split: str = "train", resuming: bool, write: bool = True,
                    log=print) -> RowsWithReference:
-    """The rows with their reference log-probabilities: read from the work dir when it holds them for these rows,
-    else computed (`compute(rows, offsets) -> values`, only before training starts) and saved there (by the process that
-    `write`s: every rank computes the same values)."""
+    """The rows with their reference log-probabilities: a resumed run reads them from the work dir (they must be of
+    these rows); a fresh run computes them (`compute(rows, offsets) -> values`) and saves them there (by the process
+    that `write`s: every rank computes the same values). A fresh run never reads them: values an earlier run left
+    (its checkpoints deleted by --overwrite, or stopped before its first) may be another starting model's, of the
+    same rows (a retrained SFT model with the same tokenizer), and nothing in them tells."""
     path = Path(work_dir) / layout.REFERENCE_LOGPS.format(split=split)
     key = fingerprint(rows)
     offsets = sequence_offsets(rows)
-    if path.is_file():
+    if resuming and path.is_file():
         stored = np.load(path)
         if str(stored["fingerprint"]) == key:
             log(f"reference log-probabilities read from {path}")
             return RowsWithReference(rows, stored["values"], offsets)
-        if resuming:
-            raise TunelabError(f"{path} holds reference log-probabilities of other training rows (the data, the "
-                               f"template or max_length changed since the run started), and the starting model is "
-                               f"gone: resume with the settings the run started with, or start a fresh run.")
-    elif resuming:
+        raise TunelabError(f"{path} holds reference log-probabilities of other training rows (the data, the "
+                           f"template or max_length changed since the run started), and the starting model is "
+                           f"gone: resume with the settings the run started with, or start a fresh run.")
+    if resuming:
         raise TunelabError(f"reference = 'precomputed', but {path} is missing, so the starting model's "
                            f"log-probabilities are lost: start a fresh run (or use reference = 'copy').")
     values = compute(rows, offsets)
