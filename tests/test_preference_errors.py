@@ -263,8 +263,25 @@ def test_kto_with_a_single_reply_is_refused(tmp_path, tiny_tokenizer, records):
         _build(path, tiny_tokenizer, "kto")
     from tunelab.data.inspect import check_dataset
 
-    with pytest.raises(TunelabError, match=r"needs at least 2 samples"):
-        check_dataset(TrainConfig(data_path=path, objective="kto"), out=lambda line: None)
+    for tokenizer in (None, tiny_tokenizer):  # check-dataset says so as its verdict, after the records
+        lines = []
+        stats = check_dataset(TrainConfig(data_path=path, objective="kto", prompt_template="qwen_chat"), tokenizer,
+                              out=lines.append)
+        assert stats.samples == 0 and "Nothing will train: objective = 'kto' needs at least 2 samples" in lines[-1]
+
+
+def test_check_dataset_shows_the_invalid_kto_record_that_leaves_a_single_reply(tmp_path, tiny_tokenizer_dir, capsys):
+    from tunelab.cli.main import main
+
+    path = _write(tmp_path / "kto.jsonl", [{"prompt": "q", "completion": "a", "label": None},
+                                           {"prompt": "p", "completion": "b", "label": False}])
+    code = main(["check-dataset", path, "--objective", "kto", "--tokenizer", str(tiny_tokenizer_dir), "--template",
+                 "qwen_chat"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "kto.jsonl line 1: 'label' is None. Use true" in out  # the cause, before the verdict it leads to
+    assert "Nothing will train: objective = 'kto' needs at least 2 samples with different replies, and the data " \
+           "has 1 sample" in out
 
 
 def test_kto_with_two_replies_trains(tmp_path, tiny_tokenizer):

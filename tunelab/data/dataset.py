@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from tunelab.data.encode import encode_batch
-from tunelab.data.encode_preference import check_kl_partners, row_capacity, with_kl_completions
+from tunelab.data.encode_preference import kl_partner_problem, row_capacity, with_kl_completions
 from tunelab.data.files import data_files
 from tunelab.data.multimodal import ImageTokens, expand_image_tokens, image_tokens
 from tunelab.data.packing import TokenRows, pack_rows
@@ -80,6 +80,8 @@ class DataStats:
     """The first few skipped records' error messages."""
     system_fills: str = ""
     """Why samples were dropped when SYSTEM alone leaves no room for a reply within max_length (`system_fills`)."""
+    kl_problem: str = ""
+    """Why KTO cannot estimate its KL term from these samples (a single reply), where check-dataset reports it."""
     pictured: int = 0
     """Samples with an image (a multimodal run; train and eval)."""
     from_cache: bool = False
@@ -341,8 +343,10 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
     for line in stats.reading_warnings():  # now, not after minutes of encoding
         log(f"data: warning: {line}")
     if cfg.objective == "kto":  # each reply's KL partner chosen over the whole data set, whatever the chunks
-        check_kl_partners(samples)
-        samples = with_kl_completions(samples)
+        stats.kl_problem = kl_partner_problem(samples)
+        if stats.kl_problem and not allow_empty:
+            raise TunelabError(stats.kl_problem)
+        samples = [] if stats.kl_problem else with_kl_completions(samples)  # check-dataset: its verdict
 
     encoded = encode_samples(template, tokenizer, samples, cfg.max_length, cfg.train_on, num_proc or cfg.num_proc,
                              tokens)

@@ -14,8 +14,8 @@ run twice (as TRL and LLaMA-Factory do), rendered once by the template for both 
 
 A KTO sample becomes a unit of its own sequence (``DESIRABLE`` or ``UNDESIRABLE``, from its label) and a ``KL``
 sequence: its prompt with another sample's reply, which the KTO loss uses (without gradient) to estimate the KL
-divergence between the policy and the reference (`with_kl_completions` chooses the reply; `check_kl_partners`
-refuses data with a single reply, which would be its own partner).
+divergence between the policy and the reference (`with_kl_completions` chooses the reply; `kl_partner_problem`
+says why data with a single reply, which would be its own partner, is refused).
 
 ``max_length`` applies to each sequence (prompt + reply, as in TRL and LLaMA-Factory); a sequence longer is cut at
 the end, and a unit with a sequence left with nothing to train on is dropped (counted by the caller), as is a pair
@@ -29,7 +29,6 @@ import json
 from typing import Optional
 
 from tunelab.data.encode import Encoded, encode_segments
-from tunelab.errors import TunelabError
 
 CHOSEN, REJECTED, DESIRABLE, UNDESIRABLE, KL = 0, 1, 2, 3, 4
 """The kinds of sequence in a preference row."""
@@ -86,14 +85,15 @@ def _reply(sample: dict) -> dict:
     return sample["completion"] if "completion" in sample else sample["chosen"]
 
 
-def check_kl_partners(samples: list[dict]) -> None:
-    """KTO's KL estimate pairs each prompt with another sample's reply: with a single sample (or one reply for every
-    sample) that reply is its own, and the estimate is the reward itself. Refused, as TRL refuses a batch of one."""
+def kl_partner_problem(samples: list[dict]) -> str:
+    """Why KTO cannot train these samples ('' when it can): its KL estimate pairs each prompt with another sample's
+    reply, and with a single sample (or one reply for every sample) that reply is its own, and the estimate is the
+    reward itself. Training refuses such data, as TRL refuses a batch of one; check-dataset says so as its verdict."""
     replies = {json.dumps(_reply(s), sort_keys=True, default=str) for s in samples}
-    if samples and len(replies) < 2:
-        n = len(samples)
-        raise TunelabError(
-            f"objective = 'kto' needs at least 2 samples with different replies, and the data has "
+    if not samples or len(replies) >= 2:
+        return ""
+    n = len(samples)
+    return (f"objective = 'kto' needs at least 2 samples with different replies, and the data has "
             f"{n} sample{'' if n == 1 else 's'}{' all with the same reply' if n > 1 else ''}: KTO estimates its KL "
             f"term from each prompt paired with another sample's reply, and here the only reply is its own (the "
             f"estimate would be the reward itself). Add samples: replies to other prompts, desirable or not.")

@@ -21,7 +21,7 @@ import numpy as np
 
 from tunelab.data.dataset import DataStats, build_datasets, encode_samples, row_length
 from tunelab.data.encode import IGNORE_INDEX
-from tunelab.data.encode_preference import check_kl_partners
+from tunelab.data.encode_preference import kl_partner_problem
 from tunelab.data.images import describe as describe_image
 from tunelab.data.images import image_reading
 from tunelab.data.multimodal import IMAGE_TOKEN, image_tokens
@@ -88,9 +88,9 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
         stats = DataStats()
         tools = None if cfg.prompt_template == "hf" else tool_support(get_template(cfg.prompt_template))
         samples, _ = collect_samples(checked, stats, config_dir=config_dir, allow_empty=True, tools=tools)
-        if cfg.objective == "kto":
-            check_kl_partners(samples)  # as training does
-        stats.samples = len(samples)
+        if cfg.objective == "kto":  # refused as training refuses it, as the verdict after the records' problems
+            stats.kl_problem = kl_partner_problem(samples)
+        stats.samples = 0 if stats.kl_problem else len(samples)
         bundle = None
     else:
         bundle = build_datasets(checked, tokenizer, config_dir=config_dir, log=lambda m: None, use_cache=False,
@@ -120,7 +120,7 @@ def check_dataset(cfg, tokenizer=None, *, config_dir: str | None = None, out: Ca
     if s.skipped_invalid:
         out(f"{s.skipped_invalid} invalid records: fix them, or set skip_invalid = True to train without them.")
     if not s.samples:
-        out(nothing_to_train(cfg, s, bundle is not None))
+        out(f"Nothing will train: {s.kl_problem}" if s.kl_problem else nothing_to_train(cfg, s, bundle is not None))
     elif not s.skipped_invalid:
         out("OK: every record is valid" + (f"; read the {len(warnings)} warnings above." if warnings else "."))
     return s
