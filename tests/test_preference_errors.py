@@ -362,7 +362,12 @@ _A, _B = [{"role": "assistant", "content": "A"}], [{"role": "assistant", "conten
     ({"prompt": [{**_Q[0], "name": "bob"}], "chosen": _A, "rejected": _B}, ["prompt[].name"]),
     ({"prompt": "Q", "completion": "A", "label": True, "kto_tag": False}, ["kto_tag"]),  # the label is read
     ({"prompt": "P", "messages": _Q + _A, "label": True}, ["prompt"]),  # KTO reads the conversation
-    ({"prompt": "P", "chosen": "A", "rejected": "B", "system": "S", "tools": []}, []),
+    ({"prompt": "P", "chosen": "A", "rejected": "B", "system": "S",
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, []),
+    # a training switch: a pair trains its final replies, whatever it says
+    ({"prompt": _Q + [{**_A[0], "weight": 1}] + _Q, "chosen": [{**_A[0], "weight": 0}], "rejected": _B},
+     ["chosen[].weight", "prompt[].weight"]),
+    ({"messages": _Q + [{**_A[0], "loss": False}], "label": True}, ["messages[].loss"]),
     ({"instruction": "I", "input": "x", "system": "S", "history": [], "chosen": "A", "rejected": "B"}, []),
 ])
 def test_a_field_the_records_shape_does_not_read_is_reported(record, unread):

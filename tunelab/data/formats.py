@@ -320,7 +320,11 @@ def unused_fields(record: Any, fmt: str) -> list[str]:
     return out
 
 
-def unused_item_fields(items: Any, key: str, known: set = _READ_ITEM["conversations"]) -> list[str]:
+MESSAGE_FIELDS = frozenset(_READ_ITEM["conversations"])
+"""The fields of a message (OpenAI's or ShareGPT's) that are read."""
+
+
+def unused_item_fields(items: Any, key: str, known: frozenset = MESSAGE_FIELDS) -> list[str]:
     """Fields of the messages in `items` (the list in field `key`) that are not read, e.g. ['prompt[].name'] (a
     tool result's name is read)."""
     if not isinstance(items, list):

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tunelab.data.files import InvalidRecord
-from tunelab.data.formats import MEDIA_FIELDS, detect_format, normalise, unused_fields, unused_item_fields
+from tunelab.data.formats import (MEDIA_FIELDS, MESSAGE_FIELDS, detect_format, normalise, unused_fields,
+                                  unused_item_fields)
 from tunelab.data.messages import MULTIMODAL_FIX, fail
 
 _PAIRS = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"),
@@ -140,9 +141,19 @@ def unused_preference_fields(record: Any) -> list[str]:
         return []
     read = fields_read(record)
     out = [k for k in record if k not in read and k not in MEDIA_FIELDS]
-    for key in sorted(read & set(record)):
-        out += unused_item_fields(record[key], key)
+    for key in sorted(read & set(record) & _MESSAGE_LISTS):
+        out += unused_item_fields(record[key], key, _MESSAGE_FIELDS)
     return out
+
+
+_MESSAGE_LISTS = frozenset(("prompt", "chosen", "rejected", "completion", "messages", "conversations",
+                            "chosen_messages", "rejected_messages", "preferred_output", "non_preferred_output"))
+_SWITCHES = ("loss", "loss_weight", "weight")
+_MESSAGE_FIELDS = MESSAGE_FIELDS - set(_SWITCHES)
+SWITCH_HINTS = dict.fromkeys(_SWITCHES, "a training switch: a preference objective trains the final reply of each "
+                             "sequence (chosen, rejected, a KTO sample's reply) whatever it says, and never the "
+                             "prompt's replies: drop it")
+"""Why a message's training switch is not read in a pair or KTO sample."""
 
 
 def fields_read(record: dict) -> set[str]:

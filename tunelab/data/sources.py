@@ -22,8 +22,8 @@ from tunelab.data.images import ImageReading, image_reading, is_image_file, read
 from tunelab.data.messages import IMAGE_PLACEHOLDER, LONE_SURROGATE, refuse_lone_surrogates, with_default_system
 from tunelab.data.templates import ToolSupport, templates_writing_tool_calls
 from tunelab.data.reports import count_unused, new_file_report, note, note_record
-from tunelab.data.preference import (fields_read, not_supervised_error, read_for_objective, record_kind,
-                                     sample_messages, unused_preference_fields)
+from tunelab.data.preference import (SWITCH_HINTS, fields_read, not_supervised_error, read_for_objective,
+                                     record_kind, sample_messages, unused_preference_fields)
 from tunelab.errors import TunelabError
 
 MAX_REPORTED_INVALID = 20
@@ -105,7 +105,8 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
         if source.entry is None:
             read = ", ".join(map(repr, sorted(fields_read(data))))
             for name in unused_preference_fields(data):
-                count_unused(report, name, rec.where, UNUSED_HINTS.get(name.split(".")[-1], (
+                last = name.split(".")[-1]
+                count_unused(report, name, rec.where, UNUSED_HINTS.get(last) or SWITCH_HINTS.get(last, (
                     f"a record of this shape is read from {read}: drop it, or map it in with dataset_map_fn if it "
                     f"should be trained")))
         _after_reading(sample, source, report, rec.where, images is not None, special, tools)
