@@ -267,6 +267,17 @@ def test_settings_that_cannot_go_together_are_refused(tmp_path):
     assert "train_on = 'all'" in errors(objective="orpo", train_on="all")
     assert errors(objective="dpo", method="qlora", label_smoothing=0.1) == ""
     assert errors(objective="sft", method="full", reference="adapters_off") == ""  # SFT reads no reference
+    # another preference objective's setting, changed from its default, is not read by this one: said, not ignored
+    for objective, setting, says in (("kto", dict(dpo_loss="ipo"), "dpo_loss = 'ipo' is read by objective = 'dpo'"),
+                                     ("orpo", dict(simpo_gamma=1.0), "simpo_gamma = 1.0 is read by objective = "
+                                                                     "'simpo'"),
+                                     ("dpo", dict(kto_desirable_weight=2.0), "read by objective = 'kto'"),
+                                     ("simpo", dict(reference="copy"), "read by objective = 'dpo' or 'kto'"),
+                                     ("reward", dict(beta=0.5), "read by objective = 'dpo', 'orpo', 'simpo' or "
+                                                                "'kto'")):
+        assert says in errors(objective=objective, **setting) and f"not by objective = '{objective}'" in \
+            errors(objective=objective, **setting)
+    assert errors(objective="kto", beta=0.2, kto_undesirable_weight=1.5, reference="precomputed") == ""
 
 
 def test_reference_values_are_keyed_the_same_for_packed_arrays_and_plain_rows(tokenizer):

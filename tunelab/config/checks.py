@@ -146,7 +146,18 @@ def _preference_errors(cfg: TrainConfig, at) -> list[str]:
         errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
                       f"objective = '{objective}': splitting rows over GPUs runs the supervised loss only; preference "
                       f"objectives score whole sequences on one GPU. Set sequence_parallel_size = 1.")
+    for key, readers in READ_BY.items():  # another objective's setting (kto with dpo_loss = 'ipo'): not ignored
+        value = getattr(cfg, key)
+        if objective not in readers and value != TrainConfig.__dataclass_fields__[key].default:
+            names = " or ".join(", ".join(f"'{r}'" for r in readers).rsplit(", ", 1))
+            errors.append(f"{at(key)}{key} = {value!r} is read by objective = {names} only, not by objective = "
+                          f"'{objective}': remove it, or set the objective it is meant for.")
     return errors
+
+
+# The preference settings each objective reads (label_smoothing: above, as it also depends on dpo_loss).
+READ_BY = {"beta": ("dpo", "orpo", "simpo", "kto"), "dpo_loss": ("dpo",), "simpo_gamma": ("simpo",),
+           "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",), "reference": ("dpo", "kto")}
 
 
 # Settings that only a run with a vision tower reads (a text run that sets one is told, not ignored).
