@@ -174,9 +174,9 @@ def test_half_an_emoji_is_an_invalid_record_naming_where(record, objective, fiel
 
 
 def test_tunelab_reward_names_half_an_emoji_too(tmp_path):
-    from tunelab.chat.reward import _samples
+    from tunelab.chat.reward import read_scored
 
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "chosen": "Sure", "rejected": "No \ud83d"}) + "\n")
     with pytest.raises(TunelabError, match=r"pairs\.jsonl line 1: 'rejected' holds half of a UTF-16 surrogate pair"):
-        _samples(path, "")
+        read_scored(path)

@@ -380,3 +380,26 @@ def test_check_dataset_names_a_field_beside_the_one_read(tmp_path):
     path = _write(tmp_path / "pairs.jsonl", [{"instruction": "I", "prompt": "P", "chosen": "A", "rejected": "B"}])
     warnings = _read(path, "dpo")[1].reading_warnings()
     assert any("field 'prompt' not used (1 record" in w and "'instruction'" in w for w in warnings), warnings
+
+
+def test_reward_reads_the_data_before_the_model_and_words_a_missing_reply_for_scoring(tmp_path, capsys):
+    from tunelab.cli.main import main
+
+    data = _write(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "Q"}]}])
+    assert main(["reward", str(tmp_path / "no_model"), "--data", data]) == 2  # the model is never looked for
+    err = capsys.readouterr().err
+    assert "chats.jsonl line 1: the conversation does not end with an assistant reply. `tunelab reward` scores a " \
+           "conversation's last reply" in err
+    assert "preference training, not this run" not in err and "no_model" not in err
+
+
+def test_reward_says_what_the_model_given_is_when_it_is_not_a_reward_model(tmp_path, tiny_llama_dir, capsys):
+    from tunelab.cli.main import main
+
+    data = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "A", "rejected": "B"}])
+    assert main(["reward", str(tmp_path / "no_model"), "--data", data]) == 2
+    assert "no_model' does not exist" in capsys.readouterr().err  # not "its tunelab.json says objective = 'sft'"
+    assert main(["reward", str(tiny_llama_dir), "--data", data]) == 2
+    err = capsys.readouterr().err
+    assert "is not a reward model: its config.json names LlamaForCausalLM (a chat or base model) and no " \
+           "tunelab.json says objective = 'reward'" in err

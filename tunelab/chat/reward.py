@@ -65,14 +65,19 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
     from tunelab.data.templates import choose_template
     from tunelab.export.adapters import apply_adapter, model_to_load
     from tunelab.model.load import load_causal_lm, load_tokenizer, pick_device, resolve_dtype
+    from tunelab.model.model_dir import resolve_model_dir
 
     to_load = model_to_load(model_path, adapter)
     base, adapter_dir, meta = to_load.base, to_load.adapter_dir, to_load.meta
+    base = str(resolve_model_dir(base, key="MODEL"))  # a path that is not there is named as such
     config_file = Path(base) / "config.json"
     architectures = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
     if meta.get("objective") != "reward" and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise TunelabError(f"{adapter or model_path} is not a reward model (its tunelab.json says objective = "
-                           f"{meta.get('objective', 'sft')!r}): train one with objective = 'reward'.")
+        says = (f"its tunelab.json says objective = {meta['objective']!r}" if meta.get("objective") else
+                f"its config.json names {', '.join(architectures) or 'no architecture'} (a chat or base model) and "
+                f"no tunelab.json says objective = 'reward'")
+        raise TunelabError(f"{adapter or model_path} is not a reward model: {says}. Score with a model trained with "
+                           f"objective = 'reward' (its work dir, checkpoint, merged model, or base with --adapter).")
     dev = pick_device(device)
     tokenizer = load_tokenizer(str(adapter_dir) if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file()
                                else base, trust_remote_code=trust_remote_code)
@@ -97,16 +102,16 @@ def check_data_file(path: str | Path) -> Path:
     return path
 
 
-def _samples(path: Path, system: str, limit: int | None = None) -> list[dict]:
+def read_scored(path: str | Path, limit: int | None = None) -> list[dict]:
     """The records of a data file (the first `limit`) as pairs, or as {"prompt", "completion"} (the last reply
-    scored)."""
+    scored); read before the model loads, so that a bad record stops the command at once."""
     from tunelab.data.files import read_records
-    from tunelab.data.formats import detect_format, normalise
-    from tunelab.data.messages import refuse_lone_surrogates, with_default_system
+    from tunelab.data.formats import detect_format
+    from tunelab.data.messages import refuse_lone_surrogates
     from tunelab.data.preference import normalise_kto, normalise_preference, record_kind
 
     samples = []
-    for rec in itertools.islice(read_records(path), limit):
+    for rec in itertools.islice(read_records(check_data_file(path)), limit):
         kind = record_kind(rec.data)
         if kind == "preference":
             sample = normalise_preference(rec.data, rec.where)
@@ -117,12 +122,27 @@ def _samples(path: Path, system: str, limit: int | None = None) -> list[dict]:
             if fmt is None or fmt == "text":
                 raise TunelabError(f"{rec.where}: not a conversation or a preference pair; `tunelab reward` scores "
                                    f"replies.")
-            messages = normalise(rec.data, fmt, rec.where)["messages"]
+            messages = _conversation(rec.data, fmt, rec.where)
             sample = {"prompt": messages[:-1], "completion": messages[-1]}
-        with_default_system(sample["prompt"], system)
         refuse_lone_surrogates(sample, rec.where)
         samples.append(sample)
     return samples
+
+
+def _conversation(record: dict, fmt: str, where: str) -> list[dict]:
+    """A conversation's messages, its last reply the one scored (the supervised reader's error about a missing reply
+    worded for scoring: it points supervised data at preference training)."""
+    from tunelab.data.files import InvalidRecord
+    from tunelab.data.formats import normalise
+
+    try:
+        return normalise(record, fmt, where)["messages"]
+    except InvalidRecord as exc:
+        if "does not end with an assistant reply" not in str(exc):
+            raise
+    raise TunelabError(f"{where}: the conversation does not end with an assistant reply. `tunelab reward` scores "
+                       f"a conversation's last reply: end it with the assistant reply to score, or give a pair "
+                       f"('prompt', 'chosen', 'rejected').")
 
 
 def _rows(rm: RewardModel, samples: list[dict]) -> tuple[list[dict], list[bool]]:
@@ -155,14 +175,17 @@ def _why_same(pair: dict, max_length: int) -> str:
 
 @torch.no_grad()
 def score_file(rm: RewardModel, path: str | Path, *, limit: int | None = None, batch_size: int = 8,
-               on_record: Callable[[dict], None] | None = None) -> Scores:
-    """Score every record of the file (the first `limit`)."""
+               on_record: Callable[[dict], None] | None = None, samples: list[dict] | None = None) -> Scores:
+    """Score every record of the file (the first `limit`); `samples`: its records as `read_scored` read them."""
     from tunelab.data.collate import collate
+    from tunelab.data.messages import with_default_system
     from tunelab.model.reward import sequence_scores
 
     if batch_size < 1 or (limit is not None and limit < 1):
         raise TunelabError(f"batch_size and limit must be 1 or more, got {batch_size} and {limit}")
-    samples = _samples(check_data_file(path), rm.system, limit)
+    samples = read_scored(path, limit) if samples is None else samples
+    for sample in samples:
+        with_default_system(sample["prompt"], rm.system)
     device = next(rm.model.parameters()).device
     scores = Scores()
     for start in range(0, len(samples), batch_size):

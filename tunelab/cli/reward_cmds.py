@@ -44,13 +44,13 @@ def register(subparsers) -> None:
 
 
 def reward_cmd(args) -> int:
-    from tunelab.chat.reward import check_data_file, load_reward_model, score_file
+    from tunelab.chat.reward import load_reward_model, read_scored, score_file
 
-    check_data_file(args.data)  # before loading the model
+    samples = read_scored(args.data, args.n)  # before loading the model: a bad record stops it at once
     rm = load_reward_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
                            system=args.system, max_length=args.max_length, device=args.device, dtype=args.dtype,
                            bits=args.bits, trust_remote_code=args.trust_remote_code)
-    scores = score_file(rm, args.data, limit=args.n, batch_size=args.batch_size,
+    scores = score_file(rm, args.data, limit=args.n, batch_size=args.batch_size, samples=samples,
                         on_record=lambda r: print(json.dumps(r), flush=True))
     pairs, skipped = scores.pairs, scores.skipped
     if pairs:
