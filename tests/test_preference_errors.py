@@ -403,3 +403,16 @@ def test_reward_says_what_the_model_given_is_when_it_is_not_a_reward_model(tmp_p
     err = capsys.readouterr().err
     assert "is not a reward model: its config.json names LlamaForCausalLM (a chat or base model) and no " \
            "tunelab.json says objective = 'reward'" in err
+
+
+def test_sharegpt_replies_given_as_lists_of_turns_are_read_as_turns():
+    # LLaMA-Factory's ranking data has one turn each; a list of turns (a reply with tool calls and results, or a
+    # single turn in a list) reads as TRL's message lists do, instead of failing as a content part of type None
+    from tunelab.data.preference import normalise_preference
+
+    record = {"conversations": [{"from": "human", "value": "Q"}], "chosen": [{"from": "gpt", "value": "A"}],
+              "rejected": [{"from": "gpt", "value": "B"}]}
+    pair = normalise_preference(record)
+    assert (pair["chosen"]["content"], pair["rejected"]["content"]) == ("A", "B") and len(pair["prompt"]) == 1
+    with pytest.raises(TunelabError, match=r"rejected\[0\]\.from is 'robot'"):
+        normalise_preference({**record, "rejected": [{"from": "robot", "value": "B"}]}, "r")

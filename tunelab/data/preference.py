@@ -247,15 +247,17 @@ def _pair_records(record: dict, where: str) -> tuple[_Side, _Side]:
     sides = []
     for key in ("chosen", "rejected"):
         reply = record[key]
-        if "conversations" in record:  # LLaMA-Factory sharegpt: the reply is one more turn
-            turn = reply if isinstance(reply, dict) else {"from": "gpt", "value": reply}
+        if "conversations" in record:  # LLaMA-Factory sharegpt: the reply is one more turn (or, as a list, more)
+            replies = reply if isinstance(reply, list) else [reply if isinstance(reply, dict) else
+                                                             {"from": "gpt", "value": reply}]
             turns = record["conversations"]
             if not isinstance(turns, list):
                 raise fail(where, f"'conversations' should be a list of turns, found {type(turns).__name__}",
                            "Write it as [{\"from\": \"human\", \"value\": ...}, ...].")
             rest = {**_keep(record, "system"), **tools}
-            sides.append(_Side(key, reply, {"conversations": turns + [turn], **rest}, "sharegpt",
-                               [f"conversations[{i}]" for i in range(len(turns))] + [key], len(turns),
+            paths = [f"{key}[{j}]" for j in range(len(replies))] if isinstance(reply, list) else [key]
+            sides.append(_Side(key, reply, {"conversations": turns + replies, **rest}, "sharegpt",
+                               [f"conversations[{i}]" for i in range(len(turns))] + paths, len(turns),
                                {"conversations": turns + [{"from": "gpt", "value": _STAND_IN}], **rest}))
         elif "instruction" in record or ("input" in record and "prompt" not in record):  # LLaMA-Factory alpaca
             if not isinstance(reply, str):
