@@ -371,7 +371,7 @@ _A, _B = [{"role": "assistant", "content": "A"}], [{"role": "assistant", "conten
     ({"instruction": "I", "input": "x", "system": "S", "history": [], "chosen": "A", "rejected": "B"}, []),
 ])
 def test_a_field_the_records_shape_does_not_read_is_reported(record, unread):
-    from tunelab.data.preference import unused_preference_fields
+    from tunelab.data.preference_fields import unused_preference_fields
 
     assert unused_preference_fields(record) == unread
 

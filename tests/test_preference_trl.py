@@ -34,7 +34,8 @@ datasets = pytest.importorskip("datasets")
 from tunelab.data.collate import collate  # noqa: E402
 from tunelab.data.encode_preference import encode_kto, encode_pairs, row_capacity  # noqa: E402
 from tunelab.data.packing import pack_rows  # noqa: E402
-from tunelab.data.preference import normalise_kto, normalise_preference, unused_preference_fields  # noqa: E402
+from tunelab.data.preference import normalise_kto, normalise_preference  # noqa: E402
+from tunelab.data.preference_fields import unused_preference_fields  # noqa: E402
 from tunelab.data.templates import get_template  # noqa: E402
 from tunelab.model import preference_losses as L  # noqa: E402
 from tunelab.model.logprobs import sequence_logprobs  # noqa: E402

@@ -22,8 +22,8 @@ from tunelab.data.images import ImageReading, image_reading, is_image_file, read
 from tunelab.data.messages import IMAGE_PLACEHOLDER, LONE_SURROGATE, refuse_lone_surrogates, with_default_system
 from tunelab.data.templates import ToolSupport, templates_writing_tool_calls
 from tunelab.data.reports import count_unused, new_file_report, note, note_record
-from tunelab.data.preference import (SWITCH_HINTS, fields_read, not_supervised_error, read_for_objective,
-                                     record_kind, sample_messages, unused_preference_fields)
+from tunelab.data.preference import not_supervised_error, read_for_objective, record_kind, sample_messages
+from tunelab.data.preference_fields import SWITCH_HINTS, fields_read, unused_preference_fields
 from tunelab.errors import TunelabError
 
 MAX_REPORTED_INVALID = 20
