@@ -234,3 +234,24 @@ def test_an_unreadable_state_without_checksums_gives_advice_that_works(tiny_llam
     shutil.move(work / "iter_6", tmp_path / "iter_6.bad")  # as the message says
     resumed = _resume(tiny_llama_dir, rows, work)
     assert sorted(resumed.losses) == [5, 6, 7, 8]
+
+
+def test_a_changed_preference_loss_setting_is_refused_and_an_older_record_without_them_resumes(tmp_path):
+    # the run would go on minimising another loss (DPO sigmoid at 0.6, then IPO at 23 from the resumed step)
+    import dataclasses
+
+    from tunelab.config.schema import TrainConfig
+    from tunelab.train.resume_settings import compare, run_record
+
+    cfg = TrainConfig(objective="dpo", beta=0.1)
+    checkpoint = tmp_path / "iter_3"
+    checkpoint.mkdir()
+    record = run_record(cfg, step=3, steps_per_epoch=3, total_steps=6, data_ranks=1)
+    (checkpoint / layout.META_FILE).write_text(json.dumps({"run": record}))
+    for key, value, was in (("dpo_loss", "ipo", "'sigmoid'"), ("beta", 0.5, "0.1")):
+        with pytest.raises(TunelabError, match=rf"iter_3: {key} was {was} in the checkpoint, is {value!r} now"):
+            compare(dataclasses.replace(cfg, **{key: value}), checkpoint, log=lambda m: None)
+    for key in ("beta", "dpo_loss", "label_smoothing"):  # saved before they were recorded: not compared
+        del record["settings"][key]
+    (checkpoint / layout.META_FILE).write_text(json.dumps({"run": record}))
+    assert compare(dataclasses.replace(cfg, beta=0.5), checkpoint, log=lambda m: None)[0].beta == 0.5

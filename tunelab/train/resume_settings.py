@@ -1,9 +1,11 @@
 """What a resumed run may change: each checkpoint records its run's settings (tunelab.json's "run"), and a resume
 compares them with this config's before the data and the model load.
 
-* Settings that give the data order, the model or the meaning of the saved position another meaning (`FIXED`, and
-  `LORA` for adapters) are refused, one line per setting that differs: resuming with them would re-read the saved
-  micro-batch position in another batch size, load an adapter into another shape, or train on other rows.
+* Settings that give the data order, the model or the meaning of the saved position another meaning (`FIXED`,
+  `LORA` for adapters), or the loss another meaning (`PREFERENCE` for a preference objective: beta, dpo_loss, ...),
+  are refused, one line per setting that differs: resuming with them would re-read the saved micro-batch position
+  in another batch size, load an adapter into another shape, train on other rows, or minimise another loss from
+  the resumed step on. A checkpoint saved before a setting was recorded is not held to it.
 * The optimiser's and schedule's settings (`SCHEDULE`) are the checkpoint's, as Hugging Face Trainer (and so
   LLaMA-Factory) has it: the scheduler and optimiser states restore them. A changed one is named in a warning and
   replaced by the checkpoint's value, so resolved_config.py, run.json and the board show what the run trains with.
@@ -29,6 +31,7 @@ RUN_KEY = "run"
 FIXED = ("data_path", "data_format", "dataset_map_fn", "eval_split_ratio", "batch_size", "accumulative_counts",
          "max_length", "pack_to_max_length", "shuffle_before_pack", "method", "objective", "optimizer", "seed")
 LORA = ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora")
+PREFERENCE = ("beta", "dpo_loss", "label_smoothing", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight")
 SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "weight_decay", "betas")
 
 
@@ -39,7 +42,7 @@ def _plain(value):
 def compared_settings(cfg) -> dict:
     """The settings a resume compares, as JSON values: what a checkpoint records and what this config is held to."""
     values = to_dict(cfg)
-    keys = FIXED + SCHEDULE + (LORA if cfg.method != "full" else ())
+    keys = FIXED + SCHEDULE + (LORA if cfg.method != "full" else ()) + (PREFERENCE if cfg.objective != "sft" else ())
     return {key: _plain(values[key]) for key in keys}
 
 
