@@ -209,3 +209,38 @@ def test_a_pair_cut_at_max_length_before_its_replies_differ_is_dropped_and_count
                               for i in range(3)))  # the first pair differs at its start: kept, cut
     bundle = _bundle(str(path), tiny_tokenizer, "dpo", tmp_path, monkeypatch, max_length=60)
     assert (bundle.stats.dropped, bundle.stats.truncated, bundle.stats.samples) == (2, 1, 1)
+
+
+def test_preview_names_each_sequence_and_shows_the_kl_reply_as_not_trained(tiny_tokenizer, tmp_path):
+    import io
+    import json
+
+    from tunelab.config.schema import TrainConfig
+    from tunelab.data.inspect import preview
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Q", "chosen": "Good", "rejected": "Bad"}) + "\n")
+    out = io.StringIO()
+    preview(TrainConfig(data_path=str(pairs), objective="dpo", prompt_template="qwen_chat"), tiny_tokenizer, 1,
+            color=False, stream=out)
+    text = out.getvalue()
+    assert text.index("[chosen]") < text.index("⟦Good") < text.index("[rejected]") < text.index("⟦Bad")
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text("\n".join(json.dumps({"prompt": f"Q{i}", "completion": reply, "label": i == 0})
+                             for i, reply in enumerate(["Good", "Bad"])))
+    out = io.StringIO()
+    preview(TrainConfig(data_path=str(kto), objective="kto", prompt_template="qwen_chat"), tiny_tokenizer, 2,
+            color=False, stream=out)
+    first, second = out.getvalue().split("--- sample 1")
+    # the KL sequence (the prompt with the other sample's reply) is scored without gradient: never trained
+    assert "[desirable]" in first and "⟦Good" in first and "[KL" in first and "⟦Bad" not in first and "Bad" in first
+    assert "[undesirable]" in second and "⟦Bad" in second
+    out = io.StringIO()  # one sample shown: its KL partner is still another sample's reply
+    preview(TrainConfig(data_path=str(kto), objective="kto", prompt_template="qwen_chat"), tiny_tokenizer, 1,
+            color=False, stream=out)
+    assert "sample 1" not in out.getvalue() and out.getvalue().split("[KL")[1].count("Bad") == 1
+    # a pair read for KTO: both its halves, the chosen desirable and the rejected undesirable
+    out = io.StringIO()
+    preview(TrainConfig(data_path=str(pairs), objective="kto", prompt_template="qwen_chat"), tiny_tokenizer, 1,
+            color=False, stream=out)
+    assert "[desirable]" in out.getvalue() and "[undesirable]" in out.getvalue()

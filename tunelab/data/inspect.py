@@ -21,7 +21,7 @@ import numpy as np
 
 from tunelab.data.dataset import DataStats, build_datasets, encode_samples, row_length
 from tunelab.data.encode import IGNORE_INDEX
-from tunelab.data.encode_preference import kl_partner_problem
+from tunelab.data.encode_preference import CHOSEN, DESIRABLE, KL, REJECTED, UNDESIRABLE, kl_partner_problem
 from tunelab.data.images import describe as describe_image
 from tunelab.data.images import image_reading
 from tunelab.data.multimodal import IMAGE_TOKEN, image_tokens
@@ -162,6 +162,25 @@ def _report_tokens(cfg, bundle, out: Callable[[str], None]) -> None:
         out(f"packing: about {n_rows} rows of {width} tokens, {kept.sum() / (n_rows * width):.1%} full")
 
 
+SEQUENCE_NAMES = {CHOSEN: "chosen", REJECTED: "rejected", DESIRABLE: "desirable", UNDESIRABLE: "undesirable",
+                  KL: "KL estimate: the prompt with another sample's reply, scored without gradient, not trained"}
+
+
+def sequence_pieces(tokenizer, row: dict) -> list[tuple[str, bool]]:
+    """`marked_pieces` of a row; of a pair or KTO unit, each sequence's after a line naming it, a KL sequence's
+    reply unmarked: its labels only pick the tokens KTO's KL estimate scores, and no gradient flows from them."""
+    if "sequence_kind" not in row:
+        return marked_pieces(tokenizer, row)
+    pos = row["position_ids"]
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    out: list[tuple[str, bool]] = []
+    for kind, a, b in zip(row["sequence_kind"], starts, starts[1:]):
+        labels = row["labels"][a:b] if kind != KL else [IGNORE_INDEX] * (b - a)
+        out += [(f"[{SEQUENCE_NAMES[kind]}]\n", False), *marked_pieces(tokenizer, {"input_ids": row["input_ids"][a:b],
+                                                                                "labels": labels}), ("\n", False)]
+    return out
+
+
 def marked_pieces(tokenizer, row: dict) -> list[tuple[str, bool]]:
     """The row's text as runs of (text, trained) following its labels."""
     pieces: list[tuple[str, bool]] = []
@@ -189,12 +208,13 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
     images = image_reading(cfg, config_dir)  # a LLaVA config: its samples' images are read too
     tokens = image_tokens(cfg, tokenizer)
     tools = tool_support(template)  # a probe rendering: once, not per source
+    wanted = n + 1 if cfg.objective == "kto" else n  # one more: the last shown sample's KL partner
     for source in resolve_sources(cfg.data_path, cfg.data_format, config_dir, cfg.objective,
                                   multimodal=images is not None):
         samples += read_source(source, skip_invalid=cfg.skip_invalid, map_fn=cfg.dataset_map_fn, system=cfg.SYSTEM,
-                               stats=stats, limit=n - len(samples), objective=cfg.objective, images=images,
+                               stats=stats, limit=wanted - len(samples), objective=cfg.objective, images=images,
                                tools=tools)[0]
-        if len(samples) >= n:
+        if len(samples) >= wanted:
             break
     shown = []
     console = None
@@ -202,9 +222,9 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
         from rich.console import Console
 
         console = Console(file=stream, highlight=False, force_terminal=True)
-    for k, per_sample in enumerate(encode_samples(template, tokenizer, samples, cfg.max_length, cfg.train_on,
-                                                  tokens=tokens)):
-        for encoded in per_sample[:1]:
+    encoded_samples = encode_samples(template, tokenizer, samples, cfg.max_length, cfg.train_on, tokens=tokens)
+    for k, per_sample in enumerate(encoded_samples[:n]):
+        for encoded in per_sample[:2 if cfg.objective == "kto" else 1]:  # a pair read for KTO: both its halves
             header = f"--- sample {k} ({encoded.full_length} tokens" + \
                      (", truncated" if encoded.truncated else "") + ")"
             if encoded.row is not None and encoded.row.get("images"):
@@ -212,7 +232,7 @@ def preview(cfg, tokenizer, n: int = 3, *, config_dir: str | None = None, color:
             if encoded.row is None:
                 stream.write(f"{header}: dropped, nothing to train on within max_length={cfg.max_length}\n")
                 continue
-            pieces = marked_pieces(tokenizer, encoded.row)
+            pieces = sequence_pieces(tokenizer, encoded.row)
             shown.append(pieces)
             if console is not None:
                 from rich.text import Text
