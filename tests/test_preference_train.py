@@ -241,6 +241,7 @@ def test_the_memory_plan_counts_pairs_and_the_reference(monkeypatch):
     monkeypatch.undo()
     report = fit.plan_report(replace(auto, method="qlora"))
     assert "objective dpo (reference: adapters_off), rows of 2048 tokens (a pair)" in report
+    assert "rows of 2048 tokens (a sample and its KL sequence)" in fit.plan_report(replace(auto, objective="kto"))
 
 
 def test_settings_that_cannot_go_together_are_refused(tmp_path):

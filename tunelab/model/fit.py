@@ -75,8 +75,9 @@ def plan_report(cfg, device=None, plan=None, *, world_size: int | None = None, c
     if reference and reference != cfg.reference:
         cfg = replace(cfg, reference=reference)
     est = estimate_memory(cfg, device, plan, world_size=world_size, card_bytes=card_bytes)
+    unit = "a sample and its KL sequence" if cfg.objective == "kto" else "a pair"
     objective = "" if cfg.objective == "sft" else f", objective {cfg.objective}" + (
-        f" (reference: {reference})" if reference else "") + f", rows of {row_length(cfg)} tokens (a pair)"
+        f" (reference: {reference})" if reference else "") + f", rows of {row_length(cfg)} tokens ({unit})"
     lines = [f"memory plan for {cfg.pretrained_model_name_or_path} ({cfg.method}, max_length {cfg.max_length}, "
              f"batch_size {cfg.batch_size}, gradient checkpointing "
              f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'}{objective})"]
