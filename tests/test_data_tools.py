@@ -118,3 +118,17 @@ def test_subprocess_help_and_generate(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "tunelab", "check-dataset", "--help"], capture_output=True,
                             text=True, env=env, timeout=120)
     assert "example:" in helped.stdout
+
+
+def test_cfg_options_apply_to_a_data_file_as_to_a_config(tmp_path, tiny_tokenizer_dir, capsys):
+    # --cfg-options on a data file were dropped without a word: the preview showed no SYSTEM, check-dataset no
+    # effect of skip_invalid or max_length given that way
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Q", "chosen": "Good", "rejected": "Bad"}) + "\n")
+    flags = ["--tokenizer", str(tiny_tokenizer_dir), "--template", "qwen_chat", "--objective", "dpo"]
+    assert main(["preview", str(path), *flags, "--color", "never", "--cfg-options", "SYSTEM=Be brief."]) == 0
+    assert capsys.readouterr().out.count("Be brief.") == 2
+    assert main(["check-dataset", str(path), *flags, "--cfg-options", "max_length=9"]) == 1
+    assert "longer than max_length=9" in capsys.readouterr().out
+    assert main(["check-dataset", str(path), *flags, "--cfg-options", "max_lenght=9"]) == 2
+    assert "unknown setting 'max_lenght'" in capsys.readouterr().err

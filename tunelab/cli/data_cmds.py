@@ -133,6 +133,20 @@ def self_cognition(args) -> int:
     return 0
 
 
+def _checked_overrides(overrides: list[str]) -> dict:
+    """--cfg-options for a data file (no config to apply them to), checked as a config's are."""
+    from tunelab.config.checks import check_setting
+    from tunelab.config.loader import parse_overrides
+    from tunelab.errors import TunelabError
+
+    settings = {}
+    for key, value in parse_overrides(overrides).items():
+        settings[key], error = check_setting(key, value, "--cfg-options")
+        if error:
+            raise TunelabError(error)
+    return settings
+
+
 def _load(args, *, need_tokenizer: bool = True):
     """(cfg, tokenizer, config_dir) from a config file or a data file plus flags. The tokenizer is None when
     need_tokenizer is False and a data file is given without --tokenizer."""
@@ -156,7 +170,9 @@ def _load(args, *, need_tokenizer: bool = True):
             raise TunelabError(f"{source}: pass --tokenizer DIR (a model or tokenizer folder) to see the samples "
                                f"as tokens, or give a config file instead.")
         data_path = [{"path": str(source), "dataset": args.dataset}] if args.dataset else str(source)
-        cfg, config_dir = TrainConfig(data_path=data_path, data_format=args.format or "auto"), None
+        cfg, config_dir = TrainConfig(**{**_checked_overrides(args.cfg_options), "data_path": data_path}), None
+        if args.format:
+            cfg = replace(cfg, data_format=args.format)
     updates = {k: v for k, v in (("prompt_template", args.template), ("max_length", args.max_length),
                                  ("train_on", args.train_on), ("objective", args.objective)) if v is not None}
     cfg = replace(cfg, **updates)
