@@ -416,3 +416,16 @@ def test_sharegpt_replies_given_as_lists_of_turns_are_read_as_turns():
     assert (pair["chosen"]["content"], pair["rejected"]["content"]) == ("A", "B") and len(pair["prompt"]) == 1
     with pytest.raises(TunelabError, match=r"rejected\[0\]\.from is 'robot'"):
         normalise_preference({**record, "rejected": [{"from": "robot", "value": "B"}]}, "r")
+
+
+def test_chat_with_a_reward_adapter_points_at_the_reward_command_that_works(tmp_path, tiny_llama_dir, capsys):
+    from tunelab.cli.main import main
+
+    adapter = tmp_path / "hf_rm"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
+    (adapter / "tunelab.json").write_text(json.dumps({"objective": "reward", "base_model": str(tiny_llama_dir)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # refused before it is read
+    assert main(["chat", str(tiny_llama_dir), "--adapter", str(adapter), "--prompt", "hi"]) == 2
+    # before: `tunelab reward BASE --data FILE`, which refuses the base as not a reward model
+    assert f"Score with `tunelab reward {tiny_llama_dir} --adapter {adapter} --data FILE`" in capsys.readouterr().err

@@ -187,7 +187,8 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     base, adapter_dir, meta = to_load.base, to_load.adapter_dir, to_load.meta
     if meta.get("objective") == "reward":
         raise TunelabError(f"{adapter or model_path} is a reward model: it scores replies and does not write them. "
-                           f"Score with `tunelab reward {model_path} --data FILE`.")
+                           f"Score with `tunelab reward {model_path}{f' --adapter {adapter}' if adapter else ''} "
+                           f"--data FILE`.")
     dev = pick_device(device)  # a clear message for --device cuda on a machine without one
     check_bits(bits)
     _say(f"loading {base}" + (f" with adapter {adapter_dir}" if adapter_dir else "") + (f" in {bits}-bit" if bits else ""))
