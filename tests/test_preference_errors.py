@@ -429,3 +429,15 @@ def test_chat_with_a_reward_adapter_points_at_the_reward_command_that_works(tmp_
     assert main(["chat", str(tiny_llama_dir), "--adapter", str(adapter), "--prompt", "hi"]) == 2
     # before: `tunelab reward BASE --data FILE`, which refuses the base as not a reward model
     assert f"Score with `tunelab reward {tiny_llama_dir} --adapter {adapter} --data FILE`" in capsys.readouterr().err
+
+
+def test_gguf_of_a_reward_adapter_or_work_dir_names_it_not_its_base(tmp_path, tiny_llama_dir, capsys):
+    from tunelab.cli.main import main
+
+    adapter = tmp_path / "hf_rm"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
+    (adapter / "tunelab.json").write_text(json.dumps({"objective": "reward", "base_model": str(tiny_llama_dir)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert main(["convert", "gguf", str(tiny_llama_dir), str(tmp_path / "rm.gguf"), "--adapter", str(adapter)]) == 2
+    assert f"error: {adapter} is a reward model" in capsys.readouterr().err  # before: the base was named

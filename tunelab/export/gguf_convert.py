@@ -100,14 +100,14 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     if out.is_dir():
         raise TunelabError(f"{out} is a directory: name the file to write, e.g. {out / 'model.gguf'}.")
     check_output(out.parent)  # not into a training checkpoint or a work dir's top level
-    to_load = model_to_load(model_path, adapter)
+    to_load, given = model_to_load(model_path, adapter), adapter or model_path
     model_path, adapter_dir, meta = to_load.base, to_load.adapter_dir, to_load.meta
     if meta.get("llava"):
         raise TunelabError(f"{model_path}: a LLaVA run; convert gguf writes text models only. Export it with "
                            f"`tunelab convert merge` (a HF LLaVA folder) and llama.cpp's own converter.")
     if meta.get("objective") == "reward":
-        raise TunelabError(f"{model_path} is a reward model: it scores replies and does not write them, so it has no "
-                           f"GGUF export.")
+        raise TunelabError(f"{given} is a reward model: it scores replies and does not write them, "
+                           f"so it has no GGUF export.")
     check_writable(out, modelfile)
     model_dir = resolve_model_dir(model_path, key="MODEL")
     config = read_model_config(model_dir, key="MODEL")
