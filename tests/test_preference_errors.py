@@ -441,3 +441,13 @@ def test_gguf_of_a_reward_adapter_or_work_dir_names_it_not_its_base(tmp_path, ti
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     assert main(["convert", "gguf", str(tiny_llama_dir), str(tmp_path / "rm.gguf"), "--adapter", str(adapter)]) == 2
     assert f"error: {adapter} is a reward model" in capsys.readouterr().err  # before: the base was named
+
+
+def test_a_supervised_format_in_a_preference_run_is_refused_not_ignored(tmp_path):
+    # a preference run reads each record's own shape: data_format = 'text' (or an entry's 'format') was ignored
+    path = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "A", "rejected": "B"}])
+    with pytest.raises(TunelabError, match=r"^data_format = 'text' with objective = 'dpo': .*Set data_format = 'auto'"):
+        _read(path, "dpo", data_format="text")
+    with pytest.raises(TunelabError, match=r"^data_path\[0\]: 'format' = 'sharegpt' with objective = 'kto'"):
+        _read([{"path": path, "format": "sharegpt"}], "kto")
+    assert len(_read(path, "orpo", data_format="auto")[0]) == 1

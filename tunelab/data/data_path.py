@@ -76,8 +76,19 @@ def resolve_sources(data_path, data_format: str = "auto", config_dir: str | None
             raise TunelabError(f"{where}: 'dataset' names datasets of a LLaMA-Factory dataset_info.json, but "
                                f"{spec['path']!r} is not one.")
         else:
+            _check_preference_format(fmt, objective, f"{where}: 'format'" if "format" in spec else "data_format")
             sources.append(source)
     return sources
+
+
+def _check_preference_format(fmt: str, objective: str, named: str) -> None:
+    """A preference run reads each record's own shape (`tunelab.data.preference`): a supervised format named for it
+    would be ignored, so it is refused."""
+    if objective != "sft" and fmt != "auto":
+        raise TunelabError(f"{named} = {fmt!r} with objective = '{objective}': the supervised formats are not read "
+                           f"by a preference run, which reads each record's own shape (TRL, LLaMA-Factory, OpenAI, "
+                           f"KTO: docs/DATA.md, \"Preference and KTO data\"). Set data_format = 'auto' (and remove "
+                           f"'format' from data_path's entries); a dataset_map_fn maps other layouts.")
 
 
 def data_path_problem(data_path, data_format: str = "auto") -> str | None:
