@@ -154,7 +154,7 @@ def test_a_reward_model_ranks_held_out_pairs_and_exports_for_transformers(tiny_l
     train_rows = pair_rows(tokenizer, quality_pair, range(64))
     held_out = pair_rows(tokenizer, quality_pair, range(1000, 1032))
     cfg = _dpo_cfg(tiny_llama_dir, objective="reward", max_steps=40, lr=3e-3, batch_size=8, evaluation_freq=40,
-                   logging_steps=10)
+                   logging_steps=10, evaluation_inputs=[])  # a reward model answers no questions
     train(cfg, tmp_path / "rm", train_rows=train_rows, eval_rows=held_out, tokenizer=tokenizer, device="cpu")
     evals = [r for r in _log(tmp_path / "rm") if "eval_loss" in r]
     assert evals[0]["eval_accuracy"] < 0.8  # an untrained head: near chance on these pairs
@@ -279,6 +279,10 @@ def test_settings_that_cannot_go_together_are_refused(tmp_path):
         assert says in errors(objective=objective, **setting) and f"not by objective = '{objective}'" in \
             errors(objective=objective, **setting)
     assert errors(objective="kto", beta=0.2, kto_undesirable_weight=1.5, reference="precomputed") == ""
+    # a reward model answers no questions: questions of its own were never asked, without a word
+    assert "a reward model scores replies and answers no questions" in errors(objective="reward",
+                                                                              evaluation_inputs=["Who are you?"])
+    assert errors(objective="reward", evaluation_inputs=[]) == errors(objective="reward") == ""
 
 
 def test_reference_values_are_keyed_the_same_for_packed_arrays_and_plain_rows(tokenizer):

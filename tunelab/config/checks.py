@@ -146,6 +146,11 @@ def _preference_errors(cfg: TrainConfig, at) -> list[str]:
         errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
                       f"objective = '{objective}': splitting rows over GPUs runs the supervised loss only; preference "
                       f"objectives score whole sequences on one GPU. Set sequence_parallel_size = 1.")
+    asked = cfg.evaluation_inputs != TrainConfig.__dataclass_fields__["evaluation_inputs"].default_factory()
+    if objective == "reward" and cfg.evaluation_inputs and asked:
+        errors.append(f"{at('evaluation_inputs')}evaluation_inputs with objective = 'reward': a reward model scores "
+                      f"replies and answers no questions. Remove them (evaluation_inputs = []); held-out pairs "
+                      f"(eval_split_ratio) report its eval_accuracy.")
     for key, readers in READ_BY.items():  # another objective's setting (kto with dpo_loss = 'ipo'): not ignored
         value = getattr(cfg, key)
         if objective not in readers and value != TrainConfig.__dataclass_fields__[key].default:
