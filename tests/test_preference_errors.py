@@ -451,3 +451,24 @@ def test_a_supervised_format_in_a_preference_run_is_refused_not_ignored(tmp_path
     with pytest.raises(TunelabError, match=r"^data_path\[0\]: 'format' = 'sharegpt' with objective = 'kto'"):
         _read([{"path": path, "format": "sharegpt"}], "kto")
     assert len(_read(path, "orpo", data_format="auto")[0]) == 1
+
+
+def test_reasoning_a_template_does_not_write_is_reported(tmp_path):
+    # qwen_chat writes no reasoning: a chosen reply's reasoning_content (and a supervised one's) was dropped without a
+    # word, and a pair whose replies differ only in their reasoning trained as the same tokens twice
+    reasoned = {"role": "assistant", "content": "A", "reasoning_content": "Think first."}
+    pair = _write(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": [reasoned], "rejected": "B"}])
+    chat = _write(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Q"}, reasoned]}])
+    from tunelab.data.templates import get_template, tool_support
+
+    for path, objective in ((pair, "dpo"), (chat, "sft")):
+        stats = DataStats()
+        cfg = TrainConfig(data_path=path, objective=objective, prompt_template="qwen_chat")
+        collect_samples(cfg, stats, tools=tool_support(get_template("qwen_chat")))
+        warnings = stats.reading_warnings()
+        assert any("field 'reasoning_content' not used (1 record" in w and "qwen3_chat" in w for w in warnings), \
+            warnings
+        stats = DataStats()  # a template that writes it: nothing to say
+        collect_samples(TrainConfig(data_path=path, objective=objective, prompt_template="qwen3_chat"), stats,
+                        tools=tool_support(get_template("qwen3_chat")))
+        assert not stats.reading_warnings()

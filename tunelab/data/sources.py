@@ -166,6 +166,9 @@ def _check_tools(sample: dict, tools: ToolSupport, report: dict, where: str) -> 
     if sample.get("tools") and not tools.definitions:
         count_unused(report, "tools", where, f"template {tools.template!r} has no place for tool definitions: use "
                      f"one that writes them ({', '.join(templates_writing_tool_calls())}), or drop them")
+    if not tools.reasoning and any(turn.get("reasoning_content") for turn in turns):
+        count_unused(report, "reasoning_content", where, f"template {tools.template!r} writes no reasoning, so the "
+                     f"replies train without it: use one that writes it (qwen3_chat, deepseek_r1), or drop it")
 
 
 def special_text_pattern(tokenizer) -> Optional[re.Pattern]:

@@ -35,16 +35,28 @@ def get_template(name: str, tokenizer=None) -> ChatTemplate:
 
 @dataclass(frozen=True)
 class ToolSupport:
-    """What a template does with tools (many families' templates have no place for them)."""
+    """What a template does with tools (many families' templates have no place for them), and with reasoning."""
 
     template: str
     definitions: bool
     """The tool definitions of a conversation reach the prompt."""
     calls: bool
     """An assistant's tool calls are written into its (trained) turn."""
+    reasoning: bool = True
+    """An assistant's reasoning_content is written into its (trained) turn (True where the probe cannot tell)."""
 
 
 PROBE_TOOL = "tunelab_probe_function"
+PROBE_REASONING = "tunelab probe reasoning"
+
+
+def _writes_reasoning(template: ChatTemplate) -> bool:
+    """Whether a last reply's reasoning_content reaches the text (Qwen3, DeepSeek-R1), by rendering a probe one."""
+    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "a", "reasoning_content": PROBE_REASONING}]
+    try:
+        return PROBE_REASONING in template.render(turns)
+    except Exception:  # noqa: BLE001 (a template's own refusal: it cannot tell, so nothing is said)
+        return True
 
 
 def probe_call_reply(template: ChatTemplate) -> str | None:
@@ -66,7 +78,8 @@ def tool_support(template: ChatTemplate) -> ToolSupport:
         definitions = template.render(asked, tools=[tool]) != template.render(asked)
     except Exception:  # noqa: BLE001 (a template's own refusal: raise_exception, TunelabError)
         definitions = False
-    return ToolSupport(template.name, definitions, PROBE_TOOL in (probe_call_reply(template) or ""))
+    return ToolSupport(template.name, definitions, PROBE_TOOL in (probe_call_reply(template) or ""),
+                       _writes_reasoning(template))
 
 
 @functools.cache
