@@ -472,3 +472,12 @@ def test_reasoning_a_template_does_not_write_is_reported(tmp_path):
         collect_samples(TrainConfig(data_path=path, objective=objective, prompt_template="qwen3_chat"), stats,
                         tools=tool_support(get_template("qwen3_chat")))
         assert not stats.reading_warnings()
+
+
+def test_reward_on_a_dataset_registry_points_at_its_data_files(tmp_path):
+    from tunelab.chat.reward import read_scored
+
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text(json.dumps({"dpo_demo": {"file_name": "dpo.json", "ranking": True}}))
+    with pytest.raises(TunelabError, match=r"dataset_info\.json is a LLaMA-Factory dataset registry.*'dpo\.json'"):
+        read_scored(registry)  # before: "record 0: not a conversation or a preference pair"

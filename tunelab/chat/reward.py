@@ -99,6 +99,17 @@ def check_data_file(path: str | Path) -> Path:
         raise TunelabError(f"--data {path}: a folder; give one data file (.json / .jsonl / .csv / .parquet).")
     if not path.is_file():
         raise TunelabError(f"--data {path}: no such file.")
+    from tunelab.data.dataset_info import REGISTRY_NAME, is_registry
+
+    if is_registry(path):  # its entries would be read as records
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            entries = {}
+        files = sorted({str(e["file_name"]) for e in (entries.values() if isinstance(entries, dict) else [])
+                        if isinstance(e, dict) and e.get("file_name")})
+        raise TunelabError(f"--data {path}: {REGISTRY_NAME} is a LLaMA-Factory dataset registry, not data: give one "
+                           f"of its datasets' files ({', '.join(map(repr, files)) or 'none is local'}, beside it).")
     return path
 
 
