@@ -56,7 +56,8 @@ def reference(tiny_llama_dir, rows, tmp_path_factory):
     return result.losses
 
 
-def test_resume_after_crash_reproduces_the_loss_curve(tiny_llama_dir, rows, reference, tmp_path, monkeypatch):
+def test_resume_after_crash_reproduces_the_loss_curve(tiny_llama_dir, rows, reference, tmp_path, monkeypatch,
+                                                      capsys):
     class Crash(Exception):
         pass
 
@@ -70,8 +71,11 @@ def test_resume_after_crash_reproduces_the_loss_curve(tiny_llama_dir, rows, refe
     assert layout.last_checkpoint(tmp_path) == tmp_path / "iter_4"
     monkeypatch.undo()
 
+    capsys.readouterr()
     resumed = train(_cfg(tiny_llama_dir), tmp_path, resume="auto", train_rows=rows, device="cpu")
     assert sorted(resumed.losses) == list(range(5, 10))
+    # the epoch counted as the log counts it: step 4 at 3 steps an epoch (6 micro-batches) is epoch 1.33, not "epoch 1"
+    assert f"resumed from {tmp_path / 'iter_4'} (step 4, epoch 1.33)" in capsys.readouterr().out
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(reference[step], abs=1e-6), step
     # The log holds each step once: what the crashed run logged after iter_4 was replaced.

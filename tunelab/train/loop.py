@@ -187,7 +187,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                 f"{optimizer.param_groups[0]['lr']:g} at step {int(state['step'])}")
         step, position = int(state["step"]), dict(state["position"])
         ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
-        log(f"resumed from {last} (step {step}, epoch {position['epoch']})")
+        epochs_done = position["epoch"] + position["micro_batch"] / micro_per_epoch  # as the log counts them
+        log(f"resumed from {last} (step {step}, epoch {epochs_done:.2f})")
 
     meta = layout.training_meta(cfg, model_type=getattr(getattr(model, "config", None), "model_type", None))
     # fp16: a loss scale (ours or the engine's) makes an inf gradient norm an ordinary skipped step
