@@ -179,11 +179,14 @@ def write_error(path: Path, exc: OSError) -> TunelabError:
 
 def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16", name: str,
                chat_template: str | None, tokenizer_dir: Path, eot_words: tuple[str, ...] = (),
-               add_bos: bool | None = False, sentencepiece_file: Path | None = None) -> Path:
+               add_bos: bool | None = False, sentencepiece_file: Path | None = None,
+               probe_prompts: tuple[str, ...] = ()) -> Path:
     """Write `model` (a loaded HF causal LM) and `tokenizer` as one GGUF file at `out_path`.
 
     add_bos: `tokenizer.ggml.add_bos_token` (False: the chat template writes the BOS; None: as the tokenizer does).
-    sentencepiece_file: the tokenizer.model to read, if not tokenizer_dir's (`gguf_vocab.find_sentencepiece`)."""
+    sentencepiece_file: the tokenizer.model to read, if not tokenizer_dir's (`gguf_vocab.find_sentencepiece`).
+    probe_prompts: prompts llama.cpp must tokenize as transformers does (`gguf_space.probe_prompts`); they decide a
+    sentencepiece vocabulary's add_space_prefix (none: tokenizer.model's add_dummy_prefix)."""
     import gguf
 
     if out_type not in TYPES:
@@ -206,7 +209,7 @@ def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16",
         writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)
         count = _fill(writer, model, tokenizer, family, names, out_type=out_type, name=name,
                       chat_template=chat_template, tokenizer_dir=tokenizer_dir, eot_words=eot_words,
-                      add_bos=add_bos, sentencepiece_file=sentencepiece_file)
+                      add_bos=add_bos, sentencepiece_file=sentencepiece_file, probe_prompts=probe_prompts)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
@@ -226,7 +229,7 @@ def write_gguf(model, tokenizer, out_path: str | Path, *, out_type: str = "f16",
 
 def _fill(writer, model, tokenizer, family: Family, names, *, out_type: str, name: str, chat_template: str | None,
           tokenizer_dir: Path, eot_words: tuple[str, ...], add_bos: bool | None,
-          sentencepiece_file: Path | None = None) -> int:
+          sentencepiece_file: Path | None = None, probe_prompts: tuple[str, ...] = ()) -> int:
     """Metadata, tokenizer and tensors into `writer`; returns how many tensors."""
     import gguf
 
@@ -242,7 +245,7 @@ def _fill(writer, model, tokenizer, family: Family, names, *, out_type: str, nam
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     rope_factors = _add_hyperparameters(writer, config, arch)
     add_vocab(writer, tokenizer, tokenizer_dir, vocab_size=config.vocab_size, eot_words=eot_words,
-              add_bos=add_bos, sentencepiece_file=sentencepiece_file)
+              add_bos=add_bos, sentencepiece_file=sentencepiece_file, probe_prompts=probe_prompts)
     if chat_template:
         writer.add_chat_template(chat_template)
 

@@ -86,6 +86,7 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     OUT.gguf, plus an Ollama Modelfile beside it."""
     from tunelab.export.adapters import apply_adapter, model_to_load
     from tunelab.export.convert import check_output, template_for_export
+    from tunelab.export.gguf_space import probe_prompts
     from tunelab.export.gguf_vocab import find_sentencepiece
     from tunelab.export.ollama import write_modelfile
     from tunelab.model.load import load_causal_lm, load_tokenizer
@@ -140,7 +141,8 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
         name = Path(adapter).resolve().name if adapter else Path(str(model_dir)).name
     write_gguf(model, tokenizer, out, out_type=out_type, name=name, chat_template=chat_template,
                tokenizer_dir=tokenizer_dir, eot_words=tuple(getattr(template, "stop_words", ()) or ()),
-               add_bos=False if template is not None else None, sentencepiece_file=sp_file)
+               add_bos=False if template is not None else None, sentencepiece_file=sp_file,
+               probe_prompts=tuple(probe_prompts(template)))
     if modelfile:
         write_modelfile(out, template, system=meta.get("system") or "")
     return out

@@ -19,14 +19,15 @@ from tunelab.model.sentencepiece_file import read_model_proto
 
 
 def add_vocab(writer, tokenizer, tokenizer_dir: Path, *, vocab_size: int, eot_words: tuple[str, ...] = (),
-              add_bos: bool | None = False, sentencepiece_file: Path | None = None) -> None:
+              add_bos: bool | None = False, sentencepiece_file: Path | None = None,
+              probe_prompts: tuple[str, ...] = ()) -> None:
     """The tokenizer under llama.cpp's keys. add_bos: False where the chat template in the file writes the BOS
     itself (tunelab's templates); None: as the tokenizer adds it to a plain text (a model with no template).
     sentencepiece_file: the tokenizer.model whose pieces go in (`find_sentencepiece`); None: tokenizer.json's
-    byte-level BPE."""
+    byte-level BPE. probe_prompts: what decides a sentencepiece vocabulary's add_space_prefix (`gguf_space`)."""
     tokenizer_dir = Path(tokenizer_dir)
     if sentencepiece_file is not None:
-        _add_sentencepiece(writer, tokenizer, Path(sentencepiece_file), vocab_size)
+        _add_sentencepiece(writer, tokenizer, Path(sentencepiece_file), vocab_size, probe_prompts)
     else:
         _add_byte_level_bpe(writer, tokenizer, tokenizer_dir / "tokenizer.json", vocab_size)
     vocab = tokenizer.get_vocab()
@@ -194,7 +195,9 @@ def _add_byte_level_bpe(writer, tokenizer, path: Path, vocab_size: int) -> None:
     writer.add_token_merges(merges)
 
 
-def _add_sentencepiece(writer, tokenizer, path: Path, vocab_size: int) -> None:
+def _add_sentencepiece(writer, tokenizer, path: Path, vocab_size: int, probe_prompts: tuple[str, ...] = ()) -> None:
+    from tunelab.export.gguf_space import choose_space_prefix
+
     proto = read_model_proto(path)
     _check_fits(tokenizer, vocab_size)
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
@@ -212,4 +215,7 @@ def _add_sentencepiece(writer, tokenizer, path: Path, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
+    # llama.cpp's converter writes add_dummy_prefix (or nothing: true); what transformers does after a special token
+    # depends on the tokenizer class and its `legacy`, so the prompts decide
+    default = bool(proto.normalizer_spec.add_dummy_prefix)
+    writer.add_add_space_prefix(choose_space_prefix(tokenizer, tokens, types, list(probe_prompts), default))
