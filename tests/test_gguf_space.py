@@ -168,3 +168,16 @@ def test_the_probe_tokenizes_as_llama_cpp_does(layout, setting, layout_model, tm
     for prompt, _ in _prompts(model_dir, "llama2_chat") + _prompts(model_dir, "mistral"):
         theirs = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         assert llama_cpp_ids(tokenizer, prompt, _cut_pattern(tokens, types), setting) == theirs, prompt
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_saved_tokenizer_tokenizes_as_the_one_training_loaded(layout, layout_model, tmp_path):
+    """Checkpoints, adapters and merged models carry the tokenizer through `save_tokenizer`; reloaded, it gives the
+    ids training gave (chat, the web page and the GGUF export read the saved one), whatever the base shipped."""
+    from tunelab.model.load import save_tokenizer
+
+    model_dir = layout_model(layout)
+    save_tokenizer(load_tokenizer(str(model_dir)), tmp_path / "saved")
+    saved = load_tokenizer(str(tmp_path / "saved"))
+    for prompt, ids in _prompts(model_dir, "llama2_chat") + _prompts(model_dir, "mistral"):
+        assert saved(prompt, add_special_tokens=False).input_ids == ids, prompt

@@ -114,6 +114,22 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
     source, target = Path(source_dir or ".", SENTENCEPIECE_FILE), Path(out_dir, SENTENCEPIECE_FILE)
     if source_dir and source.is_file() and not target.exists():
         shutil.copyfile(source, target)
+    _keep_legacy_spacing(tokenizer, Path(out_dir, "tokenizer_config.json"))
+
+
+def _keep_legacy_spacing(tokenizer, config_file: Path) -> None:
+    """A Llama / Mistral tokenizer loaded with `legacy: true` puts "▁" before the text after each special token;
+    transformers 5 saves it without the `legacy` key, and reloaded it would not (other ids than training gave, at
+    every turn of a chat prompt). Write the key back."""
+    import json
+
+    legacy = getattr(tokenizer, "legacy", None)
+    if not isinstance(legacy, bool) or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if "legacy" not in config:
+        config["legacy"] = legacy
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # --- model ---------------------------------------------------------------------------------------------------------
