@@ -217,6 +217,21 @@ def test_embeddings_on_cpu_free_the_input_embedding_unless_tied_or_trained():
     assert estimate_memory(TrainConfig(**full, embeddings_on_cpu=True)).total == estimate_memory(TrainConfig(**full)).total
 
 
+def test_a_reward_model_is_planned_without_the_lm_head_and_its_logits():
+    """A reward model (AutoModelForSequenceClassification) has a one-score head where the language model has
+    lm_head, and computes no vocabulary-wide logits: the plan counts neither."""
+    for method in ("qlora", "full"):
+        sft = estimate_memory(TrainConfig(pretrained_model_name_or_path=LLAMA, method=method, max_length=2048))
+        reward = estimate_memory(TrainConfig(pretrained_model_name_or_path=LLAMA, method=method, max_length=2048,
+                                             objective="reward"))
+        assert not any("logits" in name for name in reward.parts), reward.parts
+        lm_head = 32000 * 4096
+        weights = {"qlora": 2, "full": 4 + 2}[method]  # bf16 (QLoRA's frozen rest); full: fp32 master + bf16 copy
+        assert sft.parts["frozen/base weights"] + sft.parts.get("bf16 weight copies (autocast)", 0) - (
+            reward.parts["frozen/base weights"] + reward.parts.get("bf16 weight copies (autocast)", 0)) == (
+            (lm_head - 4096) * weights)
+
+
 def test_report_lists_parts_and_suggests_fixes_when_it_does_not_fit(monkeypatch):
     import types
 

@@ -231,7 +231,7 @@ def _weights_and_states(cfg, plan, shape: ModelShape, world: int, *, other_bytes
     bits = cfg.resolved_quant_bits()
     h, layers, vocab = shape.hidden_size, shape.num_hidden_layers, shape.vocab_size
     linear = layers * shape.layer_linear_params()
-    other = shape.total_params() - linear  # embeddings, lm_head, norms: kept in bf16
+    other = _model_params(cfg, shape) - linear  # embeddings, lm_head, norms: kept in bf16
     parts = {}
     per_param = {4: NF4_BYTES_PER_PARAM, 8: 1.0 + 4 / 64}.get(bits, 2.0)
     parts["frozen/base weights"] = int(linear * per_param + other * other_bytes)
@@ -243,7 +243,7 @@ def _weights_and_states(cfg, plan, shape: ModelShape, world: int, *, other_bytes
     if cfg.freeze_llm:  # LLaVA's stage 1: the language model is frozen, only the projector (above) trains
         trainable, grads, grads_name = 0, 0, "gradients"
     elif cfg.method == "full":
-        trainable = shape.total_params()
+        trainable = _model_params(cfg, shape)
         if cfg.fp32_master_weights:  # fp32 weights, gradients and states, computed in bf16 under autocast
             parts["frozen/base weights"] = trainable * 4
             # autocast casts each weight to bf16 once a forward and keeps the copy until the forward is done
@@ -281,6 +281,14 @@ def _weights_and_states(cfg, plan, shape: ModelShape, world: int, *, other_bytes
     return parts, grads, grads_name
 
 
+def _model_params(cfg, shape: ModelShape) -> int:
+    """The parameters of the model the run trains: a reward model has a one-score head where the language model
+    has its vocabulary-wide lm_head (a tied one is the embedding, which stays)."""
+    if cfg.objective == "reward" and not shape.tie_word_embeddings:
+        return shape.total_params() - shape.vocab_size * shape.hidden_size + shape.hidden_size
+    return shape.total_params()
+
+
 def _layer_activation_bytes(cfg, plan, shape: ModelShape, tokens: int) -> float:
     """What one decoder layer keeps for backward over `tokens` tokens (the layer at work when checkpointing, every
     layer without it)."""
@@ -315,6 +323,8 @@ def _loss_bytes(cfg, plan, shape: ModelShape, tokens: int) -> tuple[str, int]:
     """(name, bytes) of the loss at its peak over `tokens` tokens: a chunk of logits (and what the chunked loss
     keeps beside it), or the full fp32 logits."""
     h, vocab = shape.hidden_size, shape.vocab_size
+    if cfg.objective == "reward":  # one score a sequence, no vocabulary-wide logits: the last hidden states' gradient
+        return "loss (reward scores)", tokens * h * 2
     if plan.chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 
