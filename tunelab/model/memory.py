@@ -214,7 +214,7 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     if embeddings_on_cpu:
         est.cpu_offload["embeddings_on_cpu"] = vocab * h * other_bytes
     if card_bytes is not None:
-        est.device_bytes, est.device_name = card_bytes, f"a {card_bytes / GIB:g} GiB GPU"
+        est.device_bytes, est.device_name = card_bytes, f"a GPU of {card_bytes / GIB:g} GiB"
     elif device is not None and getattr(device, "type", str(device)) == "cuda":
         import torch
 
