@@ -209,6 +209,15 @@ def test_a_pair_cut_at_max_length_before_its_replies_differ_is_dropped_and_count
                               for i in range(3)))  # the first pair differs at its start: kept, cut
     bundle = _bundle(str(path), tiny_tokenizer, "dpo", tmp_path, monkeypatch, max_length=60)
     assert (bundle.stats.dropped, bundle.stats.truncated, bundle.stats.samples) == (2, 1, 1)
+    # read for KTO, such a pair would train one sequence as desirable and as undesirable at once: both halves go
+    other = normalise_preference({"prompt": "Other.", "chosen": "Yes.", "rejected": "No."})
+    cut_halves, kept = encode_kto(get_template("qwen_chat"), tiny_tokenizer, [unpaired(pair), unpaired(other)], 60)
+    assert [u.row for u in cut_halves] == [None, None] and all(u.row is not None for u in kept)
+    path.write_text("\n".join(json.dumps({"prompt": f"Q{i}", "chosen": same_start + f"good {i}.",
+                                          "rejected": ("No. " if i == 0 else "") + same_start + "bad."})
+                              for i in range(3)))  # replies of their own: each has a KL partner
+    bundle = _bundle(str(path), tiny_tokenizer, "kto", tmp_path, monkeypatch, max_length=60)
+    assert (bundle.stats.dropped, bundle.stats.samples) == (4, 2), bundle.stats
 
 
 def test_preview_names_each_sequence_and_shows_the_kl_reply_as_not_trained(tiny_tokenizer, tmp_path):

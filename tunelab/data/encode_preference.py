@@ -69,15 +69,22 @@ def encode_pairs(template, tokenizer, samples: list[dict], max_length: int) -> l
     return [_unless_same(join_sequences(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED])) for i in range(len(samples))]
 
 
+def _sequences(row: dict) -> tuple[list, list]:
+    """The token ids of a unit's two sequences (chosen and rejected, or a KTO reply and its KL partner)."""
+    split = row["position_ids"].index(0, 1)
+    return row["input_ids"][:split], row["input_ids"][split:]
+
+
+def _dropped(unit: Encoded) -> Encoded:
+    return Encoded(None, unit.full_length, unit.all_tokens)
+
+
 def _unless_same(unit: Encoded) -> Encoded:
     """A pair unit, dropped (row None) when its two sequences are the same tokens: cut at max_length before the
     replies differ, there is nothing left to prefer (every pair loss is flat at a tie and its accuracy counts it as
     wrong), as for a pair of the same reply, which is left out when read."""
-    row = unit.row
-    if row is not None:
-        split = row["position_ids"].index(0, 1)
-        if row["input_ids"][:split] == row["input_ids"][split:]:
-            return Encoded(None, unit.full_length, unit.all_tokens)
+    if unit.row is not None and len(set(map(tuple, _sequences(unit.row)))) == 1:
+        return _dropped(unit)
     return unit
 
 
@@ -127,7 +134,16 @@ def encode_kto(template, tokenizer, samples: list[dict], max_length: int) -> lis
     out: list[list[Encoded]] = [[] for _ in samples]
     for i, (owner, unit_kinds) in enumerate(zip(owners, kinds)):
         out[owner].append(join_sequences(encoded[2 * i:2 * i + 2], unit_kinds))
-    return out
+    return [_unless_halves_same(units) for units in out]
+
+
+def _unless_halves_same(units: list[Encoded]) -> list[Encoded]:
+    """A pair read for KTO, both halves dropped when the cut at max_length leaves its chosen and rejected sequences
+    the same tokens: the one sequence would train as desirable and as undesirable at once (as `_unless_same`)."""
+    if len(units) == 2 and all(u.row is not None for u in units):
+        if _sequences(units[0].row)[0] == _sequences(units[1].row)[0]:
+            return [_dropped(u) for u in units]
+    return units
 
 
 def unpaired(sample: dict) -> dict:
