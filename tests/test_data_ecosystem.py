@@ -218,7 +218,7 @@ def test_openai_weight_tools_and_tool_results(capsys):
     call, result = second["messages"][1], second["messages"][2]
     assert call["tool_calls"] == [{"type": "function", "id": "call_id", "function": {
         "name": "get_current_weather", "arguments": {"location": "San Francisco, USA", "format": "celsius"}}}]
-    assert result == {"role": "tool", "content": "21.0", "name": "get_current_weather"}
+    assert result == {"role": "tool", "content": "21.0", "name": "get_current_weather", "tool_call_id": "call_id"}
     assert second["tools"][0]["function"]["parameters"]["required"] == ["location", "format"]
     code, out = _check(DATA / "openai" / "chat_weight_tools.jsonl", capsys)
     assert code == 0 and "field 'parallel_tool_calls' not used (1 record, first at" in out

@@ -217,3 +217,33 @@ def test_internlm2_plugin_format():
 def test_mistral_numbers_tool_calls_without_ids():
     text = get_template("mistral_v3").render(TOOL_CHAT, tools=TOOLS)
     assert text == vendor_render("mistral_v3", _with_ids(TOOL_CHAT), tools=TOOLS)
+
+
+@pytest.mark.parametrize("family", ["mistral_v3", "mistral_tekken"])
+def test_mistral_results_answer_their_calls_whatever_the_ids(family):
+    """OpenAI data names calls `call_...` (not the 9 letters and digits Mistral's format takes) and may answer them
+    out of order: each call is numbered, and its result carries the same number."""
+    from tunelab.data.formats import normalise
+
+    def call(call_id, name, args):
+        return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+
+    record = {"messages": [
+        {"role": "user", "content": "Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("call_Xy12abcdef", "get_weather", {"city": "Paris"}),
+                                                              call("call_Zz99", "get_weather", {"city": "Rome"})]},
+        {"role": "tool", "tool_call_id": "call_Zz99", "content": "{\"t\": 25}"},
+        {"role": "tool", "tool_call_id": "call_Xy12abcdef", "content": "{\"t\": 20}"},
+        {"role": "assistant", "content": "Paris 20, Rome 25."}]}
+    sample = normalise(record, "messages", "d.jsonl line 1")
+    vendor = copy.deepcopy(record["messages"])
+    for m, new_id in ((vendor[1]["tool_calls"][0], "000000001"), (vendor[1]["tool_calls"][1], "000000002")):
+        m["id"], m["function"]["arguments"] = new_id, json.loads(m["function"]["arguments"])
+    vendor[2]["tool_call_id"], vendor[3]["tool_call_id"] = "000000002", "000000001"
+    template = get_template(FAMILIES[family][0])
+    assert template.render(sample["messages"], tools=TOOLS) == vendor_render(family, vendor, tools=TOOLS)
+    # an id already in Mistral's shape is kept, and so is its result's
+    sample["messages"][1]["tool_calls"][0]["id"] = "a1B2c3D4e"
+    sample["messages"][3]["tool_call_id"] = "a1B2c3D4e"
+    vendor[1]["tool_calls"][0]["id"] = vendor[3]["tool_call_id"] = "a1B2c3D4e"
+    assert template.render(sample["messages"], tools=TOOLS) == vendor_render(family, vendor, tools=TOOLS)

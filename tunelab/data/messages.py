@@ -2,7 +2,8 @@
 Messages the templates take: docs/DESIGN.md, "Contracts between the steps").
 
     {"role": "system"|"user"|"assistant"|"tool", "content": str,
-     "tool_calls": [...], "reasoning_content": str, "name": str, "train": False}   (the last four optional)
+     "tool_calls": [...], "reasoning_content": str, "name": str, "tool_call_id": str, "train": False}
+     (the last five optional)
 
 What each source says, and where it lands:
 
@@ -204,19 +205,22 @@ def tools(value: Any, where: str, field: str = "tools") -> list[dict]:
 
 
 def name_tool_results(messages: list[dict]) -> None:
-    """Give each tool result the name of the function it answers (by tool_call_id, else by position)."""
+    """Give each tool result the name of the function it answers (by tool_call_id, else by position), and the id of
+    that call where it has one: templates that write ids (Mistral) pair each result with its call by it."""
     calls: list[dict] = []
     position = 0
     for m in messages:
         if m["role"] == "assistant":
             calls, position = m.get("tool_calls", []), 0
         elif m["role"] == "tool":
-            call_id = m.pop("tool_call_id", None)
+            call_id = m.get("tool_call_id")
             match = next((c for c in calls if call_id and c.get("id") == call_id), None)
             if match is None and position < len(calls):
                 match = calls[position]
             if match is not None and "name" not in m:
                 m["name"] = match["function"]["name"]
+            if match is not None and not call_id and match.get("id"):
+                m["tool_call_id"] = match["id"]
             position += 1
 
 
@@ -280,7 +284,7 @@ def message(raw: dict, role: str, where: str, field: str, *, images: Optional[li
         if isinstance(raw.get("name"), str) and raw["name"]:
             out["name"] = raw["name"]
         if isinstance(raw.get("tool_call_id"), str):
-            out["tool_call_id"] = raw["tool_call_id"]  # removed by name_tool_results
+            out["tool_call_id"] = raw["tool_call_id"]
     return out
 
 

@@ -104,8 +104,11 @@ MISTRAL_V1 = _SYSTEM + r"""
 
 def _mistral_v3(sp: str, reply: str) -> str:
     """Mistral 'v3' (v0.3, sp=' ') and 'tekken' (Nemo, sp=''): tools before the last [INST], the system prompt in the
-    last user turn (where mistral-common puts it), tool calls with 9-character ids (numbered when the data has none)."""
+    last user turn (where mistral-common puts it), tool calls with ids of 9 letters and digits: a call without one (or
+    with another, like OpenAI's `call_...`) is numbered by its place in the conversation, and the result answering it
+    (by tool_call_id, else in order) gets the same number, so the model learns which result answers which call."""
     return _SYSTEM + r"""
+{%- macro call_id(value, number) %}{{ value if value is string and value | length == 9 and value.isalnum() else '%09d' % number }}{% endmacro %}
 {%- set ns = namespace(last_user=-1, calls=0, results=0) %}
 {%- for message in messages %}{% if message.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}
 {{- '<s>' }}
@@ -133,7 +136,7 @@ def _mistral_v3(sp: str, reply: str) -> str:
 {{- '[TOOL_CALLS]SP[' }}
 {%- for call in message.tool_calls %}
 {%- set ns.calls = ns.calls + 1 %}
-{{- (call.function | tojson)[:-1] + ', "id": "' + (call.id or '%09d' % ns.calls) + '"}' + (', ' if not loop.last else ']') }}
+{{- (call.function | tojson)[:-1] + ', "id": "' + call_id(call.id, ns.calls) + '"}' + (', ' if not loop.last else ']') }}
 {%- endfor %}
 {%- else %}
 {{- REPLY }}
@@ -141,7 +144,11 @@ def _mistral_v3(sp: str, reply: str) -> str:
 {{- '</s>' }}{% endgeneration %}
 {%- elif message.role == 'tool' %}
 {%- set ns.results = ns.results + 1 %}
-{{- '[TOOL_RESULTS]SP{"content": ' + message.content | string + ', "call_id": "' + (message.tool_call_id or '%09d' % ns.results) + '"}[/TOOL_RESULTS]' }}
+{%- set answered = namespace(number=0, at=ns.results) %}
+{%- for earlier in messages[:loop.index0] if message.tool_call_id %}{% for call in earlier.tool_calls or [] %}
+{%- set answered.number = answered.number + 1 %}{% if call.id == message.tool_call_id %}{% set answered.at = answered.number %}{% endif %}
+{%- endfor %}{% endfor %}
+{{- '[TOOL_RESULTS]SP{"content": ' + message.content | string + ', "call_id": "' + call_id(message.tool_call_id, answered.at) + '"}[/TOOL_RESULTS]' }}
 {%- endif %}
 {%- endfor %}
 """.replace("SP", sp).replace("REPLY", reply)
