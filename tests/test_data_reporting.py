@@ -213,6 +213,42 @@ def test_tool_calls_a_template_cannot_write_are_refused_and_definitions_reported
     assert any('"city": "Paris"' in text for text in trained)
 
 
+
+def _calling(calls, content=""):
+    return {"messages": [{"role": "user", "content": "Weather in Paris and Rome?"},
+                         {"role": "assistant", "content": content, "tool_calls": [
+                             {"type": "function", "function": {"name": "weather", "arguments": {"city": c}}}
+                             for c in calls]},
+                         *({"role": "tool", "content": "18C"} for _ in calls),
+                         {"role": "assistant", "content": "18C."}]}
+
+
+@pytest.mark.parametrize("template", ["llama3_1_chat", "glm4_chat"])
+def test_several_calls_in_one_reply_on_a_template_that_writes_one_are_refused(tmp_path, tiny_tokenizer, template):
+    """Llama 3.1 / 3.2 and GLM-4 write one call per reply: a reply with two was refused by Llama's template naming no
+    record, and GLM-4 trained the first call alone. The record is invalid, named with its file and line."""
+    path = _write(tmp_path / "d.jsonl", [_calling(["Paris"]), _calling(["Paris", "Rome"])])
+    with pytest.raises(TunelabError, match=rf"d\.jsonl line 2: reply 1 holds 2 tool calls \(weather, weather\), and "
+                       rf"template {template!r} writes one call per reply.*qwen2_5_chat"):
+        _build(path, tiny_tokenizer, prompt_template=template)
+    stats = _build(path, tiny_tokenizer, prompt_template=template, skip_invalid=True).stats
+    assert stats.skipped_invalid == 1 and stats.samples == 1
+    assert _build(path, tiny_tokenizer, prompt_template="qwen2_5_chat").stats.samples == 2
+
+
+def test_text_beside_a_call_that_the_template_drops_is_reported(tmp_path, tiny_tokenizer):
+    """Llama 3.1 and Mistral v3 write a reply that calls a tool as the call alone (as their vendors' templates do):
+    the text beside the call was dropped without a word."""
+    path = _write(tmp_path / "d.jsonl", [_calling(["Paris"]), _calling(["Paris"], "Let me look.")])
+    for template in ("llama3_1_chat", "mistral_v3"):
+        warnings = _build(path, tiny_tokenizer, prompt_template=template).stats.reading_warnings()
+        assert any("'content beside tool_calls' not used (1 record, first at " in w and "d.jsonl line 2" in w and
+                   f"template {template!r} writes a reply that calls a tool as its calls alone" in w
+                   for w in warnings), warnings
+    warnings = _build(path, tiny_tokenizer, prompt_template="qwen2_5_chat").stats.reading_warnings()
+    assert not any("beside tool_calls" in w for w in warnings)
+
+
 # --- 8. the text of special tokens, which the tokenizer turns into those tokens ---------------------------------
 
 def test_special_token_text_in_the_data_is_warned_with_its_record(tmp_path, tiny_tokenizer):

@@ -169,6 +169,25 @@ def test_earlier_tool_calls_on_a_template_without_them_are_refused_not_dropped(c
         assert answer.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("template", ["glm4_chat", "llama3_1_chat"])
+def test_an_earlier_reply_with_several_calls_on_a_template_that_writes_one_is_refused(chat, template):
+    """GLM-4 wrote the first of an earlier reply's calls alone (the model never saw the second), Llama 3.1's template
+    refused them with its own words: a 400 names the message."""
+    served = dataclasses.replace(chat, template=get_template(template))
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [dict(call, id="call_1"),
+                                                                            dict(call, id="call_2")]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+               {"role": "tool", "tool_call_id": "call_2", "content": "sunny"}]
+    with _client(served) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="m", messages=history, tools=TOOLS, max_tokens=2)
+    error = refused.value.body
+    assert error["param"] == "messages"
+    assert error["message"].startswith(f"messages[1].tool_calls holds 2 calls, and the chat template {template!r} "
+                                       f"writes one call per reply")
+
 @pytest.mark.parametrize("name", ["internlm2_chat", "internlm2_5_chat", "phi4_mini", "qwen3_nothink_chat", "glm4_chat"])
 def test_a_call_as_tunelabs_template_writes_it_is_read_back(name):
     """Families without a vendor text to compare (above): the call as the training text holds it."""

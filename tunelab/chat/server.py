@@ -161,6 +161,11 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                                f"for tool calls, so the model would never see them: serve with a template that writes "
                                f"them (e.g. qwen2_5_chat, qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, "
                                f"glm4_chat, phi4_mini), or send the calls and their results as text.", "messages")
+        several = next((i for i, m in enumerate(messages) if len(m.get("tool_calls", [])) > 1), None)
+        if several is not None and not support().several_calls:  # GLM-4 would show the model the first call alone
+            raise RequestError(f"messages[{several}].tool_calls holds {len(messages[several]['tool_calls'])} calls, "
+                               f"and the chat template {chat.template.name!r} writes one call per reply: send them as "
+                               f"replies of one call, each followed by its result.", "messages")
         with _blaming("tools"):
             offered = request_tools(body.tools)
         if isinstance(body.tool_choice, dict):

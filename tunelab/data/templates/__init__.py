@@ -44,6 +44,10 @@ class ToolSupport:
     """An assistant's tool calls are written into its (trained) turn."""
     reasoning: bool = True
     """An assistant's reasoning_content is written into its (trained) turn (True where the probe cannot tell)."""
+    several_calls: bool = True
+    """A reply's several tool calls are all written (Llama 3.1 / 3.2 and GLM-4 write one call per reply)."""
+    text_with_calls: bool = True
+    """A reply's text beside its tool calls is written (Llama 3.1 / 3.2 and Mistral write the calls alone)."""
 
 
 PROBE_TOOL = "tunelab_probe_function"
@@ -59,11 +63,15 @@ def _writes_reasoning(template: ChatTemplate) -> bool:
         return True
 
 
-def probe_call_reply(template: ChatTemplate) -> str | None:
-    """The trained text `template` writes for an assistant turn holding one probe tool call (PROBE_TOOL with
-    {"city": "Paris"}); None where the template refuses to render one."""
-    call = {"type": "function", "function": {"name": PROBE_TOOL, "arguments": {"city": "Paris"}}}
-    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+PROBE_SECOND_TOOL = "tunelab_second_probe"
+PROBE_TEXT = "tunelab probe text"
+
+
+def probe_call_reply(template: ChatTemplate, names: tuple = (PROBE_TOOL,), content: str = "") -> str | None:
+    """The trained text `template` writes for an assistant turn holding `content` and a probe tool call to each of
+    `names` (with {"city": "Paris"}); None where the template refuses to render it."""
+    calls = [{"type": "function", "function": {"name": name, "arguments": {"city": "Paris"}}} for name in names]
+    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": content, "tool_calls": calls}]
     try:
         return "".join(text for text, trained in template.segments(turns) if trained)
     except Exception:  # noqa: BLE001 (a template's own refusal: raise_exception, TunelabError)
@@ -71,21 +79,37 @@ def probe_call_reply(template: ChatTemplate) -> str | None:
 
 
 def tool_support(template: ChatTemplate) -> ToolSupport:
-    """Learnt by rendering a probe tool definition and a probe call (a template that refuses them writes neither)."""
+    """Learnt by rendering a probe tool definition and probe calls (a template that refuses them writes neither)."""
     tool = {"type": "function", "function": {"name": PROBE_TOOL, "description": "", "parameters": {}}}
     asked = [{"role": "user", "content": "?"}]
     try:
         definitions = template.render(asked, tools=[tool]) != template.render(asked)
     except Exception:  # noqa: BLE001 (a template's own refusal: raise_exception, TunelabError)
         definitions = False
-    return ToolSupport(template.name, definitions, PROBE_TOOL in (probe_call_reply(template) or ""),
-                       _writes_reasoning(template))
+    calls = PROBE_TOOL in (probe_call_reply(template) or "")
+    two = probe_call_reply(template, (PROBE_TOOL, PROBE_SECOND_TOOL)) or ""
+    with_text = probe_call_reply(template, content=PROBE_TEXT) or ""
+    return ToolSupport(template.name, definitions, calls, _writes_reasoning(template),
+                       several_calls=not calls or (PROBE_TOOL in two and PROBE_SECOND_TOOL in two),
+                       text_with_calls=not calls or PROBE_TEXT in with_text)
 
 
 @functools.cache
 def templates_writing_tool_calls() -> list[str]:
     """The built-in templates that write tool calls (and their definitions), for messages that suggest one."""
     return [name for name, t in sorted(TEMPLATES.items()) if name != "hf" and tool_support(t).calls]
+
+
+@functools.cache
+def templates_writing_several_calls() -> list[str]:
+    """The built-in templates that write every call of a reply that makes several."""
+    return [name for name in templates_writing_tool_calls() if tool_support(TEMPLATES[name]).several_calls]
+
+
+@functools.cache
+def templates_writing_text_with_calls() -> list[str]:
+    """The built-in templates that write a reply's text beside its calls."""
+    return [name for name in templates_writing_tool_calls() if tool_support(TEMPLATES[name]).text_with_calls]
 
 
 def choose_template(prompt_template: str | None, meta: dict | None, model_path: str, tokenizer):
@@ -118,4 +142,5 @@ def template_with_default_system(template: ChatTemplate, system: str | None) -> 
 
 __all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "ToolSupport", "choose_template",
            "get_template", "guess_template", "probe_call_reply", "template_with_default_system",
-           "templates_writing_tool_calls", "tool_support"]
+           "templates_writing_several_calls", "templates_writing_text_with_calls", "templates_writing_tool_calls",
+           "tool_support"]
