@@ -62,6 +62,9 @@ def test_text_around_calls_is_kept_and_every_call_is_read():
     ("qwen2_5_chat", "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \n</tool_call>"),  # cut off
     ("llama3_1_chat", "Use {\"name\": \"x\", \"parameters\": {}} like this."),  # a bare call must be the whole reply
     ("llama3_1_chat", "{\"temperature\": 25}"),  # JSON, but not a call
+    # a call and more: it came back as the first call and the rest with its braces cut out ('; "name": "g", ...}')
+    ("llama3_1_chat", "{\"name\": \"f\", \"parameters\": {\"a\": 1}}; {\"name\": \"g\", \"parameters\": {}}"),
+    ("llama3_1_chat", "{\"name\": \"f\", \"parameters\": {}} is the call I would make."),
 ])
 def test_text_that_is_not_a_whole_call_stays_text(template, reply):
     text, calls = split_calls(reply, call_format(get_template(template)))

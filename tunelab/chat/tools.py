@@ -83,9 +83,11 @@ def split_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
     decoder = json.JSONDecoder()
     if fmt.name_line:
         return _split_name_line(text, fmt, decoder)
+    if not fmt.marker:
+        return _split_bare(text, fmt, decoder)
     kept, calls, at = [], [], 0
     while at < len(text):
-        start = text.find(fmt.marker, at) if fmt.marker else _first_json(text, at)
+        start = text.find(fmt.marker, at)
         if start < 0:
             break
         json_at = start + len(fmt.marker)
@@ -96,9 +98,9 @@ def split_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
         except ValueError:
             value, end = None, json_at
         found = _calls_in(value) if value is not None else []
-        if not found or (not fmt.marker and text[:start].strip()):  # a bare JSON call must be the whole reply
+        if not found:
             kept.append(text[at:json_at])
-            at = json_at if json_at > at else at + 1
+            at = json_at
             continue
         kept.append(text[at:start])
         end = _skip_closer(text, end, fmt.closer)
@@ -106,6 +108,19 @@ def split_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
         at = end
     kept.append(text[at:])
     return "".join(kept).strip() if calls else text, calls
+
+
+def _split_bare(text: str, fmt: CallFormat, decoder) -> tuple[str, list[dict]]:
+    """Llama 3.1 writes a call as bare JSON, alone in its reply: a reply that is anything more stays text."""
+    body = text.strip()
+    try:
+        value, end = decoder.raw_decode(body)
+    except ValueError:
+        return text, []
+    found = _calls_in(value)
+    if not found or body[_skip_closer(body, end, fmt.closer):].strip():
+        return text, []
+    return "", [_response_call(c["name"], c["arguments"]) for c in found]
 
 
 def _split_name_line(text: str, fmt: CallFormat, decoder) -> tuple[str, list[dict]]:
@@ -125,11 +140,6 @@ def _split_name_line(text: str, fmt: CallFormat, decoder) -> tuple[str, list[dic
 def _response_call(name: str, args: dict) -> dict:
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
-
-
-def _first_json(text: str, at: int) -> int:
-    positions = [p for p in (text.find("{", at), text.find("[", at)) if p >= 0]
-    return min(positions) if positions else -1
 
 
 def _skip_closer(text: str, end: int, closer: str) -> int:
