@@ -42,6 +42,16 @@ GOOD = json.dumps({"instruction": "Hi", "output": "Hello"})
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
                  "tools": "not json"}), "auto",
      r"line 1: tools is not valid JSON.*e\.g\. \[\{\"type\": \"function\", \"function\""),  # definitions, not a call
+    # a result answering no call: it was given the name of the call in its place, and trained so
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "1"}, {"role": "assistant", "content": "y"}]}), "auto",
+     r"line 1: a tool result's tool_call_id 'c2' answers none of the calls before it \('c1'\).*id of the call"),
+    # a tool result as a JSON object: 'messages[2].content[0] has type None'
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": {"t": 20}}, {"role": "assistant", "content": "y"}]}), "auto",
+     r"line 1: messages\[2\]\.content is a JSON object, not text.*\{\\\"t\\\": 20\}"),
     ("", "auto", r"d\.jsonl: the file is empty"),
     # one JSON list, on one line or pretty-printed, named .jsonl
     (json.dumps([json.loads(GOOD)] * 3), "auto", r"d\.jsonl line 1: the line holds a list of 3 records.*rename it to "

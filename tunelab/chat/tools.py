@@ -170,7 +170,7 @@ def request_messages(raw_messages: list[dict]) -> list[dict]:
                 if isinstance(raw.get(key), str) and raw[key]:
                     message[key] = raw[key]
         out.append(message)
-    canonical.name_tool_results(out)
+    canonical.name_tool_results(out, "the request")
     return out
 
 

@@ -294,7 +294,7 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
     else:
         raise TunelabError(f"unknown data_format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}")
     if any(m["role"] == "tool" for m in messages):
-        msg.name_tool_results(messages)
+        msg.name_tool_results(messages, where)
     check_role_order(messages, where)
     sample = {"messages": messages}
     if record.get("tools") or record.get("functions"):

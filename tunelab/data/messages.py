@@ -68,6 +68,11 @@ def read_content(value: Any, *, role: str, where: str, field: str, images: Optio
         return {"content": ""}
     if isinstance(value, str):
         return {"content": value}
+    if isinstance(value, dict) and "type" not in value and not {"text", "value"} & set(value):
+        # not a part but data: most often a tool result given as a JSON object, which templates take as text
+        shown = json.dumps(json.dumps(value, ensure_ascii=False), ensure_ascii=False)
+        raise fail(where, f"{field} is a JSON object, not text or a content part",
+                   f"Write it as a string, e.g. {shown[:120]}.")
     if isinstance(value, dict):  # a single part
         value = [value]
     if not isinstance(value, list):
@@ -204,7 +209,7 @@ def tools(value: Any, where: str, field: str = "tools") -> list[dict]:
     return out
 
 
-def name_tool_results(messages: list[dict]) -> None:
+def name_tool_results(messages: list[dict], where: str = "the record") -> None:
     """Give each tool result the name of the function it answers (by tool_call_id, else by position), and the id of
     that call where it has one: templates that write ids (Mistral) pair each result with its call by it."""
     calls: list[dict] = []
@@ -215,6 +220,10 @@ def name_tool_results(messages: list[dict]) -> None:
         elif m["role"] == "tool":
             call_id = m.get("tool_call_id")
             match = next((c for c in calls if call_id and c.get("id") == call_id), None)
+            ids = [c["id"] for c in calls if c.get("id")]
+            if call_id and match is None and ids:  # the result of another call, or an id mistyped
+                raise fail(where, f"a tool result's tool_call_id {call_id!r} answers none of the calls before it "
+                                  f"({', '.join(map(repr, ids))})", "Give each result the id of the call it answers.")
             if match is None and position < len(calls):
                 match = calls[position]
             if match is not None and "name" not in m:
