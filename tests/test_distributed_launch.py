@@ -243,3 +243,23 @@ def test_a_crash_under_torchrun_hands_its_traceback_to_the_launcher(monkeypatch,
     monkeypatch.delenv("LOCAL_RANK")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         cli_main.main([])
+
+
+def test_an_error_file_that_cannot_be_written_whole_is_left_absent(monkeypatch, tmp_path):
+    """A write that fails part-way (a full disk, the very error a rank may be stopping on) hands nothing over: the
+    process prints its message itself, and torchrun finds no half-written file (which it cannot parse: the launcher
+    itself would stop with a JSONDecodeError traceback instead of reporting the rank)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def dump_then_fail(data, file):
+        file.write('{"message": {"mess')
+        raise OSError(28, "No space left on device")
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setattr(launch.json, "dump", dump_then_fail)
+    assert not launch.report_to_launcher("error: No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    failure = ProcessFailure(local_rank=0, pid=9, exitcode=2, error_file=str(error_file))  # parses: no file
+    assert launch._reported_message(failure) is None

@@ -168,10 +168,15 @@ def report_to_launcher(message: str) -> bool:
     # torchrun's own layout of the file (`errors.error_handler.ErrorHandler.record_exception`), so that torchrun
     # started by hand shows the message in its failure table; the key "tunelab" tells our launcher it is a message
     data = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}, "tunelab": True}
+    # whole or not at all: torchrun cannot parse a half-written file (a full disk), and its launcher would stop on it
+    partial = f"{path}.partial"
     try:
-        with open(path, "w") as file:
+        with open(partial, "w") as file:
             json.dump(data, file)
+        os.replace(partial, path)
     except OSError:
+        if os.path.exists(partial):
+            os.unlink(partial)
         return False
     return True
 
