@@ -20,8 +20,8 @@ from tunelab.data.files import InvalidRecord, Record, data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.images import ImageReading, image_reading, is_image_file, read_images, unreadable_samples
 from tunelab.data.messages import IMAGE_PLACEHOLDER, LONE_SURROGATE, refuse_lone_surrogates, with_default_system
-from tunelab.data.templates import (ToolSupport, templates_writing_several_calls, templates_writing_text_with_calls,
-                                    templates_writing_tool_calls)
+from tunelab.data.templates import (ToolSupport, templates_writing_reasoning, templates_writing_several_calls,
+                                    templates_writing_text_with_calls, templates_writing_tool_calls)
 from tunelab.data.reports import count_unused, new_file_report, note, note_record
 from tunelab.data.preference import not_supervised_error, read_for_objective, record_kind, sample_messages
 from tunelab.data.preference_fields import SWITCH_HINTS, fields_read, unused_preference_fields
@@ -176,7 +176,8 @@ def _check_tools(sample: dict, tools: ToolSupport, report: dict, where: str) -> 
                      f"one that writes them ({', '.join(templates_writing_tool_calls())}), or drop them")
     if not tools.reasoning and any(turn.get("reasoning_content") for turn in turns):
         count_unused(report, "reasoning_content", where, f"template {tools.template!r} writes no reasoning, so the "
-                     f"replies train without it: use one that writes it (qwen3_chat, deepseek_r1), or drop it")
+                     f"replies train without it: use one that writes it ({', '.join(templates_writing_reasoning())}), or "
+                     f"drop it")
 
 
 def _refuse_several_calls(replies: list[dict], template: str, where: str) -> None:

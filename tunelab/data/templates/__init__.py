@@ -112,6 +112,12 @@ def templates_writing_text_with_calls() -> list[str]:
     return [name for name in templates_writing_tool_calls() if tool_support(TEMPLATES[name]).text_with_calls]
 
 
+@functools.cache
+def templates_writing_reasoning() -> list[str]:
+    """The built-in templates that write an assistant's reasoning_content, for messages that suggest one."""
+    return [name for name, t in sorted(TEMPLATES.items()) if name != "hf" and tool_support(t).reasoning]
+
+
 def choose_template(prompt_template: str | None, meta: dict | None, model_path: str, tokenizer):
     """(template, where it came from) for a model about to chat or be served: the flag, then the training record
     (tunelab.json), then a guess from the model (its family, or its tokenizer's own chat_template), then 'default'.
