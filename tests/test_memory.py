@@ -230,6 +230,11 @@ def test_a_reward_model_is_planned_without_the_lm_head_and_its_logits():
         assert sft.parts["frozen/base weights"] + sft.parts.get("bf16 weight copies (autocast)", 0) - (
             reward.parts["frozen/base weights"] + reward.parts.get("bf16 weight copies (autocast)", 0)) == (
             (lm_head - 4096) * weights)
+    # nor lm_head's gradient, the first to arrive in backward (full, neither checkpointed nor chunked nor accumulated)
+    eager = dict(pretrained_model_name_or_path=LLAMA, method="full", max_length=2048, gradient_checkpointing=False,
+                 fast_path=False, accumulative_counts=1)
+    assert estimate_memory(TrainConfig(**eager)).parts["gradients at the peak"] == lm_head * 2
+    assert estimate_memory(TrainConfig(**eager, objective="reward")).parts["gradients at the peak"] == 0
 
 
 def test_report_lists_parts_and_suggests_fixes_when_it_does_not_fit(monkeypatch):

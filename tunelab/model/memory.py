@@ -200,9 +200,10 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     else:
         parts["activations"] = int(layers * layer_act)
         parts[loss_name] = int(loss_bytes)
-        # Gradients arrive as activations are freed; at the peak (start of backward) only lm_head's exists,
-        # counted with the loss (it is taken in forward) when the loss is chunked.
-        first = vocab * h * 2 if cfg.method == "full" and not cfg.freeze_llm and not plan.chunked_loss else 0
+        # Gradients arrive as activations are freed; at the peak (start of backward) only lm_head's exists (a reward
+        # model has none), counted with the loss (it is taken in forward) when the loss is chunked.
+        head = cfg.method == "full" and not cfg.freeze_llm and cfg.objective != "reward"
+        first = vocab * h * 2 if head and not plan.chunked_loss else 0
         parts[grads_name] = int(grads if accumulating else first)
 
     total = int(sum(parts.values()))
