@@ -15,6 +15,7 @@ import traceback
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
+from tunelab.train.launch import report_to_launcher  # stdlib only: --help stays fast
 
 # Order = order in `tunelab --help`, which follows the user's path.
 VERB_MODULES = [
@@ -97,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
         sys.stdout.flush()  # inside the try: a reader that stopped early fails here, not at interpreter exit
     except TunelabError as exc:
-        from tunelab.train.launch import report_to_launcher
-
         if not report_to_launcher(f"error: {exc}"):  # under torchrun the launcher prints it, once for all ranks
             print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -111,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
     except Exception:
-        from tunelab.train.launch import report_to_launcher
-
         # a crash under torchrun: its traceback once for all the ranks that met it, not N interleaved copies
         if report_to_launcher(traceback.format_exc().rstrip()):
             return 1  # Python's own exit code for an exception nobody caught

@@ -223,7 +223,7 @@ def _report_failure(exc) -> int:
         print(f"tunelab: rank {rank} was killed by {failure.signal_name()} (signal {-failure.exitcode}); the "
               "other processes were stopped.", file=sys.stderr)
         return 1
-    reported = {r: _reported_message(f) for r, f in sorted(exc.failures.items()) if _reported_message(f)}
+    reported = {r: message for r, f in sorted(exc.failures.items()) if (message := _reported_message(f))}
     if not reported:  # a process that could not hand over its message printed it itself
         print(f"tunelab: rank {rank} stopped (exit code {failure.exitcode}); its message is above. The other "
               "processes were stopped.", file=sys.stderr)
