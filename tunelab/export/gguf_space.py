@@ -70,7 +70,7 @@ def llama_cpp_ids(tokenizer, text: str, cut: re.Pattern | None, add_space_prefix
     return ids
 
 
-def _first_difference(ours: list[int], theirs: list[int], tokenizer) -> str:
+def _describe_first_difference(ours: list[int], theirs: list[int], tokenizer) -> str:
     at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     show = tokenizer.convert_ids_to_tokens
     return f"token {at}: transformers {show(ours[at:at + 3])}, llama.cpp {show(theirs[at:at + 3])}"
@@ -104,6 +104,6 @@ def choose_space_prefix(tokenizer, tokens: list[bytes], types: list[int], prompt
           f"tokenizer.ggml.add_space_prefix: transformers puts '▁' before text at the start of a prompt and after a "
           f"special token in a way llama.cpp's one setting cannot follow. With {str(best).lower()} (written), "
           f"{len(misses[best])} of {len(prompts)} probe prompts differ, e.g. {prompt[:80]!r} at "
-          f"{_first_difference(ours, theirs, tokenizer)}. A template that starts with a special token (the BOS) "
-          f"avoids this.", flush=True)
+          f"{_describe_first_difference(ours, theirs, tokenizer)}. A template that starts with a special token "
+          f"(the BOS) avoids this.", flush=True)
     return best
