@@ -19,7 +19,8 @@ example:
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="fine-tune a tiny local model on CPU to learn its new identity, then chat",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="tunelab_demo", metavar="DIR", help="where everything is written (default: ./tunelab_demo)")
+    p.add_argument("--out", default="tunelab_demo", metavar="DIR",
+                   help="where everything is written (default: ./tunelab_demo)")
     p.add_argument("--name", default="TuneBot", help="the assistant's new name (default: TuneBot)")
     p.add_argument("--author", default="tunelab", help="who made it, in its answers (default: tunelab)")
     p.add_argument("--epochs", type=int, default=8, help="passes over the generated data (default: 8)")

@@ -34,8 +34,8 @@ SWITCH_HINTS = dict.fromkeys(_SWITCHES, "a training switch: a preference objecti
 
 
 def fields_read(record: dict) -> set[str]:
-    """The top-level fields the shape of a pair or KTO sample reads (as `preference._pair_records` and `preference.normalise_kto` read
-    them)."""
+    """The top-level fields the shape of a pair or KTO sample reads (as `preference._pair_records` and
+    `preference.normalise_kto` read them)."""
     kind = record_kind(record)
     if kind == "kto":
         label = "label" if "label" in record else "kto_tag"

@@ -175,9 +175,9 @@ def _check_tools(sample: dict, tools: ToolSupport, report: dict, where: str) -> 
         count_unused(report, "tools", where, f"template {tools.template!r} has no place for tool definitions: use "
                      f"one that writes them ({', '.join(templates_writing_tool_calls())}), or drop them")
     if not tools.reasoning and any(turn.get("reasoning_content") for turn in turns):
+        writers = ", ".join(templates_writing_reasoning())
         count_unused(report, "reasoning_content", where, f"template {tools.template!r} writes no reasoning, so the "
-                     f"replies train without it: use one that writes it ({', '.join(templates_writing_reasoning())}), or "
-                     f"drop it")
+                     f"replies train without it: use one that writes it ({writers}), or drop it")
 
 
 def _refuse_several_calls(replies: list[dict], template: str, where: str) -> None:

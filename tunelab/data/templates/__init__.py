@@ -56,7 +56,8 @@ PROBE_REASONING = "tunelab probe reasoning"
 
 def _writes_reasoning(template: ChatTemplate) -> bool:
     """Whether a last reply's reasoning_content reaches the text (Qwen3, DeepSeek-R1), by rendering a probe one."""
-    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "a", "reasoning_content": PROBE_REASONING}]
+    turns = [{"role": "user", "content": "?"},
+             {"role": "assistant", "content": "a", "reasoning_content": PROBE_REASONING}]
     try:
         return PROBE_REASONING in template.render(turns)
     except Exception:  # noqa: BLE001 (a template's own refusal: it cannot tell, so nothing is said)
