@@ -20,8 +20,8 @@ from tunelab.data.files import InvalidRecord, Record, data_files, read_records
 from tunelab.data.formats import FORMATS, UNUSED_HINTS, detect_format, normalise, unused_fields
 from tunelab.data.images import ImageReading, image_reading, is_image_file, read_images, unreadable_samples
 from tunelab.data.messages import IMAGE_PLACEHOLDER, LONE_SURROGATE, refuse_lone_surrogates, with_default_system
-from tunelab.data.templates import (ToolSupport, templates_writing_reasoning, templates_writing_several_calls,
-                                    templates_writing_text_with_calls, templates_writing_tool_calls)
+from tunelab.data.template_fit import check_tools
+from tunelab.data.templates import ToolSupport
 from tunelab.data.reports import count_unused, new_file_report, note, note_record
 from tunelab.data.preference import not_supervised_error, read_for_objective, record_kind, sample_messages
 from tunelab.data.preference_fields import SWITCH_HINTS, fields_read, unused_preference_fields
@@ -142,7 +142,7 @@ def _after_reading(sample: dict, source: Source, report: dict, where: str, multi
     """Fill {{placeholders}}, note <image> tags without images (a text run's) and special tokens' text, refuse tool
     calls the template cannot write."""
     if tools is not None:
-        _check_tools(sample, tools, report, where)
+        check_tools(sample, tools, report, where)
     texts = "\n".join(_texts(sample))  # one look for every kind of placeholder
     if LONE_SURROGATE.search(texts):
         refuse_lone_surrogates(sample, where)
@@ -155,41 +155,6 @@ def _after_reading(sample: dict, source: Source, report: dict, where: str, multi
         found = set(special.findall(texts))
         if found:
             note(report, "special_text", where, found)
-
-
-def _check_tools(sample: dict, tools: ToolSupport, report: dict, where: str) -> None:
-    turns = [*(sample.get("messages") or sample.get("prompt") or []),
-             *(sample[k] for k in ("chosen", "rejected", "completion") if isinstance(sample.get(k), dict))]
-    if not tools.calls and any(turn.get("tool_calls") for turn in turns):
-        raise InvalidRecord(f"{where}: the record has tool calls, which template {tools.template!r} does not write: "
-                            f"they would be trained as empty replies. Use a template that writes them "
-                            f"({', '.join(templates_writing_tool_calls())}), or leave the calls out of the data.")
-    replies = [turn for turn in turns if turn.get("role", "assistant") == "assistant"]
-    if not tools.several_calls:
-        _refuse_several_calls(replies, tools.template, where)
-    if not tools.text_with_calls and any(turn.get("tool_calls") and turn.get("content", "").strip() for turn in replies):
-        count_unused(report, "content beside tool_calls", where, f"template {tools.template!r} writes a reply that "
-                     f"calls a tool as its calls alone, so that text trains nowhere: make it a reply of its own, or "
-                     f"use a template that writes both ({', '.join(templates_writing_text_with_calls())})")
-    if sample.get("tools") and not tools.definitions:
-        count_unused(report, "tools", where, f"template {tools.template!r} has no place for tool definitions: use "
-                     f"one that writes them ({', '.join(templates_writing_tool_calls())}), or drop them")
-    if not tools.reasoning and any(turn.get("reasoning_content") for turn in turns):
-        writers = ", ".join(templates_writing_reasoning())
-        count_unused(report, "reasoning_content", where, f"template {tools.template!r} writes no reasoning, so the "
-                     f"replies train without it: use one that writes it ({writers}), or drop it")
-
-
-def _refuse_several_calls(replies: list[dict], template: str, where: str) -> None:
-    """Llama 3.1's template refuses a reply with several calls (naming no record); GLM-4's writes the first alone."""
-    for number, turn in enumerate(replies, 1):
-        calls = turn.get("tool_calls") or []
-        if len(calls) > 1:
-            names = ", ".join(c["function"]["name"] for c in calls)
-            raise InvalidRecord(f"{where}: reply {number} holds {len(calls)} tool calls ({names}), and template "
-                                f"{template!r} writes one call per reply. Split them into replies of one call, each "
-                                f"followed by its result, or use a template that writes several "
-                                f"({', '.join(templates_writing_several_calls())}).")
 
 
 def special_text_pattern(tokenizer) -> Optional[re.Pattern]:

@@ -1,0 +1,46 @@
+"""Whether a sample fits its chat template: tool calls, tool definitions and reasoning that the template writes
+wrong or nowhere (each template's abilities are probed once: `templates.tool_support`)."""
+
+from __future__ import annotations
+
+from tunelab.data.files import InvalidRecord
+from tunelab.data.reports import count_unused
+from tunelab.data.templates import (ToolSupport, templates_writing_reasoning, templates_writing_several_calls,
+                                    templates_writing_text_with_calls, templates_writing_tool_calls)
+
+
+def check_tools(sample: dict, tools: ToolSupport, report: dict, where: str) -> None:
+    """What a sample's tool calls, tool definitions and reasoning need from the template it trains with: refused
+    (InvalidRecord) where the template would train them wrong, reported as not used where it writes them nowhere."""
+    turns = [*(sample.get("messages") or sample.get("prompt") or []),
+             *(sample[k] for k in ("chosen", "rejected", "completion") if isinstance(sample.get(k), dict))]
+    if not tools.calls and any(turn.get("tool_calls") for turn in turns):
+        raise InvalidRecord(f"{where}: the record has tool calls, which template {tools.template!r} does not write: "
+                            f"they would be trained as empty replies. Use a template that writes them "
+                            f"({', '.join(templates_writing_tool_calls())}), or leave the calls out of the data.")
+    replies = [turn for turn in turns if turn.get("role", "assistant") == "assistant"]
+    if not tools.several_calls:
+        _refuse_several_calls(replies, tools.template, where)
+    if not tools.text_with_calls and any(t.get("tool_calls") and t.get("content", "").strip() for t in replies):
+        count_unused(report, "content beside tool_calls", where, f"template {tools.template!r} writes a reply that "
+                     f"calls a tool as its calls alone, so that text trains nowhere: make it a reply of its own, or "
+                     f"use a template that writes both ({', '.join(templates_writing_text_with_calls())})")
+    if sample.get("tools") and not tools.definitions:
+        count_unused(report, "tools", where, f"template {tools.template!r} has no place for tool definitions: use "
+                     f"one that writes them ({', '.join(templates_writing_tool_calls())}), or drop them")
+    if not tools.reasoning and any(turn.get("reasoning_content") for turn in turns):
+        writers = ", ".join(templates_writing_reasoning())
+        count_unused(report, "reasoning_content", where, f"template {tools.template!r} writes no reasoning, so the "
+                     f"replies train without it: use one that writes it ({writers}), or drop it")
+
+
+def _refuse_several_calls(replies: list[dict], template: str, where: str) -> None:
+    """Llama 3.1's template refuses a reply with several calls (naming no record); GLM-4's writes the first alone."""
+    for number, turn in enumerate(replies, 1):
+        calls = turn.get("tool_calls") or []
+        if len(calls) > 1:
+            names = ", ".join(c["function"]["name"] for c in calls)
+            raise InvalidRecord(f"{where}: reply {number} holds {len(calls)} tool calls ({names}), and template "
+                                f"{template!r} writes one call per reply. Split them into replies of one call, each "
+                                f"followed by its result, or use a template that writes several "
+                                f"({', '.join(templates_writing_several_calls())}).")
