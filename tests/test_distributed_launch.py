@@ -154,6 +154,23 @@ def test_a_message_several_ranks_hand_over_is_printed_once(monkeypatch, tmp_path
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: data.jsonl line 2: not valid JSON", "error: rank 2's own trouble",
                    "tunelab: ranks 0, 1, 2 stopped (exit code 2) on the errors above."]
+    # the rank torchrun stopped with SIGTERM after rank 0 failed, listed with the same second's timestamp: still
+    # rank 0's message, not "rank 1 was killed by SIGTERM"
+    stopped = ProcessFailure(local_rank=1, pid=9, exitcode=-15, error_file="<N/A>")
+    first = ProcessFailure(local_rank=0, pid=8, exitcode=2, error_file=str(files[0]))
+    stopped.timestamp = first.timestamp
+    monkeypatch.setattr(torchrun, "main", lambda args: (_ for _ in ()).throw(ChildFailedError(
+        "tunelab", {1: stopped, 0: first})))
+    assert launch.run_torchrun([]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: data.jsonl line 2: not valid JSON",
+                                                    "tunelab: rank 0 stopped (exit code 2) on the error above."]
+    stopped.timestamp -= 1  # even when torchrun timed it first
+    assert launch.run_torchrun([]) == 2
+    killed = ProcessFailure(local_rank=1, pid=9, exitcode=-9, error_file="<N/A>")  # out of memory: the cause
+    monkeypatch.setattr(torchrun, "main", lambda args: (_ for _ in ()).throw(ChildFailedError(
+        "tunelab", {1: killed, 0: first})))
+    assert launch.run_torchrun([]) == 1
+    assert "rank 1 was killed by SIGKILL" in capsys.readouterr().err
 
 
 # --- DeepSpeed config -------------------------------------------------------------------------------

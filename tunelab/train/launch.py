@@ -217,23 +217,33 @@ def run_torchrun(args: list[str]) -> int:
 
 
 def _report_failure(exc) -> int:
-    """Print why the processes stopped (each rank's handed-over message once, then one line); the exit code."""
-    rank, failure = exc.get_first_failure()
-    if failure.exitcode < 0:  # the signal's name: SIGKILL (out of memory, most often) is not SIGABRT (a crash)
+    """Print why the processes stopped (each rank's handed-over message once, then one line); the exit code.
+
+    torchrun stops the other processes with SIGTERM once one has failed, and may list them among the failures
+    (timestamps in whole seconds, so not always after the failure that caused it): a SIGTERM is the cause only where
+    no process said why it stopped."""
+    failures = sorted(exc.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    killed = [(r, f) for r, f in failures if f.exitcode < 0 and f.signal_name() != "SIGTERM"]
+    reported = {r: message for r, f in sorted(failures) if (message := _reported_message(f))}
+    if not killed and not reported:
+        killed = [(r, f) for r, f in failures if f.exitcode < 0]
+    if killed:  # the signal's name: SIGKILL (out of memory, most often) is not SIGABRT (a crash)
+        rank, failure = killed[0]
         print(f"tunelab: rank {rank} was killed by {failure.signal_name()} (signal {-failure.exitcode}); the "
               "other processes were stopped.", file=sys.stderr)
         return 1
-    reported = {r: message for r, f in sorted(exc.failures.items()) if (message := _reported_message(f))}
     if not reported:  # a process that could not hand over its message printed it itself
+        rank, failure = failures[0]
         print(f"tunelab: rank {rank} stopped (exit code {failure.exitcode}); its message is above. The other "
               "processes were stopped.", file=sys.stderr)
         return failure.exitcode
+    exit_code = next(f.exitcode for r, f in failures if r in reported)
     messages = list(dict.fromkeys(reported.values()))
     print(*messages, sep="\n", file=sys.stderr)
     ranks = ", ".join(str(r) for r in reported)
-    print(f"tunelab: rank{'s' if len(reported) > 1 else ''} {ranks} stopped (exit code {failure.exitcode}) on the "
+    print(f"tunelab: rank{'s' if len(reported) > 1 else ''} {ranks} stopped (exit code {exit_code}) on the "
           f"error{'s' if len(messages) > 1 else ''} above.", file=sys.stderr)
-    return failure.exitcode
+    return exit_code
 
 
 if __name__ == "__main__":  # what maybe_relaunch runs: python -m tunelab.train.launch TORCHRUN_ARGS
