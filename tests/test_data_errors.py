@@ -52,6 +52,12 @@ GOOD = json.dumps({"instruction": "Hi", "output": "Hello"})
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": {"t": 20}}, {"role": "assistant", "content": "y"}]}), "auto",
      r"line 1: messages\[2\]\.content is a JSON object, not text.*\{\\\"t\\\": 20\}"),
+    # OpenAI's free-form "custom" tool call: it was 'has no function name'
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "custom", "custom": {"name": "grep", "input": "todo"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"}, {"role": "assistant", "content": "y"}]}), "auto",
+     r"line 1: messages\[1\]\.tool_calls\[0\] is a tool call of type 'custom'.*function calls.*Write it as a "
+     r"\"function\" call"),
     ("", "auto", r"d\.jsonl: the file is empty"),
     # one JSON list, on one line or pretty-printed, named .jsonl
     (json.dumps([json.loads(GOOD)] * 3), "auto", r"d\.jsonl line 1: the line holds a list of 3 records.*rename it to "

@@ -160,6 +160,9 @@ def tool_call(call: Any, where: str, field: str) -> dict:
     if not isinstance(call, dict):
         raise fail(where, f"{field} should be a tool call object, found {type(call).__name__}",
                    "Write it as {\"name\": ..., \"arguments\": {...}}.")
+    if call.get("type") not in (None, "function"):  # OpenAI's free-form "custom" tools: text, not JSON arguments
+        raise fail(where, f"{field} is a tool call of type {call['type']!r}; chat templates write function calls "
+                          f"(a name and JSON arguments) only", "Write it as a \"function\" call, or leave it out.")
     fn = call.get("function", call)
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise fail(where, f"{field} has no function name", "Give each tool call a \"name\".")
