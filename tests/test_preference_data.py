@@ -95,6 +95,13 @@ def test_kto_units_pair_each_reply_with_a_mismatched_one_for_the_kl_estimate(tin
     samples = with_kl_completions(samples)
     assert [s["kl_completion"]["content"] for s in samples] == ["answer number 1", "answer number 2",
                                                                  "answer number 0"]
+    # a prompt's replies listed together (LLaMA-Factory's KTO data often is): the partner answers another prompt
+    same = [normalise_kto({"prompt": p, "completion": c, "label": c == "good"})
+            for p, c in [("A", "good"), ("A", "bad"), ("B", "good B"), ("A", "bad again")]]
+    assert [s["kl_completion"]["content"] for s in with_kl_completions(same)] == ["good B", "good B", "bad again",
+                                                                                 "good B"]
+    one_prompt = [normalise_kto({"prompt": "A", "completion": c, "label": True}) for c in ("x", "y")]
+    assert [s["kl_completion"]["content"] for s in with_kl_completions(one_prompt)] == ["y", "x"]
     units = [u for per_sample in encode_kto(template, tiny_tokenizer, samples, max_length=64) for u in per_sample]
     assert [u.row["sequence_kind"] for u in units] == [[DESIRABLE, KL], [UNDESIRABLE, KL], [DESIRABLE, KL]]
     own, kl = _sequences(units[0].row)

@@ -107,12 +107,20 @@ def kl_partner_problem(samples: list[dict]) -> str:
 
 
 def with_kl_completions(samples: list[dict]) -> list[dict]:
-    """KTO samples, each given the reply of the next sample (the last one the first's) as "kl_completion": a reply
-    that does not answer its prompt, for the KL estimate (TRL takes the previous sample's reply within each batch:
-    the same kind of estimate from other partners). A pair read for KTO, `unpaired`, gets the next sample's reply for
-    both of its halves."""
+    """KTO samples, each given as "kl_completion" the reply of the next sample that answers another prompt (the
+    first ones' after the last): a reply that does not answer its prompt, for the KL estimate. TRL takes the
+    previous sample's reply within each batch, the same kind of estimate, and a neighbour asking the same question
+    (data that lists a prompt's good and bad replies together) would give it a matching reply instead. A pair read
+    for KTO, `unpaired`, gets one reply for both of its halves."""
     n = len(samples)
-    return [{**s, "kl_completion": _reply(samples[(i + 1) % n])} for i, s in enumerate(samples)]
+    prompts = [json.dumps(s["prompt"], sort_keys=True, default=str) for s in samples]
+    partner, following = [0] * n, None  # following: the next index (over the list twice) with another prompt
+    for i in reversed(range(2 * n)):
+        if i + 1 < 2 * n and prompts[(i + 1) % n] != prompts[i % n]:
+            following = i + 1
+        if i < n:  # one prompt for every sample: the next sample's reply (kl_partner_problem has checked replies)
+            partner[i] = following % n if following is not None and following - i < n else (i + 1) % n
+    return [{**s, "kl_completion": _reply(samples[partner[i]])} for i, s in enumerate(samples)]
 
 
 def encode_kto(template, tokenizer, samples: list[dict], max_length: int) -> list[list[Encoded]]:
