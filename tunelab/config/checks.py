@@ -107,10 +107,21 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
         errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
                       f"fast_path = False: splitting rows over GPUs runs through tunelab's attention and loss, which "
                       f"fast_path = False turns off. Set fast_path = True, or sequence_parallel_size = 1.")
+    if cfg.sequence_parallel_size > 1 and _lora_on_lm_head(cfg):
+        errors.append(f"{at('lora_target_modules')}lora_target_modules puts an adapter on lm_head, which the loss of "
+                      f"rows split over GPUs (sequence_parallel_size = {cfg.sequence_parallel_size}) cannot run "
+                      f"through. Train lm_head whole instead (lora_modules_to_save = ['lm_head']), or set "
+                      f"sequence_parallel_size = 1.")
     if cfg.nonfinite == "skip" and cfg.deepspeed:
         errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
                       f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")
     return errors + _preference_errors(cfg, at)
+
+
+def _lora_on_lm_head(cfg: TrainConfig) -> bool:
+    from tunelab.model.plan import lora_on_lm_head
+
+    return lora_on_lm_head(cfg)
 
 
 def _shards_weights(cfg: TrainConfig) -> bool:

@@ -291,7 +291,8 @@ def apply_fast_path(model, plan, device) -> dict:
     if plan.lean_lora:
         report["lean_lora"] = (f"{use_lean_lora(model, hashed_dropout=plan.hashed_dropout)} LoRA linears"
                                + (", dropout masks hashed" if plan.hashed_dropout else ""))
-    report["chunked_loss"] = f"on, {plan.loss_chunk_size} rows a chunk" if plan.chunked_loss else "off"
+    report["chunked_loss"] = (f"on, {plan.loss_chunk_size} rows a chunk" if plan.chunked_loss
+                              else "off: lm_head has a LoRA adapter, so the loss takes full logits through it")
     if plan.compiled_loss:
         report["chunked_loss"] += ", its softmax gradient compiled"
     if plan.cuda_graphs:

@@ -220,12 +220,30 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
         embeddings_on_cpu=bool(on_gpu and embeddings_on_cpu and cfg.method != "full"),  # full trains it
         compile=compile_layers, cuda_graphs=graphs, offload_activations=offload,
         checkpoint_around=offload and row_share > OFFLOADED_INSIDE_MAX_TOKENS, mlp_slice=mlp_slice,
-        optimizer_in_backward=_optimizer_in_backward(cfg, on_gpu, world_size), chunked_loss=True,
+        optimizer_in_backward=_optimizer_in_backward(cfg, on_gpu, world_size),
+        chunked_loss=not lora_on_lm_head(cfg),
         loss_chunk_size=cfg.loss_chunk_size, sequence_parallel=sequence_parallel)
     # Attention's output and the projections are kept where the inputs are offloaded anyway: in CPU memory they cost
     # a copy beside the compute; on the GPU they would be 2-3 more saved tensors a layer, each as large as the input.
     keep = plan.offload_activations and plan.checkpoint_inside_compile
     return dataclasses.replace(plan, save_attention=keep, save_projections=keep)
+
+
+def lora_on_lm_head(cfg) -> bool:
+    """lora_target_modules puts a LoRA adapter on lm_head (as peft matches names: a list entry equal to the last
+    part of a module's name, a string as a regular expression over the whole name). The chunked loss multiplies by
+    lm_head's own weight, which would leave that adapter out: no gradient for it and another loss than peft's."""
+    import re
+
+    targets = cfg.lora_target_modules
+    if cfg.method == "full" or targets == "all-linear":  # peft's all-linear leaves the output layer out
+        return False
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, "lm_head") is not None
+        except re.error:  # reported with the fix when the model loads (load.check_lora_targets)
+            return False
+    return any(t == "lm_head" or t.endswith(".lm_head") for t in targets)
 
 
 def optimizer_in_backward_blockers(cfg, on_gpu: bool, world_size: int = 1) -> list[str]:

@@ -1,0 +1,81 @@
+"""The LoRA options as a user sets them (use_dora, use_rslora, lora_bias, lora_target_modules, lora_modules_to_save,
+lora_dropout), against peft: the fast path computes peft's own loss and adapter gradients for each (or turns itself
+off for it), and the settings peft cannot take are refused before loading. The export of each setting (pth_to_hf,
+PeftModel.from_pretrained, merge) is checked in tests/test_export_matrix.py's way for the settings that touch it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.train_helpers import tiny_cfg
+from tunelab.model.load import load_model_for_training
+from tunelab.model.loss import causal_lm_objective
+from tunelab.model.plan import plan_fast_path
+
+SETTINGS = {
+    "plain": {},
+    "dora": {"use_dora": True},
+    "rslora": {"use_rslora": True, "lora_r": 16, "lora_alpha": 4},
+    "bias_all": {"lora_bias": "all"},
+    "bias_lora_only": {"lora_bias": "lora_only", "lora_target_modules": ["q_proj"]},
+    "regex": {"lora_target_modules": r".*\.(q|v)_proj"},
+    "lm_head_target": {"lora_target_modules": ["q_proj", "lm_head"]},
+    "embed_target": {"lora_target_modules": ["q_proj", "embed_tokens"]},
+    "lm_head_saved": {"lora_target_modules": ["q_proj"], "lora_modules_to_save": ["lm_head"]},
+    "embed_saved": {"lora_target_modules": ["q_proj"], "lora_modules_to_save": ["embed_tokens"]},
+}
+
+
+def _loss_and_grads(model_dir, fast_path: bool, **settings):
+    """The training loss of one batch and the trained parameters' gradients, as the loop computes them."""
+    cfg = tiny_cfg(model_dir, method="lora", dtype="fp32", gradient_checkpointing=False, fast_path=fast_path,
+                   **settings)
+    plan = plan_fast_path(cfg, "cpu")
+    torch.manual_seed(0)
+    model, report = load_model_for_training(cfg, torch.device("cpu"), plan)
+    with torch.no_grad():  # lora_B (and DoRA's start) make the adapter a no-op: give every trained tensor a value
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    model.train()
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).repeat(2, 1)}
+    loss, _ = causal_lm_objective(plan)(model, batch)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, report
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_fast_path_trains_each_lora_setting_as_peft_does(tiny_qwen2_dir, name):
+    """Qwen2 (biases on q, k, v for lora_bias): the fast path's loss and every trained tensor's gradient equal the
+    plain path's (transformers and peft as they come) on the same batch."""
+    loss, grads, report = _loss_and_grads(tiny_qwen2_dir, True, **SETTINGS[name])
+    ref_loss, ref_grads, _ = _loss_and_grads(tiny_qwen2_dir, False, **SETTINGS[name])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for key, ref in ref_grads.items():
+        assert ref is not None and grads[key] is not None, key
+        torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_an_adapter_on_lm_head_turns_the_chunked_loss_off_and_says_so(tiny_qwen2_dir):
+    """The chunked loss multiplies by lm_head's own weight: with a LoRA adapter on lm_head it would leave the
+    adapter out (no gradient, another loss), so the plan computes full logits through peft's lm_head instead."""
+    cfg = tiny_cfg(tiny_qwen2_dir, method="lora", lora_target_modules=["q_proj", "lm_head"])
+    assert not plan_fast_path(cfg, "cpu").chunked_loss
+    assert not plan_fast_path(tiny_cfg(tiny_qwen2_dir, method="lora", lora_target_modules=r".*lm_head"),
+                              "cpu").chunked_loss
+    assert plan_fast_path(tiny_cfg(tiny_qwen2_dir, method="lora", lora_modules_to_save=["lm_head"]),
+                          "cpu").chunked_loss
+    _, _, report = _loss_and_grads(tiny_qwen2_dir, True, lora_target_modules=["q_proj", "lm_head"])
+    assert "lm_head" in report["chunked_loss"] and report["chunked_loss"].startswith("off")
+
+
+def test_an_adapter_on_lm_head_with_rows_split_over_gpus_is_refused_naming_the_fix(tiny_qwen2_dir):
+    from tunelab.config.checks import combination_errors
+
+    cfg = tiny_cfg(tiny_qwen2_dir, method="lora", lora_target_modules=["q_proj", "lm_head"], sequence_parallel_size=2)
+    errors = combination_errors(cfg)
+    assert len(errors) == 1 and "lora_target_modules" in errors[0] and "lora_modules_to_save" in errors[0]
