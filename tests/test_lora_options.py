@@ -79,3 +79,27 @@ def test_an_adapter_on_lm_head_with_rows_split_over_gpus_is_refused_naming_the_f
     cfg = tiny_cfg(tiny_qwen2_dir, method="lora", lora_target_modules=["q_proj", "lm_head"], sequence_parallel_size=2)
     errors = combination_errors(cfg)
     assert len(errors) == 1 and "lora_target_modules" in errors[0] and "lora_modules_to_save" in errors[0]
+
+
+PLAN_SETTINGS = {**SETTINGS, "list": {"lora_target_modules": ["q_proj", "v_proj"]},
+                 "lm_head_and_embed_saved": {"lora_target_modules": ["q_proj"],
+                                             "lora_modules_to_save": ["embed_tokens", "lm_head"]},
+                 "dora_on_lm_head_and_embed": {"use_dora": True, "lora_target_modules": ["lm_head", "embed_tokens"]}}
+
+
+@pytest.mark.parametrize("name", list(PLAN_SETTINGS))
+def test_plan_counts_the_trainable_parameters_peft_trains(tiny_qwen2_dir, name):
+    """`tunelab plan` sizes the adapters, their gradients and AdamW states from this count: DoRA's magnitude
+    vectors, a regular expression's matches, LoRA on lm_head or the embedding and the full copies of
+    lora_modules_to_save count as peft counts them (biases, a few hundred numbers a layer, are left out)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.model.load import _lora_config
+    from tunelab.model.lora_params import lora_params
+    from tunelab.model.shapes import model_shape
+
+    cfg = tiny_cfg(tiny_qwen2_dir, method="lora", **PLAN_SETTINGS[name])
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir), _lora_config(cfg))
+    trained = peft_model.get_nb_trainable_parameters()[0]
+    assert lora_params(model_shape(str(tiny_qwen2_dir)), cfg) == pytest.approx(trained, rel=0.02)

@@ -200,9 +200,9 @@ def test_accumulation_keeps_the_whole_gradients_at_the_peak():
     full_grads = model_shape(LLAMA).total_params() * 4  # fp32 master weights, fp32 gradients
     assert total("full", 4) - total("full", 1) > 0.9 * full_grads
     assert total("full", 4) == total("full", 2)  # later micro-batches add into the same gradients
-    from tunelab.model.memory import _lora_params
+    from tunelab.model.lora_params import lora_params
 
-    adapter_grads = _lora_params(model_shape(LLAMA), TrainConfig(pretrained_model_name_or_path=LLAMA)) * 4
+    adapter_grads = lora_params(model_shape(LLAMA), TrainConfig(pretrained_model_name_or_path=LLAMA)) * 4
     assert 0 < total("qlora", 2) - total("qlora", 1) <= adapter_grads  # r=64 all-linear: 0.6 GiB
 
 

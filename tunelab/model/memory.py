@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from tunelab.model.fast import merges_into_the_weight
+from tunelab.model.lora_params import lora_params
 from tunelab.model.offload import PINNED_MAX_BYTES
 from tunelab.model.plan import LONG_CONTEXT_TOKENS, optimizer_in_backward_blockers
 from tunelab.model.shapes import ModelShape, model_shape, vision_shape
@@ -94,19 +95,6 @@ class MemoryEstimate:
         if self.device_bytes is None:
             return None
         return "fits" if self.fits else "does NOT fit" if self.exceeds else "tight"
-
-
-def _lora_params(shape: ModelShape, cfg) -> int:
-    targets = cfg.lora_target_modules
-    linears = shape.linear_shapes()
-    if targets == "all-linear":
-        chosen = linears.values()
-    else:
-        names = [targets] if isinstance(targets, str) else list(targets)
-        chosen = [linears[n] for n in names if n in linears]
-        if not chosen:  # InternLM2 / custom names: assume every linear is targeted (an upper bound)
-            chosen = linears.values()
-    return shape.num_hidden_layers * sum(cfg.lora_r * (a + b) for a, b in chosen)
 
 
 def sharded_by_engine(cfg) -> set[str]:
@@ -254,7 +242,7 @@ def _weights_and_states(cfg, plan, shape: ModelShape, world: int, *, other_bytes
             grads, grads_name = trainable * 2, "gradients"
             adam_bytes //= 2
     else:
-        trainable = _lora_params(shape, cfg)
+        trainable = lora_params(shape, cfg)
         # bf16 adapters with fp32_master_weights = False (tunelab.train.optim.choose_precision), else fp32
         width = 4 if cfg.fp32_master_weights or cfg.dtype in ("fp16", "fp32") else 2
         parts["LoRA params (fp32)" if width == 4 else "LoRA params (bf16)"] = trainable * width

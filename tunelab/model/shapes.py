@@ -28,12 +28,13 @@ KNOWN_SHAPES = {
     "meta-llama/Llama-3.1-8B-Instruct": _LLAMA3_8B,
     "Qwen/Qwen2.5-0.5B-Instruct": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                       tie_word_embeddings=True),
+                                       tie_word_embeddings=True, model_type="qwen2"),
     "Qwen/Qwen2.5-1.5B-Instruct": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                                        num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                                       tie_word_embeddings=True),
+                                       tie_word_embeddings=True, model_type="qwen2"),
     "Qwen/Qwen2.5-7B-Instruct": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
+                                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                     model_type="qwen2"),
     "mistralai/Mistral-7B-Instruct-v0.2": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
 }
@@ -57,6 +58,9 @@ class ModelShape:
     num_key_value_heads: int
     head_dim: int
     tie_word_embeddings: bool = False
+    biased: tuple = ()
+    """The linear layers (Llama names) that have a bias, which lora_bias trains: Qwen2's q, k, v; attention_bias
+    and mlp_bias of Llama-style configs."""
 
     @classmethod
     def from_config(cls, c: dict) -> "ModelShape":
@@ -66,7 +70,7 @@ class ModelShape:
             num_hidden_layers=c["num_hidden_layers"], num_attention_heads=heads,
             num_key_value_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)), biased=_biased_linears(c),
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -85,6 +89,14 @@ class ModelShape:
     def total_params(self) -> int:
         norms = (2 * self.num_hidden_layers + 1) * self.hidden_size
         return self.num_hidden_layers * self.layer_linear_params() + self.embedding_params() + norms
+
+
+def _biased_linears(c: dict) -> tuple:
+    """The linear layers of config `c` with a bias (ModelShape.biased)."""
+    biased = ("q_proj", "k_proj", "v_proj") if c.get("model_type") == "qwen2" else ()
+    if c.get("attention_bias"):
+        biased = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return biased + (("gate_proj", "up_proj", "down_proj") if c.get("mlp_bias") else ())
 
 
 def local_config_file(name_or_path: str) -> Path | None:
