@@ -103,3 +103,47 @@ def test_plan_counts_the_trainable_parameters_peft_trains(tiny_qwen2_dir, name):
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir), _lora_config(cfg))
     trained = peft_model.get_nb_trainable_parameters()[0]
     assert lora_params(model_shape(str(tiny_qwen2_dir)), cfg) == pytest.approx(trained, rel=0.02)
+
+
+# --- settings refused before training, naming the key and the fix ---------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [("use_dora", True), ("use_rslora", True), ("lora_bias", "all"),
+                                       ("lora_modules_to_save", ["lm_head"])])
+def test_a_lora_setting_with_full_fine_tuning_is_refused_not_ignored(tiny_qwen2_dir, key, value):
+    from tunelab.config.checks import combination_errors
+
+    errors = combination_errors(tiny_cfg(tiny_qwen2_dir, method="full", **{key: value}))
+    assert len(errors) == 1 and key in errors[0] and "method = 'lora'" in errors[0], errors
+
+
+def test_a_module_both_adapted_and_trained_whole_is_refused(tiny_qwen2_dir):
+    """peft wraps a module of lora_modules_to_save whole and leaves its lora_target_modules entry out: the adapter
+    the user asked for would silently not exist."""
+    from tunelab.config.checks import combination_errors
+
+    cfg = tiny_cfg(tiny_qwen2_dir, method="lora", lora_target_modules=["q_proj", "lm_head"],
+                   lora_modules_to_save=["lm_head"])
+    errors = combination_errors(cfg)
+    assert len(errors) == 1 and "'lm_head'" in errors[0] and "lora_modules_to_save" in errors[0], errors
+
+
+def _train_error(capsys, tmp_path, model_dir, **settings) -> str:
+    from tests.train_helpers import assert_one_line_error, write_config
+    from tunelab.cli.main import main
+
+    config = write_config(tmp_path, model_dir, dtype="fp32", max_steps=1, **settings)
+    code = main(["train", str(config), "--work-dir", str(tmp_path / "work"), "--device", "cpu"])
+    return assert_one_line_error(capsys, code)
+
+
+def test_lora_modules_to_save_that_match_nothing_are_refused(capsys, tmp_path, tiny_qwen2_dir):
+    message = _train_error(capsys, tmp_path, tiny_qwen2_dir, lora_target_modules=["q_proj"],
+                           lora_modules_to_save=["lm_haed"])
+    assert "lora_modules_to_save" in message and "'lm_haed'" in message and "'lm_head'" in message
+
+
+def test_a_module_name_given_as_a_string_is_told_to_be_a_list(capsys, tmp_path, tiny_qwen2_dir):
+    """peft reads a string as a regular expression over whole module names: 'q_proj' matches none of
+    'model.layers.0.self_attn.q_proj'. The message says so, and what to write."""
+    message = _train_error(capsys, tmp_path, tiny_qwen2_dir, lora_target_modules="q_proj")
+    assert "lora_target_modules = ['q_proj']" in message and "regular expression" in message

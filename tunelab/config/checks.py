@@ -115,7 +115,32 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
     if cfg.nonfinite == "skip" and cfg.deepspeed:
         errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
                       f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")
-    return errors + _preference_errors(cfg, at)
+    return errors + _lora_errors(cfg, at) + _preference_errors(cfg, at)
+
+
+# LoRA settings a user adds to a config on purpose (the config template writes lora_r, lora_alpha, lora_dropout and
+# lora_target_modules for every method, saying that method = 'full' does not read them).
+LORA_ONLY = ("use_dora", "use_rslora", "lora_bias", "lora_modules_to_save")
+
+
+def _lora_errors(cfg: TrainConfig, at) -> list[str]:
+    errors = []
+    if cfg.method == "full":
+        for key in LORA_ONLY:
+            value = getattr(cfg, key)
+            if value != TrainConfig.__dataclass_fields__[key].default:
+                errors.append(f"{at(key)}{key} = {value!r} is a LoRA setting, which method = 'full' does not read "
+                              f"(every weight trains). Use method = 'lora' or 'qlora', or remove {key}.")
+        return errors
+    targets = cfg.lora_target_modules
+    saved = {name.rsplit(".", 1)[-1] for name in cfg.lora_modules_to_save or ()}
+    both = [t for t in targets if t.rsplit(".", 1)[-1] in saved] if isinstance(targets, list) else []
+    if both:  # peft wraps the module whole and leaves the adapter out, without a word
+        errors.append(f"{at('lora_modules_to_save')}{both[0]!r} is in lora_target_modules and in "
+                      f"lora_modules_to_save: peft trains a module of lora_modules_to_save whole and puts no "
+                      f"adapter on it. Keep it in one of them: lora_modules_to_save to train it whole, "
+                      f"lora_target_modules for an adapter.")
+    return errors
 
 
 def _lora_on_lm_head(cfg: TrainConfig) -> bool:

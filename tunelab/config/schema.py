@@ -47,13 +47,18 @@ class TrainConfig:
     lora_dropout: float = setting(0.1, fraction())
     """Dropout on the LoRA input (0 is faster)."""
     lora_target_modules: Union[str, list] = setting("all-linear", TARGET_MODULES)
-    """Module names (e.g. ['q_proj', 'v_proj']) or 'all-linear'."""
+    """Module names (e.g. ['q_proj', 'v_proj']; 'lm_head' or 'embed_tokens' too), 'all-linear' (every linear layer
+    but lm_head), or a string read as a regular expression over whole module names, as peft reads it (e.g.
+    r'.*\.(q|v)_proj'). An entry that matches no module is an error."""
     lora_bias: Literal["none", "all", "lora_only"] = "none"
-    """Which biases to train alongside LoRA (peft's `bias`)."""
+    """Which biases to train alongside LoRA (peft's `bias`): 'all', or 'lora_only' those of the adapted layers;
+    saved with the adapter and merged. LoRA settings (this, use_dora, use_rslora, lora_modules_to_save) with
+    method = 'full' are an error."""
     lora_modules_to_save: Optional[list] = None
-    """Modules trained in full and saved with the adapter, e.g. ['lm_head', 'embed_tokens']."""
+    """Modules trained in full and saved with the adapter, e.g. ['lm_head', 'embed_tokens'] (new tokens). A name
+    that matches no module, or one also in lora_target_modules (peft would leave its adapter out), is an error."""
     use_dora: bool = False
-    """DoRA: weight-decomposed LoRA (peft)."""
+    """DoRA: weight-decomposed LoRA (peft), also on a 4-bit base; it runs peft's own forward (slower than LoRA)."""
     use_rslora: bool = False
     """rsLoRA: scale by lora_alpha / sqrt(r), steadier at high rank."""
 

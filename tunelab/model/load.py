@@ -253,7 +253,8 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     elif plan.checkpointing:
         checkpoint_layers(model)
         model.enable_input_require_grads()
-    check_lora_targets(model, cfg.lora_target_modules, cfg.pretrained_model_name_or_path)
+    check_lora_targets(model, cfg.lora_target_modules, cfg.pretrained_model_name_or_path,
+                       cfg.lora_modules_to_save)
     try:
         peft_model = get_peft_model(model, _lora_config(cfg))
     except ValueError as exc:  # peft's refusals of a LoRA setting (e.g. a module type it cannot adapt)
@@ -284,26 +285,46 @@ def checkpoint_layers(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def check_lora_targets(model, targets, model_name: str) -> None:
-    """Every entry of lora_target_modules names modules of this model. peft passes over an entry that matches
-    nothing as long as another entry matches, so a typo would train fewer layers than asked, silently."""
+def check_lora_targets(model, targets, model_name: str, modules_to_save=None) -> None:
+    """Every entry of lora_target_modules and lora_modules_to_save names modules of this model. peft passes over a
+    target entry that matches nothing as long as another entry matches, and over a lora_modules_to_save entry that
+    matches nothing at all, so a typo would train fewer modules than asked, silently."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing_saved = [m for m in modules_to_save or () if not _names_module(m, names)]
+    if missing_saved:
+        embeddings = [name for name, module in model.named_modules()
+                      if module is model.get_input_embeddings() or module is model.get_output_embeddings()]
+        suggestion = sorted({name.rsplit(".", 1)[-1] for name in embeddings}, reverse=True)
+        raise TunelabError(f"lora_modules_to_save: {', '.join(map(repr, missing_saved))} matches no module of "
+                           f"{model_name}. Its embedding and output layers are named {suggestion}: e.g. "
+                           f"lora_modules_to_save = {suggestion!r}.")
     if targets == "all-linear":
         return
-    names = [name for name, _ in model.named_modules() if name]
     if isinstance(targets, str):  # peft reads a string as a regular expression over the full module names
         try:
             missing = [] if any(re.fullmatch(targets, name) for name in names) else [targets]
         except re.error as exc:
             raise TunelabError(f"lora_target_modules = {targets!r}: not a valid regular expression ({exc}). Use "
                                f"'all-linear' or a list of module names like ['q_proj', 'v_proj'].") from None
+        if missing and _names_module(targets, names):  # 'q_proj': a name, where peft reads a pattern
+            raise TunelabError(f"lora_target_modules = {targets!r}: a string is a regular expression over whole "
+                               f"module names (as peft reads it), and {targets!r} matches none of them (they read "
+                               f"like {next(n for n in names if n.endswith('.' + targets))!r}). For the modules "
+                               f"named so, write a list: lora_target_modules = [{targets!r}].")
     else:
-        missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+        missing = [t for t in targets if not _names_module(t, names)]
     if missing:
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                          if isinstance(module, torch.nn.Linear) and "lm_head" not in name})
         raise TunelabError(f"lora_target_modules: {', '.join(map(repr, missing))} matches no module of {model_name}. "
                            f"Its linear layers are named {linear}: e.g. lora_target_modules = {linear[:2]!r}, or "
                            f"'all-linear' for all of them.")
+
+
+def _names_module(entry: str, names: list[str]) -> bool:
+    """A list entry of lora_target_modules / lora_modules_to_save names a module as peft matches it: the whole name,
+    or its last parts."""
+    return any(name == entry or name.endswith("." + entry) for name in names)
 
 
 def load_reference_model(cfg, device: torch.device, plan):
