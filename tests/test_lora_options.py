@@ -5,6 +5,8 @@ PeftModel.from_pretrained, merge) is checked in tests/test_export_matrix.py's wa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,6 +26,7 @@ SETTINGS = {
     "embed_target": {"lora_target_modules": ["q_proj", "embed_tokens"]},
     "lm_head_saved": {"lora_target_modules": ["q_proj"], "lora_modules_to_save": ["lm_head"]},
     "embed_saved": {"lora_target_modules": ["q_proj"], "lora_modules_to_save": ["embed_tokens"]},
+    "dropout": {"lora_dropout": 0.2},
 }
 
 
@@ -32,6 +35,8 @@ def _loss_and_grads(model_dir, fast_path: bool, **settings):
     cfg = tiny_cfg(model_dir, method="lora", dtype="fp32", gradient_checkpointing=False, fast_path=fast_path,
                    **settings)
     plan = plan_fast_path(cfg, "cpu")
+    if fast_path:  # the lean LoRA forward is a GPU lever; it runs on the CPU too, with the same numbers
+        plan = dataclasses.replace(plan, lean_lora=True)
     torch.manual_seed(0)
     model, report = load_model_for_training(cfg, torch.device("cpu"), plan)
     with torch.no_grad():  # lora_B (and DoRA's start) make the adapter a no-op: give every trained tensor a value
@@ -39,6 +44,7 @@ def _loss_and_grads(model_dir, fast_path: bool, **settings):
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
     model.train()
+    torch.manual_seed(2)  # the same dropout masks in both runs
     ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).repeat(2, 1)}
     loss, _ = causal_lm_objective(plan)(model, batch)
@@ -53,6 +59,7 @@ def test_fast_path_trains_each_lora_setting_as_peft_does(tiny_qwen2_dir, name):
     plain path's (transformers and peft as they come) on the same batch."""
     loss, grads, report = _loss_and_grads(tiny_qwen2_dir, True, **SETTINGS[name])
     ref_loss, ref_grads, _ = _loss_and_grads(tiny_qwen2_dir, False, **SETTINGS[name])
+    assert int(report["lean_lora"].split()[0]) > 0
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for key, ref in ref_grads.items():
@@ -147,3 +154,21 @@ def test_a_module_name_given_as_a_string_is_told_to_be_a_list(capsys, tmp_path, 
     'model.layers.0.self_attn.q_proj'. The message says so, and what to write."""
     message = _train_error(capsys, tmp_path, tiny_qwen2_dir, lora_target_modules="q_proj")
     assert "lora_target_modules = ['q_proj']" in message and "regular expression" in message
+
+
+@pytest.mark.parametrize("first,second", [({}, {"lora_bias": "all"}), ({}, {"lora_modules_to_save": ["lm_head"]}),
+                                          ({"lora_modules_to_save": ["lm_head"]}, {})])
+def test_resuming_with_other_trained_modules_is_refused_naming_the_setting(capsys, tmp_path, tiny_qwen2_dir, first,
+                                                                           second):
+    """lora_bias and lora_modules_to_save change which tensors train: the checkpoint's optimiser state and adapter
+    would not load into them (a traceback from torch or peft after loading)."""
+    from tests.train_helpers import assert_one_line_error, write_config
+    from tunelab.cli.main import main
+
+    work = tmp_path / "work"
+    config = write_config(tmp_path / "a", tiny_qwen2_dir, dtype="fp32", max_steps=1, **first)
+    assert main(["train", str(config), "--work-dir", str(work), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    config = write_config(tmp_path / "b", tiny_qwen2_dir, dtype="fp32", max_steps=2, **second)
+    code = main(["train", str(config), "--work-dir", str(work), "--device", "cpu", "--resume", "auto"])
+    assert_one_line_error(capsys, code, *(second or first))
