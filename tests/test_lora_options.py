@@ -172,3 +172,25 @@ def test_resuming_with_other_trained_modules_is_refused_naming_the_setting(capsy
     config = write_config(tmp_path / "b", tiny_qwen2_dir, dtype="fp32", max_steps=2, **second)
     code = main(["train", str(config), "--work-dir", str(work), "--device", "cpu", "--resume", "auto"])
     assert_one_line_error(capsys, code, *(second or first))
+
+
+def test_tokens_added_to_the_tokenizer_but_not_to_the_embedding_are_refused(capsys, tmp_path, tiny_qwen2_dir):
+    """A tokenizer given new tokens without resizing the model: the rows hold ids past the embedding's last row,
+    which stopped with 'IndexError: index out of range in self' (on a GPU a device-side assert). The message says
+    how many rows there are and how to resize, and that lora_modules_to_save then trains the new rows."""
+    import json
+    import shutil
+
+    from tests.train_helpers import assert_one_line_error, write_config
+    from tunelab.cli.main import main
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_qwen2_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens([f"<t{i}>" for i in range(800)])
+    tokenizer.save_pretrained(base)
+    config = write_config(tmp_path, base, dtype="fp32", max_steps=1)
+    (tmp_path / "identity.json").write_text(json.dumps([{"instruction": "hi", "input": "", "output": "<t700>"}] * 4))
+    code = main(["train", str(config), "--work-dir", str(tmp_path / "work"), "--device", "cpu"])
+    assert_one_line_error(capsys, code, "resize_token_embeddings", "lora_modules_to_save")

@@ -134,3 +134,25 @@ def check_architecture(config: dict, model_dir: Path, *, trust_remote_code: bool
         f"tunelab or transformers can load natively.{needs} Supported: {', '.join(supported_architectures())}. "
         "To run the repository's own code at your own risk, set `trust_remote_code = True` in the config "
         "(or pass --trust-remote-code to chat / serve); only do so for a repository you trust.")
+
+
+def check_token_ids_fit(cfg, tokenizer, rows) -> None:
+    """The rows' token ids all have a row in the model's input embedding. A tokenizer given new tokens without the
+    model being resized would stop the first step with torch's 'index out of range in self' (on a GPU a device-side
+    assert that ends the process); checked after the data step, before the model loads. Only read when the
+    tokenizer is longer than config.json's vocab_size, where ids past it can occur at all."""
+    config = read_model_config(resolve_model_dir(cfg.pretrained_model_name_or_path))
+    config = config.get("text_config", config) if "vocab_size" not in config else config
+    vocab = config.get("vocab_size")
+    if not isinstance(vocab, int) or len(tokenizer) <= vocab:
+        return
+    arrays = getattr(rows, "arrays", None)
+    ids = arrays["input_ids"] if arrays is not None else [i for row in rows for i in row["input_ids"]]
+    largest = int(max(ids, default=0))
+    if largest >= vocab:
+        raise TunelabError(f"pretrained_model_name_or_path: the data holds token id {largest}, but "
+                           f"{cfg.pretrained_model_name_or_path}'s embedding has {vocab} rows (its tokenizer has "
+                           f"{len(tokenizer)} tokens: some were added without resizing the model). Resize it and "
+                           f"save it first (model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(DIR); "
+                           f"tokenizer.save_pretrained(DIR)), then train DIR with lora_modules_to_save = "
+                           f"['embed_tokens', 'lm_head'] so the new rows train.")

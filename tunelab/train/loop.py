@@ -34,6 +34,7 @@ from tunelab.data.dataset import row_length
 from tunelab.errors import TunelabError
 from tunelab.model.fast import batch_to_device
 from tunelab.model.fit import choose_reference, fit_plan_to_card
+from tunelab.model.model_dir import check_token_ids_fit
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
 from tunelab.train import checkpoint as ckpt
@@ -125,6 +126,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         bundle = build_datasets(cfg, tokenizer, config_dir=config_dir, log=log)
         train_rows = bundle.train_rows
         eval_rows = bundle.eval_rows if eval_rows is None else eval_rows
+    if not cfg.visual_encoder_name_or_path:  # a LLaVA run adds its image token and resizes the model itself
+        check_token_ids_fit(cfg, tokenizer, train_rows)
     if len(train_rows) < data_env.world_size:
         raise TunelabError(f"data_path gives {len(train_rows)} training rows: too few to train on. "
                            f"Check data_path and data_format (`tunelab check-dataset CFG` shows what is read).")
