@@ -60,6 +60,7 @@ def test_fast_path_trains_each_lora_setting_as_peft_does(tiny_qwen2_dir, name):
     loss, grads, report = _loss_and_grads(tiny_qwen2_dir, True, **SETTINGS[name])
     ref_loss, ref_grads, _ = _loss_and_grads(tiny_qwen2_dir, False, **SETTINGS[name])
     assert int(report["lean_lora"].split()[0]) > 0
+    assert ("DoRA" in report["lean_lora"]) == bool(SETTINGS[name].get("use_dora"))  # DoRA layers run peft's forward
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for key, ref in ref_grads.items():

@@ -169,6 +169,11 @@ def use_lean_lora(model, on: bool = True, hashed_dropout: bool = False) -> int:
     return count
 
 
+def _has_lora_variant(model) -> bool:
+    """A LoRA layer of `model` has a peft variant (DoRA), which `lean_lora_forward` leaves to peft's forward."""
+    return any(getattr(module, "lora_variant", None) for module in model.modules())
+
+
 class EmbeddingOnCPU(torch.nn.Module):
     """A frozen input embedding kept in CPU memory: a step looks up its batch's rows there and copies them over.
 
@@ -290,7 +295,8 @@ def apply_fast_path(model, plan, device) -> dict:
         report["embeddings_on_cpu"] = f"{freed / 2**30:.2f} GiB freed" if freed else "no (trained or tied to lm_head)"
     if plan.lean_lora:
         report["lean_lora"] = (f"{use_lean_lora(model, hashed_dropout=plan.hashed_dropout)} LoRA linears"
-                               + (", dropout masks hashed" if plan.hashed_dropout else ""))
+                               + (", dropout masks hashed" if plan.hashed_dropout else "")
+                               + (", but DoRA layers run peft's own forward" if _has_lora_variant(model) else ""))
     report["chunked_loss"] = (f"on, {plan.loss_chunk_size} rows a chunk" if plan.chunked_loss
                               else "off: lm_head has a LoRA adapter, so the loss takes full logits through it")
     if plan.compiled_loss:
