@@ -195,3 +195,17 @@ def test_tokens_added_to_the_tokenizer_but_not_to_the_embedding_are_refused(caps
     (tmp_path / "identity.json").write_text(json.dumps([{"instruction": "hi", "input": "", "output": "<t700>"}] * 4))
     code = main(["train", str(config), "--work-dir", str(tmp_path / "work"), "--device", "cpu"])
     assert_one_line_error(capsys, code, "resize_token_embeddings", "lora_modules_to_save")
+
+
+@pytest.mark.parametrize("settings", [{"lora_modules_to_save": ["embed_tokens"]},
+                                      {"lora_target_modules": ["q_proj", "embed_tokens"]}])
+def test_a_trained_embedding_is_not_planned_into_cpu_memory(tiny_llama_dir, settings):
+    """EmbeddingOnCPU takes a frozen nn.Embedding only: a trained copy or a LoRA embedding stays on the GPU, so the
+    plan (and the memory estimate it feeds) must not count its bytes as moved."""
+    from tunelab.model.memory import estimate_memory
+
+    plain = tiny_cfg(tiny_llama_dir, method="lora")
+    cfg = tiny_cfg(tiny_llama_dir, method="lora", **settings)
+    assert plan_fast_path(plain, "cuda").embeddings_on_cpu
+    assert not plan_fast_path(cfg, "cuda").embeddings_on_cpu
+    assert "embeddings_on_cpu" not in estimate_memory(cfg).cpu_offload

@@ -211,7 +211,7 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
     four_bit = cfg.resolved_quant_bits() == 4
     embeddings_on_cpu = cfg.embeddings_on_cpu
     if embeddings_on_cpu is None:
-        embeddings_on_cpu = cfg.method in ("lora", "qlora")
+        embeddings_on_cpu = cfg.method in ("lora", "qlora") and not embedding_trained(cfg)
     plan = FastPathPlan(
         enabled=True, on_gpu=on_gpu, checkpointing=checkpointing,
         varlen_attention=on_gpu or sequence_parallel > 1, frozen_weights_in_compute_dtype=on_gpu, lean_lora=on_gpu,
@@ -229,21 +229,34 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
     return dataclasses.replace(plan, save_attention=keep, save_projections=keep)
 
 
-def lora_on_lm_head(cfg) -> bool:
-    """lora_target_modules puts a LoRA adapter on lm_head (as peft matches names: a list entry equal to the last
-    part of a module's name, a string as a regular expression over the whole name). The chunked loss multiplies by
-    lm_head's own weight, which would leave that adapter out: no gradient for it and another loss than peft's."""
+def lora_adapts(cfg, name: str, path: str) -> bool:
+    """lora_target_modules puts a LoRA adapter on the module called `name` (whole name `path`), as peft matches: a
+    list entry equal to the name's last parts, a string as a regular expression over the whole name. 'all-linear'
+    adapts the decoder's linears only."""
     import re
 
     targets = cfg.lora_target_modules
-    if cfg.method == "full" or targets == "all-linear":  # peft's all-linear leaves the output layer out
+    if cfg.method == "full" or targets == "all-linear":
         return False
     if isinstance(targets, str):
         try:
-            return re.fullmatch(targets, "lm_head") is not None
+            return re.fullmatch(targets, path) is not None
         except re.error:  # reported with the fix when the model loads (load.check_lora_targets)
             return False
-    return any(t == "lm_head" or t.endswith(".lm_head") for t in targets)
+    return any(t == name or path.endswith("." + t) or t == path for t in targets)
+
+
+def lora_on_lm_head(cfg) -> bool:
+    """An adapter on lm_head. The chunked loss multiplies by lm_head's own weight, which would leave that adapter
+    out: no gradient for it and another loss than peft's."""
+    return lora_adapts(cfg, "lm_head", "lm_head")
+
+
+def embedding_trained(cfg) -> bool:
+    """The input embedding trains (a LoRA adapter, or a whole copy in lora_modules_to_save): no frozen nn.Embedding
+    is left for `fast.EmbeddingOnCPU` to move."""
+    saved = any(m.rsplit(".", 1)[-1] == "embed_tokens" for m in cfg.lora_modules_to_save or ())
+    return cfg.method != "full" and (saved or lora_adapts(cfg, "embed_tokens", "model.embed_tokens"))
 
 
 def optimizer_in_backward_blockers(cfg, on_gpu: bool, world_size: int = 1) -> list[str]:
