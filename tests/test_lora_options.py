@@ -209,3 +209,28 @@ def test_a_trained_embedding_is_not_planned_into_cpu_memory(tiny_llama_dir, sett
     assert plan_fast_path(plain, "cuda").embeddings_on_cpu
     assert not plan_fast_path(cfg, "cuda").embeddings_on_cpu
     assert "embeddings_on_cpu" not in estimate_memory(cfg).cpu_offload
+
+
+def _llava_like():
+    """The module names of a LLaVA model's parts that lora_targets reads."""
+    lm = torch.nn.Module()
+    lm.q_proj, lm.v_proj = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.language_model = lm
+    model.lm_head = torch.nn.Linear(4, 8)
+    return model
+
+
+@pytest.mark.parametrize("wanted,word", [(["q_proj", "lm_head"], "'lm_head'"), (["q_proj", "qproj"], "'qproj'"),
+                                         (r".*\.q_proj", "a list")])
+def test_a_llava_target_it_cannot_adapt_is_refused_not_skipped(wanted, word):
+    """A LLaVA run adapts the language model's linear layers: an entry naming none of them (lm_head, a typo) was
+    passed over while another matched, and a regular expression was read as text to find names in."""
+    from tunelab.errors import TunelabError
+    from tunelab.model.llava_train import lora_targets
+
+    assert lora_targets(_llava_like(), ["q_proj"]) == ["model.language_model.q_proj"]
+    with pytest.raises(TunelabError, match="lora_target_modules") as error:
+        lora_targets(_llava_like(), wanted)
+    assert word in str(error.value)

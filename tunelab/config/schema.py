@@ -49,7 +49,7 @@ class TrainConfig:
     lora_target_modules: Union[str, list] = setting("all-linear", TARGET_MODULES)
     """Module names (e.g. ['q_proj', 'v_proj']; 'lm_head' or 'embed_tokens' too), 'all-linear' (every linear layer
     but lm_head), or a string read as a regular expression over whole module names, as peft reads it (e.g.
-    r'.*\.(q|v)_proj'). An entry that matches no module is an error."""
+    r'.*\.(q|v)_proj'; not for LLaVA runs). An entry that matches no module is an error."""
     lora_bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train alongside LoRA (peft's `bias`): 'all', or 'lora_only' those of the adapted layers;
     saved with the adapter and merged. LoRA settings (this, use_dora, use_rslora, lora_modules_to_save) with

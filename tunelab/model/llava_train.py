@@ -91,15 +91,27 @@ def build_for_training(cfg, device: torch.device, *, checkpointing: bool):
 def lora_targets(model, wanted, on_tower: bool = False) -> list[str]:
     """Full names of the linear layers LoRA goes on: those of the language model (and the vision tower, if asked)
     that `wanted` names ('all-linear', or names like ['q_proj', 'v_proj']). Never the projector (trained whole)
-    nor lm_head."""
+    nor lm_head; an entry that names none of them is an error, not passed over."""
     roots = ("model.language_model.",) + (("model.vision_tower.",) if on_tower else ())
-    names = [name for name, module in model.named_modules()
-             if name.startswith(roots) and isinstance(module, torch.nn.Linear)
-             and (wanted == "all-linear" or name.rsplit(".", 1)[-1] in wanted)]
-    if not names:
-        raise TunelabError(f"lora_target_modules = {wanted!r} names no linear layer of the language model. Use "
-                           "'all-linear' or names like ['q_proj', 'k_proj', 'v_proj', 'o_proj'].")
-    return names
+    linear = [name for name, module in model.named_modules()
+              if name.startswith(roots) and isinstance(module, torch.nn.Linear)]
+    if not linear:
+        raise TunelabError("lora_target_modules: the language model has no linear layer to put LoRA on. Use "
+                           "method = 'full', or freeze_llm = True to train the projector alone.")
+    if wanted == "all-linear":
+        return linear
+    known = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    if isinstance(wanted, str):  # a regular expression elsewhere (peft); here the names are matched one by one
+        raise TunelabError(f"lora_target_modules = {wanted!r}: a LLaVA run takes 'all-linear' or a list of the "
+                           f"language model's linear layer names, not a regular expression: e.g. "
+                           f"lora_target_modules = {known[:2]!r}.")
+    missing = [w for w in wanted if w not in known]
+    if missing:
+        head = " (lm_head trains whole with lora_modules_to_save = ['lm_head'])" if "lm_head" in missing else ""
+        raise TunelabError(f"lora_target_modules: {', '.join(map(repr, missing))} names no linear layer of the "
+                           f"language model{' or vision tower' if on_tower else ''}{head}. Its linear layers are "
+                           f"named {known}: use some of them, or 'all-linear'.")
+    return [name for name in linear if name.rsplit(".", 1)[-1] in wanted]
 
 
 # --- the projector of stage 1 ----------------------------------------------------------------------------------
