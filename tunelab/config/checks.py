@@ -81,7 +81,7 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
         errors.append(f"{at('quant_bits')}method = 'full' with quant_bits = {cfg.quant_bits}: a quantised base cannot "
                       f"be fully fine-tuned. Use method = 'qlora', or quant_bits = None.")
     if not cfg.visual_encoder_name_or_path:
-        used = [k for k in MULTIMODAL_ONLY if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default]
+        used = [k for k in MULTIMODAL_ONLY if getattr(cfg, k) != default_value(k)]
         if used:
             errors.append(f"{at(used[0])}{used[0]} is a setting of multimodal (LLaVA) training, but "
                           f"visual_encoder_name_or_path is not set. Set it to a CLIP or SigLIP model to train a LLaVA "
@@ -128,7 +128,7 @@ def _lora_errors(cfg: TrainConfig, at) -> list[str]:
     if cfg.method == "full":
         for key in LORA_ONLY:
             value = getattr(cfg, key)
-            if value != TrainConfig.__dataclass_fields__[key].default:
+            if value != default_value(key):
                 errors.append(f"{at(key)}{key} = {value!r} is a LoRA setting, which method = 'full' does not read "
                               f"(every weight trains). Use method = 'lora' or 'qlora', or remove {key}.")
         return errors
@@ -182,14 +182,13 @@ def _preference_errors(cfg: TrainConfig, at) -> list[str]:
         errors.append(f"{at('sequence_parallel_size')}sequence_parallel_size = {cfg.sequence_parallel_size} with "
                       f"objective = '{objective}': splitting rows over GPUs runs the supervised loss only; preference "
                       f"objectives score whole sequences on one GPU. Set sequence_parallel_size = 1.")
-    asked = cfg.evaluation_inputs != TrainConfig.__dataclass_fields__["evaluation_inputs"].default_factory()
-    if objective == "reward" and cfg.evaluation_inputs and asked:
+    if objective == "reward" and cfg.evaluation_inputs and cfg.evaluation_inputs != default_value("evaluation_inputs"):
         errors.append(f"{at('evaluation_inputs')}evaluation_inputs with objective = 'reward': a reward model scores "
                       f"replies and answers no questions. Remove them (evaluation_inputs = []); held-out pairs "
                       f"(eval_split_ratio) report its eval_accuracy.")
     for key, readers in READ_BY.items():  # another objective's setting (kto with dpo_loss = 'ipo'): not ignored
         value = getattr(cfg, key)
-        if objective not in readers and value != TrainConfig.__dataclass_fields__[key].default:
+        if objective not in readers and value != default_value(key):
             names = " or ".join(", ".join(f"'{r}'" for r in readers).rsplit(", ", 1))
             errors.append(f"{at(key)}{key} = {value!r} is read by objective = {names} only, not by objective = "
                           f"'{objective}': remove it, or set the objective it is meant for.")
