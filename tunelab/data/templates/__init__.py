@@ -96,27 +96,29 @@ def tool_support(template: ChatTemplate) -> ToolSupport:
 
 
 @functools.cache
+def _builtin_support() -> dict[str, ToolSupport]:
+    """Every built-in template's `tool_support`, probed once for all the lists below."""
+    return {name: tool_support(t) for name, t in sorted(TEMPLATES.items()) if name != "hf"}
+
+
 def templates_writing_tool_calls() -> list[str]:
     """The built-in templates that write tool calls (and their definitions), for messages that suggest one."""
-    return [name for name, t in sorted(TEMPLATES.items()) if name != "hf" and tool_support(t).calls]
+    return [name for name, support in _builtin_support().items() if support.calls]
 
 
-@functools.cache
 def templates_writing_several_calls() -> list[str]:
     """The built-in templates that write every call of a reply that makes several."""
-    return [name for name in templates_writing_tool_calls() if tool_support(TEMPLATES[name]).several_calls]
+    return [name for name, support in _builtin_support().items() if support.calls and support.several_calls]
 
 
-@functools.cache
 def templates_writing_text_with_calls() -> list[str]:
     """The built-in templates that write a reply's text beside its calls."""
-    return [name for name in templates_writing_tool_calls() if tool_support(TEMPLATES[name]).text_with_calls]
+    return [name for name, support in _builtin_support().items() if support.calls and support.text_with_calls]
 
 
-@functools.cache
 def templates_writing_reasoning() -> list[str]:
     """The built-in templates that write an assistant's reasoning_content, for messages that suggest one."""
-    return [name for name, t in sorted(TEMPLATES.items()) if name != "hf" and tool_support(t).reasoning]
+    return [name for name, support in _builtin_support().items() if support.reasoning]
 
 
 def choose_template(prompt_template: str | None, meta: dict | None, model_path: str, tokenizer):
