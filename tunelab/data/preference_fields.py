@@ -10,13 +10,14 @@ from tunelab.data.formats import MEDIA_FIELDS, MESSAGE_FIELDS, detect_format, un
 from tunelab.data.preference import record_kind
 
 
-def unused_preference_fields(record: Any) -> list[str]:
+def unused_preference_fields(record: Any, read: set[str] | None = None) -> list[str]:
     """Fields of a preference or KTO record that the shape it is read as does not read: 'id', but also a field of
     another shape beside it ('prompt' beside alpaca's 'instruction', 'messages' beside TRL's 'prompt', 'kto_tag'
-    beside 'label'), and its messages' fields ('prompt[].name')."""
+    beside 'label'), and its messages' fields ('prompt[].name'). `read`: `fields_read(record)`, where the caller has
+    it."""
     if not isinstance(record, dict):
         return []
-    read = fields_read(record)
+    read = fields_read(record) if read is None else read
     out = [k for k in record if k not in read and k not in MEDIA_FIELDS]
     for key in sorted(read & set(record) & _MESSAGE_LISTS):
         out += unused_item_fields(record[key], key, _MESSAGE_FIELDS)

@@ -104,11 +104,12 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
         sample = read_for_objective(data, objective, rec.where)
         report["preference"] = True  # its warnings' fixes are for a preference run
         if source.entry is None:
-            read = ", ".join(map(repr, sorted(fields_read(data))))
-            for name in unused_preference_fields(data):
+            read = fields_read(data)  # (for a KTO record, a format detected: once)
+            shape = ", ".join(map(repr, sorted(read)))
+            for name in unused_preference_fields(data, read):
                 last = name.split(".")[-1]
                 count_unused(report, name, rec.where, UNUSED_HINTS.get(last) or SWITCH_HINTS.get(last, (
-                    f"a record of this shape is read from {read}: drop it, or map it in with dataset_map_fn if it "
+                    f"a record of this shape is read from {shape}: drop it, or map it in with dataset_map_fn if it "
                     f"should be trained")))
         _after_reading(sample, source, report, rec.where, images is not None, special, tools)
         _check_replies(sample, report, rec.where)
