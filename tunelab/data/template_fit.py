@@ -3,7 +3,7 @@ wrong or nowhere (each template's abilities are probed once: `templates.tool_sup
 
 from __future__ import annotations
 
-from tunelab.data.files import InvalidRecord
+from tunelab.data.messages import fail
 from tunelab.data.reports import count_unused
 from tunelab.data.templates import (ToolSupport, templates_writing_reasoning, templates_writing_several_calls,
                                     templates_writing_text_with_calls, templates_writing_tool_calls)
@@ -15,9 +15,9 @@ def check_tools(sample: dict, tools: ToolSupport, report: dict, where: str) -> N
     turns = [*(sample.get("messages") or sample.get("prompt") or []),
              *(sample[k] for k in ("chosen", "rejected", "completion") if isinstance(sample.get(k), dict))]
     if not tools.calls and any(turn.get("tool_calls") for turn in turns):
-        raise InvalidRecord(f"{where}: the record has tool calls, which template {tools.template!r} does not write: "
-                            f"they would be trained as empty replies. Use a template that writes them "
-                            f"({', '.join(templates_writing_tool_calls())}), or leave the calls out of the data.")
+        raise fail(where, f"the record has tool calls, which template {tools.template!r} does not write: they "
+                          f"would be trained as empty replies", f"Use a template that writes them "
+                          f"({', '.join(templates_writing_tool_calls())}), or leave the calls out of the data.")
     replies = [turn for turn in turns if turn.get("role", "assistant") == "assistant"]
     if not tools.several_calls:
         _refuse_several_calls(replies, tools.template, where)
@@ -40,7 +40,7 @@ def _refuse_several_calls(replies: list[dict], template: str, where: str) -> Non
         calls = turn.get("tool_calls") or []
         if len(calls) > 1:
             names = ", ".join(c["function"]["name"] for c in calls)
-            raise InvalidRecord(f"{where}: reply {number} holds {len(calls)} tool calls ({names}), and template "
-                                f"{template!r} writes one call per reply. Split them into replies of one call, each "
-                                f"followed by its result, or use a template that writes several "
-                                f"({', '.join(templates_writing_several_calls())}).")
+            raise fail(where, f"reply {number} holds {len(calls)} tool calls ({names}), and template {template!r} "
+                              f"writes one call per reply", f"Split them into replies of one call, each followed by "
+                              f"its result, or use a template that writes several "
+                              f"({', '.join(templates_writing_several_calls())}).")
