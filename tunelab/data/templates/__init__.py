@@ -151,5 +151,5 @@ def template_with_default_system(template: ChatTemplate, system: str | None) -> 
 
 __all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "ToolSupport", "choose_template",
            "get_template", "guess_template", "probe_call_reply", "template_with_default_system",
-           "templates_writing_several_calls", "templates_writing_text_with_calls", "templates_writing_tool_calls",
-           "tool_support"]
+           "templates_writing_reasoning", "templates_writing_several_calls", "templates_writing_text_with_calls",
+           "templates_writing_tool_calls", "tool_support"]
