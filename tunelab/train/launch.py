@@ -94,11 +94,9 @@ def _launch_settings(argv: list[str], nproc_per_node: int | None, env) -> tuple[
 
 
 def launch_world_size(argv: list[str], nproc_per_node: int | None = None, env: dict | None = None) -> int:
-    """How many processes `tunelab <argv>` will train with, over every machine, as `maybe_relaunch` starts them."""
-    env = os.environ if env is None else env
-    if "WORLD_SIZE" in env and "LOCAL_RANK" in env:  # already a worker of torchrun
-        return int(env["WORLD_SIZE"])
-    _, _, nproc, nnodes = _launch_settings(argv, nproc_per_node, env)
+    """How many processes `tunelab <argv>` will train with, over every machine, as `maybe_relaunch` starts them
+    (asked before the launch; a worker of torchrun reads its WORLD_SIZE)."""
+    _, _, nproc, nnodes = _launch_settings(argv, nproc_per_node, os.environ if env is None else env)
     return max(nproc, 1) * max(nnodes, 1)
 
 
