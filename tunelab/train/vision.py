@@ -84,10 +84,10 @@ def question_content(question: str, picture: Optional[str]) -> str:
 
 def _find(path: str, config_dir: str | None) -> str:
     found, looked = find_config_path(path, config_dir, Path.is_file)
-    there, _ = find_config_path(path, config_dir)
-    if found is None and there is not None:
-        raise TunelabError(f"evaluation_images: {there} is a folder, not a picture. Name the image file.")
     if found is None:
+        there, _ = find_config_path(path, config_dir)
+        if there is not None:
+            raise TunelabError(f"evaluation_images: {there} is a folder, not a picture. Name the image file.")
         raise TunelabError(f"evaluation_images: {describe(path)} not found (looked at {looked}). {RELATIVE_PATHS}")
     try:
         open_image(str(found), draft=(64, 64))
