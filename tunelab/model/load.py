@@ -19,6 +19,7 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.model import internlm2
 from tunelab.model.model_dir import check_architecture, read_model_config, resolve_model_dir
+from tunelab.model.plan import names_module, plan_fast_path
 from tunelab.model.sentencepiece_file import model_proto_module
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,6 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     (objective = 'reward') is the sequence-classification model of the same checkpoint, `pad_token_id` (the
     tokenizer's) in its config."""
     from tunelab.config.checks import combination_errors
-    from tunelab.model.plan import plan_fast_path
 
     plan = plan or plan_fast_path(cfg, device)
 
@@ -290,7 +290,7 @@ def check_lora_targets(model, targets, model_name: str, modules_to_save=None) ->
     target entry that matches nothing as long as another entry matches, and over a lora_modules_to_save entry that
     matches nothing at all, so a typo would train fewer modules than asked, silently."""
     names = [name for name, _ in model.named_modules() if name]
-    missing_saved = [m for m in modules_to_save or () if not _names_module(m, names)]
+    missing_saved = [m for m in modules_to_save or () if not names_module(m, names)]
     if missing_saved:
         embeddings = [name for name, module in model.named_modules()
                       if module is model.get_input_embeddings() or module is model.get_output_embeddings()]
@@ -306,25 +306,19 @@ def check_lora_targets(model, targets, model_name: str, modules_to_save=None) ->
         except re.error as exc:
             raise TunelabError(f"lora_target_modules = {targets!r}: not a valid regular expression ({exc}). Use "
                                f"'all-linear' or a list of module names like ['q_proj', 'v_proj'].") from None
-        if missing and _names_module(targets, names):  # 'q_proj': a name, where peft reads a pattern
+        if missing and names_module(targets, names):  # 'q_proj': a name, where peft reads a pattern
             raise TunelabError(f"lora_target_modules = {targets!r}: a string is a regular expression over whole "
                                f"module names (as peft reads it), and {targets!r} matches none of them (they read "
                                f"like {next(n for n in names if n.endswith('.' + targets))!r}). For the modules "
                                f"named so, write a list: lora_target_modules = [{targets!r}].")
     else:
-        missing = [t for t in targets if not _names_module(t, names)]
+        missing = [t for t in targets if not names_module(t, names)]
     if missing:
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                          if isinstance(module, torch.nn.Linear) and "lm_head" not in name})
         raise TunelabError(f"lora_target_modules: {', '.join(map(repr, missing))} matches no module of {model_name}. "
                            f"Its linear layers are named {linear}: e.g. lora_target_modules = {linear[:2]!r}, or "
                            f"'all-linear' for all of them.")
-
-
-def _names_module(entry: str, names: list[str]) -> bool:
-    """A list entry of lora_target_modules / lora_modules_to_save names a module as peft matches it: the whole name,
-    or its last parts."""
-    return any(name == entry or name.endswith("." + entry) for name in names)
 
 
 def load_reference_model(cfg, device: torch.device, plan):

@@ -229,10 +229,16 @@ def plan_fast_path(cfg, device: torch.device | str = "cuda", world_size: int = 1
     return dataclasses.replace(plan, save_attention=keep, save_projections=keep)
 
 
-def lora_adapts(cfg, name: str, path: str) -> bool:
-    """lora_target_modules puts a LoRA adapter on the module called `name` (whole name `path`), as peft matches: a
-    list entry equal to the name's last parts, a string as a regular expression over the whole name. 'all-linear'
-    adapts the decoder's linears only."""
+def names_module(entry: str, names) -> bool:
+    """A list entry of lora_target_modules / lora_modules_to_save names one of the modules `names` as peft matches
+    it: the whole name, or its last parts."""
+    return any(name == entry or name.endswith("." + entry) for name in names)
+
+
+def lora_adapts(cfg, path: str) -> bool:
+    """lora_target_modules puts a LoRA adapter on the module of whole name `path`, as peft matches: a list entry
+    (`names_module`), a string as a regular expression over the whole name. 'all-linear' adapts the decoder's
+    linears only."""
     import re
 
     targets = cfg.lora_target_modules
@@ -243,20 +249,20 @@ def lora_adapts(cfg, name: str, path: str) -> bool:
             return re.fullmatch(targets, path) is not None
         except re.error:  # reported with the fix when the model loads (load.check_lora_targets)
             return False
-    return any(t == name or path.endswith("." + t) or t == path for t in targets)
+    return any(names_module(t, [path]) for t in targets)
 
 
 def lora_on_lm_head(cfg) -> bool:
     """An adapter on lm_head. The chunked loss multiplies by lm_head's own weight, which would leave that adapter
     out: no gradient for it and another loss than peft's."""
-    return lora_adapts(cfg, "lm_head", "lm_head")
+    return lora_adapts(cfg, "lm_head")
 
 
 def embedding_trained(cfg) -> bool:
     """The input embedding trains (a LoRA adapter, or a whole copy in lora_modules_to_save): no frozen nn.Embedding
     is left for `fast.EmbeddingOnCPU` to move."""
     saved = any(m.rsplit(".", 1)[-1] == "embed_tokens" for m in cfg.lora_modules_to_save or ())
-    return cfg.method != "full" and (saved or lora_adapts(cfg, "embed_tokens", "model.embed_tokens"))
+    return cfg.method != "full" and (saved or lora_adapts(cfg, "model.embed_tokens"))
 
 
 def optimizer_in_backward_blockers(cfg, on_gpu: bool, world_size: int = 1) -> list[str]:
