@@ -43,6 +43,11 @@ def find_adapter_dir(path: str | Path) -> tuple[Path, Path]:
                        f"checkpoint first: `tunelab convert pth_to_hf CFG WORK_DIR/iter_N {p}`.")
 
 
+def is_run_or_adapter(p: Path) -> bool:
+    """A folder that is a LoRA adapter, a training checkpoint or a work dir: not a model to load as it is."""
+    return p.is_dir() and ((p / ADAPTER_CONFIG).is_file() or is_checkpoint(p) or looks_like_work_dir(p))
+
+
 @dataclass
 class ModelToLoad:
     """What a MODEL (and --adapter) a user typed means: the model to load and the adapter to put on it."""
@@ -63,8 +68,7 @@ def model_to_load(model_path: str, adapter: str | None) -> ModelToLoad:
     checkpoint's tunelab.json), an adapter folder, or a model (hub id or folder; its tunelab.json beside it, or one
     level up for WORK_DIR/iter_N/model)."""
     p = Path(model_path)
-    if p.is_dir() and not (p / "config.json").is_file() and (
-            is_checkpoint(p) or looks_like_work_dir(p) or (p / ADAPTER_CONFIG).is_file()):
+    if is_run_or_adapter(p) and not (p / "config.json").is_file():
         if adapter:
             raise TunelabError(f"{model_path} is already a checkpoint / adapter: pass the base model as MODEL and this "
                                f"as --adapter, or use {model_path} alone as MODEL.")

@@ -18,7 +18,7 @@ import torch
 from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.export.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, find_adapter_dir,
-                                     load_adapter_weights)
+                                     is_run_or_adapter, load_adapter_weights)
 from tunelab.model.load import load_tokenizer, pick_device, save_tokenizer
 from tunelab.train.layout import (MODEL_DIR, META_FILE, checkpoint_step, is_checkpoint, looks_like_work_dir, read_meta,
                                   resolve_checkpoint, training_meta, write_meta)
@@ -237,9 +237,7 @@ def _stop_token_ids(tokenizer, template) -> list[int]:
 
 def _refuse_swapped(base: str, adapter: str, out_dir: str) -> None:
     """BASE an adapter or checkpoint and ADAPTER a model: the two given the other way round."""
-    b = Path(base)
-    if (Path(adapter) / "config.json").is_file() and b.is_dir() and (
-            (b / ADAPTER_CONFIG).is_file() or is_checkpoint(b) or looks_like_work_dir(b)):
+    if (Path(adapter) / "config.json").is_file() and is_run_or_adapter(Path(base)):
         raise TunelabError(f"BASE {base} is an adapter or checkpoint and ADAPTER {adapter} a model: the two are "
                            f"swapped. The order is BASE ADAPTER OUT: `tunelab convert merge {adapter} {base} "
                            f"{out_dir}`.")
