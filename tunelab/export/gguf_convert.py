@@ -42,13 +42,13 @@ def check_tokenizer_files(tokenizer_dir: Path) -> None:
 
 def recorded_bases(model_dir: Path, adapter_dir: Path | None, meta: dict) -> list[tuple[str, str]]:
     """The base model directories a run's records name, for files its own folders lack: (path, which record)."""
-    from tunelab.export.adapters import read_adapter_config
+    from tunelab.export.adapters import ADAPTER_CONFIG, read_adapter_config
 
     bases = [(str(model_dir), "the base the adapter goes on")] if adapter_dir else []
     if meta.get("base_model"):
         bases.append((str(meta["base_model"]), "tunelab.json's base_model"))
     for folder in (adapter_dir, model_dir):
-        if folder is not None and (Path(folder) / "adapter_config.json").is_file():
+        if folder is not None and (Path(folder) / ADAPTER_CONFIG).is_file():
             named = read_adapter_config(Path(folder)).get("base_model_name_or_path")
             if named:
                 bases.append((str(named), "adapter_config.json's base_model_name_or_path"))
