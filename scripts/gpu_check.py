@@ -1,7 +1,7 @@
 """The fast path's correctness guard, on a GPU (the device tool; CI has none). Exit code 0: every check passed.
 
-    python3 scripts/gpu_check.py [--only NAME ...]    # NAME: kernel, loss, adamw8bit, paths, graphs, inbackward,
-                                                      #       long, identity
+    python3 scripts/gpu_check.py [--only NAME ...]    # NAME: kernel, loss, adamw8bit, paths, options, graphs,
+                                                      #       inbackward, long, identity
 
 The reference is the plain path, `fast_path = False`: transformers and peft as they come (eager, sdpa with the
 block-diagonal mask transformers builds from position_ids, full-vocabulary logits, peft's LoRA forward, bitsandbytes'
@@ -10,7 +10,9 @@ dequantisation, the input embedding on the GPU, no compile, no CUDA graphs). Aga
     loss:      |fast - plain| / |plain|            <= 1e-2
     gradients: ||g_fast - g_plain|| / ||g_plain||  <= 5e-2 over all trained weights together, cosine >= 0.995
 
-and the fast path must be no further from an fp32 run of the plain path than 2x the plain bf16 path (+ 1e-3).
+and the fast path must be no further from an fp32 run of the plain path than 2x the plain bf16 path (+ 1e-3); the
+same with the LoRA options that change what the fast path runs (an adapter on lm_head, DoRA, rsLoRA, a saved
+embedding).
 Also: the varlen kernel against per-sample sdpa in fp64; the loss with a trained lm_head against fp64 autograd;
 tunelab's 8-bit AdamW against bitsandbytes' own over several steps (bit for bit); CUDA graphs and offloaded layer
 inputs against compiled layers over steps of two micro-batches; updates made inside backward against the step after
@@ -141,30 +143,33 @@ def grads_and_loss(cfg, model_dir, device, dtype, batch_fn=packed_batch):
     return float(loss_sum / n), torch.cat([grads[k] for k in sorted(grads)])
 
 
-def path_check(method, model_dir, device):
+def path_check(method, model_dir, device, label=None, **lora_settings):
+    """The fast path, eager and with compiled layers, against the plain path on one packed batch; `lora_settings`
+    (an adapter on lm_head, DoRA, trained biases, saved embeddings) as a user sets them in the config."""
+    label = label or method
     cfg = TrainConfig(pretrained_model_name_or_path=str(model_dir), method=method, lora_r=16, lora_alpha=32,
                       lora_dropout=0.0, gradient_checkpointing=True, max_length=512, loss_chunk_size=128,
-                      use_compile=False)
+                      use_compile=False, **lora_settings)
     plain = dataclasses.replace(cfg, fast_path=False)  # transformers + peft as they come
     loss_ref, g_ref = grads_and_loss(plain, model_dir, device, dtype="fp32")
     loss_plain, g_plain = grads_and_loss(plain, model_dir, device, dtype="bf16")
     loss_fast, g_fast = grads_and_loss(cfg, model_dir, device, dtype="bf16")
     rel = abs(loss_fast - loss_plain) / abs(loss_plain)
-    check(f"{method}: loss fast vs plain", rel <= 1e-2, f"{loss_fast:.5f} vs {loss_plain:.5f} (fp32 {loss_ref:.5f})")
+    check(f"{label}: loss fast vs plain", rel <= 1e-2, f"{loss_fast:.5f} vs {loss_plain:.5f} (fp32 {loss_ref:.5f})")
     g_err = ((g_fast - g_plain).norm() / g_plain.norm()).item()
     cos = torch.nn.functional.cosine_similarity(g_fast, g_plain, dim=0).item()
-    check(f"{method}: adapter grads fast vs plain", g_err <= 5e-2 and cos >= 0.995, f"rel {g_err:.2e}, cos {cos:.5f}")
+    check(f"{label}: adapter grads fast vs plain", g_err <= 5e-2 and cos >= 0.995, f"rel {g_err:.2e}, cos {cos:.5f}")
     # the same fast path with torch.compile'd decoder layers (no graphs: one batch)
     loss_comp, g_comp = grads_and_loss(dataclasses.replace(cfg, use_compile=True, cuda_graphs=False), model_dir,
                                        device, dtype="bf16")
     rel = abs(loss_comp - loss_plain) / abs(loss_plain)
     c_err = ((g_comp - g_plain).norm() / g_plain.norm()).item()
-    check(f"{method}: compiled fast path vs plain", rel <= 1e-2 and c_err <= 5e-2,
+    check(f"{label}: compiled fast path vs plain", rel <= 1e-2 and c_err <= 5e-2,
           f"loss {loss_comp:.5f}, grads rel {c_err:.2e}")
     plain_to_ref = ((g_plain - g_ref).norm() / g_ref.norm()).item()
-    for label, g in (("fast", g_fast), ("compiled fast", g_comp)):  # compiled QLoRA merges adapters into weights
+    for kind, g in (("fast", g_fast), ("compiled fast", g_comp)):  # compiled QLoRA merges adapters into weights
         to_ref = ((g - g_ref).norm() / g_ref.norm()).item()
-        check(f"{method}: {label} no further from fp32 than plain bf16", to_ref <= 2 * plain_to_ref + 1e-3,
+        check(f"{label}: {kind} no further from fp32 than plain bf16", to_ref <= 2 * plain_to_ref + 1e-3,
               f"{to_ref:.2e} vs {plain_to_ref:.2e}")
 
 
@@ -424,7 +429,14 @@ def identity_check(method, device, base=None, name="TuneBot", lora_dropout=0.1):
     return taught
 
 
-CHECKS = ("kernel", "loss", "adamw8bit", "paths", "graphs", "inbackward", "long", "identity")
+CHECKS = ("kernel", "loss", "adamw8bit", "paths", "options", "graphs", "inbackward", "long", "identity")
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# LoRA settings that change what the fast path runs: an adapter on lm_head takes full logits instead of the chunked
+# loss, DoRA layers run peft's forward, a saved embedding is trained whole
+LORA_OPTIONS = {"adapter on lm_head": dict(lora_target_modules=LINEAR + ["lm_head"]),
+                "DoRA": dict(use_dora=True),
+                "DoRA + rsLoRA + lm_head": dict(use_dora=True, use_rslora=True, lora_target_modules=LINEAR + ["lm_head"]),
+                "embed_tokens saved": dict(lora_modules_to_save=["embed_tokens"])}
 
 
 def main(argv=None) -> int:
@@ -453,6 +465,9 @@ def main(argv=None) -> int:
         for method in methods:
             if "paths" in only:
                 path_check(method, model_dir, device)
+            if "options" in only:
+                for label, settings in LORA_OPTIONS.items():
+                    path_check(method, model_dir, device, label=f"{method} {label}", **settings)
             if "graphs" in only:
                 cuda_graph_check(method, model_dir, device)
             if "inbackward" in only:
