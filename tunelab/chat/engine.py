@@ -203,7 +203,8 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     else:
         try:
             model, tokenizer = load_model_for_inference(base, bits=bits, device=dev, dtype=dtype,
-                                                        trust_remote_code=trust_remote_code)
+                                                        trust_remote_code=trust_remote_code,
+                                                        rope=meta.get("rope_scaling"))
         except OSError as exc:
             raise TunelabError(f"cannot load the model {base!r}: {exc}") from None
     if adapter_dir is not None:

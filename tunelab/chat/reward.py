@@ -83,7 +83,7 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
                                else base, trust_remote_code=trust_remote_code)
     model = load_causal_lm(base, dtype=resolve_dtype(dtype, dev), device=dev, bits=bits,
                            trust_remote_code=trust_remote_code, key="MODEL", reward_head=True,
-                           pad_token_id=tokenizer.pad_token_id)
+                           pad_token_id=tokenizer.pad_token_id, rope=meta.get("rope_scaling"))
     if adapter_dir is not None:
         model = apply_adapter(model, adapter_dir, base, meta=meta)
     model.eval()

@@ -112,6 +112,10 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
                       f"rows split over GPUs (sequence_parallel_size = {cfg.sequence_parallel_size}) cannot run "
                       f"through. Train lm_head whole instead (lora_modules_to_save = ['lm_head']), or set "
                       f"sequence_parallel_size = 1.")
+    if cfg.visual_encoder_name_or_path and cfg.rope_scaling:
+        errors.append(f"{at('rope_scaling')}rope_scaling = {cfg.rope_scaling!r} with a vision tower: tunelab scales "
+                      f"the RoPE of text models only. Set rope_scaling = None, and max_length up to the language "
+                      f"model's max_position_embeddings.")
     if cfg.nonfinite == "skip" and cfg.deepspeed:
         errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
                       f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")

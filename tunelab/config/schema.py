@@ -49,7 +49,7 @@ class TrainConfig:
     lora_target_modules: Union[str, list] = setting("all-linear", TARGET_MODULES)
     """Module names (e.g. ['q_proj', 'v_proj']; 'lm_head' or 'embed_tokens' too), 'all-linear' (every linear layer
     but lm_head), or a string read as a regular expression over whole module names, as peft reads it (e.g.
-    r'.*\.(q|v)_proj'; not for LLaVA runs). An entry that matches no module is an error."""
+    r'.*\\.(q|v)_proj'; not for LLaVA runs). An entry that matches no module is an error."""
     lora_bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases to train alongside LoRA (peft's `bias`): 'all', or 'lora_only' those of the adapted layers;
     saved with the adapter and merged. LoRA settings (this, use_dora, use_rslora, lora_modules_to_save) with
@@ -76,6 +76,10 @@ class TrainConfig:
     """System prompt for training samples that have none, evaluation and chat."""
     max_length: int = setting(2048, POSITIVE)
     """Tokens per sample and per packed row; longer samples are cut."""
+    rope_scaling: Optional[Literal["linear", "yarn", "llama3"]] = None
+    """Train past the model's context (its max_position_embeddings): RoPE positions stretched over max_length by
+    max_length / max_position_embeddings, rounded up. 'linear' (position interpolation), 'yarn' (Qwen's and
+    DeepSeek's long-context scaling), 'llama3'. Kept with the trained model for chat, merge and export."""
     pack_to_max_length: bool = True
     """Concatenate samples into rows of max_length; samples never attend to each other."""
     shuffle_before_pack: bool = True

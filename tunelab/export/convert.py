@@ -281,7 +281,7 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
                                                  if reward else ""))
     # the model step's loader: hub id or directory, InternLM2 as a native graph, never quantised here
     model = load_causal_lm(base, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, key="BASE",
-                           reward_head=reward, pad_token_id=tokenizer.pad_token_id)
+                           reward_head=reward, pad_token_id=tokenizer.pad_token_id, rope=meta.get("rope_scaling"))
     if meta.get("method") == "qlora":
         _say("the adapter was trained on a 4-bit base (QLoRA); merging into the unquantised base, as intended")
     _say(f"merging adapter {adapter_dir}")

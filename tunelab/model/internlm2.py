@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.model import rope as rope_scaling
 from tunelab.model.sentencepiece_file import read_model_proto
 
 log = logging.getLogger(__name__)
@@ -220,13 +221,17 @@ def to_original_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, 
     return out
 
 
-def load_native(model_dir: str | Path, *, reward_head: bool = False, **from_pretrained_kwargs):
+def load_native(model_dir: str | Path, *, reward_head: bool = False, rope: dict | None = None,
+                **from_pretrained_kwargs):
     """A LlamaForCausalLM holding an InternLM2 checkpoint (a LlamaForSequenceClassification with `reward_head`, its
-    head new); kwargs go to `from_pretrained` (dtype, quantization, num_labels...)."""
+    head new), with RoPE scaled by `rope` (`tunelab.model.rope`) if given; kwargs go to `from_pretrained` (dtype,
+    quantization, num_labels...)."""
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     model_dir = Path(model_dir)
     config = native_config(json.loads((model_dir / "config.json").read_text()))
+    if rope:
+        rope_scaling.apply(config, rope)
     for key in ("num_labels", "pad_token_id"):  # config attributes: from_pretrained takes them with a config given
         if key in from_pretrained_kwargs:
             setattr(config, key, from_pretrained_kwargs.pop(key))

@@ -18,6 +18,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.model import internlm2
+from tunelab.model import rope as rope_scaling
 from tunelab.model.model_dir import check_architecture, read_model_config, resolve_model_dir
 from tunelab.model.plan import names_module, plan_fast_path
 from tunelab.model.sentencepiece_file import model_proto_module
@@ -174,15 +175,16 @@ def _quantization_config(bits: int, compute_dtype: torch.dtype):
 
 def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device | str, bits: int | None = None,
                    trust_remote_code: bool = False, key: str = "pretrained_model_name_or_path",
-                   reward_head: bool = False, pad_token_id: int | None = None):
+                   reward_head: bool = False, pad_token_id: int | None = None, rope: dict | None = None):
     """A causal LM on `device` (quantised to `bits` if given): native transformers classes, InternLM2 converted.
 
     `dtype` may be "auto" (the dtype the checkpoint is stored in); `key` names the setting the path came from.
     reward_head: the same decoder as a sequence-classification model with one label (a reward model,
     tunelab.model.reward), its head new unless the checkpoint is one; `pad_token_id` goes into its config (transformers
     reads the score at the last token that is not padding).
+    rope: RoPE scaling to build the model with (`tunelab.model.rope`: the run's decision, or its tunelab.json's record).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = check_device(device)
     model_dir = resolve_model_dir(path, key=key)
@@ -196,8 +198,14 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
                                                               resolve_dtype("auto", device))
         kwargs["device_map"] = {"": device}
     if how == "internlm2":
-        model = internlm2.load_native(model_dir, reward_head=reward_head, **kwargs)
+        model = internlm2.load_native(model_dir, reward_head=reward_head, rope=rope, **kwargs)
     else:
+        if rope:
+            kwargs["config"] = AutoConfig.from_pretrained(model_dir, trust_remote_code=how == "remote")
+            for name in ("num_labels", "pad_token_id"):  # config attributes: from_pretrained takes them with a config
+                if name in kwargs:
+                    setattr(kwargs["config"], name, kwargs.pop(name))
+            rope_scaling.apply(kwargs["config"], rope)
         auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
         model = auto.from_pretrained(model_dir, trust_remote_code=how == "remote", **kwargs)
     if not bits:
@@ -229,7 +237,7 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
         return _with_fast_path(model, plan, device)
     model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, bits=bits,
                            trust_remote_code=cfg.trust_remote_code, reward_head=cfg.objective == "reward",
-                           pad_token_id=pad_token_id)
+                           pad_token_id=pad_token_id, rope=scaled_rope(cfg))
     warn_beyond_context(cfg, model.config)
     model.config.use_cache = False
     if cfg.method == "full":
@@ -263,15 +271,26 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     return _with_fast_path(peft_model, plan, device)
 
 
+def scaled_rope(cfg) -> dict | None:
+    """The RoPE scaling the run trains with (`rope_scaling`; None: the base's own RoPE), decided from the base's
+    config.json before its weights load."""
+    if not cfg.rope_scaling:
+        return None
+    model_dir = resolve_model_dir(cfg.pretrained_model_name_or_path)
+    return rope_scaling.scaling_for(cfg.rope_scaling, cfg.max_length, read_model_config(model_dir),
+                                    cfg.pretrained_model_name_or_path)
+
+
 def warn_beyond_context(cfg, config) -> None:
     """A warning, not an error, when rows are longer than the positions the model was trained on: past them its
-    outputs degrade, but a user extending the context (rope_scaling) does this on purpose."""
+    outputs degrade, but a model whose config.json a user extended does this on purpose."""
     config = getattr(config, "text_config", None) or config  # LLaVA: the language model's
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and cfg.max_length > limit:
         log.warning("max_length = %d is longer than %s's max_position_embeddings = %d (its config.json): positions "
-                    "past %d are ones the model never saw. Lower max_length to %d unless you extend the context on "
-                    "purpose (rope_scaling).", cfg.max_length, cfg.pretrained_model_name_or_path, limit, limit, limit)
+                    "past %d are ones the model never saw. Lower max_length to %d, or stretch the model's positions "
+                    "over max_length: rope_scaling = 'linear' or 'yarn' (docs/TRAINING.md).", cfg.max_length,
+                    cfg.pretrained_model_name_or_path, limit, limit, limit)
 
 
 def checkpoint_layers(model) -> None:
@@ -326,7 +345,7 @@ def load_reference_model(cfg, device: torch.device, plan):
     dtype, no gradients, with the plan's levers (its layers run as transformers' own: it is only run without
     gradients)."""
     model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=resolve_dtype(cfg.dtype, check_device(device)),
-                           device=device, trust_remote_code=cfg.trust_remote_code)
+                           device=device, trust_remote_code=cfg.trust_remote_code, rope=scaled_rope(cfg))
     model.config.use_cache = False
     model.requires_grad_(False).eval()
     model, _ = _with_fast_path(model, plan, device)  # the run logs the trained model's report, not this one
@@ -364,11 +383,12 @@ def release_cached_memory(device) -> None:
 
 
 def load_model_for_inference(model_path: str, *, bits: int | None = None, device: str | torch.device = "auto",
-                             dtype: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) ready to generate (an adapter goes on with `tunelab.export.adapters.apply_adapter`)."""
+                             dtype: str = "auto", trust_remote_code: bool = False, rope: dict | None = None):
+    """(model, tokenizer) ready to generate (an adapter goes on with `tunelab.export.adapters.apply_adapter`);
+    `rope`: the RoPE scaling a run trained with (its tunelab.json's `rope_scaling`)."""
     dev = pick_device(device)
     model = load_causal_lm(model_path, dtype=resolve_dtype(dtype, dev), device=dev, bits=bits,
-                           trust_remote_code=trust_remote_code, key="MODEL")
+                           trust_remote_code=trust_remote_code, key="MODEL", rope=rope)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     release_cached_memory(dev)
     model.eval()

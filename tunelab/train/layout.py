@@ -190,18 +190,22 @@ def refuse_raw_engine_checkpoint(path: Path, kind: str) -> NoReturn:
 
 # --- what the model was trained with ------------------------------------------------------------------------------
 
-def training_meta(cfg, model_type: str | None = None) -> dict:
+def training_meta(cfg, model_config=None) -> dict:
     """The tunelab.json of a run's checkpoints: enough for chat, merge and export to use the model as trained.
 
-    model_type: the base model's architecture as loaded (`config.model_type`), so merge can tell an adapter's base
-    family from another of the same shapes."""
+    model_config: the trained model's config as loaded: its architecture (`model_type`, so merge can tell an
+    adapter's base family from another of the same shapes) and RoPE when the run scaled it (`rope_scaling`, put on
+    the base again wherever the adapter goes on it)."""
     from tunelab import __version__
+    from tunelab.model.rope import recorded
 
     meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method, "objective": cfg.objective,
             "prompt_template": cfg.prompt_template, "system": cfg.SYSTEM, "max_length": cfg.max_length,
             "tunelab_version": __version__}
-    if model_type:
-        meta["model_type"] = model_type
+    if getattr(model_config, "model_type", None):
+        meta["model_type"] = model_config.model_type
+    if model_config is not None and recorded(cfg, model_config):
+        meta["rope_scaling"] = recorded(cfg, model_config)
     if cfg.visual_encoder_name_or_path:  # a LLaVA run: how to assemble the model again (export, chat)
         from tunelab.model.llava_train import llava_settings
 

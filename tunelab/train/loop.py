@@ -193,7 +193,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         epochs_done = position["epoch"] + position["micro_batch"] / micro_per_epoch  # as the log counts them
         log(f"resumed from {last} (step {step}, epoch {epochs_done:.2f})")
 
-    meta = layout.training_meta(cfg, model_type=getattr(getattr(model, "config", None), "model_type", None))
+    meta = layout.training_meta(cfg, getattr(model, "config", None))
     # fp16: a loss scale (ours or the engine's) makes an inf gradient norm an ordinary skipped step
     guard = NonFiniteGuard(cfg.nonfinite, scaled=precision.autocast_dtype == torch.float16, say=log)
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,

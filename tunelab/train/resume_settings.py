@@ -29,7 +29,8 @@ from tunelab.train.optim import warmup_steps_for
 
 RUN_KEY = "run"
 FIXED = ("data_path", "data_format", "dataset_map_fn", "eval_split_ratio", "batch_size", "accumulative_counts",
-         "max_length", "pack_to_max_length", "shuffle_before_pack", "method", "objective", "optimizer", "seed")
+         "max_length", "rope_scaling", "pack_to_max_length", "shuffle_before_pack", "method", "objective", "optimizer",
+         "seed")
 LORA = ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora", "lora_bias", "lora_modules_to_save")
 PREFERENCE = ("beta", "dpo_loss", "label_smoothing", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight")
 SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "weight_decay", "betas")
