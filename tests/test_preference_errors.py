@@ -474,10 +474,84 @@ def test_reasoning_a_template_does_not_write_is_reported(tmp_path):
         assert not stats.reading_warnings()
 
 
-def test_reward_on_a_dataset_registry_points_at_its_data_files(tmp_path):
+def _registry(tmp_path):
+    """A dataset_info.json in LLaMA-Factory's own layout (data/dataset_info.json: dpo_en_demo, kto_en_demo), its
+    columns under other names than tunelab reads, and the same data as plain TRL records."""
+    user, good, bad = ({"role": r, "content": c} for r, c in (("user", "Q2"), ("assistant", "A2"), ("assistant", "B")))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "pairs_renamed": {"file_name": "pairs.json", "ranking": True,
+                          "columns": {"prompt": "question", "query": "context", "chosen": "better",
+                                      "rejected": "worse", "system": "sys"}},
+        "dpo_en_demo": {"file_name": "dpo_en_demo.json", "formatting": "sharegpt", "ranking": True,
+                        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+        "kto_en_demo": {"file_name": "kto_en_demo.json", "formatting": "sharegpt",
+                        "columns": {"messages": "messages", "kto_tag": "label"},
+                        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                 "assistant_tag": "assistant"}},
+    }))
+    (tmp_path / "pairs.json").write_text(json.dumps([
+        {"question": "Q1", "context": "more", "better": "A1", "worse": "B", "sys": "Be brief.", "id": 7}]))
+    (tmp_path / "dpo_en_demo.json").write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "Q2"}], "chosen": {"from": "gpt", "value": "A2"},
+         "rejected": {"from": "gpt", "value": "B"}}]))
+    (tmp_path / "kto_en_demo.json").write_text(json.dumps([{"messages": [user, good], "label": True}]))
+    trl = _write(tmp_path / "trl.jsonl", [
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1\nmore"}],
+         "chosen": "A1", "rejected": "B"},
+        {"prompt": "Q2", "chosen": "A2", "rejected": "B"},
+        {"prompt": "Q2", "completion": "A2", "label": True}])
+    return tmp_path / "dataset_info.json", trl
+
+
+def test_reward_reads_a_dataset_registry_through_its_columns_as_training_does(tmp_path):
+    # `tunelab reward` refused a dataset_info.json and pointed at its files, which it then read without the entry's
+    # columns ('question' / 'better' / 'worse': "not a conversation or a preference pair")
     from tunelab.chat.reward import read_scored
 
-    registry = tmp_path / "dataset_info.json"
-    registry.write_text(json.dumps({"dpo_demo": {"file_name": "dpo.json", "ranking": True}}))
-    with pytest.raises(TunelabError, match=r"dataset_info\.json is a LLaMA-Factory dataset registry.*'dpo\.json'"):
-        read_scored(registry)  # before: "record 0: not a conversation or a preference pair"
+    registry, trl = _registry(tmp_path)
+    warnings = []
+    scored = read_scored(registry, dataset="pairs_renamed,dpo_en_demo,kto_en_demo", warn=warnings.append)
+    assert scored == read_scored(trl)
+    trained, _ = _read([{"path": str(registry), "dataset": "pairs_renamed,dpo_en_demo"}], "reward")
+    assert trained == scored[:2]  # the pairs training reads, read the same way
+    assert [w for w in warnings if "field 'id' not used" in w and "pairs.json" in w and "not mapped by dataset "
+            "'pairs_renamed'" in w] and len(warnings) == 1
+    assert read_scored(registry, 1, "dpo_en_demo,kto_en_demo") == scored[1:2]
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], r"--data .*dataset_info\.json: a LLaMA-Factory dataset registry \(dataset_info\.json\); name the datasets "
+         r"to score with --dataset NAME \(its datasets: pairs_renamed, dpo_en_demo, kto_en_demo\)"),
+    (["--dataset", "dpo_en_dem"], r"has no dataset 'dpo_en_dem'\. Did you mean 'dpo_en_demo'"),
+])
+def test_reward_on_a_dataset_registry_asks_for_its_dataset_names(tmp_path, capsys, args, says):
+    from tunelab.cli.main import main
+
+    registry, trl = _registry(tmp_path)
+    assert main(["reward", str(tmp_path / "no_model"), "--data", str(registry), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(says, err) and "no_model" not in err, err
+    assert main(["reward", str(tmp_path / "no_model"), "--data", trl, "--dataset", "x"]) == 2
+    assert "--dataset 'x' names datasets of a LLaMA-Factory dataset_info.json, but --data" in capsys.readouterr().err
+
+
+def test_reward_scores_a_registry_dataset_as_the_same_records_written_plainly(tmp_path, tiny_llama_dir, capsys):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.cli.main import main
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "rm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama_dir / name).exists():
+            (tmp_path / "rm" / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    registry, trl = _registry(tmp_path)
+    flags = ["--device", "cpu", "--prompt-template", "qwen_chat", "--max-length", "64"]
+    assert main(["reward", str(tmp_path / "rm"), "--data", str(registry), "--dataset",
+                 "pairs_renamed,dpo_en_demo,kto_en_demo", *flags]) == 0
+    from_registry = capsys.readouterr()
+    assert main(["reward", str(tmp_path / "rm"), "--data", trl, *flags]) == 0
+    plain = capsys.readouterr()
+    assert len(from_registry.out.splitlines()) == 3 and from_registry.out == plain.out
+    assert "warning: " in from_registry.err and "field 'id' not used" in from_registry.err

@@ -92,51 +92,78 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
                        max_length or int(meta.get("max_length") or 2048))
 
 
-def check_data_file(path: str | Path) -> Path:
-    """The data file to score, or an error naming it."""
-    path = Path(path)
-    if path.is_dir():
-        raise TunelabError(f"--data {path}: a folder; give one data file (.json / .jsonl / .csv / .parquet).")
-    if not path.is_file():
-        raise TunelabError(f"--data {path}: no such file.")
+def check_data_file(path: str | Path, dataset: str | None = None) -> Path:
+    """The data to score (a file, or a LLaMA-Factory dataset_info.json with the datasets named), or an error
+    naming it."""
     from tunelab.data.dataset_info import REGISTRY_NAME, is_registry
 
-    if is_registry(path):  # its entries would be read as records
-        try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            entries = {}
-        files = sorted({str(e["file_name"]) for e in (entries.values() if isinstance(entries, dict) else [])
-                        if isinstance(e, dict) and e.get("file_name")})
-        raise TunelabError(f"--data {path}: {REGISTRY_NAME} is a LLaMA-Factory dataset registry, not data: give one "
-                           f"of its datasets' files ({', '.join(map(repr, files)) or 'none is local'}, beside it).")
+    path = Path(path)
+    if not path.exists():
+        raise TunelabError(f"--data {path}: no such file.")
+    if is_registry(path):  # read as training reads it: its entries' files through their columns and tags
+        if not dataset:
+            raise TunelabError(f"--data {path}: a LLaMA-Factory dataset registry ({REGISTRY_NAME}); name the "
+                               f"datasets to score with --dataset NAME (its datasets: {_registered_names(path)}).")
+        return path
+    if dataset:
+        raise TunelabError(f"--dataset {dataset!r} names datasets of a LLaMA-Factory {REGISTRY_NAME}, but --data "
+                           f"{path} is not one.")
+    if path.is_dir():
+        raise TunelabError(f"--data {path}: a folder; give one data file (.json / .jsonl / .csv / .parquet), or a "
+                           f"{REGISTRY_NAME} with --dataset.")
     return path
 
 
-def read_scored(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The records of a data file (the first `limit`) as pairs, or as {"prompt", "completion"} (the last reply
-    scored); read before the model loads, so that a bad record stops the command at once."""
-    from tunelab.data.files import read_records
+def _registered_names(path: Path) -> str:
+    from tunelab.data.dataset_info import REGISTRY_NAME
+
+    try:
+        table = json.loads((path / REGISTRY_NAME if path.is_dir() else path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        table = {}
+    names = [str(name) for name in table] if isinstance(table, dict) else []
+    return ", ".join(names) or "none"
+
+
+def read_scored(path: str | Path, limit: int | None = None, dataset: str | None = None,
+                warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The records of a data file, or of the datasets `dataset` names in a dataset_info.json (the first `limit`),
+    as pairs or as {"prompt", "completion"} (the last reply scored); read before the model loads, so that a bad
+    record stops the command at once. Each record reaches its shape as training reads it
+    (`tunelab.data.sources.registered`: a registry entry's columns and tags); warn(line) is told the fields not
+    read."""
+    from tunelab.data.data_path import resolve_sources
     from tunelab.data.formats import detect_format
     from tunelab.data.messages import refuse_lone_surrogates
     from tunelab.data.preference import normalise_kto, normalise_preference, record_kind
+    from tunelab.data.reports import file_warnings
+    from tunelab.data.sources import registered, source_records
 
-    samples = []
-    for rec in itertools.islice(read_records(check_data_file(path)), limit):
-        kind = record_kind(rec.data)
-        if kind == "preference":
-            sample = normalise_preference(rec.data, rec.where)
-        elif kind == "kto":
-            sample = normalise_kto(rec.data, rec.where)
-        else:
-            fmt = detect_format(rec.data)
-            if fmt is None or fmt == "text":
-                raise TunelabError(f"{rec.where}: not a conversation or a preference pair; `tunelab reward` scores "
-                                   f"replies.")
-            messages = _conversation(rec.data, fmt, rec.where)
-            sample = {"prompt": messages[:-1], "completion": messages[-1]}
-        refuse_lone_surrogates(sample, rec.where)
-        samples.append(sample)
+    path = check_data_file(path, dataset)
+    data_path = [{"path": str(path), "dataset": dataset}] if dataset else str(path)
+    samples: list[dict] = []
+    for source in resolve_sources(data_path, "auto", objective="reward"):
+        for report, records in source_records(source):
+            for rec in itertools.islice(records, None if limit is None else limit - len(samples)):
+                data, fmt = registered(rec, source, "auto", report)
+                kind = record_kind(data)
+                if kind == "preference":
+                    sample = normalise_preference(data, rec.where)
+                elif kind == "kto":
+                    sample = normalise_kto(data, rec.where)
+                else:
+                    fmt = detect_format(data) if fmt == "auto" else fmt
+                    if fmt is None or fmt == "text":
+                        raise TunelabError(f"{rec.where}: not a conversation or a preference pair; `tunelab reward` "
+                                           f"scores replies.")
+                    messages = _conversation(data, fmt, rec.where)
+                    sample = {"prompt": messages[:-1], "completion": messages[-1]}
+                refuse_lone_surrogates(sample, rec.where)
+                samples.append(sample)
+            for line in file_warnings(report) if warn is not None else []:
+                warn(line)
+            if limit is not None and len(samples) >= limit:
+                return samples
     return samples
 
 
@@ -186,15 +213,17 @@ def _why_same(pair: dict, max_length: int) -> str:
 
 @torch.no_grad()
 def score_file(rm: RewardModel, path: str | Path, *, limit: int | None = None, batch_size: int = 8,
-               on_record: Callable[[dict], None] | None = None, samples: list[dict] | None = None) -> Scores:
-    """Score every record of the file (the first `limit`); `samples`: its records as `read_scored` read them."""
+               on_record: Callable[[dict], None] | None = None, samples: list[dict] | None = None,
+               dataset: str | None = None) -> Scores:
+    """Score every record of the file (the first `limit`; of the datasets `dataset` names in a dataset_info.json);
+    `samples`: its records as `read_scored` read them."""
     from tunelab.data.collate import collate
     from tunelab.data.messages import with_default_system
     from tunelab.model.reward import sequence_scores
 
     if batch_size < 1 or (limit is not None and limit < 1):
         raise TunelabError(f"batch_size and limit must be 1 or more, got {batch_size} and {limit}")
-    samples = read_scored(path, limit) if samples is None else samples
+    samples = read_scored(path, limit, dataset) if samples is None else samples
     for sample in samples:
         with_default_system(sample["prompt"], rm.system)
     device = next(rm.model.parameters()).device

@@ -12,13 +12,15 @@ DESCRIPTION = """\
 Score the replies of a data file with a reward model trained with objective = 'reward'. A preference pair gets a
 score for its chosen and its rejected reply, and the fraction of pairs ranked right is printed at the end (pairs
 whose two sequences are the same tokens are scored but not counted); a conversation or a KTO sample gets a score
-for its last reply. One JSON line per record on stdout. The prompt template, system prompt and max_length come from
-the model's tunelab.json (or the flags).
+for its last reply. One JSON line per record on stdout. The records are read as training reads them: a
+LLaMA-Factory dataset_info.json with --dataset NAMES reads each dataset through its entry's columns and tags. The
+prompt template, system prompt and max_length come from the model's tunelab.json (or the flags).
 
 example (the names of docs/PREFERENCE.md: hf_rm from convert pth_to_hf, rm from convert merge):
   tunelab reward work_dirs/rm --data data/pairs_test.jsonl
   tunelab reward rm --data chats.jsonl -n 100 > scores.jsonl
   tunelab reward Qwen/Qwen2.5-1.5B-Instruct --adapter hf_rm --data pairs.jsonl
+  tunelab reward rm --data data/dataset_info.json --dataset dpo_en_demo
 """
 
 
@@ -28,7 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="a reward model directory, a checkpoint (iter_N / WORK_DIR), or "
                    "the base model with --adapter")
     p.add_argument("--adapter", metavar="DIR", help="the reward model's LoRA adapter (with its trained head)")
-    p.add_argument("--data", required=True, metavar="FILE", help="pairs, KTO samples or conversations (.json / .jsonl / .csv / .tsv / .parquet)")
+    p.add_argument("--data", required=True, metavar="FILE", help="pairs, KTO samples or conversations (.json / .jsonl / .csv / .tsv / .parquet), or a "
+                   "LLaMA-Factory dataset_info.json with --dataset")
+    p.add_argument("--dataset", metavar="NAMES", help="the datasets of a dataset_info.json to score (e.g. "
+                   "dpo_en_demo,kto_en_demo)")
     p.add_argument("-n", type=_positive_int, metavar="N", help="score only the first N records")
     p.add_argument("--prompt-template", metavar="NAME", help="chat template (default: from tunelab.json)")
     p.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")
@@ -46,11 +51,12 @@ def register(subparsers) -> None:
 def reward_cmd(args) -> int:
     from tunelab.chat.reward import load_reward_model, read_scored, score_file
 
-    samples = read_scored(args.data, args.n)  # before loading the model: a bad record stops it at once
+    # before loading the model: a bad record stops it at once
+    samples = read_scored(args.data, args.n, args.dataset, warn=_warn)
     rm = load_reward_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
                            system=args.system, max_length=args.max_length, device=args.device, dtype=args.dtype,
                            bits=args.bits, trust_remote_code=args.trust_remote_code)
-    scores = score_file(rm, args.data, limit=args.n, batch_size=args.batch_size, samples=samples,
+    scores = score_file(rm, args.data, limit=args.n, batch_size=args.batch_size, samples=samples, dataset=args.dataset,
                         on_record=lambda r: print(json.dumps(r), flush=True))
     pairs, skipped = scores.pairs, scores.skipped
     if pairs:
@@ -65,3 +71,7 @@ def reward_cmd(args) -> int:
                                                                                      for why in skipped) else "."),
               file=sys.stderr)
     return 0
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)

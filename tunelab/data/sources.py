@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -70,6 +71,28 @@ def _iter_records(name: str, origin, skip_invalid: bool, on_skip, on_unused) -> 
 
 # --- reading and reporting ------------------------------------------------------------------------
 
+def source_records(source: Source) -> Iterable[tuple[dict, Iterable[Record]]]:
+    """(a new report, its records) per file of a source, a bad record stopping the reading: for a reader of its own
+    (`tunelab reward`), which maps each record with `registered` as `read_source` (training's) does."""
+    for name, origin in _raw_records(source)[0]:
+        report = new_file_report(name, source)
+        yield report, _iter_records(name, origin, False, None, partial(count_unused, report))
+
+
+def registered(rec: Record, source: Source, fmt: str, report: dict) -> tuple[object, str]:
+    """A raw record in the fields its source reads, and its format: a dataset_info.json entry's columns and tags
+    mapped to tunelab's field names and the entry's format (the fields the entry does not map counted as not used,
+    as LLaMA-Factory does not read them either); any other source's record and `fmt` as they are. Every reader of
+    records (training, check-dataset, preview, `tunelab reward`) goes through it."""
+    if source.entry is None:
+        return rec.data, fmt
+    data, fmt, unmapped = dataset_info.map_record(rec.data, source.entry, rec.where)
+    for name in unmapped:
+        count_unused(report, name, rec.where, f"not mapped by dataset {source.entry.name!r} of its "
+                      f"dataset_info.json (LLaMA-Factory does not read it either): add it to 'columns' or drop it")
+    return data, fmt
+
+
 def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable], report: dict,
                 objective: str = "sft", images: Optional[ImageReading] = None, base_dir: Optional[Path] = None,
                 special: Optional[re.Pattern] = None, tools: Optional[ToolSupport] = None
@@ -82,12 +105,7 @@ def read_record(rec: Record, source: Source, fmt: str, map_fn: Optional[Callable
     base_dir: the data file's folder. special: the tokenizer's special tokens as text (`special_text_pattern`),
     noted where a sample holds them. tools: what the run's template does with tools (`templates.tool_support`): a
     tool call it cannot write is an invalid record, tool definitions it has no place for a field not used."""
-    data = rec.data
-    if source.entry is not None:
-        data, fmt, unmapped = dataset_info.map_record(data, source.entry, rec.where)
-        for name in unmapped:
-            count_unused(report, name, rec.where, f"not mapped by dataset {source.entry.name!r} of its "
-                          f"dataset_info.json (LLaMA-Factory does not read it either): add it to 'columns' or drop it")
+    data, fmt = registered(rec, source, fmt, report)
     if map_fn is not None:
         try:
             data = map_fn(dict(data) if isinstance(data, dict) else data)
