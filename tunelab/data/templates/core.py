@@ -186,12 +186,20 @@ class HFChatTemplate(ChatTemplate):
                     "Use the built-in template for this model (`guess_template` names it), or add "
                     "{% generation %}...{% endgeneration %} around the assistant text in the chat_template.")
             trained = msg.get("train", True) is not False
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], trained)]
+            end = _turn_end(full, len(prompt), self.stop_words)
+            pieces += [(prompt[len(done):], False), (full[len(prompt):end], trained), (full[end:], False)]
             done = full
         rest = apply(messages, add_generation_prompt)
         if rest.startswith(done) and len(rest) > len(done):
             pieces.append((rest[len(done):], False))
         return [p for p in pieces if p[0]]
+
+
+def _turn_end(text: str, start: int, ends: tuple[str, ...]) -> int:
+    """Where a reply rendered at text[start:] ends: after its last end-of-turn token (`ends`, the template's stop
+    words), as every built-in template trains it. What the template writes after that token (ChatML's '\n' after
+    <|im_end|>) is the next turn's prompt, not trained. len(text) when the reply holds no such token."""
+    return max((text.rfind(end, start) + len(end) for end in ends if text.find(end, start) >= 0), default=len(text))
 
 
 def hf_template(tokenizer) -> HFChatTemplate:
