@@ -45,7 +45,9 @@ def test_a_call_written_as_the_vendor_writes_it_is_read_back(family, cut_at_stop
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
         [("get_weather", {"city": "北京"})], reply
     assert text.replace("<think>", "").replace("</think>", "").strip() == ""  # Qwen3 writes an empty think block
-    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    ids = [c["id"] for c in calls]  # Mistral's are 9 letters and digits, as its template writes them
+    assert all(c["type"] == "function" for c in calls)
+    assert all(len(i) == 9 and i.isalnum() if family.startswith("mistral") else i.startswith("call_") for i in ids)
 
 
 def test_text_around_calls_is_kept_and_every_call_is_read():
@@ -190,6 +192,49 @@ def test_an_earlier_reply_with_several_calls_on_a_template_that_writes_one_is_re
     assert error["param"] == "messages"
     assert error["message"].startswith(f"messages[1].tool_calls holds 2 calls, and the chat template {template!r} "
                                        f"writes one call per reply")
+
+class _Writes:
+    """A batcher whose every reply is `text`, keeping the prompts it was given."""
+
+    max_batch_size = 1
+
+    def __init__(self, text: str):
+        self.text, self.prompts = text, []
+
+    def submit(self, job):
+        self.prompts.append(job.prompt_ids)
+        job.on_done(Reply(text=self.text, finish_reason="stop", prompt_tokens=len(job.prompt_ids), completion_tokens=9))
+
+
+@pytest.mark.parametrize("name, shape", [("mistral_v3", r"[A-Za-z0-9]{9}"), ("mistral_tekken", r"[A-Za-z0-9]{9}"),
+                                         ("qwen2_5_chat", r"call_[0-9a-f]{24}"), ("llama3_1_chat", r"call_[0-9a-f]{24}")])
+def test_a_served_call_gets_an_id_the_template_keeps(name, shape, tiny_tokenizer):
+    # the server gave every call OpenAI's 'call_<hex>' id, which Mistral's template (ids of 9 letters and digits)
+    # renumbers: sent back with its result, the call reached the prompt as 000000001, not as the id the client held
+    import re
+
+    from tunelab.chat.engine import ChatModel
+
+    template = get_template(name)
+    written = "".join(t for t, trained in template.segments(
+        [*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]}], tools=TOOLS) if trained)
+    batcher = _Writes(written.split("</s>")[0].split("<|im_end|>")[0].split("<|eot_id|>")[0])
+    served = ChatModel(model=None, tokenizer=tiny_tokenizer, template=template, _batcher=batcher)
+    with _client(served) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS)
+        [call] = answer.choices[0].message.tool_calls
+        assert re.fullmatch(shape, call.id) and call.function.name == "get_weather", call.id
+        streamed = [c for c in client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, stream=True)
+                    if c.choices and c.choices[0].delta.tool_calls]
+        assert re.fullmatch(shape, streamed[0].choices[0].delta.tool_calls[0].id)
+        history = [*ASK, answer.choices[0].message.model_dump(exclude_none=True),
+                   {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        client.chat.completions.create(model="m", messages=history, tools=TOOLS)
+    prompt = tiny_tokenizer.decode(batcher.prompts[-1])
+    if name.startswith("mistral"):  # the call and its result carry the id the client was given
+        assert prompt.count(f'"{call.id}"') == 2, prompt
+
 
 @pytest.mark.parametrize("name", ["internlm2_chat", "internlm2_5_chat", "phi4_mini", "qwen3_nothink_chat", "glm4_chat"])
 def test_a_call_as_tunelabs_template_writes_it_is_read_back(name):

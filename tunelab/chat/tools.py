@@ -6,19 +6,22 @@ reply is read back: `call_format(template)` renders one probe call and keeps the
 InternLM2, nothing for Llama 3.1, whose call is the bare JSON), and the text after it (`</tool_call>`). `split_calls(text, fmt)` then finds
 each marker + JSON in a reply. GLM-4 writes the function's name on a line of its own and its arguments below it
 (`name_line`); a family whose template writes calls in yet another way has no format: its replies come back as
-text, calls included.
+text, calls included. A call read back gets OpenAI's `call_...` id, or where the template writes ids (Mistral: 9
+letters and digits, numbering calls with any other id) an id of that shape, which it then keeps.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 
 from tunelab.data import messages as canonical
 from tunelab.data.templates import PROBE_TOOL, probe_call_reply
 
-
+_ID_CHARACTERS = string.ascii_letters + string.digits
 
 @dataclass(frozen=True)
 class CallFormat:
@@ -28,6 +31,10 @@ class CallFormat:
     """Written after the JSON, up to the end of the turn ('' where nothing is)."""
     name_line: bool = False
     """The reply is the function's name, a newline and its arguments as JSON (GLM-4), one call a reply."""
+    id_length: int = 0
+    """The template writes each call's id, of this many letters and digits (Mistral v0.3 / Nemo: 9; it numbers a
+    call given another id, OpenAI's `call_...`): the reply's calls get ids of that shape, so that the calls and
+    results a client sends back keep their ids in the prompt. 0: it writes no id (ids are OpenAI's `call_...`)."""
 
 
 def call_format(template) -> CallFormat | None:
@@ -48,7 +55,7 @@ def call_format(template) -> CallFormat | None:
         words = reply[:start].split()
         marker = words[-1] if words else ""  # the text right before the JSON, e.g. <tool_call>
         closer = reply[end:].strip()
-        return CallFormat(marker=marker, closer=closer)
+        return CallFormat(marker=marker, closer=closer, id_length=_written_id_length(value))
     if reply.startswith(PROBE_TOOL + "\n"):
         try:
             args, end = decoder.raw_decode(reply, len(PROBE_TOOL) + 1)
@@ -57,6 +64,13 @@ def call_format(template) -> CallFormat | None:
         if args == {"city": "Paris"}:
             return CallFormat(marker="", closer=reply[end:].strip(), name_line=True)
     return None
+
+
+def _written_id_length(value) -> int:
+    """The length of the id the template wrote into the probe call (given none), where it is letters and digits."""
+    item = value[0] if isinstance(value, list) and value else value
+    written = item.get("id") if isinstance(item, dict) else None
+    return len(written) if isinstance(written, str) and written.isascii() and written.isalnum() else 0
 
 
 def _calls_in(value) -> list[dict]:
@@ -104,7 +118,7 @@ def split_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
             continue
         kept.append(text[at:start])
         end = _skip_closer(text, end, fmt.closer)
-        calls += [_response_call(c["name"], c["arguments"]) for c in found]
+        calls += [_response_call(c["name"], c["arguments"], fmt) for c in found]
         at = end
     kept.append(text[at:])
     return "".join(kept).strip() if calls else text, calls
@@ -120,7 +134,7 @@ def _split_bare(text: str, fmt: CallFormat, decoder) -> tuple[str, list[dict]]:
     found = _calls_in(value)
     if not found or body[_skip_closer(body, end, fmt.closer):].strip():
         return text, []
-    return "", [_response_call(c["name"], c["arguments"]) for c in found]
+    return "", [_response_call(c["name"], c["arguments"], fmt) for c in found]
 
 
 def _split_name_line(text: str, fmt: CallFormat, decoder) -> tuple[str, list[dict]]:
@@ -134,12 +148,20 @@ def _split_name_line(text: str, fmt: CallFormat, decoder) -> tuple[str, list[dic
     tail = rest.lstrip()[_skip_closer(rest.lstrip(), end, fmt.closer):].strip()
     if not isinstance(args, dict) or tail:  # the call must be the whole reply
         return text, []
-    return "", [_response_call(name, args)]
+    return "", [_response_call(name, args, fmt)]
 
 
-def _response_call(name: str, args: dict) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+def _response_call(name: str, args: dict, fmt: CallFormat) -> dict:
+    return {"id": call_id(fmt), "type": "function",
             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def call_id(fmt: CallFormat) -> str:
+    """A new id for a call the model wrote: letters and digits of the length the template writes (Mistral's 9, as
+    mistral-common makes them), else OpenAI's `call_` + hex."""
+    if fmt.id_length:
+        return "".join(secrets.choice(_ID_CHARACTERS) for _ in range(fmt.id_length))
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _skip_closer(text: str, end: int, closer: str) -> int:
