@@ -71,6 +71,48 @@ def test_bad_jsonl_records_name_line_and_field(tmp_path, tiny_tokenizer, content
         _build(tmp_path / "d.jsonl", tiny_tokenizer, data_format=fmt)
 
 
+_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+
+
+@pytest.mark.parametrize("record, counts", [
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [_CALL]},
+                   {"role": "tool", "content": "18C"}, {"role": "tool", "content": "Sunny, light wind"},
+                   {"role": "assistant", "content": "y"}]}, r"makes 1 tool call \(get_weather\) and 2 tool results"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [dict(_CALL, id="c1")]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+                   {"role": "tool", "tool_call_id": "c1", "content": "Sunny, light wind"},
+                   {"role": "assistant", "content": "y"}]}, r"makes 1 tool call \(get_weather\) and 2 tool results"),
+    ({"conversations": [{"from": "human", "value": "x"},  # LLaMA-Factory's glaive shape, an observation too many
+                        {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {}},
+                                                                       {"name": "get_time", "arguments": {}}])},
+                        {"from": "observation", "value": "18C"}, {"from": "observation", "value": "12:00"},
+                        {"from": "observation", "value": "Sunny, light wind"}, {"from": "gpt", "value": "y"}]},
+     r"makes 2 tool calls \(get_weather, get_time\) and 3 tool results follow it: result 3"),
+])
+def test_a_tool_result_past_the_calls_of_its_reply_is_an_invalid_record(tmp_path, tiny_tokenizer, record, counts):
+    # the extra result answered no call: it trained as an answer without a function name (Mistral numbered it as a
+    # call never made)
+    good = {"conversations": [{"from": "human", "value": "fine"}, {"from": "gpt", "value": "ok"}]} \
+        if "conversations" in record else {"messages": [{"role": "user", "content": "fine"},
+                                                        {"role": "assistant", "content": "ok"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(TunelabError, match=r"^\S*d\.jsonl line 2: an assistant reply " + counts +
+                       r".*\('Sunny, light wind'\) answers no call\. Give each call one result: remove the extra "
+                       r"result, or add the call it answers to the reply\."):
+        _build(tmp_path / "d.jsonl", tiny_tokenizer, prompt_template="qwen2_5_chat")
+    stats = _build(tmp_path / "d.jsonl", tiny_tokenizer, prompt_template="qwen2_5_chat", skip_invalid=True).stats
+    assert stats.skipped_invalid == 1 and stats.samples == 1
+
+
+def test_tool_results_after_a_reply_without_structured_calls_read_as_written():
+    # a ReAct reply holds its call in its text: the result answers it, with no function to name
+    from tunelab.data.formats import normalise
+
+    record = {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "Action: get_weather"},
+                                {"from": "observation", "value": "18C"}, {"from": "gpt", "value": "y"}]}
+    assert normalise(record, "sharegpt", "r")["messages"][2] == {"role": "tool", "content": "18C"}
+
+
 def test_bad_json_file_names_line_and_column(tmp_path, tiny_tokenizer):
     (tmp_path / "d.json").write_text('[\n {"instruction": "Hi", "output": "x"},\n {"instruction": "Hi" "output": 1}\n]')
     with pytest.raises(TunelabError, match=r"d\.json line 3 column .*not valid JSON"):

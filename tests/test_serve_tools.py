@@ -236,6 +236,26 @@ def test_a_served_call_gets_an_id_the_template_keeps(name, shape, tiny_tokenizer
         assert prompt.count(f'"{call.id}"') == 2, prompt
 
 
+def test_a_tool_result_answering_no_call_is_refused(tiny_tokenizer):
+    # it reached the prompt as an answer to nothing (Mistral's as a call never made), without a word
+    from tunelab.chat.engine import ChatModel
+
+    served = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template("qwen2_5_chat"),
+                       _batcher=_Writes("Sunny."))
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "tool", "content": "windy"}]
+    with _client(served) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="m", messages=history, tools=TOOLS)
+        assert client.chat.completions.create(model="m", messages=history[:-1], tools=TOOLS).choices[0].message \
+            .content == "Sunny."
+    assert refused.value.body["param"] == "messages"
+    assert refused.value.body["message"].startswith("the request: an assistant reply makes 1 tool call (get_weather) "
+                                                    "and 2 tool results follow it: result 2 ('windy') answers no call")
+
+
 @pytest.mark.parametrize("name", ["internlm2_chat", "internlm2_5_chat", "phi4_mini", "qwen3_nothink_chat", "glm4_chat"])
 def test_a_call_as_tunelabs_template_writes_it_is_read_back(name):
     """Families without a vendor text to compare (above): the call as the training text holds it."""

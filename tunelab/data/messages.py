@@ -214,13 +214,22 @@ def tools(value: Any, where: str, field: str = "tools") -> list[dict]:
 
 def name_tool_results(messages: list[dict], where: str = "the record") -> None:
     """Give each tool result the name of the function it answers (by tool_call_id, else by position), and the id of
-    that call where it has one: templates that write ids (Mistral) pair each result with its call by it."""
+    that call where it has one: templates that write ids (Mistral) pair each result with its call by it.
+
+    A reply with tool calls followed by more results than it made calls is an error: the results past them answer
+    no call (a result repeated, or a call missing), and the templates would show them as answers all the same
+    (Mistral's numbered as calls that were never made). Results after a reply without structured calls are read as
+    written: its text may hold the call (ReAct's 'Action: ...')."""
     calls: list[dict] = []
     position = 0
     for m in messages:
         if m["role"] == "assistant":
             calls, position = m.get("tool_calls", []), 0
-        elif m["role"] == "tool":
+        elif m["role"] != "tool":  # results after a user turn are out of order (check_role_order says so)
+            calls = []
+        elif calls and position == len(calls):
+            raise _extra_result(messages, m, calls, where)
+        else:
             call_id = m.get("tool_call_id")
             match = next((c for c in calls if call_id and c.get("id") == call_id), None)
             ids = [c["id"] for c in calls if c.get("id")]
@@ -234,6 +243,21 @@ def name_tool_results(messages: list[dict], where: str = "the record") -> None:
             if match is not None and not call_id and match.get("id"):
                 m["tool_call_id"] = match["id"]
             position += 1
+
+
+def _extra_result(messages: list[dict], result: dict, calls: list[dict], where: str) -> InvalidRecord:
+    """The error for a tool result past the calls of the reply before it, with the counts and how it starts."""
+    at = next(i for i, m in enumerate(messages) if m is result)
+    following = at
+    while following + 1 < len(messages) and messages[following + 1]["role"] == "tool":
+        following += 1
+    results = len(calls) + following - at + 1
+    names = ", ".join(dict.fromkeys(c["function"]["name"] for c in calls))
+    text = " ".join(str(result.get("content") or "").split())
+    shown = repr(text[:40] + ("..." if len(text) > 40 else ""))
+    return fail(where, f"an assistant reply makes {len(calls)} tool call{'' if len(calls) == 1 else 's'} ({names}) "
+                       f"and {results} tool results follow it: result {len(calls) + 1} ({shown}) answers no call",
+                "Give each call one result: remove the extra result, or add the call it answers to the reply.")
 
 
 # --- training switches ----------------------------------------------------------------------------
