@@ -116,6 +116,11 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
         errors.append(f"{at('rope_scaling')}rope_scaling = {cfg.rope_scaling!r} with a vision tower: tunelab scales "
                       f"the RoPE of text models only. Set rope_scaling = None, and max_length up to the language "
                       f"model's max_position_embeddings.")
+    if cfg.neftune_noise_alpha is not None and cfg.objective != "sft":
+        errors.append(f"{at('neftune_noise_alpha')}neftune_noise_alpha = {cfg.neftune_noise_alpha} with objective = "
+                      f"{cfg.objective!r}: NEFTune is a supervised fine-tuning method (noise in the policy's "
+                      f"embeddings alone would score chosen and rejected replies against a reference without it). "
+                      f"Set neftune_noise_alpha = None.")
     if cfg.nonfinite == "skip" and cfg.deepspeed:
         errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
                       f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")

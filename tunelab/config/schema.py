@@ -154,6 +154,9 @@ class TrainConfig:
     """AdamW weight decay."""
     max_norm: float = setting(1.0, Rule(lambda v: v >= 0, "0 or more (0 turns clipping off)"))
     """Gradient clipping norm (0 disables)."""
+    neftune_noise_alpha: Optional[float] = setting(None, Rule(lambda v: v is None or v > 0, "None or a positive number"))
+    """NEFTune: uniform noise added to the input embeddings while training (supervised fine-tuning), of at most
+    alpha / sqrt(row length x hidden size), as transformers' Trainer adds it; the NEFTune paper uses 5. None: off."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss or gradient norm is inf / NaN: 'stop' ends the run with a message before anything of it is
     saved (the checkpoints stay as they were); 'skip' leaves the weights alone for that step, warns and goes on (ten

@@ -234,7 +234,7 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
 
         model = build_for_training(cfg, check_device(device), checkpointing=plan.checkpointing)
         warn_beyond_context(cfg, model.config)
-        return _with_fast_path(model, plan, device)
+        return _for_training(model, cfg, plan, device)
     model = load_causal_lm(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, bits=bits,
                            trust_remote_code=cfg.trust_remote_code, reward_head=cfg.objective == "reward",
                            pad_token_id=pad_token_id, rope=scaled_rope(cfg))
@@ -243,7 +243,7 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     if cfg.method == "full":
         if plan.checkpointing:
             checkpoint_layers(model)
-        return _with_fast_path(model, plan, device)
+        return _for_training(model, cfg, plan, device)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if bits and not plan.frozen_weights_in_compute_dtype:
@@ -268,7 +268,7 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     except ValueError as exc:  # peft's refusals of a LoRA setting (e.g. a module type it cannot adapt)
         raise TunelabError(f"the LoRA settings do not fit {cfg.pretrained_model_name_or_path}: "
                            f"{str(exc).splitlines()[0]} Check lora_target_modules and lora_modules_to_save.") from None
-    return _with_fast_path(peft_model, plan, device)
+    return _for_training(peft_model, cfg, plan, device)
 
 
 def scaled_rope(cfg) -> dict | None:
@@ -350,6 +350,16 @@ def load_reference_model(cfg, device: torch.device, plan):
     model.requires_grad_(False).eval()
     model, _ = _with_fast_path(model, plan, device)  # the run logs the trained model's report, not this one
     return model
+
+
+def _for_training(model, cfg, plan, device) -> tuple[torch.nn.Module, dict]:
+    """(model, report): every load for training ends here: NEFTune's noise on the input embedding when asked for
+    (hooked before the fast path, which may move the embedding to CPU memory with its hooks), then the fast path."""
+    if cfg.neftune_noise_alpha is not None:
+        from tunelab.model.neftune import add_embedding_noise
+
+        add_embedding_noise(model, cfg.neftune_noise_alpha, sequence_parallel_size=cfg.sequence_parallel_size)
+    return _with_fast_path(model, plan, device)
 
 
 def _with_fast_path(model, plan, device) -> tuple[torch.nn.Module, dict]:
