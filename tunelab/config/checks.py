@@ -129,7 +129,7 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
 
 # LoRA settings a user adds to a config on purpose (the config template writes lora_r, lora_alpha, lora_dropout and
 # lora_target_modules for every method, saying that method = 'full' does not read them).
-LORA_ONLY = ("use_dora", "use_rslora", "lora_bias", "lora_modules_to_save")
+LORA_ONLY = ("use_dora", "use_rslora", "lora_bias", "lora_modules_to_save", "loraplus_lr_ratio")
 
 
 def _lora_errors(cfg: TrainConfig, at) -> list[str]:

@@ -18,17 +18,27 @@ import torch
 from tunelab.errors import TunelabError
 
 
-def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """An optimiser over the trainable parameters; matrices get weight decay, biases and norms do not."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+def parameter_groups(model, cfg) -> list[dict]:
+    """The trainable parameters in groups: matrices get weight decay, biases and norms do not. LoRA+
+    (`loraplus_lr_ratio`): the B matrices, and the 1-D tensors beside them (biases, DoRA magnitudes), learn at lr x
+    ratio, as peft's `create_loraplus_optimizer` groups them."""
+    ratio = cfg.loraplus_lr_ratio or 1.0
+    groups: dict[tuple, list] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    if not decay and not no_decay:
+            faster = ratio != 1.0 and ("lora_B" in name or "lora_embedding_B" in name or param.ndim == 1)
+            groups.setdefault((param.ndim >= 2, faster), []).append(param)
+    order = [(True, False), (False, False), (True, True), (False, True)]  # group 0's lr is the one logged
+    return [{"params": groups[key], "weight_decay": cfg.weight_decay if key[0] else 0.0,
+             "lr": cfg.lr * (ratio if key[1] else 1.0)} for key in order if key in groups]
+
+
+def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """An optimiser over the trainable parameters, in `parameter_groups`."""
+    groups = parameter_groups(model, cfg)
+    if not groups:
         raise TunelabError("no parameter requires a gradient: nothing would train. Check 'method' and, for LoRA, "
                            "'lora_target_modules' (they must name linear layers of the model, or 'all-linear').")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.optimizer == "adamw":
         # The fused kernel does the whole update in one launch per parameter group: same maths, faster.

@@ -33,7 +33,7 @@ FIXED = ("data_path", "data_format", "dataset_map_fn", "eval_split_ratio", "batc
          "seed")
 LORA = ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora", "lora_bias", "lora_modules_to_save")
 PREFERENCE = ("beta", "dpo_loss", "label_smoothing", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight")
-SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "weight_decay", "betas")
+SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "weight_decay", "betas", "loraplus_lr_ratio")
 
 
 def _plain(value):

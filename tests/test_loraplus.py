@@ -1,0 +1,74 @@
+"""loraplus_lr_ratio: LoRA+ as peft's `create_loraplus_optimizer` builds it (the reference), through the loop as
+`tunelab train` runs it, held on resume like the other schedule settings, and refused where nothing is LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.train_helpers import assert_one_line_error, tiny_cfg, write_config
+from tunelab.cli.main import main
+from tunelab.model.load import load_model_for_training
+from tunelab.train.optim import build_optimizer
+
+
+def _one_step(model, optimizer) -> dict:
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # B starts at zero, which would leave A's gradient zero: start both random
+        for name, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("settings", [{}, {"lora_bias": "all"}, {"use_dora": True}], ids=["lora", "bias", "dora"])
+def test_the_update_equals_peft_loraplus_optimizer(tiny_qwen2_dir, settings):
+    from peft.optimizers import create_loraplus_optimizer
+
+    cfg = tiny_cfg(tiny_qwen2_dir, method="lora", dtype="fp32", fast_path=False, gradient_checkpointing=False,
+                   loraplus_lr_ratio=16.0, lr=1e-3, weight_decay=0.0, **settings)
+    ours, _ = load_model_for_training(cfg, torch.device("cpu"))
+    theirs, _ = load_model_for_training(cfg, torch.device("cpu"))
+    reference = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0,
+                                          betas=tuple(cfg.betas))
+    after, expected = _one_step(ours, build_optimizer(ours, cfg, torch.device("cpu"))), _one_step(theirs, reference)
+    assert after.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(after[name], expected[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_b_learns_at_the_ratio_and_the_log_shows_the_base_lr(tiny_qwen2_dir):
+    cfg = tiny_cfg(tiny_qwen2_dir, method="lora", loraplus_lr_ratio=16.0, lr=1e-3)
+    model, _ = load_model_for_training(cfg, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert lr_of[id(param)] == pytest.approx(1.6e-2 if "lora_B" in name else 1e-3), name
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_a_run_with_loraplus_trains_and_resumes_with_the_checkpoints_ratio(tmp_path, tiny_llama_dir, capsys):
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=2, dtype="fp32", gradient_checkpointing=False,
+                          loraplus_lr_ratio=16.0, lr=1e-3)
+    work = tmp_path / "w"
+    assert main(["train", str(config), "--work-dir", str(work), "--device", "cpu"]) == 0
+    losses = [json.loads(line)["loss"] for line in (work / "train_log.jsonl").read_text().splitlines()
+              if '"step"' in line and '"loss"' in line]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    longer = config.with_name("longer.py")
+    longer.write_text(config.read_text().replace("max_steps = 2", "max_steps = 3")
+                      .replace("loraplus_lr_ratio = 16.0", "loraplus_lr_ratio = 4.0"))
+    capsys.readouterr()
+    assert main(["train", str(longer), "--work-dir", str(work), "--device", "cpu", "--resume", "auto"]) == 0
+    assert "loraplus_lr_ratio was 16.0 in the checkpoint, is 4.0 now" in capsys.readouterr().out
+
+
+def test_loraplus_with_full_fine_tuning_is_refused(tmp_path, tiny_llama_dir, capsys):
+    config = write_config(tmp_path, tiny_llama_dir, method="full", loraplus_lr_ratio=16.0)
+    code = main(["train", str(config), "--work-dir", str(tmp_path / "w"), "--device", "cpu"])
+    assert_one_line_error(capsys, code, "loraplus_lr_ratio", "method = 'full'")
