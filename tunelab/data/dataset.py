@@ -39,7 +39,7 @@ from tunelab.errors import TunelabError
 
 # The cache's format: a new number whenever reading, encoding or packing changes, so a cache that other code wrote is
 # not reused
-CACHE_VERSION = 10
+CACHE_VERSION = 11
 CHUNK = 1000  # samples per tokenizer call / per worker task
 
 

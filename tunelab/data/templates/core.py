@@ -187,6 +187,9 @@ class HFChatTemplate(ChatTemplate):
                     "{% generation %}...{% endgeneration %} around the assistant text in the chat_template.")
             trained = msg.get("train", True) is not False
             end = _turn_end(full, len(prompt), self.stop_words)
+            if end is None:  # no token ends the reply (ChatGLM3, GLM-4): the model stops by writing the next turn's
+                full += self._next_turn_token(messages, k, full, apply)
+                end = len(full)
             pieces += [(prompt[len(done):], False), (full[len(prompt):end], trained), (full[end:], False)]
             done = full
         rest = apply(messages, add_generation_prompt)
@@ -194,12 +197,27 @@ class HFChatTemplate(ChatTemplate):
             pieces.append((rest[len(done):], False))
         return [p for p in pieces if p[0]]
 
+    def _next_turn_token(self, messages, k, full, apply) -> str:
+        """The stop word the template writes right after reply `k` (`full` ends with it), which the reply is trained
+        up to, as the built-in chatglm3 / glm4_chat train '<|user|>' or '<|observation|>': a model whose template
+        writes no token after a reply stops by writing the next role token. The next message shows which; after a
+        conversation's last reply a user turn does (a tool result after a reply with tool calls), and the token is
+        added to the text, so the model learns to stop there too. '' when the template writes no stop word next."""
+        following = messages[k + 1:k + 2] or [
+            {"role": "tool", "content": "x"} if messages[k].get("tool_calls") else {"role": "user", "content": "x"}]
+        try:
+            text = apply(messages[:k + 1] + following, False)
+        except TunelabError:  # refused after this reply: the conversation's own next message raises where it renders
+            return ""
+        after = text[len(full):] if text.startswith(full) else ""
+        return next((word for word in self.stop_words if after.startswith(word)), "")
 
-def _turn_end(text: str, start: int, ends: tuple[str, ...]) -> int:
+
+def _turn_end(text: str, start: int, ends: tuple[str, ...]) -> Optional[int]:
     """Where a reply rendered at text[start:] ends: after its last end-of-turn token (`ends`, the template's stop
     words), as every built-in template trains it. What the template writes after that token (ChatML's '\n' after
-    <|im_end|>) is the next turn's prompt, not trained. len(text) when the reply holds no such token."""
-    return max((text.rfind(end, start) + len(end) for end in ends if text.find(end, start) >= 0), default=len(text))
+    <|im_end|>) is the next turn's prompt, not trained. None when the reply holds no such token."""
+    return max((text.rfind(end, start) + len(end) for end in ends if text.find(end, start) >= 0), default=None)
 
 
 def hf_template(tokenizer) -> HFChatTemplate:
