@@ -123,9 +123,33 @@ def test_trained_text_is_each_reply_and_its_end(family):
     assert "".join(text for text, _ in template.segments(messages)) == template.render(messages)
 
 
-# vendors' templates 'hf' trains by diffing (the others rewrite earlier turns)
-HF_DIFFED = sorted(set(FAMILIES) - {"qwen3", "qwen3_nothink", "deepseek_r1", "mistral_v3", "mistral_tekken", "phi3",
-                                    "phi4_mini"})
+# vendors' templates 'hf' cannot diff (they rewrite earlier turns), and those it trains by diffing
+HF_REFUSED = ["deepseek_r1", "mistral_tekken", "mistral_v3", "phi3", "phi4_mini", "qwen3", "qwen3_nothink"]
+HF_DIFFED = sorted(set(FAMILIES) - set(HF_REFUSED))
+
+
+def vendor_tokenizer(family: str, tiny_tokenizer_dir):
+    """The tiny tokenizer carrying the vendor's chat_template and the tokens it reads."""
+    from transformers import AutoTokenizer
+
+    _, fixture, tokens, _ = FAMILIES[family]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.chat_template = (VENDOR / f"{fixture}.jinja").read_text()
+    for key, value in tokens.items():
+        setattr(tokenizer, key, value)
+    return tokenizer
+
+
+@pytest.mark.parametrize("family", HF_REFUSED)
+def test_hf_with_a_vendors_template_it_cannot_diff_names_the_built_in_one(family, tiny_tokenizer_dir):
+    # the refusal said "`guess_template` names it", which a user with a model folder cannot act on directly
+    from tunelab.errors import TunelabError
+
+    name, _, _, kwargs = FAMILIES[family]
+    hf = get_template("hf", vendor_tokenizer(family, tiny_tokenizer_dir))
+    with pytest.raises(TunelabError, match=f"renders earlier turns differently.*Use (.* or )?prompt_template = "
+                                           f"'{name}'"):
+        hf.segments(CONVERSATIONS["system_multi"], **kwargs)
 
 
 @pytest.mark.parametrize("family", HF_DIFFED)
@@ -134,15 +158,10 @@ def test_hf_with_the_vendors_template_trains_what_the_built_in_one_does(family, 
     # which the built-in template leaves to the next turn's prompt: the same data trained other labels. ChatGLM3 /
     # GLM-4's write no token after a reply: 'hf' trained none, so the model never learnt to stop; the built-ins train
     # the next role token, and add it after the conversation's last reply
-    from transformers import AutoTokenizer
-
     from tunelab.data.encode import encode_batch
 
-    name, fixture, tokens, kwargs = FAMILIES[family]
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    tokenizer.chat_template = (VENDOR / f"{fixture}.jinja").read_text()
-    for key, value in tokens.items():
-        setattr(tokenizer, key, value)
+    name, _, _, kwargs = FAMILIES[family]
+    tokenizer = vendor_tokenizer(family, tiny_tokenizer_dir)
     hf, builtin = get_template("hf", tokenizer), get_template(name)
     for messages in (CONVERSATIONS["single"], CONVERSATIONS["system_multi" if family not in NO_SYSTEM else "multi"]):
         assert [t for t, trained in hf.segments(messages, **kwargs) if trained] == \

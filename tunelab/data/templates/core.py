@@ -180,11 +180,15 @@ class HFChatTemplate(ChatTemplate):
                 continue
             prompt, full = apply(messages[:k], True), apply(messages[: k + 1], False)
             if not (prompt.startswith(done) and full.startswith(prompt)):
+                alike = " or ".join(f"prompt_template = {name!r}" for name in self._builtins_alike(options))
+                use = (f"Use {alike}, the built-in template that renders this model's conversations as its "
+                       "chat_template does" if alike else "Use the built-in template for this model "
+                       "(`guess_template` names it)")
                 raise TunelabError(
                     "prompt_template='hf': the tokenizer's chat_template renders earlier turns differently once a "
                     "turn is added (e.g. it drops old reasoning), so the trained parts cannot be found by diffing. "
-                    "Use the built-in template for this model (`guess_template` names it), or add "
-                    "{% generation %}...{% endgeneration %} around the assistant text in the chat_template.")
+                    f"{use}, or add {{% generation %}}...{{% endgeneration %}} around the assistant text in the "
+                    "chat_template.")
             trained = msg.get("train", True) is not False
             end = _turn_end(full, len(prompt), self.stop_words)
             if end is None:  # no token ends the reply (ChatGLM3, GLM-4): the model stops by writing the next turn's
@@ -196,6 +200,22 @@ class HFChatTemplate(ChatTemplate):
         if rest.startswith(done) and len(rest) > len(done):
             pieces.append((rest[len(done):], False))
         return [p for p in pieces if p[0]]
+
+    def _builtins_alike(self, options) -> list[str]:
+        """The built-in templates that render the most of a few probe conversations (generation prompts, with and
+        without a system prompt, and finished ones) exactly as the tokenizer's chat_template does: the one to train
+        with when this template cannot be diffed (Mistral v0.3's, Phi-3's and Qwen3's rewrite earlier turns)."""
+        from tunelab.data.templates.families import DEFINITIONS  # (families builds on this module)
+
+        system, turns = {"role": "system", "content": "S"}, [{"role": "user", "content": "Q1"},
+                                                            {"role": "assistant", "content": "A1"},
+                                                            {"role": "user", "content": "Q2"},
+                                                            {"role": "assistant", "content": "A2"}]
+        probes = [(turns[:3], True), ([system, *turns[:3]], True), (turns[:2], False), ([system, *turns], False)]
+        scores = {t.name: sum(_renders_alike(t, self, messages, gen, options) for messages, gen in probes)
+                  for t in DEFINITIONS}
+        best = max(scores.values(), default=0)
+        return [name for name, score in scores.items() if best and score == best]
 
     def _next_turn_token(self, messages, k, full, apply) -> str:
         """The stop word the template writes right after reply `k` (`full` ends with it), which the reply is trained
@@ -211,6 +231,16 @@ class HFChatTemplate(ChatTemplate):
             return ""
         after = text[len(full):] if text.startswith(full) else ""
         return next((word for word in self.stop_words if after.startswith(word)), "")
+
+
+def _renders_alike(template: ChatTemplate, hf: HFChatTemplate, messages, add_generation_prompt, options) -> bool:
+    """Whether the built-in `template` renders `messages` as the tokenizer's chat_template does (a conversation either
+    refuses counts as different)."""
+    try:
+        return template.render(messages, add_generation_prompt=add_generation_prompt, **options) == \
+            hf.render(messages, add_generation_prompt=add_generation_prompt, **options)
+    except TunelabError:
+        return False
 
 
 def _turn_end(text: str, start: int, ends: tuple[str, ...]) -> Optional[int]:
