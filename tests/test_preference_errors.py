@@ -519,6 +519,24 @@ def test_reward_reads_a_dataset_registry_through_its_columns_as_training_does(tm
     assert read_scored(registry, 1, "dpo_en_demo,kto_en_demo") == scored[1:2]
 
 
+def test_reward_reads_a_registry_entrys_num_samples_as_training_does(tmp_path):
+    # `tunelab reward` scored every record of an entry with num_samples, while training reads that many samples
+    from tunelab.chat.reward import read_scored
+
+    pairs = [{"prompt": f"Q{i}", "chosen": f"A{i}", "rejected": "B"} for i in range(6)]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    columns = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "fewer": {"file_name": "pairs.json", "ranking": True, "columns": columns, "num_samples": 4},
+        "more": {"file_name": "pairs.json", "ranking": True, "columns": columns, "num_samples": 9}}))
+    registry = tmp_path / "dataset_info.json"
+    for names, count in (("fewer", 4), ("more", 9), ("fewer,more", 13)):
+        trained, _ = _read([{"path": str(registry), "dataset": names}], "reward")
+        scored = read_scored(registry, dataset=names)
+        assert len(scored) == count and scored == trained, names
+        assert read_scored(registry, 3, names) == trained[:3]
+
+
 @pytest.mark.parametrize("args, says", [
     ([], r"--data .*dataset_info\.json: a LLaMA-Factory dataset registry \(dataset_info\.json\); name the datasets "
          r"to score with --dataset NAME \(its datasets: pairs_renamed, dpo_en_demo, kto_en_demo\)"),

@@ -130,41 +130,55 @@ def read_scored(path: str | Path, limit: int | None = None, dataset: str | None 
     """The records of a data file, or of the datasets `dataset` names in a dataset_info.json (the first `limit`),
     as pairs or as {"prompt", "completion"} (the last reply scored); read before the model loads, so that a bad
     record stops the command at once. Each record reaches its shape as training reads it
-    (`tunelab.data.sources.registered`: a registry entry's columns and tags); warn(line) is told the fields not
-    read."""
+    (`tunelab.data.sources.registered`: a registry entry's columns and tags), and a registry entry's num_samples
+    picks the samples training picks with the default seed (`tunelab.data.sources.pick_samples`); warn(line) is
+    told the fields not read."""
+    from tunelab.config.schema import TrainConfig
     from tunelab.data.data_path import resolve_sources
-    from tunelab.data.formats import detect_format
-    from tunelab.data.messages import refuse_lone_surrogates
-    from tunelab.data.preference import normalise_kto, normalise_preference, record_kind
     from tunelab.data.reports import file_warnings
-    from tunelab.data.sources import registered, source_records
+    from tunelab.data.sources import pick_samples, registered, source_records
 
     path = check_data_file(path, dataset)
     data_path = [{"path": str(path), "dataset": dataset}] if dataset else str(path)
+    seed = TrainConfig().seed
     samples: list[dict] = []
-    for source in resolve_sources(data_path, "auto", objective="reward"):
+    for i, source in enumerate(resolve_sources(data_path, "auto", objective="reward")):
+        # num_samples picks among all of a dataset's samples, so its source is read whole before `limit` applies
+        whole = limit is None or (source.entry is not None and bool(source.entry.num_samples))
+        found: list[dict] = []
         for report, records in source_records(source):
-            for rec in itertools.islice(records, None if limit is None else limit - len(samples)):
+            for rec in itertools.islice(records, None if whole else limit - len(samples) - len(found)):
                 data, fmt = registered(rec, source, "auto", report)
-                kind = record_kind(data)
-                if kind == "preference":
-                    sample = normalise_preference(data, rec.where)
-                elif kind == "kto":
-                    sample = normalise_kto(data, rec.where)
-                else:
-                    fmt = detect_format(data) if fmt == "auto" else fmt
-                    if fmt is None or fmt == "text":
-                        raise TunelabError(f"{rec.where}: not a conversation or a preference pair; `tunelab reward` "
-                                           f"scores replies.")
-                    messages = _conversation(data, fmt, rec.where)
-                    sample = {"prompt": messages[:-1], "completion": messages[-1]}
-                refuse_lone_surrogates(sample, rec.where)
-                samples.append(sample)
+                found.append(_scored_sample(data, fmt, rec.where))
             for line in file_warnings(report) if warn is not None else []:
                 warn(line)
-            if limit is not None and len(samples) >= limit:
-                return samples
+            if not whole and len(samples) + len(found) >= limit:
+                break
+        samples += [found[j] for j in pick_samples(source, len(found), seed + i)]
+        if limit is not None and len(samples) >= limit:
+            return samples[:limit]
     return samples
+
+
+def _scored_sample(data, fmt: str, where: str) -> dict:
+    """A record in the fields its source reads, as a pair or as {"prompt", "completion"} (the last reply scored)."""
+    from tunelab.data.formats import detect_format
+    from tunelab.data.messages import refuse_lone_surrogates
+    from tunelab.data.preference import normalise_kto, normalise_preference, record_kind
+
+    kind = record_kind(data)
+    if kind == "preference":
+        sample = normalise_preference(data, where)
+    elif kind == "kto":
+        sample = normalise_kto(data, where)
+    else:
+        fmt = detect_format(data) if fmt == "auto" else fmt
+        if fmt is None or fmt == "text":
+            raise TunelabError(f"{where}: not a conversation or a preference pair; `tunelab reward` scores replies.")
+        messages = _conversation(data, fmt, where)
+        sample = {"prompt": messages[:-1], "completion": messages[-1]}
+    refuse_lone_surrogates(sample, where)
+    return sample
 
 
 def _conversation(record: dict, fmt: str, where: str) -> list[dict]:

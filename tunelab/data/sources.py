@@ -348,6 +348,16 @@ def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
     return items * whole + rng.sample(items, round(part * len(items)))
 
 
+def pick_samples(source: Source, count: int, seed: int) -> list[int]:
+    """Which of a source's `count` samples are used (an index may repeat), drawn with `seed`: its data_path ratio,
+    times LLaMA-Factory's num_samples of a dataset_info.json entry (that many samples of the dataset). Training and
+    `tunelab reward` pick alike."""
+    ratio = source.ratio
+    if source.entry is not None and source.entry.num_samples and count:
+        ratio *= source.entry.num_samples / count
+    return apply_ratio(list(range(count)), ratio, random.Random(seed))
+
+
 def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: bool = False,
                     special: Optional[re.Pattern] = None, tools: Optional[ToolSupport] = None
                     ) -> tuple[list[dict], list[int]]:
@@ -371,10 +381,7 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
                             "empty text)")) if n)
             raise TunelabError(f"data_path {source.path!r}: no usable record (of its {stats.sources[-1]['records']}: "
                                f"{why or 'none'}). Run `tunelab check-dataset` to see why.")
-        ratio = source.ratio
-        if source.entry is not None and source.entry.num_samples and found:
-            ratio *= source.entry.num_samples / len(found)  # LLaMA-Factory's num_samples: that many samples
-        chosen = apply_ratio(list(range(len(found))), ratio, random.Random(cfg.seed + i))
+        chosen = pick_samples(source, len(found), cfg.seed + i)
         stats.sources[-1]["samples"] = len(chosen)
         for j in chosen:
             samples.append(found[j])
