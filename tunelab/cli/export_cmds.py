@@ -49,7 +49,7 @@ GGUF_DESCRIPTION = """\
 Write a GGUF file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile beside it. MODEL is a merged HF model
 directory (tunelab convert merge), a training WORK_DIR or iter_N checkpoint (a LoRA one merged into the base its
 tunelab.json names), or a base model with --adapter (merged in memory). The GGUF file holds the weights
-(--type f16, bf16, q8_0 or f32), the tokenizer, and the chat template the model was trained with (from tunelab.json,
+(--type f16, bf16, q8_0, f32, or q6_k, q5_k_m, q4_k_m, q4_0 by llama.cpp's quantiser), the tokenizer, and the chat template the model was trained with (from tunelab.json,
 or --prompt-template); the Modelfile's TEMPLATE, stop words and SYSTEM say the same in Ollama's terms.
 Architectures: Llama (also Mistral and InternLM2), Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3.
 
@@ -106,8 +106,9 @@ def _register_gguf(verbs, fmt) -> None:
     p.add_argument("model", metavar="MODEL", help="a merged model directory, a WORK_DIR or iter_N checkpoint, or the "
                                                   "base model with --adapter")
     p.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (its folder gets the Modelfile)")
-    p.add_argument("--type", dest="out_type", default="f16", choices=["f16", "bf16", "q8_0", "f32"],
-                   help="how weights are stored (default f16; q8_0 is about half the size)")
+    p.add_argument("--type", dest="out_type", default="f16", metavar="TYPE",
+                   help="how weights are stored: f16 (default), bf16, f32, q8_0 (about half of f16), or q6_k, "
+                        "q5_k_m, q4_k_m (about 30%%), q4_0 quantised by llama.cpp through llama-cpp-python")
     p.add_argument("--adapter", metavar="DIR", help="an adapter directory, iter_N checkpoint or WORK_DIR to merge in")
     p.add_argument("--prompt-template", metavar="NAME", help="override the template recorded in tunelab.json")
     p.add_argument("--no-modelfile", action="store_true", help="write only the GGUF file")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import ARCHITECTURES, TYPES, write_gguf
+from tunelab.export.gguf_quantize import QUANTISED_TYPES, check_quantiser, quantise
 
 
 def _say(message: str) -> None:
@@ -96,8 +97,10 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     out = Path(out_path)
     if out.suffix != ".gguf":
         raise TunelabError(f"{out}: name the output file NAME.gguf (llama.cpp and Ollama look for that suffix).")
-    if out_type not in TYPES:
-        raise TunelabError(f"--type {out_type!r}: use one of {', '.join(TYPES)}.")
+    if out_type not in (*TYPES, *QUANTISED_TYPES):
+        raise TunelabError(f"--type {out_type!r}: use one of {', '.join((*TYPES, *QUANTISED_TYPES))}.")
+    if out_type in QUANTISED_TYPES:
+        check_quantiser(out_type)
     if out.is_dir():
         raise TunelabError(f"{out} is a directory: name the file to write, e.g. {out / 'model.gguf'}.")
     check_output(out.parent)  # not into a training checkpoint or a work dir's top level
@@ -139,10 +142,18 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
         name = (run_dir.parent if checkpoint_step(run_dir) >= 0 else run_dir).resolve().name
     else:
         name = Path(adapter).resolve().name if adapter else Path(str(model_dir)).name
-    write_gguf(model, tokenizer, out, out_type=out_type, name=name, chat_template=chat_template,
-               tokenizer_dir=tokenizer_dir, eot_words=tuple(getattr(template, "stop_words", ()) or ()),
+    # below 8 bits, llama.cpp's quantiser writes the file from an f16 one beside it (gguf_quantize)
+    quantised = out_type in QUANTISED_TYPES
+    written = out.with_name(f"{out.stem}.f16.gguf") if quantised else out
+    write_gguf(model, tokenizer, written, out_type="f16" if quantised else out_type, name=name,
+               chat_template=chat_template, tokenizer_dir=tokenizer_dir,
+               eot_words=tuple(getattr(template, "stop_words", ()) or ()),
                add_bos=False if template is not None else None, sentencepiece_file=sp_file,
                probe_prompts=tuple(probe_prompts(template)))
+    if quantised:
+        quantise(written, out, out_type)
+        written.unlink()
+        _say(f"wrote {out} ({out_type} by llama.cpp's quantiser, {out.stat().st_size / 2**20:.1f} MiB)")
     if modelfile:
         write_modelfile(out, template, system=meta.get("system") or "")
     return out
