@@ -234,3 +234,37 @@ def test_a_llava_target_it_cannot_adapt_is_refused_not_skipped(wanted, word):
     with pytest.raises(TunelabError, match="lora_target_modules") as error:
         lora_targets(_llava_like(), wanted)
     assert word in str(error.value)
+
+
+# --- DoRA on an 8-bit base -------------------------------------------------------------------------------------------
+
+def test_dora_on_an_8bit_base_is_refused_on_the_cpu_before_loading(capsys, tmp_path, tiny_qwen2_dir, monkeypatch):
+    """peft's DoRA puts an 8-bit layer's weight back on the CPU without its scales, and the layer's second forward
+    (checkpointing's recompute) failed inside bitsandbytes' 8-bit matmul with a traceback. Refused before the model
+    loads, naming the settings and what trains on the CPU instead; on a GPU the same settings are not refused."""
+    pytest.importorskip("bitsandbytes")
+    import tunelab.model.load as load
+
+    monkeypatch.setattr(load, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    message = _train_error(capsys, tmp_path, tiny_qwen2_dir, method="qlora", quant_bits=8, use_dora=True)
+    for words in ("use_dora = True", "quant_bits = 8", "CPU", "quant_bits = 4", "use_dora = False"):
+        assert words in message, message
+    from tunelab.model.load import check_runs_on
+
+    check_runs_on(tiny_cfg(tiny_qwen2_dir, method="qlora", quant_bits=8, use_dora=True), "cuda")
+    check_runs_on(tiny_cfg(tiny_qwen2_dir, method="qlora", use_dora=True), "cpu")  # 4-bit DoRA trains on the CPU
+
+
+@pytest.mark.parametrize("settings", [{"quant_bits": 8}, {"quant_bits": 4, "use_dora": True}])
+def test_the_cpu_alternatives_to_8bit_dora_train(tmp_path, tiny_qwen2_dir, settings):
+    """What the refusal above offers trains on the CPU: 8-bit QLoRA without DoRA, 4-bit QLoRA with it (checkpointing
+    on, so each layer runs forward twice a step)."""
+    pytest.importorskip("bitsandbytes")
+    from tests.train_helpers import identity_rows
+    from tunelab.model.load import load_tokenizer
+    from tunelab.train.loop import train
+
+    cfg = tiny_cfg(tiny_qwen2_dir, method="qlora", max_steps=4, lr=1e-2, save_steps=100, **settings)
+    tokenizer = load_tokenizer(str(tiny_qwen2_dir))
+    losses = train(cfg, tmp_path, train_rows=identity_rows(tokenizer), tokenizer=tokenizer, device="cpu").losses
+    assert losses[4] < losses[1] - 0.1, losses

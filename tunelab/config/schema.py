@@ -58,7 +58,8 @@ class TrainConfig:
     """Modules trained in full and saved with the adapter, e.g. ['lm_head', 'embed_tokens'] (new tokens). A name
     that matches no module, or one also in lora_target_modules (peft would leave its adapter out), is an error."""
     use_dora: bool = False
-    """DoRA: weight-decomposed LoRA (peft), also on a 4-bit base; it runs peft's own forward (slower than LoRA)."""
+    """DoRA: weight-decomposed LoRA (peft), also on a 4-bit base (on an 8-bit one on a GPU only); it runs peft's own
+    forward (slower than LoRA)."""
     use_rslora: bool = False
     """rsLoRA: scale by lora_alpha / sqrt(r), steadier at high rank."""
     loraplus_lr_ratio: Optional[float] = setting(None, Rule(lambda v: v is None or v > 0, "None or a positive number"))

@@ -229,6 +229,7 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     errors = combination_errors(cfg)  # settings built in Python skip load_config's checks
     if errors:
         raise TunelabError("\n".join(errors))
+    check_runs_on(cfg, device)
     if cfg.visual_encoder_name_or_path:  # a LLaVA model: the fast path acts on its language model
         from tunelab.model.llava_train import build_for_training
 
@@ -279,6 +280,21 @@ def scaled_rope(cfg) -> dict | None:
     model_dir = resolve_model_dir(cfg.pretrained_model_name_or_path)
     return rope_scaling.scaling_for(cfg.rope_scaling, cfg.max_length, read_model_config(model_dir),
                                     cfg.pretrained_model_name_or_path)
+
+
+def check_runs_on(cfg, device: torch.device | str) -> None:
+    """Refuse, before anything loads, settings that train on a GPU but fail on `device`.
+
+    DoRA on an 8-bit base on the CPU: peft's DoRA reads the weight through `dequantize_module_weight`, which on the
+    CPU (only) puts the layer's weight back as a new Int8Params that has its int8 data but not its scales (SCB).
+    bitsandbytes' Linear8bitLt takes that weight for a fresh one at its next forward and moves the missing scales into
+    its state, so the second forward of every layer (checkpointing's recompute, or the next step) fails inside
+    bitsandbytes' 8-bit matmul ("'NoneType' object has no attribute 'unsqueeze'"). peft 0.21 / bitsandbytes 0.50."""
+    if (torch.device(device).type == "cpu" and cfg.use_dora and cfg.method != "full"
+            and cfg.resolved_quant_bits() == 8):
+        raise TunelabError("use_dora = True with quant_bits = 8 cannot train on the CPU: peft's DoRA loses the 8-bit "
+                           "weight's scales there (it runs on a GPU). On the CPU use quant_bits = 4 (4-bit QLoRA "
+                           "with DoRA), use_dora = False (8-bit QLoRA), or method = 'lora' with quant_bits = None.")
 
 
 def warn_beyond_context(cfg, config) -> None:

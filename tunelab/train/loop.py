@@ -34,6 +34,7 @@ from tunelab.data.dataset import row_length
 from tunelab.errors import TunelabError
 from tunelab.model.fast import batch_to_device
 from tunelab.model.fit import choose_reference, fit_plan_to_card
+from tunelab.model.load import check_runs_on
 from tunelab.model.model_dir import check_token_ids_fit
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
@@ -100,6 +101,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
             return _already_finished(last, resumed_step, env, log)
     settings_cfg = cfg  # what resolved_config.py records, once the start is accepted
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
+    check_runs_on(cfg, env.device)  # and what the model cannot run on this device
     data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
     # the fast path, with the checkpoint's arrangement fitted to this GPU's memory
     plan = fit_plan_to_card(cfg, env.device, plan_fast_path(cfg, env.device, env.world_size), world_size=env.world_size)
