@@ -23,7 +23,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.model import llava
-from tunelab.model.load import check_lora_targets, checkpoint_layers, load_causal_lm, load_tokenizer, resolve_dtype
+from tunelab.model.load import checkpoint_layers, load_causal_lm, load_tokenizer, resolve_dtype
 
 PROJECTOR = "multi_modal_projector"
 
@@ -79,8 +79,7 @@ def build_for_training(cfg, device: torch.device, *, checkpointing: bool):
         return model
     from peft import LoraConfig, get_peft_model
 
-    # the language model's own targets are checked by lora_targets; lora_modules_to_save is peft's to match
-    check_lora_targets(model, "all-linear", cfg.pretrained_model_name_or_path, cfg.lora_modules_to_save)
+    # lora_modules_to_save and lora_target_modules were checked before loading (targets.py)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_targets(model, cfg.lora_target_modules, cfg.visual_encoder_lora),
                       bias=cfg.lora_bias, modules_to_save=[PROJECTOR, *(cfg.lora_modules_to_save or [])],

@@ -3,15 +3,14 @@
 Every family goes through transformers' own classes: `from_pretrained` for the families transformers ships, and
 InternLM2 / InternLM2.5 converted on load to a native Llama graph (`tunelab.model.internlm2`), so no remote code runs
 and every fast path (varlen attention, chunked loss, QLoRA) applies to all of them.
-Mistakes a user can fix (CUDA asked for and absent, bitsandbytes missing, LoRA targets that match nothing; and, through
-`tunelab.model.model_dir`, a wrong path, a directory without weights, an architecture we do not know, the hub
-unreachable) raise `TunelabError` with the fix.
+Mistakes a user can fix (CUDA asked for and absent, bitsandbytes missing; LoRA targets that match nothing, through
+`tunelab.model.targets` before any weight is read; and, through `tunelab.model.model_dir`, a wrong path, a directory
+without weights, an architecture we do not know, the hub unreachable) raise `TunelabError` with the fix.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -20,8 +19,9 @@ from tunelab.errors import TunelabError
 from tunelab.model import internlm2
 from tunelab.model import rope as rope_scaling
 from tunelab.model.model_dir import check_architecture, read_model_config, resolve_model_dir
-from tunelab.model.plan import names_module, plan_fast_path
+from tunelab.model.plan import plan_fast_path
 from tunelab.model.sentencepiece_file import model_proto_module
+from tunelab.model.targets import check_lora_targets_before_loading
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     if errors:
         raise TunelabError("\n".join(errors))
     check_runs_on(cfg, device)
+    check_lora_targets_before_loading(cfg)  # a typo stops here, not after minutes of loading weights
     if cfg.visual_encoder_name_or_path:  # a LLaVA model: the fast path acts on its language model
         from tunelab.model.llava_train import build_for_training
 
@@ -262,8 +263,6 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     elif plan.checkpointing:
         checkpoint_layers(model)
         model.enable_input_require_grads()
-    check_lora_targets(model, cfg.lora_target_modules, cfg.pretrained_model_name_or_path,
-                       cfg.lora_modules_to_save)
     try:
         peft_model = get_peft_model(model, _lora_config(cfg))
     except ValueError as exc:  # peft's refusals of a LoRA setting (e.g. a module type it cannot adapt)
@@ -318,42 +317,6 @@ def checkpoint_layers(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def check_lora_targets(model, targets, model_name: str, modules_to_save=None) -> None:
-    """Every entry of lora_target_modules and lora_modules_to_save names modules of this model. peft passes over a
-    target entry that matches nothing as long as another entry matches, and over a lora_modules_to_save entry that
-    matches nothing at all, so a typo would train fewer modules than asked, silently."""
-    names = [name for name, _ in model.named_modules() if name]
-    missing_saved = [m for m in modules_to_save or () if not names_module(m, names)]
-    if missing_saved:
-        embeddings = [name for name, module in model.named_modules()
-                      if module is model.get_input_embeddings() or module is model.get_output_embeddings()]
-        suggestion = sorted({name.rsplit(".", 1)[-1] for name in embeddings}, reverse=True)
-        raise TunelabError(f"lora_modules_to_save: {', '.join(map(repr, missing_saved))} matches no module of "
-                           f"{model_name}. Its embedding and output layers are named {suggestion}: e.g. "
-                           f"lora_modules_to_save = {suggestion!r}.")
-    if targets == "all-linear":
-        return
-    if isinstance(targets, str):  # peft reads a string as a regular expression over the full module names
-        try:
-            missing = [] if any(re.fullmatch(targets, name) for name in names) else [targets]
-        except re.error as exc:
-            raise TunelabError(f"lora_target_modules = {targets!r}: not a valid regular expression ({exc}). Use "
-                               f"'all-linear' or a list of module names like ['q_proj', 'v_proj'].") from None
-        if missing and names_module(targets, names):  # 'q_proj': a name, where peft reads a pattern
-            raise TunelabError(f"lora_target_modules = {targets!r}: a string is a regular expression over whole "
-                               f"module names (as peft reads it), and {targets!r} matches none of them (they read "
-                               f"like {next(n for n in names if n.endswith('.' + targets))!r}). For the modules "
-                               f"named so, write a list: lora_target_modules = [{targets!r}].")
-    else:
-        missing = [t for t in targets if not names_module(t, names)]
-    if missing:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear) and "lm_head" not in name})
-        raise TunelabError(f"lora_target_modules: {', '.join(map(repr, missing))} matches no module of {model_name}. "
-                           f"Its linear layers are named {linear}: e.g. lora_target_modules = {linear[:2]!r}, or "
-                           f"'all-linear' for all of them.")
 
 
 def load_reference_model(cfg, device: torch.device, plan):

@@ -247,7 +247,7 @@ def lora_adapts(cfg, path: str) -> bool:
     if isinstance(targets, str):
         try:
             return re.fullmatch(targets, path) is not None
-        except re.error:  # reported with the fix when the model loads (load.check_lora_targets)
+        except re.error:  # reported with the fix before the model loads (targets.check_lora_targets)
             return False
     return any(names_module(t, [path]) for t in targets)
 

@@ -38,6 +38,7 @@ from tunelab.model.load import check_runs_on
 from tunelab.model.model_dir import check_token_ids_fit
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
+from tunelab.model.targets import check_lora_targets_before_loading
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import layout, resume_settings
 from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_distributed, rank_shard
@@ -102,6 +103,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     settings_cfg = cfg  # what resolved_config.py records, once the start is accepted
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
     check_runs_on(cfg, env.device)  # and what the model cannot run on this device
+    check_lora_targets_before_loading(cfg)  # on the model built without weights: before the data step, too
     data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
     # the fast path, with the checkpoint's arrangement fitted to this GPU's memory
     plan = fit_plan_to_card(cfg, env.device, plan_fast_path(cfg, env.device, env.world_size), world_size=env.world_size)
