@@ -145,3 +145,16 @@ def test_a_llava_model_as_the_language_model_names_its_parts(tmp_path):
     assert "built from pretrained_model_name_or_path = '/models/qwen'" in message
     assert "built with visual_encoder_name_or_path = '/models/clip'" in message and "pretrained_pth" in message
     assert "trust_remote_code" not in message
+
+
+@pytest.mark.parametrize("arch", ["llama", "internlm2"])
+def test_a_weight_file_cut_short_is_named_with_the_fix(arch, tiny_model_factory, tmp_path):
+    """A download or copy cut short: the file is named, not safetensors' 'Error while deserializing header'."""
+    shutil.copytree(tiny_model_factory(arch), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(TunelabError, match=r"pretrained_model_name_or_path: model\.safetensors in .* is damaged or "
+                                           r"incomplete .* Download or copy it again"):
+        _train(tmp_path / "m")
+    with pytest.raises(TunelabError, match=r"MODEL: model\.safetensors in .* is damaged"):
+        load_model_for_inference(str(tmp_path / "m"), device="cpu")

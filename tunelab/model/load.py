@@ -18,7 +18,7 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.model import internlm2
 from tunelab.model import rope as rope_scaling
-from tunelab.model.model_dir import check_architecture, read_model_config, resolve_model_dir
+from tunelab.model.model_dir import check_architecture, read_model_config, reading_weights, resolve_model_dir
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.sentencepiece_file import model_proto_module
 from tunelab.model.targets import check_lora_targets_before_loading
@@ -184,8 +184,6 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
     reads the score at the last token that is not padding).
     rope: RoPE scaling to build the model with (`tunelab.model.rope`: the run's decision, or its tunelab.json's record).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     device = check_device(device)
     model_dir = resolve_model_dir(path, key=key)
     config = read_model_config(model_dir, key=key)
@@ -197,20 +195,27 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
         kwargs["quantization_config"] = _quantization_config(bits, dtype if isinstance(dtype, torch.dtype) else
                                                               resolve_dtype("auto", device))
         kwargs["device_map"] = {"": device}
-    if how == "internlm2":
-        model = internlm2.load_native(model_dir, reward_head=reward_head, rope=rope, **kwargs)
-    else:
-        if rope:
-            kwargs["config"] = AutoConfig.from_pretrained(model_dir, trust_remote_code=how == "remote")
-            for name in ("num_labels", "pad_token_id"):  # config attributes: from_pretrained takes them with a config
-                if name in kwargs:
-                    setattr(kwargs["config"], name, kwargs.pop(name))
-            rope_scaling.apply(kwargs["config"], rope)
-        auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
-        model = auto.from_pretrained(model_dir, trust_remote_code=how == "remote", **kwargs)
+    with reading_weights(model_dir, key):
+        model = _from_pretrained(model_dir, how, kwargs, reward_head=reward_head, rope=rope)
     if not bits:
         model.to(device)
     return model
+
+
+def _from_pretrained(model_dir, how: str, kwargs: dict, *, reward_head: bool, rope: dict | None):
+    """The model class `how` (model_dir.check_architecture) names, from `model_dir`, built with `rope` if given."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if how == "internlm2":
+        return internlm2.load_native(model_dir, reward_head=reward_head, rope=rope, **kwargs)
+    if rope:
+        kwargs["config"] = AutoConfig.from_pretrained(model_dir, trust_remote_code=how == "remote")
+        for name in ("num_labels", "pad_token_id"):  # config attributes: from_pretrained takes them with a config
+            if name in kwargs:
+                setattr(kwargs["config"], name, kwargs.pop(name))
+        rope_scaling.apply(kwargs["config"], rope)
+    auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
+    return auto.from_pretrained(model_dir, trust_remote_code=how == "remote", **kwargs)
 
 
 def load_model_for_training(cfg, device: torch.device, plan=None, *,

@@ -4,6 +4,7 @@ converted, or the repository's own code when the user asks). Every model load st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -156,3 +157,24 @@ def check_token_ids_fit(cfg, tokenizer, rows) -> None:
                            f"save it first (model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(DIR); "
                            f"tokenizer.save_pretrained(DIR)), then train DIR with lora_modules_to_save = "
                            f"['embed_tokens', 'lm_head'] so the new rows train.")
+
+
+@contextlib.contextmanager
+def reading_weights(directory: str | Path, key: str):
+    """Loading the weights of `directory`: a damaged or incomplete safetensors file (a download or copy cut short, a
+    full disk) is named, with the fix, instead of the safetensors library's 'Error while deserializing header'."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        yield
+    except SafetensorError as exc:
+        damaged = []
+        for file in sorted(Path(directory).glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except SafetensorError:
+                damaged.append(file.name)
+        which = ", ".join(damaged) or "a .safetensors file"
+        raise TunelabError(f"{key}: {which} in {directory} is damaged or incomplete ({exc}): its download or copy "
+                           f"was probably cut short. Download or copy it again.") from None
