@@ -255,6 +255,24 @@ def test_dora_on_an_8bit_base_is_refused_on_the_cpu_before_loading(capsys, tmp_p
     check_runs_on(tiny_cfg(tiny_qwen2_dir, method="qlora", use_dora=True), "cpu")  # 4-bit DoRA trains on the CPU
 
 
+def test_a_dora_adapter_is_refused_on_an_8bit_base_on_the_cpu_by_chat(tmp_path, tiny_qwen2_dir, monkeypatch):
+    """The same peft loss of the 8-bit scales broke `chat --bits 8` on a DoRA adapter at its first reply (a traceback
+    from inside generation); refused before the base loads, with the flags that work."""
+    pytest.importorskip("bitsandbytes")
+    from tests.train_helpers import write_config
+    from tunelab.chat.engine import load_chat_model
+    from tunelab.cli.main import main
+    from tunelab.errors import TunelabError
+
+    config = write_config(tmp_path, tiny_qwen2_dir, use_dora=True, max_steps=1, dtype="fp32")
+    assert main(["train", str(config), "--work-dir", str(tmp_path / "w"), "--device", "cpu"]) == 0
+    import tunelab.model.load as load
+
+    monkeypatch.setattr(load, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(TunelabError, match=r"--bits 8 with the DoRA adapter .* CPU.*Use --bits 4"):
+        load_chat_model(str(tmp_path / "w"), bits=8, device="cpu")
+
+
 @pytest.mark.parametrize("settings", [{"quant_bits": 8}, {"quant_bits": 4, "use_dora": True}])
 def test_the_cpu_alternatives_to_8bit_dora_train(tmp_path, tiny_qwen2_dir, settings):
     """What the refusal above offers trains on the CPU: 8-bit QLoRA without DoRA, 4-bit QLoRA with it (checkpointing

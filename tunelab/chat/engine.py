@@ -17,7 +17,7 @@ from typing import Callable
 
 from tunelab.data.messages import with_default_system
 from tunelab.errors import TunelabError
-from tunelab.export.adapters import apply_adapter, model_to_load
+from tunelab.export.adapters import apply_adapter, check_adapter_runs_on, model_to_load
 
 
 def _say(message: str) -> None:
@@ -191,6 +191,7 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
                            f"--data FILE`.")
     dev = pick_device(device)  # a clear message for --device cuda on a machine without one
     check_bits(bits)
+    check_adapter_runs_on(adapter_dir, bits, dev)
     _say(f"loading {base}" + (f" with adapter {adapter_dir}" if adapter_dir else "") + (f" in {bits}-bit" if bits else ""))
     vision = None
     if meta.get("llava") or is_llava_dir(base):

@@ -63,7 +63,7 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
     if max_length is not None and max_length < 1:
         raise TunelabError(f"max_length must be 1 or more, got {max_length}")
     from tunelab.data.templates import choose_template
-    from tunelab.export.adapters import apply_adapter, model_to_load
+    from tunelab.export.adapters import apply_adapter, check_adapter_runs_on, model_to_load
     from tunelab.model.load import load_causal_lm, load_tokenizer, pick_device, resolve_dtype
     from tunelab.model.model_dir import resolve_model_dir
 
@@ -79,6 +79,7 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
         raise TunelabError(f"{adapter or model_path} is not a reward model: {says}. Score with a model trained with "
                            f"objective = 'reward' (its work dir, checkpoint, merged model, or base with --adapter).")
     dev = pick_device(device)
+    check_adapter_runs_on(adapter_dir, bits, dev)
     tokenizer = load_tokenizer(str(adapter_dir) if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file()
                                else base, trust_remote_code=trust_remote_code)
     model = load_causal_lm(base, dtype=resolve_dtype(dtype, dev), device=dev, bits=bits,

@@ -102,6 +102,16 @@ def _check_adapter_files(adapter_dir: Path) -> None:
                            f"the adapter was not saved completely. Convert the checkpoint again.")
 
 
+def check_adapter_runs_on(adapter_dir: Path | None, bits: int | None, device) -> None:
+    """Before the base loads: a DoRA adapter on an 8-bit base cannot run on the CPU (peft's DoRA loses the 8-bit
+    weight's scales there: `tunelab.model.load.check_runs_on`, which refuses training so)."""
+    if adapter_dir is None or bits != 8 or str(device).split(":")[0] != "cpu":
+        return
+    if read_adapter_config(adapter_dir).get("use_dora"):
+        raise TunelabError(f"--bits 8 with the DoRA adapter {adapter_dir} cannot run on the CPU: peft's DoRA loses "
+                           f"the 8-bit weight's scales there (it runs on a GPU). Use --bits 4, or leave --bits out.")
+
+
 def read_adapter_config(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     try:
