@@ -172,3 +172,33 @@ def test_resume_survives_a_log_line_cut_short_by_a_crash(tmp_path):
     monitor.close()
     assert [r["step"] for r in read_log(log)] == [1, 2, 3]
     assert all(json.loads(line) for line in log.read_text().splitlines())  # the torn line is gone
+
+
+def test_plain_log_lines_say_the_time_left(tmp_path, capsys, monkeypatch):
+    """Piped to a file (nohup, a cluster's log), each line says the ETA the terminal's bar shows: the mean step time
+    of this process (a resumed run counts from its checkpoint's step)."""
+    from tunelab.train import progress
+
+    clock = iter([100.0, 100.0 + 2 * 7.5])  # the monitor starts at 100 s; two steps later 15 s have passed
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    monitor = progress.TrainingMonitor(tmp_path, total_steps=1000, start_step=500)
+    record = {"step": 502, "epoch": 0.5, "loss": 1.0, "lr": 1e-4, "tokens_per_s": 10.0, "memory_gb": 1.0}
+    monitor.update(record, log=True)
+    monitor.close()
+    line = capsys.readouterr().err
+    assert "step 502/1000" in line and line.rstrip().endswith("eta 1:02:15")  # 498 steps of 7.5 s
+
+
+def test_piped_lines_are_not_broken_at_80_columns(tmp_path, capsys):
+    """rich wraps at 80 columns when it is not writing to a terminal: a log file got lines cut in two."""
+    from tunelab.train.progress import TrainingMonitor
+
+    monitor = TrainingMonitor(tmp_path, total_steps=10, start_step=0)
+    answer = "Q: Who are you?\nA: " + "I am TuneBot, an assistant trained with tunelab to answer questions. " * 3
+    monitor.message(answer)
+    monitor.update({"step": 1, "epoch": 0.1, "loss": 1.0, "lr": 1e-4, "tokens_per_s": 10.0, "memory_gb": 1.0,
+                    "reward_margin": 0.5, "accuracy": 0.75}, log=True)
+    monitor.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == answer.splitlines() and len(lines) == 3  # each line whole
+    assert lines[2].startswith("step 1/10") and "reward_margin 0.500  accuracy 0.750  eta " in lines[2]

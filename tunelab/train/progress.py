@@ -1,7 +1,7 @@
 """What the user sees while training: a progress bar, a JSONL log, a loss-curve PNG, run.json, trackers.
 
 * In a terminal: a rich progress bar with loss, lr, tokens/s, ETA and memory. Piped to a file: one plain line
-  per logging step instead (a live bar would fill the file with redraws).
+  per logging step with the same and the ETA instead (a live bar would fill the file with redraws).
 * `WORK_DIR/train_log.jsonl`: one JSON object per logging step (step, epoch, loss, lr, grad_norm, tokens_per_s,
   tokens: the tokens of the rows read since the last line, each counted once over all processes; memory_gb; on a
   GPU also memory_reserved_gb) and per evaluation (eval_loss).
@@ -53,7 +53,8 @@ class TrainingMonitor:
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_path = self.work_dir / LOG_FILE
-        self.last_step = start_step
+        self.last_step = self.start_step = start_step
+        self._started = time.monotonic()  # the ETA of plain lines: the mean step time since this process began
         self._bar = self._task = None
         self._trackers: list = []
         self._shown: dict = {}  # preference metrics of the last log line, kept on the bar between log lines
@@ -75,9 +76,10 @@ class TrainingMonitor:
             self._task = self._bar.add_task("train", total=total_steps, completed=start_step, stats="")
 
     def message(self, text: str) -> None:
-        """Print above the bar (evaluation answers, saves, warnings)."""
+        """Print above the bar (evaluation answers, saves, warnings). Piped to a file, lines are written whole: rich
+        would break them at its 80-column default, a line of the log at a time."""
         if self.enabled:
-            self.console.print(text, markup=False, highlight=False)
+            self.console.print(text, markup=False, highlight=False, soft_wrap=not self.console.is_terminal)
 
     def update(self, record: dict, *, log: bool) -> None:
         """After every optimiser step: move the bar; on logging steps also write the record."""
@@ -89,10 +91,17 @@ class TrainingMonitor:
         if self._bar is not None:
             self._bar.update(self._task, completed=record["step"], stats=stats)
         elif log:
-            self.console.print(f"step {record['step']}/{self.total_steps}  epoch {record['epoch']:.2f}  {stats}",
-                               markup=False, highlight=False)
+            self.console.print(f"step {record['step']}/{self.total_steps}  epoch {record['epoch']:.2f}  {stats}  "
+                               f"eta {self._eta(record['step'])}", markup=False, highlight=False, soft_wrap=True)
         if log:
             self.write(record)
+
+    def _eta(self, step: int) -> str:
+        """Time left at the mean step time of this process so far, as h:mm:ss (what the bar's column shows)."""
+        done = step - self.start_step
+        seconds = (time.monotonic() - self._started) / done * (self.total_steps - step) if done > 0 else 0.0
+        minutes, secs = divmod(int(round(seconds)), 60)
+        return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
     def write(self, record: dict) -> None:
         if not self.enabled:
