@@ -159,3 +159,24 @@ def test_the_run_trains_without_the_context_warning_and_resume_holds_the_setting
     capsys.readouterr()
     code = _cli("train", changed, "--work-dir", paths["work"], "--device", "cpu", "--resume", "auto")
     assert_one_line_error(capsys, code, "rope_scaling was 'linear'")
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["config.json", "tunelab.json"])
+def test_a_gguf_of_llama3_scaling_on_another_architecture_is_refused_before_loading(recorded, tmp_path, capsys):
+    """llama.cpp reads 'llama3' scaling (a rope_freqs tensor) in its llama architecture only: a qwen2 file holding it
+    does not load ("Failed to load model"), so the export refuses it, naming the fix, and writes nothing."""
+    from tunelab.export import gguf_convert
+    from tunelab.model.tiny import make_model
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 2.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": CONTEXT}
+    base = make_model(tmp_path / "base", "qwen2", max_position_embeddings=CONTEXT,
+                      **({} if recorded else {"rope_parameters": llama3}))
+    meta = {"rope_scaling": {"rope_parameters": llama3, "max_position_embeddings": 2 * CONTEXT}} if recorded else {}
+    config = json.loads((base / "config.json").read_text())
+    with pytest.raises(TunelabError, match="RoPE scaling 'llama3' on a qwen2 model.*'yarn' or 'linear'"):
+        gguf_convert.check_gguf_rope(config, meta, base)
+    if not recorded:
+        code = _cli("convert", "gguf", base, tmp_path / "out" / "m.gguf", "--type", "f32")
+        assert_one_line_error(capsys, code, "'llama3'", "qwen2")
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

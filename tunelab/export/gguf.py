@@ -50,6 +50,9 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": Family("gemma2", norm_plus_one=True),
     "Gemma3ForCausalLM": Family("gemma3", norm_plus_one=True),
 }
+# llama.cpp reads Llama 3.1's per-frequency RoPE (the rope_freqs tensor) in its llama architecture only: its qwen2,
+# qwen3, phi3 and gemma loaders have no place for that tensor and refuse a file that holds it
+ROPE_FREQS_ARCHS = ("llama",)
 # Byte-level BPE pre-tokenizer split patterns (tokenizer.json) → llama.cpp's name for that pre-tokenizer.
 PRE_TOKENIZERS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
@@ -94,6 +97,16 @@ def _rope_settings(config) -> dict:
     return params
 
 
+def check_rope_fits(arch: str, kind: str, where) -> None:
+    """Refuse a RoPE scaling llama.cpp cannot run in the GGUF architecture `arch` (before anything is written)."""
+    if kind == "llama3" and arch not in ROPE_FREQS_ARCHS:
+        raise TunelabError(f"{where}: RoPE scaling 'llama3' on a {arch} model: llama.cpp runs Llama 3.1's "
+                           f"per-frequency scaling (a rope_freqs tensor) in its llama architecture only and refuses "
+                           f"a {arch} file that holds it. Nothing was written. Serve the merged model with "
+                           f"transformers or vLLM (tunelab convert merge), or train with rope_scaling = 'yarn' or "
+                           f"'linear' for a GGUF file.")
+
+
 def _add_hyperparameters(writer, config, arch: str) -> torch.Tensor | None:
     """The architecture's keys; returns llama3-style RoPE frequency factors (a tensor) when the model has them."""
     import gguf
@@ -134,6 +147,7 @@ def _add_hyperparameters(writer, config, arch: str) -> torch.Tensor | None:
             writer.add_rope_freq_base_swa(float(local["rope_theta"]))
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     kind = rope["rope_type"]
+    check_rope_fits(arch, kind, type(config).__name__)
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))

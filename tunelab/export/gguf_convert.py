@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.export.gguf import ARCHITECTURES, TYPES, write_gguf
+from tunelab.export.gguf import ARCHITECTURES, TYPES, check_rope_fits, write_gguf
 from tunelab.export.gguf_quantize import QUANTISED_TYPES, check_quantiser, quantise
 
 
@@ -28,6 +28,18 @@ def check_gguf_architecture(config: dict, model_dir: Path) -> None:
                        f"supported: {', '.join(sorted(ARCHITECTURES))}, InternLM2). llama.cpp's "
                        f"convert_hf_to_gguf.py may handle the merged model (tunelab convert merge). Nothing was "
                        f"written.")
+
+
+def check_gguf_rope(config: dict, meta: dict, model_dir: Path) -> None:
+    """Refuse, before any weights load, a RoPE scaling (the run's rope_scaling, else config.json's) that llama.cpp
+    cannot run in the model's GGUF architecture."""
+    from tunelab.model.rope import base_rope_type
+
+    family = next((ARCHITECTURES[a] for a in config.get("architectures") or () if a in ARCHITECTURES), None)
+    if family is None:  # InternLM2: written as llama
+        return
+    recorded = ((meta.get("rope_scaling") or {}).get("rope_parameters") or {}).get("rope_type")
+    check_rope_fits(family.arch, recorded or base_rope_type(config), model_dir / "config.json")
 
 
 def check_tokenizer_files(tokenizer_dir: Path) -> None:
@@ -116,6 +128,7 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     model_dir = resolve_model_dir(model_path, key="MODEL")
     config = read_model_config(model_dir, key="MODEL")
     check_gguf_architecture(config, model_dir)
+    check_gguf_rope(config, meta, model_dir)
     tokenizer_dir = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
     check_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(str(tokenizer_dir), trust_remote_code=trust_remote_code)
