@@ -72,3 +72,36 @@ def test_loraplus_with_full_fine_tuning_is_refused(tmp_path, tiny_llama_dir, cap
     config = write_config(tmp_path, tiny_llama_dir, method="full", loraplus_lr_ratio=16.0)
     code = main(["train", str(config), "--work-dir", str(tmp_path / "w"), "--device", "cpu"])
     assert_one_line_error(capsys, code, "loraplus_lr_ratio", "method = 'full'")
+
+
+def test_a_checkpoint_saved_before_loraplus_existed_resumes_without_it(tmp_path, tiny_llama_dir, capsys):
+    """A run record without loraplus_lr_ratio (a tunelab before LoRA+) trained without it: a resume with a ratio
+    keeps the checkpoint's optimiser groups (one ratio, with a warning), as for any ratio changed on resume; it
+    crashed in torch's load_state_dict ("a different number of parameter groups")."""
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=1, dtype="fp32", gradient_checkpointing=False)
+    work = tmp_path / "w"
+    assert main(["train", str(config), "--work-dir", str(work), "--device", "cpu"]) == 0
+    meta_file = work / "iter_1" / "tunelab.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["run"]["settings"]["loraplus_lr_ratio"], meta["run"]["settings"]["rope_scaling"]
+    meta_file.write_text(json.dumps(meta))  # as the tunelab before loraplus_lr_ratio and rope_scaling wrote it
+    capsys.readouterr()
+    assert main(["train", str(config), "--work-dir", str(work), "--device", "cpu", "--resume", "auto",
+                 "--cfg-options", "max_steps=2", "loraplus_lr_ratio=16.0"]) == 0
+    assert "loraplus_lr_ratio was None in the checkpoint, is 16.0 now" in capsys.readouterr().out
+    code = main(["train", str(config), "--work-dir", str(work), "--device", "cpu", "--resume", str(work / "iter_1"),
+                 "--overwrite", "--cfg-options", "max_steps=2", "rope_scaling='linear'"])
+    assert_one_line_error(capsys, code, "rope_scaling was None in the checkpoint, is 'linear' now")
+
+
+def test_an_optimiser_state_of_other_groups_is_a_message_naming_the_checkpoint(tiny_qwen2_dir, tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.train.strategy import load_optimizer_state
+
+    plain = tiny_cfg(tiny_qwen2_dir, method="lora")
+    model, _ = load_model_for_training(plain, torch.device("cpu"))
+    saved = build_optimizer(model, plain, torch.device("cpu")).state_dict()
+    optimizer = build_optimizer(model, tiny_cfg(tiny_qwen2_dir, method="lora", loraplus_lr_ratio=16.0),
+                                torch.device("cpu"))
+    with pytest.raises(TunelabError, match=r"iter_3: its optimiser state does not fit .*loraplus_lr_ratio"):
+        load_optimizer_state(optimizer, saved, tmp_path / "iter_3")

@@ -5,7 +5,8 @@ compares them with this config's before the data and the model load.
   `LORA` for adapters), or the loss another meaning (`PREFERENCE` for a preference objective: beta, dpo_loss, ...),
   are refused, one line per setting that differs: resuming with them would re-read the saved micro-batch position
   in another batch size, load an adapter into another shape, train on other rows, or minimise another loss from
-  the resumed step on. A checkpoint saved before a setting was recorded is not held to it.
+  the resumed step on. A checkpoint saved before a setting was recorded is not held to it, unless that tunelab had
+  no such setting (`ADDED_LATER`: then the run trained with it off).
 * The optimiser's and schedule's settings (`SCHEDULE`) are the checkpoint's, as Hugging Face Trainer (and so
   LLaMA-Factory) has it: the scheduler and optimiser states restore them. A changed one is named in a warning and
   replaced by the checkpoint's value, so resolved_config.py, run.json and the board show what the run trains with.
@@ -32,6 +33,9 @@ FIXED = ("data_path", "data_format", "dataset_map_fn", "eval_split_ratio", "batc
          "max_length", "rope_scaling", "pack_to_max_length", "shuffle_before_pack", "method", "objective", "optimizer",
          "seed")
 LORA = ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora", "lora_bias", "lora_modules_to_save")
+# Settings newer than the run record itself: a checkpoint whose record lacks one was saved by a tunelab that did not
+# have it, so its run trained with it off (unlike a setting that existed before it was recorded, which is unknown).
+ADDED_LATER = {"rope_scaling": None, "loraplus_lr_ratio": None}
 PREFERENCE = ("beta", "dpo_loss", "label_smoothing", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight")
 SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "weight_decay", "betas", "loraplus_lr_ratio")
 
@@ -67,7 +71,7 @@ def compare(cfg, checkpoint: Path, *, log=print):
         log(f"note: {checkpoint} does not record its run's settings (saved by an older tunelab): they cannot be "
             f"compared with this config's; resume with the config it was trained with")
         return cfg, None
-    saved, now = record["settings"], compared_settings(cfg)
+    saved, now = {**ADDED_LATER, **record["settings"]}, compared_settings(cfg)
     changed = [key for key in now if key in saved and saved[key] != now[key]]
     refused = [f"{checkpoint}: {key} was {saved[key]!r} in the checkpoint, is {now[key]!r} now: resume with "
                f"the config the run was trained with, or start a new work dir" for key in changed

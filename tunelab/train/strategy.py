@@ -80,6 +80,19 @@ class LossModule(torch.nn.Module):
         return self.objective(self.model, batch)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, checkpoint: Path) -> None:
+    """A checkpoint's optimiser state into `optimizer`; a state of other parameter groups (other trained tensors, or
+    another grouping of them: loraplus_lr_ratio) is a message naming the checkpoint, not torch's ValueError (which
+    the settings compared before loading should have caught: this is for a checkpoint edited or of an odd origin)."""
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as exc:
+        raise TunelabError(f"{checkpoint}: its optimiser state does not fit this run's trained parameters ({exc}): "
+                           f"what trains, or how it is grouped (loraplus_lr_ratio, lora_bias, "
+                           f"lora_modules_to_save, ...), changed since it was saved. Resume with the config the run "
+                           f"was trained with, or start a new work dir.") from None
+
+
 class SingleProcess:
     """One process: every call is the plain PyTorch one."""
 
@@ -185,7 +198,7 @@ class SingleProcess:
     def load_optimizer(self, directory: Path, state: dict) -> None:
         """The optimizer state that `save_optimizer` wrote (call on every rank)."""
         if "optimizer" in state:
-            self.raw_optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.raw_optimizer, state["optimizer"], Path(directory).parent)
         elif not Path(directory).is_dir():
             raise TunelabError(f"{directory}: optimizer state not found; resume from a complete iter_N checkpoint.")
         else:
