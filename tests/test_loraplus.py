@@ -105,3 +105,17 @@ def test_an_optimiser_state_of_other_groups_is_a_message_naming_the_checkpoint(t
                                 torch.device("cpu"))
     with pytest.raises(TunelabError, match=r"iter_3: its optimiser state does not fit .*loraplus_lr_ratio"):
         load_optimizer_state(optimizer, saved, tmp_path / "iter_3")
+
+
+def test_an_embedding_adapter_learns_as_any_pair_and_saved_modules_at_lr(tiny_qwen2_dir):
+    """Where tunelab departs from peft on purpose: LoRA on embed_tokens is a pair like any other (peft's optimiser
+    trains both matrices at loraplus_lr_embedding = 1e-6, all but frozen); a module trained whole (modules_to_save)
+    learns at lr, as in peft."""
+    cfg = tiny_cfg(tiny_qwen2_dir, method="lora", loraplus_lr_ratio=16.0, lr=1e-3,
+                   lora_target_modules=["q_proj", "embed_tokens"], lora_modules_to_save=["lm_head"])
+    model, _ = load_model_for_training(cfg, torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in build_optimizer(model, cfg, torch.device("cpu")).param_groups for p in g["params"]}
+    lrs = {name.split("model.")[-1]: lr_of[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+    assert lrs["embed_tokens.lora_embedding_A.default"] == pytest.approx(1e-3)
+    assert lrs["embed_tokens.lora_embedding_B.default"] == pytest.approx(1.6e-2)
+    assert lrs["lm_head.modules_to_save.default.weight"] == pytest.approx(1e-3)

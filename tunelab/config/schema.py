@@ -63,8 +63,8 @@ class TrainConfig:
     use_rslora: bool = False
     """rsLoRA: scale by lora_alpha / sqrt(r), steadier at high rank."""
     loraplus_lr_ratio: Optional[float] = setting(None, Rule(lambda v: v is None or v > 0, "None or a positive number"))
-    """LoRA+: the B matrices (and biases, DoRA magnitudes) learn at lr x this ratio (the LoRA+ paper uses 16).
-    None: every trained tensor at lr."""
+    """LoRA+: the B matrices (and every trained 1-D tensor: biases, DoRA magnitudes, norms) learn at lr x this ratio
+    (the LoRA+ paper uses 16); A matrices and modules_to_save weights at lr. None: every trained tensor at lr."""
 
     # --- data ---------------------------------------------------------------------------------
     data_path: Union[str, list, None] = setting("tatsu-lab/alpaca", DATA_PATH)

@@ -20,8 +20,10 @@ from tunelab.errors import TunelabError
 
 def parameter_groups(model, cfg) -> list[dict]:
     """The trainable parameters in groups: matrices get weight decay, biases and norms do not. LoRA+
-    (`loraplus_lr_ratio`): the B matrices, and the 1-D tensors beside them (biases, DoRA magnitudes), learn at lr x
-    ratio, as peft's `create_loraplus_optimizer` groups them."""
+    (`loraplus_lr_ratio`): the B matrices, and the 1-D tensors beside them (biases, DoRA magnitudes, the norms of
+    modules trained whole), learn at lr x ratio, as peft's `create_loraplus_optimizer` groups them; a LoRA pair on an
+    embedding too, where peft trains both matrices at a fixed 1e-6 (`loraplus_lr_embedding`), which would all but
+    freeze an adapter a user put there to train."""
     ratio = cfg.loraplus_lr_ratio or 1.0
     groups: dict[tuple, list] = {}
     for name, param in model.named_parameters():
