@@ -180,3 +180,22 @@ def test_a_gguf_of_llama3_scaling_on_another_architecture_is_refused_before_load
         code = _cli("convert", "gguf", base, tmp_path / "out" / "m.gguf", "--type", "f32")
         assert_one_line_error(capsys, code, "'llama3'", "qwen2")
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_scaling_the_base_cannot_take_stops_the_run_before_the_data_step(tmp_path, capsys):
+    """A base that scales its RoPE already: refused before the data is read (here a data file that is not JSON)."""
+    from tunelab.model.tiny import make_model
+
+    base = make_model(tmp_path / "base", "llama", max_position_embeddings=CONTEXT,
+                      rope_scaling={"rope_type": "linear", "factor": 2.0})
+    config = write_config(tmp_path, base, max_length=4 * CONTEXT, rope_scaling="yarn")
+    (tmp_path / "identity.json").write_text("not json")
+    code = _cli("train", config, "--work-dir", tmp_path / "w", "--device", "cpu")
+    assert_one_line_error(capsys, code, "rope_scaling = 'yarn'", "scales RoPE already ('linear'")
+
+
+def test_the_not_applied_warning_is_said_once_a_run(tmp_path, tiny_llama_dir, caplog):
+    config = write_config(tmp_path, tiny_llama_dir, max_length=64, rope_scaling="linear", max_steps=1, dtype="fp32")
+    with caplog.at_level(logging.WARNING):
+        assert _cli("train", config, "--work-dir", tmp_path / "w", "--device", "cpu") == 0
+    assert caplog.text.count("rope_scaling = 'linear' not applied") == 1

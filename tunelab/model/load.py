@@ -10,6 +10,7 @@ without weights, an architecture we do not know, the hub unreachable) raise `Tun
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -278,12 +279,16 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
 
 def scaled_rope(cfg) -> dict | None:
     """The RoPE scaling the run trains with (`rope_scaling`; None: the base's own RoPE), decided from the base's
-    config.json before its weights load."""
+    config.json before the data step (`tunelab.train.loop`: a scaling that cannot be added stops the run there) and
+    asked again when the base and the reference load: decided once a process, so its warning is said once."""
     if not cfg.rope_scaling:
         return None
-    model_dir = resolve_model_dir(cfg.pretrained_model_name_or_path)
-    return rope_scaling.scaling_for(cfg.rope_scaling, cfg.max_length, read_model_config(model_dir),
-                                    cfg.pretrained_model_name_or_path)
+    return _scaled_rope(cfg.rope_scaling, cfg.max_length, cfg.pretrained_model_name_or_path)
+
+
+@functools.cache
+def _scaled_rope(kind: str, max_length: int, model: str) -> dict | None:
+    return rope_scaling.scaling_for(kind, max_length, read_model_config(resolve_model_dir(model)), model)
 
 
 def check_runs_on(cfg, device: torch.device | str) -> None:

@@ -34,7 +34,7 @@ from tunelab.data.dataset import row_length
 from tunelab.errors import TunelabError
 from tunelab.model.fast import batch_to_device
 from tunelab.model.fit import choose_reference, fit_plan_to_card
-from tunelab.model.load import check_runs_on
+from tunelab.model.load import check_runs_on, scaled_rope
 from tunelab.model.model_dir import check_token_ids_fit
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
@@ -104,6 +104,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
     check_runs_on(cfg, env.device)  # and what the model cannot run on this device
     check_lora_targets_before_loading(cfg)  # on the model built without weights: before the data step, too
+    scaled_rope(cfg)  # a rope_scaling the base cannot take, too
     data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
     # the fast path, with the checkpoint's arrangement fitted to this GPU's memory
     plan = fit_plan_to_card(cfg, env.device, plan_fast_path(cfg, env.device, env.world_size), world_size=env.world_size)
