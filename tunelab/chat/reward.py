@@ -14,7 +14,6 @@ record ("skipped"), and `Scores.skipped` counts them by reason.
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -93,72 +92,16 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
                        max_length or int(meta.get("max_length") or 2048))
 
 
-def check_data_file(path: str | Path, dataset: str | None = None) -> Path:
-    """The data to score (a file, or a LLaMA-Factory dataset_info.json with the datasets named), or an error
-    naming it."""
-    from tunelab.data.dataset_info import REGISTRY_NAME, is_registry
-
-    path = Path(path)
-    if not path.exists():
-        raise TunelabError(f"--data {path}: no such file.")
-    if is_registry(path):  # read as training reads it: its entries' files through their columns and tags
-        if not dataset:
-            raise TunelabError(f"--data {path}: a LLaMA-Factory dataset registry ({REGISTRY_NAME}); name the "
-                               f"datasets to score with --dataset NAME (its datasets: {_registered_names(path)}).")
-        return path
-    if dataset:
-        raise TunelabError(f"--dataset {dataset!r} names datasets of a LLaMA-Factory {REGISTRY_NAME}, but --data "
-                           f"{path} is not one.")
-    if path.is_dir():
-        raise TunelabError(f"--data {path}: a folder; give one data file (.json / .jsonl / .csv / .parquet), or a "
-                           f"{REGISTRY_NAME} with --dataset.")
-    return path
-
-
-def _registered_names(path: Path) -> str:
-    from tunelab.data.dataset_info import REGISTRY_NAME
-
-    try:
-        table = json.loads((path / REGISTRY_NAME if path.is_dir() else path).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        table = {}
-    names = [str(name) for name in table] if isinstance(table, dict) else []
-    return ", ".join(names) or "none"
-
-
 def read_scored(path: str | Path, limit: int | None = None, dataset: str | None = None,
                 warn: Callable[[str], None] | None = None) -> list[dict]:
-    """The records of a data file, or of the datasets `dataset` names in a dataset_info.json (the first `limit`),
-    as pairs or as {"prompt", "completion"} (the last reply scored); read before the model loads, so that a bad
-    record stops the command at once. Each record reaches its shape as training reads it
-    (`tunelab.data.sources.registered`: a registry entry's columns and tags), and a registry entry's num_samples
-    picks the samples training picks with the default seed (`tunelab.data.sources.pick_samples`); warn(line) is
-    told the fields not read."""
-    from tunelab.config.schema import TrainConfig
-    from tunelab.data.data_path import resolve_sources
-    from tunelab.data.reports import file_warnings
-    from tunelab.data.sources import pick_samples, registered, source_records
+    """The records of the data at `path`, or of the datasets `dataset` names in a dataset_info.json (the first
+    `limit`), as pairs or as {"prompt", "completion"} (the last reply scored); read before the model loads, so that a
+    bad record stops the command at once. Read as training reads them (`tunelab.data.eval_data.read_samples`: a
+    registry entry's columns, tags and num_samples); warn(line) is told the fields not read."""
+    from tunelab.data.eval_data import read_samples
 
-    path = check_data_file(path, dataset)
-    data_path = [{"path": str(path), "dataset": dataset}] if dataset else str(path)
-    seed = TrainConfig().seed
-    samples: list[dict] = []
-    for i, source in enumerate(resolve_sources(data_path, "auto", objective="reward")):
-        # num_samples picks among all of a dataset's samples, so its source is read whole before `limit` applies
-        whole = limit is None or (source.entry is not None and bool(source.entry.num_samples))
-        found: list[dict] = []
-        for report, records in source_records(source):
-            for rec in itertools.islice(records, None if whole else limit - len(samples) - len(found)):
-                data, fmt = registered(rec, source, "auto", report)
-                found.append(_scored_sample(data, fmt, rec.where))
-            for line in file_warnings(report) if warn is not None else []:
-                warn(line)
-            if not whole and len(samples) + len(found) >= limit:
-                break
-        samples += [found[j] for j in pick_samples(source, len(found), seed + i)]
-        if limit is not None and len(samples) >= limit:
-            return samples[:limit]
-    return samples
+    return read_samples(path, lambda data, fmt, where, report: _scored_sample(data, fmt, where), limit=limit,
+                        dataset=dataset, objective="reward", warn=warn, verb="score")
 
 
 def _scored_sample(data, fmt: str, where: str) -> dict:

@@ -132,13 +132,13 @@ def _text(value, where: str, field: str) -> str:
 
 # --- one converter per format ---------------------------------------------------------------------
 
-def _from_alpaca(r: dict, where: str, images) -> list[dict]:
+def _from_alpaca(r: dict, where: str, images, reply_needed: bool = True) -> list[dict]:
     if "instruction" in r or "prompt" in r or "input" not in r:
         instruction = _need(r, "prompt" if "prompt" in r and "instruction" not in r else "instruction", where,
                             "alpaca")
     else:  # {"input", "output"} (XTuner's default_map_fn shape): the input is the whole question
         instruction = ""
-    output = _need(r, "output", where, "alpaca")
+    output = _need(r, "output", where, "alpaca") if reply_needed or "output" in r else None  # a prompt alone
     extra = r.get("input") or ""
     if not isinstance(extra, str):
         raise fail(where, f"field 'input' should be text, found {type(extra).__name__}", "Fix the value of 'input'.")
@@ -148,7 +148,8 @@ def _from_alpaca(r: dict, where: str, images) -> list[dict]:
             raise fail(where, "'history' should be a list of [question, answer] pairs", "Fix 'history'.")
         messages += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
     user = "\n".join(part for part in (instruction, extra) if part)
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    messages.append({"role": "user", "content": user})
+    return messages + ([{"role": "assistant", "content": output}] if output is not None else [])
 
 
 def _from_messages(turns: list, where: str, images) -> list[dict]:
@@ -234,8 +235,9 @@ def _from_conversation(r: dict, where: str, images) -> list[dict] | str:
     return messages
 
 
-def check_role_order(messages: list[dict], where: str) -> None:
-    """system? then user+, assistant, (tool+, assistant)*, user+, ... ending with an assistant reply.
+def check_role_order(messages: list[dict], where: str, *, reply_needed: bool = True) -> None:
+    """system? then user+, assistant, (tool+, assistant)*, user+, ... ending with an assistant reply (or, not
+    `reply_needed`, with the turn a reply would answer: a prompt to predict from).
 
     Several user messages in a row are allowed (OpenAI's data has them, e.g. a question, then its image)."""
     allowed_after = {None: {"system", "user"}, "system": {"user"}, "user": {"user", "assistant"},
@@ -249,17 +251,18 @@ def check_role_order(messages: list[dict], where: str) -> None:
                        "Order turns as system?, user, assistant, user, assistant, ... (tool results follow an "
                        "assistant tool call and precede the next assistant reply).")
         previous = m["role"]
-    if previous != "assistant":
+    if previous != "assistant" and (reply_needed or previous in (None, "system")):
         raise fail(where, "the conversation does not end with an assistant reply" if previous else "no messages",
                    "Each sample needs at least one user question and an assistant answer after it (preference "
                    "pairs with 'chosen' / 'rejected' are for preference training, not this run).")
 
 
-def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = None) -> dict:
+def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = None, reply_needed: bool = True) -> dict:
     """One raw record in format `fmt` -> {"messages": [...], "tools"?: [...]} or {"text": ...}.
 
     images: None in a text-only run (any image is an error pointing at multimodal training); a list to collect the
     record's image references into, in the order of their <image> placeholders (see tunelab.data.multimodal).
+    reply_needed: False reads a conversation that ends before its reply too (`tunelab predict`'s prompts).
     Raises InvalidRecord.
     """
     fmt = canonical_format(fmt)
@@ -278,7 +281,7 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
     if fmt == "text":
         return {"text": _need(record, "text", where, "text")}
     if fmt == "alpaca":
-        messages = _from_alpaca(record, where, images)
+        messages = _from_alpaca(record, where, images, reply_needed)
     elif fmt == "messages" or (fmt == "agent" and "messages" in record):
         turns = _need(record, "messages", where, fmt, list)
         _one_system(record, turns, where, "messages")
@@ -295,7 +298,7 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
         raise TunelabError(f"unknown data_format {fmt!r}; use 'auto' or one of {', '.join(FORMATS)}")
     if any(m["role"] == "tool" for m in messages):
         msg.name_tool_results(messages, where)
-    check_role_order(messages, where)
+    check_role_order(messages, where, reply_needed=reply_needed)
     sample = {"messages": messages}
     if record.get("tools") or record.get("functions"):
         found = msg.tools(record.get("tools"), where) + msg.tools(record.get("functions"), where, "functions")
