@@ -25,6 +25,7 @@ VERB_MODULES = [
     "tunelab.cli.board_cmd",  # board
     "tunelab.cli.export_cmds",  # convert
     "tunelab.cli.chat_cmds",  # chat, web, serve
+    "tunelab.cli.predict_cmd",  # predict
     "tunelab.cli.reward_cmds",  # reward
     "tunelab.cli.demo_cmd",  # demo
 ]

@@ -1,0 +1,269 @@
+"""`tunelab predict MODEL --data FILE --out preds.jsonl`: the model's replies to a test set, beside the references,
+scored as LLaMA-Factory's `do_predict` scores them (`tunelab.chat.metrics`), to tell whether training taught it.
+
+Each record is read as training reads it (`tunelab.data.eval_data`). A conversation's prompt is everything before its
+last assistant reply, and that reply is the reference; a conversation that ends before its reply (a user turn last,
+an alpaca record without 'output') is predicted without a reference. A preference pair's prompt is predicted and its
+chosen reply is the reference (what the training aimed at); a KTO sample's reply is the reference when it is labelled
+desirable, and an undesirable one is left out as a reference (the prompt is still predicted). Pretraining text has no
+prompt to answer, and image (LLaVA) samples are refused: both are named with their record.
+
+Generation goes through the engine's batcher (`tunelab.chat.batcher`, what `tunelab serve` runs), with the model's
+template, system prompt and stop words, greedy by default. Lines are written in data order as soon as every reply
+before them is done, so an interrupted run keeps what it finished, and the same command again resumes after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tunelab.errors import TunelabError
+
+WHERE = re.compile(r"^(?P<file>.*) (?P<kind>line|record|row) (?P<n>\d+)$")
+"""A record's place as the readers write it ('data.jsonl line 3'), split into its file and number."""
+
+
+@dataclass
+class TestSample:
+    where: str
+    prompt: list[dict]
+    reply: dict | None
+    """The reply the prediction is compared with (None: predicted without a reference)."""
+    tools: list[dict] | None = None
+    note: str = ""
+    """Where the reference comes from when that is not a conversation's last reply, or why there is none."""
+
+
+def metrics_path(out: Path) -> Path:
+    return out.with_name(out.name + ".metrics.json")
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+
+def read_test_samples(path: str | Path, limit: int | None = None, dataset: str | None = None,
+                      warn: Callable[[str], None] | None = None) -> list[TestSample]:
+    """The test samples of the data at `path` (of the datasets `dataset` names in a dataset_info.json; the first
+    `limit`), read before the model loads so that a bad record stops the command at once."""
+    from tunelab.data.eval_data import read_samples
+
+    return read_samples(path, _test_sample, limit=limit, dataset=dataset, objective="reward", warn=warn,
+                        verb="predict")
+
+
+def _test_sample(data, fmt: str, where: str, report: dict) -> TestSample:
+    from tunelab.data.formats import FORMATS, MEDIA_FIELDS, UNUSED_HINTS, detect_format, normalise, unused_fields
+    from tunelab.data.messages import refuse_lone_surrogates
+    from tunelab.data.preference import normalise_kto, normalise_preference, record_kind
+    from tunelab.data.reports import count_unused
+
+    if isinstance(data, dict) and any(data.get(k) for k in MEDIA_FIELDS):
+        raise TunelabError(f"{where}: an image (LLaVA) sample; `tunelab predict` answers text prompts. Ask a LLaVA "
+                           f"model about a picture with `tunelab chat MODEL --image FILE --prompt TEXT`.")
+    kind = record_kind(data)
+    if kind == "preference":
+        pair = normalise_preference(data, where)
+        sample = TestSample(where, pair["prompt"], pair["chosen"], pair.get("tools"), "reference: the chosen reply")
+    elif kind == "kto":
+        kto = normalise_kto(data, where)
+        sample = TestSample(where, kto["prompt"], kto["completion"] if kto["label"] else None, kto.get("tools"),
+                            "reference: the desirable reply" if kto["label"] else
+                            "no reference: the reply is labelled undesirable")
+    else:
+        fmt = detect_format(data) if fmt == "auto" else fmt
+        if fmt is None:
+            keys = ", ".join(map(repr, data)) if isinstance(data, dict) else type(data).__name__
+            raise TunelabError(f"{where}: cannot tell the data format from this record (fields: {keys}). Use one "
+                               f"of {', '.join(FORMATS)} (docs/DATA.md shows each), with a conversation to answer.")
+        read = normalise(data, fmt, where, reply_needed=False)
+        if "text" in read:
+            raise TunelabError(f"{where}: pretraining text (format {fmt!r}) has no prompt to answer. `tunelab "
+                               f"predict` needs conversations: a question and, to be scored, its reply.")
+        if report is not None:
+            for name in unused_fields(data, fmt):  # as training tells them
+                count_unused(report, name, where, UNUSED_HINTS.get(name.split(".")[-1], f"the {fmt!r} format does "
+                             f"not read it"))
+        messages = read["messages"]
+        last = messages[-1]["role"] == "assistant"
+        sample = TestSample(where, messages[:-1] if last else messages, messages[-1] if last else None,
+                            read.get("tools"), "" if last else "no reference: the conversation ends before its reply")
+    refuse_lone_surrogates({"messages": sample.prompt + ([sample.reply] if sample.reply else [])}, where)
+    sample.prompt = [{k: v for k, v in m.items() if k != "train"} for m in sample.prompt]
+    return sample
+
+
+def reference_text(template, sample: TestSample) -> str | None:
+    """The text the prediction is compared with: the reply's content; a reply with tool calls or reasoning as the
+    template writes it after the prompt (what the model was trained to generate), up to its stop words. None: no
+    reference (none given, or an empty reply)."""
+    from tunelab.model.generate import cut_at_stop_words
+
+    reply = sample.reply
+    if reply is None:
+        return None
+    if not reply.get("tool_calls") and not reply.get("reasoning_content"):
+        return (reply.get("content") or "").strip() or None
+    prompt = template.render(sample.prompt, tools=sample.tools, add_generation_prompt=True)
+    whole = template.render(sample.prompt + [reply], tools=sample.tools)
+    text = whole[len(prompt):] if whole.startswith(prompt) else reply.get("content") or ""
+    return cut_at_stop_words(text, template.stop_words).strip() or None
+
+
+# --- the output file --------------------------------------------------------------------------------------------
+
+def source_fields(where: str) -> dict:
+    """{"source": where, "file", "line" | "record" | "row"}: where a sample came from, also as its parts."""
+    found = WHERE.match(where)
+    return {"source": where, **({"file": found["file"], found["kind"]: int(found["n"])} if found else {})}
+
+
+def done_lines(out: Path, settings: dict, samples: list[TestSample], overwrite: bool) -> int:
+    """How many predictions of this run `out` holds already (0: start it anew). An `out` written by another run
+    (other model, data or settings), or not by `tunelab predict`, is refused unless `overwrite`."""
+    if overwrite or not out.exists():
+        return 0
+    fix = "pass --overwrite to replace it, or another --out"
+    if out.is_dir():
+        raise TunelabError(f"--out {out}: a folder; give a file name such as {out / 'preds.jsonl'}.")
+    meta_file = metrics_path(out)
+    try:
+        recorded = json.loads(meta_file.read_text(encoding="utf-8")).get("settings")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is None:
+        raise TunelabError(f"--out {out} exists and {meta_file.name} beside it does not say which run wrote it: "
+                           f"{fix}.")
+    changed = [k for k in sorted(set(settings) | set(recorded)) if settings.get(k) != recorded.get(k)]
+    if changed:
+        says = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in changed)
+        raise TunelabError(f"--out {out} holds the predictions of another run ({says}): {fix}.")
+    lines = out.read_text(encoding="utf-8").split("\n")
+    kept: list[str] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n >= len(lines) - 1:  # the last line, cut short when the run stopped: written again
+                break
+            raise TunelabError(f"{out} line {n}: not JSON, so the run cannot resume after it: {fix}.") from None
+        count = len(kept)
+        if count >= len(samples) or row.get("index") != count or row.get("source") != samples[count].where:
+            raise TunelabError(f"{out} line {n} is not the prediction of sample {count} of this data "
+                               f"({samples[count].where if count < len(samples) else 'none left'}): {fix}.")
+        kept.append(line)
+    if len(kept) != sum(1 for line in lines if line.strip()):
+        out.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return len(kept)
+
+
+# --- generating -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """A bar with samples/s on a terminal, else a line at every tenth of the run (a log file stays short)."""
+    total: int
+    start: int = 0
+
+    def __post_init__(self):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.began, self.done, self.bar = time.monotonic(), self.start, None
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self.bar = Bar(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           TextColumn("{task.fields[rate]}"), console=self.console)
+            self.bar.start()
+            self.task = self.bar.add_task("predict", total=self.total, completed=self.start, rate="")
+
+    def rate(self) -> float:
+        return (self.done - self.start) / max(time.monotonic() - self.began, 1e-9)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, rate=f"{self.rate():.2f} samples/s")
+        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            self.console.print(f"predicted {self.done}/{self.total} ({self.rate():.2f} samples/s)", markup=False,
+                               highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int = 0,
+            on_line: Callable[[dict], None] | None = None) -> float:
+    """Predict samples[start:] with `chat` (a `tunelab.chat.engine.ChatModel`), appending one JSON line per sample
+    to `out` in data order as soon as it and every sample before it are done. Returns samples/s."""
+    from tunelab.chat.engine import ContextError
+
+    replies: queue.Queue = queue.Queue()
+    jobs, ready = [], {}
+    for i in range(start, len(samples)):
+        sample = samples[i]
+        messages = chat.with_system(sample.prompt)
+        line = {"index": i, **source_fields(sample.where), "messages": messages,
+                **({"tools": sample.tools} if sample.tools else {}),
+                "reference": reference_text(chat.template, sample), **({"note": sample.note} if sample.note else {})}
+        try:
+            ids, _ = chat.prompt(sample.prompt, tools=sample.tools)
+            limit = chat.fit_reply(len(ids), settings.max_new_tokens, asked=False)
+        except (ContextError, TunelabError) as exc:  # this sample alone: said in its line, counted in the metrics
+            ready[i] = {**line, "prediction": None, "error": str(exc)}
+            continue
+        job = chat.job(ids, dataclasses.replace(settings, max_new_tokens=limit),
+                       on_done=lambda reply, i=i, line=line: replies.put((i, line, reply)))
+        jobs.append(job)
+    bar = Progress(len(samples), start)
+    next_i, speed = start, 0.0
+    try:
+        for job in jobs:
+            chat.batcher.submit(job)
+        with open(out, "a", encoding="utf-8") as f:
+            while next_i < len(samples):
+                if next_i not in ready:
+                    i, line, reply = replies.get()
+                    if isinstance(reply, Exception):
+                        raise reply
+                    ready[i] = {**line, "prediction": reply.text.strip(), "finish_reason": reply.finish_reason}
+                    continue
+                row = ready.pop(next_i)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                if on_line is not None:
+                    on_line(row)
+                next_i += 1
+                bar.advance()
+        speed = bar.rate()
+    finally:
+        bar.close()
+        for job in jobs:  # Ctrl-C: the worker drops what is left at its next step
+            job.cancel()
+    return speed
+
+
+def write_metrics(out: Path, settings: dict, result: dict | None) -> Path:
+    """OUT.metrics.json: the run's settings (what a resume is checked against) and, once done, its scores."""
+    path = metrics_path(out)
+    path.write_text(json.dumps({**(result or {}), "finished": result is not None, "settings": settings},
+                               ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def read_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
