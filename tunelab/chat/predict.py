@@ -94,6 +94,9 @@ def _test_sample(data, fmt: str, where: str, report: dict) -> TestSample:
         last = messages[-1]["role"] == "assistant"
         sample = TestSample(where, messages[:-1] if last else messages, messages[-1] if last else None,
                             read.get("tools"), "" if last else "no reference: the conversation ends before its reply")
+        if last and not (messages[-1].get("content") or "").strip() and not messages[-1].get("tool_calls") \
+                and not messages[-1].get("reasoning_content"):
+            sample.reply, sample.note = None, "no reference: the reply is empty"
     refuse_lone_surrogates({"messages": sample.prompt + ([sample.reply] if sample.reply else [])}, where)
     sample.prompt = [{k: v for k, v in m.items() if k != "train"} for m in sample.prompt]
     return sample

@@ -138,9 +138,10 @@ def _say_references(samples) -> None:
     from tunelab.chat.predict import say
 
     notes = Counter(s.note for s in samples if s.note)
+    say(f"{len(samples)} sample(s) to predict")
+    for note, count in notes.items():
+        say(f"  {count} sample(s): {note}")
     missing = sum(count for note, count in notes.items() if note.startswith("no reference"))
-    said = "; ".join(f"{count} {note.split(': ', 1)[1]}" for note, count in notes.items())
-    say(f"{len(samples)} sample(s) to predict" + (f" ({said})" if said else ""))
     if missing:
         say(f"note: {missing} sample(s) have no reference: predicted and written, not scored")
 

@@ -1,0 +1,213 @@
+"""`tunelab predict`: a tiny model taught its identity through `tunelab train` names itself on held-out questions and
+scores above its base; lines in data order with their source; greedy replies the same at any batch size; an
+interrupted run resumed, another run's file refused; dataset_info.json columns; bad records named; the scores equal
+the libraries' own (LLaMA-Factory's recipe) on fixed English and Chinese strings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.train_helpers import IDENTITY, assert_one_line_error, write_config
+from tunelab.cli.main import main
+from tunelab.data.self_cognition import QUESTIONS_EN
+
+HELD_OUT = QUESTIONS_EN[16:]  # never trained on: the model must answer them from what it learnt
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _predict(model, data, out, *extra) -> int:
+    return main(["predict", str(model), "--data", str(data), "--out", str(out), "--device", "cpu",
+                 "--max-new-tokens", "16", *extra])
+
+
+@pytest.fixture(scope="module")
+def identity_run(tmp_path_factory, tiny_llama_dir):
+    """A work dir of `tunelab train` on 16 identity questions (full fine-tuning of the tiny llama, ~10 s)."""
+    directory = tmp_path_factory.mktemp("identity_run")
+    config = write_config(directory, tiny_llama_dir, method="full", lr=3e-3, max_epochs=12, batch_size=4,
+                          pack_to_max_length=False, save_steps=1000, logging_steps=50)
+    (directory / "identity.json").write_text(json.dumps([{"instruction": q, "input": "", "output": IDENTITY}
+                                                         for q in QUESTIONS_EN[:16]]))
+    assert main(["train", str(config), "--work-dir", str(directory / "wd"), "--device", "cpu"]) == 0
+    return directory / "wd"
+
+
+def test_a_trained_model_names_itself_on_held_out_questions_and_scores_above_its_base(
+        identity_run, tiny_llama_dir, tmp_path, capsys):
+    data = _jsonl(tmp_path / "held_out.jsonl", [{"instruction": q, "output": IDENTITY} for q in HELD_OUT])
+    assert _predict(identity_run, data, tmp_path / "tuned.jsonl", "--max-new-tokens", "24") == 0
+    assert _predict(tiny_llama_dir, data, tmp_path / "base.jsonl", "--prompt-template", "qwen_chat") == 0
+    printed = capsys.readouterr().out
+    tuned, base = (json.loads((tmp_path / f"{n}.jsonl.metrics.json").read_text()) for n in ("tuned", "base"))
+    assert all("Tuna" in line["prediction"] for line in _lines(tmp_path / "tuned.jsonl"))
+    assert not any("Tuna" in line["prediction"] for line in _lines(tmp_path / "base.jsonl"))
+    for key in ("exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l"):
+        assert tuned[key] > base[key] or tuned[key] == base[key] == 100, key
+    assert tuned["bleu-4"] > 50 > base["bleu-4"] and tuned["count"] == len(HELD_OUT) == tuned["scored"]
+    # the checkpoint the work dir names is what was loaded and recorded (a resume must load the same)
+    assert tuned["finished"] and tuned["settings"]["model"] == str((identity_run / "iter_48" / "model").resolve())
+    assert f"bleu-4               {tuned['bleu-4']}" in printed  # the scores are printed too
+
+
+def _mixed(tmp_path) -> Path:
+    """Records of several formats and prompt lengths; one ends before its reply, one is a preference pair."""
+    return _jsonl(tmp_path / "mixed.jsonl", [
+        {"instruction": "Who are you?", "output": IDENTITY},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And your name?"},
+                      {"role": "assistant", "content": "Tuna."}]},
+        {"conversations": [{"from": "human", "value": "What is your name? " * 6}]},
+        {"prompt": "Who built you?", "chosen": IDENTITY, "rejected": "Nobody."},
+        {"instruction": "Say something long, please, about yourself and your maker", "output": "No."},
+        {"instruction": "x", "output": ""},
+    ])
+
+
+def test_lines_follow_the_data_with_their_source_and_batch_sizes_agree(tiny_llama_dir, tmp_path, capsys):
+    data = _mixed(tmp_path)
+    for size in ("1", "4"):
+        assert _predict(tiny_llama_dir, data, tmp_path / f"b{size}.jsonl", "--batch-size", size,
+                        "--prompt-template", "qwen_chat") == 0
+    err = capsys.readouterr().err
+    one, four = _lines(tmp_path / "b1.jsonl"), _lines(tmp_path / "b4.jsonl")
+    assert [r["prediction"] for r in one] == [r["prediction"] for r in four]  # greedy: padding changes nothing
+    assert len({r["prediction"] for r in one}) > 1  # the model does not say one thing to all: the order matters
+    assert [(r["index"], r["source"], r["file"], r["line"]) for r in one] == \
+        [(i, f"{data} line {i + 1}", str(data), i + 1) for i in range(6)]
+    assert [r["reference"] for r in one] == [IDENTITY, "Tuna.", None, IDENTITY, "No.", None]
+    assert one[1]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": "Hello."},
+                                  {"role": "user", "content": "And your name?"}]
+    assert one[2]["messages"][-1]["role"] == "user" and "no reference" in one[2]["note"]
+    assert one[3]["note"] == "reference: the chosen reply"
+    assert "2 sample(s) have no reference" in err
+    metrics = json.loads((tmp_path / "b1.jsonl.metrics.json").read_text())
+    assert (metrics["count"], metrics["scored"], metrics["without_reference"]) == (6, 4, 2)
+
+
+def test_an_interrupted_run_resumes_and_another_runs_file_is_refused(tiny_llama_dir, tmp_path, capsys):
+    data, out = _mixed(tmp_path), tmp_path / "p.jsonl"
+    args = ("--prompt-template", "qwen_chat")
+    assert _predict(tiny_llama_dir, data, out, *args) == 0
+    whole = out.read_text(encoding="utf-8")
+    lines = whole.splitlines(keepends=True)
+    out.write_text("".join(lines[:2]) + lines[2][:15], encoding="utf-8")  # stopped while writing line 3
+    capsys.readouterr()
+    assert _predict(tiny_llama_dir, data, out, *args) == 0
+    assert "resuming: " in capsys.readouterr().err and out.read_text(encoding="utf-8") == whole
+
+    assert _predict(tiny_llama_dir, data, out, *args, "--max-new-tokens", "8") == 2  # other settings: refused
+    assert_one_line_error(capsys, 2, str(out), "max_new_tokens: 16 there, 8 now", "--overwrite")
+    assert out.read_text(encoding="utf-8") == whole
+    assert _predict(tiny_llama_dir, data, out, *args, "--max-new-tokens", "8", "--overwrite") == 0
+    assert out.read_text(encoding="utf-8") != whole and len(_lines(out)) == 6
+
+    mine = _jsonl(tmp_path / "mine.jsonl", [{"a": 1}])  # a file tunelab predict did not write
+    assert _predict(tiny_llama_dir, data, mine, *args) == 2
+    assert_one_line_error(capsys, 2, "mine.jsonl exists", "--overwrite")
+    assert mine.read_text() == '{"a": 1}\n'
+    assert _predict(tiny_llama_dir, data, data, *args) == 2  # never over the test data, even with --overwrite
+    assert_one_line_error(capsys, 2, "is the test data")
+
+
+def test_a_dataset_info_dataset_is_read_through_its_columns(tiny_llama_dir, tmp_path, capsys):
+    _jsonl(tmp_path / "qa.jsonl", [{"question": "Who are you?", "answer": IDENTITY, "id": 1},
+                                   {"question": "Hi", "answer": "Hello."}])
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"qa": {
+        "file_name": "qa.jsonl", "columns": {"prompt": "question", "response": "answer"}}}))
+    registry = tmp_path / "dataset_info.json"
+    assert _predict(tiny_llama_dir, registry, tmp_path / "out.jsonl") == 2  # which dataset?
+    assert_one_line_error(capsys, 2, "name the datasets to predict with --dataset NAME (its datasets: qa)")
+    assert _predict(tiny_llama_dir, registry, tmp_path / "out.jsonl", "--dataset", "qa") == 0
+    rows = _lines(tmp_path / "out.jsonl")
+    assert [r["reference"] for r in rows] == [IDENTITY, "Hello."]
+    assert rows[0]["messages"][-1] == {"role": "user", "content": "Who are you?"}
+    assert rows[0]["file"] == str(tmp_path / "qa.jsonl") and rows[1]["line"] == 2
+    assert "field 'id' not used" in capsys.readouterr().err  # nothing dropped without a word
+
+
+@pytest.mark.parametrize("record, says", [
+    ({"text": "A plain document."}, "line 2: pretraining text"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "images": ["cat.png"]}, "line 2: an image (LLaVA) sample"),
+    ({"conversations": [{"from": "nobody", "value": "Hi"}]}, "line 2:"),
+    ({"weird": 1}, "line 2: cannot tell the data format"),
+])
+def test_a_bad_record_is_named_before_the_model_loads(tmp_path, capsys, record, says):
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n" + json.dumps(record) + "\n")
+    assert _predict(tmp_path / "no_model", data, tmp_path / "out.jsonl") == 2
+    message = assert_one_line_error(capsys, 2, "test.jsonl", says)
+    assert "no_model" not in message and not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_line_that_is_not_json_is_named(tmp_path, capsys):
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n{oops\n")
+    assert _predict(tmp_path / "no_model", data, tmp_path / "out.jsonl") == 2
+    assert_one_line_error(capsys, 2, "test.jsonl line 2")
+
+
+# --- the scores -------------------------------------------------------------------------------------------------
+
+EN = ("I am a cat.", "I am TuneBot, your helper.")
+ZH = ("我是小助手，很高兴为你服务。", "我是小助手，由张三开发的人工智能助手。")
+
+
+def _library_scores(prediction: str, reference: str) -> dict:
+    """LLaMA-Factory's ComputeSimilarity, written out with the libraries."""
+    import jieba
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_chinese import Rouge
+
+    hyp, ref = " ".join(jieba.cut(prediction)), " ".join(jieba.cut(reference))
+    rouge = Rouge().get_scores(hyp, ref)[0]
+    bleu = sentence_bleu([list(reference)], list(prediction), smoothing_function=SmoothingFunction().method3)
+    return {"bleu-4": round(bleu * 100, 4), **{k: round(v["f"] * 100, 4) for k, v in rouge.items()}}
+
+
+@pytest.mark.parametrize("pair", [EN, ZH])
+def test_scores_equal_the_libraries_values(pair):
+    from tunelab.chat.metrics import similarity
+
+    assert similarity(*pair) == _library_scores(*pair)
+    assert similarity(pair[1], pair[1]) == {"bleu-4": 100.0, "rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0}
+
+
+def test_scores_by_hand():
+    from tunelab.chat.metrics import similarity, summarise
+
+    # words I, am, a, cat, . against I, am, TuneBot, ",", your, helper, .: 3 shared of 5 and 7 words (F1 0.5), one
+    # shared bigram of 4 and 6 (F1 0.2), the longest common subsequence I am . (F1 0.5)
+    scores = similarity(*EN)
+    assert (scores["rouge-1"], scores["rouge-2"], scores["rouge-l"]) == (50.0, 20.0, 50.0)
+    assert 0 < scores["bleu-4"] < 20
+    assert similarity("", "abc") == {"bleu-4": 0.0, "rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    rows = [{"prediction": EN[1], "reference": f" {EN[1]} "}, {"prediction": EN[0], "reference": EN[1]},
+            {"prediction": "x", "reference": None}, {"prediction": None, "reference": "y", "error": "too long"}]
+    result = summarise(rows)
+    assert result["exact_match"] == 50.0 and (result["count"], result["scored"]) == (4, 2)
+    assert (result["without_reference"], result["failed"]) == (1, 1)
+    assert result["rouge-1"] == round((100 + 50) / 2, 4)
+
+
+def test_without_the_libraries_predictions_and_exact_match_are_still_written(tiny_llama_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    import tunelab.chat.metrics as metrics
+
+    monkeypatch.setattr(metrics, "missing_libraries", lambda: ["nltk", "rouge-chinese"])
+    data = _jsonl(tmp_path / "t.jsonl", [{"instruction": "Hi", "output": "Hello"}])
+    assert _predict(tiny_llama_dir, data, tmp_path / "p.jsonl") == 0
+    result = json.loads((tmp_path / "p.jsonl.metrics.json").read_text())
+    assert "exact_match" in result and "bleu-4" not in result and len(_lines(tmp_path / "p.jsonl")) == 1
+    assert "pip install 'tunelab[metrics]'" in capsys.readouterr().err
