@@ -73,6 +73,18 @@ def test_a_failed_quantisation_keeps_the_f16_file_and_says_so(tmp_path, wide_mod
     assert (tmp_path / "m.f16.gguf").is_file() and not (tmp_path / "m.gguf").exists()
 
 
+def test_a_file_where_the_f16_source_goes_is_refused_before_loading(tmp_path, wide_model, capsys, monkeypatch):
+    """OUT.f16.gguf is written and removed by the quantisation: a file of that name already there (an f16 export of
+    the user's, a failed quantisation's) is named, and kept as it is."""
+    pytest.importorskip("llama_cpp")
+    mine = tmp_path / "m.f16.gguf"
+    mine.write_bytes(b"the user's f16 export")
+    monkeypatch.setattr("tunelab.model.load.load_causal_lm", lambda *a, **k: pytest.fail("loaded the model"))
+    code = main(["convert", "gguf", str(wide_model), str(tmp_path / "m.gguf"), "--type", "q4_k_m"])
+    assert_one_line_error(capsys, code, f"{mine} exists", "name another output file")
+    assert mine.read_bytes() == b"the user's f16 export" and not (tmp_path / "m.gguf").exists()
+
+
 def test_an_unknown_type_lists_every_type(tmp_path, wide_model, capsys):
     code = main(["convert", "gguf", str(wide_model), str(tmp_path / "m.gguf"), "--type", "q3_k"])
     assert_one_line_error(capsys, code, "--type 'q3_k'", "q8_0", "q4_k_m")

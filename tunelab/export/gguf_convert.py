@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.export.gguf import ARCHITECTURES, TYPES, check_rope_fits, write_gguf
-from tunelab.export.gguf_quantize import QUANTISED_TYPES, check_quantiser, quantise
+from tunelab.export.gguf_quantize import QUANTISED_TYPES, check_quantiser, f16_source, quantise
 
 
 def _say(message: str) -> None:
@@ -112,7 +112,7 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     if out_type not in (*TYPES, *QUANTISED_TYPES):
         raise TunelabError(f"--type {out_type!r}: use one of {', '.join((*TYPES, *QUANTISED_TYPES))}.")
     if out_type in QUANTISED_TYPES:
-        check_quantiser(out_type)
+        check_quantiser(out_type, out)
     if out.is_dir():
         raise TunelabError(f"{out} is a directory: name the file to write, e.g. {out / 'model.gguf'}.")
     check_output(out.parent)  # not into a training checkpoint or a work dir's top level
@@ -157,7 +157,7 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
         name = Path(adapter).resolve().name if adapter else Path(str(model_dir)).name
     # below 8 bits, llama.cpp's quantiser writes the file from an f16 one beside it (gguf_quantize)
     quantised = out_type in QUANTISED_TYPES
-    written = out.with_name(f"{out.stem}.f16.gguf") if quantised else out
+    written = f16_source(out) if quantised else out
     write_gguf(model, tokenizer, written, out_type="f16" if quantised else out_type, name=name,
                chat_template=chat_template, tokenizer_dir=tokenizer_dir,
                eot_words=tuple(getattr(template, "stop_words", ()) or ()),

@@ -20,12 +20,23 @@ QUANTISED_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE
                    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
-def check_quantiser(out_type: str) -> None:
-    """Before anything loads: llama-cpp-python is there to quantise to `out_type`."""
+def f16_source(out_path: Path) -> Path:
+    """The f16 file the quantiser reads: written beside OUT.gguf, removed once OUT.gguf is written."""
+    return out_path.with_name(f"{out_path.stem}.f16.gguf")
+
+
+def check_quantiser(out_type: str, out_path: Path) -> None:
+    """Before anything loads: llama-cpp-python is there to quantise to `out_type`, and the f16 file's name beside
+    `out_path` holds no file already (it would be overwritten, then removed)."""
     if importlib.util.find_spec("llama_cpp") is None:
         raise TunelabError(f"--type {out_type} is quantised by llama.cpp: pip install llama-cpp-python (it builds "
                            f"llama.cpp, a few minutes), or write --type f16 and run llama.cpp's own "
                            f"`llama-quantize OUT.gguf OUT-{out_type}.gguf {out_type.upper()}`.")
+    source = f16_source(out_path)
+    if source.exists():
+        raise TunelabError(f"{source} exists: --type {out_type} writes the f16 file it quantises from under that name "
+                           f"and removes it after. Move it away (or delete it, if a failed quantisation left it), or "
+                           f"name another output file. Nothing was written.")
 
 
 def quantise(source: Path, out_path: Path, out_type: str) -> None:
