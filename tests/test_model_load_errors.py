@@ -158,3 +158,17 @@ def test_a_weight_file_cut_short_is_named_with_the_fix(arch, tiny_model_factory,
         _train(tmp_path / "m")
     with pytest.raises(TunelabError, match=r"MODEL: model\.safetensors in .* is damaged"):
         load_model_for_inference(str(tmp_path / "m"), device="cpu")
+
+
+def test_a_safetensors_error_with_every_file_whole_is_not_called_damage(tiny_llama_dir, monkeypatch):
+    """Only a file that does not open is named damaged: another error of the library is raised as it is."""
+    from safetensors import SafetensorError
+
+    from tunelab.model import load
+
+    def fails(*args, **kwargs):
+        raise SafetensorError("File does not contain tensor model.norm.weight")
+
+    monkeypatch.setattr(load, "_from_pretrained", fails)
+    with pytest.raises(SafetensorError, match="does not contain tensor"):
+        load_model_for_inference(str(tiny_llama_dir), device="cpu")

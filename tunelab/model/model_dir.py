@@ -162,7 +162,8 @@ def check_token_ids_fit(cfg, tokenizer, rows) -> None:
 @contextlib.contextmanager
 def reading_weights(directory: str | Path, key: str):
     """Loading the weights of `directory`: a damaged or incomplete safetensors file (a download or copy cut short, a
-    full disk) is named, with the fix, instead of the safetensors library's 'Error while deserializing header'."""
+    full disk) is named, with the fix, instead of the safetensors library's 'Error while deserializing header'. An
+    error of the library while every file opens whole is its own, raised as it is."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -175,6 +176,7 @@ def reading_weights(directory: str | Path, key: str):
                     pass
             except SafetensorError:
                 damaged.append(file.name)
-        which = ", ".join(damaged) or "a .safetensors file"
-        raise TunelabError(f"{key}: {which} in {directory} is damaged or incomplete ({exc}): its download or copy "
-                           f"was probably cut short. Download or copy it again.") from None
+        if not damaged:
+            raise
+        raise TunelabError(f"{key}: {', '.join(damaged)} in {directory} is damaged or incomplete ({exc}): its "
+                           f"download or copy was probably cut short. Download or copy it again.") from None
