@@ -204,3 +204,5 @@ def test_the_not_applied_warning_is_said_once_a_run(tmp_path, tiny_llama_dir, ca
     with caplog.at_level(logging.WARNING):
         assert _cli("train", config, "--work-dir", tmp_path / "w", "--device", "cpu") == 0
     assert caplog.text.count("rope_scaling = 'linear' not applied") == 1
+    checkpoints = sorted((tmp_path / "w").glob("iter_*"))
+    assert checkpoints and "rope_scaling" not in read_meta(checkpoints[-1])  # nothing for chat or merge to put on

@@ -80,8 +80,6 @@ def apply(config, rope: dict) -> None:
     config.max_position_embeddings = int(rope["max_position_embeddings"])
 
 
-def recorded(cfg, config) -> dict | None:
-    """What tunelab.json records of a run's RoPE: the trained model's own parameters when the run scaled them."""
-    if not cfg.rope_scaling:
-        return None
+def recorded(config) -> dict:
+    """What tunelab.json records of a run that scaled RoPE: the trained model's own parameters."""
     return {"rope_parameters": dict(config.rope_parameters), "max_position_embeddings": config.max_position_embeddings}

@@ -197,6 +197,7 @@ def training_meta(cfg, model_config=None) -> dict:
     adapter's base family from another of the same shapes) and RoPE when the run scaled it (`rope_scaling`, put on
     the base again wherever the adapter goes on it)."""
     from tunelab import __version__
+    from tunelab.model.load import scaled_rope
     from tunelab.model.rope import recorded
 
     meta = {"base_model": cfg.pretrained_model_name_or_path, "method": cfg.method, "objective": cfg.objective,
@@ -204,8 +205,8 @@ def training_meta(cfg, model_config=None) -> dict:
             "tunelab_version": __version__}
     if getattr(model_config, "model_type", None):
         meta["model_type"] = model_config.model_type
-    if model_config is not None and recorded(cfg, model_config):
-        meta["rope_scaling"] = recorded(cfg, model_config)
+    if model_config is not None and scaled_rope(cfg):
+        meta["rope_scaling"] = recorded(model_config)
     if cfg.visual_encoder_name_or_path:  # a LLaVA run: how to assemble the model again (export, chat)
         from tunelab.model.llava_train import llava_settings
 
