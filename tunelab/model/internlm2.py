@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.model import rope as rope_scaling
 from tunelab.model.sentencepiece_file import read_model_proto
 
 log = logging.getLogger(__name__)
@@ -221,23 +220,17 @@ def to_original_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, 
     return out
 
 
-def load_native(model_dir: str | Path, *, reward_head: bool = False, rope: dict | None = None,
-                **from_pretrained_kwargs):
-    """A LlamaForCausalLM holding an InternLM2 checkpoint (a LlamaForSequenceClassification with `reward_head`, its
-    head new), with RoPE scaled by `rope` (`tunelab.model.rope`) if given; kwargs go to `from_pretrained` (dtype,
-    quantization, num_labels...)."""
-    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+def load_native(model_dir: str | Path, *, config=None, model_class=None, **from_pretrained_kwargs):
+    """A LlamaForCausalLM holding an InternLM2 checkpoint (or `model_class` with `config`, as
+    `model_dir.build_config` and `model_dir.model_class` make them: a reward model's classifier, scaled RoPE);
+    kwargs go to `from_pretrained` (dtype, quantization...)."""
+    from transformers import LlamaForCausalLM
 
     model_dir = Path(model_dir)
-    config = native_config(json.loads((model_dir / "config.json").read_text()))
-    if rope:
-        rope_scaling.apply(config, rope)
-    for key in ("num_labels", "pad_token_id"):  # config attributes: from_pretrained takes them with a config given
-        if key in from_pretrained_kwargs:
-            setattr(config, key, from_pretrained_kwargs.pop(key))
+    config = config or native_config(json.loads((model_dir / "config.json").read_text()))
     state = to_native_state_dict(read_state_dict(model_dir), config)
-    model_class = LlamaForSequenceClassification if reward_head else LlamaForCausalLM
-    model = model_class.from_pretrained(None, config=config, state_dict=state, **from_pretrained_kwargs)
+    model = (model_class or LlamaForCausalLM).from_pretrained(None, config=config, state_dict=state,
+                                                              **from_pretrained_kwargs)
     model.config._name_or_path = model.name_or_path = str(model_dir)  # peft and tunelab.json read it
     return model
 

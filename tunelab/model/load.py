@@ -19,7 +19,8 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.model import internlm2
 from tunelab.model import rope as rope_scaling
-from tunelab.model.model_dir import check_architecture, read_model_config, reading_weights, resolve_model_dir
+from tunelab.model.model_dir import (build_config, check_architecture, model_class, read_model_config, reading_weights,
+                                     resolve_model_dir)
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.sentencepiece_file import model_proto_module
 from tunelab.model.targets import check_lora_targets_before_loading
@@ -197,26 +198,21 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
                                                               resolve_dtype("auto", device))
         kwargs["device_map"] = {"": device}
     with reading_weights(model_dir, key):
-        model = _from_pretrained(model_dir, how, kwargs, reward_head=reward_head, rope=rope)
+        model = _from_pretrained(model_dir, config, how, kwargs, reward_head=reward_head, rope=rope)
     if not bits:
         model.to(device)
     return model
 
 
-def _from_pretrained(model_dir, how: str, kwargs: dict, *, reward_head: bool, rope: dict | None):
-    """The model class `how` (model_dir.check_architecture) names, from `model_dir`, built with `rope` if given."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
+def _from_pretrained(model_dir, config: dict, how: str, kwargs: dict, *, reward_head: bool, rope: dict | None):
+    """The model `how` (model_dir.check_architecture) names, its weights from `model_dir`."""
+    values = {key: kwargs.pop(key) for key in ("num_labels", "pad_token_id") if key in kwargs}
+    model_config = build_config(model_dir, config, how, rope=rope, **values)
     if how == "internlm2":
-        return internlm2.load_native(model_dir, reward_head=reward_head, rope=rope, **kwargs)
-    if rope:
-        kwargs["config"] = AutoConfig.from_pretrained(model_dir, trust_remote_code=how == "remote")
-        for name in ("num_labels", "pad_token_id"):  # config attributes: from_pretrained takes them with a config
-            if name in kwargs:
-                setattr(kwargs["config"], name, kwargs.pop(name))
-        rope_scaling.apply(kwargs["config"], rope)
-    auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
-    return auto.from_pretrained(model_dir, trust_remote_code=how == "remote", **kwargs)
+        return internlm2.load_native(model_dir, config=model_config, model_class=model_class(how, reward_head),
+                                     **kwargs)
+    return model_class(how, reward_head).from_pretrained(model_dir, config=model_config,
+                                                         trust_remote_code=how == "remote", **kwargs)
 
 
 def load_model_for_training(cfg, device: torch.device, plan=None, *,

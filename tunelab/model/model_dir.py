@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.model import internlm2
+from tunelab.model import rope as rope_scaling
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +181,42 @@ def reading_weights(directory: str | Path, key: str):
             raise
         raise TunelabError(f"{key}: {', '.join(damaged)} in {directory} is damaged or incomplete ({exc}): its "
                            f"download or copy was probably cut short. Download or copy it again.") from None
+
+
+# --- the classes a checkpoint is built as ---------------------------------------------------------------------------
+
+def build_config(model_dir: Path, config: dict, how: str, *, rope: dict | None = None, **values):
+    """The transformers config a checkpoint (`config`: its config.json, `how`: `check_architecture`'s answer) is
+    built from: InternLM2's as its native Llama config, any other as AutoConfig reads it; with `values` set on it
+    (a reward model's num_labels and pad_token_id) and RoPE scaled by `rope` (`tunelab.model.rope`)."""
+    from transformers import AutoConfig
+
+    if how == "internlm2":
+        model_config = internlm2.native_config(config)
+    else:
+        model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=how == "remote")
+    for key, value in values.items():
+        setattr(model_config, key, value)
+    if rope:
+        rope_scaling.apply(model_config, rope)
+    return model_config
+
+
+def model_class(how: str, reward_head: bool = False):
+    """The class that loads the checkpoint: a causal LM, or the sequence classifier of the same decoder (a reward
+    model); InternLM2's are Llama's, its checkpoint converted on load."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM,
+                              LlamaForSequenceClassification)
+
+    if how == "internlm2":
+        return LlamaForSequenceClassification if reward_head else LlamaForCausalLM
+    return AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
+
+
+def new_model(how: str, reward_head: bool, model_config):
+    """A model of `model_class(how, reward_head)` built from `model_config` alone (on the meta device, under a
+    `torch.device("meta")` block: `tunelab.model.targets`)."""
+    cls = model_class(how, reward_head)
+    if how == "internlm2":
+        return cls(model_config)
+    return cls.from_config(model_config, trust_remote_code=how == "remote")

@@ -17,8 +17,7 @@ import re
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.model import internlm2
-from tunelab.model.model_dir import check_architecture, read_model_config, resolve_model_dir
+from tunelab.model.model_dir import build_config, check_architecture, new_model, read_model_config, resolve_model_dir
 from tunelab.model.plan import names_module
 
 
@@ -66,25 +65,12 @@ def empty_causal_lm(path: str, *, trust_remote_code: bool = False, reward_head: 
                     key: str = "pretrained_model_name_or_path") -> torch.nn.Module:
     """The model `load.load_causal_lm` loads from `path`, built on the meta device from its config.json (the
     directory and architecture checked as there): InternLM2 as its native Llama graph."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM,
-                              LlamaForSequenceClassification)
-
     model_dir = resolve_model_dir(path, key=key)
     config = read_model_config(model_dir, key=key)
     how = check_architecture(config, model_dir, trust_remote_code=trust_remote_code)
-    labels = {"num_labels": 1} if reward_head else {}
-    if how == "internlm2":
-        model_config = internlm2.native_config(config)
-        for label, value in labels.items():
-            setattr(model_config, label, value)
-        model_class = LlamaForSequenceClassification if reward_head else LlamaForCausalLM
-        with torch.device("meta"):
-            return model_class(model_config)
-    remote = how == "remote"
-    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=remote, **labels)
-    auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
+    model_config = build_config(model_dir, config, how, **({"num_labels": 1} if reward_head else {}))
     with torch.device("meta"):
-        return auto.from_config(model_config, trust_remote_code=remote)
+        return new_model(how, reward_head, model_config)
 
 
 def check_lora_targets(model, targets, model_name: str, modules_to_save=None) -> None:
