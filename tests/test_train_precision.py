@@ -95,7 +95,7 @@ def test_8bit_adamw_without_per_parameter_sync_updates_exactly_as_bitsandbytes()
                 opt.zero_grad(set_to_none=True)
 
     ours_model, theirs_model = model(), model()
-    cfg = SimpleNamespace(optimizer="adamw_8bit", lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
+    cfg = SimpleNamespace(optimizer="adamw_8bit", lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, loraplus_lr_ratio=None)
     ours = build_optimizer(ours_model, cfg, torch.device("cpu"))
     assert isinstance(ours, AdamW8bit)
     theirs = bnb_adamw(theirs_model)
