@@ -158,6 +158,41 @@ def test_a_line_that_is_not_json_is_named(tmp_path, capsys):
     assert_one_line_error(capsys, 2, "test.jsonl line 2")
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "", "parameters": {}}}]
+CALL = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+    "name": "get_weather", "arguments": {"city": "Paris"}}}]}
+
+
+def test_the_reference_is_the_reply_as_the_template_writes_it():
+    """What the model trained with the template writes (Qwen3's empty thinking block before a plain reply too, or
+    every prediction of a Qwen3 model would miss its reference), and, where the template writes none of the reply,
+    no reference with the reason in the line."""
+    from tunelab.chat.predict import TestSample, reference_text
+    from tunelab.data.templates import get_template
+
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    plain = TestSample("t line 1", asked, {"role": "assistant", "content": "Sunny."})
+    assert reference_text(get_template("qwen3_chat"), plain) == ("<think>\n\n</think>\n\nSunny.", "")
+    assert reference_text(get_template("qwen2_5_chat"), plain) == ("Sunny.", "")
+    call = TestSample("t line 2", asked, CALL, TOOLS)
+    assert reference_text(get_template("qwen2_5_chat"), call) == \
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "")
+    assert reference_text(get_template("qwen_chat"), call) == \
+        (None, "no reference: template 'qwen_chat' writes nothing of the reply (its tool calls)")
+    reference, why = reference_text(get_template("deepseek_r1"), call)  # the template refuses tool calls
+    assert reference is None and why.startswith("no reference: ") and "tool calls are not supported" in why
+
+
+def test_a_reply_the_template_does_not_write_is_noted_in_its_line(tiny_llama_dir, tmp_path):
+    data = _jsonl(tmp_path / "calls.jsonl", [{"messages": [{"role": "user", "content": "Weather?"}, CALL]},
+                                             {"instruction": "Hi", "output": "Hello"}])
+    assert _predict(tiny_llama_dir, data, tmp_path / "p.jsonl", "--prompt-template", "qwen_chat") == 0
+    rows = _lines(tmp_path / "p.jsonl")
+    assert rows[0]["reference"] is None and "writes nothing of the reply (its tool calls)" in rows[0]["note"]
+    assert rows[1]["reference"] == "Hello" and "note" not in rows[1]
+    assert json.loads((tmp_path / "p.jsonl.metrics.json").read_text())["without_reference"] == 1
+
+
 # --- the scores -------------------------------------------------------------------------------------------------
 
 EN = ("I am a cat.", "I am TuneBot, your helper.")

@@ -102,21 +102,28 @@ def _test_sample(data, fmt: str, where: str, report: dict) -> TestSample:
     return sample
 
 
-def reference_text(template, sample: TestSample) -> str | None:
-    """The text the prediction is compared with: the reply's content; a reply with tool calls or reasoning as the
-    template writes it after the prompt (what the model was trained to generate), up to its stop words. None: no
-    reference (none given, or an empty reply)."""
+def reference_text(template, sample: TestSample) -> tuple[str | None, str]:
+    """(the text the prediction is compared with, why there is none): the reply as the template writes it after the
+    prompt, up to its stop words, which is what the model was trained to generate and what it writes (Qwen3's empty
+    '<think>' block before a plain reply included); its content where the template writes the prompt otherwise
+    once the reply is added. (None, '') where the sample has no reply (its note says why); (None, why) where the
+    template writes none of it (tool calls it does not write) or refuses it."""
     from tunelab.model.generate import cut_at_stop_words
 
     reply = sample.reply
     if reply is None:
-        return None
-    if not reply.get("tool_calls") and not reply.get("reasoning_content"):
-        return (reply.get("content") or "").strip() or None
-    prompt = template.render(sample.prompt, tools=sample.tools, add_generation_prompt=True)
-    whole = template.render(sample.prompt + [reply], tools=sample.tools)
+        return None, ""
+    try:
+        prompt = template.render(sample.prompt, tools=sample.tools, add_generation_prompt=True)
+        whole = template.render(sample.prompt + [reply], tools=sample.tools)
+    except TunelabError as exc:
+        return None, f"no reference: {exc}"
     text = whole[len(prompt):] if whole.startswith(prompt) else reply.get("content") or ""
-    return cut_at_stop_words(text, template.stop_words).strip() or None
+    text = cut_at_stop_words(text, template.stop_words).strip()
+    if not text:
+        held = "tool calls" if reply.get("tool_calls") else "reasoning"  # an empty reply has no note of its own
+        return None, f"no reference: template {template.name!r} writes nothing of the reply (its {held})"
+    return text, ""
 
 
 # --- the output file --------------------------------------------------------------------------------------------
@@ -216,9 +223,11 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
     for i in range(start, len(samples)):
         sample = samples[i]
         messages = chat.with_system(sample.prompt)
+        reference, why = reference_text(chat.template, sample)
+        note = why or sample.note
         line = {"index": i, **source_fields(sample.where), "messages": messages,
                 **({"tools": sample.tools} if sample.tools else {}),
-                "reference": reference_text(chat.template, sample), **({"note": sample.note} if sample.note else {})}
+                "reference": reference, **({"note": note} if note else {})}
         try:
             ids, _ = chat.prompt(sample.prompt, tools=sample.tools)
             limit = chat.fit_reply(len(ids), settings.max_new_tokens, asked=False)
