@@ -183,14 +183,20 @@ def test_the_reference_is_the_reply_as_the_template_writes_it():
     assert reference is None and why.startswith("no reference: ") and "tool calls are not supported" in why
 
 
-def test_a_reply_the_template_does_not_write_is_noted_in_its_line(tiny_llama_dir, tmp_path):
-    data = _jsonl(tmp_path / "calls.jsonl", [{"messages": [{"role": "user", "content": "Weather?"}, CALL]},
-                                             {"instruction": "Hi", "output": "Hello"}])
+def test_what_the_template_does_not_write_is_said(tiny_llama_dir, tmp_path, capsys):
+    """A reply it writes nothing of: no reference, its line says why; tool definitions it has no place for: a
+    warning naming the first sample (the prompt goes without them)."""
+    data = _jsonl(tmp_path / "calls.jsonl", [{"instruction": "Hi", "output": "Hello"},
+                                             {"messages": [{"role": "user", "content": "Weather?"}, CALL]},
+                                             {"messages": [{"role": "user", "content": "Weather?"}, CALL],
+                                              "tools": TOOLS}])
     assert _predict(tiny_llama_dir, data, tmp_path / "p.jsonl", "--prompt-template", "qwen_chat") == 0
+    assert f"1 sample(s) carry tool definitions (first at {data} line 3), which template 'qwen_chat' has no " \
+        "place for: predicted without them" in capsys.readouterr().err
     rows = _lines(tmp_path / "p.jsonl")
-    assert rows[0]["reference"] is None and "writes nothing of the reply (its tool calls)" in rows[0]["note"]
-    assert rows[1]["reference"] == "Hello" and "note" not in rows[1]
-    assert json.loads((tmp_path / "p.jsonl.metrics.json").read_text())["without_reference"] == 1
+    assert rows[0]["reference"] == "Hello" and "note" not in rows[0]
+    assert rows[1]["reference"] is None and "writes nothing of the reply (its tool calls)" in rows[1]["note"]
+    assert json.loads((tmp_path / "p.jsonl.metrics.json").read_text())["without_reference"] == 2
 
 
 # --- the scores -------------------------------------------------------------------------------------------------

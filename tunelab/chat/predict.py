@@ -218,6 +218,7 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
     to `out` in data order as soon as it and every sample before it are done. Returns samples/s."""
     from tunelab.chat.engine import ContextError
 
+    _say_tools_left_out(chat.template, samples[start:])
     replies: queue.Queue = queue.Queue()
     jobs, ready = [], {}
     for i in range(start, len(samples)):
@@ -263,6 +264,18 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
         for job in jobs:  # Ctrl-C: the worker drops what is left at its next step
             job.cancel()
     return speed
+
+
+def _say_tools_left_out(template, samples: list[TestSample]) -> None:
+    """A warning naming the samples whose tool definitions the template has no place for: their prompts go without
+    them, as the template renders them (training reports them as not used)."""
+    from tunelab.data.templates import templates_writing_tool_calls, tool_support
+
+    with_tools = [s.where for s in samples if s.tools]
+    if with_tools and not tool_support(template).definitions:
+        say(f"warning: {len(with_tools)} sample(s) carry tool definitions (first at {with_tools[0]}), which template "
+            f"{template.name!r} has no place for: predicted without them. Use a template that writes them "
+            f"({', '.join(templates_writing_tool_calls())}) to predict with the tools.")
 
 
 def write_metrics(out: Path, settings: dict, result: dict | None) -> Path:
