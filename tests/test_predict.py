@@ -199,6 +199,17 @@ def test_what_the_template_does_not_write_is_said(tiny_llama_dir, tmp_path, caps
     assert json.loads((tmp_path / "p.jsonl.metrics.json").read_text())["without_reference"] == 2
 
 
+def test_a_prompt_the_template_refuses_is_a_failed_line_saying_why(tiny_llama_dir, tmp_path, capsys):
+    data = _jsonl(tmp_path / "calls.jsonl", [{"messages": [
+        {"role": "user", "content": "Weather?"}, CALL, {"role": "tool", "content": "Sunny"},
+        {"role": "assistant", "content": "It is sunny."}]}])
+    assert _predict(tiny_llama_dir, data, tmp_path / "p.jsonl", "--prompt-template", "deepseek_r1") == 0
+    row = _lines(tmp_path / "p.jsonl")[0]
+    assert row["prediction"] is None and "tool calls are not supported" in row["error"]
+    err = capsys.readouterr().err
+    assert "1 sample(s) not predicted" in err and "or one the template refuses): their lines say why" in err
+
+
 # --- the scores -------------------------------------------------------------------------------------------------
 
 EN = ("I am a cat.", "I am TuneBot, your helper.")

@@ -106,8 +106,8 @@ def predict_cmd(args) -> int:
             print(f"{key:<20} {value}")
     say(f"predictions: {out}; scores: {metrics_file}")
     if result["failed"]:
-        say(f"warning: {result['failed']} sample(s) not predicted (the prompt does not fit the model's context): "
-            f"their lines say why.")
+        say(f"warning: {result['failed']} sample(s) not predicted (a prompt longer than the model's context, or one "
+            f"the template refuses): their lines say why.")
     if result.get("missing_libraries"):
         say(f"note: BLEU-4 and ROUGE need {', '.join(result['missing_libraries'])}: {install_hint()}, then run the "
             f"same command again (the predictions are kept).")
