@@ -136,12 +136,11 @@ def source_fields(where: str) -> dict:
 
 def done_lines(out: Path, settings: dict, samples: list[TestSample], overwrite: bool) -> int:
     """How many predictions of this run `out` holds already (0: start it anew). An `out` written by another run
-    (other model, data or settings), or not by `tunelab predict`, is refused unless `overwrite`."""
+    (other model, data or settings), or not by `tunelab predict`, is refused unless `overwrite`. (`out` is a file:
+    the CLI's `_check_out` refuses a folder.)"""
     if overwrite or not out.exists():
         return 0
     fix = "pass --overwrite to replace it, or another --out"
-    if out.is_dir():
-        raise TunelabError(f"--out {out}: a folder; give a file name such as {out / 'preds.jsonl'}.")
     meta_file = metrics_path(out)
     try:
         recorded = json.loads(meta_file.read_text(encoding="utf-8")).get("settings")
@@ -216,8 +215,6 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
             on_line: Callable[[dict], None] | None = None) -> float:
     """Predict samples[start:] with `chat` (a `tunelab.chat.engine.ChatModel`), appending one JSON line per sample
     to `out` in data order as soon as it and every sample before it are done. Returns samples/s."""
-    from tunelab.chat.engine import ContextError
-
     _say_tools_left_out(chat.template, samples[start:])
     replies: queue.Queue = queue.Queue()
     jobs, ready = [], {}
@@ -232,7 +229,7 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
         try:
             ids, _ = chat.prompt(sample.prompt, tools=sample.tools)
             limit = chat.fit_reply(len(ids), settings.max_new_tokens, asked=False)
-        except (ContextError, TunelabError) as exc:  # this sample alone: said in its line, counted in the metrics
+        except TunelabError as exc:  # too long for the context, or refused: said in its line, counted as failed
             ready[i] = {**line, "prediction": None, "error": str(exc)}
             continue
         job = chat.job(ids, dataclasses.replace(settings, max_new_tokens=limit),
