@@ -211,8 +211,7 @@ class Progress:
             self.bar.stop()
 
 
-def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int = 0,
-            on_line: Callable[[dict], None] | None = None) -> float:
+def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int = 0) -> float:
     """Predict samples[start:] with `chat` (a `tunelab.chat.engine.ChatModel`), appending one JSON line per sample
     to `out` in data order as soon as it and every sample before it are done. Returns samples/s."""
     _say_tools_left_out(chat.template, samples[start:])
@@ -251,8 +250,6 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
                 row = ready.pop(next_i)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 f.flush()
-                if on_line is not None:
-                    on_line(row)
                 next_i += 1
                 bar.advance()
         speed = bar.rate()
