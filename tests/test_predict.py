@@ -121,6 +121,17 @@ def test_an_interrupted_run_resumes_and_another_runs_file_is_refused(tiny_llama_
     assert_one_line_error(capsys, 2, "is the test data")
 
 
+def test_a_run_on_edited_data_is_another_run(tiny_llama_dir, tmp_path, capsys):
+    """Its lines hold the old references: scoring them again would give the old scores without a word."""
+    data, out = _jsonl(tmp_path / "t.jsonl", [{"instruction": "Hi", "output": "Helo"}]), tmp_path / "p.jsonl"
+    assert _predict(tiny_llama_dir, data, out) == 0
+    _jsonl(data, [{"instruction": "Hi", "output": "Hello"}])  # a reference corrected
+    capsys.readouterr()
+    assert _predict(tiny_llama_dir, data, out) == 2
+    assert_one_line_error(capsys, 2, "holds the predictions of another run (data_content: 'sha256:", "--overwrite")
+    assert _predict(tiny_llama_dir, data, out, "--overwrite") == 0 and _lines(out)[0]["reference"] == "Hello"
+
+
 def test_a_dataset_info_dataset_is_read_through_its_columns(tiny_llama_dir, tmp_path, capsys):
     _jsonl(tmp_path / "qa.jsonl", [{"question": "Who are you?", "answer": IDENTITY, "id": 1},
                                    {"question": "Hi", "answer": "Hello."}])

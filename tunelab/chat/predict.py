@@ -16,6 +16,7 @@ before them is done, so an interrupted run keeps what it finished, and the same 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import queue
 import re
@@ -132,6 +133,13 @@ def source_fields(where: str) -> dict:
     """{"source": where, "file", "line" | "record" | "row"}: where a sample came from, also as its parts."""
     found = WHERE.match(where)
     return {"source": where, **({"file": found["file"], found["kind"]: int(found["n"])} if found else {})}
+
+
+def data_content(samples: list[TestSample]) -> str:
+    """A digest of the samples as read (places, prompts, replies, tools): a resume after the data was edited (a
+    reference corrected) is another run, whose lines would hold the old prompts and references."""
+    read = [[s.where, s.prompt, s.reply, s.tools] for s in samples]
+    return "sha256:" + hashlib.sha256(json.dumps(read, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def done_lines(out: Path, settings: dict, samples: list[TestSample], overwrite: bool) -> int:

@@ -57,7 +57,8 @@ def register(subparsers) -> None:
 
 def predict_cmd(args) -> int:
     from tunelab.chat.metrics import install_hint, summarise
-    from tunelab.chat.predict import done_lines, predict, read_lines, read_test_samples, say, write_metrics
+    from tunelab.chat.predict import (data_content, done_lines, predict, read_lines, read_test_samples, say,
+                                      write_metrics)
     from tunelab.errors import TunelabError
     from tunelab.export.adapters import model_to_load
     from tunelab.model.generate import GenerationSettings, check_settings
@@ -73,7 +74,8 @@ def predict_cmd(args) -> int:
     _say_references(samples)
     to_load = model_to_load(args.model, args.adapter)  # what is loaded, recorded: a resume must load the same
     run = {"model": _local(to_load.base), "adapter": _local(to_load.adapter_dir), "data": _local(args.data),
-           "dataset": args.dataset, "n": args.n, "max_new_tokens": args.max_new_tokens,
+           "dataset": args.dataset, "n": args.n, "data_content": data_content(samples),
+           "max_new_tokens": args.max_new_tokens,
            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
            "prompt_template": args.prompt_template, "system": args.system, "bits": args.bits, "dtype": args.dtype}
     start = done_lines(out, run, samples, args.overwrite)
