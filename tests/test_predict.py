@@ -148,6 +148,20 @@ def test_a_dataset_info_dataset_is_read_through_its_columns(tiny_llama_dir, tmp_
     assert "field 'id' not used" in capsys.readouterr().err  # nothing dropped without a word
 
 
+def test_unfilled_placeholders_are_warned_about(tmp_path):
+    """LLaMA-Factory's identity.json as it comes: its references would say {{name}}, not the name trained."""
+    from tunelab.chat.predict import read_test_samples
+
+    data = _jsonl(tmp_path / "identity.jsonl", [{"instruction": "hi", "output": "I am {{name}}, by {{author}}."},
+                                                {"instruction": "Who?", "output": "{{name}}."}])
+    warnings: list[str] = []
+    assert len(read_test_samples(data, warn=warnings.append)) == 2
+    assert warnings == [f"{data}: 2 record(s) with {{{{author}}}}, {{{{name}}}} (first at {data} line 1), read as "
+                        f"written: the model sees and is compared with the placeholders. Fill them first: `tunelab "
+                        f"data self-cognition --name NAME --author AUTHOR --from {data} -o "
+                        f"{tmp_path / 'identity_filled.jsonl'}`, and pass that file."]
+
+
 @pytest.mark.parametrize("record, says", [
     ({"text": "A plain document."}, "line 2: pretraining text"),
     ({"messages": [{"role": "user", "content": "Hi"}], "images": ["cat.png"]}, "line 2: an image (LLaVA) sample"),

@@ -7,7 +7,7 @@ record by record as training reads them, each record turned into the command's s
 One place decides how these commands read data: a registry entry's columns and tags map a record to tunelab's fields
 (`sources.registered`, the function training calls), num_samples picks the samples training picks with the default
 seed (`sources.pick_samples`), and the fields a record carries that nothing reads are told to `warn` as training
-tells them. A bad record stops the reading at once, naming its file and line.
+tells them, as are its unfilled {{placeholders}}. A bad record stops the reading at once, naming its file and line.
 """
 
 from __future__ import annotations
@@ -87,10 +87,14 @@ def read_samples(path: str | Path, to_sample: ToSample, *, limit: int | None = N
         whole = limit is None or (source.entry is not None and bool(source.entry.num_samples))
         found: list = []
         for report, records in source_records(source):
+            left: list = [0, "", set()]  # the records with {{placeholders}}: how many, the first, their names
             for rec in itertools.islice(records, None if whole else limit - len(samples) - len(found)):
                 data, fmt = registered(rec, source, source.format, report)
+                names = _placeholders(data)
+                if names:
+                    left = [left[0] + 1, left[1] or rec.where, left[2] | names]
                 found.append(to_sample(data, fmt, rec.where, report))
-            for line in file_warnings(report) if warn is not None else []:
+            for line in file_warnings(report) + _placeholder_warning(report["path"], *left) if warn else []:
                 warn(line)
             if not whole and len(samples) + len(found) >= limit:
                 break
@@ -98,3 +102,26 @@ def read_samples(path: str | Path, to_sample: ToSample, *, limit: int | None = N
         if limit is not None and len(samples) >= limit:
             return samples[:limit]
     return samples
+
+
+def _placeholders(value) -> set[str]:
+    """The {{name}} placeholders in a record's texts (LLaMA-Factory's identity.json holds {{name}} and {{author}})."""
+    from tunelab.data.sources import PLACEHOLDER
+
+    if isinstance(value, str):
+        return set(PLACEHOLDER.findall(value))
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return set().union(*map(_placeholders, items))
+
+
+def _placeholder_warning(path: str, count: int, where: str, names: set[str]) -> list[str]:
+    """The warning for a file's records read with their placeholders unfilled (training fills them from data_path's
+    'placeholders'; these commands have none), with the command that writes the filled file."""
+    from tunelab.data.reports import filled_name
+
+    if not count:
+        return []
+    shown = ", ".join("{{" + name + "}}" for name in sorted(names))
+    return [f"{path}: {count} record(s) with {shown} (first at {where}), read as written: the model sees and is "
+            f"compared with the placeholders. Fill them first: `tunelab data self-cognition --name NAME --author "
+            f"AUTHOR --from {path} -o {filled_name(path)}`, and pass that file."]

@@ -59,7 +59,7 @@ def _n(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def _filled_name(path: str) -> str:
+def filled_name(path: str) -> str:
     """Where the suggested `--from` command writes: beside the file, NAME_filled with its suffix (-o is required)."""
     stem, dot, suffix = path.rpartition(".")
     return f"{stem}_filled.{suffix}" if dot and "/" not in suffix else f"{path}_filled"
@@ -84,7 +84,7 @@ def file_warnings(report: dict) -> list[str]:
                      + (f"'dataset': '{report['dataset']}', " if report.get("dataset") else "")
                      + f"'placeholders': {{{fill}}}}}], or write "
                      f"filled data with `tunelab data self-cognition --name NAME --author AUTHOR --from {path} "
-                     f"-o {_filled_name(path)}`.")
+                     f"-o {filled_name(path)}`.")
     count, where = report["image_tags"]
     if count:  # (preference data cannot go to a multimodal run: it trains supervised data only)
         fix = IMAGES_FIX + "." if report.get("preference") else MULTIMODAL_FIX
