@@ -55,8 +55,7 @@ def read_test_samples(path: str | Path, limit: int | None = None, dataset: str |
     `limit`), read before the model loads so that a bad record stops the command at once."""
     from tunelab.data.eval_data import read_samples
 
-    return read_samples(path, _test_sample, limit=limit, dataset=dataset, objective="reward", warn=warn,
-                        verb="predict")
+    return read_samples(path, _test_sample, limit=limit, dataset=dataset, warn=warn, verb="predict")
 
 
 def _test_sample(data, fmt: str, where: str, report: dict) -> TestSample:

@@ -101,7 +101,7 @@ def read_scored(path: str | Path, limit: int | None = None, dataset: str | None 
     from tunelab.data.eval_data import read_samples
 
     return read_samples(path, lambda data, fmt, where, report: _scored_sample(data, fmt, where), limit=limit,
-                        dataset=dataset, objective="reward", warn=warn, verb="score")
+                        dataset=dataset, warn=warn, verb="score")
 
 
 def _scored_sample(data, fmt: str, where: str) -> dict:
