@@ -73,7 +73,8 @@ def _iter_records(name: str, origin, skip_invalid: bool, on_skip, on_unused) -> 
 
 def source_records(source: Source) -> Iterable[tuple[dict, Iterable[Record]]]:
     """(a new report, its records) per file of a source, a bad record stopping the reading: for a reader of its own
-    (`tunelab reward`), which maps each record with `registered` as `read_source` (training's) does."""
+    (`eval_data.read_samples`: `tunelab reward`, `tunelab predict`), which maps each record with `registered` as
+    `read_source` (training's) does."""
     for name, origin in _raw_records(source)[0]:
         report = new_file_report(name, source)
         yield report, _iter_records(name, origin, False, None, partial(count_unused, report))
@@ -83,7 +84,7 @@ def registered(rec: Record, source: Source, fmt: str, report: dict) -> tuple[obj
     """A raw record in the fields its source reads, and its format: a dataset_info.json entry's columns and tags
     mapped to tunelab's field names and the entry's format (the fields the entry does not map counted as not used,
     as LLaMA-Factory does not read them either); any other source's record and `fmt` as they are. Every reader of
-    records (training, check-dataset, preview, `tunelab reward`) goes through it."""
+    records (training, check-dataset, preview, `tunelab reward`, `tunelab predict`) goes through it."""
     if source.entry is None:
         return rec.data, fmt
     data, fmt, unmapped = dataset_info.map_record(rec.data, source.entry, rec.where)
@@ -351,7 +352,7 @@ def apply_ratio(items: list, ratio: float, rng: random.Random) -> list:
 def pick_samples(source: Source, count: int, seed: int) -> list[int]:
     """Which of a source's `count` samples are used (an index may repeat), drawn with `seed`: its data_path ratio,
     times LLaMA-Factory's num_samples of a dataset_info.json entry (that many samples of the dataset). Training and
-    `tunelab reward` pick alike."""
+    `tunelab reward` / `tunelab predict` pick alike."""
     ratio = source.ratio
     if source.entry is not None and source.entry.num_samples and count:
         ratio *= source.entry.num_samples / count
