@@ -23,6 +23,7 @@ from tunelab.data.templates import PROBE_TOOL, probe_call_reply
 
 _ID_CHARACTERS = string.ascii_letters + string.digits
 
+
 @dataclass(frozen=True)
 class CallFormat:
     marker: str

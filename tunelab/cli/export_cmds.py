@@ -49,8 +49,9 @@ GGUF_DESCRIPTION = """\
 Write a GGUF file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile beside it. MODEL is a merged HF model
 directory (tunelab convert merge), a training WORK_DIR or iter_N checkpoint (a LoRA one merged into the base its
 tunelab.json names), or a base model with --adapter (merged in memory). The GGUF file holds the weights
-(--type f16, bf16, q8_0, f32, or q6_k, q5_k_m, q4_k_m, q4_0 by llama.cpp's quantiser), the tokenizer, and the chat template the model was trained with (from tunelab.json,
-or --prompt-template); the Modelfile's TEMPLATE, stop words and SYSTEM say the same in Ollama's terms.
+(--type f16, bf16, q8_0, f32, or q6_k, q5_k_m, q4_k_m, q4_0 by llama.cpp's quantiser), the tokenizer, and the chat
+template the model was trained with (from tunelab.json, or --prompt-template); the Modelfile's TEMPLATE, stop words
+and SYSTEM say the same in Ollama's terms.
 Architectures: Llama (also Mistral and InternLM2), Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3.
 
 example:

@@ -48,7 +48,8 @@ def register(subparsers) -> None:
                    "resumes without it)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=512, metavar="N",
                    help="longest reply (default 512; cut to the model's context)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="replies generated together")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="replies generated together (default 8)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature is above 0")
     p.add_argument("--seed", type=int, default=None, help="a seed per reply when sampling")

@@ -9,12 +9,12 @@ import sys
 from tunelab.cli.data_cmds import _positive_int
 
 DESCRIPTION = """\
-Score the replies of a data file with a reward model trained with objective = 'reward'. A preference pair gets a
-score for its chosen and its rejected reply, and the fraction of pairs ranked right is printed at the end (pairs
-whose two sequences are the same tokens are scored but not counted); a conversation or a KTO sample gets a score
-for its last reply. One JSON line per record on stdout. The records are read as training reads them: a
-LLaMA-Factory dataset_info.json with --dataset NAMES reads each dataset through its entry's columns and tags. The
-prompt template, system prompt and max_length come from the model's tunelab.json (or the flags).
+Score the replies of a data file (or a folder of them) with a reward model trained with objective = 'reward'. A
+preference pair gets a score for its chosen and its rejected reply, and the fraction of pairs ranked right is
+printed at the end (pairs whose two sequences are the same tokens are scored but not counted); a conversation or a
+KTO sample gets a score for its last reply. One JSON line per record on stdout. The records are read as training
+reads them: a LLaMA-Factory dataset_info.json with --dataset NAMES reads each dataset through its entry's columns
+and tags. The prompt template, system prompt and max_length come from the model's tunelab.json (or the flags).
 
 example (the names of docs/PREFERENCE.md: hf_rm from convert pth_to_hf, rm from convert merge):
   tunelab reward work_dirs/rm --data data/pairs_test.jsonl
@@ -30,8 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="a reward model directory, a checkpoint (iter_N / WORK_DIR), or "
                    "the base model with --adapter")
     p.add_argument("--adapter", metavar="DIR", help="the reward model's LoRA adapter (with its trained head)")
-    p.add_argument("--data", required=True, metavar="FILE", help="pairs, KTO samples or conversations (.json / .jsonl / .csv / .tsv / .parquet), or a "
-                   "LLaMA-Factory dataset_info.json with --dataset")
+    p.add_argument("--data", required=True, metavar="FILE_OR_DIR", help="pairs, KTO samples or conversations: a file "
+                   "or a folder of them (.json / .jsonl / .csv / .tsv / .parquet), or a LLaMA-Factory "
+                   "dataset_info.json with --dataset")
     p.add_argument("--dataset", metavar="NAMES", help="the datasets of a dataset_info.json to score (e.g. "
                    "dpo_en_demo,kto_en_demo)")
     p.add_argument("-n", type=_positive_int, metavar="N", help="score only the first N records")
