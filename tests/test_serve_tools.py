@@ -193,6 +193,7 @@ def test_an_earlier_reply_with_several_calls_on_a_template_that_writes_one_is_re
     assert error["message"].startswith(f"messages[1].tool_calls holds 2 calls, and the chat template {template!r} "
                                        f"writes one call per reply")
 
+
 class _Writes:
     """A batcher whose every reply is `text`, keeping the prompts it was given."""
 
