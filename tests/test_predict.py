@@ -288,3 +288,15 @@ def test_without_the_libraries_predictions_and_exact_match_are_still_written(tin
     result = json.loads((tmp_path / "p.jsonl.metrics.json").read_text())
     assert "exact_match" in result and "bleu-4" not in result and len(_lines(tmp_path / "p.jsonl")) == 1
     assert "pip install 'tunelab[metrics]'" in capsys.readouterr().err
+
+
+def test_a_text_too_long_for_rouge_is_left_out_of_its_means_and_counted():
+    """rouge_chinese's recursion would stop the scoring past ~10,000 words (and takes minutes before that)."""
+    from tunelab.chat.metrics import ROUGE_MAX_WORDS, similarity, summarise
+
+    long_text = "word " * (ROUGE_MAX_WORDS + 1)
+    scores = similarity(long_text, "word word")
+    assert scores["rouge-l"] is None and scores["bleu-4"] is not None
+    result = summarise([{"prediction": long_text, "reference": "word word"},
+                        {"prediction": EN[1], "reference": EN[1]}])
+    assert result["rouge_skipped"] == 1 and result["rouge-l"] == 100.0 and result["scored"] == 2

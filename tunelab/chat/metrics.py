@@ -6,7 +6,8 @@ computes them (src/llamafactory/train/sft/metric.py, `ComputeSimilarity`), so th
   `SmoothingFunction().method3`;
 * ROUGE-1 / ROUGE-2 / ROUGE-L: the F1 of `rouge_chinese.Rouge` over both texts cut into words by jieba (Chinese into
   words, English at spaces and punctuation) and joined by spaces; 0 when either has no word;
-* each a percentage (x 100, rounded to 4 places per sample), averaged over the samples;
+* each a percentage (x 100, rounded to 4 places per sample), averaged over the samples (ROUGE over those of at most
+  `ROUGE_MAX_WORDS` words; `rouge_skipped` counts the others);
 * exact match (ours; LLaMA-Factory has none): the prediction equals the reference, spaces around them aside.
 
 The libraries are optional (`pip install 'tunelab[metrics]'`): without them the predictions and exact match are still
@@ -22,6 +23,10 @@ import sys
 LIBRARIES = {"jieba": "jieba", "nltk": "nltk", "rouge_chinese": "rouge-chinese"}
 """module -> the package that installs it."""
 SIMILARITY = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
+ROUGE_MAX_WORDS = 5000
+"""Longer texts get no ROUGE: rouge_chinese finds ROUGE-L's common subsequence by recursion, two levels a word of a
+sentence, and in time that grows with the square of the words (12 s at 3,000 words); past ~10,000 words it would
+stop the scoring with a RecursionError. Such a sample's ROUGE is left out of the means, and counted."""
 
 
 def missing_libraries() -> list[str]:
@@ -37,15 +42,19 @@ def exact_match(prediction: str, reference: str) -> float:
     return 100.0 if prediction.strip() == reference.strip() else 0.0
 
 
-def similarity(prediction: str, reference: str) -> dict[str, float]:
-    """{"bleu-4", "rouge-1", "rouge-2", "rouge-l"} of one prediction, as LLaMA-Factory scores it (in percent)."""
+def similarity(prediction: str, reference: str) -> dict[str, float | None]:
+    """{"bleu-4", "rouge-1", "rouge-2", "rouge-l"} of one prediction, as LLaMA-Factory scores it (in percent); the
+    ROUGE scores None past `ROUGE_MAX_WORDS`."""
     import jieba
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     from rouge_chinese import Rouge
 
     jieba.setLogLevel(logging.CRITICAL)  # not its "Building prefix dict" lines on every run
     hypothesis, words = list(jieba.cut(prediction)), list(jieba.cut(reference))
-    if not " ".join(hypothesis).split() or not " ".join(words).split():
+    counts = len(" ".join(hypothesis).split()), len(" ".join(words).split())  # the words ROUGE reads
+    if max(counts) > ROUGE_MAX_WORDS:
+        rouge = {k: None for k in SIMILARITY[1:]}
+    elif not min(counts):
         rouge = {k: 0.0 for k in SIMILARITY[1:]}
     else:
         # rouge_chinese finds ROUGE-L's common subsequence by recursion, one level a word of a sentence: a long
@@ -75,9 +84,12 @@ def summarise(rows: list[dict]) -> dict:
     if missing:
         result["missing_libraries"] = missing
         return result
-    sums = dict.fromkeys(SIMILARITY, 0.0)
+    values: dict[str, list[float]] = {k: [] for k in SIMILARITY}
     for r in scored:
         for k, v in similarity(r["prediction"], r["reference"]).items():
-            sums[k] += v
-    result.update({k: round(v / len(scored), 4) for k, v in sums.items()})
+            if v is not None:
+                values[k].append(v)
+    result.update({k: round(sum(v) / len(v), 4) for k, v in values.items() if v})
+    if len(values["rouge-l"]) < len(scored):
+        result["rouge_skipped"] = len(scored) - len(values["rouge-l"])
     return result

@@ -57,7 +57,7 @@ def register(subparsers) -> None:
 
 
 def predict_cmd(args) -> int:
-    from tunelab.chat.metrics import install_hint, summarise
+    from tunelab.chat.metrics import ROUGE_MAX_WORDS, install_hint, summarise
     from tunelab.chat.predict import (data_content, done_lines, predict, read_lines, read_test_samples, say,
                                       write_metrics)
     from tunelab.errors import TunelabError
@@ -111,6 +111,9 @@ def predict_cmd(args) -> int:
     if result["failed"]:
         say(f"warning: {result['failed']} sample(s) not predicted (a prompt longer than the model's context, or one "
             f"the template refuses): their lines say why.")
+    if result.get("rouge_skipped"):
+        say(f"note: {result['rouge_skipped']} sample(s) longer than {ROUGE_MAX_WORDS} words have no ROUGE (the "
+            f"scoring library's recursion would not finish them); the ROUGE means are over the others.")
     if result.get("missing_libraries"):
         say(f"note: BLEU-4 and ROUGE need {', '.join(result['missing_libraries'])}: {install_hint()}, then run the "
             f"same command again (the predictions are kept).")
