@@ -166,6 +166,21 @@ def test_a_message_several_ranks_hand_over_is_printed_once(monkeypatch, tmp_path
                                                     "tunelab: rank 0 stopped (exit code 2) on the error above."]
     stopped.timestamp -= 1  # even when torchrun timed it first
     assert launch.run_torchrun([]) == 2
+    # a rank that handed over the same message and was stopped by torchrun's SIGTERM before it exited (seen with
+    # NPROC_PER_NODE=2 and a misspelt lora target): the exit code is the error's (2), not -15 (which the shell saw
+    # as 241)
+    capsys.readouterr()
+    handed_over = ProcessFailure(local_rank=1, pid=9, exitcode=-15, error_file=str(files[1]))
+    handed_over.timestamp = first.timestamp - 1
+    monkeypatch.setattr(torchrun, "main", lambda args: (_ for _ in ()).throw(ChildFailedError(
+        "tunelab", {1: handed_over, 0: first})))
+    assert launch.run_torchrun([]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: data.jsonl line 2: not valid JSON",
+                                                    "tunelab: ranks 0, 1 stopped (exit code 2) on the error above."]
+    monkeypatch.setattr(torchrun, "main", lambda args: (_ for _ in ()).throw(ChildFailedError(
+        "tunelab", {1: handed_over})))  # the only one to say why: a setting's error all the same
+    assert launch.run_torchrun([]) == 2
+    capsys.readouterr()
     killed = ProcessFailure(local_rank=1, pid=9, exitcode=-9, error_file="<N/A>")  # out of memory: the cause
     monkeypatch.setattr(torchrun, "main", lambda args: (_ for _ in ()).throw(ChildFailedError(
         "tunelab", {1: killed, 0: first})))

@@ -235,13 +235,24 @@ def _report_failure(exc) -> int:
         print(f"tunelab: rank {rank} stopped (exit code {failure.exitcode}); its message is above. The other "
               "processes were stopped.", file=sys.stderr)
         return failure.exitcode
-    exit_code = next(f.exitcode for r, f in failures if r in reported)
     messages = list(dict.fromkeys(reported.values()))
+    exit_code = _exit_code(failures, reported, messages)
     print(*messages, sep="\n", file=sys.stderr)
     ranks = ", ".join(str(r) for r in reported)
     print(f"tunelab: rank{'s' if len(reported) > 1 else ''} {ranks} stopped (exit code {exit_code}) on the "
           f"error{'s' if len(messages) > 1 else ''} above.", file=sys.stderr)
     return exit_code
+
+
+def _exit_code(failures: list, reported: dict, messages: list[str]) -> int:
+    """The exit code of ranks that handed over a message: the first such rank's own, where it exited by itself. A
+    rank can hand its message over and be stopped by torchrun's SIGTERM (because another rank failed first) before
+    it exits, and -15 is no exit code (the shell would see 241): then 2 for a setting or data error ('error: ...'),
+    1 for a crash's traceback, as the rank itself would have exited."""
+    exited = [f.exitcode for r, f in failures if r in reported and f.exitcode > 0]
+    if exited:
+        return exited[0]
+    return 2 if all(message.startswith("error: ") for message in messages) else 1
 
 
 if __name__ == "__main__":  # what maybe_relaunch runs: python -m tunelab.train.launch TORCHRUN_ARGS
