@@ -119,3 +119,39 @@ def test_an_embedding_adapter_learns_as_any_pair_and_saved_modules_at_lr(tiny_qw
     assert lrs["embed_tokens.lora_embedding_A.default"] == pytest.approx(1e-3)
     assert lrs["embed_tokens.lora_embedding_B.default"] == pytest.approx(1.6e-2)
     assert lrs["lm_head.modules_to_save.default.weight"] == pytest.approx(1e-3)
+
+
+def test_an_fsdp2_optimiser_state_of_other_groups_is_the_same_message(tiny_qwen2_dir, tmp_path):
+    """FSDP2 keeps its optimiser state in a torch.distributed.checkpoint folder, loaded by its own code: a state of
+    another grouping (saved without loraplus_lr_ratio, loaded with it) is the message above, not DCP's RuntimeError
+    ("Missing key in checkpoint state_dict: optimizer.param_groups.1...") as a traceback from every rank. One process
+    of one rank (gloo) runs FSDP2's code as each of several does."""
+    import torch.distributed as torch_dist
+
+    from tunelab.errors import TunelabError
+    from tunelab.train.distributed import DistEnv
+    from tunelab.train.strategy import FSDP2
+
+    def strategy(cfg) -> FSDP2:
+        model, _ = load_model_for_training(cfg, torch.device("cpu"))
+        fsdp = FSDP2(DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+        fsdp.setup(model, build_optimizer(model, cfg, torch.device("cpu")), lambda model, batch: None)
+        return fsdp
+
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        plain = tiny_cfg(tiny_qwen2_dir, method="lora")
+        strategy(plain).save_optimizer(tmp_path / "iter_3" / "optimizer", {})
+        strategy(plain).load_optimizer(tmp_path / "iter_3" / "optimizer", {})  # the same groups load
+        with pytest.raises(TunelabError, match=r"iter_3: its optimiser state does not fit .*loraplus_lr_ratio"):
+            strategy(tiny_cfg(tiny_qwen2_dir, method="lora", loraplus_lr_ratio=16.0)).load_optimizer(
+                tmp_path / "iter_3" / "optimizer", {})
+        with pytest.raises(TunelabError, match=r"iter_3: its optimiser state does not fit .*lora_bias"):
+            strategy(tiny_cfg(tiny_qwen2_dir, method="lora", lora_bias="all")).load_optimizer(
+                tmp_path / "iter_3" / "optimizer", {})
+        with pytest.raises(TunelabError, match=r"iter_3: its optimiser state does not fit .*no state saved for "
+                                               r".*embed_tokens\.lora_embedding_A.*and \d+ more"):
+            strategy(tiny_cfg(tiny_qwen2_dir, method="lora", lora_target_modules=["q_proj", "embed_tokens"])
+                     ).load_optimizer(tmp_path / "iter_3" / "optimizer", {})
+    finally:
+        torch_dist.destroy_process_group()

@@ -87,10 +87,42 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, checkpoi
     try:
         optimizer.load_state_dict(state)
     except ValueError as exc:
-        raise TunelabError(f"{checkpoint}: its optimiser state does not fit this run's trained parameters ({exc}): "
-                           f"what trains, or how it is grouped (loraplus_lr_ratio, lora_bias, "
-                           f"lora_modules_to_save, ...), changed since it was saved. Resume with the config the run "
-                           f"was trained with, or start a new work dir.") from None
+        raise optimizer_state_misfit(checkpoint, str(exc)) from None
+
+
+def optimizer_state_misfit(checkpoint: Path, detail: str) -> TunelabError:
+    """The message for a checkpoint's optimiser state of other parameter groups, whichever engine loads it."""
+    return TunelabError(f"{checkpoint}: its optimiser state does not fit this run's trained parameters ({detail}): "
+                        f"what trains, or how it is grouped (loraplus_lr_ratio, lora_bias, lora_modules_to_save, "
+                        f"...), changed since it was saved. Resume with the config the run was trained with, or start "
+                        f"a new work dir.")
+
+
+def check_dcp_optimizer_fits(directory: Path, template: dict) -> None:
+    """Refuse a torch.distributed.checkpoint optimiser state (FSDP2's) saved with other parameter groups or other
+    trained parameters than `template` (this run's `get_optimizer_state_dict`) has, before DCP loads it: DCP stops
+    on the first key it misses with a RuntimeError on every rank ("Missing key in checkpoint state_dict:
+    optimizer.param_groups.1.weight_decay"). The groups' members are compared once loaded (`check_dcp_groups`)."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    groups = {key.split(".")[2] for key in saved if key.startswith("optimizer.param_groups.")}
+    if len(groups) != len(template["param_groups"]):
+        raise optimizer_state_misfit(Path(directory).parent, f"{len(groups)} parameter groups saved, "
+                                                             f"{len(template['param_groups'])} now")
+    missing = sorted(f"{name}.{key}" for name, state in template["state"].items() for key in state
+                     if f"optimizer.state.{name}.{key}" not in saved)
+    if missing:
+        raise optimizer_state_misfit(Path(directory).parent, f"no state saved for {missing[0]}"
+                                                             + (f" and {len(missing) - 1} more" if missing[1:] else ""))
+
+
+def check_dcp_groups(directory: Path, loaded: list[dict], mine: list[list[str]]) -> None:
+    """The parameters of each group DCP loaded (by name) are this run's: the same parameters, grouped otherwise
+    (another loraplus_lr_ratio's split with the same number of groups), would each take another group's lr."""
+    for i, (group, names) in enumerate(zip(loaded, mine)):
+        if sorted(group["params"]) != sorted(names):
+            raise optimizer_state_misfit(Path(directory).parent, f"parameter group {i} holds other parameters")
 
 
 class SingleProcess:
@@ -297,5 +329,8 @@ class FSDP2(SingleProcess):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         loaded = {"optimizer": get_optimizer_state_dict(self.module, self.raw_optimizer)}
+        check_dcp_optimizer_fits(directory, loaded["optimizer"])
+        mine = [list(group["params"]) for group in loaded["optimizer"]["param_groups"]]
         dcp.load(loaded, checkpoint_id=str(directory))
+        check_dcp_groups(directory, loaded["optimizer"]["param_groups"], mine)
         set_optimizer_state_dict(self.module, self.raw_optimizer, optim_state_dict=loaded["optimizer"])
