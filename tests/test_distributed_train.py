@@ -74,7 +74,7 @@ def test_two_ranks_train_and_resume_reproduces_the_curve(engine, tiny_llama_dir,
 
     data = self_cognition.write(tmp_path / "data.json", name="Duo", author="tests", n=48)
     config = tmp_path / "two_ranks.py"
-    text = CONFIG.format(model=str(tiny_llama_dir), data=str(data))
+    text = CONFIG.format(model=str(tiny_llama_dir), data=str(data)) + "loraplus_lr_ratio = 4.0\n"  # resumed too
     if engine == "zero3":
         pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunelab[deepspeed]'")
         # every weight partitioned (the preset keeps weights under 1e6 elements, all of a tiny model's, whole)
@@ -85,6 +85,9 @@ def test_two_ranks_train_and_resume_reproduces_the_curve(engine, tiny_llama_dir,
 
     proc = train_on_ranks(config, tmp_path / "run")
     assert proc.stdout.count("done: 6 steps") == 1, proc.stdout  # rank 0 speaks for all
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("step ")]  # piped: plain whole lines
+    assert [line.split()[1] for line in steps] == [f"{i}/6" for i in range(1, 7)], proc.stderr
+    assert all(" loss " in line and line.split()[-2] == "eta" for line in steps), steps
     assert proc.stderr.count("has no pad token") == 1, proc.stderr
     assert proc.stderr.count("Loading weights: 100%") == 1, proc.stderr  # transformers' loading bar
     full = _losses(tmp_path / "run")

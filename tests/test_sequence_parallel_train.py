@@ -33,12 +33,18 @@ seed = 1
 """
 
 
-def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama_dir, tmp_path):
+def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tmp_path):
+    """With LoRA+ (its groups' lr in the updates, and resumed) and RoPE scaled past a base of 48 positions: the rows'
+    shards computed with the whole rows' positions, scaled."""
     from tunelab.data import self_cognition
+    from tunelab.model.tiny import make_model
+    from tunelab.train.layout import read_meta
 
     data = self_cognition.write(tmp_path / "data.json", name="Duo", author="tests", n=48)
+    base = make_model(tmp_path / "base", "llama", max_position_embeddings=48)  # max_length 96: scaled by 2
     single, split = tmp_path / "single.py", tmp_path / "split.py"
-    single.write_text(CONFIG.format(model=str(tiny_llama_dir), data=str(data)))
+    single.write_text(CONFIG.format(model=str(base), data=str(data))
+                      + 'loraplus_lr_ratio = 4.0\nrope_scaling = "linear"\n')
     split.write_text(single.read_text() + "sequence_parallel_size = 2\n")
 
     from tunelab.config.loader import load_config
@@ -55,6 +61,9 @@ def test_two_ranks_sharing_rows_train_one_process_curve_and_resume_it(tiny_llama
         assert run[step]["epoch"] == one[step]["epoch"]  # both ranks read every row: the rows of one process
         assert run[step]["tokens"] == one[step]["tokens"] > 0  # and tokens/s counts each of their tokens once
     assert run[6]["loss"] < run[1]["loss"]  # it learns
+    assert read_meta(tmp_path / "run" / "iter_6")["rope_scaling"] == read_meta(tmp_path / "one" / "iter_6")[
+        "rope_scaling"] == {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0},
+                            "max_position_embeddings": 96}
     # the held-out loss runs on shards too; the answers (rank 0 alone, generating) are one process's
     evals = logged_steps(tmp_path / "one", "eval_loss"), logged_steps(tmp_path / "run", "eval_loss")
     assert sorted(evals[1]) == [0, 6]
