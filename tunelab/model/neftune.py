@@ -14,7 +14,9 @@ import torch
 
 def add_embedding_noise(model, alpha: float, *, sequence_parallel_size: int = 1):
     """Hook NEFTune's noise onto `model`'s input embedding; returns the hook's handle. Under sequence parallelism a
-    rank's embeddings are a 1/N shard of the row: alpha / sqrt(N) gives the whole row's magnitude."""
+    rank's embeddings are a 1/N shard of the row: alpha / sqrt(N) gives the whole row's magnitude. The ranks draw
+    from the same random stream (as transformers' Trainer has them), so a row's shards get the same noise pattern,
+    as they get the same LoRA dropout masks."""
     alpha = alpha / math.sqrt(sequence_parallel_size)
 
     def noise(module, args, output: torch.Tensor) -> torch.Tensor:
