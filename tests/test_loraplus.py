@@ -155,3 +155,69 @@ def test_an_fsdp2_optimiser_state_of_other_groups_is_the_same_message(tiny_qwen2
                      ).load_optimizer(tmp_path / "iter_3" / "optimizer", {})
     finally:
         torch_dist.destroy_process_group()
+
+
+def test_a_deepspeed_optimiser_state_of_other_groups_is_the_same_message(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """DeepSpeed loads its ZeRO checkpoint (iter_N/optimizer/deepspeed) itself: a state of another grouping is the
+    message above, checked against the groups its model-states file records (`param_shapes`) before DeepSpeed loads
+    anything, not ZeRO-1/2's RuntimeError ("parameter-alignment layout") or ZeRO-3's ValueError as a traceback from
+    every rank. One process of one rank (gloo), ZeRO-2 (ZeRO-1 and -3 record their groups the same way)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunelab[deepspeed]'")
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as torch_dist
+
+    from tunelab.errors import TunelabError
+    from tunelab.train.deepspeed_engine import DeepSpeed
+    from tunelab.train.distributed import DistEnv
+
+    for name, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):  # as torchrun sets them
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ds_comm, "cdb", None)  # DeepSpeed's handle on this test's process group goes with it
+
+    def strategy(**settings) -> DeepSpeed:
+        cfg = tiny_cfg(tiny_qwen2_dir, method="lora", deepspeed="zero2", dtype="fp32", **settings)
+        model, _ = load_model_for_training(cfg, torch.device("cpu"))
+        engine = DeepSpeed(DistEnv(), cfg)
+        engine.setup(model, build_optimizer(model, cfg, torch.device("cpu")), lambda model, batch: None)
+        return engine
+
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        optimizer = tmp_path / "iter_3" / "optimizer"
+        strategy().save_optimizer(optimizer, {})
+        strategy().load_optimizer(optimizer, {})  # the same groups load
+        with pytest.raises(TunelabError, match=r"iter_3: its optimiser state does not fit .*1 parameter groups "
+                                               r"saved, 2 now.*loraplus_lr_ratio"):
+            strategy(loraplus_lr_ratio=16.0).load_optimizer(optimizer, {})
+        with pytest.raises(TunelabError, match=r"iter_3: its optimiser state does not fit .*parameter group 0 holds "
+                                               r"other parameters: .*embed_tokens\.lora_embedding_A.* trained in it "
+                                               r"now, not saved"):
+            strategy(lora_target_modules=["q_proj", "embed_tokens"]).load_optimizer(optimizer, {})
+    finally:
+        torch_dist.destroy_process_group()
+
+
+class _MakesDirectory:
+    """An object whose unpickling would make a directory: reading a file that holds one must not."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.path),)
+
+
+def test_a_model_states_file_the_weights_only_unpickler_refuses_gives_its_groups_running_nothing(tmp_path):
+    """A DeepSpeed model-states file holding an object torch's weights-only unpickler refuses (a client state, or
+    another DeepSpeed's) still gives its parameter groups, read from the pickle with stand-ins, running no code."""
+    from collections import OrderedDict
+
+    from tunelab.train.deepspeed_engine import saved_param_groups
+
+    groups = [OrderedDict(a=torch.Size([2, 3]), b=torch.Size([3, 2])), OrderedDict(c=torch.Size([3]))]
+    torch.save({"module": {"a": torch.ones(2, 3)}, "param_shapes": groups, "client": _MakesDirectory(tmp_path / "ran")},
+               tmp_path / "mp_rank_00_model_states.pt")
+    assert saved_param_groups(tmp_path) == groups
+    assert not (tmp_path / "ran").exists()

@@ -7,6 +7,9 @@ its own checkpoint format, so those are what this class overrides. The config De
 from __future__ import annotations
 
 import contextlib
+import pickle
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -14,7 +17,7 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.model.parts import split_model
 from tunelab.train.distributed import DistEnv
-from tunelab.train.strategy import LossModule, SingleProcess
+from tunelab.train.strategy import LossModule, SingleProcess, optimizer_state_misfit
 
 
 class DeepSpeed(SingleProcess):
@@ -28,6 +31,9 @@ class DeepSpeed(SingleProcess):
         super().__init__(env)
         self.cfg = cfg
         self.zero_stage = 0
+        self.group_shapes: list[dict[str, tuple]] = []
+        """Each optimiser group's parameters, {name in the engine's module: shape}, as DeepSpeed records them in
+        a checkpoint (`param_shapes`): what `load_optimizer` compares a checkpoint's with."""
 
     @property
     def shards_weights(self) -> bool:
@@ -50,6 +56,9 @@ class DeepSpeed(SingleProcess):
             for param in (head.weight, head.bias):
                 if param is not None:
                     deepspeed.zero.register_external_parameter(wrapped, param)
+        name_of = {id(param): name for name, param in wrapped.named_parameters()}  # before ZeRO-3 partitions them
+        self.group_shapes = [{name_of[id(p)]: tuple(p.shape) for p in group["params"] if p.requires_grad}
+                             for group in self.raw_optimizer.param_groups]
         engine, *_ = deepspeed.initialize(model=wrapped, optimizer=self.raw_optimizer, config=ds_config,
                                           dist_init_required=False)
         return engine
@@ -102,9 +111,104 @@ class DeepSpeed(SingleProcess):
         if "optimizer" in state or not Path(directory).is_dir():
             super().load_optimizer(directory, state)
             return
+        check_saved_groups(Path(directory) / self.CHECKPOINT_TAG, self.group_shapes, Path(directory).parent)
         path, _ = self.wrapped.load_checkpoint(str(directory), tag=self.CHECKPOINT_TAG, load_module_strict=False)
         if path is None:
             raise TunelabError(f"{directory}: no DeepSpeed checkpoint (tag {self.CHECKPOINT_TAG!r}) to resume from.")
+
+
+def check_saved_groups(tag_dir: Path, mine: list[dict[str, tuple]], checkpoint: Path) -> None:
+    """Refuse a DeepSpeed checkpoint whose optimiser was saved with other parameter groups than this run's (`mine`,
+    `DeepSpeed.group_shapes`), before DeepSpeed loads anything: ZeRO-1/2 stop on it with a RuntimeError about the
+    "parameter-alignment layout", ZeRO-3 with torch's ValueError, each with a traceback from every rank. The order
+    of a group's parameters is DeepSpeed's own (round_robin_gradients shuffles it), so each group is compared as a
+    set, with its shapes (another lora_r)."""
+    saved = saved_param_groups(tag_dir)
+    if saved is None:  # no ZeRO record to compare: DeepSpeed says what is wrong with the folder
+        return
+    if len(saved) != len(mine):
+        raise optimizer_state_misfit(checkpoint, f"{len(saved)} parameter groups saved, {len(mine)} now")
+    for i, (theirs, ours) in enumerate(zip(saved, mine)):
+        if theirs.keys() != ours.keys():
+            name = min(theirs.keys() ^ ours.keys())
+            where = "saved in it, not trained in it now" if name in theirs else "trained in it now, not saved in it"
+            raise optimizer_state_misfit(checkpoint, f"parameter group {i} holds other parameters: "
+                                                     f"{_engine_name(name)} {where}")
+        for name, shape in ours.items():
+            if tuple(theirs[name]) != tuple(shape):
+                raise optimizer_state_misfit(checkpoint, f"{_engine_name(name)} was saved of shape "
+                                                         f"{list(theirs[name])}, is {list(shape)} now")
+
+
+def _engine_name(name: str) -> str:
+    """A parameter's name in the model, without the `model.` of the LossModule the engine wraps."""
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def saved_param_groups(tag_dir: Path) -> list[dict] | None:
+    """The parameter groups a DeepSpeed checkpoint's ZeRO optimiser state holds, in order, each {name: shape}: the
+    `param_shapes` of its model-states file (`*model_states.pt` in the tag folder). Read with torch's weights-only
+    unpickler, its tensors memory-mapped, not read; a file that unpickler refuses (an object DeepSpeed or a client
+    state put there) has just its pickle read, every class but OrderedDict and torch.Size a stand-in, no tensor
+    data. None where there is no file or no such record (no ZeRO), or the file cannot be read."""
+    files = sorted(Path(tag_dir).glob("*model_states.pt"))
+    if not files:
+        return None
+    try:
+        try:
+            saved = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # mmap needs torch.save's zip format; an older file is read whole
+            saved = torch.load(files[0], map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        saved = _read_pickle_only(files[0])
+    except Exception:  # unreadable: DeepSpeed's own load says how
+        return None
+    groups = saved.get("param_shapes") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        return None
+    return groups
+
+
+class _StandIn:
+    """Whatever a model-states file pickled besides dicts, lists and shapes: built from nothing, read by nobody."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _ShapesOnly(pickle.Unpickler):
+    """An unpickler that builds OrderedDict and torch.Size and nothing else that is named: no code of the file's
+    choosing runs, and the tensors' storages are left unread."""
+
+    def find_class(self, module, name):
+        known = {("collections", "OrderedDict"): OrderedDict, ("torch", "Size"): torch.Size}
+        return known.get((module, name), _StandIn)
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _read_pickle_only(file: Path):
+    """The object in a torch.save zip file, through `_ShapesOnly`; None if it is not such a file."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            pickled = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+            with archive.open(pickled) as data:
+                return _ShapesOnly(data).load()
+    except Exception:
+        return None
 
 
 def load_consolidated_state_dict(path) -> dict:
