@@ -182,3 +182,27 @@ def test_an_error_every_rank_meets_is_printed_once(tiny_llama_dir, tmp_path):
     assert "Traceback" not in proc.stderr
     assert "failed (exitcode" not in proc.stderr  # torchrun's own log line about it: the last line says it
     assert "rank" in proc.stderr.splitlines()[-1]
+
+
+def test_deepspeed_in_one_process_trains_resumes_and_ends_its_process_group(tmp_path, tiny_llama_dir, capsys):
+    """`tunelab train CFG --deepspeed zero2` without a launcher (one GPU, as XTuner's tutorials run it) stopped in
+    deepspeed.initialize ("Distributed backend is not initialized"): the engine starts a one-process group, and the
+    run ends it again."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunelab[deepspeed]'")
+    import json
+
+    from tests.train_helpers import write_config
+    from tunelab.cli.main import main
+
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=2, dtype="fp32", gradient_checkpointing=False)
+    work = tmp_path / "w"
+    assert main(["train", str(config), "--work-dir", str(work), "--device", "cpu", "--deepspeed", "zero2"]) == 0
+    assert not torch.distributed.is_initialized()
+    longer = config.with_name("longer.py")
+    longer.write_text(config.read_text().replace("max_steps = 2", "max_steps = 3"))
+    assert main(["train", str(longer), "--work-dir", str(work), "--device", "cpu", "--deepspeed", "zero2",
+                 "--resume", "auto"]) == 0
+    assert not torch.distributed.is_initialized()
+    steps = [json.loads(line)["step"] for line in (work / "train_log.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == [1, 2, 3]

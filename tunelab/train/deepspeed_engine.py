@@ -7,6 +7,7 @@ its own checkpoint format, so those are what this class overrides. The config De
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -31,6 +32,8 @@ class DeepSpeed(SingleProcess):
         super().__init__(env)
         self.cfg = cfg
         self.zero_stage = 0
+        self.owns_process_group = False
+        """A one-process run: the group DeepSpeed needs was started here, and `close` ends it."""
         self.group_shapes: list[dict[str, tuple]] = []
         """Each optimiser group's parameters, {name in the engine's module: shape}, as DeepSpeed records them in
         a checkpoint (`param_shapes`): what `load_optimizer` compares a checkpoint's with."""
@@ -56,12 +59,27 @@ class DeepSpeed(SingleProcess):
             for param in (head.weight, head.bias):
                 if param is not None:
                     deepspeed.zero.register_external_parameter(wrapped, param)
+        if not torch.distributed.is_initialized():  # one process (`tunelab train CFG --deepspeed zero2` on one GPU,
+            # as XTuner's tutorials run it): DeepSpeed still talks through torch.distributed
+            torch.distributed.init_process_group("nccl" if self.env.device.type == "cuda" else "gloo",
+                                                 store=torch.distributed.HashStore(), rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # which DeepSpeed's engine asserts a launcher has set
+            self.owns_process_group = True
         name_of = {id(param): name for name, param in wrapped.named_parameters()}  # before ZeRO-3 partitions them
         self.group_shapes = [{name_of[id(p)]: tuple(p.shape) for p in group["params"] if p.requires_grad}
                              for group in self.raw_optimizer.param_groups]
         engine, *_ = deepspeed.initialize(model=wrapped, optimizer=self.raw_optimizer, config=ds_config,
                                           dist_init_required=False)
         return engine
+
+    def close(self) -> None:
+        if self.owns_process_group and torch.distributed.is_initialized():
+            import deepspeed.comm
+
+            # DeepSpeed's own teardown also lets go of the groups it cached (a next run in this process makes new
+            # ones); older DeepSpeed has none, and torch's is all there is to do
+            getattr(deepspeed.comm, "destroy_process_group", torch.distributed.destroy_process_group)()
+        self.owns_process_group = False
 
     def forward_loss(self, batch: dict):
         return self.wrapped(batch)

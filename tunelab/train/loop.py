@@ -321,6 +321,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                            f"{last.name if last else 'step 0: no checkpoint yet'}).") from None
     finally:
         monitor.close()
+        strategy.close()
         cleanup(env)
     return TrainResult(step=step, last_checkpoint=last, losses=losses, interrupted=interrupted)
 

@@ -168,6 +168,10 @@ class SingleProcess:
     def _wrap(self, model):
         return model
 
+    def close(self) -> None:
+        """What the engine started beside the process group of `distributed.init_distributed` (DeepSpeed's one-process
+        group), ended when the run ends."""
+
     # --- a training step ---------------------------------------------------------------------------------------
 
     def train(self) -> None:
