@@ -62,11 +62,11 @@ def test_a_target_that_matches_nothing_stops_train_before_the_weights_are_read(c
 
 def test_internlm2s_own_names_are_refused_with_the_names_it_loads_under(tiny_model_factory, tmp_path):
     """InternLM2 trains as the Llama graph it is converted to: its own names (wqkv, w1) match nothing there."""
-    from tunelab.model.targets import check_lora_targets_before_loading
+    from tunelab.model.targets import check_targets_before_loading
 
     broken = _truncated(tiny_model_factory("internlm2"), tmp_path)
     with pytest.raises(TunelabError, match=r"'wqkv', 'w1' matches no module .* \['down_proj', 'gate_proj'"):
-        check_lora_targets_before_loading(tiny_cfg(broken, method="qlora", lora_target_modules=["wqkv", "w1"]))
+        check_targets_before_loading(tiny_cfg(broken, method="qlora", lora_target_modules=["wqkv", "w1"]))
 
 
 @pytest.mark.parametrize("settings", [{}, {"lora_target_modules": ["q_proj", "v_proj"]},
@@ -74,22 +74,22 @@ def test_internlm2s_own_names_are_refused_with_the_names_it_loads_under(tiny_mod
                                       {"lora_target_modules": ["q_proj"], "lora_modules_to_save": ["lm_head"]}])
 @pytest.mark.parametrize("arch", ["qwen2", "internlm2"])
 def test_correct_targets_pass_the_check_without_weights(tiny_model_factory, tmp_path, arch, settings):
-    from tunelab.model.targets import check_lora_targets_before_loading
+    from tunelab.model.targets import check_targets_before_loading
 
-    check_lora_targets_before_loading(tiny_cfg(_truncated(tiny_model_factory(arch), tmp_path), method="lora",
+    check_targets_before_loading(tiny_cfg(_truncated(tiny_model_factory(arch), tmp_path), method="lora",
                                                **settings))
 
 
 def test_a_reward_models_head_is_a_module_to_save_before_loading(tiny_qwen2_dir, tmp_path):
     """A reward model is the sequence classifier: its head is `score`, which the check finds without weights."""
-    from tunelab.model.targets import check_lora_targets_before_loading
+    from tunelab.model.targets import check_targets_before_loading
 
     broken = _truncated(tiny_qwen2_dir, tmp_path)
-    check_lora_targets_before_loading(tiny_cfg(broken, method="lora", objective="reward",
+    check_targets_before_loading(tiny_cfg(broken, method="lora", objective="reward",
                                                lora_modules_to_save=["score"]))
     cfg = tiny_cfg(tiny_qwen2_dir, method="lora", objective="reward", lora_modules_to_save=["scroe"])
     with pytest.raises(TunelabError) as error:
-        check_lora_targets_before_loading(tiny_cfg(broken, method="lora", objective="reward",
+        check_targets_before_loading(tiny_cfg(broken, method="lora", objective="reward",
                                                    lora_modules_to_save=["scroe"]))
     assert str(error.value) == _message_after_loading(cfg).replace(str(tiny_qwen2_dir), str(broken))
 
@@ -118,12 +118,12 @@ def test_a_llava_tower_target_passes_without_weights_and_the_run_loads(tiny_qwen
     import torch
 
     from tunelab.model.load import load_model_for_training
-    from tunelab.model.targets import check_lora_targets_before_loading
+    from tunelab.model.targets import check_targets_before_loading
 
     settings = dict(method="lora", lora_target_modules=["q_proj", "fc1"], visual_encoder_lora=True,
                     lora_modules_to_save=["lm_head"])
     tower = tiny_vision_factory("clip")
-    check_lora_targets_before_loading(tiny_cfg(_truncated(tiny_qwen2_dir, tmp_path, "llm"),
+    check_targets_before_loading(tiny_cfg(_truncated(tiny_qwen2_dir, tmp_path, "llm"),
                                                visual_encoder_name_or_path=str(_truncated(tower, tmp_path, "tower")),
                                                **settings))
     model, _ = load_model_for_training(tiny_cfg(tiny_qwen2_dir, visual_encoder_name_or_path=str(tower), **settings),

@@ -22,6 +22,8 @@ ALIASES = {
     "cutoff_len": "max_length", "max_seq_length": "max_length", "lora_rank": "lora_r",
     "template": "prompt_template", "alpaca_en_path": "data_path", "data_files": "data_path",
     "dataset": "data_path", "quantization_bit": "quant_bits", "load_in_4bit": "quant_bits",
+    "finetuning_type": "method", "freeze_trainable_layers": "trainable_layers",
+    "freeze_trainable_modules": "trainable_modules", "freeze_extra_modules": "trainable_extra_modules",
 }
 
 
@@ -124,7 +126,7 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
     if cfg.nonfinite == "skip" and cfg.deepspeed:
         errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
                       f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")
-    return errors + _lora_errors(cfg, at) + _preference_errors(cfg, at)
+    return errors + _lora_errors(cfg, at) + _partial_errors(cfg, at) + _preference_errors(cfg, at)
 
 
 # LoRA settings a user adds to a config on purpose (the config template writes lora_r, lora_alpha, lora_dropout and
@@ -150,6 +152,34 @@ def _lora_errors(cfg: TrainConfig, at) -> list[str]:
                       f"adapter on it. Keep it in one of them: lora_modules_to_save to train it whole, "
                       f"lora_target_modules for an adapter.")
     return errors
+
+
+# Partial fine-tuning's settings (method = 'full'): what trains, each name checked against the model before loading
+# (tunelab.model.freeze).
+PARTIAL = ("trainable_layers", "trainable_modules", "trainable_extra_modules")
+
+
+def _partial_errors(cfg: TrainConfig, at) -> list[str]:
+    used = [key for key in PARTIAL if getattr(cfg, key) != default_value(key)]
+    if not used:
+        return []
+    key, value = used[0], getattr(cfg, used[0])
+    if cfg.method != "full":  # peft freezes the base itself and trains its adapters: these would be ignored
+        return [f"{at(key)}{key} = {value!r} chooses the weights that train whole, a setting of method = 'full' "
+                f"(partial fine-tuning); method = {cfg.method!r} trains LoRA adapters on lora_target_modules "
+                f"instead. Use method = 'full', or remove {', '.join(used)}."]
+    if cfg.visual_encoder_name_or_path:
+        return [f"{at(key)}{key} with a vision tower: a LLaVA run chooses what trains with freeze_llm and "
+                f"visual_encoder_lora. Remove {', '.join(used)}."]
+    if cfg.trainable_layers == 0 and not cfg.trainable_extra_modules:
+        return [f"{at('trainable_layers')}trainable_layers = 0 trains no decoder layer and trainable_extra_modules "
+                f"names nothing else: nothing would train. Name modules outside the layers (e.g. "
+                f"trainable_extra_modules = ['lm_head']), or train the last layers (e.g. trainable_layers = 2)."]
+    if cfg.trainable_layers == 0 and cfg.trainable_modules != "all":
+        return [f"{at('trainable_modules')}trainable_modules = {cfg.trainable_modules!r} names modules within the "
+                f"trained layers, but trainable_layers = 0 trains none. Remove trainable_modules, or set "
+                f"trainable_layers."]
+    return []
 
 
 def _lora_on_lm_head(cfg: TrainConfig) -> bool:

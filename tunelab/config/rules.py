@@ -116,6 +116,11 @@ BETAS = Rule(lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= 
              "two numbers in [0, 1), e.g. (0.9, 0.999)")
 TARGET_MODULES = Rule(lambda v: isinstance(v, str) or all(isinstance(m, str) for m in v),
                       "'all-linear' or a list of module names like ['q_proj', 'v_proj']")
+MODULE_NAMES = Rule(lambda v: v is None or (all(isinstance(m, str) and m.strip() and m != "all" for m in v)),
+                    "None or a list of module names like ['embed_tokens', 'lm_head']")
+TRAINABLE_MODULES = Rule(lambda v: v == "all" or (isinstance(v, list) and v and all(
+    isinstance(m, str) and m.strip() and m != "all" for m in v)), "'all' or a list of module names within a decoder "
+    "layer like ['mlp'] or ['self_attn', 'mlp']")
 def _data_path_problem(value) -> str | None:
     from tunelab.data.data_path import data_path_problem
 

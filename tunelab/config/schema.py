@@ -18,7 +18,8 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from tunelab.config.rules import (ACTIVATION, BETAS, DATA_FORMAT, DATA_PATH, DEEPSPEED, DPO_LOSS, EVALUATION_IMAGES,
                                   EVALUATION_INPUTS, POSITIVE, POSITIVE_NUMBER, POSITIVE_OR_NONE, PROMPT_TEMPLATE,
-                                  QUANT_BITS, REFERENCE, REPORT_TO, TARGET_MODULES, Rule, fraction, setting)
+                                  MODULE_NAMES, QUANT_BITS, REFERENCE, REPORT_TO, TARGET_MODULES,
+                                  TRAINABLE_MODULES, Rule, fraction, setting)
 
 
 Method = Literal["full", "lora", "qlora"]
@@ -33,7 +34,8 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Run the model repository's own Python code. Off by default: only enable for repos you trust."""
     method: Method = "qlora"
-    """'full' fine-tunes every weight; 'lora' trains adapters on a bf16 base; 'qlora' on a 4-bit base."""
+    """'full' fine-tunes every weight (or those trainable_layers, trainable_modules and trainable_extra_modules
+    name); 'lora' trains adapters on a bf16 base; 'qlora' on a 4-bit base."""
     quant_bits: Optional[int] = setting(None, QUANT_BITS)
     """4 or 8 to quantise the frozen base (bitsandbytes). None: 4 for qlora, unquantised otherwise."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -65,6 +67,24 @@ class TrainConfig:
     loraplus_lr_ratio: Optional[float] = setting(None, Rule(lambda v: v is None or v > 0, "None or a positive number"))
     """LoRA+: the B matrices (and every trained 1-D tensor: biases, DoRA magnitudes, norms) learn at lr x this ratio
     (the LoRA+ paper uses 16); A matrices and modules_to_save weights at lr. None: every trained tensor at lr."""
+
+    # --- partial fine-tuning (method = 'full'; LLaMA-Factory's finetuning_type: freeze) ---------------
+    # Settings of method = 'full', not a method of their own: what trains is trained exactly as full fine-tuning
+    # trains it (fp32 master weights, whole-model checkpoints and exports, a frozen reference copy), and the rest is
+    # frozen as LoRA's base is (kept in the compute dtype, no gradient, no optimiser state). Once any of the three is
+    # set, only what they name trains.
+    trainable_layers: Optional[int] = None
+    """How many decoder layers train (LLaMA-Factory's freeze_trainable_layers): N > 0 the last N, N < 0 the first
+    |N|, 0 none (then trainable_extra_modules names what trains). None: every layer. More than the model has is an
+    error naming its layer count."""
+    trainable_modules: Union[str, list] = setting("all", TRAINABLE_MODULES)
+    """Which modules of those layers train (freeze_trainable_modules): 'all', or names within a decoder layer such
+    as ['mlp'], ['self_attn'], ['mlp.down_proj'] or ['q_proj', 'v_proj'] (matched as lora_target_modules are, by
+    whole name or its last parts). A name that matches nothing in a layer is an error listing the layer's modules."""
+    trainable_extra_modules: Optional[list] = setting(None, MODULE_NAMES)
+    """Modules outside the decoder layers that train too (freeze_extra_modules): e.g. ['embed_tokens'],
+    ['lm_head'], ['norm'] (the final norm). None: none of them (a reward model's new score head always trains). On
+    a model whose lm_head is its input embedding (tie_word_embeddings) either name trains that one weight."""
 
     # --- data ---------------------------------------------------------------------------------
     data_path: Union[str, list, None] = setting("tatsu-lab/alpaca", DATA_PATH)

@@ -19,11 +19,12 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.model import internlm2
 from tunelab.model import rope as rope_scaling
+from tunelab.model.freeze import freeze_the_rest, partial
 from tunelab.model.model_dir import (build_config, check_architecture, model_class, read_model_config, reading_weights,
                                      resolve_model_dir)
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.sentencepiece_file import model_proto_module
-from tunelab.model.targets import check_lora_targets_before_loading
+from tunelab.model.targets import check_targets_before_loading
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     if errors:
         raise TunelabError("\n".join(errors))
     check_runs_on(cfg, device)
-    check_lora_targets_before_loading(cfg)  # a typo stops here, not after minutes of loading weights
+    check_targets_before_loading(cfg)  # a typo stops here, not after minutes of loading weights
     if cfg.visual_encoder_name_or_path:  # a LLaVA model: the fast path acts on its language model
         from tunelab.model.llava_train import build_for_training
 
@@ -245,6 +246,8 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     warn_beyond_context(cfg, model.config)
     model.config.use_cache = False
     if cfg.method == "full":
+        if partial(cfg):  # before checkpointing and the fast path, which read what trains
+            freeze_the_rest(model, cfg)
         if plan.checkpointing:
             checkpoint_layers(model)
         return _for_training(model, cfg, plan, device)

@@ -1,4 +1,5 @@
-"""LoRA's targets checked against the model's module names before any weight is read.
+"""LoRA's targets, and the modules partial fine-tuning trains, checked against the model's module names before any
+weight is read.
 
 lora_target_modules and lora_modules_to_save name modules. peft passes over a target entry that matches nothing as
 long as another entry matches, and over a lora_modules_to_save entry that matches nothing at all, so a typo would
@@ -17,15 +18,19 @@ import re
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.model.freeze import partial, trained_modules
 from tunelab.model.model_dir import build_config, check_architecture, new_model, read_model_config, resolve_model_dir
 from tunelab.model.plan import names_module
 
 
-def check_lora_targets_before_loading(cfg) -> None:
+def check_targets_before_loading(cfg) -> None:
     """The LoRA settings of `cfg` name modules of its model (`check_lora_targets`; a LLaVA run's targets as
-    `llava_train.lora_targets` picks them), on the model built on the meta device: a TunelabError before any weight
-    is read. Nothing to check for full fine-tuning."""
+    `llava_train.lora_targets` picks them), and so do partial fine-tuning's (`freeze.trained_modules`), on the model
+    built on the meta device: a TunelabError before any weight is read. Nothing to check for full fine-tuning of
+    every weight."""
     if cfg.method == "full":
+        if partial(cfg):
+            trained_modules(empty_model(cfg), cfg)
         return
     model = empty_model(cfg)
     name = cfg.pretrained_model_name_or_path

@@ -38,7 +38,8 @@ from tunelab.model.load import check_runs_on, scaled_rope
 from tunelab.model.model_dir import check_token_ids_fit
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
-from tunelab.model.targets import check_lora_targets_before_loading
+from tunelab.model.freeze import describe_trained, partial
+from tunelab.model.targets import check_targets_before_loading
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import layout, resume_settings
 from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_distributed, rank_shard
@@ -103,7 +104,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     settings_cfg = cfg  # what resolved_config.py records, once the start is accepted
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
     check_runs_on(cfg, env.device)  # and what the model cannot run on this device
-    check_lora_targets_before_loading(cfg)  # on the model built without weights: before the data step, too
+    check_targets_before_loading(cfg)  # on the model built without weights: before the data step, too
     scaled_rope(cfg)  # a rope_scaling the base cannot take, too
     data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
     # the fast path, with the checkpoint's arrangement fitted to this GPU's memory
@@ -208,6 +209,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         log("optimizer_in_backward: each layer's parameters are updated as soon as backward has their gradients "
             "(no clipping)")
     what = cfg.method + ("" if cfg.objective == "sft" else f" {cfg.objective}")
+    if partial(cfg):
+        what += f" ({describe_trained(model)})"
     log(f"training {what} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
         f"{steps_per_epoch} steps per epoch, "
         f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"
