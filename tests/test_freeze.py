@@ -1,7 +1,7 @@
 """Partial ("freeze") fine-tuning, method = 'full' with trainable_layers / trainable_modules / trainable_extra_modules
 (LLaMA-Factory's finetuning_type: freeze): only the chosen weights change and the rest stays bit-identical, the loss
-falls, the frozen weights get no gradient, no optimiser state and no fp32 copy, names that match nothing stop before
-any weight is read, and the checkpoint converts and chats as a full fine-tuning's does, also from two processes."""
+falls, the frozen weights get no gradient, no optimiser state and no fp32 copy, the plan counts what training trains,
+names that match nothing stop before any weight is read, and the checkpoint converts and chats as a full fine-tuning's does, also from two processes."""
 
 from __future__ import annotations
 
@@ -88,6 +88,81 @@ def test_frozen_weights_get_no_gradient_no_optimiser_state_and_no_fp32_copy(tiny
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+PLANNED = {
+    "llama, the last layer": ("llama", {"trainable_layers": 1}),
+    "llama, the first layer's attention and lm_head": ("llama", {"trainable_layers": -1,
+                                                                "trainable_modules": ["self_attn"],
+                                                                "trainable_extra_modules": ["lm_head"]}),
+    "qwen2 (tied lm_head), lm_head alone": ("qwen2", {"trainable_layers": 0, "trainable_extra_modules": ["lm_head"]}),
+    "llama reward model, the last layer (and its new head)": ("llama", {"trainable_layers": 1,
+                                                                       "objective": "reward"}),
+    "internlm2 (loaded as Llama), down_proj of every layer": ("internlm2", {"trainable_modules": ["down_proj"]}),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANNED))
+def test_the_plan_counts_the_parameters_training_trains(case, tiny_model_factory):
+    """The plan's trained parameters are the loaded model's `requires_grad` ones; its AdamW states and gradients
+    are theirs alone (fp32 master weights: 8 and 4 bytes a trained parameter)."""
+    from tunelab.model.fit import plan_report
+    from tunelab.model.freeze import trained_part
+    from tunelab.model.load import load_model_for_training
+    from tunelab.model.memory import estimate_memory
+
+    arch, settings = PLANNED[case]
+    cfg = tiny_cfg(tiny_model_factory(arch), accumulative_counts=2, **settings)
+    model, _ = load_model_for_training(cfg, torch.device("cpu"))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    part = trained_part(cfg)
+    assert (part.params, part.total) == (trained, total)
+    assert f"partial fine-tuning: {trained:,} of {total:,} parameters train" in plan_report(cfg)  # `tunelab plan`
+    assert 0 < trained < total
+    est = estimate_memory(cfg)
+    assert est.parts["AdamW states"] == 8 * trained
+    assert est.parts["gradients (kept across micro-batches)"] == 4 * trained
+    whole = estimate_memory(tiny_cfg(tiny_model_factory(arch), accumulative_counts=2,
+                                     objective=settings.get("objective", "sft")))
+    assert est.parts["AdamW states"] < whole.parts["AdamW states"]
+
+
+def test_layers_before_the_first_trained_one_keep_nothing_for_backward_as_the_plan_says(tiny_llama_dir):
+    """Measured on the CPU: the tensors each decoder layer saves for backward. A frozen layer before the first
+    trained one saves none (autograd records nothing there), and the plan counts activations for the layers
+    backward runs through only."""
+    from tunelab.data.collate import collate
+    from tunelab.model.load import load_model_for_training
+    from tunelab.model.loss import causal_lm_loss
+    from tunelab.model.memory import estimate_memory
+    from tunelab.model.parts import decoder_layers
+
+    rows = identity_rows(AutoTokenizer.from_pretrained(tiny_llama_dir), 1)
+    saved = {}
+    for layers in (None, 1):
+        cfg = tiny_cfg(tiny_llama_dir, trainable_layers=layers)
+        model, _ = load_model_for_training(cfg, torch.device("cpu"))
+        per_layer, current = [0, 0], [None]
+        for i, layer in enumerate(decoder_layers(model)):
+            layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i))
+            layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None))
+
+        def pack(t):
+            if current[0] is not None:
+                per_layer[current[0]] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = causal_lm_loss(model, collate(rows, 0))
+        loss.backward()
+        saved[layers] = per_layer
+        planned = estimate_memory(cfg).parts["activations"]
+        if layers is None:
+            whole_plan = planned
+    assert saved[None][0] > 0 and saved[None][1] > 0
+    assert saved[1][0] == 0 and saved[1][1] > 0  # the frozen first layer keeps nothing
+    assert planned == whole_plan // 2  # backward through 1 of 2 layers
 
 
 REFUSED_BY_THE_MODEL = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tunelab.errors import TunelabError
+from tunelab.model.freeze import partial, trained_part
 from tunelab.model.memory import GIB, available_cpu_memory, estimate_memory, sharded_by_engine
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.shapes import model_shape
@@ -81,6 +82,11 @@ def plan_report(cfg, device=None, plan=None, *, world_size: int | None = None, c
     lines = [f"memory plan for {cfg.pretrained_model_name_or_path} ({cfg.method}, max_length {cfg.max_length}, "
              f"batch_size {cfg.batch_size}, gradient checkpointing "
              f"{'on' if cfg.resolved_gradient_checkpointing() else 'off'}{objective})"]
+    if partial(cfg):
+        part = trained_part(cfg)
+        lines.append(f"  partial fine-tuning: {part.params:,} of {part.total:,} parameters train, backward through "
+                     f"{part.backward_layers} of {model_shape(cfg.pretrained_model_name_or_path).num_hidden_layers} "
+                     f"layers")
     if est.world_size > 1:
         engine = cfg.deepspeed or ("fsdp" if cfg.fsdp else "ddp")
         split = (f", each row over {cfg.sequence_parallel_size} (sequence parallel)"

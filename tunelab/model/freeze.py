@@ -2,8 +2,8 @@
 `finetuning_type: freeze` chooses them (trainable_layers, trainable_modules, trainable_extra_modules).
 
 One function, `trained_modules`, picks the modules from the model's own module names, so the same choice is made
-where it is checked (on the model built on the meta device, before any weight is read: `targets.py`) and where
-training freezes the rest (`freeze_the_rest`). What it picks trains
+where it is checked (on the model built on the meta device, before any weight is read: `targets.py`), where the
+memory plan counts it (`trained_part`) and where training freezes the rest (`freeze_the_rest`). What it picks trains
 as in full fine-tuning (fp32 master weights, AdamW states); everything else is frozen as LoRA's base is, which the
 rest of tunelab reads from `requires_grad` alone: no gradient or optimiser state (`train.optim.parameter_groups`),
 kept in the compute dtype (`train.optim.choose_precision` upcasts trained weights only), and no backward through
@@ -14,6 +14,8 @@ input_layernorm), a name here is a whole module name or its last dotted parts, a
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from tunelab.errors import TunelabError
 from tunelab.model.parts import decoder_layers
@@ -117,3 +119,74 @@ def describe_trained(model) -> str:
 def _trains_whole(module) -> bool:
     params = list(module.parameters())
     return bool(params) and all(p.requires_grad for p in params)
+
+
+@dataclass(frozen=True)
+class TrainedPart:
+    """What a partial run trains, as the memory plan needs it."""
+
+    params: int
+    """Parameters that train (a tied embedding and lm_head once)."""
+    backward_layers: int
+    """Decoder layers backward runs through: from the first trained one (all, when the input embedding trains)."""
+    lm_head: bool
+    """lm_head trains."""
+    total: int
+    """Parameters of the model."""
+
+
+def trained_part(cfg) -> TrainedPart:
+    """What `cfg` trains, counted on its model built on the meta device (`targets.empty_model`): the same choice
+    training makes, so the plan's count is the trained model's `requires_grad` count."""
+    key = (cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.objective, cfg.trainable_layers,
+           _frozen(cfg.trainable_modules), _frozen(cfg.trainable_extra_modules))
+    if key not in _COUNTED:  # `tunelab plan` estimates several variants of one config
+        _COUNTED[key] = _count(cfg)
+    return _COUNTED[key]
+
+
+_COUNTED: dict[tuple, TrainedPart] = {}
+
+
+def _frozen(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _count(cfg) -> TrainedPart:
+    model = _meta_model(cfg)
+    layers = decoder_layers(model)
+    if partial(cfg):
+        freeze_the_rest(model, cfg)
+    else:
+        model.requires_grad_(True)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    trained_layers = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
+    if any(p.requires_grad for p in embedding.parameters()):
+        backward = len(layers)
+    else:
+        backward = len(layers) - trained_layers[0] if trained_layers else 0
+    lm_head = head is not None and any(p.requires_grad for p in head.parameters())
+    return TrainedPart(params=params, backward_layers=backward, lm_head=lm_head,
+                       total=sum(p.numel() for p in model.parameters()))
+
+
+def _meta_model(cfg):
+    """The model on the meta device: from its config files (`targets.empty_model`), or, for a hub model whose shape
+    `tunelab plan` knows offline (`shapes.KNOWN_SHAPES`), the Llama-style model of that shape (InternLM2 loads as
+    one), whose module names are the loaded model's."""
+    from tunelab.model.shapes import KNOWN_SHAPES, local_config_file
+    from tunelab.model.targets import empty_model
+
+    name = cfg.pretrained_model_name_or_path
+    if local_config_file(name) is not None or name not in KNOWN_SHAPES:
+        return empty_model(cfg)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    shape = dict(KNOWN_SHAPES[name])
+    config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape, **(
+        {"num_labels": 1} if cfg.objective == "reward" else {}))
+    auto = AutoModelForSequenceClassification if cfg.objective == "reward" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)

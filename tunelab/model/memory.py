@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from tunelab.model.fast import merges_into_the_weight
+from tunelab.model.freeze import partial, trained_part
 from tunelab.model.lora_params import dora_bytes, lora_params
 from tunelab.model.offload import PINNED_MAX_BYTES
 from tunelab.model.plan import LONG_CONTEXT_TOKENS, optimizer_in_backward_blockers
@@ -147,6 +148,8 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
     embeddings_on_cpu = plan.embeddings_on_cpu and not shape.tie_word_embeddings
     parts, grads, grads_name = _weights_and_states(cfg, plan, shape, world, other_bytes=other_bytes,
                                                    embeddings_on_cpu=embeddings_on_cpu)
+    # partial fine-tuning: the layers before the first trained one keep nothing for a backward that stops there
+    backward_layers = trained_part(cfg).backward_layers if partial(cfg) else layers
     if split > 1:
         # q, k, v (KV heads repeated to whole heads a rank) and the output of the layer at work, each sent and
         # received: twice this GPU's share of them (their gradients in backward, when the forward's are gone)
@@ -178,20 +181,20 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         # copy out is still running, in backward the layer recomputed and the next one, fetched ahead; one where
         # they are copied synchronously (model/layers.py).
         on_gpu = 1 if tokens * h * 2 > PINNED_MAX_BYTES else min(2, layers)
-        saved = (on_gpu if plan.offload_activations else layers) * saved_per_layer
+        saved = (min(on_gpu, backward_layers) if plan.offload_activations else backward_layers) * saved_per_layer
         # The kept projections replace the recomputed ones of the layer at work (counted in layer_act): only the
         # other layer's on the GPU add to the peak.
         saved += (on_gpu - 1) * projections
         early, late = saved + loss_bytes, grads
-        parts["activations (checkpointed)"] = int(saved + layer_act)
+        parts["activations (checkpointed)"] = int(saved + (layer_act if backward_layers else 0))
         parts[loss_name] = int(loss_bytes)
         parts[grads_name] = int(grads if accumulating else max(0, late - early))
     else:
-        parts["activations"] = int(layers * layer_act)
+        parts["activations"] = int(backward_layers * layer_act)
         parts[loss_name] = int(loss_bytes)
         # Gradients arrive as activations are freed; at the peak (start of backward) only lm_head's exists (a reward
         # model has none), counted with the loss (it is taken in forward) when the loss is chunked.
-        head = cfg.method == "full" and not cfg.freeze_llm and cfg.objective != "reward"
+        head = _head_trained(cfg) and cfg.objective != "reward"
         first = vocab * h * 2 if head and not plan.chunked_loss else 0
         parts[grads_name] = int(grads if accumulating else first)
 
@@ -235,9 +238,10 @@ def _weights_and_states(cfg, plan, shape: ModelShape, world: int, *, other_bytes
     if cfg.freeze_llm:  # LLaVA's stage 1: the language model is frozen, only the projector (above) trains
         trainable, grads, grads_name = 0, 0, "gradients"
     elif cfg.method == "full":
-        trainable = _model_params(cfg, shape)
+        trainable = trained_part(cfg).params if partial(cfg) else _model_params(cfg, shape)
         if cfg.fp32_master_weights:  # fp32 weights, gradients and states, computed in bf16 under autocast
-            parts["frozen/base weights"] = trainable * 4
+            # (partial fine-tuning: the frozen weights stay in bf16)
+            parts["frozen/base weights"] = trainable * 4 + (_model_params(cfg, shape) - trainable) * 2
             # autocast casts each weight to bf16 once a forward and keeps the copy until the forward is done
             parts["bf16 weight copies (autocast)"] = trainable * 2
             grads, grads_name = trainable * 4, "gradients"
@@ -267,10 +271,15 @@ def _weights_and_states(cfg, plan, shape: ModelShape, world: int, *, other_bytes
         # lm_head), which the loss reads through the whole step
         parts["gathered weights"] = 2 * shape.layer_linear_params() * 2 + other * 2
     if plan.optimizer_in_backward:  # each layer's gradients freed after its update in backward
-        largest = vocab * h if cfg.method == "full" and not cfg.freeze_llm else 0  # (and lm_head's, when trained)
+        largest = vocab * h if _head_trained(cfg) else 0  # (and lm_head's, when trained)
         grads = max(grads // layers, grads * largest // max(trainable, 1))
         grads_name = "gradients (a layer's at a time: optimizer_in_backward)"
     return parts, grads, grads_name
+
+
+def _head_trained(cfg) -> bool:
+    """lm_head trains: full fine-tuning of every weight, or with lm_head among partial fine-tuning's."""
+    return cfg.method == "full" and not cfg.freeze_llm and (not partial(cfg) or trained_part(cfg).lm_head)
 
 
 def _model_params(cfg, shape: ModelShape) -> int:
@@ -320,7 +329,7 @@ def _loss_bytes(cfg, plan, shape: ModelShape, tokens: int) -> tuple[str, int]:
     if plan.chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 
-        head_trained = cfg.method == "full" and not cfg.freeze_llm
+        head_trained = _head_trained(cfg)
         rows = min(tokens, loss_chunk_rows(plan.loss_chunk_size, vocab, head_trained=head_trained))
         per_logit = LOSS_BYTES_PER_LOGIT["compiled" if plan.compiled_loss else "eager"]
         # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence;
