@@ -1,10 +1,12 @@
 """Partial ("freeze") fine-tuning, method = 'full' with trainable_layers / trainable_modules / trainable_extra_modules
 (LLaMA-Factory's finetuning_type: freeze): only the chosen weights change and the rest stays bit-identical, the loss
 falls, the frozen weights get no gradient, no optimiser state and no fp32 copy, the plan counts what training trains,
-names that match nothing stop before any weight is read, and the checkpoint converts and chats as a full fine-tuning's does, also from two processes."""
+names that match nothing stop before any weight is read, a resume with another choice is refused, and the checkpoint
+converts and chats as a full fine-tuning's does, also from two processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -211,6 +213,22 @@ def test_settings_that_cannot_work_together_name_the_key(case, tmp_path, tiny_ll
         load_config(config)
     for word in words:
         assert word in str(error.value), (word, str(error.value))
+
+
+def test_a_resume_with_another_choice_is_refused_and_the_same_one_continues(tiny_llama_dir, tokenizer, tmp_path):
+    cfg = tiny_cfg(tiny_llama_dir, max_steps=4, save_steps=2, batch_size=4, trainable_layers=1)
+    rows = identity_rows(tokenizer)
+    full = train(cfg, tmp_path / "run", train_rows=rows, device="cpu").losses
+    shutil.rmtree(tmp_path / "run" / "iter_4")
+    # -1: the first layer instead of the last, of the same shapes, whose optimiser states would load without a word
+    for changed in ({"trainable_layers": -1}, {"trainable_layers": 2}, {"trainable_modules": ["mlp"]},
+                    {"trainable_extra_modules": ["norm"]}):
+        with pytest.raises(TunelabError) as error:
+            train(dataclasses.replace(cfg, **changed), tmp_path / "run", resume="auto",
+                  train_rows=rows, device="cpu")
+        assert f"{next(iter(changed))} was " in str(error.value)
+    resumed = train(cfg, tmp_path / "run", resume="auto", train_rows=rows, device="cpu").losses
+    assert resumed[3] == pytest.approx(full[3], abs=1e-6) and resumed[4] == pytest.approx(full[4], abs=1e-6)
 
 
 def test_the_checkpoint_converts_with_pth_to_hf_and_chats(tiny_llama_dir, tokenizer, tmp_path, capsys):

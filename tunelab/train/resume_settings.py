@@ -2,11 +2,12 @@
 compares them with this config's before the data and the model load.
 
 * Settings that give the data order, the model or the meaning of the saved position another meaning (`FIXED`,
-  `LORA` for adapters), or the loss another meaning (`PREFERENCE` for a preference objective: beta, dpo_loss, ...),
-  are refused, one line per setting that differs: resuming with them would re-read the saved micro-batch position
-  in another batch size, load an adapter into another shape, train on other rows, or minimise another loss from
-  the resumed step on. A checkpoint saved before a setting was recorded is not held to it, unless that tunelab had
-  no such setting (`ADDED_LATER`: then the run trained with it off).
+  `LORA` for adapters, `PARTIAL` for what full fine-tuning trains), or the loss another meaning (`PREFERENCE` for a
+  preference objective: beta, dpo_loss, ...), are refused, one line per setting that differs: resuming with them
+  would re-read the saved micro-batch position in another batch size, load an adapter into another shape, load
+  optimiser states into other weights, train on other rows, or minimise another loss from the resumed step on. A
+  checkpoint saved before a setting was recorded is not held to it, unless that tunelab had no such setting
+  (`ADDED_LATER`: then the run trained with it off).
 * The optimiser's and schedule's settings (`SCHEDULE`) are the checkpoint's, as Hugging Face Trainer (and so
   LLaMA-Factory) has it: the scheduler and optimiser states restore them. A changed one is named in a warning and
   replaced by the checkpoint's value, so resolved_config.py, run.json and the board show what the run trains with.
@@ -33,9 +34,12 @@ FIXED = ("data_path", "data_format", "dataset_map_fn", "eval_split_ratio", "batc
          "max_length", "rope_scaling", "pack_to_max_length", "shuffle_before_pack", "method", "objective", "optimizer",
          "seed")
 LORA = ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora", "lora_bias", "lora_modules_to_save")
+# full fine-tuning's choice of what trains: resumed with another, the optimiser's states would be another's
+PARTIAL = ("trainable_layers", "trainable_modules", "trainable_extra_modules")
 # Settings newer than the run record itself: a checkpoint whose record lacks one was saved by a tunelab that did not
 # have it, so its run trained with it off (unlike a setting that existed before it was recorded, which is unknown).
-ADDED_LATER = {"rope_scaling": None, "loraplus_lr_ratio": None}
+ADDED_LATER = {"rope_scaling": None, "loraplus_lr_ratio": None, "trainable_layers": None, "trainable_modules": "all",
+               "trainable_extra_modules": None}
 PREFERENCE = ("beta", "dpo_loss", "label_smoothing", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight")
 SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "weight_decay", "betas", "loraplus_lr_ratio")
 
@@ -47,7 +51,8 @@ def _plain(value):
 def compared_settings(cfg) -> dict:
     """The settings a resume compares, as JSON values: what a checkpoint records and what this config is held to."""
     values = to_dict(cfg)
-    keys = FIXED + SCHEDULE + (LORA if cfg.method != "full" else ()) + (PREFERENCE if cfg.objective != "sft" else ())
+    keys = FIXED + SCHEDULE + (LORA if cfg.method != "full" else PARTIAL) + (PREFERENCE if cfg.objective != "sft"
+                                                                            else ())
     return {key: _plain(values[key]) for key in keys}
 
 
