@@ -184,12 +184,17 @@ def test_an_error_every_rank_meets_is_printed_once(tiny_llama_dir, tmp_path):
     assert "rank" in proc.stderr.splitlines()[-1]
 
 
-def test_deepspeed_in_one_process_trains_resumes_and_ends_its_process_group(tmp_path, tiny_llama_dir, capsys):
+def test_deepspeed_in_one_process_trains_resumes_and_ends_its_process_group(tmp_path, tiny_llama_dir, capsys,
+                                                                              monkeypatch):
     """`tunelab train CFG --deepspeed zero2` without a launcher (one GPU, as XTuner's tutorials run it) stopped in
     deepspeed.initialize ("Distributed backend is not initialized"): the engine starts a one-process group, and the
-    run ends it again."""
+    run ends it again, with the LOCAL_RANK it set for DeepSpeed (left set, a next `tunelab train` in this process
+    would take itself for a torchrun worker and start no ranks)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunelab[deepspeed]'")
     import json
+    import os
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
 
     from tests.train_helpers import write_config
     from tunelab.cli.main import main
@@ -198,6 +203,7 @@ def test_deepspeed_in_one_process_trains_resumes_and_ends_its_process_group(tmp_
     work = tmp_path / "w"
     assert main(["train", str(config), "--work-dir", str(work), "--device", "cpu", "--deepspeed", "zero2"]) == 0
     assert not torch.distributed.is_initialized()
+    assert "LOCAL_RANK" not in os.environ
     longer = config.with_name("longer.py")
     longer.write_text(config.read_text().replace("max_steps = 2", "max_steps = 3"))
     assert main(["train", str(longer), "--work-dir", str(work), "--device", "cpu", "--deepspeed", "zero2",

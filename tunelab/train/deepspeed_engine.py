@@ -34,6 +34,9 @@ class DeepSpeed(SingleProcess):
         self.zero_stage = 0
         self.owns_process_group = False
         """A one-process run: the group DeepSpeed needs was started here, and `close` ends it."""
+        self.set_local_rank = False
+        """LOCAL_RANK was set here for DeepSpeed, and `close` removes it: left set, a next `tunelab train` in this
+        process would take itself for a torchrun worker and never launch its ranks (`launch.maybe_relaunch`)."""
         self.group_shapes: list[dict[str, tuple]] = []
         """Each optimiser group's parameters, {name in the engine's module: shape}, as DeepSpeed records them in
         a checkpoint (`param_shapes`): what `load_optimizer` compares a checkpoint's with."""
@@ -63,7 +66,9 @@ class DeepSpeed(SingleProcess):
             # as XTuner's tutorials run it): DeepSpeed still talks through torch.distributed
             torch.distributed.init_process_group("nccl" if self.env.device.type == "cuda" else "gloo",
                                                  store=torch.distributed.HashStore(), rank=0, world_size=1)
-            os.environ.setdefault("LOCAL_RANK", "0")  # which DeepSpeed's engine asserts a launcher has set
+            if "LOCAL_RANK" not in os.environ:  # which DeepSpeed's engine asserts a launcher has set
+                os.environ["LOCAL_RANK"] = "0"
+                self.set_local_rank = True
             self.owns_process_group = True
         name_of = {id(param): name for name, param in wrapped.named_parameters()}  # before ZeRO-3 partitions them
         self.group_shapes = [{name_of[id(p)]: tuple(p.shape) for p in group["params"] if p.requires_grad}
@@ -79,7 +84,9 @@ class DeepSpeed(SingleProcess):
             # DeepSpeed's own teardown also lets go of the groups it cached (a next run in this process makes new
             # ones); older DeepSpeed has none, and torch's is all there is to do
             getattr(deepspeed.comm, "destroy_process_group", torch.distributed.destroy_process_group)()
-        self.owns_process_group = False
+        if self.set_local_rank:
+            os.environ.pop("LOCAL_RANK", None)
+        self.owns_process_group = self.set_local_rank = False
 
     def forward_loss(self, batch: dict):
         return self.wrapped(batch)
