@@ -203,6 +203,19 @@ REFUSED_SETTINGS = {
 }
 
 
+def test_a_reward_model_may_train_its_score_head_alone(tmp_path, tiny_llama_dir):
+    """trainable_layers = 0 with no extra module trains nothing for a language model (refused above), but a reward
+    model's new score head trains whatever they say: a linear probe, its plan counting the head alone."""
+    from tunelab.config.loader import load_config
+    from tunelab.model.freeze import trained_modules, trained_part
+    from tunelab.model.targets import empty_model
+
+    cfg = load_config(write_config(tmp_path, tiny_llama_dir, method="full", objective="reward", trainable_layers=0))
+    assert trained_modules(empty_model(cfg), cfg) == ["score"]
+    part = trained_part(cfg)
+    assert part.params == 64 and part.backward_layers == 0 and not part.lm_head  # hidden size 64, one score
+
+
 @pytest.mark.parametrize("case", list(REFUSED_SETTINGS))
 def test_settings_that_cannot_work_together_name_the_key(case, tmp_path, tiny_llama_dir):
     from tunelab.config.loader import load_config

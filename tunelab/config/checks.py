@@ -171,7 +171,8 @@ def _partial_errors(cfg: TrainConfig, at) -> list[str]:
     if cfg.visual_encoder_name_or_path:
         return [f"{at(key)}{key} with a vision tower: a LLaVA run chooses what trains with freeze_llm and "
                 f"visual_encoder_lora. Remove {', '.join(used)}."]
-    if cfg.trainable_layers == 0 and not cfg.trainable_extra_modules:
+    # (a reward model's new score head trains whatever they say: trained alone, it is a linear probe)
+    if cfg.trainable_layers == 0 and not cfg.trainable_extra_modules and cfg.objective != "reward":
         return [f"{at('trainable_layers')}trainable_layers = 0 trains no decoder layer and trainable_extra_modules "
                 f"names nothing else: nothing would train. Name modules outside the layers (e.g. "
                 f"trainable_extra_modules = ['lm_head']), or train the last layers (e.g. trainable_layers = 2)."]
