@@ -221,3 +221,11 @@ def test_a_model_states_file_the_weights_only_unpickler_refuses_gives_its_groups
                tmp_path / "mp_rank_00_model_states.pt")
     assert saved_param_groups(tmp_path) == groups
     assert not (tmp_path / "ran").exists()
+    # a record whose names or shapes are something else (stand-ins) is no record to compare: DeepSpeed's load says
+    torch.save({"param_shapes": [OrderedDict(a=_MakesDirectory(tmp_path / "ran"))]},
+               tmp_path / "mp_rank_00_model_states.pt")
+    assert saved_param_groups(tmp_path) is None
+    torch.save({"param_shapes": [OrderedDict([(_MakesDirectory(tmp_path / "ran"), torch.Size([2]))])]},
+               tmp_path / "mp_rank_00_model_states.pt")
+    assert saved_param_groups(tmp_path) is None
+    assert not (tmp_path / "ran").exists()

@@ -189,9 +189,14 @@ def saved_param_groups(tag_dir: Path) -> list[dict] | None:
     except Exception:  # unreadable: DeepSpeed's own load says how
         return None
     groups = saved.get("param_shapes") if isinstance(saved, dict) else None
-    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
-        return None
+    if not isinstance(groups, list) or not all(isinstance(group, dict) and all(
+            isinstance(name, str) and _is_shape(shape) for name, shape in group.items()) for group in groups):
+        return None  # (a record of something else, stand-ins among it: DeepSpeed's own load says what it is)
     return groups
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, (tuple, list)) and all(type(size) is int for size in value)
 
 
 class _StandIn:
