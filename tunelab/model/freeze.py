@@ -135,6 +135,12 @@ class TrainedPart:
     """Parameters of the model."""
 
 
+def lm_head_trains(cfg) -> bool:
+    """lm_head trains: full fine-tuning of every weight (not LLaVA's frozen language model), or with lm_head among
+    partial fine-tuning's."""
+    return cfg.method == "full" and not cfg.freeze_llm and (not partial(cfg) or trained_part(cfg).lm_head)
+
+
 def trained_part(cfg) -> TrainedPart:
     """What `cfg` trains, counted on its model built on the meta device (`targets.empty_model`): the same choice
     training makes, so the plan's count is the trained model's `requires_grad` count."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from tunelab.model.fast import merges_into_the_weight
-from tunelab.model.freeze import partial, trained_part
+from tunelab.model.freeze import lm_head_trains, partial, trained_part
 from tunelab.model.lora_params import dora_bytes, lora_params
 from tunelab.model.offload import PINNED_MAX_BYTES
 from tunelab.model.plan import LONG_CONTEXT_TOKENS, optimizer_in_backward_blockers
@@ -194,7 +194,7 @@ def _estimate(cfg, device, plan, world_size, card_bytes) -> MemoryEstimate:
         parts[loss_name] = int(loss_bytes)
         # Gradients arrive as activations are freed; at the peak (start of backward) only lm_head's exists (a reward
         # model has none), counted with the loss (it is taken in forward) when the loss is chunked.
-        head = _head_trained(cfg) and cfg.objective != "reward"
+        head = lm_head_trains(cfg) and cfg.objective != "reward"
         first = vocab * h * 2 if head and not plan.chunked_loss else 0
         parts[grads_name] = int(grads if accumulating else first)
 
@@ -271,15 +271,10 @@ def _weights_and_states(cfg, plan, shape: ModelShape, world: int, *, other_bytes
         # lm_head), which the loss reads through the whole step
         parts["gathered weights"] = 2 * shape.layer_linear_params() * 2 + other * 2
     if plan.optimizer_in_backward:  # each layer's gradients freed after its update in backward
-        largest = vocab * h if _head_trained(cfg) else 0  # (and lm_head's, when trained)
+        largest = vocab * h if lm_head_trains(cfg) else 0  # (and lm_head's, when trained)
         grads = max(grads // layers, grads * largest // max(trainable, 1))
         grads_name = "gradients (a layer's at a time: optimizer_in_backward)"
     return parts, grads, grads_name
-
-
-def _head_trained(cfg) -> bool:
-    """lm_head trains: full fine-tuning of every weight, or with lm_head among partial fine-tuning's."""
-    return cfg.method == "full" and not cfg.freeze_llm and (not partial(cfg) or trained_part(cfg).lm_head)
 
 
 def _model_params(cfg, shape: ModelShape) -> int:
@@ -329,7 +324,7 @@ def _loss_bytes(cfg, plan, shape: ModelShape, tokens: int) -> tuple[str, int]:
     if plan.chunked_loss:
         from tunelab.model.loss import loss_chunk_rows
 
-        head_trained = _head_trained(cfg)
+        head_trained = lm_head_trains(cfg)
         rows = min(tokens, loss_chunk_rows(plan.loss_chunk_size, vocab, head_trained=head_trained))
         per_logit = LOSS_BYTES_PER_LOGIT["compiled" if plan.compiled_loss else "eager"]
         # plus the trained positions' hidden states, their gradient and its scatter back into the full sequence;
