@@ -212,3 +212,16 @@ def test_deepspeed_in_one_process_trains_resumes_and_ends_its_process_group(tmp_
     steps = [json.loads(line)["step"] for line in (work / "train_log.jsonl").read_text().splitlines()
              if '"loss"' in line]
     assert steps == [1, 2, 3]
+    # a checkpoint whose optimiser state does not fit (its record edited to say LoRA+ was on) stops the resume,
+    # and the group goes with it: the next run in this process starts its own
+    meta_file = work / "iter_3" / "tunelab.json"
+    meta = json.loads(meta_file.read_text())
+    meta["run"]["settings"]["loraplus_lr_ratio"] = 16.0
+    meta_file.write_text(json.dumps(meta))
+    lora_plus = config.with_name("loraplus.py")
+    lora_plus.write_text(longer.read_text().replace("max_steps = 3", "max_steps = 4") + "loraplus_lr_ratio = 16.0\n")
+    capsys.readouterr()
+    code = main(["train", str(lora_plus), "--work-dir", str(work), "--device", "cpu", "--deepspeed", "zero2",
+                 "--resume", "auto"])
+    assert code == 2 and "its optimiser state does not fit" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized() and "LOCAL_RANK" not in os.environ

@@ -183,21 +183,25 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
 
     # --- resume: optimiser, schedule, RNG and data position as they were at the checkpoint ---------
     step, position = 0, {"epoch": 0, "micro_batch": 0, "data_seed": cfg.seed}
-    if last is not None:
-        state = ckpt.load_training_state(last)
-        strategy.load_optimizer(last / layout.OPTIMIZER_DIR, state)
-        redrawn = resume_settings.fit_schedule(state["scheduler"], cfg, total_steps)
-        scheduler.load_state_dict(state["scheduler"])
-        if redrawn:  # the lr of the next step: the redrawn schedule's at the resumed step
-            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * factor(scheduler.last_epoch)
-            log(f"note: this config trains {total_steps} steps in all, the checkpoint's schedule {redrawn}: its "
-                f"{cfg.lr_scheduler} schedule is redrawn over {total_steps} steps, from lr "
-                f"{optimizer.param_groups[0]['lr']:g} at step {int(state['step'])}")
-        step, position = int(state["step"]), dict(state["position"])
-        ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
-        epochs_done = position["epoch"] + position["micro_batch"] / micro_per_epoch  # as the log counts them
-        log(f"resumed from {last} (step {step}, epoch {epochs_done:.2f})")
+    try:  # a checkpoint that does not fit ends here: what the engine started (DeepSpeed's one-process group) ends too
+        if last is not None:
+            state = ckpt.load_training_state(last)
+            strategy.load_optimizer(last / layout.OPTIMIZER_DIR, state)
+            redrawn = resume_settings.fit_schedule(state["scheduler"], cfg, total_steps)
+            scheduler.load_state_dict(state["scheduler"])
+            if redrawn:  # the lr of the next step: the redrawn schedule's at the resumed step
+                for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+                log(f"note: this config trains {total_steps} steps in all, the checkpoint's schedule {redrawn}: its "
+                    f"{cfg.lr_scheduler} schedule is redrawn over {total_steps} steps, from lr "
+                    f"{optimizer.param_groups[0]['lr']:g} at step {int(state['step'])}")
+            step, position = int(state["step"]), dict(state["position"])
+            ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
+            epochs_done = position["epoch"] + position["micro_batch"] / micro_per_epoch  # as the log counts them
+            log(f"resumed from {last} (step {step}, epoch {epochs_done:.2f})")
+    except BaseException:
+        strategy.close()
+        raise
 
     meta = layout.training_meta(cfg, getattr(model, "config", None))
     # fp16: a loss scale (ours or the engine's) makes an inf gradient norm an ordinary skipped step
