@@ -62,6 +62,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _warn(line: str) -> None:
+    """A warning about the data read, on stderr (`tunelab predict` and `tunelab reward` pass it as `warn`)."""
+    print(f"warning: {line}", file=sys.stderr)
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     from tunelab.config.schema import Objective
 

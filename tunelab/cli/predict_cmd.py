@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 
-from tunelab.cli.data_cmds import _positive_int
+from tunelab.cli.data_cmds import _positive_int, _warn
 
 DESCRIPTION = """\
 Answer every prompt of a test set with a model and score the replies against the references, as LLaMA-Factory's
@@ -150,8 +149,3 @@ def _say_references(samples) -> None:
     missing = sum(count for note, count in notes.items() if note.startswith("no reference"))
     if missing:
         say(f"note: {missing} sample(s) have no reference: predicted and written, not scored")
-
-
-def _warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr)
-

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tunelab.cli.data_cmds import _positive_int
+from tunelab.cli.data_cmds import _positive_int, _warn
 
 DESCRIPTION = """\
 Score the replies of a data file (or a folder of them) with a reward model trained with objective = 'reward'. A
@@ -72,7 +72,3 @@ def reward_cmd(args) -> int:
                                                                                      for why in skipped) else "."),
               file=sys.stderr)
     return 0
-
-
-def _warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr)
