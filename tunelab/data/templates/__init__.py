@@ -88,11 +88,13 @@ def tool_support(template: ChatTemplate) -> ToolSupport:
     except Exception:  # noqa: BLE001 (a template's own refusal: raise_exception, TunelabError)
         definitions = False
     calls = PROBE_TOOL in (probe_call_reply(template) or "")
-    two = probe_call_reply(template, (PROBE_TOOL, PROBE_SECOND_TOOL)) or ""
-    with_text = probe_call_reply(template, content=PROBE_TEXT) or ""
-    return ToolSupport(template.name, definitions, calls, _writes_reasoning(template),
-                       several_calls=not calls or (PROBE_TOOL in two and PROBE_SECOND_TOOL in two),
-                       text_with_calls=not calls or PROBE_TEXT in with_text)
+    several_calls = text_with_calls = True  # (a template that writes no call: nothing to say of them)
+    if calls:
+        two = probe_call_reply(template, (PROBE_TOOL, PROBE_SECOND_TOOL)) or ""
+        several_calls = PROBE_TOOL in two and PROBE_SECOND_TOOL in two
+        text_with_calls = PROBE_TEXT in (probe_call_reply(template, content=PROBE_TEXT) or "")
+    return ToolSupport(template.name, definitions, calls, _writes_reasoning(template), several_calls=several_calls,
+                       text_with_calls=text_with_calls)
 
 
 @functools.cache
