@@ -171,17 +171,16 @@ def _why_same(pair: dict, max_length: int) -> str:
 
 @torch.no_grad()
 def score_file(rm: RewardModel, path: str | Path, *, limit: int | None = None, batch_size: int = 8,
-               on_record: Callable[[dict], None] | None = None, samples: list[dict] | None = None,
-               dataset: str | None = None) -> Scores:
-    """Score every record of the file (the first `limit`; of the datasets `dataset` names in a dataset_info.json);
-    `samples`: its records as `read_scored` read them."""
+               on_record: Callable[[dict], None] | None = None, samples: list[dict] | None = None) -> Scores:
+    """Score every record of the file (the first `limit`); `samples`: its records as `read_scored` read them (a
+    dataset_info.json's datasets: `read_scored(path, limit, dataset)`)."""
     from tunelab.data.collate import collate
     from tunelab.data.messages import with_default_system
     from tunelab.model.reward import sequence_scores
 
     if batch_size < 1 or (limit is not None and limit < 1):
         raise TunelabError(f"batch_size and limit must be 1 or more, got {batch_size} and {limit}")
-    samples = read_scored(path, limit, dataset) if samples is None else samples
+    samples = read_scored(path, limit) if samples is None else samples
     for sample in samples:
         with_default_system(sample["prompt"], rm.system)
     device = next(rm.model.parameters()).device

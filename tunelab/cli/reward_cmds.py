@@ -57,7 +57,7 @@ def reward_cmd(args) -> int:
     rm = load_reward_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
                            system=args.system, max_length=args.max_length, device=args.device, dtype=args.dtype,
                            bits=args.bits, trust_remote_code=args.trust_remote_code)
-    scores = score_file(rm, args.data, limit=args.n, batch_size=args.batch_size, samples=samples, dataset=args.dataset,
+    scores = score_file(rm, args.data, limit=args.n, batch_size=args.batch_size, samples=samples,
                         on_record=lambda r: print(json.dumps(r), flush=True))
     pairs, skipped = scores.pairs, scores.skipped
     if pairs:
