@@ -71,7 +71,7 @@ def read_samples(path: str | Path, to_sample: ToSample, *, limit: int | None = N
     from tunelab.config.schema import TrainConfig
     from tunelab.data.data_path import resolve_sources
     from tunelab.data.files import SUFFIXES_READ, data_files
-    from tunelab.data.reports import file_warnings
+    from tunelab.data.reports import file_warnings, note
     from tunelab.data.sources import pick_samples, registered, source_records
 
     path = check_data_file(path, dataset, verb)
@@ -87,14 +87,14 @@ def read_samples(path: str | Path, to_sample: ToSample, *, limit: int | None = N
         whole = limit is None or (source.entry is not None and bool(source.entry.num_samples))
         found: list = []
         for report, records in source_records(source):
-            left: list = [0, "", set()]  # the records with {{placeholders}}: how many, the first, their names
+            report["unfilled"] = [0, "", []]  # the records with {{placeholders}}: how many, the first, their names
             for rec in itertools.islice(records, None if whole else limit - len(samples) - len(found)):
                 data, fmt = registered(rec, source, source.format, report)
                 names = _placeholders(data)
                 if names:
-                    left = [left[0] + 1, left[1] or rec.where, left[2] | names]
+                    note(report, "unfilled", rec.where, names)
                 found.append(to_sample(data, fmt, rec.where, report))
-            for line in file_warnings(report) + _placeholder_warning(report["path"], *left) if warn else []:
+            for line in file_warnings(report) + _placeholder_warning(report) if warn else []:
                 warn(line)
             if not whole and len(samples) + len(found) >= limit:
                 break
@@ -114,14 +114,15 @@ def _placeholders(value) -> set[str]:
     return set().union(*map(_placeholders, items))
 
 
-def _placeholder_warning(path: str, count: int, where: str, names: set[str]) -> list[str]:
+def _placeholder_warning(report: dict) -> list[str]:
     """The warning for a file's records read with their placeholders unfilled (training fills them from data_path's
     'placeholders'; these commands have none), with the command that writes the filled file."""
     from tunelab.data.reports import filled_name
 
+    path, (count, where, names) = report["path"], report["unfilled"]
     if not count:
         return []
-    shown = ", ".join("{{" + name + "}}" for name in sorted(names))
+    shown = ", ".join("{{" + name + "}}" for name in names)
     return [f"{path}: {count} record(s) with {shown} (first at {where}), read as written: the model sees and is "
             f"compared with the placeholders. Fill them first: `tunelab data self-cognition --name NAME --author "
             f"AUTHOR --from {path} -o {filled_name(path)}`, and pass that file."]
