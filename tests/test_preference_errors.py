@@ -313,17 +313,22 @@ def test_reward_refuses_bad_flags_and_a_missing_file_in_one_line(tmp_path, monke
     assert code == 2 and says in err and "Traceback" not in err
 
 
-def test_reward_leaves_pairs_it_cannot_tell_apart_out_of_the_accuracy(tmp_path, tiny_llama_dir, capsys):
+def _reward_model(tiny_llama_dir, out):
+    """The tiny Llama with a fresh score head (an untrained reward model) and its tokenizer, saved at `out`."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from tunelab.cli.main import main
-
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1, dtype=torch.float32)
-    model.save_pretrained(tmp_path / "rm")
+    model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tiny_llama_dir / name).exists():
-            (tmp_path / "rm" / name).write_bytes((tiny_llama_dir / name).read_bytes())
+            (out / name).write_bytes((tiny_llama_dir / name).read_bytes())
+
+
+def test_reward_leaves_pairs_it_cannot_tell_apart_out_of_the_accuracy(tmp_path, tiny_llama_dir, capsys):
+    from tunelab.cli.main import main
+
+    _reward_model(tiny_llama_dir, tmp_path / "rm")
     data = _write(tmp_path / "pairs.jsonl", [{"prompt": "hi", "chosen": "good answer", "rejected": "bad"},
                                              {"prompt": "word " * 60, "chosen": "good", "rejected": "bad"},
                                              {"prompt": "hi", "chosen": "same", "rejected": "same"}])
@@ -554,16 +559,9 @@ def test_reward_on_a_dataset_registry_asks_for_its_dataset_names(tmp_path, capsy
 
 
 def test_reward_scores_a_registry_dataset_as_the_same_records_written_plainly(tmp_path, tiny_llama_dir, capsys):
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
     from tunelab.cli.main import main
 
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1, dtype=torch.float32)
-    model.save_pretrained(tmp_path / "rm")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_llama_dir / name).exists():
-            (tmp_path / "rm" / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    _reward_model(tiny_llama_dir, tmp_path / "rm")
     registry, trl = _registry(tmp_path)
     flags = ["--device", "cpu", "--prompt-template", "qwen_chat", "--max-length", "64"]
     assert main(["reward", str(tmp_path / "rm"), "--data", str(registry), "--dataset",
