@@ -216,13 +216,14 @@ def _from_pretrained(model_dir, config: dict, how: str, kwargs: dict, *, reward_
                                                          trust_remote_code=how == "remote", **kwargs)
 
 
-def load_model_for_training(cfg, device: torch.device, plan=None, *,
-                            pad_token_id: int | None = None) -> tuple[torch.nn.Module, dict]:
+def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_id: int | None = None,
+                            checked: bool = False) -> tuple[torch.nn.Module, dict]:
     """(model, fast-path report): the model `cfg` asks for, on `device`, ready to train (peft-wrapped for lora /
     qlora), with the fast path of `plan` switched on (a `tunelab.model.plan.FastPathPlan`; by default the one `cfg`
     gets on `device` in one process), and what the fast path did ({lever: what it did}, for the log). A reward model
     (objective = 'reward') is the sequence-classification model of the same checkpoint, `pad_token_id` (the
-    tokenizer's) in its config."""
+    tokenizer's) in its config. `checked`: `check_before_loading` ran already (the training loop runs it before the
+    data step)."""
     from tunelab.config.checks import combination_errors
 
     plan = plan or plan_fast_path(cfg, device)
@@ -232,8 +233,8 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
     errors = combination_errors(cfg)  # settings built in Python skip load_config's checks
     if errors:
         raise TunelabError("\n".join(errors))
-    check_runs_on(cfg, device)
-    check_targets_before_loading(cfg)  # a typo stops here, not after minutes of loading weights
+    if not checked:
+        check_before_loading(cfg, device)
     if cfg.visual_encoder_name_or_path:  # a LLaVA model: the fast path acts on its language model
         from tunelab.model.llava_train import build_for_training
 
@@ -274,6 +275,15 @@ def load_model_for_training(cfg, device: torch.device, plan=None, *,
         raise TunelabError(f"the LoRA settings do not fit {cfg.pretrained_model_name_or_path}: "
                            f"{str(exc).splitlines()[0]} Check lora_target_modules and lora_modules_to_save.") from None
     return _for_training(peft_model, cfg, plan, device)
+
+
+def check_before_loading(cfg, device: torch.device | str) -> None:
+    """Refuse, before any weight is read, what the model cannot run on `device` (`check_runs_on`), LoRA targets or
+    partial fine-tuning's modules that match nothing (`targets.check_targets_before_loading`: a typo stops here, not
+    after minutes of loading weights) and a rope_scaling the base cannot take (`scaled_rope`)."""
+    check_runs_on(cfg, device)
+    check_targets_before_loading(cfg)
+    scaled_rope(cfg)
 
 
 def scaled_rope(cfg) -> dict | None:

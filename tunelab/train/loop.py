@@ -34,12 +34,11 @@ from tunelab.data.dataset import row_length
 from tunelab.errors import TunelabError
 from tunelab.model.fast import batch_to_device
 from tunelab.model.fit import choose_reference, fit_plan_to_card
-from tunelab.model.load import check_runs_on, scaled_rope
+from tunelab.model.load import check_before_loading
 from tunelab.model.model_dir import check_token_ids_fit
 from tunelab.model.plan import plan_fast_path
 from tunelab.model.preference import reduce_metrics, training_objective
 from tunelab.model.freeze import describe_trained, partial
-from tunelab.model.targets import check_targets_before_loading
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import layout, resume_settings
 from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_distributed, rank_shard
@@ -103,9 +102,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
             return _already_finished(last, resumed_step, env, log)
     settings_cfg = cfg  # what resolved_config.py records, once the start is accepted
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
-    check_runs_on(cfg, env.device)  # and what the model cannot run on this device
-    check_targets_before_loading(cfg)  # on the model built without weights: before the data step, too
-    scaled_rope(cfg)  # a rope_scaling the base cannot take, too
+    check_before_loading(cfg, env.device)  # and what the model cannot run or name: before the data step, too
     data_env = strategy.data_env  # the ranks that read different rows (sequence parallelism: one per group)
     # the fast path, with the checkpoint's arrangement fitted to this GPU's memory
     plan = fit_plan_to_card(cfg, env.device, plan_fast_path(cfg, env.device, env.world_size), world_size=env.world_size)
@@ -154,7 +151,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     # --- model, optimiser, schedule, precision --------------------------------------------------
     from tunelab.model.load import load_model_for_training, resolve_dtype
 
-    model, fast_path = load_model_for_training(cfg, env.device, plan, pad_token_id=tokenizer.pad_token_id)
+    model, fast_path = load_model_for_training(cfg, env.device, plan, pad_token_id=tokenizer.pad_token_id,
+                                                checked=True)
     precision = choose_precision(model, resolve_dtype(cfg.dtype, env.device), env.device,
                                  fp32_master_weights=cfg.fp32_master_weights,
                                  grad_scaler=not strategy.scales_fp16_loss)
