@@ -191,29 +191,29 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
     model_dir = resolve_model_dir(path, key=key)
     config = read_model_config(model_dir, key=key)
     how = check_architecture(config, model_dir, trust_remote_code=trust_remote_code)
-    kwargs = dict(dtype=dtype)
+    values = {}  # set on the model's config
     if reward_head:
-        kwargs.update(num_labels=1, **({"pad_token_id": pad_token_id} if pad_token_id is not None else {}))
+        values = {"num_labels": 1, **({"pad_token_id": pad_token_id} if pad_token_id is not None else {})}
+    kwargs = dict(dtype=dtype)
     if bits:
         kwargs["quantization_config"] = _quantization_config(bits, dtype if isinstance(dtype, torch.dtype) else
                                                               resolve_dtype("auto", device))
         kwargs["device_map"] = {"": device}
+    model_config = build_config(model_dir, config, how, rope=rope, **values)
     with reading_weights(model_dir, key):
-        model = _from_pretrained(model_dir, config, how, kwargs, reward_head=reward_head, rope=rope)
+        model = _from_pretrained(model_dir, model_config, how, kwargs, reward_head=reward_head)
     if not bits:
         model.to(device)
     return model
 
 
-def _from_pretrained(model_dir, config: dict, how: str, kwargs: dict, *, reward_head: bool, rope: dict | None):
-    """The model `how` (model_dir.check_architecture) names, its weights from `model_dir`."""
-    values = {key: kwargs.pop(key) for key in ("num_labels", "pad_token_id") if key in kwargs}
-    model_config = build_config(model_dir, config, how, rope=rope, **values)
+def _from_pretrained(model_dir, model_config, how: str, kwargs: dict, *, reward_head: bool):
+    """The model `how` (model_dir.check_architecture) names, built from `model_config` (`model_dir.build_config`),
+    its weights from `model_dir`."""
+    cls = model_class(how, reward_head)
     if how == "internlm2":
-        return internlm2.load_native(model_dir, config=model_config, model_class=model_class(how, reward_head),
-                                     **kwargs)
-    return model_class(how, reward_head).from_pretrained(model_dir, config=model_config,
-                                                         trust_remote_code=how == "remote", **kwargs)
+        return internlm2.load_native(model_dir, config=model_config, model_class=cls, **kwargs)
+    return cls.from_pretrained(model_dir, config=model_config, trust_remote_code=how == "remote", **kwargs)
 
 
 def load_model_for_training(cfg, device: torch.device, plan=None, *, pad_token_id: int | None = None,
