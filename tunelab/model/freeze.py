@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunelab.errors import TunelabError
+from tunelab.model.model_dir import new_model
 from tunelab.model.parts import decoder_layers
 from tunelab.model.plan import names_module
 
@@ -188,11 +189,10 @@ def _meta_model(cfg):
     if local_config_file(name) is not None or name not in KNOWN_SHAPES:
         return empty_model(cfg)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     shape = dict(KNOWN_SHAPES[name])
     config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape, **(
         {"num_labels": 1} if cfg.objective == "reward" else {}))
-    auto = AutoModelForSequenceClassification if cfg.objective == "reward" else AutoModelForCausalLM
     with torch.device("meta"):
-        return auto.from_config(config)
+        return new_model("native", cfg.objective == "reward", config)
