@@ -24,6 +24,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from tunelab.config.checks import PARTIAL
 from tunelab.config.schema import to_dict
 from tunelab.errors import TunelabError
 from tunelab.train import layout
@@ -34,8 +35,6 @@ FIXED = ("data_path", "data_format", "dataset_map_fn", "eval_split_ratio", "batc
          "max_length", "rope_scaling", "pack_to_max_length", "shuffle_before_pack", "method", "objective", "optimizer",
          "seed")
 LORA = ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora", "lora_bias", "lora_modules_to_save")
-# full fine-tuning's choice of what trains: resumed with another, the optimiser's states would be another's
-PARTIAL = ("trainable_layers", "trainable_modules", "trainable_extra_modules")
 # Settings newer than the run record itself: a checkpoint whose record lacks one was saved by a tunelab that did not
 # have it, so its run trained with it off (unlike a setting that existed before it was recorded, which is unknown).
 ADDED_LATER = {"rope_scaling": None, "loraplus_lr_ratio": None, "trainable_layers": None, "trainable_modules": "all",
