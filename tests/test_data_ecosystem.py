@@ -267,6 +267,79 @@ def test_ms_agent_calls_become_tool_calls():
     assert stats.files[0]["formats"] == {"agent": 1}
 
 
+# InternLM's chat/chat_format.md, the user's turn to the end, byte for byte (its function-call example).
+INTERNLM2_DOC = (
+    "<|im_start|>user\nI want to know today's weather in Shanghai<|im_end|>\n<|im_start|>assistant\nSure, I will "
+    "search for the weather of Shanghai.<|action_start|><|plugin|>\n{\"name\": \"get_current_weather\", "
+    "\"parameters\": {\"location\": \"Shanghai\"}}<|action_end|><|im_end|>\n<|im_start|>environment "
+    "name=<|plugin|>\n{\"temperature\": 22}<|im_end|>\n<|im_start|>assistant\nThe weather in Shanghai is 22 "
+    "celsius<|im_end|>\n")
+
+
+def test_internlm2_agent_markup_becomes_tool_calls_written_as_internlm_documents_them():
+    from tunelab.data.templates import get_template
+
+    (sample,), stats = _samples(DATA / "internlm" / "chat_format_plugin.jsonl")
+    system, user, call, result, reply = sample["messages"]
+    assert call == {"role": "assistant", "content": "Sure, I will search for the weather of Shanghai.",
+                    "tool_calls": [{"type": "function", "function": {
+                        "name": "get_current_weather", "arguments": {"location": "Shanghai"}}}]}
+    assert result == {"role": "tool", "content": "{\"temperature\": 22}", "name": "get_current_weather"}
+    assert [t["function"]["name"] for t in sample["tools"]] == ["get_current_weather"]
+    assert stats.files[0]["formats"] == {"agent": 1} and not stats.reading_warnings()  # name: the channel, read
+    text = get_template("internlm2_chat").render(sample["messages"], tools=sample["tools"])
+    assert text.startswith("<s><|im_start|>system\nYou are InternLM2-Chat, a harmless AI assistant<|im_end|>\n"
+                           "<|im_start|>system name=<|plugin|>\n[{")
+    assert text.endswith(INTERNLM2_DOC)
+    # the same dialogue read from OpenAI's format is the same sample, so other templates write it their own way
+    openai = {"messages": [sample["messages"][0], sample["messages"][1],
+                           {"role": "assistant", "content": call["content"], "tool_calls": call["tool_calls"]},
+                           {"role": "tool", "content": result["content"]}, reply], "tools": sample["tools"]}
+    assert normalise(openai, "messages", "openai") == sample
+
+
+def test_internlm2_agent_replies_are_trained_and_results_are_context(tmp_path, tiny_tokenizer):
+    trained = _trained(DATA / "internlm" / "chat_format_plugin.jsonl", tiny_tokenizer, prompt_template="qwen2_5_chat")
+    assert trained[0] == ('Sure, I will search for the weather of Shanghai.\n<tool_call>\n{"name": '
+                          '"get_current_weather", "arguments": {"location": "Shanghai"}}\n</tool_call><|im_end|>'
+                          'The weather in Shanghai is 22 celsius<|im_end|>')
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda m: m[3].update(content=m[3]["content"].replace("<|plugin|>", "<|interpreter|>")),
+     "messages[3].content calls the code interpreter"),
+    (lambda m: m[4].update(name="interpreter"), "messages[4] is a code-interpreter turn"),
+    (lambda m: m[3].update(content=m[3]["content"] + "More text."), "messages[3].content has text after its call"),
+    (lambda m: m[3].update(content=m[3]["content"].replace("<|action_end|>", "")), "does not end in <|action_end|>"),
+    (lambda m: m[3].update(content=m[3]["content"].replace('"Shanghai"}}', '"Shanghai"}')),
+     "messages[3] <|plugin|> call is not valid JSON"),
+    (lambda m: m[1].update(content="You can use these tools: get_current_weather"),
+     "messages[1].content is not valid JSON"),
+])
+def test_internlm2_agent_markup_mistakes_name_the_turn(change, error):
+    record = _records(DATA / "internlm" / "chat_format_plugin.jsonl")[0]
+    change(record["messages"])
+    with pytest.raises(TunelabError, match=re.escape(error)):
+        normalise(record, "agent", "d.jsonl line 1")
+    record = _records(DATA / "internlm" / "chat_format_plugin.jsonl")[0]
+    record["tools"] = [{"type": "function", "function": {"name": "other"}}]
+    with pytest.raises(TunelabError, match="tool definitions twice"):
+        normalise(record, "messages", "d.jsonl line 1")
+
+
+def test_agent_flan_conversation_of_messages_keeps_its_loss_switches(capsys, tiny_tokenizer):
+    path = DATA / "internlm" / "agent_flan.jsonl"
+    (react, negative), stats = _samples(path)
+    assert [m["role"] for m in react["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert negative["messages"][1] == {"role": "assistant", "content": "Hi! How can I help?", "train": False}
+    assert stats.files[0]["formats"] == {"conversation": 2}
+    code, out = _check(path, capsys)
+    assert code == 0 and "'id' not used" in out and "loss" not in out and "role" not in out
+    trained = _trained(path, tiny_tokenizer)
+    assert "Action: go to countertop 1" in trained[0] and "Observation" not in trained[0]
+    assert "Hi! How can I help?" not in trained[1] and "outstanding in his field" in trained[1]
+
+
 def test_kto_records_keep_their_label():
     good, bad = (normalise_kto(r, f"record {i}") for i, r in enumerate(_records(LF / "kto_en_demo.json")[:2]))
     assert (good["label"], bad["label"]) == (True, False)

@@ -12,10 +12,11 @@ Formats (``data_format``; 'auto' detects per record):
 * ``sharegpt``      {"conversations": [{"from", "value"}, ...], "system"?, "tools"?}; ``function_call`` and
                     ``observation`` turns are tool calls and results
 * ``conversation``  {"conversation": [{"system"?, "input", "output", "output_with_loss"?}, ...]} (XTuner); one
-                    turn with an empty input and no system is pretraining text, as in XTuner
+                    turn with an empty input and no system is pretraining text, as in XTuner. Turns written as
+                    messages ({"role", "content", "loss"?}, InternLM's Agent-FLAN) are read as ``messages``
 * ``text``          {"text"} or .txt files (one sample per non-empty line)
-* ``agent``         tool-use dialogues in the ``messages`` or ``sharegpt`` shape (MS-Agent replies included);
-                    'auto' names records with tool turns so
+* ``agent``         tool-use dialogues in the ``messages`` or ``sharegpt`` shape (MS-Agent replies and InternLM2's
+                    own markup included: tunelab.data.agent_markup); 'auto' names records with tool turns so
 
 Every mistake raises `InvalidRecord` (a `TunelabError`) naming the file, the line or record, and the field. Fields a
 format does not read are listed by `unused_fields`, so the caller can report them instead of dropping them silently.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Optional
 
+from tunelab.data import agent_markup
 from tunelab.data import messages as msg
 from tunelab.data.messages import MULTIMODAL_FIX, fail
 from tunelab.errors import TunelabError
@@ -97,13 +99,15 @@ def _is_message_list(record: Any) -> bool:
 def _looks_like_agent(turns) -> bool:
     if not isinstance(turns, list):
         return False
+    if agent_markup.is_internlm2(turns):
+        return True
     for t in turns:
         if isinstance(t, dict):
             role = t.get("role", t.get("from"))
             if role in msg.TOOL_ROLES or role == "function_call" or t.get("tool_calls") \
                     or t.get("function_call"):
                 return True
-            if msg.is_ms_agent(t.get("value")):
+            if agent_markup.is_ms_agent(t.get("value")):
                 return True
     return False
 
@@ -152,8 +156,19 @@ def _from_alpaca(r: dict, where: str, images, reply_needed: bool = True) -> list
     return messages + ([{"role": "assistant", "content": output}] if output is not None else [])
 
 
-def _from_messages(turns: list, where: str, images) -> list[dict]:
-    return [_message(t, f"messages[{i}]", where, images) for i, t in enumerate(turns)]
+def _message_list_key(record: dict, fmt: str) -> Optional[str]:
+    """The field holding the record's {"role", "content"} messages: 'messages' (OpenAI), or 'conversation' where its
+    turns are messages (InternLM's Agent-FLAN) rather than XTuner's {"input", "output"} turns; None otherwise."""
+    if fmt == "messages" or (fmt == "agent" and "messages" in record):
+        return "messages"
+    if fmt in ("conversation", "agent") and _is_message_list(record.get("conversation")) \
+            and not any("input" in t or "output" in t for t in record["conversation"]):
+        return "conversation"
+    return None
+
+
+def _from_messages(turns: list, where: str, images, key: str) -> list[dict]:
+    return [_message(t, f"{key}[{i}]", where, images) for i, t in enumerate(turns) if t is not None]
 
 
 def _message(t: Any, at: str, where: str, images) -> dict:
@@ -203,8 +218,8 @@ def _from_sharegpt(r: dict, where: str, images) -> list[dict]:
                 previous["tool_calls"] = calls  # "gpt" text then its "function_call": one reply
             else:
                 messages.append(reply)
-        elif role == "assistant" and msg.is_ms_agent(t["value"]):
-            messages += msg.split_ms_agent(t["value"], where, at, msg.trained(t, role, where, at))
+        elif role == "assistant" and agent_markup.is_ms_agent(t["value"]):
+            messages += agent_markup.split_ms_agent(t["value"], where, at, msg.trained(t, role, where, at))
         else:
             messages.append(msg.message(t, role, where, at, images=images, content_key="value"))
     return messages
@@ -266,6 +281,7 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
     Raises InvalidRecord.
     """
     fmt = canonical_format(fmt)
+    plugin_tools: list[dict] = []
     if _is_message_list(record) and fmt in ("messages", "agent"):
         record = {"messages": record}
     if not isinstance(record, dict):
@@ -282,10 +298,12 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
         return {"text": _need(record, "text", where, "text")}
     if fmt == "alpaca":
         messages = _from_alpaca(record, where, images, reply_needed)
-    elif fmt == "messages" or (fmt == "agent" and "messages" in record):
-        turns = _need(record, "messages", where, fmt, list)
-        _one_system(record, turns, where, "messages")
-        messages = _from_messages(turns, where, images)
+    elif key := _message_list_key(record, fmt):
+        turns = _need(record, key, where, fmt, list)
+        if agent_markup.is_internlm2(turns):
+            turns, plugin_tools = agent_markup.read_internlm2(turns, where, key)
+        _one_system(record, turns, where, key)
+        messages = _from_messages(turns, where, images, key)
         if record.get("system"):
             messages.insert(0, {"role": "system", "content": _text(record["system"], where, "system")})
     elif fmt in ("sharegpt", "agent"):
@@ -300,10 +318,12 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
         msg.name_tool_results(messages, where)
     check_role_order(messages, where, reply_needed=reply_needed)
     sample = {"messages": messages}
-    if record.get("tools") or record.get("functions"):
-        found = msg.tools(record.get("tools"), where) + msg.tools(record.get("functions"), where, "functions")
-        if found:
-            sample["tools"] = found
+    found = msg.tools(record.get("tools"), where) + msg.tools(record.get("functions"), where, "functions")
+    if plugin_tools and found:
+        raise fail(where, "tool definitions twice: in 'tools' and in a system message named 'plugin'",
+                   "Keep one of the two.")
+    if found or plugin_tools:
+        sample["tools"] = found or plugin_tools
     return sample
 
 
@@ -314,12 +334,16 @@ def unused_fields(record: Any, fmt: str) -> list[str]:
         record = {"messages": record}
     if not isinstance(record, dict):
         return []
-    if fmt == "agent":
-        fmt = "messages" if "messages" in record else "sharegpt"
-    read = _READ.get(fmt, set())
+    key = _message_list_key(record, fmt)
+    if key:  # 'messages', or 'conversation' holding messages
+        read = _READ["messages"] - {"messages"} | {key}
+        items = {key: _READ_ITEM["messages"]}
+    else:
+        read = _READ.get("sharegpt" if fmt == "agent" else fmt, set())
+        items = {k: _READ_ITEM[k] for k in read.intersection(_READ_ITEM)}
     out = [k for k in record if k not in read and k not in MEDIA_FIELDS]
-    for key in read.intersection(_READ_ITEM):
-        out += unused_item_fields(record.get(key), key, _READ_ITEM[key])
+    for k, known in items.items():
+        out += unused_item_fields(record.get(k), k, known)
     return out
 
 
@@ -329,13 +353,13 @@ MESSAGE_FIELDS = frozenset(_READ_ITEM["conversations"])
 
 def unused_item_fields(items: Any, key: str, known: frozenset = MESSAGE_FIELDS) -> list[str]:
     """Fields of the messages in `items` (the list in field `key`) that are not read, e.g. ['prompt[].name'] (a
-    tool result's name is read)."""
+    tool result's name is read, and InternLM2's 'plugin' channel name)."""
     if not isinstance(items, list):
         return []
     extra = set()
     for item in items:
         if isinstance(item, dict) and not known.issuperset(item):
-            role = item.get("role", item.get("from"))
-            extra |= {k for k in item if k not in known and not (k == "name" and role in
-                                                                 ("tool", "function", "observation"))}
+            name_read = item.get("role", item.get("from")) in msg.TOOL_ROLES \
+                or item.get("name") in agent_markup.PLUGIN_NAMES
+            extra |= {k for k in item if k not in known and not (k == "name" and name_read)}
     return [f"{key}[].{k}" for k in sorted(extra)]

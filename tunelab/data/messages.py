@@ -15,8 +15,8 @@ What each source says, and where it lands:
 * tool calls (OpenAI ``tool_calls``, legacy ``function_call``, LLaMA-Factory / glaive ``{"name", "arguments"}``)
   become ``{"type": "function", "function": {"name", "arguments": dict}}``; tool definitions the OpenAI
   ``{"type": "function", "function": {...}}`` shape.
-* MS-Agent replies (``<|startofthink|>`` call ``<|endofthink|>`` ``<|startofexec|>`` result ``<|endofexec|>``)
-  become an assistant call, a tool result and the assistant's next reply.
+* agents' calls written as markup in the text (MS-Agent, InternLM2's own format) become tool calls and tool results
+  in tunelab.data.agent_markup.
 """
 
 from __future__ import annotations
@@ -30,16 +30,12 @@ from tunelab.data.files import InvalidRecord
 IMAGE_PLACEHOLDER = "<image>"
 MULTIMODAL_FIX = ("Train it with multimodal training (LLaVA configs: `tunelab list-cfg -p llava`, docs/MULTIMODAL.md), "
                   "or remove the images and their <image> placeholders from the data of this text-only run.")
-TOOL_ROLES = ("tool", "function", "observation", "ipython")
+TOOL_ROLES = ("tool", "function", "observation", "ipython", "environment")
 """Roles of a tool / function result in the source formats; each becomes role 'tool'."""
 _TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
 IMAGE_PARTS = ("image_url", "image", "input_image")
 """Content part types that carry a picture."""
 _OTHER_MEDIA_PARTS = ("video_url", "video", "audio_url", "audio", "input_audio", "file")
-_THINK = re.compile(r"<\|startofthink\|>(.*?)<\|endofthink\|>", re.S)
-_EXEC = re.compile(r"<\|startofexec\|>(.*?)<\|endofexec\|>", re.S)
-_MS_AGENT_BLOCK = re.compile(r"(<\|startofthink\|>.*?<\|endofthink\|>|<\|startofexec\|>.*?<\|endofexec\|>)", re.S)
-_FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.I)
 
 
 def with_default_system(turns: Optional[list], system: str) -> None:
@@ -322,45 +318,6 @@ def message(raw: dict, role: str, where: str, field: str, *, images: Optional[li
         if isinstance(raw.get("tool_call_id"), str):
             out["tool_call_id"] = raw["tool_call_id"]
     return out
-
-
-# --- MS-Agent -------------------------------------------------------------------------------------
-
-def split_ms_agent(value: str, where: str, field: str, train: bool = True) -> list[dict]:
-    """An MS-Agent reply -> assistant (with its tool call), tool result, assistant, ...
-
-    The call ({"api_name", "parameters"} between <|startofthink|> and <|endofthink|>) becomes a tool call; the
-    result between <|startofexec|> and <|endofexec|> a tool message (not trained); the text after it the next reply.
-    """
-    out: list[dict] = []
-    current = {"role": "assistant", "content": ""}
-    for piece in _MS_AGENT_BLOCK.split(value):
-        think, execd = _THINK.fullmatch(piece), _EXEC.fullmatch(piece)
-        if think:
-            call = parse_json_value(_FENCE.sub("", think.group(1)).strip(), where, f"{field} <|startofthink|> call")
-            if not isinstance(call, dict) or "api_name" not in call:
-                raise fail(where, f"{field}: the <|startofthink|> block has no \"api_name\"",
-                           "Write the call as {\"api_name\": ..., \"parameters\": {...}}.")
-            current.setdefault("tool_calls", []).append(
-                tool_call({"name": call["api_name"], "arguments": call.get("parameters", {})}, where, field))
-        elif execd:
-            current["content"] = current["content"].strip()
-            out += [current, {"role": "tool", "content": _FENCE.sub("", execd.group(1)).strip()}]
-            current = {"role": "assistant", "content": ""}
-        else:
-            current["content"] += piece
-    current["content"] = current["content"].strip()
-    if current["content"] or current.get("tool_calls") or not out:
-        out.append(current)
-    if not train:
-        for m in out:
-            if m["role"] == "assistant":
-                m["train"] = False
-    return out
-
-
-def is_ms_agent(value: Any) -> bool:
-    return isinstance(value, str) and ("<|startofexec|>" in value or "<|startofthink|>" in value)
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")

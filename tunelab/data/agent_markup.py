@@ -1,0 +1,142 @@
+"""Agent dialogues written as markup inside the text -> tool calls and tool results (docs/DATA.md, "Tools").
+
+Two formats write an agent's calls into the reply's text instead of OpenAI's `tool_calls`:
+
+* MS-Agent (ModelScope's agent data; XTuner's msagent configs): a ShareGPT reply holds the call between
+  `<|startofthink|>` and `<|endofthink|>`, then the result between `<|startofexec|>` and `<|endofexec|>`, then the
+  next reply.
+* InternLM2's own chat format (InternLM's chat/chat_format.md, lagent): a reply's text is followed by
+  `<|action_start|><|plugin|>` and the call as JSON (`{"name": ..., "parameters": {...}}`) up to `<|action_end|>`;
+  the result is an `environment` message (named 'plugin'); the tool definitions are a system message named
+  'plugin' holding their JSON list.
+
+Both become the canonical messages (an assistant reply with `tool_calls`, role 'tool' results), which every template
+with a call format writes its own way: `internlm2_chat` writes InternLM2's markup back as chat_format.md shows it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from tunelab.data.messages import fail, parse_json_value, tool_call, tools
+
+_THINK = re.compile(r"<\|startofthink\|>(.*?)<\|endofthink\|>", re.S)
+_EXEC = re.compile(r"<\|startofexec\|>(.*?)<\|endofexec\|>", re.S)
+_MS_AGENT_BLOCK = re.compile(r"(<\|startofthink\|>.*?<\|endofthink\|>|<\|startofexec\|>.*?<\|endofexec\|>)", re.S)
+_FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.I)
+
+_ACTION_START, _ACTION_END = "<|action_start|>", "<|action_end|>"
+_ACTION = re.compile(r"<\|action_start\|>(<\|plugin\|>|<\|interpreter\|>)(.*?)<\|action_end\|>", re.S)
+PLUGIN_NAMES = ("plugin", "<|plugin|>")
+"""The name of InternLM2's tool channel on a message (lagent writes 'plugin'), not a participant's."""
+_INTERPRETER = ("interpreter", "<|interpreter|>")
+_NO_INTERPRETER = ("tunelab trains InternLM2's plugin (function) calls, not its code interpreter: write the code run "
+                   "as a call of a function (e.g. {\"name\": \"python\", \"parameters\": {\"code\": ...}}) under "
+                   "<|plugin|>, or leave the record out.")
+
+
+# --- MS-Agent -------------------------------------------------------------------------------------
+
+def is_ms_agent(value: Any) -> bool:
+    return isinstance(value, str) and ("<|startofexec|>" in value or "<|startofthink|>" in value)
+
+
+def split_ms_agent(value: str, where: str, field: str, train: bool = True) -> list[dict]:
+    """An MS-Agent reply -> assistant (with its tool call), tool result, assistant, ...
+
+    The call ({"api_name", "parameters"} between <|startofthink|> and <|endofthink|>) becomes a tool call; the
+    result between <|startofexec|> and <|endofexec|> a tool message (not trained); the text after it the next reply.
+    """
+    out: list[dict] = []
+    current = {"role": "assistant", "content": ""}
+    for piece in _MS_AGENT_BLOCK.split(value):
+        think, execd = _THINK.fullmatch(piece), _EXEC.fullmatch(piece)
+        if think:
+            call = parse_json_value(_FENCE.sub("", think.group(1)).strip(), where, f"{field} <|startofthink|> call")
+            if not isinstance(call, dict) or "api_name" not in call:
+                raise fail(where, f"{field}: the <|startofthink|> block has no \"api_name\"",
+                           "Write the call as {\"api_name\": ..., \"parameters\": {...}}.")
+            current.setdefault("tool_calls", []).append(
+                tool_call({"name": call["api_name"], "arguments": call.get("parameters", {})}, where, field))
+        elif execd:
+            current["content"] = current["content"].strip()
+            out += [current, {"role": "tool", "content": _FENCE.sub("", execd.group(1)).strip()}]
+            current = {"role": "assistant", "content": ""}
+        else:
+            current["content"] += piece
+    current["content"] = current["content"].strip()
+    if current["content"] or current.get("tool_calls") or not out:
+        out.append(current)
+    if not train:
+        for m in out:
+            if m["role"] == "assistant":
+                m["train"] = False
+    return out
+
+
+# --- InternLM2 ------------------------------------------------------------------------------------
+
+def _role(turn: dict) -> str:
+    return str(turn.get("role", "")).lower()
+
+
+def is_internlm2(turns: Any) -> bool:
+    """Whether a list of {"role", "content"} messages uses InternLM2's agent markup (environment results, a system
+    message named 'plugin' / 'interpreter', or a reply with <|action_start|>)."""
+    return isinstance(turns, list) and any(
+        isinstance(t, dict) and (_role(t) == "environment" or t.get("name") in PLUGIN_NAMES + _INTERPRETER
+                                 or (isinstance(t.get("content"), str) and _ACTION_START in t["content"]))
+        for t in turns)
+
+
+def read_internlm2(turns: list, where: str, key: str) -> tuple[list[Optional[dict]], list[dict]]:
+    """InternLM2's agent messages -> OpenAI-shaped messages, and the tool definitions of the system message named
+    'plugin'. The list keeps one entry per turn (None for that system message), so that later errors name the turn
+    where the user wrote it."""
+    out: list[Optional[dict]] = []
+    found: list[dict] = []
+    for i, turn in enumerate(turns):
+        at = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            out.append(turn)  # the reader of the messages says what is wrong with it
+            continue
+        if turn.get("name") in _INTERPRETER:
+            raise fail(where, f"{at} is a code-interpreter turn (name {turn['name']!r})", _NO_INTERPRETER)
+        if _role(turn) == "system" and turn.get("name") in PLUGIN_NAMES:
+            found += tools(turn.get("content"), where, f"{at}.content")
+            out.append(None)
+        elif _role(turn) == "environment":  # its name is the channel ('plugin'), not the function answered
+            out.append({**{k: v for k, v in turn.items() if k != "name"}, "role": "tool"})
+        elif _role(turn) == "assistant" and isinstance(turn.get("content"), str) and _ACTION_START in turn["content"]:
+            out.append(_split_action(turn, where, at))
+        else:
+            out.append(turn)
+    return out, found
+
+
+def _split_action(turn: dict, where: str, at: str) -> dict:
+    """A reply `text<|action_start|><|plugin|>\\n{json}<|action_end|>` -> {"content": text, "tool_calls": [...]}."""
+    text = turn["content"]
+    if turn.get("tool_calls") or turn.get("function_call"):
+        raise fail(where, f"{at} has both 'tool_calls' and a call in its text (<|action_start|>)",
+                   "Keep one of the two.")
+    actions = list(_ACTION.finditer(text))
+    head = text[:actions[0].start()] if actions else text
+    if not actions or _ACTION_START in head or _ACTION_END in head:
+        raise fail(where, f"{at}.content opens a call (<|action_start|>) that does not end in <|action_end|>",
+                   "Write the call as <|action_start|><|plugin|>\\n{\"name\": ..., \"parameters\": {...}}"
+                   "<|action_end|>.")
+    after = [text[a.end():b.start()] for a, b in zip(actions, actions[1:])] + [text[actions[-1].end():]]
+    if any(piece.strip() for piece in after):
+        raise fail(where, f"{at}.content has text after its call (<|action_end|>)",
+                   "InternLM2 writes a reply's text before its call: move the text before <|action_start|>, or "
+                   "into the reply that follows the call's result.")
+    calls = []
+    for action in actions:
+        if action.group(1) == "<|interpreter|>":
+            raise fail(where, f"{at}.content calls the code interpreter (<|action_start|><|interpreter|>)",
+                       _NO_INTERPRETER)
+        calls.append(parse_json_value(action.group(2).strip(), where, f"{at} <|plugin|> call",
+                                      '{"name": "get_weather", "parameters": {"city": "Paris"}}'))
+    return {**turn, "content": head, "tool_calls": calls}
