@@ -175,6 +175,16 @@ def test_missing_broken_and_remote_images_name_the_record(tmp_path, llm_dir, tin
         _rows(_cfg(str(placeholders), vision), tokenizer)
 
 
+def test_pretraining_text_with_an_image_is_an_invalid_record():
+    """Named (and so skipped with skip_invalid) rather than a KeyError: a document has no turn for a picture."""
+    from tunelab.data.files import InvalidRecord
+    from tunelab.data.multimodal import split_images
+
+    with pytest.raises(InvalidRecord, match=r"^data.json record 1: pretraining text with images. Images go with a "
+                                            r"conversation"):
+        split_images({"text": "<image> A red square.", "image": "a.png"}, "auto", "data.json record 1")
+
+
 def test_cut_keeps_images_whole_and_packing_keeps_their_order(tmp_path, llm_dir, tiny_vision_factory):
     colours = ["red", "green", "blue"]
     for c in colours:

@@ -35,8 +35,9 @@ IMAGE_TOKEN = IMAGE_PLACEHOLDER
 VISION_TYPES = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip", "siglip": "siglip"}
 
 
-def split_images(record: Any, fmt: str = "auto", where: str = "record") -> dict:
-    """The record's messages with <image> placeholders, and its image references in placeholder order."""
+def split_images(record: Any, fmt: str = "auto", where: str = "record", *, reply_needed: bool = True) -> dict:
+    """The record's messages with <image> placeholders, and its image references in placeholder order.
+    `reply_needed`: False reads a conversation that ends before its reply too (`tunelab predict`'s prompts)."""
     if fmt == "auto":
         fmt = detect_format(record)
         if fmt is None:
@@ -48,7 +49,10 @@ def split_images(record: Any, fmt: str = "auto", where: str = "record") -> dict:
                        f"{key!r} and its placeholders.")
     inline: list = []
     sample = normalise({k: v for k, v in record.items() if k not in ("images", "image")}
-                       if isinstance(record, dict) else record, fmt, where, images=inline)
+                       if isinstance(record, dict) else record, fmt, where, images=inline, reply_needed=reply_needed)
+    if "messages" not in sample:  # pretraining text: no turn for a picture to go with
+        raise fail(where, "pretraining text with images", "Images go with a conversation (a question about them): "
+                   "use the LLaVA, messages or sharegpt shape, or drop the images.")
     listed = record.get("images", record.get("image")) if isinstance(record, dict) else None
     listed = [] if listed in (None, "") else listed if isinstance(listed, list) else [listed]
     if listed and any(ref is not None for ref in inline):
