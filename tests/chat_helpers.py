@@ -84,6 +84,30 @@ def make_lora_checkpoint(base_dir: Path, work_dir: Path, *, step: int = 10, temp
     return ckpt
 
 
+def make_llava_dir(out: Path, llm_dir: Path, vision_dir: Path, *, template: str = TEMPLATE) -> Path:
+    """A random tiny LLaVA (the tiny language model and vision tower given) exported as a HF LLaVA folder with its
+    tunelab.json, as `tunelab convert pth_to_hf` writes it."""
+    import torch
+
+    from tunelab.data.templates import get_template
+    from tunelab.model import llava
+    from tunelab.model.load import load_causal_lm, load_tokenizer
+    from tunelab.train.layout import write_meta
+
+    tokenizer = load_tokenizer(str(llm_dir))
+    image_id = llava.add_image_token(tokenizer)
+    llm = load_causal_lm(str(llm_dir), dtype=torch.float32, device="cpu")
+    llava.resize_for_image_token(llm, image_id)
+    torch.manual_seed(0)
+    model = llava.assemble(llm, llava.load_vision_tower(vision_dir, dtype=torch.float32, device="cpu"),
+                           image_token_id=image_id)
+    llava.save_hf_llava(model, tokenizer, llava.load_image_processor(vision_dir), out,
+                        chat_template=get_template(template, tokenizer).to_jinja())
+    write_meta(out, {"base_model": str(llm_dir), "method": "lora", "prompt_template": template, "system": "",
+                     "max_length": 256})
+    return out
+
+
 def logits(model, text_ids):
     import torch
 

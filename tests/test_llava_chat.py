@@ -34,25 +34,10 @@ def _data_url(colour: str) -> str:
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory, tiny_model_factory, tiny_vision_factory):
     """A random tiny LLaVA exported as a HF LLaVA folder with its tunelab.json."""
-    from tunelab.data.templates import get_template
-    from tunelab.model import llava
-    from tunelab.model.load import load_causal_lm, load_tokenizer
-    from tunelab.train.layout import write_meta
+    from tests.chat_helpers import make_llava_dir
 
-    out = tmp_path_factory.mktemp("llava_hf")
-    llm_dir, vision_dir = tiny_model_factory("llama"), tiny_vision_factory("clip")
-    tokenizer = load_tokenizer(str(llm_dir))
-    image_id = llava.add_image_token(tokenizer)
-    llm = load_causal_lm(str(llm_dir), dtype=torch.float32, device="cpu")
-    llava.resize_for_image_token(llm, image_id)
-    torch.manual_seed(0)
-    model = llava.assemble(llm, llava.load_vision_tower(vision_dir, dtype=torch.float32, device="cpu"),
-                           image_token_id=image_id)
-    llava.save_hf_llava(model, tokenizer, llava.load_image_processor(vision_dir), out,
-                        chat_template=get_template(TEMPLATE, tokenizer).to_jinja())
-    write_meta(out, {"base_model": str(llm_dir), "method": "lora", "prompt_template": TEMPLATE, "system": "",
-                     "max_length": 256})
-    return out
+    return make_llava_dir(tmp_path_factory.mktemp("llava_hf"), tiny_model_factory("llama"), tiny_vision_factory("clip"),
+                          template=TEMPLATE)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ the libraries' own (LLaMA-Factory's recipe) on fixed English and Chinese strings
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -164,7 +165,10 @@ def test_unfilled_placeholders_are_warned_about(tmp_path):
 
 @pytest.mark.parametrize("record, says", [
     ({"text": "A plain document."}, "line 2: pretraining text"),
-    ({"messages": [{"role": "user", "content": "Hi"}], "images": ["cat.png"]}, "line 2: an image (LLaVA) sample"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "images": ["cat.png"]},
+     "line 2: 0 <image> placeholders in the text but 1 images"),
+    ({"prompt": "<image>Hi", "chosen": "A cat.", "rejected": "A dog.", "images": ["cat.png"]},
+     "line 2: a preference pair with 'images'"),
     ({"conversations": [{"from": "nobody", "value": "Hi"}]}, "line 2:"),
     ({"weird": 1}, "line 2: cannot tell the data format"),
 ])
@@ -233,6 +237,150 @@ def test_a_prompt_the_template_refuses_is_a_failed_line_saying_why(tiny_llama_di
     assert row["prediction"] is None and "tool calls are not supported" in row["error"]
     err = capsys.readouterr().err
     assert "1 sample(s) not predicted" in err and "or one the template refuses): their lines say why" in err
+
+
+# --- image (LLaVA) samples ----------------------------------------------------------------------------------------
+
+QUESTION = "<image>\nWhat is it?"
+
+
+def _picture(path: Path, colour: str) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path)
+    return path
+
+
+def _llava_record(image: str, reply: str | None = "A square.") -> dict:
+    """LLaVA's own shape: an 'image' path and its conversation, the picture's <image> before the question."""
+    turns = [{"from": "human", "value": QUESTION}] + ([{"from": "gpt", "value": reply}] if reply else [])
+    return {"id": image, "image": image, "conversations": turns}
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory, tiny_model_factory, tiny_vision_factory):
+    from tests.chat_helpers import make_llava_dir
+
+    return make_llava_dir(tmp_path_factory.mktemp("llava_hf"), tiny_model_factory("llama"), tiny_vision_factory("clip"))
+
+
+def test_a_llava_model_predicts_image_samples_with_their_pictures(llava_dir, tmp_path, monkeypatch, capsys):
+    """Each picture reaches the model at its <image>: the prediction is what `tunelab chat --image` answers about that
+    picture (greedy), another picture gets another reply, batches keep each row's pictures with it, and the line
+    keeps the prompt's text with its placeholders beside the pictures' paths."""
+    from tunelab.chat.engine import ChatModel, load_chat_model
+    from tunelab.chat.vision import with_images
+    from tunelab.model.generate import GenerationSettings
+
+    folder = tmp_path / "llava_images"
+    for colour in ("red", "blue", "green"):
+        _picture(folder / "shapes" / f"{colour}.png", colour)
+    red_url = "data:image/png;base64," + base64.b64encode((folder / "shapes" / "red.png").read_bytes()).decode()
+    data = _jsonl(tmp_path / "test.jsonl", [
+        *(_llava_record(f"shapes/{colour}.png", f"A {colour} square.") for colour in ("red", "blue", "green")),
+        {"instruction": "Hi", "output": "Hello"},  # text samples go beside them
+        {"messages": [{"role": "user", "content": "<image>Which is redder, this or <image>?"}],  # no reply yet
+         "images": ["shapes/red.png", "shapes/blue.png"]},
+        {"messages": [{"role": "user", "content": [  # the red picture itself, as an OpenAI part
+            {"type": "image_url", "image_url": {"url": red_url}}, {"type": "text", "text": "\nWhat is it?"}]}]},
+    ])
+    sent = []  # what reaches the batcher: the prompt's image tokens and pictures per sample
+    job = ChatModel.job
+
+    def spy(self, prompt_ids, settings, **kwargs):
+        pixels = kwargs.get("pixel_values")
+        sent.append((prompt_ids.count(self.vision.token_id), None if pixels is None else tuple(pixels.shape)))
+        return job(self, prompt_ids, settings, **kwargs)
+
+    monkeypatch.setattr(ChatModel, "job", spy)
+    for size in ("1", "4"):
+        assert _predict(llava_dir, data, tmp_path / f"b{size}.jsonl", "--image-folder", str(folder), "--batch-size",
+                        size, "--max-new-tokens", "8") == 0
+    one, four = _lines(tmp_path / "b1.jsonl"), _lines(tmp_path / "b4.jsonl")
+    assert [r["prediction"] for r in one] == [r["prediction"] for r in four]
+
+    chat = load_chat_model(str(llava_dir), device="cpu")
+    per_image = chat.vision.per_image
+    side = chat.vision.processor.crop_size["height"]
+    assert sent[:5] == [(per_image, (1, 3, side, side))] * 3 + [(0, None), (2 * per_image, (2, 3, side, side))]
+    assert [r.get("images") for r in one] == [[str(folder / "shapes" / f"{c}.png")] for c in ("red", "blue", "green")] \
+        + [None, [str(folder / "shapes" / "red.png"), str(folder / "shapes" / "blue.png")], [red_url[:40] + "..."]]
+    assert one[0]["messages"] == [{"role": "user", "content": QUESTION}] and one[0]["reference"] == "A red square."
+    assert one[4]["reference"] is None and one[4]["messages"][-1]["content"].count("<image>") == 2
+    greedy = GenerationSettings(max_new_tokens=8, temperature=0.0)
+    for row in one[:3]:  # as the terminal asks it: `tunelab chat MODEL --image FILE`, the picture before the text
+        parts = with_images(QUESTION.removeprefix("<image>"), row["images"])
+        assert row["prediction"] == chat.reply([{"role": "user", "content": parts}], greedy, files=True)
+    assert len({r["prediction"] for r in one[:3]}) == 3  # the same question about three pictures: three replies
+    assert one[5]["prediction"] == one[0]["prediction"]  # the same picture as its bytes, named shortly in its line
+    settings = json.loads((tmp_path / "b1.jsonl.metrics.json").read_text())["settings"]
+    assert settings["image_folder"] == str(folder.resolve())
+    assert "6 sample(s) to predict" in capsys.readouterr().err
+
+
+def test_image_paths_start_at_the_data_files_folder_or_at_image_folder(tmp_path, capsys):
+    from tunelab.chat.predict import data_content, read_test_samples
+
+    red = _picture(tmp_path / "data" / "red.png", "red")
+    elsewhere = _picture(tmp_path / "images" / "red.png", "blue")
+    data = _jsonl(tmp_path / "data" / "test.jsonl", [_llava_record("red.png"), _llava_record("red.png", None)])
+    beside, unanswered = read_test_samples(data)
+    assert beside.images == [str(red)] and beside.prompt == [{"role": "user", "content": QUESTION}]
+    assert beside.reply == {"role": "assistant", "content": "A square."}
+    # a conversation that ends before its reply is a prompt, as for text
+    assert unanswered.reply is None and unanswered.prompt == beside.prompt and unanswered.images == [str(red)]
+    there, _ = read_test_samples(data, image_folder=tmp_path / "images")
+    assert there.images == [str(elsewhere)]
+    assert data_content([beside]) != data_content([there])  # another picture: another run, not a resume
+
+    assert _predict(tmp_path / "no_model", data, tmp_path / "out.jsonl", "--image-folder", str(tmp_path / "nope")) == 2
+    assert_one_line_error(capsys, 2, f"--image-folder {tmp_path / 'nope'}: no such folder")
+    assert _predict(tmp_path / "no_model", data, tmp_path / "out.jsonl", "--image-folder", str(red)) == 2
+    assert_one_line_error(capsys, 2, "a file, not a folder")
+
+
+def test_llamafactory_mllm_demo_is_read_through_its_dataset_info(tmp_path):
+    """LLaMA-Factory's registry entry with an `images` column (its do_predict's multimodal data): the pictures
+    resolved from the data file's folder, one per <image> of the prompt."""
+    import shutil
+
+    from tunelab.chat.predict import read_test_samples
+
+    for name in ("dataset_info.json", "mllm_demo.json"):
+        shutil.copy(Path(__file__).parent / "fixtures" / "ecosystem" / "llamafactory" / name, tmp_path / name)
+    records = json.loads((tmp_path / "mllm_demo.json").read_text())
+    for ref in {ref for record in records for ref in record["images"]}:
+        _picture(tmp_path / ref, "red")
+    samples = read_test_samples(tmp_path / "dataset_info.json", dataset="mllm_demo")
+    assert [s.images for s in samples] == [[str(tmp_path / ref) for ref in r["images"]] for r in records]
+    assert all(sum(m["content"].count("<image>") for m in s.prompt) == len(s.images) for s in samples)
+    assert all(s.reply is not None for s in samples)
+
+
+def test_a_missing_or_broken_image_is_named_before_the_model_loads(tmp_path, capsys):
+    _picture(tmp_path / "red.png", "red")
+    data = _jsonl(tmp_path / "test.jsonl", [_llava_record("red.png"), _llava_record("gone.png")])
+    assert _predict(tmp_path / "no_model", data, tmp_path / "out.jsonl") == 2
+    message = assert_one_line_error(capsys, 2, f"{data} line 2: image 1 'gone.png': no such file "
+                                    f"({tmp_path / 'gone.png'})", "set --image-folder")
+    assert "no_model" not in message and not (tmp_path / "out.jsonl").exists()
+
+    (tmp_path / "gone.png").write_bytes(b"not a picture")
+    assert _predict(tmp_path / "no_model", data, tmp_path / "out.jsonl") == 2
+    message = assert_one_line_error(capsys, 2, f"{data} line 2: image {tmp_path / 'gone.png'} cannot be read",
+                                    "leave the record out of the test set")
+    assert "no_model" not in message and "skip_invalid" not in message
+
+
+def test_a_text_model_refuses_image_samples_before_generating(tiny_llama_dir, tmp_path, capsys):
+    _picture(tmp_path / "red.png", "red")
+    data = _jsonl(tmp_path / "test.jsonl", [{"instruction": "Hi", "output": "Hello"}, _llava_record("red.png"),
+                                            _llava_record("red.png")])
+    assert _predict(tiny_llama_dir, data, tmp_path / "out.jsonl", "--prompt-template", "qwen_chat") == 2
+    assert_one_line_error(capsys, 2, f"{data} line 2: an image sample (2 in the test set)", "reads text only",
+                          "with a LLaVA model")
+    assert _lines(tmp_path / "out.jsonl") == []  # nothing generated, not a failed line per image sample
 
 
 # --- the scores -------------------------------------------------------------------------------------------------

@@ -6,7 +6,14 @@ last assistant reply, and that reply is the reference; a conversation that ends 
 an alpaca record without 'output') is predicted without a reference. A preference pair's prompt is predicted and its
 chosen reply is the reference (what the training aimed at); a KTO sample's reply is the reference when it is labelled
 desirable, and an undesirable one is left out as a reference (the prompt is still predicted). Pretraining text has no
-prompt to answer, and image (LLaVA) samples are refused: both are named with their record.
+prompt to answer: it is refused, naming its record.
+
+An image (LLaVA) sample is read as multimodal training reads it (`tunelab.data.images.read_images`): its prompt keeps
+an <image> placeholder where each picture goes, and its pictures are resolved to files (relative paths from
+--image-folder, else from the data file's folder) and opened once before the model loads, so a missing or broken
+one stops the command naming the record. A LLaVA model is sent each placeholder as an image_url part naming the
+file (or its data URL), as `tunelab chat --image` sends it, and its line lists the pictures beside the prompt's text;
+a model that reads no images refuses the test set before generating.
 
 Generation goes through the engine's batcher (`tunelab.chat.batcher`, what `tunelab serve` runs), with the model's
 template, system prompt and stop words, greedy by default. Lines are written in data order as soon as every reply
@@ -22,7 +29,7 @@ import queue
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +48,9 @@ class TestSample:
     tools: list[dict] | None = None
     note: str = ""
     """Where the reference comes from when that is not a conversation's last reply, or why there is none."""
+    images: list[str] = field(default_factory=list)
+    """The pictures of an image (LLaVA) sample, resolved (a file path or a data URL): one per <image> in the
+    prompt, in order."""
 
 
 def metrics_path(out: Path) -> Path:
@@ -50,24 +60,42 @@ def metrics_path(out: Path) -> Path:
 # --- reading ----------------------------------------------------------------------------------------------------
 
 def read_test_samples(path: str | Path, limit: int | None = None, dataset: str | None = None,
-                      warn: Callable[[str], None] | None = None) -> list[TestSample]:
+                      warn: Callable[[str], None] | None = None, image_folder: Path | None = None
+                      ) -> list[TestSample]:
     """The test samples of the data at `path` (of the datasets `dataset` names in a dataset_info.json; the first
-    `limit`), read before the model loads so that a bad record stops the command at once."""
+    `limit`), read before the model loads so that a bad record stops the command at once: a missing image too, and
+    one that does not open. `image_folder`: where relative image paths start (None: the data file's folder)."""
+    from functools import partial
+
     from tunelab.data.eval_data import read_samples
+    from tunelab.data.images import ImageReading, unreadable_samples
 
-    return read_samples(path, _test_sample, limit=limit, dataset=dataset, warn=warn, verb="predict")
+    reading = ImageReading(image_folder, setting="--image-folder")
+    samples = read_samples(path, partial(_test_sample, reading=reading), limit=limit, dataset=dataset, warn=warn,
+                           verb="predict", multimodal=True)
+    with_images = [{"where": s.where, "images": s.images} for s in samples if s.images]
+    bad = unreadable_samples(with_images, fix="Replace the file, or leave the record out of the test set.")
+    if bad:
+        raise TunelabError(bad[min(bad)])
+    return samples
 
 
-def _test_sample(data, fmt: str, where: str, report: dict) -> TestSample:
+def _test_sample(data, fmt: str, where: str, report: dict, reading=None) -> TestSample:
+    """One record as its test sample (`eval_data.ToSample`); `reading`: how its images are read
+    (`tunelab.data.images.ImageReading`: --image-folder; None: from the data file's folder)."""
     from tunelab.data.formats import FORMATS, MEDIA_FIELDS, UNUSED_HINTS, detect_format, normalise, unused_fields
+    from tunelab.data.images import ImageReading, read_images
     from tunelab.data.messages import refuse_lone_surrogates
     from tunelab.data.preference import normalise_kto, normalise_preference, record_kind
     from tunelab.data.reports import count_unused
 
-    if isinstance(data, dict) and any(data.get(k) for k in MEDIA_FIELDS):
-        raise TunelabError(f"{where}: an image (LLaVA) sample; `tunelab predict` answers text prompts. Ask a LLaVA "
-                           f"model about a picture with `tunelab chat MODEL --image FILE --prompt TEXT`.")
     kind = record_kind(data)
+    media = [k for k in MEDIA_FIELDS if isinstance(data, dict) and data.get(k)]
+    if media and kind:  # as training, which trains preference and KTO objectives on text only
+        what = "a preference pair" if kind == "preference" else "a KTO sample"
+        raise TunelabError(f"{where}: {what} with {' and '.join(map(repr, media))}; `tunelab predict` reads the "
+                           f"images of conversations (LLaVA samples) only. Give the question and its reply as a "
+                           f"conversation, or remove the images and their <image> placeholders.")
     if kind == "preference":
         pair = normalise_preference(data, where)
         sample = TestSample(where, pair["prompt"], pair["chosen"], pair.get("tools"), "reference: the chosen reply")
@@ -82,7 +110,10 @@ def _test_sample(data, fmt: str, where: str, report: dict) -> TestSample:
             keys = ", ".join(map(repr, data)) if isinstance(data, dict) else type(data).__name__
             raise TunelabError(f"{where}: cannot tell the data format from this record (fields: {keys}). Use one "
                                f"of {', '.join(FORMATS)} (docs/DATA.md shows each), with a conversation to answer.")
-        read = normalise(data, fmt, where, reply_needed=False)
+        parts: list = []  # pictures given as content parts: collected here (a text-only read would refuse them)
+        read = None if media else normalise(data, fmt, where, images=parts, reply_needed=False)
+        if read is None or parts:  # as multimodal training reads it: <image> where each picture goes, resolved
+            read = read_images(data, fmt, where, reading or ImageReading(), _data_folder(report), reply_needed=False)
         if "text" in read:
             raise TunelabError(f"{where}: pretraining text (format {fmt!r}) has no prompt to answer. `tunelab "
                                f"predict` needs conversations: a question and, to be scored, its reply.")
@@ -93,13 +124,21 @@ def _test_sample(data, fmt: str, where: str, report: dict) -> TestSample:
         messages = read["messages"]
         last = messages[-1]["role"] == "assistant"
         sample = TestSample(where, messages[:-1] if last else messages, messages[-1] if last else None,
-                            read.get("tools"), "" if last else "no reference: the conversation ends before its reply")
+                            read.get("tools"), "" if last else "no reference: the conversation ends before its reply",
+                            read.get("images", []))
         if last and not (messages[-1].get("content") or "").strip() and not messages[-1].get("tool_calls") \
                 and not messages[-1].get("reasoning_content"):
             sample.reply, sample.note = None, "no reference: the reply is empty"
     refuse_lone_surrogates({"messages": sample.prompt + ([sample.reply] if sample.reply else [])}, where)
     sample.prompt = [{k: v for k, v in m.items() if k != "train"} for m in sample.prompt]
     return sample
+
+
+def _data_folder(report: dict | None) -> Path | None:
+    """Where a record's relative image paths start without --image-folder: its data file's folder, as in training
+    (None for a `datasets` dataset, whose images are most often their own bytes)."""
+    path = Path(report["path"]) if report else None
+    return path.parent if path is not None and path.is_file() else None
 
 
 def reference_text(template, sample: TestSample) -> tuple[str | None, str]:
@@ -135,9 +174,10 @@ def source_fields(where: str) -> dict:
 
 
 def data_content(samples: list[TestSample]) -> str:
-    """A digest of the samples as read (places, prompts, replies, tools): a resume after the data was edited (a
-    reference corrected) is another run, whose lines would hold the old prompts and references."""
-    read = [[s.where, s.prompt, s.reply, s.tools] for s in samples]
+    """A digest of the samples as read (places, prompts, replies, tools, images): a resume after the data was edited
+    (a reference corrected, another picture named) is another run, whose lines would hold the old prompts and
+    references. A text sample's entry has no images, so a text test set keeps the digest it had before images."""
+    read = [[s.where, s.prompt, s.reply, s.tools] + ([s.images] if s.images else []) for s in samples]
     return "sha256:" + hashlib.sha256(json.dumps(read, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -221,6 +261,9 @@ class Progress:
 def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int = 0) -> float:
     """Predict samples[start:] with `chat` (a `tunelab.chat.engine.ChatModel`), appending one JSON line per sample
     to `out` in data order as soon as it and every sample before it are done. Returns samples/s."""
+    from tunelab.data.images import describe  # a picture given as its bytes is named shortly, not copied in
+
+    _refuse_images_without_vision(chat, samples[start:])
     _say_tools_left_out(chat.template, samples[start:])
     replies: queue.Queue = queue.Queue()
     jobs, ready = [], {}
@@ -230,15 +273,16 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
         reference, why = reference_text(chat.template, sample)
         note = why or sample.note
         line = {"index": i, **source_fields(sample.where), "messages": messages,
+                **({"images": [describe(ref) for ref in sample.images]} if sample.images else {}),
                 **({"tools": sample.tools} if sample.tools else {}),
                 "reference": reference, **({"note": note} if note else {})}
         try:
-            ids, _ = chat.prompt(sample.prompt, tools=sample.tools)
+            ids, pixels = chat.prompt(image_parts(sample.prompt, sample.images), files=True, tools=sample.tools)
             limit = chat.fit_reply(len(ids), settings.max_new_tokens, asked=False)
         except TunelabError as exc:  # too long for the context, or refused: said in its line, counted as failed
             ready[i] = {**line, "prediction": None, "error": str(exc)}
             continue
-        job = chat.job(ids, dataclasses.replace(settings, max_new_tokens=limit),
+        job = chat.job(ids, dataclasses.replace(settings, max_new_tokens=limit), pixel_values=pixels,
                        on_done=lambda reply, i=i, line=line: replies.put((i, line, reply)))
         jobs.append(job)
     bar = Progress(len(samples), start)
@@ -265,6 +309,42 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
         for job in jobs:  # Ctrl-C: the worker drops what is left at its next step
             job.cancel()
     return speed
+
+
+def image_parts(messages: list[dict], images: list[str]) -> list[dict]:
+    """The prompt with each <image> placeholder made the next picture's image_url part, at its place, as `tunelab
+    chat --image` sends a picture (`ChatModel.prompt` reads the parts back, joining them with "", so the text sent
+    is the text read). A sample without images is sent as it is: a literal <image> in its text stays text."""
+    from tunelab.data.messages import IMAGE_PLACEHOLDER
+
+    if not images:
+        return messages
+    pictures = iter(images)
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, str) or IMAGE_PLACEHOLDER not in content:
+            out.append(m)
+            continue
+        parts: list[dict] = []
+        for k, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
+            if k:
+                parts.append({"type": "image_url", "image_url": {"url": next(pictures)}})
+            if text:
+                parts.append({"type": "text", "text": text})
+        out.append({**m, "content": parts})
+    return out
+
+
+def _refuse_images_without_vision(chat, samples: list[TestSample]) -> None:
+    """One error before anything is generated, rather than a failed line per image sample, when the model reads no
+    images (a text model: `ChatModel.vision` is None)."""
+    first = next((s for s in samples if s.images), None)
+    if first is not None and chat.vision is None:
+        count = sum(1 for s in samples if s.images)
+        raise TunelabError(f"{first.where}: an image sample ({count} in the test set), but {chat.name} reads text "
+                           f"only. Predict image samples with a LLaVA model (a HF LLaVA folder or a LLaVA run's "
+                           f"checkpoint, docs/MULTIMODAL.md), or leave them out of the test set.")
 
 
 def _say_tools_left_out(template, samples: list[TestSample]) -> None:

@@ -16,17 +16,21 @@ and on the trained one to see what training taught.
 Each record is read as training reads it (any supported format, or a LLaMA-Factory dataset_info.json with
 --dataset). A conversation's prompt is everything before its last assistant reply, which is the reference; one that
 ends before its reply is predicted without a reference. A preference pair's reference is its chosen reply.
+Image (LLaVA) samples are read as LLaVA training reads them and predicted by a LLaVA model with their pictures:
+relative image paths start at --image-folder, else at the data file's folder.
 
 OUT gets one JSON line per sample, in data order, as the replies come: index, source (file and line), the prompt
-messages as sent (system prompt included), reference, prediction. OUT.metrics.json gets the scores and the run's
-settings. Run the same command again after an interruption to resume; another run's OUT is refused unless
---overwrite. The template, system prompt and context come from the model's tunelab.json, as in `tunelab chat`.
+messages as sent (system prompt included), an image sample's images, reference, prediction. OUT.metrics.json gets
+the scores and the run's settings. Run the same command again after an interruption to resume; another run's OUT is
+refused unless --overwrite. The template, system prompt and context come from the model's tunelab.json, as in
+`tunelab chat`.
 
 example:
   tunelab predict Qwen/Qwen2.5-0.5B-Instruct --data data/test.jsonl --out base.jsonl
   tunelab predict work_dirs/run1 --data data/test.jsonl --out tuned.jsonl
   tunelab predict Qwen/Qwen2.5-0.5B-Instruct --adapter hf_adapter --data data/test.jsonl -n 200 --out tuned.jsonl
   tunelab predict merged --data data/dataset_info.json --dataset identity --out identity.jsonl --batch-size 16
+  tunelab predict llava_hf --data llava_test.json --image-folder data/llava_images --out llava.jsonl
 """
 
 
@@ -40,6 +44,8 @@ def register(subparsers) -> None:
                    "(.json / .jsonl / .csv / .tsv / .parquet), or a LLaMA-Factory dataset_info.json with --dataset")
     p.add_argument("--dataset", metavar="NAMES", help="the datasets of a dataset_info.json to predict (e.g. "
                    "identity,alpaca_en_demo)")
+    p.add_argument("--image-folder", metavar="DIR", help="where the image samples' relative image paths start (a "
+                   "LLaVA config's image_folder; default: the data file's folder)")
     p.add_argument("-n", type=_positive_int, metavar="N", help="predict only the first N samples")
     p.add_argument("--out", required=True, metavar="FILE", help="the predictions, one JSON line per sample "
                    "(scores in FILE.metrics.json)")
@@ -68,13 +74,16 @@ def predict_cmd(args) -> int:
     check_settings(settings, {"temperature": "--temperature", "top_p": "--top-p", "seed": "--seed",
                               "max_new_tokens": "--max-new-tokens"})
     out = _check_out(Path(args.out), Path(args.data))
-    samples = read_test_samples(args.data, args.n, args.dataset, warn=_warn)  # a bad record stops it here, at once
+    image_folder = _image_folder(args.image_folder)
+    # a bad record (or a missing image) stops it here, at once
+    samples = read_test_samples(args.data, args.n, args.dataset, warn=_warn, image_folder=image_folder)
     if not samples:
         raise TunelabError(f"--data {args.data}: no sample to predict.")
     _say_references(samples)
     to_load = model_to_load(args.model, args.adapter)  # what is loaded, recorded: a resume must load the same
     run = {"model": _local(to_load.base), "adapter": _local(to_load.adapter_dir), "data": _local(args.data),
            "dataset": args.dataset, "n": args.n, "data_content": data_content(samples),
+           "image_folder": _local(image_folder),
            "max_new_tokens": args.max_new_tokens,
            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
            "prompt_template": args.prompt_template, "system": args.system, "bits": args.bits, "dtype": args.dtype}
@@ -130,6 +139,20 @@ def _check_out(out: Path, data: Path) -> Path:
         what = "the test data" if target == source else "inside the --data folder, whose files are read as test data"
         raise TunelabError(f"--out {out} is {what}: give a file elsewhere.")
     return out
+
+
+def _image_folder(folder: str | None) -> Path | None:
+    """--image-folder as an absolute folder (None when not given), or an error naming it."""
+    from tunelab.errors import TunelabError
+
+    if folder is None:
+        return None
+    path = Path(folder)
+    if not path.is_dir():
+        what = "a file, not a folder" if path.exists() else "no such folder"
+        raise TunelabError(f"--image-folder {folder}: {what}. Give the folder the image samples' relative image paths "
+                           f"start from (LLaVA's image_folder).")
+    return path.resolve()
 
 
 def _local(path) -> str | None:

@@ -64,10 +64,11 @@ def registered_names(path: Path) -> str:
 
 
 def read_samples(path: str | Path, to_sample: ToSample, *, limit: int | None = None, dataset: str | None = None,
-                 warn: Callable[[str], None] | None = None, verb: str = "read") -> list:
+                 warn: Callable[[str], None] | None = None, verb: str = "read", multimodal: bool = False) -> list:
     """The samples of the data at `path` (of the datasets `dataset` names in a dataset_info.json; the first `limit`),
     each made by `to_sample` from a record as training reads it. A folder's files that are not data (a README) are
-    told to `warn`, so none is passed over without a word."""
+    told to `warn`, so none is passed over without a word. `multimodal`: the command reads images (`tunelab
+    predict`), so a dataset_info.json entry with an images column is read as a LLaVA run reads it, not refused."""
     from tunelab.config.schema import TrainConfig
     from tunelab.data.data_path import resolve_sources
     from tunelab.data.files import SUFFIXES_READ, data_files
@@ -79,7 +80,7 @@ def read_samples(path: str | Path, to_sample: ToSample, *, limit: int | None = N
     seed = TrainConfig().seed
     samples: list = []
     # a registry's entries may hold pairs, KTO samples or conversations: what a reward run's data may be
-    for i, source in enumerate(resolve_sources(data_path, "auto", objective="reward")):
+    for i, source in enumerate(resolve_sources(data_path, "auto", objective="reward", multimodal=multimodal)):
         if warn is not None and source.entry is None and source.resolved is not None and source.resolved.is_dir():
             for other in data_files(source.resolved)[1]:
                 warn(f"{other}: not read (data files are {SUFFIXES_READ}).")

@@ -40,8 +40,9 @@ DATA_URL = "data:"
 
 
 def resolve_image(ref: Any, *, base_dir: Optional[Path], image_folder: Optional[Path], where: str,
-                  at: str = "image") -> str:
-    """A record's image reference as the string stored with the rows (see the module docstring)."""
+                  at: str = "image", setting: str = "image_folder") -> str:
+    """A record's image reference as the string stored with the rows (see the module docstring). `setting`: what
+    sets image_folder, for the message of a missing file (the config's image_folder, a command's --image-folder)."""
     if isinstance(ref, dict):  # a `datasets` Image value: its bytes, or a path
         if ref.get("bytes"):
             ref = ref["bytes"]
@@ -72,8 +73,8 @@ def resolve_image(ref: Any, *, base_dir: Optional[Path], image_folder: Optional[
     if path.is_dir():
         raise InvalidRecord(f"{where}: {at} {ref!r} is a folder ({path}), not an image file. Name the picture in it.")
     if not path.is_file():
-        hint = ("set image_folder to the folder the image paths start from" if image_folder is None else
-                f"image paths are read from image_folder = {str(image_folder)!r}")
+        hint = (f"set {setting} to the folder the image paths start from" if image_folder is None else
+                f"image paths are read from {setting}{' ' if setting.startswith('-') else ' = '}{str(image_folder)!r}")
         raise InvalidRecord(f"{where}: {at} {ref!r}: no such file ({path}). Check the path; {hint}.")
     return str(path)
 
@@ -163,19 +164,26 @@ def check_images(refs: list[str], threads: int = 8) -> dict[str, str]:
     return {ref: why for ref, why in zip(unique, problems) if why}
 
 
-def read_images(record, fmt: str, where: str, reading: "ImageReading", base_dir: Optional[Path]) -> dict:
+def read_images(record, fmt: str, where: str, reading: "ImageReading", base_dir: Optional[Path], *,
+                reply_needed: bool = True) -> dict:
     """A multimodal record's sample (`tunelab.data.multimodal.split_images`) with its images resolved, and
-    "where" (the record's place, for later messages)."""
-    sample = split_images(record, fmt, where)
+    "where" (the record's place, for later messages). `reply_needed`: False reads a conversation that ends before its
+    reply too (`tunelab predict`'s prompts)."""
+    sample = split_images(record, fmt, where, reply_needed=reply_needed)
     sample["images"] = [resolve_image(ref, base_dir=base_dir, image_folder=reading.image_folder, where=where,
-                                      at=f"image {i + 1}") for i, ref in enumerate(sample["images"])]
+                                      at=f"image {i + 1}", setting=reading.setting)
+                        for i, ref in enumerate(sample["images"])]
     sample["where"] = where
     return sample
 
 
-def unreadable_samples(samples: list[dict]) -> dict[int, str]:
-    """{index: message naming the record and the image} of the samples with an image that cannot be read (each
-    image opened once, in threads)."""
+SKIP_FIX = "Replace the file, or set skip_invalid = True to skip such records (they are counted)."
+"""What training's message about an image that cannot be read advises."""
+
+
+def unreadable_samples(samples: list[dict], fix: str = SKIP_FIX) -> dict[int, str]:
+    """{index: message naming the record and the image, then `fix`} of the samples with an image that cannot be
+    read (each image opened once, in threads)."""
     import os
 
     broken = check_images([ref for sample in samples for ref in sample.get("images", ())],
@@ -184,8 +192,8 @@ def unreadable_samples(samples: list[dict]) -> dict[int, str]:
     for i, sample in enumerate(samples):
         bad = next((ref for ref in sample.get("images", ()) if ref in broken), None)
         if bad is not None:
-            out[i] = (f"{sample.get('where', f'sample {i}')}: image {describe(bad)} cannot be read ({broken[bad]}). "
-                      "Replace the file, or set skip_invalid = True to skip such records (they are counted).")
+            where = sample.get("where", f"sample {i}")
+            out[i] = f"{where}: image {describe(bad)} cannot be read ({broken[bad]}). {fix}"
     return out
 
 
@@ -221,6 +229,8 @@ class ImageReading:
 
     image_folder: Optional[Path] = None
     """Where relative image paths start; None: the data file's folder."""
+    setting: str = "image_folder"
+    """What sets image_folder, for messages (`tunelab predict`'s --image-folder)."""
 
 
 def image_reading(cfg, config_dir: str | None = None) -> Optional[ImageReading]:
