@@ -176,7 +176,7 @@ def source_fields(where: str) -> dict:
 def data_content(samples: list[TestSample]) -> str:
     """A digest of the samples as read (places, prompts, replies, tools, images): a resume after the data was edited
     (a reference corrected, another picture named) is another run, whose lines would hold the old prompts and
-    references. A text sample's entry has no images, so a text test set keeps the digest it had before images."""
+    references."""
     read = [[s.where, s.prompt, s.reply, s.tools] + ([s.images] if s.images else []) for s in samples]
     return "sha256:" + hashlib.sha256(json.dumps(read, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
