@@ -225,9 +225,13 @@ def done_lines(out: Path, settings: dict, samples: list[TestSample], overwrite: 
 
 @dataclass
 class Progress:
-    """A bar with samples/s on a terminal, else a line at every tenth of the run (a log file stays short)."""
+    """A bar with samples/s on a terminal, else a line at every tenth of the run (a log file stays short).
+    `label`, `unit` and `said` name the work (`tunelab eval`: questions evaluated)."""
     total: int
     start: int = 0
+    label: str = "predict"
+    unit: str = "samples"
+    said: str = "predicted"
 
     def __post_init__(self):
         from rich.console import Console
@@ -237,21 +241,22 @@ class Progress:
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
-            self.bar = Bar(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           TextColumn("{task.fields[rate]}"), console=self.console)
+            self.bar = Bar(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(), TextColumn("{task.fields[rate]}"), console=self.console)
             self.bar.start()
-            self.task = self.bar.add_task("predict", total=self.total, completed=self.start, rate="")
+            self.task = self.bar.add_task(self.label, total=self.total, completed=self.start, rate="")
 
     def rate(self) -> float:
         return (self.done - self.start) / max(time.monotonic() - self.began, 1e-9)
 
-    def advance(self) -> None:
-        self.done += 1
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        step = max(1, self.total // 10)
         if self.bar is not None:
-            self.bar.update(self.task, completed=self.done, rate=f"{self.rate():.2f} samples/s")
-        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            self.console.print(f"predicted {self.done}/{self.total} ({self.rate():.2f} samples/s)", markup=False,
-                               highlight=False)
+            self.bar.update(self.task, completed=self.done, rate=f"{self.rate():.2f} {self.unit}/s")
+        elif self.done == self.total or self.done // step > (self.done - count) // step:
+            self.console.print(f"{self.said} {self.done}/{self.total} ({self.rate():.2f} {self.unit}/s)",
+                               markup=False, highlight=False)
 
     def close(self) -> None:
         if self.bar is not None:

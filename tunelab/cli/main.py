@@ -26,6 +26,7 @@ VERB_MODULES = [
     "tunelab.cli.export_cmds",  # convert
     "tunelab.cli.chat_cmds",  # chat, web, serve
     "tunelab.cli.predict_cmd",  # predict
+    "tunelab.cli.eval_cmd",  # eval
     "tunelab.cli.reward_cmds",  # reward
     "tunelab.cli.demo_cmd",  # demo
 ]
