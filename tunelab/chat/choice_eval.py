@@ -14,7 +14,7 @@ prompt. The prediction is the letter whose token ("A" to "D", the last id of eac
 prompt's last token rank highest. Unlike LLaMA-Factory, which draws the support set anew for every question from a
 shuffle of the dev set, the support set is the first n_shot dev examples, the same for every question of a subject,
 as the original MMLU harness takes them: a run is reproducible. Cells are read as the CSV writes them (LLaMA-Factory
-reads them through pandas, which makes a cell such as 'None' NaN and CMMLU's numeric options floats).
+reads them through pandas, which makes MMLU's 12 options 'None' NaN, prompted as 'nan').
 """
 
 from __future__ import annotations
