@@ -9,6 +9,7 @@ A LLaVA model (a HF LLaVA folder or a LLaVA run's checkpoint) also reads images 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -50,6 +51,14 @@ class ChatModel:
             if self._batcher is None:
                 self._batcher = Batcher(self.model, self.tokenizer, max_batch_size=self.max_batch_size)
             return self._batcher
+
+    @functools.cached_property
+    def reasoning(self):
+        """How the template writes a reply's reasoning (`tunelab.data.templates.ReasoningFormat`: Qwen3's and
+        DeepSeek-R1's <think>...</think>), learnt once by rendering; None where it writes none."""
+        from tunelab.data.templates import reasoning_format
+
+        return reasoning_format(self.template)
 
     def with_system(self, messages: list[dict], system: str | None = None) -> list[dict]:
         """`messages` with the session's system prompt first, unless they bring their own."""

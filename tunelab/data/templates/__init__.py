@@ -68,6 +68,53 @@ PROBE_SECOND_TOOL = "tunelab_second_probe"
 PROBE_TEXT = "tunelab probe text"
 
 
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """How a reply of a template carries its reasoning: `open` reasoning `close` answer (Qwen3's and DeepSeek-R1's
+    <think>...</think>)."""
+
+    open: str
+    """The marker before the reasoning ('' where the template writes it into the generation prompt and no other
+    text tells it)."""
+    close: str
+    """The marker between the reasoning and the answer."""
+    opened: bool
+    """The generation prompt already opened the block (DeepSeek-R1's ends with '<think>\\n'): a reply starts inside
+    it, and what comes before `close` is reasoning. Else a reply holds reasoning only when it starts with `open`."""
+
+
+def reasoning_format(template: ChatTemplate) -> ReasoningFormat | None:
+    """Whether and how `template` writes a reply's reasoning, learnt by rendering: a last reply holding probe reasoning
+    and probe text, after the generation prompt. None where it writes no reasoning, where nothing but whitespace
+    separates the two, or where the reply does not start where the generation prompt ends (Qwen3 without thinking
+    closes an empty block in the prompt: its replies hold none)."""
+    asked = [{"role": "user", "content": "?"}]
+    try:
+        before = template.render(asked)
+        prompt = template.render(asked, add_generation_prompt=True)
+        whole = template.render([*asked, {"role": "assistant", "content": PROBE_TEXT,
+                                          "reasoning_content": PROBE_REASONING}])
+        plain = template.render([*asked, {"role": "assistant", "content": PROBE_TEXT}])
+    except Exception:  # noqa: BLE001 (a template's own refusal: it writes no such reply)
+        return None
+    if not whole.startswith(prompt) or PROBE_REASONING not in whole[len(prompt):]:
+        return None
+    reply = whole[len(prompt):]
+    start = reply.index(PROBE_REASONING)
+    end = reply.find(PROBE_TEXT, start + len(PROBE_REASONING))
+    close = reply[start + len(PROBE_REASONING):end].strip() if end >= 0 else ""
+    if not close:
+        return None
+    opener = reply[:start].strip()
+    if opener:
+        return ReasoningFormat(opener, close, opened=False)
+    # opened by the generation prompt: its marker is what that prompt writes beyond a reply without reasoning's opener
+    added = prompt[len(before):] if prompt.startswith(before) else ""
+    plain_opener = plain[len(before):plain.find(PROBE_TEXT)] if plain.startswith(before) else ""
+    opener = added[len(plain_opener):].strip() if plain_opener and added.startswith(plain_opener) else ""
+    return ReasoningFormat(opener, close, opened=True)
+
+
 def probe_call_reply(template: ChatTemplate, names: tuple = (PROBE_TOOL,), content: str = "") -> str | None:
     """The trained text `template` writes for an assistant turn holding `content` and a probe tool call to each of
     `names` (with {"city": "Paris"}); None where the template refuses to render it."""
@@ -151,7 +198,7 @@ def template_with_default_system(template: ChatTemplate, system: str | None) -> 
     return template
 
 
-__all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "ToolSupport", "choose_template",
-           "get_template", "guess_template", "probe_call_reply", "template_with_default_system",
-           "templates_writing_reasoning", "templates_writing_several_calls", "templates_writing_text_with_calls",
-           "templates_writing_tool_calls", "tool_support"]
+__all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "ReasoningFormat", "ToolSupport",
+           "choose_template", "get_template", "guess_template", "probe_call_reply", "reasoning_format",
+           "template_with_default_system", "templates_writing_reasoning", "templates_writing_several_calls",
+           "templates_writing_text_with_calls", "templates_writing_tool_calls", "tool_support"]
