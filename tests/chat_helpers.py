@@ -108,6 +108,29 @@ def make_llava_dir(out: Path, llm_dir: Path, vision_dir: Path, *, template: str 
     return out
 
 
+class Scripted:
+    """A batcher whose every reply is `pieces` joined, streamed one piece at a time, keeping the prompts it was given:
+    the text a trained model would write, for tests of what the server, chat and predict make of it."""
+
+    max_batch_size = 1
+
+    def __init__(self, pieces, finish: str = "stop"):
+        self.pieces, self.finish, self.prompts = list(pieces), finish, []
+
+    def submit(self, job):
+        from tunelab.chat.batcher import Reply
+
+        self.prompts.append(job.prompt_ids)
+        for piece in self.pieces:
+            if job.on_text:
+                job.on_text(piece)
+        job.on_done(Reply(text="".join(self.pieces), finish_reason=self.finish, prompt_tokens=len(job.prompt_ids),
+                          completion_tokens=len(self.pieces)))
+
+    def stop(self, timeout=None):
+        pass
+
+
 def logits(model, text_ids):
     import torch
 

@@ -57,8 +57,12 @@ class Message(BaseModel):
     tool_call_id: Optional[str] = None
     name: Optional[str] = None
     """A tool result's call id and function name."""
+    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
+    """An assistant's earlier reasoning, as the server sends it back (`reasoning`: newer vLLM's name for it)."""
 
-    _text = field_validator("content", "tool_calls", "tool_call_id", "name")(_valid_text)
+    _text = field_validator("content", "tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning")(
+        _valid_text)
 
     @field_validator("content", mode="before")
     @classmethod

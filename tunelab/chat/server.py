@@ -8,6 +8,8 @@ Limits: every sampling setting is checked against `tunelab.model.generate.RULES`
 model's context (`ChatModel.fit_reply`), max_tokens against --max-tokens-limit; each refusal is HTTP 400 in OpenAI's
 error shape naming the parameter. A client that goes away (closed stream, or a timed-out plain request) cancels its
 job at the worker's next step. SIGTERM / Ctrl-C finishes every job at once, so the server stops promptly.
+A reasoning model's reply (`ChatModel.reasoning`) comes as its `reasoning_content` and its answer
+(`tunelab.chat.reasoning`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab.chat.batcher import Reply, ServerStopping
 from tunelab.chat.engine import ChatModel
+from tunelab.chat.reasoning import REASONING, ReasoningStream, split_reasoning
 from tunelab.chat.requests import NOT_UNICODE, ChatRequest, RequestError, field_path, settings_for, shown
 from tunelab.chat.tools import call_format, request_messages, request_tools, split_calls
 from tunelab.data.templates import tool_support
@@ -187,8 +190,9 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         report = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
-        # a reply that may hold calls is read whole, then sent as calls or text (streamed as one chunk)
-        streamed = body.stream and calls_in_reply is None
+        # a reply that may hold calls is read whole, then sent as calls or text (streamed as one chunk), but for its
+        # reasoning, streamed as it comes
+        streamed = body.stream and (calls_in_reply is None or chat.reasoning is not None)
         job = chat.job(prompt_ids, settings, stop_words=stop, ignore_eos=body.ignore_eos,
                        on_text=report if streamed else None, on_done=report, pixel_values=pixel_values)
         try:
@@ -197,7 +201,7 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
             raise RequestError(str(exc), status=503) from None
         reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(_stream(chat, job, events, reply_id, calls_in_reply),
+            return StreamingResponse(_stream(chat, job, events, reply_id, calls_in_reply, chat.reasoning),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             result = await _wait_or_cancel(events, request)
@@ -207,7 +211,7 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
             return _error(499, "the client closed the request")
         if isinstance(result, Exception):
             return _failure(result)
-        message, finish = _reply_message(result, calls_in_reply)
+        message, finish = _reply_message(result, calls_in_reply, chat.reasoning)
         return {
             "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": chat.name,
             "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
@@ -233,14 +237,16 @@ def _failure(error: Exception) -> JSONResponse:
     return _error(500, f"generation failed: {type(error).__name__}: {error}")
 
 
-def _reply_message(reply: Reply, calls_in_reply) -> tuple[dict, str]:
-    """(the reply as an OpenAI message without its role, finish_reason): tool calls split out where offered."""
-    if calls_in_reply is None:
-        return {"content": reply.text}, reply.finish_reason
-    text, calls = split_calls(reply.text, calls_in_reply)
-    if not calls:
-        return {"content": text}, reply.finish_reason
-    return {"content": text or None, "tool_calls": calls}, "tool_calls"
+def _reply_message(reply: Reply, calls_in_reply, thinking=None) -> tuple[dict, str]:
+    """(the reply as an OpenAI message without its role, finish_reason): the reasoning apart where the template
+    writes some (`thinking`, a ReasoningFormat; the answer None when there is none, as vLLM sends it), tool calls
+    split out of the answer where offered."""
+    reasoning, text = split_reasoning(reply.text, thinking) if thinking else (None, reply.text)
+    thought = {REASONING: reasoning} if reasoning else {}
+    text, calls = split_calls(text, calls_in_reply) if calls_in_reply is not None else (text, [])
+    if calls:
+        return {"content": text or None, "tool_calls": calls, **thought}, "tool_calls"
+    return {"content": text if reasoning is None else text or None, **thought}, reply.finish_reason
 
 
 def _usage(reply: Reply) -> dict:
@@ -248,9 +254,16 @@ def _usage(reply: Reply) -> dict:
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
-async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, calls_in_reply=None):
+def _delta(delta: dict, calls_in_reply) -> dict:
+    """A streamed piece's non-empty texts; not the answer where it may hold calls (it is sent whole at the end)."""
+    return {k: v for k, v in delta.items() if v and not (k == "content" and calls_in_reply is not None)}
+
+
+async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, calls_in_reply=None, thinking=None):
     """Server-sent events in OpenAI's chunk format. If the client disconnects, starlette cancels this generator:
-    `finally` cancels the job. With `calls_in_reply` the reply comes whole, as one chunk of text or calls."""
+    `finally` cancels the job. With `calls_in_reply` the reply comes whole, as one chunk of text or calls. With
+    `thinking` (a ReasoningFormat) the reasoning comes as `reasoning_content` deltas, then the answer as `content`
+    (with `calls_in_reply`: the reasoning as it comes, the answer whole)."""
     created = int(time.time())
 
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
@@ -262,14 +275,18 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, ca
 
     try:
         yield chunk({"role": "assistant", "content": ""})
+        split = ReasoningStream(thinking) if thinking else None
         while isinstance(item := await events.get(), str):
-            if item:
-                yield chunk({"content": item})
+            if sent := _delta(split.feed(item) if split else {"content": item}, calls_in_reply):
+                yield chunk(sent)
+        if split and not isinstance(item, Exception) and (sent := _delta(split.finish(), calls_in_reply)):
+            yield chunk(sent)
         if isinstance(item, Exception):  # reported to the client as an error event, never a dead connection
             kind = "server_error"
             yield f"data: {json.dumps({'error': {'message': str(item), 'type': kind}})}\n\n"
         elif calls_in_reply is not None:
-            message, finish = _reply_message(item, calls_in_reply)
+            message, finish = _reply_message(item, calls_in_reply, thinking)
+            message.pop(REASONING, None)  # streamed already
             if "tool_calls" in message:
                 message["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
             yield chunk(message)

@@ -177,8 +177,9 @@ def _skip_closer(text: str, end: int, closer: str) -> int:
 
 
 def request_messages(raw_messages: list[dict]) -> list[dict]:
-    """OpenAI request messages -> canonical ones: assistant `tool_calls` with their arguments parsed, tool results
-    named after the call they answer. Content (text or parts) is left to the engine."""
+    """OpenAI request messages -> canonical ones: assistant `tool_calls` with their arguments parsed, their reasoning
+    (`reasoning_content`, or `reasoning`) kept, tool results named after the call they answer. Content (text or parts)
+    is left to the engine."""
     out = []
     for i, raw in enumerate(raw_messages):
         message = {"role": raw["role"], "content": raw.get("content") or ""}
@@ -188,6 +189,13 @@ def request_messages(raw_messages: list[dict]) -> list[dict]:
                 raise canonical.fail(where, f"{field}.tool_calls on a {raw['role']!r} message",
                                      "Only assistant messages carry tool_calls.")
             message["tool_calls"] = canonical.tool_calls(raw["tool_calls"], where, f"{field}.tool_calls")
+        # newer vLLM names it `reasoning` (for a while it sent both, the same text)
+        thought = next((k for k in ("reasoning_content", "reasoning") if raw.get(k)), None)
+        if thought and raw["role"] != "assistant":
+            raise canonical.fail(where, f"{field}.{thought} on a {raw['role']!r} message",
+                                 "Only assistant messages carry reasoning.")
+        if thought:
+            message["reasoning_content"] = raw[thought]
         if raw["role"] == "tool":
             for key in ("name", "tool_call_id"):
                 if isinstance(raw.get(key), str) and raw[key]:

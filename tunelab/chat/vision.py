@@ -98,6 +98,8 @@ def split_images(messages: list[dict], *, files: bool, places: list | None = Non
         entry = {**m, **read}
         if read.get("tool_calls") and m.get("tool_calls"):  # calls as parts and as the message's own field
             entry["tool_calls"] = [*m["tool_calls"], *read["tool_calls"]]
+        if read.get("reasoning_content") and m.get("reasoning_content"):  # the same of reasoning
+            entry["reasoning_content"] = m["reasoning_content"] + read["reasoning_content"]
         out.append(entry)
     return out, refs
 
