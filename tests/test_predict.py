@@ -448,3 +448,58 @@ def test_a_text_too_long_for_rouge_is_left_out_of_its_means_and_counted():
     result = summarise([{"prediction": long_text, "reference": "word word"},
                         {"prediction": EN[1], "reference": EN[1]}])
     assert result["rouge_skipped"] == 1 and result["rouge-l"] == 100.0 and result["scored"] == 2
+
+
+# --- reasoning models -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template, text", [
+    ("qwen3_chat", "<think>\nThey ask my name.\n</think>\n\nI am TuneBot."),
+    ("deepseek_r1", "They ask my name.\n</think>\n\nI am TuneBot."),  # its generation prompt opened the block
+])
+def test_the_answers_are_scored_and_the_reasoning_kept_beside_them(tiny_tokenizer, tmp_path, template, text):
+    """A model whose template writes reasoning (Qwen3, DeepSeek-R1) writes it before its answer: the prediction is the
+    answer, which matches a reference whose answer it is; the reasoning is kept in the line. The reference is the
+    answer part of what the template writes: Qwen3's empty block before a plain reply, or the reasoning of a reply
+    that has some (kept as reference_reasoning), left out."""
+    from tests.chat_helpers import Scripted
+    from tunelab.chat.engine import ChatModel
+    from tunelab.chat.metrics import summarise
+    from tunelab.chat.predict import predict, read_lines, read_test_samples
+    from tunelab.data.templates import get_template
+    from tunelab.model.generate import GenerationSettings
+
+    data = _jsonl(tmp_path / "t.jsonl", [
+        {"instruction": "Who are you?", "output": "I am TuneBot."},
+        {"messages": [{"role": "user", "content": "Your name?"},
+                      {"role": "assistant", "content": "I am TuneBot.", "reasoning_content": "Name myself."}]},
+        {"instruction": "Who made you?", "output": "Someone else."}])
+    chat = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template(template), _batcher=Scripted([text]))
+    out = tmp_path / "p.jsonl"
+    out.write_text("")
+    predict(chat, read_test_samples(data), out, GenerationSettings(max_new_tokens=16))
+    rows = read_lines(out)
+    assert [r["prediction"] for r in rows] == ["I am TuneBot."] * 3
+    assert [r["reasoning"] for r in rows] == ["They ask my name."] * 3
+    assert [r["reference"] for r in rows] == ["I am TuneBot.", "I am TuneBot.", "Someone else."]
+    assert [r.get("reference_reasoning") for r in rows] == [None, "Name myself.", None]
+    result = summarise(rows)
+    assert result["exact_match"] == round(200 / 3, 4) and result["with_reasoning"] == 3
+
+
+def test_a_template_without_reasoning_scores_the_whole_reply(tiny_tokenizer, tmp_path):
+    """A guard: where the template writes no reasoning, a <think> block is text like any other, as before."""
+    from tests.chat_helpers import Scripted
+    from tunelab.chat.engine import ChatModel
+    from tunelab.chat.predict import predict, read_lines, read_test_samples
+    from tunelab.data.templates import get_template
+    from tunelab.model.generate import GenerationSettings
+
+    data = _jsonl(tmp_path / "t.jsonl", [{"instruction": "Who are you?", "output": "I am TuneBot."}])
+    text = "<think>\nThey ask my name.\n</think>\n\nI am TuneBot."
+    chat = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template("qwen2_5_chat"),
+                     _batcher=Scripted([text]))
+    out = tmp_path / "p.jsonl"
+    out.write_text("")
+    predict(chat, read_test_samples(data), out, GenerationSettings(max_new_tokens=16))
+    [row] = read_lines(out)
+    assert row["prediction"] == text and row["reference"] == "I am TuneBot." and "reasoning" not in row

@@ -10,6 +10,9 @@ computes them (src/llamafactory/train/sft/metric.py, `ComputeSimilarity`), so th
   `ROUGE_MAX_WORDS` words; `rouge_skipped` counts the others);
 * exact match (ours; LLaMA-Factory has none): the prediction equals the reference, spaces around them aside.
 
+Where the template writes reasoning, `tunelab predict` writes the answers alone as prediction and reference (the
+reasoning beside them), so these score the answers; `with_reasoning` counts the predictions that held reasoning.
+
 The libraries are optional (`pip install 'tunelab[metrics]'`): without them the predictions and exact match are still
 written, and `missing_libraries` names what to install for the rest.
 """
@@ -77,6 +80,8 @@ def summarise(rows: list[dict]) -> dict:
     result: dict = {"count": len(rows), "scored": len(scored),
                     "without_reference": sum(r.get("reference") is None for r in rows),
                     "failed": sum(r.get("prediction") is None for r in rows)}
+    if any("reasoning" in r for r in rows):  # left out of the prediction scored (its answer)
+        result["with_reasoning"] = sum("reasoning" in r for r in rows)
     if not scored:
         return result
     result["exact_match"] = round(sum(exact_match(r["prediction"], r["reference"]) for r in scored) / len(scored), 4)

@@ -16,8 +16,11 @@ file (or its data URL), as `tunelab chat --image` sends it, and its line lists t
 a model that reads no images refuses the test set before generating.
 
 Generation goes through the engine's batcher (`tunelab.chat.batcher`, what `tunelab serve` runs), with the model's
-template, system prompt and stop words, greedy by default. Lines are written in data order as soon as every reply
-before them is done, so an interrupted run keeps what it finished, and the same command again resumes after it.
+template, system prompt and stop words, greedy by default. Where the template writes reasoning (Qwen3's, DeepSeek-R1's
+<think>...</think>), a prediction is the answer after it (its reasoning in the line's `reasoning`) and the reference
+the answer part of the text the template writes (Qwen3's empty block left out), so the scores are the answers'.
+Lines are written in data order as soon as every reply before them is done, so an interrupted run keeps what it
+finished, and the same command again resumes after it.
 """
 
 from __future__ import annotations
@@ -266,6 +269,7 @@ class Progress:
 def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int = 0) -> float:
     """Predict samples[start:] with `chat` (a `tunelab.chat.engine.ChatModel`), appending one JSON line per sample
     to `out` in data order as soon as it and every sample before it are done. Returns samples/s."""
+    from tunelab.chat.reasoning import answer_part, split_reasoning
     from tunelab.data.images import describe  # a picture given as its bytes is named shortly, not copied in
 
     _refuse_images_without_vision(chat, samples[start:])
@@ -276,11 +280,13 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
         sample = samples[i]
         messages = chat.with_system(sample.prompt)
         reference, why = reference_text(chat.template, sample)
+        thought, reference = answer_part(reference, chat.reasoning) if reference else (None, reference)
         note = why or sample.note
         line = {"index": i, **source_fields(sample.where), "messages": messages,
                 **({"images": [describe(ref) for ref in sample.images]} if sample.images else {}),
                 **({"tools": sample.tools} if sample.tools else {}),
-                "reference": reference, **({"note": note} if note else {})}
+                "reference": reference, **({"reference_reasoning": thought} if thought else {}),
+                **({"note": note} if note else {})}
         try:
             ids, pixels = chat.prompt(image_parts(sample.prompt, sample.images), files=True, tools=sample.tools)
             limit = chat.fit_reply(len(ids), settings.max_new_tokens, asked=False)
@@ -301,7 +307,10 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
                     i, line, reply = replies.get()
                     if isinstance(reply, Exception):
                         raise reply
-                    ready[i] = {**line, "prediction": reply.text.strip(), "finish_reason": reply.finish_reason}
+                    thought, text = (split_reasoning(reply.text, chat.reasoning) if chat.reasoning
+                                     else (None, reply.text))
+                    ready[i] = {**line, "prediction": text.strip(), **({"reasoning": thought} if thought else {}),
+                                "finish_reason": reply.finish_reason}
                     continue
                 row = ready.pop(next_i)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -104,6 +104,10 @@ def predict_cmd(args) -> int:
                                system=args.system, bits=args.bits, device=args.device, dtype=args.dtype,
                                trust_remote_code=args.trust_remote_code, max_batch_size=args.batch_size,
                                allow_other_base=args.allow_other_base)
+        if chat.reasoning is not None:
+            say(f"note: template {chat.template.name!r} writes reasoning ({chat.reasoning.open}..."
+                f"{chat.reasoning.close}): each prediction and reference is the answer after it, which is what is "
+                f"scored; a prediction's reasoning is kept in its line's 'reasoning'")
         try:
             speed = predict(chat, samples, out, settings, start=start)
         finally:
