@@ -740,6 +740,26 @@ def test_engine_vllm_prompts_a_model_without_tunelab_json_as_tunelab_chat_does(t
     assert rendered == chat.template.render(ASK, add_generation_prompt=True)
 
 
+@pytest.mark.parametrize("template, parsers", [
+    ("qwen2_5_chat", ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]),
+    ("qwen3_chat", ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]),
+    ("deepseek_r1", ["--reasoning-parser", "deepseek_r1"]),
+    ("llama3_1_chat", ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]),
+    ("internlm2_chat", ["--enable-auto-tool-choice", "--tool-call-parser", "internlm"]),
+    ("mistral_v3", ["--enable-auto-tool-choice", "--tool-call-parser", "mistral"]),
+    ("qwen_chat", []),
+])
+def test_engine_vllm_reads_the_calls_and_reasoning_the_template_writes(tiny_llama_dir, fake_vllm, template, parsers):
+    """vLLM is told the parsers of the formats the template writes, so its replies carry tool_calls and
+    reasoning_content as tunelab's own server gives them."""
+    from tunelab.cli.main import main
+
+    assert main(["serve", str(tiny_llama_dir), "--engine", "vllm", "--prompt-template", template]) == 0
+    (argv, _), = fake_vllm
+    Path(dict(zip(argv[3::2], argv[4::2]))["--chat-template"]).unlink()
+    assert argv[argv.index("--chat-template") + 2:] == parsers  # no other option given: the parsers come last
+
+
 def test_engine_vllm_refuses_what_it_cannot_serve(tmp_path, fake_vllm, capsys):
     from tunelab.cli.main import main
 

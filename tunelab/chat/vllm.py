@@ -3,7 +3,10 @@
 vLLM (paged attention, CUDA graphs) serves many users faster than tunelab's own engine; this only starts it the way
 `tunelab serve` would: on 127.0.0.1 unless told otherwise, prompted with the template `tunelab chat` would use
 (`templates.choose_template`: the one the model was trained with, which `convert merge` also writes into the
-tokenizer), the API key passed in the environment (VLLM_API_KEY) so it does not show in the process list.
+tokenizer), the API key passed in the environment (VLLM_API_KEY) so it does not show in the process list. Where
+that template writes tool calls or reasoning in a format one of vLLM's parsers reads, vLLM is told to use it
+(`--tool-call-parser`, `--reasoning-parser`), so its replies carry `tool_calls` and `reasoning_content` as tunelab's
+own server gives them.
 """
 
 from __future__ import annotations
@@ -17,11 +20,33 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TOOL_CALL_PARSERS = {
+    "qwen2_5_chat": "hermes", "qwen3_chat": "hermes", "qwen3_nothink_chat": "hermes",  # <tool_call>{json}</tool_call>
+    "llama3_1_chat": "llama3_json", "llama3_2_chat": "llama3_json",  # {"name", "parameters"}
+    "mistral_v3": "mistral", "mistral_tekken": "mistral",  # [TOOL_CALLS][...]
+    "internlm2_chat": "internlm", "internlm2_5_chat": "internlm", "internlm3_chat": "internlm",  # <|action_start|>
+}
+"""The vLLM tool-call parser that reads the calls each template writes. glm4_chat ('name\\n{json}') and phi4_mini
+(<|tool_call|>[...]) write formats no vLLM parser reads: their calls come back as text."""
+
+
+def parser_flags(template) -> list[str]:
+    """vLLM's flags that read the tool calls and the reasoning `template` writes out of its replies."""
+    from tunelab.data.templates import reasoning_format
+
+    flags = []
+    if template.name in TOOL_CALL_PARSERS:
+        flags += ["--enable-auto-tool-choice", "--tool-call-parser", TOOL_CALL_PARSERS[template.name]]
+    reasoning = reasoning_format(template)
+    if reasoning is not None and (reasoning.open, reasoning.close) == ("<think>", "</think>"):
+        # DeepSeek-R1's prompt opens the block, so its replies start inside it; Qwen3's replies open it themselves
+        flags += ["--reasoning-parser", "deepseek_r1" if reasoning.opened else "qwen3"]
+    return flags
 
 
 def vllm_command(model: str, *, host: str, port: int, served_name: str, template_file: str | None = None,
                  max_model_len: int | None = None, dtype: str = "auto", trust_remote_code: bool = False,
-                 python: str = sys.executable) -> list[str]:
+                 parsers: list[str] = (), python: str = sys.executable) -> list[str]:
     """The command line that starts vLLM's OpenAI server (`vllm serve` is the same entry point)."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", served_name,
            "--host", host, "--port", str(port)]
@@ -33,13 +58,13 @@ def vllm_command(model: str, *, host: str, port: int, served_name: str, template
         cmd += ["--dtype", VLLM_DTYPES[dtype]]
     if trust_remote_code:
         cmd += ["--trust-remote-code"]
-    return cmd
+    return cmd + list(parsers)
 
 
 def write_template(model: str, *, prompt_template: str | None, system: str | None,
-                   trust_remote_code: bool = False) -> tuple[str | None, str]:
+                   trust_remote_code: bool = False) -> tuple[str | None, str, object]:
     """(a .jinja file holding the template `tunelab chat` would prompt the model with, or None where that is the
-    tokenizer's own; what was chosen)."""
+    tokenizer's own; what was chosen; the template)."""
     from tunelab.data.templates import choose_template, template_with_default_system
     from tunelab.model.load import load_tokenizer
     from tunelab.train.layout import read_meta
@@ -48,12 +73,12 @@ def write_template(model: str, *, prompt_template: str | None, system: str | Non
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     template, source = choose_template(prompt_template, meta, model, tokenizer)
     if template.name == "hf":
-        return None, f"the tokenizer's own chat_template ({source})"
+        return None, f"the tokenizer's own chat_template ({source})", template
     template = template_with_default_system(template, meta.get("system") if system is None else system)
     fd, path = tempfile.mkstemp(prefix="tunelab-template-", suffix=".jinja")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(template.to_jinja())
-    return path, f"{template.name} → {path}"
+    return path, f"{template.name} → {path}", template
 
 
 def check_servable(args) -> None:
@@ -74,11 +99,11 @@ def check_servable(args) -> None:
 def run_vllm(args) -> int:
     """Replace this process with vLLM's server (signals and Ctrl-C then reach vLLM directly)."""
     check_servable(args)
-    template_file, chosen = write_template(args.model, prompt_template=args.prompt_template, system=args.system,
-                                           trust_remote_code=args.trust_remote_code)
+    template_file, chosen, template = write_template(args.model, prompt_template=args.prompt_template,
+                                                     system=args.system, trust_remote_code=args.trust_remote_code)
     cmd = vllm_command(args.model, host=args.host, port=args.port, served_name=Path(args.model).name or args.model,
                        template_file=template_file, max_model_len=args.max_model_len, dtype=args.dtype,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, parsers=parser_flags(template))
     env = dict(os.environ)
     if args.api_key:
         env["VLLM_API_KEY"] = args.api_key
