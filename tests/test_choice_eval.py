@@ -1,8 +1,9 @@
 """`tunelab eval`: MMLU / C-Eval / CMMLU accuracy as `llamafactory-cli eval` computes it. Task folders in the three
 layouts LLaMA-Factory ships (MMLU in its zip, C-Eval and CMMLU extracted) are read; a 2-shot prompt is LLaMA-Factory's
-EvalTemplate conversation in the model's template, string for string; each prediction is the argmax of the letters'
-logits at the prompt's last token (checked against plain transformers forward passes); a model `tunelab train`
-taught the answers scores 100 where its base does not; batch sizes agree; bad folders and files are named."""
+EvalTemplate conversation in the model's template, string for string (under `fewshot`, a base model's plain text,
+token for token too); each prediction is the argmax of the letters' logits at the prompt's last token (checked
+against plain transformers forward passes); a model `tunelab train` taught the answers (ChatML, fewshot) scores 100
+where its base does not; batch sizes agree; bad folders and files are named."""
 
 from __future__ import annotations
 
@@ -112,6 +113,48 @@ def lf_prompt(task: str, key: str, name: str, row: dict, n_shot: int, lang: str)
     return text
 
 
+def lf_fewshot_turns(task: str, key: str, name: str, row: dict, n_shot: int, lang: str) -> list[str]:
+    """LLaMA-Factory's fewshot template on the conversation up to the question, message by message as its
+    `Template._encode` formats them: no prefix (no BOS), no system (the subject's text opens the first user message),
+    a user message as it is, a reply followed by "\\n\\n" (`StringFormatter(slots=["{{content}}\\n\\n"])`; up to
+    v0.9.1 a `format_separator` "\\n\\n" before each later user message, the same text)."""
+    texts = []
+    for k, r in enumerate(_split(task, key, "dev")[:n_shot] + [row]):
+        texts.append((SYSTEM[lang].format(name) if k == 0 else "") + lf_turn(r, lang))
+        if k < n_shot:
+            texts.append(r["answer"] + "\n\n")
+    return texts
+
+
+def lf_fewshot_ids(tokenizer, task: str, key: str, name: str, row: dict, n_shot: int, lang: str) -> list[int]:
+    """LLaMA-Factory's `encode_oneturn` prompt ids under fewshot: each message encoded alone, add_special_tokens=False
+    (`_convert_elements_to_ids`), the ids joined."""
+    return [i for text in lf_fewshot_turns(task, key, name, row, n_shot, lang)
+            for i in tokenizer.encode(text, add_special_tokens=False)]
+
+
+def llama2_style_tokenizer():
+    """A tokenizer like Llama 2's: sentencepiece's '▁' before a text's first word, BOS added by default (as Llama's
+    add_bos_token): a text tokenised alone starts with '▁', so the ids of a conversation's messages encoded one by one
+    (LLaMA-Factory) differ from those of its whole text where the messages meet in plain text ("Answer:" "B")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab.model.tiny import _CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # newlines apart, as Llama's byte tokens <0x0A> are
+        pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    text = [SYSTEM["en"].format("astronomy") + lf_turn(r, "en") + r["answer"] + "\n\n"
+            for r in _split("mmlu", "astronomy", "dev")]
+    text.append(" A B C D" * 8)  # "▁A" to "▁D" tokens: a letter alone is one token, as Llama's vocabulary has them
+    tok.train_from_iterator((_CORPUS + text) * 4, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> Path:
     return write_tasks(tmp_path_factory.mktemp("evaluation"))
@@ -135,6 +178,35 @@ def trained(tmp_path_factory, tiny_llama_dir):
     config = write_config(directory, tiny_llama_dir, method="full", lr=3e-3, max_epochs=40, batch_size=4,
                           data_path="mc.jsonl", max_length=1024, pack_to_max_length=False, save_steps=1000,
                           logging_steps=50)
+    assert main(["train", str(config), "--work-dir", str(directory / "wd"), "--device", "cpu"]) == 0
+    return directory / "wd"
+
+
+@pytest.fixture(scope="module")
+def base_llama_dir(tmp_path_factory) -> Path:
+    """A tiny llama base model (no chat template, no tunelab.json) with a Llama-2-style tokenizer."""
+    from tunelab.model.tiny import make_model
+
+    return make_model(tmp_path_factory.mktemp("base_llama"), "llama", tokenizer=llama2_style_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def fewshot_trained(tmp_path_factory, base_llama_dir):
+    """A work dir of `tunelab train` with prompt_template = 'fewshot' (full fine-tuning of the base) on MMLU's test
+    questions as their 2-shot conversations, each answered with its letter (~20 s)."""
+    directory = tmp_path_factory.mktemp("fewshot_run")
+    records = []
+    for key, name, _ in SUBJECTS["mmlu"]:
+        for row in _split("mmlu", key, "test"):
+            messages = []
+            for k, r in enumerate(_split("mmlu", key, "dev")[:2] + [row]):
+                messages += [{"role": "user", "content": (SYSTEM["en"].format(name) if k == 0 else "") +
+                              lf_turn(r, "en")}, {"role": "assistant", "content": r["answer"]}]
+            records.append({"messages": messages})
+    (directory / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    config = write_config(directory, base_llama_dir, method="full", lr=3e-3, max_epochs=40, batch_size=4,
+                          data_path="mc.jsonl", max_length=1024, pack_to_max_length=False, save_steps=1000,
+                          logging_steps=50, prompt_template="fewshot")
     assert main(["train", str(config), "--work-dir", str(directory / "wd"), "--device", "cpu"]) == 0
     return directory / "wd"
 
@@ -194,6 +266,44 @@ def test_the_prompt_is_llama_factorys_conversation_in_the_models_template(tasks)
                                                                                "en")}]
 
 
+def test_fewshot_is_llama_factorys_text_and_its_ids(tasks, base_llama_dir):
+    """--prompt-template fewshot (LLaMA-Factory's --template fewshot), for a base model: the conversation as plain text,
+    and its ids LLaMA-Factory's `encode_oneturn`'s: each message tokenised alone, no BOS."""
+    from transformers import AutoTokenizer
+
+    from tunelab.chat.choice_eval import PROMPTS, choice_ids, prompt_rows, prompt_text, read_task
+    from tunelab.chat.engine import ChatModel
+    from tunelab.data.templates import get_template
+
+    tokenizer = AutoTokenizer.from_pretrained(base_llama_dir)
+    assert tokenizer("Answer:").input_ids[0] == tokenizer.bos_token_id  # BOS unless told not to, as Llama's
+    astronomy = read_task(tasks, "mmlu_test", n_shot=2).subjects[0]
+    dev, rows = _split("mmlu", "astronomy", "dev"), _split("mmlu", "astronomy", "test")
+    chat = ChatModel(model=None, tokenizer=tokenizer, template=get_template("fewshot", tokenizer))
+    # the text by hand from LLaMA-Factory's definitions: the subject's line, each example and its letter, "\n\n"
+    # after the letter, then the question; no role markers, no BOS, no EOS
+    expected = ("The following are multiple choice questions (with answers) about astronomy.\n\n" +
+                lf_turn(dev[0], "en") + dev[0]["answer"] + "\n\n" + lf_turn(dev[1], "en") + dev[1]["answer"] + "\n\n" +
+                lf_turn(rows[1], "en"))
+    assert expected.startswith("The following are multiple choice questions (with answers) about astronomy.\n\n"
+                               "Question 0 on astronomy: which one is the apple?\nA. ")
+    assert f"\nAnswer:{dev[0]['answer']}\n\nQuestion 1 " in expected
+    assert expected.endswith(f"\nC. {rows[1]['C']}\nD. {rows[1]['D']}\nAnswer:")
+    assert prompt_text(chat, astronomy, astronomy.questions[1], PROMPTS["en"]) == expected
+    assert "".join(lf_fewshot_turns("mmlu", "astronomy", "astronomy", rows[1], 2, "en")) == expected
+    # the ids: each message tokenised alone, as LLaMA-Factory encodes them, no BOS
+    ids = prompt_rows(chat, astronomy, PROMPTS["en"])
+    assert ids == [lf_fewshot_ids(tokenizer, "mmlu", "astronomy", "astronomy", row, 2, "en") for row in rows]
+    assert {row[0] for row in ids} != {tokenizer.bos_token_id} and tokenizer.bos_token_id not in ids[1]
+    # so each example's letter is the token the answer is read from (encode("B")[-1], "▁B" as in Llama's vocabulary);
+    # the whole text tokenised at once has "B" there, without the "▁", and other ids
+    letter = choice_ids(tokenizer)[LETTERS.index(dev[0]["answer"])]
+    first = len(tokenizer.encode(SYSTEM["en"].format("astronomy") + lf_turn(dev[0], "en"), add_special_tokens=False))
+    assert ids[1][first] == letter
+    whole = tokenizer(expected, add_special_tokens=False).input_ids
+    assert whole != ids[1] and whole[first] != letter
+
+
 def test_the_three_layouts_are_read_as_llama_factorys_scripts_read_them(tasks):
     from tunelab.chat.choice_eval import read_task
 
@@ -220,8 +330,10 @@ def test_the_three_layouts_are_read_as_llama_factorys_scripts_read_them(tasks):
 
 # --- (2) the scores, (3) what training taught, (4) batch sizes ----------------------------------------------------
 
-def _hand_letters(model_dir: Path, tokenizer_dir: Path, task: str, n_shot: int, lang: str) -> dict[str, list[str]]:
-    """Each question's letter by plain transformers: the whole prompt through the model, logits[-1] at the letters."""
+def _hand_letters(model_dir: Path, tokenizer_dir: Path, task: str, n_shot: int, lang: str,
+                  fewshot: bool = False) -> dict[str, list[str]]:
+    """Each question's letter by plain transformers: the whole prompt through the model, logits[-1] at the letters.
+    The prompt: its ChatML text tokenised, or (`fewshot`) LLaMA-Factory's fewshot ids."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -232,8 +344,9 @@ def _hand_letters(model_dir: Path, tokenizer_dir: Path, task: str, n_shot: int, 
     for key, name, _ in SUBJECTS[task.split("_")[0]]:
         letters[key] = []
         for row in _split(task.split("_")[0], key, {"test": "test", "validation": "val"}[task.split("_")[1]]):
-            tokens = tokenizer(lf_prompt(task.split("_")[0], key, name, row, n_shot, lang),
-                               add_special_tokens=False).input_ids
+            tokens = (lf_fewshot_ids(tokenizer, task.split("_")[0], key, name, row, n_shot, lang) if fewshot else
+                      tokenizer(lf_prompt(task.split("_")[0], key, name, row, n_shot, lang),
+                                add_special_tokens=False).input_ids)
             with torch.no_grad():
                 logits = model(torch.tensor([tokens])).logits[0, -1]
             letters[key].append(LETTERS[int(logits[ids].argmax())])
@@ -304,6 +417,32 @@ def test_batch_sizes_give_the_same_predictions_and_n_shot_past_the_dev_set_warns
     assert_one_line_error(capsys, 2, "ceval_test", "no answers", "--save-dir", "ceval_validation")
     assert _eval(trained, tasks, "ceval_validation", "--save-dir", str(tmp_path / "1")) == 2  # holds files
     assert_one_line_error(capsys, 2, str(tmp_path / "1"), "--overwrite")
+
+
+def test_a_base_model_under_fewshot_predicts_what_a_forward_pass_on_llama_factorys_ids_does(
+        tasks, base_llama_dir, fewshot_trained, tmp_path, capsys):
+    """`tunelab eval BASE --prompt-template fewshot`, and a model trained with prompt_template = 'fewshot' (its
+    tunelab.json names it): each prediction the argmax of a plain forward pass on LLaMA-Factory's fewshot ids."""
+    from tunelab.train.layout import resolve_checkpoint
+
+    tables = {}
+    for model, flags, save in ((base_llama_dir, ("--prompt-template", "fewshot"), "base"),
+                               (fewshot_trained, (), "tuned")):
+        assert _eval(model, tasks, "mmlu_test", "--n-shot", "2", "--save-dir", str(tmp_path / save), *flags) == 0
+        out, err = capsys.readouterr()
+        assert f"prompt template: fewshot ({'--prompt-template' if flags else 'tunelab.json'})" in err
+        results = json.loads((tmp_path / save / "results.json").read_text(encoding="utf-8"))
+        weights = base_llama_dir if save == "base" else resolve_checkpoint(fewshot_trained) / "model"
+        hand = _hand_letters(weights, base_llama_dir, "mmlu_test", 2, "en", fewshot=True)
+        assert {k: [v[str(i)]["prediction"] for i in range(len(v))] for k, v in results.items()} == hand
+        tables[save] = _table(out)
+        assert tables[save] == _accuracy("mmlu_test", hand)
+    assert tables["tuned"]["Average"] == 100.0 and tables["base"]["Average"] < 100.0  # trained with fewshot, read so
+    # LLaMA-Factory's spelling of the flag
+    assert _eval(base_llama_dir, tasks, "mmlu_test", "--n-shot", "2", "--template", "fewshot", "--save-dir",
+                 str(tmp_path / "lf")) == 0
+    assert "prompt template: fewshot (--prompt-template)" in capsys.readouterr().err
+    assert (tmp_path / "lf" / "results.json").read_text() == (tmp_path / "base" / "results.json").read_text()
 
 
 # --- (5) errors ---------------------------------------------------------------------------------------------------

@@ -33,16 +33,17 @@ TEMPLATE_TOKENS = [
 ]
 
 
-def test_every_template_has_stop_words_and_a_vendor():
-    for name, template in TEMPLATES.items():
-        if name != "hf":
+def test_every_template_has_stop_words_and_a_vendor(tiny_tokenizer):
+    for name in TEMPLATES:
+        if name != "hf":  # as training and chat get it: with the model's tokenizer (fewshot's stop word is its EOS)
+            template = get_template(name, tiny_tokenizer)
             assert template.stop_words and template.vendor, name
 
 
 @pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"hf"}))
 def test_exported_chat_template_renders_what_training_renders(name, tiny_tokenizer):
     """transformers' own apply_chat_template, given to_jinja(), renders exactly render()."""
-    template = get_template(name)
+    template = get_template(name, tiny_tokenizer)  # as training and export get it (fewshot writes the tokenizer's EOS)
     tokenizer = tiny_tokenizer
     saved = tokenizer.chat_template
     tokenizer.chat_template = template.to_jinja()
@@ -118,6 +119,34 @@ def test_ids_at_piece_joins_with_a_sentencepiece_tokenizer(name, sentencepiece_t
         whole = sentencepiece_tokenizer(template.render(chat), add_special_tokens=False)["input_ids"]
         assert pieces != whole, "this tokenizer should show the join problem the encoder avoids"
     _check_ids(template, sentencepiece_tokenizer, chat, None)
+
+
+def test_fewshot_trains_each_reply_and_the_eos_after_the_last_as_llama_factory(sentencepiece_tokenizer):
+    """LLaMA-Factory's fewshot (efficient_eos): the system prompt and each message as they are, a reply followed by
+    "\\n\\n", the tokenizer's EOS after the last one; each message tokenised alone as its `_encode` does, and trained:
+    the replies with their "\\n\\n", and that EOS."""
+    tokenizer = sentencepiece_tokenizer
+    system, q1, a1, q2, a2 = ("You are a helpful assistant.", "Who are you?", "I am an AI assistant.",
+                              "What is the capital of China?", "Beijing is the capital.")
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": q1},
+            {"role": "assistant", "content": a1}, {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+    template = get_template("fewshot", tokenizer)
+    assert template.render(chat) == system + q1 + a1 + "\n\n" + q2 + a2 + "\n\n</s>"
+    assert template.render(chat[:4], add_generation_prompt=True) == system + q1 + a1 + "\n\n" + q2
+    assert template.stop_words == ("</s>",) and 'set eos_token = "</s>"' in template.to_jinja()
+    # LLaMA-Factory's row by hand (SupervisedDatasetProcessor._encode_data_example with efficient_eos)
+    def enc(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    source1, target1, source2, target2 = enc(system) + enc(q1), enc(a1 + "\n\n"), enc(q2), enc(a2 + "\n\n")
+    labels = [IGNORE_INDEX] * len(source1) + target1 + [eos] + [IGNORE_INDEX] * (len(source2) - 1) + target2 + [eos]
+    row = encode_batch(template, tokenizer, [{"messages": chat}], 4096, "assistant")[0][0].row
+    assert row["input_ids"] == source1 + target1 + source2 + target2 + [eos]
+    # the same labels but one: LLaMA-Factory also trains an EOS after the first reply, as the label of the next
+    # question's first token, which the text does not hold there; tunelab trains only the tokens of the text
+    labels[len(source1) + len(target1)] = IGNORE_INDEX
+    assert row["labels"] == labels
+    assert tokenizer(template.render(chat), add_special_tokens=False)["input_ids"] != row["input_ids"]  # kept apart
 
 
 def _check_ids(template, tokenizer, messages, tools):

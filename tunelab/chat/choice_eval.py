@@ -10,8 +10,9 @@ the dev set); the dev set is the few-shot support set.
 Each question is LLaMA-Factory's EvalTemplate conversation: n_shot dev examples as user turns (question, "\\nA. ..."
 to "\\nD. ...", then "\\nAnswer:" or "\\n答案：") each answered by its letter, then the question, the first user turn
 prefixed with the subject's system text (`PROMPTS`); it is rendered by the model's chat template with a generation
-prompt. The prediction is the letter whose token ("A" to "D", the last id of each) the model's logits at the
-prompt's last token rank highest. Unlike LLaMA-Factory, which draws the support set anew for every question from a
+prompt (a base model's: `fewshot`, LLaMA-Factory's plain text, each message tokenised on its own as LLaMA-Factory's
+`encode_oneturn` does: `prompt_rows`). The prediction is the letter whose token ("A" to "D", the last id of each)
+the model's logits at the prompt's last token rank highest. Unlike LLaMA-Factory, which draws the support set anew for every question from a
 shuffle of the dev set, the support set is the first n_shot dev examples, the same for every question of a subject,
 as the original MMLU harness takes them: a run is reproducible. Cells are read as the CSV writes them (LLaMA-Factory
 reads them through pandas, which makes MMLU's 12 options 'None' NaN, prompted as 'nan').
@@ -251,6 +252,17 @@ def prompt_text(chat, subject: Subject, question: Question, prompt: Prompt) -> s
     the model's template, with a generation prompt. `chat`: a `ChatModel` (its template, system and tokenizer)."""
     messages = chat.with_system(question_messages(subject, question, prompt))
     return chat.template.render(messages, add_generation_prompt=True)
+
+
+def prompt_rows(chat, subject: Subject, prompt: Prompt) -> list[list[int]]:
+    """The token ids of each of the subject's questions as the model reads them: its prompt's pieces tokenised (one
+    tokenizer call for the subject) and joined, the whole text, or each message on its own where the template keeps
+    them apart (fewshot, as LLaMA-Factory's `encode_oneturn` encodes each message)."""
+    pieces = [chat.template.prompt_pieces(chat.with_system(question_messages(subject, q, prompt)))
+              for q in subject.questions]
+    flat = [text for texts in pieces for text in texts]
+    ids = iter(chat.tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
+    return [[i for _ in texts for i in next(ids)] for texts in pieces]
 
 
 def choice_ids(tokenizer) -> list[int]:

@@ -68,8 +68,7 @@ class ChatModel:
 
     def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The prompt's token ids: the conversation (with the system prompt and any tools) rendered by the template."""
-        prompt = self.template.render(self.with_system(messages), tools=tools, add_generation_prompt=True)
-        return self.tokenizer(prompt, add_special_tokens=False).input_ids
+        return self.template.prompt_ids(self.tokenizer, self.with_system(messages), tools=tools)
 
     def prompt(self, messages: list[dict], *, files: bool = False, tools: list[dict] | None = None):
         """(token ids, pixel values or None) of messages whose content may be OpenAI content parts, images among
@@ -241,12 +240,14 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
                      vision=vision)
 
 
-def add_model_arguments(parser) -> None:
-    """The loading flags shared by chat, web and serve."""
+def add_model_arguments(parser, *, template_alias: bool = False) -> None:
+    """The loading flags shared by chat, web, serve, predict and eval; `template_alias`: --prompt-template is also
+    taken as LLaMA-Factory's --template (eval, whose other flags take its spelling too)."""
     parser.add_argument("model", metavar="MODEL",
                         help="HF model (hub id or directory), a merged model, or a checkpoint (iter_N / WORK_DIR)")
     parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter: an adapter dir, an iter_N or a WORK_DIR")
-    parser.add_argument("--prompt-template", metavar="NAME",
+    parser.add_argument("--prompt-template", *(["--template"] if template_alias else []), metavar="NAME",
+                        dest="prompt_template",
                         help="chat template (default: from tunelab.json, else guessed from the model)")
     parser.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")
     parser.add_argument("--bits", type=int, choices=[4, 8], help="load the base quantised with bitsandbytes")

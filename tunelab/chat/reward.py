@@ -152,7 +152,7 @@ def _rows(rm: RewardModel, samples: list[dict]) -> tuple[list[dict], list[bool]]
     pieces = [conversation_pieces(rm.template, s["prompt"], reply, s.get("tools"))
               for s, theirs in zip(samples, replies) for reply in theirs]
     # every token labelled, so no sequence is dropped: only the ids and where each sequence ends matter here
-    encoded = encode_segments(rm.tokenizer, pieces, rm.max_length, "all")
+    encoded = encode_segments(rm.tokenizer, pieces, rm.max_length, "all", apart=rm.template.pieces_apart)
     rows, same, at = [], [], 0
     for theirs in replies:
         parts = encoded[at:at + len(theirs)]

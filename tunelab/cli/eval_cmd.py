@@ -21,7 +21,9 @@ the dev set and their answers, in LLaMA-Factory's words ("The following are mult
 about {subject}." in English, "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。" in Chinese: --lang,
 by default zh for ceval and cmmlu, en otherwise), as a conversation in the model's chat template; the answer is the
 letter among A-D whose token the model finds likeliest next. The template and system prompt come from the model's
-tunelab.json, as in `tunelab chat`.
+tunelab.json, as in `tunelab chat`. A base (pretrained) model reads the conversation as plain text with
+--prompt-template fewshot (LLaMA-Factory's --template fewshot): the questions and answers as they are, "\\n\\n"
+after each answer, no role markers.
 
 The table is printed; --save-dir DIR (new or empty, unless --overwrite) also gets results.json (each subject's
 predicted letter and answer per question) and results.log (the table, then each subject). C-Eval's test answers are
@@ -32,6 +34,7 @@ example:
   tunelab eval work_dirs/run1 --task ceval_validation --save-dir eval/ceval_tuned
   tunelab eval Qwen/Qwen2.5-0.5B-Instruct --adapter hf_adapter --task cmmlu_test --batch-size 8 --bits 4
   tunelab eval merged --task mmlu_test -n 20        # the first 20 questions of each subject: a quick look
+  tunelab eval Qwen/Qwen2.5-0.5B --task mmlu_test --prompt-template fewshot   # a base model
 """
 
 
@@ -51,7 +54,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="benchmark accuracy: MMLU, C-Eval, CMMLU (as llamafactory-cli eval)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p)
+    add_model_arguments(p, template_alias=True)
     p.add_argument("--task", required=True, metavar="NAME_SPLIT", help="e.g. mmlu_test, ceval_validation, cmmlu_test")
     p.add_argument("--task-dir", "--task_dir", default="evaluation", metavar="DIR",
                    help="the folder holding the task folders (default: evaluation, as LLaMA-Factory)")
@@ -107,7 +110,7 @@ def eval_cmd(args) -> int:
 
 def evaluate(chat, task, prompt, batch_size: int) -> dict[str, list[str]]:
     """{subject: the letter predicted for each question}, with a progress bar (questions/s). `chat`: a `ChatModel`."""
-    from tunelab.chat.choice_eval import choice_ids, predict_letters, prompt_text
+    from tunelab.chat.choice_eval import choice_ids, predict_letters, prompt_rows
     from tunelab.chat.predict import Progress
 
     letter_ids = choice_ids(chat.tokenizer)
@@ -117,8 +120,7 @@ def evaluate(chat, task, prompt, batch_size: int) -> dict[str, list[str]]:
     letters = {}
     try:
         for subject in task.subjects:
-            texts = [prompt_text(chat, subject, q, prompt) for q in subject.questions]
-            rows = chat.tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+            rows = prompt_rows(chat, subject, prompt)
             too_long += [(len(r), q.where) for r, q in zip(rows, subject.questions) if len(r) > chat.max_model_len]
             letters[subject.key] = predict_letters(chat.model, rows, letter_ids, batch_size, pad_id, bar.advance)
     finally:

@@ -4,7 +4,8 @@ A conversation is rendered by its template into pieces flagged trainable or not.
 with ``add_special_tokens=False`` (templates spell out BOS), so the ids are exactly ``tokenizer(text)``'s: tokenising
 pieces separately can change ids where they meet (a sentencepiece leading space, a BPE merge across the join). Each
 token is labelled with its id when the character it ends on lies in a trained piece, else -100 (tokenizers without
-offsets fall back to tokenising the pieces one by one). The first token of every
+offsets fall back to tokenising the pieces one by one, and so does a template whose pieces meet in plain text,
+``pieces_apart``: fewshot, as LLaMA-Factory encodes each message). The first token of every
 sample is -100 so a packed sample never learns to predict from its neighbour. A sample cut at ``max_length`` that
 keeps no trained token is dropped (returns None) and counted by the caller.
 
@@ -181,7 +182,8 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
             except TunelabError as exc:  # the template cannot render this conversation: say which
                 raise TunelabError(f"{sample.get('where') or _first_words(sample['messages'])}: {exc}") from None
     text_ids = token_ids(tokenizer, text_pieces_) if text_pieces_ else []
-    encoded = encode_segments(tokenizer, list(conversations.values()), max_length, train_on)
+    encoded = encode_segments(tokenizer, list(conversations.values()), max_length, train_on,
+                              apart=getattr(template, "pieces_apart", False))
     by_sample = dict(zip(conversations, encoded))
     out: list[list[Encoded]] = []
     for k in range(len(samples)):
@@ -219,12 +221,14 @@ def _encode_preference(template, tokenizer, samples: list[dict], max_length: int
 
 
 def encode_segments(tokenizer, conversations: list[list[tuple[str, bool]]], max_length: int,
-                    train_on: str) -> list[Encoded]:
-    """Each conversation's pieces (a template's segments) -> its Encoded, one tokenizer call for all of them."""
+                    train_on: str, *, apart: bool = False) -> list[Encoded]:
+    """Each conversation's pieces (a template's segments) -> its Encoded, one tokenizer call for all of them.
+    `apart`: the pieces are tokenised one by one (the template's `pieces_apart`: LLaMA-Factory's fewshot)."""
     if not conversations:
         return []
-    tokenised = _ids_and_offsets(tokenizer, ["".join(text for text, _ in segs) for segs in conversations])
-    if tokenised is None:  # no offsets: tokenise the pieces one by one
+    tokenised = None if apart else _ids_and_offsets(tokenizer, ["".join(text for text, _ in segs)
+                                                                for segs in conversations])
+    if tokenised is None:  # no offsets, or kept apart: tokenise the pieces one by one
         flat = [text for segs in conversations for text, _ in segs]
         ids = iter(token_ids(tokenizer, flat) if flat else [])
         return [_join([(next(ids), trained) for _, trained in segs], train_on, max_length) for segs in conversations]

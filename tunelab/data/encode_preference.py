@@ -65,7 +65,8 @@ def encode_pairs(template, tokenizer, samples: list[dict], max_length: int) -> l
         tools = s.get("tools")
         conversations += [conversation_pieces(template, s["prompt"], s["chosen"], tools),
                           conversation_pieces(template, s["prompt"], s["rejected"], tools)]
-    encoded = encode_segments(tokenizer, conversations, max_length, "assistant")
+    encoded = encode_segments(tokenizer, conversations, max_length, "assistant",
+                              apart=getattr(template, "pieces_apart", False))
     return [_unless_same(join_sequences(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED])) for i in range(len(samples))]
 
 
@@ -138,7 +139,8 @@ def encode_kto(template, tokenizer, samples: list[dict], max_length: int) -> lis
                               conversation_pieces(template, s["prompt"], s["kl_completion"], tools)]
             kinds.append([DESIRABLE if good else UNDESIRABLE, KL])
             owners.append(k)
-    encoded = encode_segments(tokenizer, conversations, max_length, "assistant")
+    encoded = encode_segments(tokenizer, conversations, max_length, "assistant",
+                              apart=getattr(template, "pieces_apart", False))
     out: list[list[Encoded]] = [[] for _ in samples]
     for i, (owner, unit_kinds) in enumerate(zip(owners, kinds)):
         out[owner].append(join_sequences(encoded[2 * i:2 * i + 2], unit_kinds))

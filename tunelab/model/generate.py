@@ -175,8 +175,7 @@ def generate_reply(model, tokenizer, template, messages: list[dict], settings: G
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     settings = settings or GenerationSettings()
-    prompt = template.render(messages, add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = torch.tensor([template.prompt_ids(tokenizer, messages)])
     extra = {}
     if pixel_values is not None:
         expanded: list[int] = []

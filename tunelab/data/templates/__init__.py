@@ -28,9 +28,17 @@ def get_template(name: str, tokenizer=None) -> ChatTemplate:
     if name == "hf":
         return hf_template(tokenizer)
     if name in TEMPLATES:
-        return TEMPLATES[name]
+        return _with_eos(TEMPLATES[name], tokenizer)
     known = ", ".join(sorted(TEMPLATES))
     raise TunelabError(f"unknown prompt_template {name!r}. Known templates: {known}")
+
+
+def _with_eos(template: ChatTemplate, tokenizer) -> ChatTemplate:
+    """A template that writes `eos_token` (fewshot) writing the tokenizer's, which is then its stop word too."""
+    eos = getattr(tokenizer, "eos_token", None)
+    if not eos or "eos_token" not in template.source:
+        return template
+    return replace(template, eos_token=eos, stop_words=tuple(dict.fromkeys([*template.stop_words, eos])))
 
 
 @dataclass(frozen=True)

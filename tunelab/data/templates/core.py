@@ -97,9 +97,21 @@ class ChatTemplate:
     """System prompt used when a conversation has none (the vendor's own default, e.g. Qwen2.5's)."""
     vendor: str = ""
     """The model whose published chat_template this one reproduces (docs/DATA.md lists the intended differences)."""
+    eos_token: str = ""
+    """The tokenizer's end-of-sequence token, for a template that writes `eos_token` (fewshot, whose replies no token
+    of its own ends): `get_template(name, tokenizer)` sets it. Unset, the text names none (transformers passes the
+    tokenizer's to an exported template)."""
+    pieces_apart: bool = False
+    """Each piece of the text (a message; a reply with what ends it) is tokenised on its own and the ids joined, as
+    LLaMA-Factory encodes each message: the pieces meet in plain text (fewshot's "Answer:" and the reply "A"), where
+    tokenising the whole text would merge tokens across the join, so the reply would not start with the token the
+    prompt is answered with. Otherwise the whole text is tokenised once (docs/DESIGN.md, Templates)."""
 
     def _header(self) -> str:
-        return "{%- set default_system = " + json.dumps(self.default_system, ensure_ascii=False) + " %}\n"
+        header = "{%- set default_system = " + json.dumps(self.default_system, ensure_ascii=False) + " %}\n"
+        if self.eos_token:
+            header += "{%- set eos_token = " + json.dumps(self.eos_token, ensure_ascii=False) + " %}\n"
+        return header
 
     def to_jinja(self) -> str:
         """An HF `chat_template` that renders exactly `render()` (the merged model's tokenizer gets it)."""
@@ -119,6 +131,18 @@ class ChatTemplate:
                **options) -> str:
         """The conversation as text (what the exported chat_template renders for the same arguments)."""
         return self._render(self.to_jinja(), messages, tools, add_generation_prompt, False, options)
+
+    def prompt_pieces(self, messages: list[dict], *, tools: Optional[list] = None) -> list[str]:
+        """The generation prompt for `messages` as the texts to tokenise one by one, their ids joined: the whole text,
+        or each of its pieces where the template keeps them apart (`pieces_apart`)."""
+        if not self.pieces_apart:
+            return [self.render(messages, tools=tools, add_generation_prompt=True)]
+        return [text for text, _ in self.segments(messages, tools=tools, add_generation_prompt=True)]
+
+    def prompt_ids(self, tokenizer, messages: list[dict], *, tools: Optional[list] = None) -> list[int]:
+        """The generation prompt's token ids (no special tokens added: the template writes them)."""
+        pieces = self.prompt_pieces(messages, tools=tools)
+        return [i for ids in tokenizer(pieces, add_special_tokens=False).input_ids for i in ids]
 
     def segments(self, messages: list[dict], *, tools: Optional[list] = None, add_generation_prompt: bool = False,
                  **options) -> list[tuple[str, bool]]:

@@ -330,6 +330,21 @@ ZEPHYR = r"""
 {%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{% endif %}
 """
 
+# LLaMA-Factory's fewshot (src/llamafactory/data/template.py): a base model's plain text, no role markers. The system
+# prompt, then each message's text as it is, each reply followed by "\n\n"; after a conversation's last reply the
+# tokenizer's EOS (its efficient_eos: the EOS ends the whole sequence, not each turn). Every message is a piece of its
+# own, the system prompt too (a context piece), tokenised apart as LLaMA-Factory encodes them (`pieces_apart`).
+FEWSHOT = _SYSTEM + r"""
+{%- if system %}{% generation {'train': false} %}{{ system }}{% endgeneration %}{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'assistant' %}
+{%- generation message %}{{ message.content + '\n\n' }}{% if loop.last %}{{ eos_token }}{% endif %}{% endgeneration %}
+{%- else %}
+{{- message.content }}
+{%- endif %}
+{%- endfor %}
+"""
+
 _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
                   "detailed, and polite answers to the user's questions.")
 _IM = ("<|im_end|>", "<|endoftext|>")
@@ -369,6 +384,8 @@ DEFINITIONS = [
                                          "<eoa>", "\n"), ("<eoa>",), vendor="internlm/internlm-chat-7b (XTuner)"),
     ChatTemplate("vicuna", _plain("<s>", "{system} ", "USER: {content} ", "ASSISTANT: ", "</s>", ""),
                  ("</s>", "USER:"), _VICUNA_SYSTEM, vendor="lmsys/vicuna-7b-v1.5 (FastChat)"),
+    ChatTemplate("fewshot", FEWSHOT, (), vendor="LLaMA-Factory's fewshot (a base model's plain text)",
+                 pieces_apart=True),
     ChatTemplate("default", _plain("", "{system}\n", "### Human: {content}\n", "### Assistant: ", "</s>", "\n"),
                  ("</s>", "### Human:"), vendor="tunelab's plain format"),
 ]
