@@ -313,6 +313,8 @@ def test_internlm2_agent_replies_are_trained_and_results_are_context(tmp_path, t
     (lambda m: m[3].update(content=m[3]["content"].replace("<|action_end|>", "")), "does not end in <|action_end|>"),
     (lambda m: m[3].update(content=m[3]["content"].replace('"Shanghai"}}', '"Shanghai"}')),
      "messages[3] <|plugin|> call is not valid JSON"),
+    (lambda m: m[3].update(content=m[3]["content"].replace('"name": "get_current_weather", ', '')),
+     "messages[3] <|plugin|> call has no function name"),  # the call in the text, not a 'tool_calls' it lacks
     (lambda m: m[1].update(content="You can use these tools: get_current_weather"),
      "messages[1].content is not valid JSON"),
 ])

@@ -137,6 +137,8 @@ def _split_action(turn: dict, where: str, at: str) -> dict:
         if action.group(1) == "<|interpreter|>":
             raise fail(where, f"{at}.content calls the code interpreter (<|action_start|><|interpreter|>)",
                        _NO_INTERPRETER)
-        calls.append(parse_json_value(action.group(2).strip(), where, f"{at} <|plugin|> call",
-                                      '{"name": "get_weather", "parameters": {"city": "Paris"}}'))
+        field = f"{at} <|plugin|> call"  # read here, so that its errors name the call in the text
+        calls.append(tool_call(parse_json_value(action.group(2).strip(), where, field,
+                                                '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
+                               where, field))
     return {**turn, "content": head, "tool_calls": calls}
