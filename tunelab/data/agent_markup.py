@@ -27,10 +27,11 @@ _MS_AGENT_BLOCK = re.compile(r"(<\|startofthink\|>.*?<\|endofthink\|>|<\|startof
 _FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.I)
 
 _ACTION_START, _ACTION_END = "<|action_start|>", "<|action_end|>"
-_ACTION = re.compile(r"<\|action_start\|>(<\|plugin\|>|<\|interpreter\|>)(.*?)<\|action_end\|>", re.S)
+_ACTION = re.compile(r"<\|action_start\|>(<\|plugin\|>|<\|interpreter\|>)?(.*?)<\|action_end\|>", re.S)
 PLUGIN_NAMES = ("plugin", "<|plugin|>")
 """The name of InternLM2's tool channel on a message (lagent writes 'plugin'), not a participant's."""
 _INTERPRETER = ("interpreter", "<|interpreter|>")
+_WRITE_CALL = "Write the call as <|action_start|><|plugin|>\\n{\"name\": ..., \"parameters\": {...}}<|action_end|>."
 _NO_INTERPRETER = ("tunelab trains InternLM2's plugin (function) calls, not its code interpreter: write the code run "
                    "as a call of a function (e.g. {\"name\": \"python\", \"parameters\": {\"code\": ...}}) under "
                    "<|plugin|>, or leave the record out.")
@@ -122,13 +123,13 @@ def _split_action(turn: dict, where: str, at: str) -> dict:
         raise fail(where, f"{at} has both 'tool_calls' and a call in its text (<|action_start|>)",
                    "Keep one of the two.")
     actions = list(_ACTION.finditer(text))
-    head = text[:actions[0].start()] if actions else text
-    if not actions or _ACTION_START in head or _ACTION_END in head:
+    # the text before, between and after the calls: a marker left there opens a call that is not closed
+    outside = [text[start:end] for start, end in zip([0, *(a.end() for a in actions)],
+                                                     [*(a.start() for a in actions), len(text)])]
+    if not actions or any(_ACTION_START in piece or _ACTION_END in piece for piece in outside):
         raise fail(where, f"{at}.content opens a call (<|action_start|>) that does not end in <|action_end|>",
-                   "Write the call as <|action_start|><|plugin|>\\n{\"name\": ..., \"parameters\": {...}}"
-                   "<|action_end|>.")
-    after = [text[a.end():b.start()] for a, b in zip(actions, actions[1:])] + [text[actions[-1].end():]]
-    if any(piece.strip() for piece in after):
+                   _WRITE_CALL)
+    if any(piece.strip() for piece in outside[1:]):
         raise fail(where, f"{at}.content has text after its call (<|action_end|>)",
                    "InternLM2 writes a reply's text before its call: move the text before <|action_start|>, or "
                    "into the reply that follows the call's result.")
@@ -137,8 +138,10 @@ def _split_action(turn: dict, where: str, at: str) -> dict:
         if action.group(1) == "<|interpreter|>":
             raise fail(where, f"{at}.content calls the code interpreter (<|action_start|><|interpreter|>)",
                        _NO_INTERPRETER)
+        if action.group(1) is None:
+            raise fail(where, f"{at}.content has a call without <|plugin|> after <|action_start|>", _WRITE_CALL)
         field = f"{at} <|plugin|> call"  # read here, so that its errors name the call in the text
         calls.append(tool_call(parse_json_value(action.group(2).strip(), where, field,
                                                 '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
                                where, field))
-    return {**turn, "content": head, "tool_calls": calls}
+    return {**turn, "content": outside[0], "tool_calls": calls}
