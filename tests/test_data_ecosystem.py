@@ -333,6 +333,17 @@ def test_internlm2_agent_markup_mistakes_name_the_turn(change, error):
         normalise(record, "messages", "d.jsonl line 1")
 
 
+def test_internlm2_result_loses_its_name_only_where_it_names_the_plugin_channel():
+    record = _records(DATA / "internlm" / "chat_format_plugin.jsonl")[0]
+    record["messages"][4].update(role="tool")  # 'plugin' on a tool result too: the channel, not the function
+    assert normalise(record, "agent", "d.jsonl line 1")["messages"][3]["name"] == "get_current_weather"
+    # an environment result named after its function, after a reply that calls it in words: the name is kept
+    record["messages"][3]["content"] = "Action: get_current_weather\nAction Input: {\"location\": \"Shanghai\"}"
+    record["messages"][4].update(role="environment", name="get_current_weather")
+    assert normalise(record, "agent", "d.jsonl line 1")["messages"][3] == {
+        "role": "tool", "content": "{\"temperature\": 22}", "name": "get_current_weather"}
+
+
 def test_agent_flan_conversation_of_messages_keeps_its_loss_switches(capsys, tiny_tokenizer):
     path = DATA / "internlm" / "agent_flan.jsonl"
     (react, negative), stats = _samples(path)

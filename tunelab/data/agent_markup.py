@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from tunelab.data.messages import fail, parse_json_value, tool_call, tools
+from tunelab.data.messages import TOOL_ROLES, fail, parse_json_value, tool_call, tools
 
 _THINK = re.compile(r"<\|startofthink\|>(.*?)<\|endofthink\|>", re.S)
 _EXEC = re.compile(r"<\|startofexec\|>(.*?)<\|endofexec\|>", re.S)
@@ -107,8 +107,9 @@ def read_internlm2(turns: list, where: str, key: str) -> tuple[list[Optional[dic
         if _role(turn) == "system" and turn.get("name") in PLUGIN_NAMES:
             found += tools(turn.get("content"), where, f"{at}.content")
             out.append(None)
-        elif _role(turn) == "environment":  # its name is the channel ('plugin'), not the function answered
-            out.append({**{k: v for k, v in turn.items() if k != "name"}, "role": "tool"})
+        elif _role(turn) in TOOL_ROLES and turn.get("name") in PLUGIN_NAMES:
+            # 'plugin' is the channel, not the function answered (the call before it names that); another name is kept
+            out.append({k: v for k, v in turn.items() if k != "name"})
         elif _role(turn) == "assistant" and isinstance(turn.get("content"), str) and _ACTION_START in turn["content"]:
             out.append(_split_action(turn, where, at))
         else:
