@@ -357,6 +357,18 @@ def test_agent_flan_conversation_of_messages_keeps_its_loss_switches(capsys, tin
     assert "Hi! How can I help?" not in trained[1] and "outstanding in his field" in trained[1]
 
 
+@pytest.mark.parametrize("turns, problem", [
+    ([{"role": "system", "content": "Be brief."}, {"input": "Hi", "output": "Hello!"}],
+     "conversation[0] is a message ({role, content}) and conversation[1] is not"),
+    ([{"input": "Hi", "output": "Hello!"}, {"role": "user", "content": "Who are you?"},
+      {"role": "assistant", "content": "An assistant."}],
+     "conversation[1] is a message ({role, content}) and conversation[0] is not"),
+])
+def test_a_conversation_mixing_messages_and_xtuner_turns_is_refused_naming_both(turns, problem):
+    with pytest.raises(TunelabError, match=re.escape(problem) + ".*in one shape"):
+        normalise({"conversation": turns}, "conversation", "d.jsonl line 1")
+
+
 def test_kto_records_keep_their_label():
     good, bad = (normalise_kto(r, f"record {i}") for i, r in enumerate(_records(LF / "kto_en_demo.json")[:2]))
     assert (good["label"], bad["label"]) == (True, False)

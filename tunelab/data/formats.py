@@ -227,6 +227,12 @@ def _from_sharegpt(r: dict, where: str, images) -> list[dict]:
 
 def _from_conversation(r: dict, where: str, images) -> list[dict] | str:
     turns = _need(r, "conversation", where, "conversation", list)
+    is_message = [isinstance(t, dict) and "role" in t for t in turns]
+    if any(is_message) and not all(is_message):  # (turns all messages are read as messages: _message_list_key)
+        raise fail(where, f"conversation[{is_message.index(True)}] is a message ({{role, content}}) and "
+                          f"conversation[{is_message.index(False)}] is not",
+                   "Write the turns of 'conversation' in one shape: {\"role\", \"content\", \"loss\"?} messages "
+                   "(Agent-FLAN), or {\"input\", \"output\"} turns (XTuner).")
     if len(turns) == 1 and isinstance(turns[0], dict) and not turns[0].get("input") and not turns[0].get("system"):
         return _text(_need(turns[0], "output", f"{where} turn 0", "conversation"), where, "output")  # pretraining
     messages = []
