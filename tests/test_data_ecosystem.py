@@ -333,6 +333,15 @@ def test_internlm2_agent_markup_mistakes_name_the_turn(change, error):
         normalise(record, "messages", "d.jsonl line 1")
 
 
+@pytest.mark.parametrize("fmt", ["agent", "sharegpt"])
+def test_internlm2_messages_in_sharegpt_conversations_are_read_as_in_messages(fmt):
+    """ShareGPT's field holding role messages (as LLaMA-Factory's role tags write them): the markup is read there
+    too, not trained as text with the plugin system message a second system prompt."""
+    record = _records(DATA / "internlm" / "chat_format_plugin.jsonl")[0]
+    as_sharegpt = {"conversations": record["messages"]}
+    assert normalise(as_sharegpt, fmt, "d.jsonl line 1") == normalise(record, "agent", "d.jsonl line 1")
+
+
 def test_internlm2_result_loses_its_name_only_where_it_names_the_plugin_channel():
     record = _records(DATA / "internlm" / "chat_format_plugin.jsonl")[0]
     record["messages"][4].update(role="tool")  # 'plugin' on a tool result too: the channel, not the function

@@ -157,13 +157,16 @@ def _from_alpaca(r: dict, where: str, images, reply_needed: bool = True) -> list
 
 
 def _message_list_key(record: dict, fmt: str) -> Optional[str]:
-    """The field holding the record's {"role", "content"} messages: 'messages' (OpenAI), or 'conversation' where its
-    turns are messages (InternLM's Agent-FLAN) rather than XTuner's {"input", "output"} turns; None otherwise."""
+    """The field holding the record's {"role", "content"} messages: 'messages' (OpenAI), or 'conversation' /
+    'conversations' where every turn is such a message (InternLM's Agent-FLAN; role tags in ShareGPT's field) rather
+    than XTuner's {"input", "output"} / ShareGPT's {"from", "value"} turns; None otherwise."""
     if fmt == "messages" or (fmt == "agent" and "messages" in record):
         return "messages"
-    if fmt in ("conversation", "agent") and _is_message_list(record.get("conversation")) \
-            and not any("input" in t or "output" in t for t in record["conversation"]):
-        return "conversation"
+    for key, shape, theirs in [("conversation", "conversation", ("input", "output")),
+                               ("conversations", "sharegpt", ("from",))]:
+        turns = record.get(key)
+        if fmt in (shape, "agent") and _is_message_list(turns) and not any(k in t for t in turns for k in theirs):
+            return key
     return None
 
 
