@@ -327,6 +327,9 @@ def test_internlm2_agent_markup_mistakes_name_the_turn(change, error):
     change(record["messages"])
     with pytest.raises(TunelabError, match=re.escape(error)):
         normalise(record, "agent", "d.jsonl line 1")
+
+
+def test_internlm2_tools_given_twice_are_refused():
     record = _records(DATA / "internlm" / "chat_format_plugin.jsonl")[0]
     record["tools"] = [{"type": "function", "function": {"name": "other"}}]
     with pytest.raises(TunelabError, match="tool definitions twice"):
