@@ -503,3 +503,31 @@ def test_a_template_without_reasoning_scores_the_whole_reply(tiny_tokenizer, tmp
     predict(chat, read_test_samples(data), out, GenerationSettings(max_new_tokens=16))
     [row] = read_lines(out)
     assert row["prediction"] == text and row["reference"] == "I am TuneBot." and "reasoning" not in row
+
+
+@pytest.mark.parametrize("template", ["qwen3_chat", "deepseek_r1"])
+def test_a_reference_of_reasoning_alone_is_no_reference(tiny_tokenizer, tmp_path, template):
+    """A reply that holds reasoning and no answer leaves no answer to score against: the sample is predicted without a
+    reference (its reasoning kept), as a template without reasoning leaves it, not scored against an empty text."""
+    from tests.chat_helpers import Scripted
+    from tunelab.chat.engine import ChatModel
+    from tunelab.chat.metrics import summarise
+    from tunelab.chat.predict import predict, read_lines, read_test_samples
+    from tunelab.data.templates import get_template
+    from tunelab.model.generate import GenerationSettings
+
+    data = _jsonl(tmp_path / "t.jsonl", [
+        {"messages": [{"role": "user", "content": "Your name?"},
+                      {"role": "assistant", "content": "", "reasoning_content": "Name myself."}]},
+        {"instruction": "Who are you?", "output": "I am TuneBot."}])
+    chat = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template(template),
+                     _batcher=Scripted(["<think>\nMe.\n</think>\n\nI am TuneBot."]))
+    out = tmp_path / "p.jsonl"
+    out.write_text("")
+    predict(chat, read_test_samples(data), out, GenerationSettings(max_new_tokens=16))
+    first, second = read_lines(out)
+    assert first["reference"] is None and first["reference_reasoning"] == "Name myself."
+    assert first["note"] == "no reference: the reply is reasoning alone, with no answer to score"
+    assert first["prediction"] == "I am TuneBot." and second["reference"] == "I am TuneBot."
+    result = summarise([first, second])
+    assert (result["scored"], result["without_reference"], result["exact_match"]) == (1, 1, 100.0)

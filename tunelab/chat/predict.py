@@ -281,6 +281,8 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
         messages = chat.with_system(sample.prompt)
         reference, why = reference_text(chat.template, sample)
         thought, reference = answer_part(reference, chat.reasoning) if reference else (None, reference)
+        if reference == "":  # an empty text scored against would count as a miss whatever the model answers
+            reference, why = None, "no reference: the reply is reasoning alone, with no answer to score"
         note = why or sample.note
         line = {"index": i, **source_fields(sample.where), "messages": messages,
                 **({"images": [describe(ref) for ref in sample.images]} if sample.images else {}),
