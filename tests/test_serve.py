@@ -749,15 +749,53 @@ def test_engine_vllm_prompts_a_model_without_tunelab_json_as_tunelab_chat_does(t
     ("mistral_v3", ["--enable-auto-tool-choice", "--tool-call-parser", "mistral"]),
     ("qwen_chat", []),
 ])
-def test_engine_vllm_reads_the_calls_and_reasoning_the_template_writes(tiny_llama_dir, fake_vllm, template, parsers):
+def test_engine_vllm_reads_the_calls_and_reasoning_the_template_writes(marked_llama_dir, fake_vllm, template,
+                                                                        parsers):
     """vLLM is told the parsers of the formats the template writes, so its replies carry tool_calls and
     reasoning_content as tunelab's own server gives them."""
+    from tunelab.cli.main import main
+
+    assert main(["serve", str(marked_llama_dir), "--engine", "vllm", "--prompt-template", template]) == 0
+    (argv, _), = fake_vllm
+    Path(dict(zip(argv[3::2], argv[4::2]))["--chat-template"]).unlink()
+    assert argv[argv.index("--chat-template") + 2:] == parsers  # no other option given: the parsers come last
+
+
+@pytest.fixture(scope="module")
+def marked_llama_dir(tmp_path_factory, tiny_llama_dir):
+    """The tiny llama with <think>, </think> and [TOOL_CALLS] tokens, as Qwen3's and Mistral's vocabularies have them
+    (the tiny tokenizer has <tool_call> and </tool_call>, not these)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("marked") / "model"
+    shutil.copytree(tiny_llama_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert not {"<think>", "</think>", "[TOOL_CALLS]"} & set(tokenizer.get_vocab())
+    tokenizer.add_tokens(["<think>", "</think>", "[TOOL_CALLS]"], special_tokens=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("template, parsers, missing", [
+    ("qwen3_chat", ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], "<think> or </think>"),
+    ("deepseek_r1", [], "<think> or </think>"),
+    ("mistral_v3", [], "[TOOL_CALLS]"),
+])
+def test_engine_vllm_leaves_out_a_parser_whose_markers_are_not_tokens(tiny_llama_dir, fake_vllm, capsys, template,
+                                                                       parsers, missing):
+    """vLLM's hermes, mistral, qwen3 and deepseek_r1 parsers look their markers up in the vocabulary and fail every
+    request they are made for where one is missing (a model trained with another family's template, e.g. qwen3_chat
+    on Qwen2.5 or Llama): such a parser is left out, saying so, and the replies carry that text as content."""
     from tunelab.cli.main import main
 
     assert main(["serve", str(tiny_llama_dir), "--engine", "vllm", "--prompt-template", template]) == 0
     (argv, _), = fake_vllm
     Path(dict(zip(argv[3::2], argv[4::2]))["--chat-template"]).unlink()
-    assert argv[argv.index("--chat-template") + 2:] == parsers  # no other option given: the parsers come last
+    assert argv[argv.index("--chat-template") + 2:] == parsers
+    err = capsys.readouterr().err
+    assert f"the tokenizer has no {missing} token" in err and "vLLM starts without it" in err
 
 
 def test_engine_vllm_refuses_what_it_cannot_serve(tmp_path, fake_vllm, capsys):

@@ -4,9 +4,9 @@ vLLM (paged attention, CUDA graphs) serves many users faster than tunelab's own 
 `tunelab serve` would: on 127.0.0.1 unless told otherwise, prompted with the template `tunelab chat` would use
 (`templates.choose_template`: the one the model was trained with, which `convert merge` also writes into the
 tokenizer), the API key passed in the environment (VLLM_API_KEY) so it does not show in the process list. Where
-that template writes tool calls or reasoning in a format one of vLLM's parsers reads, vLLM is told to use it
-(`--tool-call-parser`, `--reasoning-parser`), so its replies carry `tool_calls` and `reasoning_content` as tunelab's
-own server gives them.
+that template writes tool calls or reasoning in a format one of vLLM's parsers reads, and the tokenizer has the markers
+that parser looks up, vLLM is told to use it (`--tool-call-parser`, `--reasoning-parser`), so its replies carry
+`tool_calls` and `reasoning_content` as tunelab's own server gives them.
 """
 
 from __future__ import annotations
@@ -30,18 +30,35 @@ TOOL_CALL_PARSERS = {
 (<|tool_call|>[...]) write formats no vLLM parser reads: their calls come back as text."""
 
 
-def parser_flags(template) -> list[str]:
-    """vLLM's flags that read the tool calls and the reasoning `template` writes out of its replies."""
+PARSER_TOKENS = {"hermes": ("<tool_call>", "</tool_call>"), "mistral": ("[TOOL_CALLS]",),
+                 "qwen3": ("<think>", "</think>"), "deepseek_r1": ("<think>", "</think>")}
+"""The markers each vLLM parser looks up in the tokenizer's vocabulary. Where one is not a token there (a model trained
+with another family's template, e.g. qwen3_chat on Qwen2.5 or Llama, writes '<think>' as plain text), the parser
+raises at every request it is made for, so the model would answer nothing: it is left out."""
+
+
+def parser_flags(template, vocab) -> tuple[list[str], list[str]]:
+    """(vLLM's flags that read the tool calls and the reasoning `template` writes out of its replies, a note for each
+    parser left out because `vocab`, the tokenizer's tokens, lacks a marker it looks up)."""
     from tunelab.data.templates import reasoning_format
 
-    flags = []
+    wanted = []
     if template.name in TOOL_CALL_PARSERS:
-        flags += ["--enable-auto-tool-choice", "--tool-call-parser", TOOL_CALL_PARSERS[template.name]]
+        wanted.append(("--tool-call-parser", TOOL_CALL_PARSERS[template.name], "tool calls"))
     reasoning = reasoning_format(template)
     if reasoning is not None and (reasoning.open, reasoning.close) == ("<think>", "</think>"):
         # DeepSeek-R1's prompt opens the block, so its replies start inside it; Qwen3's replies open it themselves
-        flags += ["--reasoning-parser", "deepseek_r1" if reasoning.opened else "qwen3"]
-    return flags
+        wanted.append(("--reasoning-parser", "deepseek_r1" if reasoning.opened else "qwen3", "reasoning"))
+    flags, notes = [], []
+    for flag, parser, what in wanted:
+        missing = [token for token in PARSER_TOKENS.get(parser, ()) if token not in vocab]
+        if missing:
+            notes.append(f"note: template {template.name!r} writes {what} in the form vLLM's {parser} parser reads, "
+                         f"but the tokenizer has no {' or '.join(missing)} token, without which that parser fails "
+                         f"every request: vLLM starts without it, and its replies carry the {what} as text.")
+            continue
+        flags += (["--enable-auto-tool-choice"] if flag == "--tool-call-parser" else []) + [flag, parser]
+    return flags, notes
 
 
 def vllm_command(model: str, *, host: str, port: int, served_name: str, template_file: str | None = None,
@@ -62,9 +79,9 @@ def vllm_command(model: str, *, host: str, port: int, served_name: str, template
 
 
 def write_template(model: str, *, prompt_template: str | None, system: str | None,
-                   trust_remote_code: bool = False) -> tuple[str | None, str, object]:
+                   trust_remote_code: bool = False) -> tuple[str | None, str, object, object]:
     """(a .jinja file holding the template `tunelab chat` would prompt the model with, or None where that is the
-    tokenizer's own; what was chosen; the template)."""
+    tokenizer's own; what was chosen; the template; the tokenizer)."""
     from tunelab.data.templates import choose_template, template_with_default_system
     from tunelab.model.load import load_tokenizer
     from tunelab.train.layout import read_meta
@@ -73,12 +90,12 @@ def write_template(model: str, *, prompt_template: str | None, system: str | Non
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     template, source = choose_template(prompt_template, meta, model, tokenizer)
     if template.name == "hf":
-        return None, f"the tokenizer's own chat_template ({source})", template
+        return None, f"the tokenizer's own chat_template ({source})", template, tokenizer
     template = template_with_default_system(template, meta.get("system") if system is None else system)
     fd, path = tempfile.mkstemp(prefix="tunelab-template-", suffix=".jinja")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(template.to_jinja())
-    return path, f"{template.name} → {path}", template
+    return path, f"{template.name} → {path}", template, tokenizer
 
 
 def check_servable(args) -> None:
@@ -99,15 +116,18 @@ def check_servable(args) -> None:
 def run_vllm(args) -> int:
     """Replace this process with vLLM's server (signals and Ctrl-C then reach vLLM directly)."""
     check_servable(args)
-    template_file, chosen, template = write_template(args.model, prompt_template=args.prompt_template,
-                                                     system=args.system, trust_remote_code=args.trust_remote_code)
+    template_file, chosen, template, tokenizer = write_template(
+        args.model, prompt_template=args.prompt_template, system=args.system, trust_remote_code=args.trust_remote_code)
+    parsers, notes = parser_flags(template, tokenizer.get_vocab())
     cmd = vllm_command(args.model, host=args.host, port=args.port, served_name=Path(args.model).name or args.model,
                        template_file=template_file, max_model_len=args.max_model_len, dtype=args.dtype,
-                       trust_remote_code=args.trust_remote_code, parsers=parser_flags(template))
+                       trust_remote_code=args.trust_remote_code, parsers=parsers)
     env = dict(os.environ)
     if args.api_key:
         env["VLLM_API_KEY"] = args.api_key
     print(f"prompt template: {chosen}", file=sys.stderr, flush=True)
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
     print("starting vLLM: " + " ".join(cmd), file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
