@@ -75,11 +75,19 @@ def _mixed(tmp_path) -> Path:
     ])
 
 
-def test_lines_follow_the_data_with_their_source_and_batch_sizes_agree(tiny_llama_dir, tmp_path, capsys):
+def test_lines_follow_the_data_with_their_source_and_batch_sizes_agree(tiny_llama_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    from tunelab.chat.batcher import Batcher
+
+    sizes = []  # the batcher's size: --batch-size reaches it, so the two runs below batch differently
+    start = Batcher.__init__
+    monkeypatch.setattr(Batcher, "__init__", lambda self, *a, **kw: sizes.append(kw["max_batch_size"]) or start(
+        self, *a, **kw))
     data = _mixed(tmp_path)
     for size in ("1", "4"):
         assert _predict(tiny_llama_dir, data, tmp_path / f"b{size}.jsonl", "--batch-size", size,
                         "--prompt-template", "qwen_chat") == 0
+    assert sizes == [1, 4]
     err = capsys.readouterr().err
     one, four = _lines(tmp_path / "b1.jsonl"), _lines(tmp_path / "b4.jsonl")
     assert [r["prediction"] for r in one] == [r["prediction"] for r in four]  # greedy: padding changes nothing

@@ -280,10 +280,11 @@ def settings_from_args(args):
     return settings
 
 
-def load_from_args(args) -> ChatModel:
-    """The model for chat / web / serve; web and serve add --max-model-len and --max-batch-size."""
+def load_from_args(args, *, max_batch_size: int | None = None) -> ChatModel:
+    """The model `add_model_arguments`' flags name, for chat, web, serve, predict and eval; web and serve add
+    --max-model-len and --max-batch-size (`max_batch_size`: predict's --batch-size)."""
     return load_chat_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
                            system=args.system, bits=args.bits, device=args.device, dtype=args.dtype,
                            trust_remote_code=args.trust_remote_code, max_model_len=getattr(args, "max_model_len", None),
-                           max_batch_size=getattr(args, "max_batch_size", 1),
-                           allow_other_base=getattr(args, "allow_other_base", False))
+                           max_batch_size=max_batch_size or getattr(args, "max_batch_size", 1),
+                           allow_other_base=args.allow_other_base)

@@ -87,11 +87,9 @@ def eval_cmd(args) -> int:
                            f"{task.name}_validation.")
     lang = args.lang or task.layout.lang
     say(f"{args.task}: {len(task.subjects)} subject(s), {total} question(s), {args.n_shot}-shot, prompts in {lang}")
-    from tunelab.chat.engine import load_chat_model
+    from tunelab.chat.engine import load_from_args
 
-    chat = load_chat_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
-                           system=args.system, bits=args.bits, device=args.device, dtype=args.dtype,
-                           trust_remote_code=args.trust_remote_code, allow_other_base=args.allow_other_base)
+    chat = load_from_args(args)
     letters = evaluate(chat, task, PROMPTS[lang], args.batch_size)
     table, subjects = score_table(task, letters)
     if table:

@@ -98,12 +98,9 @@ def predict_cmd(args) -> int:
     write_metrics(out, run, None)
     speed = None
     if start < len(samples):
-        from tunelab.chat.engine import load_chat_model
+        from tunelab.chat.engine import load_from_args
 
-        chat = load_chat_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
-                               system=args.system, bits=args.bits, device=args.device, dtype=args.dtype,
-                               trust_remote_code=args.trust_remote_code, max_batch_size=args.batch_size,
-                               allow_other_base=args.allow_other_base)
+        chat = load_from_args(args, max_batch_size=args.batch_size)
         if chat.reasoning is not None:
             say(f"note: template {chat.template.name!r} writes reasoning ({chat.reasoning.open}..."
                 f"{chat.reasoning.close}): each prediction and reference is the answer after it, which is what is "
