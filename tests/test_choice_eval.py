@@ -396,7 +396,21 @@ def test_a_model_trained_on_the_answers_scores_100_where_its_base_does_not(train
 
 
 def test_batch_sizes_give_the_same_predictions_and_n_shot_past_the_dev_set_warns_once(trained, tasks, tmp_path,
-                                                                                        capsys):
+                                                                                        capsys, monkeypatch):
+    from tunelab.model import parts
+
+    passes = []  # each forward pass's real lengths: --batch-size 4 pads questions of different lengths together
+    split_model = parts.split_model
+
+    def recording(model):
+        decoder, *rest = split_model(model)
+
+        def forward(**inputs):
+            passes.append(inputs["attention_mask"].sum(dim=1).tolist())
+            return decoder(**inputs)
+        return (forward, *rest)
+
+    monkeypatch.setattr(parts, "split_model", recording)
     for size in ("1", "4"):
         assert _eval(trained, tasks, "ceval_validation", "--batch-size", size, "--save-dir",
                      str(tmp_path / size)) == 0
@@ -406,6 +420,7 @@ def test_batch_sizes_give_the_same_predictions_and_n_shot_past_the_dev_set_warns
     one, four = (json.loads((tmp_path / s / "results.json").read_text(encoding="utf-8")) for s in ("1", "4"))
     assert one == four and len({v["prediction"] for s in one.values() for v in s.values()}) > 1
     assert (tmp_path / "1" / "results.log").read_text() == (tmp_path / "4" / "results.log").read_text()
+    assert {len(p) for p in passes} == {1, 4} and any(len(set(p)) > 1 for p in passes)  # padded rows among them
 
     # C-Eval's test set has no answers: predicted and kept, not scored; refused without --save-dir
     assert _eval(trained, tasks, "ceval_test", "-n", "2", "--save-dir", str(tmp_path / "test")) == 0
