@@ -20,10 +20,11 @@ Image (LLaVA) samples are read as LLaVA training reads them and predicted by a L
 relative image paths start at --image-folder, else at the data file's folder.
 
 OUT gets one JSON line per sample, in data order, as the replies come: index, source (file and line), the prompt
-messages as sent (system prompt included), an image sample's images, reference, prediction. OUT.metrics.json gets
-the scores and the run's settings. Run the same command again after an interruption to resume; another run's OUT is
-refused unless --overwrite. The template, system prompt and context come from the model's tunelab.json, as in
-`tunelab chat`.
+messages as sent (system prompt included), an image sample's images, reference, prediction. A reasoning model's
+(qwen3_chat, deepseek_r1) prediction and reference are the answers after its <think> block, which is what is
+scored; the reasoning is kept in the line. OUT.metrics.json gets the scores and the run's settings. Run the same
+command again after an interruption to resume; another run's OUT is refused unless --overwrite. The template, system
+prompt and context come from the model's tunelab.json, as in `tunelab chat`.
 
 example:
   tunelab predict Qwen/Qwen2.5-0.5B-Instruct --data data/test.jsonl --out base.jsonl
