@@ -379,6 +379,7 @@ def test_a_missing_or_broken_image_is_named_before_the_model_loads(tmp_path, cap
     message = assert_one_line_error(capsys, 2, f"{data} line 2: image {tmp_path / 'gone.png'} cannot be read",
                                     "leave the record out of the test set")
     assert "no_model" not in message and "skip_invalid" not in message
+    assert "(not a picture in a format it knows)" in message and " at 0x" not in message  # Pillow's object, left out
 
 
 def test_a_text_model_refuses_image_samples_before_generating(tiny_llama_dir, tmp_path, capsys):

@@ -13,13 +13,13 @@ addresses never (nothing is downloaded).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.data import messages as msg
 from tunelab.data.files import InvalidRecord
-from tunelab.data.images import DATA_URL, describe, fit_for_padding, open_image, resolve_image
+from tunelab.data.images import (DATA_URL, describe, fit_for_padding, open_image, resolve_image,
+                                 why_unreadable)
 from tunelab.errors import TunelabError
 
 CHAT_FIXES = {
@@ -57,18 +57,9 @@ class Vision:
                 where = places[k] if places and k < len(places) else f"image {k + 1}"
                 if not ref.startswith(DATA_URL):
                     where += f" ({describe(ref)})"
-                raise TunelabError(f"request: {where}: the image cannot be read ({_why(exc)}): send a PNG, JPEG, "
+                raise TunelabError(f"request: {where}: the image cannot be read ({why_unreadable(exc)}): send a PNG, JPEG, "
                                    f"WebP or GIF picture.") from None
         return self.processor(images=fit_for_padding(images, self.processor), return_tensors="pt")["pixel_values"]
-
-
-def _why(error: OSError) -> str:
-    """Pillow's reason without the object it read from ("cannot identify image file <_io.BytesIO object at 0x...>")."""
-    from PIL import UnidentifiedImageError
-
-    if isinstance(error, UnidentifiedImageError):
-        return "not a picture in a format it knows"
-    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
 
 
 def split_images(messages: list[dict], *, files: bool, places: list | None = None) -> tuple[list[dict], list[str]]:

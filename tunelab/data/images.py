@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,15 @@ def fit_for_padding(images: list, processor) -> list:
     return images
 
 
+def why_unreadable(error: OSError) -> str:
+    """Pillow's reason without the object it read from ("cannot identify image file <_io.BytesIO object at 0x...>")."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not a picture in a format it knows"
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
+
+
 def check_images(refs: list[str], threads: int = 8) -> dict[str, str]:
     """Open each image once; returns {reference: why it cannot be read} for those that fail."""
     unique = list(dict.fromkeys(refs))
@@ -156,7 +166,7 @@ def check_images(refs: list[str], threads: int = 8) -> dict[str, str]:
         try:
             open_image(ref, draft=(64, 64))
         except OSError as exc:
-            return str(exc) or type(exc).__name__
+            return why_unreadable(exc)
         return None
 
     with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes with the GIL released
