@@ -164,20 +164,25 @@ def tasks(tmp_path_factory) -> Path:
 def trained(tmp_path_factory, tiny_llama_dir):
     """A work dir of `tunelab train` (full fine-tuning of the tiny llama, qwen_chat) on CMMLU's test questions as
     their 2-shot conversations, each answered with its letter (~20 s)."""
-    directory = tmp_path_factory.mktemp("mc_run")
+    return _train_on_answers(tmp_path_factory.mktemp("mc_run"), tiny_llama_dir, "cmmlu", "zh")
+
+
+def _train_on_answers(directory: Path, model_dir, task: str, lang: str, **settings) -> Path:
+    """The work dir of `tunelab train` (full fine-tuning of `model_dir`) on `task`'s test questions as their 2-shot
+    conversations, each answered with its letter."""
     records = []
-    for key, name, _ in SUBJECTS["cmmlu"]:
-        for row in _split("cmmlu", key, "test"):
+    for key, name, _ in SUBJECTS[task]:
+        for row in _split(task, key, "test"):
             messages = []
-            for k, r in enumerate(_split("cmmlu", key, "dev")[:2] + [row]):
-                messages += [{"role": "user", "content": (SYSTEM["zh"].format(name) if k == 0 else "") +
-                              lf_turn(r, "zh")}, {"role": "assistant", "content": r["answer"]}]
+            for k, r in enumerate(_split(task, key, "dev")[:2] + [row]):
+                messages += [{"role": "user", "content": (SYSTEM[lang].format(name) if k == 0 else "") +
+                              lf_turn(r, lang)}, {"role": "assistant", "content": r["answer"]}]
             records.append({"messages": messages})
     (directory / "mc.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                                         encoding="utf-8")
-    config = write_config(directory, tiny_llama_dir, method="full", lr=3e-3, max_epochs=40, batch_size=4,
+    config = write_config(directory, model_dir, method="full", lr=3e-3, max_epochs=40, batch_size=4,
                           data_path="mc.jsonl", max_length=1024, pack_to_max_length=False, save_steps=1000,
-                          logging_steps=50)
+                          logging_steps=50, **settings)
     assert main(["train", str(config), "--work-dir", str(directory / "wd"), "--device", "cpu"]) == 0
     return directory / "wd"
 
@@ -194,21 +199,8 @@ def base_llama_dir(tmp_path_factory) -> Path:
 def fewshot_trained(tmp_path_factory, base_llama_dir):
     """A work dir of `tunelab train` with prompt_template = 'fewshot' (full fine-tuning of the base) on MMLU's test
     questions as their 2-shot conversations, each answered with its letter (~20 s)."""
-    directory = tmp_path_factory.mktemp("fewshot_run")
-    records = []
-    for key, name, _ in SUBJECTS["mmlu"]:
-        for row in _split("mmlu", key, "test"):
-            messages = []
-            for k, r in enumerate(_split("mmlu", key, "dev")[:2] + [row]):
-                messages += [{"role": "user", "content": (SYSTEM["en"].format(name) if k == 0 else "") +
-                              lf_turn(r, "en")}, {"role": "assistant", "content": r["answer"]}]
-            records.append({"messages": messages})
-    (directory / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    config = write_config(directory, base_llama_dir, method="full", lr=3e-3, max_epochs=40, batch_size=4,
-                          data_path="mc.jsonl", max_length=1024, pack_to_max_length=False, save_steps=1000,
-                          logging_steps=50, prompt_template="fewshot")
-    assert main(["train", str(config), "--work-dir", str(directory / "wd"), "--device", "cpu"]) == 0
-    return directory / "wd"
+    return _train_on_answers(tmp_path_factory.mktemp("fewshot_run"), base_llama_dir, "mmlu", "en",
+                             prompt_template="fewshot")
 
 
 def _eval(model, tasks, task, *extra) -> int:

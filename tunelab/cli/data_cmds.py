@@ -51,15 +51,22 @@ example:
 """
 
 
-def _positive_int(text: str) -> int:
-    """argparse type for counts (`-n`, `--num-proc`): a whole number of 1 or more, else argparse's error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number (1 or more), got {value}")
-    return value
+def whole_number(minimum: int):
+    """argparse type for counts: a whole number of `minimum` or more (`-n`, `--num-proc`: 1; `--n-shot`: 0), else
+    argparse's error."""
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            wanted = "a positive whole number (1 or more)" if minimum == 1 else f"{minimum} or more"
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
+        return value
+    return read
+
+
+_positive_int = whole_number(1)
 
 
 def _warn(line: str) -> None:

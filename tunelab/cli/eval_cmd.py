@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tunelab.cli.data_cmds import _positive_int, _warn
+from tunelab.cli.data_cmds import _positive_int, _warn, whole_number
 
 DESCRIPTION = """\
 Score a model on a multiple-choice benchmark as LLaMA-Factory's `llamafactory-cli eval` does: MMLU, C-Eval and CMMLU
@@ -38,17 +38,6 @@ example:
 """
 
 
-def _count(text: str) -> int:
-    """argparse type for --n-shot: a whole number, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
-
-
 def register(subparsers) -> None:
     from tunelab.chat.engine import add_model_arguments
 
@@ -60,7 +49,7 @@ def register(subparsers) -> None:
                    help="the folder holding the task folders (default: evaluation, as LLaMA-Factory)")
     p.add_argument("--lang", choices=["en", "zh"], help="the prompt's language (default: zh for ceval and cmmlu, "
                    "en otherwise; LLaMA-Factory's default is en)")
-    p.add_argument("--n-shot", "--n_shot", type=_count, default=5, metavar="N",
+    p.add_argument("--n-shot", "--n_shot", type=whole_number(0), default=5, metavar="N",
                    help="dev examples before each question (default 5)")
     p.add_argument("--batch-size", "--batch_size", type=_positive_int, default=4, metavar="N",
                    help="questions a forward pass (default 4)")
