@@ -183,7 +183,7 @@ def encode_batch(template, tokenizer, samples: list[dict], max_length: int, trai
                 raise TunelabError(f"{sample.get('where') or _first_words(sample['messages'])}: {exc}") from None
     text_ids = token_ids(tokenizer, text_pieces_) if text_pieces_ else []
     encoded = encode_segments(tokenizer, list(conversations.values()), max_length, train_on,
-                              apart=getattr(template, "pieces_apart", False))
+                              apart=template is not None and template.pieces_apart)
     by_sample = dict(zip(conversations, encoded))
     out: list[list[Encoded]] = []
     for k in range(len(samples)):

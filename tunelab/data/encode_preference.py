@@ -66,7 +66,7 @@ def encode_pairs(template, tokenizer, samples: list[dict], max_length: int) -> l
         conversations += [conversation_pieces(template, s["prompt"], s["chosen"], tools),
                           conversation_pieces(template, s["prompt"], s["rejected"], tools)]
     encoded = encode_segments(tokenizer, conversations, max_length, "assistant",
-                              apart=getattr(template, "pieces_apart", False))
+                              apart=template.pieces_apart)
     return [_unless_same(join_sequences(encoded[2 * i:2 * i + 2], [CHOSEN, REJECTED])) for i in range(len(samples))]
 
 
@@ -140,7 +140,7 @@ def encode_kto(template, tokenizer, samples: list[dict], max_length: int) -> lis
             kinds.append([DESIRABLE if good else UNDESIRABLE, KL])
             owners.append(k)
     encoded = encode_segments(tokenizer, conversations, max_length, "assistant",
-                              apart=getattr(template, "pieces_apart", False))
+                              apart=template.pieces_apart)
     out: list[list[Encoded]] = [[] for _ in samples]
     for i, (owner, unit_kinds) in enumerate(zip(owners, kinds)):
         out[owner].append(join_sequences(encoded[2 * i:2 * i + 2], unit_kinds))
