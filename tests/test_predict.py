@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -341,6 +342,10 @@ def test_image_paths_start_at_the_data_files_folder_or_at_image_folder(tmp_path,
     there, _ = read_test_samples(data, image_folder=tmp_path / "images")
     assert there.images == [str(elsewhere)]
     assert data_content([beside]) != data_content([there])  # another picture: another run, not a resume
+    before = data_content([beside])
+    _picture(red, "green")  # the same name, another picture: another run too
+    os.utime(red, ns=(1, 1))
+    assert data_content([beside]) != before
 
     assert _predict(tmp_path / "no_model", data, tmp_path / "out.jsonl", "--image-folder", str(tmp_path / "nope")) == 2
     assert_one_line_error(capsys, 2, f"--image-folder {tmp_path / 'nope'}: no such folder")

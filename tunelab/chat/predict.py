@@ -177,11 +177,22 @@ def source_fields(where: str) -> dict:
 
 
 def data_content(samples: list[TestSample]) -> str:
-    """A digest of the samples as read (places, prompts, replies, tools, images): a resume after the data was edited
-    (a reference corrected, another picture named) is another run, whose lines would hold the old prompts and
-    references."""
-    read = [[s.where, s.prompt, s.reply, s.tools] + ([s.images] if s.images else []) for s in samples]
+    """A digest of the samples as read (places, prompts, replies, tools, images with each picture file's size and
+    modification time): a resume after the data was edited (a reference corrected, another picture named or a
+    picture replaced under its name) is another run, whose lines would hold the old prompts and references."""
+    read = [[s.where, s.prompt, s.reply, s.tools] + ([[_picture_stamp(ref) for ref in s.images]] if s.images else [])
+            for s in samples]
     return "sha256:" + hashlib.sha256(json.dumps(read, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _picture_stamp(ref: str) -> list:
+    """A picture as the digest sees it: a file's path, size and modification time (a data URL holds its bytes)."""
+    from tunelab.data.images import DATA_URL
+
+    if ref.startswith(DATA_URL):
+        return [ref]
+    stat = Path(ref).stat()
+    return [ref, stat.st_size, stat.st_mtime_ns]
 
 
 def done_lines(out: Path, settings: dict, samples: list[TestSample], overwrite: bool) -> int:
