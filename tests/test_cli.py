@@ -71,3 +71,12 @@ def test_plan_gpu_memory_accepts_a_fraction():
     from tunelab.cli.main import build_parser
 
     assert build_parser().parse_args(["plan", "cfg.py", "--gpu-memory", "79.6"]).gpu_memory == 79.6
+
+
+@pytest.mark.parametrize("command", [["chat", "m"], ["web", "m"], ["serve", "m"], ["predict", "m", "--data", "d",
+                                                                                    "--out", "o"], ["eval", "m", "--task", "mmlu_test"]])
+def test_every_model_command_takes_llama_factorys_template_spelling(command):
+    """--template (LLaMA-Factory's and check-dataset's spelling) is --prompt-template wherever a model is loaded."""
+    from tunelab.cli.main import build_parser
+
+    assert build_parser().parse_args([*command, "--template", "qwen_chat"]).prompt_template == "qwen_chat"

@@ -240,13 +240,13 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
                      vision=vision)
 
 
-def add_model_arguments(parser, *, template_alias: bool = False) -> None:
-    """The loading flags shared by chat, web, serve, predict and eval; `template_alias`: --prompt-template is also
-    taken as LLaMA-Factory's --template (eval, whose other flags take its spelling too)."""
+def add_model_arguments(parser) -> None:
+    """The loading flags shared by chat, web, serve, predict and eval (--prompt-template also as --template, the
+    spelling of LLaMA-Factory and of check-dataset)."""
     parser.add_argument("model", metavar="MODEL",
                         help="HF model (hub id or directory), a merged model, or a checkpoint (iter_N / WORK_DIR)")
     parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter: an adapter dir, an iter_N or a WORK_DIR")
-    parser.add_argument("--prompt-template", *(["--template"] if template_alias else []), metavar="NAME",
+    parser.add_argument("--prompt-template", "--template", metavar="NAME",
                         dest="prompt_template",
                         help="chat template (default: from tunelab.json, else guessed from the model)")
     parser.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="benchmark accuracy: MMLU, C-Eval, CMMLU (as llamafactory-cli eval)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p, template_alias=True)
+    add_model_arguments(p)
     p.add_argument("--task", required=True, metavar="NAME_SPLIT", help="e.g. mmlu_test, ceval_validation, cmmlu_test")
     p.add_argument("--task-dir", "--task_dir", default="evaluation", metavar="DIR",
                    help="the folder holding the task folders (default: evaluation, as LLaMA-Factory)")
