@@ -140,9 +140,11 @@ class ChatTemplate:
         return [text for text, _ in self.segments(messages, tools=tools, add_generation_prompt=True)]
 
     def prompt_ids(self, tokenizer, messages: list[dict], *, tools: Optional[list] = None) -> list[int]:
-        """The generation prompt's token ids (no special tokens added: the template writes them)."""
-        pieces = self.prompt_pieces(messages, tools=tools)
-        return [i for ids in tokenizer(pieces, add_special_tokens=False).input_ids for i in ids]
+        """The generation prompt's token ids (no special tokens added: the template writes them), tokenised as
+        training tokenises its text (`encode.token_ids`)."""
+        from tunelab.data.encode import token_ids
+
+        return [i for ids in token_ids(tokenizer, self.prompt_pieces(messages, tools=tools)) for i in ids]
 
     def segments(self, messages: list[dict], *, tools: Optional[list] = None, add_generation_prompt: bool = False,
                  **options) -> list[tuple[str, bool]]:
