@@ -320,8 +320,7 @@ def predict(chat, samples: list[TestSample], out: Path, settings, *, start: int 
                     i, line, reply = replies.get()
                     if isinstance(reply, Exception):
                         raise reply
-                    thought, text = (split_reasoning(reply.text, chat.reasoning) if chat.reasoning
-                                     else (None, reply.text))
+                    thought, text = split_reasoning(reply.text, chat.reasoning)
                     ready[i] = {**line, "prediction": text.strip(), **({"reasoning": thought} if thought else {}),
                                 "finish_reason": reply.finish_reason}
                     continue

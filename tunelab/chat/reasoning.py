@@ -18,8 +18,11 @@ REASONING, ANSWER = "reasoning_content", "content"
 
 
 def split_reasoning(text: str, fmt) -> tuple[str | None, str]:
-    """(reasoning, answer) of a whole reply: reasoning None where the reply has no reasoning block (then the answer is
-    the text as it is), '' for an empty block (Qwen3's before a plain reply)."""
+    """(reasoning, answer) of a whole reply: reasoning None where the reply has no reasoning block, or `fmt` is None
+    (the template writes none; then the answer is the text as it is), '' for an empty block (Qwen3's before a plain
+    reply)."""
+    if fmt is None:
+        return None, text
     stream = ReasoningStream(fmt)
     parts = [stream.feed(text), stream.finish()]
     reasoning = "".join(p.get(REASONING, "") for p in parts)

@@ -241,7 +241,7 @@ def _reply_message(reply: Reply, calls_in_reply, thinking=None) -> tuple[dict, s
     """(the reply as an OpenAI message without its role, finish_reason): the reasoning apart where the template
     writes some (`thinking`, a ReasoningFormat; the answer None when there is none, as vLLM sends it), tool calls
     split out of the answer where offered."""
-    reasoning, text = split_reasoning(reply.text, thinking) if thinking else (None, reply.text)
+    reasoning, text = split_reasoning(reply.text, thinking)
     thought = {REASONING: reasoning} if reasoning else {}
     text, calls = split_calls(text, calls_in_reply) if calls_in_reply is not None else (text, [])
     if calls:
