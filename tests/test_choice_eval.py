@@ -332,13 +332,13 @@ def _hand_letters(model_dir: Path, tokenizer_dir: Path, task: str, n_shot: int, 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = [tokenizer.encode(c, add_special_tokens=False)[-1] for c in LETTERS]
+    benchmark, split = task.split("_")
     letters = {}
-    for key, name, _ in SUBJECTS[task.split("_")[0]]:
+    for key, name, _ in SUBJECTS[benchmark]:
         letters[key] = []
-        for row in _split(task.split("_")[0], key, {"test": "test", "validation": "val"}[task.split("_")[1]]):
-            tokens = (lf_fewshot_ids(tokenizer, task.split("_")[0], key, name, row, n_shot, lang) if fewshot else
-                      tokenizer(lf_prompt(task.split("_")[0], key, name, row, n_shot, lang),
-                                add_special_tokens=False).input_ids)
+        for row in _split(benchmark, key, {"test": "test", "validation": "val"}[split]):
+            tokens = (lf_fewshot_ids(tokenizer, benchmark, key, name, row, n_shot, lang) if fewshot else
+                      tokenizer(lf_prompt(benchmark, key, name, row, n_shot, lang), add_special_tokens=False).input_ids)
             with torch.no_grad():
                 logits = model(torch.tensor([tokens])).logits[0, -1]
             letters[key].append(LETTERS[int(logits[ids].argmax())])
