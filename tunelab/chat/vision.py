@@ -57,8 +57,8 @@ class Vision:
                 where = places[k] if places and k < len(places) else f"image {k + 1}"
                 if not ref.startswith(DATA_URL):
                     where += f" ({describe(ref)})"
-                raise TunelabError(f"request: {where}: the image cannot be read ({why_unreadable(exc)}): send a PNG, JPEG, "
-                                   f"WebP or GIF picture.") from None
+                raise TunelabError(f"request: {where}: the image cannot be read ({why_unreadable(exc)}): send a "
+                                   f"PNG, JPEG, WebP or GIF picture.") from None
         return self.processor(images=fit_for_padding(images, self.processor), return_tensors="pt")["pixel_values"]
 
 
