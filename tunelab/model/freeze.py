@@ -143,8 +143,8 @@ def lm_head_trains(cfg) -> bool:
 
 
 def trained_part(cfg) -> TrainedPart:
-    """What `cfg` trains, counted on its model built on the meta device (`targets.empty_model`): the same choice
-    training makes, so the plan's count is the trained model's `requires_grad` count."""
+    """What a partial `cfg` trains, counted on its model built on the meta device (`targets.empty_model`): the same
+    choice training makes, so the plan's count is the trained model's `requires_grad` count."""
     key = (cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.objective, cfg.trainable_layers,
            _frozen(cfg.trainable_modules), _frozen(cfg.trainable_extra_modules))
     if key not in _COUNTED:  # `tunelab plan` estimates several variants of one config
@@ -161,21 +161,17 @@ def _frozen(value):
 
 def _count(cfg) -> TrainedPart:
     model = _meta_model(cfg)
+    freeze_the_rest(model, cfg)  # (asked of partial runs only: `partial`)
     layers = decoder_layers(model)
-    if partial(cfg):
-        freeze_the_rest(model, cfg)
-    else:
-        model.requires_grad_(True)
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    trained_layers = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
-    if any(p.requires_grad for p in embedding.parameters()):
-        backward = len(layers)
-    else:
-        backward = len(layers) - trained_layers[0] if trained_layers else 0
-    lm_head = head is not None and any(p.requires_grad for p in head.parameters())
-    return TrainedPart(params=params, backward_layers=backward, lm_head=lm_head,
-                       total=sum(p.numel() for p in model.parameters()))
+    first = next((i for i, layer in enumerate(layers) if _trains_any(layer)), len(layers))
+    backward = len(layers) if _trains_any(model.get_input_embeddings()) else len(layers) - first
+    head = model.get_output_embeddings()
+    return TrainedPart(params=sum(p.numel() for p in model.parameters() if p.requires_grad), backward_layers=backward,
+                       lm_head=head is not None and _trains_any(head), total=sum(p.numel() for p in model.parameters()))
+
+
+def _trains_any(module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _meta_model(cfg):
