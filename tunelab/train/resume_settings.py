@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from tunelab.config.checks import PARTIAL
-from tunelab.config.schema import to_dict
+from tunelab.config.schema import default_value, to_dict
 from tunelab.errors import TunelabError
 from tunelab.train import layout
 from tunelab.train.optim import warmup_steps_for
@@ -36,9 +36,9 @@ FIXED = ("data_path", "data_format", "dataset_map_fn", "eval_split_ratio", "batc
          "seed")
 LORA = ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora", "lora_bias", "lora_modules_to_save")
 # Settings newer than the run record itself: a checkpoint whose record lacks one was saved by a tunelab that did not
-# have it, so its run trained with it off (unlike a setting that existed before it was recorded, which is unknown).
-ADDED_LATER = {"rope_scaling": None, "loraplus_lr_ratio": None, "trainable_layers": None, "trainable_modules": "all",
-               "trainable_extra_modules": None}
+# have it, so its run trained with it off, its default (unlike a setting that existed before it was recorded, which
+# is unknown).
+ADDED_LATER = {key: default_value(key) for key in ("rope_scaling", "loraplus_lr_ratio", *PARTIAL)}
 PREFERENCE = ("beta", "dpo_loss", "label_smoothing", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight")
 SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "weight_decay", "betas", "loraplus_lr_ratio")
 
