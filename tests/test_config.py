@@ -173,6 +173,21 @@ def test_names_from_other_tools_point_to_ours(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("line, words", [
+    ("use_varlen_attn = True", "always keeps packed samples apart"),
+    ("dataloader_num_workers = 4", "prepared and cached before training"),
+])
+def test_xtuner_names_without_a_setting_say_why_and_to_delete_them(tmp_path, line, words):
+    """An XTuner user's PART 1 name that tunelab needs no setting for is named as such, not as a helper to rename."""
+    path = write(tmp_path, line + "\n")
+    with pytest.raises(TunelabError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert words in message and "delete the line" in message and "start your own helper names" not in message
+    with pytest.raises(TunelabError, match=words):
+        load_config(write(tmp_path, "", "empty.py"), [line.replace(" = ", "=")])
+
+
 def test_helpers_imports_and_private_names_are_not_settings(tmp_path):
     path = write(tmp_path, """\
         import os

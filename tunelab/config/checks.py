@@ -27,8 +27,19 @@ ALIASES = {
 }
 
 
+# XTuner's PART 1 names that tunelab has no setting for, because it does what they ask without one: a config that
+# keeps them is told so (and to delete the line), not to rename them as helpers.
+NOT_NEEDED = {
+    "use_varlen_attn": "tunelab always keeps packed samples apart (varlen attention on a GPU, masks elsewhere)",
+    "dataloader_num_workers": "tunelab's data is prepared and cached before training",
+}
+
+
 def suggest_setting(word: str) -> str:
-    """" Did you mean 'lr'?" for a name that is not a setting (a typo, or another tool's name for one)."""
+    """" Did you mean 'lr'?" for a name that is not a setting (a typo, or another tool's name for one), or why
+    tunelab needs no setting for it."""
+    if word in NOT_NEEDED:
+        return f" It is XTuner's: {NOT_NEEDED[word]}, so there is no such setting; delete the line."
     return did_you_mean(word, sorted(field_types()), ALIASES)
 
 

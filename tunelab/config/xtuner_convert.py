@@ -18,17 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.config.checks import NOT_NEEDED
 from tunelab.config.xtuner_config import Ref, XtunerConfig, read_xtuner_config
 from tunelab.config.xtuner_data import data_settings
 from tunelab.config.xtuner_runtime import runtime_settings, show, system_setting, unread_runtime
 from tunelab.errors import TunelabError
-
-# PART-1 names tunelab has no setting for, and why that is fine
-_NOT_NEEDED = {
-    "use_varlen_attn": "tunelab always keeps packed samples apart (varlen attention on a GPU, masks elsewhere)",
-    "dataloader_num_workers": "tunelab's data is prepared and cached before training",
-}
-
 
 def _optimizer(method: str) -> str:
     """The optimizer the written config sets: 8-bit AdamW for QLoRA, as tunelab's own QLoRA configs."""
@@ -98,8 +92,8 @@ def migrate(cfg: XtunerConfig) -> Migration:
                      f"start a multiple of it (NPROC_PER_NODE), as with XTuner")
     used.add("sequence_parallel_size")
     for name in cfg.part1:
-        if name in _NOT_NEEDED:
-            notes.append(f"{name}: {_NOT_NEEDED[name]}")
+        if name in NOT_NEEDED:
+            notes.append(f"{name}: {NOT_NEEDED[name]}")
         elif name == "optim_type":
             notes.append(_optim_type_note(out["method"]))  # set by _model
         elif name not in used and not any(name in line for line in lost):
