@@ -147,6 +147,20 @@ def test_missing_path_and_bad_mix_entry(tmp_path, tiny_tokenizer):
         _build("", tiny_tokenizer, data_path=[{"path": str(tmp_path), "ratio": 0}])
 
 
+def test_missing_relative_path_names_each_place_once(tmp_path, tiny_tokenizer, monkeypatch):
+    """A config in the current folder naming a missing data/x.jsonl: the one place looked at, as a full path."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(data_path="data/nope.jsonl", prompt_template="qwen_chat", max_length=128)
+    with pytest.raises(TunelabError) as info:
+        build_datasets(cfg, tiny_tokenizer, config_dir=".", log=lambda m: None)
+    assert f"(looked at {tmp_path / 'data' / 'nope.jsonl'})" in str(info.value)
+    (tmp_path / "cfgs").mkdir()
+    with pytest.raises(TunelabError) as info:  # a config elsewhere: its folder first, then the current one
+        build_datasets(cfg, tiny_tokenizer, config_dir="cfgs", log=lambda m: None)
+    assert (f"(looked at {tmp_path / 'cfgs' / 'data' / 'nope.jsonl'} and {tmp_path / 'data' / 'nope.jsonl'})"
+            in str(info.value))
+
+
 def test_skip_invalid_counts_and_reports(tmp_path, tiny_tokenizer):
     lines = [GOOD, "{broken", json.dumps({"instruction": "Hi"}), GOOD]
     (tmp_path / "d.jsonl").write_text("\n".join(lines))

@@ -33,7 +33,10 @@ def find_config_path(path, config_dir: str | None,
     at ("A and B"), for the caller's message."""
     path = Path(path).expanduser()
     candidates = ([Path(config_dir) / path] if config_dir and not path.is_absolute() else []) + [path]
-    return next((c for c in candidates if test(c)), None), " and ".join(map(str, candidates))
+    # The message names each place once, as a full path: a config in the current folder makes both the same place,
+    # and "looked at data/x and data/x" would not say where that is.
+    looked = dict.fromkeys(str(c.absolute()) for c in candidates)
+    return next((c for c in candidates if test(c)), None), " and ".join(looked)
 
 
 @dataclass
