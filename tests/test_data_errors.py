@@ -128,6 +128,23 @@ def test_non_utf8_bytes(tmp_path, tiny_tokenizer):
         _build(tmp_path / "d.jsonl", tiny_tokenizer)
 
 
+def test_a_non_utf8_line_is_an_invalid_record(tmp_path, tiny_tokenizer):
+    """One line of other bytes in a UTF-8 .jsonl (a record pasted from a Latin-1 or GBK file) is that line's invalid
+    record: skip_invalid skips it and check-dataset lists it with the other bad records, as docs/DATA.md says."""
+    from tunelab.data.inspect import check_dataset
+
+    (tmp_path / "d.jsonl").write_bytes("\n".join([GOOD, "{broken", GOOD]).encode() + b"\n"
+                                      + '{"instruction": "caf\xe9", "output": "x"}'.encode("latin-1") + b"\n"
+                                      + GOOD.encode())
+    stats = _build(tmp_path / "d.jsonl", tiny_tokenizer, skip_invalid=True).stats
+    assert (stats.records_read, stats.skipped_invalid, stats.samples) == (5, 2, 3)
+    assert "line 4: bytes that are not UTF-8" in stats.invalid[1] and "iconv" in stats.invalid[1]
+    cfg = TrainConfig(data_path=str(tmp_path / "d.jsonl"), prompt_template="qwen_chat", max_length=128)
+    lines: list[str] = []
+    stats = check_dataset(cfg, tiny_tokenizer, out=lines.append)
+    assert stats.skipped_invalid == 2 and "d.jsonl line 4: bytes that are not UTF-8" in "\n".join(lines)
+
+
 def test_utf16_with_its_byte_order_mark_is_read(tmp_path, tiny_tokenizer):
     """What Windows editors save as "Unicode": read as the same samples as UTF-8."""
     text = GOOD + "\n" + json.dumps({"instruction": "你好", "output": "x"}, ensure_ascii=False) + "\n"

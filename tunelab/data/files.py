@@ -66,16 +66,44 @@ def _names(files: list[Path], folder: Path, shown: int = 10) -> str:
 
 def read_text(path: Path) -> str:
     raw = path.read_bytes()
-    # UTF-16 with its byte-order mark: what Windows editors save as "Unicode"; the mark says how to read it
-    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    encoding = _encoding(raw)
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
-        raise TunelabError(f"{path} line {line}: bytes that are not {name} "
-                           f"({raw[exc.start:exc.start + 4]!r}). Re-save the file as UTF-8, e.g. from GBK: "
-                           f"`iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`.")
+        raise TunelabError(_not_text(path, raw, exc, encoding)) from None
+
+
+def _encoding(raw: bytes) -> str:
+    # UTF-16 with its byte-order mark: what Windows editors save as "Unicode"; the mark says how to read it
+    return "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
+def _not_text(path: Path, raw: bytes, exc: UnicodeDecodeError, encoding: str, line: int | None = None) -> str:
+    """The message for bytes that are not the file's encoding: file, line, the bytes, and how to convert."""
+    line = line or raw[: exc.start].count(b"\n") + 1
+    name = "UTF-16" if encoding == "utf-16" else "UTF-8"
+    return (f"{path} line {line}: bytes that are not {name} ({exc.object[exc.start:exc.start + 4]!r}). Re-save the "
+            f"file as UTF-8, e.g. from GBK: `iconv -f GBK -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`.")
+
+
+def _jsonl_lines(path: Path) -> list[str | InvalidRecord]:
+    """The lines of a .jsonl file, a line whose bytes are not UTF-8 given as its error. Each line is its own record,
+    so one pasted from a Latin-1 or GBK file is an invalid record (skip_invalid skips it, check-dataset lists it
+    beside the others), not the end of the file. A UTF-16 file is decoded whole: its lines are not split at b"\n"."""
+    raw = path.read_bytes()
+    encoding = _encoding(raw)
+    try:
+        return raw.decode(encoding).split("\n")
+    except UnicodeDecodeError as exc:
+        if encoding == "utf-16":
+            raise TunelabError(_not_text(path, raw, exc, encoding)) from None
+    lines: list[str | InvalidRecord] = []
+    for n, chunk in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):  # b"\n" is never inside a UTF-8 character
+        try:
+            lines.append(chunk.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            lines.append(InvalidRecord(_not_text(path, raw, exc, "utf-8", n)))
+    return lines
 
 
 def parse_json(text: str, where: str, twice: list | None = None) -> Any:
@@ -145,22 +173,24 @@ def read_records(path: Path, *, skip_invalid: bool = False, on_skip: Callable[[s
 
 
 def _jsonl_records(path: Path, skip_invalid: bool, on_skip, on_unused) -> Iterator[Record]:
-    text = read_text(path)
-    if not text.strip():
+    lines = _jsonl_lines(path)
+    filled = {n for n, line in enumerate(lines, 1) if not isinstance(line, str) or line.strip()}
+    if not filled:
         raise TunelabError(f"{path}: the file is empty. Put one JSON object per line in it.")
-    lines = text.split("\n")
-    first = next(n for n, line in enumerate(lines, 1) if line.strip())
+    first = min(filled)
     for n, line in enumerate(lines, 1):
-        if not line.strip():
+        if n not in filled:
             continue
         where = f"{path} line {n}"
         try:
+            if isinstance(line, InvalidRecord):
+                raise line
             twice: list = []
             obj = parse_json(line, where, twice)
             _report_twice(twice, where, on_unused)
             _refuse_a_list_of_records(obj, where)
         except json.JSONDecodeError as exc:
-            if n == first and _is_one_json_document(text):
+            if n == first and _is_one_json_document("\n".join(t for t in lines if isinstance(t, str))):
                 raise TunelabError(f"{path}: the file is one JSON document spread over several lines, where a .jsonl "
                                    f"file holds one JSON object per line: rename it to .json.") from None
             message = (f"{where}: not valid JSON ({exc.msg} at column {exc.colno}). Each line of a .jsonl file must "
