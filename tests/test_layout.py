@@ -74,3 +74,14 @@ def test_a_raw_deepspeed_checkpoint_says_how_to_read_it(tmp_path):
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"")
     with pytest.raises(TunelabError, match="raw deepspeed checkpoint.*load_consolidated_state_dict"):
         layout.resolve_checkpoint(tmp_path)
+
+
+def test_xtuners_iter_n_pth_names_the_iter_n_directory(tmp_path):
+    """XTuner saves WORK_DIR/iter_500.pth; a user who passes that out of habit is pointed at tunelab's iter_500/."""
+    _checkpoint(tmp_path, 32)
+    with pytest.raises(TunelabError) as info:
+        layout.resolve_checkpoint(tmp_path / "iter_32.pth")
+    assert f"Did you mean {tmp_path / 'iter_32'}?" in str(info.value)
+    with pytest.raises(TunelabError) as info:  # no such directory either: the plain message, nothing guessed
+        layout.resolve_checkpoint(tmp_path / "iter_7.pth")
+    assert "Did you mean" not in str(info.value)

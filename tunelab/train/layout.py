@@ -147,7 +147,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The iter_N/ directory `path` means: a checkpoint itself, a WORK_DIR (its last checkpoint) or its pointer."""
     p = Path(path)
     if not p.exists():
-        raise TunelabError(f"checkpoint not found: {p}. Pass a WORK_DIR (its last checkpoint is used) "
+        # XTuner saves WORK_DIR/iter_N.pth: a user who passes that by habit means tunelab's WORK_DIR/iter_N/
+        meant = p.with_suffix("") if p.suffix == ".pth" else None
+        hint = f" Did you mean {meant}?" if meant is not None and is_checkpoint(meant) else ""
+        raise TunelabError(f"checkpoint not found: {p}.{hint} Pass a WORK_DIR (its last checkpoint is used) "
                            f"or one of its iter_N directories.")
     if p.is_file():
         if p.name == POINTER_FILE:
