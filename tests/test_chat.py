@@ -193,3 +193,22 @@ def test_an_empty_prompt_is_refused_and_an_unanswered_question_fails_a_script(ta
     code = main(["chat", str(taught_dir), "--prompt", "word " * 2100, "--prompt", QUESTION, "--max-new-tokens", "20"])
     out, err = capsys.readouterr()
     assert code == 1 and out.strip() == ANSWER and "maximum context length is 2048 tokens" in err
+
+
+def test_xtuners_system_template_flag_gives_its_text(capsys):
+    """`xtuner chat ... --system-template alpaca` as XTuner users type it: the system prompt is that template's text,
+    in every command that loads a model; an unknown name lists the known ones; with --system it is one or the other."""
+    from tunelab.cli.main import build_parser
+    from tunelab.config.xtuner_runtime import SYSTEM_TEMPLATES
+
+    parser = build_parser()
+    for command in ("chat", "web", "serve", "predict"):
+        extra = ["--data", "d.jsonl", "--out", "o.jsonl"] if command == "predict" else []
+        args = parser.parse_args([command, "m", "--system-template", "alpaca", *extra])
+        assert args.system == SYSTEM_TEMPLATES["alpaca"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "m", "--system-template", "alpacca"])
+    assert "'alpaca'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "m", "--system", "Be brief.", "--system-template", "alpaca"])
+    assert "not allowed with" in capsys.readouterr().err

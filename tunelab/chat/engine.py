@@ -249,7 +249,11 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--prompt-template", "--template", metavar="NAME",
                         dest="prompt_template",
                         help="chat template (default: from tunelab.json, else guessed from the model)")
-    parser.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")
+    system = parser.add_mutually_exclusive_group()
+    system.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")
+    system.add_argument("--system-template", metavar="NAME", dest="system", type=_xtuner_system_template,
+                        help="XTuner's SYSTEM_TEMPLATE.NAME as the system prompt: alpaca, coder, lawyer, medical, "
+                             "sql, colorist")
     parser.add_argument("--bits", type=int, choices=[4, 8], help="load the base quantised with bitsandbytes")
     parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -257,6 +261,18 @@ def add_model_arguments(parser) -> None:
                         help="run the model repository's own code (only for repos you trust)")
     parser.add_argument("--allow-other-base", action="store_true",
                         help="use --adapter although it was trained on a base of another architecture")
+
+
+def _xtuner_system_template(name: str) -> str:
+    """The text of XTuner's SYSTEM_TEMPLATE.`name`: `xtuner chat --system-template alpaca` reads the same here."""
+    import argparse
+
+    from tunelab.config.xtuner_runtime import SYSTEM_TEMPLATES
+
+    if name not in SYSTEM_TEMPLATES:
+        raise argparse.ArgumentTypeError(f"unknown XTuner system template {name!r}; known: "
+                                         f"{', '.join(map(repr, SYSTEM_TEMPLATES))} (or give the text: --system TEXT)")
+    return SYSTEM_TEMPLATES[name]
 
 
 def add_sampling_arguments(parser) -> None:
