@@ -97,6 +97,32 @@ def test_hub_id_while_offline(monkeypatch, tmp_path):
     msg = str(e.value)
     assert "'internlm/internlm2-chat-1_8b' is not a local directory" in msg
     assert "hub is unreachable" in msg and "local directory" in msg
+    assert_download_command_exists(msg)
+
+
+def assert_download_command_exists(msg: str) -> None:
+    """The download command an error suggests is one the installed huggingface_hub ships (`hf`; the transformers
+    tunelab needs comes with a huggingface_hub that has no `huggingface-cli`)."""
+    import importlib.metadata
+    import re
+
+    command = re.search(r"`(\S+) download ", msg)
+    assert command, msg
+    scripts = {ep.name for ep in importlib.metadata.distribution("huggingface_hub").entry_points
+               if ep.group == "console_scripts"}
+    assert command.group(1) in scripts, (command.group(1), scripts)
+
+
+def test_plan_of_a_model_not_here_suggests_a_download_command_that_exists(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from tunelab.model.shapes import model_shape, vision_shape
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for shape, name in ((model_shape, "someone/unknown-model"), (vision_shape, "someone/unknown-tower")):
+        with pytest.raises(TunelabError) as e:
+            shape(name)
+        assert_download_command_exists(str(e.value))
 
 
 def test_adapter_directory_without_adapter(tiny_llama_dir, tmp_path):

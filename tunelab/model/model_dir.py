@@ -69,7 +69,7 @@ def resolve_model_dir(path: str | Path, *, key: str = "pretrained_model_name_or_
         raise TunelabError(
             f"{key} = {text!r} is not a local directory, and the model hub is unreachable "
             f"({type(exc).__name__}; offline or no network). Download the model where there is a network "
-            f"(e.g. `huggingface-cli download {text} --local-dir ./{text.split('/')[-1]}`) and pass that local "
+            f"(e.g. `hf download {text} --local-dir ./{text.split('/')[-1]}`) and pass that local "
             "directory instead.") from None
 
 

@@ -123,7 +123,8 @@ def model_shape(name_or_path: str) -> ModelShape:
         return ModelShape.from_config(KNOWN_SHAPES[name_or_path])
     raise TunelabError(
         f"pretrained_model_name_or_path = {name_or_path!r}: cannot find its config.json to estimate memory. "
-        "Point it at a local model directory, or download the model first (huggingface-cli download ...)."
+        f"Point it at a local model directory, or download the model first "
+        f"(`hf download {name_or_path} --local-dir ./{name_or_path.split('/')[-1]}`)."
     )
 
 
@@ -152,7 +153,8 @@ def vision_shape(path: str) -> dict:
     if path in KNOWN_VISION:
         return KNOWN_VISION[path]
     raise TunelabError(f"visual_encoder_name_or_path = {path!r}: cannot find its config.json to estimate memory. "
-                       "Point it at a local folder, or download it first (huggingface-cli download ...).")
+                       f"Point it at a local folder, or download it first "
+                       f"(`hf download {path} --local-dir ./{path.split('/')[-1]}`).")
 
 
 def _vision_shape_from_file(path: str, config_file: Path) -> dict:
