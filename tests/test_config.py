@@ -423,3 +423,17 @@ def test_list_cfg_pattern_may_be_a_glob(capsys):
     assert NAME in names and all("qlora" in n for n in names)
     assert registry.list_configs("INTERNLM2_1_8B_*_alpaca_e3") == [f"internlm2_1_8b_{m}_alpaca_e3"
                                                                    for m in registry.METHODS]
+
+
+@pytest.mark.parametrize("theirs, ours", [("qwen", "qwen2_5_chat"), ("llama3", "llama3_chat"),
+                                          ("qwen3", "qwen3_chat"), ("glm4", "glm4_chat")])
+def test_llamafactory_template_names_point_to_the_same_format(tmp_path, theirs, ours):
+    # LLaMA-Factory's `template: qwen` is Qwen2.5's format with its default system prompt; the closest spelling,
+    # qwen_chat, is plain ChatML without it, so the suggestion must follow the format, not the spelling
+    path = write(tmp_path, f"prompt_template = {theirs!r}\n")
+    with pytest.raises(TunelabError, match=f"Did you mean '{ours}'\\?"):
+        load_config(path)
+    from tunelab.data.templates import get_template
+
+    with pytest.raises(TunelabError, match=f"Did you mean '{ours}'\\?"):
+        get_template(theirs)

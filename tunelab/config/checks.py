@@ -67,7 +67,8 @@ def check_setting(key: str, value: Any, source: str, line: int | None = None) ->
     if rule is not None and not rule.test(value):
         if rule.problem is not None:
             return value, f"{at}: {rule.problem(value)}"
-        extra = did_you_mean(value, rule.choices()) if rule.choices and isinstance(value, str) else ""
+        aliases = rule.aliases() if rule.aliases else None
+        extra = did_you_mean(value, rule.choices(), aliases) if rule.choices and isinstance(value, str) else ""
         return value, f"{at} must be {rule.requirement()}; got {value!r}.{extra}"
     return value, None
 

@@ -25,6 +25,8 @@ class Rule:
     choices: Callable[[], typing.Collection[str]] | None = None
     problem: Callable[[Any], str | None] | None = None
     """Where given: what exactly is wrong with a value that fails `test` (said instead of `must_be`)."""
+    aliases: Callable[[], dict[str, str]] | None = None
+    """Where given: other tools' names for the choices (name -> ours), suggested before the closest spelling."""
 
     def requirement(self) -> str:
         return self.must_be() if callable(self.must_be) else self.must_be
@@ -62,6 +64,12 @@ def _templates() -> tuple[str, ...]:
     from tunelab.data.templates import TEMPLATES
 
     return tuple(sorted(TEMPLATES))
+
+
+def _template_names_elsewhere() -> dict[str, str]:
+    from tunelab.data.templates import LLAMAFACTORY_NAMES
+
+    return LLAMAFACTORY_NAMES
 
 
 def _dpo_losses() -> tuple[str, ...]:
@@ -132,7 +140,8 @@ DATA_PATH = Rule(lambda v: _data_path_problem(v) is None,
                  problem=_data_path_problem)
 DATA_FORMAT = Rule(lambda v: v in _data_formats(), lambda: "one of " + _quoted(_data_formats()), _data_formats)
 PROMPT_TEMPLATE = Rule(lambda v: v in _templates(),
-                       lambda: "a known template: one of " + _quoted(_templates()), _templates)
+                       lambda: "a known template: one of " + _quoted(_templates()), _templates,
+                       aliases=_template_names_elsewhere)
 REPORT_TO = Rule(lambda v: all(t in _trackers() for t in v), lambda: "a list of any of " + _quoted(_trackers()),
                  _trackers)
 POSITIVE_NUMBER = Rule(lambda v: v > 0, "a positive number")

@@ -13,8 +13,9 @@ import functools
 from dataclasses import dataclass, replace
 
 from tunelab.data.templates.core import TOOL_ROLES, ChatTemplate, HFChatTemplate, hf_template
-from tunelab.data.templates.families import ALIASES, DEFINITIONS
+from tunelab.data.templates.families import ALIASES, DEFINITIONS, LLAMAFACTORY_NAMES
 from tunelab.data.templates.guess import guess_template
+from tunelab.config.typecheck import did_you_mean
 from tunelab.errors import TunelabError
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in DEFINITIONS}
@@ -30,7 +31,8 @@ def get_template(name: str, tokenizer=None) -> ChatTemplate:
     if name in TEMPLATES:
         return _with_eos(TEMPLATES[name], tokenizer)
     known = ", ".join(sorted(TEMPLATES))
-    raise TunelabError(f"unknown prompt_template {name!r}. Known templates: {known}")
+    hint = did_you_mean(name, TEMPLATES, LLAMAFACTORY_NAMES)
+    raise TunelabError(f"unknown prompt_template {name!r}.{hint} Known templates: {known}")
 
 
 def _with_eos(template: ChatTemplate, tokenizer) -> ChatTemplate:

@@ -394,3 +394,12 @@ ALIASES = {"qwen_chat": "chatml", "qwen1_5_chat": "qwen2_chat", "internlm2_5_cha
            "internlm3_chat": "internlm2_chat", "mixtral": "mistral", "mistral_v1": "mistral",
            "gemma3": "gemma", "deepseek_v3_chat": "deepseek_v3"}
 """Other names for a template (older names configs use, and the vendors' version names)."""
+
+# Not aliases: a name here is refused like any unknown one, and its error suggests ours. LLaMA-Factory's names spell
+# the family alone, and the closest spelling of ours can be another format (its `qwen`, Qwen2.5 with the default
+# system prompt, against our `qwen_chat`, plain ChatML without one).
+LLAMAFACTORY_NAMES = {"qwen": "qwen2_5_chat", "qwen3": "qwen3_chat", "qwen3_nothink": "qwen3_nothink_chat",
+                      "llama2": "llama2_chat", "llama3": "llama3_chat", "glm4": "glm4_chat", "intern": "internlm_chat",
+                      "intern2": "internlm2_chat", "yi": "yi_chat", "baichuan2": "baichuan2_chat",
+                      "deepseek3": "deepseek_v3", "deepseekr1": "deepseek_r1", "phi": "phi3_chat"}
+"""LLaMA-Factory's `template` names -> the built-in template of the same format, for "Did you mean"."""
