@@ -92,6 +92,26 @@ def test_streaming_gives_the_same_answer_in_pieces(client, chat):
     assert len(pieces) > 1 and finish == "stop"
 
 
+def _events(url: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_streamed_usage_comes_as_openai_sends_it(server_url, chat):
+    """OpenAI's stream: usage only with stream_options.include_usage, then in a last chunk of its own with empty
+    choices (every other chunk has "usage": null), so a client reading it there finds it."""
+    plain = _events(server_url, {"messages": ASK, "stream": True})
+    assert all(event.get("usage") is None for event in plain)
+    asked = _events(server_url, {"messages": ASK, "stream": True, "stream_options": {"include_usage": True}})
+    *replies, last = asked
+    assert last["choices"] == [] and last["object"] == "chat.completion.chunk" and last["id"] == replies[0]["id"]
+    assert last["usage"]["prompt_tokens"] == len(chat.encode(ASK)) and last["usage"]["completion_tokens"] > 0
+    assert all("usage" in event and event["usage"] is None for event in replies)
+    assert replies[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_max_tokens_and_stop(client, chat):
     short = client.chat.completions.create(model=chat.name, messages=ASK, max_tokens=2)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2

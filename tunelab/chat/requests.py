@@ -77,12 +77,19 @@ Number = Annotated[float, Field(strict=True)]
 """A JSON number (an integer too), never a string or true / false."""
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+    """OpenAI's switch: a last chunk holding the usage (and empty choices), every other chunk "usage": null."""
+
+
 class ChatRequest(BaseModel):
     # unknown OpenAI fields (user, logprobs, ...) are accepted, unused; NaN / Infinity are refused
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: Optional[str] = None
     messages: list[Message] = Field(min_length=1)
     stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
     # numbers must be JSON numbers: true is not 1, "5" is not 5 (and an integer field takes no 5.0)
     max_tokens: Optional[StrictInt] = None
     max_completion_tokens: Optional[StrictInt] = None

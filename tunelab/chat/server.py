@@ -201,7 +201,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
             raise RequestError(str(exc), status=503) from None
         reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(_stream(chat, job, events, reply_id, calls_in_reply, chat.reasoning),
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(chat, job, events, reply_id, calls_in_reply, chat.reasoning, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             result = await _wait_or_cancel(events, request)
@@ -259,17 +260,21 @@ def _delta(delta: dict, calls_in_reply) -> dict:
     return {k: v for k, v in delta.items() if v and not (k == "content" and calls_in_reply is not None)}
 
 
-async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, calls_in_reply=None, thinking=None):
+async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, calls_in_reply=None, thinking=None,
+                  include_usage: bool = False):
     """Server-sent events in OpenAI's chunk format. If the client disconnects, starlette cancels this generator:
     `finally` cancels the job. With `calls_in_reply` the reply comes whole, as one chunk of text or calls. With
     `thinking` (a ReasoningFormat) the reasoning comes as `reasoning_content` deltas, then the answer as `content`
-    (with `calls_in_reply`: the reasoning as it comes, the answer whole)."""
+    (with `calls_in_reply`: the reasoning as it comes, the answer whole). With `include_usage` (the request's
+    `stream_options`) a last chunk of empty choices holds the usage, as OpenAI sends it."""
     created = int(time.time())
 
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+        """A chunk of `delta`; None: the usage chunk, whose choices are empty."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
         body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": chat.name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage:
+                "choices": choices}
+        if include_usage:  # OpenAI: every chunk has the field once it is asked for, null but in the last
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -290,9 +295,11 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, ca
             if "tool_calls" in message:
                 message["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
             yield chunk(message)
-            yield chunk({}, finish, _usage(item))
+            yield chunk({}, finish)
         else:
-            yield chunk({}, item.finish_reason, _usage(item))
+            yield chunk({}, item.finish_reason)
+        if include_usage and not isinstance(item, Exception):
+            yield chunk(None, usage=_usage(item))
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
