@@ -340,3 +340,20 @@ def test_stage_two_from_a_work_dir_without_a_checkpoint_stops_before_loading(tmp
     (work_dir / "last_checkpoint").unlink()
     layout.write_meta(work_dir / "iter_2", layout.training_meta(dataclasses.replace(cfg, freeze_llm=True)))
     assert with_pretrained_checkpoint(cfg, None).pretrained_pth == str(work_dir / "iter_2")
+
+
+def test_stage_two_without_stage_one_says_where_it_looked_once_and_the_other_way(tmp_path, tiny_tokenizer_dir,
+                                                                                  monkeypatch):
+    """The copied finetune config names stage 1's work dir; run from the config's folder without stage 1, the error
+    names the place once (the config's folder is the current one) and says that None starts a new projector."""
+    from tunelab.errors import TunelabError
+    from tunelab.train.vision import with_pretrained_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg(tiny_tokenizer_dir, visual_encoder_name_or_path="towers/clip",
+                   pretrained_pth="./work_dirs/llava_pretrain")
+    with pytest.raises(TunelabError) as info:
+        with_pretrained_checkpoint(cfg, ".")
+    message = str(info.value)
+    assert f"(looked at {tmp_path / 'work_dirs' / 'llava_pretrain'})" in message
+    assert "pretrained_pth = None" in message

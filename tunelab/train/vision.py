@@ -103,7 +103,9 @@ def with_pretrained_checkpoint(cfg, config_dir: str | None):
     found, looked = find_config_path(cfg.pretrained_pth, config_dir)
     if found is None:
         raise TunelabError(f"pretrained_pth = {cfg.pretrained_pth!r}: not found (looked at {looked}). Train stage 1 "
-                           "first (its *_pretrain config), or point pretrained_pth at its work dir or checkpoint.")
+                           "first (its *_pretrain config), or point pretrained_pth at its work dir or checkpoint, or "
+                           "set pretrained_pth = None to start from a new projector, trained here with the language "
+                           "model (without stage 1's image-caption pretraining).")
     last = None
     if not layout.is_checkpoint(found) and layout.looks_like_work_dir(found):
         last = layout.last_checkpoint(found) or layout.newest_checkpoint(found)  # the pointer, else the newest
