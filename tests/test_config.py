@@ -60,6 +60,8 @@ def test_every_llava_config_renders_and_loads(name, tmp_path):
     if stage == "finetune":
         assert cfg.pretrained_pth == f"./work_dirs/llava_{model}_{tower}_pretrain"
     assert f"tunelab train {name}_copy.py --work-dir work_dirs/{name}" in path.read_text(encoding="utf-8")
+    # its evaluation questions ask about a picture: the copy has the setting that names it, beside the others
+    assert "\nevaluation_images = None  # " in path.read_text(encoding="utf-8")
 
 
 def test_list_cfg_without_match_is_an_error(capsys):

@@ -333,6 +333,8 @@ def _render_llava(name: str, file: str) -> str:
         "visual_encoder_lora = False  # True: LoRA on the vision tower too (lora / qlora)",
         f"image_folder = {stage.image_folder!r}  # where the image paths in the data start",
         "image_pad_to_square = True  # pad images to squares before the tower's resize and crop (LLaVA-1.5)",
+        "evaluation_images = None  # the picture evaluation_inputs ask about (a path, or one per question); "
+        "None: asked without one",
     ]) + "\n"
     values = {
         "name": name, "file": file, "description": f"{stage.description}. Language model {model.hub_id}, vision "
