@@ -151,3 +151,20 @@ def test_a_device_this_machine_lacks_gets_the_check_chat_gives(verb, device, con
         pytest.skip(f"{device} is present here")
     code = main([verb, str(config_file), "--device", device])
     assert_one_line_error(capsys, code, *DEVICE_ERRORS[device])
+
+
+def test_a_llamafactory_yaml_given_as_the_config_names_our_settings_for_its_keys(config_file, capsys):
+    # `llamafactory-cli train x.yaml` habit: the refusal says which tunelab setting each of its keys is
+    from tests.train_helpers import assert_one_line_error
+
+    yaml_file = config_file.parent / "qwen_lora_sft.yaml"
+    yaml_file.write_text("model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct\nstage: sft\nfinetuning_type: lora\n"
+                         "dataset: alpaca_en_demo,identity\ndataset_dir: data\ntemplate: qwen\ncutoff_len: 1024\n"
+                         "learning_rate: 1.0e-4\nnum_train_epochs: 3.0\noutput_dir: saves/qwen\n")
+    code = main(["train", str(yaml_file), "--device", "cpu"])
+    assert_one_line_error(capsys, code, f"{yaml_file} is not a config file (.py)", "LLaMA-Factory",
+                          "tunelab copy-cfg", "model_name_or_path → pretrained_model_name_or_path",
+                          "finetuning_type → method", "cutoff_len → max_length", "learning_rate → lr",
+                          "num_train_epochs → max_epochs", "template: qwen → prompt_template = 'qwen2_5_chat'",
+                          "data_path = [{'path': 'data/dataset_info.json', 'dataset': 'alpaca_en_demo,identity'}]",
+                          "output_dir → --work-dir")

@@ -24,6 +24,7 @@ ALIASES = {
     "dataset": "data_path", "quantization_bit": "quant_bits", "load_in_4bit": "quant_bits",
     "finetuning_type": "method", "freeze_trainable_layers": "trainable_layers",
     "freeze_trainable_modules": "trainable_modules", "freeze_extra_modules": "trainable_extra_modules",
+    "stage": "objective", "pref_beta": "beta", "pref_loss": "dpo_loss",
 }
 
 

@@ -178,10 +178,38 @@ def _check_config_path(path: Path) -> None:
     if not path.is_file():
         raise TunelabError(f"config file not found: {path}. List the built-in configs with `tunelab list-cfg`, "
                            f"then copy one with `tunelab copy-cfg NAME ./`.")
+    if path.suffix in (".yaml", ".yml"):
+        raise TunelabError(f"{path} is not a config file (.py). {_yaml_config_fix(path)}")
     if path.suffix != ".py":
         raise TunelabError(f"{path} is not a config file (.py); a config is a Python file of settings "
                            f"(`tunelab copy-cfg NAME ./` makes one). A data file goes in the config's data_path; "
                            f"`tunelab check-dataset CONFIG` checks it.")
+
+
+def _yaml_config_fix(path: Path) -> str:
+    """How to carry a LLaMA-Factory YAML (`llamafactory-cli train x.yaml`) over: tunelab's setting for each of its
+    keys that has one, so the user edits a copied config rather than guessing the names."""
+    import yaml
+
+    from tunelab.data.templates import LLAMAFACTORY_NAMES
+
+    try:
+        keys = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        keys = None
+    keys = keys if isinstance(keys, dict) else {}
+    moves = [f"{k} → {checks.ALIASES[k]}" for k in keys if k in checks.ALIASES and k not in ("dataset", "template")]
+    if keys.get("template"):
+        ours = LLAMAFACTORY_NAMES.get(keys["template"], keys["template"])
+        moves.append(f"template: {keys['template']} → prompt_template = {ours!r}")
+    if keys.get("dataset"):
+        registry = Path(str(keys.get("dataset_dir", "data"))) / "dataset_info.json"
+        moves.append(f"dataset → data_path = [{{'path': {registry.as_posix()!r}, 'dataset': {keys['dataset']!r}}}]")
+    if keys.get("output_dir"):
+        moves.append("output_dir → --work-dir")
+    return ("A LLaMA-Factory YAML is not read: copy a built-in config (`tunelab list-cfg`, then `tunelab copy-cfg "
+            "NAME ./`) and set its settings" + (": " + "; ".join(moves) if moves else "") +
+            " (docs/CONFIG.md lists every setting).")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
