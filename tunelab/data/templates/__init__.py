@@ -12,10 +12,10 @@ import dataclasses
 import functools
 from dataclasses import dataclass, replace
 
+from tunelab.config.typecheck import did_you_mean
 from tunelab.data.templates.core import TOOL_ROLES, ChatTemplate, HFChatTemplate, hf_template
 from tunelab.data.templates.families import ALIASES, DEFINITIONS, LLAMAFACTORY_NAMES
 from tunelab.data.templates.guess import guess_template
-from tunelab.config.typecheck import did_you_mean
 from tunelab.errors import TunelabError
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in DEFINITIONS}
