@@ -357,3 +357,23 @@ def test_stage_two_without_stage_one_says_where_it_looked_once_and_the_other_way
     message = str(info.value)
     assert f"(looked at {tmp_path / 'work_dirs' / 'llava_pretrain'})" in message
     assert "pretrained_pth = None" in message
+
+
+def test_stage_two_with_pretrained_pth_none_says_at_the_start_that_its_projector_is_new(
+        tmp_path, tiny_qwen2_dir, tiny_vision_factory, capsys):
+    """pretrained_pth = None in a stage 2 (the language model trains) starts a projector from random weights: legal,
+    but it skips stage 1's image-caption pretraining, so the start of training says so in one line; stage 1 (whose
+    projector is new by design) and a stage 2 from stage 1's checkpoint do not."""
+    draw("red", "circle", random.Random(0)).save(tmp_path / "p.png")
+    records = [{"image": "p.png", "conversations": _turns(COLOUR_Q, "red")}] * 2
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    cfg = tiny_cfg(tiny_qwen2_dir, data_path=str(tmp_path / "data.json"), image_folder=str(tmp_path),
+                   visual_encoder_name_or_path=str(tiny_vision_factory("clip")), max_steps=1)
+    train(cfg, tmp_path / "run")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "pretrained_pth = None" in line]
+    assert len(lines) == 1 and lines[0].startswith("note: ") and "new projector" in lines[0], lines
+    from tunelab.train.vision import projector_note
+
+    assert projector_note(dataclasses.replace(cfg, freeze_llm=True), resuming=False) is None  # stage 1
+    assert projector_note(dataclasses.replace(cfg, pretrained_pth="work_dirs/pretrain"), resuming=False) is None
+    assert projector_note(cfg, resuming=True) is None  # the checkpoint holds the projector trained so far

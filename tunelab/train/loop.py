@@ -46,7 +46,7 @@ from tunelab.train.evaluate import run_evaluation
 from tunelab.train.nonfinite import NonFiniteGuard
 from tunelab.train.optim import ScaledOptimizer, StepsInBackward, build_optimizer, build_scheduler, choose_precision
 from tunelab.train.strategy import choose_strategy
-from tunelab.train.vision import vision_run, with_pretrained_checkpoint
+from tunelab.train.vision import projector_note, vision_run, with_pretrained_checkpoint
 from tunelab.train.workdir_lock import hold_work_dir
 from tunelab.train.progress import Throughput, TrainingMonitor, check_memory_fits, oom_message, peak_memory_gb
 
@@ -207,6 +207,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     monitor = TrainingMonitor(work_dir, total_steps=total_steps, start_step=step, enabled=env.is_main,
                               report_to=cfg.resolved_report_to(), settings=to_dict(cfg))
     log(f"fast path: {fast_path}")
+    if note := projector_note(cfg, resuming=last is not None):
+        log(note)
     if plan.optimizer_in_backward:
         log("optimizer_in_backward: each layer's parameters are updated as soon as backward has their gradients "
             "(no clipping)")

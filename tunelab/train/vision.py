@@ -2,7 +2,8 @@
 
 * the images of each batch: loaded by the vision model's own processor (`collate(..., images=...)`);
 * the pictures the evaluation questions are asked about (`evaluation_images`), checked to open before step 1;
-* `pretrained_pth` as a checkpoint: stage 1's work dir means its last checkpoint.
+* `pretrained_pth` as a checkpoint: stage 1's work dir means its last checkpoint;
+* a stage 2 without it: a note that its projector starts new.
 """
 
 from __future__ import annotations
@@ -115,6 +116,18 @@ def with_pretrained_checkpoint(cfg, config_dir: str | None):
                                "1 save a checkpoint (save_steps), or point pretrained_pth at one.")
     _check_stage_one(cfg, last or found)
     return dataclasses.replace(cfg, pretrained_pth=str((last or found).resolve()))
+
+
+def projector_note(cfg, *, resuming: bool) -> Optional[str]:
+    """The start-of-training note of a stage 2 (the language model trains) with pretrained_pth = None: its projector
+    starts from random weights, without stage 1's image-caption pretraining. That is allowed, so it is no error, but
+    a stage 2 config copied without running stage 1 would otherwise start that way without a word. Stage 1's
+    projector is new by design; a resumed run's projector is the checkpoint's."""
+    if not cfg.visual_encoder_name_or_path or cfg.freeze_llm or cfg.pretrained_pth or resuming:
+        return None
+    return ("note: pretrained_pth = None: a new projector (random weights) is trained here with the language model, "
+            "without stage 1's image-caption pretraining; to start from stage 1's, set pretrained_pth to its work "
+            "dir or checkpoint.")
 
 
 # how stage 1 made its projector's inputs and outputs: another value gives a projector of the same shapes made for
