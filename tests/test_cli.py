@@ -80,3 +80,21 @@ def test_every_model_command_takes_llama_factorys_template_spelling(command):
     from tunelab.cli.main import build_parser
 
     assert build_parser().parse_args([*command, "--template", "qwen_chat"]).prompt_template == "qwen_chat"
+
+
+def _readme_commands(name: str) -> list[str]:
+    """The `tunelab ...` command lines of a README's bash blocks, comments and line continuations dropped."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / name).read_text(encoding="utf-8")
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ")
+    lines = (re.sub(r"\s+#.*", "", line).split() for line in blocks.splitlines())
+    return [" ".join(words) for words in lines if words[:1] == ["tunelab"]]
+
+
+def test_the_chinese_readme_gives_the_english_readmes_commands():
+    """README_zh-CN.md is a translation: a reader following it runs the same commands, with the same flags."""
+    english = _readme_commands("README.md")
+    assert len(english) > 20
+    assert _readme_commands("README_zh-CN.md") == english
