@@ -165,6 +165,21 @@ def test_empty_pretraining_texts_are_left_out_and_warned(tmp_path, tiny_tokenize
     with pytest.raises(TunelabError, match=r"no usable record \(of its 1: 1 left out \(an empty text"):
         _build(only_empty, tiny_tokenizer)
 
+def test_a_pretraining_text_longer_than_max_length_is_reported_as_split_not_as_fitting(tmp_path, tiny_qwen2_dir,
+                                                                                         capsys):
+    """A one-line book in a .txt file: check-dataset said "longer than max_length: 0" and "1 record, N samples"
+    without a word of why. The text is split into max_length pieces (nothing cut): the report says so."""
+    from tunelab.cli.main import main
+
+    (tmp_path / "book.txt").write_text("Beijing is the capital of China. " * 200 + "\nParis too.\n")
+    assert main(["check-dataset", str(tmp_path / "book.txt"), "--tokenizer", str(tiny_qwen2_dir),
+                 "--max-length", "64"]) == 0
+    out = capsys.readouterr().out
+    pieces = int(out.split("samples:")[1].split()[0]) - 1  # every sample but "Paris too."'s is a piece of the book
+    assert pieces > 10
+    assert f"texts longer than max_length=64: 1, split into {pieces} samples (nothing cut)" in out
+
+
 def test_empty_replies_are_not_trained_and_are_warned(tmp_path, tiny_tokenizer):
     alpaca = _write(tmp_path / "d.jsonl", [
         {"instruction": "a", "output": ""},

@@ -54,6 +54,10 @@ class DataStats:
     reply, an empty chosen reply; an empty pretraining text)."""
     encoded: int = 0
     """Samples encoded (a pretraining text longer than max_length counts once per max_length piece)."""
+    split_texts: int = 0
+    """Pretraining texts longer than max_length, split into pieces (nothing cut, so not `truncated`)."""
+    text_pieces: int = 0
+    """The samples those texts became."""
     truncated: int = 0
     """Encoded samples longer than max_length, cut there, still with a token to train on."""
     dropped: int = 0
@@ -285,6 +289,15 @@ def count_cuts(stats: DataStats, encoded: list, origins: list[int], max_length: 
                 report[kind] += 1
 
 
+def count_split_texts(stats: DataStats, samples: list[dict], encoded: list) -> None:
+    """Count the pretraining texts split at max_length: check-dataset says so, where otherwise one long line would
+    show as "longer than max_length: 0" beside many more samples than records."""
+    for sample, pieces in zip(samples, encoded):
+        if "text" in sample and len(pieces) > 1:
+            stats.split_texts += 1
+            stats.text_pieces += len(pieces)
+
+
 def check_projector_data(cfg, pictured: int) -> None:
     """Stage 1 (freeze_llm) trains the projector alone, and the projector learns from images only: data without
     any would train nothing (and save the projector it started with)."""
@@ -352,6 +365,7 @@ def build_datasets(cfg, tokenizer, *, config_dir: str | None = None, log=print, 
                              tokens)
     lengths = np.array([e.full_length for pieces in encoded for e in pieces], dtype=np.int64)
     count_cuts(stats, encoded, origins, cfg.max_length)
+    count_split_texts(stats, samples, encoded)
     rows = [e.row for pieces in encoded for e in pieces if e.row is not None]
     if tokens is not None and rows:
         stats.pictured = sum(1 for r in rows if r.get("images"))

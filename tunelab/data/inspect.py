@@ -146,6 +146,9 @@ def _report_tokens(cfg, bundle, out: Callable[[str], None]) -> None:
     out(f"samples:             {s.encoded} encoded, {s.samples} kept for training{unit}")
     out(f"longer than max_length={cfg.max_length}: {s.truncated + s.dropped} ({s.truncated} cut there, "
         f"{s.dropped} dropped: nothing left to train on after the cut)")
+    if s.split_texts:
+        out(f"texts longer than max_length={cfg.max_length}: {s.split_texts}, split into {s.text_pieces} samples "
+            f"(nothing cut)")
     out(f"without a trained reply: {s.untrained} (dropped: every reply is context only, or empty)")
     out(f"tokens:              {s.tokens_before_truncation} in the encoded samples, {s.tokens} in the kept samples "
         f"after truncation, {s.trained_tokens} of them trained on")
