@@ -185,7 +185,7 @@ def test_the_cli_refuses_a_shorter_run_and_says_a_finished_one_is_finished(tiny_
     assert main(args) == 0
     capsys.readouterr()
     assert_one_line_error(capsys, main(args + ["--cfg-options", "max_steps=1"]), "nothing to train", "step 2",
-                          "1 steps in all")
+                          "1 step in all")
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "already finished at step 2: nothing trained" in out and "done:" not in out

@@ -168,3 +168,13 @@ def test_a_llamafactory_yaml_given_as_the_config_names_our_settings_for_its_keys
                           "num_train_epochs → max_epochs", "template: qwen → prompt_template = 'qwen2_5_chat'",
                           "data_path = [{'path': 'data/dataset_info.json', 'dataset': 'alpaca_en_demo,identity'}]",
                           "output_dir → --work-dir")
+
+
+def test_one_step_is_counted_in_the_singular(config_file, capsys):
+    """A run of one step says "1 step", not "1 steps", in its start line and at the end."""
+    code = main(["train", str(config_file), "--device", "cpu", "--cfg-options", "max_steps=1", "batch_size=4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "1 steps" not in out + err
+    assert "1 step per epoch, 1 step (batch_size" in out + err
+    assert "done: 1 step;" in out

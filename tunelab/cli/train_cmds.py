@@ -163,7 +163,9 @@ def run_train(args) -> int:
         print(f"already finished at step {result.step}: nothing trained; last checkpoint {result.last_checkpoint}\n"
               f"next: tunelab convert pth_to_hf {args.config} {result.last_checkpoint} {work_dir / 'hf'}")
         return 0
-    print(f"done: {result.step} steps; last checkpoint {result.last_checkpoint}\n"
+    from tunelab.data.reports import counted
+
+    print(f"done: {counted(result.step, 'step')}; last checkpoint {result.last_checkpoint}\n"
           f"next: tunelab convert pth_to_hf {args.config} {result.last_checkpoint} {work_dir / 'hf'}")
     return 0
 

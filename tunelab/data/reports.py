@@ -55,7 +55,8 @@ def count_unused(report: dict, name: str, where: str, hint: str) -> None:
     entry[0] += 1
 
 
-def _n(count: int, word: str) -> str:
+def counted(count: int, word: str) -> str:
+    """"1 step", "2 steps": a count and its noun, singular for one (the log and messages of every command)."""
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
@@ -70,7 +71,7 @@ def file_warnings(report: dict) -> list[str]:
     path, lines = report["path"], []
     unused = sorted(report["unused"].items(), key=lambda item: (-item[1][0], item[0]))
     for name, (count, where, hint) in unused[:MAX_FIELDS_SHOWN]:
-        lines.append(f"{path}: field {name!r} not used ({_n(count, 'record')}, first at {where}): {hint}.")
+        lines.append(f"{path}: field {name!r} not used ({counted(count, 'record')}, first at {where}): {hint}.")
     if len(unused) > MAX_FIELDS_SHOWN:
         rest = unused[MAX_FIELDS_SHOWN:]
         lines.append(f"{path}: {len(rest)} more fields not used ({', '.join(repr(n) for n, _ in rest[:5])}, ...; "
@@ -79,8 +80,8 @@ def file_warnings(report: dict) -> list[str]:
     if count:
         shown = ", ".join("{{" + n + "}}" for n in names)
         fill = ", ".join(f"'{n}': '...'" for n in names)
-        lines.append(f"{path}: {_n(count, 'sample')} with {shown} (first at {where}), trained as written. Fill them: "
-                     f"data_path = [{{'path': '{report['source']}', "
+        lines.append(f"{path}: {counted(count, 'sample')} with {shown} (first at {where}), trained as written. "
+                     f"Fill them: data_path = [{{'path': '{report['source']}', "
                      + (f"'dataset': '{report['dataset']}', " if report.get("dataset") else "")
                      + f"'placeholders': {{{fill}}}}}], or write "
                      f"filled data with `tunelab data self-cognition --name NAME --author AUTHOR --from {path} "
@@ -88,18 +89,18 @@ def file_warnings(report: dict) -> list[str]:
     count, where = report["image_tags"]
     if count:  # (preference data cannot go to a multimodal run: it trains supervised data only)
         fix = IMAGES_FIX + "." if report.get("preference") else MULTIMODAL_FIX
-        lines.append(f"{path}: {_n(count, 'sample')} with {IMAGE_PLACEHOLDER} but no image (first at {where}): the "
-                     f"placeholder is trained as plain text. {fix}")
+        lines.append(f"{path}: {counted(count, 'sample')} with {IMAGE_PLACEHOLDER} but no image (first at {where}): "
+                     f"the placeholder is trained as plain text. {fix}")
     count, where, names = report.get("special_text", [0, "", []])
     if count:
         shown = ", ".join(map(repr, names[:MAX_FIELDS_SHOWN]))
-        lines.append(f"{path}: {_n(count, 'sample')} hold the text of the tokenizer's special tokens ({shown}; first "
-                     f"at {where}): it becomes those tokens, so it can end a turn inside a reply or start a forged "
-                     f"one. Rewrite it (e.g. '<|im_end |>') where it is quoted, not meant as markup.")
+        lines.append(f"{path}: {counted(count, 'sample')} hold the text of the tokenizer's special tokens ({shown}; "
+                     f"first at {where}): it becomes those tokens, so it can end a turn inside a reply or start a "
+                     f"forged one. Rewrite it (e.g. '<|im_end |>') where it is quoted, not meant as markup.")
     for key, noun, what, why in NOTED_RECORDS:
         count, wheres = report.get(key, [0, []])
         if count:
-            lines.append(f"{path}: {_n(count, noun)} {what} ({_shown(count, wheres)}): {why}")
+            lines.append(f"{path}: {counted(count, noun)} {what} ({_shown(count, wheres)}): {why}")
     return lines
 
 
@@ -133,12 +134,12 @@ def source_warnings(source: dict) -> list[str]:
     unread = source.get("unread", [])
     if unread:
         shown = ", ".join(unread[:MAX_FIELDS_SHOWN]) + (", ..." if len(unread) > MAX_FIELDS_SHOWN else "")
-        lines.append(f"{path}: {_n(len(unread), 'file')} in the folder not read ({shown}): tunelab reads "
+        lines.append(f"{path}: {counted(len(unread), 'file')} in the folder not read ({shown}): tunelab reads "
                      f"{SUFFIXES_READ}. Decompress or convert those that hold "
                      f"data (e.g. `gunzip x.jsonl.gz`), or move them out of the folder.")
     if source.get("read") and not source["samples"]:
         ratio = source["ratio"]
-        lines.append(f"{path}: ratio {ratio:g} of its {_n(source['read'], 'sample')} rounds to no sample: it "
+        lines.append(f"{path}: ratio {ratio:g} of its {counted(source['read'], 'sample')} rounds to no sample: it "
                      f"contributes nothing. Raise the ratio (at least {1 / source['read']:.3g} keeps one sample), "
                      f"or remove the source.")
     return lines

@@ -31,6 +31,7 @@ import torch
 from tunelab.config.schema import to_dict
 from tunelab.data.collate import collate
 from tunelab.data.dataset import row_length
+from tunelab.data.reports import counted
 from tunelab.errors import TunelabError
 from tunelab.model.fast import batch_to_device
 from tunelab.model.fit import choose_reference, fit_plan_to_card
@@ -190,8 +191,9 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
             if redrawn:  # the lr of the next step: the redrawn schedule's at the resumed step
                 for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                     group["lr"] = base * factor(scheduler.last_epoch)
-                log(f"note: this config trains {total_steps} steps in all, the checkpoint's schedule {redrawn}: its "
-                    f"{cfg.lr_scheduler} schedule is redrawn over {total_steps} steps, from lr "
+                log(f"note: this config trains {counted(total_steps, 'step')} in all, the checkpoint's schedule "
+                    f"{redrawn}: its {cfg.lr_scheduler} schedule is redrawn over {counted(total_steps, 'step')}, "
+                    f"from lr "
                     f"{optimizer.param_groups[0]['lr']:g} at step {int(state['step'])}")
             step, position = int(state["step"]), dict(state["position"])
             ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
@@ -215,9 +217,10 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     what = cfg.method + ("" if cfg.objective == "sft" else f" {cfg.objective}")
     if partial(cfg):
         what += f" ({describe_trained(model)})"
-    log(f"training {what} on {env.device} ({strategy.name}): {len(train_rows)} rows, "
-        f"{steps_per_epoch} steps per epoch, "
-        f"{total_steps} steps (batch_size {cfg.batch_size} x accumulative_counts {cfg.accumulative_counts}"
+    log(f"training {what} on {env.device} ({strategy.name}): {counted(len(train_rows), 'row')}, "
+        f"{counted(steps_per_epoch, 'step')} per epoch, "
+        f"{counted(total_steps, 'step')} (batch_size {cfg.batch_size} x accumulative_counts "
+        f"{cfg.accumulative_counts}"
         f"{f' x {data_env.world_size} ranks' if data_env.distributed else ''})")
 
     def evaluate(at_step: int) -> None:

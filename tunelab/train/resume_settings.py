@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tunelab.config.checks import PARTIAL
 from tunelab.config.schema import default_value, to_dict
+from tunelab.data.reports import counted
 from tunelab.errors import TunelabError
 from tunelab.train import layout
 from tunelab.train.optim import warmup_steps_for
@@ -104,9 +105,9 @@ def check_data(checkpoint: Path, record: dict | None, *, steps_per_epoch: int, r
     data_path, other contents): the saved position would point into another data order."""
     saved = known_steps_per_epoch(record, data_ranks)
     if saved is not None and saved != steps_per_epoch:
-        raise TunelabError(f"{checkpoint}: the training data gives {steps_per_epoch} steps per epoch ({rows} rows), "
-                           f"the run in the checkpoint had {saved}: the data changed since it was saved. Resume with "
-                           f"the data the run was trained with, or start a new work dir.")
+        raise TunelabError(f"{checkpoint}: the training data gives {counted(steps_per_epoch, 'step')} per epoch "
+                           f"({counted(rows, 'row')}), the run in the checkpoint had {saved}: the data changed since "
+                           f"it was saved. Resume with the data the run was trained with, or start a new work dir.")
 
 
 def finished_or_refused(checkpoint: Path, step: int, cfg, steps_per_epoch: int) -> bool:
@@ -116,11 +117,11 @@ def finished_or_refused(checkpoint: Path, step: int, cfg, steps_per_epoch: int) 
     if step < 0 or total > step:
         return False
     how = f"max_steps = {cfg.max_steps}" if cfg.max_steps else \
-        f"max_epochs = {cfg.max_epochs} of {steps_per_epoch} steps"
+        f"max_epochs = {cfg.max_epochs} of {counted(steps_per_epoch, 'step')}"
     if total < step:
         raise TunelabError(f"{checkpoint}: nothing to train: the checkpoint is at step {step}, this config trains "
-                           f"{total} steps in all ({how}). Raise max_steps / max_epochs to train on, or start over "
-                           f"with these settings with --overwrite or in another --work-dir.")
+                           f"{counted(total, 'step')} in all ({how}). Raise max_steps / max_epochs to train on, or "
+                           f"start over with these settings with --overwrite or in another --work-dir.")
     return True
 
 
