@@ -56,11 +56,28 @@ def test_alpaca_qlora_config_converts(tmp_path, capsys):
     text = out.read_text()
     assert text.startswith("# tunelab config: mine\n# converted from the XTuner config")
     assert "PART 1  Settings" in text and "--deepspeed zero2" in text and "SYSTEM: XTuner uses it for evaluation" in text
-    # XTuner's whole file, PART 5 (hooks, env_cfg, visualizer, randomness) included, carries over without a loss
-    assert "# Not carried over (set these by hand if you need them):\n#   - nothing\n" in text
+    # XTuner's whole file, PART 5 (hooks, env_cfg, visualizer) included, carries over but for its random seed:
+    # randomness = dict(seed=None) draws a new seed each run, tunelab seeds every run with a number
+    assert "# Not carried over (set these by hand if you need them):\n#   - randomness.seed = None: " in text
+    assert "#   - nothing\n" not in text and cfg.seed == 0
     # the header's note on XTuner's optim_type names the optimizer the file sets
     assert cfg.optimizer == "adamw_8bit" and "optim_type: XTuner's AdamW keeps 32-bit states; this config sets " \
         "optimizer = 'adamw_8bit'" in text
+
+
+@pytest.mark.parametrize("randomness, seed, lost", [("dict(seed=None, deterministic=False)", 0, True),
+                                                    ("dict(deterministic=False)", 0, True),
+                                                    ("dict(seed=42, deterministic=False)", 42, False)])
+def test_xtuners_random_seed_is_said_not_to_carry_over(tmp_path, randomness, seed, lost):
+    """mmengine draws a random seed for each run when randomness.seed is None (or not given); tunelab has no such
+    setting, so the written config's seed is a number and its header says the random seed did not carry over."""
+    out = tmp_path / "mine.py"
+    assert main(["convert", "xtuner-config", str(_xtuner(tmp_path, rest=f"randomness = {randomness}\n")),
+                 str(out)]) == 0
+    text = out.read_text()
+    assert load_config(out).seed == seed
+    assert ("randomness.seed = None: XTuner draws a new random seed for each run" in text) == lost, text[:1500]
+    assert ("--seed" in text.split("Carried over, but")[0]) == lost
 
 
 def test_optim_type_of_a_full_config_becomes_torchs_adamw_as_its_note_says(tmp_path):

@@ -81,9 +81,7 @@ def migrate(cfg: XtunerConfig) -> Migration:
     for key in ("weight_decay", "max_norm", "lr", "warmup_ratio"):
         if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
             out[key] = float(out[key])
-    seed = (env.get("randomness") or {}).get("seed") if isinstance(env.get("randomness"), dict) else None
-    if isinstance(seed, int):
-        out["seed"], origins["seed"] = seed, "randomness.seed"
+    _seed(env, out, lost, origins)
     if env.get("sequence_parallel_size", 1) not in (1, None):
         # The same meaning: each row over that many GPUs; accumulative_counts (XTuner multiplies it by the size so
         # the global batch stays put) is micro-batches per step of each group, as tunelab counts it.
@@ -106,6 +104,21 @@ def migrate(cfg: XtunerConfig) -> Migration:
     return Migration(out, lost, notes, map_fn_source, origins)
 
 
+
+
+def _seed(env: dict, out: dict, lost: list, origins: dict) -> None:
+    """randomness.seed: a number carries over; None (mmengine's default) makes mmengine draw a new random seed for each
+    run, which no tunelab setting does (a run is always seeded, so it can be repeated): the header says so."""
+    randomness = env.get("randomness")
+    if not isinstance(randomness, dict):
+        return
+    seed = randomness.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        out["seed"], origins["seed"] = seed, "randomness.seed"
+    elif seed is None:
+        lost.append("randomness.seed = None: XTuner draws a new random seed for each run; a tunelab run is always "
+                    "seeded (seed = 0 here, the same run twice gives the same loss curve): set seed, or pass "
+                    "`--seed N` to `tunelab train`, for another draw")
 
 
 def _model(cfg: XtunerConfig, out: dict, lost: list, notes: list, used: set) -> None:
