@@ -132,3 +132,21 @@ def test_cfg_options_apply_to_a_data_file_as_to_a_config(tmp_path, tiny_tokenize
     assert "longer than max_length=9" in capsys.readouterr().out
     assert main(["check-dataset", str(path), *flags, "--cfg-options", "max_lenght=9"]) == 2
     assert "unknown setting 'max_lenght'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["check-dataset", "preview"])
+def test_a_llamafactory_training_yaml_names_our_settings_for_its_keys(verb, tmp_path, capsys):
+    # `tunelab check-dataset x.yaml` on a LLaMA-Factory training config answered "unknown file type '.yaml'": it
+    # says what `tunelab train x.yaml` says, tunelab's setting for each of its keys
+    from tests.train_helpers import assert_one_line_error
+
+    path = tmp_path / "qwen_lora_sft.yaml"
+    path.write_text("model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct\nstage: sft\nfinetuning_type: lora\n"
+                    "dataset: identity\ndataset_dir: data\ntemplate: qwen\nlearning_rate: 1.0e-4\n")
+    assert_one_line_error(capsys, main([verb, str(path)]), "LLaMA-Factory", "tunelab copy-cfg",
+                          "learning_rate → lr", "template: qwen → prompt_template = 'qwen2_5_chat'",
+                          "data_path = [{'path': 'data/dataset_info.json', 'dataset': 'identity'}]")
+    # any other YAML is not a data file tunelab reads, as before
+    other = tmp_path / "notes.yaml"
+    other.write_text("a: 1\n")
+    assert_one_line_error(capsys, main(["check-dataset", str(other)]), "unknown file type '.yaml'")

@@ -179,25 +179,39 @@ def _check_config_path(path: Path) -> None:
         raise TunelabError(f"config file not found: {path}. List the built-in configs with `tunelab list-cfg`, "
                            f"then copy one with `tunelab copy-cfg NAME ./`.")
     if path.suffix in (".yaml", ".yml"):
-        raise TunelabError(f"{path} is not a config file (.py). {_yaml_config_fix(path)}")
+        raise TunelabError(f"{path} is not a config file (.py). {yaml_config_fix(path)}")
     if path.suffix != ".py":
         raise TunelabError(f"{path} is not a config file (.py); a config is a Python file of settings "
                            f"(`tunelab copy-cfg NAME ./` makes one). A data file goes in the config's data_path; "
                            f"`tunelab check-dataset CONFIG` checks it.")
 
 
-def _yaml_config_fix(path: Path) -> str:
-    """How to carry a LLaMA-Factory YAML (`llamafactory-cli train x.yaml`) over: tunelab's setting for each of its
-    keys that has one, so the user edits a copied config rather than guessing the names."""
+def _yaml_keys(path: Path) -> dict:
+    """The top-level mapping of a YAML file; {} when it is not one (unreadable, not YAML, a list)."""
     import yaml
-
-    from tunelab.data.templates import LLAMAFACTORY_NAMES
 
     try:
         keys = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         keys = None
-    keys = keys if isinstance(keys, dict) else {}
+    return keys if isinstance(keys, dict) else {}
+
+
+# Keys every LLaMA-Factory training YAML (`llamafactory-cli train x.yaml`) has, which no data file has at its top
+LLAMAFACTORY_TRAIN_KEYS = ("stage", "model_name_or_path", "finetuning_type")
+
+
+def is_llamafactory_config(path: Path) -> bool:
+    """A YAML file that is a LLaMA-Factory training config, given where a data file goes (`check-dataset x.yaml`)."""
+    return path.suffix in (".yaml", ".yml") and any(key in _yaml_keys(path) for key in LLAMAFACTORY_TRAIN_KEYS)
+
+
+def yaml_config_fix(path: Path) -> str:
+    """How to carry a LLaMA-Factory YAML (`llamafactory-cli train x.yaml`) over: tunelab's setting for each of its
+    keys that has one, so the user edits a copied config rather than guessing the names."""
+    from tunelab.data.templates import LLAMAFACTORY_NAMES
+
+    keys = _yaml_keys(path)
     moves = [f"{k} → {checks.ALIASES[k]}" for k in keys if k in checks.ALIASES and k not in ("dataset", "template")]
     if keys.get("template"):
         ours = LLAMAFACTORY_NAMES.get(keys["template"], keys["template"])
