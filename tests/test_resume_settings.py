@@ -170,7 +170,8 @@ def test_a_longer_run_redraws_the_schedule_over_its_total(tiny_llama_dir, rows, 
     work = _stopped_at(finished, tmp_path, 8)
     resumed = _resume(tiny_llama_dir, rows, work, max_epochs=3)  # 12 steps: 4 more, not at lr 0
     assert sorted(resumed.losses) == [9, 10, 11, 12] and not resumed.already_finished
-    assert "schedule is redrawn over 12 steps" in capsys.readouterr().out
+    assert "note: this config trains 12 steps in all, the checkpoint's 8 steps: its linear schedule is redrawn " \
+           "over 12 steps" in capsys.readouterr().out
     logged = {r["step"]: r["lr"] for r in map(json.loads, (work / "train_log.jsonl").read_text().splitlines())
               if "lr" in r}
     for step in (9, 12):

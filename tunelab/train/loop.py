@@ -191,8 +191,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
             if redrawn:  # the lr of the next step: the redrawn schedule's at the resumed step
                 for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                     group["lr"] = base * factor(scheduler.last_epoch)
-                log(f"note: this config trains {counted(total_steps, 'step')} in all, the checkpoint's schedule "
-                    f"{redrawn}: its {cfg.lr_scheduler} schedule is redrawn over {counted(total_steps, 'step')}, "
+                log(f"note: this config trains {counted(total_steps, 'step')} in all, the checkpoint's "
+                    f"{counted(redrawn, 'step')}: its {cfg.lr_scheduler} schedule is redrawn over {counted(total_steps, 'step')}, "
                     f"from lr "
                     f"{optimizer.param_groups[0]['lr']:g} at step {int(state['step'])}")
             step, position = int(state["step"]), dict(state["position"])
