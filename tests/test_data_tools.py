@@ -150,3 +150,11 @@ def test_a_llamafactory_training_yaml_names_our_settings_for_its_keys(verb, tmp_
     other = tmp_path / "notes.yaml"
     other.write_text("a: 1\n")
     assert_one_line_error(capsys, main(["check-dataset", str(other)]), "unknown file type '.yaml'")
+
+
+def test_one_packed_row_is_counted_in_the_singular(tmp_path, tiny_tokenizer_dir, capsys):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Q", "chosen": "Good", "rejected": "Bad"}) + "\n")
+    assert main(["check-dataset", str(path), "--tokenizer", str(tiny_tokenizer_dir), "--template", "qwen_chat",
+                 "--objective", "dpo"]) == 0
+    assert "packing: about 1 row of 4096 tokens, " in capsys.readouterr().out

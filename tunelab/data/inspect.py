@@ -26,6 +26,7 @@ from tunelab.data.images import describe as describe_image
 from tunelab.data.images import image_reading
 from tunelab.data.multimodal import IMAGE_TOKEN, image_tokens
 from tunelab.data.packing import best_fit_rows
+from tunelab.data.reports import counted
 from tunelab.data.data_path import resolve_sources
 from tunelab.data.sources import collect_samples, read_source
 from tunelab.data.templates import get_template, tool_support
@@ -162,7 +163,7 @@ def _report_tokens(cfg, bundle, out: Callable[[str], None]) -> None:
         # count by a row or so
         kept, width = bundle.train_rows.row_lengths(), row_length(cfg)  # a preference row holds a pair
         n_rows = len(best_fit_rows(kept.tolist(), width))
-        out(f"packing: about {n_rows} rows of {width} tokens, {kept.sum() / (n_rows * width):.1%} full")
+        out(f"packing: about {counted(n_rows, 'row')} of {width} tokens, {kept.sum() / (n_rows * width):.1%} full")
 
 
 SEQUENCE_NAMES = {CHOSEN: "chosen", REJECTED: "rejected", DESIRABLE: "desirable", UNDESIRABLE: "undesirable",
