@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from tests.train_helpers import assert_one_line_error, tiny_cfg, varied_rows, write_config
 from tunelab.cli.main import main
 from tunelab.errors import TunelabError
-from tunelab.train import layout
+from tunelab.train import layout, resume_settings
 from tunelab.train.loop import train
 from tunelab.train.optim import lr_factor
 from tunelab.train.run_status import STATUS_FILE
@@ -256,3 +256,13 @@ def test_a_changed_preference_loss_setting_is_refused_and_an_older_record_withou
         del record["settings"][key]
     (checkpoint / layout.META_FILE).write_text(json.dumps({"run": record}))
     assert compare(dataclasses.replace(cfg, beta=0.5), checkpoint, log=lambda m: None)[0].beta == 0.5
+
+
+def test_training_md_names_every_setting_a_resume_compares():
+    """docs/TRAINING.md, "What a resume may change", lists what is refused and what is the checkpoint's: every setting
+    the code compares, so a new one cannot be held to silently."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    section = docs.split("* **What a resume may change.**")[1].split("* **Checksums.**")[0]
+    compared = (resume_settings.FIXED + resume_settings.LORA + resume_settings.PARTIAL + resume_settings.PREFERENCE
+                + resume_settings.SCHEDULE)
+    assert [key for key in compared if f"`{key}`" not in section] == []
