@@ -303,3 +303,11 @@ def test_a_key_given_twice_is_reported_with_its_record(tmp_path):
         assert samples[1]["messages"][-1]["content"] == "second"  # what JSON keeps
         (warning,) = stats.reading_warnings()
         assert "'output (the first of two)' not used (1 record" in warning and where in warning, warning
+
+
+def test_the_summary_counts_one_in_the_singular():
+    """The data line of every run: '1 eval sample', '1 row', not '1 eval samples', '1 rows'."""
+    one = DataStats(records_read=1, samples=1, rows=1, tokens=1, trained_tokens=1, eval_samples=1, images=1)
+    text = one.summary()
+    assert "1 record read" in text and "1 train sample in 1 row, 1 token (1 trained, 1 image); 1 eval sample" in text
+    assert "0 skipped as invalid" in text  # the counts that read as before

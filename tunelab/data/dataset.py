@@ -31,7 +31,7 @@ from tunelab.data.encode_preference import kl_partner_problem, row_capacity, wit
 from tunelab.data.files import data_files
 from tunelab.data.multimodal import ImageTokens, expand_image_tokens, image_tokens
 from tunelab.data.packing import TokenRows, pack_rows
-from tunelab.data.reports import file_warnings, source_warnings, system_fills
+from tunelab.data.reports import counted, file_warnings, source_warnings, system_fills
 from tunelab.data.data_path import Source, resolve_sources
 from tunelab.data.sources import collect_samples, special_text_pattern
 from tunelab.data.templates import get_template, tool_support
@@ -92,13 +92,14 @@ class DataStats:
     cache_dir: str = ""
 
     def summary(self) -> str:
-        return (f"{self.records_read} records read, {self.skipped_invalid} skipped as invalid, "
+        return (f"{counted(self.records_read, 'record')} read, {self.skipped_invalid} skipped as invalid, "
                 + (f"{self.filtered} dropped by dataset_map_fn, " if self.filtered else "")
                 + (f"{self.left_out} left out (see the warnings), " if self.left_out else "") +
                 f"{self.truncated} truncated, {self.dropped} dropped (nothing to train on after truncation), "
-                f"{self.untrained} without a trained reply; {self.samples} train samples in {self.rows} rows, "
-                f"{self.tokens} tokens ({self.trained_tokens} trained"
-                f"{f', {self.images} images' if self.images else ''}); {self.eval_samples} eval samples")
+                f"{self.untrained} without a trained reply; {counted(self.samples, 'train sample')} in "
+                f"{counted(self.rows, 'row')}, {counted(self.tokens, 'token')} ({self.trained_tokens} trained"
+                f"{', ' + counted(self.images, 'image') if self.images else ''}); "
+                f"{counted(self.eval_samples, 'eval sample')}")
 
     def warnings(self, cfg) -> list[str]:
         """Every warning about the data for the run `cfg`: a fresh build, a cached one and check-dataset say the
