@@ -206,6 +206,30 @@ def test_a_missing_tracker_package_is_named_before_training(tiny_llama_dir, tmp_
         trackers.check_installed(["neptune"])
 
 
+@pytest.mark.parametrize("uri", [None, "sqlite:///runs.db"])
+def test_mlflow_on_a_database_store_without_sqlalchemy_is_named_before_training(uri, tmp_path, monkeypatch):
+    """mlflow-skinny (the install docs/TRAINING.md offers) has no sqlalchemy, so it cannot open a database store, and
+    mlflow 3's default store, with MLFLOW_TRACKING_URI unset, is sqlite:///mlflow.db: the run stopped with mlflow's
+    traceback after loading the model. It is one line before loading, naming the two fixes."""
+    _need("mlflow")
+    from tunelab.errors import TunelabError
+    from tunelab.train import trackers
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "sqlalchemy" else
+                        find_spec(name, *a, **k))  # mlflow-skinny as it installs: no sqlalchemy
+    monkeypatch.chdir(tmp_path)
+    if uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TunelabError, match=r"report_to includes 'mlflow'.*sqlite:.*pip install mlflow\b.*"
+                                           r"MLFLOW_TRACKING_URI"):
+        trackers.check_installed(["mlflow"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")  # a store mlflow-skinny opens
+    trackers.check_installed(["mlflow"])
+
+
 def test_report_to_is_checked_in_the_config_file(tmp_path):
     from tunelab.config.loader import load_config
     from tunelab.errors import TunelabError

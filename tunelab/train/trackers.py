@@ -9,8 +9,9 @@ Where each one writes is left to the library's own settings, so what users alrea
 * tensorboard: WORK_DIR/tensorboard (event files; `tensorboard --logdir WORK_DIR`).
 * wandb: project $WANDB_PROJECT (default "tunelab"), run files under WORK_DIR/wandb; `WANDB_MODE=offline` writes
   them without an account (`wandb sync` uploads later).
-* mlflow: $MLFLOW_TRACKING_URI (a server, `sqlite:///mlflow.db`, ...; mlflow's default otherwise), experiment
-  $MLFLOW_EXPERIMENT_NAME (default "tunelab"); settings as params, resolved_config.py as an artifact.
+* mlflow: $MLFLOW_TRACKING_URI (a server, `sqlite:///mlflow.db`, ...; mlflow's default otherwise, sqlite:///mlflow.db
+  in mlflow 3, which mlflow-skinny cannot open: no sqlalchemy), experiment $MLFLOW_EXPERIMENT_NAME (default
+  "tunelab"); settings as params, resolved_config.py as an artifact.
 * swanlab: project $SWANLAB_PROJECT_NAME (default "tunelab"), files under WORK_DIR/swanlog;
   `SWANLAB_MODE=offline` (or local) needs no account.
 
@@ -54,6 +55,29 @@ def check_installed(names) -> None:
             raise TunelabError(f"report_to includes {name!r} but the {module} package is not installed here: "
                                f"pip install {package} (or remove {name!r} from report_to; train_log.jsonl and "
                                f"`tunelab board` have the same numbers).")
+        if name == "mlflow":
+            _check_mlflow_store()
+
+
+# mlflow's database stores (mlflow.store.db.db_types.DATABASE_ENGINES), which it opens through sqlalchemy
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def _check_mlflow_store() -> None:
+    """mlflow-skinny leaves sqlalchemy out, so it cannot open a database store, and mlflow 3's store when
+    MLFLOW_TRACKING_URI is unset is one (sqlite:///mlflow.db): said here, before loading, rather than as mlflow's
+    traceback when the tracker opens."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]  # postgresql+psycopg2://... is postgresql's
+    if scheme in _DATABASE_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
+        where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else \
+            "mlflow's default: MLFLOW_TRACKING_URI is not set"
+        raise TunelabError(f"report_to includes 'mlflow', whose tracking store is {uri} ({where}), a database that "
+                           f"mlflow opens through sqlalchemy, which is not installed here (mlflow-skinny leaves it "
+                           f"out): pip install mlflow, or set MLFLOW_TRACKING_URI to a server (http://...) or to a "
+                           f"file: folder with MLFLOW_ALLOW_FILE_STORE=true.")
 
 
 def open_trackers(names, *, work_dir: Path, settings: dict) -> list:
