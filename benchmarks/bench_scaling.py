@@ -143,7 +143,7 @@ def run_one(args, nproc: int, engine: str, root: Path) -> dict:
 def data_counts(said: list[str], seq: int) -> dict:
     """How full the packed rows were and what share of their tokens is trained, from `tunelab train`'s data line
     ("... N train samples in R rows, T tokens (K trained) ...")."""
-    found = re.search(r"(\d+) train samples in (\d+) rows, (\d+) tokens \((\d+) trained\)", " ".join(said))
+    found = re.search(r"(\d+) train samples? in (\d+) rows?, (\d+) tokens? \((\d+) trained\)", " ".join(said))
     if not found:
         return {}
     samples, rows, tokens, trained = map(int, found.groups())
