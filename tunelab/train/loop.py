@@ -192,9 +192,9 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                 for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                     group["lr"] = base * factor(scheduler.last_epoch)
                 log(f"note: this config trains {counted(total_steps, 'step')} in all, the checkpoint's "
-                    f"{counted(redrawn, 'step')}: its {cfg.lr_scheduler} schedule is redrawn over {counted(total_steps, 'step')}, "
-                    f"from lr "
-                    f"{optimizer.param_groups[0]['lr']:g} at step {int(state['step'])}")
+                    f"{counted(redrawn, 'step')}: its {cfg.lr_scheduler} schedule is redrawn over "
+                    f"{counted(total_steps, 'step')}, from lr {optimizer.param_groups[0]['lr']:g} at step "
+                    f"{int(state['step'])}")
             step, position = int(state["step"]), dict(state["position"])
             ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
             epochs_done = position["epoch"] + position["micro_batch"] / micro_per_epoch  # as the log counts them
