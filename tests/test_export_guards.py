@@ -155,3 +155,68 @@ def test_a_model_given_as_the_adapter_is_named_as_a_model_and_swapped_arguments_
     code = main(["convert", "merge", str(work), str(base), str(tmp_path / "out"), "--device", "cpu"])
     assert_one_line_error(capsys, code, "swapped", f"tunelab convert merge {base} {work} {tmp_path / 'out'}")
     assert not (tmp_path / "out").exists()
+
+
+# --- a checkpoint damaged on disk (a kill, a cut-off copy, a flipped byte) is named, never exported as it is ---------
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x40  # inside the tensor data: the file still loads, with one weight changed
+    path.write_bytes(bytes(data))
+
+
+def _full_checkpoint(base: Path, work: Path, step: int) -> Path:
+    """iter_N of a full fine-tuning run as training writes it: model/, training_state.pt, checksums.json."""
+    import torch
+
+    from tunelab.train import layout
+    from tunelab.train.checksums import write_manifest
+
+    ckpt = layout.checkpoint_dir(work, step)
+    shutil.copytree(base, ckpt / layout.MODEL_DIR)
+    torch.save({"step": step}, ckpt / layout.STATE_FILE)
+    layout.write_meta(ckpt, {"base_model": str(base), "method": "full", "prompt_template": "qwen_chat"})
+    write_manifest(ckpt)
+    layout.write_pointer(work, ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("verb", ["to-hf", "chat", "chat --adapter iter_N/model"])
+def test_a_checkpoint_that_fails_its_checksums_is_named_and_the_sound_one_before_it_offered(verb, base_and_work,
+                                                                                             tmp_path, capsys):
+    """Training verifies checksums.json before resuming; export and chat read the same weights, so a flipped byte
+    must not become a silently different adapter (nor a cut-off file a traceback)."""
+    from tunelab.train.checksums import write_manifest
+
+    base, work = base_and_work
+    write_manifest(work / "iter_10")
+    newest = make_lora_checkpoint(base, work, step=20)
+    write_manifest(newest)
+    _flip_a_byte(newest / "model" / "adapter_model.safetensors")
+    chat = ["--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2"]
+    args = {"to-hf": ["convert", "to-hf", str(work), str(tmp_path / "hf")], "chat": ["chat", str(work), *chat],
+            "chat --adapter iter_N/model": ["chat", str(base), "--adapter", str(newest / "model"), *chat]}[verb]
+    message = assert_one_line_error(capsys, main(args), f"{newest} is damaged",
+                                    "model/adapter_model.safetensors does not match its checksum", "iter_10")
+    assert "loading" not in message and not (tmp_path / "hf").exists()
+
+
+def test_a_cut_off_full_model_is_one_line_not_a_traceback(tiny_llama_dir, tmp_path, capsys):
+    work = tmp_path / "work"
+    ckpt = _full_checkpoint(Path(tiny_llama_dir), work, 4)
+    weights = ckpt / "model" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    code = main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf")])
+    assert_one_line_error(capsys, code, f"{ckpt} is damaged", "model/model.safetensors has", "no earlier")
+
+
+def test_a_save_cut_short_is_refused_by_name(base_and_work, tmp_path, capsys):
+    """iter_N.tmp is a save a kill interrupted (training removes it at its next start): it may lack any file."""
+    base, work = base_and_work
+    partial = work / "iter_12.tmp"
+    shutil.copytree(work / "iter_10", partial)
+    (partial / "model" / "adapter_model.safetensors").unlink()
+    (partial / "model" / "adapter_model.safetensors").write_bytes(b"")
+    code = main(["convert", "to-hf", str(partial), str(tmp_path / "hf")])
+    assert_one_line_error(capsys, code, f"{partial} is a save that was cut short", str(work / "iter_10"))

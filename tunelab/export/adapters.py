@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.model.shapes import local_config_file
-from tunelab.train.layout import MODEL_DIR, is_checkpoint, looks_like_work_dir, read_meta, resolve_checkpoint
+from tunelab.train.layout import (MODEL_DIR, is_checkpoint, looks_like_work_dir, read_meta, refuse_damaged,
+                                  resolve_checkpoint)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -25,6 +26,7 @@ def find_adapter_dir(path: str | Path) -> tuple[Path, Path]:
     if not p.exists():
         raise TunelabError(f"adapter not found: {p}")
     if (p / ADAPTER_CONFIG).is_file():
+        _refuse_damaged_checkpoint_of(p)
         _check_adapter_files(p)
         return p, p
     if is_checkpoint(p) or looks_like_work_dir(p):
@@ -89,11 +91,18 @@ def model_to_load(model_path: str, adapter: str | None) -> ModelToLoad:
     if adapter:
         adapter_dir, meta_dir = find_adapter_dir(adapter)
         meta = read_meta(meta_dir) or read_meta(adapter_dir)
+    _refuse_damaged_checkpoint_of(p)
     if meta is None and p.is_dir():
         meta = read_meta(p)
         if meta is None and p.name == MODEL_DIR and is_checkpoint(p.parent):  # WORK_DIR/iter_N/model
             meta = read_meta(p.parent)
     return ModelToLoad(model_path, adapter_dir, meta or {}, None)
+
+
+def _refuse_damaged_checkpoint_of(folder: Path) -> None:
+    """WORK_DIR/iter_N/model typed by itself is checked against its checkpoint's checksums too, as iter_N is."""
+    if folder.name == MODEL_DIR and is_checkpoint(folder.parent):
+        refuse_damaged(folder.parent)
 
 
 def _check_adapter_files(adapter_dir: Path) -> None:

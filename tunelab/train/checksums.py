@@ -38,9 +38,11 @@ def write_manifest(checkpoint: Path) -> None:
     (Path(checkpoint) / MANIFEST_FILE).write_text(json.dumps({"algorithm": HASH, "files": files}, indent=1))
 
 
-def verify_checkpoint(checkpoint: Path) -> str | None:
+def verify_checkpoint(checkpoint: Path, *, under: str | None = None) -> str | None:
     """None when every file listed in checksums.json is there with its size and hash, or when the checkpoint has no
-    checksums.json (nothing to check it against); otherwise what is wrong, in words."""
+    checksums.json (nothing to check it against); otherwise what is wrong, in words. `under` checks only the files
+    in that folder of the checkpoint (export and chat read `model/` alone, and may find training_state.pt deleted
+    to save room)."""
     manifest_path = Path(checkpoint) / MANIFEST_FILE
     if not manifest_path.is_file():
         return None
@@ -52,6 +54,8 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
     if algorithm != HASH:
         return f"{MANIFEST_FILE} uses {algorithm!r}, which this tunelab does not know"
     for name, expected in files.items():
+        if under is not None and not name.startswith(under.rstrip("/") + "/"):
+            continue
         path = Path(checkpoint) / name
         if not path.is_file():
             return f"{name} is missing"

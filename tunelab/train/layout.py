@@ -19,7 +19,7 @@ A checkpoint is a directory holding `model/`: that is what export and chat read,
 complete one into place. Resume takes the newest checkpoint whose checksums hold, whatever the pointer says; the
 pointer names a folder inside the work dir, so a moved or copied work dir reads its own checkpoints. Training writes
 through `tunelab.train.checkpoint`; export and chat find checkpoints and read `tunelab.json` with the functions below,
-so every verb accepts the same paths.
+so every verb accepts the same paths and refuses the same damaged checkpoints (`refuse_damaged`).
 """
 
 from __future__ import annotations
@@ -144,7 +144,50 @@ def last_checkpoint(work_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The iter_N/ directory `path` means: a checkpoint itself, a WORK_DIR (its last checkpoint) or its pointer."""
+    """The iter_N/ directory `path` means: a checkpoint itself, a WORK_DIR (its last checkpoint) or its pointer;
+    refused when its weights are not as saved (see `refuse_damaged`): export and chat read it."""
+    checkpoint = _find_checkpoint(path)
+    refuse_damaged(checkpoint)
+    return checkpoint
+
+
+_NOT_SAVED = re.compile(r"^iter_\d+\.(tmp|damaged\d*)$")
+
+
+def refuse_damaged(checkpoint: Path) -> None:
+    """Stop (naming the problem and the newest sound checkpoint before it) when `checkpoint` is a save cut short
+    (iter_N.tmp), one resume set aside (iter_N.damaged), or its model/ files fail checksums.json: a flipped byte
+    loads without complaint, so without this check export and chat would quietly use other weights than trained."""
+    from tunelab.train.checksums import verify_checkpoint
+
+    checkpoint = Path(checkpoint)
+    kind = _NOT_SAVED.match(checkpoint.name)
+    if kind:
+        problem = ("is a save that was cut short (a kill or crash while writing it): any file may be missing or "
+                   "partial" if kind.group(1) == "tmp" else "was set aside by --resume auto: it failed its checksums")
+    else:
+        damage = verify_checkpoint(checkpoint, under=MODEL_DIR)
+        if damage is None:
+            return
+        problem = f"is damaged: {damage} (checked against its {MANIFEST_FILE})"
+    before = _sound_checkpoint_before(checkpoint)
+    use = f"Use {before} instead" if before else "There is no earlier sound checkpoint: train again"
+    raise TunelabError(f"{checkpoint} {problem}. {use}.")
+
+
+def _sound_checkpoint_before(checkpoint: Path) -> Path | None:
+    """The newest checkpoint next to `checkpoint`, older than it, whose model/ passes its checksums."""
+    from tunelab.train.checksums import verify_checkpoint
+
+    step = int(re.match(r"^iter_(\d+)", checkpoint.name).group(1)) if checkpoint.name.startswith("iter_") else None
+    for candidate in reversed(list_checkpoints(checkpoint.parent)):
+        if step is not None and checkpoint_step(candidate) < step \
+                and verify_checkpoint(candidate, under=MODEL_DIR) is None:
+            return candidate
+    return None
+
+
+def _find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         # XTuner saves WORK_DIR/iter_N.pth: a user who passes that by habit means tunelab's WORK_DIR/iter_N/
@@ -154,7 +197,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                            f"or one of its iter_N directories.")
     if p.is_file():
         if p.name == POINTER_FILE:
-            return resolve_checkpoint(p.parent)
+            return _find_checkpoint(p.parent)
         raise TunelabError(f"{p} is a file; tunelab checkpoints are directories (WORK_DIR/iter_N/ holding {MODEL_DIR}/ "
                            f"and {META_FILE}). Pass the iter_N directory or the WORK_DIR.")
     if is_checkpoint(p):
