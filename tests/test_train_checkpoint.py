@@ -100,6 +100,34 @@ def test_sigterm_saves_then_stops_and_resume_continues(tiny_llama_dir, rows, ref
         assert loss == pytest.approx(reference[step], abs=1e-6), step
 
 
+def _ctrl_c_twice():
+    os.kill(os.getpid(), signal.SIGINT)  # the first asks for a save after this step
+    os.kill(os.getpid(), signal.SIGINT)  # the second stops at once
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_what_survives(tiny_llama_dir, rows, tmp_path, monkeypatch):
+    """Stopping without saving must not leave the user guessing: the message names the checkpoint that is kept."""
+    _fail_on_call(monkeypatch, 11, _ctrl_c_twice)  # during step 6, after iter_4 was saved
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(_cfg(tiny_llama_dir), tmp_path, train_rows=rows, device="cpu")
+    message = str(info.value)
+    assert "without saving" in message and "iter_4" in message and "--resume auto" in message, message
+    assert layout.last_checkpoint(tmp_path) == tmp_path / "iter_4"
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_is_saved(tiny_llama_dir, rows, tmp_path, monkeypatch,
+                                                                 capsys):
+    from tests.train_helpers import write_config
+    from tunelab.cli.main import main
+
+    _fail_on_call(monkeypatch, 1, _ctrl_c_twice)
+    config = write_config(tmp_path, tiny_llama_dir)
+    code = main(["train", str(config), "--work-dir", str(tmp_path / "work"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert "interrupted" in err and "no checkpoint was saved yet" in err, err
+
+
 def test_kill_during_save_keeps_previous_checkpoint_as_last(tiny_llama_dir, rows, tmp_path, monkeypatch):
     original = layout.write_meta
     saves = {"n": 0}

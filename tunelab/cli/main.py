@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if not report_to_launcher(f"error: {exc}"):  # under torchrun the launcher prints it, once for all ranks
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # training says what survives (tunelab.train.loop)
+        print("interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `tunelab ... | head`: the reader has what it wanted. Stop quietly, as other command-line tools do; the

@@ -83,8 +83,19 @@ def train(cfg, work_dir, *, resume: str | None = None, overwrite: bool = False, 
     env = init_distributed(device)
     work_dir = Path(work_dir)
     with hold_work_dir(work_dir, enabled=env.is_main):  # one run per work dir; a run that dies releases it
-        return _train(cfg, work_dir, env, resume=resume, overwrite=overwrite, config_path=config_path,
-                      train_rows=train_rows, eval_rows=eval_rows, tokenizer=tokenizer)
+        try:
+            return _train(cfg, work_dir, env, resume=resume, overwrite=overwrite, config_path=config_path,
+                          train_rows=train_rows, eval_rows=eval_rows, tokenizer=tokenizer)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop listens: stopped without saving
+            raise KeyboardInterrupt(_what_is_kept(work_dir)) from None
+
+
+def _what_is_kept(work_dir: Path) -> str:
+    """For a run stopped without saving: which checkpoint survives it, so the user knows what --resume continues."""
+    newest = layout.newest_checkpoint(work_dir) if work_dir.is_dir() else None
+    if newest is None:
+        return "stopped without saving; no checkpoint was saved yet (--resume auto starts again from step 0)"
+    return f"stopped without saving; {newest} is the newest checkpoint: continue from it with --resume auto"
 
 
 def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path, train_rows, eval_rows,
