@@ -80,7 +80,7 @@ def _resume(model_dir, rows, work, **settings):
 
 # --- finding 1: a total at or below the checkpoint's step ------------------------------------------------------------
 
-@pytest.mark.parametrize("settings, total", [({"max_steps": 3}, "3 steps in all (max_steps = 3)"),
+@pytest.mark.parametrize("settings, total", [({"max_steps": 3}, "3 steps in all (max_steps = 3 sets the total"),
                                              ({"max_epochs": 1, "max_steps": None}, "")])
 def test_a_run_no_longer_than_the_checkpoint_trains_nothing(settings, total, tiny_llama_dir, rows, finished, tmp_path,
                                                             nothing_loads):
@@ -101,8 +101,21 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(tiny_llama_dir, rows
     log, status = (work / "train_log.jsonl").read_text(), (work / STATUS_FILE).read_bytes()
     result = _resume(tiny_llama_dir, rows, work)
     assert result.already_finished and result.step == 8 and result.losses == {}
-    assert "is the last step (8) of this config's run: it is already finished" in capsys.readouterr().out
+    assert "is the last step (8) of this config's run (max_epochs = 2 of 4 steps): it is already finished" \
+        in capsys.readouterr().out
     assert (work / "train_log.jsonl").read_text() == log and (work / STATUS_FILE).read_bytes() == status
+
+
+def test_raising_max_epochs_while_max_steps_decides_says_so(tiny_llama_dir, rows, finished, tmp_path, capsys):
+    """A user who raises max_epochs to train longer (as in LLaMA-Factory or XTuner) but has max_steps set is told
+    that max_steps decides the total, not only that the run is finished."""
+    work = _stopped_at(finished, tmp_path, 8)
+    result = _resume(tiny_llama_dir, rows, work, max_steps=8, max_epochs=5)
+    assert result.already_finished and result.losses == {}
+    out = capsys.readouterr().out
+    assert "max_steps = 8 sets the total" in out and "max_epochs = 5 is not used" in out, out
+    with pytest.raises(TunelabError, match=r"max_steps = 6 sets the total.*max_epochs = 5 is not used"):
+        _resume(tiny_llama_dir, rows, work, max_steps=6, max_epochs=5)
 
 
 def test_other_data_under_the_same_name_is_refused(tiny_llama_dir, rows, finished, tmp_path):

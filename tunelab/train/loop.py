@@ -65,9 +65,10 @@ class TrainResult:
     """True when the resumed checkpoint was the run's last step: nothing was trained."""
 
 
-def _already_finished(last: Path, step: int, env: DistEnv, log) -> TrainResult:
+def _already_finished(last: Path, step: int, total: str, env: DistEnv, log) -> TrainResult:
     cleanup(env)
-    log(f"{last} is the last step ({step}) of this config's run: it is already finished, nothing to train")
+    log(f"{last} is the last step ({step}) of this config's run ({total}): it is already finished, nothing to "
+        f"train")
     return TrainResult(step=step, last_checkpoint=last, already_finished=True)
 
 
@@ -111,7 +112,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         resumed_step = resume_settings.checkpoint_step_of(last, record)
         known = resume_settings.known_steps_per_epoch(record, env.world_size // cfg.sequence_parallel_size)
         if known is not None and resume_settings.finished_or_refused(last, resumed_step, cfg, known):
-            return _already_finished(last, resumed_step, env, log)
+            return _already_finished(last, resumed_step, resume_settings.total_setting(cfg, known), env, log)
     settings_cfg = cfg  # what resolved_config.py records, once the start is accepted
     strategy = choose_strategy(cfg, env)  # refuses what the engines cannot run, before anything is loaded
     check_before_loading(cfg, env.device)  # and what the model cannot run or name: before the data step, too
@@ -154,7 +155,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                                    data_ranks=data_env.world_size)
         # (where the record knew the steps an epoch, check_data made them these: decided before loading already)
         if known is None and resume_settings.finished_or_refused(last, resumed_step, cfg, steps_per_epoch):
-            return _already_finished(last, resumed_step, env, log)
+            return _already_finished(last, resumed_step, resume_settings.total_setting(cfg, steps_per_epoch), env,
+                                     log)
     if env.is_main:
         from tunelab.config.loader import save_resolved_config
 

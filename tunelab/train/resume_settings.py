@@ -116,13 +116,23 @@ def finished_or_refused(checkpoint: Path, step: int, cfg, steps_per_epoch: int) 
     total = cfg.max_steps or steps_per_epoch * cfg.max_epochs
     if step < 0 or total > step:
         return False
-    how = f"max_steps = {cfg.max_steps}" if cfg.max_steps else \
-        f"max_epochs = {cfg.max_epochs} of {counted(steps_per_epoch, 'step')}"
     if total < step:
         raise TunelabError(f"{checkpoint}: nothing to train: the checkpoint is at step {step}, this config trains "
-                           f"{counted(total, 'step')} in all ({how}). Raise max_steps / max_epochs to train on, or "
-                           f"start over with these settings with --overwrite or in another --work-dir.")
+                           f"{counted(total, 'step')} in all ({total_setting(cfg, steps_per_epoch)}). Raise "
+                           f"max_steps / max_epochs to train on, or start over with these settings with --overwrite "
+                           f"or in another --work-dir.")
     return True
+
+
+def total_setting(cfg, steps_per_epoch: int) -> str:
+    """Which setting gives the run's total, in words. max_steps wins over max_epochs (as in Trainer), so a user who
+    raised max_epochs to train on is told that it is not the one that counts."""
+    if not cfg.max_steps:
+        return f"max_epochs = {cfg.max_epochs} of {counted(steps_per_epoch, 'step')}"
+    if cfg.max_epochs * steps_per_epoch == cfg.max_steps:
+        return f"max_steps = {cfg.max_steps}"
+    return (f"max_steps = {cfg.max_steps} sets the total; max_epochs = {cfg.max_epochs} is not used while max_steps "
+            f"is set")
 
 
 def checkpoint_step_of(checkpoint: Path, record: dict | None) -> int:
