@@ -118,6 +118,21 @@ def test_raising_max_epochs_while_max_steps_decides_says_so(tiny_llama_dir, rows
         _resume(tiny_llama_dir, rows, work, max_steps=6, max_epochs=5)
 
 
+def test_edited_data_with_as_many_rows_is_named_in_a_warning(tiny_llama_dir, rows, finished, tmp_path, capsys):
+    """The same data_path with other contents but as many rows keeps the steps per epoch: training goes on (fixing a
+    typo in the data is a fair thing to do mid-run), but never without the user being told."""
+    work = _stopped_at(finished, tmp_path, 4)
+    edited = [dict(row, input_ids=list(reversed(row["input_ids"]))) for row in rows]
+    result = _resume(tiny_llama_dir, edited, work, max_epochs=3)
+    assert sorted(result.losses) == list(range(5, 13))
+    out = capsys.readouterr().out
+    assert "warning: the training data differs from the run in" in out and "iter_4" in out, out
+
+    work = _stopped_at(finished, tmp_path / "same", 4)
+    _resume(tiny_llama_dir, rows, work, max_epochs=3)
+    assert "training data differs" not in capsys.readouterr().out
+
+
 def test_other_data_under_the_same_name_is_refused(tiny_llama_dir, rows, finished, tmp_path):
     work = _stopped_at(finished, tmp_path, 4)
     with pytest.raises(TunelabError, match=r"iter_4: the training data gives 2 steps per epoch \(4 rows\), the run "

@@ -150,9 +150,10 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     micro_per_epoch = math.ceil(len(rank_shard(list(range(len(train_rows))), data_env)) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulative_counts)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
+    data_fingerprint = resume_settings.rows_fingerprint(train_rows) if env.is_main else None
     if last is not None:  # with the data read: its size (a checkpoint of an older tunelab: the total only)
         resume_settings.check_data(last, record, steps_per_epoch=steps_per_epoch, rows=len(train_rows),
-                                   data_ranks=data_env.world_size)
+                                   data_ranks=data_env.world_size, fingerprint=data_fingerprint, log=log)
         # (where the record knew the steps an epoch, check_data made them these: decided before loading already)
         if known is None and resume_settings.finished_or_refused(last, resumed_step, cfg, steps_per_epoch):
             return _already_finished(last, resumed_step, resume_settings.total_setting(cfg, steps_per_epoch), env,
@@ -243,7 +244,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
 
     def save(at_step: int) -> Path:
         run = resume_settings.run_record(cfg, step=at_step, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                                         data_ranks=data_env.world_size)
+                                         data_ranks=data_env.world_size, data_fingerprint=data_fingerprint)
         path = ckpt.save_checkpoint(work_dir, at_step, strategy=strategy, tokenizer=tokenizer, scheduler=scheduler,
                                     position=position, meta={**meta, resume_settings.RUN_KEY: run},
                                     save_total_limit=cfg.save_total_limit)

@@ -56,10 +56,38 @@ def compared_settings(cfg) -> dict:
     return {key: _plain(values[key]) for key in keys}
 
 
-def run_record(cfg, *, step: int, steps_per_epoch: int, total_steps: int, data_ranks: int) -> dict:
-    """tunelab.json's "run" of a checkpoint at `step`: the settings compared on resume, and the run's shape."""
-    return {"step": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "data_ranks": data_ranks,
-            "settings": compared_settings(cfg)}
+def run_record(cfg, *, step: int, steps_per_epoch: int, total_steps: int, data_ranks: int,
+               data_fingerprint: str | None = None) -> dict:
+    """tunelab.json's "run" of a checkpoint at `step`: the settings compared on resume, the run's shape, and a
+    fingerprint of its training rows (`rows_fingerprint`)."""
+    record = {"step": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "data_ranks": data_ranks,
+              "settings": compared_settings(cfg)}
+    if data_fingerprint is not None:
+        record[DATA_KEY] = data_fingerprint
+    return record
+
+
+DATA_KEY = "data_fingerprint"
+
+
+def rows_fingerprint(rows) -> str:
+    """A hash of the training rows' tokens and labels (XXH3-64, at memory speed): tells a data file edited since the
+    checkpoint even where it gives as many rows, which the steps per epoch cannot."""
+    import numpy as np
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    arrays = getattr(rows, "arrays", None)
+    if arrays is not None:  # TokenRows: every row's tokens in a few flat arrays
+        for key in sorted(arrays):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(arrays[key]))
+        digest.update(np.ascontiguousarray(rows.offsets))
+    else:  # rows as dicts (tests, other row sources)
+        for row in rows:
+            for key in ("input_ids", "labels"):
+                digest.update(np.asarray(row.get(key, ()), dtype=np.int64))
+    return digest.hexdigest()
 
 
 def read_record(checkpoint: Path) -> dict | None:
@@ -100,14 +128,22 @@ def known_steps_per_epoch(record: dict | None, data_ranks: int) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def check_data(checkpoint: Path, record: dict | None, *, steps_per_epoch: int, rows: int, data_ranks: int) -> None:
+def check_data(checkpoint: Path, record: dict | None, *, steps_per_epoch: int, rows: int, data_ranks: int,
+               fingerprint: str | None = None, log=print) -> None:
     """Refuse training data that gives another number of steps per epoch than the checkpoint's run had (the same
-    data_path, other contents): the saved position would point into another data order."""
+    data_path, other contents): the saved position would point into another data order. Data edited with as many
+    rows is named in a warning: the position still means the same, and fixing rows mid-run is fair, but not unseen."""
     saved = known_steps_per_epoch(record, data_ranks)
     if saved is not None and saved != steps_per_epoch:
         raise TunelabError(f"{checkpoint}: the training data gives {counted(steps_per_epoch, 'step')} per epoch "
                            f"({counted(rows, 'row')}), the run in the checkpoint had {saved}: the data changed since "
                            f"it was saved. Resume with the data the run was trained with, or start a new work dir.")
+    before = (record or {}).get(DATA_KEY)
+    if fingerprint is not None and before is not None and before != fingerprint:
+        log(f"warning: the training data differs from the run in {checkpoint} (its {counted(rows, 'row')} hold other "
+            f"tokens or labels than when it was saved; data_path or its file was edited): training goes on with this "
+            f"data from the saved position. To continue on the data the run started with, restore it; to start over "
+            f"on this data, use --overwrite or another --work-dir.")
 
 
 def finished_or_refused(checkpoint: Path, step: int, cfg, steps_per_epoch: int) -> bool:
