@@ -179,10 +179,11 @@ def _sound_checkpoint_before(checkpoint: Path) -> Path | None:
     """The newest checkpoint next to `checkpoint`, older than it, whose model/ passes its checksums."""
     from tunelab.train.checksums import verify_checkpoint
 
-    step = int(re.match(r"^iter_(\d+)", checkpoint.name).group(1)) if checkpoint.name.startswith("iter_") else None
+    match = re.match(r"^iter_(\d+)", checkpoint.name)  # iter_N, iter_N.tmp, iter_N.damaged
+    if match is None:  # a folder named otherwise: no steps to compare
+        return None
     for candidate in reversed(list_checkpoints(checkpoint.parent)):
-        if step is not None and checkpoint_step(candidate) < step \
-                and verify_checkpoint(candidate, under=MODEL_DIR) is None:
+        if checkpoint_step(candidate) < int(match.group(1)) and verify_checkpoint(candidate, under=MODEL_DIR) is None:
             return candidate
     return None
 
