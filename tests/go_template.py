@@ -1,6 +1,7 @@
 """A small evaluator of Go's text/template, for the subset tunelab's Ollama TEMPLATE uses, so a test can render it
 and compare with the training template: text, {{ expr }}, {{ $x := expr }}, {{ $x = expr }}, if / else if / else,
-range [$i, $v :=] expr, and the functions eq, not, and, len, slice. Anything else raises, so a template that
+range [$i, $v :=] expr, and the functions eq, not, and, len, slice, and printf "%q" (Go's strconv.Quote). Anything
+else raises, so a template that
 strays outside the subset fails the test instead of passing by accident. (Go's semantics: a template variable
 assigned inside range keeps the new value after it; `.` inside range is the element; `$` is the data.)"""
 
@@ -103,8 +104,31 @@ def _value(tokens, pos, scope):
     raise ValueError(f"unexpected {token!r}")
 
 
+def _printf(fmt: str, value: str) -> str:
+    """printf "%q": Go's strconv.Quote, written from its documentation: a double-quoted string, with \\a \\b \\f
+    \\n \\r \\t \\v, \\" and \\\\ escaped, other characters below a space and DEL as \\xHH, printable characters
+    (Unicode letters, marks, numbers, punctuation, symbols and the ASCII space) as they are, the rest as \\uHHHH or
+    \\UHHHHHHHH."""
+    if fmt != "%q":
+        raise ValueError(f"printf {fmt!r}: only %q is in the subset")
+    named = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v",
+             '"': '\\"', "\\": "\\\\"}
+    out = []
+    for ch in value:
+        code = ord(ch)
+        if ch in named:
+            out.append(named[ch])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
+
+
 FUNCTIONS = {"eq": lambda a, b: a == b, "not": lambda a: not a, "and": lambda *a: all(a), "len": len,
-             "slice": lambda x, i: x[i:]}
+             "slice": lambda x, i: x[i:], "printf": _printf}
 
 
 def _call(tokens, pos, scope):

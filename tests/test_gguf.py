@@ -215,11 +215,32 @@ CONVERSATIONS = [
 
 
 # Templates that do more than wrap each message's text, so no Ollama TEMPLATE is written for them: Mistral v3 /
-# Tekken put the system prompt in the last user turn and number tool calls; Llama 3.1 / 3.2 write a dated system
-# block of their own and put tools in the user turn (tests/vendor_templates has the published ones); Llama 2 writes
-# a system prompt before a first assistant message without its [INST] (no pair of roles tells that apart).
-NO_OLLAMA_TEMPLATE = {"mistral_v3", "mistral_tekken", "llama3_1_chat", "llama3_2_chat", "llama2_chat"}
-TRIMMING = {"gemma", "gemma3", "llama3_chat"}  # `| trim` on each message's text
+# Tekken put the system prompt in the last user turn and number tool calls; Llama 2 writes a system prompt before a
+# first assistant message without its [INST] (no pair of roles tells that apart). Llama 3.1 / 3.2's dated system
+# block is fixed text before the first message, and their tool results are JSON strings (`printf "%q"`): they get one.
+NO_OLLAMA_TEMPLATE = {"mistral_v3", "mistral_tekken", "llama2_chat"}
+TRIMMING = {"gemma", "gemma3", "llama3_chat", "llama3_1_chat", "llama3_2_chat"}  # `| trim` on each message's text
+
+
+@pytest.mark.parametrize("name", ["llama3_1_chat", "llama3_2_chat"])
+def test_llama3_1_modelfile_writes_the_dated_system_block_and_quotes_tool_results(name, tiny_tokenizer):
+    """Ollama never runs the GGUF's Jinja template (it picks the nearest of its own by edit distance, else the bare
+    prompt), so Llama 3.1 -- the model of Unsloth's notebooks -- needs a TEMPLATE: the vendor's dated system block
+    before the first message, and tool results written as JSON strings, as the training template writes them."""
+    from tunelab.export.ollama import modelfile_text
+
+    template = get_template(name, tiny_tokenizer)
+    text = modelfile_text("m.gguf", template)
+    assert 'TEMPLATE """' in text, text
+    go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert "Cutting Knowledge Date: December 2023" in go and 'printf "%q" .Content' in go
+    for messages in ([{"role": "user", "content": "Hi"}],
+                     [{"role": "system", "content": "S"}, {"role": "user", "content": "weather?"},
+                      {"role": "assistant", "content": "calling"},
+                      {"role": "tool", "content": '{"temp": 21, "note": "a \\ b\n<ok> & é"}'}]):
+        expected = template.render(messages, add_generation_prompt=True)
+        data = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+        assert render_go(go, data) == expected
 
 
 @pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"hf"}))  # 'hf': the tokenizer's own, kept in the GGUF

@@ -10,12 +10,16 @@
   user turns in a row, a first message from the assistant, a tool result then a user turn, ...), a system prompt,
   several turns, tool results, spaces and newlines in contents; a template that does more than wrap contents (one
   that moves the system prompt to the last turn, or rewrites earlier replies) fails the check and gets no TEMPLATE,
-  with a note (Ollama then reads `tokenizer.chat_template` from the GGUF file). Conversations the training template
+  with a note (Ollama then matches `tokenizer.chat_template` in the GGUF file to one of its own). Conversations the training template
   refuses, or in which it leaves a message out (Gemma's and Mistral's drop a system prompt no user turn follows),
   are not compared: the TEMPLATE keeps such a message. A template that trims the spaces around each message's text
   gets a TEMPLATE that keeps them (Ollama's language cannot trim), and a comment saying so. As in Ollama's own
   templates, a chat that ends with an assistant message is left open, so the model continues it. Tool results are
-  wrapped as the template wraps them; the calls themselves (Ollama's .ToolCalls) are not written.
+  wrapped as the template wraps them; the calls themselves (Ollama's .ToolCalls) are not written. A role whose
+  content the template writes as a JSON string (Llama 3.1 / 3.2's tool results, `| tojson`) is written with
+  `printf "%q"`, Go's quoting: the same text as JSON's for text without control or invisible characters (`\n`,
+  `\t`, quotes, backslashes, `<>&` and non-ASCII letters alike). Ollama never runs the GGUF's Jinja template itself:
+  without a TEMPLATE it takes the nearest of its own built-in templates by edit distance, or the bare prompt.
 * `PARAMETER stop` for each of the template's stop words.
 * `SYSTEM`: the run's system prompt (or the template's default), which Ollama adds when a chat brings none.
 """
@@ -23,6 +27,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from tunelab.data.messages import with_default_system
@@ -74,21 +79,61 @@ def _marker(i: int) -> str:
     return f"@@tunelab{i}@@"
 
 
-def _between_texts(template, roles, gen: bool) -> list[str] | None:
+def _between_texts(template, roles, gen: bool, quoted: frozenset = frozenset()) -> list[str] | None:
     """The texts around the contents of a rendered conversation: [before 1st, between 1st and 2nd, ..., after last];
-    None when the template cannot render it or does not show each content once, in order."""
+    None when the template cannot render it or does not show each content once, in order. The content of a role in
+    `quoted` is looked for with its JSON quotes, which belong to the content, not to the text around it."""
     messages = [{"role": r, "content": _marker(i)} for i, r in enumerate(roles)]
     try:
         text = template.render(messages, add_generation_prompt=gen)
     except Exception:  # noqa: BLE001 (a template's own refusal of this order of roles: raise_exception, TunelabError)
         return None
     pieces, rest = [], text
-    for i in range(len(roles)):
-        before, found, rest = rest.partition(_marker(i))
+    for i, role in enumerate(roles):
+        before, found, rest = rest.partition(json.dumps(_marker(i)) if role in quoted else _marker(i))
         if not found or any(_marker(j) in before for j in range(len(roles))):
             return None
         pieces.append(before)
     return pieces + [rest]
+
+
+_QUOTE_PROBE = 'x "y" \\ z\n'  # a content that JSON quoting changes in every way a plain wrap cannot
+
+
+def _quoted_roles(template) -> frozenset:
+    """Roles whose content the template writes as a JSON string (Llama 3.1's tool results: `content | tojson`)."""
+    quoted = set()
+    for role in ROLES:
+        roles = (*_LEAD_IN[role][:-1], role, *(("user",) if role == "assistant" else ()))
+        messages = [{"role": r, "content": _QUOTE_PROBE if i == len(_LEAD_IN[role][:-1]) else "Hi"}
+                    for i, r in enumerate(roles)]
+        try:
+            text = template.render(messages, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 (a template that refuses this role here: nothing to learn)
+            continue
+        if json.dumps(_QUOTE_PROBE, ensure_ascii=False) in text:
+            quoted.add(role)
+    return frozenset(quoted)
+
+
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+               "\v": "\\v", '"': '\\"', "\\": "\\\\"}
+
+
+def _go_quote(text: str) -> str:
+    """What Ollama's `printf "%q"` writes (Go's strconv.Quote), so the check compares what Ollama will render."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[ch])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif ch.isprintable():  # Python's printable is Go's IsPrint: letters, marks, numbers, punctuation, symbols
+            out.append(ch)
+        else:
+            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
 
 
 @dataclasses.dataclass
@@ -97,6 +142,8 @@ class TurnTable:
     before: dict[tuple[str, str], str]
     after: dict[str, str]
     """After the last message, asking for the reply (add_generation_prompt), by its role."""
+    quoted: frozenset = frozenset()
+    """Roles whose content is written as a quoted string (`printf "%q"` in the TEMPLATE)."""
 
     def usual(self, role: str) -> str | None:
         """The text most (previous role, `role`) pairs share: the TEMPLATE's text before a `role` message after a
@@ -116,7 +163,7 @@ class TurnTable:
             text = self.text_before(prev, m["role"])
             if text is None:
                 return None
-            out += [text, m["content"]]
+            out += [text, _go_quote(m["content"]) if m["role"] in self.quoted else m["content"]]
             prev = m["role"]
         return "".join(out) + self.after.get(prev, "")
 
@@ -126,12 +173,13 @@ def turn_table(template) -> TurnTable | None:
     template = dataclasses.replace(template, default_system="")  # the Modelfile's SYSTEM provides it
     before: dict[tuple[str, str], str] = {}
     after: dict[str, str] = {}
+    quoted = _quoted_roles(template)
 
     def record(table: dict, key, text: str) -> bool:
         return table.setdefault(key, text) == text
 
     for roles in PROBES + EXTRA_PROBES:
-        pieces = _between_texts(template, roles, gen=True)
+        pieces = _between_texts(template, roles, gen=True, quoted=quoted)
         if pieces is None:
             continue
         pairs = [((roles[i - 1] if i else "", role), pieces[i]) for i, role in enumerate(roles)]
@@ -141,7 +189,7 @@ def turn_table(template) -> TurnTable | None:
             return None
         if not record(after, roles[-1], pieces[-1]):
             return None
-    return TurnTable(before, after) if ("", "user") in before else None
+    return TurnTable(before, after, quoted) if ("", "user") in before else None
 
 
 def _up_to_last(text: str, content: str) -> str | None:
@@ -216,7 +264,9 @@ def go_template(table: TurnTable) -> str:
                    if r == role and text != usual]
         per_role.append((f'eq .Role "{role}"', _chain(special, _literal(usual))))
     tails = _chain([(f'eq $prev "{role}"', _literal(text)) for role, text in table.after.items()])
-    return '{{ $prev := "" }}{{ range .Messages }}' + _chain(per_role) + "{{ .Content }}{{ $prev = .Role }}{{ end }}" \
+    content = _chain([(f'eq .Role "{role}"', '{{ printf "%q" .Content }}') for role in ROLES if role in table.quoted],
+                     "{{ .Content }}")
+    return '{{ $prev := "" }}{{ range .Messages }}' + _chain(per_role) + content + "{{ $prev = .Role }}{{ end }}" \
         + tails
 
 
@@ -235,8 +285,8 @@ def modelfile_text(gguf_name: str, template, *, system: str = "") -> str:
                                    f"cannot quote. Use --no-modelfile and write the TEMPLATE by hand.")
             lines.append(f'TEMPLATE """{text}"""')
         else:
-            lines.append(f"# no TEMPLATE: template {template.name!r} does more than wrap each message's text, so "
-                         f"Ollama uses the chat template inside the GGUF file")
+            lines.append(f"# no TEMPLATE: template {template.name!r} does more than wrap each message's text; Ollama "
+                         f"matches the GGUF's chat template to the nearest of its own, which may not be the training one")
         for word in template.stop_words:
             lines.append(f"PARAMETER stop {_go_string(word)}")
         system = system or template.default_system
