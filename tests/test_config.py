@@ -439,3 +439,15 @@ def test_llamafactory_template_names_point_to_the_same_format(tmp_path, theirs, 
 
     with pytest.raises(TunelabError, match=f"Did you mean '{ours}'\\?"):
         get_template(theirs)
+
+
+def test_warmup_steps_as_unsloth_and_hf_trainer_set_it(tmp_path):
+    """Unsloth's notebooks (and HF's TrainingArguments) warm up for a number of steps (`warmup_steps = 5` of
+    `max_steps = 60`): the same setting here, winning over warmup_ratio as it does there, never past the run."""
+    from tunelab.train.optim import warmup_steps_for
+
+    cfg = load_config(write(tmp_path, "max_steps = 60\nwarmup_steps = 5\nwarmup_ratio = 0.5\n"))
+    assert cfg.warmup_steps == 5 and warmup_steps_for(cfg, 60) == 5 and warmup_steps_for(cfg, 3) == 3
+    assert warmup_steps_for(load_config(write(tmp_path, "warmup_ratio = 0.1\n")), 60) == 6  # ratio when unset
+    with pytest.raises(TunelabError, match="'warmup_steps'.*line 1"):
+        load_config(write(tmp_path, "warmup_steps = -1\n"))

@@ -113,5 +113,5 @@ def build_deepspeed_config(cfg, *, precision: str, world_size: int) -> dict:
         if key in ds:
             raise TunelabError(f"deepspeed config {cfg.deepspeed!r} has an '{key}' section; remove it: tunelab builds "
                                "the optimizer and lr schedule from the config keys lr, betas, weight_decay, "
-                               "lr_scheduler, warmup_ratio.")
+                               "lr_scheduler, warmup_ratio / warmup_steps.")
     return ds

@@ -1,7 +1,7 @@
 """The optimiser, the learning-rate schedule, and mixed precision for training.
 
 * AdamW (fused on CUDA), or bitsandbytes' 8-bit / paged 8-bit AdamW, which keep the optimiser state in 8 bits.
-* Warm-up (linear from ~0 to `lr` over `warmup_ratio` of the steps), then cosine or linear decay to 0, or constant.
+* Warm-up (linear from ~0 to `lr` over `warmup_steps`, or `warmup_ratio` of the steps), then cosine or linear decay to 0, or constant.
 * bf16 autocast where the GPU has bf16; fp16 autocast with loss scaling where it does not; plain fp32 on CPU.
 * `StepsInBackward`: each layer's parameters updated inside backward, as soon as their gradients are there (no
   clipping).
@@ -169,6 +169,10 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, kind: str) -> f
 
 
 def warmup_steps_for(cfg, total_steps: int) -> int:
+    # A count of steps (HF's and Unsloth's warmup_steps) wins over the ratio, as in TrainingArguments; never past the
+    # run's end, so a short run still reaches the peak lr.
+    if getattr(cfg, "warmup_steps", None) is not None:
+        return min(cfg.warmup_steps, total_steps)
     return math.ceil(cfg.warmup_ratio * total_steps)
 
 

@@ -39,9 +39,9 @@ LORA = ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora",
 # Settings newer than the run record itself: a checkpoint whose record lacks one was saved by a tunelab that did not
 # have it, so its run trained with it off, its default (unlike a setting that existed before it was recorded, which
 # is unknown).
-ADDED_LATER = {key: default_value(key) for key in ("rope_scaling", "loraplus_lr_ratio", *PARTIAL)}
+ADDED_LATER = {key: default_value(key) for key in ("rope_scaling", "loraplus_lr_ratio", "warmup_steps", *PARTIAL)}
 PREFERENCE = ("beta", "dpo_loss", "label_smoothing", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight")
-SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "weight_decay", "betas", "loraplus_lr_ratio")
+SCHEDULE = ("lr", "lr_scheduler", "warmup_ratio", "warmup_steps", "weight_decay", "betas", "loraplus_lr_ratio")
 
 
 def _plain(value):
