@@ -451,3 +451,13 @@ def test_warmup_steps_as_unsloth_and_hf_trainer_set_it(tmp_path):
     assert warmup_steps_for(load_config(write(tmp_path, "warmup_ratio = 0.1\n")), 60) == 6  # ratio when unset
     with pytest.raises(TunelabError, match="'warmup_steps'.*line 1"):
         load_config(write(tmp_path, "warmup_steps = -1\n"))
+
+
+def test_llama3_1_the_model_of_unsloths_notebooks_has_built_in_configs_with_its_own_template(tmp_path):
+    """Unsloth's Llama notebooks fine-tune Llama 3.1 with its own chat template ("llama-3.1"); a copy of the Llama 3
+    config would train it on Llama 3's template, which lacks 3.1's dated system block."""
+    names = registry.list_configs("llama3_1_8b")
+    assert "llama3_1_8b_qlora_openai_e3" in names and "llama3_1_8b_lora_alpaca_e3" in names
+    cfg = load_config(registry.copy_config("llama3_1_8b_qlora_openai_e3", tmp_path))
+    assert cfg.pretrained_model_name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+    assert cfg.prompt_template == "llama3_1_chat"

@@ -41,6 +41,7 @@ MODELS: dict[str, Model] = {
     "internlm2_5_7b": Model("internlm/internlm2_5-7b-chat", "internlm2_chat"),
     "llama2_7b": Model("meta-llama/Llama-2-7b-chat-hf", "llama2_chat"),
     "llama3_8b": Model("meta-llama/Meta-Llama-3-8B-Instruct", "llama3_chat"),
+    "llama3_1_8b": Model("meta-llama/Llama-3.1-8B-Instruct", "llama3_1_chat"),  # Unsloth's notebooks' Llama
     "qwen2_5_0_5b": Model("Qwen/Qwen2.5-0.5B-Instruct", "qwen2_5_chat"),
     "qwen2_5_1_5b": Model("Qwen/Qwen2.5-1.5B-Instruct", "qwen2_5_chat"),
     "qwen2_5_7b": Model("Qwen/Qwen2.5-7B-Instruct", "qwen2_5_chat"),
