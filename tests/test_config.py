@@ -461,3 +461,18 @@ def test_llama3_1_the_model_of_unsloths_notebooks_has_built_in_configs_with_its_
     cfg = load_config(registry.copy_config("llama3_1_8b_qlora_openai_e3", tmp_path))
     assert cfg.pretrained_model_name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
     assert cfg.prompt_template == "llama3_1_chat"
+
+
+def test_the_coming_from_unsloth_config_in_training_md_loads_with_the_notebooks_settings(tmp_path):
+    """docs/TRAINING.md, "Coming from Unsloth": its config block is a config tunelab reads, holding the values of
+    Unsloth's Llama-3.1 notebook (r 16, alpha 16, dropout 0, seven targets, 2 x 4, 60 steps, 5 warm-up, 8-bit AdamW,
+    linear)."""
+    docs = (REPO / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    block = docs.split("## Coming from Unsloth", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    cfg = load_config(write(tmp_path, block))
+    assert (cfg.method, cfg.max_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.seed) == \
+        ("qlora", 2048, 16, 16, 0.0, 3407)
+    assert cfg.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (cfg.batch_size, cfg.accumulative_counts, cfg.max_steps, cfg.warmup_steps, cfg.lr) == (2, 4, 60, 5, 2e-4)
+    assert (cfg.optimizer, cfg.lr_scheduler, cfg.prompt_template, cfg.data_format, cfg.train_on) == \
+        ("adamw_8bit", "linear", "llama3_1_chat", "sharegpt", "assistant")
