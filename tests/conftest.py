@@ -48,6 +48,21 @@ def tiny_qwen2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bnb_4bit_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny base saved in 4 bits by bitsandbytes, as Unsloth's `unsloth/...-bnb-4bit` uploads are."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    out = tmp_path_factory.mktemp("bnb_4bit")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quant, device_map="cpu").save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     """Call with an architecture name (see tunelab.model.tiny.TINY_CONFIGS) to get a tiny model directory."""
     cache: dict[str, object] = {}

@@ -187,6 +187,26 @@ def test_merge_qlora_adapter_into_unquantised_base(tiny_llama_dir, tmp_path, cap
     assert torch.allclose(logits(_base(out), ids), expected, atol=1e-4)
 
 
+def test_merge_into_a_base_saved_in_4_bits_writes_its_dequantised_weights_with_the_adapter(tiny_bnb_4bit_dir, tmp_path,
+                                                                                            capsys):
+    """Unsloth's notebooks load `unsloth/...-bnb-4bit` models, and QLoRA trains on them as they are. Merging
+    (Unsloth's save_pretrained_merged, 'merged_16bit') writes plain weights: the 4-bit values dequantised -- the
+    weights the adapter was trained against -- with the adapter added, and no quantization_config."""
+    make_lora_checkpoint(tiny_bnb_4bit_dir, tmp_path / "work", method="qlora", seed=3)
+    out = tmp_path / "merged"
+    assert main(["convert", "merge", str(tiny_bnb_4bit_dir), str(tmp_path / "work"), str(out), "--dtype", "fp32"]) == 0
+    assert "stored in 4 bits" in capsys.readouterr().out
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    from peft import PeftModel
+
+    trained = PeftModel.from_pretrained(_base(tiny_bnb_4bit_dir), str(tmp_path / "work" / "iter_10" / "model")).eval()
+    for module in trained.modules():  # bitsandbytes' training kernel, not its bf16 CPU inference one (model/load.py)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    ids = _ids(tiny_bnb_4bit_dir)
+    assert torch.allclose(logits(_base(out), ids), logits(trained, ids), atol=1e-4)  # 4-bit layers + adapter
+
+
 def test_merge_internlm2_base_format_original(tiny_model_factory, tmp_path):
     from tunelab.model import internlm2
     from tunelab.model.load import load_causal_lm

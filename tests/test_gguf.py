@@ -461,3 +461,21 @@ def test_a_sentencepiece_model_trained_converted_and_merged_exports_to_gguf(tiny
         model, adapter = (str(base), str(tmp_path / source)) if source == "adapter" else (str(tmp_path / source), None)
         out = convert_to_gguf(model, str(tmp_path / f"gguf_{source}" / "m.gguf"), adapter=adapter)
         assert _field(gguf.GGUFReader(out), "tokenizer.ggml.model") == "llama", source
+
+
+def test_a_run_on_a_base_saved_in_4_bits_exports_to_gguf(tiny_bnb_4bit_dir, tmp_path):
+    """Unsloth's `unsloth/...-bnb-4bit` bases train with QLoRA as they are; `convert gguf WORK_DIR` (its
+    save_pretrained_gguf) then writes plain weights -- the 4-bit values dequantised, the adapter merged -- not
+    bitsandbytes' packed tensors and their absmax, which GGUF has no place for."""
+    from train_helpers import write_config
+
+    from tunelab.cli.main import main
+
+    config = write_config(tmp_path, tiny_bnb_4bit_dir, method="qlora", prompt_template="llama3_1_chat", max_steps=1)
+    assert main(["train", str(config), "--work-dir", str(tmp_path / "work"), "--device", "cpu"]) == 0
+    out = tmp_path / "out" / "model.gguf"
+    assert main(["convert", "gguf", str(tmp_path / "work"), str(out), "--type", "f32"]) == 0
+    reader = gguf.GGUFReader(out)
+    names = [t.name for t in reader.tensors]
+    assert "blk.0.attn_q.weight" in names and not any("absmax" in n or "quant" in n for n in names)
+    assert 'TEMPLATE """' in (tmp_path / "out" / "Modelfile").read_text()

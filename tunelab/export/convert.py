@@ -249,7 +249,7 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     """Merge `adapter` into `base` and save a HF model + tokenizer (with the training chat_template) in `out_dir`.
 
     allow_other_base: merge although the adapter was trained on a base of another architecture."""
-    from tunelab.model.load import load_causal_lm
+    from tunelab.model.load import load_causal_lm, stored_bits
 
     max_shard_size = shard_size(max_shard_size)
     _refuse_swapped(base, adapter, out_dir)
@@ -281,8 +281,12 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
                                                  if reward else ""))
     # the model step's loader: hub id or directory, InternLM2 as a native graph, never quantised here
     model = load_causal_lm(base, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, key="BASE",
-                           reward_head=reward, pad_token_id=tokenizer.pad_token_id, rope=meta.get("rope_scaling"))
-    if meta.get("method") == "qlora":
+                           reward_head=reward, pad_token_id=tokenizer.pad_token_id, rope=meta.get("rope_scaling"),
+                           dequantize=True)
+    if stored_bits(base, key="BASE"):
+        _say(f"the base {base} is stored in {stored_bits(base, key='BASE')} bits (bitsandbytes); merging into its "
+             "dequantised weights, the ones the adapter was trained against")
+    elif meta.get("method") == "qlora":
         _say("the adapter was trained on a 4-bit base (QLoRA); merging into the unquantised base, as intended")
     _say(f"merging adapter {adapter_dir}")
     merged = apply_adapter(model, adapter_dir, base, meta=meta, allow_other_base=allow_other_base,

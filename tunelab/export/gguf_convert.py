@@ -137,7 +137,7 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     template = template_for_export(meta, prompt_template, tokenizer)  # an unknown name: refused before loading
     _say(f"loading {model_dir}" + (f" with adapter {adapter_dir}" if adapter_dir else ""))
     model = load_causal_lm(str(model_dir), dtype="auto", device="cpu", trust_remote_code=trust_remote_code,
-                           key="MODEL", rope=meta.get("rope_scaling"))
+                           key="MODEL", rope=meta.get("rope_scaling"), dequantize=True)  # GGUF writes plain weights
     if adapter_dir:
         model = apply_adapter(model, adapter_dir, str(model_path), meta=meta, allow_other_base=allow_other_base,
                               say=_say).merge_and_unload()

@@ -178,7 +178,8 @@ def _quantization_config(bits: int, compute_dtype: torch.dtype):
 
 def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device | str, bits: int | None = None,
                    trust_remote_code: bool = False, key: str = "pretrained_model_name_or_path",
-                   reward_head: bool = False, pad_token_id: int | None = None, rope: dict | None = None):
+                   reward_head: bool = False, pad_token_id: int | None = None, rope: dict | None = None,
+                   dequantize: bool = False):
     """A causal LM on `device` (quantised to `bits` if given): native transformers classes, InternLM2 converted.
 
     `dtype` may be "auto" (the dtype the checkpoint is stored in); `key` names the setting the path came from.
@@ -186,6 +187,8 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
     tunelab.model.reward), its head new unless the checkpoint is one; `pad_token_id` goes into its config (transformers
     reads the score at the last token that is not padding).
     rope: RoPE scaling to build the model with (`tunelab.model.rope`: the run's decision, or its tunelab.json's record).
+    dequantize: a checkpoint saved quantised (bitsandbytes, e.g. Unsloth's `-bnb-4bit` uploads) comes back with
+    plain weights, its quantised values dequantised (`stored_bits` tells).
     """
     device = check_device(device)
     model_dir = resolve_model_dir(path, key=key)
@@ -202,9 +205,22 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
     model_config = build_config(model_dir, config, how, rope=rope, **values)
     with reading_weights(model_dir, key):
         model = _from_pretrained(model_dir, model_config, how, kwargs, reward_head=reward_head)
+    if dequantize and getattr(model, "is_quantized", False):
+        # merging an adapter into 4-bit layers rounds it away (peft re-quantises), and neither save_pretrained nor
+        # GGUF can write them: plain weights, the values the adapter was trained against
+        model = model.dequantize()
     if not bits:
         model.to(device)
     return model
+
+
+def stored_bits(path: str, *, key: str = "pretrained_model_name_or_path") -> int | None:
+    """4 or 8 when the checkpoint at `path` is saved quantised by bitsandbytes (its config.json's
+    quantization_config), else None."""
+    quant = read_model_config(resolve_model_dir(path, key=key), key=key).get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method", "bitsandbytes") != "bitsandbytes":
+        return None
+    return 8 if quant.get("load_in_8bit") else 4
 
 
 def _from_pretrained(model_dir, model_config, how: str, kwargs: dict, *, reward_head: bool):
