@@ -57,7 +57,8 @@ def tiny_bnb_4bit_dir(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bnb_4bit")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
-    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quant, device_map="cpu").save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quant, device_map="cpu")
+    model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
     return out
 

@@ -191,7 +191,8 @@ class TrainConfig:
     """Stop after this many optimiser steps (overrides max_epochs when set)."""
     warmup_ratio: float = setting(0.03, fraction("a fraction of all steps, e.g. 0.03"))
     """Fraction of the steps spent warming the learning rate up from 0."""
-    warmup_steps: Optional[int] = setting(None, Rule(lambda v: v is None or v >= 0, "None or a whole number, 0 or more"))
+    warmup_steps: Optional[int] = setting(None, Rule(lambda v: v is None or v >= 0,
+                                                     "None or a whole number, 0 or more"))
     """Optimiser steps spent warming the learning rate up (Unsloth's notebooks: 5); when set it wins over
     warmup_ratio, as in Hugging Face's TrainingArguments. None: warmup_ratio decides."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"

@@ -10,9 +10,9 @@
   user turns in a row, a first message from the assistant, a tool result then a user turn, ...), a system prompt,
   several turns, tool results, spaces and newlines in contents; a template that does more than wrap contents (one
   that moves the system prompt to the last turn, or rewrites earlier replies) fails the check and gets no TEMPLATE,
-  with a note (Ollama then matches `tokenizer.chat_template` in the GGUF file to one of its own). Conversations the training template
-  refuses, or in which it leaves a message out (Gemma's and Mistral's drop a system prompt no user turn follows),
-  are not compared: the TEMPLATE keeps such a message. A template that trims the spaces around each message's text
+  with a note (Ollama then matches `tokenizer.chat_template` in the GGUF file to one of its own). Conversations the
+  training template refuses, or in which it leaves a message out (Gemma's and Mistral's drop a system prompt no user
+  turn follows), are not compared: the TEMPLATE keeps such a message. A template that trims the spaces around each message's text
   gets a TEMPLATE that keeps them (Ollama's language cannot trim), and a comment saying so. As in Ollama's own
   templates, a chat that ends with an assistant message is left open, so the model continues it. Tool results are
   wrapped as the template wraps them; the calls themselves (Ollama's .ToolCalls) are not written. A role whose
@@ -286,7 +286,8 @@ def modelfile_text(gguf_name: str, template, *, system: str = "") -> str:
             lines.append(f'TEMPLATE """{text}"""')
         else:
             lines.append(f"# no TEMPLATE: template {template.name!r} does more than wrap each message's text; Ollama "
-                         f"matches the GGUF's chat template to the nearest of its own, which may not be the training one")
+                         f"matches the GGUF's chat template to the nearest of its own, which may not be the training "
+                         f"one")
         for word in template.stop_words:
             lines.append(f"PARAMETER stop {_go_string(word)}")
         system = system or template.default_system

@@ -1,7 +1,8 @@
 """The optimiser, the learning-rate schedule, and mixed precision for training.
 
 * AdamW (fused on CUDA), or bitsandbytes' 8-bit / paged 8-bit AdamW, which keep the optimiser state in 8 bits.
-* Warm-up (linear from ~0 to `lr` over `warmup_steps`, or `warmup_ratio` of the steps), then cosine or linear decay to 0, or constant.
+* Warm-up (linear from ~0 to `lr` over `warmup_steps`, or `warmup_ratio` of the steps), then cosine or linear decay
+  to 0, or constant.
 * bf16 autocast where the GPU has bf16; fp16 autocast with loss scaling where it does not; plain fp32 on CPU.
 * `StepsInBackward`: each layer's parameters updated inside backward, as soon as their gradients are there (no
   clipping).
