@@ -74,7 +74,9 @@ def test_plan_gpu_memory_accepts_a_fraction():
 
 
 @pytest.mark.parametrize("command", [["chat", "m"], ["web", "m"], ["serve", "m"], ["predict", "m", "--data", "d",
-                                                                                    "--out", "o"], ["eval", "m", "--task", "mmlu_test"]])
+                                                                                    "--out", "o"], ["eval", "m", "--task", "mmlu_test"],
+                                     ["convert", "merge", "b", "a", "o"], ["convert", "gguf", "m", "o.gguf"],
+                                     ["reward", "m", "--data", "d"]])
 def test_every_model_command_takes_llama_factorys_template_spelling(command):
     """--template (LLaMA-Factory's and check-dataset's spelling) is --prompt-template wherever a model is loaded."""
     from tunelab.cli.main import build_parser

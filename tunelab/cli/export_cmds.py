@@ -90,7 +90,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="where to merge: auto (GPU if any), cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="dtype of the merged model (auto: the base's own)")
-    p.add_argument("--prompt-template", metavar="NAME", help="override the template recorded in tunelab.json")
+    p.add_argument("--prompt-template", "--template", metavar="NAME", dest="prompt_template",
+                   help="override the template recorded in tunelab.json (--template: LLaMA-Factory's spelling)")
     p.add_argument("--format", dest="output_format", default="hf", choices=["hf", "original"],
                    help="hf (default) or original (InternLM2's own layout, for InternLM2 bases)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
@@ -111,7 +112,8 @@ def _register_gguf(verbs, fmt) -> None:
                    help="how weights are stored: f16 (default), bf16, f32, q8_0 (about half of f16), or q6_k, "
                         "q5_k_m, q4_k_m (about 30%%), q4_0 quantised by llama.cpp through llama-cpp-python")
     p.add_argument("--adapter", metavar="DIR", help="an adapter directory, iter_N checkpoint or WORK_DIR to merge in")
-    p.add_argument("--prompt-template", metavar="NAME", help="override the template recorded in tunelab.json")
+    p.add_argument("--prompt-template", "--template", metavar="NAME", dest="prompt_template",
+                   help="override the template recorded in tunelab.json (--template: LLaMA-Factory's spelling)")
     p.add_argument("--no-modelfile", action="store_true", help="write only the GGUF file")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--allow-other-base", action="store_true",

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", metavar="NAMES", help="the datasets of a dataset_info.json to score (e.g. "
                    "dpo_en_demo,kto_en_demo)")
     p.add_argument("-n", type=_positive_int, metavar="N", help="score only the first N records")
-    p.add_argument("--prompt-template", metavar="NAME", help="chat template (default: from tunelab.json)")
+    p.add_argument("--prompt-template", "--template", metavar="NAME", dest="prompt_template",
+                   help="chat template (default: from tunelab.json; --template: LLaMA-Factory's spelling)")
     p.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")
     p.add_argument("--max-length", type=_positive_int, metavar="N",
                    help="tokens a sequence (default: as in training)")
