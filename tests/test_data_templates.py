@@ -304,3 +304,15 @@ def test_guess_template_ignores_hints_in_the_users_own_folders(tmp_path):
     yi.mkdir(parents=True)
     (yi / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 64000}))
     assert guess_template(yi) == "yi_chat"
+
+
+def test_the_templates_table_of_docs_data_md_names_every_template_and_alias():
+    """docs/DATA.md's table of templates lists each name get_template takes (other names in brackets), no more."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "DATA.md").read_text(encoding="utf-8")
+    table = text.split("| name (other names) |", 1)[1].split("\n\n", 1)[0]
+    first_cells = [line.split("|")[1] for line in table.splitlines()[2:] if line.startswith("|")]
+    listed = {name for cell in first_cells for name in re.findall(r"`([\w.]+)`", cell)}
+    assert listed == set(TEMPLATES)
