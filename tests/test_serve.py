@@ -667,6 +667,9 @@ def test_serve_cli_defaults_to_localhost():
     (["serve", "m", "--api-key", ""], "--api-key is empty (an unset variable?)"),  # never served without a key
     (["web", "m", "--api-key", " "], "--api-key is empty"),
     (["serve", "m", "--engine", "vllm", "--api-key", ""], "--api-key is empty"),
+    # as a request's empty `stop` is a 400: an empty stop word is in every text, so every reply would be empty
+    (["chat", "m", "--stop-word", "", "--prompt", "x"], "--stop-word '': must be"),
+    (["serve", "m", "--stop-word", "</s>", "--stop-word", ""], "--stop-word '': must be"),
 ])
 def test_bad_flags_are_one_line_errors(argv, says, capsys):
     from tunelab.cli.main import main
@@ -674,6 +677,28 @@ def test_bad_flags_are_one_line_errors(argv, says, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["serve", "web"])
+def test_stop_word_flags_end_the_replies_of_requests_without_stop(command, chat, monkeypatch):
+    """`--stop-word` is a command-line value like --temperature: a request (or the web page) that leaves `stop` out
+    takes it; one that sends `stop` has its own."""
+    import tunelab.chat.engine
+    import tunelab.chat.server
+    from tunelab.chat.server import BackgroundServer, free_port
+    from tunelab.cli.main import main
+
+    apps = []
+    monkeypatch.setattr(tunelab.chat.engine, "load_from_args", lambda args: chat)
+    monkeypatch.setattr(tunelab.chat.server, "serve", lambda app, **kwargs: apps.append(app))
+    assert main([command, "m", "--port", str(free_port()), "--stop-word", "TuneBot", "--max-new-tokens", "24"]) == 0
+    with BackgroundServer(apps[0]) as url:
+        asked = {"messages": ASK}
+        assert _post(f"{url}/v1/chat/completions", json.dumps(asked).encode())[1]["choices"][0]["message"][
+            "content"] == ANSWER.split("TuneBot")[0]
+        asked["stop"] = ["your"]
+        assert _post(f"{url}/v1/chat/completions", json.dumps(asked).encode())[1]["choices"][0]["message"][
+            "content"] == ANSWER.split("your")[0]
 
 
 @pytest.mark.parametrize("command", ["serve", "web"])

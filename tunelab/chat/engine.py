@@ -296,6 +296,18 @@ def settings_from_args(args):
     return settings
 
 
+def stop_words_from_args(args) -> tuple[str, ...]:
+    """The --stop-word values. An empty one is refused, as a request's empty `stop` is: it is in every text, so every
+    reply would end before its first word."""
+    from tunelab.model.generate import SettingError
+
+    for word in args.stop_word:
+        if not word:
+            raise SettingError("--stop-word", "--stop-word '': must be a non-empty text (an empty stop word would end "
+                                              "every reply at once).")
+    return tuple(args.stop_word)
+
+
 def load_from_args(args, *, max_batch_size: int | None = None) -> ChatModel:
     """The model `add_model_arguments`' flags name, for chat, web, serve, predict and eval; web and serve add
     --max-model-len and --max-batch-size (`max_batch_size`: predict's --batch-size)."""

@@ -78,8 +78,9 @@ def _blaming(param: str):
 
 
 def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_key: str | None = None,
-               open_paths=()) -> FastAPI:
-    """The FastAPI app serving `chat` with `defaults` (a GenerationSettings) for settings a request leaves out.
+               open_paths=(), stop_words=()) -> FastAPI:
+    """The FastAPI app serving `chat` with `defaults` (a GenerationSettings) for settings a request leaves out, and
+    `stop_words` (--stop-word) for a request without `stop`.
     With `api_key`, every path but /health and `open_paths` needs 'Authorization: Bearer KEY'."""
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None)
     app.add_middleware(JsonBodies)
@@ -182,7 +183,7 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                                f"qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, glm4_chat, phi4_mini), or "
                                f"leave tools out.", "tools")
         calls_in_reply = template_tools()[1] if offered else None
-        stop = list(body.stop or [])
+        stop = list(stop_words if body.stop is None else body.stop)
         # a long prompt (or its images) must not hold up the event loop
         with _blaming("messages"):
             prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages, tools=offered)

@@ -87,7 +87,7 @@ def register(subparsers) -> None:
 
 
 def chat_cmd(args) -> int:
-    from tunelab.chat.engine import load_from_args, settings_from_args
+    from tunelab.chat.engine import load_from_args, settings_from_args, stop_words_from_args
     from tunelab.chat.terminal import run_chat
     from tunelab.errors import TunelabError
 
@@ -95,8 +95,9 @@ def chat_cmd(args) -> int:
         if not prompt.strip():
             raise TunelabError(f"--prompt {i} is empty: give the question, or leave --prompt out to type questions.")
     settings = settings_from_args(args)
+    stop_words = stop_words_from_args(args)
     chat = load_from_args(args)
-    return run_chat(chat, settings, stop_words=args.stop_word, stream=not args.no_streamer, prompts=args.prompt,
+    return run_chat(chat, settings, stop_words=stop_words, stream=not args.no_streamer, prompts=args.prompt,
                     stdin=sys.stdin, out=sys.stdout, images=args.image)
 
 
@@ -116,15 +117,16 @@ def _check_server_args(args) -> None:
 
 def _serve(args, web: bool) -> int:
     """Check the flags, take the address (a port in use fails here, before minutes of loading), load, serve."""
-    from tunelab.chat.engine import load_from_args, settings_from_args
+    from tunelab.chat.engine import load_from_args, settings_from_args, stop_words_from_args
     from tunelab.chat.server import listen_sockets, serve
 
     _check_server_args(args)
     settings = settings_from_args(args)
+    stop_words = stop_words_from_args(args)
     sockets = listen_sockets(args.host, args.port)
     try:
         chat = load_from_args(args)
-        kwargs = dict(max_tokens_limit=args.max_tokens_limit, api_key=args.api_key)
+        kwargs = dict(max_tokens_limit=args.max_tokens_limit, api_key=args.api_key, stop_words=stop_words)
         if web:
             from tunelab.chat.web import create_web_app
 
