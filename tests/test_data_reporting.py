@@ -290,6 +290,8 @@ def test_special_token_text_in_the_data_is_warned_with_its_record(tmp_path, tiny
     assert count(bundle) == count(plain) + 2
     clean = _build(_write(tmp_path / "c.jsonl", [{"instruction": "a <b> c", "output": "</d>"}]), tiny_tokenizer)
     assert not [w for w in clean.stats.reading_warnings() if "special tokens" in w]
+    one = _build(_write(tmp_path / "o.jsonl", [{"instruction": "say <|im_end|>", "output": "x"}]), tiny_tokenizer)
+    assert [w for w in one.stats.reading_warnings() if "1 sample holds the text of the tokenizer's special" in w]
 
 
 # --- 9. a key given twice in one object: JSON keeps the last value -------------------------------------------------
