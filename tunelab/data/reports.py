@@ -94,7 +94,8 @@ def file_warnings(report: dict) -> list[str]:
     count, where, names = report.get("special_text", [0, "", []])
     if count:
         shown = ", ".join(map(repr, names[:MAX_FIELDS_SHOWN]))
-        lines.append(f"{path}: {counted(count, 'sample')} {'holds' if count == 1 else 'hold'} the text of the tokenizer's special tokens ({shown}; "
+        verb = "holds" if count == 1 else "hold"
+        lines.append(f"{path}: {counted(count, 'sample')} {verb} the text of the tokenizer's special tokens ({shown}; "
                      f"first at {where}): it becomes those tokens, so it can end a turn inside a reply or start a "
                      f"forged one. Rewrite it (e.g. '<|im_end |>') where it is quoted, not meant as markup.")
     for key, noun, what, why in NOTED_RECORDS:
