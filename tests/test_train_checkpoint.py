@@ -151,6 +151,52 @@ def test_kill_during_save_keeps_previous_checkpoint_as_last(tiny_llama_dir, rows
     assert not (tmp_path / "iter_4.tmp").exists()
 
 
+class _Killed(Exception):
+    """A kill -9 at that point: nothing after it runs (not caught as a failed save)."""
+
+
+def _kill_when_renamed_to(monkeypatch, name: str):
+    """Make renaming a finished save (iter_N.tmp) to `name` die: a kill right before that rename."""
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp") and os.path.basename(dst) == name:
+            raise _Killed
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+
+
+def test_a_checkpoint_named_past_its_step_is_never_saved_over(tiny_llama_dir, rows, tmp_path, monkeypatch):
+    """Saves go to iter_<step>. A checkpoint renamed by hand to a later step than it holds (iter_4 moved to iter_6)
+    is where a resumed run would save again: it used to be moved aside (iter_6.old, which nothing reads) for the new
+    one, so a kill between the two renames lost the checkpoint the run had resumed from."""
+    train(_cfg(tiny_llama_dir, max_steps=4, save_steps=4), tmp_path, train_rows=rows, device="cpu")
+    os.rename(tmp_path / "iter_4", tmp_path / "iter_6")
+    _kill_when_renamed_to(monkeypatch, "iter_6")
+    with pytest.raises(TunelabError, match=r"iter_6 holds step 4.*Rename it iter_4"):
+        train(_cfg(tiny_llama_dir, max_steps=8), tmp_path, resume="auto", overwrite=True, train_rows=rows,
+              device="cpu")
+    monkeypatch.undo()
+    assert [p.name for p in layout.list_checkpoints(tmp_path)] == ["iter_6"] and not list(tmp_path.glob("*.old"))
+    assert ckpt._problem(tmp_path / "iter_6") is None and layout.resolve_checkpoint(tmp_path) == tmp_path / "iter_6"
+    os.rename(tmp_path / "iter_6", tmp_path / "iter_4")  # as the message says: then the run goes on from it
+    resumed = train(_cfg(tiny_llama_dir, max_steps=8), tmp_path, resume="auto", train_rows=rows, device="cpu")
+    assert min(resumed.losses) == 5 and resumed.step == 8
+
+
+def test_a_save_refuses_a_name_taken_during_the_run(tiny_llama_dir, rows, tmp_path, monkeypatch):
+    """Past the start's checks (a folder made by hand while the run trained), a save stops rather than move the
+    checkpoint there aside: two renames cannot swap folders atomically, and a kill between them would lose it."""
+    train(_cfg(tiny_llama_dir, max_steps=2), tmp_path, train_rows=rows, device="cpu")
+    manifest = (tmp_path / "iter_2" / layout.MANIFEST_FILE).read_text()
+    monkeypatch.setattr(ckpt, "_choose_on_main", lambda *args, **kwargs: None)  # as if iter_2 appeared later
+    with pytest.raises(TunelabError, match=r"iter_2 already exists"):
+        train(_cfg(tiny_llama_dir, max_steps=2, seed=1), tmp_path, train_rows=rows, device="cpu")
+    assert (tmp_path / "iter_2" / layout.MANIFEST_FILE).read_text() == manifest  # the first run's, untouched
+    assert not (tmp_path / "iter_2.tmp").exists()
+
+
 def test_out_of_memory_is_reported_and_checkpoint_kept(tiny_llama_dir, rows, tmp_path, monkeypatch):
     def oom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

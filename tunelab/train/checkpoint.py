@@ -1,11 +1,12 @@
 """Checkpoints that are never half-written, and resuming from them (the names of the files: `layout.py`).
 
 A checkpoint is written into `iter_N.tmp/`, its `checksums.json` last, and renamed to `iter_N/` only when every file
-is there; the `last_checkpoint` pointer is then replaced atomically (`os.replace`). A crash or kill at any moment
-therefore leaves complete checkpoints only. Resume takes the newest one whose checksums hold (a damaged one is moved
-aside, named), and a run refuses to start where it would overwrite checkpoints it does not continue from, unless
-told to (`overwrite`). Only finite weights are saved. `training_state.pt` holds only tensors and plain numbers, so it
-loads with `torch.load(weights_only=True)` (no pickled code runs).
+is there; the `last_checkpoint` pointer is then replaced atomically (`os.replace`). No save replaces or moves aside a
+checkpoint already there. A crash or kill at any moment therefore leaves complete checkpoints only. Resume takes the
+newest one whose checksums hold (a damaged one is moved aside, named), and a run refuses to start where it would
+overwrite checkpoints it does not continue from, unless told to (`overwrite`). Only finite weights are saved.
+`training_state.pt` holds only tensors and plain numbers, so it loads with `torch.load(weights_only=True)` (no
+pickled code runs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.model.llava import is_llava
 from tunelab.model.load import save_tokenizer
-from tunelab.train import layout
+from tunelab.train import layout, resume_settings
 from tunelab.train.checksums import verify_checkpoint, write_manifest
 from tunelab.train.layout import (MANIFEST_FILE, MODEL_DIR, OPTIMIZER_DIR, STATE_FILE, checkpoint_step,
                                   last_checkpoint, list_checkpoints, newest_checkpoint)
@@ -101,7 +102,7 @@ def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler
             torch.save(state, tmp / STATE_FILE)
             layout.write_meta(tmp, meta)
             write_manifest(tmp)  # last: a checkpoint with checksums.json holds every file it lists
-            _replace_dir(tmp, final)
+            _rename_into_place(tmp, final)
             layout.write_pointer(work_dir, final)
             prune_checkpoints(work_dir, save_total_limit, keep=final)
     except (OSError, RuntimeError, _safetensors_error()) as exc:  # torch.save reports a full disk as RuntimeError
@@ -154,17 +155,16 @@ def _refuse_non_finite(weights: dict | None, model, env, step: int) -> None:
                            f"last good checkpoint with --resume auto.")
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename src to dst; an existing dst (a run restarted into the same work dir) is moved aside first."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    """Rename a complete save to its name, which must be free. A checkpoint already there is never moved aside for
+    it: two folders cannot be swapped in one rename, and a kill between moving the old one away and renaming the
+    new one in would leave neither under a name resume and export read. `choose_start` deletes or refuses every
+    name this run saves to, so one found here was made while it trained."""
+    if final.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TunelabError(f"{final} already exists (made while this run trained?), so the checkpoint of this step "
+                           f"was not saved over it. Move it out of {final.parent}, then continue with --resume auto.")
+    os.replace(tmp, final)
 
 
 def prune_checkpoints(work_dir: Path, save_total_limit: int, *, keep: Path | None = None) -> None:
@@ -240,9 +240,14 @@ def _choose_on_main(work_dir: Path, resume: str | None, *, overwrite: bool, log)
         if problem:
             raise TunelabError(f"--resume {resume}: {start} is damaged: {problem}. Resume from another checkpoint "
                                f"(--resume auto takes the newest sound one).")
-    start_step = checkpoint_step(start) if start is not None else -1
+    # the step the run goes on from (its record's: a checkpoint may have been renamed); it saves iter_N past it
+    start_step = -1 if start is None else resume_settings.checkpoint_step_of(start, resume_settings.read_record(start))
     # incomplete ones too (no model/ or training_state.pt): they are an earlier run's all the same
     newer = [c for c in layout.checkpoint_dirs(work_dir) if checkpoint_step(c) > start_step]
+    if start is not None and start.resolve() in {c.resolve() for c in newer}:  # never deleted, nor saved over
+        raise TunelabError(f"{start} holds step {start_step} (its {layout.META_FILE} says so), not "
+                           f"{checkpoint_step(start)}: this run would save iter_{checkpoint_step(start)} over the "
+                           f"checkpoint it continues from. Rename it iter_{start_step}, then train again.")
     if newer:
         names = ", ".join(c.name + (f" ({problem})" if (problem := layout.missing_part(c)) else "") for c in newer)
         if not overwrite:
