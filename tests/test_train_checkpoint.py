@@ -197,6 +197,27 @@ def test_a_save_refuses_a_name_taken_during_the_run(tiny_llama_dir, rows, tmp_pa
     assert not (tmp_path / "iter_2.tmp").exists()
 
 
+def test_export_of_a_work_dir_takes_the_checkpoint_resume_takes(tiny_llama_dir, rows, tmp_path, monkeypatch):
+    """A kill between renaming iter_4 into place and updating `last_checkpoint` leaves the pointer on iter_2: resume
+    goes on from iter_4, and export and chat of the work dir must use iter_4 too, not the older one silently."""
+    original, saves = layout.write_pointer, {"n": 0}
+
+    def killed_before_the_second_pointer(work_dir, checkpoint):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise _Killed
+        original(work_dir, checkpoint)
+
+    monkeypatch.setattr(layout, "write_pointer", killed_before_the_second_pointer)
+    with pytest.raises(_Killed):
+        train(_cfg(tiny_llama_dir, max_steps=6), tmp_path, train_rows=rows, device="cpu")
+    monkeypatch.undo()
+    assert (tmp_path / layout.POINTER_FILE).read_text().strip() == "iter_2"
+    assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "iter_4"
+    assert layout.resolve_checkpoint(tmp_path) == tmp_path / "iter_4"  # what convert and chat read
+    assert layout.resolve_checkpoint(tmp_path / layout.POINTER_FILE) == tmp_path / "iter_4"
+
+
 def test_out_of_memory_is_reported_and_checkpoint_kept(tiny_llama_dir, rows, tmp_path, monkeypatch):
     def oom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -22,7 +22,7 @@ example:
 PTH_TO_HF_DESCRIPTION = """\
 Convert a training checkpoint to a HF directory: a peft adapter (adapter_config.json + adapter_model.safetensors,
 loadable with peft.PeftModel.from_pretrained) for LoRA / QLoRA, a full model for full fine-tuning.
-CKPT is an iter_N directory, or a WORK_DIR (its last checkpoint is used). tunelab.json and the tokenizer are copied
+CKPT is an iter_N directory, or a WORK_DIR (its newest checkpoint is used). tunelab.json and the tokenizer are copied
 along. Weights are saved in bf16 unless --fp32.
 
 example:

@@ -108,7 +108,7 @@ def save_checkpoint(work_dir: Path, step: int, *, strategy, tokenizer, scheduler
     except (OSError, RuntimeError, _safetensors_error()) as exc:  # torch.save reports a full disk as RuntimeError
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = last_checkpoint(work_dir) or newest_checkpoint(work_dir)
+        previous = newest_checkpoint(work_dir)
         if isinstance(exc, OSError) and exc.strerror:
             reason = exc.strerror + (f" ({exc.filename})" if exc.filename else "")
         else:  # torch and safetensors word a full disk their own way: say how much room there is
@@ -207,7 +207,7 @@ def choose_start(work_dir: Path, resume: str | None, *, overwrite: bool, env, lo
     """The checkpoint this run continues from (None: step 0), decided on rank 0 before anything is loaded, and the
     work dir made ready for it; every rank gets the same answer.
 
-    `--resume auto` takes the newest checkpoint whose checksums hold (the `last_checkpoint` pointer is only a hint):
+    `--resume auto` takes the newest checkpoint whose checksums hold (the `last_checkpoint` pointer is not read):
     one that fails is moved to iter_N.damaged and named. Checkpoints newer than the start would be overwritten as
     the run goes on: that is refused unless `overwrite`, which deletes them first.
     """

@@ -1,7 +1,8 @@
 """The work dir and its checkpoints on disk, and the trained-with metadata: every path name lives here.
 
     WORK_DIR/resolved_config.py          every setting of the run (`tunelab train` reads it back)
-    WORK_DIR/last_checkpoint             one line: the name of the last checkpoint saved (iter_N), a hint for export
+    WORK_DIR/last_checkpoint             one line: the name of the last checkpoint saved (iter_N), for people and
+                                         tools; tunelab itself takes the newest checkpoint (`newest_checkpoint`)
     WORK_DIR/tunelab.lock                held (flock) by the run training in the work dir; names its pid and host
     WORK_DIR/reference_logps_train.npz   DPO / KTO with reference = 'precomputed': the starting model's scores of
                                          the training rows (and _eval for the held-out rows), read back on resume
@@ -16,10 +17,13 @@
     WORK_DIR/iter_N/checksums.json       size and hash of every other file, written last: resume verifies them
 
 A checkpoint is a directory holding `model/`: that is what export and chat read, and training only ever renames a
-complete one into place. Resume takes the newest checkpoint whose checksums hold, whatever the pointer says; the
-pointer names a folder inside the work dir, so a moved or copied work dir reads its own checkpoints. Training writes
-through `tunelab.train.checkpoint`; export and chat find checkpoints and read `tunelab.json` with the functions below,
-so every verb accepts the same paths and refuses the same damaged checkpoints (`refuse_damaged`).
+complete one into place. A work dir means its newest checkpoint to every verb (`newest_checkpoint`), whatever the
+pointer says: a kill between a save's rename and the pointer's update leaves the pointer one checkpoint behind.
+Resume takes it when its checksums hold (else the one before); export and chat refuse it when its `model/` fails
+them, naming the one before. The pointer names a folder inside the work dir, so a moved or copied work dir reads its
+own checkpoints. Training writes through `tunelab.train.checkpoint`; export and chat find checkpoints and read
+`tunelab.json` with the functions below, so every verb accepts the same paths and refuses the same damaged
+checkpoints (`refuse_damaged`).
 """
 
 from __future__ import annotations
@@ -109,7 +113,10 @@ def missing_part(checkpoint: str | Path) -> str | None:
 
 
 def newest_checkpoint(work_dir: str | Path) -> Path | None:
-    """The complete iter_N/ directory of the highest step, or None."""
+    """The complete iter_N/ directory of the highest step, or None: what a work dir means to export, chat, a LLaVA
+    stage 2's `pretrained_pth` and `--resume auto` alike. Never the `last_checkpoint` pointer: a kill between a
+    save's rename and the pointer's update leaves it naming the checkpoint before, which resume (taking the newest)
+    would leave behind while export used it silently."""
     return (list_checkpoints(work_dir) or [None])[-1]
 
 
@@ -144,7 +151,8 @@ def last_checkpoint(work_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The iter_N/ directory `path` means: a checkpoint itself, a WORK_DIR (its last checkpoint) or its pointer;
+    """The iter_N/ directory `path` means: a checkpoint itself, or a WORK_DIR or its pointer file (the work dir's
+    newest checkpoint, as resume takes);
     refused when its weights are not as saved (see `refuse_damaged`): export and chat read it."""
     checkpoint = _find_checkpoint(path)
     refuse_damaged(checkpoint)
@@ -194,7 +202,7 @@ def _find_checkpoint(path: str | Path) -> Path:
         # XTuner saves WORK_DIR/iter_N.pth: a user who passes that by habit means tunelab's WORK_DIR/iter_N/
         meant = p.with_suffix("") if p.suffix == ".pth" else None
         hint = f" Did you mean {meant}?" if meant is not None and is_checkpoint(meant) else ""
-        raise TunelabError(f"checkpoint not found: {p}.{hint} Pass a WORK_DIR (its last checkpoint is used) "
+        raise TunelabError(f"checkpoint not found: {p}.{hint} Pass a WORK_DIR (its newest checkpoint is used) "
                            f"or one of its iter_N directories.")
     if p.is_file():
         if p.name == POINTER_FILE:
@@ -203,7 +211,7 @@ def _find_checkpoint(path: str | Path) -> Path:
                            f"and {META_FILE}). Pass the iter_N directory or the WORK_DIR.")
     if is_checkpoint(p):
         return p
-    last = last_checkpoint(p) or newest_checkpoint(p)  # the pointer, else the newest complete one
+    last = newest_checkpoint(p)
     if last is not None:
         return last
     kind = sharded_checkpoint_kind(p)

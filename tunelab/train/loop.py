@@ -135,7 +135,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     config_dir = str(Path(config_path).parent) if config_path else None
     vision = vision_run(cfg, tokenizer, config_dir)  # a LLaVA run: images per batch, evaluation pictures
-    cfg = with_pretrained_checkpoint(cfg, config_dir)  # stage 2: stage 1's work dir -> its last checkpoint
+    cfg = with_pretrained_checkpoint(cfg, config_dir)  # stage 2: stage 1's work dir -> its newest checkpoint
     if train_rows is None:
         from tunelab.data.dataset import build_datasets
 

@@ -2,7 +2,7 @@
 
 * the images of each batch: loaded by the vision model's own processor (`collate(..., images=...)`);
 * the pictures the evaluation questions are asked about (`evaluation_images`), checked to open before step 1;
-* `pretrained_pth` as a checkpoint: stage 1's work dir means its last checkpoint;
+* `pretrained_pth` as a checkpoint: stage 1's work dir means its newest checkpoint;
 * a stage 2 without it: a note that its projector starts new.
 """
 
@@ -98,7 +98,7 @@ def _find(path: str, config_dir: str | None) -> str:
 
 
 def with_pretrained_checkpoint(cfg, config_dir: str | None):
-    """`cfg` with `pretrained_pth` naming a checkpoint or weights folder: a work dir becomes its last checkpoint."""
+    """`cfg` with `pretrained_pth` naming a checkpoint or weights folder: a work dir becomes its newest checkpoint."""
     if not cfg.pretrained_pth:
         return cfg
     found, looked = find_config_path(cfg.pretrained_pth, config_dir)
@@ -109,7 +109,7 @@ def with_pretrained_checkpoint(cfg, config_dir: str | None):
                            "model (without stage 1's image-caption pretraining).")
     last = None
     if not layout.is_checkpoint(found) and layout.looks_like_work_dir(found):
-        last = layout.last_checkpoint(found) or layout.newest_checkpoint(found)  # the pointer, else the newest
+        last = layout.newest_checkpoint(found)
         if last is None:
             raise TunelabError(f"pretrained_pth = {cfg.pretrained_pth!r}: a work dir without a checkpoint yet "
                                f"({found}: stage 1 stopped, or is still running, before its first save). Let stage "
