@@ -80,6 +80,15 @@ def test_any_model_name_is_answered_by_the_served_model(client, chat):
     assert result.choices[0].message.content == ANSWER and result.model == chat.name
 
 
+def test_a_developer_message_is_a_system_message(client, chat):
+    """OpenAI's clients send the system prompt of newer models as 'developer': the server reads it as a system
+    message, as training data reads it (tunelab.data.formats), instead of a 400."""
+    told = {"content": "Be brief."}
+    result = client.chat.completions.create(model=chat.name, messages=[{"role": "developer", **told}, *ASK],
+                                            max_tokens=2)
+    assert result.usage.prompt_tokens == len(chat.encode([{"role": "system", **told}, *ASK]))
+
+
 def test_streaming_gives_the_same_answer_in_pieces(client, chat):
     stream = client.chat.completions.create(model=chat.name, messages=ASK, stream=True)
     pieces, finish = [], None

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
+from tunelab.data.formats import message_role
 from tunelab.errors import TunelabError
 from tunelab.model.generate import SettingError, check_settings
 
@@ -63,6 +64,13 @@ class Message(BaseModel):
 
     _text = field_validator("content", "tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning")(
         _valid_text)
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _system_alias(cls, value):
+        """OpenAI's clients send the system prompt of newer models as 'developer': it is a system message wherever
+        training data reads one as such (`message_role`), so a model answers it as it was trained to."""
+        return "system" if isinstance(value, str) and message_role(value) == "system" else value
 
     @field_validator("content", mode="before")
     @classmethod

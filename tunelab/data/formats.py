@@ -174,10 +174,16 @@ def _from_messages(turns: list, where: str, images, key: str) -> list[dict]:
     return [_message(t, f"{key}[{i}]", where, images) for i, t in enumerate(turns) if t is not None]
 
 
+def message_role(role) -> Optional[str]:
+    """The canonical role (system, user, assistant, tool) of a message's `role`, None for one that is not read.
+    OpenAI's `developer` is the system prompt of its newer models: a system message here, and in `tunelab serve`."""
+    return _MESSAGE_ROLES.get(str(role).lower())
+
+
 def _message(t: Any, at: str, where: str, images) -> dict:
     if not isinstance(t, dict) or "role" not in t:
         raise fail(where, f"{at} needs 'role' and 'content'", "Write it as {\"role\": ..., \"content\": ...}.")
-    role = _MESSAGE_ROLES.get(str(t["role"]).lower())
+    role = message_role(t["role"])
     if role is None:
         raise fail(where, f"{at} has role {t['role']!r}", "Use system, user, assistant or tool.")
     return msg.message(t, role, where, at, images=images)
@@ -190,7 +196,7 @@ def _one_system(record: dict, turns: list, where: str, field: str) -> None:
         return
     for i, t in enumerate(turns):
         role = str(t.get("role", t.get("from", ""))).lower() if isinstance(t, dict) else ""
-        if _MESSAGE_ROLES.get(role) == "system":
+        if message_role(role) == "system":
             raise fail(where, f"two system prompts: the top-level 'system' and the system message {field}[{i}]",
                        "Keep one: delete the top-level 'system', or the system message.")
 
