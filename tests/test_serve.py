@@ -852,6 +852,44 @@ def test_engine_vllm_leaves_out_a_parser_whose_markers_are_not_tokens(tiny_llama
     assert f"the tokenizer has no {missing} token" in err and "vLLM starts without it" in err
 
 
+def test_engine_vllm_samples_as_the_sampling_flags_say(tiny_llama_dir, fake_vllm):
+    """The sampling flags reach vLLM as its default sampling values (--override-generation-config), defaults
+    included, so vLLM samples as tunelab's own server would rather than by the model's generation_config.json;
+    --max-tokens-limit is its max_new_tokens, the most a reply may take."""
+    from tunelab.cli.main import main
+
+    assert main(["serve", str(tiny_llama_dir), "--engine", "vllm", "--temperature", "0.7", "--top-p", "0.9",
+                 "--top-k", "0", "--repetition-penalty", "1.1", "--max-tokens-limit", "300"]) == 0
+    (argv, _), = fake_vllm
+    flags = dict(zip(argv[3::2], argv[4::2]))
+    Path(flags["--chat-template"]).unlink()
+    assert json.loads(flags["--override-generation-config"]) == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": -1, "repetition_penalty": 1.1, "max_new_tokens": 300}
+    fake_vllm.clear()
+    assert main(["serve", str(tiny_llama_dir), "--engine", "vllm"]) == 0  # tunelab's defaults: greedy
+    (argv, _), = fake_vllm
+    flags = dict(zip(argv[3::2], argv[4::2]))
+    Path(flags["--chat-template"]).unlink()
+    assert json.loads(flags["--override-generation-config"]) == {
+        "temperature": 0.0, "top_p": 0.75, "top_k": 40, "repetition_penalty": 1.0, "max_new_tokens": 4096}
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--stop-word", "</s>"], "--stop-word: vLLM takes no stop words of its own"),
+    (["--seed", "3"], "--seed: vLLM takes no seed for requests"),
+    (["--max-new-tokens", "100"], "--max-new-tokens: vLLM has no reply length of its own"),
+    (["--temperature", "3"], "--temperature 3.0: must be 0 (greedy) or more, at most 2"),
+])
+def test_engine_vllm_refuses_the_flags_it_cannot_pass_on(tiny_llama_dir, fake_vllm, capsys, flags, says):
+    """A flag vLLM's server has no place for is a one-line error before vLLM starts, never dropped."""
+    from tunelab.cli.main import main
+
+    assert main(["serve", str(tiny_llama_dir), "--engine", "vllm", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
+    assert fake_vllm == []
+
+
 def test_engine_vllm_refuses_what_it_cannot_serve(tmp_path, fake_vllm, capsys):
     from tunelab.cli.main import main
 

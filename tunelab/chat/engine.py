@@ -275,8 +275,11 @@ def _xtuner_system_template(name: str) -> str:
     return SYSTEM_TEMPLATES[name]
 
 
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
 def add_sampling_arguments(parser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--top-p", type=float, default=0.75)

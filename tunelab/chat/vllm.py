@@ -6,12 +6,14 @@ vLLM (paged attention, CUDA graphs) serves many users faster than tunelab's own 
 tokenizer), the API key passed in the environment (VLLM_API_KEY) so it does not show in the process list. Where
 that template writes tool calls or reasoning in a format one of vLLM's parsers reads, and the tokenizer has the markers
 that parser looks up, vLLM is told to use it (`--tool-call-parser`, `--reasoning-parser`), so its replies carry
-`tool_calls` and `reasoning_content` as tunelab's own server gives them.
+`tool_calls` and `reasoning_content` as tunelab's own server gives them. The sampling flags become vLLM's default
+sampling values (`--override-generation-config`); the flags its server has no place for are refused, never dropped.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -61,12 +63,37 @@ def parser_flags(template, vocab) -> tuple[list[str], list[str]]:
     return flags, notes
 
 
+def generation_config(args) -> dict:
+    """The sampling flags as vLLM's --override-generation-config: the default temperature, top_p, top_k and
+    repetition_penalty of every request that leaves them out (tunelab's defaults too, so vLLM samples as tunelab's
+    own server would, not by the model's generation_config.json), and --max-tokens-limit as max_new_tokens, which
+    vLLM makes the most a reply may take. Raises TunelabError, before vLLM starts, for a flag vLLM has no place for."""
+    from tunelab.chat.engine import DEFAULT_MAX_NEW_TOKENS, settings_from_args, stop_words_from_args
+
+    settings = settings_from_args(args)  # the ranges tunelab's own server checks
+    if stop_words_from_args(args):
+        raise TunelabError("--stop-word: vLLM takes no stop words of its own: send them as each request's `stop`, or "
+                           "leave --engine vllm out.")
+    if settings.seed is not None:  # vLLM's --seed seeds the engine once; tunelab's is each request's own seed
+        raise TunelabError("--seed: vLLM takes no seed for requests: send `seed` in each request, or leave --engine "
+                           "vllm out.")
+    if settings.max_new_tokens != DEFAULT_MAX_NEW_TOKENS:
+        # its max_new_tokens is both the length of a reply not asked for and the cap: --max-tokens-limit gives it
+        raise TunelabError("--max-new-tokens: vLLM has no reply length of its own for requests without max_tokens "
+                           "(they get up to --max-tokens-limit): use --max-tokens-limit, or leave --engine vllm out.")
+    return {"temperature": settings.temperature, "top_p": settings.top_p,
+            "top_k": settings.top_k if settings.top_k > 0 else -1,  # off: -1, which every vLLM version reads so
+            "repetition_penalty": settings.repetition_penalty, "max_new_tokens": args.max_tokens_limit}
+
+
 def vllm_command(model: str, *, host: str, port: int, served_name: str, template_file: str | None = None,
                  max_model_len: int | None = None, dtype: str = "auto", trust_remote_code: bool = False,
-                 parsers: list[str] = (), python: str = sys.executable) -> list[str]:
+                 parsers: list[str] = (), sampling: dict | None = None, python: str = sys.executable) -> list[str]:
     """The command line that starts vLLM's OpenAI server (`vllm serve` is the same entry point)."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", served_name,
            "--host", host, "--port", str(port)]
+    if sampling:
+        cmd += ["--override-generation-config", json.dumps(sampling)]
     if template_file:
         cmd += ["--chat-template", template_file]
     if max_model_len:
@@ -116,12 +143,13 @@ def check_servable(args) -> None:
 def run_vllm(args) -> int:
     """Replace this process with vLLM's server (signals and Ctrl-C then reach vLLM directly)."""
     check_servable(args)
+    sampling = generation_config(args)
     template_file, chosen, template, tokenizer = write_template(
         args.model, prompt_template=args.prompt_template, system=args.system, trust_remote_code=args.trust_remote_code)
     parsers, notes = parser_flags(template, tokenizer.get_vocab())
     cmd = vllm_command(args.model, host=args.host, port=args.port, served_name=Path(args.model).name or args.model,
                        template_file=template_file, max_model_len=args.max_model_len, dtype=args.dtype,
-                       trust_remote_code=args.trust_remote_code, parsers=parsers)
+                       trust_remote_code=args.trust_remote_code, parsers=parsers, sampling=sampling)
     env = dict(os.environ)
     if args.api_key:
         env["VLLM_API_KEY"] = args.api_key
