@@ -171,6 +171,29 @@ def test_chat_cli_image_goes_with_the_first_question(chat, llava_dir, tmp_path, 
         run_chat(chat, _greedy(4), prompts=["Hi"], stream=False, out=io.StringIO(), images=[str(tmp_path / "no.png")])
 
 
+@pytest.mark.parametrize("model, picture, says", [
+    ("text", "red.png", "reads text only"),
+    ("llava", "missing.png", "no such file"),
+    ("llava", "notes.jpg", "the image cannot be read (not a picture in a format it knows)"),
+])
+def test_chat_cli_checks_its_images_before_loading(tiny_llama_dir, llava_dir, tmp_path, monkeypatch, capsys, model,
+                                                   picture, says):
+    """`tunelab chat MODEL --image PATH`: a model that reads no images (known from config.json and tunelab.json), a
+    missing file or one that is no picture is one line at once, before minutes of loading the weights."""
+    import tunelab.chat.engine
+    from tunelab.cli.main import main
+
+    (tmp_path / "red.png").write_bytes(_png("red"))
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    loaded = []
+    monkeypatch.setattr(tunelab.chat.engine, "load_from_args", lambda args: loaded.append(args) or 1 / 0)
+    path = tiny_llama_dir if model == "text" else llava_dir
+    assert main(["chat", str(path), "--image", str(tmp_path / picture), "--prompt", "What is it?"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
+    assert loaded == []
+
+
 @pytest.mark.browser
 def test_web_page_uploads_a_picture_with_the_question(chat, tmp_path):
     """On `tunelab web` with a LLaVA model, a picked file goes with the question (shown above it) as an image_url

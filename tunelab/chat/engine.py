@@ -185,11 +185,8 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
 
     `max_model_len` (default: the model's context) bounds prompt + reply tokens of a request; `max_batch_size`
     is how many requests the engine decodes together."""
-    from tunelab.model.load import load_model_for_inference, load_tokenizer
-
-    from tunelab.model.load import pick_device
-
-    from tunelab.model.llava import is_llava_dir
+    from tunelab.chat.vision import reads_images
+    from tunelab.model.load import load_model_for_inference, load_tokenizer, pick_device
 
     to_load = model_to_load(model_path, adapter)
     base, adapter_dir, meta = to_load.base, to_load.adapter_dir, to_load.meta
@@ -202,8 +199,9 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     check_adapter_runs_on(adapter_dir, bits, dev)
     _say(f"loading {base}" + (f" with adapter {adapter_dir}" if adapter_dir else "") + (f" in {bits}-bit" if bits else ""))
     vision = None
-    if meta.get("llava") or is_llava_dir(base):
+    if reads_images(base, meta):
         from tunelab.chat.vision import load_llava_chat
+        from tunelab.model.llava import is_llava_dir
 
         exported = is_llava_dir(base) and (Path(base) / "processor_config.json").is_file()
         model_dir = None if exported else (adapter_dir or Path(base))  # a LLaVA run's checkpoint

@@ -110,6 +110,35 @@ def text_only(messages: list[dict]) -> None:
                                "(trained from a llava config, docs/MULTIMODAL.md) to ask about images.")
 
 
+def reads_images(base: str, meta: dict) -> bool:
+    """Whether the model `load_chat_model` loads from `base` (its tunelab.json: `meta`) is a LLaVA one, which reads
+    images: told by tunelab.json and config.json alone, without the weights."""
+    from tunelab.model.llava import is_llava_dir
+
+    return bool(meta.get("llava")) or is_llava_dir(base)
+
+
+def check_chat_images(paths: list[str], model_path: str, adapter: str | None) -> None:
+    """`tunelab chat --image`, before minutes of loading: the model reads images, and each file is a picture.
+    A TunelabError naming the first that fails."""
+    from tunelab.export.adapters import model_to_load
+
+    to_load = model_to_load(model_path, adapter)
+    if not reads_images(to_load.base, to_load.meta):
+        raise TunelabError(f"--image: {adapter or model_path} reads text only. Chat with a LLaVA model (trained from a "
+                           "llava config, docs/MULTIMODAL.md) to ask about images.")
+    for path in paths:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise TunelabError(f"--image {path}: " + ("a folder, not a picture." if file.is_dir() else
+                                                     "no such file. Check the path."))
+        try:
+            open_image(str(file), draft=(64, 64))  # a JPEG decoded small: enough to know it is one
+        except OSError as exc:
+            raise TunelabError(f"--image {path}: the image cannot be read ({why_unreadable(exc)}): give a PNG, JPEG, "
+                               "WebP or GIF picture.") from None
+
+
 def load_llava_chat(base: str, meta: dict | None, model_dir: Path | None, *, device, dtype, bits=None):
     """(model, tokenizer, Vision) of a HF LLaVA folder (`base`), or of a LLaVA run's checkpoint (`model_dir`, its
     tunelab.json naming the language model and vision tower; LoRA merged in)."""

@@ -96,6 +96,10 @@ def chat_cmd(args) -> int:
             raise TunelabError(f"--prompt {i} is empty: give the question, or leave --prompt out to type questions.")
     settings = settings_from_args(args)
     stop_words = stop_words_from_args(args)
+    if args.image:
+        from tunelab.chat.vision import check_chat_images
+
+        check_chat_images(args.image, args.model, args.adapter)
     chat = load_from_args(args)
     return run_chat(chat, settings, stop_words=stop_words, stream=not args.no_streamer, prompts=args.prompt,
                     stdin=sys.stdin, out=sys.stdout, images=args.image)
