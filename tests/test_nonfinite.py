@@ -109,6 +109,24 @@ def test_skip_leaves_the_weights_alone_for_that_step_and_goes_on(tiny_llama_dir,
     assert log[-1]["skipped_steps"] == 1
 
 
+def test_a_run_whose_last_steps_are_skipped_logs_its_end(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """The last step reaches train_log.jsonl (with skipped_steps, without a loss: none was trained since the line
+    before), run.json says 'finished', the board shows the last step and the done line counts the skipped steps."""
+    from tunelab.board.runs import run_summary
+
+    config = write_config(tmp_path, tiny_llama_dir, max_steps=4, save_steps=100, logging_steps=2, nonfinite="skip")
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    _nan_loss_on_steps(monkeypatch, {3, 4})
+    work = tmp_path / "work"
+    assert main(["train", str(config), "--work-dir", str(work), "--device", "cpu"]) == 0
+    log = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    assert log[-1]["step"] == 4 and log[-1]["skipped_steps"] == 2 and "loss" not in log[-1], log[-1]
+    assert run_status.read_status(work)["state"] == "finished"
+    assert run_summary(work)["step"] == 4
+    assert "done: 4 steps (2 skipped: an inf / NaN loss or gradients)" in capsys.readouterr().out
+
+
 def test_skip_stops_after_ten_non_finite_steps_in_a_row(tiny_llama_dir, rows, tmp_path, monkeypatch):
     _nan_loss_on_steps(monkeypatch, set(range(2, 20)))
     with pytest.raises(TunelabError, match=r"10 steps in a row up to step 11"):

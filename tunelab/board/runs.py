@@ -107,7 +107,9 @@ def run_summary(work_dir: Path) -> dict:
         "state": status.get("state", "unknown"), "error": status.get("error"),
         "started": status.get("started"), "ended": status.get("ended"),
         "updated": log_path.stat().st_mtime if log_path.is_file() else None,
-        "step": train[-1]["step"] if train else 0, "total_steps": status.get("total_steps"),
+        # a last line without a loss (its steps all skipped, nonfinite = 'skip') still moves the run on
+        "step": max((r["step"] for r in records if "eval_loss" not in r), default=0),
+        "total_steps": status.get("total_steps"),
         "loss": train[-1]["loss"] if train else None, "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "summary": {k: settings[k] for k in SUMMARY_KEYS if k in settings},
         "settings": settings,

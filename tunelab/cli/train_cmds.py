@@ -165,7 +165,8 @@ def run_train(args) -> int:
         return 0
     from tunelab.data.reports import counted
 
-    print(f"done: {counted(result.step, 'step')}; last checkpoint {result.last_checkpoint}\n"
+    skipped = f" ({result.skipped_steps} skipped: an inf / NaN loss or gradients)" if result.skipped_steps else ""
+    print(f"done: {counted(result.step, 'step')}{skipped}; last checkpoint {result.last_checkpoint}\n"
           f"next: tunelab convert pth_to_hf {args.config} {result.last_checkpoint} {work_dir / 'hf'}")
     return 0
 

@@ -63,6 +63,8 @@ class TrainResult:
     """True when SIGINT / SIGTERM stopped the run early (after saving)."""
     already_finished: bool = False
     """True when the resumed checkpoint was the run's last step: nothing was trained."""
+    skipped_steps: int = 0
+    """Steps this call skipped for an inf / NaN loss or gradients (nonfinite = 'skip')."""
 
 
 def _already_finished(last: Path, step: int, total: str, env: DistEnv, log) -> TrainResult:
@@ -311,10 +313,13 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                 if guard.check(step, loss, grad_norm, lr=lr, last=last):  # inf / NaN: stop, or skip with a warning
                     window.append(loss)
                 throughput.end(int(data.seen_tokens))
-                log_now = (step % cfg.logging_steps == 0 or step in (1, total_steps)) and bool(window)
+                # the last step is logged even when every step since the line before was skipped (no loss to
+                # show): the log, run.json's 'finished' and skipped_steps must reach the end of the run
+                log_now = (step % cfg.logging_steps == 0 or step in (1, total_steps)) and \
+                    (bool(window) or step == total_steps)
                 record = {"step": step, "epoch": round(data.epoch + data.micro_done / micro_per_epoch, 4),
-                          "loss": sum(window) / max(len(window), 1), "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": throughput.rate(), "tokens": throughput.tokens,
+                          **({"loss": sum(window) / len(window), "grad_norm": grad_norm} if window else {}),
+                          "lr": lr, "tokens_per_s": throughput.rate(), "tokens": throughput.tokens,
                           "memory_gb": round(peak_memory_gb(env.device), 3)}
                 if guard.skipped:
                     record["skipped_steps"] = guard.skipped
@@ -347,7 +352,8 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
         monitor.close()
         strategy.close()
         cleanup(env)
-    return TrainResult(step=step, last_checkpoint=last, losses=losses, interrupted=interrupted)
+    return TrainResult(step=step, last_checkpoint=last, losses=losses, interrupted=interrupted,
+                       skipped_steps=guard.skipped)
 
 
 @dataclass

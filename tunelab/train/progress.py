@@ -86,7 +86,9 @@ class TrainingMonitor:
         if not self.enabled:
             return
         self._shown = {k: record[k] for k in SHOWN_METRICS if k in record} or self._shown
-        stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  "
+        # no loss: every step since the line before was skipped (nonfinite = 'skip')
+        loss = f"{record['loss']:.4f}" if "loss" in record else "- (skipped)"
+        stats = (f"loss {loss}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  "
                  f"mem {record['memory_gb']:.1f} GB" + "".join(f"  {k} {v:.3f}" for k, v in self._shown.items()))
         if self._bar is not None:
             self._bar.update(self._task, completed=record["step"], stats=stats)
