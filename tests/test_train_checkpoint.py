@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from tests.train_helpers import tiny_cfg, varied_rows
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
-from tunelab.train import layout
+from tunelab.train import layout, run_status
 from tunelab.train.loop import train
 from tunelab.train.strategy import SingleProcess
 
@@ -113,6 +113,8 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_survives(tiny_llama_dir, ro
     message = str(info.value)
     assert "without saving" in message and "iter_4" in message and "--resume auto" in message, message
     assert layout.last_checkpoint(tmp_path) == tmp_path / "iter_4"
+    # run.json (and the board) tell it from a stop that saved its step ("stopped")
+    assert run_status.read_status(tmp_path)["state"] == "interrupted"
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_is_saved(tiny_llama_dir, rows, tmp_path, monkeypatch,

@@ -1,7 +1,7 @@
 """What `tunelab board` knows about a run: read from the work dir's own files, nothing else.
 
 * `train_log.jsonl` (tunelab/train/progress.py): the curves (loss, eval loss, lr, grad norm, tokens/s, memory).
-* `run.json` (tunelab/train/run_status.py): running / finished / stopped / failed / crashed, and the settings.
+* `run.json` (tunelab/train/run_status.py): running / finished / stopped / interrupted / failed / crashed, and the settings.
 * `resolved_config.py`: the settings of a run whose work dir has no run.json (or none yet).
 * `eval_outputs_iter_N.json` (tunelab/train/evaluate.py): the answers to the evaluation questions at step N.
 

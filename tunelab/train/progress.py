@@ -121,8 +121,9 @@ class TrainingMonitor:
 
     def close(self) -> None:
         """Stop the bar and the trackers; record in run.json how the run ended. Called from the loop's `finally`,
-        so an exception on its way out (sys.exc_info) means the run failed; no exception before the last step
-        means it was stopped (SIGINT / SIGTERM, saved)."""
+        so an exception on its way out (sys.exc_info) means the run failed, a KeyboardInterrupt that it was
+        interrupted (a second SIGINT / SIGTERM, or one before the loop listens: nothing saved since the newest
+        checkpoint); no exception before the last step means it was stopped (SIGINT / SIGTERM, saved)."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
@@ -134,6 +135,8 @@ class TrainingMonitor:
         if self.enabled:
             if failed:
                 run_status.mark_ended(self.work_dir, "failed", error=f"{type(error).__name__}: {error}"[:2000])
+            elif isinstance(error, KeyboardInterrupt):  # not "stopped", which promises the last step was saved
+                run_status.mark_ended(self.work_dir, "interrupted")
             else:
                 run_status.mark_ended(self.work_dir, "finished" if self.last_step >= self.total_steps else "stopped")
             self.enabled = False
