@@ -247,11 +247,12 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--prompt-template", "--template", metavar="NAME",
                         dest="prompt_template",
                         help="chat template (default: from tunelab.json, else guessed from the model)")
+    from tunelab.config.xtuner_runtime import SYSTEM_TEMPLATES
+
     system = parser.add_mutually_exclusive_group()
     system.add_argument("--system", metavar="TEXT", help="system prompt (default: the one used in training)")
     system.add_argument("--system-template", metavar="NAME", dest="system", type=_xtuner_system_template,
-                        help="XTuner's SYSTEM_TEMPLATE.NAME as the system prompt: alpaca, coder, lawyer, medical, "
-                             "sql, colorist")
+                        help=f"XTuner's SYSTEM_TEMPLATE.NAME as the system prompt: {', '.join(SYSTEM_TEMPLATES)}")
     parser.add_argument("--bits", type=int, choices=[4, 8], help="load the base quantised with bitsandbytes")
     parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])

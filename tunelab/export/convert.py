@@ -283,9 +283,9 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
     model = load_causal_lm(base, dtype=torch_dtype, device=dev, trust_remote_code=trust_remote_code, key="BASE",
                            reward_head=reward, pad_token_id=tokenizer.pad_token_id, rope=meta.get("rope_scaling"),
                            dequantize=True)
-    if stored_bits(base, key="BASE"):
-        _say(f"the base {base} is stored in {stored_bits(base, key='BASE')} bits (bitsandbytes); merging into its "
-             "dequantised weights, the ones the adapter was trained against")
+    if bits := stored_bits(base, key="BASE"):
+        _say(f"the base {base} is stored in {bits} bits (bitsandbytes); merging into its dequantised weights, the ones "
+             "the adapter was trained against")
     elif meta.get("method") == "qlora":
         _say("the adapter was trained on a 4-bit base (QLoRA); merging into the unquantised base, as intended")
     _say(f"merging adapter {adapter_dir}")
