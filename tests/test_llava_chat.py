@@ -194,6 +194,17 @@ def test_chat_cli_checks_its_images_before_loading(tiny_llama_dir, llava_dir, tm
     assert loaded == []
 
 
+def test_chat_cli_image_check_takes_what_the_chat_reads(llava_dir, tmp_path):
+    """The early --image check passes every picture reference the chat itself reads (`resolve_image`): a file://
+    path and a data URL too, not only a plain path."""
+    from tunelab.chat.vision import check_chat_images
+
+    (tmp_path / "red.png").write_bytes(_png("red"))
+    check_chat_images([f"file://{tmp_path / 'red.png'}", _data_url("blue")], str(llava_dir), None)
+    with pytest.raises(TunelabError, match="web address"):
+        check_chat_images(["https://example.com/cat.png"], str(llava_dir), None)
+
+
 @pytest.mark.browser
 def test_web_page_uploads_a_picture_with_the_question(chat, tmp_path):
     """On `tunelab web` with a LLaVA model, a picked file goes with the question (shown above it) as an image_url

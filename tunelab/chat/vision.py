@@ -100,14 +100,17 @@ def with_images(question: str, images: list[str]) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": path}} for path in images] + [{"type": "text", "text": question}]
 
 
+_LLAVA_ONLY = "Chat with a LLaVA model (trained from a llava config, docs/MULTIMODAL.md) to ask about images."
+
+
 def text_only(messages: list[dict]) -> None:
     """A TunelabError when a model that reads no images is sent some (never dropped silently)."""
     for i, m in enumerate(messages):
         content = m.get("content")
         if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in msg.IMAGE_PARTS
                                              for p in content):
-            raise TunelabError(f"messages[{i}] has an image, but this model reads text only. Chat with a LLaVA model "
-                               "(trained from a llava config, docs/MULTIMODAL.md) to ask about images.")
+            raise TunelabError(f"messages[{i}] has an image, but this model reads text only. {_LLAVA_ONLY}")
+
 
 
 def reads_images(base: str, meta: dict) -> bool:
@@ -125,15 +128,17 @@ def check_chat_images(paths: list[str], model_path: str, adapter: str | None) ->
 
     to_load = model_to_load(model_path, adapter)
     if not reads_images(to_load.base, to_load.meta):
-        raise TunelabError(f"--image: {adapter or model_path} reads text only. Chat with a LLaVA model (trained from a "
-                           "llava config, docs/MULTIMODAL.md) to ask about images.")
+        raise TunelabError(f"--image: {adapter or model_path} reads text only. {_LLAVA_ONLY}")
     for path in paths:
-        file = Path(path).expanduser()
-        if not file.is_file():
+        file = Path(path.removeprefix("file://")).expanduser()
+        if not path.startswith((DATA_URL, "http://", "https://")) and not file.is_file():
             raise TunelabError(f"--image {path}: " + ("a folder, not a picture." if file.is_dir() else
                                                      "no such file. Check the path."))
-        try:
-            open_image(str(file), draft=(64, 64))  # a JPEG decoded small: enough to know it is one
+        try:  # the chat reads it with resolve_image: a data URL or a file:// path too, never a web address
+            ref = resolve_image(path, base_dir=Path.cwd(), image_folder=None, where="--image", at="the picture")
+            open_image(ref, draft=(64, 64))  # a JPEG decoded small: enough to know it is one
+        except InvalidRecord as exc:
+            raise TunelabError(str(exc)) from None
         except OSError as exc:
             raise TunelabError(f"--image {path}: the image cannot be read ({why_unreadable(exc)}): give a PNG, JPEG, "
                                "WebP or GIF picture.") from None
