@@ -1,9 +1,9 @@
 """A small evaluator of Go's text/template, for the subset tunelab's Ollama TEMPLATE uses, so a test can render it
 and compare with the training template: text, {{ expr }}, {{ $x := expr }}, {{ $x = expr }}, if / else if / else,
 range [$i, $v :=] expr, and the functions eq, not, and, len, slice, and printf "%q" (Go's strconv.Quote). Anything
-else raises, so a template that
-strays outside the subset fails the test instead of passing by accident. (Go's semantics: a template variable
-assigned inside range keeps the new value after it; `.` inside range is the element; `$` is the data.)"""
+else raises, so a template that strays outside the subset fails the test instead of passing by accident. (Go's
+semantics: a template variable assigned inside range keeps the new value after it; `.` inside range is the element;
+`$` is the data.)"""
 
 from __future__ import annotations
 

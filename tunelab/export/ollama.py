@@ -2,24 +2,24 @@
 
 * `FROM ./NAME.gguf`
 * `TEMPLATE`: the training template in Ollama's template language (Go's text/template over `.Messages`).
-  It is read off the training template by rendering it: conversations whose contents are markers show the text
-  the template puts before a message of each role after each role (the first message included) and after the last
-  message (`TurnTable`); the TEMPLATE has a branch for every role, writing that text before each message's content
-  (the text most pairs share where the training template refuses a pair). Before it is written, the table is
-  checked against the training template on conversations with real text: every order of up to three roles (two
-  user turns in a row, a first message from the assistant, a tool result then a user turn, ...), a system prompt,
-  several turns, tool results, spaces and newlines in contents; a template that does more than wrap contents (one
-  that moves the system prompt to the last turn, or rewrites earlier replies) fails the check and gets no TEMPLATE,
-  with a note (Ollama then matches `tokenizer.chat_template` in the GGUF file to one of its own). Conversations the
-  training template refuses, or in which it leaves a message out (Gemma's and Mistral's drop a system prompt no user
-  turn follows), are not compared: the TEMPLATE keeps such a message. A template that trims the spaces around each message's text
-  gets a TEMPLATE that keeps them (Ollama's language cannot trim), and a comment saying so. As in Ollama's own
-  templates, a chat that ends with an assistant message is left open, so the model continues it. Tool results are
-  wrapped as the template wraps them; the calls themselves (Ollama's .ToolCalls) are not written. A role whose
-  content the template writes as a JSON string (Llama 3.1 / 3.2's tool results, `| tojson`) is written with
-  `printf "%q"`, Go's quoting: the same text as JSON's for text without control or invisible characters (`\n`,
-  `\t`, quotes, backslashes, `<>&` and non-ASCII letters alike). Ollama never runs the GGUF's Jinja template itself:
-  without a TEMPLATE it takes the nearest of its own built-in templates by edit distance, or the bare prompt.
+  It is read off the training template by rendering it: conversations whose contents are markers show the text the
+  template puts before a message of each role after each role (the first message included) and after the last message
+  (`TurnTable`); the TEMPLATE has a branch for every role, writing that text before each message's content (the text
+  most pairs share where the training template refuses a pair). Before it is written, the table is checked against the
+  training template on conversations with real text: every order of up to three roles (two user turns in a row, a first
+  message from the assistant, a tool result then a user turn, ...), a system prompt, several turns, tool results, spaces
+  and newlines in contents; a template that does more than wrap contents (one that moves the system prompt to the last
+  turn, or rewrites earlier replies) fails the check and gets no TEMPLATE, with a note (Ollama then matches
+  `tokenizer.chat_template` in the GGUF file to one of its own). Conversations the training template refuses, or in
+  which it leaves a message out (Gemma's and Mistral's drop a system prompt no user turn follows), are not compared: the
+  TEMPLATE keeps such a message. A template that trims the spaces around each message's text gets a TEMPLATE that keeps
+  them (Ollama's language cannot trim), and a comment saying so. As in Ollama's own templates, a chat that ends with an
+  assistant message is left open, so the model continues it. Tool results are wrapped as the template wraps them; the
+  calls themselves (Ollama's .ToolCalls) are not written. A role whose content the template writes as a JSON string
+  (Llama 3.1 / 3.2's tool results, `| tojson`) is written with `printf "%q"`, Go's quoting: the same text as JSON's for
+  text without control or invisible characters (`\n`, `\t`, quotes, backslashes, `<>&` and non-ASCII letters alike).
+  Ollama never runs the GGUF's Jinja template itself: without a TEMPLATE it takes the nearest of its own built-in
+  templates by edit distance, or the bare prompt.
 * `PARAMETER stop` for each of the template's stop words.
 * `SYSTEM`: the run's system prompt (or the template's default), which Ollama adds when a chat brings none.
 """
