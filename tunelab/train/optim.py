@@ -172,7 +172,7 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, kind: str) -> f
 def warmup_steps_for(cfg, total_steps: int) -> int:
     # A count of steps (HF's and Unsloth's warmup_steps) wins over the ratio, as in TrainingArguments; never past the
     # run's end, so a short run still reaches the peak lr.
-    if getattr(cfg, "warmup_steps", None) is not None:
+    if cfg.warmup_steps is not None:
         return min(cfg.warmup_steps, total_steps)
     return math.ceil(cfg.warmup_ratio * total_steps)
 
