@@ -209,6 +209,7 @@ def is_llamafactory_config(path: Path) -> bool:
 def yaml_config_fix(path: Path) -> str:
     """How to carry a LLaMA-Factory YAML (`llamafactory-cli train x.yaml`) over: tunelab's setting for each of its
     keys that has one, so the user edits a copied config rather than guessing the names."""
+    from tunelab.data.dataset_info import REGISTRY_NAME
     from tunelab.data.templates import LLAMAFACTORY_NAMES
 
     keys = _yaml_keys(path)
@@ -217,7 +218,7 @@ def yaml_config_fix(path: Path) -> str:
         ours = LLAMAFACTORY_NAMES.get(keys["template"], keys["template"])
         moves.append(f"template: {keys['template']} → prompt_template = {ours!r}")
     if keys.get("dataset"):
-        registry = Path(str(keys.get("dataset_dir", "data"))) / "dataset_info.json"
+        registry = Path(str(keys.get("dataset_dir", "data"))) / REGISTRY_NAME
         moves.append(f"dataset → data_path = [{{'path': {registry.as_posix()!r}, 'dataset': {keys['dataset']!r}}}]")
     if keys.get("output_dir"):
         moves.append("output_dir → --work-dir")
