@@ -69,8 +69,12 @@ def resolve_model_dir(path: str | Path, *, key: str = "pretrained_model_name_or_
         raise TunelabError(
             f"{key} = {text!r} is not a local directory, and the model hub is unreachable "
             f"({type(exc).__name__}; offline or no network). Download the model where there is a network "
-            f"(e.g. `hf download {text} --local-dir ./{text.split('/')[-1]}`) and pass that local "
-            "directory instead.") from None
+            f"(e.g. {download_command(text)}) and pass that local directory instead.") from None
+
+
+def download_command(repo_id: str) -> str:
+    """The command that puts hub model `repo_id` in a local folder (huggingface_hub's `hf`), quoted for a message."""
+    return f"`hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`"
 
 
 def read_model_config(model_dir: Path, *, key: str = "pretrained_model_name_or_path") -> dict:

@@ -121,10 +121,11 @@ def model_shape(name_or_path: str) -> ModelShape:
         return _shape_from_file(config_file)
     if name_or_path in KNOWN_SHAPES:
         return ModelShape.from_config(KNOWN_SHAPES[name_or_path])
+    from tunelab.model.model_dir import download_command
+
     raise TunelabError(
         f"pretrained_model_name_or_path = {name_or_path!r}: cannot find its config.json to estimate memory. "
-        f"Point it at a local model directory, or download the model first "
-        f"(`hf download {name_or_path} --local-dir ./{name_or_path.split('/')[-1]}`)."
+        f"Point it at a local model directory, or download the model first ({download_command(name_or_path)})."
     )
 
 
@@ -152,9 +153,10 @@ def vision_shape(path: str) -> dict:
         return _vision_shape_from_file(path, config_file)
     if path in KNOWN_VISION:
         return KNOWN_VISION[path]
+    from tunelab.model.model_dir import download_command
+
     raise TunelabError(f"visual_encoder_name_or_path = {path!r}: cannot find its config.json to estimate memory. "
-                       f"Point it at a local folder, or download it first "
-                       f"(`hf download {path} --local-dir ./{path.split('/')[-1]}`).")
+                       f"Point it at a local folder, or download it first ({download_command(path)}).")
 
 
 def _vision_shape_from_file(path: str, config_file: Path) -> dict:
