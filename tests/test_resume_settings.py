@@ -133,6 +133,20 @@ def test_edited_data_with_as_many_rows_is_named_in_a_warning(tiny_llama_dir, row
     assert "training data differs" not in capsys.readouterr().out
 
 
+def test_the_data_fingerprint_is_of_the_rows_not_of_how_they_are_held(rows):
+    """`tunelab train` gives TokenRows (flat arrays), the API a list of dicts: the same rows give the same fingerprint
+    either way, and rows that only split the same tokens at another place give another."""
+    from tunelab.data.packing import TokenRows
+
+    assert resume_settings.rows_fingerprint(TokenRows.from_rows(rows)) == resume_settings.rows_fingerprint(rows)
+    first, second = rows[0], rows[1]
+    joined = {k: first[k] + second[k] for k in ("input_ids", "labels", "position_ids")}
+    moved = {k: first[k][:-1] for k in ("input_ids", "labels", "position_ids")}, \
+        {k: first[k][-1:] + second[k] for k in ("input_ids", "labels", "position_ids")}
+    assert resume_settings.rows_fingerprint([joined, *rows[2:]]) != resume_settings.rows_fingerprint(rows)
+    assert resume_settings.rows_fingerprint([*moved, *rows[2:]]) != resume_settings.rows_fingerprint(rows)
+
+
 def test_other_data_under_the_same_name_is_refused(tiny_llama_dir, rows, finished, tmp_path):
     work = _stopped_at(finished, tmp_path, 4)
     with pytest.raises(TunelabError, match=r"iter_4: the training data gives 2 steps per epoch \(4 rows\), the run "

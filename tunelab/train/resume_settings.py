@@ -71,22 +71,21 @@ DATA_KEY = "data_fingerprint"
 
 
 def rows_fingerprint(rows) -> str:
-    """A hash of the training rows' tokens and labels (XXH3-64, at memory speed): tells a data file edited since the
-    checkpoint even where it gives as many rows, which the steps per epoch cannot."""
+    """A hash of the training rows' tokens, labels and where each row starts (XXH3-64, at memory speed): tells a data
+    file edited since the checkpoint even where it gives as many rows, which the steps per epoch cannot. Read from
+    TokenRows' flat arrays, so rows given as a list (the API, tests) hash as the same rows packed."""
     import numpy as np
     import xxhash
 
+    from tunelab.data.packing import TokenRows
+
+    if not isinstance(rows, TokenRows):
+        rows = TokenRows.from_rows(rows)
     digest = xxhash.xxh3_64()
-    arrays = getattr(rows, "arrays", None)
-    if arrays is not None:  # TokenRows: every row's tokens in a few flat arrays
-        for key in sorted(arrays):
-            digest.update(key.encode())
-            digest.update(np.ascontiguousarray(arrays[key]))
-        digest.update(np.ascontiguousarray(rows.offsets))
-    else:  # rows as dicts (tests, other row sources)
-        for row in rows:
-            for key in ("input_ids", "labels"):
-                digest.update(np.asarray(row.get(key, ()), dtype=np.int64))
+    for key in sorted(rows.arrays):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(rows.arrays[key]))
+    digest.update(np.ascontiguousarray(rows.offsets))
     return digest.hexdigest()
 
 
