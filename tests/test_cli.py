@@ -73,8 +73,8 @@ def test_plan_gpu_memory_accepts_a_fraction():
     assert build_parser().parse_args(["plan", "cfg.py", "--gpu-memory", "79.6"]).gpu_memory == 79.6
 
 
-@pytest.mark.parametrize("command", [["chat", "m"], ["web", "m"], ["serve", "m"], ["predict", "m", "--data", "d",
-                                                                                    "--out", "o"], ["eval", "m", "--task", "mmlu_test"],
+@pytest.mark.parametrize("command", [["chat", "m"], ["web", "m"], ["serve", "m"],
+                                     ["predict", "m", "--data", "d", "--out", "o"], ["eval", "m", "--task", "mmlu_test"],
                                      ["convert", "merge", "b", "a", "o"], ["convert", "gguf", "m", "o.gguf"],
                                      ["reward", "m", "--data", "d"]])
 def test_every_model_command_takes_llama_factorys_template_spelling(command):

@@ -165,6 +165,7 @@ def test_empty_pretraining_texts_are_left_out_and_warned(tmp_path, tiny_tokenize
     with pytest.raises(TunelabError, match=r"no usable record \(of its 1: 1 left out \(an empty text"):
         _build(only_empty, tiny_tokenizer)
 
+
 def test_a_pretraining_text_longer_than_max_length_is_reported_as_split_not_as_fitting(tmp_path, tiny_qwen2_dir,
                                                                                          capsys):
     """A one-line book in a .txt file: check-dataset said "longer than max_length: 0" and "1 record, N samples"

@@ -98,7 +98,8 @@ def _jsonl_lines(path: Path) -> list[str | InvalidRecord]:
         if encoding == "utf-16":
             raise TunelabError(_not_text(path, raw, exc, encoding)) from None
     lines: list[str | InvalidRecord] = []
-    for n, chunk in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):  # b"\n" is never inside a UTF-8 character
+    # b"\n" is never inside a UTF-8 character
+    for n, chunk in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
         try:
             lines.append(chunk.decode("utf-8"))
         except UnicodeDecodeError as exc:

@@ -1,10 +1,10 @@
-"""WORK_DIR/run.json: is this run going, finished, stopped or crashed? (read by `tunelab board`).
+"""WORK_DIR/run.json: is this run going, finished, stopped, interrupted or crashed? (read by `tunelab board`).
 
 Written by the main process only, atomically (a temp file renamed over it): "running" with the pid, host and start
 time when training starts, then "finished", "stopped" (SIGINT / SIGTERM: saved, resumable), "interrupted" (a second
 SIGINT / SIGTERM: stopped at once without saving; resumable from the newest checkpoint, losing the steps after it) or
-"failed" (an exception, named in "error") when it ends. A process killed outright (SIGKILL, the kernel's OOM killer, a lost
-machine) writes nothing more: a "running" record whose pid is gone from this host reads back as "crashed".
+"failed" (an exception, named in "error") when it ends. A process killed outright (SIGKILL, the kernel's OOM killer,
+a lost machine) writes nothing more: a "running" record whose pid is gone from this host reads back as "crashed".
 """
 
 from __future__ import annotations
