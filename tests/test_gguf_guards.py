@@ -242,8 +242,13 @@ def old_internlm2_run(tiny_model_factory, tmp_path_factory):
     assert main(["train", str(config), "--work-dir", str(root / "work"), "--device", "cpu"]) == 0
     assert main(["convert", "pth_to_hf", str(config), str(root / "work"), str(root / "adapter")]) == 0
     assert main(["convert", "merge", str(base), str(root / "adapter"), str(root / "merged"), "--device", "cpu"]) == 0
+    from tunelab.train.checksums import write_manifest
+    from tunelab.train.layout import list_checkpoints
+
     for stale in root.rglob("tokenizer.model"):
         stale.unlink()
+    for checkpoint in list_checkpoints(root / "work"):  # an old run's checksums.json never listed the file
+        write_manifest(checkpoint)
     return base, root
 
 
