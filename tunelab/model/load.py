@@ -208,9 +208,20 @@ def load_causal_lm(path: str, *, dtype: torch.dtype | str, device: torch.device 
     if dequantize and getattr(model, "is_quantized", False):
         # merging an adapter into 4-bit layers rounds it away (peft re-quantises), and neither save_pretrained nor
         # GGUF can write them: plain weights, the values the adapter was trained against
-        model = model.dequantize()
+        model = _dequantized(model)
     if not bits:
         model.to(device)
+    return model
+
+
+def _dequantized(model):
+    """`model` with plain weights. transformers 5.17 keeps the quantizer's loading conversion after dequantize(), and
+    save_pretrained then tries to reverse it (NotImplementedError): it is dropped with the quantization."""
+    loaded_by_quantizer = [c.source_patterns for c in model.hf_quantizer.get_weight_conversions()]
+    model = model.dequantize()
+    kept = getattr(model, "_weight_conversions", None)
+    if kept:
+        model._weight_conversions = [c for c in kept if c.source_patterns not in loaded_by_quantizer]
     return model
 
 
