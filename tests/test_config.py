@@ -219,6 +219,9 @@ def test_helpers_imports_and_private_names_are_not_settings(tmp_path):
     ("evaluation_inputs = ['  \\n', 'hi']", "evaluation_inputs", "evaluation_inputs[0] is an empty question"),
     ("data_format = 'alpacca'", "data_format", "Did you mean 'alpaca'"),
     ("lora_r = -8", "lora_r", "positive"),
+    # an entry that is not a name: an AttributeError ('int' has no rsplit) in the combination checks before
+    ("lora_modules_to_save = ['lm_head', 1]", "lora_modules_to_save", "a list of module names"),
+    ("lora_modules_to_save = [['lm_head']]", "lora_modules_to_save", "a list of module names"),
 ])
 def test_wrong_type_or_impossible_value_names_key_file_and_line(tmp_path, line, key, words):
     path = write(tmp_path, f"# my config\nmethod = 'lora'\n{line}\n")

@@ -56,7 +56,7 @@ class TrainConfig:
     """Which biases to train alongside LoRA (peft's `bias`): 'all', or 'lora_only' those of the adapted layers;
     saved with the adapter and merged. LoRA settings (this, use_dora, use_rslora, lora_modules_to_save) with
     method = 'full' are an error."""
-    lora_modules_to_save: Optional[list] = None
+    lora_modules_to_save: Optional[list] = setting(None, MODULE_NAMES)
     """Modules trained in full and saved with the adapter, e.g. ['lm_head', 'embed_tokens'] (new tokens). A name
     that matches no module, or one also in lora_target_modules (peft would leave its adapter out), is an error."""
     use_dora: bool = False
