@@ -58,6 +58,9 @@ GOOD = json.dumps({"instruction": "Hi", "output": "Hello"})
         {"role": "tool", "tool_call_id": "c1", "content": "1"}, {"role": "assistant", "content": "y"}]}), "auto",
      r"line 1: messages\[1\]\.tool_calls\[0\] is a tool call of type 'custom'.*function calls.*Write it as a "
      r"\"function\" call"),
+    # a history that is one number, not a list of pairs: "TypeError: 'int' object is not iterable" before
+    (json.dumps({"instruction": "Hi", "output": "x", "history": 3}), "auto",
+     r"line 1: 'history' should be a list of \[question, answer\] pairs, found int"),
     ("", "auto", r"d\.jsonl: the file is empty"),
     # one JSON list, on one line or pretty-printed, named .jsonl
     (json.dumps([json.loads(GOOD)] * 3), "auto", r"d\.jsonl line 1: the line holds a list of 3 records.*rename it to "

@@ -147,7 +147,11 @@ def _from_alpaca(r: dict, where: str, images, reply_needed: bool = True) -> list
     if not isinstance(extra, str):
         raise fail(where, f"field 'input' should be text, found {type(extra).__name__}", "Fix the value of 'input'.")
     messages = [{"role": "system", "content": _text(r["system"], where, "system")}] if r.get("system") else []
-    for pair in r.get("history") or []:
+    history = r.get("history") or []  # empty or null: no earlier turns
+    if not isinstance(history, (list, tuple)):  # a number or a dict would be iterated (or fail to be) as pairs
+        raise fail(where, f"'history' should be a list of [question, answer] pairs, found {type(history).__name__}",
+                   "Fix 'history'.")
+    for pair in history:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise fail(where, "'history' should be a list of [question, answer] pairs", "Fix 'history'.")
         messages += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
