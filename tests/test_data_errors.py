@@ -61,6 +61,13 @@ GOOD = json.dumps({"instruction": "Hi", "output": "Hello"})
     # a history that is one number, not a list of pairs: "TypeError: 'int' object is not iterable" before
     (json.dumps({"instruction": "Hi", "output": "x", "history": 3}), "auto",
      r"line 1: 'history' should be a list of \[question, answer\] pairs, found int"),
+    # a number longer than Python reads (4300 digits): json's ValueError came out as a traceback
+    ('{"instruction": "Hi", "output": "x", "id": 1' + "0" * 5000 + "}", "auto",
+     r"d\.jsonl line 1: a number of 5001 digits, more than Python reads from JSON \(4300\).*quotes"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": '{"n": 1' + "0" * 5000 + "}"}}]},
+        {"role": "tool", "content": "1"}, {"role": "assistant", "content": "y"}]}), "auto",
+     r"line 1: messages\[1\]\.tool_calls\[0\] arguments: a number of 5001 digits, more than Python reads"),
     ("", "auto", r"d\.jsonl: the file is empty"),
     # one JSON list, on one line or pretty-printed, named .jsonl
     (json.dumps([json.loads(GOOD)] * 3), "auto", r"d\.jsonl line 1: the line holds a list of 3 records.*rename it to "

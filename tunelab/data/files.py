@@ -8,6 +8,8 @@ point at it. JSON Lines are split at '\\n' only: a JSON string may hold U+2028, 
 from __future__ import annotations
 
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -107,6 +109,19 @@ def _jsonl_lines(path: Path) -> list[str | InvalidRecord]:
     return lines
 
 
+NUMBER_FIX = "Write it as text in quotes, or delete it."
+
+
+def number_too_long(exc: ValueError) -> str | None:
+    """What json's plain ValueError for an integer longer than Python converts from text says, in words (None for
+    any other ValueError). Python refuses more than sys.get_int_max_str_digits() digits (4300 by default; a guard
+    against slow conversions), and json.loads lets that ValueError out as it is, not as a JSONDecodeError."""
+    found = re.search(r"value has (\d+) digits", str(exc))
+    if isinstance(exc, json.JSONDecodeError) or not found:
+        return None
+    return f"a number of {found.group(1)} digits, more than Python reads from JSON ({sys.get_int_max_str_digits()})"
+
+
 def parse_json(text: str, where: str, twice: list | None = None) -> Any:
     """json.loads with the errors a user can fix turned into one line (raises json.JSONDecodeError as is).
 
@@ -118,6 +133,11 @@ def parse_json(text: str, where: str, twice: list | None = None) -> Any:
         raise InvalidRecord(f"{where}: the JSON is nested too deeply to read (hundreds of levels of lists or "
                             f"objects inside each other). A training record is a few levels deep: fix the "
                             f"record, or delete it.") from None
+    except ValueError as exc:
+        too_long = number_too_long(exc)
+        if too_long is None:
+            raise
+        raise InvalidRecord(f"{where}: {too_long}. {NUMBER_FIX}") from None
 
 
 def _keeping_track(twice: list) -> Callable[[list], dict]:
@@ -219,7 +239,7 @@ def _refuse_a_list_of_records(obj: Any, where: str) -> None:
 def _is_one_json_document(text: str) -> bool:
     try:
         json.loads(text)
-    except json.JSONDecodeError:
+    except ValueError:  # JSONDecodeError, or a number too long to read (number_too_long)
         return False
     return True
 

@@ -25,7 +25,7 @@ import json
 import re
 from typing import Any, Optional
 
-from tunelab.data.files import InvalidRecord
+from tunelab.data.files import NUMBER_FIX, InvalidRecord, number_too_long
 
 IMAGE_PLACEHOLDER = "<image>"
 MULTIMODAL_FIX = ("Train it with multimodal training (LLaVA configs: `tunelab list-cfg -p llava`, docs/MULTIMODAL.md), "
@@ -147,6 +147,11 @@ def parse_json_value(text: str, where: str, field: str, example: str = CALL_EXAM
     except (json.JSONDecodeError, RecursionError) as exc:
         raise fail(where, f"{field} is not valid JSON ({getattr(exc, 'msg', 'nested too deeply')}): {text[:80]!r}",
                    f"Write {field} as JSON, e.g. {example}.") from None
+    except ValueError as exc:  # json lets Python's limit on a number's digits out as a plain ValueError
+        too_long = number_too_long(exc)
+        if too_long is None:
+            raise
+        raise fail(where, f"{field}: {too_long}", NUMBER_FIX) from None
 
 
 # --- tools ----------------------------------------------------------------------------------------
