@@ -184,6 +184,26 @@ def test_a_misspelt_registry_column_or_tag_is_named(tmp_path, block, entry, fix)
         _samples([{"path": str(tmp_path / "dataset_info.json"), "dataset": "qa"}])
 
 
+@pytest.mark.parametrize("entry, says", [
+    # each was a traceback: Path / None, an unhashable column name, int(nan) or a negative sample size
+    ({"file_name": None}, r"'file_name' should be a file name \(text\), found None"),
+    ({"file_name": ["qa.jsonl"]}, r"'file_name' should be a file name \(text\), found list"),
+    ({"file_name": "qa.jsonl", "columns": {"prompt": ["q"]}}, r"columns 'prompt' should name a field \(text\), "
+                                                             r"found list"),
+    ({"file_name": "qa.jsonl", "formatting": "sharegpt", "tags": {"role_tag": {}}},
+     r"tags 'role_tag' should name a field \(text\), found dict"),
+    ({"file_name": "qa.jsonl", "num_samples": -1}, r"num_samples should be a whole number, 1 or more; found -1"),
+    ({"file_name": "qa.jsonl", "num_samples": "all"}, r"num_samples should be a whole number, 1 or more; found 'all'"),
+    # 0 read every record, as if num_samples were not there
+    ({"file_name": "qa.jsonl", "num_samples": 0}, r"num_samples should be a whole number, 1 or more; found 0"),
+])
+def test_a_registry_entry_value_of_the_wrong_kind_is_named(tmp_path, entry, says):
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"qa": entry}))
+    with pytest.raises(TunelabError, match=rf"dataset_info\.json dataset 'qa': {says}"):
+        _samples([{"path": str(tmp_path / "dataset_info.json"), "dataset": "qa"}])
+
+
 # --- XTuner -----------------------------------------------------------------------------------------
 
 def test_xtuner_openai_lines_that_are_bare_message_lists(tiny_tokenizer):

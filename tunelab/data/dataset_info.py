@@ -94,6 +94,9 @@ def _entry(name: str, spec: Any, file: Path, where: str) -> RegistryEntry:
     if unknown:
         raise TunelabError(f"{at}: unknown key(s) {', '.join(map(repr, unknown))} (known: "
                            f"{', '.join(sorted(_KNOWN_KEYS))}).")
+    problem = _value_problem(spec)
+    if problem:
+        raise TunelabError(f"{at}: {problem}")
     if "file_name" in spec and not any(k in spec for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")):
         location, kind = str(file.parent / spec["file_name"]), "files"
     elif "hf_hub_url" in spec:
@@ -106,16 +109,40 @@ def _entry(name: str, spec: Any, file: Path, where: str) -> RegistryEntry:
         value = spec.get(block) or {}
         if not isinstance(value, dict):
             raise TunelabError(f"{at}: '{block}' should be an object, found {type(value).__name__}.")
-        for key in value:
+        for key, named in value.items():
             if key not in known:
                 raise TunelabError(f"{at}: unknown {block} key {key!r}.{did_you_mean(str(key), known)} "
                                    f"LLaMA-Factory's {block}: {', '.join(known)}.")
+            # a field name is looked up in each record (a list or dict cannot be); null maps nothing, as in LLaMA-Factory
+            if named is not None and not isinstance(named, str):
+                raise TunelabError(f"{at}: {block} {key!r} should name a field (text), found {_kind(named)} "
+                                   f"({named!r}). Write the record's field name in quotes, e.g. "
+                                   f"\"{key}\": \"{_COLUMN_DEFAULTS.get(key, _TAG_DEFAULTS.get(key, key))}\".")
     formatting = spec.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise TunelabError(f"{at}: formatting {formatting!r}; LLaMA-Factory's are 'alpaca', 'sharegpt', 'openai'.")
     return RegistryEntry(name, location, kind, formatting, bool(spec.get("ranking", False)),
                          dict(spec.get("columns") or {}), {**_TAG_DEFAULTS, **(spec.get("tags") or {})},
                          spec.get("subset"), spec.get("split", "train"), spec.get("folder"), spec.get("num_samples"))
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _value_problem(spec: dict) -> str | None:
+    """A location or num_samples of the wrong kind, said before it is used (a path joined with a number, a
+    sample size of -1 or NaN failed with Python's own words)."""
+    for key in _WHERE_KEYS:
+        if key in spec and not (isinstance(spec[key], str) and spec[key].strip()):
+            return (f"'{key}' should be a file name (text), found {_kind(spec[key])} ({spec[key]!r}). Write the data "
+                    f"file's path, relative to the dataset_info.json's folder, in quotes.")
+    count = spec.get("num_samples")
+    # 0 is refused too: it was read as "not set" and used every record
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+        return (f"num_samples should be a whole number, 1 or more; found {count!r}. It is how many samples of the "
+                f"dataset to use; remove it to use every record once.")
+    return None
 
 
 # --- reading one record through an entry ----------------------------------------------------------
