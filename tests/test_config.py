@@ -343,6 +343,10 @@ def test_resolved_config_round_trips(tmp_path):
     ("{'path': 'a.jsonl', 'ratio': '0.5'}", r"ratio must be a number above 0"),
     ("{'file': 'a.jsonl'}", r"unknown key\(s\) 'file'; an entry is \{'path'"),
     ("{'ratio': 2}", r"no 'path' key"),
+    # a number was iterated as names when the dataset_info.json was read ("'int' object is not iterable")
+    ("{'path': 'dataset_info.json', 'dataset': 3}", r"'dataset' names datasets of a dataset_info\.json: a text "
+                                                    r"\('a,b'\) or a list of texts; found int \(3\)"),
+    ("{'path': 'dataset_info.json', 'dataset': ['a', None]}", r"'dataset' names datasets .*found list"),
 ])
 def test_a_bad_data_path_entry_names_the_config_line(tmp_path, entry, says):
     """Checked when the config loads (by the data step's own rules), so the message points at the config's line."""

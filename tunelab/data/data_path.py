@@ -116,10 +116,20 @@ def data_path_problem(data_path, data_format: str = "auto") -> str | None:
                     f"{', '.join(FORMATS)}.")
         if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
             return f"{where}: ratio must be a number above 0 (1.0 = every record once), got {ratio!r}."
+        names = spec.get("dataset")
+        if not _dataset_names_ok(names):
+            return (f"{where}: 'dataset' names datasets of a dataset_info.json: a text ('a,b') or a list of texts; "
+                    f"found {type(names).__name__} ({names!r}).")
         placeholders = spec.get("placeholders") or {}
         if not isinstance(placeholders, dict) or not all(isinstance(v, str) for v in placeholders.values()):
             return f"{where}: 'placeholders' should be a dict of texts, e.g. {{'name': 'TuneBot', 'author': 'Alice'}}."
     return None
+
+
+def _dataset_names_ok(names) -> bool:
+    """None (not given), 'a,b', or a list of names: what dataset_info.registry_entries reads."""
+    return names is None or isinstance(names, str) or (isinstance(names, list) and
+                                                       all(isinstance(n, str) for n in names))
 
 
 def _registry_source(entry: dataset_info.RegistryEntry, registry: Source, where: str, objective: str,
