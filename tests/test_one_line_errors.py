@@ -123,6 +123,16 @@ def test_a_seed_beyond_numpys_range(config, tmp_path, capsys):
     assert_one_line_error(capsys, code, "'seed' must be a whole number from 0 to 2**32 - 1", str(2**70))
 
 
+@pytest.mark.parametrize("flag, value, says", [
+    ("--seed", "-1", "--seed: 'seed' must be a whole number from 0 to 2**32 - 1"),
+    ("--deepspeed", "zero9", "--deepspeed: 'deepspeed' must be None, one of 'zero1'"),
+])
+def test_a_bad_value_of_a_settings_own_flag_names_that_flag(flag, value, says, config, tmp_path, capsys):
+    # the flag became a --cfg-options override, and its error named --cfg-options, which the command line never had
+    message = assert_one_line_error(capsys, _train(config, tmp_path / "work", flag, value), says)
+    assert "--cfg-options" not in message
+
+
 def test_a_lora_target_module_that_matches_nothing(config, tmp_path, capsys):
     code = _train(config, tmp_path / "work", "--cfg-options", "lora_target_modules=['q_proj','qproj']")
     assert_one_line_error(capsys, code, "lora_target_modules: 'qproj' matches no module", "'q_proj'", "'v_proj'",

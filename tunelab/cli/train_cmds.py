@@ -89,15 +89,17 @@ def _gib(text: str) -> float:
     return value
 
 
-def _overrides(args) -> list[str]:
-    overrides = list(args.cfg_options)
+def _flags(args) -> dict[str, tuple[str, object]]:
+    """The settings with a flag of their own (key -> (flag, value)), for load_config: a bad value's error names the
+    flag, not --cfg-options. Applied after --cfg-options, so the flag wins."""
+    flags: dict[str, tuple[str, object]] = {}
     if getattr(args, "seed", None) is not None:
-        overrides.append(f"seed={args.seed}")
+        flags["seed"] = ("--seed", args.seed)
     if getattr(args, "deepspeed", None):
-        overrides.append(f"deepspeed={args.deepspeed!r}")
+        flags["deepspeed"] = ("--deepspeed", args.deepspeed)
     if getattr(args, "fsdp", False):
-        overrides.append("fsdp=True")
-    return overrides
+        flags["fsdp"] = ("--fsdp", True)
+    return flags
 
 
 def _argv(args) -> list[str]:
@@ -133,7 +135,7 @@ def run_train(args) -> int:
     os.environ.setdefault(*ALLOC_CONF)  # the user's own setting wins
     # checked here, before torchrun starts N processes that would each stop on them (torchrun's failure report
     # burying the N copies of the message)
-    cfg = load_config(args.config, _overrides(args))
+    cfg = load_config(args.config, args.cfg_options, _flags(args))
     check_installed(cfg.resolved_report_to())  # before minutes of loading, not after
     if cfg.sequence_parallel_size > 1 and "LOCAL_RANK" not in os.environ:  # a worker's strategy checks it itself
         from tunelab.train.sequence_parallel import check_before_loading
@@ -178,7 +180,7 @@ def run_plan(args) -> int:
     from tunelab.errors import TunelabError
     from tunelab.model.fit import plan_report
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = load_config(args.config, args.cfg_options, _flags(args))
     if args.gpus is not None and (args.gpus < 1 or args.gpus % cfg.sequence_parallel_size):
         raise TunelabError(f"--gpus {args.gpus}: give a positive multiple of sequence_parallel_size "
                            f"({cfg.sequence_parallel_size}).")

@@ -227,8 +227,12 @@ def yaml_config_fix(path: Path) -> str:
             " (docs/CONFIG.md lists every setting).")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Run the config file at `path`, apply `--cfg-options` overrides, validate, return the settings."""
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                flags: dict[str, tuple[str, Any]] | None = None) -> TrainConfig:
+    """Run the config file at `path`, apply `--cfg-options` overrides, validate, return the settings.
+
+    flags: settings given by a command-line flag of their own, key -> (flag, value), e.g. {"seed": ("--seed", 42)};
+    applied last and checked as the others are, so an error names the flag the user typed."""
     path = Path(path)
     _check_config_path(path)
     namespace, lines, imported = _run_config_file(path)
@@ -238,6 +242,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     for key, value in parse_overrides(overrides or [], namespace).items():
         settings[key] = value
         where[key] = ("--cfg-options", None)
+    for key, (flag, value) in (flags or {}).items():
+        settings[key] = value
+        where[key] = (flag, None)
     checked = {}
     for key, value in settings.items():
         checked[key], error = check_setting(key, value, *where[key])
