@@ -229,6 +229,7 @@ CPU, GPU = DistEnv(world_size=2), DistEnv(world_size=2, device=__import__("torch
     (dict(method="lora", fsdp=True, deepspeed="zero3"), CPU, "choose one"),
     (dict(method="qlora", fsdp=True), CPU, "bitsandbytes"),
     (dict(method="lora", fsdp=True, optimizer="adamw_8bit"), CPU, "optimizer = 'adamw'"),
+    (dict(method="lora", fsdp=True), DistEnv(world_size=1), "fsdp = True in one process"),
     (dict(method="qlora", deepspeed="zero3"), GPU, "bnb_4bit_quant_storage"),
     (dict(method="full", deepspeed="zero2_offload"), CPU, "already on the CPU"),
     (dict(method="lora", deepspeed="zero3_offload", optimizer="paged_adamw_8bit"), GPU, "optimizer = 'adamw'"),

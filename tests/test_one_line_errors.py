@@ -133,6 +133,12 @@ def test_a_bad_value_of_a_settings_own_flag_names_that_flag(flag, value, says, c
     assert "--cfg-options" not in message
 
 
+def test_fsdp_in_one_process_says_to_launch_several(config, tmp_path, capsys):
+    # was torch's "environment variable RANK expected, but not set" traceback from fully_shard
+    code = _train(config, tmp_path / "work", "--fsdp")
+    assert_one_line_error(capsys, code, "fsdp = True in one process", "--nproc-per-node", "fsdp = False")
+
+
 def test_a_lora_target_module_that_matches_nothing(config, tmp_path, capsys):
     code = _train(config, tmp_path / "work", "--cfg-options", "lora_target_modules=['q_proj','qproj']")
     assert_one_line_error(capsys, code, "lora_target_modules: 'qproj' matches no module", "'q_proj'", "'v_proj'",

@@ -70,6 +70,10 @@ def validate_distributed(cfg, env: DistEnv) -> None:
         raise TunelabError("config sets both 'deepspeed' and 'fsdp': they are two ways of sharding the same states; "
                            "choose one (--deepspeed zero3 or --fsdp).")
     if cfg.fsdp:
+        if env.world_size == 1:  # fully_shard needs a group of processes to shard over (torch: "RANK expected")
+            raise TunelabError("fsdp = True in one process: FSDP2 shards the weights over several processes. Launch "
+                               "several with --nproc-per-node N (one per GPU), or set fsdp = False (drop --fsdp) "
+                               "to train in this one.")
         if bits:
             raise TunelabError(f"fsdp = True with method={cfg.method!r} ({bits}-bit base): FSDP2's fully_shard "
                                "cannot shard bitsandbytes' packed quantized weights. Use --deepspeed zero2 for QLoRA "
