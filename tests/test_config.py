@@ -340,9 +340,12 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("entry, says", [
     ("{'path': 'a.jsonl', 'weight': 2}", r"unknown key\(s\) 'weight'"),
     ("{'path': 'a.jsonl', 'format': 'sharegtp'}", r"unknown format 'sharegtp'; Did you mean 'sharegpt'\?"),
-    ("{'path': 'a.jsonl', 'ratio': '0.5'}", r"ratio must be a number above 0"),
+    ("{'path': 'a.jsonl', 'ratio': '0.5'}", r"ratio must be a finite number above 0"),
     ("{'file': 'a.jsonl'}", r"unknown key\(s\) 'file'; an entry is \{'path'"),
     ("{'ratio': 2}", r"no 'path' key"),
+    # int(inf) / int(nan) when the ratio was applied: OverflowError / ValueError tracebacks
+    ("{'path': 'a.jsonl', 'ratio': float('inf')}", r"ratio must be a finite number above 0.*got inf"),
+    ("{'path': 'a.jsonl', 'ratio': float('nan')}", r"ratio must be a finite number above 0.*got nan"),
     # a number was iterated as names when the dataset_info.json was read ("'int' object is not iterable")
     ("{'path': 'dataset_info.json', 'dataset': 3}", r"'dataset' names datasets of a dataset_info\.json: a text "
                                                     r"\('a,b'\) or a list of texts; found int \(3\)"),

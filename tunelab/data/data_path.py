@@ -11,6 +11,7 @@ as written; the config step calls it when a config loads, so its message can nam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -114,8 +115,9 @@ def data_path_problem(data_path, data_format: str = "auto") -> str | None:
         if fmt != "auto" and fmt not in FORMATS:
             return (f"{where}: unknown format {fmt!r};{did_you_mean(str(fmt), FORMATS)} use 'auto' or one of "
                     f"{', '.join(FORMATS)}.")
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
-            return f"{where}: ratio must be a number above 0 (1.0 = every record once), got {ratio!r}."
+        # inf and NaN pass "above 0" (NaN fails nothing), then break int(ratio) when the ratio is applied
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
+            return f"{where}: ratio must be a finite number above 0 (1.0 = every record once), got {ratio!r}."
         names = spec.get("dataset")
         if not _dataset_names_ok(names):
             return (f"{where}: 'dataset' names datasets of a dataset_info.json: a text ('a,b') or a list of texts; "
