@@ -222,6 +222,8 @@ def test_helpers_imports_and_private_names_are_not_settings(tmp_path):
     # an entry that is not a name: an AttributeError ('int' has no rsplit) in the combination checks before
     ("lora_modules_to_save = ['lm_head', 1]", "lora_modules_to_save", "a list of module names"),
     ("lora_modules_to_save = [['lm_head']]", "lora_modules_to_save", "a list of module names"),
+    # no adapter anywhere: peft's "No `target_modules` passed but also no `target_parameters` found" after loading
+    ("lora_target_modules = []", "lora_target_modules", "'all-linear' or a list of module names"),
 ])
 def test_wrong_type_or_impossible_value_names_key_file_and_line(tmp_path, line, key, words):
     path = write(tmp_path, f"# my config\nmethod = 'lora'\n{line}\n")

@@ -122,7 +122,8 @@ POSITIVE_OR_NONE = Rule(lambda v: v is None or v > 0, "None or a positive whole 
 QUANT_BITS = Rule(lambda v: v in (None, 4, 8), "None, 4 or 8")
 BETAS = Rule(lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),
              "two numbers in [0, 1), e.g. (0.9, 0.999)")
-TARGET_MODULES = Rule(lambda v: isinstance(v, str) or all(isinstance(m, str) for m in v),
+# an empty list puts no adapter anywhere (peft refuses it only once the model is loaded)
+TARGET_MODULES = Rule(lambda v: isinstance(v, str) or (len(v) > 0 and all(isinstance(m, str) for m in v)),
                       "'all-linear' or a list of module names like ['q_proj', 'v_proj']")
 MODULE_NAMES = Rule(lambda v: v is None or (all(isinstance(m, str) and m.strip() and m != "all" for m in v)),
                     "None or a list of module names like ['embed_tokens', 'lm_head']")
