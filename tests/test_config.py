@@ -304,6 +304,12 @@ def test_syntax_error_and_exception_name_file_and_line(tmp_path):
         load_config(path)
     assert str(path) in str(info.value) and "syntax error" in str(info.value) and "line 2" in str(info.value)
 
+    # a NUL byte: Python's SyntaxError has no line number, and the message said "(line None)"
+    path = write(tmp_path, "lr = 2e-4\nmax_length = 2048\x00\n", "nul.py")
+    with pytest.raises(TunelabError, match=r"nul\.py: syntax error \(line 2\): source code string cannot contain "
+                                           r"null bytes.*Fix that line"):
+        load_config(path)
+
     path = write(tmp_path, "lr = 2e-4\n\nprompt_template = PROMPT_TEMPLATE.internlm2_chat\n", "raises.py")
     with pytest.raises(TunelabError) as info:
         load_config(path)

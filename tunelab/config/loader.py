@@ -57,6 +57,16 @@ def _assignment_lines(tree: ast.Module) -> tuple[dict[str, int], set[str]]:
     return lines, imported
 
 
+def _syntax_error_line(exc: SyntaxError, source: str) -> int | str:
+    """The line a SyntaxError is on. Python gives none for a NUL byte (a file saved as UTF-16, or damaged): the
+    first NUL's line then."""
+    if exc.lineno is not None:
+        return exc.lineno
+    if "\x00" in source:
+        return source.count("\n", 0, source.index("\x00")) + 1
+    return "unknown"
+
+
 def _run_config_file(path: Path) -> tuple[dict[str, Any], dict[str, int], set[str]]:
     try:
         source = path.read_text(encoding="utf-8")
@@ -65,7 +75,7 @@ def _run_config_file(path: Path) -> tuple[dict[str, Any], dict[str, int], set[st
     try:
         tree = ast.parse(source, filename=str(path))
     except SyntaxError as exc:
-        raise TunelabError(f"{path}: syntax error (line {exc.lineno}): {exc.msg}. "
+        raise TunelabError(f"{path}: syntax error (line {_syntax_error_line(exc, source)}): {exc.msg}. "
                            f"Fix that line; the file must be valid Python.") from None
     if is_xtuner_config(tree):  # mmengine's dict(type=...) files would fail on their imports: say what it is
         raise not_a_tunelab_config(path)
