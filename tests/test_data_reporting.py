@@ -136,6 +136,21 @@ def test_a_ratio_that_rounds_a_source_to_nothing_is_warned(tmp_path):
     assert any("small.jsonl" in w and "ratio 0.1" in w and "no sample" in w for w in warnings)
 
 
+@pytest.mark.parametrize("ratio", [1e30, 20_000])
+def test_a_ratio_that_repeats_each_sample_past_reason_names_the_source(tmp_path, ratio):
+    # 1e30 was an OverflowError, 20,000 a list of 60,000 copies built in memory: neither is a mix anyone means
+    small = _write(tmp_path / "small.jsonl", [{"instruction": "q", "output": "a"}] * 3)
+    with pytest.raises(TunelabError, match=r"small\.jsonl: ratio .* repeats each of its 3 samples .* at most 10000"):
+        _read([{"path": small, "ratio": ratio}])
+
+
+def test_num_samples_that_repeat_each_sample_past_reason_name_the_dataset(tmp_path):
+    _write(tmp_path / "a.jsonl", [{"instruction": "q", "output": "a"}] * 3)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.jsonl", "num_samples": 10**30}}))
+    with pytest.raises(TunelabError, match=r"num_samples 10+ of dataset 'a' repeats each of its 3 samples .* "
+                                           r"Lower num_samples"):
+        _read([{"path": str(tmp_path / "dataset_info.json"), "dataset": "a"}])
+
 # --- 6. CSV columns are text ---------------------------------------------------------------------------------------
 
 def test_csv_columns_are_text_and_empty_cells_stay_empty(tmp_path):

@@ -354,9 +354,19 @@ def pick_samples(source: Source, count: int, seed: int) -> list[int]:
     times LLaMA-Factory's num_samples of a dataset_info.json entry (that many samples of the dataset). Training and
     `tunelab reward` / `tunelab predict` pick alike."""
     ratio = source.ratio
+    asked, lower = f"ratio {source.ratio:g}", "the ratio (2 trains each sample twice an epoch)"
     if source.entry is not None and source.entry.num_samples and count:
         ratio *= source.entry.num_samples / count
+        asked += f" with num_samples {source.entry.num_samples} of dataset {source.entry.name!r}"
+        lower = "num_samples or the ratio"
+    if ratio > MAX_REPEATS:  # each copy is a list entry: a huge ratio would fill memory (or overflow) before an error
+        raise TunelabError(f"{source.path}: {asked} repeats each of its {count} samples {ratio:.3g} times; a source "
+                           f"repeats its samples at most {MAX_REPEATS} times. Lower {lower}.")
     return apply_ratio(list(range(count)), ratio, random.Random(seed))
+
+
+MAX_REPEATS = 10_000
+"""The most times a data_path ratio (times num_samples) may repeat a source's samples: far past any real mix."""
 
 
 def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: bool = False,
