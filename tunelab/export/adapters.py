@@ -30,12 +30,7 @@ def find_adapter_dir(path: str | Path) -> tuple[Path, Path]:
         _check_adapter_files(p)
         return p, p
     if is_checkpoint(p) or looks_like_work_dir(p):
-        ckpt = resolve_checkpoint(p)
-        if (ckpt / MODEL_DIR / ADAPTER_CONFIG).is_file():
-            _check_adapter_files(ckpt / MODEL_DIR)
-            return ckpt / MODEL_DIR, ckpt
-        raise TunelabError(f"{ckpt}/{MODEL_DIR} is a full model, not an adapter (no {ADAPTER_CONFIG}): "
-                           f"chat with it directly: `tunelab chat {ckpt}/{MODEL_DIR}`.")
+        return _adapter_of(resolve_checkpoint(p))
     if (p / "config.json").is_file():  # a model (a merged one holds its adapter already): nothing to put on a base
         merged = (read_meta(p) or {}).get("merged_adapter")
         what = f"a merged model (base + the adapter {merged})" if merged else "a full model, not a LoRA adapter"
@@ -43,6 +38,15 @@ def find_adapter_dir(path: str | Path) -> tuple[Path, Path]:
                            f"to a base model. Use it as the model itself: `tunelab chat {p}`.")
     raise TunelabError(f"{p} is not a LoRA adapter: {p / ADAPTER_CONFIG} is missing. Convert a training "
                        f"checkpoint first: `tunelab convert pth_to_hf CFG WORK_DIR/iter_N {p}`.")
+
+
+def _adapter_of(ckpt: Path) -> tuple[Path, Path]:
+    """(adapter directory, checkpoint) of a checkpoint `resolve_checkpoint` gave (found and checked already)."""
+    if (ckpt / MODEL_DIR / ADAPTER_CONFIG).is_file():
+        _check_adapter_files(ckpt / MODEL_DIR)
+        return ckpt / MODEL_DIR, ckpt
+    raise TunelabError(f"{ckpt}/{MODEL_DIR} is a full model, not an adapter (no {ADAPTER_CONFIG}): "
+                       f"chat with it directly: `tunelab chat {ckpt}/{MODEL_DIR}`.")
 
 
 def is_run_or_adapter(p: Path) -> bool:
@@ -74,14 +78,14 @@ def model_to_load(model_path: str, adapter: str | None) -> ModelToLoad:
         if adapter:
             raise TunelabError(f"{model_path} is already a checkpoint / adapter: pass the base model as MODEL and this "
                                f"as --adapter, or use {model_path} alone as MODEL.")
-        meta_dir = p
-        if not (p / ADAPTER_CONFIG).is_file():
-            ckpt = resolve_checkpoint(p)
+        if (p / ADAPTER_CONFIG).is_file():
+            adapter_dir, meta_dir = find_adapter_dir(p)
+        else:
+            ckpt = resolve_checkpoint(p)  # checked against its checksums once, here
             if not (ckpt / MODEL_DIR / ADAPTER_CONFIG).is_file():  # a full fine-tuning run: the model itself
                 return ModelToLoad(str(ckpt / MODEL_DIR), None, read_meta(ckpt) or read_meta(ckpt / MODEL_DIR) or {},
                                    ckpt)
-            meta_dir = ckpt
-        adapter_dir, meta_dir = find_adapter_dir(meta_dir)
+            adapter_dir, meta_dir = _adapter_of(ckpt)
         meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
         if not meta.get("base_model"):
             raise TunelabError(f"{meta_dir} has no tunelab.json naming its base model: pass the base model as MODEL "
