@@ -164,14 +164,16 @@ def _load(args, *, need_tokenizer: bool = True):
     need_tokenizer is False and a data file is given without --tokenizer."""
     from dataclasses import replace
 
-    from tunelab.config.loader import is_llamafactory_config, load_config, yaml_config_fix
+    from tunelab.config.loader import llamafactory_config_keys, load_config, yaml_config_fix
     from tunelab.config.schema import TrainConfig
     from tunelab.errors import TunelabError
     from tunelab.model.load import load_tokenizer
 
     source = Path(args.source)
-    if is_llamafactory_config(source):  # in a data file's place: the settings it holds, as `tunelab train` gives them
-        raise TunelabError(f"{source} is a LLaMA-Factory training config, not a data file. {yaml_config_fix(source)}")
+    llamafactory = llamafactory_config_keys(source)
+    if llamafactory is not None:  # in a data file's place: the settings it holds, as `tunelab train` gives them
+        raise TunelabError(f"{source} is a LLaMA-Factory training config, not a data file. "
+                           f"{yaml_config_fix(llamafactory)}")
     if source.suffix == ".py":
         cfg, config_dir = load_config(source, args.cfg_options), str(source.parent)
         if args.format:

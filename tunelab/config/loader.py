@@ -189,7 +189,7 @@ def _check_config_path(path: Path) -> None:
         raise TunelabError(f"config file not found: {path}. List the built-in configs with `tunelab list-cfg`, "
                            f"then copy one with `tunelab copy-cfg NAME ./`.")
     if path.suffix in (".yaml", ".yml"):
-        raise TunelabError(f"{path} is not a config file (.py). {yaml_config_fix(path)}")
+        raise TunelabError(f"{path} is not a config file (.py). {yaml_config_fix(_yaml_keys(path))}")
     if path.suffix != ".py":
         raise TunelabError(f"{path} is not a config file (.py); a config is a Python file of settings "
                            f"(`tunelab copy-cfg NAME ./` makes one). A data file goes in the config's data_path; "
@@ -211,18 +211,21 @@ def _yaml_keys(path: Path) -> dict:
 LLAMAFACTORY_TRAIN_KEYS = ("stage", "model_name_or_path", "finetuning_type")
 
 
-def is_llamafactory_config(path: Path) -> bool:
-    """A YAML file that is a LLaMA-Factory training config, given where a data file goes (`check-dataset x.yaml`)."""
-    return path.suffix in (".yaml", ".yml") and any(key in _yaml_keys(path) for key in LLAMAFACTORY_TRAIN_KEYS)
+def llamafactory_config_keys(path: Path) -> dict | None:
+    """The top-level keys of a YAML file that is a LLaMA-Factory training config, given where a data file goes
+    (`check-dataset x.yaml`); None for any other file. Read once: `yaml_config_fix` takes them."""
+    if path.suffix not in (".yaml", ".yml"):
+        return None
+    keys = _yaml_keys(path)
+    return keys if any(key in keys for key in LLAMAFACTORY_TRAIN_KEYS) else None
 
 
-def yaml_config_fix(path: Path) -> str:
-    """How to carry a LLaMA-Factory YAML (`llamafactory-cli train x.yaml`) over: tunelab's setting for each of its
-    keys that has one, so the user edits a copied config rather than guessing the names."""
+def yaml_config_fix(keys: dict) -> str:
+    """How to carry a LLaMA-Factory YAML (`llamafactory-cli train x.yaml`, its top-level `keys`) over: tunelab's
+    setting for each of its keys that has one, so the user edits a copied config rather than guessing the names."""
     from tunelab.data.dataset_info import REGISTRY_NAME
     from tunelab.data.templates import LLAMAFACTORY_NAMES
 
-    keys = _yaml_keys(path)
     moves = [f"{k} → {checks.ALIASES[k]}" for k in keys if k in checks.ALIASES and k not in ("dataset", "template")]
     if keys.get("template"):
         ours = LLAMAFACTORY_NAMES.get(keys["template"], keys["template"])
