@@ -195,12 +195,11 @@ def read_records(path: Path, *, skip_invalid: bool = False, on_skip: Callable[[s
 
 def _jsonl_records(path: Path, skip_invalid: bool, on_skip, on_unused) -> Iterator[Record]:
     lines = _jsonl_lines(path)
-    filled = {n for n, line in enumerate(lines, 1) if not isinstance(line, str) or line.strip()}
-    if not filled:
+    first = next((n for n, line in enumerate(lines, 1) if not _blank(line)), None)
+    if first is None:
         raise TunelabError(f"{path}: the file is empty. Put one JSON object per line in it.")
-    first = min(filled)
     for n, line in enumerate(lines, 1):
-        if n not in filled:
+        if _blank(line):
             continue
         where = f"{path} line {n}"
         try:
@@ -226,6 +225,11 @@ def _jsonl_records(path: Path, skip_invalid: bool, on_skip, on_unused) -> Iterat
                 continue
             raise
         yield Record(obj, where)
+
+
+def _blank(line: str | InvalidRecord) -> bool:
+    """A .jsonl line that holds nothing (a line that is not UTF-8 is a record, its error)."""
+    return isinstance(line, str) and not line.strip()
 
 
 def _refuse_a_list_of_records(obj: Any, where: str) -> None:
