@@ -251,6 +251,17 @@ def test_full_method_with_quantised_base_is_refused(tmp_path):
         load_config(write(tmp_path, "method = 'full'\nquant_bits = 4\n"))
 
 
+def test_eval_max_new_tokens_past_max_length_is_refused_naming_both(tmp_path):
+    """A slip (10**9) would have the evaluation questions generate until they stop, or fail inside transformers.
+    The default (128) with a shorter max_length still loads: it is cut to max_length when the questions are asked."""
+    path = write(tmp_path, "max_length = 512\neval_max_new_tokens = 10**9\n")
+    with pytest.raises(TunelabError, match=r"'eval_max_new_tokens' \(line 2\): eval_max_new_tokens = 1000000000 is "
+                                           r"more than max_length = 512.*to 512 or less"):
+        load_config(path)
+    assert load_config(write(tmp_path, "max_length = 512\neval_max_new_tokens = 512\n")).eval_max_new_tokens == 512
+    assert load_config(write(tmp_path, "max_length = 64\n")).eval_max_new_tokens == 128
+
+
 def test_cfg_options_override_and_type_check(tmp_path):
     path = write(tmp_path, "method = 'lora'\nlr = 2e-4\n")
     cfg = load_config(path, ["lr=1e-4", "evaluation_inputs=['a','b']", "prompt_template=qwen_chat",

@@ -100,6 +100,21 @@ def test_qlora_on_cpu_trains_the_same_after_answering_evaluation_questions(tiny_
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
 
 
+def test_evaluation_answers_are_no_longer_than_max_length(tiny_llama_dir, tokenizer, monkeypatch):
+    """The default eval_max_new_tokens (128) with max_length = 32 generates at most 32 tokens (a larger value set in
+    the config is refused when it loads)."""
+    import tunelab.model.generate as generate
+    from tunelab.train.evaluate import answer_questions
+
+    asked = []
+    monkeypatch.setattr(generate, "generate_reply", lambda model, tok, template, messages, settings, **kw:
+                        asked.append(settings.max_new_tokens) or "ok")
+    for max_length, expected in ((32, 32), (512, 128)):
+        cfg = tiny_cfg(tiny_llama_dir, max_length=max_length, eval_max_new_tokens=128, evaluation_inputs=["Hi?"])
+        answer_questions(None, tokenizer, cfg)
+        assert asked.pop() == expected
+
+
 def test_every_trained_token_weighs_the_same_however_the_step_is_split(tiny_llama_dir, tokenizer, tmp_path):
     """batch_size 4 x 1 micro-batch, 2 x 2 and 1 x 4 see the same rows per step: same losses, same updates."""
     rows = varied_rows(tokenizer, 12)

@@ -136,6 +136,13 @@ def combination_errors(cfg: TrainConfig, places: dict[str, tuple[str, int | None
                       f"{cfg.objective!r}: NEFTune is a supervised fine-tuning method (noise in the policy's "
                       f"embeddings alone would score chosen and rejected replies against a reference without it). "
                       f"Set neftune_noise_alpha = None.")
+    # An answer longer than any training sequence shows nothing about training, and a slip (10**9) would generate until
+    # it ends (or fail inside transformers). The default is cut to max_length instead (train.evaluate), as chat cuts
+    # a default max_tokens to the context: a short max_length alone does not make a config wrong.
+    if cfg.eval_max_new_tokens > cfg.max_length and cfg.eval_max_new_tokens != default_value("eval_max_new_tokens"):
+        errors.append(f"{at('eval_max_new_tokens')}eval_max_new_tokens = {cfg.eval_max_new_tokens} is more than "
+                      f"max_length = {cfg.max_length}: an evaluation answer would be longer than any sequence the "
+                      f"model trains on. Set eval_max_new_tokens to {cfg.max_length} or less.")
     if cfg.nonfinite == "skip" and cfg.deepspeed:
         errors.append(f"{at('nonfinite')}nonfinite = 'skip' with deepspeed: DeepSpeed's engine takes the optimiser step "
                       f"itself, so a step cannot be left out. Use nonfinite = 'stop' (the default) with deepspeed.")

@@ -227,7 +227,7 @@ class TrainConfig:
     Relative paths are read from the config file's folder, then the current directory. The picture goes before its
     question, or where the question writes <image> (once)."""
     eval_max_new_tokens: int = setting(128, POSITIVE)
-    """Longest answer to an evaluation question, in tokens."""
+    """Longest answer to an evaluation question, in tokens: at most max_length (the default is cut to it)."""
     report_to: list = setting(factory=list, rule=REPORT_TO)
     """Experiment trackers that also get every logged number and the settings: any of 'tensorboard', 'wandb',
     'mlflow', 'swanlab' (each needs its package; where each writes: docs/TRAINING.md). `tunelab board` needs none."""

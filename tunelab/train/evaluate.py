@@ -29,7 +29,8 @@ def answer_questions(model, tokenizer, cfg, vision=None) -> list[tuple[str, str]
     from tunelab.train.vision import question_content
 
     template = get_template(cfg.prompt_template, tokenizer)
-    settings = GenerationSettings(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0)
+    # at most max_length: a larger value is refused when the config loads, unless it is the default (config.checks)
+    settings = GenerationSettings(max_new_tokens=min(cfg.eval_max_new_tokens, cfg.max_length), temperature=0.0)
     pictures = vision.evaluation_images if vision else [None] * len(cfg.evaluation_inputs)
     answers = []
     for question, picture in zip(cfg.evaluation_inputs, pictures):
