@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -186,6 +187,18 @@ def test_missing_relative_path_names_each_place_once(tmp_path, tiny_tokenizer, m
         build_datasets(cfg, tiny_tokenizer, config_dir="cfgs", log=lambda m: None)
     assert (f"(looked at {tmp_path / 'cfgs' / 'data' / 'nope.jsonl'} and {tmp_path / 'data' / 'nope.jsonl'})"
             in str(info.value))
+
+
+@pytest.mark.parametrize("make, kind", [(lambda tmp: "/dev/null", "a character device"),
+                                         (lambda tmp: os.mkfifo(tmp / "pipe") or tmp / "pipe", "a named pipe")],
+                         ids=["dev-null", "fifo"])
+def test_check_dataset_on_a_device_or_pipe_says_what_it_is_not_a_directory(tmp_path, capsys, make, kind):
+    """/dev/null and a FIFO were called "the directory holds no data file"."""
+    path = make(tmp_path)
+    code = main(["check-dataset", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{path}: {kind}, not a regular file or a folder" in err and "directory" not in err
+    assert "Save the data to a file" in err
 
 
 def test_skip_invalid_counts_and_reports(tmp_path, tiny_tokenizer):

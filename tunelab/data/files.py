@@ -51,6 +51,9 @@ def data_files(path: Path) -> tuple[list[Path], list[Path]]:
     other types, which are reported so that none is left out without a word. One walk of the folder."""
     if path.is_file():
         return [path], []
+    if not path.is_dir():  # /dev/null, a pipe: it exists, but was reported as an empty folder
+        raise TunelabError(f"{path}: {_kind(path)}, not a regular file or a folder. Save the data to a file "
+                           f"({SUFFIXES_READ}) and point data_path at it, or at a folder of such files.")
     found = _folder_files(path)
     files = [p for p in found if p.suffix.lower() in FILE_SUFFIXES]
     others = [p for p in found if p.suffix.lower() not in FILE_SUFFIXES]
@@ -59,6 +62,15 @@ def data_files(path: Path) -> tuple[list[Path], list[Path]]:
         raise TunelabError(f"{path}: the directory holds no data file ({', '.join(FILE_SUFFIXES)}){listed}. "
                            f"Point data_path at a file, or a folder of such files (decompress .gz files first).")
     return files, others
+
+
+def _kind(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    for test, kind in ((Path.is_char_device, "a character device"), (Path.is_block_device, "a block device"),
+                       (Path.is_fifo, "a named pipe"), (Path.is_socket, "a socket")):
+        if test(path):
+            return kind
+    return "a special file"
 
 
 def _names(files: list[Path], folder: Path, shown: int = 10) -> str:
