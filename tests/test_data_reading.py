@@ -54,6 +54,18 @@ def test_jsonl_strings_with_unicode_line_separators_are_one_record(tmp_path):
     assert [s["messages"][1]["content"] for s in samples] == texts and stats.records_read == 5
 
 
+@pytest.mark.parametrize("name, content, header", [("d.csv", "hello,world\n", "hello,world"),
+                                                  ("d.tsv", "instruction\toutput\n", "instruction\toutput")])
+def test_a_table_of_one_line_says_that_line_is_read_as_the_column_names(tmp_path, name, content, header):
+    """A .csv without a header row ('hello,world') said only "the file holds no rows"."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(TunelabError) as info:
+        _read(tmp_path / name)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / name}: no rows: its first line ({header!r}) is read as the column names")
+    assert "instruction, input, output" in message and "prompt, chosen, rejected" in message
+
+
 def test_deeply_nested_json_is_a_clear_error(tmp_path):
     deep = "[" * 100_000 + "]" * 100_000
     (tmp_path / "d.jsonl").write_text(json.dumps(_chat("q", "a")) + "\n" + deep + "\n")

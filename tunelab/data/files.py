@@ -189,6 +189,12 @@ def read_records(path: Path, *, skip_invalid: bool = False, on_skip: Callable[[s
                 pd.read_csv(path, sep=TABLE_SEPARATORS[suffix], dtype=str, keep_default_na=False)
         except Exception as exc:  # pandas/pyarrow raise many types for a damaged file
             raise TunelabError(f"{path}: cannot read it as {suffix[1:]}: {exc}")
+        if frame.empty and suffix in TABLE_SEPARATORS:  # one line, often a row written without a header line
+            header = TABLE_SEPARATORS[suffix].join(map(str, frame.columns))
+            raise TunelabError(f"{path}: no rows: its first line ({header!r}) is read as the column names, and no "
+                               f"line follows it. Put a line naming the columns first (instruction, input, output for "
+                               f"alpaca; text for plain text; prompt, chosen, rejected for preference pairs: "
+                               f"docs/DATA.md, Formats), then one record per line.")
         if frame.empty:
             raise TunelabError(f"{path}: the file holds no rows.")
         first_row = 2 if suffix in TABLE_SEPARATORS else 0  # a table's line number: its header is line 1
