@@ -178,3 +178,19 @@ def test_one_step_is_counted_in_the_singular(config_file, capsys):
     assert "1 steps" not in out + err
     assert "1 step per epoch, 1 step (batch_size" in out + err
     assert "done: 1 step;" in out
+
+
+def test_a_resolved_config_rerun_from_another_folder_names_where_its_data_was(config_file, tmp_path, capsys,
+                                                                              monkeypatch):
+    """`tunelab train WORK_DIR/resolved_config.py` reads a relative data_path from the work dir, then the current
+    folder: run from elsewhere, it is not found there. The error names the file the run read, to use instead."""
+    code = main(["train", str(config_file), "--device", "cpu", "--cfg-options", "max_steps=1", "batch_size=4"])
+    assert code == 0, capsys.readouterr().err
+    resolved = tmp_path / "work_dirs" / "tiny_lora" / "resolved_config.py"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    code = main(["train", str(resolved), "--device", "cpu", "--work-dir", "again"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data_path 'identity.json' not found" in err
+    assert f"{tmp_path / 'configs' / 'identity.json'} when this config was resolved" in err

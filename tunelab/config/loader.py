@@ -274,13 +274,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
 
 # --- writing the resolved settings --------------------------------------------------------------
 
-def save_resolved_config(cfg: TrainConfig, path: str | Path) -> Path:
-    """Write every setting (defaults included) as a Python config that `load_config` reads back."""
+def save_resolved_config(cfg: TrainConfig, path: str | Path, config_dir: str | None = None) -> Path:
+    """Write every setting (defaults included) as a Python config that `load_config` reads back. config_dir: the
+    folder of the config the run read, recorded with the current one as where its relative paths were read from."""
+    from tunelab.data.data_path import resolved_in_line
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     docs = field_docs()
     out = ["# The resolved settings of a tunelab run: every setting, defaults included.",
-           "# Written by tunelab; `tunelab train THIS_FILE --work-dir DIR` runs the same settings again.", ""]
+           "# Written by tunelab; `tunelab train THIS_FILE --work-dir DIR` runs the same settings again.",
+           resolved_in_line(config_dir), ""]
     for key, value in schema.to_dict(cfg).items():
         if key == "dataset_map_fn" and cfg.dataset_map_fn is not None:
             out += _function_source(cfg.dataset_map_fn)

@@ -11,6 +11,7 @@ as written; the config step calls it when a config loads, so its message can nam
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ from tunelab.errors import TunelabError
 
 ENTRY_KEYS = ("path", "format", "ratio", "dataset", "placeholders")
 RELATIVE_PATHS = "Relative paths are read from the config file's folder, then the current directory."
+# A resolved_config.py records the folders its relative paths were read from (a JSON list after this prefix): rerun
+# from another folder, a data_path not found names where the run found it.
+RESOLVED_IN = "# Relative paths were read from these folders, in order, when this config was resolved: "
 
 
 def find_config_path(path, config_dir: str | None,
@@ -38,6 +42,31 @@ def find_config_path(path, config_dir: str | None,
     # and "looked at data/x and data/x" would not say where that is.
     looked = dict.fromkeys(str(c.absolute()) for c in candidates)
     return next((c for c in candidates if test(c)), None), " and ".join(looked)
+
+
+def resolved_in_line(config_dir: str | None) -> str:
+    """The RESOLVED_IN line of a resolved config: the folders `find_config_path` reads relative paths from."""
+    folders = [Path(config_dir).absolute()] if config_dir else []
+    return RESOLVED_IN + json.dumps(list(dict.fromkeys(str(f) for f in folders + [Path.cwd()])))
+
+
+def _where_it_was(path: str, config_dir: str | None) -> str:
+    """For a relative path not found from a work dir's resolved_config.py (rerun from another folder): where the run
+    that wrote it read the path from, or "" (another config, or no such line)."""
+    from tunelab.train.layout import RESOLVED_CONFIG
+
+    if not config_dir or Path(path).expanduser().is_absolute():
+        return ""
+    try:
+        lines = (Path(config_dir) / RESOLVED_CONFIG).read_text(encoding="utf-8").splitlines()
+        folders = json.loads(next(line for line in lines if line.startswith(RESOLVED_IN))[len(RESOLVED_IN):])
+    except (OSError, UnicodeDecodeError, StopIteration, ValueError):
+        return ""
+    there = next(((Path(f) / path).resolve() for f in folders if (Path(f) / path).exists()), None)
+    if there is None:
+        return (f" When this config was resolved, relative paths were read from {', then '.join(folders)}: it is not "
+                f"there either.")
+    return f" It was read from {there} when this config was resolved: write that full path in data_path."
 
 
 @dataclass
@@ -161,4 +190,5 @@ def _locate(path: str, fmt: str, ratio: float, config_dir: str | None) -> Source
         return Source(path, fmt, ratio, "disk" if is_saved else "files", found)
     if "/" in path and not path.startswith((".", "/", "~")) and not Path(path).suffix:
         return Source(path, fmt, ratio, "hub")
-    raise TunelabError(f"data_path {path!r} not found (looked at {looked}). {RELATIVE_PATHS}")
+    raise TunelabError(f"data_path {path!r} not found (looked at {looked}). {RELATIVE_PATHS}"
+                       + _where_it_was(path, config_dir))

@@ -163,7 +163,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     if env.is_main:
         from tunelab.config.loader import save_resolved_config
 
-        save_resolved_config(settings_cfg, work_dir / layout.RESOLVED_CONFIG)
+        save_resolved_config(settings_cfg, work_dir / layout.RESOLVED_CONFIG, config_dir)
 
     # --- model, optimiser, schedule, precision --------------------------------------------------
     from tunelab.model.load import load_model_for_training, resolve_dtype
