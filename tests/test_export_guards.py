@@ -220,3 +220,29 @@ def test_a_save_cut_short_is_refused_by_name(base_and_work, tmp_path, capsys):
     (partial / "model" / "adapter_model.safetensors").write_bytes(b"")
     code = main(["convert", "to-hf", str(partial), str(tmp_path / "hf")])
     assert_one_line_error(capsys, code, f"{partial} is a save that was cut short", str(work / "iter_10"))
+
+
+@pytest.mark.parametrize("given", ["iter_N/model", "iter_N", "WORK_DIR"])
+def test_merge_refuses_a_full_run_base_that_fails_its_checksums(given, base_and_work, tmp_path, capsys):
+    """BASE may be a full fine-tuning run (an adapter trained on top of it): chat and convert gguf check its
+    checksums.json before reading it, and so does merge, so a flipped byte is not merged into a quietly other model."""
+    base, work = base_and_work
+    full = _full_checkpoint(base, tmp_path / "full", 4)
+    _flip_a_byte(full / "model" / "model.safetensors")
+    typed = {"iter_N/model": full / "model", "iter_N": full, "WORK_DIR": full.parent}[given]
+    out = tmp_path / "out"
+    code = main(["convert", "merge", str(typed), str(work), str(out), "--device", "cpu"])
+    assert_one_line_error(capsys, code, f"{full} is damaged", "model/model.safetensors does not match its checksum")
+    assert not (out / "config.json").exists()
+
+
+def test_merge_takes_a_full_runs_work_dir_as_base(base_and_work, tmp_path, capsys):
+    """A full run's WORK_DIR or iter_N as BASE means its model/, as it does for chat and convert gguf."""
+    base, work = base_and_work
+    full = _full_checkpoint(base, tmp_path / "full", 4)
+    for typed, out in ((full.parent, tmp_path / "a"), (full, tmp_path / "b")):
+        assert main(["convert", "merge", str(typed), str(work), str(out), "--device", "cpu"]) == 0, capsys.readouterr()
+        assert (out / "config.json").is_file()
+    code = main(["convert", "merge", str(work), str(work), str(tmp_path / "c"), "--device", "cpu"])
+    assert_one_line_error(capsys, code, f"BASE {work} is a LoRA adapter or checkpoint, not a model",
+                          f"tunelab convert merge {base} {work} merged")

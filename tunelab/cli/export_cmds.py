@@ -83,7 +83,8 @@ def register(subparsers) -> None:
 
     p = verbs.add_parser("merge", help="base model + adapter → one HF model with the training chat_template",
                          description=MERGE_DESCRIPTION, formatter_class=fmt)
-    p.add_argument("base", metavar="BASE", help="the base model (hub id or directory) the adapter was trained on")
+    p.add_argument("base", metavar="BASE", help="the base model the adapter was trained on: a hub id, a directory, "
+                                                "or a full fine-tuning run's WORK_DIR or iter_N")
     p.add_argument("adapter", metavar="ADAPTER", help="adapter directory, iter_N checkpoint or WORK_DIR")
     p.add_argument("out", metavar="OUT", help="directory to write the merged model to")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")

@@ -18,7 +18,7 @@ import torch
 from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.export.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, find_adapter_dir,
-                                     is_run_or_adapter, load_adapter_weights)
+                                     is_run_or_adapter, load_adapter_weights, model_to_load)
 from tunelab.model.load import load_tokenizer, pick_device, save_tokenizer
 from tunelab.train.layout import (MODEL_DIR, META_FILE, checkpoint_step, is_checkpoint, looks_like_work_dir, read_meta,
                                   resolve_checkpoint, training_meta, write_meta)
@@ -243,6 +243,17 @@ def _refuse_swapped(base: str, adapter: str, out_dir: str) -> None:
                            f"{out_dir}`.")
 
 
+def _base_model(base: str) -> str:
+    """The model BASE means, read as chat and convert gguf read a MODEL (`model_to_load`): a full fine-tuning run's
+    WORK_DIR or iter_N is its model/, and its checksums.json is checked before any weight is read (also where
+    iter_N/model is typed), so a damaged checkpoint is refused here as there. A LoRA run is not a model."""
+    to_load = model_to_load(base, None)
+    if to_load.adapter_dir is not None:
+        raise TunelabError(f"BASE {base} is a LoRA adapter or checkpoint, not a model: merge it into its own base "
+                           f"first (`tunelab convert merge {to_load.base} {base} merged`), then use merged as BASE.")
+    return to_load.base
+
+
 def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB", device: str = "auto",
           dtype: str = "auto", prompt_template: str | None = None, output_format: str = "hf",
           trust_remote_code: bool = False, allow_other_base: bool = False) -> Path:
@@ -253,6 +264,7 @@ def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB",
 
     max_shard_size = shard_size(max_shard_size)
     _refuse_swapped(base, adapter, out_dir)
+    base = _base_model(base)
     adapter_dir, meta_dir = find_adapter_dir(adapter)
     meta = read_meta(meta_dir) or read_meta(adapter_dir) or {}
     out = Path(out_dir)
