@@ -194,6 +194,43 @@ def test_chat_cli_checks_its_images_before_loading(tiny_llama_dir, llava_dir, tm
     assert loaded == []
 
 
+def test_chat_cli_with_images_hashes_a_checkpoint_once_before_loading(llava_dir, tmp_path, monkeypatch, capsys):
+    """`tunelab chat WORK_DIR --image PATH`: the checkpoint's model/ files are checked against its checksums.json once,
+    by the early check, before the weights load (not read again at load: on a multi-GB model that is seconds), and a
+    damaged one stops there."""
+    import shutil
+    from collections import Counter
+    from pathlib import Path
+
+    from tunelab.cli.main import main
+    from tunelab.train import checksums, layout
+
+    work = tmp_path / "work"
+    ckpt = layout.checkpoint_dir(work, 3)
+    shutil.copytree(llava_dir, ckpt / layout.MODEL_DIR)  # a full run of a LLaVA model, as training saves it
+    layout.write_meta(ckpt, {"base_model": str(llava_dir), "method": "full", "prompt_template": TEMPLATE})
+    checksums.write_manifest(ckpt)
+    layout.write_pointer(work, ckpt)
+    (tmp_path / "red.png").write_bytes(_png("red"))
+    hashed = Counter()
+    real_hash = checksums._hash_file
+    monkeypatch.setattr(checksums, "_hash_file", lambda path: hashed.update([Path(path).name]) or real_hash(path))
+    args = ["chat", str(work), "--image", str(tmp_path / "red.png"), "--prompt", "What colour is it?", "--device",
+            "cpu", "--max-new-tokens", "2", "--no-streamer"]
+    assert main(args) == 0, capsys.readouterr()
+    model_files = {p.name for p in (ckpt / layout.MODEL_DIR).iterdir()}
+    assert set(hashed) == model_files and set(hashed.values()) == {1}, hashed
+
+    weights = next((ckpt / layout.MODEL_DIR).glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x40
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err  # one line: the error, and no 'loading ...' before it
+    assert f"{ckpt} is damaged" in err and f"{weights.name} does not match" in err and err.count("\n") == 1, err
+
+
 def test_chat_cli_image_check_takes_what_the_chat_reads(llava_dir, tmp_path):
     """The early --image check passes every picture reference the chat itself reads (`resolve_image`): a file://
     path and a data URL too, not only a plain path."""

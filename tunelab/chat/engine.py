@@ -18,7 +18,7 @@ from typing import Callable
 
 from tunelab.data.messages import with_default_system
 from tunelab.errors import TunelabError
-from tunelab.export.adapters import apply_adapter, check_adapter_runs_on, model_to_load
+from tunelab.export.adapters import ModelToLoad, apply_adapter, check_adapter_runs_on, model_to_load
 
 
 def _say(message: str) -> None:
@@ -180,15 +180,17 @@ def check_bits(bits: int | None) -> None:
 def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_template: str | None = None,
                     system: str | None = None, bits: int | None = None, device: str = "auto", dtype: str = "auto",
                     trust_remote_code: bool = False, max_model_len: int | None = None,
-                    max_batch_size: int = 1, allow_other_base: bool = False) -> ChatModel:
+                    max_batch_size: int = 1, allow_other_base: bool = False,
+                    to_load: ModelToLoad | None = None) -> ChatModel:
     """Load the model (and adapter) once; pick the template and system prompt it was trained with.
 
     `max_model_len` (default: the model's context) bounds prompt + reply tokens of a request; `max_batch_size`
-    is how many requests the engine decodes together."""
+    is how many requests the engine decodes together. `to_load`: what `model_to_load` made of `model_path` and
+    `adapter` already (a checkpoint's checksums checked), so a multi-GB checkpoint is not read twice to check it."""
     from tunelab.chat.vision import reads_images
     from tunelab.model.load import load_model_for_inference, load_tokenizer, pick_device
 
-    to_load = model_to_load(model_path, adapter)
+    to_load = to_load or model_to_load(model_path, adapter)
     base, adapter_dir, meta = to_load.base, to_load.adapter_dir, to_load.meta
     if meta.get("objective") == "reward":
         raise TunelabError(f"{adapter or model_path} is a reward model: it scores replies and does not write them. "
@@ -310,11 +312,12 @@ def stop_words_from_args(args) -> tuple[str, ...]:
     return tuple(args.stop_word)
 
 
-def load_from_args(args, *, max_batch_size: int | None = None) -> ChatModel:
+def load_from_args(args, *, max_batch_size: int | None = None, to_load: ModelToLoad | None = None) -> ChatModel:
     """The model `add_model_arguments`' flags name, for chat, web, serve, predict and eval; web and serve add
-    --max-model-len and --max-batch-size (`max_batch_size`: predict's --batch-size)."""
+    --max-model-len and --max-batch-size (`max_batch_size`: predict's --batch-size; `to_load`: as load_chat_model
+    takes it)."""
     return load_chat_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
                            system=args.system, bits=args.bits, device=args.device, dtype=args.dtype,
                            trust_remote_code=args.trust_remote_code, max_model_len=getattr(args, "max_model_len", None),
                            max_batch_size=max_batch_size or getattr(args, "max_batch_size", 1),
-                           allow_other_base=args.allow_other_base)
+                           allow_other_base=args.allow_other_base, to_load=to_load)

@@ -121,9 +121,10 @@ def reads_images(base: str, meta: dict) -> bool:
     return bool(meta.get("llava")) or is_llava_dir(base)
 
 
-def check_chat_images(paths: list[str], model_path: str, adapter: str | None) -> None:
+def check_chat_images(paths: list[str], model_path: str, adapter: str | None):
     """`tunelab chat --image`, before minutes of loading: the model reads images, and each file is a picture.
-    A TunelabError naming the first that fails."""
+    A TunelabError naming the first that fails. Returns what `model_to_load` made of MODEL and --adapter (a
+    checkpoint's checksums checked), for `load_chat_model` to load without checking it again."""
     from tunelab.export.adapters import model_to_load
 
     to_load = model_to_load(model_path, adapter)
@@ -142,6 +143,7 @@ def check_chat_images(paths: list[str], model_path: str, adapter: str | None) ->
         except OSError as exc:
             raise TunelabError(f"--image {path}: the image cannot be read ({why_unreadable(exc)}): give a PNG, JPEG, "
                                "WebP or GIF picture.") from None
+    return to_load
 
 
 def load_llava_chat(base: str, meta: dict | None, model_dir: Path | None, *, device, dtype, bits=None):

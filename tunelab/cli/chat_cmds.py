@@ -96,11 +96,12 @@ def chat_cmd(args) -> int:
             raise TunelabError(f"--prompt {i} is empty: give the question, or leave --prompt out to type questions.")
     settings = settings_from_args(args)
     stop_words = stop_words_from_args(args)
+    to_load = None
     if args.image:
         from tunelab.chat.vision import check_chat_images
 
-        check_chat_images(args.image, args.model, args.adapter)
-    chat = load_from_args(args)
+        to_load = check_chat_images(args.image, args.model, args.adapter)  # a checkpoint checked here, not again
+    chat = load_from_args(args, to_load=to_load)
     return run_chat(chat, settings, stop_words=stop_words, stream=not args.no_streamer, prompts=args.prompt,
                     stdin=sys.stdin, out=sys.stdout, images=args.image)
 
