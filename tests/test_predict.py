@@ -131,6 +131,26 @@ def test_an_interrupted_run_resumes_and_another_runs_file_is_refused(tiny_llama_
     assert_one_line_error(capsys, 2, "is the test data")
 
 
+def test_a_checkpoint_is_hashed_once_for_its_record_and_its_load(tiny_llama_dir, tmp_path, monkeypatch):
+    """predict reads MODEL once to record what it loads (a resume must load the same) and loads it: a checkpoint's
+    model/ files are checked against its checksums.json once, not again at load (seconds on a multi-GB model)."""
+    import shutil
+    from collections import Counter
+
+    from tunelab.train import checksums, layout
+
+    ckpt = layout.checkpoint_dir(tmp_path / "work", 2)
+    shutil.copytree(tiny_llama_dir, ckpt / layout.MODEL_DIR)  # a full run, as training saves it
+    layout.write_meta(ckpt, {"base_model": str(tiny_llama_dir), "method": "full", "prompt_template": "qwen_chat"})
+    checksums.write_manifest(ckpt)
+    hashed = Counter()
+    real_hash = checksums._hash_file
+    monkeypatch.setattr(checksums, "_hash_file", lambda path: hashed.update([Path(path).name]) or real_hash(path))
+    data = _jsonl(tmp_path / "d.jsonl", [{"instruction": "Who are you?", "output": IDENTITY}])
+    assert _predict(ckpt, data, tmp_path / "p.jsonl") == 0
+    assert set(hashed) == {p.name for p in (ckpt / layout.MODEL_DIR).iterdir()} and set(hashed.values()) == {1}, hashed
+
+
 def test_a_run_on_edited_data_is_another_run(tiny_llama_dir, tmp_path, capsys):
     """Its lines hold the old references: scoring them again would give the old scores without a word."""
     data, out = _jsonl(tmp_path / "t.jsonl", [{"instruction": "Hi", "output": "Helo"}]), tmp_path / "p.jsonl"

@@ -101,7 +101,7 @@ def predict_cmd(args) -> int:
     if start < len(samples):
         from tunelab.chat.engine import load_from_args
 
-        chat = load_from_args(args, max_batch_size=args.batch_size)
+        chat = load_from_args(args, max_batch_size=args.batch_size, to_load=to_load)  # checked above: once
         if chat.reasoning is not None:
             say(f"note: template {chat.template.name!r} writes reasoning ({chat.reasoning.open}..."
                 f"{chat.reasoning.close}): each prediction and reference is the answer after it, which is what is "
