@@ -658,11 +658,18 @@ def test_sigterm_stops_the_server_mid_generation(tmp_path):
             server.wait()
 
 
-def test_serve_cli_defaults_to_localhost():
-    from tunelab.cli.main import build_parser
+def test_serve_cli_defaults_to_localhost(monkeypatch):
+    import tunelab.chat.engine
+    from tunelab.chat.server import free_port
+    from tunelab.cli.main import build_parser, main
 
     args = build_parser().parse_args(["serve", "some/model"])
-    assert args.host == "127.0.0.1" and args.port == 8000 and args.engine == "tunelab" and args.max_batch_size == 16
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.engine == "tunelab"
+    loaded = []  # tunelab's engine decodes 16 requests together unless told (--engine vllm: vLLM's own default)
+    monkeypatch.setattr(tunelab.chat.engine, "load_from_args", lambda args, **kwargs: loaded.append(kwargs) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["serve", "some/model", "--port", str(free_port())])
+    assert loaded == [{"max_batch_size": 16}]
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -698,7 +705,7 @@ def test_stop_word_flags_end_the_replies_of_requests_without_stop(command, chat,
     from tunelab.cli.main import main
 
     apps = []
-    monkeypatch.setattr(tunelab.chat.engine, "load_from_args", lambda args: chat)
+    monkeypatch.setattr(tunelab.chat.engine, "load_from_args", lambda args, **kwargs: chat)
     monkeypatch.setattr(tunelab.chat.server, "serve", lambda app, **kwargs: apps.append(app))
     assert main([command, "m", "--port", str(free_port()), "--stop-word", "TuneBot", "--max-new-tokens", "24"]) == 0
     with BackgroundServer(apps[0]) as url:
@@ -874,11 +881,37 @@ def test_engine_vllm_samples_as_the_sampling_flags_say(tiny_llama_dir, fake_vllm
         "temperature": 0.0, "top_p": 0.75, "top_k": 40, "repetition_penalty": 1.0, "max_new_tokens": 4096}
 
 
+def test_engine_vllm_takes_the_batch_size_and_the_gpu(tiny_llama_dir, fake_vllm, monkeypatch):
+    """--max-batch-size is vLLM's --max-num-seqs (left out when not given: vLLM's own default batches far more than
+    tunelab's 16); --device cuda:N is the GPU vLLM sees, through CUDA_VISIBLE_DEVICES (vLLM has had no device flag
+    since 0.10), counted as torch counts them: among those already visible."""
+    import torch
+
+    from tunelab.cli.main import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    started = []
+    for visible, extra in ((None, []), (None, ["--max-batch-size", "64", "--device", "cuda:1"]),
+                           ("4,6", ["--device", "cuda:1"]), ("4,6", ["--device", "cuda"])):
+        if visible:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert main(["serve", str(tiny_llama_dir), "--engine", "vllm", *extra]) == 0
+        (argv, env), = fake_vllm
+        fake_vllm.clear()
+        Path(argv[argv.index("--chat-template") + 1]).unlink()
+        started.append((argv[argv.index("--max-num-seqs") + 1] if "--max-num-seqs" in argv else None,
+                        env.get("CUDA_VISIBLE_DEVICES")))
+    assert started == [(None, None), ("64", "1"), (None, "6"), (None, "4,6")]
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--stop-word", "</s>"], "--stop-word: vLLM takes no stop words of its own"),
     (["--seed", "3"], "--seed: vLLM takes no seed for requests"),
     (["--max-new-tokens", "100"], "--max-new-tokens: vLLM has no reply length of its own"),
     (["--temperature", "3"], "--temperature 3.0: must be 0 (greedy) or more, at most 2"),
+    (["--device", "cpu"], "--device cpu: vLLM takes no device"),
 ])
 def test_engine_vllm_refuses_the_flags_it_cannot_pass_on(tiny_llama_dir, fake_vllm, capsys, flags, says):
     """A flag vLLM's server has no place for is a one-line error before vLLM starts, never dropped."""

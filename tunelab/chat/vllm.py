@@ -7,7 +7,8 @@ tokenizer), the API key passed in the environment (VLLM_API_KEY) so it does not 
 that template writes tool calls or reasoning in a format one of vLLM's parsers reads, and the tokenizer has the markers
 that parser looks up, vLLM is told to use it (`--tool-call-parser`, `--reasoning-parser`), so its replies carry
 `tool_calls` and `reasoning_content` as tunelab's own server gives them. The sampling flags become vLLM's default
-sampling values (`--override-generation-config`); the flags its server has no place for are refused, never dropped.
+sampling values (`--override-generation-config`), --max-batch-size its --max-num-seqs, --device cuda:N the GPU it sees
+(`gpu_env`); the flags its server has no place for are refused, never dropped.
 """
 
 from __future__ import annotations
@@ -86,9 +87,28 @@ def generation_config(args) -> dict:
             "repetition_penalty": settings.repetition_penalty, "max_new_tokens": args.max_tokens_limit}
 
 
+def gpu_env(device: str) -> dict[str, str]:
+    """--device as vLLM takes it, as environment variables. vLLM has no device flag (deprecated in 0.9, removed in
+    0.10): it runs on what its build is for (pip's: CUDA GPUs), on the GPUs CUDA_VISIBLE_DEVICES shows it. So cuda:N
+    becomes that variable, N counted as torch counts (among the GPUs visible already, as tunelab's own engine would
+    take it); cpu, which takes another build of vLLM and no flag, is refused rather than ignored."""
+    if device in ("auto", "cuda"):
+        return {}
+    from tunelab.model.load import check_device
+
+    dev = check_device(device)  # a name that is no device, or a GPU this machine lacks: refused here
+    if dev.type != "cuda":
+        raise TunelabError(f"--device {device}: vLLM takes no device: it runs where its build does (pip install vllm: "
+                           f"CUDA GPUs; a CPU build needs no flag). Use --device cuda:N, or leave --engine vllm out to "
+                           f"serve on the {dev.type.upper()} with tunelab's engine.")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {"CUDA_VISIBLE_DEVICES": visible.split(",")[dev.index].strip() if visible else str(dev.index)}
+
+
 def vllm_command(model: str, *, host: str, port: int, served_name: str, template_file: str | None = None,
-                 max_model_len: int | None = None, dtype: str = "auto", trust_remote_code: bool = False,
-                 parsers: list[str] = (), sampling: dict | None = None, python: str = sys.executable) -> list[str]:
+                 max_model_len: int | None = None, max_num_seqs: int | None = None, dtype: str = "auto",
+                 trust_remote_code: bool = False, parsers: list[str] = (), sampling: dict | None = None,
+                 python: str = sys.executable) -> list[str]:
     """The command line that starts vLLM's OpenAI server (`vllm serve` is the same entry point)."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", served_name,
            "--host", host, "--port", str(port)]
@@ -98,6 +118,8 @@ def vllm_command(model: str, *, host: str, port: int, served_name: str, template
         cmd += ["--chat-template", template_file]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
+    if max_num_seqs:
+        cmd += ["--max-num-seqs", str(max_num_seqs)]
     if dtype != "auto":
         cmd += ["--dtype", VLLM_DTYPES[dtype]]
     if trust_remote_code:
@@ -144,18 +166,20 @@ def run_vllm(args) -> int:
     """Replace this process with vLLM's server (signals and Ctrl-C then reach vLLM directly)."""
     check_servable(args)
     sampling = generation_config(args)
+    gpu = gpu_env(args.device)
     template_file, chosen, template, tokenizer = write_template(
         args.model, prompt_template=args.prompt_template, system=args.system, trust_remote_code=args.trust_remote_code)
     parsers, notes = parser_flags(template, tokenizer.get_vocab())
     cmd = vllm_command(args.model, host=args.host, port=args.port, served_name=Path(args.model).name or args.model,
-                       template_file=template_file, max_model_len=args.max_model_len, dtype=args.dtype,
-                       trust_remote_code=args.trust_remote_code, parsers=parsers, sampling=sampling)
-    env = dict(os.environ)
+                       template_file=template_file, max_model_len=args.max_model_len,
+                       max_num_seqs=args.max_batch_size, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                       parsers=parsers, sampling=sampling)
+    env = {**os.environ, **gpu}
     if args.api_key:
         env["VLLM_API_KEY"] = args.api_key
     print(f"prompt template: {chosen}", file=sys.stderr, flush=True)
     for note in notes:
         print(note, file=sys.stderr, flush=True)
-    print("starting vLLM: " + " ".join(cmd), file=sys.stderr, flush=True)
+    print("starting vLLM: " + " ".join([*(f"{k}={v}" for k, v in gpu.items()), *cmd]), file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached

@@ -45,6 +45,10 @@ print(c.chat.completions.create(model='merged', messages=[{'role': 'user', 'cont
 """
 
 
+DEFAULT_MAX_BATCH_SIZE = 16
+"""web and serve's --max-batch-size when not given (serve --engine vllm leaves it to vLLM, which batches far more)."""
+
+
 def register(subparsers) -> None:
     from tunelab.chat.engine import add_model_arguments, add_sampling_arguments
 
@@ -78,8 +82,10 @@ def register(subparsers) -> None:
         p.add_argument("--max-model-len", type=int, metavar="N",
                        help="prompt + reply tokens a request may use (default: the model's max_position_embeddings; "
                             "e.g. the training max_length to stay where the model was trained)")
-        p.add_argument("--max-batch-size", type=int, default=16, metavar="N",
-                       help="requests decoded together (continuous batching); 1 answers them one at a time")
+        p.add_argument("--max-batch-size", type=int, metavar="N",
+                       help=f"requests decoded together (continuous batching; default {DEFAULT_MAX_BATCH_SIZE}" +
+                            (", with --engine vllm vLLM's own" if name == "serve" else "") +
+                            "); 1 answers them one at a time")
         if name == "serve":
             p.add_argument("--engine", choices=["tunelab", "vllm"], default="tunelab",
                            help="vllm: start vLLM's OpenAI server for a merged model, with its tunelab template")
@@ -130,7 +136,7 @@ def _serve(args, web: bool) -> int:
     stop_words = stop_words_from_args(args)
     sockets = listen_sockets(args.host, args.port)
     try:
-        chat = load_from_args(args)
+        chat = load_from_args(args, max_batch_size=args.max_batch_size or DEFAULT_MAX_BATCH_SIZE)
         kwargs = dict(max_tokens_limit=args.max_tokens_limit, api_key=args.api_key, stop_words=stop_words)
         if web:
             from tunelab.chat.web import create_web_app
