@@ -419,6 +419,19 @@ def test_bad_values_get_a_400_naming_the_parameter(server_url, client, chat, bod
     assert client.chat.completions.create(model=chat.name, messages=ASK).choices[0].message.content == ANSWER
 
 
+@pytest.mark.parametrize("role", ["Human", "human", "gpt", "bot"])
+def test_an_unknown_role_is_a_400_naming_the_message_its_role_and_the_roles_taken(server_url, role):
+    """A ShareGPT role (human, gpt) or any other is refused, as OpenAI's API refuses it, never guessed at: the 400, in
+    OpenAI's error shape, says which message, which role, and the roles there are, so the client can be fixed."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": role, "content": "Hello"}]}).encode()
+    status, payload = _post(f"{server_url}/v1/chat/completions", body)
+    assert status == 400 and set(payload) == {"error"}
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(f'invalid request: messages[1].role "{role}": ') and error["param"] == "messages"
+    assert all(f"'{taken}'" in error["message"] for taken in ("system", "user", "assistant", "tool")), error
+
+
 @pytest.mark.parametrize("fields, param, where", [
     ({"messages": [{"role": "user", "content": "hi \\ud800"}]}, "messages", "messages[0].content"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": [
