@@ -1,6 +1,7 @@
 """A reasoning model's reply through `tunelab serve`, `tunelab chat` and the web page: the reasoning written inside
 <think>...</think> (Qwen3, DeepSeek-R1) comes apart from the answer, as vLLM's reasoning parsers and DeepSeek's API
-send it (`reasoning_content`, the answer as `content`), whole or streamed, whatever the pieces the text comes in; a
+send it (`reasoning_content` and `reasoning`, the answer as `content`), whole or streamed, whatever the pieces the
+text comes in; a
 template without reasoning is served exactly as before. The generated text is scripted (a batcher that writes it),
 so each case is the text a trained model writes."""
 
@@ -120,11 +121,12 @@ def test_the_reasoning_comes_apart_whole_and_streamed(tiny_tokenizer, template, 
         whole = client.chat.completions.create(model="m", messages=ASK)
         streamed = _deltas(client.chat.completions.create(model="m", messages=ASK, stream=True))
     message = whole.choices[0].message.model_dump(exclude_none=True)
-    assert message == {"role": "assistant", "content": "It is sunny.",
-                       "reasoning_content": "The user asks about Beijing."}
+    assert message == {"role": "assistant", "content": "It is sunny.",  # DeepSeek's name, and newer vLLM's
+                       "reasoning_content": "The user asks about Beijing.", "reasoning": "The user asks about Beijing."}
     assert whole.choices[0].finish_reason == "stop"
     assert streamed[0] == {"role": "assistant", "content": ""}
     assert _joined(streamed, "reasoning_content") == "The user asks about Beijing."
+    assert all(d.get("reasoning") == d.get("reasoning_content") for d in streamed)  # each piece under both names
     assert _joined(streamed, "content") == "It is sunny."
     last_thought = max(i for i, d in enumerate(streamed) if d.get("reasoning_content"))
     assert all(not d.get("content") for d in streamed[:last_thought])  # the answer only after the reasoning
@@ -142,7 +144,9 @@ def test_a_reply_cut_before_its_close_marker_is_all_reasoning(tiny_tokenizer, te
     assert whole.choices[0].finish_reason == "length"
     assert whole.choices[0].message.content is None  # as vLLM: no answer yet
     assert whole.choices[0].message.model_extra["reasoning_content"] == "The user asks about Bei"
+    assert whole.choices[0].message.model_extra["reasoning"] == "The user asks about Bei"
     assert _joined(streamed, "reasoning_content") == "The user asks about Bei" and _joined(streamed, "content") == ""
+    assert _joined(streamed, "reasoning") == "The user asks about Bei"
 
 
 def test_a_tool_call_is_read_from_the_answer_after_the_reasoning(tiny_tokenizer):
@@ -155,11 +159,12 @@ def test_a_tool_call_is_read_from_the_answer_after_the_reasoning(tiny_tokenizer)
         streamed = list(client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, stream=True))
     choice = whole.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    assert choice.message.model_extra["reasoning_content"] == "Ask the tool."
+    assert choice.message.model_extra["reasoning_content"] == choice.message.model_extra["reasoning"] == "Ask the tool."
     assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == \
         [("get_weather", {"city": "北京"})]
     deltas = _deltas(streamed)
-    assert _joined(deltas, "reasoning_content") == "Ask the tool."  # streamed as it comes
+    assert _joined(deltas, "reasoning_content") == "Ask the tool."  # streamed as it comes (not again with the calls)
+    assert _joined(deltas, "reasoning") == "Ask the tool."
     [calls] = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
     assert calls[0]["function"]["name"] == "get_weather" and _joined(deltas, "content") == ""
     assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "tool_calls"

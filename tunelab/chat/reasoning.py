@@ -15,6 +15,19 @@ the block where the generation prompt opened it (DeepSeek-R1), else only when it
 from __future__ import annotations
 
 REASONING, ANSWER = "reasoning_content", "content"
+"""The keys of a reply's two parts, as training data holds a reply (the templates read `reasoning_content`)."""
+
+WIRE_NAMES = ("reasoning_content", "reasoning")
+"""The names the reasoning goes by in OpenAI-compatible messages: `reasoning_content` (DeepSeek's API, SGLang, vLLM
+until late 2025), `reasoning` (vLLM since, following OpenAI's guidance for gpt-oss: for a while beside the old name,
+alone since early 2026). Clients read one or the other, so `tunelab serve` sends both (the same text) and reads either
+back."""
+
+
+def on_the_wire(part: dict) -> dict:
+    """A reply's parts (`REASONING` / `ANSWER` keys) as a served message or delta: the reasoning under each of
+    `WIRE_NAMES`."""
+    return {name: text for key, text in part.items() for name in (WIRE_NAMES if key == REASONING else (key,))}
 
 
 def split_reasoning(text: str, fmt) -> tuple[str | None, str]:

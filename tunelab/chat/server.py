@@ -8,8 +8,8 @@ Limits: every sampling setting is checked against `tunelab.model.generate.RULES`
 model's context (`ChatModel.fit_reply`), max_tokens against --max-tokens-limit; each refusal is HTTP 400 in OpenAI's
 error shape naming the parameter. A client that goes away (closed stream, or a timed-out plain request) cancels its
 job at the worker's next step. SIGTERM / Ctrl-C finishes every job at once, so the server stops promptly.
-A reasoning model's reply (`ChatModel.reasoning`) comes as its `reasoning_content` and its answer
-(`tunelab.chat.reasoning`).
+A reasoning model's reply (`ChatModel.reasoning`) comes as its reasoning (under both `reasoning_content` and
+`reasoning`, `tunelab.chat.reasoning.WIRE_NAMES`) and its answer (`tunelab.chat.reasoning`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab.chat.batcher import Reply, ServerStopping
 from tunelab.chat.engine import ChatModel
-from tunelab.chat.reasoning import REASONING, ReasoningStream, split_reasoning
+from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
 from tunelab.chat.requests import NOT_UNICODE, ChatRequest, RequestError, field_path, settings_for, shown
 from tunelab.chat.tools import call_format, request_messages, request_tools, split_calls
 from tunelab.data.templates import tool_support
@@ -244,7 +244,7 @@ def _reply_message(reply: Reply, calls_in_reply, thinking=None) -> tuple[dict, s
     writes some (`thinking`, a ReasoningFormat; the answer None when there is none, as vLLM sends it), tool calls
     split out of the answer where offered."""
     reasoning, text = split_reasoning(reply.text, thinking)
-    thought = {REASONING: reasoning} if reasoning else {}
+    thought = on_the_wire({REASONING: reasoning}) if reasoning else {}
     text, calls = split_calls(text, calls_in_reply) if calls_in_reply is not None else (text, [])
     if calls:
         return {"content": text or None, "tool_calls": calls, **thought}, "tool_calls"
@@ -257,17 +257,19 @@ def _usage(reply: Reply) -> dict:
 
 
 def _delta(delta: dict, calls_in_reply) -> dict:
-    """A streamed piece's non-empty texts; not the answer where it may hold calls (it is sent whole at the end)."""
-    return {k: v for k, v in delta.items() if v and not (k == "content" and calls_in_reply is not None)}
+    """A streamed piece's non-empty texts, the reasoning under each of its names; not the answer where it may hold
+    calls (it is sent whole at the end)."""
+    return on_the_wire({k: v for k, v in delta.items() if v and not (k == "content" and calls_in_reply is not None)})
 
 
 async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, calls_in_reply=None, thinking=None,
                   include_usage: bool = False):
     """Server-sent events in OpenAI's chunk format. If the client disconnects, starlette cancels this generator:
     `finally` cancels the job. With `calls_in_reply` the reply comes whole, as one chunk of text or calls. With
-    `thinking` (a ReasoningFormat) the reasoning comes as `reasoning_content` deltas, then the answer as `content`
-    (with `calls_in_reply`: the reasoning as it comes, the answer whole). With `include_usage` (the request's
-    `stream_options`) a last chunk of empty choices holds the usage, as OpenAI sends it."""
+    `thinking` (a ReasoningFormat) the reasoning comes as deltas (`reasoning_content` and `reasoning`, the same
+    text), then the answer as `content` (with `calls_in_reply`: the reasoning as it comes, the answer whole). With
+    `include_usage` (the request's `stream_options`) a last chunk of empty choices holds the usage, as OpenAI sends
+    it."""
     created = int(time.time())
 
     def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
@@ -292,7 +294,8 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, ca
             yield f"data: {json.dumps({'error': {'message': str(item), 'type': kind}})}\n\n"
         elif calls_in_reply is not None:
             message, finish = _reply_message(item, calls_in_reply, thinking)
-            message.pop(REASONING, None)  # streamed already
+            for name in WIRE_NAMES:  # streamed already
+                message.pop(name, None)
             if "tool_calls" in message:
                 message["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
             yield chunk(message)

@@ -6,9 +6,10 @@ vLLM (paged attention, CUDA graphs) serves many users faster than tunelab's own 
 tokenizer), the API key passed in the environment (VLLM_API_KEY) so it does not show in the process list. Where
 that template writes tool calls or reasoning in a format one of vLLM's parsers reads, and the tokenizer has the markers
 that parser looks up, vLLM is told to use it (`--tool-call-parser`, `--reasoning-parser`), so its replies carry
-`tool_calls` and `reasoning_content` as tunelab's own server gives them. The sampling flags become vLLM's default
-sampling values (`--override-generation-config`), --max-batch-size its --max-num-seqs, --device cuda:N the GPU it sees
-(`gpu_env`); the flags its server has no place for are refused, never dropped.
+`tool_calls` and the reasoning as tunelab's own server gives them (the reasoning under the installed vLLM's name for
+it: only `reasoning` in releases since early 2026, where tunelab's server sends `reasoning_content` too). The sampling
+flags become vLLM's default sampling values (`--override-generation-config`), --max-batch-size its --max-num-seqs,
+--device cuda:N the GPU it sees (`gpu_env`); the flags its server has no place for are refused, never dropped.
 """
 
 from __future__ import annotations
