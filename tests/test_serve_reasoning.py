@@ -236,6 +236,34 @@ def test_reasoning_sent_back_reaches_the_prompt_as_training_renders_it(tiny_toke
     assert "<think>\nAsk the tool.\n</think>\n\n<tool_call>" in prompts[1]
 
 
+def test_reasoning_sent_back_under_both_names_is_read_once_and_must_agree(tiny_tokenizer):
+    """A reply sent back as the server sent it (the reasoning under both names, the same text) is read as under one;
+    two different texts are a 400 naming the message, not one of them dropped silently."""
+    chat, server = _served(tiny_tokenizer, "qwen3_chat", ["<think>\nOK\n</think>\n\nSunny."])
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+
+    def history(**thought):
+        return [*ASK, {"role": "assistant", "content": None, **thought, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+    with server as url:
+        client = _client(url)
+        for thought in ({"reasoning_content": "Ask the tool."}, {"reasoning": "Ask the tool."},
+                        {"reasoning_content": "Ask the tool.", "reasoning": "Ask the tool."},
+                        {"reasoning_content": "", "reasoning": "Ask the tool."}):
+            client.chat.completions.create(model="m", messages=history(**thought), tools=TOOLS)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="m", messages=history(reasoning_content="Ask the tool.",
+                                                                       reasoning="Guess."), tools=TOOLS)
+    assert refused.value.status_code == 400 and refused.value.body["param"] == "messages"
+    assert refused.value.body["message"] == (
+        "the request: messages[1].reasoning_content and messages[1].reasoning hold different texts. They are two "
+        "names of one field (DeepSeek's and newer vLLM's): send the reasoning under one of them, or the same text "
+        "under both.")
+    prompts = {tiny_tokenizer.decode(ids) for ids in chat.batcher.prompts}
+    assert len(prompts) == 1 and "<think>\nAsk the tool.\n</think>" in prompts.pop()
+
+
 # --- chat (terminal) ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -60,7 +60,8 @@ class Message(BaseModel):
     """A tool result's call id and function name."""
     reasoning_content: Optional[str] = None
     reasoning: Optional[str] = None
-    """An assistant's earlier reasoning, as the server sends it back (`reasoning`: newer vLLM's name for it)."""
+    """An assistant's earlier reasoning under either name (`reasoning`: newer vLLM's), or both as the server sends
+    it: the same text, else a 400 (`tools.request_messages`)."""
 
     _text = field_validator("content", "tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning")(
         _valid_text)

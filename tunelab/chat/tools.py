@@ -18,6 +18,7 @@ import string
 import uuid
 from dataclasses import dataclass
 
+from tunelab.chat.reasoning import REASONING, WIRE_NAMES
 from tunelab.data import messages as canonical
 from tunelab.data.templates import PROBE_TOOL, probe_call_reply
 
@@ -178,8 +179,8 @@ def _skip_closer(text: str, end: int, closer: str) -> int:
 
 def request_messages(raw_messages: list[dict]) -> list[dict]:
     """OpenAI request messages -> canonical ones: assistant `tool_calls` with their arguments parsed, their reasoning
-    (`reasoning_content`, or `reasoning`) kept, tool results named after the call they answer. Content (text or parts)
-    is left to the engine."""
+    (under either of `WIRE_NAMES`, or both with the same text) kept as `reasoning_content`, tool results named after
+    the call they answer. Content (text or parts) is left to the engine."""
     out = []
     for i, raw in enumerate(raw_messages):
         message = {"role": raw["role"], "content": raw.get("content") or ""}
@@ -189,13 +190,17 @@ def request_messages(raw_messages: list[dict]) -> list[dict]:
                 raise canonical.fail(where, f"{field}.tool_calls on a {raw['role']!r} message",
                                      "Only assistant messages carry tool_calls.")
             message["tool_calls"] = canonical.tool_calls(raw["tool_calls"], where, f"{field}.tool_calls")
-        # newer vLLM names it `reasoning` (for a while it sent both, the same text)
-        thought = next((k for k in ("reasoning_content", "reasoning") if raw.get(k)), None)
-        if thought and raw["role"] != "assistant":
-            raise canonical.fail(where, f"{field}.{thought} on a {raw['role']!r} message",
+        # one text under either name, or both (as this server sends it)
+        named = {name: raw[name] for name in WIRE_NAMES if raw.get(name)}
+        if named and raw["role"] != "assistant":
+            raise canonical.fail(where, f"{field}.{next(iter(named))} on a {raw['role']!r} message",
                                  "Only assistant messages carry reasoning.")
-        if thought:
-            message["reasoning_content"] = raw[thought]
+        if len(set(named.values())) > 1:
+            raise canonical.fail(where, " and ".join(f"{field}.{name}" for name in named) + " hold different texts",
+                                 "They are two names of one field (DeepSeek's and newer vLLM's): send the reasoning "
+                                 "under one of them, or the same text under both.")
+        if named:
+            message[REASONING] = next(iter(named.values()))
         if raw["role"] == "tool":
             for key in ("name", "tool_call_id"):
                 if isinstance(raw.get(key), str) and raw[key]:
