@@ -142,6 +142,14 @@ def test_reasoning_on_a_user_message_is_an_error():
         normalise(_chat([{"type": "reasoning", "value": "hmm"}], "a"), "messages", "r")
 
 
+def test_a_reply_logged_from_a_server_that_names_its_reasoning_twice_trains_it_once():
+    """`tunelab serve` (and vLLM for a while) sends the reasoning as both reasoning_content and reasoning, the same
+    text: a conversation logged from it trains that reasoning once, not twice."""
+    reply = {"content": "Sunny.", "reasoning_content": "Look outside.", "reasoning": "Look outside."}
+    messages = normalise(_chat("Weather?", reply), "messages", "r")["messages"]
+    assert messages[1] == {"role": "assistant", "content": "Sunny.", "reasoning_content": "Look outside."}
+
+
 def test_openai_legacy_functions_and_function_call():
     record = {"messages": [{"role": "user", "content": "Weather?"},
                            {"role": "assistant", "content": None,

@@ -307,9 +307,10 @@ def message(raw: dict, role: str, where: str, field: str, *, images: Optional[li
                 calls += tool_calls(raw[key], where, f"{field}.{key}")
         if calls:
             out["tool_calls"] = calls
-        for key in ("reasoning_content", "thinking", "reasoning"):
-            if isinstance(raw.get(key), str) and raw[key]:
-                out["reasoning_content"] = out.get("reasoning_content", "") + raw[key]
+        # the same text under two names (a reply logged from `tunelab serve`, or vLLM for a while) is one reasoning
+        for text in dict.fromkeys(raw[key] for key in ("reasoning_content", "thinking", "reasoning")
+                                  if isinstance(raw.get(key), str) and raw[key]):
+            out["reasoning_content"] = out.get("reasoning_content", "") + text
         if not trained(raw, role, where, field):
             out["train"] = False
     else:
