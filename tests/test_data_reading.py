@@ -142,6 +142,15 @@ def test_reasoning_on_a_user_message_is_an_error():
         normalise(_chat([{"type": "reasoning", "value": "hmm"}], "a"), "messages", "r")
 
 
+@pytest.mark.parametrize("key", ["reasoning_content", "thinking", "reasoning"])
+def test_a_reasoning_field_on_a_user_message_is_an_error_not_dropped(key):
+    """Each name an assistant's reasoning is read under is refused on a user message, never left out unread."""
+    record = {"messages": [{"role": "user", "content": "Weather?", key: "hmm"},
+                           {"role": "assistant", "content": "Sunny."}]}
+    with pytest.raises(TunelabError, match=rf"messages\[0\]\.{key} on a 'user' message"):
+        normalise(record, "messages", "r")
+
+
 def test_a_reply_logged_from_a_server_that_names_its_reasoning_twice_trains_it_once():
     """`tunelab serve` (and vLLM for a while) sends the reasoning as both reasoning_content and reasoning, the same
     text: a conversation logged from it trains that reasoning once, not twice."""

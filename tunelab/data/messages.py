@@ -292,6 +292,11 @@ def trained(raw: dict, role: str, where: str, field: str) -> bool:
     return verdict
 
 
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+"""The names a reply's reasoning comes under in source data (DeepSeek's, some exports', newer vLLM's): read on an
+assistant message, refused on any other."""
+
+
 def message(raw: dict, role: str, where: str, field: str, *, images: Optional[list], content_key: str = "content"
             ) -> dict:
     """One source message (already given its canonical role) -> the canonical Message."""
@@ -308,14 +313,13 @@ def message(raw: dict, role: str, where: str, field: str, *, images: Optional[li
         if calls:
             out["tool_calls"] = calls
         # the same text under two names (a reply logged from `tunelab serve`, or vLLM for a while) is one reasoning
-        for text in dict.fromkeys(raw[key] for key in ("reasoning_content", "thinking", "reasoning")
-                                  if isinstance(raw.get(key), str) and raw[key]):
+        for text in dict.fromkeys(raw[key] for key in REASONING_KEYS if isinstance(raw.get(key), str) and raw[key]):
             out["reasoning_content"] = out.get("reasoning_content", "") + text
         if not trained(raw, role, where, field):
             out["train"] = False
     else:
         trained(raw, role, where, field)  # raises on a switch that asks to train a non-reply
-        for key in ("reasoning_content", "thinking", "tool_calls", "function_call"):
+        for key in (*REASONING_KEYS, "tool_calls", "function_call"):
             if raw.get(key):
                 raise fail(where, f"{field}.{key} on a {role!r} message", f"Only assistant replies carry {key}.")
     if role == "tool":
