@@ -224,9 +224,10 @@ TRIMMING = {"gemma", "gemma3", "llama3_chat", "llama3_1_chat", "llama3_2_chat"} 
 
 @pytest.mark.parametrize("name", ["llama3_1_chat", "llama3_2_chat"])
 def test_llama3_1_modelfile_writes_the_dated_system_block_and_quotes_tool_results(name, tiny_tokenizer):
-    """Ollama never runs the GGUF's Jinja template (it picks the nearest of its own by edit distance, else the bare
-    prompt), so Llama 3.1 -- the model of Unsloth's notebooks -- needs a TEMPLATE: the vendor's dated system block
-    before the first message, and tool results written as JSON strings, as the training template writes them."""
+    """Ollama before 0.30 never runs the GGUF's Jinja template (it picks the nearest of its own by edit distance,
+    else the bare prompt), so Llama 3.1 -- the model of Unsloth's notebooks -- needs a TEMPLATE: the vendor's dated
+    system block before the first message, and tool results written as JSON strings, as the training template
+    writes them."""
     from tunelab.export.ollama import modelfile_text
 
     template = get_template(name, tiny_tokenizer)
@@ -241,6 +242,22 @@ def test_llama3_1_modelfile_writes_the_dated_system_block_and_quotes_tool_result
         expected = template.render(messages, add_generation_prompt=True)
         data = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
         assert render_go(go, data) == expected
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_chat", "qwen3_chat", "llama3_1_chat", "llama3_2_chat"])
+def test_ollama_prompts_a_tool_model_with_the_gguf_template_which_is_the_training_one(name, tiny_tokenizer):
+    """Ollama 0.30 and later (`shouldPreferChatTemplate`, server/images.go) prompt with the GGUF's Jinja template
+    instead of the Modelfile's TEMPLATE when the Jinja one has a capability the TEMPLATE lacks: tools, when it
+    mentions 'tools' or 'tool_call'. The GGUF holds the training template, so a tool-calling model meets its training
+    format in Ollama as long as the TEMPLATE names no tools (one that did would win, with its keys sorted by Go)."""
+    from tunelab.export.ollama import modelfile_text
+
+    template = get_template(name, tiny_tokenizer)
+    jinja = template.to_jinja()  # what convert gguf writes as tokenizer.chat_template
+    assert "tools" in jinja or "tool_call" in jinja
+    text = modelfile_text("m.gguf", template)
+    go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0] if 'TEMPLATE """' in text else ""
+    assert ".Tools" not in go and ".ToolCalls" not in go
 
 
 @pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"hf"}))  # 'hf': the tokenizer's own, kept in the GGUF
