@@ -66,20 +66,25 @@ class ChatModel:
         with_default_system(out, self.system if system is None else system)
         return out
 
-    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """The prompt's token ids: the conversation (with the system prompt and any tools) rendered by the template."""
-        return self.template.prompt_ids(self.tokenizer, self.with_system(messages), tools=tools)
+    def encode(self, messages: list[dict], tools: list[dict] | None = None, reply_start: str = "") -> list[int]:
+        """The prompt's token ids: the conversation (with the system prompt and any tools) rendered by the template,
+        and any `reply_start` after it."""
+        return self.template.prompt_ids(self.tokenizer, self.with_system(messages), tools=tools,
+                                        reply_start=reply_start)
 
-    def prompt(self, messages: list[dict], *, files: bool = False, tools: list[dict] | None = None):
+    def prompt(self, messages: list[dict], *, files: bool = False, tools: list[dict] | None = None,
+               reply_start: str = ""):
         """(token ids, pixel values or None) of messages whose content may be OpenAI content parts, images among
-        them for a LLaVA model. `files`: image parts may name files on this machine (the terminal, not the server)."""
+        them for a LLaVA model. `files`: image parts may name files on this machine (the terminal, not the server).
+        `reply_start`: text the reply starts with, written after the generation prompt for the model to go on with
+        (a tool call's start)."""
         from tunelab.chat.vision import split_images, text_only
 
         if self.vision is None:
             text_only(messages)
         places: list[str] | None = [] if self.vision is not None else None  # where each picture is, for its errors
         messages, refs = split_images(messages, files=files, places=places)
-        ids = self.encode(messages, tools)
+        ids = self.encode(messages, tools, reply_start)
         if self.vision is None:
             return ids, None
         if ids.count(self.vision.token_id) != len(refs):

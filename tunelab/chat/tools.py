@@ -8,6 +8,9 @@ each marker + JSON in a reply. GLM-4 writes the function's name on a line of its
 (`name_line`); a family whose template writes calls in yet another way has no format: its replies come back as
 text, calls included. A call read back gets OpenAI's `call_...` id, or where the template writes ids (Mistral: 9
 letters and digits, numbering calls with any other id) an id of that shape, which it then keeps.
+
+The same rendering tells how a call starts (`CallFormat.reply_start`): the text a reply can be started with, in the
+prompt, for the model to write the rest of a call.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES
 from tunelab.data import messages as canonical
-from tunelab.data.templates import PROBE_TOOL, probe_call_reply
+from tunelab.data.templates import PROBE_ARGUMENTS, PROBE_TOOL, probe_call_reply
 
 _ID_CHARACTERS = string.ascii_letters + string.digits
 
@@ -37,6 +40,23 @@ class CallFormat:
     """The template writes each call's id, of this many letters and digits (Mistral v0.3 / Nemo: 9; it numbers a
     call given another id, OpenAI's `call_...`): the reply's calls get ids of that shape, so that the calls and
     results a client sends back keep their ids in the prompt. 0: it writes no id (ids are OpenAI's `call_...`)."""
+    before_name: str = ""
+    """The reply's text before the function's name, as the template writes a call (Qwen2.5: '<tool_call>\\n{"name": "',
+    Llama 3.1: '{"name": "', GLM-4: '')."""
+    after_name: str = ""
+    """The text between the name and the arguments (Qwen2.5: '", "arguments": ', GLM-4: '\\n'); '' where the
+    arguments do not follow the name (no reply can be started as a call)."""
+
+    def reply_start(self, name: str | None = None) -> str:
+        """The text that starts a reply as a call, for the model to go on with: up to the function's name (the model
+        picks one), or with `name` up to its arguments. '' where a call cannot be started so (GLM-4's starts with
+        the name itself: only a named one can be)."""
+        if not self.after_name:
+            return ""
+        if name is None:
+            return self.before_name
+        return self.before_name + (name if self.name_line else json.dumps(name, ensure_ascii=False)[1:-1]) + \
+            self.after_name
 
 
 def call_format(template) -> CallFormat | None:
@@ -57,15 +77,34 @@ def call_format(template) -> CallFormat | None:
         words = reply[:start].split()
         marker = words[-1] if words else ""  # the text right before the JSON, e.g. <tool_call>
         closer = reply[end:].strip()
-        return CallFormat(marker=marker, closer=closer, id_length=_written_id_length(value))
+        quoted = reply.find(f'"{PROBE_TOOL}"', start)  # the call's name, as the JSON writes it
+        return CallFormat(marker=marker, closer=closer, id_length=_written_id_length(value),
+                          **(_around_the_name(reply[:end], quoted + 1) if quoted >= 0 else {}))
     if reply.startswith(PROBE_TOOL + "\n"):
         try:
             args, end = decoder.raw_decode(reply, len(PROBE_TOOL) + 1)
         except ValueError:
             return None
-        if args == {"city": "Paris"}:
-            return CallFormat(marker="", closer=reply[end:].strip(), name_line=True)
+        if args == PROBE_ARGUMENTS:
+            return CallFormat(marker="", closer=reply[end:].strip(), name_line=True,
+                              **_around_the_name(reply[:end], 0))
     return None
+
+
+def _around_the_name(call: str, name_at: int) -> dict:
+    """`CallFormat.before_name` and `after_name` of the probe `call` whose function's name is at `name_at`: the text
+    before it, and the text from it to the probe arguments' JSON where that comes next (else nothing)."""
+    after = name_at + len(PROBE_TOOL)
+    decoder = json.JSONDecoder()
+    for at in range(after, len(call)):
+        if call[at] != "{":
+            continue
+        try:
+            if decoder.raw_decode(call, at)[0] == PROBE_ARGUMENTS:
+                return {"before_name": call[:name_at], "after_name": call[after:at]}
+        except ValueError:
+            continue
+    return {}
 
 
 def _written_id_length(value) -> int:

@@ -61,6 +61,7 @@ class ToolSupport:
 
 
 PROBE_TOOL = "tunelab_probe_function"
+PROBE_ARGUMENTS = {"city": "Paris"}
 PROBE_REASONING = "tunelab probe reasoning"
 
 
@@ -127,8 +128,8 @@ def reasoning_format(template: ChatTemplate) -> ReasoningFormat | None:
 
 def probe_call_reply(template: ChatTemplate, names: tuple = (PROBE_TOOL,), content: str = "") -> str | None:
     """The trained text `template` writes for an assistant turn holding `content` and a probe tool call to each of
-    `names` (with {"city": "Paris"}); None where the template refuses to render it."""
-    calls = [{"type": "function", "function": {"name": name, "arguments": {"city": "Paris"}}} for name in names]
+    `names` (with `PROBE_ARGUMENTS`); None where the template refuses to render it."""
+    calls = [{"type": "function", "function": {"name": name, "arguments": dict(PROBE_ARGUMENTS)}} for name in names]
     turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": content, "tool_calls": calls}]
     try:
         return "".join(text for text, trained in template.segments(turns) if trained)

@@ -132,19 +132,24 @@ class ChatTemplate:
         """The conversation as text (what the exported chat_template renders for the same arguments)."""
         return self._render(self.to_jinja(), messages, tools, add_generation_prompt, False, options)
 
-    def prompt_pieces(self, messages: list[dict], *, tools: Optional[list] = None) -> list[str]:
+    def prompt_pieces(self, messages: list[dict], *, tools: Optional[list] = None, reply_start: str = "") -> list[str]:
         """The generation prompt for `messages` as the texts to tokenise one by one, their ids joined: the whole text,
-        or each of its pieces where the template keeps them apart (`pieces_apart`)."""
+        or each of its pieces where the template keeps them apart (`pieces_apart`). `reply_start`: the start of the
+        reply written after it (the reply's own piece where pieces are apart)."""
         if not self.pieces_apart:
-            return [self.render(messages, tools=tools, add_generation_prompt=True)]
-        return [text for text, _ in self.segments(messages, tools=tools, add_generation_prompt=True)]
+            return [self.render(messages, tools=tools, add_generation_prompt=True) + reply_start]
+        pieces = [text for text, _ in self.segments(messages, tools=tools, add_generation_prompt=True)]
+        return pieces + [reply_start] if reply_start else pieces
 
-    def prompt_ids(self, tokenizer, messages: list[dict], *, tools: Optional[list] = None) -> list[int]:
+    def prompt_ids(self, tokenizer, messages: list[dict], *, tools: Optional[list] = None,
+                   reply_start: str = "") -> list[int]:
         """The generation prompt's token ids (no special tokens added: the template writes them), tokenised as
-        training tokenises its text (`encode.token_ids`)."""
+        training tokenises its text (`encode.token_ids`); `reply_start`: text the reply starts with, for the model
+        to go on with (a tool call's start, `tunelab.chat.tools.CallFormat.reply_start`)."""
         from tunelab.data.encode import token_ids
 
-        return [i for ids in token_ids(tokenizer, self.prompt_pieces(messages, tools=tools)) for i in ids]
+        pieces = self.prompt_pieces(messages, tools=tools, reply_start=reply_start)
+        return [i for ids in token_ids(tokenizer, pieces) for i in ids]
 
     def segments(self, messages: list[dict], *, tools: Optional[list] = None, add_generation_prompt: bool = False,
                  **options) -> list[tuple[str, bool]]:
