@@ -503,7 +503,8 @@ HI = {"type": "text", "text": "hi"}
     ({"messages": [ASK[0], {"role": "user", "content": 5}]}, "messages",
      "invalid request: messages[1].content 5: should be a string or a list of content parts"),
     ({"messages": ASK, "tool_choice": "x"}, "tool_choice",
-     "invalid request: tool_choice \"x\": should be 'auto' (the model chooses) or 'none' (no tools)"),
+     "invalid request: tool_choice \"x\": should be 'auto' (the model chooses), 'none' (no tools), 'required' (a call "
+     "to any tool) or {\"type\": \"function\", \"function\": {\"name\": NAME}} (a call to that one)"),
     ({"messages": [{"role": "tool", "content": "hi", "tool_calls": [{"name": "f"}]}]}, "messages",
      "messages[0].tool_calls on a 'tool' message"),
     ({"messages": ASK, "tools": [{"type": "function"}]}, "tools", "tools[0] is not a tool definition with a name"),

@@ -145,7 +145,7 @@ def test_tools_on_a_template_without_them_are_refused_not_dropped(chat):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError, match="has no place for tools"):
             client.chat.completions.create(model="m", messages=ASK, tools=TOOLS)
-        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        with pytest.raises(openai.BadRequestError, match="has no place for tools"):  # a call to one too
             client.chat.completions.create(model="m", messages=ASK, tools=TOOLS,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
         # tool_choice 'none' leaves the tools out, so any template serves the request

@@ -113,15 +113,22 @@ class ChatRequest(BaseModel):
     """vLLM's extension: generate until max_tokens or a `stop` string, past EOS and the template's stop words."""
     tools: Optional[list] = None
     """Function definitions, rendered into the prompt as the chat template writes them."""
-    tool_choice: Union[Literal["auto", "none"], dict, None] = None
+    tool_choice: Union[Literal["auto", "none", "required"], dict, None] = None
+    """'auto' (the model chooses), 'none' (the tools stay out of the prompt), 'required' (a call to any of them) or
+    {"type": "function", "function": {"name": NAME}} (a call to that one): `tunelab.chat.tools.choose`."""
 
     _text = field_validator("tools", "tool_choice")(_valid_text)
 
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _tool_choice(cls, value):
-        if value is not None and value not in ("auto", "none") and not isinstance(value, dict):
-            raise PydanticCustomError("tool_choice", "should be 'auto' (the model chooses) or 'none' (no tools)")
+        named = isinstance(value, dict) and value.get("type") == "function" and \
+            isinstance(value.get("function"), dict) and isinstance(value["function"].get("name"), str) and \
+            value["function"]["name"] != ""
+        if value is not None and value not in ("auto", "none", "required") and not named:
+            raise PydanticCustomError("tool_choice", "should be 'auto' (the model chooses), 'none' (no tools), "
+                                                     "'required' (a call to any tool) or {\"type\": \"function\", "
+                                                     "\"function\": {\"name\": NAME}} (a call to that one)")
         return value
 
     @field_validator("stop", mode="before")

@@ -34,7 +34,7 @@ from tunelab.chat.batcher import Reply, ServerStopping
 from tunelab.chat.engine import ChatModel
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
 from tunelab.chat.requests import NOT_UNICODE, ChatRequest, RequestError, field_path, settings_for, shown
-from tunelab.chat.tools import call_format, request_messages, request_tools, split_calls
+from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
 from tunelab.data.templates import tool_support
 from tunelab.errors import TunelabError
 
@@ -172,9 +172,6 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                                f"replies of one call, each followed by its result.", "messages")
         with _blaming("tools"):
             offered = request_tools(body.tools)
-        if isinstance(body.tool_choice, dict):
-            raise RequestError("tool_choice naming a function is not supported: send 'auto' (the model chooses) or "
-                               "'none' (the tools stay out of the prompt).", "tool_choice")
         if body.tool_choice == "none":
             offered = None
         if offered and not template_tools()[0]:
@@ -183,17 +180,20 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                                f"qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, glm4_chat, phi4_mini), or "
                                f"leave tools out.", "tools")
         calls_in_reply = template_tools()[1] if offered else None
+        # "required" or a named function: the reply is started as a call in the prompt, and the model goes on
+        choice = choose(body.tool_choice, offered, calls_in_reply, chat.template.name)
         stop = list(stop_words if body.stop is None else body.stop)
         # a long prompt (or its images) must not hold up the event loop
         with _blaming("messages"):
-            prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages, tools=offered)
+            prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages, tools=offered,
+                                                               reply_start=choice.start)
         settings.max_new_tokens = chat.fit_reply(len(prompt_ids), settings.max_new_tokens, asked=asked)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         report = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
         # a reply that may hold calls is read whole, then sent as calls or text (streamed as one chunk), but for its
-        # reasoning, streamed as it comes
-        streamed = body.stream and (calls_in_reply is None or chat.reasoning is not None)
+        # reasoning, streamed as it comes (a reply started as a call has none)
+        streamed = body.stream and (calls_in_reply is None or (chat.reasoning is not None and not choice.start))
         job = chat.job(prompt_ids, settings, stop_words=stop, ignore_eos=body.ignore_eos,
                        on_text=report if streamed else None, on_done=report, pixel_values=pixel_values)
         try:
@@ -203,7 +203,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(chat, job, events, reply_id, calls_in_reply, chat.reasoning, usage),
+            return StreamingResponse(_stream(chat, job, events, reply_id, calls_in_reply, chat.reasoning, usage,
+                                             choice),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             result = await _wait_or_cancel(events, request)
@@ -213,7 +214,7 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
             return _error(499, "the client closed the request")
         if isinstance(result, Exception):
             return _failure(result)
-        message, finish = _reply_message(result, calls_in_reply, chat.reasoning)
+        message, finish = _reply_message(result, calls_in_reply, chat.reasoning, choice)  # or a RequestError
         return {
             "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": chat.name,
             "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
@@ -239,13 +240,18 @@ def _failure(error: Exception) -> JSONResponse:
     return _error(500, f"generation failed: {type(error).__name__}: {error}")
 
 
-def _reply_message(reply: Reply, calls_in_reply, thinking=None) -> tuple[dict, str]:
+def _reply_message(reply: Reply, calls_in_reply, thinking=None, choice: ToolChoice = ToolChoice()) -> tuple[dict, str]:
     """(the reply as an OpenAI message without its role, finish_reason): the reasoning apart where the template
     writes some (`thinking`, a ReasoningFormat; the answer None when there is none, as vLLM sends it), tool calls
-    split out of the answer where offered."""
-    reasoning, text = split_reasoning(reply.text, thinking)
+    split out of the answer where offered, those `choice` keeps. A reply `choice` started as a call is read with its
+    start; one that is no call after all is a RequestError (`ToolChoice.missed`)."""
+    text = choice.start + reply.text
+    reasoning, text = split_reasoning(text, thinking)
     thought = on_the_wire({REASONING: reasoning}) if reasoning else {}
     text, calls = split_calls(text, calls_in_reply) if calls_in_reply is not None else (text, [])
+    calls = choice.keep(calls)
+    if choice.start and not calls:
+        raise choice.missed(reply)
     if calls:
         return {"content": text or None, "tool_calls": calls, **thought}, "tool_calls"
     return {"content": text if reasoning is None else text or None, **thought}, reply.finish_reason
@@ -263,13 +269,13 @@ def _delta(delta: dict, calls_in_reply) -> dict:
 
 
 async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, calls_in_reply=None, thinking=None,
-                  include_usage: bool = False):
+                  include_usage: bool = False, choice: ToolChoice = ToolChoice()):
     """Server-sent events in OpenAI's chunk format. If the client disconnects, starlette cancels this generator:
     `finally` cancels the job. With `calls_in_reply` the reply comes whole, as one chunk of text or calls. With
     `thinking` (a ReasoningFormat) the reasoning comes as deltas (`reasoning_content` and `reasoning`, the same
     text), then the answer as `content` (with `calls_in_reply`: the reasoning as it comes, the answer whole). With
     `include_usage` (the request's `stream_options`) a last chunk of empty choices holds the usage, as OpenAI sends
-    it."""
+    it. `choice`: which calls are sent (a reply it started as a call and that is none is an error event)."""
     created = int(time.time())
 
     def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
@@ -289,11 +295,17 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, ca
                 yield chunk(sent)
         if split and not isinstance(item, Exception) and (sent := _delta(split.finish(), calls_in_reply)):
             yield chunk(sent)
+        if calls_in_reply is not None and not isinstance(item, Exception):
+            try:
+                message, finish = _reply_message(item, calls_in_reply, thinking, choice)
+            except RequestError as exc:  # a reply started as a call that is none
+                item = exc
         if isinstance(item, Exception):  # reported to the client as an error event, never a dead connection
-            kind = "server_error"
-            yield f"data: {json.dumps({'error': {'message': str(item), 'type': kind}})}\n\n"
+            status = getattr(item, "status", 500)
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            error = {'message': str(item), 'type': kind, 'param': getattr(item, "param", None), 'code': None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
         elif calls_in_reply is not None:
-            message, finish = _reply_message(item, calls_in_reply, thinking)
             for name in WIRE_NAMES:  # streamed already
                 message.pop(name, None)
             if "tool_calls" in message:

@@ -9,8 +9,8 @@ each marker + JSON in a reply. GLM-4 writes the function's name on a line of its
 text, calls included. A call read back gets OpenAI's `call_...` id, or where the template writes ids (Mistral: 9
 letters and digits, numbering calls with any other id) an id of that shape, which it then keeps.
 
-The same rendering tells how a call starts (`CallFormat.reply_start`): the text a reply can be started with, in the
-prompt, for the model to write the rest of a call.
+The same rendering tells how a call starts (`CallFormat.reply_start`): `tool_choice` "required" or a named function
+(`choose`) starts the reply with that text in the prompt, and the model writes the rest of the call.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES
+from tunelab.chat.requests import RequestError, shown
 from tunelab.data import messages as canonical
 from tunelab.data.templates import PROBE_ARGUMENTS, PROBE_TOOL, probe_call_reply
 
@@ -214,6 +215,63 @@ def _skip_closer(text: str, end: int, closer: str) -> int:
         if text.startswith(closer[:size], at):
             return at + size
     return end
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """What a request's `tool_choice` asks of its reply's calls, made by `choose`."""
+
+    start: str = ""
+    """The text the reply is started with in the prompt, so that the model goes on with a call (`tool_choice`
+    "required" or a named function); '' where the model chooses ("auto")."""
+    name: str | None = None
+    """The function `tool_choice` names: the reply's calls to it alone are kept."""
+
+    def keep(self, calls: list[dict]) -> list[dict]:
+        """The reply's calls this choice lets through."""
+        if self.name is not None:
+            calls = [c for c in calls if c["function"]["name"] == self.name]
+        return calls
+
+    def missed(self, reply) -> RequestError:
+        """The error a reply (a `Reply`) started as a call gets when it is no call after all: cut by max_tokens, a 400
+        that says to raise it (as vLLM answers a "required" reply cut short); else a 500 quoting what the model
+        wrote (it went astray). Never a reply without the call asked for."""
+        what = f"a call to {self.name!r}" if self.name else "a tool call (tool_choice 'required')"
+        if reply.finish_reason == "length":
+            return RequestError(f"the reply reached max_tokens ({reply.completion_tokens} tokens) before {what} was "
+                                f"complete: raise max_tokens.", "max_tokens")
+        return RequestError(f"the model was started on {what} and did not write one: its reply was "
+                            f"{shown(self.start + reply.text, 300)}", status=500)
+
+
+def choose(tool_choice, tools: list[dict] | None, fmt: CallFormat | None, template: str) -> ToolChoice:
+    """The request's `tool_choice` over its `tools` (after "none" took them out) for a template writing calls as `fmt`
+    (None: not in a form this server reads): a 400 naming the reason where a reply cannot be started as the call
+    asked for."""
+    if tool_choice in (None, "auto", "none"):
+        return ToolChoice()
+    name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
+    asked = f"tool_choice {shown(tool_choice)}"
+    if not tools:
+        raise RequestError(f"{asked}: the request has no tools to call: send them in tools, or leave tool_choice "
+                           f"out.", "tool_choice")
+    names = [tool["function"]["name"] for tool in tools]
+    if name is not None and name not in names:
+        raise RequestError(f"{asked}: {name!r} is not among the tools ({', '.join(map(repr, names))}).",
+                           "tool_choice")
+    if fmt is None:
+        raise RequestError(f"{asked}: the chat template {template!r} writes no tool call in a form this server reads, "
+                           f"so a reply cannot be started as one: send tool_choice 'auto', or serve with a template "
+                           f"that writes calls (e.g. qwen2_5_chat, qwen3_chat, llama3_1_chat, mistral_v3).",
+                           "tool_choice")
+    start = fmt.reply_start(name)
+    if not start:
+        raise RequestError(f"{asked}: the chat template {template!r} starts a call with the function's name, so only a "
+                           f"call to a named function can be started: name one, "
+                           f'{{"type": "function", "function": {{"name": {json.dumps(names[0])}}}}}, or send '
+                           f"tool_choice 'auto'.", "tool_choice")
+    return ToolChoice(start=start, name=name)
 
 
 def request_messages(raw_messages: list[dict]) -> list[dict]:
