@@ -1,7 +1,7 @@
 """`tool_choice: "required"` and a named function through `tunelab serve`: the reply is started for the model with the
 text its template writes before a call (up to the function's name, or with the name given up to the arguments), the
-model continues it, and the prefix + continuation is read back as calls are read under "auto". The batcher here
-writes a scripted continuation and keeps the prompts."""
+model continues it, and the prefix + continuation is read back as calls are read under "auto". `parallel_tool_calls:
+false` keeps a reply's first call alone. The batcher here writes a scripted continuation and keeps the prompts."""
 
 from __future__ import annotations
 
@@ -127,6 +127,25 @@ def test_a_named_function_keeps_only_its_calls_and_required_keeps_every_call(tin
     with _client(chat) as url:
         named = _openai(url).chat.completions.create(model="m", messages=ASK, tools=[*TOOLS, TIME], tool_choice=NAMED)
     assert _calls(named.choices[0].message) == [("get_weather", {"city": "Paris"})]
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_parallel_tool_calls_false_keeps_the_first_call_alone(tiny_tokenizer, choice):
+    one = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    two = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    text = f"{one}\n{two}"
+    if choice == "required":
+        text = text[len('<tool_call>\n{"name": "'):]
+    chat, _ = _served(tiny_tokenizer, "qwen2_5_chat", [text])
+    with _client(chat) as url:
+        client = _openai(url)
+        kwargs = dict(model="m", messages=ASK, tools=[*TOOLS, TIME], tool_choice=choice)
+        single = client.chat.completions.create(**kwargs, parallel_tool_calls=False)
+        streamed = list(client.chat.completions.create(**kwargs, parallel_tool_calls=False, stream=True))
+        both = client.chat.completions.create(**kwargs, parallel_tool_calls=True)
+    assert _calls(single.choices[0].message) == [("get_weather", {"city": "Paris"})]
+    assert _streamed_calls(streamed) == ([("get_weather", {"city": "Paris"})], "tool_calls")
+    assert [name for name, _ in _calls(both.choices[0].message)] == ["get_weather", "get_time"]
 
 
 def test_a_forced_call_the_model_does_not_finish_is_an_error_not_a_reply(tiny_tokenizer):

@@ -116,6 +116,8 @@ class ChatRequest(BaseModel):
     tool_choice: Union[Literal["auto", "none", "required"], dict, None] = None
     """'auto' (the model chooses), 'none' (the tools stay out of the prompt), 'required' (a call to any of them) or
     {"type": "function", "function": {"name": NAME}} (a call to that one): `tunelab.chat.tools.choose`."""
+    parallel_tool_calls: Optional[StrictBool] = None
+    """False: a reply's first call alone is sent (null or true: every call)."""
 
     _text = field_validator("tools", "tool_choice")(_valid_text)
 

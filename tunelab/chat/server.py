@@ -181,7 +181,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                                f"leave tools out.", "tools")
         calls_in_reply = template_tools()[1] if offered else None
         # "required" or a named function: the reply is started as a call in the prompt, and the model goes on
-        choice = choose(body.tool_choice, offered, calls_in_reply, chat.template.name)
+        parallel = body.parallel_tool_calls is not False
+        choice = choose(body.tool_choice, offered, calls_in_reply, chat.template.name, parallel)
         stop = list(stop_words if body.stop is None else body.stop)
         # a long prompt (or its images) must not hold up the event loop
         with _blaming("messages"):

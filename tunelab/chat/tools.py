@@ -219,19 +219,21 @@ def _skip_closer(text: str, end: int, closer: str) -> int:
 
 @dataclass(frozen=True)
 class ToolChoice:
-    """What a request's `tool_choice` asks of its reply's calls, made by `choose`."""
+    """What a request asks of its reply's calls (`tool_choice`, `parallel_tool_calls`), made by `choose`."""
 
     start: str = ""
     """The text the reply is started with in the prompt, so that the model goes on with a call (`tool_choice`
     "required" or a named function); '' where the model chooses ("auto")."""
     name: str | None = None
     """The function `tool_choice` names: the reply's calls to it alone are kept."""
+    parallel: bool = True
+    """False: the reply's first call alone is kept (`parallel_tool_calls: false`)."""
 
     def keep(self, calls: list[dict]) -> list[dict]:
         """The reply's calls this choice lets through."""
         if self.name is not None:
             calls = [c for c in calls if c["function"]["name"] == self.name]
-        return calls
+        return calls if self.parallel else calls[:1]
 
     def missed(self, reply) -> RequestError:
         """The error a reply (a `Reply`) started as a call gets when it is no call after all: cut by max_tokens, a 400
@@ -245,12 +247,13 @@ class ToolChoice:
                             f"{shown(self.start + reply.text, 300)}", status=500)
 
 
-def choose(tool_choice, tools: list[dict] | None, fmt: CallFormat | None, template: str) -> ToolChoice:
+def choose(tool_choice, tools: list[dict] | None, fmt: CallFormat | None, template: str,
+           parallel: bool = True) -> ToolChoice:
     """The request's `tool_choice` over its `tools` (after "none" took them out) for a template writing calls as `fmt`
     (None: not in a form this server reads): a 400 naming the reason where a reply cannot be started as the call
     asked for."""
     if tool_choice in (None, "auto", "none"):
-        return ToolChoice()
+        return ToolChoice(parallel=parallel)
     name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     asked = f"tool_choice {shown(tool_choice)}"
     if not tools:
@@ -271,7 +274,7 @@ def choose(tool_choice, tools: list[dict] | None, fmt: CallFormat | None, templa
                            f"call to a named function can be started: name one, "
                            f'{{"type": "function", "function": {{"name": {json.dumps(names[0])}}}}}, or send '
                            f"tool_choice 'auto'.", "tool_choice")
-    return ToolChoice(start=start, name=name)
+    return ToolChoice(start=start, name=name, parallel=parallel)
 
 
 def request_messages(raw_messages: list[dict]) -> list[dict]:
