@@ -16,9 +16,10 @@
   them (Ollama's language cannot trim), and a comment saying so. As in Ollama's own templates, a chat that ends with an
   assistant message is left open, so the model continues it. Tool results are wrapped as the template wraps them; the
   tool definitions and calls (Ollama's .Tools, .ToolCalls) are not written: Ollama 0.30 and later then prompt a model
-  whose GGUF chat template has tools with that template (llama.cpp's Jinja), the training one, tools included. A role whose content the template writes as a JSON string
-  (Llama 3.1 / 3.2's tool results, `| tojson`) is written with `printf "%q"`, Go's quoting: the same text as JSON's for
-  text without control or invisible characters (`\n`, `\t`, quotes, backslashes, `<>&` and non-ASCII letters alike).
+  whose GGUF chat template has tools with that template (llama.cpp's Jinja), the training one, tools included. A role
+  whose content the template writes as a JSON string (Llama 3.1 / 3.2's tool results, `| tojson`) is written with
+  `printf "%q"`, Go's quoting: the same text as JSON's for text without control or invisible characters (`\n`, `\t`,
+  quotes, backslashes, `<>&` and non-ASCII letters alike).
   Without a TEMPLATE, `ollama create` takes the nearest of Ollama's built-in templates by edit distance, or none.
 * `PARAMETER stop` for each of the template's stop words.
 * `SYSTEM`: the run's system prompt (or the template's default), which Ollama adds when a chat brings none.
