@@ -42,11 +42,15 @@ OPEN_PATHS = {"/health"}
 """Paths answered without the API key: a liveness probe that tells nothing (and the web page, which asks for it)."""
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+def _error_body(status: int, message: str, param: str | None = None) -> dict:
+    """OpenAI's error shape, as a response's body or a stream's error event."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     message = message.encode("utf-8", "backslashreplace").decode()  # a lone surrogate quoted back must not fail here
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
-                                                               "code": None}})
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=_error_body(status, message, param))
 
 
 class JsonBodies:
@@ -302,10 +306,8 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, ca
             except RequestError as exc:  # a reply started as a call that is none
                 item = exc
         if isinstance(item, Exception):  # reported to the client as an error event, never a dead connection
-            status = getattr(item, "status", 500)
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            error = {'message': str(item), 'type': kind, 'param': getattr(item, "param", None), 'code': None}
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            error = _error_body(getattr(item, "status", 500), str(item), getattr(item, "param", None))
+            yield f"data: {json.dumps(error)}\n\n"
         elif calls_in_reply is not None:
             for name in WIRE_NAMES:  # streamed already
                 message.pop(name, None)
