@@ -35,7 +35,7 @@ from tunelab.chat.engine import ChatModel
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
 from tunelab.chat.requests import NOT_UNICODE, ChatRequest, RequestError, field_path, settings_for, shown
 from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
-from tunelab.data.templates import tool_support
+from tunelab.data.templates import templates_writing_tool_calls, tool_support
 from tunelab.errors import TunelabError
 
 OPEN_PATHS = {"/health"}
@@ -167,8 +167,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         if calling is not None and not support().calls:
             raise RequestError(f"messages[{calling}].tool_calls: the chat template {chat.template.name!r} has no place "
                                f"for tool calls, so the model would never see them: serve with a template that writes "
-                               f"them (e.g. qwen2_5_chat, qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, "
-                               f"glm4_chat, phi4_mini), or send the calls and their results as text.", "messages")
+                               f"them ({', '.join(templates_writing_tool_calls())}), or send the calls and their "
+                               f"results as text.", "messages")
         several = next((i for i, m in enumerate(messages) if len(m.get("tool_calls", [])) > 1), None)
         if several is not None and not support().several_calls:  # GLM-4 would show the model the first call alone
             raise RequestError(f"messages[{several}].tool_calls holds {len(messages[several]['tool_calls'])} calls, "
@@ -180,13 +180,12 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
             offered = None
         if offered and not template_tools()[0]:
             raise RequestError(f"the chat template {chat.template.name!r} has no place for tools, so the model would "
-                               f"never see them: serve with a template that writes them (e.g. qwen2_5_chat, "
-                               f"qwen3_chat, llama3_1_chat, mistral_v3, internlm2_5_chat, glm4_chat, phi4_mini), or "
-                               f"leave tools out.", "tools")
+                               f"never see them: serve with a template that writes them "
+                               f"({', '.join(templates_writing_tool_calls())}), or leave tools out.", "tools")
         calls_in_reply = template_tools()[1] if offered else None
         # "required" or a named function: the reply is started as a call in the prompt, and the model goes on
-        parallel = body.parallel_tool_calls is not False
-        choice = choose(body.tool_choice, offered, calls_in_reply, chat.template.name, parallel)
+        choice = choose(body.tool_choice, offered, calls_in_reply, chat.template.name,
+                        parallel=body.parallel_tool_calls is not False)
         stop = list(stop_words if body.stop is None else body.stop)
         # a long prompt (or its images) must not hold up the event loop
         with _blaming("messages"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES
 from tunelab.chat.requests import RequestError, shown
 from tunelab.data import messages as canonical
-from tunelab.data.templates import PROBE_ARGUMENTS, PROBE_TOOL, probe_call_reply
+from tunelab.data.templates import PROBE_ARGUMENTS, PROBE_TOOL, probe_call_reply, templates_writing_tool_calls
 
 _ID_CHARACTERS = string.ascii_letters + string.digits
 
@@ -247,8 +247,8 @@ class ToolChoice:
                             f"{shown(self.start + reply.text, 300)}", status=500)
 
 
-def choose(tool_choice, tools: list[dict] | None, fmt: CallFormat | None, template: str,
-           parallel: bool = True) -> ToolChoice:
+def choose(tool_choice, tools: list[dict] | None, fmt: CallFormat | None, template: str, *,
+           parallel: bool) -> ToolChoice:
     """The request's `tool_choice` over its `tools` (after "none" took them out) for a template writing calls as `fmt`
     (None: not in a form this server reads): a 400 naming the reason where a reply cannot be started as the call
     asked for."""
@@ -266,8 +266,7 @@ def choose(tool_choice, tools: list[dict] | None, fmt: CallFormat | None, templa
     if fmt is None:
         raise RequestError(f"{asked}: the chat template {template!r} writes no tool call in a form this server reads, "
                            f"so a reply cannot be started as one: send tool_choice 'auto', or serve with a template "
-                           f"that writes calls (e.g. qwen2_5_chat, qwen3_chat, llama3_1_chat, mistral_v3).",
-                           "tool_choice")
+                           f"that writes calls ({', '.join(templates_writing_tool_calls())}).", "tool_choice")
     start = fmt.reply_start(name)
     if not start:
         raise RequestError(f"{asked}: the chat template {template!r} starts a call with the function's name, so only a "
