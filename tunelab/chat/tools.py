@@ -3,11 +3,11 @@
 The model was trained to write a tool call the way its chat template renders one, so that rendering is also how a
 reply is read back: `call_format(template)` renders one probe call and keeps the marker written before its JSON
 (`<tool_call>` for Qwen2.5 / Qwen3, `[TOOL_CALLS]` for Mistral, `<|tool_call|>` for Phi-4-mini, `<|plugin|>` for
-InternLM2, nothing for Llama 3.1, whose call is the bare JSON), and the text after it (`</tool_call>`). `split_calls(text, fmt)` then finds
-each marker + JSON in a reply. GLM-4 writes the function's name on a line of its own and its arguments below it
-(`name_line`); a family whose template writes calls in yet another way has no format: its replies come back as
-text, calls included. A call read back gets OpenAI's `call_...` id, or where the template writes ids (Mistral: 9
-letters and digits, numbering calls with any other id) an id of that shape, which it then keeps.
+InternLM2, nothing for Llama 3.1, whose call is the bare JSON), and the text after it (`</tool_call>`).
+`split_calls(text, fmt)` then finds each marker + JSON in a reply. GLM-4 writes the function's name on a line of its
+own and its arguments below it (`name_line`); a family whose template writes calls in yet another way has no format:
+its replies come back as text, calls included. A call read back gets OpenAI's `call_...` id, or where the template
+writes ids (Mistral: 9 letters and digits, numbering calls with any other id) an id of that shape, which it then keeps.
 
 The same rendering tells how a call starts (`CallFormat.reply_start`): `tool_choice` "required" or a named function
 (`choose`) starts the reply with that text in the prompt, and the model writes the rest of the call.
@@ -65,14 +65,7 @@ def call_format(template) -> CallFormat | None:
     reply = probe_call_reply(template)
     if reply is None:  # a template that cannot write calls at all
         return None
-    decoder = json.JSONDecoder()
-    for start, char in enumerate(reply):
-        if char not in "{[":
-            continue
-        try:
-            value, end = decoder.raw_decode(reply, start)
-        except ValueError:
-            continue
+    for start, value, end in _json_values(reply):
         if not _calls_in(value):
             continue
         words = reply[:start].split()
@@ -83,29 +76,32 @@ def call_format(template) -> CallFormat | None:
                           **(_around_the_name(reply[:end], quoted + 1) if quoted >= 0 else {}))
     if reply.startswith(PROBE_TOOL + "\n"):
         try:
-            args, end = decoder.raw_decode(reply, len(PROBE_TOOL) + 1)
+            args, end = json.JSONDecoder().raw_decode(reply, len(PROBE_TOOL) + 1)
         except ValueError:
             return None
         if args == PROBE_ARGUMENTS:
-            return CallFormat(marker="", closer=reply[end:].strip(), name_line=True,
-                              **_around_the_name(reply[:end], 0))
+            return CallFormat(marker="", closer=reply[end:].strip(), name_line=True, after_name="\n")
     return None
+
+
+def _json_values(text: str, start: int = 0):
+    """(where, value, end) of each JSON object or array that starts at or after `start` in `text`."""
+    decoder = json.JSONDecoder()
+    for at in range(start, len(text)):
+        if text[at] in "{[":
+            try:
+                value, end = decoder.raw_decode(text, at)
+            except ValueError:
+                continue
+            yield at, value, end
 
 
 def _around_the_name(call: str, name_at: int) -> dict:
     """`CallFormat.before_name` and `after_name` of the probe `call` whose function's name is at `name_at`: the text
     before it, and the text from it to the probe arguments' JSON where that comes next (else nothing)."""
     after = name_at + len(PROBE_TOOL)
-    decoder = json.JSONDecoder()
-    for at in range(after, len(call)):
-        if call[at] != "{":
-            continue
-        try:
-            if decoder.raw_decode(call, at)[0] == PROBE_ARGUMENTS:
-                return {"before_name": call[:name_at], "after_name": call[after:at]}
-        except ValueError:
-            continue
-    return {}
+    at = next((at for at, value, _ in _json_values(call, after) if value == PROBE_ARGUMENTS), None)
+    return {} if at is None else {"before_name": call[:name_at], "after_name": call[after:at]}
 
 
 def _written_id_length(value) -> int:
