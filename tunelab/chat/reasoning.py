@@ -17,7 +17,7 @@ from __future__ import annotations
 REASONING, ANSWER = "reasoning_content", "content"
 """The keys of a reply's two parts, as training data holds a reply (the templates read `reasoning_content`)."""
 
-WIRE_NAMES = ("reasoning_content", "reasoning")
+WIRE_NAMES = (REASONING, "reasoning")
 """The names the reasoning goes by in OpenAI-compatible messages: `reasoning_content` (DeepSeek's API, SGLang, vLLM
 until late 2025), `reasoning` (vLLM since, following OpenAI's guidance for gpt-oss: for a while beside the old name,
 alone since early 2026). Clients read one or the other, so `tunelab serve` sends both (the same text) and reads either

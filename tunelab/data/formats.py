@@ -55,10 +55,10 @@ _READ = {
     "text": {"text"},
 }
 _READ_ITEM = {
-    "messages": {"role", "content", "tool_calls", "function_call", "tool_call_id", "reasoning_content", "thinking",
-                 "reasoning", "loss", "loss_weight", "weight", "refusal"},
+    "messages": {"role", "content", "tool_calls", "function_call", "tool_call_id", *msg.REASONING_KEYS, "loss",
+                 "loss_weight", "weight", "refusal"},
     "conversations": {"from", "value", "role", "content", "tool_calls", "function_call", "tool_call_id",
-                      "reasoning_content", "thinking", "reasoning", "loss", "loss_weight", "weight", "refusal"},
+                      *msg.REASONING_KEYS, "loss", "loss_weight", "weight", "refusal"},
     "conversation": {"system", "input", "output", "output_with_loss"},
 }
 # Why some common fields are not read, and what to do: shown next to the count in check-dataset.
