@@ -31,13 +31,18 @@ RELATIVE_PATHS = "Relative paths are read from the config file's folder, then th
 RESOLVED_IN = "# Relative paths were read from these folders, in order, when this config was resolved: "
 
 
+def _relative_path_folders(config_dir: str | None) -> list[Path]:
+    """The folders a relative path a config names is read from, in order (`RELATIVE_PATHS`)."""
+    return ([Path(config_dir)] if config_dir else []) + [Path()]
+
+
 def find_config_path(path, config_dir: str | None,
                      test: Callable[[Path], bool] = Path.exists) -> tuple[Optional[Path], str]:
     """A path a config names: a relative one is read from the config file's folder first, then the current
     directory (`RELATIVE_PATHS`). Returns the first place that passes `test` (None: none does) and the places looked
     at ("A and B"), for the caller's message."""
     path = Path(path).expanduser()
-    candidates = ([Path(config_dir) / path] if config_dir and not path.is_absolute() else []) + [path]
+    candidates = list(dict.fromkeys(folder / path for folder in _relative_path_folders(config_dir)))
     # The message names each place once, as a full path: a config in the current folder makes both the same place,
     # and "looked at data/x and data/x" would not say where that is.
     looked = dict.fromkeys(str(c.absolute()) for c in candidates)
@@ -46,8 +51,7 @@ def find_config_path(path, config_dir: str | None,
 
 def resolved_in_line(config_dir: str | None) -> str:
     """The RESOLVED_IN line of a resolved config: the folders `find_config_path` reads relative paths from."""
-    folders = [Path(config_dir).absolute()] if config_dir else []
-    return RESOLVED_IN + json.dumps(list(dict.fromkeys(str(f) for f in folders + [Path.cwd()])))
+    return RESOLVED_IN + json.dumps(list(dict.fromkeys(str(f.absolute()) for f in _relative_path_folders(config_dir))))
 
 
 def _where_it_was(path: str, config_dir: str | None) -> str:
@@ -60,7 +64,7 @@ def _where_it_was(path: str, config_dir: str | None) -> str:
     try:
         lines = (Path(config_dir) / RESOLVED_CONFIG).read_text(encoding="utf-8").splitlines()
         folders = json.loads(next(line for line in lines if line.startswith(RESOLVED_IN))[len(RESOLVED_IN):])
-    except (OSError, UnicodeDecodeError, StopIteration, ValueError):
+    except (OSError, StopIteration, ValueError):  # unreadable (undecodable text is a ValueError), no line, not JSON
         return ""
     there = next(((Path(f) / path).resolve() for f in folders if (Path(f) / path).exists()), None)
     if there is None:
