@@ -317,12 +317,12 @@ def stop_words_from_args(args) -> tuple[str, ...]:
     return tuple(args.stop_word)
 
 
-def load_from_args(args, *, max_batch_size: int | None = None, to_load: ModelToLoad | None = None) -> ChatModel:
+def load_from_args(args, *, max_batch_size: int = 1, to_load: ModelToLoad | None = None) -> ChatModel:
     """The model `add_model_arguments`' flags name, for chat, web, serve, predict and eval; web and serve add
-    --max-model-len and --max-batch-size (`max_batch_size`: predict's --batch-size; `to_load`: as load_chat_model
-    takes it)."""
+    --max-model-len (`max_batch_size`: web and serve's --max-batch-size or its default, predict's --batch-size;
+    `to_load`: as load_chat_model takes it)."""
     return load_chat_model(args.model, adapter=args.adapter, prompt_template=args.prompt_template,
                            system=args.system, bits=args.bits, device=args.device, dtype=args.dtype,
                            trust_remote_code=args.trust_remote_code, max_model_len=getattr(args, "max_model_len", None),
-                           max_batch_size=max_batch_size or getattr(args, "max_batch_size", 1),
+                           max_batch_size=max_batch_size,
                            allow_other_base=args.allow_other_base, to_load=to_load)
