@@ -246,3 +246,16 @@ def test_merge_takes_a_full_runs_work_dir_as_base(base_and_work, tmp_path, capsy
     code = main(["convert", "merge", str(work), str(work), str(tmp_path / "c"), "--device", "cpu"])
     assert_one_line_error(capsys, code, f"BASE {work} is a LoRA adapter or checkpoint, not a model",
                           f"tunelab convert merge {base} {work} merged")
+
+
+def test_merge_refuses_an_adapter_folder_without_a_recorded_base_as_base_in_merges_words(base_and_work, tmp_path,
+                                                                                         capsys):
+    """A PEFT adapter folder given as BASE (no tunelab.json naming what it was trained on) is not a model: the error
+    speaks of BASE, not of chat's MODEL and --adapter."""
+    _, work = base_and_work
+    peft = tmp_path / "peft"
+    shutil.copytree(work / "iter_10" / "model", peft)
+    (peft / "tunelab.json").unlink(missing_ok=True)
+    code = main(["convert", "merge", str(peft), str(work), str(tmp_path / "out"), "--device", "cpu"])
+    message = assert_one_line_error(capsys, code, f"BASE {peft} is a LoRA adapter or checkpoint, not a model")
+    assert "--adapter" not in message and "MODEL" not in message

@@ -247,11 +247,17 @@ def _base_model(base: str) -> str:
     """The model BASE means, read as chat and convert gguf read a MODEL (`model_to_load`): a full fine-tuning run's
     WORK_DIR or iter_N is its model/, and its checksums.json is checked before any weight is read (also where
     iter_N/model is typed), so a damaged checkpoint is refused here as there. A LoRA run is not a model."""
-    to_load = model_to_load(base, None)
-    if to_load.adapter_dir is not None:
-        raise TunelabError(f"BASE {base} is a LoRA adapter or checkpoint, not a model: merge it into its own base "
-                           f"first (`tunelab convert merge {to_load.base} {base} merged`), then use merged as BASE.")
-    return to_load.base
+    p = Path(base)
+    if (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file():
+        # an adapter folder: `model_to_load` would ask for the base it lacks in chat's words (MODEL, --adapter)
+        trained_on = (read_meta(p) or {}).get("base_model") or "ITS_BASE"
+    else:
+        to_load = model_to_load(base, None)
+        if to_load.adapter_dir is None:
+            return to_load.base
+        trained_on = to_load.base
+    raise TunelabError(f"BASE {base} is a LoRA adapter or checkpoint, not a model: merge it into its own base first "
+                       f"(`tunelab convert merge {trained_on} {base} merged`), then use merged as BASE.")
 
 
 def merge(base: str, adapter: str, out_dir: str, *, max_shard_size: str = "2GB", device: str = "auto",
