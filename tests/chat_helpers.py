@@ -131,6 +131,26 @@ class Scripted:
         pass
 
 
+def served_scripted(tokenizer, template, pieces, finish: str = "stop"):
+    """(chat, server): a ChatModel with `template` (a name or a ChatTemplate) whose every reply is `pieces` (`Scripted`:
+    the prompts it was given are chat.batcher.prompts), and a BackgroundServer of it."""
+    from tunelab.chat.engine import ChatModel
+    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.data.templates import get_template
+    from tunelab.model.generate import GenerationSettings
+
+    chat = ChatModel(model=None, tokenizer=tokenizer, template=get_template(template) if isinstance(template, str)
+                     else template, _batcher=Scripted(pieces, finish))
+    return chat, BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=64)))
+
+
+def openai_client(url: str):
+    """The OpenAI client of a test server: no retries, so a refusal shows at once."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
 def logits(model, text_ids):
     import torch
 

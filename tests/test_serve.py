@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from chat_helpers import ANSWER, QUESTION, taught_model_dir
+from chat_helpers import ANSWER, QUESTION, openai_client, taught_model_dir
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -44,7 +44,7 @@ def server_url(chat):
 
 @pytest.fixture
 def client(server_url):
-    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server_url)
 
 
 ASK = [{"role": "user", "content": QUESTION}]

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from chat_helpers import Scripted
+from chat_helpers import Scripted, openai_client, served_scripted
 from tunelab.chat.reasoning import ANSWER, REASONING, ReasoningStream, split_reasoning
 from tunelab.data.templates import ReasoningFormat, get_template, reasoning_format
 
@@ -24,20 +24,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 QWEN3 = "<think>\nThe user asks about Beijing.\n</think>\n\nIt is sunny."
 R1 = "The user asks about Beijing.\n</think>\n\nIt is sunny."  # R1's generation prompt opened the block
 CUT = {"qwen3_chat": "<think>\nThe user asks about Bei", "deepseek_r1": "The user asks about Bei"}
-
-
-def _served(tokenizer, template: str, pieces, finish: str = "stop"):
-    from tunelab.chat.engine import ChatModel
-    from tunelab.chat.server import BackgroundServer, create_app
-    from tunelab.model.generate import GenerationSettings
-
-    chat = ChatModel(model=None, tokenizer=tokenizer, template=get_template(template),
-                     _batcher=Scripted(pieces, finish))
-    return chat, BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=8)))
-
-
-def _client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def _deltas(stream) -> list[dict]:
@@ -115,9 +101,9 @@ def test_a_stream_holds_back_only_what_could_start_a_marker():
 def test_the_reasoning_comes_apart_whole_and_streamed(tiny_tokenizer, template, text):
     at = text.index("</think>") + 3  # the close marker cut in two, the open marker too
     pieces = _pieces(text, [3, 11, at, at + 6, len(text) - 4])
-    _, server = _served(tiny_tokenizer, template, pieces)
+    _, server = served_scripted(tiny_tokenizer, template, pieces)
     with server as url:
-        client = _client(url)
+        client = openai_client(url)
         whole = client.chat.completions.create(model="m", messages=ASK)
         streamed = _deltas(client.chat.completions.create(model="m", messages=ASK, stream=True))
     message = whole.choices[0].message.model_dump(exclude_none=True)
@@ -136,9 +122,9 @@ def test_the_reasoning_comes_apart_whole_and_streamed(tiny_tokenizer, template, 
 @pytest.mark.parametrize("template", ["qwen3_chat", "deepseek_r1"])
 def test_a_reply_cut_before_its_close_marker_is_all_reasoning(tiny_tokenizer, template):
     text = CUT[template]
-    _, server = _served(tiny_tokenizer, template, _pieces(text, [5, 9]), finish="length")
+    _, server = served_scripted(tiny_tokenizer, template, _pieces(text, [5, 9]), finish="length")
     with server as url:
-        client = _client(url)
+        client = openai_client(url)
         whole = client.chat.completions.create(model="m", messages=ASK, max_tokens=8)
         streamed = _deltas(client.chat.completions.create(model="m", messages=ASK, max_tokens=8, stream=True))
     assert whole.choices[0].finish_reason == "length"
@@ -152,9 +138,9 @@ def test_a_reply_cut_before_its_close_marker_is_all_reasoning(tiny_tokenizer, te
 def test_a_tool_call_is_read_from_the_answer_after_the_reasoning(tiny_tokenizer):
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
     text = f"<think>\nAsk the tool.\n</think>\n\n{call}"
-    _, server = _served(tiny_tokenizer, "qwen3_chat", _pieces(text, [4, 12, 30]))
+    _, server = served_scripted(tiny_tokenizer, "qwen3_chat", _pieces(text, [4, 12, 30]))
     with server as url:
-        client = _client(url)
+        client = openai_client(url)
         whole = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS)
         streamed = list(client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, stream=True))
     choice = whole.choices[0]
@@ -174,9 +160,9 @@ def test_a_call_written_inside_the_reasoning_is_not_made(tiny_tokenizer):
     """Only the answer is read for calls: a model thinking about the call it might make has not made it."""
     text = ('<think>\nI could write <tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n'
             '</tool_call> but I know it.\n</think>\n\nIt is sunny.')
-    _, server = _served(tiny_tokenizer, "qwen3_chat", [text])
+    _, server = served_scripted(tiny_tokenizer, "qwen3_chat", [text])
     with server as url:
-        whole = _client(url).chat.completions.create(model="m", messages=ASK, tools=TOOLS)
+        whole = openai_client(url).chat.completions.create(model="m", messages=ASK, tools=TOOLS)
     assert whole.choices[0].finish_reason == "stop" and whole.choices[0].message.tool_calls is None
     assert whole.choices[0].message.content == "It is sunny."
     assert "<tool_call>" in whole.choices[0].message.model_extra["reasoning_content"]
@@ -188,7 +174,7 @@ def test_a_template_without_reasoning_is_served_as_before(tiny_tokenizer):
     import urllib.request
 
     text = "<think>\nx\n</think>\n\nIt is sunny."
-    _, server = _served(tiny_tokenizer, "qwen2_5_chat", _pieces(text, [3, 10]))
+    _, server = served_scripted(tiny_tokenizer, "qwen2_5_chat", _pieces(text, [3, 10]))
 
     def post(url, **fields):
         request = urllib.request.Request(f"{url}/v1/chat/completions", method="POST",
@@ -208,14 +194,14 @@ def test_a_template_without_reasoning_is_served_as_before(tiny_tokenizer):
 def test_reasoning_sent_back_reaches_the_prompt_as_training_renders_it(tiny_tokenizer):
     """An assistant message with reasoning_content (or vLLM's newer `reasoning`) is read as training data: Qwen3
     drops an earlier turn's reasoning and keeps that of a reply still calling tools after the last question."""
-    chat, server = _served(tiny_tokenizer, "qwen3_chat", ["<think>\nOK\n</think>\n\nSunny."])
+    chat, server = served_scripted(tiny_tokenizer, "qwen3_chat", ["<think>\nOK\n</think>\n\nSunny."])
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
     earlier = [*ASK, {"role": "assistant", "content": "Sunny.", "reasoning_content": "Look outside."},
                {"role": "user", "content": "明天呢？"}]
     calling = [*ASK, {"role": "assistant", "content": None, "reasoning": "Ask the tool.", "tool_calls": [call]},
                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
     with server as url:
-        client = _client(url)
+        client = openai_client(url)
         for history in (earlier, calling):
             client.chat.completions.create(model="m", messages=history, tools=TOOLS)
         with pytest.raises(openai.BadRequestError) as refused:
@@ -239,7 +225,7 @@ def test_reasoning_sent_back_reaches_the_prompt_as_training_renders_it(tiny_toke
 def test_reasoning_sent_back_under_both_names_is_read_once_and_must_agree(tiny_tokenizer):
     """A reply sent back as the server sent it (the reasoning under both names, the same text) is read as under one;
     two different texts are a 400 naming the message, not one of them dropped silently."""
-    chat, server = _served(tiny_tokenizer, "qwen3_chat", ["<think>\nOK\n</think>\n\nSunny."])
+    chat, server = served_scripted(tiny_tokenizer, "qwen3_chat", ["<think>\nOK\n</think>\n\nSunny."])
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
 
     def history(**thought):
@@ -247,7 +233,7 @@ def test_reasoning_sent_back_under_both_names_is_read_once_and_must_agree(tiny_t
                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
 
     with server as url:
-        client = _client(url)
+        client = openai_client(url)
         for thought in ({"reasoning_content": "Ask the tool."}, {"reasoning": "Ask the tool."},
                         {"reasoning_content": "Ask the tool.", "reasoning": "Ask the tool."},
                         {"reasoning_content": "", "reasoning": "Ask the tool."}):

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from chat_helpers import Scripted
+from chat_helpers import openai_client, served_scripted
 from test_template_vendors import TOOLS
 from tunelab.chat.tools import call_format
 from tunelab.data.templates import TEMPLATES, get_template
@@ -20,24 +20,6 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 TIME = {"type": "function", "function": {"name": "get_time", "description": "Current time of a zone",
                                          "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
-
-
-def _served(tiny_tokenizer, template: str, pieces, finish: str = "stop"):
-    from tunelab.chat.engine import ChatModel
-
-    batcher = Scripted(pieces, finish)
-    return ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template(template), _batcher=batcher), batcher
-
-
-def _client(chat):
-    from tunelab.chat.server import BackgroundServer, create_app
-    from tunelab.model.generate import GenerationSettings
-
-    return BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=64)))
-
-
-def _openai(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def _calls(message) -> list[tuple[str, dict]]:
@@ -72,14 +54,14 @@ STARTS = [
 @pytest.mark.parametrize("template, choice, start, continuation", STARTS)
 def test_a_forced_call_is_started_in_the_prompt_and_read_back_with_its_start(tiny_tokenizer, template, choice, start,
                                                                             continuation):
-    chat, batcher = _served(tiny_tokenizer, template, [continuation[:9], continuation[9:]])
-    with _client(chat) as url:
-        client = _openai(url)
+    chat, server = served_scripted(tiny_tokenizer, template, [continuation[:9], continuation[9:]])
+    with server as url:
+        client = openai_client(url)
         answer = client.chat.completions.create(model="m", messages=ASK, tools=[*TOOLS, TIME], tool_choice=choice)
         streamed = list(client.chat.completions.create(model="m", messages=ASK, tools=[*TOOLS, TIME],
                                                        tool_choice=choice, stream=True))
     prompt = chat.template.render(ASK, tools=[*TOOLS, TIME], add_generation_prompt=True)
-    for ids in batcher.prompts:  # the generation prompt, then the start of a call
+    for ids in chat.batcher.prompts:  # the generation prompt, then the start of a call
         assert tiny_tokenizer.decode(ids) == prompt + start
     assert _calls(answer.choices[0].message) == [("get_weather", {"city": "Paris"})]
     assert answer.choices[0].finish_reason == "tool_calls"
@@ -88,12 +70,12 @@ def test_a_forced_call_is_started_in_the_prompt_and_read_back_with_its_start(tin
 
 
 def test_auto_starts_nothing(tiny_tokenizer):
-    chat, batcher = _served(tiny_tokenizer, "qwen2_5_chat", ["Sunny."])
-    with _client(chat) as url:
-        answer = _openai(url).chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="auto")
+    chat, server = served_scripted(tiny_tokenizer, "qwen2_5_chat", ["Sunny."])
+    with server as url:
+        answer = openai_client(url).chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="auto")
     assert answer.choices[0].message.content == "Sunny."
-    assert tiny_tokenizer.decode(batcher.prompts[0]) == chat.template.render(ASK, tools=TOOLS,
-                                                                             add_generation_prompt=True)
+    assert tiny_tokenizer.decode(chat.batcher.prompts[0]) == chat.template.render(ASK, tools=TOOLS,
+                                                                                  add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in TEMPLATES if n != "hf" and call_format(TEMPLATES[n])))
@@ -117,15 +99,16 @@ def test_every_call_format_starts_a_reply_as_its_template_writes_the_call(name):
 def test_a_named_function_keeps_only_its_calls_and_required_keeps_every_call(tiny_tokenizer):
     two = ('get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
            '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
-    chat, _ = _served(tiny_tokenizer, "qwen2_5_chat", [two])
-    with _client(chat) as url:
-        client = _openai(url)
+    _, server = served_scripted(tiny_tokenizer, "qwen2_5_chat", [two])
+    with server as url:
+        client = openai_client(url)
         required = client.chat.completions.create(model="m", messages=ASK, tools=[*TOOLS, TIME],
                                                   tool_choice="required")
     assert _calls(required.choices[0].message) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
-    chat, _ = _served(tiny_tokenizer, "qwen2_5_chat", [two.removeprefix('get_weather", "arguments": ')])
-    with _client(chat) as url:
-        named = _openai(url).chat.completions.create(model="m", messages=ASK, tools=[*TOOLS, TIME], tool_choice=NAMED)
+    _, server = served_scripted(tiny_tokenizer, "qwen2_5_chat", [two.removeprefix('get_weather", "arguments": ')])
+    with server as url:
+        named = openai_client(url).chat.completions.create(model="m", messages=ASK, tools=[*TOOLS, TIME],
+                                                           tool_choice=NAMED)
     assert _calls(named.choices[0].message) == [("get_weather", {"city": "Paris"})]
 
 
@@ -136,9 +119,9 @@ def test_parallel_tool_calls_false_keeps_the_first_call_alone(tiny_tokenizer, ch
     text = f"{one}\n{two}"
     if choice == "required":
         text = text[len('<tool_call>\n{"name": "'):]
-    chat, _ = _served(tiny_tokenizer, "qwen2_5_chat", [text])
-    with _client(chat) as url:
-        client = _openai(url)
+    _, server = served_scripted(tiny_tokenizer, "qwen2_5_chat", [text])
+    with server as url:
+        client = openai_client(url)
         kwargs = dict(model="m", messages=ASK, tools=[*TOOLS, TIME], tool_choice=choice)
         single = client.chat.completions.create(**kwargs, parallel_tool_calls=False)
         streamed = list(client.chat.completions.create(**kwargs, parallel_tool_calls=False, stream=True))
@@ -151,9 +134,9 @@ def test_parallel_tool_calls_false_keeps_the_first_call_alone(tiny_tokenizer, ch
 def test_a_forced_call_the_model_does_not_finish_is_an_error_not_a_reply(tiny_tokenizer):
     """As vLLM answers a "required" reply that is no call: an error, never a reply without the call asked for. Cut
     by max_tokens, a 400 naming max_tokens (raising it helps); any other text, a 500 quoting what the model wrote."""
-    chat, _ = _served(tiny_tokenizer, "qwen2_5_chat", ['get_weather", "arguments": {"ci'], finish="length")
-    with _client(chat) as url:
-        client = _openai(url)
+    _, server = served_scripted(tiny_tokenizer, "qwen2_5_chat", ['get_weather", "arguments": {"ci'], finish="length")
+    with server as url:
+        client = openai_client(url)
         with pytest.raises(openai.BadRequestError) as cut:
             client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=5)
         events = [line for line in client.chat.completions.with_raw_response.create(
@@ -164,10 +147,10 @@ def test_a_forced_call_the_model_does_not_finish_is_an_error_not_a_reply(tiny_to
     errors = [json.loads(line[6:])["error"] for line in events if line.startswith("data: {\"error\"")]
     assert [e["param"] for e in errors] == ["max_tokens"] and events[-1] == "data: [DONE]"
 
-    chat, _ = _served(tiny_tokenizer, "qwen2_5_chat", ["I cannot call that."])
-    with _client(chat) as url:
+    _, server = served_scripted(tiny_tokenizer, "qwen2_5_chat", ["I cannot call that."])
+    with server as url:
         with pytest.raises(openai.InternalServerError) as astray:
-            _openai(url).chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice=NAMED)
+            openai_client(url).chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice=NAMED)
     assert astray.value.body["type"] == "server_error"
     assert "get_weather" in astray.value.body["message"] and "I cannot call that." in astray.value.body["message"]
 
@@ -183,14 +166,14 @@ def test_a_forced_call_the_model_does_not_finish_is_an_error_not_a_reply(tiny_to
     ("qwen_chat", TOOLS, "required", "has no place for tools"),
 ])
 def test_a_tool_choice_that_cannot_be_served_is_a_400_naming_why(tiny_tokenizer, template, tools, choice, words):
-    chat, batcher = _served(tiny_tokenizer, template, ["never"])
-    with _client(chat) as url:
+    chat, server = served_scripted(tiny_tokenizer, template, ["never"])
+    with server as url:
         with pytest.raises(openai.BadRequestError) as refused:
-            _openai(url).chat.completions.create(model="m", messages=ASK, tool_choice=choice,
-                                                 **({} if tools is None else {"tools": tools}))
+            openai_client(url).chat.completions.create(model="m", messages=ASK, tool_choice=choice,
+                                                       **({} if tools is None else {"tools": tools}))
     assert words in refused.value.body["message"], refused.value.body
     assert refused.value.body["param"] in ("tool_choice", "tools")
-    assert batcher.prompts == []
+    assert chat.batcher.prompts == []
 
 
 def test_a_template_that_writes_tools_but_no_call_it_can_start_refuses_a_forced_call(tiny_tokenizer):
@@ -201,12 +184,9 @@ def test_a_template_that_writes_tools_but_no_call_it_can_start_refuses_a_forced_
     tokenizer.chat_template = ("{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}{% for m in messages %}"
                                "{{ m.role }}: {{ m.content }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant: {% endif %}")
-    from tunelab.chat.engine import ChatModel
-
-    chat = ChatModel(model=None, tokenizer=tokenizer, template=get_template("hf", tokenizer),
-                     _batcher=Scripted(["Sunny."]))
-    with _client(chat) as url:
-        client = _openai(url)
+    _, server = served_scripted(tokenizer, get_template("hf", tokenizer), ["Sunny."])
+    with server as url:
+        client = openai_client(url)
         assert client.chat.completions.create(model="m", messages=ASK, tools=TOOLS).choices[0].message.content == \
             "Sunny."
         with pytest.raises(openai.BadRequestError) as refused:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from chat_helpers import taught_model_dir
+from chat_helpers import openai_client, taught_model_dir
 from test_template_vendors import CALL, FAMILIES, TOOLS, _with_ids, vendor_render
 from tunelab.chat.batcher import Reply
 from tunelab.chat.tools import call_format, split_calls
@@ -115,7 +115,7 @@ def test_tools_and_earlier_calls_reach_the_prompt_as_the_template_renders_them(c
     expected = served.template.render(canonical, tools=TOOLS, add_generation_prompt=True)
     assert "get_weather" in expected and "sunny" in expected and "<tools>" in expected
     with _client(served) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url)
         answer = client.chat.completions.create(model="m", messages=history, tools=TOOLS, max_tokens=4)
         streamed = list(client.chat.completions.create(model="m", messages=history, tools=TOOLS, max_tokens=4,
                                                        stream=True, stream_options={"include_usage": True}))
@@ -142,7 +142,7 @@ def test_a_reply_with_a_call_is_sent_as_tool_calls():
 
 def test_tools_on_a_template_without_them_are_refused_not_dropped(chat):
     with _client(chat) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url)
         with pytest.raises(openai.BadRequestError, match="has no place for tools"):
             client.chat.completions.create(model="m", messages=ASK, tools=TOOLS)
         with pytest.raises(openai.BadRequestError, match="has no place for tools"):  # a call to one too
@@ -162,7 +162,7 @@ def test_earlier_tool_calls_on_a_template_without_them_are_refused_not_dropped(c
                     "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
     with _client(chat) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url)
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="m", messages=history, max_tokens=2)
         error = refused.value.body
@@ -185,7 +185,7 @@ def test_an_earlier_reply_with_several_calls_on_a_template_that_writes_one_is_re
                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
                {"role": "tool", "tool_call_id": "call_2", "content": "sunny"}]
     with _client(served) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url)
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="m", messages=history, tools=TOOLS, max_tokens=2)
     error = refused.value.body
@@ -222,7 +222,7 @@ def test_a_served_call_gets_an_id_the_template_keeps(name, shape, tiny_tokenizer
     batcher = _Writes(written.split("</s>")[0].split("<|im_end|>")[0].split("<|eot_id|>")[0])
     served = ChatModel(model=None, tokenizer=tiny_tokenizer, template=template, _batcher=batcher)
     with _client(served) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url)
         answer = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS)
         [call] = answer.choices[0].message.tool_calls
         assert re.fullmatch(shape, call.id) and call.function.name == "get_weather", call.id
@@ -247,7 +247,7 @@ def test_a_tool_result_answering_no_call_is_refused(tiny_tokenizer):
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "tool", "content": "windy"}]
     with _client(served) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url)
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="m", messages=history, tools=TOOLS)
         assert client.chat.completions.create(model="m", messages=history[:-1], tools=TOOLS).choices[0].message \
