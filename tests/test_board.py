@@ -11,12 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.train_helpers import identity_rows, tiny_cfg
+from tests.train_helpers import child_env, identity_rows, tiny_cfg
 from tests.test_web import CHROMIUM_ARGS, _browser_or_skip
 
 CHROMIUM = "/usr/bin/chromium"
@@ -155,7 +154,7 @@ def test_page_shows_live_curves_that_grow_and_compares_two_runs(board_url, runs_
     records = [{"instruction": q, "input": "", "output": "I am Tuna."} for q in ["Who are you?", "Your name?"]]
     (tmp_path / "identity.json").write_text(json.dumps(records))
     (tmp_path / "live.py").write_text(LIVE_CONFIG.format(model=str(tiny_llama_dir)))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TUNELAB_CACHE": str(tmp_path)}
+    env = child_env(TUNELAB_CACHE=str(tmp_path))
     trainer = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(tmp_path / "live.py"), "--work-dir",
                                 str(runs_root / "live"), "--device", "cpu"], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "train.err", "w"))

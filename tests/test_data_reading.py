@@ -4,15 +4,14 @@ agree with each other."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.train_helpers import child_env
 from tunelab.cli.main import main
 from tunelab.config.schema import TrainConfig
 from tunelab.data.dataset import DataStats, build_datasets
@@ -20,8 +19,6 @@ from tunelab.data.formats import normalise
 from tunelab.data.inspect import length_histogram
 from tunelab.data.sources import collect_samples
 from tunelab.errors import TunelabError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -274,7 +271,7 @@ def test_histogram_labels_the_samples_past_max_length_as_what_happened_to_them(t
 def test_check_dataset_without_a_tokenizer_and_closed_pipes(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({**_chat(f"q{i}", "a"), f"x{i}": 1})
                                                 for i in range(400)))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     done = subprocess.run(f"{sys.executable} -m tunelab check-dataset {tmp_path / 'd.jsonl'} | head -2",
                           shell=True, capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.startswith("file ") and len(done.stdout.splitlines()) == 2

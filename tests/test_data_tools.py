@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.train_helpers import child_env
 from tunelab.cli.main import main
 from tunelab.config.schema import TrainConfig
 from tunelab.data.dataset import build_datasets
@@ -109,7 +109,7 @@ def test_self_cognition_is_varied_and_trains(tmp_path, tiny_tokenizer):
 
 
 def test_subprocess_help_and_generate(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env()
     out = tmp_path / "s.json"
     done = subprocess.run([sys.executable, "-m", "tunelab", "data", "self-cognition", "--name", "N", "--author", "A",
                            "--n", "10", "-o", str(out)], capture_output=True, text=True, env=env, timeout=120)

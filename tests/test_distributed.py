@@ -101,7 +101,9 @@ def free_port() -> int:
 
 
 def run_two_ranks(model_dir, engine: str, out_dir: Path, timeout: int = 120) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    from tests.train_helpers import child_env
+
+    env = child_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), __file__, str(model_dir), engine, str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import copy_stopped_after, logged_steps, train_on_ranks
+from tests.train_helpers import child_env, copy_stopped_after, logged_steps, train_on_ranks
 
 CONFIG = """\
 pretrained_model_name_or_path = {model!r}
@@ -164,7 +164,6 @@ def test_two_ranks_train_kto_with_the_kl_estimate_of_one_process(tiny_llama_dir,
 def test_an_error_every_rank_meets_is_printed_once(tiny_llama_dir, tmp_path):
     """A bad record is found inside the processes (each rank reads the data): the launch prints its message once,
     naming the ranks that stopped on it, not once per rank; the exit code is the processes' (2)."""
-    import os
     import subprocess
     import sys
 
@@ -172,8 +171,7 @@ def test_an_error_every_rank_meets_is_printed_once(tiny_llama_dir, tmp_path):
     data.write_text('{"conversation": [{"input": "hi", "output": "hello"}]}\n{"conversation": oops}\n')
     config = tmp_path / "bad_data.py"
     config.write_text(CONFIG.format(model=str(tiny_llama_dir), data=str(data)))
-    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env(NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "--work-dir", str(tmp_path / "w"),
                            "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-4000:]

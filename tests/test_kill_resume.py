@@ -20,10 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_helpers import write_config
+from tests.train_helpers import child_env, write_config
 from tunelab.train import layout
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
 
 
@@ -34,8 +33,7 @@ def _command(config: Path, work: Path) -> list[str]:
 
 def _env(cache: Path) -> dict:
     # One thread: the same reduction order in every process, so resumed and uninterrupted runs agree bit for bit.
-    return {**os.environ, "PYTHONPATH": str(ROOT), "TUNELAB_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1"}
+    return child_env(TUNELAB_CACHE=str(cache), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
 def _logged_steps(work: Path) -> int:

@@ -152,11 +152,12 @@ def reference(model_dir, method: str, kind: str = "packed") -> dict:
 
 
 def launch(model_dir, cases: list[str], out_dir: Path, timeout: int = 300) -> None:
-    import os
     import subprocess
 
+    from tests.train_helpers import child_env
+
     nproc = CASES[cases[0]][0]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env(OMP_NUM_THREADS="1")
 
     def command():
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",

@@ -18,14 +18,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.train_helpers import assert_one_line_error, tiny_cfg, varied_rows, write_config
+from tests.train_helpers import assert_one_line_error, child_env, tiny_cfg, varied_rows, write_config
 from tunelab.cli.main import main
 from tunelab.errors import TunelabError
 from tunelab.train import checksums, layout
 from tunelab.train.loop import train
 from tunelab.train.workdir_lock import hold_work_dir
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -194,7 +192,7 @@ def test_one_run_per_work_dir_and_a_killed_run_leaves_it_free(tiny_llama_dir, tm
     config = write_config(tmp_path, tiny_llama_dir, max_steps=1)
     work = tmp_path / "work"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(work)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env=child_env())
     try:
         assert holder.stdout.readline().strip() == "held"
         code = main(["train", str(config), "--work-dir", str(work), "--device", "cpu"])

@@ -132,11 +132,18 @@ def pair_rows(tokenizer, make, indices, max_length: int = 128) -> list[dict]:
     return [e.row for e in encode_pairs(get_template("qwen_chat"), tokenizer, [make(i) for i in indices], max_length)]
 
 
+def child_env(**extra: str) -> dict:
+    """The environment for a child `python -m tunelab ...` or torchrun: this checkout first on PYTHONPATH, the
+    caller's PYTHONPATH kept after it, so a stack laid over the environment that way (another transformers, swanlab
+    with its protobuf 6 in scripts/test.sh) reaches the child too, not only the pytest process."""
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def train_on_ranks(config: Path, work_dir: Path, nproc: int = 2, *extra: str,
                    last_step: int = 6) -> subprocess.CompletedProcess:
     """`NPROC_PER_NODE=nproc tunelab train CONFIG --device cpu` (gloo), asserted to have finished."""
-    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env(NPROC_PER_NODE=str(nproc), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "tunelab", "train", str(config), "--work-dir", str(work_dir), "--device", "cpu",
            *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
