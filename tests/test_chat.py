@@ -172,6 +172,17 @@ def test_chat_subprocess_reads_piped_stdin(taught_dir):
     assert result.stdout.strip() == ANSWER
 
 
+def test_chat_ends_its_generation_worker_before_it_returns(taught_dir, capsys):
+    # A daemon worker still inside a torch op when Python exits dies with "terminate called without an active
+    # exception" (exit -6), which a piped `tunelab chat` hit on CI after printing its answer.
+    import threading
+
+    before = set(threading.enumerate())
+    assert main(["chat", str(taught_dir), "--prompt", QUESTION, "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.strip() == ANSWER
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "tunelab-generate"]
+
+
 @pytest.mark.parametrize("flag, value, expected", [
     ("--top-p", "0", "--top-p 0.0: must be above 0 and at most 1"),
     ("--temperature", "-1", "--temperature -1.0: must be 0 (greedy) or more"),

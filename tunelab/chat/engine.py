@@ -52,6 +52,15 @@ class ChatModel:
                 self._batcher = Batcher(self.model, self.tokenizer, max_batch_size=self.max_batch_size)
             return self._batcher
 
+    def close(self) -> None:
+        """End the generation worker, if one was started. A command calls this before it returns: a daemon worker
+        still inside a torch op when Python exits aborts the process ("terminate called without an active
+        exception")."""
+        with self._start_lock:
+            batcher = self._batcher
+        if batcher is not None:
+            batcher.stop()
+
     @functools.cached_property
     def reasoning(self):
         """How the template writes a reply's reasoning (`tunelab.data.templates.ReasoningFormat`: Qwen3's and

@@ -417,5 +417,8 @@ def serve(app: FastAPI, *, host: str, port: int, api_key: str | None = None,
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {host}: anyone who can reach this machine can use the model"
               f" (pass --api-key KEY to require a key)", flush=True)
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run(
-        sockets=sockets)
+    try:
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run(
+            sockets=sockets)
+    finally:
+        app.state.chat.close()  # waits for the worker's current step (the signal handler could not)

@@ -108,8 +108,11 @@ def chat_cmd(args) -> int:
 
         to_load = check_chat_images(args.image, args.model, args.adapter)  # a checkpoint checked here, not again
     chat = load_from_args(args, to_load=to_load)
-    return run_chat(chat, settings, stop_words=stop_words, stream=not args.no_streamer, prompts=args.prompt,
-                    stdin=sys.stdin, out=sys.stdout, images=args.image)
+    try:
+        return run_chat(chat, settings, stop_words=stop_words, stream=not args.no_streamer, prompts=args.prompt,
+                        stdin=sys.stdin, out=sys.stdout, images=args.image)
+    finally:
+        chat.close()
 
 
 def _check_server_args(args) -> None:

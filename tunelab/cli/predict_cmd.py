@@ -109,7 +109,7 @@ def predict_cmd(args) -> int:
         try:
             speed = predict(chat, samples, out, settings, start=start)
         finally:
-            chat.batcher.stop()
+            chat.close()
     result = summarise(read_lines(out))
     if speed is not None:
         result["samples_per_second"] = round(speed, 3)
