@@ -129,7 +129,7 @@ def wave(url: str, clients: int, args, offset: int) -> dict:
 
 
 def run_mode(model: str, batch: int, args) -> list[dict]:
-    from tunelab.chat.server import free_port
+    from tunelab.chat.http_server import free_port
 
     port = free_port()
     server = start_server(model, port, batch, args)

@@ -135,7 +135,8 @@ def served_scripted(tokenizer, template, pieces, finish: str = "stop"):
     """(chat, server): a ChatModel with `template` (a name or a ChatTemplate) whose every reply is `pieces` (`Scripted`:
     the prompts it was given are chat.batcher.prompts), and a BackgroundServer of it."""
     from tunelab.chat.engine import ChatModel
-    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.chat.server import create_app
+    from tunelab.chat.http_server import BackgroundServer
     from tunelab.data.templates import get_template
     from tunelab.model.generate import GenerationSettings
 

@@ -45,7 +45,7 @@ def runs_root(tmp_path_factory, tiny_llama_dir):
 @pytest.fixture(scope="module")
 def board_url(runs_root):
     from tunelab.board.app import create_board_app
-    from tunelab.chat.server import BackgroundServer
+    from tunelab.chat.http_server import BackgroundServer
 
     with BackgroundServer(create_board_app([runs_root])) as url:
         yield url

@@ -105,7 +105,8 @@ def test_a_picture_that_cannot_be_read_is_named_by_its_place(chat):
 
 
 def test_serve_takes_data_urls_and_refuses_files(chat, tmp_path):
-    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.chat.server import create_app
+    from tunelab.chat.http_server import BackgroundServer
 
     picture = tmp_path / "red.png"
     picture.write_bytes(_png("red"))
@@ -248,7 +249,7 @@ def test_web_page_uploads_a_picture_with_the_question(chat, tmp_path):
     part, and the page shows the model's reply to it."""
     import shutil
 
-    from tunelab.chat.server import BackgroundServer
+    from tunelab.chat.http_server import BackgroundServer
     from tunelab.chat.web import create_web_app
 
     chromium = "/usr/bin/chromium"

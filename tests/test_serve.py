@@ -35,7 +35,8 @@ def chat(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server_url(chat):
-    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.chat.server import create_app
+    from tunelab.chat.http_server import BackgroundServer
     from tunelab.model.generate import GenerationSettings
 
     with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=24), max_tokens_limit=2000)) as url:
@@ -543,7 +544,8 @@ def test_max_model_len_above_the_models_context_is_warned_about_once(tmp_path_fa
 def test_max_tokens_limit_also_bounds_the_default_reply_length(chat):
     """--max-tokens-limit 5 with --max-new-tokens 500: a request without max_tokens gets 5 tokens, not 500, and the
     web page's default (/tunelab/info) is 5 too."""
-    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.chat.server import create_app
+    from tunelab.chat.http_server import BackgroundServer
     from tunelab.model.generate import GenerationSettings
 
     with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=500), max_tokens_limit=5)) as url:
@@ -558,7 +560,8 @@ def test_max_tokens_limit_also_bounds_the_default_reply_length(chat):
 def test_prompt_and_max_tokens_are_bounded_by_the_context(chat):
     """A prompt over the context is refused in about the time it takes to tokenize it (a 1 MB prompt too); an asked-for
     max_tokens that does not fit is refused; a default max_tokens is cut to what fits."""
-    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.chat.server import create_app
+    from tunelab.chat.http_server import BackgroundServer
     from tunelab.model.generate import GenerationSettings
 
     small = dataclasses.replace(chat, max_model_len=64, _batcher=None)
@@ -613,7 +616,8 @@ def test_a_client_that_goes_away_stops_its_generation(server_url, chat):
 
 
 def test_api_key_guards_every_route(chat):
-    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.chat.server import create_app
+    from tunelab.chat.http_server import BackgroundServer
     from tunelab.model.generate import GenerationSettings
 
     app = create_app(chat, GenerationSettings(max_new_tokens=4), api_key="s3cret")
@@ -638,7 +642,7 @@ def test_api_key_guards_every_route(chat):
 
 def test_sigterm_stops_the_server_mid_generation(tmp_path):
     """A reply that would take minutes is cut off: the stream ends with an error event, the process exits."""
-    from tunelab.chat.server import free_port
+    from tunelab.chat.http_server import free_port
     from tunelab.model.tiny import make_model
 
     model = make_model(tmp_path / "long", "llama", max_position_embeddings=65536)
@@ -674,7 +678,7 @@ def test_sigterm_stops_the_server_mid_generation(tmp_path):
 
 def test_serve_cli_defaults_to_localhost(monkeypatch):
     import tunelab.chat.engine
-    from tunelab.chat.server import free_port
+    from tunelab.chat.http_server import free_port
     from tunelab.cli.main import build_parser, main
 
     args = build_parser().parse_args(["serve", "some/model"])
@@ -714,13 +718,13 @@ def test_stop_word_flags_end_the_replies_of_requests_without_stop(command, chat,
     """`--stop-word` is a command-line value like --temperature: a request (or the web page) that leaves `stop` out
     takes it; one that sends `stop` has its own."""
     import tunelab.chat.engine
-    import tunelab.chat.server
-    from tunelab.chat.server import BackgroundServer, free_port
+    import tunelab.chat.http_server
+    from tunelab.chat.http_server import BackgroundServer, free_port
     from tunelab.cli.main import main
 
     apps = []
     monkeypatch.setattr(tunelab.chat.engine, "load_from_args", lambda args, **kwargs: chat)
-    monkeypatch.setattr(tunelab.chat.server, "serve", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr(tunelab.chat.http_server, "serve", lambda app, **kwargs: apps.append(app))
     assert main([command, "m", "--port", str(free_port()), "--stop-word", "TuneBot", "--max-new-tokens", "24"]) == 0
     with BackgroundServer(apps[0]) as url:
         asked = {"messages": ASK}

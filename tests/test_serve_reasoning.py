@@ -295,7 +295,7 @@ def test_the_web_page_shows_the_reasoning_apart_and_sends_it_back(tiny_tokenizer
     from test_web import CHROMIUM, CHROMIUM_ARGS, _browser_or_skip
 
     from tunelab.chat.engine import ChatModel
-    from tunelab.chat.server import BackgroundServer
+    from tunelab.chat.http_server import BackgroundServer
     from tunelab.chat.web import create_web_app
     from tunelab.model.generate import GenerationSettings
 

@@ -97,7 +97,8 @@ def chat(tmp_path_factory):
 
 
 def _client(chat, **app_kwargs):
-    from tunelab.chat.server import BackgroundServer, create_app
+    from tunelab.chat.server import create_app
+    from tunelab.chat.http_server import BackgroundServer
     from tunelab.model.generate import GenerationSettings
 
     return BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=8), **app_kwargs))

@@ -29,7 +29,7 @@ def chat(tmp_path_factory):
 
 
 def _web(chat, **kwargs):
-    from tunelab.chat.server import BackgroundServer
+    from tunelab.chat.http_server import BackgroundServer
     from tunelab.chat.web import create_web_app
     from tunelab.model.generate import GenerationSettings
 

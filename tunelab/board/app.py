@@ -58,7 +58,7 @@ def create_board_app(paths: list[Path]) -> FastAPI:
 def serve_board(paths: list[Path], *, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
     import uvicorn
 
-    from tunelab.chat.server import listen_sockets
+    from tunelab.chat.http_server import listen_sockets
 
     sockets = listen_sockets(host, port)  # a port in use is one line, before anything is read
     found = find_runs(paths)

@@ -132,7 +132,7 @@ def _check_server_args(args) -> None:
 def _serve(args, web: bool) -> int:
     """Check the flags, take the address (a port in use fails here, before minutes of loading), load, serve."""
     from tunelab.chat.engine import load_from_args, settings_from_args, stop_words_from_args
-    from tunelab.chat.server import listen_sockets, serve
+    from tunelab.chat.http_server import listen_sockets, serve
 
     _check_server_args(args)
     settings = settings_from_args(args)
