@@ -218,8 +218,8 @@ def test_greedy_in_a_batch_equals_generate_alone(random_models, monkeypatch):
 
 
 def test_each_request_keeps_its_sampling_settings_in_a_batch(random_models):
-    """Seeded sampling, top-k / top-p, repetition penalty and greedy requests mixed in one batch give what each gives
-    served alone (each sequence samples from its own generator)."""
+    """Seeded sampling, top-k / top-p, the penalties, logit bias and greedy requests mixed in one batch give what each
+    gives served alone (each sequence samples from its own generator)."""
     from tunelab.model.generate import GenerationSettings
 
     batched, alone = random_models
@@ -228,7 +228,11 @@ def test_each_request_keeps_its_sampling_settings_in_a_batch(random_models):
                 GenerationSettings(max_new_tokens=30, temperature=0.9, top_k=20, top_p=0.9, seed=1),
                 GenerationSettings(max_new_tokens=30, temperature=0.7, top_k=0, top_p=1.0, seed=2),
                 GenerationSettings(max_new_tokens=30, repetition_penalty=1.3),
-                GenerationSettings(max_new_tokens=30, temperature=1.2, repetition_penalty=0.8, seed=2**63 - 1)]
+                GenerationSettings(max_new_tokens=30, temperature=1.2, repetition_penalty=0.8, seed=2**63 - 1),
+                GenerationSettings(max_new_tokens=30, presence_penalty=1.5, frequency_penalty=0.5),
+                GenerationSettings(max_new_tokens=30, temperature=0.8, seed=3, frequency_penalty=-1.0,
+                                   logit_bias={5: 4.0, 9: -100.0})]
+    prompts += prompts[:2]
     together = _run_together(batched, prompts, settings)
     one_by_one = [_run_together(alone, [p], [s])[0] for p, s in zip(prompts, settings)]
     assert [r.token_ids for r in together] == [r.token_ids for r in one_by_one]

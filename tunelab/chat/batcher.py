@@ -52,18 +52,33 @@ class ServerStopping(RuntimeError):
     """The engine stopped (the server is shutting down) before the reply was finished."""
 
 
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (its logits before any sampling setting, as vLLM and
+    OpenAI report them) and the `top` most likely tokens at that step, as (token id, log-probability)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class Job:
     """One request. `on_text(piece)` gets the reply as it grows and `on_done(Reply or exception)` once, both called
-    from the worker thread; `cancel()` may be called from any thread."""
+    from the worker thread; `cancel()` may be called from any thread. `logprobs`: None, or how many most likely
+    tokens each step lists beside the chosen one's log-probability (OpenAI's top_logprobs), kept in `token_logprobs`
+    as the tokens come."""
 
     def __init__(self, prompt_ids: list[int], settings: GenerationSettings, *, stop_words=(), eos_ids=(),
                  on_text: Callable[[str], None] | None = None, on_done: Callable[[object], None] | None = None,
-                 pixel_values: torch.Tensor | None = None):
+                 pixel_values: torch.Tensor | None = None, logprobs: int | None = None):
         self.prompt_ids, self.settings = list(prompt_ids), settings
         self.pixel_values = pixel_values
         """A LLaVA prompt's images, in the order of their image tokens (None: none)."""
         self.stop_words, self.eos_ids = tuple(stop_words), frozenset(eos_ids)
         self.on_text, self.on_done = on_text, on_done
+        self.logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []
+        """The reply text's tokens': not an EOS or stop word that ended it (a stream may have sent those of a stop
+        word of several tokens before its last one came)."""
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -189,6 +204,11 @@ class Batcher:
     def _finish(self, row: _Row, reason: str) -> None:
         reply = Reply(row.text.finish() if reason != "cancelled" else row.text.text, reason,
                       len(row.job.prompt_ids), len(row.generated), list(row.generated))
+        kept = row.job.token_logprobs
+        # a stop word of several tokens: the ones before its last are no part of the text either
+        while reason == "stop" and kept and \
+                len(self.tokenizer.decode(row.generated[:len(kept) - 1], skip_special_tokens=False)) >= len(reply.text):
+            kept.pop()
         self.finished.append(reply)
         _call(row.job.on_done, reply)
 
@@ -245,17 +265,37 @@ class Batcher:
             logits += self._prefill_each(new)
         if not self.rows:
             return
-        tokens = next_tokens(torch.cat(logits), self.rows)
+        logits = torch.cat(logits)
+        tokens = next_tokens(logits, self.rows)
         self.last = torch.tensor(tokens, device=self.device)
+        logprobs = self._logprobs(logits, tokens)
         done = {}
         for i, (row, token) in enumerate(zip(self.rows, tokens)):
             reason = row.take(token)
+            if i in logprobs and reason != "stop":  # an EOS or a stop word's last token is no part of the text
+                row.job.token_logprobs.append(logprobs[i])
             if reason:
                 done[i] = reason
         for i, reason in done.items():
             self._finish(self.rows[i], reason)
         if done:
             self._keep([i for i in range(len(self.rows)) if i not in done])
+
+    def _logprobs(self, logits: torch.Tensor, tokens: list[int]) -> dict[int, TokenLogprob]:
+        """{row: its token's TokenLogprob} for the rows whose request asked for logprobs (the others cost nothing)."""
+        wanted = [i for i, row in enumerate(self.rows) if row.job.logprobs is not None]
+        if not wanted:
+            return {}
+        logprobs = logits[wanted].float().log_softmax(-1)
+        most = max(self.rows[i].job.logprobs for i in wanted)
+        top = logprobs.topk(most, dim=-1) if most else None
+        chosen = logprobs.gather(1, torch.tensor([tokens[i] for i in wanted], device=logits.device)[:, None])
+        found = {}
+        for j, i in enumerate(wanted):
+            n = self.rows[i].job.logprobs
+            alternatives = list(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist())) if n else []
+            found[i] = TokenLogprob(tokens[i], chosen[j, 0].item(), alternatives)
+        return found
 
     def _admit(self) -> list[Job]:
         """The waiting jobs that join now: as many as there is room for, within the prefill token budget."""

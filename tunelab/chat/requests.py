@@ -106,7 +106,15 @@ class ChatRequest(BaseModel):
     top_p: Optional[Number] = None
     top_k: Optional[StrictInt] = None
     repetition_penalty: Optional[Number] = None
+    presence_penalty: Optional[Number] = None
+    frequency_penalty: Optional[Number] = None
+    logit_bias: Optional[dict[str, Number]] = None
+    """Token id (as a string, as OpenAI's clients send it) -> a value from -100 to 100 added to its logit."""
     seed: Optional[StrictInt] = None
+    logprobs: StrictBool = False
+    """True: the reply's tokens come with their log-probabilities (`choices[0].logprobs.content`)."""
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    """With `logprobs`: how many of the most likely tokens each position lists too (OpenAI allows 0 to 20)."""
     stop: Optional[Annotated[list[StopWord], Field(max_length=16)]] = None
     n: StrictInt = Field(1, ge=1, le=1, description="only n=1 is supported")
     ignore_eos: StrictBool = False
@@ -141,7 +149,8 @@ class ChatRequest(BaseModel):
 
 # request field → GenerationSettings field
 FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-          "repetition_penalty": "repetition_penalty", "seed": "seed"}
+          "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+          "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias", "seed": "seed"}
 
 
 def shown(value, most: int = 60) -> str:
@@ -167,10 +176,13 @@ class RequestError(TunelabError):
         self.param, self.status = param, status
 
 
-def settings_for(request: ChatRequest, defaults, limit: int):
-    """(settings, max_tokens asked for explicitly): the request's values over the server's defaults, checked."""
+def settings_for(request: ChatRequest, defaults, limit: int, vocab_size: int):
+    """(settings, max_tokens asked for explicitly): the request's values over the server's defaults, checked.
+    `vocab_size`: the tokenizer's, the token ids `logit_bias` may name."""
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     values = {FIELDS[k]: getattr(request, k) for k in FIELDS if k != "max_tokens" and getattr(request, k) is not None}
+    if request.logit_bias is not None:
+        values["logit_bias"] = _token_biases(request.logit_bias, vocab_size) or None
     if asked is not None:
         values["max_new_tokens"] = asked
     settings = dataclasses.replace(defaults, **values)
@@ -185,3 +197,29 @@ def settings_for(request: ChatRequest, defaults, limit: int):
         name = names["max_new_tokens"]
         raise RequestError(f"{name} {asked}: above this server's limit of {limit} (--max-tokens-limit).", name)
     return settings, asked is not None
+
+
+def _token_biases(logit_bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """`logit_bias` with its keys as token ids, each checked to be one of the tokenizer's (an id past the logits would
+    fail the step of every request decoding beside this one)."""
+    biases = {}
+    for key, bias in logit_bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < vocab_size:
+            raise RequestError(f"logit_bias: {shown(key)} is not a token id of this model's tokenizer (0 to "
+                               f"{vocab_size - 1}).", "logit_bias")
+        biases[token] = float(bias)
+    return biases
+
+
+def logprobs_asked(request: ChatRequest) -> int | None:
+    """None, or how many most likely tokens each reply token lists beside its own log-probability."""
+    if not request.logprobs:
+        if request.top_logprobs is not None:
+            raise RequestError("top_logprobs: needs logprobs: true (it says how many alternatives each token of the "
+                               "logprobs lists).", "top_logprobs")
+        return None
+    return request.top_logprobs or 0

@@ -29,10 +29,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from tunelab.chat.batcher import Reply, ServerStopping
+from tunelab.chat.batcher import Reply, ServerStopping, TokenLogprob
 from tunelab.chat.engine import ChatModel
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
-from tunelab.chat.requests import NOT_UNICODE, ChatRequest, RequestError, field_path, settings_for, shown
+from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field_path, logprobs_asked, settings_for,
+                                   shown)
 from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
 from tunelab.data.templates import templates_writing_tool_calls, tool_support
 from tunelab.errors import TunelabError
@@ -159,7 +160,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        settings, asked = settings_for(body, defaults, max_tokens_limit)
+        settings, asked = settings_for(body, defaults, max_tokens_limit, len(chat.tokenizer))
+        logprobs = logprobs_asked(body)
         with _blaming("messages"):
             messages = request_messages([m.model_dump(exclude_none=True) for m in body.messages])
         calling = next((i for i, m in enumerate(messages) if m.get("tool_calls")), None)
@@ -198,7 +200,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         # reasoning, streamed as it comes (a reply started as a call has none)
         streamed = body.stream and (calls_in_reply is None or (chat.reasoning is not None and not choice.start))
         job = chat.job(prompt_ids, settings, stop_words=stop, ignore_eos=body.ignore_eos,
-                       on_text=report if streamed else None, on_done=report, pixel_values=pixel_values)
+                       on_text=report if streamed else None, on_done=report, pixel_values=pixel_values,
+                       logprobs=logprobs)
         try:
             chat.batcher.submit(job)
         except ServerStopping as exc:
@@ -220,7 +223,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         message, finish = _reply_message(result, calls_in_reply, chat.reasoning, choice)  # or a RequestError
         return {
             "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": chat.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish,
+                         "logprobs": _logprobs(chat.tokenizer, job.token_logprobs) if logprobs is not None else None}],
             "usage": _usage(result),
         }
 
@@ -260,6 +264,16 @@ def _reply_message(reply: Reply, calls_in_reply, thinking=None, choice: ToolChoi
     return {"content": text if reasoning is None else text or None, **thought}, reply.finish_reason
 
 
+def _logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
+    """OpenAI's `logprobs` of a choice: each token as its text, log-probability and UTF-8 bytes, with its alternatives."""
+    def described(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [dict(described(e.token, e.logprob), top_logprobs=[described(*t) for t in e.top])
+                        for e in entries], "refusal": None}
+
+
 def _usage(reply: Reply) -> dict:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
@@ -281,9 +295,17 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, ca
     it. `choice`: which calls are sent (a reply it started as a call and that is none is an error event)."""
     created = int(time.time())
 
+    sent_logprobs = 0
+
     def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
-        """A chunk of `delta`; None: the usage chunk, whose choices are empty."""
+        """A chunk of `delta`, with the logprobs of the tokens generated since the last one where they were asked for;
+        None: the usage chunk, whose choices are empty."""
+        nonlocal sent_logprobs
         choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        if choices and job.logprobs is not None:
+            new = job.token_logprobs[sent_logprobs:]
+            sent_logprobs += len(new)
+            choices[0]["logprobs"] = _logprobs(chat.tokenizer, new)
         body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": chat.name,
                 "choices": choices}
         if include_usage:  # OpenAI: every chunk has the field once it is asked for, null but in the last

@@ -29,6 +29,12 @@ class GenerationSettings:
     """0 or -1: off."""
     top_p: float = 0.75
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token the reply has used (the prompt's do not count)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once for each time the reply has used it."""
+    logit_bias: dict[int, float] | None = None
+    """OpenAI's: token id -> a value added to its logit at every step (-100 bans it, 100 all but forces it)."""
     seed: int | None = None
 
     @property
@@ -44,6 +50,10 @@ RULES = (
     ("top_k", lambda v: -1 <= v <= 2**31 - 1, "0 or -1 (off), or a positive number of tokens"),
     ("top_p", lambda v: 0 < v <= 1, "above 0 and at most 1"),
     ("repetition_penalty", lambda v: 0.01 <= v <= 10, "above 0 (from 0.01 to 10; 1 = off)"),
+    ("presence_penalty", lambda v: -2 <= v <= 2, "from -2 to 2 (0 = off)"),
+    ("frequency_penalty", lambda v: -2 <= v <= 2, "from -2 to 2 (0 = off)"),
+    ("logit_bias", lambda v: v is None or all(-100 <= b <= 100 for b in v.values()), "a value from -100 to 100 for "
+                                                                                      "each token"),
     ("seed", lambda v: v is None or INT64[0] <= v <= INT64[1], f"an integer from {INT64[0]} to {INT64[1]}"),
 )
 
@@ -65,21 +75,29 @@ class SettingError(TunelabError):
 
 @torch.inference_mode()
 def next_tokens(logits: torch.Tensor, rows: list) -> list[int]:
-    """The next token of each row of `logits` ([rows, vocab]); `rows[i]` has `.settings`, `.generator` (or None) and
-    `.token_ids()` (prompt + reply so far, for the repetition penalty). Rows with equal settings are processed together
-    by transformers' processors, in `generate`'s order: repetition penalty, temperature, top-k, top-p."""
+    """The next token of each row of `logits` ([rows, vocab]); `rows[i]` has `.settings`, `.generator` (or None),
+    `.token_ids()` (prompt + reply so far, for the repetition penalty) and `.generated` (the reply's tokens, for the
+    presence and frequency penalties). In vLLM's order: the logit bias, then rows with equal settings together through
+    transformers' processors in `generate`'s order (repetition penalty, temperature, top-k, top-p), the presence and
+    frequency penalties after the repetition penalty."""
     from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
 
     logits = logits.float()
+    if any(row.settings.logit_bias for row in rows):
+        logits = logits.clone()  # the caller's logits stay the model's (float() of float32 is the same tensor)
+    for i, row in enumerate(rows):
+        if row.settings.logit_bias:
+            ids = torch.tensor(list(row.settings.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(row.settings.logit_bias.values()), device=logits.device)
     chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         s = row.settings
-        key = (s.repetition_penalty, True, 0, 1.0) if s.greedy else (s.repetition_penalty, s.temperature,
-                                                                     max(s.top_k, 0), s.top_p)
+        penalties = (s.repetition_penalty, s.presence_penalty, s.frequency_penalty)
+        key = (penalties, True, 0, 1.0) if s.greedy else (penalties, s.temperature, max(s.top_k, 0), s.top_p)
         groups.setdefault(key, []).append(i)
-    for (penalty, temperature, top_k, top_p), members in groups.items():
+    for ((penalty, presence, frequency), temperature, top_k, top_p), members in groups.items():
         index = torch.tensor(members, device=logits.device)
         scores = logits[index]
         if penalty != 1.0:
@@ -88,6 +106,11 @@ def next_tokens(logits: torch.Tensor, rows: list) -> list[int]:
             # rows are padded with their own first token: scoring a token twice changes nothing
             ids = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in seen], device=logits.device)
             scores = RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)
+        if presence or frequency:
+            for j, i in enumerate(members):
+                counts = torch.bincount(torch.tensor(rows[i].generated, dtype=torch.long, device=logits.device),
+                                        minlength=scores.shape[-1])[:scores.shape[-1]]
+                scores[j] -= frequency * counts + presence * (counts > 0)
         if temperature is True:
             chosen[index] = scores.argmax(-1)
             continue
