@@ -25,7 +25,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -34,23 +34,14 @@ from tunelab.chat.engine import ChatModel
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
 from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field_path, logprobs_asked, settings_for,
                                    shown)
+from tunelab.chat.wire import (error_body, error_response, failure_response, reply_usage, token_text,
+                               wait_or_cancel)
 from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
 from tunelab.data.templates import templates_writing_tool_calls, tool_support
 from tunelab.errors import TunelabError
 
 OPEN_PATHS = {"/health"}
 """Paths answered without the API key: a liveness probe that tells nothing (and the web page, which asks for it)."""
-
-
-def _error_body(status: int, message: str, param: str | None = None) -> dict:
-    """OpenAI's error shape, as a response's body or a stream's error event."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    message = message.encode("utf-8", "backslashreplace").decode()  # a lone surrogate quoted back must not fail here
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=_error_body(status, message, param))
 
 
 class JsonBodies:
@@ -96,27 +87,28 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
     async def _bad_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return _error(400, f"invalid request: the body is not valid JSON ({first.get('ctx', {}).get('error', '')})"
-                               f": send a JSON object, with the header 'Content-Type: application/json'")
+            reason = first.get('ctx', {}).get('error', '')
+            return error_response(400, f"invalid request: the body is not valid JSON ({reason}): send a JSON object, "
+                                       f"with the header 'Content-Type: application/json'")
         loc = [p for p in first.get("loc", ()) if p != "body"]
         if not loc:  # the body itself (never quoted back: it may be large, or hold anything)
-            return _error(400, 'invalid request: the body should be a JSON object, e.g. {"messages": [{"role": "user", '
-                               '"content": "Hi"}]}')
+            return error_response(400, 'invalid request: the body should be a JSON object, e.g. {"messages": '
+                                       '[{"role": "user", "content": "Hi"}]}')
         value = f" {shown(first['input'])}" if not isinstance(first.get("input", {}), (dict, list)) else ""
         text = first.get("msg", "malformed")
         if first.get("type") == "string_unicode":  # one message for a lone surrogate, wherever it is
             value, text = "", NOT_UNICODE
         where = field_path(loc) + first.get("ctx", {}).get("at", "")
         message = f"invalid request: {where or 'body'}{value}: {text}"
-        return _error(400, message, str(loc[0]) if loc else None)
+        return error_response(400, message, str(loc[0]) if loc else None)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(TunelabError)
     async def _user_error(request: Request, exc: TunelabError):
-        return _error(getattr(exc, "status", 400), str(exc), getattr(exc, "param", None))
+        return error_response(getattr(exc, "status", 400), str(exc), getattr(exc, "param", None))
 
     if api_key:
         expected = f"Bearer {api_key}".encode()
@@ -126,8 +118,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         async def _check_key(request: Request, call_next):
             given = request.headers.get("authorization", "").encode()
             if request.url.path not in free and not secrets.compare_digest(given, expected):
-                return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the "
-                                   "key given to --api-key")
+                return error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
+                                           "with the key given to --api-key")
             return await call_next(request)
 
     @app.get("/health")
@@ -213,38 +205,22 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                                              choice),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            result = await _wait_or_cancel(events, request)
+            result = await wait_or_cancel(events, request)
         finally:
             job.cancel()  # the client left (or the task was cancelled): the worker drops the job at its next step
         if result is None:
-            return _error(499, "the client closed the request")
+            return error_response(499, "the client closed the request")
         if isinstance(result, Exception):
-            return _failure(result)
+            return failure_response(result)
         message, finish = _reply_message(result, calls_in_reply, chat.reasoning, choice)  # or a RequestError
         return {
             "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": chat.name,
             "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish,
                          "logprobs": _logprobs(chat.tokenizer, job.token_logprobs) if logprobs is not None else None}],
-            "usage": _usage(result),
+            "usage": reply_usage(result),
         }
 
     return app
-
-
-async def _wait_or_cancel(events: asyncio.Queue, request: Request):
-    """The job's outcome, or None once the client has disconnected."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=0.25)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
-
-
-def _failure(error: Exception) -> JSONResponse:
-    if isinstance(error, ServerStopping):
-        return _error(503, str(error))
-    return _error(500, f"generation failed: {type(error).__name__}: {error}")
 
 
 def _reply_message(reply: Reply, calls_in_reply, thinking=None, choice: ToolChoice = ToolChoice()) -> tuple[dict, str]:
@@ -265,18 +241,14 @@ def _reply_message(reply: Reply, calls_in_reply, thinking=None, choice: ToolChoi
 
 
 def _logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
-    """OpenAI's `logprobs` of a choice: each token as its text, log-probability and UTF-8 bytes, with its alternatives."""
+    """OpenAI's `logprobs` of a chat choice: each token as its text, log-probability and UTF-8 bytes, with its
+    alternatives."""
     def described(token: int, logprob: float) -> dict:
-        text = tokenizer.decode([token])
+        text = token_text(tokenizer, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
 
     return {"content": [dict(described(e.token, e.logprob), top_logprobs=[described(*t) for t in e.top])
                         for e in entries], "refusal": None}
-
-
-def _usage(reply: Reply) -> dict:
-    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
 def _delta(delta: dict, calls_in_reply) -> dict:
@@ -326,7 +298,7 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, ca
             except RequestError as exc:  # a reply started as a call that is none
                 item = exc
         if isinstance(item, Exception):  # reported to the client as an error event, never a dead connection
-            error = _error_body(getattr(item, "status", 500), str(item), getattr(item, "param", None))
+            error = error_body(getattr(item, "status", 500), str(item), getattr(item, "param", None))
             yield f"data: {json.dumps(error)}\n\n"
         elif calls_in_reply is not None:
             for name in WIRE_NAMES:  # streamed already
@@ -338,7 +310,7 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, ca
         else:
             yield chunk({}, item.finish_reason)
         if include_usage and not isinstance(item, Exception):
-            yield chunk(None, usage=_usage(item))
+            yield chunk(None, usage=reply_usage(item))
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
