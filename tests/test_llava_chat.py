@@ -136,6 +136,17 @@ def test_serve_takes_data_urls_and_refuses_files(chat, tmp_path):
         assert status == 400
         with urllib.request.urlopen(url + "/tunelab/info", timeout=30) as response:
             assert json.loads(response.read())["images"] is True
+        # /v1/completions carries no picture: its image token is refused (the model would fail on it), text is served
+        request = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+            {"prompt": prompt_ids, "max_tokens": 2}).encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        error = json.loads(refused.value.read())["error"]
+        assert refused.value.code == 400 and error["param"] == "prompt" and "image token" in error["message"]
+        request = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+            {"prompt": "What colour", "max_tokens": 2}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] >= 1
 
 
 def test_chat_cli_image_goes_with_the_first_question(chat, llava_dir, tmp_path, monkeypatch, capsys):

@@ -101,18 +101,23 @@ class ChatModel:
                                f"{len(refs)} images: send each image as an image part, and no <image> text.")
         return self.vision.expand(ids), self.vision.pixel_values(refs, places)
 
-    def fit_reply(self, prompt_tokens: int, max_new_tokens: int, *, asked: bool = True) -> int:
-        """max_new_tokens within the context: cut down when it was a default, `ContextError` when it was `asked` for."""
+    def fit_reply(self, prompt_tokens: int, max_new_tokens: int, *, asked: bool = True,
+                  prompt_field: str = "messages") -> int:
+        """max_new_tokens within the context: cut down when it was a default, `ContextError` when it was `asked` for.
+        `prompt_field`: the request field the prompt came from ("messages" or /v1/completions' "prompt")."""
         room = self.max_model_len - prompt_tokens
+        whole, shorter = ("the messages alone take", "the conversation") if prompt_field == "messages" else \
+            (f"the {prompt_field} alone takes", f"the {prompt_field}")
         if room < 1:  # no max_tokens helps: only a shorter conversation does
             raise ContextError(
-                f"This model's maximum context length is {self.max_model_len} tokens, but the messages alone take "
-                f"{prompt_tokens}, which leaves no room for a reply: shorten the conversation.", "messages")
+                f"This model's maximum context length is {self.max_model_len} tokens, but {whole} "
+                f"{prompt_tokens}, which leaves no room for a reply: shorten {shorter}.", prompt_field)
         if asked and max_new_tokens > room:
             raise ContextError(
                 f"This model's maximum context length is {self.max_model_len} tokens, but "
-                f"{prompt_tokens + max_new_tokens} were asked for ({prompt_tokens} in the messages, {max_new_tokens} "
-                f"in the completion): lower max_tokens to {room} or less, or shorten the messages.", "max_tokens")
+                f"{prompt_tokens + max_new_tokens} were asked for ({prompt_tokens} in the {prompt_field}, "
+                f"{max_new_tokens} in the completion): lower max_tokens to {room} or less, or shorten the "
+                f"{prompt_field}.", "max_tokens")
         return min(max_new_tokens, room)
 
     def job(self, prompt_ids: list[int], settings, *, stop_words=(), ignore_eos: bool = False, on_text=None,

@@ -1,6 +1,7 @@
-"""What a chat request may hold: the OpenAI request body as pydantic models (`ChatRequest`, `Message`), its text
-checked to be valid Unicode, and its sampling values over the server's defaults (`settings_for`). A bad value is a
-`RequestError`, which the server (`tunelab.chat.server`) answers with HTTP 400 naming the parameter.
+"""What a request may hold: the OpenAI request bodies as pydantic models (`ChatRequest`, `Message`,
+`CompletionRequest`), their text checked to be valid Unicode, and their sampling values over the server's defaults
+(`settings_for`). A bad value is a `RequestError`, which the server (`tunelab.chat.server`) answers with HTTP 400
+naming the parameter.
 """
 
 from __future__ import annotations
@@ -92,16 +93,15 @@ class StreamOptions(BaseModel):
     """OpenAI's switch: a last chunk holding the usage (and empty choices), every other chunk "usage": null."""
 
 
-class ChatRequest(BaseModel):
-    # unknown OpenAI fields (user, logprobs, ...) are accepted, unused; NaN / Infinity are refused
+class SamplingRequest(BaseModel):
+    """What /v1/chat/completions and /v1/completions share: the sampling settings, the stop rules, streaming."""
+    # unknown OpenAI fields (user, metadata, ...) are accepted, unused; NaN / Infinity are refused
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: Optional[str] = None
-    messages: list[Message] = Field(min_length=1)
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     # numbers must be JSON numbers: true is not 1, "5" is not 5 (and an integer field takes no 5.0)
     max_tokens: Optional[StrictInt] = None
-    max_completion_tokens: Optional[StrictInt] = None
     temperature: Optional[Number] = None
     top_p: Optional[Number] = None
     top_k: Optional[StrictInt] = None
@@ -111,14 +111,24 @@ class ChatRequest(BaseModel):
     logit_bias: Optional[dict[str, Number]] = None
     """Token id (as a string, as OpenAI's clients send it) -> a value from -100 to 100 added to its logit."""
     seed: Optional[StrictInt] = None
-    logprobs: StrictBool = False
-    """True: the reply's tokens come with their log-probabilities (`choices[0].logprobs.content`)."""
-    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
-    """With `logprobs`: how many of the most likely tokens each position lists too (OpenAI allows 0 to 20)."""
     stop: Optional[Annotated[list[StopWord], Field(max_length=16)]] = None
     n: StrictInt = Field(1, ge=1, le=1, description="only n=1 is supported")
     ignore_eos: StrictBool = False
     """vLLM's extension: generate until max_tokens or a `stop` string, past EOS and the template's stop words."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_word(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[StrictInt] = None
+    logprobs: StrictBool = False
+    """True: the reply's tokens come with their log-probabilities (`choices[0].logprobs.content`)."""
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    """With `logprobs`: how many of the most likely tokens each position lists too (OpenAI allows 0 to 20)."""
     tools: Optional[list] = None
     """Function definitions, rendered into the prompt as the chat template writes them."""
     tool_choice: Union[Literal["auto", "none", "required"], dict, None] = None
@@ -141,10 +151,31 @@ class ChatRequest(BaseModel):
                                                      "\"function\": {\"name\": NAME}} (a call to that one)")
         return value
 
-    @field_validator("stop", mode="before")
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's (legacy) text completion: a prompt continued as it is, no chat template."""
+    prompt: Union[str, list]
+    """A text, a list of texts, a list of token ids, or a list of such lists: one choice for each prompt."""
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    """The reply's tokens' log-probabilities, with this many likeliest tokens at each place (OpenAI allows up to 5,
+    vLLM 20)."""
+    echo: StrictBool = False
+    """The prompt's text before the reply's."""
+    suffix: Optional[str] = None
+    best_of: Optional[StrictInt] = None
+
+    _text = field_validator("prompt", "suffix")(_valid_text)
+
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_stop_word(cls, value):
-        return [value] if isinstance(value, str) else value
+    def _prompt_shape(cls, value):
+        def token_ids(item):
+            return isinstance(item, list) and all(type(t) is int for t in item)
+        if isinstance(value, str) or (isinstance(value, list) and value and (
+                all(isinstance(p, str) for p in value) or token_ids(value) or all(token_ids(p) for p in value))):
+            return value
+        raise PydanticCustomError("prompt", "should be a text, a list of texts, a list of token ids or a list of "
+                                            "lists of token ids")
 
 
 # request field → GenerationSettings field
@@ -176,10 +207,11 @@ class RequestError(TunelabError):
         self.param, self.status = param, status
 
 
-def settings_for(request: ChatRequest, defaults, limit: int, vocab_size: int):
+def settings_for(request: SamplingRequest, defaults, limit: int, vocab_size: int):
     """(settings, max_tokens asked for explicitly): the request's values over the server's defaults, checked.
     `vocab_size`: the tokenizer's, the token ids `logit_bias` may name."""
-    asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    by_new_name = getattr(request, "max_completion_tokens", None)  # chat's newer name for max_tokens
+    asked = by_new_name if by_new_name is not None else request.max_tokens
     values = {FIELDS[k]: getattr(request, k) for k in FIELDS if k != "max_tokens" and getattr(request, k) is not None}
     if request.logit_bias is not None:
         values["logit_bias"] = _token_biases(request.logit_bias, vocab_size) or None
@@ -187,7 +219,7 @@ def settings_for(request: ChatRequest, defaults, limit: int, vocab_size: int):
         values["max_new_tokens"] = asked
     settings = dataclasses.replace(defaults, **values)
     names = {v: k for k, v in FIELDS.items()}
-    if request.max_completion_tokens is not None:
+    if by_new_name is not None:
         names["max_new_tokens"] = "max_completion_tokens"
     try:
         check_settings(settings, names)

@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from tunelab.chat.batcher import Reply, ServerStopping, TokenLogprob
+from tunelab.chat.completions import completion_route
 from tunelab.chat.engine import ChatModel
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
 from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field_path, logprobs_asked, settings_for,
@@ -121,6 +122,9 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
                 return error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
                                            "with the key given to --api-key")
             return await call_next(request)
+
+    app.post("/v1/completions")(completion_route(chat, defaults, max_tokens_limit=max_tokens_limit,
+                                                 stop_words=stop_words))
 
     @app.get("/health")
     def health():

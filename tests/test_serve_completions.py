@@ -1,0 +1,158 @@
+"""`tunelab serve`'s /v1/completions (OpenAI's legacy text completion, as vLLM serves it), through the official
+`openai` client: a prompt continued as it is (text or token ids, one or several), streamed or not, echo, the legacy
+logprobs against the model's own, and each refusal a 400 naming its field."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from chat_helpers import ANSWER, QUESTION, openai_client, taught_model_dir
+
+openai = pytest.importorskip("openai")
+
+ASK = [{"role": "user", "content": QUESTION}]
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    from tunelab.chat.engine import load_chat_model
+
+    chat = load_chat_model(str(taught_model_dir(tmp_path_factory)), max_batch_size=4)
+    yield chat
+    chat.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(chat):
+    from tunelab.chat.http_server import BackgroundServer
+    from tunelab.chat.server import create_app
+    from tunelab.model.generate import GenerationSettings
+
+    with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=40), max_tokens_limit=200)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server_url):
+    return openai_client(server_url)
+
+
+@pytest.fixture(scope="module")
+def asked(chat):
+    """The question in the training template, as the token ids and the text a completion client would send."""
+    ids = chat.prompt(list(ASK))[0]
+    return ids, chat.tokenizer.decode(ids)
+
+
+def test_a_prompt_in_the_template_is_continued_with_the_taught_answer(client, chat, asked):
+    ids, text = asked
+    for prompt in (text, ids):
+        reply = client.completions.create(model=chat.name, prompt=prompt, max_tokens=40)
+        assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+        assert [(c.index, c.text, c.finish_reason) for c in reply.choices] == [(0, ANSWER, "stop")]
+        assert reply.usage.prompt_tokens == len(ids)
+        assert reply.usage.completion_tokens == len(chat.tokenizer.encode(ANSWER, add_special_tokens=False)) + 1
+    # no template around it: a bare text is continued as text (here, whatever the tiny model makes of it)
+    bare = client.completions.create(model=chat.name, prompt="Who are you?", max_tokens=5)
+    assert bare.choices[0].finish_reason in ("stop", "length")
+
+
+def test_several_prompts_are_one_choice_each_as_each_alone(client, chat, asked):
+    ids, text = asked
+    other = chat.prompt([{"role": "user", "content": "Tell me a story."}])[0]
+    alone = client.completions.create(model=chat.name, prompt=other, max_tokens=12).choices[0].text
+    both = client.completions.create(model=chat.name, prompt=[ids, other], max_tokens=12)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].text == ANSWER[:len(both.choices[0].text)] and both.choices[1].text == alone
+    texts = client.completions.create(model=chat.name, prompt=[text, text], max_tokens=40)
+    assert [c.text for c in texts.choices] == [ANSWER, ANSWER]
+    assert texts.usage.prompt_tokens == 2 * len(ids)
+
+
+def test_streamed_choices_arrive_in_pieces_under_their_index(client, chat, asked):
+    ids, _ = asked
+    other = chat.prompt([{"role": "user", "content": "Tell me a story."}])[0]
+    plain = client.completions.create(model=chat.name, prompt=[ids, other], max_tokens=20)
+    pieces, finish, usage = {0: [], 1: []}, {}, None
+    for chunk in client.completions.create(model=chat.name, prompt=[ids, other], max_tokens=20, stream=True,
+                                           stream_options={"include_usage": True}):
+        if not chunk.choices:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces[c.index].append(c.text)
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert ["".join(pieces[i]) for i in (0, 1)] == [c.text for c in plain.choices]
+    assert finish == {c.index: c.finish_reason for c in plain.choices}
+    assert sum(1 for p in pieces[0] if p) > 1
+    assert usage.total_tokens == plain.usage.total_tokens
+
+
+def test_echo_puts_the_prompt_before_the_reply(client, chat, asked):
+    ids, text = asked
+    assert client.completions.create(model=chat.name, prompt=text, echo=True).choices[0].text == text + ANSWER
+    streamed = client.completions.create(model=chat.name, prompt=text, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text + ANSWER
+
+
+def test_logprobs_are_the_models_own_in_the_legacy_shape(client, chat, asked):
+    import torch
+
+    ids, _ = asked
+    reply = client.completions.create(model=chat.name, prompt=ids, logprobs=2)
+    choice = reply.choices[0]
+    choice_logprobs = choice.logprobs
+    assert "".join(choice_logprobs.tokens) == choice.text == ANSWER
+    assert choice_logprobs.text_offset == [len("".join(choice_logprobs.tokens[:k]))
+                                           for k in range(len(choice_logprobs.tokens))]
+    reply_ids = chat.tokenizer.encode(ANSWER, add_special_tokens=False)
+    with torch.no_grad():
+        reference = chat.model(input_ids=torch.tensor([ids + reply_ids])).logits[0].float().log_softmax(-1)
+    for k, (token, logprob, top) in enumerate(zip(reply_ids, choice_logprobs.token_logprobs,
+                                                  choice_logprobs.top_logprobs)):
+        row = reference[len(ids) - 1 + k]
+        assert logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert len(top) == 2 and max(top.values()) == pytest.approx(logprob, abs=1e-6)  # greedy: the likeliest
+    streamed = client.completions.create(model=chat.name, prompt=ids, logprobs=2, stream=True)
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == choice_logprobs.tokens
+    assert client.completions.create(model=chat.name, prompt=ids).choices[0].logprobs is None
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({"prompt": ""}, "prompt", "prompt is empty"),
+    ({"prompt": []}, "prompt", "should be a text, a list of texts"),
+    ({"prompt": {"text": "hi"}}, "prompt", "should be a text, a list of texts"),
+    ({"prompt": [1, "two"]}, "prompt", "should be a text, a list of texts"),
+    ({"prompt": [[5, 6], []]}, "prompt", "prompt[1] is empty"),
+    ({"prompt": [5, 99999999]}, "prompt", "99999999 is not a token id"),
+    ({"prompt": "hi", "suffix": "end"}, "suffix", "not supported"),
+    ({"prompt": "hi", "best_of": 3}, "best_of", "only 1"),
+    ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo", "--engine vllm"),
+    ({"prompt": "hi", "logprobs": 21}, "logprobs", "20"),
+    ({"prompt": "hi", "n": 2}, "n", "1"),
+    ({"prompt": "hi", "temperature": 5}, "temperature", "at most 2"),
+    ({"prompt": "hi", "max_tokens": 500}, "max_tokens", "--max-tokens-limit"),
+    ({"prompt": "hi " * 3000, "max_tokens": 10}, "prompt", "the prompt alone takes"),
+    ({"prompt": "hi"}, None, None),
+])
+def test_bad_completion_requests_get_a_400_naming_the_field(server_url, fields, param, says):
+    status, payload = _post(server_url, fields)
+    if param is None:
+        assert status == 200 and payload["choices"][0]["text"] is not None
+        return
+    assert status == 400, payload
+    assert payload["error"]["param"] == param and says in payload["error"]["message"], payload

@@ -1,0 +1,182 @@
+"""`tunelab serve`'s /v1/completions: OpenAI's (legacy) text completion, as vLLM serves it.
+
+The prompt is continued as it is, with no chat template: a base model after continued pretraining, a prompt already
+written in the template's form, or a tool that sends raw text (lm-evaluation-harness's `local-completions`
+generation tasks). A text prompt is tokenised as vLLM does (with the tokenizer's special tokens, e.g. Llama's BOS);
+token ids are taken as they are. Each prompt of a list is a choice of its own, decoded in the same batch. A reply
+ends where a chat reply does: EOS, the template's stop words (the model's own end of a turn), the request's `stop`,
+`max_tokens`. The sampling fields, limits and errors are /v1/chat/completions' (`tunelab.chat.requests`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from tunelab.chat.batcher import ServerStopping, TokenLogprob
+from tunelab.chat.engine import ChatModel
+from tunelab.chat.requests import CompletionRequest, RequestError, settings_for
+from tunelab.chat.wire import error_body, error_response, failure_response, token_text, wait_or_cancel
+
+
+def prompt_token_ids(tokenizer, prompt, image_token: int | None = None) -> list[list[int]]:
+    """Each prompt of a request as token ids (a validated `CompletionRequest.prompt`): a text or texts tokenised,
+    ids checked to be the tokenizer's; a LLaVA model's `image_token` refused (a completion carries no picture)."""
+    if isinstance(prompt, str) or isinstance(prompt[0], str):
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        prompts = [tokenizer(text)["input_ids"] for text in texts]
+    else:
+        prompts = prompt if isinstance(prompt[0], list) else [prompt]
+    for i, ids in enumerate(prompts):
+        where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+        if not ids:
+            raise RequestError(f"{where} is empty: give the text (or token ids) to continue.", "prompt")
+        if image_token is not None and image_token in ids:
+            raise RequestError(f"{where} holds the image token {tokenizer.convert_ids_to_tokens(image_token)!r}, and "
+                               f"a completion carries no picture: send pictures to /v1/chat/completions as image "
+                               f"parts.", "prompt")
+        wrong = next((t for t in ids if not 0 <= t < len(tokenizer)), None)
+        if wrong is not None:
+            raise RequestError(f"{where}: {wrong} is not a token id of this model's tokenizer (0 to "
+                               f"{len(tokenizer) - 1}).", "prompt")
+    return prompts
+
+
+def legacy_logprobs(tokenizer, entries: list[TokenLogprob], offset: int) -> dict:
+    """The completion API's `logprobs`: parallel lists of the tokens, their log-probabilities, the likeliest tokens
+    at each place ({text: log-probability}) and where each token's text starts in the choice's text."""
+    tokens = [token_text(tokenizer, e.token) for e in entries]
+    starts = []
+    for text in tokens:
+        starts.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(tokenizer, t): lp for t, lp in e.top} for e in entries],
+            "text_offset": starts}
+
+
+def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_words=()):
+    """The handler of POST /v1/completions (`defaults`, `stop_words`: as `create_app` takes them)."""
+
+    async def completions(body: CompletionRequest, request: Request):
+        settings, asked = settings_for(body, defaults, max_tokens_limit, len(chat.tokenizer))
+        if body.suffix:
+            raise RequestError("suffix: not supported (the model writes after the prompt, never before a given end): "
+                               "leave it out.", "suffix")
+        if body.best_of not in (None, 1):
+            raise RequestError(f"best_of {body.best_of}: only 1 is supported (one reply for each prompt).", "best_of")
+        if body.echo and body.logprobs is not None:
+            raise RequestError("echo with logprobs would take the prompt's log-probabilities, which tunelab's engine "
+                               "does not compute: leave one of them out, or serve with --engine vllm.", "echo")
+        prompts = await run_in_threadpool(prompt_token_ids, chat.tokenizer, body.prompt,
+                                          chat.vision.token_id if chat.vision is not None else None)
+        each = [dataclasses.replace(settings, max_new_tokens=chat.fit_reply(
+            len(ids), settings.max_new_tokens, asked=asked, prompt_field="prompt")) for ids in prompts]
+        echoed = [""] * len(prompts)
+        if body.echo:  # a text as it was sent; token ids as their text
+            texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            echoed = texts if isinstance(texts[0], str) else \
+                [chat.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        jobs = []
+        for i, (ids, s) in enumerate(zip(prompts, each)):
+            report = lambda item, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, item))  # noqa: E731
+            jobs.append(chat.job(ids, s, stop_words=list(stop_words if body.stop is None else body.stop),
+                                 ignore_eos=body.ignore_eos, on_text=report if body.stream else None,
+                                 on_done=report, logprobs=body.logprobs))
+        try:
+            for job in jobs:
+                chat.batcher.submit(job)
+        except ServerStopping as exc:
+            for job in jobs:
+                job.cancel()
+            raise RequestError(str(exc), status=503) from None
+        reply_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(chat, jobs, events, reply_id, echoed, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        replies: dict[int, object] = {}
+        try:
+            while len(replies) < len(jobs):
+                event = await wait_or_cancel(events, request)
+                if event is None:
+                    return error_response(499, "the client closed the request")
+                i, reply = event
+                if isinstance(reply, Exception):
+                    return failure_response(reply)
+                replies[i] = reply
+        finally:
+            for job in jobs:  # the client left, or another prompt failed: the worker drops them at its next step
+                job.cancel()
+        choices = [{"index": i, "text": echoed[i] + replies[i].text, "finish_reason": replies[i].finish_reason,
+                    "logprobs": None if body.logprobs is None else
+                    legacy_logprobs(chat.tokenizer, jobs[i].token_logprobs, len(echoed[i]))}
+                   for i in range(len(jobs))]
+        return {"id": reply_id, "object": "text_completion", "created": int(time.time()), "model": chat.name,
+                "choices": choices, "usage": _usage(replies.values())}
+
+    return completions
+
+
+def _usage(replies) -> dict:
+    prompt, completion = sum(r.prompt_tokens for r in replies), sum(r.completion_tokens for r in replies)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: str, echoed: list[str],
+                  include_usage: bool):
+    """Server-sent events in OpenAI's completion chunk format: each prompt's text as it comes, under its `index`,
+    with the logprobs of the tokens since its last chunk; a chunk with its finish_reason when it ends; with
+    `include_usage`, a last chunk of empty choices holding the usage. A failure is an error event; a client that
+    goes away cancels every prompt (starlette cancels this generator)."""
+    created = int(time.time())
+    sent_logprobs, texts = [0] * len(jobs), [len(text) for text in echoed]
+    replies = {}
+
+    def chunk(i: int | None, text: str = "", finish: str | None = None, usage: dict | None = None) -> str:
+        choices = []
+        if i is not None:
+            logprobs = None
+            if jobs[i].logprobs is not None:
+                new = jobs[i].token_logprobs[sent_logprobs[i]:]
+                sent_logprobs[i] += len(new)
+                logprobs = legacy_logprobs(chat.tokenizer, new, texts[i])
+            texts[i] += len(text)
+            choices = [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]
+        body = {"id": reply_id, "object": "text_completion", "created": created, "model": chat.name,
+                "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        for i, text in enumerate(echoed):
+            if text:
+                yield chunk(i, text)
+        while len(replies) < len(jobs):
+            i, item = await events.get()
+            if isinstance(item, str):
+                yield chunk(i, item)
+            elif isinstance(item, Exception):  # an error event, never a dead connection
+                error = error_body(getattr(item, "status", 500), str(item), getattr(item, "param", None))
+                yield f"data: {json.dumps(error)}\n\n"
+                break
+            else:
+                replies[i] = item
+                yield chunk(i, finish=item.finish_reason)
+        else:
+            if include_usage:
+                yield chunk(None, usage=_usage(replies.values()))
+        yield "data: [DONE]\n\n"
+    finally:
+        for job in jobs:
+            job.cancel()
