@@ -1,6 +1,7 @@
 """`tunelab serve`'s /v1/completions (OpenAI's legacy text completion, as vLLM serves it), through the official
 `openai` client: a prompt continued as it is (text or token ids, one or several), streamed or not, echo, the legacy
-logprobs against the model's own, and each refusal a 400 naming its field."""
+logprobs against the model's own (the prompt's too, read as lm-evaluation-harness reads them), and each refusal a 400
+naming its field."""
 
 from __future__ import annotations
 
@@ -141,7 +142,6 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
     ({"prompt": [5, 99999999]}, "prompt", "99999999 is not a token id"),
     ({"prompt": "hi", "suffix": "end"}, "suffix", "not supported"),
     ({"prompt": "hi", "best_of": 3}, "best_of", "only 1"),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo", "--engine vllm"),
     ({"prompt": "hi", "logprobs": 21}, "logprobs", "20"),
     ({"prompt": "hi", "n": 2}, "n", "1"),
     ({"prompt": "hi", "temperature": 5}, "temperature", "at most 2"),
@@ -156,3 +156,43 @@ def test_bad_completion_requests_get_a_400_naming_the_field(server_url, fields, 
         return
     assert status == 400, payload
     assert payload["error"]["param"] == param and says in payload["error"]["message"], payload
+
+
+def test_echo_with_logprobs_scores_a_continuation_as_lm_evaluation_harness_reads_it(client, chat, asked):
+    """lm-evaluation-harness's `local-completions` loglikelihood request (lm_eval/models/openai_completions.py):
+    context + continuation as token ids, echo, logprobs 1, max_tokens 1, temperature 0; it sums
+    token_logprobs[ctxlen:-1] and calls the continuation greedy when each of those equals the most of its
+    top_logprobs. So place k must be token k of prompt + reply, the one generated token last, even an EOS."""
+    import torch
+
+    context, _ = asked
+    continuation = chat.tokenizer.encode(ANSWER, add_special_tokens=False)
+    tokens = context + continuation
+    with torch.no_grad():
+        reference = chat.model(input_ids=torch.tensor([tokens])).logits[0].float().log_softmax(-1)
+    expected = sum(reference[k - 1, tokens[k]].item() for k in range(len(context), len(tokens)))
+    for stream in (False, True):
+        reply = client.completions.create(model=chat.name, prompt=[tokens], echo=True, logprobs=1, max_tokens=1,
+                                          temperature=0, seed=1234, stream=stream)
+        if stream:
+            parts = [c.choices[0].logprobs for c in reply if c.choices and c.choices[0].logprobs]
+            logprobs = {key: [v for part in parts for v in getattr(part, key)]
+                        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        else:
+            logprobs = reply.choices[0].logprobs.model_dump()
+        assert len(logprobs["token_logprobs"]) == len(tokens) + 1  # the generated token: <|im_end|>, the EOS
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        assert logprobs["tokens"][:len(tokens)] == [chat.tokenizer.decode([t]) for t in tokens]
+        assert logprobs["text_offset"] == [len("".join(logprobs["tokens"][:k])) for k in range(len(tokens) + 1)]
+        scored = logprobs["token_logprobs"][len(context):-1]
+        assert sum(scored) == pytest.approx(expected, abs=1e-3)
+        tops = logprobs["top_logprobs"][len(context):-1]
+        assert all(lp == max(top.values()) for lp, top in zip(scored, tops))  # the taught answer is greedy
+        for k in range(1, len(tokens)):
+            assert logprobs["token_logprobs"][k] == pytest.approx(reference[k - 1, tokens[k]].item(), abs=1e-4)
+    # a continuation the model would not write is not greedy, and less likely
+    other = context + chat.tokenizer.encode("I am a cat.", add_special_tokens=False)
+    worse = client.completions.create(model=chat.name, prompt=[other], echo=True, logprobs=1, max_tokens=1)
+    scored = worse.choices[0].logprobs.token_logprobs[len(context):-1]
+    tops = worse.choices[0].logprobs.top_logprobs[len(context):-1]
+    assert sum(scored) < expected and not all(lp == max(top.values()) for lp, top in zip(scored, tops))

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from tunelab.chat.logprobs import TokenLogprob, prompt_logprobs, step_logprobs, trim_to_text
 from tunelab.model.generate import GenerationSettings, ReplyText, next_tokens
 
 
@@ -52,33 +53,28 @@ class ServerStopping(RuntimeError):
     """The engine stopped (the server is shutting down) before the reply was finished."""
 
 
-@dataclass
-class TokenLogprob:
-    """A generated token's log-probability under the model (its logits before any sampling setting, as vLLM and
-    OpenAI report them) and the `top` most likely tokens at that step, as (token id, log-probability)."""
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
 class Job:
     """One request. `on_text(piece)` gets the reply as it grows and `on_done(Reply or exception)` once, both called
     from the worker thread; `cancel()` may be called from any thread. `logprobs`: None, or how many most likely
     tokens each step lists beside the chosen one's log-probability (OpenAI's top_logprobs), kept in `token_logprobs`
-    as the tokens come."""
+    as the tokens come. `prompt_logprobs`: the prompt's tokens' too (`prompt_token_logprobs`), and every generated
+    token's, so that place k is token k of prompt + reply (vLLM's echo, which lm-evaluation-harness scores by)."""
 
     def __init__(self, prompt_ids: list[int], settings: GenerationSettings, *, stop_words=(), eos_ids=(),
                  on_text: Callable[[str], None] | None = None, on_done: Callable[[object], None] | None = None,
-                 pixel_values: torch.Tensor | None = None, logprobs: int | None = None):
+                 pixel_values: torch.Tensor | None = None, logprobs: int | None = None,
+                 prompt_logprobs: bool = False):
         self.prompt_ids, self.settings = list(prompt_ids), settings
         self.pixel_values = pixel_values
         """A LLaVA prompt's images, in the order of their image tokens (None: none)."""
         self.stop_words, self.eos_ids = tuple(stop_words), frozenset(eos_ids)
         self.on_text, self.on_done = on_text, on_done
-        self.logprobs = logprobs
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.token_logprobs: list[TokenLogprob] = []
         """The reply text's tokens': not an EOS or stop word that ended it (a stream may have sent those of a stop
-        word of several tokens before its last one came)."""
+        word of several tokens before its last one came); with `prompt_logprobs`, every generated token's."""
+        self.prompt_token_logprobs: list[TokenLogprob] | None = None
+        """With `prompt_logprobs`, once prefilled: the prompt's tokens' but the first (which nothing predicts)."""
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -204,11 +200,8 @@ class Batcher:
     def _finish(self, row: _Row, reason: str) -> None:
         reply = Reply(row.text.finish() if reason != "cancelled" else row.text.text, reason,
                       len(row.job.prompt_ids), len(row.generated), list(row.generated))
-        kept = row.job.token_logprobs
-        # a stop word of several tokens: the ones before its last are no part of the text either
-        while reason == "stop" and kept and \
-                len(self.tokenizer.decode(row.generated[:len(kept) - 1], skip_special_tokens=False)) >= len(reply.text):
-            kept.pop()
+        if reason == "stop" and row.job.logprobs is not None and not row.job.prompt_logprobs:
+            trim_to_text(row.job.token_logprobs, row.generated, reply.text, self.tokenizer)
         self.finished.append(reply)
         _call(row.job.on_done, reply)
 
@@ -268,11 +261,12 @@ class Batcher:
         logits = torch.cat(logits)
         tokens = next_tokens(logits, self.rows)
         self.last = torch.tensor(tokens, device=self.device)
-        logprobs = self._logprobs(logits, tokens)
+        logprobs = step_logprobs(logits, tokens, [row.job.logprobs for row in self.rows])
         done = {}
         for i, (row, token) in enumerate(zip(self.rows, tokens)):
             reason = row.take(token)
-            if i in logprobs and reason != "stop":  # an EOS or a stop word's last token is no part of the text
+            # an EOS or a stop word's last token is no part of the text, but for a job counting every token
+            if i in logprobs and (reason != "stop" or row.job.prompt_logprobs):
                 row.job.token_logprobs.append(logprobs[i])
             if reason:
                 done[i] = reason
@@ -280,22 +274,6 @@ class Batcher:
             self._finish(self.rows[i], reason)
         if done:
             self._keep([i for i in range(len(self.rows)) if i not in done])
-
-    def _logprobs(self, logits: torch.Tensor, tokens: list[int]) -> dict[int, TokenLogprob]:
-        """{row: its token's TokenLogprob} for the rows whose request asked for logprobs (the others cost nothing)."""
-        wanted = [i for i, row in enumerate(self.rows) if row.job.logprobs is not None]
-        if not wanted:
-            return {}
-        logprobs = logits[wanted].float().log_softmax(-1)
-        most = max(self.rows[i].job.logprobs for i in wanted)
-        top = logprobs.topk(most, dim=-1) if most else None
-        chosen = logprobs.gather(1, torch.tensor([tokens[i] for i in wanted], device=logits.device)[:, None])
-        found = {}
-        for j, i in enumerate(wanted):
-            n = self.rows[i].job.logprobs
-            alternatives = list(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist())) if n else []
-            found[i] = TokenLogprob(tokens[i], chosen[j, 0].item(), alternatives)
-        return found
 
     def _admit(self) -> list[Job]:
         """The waiting jobs that join now: as many as there is room for, within the prefill token budget."""
@@ -312,13 +290,14 @@ class Batcher:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{self.cache_kwarg: cache}, **extra)
         returned = next((out[k] for k in ("cache", "past_key_values") if k in out and out[k] is not None), cache)
-        return out.logits[:, -1], returned
+        return out.logits, returned
 
     def _decode(self) -> torch.Tensor:
         """One token for every sequence in the batch: the logits of the next one."""
         positions = self.mask.sum(-1, keepdim=True)  # each sequence's own next position, padding not counted
         self.mask = F.pad(self.mask, (0, 1), value=1)
         logits, self.cache = self._forward(self.last[:, None], self.mask, positions, self.cache)
+        logits = logits[:, -1]
         return logits
 
     def _prefill_each(self, jobs: list[Job]) -> list[torch.Tensor]:
@@ -346,10 +325,16 @@ class Batcher:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         images = [job.pixel_values for job in jobs if job.pixel_values is not None]
         extra = {"pixel_values": torch.cat(images).to(self.device)} if images else {}  # row by row, as the tokens
-        logits, cache = self._forward(ids, mask, positions, self._new_cache(), **self.keep_last_logits, **extra)
+        every_place = any(job.prompt_logprobs for job in jobs)  # else the model computes the last place's alone
+        logits, cache = self._forward(ids, mask, positions, self._new_cache(),
+                                      **({} if every_place else self.keep_last_logits), **extra)
+        for job, row_logits in zip(jobs, logits):
+            if job.prompt_logprobs:
+                job.prompt_token_logprobs = prompt_logprobs(row_logits[width - len(job.prompt_ids):],
+                                                            job.prompt_ids, job.logprobs or 0)
         self._stack(cache, mask)
         self.rows += rows
-        return logits
+        return logits[:, -1]
 
     def _stack(self, cache, mask: torch.Tensor) -> None:
         if self.cache is None:

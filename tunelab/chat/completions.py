@@ -20,8 +20,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tunelab.chat.batcher import ServerStopping, TokenLogprob
+from tunelab.chat.batcher import ServerStopping
 from tunelab.chat.engine import ChatModel
+from tunelab.chat.logprobs import TokenLogprob
 from tunelab.chat.requests import CompletionRequest, RequestError, settings_for
 from tunelab.chat.wire import error_body, error_response, failure_response, token_text, wait_or_cancel
 
@@ -49,16 +50,22 @@ def prompt_token_ids(tokenizer, prompt, image_token: int | None = None) -> list[
     return prompts
 
 
-def legacy_logprobs(tokenizer, entries: list[TokenLogprob], offset: int) -> dict:
+def legacy_logprobs(tokenizer, entries: list[TokenLogprob], offset: int, prompt: list[int] | None = None,
+                    prompt_entries: list[TokenLogprob] = ()) -> dict:
     """The completion API's `logprobs`: parallel lists of the tokens, their log-probabilities, the likeliest tokens
-    at each place ({text: log-probability}) and where each token's text starts in the choice's text."""
-    tokens = [token_text(tokenizer, e.token) for e in entries]
+    at each place ({text: log-probability}) and where each token's text starts (in the tokens' texts joined, from
+    `offset`: the texts of the tokens before, in a stream). With the
+    `prompt` (echo), its tokens come first, the first with None for both (nothing predicts it), as vLLM sends them."""
+    head = [] if prompt is None else [(prompt[0], None, None)] + [(e.token, e.logprob, e.top) for e in prompt_entries]
+    places = head + [(e.token, e.logprob, e.top) for e in entries]
+    tokens = [token_text(tokenizer, token) for token, _, _ in places]
     starts = []
     for text in tokens:
         starts.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(tokenizer, t): lp for t, lp in e.top} for e in entries],
+    return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in places],
+            "top_logprobs": [None if top is None else {token_text(tokenizer, t): lp for t, lp in top}
+                             for _, _, top in places],
             "text_offset": starts}
 
 
@@ -72,9 +79,6 @@ def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_w
                                "leave it out.", "suffix")
         if body.best_of not in (None, 1):
             raise RequestError(f"best_of {body.best_of}: only 1 is supported (one reply for each prompt).", "best_of")
-        if body.echo and body.logprobs is not None:
-            raise RequestError("echo with logprobs would take the prompt's log-probabilities, which tunelab's engine "
-                               "does not compute: leave one of them out, or serve with --engine vllm.", "echo")
         prompts = await run_in_threadpool(prompt_token_ids, chat.tokenizer, body.prompt,
                                           chat.vision.token_id if chat.vision is not None else None)
         each = [dataclasses.replace(settings, max_new_tokens=chat.fit_reply(
@@ -91,7 +95,8 @@ def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_w
             report = lambda item, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, item))  # noqa: E731
             jobs.append(chat.job(ids, s, stop_words=list(stop_words if body.stop is None else body.stop),
                                  ignore_eos=body.ignore_eos, on_text=report if body.stream else None,
-                                 on_done=report, logprobs=body.logprobs))
+                                 on_done=report, logprobs=body.logprobs,
+                                 prompt_logprobs=body.echo and body.logprobs is not None))
         try:
             for job in jobs:
                 chat.batcher.submit(job)
@@ -118,13 +123,19 @@ def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_w
             for job in jobs:  # the client left, or another prompt failed: the worker drops them at its next step
                 job.cancel()
         choices = [{"index": i, "text": echoed[i] + replies[i].text, "finish_reason": replies[i].finish_reason,
-                    "logprobs": None if body.logprobs is None else
-                    legacy_logprobs(chat.tokenizer, jobs[i].token_logprobs, len(echoed[i]))}
+                    "logprobs": None if body.logprobs is None else _logprobs(chat, jobs[i])}
                    for i in range(len(jobs))]
         return {"id": reply_id, "object": "text_completion", "created": int(time.time()), "model": chat.name,
                 "choices": choices, "usage": _usage(replies.values())}
 
     return completions
+
+
+def _logprobs(chat: ChatModel, job) -> dict:
+    """A whole choice's logprobs: with echo, from the prompt's first token, else the reply's."""
+    if job.prompt_logprobs:
+        return legacy_logprobs(chat.tokenizer, job.token_logprobs, 0, job.prompt_ids, job.prompt_token_logprobs)
+    return legacy_logprobs(chat.tokenizer, job.token_logprobs, 0)
 
 
 def _usage(replies) -> dict:
@@ -139,18 +150,22 @@ async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: 
     `include_usage`, a last chunk of empty choices holding the usage. A failure is an error event; a client that
     goes away cancels every prompt (starlette cancels this generator)."""
     created = int(time.time())
-    sent_logprobs, texts = [0] * len(jobs), [len(text) for text in echoed]
+    sent, offsets = [0] * len(jobs), [0] * len(jobs)
+    prompt_to_send = [job.prompt_logprobs for job in jobs]
     replies = {}
 
     def chunk(i: int | None, text: str = "", finish: str | None = None, usage: dict | None = None) -> str:
         choices = []
         if i is not None:
-            logprobs = None
-            if jobs[i].logprobs is not None:
-                new = jobs[i].token_logprobs[sent_logprobs[i]:]
-                sent_logprobs[i] += len(new)
-                logprobs = legacy_logprobs(chat.tokenizer, new, texts[i])
-            texts[i] += len(text)
+            job, logprobs = jobs[i], None
+            # with echo, the prompt's logprobs go first, with the first chunk after the prefill made them
+            if job.logprobs is not None and not (prompt_to_send[i] and job.prompt_token_logprobs is None):
+                new = job.token_logprobs[sent[i]:]
+                sent[i] += len(new)
+                prompt = job.prompt_ids if prompt_to_send[i] else None
+                prompt_to_send[i] = False
+                logprobs = legacy_logprobs(chat.tokenizer, new, offsets[i], prompt, job.prompt_token_logprobs or ())
+                offsets[i] += sum(map(len, logprobs["tokens"]))
             choices = [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]
         body = {"id": reply_id, "object": "text_completion", "created": created, "model": chat.name,
                 "choices": choices}

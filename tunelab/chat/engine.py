@@ -121,10 +121,10 @@ class ChatModel:
         return min(max_new_tokens, room)
 
     def job(self, prompt_ids: list[int], settings, *, stop_words=(), ignore_eos: bool = False, on_text=None,
-            on_done=None, pixel_values=None, logprobs: int | None = None):
+            on_done=None, pixel_values=None, logprobs: int | None = None, prompt_logprobs: bool = False):
         """A batcher job with this model's stop rules: EOS tokens and the template's stop words, unless `ignore_eos`
         (then only the caller's `stop_words` end the reply; benchmarks use it for replies of a fixed length).
-        `logprobs`: see `Job`."""
+        `logprobs`, `prompt_logprobs`: see `Job`."""
         from tunelab.chat.batcher import Job
         from tunelab.model.generate import stop_words_for
 
@@ -133,7 +133,7 @@ class ChatModel:
         else:
             stops, eos = stop_words_for(self.template, self.tokenizer, stop_words), eos_token_ids(self)
         return Job(prompt_ids, settings, stop_words=stops, eos_ids=eos, on_text=on_text, on_done=on_done,
-                   pixel_values=pixel_values, logprobs=logprobs)
+                   pixel_values=pixel_values, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def reply(self, messages: list[dict], settings, *, stop_words=(), on_text: Callable[[str], None] | None = None,
               files: bool = False):
