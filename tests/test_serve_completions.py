@@ -196,3 +196,31 @@ def test_echo_with_logprobs_scores_a_continuation_as_lm_evaluation_harness_reads
     scored = worse.choices[0].logprobs.token_logprobs[len(context):-1]
     tops = worse.choices[0].logprobs.top_logprobs[len(context):-1]
     assert sum(scored) < expected and not all(lp == max(top.values()) for lp, top in zip(scored, tops))
+
+
+def test_lm_evaluation_harness_scores_the_served_model_as_it_scores_the_model_itself(server_url, chat, asked,
+                                                                                    tmp_path_factory):
+    """lm-evaluation-harness's own `local-completions` model against this server, beside its own transformers
+    model (`hf`) on the same folder: loglikelihoods, greediness and generations agree."""
+    lm_eval = pytest.importorskip("lm_eval")  # noqa: F841
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    folder = str(taught_model_dir(tmp_path_factory))
+    _, context = asked
+    served = LocalCompletionsAPI(base_url=f"{server_url}/v1/completions", model=chat.name, tokenizer=folder,
+                                 tokenizer_backend="huggingface", max_retries=1, max_length=2048)
+    local = HFLM(pretrained=folder, device="cpu", batch_size=1, dtype="float32")
+    pairs = [(context, ANSWER), (context, "I am a cat."), ("Who", " are you?")]
+    scored = [served.loglikelihood([Instance("loglikelihood", {}, pair, 0)])[0] for pair in pairs]
+    reference = local.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (logprob, greedy), (expected, expected_greedy) in zip(scored, reference):
+        assert logprob == pytest.approx(expected, abs=1e-3) and greedy == expected_greedy
+    assert scored[0][0] > scored[1][0] + 5  # the taught answer, far likelier than another
+    until = {"until": ["\n\n"], "max_gen_toks": 30, "do_sample": False}
+    generated = served.generate_until([Instance("generate_until", {}, (context, until), 0)])
+    # the served reply ends at the template's end of turn (<|im_end|>); lm-eval's hf model, which stops at the
+    # tokenizer's EOS alone, writes the same and goes on
+    assert generated == [ANSWER]
+    assert local.generate_until([Instance("generate_until", {}, (context, dict(until)), 0)])[0].startswith(ANSWER)
