@@ -109,18 +109,19 @@ def make_llava_dir(out: Path, llm_dir: Path, vision_dir: Path, *, template: str 
 
 
 class Scripted:
-    """A batcher whose every reply is `pieces` joined, streamed one piece at a time, keeping the prompts it was given:
-    the text a trained model would write, for tests of what the server, chat and predict make of it."""
+    """A batcher whose every reply is `pieces` joined, streamed one piece at a time, keeping the prompts (and jobs) it
+    was given: the text a trained model would write, for tests of what the server, chat and predict make of it."""
 
     max_batch_size = 1
 
     def __init__(self, pieces, finish: str = "stop"):
-        self.pieces, self.finish, self.prompts = list(pieces), finish, []
+        self.pieces, self.finish, self.prompts, self.jobs = list(pieces), finish, [], []
 
     def submit(self, job):
         from tunelab.chat.batcher import Reply
 
         self.prompts.append(job.prompt_ids)
+        self.jobs.append(job)
         for piece in self.pieces:
             if job.on_text:
                 job.on_text(piece)

@@ -14,6 +14,11 @@ with the error (none of them can go on); requests still waiting start a new batc
 Padding never changes a sequence's results beyond float noise: padded positions are masked out of attention and
 every sequence keeps its own position ids, so a greedy reply in a batch is the reply served alone (tests/test_serve.py).
 
+A job may carry a grammar (`Job.constraint`, from `tunelab.chat.grammar`): its row then holds a matcher, and each step
+the logits of the constrained rows alone lose every token their grammar does not allow next, before sampling (greedy
+or not, with the row's own settings); the chosen token moves the matcher on, and a reply ends when its grammar takes a
+stop token (the grammar complete). A step with no constrained row does no mask work at all.
+
 The cache is transformers' `DynamicCache`; stacking and cutting work on its plain layers' key/value tensors
 (`[batch, heads, tokens, head_dim]`). Models whose cache is anything else (sliding-window layers, recurrent state)
 are served one request at a time by the same loop, which then never stacks caches.
@@ -63,10 +68,12 @@ class Job:
     def __init__(self, prompt_ids: list[int], settings: GenerationSettings, *, stop_words=(), eos_ids=(),
                  on_text: Callable[[str], None] | None = None, on_done: Callable[[object], None] | None = None,
                  pixel_values: torch.Tensor | None = None, logprobs: int | None = None,
-                 prompt_logprobs: bool = False):
+                 prompt_logprobs: bool = False, constraint=None):
         self.prompt_ids, self.settings = list(prompt_ids), settings
         self.pixel_values = pixel_values
         """A LLaVA prompt's images, in the order of their image tokens (None: none)."""
+        self.constraint = constraint
+        """The grammar the reply must follow (`tunelab.chat.grammar.reply_constraint`); None: any text."""
         self.stop_words, self.eos_ids = tuple(stop_words), frozenset(eos_ids)
         self.on_text, self.on_done = on_text, on_done
         self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
@@ -81,8 +88,12 @@ class Job:
         self.cancelled = True
 
 
+class OffGrammar(RuntimeError):
+    """A constrained row's chosen token is not one its grammar allows (its logits were all NaN, say)."""
+
+
 class _Row:
-    """A job inside the worker: the tokens it generated and its text so far."""
+    """A job inside the worker: the tokens it generated and its text so far (and its grammar's matcher)."""
 
     def __init__(self, job: Job, tokenizer, device):
         self.job, self.settings = job, job.settings
@@ -91,6 +102,11 @@ class _Row:
         self.generator = None
         if job.settings.seed is not None and not job.settings.greedy:
             self.generator = torch.Generator(device=device).manual_seed(job.settings.seed)
+        self.matcher = None
+        if job.constraint is not None:
+            from tunelab.chat.grammar import new_matcher
+
+            self.matcher = new_matcher(job.constraint)
 
     def token_ids(self) -> list[int]:
         return self.job.prompt_ids + self.generated
@@ -98,6 +114,11 @@ class _Row:
     def take(self, token: int) -> str | None:
         """Add the chosen token; the finish reason once the reply is done."""
         self.generated.append(token)
+        if self.matcher is not None:
+            if not self.matcher.accept_token(token):
+                raise OffGrammar(f"token {token} is not allowed by the reply's grammar")
+            if self.matcher.is_terminated():  # the stop token its complete grammar allowed: not text of the reply
+                return "stop"
         stop_word = self.text.add(token)
         if stop_word or token in self.job.eos_ids:
             return "stop"
@@ -259,19 +280,31 @@ class Batcher:
         if not self.rows:
             return
         logits = torch.cat(logits)
+        constrained = [(i, row.matcher) for i, row in enumerate(self.rows) if row.matcher is not None]
+        if constrained:
+            from tunelab.chat.grammar import mask_outside_grammars
+
+            logits = logits.float()  # as next_tokens samples them; torch.cat made them, so the masks may write there
+            mask_outside_grammars(logits, constrained)
         tokens = next_tokens(logits, self.rows)
         self.last = torch.tensor(tokens, device=self.device)
         logprobs = step_logprobs(logits, tokens, [row.job.logprobs for row in self.rows])
         done = {}
         for i, (row, token) in enumerate(zip(self.rows, tokens)):
-            reason = row.take(token)
+            try:
+                reason = row.take(token)
+            except OffGrammar as exc:  # that reply alone fails
+                reason = exc
             # an EOS or a stop word's last token is no part of the text, but for a job counting every token
             if i in logprobs and (reason != "stop" or row.job.prompt_logprobs):
                 row.job.token_logprobs.append(logprobs[i])
             if reason:
                 done[i] = reason
         for i, reason in done.items():
-            self._finish(self.rows[i], reason)
+            if isinstance(reason, Exception):
+                _call(self.rows[i].job.on_done, reason)
+            else:
+                self._finish(self.rows[i], reason)
         if done:
             self._keep([i for i in range(len(self.rows)) if i not in done])
 

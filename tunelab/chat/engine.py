@@ -41,6 +41,8 @@ class ChatModel:
     """A LLaVA model's image processor and image tokens (`tunelab.chat.vision.Vision`); None: text only."""
     _batcher: object = field(default=None, repr=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _grammars: object = field(default=None, repr=False)
+    _grammar_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def batcher(self):
@@ -51,6 +53,17 @@ class ChatModel:
             if self._batcher is None:
                 self._batcher = Batcher(self.model, self.tokenizer, max_batch_size=self.max_batch_size)
             return self._batcher
+
+    @property
+    def grammars(self):
+        """The xgrammar compiler of this model's tokenizer (`tunelab.chat.grammar.Grammars`), made on the first request
+        that needs one (a `response_format`, a forced call) and kept: requests compile their grammars with it."""
+        from tunelab.chat.grammar import Grammars
+
+        with self._grammar_lock:  # not _start_lock: the event loop takes that one for every request
+            if self._grammars is None:
+                self._grammars = Grammars.for_model(self)
+            return self._grammars
 
     def close(self) -> None:
         """End the generation worker, if one was started. A command calls this before it returns: a daemon worker
@@ -121,19 +134,24 @@ class ChatModel:
         return min(max_new_tokens, room)
 
     def job(self, prompt_ids: list[int], settings, *, stop_words=(), ignore_eos: bool = False, on_text=None,
-            on_done=None, pixel_values=None, logprobs: int | None = None, prompt_logprobs: bool = False):
+            on_done=None, pixel_values=None, logprobs: int | None = None, prompt_logprobs: bool = False,
+            constraint=None):
         """A batcher job with this model's stop rules: EOS tokens and the template's stop words, unless `ignore_eos`
         (then only the caller's `stop_words` end the reply; benchmarks use it for replies of a fixed length).
-        `logprobs`, `prompt_logprobs`: see `Job`."""
+        `logprobs`, `prompt_logprobs`: see `Job`. With a `constraint` (a grammar,
+        `tunelab.chat.grammar.reply_constraint`) the grammar ends the reply, at an EOS token or a stop word of one
+        token once it is complete, and the caller's `stop_words` alone are looked for in the text: the template's
+        spelt out inside a JSON string are text."""
         from tunelab.chat.batcher import Job
         from tunelab.model.generate import stop_words_for
 
-        if ignore_eos:
+        if ignore_eos or constraint is not None:
             stops, eos = tuple(stop_words), ()
         else:
             stops, eos = stop_words_for(self.template, self.tokenizer, stop_words), eos_token_ids(self)
         return Job(prompt_ids, settings, stop_words=stops, eos_ids=eos, on_text=on_text, on_done=on_done,
-                   pixel_values=pixel_values, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                   pixel_values=pixel_values, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                   constraint=constraint)
 
     def reply(self, messages: list[dict], settings, *, stop_words=(), on_text: Callable[[str], None] | None = None,
               files: bool = False):

@@ -35,6 +35,8 @@ def step_logprobs(logits: torch.Tensor, tokens: list[int], asked: list[int | Non
     for j, (i, logprob) in enumerate(zip(wanted, chosen.tolist())):
         n = asked[i]
         top = list(zip(best.indices[j, :n].tolist(), best.values[j, :n].tolist())) if n else []
+        # under a grammar the tokens it does not allow are at -inf: not alternatives (nor valid JSON numbers)
+        top = [(t, value) for t, value in top if value != float("-inf")]
         found[i] = TokenLogprob(tokens[i], logprob, top)
     return found
 

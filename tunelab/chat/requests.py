@@ -136,8 +136,20 @@ class ChatRequest(SamplingRequest):
     {"type": "function", "function": {"name": NAME}} (a call to that one): `tunelab.chat.tools.choose`."""
     parallel_tool_calls: Optional[StrictBool] = None
     """False: a reply's first call alone is sent (null or true: every call)."""
+    response_format: Optional[dict] = None
+    """{"type": "text"} (any text), {"type": "json_object"} (a JSON object) or {"type": "json_schema", "json_schema":
+    {"name": NAME, "schema": {...}, "strict": true}} (JSON valid for that schema): `tunelab.chat.grammar`."""
 
-    _text = field_validator("tools", "tool_choice")(_valid_text)
+    _text = field_validator("tools", "tool_choice", "response_format")(_valid_text)
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, value):
+        if value is not None:
+            at, problem = response_format_problem(value)
+            if problem:
+                raise PydanticCustomError("response_format", problem, {"at": at})
+        return value
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -176,6 +188,32 @@ class CompletionRequest(SamplingRequest):
             return value
         raise PydanticCustomError("prompt", "should be a text, a list of texts, a list of token ids or a list of "
                                             "lists of token ids")
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+_SHAPES = ('{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": NAME, '
+           '"schema": {...}}}')
+
+
+def response_format_problem(value) -> tuple[str, str | None]:
+    """(where in the field, what is wrong) with a `response_format`, as OpenAI's API takes it; None: nothing."""
+    if not isinstance(value, dict):
+        return "", f"should be an object: {_SHAPES}"
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMATS:
+        return ".type", f"{shown(kind)} is none of {', '.join(map(repr, RESPONSE_FORMATS))}: send {_SHAPES}"
+    if kind != "json_schema":
+        return "", None
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        return ".json_schema", 'type "json_schema" needs json_schema: {"name": NAME, "schema": {...}, "strict": true}'
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        return ".json_schema.name", "should be the schema's name, a non-empty string (OpenAI's API needs one too)"
+    if not isinstance(spec.get("schema"), dict):
+        return ".json_schema.schema", "should be the JSON schema the reply must follow, an object"
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        return ".json_schema.strict", f"{shown(spec['strict'])} should be true or false"
+    return "", None
 
 
 # request field → GenerationSettings field

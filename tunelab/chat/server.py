@@ -9,7 +9,8 @@ model's context (`ChatModel.fit_reply`), max_tokens against --max-tokens-limit; 
 error shape naming the parameter. A client that goes away (closed stream, or a timed-out plain request) cancels its
 job at the worker's next step. SIGTERM / Ctrl-C finishes every job at once, so the server stops promptly.
 A reasoning model's reply (`ChatModel.reasoning`) comes as its reasoning (under both `reasoning_content` and
-`reasoning`, `tunelab.chat.reasoning.WIRE_NAMES`) and its answer (`tunelab.chat.reasoning`).
+`reasoning`, `tunelab.chat.reasoning.WIRE_NAMES`) and its answer (`tunelab.chat.reasoning`). A `response_format` and a
+forced call's arguments are held to their JSON schema by a grammar (`tunelab.chat.grammar`), compiled in a thread.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException
 from tunelab.chat.batcher import Reply, ServerStopping
 from tunelab.chat.completions import completion_route
 from tunelab.chat.engine import ChatModel
+from tunelab.chat.grammar import constrains, reply_constraint
 from tunelab.chat.logprobs import TokenLogprob
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
 from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field_path, logprobs_asked, settings_for,
@@ -185,6 +187,10 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         choice = choose(body.tool_choice, offered, calls_in_reply, chat.template.name,
                         parallel=body.parallel_tool_calls is not False)
         stop = list(stop_words if body.stop is None else body.stop)
+        constraint = None
+        if constrains(body.response_format, choice):  # a new schema takes a while to compile: not on the event loop
+            constraint = await run_in_threadpool(reply_constraint, chat, body.response_format, choice, offered,
+                                                 calls_in_reply)
         # a long prompt (or its images) must not hold up the event loop
         with _blaming("messages"):
             prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages, tools=offered,
@@ -198,7 +204,7 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         streamed = body.stream and (calls_in_reply is None or (chat.reasoning is not None and not choice.start))
         job = chat.job(prompt_ids, settings, stop_words=stop, ignore_eos=body.ignore_eos,
                        on_text=report if streamed else None, on_done=report, pixel_values=pixel_values,
-                       logprobs=logprobs)
+                       logprobs=logprobs, constraint=constraint)
         try:
             chat.batcher.submit(job)
         except ServerStopping as exc:

@@ -10,11 +10,14 @@ its replies come back as text, calls included. A call read back gets OpenAI's `c
 writes ids (Mistral: 9 letters and digits, numbering calls with any other id) an id of that shape, which it then keeps.
 
 The same rendering tells how a call starts (`CallFormat.reply_start`): `tool_choice` "required" or a named function
-(`choose`) starts the reply with that text in the prompt, and the model writes the rest of the call.
+(`choose`) starts the reply with that text in the prompt, and the model writes the rest of the call. It also tells
+what follows a call's arguments up to the end of the turn (`after_arguments`) and what lies between two calls
+(`between_calls`), from which `tunelab.chat.grammar` builds the grammar that holds the rest to the tools' schemas.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import string
@@ -24,9 +27,13 @@ from dataclasses import dataclass
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES
 from tunelab.chat.requests import RequestError, shown
 from tunelab.data import messages as canonical
-from tunelab.data.templates import PROBE_ARGUMENTS, PROBE_TOOL, probe_call_reply, templates_writing_tool_calls
+from tunelab.data.templates import (PROBE_ARGUMENTS, PROBE_SECOND_TOOL, PROBE_TOOL, probe_call_reply,
+                                    templates_writing_tool_calls)
 
 _ID_CHARACTERS = string.ascii_letters + string.digits
+ID_SLOT = "\x00"
+"""Where `CallFormat.after_arguments` and `between_calls` hold a call's id (Mistral's): any `id_length` letters and
+digits go there (a NUL, which no template writes)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,12 @@ class CallFormat:
     after_name: str = ""
     """The text between the name and the arguments (Qwen2.5: '", "arguments": ', GLM-4: '\\n'); '' where the
     arguments do not follow the name (no reply can be started as a call)."""
+    after_arguments: str = ""
+    """The text after a call's arguments up to the end of the turn, its end-of-turn marker (a stop word) left out
+    (Qwen2.5: '}\\n</tool_call>', Llama 3.1: '}', Mistral: ', "id": "' ID_SLOT '"}]', GLM-4: '')."""
+    between_calls: str = ""
+    """The text from a call's arguments to the next call's name, in a reply of several (Qwen2.5:
+    '}\\n</tool_call>\\n<tool_call>\\n{"name": "'); '' where the template writes one call a reply."""
 
     def reply_start(self, name: str | None = None) -> str:
         """The text that starts a reply as a call, for the model to go on with: up to the function's name (the model
@@ -72,15 +85,17 @@ def call_format(template) -> CallFormat | None:
         marker = words[-1] if words else ""  # the text right before the JSON, e.g. <tool_call>
         closer = reply[end:].strip()
         quoted = reply.find(f'"{PROBE_TOOL}"', start)  # the call's name, as the JSON writes it
-        return CallFormat(marker=marker, closer=closer, id_length=_written_id_length(value),
-                          **(_around_the_name(reply[:end], quoted + 1) if quoted >= 0 else {}))
+        fmt = CallFormat(marker=marker, closer=closer, id_length=_written_id_length(value),
+                         **(_around_the_name(reply, quoted + 1, template.stop_words) if quoted >= 0 else {}))
+        return dataclasses.replace(fmt, between_calls=_between_calls(template, fmt)) if fmt.after_name else fmt
     if reply.startswith(PROBE_TOOL + "\n"):
         try:
             args, end = json.JSONDecoder().raw_decode(reply, len(PROBE_TOOL) + 1)
         except ValueError:
             return None
         if args == PROBE_ARGUMENTS:
-            return CallFormat(marker="", closer=reply[end:].strip(), name_line=True, after_name="\n")
+            return CallFormat(marker="", closer=reply[end:].strip(), name_line=True, after_name="\n",
+                              after_arguments=_up_to_the_end_of_turn(reply[end:], template.stop_words))
     return None
 
 
@@ -96,12 +111,52 @@ def _json_values(text: str, start: int = 0):
             yield at, value, end
 
 
-def _around_the_name(call: str, name_at: int) -> dict:
-    """`CallFormat.before_name` and `after_name` of the probe `call` whose function's name is at `name_at`: the text
-    before it, and the text from it to the probe arguments' JSON where that comes next (else nothing)."""
+def _around_the_name(reply: str, name_at: int, stop_words) -> dict:
+    """`CallFormat.before_name`, `after_name` and `after_arguments` of the probe `reply` whose function's name is at
+    `name_at`: the text before it, the text from it to the probe arguments' JSON where that comes next (else
+    nothing), and the text after those arguments up to the end of the turn."""
     after = name_at + len(PROBE_TOOL)
-    at = next((at for at, value, _ in _json_values(call, after) if value == PROBE_ARGUMENTS), None)
-    return {} if at is None else {"before_name": call[:name_at], "after_name": call[after:at]}
+    found = _probe_arguments(reply, after)
+    if found is None:
+        return {}
+    at, end = found
+    return {"before_name": reply[:name_at], "after_name": reply[after:at],
+            "after_arguments": _with_id_slots(_up_to_the_end_of_turn(reply[end:], stop_words), reply)}
+
+
+def _probe_arguments(text: str, start: int) -> tuple[int, int] | None:
+    """(where, end) of the first JSON value after `start` in `text` that is the probe's arguments."""
+    return next(((at, end) for at, value, end in _json_values(text, start) if value == PROBE_ARGUMENTS), None)
+
+
+def _up_to_the_end_of_turn(text: str, stop_words) -> str:
+    """`text` before the first of the template's stop words in it (the end-of-turn marker a reply stops at)."""
+    ends = [text.find(word) for word in stop_words if word and word in text]
+    return text[:min(ends)] if ends else text
+
+
+def _with_id_slots(text: str, reply: str) -> str:
+    """`text` with each call id the template wrote into the probe `reply` (Mistral's) as `ID_SLOT`."""
+    for _, value, _ in _json_values(reply):
+        for item in value if isinstance(value, list) else [value]:
+            written = item.get("id") if isinstance(item, dict) else None
+            if isinstance(written, str) and written:
+                text = text.replace(json.dumps(written), f'"{ID_SLOT}"')
+    return text
+
+
+def _between_calls(template, fmt: CallFormat) -> str:
+    """`CallFormat.between_calls`: in the template's reply of two probe calls, the text from the first one's arguments
+    to the second one's name, where that reply is the first call as a reply of one writes it, then the second; ''
+    where the template writes one call a reply (Llama 3.1, GLM-4) or the two calls otherwise."""
+    two = probe_call_reply(template, (PROBE_TOOL, PROBE_SECOND_TOOL))
+    if not two or not two.startswith(fmt.before_name + PROBE_TOOL + fmt.after_name):
+        return ""
+    first = _probe_arguments(two, len(fmt.before_name + PROBE_TOOL))
+    second = two.find(PROBE_SECOND_TOOL + fmt.after_name, first[1]) if first else -1
+    if second < 0 or _probe_arguments(two, second) is None:
+        return ""
+    return _with_id_slots(two[first[1]:second], two)
 
 
 def _written_id_length(value) -> int:
@@ -131,8 +186,10 @@ def _calls_in(value) -> list[dict]:
 
 
 def split_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
-    """(the reply's text without its calls, the calls in OpenAI's response shape: arguments as a JSON string)."""
-    decoder = json.JSONDecoder()
+    """(the reply's text without its calls, the calls in OpenAI's response shape: arguments as a JSON string).
+    A control character written raw inside a string is taken (xgrammar 0.2.9 lets one into a string with a maxLength);
+    the arguments sent on are JSON written anew, the character escaped."""
+    decoder = json.JSONDecoder(strict=False)
     if fmt.name_line:
         return _split_name_line(text, fmt, decoder)
     if not fmt.marker:
