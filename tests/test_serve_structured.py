@@ -374,3 +374,23 @@ def test_logprobs_of_a_constrained_reply_are_over_the_tokens_its_grammar_allows(
     assert "".join(t.token for t in tokens) == answer.choices[0].message.content
     assert all(t.logprob <= 0 and all(a.logprob > float("-inf") for a in t.top_logprobs) for t in tokens)
     assert any(len(t.top_logprobs) < 5 for t in tokens)  # where the grammar leaves fewer than 5 tokens
+
+
+def test_a_completion_is_held_to_its_response_format_from_its_first_token(client, chat):
+    """/v1/completions takes `response_format` too (vLLM's does): the reply is the JSON, no template around it,
+    streamed or not, one grammar for each of several prompts."""
+    prompts = ["The forecast as JSON:", "Weather:"]
+    free = client.completions.create(model="m", prompt=prompts[0], max_tokens=40)
+    with pytest.raises(ValueError):
+        json.loads(free.choices[0].text)
+    reply = client.completions.create(model="m", prompt=prompts, max_tokens=300, extra_body={
+        "response_format": AS_FORECAST})
+    assert [c.finish_reason for c in reply.choices] == ["stop", "stop"]
+    for choice in reply.choices:
+        _valid_json(choice.text, FORECAST)
+    streamed = client.completions.create(model="m", prompt=prompts[0], max_tokens=300, stream=True,
+                                         extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads("".join(c.choices[0].text for c in streamed if c.choices)), dict)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="m", prompt="x", extra_body={"response_format": {"type": "xml"}})
+    assert refused.value.body["param"] == "response_format"

@@ -5,7 +5,8 @@ written in the template's form, or a tool that sends raw text (lm-evaluation-har
 generation tasks). A text prompt is tokenised as vLLM does (with the tokenizer's special tokens, e.g. Llama's BOS);
 token ids are taken as they are. Each prompt of a list is a choice of its own, decoded in the same batch. A reply
 ends where a chat reply does: EOS, the template's stop words (the model's own end of a turn), the request's `stop`,
-`max_tokens`. The sampling fields, limits and errors are /v1/chat/completions' (`tunelab.chat.requests`).
+`max_tokens`. The sampling fields, `response_format` (the JSON from the reply's first token), limits and errors are
+/v1/chat/completions' (`tunelab.chat.requests`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tunelab.chat.batcher import ServerStopping
 from tunelab.chat.engine import ChatModel
+from tunelab.chat.grammar import reply_constraint, wants_json
 from tunelab.chat.logprobs import TokenLogprob
 from tunelab.chat.requests import CompletionRequest, RequestError, settings_for
 from tunelab.chat.wire import error_body, error_response, failure_response, token_text, wait_or_cancel
@@ -81,6 +83,9 @@ def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_w
             raise RequestError(f"best_of {body.best_of}: only 1 is supported (one reply for each prompt).", "best_of")
         prompts = await run_in_threadpool(prompt_token_ids, chat.tokenizer, body.prompt,
                                           chat.vision.token_id if chat.vision is not None else None)
+        constraint = None  # one grammar, a matcher of it for each prompt's reply
+        if wants_json(body.response_format):  # a new schema takes a while to compile: not on the event loop
+            constraint = await run_in_threadpool(reply_constraint, chat, body.response_format, templated=False)
         each = [dataclasses.replace(settings, max_new_tokens=chat.fit_reply(
             len(ids), settings.max_new_tokens, asked=asked, prompt_field="prompt")) for ids in prompts]
         echoed = [""] * len(prompts)
@@ -96,7 +101,7 @@ def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_w
             jobs.append(chat.job(ids, s, stop_words=list(stop_words if body.stop is None else body.stop),
                                  ignore_eos=body.ignore_eos, on_text=report if body.stream else None,
                                  on_done=report, logprobs=body.logprobs,
-                                 prompt_logprobs=body.echo and body.logprobs is not None))
+                                 prompt_logprobs=body.echo and body.logprobs is not None, constraint=constraint))
         try:
             for job in jobs:
                 chat.batcher.submit(job)

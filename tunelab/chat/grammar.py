@@ -187,12 +187,13 @@ def constrains(response_format: dict | None, choice: ToolChoice) -> bool:
     return bool(choice.start) or wants_json(response_format)
 
 
-def reply_constraint(chat, response_format: dict | None, choice: ToolChoice, tools: list[dict] | None,
-                     fmt: CallFormat | None):
+def reply_constraint(chat, response_format: dict | None, choice: ToolChoice = ToolChoice(),
+                     tools: list[dict] | None = None, fmt: CallFormat | None = None, *, templated: bool = True):
     """The compiled grammar a reply must follow (None: free text) for a request's `response_format` and its tool
-    choice (`choice`, over the offered `tools`, whose calls the template writes as `fmt`). Compiling takes a while
-    on a new schema: call it off the event loop. A grammar xgrammar cannot follow is a RequestError naming the
-    field; so is a `response_format` where xgrammar is not installed."""
+    choice (`choice`, over the offered `tools`, whose calls the template writes as `fmt`). `templated`: the prompt
+    is the chat template's, so a reasoning model reasons first; False for /v1/completions, whose reply is the JSON
+    from its first token. Compiling takes a while on a new schema: call it off the event loop. A grammar xgrammar
+    cannot follow is a RequestError naming the field; so is a `response_format` where xgrammar is not installed."""
     wanted = wants_json(response_format)
     if xgrammar_module() is None:
         if wanted:
@@ -208,7 +209,7 @@ def reply_constraint(chat, response_format: dict | None, choice: ToolChoice, too
     if tools and fmt is not None and fmt.after_name:  # "auto": a call stays possible
         grammar = _either([grammar, _whole_call(fmt, tools, several=choice.parallel)])
         what = f"{what} or the tools' parameters (a reply may be a call)"
-    return chat.grammars.compile(_after_reasoning(chat.reasoning, grammar), "response_format",
+    return chat.grammars.compile(_after_reasoning(chat.reasoning if templated else None, grammar), "response_format",
                                  f"{what}: xgrammar cannot hold a reply to it")
 
 

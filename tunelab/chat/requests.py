@@ -115,6 +115,20 @@ class SamplingRequest(BaseModel):
     n: StrictInt = Field(1, ge=1, le=1, description="only n=1 is supported")
     ignore_eos: StrictBool = False
     """vLLM's extension: generate until max_tokens or a `stop` string, past EOS and the template's stop words."""
+    response_format: Optional[dict] = None
+    """{"type": "text"} (any text), {"type": "json_object"} (a JSON object) or {"type": "json_schema", "json_schema":
+    {"name": NAME, "schema": {...}, "strict": true}} (JSON valid for that schema): `tunelab.chat.grammar`."""
+
+    _format_text = field_validator("response_format")(_valid_text)
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, value):
+        if value is not None:
+            at, problem = response_format_problem(value)
+            if problem:
+                raise PydanticCustomError("response_format", problem, {"at": at})
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -136,20 +150,7 @@ class ChatRequest(SamplingRequest):
     {"type": "function", "function": {"name": NAME}} (a call to that one): `tunelab.chat.tools.choose`."""
     parallel_tool_calls: Optional[StrictBool] = None
     """False: a reply's first call alone is sent (null or true: every call)."""
-    response_format: Optional[dict] = None
-    """{"type": "text"} (any text), {"type": "json_object"} (a JSON object) or {"type": "json_schema", "json_schema":
-    {"name": NAME, "schema": {...}, "strict": true}} (JSON valid for that schema): `tunelab.chat.grammar`."""
-
-    _text = field_validator("tools", "tool_choice", "response_format")(_valid_text)
-
-    @field_validator("response_format", mode="before")
-    @classmethod
-    def _response_format(cls, value):
-        if value is not None:
-            at, problem = response_format_problem(value)
-            if problem:
-                raise PydanticCustomError("response_format", problem, {"at": at})
-        return value
+    _text = field_validator("tools", "tool_choice")(_valid_text)
 
     @field_validator("tool_choice", mode="before")
     @classmethod
