@@ -89,3 +89,36 @@ def tiny_vision_factory(tmp_path_factory):
         return cache[kind]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def taught_chat(tmp_path_factory):
+    """The taught model (chat_helpers.taught_model_dir) behind the batching engine (8 requests at once), shared by
+    the serve tests."""
+    from chat_helpers import taught_model_dir
+    from tunelab.chat.engine import load_chat_model
+
+    chat = load_chat_model(str(taught_model_dir(tmp_path_factory)), max_batch_size=8)
+    yield chat
+    chat.close()
+
+
+@pytest.fixture(scope="session")
+def taught_server_url(taught_chat):
+    """`tunelab serve`'s app for `taught_chat` in a background server: replies of up to 24 tokens unless a request
+    asks for more, and at most 2000."""
+    from tunelab.chat.http_server import BackgroundServer
+    from tunelab.chat.server import create_app
+    from tunelab.model.generate import GenerationSettings
+
+    with BackgroundServer(create_app(taught_chat, GenerationSettings(max_new_tokens=24),
+                                     max_tokens_limit=2000)) as url:
+        yield url
+
+
+@pytest.fixture
+def taught_client(taught_server_url):
+    """The official OpenAI client of `taught_server_url`."""
+    from chat_helpers import openai_client
+
+    return openai_client(taught_server_url)

@@ -25,27 +25,18 @@ httpx = pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")
-def chat(tmp_path_factory):
-    from tunelab.chat.engine import load_chat_model
-
-    chat = load_chat_model(str(taught_model_dir(tmp_path_factory)), max_batch_size=8)
-    yield chat
-    chat.batcher.stop()
+def chat(taught_chat):
+    return taught_chat
 
 
 @pytest.fixture(scope="module")
-def server_url(chat):
-    from tunelab.chat.server import create_app
-    from tunelab.chat.http_server import BackgroundServer
-    from tunelab.model.generate import GenerationSettings
-
-    with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=24), max_tokens_limit=2000)) as url:
-        yield url
+def server_url(taught_server_url):
+    return taught_server_url
 
 
 @pytest.fixture
-def client(server_url):
-    return openai_client(server_url)
+def client(taught_server_url):
+    return openai_client(taught_server_url)
 
 
 ASK = [{"role": "user", "content": QUESTION}]

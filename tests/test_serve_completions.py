@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from chat_helpers import ANSWER, QUESTION, openai_client, taught_model_dir
+from chat_helpers import ANSWER, QUESTION, taught_model_dir
 
 openai = pytest.importorskip("openai")
 
@@ -18,67 +18,43 @@ ASK = [{"role": "user", "content": QUESTION}]
 
 
 @pytest.fixture(scope="module")
-def chat(tmp_path_factory):
-    from tunelab.chat.engine import load_chat_model
-
-    chat = load_chat_model(str(taught_model_dir(tmp_path_factory)), max_batch_size=4)
-    yield chat
-    chat.close()
-
-
-@pytest.fixture(scope="module")
-def server_url(chat):
-    from tunelab.chat.http_server import BackgroundServer
-    from tunelab.chat.server import create_app
-    from tunelab.model.generate import GenerationSettings
-
-    with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=40), max_tokens_limit=200)) as url:
-        yield url
-
-
-@pytest.fixture
-def client(server_url):
-    return openai_client(server_url)
-
-
-@pytest.fixture(scope="module")
-def asked(chat):
+def asked(taught_chat):
     """The question in the training template, as the token ids and the text a completion client would send."""
-    ids = chat.prompt(list(ASK))[0]
-    return ids, chat.tokenizer.decode(ids)
+    ids = taught_chat.prompt(list(ASK))[0]
+    return ids, taught_chat.tokenizer.decode(ids)
 
 
-def test_a_prompt_in_the_template_is_continued_with_the_taught_answer(client, chat, asked):
+def test_a_prompt_in_the_template_is_continued_with_the_taught_answer(taught_client, taught_chat, asked):
     ids, text = asked
     for prompt in (text, ids):
-        reply = client.completions.create(model=chat.name, prompt=prompt, max_tokens=40)
+        reply = taught_client.completions.create(model="m", prompt=prompt, max_tokens=40)
         assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
         assert [(c.index, c.text, c.finish_reason) for c in reply.choices] == [(0, ANSWER, "stop")]
         assert reply.usage.prompt_tokens == len(ids)
-        assert reply.usage.completion_tokens == len(chat.tokenizer.encode(ANSWER, add_special_tokens=False)) + 1
+        assert reply.usage.completion_tokens == len(taught_chat.tokenizer.encode(ANSWER, add_special_tokens=False)) + 1
     # no template around it: a bare text is continued as text (here, whatever the tiny model makes of it)
-    bare = client.completions.create(model=chat.name, prompt="Who are you?", max_tokens=5)
+    bare = taught_client.completions.create(model="m", prompt="Who are you?", max_tokens=5)
     assert bare.choices[0].finish_reason in ("stop", "length")
 
 
-def test_several_prompts_are_one_choice_each_as_each_alone(client, chat, asked):
+def test_several_prompts_are_one_choice_each_as_each_alone(taught_client, taught_chat, asked):
     ids, text = asked
-    other = chat.prompt([{"role": "user", "content": "Tell me a story."}])[0]
-    alone = client.completions.create(model=chat.name, prompt=other, max_tokens=12).choices[0].text
-    both = client.completions.create(model=chat.name, prompt=[ids, other], max_tokens=12)
+    other = taught_chat.prompt([{"role": "user", "content": "Tell me a story."}])[0]
+    alone = taught_client.completions.create(model="m", prompt=other, max_tokens=12).choices[0].text
+    both = taught_client.completions.create(model="m", prompt=[ids, other], max_tokens=12)
     assert [c.index for c in both.choices] == [0, 1]
     assert both.choices[0].text == ANSWER[:len(both.choices[0].text)] and both.choices[1].text == alone
-    texts = client.completions.create(model=chat.name, prompt=[text, text], max_tokens=40)
+    texts = taught_client.completions.create(model="m", prompt=[text, text], max_tokens=40)
     assert [c.text for c in texts.choices] == [ANSWER, ANSWER]
     assert texts.usage.prompt_tokens == 2 * len(ids)
 
 
-def test_streamed_choices_arrive_in_pieces_under_their_index(client, chat, asked):
+def test_streamed_choices_arrive_in_pieces_under_their_index(taught_client, taught_chat, asked):
     ids, _ = asked
-    other = chat.prompt([{"role": "user", "content": "Tell me a story."}])[0]
-    plain = client.completions.create(model=chat.name, prompt=[ids, other], max_tokens=20)
+    other = taught_chat.prompt([{"role": "user", "content": "Tell me a story."}])[0]
+    plain = taught_client.completions.create(model="m", prompt=[ids, other], max_tokens=20)
     pieces, finish, usage = {0: [], 1: []}, {}, None
-    for chunk in client.completions.create(model=chat.name, prompt=[ids, other], max_tokens=20, stream=True,
+    for chunk in taught_client.completions.create(model="m", prompt=[ids, other], max_tokens=20, stream=True,
                                            stream_options={"include_usage": True}):
         if not chunk.choices:
             usage = chunk.usage
@@ -92,35 +68,35 @@ def test_streamed_choices_arrive_in_pieces_under_their_index(client, chat, asked
     assert usage.total_tokens == plain.usage.total_tokens
 
 
-def test_echo_puts_the_prompt_before_the_reply(client, chat, asked):
+def test_echo_puts_the_prompt_before_the_reply(taught_client, taught_chat, asked):
     ids, text = asked
-    assert client.completions.create(model=chat.name, prompt=text, echo=True).choices[0].text == text + ANSWER
-    streamed = client.completions.create(model=chat.name, prompt=text, echo=True, stream=True)
+    assert taught_client.completions.create(model="m", prompt=text, echo=True).choices[0].text == text + ANSWER
+    streamed = taught_client.completions.create(model="m", prompt=text, echo=True, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text + ANSWER
 
 
-def test_logprobs_are_the_models_own_in_the_legacy_shape(client, chat, asked):
+def test_logprobs_are_the_models_own_in_the_legacy_shape(taught_client, taught_chat, asked):
     import torch
 
     ids, _ = asked
-    reply = client.completions.create(model=chat.name, prompt=ids, logprobs=2)
+    reply = taught_client.completions.create(model="m", prompt=ids, logprobs=2)
     choice = reply.choices[0]
     choice_logprobs = choice.logprobs
     assert "".join(choice_logprobs.tokens) == choice.text == ANSWER
     assert choice_logprobs.text_offset == [len("".join(choice_logprobs.tokens[:k]))
                                            for k in range(len(choice_logprobs.tokens))]
-    reply_ids = chat.tokenizer.encode(ANSWER, add_special_tokens=False)
+    reply_ids = taught_chat.tokenizer.encode(ANSWER, add_special_tokens=False)
     with torch.no_grad():
-        reference = chat.model(input_ids=torch.tensor([ids + reply_ids])).logits[0].float().log_softmax(-1)
+        reference = taught_chat.model(input_ids=torch.tensor([ids + reply_ids])).logits[0].float().log_softmax(-1)
     for k, (token, logprob, top) in enumerate(zip(reply_ids, choice_logprobs.token_logprobs,
                                                   choice_logprobs.top_logprobs)):
         row = reference[len(ids) - 1 + k]
         assert logprob == pytest.approx(row[token].item(), abs=1e-4)
         assert len(top) == 2 and max(top.values()) == pytest.approx(logprob, abs=1e-6)  # greedy: the likeliest
-    streamed = client.completions.create(model=chat.name, prompt=ids, logprobs=2, stream=True)
+    streamed = taught_client.completions.create(model="m", prompt=ids, logprobs=2, stream=True)
     tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert tokens == choice_logprobs.tokens
-    assert client.completions.create(model=chat.name, prompt=ids).choices[0].logprobs is None
+    assert taught_client.completions.create(model="m", prompt=ids).choices[0].logprobs is None
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -145,12 +121,12 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
     ({"prompt": "hi", "logprobs": 21}, "logprobs", "20"),
     ({"prompt": "hi", "n": 2}, "n", "1"),
     ({"prompt": "hi", "temperature": 5}, "temperature", "at most 2"),
-    ({"prompt": "hi", "max_tokens": 500}, "max_tokens", "--max-tokens-limit"),
+    ({"prompt": "hi", "max_tokens": 5000}, "max_tokens", "--max-tokens-limit"),
     ({"prompt": "hi " * 3000, "max_tokens": 10}, "prompt", "the prompt alone takes"),
     ({"prompt": "hi"}, None, None),
 ])
-def test_bad_completion_requests_get_a_400_naming_the_field(server_url, fields, param, says):
-    status, payload = _post(server_url, fields)
+def test_bad_completion_requests_get_a_400_naming_the_field(taught_server_url, fields, param, says):
+    status, payload = _post(taught_server_url, fields)
     if param is None:
         assert status == 200 and payload["choices"][0]["text"] is not None
         return
@@ -158,7 +134,7 @@ def test_bad_completion_requests_get_a_400_naming_the_field(server_url, fields, 
     assert payload["error"]["param"] == param and says in payload["error"]["message"], payload
 
 
-def test_echo_with_logprobs_scores_a_continuation_as_lm_evaluation_harness_reads_it(client, chat, asked):
+def test_echo_with_logprobs_scores_a_continuation_as_lm_evaluation_harness_reads_it(taught_client, taught_chat, asked):
     """lm-evaluation-harness's `local-completions` loglikelihood request (lm_eval/models/openai_completions.py):
     context + continuation as token ids, echo, logprobs 1, max_tokens 1, temperature 0; it sums
     token_logprobs[ctxlen:-1] and calls the continuation greedy when each of those equals the most of its
@@ -166,13 +142,13 @@ def test_echo_with_logprobs_scores_a_continuation_as_lm_evaluation_harness_reads
     import torch
 
     context, _ = asked
-    continuation = chat.tokenizer.encode(ANSWER, add_special_tokens=False)
+    continuation = taught_chat.tokenizer.encode(ANSWER, add_special_tokens=False)
     tokens = context + continuation
     with torch.no_grad():
-        reference = chat.model(input_ids=torch.tensor([tokens])).logits[0].float().log_softmax(-1)
+        reference = taught_chat.model(input_ids=torch.tensor([tokens])).logits[0].float().log_softmax(-1)
     expected = sum(reference[k - 1, tokens[k]].item() for k in range(len(context), len(tokens)))
     for stream in (False, True):
-        reply = client.completions.create(model=chat.name, prompt=[tokens], echo=True, logprobs=1, max_tokens=1,
+        reply = taught_client.completions.create(model="m", prompt=[tokens], echo=True, logprobs=1, max_tokens=1,
                                           temperature=0, seed=1234, stream=stream)
         if stream:
             parts = [c.choices[0].logprobs for c in reply if c.choices and c.choices[0].logprobs]
@@ -182,7 +158,7 @@ def test_echo_with_logprobs_scores_a_continuation_as_lm_evaluation_harness_reads
             logprobs = reply.choices[0].logprobs.model_dump()
         assert len(logprobs["token_logprobs"]) == len(tokens) + 1  # the generated token: <|im_end|>, the EOS
         assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
-        assert logprobs["tokens"][:len(tokens)] == [chat.tokenizer.decode([t]) for t in tokens]
+        assert logprobs["tokens"][:len(tokens)] == [taught_chat.tokenizer.decode([t]) for t in tokens]
         assert logprobs["text_offset"] == [len("".join(logprobs["tokens"][:k])) for k in range(len(tokens) + 1)]
         scored = logprobs["token_logprobs"][len(context):-1]
         assert sum(scored) == pytest.approx(expected, abs=1e-3)
@@ -191,25 +167,25 @@ def test_echo_with_logprobs_scores_a_continuation_as_lm_evaluation_harness_reads
         for k in range(1, len(tokens)):
             assert logprobs["token_logprobs"][k] == pytest.approx(reference[k - 1, tokens[k]].item(), abs=1e-4)
     # a continuation the model would not write is not greedy, and less likely
-    other = context + chat.tokenizer.encode("I am a cat.", add_special_tokens=False)
-    worse = client.completions.create(model=chat.name, prompt=[other], echo=True, logprobs=1, max_tokens=1)
+    other = context + taught_chat.tokenizer.encode("I am a cat.", add_special_tokens=False)
+    worse = taught_client.completions.create(model="m", prompt=[other], echo=True, logprobs=1, max_tokens=1)
     scored = worse.choices[0].logprobs.token_logprobs[len(context):-1]
     tops = worse.choices[0].logprobs.top_logprobs[len(context):-1]
     assert sum(scored) < expected and not all(lp == max(top.values()) for lp, top in zip(scored, tops))
 
 
-def test_lm_evaluation_harness_scores_the_served_model_as_it_scores_the_model_itself(server_url, chat, asked,
+def test_lm_evaluation_harness_scores_the_served_model_as_it_scores_the_model_itself(taught_server_url, asked,
                                                                                     tmp_path_factory):
     """lm-evaluation-harness's own `local-completions` model against this server, beside its own transformers
     model (`hf`) on the same folder: loglikelihoods, greediness and generations agree."""
-    lm_eval = pytest.importorskip("lm_eval")  # noqa: F841
+    pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     folder = str(taught_model_dir(tmp_path_factory))
     _, context = asked
-    served = LocalCompletionsAPI(base_url=f"{server_url}/v1/completions", model=chat.name, tokenizer=folder,
+    served = LocalCompletionsAPI(base_url=f"{taught_server_url}/v1/completions", model="m", tokenizer=folder,
                                  tokenizer_backend="huggingface", max_retries=1, max_length=2048)
     local = HFLM(pretrained=folder, device="cpu", batch_size=1, dtype="float32")
     pairs = [(context, ANSWER), (context, "I am a cat."), ("Who", " are you?")]

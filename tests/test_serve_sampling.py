@@ -6,30 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from chat_helpers import ANSWER, QUESTION, openai_client, taught_model_dir
+from chat_helpers import ANSWER, QUESTION
 
 openai = pytest.importorskip("openai")
 
 ASK = [{"role": "user", "content": QUESTION}]
-
-
-@pytest.fixture(scope="module")
-def chat(tmp_path_factory):
-    from tunelab.chat.engine import load_chat_model
-
-    chat = load_chat_model(str(taught_model_dir(tmp_path_factory)), max_batch_size=4)
-    yield chat
-    chat.close()
-
-
-@pytest.fixture(scope="module")
-def client(chat):
-    from tunelab.chat.http_server import BackgroundServer
-    from tunelab.chat.server import create_app
-    from tunelab.model.generate import GenerationSettings
-
-    with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=24), max_tokens_limit=200)) as url:
-        yield openai_client(url)
 
 
 class _Row:
@@ -85,32 +66,32 @@ def test_logit_bias_adds_to_the_logits_and_leaves_them_to_the_caller():
     assert logits[0, 2] == 5.0 and logits[0, 6] == 0.0  # the model's logits, untouched (logprobs read them)
 
 
-def test_logit_bias_reaches_the_model_through_the_openai_client(client, chat):
-    token = chat.tokenizer.encode(" hello", add_special_tokens=False)[-1]
-    forced = client.chat.completions.create(model=chat.name, messages=ASK, max_tokens=4,
+def test_logit_bias_reaches_the_model_through_the_openai_client(taught_client, taught_chat):
+    token = taught_chat.tokenizer.encode(" hello", add_special_tokens=False)[-1]
+    forced = taught_client.chat.completions.create(model="m", messages=ASK, max_tokens=4,
                                             logit_bias={str(token): 100})
-    assert forced.choices[0].message.content == chat.tokenizer.decode([token] * 4).strip() or \
-        forced.choices[0].message.content == chat.tokenizer.decode([token] * 4)
-    first = chat.tokenizer.encode(ANSWER, add_special_tokens=False)[0]
-    banned = client.chat.completions.create(model=chat.name, messages=ASK, logit_bias={str(first): -100})
+    assert forced.choices[0].message.content == taught_chat.tokenizer.decode([token] * 4).strip() or \
+        forced.choices[0].message.content == taught_chat.tokenizer.decode([token] * 4)
+    first = taught_chat.tokenizer.encode(ANSWER, add_special_tokens=False)[0]
+    banned = taught_client.chat.completions.create(model="m", messages=ASK, logit_bias={str(first): -100})
     assert banned.choices[0].message.content != ANSWER
     # a request without it, after them: the taught answer
-    assert client.chat.completions.create(model=chat.name, messages=ASK).choices[0].message.content == ANSWER
+    assert taught_client.chat.completions.create(model="m", messages=ASK).choices[0].message.content == ANSWER
 
 
-def test_penalties_reach_the_model_through_the_openai_client(client, chat, monkeypatch):
+def test_penalties_reach_the_model_through_the_openai_client(taught_client, taught_chat, monkeypatch):
     # past its end (vLLM's ignore_eos) the taught model says its answer again: penalised, it cannot repeat itself
     extra = {"ignore_eos": True}
-    plain = client.chat.completions.create(model=chat.name, messages=ASK, max_tokens=40, extra_body=extra)
+    plain = taught_client.chat.completions.create(model="m", messages=ASK, max_tokens=40, extra_body=extra)
     assert plain.choices[0].message.content.startswith(ANSWER)
-    penalised = client.chat.completions.create(model=chat.name, messages=ASK, max_tokens=40, extra_body=extra,
+    penalised = taught_client.chat.completions.create(model="m", messages=ASK, max_tokens=40, extra_body=extra,
                                                frequency_penalty=2.0)
     assert penalised.choices[0].message.content != plain.choices[0].message.content
     # the taught model is surer of its words than a presence penalty of 2 can change: the job carries the value
     jobs = []
-    job = chat.job
-    monkeypatch.setattr(chat, "job", lambda *args, **kwargs: jobs.append(job(*args, **kwargs)) or jobs[-1])
-    client.chat.completions.create(model=chat.name, messages=ASK, presence_penalty=-1.5, frequency_penalty=0.25)
+    job = taught_chat.job
+    monkeypatch.setattr(taught_chat, "job", lambda *args, **kwargs: jobs.append(job(*args, **kwargs)) or jobs[-1])
+    taught_client.chat.completions.create(model="m", messages=ASK, presence_penalty=-1.5, frequency_penalty=0.25)
     assert (jobs[0].settings.presence_penalty, jobs[0].settings.frequency_penalty) == (-1.5, 0.25)
 
 
@@ -127,55 +108,55 @@ def test_penalties_reach_the_model_through_the_openai_client(client, chat, monke
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
     ({"logprobs": "yes"}, "logprobs", "boolean"),
 ])
-def test_bad_sampling_fields_get_a_400_naming_them(client, chat, fields, param, says):
+def test_bad_sampling_fields_get_a_400_naming_them(taught_client, taught_chat, fields, param, says):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=chat.name, messages=ASK, **fields)
+        taught_client.chat.completions.create(model="m", messages=ASK, **fields)
     error = caught.value.body
     assert error["param"] == param and says in error["message"], error
 
 
-def _model_logprobs(chat, reply_ids):
+def _model_logprobs(taught_chat, reply_ids):
     """The log-probability of each reply token and the log-softmax at its position, by one forward pass over prompt
     + reply (teacher forcing), as a reference the server's streaming decode must match."""
     import torch
 
-    prompt = chat.prompt(list(ASK))[0]
+    prompt = taught_chat.prompt(list(ASK))[0]
     with torch.no_grad():
-        out = chat.model(input_ids=torch.tensor([prompt + reply_ids])).logits[0].float().log_softmax(-1)
+        out = taught_chat.model(input_ids=torch.tensor([prompt + reply_ids])).logits[0].float().log_softmax(-1)
     at = out[len(prompt) - 1:len(prompt) - 1 + len(reply_ids)]
     return at
 
 
-def test_logprobs_are_the_models_own_and_stream_as_they_come(client, chat):
-    reply = client.chat.completions.create(model=chat.name, messages=ASK, logprobs=True, top_logprobs=3)
+def test_logprobs_are_the_models_own_and_stream_as_they_come(taught_client, taught_chat):
+    reply = taught_client.chat.completions.create(model="m", messages=ASK, logprobs=True, top_logprobs=3)
     assert reply.choices[0].message.content == ANSWER
     content = reply.choices[0].logprobs.content
     assert "".join(entry.token for entry in content) == ANSWER  # the reply's tokens, the EOS that ended it left out
-    reply_ids = chat.tokenizer.encode(ANSWER, add_special_tokens=False)
+    reply_ids = taught_chat.tokenizer.encode(ANSWER, add_special_tokens=False)
     assert len(content) == len(reply_ids)
-    reference = _model_logprobs(chat, reply_ids)
+    reference = _model_logprobs(taught_chat, reply_ids)
     for entry, token, row in zip(content, reply_ids, reference):
         assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
         assert bytes(entry.bytes).decode() == entry.token
         assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
         assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token  # greedy: the likeliest
         assert entry.top_logprobs[1].logprob == pytest.approx(row.topk(2).values[1].item(), abs=1e-4)
-    streamed = client.chat.completions.create(model=chat.name, messages=ASK, logprobs=True, top_logprobs=3,
+    streamed = taught_client.chat.completions.create(model="m", messages=ASK, logprobs=True, top_logprobs=3,
                                               stream=True)
     pieces = [c.choices[0].logprobs.content for c in streamed if c.choices and c.choices[0].logprobs]
     joined = [entry for piece in pieces for entry in piece]
     assert [(e.token, round(e.logprob, 5)) for e in joined] == [(e.token, round(e.logprob, 5)) for e in content]
     assert sum(1 for piece in pieces if piece) > 1  # they came with the text, not all at the end
-    plain = client.chat.completions.create(model=chat.name, messages=ASK)
+    plain = taught_client.chat.completions.create(model="m", messages=ASK)
     assert plain.choices[0].logprobs is None
-    none_top = client.chat.completions.create(model=chat.name, messages=ASK, logprobs=True)
+    none_top = taught_client.chat.completions.create(model="m", messages=ASK, logprobs=True)
     assert all(entry.top_logprobs == [] for entry in none_top.choices[0].logprobs.content)
 
 
 @pytest.mark.parametrize("stop", [", your", "Bot,", "am T", "neBot", "your help"])
-def test_logprobs_cover_the_text_a_stop_word_cut(client, chat, stop):
+def test_logprobs_cover_the_text_a_stop_word_cut(taught_client, taught_chat, stop):
     """The tokens of a stop word, which may be several and begin inside a token, are left out with it."""
-    reply = client.chat.completions.create(model=chat.name, messages=ASK, logprobs=True, stop=[stop])
+    reply = taught_client.chat.completions.create(model="m", messages=ASK, logprobs=True, stop=[stop])
     text = reply.choices[0].message.content
     assert text == ANSWER[:ANSWER.index(stop)]
     tokens = [entry.token for entry in reply.choices[0].logprobs.content]
