@@ -150,6 +150,7 @@ class ChatRequest(SamplingRequest):
     {"type": "function", "function": {"name": NAME}} (a call to that one): `tunelab.chat.tools.choose`."""
     parallel_tool_calls: Optional[StrictBool] = None
     """False: a reply's first call alone is sent (null or true: every call)."""
+
     _text = field_validator("tools", "tool_choice")(_valid_text)
 
     @field_validator("tool_choice", mode="before")
