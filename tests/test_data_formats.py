@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 
 import pytest
@@ -170,9 +169,8 @@ def test_cache_reused_and_invalidated(tmp_path, tiny_tokenizer):
     path.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(2000)))
     cfg = _cfg(path, pack_to_max_length=True)
     first = build_datasets(cfg, tiny_tokenizer, log=lambda m: None)
-    start = time.perf_counter()
     second = build_datasets(cfg, tiny_tokenizer, log=lambda m: None)
-    assert second.stats.from_cache and time.perf_counter() - start < 1.0
+    assert second.stats.from_cache  # read back, not tokenised again (a timing here would flake on a slow machine)
     assert [r["input_ids"] for r in second.train_rows] == [r["input_ids"] for r in first.train_rows]
     assert not build_datasets(replace(cfg, max_length=128), tiny_tokenizer, log=lambda m: None).stats.from_cache
     assert not build_datasets(replace(cfg, prompt_template="llama3_chat"), tiny_tokenizer,
