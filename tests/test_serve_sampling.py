@@ -162,3 +162,68 @@ def test_logprobs_cover_the_text_a_stop_word_cut(taught_client, taught_chat, sto
     tokens = [entry.token for entry in reply.choices[0].logprobs.content]
     assert "".join(tokens).startswith(text)
     assert len("".join(tokens[:-1])) < len(text)  # every token is needed: the last may run into the stop word
+
+
+@pytest.fixture(scope="module")
+def random_url(tiny_llama_dir):
+    """A random tiny llama served: it samples widely, so that replies drawn with different seeds differ."""
+    from tunelab.chat.engine import load_chat_model
+    from tunelab.chat.http_server import BackgroundServer
+    from tunelab.chat.server import create_app
+    from tunelab.model.generate import GenerationSettings
+
+    chat = load_chat_model(str(tiny_llama_dir), max_batch_size=8, prompt_template="qwen_chat")
+    with BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=12), max_tokens_limit=200)) as url:
+        yield url
+    chat.close()
+
+
+SAMPLED = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 12, "extra_body": {"top_k": 0, "ignore_eos": True}}
+
+
+def test_n_replies_are_drawn_apart_and_reply_0_is_what_n_1_gives(random_url):
+    from chat_helpers import openai_client
+
+    client = openai_client(random_url)
+    one = client.chat.completions.create(model="m", messages=ASK, seed=5, **SAMPLED)
+    three = client.chat.completions.create(model="m", messages=ASK, seed=5, n=3, **SAMPLED)
+    texts = [c.message.content for c in three.choices]
+    assert [c.index for c in three.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert texts[0] == one.choices[0].message.content
+    again = client.chat.completions.create(model="m", messages=ASK, seed=5, n=3, **SAMPLED)
+    assert [c.message.content for c in again.choices] == texts  # seeded: the same three again
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counted once, as OpenAI counts it
+    assert three.usage.completion_tokens == 3 * 12
+    pieces, finish, usage = {0: "", 1: "", 2: ""}, {}, None
+    for chunk in client.chat.completions.create(model="m", messages=ASK, seed=5, n=3, stream=True, logprobs=True,
+                                                stream_options={"include_usage": True}, **SAMPLED):
+        if not chunk.choices:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert [pieces[i] for i in range(3)] == texts and finish == {0: "length", 1: "length", 2: "length"}
+    assert usage.completion_tokens == 36 and usage.prompt_tokens == one.usage.prompt_tokens
+    greedy = client.chat.completions.create(model="m", messages=ASK, n=2, max_tokens=12)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content  # as vLLM: greedy is one reply
+
+
+def test_n_completions_of_several_prompts_come_prompt_by_prompt(random_url):
+    from chat_helpers import openai_client
+
+    client = openai_client(random_url)
+    prompts = ["Once upon a time", "The weather today"]
+    alone = [client.completions.create(model="m", prompt=p, seed=9, **SAMPLED).choices[0].text for p in prompts]
+    both = client.completions.create(model="m", prompt=prompts, seed=9, n=2, **SAMPLED)
+    texts = [c.text for c in both.choices]
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert texts[0] == alone[0] and texts[2] == alone[1]  # choice k: prompt k // n, its reply k % n
+    assert texts[0] != texts[1] and texts[2] != texts[3]
+    assert both.usage.completion_tokens == 4 * 12
+    assert both.usage.prompt_tokens == sum(client.completions.create(model="m", prompt=p, max_tokens=1)
+                                           .usage.prompt_tokens for p in prompts)
+    streamed = {}
+    for chunk in client.completions.create(model="m", prompt=prompts, seed=9, n=2, stream=True, **SAMPLED):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[k] for k in range(4)] == texts

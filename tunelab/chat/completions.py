@@ -3,7 +3,8 @@
 The prompt is continued as it is, with no chat template: a base model after continued pretraining, a prompt already
 written in the template's form, or a tool that sends raw text (lm-evaluation-harness's `local-completions`
 generation tasks). A text prompt is tokenised as vLLM does (with the tokenizer's special tokens, e.g. Llama's BOS);
-token ids are taken as they are. Each prompt of a list is a choice of its own, decoded in the same batch. A reply
+token ids are taken as they are. Each prompt of a list (and each of its `n` replies) is a choice of its own, decoded
+in the same batch. A reply
 ends where a chat reply does: EOS, the template's stop words (the model's own end of a turn), the request's `stop`,
 `max_tokens`. The sampling fields, `response_format` (the JSON from the reply's first token), limits and errors are
 /v1/chat/completions' (`tunelab.chat.requests`).
@@ -21,12 +22,11 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tunelab.chat.batcher import ServerStopping
 from tunelab.chat.engine import ChatModel
 from tunelab.chat.grammar import reply_constraint, wants_json
 from tunelab.chat.logprobs import TokenLogprob
 from tunelab.chat.requests import CompletionRequest, RequestError, settings_for
-from tunelab.chat.wire import error_body, error_response, failure_response, token_text, wait_or_cancel
+from tunelab.chat.wire import error_body, replies_usage, sample_settings, submit_all, token_text, wait_for_all
 
 
 def prompt_token_ids(tokenizer, prompt, image_token: int | None = None) -> list[list[int]]:
@@ -93,45 +93,33 @@ def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_w
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             echoed = texts if isinstance(texts[0], str) else \
                 [chat.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+        echoed = [text for text in echoed for _ in range(body.n)]  # choice k: prompt k // n, its reply k % n
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         jobs = []
-        for i, (ids, s) in enumerate(zip(prompts, each)):
-            report = lambda item, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, item))  # noqa: E731
-            jobs.append(chat.job(ids, s, stop_words=list(stop_words if body.stop is None else body.stop),
-                                 ignore_eos=body.ignore_eos, on_text=report if body.stream else None,
-                                 on_done=report, logprobs=body.logprobs,
-                                 prompt_logprobs=body.echo and body.logprobs is not None, constraint=constraint))
-        try:
-            for job in jobs:
-                chat.batcher.submit(job)
-        except ServerStopping as exc:
-            for job in jobs:
-                job.cancel()
-            raise RequestError(str(exc), status=503) from None
+        for ids, prompt_settings in zip(prompts, each):
+            for sample in sample_settings(prompt_settings, body.n):
+                report = lambda item, k=len(jobs): loop.call_soon_threadsafe(  # noqa: E731
+                    events.put_nowait, (k, item))
+                jobs.append(chat.job(ids, sample, stop_words=list(stop_words if body.stop is None else body.stop),
+                                     ignore_eos=body.ignore_eos, on_text=report if body.stream else None,
+                                     on_done=report, logprobs=body.logprobs,
+                                     prompt_logprobs=body.echo and body.logprobs is not None, constraint=constraint))
+        submit_all(chat, jobs)
         reply_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        prompt_tokens = sum(map(len, prompts))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(chat, jobs, events, reply_id, echoed, include_usage),
+            return StreamingResponse(_stream(chat, jobs, events, reply_id, echoed, include_usage, prompt_tokens),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        replies: dict[int, object] = {}
-        try:
-            while len(replies) < len(jobs):
-                event = await wait_or_cancel(events, request)
-                if event is None:
-                    return error_response(499, "the client closed the request")
-                i, reply = event
-                if isinstance(reply, Exception):
-                    return failure_response(reply)
-                replies[i] = reply
-        finally:
-            for job in jobs:  # the client left, or another prompt failed: the worker drops them at its next step
-                job.cancel()
-        choices = [{"index": i, "text": echoed[i] + replies[i].text, "finish_reason": replies[i].finish_reason,
-                    "logprobs": None if body.logprobs is None else _logprobs(chat, jobs[i])}
-                   for i in range(len(jobs))]
+        replies = await wait_for_all(jobs, events, request)
+        if not isinstance(replies, list):
+            return replies  # the client left, or a reply failed
+        choices = [{"index": k, "text": echoed[k] + reply.text, "finish_reason": reply.finish_reason,
+                    "logprobs": None if body.logprobs is None else _logprobs(chat, job)}
+                   for k, (job, reply) in enumerate(zip(jobs, replies))]
         return {"id": reply_id, "object": "text_completion", "created": int(time.time()), "model": chat.name,
-                "choices": choices, "usage": _usage(replies.values())}
+                "choices": choices, "usage": replies_usage(replies, prompt_tokens)}
 
     return completions
 
@@ -143,13 +131,8 @@ def _logprobs(chat: ChatModel, job) -> dict:
     return legacy_logprobs(chat.tokenizer, job.token_logprobs, 0)
 
 
-def _usage(replies) -> dict:
-    prompt, completion = sum(r.prompt_tokens for r in replies), sum(r.completion_tokens for r in replies)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: str, echoed: list[str],
-                  include_usage: bool):
+                  include_usage: bool, prompt_tokens: int):
     """Server-sent events in OpenAI's completion chunk format: each prompt's text as it comes, under its `index`,
     with the logprobs of the tokens since its last chunk; a chunk with its finish_reason when it ends; with
     `include_usage`, a last chunk of empty choices holding the usage. A failure is an error event; a client that
@@ -195,7 +178,7 @@ async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: 
                 yield chunk(i, finish=item.finish_reason)
         else:
             if include_usage:
-                yield chunk(None, usage=_usage(replies.values()))
+                yield chunk(None, usage=replies_usage(list(replies.values()), prompt_tokens))
         yield "data: [DONE]\n\n"
     finally:
         for job in jobs:

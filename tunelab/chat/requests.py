@@ -112,7 +112,8 @@ class SamplingRequest(BaseModel):
     """Token id (as a string, as OpenAI's clients send it) -> a value from -100 to 100 added to its logit."""
     seed: Optional[StrictInt] = None
     stop: Optional[Annotated[list[StopWord], Field(max_length=16)]] = None
-    n: StrictInt = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: StrictInt = Field(1, ge=1, le=128)
+    """Replies to the request (OpenAI's choices), decoded together; seeded ones each from their own seed."""
     ignore_eos: StrictBool = False
     """vLLM's extension: generate until max_tokens or a `stop` string, past EOS and the template's stop words."""
     response_format: Optional[dict] = None

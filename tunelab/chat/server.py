@@ -30,7 +30,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from tunelab.chat.batcher import Reply, ServerStopping
+from tunelab.chat.batcher import Reply
 from tunelab.chat.completions import completion_route
 from tunelab.chat.engine import ChatModel
 from tunelab.chat.grammar import constrains, reply_constraint
@@ -38,8 +38,8 @@ from tunelab.chat.logprobs import TokenLogprob
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
 from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field_path, logprobs_asked, settings_for,
                                    shown)
-from tunelab.chat.wire import (error_body, error_response, failure_response, reply_usage, token_text,
-                               wait_or_cancel)
+from tunelab.chat.wire import (error_body, error_response, replies_usage, sample_settings, submit_all, token_text,
+                               wait_for_all)
 from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
 from tunelab.data.templates import templates_writing_tool_calls, tool_support
 from tunelab.errors import TunelabError
@@ -198,38 +198,33 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         settings.max_new_tokens = chat.fit_reply(len(prompt_ids), settings.max_new_tokens, asked=asked)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        report = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
         # a reply that may hold calls is read whole, then sent as calls or text (streamed as one chunk), but for its
         # reasoning, streamed as it comes (a reply started as a call has none)
         streamed = body.stream and (calls_in_reply is None or (chat.reasoning is not None and not choice.start))
-        job = chat.job(prompt_ids, settings, stop_words=stop, ignore_eos=body.ignore_eos,
-                       on_text=report if streamed else None, on_done=report, pixel_values=pixel_values,
-                       logprobs=logprobs, constraint=constraint)
-        try:
-            chat.batcher.submit(job)
-        except ServerStopping as exc:
-            raise RequestError(str(exc), status=503) from None
+        jobs = []
+        for i, each in enumerate(sample_settings(settings, body.n)):  # `n` replies: each its own sampling stream
+            report = lambda item, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, item))  # noqa: E731
+            jobs.append(chat.job(prompt_ids, each, stop_words=stop, ignore_eos=body.ignore_eos,
+                                 on_text=report if streamed else None, on_done=report, pixel_values=pixel_values,
+                                 logprobs=logprobs, constraint=constraint))
+        submit_all(chat, jobs)
         reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(chat, job, events, reply_id, calls_in_reply, chat.reasoning, usage,
+            return StreamingResponse(_stream(chat, jobs, events, reply_id, calls_in_reply, chat.reasoning, usage,
                                              choice),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            result = await wait_or_cancel(events, request)
-        finally:
-            job.cancel()  # the client left (or the task was cancelled): the worker drops the job at its next step
-        if result is None:
-            return error_response(499, "the client closed the request")
-        if isinstance(result, Exception):
-            return failure_response(result)
-        message, finish = _reply_message(result, calls_in_reply, chat.reasoning, choice)  # or a RequestError
-        return {
-            "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": chat.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish,
-                         "logprobs": _logprobs(chat.tokenizer, job.token_logprobs) if logprobs is not None else None}],
-            "usage": reply_usage(result),
-        }
+        replies = await wait_for_all(jobs, events, request)
+        if not isinstance(replies, list):
+            return replies  # the client left, or a reply failed
+        choices = []
+        for i, (job, reply) in enumerate(zip(jobs, replies)):
+            message, finish = _reply_message(reply, calls_in_reply, chat.reasoning, choice)  # or a RequestError
+            kept = _logprobs(chat.tokenizer, job.token_logprobs) if logprobs is not None else None
+            choices.append({"index": i, "message": {"role": "assistant", **message}, "finish_reason": finish,
+                            "logprobs": kept})
+        return {"id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": chat.name,
+                "choices": choices, "usage": replies_usage(replies)}
 
     return app
 
@@ -268,26 +263,25 @@ def _delta(delta: dict, calls_in_reply) -> dict:
     return on_the_wire({k: v for k, v in delta.items() if v and not (k == "content" and calls_in_reply is not None)})
 
 
-async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, calls_in_reply=None, thinking=None,
-                  include_usage: bool = False, choice: ToolChoice = ToolChoice()):
-    """Server-sent events in OpenAI's chunk format. If the client disconnects, starlette cancels this generator:
-    `finally` cancels the job. With `calls_in_reply` the reply comes whole, as one chunk of text or calls. With
-    `thinking` (a ReasoningFormat) the reasoning comes as deltas (`reasoning_content` and `reasoning`, the same
-    text), then the answer as `content` (with `calls_in_reply`: the reasoning as it comes, the answer whole). With
-    `include_usage` (the request's `stream_options`) a last chunk of empty choices holds the usage, as OpenAI sends
-    it. `choice`: which calls are sent (a reply it started as a call and that is none is an error event)."""
+async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: str, calls_in_reply=None,
+                  thinking=None, include_usage: bool = False, choice: ToolChoice = ToolChoice()):
+    """Server-sent events in OpenAI's chunk format, each reply (of `n`) under its `index`. If the client disconnects,
+    starlette cancels this generator: `finally` cancels the jobs. With `calls_in_reply` a reply comes whole, as one
+    chunk of text or calls. With `thinking` (a ReasoningFormat) the reasoning comes as deltas (`reasoning_content` and
+    `reasoning`, the same text), then the answer as `content` (with `calls_in_reply`: the reasoning as it comes, the
+    answer whole). With `include_usage` (the request's `stream_options`) a last chunk of empty choices holds the
+    usage, as OpenAI sends it. `choice`: which calls are sent (a reply it started as a call and that is none is an
+    error event)."""
     created = int(time.time())
+    sent_logprobs = [0] * len(jobs)
 
-    sent_logprobs = 0
-
-    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
-        """A chunk of `delta`, with the logprobs of the tokens generated since the last one where they were asked for;
-        None: the usage chunk, whose choices are empty."""
-        nonlocal sent_logprobs
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-        if choices and job.logprobs is not None:
-            new = job.token_logprobs[sent_logprobs:]
-            sent_logprobs += len(new)
+    def chunk(i: int | None, delta: dict | None = None, finish: str | None = None, usage: dict | None = None) -> str:
+        """A chunk of reply `i`'s `delta`, with the logprobs of its tokens generated since its last chunk where they
+        were asked for; `i` None: the usage chunk, whose choices are empty."""
+        choices = [] if i is None else [{"index": i, "delta": delta, "finish_reason": finish}]
+        if choices and jobs[i].logprobs is not None:
+            new = jobs[i].token_logprobs[sent_logprobs[i]:]
+            sent_logprobs[i] += len(new)
             choices[0]["logprobs"] = _logprobs(chat.tokenizer, new)
         body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": chat.name,
                 "choices": choices}
@@ -296,32 +290,43 @@ async def _stream(chat: ChatModel, job, events: asyncio.Queue, reply_id: str, ca
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        split = ReasoningStream(thinking) if thinking else None
-        while isinstance(item := await events.get(), str):
-            if sent := _delta(split.feed(item) if split else {"content": item}, calls_in_reply):
-                yield chunk(sent)
-        if split and not isinstance(item, Exception) and (sent := _delta(split.finish(), calls_in_reply)):
-            yield chunk(sent)
-        if calls_in_reply is not None and not isinstance(item, Exception):
-            try:
-                message, finish = _reply_message(item, calls_in_reply, thinking, choice)
-            except RequestError as exc:  # a reply started as a call that is none
-                item = exc
-        if isinstance(item, Exception):  # reported to the client as an error event, never a dead connection
-            error = error_body(getattr(item, "status", 500), str(item), getattr(item, "param", None))
-            yield f"data: {json.dumps(error)}\n\n"
-        elif calls_in_reply is not None:
-            for name in WIRE_NAMES:  # streamed already
-                message.pop(name, None)
-            if "tool_calls" in message:
-                message["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
-            yield chunk(message)
-            yield chunk({}, finish)
+        for i in range(len(jobs)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        splits = [ReasoningStream(thinking) if thinking else None for _ in jobs]
+        replies = {}
+        while len(replies) < len(jobs):
+            i, item = await events.get()
+            split = splits[i]
+            if isinstance(item, str):
+                if sent := _delta(split.feed(item) if split else {"content": item}, calls_in_reply):
+                    yield chunk(i, sent)
+                continue
+            if not isinstance(item, Exception):
+                if split and (sent := _delta(split.finish(), calls_in_reply)):
+                    yield chunk(i, sent)
+                if calls_in_reply is not None:
+                    try:
+                        message, finish = _reply_message(item, calls_in_reply, thinking, choice)
+                    except RequestError as exc:  # a reply started as a call that is none
+                        item = exc
+            if isinstance(item, Exception):  # reported to the client as an error event, never a dead connection
+                error = error_body(getattr(item, "status", 500), str(item), getattr(item, "param", None))
+                yield f"data: {json.dumps(error)}\n\n"
+                break
+            if calls_in_reply is not None:
+                for name in WIRE_NAMES:  # streamed already
+                    message.pop(name, None)
+                if "tool_calls" in message:
+                    message["tool_calls"] = [dict(call, index=k) for k, call in enumerate(message["tool_calls"])]
+                yield chunk(i, message)
+                yield chunk(i, {}, finish)
+            else:
+                yield chunk(i, {}, item.finish_reason)
+            replies[i] = item
         else:
-            yield chunk({}, item.finish_reason)
-        if include_usage and not isinstance(item, Exception):
-            yield chunk(None, usage=reply_usage(item))
+            if include_usage:
+                yield chunk(None, usage=replies_usage(list(replies.values())))
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel()
+        for job in jobs:
+            job.cancel()

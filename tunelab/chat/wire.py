@@ -1,14 +1,17 @@
-"""OpenAI's wire format where /v1/chat/completions and /v1/completions share it: the error shape, a job's outcome
-awaited while watching for the client to leave, the usage of a reply."""
+"""OpenAI's wire format where /v1/chat/completions and /v1/completions share it: the error shape, a request's replies
+awaited while watching for the client to leave, their usage, the settings of each of `n` replies, a token's text."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from tunelab.chat.batcher import Reply, ServerStopping
+from tunelab.chat.requests import RequestError
+from tunelab.model.generate import INT64
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
@@ -38,9 +41,52 @@ def failure_response(error: Exception) -> JSONResponse:
     return error_response(500, f"generation failed: {type(error).__name__}: {error}")
 
 
-def reply_usage(reply: Reply) -> dict:
-    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+def submit_all(chat, jobs: list) -> None:
+    """Hand a request's jobs to the engine; all of them, or (the server shutting down) none, as a 503."""
+    try:
+        for job in jobs:
+            chat.batcher.submit(job)
+    except ServerStopping as exc:
+        for job in jobs:
+            job.cancel()
+        raise RequestError(str(exc), status=503) from None
+
+
+async def wait_for_all(jobs: list, events: asyncio.Queue, request: Request):
+    """The replies of `jobs`, in their order, from `events` ((index, Reply or exception) as each job reports); or the
+    response to send instead: 499 once the client has gone, the failure of a reply that failed. Every job is
+    cancelled at the end (a reply still running when another failed, or the client left, stops at the next step)."""
+    replies: dict[int, Reply] = {}
+    try:
+        while len(replies) < len(jobs):
+            event = await wait_or_cancel(events, request)
+            if event is None:
+                return error_response(499, "the client closed the request")
+            i, reply = event
+            if isinstance(reply, Exception):
+                return failure_response(reply)
+            replies[i] = reply
+    finally:
+        for job in jobs:
+            job.cancel()
+    return [replies[i] for i in range(len(jobs))]
+
+
+def replies_usage(replies: list[Reply], prompt_tokens: int | None = None) -> dict:
+    """The usage of a request's replies: their tokens, and its prompt's once (`prompt_tokens`: several prompts')."""
+    prompt = replies[0].prompt_tokens if prompt_tokens is None else prompt_tokens
+    completion = sum(reply.completion_tokens for reply in replies)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sample_settings(settings, n: int) -> list:
+    """The settings of each of a request's `n` replies (OpenAI's `n`): the same but for the seed, so that seeded
+    replies differ from one another yet come again alike; the first keeps the request's seed, so that reply 0 is
+    what `n: 1` gives. Greedy replies are all one reply, as vLLM's are."""
+    if settings.seed is None:
+        return [settings] * n
+    low, span = INT64[0], 2**64
+    return [dataclasses.replace(settings, seed=(settings.seed + i - low) % span + low) for i in range(n)]
 
 
 def token_text(tokenizer, token: int) -> str:
