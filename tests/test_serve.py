@@ -622,13 +622,14 @@ def test_api_key_guards_every_route(chat):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert good.chat.completions.create(model=chat.name, messages=ASK, max_tokens=2).choices[0].message.content
-        for path in ("/v1/models", "/tunelab/info", "/openapi.json", "/docs", "/anything"):
+        for path in ("/v1/models", "/tunelab/info", "/tokenizer_info", "/openapi.json", "/docs", "/anything"):
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(f"{url}{path}", timeout=10)
             assert refused.value.code == 401, path
             assert "--api-key" in json.loads(refused.value.read())["error"]["message"]
-        status, _ = _post(f"{url}/v1/chat/completions", json.dumps({"messages": ASK}).encode())
-        assert status == 401
+        for path, body in (("/v1/chat/completions", {"messages": ASK}), ("/v1/completions", {"prompt": "a"}),
+                           ("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [1]})):
+            assert _post(f"{url}{path}", json.dumps(body).encode())[0] == 401, path
         keyed = urllib.request.Request(f"{url}/tunelab/info", headers={"Authorization": "Bearer s3cret"})
         with urllib.request.urlopen(keyed, timeout=10) as response:
             assert json.loads(response.read())["model"] == chat.name

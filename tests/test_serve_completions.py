@@ -100,7 +100,11 @@ def test_logprobs_are_the_models_own_in_the_legacy_shape(taught_client, taught_c
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+    return _post_to(url, "/v1/completions", body)
+
+
+def _post_to(url: str, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -201,3 +205,43 @@ def test_lm_evaluation_harness_scores_the_served_model_as_it_scores_the_model_it
     # tokenizer's EOS alone, writes the same and goes on
     assert generated == [ANSWER]
     assert local.generate_until([Instance("generate_until", {}, (context, dict(until)), 0)])[0].startswith(ANSWER)
+
+
+def test_tokenize_detokenize_and_tokenizer_info_answer_as_vllms_do(taught_server_url, taught_chat, asked):
+    ids, text = asked
+    status, body = _post_to(taught_server_url, "/tokenize", {"messages": ASK})
+    assert status == 200 and body["tokens"] == ids and body["count"] == len(ids)  # the prompt chat would run
+    status, body = _post_to(taught_server_url, "/tokenize", {"prompt": text, "add_special_tokens": False})
+    assert body["tokens"] == taught_chat.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert _post_to(taught_server_url, "/detokenize", {"tokens": ids})[1]["prompt"] == taught_chat.tokenizer.decode(ids)
+    with urllib.request.urlopen(f"{taught_server_url}/tokenizer_info", timeout=30) as response:
+        info = json.loads(response.read())
+    assert info["eos_token"] == taught_chat.tokenizer.eos_token
+    assert info["chat_template"] == taught_chat.template.to_jinja()
+    for path, fields, param in [("/tokenize", {}, "prompt"),
+                                ("/tokenize", {"prompt": "a", "messages": ASK}, "messages"),
+                                ("/detokenize", {"tokens": [99999999]}, "tokens"),
+                                ("/detokenize", {"tokens": ["a"]}, "tokens")]:
+        status, body = _post_to(taught_server_url, path, fields)
+        assert status == 400 and body["error"]["param"] == param, (path, fields, body)
+
+
+def test_lm_evaluation_harness_tokenises_through_the_server_when_given_no_tokenizer(taught_server_url, asked,
+                                                                                   tmp_path_factory):
+    """Its `local-completions` finds /tokenizer_info and /tokenize (its "auto" backend) and scores as its `hf`
+    model does on the folder, which it was not given."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    _, context = asked
+    served = LocalCompletionsAPI(base_url=f"{taught_server_url}/v1/completions", model="m", max_retries=1,
+                                 max_length=2048)
+    assert served.tokenizer_backend == "remote"
+    local = HFLM(pretrained=str(taught_model_dir(tmp_path_factory)), device="cpu", batch_size=1, dtype="float32")
+    pairs = [(context, ANSWER), (context, "I am a cat.")]
+    scored = [served.loglikelihood([Instance("loglikelihood", {}, pair, 0)])[0] for pair in pairs]
+    reference = local.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (logprob, greedy), (expected, expected_greedy) in zip(scored, reference):
+        assert logprob == pytest.approx(expected, abs=1e-3) and greedy == expected_greedy

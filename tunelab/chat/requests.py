@@ -41,7 +41,7 @@ def lone_surrogate(value) -> str | None:
     return None
 
 
-def _valid_text(value):
+def valid_text(value):
     """An after-validator: the field's text (at any depth) must be valid Unicode, or it is a 400 naming where."""
     at = lone_surrogate(value)
     if at is not None:
@@ -65,7 +65,7 @@ class Message(BaseModel):
     it: the same text, else a 400 (`tools.request_messages`)."""
 
     _text = field_validator("content", "tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning")(
-        _valid_text)
+        valid_text)
 
     @field_validator("role", mode="before")
     @classmethod
@@ -120,7 +120,7 @@ class SamplingRequest(BaseModel):
     """{"type": "text"} (any text), {"type": "json_object"} (a JSON object) or {"type": "json_schema", "json_schema":
     {"name": NAME, "schema": {...}, "strict": true}} (JSON valid for that schema): `tunelab.chat.grammar`."""
 
-    _format_text = field_validator("response_format")(_valid_text)
+    _format_text = field_validator("response_format")(valid_text)
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -152,7 +152,7 @@ class ChatRequest(SamplingRequest):
     parallel_tool_calls: Optional[StrictBool] = None
     """False: a reply's first call alone is sent (null or true: every call)."""
 
-    _text = field_validator("tools", "tool_choice")(_valid_text)
+    _text = field_validator("tools", "tool_choice")(valid_text)
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -179,7 +179,7 @@ class CompletionRequest(SamplingRequest):
     suffix: Optional[str] = None
     best_of: Optional[StrictInt] = None
 
-    _text = field_validator("prompt", "suffix")(_valid_text)
+    _text = field_validator("prompt", "suffix")(valid_text)
 
     @field_validator("prompt", mode="before")
     @classmethod

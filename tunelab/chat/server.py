@@ -38,9 +38,10 @@ from tunelab.chat.logprobs import TokenLogprob
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
 from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field_path, logprobs_asked, settings_for,
                                    shown)
+from tunelab.chat.tokenizer_api import add_tokenizer_routes
+from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
 from tunelab.chat.wire import (error_body, error_response, replies_usage, sample_settings, submit_all, token_text,
                                wait_for_all)
-from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
 from tunelab.data.templates import templates_writing_tool_calls, tool_support
 from tunelab.errors import TunelabError
 
@@ -128,6 +129,7 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
 
     app.post("/v1/completions")(completion_route(chat, defaults, max_tokens_limit=max_tokens_limit,
                                                  stop_words=stop_words))
+    add_tokenizer_routes(app, chat)
 
     @app.get("/health")
     def health():
