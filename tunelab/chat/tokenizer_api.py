@@ -59,6 +59,7 @@ def add_tokenizer_routes(app: FastAPI, chat: ChatModel) -> None:
 
     @app.get("/tokenizer_info")
     def tokenizer_info():
+        # without its last newline, which transformers drops when it renders and a client's Jinja may keep
         return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
                 "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token,
-                "model_max_length": chat.max_model_len, "chat_template": chat.template.to_jinja()}
+                "model_max_length": chat.max_model_len, "chat_template": chat.template.to_jinja().removesuffix("\n")}
