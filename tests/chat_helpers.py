@@ -146,6 +146,20 @@ def served_scripted(tokenizer, template, pieces, finish: str = "stop"):
     return chat, BackgroundServer(create_app(chat, GenerationSettings(max_new_tokens=64)))
 
 
+def post_json(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) of POSTing `body` to `url`, an error status too (a refusal is a value to check)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def openai_client(url: str):
     """The OpenAI client of a test server: no retries, so a refusal shows at once."""
     import openai

@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 import torch
 
+from chat_helpers import post_json
 from tunelab.errors import TunelabError
 
 TEMPLATE = "qwen_chat"
@@ -112,15 +113,8 @@ def test_serve_takes_data_urls_and_refuses_files(chat, tmp_path):
     picture.write_bytes(_png("red"))
 
     def post(url, content):
-        body = json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 4,
-                           "temperature": 0}).encode()
-        request = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return post_json(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
+                                                        "max_tokens": 4, "temperature": 0})
 
     text = {"type": "text", "text": "What colour is it?"}
     with BackgroundServer(create_app(chat, _greedy(4))) as url:
@@ -137,16 +131,11 @@ def test_serve_takes_data_urls_and_refuses_files(chat, tmp_path):
         with urllib.request.urlopen(url + "/tunelab/info", timeout=30) as response:
             assert json.loads(response.read())["images"] is True
         # /v1/completions carries no picture: its image token is refused (the model would fail on it), text is served
-        request = urllib.request.Request(url + "/v1/completions", data=json.dumps(
-            {"prompt": prompt_ids, "max_tokens": 2}).encode(), headers={"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=60)
-        error = json.loads(refused.value.read())["error"]
-        assert refused.value.code == 400 and error["param"] == "prompt" and "image token" in error["message"]
-        request = urllib.request.Request(url + "/v1/completions", data=json.dumps(
-            {"prompt": "What colour", "max_tokens": 2}).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] >= 1
+        status, answer = post_json(url + "/v1/completions", {"prompt": prompt_ids, "max_tokens": 2})
+        error = answer["error"]
+        assert status == 400 and error["param"] == "prompt" and "image token" in error["message"]
+        status, answer = post_json(url + "/v1/completions", {"prompt": "What colour", "max_tokens": 2})
+        assert status == 200 and answer["usage"]["completion_tokens"] >= 1
 
 
 def test_chat_cli_image_goes_with_the_first_question(chat, llava_dir, tmp_path, monkeypatch, capsys):

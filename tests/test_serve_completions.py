@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from chat_helpers import ANSWER, QUESTION, taught_model_dir
+from chat_helpers import ANSWER, QUESTION, post_json, taught_model_dir
 
 openai = pytest.importorskip("openai")
 
@@ -99,20 +99,6 @@ def test_logprobs_are_the_models_own_in_the_legacy_shape(taught_client, taught_c
     assert taught_client.completions.create(model="m", prompt=ids).choices[0].logprobs is None
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    return _post_to(url, "/v1/completions", body)
-
-
-def _post_to(url: str, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 @pytest.mark.parametrize("fields, param, says", [
     ({"prompt": ""}, "prompt", "prompt is empty"),
     ({"prompt": []}, "prompt", "should be a text, a list of texts"),
@@ -131,7 +117,7 @@ def _post_to(url: str, path: str, body: dict) -> tuple[int, dict]:
     ({"prompt": "hi"}, None, None),
 ])
 def test_bad_completion_requests_get_a_400_naming_the_field(taught_server_url, fields, param, says):
-    status, payload = _post(taught_server_url, fields)
+    status, payload = post_json(f"{taught_server_url}/v1/completions", fields)
     if param is None:
         assert status == 200 and payload["choices"][0]["text"] is not None
         return
@@ -209,11 +195,12 @@ def test_lm_evaluation_harness_scores_the_served_model_as_it_scores_the_model_it
 
 def test_tokenize_detokenize_and_tokenizer_info_answer_as_vllms_do(taught_server_url, taught_chat, asked):
     ids, text = asked
-    status, body = _post_to(taught_server_url, "/tokenize", {"messages": ASK})
+    status, body = post_json(f"{taught_server_url}/tokenize", {"messages": ASK})
     assert status == 200 and body["tokens"] == ids and body["count"] == len(ids)  # the prompt chat would run
-    status, body = _post_to(taught_server_url, "/tokenize", {"prompt": text, "add_special_tokens": False})
+    status, body = post_json(f"{taught_server_url}/tokenize", {"prompt": text, "add_special_tokens": False})
     assert body["tokens"] == taught_chat.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert _post_to(taught_server_url, "/detokenize", {"tokens": ids})[1]["prompt"] == taught_chat.tokenizer.decode(ids)
+    status, body = post_json(f"{taught_server_url}/detokenize", {"tokens": ids})
+    assert body["prompt"] == taught_chat.tokenizer.decode(ids)
     with urllib.request.urlopen(f"{taught_server_url}/tokenizer_info", timeout=30) as response:
         info = json.loads(response.read())
     assert info["eos_token"] == taught_chat.tokenizer.eos_token
@@ -222,7 +209,7 @@ def test_tokenize_detokenize_and_tokenizer_info_answer_as_vllms_do(taught_server
                                 ("/tokenize", {"prompt": "a", "messages": ASK}, "messages"),
                                 ("/detokenize", {"tokens": [99999999]}, "tokens"),
                                 ("/detokenize", {"tokens": ["a"]}, "tokens")]:
-        status, body = _post_to(taught_server_url, path, fields)
+        status, body = post_json(f"{taught_server_url}{path}", fields)
         assert status == 400 and body["error"]["param"] == param, (path, fields, body)
 
 

@@ -330,8 +330,7 @@ class Batcher:
         positions = self.mask.sum(-1, keepdim=True)  # each sequence's own next position, padding not counted
         self.mask = F.pad(self.mask, (0, 1), value=1)
         logits, self.cache = self._forward(self.last[:, None], self.mask, positions, self.cache)
-        logits = logits[:, -1]
-        return logits
+        return logits[:, -1]
 
     def _prefill_each(self, jobs: list[Job]) -> list[torch.Tensor]:
         """Prefill the newcomers together, or where that fails, each alone: only a request whose own prefill fails

@@ -25,8 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from tunelab.chat.engine import ChatModel
 from tunelab.chat.grammar import reply_constraint, wants_json
 from tunelab.chat.logprobs import TokenLogprob
-from tunelab.chat.requests import CompletionRequest, RequestError, settings_for
-from tunelab.chat.wire import error_body, replies_usage, sample_settings, submit_all, token_text, wait_for_all
+from tunelab.chat.requests import CompletionRequest, RequestError, check_token_ids, settings_for
+from tunelab.chat.wire import (error_body, replies_usage, reporter, sample_settings, submit_all, token_text,
+                               wait_for_all)
 
 
 def prompt_token_ids(tokenizer, prompt, image_token: int | None = None) -> list[list[int]]:
@@ -45,10 +46,7 @@ def prompt_token_ids(tokenizer, prompt, image_token: int | None = None) -> list[
             raise RequestError(f"{where} holds the image token {tokenizer.convert_ids_to_tokens(image_token)!r}, and "
                                f"a completion carries no picture: send pictures to /v1/chat/completions as image "
                                f"parts.", "prompt")
-        wrong = next((t for t in ids if not 0 <= t < len(tokenizer)), None)
-        if wrong is not None:
-            raise RequestError(f"{where}: {wrong} is not a token id of this model's tokenizer (0 to "
-                               f"{len(tokenizer) - 1}).", "prompt")
+        check_token_ids(ids, len(tokenizer), where, "prompt")
     return prompts
 
 
@@ -94,17 +92,15 @@ def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_w
             echoed = texts if isinstance(texts[0], str) else \
                 [chat.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
         echoed = [text for text in echoed for _ in range(body.n)]  # choice k: prompt k // n, its reply k % n
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        jobs = []
-        for ids, prompt_settings in zip(prompts, each):
-            for sample in sample_settings(prompt_settings, body.n):
-                report = lambda item, k=len(jobs): loop.call_soon_threadsafe(  # noqa: E731
-                    events.put_nowait, (k, item))
-                jobs.append(chat.job(ids, sample, stop_words=list(stop_words if body.stop is None else body.stop),
-                                     ignore_eos=body.ignore_eos, on_text=report if body.stream else None,
-                                     on_done=report, logprobs=body.logprobs,
-                                     prompt_logprobs=body.echo and body.logprobs is not None, constraint=constraint))
+        report = reporter(events)
+        stop = list(stop_words if body.stop is None else body.stop)
+        samples = [(ids, sample) for ids, prompt_settings in zip(prompts, each)
+                   for sample in sample_settings(prompt_settings, body.n)]
+        jobs = [chat.job(ids, sample, stop_words=stop, ignore_eos=body.ignore_eos,
+                         on_text=report(k) if body.stream else None, on_done=report(k), logprobs=body.logprobs,
+                         prompt_logprobs=body.echo and body.logprobs is not None, constraint=constraint)
+                for k, (ids, sample) in enumerate(samples)]
         submit_all(chat, jobs)
         reply_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         prompt_tokens = sum(map(len, prompts))

@@ -69,10 +69,8 @@ class ChatModel:
         """End the generation worker, if one was started. A command calls this before it returns: a daemon worker
         still inside a torch op when Python exits aborts the process ("terminate called without an active
         exception")."""
-        with self._start_lock:
-            batcher = self._batcher
-        if batcher is not None:
-            batcher.stop()
+        if self._batcher is not None:
+            self._batcher.stop()
 
     @functools.cached_property
     def reasoning(self):

@@ -272,20 +272,24 @@ def settings_for(request: SamplingRequest, defaults, limit: int, vocab_size: int
     return settings, asked is not None
 
 
-def _token_biases(logit_bias: dict[str, float], vocab_size: int) -> dict[int, float]:
-    """`logit_bias` with its keys as token ids, each checked to be one of the tokenizer's (an id past the logits would
-    fail the step of every request decoding beside this one)."""
-    biases = {}
-    for key, bias in logit_bias.items():
+def check_token_ids(tokens, vocab_size: int, where: str, param: str) -> None:
+    """A RequestError naming the first of `tokens` (ids, or `logit_bias`'s keys as sent: strings) that is no token id
+    of a tokenizer of `vocab_size` tokens: an id past the logits would fail the step of every request decoding beside
+    it."""
+    for token in tokens:
         try:
-            token = int(key)
+            known = 0 <= int(token) < vocab_size
         except ValueError:
-            token = -1
-        if not 0 <= token < vocab_size:
-            raise RequestError(f"logit_bias: {shown(key)} is not a token id of this model's tokenizer (0 to "
-                               f"{vocab_size - 1}).", "logit_bias")
-        biases[token] = float(bias)
-    return biases
+            known = False
+        if not known:
+            raise RequestError(f"{where}: {shown(token)} is not a token id of this model's tokenizer (0 to "
+                               f"{vocab_size - 1}).", param)
+
+
+def _token_biases(logit_bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """`logit_bias` with its keys as token ids, each checked to be one of the tokenizer's."""
+    check_token_ids(logit_bias, vocab_size, "logit_bias", "logit_bias")
+    return {int(key): float(bias) for key, bias in logit_bias.items()}
 
 
 def logprobs_asked(request: ChatRequest) -> int | None:

@@ -40,8 +40,8 @@ from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field
                                    shown)
 from tunelab.chat.tokenizer_api import add_tokenizer_routes
 from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
-from tunelab.chat.wire import (error_body, error_response, replies_usage, sample_settings, submit_all, token_text,
-                               wait_for_all)
+from tunelab.chat.wire import (error_body, error_response, replies_usage, reporter, sample_settings, submit_all,
+                               token_text, wait_for_all)
 from tunelab.data.templates import templates_writing_tool_calls, tool_support
 from tunelab.errors import TunelabError
 
@@ -198,17 +198,15 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
             prompt_ids, pixel_values = await run_in_threadpool(chat.prompt, messages, tools=offered,
                                                                reply_start=choice.start)
         settings.max_new_tokens = chat.fit_reply(len(prompt_ids), settings.max_new_tokens, asked=asked)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        report = reporter(events)
         # a reply that may hold calls is read whole, then sent as calls or text (streamed as one chunk), but for its
         # reasoning, streamed as it comes (a reply started as a call has none)
         streamed = body.stream and (calls_in_reply is None or (chat.reasoning is not None and not choice.start))
-        jobs = []
-        for i, each in enumerate(sample_settings(settings, body.n)):  # `n` replies: each its own sampling stream
-            report = lambda item, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, item))  # noqa: E731
-            jobs.append(chat.job(prompt_ids, each, stop_words=stop, ignore_eos=body.ignore_eos,
-                                 on_text=report if streamed else None, on_done=report, pixel_values=pixel_values,
-                                 logprobs=logprobs, constraint=constraint))
+        jobs = [chat.job(prompt_ids, each, stop_words=stop, ignore_eos=body.ignore_eos,
+                         on_text=report(i) if streamed else None, on_done=report(i), pixel_values=pixel_values,
+                         logprobs=logprobs, constraint=constraint)
+                for i, each in enumerate(sample_settings(settings, body.n))]  # `n` replies, each its own sampling
         submit_all(chat, jobs)
         reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:

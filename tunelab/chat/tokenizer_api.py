@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from starlette.concurrency import run_in_threadpool
 
 from tunelab.chat.engine import ChatModel
-from tunelab.chat.requests import Message, RequestError, valid_text
+from tunelab.chat.requests import Message, RequestError, check_token_ids, valid_text
 from tunelab.chat.tools import request_messages
 
 
@@ -51,10 +51,7 @@ def add_tokenizer_routes(app: FastAPI, chat: ChatModel) -> None:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        wrong = next((t for t in body.tokens if not 0 <= t < len(tokenizer)), None)
-        if wrong is not None:
-            raise RequestError(f"tokens: {wrong} is not a token id of this model's tokenizer (0 to "
-                               f"{len(tokenizer) - 1}).", "tokens")
+        check_token_ids(body.tokens, len(tokenizer), "tokens", "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
     @app.get("/tokenizer_info")

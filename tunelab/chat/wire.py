@@ -41,6 +41,16 @@ def failure_response(error: Exception) -> JSONResponse:
     return error_response(500, f"generation failed: {type(error).__name__}: {error}")
 
 
+def reporter(events: asyncio.Queue):
+    """`report(k)`: the callback with which job k hands `events` (k, a piece of its text or its outcome), from the
+    worker thread to the event loop that awaits them. Call it on that loop."""
+    loop = asyncio.get_running_loop()
+
+    def report(k: int):
+        return lambda item: loop.call_soon_threadsafe(events.put_nowait, (k, item))
+    return report
+
+
 def submit_all(chat, jobs: list) -> None:
     """Hand a request's jobs to the engine; all of them, or (the server shutting down) none, as a 503."""
     try:
