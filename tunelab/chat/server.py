@@ -241,8 +241,8 @@ def _reply_message(reply: Reply, calls_in_reply, thinking=None, choice: ToolChoi
     calls = choice.keep(calls)
     if choice.start and not calls:
         raise choice.missed(reply)
-    if calls:
-        return {"content": text or None, "tool_calls": calls, **thought}, "tool_calls"
+    if calls:  # OpenAI's finish_reason (and vLLM's): "stop" for a call to the function tool_choice names
+        return {"content": text or None, "tool_calls": calls, **thought}, "stop" if choice.name else "tool_calls"
     return {"content": text if reasoning is None else text or None, **thought}, reply.finish_reason
 
 
