@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 import uuid
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tunelab.chat.engine import ChatModel
 from tunelab.chat.grammar import reply_constraint, wants_json
 from tunelab.chat.logprobs import TokenLogprob
 from tunelab.chat.requests import CompletionRequest, RequestError, check_token_ids, settings_for
-from tunelab.chat.wire import (error_body, replies_usage, reporter, sample_settings, submit_all, token_text,
-                               wait_for_all)
+from tunelab.chat.wire import (DONE, error_event, event, event_stream, replies_usage, reporter, sample_settings,
+                               submit_all, token_text, wait_for_all)
 
 
 def prompt_token_ids(tokenizer, prompt, image_token: int | None = None) -> list[list[int]]:
@@ -105,9 +103,7 @@ def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_w
         reply_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         prompt_tokens = sum(map(len, prompts))
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(chat, jobs, events, reply_id, echoed, include_usage, prompt_tokens),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return event_stream(_stream(chat, jobs, events, reply_id, echoed, body.include_usage, prompt_tokens))
         replies = await wait_for_all(jobs, events, request)
         if not isinstance(replies, list):
             return replies  # the client left, or a reply failed
@@ -122,9 +118,9 @@ def completion_route(chat: ChatModel, defaults, *, max_tokens_limit: int, stop_w
 
 def _logprobs(chat: ChatModel, job) -> dict:
     """A whole choice's logprobs: with echo, from the prompt's first token, else the reply's."""
-    if job.prompt_logprobs:
-        return legacy_logprobs(chat.tokenizer, job.token_logprobs, 0, job.prompt_ids, job.prompt_token_logprobs)
-    return legacy_logprobs(chat.tokenizer, job.token_logprobs, 0)
+    echoed = job.prompt_logprobs
+    return legacy_logprobs(chat.tokenizer, job.token_logprobs, 0, job.prompt_ids if echoed else None,
+                           job.prompt_token_logprobs if echoed else ())
 
 
 async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: str, echoed: list[str],
@@ -155,7 +151,7 @@ async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: 
                 "choices": choices}
         if include_usage:
             body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return event(body)
 
     try:
         for i, text in enumerate(echoed):
@@ -165,9 +161,8 @@ async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: 
             i, item = await events.get()
             if isinstance(item, str):
                 yield chunk(i, item)
-            elif isinstance(item, Exception):  # an error event, never a dead connection
-                error = error_body(getattr(item, "status", 500), str(item), getattr(item, "param", None))
-                yield f"data: {json.dumps(error)}\n\n"
+            elif isinstance(item, Exception):
+                yield error_event(item)
                 break
             else:
                 replies[i] = item
@@ -175,7 +170,7 @@ async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: 
         else:
             if include_usage:
                 yield chunk(None, usage=replies_usage(list(replies.values()), prompt_tokens))
-        yield "data: [DONE]\n\n"
+        yield DONE
     finally:
         for job in jobs:
             job.cancel()

@@ -79,15 +79,11 @@ def _output_size(chat) -> int:
 
 def stop_token_ids(chat) -> tuple[int, ...]:
     """The tokens that may end a constrained reply, once its grammar is complete: the EOS tokens and each of the
-    template's stop words that is a single token (Qwen's <|im_end|>)."""
+    template's stop words that is a token of its own (Qwen's <|im_end|>)."""
     from tunelab.chat.engine import eos_token_ids
+    from tunelab.model.generate import stop_token_ids as template_stop_ids
 
-    ids = list(eos_token_ids(chat))
-    for word in chat.template.stop_words:
-        spelt = chat.tokenizer(word, add_special_tokens=False).input_ids
-        if len(spelt) == 1:
-            ids.append(spelt[0])
-    return tuple(dict.fromkeys(ids))
+    return tuple(dict.fromkeys([*eos_token_ids(chat), *template_stop_ids(chat.template, chat.tokenizer)]))
 
 
 def _reason(exc: Exception) -> str:

@@ -122,6 +122,11 @@ class SamplingRequest(BaseModel):
 
     _format_text = field_validator("response_format")(valid_text)
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a chunk holding the usage (`stream_options.include_usage`)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     @field_validator("response_format", mode="before")
     @classmethod
     def _response_format(cls, value):

@@ -19,14 +19,12 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import secrets
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -40,8 +38,8 @@ from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field
                                    shown)
 from tunelab.chat.tokenizer_api import add_tokenizer_routes
 from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
-from tunelab.chat.wire import (error_body, error_response, replies_usage, reporter, sample_settings, submit_all,
-                               token_text, wait_for_all)
+from tunelab.chat.wire import (DONE, error_event, error_response, event, event_stream, replies_usage, reporter,
+                               sample_settings, submit_all, token_text, wait_for_all)
 from tunelab.data.templates import templates_writing_tool_calls, tool_support
 from tunelab.errors import TunelabError
 
@@ -210,10 +208,8 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
         submit_all(chat, jobs)
         reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(chat, jobs, events, reply_id, calls_in_reply, chat.reasoning, usage,
-                                             choice),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return event_stream(_stream(chat, jobs, events, reply_id, calls_in_reply, chat.reasoning,
+                                        body.include_usage, choice))
         replies = await wait_for_all(jobs, events, request)
         if not isinstance(replies, list):
             return replies  # the client left, or a reply failed
@@ -287,7 +283,7 @@ async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: 
                 "choices": choices}
         if include_usage:  # OpenAI: every chunk has the field once it is asked for, null but in the last
             body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return event(body)
 
     try:
         for i in range(len(jobs)):
@@ -309,9 +305,8 @@ async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: 
                         message, finish = _reply_message(item, calls_in_reply, thinking, choice)
                     except RequestError as exc:  # a reply started as a call that is none
                         item = exc
-            if isinstance(item, Exception):  # reported to the client as an error event, never a dead connection
-                error = error_body(getattr(item, "status", 500), str(item), getattr(item, "param", None))
-                yield f"data: {json.dumps(error)}\n\n"
+            if isinstance(item, Exception):
+                yield error_event(item)
                 break
             if calls_in_reply is not None:
                 for name in WIRE_NAMES:  # streamed already
@@ -326,7 +321,7 @@ async def _stream(chat: ChatModel, jobs: list, events: asyncio.Queue, reply_id: 
         else:
             if include_usage:
                 yield chunk(None, usage=replies_usage(list(replies.values())))
-        yield "data: [DONE]\n\n"
+        yield DONE
     finally:
         for job in jobs:
             job.cancel()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from tunelab.chat.batcher import Reply, ServerStopping
 from tunelab.chat.requests import RequestError
@@ -23,6 +24,26 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content=error_body(status, message, param))
+
+
+DONE = "data: [DONE]\n\n"
+"""The last event of a stream."""
+
+
+def event(body: dict) -> str:
+    """A server-sent event holding `body` (a chunk) as JSON."""
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def error_event(error: Exception) -> str:
+    """A failure inside a stream, as an event of OpenAI's error shape (never a dead connection)."""
+    body = error_body(getattr(error, "status", 500), str(error), getattr(error, "param", None))
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def event_stream(events) -> StreamingResponse:
+    """The response that sends `events` (an async generator of server-sent events) as they come."""
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def wait_or_cancel(events: asyncio.Queue, request: Request):

@@ -19,6 +19,7 @@ from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.export.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, find_adapter_dir,
                                      is_run_or_adapter, load_adapter_weights, model_to_load)
+from tunelab.model.generate import stop_token_ids
 from tunelab.model.load import load_tokenizer, pick_device, save_tokenizer
 from tunelab.train.layout import (MODEL_DIR, META_FILE, checkpoint_step, is_checkpoint, looks_like_work_dir, read_meta,
                                   resolve_checkpoint, training_meta, write_meta)
@@ -180,7 +181,7 @@ def llava_to_hf(meta: dict, model_dir: Path, out: Path, *, dtype: torch.dtype, d
 
 def _add_stop_tokens(model, tokenizer, template) -> None:
     """The template's single-token stop words (e.g. <|im_end|>) join generation_config's eos_token_id."""
-    stop_ids = _stop_token_ids(tokenizer, template)
+    stop_ids = stop_token_ids(template, tokenizer)
     gen = getattr(model, "generation_config", None)
     if gen is not None and stop_ids:
         eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
@@ -223,16 +224,6 @@ def _set_training_template(model, tokenizer, template) -> None:
     tokenizer.chat_template = template.to_jinja()
     _add_stop_tokens(model, tokenizer, template)
     _say(f"chat_template set from prompt template {template.name!r}")
-
-
-def _stop_token_ids(tokenizer, template) -> list[int]:
-    """Ids of stop words that are single tokens (e.g. <|im_end|>), so generation_config stops on them too."""
-    ids = []
-    vocab = tokenizer.get_vocab()
-    for word in getattr(template, "stop_words", ()):
-        if word in vocab:
-            ids.append(vocab[word])
-    return ids
 
 
 def _refuse_swapped(base: str, adapter: str, out_dir: str) -> None:

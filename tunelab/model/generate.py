@@ -188,6 +188,13 @@ def stop_words_for(template, tokenizer, extra=()) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*template.stop_words, *eos, *extra]))
 
 
+def stop_token_ids(template, tokenizer) -> list[int]:
+    """The ids of the template's stop words that are tokens of their own (<|im_end|>, <|eot_id|>): where a stop word
+    must be a token id (an exported generation_config's eos_token_id, a grammar's stop tokens)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[word] for word in getattr(template, "stop_words", ()) if word in vocab]
+
+
 @torch.inference_mode()
 def generate_reply(model, tokenizer, template, messages: list[dict], settings: GenerationSettings | None = None,
                    *, stop_words: tuple[str, ...] = (), on_text: Callable[[str], None] | None = None,
