@@ -10,7 +10,9 @@ each request has its own prompt of about --prompt-tokens tokens and generates ex
 (`ignore_eos`), so both modes do the same work. Each server first answers one untimed request, and the batched one
 an untimed short wave as wide as the widest timed one (its first batches of each size). Reported per mode and client
 count: requests/s and generated tokens/s over the whole wave, p50 / p95 of the request latency (send → last token)
-and of the time to the first token. The model is a random-initialised model of a real shape (bench_scaling.py's
+and of the time to the first token. With --structured each wave runs twice on the same server, the second with
+every request held to a JSON schema (`response_format`, xgrammar masking the logits of the real shape's whole
+vocabulary each step); such a reply ends where its JSON does, so compare tokens/s. The model is a random-initialised model of a real shape (bench_scaling.py's
 shapes and writer, the tests' tokenizer; output rows of ids past that tokenizer zeroed, so what it generates can be
 streamed), or --model DIR. Rows go to --out as JSON too.
 """
@@ -75,12 +77,19 @@ def start_server(model: str, port: int, batch: int, args) -> subprocess.Popen:
             time.sleep(0.5)
 
 
+SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "tags": {"type": "array", "items": {
+    "type": "string"}}, "score": {"type": "number"}}, "required": ["title", "tags", "score"]}
+"""What --structured holds replies to: strings and an array, so a reply can run to max_tokens inside it."""
+
+
 def one_request(url: str, i: int, args) -> dict:
     """A streamed request: (latency, time to the first token, tokens generated)."""
     import httpx
 
     body = {"messages": [{"role": "user", "content": prompt(i, args.prompt_tokens)}], "max_tokens": args.max_tokens,
-            "ignore_eos": True, "stream": True, "temperature": 0}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
+    if args.schema:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -92,9 +101,9 @@ def one_request(url: str, i: int, args) -> dict:
             event = json.loads(line[6:])
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
-            if first is None and event["choices"][0]["delta"].get("content"):
+            if first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
                 first = time.perf_counter() - start
-            if "usage" in event:
+            if event.get("usage"):  # the last chunk (stream_options.include_usage)
                 tokens = event["usage"]["completion_tokens"]
     return {"latency": time.perf_counter() - start, "ttft": first if first is not None else float("nan"),
             "tokens": tokens}
@@ -136,14 +145,19 @@ def run_mode(model: str, batch: int, args) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        one_request(url, 10**6, args)  # warm-up: first-call allocations and kernel choices
-        if batch > 1:  # and the batched shapes: a short untimed wave as wide as the widest timed one
-            wave(url, max(args.clients), argparse.Namespace(**{**vars(args), "max_tokens": 8, "rounds": 1}), 2 * 10**6)
+        for schema in (False, True) if args.structured else (False,):
+            warm = argparse.Namespace(**{**vars(args), "schema": schema})
+            one_request(url, 10**6, warm)  # warm-up: first-call allocations, kernel choices, the grammar compiled
+            if batch > 1:  # and the batched shapes: a short untimed wave as wide as the widest timed one
+                short = argparse.Namespace(**{**vars(warm), "max_tokens": 8, "rounds": 1})
+                wave(url, max(args.clients), short, 2 * 10**6)
+        mode = "one at a time" if batch == 1 else f"batched (max {batch})"
         for k, clients in enumerate(args.clients):
-            row = {"mode": "one at a time" if batch == 1 else f"batched (max {batch})", **wave(url, clients, args,
-                                                                                                  k * 10**4)}
-            print(fmt(row), flush=True)
-            rows.append(row)
+            for schema in (False, True) if args.structured else (False,):
+                timed = argparse.Namespace(**{**vars(args), "schema": schema})
+                row = {"mode": mode + (", JSON schema" if schema else ""), **wave(url, clients, timed, k * 10**4)}
+                print(fmt(row), flush=True)
+                rows.append(row)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -172,6 +186,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=100, help="about this many words of prompt")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates")
     parser.add_argument("--batch", type=int, default=32, help="--max-batch-size of the batched mode")
+    parser.add_argument("--structured", action="store_true",
+                        help="time each wave a second time with every reply held to a JSON schema (needs xgrammar)")
+    parser.add_argument("--batched-only", action="store_true", help="leave out the one-at-a-time server")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server (CPU runs)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_serve.json"))
     args = parser.parse_args(argv)
@@ -189,7 +206,7 @@ def main(argv=None) -> int:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         print(f"{model} ({args.model or args.shape}) on {device}; {args.rounds} requests per client, "
               f"~{args.prompt_tokens}-word prompts, {args.max_tokens} tokens each\n{HEADER}", flush=True)
-        rows = run_mode(model, 1, args) + run_mode(model, args.batch, args)
+        rows = ([] if args.batched_only else run_mode(model, 1, args)) + run_mode(model, args.batch, args)
     print(f"\n{HEADER}\n" + "\n".join(fmt(r) for r in rows))
     Path(args.out).write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=1))
     return 0
