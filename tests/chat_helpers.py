@@ -118,7 +118,7 @@ class Scripted:
         self.pieces, self.finish, self.prompts, self.jobs = list(pieces), finish, [], []
 
     def submit(self, job):
-        from tunelab.chat.batcher import Reply
+        from tunelab.chat.jobs import Reply
 
         self.prompts.append(job.prompt_ids)
         self.jobs.append(job)

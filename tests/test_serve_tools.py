@@ -11,7 +11,7 @@ import pytest
 
 from chat_helpers import openai_client, taught_model_dir
 from test_template_vendors import CALL, FAMILIES, TOOLS, _with_ids, vendor_render
-from tunelab.chat.batcher import Reply
+from tunelab.chat.jobs import Reply
 from tunelab.chat.tools import call_format, split_calls
 from tunelab.data.templates import get_template, tool_support
 

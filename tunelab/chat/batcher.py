@@ -1,10 +1,11 @@
 """Continuous batching: one worker thread owns the model and decodes every active request together.
 
-A request (a `Job`: prompt token ids, its own sampling settings and stop rules) joins the batch at a step boundary:
-the newcomers are prefilled together (left-padded), their KV cache is left-padded to the batch's length and stacked
-under it, and from then on each step feeds one token per sequence through the model at once. A sequence that
-finishes (a stop word, EOS, max_tokens) or whose client went away (`Job.cancel()`) leaves the batch at the next step;
-columns of the cache that only padding uses any more are cut off.
+A request (a `Job`: prompt token ids, its own sampling settings and stop rules; what the worker keeps of it while it
+decodes is a `Row`, both in `tunelab.chat.jobs`) joins the batch at a step boundary: the newcomers are prefilled
+together (left-padded), their KV cache is left-padded to the batch's length and stacked under it, and from then on
+each step feeds one token per sequence through the model at once. A sequence that finishes (a stop word, EOS,
+max_tokens) or whose client went away (`Job.cancel()`) leaves the batch at the next step; columns of the cache that
+only padding uses any more are cut off.
 
 A failure fails only the requests it belongs to. A prefill that fails (e.g. out of memory on a long prompt) is
 retried one newcomer at a time, so only the request whose own prefill fails gets the error; the batch already decoding
@@ -33,98 +34,13 @@ import queue
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.chat.logprobs import TokenLogprob, prompt_logprobs, step_logprobs, trim_to_text
-from tunelab.model.generate import GenerationSettings, ReplyText, next_tokens
-
-
-@dataclass
-class Reply:
-    text: str
-    finish_reason: str
-    """"stop" (EOS or a stop word), "length" (max_new_tokens) or "cancelled"."""
-    prompt_tokens: int
-    completion_tokens: int
-    token_ids: list[int] = field(default_factory=list, repr=False)
-    """The generated token ids (what a test compares with transformers' `generate`)."""
-
-
-class ServerStopping(RuntimeError):
-    """The engine stopped (the server is shutting down) before the reply was finished."""
-
-
-class Job:
-    """One request. `on_text(piece)` gets the reply as it grows and `on_done(Reply or exception)` once, both called
-    from the worker thread; `cancel()` may be called from any thread. `logprobs`: None, or how many most likely
-    tokens each step lists beside the chosen one's log-probability (OpenAI's top_logprobs), kept in `token_logprobs`
-    as the tokens come. `prompt_logprobs`: the prompt's tokens' too (`prompt_token_logprobs`), and every generated
-    token's, so that place k is token k of prompt + reply (vLLM's echo, which lm-evaluation-harness scores by)."""
-
-    def __init__(self, prompt_ids: list[int], settings: GenerationSettings, *, stop_words=(), eos_ids=(),
-                 on_text: Callable[[str], None] | None = None, on_done: Callable[[object], None] | None = None,
-                 pixel_values: torch.Tensor | None = None, logprobs: int | None = None,
-                 prompt_logprobs: bool = False, constraint=None):
-        self.prompt_ids, self.settings = list(prompt_ids), settings
-        self.pixel_values = pixel_values
-        """A LLaVA prompt's images, in the order of their image tokens (None: none)."""
-        self.constraint = constraint
-        """The grammar the reply must follow (`tunelab.chat.grammar.reply_constraint`); None: any text."""
-        self.stop_words, self.eos_ids = tuple(stop_words), frozenset(eos_ids)
-        self.on_text, self.on_done = on_text, on_done
-        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
-        self.token_logprobs: list[TokenLogprob] = []
-        """The reply text's tokens': not an EOS or stop word that ended it (a stream may have sent those of a stop
-        word of several tokens before its last one came); with `prompt_logprobs`, every generated token's."""
-        self.prompt_token_logprobs: list[TokenLogprob] | None = None
-        """With `prompt_logprobs`, once prefilled: the prompt's tokens' but the first (which nothing predicts)."""
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class OffGrammar(RuntimeError):
-    """A constrained row's chosen token is not one its grammar allows (its logits were all NaN, say)."""
-
-
-class _Row:
-    """A job inside the worker: the tokens it generated and its text so far (and its grammar's matcher)."""
-
-    def __init__(self, job: Job, tokenizer, device):
-        self.job, self.settings = job, job.settings
-        self.text = ReplyText(tokenizer, job.stop_words, job.on_text)
-        self.generated: list[int] = []
-        self.generator = None
-        if job.settings.seed is not None and not job.settings.greedy:
-            self.generator = torch.Generator(device=device).manual_seed(job.settings.seed)
-        self.matcher = None
-        if job.constraint is not None:
-            from tunelab.chat.grammar import new_matcher
-
-            self.matcher = new_matcher(job.constraint)
-
-    def token_ids(self) -> list[int]:
-        return self.job.prompt_ids + self.generated
-
-    def take(self, token: int) -> str | None:
-        """Add the chosen token; the finish reason once the reply is done."""
-        self.generated.append(token)
-        if self.matcher is not None:
-            if not self.matcher.accept_token(token):
-                raise OffGrammar(f"token {token} is not allowed by the reply's grammar")
-            if self.matcher.is_terminated():  # the stop token its complete grammar allowed: not text of the reply
-                return "stop"
-        stop_word = self.text.add(token)
-        if stop_word or token in self.job.eos_ids:
-            return "stop"
-        if len(self.generated) >= self.settings.max_new_tokens:
-            return "length"
-        return None
+from tunelab.chat.jobs import Job, OffGrammar, Reply, Row, ServerStopping
+from tunelab.chat.logprobs import prompt_logprobs, step_logprobs, trim_to_text
+from tunelab.model.generate import next_tokens
 
 
 def _call(callback, value) -> None:
@@ -163,7 +79,7 @@ class Batcher:
         self.keep_last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Job] = deque()
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self.cache = self.mask = self.last = None
         self.finished: deque[Reply] = deque(maxlen=256)
         """The latest replies, newest last: how each request ended and how many tokens it took."""
@@ -218,7 +134,7 @@ class Batcher:
         except queue.Empty:
             pass
 
-    def _finish(self, row: _Row, reason: str) -> None:
+    def _finish(self, row: Row, reason: str) -> None:
         reply = Reply(row.text.finish() if reason != "cancelled" else row.text.text, reason,
                       len(row.job.prompt_ids), len(row.generated), list(row.generated))
         if reason == "stop" and row.job.logprobs is not None and not row.job.prompt_logprobs:
@@ -348,7 +264,7 @@ class Batcher:
     def _prefill(self, jobs: list[Job]) -> torch.Tensor:
         """Run the newcomers' prompts (left-padded to the longest) and stack their cache under the batch's. All or
         nothing: when it fails, the batch is as it was."""
-        rows = [_Row(job, self.tokenizer, self.device) for job in jobs]
+        rows = [Row(job, self.tokenizer, self.device) for job in jobs]
         width = max(len(job.prompt_ids) for job in jobs)
         ids = torch.tensor([[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs],
                            device=self.device)

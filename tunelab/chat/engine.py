@@ -140,7 +140,7 @@ class ChatModel:
         `tunelab.chat.grammar.reply_constraint`) the grammar ends the reply, at an EOS token or a stop word of one
         token once it is complete, and the caller's `stop_words` alone are looked for in the text: the template's
         spelt out inside a JSON string are text."""
-        from tunelab.chat.batcher import Job
+        from tunelab.chat.jobs import Job
         from tunelab.model.generate import stop_words_for
 
         if ignore_eos or constraint is not None:

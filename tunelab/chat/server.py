@@ -28,10 +28,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from tunelab.chat.batcher import Reply
 from tunelab.chat.completions import completion_route
 from tunelab.chat.engine import ChatModel
 from tunelab.chat.grammar import constrains, reply_constraint
+from tunelab.chat.jobs import Reply
 from tunelab.chat.logprobs import TokenLogprob
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_the_wire, split_reasoning
 from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field_path, logprobs_asked, settings_for,

@@ -10,7 +10,7 @@ import json
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tunelab.chat.batcher import Reply, ServerStopping
+from tunelab.chat.jobs import Reply, ServerStopping
 from tunelab.chat.requests import RequestError
 from tunelab.model.generate import INT64
 
