@@ -52,7 +52,8 @@ def write_models(root: Path, tiny: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunelab.model import llava
-    from tunelab.model.load import load_causal_lm, load_tokenizer
+    from tunelab.model.load import load_causal_lm
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.model.tiny import make_tokenizer, make_vision_tower
 
     if (root / "hf" / "config.json").is_file():

@@ -91,7 +91,8 @@ def make_llava_dir(out: Path, llm_dir: Path, vision_dir: Path, *, template: str 
 
     from tunelab.data.templates import get_template
     from tunelab.model import llava
-    from tunelab.model.load import load_causal_lm, load_tokenizer
+    from tunelab.model.load import load_causal_lm
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.layout import write_meta
 
     tokenizer = load_tokenizer(str(llm_dir))

@@ -216,7 +216,7 @@ def test_hf_template_that_refuses_a_system_prompt(tiny_tokenizer_dir, tmp_path, 
 
     from tunelab.config.schema import TrainConfig
     from tunelab.data.dataset import build_datasets
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     tokenizer = load_tokenizer(str(tiny_tokenizer_dir))

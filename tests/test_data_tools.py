@@ -86,7 +86,7 @@ def test_preprocess_fills_the_cache_train_reuses_it(tmp_path, tiny_tokenizer_dir
     assert main(["preprocess", str(cfg_path), "--num-proc", "2"]) == 0
     assert "cached at" in capsys.readouterr().out
     from tunelab.config.loader import load_config
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     cfg = load_config(cfg_path)
     bundle = build_datasets(cfg, load_tokenizer(cfg.pretrained_model_name_or_path), config_dir=str(tmp_path),

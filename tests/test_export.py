@@ -27,7 +27,7 @@ def lora_work_dir(tiny_llama_dir, tmp_path_factory):
 
 
 def _ids(tokenizer_dir):
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tokenizer_dir))(TEXT, add_special_tokens=False).input_ids
 

@@ -17,7 +17,8 @@ import torch
 from tests.train_helpers import write_config
 from tunelab.cli.main import main
 from tunelab.data.templates import get_template
-from tunelab.model.load import load_causal_lm, load_tokenizer
+from tunelab.model.load import load_causal_lm
+from tunelab.model.tokenizer import load_tokenizer
 
 # tiny arch -> the template its chat models use (docs/MODELS.md; the built-in configs' five among them)
 FAMILIES = {"llama": "llama3_chat", "qwen2": "qwen2_5_chat", "mistral": "mistral", "qwen3": "qwen3_chat",

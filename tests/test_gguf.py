@@ -20,7 +20,8 @@ from go_template import render as render_go  # noqa: E402
 from tunelab.data.templates import TEMPLATES, get_template  # noqa: E402
 from tunelab.errors import TunelabError  # noqa: E402
 from tunelab.export.gguf_convert import convert_to_gguf  # noqa: E402
-from tunelab.model.load import load_model_for_inference, load_tokenizer  # noqa: E402
+from tunelab.model.load import load_model_for_inference  # noqa: E402
+from tunelab.model.tokenizer import load_tokenizer  # noqa: E402
 
 # tiny arch → (HF class, GGUF arch, the template its chat models use)
 FAMILIES = {

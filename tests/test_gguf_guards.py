@@ -133,7 +133,7 @@ def test_a_model_folder_without_tokenizer_files_is_refused_naming_them(keep, tin
 
 
 def test_load_tokenizer_names_the_missing_files(tiny_llama_dir, tmp_path):
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     model = _copy(tiny_llama_dir, tmp_path / "model", drop=("tokenizer.json",))
     with pytest.raises(TunelabError, match="tokenizer.json or tokenizer.model is missing"):
@@ -143,7 +143,7 @@ def test_load_tokenizer_names_the_missing_files(tiny_llama_dir, tmp_path):
 # --- 6: the tokenizer that goes in -----------------------------------------------------------------------------------
 
 def test_tokenizer_json_alone_gets_the_templates_end_of_turn_as_eos(tiny_llama_dir, tmp_path, capsys):
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     model = _copy(tiny_llama_dir, tmp_path / "model", drop=("tokenizer_config.json", "special_tokens_map.json"))
     out = convert_to_gguf(str(model), str(tmp_path / "a" / "x.gguf"), prompt_template="qwen_chat")
@@ -158,7 +158,7 @@ def test_tokenizer_json_alone_gets_the_templates_end_of_turn_as_eos(tiny_llama_d
 
 def test_a_stray_tokenizer_model_beside_a_bpe_tokenizer_json_is_passed_over(tiny_llama_dir, tiny_model_factory,
                                                                              tmp_path, capsys):
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     model = _copy(tiny_llama_dir, tmp_path / "model")
     shutil.copy(tiny_model_factory("internlm2") / "tokenizer.model", model / "tokenizer.model")
@@ -210,7 +210,7 @@ def _adds_bos(model_dir: Path) -> None:
 @pytest.mark.parametrize("adds_bos", [True, False])
 def test_a_raw_base_keeps_the_tokenizers_bos_and_says_it_has_no_chat_template(adds_bos, tiny_llama_dir, tmp_path,
                                                                               capsys):
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     model = _copy(tiny_llama_dir, tmp_path / "model")
     if adds_bos:

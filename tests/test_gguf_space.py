@@ -15,8 +15,8 @@ import pytest
 from tunelab.data.templates import get_template
 from tunelab.export.gguf_convert import convert_to_gguf
 from tunelab.export.gguf_space import llama_cpp_ids
-from tunelab.model.load import load_tokenizer
 from tunelab.model.tiny import _CORPUS, make_model
+from tunelab.model.tokenizer import load_tokenizer
 
 LLAMA2_NORMALIZER = {"type": "Sequence", "normalizers": [
     {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
@@ -174,7 +174,7 @@ def test_the_probe_tokenizes_as_llama_cpp_does(layout, setting, layout_model, tm
 def test_a_saved_tokenizer_tokenizes_as_the_one_training_loaded(layout, layout_model, tmp_path):
     """Checkpoints, adapters and merged models carry the tokenizer through `save_tokenizer`; reloaded, it gives the
     ids training gave (chat, the web page and the GGUF export read the saved one), whatever the base shipped."""
-    from tunelab.model.load import save_tokenizer
+    from tunelab.model.tokenizer import save_tokenizer
 
     model_dir = layout_model(layout)
     save_tokenizer(load_tokenizer(str(model_dir)), tmp_path / "saved")

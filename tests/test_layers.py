@@ -331,7 +331,7 @@ def test_generation_after_the_takeover_is_unchanged(tiny_llama_dir):
 
 def test_training_with_slices_follows_the_same_curve(tiny_llama_dir, tmp_path):
     from tests.train_helpers import identity_rows, tiny_cfg
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.loop import train
 
     rows = identity_rows(load_tokenizer(str(tiny_llama_dir)), copies=2)

@@ -39,7 +39,7 @@ def llm_dir(tmp_path_factory):
 
 
 def _tokenizer(llm_dir):
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     return load_tokenizer(str(llm_dir))
 
@@ -372,7 +372,7 @@ def test_an_image_in_a_reply_is_refused_naming_the_record(tmp_path, llm_dir, tin
 def test_a_folder_given_as_a_picture_and_a_file_as_the_image_folder_are_named_as_such(tmp_path, tiny_vision_factory):
     """A path that is there, only of the other kind, is named as what it is (not as 'not found')."""
     from tunelab.data.images import image_reading
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.model.tiny import make_tokenizer
     from tunelab.train.vision import vision_run
 

@@ -20,7 +20,8 @@ def _image(colour="red", size=(40, 30)):
 
 
 def _assembled(llm_dir, vision_dir, strategy="default"):
-    from tunelab.model.load import load_causal_lm, load_tokenizer
+    from tunelab.model.load import load_causal_lm
+    from tunelab.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(llm_dir))
     image_id = llava.add_image_token(tokenizer)

@@ -247,7 +247,7 @@ def test_evaluation_questions_that_write_image_themselves(tmp_path, tiny_vision_
     Two <image>, or <image> with no picture to put there (the image token alone: a silently wrong answer), stop
     before anything loads, naming the question."""
     import tunelab.model.generate as generate
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.evaluate import answer_questions
     from tunelab.train.vision import vision_run
     from tunelab.errors import TunelabError
@@ -277,7 +277,7 @@ def test_a_feature_layer_the_tower_does_not_have_stops_before_loading(tiny_visio
     """The tiny tower has 3 layers: -3 to -1 and 1 to 3 are layers; 4, -4 (its embeddings, as 0 is) and beyond are
     not (an IndexError from transformers at the first step, or the embeddings silently)."""
     from tunelab.errors import TunelabError
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.vision import vision_run
 
     common = dict(visual_encoder_name_or_path=str(tiny_vision_factory("clip")), prompt_template="qwen_chat")

@@ -279,7 +279,7 @@ def test_the_cpu_alternatives_to_8bit_dora_train(tmp_path, tiny_qwen2_dir, setti
     on, so each layer runs forward twice a step)."""
     pytest.importorskip("bitsandbytes")
     from tests.train_helpers import identity_rows
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.loop import train
 
     cfg = tiny_cfg(tiny_qwen2_dir, method="qlora", max_steps=4, lr=1e-2, save_steps=100, **settings)

@@ -12,10 +12,11 @@ from tunelab.data.collate import collate
 from tunelab.data.templates import get_template
 from tunelab.model.generate import GenerationSettings, generate_reply
 from tunelab.chat.engine import load_chat_model
-from tunelab.model.load import load_model_for_inference, load_model_for_training, load_tokenizer
+from tunelab.model.load import load_model_for_inference, load_model_for_training
 from tunelab.model.model_dir import supported_architectures
 from tunelab.model.loss import causal_lm_loss
 from tunelab.model.tiny import TINY_CONFIGS
+from tunelab.model.tokenizer import load_tokenizer
 
 # tiny arch -> (architecture in config.json, the built-in template its chat models use)
 FAMILIES = {

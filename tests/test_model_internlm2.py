@@ -194,7 +194,7 @@ def test_tokenizer_special_tokens(internlm2_dirs):
 
 def test_load_tokenizer_uses_native_conversion_even_with_trust_remote_code(internlm2_dirs):
     """XTuner-style configs say trust_remote_code=True; the repo code cannot run on transformers 5, ours is used."""
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     d = internlm2_dirs["gqa"]
     assert not list(d.glob("*.py"))
@@ -221,7 +221,8 @@ def test_train_merge_chat(tmp_path):
     from tunelab.data.collate import collate
     from tunelab.data.templates import get_template
     from tunelab.model.generate import GenerationSettings, generate_reply
-    from tunelab.model.load import load_model_for_inference, load_model_for_training, load_tokenizer
+    from tunelab.model.load import load_model_for_inference, load_model_for_training
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.model.loss import causal_lm_loss
 
     # Weights larger than the usual 0.02 init, so a frozen random lm_head can express a confident answer.

@@ -11,7 +11,8 @@ import torch
 
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import TunelabError
-from tunelab.model.load import load_model_for_inference, load_model_for_training, load_tokenizer
+from tunelab.model.load import load_model_for_inference, load_model_for_training
+from tunelab.model.tokenizer import load_tokenizer
 
 
 def _train(path, **kw):

@@ -107,7 +107,7 @@ def test_qlora_keeps_dequantised_weights_for_backward_only_when_asked_and_checkp
 def test_training_with_the_fast_path_off_follows_the_same_curve(tiny_llama_dir, tmp_path, monkeypatch):
     """fast_path = False (transformers' checkpointing, full logits) trains as the fast path does (tunelab's
     checkpointing, the chunked loss): the plain path is the fast path's reference."""
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.loop import train
 
     rows = identity_rows(load_tokenizer(str(tiny_llama_dir)), copies=2)

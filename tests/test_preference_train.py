@@ -17,7 +17,7 @@ from tunelab.train.loop import train
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama_dir):
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tiny_llama_dir))
 

@@ -57,7 +57,7 @@ def test_a_model_with_only_tokenizer_model_loads_with_sentencepiece_ids(tmp_path
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     # A fresh process: in this one an earlier read may already have put the loadable module in place.
     child = subprocess.run(
-        [sys.executable, "-c", "import json, sys; from tunelab.model.load import load_tokenizer; "
+        [sys.executable, "-c", "import json, sys; from tunelab.model.tokenizer import load_tokenizer; "
          "t = load_tokenizer(sys.argv[1]); print(json.dumps([t(x, add_special_tokens=False).input_ids "
          "for x in json.loads(sys.argv[2])]))", str(model_dir), json.dumps(TEXTS)],
         capture_output=True, text=True, timeout=300)

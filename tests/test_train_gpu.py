@@ -123,7 +123,7 @@ def test_dpo_on_the_fast_path_follows_the_plain_path(reference, tiny_llama_dir, 
     packed pairs, accumulation) gives the plain path's curve, and the margin grows."""
     pytest.importorskip("bitsandbytes")
     from tests.train_helpers import pair_rows, style_pair
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     rows = pair_rows(tokenizer, style_pair, range(24))

@@ -224,7 +224,8 @@ def load_chat_model(model_path: str, *, adapter: str | None = None, prompt_templ
     is how many requests the engine decodes together. `to_load`: what `model_to_load` made of `model_path` and
     `adapter` already (a checkpoint's checksums checked), so a multi-GB checkpoint is not read twice to check it."""
     from tunelab.chat.vision import reads_images
-    from tunelab.model.load import load_model_for_inference, load_tokenizer, pick_device
+    from tunelab.model.load import load_model_for_inference, pick_device
+    from tunelab.model.tokenizer import load_tokenizer
 
     to_load = to_load or model_to_load(model_path, adapter)
     base, adapter_dir, meta = to_load.base, to_load.adapter_dir, to_load.meta

@@ -63,7 +63,8 @@ def load_reward_model(model_path: str, *, adapter: str | None = None, prompt_tem
         raise TunelabError(f"max_length must be 1 or more, got {max_length}")
     from tunelab.data.templates import choose_template
     from tunelab.export.adapters import apply_adapter, check_adapter_runs_on, model_to_load
-    from tunelab.model.load import load_causal_lm, load_tokenizer, pick_device, resolve_dtype
+    from tunelab.model.load import load_causal_lm, pick_device, resolve_dtype
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.model.model_dir import resolve_model_dir
 
     to_load = model_to_load(model_path, adapter)

@@ -153,7 +153,8 @@ def load_llava_chat(base: str, meta: dict | None, model_dir: Path | None, *, dev
 
     from tunelab.data.multimodal import image_seq_length
     from tunelab.model import llava
-    from tunelab.model.load import load_tokenizer, resolve_dtype
+    from tunelab.model.load import resolve_dtype
+    from tunelab.model.tokenizer import load_tokenizer
 
     dev = torch.device(device)
     torch_dtype = resolve_dtype(dtype, dev)

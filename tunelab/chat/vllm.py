@@ -133,7 +133,7 @@ def write_template(model: str, *, prompt_template: str | None, system: str | Non
     """(a .jinja file holding the template `tunelab chat` would prompt the model with, or None where that is the
     tokenizer's own; what was chosen; the template; the tokenizer)."""
     from tunelab.data.templates import choose_template, template_with_default_system
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.train.layout import read_meta
 
     meta = dict(read_meta(Path(model)) or {}) if Path(model).is_dir() else {}

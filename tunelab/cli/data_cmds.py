@@ -167,7 +167,7 @@ def _load(args, *, need_tokenizer: bool = True):
     from tunelab.config.loader import llamafactory_config_keys, load_config, yaml_config_fix
     from tunelab.config.schema import TrainConfig
     from tunelab.errors import TunelabError
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     source = Path(args.source)
     llamafactory = llamafactory_config_keys(source)
@@ -228,7 +228,7 @@ def preview(args) -> int:
 def preprocess(args) -> int:
     from tunelab.config.loader import load_config
     from tunelab.data.dataset import build_datasets
-    from tunelab.model.load import load_tokenizer
+    from tunelab.model.tokenizer import load_tokenizer
 
     cfg = load_config(args.config, args.cfg_options)
     tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code)

@@ -20,7 +20,8 @@ from tunelab.errors import TunelabError
 from tunelab.export.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, find_adapter_dir,
                                      is_run_or_adapter, load_adapter_weights, model_to_load)
 from tunelab.model.generate import stop_token_ids
-from tunelab.model.load import load_tokenizer, pick_device, save_tokenizer
+from tunelab.model.load import pick_device
+from tunelab.model.tokenizer import load_tokenizer, save_tokenizer
 from tunelab.train.layout import (MODEL_DIR, META_FILE, checkpoint_step, is_checkpoint, looks_like_work_dir, read_meta,
                                   resolve_checkpoint, training_meta, write_meta)
 

@@ -102,7 +102,8 @@ def convert_to_gguf(model_path: str, out_path: str, *, out_type: str = "f16", ad
     from tunelab.export.gguf_space import probe_prompts
     from tunelab.export.gguf_vocab import find_sentencepiece
     from tunelab.export.ollama import write_modelfile
-    from tunelab.model.load import load_causal_lm, load_tokenizer
+    from tunelab.model.load import load_causal_lm
+    from tunelab.model.tokenizer import load_tokenizer
     from tunelab.model.model_dir import read_model_config, resolve_model_dir
     from tunelab.train.layout import checkpoint_step
 

@@ -23,7 +23,8 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.model import llava
-from tunelab.model.load import checkpoint_layers, load_causal_lm, load_tokenizer, resolve_dtype
+from tunelab.model.load import checkpoint_layers, load_causal_lm, resolve_dtype
+from tunelab.model.tokenizer import load_tokenizer
 
 PROJECTOR = "multi_modal_projector"
 

@@ -22,7 +22,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.model.llava import is_llava
-from tunelab.model.load import save_tokenizer
+from tunelab.model.tokenizer import save_tokenizer
 from tunelab.train import layout, resume_settings
 from tunelab.train.checksums import verify_checkpoint, write_manifest
 from tunelab.train.layout import (MANIFEST_FILE, MODEL_DIR, OPTIMIZER_DIR, STATE_FILE, checkpoint_step,

@@ -132,7 +132,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
 
     # --- data -----------------------------------------------------------------------------------
     if tokenizer is None:
-        from tunelab.model.load import load_tokenizer
+        from tunelab.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     config_dir = str(Path(config_path).parent) if config_path else None
