@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from tests.train_helpers import tiny_cfg, varied_rows
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
-from tunelab.train import layout, run_status
+from tunelab.train import layout, resume, run_status
 from tunelab.train.loop import train
 from tunelab.train.strategy import SingleProcess
 
@@ -181,7 +181,7 @@ def test_a_checkpoint_named_past_its_step_is_never_saved_over(tiny_llama_dir, ro
               device="cpu")
     monkeypatch.undo()
     assert [p.name for p in layout.list_checkpoints(tmp_path)] == ["iter_6"] and not list(tmp_path.glob("*.old"))
-    assert ckpt._problem(tmp_path / "iter_6") is None and layout.resolve_checkpoint(tmp_path) == tmp_path / "iter_6"
+    assert resume._problem(tmp_path / "iter_6") is None and layout.resolve_checkpoint(tmp_path) == tmp_path / "iter_6"
     os.rename(tmp_path / "iter_6", tmp_path / "iter_4")  # as the message says: then the run goes on from it
     resumed = train(_cfg(tiny_llama_dir, max_steps=8), tmp_path, resume="auto", train_rows=rows, device="cpu")
     assert min(resumed.losses) == 5 and resumed.step == 8
@@ -192,7 +192,7 @@ def test_a_save_refuses_a_name_taken_during_the_run(tiny_llama_dir, rows, tmp_pa
     checkpoint there aside: two renames cannot swap folders atomically, and a kill between them would lose it."""
     train(_cfg(tiny_llama_dir, max_steps=2), tmp_path, train_rows=rows, device="cpu")
     manifest = (tmp_path / "iter_2" / layout.MANIFEST_FILE).read_text()
-    monkeypatch.setattr(ckpt, "_choose_on_main", lambda *args, **kwargs: None)  # as if iter_2 appeared later
+    monkeypatch.setattr(resume, "_choose_on_main", lambda *args, **kwargs: None)  # as if iter_2 appeared later
     with pytest.raises(TunelabError, match=r"iter_2 already exists"):
         train(_cfg(tiny_llama_dir, max_steps=2, seed=1), tmp_path, train_rows=rows, device="cpu")
     assert (tmp_path / "iter_2" / layout.MANIFEST_FILE).read_text() == manifest  # the first run's, untouched
@@ -215,7 +215,7 @@ def test_export_of_a_work_dir_takes_the_checkpoint_resume_takes(tiny_llama_dir, 
         train(_cfg(tiny_llama_dir, max_steps=6), tmp_path, train_rows=rows, device="cpu")
     monkeypatch.undo()
     assert (tmp_path / layout.POINTER_FILE).read_text().strip() == "iter_2"
-    assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "iter_4"
+    assert resume.resolve_resume("auto", tmp_path) == tmp_path / "iter_4"
     assert layout.resolve_checkpoint(tmp_path) == tmp_path / "iter_4"  # what convert and chat read
     assert layout.resolve_checkpoint(tmp_path / layout.POINTER_FILE) == tmp_path / "iter_4"
 
@@ -248,8 +248,8 @@ def test_final_step_is_saved_even_off_the_save_grid(tiny_llama_dir, rows, tmp_pa
 
 def test_resume_path_must_be_a_checkpoint(tmp_path):
     with pytest.raises(TunelabError, match="not a checkpoint"):
-        ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
-    assert ckpt.resolve_resume("auto", tmp_path) is None  # nothing yet: start fresh
+        resume.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    assert resume.resolve_resume("auto", tmp_path) is None  # nothing yet: start fresh
 
 
 def test_pointer_survives_a_moved_work_dir(tiny_llama_dir, rows, tmp_path):

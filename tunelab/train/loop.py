@@ -4,9 +4,9 @@ Three decisions are made once, before anything heavy is loaded, and the loop onl
 (`tunelab.model.plan.FastPathPlan`: how the model runs), the objective (`objective(model, batch) -> (loss_sum,
 n_trained_tokens)`, the loss the step minimises) and the strategy (`strategy.py`: one process, DDP, FSDP2 or
 DeepSpeed; the loop calls it for forward, backward, step and the model inside). Everything else lives next door: the
-optimiser and schedule (`optim.py`), checkpoints and resume (`checkpoint.py`, the file names in `layout.py`), the
-progress bar and logs (`progress.py`), evaluation (`evaluate.py`), the processes and their collectives
-(`distributed.py`: in one process each is the identity).
+optimiser and schedule (`optim.py`), checkpoints (`checkpoint.py`) and resume (`resume.py`, `resume_settings.py`; the
+file names in `layout.py`), the progress bar and logs (`progress.py`), evaluation (`evaluate.py`), the processes and
+their collectives (`distributed.py`: in one process each is the identity).
 
 Two rules keep runs exact and resumable:
 
@@ -46,6 +46,7 @@ from tunelab.train.distributed import DistEnv, all_reduce_sum, cleanup, init_dis
 from tunelab.train.evaluate import run_evaluation
 from tunelab.train.nonfinite import NonFiniteGuard
 from tunelab.train.optim import ScaledOptimizer, StepsInBackward, build_optimizer, build_scheduler, choose_precision
+from tunelab.train.resume import choose_start, load_model_weights, load_training_state, rng_state_for_rank
 from tunelab.train.strategy import choose_strategy
 from tunelab.train.vision import projector_note, vision_run, with_pretrained_checkpoint
 from tunelab.train.workdir_lock import hold_work_dir
@@ -107,7 +108,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     if env.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
     # where the run starts, and refusing to overwrite checkpoints it does not continue from: before anything loads
-    last = ckpt.choose_start(work_dir, resume, overwrite=overwrite, env=env, log=log)
+    last = choose_start(work_dir, resume, overwrite=overwrite, env=env, log=log)
     record, resumed_step, known = None, -1, None
     if last is not None:  # its run's settings against this config's, also before anything loads
         cfg, record = resume_settings.compare(cfg, last, log=log)
@@ -188,7 +189,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                                                pad_token_id=tokenizer.pad_token_id, env=env, log=log)
     my_eval_rows = [eval_rows[i] for i in rank_shard(list(range(len(eval_rows or []))), data_env)]
     if last is not None:
-        ckpt.load_model_weights(model, last)  # before any wrapper shards the weights
+        load_model_weights(model, last)  # before any wrapper shards the weights
     optimizer = build_optimizer(model, cfg, env.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     stepper = ScaledOptimizer(optimizer, precision.scaler) if precision.scaler else optimizer
@@ -200,7 +201,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
     step, position = 0, {"epoch": 0, "micro_batch": 0, "data_seed": cfg.seed}
     try:  # a checkpoint that does not fit ends here: what the engine started (DeepSpeed's one-process group) ends too
         if last is not None:
-            state = ckpt.load_training_state(last)
+            state = load_training_state(last)
             strategy.load_optimizer(last / layout.OPTIMIZER_DIR, state)
             redrawn = resume_settings.fit_schedule(state["scheduler"], cfg, total_steps)
             scheduler.load_state_dict(state["scheduler"])
@@ -212,7 +213,7 @@ def _train(cfg, work_dir: Path, env: DistEnv, *, resume, overwrite, config_path,
                     f"{counted(total_steps, 'step')}, from lr {optimizer.param_groups[0]['lr']:g} at step "
                     f"{int(state['step'])}")
             step, position = int(state["step"]), dict(state["position"])
-            ckpt.set_rng_state(ckpt.rng_state_for_rank(last, state, env))
+            ckpt.set_rng_state(rng_state_for_rank(last, state, env))
             epochs_done = position["epoch"] + position["micro_batch"] / micro_per_epoch  # as the log counts them
             log(f"resumed from {last} (step {step}, epoch {epochs_done:.2f})")
     except BaseException:
