@@ -326,15 +326,12 @@ def test_internlm2_agent_replies_are_trained_and_results_are_context(tmp_path, t
 
 
 @pytest.mark.parametrize("change, error", [
-    (lambda m: m[3].update(content=m[3]["content"].replace("<|plugin|>", "<|interpreter|>")),
-     "messages[3].content calls the code interpreter"),
-    (lambda m: m[4].update(name="interpreter"), "messages[4] is a code-interpreter turn"),
     (lambda m: m[3].update(content=m[3]["content"] + "More text."), "messages[3].content has text after its call"),
     (lambda m: m[3].update(content=m[3]["content"].replace("<|action_end|>", "")), "does not end in <|action_end|>"),
     (lambda m: m[3].update(content=m[3]["content"] + "<|action_start|><|plugin|>\n{"),
      "messages[3].content opens a call (<|action_start|>) that does not end in <|action_end|>"),
     (lambda m: m[3].update(content=m[3]["content"].replace("<|plugin|>", "")),
-     "messages[3].content has a call without <|plugin|> after <|action_start|>"),
+     "messages[3].content has a call without <|plugin|> or <|interpreter|> after <|action_start|>"),
     (lambda m: m[3].update(content=m[3]["content"].replace('"Shanghai"}}', '"Shanghai"}')),
      "messages[3] <|plugin|> call is not valid JSON"),
     (lambda m: m[3].update(content=m[3]["content"].replace('"name": "get_current_weather", ', '')),
@@ -374,6 +371,100 @@ def test_internlm2_result_loses_its_name_only_where_it_names_the_plugin_channel(
     record["messages"][4].update(role="environment", name="get_current_weather")
     assert normalise(record, "agent", "d.jsonl line 1")["messages"][3] == {
         "role": "tool", "content": "{\"temperature\": 22}", "name": "get_current_weather"}
+
+
+# InternLM's chat/chat_format.md, its code-interpreter example byte for byte (chat_format_interpreter.txt), as lagent's
+# messages hold it (chat_format_interpreter.jsonl): the doc's attached-file turn (`user name=file`) is left out of
+# both, as no canonical message holds it.
+INTERPRETER = DATA / "internlm" / "chat_format_interpreter.jsonl"
+FILE_TURN = "<|im_start|>user name=file\n[{\"path\": \"data.csv\", size='10K'}]<|im_end|>\n"
+
+
+def _interpreter_doc() -> str:
+    doc = (DATA / "internlm" / "chat_format_interpreter.txt").read_text(encoding="utf-8")
+    assert FILE_TURN in doc
+    return doc.replace(FILE_TURN, "")
+
+
+def test_internlm2_code_interpreter_turns_become_custom_calls_written_as_internlm_documents_them():
+    from tunelab.data.templates import get_template
+
+    raw = _records(INTERPRETER)[0]["messages"]
+    code = raw[3]["content"].split("<|action_start|><|interpreter|>\n")[1].split("<|action_end|>")[0]
+    assert code.startswith("```python\nimport plotly.express as px\n") and code.endswith("fig.show()\n```")
+    (sample,), stats = _samples(INTERPRETER)
+    system, user, call, result, reply, *rest = sample["messages"]
+    # a code cell is text, not JSON arguments: OpenAI's free-form (custom) tool call carries it as it is
+    assert call == {"role": "assistant", "content": "I have processed the data and visualized it for you.\n\n",
+                    "tool_calls": [{"type": "custom", "custom": {"name": "interpreter", "input": code}}]}
+    assert result == {"role": "tool", "content": "![image](xxx.png)\n", "name": "interpreter"}
+    assert sample["tools"] == [{"type": "custom", "custom": {"name": "interpreter",
+                                                             "description": raw[1]["content"]}}]
+    assert stats.files[0]["formats"] == {"agent": 1} and not stats.reading_warnings()
+    text = get_template("internlm2_chat").render(sample["messages"], tools=sample["tools"])
+    assert text == "<s>" + _interpreter_doc()
+    # the same dialogue in OpenAI's format (a custom tool and a custom call answered by id) is written the same
+    openai = {"messages": [raw[0], raw[2], {"role": "assistant", "content": call["content"], "tool_calls": [
+        {"id": "call_1", "type": "custom", "custom": {"name": "interpreter", "input": code}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": result["content"]}, *raw[5:]],
+        "tools": [{"type": "custom", "custom": {"name": "interpreter", "description": raw[1]["content"]}}]}
+    read = normalise(openai, "messages", "openai")
+    assert get_template("internlm2_chat").render(read["messages"], tools=read["tools"]) == "<s>" + _interpreter_doc()
+
+
+def test_internlm2_interpreter_and_plugin_system_prompts_come_in_the_documented_order():
+    """chat_format.md's "Function Call + Code Interpreter": the interpreter's system prompt, then the plugins'."""
+    from tunelab.data.templates import get_template
+
+    interpreter = {"type": "custom", "custom": {"name": "interpreter", "description": "Run Python."}}
+    weather = {"type": "function", "function": {"name": "get_current_weather", "parameters": {}}}
+    text = get_template("internlm2_chat").render([{"role": "user", "content": "Hi"}], tools=[weather, interpreter])
+    assert text == ("<s><|im_start|>system name=<|interpreter|>\nRun Python.<|im_end|>\n<|im_start|>system "
+                    "name=<|plugin|>\n[{\"name\": \"get_current_weather\", \"parameters\": {}}]<|im_end|>\n"
+                    "<|im_start|>user\nHi<|im_end|>\n")
+
+
+def test_internlm2_code_interpreter_call_is_trained_and_its_output_is_context(tiny_tokenizer):
+    raw = _records(INTERPRETER)[0]["messages"]
+    trained = _trained(INTERPRETER, tiny_tokenizer, prompt_template="internlm2_chat", max_length=4096)
+    # the reply's text, its call up to <|action_end|> and the end of its turn; then the two later replies
+    assert trained == [raw[3]["content"] + "<|im_end|>" + raw[5]["content"] + "<|im_end|>" + raw[7]["content"]
+                       + "<|im_end|>"]
+    assert "![image]" not in trained[0] and "Jupyter" not in trained[0]
+
+
+@pytest.mark.parametrize("template", ["qwen2_5_chat", "llama3_1_chat"])
+def test_free_form_calls_are_refused_by_templates_without_a_format_for_them(tiny_tokenizer, template):
+    """A template that writes function calls only would write a code cell as no call at all: the record is invalid,
+    named by file, line and reply, pointing at the template that writes it."""
+    with pytest.raises(TunelabError, match=re.escape(
+            f"chat_format_interpreter.jsonl line 1: reply 1's tool_calls[0] is a free-form (custom) call to "
+            f"'interpreter', which template {template!r} does not write") + ".*internlm2_chat"):
+        _trained(INTERPRETER, tiny_tokenizer, prompt_template=template)
+
+
+def test_internlm2_writes_one_free_form_tool_its_code_interpreter(tmp_path, tiny_tokenizer):
+    record = {"messages": [{"role": "user", "content": "2**10?"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "custom", "custom": {"name": "shell", "input": "echo $((2**10))"}}]},
+        {"role": "tool", "content": "1024"}, {"role": "assistant", "content": "1024"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(TunelabError, match=re.escape(
+            "d.jsonl line 1: reply 1's tool_calls[0] is a free-form (custom) call to 'shell', which template "
+            "'internlm2_chat' does not write: it writes free-form calls to 'interpreter'")):
+        _trained(path, tiny_tokenizer, prompt_template="internlm2_chat")
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda m: m[3].update(content=m[3]["content"] + "Done."), "messages[3].content has text after its call"),
+    (lambda m: m[3].update(content=m[3]["content"].replace("<|action_end|>", "")), "does not end in <|action_end|>"),
+    (lambda m: m[2].update(name="interpreter"), "messages[2] is a 'user' turn named 'interpreter'"),
+])
+def test_internlm2_interpreter_markup_mistakes_name_the_turn(change, error):
+    record = _records(INTERPRETER)[0]
+    change(record["messages"])
+    with pytest.raises(TunelabError, match=re.escape(error)):
+        normalise(record, "agent", "d.jsonl line 1")
 
 
 def test_agent_flan_conversation_of_messages_keeps_its_loss_switches(capsys, tiny_tokenizer):

@@ -53,12 +53,17 @@ GOOD = json.dumps({"instruction": "Hi", "output": "Hello"})
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": {"t": 20}}, {"role": "assistant", "content": "y"}]}), "auto",
      r"line 1: messages\[2\]\.content is a JSON object, not text.*\{\\\"t\\\": 20\}"),
-    # OpenAI's free-form "custom" tool call: it was 'has no function name'
+    # OpenAI's free-form "custom" tool call, which a template of function calls writes nowhere: it was 'has no
+    # function name'
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"id": "c1", "type": "custom", "custom": {"name": "grep", "input": "todo"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "1"}, {"role": "assistant", "content": "y"}]}), "auto",
-     r"line 1: messages\[1\]\.tool_calls\[0\] is a tool call of type 'custom'.*function calls.*Write it as a "
-     r"\"function\" call"),
+     r"line 1: reply 1's tool_calls\[0\] is a free-form \(custom\) call to 'grep', which template 'qwen_chat' does "
+     r"not write\. Templates with a place for free-form calls: .*internlm2_chat \('interpreter'\).*\"function\" call"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "custom", "custom": {"name": "grep", "input": ["todo"]}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"}, {"role": "assistant", "content": "y"}]}), "auto",
+     r"line 1: messages\[1\]\.tool_calls\[0\]\.custom\.input should be text, found list"),
     # a history that is one number, not a list of pairs: "TypeError: 'int' object is not iterable" before
     (json.dumps({"instruction": "Hi", "output": "x", "history": 3}), "auto",
      r"line 1: 'history' should be a list of \[question, answer\] pairs, found int"),

@@ -8,10 +8,16 @@ Two formats write an agent's calls into the reply's text instead of OpenAI's `to
 * InternLM2's own chat format (InternLM's chat/chat_format.md, lagent): a reply's text is followed by
   `<|action_start|><|plugin|>` and the call as JSON (`{"name": ..., "parameters": {...}}`) up to `<|action_end|>`;
   the result is an `environment` message (named 'plugin'); the tool definitions are a system message named
-  'plugin' holding their JSON list.
+  'plugin' holding their JSON list. Its code interpreter is called the same way, `<|action_start|><|interpreter|>`
+  and the code (a markdown code block) up to `<|action_end|>`; its result is an `environment` message named
+  'interpreter', its description (the prompt that says how to use it) a system message named 'interpreter'.
 
 Both become the canonical messages (an assistant reply with `tool_calls`, role 'tool' results), which every template
 with a call format writes its own way: `internlm2_chat` writes InternLM2's markup back as chat_format.md shows it.
+A code cell is text, not JSON arguments, so an interpreter call becomes OpenAI's free-form (custom) call
+`{"type": "custom", "custom": {"name": "interpreter", "input": code}}` and its description a custom tool
+`{"type": "custom", "custom": {"name": "interpreter", "description": ...}}`: only a template with a place for
+free-form calls writes them (tunelab.data.template_fit refuses them elsewhere).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import re
 from typing import Any, Optional
 
 from tunelab.data.messages import TOOL_ROLES, fail, parse_json_value, tool_call, tools
+from tunelab.data.templates.chatml import INTERPRETER
 
 _THINK = re.compile(r"<\|startofthink\|>(.*?)<\|endofthink\|>", re.S)
 _EXEC = re.compile(r"<\|startofexec\|>(.*?)<\|endofexec\|>", re.S)
@@ -29,12 +36,12 @@ _FENCE = re.compile(r"^\s*```(?:json)?\s*|\s*```\s*$", re.I)
 _ACTION_START, _ACTION_END = "<|action_start|>", "<|action_end|>"
 _ACTION = re.compile(r"<\|action_start\|>(<\|plugin\|>|<\|interpreter\|>)?(.*?)<\|action_end\|>", re.S)
 PLUGIN_NAMES = ("plugin", "<|plugin|>")
-"""The name of InternLM2's tool channel on a message (lagent writes 'plugin'), not a participant's."""
-_INTERPRETER = ("interpreter", "<|interpreter|>")
-_WRITE_CALL = "Write the call as <|action_start|><|plugin|>\\n{\"name\": ..., \"parameters\": {...}}<|action_end|>."
-_NO_INTERPRETER = ("tunelab trains InternLM2's plugin (function) calls, not its code interpreter: write the code run "
-                   "as a call of a function (e.g. {\"name\": \"python\", \"parameters\": {\"code\": ...}}) under "
-                   "<|plugin|>, or leave the record out.")
+INTERPRETER_NAMES = (INTERPRETER, "<|interpreter|>")
+CHANNEL_NAMES = PLUGIN_NAMES + INTERPRETER_NAMES
+"""The names of InternLM2's tool channels on a message (lagent writes 'plugin' / 'interpreter'), not a
+participant's."""
+_WRITE_CALL = ("Write the call as <|action_start|><|plugin|>\\n{\"name\": ..., \"parameters\": {...}}<|action_end|>, "
+               "or code as <|action_start|><|interpreter|>\\n...<|action_end|>.")
 
 
 # --- MS-Agent -------------------------------------------------------------------------------------
@@ -86,39 +93,55 @@ def is_internlm2(turns: Any) -> bool:
     """Whether a list of {"role", "content"} messages uses InternLM2's agent markup (environment results, a system
     message named 'plugin' / 'interpreter', or a reply with <|action_start|>)."""
     return isinstance(turns, list) and any(
-        isinstance(t, dict) and (_role(t) == "environment" or t.get("name") in PLUGIN_NAMES + _INTERPRETER
+        isinstance(t, dict) and (_role(t) == "environment" or t.get("name") in CHANNEL_NAMES
                                  or (isinstance(t.get("content"), str) and _ACTION_START in t["content"]))
         for t in turns)
 
 
 def read_internlm2(turns: list, where: str, key: str) -> tuple[list[Optional[dict]], list[dict]]:
-    """InternLM2's agent messages -> OpenAI-shaped messages, and the tool definitions of the system message named
-    'plugin'. The list keeps one entry per turn (None for that system message), so that later errors name the turn
-    where the user wrote it."""
+    """InternLM2's agent messages -> OpenAI-shaped messages, and the tool definitions of the system messages named
+    'interpreter' (a custom tool) and 'plugin' (functions), in that order, InternLM's. The list keeps one entry per
+    turn (None for such a system message), so that later errors name the turn where the user wrote it."""
     out: list[Optional[dict]] = []
     found: list[dict] = []
+    interpreter: list[dict] = []
     for i, turn in enumerate(turns):
         at = f"{key}[{i}]"
         if not isinstance(turn, dict):
             out.append(turn)  # the reader of the messages says what is wrong with it
             continue
-        if turn.get("name") in _INTERPRETER:
-            raise fail(where, f"{at} is a code-interpreter turn (name {turn['name']!r})", _NO_INTERPRETER)
-        if _role(turn) == "system" and turn.get("name") in PLUGIN_NAMES:
+        if _role(turn) == "system" and turn.get("name") in INTERPRETER_NAMES:
+            interpreter.append(_interpreter_tool(turn, where, at))
+            out.append(None)
+        elif _role(turn) == "system" and turn.get("name") in PLUGIN_NAMES:
             found += tools(turn.get("content"), where, f"{at}.content")
             out.append(None)
-        elif _role(turn) in TOOL_ROLES and turn.get("name") in PLUGIN_NAMES:
-            # 'plugin' is the channel, not the function answered (the call before it names that); another name is kept
+        elif _role(turn) in TOOL_ROLES and turn.get("name") in CHANNEL_NAMES:
+            # the channel, not the tool answered (the call before it names that); another name is kept
             out.append({k: v for k, v in turn.items() if k != "name"})
+        elif turn.get("name") in INTERPRETER_NAMES:
+            raise fail(where, f"{at} is a {turn.get('role')!r} turn named {turn['name']!r}",
+                       "InternLM2's interpreter channel names a system message (its description) or an environment "
+                       "message (its output); the reply writes the call, as "
+                       "<|action_start|><|interpreter|>\\n...<|action_end|>.")
         elif _role(turn) == "assistant" and isinstance(turn.get("content"), str) and _ACTION_START in turn["content"]:
             out.append(_split_action(turn, where, at))
         else:
             out.append(turn)
-    return out, found
+    return out, interpreter + found
+
+
+def _interpreter_tool(turn: dict, where: str, at: str) -> dict:
+    """The interpreter's system message -> the custom tool it describes (its text kept as the description)."""
+    if not isinstance(turn.get("content"), str):
+        raise fail(where, f"{at}.content should be the interpreter's description as text",
+                   "Write the system message named 'interpreter' as text.")
+    return {"type": "custom", "custom": {"name": INTERPRETER, "description": turn["content"]}}
 
 
 def _split_action(turn: dict, where: str, at: str) -> dict:
-    """A reply `text<|action_start|><|plugin|>\\n{json}<|action_end|>` -> {"content": text, "tool_calls": [...]}."""
+    """A reply `text<|action_start|><|plugin|>\\n{json}<|action_end|>` -> {"content": text, "tool_calls": [...]}; a
+    call `<|action_start|><|interpreter|>\\ncode<|action_end|>` becomes a custom call whose input is that code."""
     text = turn["content"]
     if turn.get("tool_calls") or turn.get("function_call"):
         raise fail(where, f"{at} has both 'tool_calls' and a call in its text (<|action_start|>)",
@@ -137,10 +160,14 @@ def _split_action(turn: dict, where: str, at: str) -> dict:
     calls = []
     for action in actions:
         if action.group(1) == "<|interpreter|>":
-            raise fail(where, f"{at}.content calls the code interpreter (<|action_start|><|interpreter|>)",
-                       _NO_INTERPRETER)
+            # the text between `<|interpreter|>\\n` and <|action_end|> as it is: internlm2_chat writes it back so
+            code = action.group(2)
+            calls.append({"type": "custom", "custom": {"name": INTERPRETER,
+                                                       "input": code[1:] if code.startswith("\n") else code}})
+            continue
         if action.group(1) is None:
-            raise fail(where, f"{at}.content has a call without <|plugin|> after <|action_start|>", _WRITE_CALL)
+            raise fail(where, f"{at}.content has a call without <|plugin|> or <|interpreter|> after "
+                              f"<|action_start|>", _WRITE_CALL)
         field = f"{at} <|plugin|> call"  # read here, so that its errors name the call in the text
         calls.append(tool_call(parse_json_value(action.group(2).strip(), where, field,
                                                 '{"name": "get_weather", "parameters": {"city": "Paris"}}'),

@@ -300,7 +300,7 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
     Raises InvalidRecord.
     """
     fmt = canonical_format(fmt)
-    plugin_tools: list[dict] = []
+    markup_tools: list[dict] = []
     if _is_message_list(record) and fmt in ("messages", "agent"):
         record = {"messages": record}
     if not isinstance(record, dict):
@@ -320,7 +320,7 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
     elif key := _message_list_key(record, fmt):
         turns = _need(record, key, where, fmt, list)
         if agent_markup.is_internlm2(turns):
-            turns, plugin_tools = agent_markup.read_internlm2(turns, where, key)
+            turns, markup_tools = agent_markup.read_internlm2(turns, where, key)
         _one_system(record, turns, where, key)
         messages = _from_messages(turns, where, images, key)
         if record.get("system"):
@@ -338,11 +338,11 @@ def normalise(record: Any, fmt: str, where: str, *, images: Optional[list] = Non
     check_role_order(messages, where, reply_needed=reply_needed)
     sample = {"messages": messages}
     found = msg.tools(record.get("tools"), where) + msg.tools(record.get("functions"), where, "functions")
-    if plugin_tools and found:
-        raise fail(where, "tool definitions twice: in 'tools' and in a system message named 'plugin'",
-                   "Keep one of the two.")
-    if found or plugin_tools:
-        sample["tools"] = found or plugin_tools
+    if markup_tools and found:
+        raise fail(where, "tool definitions twice: in 'tools' and in a system message named 'plugin' or "
+                          "'interpreter'", "Keep one of the two.")
+    if found or markup_tools:
+        sample["tools"] = found or markup_tools
     return sample
 
 
@@ -372,13 +372,13 @@ MESSAGE_FIELDS = frozenset(_READ_ITEM["conversations"])
 
 def unused_item_fields(items: Any, key: str, known: frozenset = MESSAGE_FIELDS) -> list[str]:
     """Fields of the messages in `items` (the list in field `key`) that are not read, e.g. ['prompt[].name'] (a
-    tool result's name is read, and InternLM2's 'plugin' channel name)."""
+    tool result's name is read, and the names of InternLM2's channels, 'plugin' and 'interpreter')."""
     if not isinstance(items, list):
         return []
     extra = set()
     for item in items:
         if isinstance(item, dict) and not known.issuperset(item):
             name_read = item.get("role", item.get("from")) in msg.TOOL_ROLES \
-                or item.get("name") in agent_markup.PLUGIN_NAMES
+                or item.get("name") in agent_markup.CHANNEL_NAMES
             extra |= {k for k in item if k not in known and not (k == "name" and name_read)}
     return [f"{key}[].{k}" for k in sorted(extra)]

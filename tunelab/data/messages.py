@@ -14,7 +14,8 @@ What each source says, and where it lands:
   OpenAI ``weight: 0``. A weight our loss cannot honour (0.5) is an error, never ignored.
 * tool calls (OpenAI ``tool_calls``, legacy ``function_call``, LLaMA-Factory / glaive ``{"name", "arguments"}``)
   become ``{"type": "function", "function": {"name", "arguments": dict}}``; tool definitions the OpenAI
-  ``{"type": "function", "function": {...}}`` shape.
+  ``{"type": "function", "function": {...}}`` shape. OpenAI's free-form (custom) tools and calls, whose input is
+  text (InternLM2's code interpreter), keep their ``{"type": "custom", "custom": {...}}`` shape.
 * agents' calls written as markup in the text (MS-Agent, InternLM2's own format) become tool calls and tool results
   in tunelab.data.agent_markup.
 """
@@ -156,14 +157,23 @@ def parse_json_value(text: str, where: str, field: str, example: str = CALL_EXAM
 
 # --- tools ----------------------------------------------------------------------------------------
 
+def call_name(call: dict) -> str:
+    """The name of the tool a canonical call calls, a function or a free-form (custom) tool."""
+    return call["custom"]["name"] if call.get("type") == "custom" else call["function"]["name"]
+
+
 def tool_call(call: Any, where: str, field: str) -> dict:
-    """Any spelling of one tool call -> {"type": "function", "function": {"name": str, "arguments": dict}}."""
+    """Any spelling of one tool call -> {"type": "function", "function": {"name": str, "arguments": dict}}, or
+    OpenAI's free-form call {"type": "custom", "custom": {"name": str, "input": str}} (a code cell: text, not JSON
+    arguments; which templates write it: tunelab.data.template_fit)."""
     if not isinstance(call, dict):
         raise fail(where, f"{field} should be a tool call object, found {type(call).__name__}",
                    "Write it as {\"name\": ..., \"arguments\": {...}}.")
-    if call.get("type") not in (None, "function"):  # OpenAI's free-form "custom" tools: text, not JSON arguments
-        raise fail(where, f"{field} is a tool call of type {call['type']!r}; chat templates write function calls "
-                          f"(a name and JSON arguments) only", "Write it as a \"function\" call, or leave it out.")
+    if call.get("type") == "custom":
+        return _custom_call(call, where, field)
+    if call.get("type") not in (None, "function"):
+        raise fail(where, f"{field} is a tool call of type {call['type']!r}", "Tool calls are of type \"function\" "
+                   "(a name and JSON arguments) or \"custom\" (a name and free-form text input).")
     fn = call.get("function", call)
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise fail(where, f"{field} has no function name", "Give each tool call a \"name\".")
@@ -178,6 +188,20 @@ def tool_call(call: Any, where: str, field: str) -> dict:
     out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
     if isinstance(call.get("id"), str):
         out["id"] = call["id"]  # lets tool results be matched to their call
+    return out
+
+
+def _custom_call(call: dict, where: str, field: str) -> dict:
+    custom = call.get("custom")
+    if not isinstance(custom, dict) or not isinstance(custom.get("name"), str) or not custom["name"]:
+        raise fail(where, f"{field} is a custom call without a \"custom\": {{\"name\": ...}}",
+                   "Write it as {\"type\": \"custom\", \"custom\": {\"name\": ..., \"input\": \"...\"}}.")
+    if not isinstance(custom.get("input", ""), str):
+        raise fail(where, f"{field}.custom.input should be text, found {type(custom['input']).__name__}",
+                   "A custom (free-form) call's input is a string, e.g. the code to run.")
+    out = {"type": "custom", "custom": {"name": custom["name"], "input": custom.get("input", "")}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
     return out
 
 
@@ -204,6 +228,12 @@ def tools(value: Any, where: str, field: str = "tools") -> list[dict]:
                    f"Fix {field}.")
     out = []
     for i, tool in enumerate(value):
+        if isinstance(tool, dict) and tool.get("type") == "custom":  # a free-form tool, e.g. InternLM2's interpreter
+            if not isinstance(tool.get("custom"), dict) or not isinstance(tool["custom"].get("name"), str):
+                raise fail(where, f"{field}[{i}] is a custom tool without a \"custom\": {{\"name\": ...}}",
+                           "Write it as {\"type\": \"custom\", \"custom\": {\"name\": ..., \"description\": ...}}.")
+            out.append({"type": "custom", "custom": tool["custom"]})
+            continue
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise fail(where, f"{field}[{i}] is not a tool definition with a name",
@@ -240,7 +270,7 @@ def name_tool_results(messages: list[dict], where: str = "the record") -> None:
             if match is None and position < len(calls):
                 match = calls[position]
             if match is not None and "name" not in m:
-                m["name"] = match["function"]["name"]
+                m["name"] = call_name(match)
             if match is not None and not call_id and match.get("id"):
                 m["tool_call_id"] = match["id"]
             position += 1
@@ -253,7 +283,7 @@ def _extra_result(messages: list[dict], result: dict, calls: list[dict], where: 
     while following + 1 < len(messages) and messages[following + 1]["role"] == "tool":
         following += 1
     results = len(calls) + following - at + 1
-    names = ", ".join(dict.fromkeys(c["function"]["name"] for c in calls))
+    names = ", ".join(dict.fromkeys(map(call_name, calls)))
     text = " ".join(str(result.get("content") or "").split())
     shown = repr(text[:40] + ("..." if len(text) > 40 else ""))
     return fail(where, f"an assistant reply makes {len(calls)} tool call{'' if len(calls) == 1 else 's'} ({names}) "

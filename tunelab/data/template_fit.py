@@ -3,10 +3,11 @@ wrong or nowhere (each template's abilities are probed once: `templates.tool_sup
 
 from __future__ import annotations
 
-from tunelab.data.messages import fail
+from tunelab.data.messages import call_name, fail
 from tunelab.data.reports import count_unused
-from tunelab.data.templates import (ToolSupport, templates_writing_reasoning, templates_writing_several_calls,
-                                    templates_writing_text_with_calls, templates_writing_tool_calls)
+from tunelab.data.templates import (ToolSupport, templates_writing_free_form, templates_writing_reasoning,
+                                    templates_writing_several_calls, templates_writing_text_with_calls,
+                                    templates_writing_tool_calls)
 
 
 def check_tools(sample: dict, tools: ToolSupport, report: dict, where: str) -> None:
@@ -14,11 +15,12 @@ def check_tools(sample: dict, tools: ToolSupport, report: dict, where: str) -> N
     (InvalidRecord) where the template would train them wrong, reported as not used where it writes them nowhere."""
     turns = [*(sample.get("messages") or sample.get("prompt") or []),
              *(sample[k] for k in ("chosen", "rejected", "completion") if isinstance(sample.get(k), dict))]
+    replies = [turn for turn in turns if turn.get("role", "assistant") == "assistant"]
+    _refuse_free_form(replies, sample.get("tools") or [], tools, where)
     if not tools.calls and any(turn.get("tool_calls") for turn in turns):
         raise fail(where, f"the record has tool calls, which template {tools.template!r} does not write: they "
                           f"would be trained as empty replies", f"Use a template that writes them "
                           f"({', '.join(templates_writing_tool_calls())}), or leave the calls out of the data.")
-    replies = [turn for turn in turns if turn.get("role", "assistant") == "assistant"]
     if not tools.several_calls:
         _refuse_several_calls(replies, tools.template, where)
     if not tools.text_with_calls and any(t.get("tool_calls") and t.get("content", "").strip() for t in replies):
@@ -39,8 +41,27 @@ def _refuse_several_calls(replies: list[dict], template: str, where: str) -> Non
     for number, turn in enumerate(replies, 1):
         calls = turn.get("tool_calls") or []
         if len(calls) > 1:
-            names = ", ".join(c["function"]["name"] for c in calls)
+            names = ", ".join(map(call_name, calls))
             raise fail(where, f"reply {number} holds {len(calls)} tool calls ({names}), and template {template!r} "
                               f"writes one call per reply", f"Split them into replies of one call, each followed by "
                               f"its result, or use a template that writes several "
                               f"({', '.join(templates_writing_several_calls())}).")
+
+
+def _refuse_free_form(replies: list[dict], definitions: list[dict], tools: ToolSupport, where: str) -> None:
+    """A free-form (custom) call, or tool, that the template has no place for: a template writing function calls
+    only would write the call as none at all (an empty reply trained) or fail to render it."""
+    writers = templates_writing_free_form()
+    fix = (f"Templates with a place for free-form calls: {', '.join(writers)}; use one of them for such calls, or "
+           f"write the call as a \"function\" call with JSON arguments.")
+    which = f"template {tools.template!r} does not write" + (
+        f": it writes free-form calls to {', '.join(map(repr, tools.free_form))}" if tools.free_form else "")
+    for number, turn in enumerate(replies, 1):
+        for k, call in enumerate(turn.get("tool_calls") or []):
+            if call.get("type") == "custom" and call["custom"]["name"] not in tools.free_form:
+                raise fail(where, f"reply {number}'s tool_calls[{k}] is a free-form (custom) call to "
+                                  f"{call['custom']['name']!r}, which {which}", fix)
+    for tool in definitions:
+        if tool.get("type") == "custom" and tool["custom"]["name"] not in tools.free_form:
+            raise fail(where, f"the record's tools define the free-form (custom) tool {tool['custom']['name']!r}, "
+                              f"which {which}", fix)

@@ -13,6 +13,7 @@ import functools
 from dataclasses import dataclass, replace
 
 from tunelab.config.typecheck import did_you_mean
+from tunelab.data.templates.chatml import INTERPRETER
 from tunelab.data.templates.core import TOOL_ROLES, ChatTemplate, HFChatTemplate, hf_template
 from tunelab.data.templates.families import ALIASES, DEFINITIONS, LLAMAFACTORY_NAMES
 from tunelab.data.templates.guess import guess_template
@@ -58,8 +59,14 @@ class ToolSupport:
     """A reply's several tool calls are all written (Llama 3.1 / 3.2 and GLM-4 write one call per reply)."""
     text_with_calls: bool = True
     """A reply's text beside its tool calls is written (Llama 3.1 / 3.2 and Mistral write the calls alone)."""
+    free_form: tuple[str, ...] = ()
+    """The free-form (OpenAI "custom") tools, among `FREE_FORM_TOOLS`, whose definitions and calls (text input, not
+    JSON arguments) the template writes: InternLM2's ('interpreter', its code interpreter); () for most."""
 
 
+FREE_FORM_TOOLS = (INTERPRETER,)
+"""The free-form tools a built-in template has a place for, by name (a template writes a call to a free-form tool in
+its own markup for that tool, so each is probed by its name)."""
 PROBE_TOOL = "tunelab_probe_function"
 PROBE_ARGUMENTS = {"city": "Paris"}
 PROBE_REASONING = "tunelab probe reasoning"
@@ -137,6 +144,23 @@ def probe_call_reply(template: ChatTemplate, names: tuple = (PROBE_TOOL,), conte
         return None
 
 
+PROBE_CODE = 'print("tunelab probe")\n'
+"""A free-form call's probe input: quotes and a newline, which a template writing the call as JSON would escape."""
+
+
+def _writes_free_form(template: ChatTemplate, name: str) -> bool:
+    """Whether `template` writes the free-form tool `name`: its description into the prompt, a call's input as it is
+    (not quoted into JSON) into the trained reply."""
+    tool = {"type": "custom", "custom": {"name": name, "description": PROBE_CODE}}
+    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "custom", "custom": {"name": name, "input": PROBE_CODE}}]}]
+    try:
+        trained = "".join(text for text, on in template.segments(turns, tools=[tool]) if on)
+        return PROBE_CODE in template.render(turns[:1], tools=[tool]) and PROBE_CODE in trained
+    except Exception:  # noqa: BLE001 (a template's own refusal, or one that reads every call as a function's)
+        return False
+
+
 def tool_support(template: ChatTemplate) -> ToolSupport:
     """Learnt by rendering a probe tool definition and probe calls (a template that refuses them writes neither)."""
     tool = {"type": "function", "function": {"name": PROBE_TOOL, "description": "", "parameters": {}}}
@@ -152,7 +176,8 @@ def tool_support(template: ChatTemplate) -> ToolSupport:
         several_calls = PROBE_TOOL in two and PROBE_SECOND_TOOL in two
         text_with_calls = PROBE_TEXT in (probe_call_reply(template, content=PROBE_TEXT) or "")
     return ToolSupport(template.name, definitions, calls, _writes_reasoning(template), several_calls=several_calls,
-                       text_with_calls=text_with_calls)
+                       text_with_calls=text_with_calls,
+                       free_form=tuple(name for name in FREE_FORM_TOOLS if _writes_free_form(template, name)))
 
 
 @functools.cache
@@ -174,6 +199,13 @@ def templates_writing_several_calls() -> list[str]:
 def templates_writing_text_with_calls() -> list[str]:
     """The built-in templates that write a reply's text beside its calls."""
     return [name for name, support in _builtin_support().items() if support.calls and support.text_with_calls]
+
+
+def templates_writing_free_form() -> list[str]:
+    """The built-in templates that write free-form (custom) tools, each with their names: "internlm2_chat
+    ('interpreter')"."""
+    return [f"{name} ({', '.join(map(repr, support.free_form))})" for name, support in _builtin_support().items()
+            if support.free_form]
 
 
 def templates_writing_reasoning() -> list[str]:
@@ -211,5 +243,6 @@ def template_with_default_system(template: ChatTemplate, system: str | None) -> 
 
 __all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "ReasoningFormat", "ToolSupport",
            "choose_template", "get_template", "guess_template", "probe_call_reply", "reasoning_format",
-           "template_with_default_system", "templates_writing_reasoning", "templates_writing_several_calls",
+           "template_with_default_system", "templates_writing_free_form", "templates_writing_reasoning",
+           "templates_writing_several_calls",
            "templates_writing_text_with_calls", "templates_writing_tool_calls", "tool_support"]

@@ -22,23 +22,47 @@ CHATML = r"""
 {%- endif %}
 """
 
-# InternLM2 / 2.5 / 3: ChatML after <s>; tools and calls as in InternLM's chat format (docs/chat_format.md).
+INTERPRETER = "interpreter"
+"""The name of InternLM2's code interpreter as a free-form (custom) tool: the one free-form tool internlm2_chat writes."""
+
+# InternLM2 / 2.5 / 3: ChatML after <s>; tools and calls as in InternLM's chat format (chat/chat_format.md). Its code
+# interpreter is OpenAI's free-form (custom) tool 'interpreter': its description a system message of its own before
+# the functions', a call's input (the code) after <|action_start|><|interpreter|>, its output an environment message.
+# A plugin call ends `<|action_end|><|im_end|>`, an interpreter call `<|action_end|>\n<|im_end|>`: both as
+# chat_format.md shows them (lagent writes the newline after both). A result is the interpreter's when it answers a
+# custom call: the call with its tool_call_id, else the call in its place.
 INTERNLM2 = r"""
 {{- '<s>' }}
 """ + SYSTEM_SLOT + r"""
 {%- if system is not none %}{{- '<|im_start|>system\n' + system + '<|im_end|>\n' }}{% endif %}
-{%- if tools %}
-{{- '<|im_start|>system name=<|plugin|>\n' + tools | map(attribute='function') | list | tojson + '<|im_end|>\n' }}
+{%- set free_form_error = "internlm2_chat writes one free-form (custom) tool, its code interpreter, named '""" + INTERPRETER + r"""'" %}
+{%- for tool in tools or [] if tool.type == 'custom' %}
+{%- if tool.custom.name != '""" + INTERPRETER + r"""' %}{{- raise_exception(free_form_error) }}{% endif %}
+{{- '<|im_start|>system name=<|interpreter|>\n' + (tool.custom.description or '') + '<|im_end|>\n' }}
+{%- endfor %}
+{%- set functions = (tools or []) | rejectattr('type', 'equalto', 'custom') | map(attribute='function') | list %}
+{%- if functions %}
+{{- '<|im_start|>system name=<|plugin|>\n' + functions | tojson + '<|im_end|>\n' }}
 {%- endif %}
+{%- set ns = namespace(calls=[], at=0, call=none) %}
 {%- for message in messages %}
 {%- if message.role == 'assistant' %}
 {{- '<|im_start|>assistant\n' }}{% generation message %}{{ message.content }}
 {%- for call in message.tool_calls or [] %}
+{%- if call.type == 'custom' %}
+{%- if call.custom.name != '""" + INTERPRETER + r"""' %}{{- raise_exception(free_form_error) }}{% endif %}
+{{- '<|action_start|><|interpreter|>\n' + call.custom.input + '<|action_end|>\n' }}
+{%- else %}
 {{- '<|action_start|><|plugin|>\n' + {'name': call.function.name, 'parameters': call.function.arguments} | tojson + '<|action_end|>' }}
+{%- endif %}
 {%- endfor %}
 {{- '<|im_end|>' }}{% endgeneration %}{{ '\n' }}
+{%- set ns.calls = message.tool_calls or [] %}{% set ns.at = 0 %}
 {%- elif message.role == 'tool' %}
-{{- '<|im_start|>environment name=<|plugin|>\n' + message.content + '<|im_end|>\n' }}
+{%- set ns.call = ns.calls[ns.at] if ns.at < ns.calls | length else none %}
+{%- for call in ns.calls if message.tool_call_id and call.id == message.tool_call_id %}{% set ns.call = call %}{% endfor %}
+{%- set ns.at = ns.at + 1 %}
+{{- '<|im_start|>environment name=' + ('<|interpreter|>' if ns.call and ns.call.type == 'custom' else '<|plugin|>') + '\n' + message.content + '<|im_end|>\n' }}
 {%- else %}
 {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
 {%- endif %}
