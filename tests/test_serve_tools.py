@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from chat_helpers import openai_client, taught_model_dir
+from chat_helpers import openai_client, served_scripted, taught_model_dir
 from test_template_vendors import CALL, FAMILIES, TOOLS, _with_ids, vendor_render
 from tunelab.chat.jobs import Reply
 from tunelab.chat.tools import call_format, split_calls
@@ -293,3 +293,65 @@ def test_reasoning_and_tool_call_parts_of_an_earlier_reply_reach_the_prompt(tiny
     prompt = tiny_tokenizer.decode(chat.prompt(messages)[0])
     assert '<think>\nAsk the tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n' \
            '</tool_call>' in prompt
+
+
+# --- InternLM2's code interpreter: a free-form (custom) tool ------------------------------------------------------
+
+INTERPRETER_TOOL = {"type": "custom", "custom": {"name": "interpreter", "description": "Run Python in a notebook."}}
+CODE = "```python\nprint(2 ** 10)\n```"
+INTERPRETER_REPLY = f"Let me compute it.\n\n<|action_start|><|interpreter|>\n{CODE}<|action_end|>\n"
+"""A reply as internlm2_chat trains it (chat_format.md's interpreter call), up to its <|im_end|>, the stop word."""
+
+
+def test_an_interpreter_call_comes_back_as_a_custom_tool_call_and_goes_back_into_the_prompt(tiny_tokenizer):
+    """OpenAI's Chat Completions answers a call to a custom tool as {"type": "custom", "custom": {"name", "input"}}:
+    the code InternLM2 writes after <|action_start|><|interpreter|> comes back so; sent back with its result, the call
+    reaches the prompt as the template writes it, the result as the interpreter's environment message."""
+    from chat_helpers import post_json
+
+    chat, server = served_scripted(tiny_tokenizer, "internlm2_chat", [INTERPRETER_REPLY])
+    ask = [{"role": "user", "content": "What is 2**10?"}]
+    with server as url:
+        status, answer = post_json(f"{url}/v1/chat/completions", {"messages": ask, "tools": [INTERPRETER_TOOL]})
+        assert status == 200, answer
+        choice = answer["choices"][0]
+        [call] = choice["message"]["tool_calls"]
+        assert call["type"] == "custom" and call["custom"] == {"name": "interpreter", "input": CODE}
+        assert call["id"].startswith("call_") and "function" not in call
+        assert choice["message"]["content"] == "Let me compute it." and choice["finish_reason"] == "tool_calls"
+        history = [*ask, choice["message"], {"role": "tool", "tool_call_id": call["id"], "content": "1024\n"}]
+        status, answer = post_json(f"{url}/v1/chat/completions", {"messages": history, "tools": [INTERPRETER_TOOL]})
+        assert status == 200, answer
+    prompt = tiny_tokenizer.decode(chat.batcher.prompts[-1])
+    assert prompt.endswith("<|im_start|>system name=<|interpreter|>\nRun Python in a notebook.<|im_end|>\n"
+                           "<|im_start|>user\nWhat is 2**10?<|im_end|>\n<|im_start|>assistant\nLet me compute it."
+                           f"<|action_start|><|interpreter|>\n{CODE}<|action_end|>\n<|im_end|>\n"
+                           "<|im_start|>environment name=<|interpreter|>\n1024\n<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_an_interpreter_block_is_a_call_only_where_the_request_offers_the_interpreter():
+    from tunelab.chat.tools import offered_format
+
+    fmt = call_format(get_template("internlm2_chat"))
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    assert split_calls(INTERPRETER_REPLY, offered_format(fmt, [weather])) == (INTERPRETER_REPLY, [])
+    cut = INTERPRETER_REPLY.split("<|action_end|>")[0]  # max_tokens reached inside the code
+    assert split_calls(cut, offered_format(fmt, [INTERPRETER_TOOL])) == (cut, [])
+
+
+@pytest.mark.parametrize("request_body, param, field", [
+    ({"messages": ASK, "tools": [INTERPRETER_TOOL]}, "tools", "tools[0]"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "custom", "custom": {"name": "interpreter", "input": CODE}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "1024"}]}, "messages", "messages[1].tool_calls[0]"),
+])
+def test_a_free_form_tool_on_a_template_without_a_place_for_it_is_a_400(tiny_tokenizer, request_body, param, field):
+    from chat_helpers import post_json
+
+    _, server = served_scripted(tiny_tokenizer, "qwen2_5_chat", ["Sunny."])
+    with server as url:
+        status, answer = post_json(f"{url}/v1/chat/completions", request_body)
+    assert status == 400 and answer["error"]["param"] == param
+    assert answer["error"]["message"].startswith(f"{field} is a free-form (custom) tool 'interpreter', which the chat "
+                                                 f"template 'qwen2_5_chat' does not write"), answer
+    assert "internlm2_chat ('interpreter')" in answer["error"]["message"]

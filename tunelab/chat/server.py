@@ -37,7 +37,9 @@ from tunelab.chat.reasoning import REASONING, WIRE_NAMES, ReasoningStream, on_th
 from tunelab.chat.requests import (NOT_UNICODE, ChatRequest, RequestError, field_path, logprobs_asked, settings_for,
                                    shown)
 from tunelab.chat.tokenizer_api import add_tokenizer_routes
-from tunelab.chat.tools import ToolChoice, call_format, choose, request_messages, request_tools, split_calls
+from tunelab.chat.free_form import function_tools, refuse_free_form
+from tunelab.chat.tools import (ToolChoice, call_format, choose, offered_format, request_messages, request_tools,
+                                split_calls)
 from tunelab.chat.wire import (DONE, error_event, error_response, event, event_stream, replies_usage, reporter,
                                sample_settings, submit_all, token_text, wait_for_all)
 from tunelab.data.templates import templates_writing_tool_calls, tool_support
@@ -182,14 +184,17 @@ def create_app(chat: ChatModel, defaults, *, max_tokens_limit: int = 4096, api_k
             raise RequestError(f"the chat template {chat.template.name!r} has no place for tools, so the model would "
                                f"never see them: serve with a template that writes them "
                                f"({', '.join(templates_writing_tool_calls())}), or leave tools out.", "tools")
-        calls_in_reply = template_tools()[1] if offered else None
-        # "required" or a named function: the reply is started as a call in the prompt, and the model goes on
-        choice = choose(body.tool_choice, offered, calls_in_reply, chat.template.name,
+        refuse_free_form(messages, offered, support())
+        calls_in_reply = offered_format(template_tools()[1], offered) if offered else None
+        # "required" or a named function: the reply is started as a call in the prompt, and the model goes on (a
+        # function's call: a free-form tool's is the model's choice)
+        functions = function_tools(offered)
+        choice = choose(body.tool_choice, functions, calls_in_reply, chat.template.name,
                         parallel=body.parallel_tool_calls is not False)
         stop = list(stop_words if body.stop is None else body.stop)
         constraint = None
         if constrains(body.response_format, choice):  # a new schema takes a while to compile: not on the event loop
-            constraint = await run_in_threadpool(reply_constraint, chat, body.response_format, choice, offered,
+            constraint = await run_in_threadpool(reply_constraint, chat, body.response_format, choice, functions,
                                                  calls_in_reply)
         # a long prompt (or its images) must not hold up the event loop
         with _blaming("messages"):

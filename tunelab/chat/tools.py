@@ -4,7 +4,8 @@ The model was trained to write a tool call the way its chat template renders one
 reply is read back: `call_format(template)` renders one probe call and keeps the marker written before its JSON
 (`<tool_call>` for Qwen2.5 / Qwen3, `[TOOL_CALLS]` for Mistral, `<|tool_call|>` for Phi-4-mini, `<|plugin|>` for
 InternLM2, nothing for Llama 3.1, whose call is the bare JSON), and the text after it (`</tool_call>`).
-`split_calls(text, fmt)` then finds each marker + JSON in a reply. GLM-4 writes the function's name on a line of its
+`split_calls(text, fmt)` then finds each marker + JSON in a reply, and each call to a free-form tool the request
+offers (InternLM2's code interpreter: tunelab.chat.free_form). GLM-4 writes the function's name on a line of its
 own and its arguments below it (`name_line`); a family whose template writes calls in yet another way has no format:
 its replies come back as text, calls included. A call read back gets OpenAI's `call_...` id, or where the template
 writes ids (Mistral: 9 letters and digits, numbering calls with any other id) an id of that shape, which it then keeps.
@@ -24,6 +25,7 @@ import string
 import uuid
 from dataclasses import dataclass
 
+from tunelab.chat.free_form import FreeFormCall, free_form_calls, split_free_form
 from tunelab.chat.reasoning import REASONING, WIRE_NAMES
 from tunelab.chat.requests import RequestError, shown
 from tunelab.data import messages as canonical
@@ -60,6 +62,8 @@ class CallFormat:
     between_calls: str = ""
     """The text from a call's arguments to the next call's name, in a reply of several (Qwen2.5:
     '}\\n</tool_call>\\n<tool_call>\\n{"name": "'); '' where the template writes one call a reply."""
+    free_form: tuple[FreeFormCall, ...] = ()
+    """How the template writes calls to free-form tools (`offered_format` keeps those a request offers)."""
 
     def reply_start(self, name: str | None = None) -> str:
         """The text that starts a reply as a call, for the model to go on with: up to the function's name (the model
@@ -75,6 +79,22 @@ class CallFormat:
 
 def call_format(template) -> CallFormat | None:
     """How `template` writes an assistant tool call, learnt by rendering one; None where it is not marker + JSON."""
+    fmt = _function_call_format(template)
+    if fmt is None:
+        return None
+    return dataclasses.replace(fmt, free_form=free_form_calls(template))
+
+
+def offered_format(fmt: CallFormat | None, tools: list[dict] | None) -> CallFormat | None:
+    """`fmt` reading free-form calls to the free-form tools in `tools` alone (OpenAI answers no call to a tool not
+    offered: the text stays text)."""
+    names = {tool["custom"]["name"] for tool in tools or [] if tool.get("type") == "custom"}
+    if fmt is None:
+        return None
+    return dataclasses.replace(fmt, free_form=tuple(f for f in fmt.free_form if f.name in names))
+
+
+def _function_call_format(template) -> CallFormat | None:
     reply = probe_call_reply(template)
     if reply is None:  # a template that cannot write calls at all
         return None
@@ -186,9 +206,16 @@ def _calls_in(value) -> list[dict]:
 
 
 def split_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
-    """(the reply's text without its calls, the calls in OpenAI's response shape: arguments as a JSON string).
+    """(the reply's text without its calls, the calls in OpenAI's response shape: arguments as a JSON string, a
+    free-form call's input as the text written).
     A control character written raw inside a string is taken (xgrammar 0.2.9 lets one into a string with a maxLength);
     the arguments sent on are JSON written anew, the character escaped."""
+    text, free = split_free_form(text, fmt.free_form, lambda: call_id(fmt))
+    text, calls = _split_function_calls(text, fmt)
+    return (text.strip() if free else text), free + calls
+
+
+def _split_function_calls(text: str, fmt: CallFormat) -> tuple[str, list[dict]]:
     decoder = json.JSONDecoder(strict=False)
     if fmt.name_line:
         return _split_name_line(text, fmt, decoder)
@@ -285,7 +312,7 @@ class ToolChoice:
     def keep(self, calls: list[dict]) -> list[dict]:
         """The reply's calls this choice lets through."""
         if self.name is not None:
-            calls = [c for c in calls if c["function"]["name"] == self.name]
+            calls = [c for c in calls if canonical.call_name(c) == self.name]
         return calls if self.parallel else calls[:1]
 
     def missed(self, reply) -> RequestError:
@@ -310,8 +337,9 @@ def choose(tool_choice, tools: list[dict] | None, fmt: CallFormat | None, templa
     name = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     asked = f"tool_choice {shown(tool_choice)}"
     if not tools:
-        raise RequestError(f"{asked}: the request has no tools to call: send them in tools, or leave tool_choice "
-                           f"out.", "tool_choice")
+        raise RequestError(f"{asked}: the request has no tools to call: send them in tools (functions: a free-form "
+                           f"tool is called at the model's own choice, 'auto'), or leave tool_choice out.",
+                           "tool_choice")
     names = [tool["function"]["name"] for tool in tools]
     if name is not None and name not in names:
         raise RequestError(f"{asked}: {name!r} is not among the tools ({', '.join(map(repr, names))}).",
