@@ -75,20 +75,28 @@ seed = 0
 """
 
 
+def shape_config(shape: str, tokenizer):
+    """The transformers config of `shape` (bench.py's table of real shapes, or a dict of sizes), with `tokenizer`'s
+    special tokens."""
+    from transformers import AutoConfig
+
+    from tunelab.model.shapes import KNOWN_SHAPES
+
+    model_type, dims = SHAPES[shape]
+    dims = dims if isinstance(dims, dict) else KNOWN_SHAPES[dims]
+    return AutoConfig.for_model(model_type, **{k: v for k, v in dims.items() if k != "model_type"},
+                                max_position_embeddings=32768, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+
+
 def write_model(shape: str, out_dir: Path) -> None:
     """A random-initialised model of `shape` in bf16 (initialised on the GPU: seconds, not minutes), and a tokenizer."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from tunelab.model.shapes import KNOWN_SHAPES
     from tunelab.model.tiny import make_tokenizer
 
-    model_type, dims = SHAPES[shape]
-    tokenizer = make_tokenizer(out_dir)
-    config = AutoConfig.for_model(model_type, **(dims if isinstance(dims, dict) else KNOWN_SHAPES[dims]),
-                                  max_position_embeddings=32768,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.eos_token_id)
+    config = shape_config(shape, make_tokenizer(out_dir))
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
