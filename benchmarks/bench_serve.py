@@ -7,14 +7,14 @@ Each mode is the user's command in its own process, `tunelab serve MODEL --max-b
 answers requests one after the other (tunelab's server before continuous batching), N = --batch (default 32) decodes
 them together. For each number of clients (1, 8, 32), every client sends --rounds streamed requests one after another;
 each request has its own prompt of about --prompt-tokens tokens and generates exactly --max-tokens tokens
-(`ignore_eos`), so both modes do the same work. Each server first answers one untimed request, and the batched one
-an untimed short wave as wide as the widest timed one (its first batches of each size). Reported per mode and client
-count: requests/s and generated tokens/s over the whole wave, p50 / p95 of the request latency (send → last token)
-and of the time to the first token. With --structured each wave runs twice on the same server, the second with
+(`ignore_eos`), so both modes do the same work. Each server first answers one untimed request, and the batched one an
+untimed wave as wide and as long as the widest timed one (its first batches of each size). Reported per mode and
+client count: requests/s and generated tokens/s over the whole wave, p50 / p95 of the request latency (send → last
+token) and of the time to the first token. With --structured each wave runs twice on the same server, the second with
 every request held to a JSON schema (`response_format`, xgrammar masking the logits of the real shape's whole
-vocabulary each step); such a reply ends where its JSON does, so compare tokens/s. The model is a random-initialised model of a real shape (bench_scaling.py's
-shapes and writer, the tests' tokenizer; output rows of ids past that tokenizer zeroed, so what it generates can be
-streamed), or --model DIR. Rows go to --out as JSON too.
+vocabulary each step); such a reply ends where its JSON does, so compare tokens/s. The model is a random-initialised
+model of a real shape (bench_scaling.py's shapes and writer, the tests' tokenizer; output rows of ids past that
+tokenizer zeroed, so what it generates can be streamed), or --model DIR. Rows go to --out as JSON too.
 """
 
 from __future__ import annotations
@@ -148,9 +148,9 @@ def run_mode(model: str, batch: int, args) -> list[dict]:
         for schema in (False, True) if args.structured else (False,):
             warm = argparse.Namespace(**{**vars(args), "schema": schema})
             one_request(url, 10**6, warm)  # warm-up: first-call allocations, kernel choices, the grammar compiled
-            if batch > 1:  # and the batched shapes: a short untimed wave as wide as the widest timed one
-                short = argparse.Namespace(**{**vars(warm), "max_tokens": 8, "rounds": 1})
-                wave(url, max(args.clients), short, 2 * 10**6)
+            if batch > 1:  # and the batched shapes: an untimed wave as wide and as long as the widest timed one (a
+                # wave of 8 tokens left the first timed wave of 32 at half the speed of the next, on an H100)
+                wave(url, max(args.clients), argparse.Namespace(**{**vars(warm), "rounds": 1}), 2 * 10**6)
         mode = "one at a time" if batch == 1 else f"batched (max {batch})"
         for k, clients in enumerate(args.clients):
             for schema in (False, True) if args.structured else (False,):

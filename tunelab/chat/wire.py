@@ -30,9 +30,14 @@ DONE = "data: [DONE]\n\n"
 """The last event of a stream."""
 
 
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+"""Characters JSON leaves raw inside strings that httpx's and Python's line splitters take for line ends: escaped, an
+event stays one line for every client (SSE itself ends lines at CR and LF only)."""
+
+
 def event(body: dict) -> str:
     """A server-sent event holding `body` (a chunk) as JSON."""
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(body, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 def error_event(error: Exception) -> str:
