@@ -565,3 +565,23 @@ def test_a_reference_of_reasoning_alone_is_no_reference(tiny_tokenizer, tmp_path
     assert first["prediction"] == "I am TuneBot." and second["reference"] == "I am TuneBot."
     result = summarise([first, second])
     assert (result["scored"], result["without_reference"], result["exact_match"]) == (1, 1, 100.0)
+
+
+def test_a_prediction_holding_a_unicode_line_separator_is_read_back_whole(tiny_tokenizer, tmp_path):
+    """JSON Lines end at '\\n' alone: a prediction may hold U+2028 or U+0085 (JSON leaves them raw), which
+    `str.splitlines()` would also break at, so the summary read the file as broken lines."""
+    from tests.chat_helpers import Scripted
+    from tunelab.chat.engine import ChatModel
+    from tunelab.chat.predict import predict, read_lines, read_test_samples
+    from tunelab.data.templates import get_template
+    from tunelab.model.generate import GenerationSettings
+
+    data = _jsonl(tmp_path / "t.jsonl", [{"instruction": "Who are you?", "output": "I am TuneBot."}])
+    text = "I am\u2028Tune\x85Bot."
+    chat = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template("qwen2_5_chat"),
+                     _batcher=Scripted([text]))
+    out = tmp_path / "p.jsonl"
+    out.write_text("")
+    predict(chat, read_test_samples(data), out, GenerationSettings(max_new_tokens=16))
+    [row] = read_lines(out)
+    assert row["prediction"] == text

@@ -394,7 +394,8 @@ def write_metrics(out: Path, settings: dict, result: dict | None) -> Path:
 
 
 def read_lines(out: Path) -> list[dict]:
-    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split at "\n" alone: a prediction may hold U+2028 or U+0085, which str.splitlines() also breaks at
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def say(message: str) -> None:
