@@ -520,8 +520,8 @@ def test_the_answers_are_scored_and_the_reasoning_kept_beside_them(tiny_tokenize
     assert result["exact_match"] == round(200 / 3, 4) and result["with_reasoning"] == 3
 
 
-def test_a_template_without_reasoning_scores_the_whole_reply(tiny_tokenizer, tmp_path):
-    """A guard: where the template writes no reasoning, a <think> block is text like any other, as before."""
+def _predicted_row(tokenizer, tmp_path, reply: str) -> dict:
+    """The line `predict` writes for one question whose model replies `reply` (qwen2_5_chat), as read back."""
     from tests.chat_helpers import Scripted
     from tunelab.chat.engine import ChatModel
     from tunelab.chat.predict import predict, read_lines, read_test_samples
@@ -529,13 +529,19 @@ def test_a_template_without_reasoning_scores_the_whole_reply(tiny_tokenizer, tmp
     from tunelab.model.generate import GenerationSettings
 
     data = _jsonl(tmp_path / "t.jsonl", [{"instruction": "Who are you?", "output": "I am TuneBot."}])
-    text = "<think>\nThey ask my name.\n</think>\n\nI am TuneBot."
-    chat = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template("qwen2_5_chat"),
-                     _batcher=Scripted([text]))
+    chat = ChatModel(model=None, tokenizer=tokenizer, template=get_template("qwen2_5_chat"),
+                     _batcher=Scripted([reply]))
     out = tmp_path / "p.jsonl"
     out.write_text("")
     predict(chat, read_test_samples(data), out, GenerationSettings(max_new_tokens=16))
     [row] = read_lines(out)
+    return row
+
+
+def test_a_template_without_reasoning_scores_the_whole_reply(tiny_tokenizer, tmp_path):
+    """A guard: where the template writes no reasoning, a <think> block is text like any other, as before."""
+    text = "<think>\nThey ask my name.\n</think>\n\nI am TuneBot."
+    row = _predicted_row(tiny_tokenizer, tmp_path, text)
     assert row["prediction"] == text and row["reference"] == "I am TuneBot." and "reasoning" not in row
 
 
@@ -570,18 +576,5 @@ def test_a_reference_of_reasoning_alone_is_no_reference(tiny_tokenizer, tmp_path
 def test_a_prediction_holding_a_unicode_line_separator_is_read_back_whole(tiny_tokenizer, tmp_path):
     """JSON Lines end at '\\n' alone: a prediction may hold U+2028 or U+0085 (JSON leaves them raw), which
     `str.splitlines()` would also break at, so the summary read the file as broken lines."""
-    from tests.chat_helpers import Scripted
-    from tunelab.chat.engine import ChatModel
-    from tunelab.chat.predict import predict, read_lines, read_test_samples
-    from tunelab.data.templates import get_template
-    from tunelab.model.generate import GenerationSettings
-
-    data = _jsonl(tmp_path / "t.jsonl", [{"instruction": "Who are you?", "output": "I am TuneBot."}])
     text = "I am\u2028Tune\x85Bot."
-    chat = ChatModel(model=None, tokenizer=tiny_tokenizer, template=get_template("qwen2_5_chat"),
-                     _batcher=Scripted([text]))
-    out = tmp_path / "p.jsonl"
-    out.write_text("")
-    predict(chat, read_test_samples(data), out, GenerationSettings(max_new_tokens=16))
-    [row] = read_lines(out)
-    assert row["prediction"] == text
+    assert _predicted_row(tiny_tokenizer, tmp_path, text)["prediction"] == text
