@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tunelab.data.encode import IGNORE_INDEX, encode_batch
-from tunelab.data.templates import TEMPLATES, get_template, guess_template
+from tunelab.data.templates import TEMPLATES, get_template, guess_template, tool_support
 from tunelab.errors import TunelabError
 
 CHAT = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
@@ -20,6 +20,16 @@ TOOL_CHAT = [{"role": "user", "content": "Define cat"},
                  {"type": "function", "function": {"name": "lookup", "arguments": {"word": "cat"}}}]},
              {"role": "tool", "content": "a small animal"}, {"role": "assistant", "content": "A cat is an animal."}]
 VARIANTS = [CHAT, CHAT[1:], CHAT[:4], CHAT[1:4]]
+# a free-form (custom) tool beside a function, as InternLM2's code interpreter is written (templates whose
+# tool_support lists it): its description, a call whose input is code, its output answered by id
+FREE_FORM_TOOLS = [{"type": "custom", "custom": {"name": "interpreter", "description": "Run Python in a notebook."}},
+                   *TOOLS]
+FREE_FORM_CHAT = [{"role": "user", "content": "2**10?"},
+                  {"role": "assistant", "content": "Let me run it.", "tool_calls": [
+                      {"id": "c1", "type": "custom", "custom": {"name": "interpreter",
+                                                                "input": "```python\nprint(2**10)\n```"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "1024"},
+                  {"role": "assistant", "content": "It is 1024."}]
 NO_TOOLS = {"llama2_chat", "llama3_chat", "mistral", "mixtral", "mistral_v1", "gemma", "gemma3", "yi_chat", "zephyr",
             "chatglm3", "baichuan2_chat", "internlm_chat", "vicuna", "default", "deepseek_v2", "deepseek_v3",
             "deepseek_v3_chat", "deepseek_r1", "chatml", "qwen_chat", "qwen2_chat", "qwen1_5_chat", "phi3_chat"}
@@ -49,6 +59,8 @@ def test_exported_chat_template_renders_what_training_renders(name, tiny_tokeniz
     tokenizer.chat_template = template.to_jinja()
     try:
         cases = [(m, None) for m in VARIANTS] + ([] if name in NO_TOOLS else [(TOOL_CHAT, TOOLS), (TOOL_CHAT[:3], TOOLS)])
+        if tool_support(template).free_form:
+            cases += [(FREE_FORM_CHAT, FREE_FORM_TOOLS), (FREE_FORM_CHAT[:3], FREE_FORM_TOOLS)]
         for messages, tools in cases:
             for gen in (False, True):
                 assert tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen,
