@@ -400,5 +400,3 @@ def collect_samples(cfg, stats, *, config_dir: str | None = None, allow_empty: b
             stats.files[where_from[j]]["samples"] += 1
     return samples, origins
 
-
-# --- what to tell the user ------------------------------------------------------------------------
