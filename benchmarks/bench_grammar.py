@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "tags": {"type": "array", "items": {
-    "type": "string"}}, "score": {"type": "number"}}, "required": ["title", "tags", "score"]}
+from bench_serve import SCHEMA  # noqa: E402 (the schema bench_serve --structured holds replies to)
+
 WIDTH = 151_936
 
 

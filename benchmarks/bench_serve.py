@@ -144,8 +144,9 @@ def run_mode(model: str, batch: int, args) -> list[dict]:
     server = start_server(model, port, batch, args)
     url = f"http://127.0.0.1:{port}"
     rows = []
+    schemas = (False, True) if args.structured else (False,)
     try:
-        for schema in (False, True) if args.structured else (False,):
+        for schema in schemas:
             warm = argparse.Namespace(**{**vars(args), "schema": schema})
             one_request(url, 10**6, warm)  # warm-up: first-call allocations, kernel choices, the grammar compiled
             if batch > 1:  # and the batched shapes: an untimed wave as wide and as long as the widest timed one (a
@@ -153,7 +154,7 @@ def run_mode(model: str, batch: int, args) -> list[dict]:
                 wave(url, max(args.clients), argparse.Namespace(**{**vars(warm), "rounds": 1}), 2 * 10**6)
         mode = "one at a time" if batch == 1 else f"batched (max {batch})"
         for k, clients in enumerate(args.clients):
-            for schema in (False, True) if args.structured else (False,):
+            for schema in schemas:
                 timed = argparse.Namespace(**{**vars(args), "schema": schema})
                 row = {"mode": mode + (", JSON schema" if schema else ""), **wave(url, clients, timed, k * 10**4)}
                 print(fmt(row), flush=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunelab.chat.requests import RequestError
-from tunelab.data.templates import FREE_FORM_TOOLS, PROBE_CODE, ToolSupport, templates_writing_free_form
+from tunelab.data.templates import (FREE_FORM_TOOLS, PROBE_CODE, ToolSupport, probe_free_form_reply,
+                                    templates_writing_free_form)
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,7 @@ def free_form_calls(template) -> tuple[FreeFormCall, ...]:
     the probe input, and after it up to the end of the turn (the first of the template's stop words)."""
     found = []
     for name in FREE_FORM_TOOLS:
-        turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "custom", "custom": {"name": name, "input": PROBE_CODE}}]}]
-        try:
-            reply = "".join(text for text, trained in template.segments(turns) if trained)
-        except Exception:  # noqa: BLE001 (a template's own refusal: it writes no such call)
-            continue
+        reply = probe_free_form_reply(template, name) or ""
         at = reply.find(PROBE_CODE)
         closer = reply[at + len(PROBE_CODE):] if at > 0 else ""
         for word in filter(None, template.stop_words):

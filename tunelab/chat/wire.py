@@ -42,8 +42,7 @@ def event(body: dict) -> str:
 
 def error_event(error: Exception) -> str:
     """A failure inside a stream, as an event of OpenAI's error shape (never a dead connection)."""
-    body = error_body(getattr(error, "status", 500), str(error), getattr(error, "param", None))
-    return f"data: {json.dumps(body)}\n\n"
+    return event(error_body(getattr(error, "status", 500), str(error), getattr(error, "param", None)))
 
 
 def event_stream(events) -> StreamingResponse:

@@ -148,17 +148,28 @@ PROBE_CODE = 'print("tunelab probe")\n'
 """A free-form call's probe input: quotes and a newline, which a template writing the call as JSON would escape."""
 
 
-def _writes_free_form(template: ChatTemplate, name: str) -> bool:
-    """Whether `template` writes the free-form tool `name`: its description into the prompt, a call's input as it is
-    (not quoted into JSON) into the trained reply."""
-    tool = {"type": "custom", "custom": {"name": name, "description": PROBE_CODE}}
+def probe_free_form_reply(template: ChatTemplate, name: str) -> str | None:
+    """The trained text `template` writes for an assistant turn holding a probe call (input `PROBE_CODE`) to the
+    free-form tool `name`, that tool offered; None where the template refuses to render it."""
     turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "", "tool_calls": [
         {"type": "custom", "custom": {"name": name, "input": PROBE_CODE}}]}]
     try:
-        trained = "".join(text for text, on in template.segments(turns, tools=[tool]) if on)
-        return PROBE_CODE in template.render(turns[:1], tools=[tool]) and PROBE_CODE in trained
+        return "".join(text for text, trained in template.segments(turns, tools=[_probe_tool(name)]) if trained)
     except Exception:  # noqa: BLE001 (a template's own refusal, or one that reads every call as a function's)
+        return None
+
+
+def _writes_free_form(template: ChatTemplate, name: str) -> bool:
+    """Whether `template` writes the free-form tool `name`: its description into the prompt, a call's input as it is
+    (not quoted into JSON) into the trained reply."""
+    if PROBE_CODE not in (probe_free_form_reply(template, name) or ""):
         return False
+    return PROBE_CODE in template.render([{"role": "user", "content": "?"}], tools=[_probe_tool(name)])
+
+
+def _probe_tool(name: str) -> dict:
+    """The free-form tool `name` as a probe offers it, described by `PROBE_CODE`."""
+    return {"type": "custom", "custom": {"name": name, "description": PROBE_CODE}}
 
 
 def tool_support(template: ChatTemplate) -> ToolSupport:
@@ -242,7 +253,7 @@ def template_with_default_system(template: ChatTemplate, system: str | None) -> 
 
 
 __all__ = ["TEMPLATES", "TOOL_ROLES", "ChatTemplate", "HFChatTemplate", "ReasoningFormat", "ToolSupport",
-           "choose_template", "get_template", "guess_template", "probe_call_reply", "reasoning_format",
-           "template_with_default_system", "templates_writing_free_form", "templates_writing_reasoning",
-           "templates_writing_several_calls",
-           "templates_writing_text_with_calls", "templates_writing_tool_calls", "tool_support"]
+           "choose_template", "get_template", "guess_template", "probe_call_reply", "probe_free_form_reply",
+           "reasoning_format", "template_with_default_system", "templates_writing_free_form",
+           "templates_writing_reasoning", "templates_writing_several_calls", "templates_writing_text_with_calls",
+           "templates_writing_tool_calls", "tool_support"]
